@@ -1,0 +1,34 @@
+# qwen-tts-fleet: `make setup` then `make demo` (main job) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup oracle test test-fast lint demo clean
+
+setup: $(BIN)/qtts oracle
+
+$(BIN)/qtts: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The local CPU build; any other torch spec pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+oracle:
+	bash tests/oracle/setup.sh
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q tests -m "not slow and not parity"
+
+lint: setup
+	$(BIN)/ruff check .
+
+demo: setup
+	$(BIN)/qtts demo --out output/demo.wav
+
+clean:
+	rm -rf output .pytest_cache

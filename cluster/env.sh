@@ -1,0 +1,9 @@
+# Environment every process talking to the local head needs (head, drivers, `ray job` CLI, pytest).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+export RAY_USAGE_STATS_ENABLED=0
+export RAY_SERVE_ENABLE_HA_PROXY=0
+export QTTS_RAY_PORT="${QTTS_RAY_PORT:-6390}"
+export QTTS_DASHBOARD_PORT="${QTTS_DASHBOARD_PORT:-8265}"
+export RAY_ADDRESS_HOSTPORT="127.0.0.1:${QTTS_RAY_PORT}"
+export RAY_ADDRESS="${RAY_ADDRESS:-127.0.0.1:${QTTS_RAY_PORT}}"

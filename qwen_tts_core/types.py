@@ -1,0 +1,87 @@
+"""The data that flows between the engine's stages and out to its callers.
+
+text request -> Prompt -> (talker step -> code predictor) -> FrameCodes -> codec chunk -> AudioChunk -> bytes
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+SAMPLE_RATE = 24000
+SAMPLES_PER_FRAME = 1920  # 12.5 frames per second
+
+ModelKind = Literal["custom_voice", "voice_design", "voice_clone"]
+Priority = Literal["interactive", "bulk"]
+FinishReason = Literal["eos", "max_new_tokens", "guard", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling for the talker (codebook 0) and the code predictor (codebooks 1..15, `subtalker_*`)."""
+
+    do_sample: bool = True
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 0.9
+    repetition_penalty: float = 1.05
+    subtalker_dosample: bool = True
+    subtalker_top_k: int = 50
+    subtalker_top_p: float = 1.0
+    subtalker_temperature: float = 0.9
+    max_new_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "subtalker_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("top_p", "subtalker_top_p"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+        for name in ("top_k", "subtalker_top_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 disables), got {getattr(self, name)!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+
+    def with_overrides(self, **kw) -> SamplingParams:
+        unknown = set(kw) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown sampling argument(s): {sorted(unknown)}")
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+@dataclass
+class SynthesisRequest:
+    """One utterance to synthesize. `text=None` opens an incremental session (append_text / end_text)."""
+
+    kind: ModelKind
+    text: str | None
+    speaker: str | None = None          # custom_voice
+    language: str = "auto"
+    instruct: str | None = None         # custom_voice (1.7B) / voice_design
+    voice_clone_prompt: object | None = None  # voice_clone: a VoiceClonePromptItem
+    non_streaming_mode: bool = False
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    priority: Priority = "interactive"
+    first_chunk_frames: int = 1
+    chunk_frames: int = 4
+    decode_audio: bool = True           # False: codes only (no codec decode)
+
+
+@dataclass
+class AudioChunk:
+    """Mono float32 PCM at 24 kHz for one session; `is_last` marks the end of the utterance."""
+
+    session_id: int
+    pcm: np.ndarray
+    frame_start: int
+    num_frames: int
+    is_last: bool = False
+    finish_reason: FinishReason | None = None
+    sample_rate: int = SAMPLE_RATE

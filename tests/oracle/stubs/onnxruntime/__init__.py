@@ -1,0 +1,5 @@
+"""Stand-in for onnxruntime: imported by the official package's 25Hz tokenizer only, never used by 12Hz models."""
+
+
+def __getattr__(name):
+    raise ImportError(f"onnxruntime.{name} is a stub in the oracle environment")
