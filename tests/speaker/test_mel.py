@@ -7,7 +7,12 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from qwen_tts_core.speaker.mel import SPEAKER_MEL, MelSpec, log_mel_spectrogram, slaney_mel_filterbank
+from qwen_tts_core.speaker.mel import (
+    SPEAKER_MEL,
+    MelSpec,
+    log_mel_spectrogram,
+    slaney_mel_filterbank,
+)
 from tests.oracle.common import run_oracle
 
 pytestmark = pytest.mark.parity
