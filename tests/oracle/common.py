@@ -32,6 +32,7 @@ def run_oracle(script: str, *args: str, timeout: float = 900) -> str:
     env["PYTHONPATH"] = str(ORACLE_DIR / "stubs")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run(
         [str(py), str(ORACLE_DIR / script), *map(str, args)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,

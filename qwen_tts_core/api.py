@@ -1,0 +1,300 @@
+"""`Qwen3TTSModel`: the drop-in Python API of the official package, on our engine.
+
+    from qwen_tts_core import Qwen3TTSModel
+    model = Qwen3TTSModel.from_pretrained("Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice", device_map="cuda:0",
+                                          dtype=torch.bfloat16)
+    wavs, sr = model.generate_custom_voice(text="Hello", speaker="Ryan", language="English")
+
+Same method names, arguments, defaults, list (batch) inputs and `(list[np.ndarray], 24000)` results as the reference,
+plus `seed=` and the `stream_*` methods that yield audio while codes are generated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint.weights import load_module, read_tensors, resolve_checkpoint, safetensors_files
+from .config import TTSConfig, sampling_defaults_from_generation_config
+from .generate.engine import Engine
+from .model.layers import RotaryTable
+from .model.talker import Talker
+from .text.tokenizer import TextTokenizer
+from .types import SAMPLE_RATE, SamplingParams, SynthesisRequest
+from .voice_prompt import VoiceClonePromptItem
+
+log = logging.getLogger(__name__)
+
+HARD_DEFAULTS = dict(do_sample=True, top_k=50, top_p=1.0, temperature=0.9, repetition_penalty=1.05,
+                     subtalker_dosample=True, subtalker_top_k=50, subtalker_top_p=1.0,
+                     subtalker_temperature=0.9, max_new_tokens=2048)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[str(dtype)]
+
+
+def _resolve_device(device_map: Any) -> torch.device:
+    if device_map in (None, "auto"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device_map)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device_map={device_map!r} but CUDA is not available")
+    return dev
+
+
+def _as_list(x: Any, n: int, name: str) -> list:
+    xs = x if isinstance(x, list) else [x]
+    if len(xs) == 1 and n > 1:
+        xs = xs * n
+    if len(xs) != n:
+        raise ValueError(f"batch size mismatch: text has {n} item(s), {name} has {len(xs)}")
+    return xs
+
+
+class Qwen3TTSModel:
+    def __init__(self, path: Path, cfg: TTSConfig, talker: Talker, tokenizer: TextTokenizer, codec,
+                 speaker_encoder, generate_defaults: dict[str, Any]) -> None:
+        self.path, self.cfg, self.talker, self.tokenizer = path, cfg, talker, tokenizer
+        self.codec, self.speaker_encoder = codec, speaker_encoder
+        self.generate_defaults = generate_defaults
+        self.role_ids = tokenizer.target("x").role
+
+    # --- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, device_map: Any = None,
+                        dtype: Any = None, attn_implementation: str | None = None,
+                        torch_dtype: Any = None, revision: str | None = None, cache_dir: str | None = None,
+                        **kwargs: Any) -> Qwen3TTSModel:
+        """Load an official Qwen3-TTS 12Hz checkpoint (local folder or hub id). `attn_implementation` is accepted
+        for compatibility: attention runs on torch SDPA (flash kernels where torch has them)."""
+        if kwargs:
+            log.warning("from_pretrained: ignoring unsupported argument(s) %s", sorted(kwargs))
+        path = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
+        device, dt = _resolve_device(device_map), _resolve_dtype(dtype if dtype is not None else torch_dtype)
+        cfg = TTSConfig.from_json(path / "config.json")
+        files = safetensors_files(path)
+        with torch.device("meta"):
+            talker = Talker(cfg.talker)
+        load_module(talker, read_tensors(files, "talker."), "talker", device, dt)
+        t = cfg.talker
+        talker.rope = RotaryTable(t.head_dim, t.rope_theta, t.max_position_embeddings).to(device)
+        cp = t.code_predictor
+        talker.code_predictor.rope = RotaryTable(cp.head_dim, cp.rope_theta, cp.num_code_groups + 1).to(device)
+        talker.eval()
+        tokenizer = TextTokenizer(path)
+        codec = None
+        if (path / "speech_tokenizer").is_dir():
+            from .codec.load import load_codec
+
+            codec = load_codec(path / "speech_tokenizer", device=device, dtype=torch.float32)
+        else:
+            log.warning("%s has no speech_tokenizer/: codes only, no audio", path)
+        speaker_encoder = None
+        if cfg.tts_model_type == "base":
+            from .speaker.build import speaker_encoder_from_state
+            from .speaker.config import SpeakerEncoderConfig
+
+            speaker_encoder = speaker_encoder_from_state(
+                SpeakerEncoderConfig.from_dict(cfg.speaker_encoder), read_tensors(files, "speaker_encoder."),
+                device=device, dtype=dt).eval()
+        gen_path = path / "generation_config.json"
+        defaults = sampling_defaults_from_generation_config(json.loads(gen_path.read_text())) \
+            if gen_path.is_file() else {}
+        return cls(path, cfg, talker, tokenizer, codec, speaker_encoder, defaults)
+
+    # --- properties -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.talker.codec_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.talker.codec_head.weight.dtype
+
+    @property
+    def tts_model_type(self) -> str:
+        return self.cfg.tts_model_type
+
+    @property
+    def tts_model_size(self) -> str:
+        return self.cfg.tts_model_size
+
+    @property
+    def tokenizer_type(self) -> str:
+        return self.cfg.tokenizer_type
+
+    def get_supported_speakers(self) -> list[str] | None:
+        spk = self.cfg.talker.spk_id
+        return sorted(spk) if spk else None
+
+    def get_supported_languages(self) -> list[str]:
+        return sorted(["auto"] + [k for k in self.cfg.talker.codec_language_id if "dialect" not in k])
+
+    # --- sampling defaults ------------------------------------------------------------------------------------
+    def sampling_params(self, **user: Any) -> SamplingParams:
+        """user kwargs win, then generation_config.json, then the reference's hard defaults."""
+        unknown = set(user) - set(HARD_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unsupported generation argument(s): {sorted(unknown)}; "
+                             f"supported: {sorted(HARD_DEFAULTS)} and seed")
+        merged = {k: (user[k] if user.get(k) is not None else self.generate_defaults.get(k, d))
+                  for k, d in HARD_DEFAULTS.items()}
+        return SamplingParams(**merged)
+
+    # --- the drop-in generate_* API ---------------------------------------------------------------------------
+    def generate_custom_voice(self, text: str | list[str], speaker: str | list[str], language: Any = None,
+                              instruct: Any = None, non_streaming_mode: bool = True, seed: Any = None,
+                              **kwargs: Any) -> tuple[list[np.ndarray], int]:
+        reqs = self._requests("custom_voice", text, language, seed, non_streaming_mode, kwargs,
+                              speaker=speaker, instruct=instruct)
+        return self._run(reqs), SAMPLE_RATE
+
+    def generate_voice_design(self, text: str | list[str], instruct: str | list[str], language: Any = None,
+                              non_streaming_mode: bool = True, seed: Any = None,
+                              **kwargs: Any) -> tuple[list[np.ndarray], int]:
+        reqs = self._requests("voice_design", text, language, seed, non_streaming_mode, kwargs, instruct=instruct)
+        return self._run(reqs), SAMPLE_RATE
+
+    def generate_voice_clone(self, text: str | list[str], language: Any = None, ref_audio: Any = None,
+                             ref_text: Any = None, x_vector_only_mode: Any = False,
+                             voice_clone_prompt: Any = None, non_streaming_mode: bool = False, seed: Any = None,
+                             **kwargs: Any) -> tuple[list[np.ndarray], int]:
+        items = self._voice_items(text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt)
+        reqs = self._requests("voice_clone", text, language, seed, non_streaming_mode, kwargs,
+                              voice_clone_prompt=items)
+        return self._run(reqs), SAMPLE_RATE
+
+    def create_voice_clone_prompt(self, ref_audio: Any, ref_text: Any = None,
+                                  x_vector_only_mode: Any = False) -> list[VoiceClonePromptItem]:
+        from .voice_clone import create_voice_clone_prompt
+
+        return create_voice_clone_prompt(self, ref_audio, ref_text, x_vector_only_mode)
+
+    # --- streaming --------------------------------------------------------------------------------------------
+    def stream_custom_voice(self, text: str, speaker: str, language: str | None = None, instruct: str | None = None,
+                            non_streaming_mode: bool = True, seed: int | None = None, first_chunk_frames: int = 1,
+                            chunk_frames: int = 4, **kwargs: Any) -> Iterator[np.ndarray]:
+        (req,) = self._requests("custom_voice", text, language, seed, non_streaming_mode, kwargs,
+                                speaker=speaker, instruct=instruct, single=True)
+        return self._stream(req, first_chunk_frames, chunk_frames)
+
+    def stream_voice_design(self, text: str, instruct: str, language: str | None = None,
+                            non_streaming_mode: bool = True, seed: int | None = None, first_chunk_frames: int = 1,
+                            chunk_frames: int = 4, **kwargs: Any) -> Iterator[np.ndarray]:
+        (req,) = self._requests("voice_design", text, language, seed, non_streaming_mode, kwargs,
+                                instruct=instruct, single=True)
+        return self._stream(req, first_chunk_frames, chunk_frames)
+
+    def stream_voice_clone(self, text: str, language: str | None = None, ref_audio: Any = None,
+                           ref_text: str | None = None, x_vector_only_mode: bool = False,
+                           voice_clone_prompt: Any = None, non_streaming_mode: bool = False,
+                           seed: int | None = None, first_chunk_frames: int = 1, chunk_frames: int = 4,
+                           **kwargs: Any) -> Iterator[np.ndarray]:
+        items = self._voice_items(text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt)
+        (req,) = self._requests("voice_clone", text, language, seed, non_streaming_mode, kwargs,
+                                voice_clone_prompt=items, single=True)
+        return self._stream(req, first_chunk_frames, chunk_frames)
+
+    def _stream(self, req: SynthesisRequest, first_chunk_frames: int, chunk_frames: int) -> Iterator[np.ndarray]:
+        if first_chunk_frames < 1 or chunk_frames < 1:
+            raise ValueError(f"first_chunk_frames and chunk_frames must be >= 1, got "
+                             f"{first_chunk_frames} and {chunk_frames}")
+        if self.codec is None:
+            raise ValueError("this checkpoint has no speech_tokenizer/: cannot stream audio")
+        req.first_chunk_frames, req.chunk_frames = first_chunk_frames, chunk_frames
+        engine = Engine(self, max_sessions=1)
+        session = engine.add(req)
+
+        def chunks() -> Iterator[np.ndarray]:
+            try:
+                while not session.done:
+                    for ch in engine.step():
+                        if ch.pcm.size:
+                            yield ch.pcm
+            finally:
+                engine.cancel(session)
+        return chunks()
+
+    # --- internals --------------------------------------------------------------------------------------------
+    def _voice_items(self, text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt):
+        if self.tts_model_type != "base":
+            raise ValueError(f"generate_voice_clone needs a Base checkpoint; this one is {self.tts_model_type!r}")
+        n = len(text) if isinstance(text, list) else 1
+        if voice_clone_prompt is None:
+            if ref_audio is None:
+                raise ValueError("ref_audio: either voice_clone_prompt or ref_audio must be provided")
+            voice_clone_prompt = self.create_voice_clone_prompt(ref_audio, ref_text, x_vector_only_mode)
+        items = voice_clone_prompt if isinstance(voice_clone_prompt, list) else [voice_clone_prompt]
+        if not all(isinstance(i, VoiceClonePromptItem) for i in items):
+            raise ValueError("voice_clone_prompt must be VoiceClonePromptItem(s) from create_voice_clone_prompt")
+        return _as_list(items, n, "voice_clone_prompt")
+
+    def _requests(self, kind: str, text, language, seed, non_streaming_mode, gen_kwargs, speaker=None,
+                  instruct=None, voice_clone_prompt=None, single: bool = False) -> list[SynthesisRequest]:
+        if single and isinstance(text, list):
+            raise ValueError("text: streaming takes one text (str); use generate_* for batches")
+        texts = text if isinstance(text, list) else [text]
+        if not texts:
+            raise ValueError("text must not be empty")
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"text must be non-empty strings, got {t!r}")
+        n = len(texts)
+        langs = _as_list(language if language is not None else "auto", n, "language")
+        seeds = _as_list(seed, n, "seed") if isinstance(seed, list) else \
+            [None if seed is None else int(seed) + i for i in range(n)]
+        speakers = _as_list(speaker, n, "speaker")
+        instructs = _as_list(instruct if instruct is not None else "", n, "instruct")
+        prompts = voice_clone_prompt or [None] * n
+        if kind == "voice_design" and instruct is None:
+            raise ValueError("instruct is required for generate_voice_design")
+        sampling = self.sampling_params(**gen_kwargs)
+        return [SynthesisRequest(kind=kind, text=texts[i], speaker=speakers[i], language=str(langs[i] or "auto"),
+                                 instruct=instructs[i] or None, voice_clone_prompt=prompts[i],
+                                 non_streaming_mode=bool(non_streaming_mode), sampling=sampling, seed=seeds[i],
+                                 decode_audio=False)
+                for i in range(n)]
+
+    def _run(self, reqs: list[SynthesisRequest]) -> list[np.ndarray]:
+        engine = Engine(self, max_sessions=len(reqs))
+        sessions = engine.run_all(reqs)
+        for s in sessions:
+            if s.finish_reason == "error":
+                raise ValueError(s.error)
+        return self.decode_codes([s.codes() for s in sessions],
+                                 [r.voice_clone_prompt.ref_code if r.voice_clone_prompt is not None
+                                  and r.voice_clone_prompt.icl_mode else None for r in reqs])
+
+    def decode_codes(self, codes: list[torch.Tensor], ref_codes: list[torch.Tensor | None] | None = None,
+                     ) -> list[np.ndarray]:
+        """Codes [T, 16] per item -> waveforms; ICL reference codes are decoded as context and cut as the
+        reference does."""
+        if self.codec is None:
+            raise ValueError("this checkpoint has no speech_tokenizer/: cannot decode audio")
+        ref_codes = ref_codes or [None] * len(codes)
+        full = [c if r is None else torch.cat([r.to(c.device).long(), c]) for c, r in zip(codes, ref_codes)]
+        wavs = self.codec.decode(full)
+        out = []
+        for w, r, f in zip(wavs, ref_codes, full):
+            if r is not None:
+                cut = int(r.shape[0] / max(f.shape[0], 1) * w.shape[0])
+                w = w[cut:]
+            out.append(np.asarray(w, dtype=np.float32))
+        return out

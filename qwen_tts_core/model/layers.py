@@ -1,0 +1,129 @@
+"""Building blocks of the Qwen3 decoder stacks (talker and code predictor). Math only: no sampling, no loops.
+
+Parameter names mirror the official checkpoint so its tensors load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DecoderStackConfig
+from .kv_cache import LayerCache
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / rms(x), the normalisation computed in fp32 and cast back before the weight (as the reference)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryTable(nn.Module):
+    """cos/sin of rotate-half RoPE for positions 0..max_pos-1, computed once in fp32. With equal position rows the
+    talker's interleaved multimodal RoPE reduces to exactly this 1-D RoPE."""
+
+    def __init__(self, head_dim: int, theta: float, max_pos: int) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [max_pos, head_dim]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [B, T] -> cos, sin: [B, 1, T, D] (broadcast over heads)."""
+        return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """GQA attention with per-head q/k RMSNorm (Qwen3), writing its keys/values into a slot of a passed-in cache."""
+
+    def __init__(self, cfg: DecoderStackConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
+                positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, T, C]; positions: [B, T] absolute positions (cache write index); mask: [B, 1, T, K] bool or None
+        (None: causal over a fresh cache, all rows at the same positions starting at 0)."""
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = cache.update(k, v, positions)  # [B, Hkv, K, D]
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderStackConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache: LayerCache, positions, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ResizeMLP(nn.Module):
+    """The talker's text projection: fc2(silu(fc1(x)))."""
+
+    def __init__(self, d_in: int, d_mid: int, d_out: int) -> None:
+        super().__init__()
+        self.linear_fc1 = nn.Linear(d_in, d_mid, bias=True)
+        self.linear_fc2 = nn.Linear(d_mid, d_out, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(F.silu(self.linear_fc1(x)))
+
+
+def run_stack(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, x: torch.Tensor,
+              positions: torch.Tensor, caches, mask: torch.Tensor | None) -> torch.Tensor:
+    """Run decoder layers over x [B, T, C] at `positions` [B, T]; returns the final-normed hidden states."""
+    cos, sin = rope(positions, x.dtype)
+    for layer, cache in zip(layers, caches):
+        x = layer(x, cos, sin, cache, positions, mask)
+    return norm(x)

@@ -1,0 +1,41 @@
+"""Reference audio -> reusable voice-clone prompt: ICL codes from the codec encoder and the speaker x-vector."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .audio_io import load_audio, to_24k
+from .speaker.ecapa import speaker_embedding
+from .voice_prompt import VoiceClonePromptItem
+
+
+def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None,
+                              x_vector_only_mode: Any = False) -> list[VoiceClonePromptItem]:
+    """One item per reference audio. ICL (x_vector_only_mode=False) needs `ref_text`."""
+    if model.tts_model_type != "base":
+        raise ValueError(f"create_voice_clone_prompt needs a Base checkpoint; this one is {model.tts_model_type!r}")
+    if model.speaker_encoder is None or model.codec is None:
+        raise ValueError("this checkpoint lacks its speaker encoder or speech tokenizer")
+    audios = ref_audio if isinstance(ref_audio, list) else [ref_audio]
+    if not audios:
+        raise ValueError("ref_audio must not be empty")
+    n = len(audios)
+    texts = ref_text if isinstance(ref_text, list) else [ref_text] * n
+    modes = x_vector_only_mode if isinstance(x_vector_only_mode, list) else [x_vector_only_mode] * n
+    if len(texts) != n or len(modes) != n:
+        raise ValueError(f"batch size mismatch: ref_audio={n}, ref_text={len(texts)}, "
+                         f"x_vector_only_mode={len(modes)}")
+    for i, (t, xvec) in enumerate(zip(texts, modes)):
+        if not xvec and (t is None or not str(t).strip()):
+            raise ValueError(f"ref_text is required when x_vector_only_mode=False (ICL mode); missing at index {i}")
+    wavs = []
+    for i, a in enumerate(audios):
+        wav, sr = load_audio(a, argument="ref_audio" if n == 1 else f"ref_audio[{i}]")
+        wavs.append(to_24k(wav, sr))
+    codes = model.codec.encode(wavs)
+    items = []
+    for wav, code, text, xvec in zip(wavs, codes, texts, modes):
+        spk = speaker_embedding(model.speaker_encoder, wav)
+        items.append(VoiceClonePromptItem(ref_code=None if xvec else code.cpu(), ref_spk_embedding=spk,
+                                          x_vector_only_mode=bool(xvec), icl_mode=not xvec, ref_text=text))
+    return items
