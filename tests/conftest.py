@@ -102,3 +102,58 @@ def moto_s3(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+_CHECKPOINTS: dict[tuple, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """make(model_type="custom_voice", size="tiny", seed=0) -> folder of a random-weight checkpoint (cached)."""
+    from qwen_tts_core import make_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+
+    def make(model_type: str = "custom_voice", size: str = "tiny", seed: int = 0) -> Path:
+        key = (model_type, size, seed)
+        if key not in _CHECKPOINTS:
+            _CHECKPOINTS[key] = make_checkpoint(root / f"{model_type}-{size}-{seed}", model_type=model_type,
+                                                size=size, seed=seed)
+        return _CHECKPOINTS[key]
+
+    return make
+
+
+_MODELS: dict[tuple, object] = {}
+
+
+@pytest.fixture(scope="session")
+def model_factory(checkpoint_factory):
+    """load(model_type="custom_voice", size="tiny", seed=0) -> Qwen3TTSModel on CPU fp32 (cached)."""
+    from qwen_tts_core import Qwen3TTSModel
+
+    def load(model_type: str = "custom_voice", size: str = "tiny", seed: int = 0):
+        key = (model_type, size, seed)
+        if key not in _MODELS:
+            _MODELS[key] = Qwen3TTSModel.from_pretrained(checkpoint_factory(model_type, size, seed),
+                                                         device_map="cpu", dtype="float32")
+        return _MODELS[key]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def ref_wav_path(tmp_path_factory) -> Path:
+    """A 2.5 s 16 kHz reference recording (a voiced, pitch-gliding synthetic vowel with noise)."""
+    import numpy as np
+    import soundfile as sf
+
+    sr, n = 16000, 40000
+    t = np.arange(n) / sr
+    f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    wav = sum(np.sin(k * phase) / k for k in range(1, 12)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2)
+    wav = 0.3 * wav / np.abs(wav).max() + 0.01 * np.random.default_rng(0).standard_normal(n)
+    path = tmp_path_factory.mktemp("audio") / "ref16k.wav"
+    sf.write(path, wav.astype(np.float32), sr)
+    return path

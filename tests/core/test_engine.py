@@ -1,0 +1,202 @@
+"""Engine behaviour on tiny checkpoints (codes level): batching, joining, cancel, guard, limits, incremental text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_tts_core import Engine, EngineBusy, SamplingParams, SynthesisRequest
+
+GREEDY = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=24)
+TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog.", "Good morning!", "Press one for sales."]
+
+
+def req(text, speaker="vivian", sampling=GREEDY, **kw) -> SynthesisRequest:
+    return SynthesisRequest(kind="custom_voice", text=text, speaker=speaker, language="english",
+                            sampling=sampling, decode_audio=False, **kw)
+
+
+def run_alone(model, r: SynthesisRequest) -> torch.Tensor:
+    return Engine(model, max_sessions=1).run_all([r])[0].codes()
+
+
+@pytest.fixture(scope="module")
+def model(model_factory):
+    return model_factory("custom_voice", "tiny")
+
+
+def test_batched_equals_alone(model):
+    together = Engine(model, max_sessions=4).run_all([req(t) for t in TEXTS])
+    for t, s in zip(TEXTS, together):
+        assert s.finish_reason == "max_new_tokens"
+        assert s.codes().shape == (GREEDY.max_new_tokens - 1, 16)  # N sampled ids -> N-1 frames, as HF
+        assert torch.equal(s.codes(), run_alone(model, req(t)))
+
+
+def test_session_joins_mid_utterance(model):
+    eng = Engine(model, max_sessions=2)
+    first = eng.add(req(TEXTS[0]))
+    for _ in range(7):
+        eng.step()
+    late = eng.add(req(TEXTS[1]))
+    while eng.has_work():
+        eng.step()
+    assert torch.equal(first.codes(), run_alone(model, req(TEXTS[0])))
+    assert torch.equal(late.codes(), run_alone(model, req(TEXTS[1])))
+
+
+def test_more_requests_than_slots_queue_then_run(model):
+    eng = Engine(model, max_sessions=2, max_queue=8)
+    sessions = [eng.add(req(t)) for t in TEXTS]
+    eng.step()
+    assert eng.num_active == 2 and eng.num_queued == 2
+    while eng.has_work():
+        eng.step()
+    assert all(s.finish_reason == "max_new_tokens" for s in sessions)
+    assert torch.equal(sessions[3].codes(), run_alone(model, req(TEXTS[3])))
+
+
+def test_queue_full_is_busy_not_crash(model):
+    eng = Engine(model, max_sessions=1, max_queue=2)
+    eng.add(req(TEXTS[0]))
+    eng.add(req(TEXTS[1]))
+    with pytest.raises(EngineBusy, match="max_queue"):
+        eng.add(req(TEXTS[2]))
+
+
+def test_cancel_frees_slot_and_twice_is_noop(model):
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(TEXTS[0]))
+    eng.step()
+    assert eng.num_active == 1 and eng.free_slots == []
+    eng.cancel(s)
+    eng.cancel(s)
+    chunks = eng.step()
+    assert s.finish_reason == "cancelled" and s.done
+    assert eng.num_active == 0 and eng.free_slots == [0]
+    assert [c.is_last for c in chunks if c.session_id == s.id] == [True]
+    eng.cancel(s)  # after finishing: still a no-op
+    other = eng.add(req(TEXTS[1]))
+    while eng.has_work():
+        eng.step()
+    assert torch.equal(other.codes(), run_alone(model, req(TEXTS[1])))
+
+
+def test_cancel_while_queued(model):
+    eng = Engine(model, max_sessions=1)
+    a, b = eng.add(req(TEXTS[0])), eng.add(req(TEXTS[1]))
+    eng.cancel(b)
+    while eng.has_work():
+        eng.step()
+    assert a.finish_reason == "max_new_tokens" and b.finish_reason == "cancelled" and b.num_frames == 0
+
+
+def test_runaway_guard_trips(model):
+    eng = Engine(model, max_sessions=1, guard_frames_per_token=1.0, guard_base_frames=3)
+    s = eng.run_all([req("Hi.", sampling=SamplingParams(do_sample=False, subtalker_dosample=False,
+                                                        max_new_tokens=500))])[0]
+    assert s.finish_reason == "guard"
+    assert s.num_frames == s.max_frames == 3 + s.prompt.num_text_tokens
+
+
+def test_interactive_admitted_before_bulk(model):
+    eng = Engine(model, max_sessions=1)
+    bulk = eng.add(req(TEXTS[0], priority="bulk"))
+    inter = eng.add(req(TEXTS[1], priority="interactive"))
+    eng.step()
+    assert inter.slot == 0 and bulk.phase == "queued"
+
+
+def test_seeded_sampling_is_reproducible_and_batch_invariant(model):
+    sp = SamplingParams(max_new_tokens=16)
+    alone = run_alone(model, req(TEXTS[0], sampling=sp, seed=11))
+    again = run_alone(model, req(TEXTS[0], sampling=sp, seed=11))
+    other = run_alone(model, req(TEXTS[0], sampling=sp, seed=12))
+    batch = Engine(model, max_sessions=2).run_all([req(TEXTS[1], sampling=sp, seed=5),
+                                                   req(TEXTS[0], sampling=sp, seed=11)])
+    assert torch.equal(alone, again) and torch.equal(alone, batch[1].codes())
+    assert not torch.equal(alone, other)
+
+
+@pytest.mark.parametrize("pieces", [
+    pytest.param(["The quick brown fox jumps over the lazy dog."], id="one-piece"),
+    pytest.param(["The qu", "ick bro", "wn fox ", "jumps over", " the lazy dog", "."], id="split-words"),
+    pytest.param(list("The quick brown fox jumps over the lazy dog."), id="char-by-char"),
+])
+def test_incremental_text_equals_all_at_once(model, pieces):
+    full = run_alone(model, req("".join(pieces)))
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(None))
+    waits = 0
+    for p in pieces:
+        s.append_text(p)
+        for _ in range(2):  # the talker may run ahead of the text: it must wait, not invent the rest
+            eng.step()
+            p_ = s.prompt
+            waits += int(p_ is not None and s.phase == "talker" and not p_.text_ended
+                         and s.text_step >= len(p_.trailing))
+    s.end_text()
+    while eng.has_work():
+        eng.step()
+    assert torch.equal(s.codes(), full)
+    if len(pieces) > 5:
+        assert waits > 0
+
+
+def test_incremental_bytes_split_multibyte_characters(model):
+    text = "你好，世界。Hello."
+    data = text.encode("utf-8")
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(None))
+    for i in range(0, len(data), 2):  # cuts through 3-byte characters
+        s.append_text(data[i:i + 2])
+        eng.step()
+    s.end_text()
+    while eng.has_work():
+        eng.step()
+    assert torch.equal(s.codes(), run_alone(model, req(text)))
+
+
+def test_incremental_misuse(model):
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(None))
+    s.append_text("Hello")
+    s.end_text()
+    with pytest.raises(ValueError, match="after end_text"):
+        s.append_text("more")
+    with pytest.raises(ValueError, match="twice"):
+        s.end_text()
+    full = eng.add(req("Hello"))
+    with pytest.raises(ValueError, match="full text"):
+        full.append_text("x")
+
+
+def test_incremental_empty_text_fails_cleanly(model):
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(None))
+    s.end_text()
+    while eng.has_work():
+        eng.step()
+    assert s.finish_reason == "error" and "empty" in s.error
+    assert eng.free_slots == [0]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("speaker", "nobody", "speaker"),
+    ("language", "klingon", "language"),
+    ("text", "   ", "text"),
+    ("first_chunk_frames", 0, "first_chunk_frames"),
+    ("chunk_frames", 0, "chunk_frames"),
+    ("priority", "urgent", "priority"),
+])
+def test_bad_requests_name_the_field(model, field, value, match):
+    r = req("Hello")
+    setattr(r, field, value)
+    with pytest.raises(ValueError, match=match):
+        Engine(model, max_sessions=1).add(r)
+
+
+def test_wrong_kind_for_checkpoint(model):
+    r = SynthesisRequest(kind="voice_design", text="Hi", instruct="calm", sampling=GREEDY)
+    with pytest.raises(ValueError, match="voice_design"):
+        Engine(model, max_sessions=1).add(r)
