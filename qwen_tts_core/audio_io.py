@@ -28,6 +28,7 @@ TARGET_SR = 24000
 SILENCE_PEAK = 1e-4
 """Audio whose every |sample| is below this is rejected as silent."""
 MAX_URL_BYTES = 64 * 1024 * 1024
+MAX_CHANNELS = 32
 
 AudioInput = Union[str, os.PathLike, bytes, bytearray, tuple]  # noqa: UP007 (a runtime alias on py3.10)
 
@@ -122,6 +123,11 @@ def _decode_string(x: str, argument: str, allow_urls: bool, url_timeout: float) 
 def _as_mono(audio: np.ndarray, argument: str) -> np.ndarray:
     """[N] or [N, channels] -> [N] float32 (channel mean, as the reference does over the last axis)."""
     if audio.ndim == 2:
+        if audio.shape[1] > MAX_CHANNELS:
+            raise ValueError(
+                f"{argument}: 2-D audio must be [samples, channels] with at most {MAX_CHANNELS} channels, got "
+                f"shape {audio.shape} (transpose a [channels, samples] array)"
+            )
         audio = audio.mean(axis=-1)
     if audio.ndim != 1:
         raise ValueError(f"{argument}: audio must be 1-D [samples] or 2-D [samples, channels], got shape "

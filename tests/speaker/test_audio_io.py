@@ -225,6 +225,7 @@ BAD_INPUTS = {
     "sr-string": (lambda t: (_TONE, "16000"), "sample rate"),
     "int-pcm": (lambda t: ((_TONE * 30000).astype(np.int16), 16000), "float array"),
     "3-d-array": (lambda t: (np.zeros((2, 3, 4), dtype=np.float32) + 0.1, 16000), "1-D"),
+    "channels-first": (lambda t: (np.stack([_TONE, _TONE]), 16000), r"\[samples, channels\]"),
     "one-tuple": (lambda t: (_TONE,), "tuple must be"),
     "bare-array": (lambda t: _TONE, "no sample rate"),
     "int": (lambda t: 12345, "unsupported type int"),

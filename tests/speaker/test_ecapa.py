@@ -193,6 +193,29 @@ def test_embedding_equals_reference_full_size(tmp_path, signals):
         assert np.abs(ours - ref[k]).max() <= TOL * max(1.0, np.abs(ref[k]).max())
 
 
+def test_bf16_encoder_is_close_to_fp32(tiny, signals):
+    cfg, state, enc = tiny
+    half = speaker_encoder_from_state(cfg, state, dtype=torch.bfloat16)
+    for key in ("low_voice", "noise"):
+        e16 = speaker_embedding(half, signals[key])
+        assert e16.dtype == torch.bfloat16
+        cos = torch.nn.functional.cosine_similarity(e16.float(), speaker_embedding(enc, signals[key]), dim=0)
+        assert cos.item() > 0.98
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(tiny, signals):
+    cfg, state, enc = tiny
+    gpu = speaker_encoder_from_state(cfg, state, device="cuda")
+    for key in ("low_voice", "long_voice"):
+        e = speaker_embedding(gpu, signals[key])
+        assert e.device.type == "cuda"
+        ref = speaker_embedding(enc, signals[key])
+        # cuDNN may run the convs in TF32 (torch's default for convolutions), so compare loosely.
+        assert torch.nn.functional.cosine_similarity(e.float().cpu(), ref, dim=0).item() > 0.999
+        assert (e.cpu() - ref).abs().max().item() <= 2e-2 * max(1.0, ref.abs().max().item())
+
+
 # ---- input checks -------------------------------------------------------------------------------------------------
 
 
