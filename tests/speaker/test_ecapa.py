@@ -145,6 +145,18 @@ def test_embedding_depends_on_the_audio(tiny, signals):
     assert torch.equal(same, embs["low_voice"])
 
 
+@pytest.mark.parametrize("enc_dim", [1024, 2048])
+def test_full_size_random_weights_are_usable(signals, enc_dim):
+    cfg = full_config(enc_dim)
+    enc = speaker_encoder_from_state(cfg, random_speaker_encoder_state(cfg, seed=5))
+    embs = [speaker_embedding(enc, signals[k]) for k in ("low_voice", "high_voice", "noise")]
+    for e in embs:
+        assert e.shape == (enc_dim,)
+        assert 0.2 < e.pow(2).mean().sqrt().item() < 5.0
+    cos = torch.nn.functional.cosine_similarity
+    assert max(cos(embs[i], embs[j], dim=0).item() for i, j in ((0, 1), (0, 2), (1, 2))) < 0.9
+
+
 # ---- parity with the official encoder -----------------------------------------------------------------------------
 
 
