@@ -1,0 +1,208 @@
+"""Read narration inputs (text/Markdown file, folder of chapters, JSONL, Parquet) into `Utterance` rows.
+
+A malformed row never raises: it becomes an `Utterance` with `error` set, so the job records it in the
+manifest and carries on. Only a missing/unsupported input path raises (before any work starts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".markdown")
+ROW_SUFFIXES = (".jsonl", ".parquet")
+FORMATS = ("wav", "flac", "wav-ulaw", "wav-alaw")
+ROW_FIELDS = ("id", "text", "voice", "speaker", "language", "instruct", "model", "seed", "format",
+              "sample_rate")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One output object: a chapter (joined from chunks) or one prompt/row.
+
+    `voice` is a speaker name for custom_voice models, the voice description for voice_design models
+    (or use `instruct`). `error` is set when the row could not be parsed; such rows are never synthesized.
+    """
+
+    id: str
+    text: str
+    voice: str | None = None
+    language: str = "auto"
+    instruct: str | None = None
+    model: str | None = None
+    seed: int = 0
+    format: str = "wav"
+    sample_rate: int = 24000
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RowDefaults:
+    """Values used where a row (or a text file) does not say."""
+
+    voice: str | None = None
+    language: str = "auto"
+    instruct: str | None = None
+    model: str | None = None
+    seed: int = 0
+    format: str = "wav"
+    sample_rate: int = 24000
+
+
+_MD_RULES = [
+    (re.compile(r"```.*?```", re.S), " "),           # code fences are not read aloud
+    (re.compile(r"!\[[^\]]*\]\([^)]*\)"), " "),        # images
+    (re.compile(r"\[([^\]]*)\]\([^)]*\)"), r"\1"),     # links -> their text
+    (re.compile(r"^\s{0,3}#{1,6}\s*(.*?)\s*#*\s*$", re.M), r"\1.\n"),  # headings become a sentence
+    (re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+", re.M), ""),  # list markers
+    (re.compile(r"^\s*>\s?", re.M), ""),             # block quotes
+    (re.compile(r"(\*\*|__|\*|_|`)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # emphasis / inline code
+    (re.compile(r"<[^>]+>"), " "),                    # inline HTML
+]
+
+
+def markdown_to_text(md: str) -> str:
+    """Strip the Markdown markup a narrator should not read; headings end as their own sentence."""
+    for pattern, repl in _MD_RULES:
+        md = pattern.sub(repl, md)
+    return re.sub(r"\.(\s*[.!?。！？])", r"\1", md)
+
+
+def _natural_key(p: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+
+
+def _read_text_file(path: Path, defaults: RowDefaults) -> Utterance:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return Utterance(id=path.stem, text="", error=f"cannot read {path}: {e}")
+    text = markdown_to_text(raw) if path.suffix.lower() in (".md", ".markdown") else raw
+    return check_row({"id": path.stem, "text": text}, defaults, where=str(path))
+
+
+def check_row(raw: Any, defaults: RowDefaults, where: str) -> Utterance:
+    """Validate one raw row (dict) into an `Utterance`; problems end up in `error`, never raised."""
+    if not isinstance(raw, dict):
+        return Utterance(id=where, text="", error=f"{where}: row must be an object, got {type(raw).__name__}")
+    rid = raw.get("id")
+    rid = str(rid).strip() if rid is not None and not isinstance(rid, (dict, list)) else ""
+    ident = rid or where
+    base = Utterance(id=ident, text="")
+    unknown = sorted(set(raw) - set(ROW_FIELDS))
+    if unknown:
+        log.debug("%s: ignoring unknown field(s) %s", where, unknown)
+    if not rid:
+        return replace(base, error=f"{where}: field 'id' is required and must be a non-empty string")
+    text = raw.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return replace(base, error=f"{where}: field 'text' must be a non-empty string")
+    voice = raw.get("voice", raw.get("speaker"))
+    fields: dict[str, Any] = {}
+    for name in ("language", "instruct", "model"):
+        v = raw.get(name)
+        if v is not None and not isinstance(v, str):
+            return replace(base, error=f"{where}: field '{name}' must be a string, got {v!r}")
+        fields[name] = v if v not in (None, "") else getattr(defaults, name)
+    if voice is not None and not isinstance(voice, str):
+        return replace(base, error=f"{where}: field 'voice' must be a string, got {voice!r}")
+    seed = raw.get("seed", defaults.seed)
+    if seed is None or seed == "":
+        seed = defaults.seed
+    try:
+        seed = int(seed)
+    except (TypeError, ValueError):
+        return replace(base, error=f"{where}: field 'seed' must be an integer, got {seed!r}")
+    fmt = raw.get("format") or defaults.format
+    if fmt not in FORMATS:
+        return replace(base, error=f"{where}: field 'format' must be one of {list(FORMATS)}, got {fmt!r}")
+    sr = raw.get("sample_rate") or defaults.sample_rate
+    try:
+        sr = int(sr)
+    except (TypeError, ValueError):
+        sr = -1
+    if not 4000 <= sr <= 48000:
+        return replace(base, error=f"{where}: field 'sample_rate' must be an integer in [4000, 48000], "
+                                   f"got {raw.get('sample_rate')!r}")
+    return Utterance(id=rid, text=text, voice=voice or defaults.voice, language=fields["language"] or "auto",
+                     instruct=fields["instruct"], model=fields["model"], seed=seed, format=fmt,
+                     sample_rate=sr)
+
+
+def _read_jsonl(path: Path, defaults: RowDefaults) -> list[Utterance]:
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path.name}:{n}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                out.append(Utterance(id=where, text="", error=f"{where}: malformed JSON ({e.msg})"))
+                continue
+            out.append(check_row(raw, defaults, where))
+    return out
+
+
+def _read_parquet(path: Path, defaults: RowDefaults) -> list[Utterance]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise ValueError(f"input: {path} is not a readable Parquet file ({e})") from e
+    if "text" not in table.column_names or "id" not in table.column_names:
+        raise ValueError(f"input: {path} needs columns 'id' and 'text', has {table.column_names}")
+    return [check_row(r, defaults, f"{path.name}:{i + 1}") for i, r in enumerate(table.to_pylist())]
+
+
+def read_inputs(path: str | Path, defaults: RowDefaults = RowDefaults()) -> list[Utterance]:
+    """Read a narration input into rows (one per output object).
+
+    Args:
+        path: a .txt/.md file (one chapter), a folder of such files (one chapter each, natural order),
+            or a .jsonl/.parquet file of rows with fields id, text, voice|speaker, language, instruct,
+            model, seed, format, sample_rate.
+        defaults: values for fields a row leaves out.
+
+    Raises:
+        ValueError: the path does not exist, is empty, or has an unsupported type.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"input: {p} does not exist")
+    if p.is_dir():
+        files = sorted((f for f in p.iterdir() if f.suffix.lower() in TEXT_SUFFIXES), key=_natural_key)
+        if not files:
+            raise ValueError(f"input: folder {p} has no chapter files ({', '.join(TEXT_SUFFIXES)})")
+        rows = [_read_text_file(f, defaults) for f in files]
+    elif p.suffix.lower() in TEXT_SUFFIXES:
+        rows = [_read_text_file(p, defaults)]
+    elif p.suffix.lower() == ".jsonl":
+        rows = _read_jsonl(p, defaults)
+    elif p.suffix.lower() == ".parquet":
+        rows = _read_parquet(p, defaults)
+    else:
+        raise ValueError(f"input: unsupported file type {p.suffix!r}; use one of "
+                         f"{list(TEXT_SUFFIXES + ROW_SUFFIXES)} or a folder")
+    return mark_duplicates(rows)
+
+
+def mark_duplicates(rows: Iterable[Utterance]) -> list[Utterance]:
+    """Every id must be unique: later duplicates get an error (the first keeps its output)."""
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        if r.error is None and r.id in seen:
+            r = replace(r, error=f"duplicate id {r.id!r}")
+        seen.add(r.id)
+        out.append(r)
+    return out

@@ -1,0 +1,94 @@
+"""The Parquet manifest: one row per input, whatever happened to it."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+Status = Literal["ok", "suspect", "failed", "retired"]
+
+
+@dataclass
+class ManifestRecord:
+    """What a job knows about one input row.
+
+    status: "ok" (written, checks passed), "suspect" (written, quality flags set), "failed" (no output;
+    see `error`), "retired" (catalog only: the prompt left the catalog). `reused` is True when an existing
+    valid output was kept instead of synthesizing again. `params` is canonical JSON of everything in the key.
+    """
+
+    id: str
+    key: str | None
+    status: Status
+    error: str | None = None
+    attempts: int = 0
+    duration_s: float = 0.0
+    sample_rate: int = 0
+    format: str = "wav"
+    bytes: int = 0
+    model: str | None = None
+    revision: str | None = None
+    voice: str | None = None
+    language: str | None = None
+    instruct: str | None = None
+    seed: int = 0
+    params: str = "{}"
+    text_hash: str = ""
+    num_chunks: int = 0
+    flags: list[str] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    reused: bool = False
+    url: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ManifestRecord:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("id", pa.string()), ("key", pa.string()), ("status", pa.string()), ("error", pa.string()),
+        ("attempts", pa.int32()), ("duration_s", pa.float64()), ("sample_rate", pa.int32()),
+        ("format", pa.string()), ("bytes", pa.int64()), ("model", pa.string()), ("revision", pa.string()),
+        ("voice", pa.string()), ("language", pa.string()), ("instruct", pa.string()), ("seed", pa.int64()),
+        ("params", pa.string()), ("text_hash", pa.string()), ("num_chunks", pa.int32()),
+        ("flags", pa.list_(pa.string())), ("finish_reasons", pa.list_(pa.string())), ("reused", pa.bool_()),
+        ("url", pa.string()),
+    ])
+
+
+def to_parquet(records: list[ManifestRecord]) -> bytes:
+    """Records (sorted by id) -> Parquet bytes with a fixed schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [r.to_dict() for r in sorted(records, key=lambda r: r.id)]
+    table = pa.Table.from_pylist(rows, schema=_schema())
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def from_parquet(data: bytes) -> list[ManifestRecord]:
+    import pyarrow.parquet as pq
+
+    return [ManifestRecord.from_dict(d) for d in pq.read_table(io.BytesIO(data)).to_pylist()]
+
+
+def summarize(records: list[ManifestRecord]) -> dict[str, Any]:
+    """Counts by status plus totals, as printed at the end of a job."""
+    out: dict[str, Any] = {"total": len(records), "ok": 0, "suspect": 0, "failed": 0, "retired": 0}
+    for r in records:
+        out[r.status] = out.get(r.status, 0) + 1
+    out["reused"] = sum(r.reused for r in records)
+    out["synthesized"] = sum(1 for r in records if r.status in ("ok", "suspect") and not r.reused)
+    out["audio_seconds"] = round(sum(r.duration_s for r in records if r.status in ("ok", "suspect")), 3)
+    out["failed_ids"] = sorted(r.id for r in records if r.status == "failed")[:50]
+    return out

@@ -1,0 +1,171 @@
+"""Bulk narration: `python -m jobs.narrate INPUT --model CKPT --out file://./output|s3://bucket/prefix`.
+
+INPUT is a .txt/.md file (one chapter), a folder of chapter files, or JSONL/Parquet rows (id, text,
+voice|speaker, language, instruct, model, seed, format, sample_rate). Writes one audio object per row
+under a content-derived key, a JSON sidecar per object, and `manifest.parquet`; prints a JSON summary
+last. Exit code: 0 all good, 1 some rows failed (see the manifest), 2 bad arguments / unusable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .inputs import FORMATS, RowDefaults, Utterance, read_inputs
+from .manifest import ManifestRecord, summarize, to_parquet
+from .render import RenderConfig, model_revision
+from .runner import BACKENDS, RUNNERS, RunOptions, run_rows
+from .storage import RetryPolicy, StorageError, open_sink
+from .synth import EngineOptions
+
+log = logging.getLogger(__name__)
+SAMPLING_ARGS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+
+
+def load_config(path: str | None) -> dict[str, Any]:
+    """A YAML file of option defaults (keys are the long option names with underscores)."""
+    if not path:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config: {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config: {p} is not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {p} must hold a mapping of option names to values")
+    return data
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by `narrate` and `catalog`."""
+    p.add_argument("--config", help="YAML file with defaults for these options (e.g. configs/jobs/*.yaml)")
+    p.add_argument("--model", help="checkpoint folder or hub id (default: each row's `model`)")
+    p.add_argument("--revision", help="model revision label recorded in keys (default: digest of local files)")
+    p.add_argument("--out", dest="output", help="file://DIR (default file://./output) or s3://bucket/prefix")
+    p.add_argument("--voice", help="default voice/speaker for rows without one")
+    p.add_argument("--language", help="default language (default auto)")
+    p.add_argument("--instruct", help="default instruction / voice description")
+    p.add_argument("--seed", type=int, help="default seed (default 0)")
+    p.add_argument("--format", choices=FORMATS, help="default audio format (default wav)")
+    p.add_argument("--sample-rate", type=int, help="default output sample rate (default 24000)")
+    p.add_argument("--max-chars", type=int, help="chunk budget in characters (default 200)")
+    p.add_argument("--pause", type=float, dest="pause_s", help="seconds of silence between chunks (default 0.4)")
+    p.add_argument("--attempts", type=int, dest="max_attempts", help="tries per chunk when the guard trips")
+    p.add_argument("--backend", help=f"{' | '.join(BACKENDS)} | module:Class (default auto: Serve app if running)")
+    p.add_argument("--runner", choices=RUNNERS, help="ray (default) or local (one process, no Ray)")
+    p.add_argument("--actors", type=int, help="engine actors (default 1)")
+    p.add_argument("--num-cpus", type=float, help="CPUs per actor (default 0.5)")
+    p.add_argument("--num-gpus", type=float, help="GPUs per actor (default 0)")
+    p.add_argument("--batch-size", type=int, help="rows per map_batches batch (default 4)")
+    p.add_argument("--serve-app", help="Serve app name (default qtts)")
+    p.add_argument("--ray-address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--device", help="engine device (default cpu)")
+    p.add_argument("--dtype", help="engine dtype (default float32)")
+    p.add_argument("--max-sessions", type=int, help="engine batch size (default 8)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--quiet", action="store_true", help="do not print the manifest table")
+    for name in SAMPLING_ARGS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=float if "_p" in name or "temp" in name
+                       or "penalty" in name else int)
+
+
+def build_options(args: argparse.Namespace, key_prefix: str
+                  ) -> tuple[RowDefaults, RenderConfig, RunOptions]:
+    """CLI args over YAML config over built-in defaults -> the three option objects."""
+    conf = load_config(args.config)
+    unknown = set(conf) - {a.dest for a in build_parser()._actions} - {"input"}
+    if unknown:
+        raise ValueError(f"config: unknown option(s) {sorted(unknown)}")
+
+    def get(name: str, default: Any) -> Any:
+        v = getattr(args, name, None)
+        if v is not None:
+            return v
+        return conf.get(name, default)
+
+    model = get("model", None)
+    defaults = RowDefaults(voice=get("voice", None), language=get("language", "auto"),
+                           instruct=get("instruct", None), model=model, seed=int(get("seed", 0)),
+                           format=get("format", "wav"), sample_rate=int(get("sample_rate", 24000)))
+    sampling = {k: get(k, None) for k in SAMPLING_ARGS if get(k, None) is not None}
+    render = RenderConfig(model=model or "", revision=model_revision(model, get("revision", None))
+                          if model else str(get("revision", None) or "unknown"),
+                          max_chars=int(get("max_chars", 200)), pause_s=float(get("pause_s", 0.4)),
+                          max_attempts=int(get("max_attempts", 3)), sampling=sampling, key_prefix=key_prefix)
+    opts = RunOptions(output=get("output", "file://./output"), backend=get("backend", "auto"),
+                      runner=get("runner", "ray"), actors=int(get("actors", 1)),
+                      num_cpus=float(get("num_cpus", 0.5)), num_gpus=float(get("num_gpus", 0.0)),
+                      batch_size=int(get("batch_size", 4)), serve_app=get("serve_app", "qtts"),
+                      ray_address=get("ray_address", None), progress=bool(get("progress", True)),
+                      engine=EngineOptions(device=get("device", "cpu"), dtype=get("dtype", "float32"),
+                                           max_sessions=int(get("max_sessions", 8))),
+                      retry=RetryPolicy())
+    return defaults, render, opts
+
+
+def check_models(rows: list[Utterance], render: RenderConfig) -> list[Utterance]:
+    """Rows need a model (theirs or --model)."""
+    return [replace(r, error="model: no model for this row; pass --model or set the row's `model`")
+            if r.error is None and not (r.model or render.model) else r for r in rows]
+
+
+def print_manifest(records: list[ManifestRecord], out: Any = sys.stdout) -> None:
+    """A short human-readable table of the manifest."""
+    print(f"{'id':<24} {'status':<8} {'dur_s':>7} {'tries':>5}  key / error", file=out)
+    for r in records:
+        detail = r.key if r.status not in ("failed",) else f"ERROR {r.error}"
+        flags = f" [{','.join(r.flags)}]" if r.flags else ""
+        print(f"{r.id[:24]:<24} {r.status:<8} {r.duration_s:>7.2f} {r.attempts:>5}  {detail}{flags}", file=out)
+
+
+def finish(records: list[ManifestRecord], opts: RunOptions, manifest_key: str, t0: float,
+           quiet: bool) -> int:
+    """Write the manifest, print the table and the JSON summary (last line); returns the exit code."""
+    sink = open_sink(opts.output, opts.retry)
+    sink.put(manifest_key, to_parquet(records), "application/vnd.apache.parquet")
+    summary = summarize(records)
+    summary.update(output=sink.uri, manifest=sink.url(manifest_key), wall_s=round(time.perf_counter() - t0, 2))
+    if not quiet:
+        print_manifest(records)
+    print(json.dumps(summary))
+    return 1 if summary["failed"] else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    try:
+        defaults, render, opts = build_options(args, "audio")
+        rows = check_models(read_inputs(args.input, defaults), render)
+        records = run_rows(rows, render, opts, desc="narrate")
+    except (ValueError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return finish(records, opts, "manifest.parquet", t0, args.quiet)
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="python -m jobs.narrate", description=__doc__.split("\n")[0])
+    p.add_argument("input", help="text/Markdown file, folder of chapters, or .jsonl/.parquet rows")
+    add_common_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

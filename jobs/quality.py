@@ -1,0 +1,62 @@
+"""Cheap per-output quality checks that flag suspicious audio (they never fail a row on their own)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Thresholds. Speech rates are characters per second of audio (CJK counts per character)."""
+
+    silence_rms: float = 1e-3          # whole-utterance RMS below this -> "silent"
+    max_silent_fraction: float = 0.6   # share of 20 ms frames below silence_rms -> "mostly_silent"
+    clip_level: float = 0.999
+    max_clip_fraction: float = 1e-3    # share of samples at/over clip_level -> "clipping"
+    min_chars_per_s: float = 2.0       # slower than this -> "too_long" (runaway, babbling)
+    max_chars_per_s: float = 40.0      # faster than this -> "too_short" (truncated)
+    cjk_weight: float = 3.0            # one CJK character counts like this many Latin characters
+
+
+def _spoken_chars(text: str, cjk_weight: float) -> float:
+    n = 0.0
+    for ch in text:
+        if ch.isalnum():
+            n += cjk_weight if 0x2E80 <= ord(ch) <= 0x9FFF or 0x3040 <= ord(ch) <= 0x30FF else 1.0
+    return n
+
+
+def check_audio(pcm: np.ndarray, sample_rate: int, text: str, cfg: QualityConfig = QualityConfig()) -> list[str]:
+    """Flags for one utterance: subset of silent, mostly_silent, clipping, too_short, too_long, empty.
+
+    Args:
+        pcm: mono float32 [N].
+        sample_rate: Hz.
+        text: the text it should say (duration vs text length).
+    """
+    pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+    if pcm.size == 0:
+        return ["empty"]
+    flags: list[str] = []
+    if float(np.sqrt(np.mean(pcm**2))) < cfg.silence_rms:
+        flags.append("silent")
+    else:
+        hop = max(1, sample_rate // 50)
+        n = pcm.size // hop
+        if n:
+            frame_rms = np.sqrt(np.mean(pcm[: n * hop].reshape(n, hop) ** 2, axis=1))
+            if float(np.mean(frame_rms < cfg.silence_rms)) > cfg.max_silent_fraction:
+                flags.append("mostly_silent")
+    if float(np.mean(np.abs(pcm) >= cfg.clip_level)) > cfg.max_clip_fraction:
+        flags.append("clipping")
+    chars = _spoken_chars(text, cfg.cjk_weight)
+    duration = pcm.size / sample_rate
+    if chars > 0:
+        rate = chars / duration
+        if rate > cfg.max_chars_per_s:
+            flags.append("too_short")
+        elif rate < cfg.min_chars_per_s:
+            flags.append("too_long")
+    return flags

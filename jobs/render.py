@@ -1,0 +1,204 @@
+"""Rows -> audio objects + manifest records. Shared by the Ray Data workers and the one-process runner.
+
+Per row: split the text into chunks, synthesize all chunks of all rows of a batch in one backend call
+(same voice and seed across a row's chunks), retry chunks whose runaway guard tripped with another seed,
+join with pauses, check quality, resample/encode, then write the audio object and, last, its JSON
+sidecar. The sidecar is the commit marker: an output counts as done only when both exist and agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import audio
+from .inputs import Utterance
+from .manifest import ManifestRecord
+from .quality import QualityConfig, check_audio
+from .split import normalize_text, split_text
+from .storage import Sink, StorageError, content_key, text_hash
+from .synth import Backend, ChunkJob, ChunkResult
+
+log = logging.getLogger(__name__)
+RETRY_REASONS = ("guard", "max_new_tokens")
+SEED_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """Everything that shapes an output (and therefore its key), plus retry policy."""
+
+    model: str
+    revision: str = "unknown"
+    max_chars: int = 200
+    pause_s: float = 0.4
+    max_attempts: int = 3
+    sampling: dict[str, Any] = field(default_factory=dict)
+    quality: QualityConfig = QualityConfig()
+    key_prefix: str = "audio"
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
+        if self.pause_s < 0:
+            raise ValueError(f"pause must be >= 0 seconds, got {self.pause_s!r}")
+
+
+def model_revision(model: str, revision: str | None = None) -> str:
+    """A label for the exact weights: the given revision, or a digest of a local checkpoint's files."""
+    if revision:
+        return revision
+    p = Path(model)
+    if not p.is_dir():
+        return "main"
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p.rglob("*")):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt"):
+            h.update(f.relative_to(p).as_posix().encode())
+            h.update(f.read_bytes() if f.suffix != ".safetensors" else str(f.stat().st_size).encode())
+    return f"local-{h.hexdigest()[:12]}"
+
+
+def key_fields(row: Utterance, cfg: RenderConfig) -> dict[str, Any]:
+    return {"text": normalize_text(row.text), "voice": row.voice, "language": row.language,
+            "instruct": row.instruct, "model": row.model or cfg.model, "revision": cfg.revision,
+            "seed": row.seed, "format": row.format, "sample_rate": row.sample_rate,
+            "max_chars": cfg.max_chars, "pause_s": cfg.pause_s, "sampling": dict(sorted(cfg.sampling.items()))}
+
+
+def plan_key(row: Utterance, cfg: RenderConfig) -> tuple[str, str]:
+    """(object key, canonical params JSON) for a valid row."""
+    fields = key_fields(row, cfg)
+    ext = audio.ENCODINGS[row.format][2]
+    params = {k: v for k, v in fields.items() if k != "text"}
+    return content_key(fields, row.id, ext, cfg.key_prefix), json.dumps(params, sort_keys=True)
+
+
+def sidecar_key(key: str) -> str:
+    return f"{key}.json"
+
+
+def base_record(row: Utterance, cfg: RenderConfig) -> ManifestRecord:
+    rec = ManifestRecord(id=row.id, key=None, status="failed", error=row.error, model=row.model or cfg.model,
+                         revision=cfg.revision, voice=row.voice, language=row.language, instruct=row.instruct,
+                         seed=row.seed, format=row.format, text_hash=text_hash(normalize_text(row.text)))
+    if row.error is None:
+        rec.key, rec.params = plan_key(row, cfg)
+    return rec
+
+
+def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig) -> ManifestRecord | None:
+    """The committed record for this row's key when the object exists and matches its sidecar, else None."""
+    key, _ = plan_key(row, cfg)
+    raw = sink.get(sidecar_key(key))
+    if raw is None:
+        return None
+    try:
+        rec = ManifestRecord.from_dict(json.loads(raw))
+    except (ValueError, TypeError):
+        return None
+    if rec.key != key or sink.size(key) != rec.bytes or rec.bytes <= 44:
+        return None
+    rec.id, rec.reused, rec.url = row.id, True, sink.url(key)
+    return rec
+
+
+def _chunk_jobs(row: Utterance, cfg: RenderConfig, chunks: list[str], attempt: int) -> list[ChunkJob]:
+    seed = row.seed + attempt * SEED_STRIDE
+    return [ChunkJob(text=c, voice=row.voice, language=row.language, instruct=row.instruct, seed=seed,
+                     model=row.model or cfg.model, sampling=dict(cfg.sampling)) for c in chunks]
+
+
+def _synthesize_all(rows: list[Utterance], chunks: list[list[str]], backend: Backend, cfg: RenderConfig,
+                    ) -> tuple[list[list[ChunkResult | None]], list[int]]:
+    """All chunks of all rows, retrying runaway chunks with a new seed; returns results and attempts."""
+    results: list[list[ChunkResult | None]] = [[None] * len(c) for c in chunks]
+    attempts = [0] * len(rows)
+    todo = [(r, c) for r in range(len(rows)) for c in range(len(chunks[r]))]
+    for attempt in range(cfg.max_attempts):
+        if not todo:
+            break
+        jobs = [_chunk_jobs(rows[r], cfg, [chunks[r][c]], attempt)[0] for r, c in todo]
+        for r in {r for r, _ in todo}:
+            attempts[r] = attempt + 1
+        try:
+            out = backend.synthesize(jobs)
+        except Exception as e:  # noqa: BLE001 - a crashed backend call fails these rows, not the job
+            log.exception("backend failed on %d chunks", len(jobs))
+            out = [ChunkResult(None, "error", f"{type(e).__name__}: {e}") for _ in jobs]
+        retry = []
+        for (r, c), res in zip(todo, out):
+            results[r][c] = res
+            if res.error is None and res.finish_reason in RETRY_REASONS:
+                retry.append((r, c))
+        todo = retry
+    return results, attempts
+
+
+def _finish_row(row: Utterance, rec: ManifestRecord, res: list[ChunkResult | None], sink: Sink,
+                cfg: RenderConfig) -> ManifestRecord:
+    errors = [x.error for x in res if x is None or x.error is not None]
+    if errors:
+        rec.error = str(errors[0] or "chunk missing")
+        return rec
+    reasons = [str(x.finish_reason) for x in res]  # type: ignore[union-attr]
+    rec.finish_reasons = reasons
+    runaway = [r for r in reasons if r in RETRY_REASONS]
+    if runaway:
+        rec.error = f"runaway guard tripped ({runaway[0]}) after {rec.attempts} attempt(s)"
+        return rec
+    sr_in = res[0].sample_rate  # type: ignore[union-attr]
+    pcm = audio.join_chunks([x.pcm for x in res], sr_in, cfg.pause_s)  # type: ignore[union-attr, misc]
+    rec.flags = check_audio(pcm, sr_in, row.text, cfg.quality)
+    pcm = audio.resample(pcm, sr_in, row.sample_rate)
+    data = audio.encode(pcm, row.sample_rate, row.format)
+    rec.duration_s = round(pcm.size / row.sample_rate, 4)
+    rec.sample_rate, rec.bytes = row.sample_rate, len(data)
+    rec.status = "suspect" if rec.flags else "ok"
+    rec.error = None
+    try:
+        sink.put(rec.key, data, audio.ENCODINGS[row.format][3])  # type: ignore[arg-type]
+        sink.put(sidecar_key(rec.key), json.dumps(rec.to_dict()).encode(), "application/json")  # type: ignore[arg-type]
+    except StorageError as e:
+        rec.status, rec.error = "failed", f"storage: {e}"
+        return rec
+    rec.url = sink.url(rec.key)  # type: ignore[arg-type]
+    return rec
+
+
+def render_rows(rows: list[Utterance], backend: Backend, sink: Sink, cfg: RenderConfig,
+                skip_existing: bool = True) -> list[ManifestRecord]:
+    """Render a batch of rows; never raises for a row's failure (it is in the returned record)."""
+    records = [base_record(r, cfg) for r in rows]
+    todo: list[int] = []
+    for i, row in enumerate(rows):
+        if row.error is not None:
+            continue
+        if skip_existing:
+            try:
+                found = existing_output(sink, row, cfg)
+            except StorageError as e:
+                records[i].error = f"storage: {e}"
+                continue
+            if found is not None:
+                records[i] = found
+                continue
+        todo.append(i)
+    chunks = [split_text(rows[i].text, cfg.max_chars) for i in todo]
+    for i, c in zip(todo, chunks):
+        records[i].num_chunks = len(c)
+        if not c:
+            records[i].error = "text: nothing to say after cleaning"
+    live = [k for k, c in enumerate(chunks) if c]
+    results, attempts = _synthesize_all([rows[todo[k]] for k in live], [chunks[k] for k in live], backend, cfg)
+    for k, res, n in zip(live, results, attempts):
+        i = todo[k]
+        records[i].attempts = n
+        records[i] = _finish_row(rows[i], records[i], res, sink, cfg)
+    return records
+

@@ -1,0 +1,33 @@
+"""A fake synthesis backend with the `jobs.synth.Backend` interface (unit tests only; e2e tests use the engine)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jobs.synth import ChunkJob, ChunkResult
+
+VOICES = ("vivian", "ryan")
+
+
+class FakeBackend:
+    """A tone per chunk, 0.06 s per character. Voice 'nobody' is unknown; 'RUNAWAY' trips the guard on the
+    first attempt only (seed changes on retry), 'FOREVER' on every attempt."""
+
+    calls: list[list[ChunkJob]] = []
+
+    def synthesize(self, jobs: list[ChunkJob]) -> list[ChunkResult]:
+        FakeBackend.calls.append(list(jobs))
+        out = []
+        for j in jobs:
+            if j.voice not in VOICES:
+                out.append(ChunkResult(None, "error", f"ValueError: voice: unknown speaker {j.voice!r}"))
+                continue
+            n = int(24000 * 0.06 * len(j.text))
+            t = np.arange(n) / 24000
+            freq = 200 + (hash((j.voice, j.seed)) % 200)
+            pcm = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+            reason = "eos"
+            if "FOREVER" in j.text or ("RUNAWAY" in j.text and j.seed < 1_000_000):
+                reason = "guard"
+            out.append(ChunkResult(pcm, reason))
+        return out

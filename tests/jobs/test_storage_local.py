@@ -1,0 +1,64 @@
+import pytest
+
+from jobs.storage import LocalSink, RetryPolicy, S3Sink, StorageError, _retry, content_key, open_sink
+
+
+def test_content_key_is_deterministic_and_sensitive():
+    a = content_key({"text": "hi", "voice": "ryan"}, "ch 1/x", "wav")
+    assert a == content_key({"voice": "ryan", "text": "hi"}, "ch 1/x", "wav")
+    assert a != content_key({"text": "hi", "voice": "vivian"}, "ch 1/x", "wav")
+    assert a.startswith("audio/ch_1_x-") and a.endswith(".wav")
+
+
+def test_local_sink_roundtrip(tmp_path):
+    sink = open_sink(f"file://{tmp_path}/out")
+    assert isinstance(sink, LocalSink)
+    sink.preflight()
+    sink.put("a/b.wav", b"RIFF1234")
+    assert sink.get("a/b.wav") == b"RIFF1234" and sink.size("a/b.wav") == 8
+    assert sink.list("a/") == ["a/b.wav"] and sink.get("zz") is None
+    sink.delete("a/b.wav")
+    assert sink.size("a/b.wav") is None
+    with pytest.raises(ValueError, match="escapes"):
+        sink.put("../evil", b"x")
+
+
+def test_unwritable_folder_fails_preflight(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")  # works as root too, unlike chmod
+    with pytest.raises(StorageError, match="not writable"):
+        open_sink(str(blocker / "sub")).preflight()
+
+
+def test_uri_schemes():
+    s3 = open_sink("s3://bucket/some/prefix/")
+    assert isinstance(s3, S3Sink) and s3.uri == "s3://bucket/some/prefix" and s3.url("k") == \
+        "s3://bucket/some/prefix/k"
+    with pytest.raises(ValueError, match="scheme"):
+        open_sink("gs://b/p")
+
+
+class _Err(Exception):
+    def __init__(self, code):
+        super().__init__(code)
+        self.response = {"Error": {"Code": code}}
+
+
+def test_retry_backs_off_then_succeeds_or_gives_up():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise _Err("InternalError")
+        return "ok"
+
+    from jobs.storage import _s3_retryable
+
+    pol = RetryPolicy(attempts=4, base_delay=0.001)
+    assert _retry("put", flaky, pol, _s3_retryable) == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(StorageError, match="after 1 attempt"):
+        _retry("put", lambda: (_ for _ in ()).throw(_Err("AccessDenied")), pol, _s3_retryable)
+    with pytest.raises(StorageError, match="after 4 attempt"):
+        _retry("put", lambda: (_ for _ in ()).throw(_Err("SlowDown")), pol, _s3_retryable)
