@@ -1,0 +1,1 @@
+"""The 12Hz speech tokenizer (codec): config, decoder (offline + exact streaming), Mimi encoder, builder, loader."""

@@ -1,0 +1,247 @@
+"""Configuration of the 12Hz speech tokenizer (codec): `speech_tokenizer/config.json`.
+
+The official file is a `Qwen3TTSTokenizerV2Config`: top-level rates, an `encoder_config` block (a transformers
+`MimiConfig`) and a `decoder_config` block. `CodecConfig` keeps the decoder fields as typed attributes and the Mimi
+block as a plain dict (it is only handed to transformers' `MimiModel`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPE = "qwen3_tts_tokenizer_12hz"
+
+# decoder_config keys that map 1:1 onto `CodecConfig` attributes (official name -> attribute name).
+_DECODER_KEYS: dict[str, str] = {
+    "codebook_size": "codebook_size",
+    "codebook_dim": "codebook_dim",
+    "num_quantizers": "num_quantizers",
+    "hidden_size": "hidden_size",
+    "latent_dim": "latent_dim",
+    "num_hidden_layers": "num_hidden_layers",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "intermediate_size": "intermediate_size",
+    "hidden_act": "hidden_act",
+    "rms_norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "sliding_window": "sliding_window",
+    "layer_scale_initial_scale": "layer_scale_initial_scale",
+    "attention_bias": "attention_bias",
+    "max_position_embeddings": "max_position_embeddings",
+    "upsample_rates": "upsample_rates",
+    "upsampling_ratios": "upsampling_ratios",
+    "decoder_dim": "decoder_dim",
+}
+
+# Defaults of the official `Qwen3TTSTokenizerV2DecoderConfig.__init__` (used when a key is absent from the JSON).
+_DECODER_DEFAULTS: dict[str, Any] = {
+    "codebook_size": 2048,
+    "hidden_size": 1024,
+    "latent_dim": 1024,
+    "max_position_embeddings": 8000,
+    "rope_theta": 10000.0,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "attention_bias": False,
+    "sliding_window": 72,
+    "intermediate_size": 3072,
+    "hidden_act": "silu",
+    "layer_scale_initial_scale": 0.01,
+    "rms_norm_eps": 1e-5,
+    "num_hidden_layers": 8,
+    "num_quantizers": 16,
+    "upsample_rates": (8, 5, 4, 3),
+    "upsampling_ratios": (2, 2),
+    "decoder_dim": 1536,
+}
+
+SUPPORTED_ACTS = ("silu", "gelu", "relu")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Shape of the 12Hz codec.
+
+    Decoder geometry: codes [B, num_quantizers, T] -> RVQ (codebook vectors of codebook_dim // 2, projected to
+    codebook_dim) -> pre-conv to latent_dim -> sliding-window transformer (hidden_size) -> upsampling_ratios
+    transposed convs + ConvNeXt -> conv to decoder_dim -> one decoder block per upsample_rate (channels halve each
+    time) -> conv to 1 channel. Samples per frame = prod(upsampling_ratios) * prod(upsample_rates).
+    `encoder` is the Mimi config dict of the `encoder_config` block (read-only by convention).
+    """
+
+    codebook_size: int = 2048
+    codebook_dim: int = 512
+    num_quantizers: int = 16
+    hidden_size: int = 512
+    latent_dim: int = 1024
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    head_dim: int = 64
+    intermediate_size: int = 1024
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: int = 72
+    layer_scale_initial_scale: float = 0.01
+    attention_bias: bool = False
+    max_position_embeddings: int = 8000
+    upsample_rates: tuple[int, ...] = (8, 5, 4, 3)
+    upsampling_ratios: tuple[int, ...] = (2, 2)
+    decoder_dim: int = 1536
+    sample_rate: int = 24000
+    decode_upsample_rate: int = 1920
+    encode_downsample_rate: int = 1920
+    encoder_valid_num_quantizers: int = 16
+    encoder: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for key in ("upsample_rates", "upsampling_ratios"):
+            object.__setattr__(self, key, tuple(int(v) for v in getattr(self, key)))
+        if self.hidden_act not in SUPPORTED_ACTS:
+            raise ValueError(f"hidden_act must be one of {SUPPORTED_ACTS}, got {self.hidden_act!r}")
+        if self.codebook_dim % 2:
+            raise ValueError(f"codebook_dim must be even (codebook vectors have codebook_dim // 2), "
+                             f"got {self.codebook_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads, got "
+                             f"{self.num_attention_heads} and {self.num_key_value_heads}")
+        if self.num_quantizers < 2:
+            raise ValueError(f"num_quantizers must be >= 2 (1 semantic + acoustic), got {self.num_quantizers}")
+        if self.decoder_dim % (2 ** len(self.upsample_rates)):
+            raise ValueError(f"decoder_dim must be divisible by 2**len(upsample_rates), got {self.decoder_dim}")
+        if self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.samples_per_frame != self.decode_upsample_rate:
+            raise ValueError(
+                f"decode_upsample_rate ({self.decode_upsample_rate}) must equal prod(upsampling_ratios) * "
+                f"prod(upsample_rates) ({self.samples_per_frame})"
+            )
+
+    @property
+    def samples_per_frame(self) -> int:
+        """Output samples produced per code frame (1920 for the 12Hz codec)."""
+        return math.prod(self.upsampling_ratios) * math.prod(self.upsample_rates)
+
+    @property
+    def frame_rate(self) -> float:
+        """Code frames per second (12.5)."""
+        return self.sample_rate / self.samples_per_frame
+
+    @property
+    def output_dim(self) -> int:
+        """Channels entering the last conv (decoder_dim halved once per decoder block)."""
+        return self.decoder_dim // 2 ** len(self.upsample_rates)
+
+    # ---- JSON -----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> CodecConfig:
+        """Build from the parsed official config.json (a Qwen3TTSTokenizerV2Config dict)."""
+        model_type = obj.get("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"config model_type must be {MODEL_TYPE!r}, got {model_type!r}")
+        dec = dict(obj.get("decoder_config") or {})
+        kwargs: dict[str, Any] = {}
+        for key, attr in _DECODER_KEYS.items():
+            if key in dec:
+                kwargs[attr] = dec[key]
+            elif key in _DECODER_DEFAULTS:
+                kwargs[attr] = _DECODER_DEFAULTS[key]
+        if "codebook_dim" not in dec:
+            raise ValueError("decoder_config.codebook_dim is missing from config.json")
+        if "head_dim" not in dec:
+            kwargs["head_dim"] = int(kwargs["hidden_size"]) // int(kwargs["num_attention_heads"])
+        kwargs["rope_theta"] = float(kwargs["rope_theta"])
+        sr = int(obj.get("output_sample_rate", 24000))
+        if int(obj.get("input_sample_rate", sr)) != sr:
+            raise ValueError("input_sample_rate and output_sample_rate must be equal for the 12Hz codec")
+        return cls(
+            sample_rate=sr,
+            decode_upsample_rate=int(obj.get("decode_upsample_rate", 1920)),
+            encode_downsample_rate=int(obj.get("encode_downsample_rate", 1920)),
+            encoder_valid_num_quantizers=int(obj.get("encoder_valid_num_quantizers", 16)),
+            encoder=dict(obj.get("encoder_config") or {}),
+            **kwargs,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> CodecConfig:
+        """Read `speech_tokenizer/config.json` (or a folder that contains it)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        return cls.from_dict(json.loads(p.read_text()))
+
+    def to_json_dict(self, dtype_name: str = "float32") -> dict[str, Any]:
+        """The official config.json content (loadable by the reference `Qwen3TTSTokenizerV2Config`)."""
+        dec: dict[str, Any] = {}
+        for key, attr in _DECODER_KEYS.items():
+            value = getattr(self, attr)
+            dec[key] = list(value) if isinstance(value, tuple) else value
+        dec["attention_dropout"] = 0.0
+        return {
+            "architectures": ["Qwen3TTSTokenizerV2Model"],
+            "model_type": MODEL_TYPE,
+            "encoder_valid_num_quantizers": self.encoder_valid_num_quantizers,
+            "input_sample_rate": self.sample_rate,
+            "output_sample_rate": self.sample_rate,
+            "decode_upsample_rate": self.decode_upsample_rate,
+            "encode_downsample_rate": self.encode_downsample_rate,
+            "torch_dtype": dtype_name,
+            "encoder_config": dict(self.encoder),
+            "decoder_config": dec,
+        }
+
+
+def _mimi(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model_type": "mimi", "sampling_rate": 24000, "frame_rate": 12.5, "audio_channels": 1,
+        "hidden_size": 512, "num_filters": 64, "num_residual_layers": 1, "upsampling_ratios": [8, 6, 5, 4],
+        "kernel_size": 7, "last_kernel_size": 3, "residual_kernel_size": 3, "dilation_growth_rate": 2,
+        "use_causal_conv": True, "pad_mode": "constant", "compress": 2, "trim_right_ratio": 1.0,
+        "codebook_size": 2048, "codebook_dim": 256, "num_quantizers": 32, "use_conv_shortcut": False,
+        "vector_quantization_hidden_dimension": 256, "num_semantic_quantizers": 1, "upsample_groups": 512,
+        "num_hidden_layers": 8, "intermediate_size": 2048, "num_attention_heads": 8, "num_key_value_heads": 8,
+        "head_dim": 64, "hidden_act": "gelu", "max_position_embeddings": 8000, "rope_theta": 10000.0,
+        "sliding_window": 250, "attention_dropout": 0.0, "norm_eps": 1e-5, "layer_scale_initial_scale": 0.01,
+        "attention_bias": False, "use_cache": False,
+    }
+    base.update(overrides)
+    return base
+
+
+def full_config() -> CodecConfig:
+    """Published 12Hz hub geometry (decoder values from the facts doc; Mimi encoder = kyutai/mimi shape)."""
+    return CodecConfig(encoder=_mimi())
+
+
+def tiny_config() -> CodecConfig:
+    """Small widths and few layers with the real geometry: 16 codebooks of 2048, 1920 samples/frame, 24 kHz,
+    sliding window 72, GQA with head_dim != hidden/heads, an encoder with more quantizers than the 16 kept."""
+    return CodecConfig(
+        codebook_dim=64, hidden_size=32, latent_dim=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=64, decoder_dim=64,
+        encoder=_mimi(hidden_size=32, num_filters=4, codebook_dim=16, vector_quantization_hidden_dimension=16,
+                      num_quantizers=20, upsample_groups=32, num_hidden_layers=1, intermediate_size=64,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=16),
+    )
+
+
+PRESETS = {"tiny": tiny_config, "full": full_config}
+
+
+def preset(size: str) -> CodecConfig:
+    """`tiny` or `full`."""
+    if size not in PRESETS:
+        raise ValueError(f"size must be one of {sorted(PRESETS)}, got {size!r}")
+    return PRESETS[size]()
+
+
+__all__ = ["CodecConfig", "MODEL_TYPE", "full_config", "tiny_config", "preset"]

@@ -1,0 +1,140 @@
+"""The 12Hz codec decoder: codes [B, 16, T] -> waveform [B, T*1920] at 24 kHz, offline or in streaming chunks.
+
+Parameter names equal the official `decoder.*` names of speech_tokenizer/model.safetensors (without the prefix).
+Offline decode runs the streaming path with a fresh state, so both give the same samples (see state.py for why
+there is no look-ahead latency).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .config import CodecConfig
+from .layers import CausalConv, CausalTransConv, ConvNeXtBlock, DecoderBlock, SnakeBeta
+from .quantizer import SplitResidualQuantizer
+from .state import CodecStreamState
+from .transformer import SlidingWindowTransformer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OFFLINE_CHUNK = 256
+"""Frames per internal step of offline `decode` (bounds the attention mask; any value gives the same output)."""
+
+
+def check_codes(codes: torch.Tensor, num_quantizers: int, codebook_size: int, check_range: bool = True) -> None:
+    """Raise ValueError naming `codes` unless codes is an integer tensor [B, num_quantizers, T] in [0, size)."""
+    if not isinstance(codes, torch.Tensor):
+        raise ValueError(f"codes must be a torch.LongTensor [B, {num_quantizers}, T], got {type(codes).__name__}")
+    if codes.dim() != 3 or codes.shape[1] != num_quantizers:
+        raise ValueError(f"codes must have shape [B, {num_quantizers}, T] ({num_quantizers} codebooks), "
+                         f"got {tuple(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    if check_range and codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= codebook_size:
+            raise ValueError(f"codes must lie in [0, {codebook_size - 1}], got values in [{lo}, {hi}]")
+
+
+class CodecDecoder(nn.Module):
+    """RVQ decode -> pre_conv -> pre_transformer -> upsample (transposed conv + ConvNeXt) -> decoder convs -> clamp."""
+
+    def __init__(self, cfg: CodecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.quantizer = SplitResidualQuantizer(cfg.num_quantizers, cfg.codebook_dim, cfg.codebook_size)
+        self.pre_conv = CausalConv(cfg.codebook_dim, cfg.latent_dim, kernel_size=3)
+        self.pre_transformer = SlidingWindowTransformer(cfg)
+        self.upsample = nn.ModuleList([
+            nn.ModuleList([CausalTransConv(cfg.latent_dim, cfg.latent_dim, r, r), ConvNeXtBlock(cfg.latent_dim)])
+            for r in cfg.upsampling_ratios
+        ])
+        blocks: list[nn.Module] = [CausalConv(cfg.latent_dim, cfg.decoder_dim, kernel_size=7)]
+        for i, rate in enumerate(cfg.upsample_rates):
+            blocks.append(DecoderBlock(cfg.decoder_dim // 2 ** i, cfg.decoder_dim // 2 ** (i + 1), rate))
+        blocks += [SnakeBeta(cfg.output_dim), CausalConv(cfg.output_dim, 1, kernel_size=7)]
+        self.decoder = nn.ModuleList(blocks)
+        for name, module in self.named_modules():
+            if isinstance(module, (CausalConv, CausalTransConv)):
+                module.state_key = name
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def new_state(self, batch_size: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> CodecStreamState:
+        """A fresh streaming state for `batch_size` rows, on the decoder's device/dtype unless given."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        ref = self.pre_conv.conv.weight
+        device = ref.device if device is None else torch.device(device)
+        dtype = ref.dtype if dtype is None else dtype
+        cfg = self.cfg
+        state = CodecStreamState(positions=torch.zeros(batch_size, dtype=torch.long, device=device))
+        for module in self.modules():
+            if isinstance(module, CausalConv) and module.context:
+                c, n = module.history_shape()
+                state.conv_history[module.state_key] = torch.zeros(batch_size, c, n, device=device, dtype=dtype)
+            elif isinstance(module, CausalTransConv) and module.overlap:
+                c, n = module.history_shape()
+                state.trans_tail[module.state_key] = torch.zeros(batch_size, c, n, device=device, dtype=dtype)
+        cache = cfg.sliding_window - 1
+        for _ in range(cfg.num_hidden_layers):
+            shape = (batch_size, cfg.num_key_value_heads, cache, cfg.head_dim)
+            state.keys.append(torch.zeros(shape, device=device, dtype=dtype))
+            state.values.append(torch.zeros(shape, device=device, dtype=dtype))
+        return state
+
+    # ---- decode ---------------------------------------------------------------------------------------------
+    def decode_chunk(self, codes: torch.Tensor, state: CodecStreamState, check: bool = True) -> torch.Tensor:
+        """Decode the next t frames of every row and advance the state.
+
+        Args:
+            codes: Long [B, num_quantizers, t], values in [0, codebook_size).
+            state: from `new_state(B)`; updated in place.
+            check: validate the code range (one host sync); shapes are always checked.
+
+        Returns:
+            float [B, t * samples_per_frame] in [-1, 1]: exactly the samples of these t frames.
+        """
+        cfg = self.cfg
+        check_codes(codes, cfg.num_quantizers, cfg.codebook_size, check_range=check)
+        if codes.shape[0] != state.batch_size:
+            raise ValueError(f"codes has batch {codes.shape[0]} but the state has {state.batch_size} rows")
+        b, _, t = codes.shape
+        if t == 0:
+            return torch.zeros(b, 0, device=codes.device, dtype=self.pre_conv.conv.weight.dtype)
+        return self.forward_unclamped(codes, state).clamp(min=-1.0, max=1.0)
+
+    def forward_unclamped(self, codes: torch.Tensor, state: CodecStreamState) -> torch.Tensor:
+        """The decoder math without checks or the final clamp: Long [B, Q, t] (t >= 1) -> float [B, t*spf]."""
+        t = codes.shape[-1]
+        codes = codes.to(device=state.device, dtype=torch.long)
+        h = self.quantizer.decode(codes)                                   # [B, codebook_dim, t]
+        h = self.pre_conv(h, state)                                        # [B, latent, t]
+        h = self.pre_transformer(h.transpose(1, 2), state).transpose(1, 2)
+        for trans, convnext in self.upsample:
+            h = convnext(trans(h, state), state)                           # [B, latent, t*4]
+        wav = self.decoder[0](h, state)
+        for block in self.decoder[1:-2]:
+            wav = block(wav, state)
+        wav = self.decoder[-1](self.decoder[-2](wav), state)               # [B, 1, t*spf]
+        state.positions += t
+        return wav.squeeze(1)
+
+    def decode(self, codes: torch.Tensor, chunk_frames: int = DEFAULT_OFFLINE_CHUNK,
+               check: bool = True) -> torch.Tensor:
+        """Offline decode: codes Long [B, num_quantizers, T] -> float [B, T * samples_per_frame].
+
+        Runs `decode_chunk` with a fresh state over `chunk_frames`-frame pieces (the result does not depend on it).
+        """
+        check_codes(codes, self.cfg.num_quantizers, self.cfg.codebook_size, check_range=check)
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        state = self.new_state(codes.shape[0])
+        pieces = [self.decode_chunk(codes[..., s: s + chunk_frames], state, check=False)
+                  for s in range(0, codes.shape[-1], chunk_frames)]
+        if not pieces:
+            return torch.zeros(codes.shape[0], 0, device=state.device, dtype=self.pre_conv.conv.weight.dtype)
+        return torch.cat(pieces, dim=-1)

@@ -1,0 +1,159 @@
+"""Load a `speech_tokenizer/` folder (official format, safetensors only) into a `Codec`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from .config import CodecConfig
+from .decoder import CodecDecoder, check_codes
+from .encoder import MimiEncoder
+from .state import CodecStreamState
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+
+
+def resolve_dir(dir_or_path: str | Path) -> Path:
+    """The speech tokenizer folder for: that folder, a checkpoint folder holding `speech_tokenizer/`, or a file in
+    the folder (e.g. its model.safetensors)."""
+    p = Path(dir_or_path)
+    if p.is_file():
+        p = p.parent
+    if (p / "speech_tokenizer" / "config.json").is_file():
+        p = p / "speech_tokenizer"
+    if not (p / "config.json").is_file() or not (p / WEIGHTS).is_file():
+        raise ValueError(f"dir_or_path must be a speech tokenizer folder with config.json and {WEIGHTS} "
+                         f"(or a checkpoint folder holding speech_tokenizer/), got {str(dir_or_path)!r}")
+    return p
+
+
+def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            if name.startswith(prefix):
+                out[name[len(prefix):]] = f.get_tensor(name)
+    return out
+
+
+def load_decoder_state(decoder: CodecDecoder, tensors: dict[str, torch.Tensor]) -> None:
+    """Strictly load `decoder.*` tensors (prefix stripped), naming any missing, unexpected or mis-shaped tensor."""
+    own = decoder.state_dict()
+    missing = [k for k in own if k not in tensors]
+    if missing:
+        raise ValueError(f"speech tokenizer checkpoint is missing tensor 'decoder.{missing[0]}'"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+    unexpected = [k for k in tensors if k not in own]
+    if unexpected:
+        raise ValueError(f"speech tokenizer checkpoint has unexpected tensor 'decoder.{unexpected[0]}'")
+    for name, value in tensors.items():
+        if tuple(value.shape) != tuple(own[name].shape):
+            raise ValueError(f"tensor 'decoder.{name}' has shape {tuple(value.shape)}, "
+                             f"expected {tuple(own[name].shape)}")
+    decoder.load_state_dict(tensors, strict=True)
+
+
+class Codec:
+    """The 12Hz codec: `decoder` (our streaming decoder) and a lazily built Mimi `encoder`.
+
+    Attributes:
+        cfg: CodecConfig.
+        decoder: CodecDecoder on `device` in `dtype`.
+        sample_rate: 24000.
+        samples_per_frame: 1920.
+    """
+
+    def __init__(self, cfg: CodecConfig, decoder: CodecDecoder, weights_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.decoder = decoder
+        self.sample_rate = cfg.sample_rate
+        self.samples_per_frame = cfg.samples_per_frame
+        self._weights_path = weights_path
+        self._encoder: MimiEncoder | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.pre_conv.conv.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.pre_conv.conv.weight.dtype
+
+    @property
+    def encoder(self) -> MimiEncoder:
+        """The Mimi encoder (built and loaded on first use; imports transformers)."""
+        if self._encoder is None:
+            if self._weights_path is None:
+                raise ValueError("this Codec was built without a checkpoint path, so it has no encoder weights")
+            enc = MimiEncoder(self.cfg.encoder, self.cfg.encoder_valid_num_quantizers,
+                              self.cfg.encode_downsample_rate)
+            enc.load_official(_read_prefixed(self._weights_path, "encoder."))
+            self._encoder = enc.to(device=self.device, dtype=self.dtype).eval()
+        return self._encoder
+
+    def encode(self, audios: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """float32 mono 24 kHz waveforms -> codes Long [ceil(len/1920), 16] each (CPU tensors)."""
+        if isinstance(audios, np.ndarray) and audios.ndim == 1:
+            raise ValueError("audios must be a list of 1-D waveforms, got a single array")
+        return self.encoder.encode(list(audios))
+
+    @torch.inference_mode()
+    def decode(self, codes: Sequence[torch.Tensor] | torch.Tensor) -> list[np.ndarray]:
+        """Offline decode of several utterances.
+
+        Args:
+            codes: list of Long [T_i, 16] (as `encode` returns), or one Long [B, 16, T] batch.
+
+        Returns:
+            float32 waveforms [T_i * 1920] in [-1, 1].
+        """
+        q = self.cfg.num_quantizers
+        if isinstance(codes, torch.Tensor):
+            check_codes(codes, q, self.cfg.codebook_size)
+            wav = self.decoder.decode(codes.to(self.device), check=False)
+            return [w.float().cpu().numpy() for w in wav]
+        items = list(codes)
+        if not items:
+            return []
+        lengths = []
+        for i, c in enumerate(items):
+            if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[1] != q:
+                shape = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+                raise ValueError(f"codes[{i}] must be a LongTensor [T, {q}], got {shape}")
+            lengths.append(c.shape[0])
+        batch = torch.zeros(len(items), q, max(lengths), dtype=torch.long)
+        for i, c in enumerate(items):
+            batch[i, :, : c.shape[0]] = c.transpose(0, 1)
+        check_codes(torch.cat([c.reshape(-1, q) for c in items]).T.unsqueeze(0), q, self.cfg.codebook_size)
+        wav = self.decoder.decode(batch.to(self.device), check=False).float().cpu()
+        spf = self.samples_per_frame
+        return [wav[i, : n * spf].numpy() for i, n in enumerate(lengths)]
+
+    def new_stream(self, batch_size: int = 1) -> CodecStreamState:
+        """A fresh streaming state for `batch_size` rows."""
+        return self.decoder.new_state(batch_size)
+
+    @torch.inference_mode()
+    def decode_chunk(self, codes: torch.Tensor, state: CodecStreamState, check: bool = True) -> torch.Tensor:
+        """codes Long [B, 16, t] -> float [B, t*1920] (the samples of exactly these frames); advances `state`."""
+        return self.decoder.decode_chunk(codes, state, check=check)
+
+
+def load_codec(dir_or_path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Codec:
+    """Load a speech tokenizer folder (see `resolve_dir`) for decoding (and lazily, encoding)."""
+    folder = resolve_dir(dir_or_path)
+    cfg = CodecConfig.from_json(folder / "config.json")
+    weights = folder / WEIGHTS
+    decoder = CodecDecoder(cfg)
+    load_decoder_state(decoder, _read_prefixed(weights, "decoder."))
+    decoder = decoder.to(device=device, dtype=dtype).eval()
+    logger.info("loaded codec decoder from %s (%s, %s)", folder, device, dtype)
+    return Codec(cfg, decoder, weights)

@@ -1,0 +1,85 @@
+"""Streaming state of the codec decoder: everything a chunk needs from the frames before it.
+
+Latency: none. Every conv in the decoder is left-padded (causal) and every transposed conv has kernel >= stride with
+its surplus trimmed on the right, so the samples of frame n depend only on frames <= n. `decode_chunk` therefore
+emits exactly `t * samples_per_frame` samples for `t` frames, the moment they arrive; the overlap tails the
+transposed convs carry over belong to the NEXT frame's samples and are added when it arrives (offline decode trims
+the last tail the same way, so no flush is needed at the end of a stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CodecStreamState:
+    """Per-row decoder history for B streams decoded together (rows may sit at different positions).
+
+    Attributes:
+        positions: Long [B], frames already decoded by each row (the RoPE position of its next frame).
+        conv_history: causal-conv name -> [B, C_in, (kernel-1)*dilation], the last inputs of that conv.
+        trans_tail: transposed-conv name -> [B, C_out, kernel-stride], overlap samples owed to the next frame.
+        keys / values: one per transformer layer, [B, kv_heads, window-1, head_dim] rolling buffers of the last
+            window-1 positions (keys after RoPE). Entries older than a row's first frame are masked via positions.
+    """
+
+    positions: torch.Tensor
+    conv_history: dict[str, torch.Tensor] = field(default_factory=dict)
+    trans_tail: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [*self.conv_history.values(), *self.trans_tail.values(), *self.keys, *self.values]
+
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        """Start rows over (fresh stream) in place.
+
+        Args:
+            mask: Bool [B], rows to reset; None resets all rows.
+        """
+        if mask is None:
+            mask = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+        mask = torch.as_tensor(mask, device=self.device)
+        if mask.dtype != torch.bool or mask.shape != (self.batch_size,):
+            raise ValueError(f"mask must be a bool tensor of shape ({self.batch_size},), "
+                             f"got {tuple(mask.shape)} {mask.dtype}")
+        self.positions.masked_fill_(mask, 0)
+        for t in self._tensors():
+            t.masked_fill_(mask.view(-1, *([1] * (t.dim() - 1))), 0)
+
+    def select(self, index: torch.Tensor | list[int]) -> CodecStreamState:
+        """A new state holding the given rows (in that order), e.g. to drop finished sessions from a batch."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        return CodecStreamState(
+            positions=self.positions.index_select(0, idx),
+            conv_history={k: v.index_select(0, idx) for k, v in self.conv_history.items()},
+            trans_tail={k: v.index_select(0, idx) for k, v in self.trans_tail.items()},
+            keys=[k.index_select(0, idx) for k in self.keys],
+            values=[v.index_select(0, idx) for v in self.values],
+        )
+
+    @staticmethod
+    def concat(states: list[CodecStreamState]) -> CodecStreamState:
+        """Stack the rows of several states (same decoder) into one batch."""
+        if not states:
+            raise ValueError("states must be a non-empty list")
+        first = states[0]
+        return CodecStreamState(
+            positions=torch.cat([s.positions for s in states]),
+            conv_history={k: torch.cat([s.conv_history[k] for s in states]) for k in first.conv_history},
+            trans_tail={k: torch.cat([s.trans_tail[k] for s in states]) for k in first.trans_tail},
+            keys=[torch.cat([s.keys[i] for s in states]) for i in range(len(first.keys))],
+            values=[torch.cat([s.values[i] for s in states]) for i in range(len(first.values))],
+        )
