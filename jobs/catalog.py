@@ -1,0 +1,197 @@
+"""Prompt catalogs: `python -m jobs.catalog CATALOG.yaml|csv --model CKPT --out URI [--every 1h]`.
+
+A catalog lists prompts (id, text, voice, language, instruct, format, sample_rate; e.g. 8 kHz u-law for
+telephony). Each run regenerates only prompts that are new or changed (content keys make unchanged
+ones a no-op), marks or deletes prompts that left the catalog, and writes `catalog-manifest.parquet`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .inputs import RowDefaults, Utterance, check_row, mark_duplicates
+from .manifest import ManifestRecord, from_parquet, summarize, to_parquet
+from .narrate import add_common_args, build_options, check_models, print_manifest
+from .render import RenderConfig, sidecar_key
+from .runner import RunOptions, run_rows
+from .storage import Sink, StorageError, open_sink
+
+log = logging.getLogger(__name__)
+MANIFEST_KEY = "catalog-manifest.parquet"
+RETIRE_MODES = ("mark", "delete")
+
+
+def read_catalog(path: str | Path, defaults: RowDefaults) -> list[Utterance]:
+    """YAML (a list of prompts, or {defaults: {...}, prompts: [...]}) or CSV with a header row.
+
+    Raises:
+        ValueError: missing file, unreadable YAML/CSV, or a document of the wrong shape.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"catalog: {p} does not exist")
+    suffix = p.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ValueError(f"catalog: {p} is not valid YAML ({e})") from e
+        if isinstance(doc, dict):
+            extra = doc.get("defaults") or {}
+            if not isinstance(extra, dict):
+                raise ValueError("catalog: 'defaults' must be a mapping")
+            raw_rows = doc.get("prompts")
+            merged = {k: v for k, v in extra.items() if k in RowDefaults.__dataclass_fields__}
+            defaults = RowDefaults(**{**defaults.__dict__, **{k: v for k, v in merged.items() if v is not None}})
+        else:
+            raw_rows = doc
+        if not isinstance(raw_rows, list):
+            raise ValueError(f"catalog: {p} must be a list of prompts or a mapping with a 'prompts' list")
+    elif suffix == ".csv":
+        try:
+            with p.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or "id" not in reader.fieldnames or "text" not in reader.fieldnames:
+                    raise ValueError(f"catalog: {p} needs a header row with at least 'id' and 'text'")
+                raw_rows = [{k: v for k, v in r.items() if k is not None and v not in (None, "")}
+                            for r in reader]
+        except csv.Error as e:
+            raise ValueError(f"catalog: {p} is not valid CSV ({e})") from e
+    else:
+        raise ValueError(f"catalog: unsupported file type {p.suffix!r}; use .yaml, .yml or .csv")
+    return mark_duplicates(check_row(r, defaults, f"{p.name}:{i + 1}") for i, r in enumerate(raw_rows))
+
+
+def previous_manifest(sink: Sink) -> list[ManifestRecord]:
+    raw = sink.get(MANIFEST_KEY)
+    return from_parquet(raw) if raw else []
+
+
+def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sink: Sink, retire: str,
+              ) -> tuple[list[ManifestRecord], dict[str, int]]:
+    """Classify against the previous run, retire prompts that left the catalog, prune superseded objects."""
+    if retire not in RETIRE_MODES:
+        raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {retire!r}")
+    prev = {r.id: r for r in previous}
+    ids = {r.id for r in current}
+    counts = {"new": 0, "changed": 0, "unchanged": 0, "retired": 0}
+    for r in current:
+        old = prev.get(r.id)
+        if old is None or old.status == "retired":
+            counts["new"] += 1
+        elif old.key == r.key and r.reused:
+            counts["unchanged"] += 1
+        else:
+            counts["changed"] += 1
+            if retire == "delete" and old.key and old.key != r.key and r.status in ("ok", "suspect"):
+                _delete(sink, old.key)
+    out = list(current)
+    for old in previous:
+        if old.id in ids:
+            continue
+        if old.status == "retired":
+            if retire == "mark":
+                out.append(old)
+            continue
+        counts["retired"] += 1
+        if retire == "delete" and old.key:
+            _delete(sink, old.key)
+            old.error = "retired: object deleted"
+        old.status, old.reused = "retired", False
+        out.append(old)
+    return out, counts
+
+
+def _delete(sink: Sink, key: str) -> None:
+    try:
+        sink.delete(key)
+        sink.delete(sidecar_key(key))
+    except StorageError as e:
+        log.warning("could not delete %s: %s", key, e)
+
+
+def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: RunOptions, retire: str,
+             quiet: bool = True) -> tuple[int, dict[str, Any]]:
+    """One regeneration pass; returns (exit code, summary)."""
+    t0 = time.perf_counter()
+    rows = check_models(read_catalog(catalog, defaults), render)
+    sink = open_sink(opts.output, opts.retry)
+    sink.preflight()
+    previous = previous_manifest(sink)
+    current = run_rows(rows, render, opts, sink=sink, desc="catalog")
+    records, counts = reconcile(current, previous, sink, retire)
+    sink.put(MANIFEST_KEY, to_parquet(records), "application/vnd.apache.parquet")
+    summary = summarize(records)
+    summary.update(counts, output=sink.uri, manifest=sink.url(MANIFEST_KEY),
+                   wall_s=round(time.perf_counter() - t0, 2))
+    if not quiet:
+        print_manifest(records)
+    return (1 if summary["failed"] else 0), summary
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def parse_every(text: str) -> float:
+    """'90', '30s', '15m', '1h', '1d' -> seconds (> 0)."""
+    m = _DURATION.match(text or "")
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"every: expected a positive duration like 30s, 15m, 1h or 1d, got {text!r}")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        every = parse_every(args.every) if args.every else None
+        if args.retire not in RETIRE_MODES:
+            raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {args.retire!r}")
+        defaults, render, opts = build_options(args, "prompts")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runs, code = 0, 0
+    while True:
+        try:
+            code, summary = run_once(args.catalog, defaults, render, opts, args.retire, quiet=args.quiet)
+            print(json.dumps(summary), flush=True)
+        except (ValueError, StorageError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            code = 2
+            if every is None:
+                return code
+        runs += 1
+        if every is None or (args.max_runs and runs >= args.max_runs):
+            return code
+        log.info("next catalog run in %.0f s", every)
+        time.sleep(every)
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="python -m jobs.catalog", description=__doc__.split("\n")[0])
+    p.add_argument("catalog", help="catalog file (.yaml/.yml/.csv)")
+    add_common_args(p)
+    p.add_argument("--retire", default="mark", help="prompts that left the catalog: mark (default) or delete "
+                   "(delete also removes superseded versions of changed prompts)")
+    p.add_argument("--every", help="regenerate periodically on this machine, e.g. 1h (default: run once)")
+    p.add_argument("--max-runs", type=int, default=0, help="with --every: stop after N runs (0: forever)")
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

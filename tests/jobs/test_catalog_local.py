@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from jobs import catalog
+from jobs.catalog import parse_every, read_catalog
+from jobs.inputs import RowDefaults
+from jobs.manifest import from_parquet
+
+FAKE = "tests.jobs.fakes:FakeBackend"
+
+
+def _write(path, prompts):
+    import yaml
+
+    path.write_text(yaml.safe_dump({"defaults": {"voice": "ryan", "format": "wav-ulaw", "sample_rate": 8000},
+                                    "prompts": prompts}))
+
+
+def _run(cat, out, *extra):
+    return catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE,
+                         "--runner", "local", "--no-progress", "--quiet", *extra])
+
+
+def test_regenerates_only_new_or_changed_and_retires(tmp_path, capsys):
+    from tests.jobs.fakes import FakeBackend
+
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."},
+                 {"id": "bye", "text": "Goodbye."}])
+    assert _run(cat, out) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["new"] == 3 and first["synthesized"] == 3
+    FakeBackend.calls.clear()
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press two."},
+                 {"id": "new", "text": "Hello."}])
+    assert _run(cat, out, "--retire", "delete") == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (s["new"], s["changed"], s["unchanged"], s["retired"]) == (1, 1, 1, 1)
+    assert sorted(j.text for batch in FakeBackend.calls for j in batch) == ["Hello.", "Press two."]
+    man = {r.id: r for r in from_parquet((out / "catalog-manifest.parquet").read_bytes())}
+    assert man["bye"].status == "retired" and not (out / man["bye"].key).exists()
+    assert man["welcome"].reused and man["menu"].sample_rate == 8000
+    # exactly the live prompts remain (old "menu" version pruned)
+    assert len(list(out.glob("prompts/*.wav"))) == 3
+
+
+def test_csv_and_bad_catalogs(tmp_path):
+    f = tmp_path / "c.csv"
+    f.write_text("id,text,voice,sample_rate\na,Hello.,ryan,8000\nb,,ryan,\n")
+    rows = read_catalog(f, RowDefaults())
+    assert rows[0].sample_rate == 8000 and rows[0].error is None and "'text'" in rows[1].error
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prompts: [unclosed")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        read_catalog(bad, RowDefaults())
+    (tmp_path / "x.csv").write_text("name,words\n")
+    with pytest.raises(ValueError, match="header"):
+        read_catalog(tmp_path / "x.csv", RowDefaults())
+    with pytest.raises(ValueError, match="does not exist"):
+        read_catalog(tmp_path / "none.yaml", RowDefaults())
+
+
+def test_every():
+    assert parse_every("1h") == 3600 and parse_every("30s") == 30 and parse_every("90") == 90
+    with pytest.raises(ValueError, match="every"):
+        parse_every("soon")

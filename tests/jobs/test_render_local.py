@@ -1,0 +1,111 @@
+"""The render pipeline in one process with a fake backend: resume, failures, retries, quality, keys."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import narrate
+from jobs.audio import decode
+from jobs.inputs import RowDefaults, Utterance
+from jobs.manifest import from_parquet
+from jobs.render import RenderConfig, plan_key
+from jobs.runner import RunOptions, run_rows
+
+FAKE = "tests.jobs.fakes:FakeBackend"
+
+
+def _run(rows, out, **kw):
+    cfg = RenderConfig(model="fake-model", revision="r1", max_chars=40, pause_s=0.25, max_attempts=2)
+    opts = RunOptions(output=f"file://{out}", backend=FAKE, runner="local", progress=False, batch_size=2, **kw)
+    return run_rows(rows, cfg, opts), cfg
+
+
+def test_chapters_are_chunked_joined_and_resumed(tmp_path):
+    from tests.jobs.fakes import FakeBackend
+
+    text = "First sentence here. Second one is also here. And a third to finish the chapter."
+    rows = [Utterance(id="ch1", text=text, voice="vivian", seed=5), Utterance(id="ch2", text="Short.",
+                                                                             voice="ryan")]
+    FakeBackend.calls.clear()
+    recs, cfg = _run(rows, tmp_path)
+    assert [r.status for r in recs] == ["ok", "ok"], [r.error for r in recs]
+    assert recs[0].num_chunks == 3 and recs[0].attempts == 1
+    # one backend call per batch; all chunks of a chapter share voice and seed
+    jobs = FakeBackend.calls[0]
+    assert {(j.voice, j.seed) for j in jobs if j.voice == "vivian"} == {("vivian", 5)}
+    pcm, sr = decode((tmp_path / recs[0].key).read_bytes())
+    chars = sum(len(c) for c in ["First sentence here.", "Second one is also here.",
+                                 "And a third to finish the chapter."])
+    assert sr == 24000 and abs(len(pcm) - (int(1440 * chars) + 2 * 6000)) < 200  # chunks + 2 pauses
+    # re-run: nothing synthesized again, same keys, reused
+    FakeBackend.calls.clear()
+    again, _ = _run(rows, tmp_path)
+    assert FakeBackend.calls == [] and all(r.reused for r in again)
+    assert [r.key for r in again] == [r.key for r in recs]
+    # a changed text gets a new key; the other row is reused
+    rows[1] = Utterance(id="ch2", text="Short, but changed.", voice="ryan")
+    third, _ = _run(rows, tmp_path)
+    assert third[0].reused and not third[1].reused and third[1].key != recs[1].key
+
+
+def test_bad_rows_are_recorded_not_fatal(tmp_path):
+    rows = [Utterance(id="ok", text="Fine.", voice="vivian"),
+            Utterance(id="bad-voice", text="Hello.", voice="nobody"),
+            Utterance(id="runaway", text="RUNAWAY once.", voice="ryan"),
+            Utterance(id="forever", text="FOREVER loops.", voice="ryan"),
+            Utterance(id="empty", text="", error="field 'text' must be a non-empty string")]
+    recs, _ = _run(rows, tmp_path)
+    by = {r.id: r for r in recs}
+    assert by["ok"].status == "ok"
+    assert by["bad-voice"].status == "failed" and "unknown speaker" in by["bad-voice"].error
+    assert by["runaway"].status == "ok" and by["runaway"].attempts == 2
+    assert by["forever"].status == "failed" and "runaway guard" in by["forever"].error \
+        and by["forever"].attempts == 2
+    assert by["empty"].status == "failed" and by["empty"].key is None
+    assert len(list(tmp_path.glob("audio/*.wav"))) == 2
+
+
+def test_partial_output_without_sidecar_is_redone(tmp_path):
+    rows = [Utterance(id="a", text="Some words.", voice="vivian")]
+    cfg = RenderConfig(model="fake-model", revision="r1", max_chars=40, pause_s=0.25, max_attempts=2)
+    key, _ = plan_key(rows[0], cfg)
+    (tmp_path / key).parent.mkdir(parents=True)
+    (tmp_path / key).write_bytes(b"RIFF-truncated")  # a crash between audio and sidecar
+    recs, _ = _run(rows, tmp_path)
+    assert recs[0].status == "ok" and not recs[0].reused and recs[0].key == key
+    assert json.loads((tmp_path / f"{key}.json").read_text())["bytes"] == (tmp_path / key).stat().st_size
+
+
+def test_telephony_format_and_rate(tmp_path):
+    rows = [Utterance(id="ivr", text="Press one.", voice="ryan", format="wav-ulaw", sample_rate=8000)]
+    recs, _ = _run(rows, tmp_path)
+    pcm, sr = decode((tmp_path / recs[0].key).read_bytes())
+    assert sr == 8000 and recs[0].sample_rate == 8000 and abs(len(pcm) / 8000 - recs[0].duration_s) < 1e-3
+
+
+def test_narrate_cli_local_exit_codes_and_manifest(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join([json.dumps({"id": "a", "text": "Hello.", "voice": "vivian"}),
+                               json.dumps({"id": "b", "text": "Hi.", "voice": "nobody"}), "{oops"]))
+    out = tmp_path / "out"
+    code = narrate.main([str(rows), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE,
+                         "--runner", "local", "--no-progress"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 1 and summary["failed"] == 2 and summary["ok"] + summary["suspect"] == 1
+    man = from_parquet((out / "manifest.parquet").read_bytes())
+    assert sorted(r.id for r in man) == ["a", "b", "rows.jsonl:3"]
+    cols = pq.read_table(out / "manifest.parquet").column_names
+    for c in ("id", "key", "duration_s", "sample_rate", "model", "voice", "params", "text_hash", "status",
+              "error", "attempts", "flags"):
+        assert c in cols
+    # missing input: clear error, exit 2, nothing written
+    assert narrate.main([str(tmp_path / "none.txt"), "--model", "fake", "--out", str(tmp_path / "o2"),
+                         "--runner", "local"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_defaults_fill_rows():
+    assert RowDefaults().format == "wav"
+    with pytest.raises(ValueError, match="max_attempts"):
+        RenderConfig(model="m", max_attempts=0)
