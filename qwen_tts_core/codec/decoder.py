@@ -87,6 +87,7 @@ class CodecDecoder(nn.Module):
         return state
 
     # ---- decode ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def decode_chunk(self, codes: torch.Tensor, state: CodecStreamState, check: bool = True) -> torch.Tensor:
         """Decode the next t frames of every row and advance the state.
 
@@ -123,6 +124,7 @@ class CodecDecoder(nn.Module):
         state.positions += t
         return wav.squeeze(1)
 
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor, chunk_frames: int = DEFAULT_OFFLINE_CHUNK,
                check: bool = True) -> torch.Tensor:
         """Offline decode: codes Long [B, num_quantizers, T] -> float [B, T * samples_per_frame].

@@ -37,7 +37,7 @@ def resolve_dir(dir_or_path: str | Path) -> Path:
 def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
+        for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             if name.startswith(prefix):
                 out[name[len(prefix):]] = f.get_tensor(name)
     return out
@@ -140,7 +140,7 @@ class Codec:
         """A fresh streaming state for `batch_size` rows."""
         return self.decoder.new_state(batch_size)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode_chunk(self, codes: torch.Tensor, state: CodecStreamState, check: bool = True) -> torch.Tensor:
         """codes Long [B, 16, t] -> float [B, t*1920] (the samples of exactly these frames); advances `state`."""
         return self.decoder.decode_chunk(codes, state, check=check)

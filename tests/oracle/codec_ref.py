@@ -13,6 +13,8 @@ Usage (through tests/oracle/common.py::run_oracle, with the oracle's python):
         audio_0, ... float32 mono 24 kHz -> codes_0, ... Long [T_i, 16] via Qwen3TTSTokenizer.encode.
     codec_ref.py chunked <speech_tokenizer_dir> <codes.safetensors> <out.json>
         times the reference-style re-decode: each 4-frame chunk with 25 frames of left context (benchmark aid).
+    codec_ref.py batch <jobs.json>
+        runs several of the above, [[cmd, arg, ...], ...], in one process.
 """
 
 from __future__ import annotations
@@ -94,9 +96,17 @@ def _chunked(folder: str, codes_path: str, out: str) -> None:
         json.dump(timings, f)
 
 
+_COMMANDS = {"keys": _keys, "decode": _decode, "forward": _forward, "encode": _encode, "chunked": _chunked}
+
+
 def main() -> None:
     cmd, *args = sys.argv[1:]
-    {"keys": _keys, "decode": _decode, "forward": _forward, "encode": _encode, "chunked": _chunked}[cmd](*args)
+    if cmd == "batch":  # batch <jobs.json>: [[cmd, arg, ...], ...] in one process (saves the import time)
+        with open(args[0]) as f:
+            for job in json.load(f):
+                _COMMANDS[job[0]](*job[1:])
+        return
+    _COMMANDS[cmd](*args)
 
 
 if __name__ == "__main__":
