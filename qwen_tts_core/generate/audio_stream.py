@@ -20,8 +20,7 @@ class AudioStreamer:
         self.frame_start = 0
         if ref_codes is not None and len(ref_codes):
             # ICL: the reference frames are left context of the decode; their audio is not emitted
-            codec.decode_chunk(ref_codes.T[None].to(codec.device), self.state)
-            self._drop_samples = 0
+            codec.decode_chunk(ref_codes.T[None].to(codec.device).long(), self.state)
 
     def push(self, codes: torch.Tensor) -> np.ndarray | None:
         """codes [16] of one new frame; returns a chunk when enough frames have gathered."""
@@ -30,12 +29,8 @@ class AudioStreamer:
         return self._decode() if len(self.pending) >= need else None
 
     def finish(self) -> np.ndarray:
-        """Decode what is left and flush the decoder's held-back samples."""
-        out = [self._decode()] if self.pending else []
-        tail = self.codec.flush(self.state)
-        if tail is not None and tail.size:
-            out.append(tail)
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
+        """Decode the frames still gathered (the decoder holds nothing back: a chunk's samples are final)."""
+        return self._decode() if self.pending else np.zeros(0, np.float32)
 
     def _decode(self) -> np.ndarray:
         codes = torch.stack(self.pending, dim=1)[None].to(self.codec.device)  # [1, 16, t]

@@ -1,0 +1,37 @@
+"""Shared measurement helpers for the benchmarks (no project imports: also runs under the oracle's python)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def matvec_bandwidth_gbs(dtype_name: str = "float32", n: int = 8192, reps: int = 20) -> float:
+    """Bytes of a large matrix streamed per second by a matrix-vector product (the memory bound of decoding)."""
+    import torch
+
+    dt = getattr(torch, dtype_name)
+    w = torch.randn(n, n, dtype=torch.float32).to(dt)
+    x = torch.randn(1, n, dtype=torch.float32).to(dt)
+    torch.nn.functional.linear(x, w)
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch.nn.functional.linear(x, w)
+    dt_s = (time.perf_counter() - t) / reps
+    return w.numel() * w.element_size() / dt_s / 1e9
+
+
+def run_worker(python: str, script: str, args: list[str], env: dict | None = None, timeout: float = 3000) -> dict:
+    """Run a worker process that prints one JSON line last; return that JSON."""
+    proc = subprocess.run([python, script, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"worker {script} {args} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

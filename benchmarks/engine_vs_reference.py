@@ -1,0 +1,151 @@
+"""Engine vs the official package on one full-size random 0.6B CustomVoice checkpoint, CPU, same run.
+
+Per implementation and dtype (fp32, bf16), each in its own process: load time, peak RSS, seconds per generated frame
+(talker and code predictor apart), decode seconds per second of audio, and frames/s of 8 texts in one call vs one.
+The memory bound of a frame: bytes of weights read per frame (the talker's layers and head once, the code
+predictor's layers 15 times plus one head per codebook) divided by the measured bandwidth of a large matrix-vector
+product. Decoding is memory-bound at batch 1, so this is the floor for seconds per frame.
+Prints one JSON line last.
+
+usage: python benchmarks/engine_vs_reference.py [--frames 24] [--checkpoint DIR] [--skip-reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _measure import matvec_bandwidth_gbs, peak_rss_mb, run_worker  # noqa: E402
+
+TEXT = "Once upon a time there was a small village by the sea, and every morning the fishermen sang."
+TEXTS8 = [TEXT, "Please hold while we connect your call.", "It was the best of times, it was the worst of times.",
+          "Good morning! How are you today?", "Read the chapter slowly and clearly.", "Press one for sales.",
+          "The quick brown fox jumps over the lazy dog.", "Thank you for waiting, we will be right with you."]
+
+
+def weight_bytes_per_frame(ckpt: Path, bytes_per_param: int) -> int:
+    cfg = json.loads((ckpt / "config.json").read_text())["talker_config"]
+    cp = cfg["code_predictor_config"]
+
+    def layer_params(c):
+        h, i, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+        q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+        return h * q + 2 * h * kv + q * h + 3 * h * i
+
+    talker = cfg["num_hidden_layers"] * layer_params(cfg) + cfg["hidden_size"] * cfg["vocab_size"]
+    steps = cp["num_code_groups"] - 1
+    proj = cfg["hidden_size"] * cp["hidden_size"] if cfg["hidden_size"] != cp["hidden_size"] else 0
+    cpp = steps * (cp["num_hidden_layers"] * layer_params(cp) + proj) + steps * cp["hidden_size"] * cp["vocab_size"]
+    return (talker + cpp) * bytes_per_param
+
+
+# --- workers ----------------------------------------------------------------------------------------------------
+def worker_ours(ckpt: str, dtype: str, frames: int) -> dict:
+    import torch
+
+    import qwen_tts_core.generate.engine as eng_mod
+    from qwen_tts_core import Engine, Qwen3TTSModel, SynthesisRequest
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    model = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype=dtype)
+    load_s = time.perf_counter() - t0
+    timers = {"talker": 0.0, "cp": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            r = fn(*a, **k)
+            timers[name] += time.perf_counter() - t
+            return r
+        return wrapper
+
+    eng_mod.talker_step = timed("talker", eng_mod.talker_step)
+    eng_mod.predict_codes = timed("cp", eng_mod.predict_codes)
+    sp = model.sampling_params(max_new_tokens=frames + 1)
+
+    def reqs(texts):
+        return [SynthesisRequest(kind="custom_voice", text=t, speaker="ryan", language="english", sampling=sp,
+                                 seed=i, decode_audio=False) for i, t in enumerate(texts)]
+
+    Engine(model, max_sessions=1).run_all(reqs(["Warm up."]))  # first-call allocations
+    timers.update(talker=0.0, cp=0.0)
+    t = time.perf_counter()
+    (s,) = Engine(model, max_sessions=1).run_all(reqs([TEXT]))
+    one_s = time.perf_counter() - t
+    n1 = s.num_frames
+    talker_pf, cp_pf = timers["talker"] / n1, timers["cp"] / n1
+    t = time.perf_counter()
+    many = Engine(model, max_sessions=8).run_all(reqs(TEXTS8))
+    eight_s = time.perf_counter() - t
+    n8 = sum(x.num_frames for x in many)
+    codes = s.codes()
+    t = time.perf_counter()
+    wav = model.decode_codes([codes])[0]
+    decode_s = time.perf_counter() - t
+    return dict(load_s=load_s, peak_rss_mb=peak_rss_mb(), frames=n1, s_per_frame=one_s / n1,
+                talker_s_per_frame=talker_pf, code_predictor_s_per_frame=cp_pf,
+                frames_per_s_1=n1 / one_s, frames_per_s_8=n8 / eight_s,
+                decode_s_per_audio_s=decode_s / (len(wav) / 24000))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--checkpoint", default=None, help="reuse a full-size 0.6B CustomVoice checkpoint folder")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker_ours(args.checkpoint, args.dtype, args.frames)))
+        return
+
+    tmp = None
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    t = time.perf_counter()
+    if ckpt is None or not (ckpt / "config.json").exists():
+        from qwen_tts_core import make_checkpoint
+
+        if ckpt is None:
+            tmp = tempfile.TemporaryDirectory(prefix="qtts-bench-")
+            ckpt = Path(tmp.name) / "ck"
+        make_checkpoint(ckpt, model_type="custom_voice", size="0.6b", seed=0, dtype="bfloat16")
+    build_s = time.perf_counter() - t
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "oracle" / "stubs"))
+    oracle_py = str(ROOT / ".venv-oracle" / "bin" / "python")
+    result: dict = {"benchmark": "engine_vs_reference", "checkpoint": "random 0.6B CustomVoice (bf16 on disk)",
+                    "frames": args.frames, "build_s": round(build_s, 1), "cpu_threads": os.cpu_count()}
+    for dtype in args.dtypes.split(","):
+        bw = matvec_bandwidth_gbs(dtype)
+        bpp = 4 if dtype == "float32" else 2
+        bound = weight_bytes_per_frame(ckpt, bpp) / (bw * 1e9)
+        ours = run_worker(sys.executable, __file__, ["--worker", "ours", "--checkpoint", str(ckpt),
+                                                     "--dtype", dtype, "--frames", str(args.frames)])
+        entry = {"matvec_gb_s": round(bw, 2), "bound_s_per_frame": round(bound, 4), "ours": ours,
+                 "ours_vs_bound": round(ours["s_per_frame"] / bound, 3),
+                 "ours_batch8_speedup": round(ours["frames_per_s_8"] / ours["frames_per_s_1"], 2)}
+        if not args.skip_reference:
+            ref = run_worker(oracle_py, str(HERE / "reference_worker.py"),
+                             [str(ckpt), dtype, str(args.frames)], env=env)
+            entry["reference"] = ref
+            entry["reference_vs_bound"] = round(ref["s_per_frame"] / bound, 3)
+            entry["speedup_vs_reference"] = round(ref["s_per_frame"] / ours["s_per_frame"], 2)
+            entry["batch8_speedup_vs_reference_batch8"] = round(ours["frames_per_s_8"] / ref["frames_per_s_8"], 2)
+        result[dtype] = entry
+    if tmp is not None:
+        tmp.cleanup()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
