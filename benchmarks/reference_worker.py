@@ -11,9 +11,8 @@ import time
 
 import torch
 from _measure import peak_rss_mb
-from qwen_tts import Qwen3TTSModel
-
 from engine_vs_reference import TEXT, TEXTS8  # noqa: F401  (same texts as ours)
+from qwen_tts import Qwen3TTSModel
 
 
 def main() -> None:

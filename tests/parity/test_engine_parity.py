@@ -100,7 +100,7 @@ def _ours(model, calls, ref_wav: Path):
         captured = []
         orig = model.decode_codes
 
-        def spy(codes, refs=None, _orig=orig):
+        def spy(codes, refs=None, _orig=orig, captured=captured):
             captured.append([c if r is None else torch.cat([r.long(), c]) for c, r in
                              zip(codes, refs or [None] * len(codes))])
             return _orig(codes, refs)
@@ -206,7 +206,7 @@ def test_sampled_code_distributions_match_statistically(checkpoint_factory, mode
         rows = []
         for seed in range(n):
             captured = []
-            model.decode_codes = lambda codes, refs=None: captured.append(codes) or [np.zeros(1920, np.float32)]
+            model.decode_codes = lambda codes, refs=None, c=captured: c.append(codes) or [np.zeros(1920, np.float32)]
             try:
                 model.generate_custom_voice(text, seed=1000 + seed, **kw)
             finally:
