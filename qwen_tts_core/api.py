@@ -218,7 +218,7 @@ class Qwen3TTSModel:
                              f"{first_chunk_frames} and {chunk_frames}")
         if self.codec is None:
             raise ValueError("this checkpoint has no speech_tokenizer/: cannot stream audio")
-        req.first_chunk_frames, req.chunk_frames = first_chunk_frames, chunk_frames
+        req.first_chunk_frames, req.chunk_frames, req.decode_audio = first_chunk_frames, chunk_frames, True
         engine = Engine(self, max_sessions=1)
         session = engine.add(req)
 
