@@ -62,14 +62,14 @@ class RenderWorker:
     """Ray Data `map_batches` callable: builds its backend (loads the model) once, renders batches of rows."""
 
     def __init__(self, backend: str, engine: dict[str, Any], output: str, retry: dict[str, Any],
-                 render: dict[str, Any]) -> None:
+                 render: dict[str, Any], serve_app: str = "qtts") -> None:
         logging.basicConfig(level=logging.INFO)
         from .quality import QualityConfig
 
         render = dict(render, quality=QualityConfig(**render["quality"]))
         self.cfg = RenderConfig(**render)
         self.sink = open_sink(output, RetryPolicy(**retry))
-        self.backend = make_backend(backend, EngineOptions(**engine))
+        self.backend = make_backend(backend, EngineOptions(**engine), serve_app)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         rows = [Utterance(**json.loads(r)) for r in batch["row"]]
@@ -137,7 +137,7 @@ def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOp
         RenderWorker, batch_size=opts.batch_size, batch_format="numpy", concurrency=opts.actors,
         num_cpus=opts.num_cpus, num_gpus=opts.num_gpus or None,
         fn_constructor_kwargs={"backend": backend, "engine": asdict(opts.engine), "output": opts.output,
-                               "retry": asdict(opts.retry), "render": render},
+                               "retry": asdict(opts.retry), "render": render, "serve_app": opts.serve_app},
         runtime_env={"env_vars": dict(opts.extra_env)} if opts.extra_env else None,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -1,6 +1,14 @@
 import pytest
 
-from jobs.storage import LocalSink, RetryPolicy, S3Sink, StorageError, _retry, content_key, open_sink
+from jobs.storage import (
+    LocalSink,
+    RetryPolicy,
+    S3Sink,
+    StorageError,
+    _retry,
+    content_key,
+    open_sink,
+)
 
 
 def test_content_key_is_deterministic_and_sensitive():
