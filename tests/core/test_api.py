@@ -1,0 +1,180 @@
+"""The drop-in API surface: loading, supported names, defaults, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwen_tts_core import Qwen3TTSModel, load_voice_prompt, save_voice_prompt
+from qwen_tts_core.config import TTSConfig, make_config
+from qwen_tts_core.text.tokenizer import TextTokenizer, assistant_text
+
+G = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def cv(model_factory):
+    return model_factory("custom_voice", "tiny")
+
+
+def test_supported_speakers_and_languages(cv, model_factory):
+    assert cv.get_supported_speakers() == sorted(["aiden", "dylan", "eric", "ono_anna", "ryan", "serena", "sohee",
+                                                  "uncle_fu", "vivian"])
+    langs = cv.get_supported_languages()
+    assert langs[0] == "auto" and "english" in langs and not any("dialect" in x for x in langs)
+    assert model_factory("voice_design", "tiny").get_supported_speakers() is None
+
+
+def test_config_round_trip(checkpoint_factory):
+    raw = json.loads((checkpoint_factory("custom_voice", "tiny") / "config.json").read_text())
+    cfg = TTSConfig.from_dict(raw)
+    assert cfg == TTSConfig.from_dict(cfg.to_json_dict())
+    assert cfg.talker.spk_id["vivian"] == 3065 and cfg.talker.codec_eos_token_id == 2150
+
+
+def test_tokenizer_layout(checkpoint_factory):
+    tok = TextTokenizer(checkpoint_factory("custom_voice", "tiny"))
+    ids = tok.encode(assistant_text("Hello world."))
+    assert ids[:3] == tok.target("x").role and ids[0] == 151644
+    assert ids[-5:] == [151645, 198, 151644, ids[1], 198]
+
+
+def test_generate_returns_float32_list_at_24k(cv):
+    wavs, sr = cv.generate_custom_voice(["Hi there.", "Good morning!"], speaker="Ryan", language="English", **G)
+    assert sr == 24000 and len(wavs) == 2
+    assert all(w.dtype == np.float32 and w.ndim == 1 and len(w) == 5 * 1920 for w in wavs)
+
+
+def test_defaults_come_from_generation_config(cv):
+    sp = cv.sampling_params()
+    assert sp.max_new_tokens == 8192 and sp.top_k == 50 and sp.repetition_penalty == 1.05
+    assert cv.sampling_params(top_k=7).top_k == 7
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m.generate_custom_voice("Hi", speaker="nobody"), "speaker"),
+    (lambda m: m.generate_custom_voice("Hi", speaker="ryan", language="klingon"), "language"),
+    (lambda m: m.generate_custom_voice("", speaker="ryan"), "text"),
+    (lambda m: m.generate_custom_voice(["a", "b"], speaker=["ryan", "eric", "vivian"]), "speaker"),
+    (lambda m: m.generate_custom_voice("Hi", speaker="ryan", bogus_arg=1), "bogus_arg"),
+    (lambda m: m.generate_custom_voice("Hi", speaker="ryan", temperature=0), "temperature"),
+    (lambda m: m.generate_custom_voice("Hi", speaker="ryan", top_p=1.5), "top_p"),
+    (lambda m: m.generate_voice_design("Hi", instruct="calm"), "voice_design"),
+    (lambda m: m.generate_voice_clone("Hi", ref_audio="x.wav"), "Base"),
+    (lambda m: m.create_voice_clone_prompt("x.wav"), "Base"),
+], ids=["speaker", "language", "empty-text", "batch-mismatch", "unknown-kwarg", "temperature", "top_p",
+        "design-on-cv", "clone-on-cv", "prompt-on-cv"])
+def test_bad_input_raises_value_error_naming_it(cv, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(cv)
+
+
+def test_voice_clone_errors(model_factory, ref_wav_path, tmp_path):
+    base = model_factory("base", "tiny")
+    with pytest.raises(ValueError, match="ref_text"):
+        base.create_voice_clone_prompt(str(ref_wav_path))
+    with pytest.raises(ValueError, match="ref_audio"):
+        base.generate_voice_clone("Hi")
+    silent = tmp_path / "silent.wav"
+    import soundfile as sf
+
+    sf.write(silent, np.zeros(24000, np.float32), 24000)
+    with pytest.raises(ValueError, match="ref_audio"):
+        base.create_voice_clone_prompt(str(silent), ref_text="hello")
+    with pytest.raises(ValueError, match="ref_audio"):
+        base.create_voice_clone_prompt(str(tmp_path / "missing.wav"), ref_text="hello")
+
+
+def test_voice_prompt_round_trip_and_reuse(model_factory, ref_wav_path, tmp_path):
+    base = model_factory("base", "tiny")
+    wav, sr = __import__("soundfile").read(ref_wav_path, dtype="float32")
+    (item,) = base.create_voice_clone_prompt((wav, sr), ref_text="Good morning, how are you today?")
+    n24 = math.ceil(len(wav) * 24000 / sr)
+    assert item.icl_mode and tuple(item.ref_code.shape) == (math.ceil(n24 / 1920), 16)
+    path = save_voice_prompt(item, tmp_path / "v.safetensors", name="test")
+    back = load_voice_prompt(path)
+    assert torch.equal(back.ref_code, item.ref_code) and back.ref_text == item.ref_text
+    a, _ = base.generate_voice_clone("Hello.", voice_clone_prompt=[item], **G)
+    b, _ = base.generate_voice_clone("Hello.", voice_clone_prompt=back, **G)
+    assert np.array_equal(a[0], b[0])
+    (x,) = base.create_voice_clone_prompt((wav, sr), x_vector_only_mode=True)
+    assert x.ref_code is None and x.x_vector_only_mode and not x.icl_mode
+
+
+def test_not_a_checkpoint_folder(tmp_path):
+    with pytest.raises(ValueError, match="not a Qwen3-TTS checkpoint"):
+        Qwen3TTSModel.from_pretrained(tmp_path)
+
+
+def test_hub_id_offline_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="could not fetch"):
+        Qwen3TTSModel.from_pretrained("Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice")
+
+
+def _edit_weights(src, dst, fn):
+    shutil.copytree(src, dst)
+    t = load_file(str(dst / "model.safetensors"))
+    fn(t)
+    save_file(t, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_missing_tensor_is_named(checkpoint_factory, tmp_path):
+    name = "talker.model.layers.1.self_attn.k_norm.weight"
+    ck = _edit_weights(checkpoint_factory("custom_voice", "tiny"), tmp_path / "c", lambda t: t.pop(name))
+    with pytest.raises(ValueError, match="model.layers.1.self_attn.k_norm.weight"):
+        Qwen3TTSModel.from_pretrained(ck)
+
+
+def test_misshaped_tensor_is_named(checkpoint_factory, tmp_path):
+    name = "talker.codec_head.weight"
+    ck = _edit_weights(checkpoint_factory("custom_voice", "tiny"), tmp_path / "c",
+                       lambda t: t.__setitem__(name, t[name][:-1]))
+    with pytest.raises(ValueError, match="codec_head.weight"):
+        Qwen3TTSModel.from_pretrained(ck)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_loads_and_runs(checkpoint_factory, dtype):
+    m = Qwen3TTSModel.from_pretrained(checkpoint_factory("custom_voice", "tiny"), device_map="cpu", dtype=dtype)
+    assert m.dtype == getattr(torch, dtype)
+    (w,), _ = m.generate_custom_voice("Hello.", speaker="ryan", **G)
+    assert np.isfinite(w).all() and len(w) == 5 * 1920
+
+
+def test_bad_dtype_and_device(checkpoint_factory):
+    ck = checkpoint_factory("custom_voice", "tiny")
+    with pytest.raises(ValueError, match="dtype"):
+        Qwen3TTSModel.from_pretrained(ck, dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device_map"):
+            Qwen3TTSModel.from_pretrained(ck, device_map="cuda:0")
+
+
+def test_instruct_dropped_for_0b6_custom_voice_with_warning(checkpoint_factory, tmp_path, caplog):
+    src = checkpoint_factory("custom_voice", "tiny")
+    dst = tmp_path / "c06"
+    shutil.copytree(src, dst)
+    raw = json.loads((dst / "config.json").read_text())
+    raw["tts_model_size"] = "0b6"
+    (dst / "config.json").write_text(json.dumps(raw))
+    m = Qwen3TTSModel.from_pretrained(dst)
+    with caplog.at_level("WARNING"):
+        a, _ = m.generate_custom_voice("Hello.", speaker="ryan", instruct="Whisper.", **G)
+    b, _ = m.generate_custom_voice("Hello.", speaker="ryan", **G)
+    assert np.array_equal(a[0], b[0]) and "instruct" in caplog.text
+
+
+def test_make_config_rejects_unknowns():
+    with pytest.raises(ValueError, match="size"):
+        make_config("custom_voice", "7b")
+    with pytest.raises(ValueError, match="model_type"):
+        make_config("music", "tiny")
