@@ -27,6 +27,7 @@ import torch
 from ..text.prompt import extend_prompt
 from ..types import AudioChunk, SynthesisRequest
 from .audio_stream import AudioStreamer
+from .fast import FastPath, sampling_tensors
 from .requests import make_prompt, validate
 from .sampling import pick_rows, talker_logits_processors
 from .session import Session
@@ -43,14 +44,23 @@ class EngineBusy(RuntimeError):
 class Engine:
     def __init__(self, model, max_sessions: int = 8, max_queue: int = 64,
                  guard_frames_per_token: float | None = None, guard_base_frames: int = 64,
-                 initial_cache_len: int = 256) -> None:
+                 initial_cache_len: int = 256, static: bool | None = None, max_len: int = 4096,
+                 cuda_graphs: bool | None = None) -> None:
+        """static: the fixed-shape fast path (default: on CUDA) with a KV cache of max_len positions per session
+        and, on CUDA, CUDA graphs per batch bucket; sampling there uses the device generator (per-request
+        seeds apply to the dynamic path)."""
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.model, self.talker = model, model.talker
         self.max_sessions, self.max_queue = max_sessions, max_queue
         self.guard_frames_per_token, self.guard_base_frames = guard_frames_per_token, guard_base_frames
         self.device = self.talker.codec_head.weight.device
-        self.cache = self.talker.new_cache(max_sessions, initial_cache_len)
+        self.fast = None
+        if static if static is not None else self.device.type == "cuda":
+            self.fast = FastPath(self.talker, max_sessions, max_len, use_graphs=cuda_graphs)
+            self.cache = self.fast.cache
+        else:
+            self.cache = self.talker.new_cache(max_sessions, initial_cache_len)
         self.free_slots = list(range(max_sessions))
         self.queues: dict[str, deque[Session]] = {"interactive": deque(), "bulk": deque()}
         self.active: list[Session] = []
@@ -107,8 +117,11 @@ class Engine:
             embeds = torch.stack([self._next_input(s) for s in rows])
             slots = torch.tensor([s.slot for s in rows], device=self.device)
             pos = torch.tensor([s.pos for s in rows], device=self.device)
-            self.cache.ensure(int(pos.max()) + 1)
-            hidden, logits = talker_step(self.talker, self.cache, slots, pos, embeds)
+            if self.fast is not None:
+                hidden, logits = self.fast.talker_step(slots, pos, embeds)
+            else:
+                self.cache.ensure(int(pos.max()) + 1)
+                hidden, logits = talker_step(self.talker, self.cache, slots, pos, embeds)
             ids = self._sample_code0(rows, logits)
             for i, s in enumerate(rows):
                 s.pos += 1
@@ -119,7 +132,11 @@ class Engine:
         if rows:
             hidden = torch.stack([s.hidden for s in rows])
             code0 = torch.tensor([s.code0 for s in rows], device=self.device)
-            codes = predict_codes(self.talker, hidden, code0, self._cp_picker(rows))
+            if self.fast is not None:
+                params = sampling_tensors([s.request.sampling for s in rows], self.device)
+                codes = self.fast.predict_codes(hidden, code0, params)
+            else:
+                codes = predict_codes(self.talker, hidden, code0, self._cp_picker(rows))
             for i, s in enumerate(rows):
                 s.last_codes = codes[i]
                 s.frames.append(codes[i])
@@ -248,10 +265,13 @@ class Engine:
         s.history.append(code0)
         if code0 == self.eos_id:
             self._finish(s, "eos", out)
-        elif len(s.history) >= s.request.sampling.max_new_tokens:
+        elif len(s.history) >= s.request.sampling.max_new_tokens or s.pos + 1 >= self._max_positions():
             self._finish(s, "max_new_tokens", out)  # the last sampled id never gets its frame (as HF)
         else:
             s.code0, s.phase = code0, "frame"
+
+    def _max_positions(self) -> int:
+        return self.cache.capacity if self.cache.static else self.talker.cfg.max_position_embeddings
 
     def _finish(self, s: Session, reason: str, out: list[AudioChunk]) -> None:
         if s.phase == "done":

@@ -200,3 +200,44 @@ def test_wrong_kind_for_checkpoint(model):
     r = SynthesisRequest(kind="voice_design", text="Hi", instruct="calm", sampling=GREEDY)
     with pytest.raises(ValueError, match="voice_design"):
         Engine(model, max_sessions=1).add(r)
+
+
+def test_static_fast_path_matches_dynamic(model):
+    """The fixed-shape path the GPU captures in CUDA graphs (padded batch buckets, full-length static cache)."""
+    eng = Engine(model, max_sessions=5, static=True, max_len=128, cuda_graphs=False)
+    first = eng.add(req(TEXTS[0]))
+    for _ in range(3):
+        eng.step()
+    rest = [eng.add(req(t)) for t in TEXTS[1:]]  # 4 rows: a padded bucket, sessions at different positions
+    while eng.has_work():
+        eng.step()
+    for s, t in zip([first, *rest], TEXTS):
+        assert torch.equal(s.codes(), run_alone(model, req(t)))
+
+
+def test_static_cache_length_limit_stops_cleanly(model):
+    eng = Engine(model, max_sessions=1, static=True, max_len=40, cuda_graphs=False)
+    s = eng.run_all([req(TEXTS[1], sampling=SamplingParams(do_sample=False, subtalker_dosample=False,
+                                                           max_new_tokens=500))])[0]
+    assert s.finish_reason == "max_new_tokens" and s.pos < 40
+
+
+def test_tensor_sampler_respects_filters():
+    from qwen_tts_core.generate.fast import sample_tensor
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 100) * 3
+    B = 4
+    do = torch.tensor([False, True, True, True])
+    temp = torch.full((B,), 0.9)
+    top_k = torch.tensor([0, 5, 0, 3])
+    top_p = torch.tensor([1.0, 1.0, 0.5, 1.0])
+    draws = torch.stack([sample_tensor(logits, do, temp, top_k, top_p) for _ in range(300)])
+    assert (draws[:, 0] == logits[0].argmax()).all()
+    assert set(draws[:, 1].tolist()) <= set(logits[1].topk(5).indices.tolist())
+    assert len(set(draws[:, 1].tolist())) > 1
+    assert set(draws[:, 3].tolist()) <= set(logits[3].topk(3).indices.tolist())
+    probs = (logits[2] / 0.9).softmax(-1)
+    sp, si = probs.sort(descending=True)
+    nucleus = set(si[: int((sp.cumsum(0) < 0.5).sum()) + 1].tolist())
+    assert set(draws[:, 2].tolist()) <= nucleus
