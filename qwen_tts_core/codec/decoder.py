@@ -20,7 +20,7 @@ from .transformer import SlidingWindowTransformer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OFFLINE_CHUNK = 256
+DEFAULT_OFFLINE_CHUNK = 64
 """Frames per internal step of offline `decode` (bounds the attention mask; any value gives the same output)."""
 
 

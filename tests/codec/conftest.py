@@ -65,11 +65,13 @@ def oracle(tiny_dir, tmp_path_factory) -> dict:
         ["decode", str(tiny_dir), str(work / "codes.safetensors"), str(work / "wav.safetensors")],
         ["forward", str(tiny_dir), str(work / "fwd.safetensors"), str(work / "fwd_wav.safetensors")],
         ["encode", str(tiny_dir), str(work / "audio.safetensors"), str(work / "enc.safetensors")],
+        ["ours_encode", str(tiny_dir), str(work / "audio.safetensors"), str(work / "ours457.safetensors")],
     ]
     (work / "jobs.json").write_text(json.dumps(jobs))
     _run_oracle()("codec_ref.py", "batch", str(work / "jobs.json"))
     wav = load_file(str(work / "wav.safetensors"))
     enc = load_file(str(work / "enc.safetensors"))
+    ours457 = load_file(str(work / "ours457.safetensors"))
     return {
         "keys": json.loads((work / "keys.json").read_text()),
         "codes": codes,
@@ -78,4 +80,5 @@ def oracle(tiny_dir, tmp_path_factory) -> dict:
         "fwd_wav": load_file(str(work / "fwd_wav.safetensors"))["wav"],
         "audios": audios,
         "enc": [enc[f"codes_{i}"] for i in range(len(audios))],
+        "ours_enc_tf457": [ours457[f"codes_{i}"] for i in range(len(audios))],
     }

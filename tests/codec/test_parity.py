@@ -89,6 +89,12 @@ def test_encoder_codes_identical_to_reference(codec, oracle):
         assert torch.equal(mine, ref)
 
 
+def test_our_encoder_under_transformers_457_matches_reference(oracle):
+    """The same wrapper run in the oracle virtualenv (transformers 4.57 Mimi layout) gives the same codes."""
+    for mine, ref in zip(oracle["ours_enc_tf457"], oracle["enc"]):
+        assert torch.equal(mine, ref)
+
+
 def test_encoder_codes_depend_on_audio(oracle):
     enc = oracle["enc"]
     n = min(c.shape[0] for c in enc[:3])

@@ -11,6 +11,8 @@ Usage (through tests/oracle/common.py::run_oracle, with the oracle's python):
         one-shot `model.decoder(codes[B,16,T])` (no 300-frame chunking), codes key "codes" [B, 16, T] -> "wav".
     codec_ref.py encode <speech_tokenizer_dir> <audio.safetensors> <out.safetensors>
         audio_0, ... float32 mono 24 kHz -> codes_0, ... Long [T_i, 16] via Qwen3TTSTokenizer.encode.
+    codec_ref.py ours_encode <speech_tokenizer_dir> <audio.safetensors> <out.safetensors>
+        like `encode` but with OUR qwen_tts_core.codec encoder, to check it under transformers 4.57.
     codec_ref.py chunked <speech_tokenizer_dir> <codes.safetensors> <out.json>
         times the reference-style re-decode: each 4-frame chunk with 25 frames of left context (benchmark aid).
     codec_ref.py batch <jobs.json>
@@ -20,13 +22,14 @@ Usage (through tests/oracle/common.py::run_oracle, with the oracle's python):
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 import torch
 from safetensors.torch import load_file, save_file
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("CODEC_ORACLE_THREADS", "2")))
 
 
 def _tokenizer(folder: str):
@@ -77,6 +80,21 @@ def _encode(folder: str, audio_path: str, out: str) -> None:
     save_file({f"codes_{i}": c.long().contiguous() for i, c in enumerate(enc.audio_codes)}, out)
 
 
+def _ours_encode(folder: str, audio_path: str, out: str) -> None:
+    """OUR encoder wrapper (qwen_tts_core.codec) run under the oracle's transformers 4.57 (compatibility check)."""
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from qwen_tts_core.codec.load import load_codec
+
+    data = load_file(audio_path)
+    audios = [data[f"audio_{i}"].numpy() for i in range(len(data))]
+    codes = load_codec(folder).encode(audios)
+    save_file({f"codes_{i}": c.contiguous() for i, c in enumerate(codes)}, out)
+
+
 def _chunked(folder: str, codes_path: str, out: str) -> None:
     tok = _tokenizer(folder)
     codes = load_file(codes_path)["codes"].long()  # [1, 16, T]
@@ -96,7 +114,8 @@ def _chunked(folder: str, codes_path: str, out: str) -> None:
         json.dump(timings, f)
 
 
-_COMMANDS = {"keys": _keys, "decode": _decode, "forward": _forward, "encode": _encode, "chunked": _chunked}
+_COMMANDS = {"keys": _keys, "decode": _decode, "forward": _forward, "encode": _encode, "chunked": _chunked,
+             "ours_encode": _ours_encode}
 
 
 def main() -> None:

@@ -1,0 +1,155 @@
+"""Streaming cost of the 12Hz codec decoder (full-size random weights, fp32, CPU by default).
+
+Measures:
+  * ours: a 4-frame chunk decoded with the streaming state at frame ~10 and at frame ~N (default 1000), and the ratio;
+  * the reference-style streaming alternative: re-decoding 25 frames of left context + the 4-frame chunk from
+    scratch each time (timed on our decoder doing that recompute; with --oracle also on the official decoder);
+  * offline decode: seconds of compute per second of audio (the N-frame warm-up, decoded in 100-frame steps).
+The last stdout line is one JSON object.
+
+    .venv/bin/python benchmarks/codec_stream.py [--frames 1000] [--threads 2] [--device cpu] [--oracle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from qwen_tts_core.codec.build import random_decoder, write_random_speech_tokenizer  # noqa: E402
+from qwen_tts_core.codec.config import full_config  # noqa: E402
+from qwen_tts_core.codec.decoder import CodecDecoder  # noqa: E402
+from qwen_tts_core.codec.state import CodecStreamState  # noqa: E402
+
+logger = logging.getLogger("codec_stream")
+CHUNK = 4
+CONTEXT = 25
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_chunk(decoder: CodecDecoder, state: CodecStreamState, chunk: torch.Tensor, reps: int) -> float:
+    """Median seconds of decode_chunk(chunk) from copies of `state` (the state itself is not advanced)."""
+    device = state.device
+    times = []
+    for _ in range(reps + 1):
+        trial = state.select(list(range(state.batch_size)))
+        _sync(device)
+        t0 = time.perf_counter()
+        decoder.decode_chunk(chunk, trial, check=False)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def _time_redecode(decoder: CodecDecoder, codes: torch.Tensor, reps: int) -> float:
+    """Median seconds to decode CONTEXT+CHUNK frames from scratch and keep the last CHUNK frames' samples."""
+    device = codes.device
+    spf = decoder.cfg.samples_per_frame
+    times = []
+    for _ in range(reps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        wav = decoder.decode(codes, check=False)[:, CONTEXT * spf:]
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    assert wav.shape[-1] == CHUNK * spf
+    return statistics.median(times[1:])
+
+
+def _oracle_redecode(codes: torch.Tensor, seed: int) -> dict:
+    sys.path.insert(0, str(ROOT / "tests" / "oracle"))
+    from common import run_oracle  # type: ignore[import-not-found]
+    from safetensors.torch import save_file
+
+    os.environ["CODEC_ORACLE_THREADS"] = str(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_random_speech_tokenizer(Path(tmp) / "st", "full", seed=seed)
+        save_file({"codes": codes.cpu().contiguous()}, str(Path(tmp) / "codes.safetensors"))
+        run_oracle("codec_ref.py", "chunked", str(folder), str(Path(tmp) / "codes.safetensors"),
+                   str(Path(tmp) / "out.json"))
+        return json.loads((Path(tmp) / "out.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=1000, help="position of the late chunk (frames decoded before)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1 by default: 2 threads on a shared 2-core box measure OpenMP contention")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--oracle", action="store_true", help="also time the official decoder's 25-frame re-decode")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    t0 = time.perf_counter()
+    decoder = random_decoder(full_config(), seed=args.seed).to(device)
+    n_params = sum(p.numel() for p in decoder.parameters())
+    logger.info("built full decoder (%.1fM params) in %.1f s", n_params / 1e6, time.perf_counter() - t0)
+    spf, sr = decoder.cfg.samples_per_frame, decoder.cfg.sample_rate
+    g = torch.Generator().manual_seed(args.seed + 1)
+    codes = torch.randint(0, 2048, (1, 16, args.frames + CHUNK), generator=g).to(device)
+
+    # offline decode of the first `frames` frames (in 100-frame steps) = the warm-up to the late position
+    state = decoder.new_state(1)
+    _sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, args.frames, 100):
+        decoder.decode_chunk(codes[..., s: min(s + 100, args.frames)], state, check=False)
+    _sync(device)
+    offline_s = time.perf_counter() - t0
+    audio_s = args.frames * spf / sr
+    logger.info("offline: %d frames (%.1f s audio) in %.1f s", args.frames, audio_s, offline_s)
+    late_chunk = codes[..., args.frames: args.frames + CHUNK]
+    t_late = _time_chunk(decoder, state, late_chunk, args.reps)
+
+    early = decoder.new_state(1)
+    decoder.decode_chunk(codes[..., :10], early, check=False)
+    t_early = _time_chunk(decoder, early, codes[..., 10: 10 + CHUNK], args.reps)
+    logger.info("ours: 4-frame chunk at frame 10 %.3f s, at frame %d %.3f s", t_early, args.frames, t_late)
+
+    if args.frames < CONTEXT:
+        raise SystemExit(f"--frames must be >= {CONTEXT}")
+    window = codes[..., args.frames - CONTEXT: args.frames + CHUNK]  # 25 frames of context + the chunk
+    t_redecode = _time_redecode(decoder, window, args.reps)
+    logger.info("re-decode 25+4 frames (ours, reference style): %.3f s", t_redecode)
+
+    result = {
+        "device": str(device), "threads": args.threads, "dtype": "float32", "size": "full",
+        "decoder_params_m": round(n_params / 1e6, 2),
+        "chunk_frames": CHUNK, "chunk_audio_s": CHUNK * spf / sr,
+        "ours_chunk4_at_frame10_s": round(t_early, 4),
+        f"ours_chunk4_at_frame{args.frames}_s": round(t_late, 4),
+        "late_over_early_ratio": round(t_late / t_early, 3),
+        "redecode_ctx25_chunk4_s_ours": round(t_redecode, 4),
+        "redecode_over_streaming": round(t_redecode / t_late, 2),
+        "offline_frames": args.frames,
+        "offline_s_per_audio_s": round(offline_s / audio_s, 4),
+        "streaming_rtf_chunk4": round(t_late / (CHUNK * spf / sr), 4),
+    }
+    if args.oracle:
+        ref = _oracle_redecode(codes[..., : args.frames + CHUNK].cpu(), args.seed)
+        result.update({f"oracle_{k}": round(v, 4) for k, v in ref.items()})
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
