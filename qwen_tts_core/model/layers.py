@@ -66,15 +66,28 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qkv: torch.Tensor | None = None  # fused [q; k; v] weight, set by fuse_()
+
+    @torch.no_grad()
+    def fuse_(self) -> None:
+        """One matrix for q, k and v (one read, one call); the separate weights become views into it."""
+        self.qkv = _fuse([self.q_proj, self.k_proj, self.v_proj])
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv is None or self.q_proj.bias is not None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        return F.linear(x, self.qkv).split([nq, nkv, nkv], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
                 positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x: [B, T, C]; positions: [B, T] absolute positions (cache write index); mask: [B, 1, T, K] bool or None
         (None: causal over a fresh cache, all rows at the same positions starting at 0)."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self._project(x)
+        q = self.q_norm(q.reshape(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.reshape(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.update(k, v, positions)  # [B, Hkv, K, D]
         if mask is None:
@@ -84,15 +97,42 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
+def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
+    """Concatenate the weights of `linears` (rows) into one tensor and re-point each weight at its slice, so the
+    memory is not doubled and state_dict() still yields the original names and values."""
+    fused = torch.cat([lin.weight for lin in linears], dim=0)
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
+        start += n
+    return fused
+
+
+def fuse_projections_(module: nn.Module) -> None:
+    """Fuse q/k/v and gate/up in every decoder layer under `module`."""
+    for m in module.modules():
+        if isinstance(m, Attention | MLP):
+            m.fuse_()
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, inter: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up: torch.Tensor | None = None  # fused [gate; up] weight, set by fuse_()
+
+    @torch.no_grad()
+    def fuse_(self) -> None:
+        self.gate_up = _fuse([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
