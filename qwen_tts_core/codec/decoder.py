@@ -121,7 +121,7 @@ class CodecDecoder(nn.Module):
         for block in self.decoder[1:-2]:
             wav = block(wav, state)
         wav = self.decoder[-1](self.decoder[-2](wav), state)               # [B, 1, t*spf]
-        state.positions += t
+        state.positions = state.positions + t
         return wav.squeeze(1)
 
     @torch.no_grad()

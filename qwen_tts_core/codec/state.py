@@ -44,7 +44,7 @@ class CodecStreamState:
         return [*self.conv_history.values(), *self.trans_tail.values(), *self.keys, *self.values]
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
-        """Start rows over (fresh stream) in place.
+        """Start rows over (fresh stream); the state object is updated (its tensors are replaced).
 
         Args:
             mask: Bool [B], rows to reset; None resets all rows.
@@ -55,9 +55,14 @@ class CodecStreamState:
         if mask.dtype != torch.bool or mask.shape != (self.batch_size,):
             raise ValueError(f"mask must be a bool tensor of shape ({self.batch_size},), "
                              f"got {tuple(mask.shape)} {mask.dtype}")
-        self.positions.masked_fill_(mask, 0)
-        for t in self._tensors():
-            t.masked_fill_(mask.view(-1, *([1] * (t.dim() - 1))), 0)
+        # out of place, so tensors made under torch.inference_mode() can be reset outside it
+        self.positions = self.positions.masked_fill(mask, 0)
+        for table in (self.conv_history, self.trans_tail):
+            for key, t in table.items():
+                table[key] = t.masked_fill(mask.view(-1, 1, 1), 0)
+        for cache in (self.keys, self.values):
+            for i, t in enumerate(cache):
+                cache[i] = t.masked_fill(mask.view(-1, 1, 1, 1), 0)
 
     def select(self, index: torch.Tensor | list[int]) -> CodecStreamState:
         """A new state holding the given rows (in that order), e.g. to drop finished sessions from a batch."""
