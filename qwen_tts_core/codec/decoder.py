@@ -140,3 +140,23 @@ class CodecDecoder(nn.Module):
         if not pieces:
             return torch.zeros(codes.shape[0], 0, device=state.device, dtype=self.pre_conv.conv.weight.dtype)
         return torch.cat(pieces, dim=-1)
+
+    @torch.no_grad()
+    def decode_like_reference(self, codes: torch.Tensor, chunk_size: int = 300,
+                              left_context: int = 25) -> torch.Tensor:
+        """The official `chunked_decode`: codes [B, Q, T] are cut into `chunk_size`-frame pieces, each decoded from
+        a fresh state with `left_context` frames before it whose samples are dropped. Equals `decode` for
+        T <= chunk_size; beyond that it reproduces the reference's seams (for parity checks of whole pipelines).
+        """
+        check_codes(codes, self.cfg.num_quantizers, self.cfg.codebook_size)
+        spf = self.cfg.samples_per_frame
+        pieces, start = [], 0
+        while start < codes.shape[-1]:
+            end = min(start + chunk_size, codes.shape[-1])
+            ctx = left_context if start - left_context > 0 else start
+            wav = self.decode(codes[..., start - ctx: end], check=False)
+            pieces.append(wav[..., ctx * spf:])
+            start = end
+        if not pieces:
+            return self.decode(codes, check=False)
+        return torch.cat(pieces, dim=-1)

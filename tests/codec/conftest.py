@@ -59,10 +59,12 @@ def oracle(tiny_dir, tmp_path_factory) -> dict:
     audios = make_audios()
     save_file({f"codes_{i}": c for i, c in enumerate(codes)}, str(work / "codes.safetensors"))
     save_file({"codes": fwd}, str(work / "fwd.safetensors"))
+    save_file({"codes_0": fwd[0].T.contiguous()}, str(work / "long.safetensors"))
     save_file({f"audio_{i}": torch.from_numpy(a) for i, a in enumerate(audios)}, str(work / "audio.safetensors"))
     jobs = [
         ["keys", str(tiny_dir), str(work / "keys.json")],
         ["decode", str(tiny_dir), str(work / "codes.safetensors"), str(work / "wav.safetensors")],
+        ["decode", str(tiny_dir), str(work / "long.safetensors"), str(work / "long_wav.safetensors")],
         ["forward", str(tiny_dir), str(work / "fwd.safetensors"), str(work / "fwd_wav.safetensors")],
         ["encode", str(tiny_dir), str(work / "audio.safetensors"), str(work / "enc.safetensors")],
         ["ours_encode", str(tiny_dir), str(work / "audio.safetensors"), str(work / "ours457.safetensors")],
@@ -78,6 +80,7 @@ def oracle(tiny_dir, tmp_path_factory) -> dict:
         "wavs": [wav[f"wav_{i}"].numpy() for i in range(len(codes))],
         "fwd_codes": fwd,
         "fwd_wav": load_file(str(work / "fwd_wav.safetensors"))["wav"],
+        "long_chunked_wav": load_file(str(work / "long_wav.safetensors"))["wav_0"],
         "audios": audios,
         "enc": [enc[f"codes_{i}"] for i in range(len(audios))],
         "ours_enc_tf457": [ours457[f"codes_{i}"] for i in range(len(audios))],

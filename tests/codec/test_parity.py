@@ -38,6 +38,16 @@ def test_one_shot_forward_beyond_300_frames_matches_reference(codec, oracle):
     assert float((ours - ref).abs().max()) <= TOL
 
 
+def test_reference_chunked_decode_beyond_300_frames_is_reproduced(codec, oracle):
+    """The official decode() cuts > 300 frames into chunks with 25 frames of context: not exact, but emulated."""
+    ref = oracle["long_chunked_wav"]
+    mimic = codec.decoder.decode_like_reference(oracle["fwd_codes"])[0]
+    assert float((mimic - ref).abs().max()) <= TOL
+    exact = codec.decoder.decode(oracle["fwd_codes"])[0]
+    assert float((exact[: 300 * 1920] - ref[: 300 * 1920]).abs().max()) <= TOL
+    assert float((exact[300 * 1920:] - ref[300 * 1920:]).abs().max()) > 10 * TOL  # the seam differs
+
+
 def test_streaming_matches_reference(codec, oracle):
     codes = oracle["codes"][2].T.unsqueeze(0)  # [1, 16, 150]
     state = codec.new_stream(1)
