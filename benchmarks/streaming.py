@@ -1,0 +1,115 @@
+"""Streaming on CPU, full-size random 0.6B CustomVoice: ours vs the official package in the same run.
+
+  - time to first audio chunk (ours: add() -> first chunk with first_chunk_frames=1; the reference does not stream,
+    so its first audio comes after the whole utterance is generated and decoded);
+  - steady per-frame cost while streaming;
+  - aggregate frames/s with 1, 4 and 8 concurrent sessions in one engine vs the same sessions one after another;
+  - chunk cost vs position and vs the reference's 25-frame left-context re-decode (benchmarks/codec_stream.py).
+Prints one JSON line last.
+
+usage: python benchmarks/streaming.py [--frames 24] [--checkpoint DIR] [--skip-reference] [--skip-codec]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _measure import run_worker  # noqa: E402
+
+TEXT = "Once upon a time there was a small village by the sea, and every morning the fishermen sang."
+
+
+def worker(ckpt: str, frames: int) -> dict:
+    import torch
+
+    from qwen_tts_core import Engine, Qwen3TTSModel, SynthesisRequest
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype="float32")
+    sp = model.sampling_params(max_new_tokens=frames + 1)
+
+    def req(i):
+        return SynthesisRequest(kind="custom_voice", text=TEXT, speaker="ryan", language="english", sampling=sp,
+                                seed=i, first_chunk_frames=1, chunk_frames=4)
+
+    Engine(model, max_sessions=1).run_all([SynthesisRequest(kind="custom_voice", text="Warm up.", speaker="ryan",
+                                                            sampling=model.sampling_params(max_new_tokens=3))])
+    ttfa, per_frame = [], []
+    for i in range(3):
+        eng = Engine(model, max_sessions=1)
+        t = time.perf_counter()
+        s = eng.add(req(i))
+        stamps = []
+        while eng.has_work():
+            for ch in eng.step():
+                if ch.pcm.size:
+                    stamps.append((time.perf_counter() - t, ch.frame_start + ch.num_frames))
+        ttfa.append(stamps[0][0])
+        per_frame.append((stamps[-1][0] - stamps[0][0]) / max(stamps[-1][1] - stamps[0][1], 1))
+        del s
+    out = {"ttfa_s_p50": statistics.median(ttfa), "stream_s_per_frame": statistics.median(per_frame)}
+    seq_rate = None
+    for c in (1, 4, 8):
+        eng = Engine(model, max_sessions=c)
+        t = time.perf_counter()
+        sessions = [eng.add(req(i)) for i in range(c)]
+        while eng.has_work():
+            eng.step()
+        rate = sum(x.num_frames for x in sessions) / (time.perf_counter() - t)
+        out[f"frames_per_s_c{c}"] = rate
+        seq_rate = seq_rate or rate  # one after another = the rate of a single session
+        out[f"speedup_c{c}_vs_sequential"] = rate / seq_rate
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--skip-codec", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.checkpoint, args.frames)))
+        return
+    tmp = None
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    if ckpt is None or not (ckpt / "config.json").exists():
+        from qwen_tts_core import make_checkpoint
+
+        if ckpt is None:
+            tmp = tempfile.TemporaryDirectory(prefix="qtts-stream-")
+            ckpt = Path(tmp.name) / "ck"
+        make_checkpoint(ckpt, model_type="custom_voice", size="0.6b", seed=0, dtype="bfloat16")
+    result: dict = {"benchmark": "streaming", "frames": args.frames, "cpu_threads": os.cpu_count()}
+    result["ours"] = run_worker(sys.executable, __file__, ["--worker", "--checkpoint", str(ckpt),
+                                                          "--frames", str(args.frames)])
+    if not args.skip_reference:
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "oracle" / "stubs"))
+        ref = run_worker(str(ROOT / ".venv-oracle" / "bin" / "python"), str(HERE / "reference_worker.py"),
+                         [str(ckpt), "float32", str(args.frames), "single"], env=env)
+        result["reference"] = {"time_to_first_audio_s": ref["time_to_first_audio_s"],
+                               "s_per_frame": ref["s_per_frame"]}
+        result["ttfa_speedup_vs_reference"] = ref["time_to_first_audio_s"] / result["ours"]["ttfa_s_p50"]
+    if not args.skip_codec:
+        result["codec"] = run_worker(sys.executable, str(HERE / "codec_stream.py"),
+                                     ["--frames", "1000", "--threads", str(os.cpu_count() or 1)]
+                                     + ([] if args.skip_reference else ["--oracle"]))
+    if tmp is not None:
+        tmp.cleanup()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
