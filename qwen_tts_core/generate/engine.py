@@ -45,10 +45,14 @@ class Engine:
     def __init__(self, model, max_sessions: int = 8, max_queue: int = 64,
                  guard_frames_per_token: float | None = None, guard_base_frames: int = 64,
                  initial_cache_len: int = 256, static: bool | None = None, max_len: int = 4096,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, interactive_reserve: int = 0) -> None:
         """static: the fixed-shape fast path (default: on CUDA) with a KV cache of max_len positions per session
         and, on CUDA, CUDA graphs per batch bucket; sampling there uses the device generator (per-request
-        seeds apply to the dynamic path)."""
+        seeds apply to the dynamic path). interactive_reserve: slots that bulk sessions never take, so interactive
+        requests find room at once."""
+        if not 0 <= interactive_reserve < max_sessions:
+            raise ValueError(f"interactive_reserve must be in [0, max_sessions), got {interactive_reserve}")
+        self.interactive_reserve = interactive_reserve
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.model, self.talker = model, model.talker
@@ -174,7 +178,10 @@ class Engine:
                 self._finish(s, "error", out)
 
     def _pop_ready(self) -> Session | None:
-        for q in (self.queues["interactive"], self.queues["bulk"]):
+        queues = [self.queues["interactive"]]
+        if len(self.free_slots) > self.interactive_reserve:
+            queues.append(self.queues["bulk"])
+        for q in queues:
             for s in list(q):
                 if s.incremental is not None:
                     self._collect_text(s)

@@ -241,3 +241,16 @@ def test_tensor_sampler_respects_filters():
     sp, si = probs.sort(descending=True)
     nucleus = set(si[: int((sp.cumsum(0) < 0.5).sum()) + 1].tolist())
     assert set(draws[:, 2].tolist()) <= nucleus
+
+
+def test_bulk_never_takes_reserved_interactive_slots(model):
+    eng = Engine(model, max_sessions=2, interactive_reserve=1)
+    bulk = [eng.add(req(t, priority="bulk")) for t in TEXTS[:2]]
+    eng.step()
+    assert eng.num_active == 1 and bulk[1].phase == "queued"
+    inter = eng.add(req(TEXTS[2]))
+    eng.step()
+    assert inter.phase != "queued" and eng.num_active == 2
+    while eng.has_work():
+        eng.step()
+    assert all(s.finish_reason == "max_new_tokens" for s in [*bulk, inter])
