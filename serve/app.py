@@ -1,0 +1,49 @@
+"""Build the Serve application: one replica deployment per configured model plus the FastAPI ingress.
+
+    serve run configs/serve.yaml               # import_path: serve.app:app_builder, args: the ServiceConfig
+    from serve.app import build_app; serve.run(build_app(cfg), name="qtts", route_prefix="/")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from .config import ModelConfig, ServiceConfig
+from .ingress import Ingress
+from .replica import TTSReplica
+
+APP_NAME = "qtts"
+
+
+def _replica_options(m: ModelConfig, cfg: ServiceConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "name": f"tts-{m.name}",
+        "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+        "max_ongoing_requests": m.max_ongoing_requests,
+        # Serve's own queue in front of busy replicas stays short: the replica answers 503 itself.
+        "max_queued_requests": max(4, m.max_queue),
+        "health_check_period_s": 10,
+    }
+    if m.autoscaling:
+        opts["autoscaling_config"] = dict(m.autoscaling)
+    else:
+        opts["num_replicas"] = m.num_replicas
+    return opts
+
+
+def build_app(config: ServiceConfig | dict[str, Any] | None = None) -> Application:
+    cfg = config if isinstance(config, ServiceConfig) else ServiceConfig.from_dict(config)
+    replicas = {m.name: TTSReplica.options(**_replica_options(m, cfg)).bind(
+        {k: getattr(m, k) for k in m.__dataclass_fields__}, cfg.cache_dir, cfg.voices_uri, cfg.retry_after_s)
+        for m in cfg.models}
+    ingress = Ingress.options(num_replicas=cfg.ingress_replicas,
+                              ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+                              max_ongoing_requests=1000)
+    return ingress.bind(cfg.to_dict(), replicas)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry for `serve run` / Serve config files (`args:` is the ServiceConfig as a mapping)."""
+    return build_app(ServiceConfig.from_dict(args))

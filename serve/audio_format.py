@@ -1,0 +1,181 @@
+"""Streaming audio encoders: float32 mono chunks in, bytes out as soon as the encoder has them.
+
+    enc = make_encoder("wav", sample_rate=24000)
+    for pcm in chunks: send(enc.push(pcm))    # pcm: [N] float32 in [-1, 1]
+    send(enc.finish())
+
+wav: a RIFF header whose sizes say "unknown length" (0xFFFFFFFF, as streaming servers do), then s16le samples.
+pcm: raw s16le. flac, mp3 and opus (in Ogg): libsndfile through the `soundfile` wheel (libsndfile >= 1.1 writes MP3 via
+LAME and Ogg/Opus), fed chunk by chunk into an in-memory sink that hands out what was written since the last call.
+When the encoder finishes it may seek back to patch its header (FLAC STREAMINFO length); bytes already sent cannot
+change, so those patches are dropped and the stream keeps its "length unknown" header, which decoders accept.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Protocol
+
+import numpy as np
+
+MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
+               "opus": "audio/ogg"}
+_SF_FORMATS = {"flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"), "opus": ("OGG", "OPUS")}
+
+
+def to_s16le(pcm: np.ndarray) -> bytes:
+    """[N] float32 in [-1, 1] -> little-endian int16 bytes (clipped)."""
+    x = np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0)
+    return (x * 32767.0).round().astype("<i2").tobytes()
+
+
+def streaming_wav_header(sample_rate: int, channels: int = 1, bits: int = 16) -> bytes:
+    """44-byte RIFF/WAVE header for a stream of unknown length (RIFF and data sizes 0xFFFFFFFF)."""
+    block = channels * bits // 8
+    return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " +
+            struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * block, block, bits) +
+            b"data" + struct.pack("<I", 0xFFFFFFFF))
+
+
+class StreamEncoder(Protocol):
+    media_type: str
+
+    def push(self, pcm: np.ndarray) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class PcmEncoder:
+    media_type = MEDIA_TYPES["pcm"]
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+
+    def push(self, pcm: np.ndarray) -> bytes:
+        return to_s16le(pcm)
+
+    def finish(self) -> bytes:
+        return b""
+
+
+class WavEncoder(PcmEncoder):
+    media_type = MEDIA_TYPES["wav"]
+
+    def __init__(self, sample_rate: int) -> None:
+        super().__init__(sample_rate)
+        self._header: bytes | None = streaming_wav_header(sample_rate)
+
+    def _take_header(self) -> bytes:
+        h, self._header = self._header or b"", None
+        return h
+
+    def push(self, pcm: np.ndarray) -> bytes:
+        return self._take_header() + to_s16le(pcm)
+
+    def finish(self) -> bytes:
+        return self._take_header()
+
+
+class _Sink:
+    """A seekable in-memory file for libsndfile's virtual I/O that remembers how much was already sent."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.pos = 0
+        self.sent = 0
+
+    def write(self, data: bytes) -> int:
+        data = bytes(data)
+        end = self.pos + len(data)
+        if end > len(self.buf):
+            self.buf.extend(b"\0" * (end - len(self.buf)))
+        self.buf[self.pos:end] = data
+        self.pos = end
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.buf) if n is None or n < 0 else min(len(self.buf), self.pos + n)
+        out = bytes(self.buf[self.pos:end])
+        self.pos = end
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: len(self.buf)}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def drain(self) -> bytes:
+        """Bytes appended since the last drain (rewrites of already-sent bytes are dropped)."""
+        out = bytes(self.buf[self.sent:])
+        self.sent = len(self.buf)
+        return out
+
+
+_MP3_KBPS = {  # bitrate index -> kbit/s for layer III: MPEG-1, MPEG-2/2.5
+    1: ((32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)),
+    2: ((8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)),
+}
+_MP3_SR = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def mp3_frame_length(header: bytes) -> int | None:
+    """Byte length of the layer III frame starting with `header` (4 bytes), None when it is not one."""
+    if len(header) < 4 or header[0] != 0xFF or (header[1] & 0xE0) != 0xE0 or (header[1] >> 1) & 3 != 1:
+        return None
+    version = (header[1] >> 3) & 3          # 3: MPEG-1, 2: MPEG-2, 0: MPEG-2.5
+    b_idx, sr_idx, pad = header[2] >> 4, (header[2] >> 2) & 3, (header[2] >> 1) & 1
+    if version == 1 or b_idx in (0, 15) or sr_idx == 3:
+        return None
+    kbps = _MP3_KBPS[1 if version == 3 else 2][b_idx - 1]
+    coef = 144 if version == 3 else 72
+    return coef * kbps * 1000 // _MP3_SR[version][sr_idx] + pad
+
+
+class SoundfileEncoder:
+    """flac / mp3 / opus through libsndfile, chunk by chunk."""
+
+    def __init__(self, fmt: str, sample_rate: int) -> None:
+        import soundfile as sf
+
+        self.fmt = fmt
+        self.media_type = MEDIA_TYPES[fmt]
+        major, subtype = _SF_FORMATS[fmt]
+        self._sink = _Sink()
+        extra = {"compression_level": 0.5, "bitrate_mode": "CONSTANT"} if fmt == "mp3" else {}  # CBR
+        self._file = sf.SoundFile(self._sink, mode="w", samplerate=sample_rate, channels=1, format=major,
+                                  subtype=subtype, **extra)
+        self._skip_tag = fmt == "mp3"
+
+    def _drain(self) -> bytes:
+        if self._skip_tag:
+            # LAME starts with a blank frame that becomes the Xing/Info tag on close; a stream cannot patch it,
+            # and a blank frame makes decoders lose sync, so it is never sent.
+            size = mp3_frame_length(bytes(self._sink.buf[:4]))
+            if size is None or len(self._sink.buf) < size:
+                return b""
+            self._sink.sent, self._skip_tag = size, False
+        return self._sink.drain()
+
+    def push(self, pcm: np.ndarray) -> bytes:
+        x = np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0)
+        if x.size:
+            self._file.write(x)
+        return self._drain()
+
+    def finish(self) -> bytes:
+        self._file.close()
+        return self._drain()
+
+
+def make_encoder(fmt: str, sample_rate: int = 24000) -> StreamEncoder:
+    """A fresh streaming encoder; ValueError naming `response_format` for unknown formats."""
+    if fmt == "pcm":
+        return PcmEncoder(sample_rate)
+    if fmt == "wav":
+        return WavEncoder(sample_rate)
+    if fmt in _SF_FORMATS:
+        return SoundfileEncoder(fmt, sample_rate)
+    raise ValueError(f"response_format must be one of {sorted(MEDIA_TYPES)}, got {fmt!r}")

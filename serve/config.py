@@ -1,0 +1,135 @@
+"""Service configuration: frozen dataclasses built from the `args:` block of configs/serve.yaml.
+
+    cfg = ServiceConfig.from_dict(yaml.safe_load(open("configs/serve.yaml"))["applications"][0]["args"])
+
+Every field has a default, so `ServiceConfig.from_dict({})` is a working one-model CPU service on a tiny random
+checkpoint. Unknown keys are rejected (ValueError naming the key and the allowed ones), so a typo in the YAML fails at
+start instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+MODEL_TYPES = ("custom_voice", "voice_design", "base")
+
+
+def _check_keys(d: dict[str, Any], cls: type, where: str) -> None:
+    allowed = {f.name for f in fields(cls)}
+    unknown = set(d) - allowed
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One served model: its own Serve deployment (replicas each own one Engine).
+
+    `checkpoint` is a local folder or hub id; when None the service builds a tiny random checkpoint of `model_type`
+    (seed `seed`) into `cache_dir` so it runs out of the box.
+    """
+
+    name: str = "tiny-custom-voice"
+    checkpoint: str | None = None
+    model_type: str = "custom_voice"         # used only to build the random checkpoint
+    seed: int = 0
+    device: str = "auto"                     # "auto": cuda when the replica got a GPU, else cpu
+    dtype: str = "float32"
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+    num_replicas: int = 1
+    autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config (replaces num_replicas when set)
+    max_sessions: int = 8                    # engine cache slots: sessions decoded together in one step
+    max_queue: int = 16                      # sessions waiting for a slot before the replica answers 503
+    interactive_reserve: int = 2             # slots bulk work never takes (room for interactive arrivals)
+    max_new_tokens: int = 2048               # hard cap; requests may ask for less
+    default_max_new_tokens: int | None = None  # when a request does not say (None: the model's default)
+    first_chunk_frames: int = 1
+    chunk_frames: int = 4
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"models[].name must be a non-empty string without '/', got {self.name!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"models[{self.name}].model_type must be one of {list(MODEL_TYPES)}, "
+                             f"got {self.model_type!r}")
+        if self.max_sessions < 1 or self.max_queue < 0:
+            raise ValueError(f"models[{self.name}]: max_sessions must be >= 1 and max_queue >= 0")
+        if not 0 <= self.interactive_reserve < self.max_sessions:
+            raise ValueError(f"models[{self.name}].interactive_reserve must be in [0, max_sessions), "
+                             f"got {self.interactive_reserve}")
+        if self.first_chunk_frames < 1 or self.chunk_frames < 1:
+            raise ValueError(f"models[{self.name}]: first_chunk_frames and chunk_frames must be >= 1")
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        """Serve's per-replica limit: every slot and queue place, plus a little room for control calls."""
+        return self.max_sessions + self.max_queue + 8
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        _check_keys(d, cls, "models[]")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The whole service: models, voice store, limits and protection."""
+
+    models: tuple[ModelConfig, ...] = (ModelConfig(),)
+    cache_dir: str = "~/.cache/qwen-tts-fleet/serve"
+    voices_uri: str = "~/.cache/qwen-tts-fleet/voices"   # local folder or s3://bucket/prefix
+    api_keys: tuple[str, ...] = ()                      # Bearer keys; also env QTTS_API_KEYS (comma-separated)
+    max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 10 << 20
+    max_input_chars: int = 4096
+    allowed_audio_url_prefixes: tuple[str, ...] = ()     # reference audio URLs: only with an allow-list
+    ws_idle_timeout_s: float = 30.0
+    retry_after_s: int = 1
+    ingress_num_cpus: float = 0.25
+    ingress_replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("models must list at least one model")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: duplicate names in {names}")
+        if self.max_input_chars < 1 or self.max_body_bytes < 1024 or self.max_upload_bytes < 1024:
+            raise ValueError("max_input_chars must be >= 1, max_body_bytes and max_upload_bytes >= 1024")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ServiceConfig:
+        d = dict(d or {})
+        _check_keys(d, cls, "serve config")
+        if "models" in d:
+            d["models"] = tuple(m if isinstance(m, ModelConfig) else ModelConfig.from_dict(m) for m in d["models"])
+        for key in ("api_keys", "allowed_audio_url_prefixes"):
+            if key in d:
+                d[key] = tuple(d[key] or ())
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "models":
+                v = [{g.name: getattr(m, g.name) for g in fields(m)} for m in v]
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ValueError(f"model {name!r} is not served; choose one of {[m.name for m in self.models]}")
+
+    def effective_api_keys(self) -> frozenset[str]:
+        env = [k.strip() for k in os.environ.get("QTTS_API_KEYS", "").split(",") if k.strip()]
+        return frozenset(self.api_keys) | frozenset(env)
+
