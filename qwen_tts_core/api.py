@@ -31,6 +31,7 @@ from .voice_prompt import VoiceClonePromptItem
 
 log = logging.getLogger(__name__)
 
+REFERENCE_DECODE_CHUNK = 300
 HARD_DEFAULTS = dict(do_sample=True, top_k=50, top_p=1.0, temperature=0.9, repetition_penalty=1.05,
                      subtalker_dosample=True, subtalker_top_k=50, subtalker_top_p=1.0,
                      subtalker_temperature=0.9, max_new_tokens=2048)
@@ -75,6 +76,9 @@ class Qwen3TTSModel:
         self.codec, self.speaker_encoder = codec, speaker_encoder
         self.generate_defaults = generate_defaults
         self.role_ids = tokenizer.target("x").role
+        # generate_* decode like the reference (its 300-frame pieces re-decoded with 25 frames of context) so the
+        # drop-in output matches it at any length; True: the exact causal decode (what stream_* produces)
+        self.exact_decode = False
 
     # --- loading ----------------------------------------------------------------------------------------------
     @classmethod
@@ -286,12 +290,17 @@ class Qwen3TTSModel:
     def decode_codes(self, codes: list[torch.Tensor], ref_codes: list[torch.Tensor | None] | None = None,
                      ) -> list[np.ndarray]:
         """Codes [T, 16] per item -> waveforms; ICL reference codes are decoded as context and cut as the
-        reference does."""
+        reference does. Up to 300 frames this is the exact causal decode; beyond, see `exact_decode`."""
         if self.codec is None:
             raise ValueError("this checkpoint has no speech_tokenizer/: cannot decode audio")
         ref_codes = ref_codes or [None] * len(codes)
         full = [c if r is None else torch.cat([r.to(c.device).long(), c]) for c, r in zip(codes, ref_codes)]
-        wavs = self.codec.decode(full)
+        if max((len(f) for f in full), default=0) <= REFERENCE_DECODE_CHUNK or self.exact_decode:
+            wavs = self.codec.decode(full)
+        else:  # beyond 300 frames the reference re-decodes pieces with 25 frames of context: do the same
+            with torch.inference_mode():
+                wavs = [self.codec.decoder.decode_like_reference(f.T[None].to(self.codec.device).long())[0]
+                        .float().cpu().numpy() for f in full]
         out = []
         for w, r, f in zip(wavs, ref_codes, full):
             if r is not None:
