@@ -186,11 +186,11 @@ class Qwen3TTSModel:
                               voice_clone_prompt=items)
         return self._run(reqs), SAMPLE_RATE
 
-    def create_voice_clone_prompt(self, ref_audio: Any, ref_text: Any = None,
-                                  x_vector_only_mode: Any = False) -> list[VoiceClonePromptItem]:
+    def create_voice_clone_prompt(self, ref_audio: Any, ref_text: Any = None, x_vector_only_mode: Any = False,
+                                  allow_urls: bool = True) -> list[VoiceClonePromptItem]:
         from .voice_clone import create_voice_clone_prompt
 
-        return create_voice_clone_prompt(self, ref_audio, ref_text, x_vector_only_mode)
+        return create_voice_clone_prompt(self, ref_audio, ref_text, x_vector_only_mode, allow_urls=allow_urls)
 
     # --- streaming --------------------------------------------------------------------------------------------
     def stream_custom_voice(self, text: str, speaker: str, language: str | None = None, instruct: str | None = None,

@@ -9,9 +9,10 @@ from .speaker.ecapa import speaker_embedding
 from .voice_prompt import VoiceClonePromptItem
 
 
-def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None,
-                              x_vector_only_mode: Any = False) -> list[VoiceClonePromptItem]:
-    """One item per reference audio. ICL (x_vector_only_mode=False) needs `ref_text`."""
+def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None, x_vector_only_mode: Any = False,
+                              allow_urls: bool = True) -> list[VoiceClonePromptItem]:
+    """One item per reference audio. ICL (x_vector_only_mode=False) needs `ref_text`. http(s) URLs are fetched like
+    the reference does unless `allow_urls=False` (services pass False: uploads and base64 only)."""
     if model.tts_model_type != "base":
         raise ValueError(f"create_voice_clone_prompt needs a Base checkpoint; this one is {model.tts_model_type!r}")
     if model.speaker_encoder is None or model.codec is None:
@@ -30,7 +31,7 @@ def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None,
             raise ValueError(f"ref_text is required when x_vector_only_mode=False (ICL mode); missing at index {i}")
     wavs = []
     for i, a in enumerate(audios):
-        wav, sr = load_audio(a, argument="ref_audio" if n == 1 else f"ref_audio[{i}]")
+        wav, sr = load_audio(a, argument="ref_audio" if n == 1 else f"ref_audio[{i}]", allow_urls=allow_urls)
         wavs.append(to_24k(wav, sr))
     codes = model.codec.encode(wavs)
     items = []
