@@ -72,6 +72,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="engine device (default cpu)")
     p.add_argument("--dtype", help="engine dtype (default float32)")
     p.add_argument("--max-sessions", type=int, help="engine batch size (default 8)")
+    p.add_argument("--retry-on", help="finish reasons that count as a runaway and are retried with another "
+                   "seed: guard,max_new_tokens (default both; 'guard' alone accepts hitting max_new_tokens)")
+    p.add_argument("--guard-frames-per-token", type=float, help="engine runaway guard (default 8.0; 0: off)")
+    p.add_argument("--guard-base-frames", type=int, help="engine runaway guard base frames (default 64)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--quiet", action="store_true", help="do not print the manifest table")
     for name in SAMPLING_ARGS:
@@ -101,16 +105,25 @@ def build_options(args: argparse.Namespace, key_prefix: str
     render = RenderConfig(model=model or "", revision=model_revision(model, get("revision", None))
                           if model else str(get("revision", None) or "unknown"),
                           max_chars=int(get("max_chars", 200)), pause_s=float(get("pause_s", 0.4)),
-                          max_attempts=int(get("max_attempts", 3)), sampling=sampling, key_prefix=key_prefix)
+                          max_attempts=int(get("max_attempts", 3)), sampling=sampling, key_prefix=key_prefix,
+                          retry_on=_retry_on(get("retry_on", "guard,max_new_tokens")))
+    gfpt = float(get("guard_frames_per_token", 8.0))
     opts = RunOptions(output=get("output", "file://./output"), backend=get("backend", "auto"),
                       runner=get("runner", "ray"), actors=int(get("actors", 1)),
                       num_cpus=float(get("num_cpus", 0.5)), num_gpus=float(get("num_gpus", 0.0)),
                       batch_size=int(get("batch_size", 4)), serve_app=get("serve_app", "qtts"),
                       ray_address=get("ray_address", None), progress=bool(get("progress", True)),
                       engine=EngineOptions(device=get("device", "cpu"), dtype=get("dtype", "float32"),
-                                           max_sessions=int(get("max_sessions", 8))),
+                                           max_sessions=int(get("max_sessions", 8)),
+                                           guard_frames_per_token=gfpt or None,
+                                           guard_base_frames=int(get("guard_base_frames", 64))),
                       retry=RetryPolicy())
     return defaults, render, opts
+
+
+def _retry_on(value: str | list[str]) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(i.strip() for i in items if i.strip() and i.strip() != "none")
 
 
 def check_models(rows: list[Utterance], render: RenderConfig) -> list[Utterance]:

@@ -23,7 +23,7 @@ from .storage import Sink, StorageError, content_key, text_hash
 from .synth import Backend, ChunkJob, ChunkResult
 
 log = logging.getLogger(__name__)
-RETRY_REASONS = ("guard", "max_new_tokens")
+RETRY_REASONS = ("guard", "max_new_tokens")  # finish reasons that count as a runaway
 SEED_STRIDE = 1_000_003
 
 
@@ -39,8 +39,13 @@ class RenderConfig:
     sampling: dict[str, Any] = field(default_factory=dict)
     quality: QualityConfig = QualityConfig()
     key_prefix: str = "audio"
+    retry_on: tuple[str, ...] = RETRY_REASONS  # tiny random checkpoints: ("guard",) accepts max_new_tokens
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "retry_on", tuple(self.retry_on))
+        bad = set(self.retry_on) - set(RETRY_REASONS)
+        if bad:
+            raise ValueError(f"retry_on must be a subset of {list(RETRY_REASONS)}, got {sorted(bad)}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
         if self.pause_s < 0:
@@ -134,7 +139,7 @@ def _synthesize_all(rows: list[Utterance], chunks: list[list[str]], backend: Bac
         retry = []
         for (r, c), res in zip(todo, out):
             results[r][c] = res
-            if res.error is None and res.finish_reason in RETRY_REASONS:
+            if res.error is None and res.finish_reason in cfg.retry_on:
                 retry.append((r, c))
         todo = retry
     return results, attempts
@@ -148,7 +153,7 @@ def _finish_row(row: Utterance, rec: ManifestRecord, res: list[ChunkResult | Non
         return rec
     reasons = [str(x.finish_reason) for x in res]  # type: ignore[union-attr]
     rec.finish_reasons = reasons
-    runaway = [r for r in reasons if r in RETRY_REASONS]
+    runaway = [r for r in reasons if r in cfg.retry_on]
     if runaway:
         rec.error = f"runaway guard tripped ({runaway[0]}) after {rec.attempts} attempt(s)"
         return rec

@@ -27,6 +27,9 @@ from .synth import EngineOptions, make_backend, serve_app_running
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "engine", "serve")
+# Workers inherit the Ray node's environment, not the driver's: pass the driver's S3 settings along.
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE")
 RUNNERS = ("ray", "local")
 
 
@@ -47,6 +50,7 @@ class RunOptions:
     engine: EngineOptions = EngineOptions()
     retry: RetryPolicy = RetryPolicy()
     extra_env: dict[str, str] = field(default_factory=dict)
+    forward_env: bool = True       # s3:// output: send the driver's AWS_* settings to the workers
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
@@ -62,8 +66,10 @@ class RenderWorker:
     """Ray Data `map_batches` callable: builds its backend (loads the model) once, renders batches of rows."""
 
     def __init__(self, backend: str, engine: dict[str, Any], output: str, retry: dict[str, Any],
-                 render: dict[str, Any], serve_app: str = "qtts") -> None:
+                 render: dict[str, Any], serve_app: str = "qtts", env: dict[str, str] | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
+        # set here, not via a task runtime_env: that would re-download a `ray job` working_dir per worker
+        os.environ.update(env or {})
         from .quality import QualityConfig
 
         render = dict(render, quality=QualityConfig(**render["quality"]))
@@ -77,12 +83,40 @@ class RenderWorker:
         return {"record": [json.dumps(r.to_dict()) for r in recs]}
 
 
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def drop_job_working_dir() -> bool:
+    """Inside `ray job submit --working-dir ...`: stop the job's workers from downloading the upload again.
+
+    With Ray 2.60 on one node, workers started by a job driver often fail to fetch the job's
+    `gcs://_ray_pkg_*.zip` ("may have prematurely been deleted", ray-project/ray#36703) although the
+    driver itself runs from it. Our workers import `jobs`/`qwen_tts_core` from the installed package
+    (editable install locally, the image on KubeRay), so the driver removes `working_dir` from the
+    job's runtime env before `ray.init`. Set QTTS_KEEP_JOB_WORKING_DIR=1 to keep it.
+    Returns True when it removed one.
+    """
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw or os.environ.get("QTTS_KEEP_JOB_WORKING_DIR") == "1":
+        return False
+    cfg = json.loads(raw)
+    env = cfg.get("runtime_env") or {}
+    if not str(env.get("working_dir", "")).startswith("gcs://"):
+        return False
+    env.pop("working_dir")
+    cfg["runtime_env"] = env
+    os.environ[JOB_CONFIG_ENV] = json.dumps(cfg)
+    log.info("running workers from the installed packages, not the job's uploaded working_dir")
+    return True
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
     """Join the given/`RAY_ADDRESS` cluster, or start an in-process one when none answers."""
     import ray
 
     if ray.is_initialized():
         return "existing"
+    drop_job_working_dir()
     addr = address or os.environ.get("RAY_ADDRESS")
     if addr:
         try:
@@ -133,12 +167,15 @@ def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOp
     items = [{"row": json.dumps(asdict(r))} for r in rows]
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / opts.batch_size)))
     render = asdict(cfg)
+    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ} \
+        if opts.forward_env and opts.output.startswith("s3://") else {}
+    env.update(opts.extra_env)
     ds = ds.map_batches(
         RenderWorker, batch_size=opts.batch_size, batch_format="numpy", concurrency=opts.actors,
         num_cpus=opts.num_cpus, num_gpus=opts.num_gpus or None,
         fn_constructor_kwargs={"backend": backend, "engine": asdict(opts.engine), "output": opts.output,
-                               "retry": asdict(opts.retry), "render": render, "serve_app": opts.serve_app},
-        runtime_env={"env_vars": dict(opts.extra_env)} if opts.extra_env else None,
+                               "retry": asdict(opts.retry), "render": render, "serve_app": opts.serve_app,
+                               "env": env},
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for raw in batch["record"]:

@@ -52,6 +52,8 @@ class EngineOptions:
     dtype: str = "float32"
     max_sessions: int = 8
     torch_threads: int = 1
+    guard_frames_per_token: float | None = 8.0  # runaway guard: frames allowed per text token (+ base)
+    guard_base_frames: int = 64
 
 
 class EngineBackend:
@@ -75,7 +77,9 @@ class EngineBackend:
             model = Qwen3TTSModel.from_pretrained(model_id, device_map=self.opts.device,
                                                   dtype=getattr(torch, self.opts.dtype))
             self._engines[model_id] = Engine(model, max_sessions=self.opts.max_sessions,
-                                             max_queue=max(64, self.opts.max_sessions * 4))
+                                             max_queue=max(64, self.opts.max_sessions * 4),
+                                             guard_frames_per_token=self.opts.guard_frames_per_token,
+                                             guard_base_frames=self.opts.guard_base_frames)
         return self._engines[model_id]
 
     def _request(self, model: Any, job: ChunkJob) -> Any:

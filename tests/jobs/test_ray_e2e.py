@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BOOK = ROOT / "examples" / "book"
 # Tiny random weights rarely say EOS: bound the frames, and accept hitting the bound as an ending.
 ENGINE = ["--backend", "engine", "--runner", "ray", "--actors", "2", "--num-cpus", "0.25", "--batch-size", "1",
-          "--max-new-tokens", "24", "--max-chars", "120", "--no-progress", "--quiet"]
+          "--max-new-tokens", "24", "--retry-on", "guard", "--max-chars", "120", "--no-progress", "--quiet"]
 
 
 def _summary(capsys) -> dict:
@@ -91,7 +92,7 @@ def test_kill_and_resume_gives_exactly_one_output_per_input(tiny_ckpt, ray_drive
     out = tmp_path / "out"
     args = [sys.executable, "-m", "jobs.narrate", str(rows), "--model", tiny_ckpt, "--out", f"file://{out}",
             "--backend", "engine", "--runner", "ray", "--actors", "1",
-            "--num-cpus", "0.25", "--batch-size", "1", "--max-new-tokens", "24", "--no-progress", "--quiet"]
+            "--num-cpus", "0.25", "--batch-size", "1", "--max-new-tokens", "24", "--retry-on", "guard", "--no-progress", "--quiet"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
@@ -151,7 +152,8 @@ def test_ray_job_submit_end_to_end(tiny_ckpt, ray_driver, tmp_path):
     out = tmp_path / "job-out"
     ray_bin = Path(sys.executable).with_name("ray")
     cmd = [str(ray_bin), "job", "submit", "--address", ray_driver["dashboard"], "--working-dir", str(ROOT),
-           "--", "python", "-m", "jobs.narrate", "examples/book", "--model", tiny_ckpt, "--voice", "ryan",
+           # the head's PATH may not hold the project's virtualenv: name its python explicitly
+           "--", sys.executable, "-m", "jobs.narrate", "examples/book", "--model", tiny_ckpt, "--voice", "ryan",
            "--out", f"file://{out}", *ENGINE[:-1]]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -167,10 +169,9 @@ def test_serve_handle_backend(ray_driver, tmp_path, capsys):
     from tests.conftest import free_port
     from tests.jobs.serve_stub import build_stub_app
 
-    try:
+    # Serve may already run on this cluster (other test modules): then keep its settings
+    with contextlib.suppress(Exception):
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    except Exception:  # noqa: BLE001 - Serve already running on this cluster (other test modules)
-        pass
     serve.run(build_stub_app(), name="qtts-jobs-test", route_prefix="/qtts-jobs-test")
     try:
         rows = tmp_path / "rows.jsonl"
