@@ -15,6 +15,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 SAMPLE_RATE = 24000
+SERVE_DEFAULT_MODEL = "serve:default"  # with the Serve backend: the app's first model
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,9 @@ class ServeBackend:
     def synthesize(self, jobs: list[ChunkJob]) -> list[ChunkResult]:
         calls = []
         for job in jobs:
-            payload = {"model": job.model, "input": job.text, "voice": job.voice, "language": job.language,
-                       "instructions": job.instruct, "seed": job.seed, **job.sampling}
+            payload = {"model": None if job.model == SERVE_DEFAULT_MODEL else job.model, "input": job.text,
+                       "voice": job.voice, "language": job.language, "instructions": job.instruct,
+                       "seed": job.seed, "non_streaming_mode": True, "priority": "bulk", **job.sampling}
             calls.append(self.handle.synthesize_bulk.remote(payload))
         out = []
         for call in calls:

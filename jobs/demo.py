@@ -1,0 +1,99 @@
+"""The main job (`make demo` / `qtts demo`): narrate the sample book on the embedded default setup.
+
+Local Ray (a running head from cluster/local.sh if there is one, else an in-process cluster), the Serve
+app "qtts" (deployed here when not already running; `--no-serve` uses engine actors instead), a tiny
+random checkpoint when no model is given, `examples/book` -> `./output` (file://), manifest printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from .inputs import read_inputs
+from .narrate import build_options, check_models, finish
+from .runner import connect_ray, run_rows
+from .synth import SERVE_DEFAULT_MODEL, serve_app_running
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_APP = "qtts"
+
+
+def tiny_checkpoint(folder: Path) -> str:
+    """Build (once) the tiny random custom_voice checkpoint the demo uses when no model is given."""
+    from qwen_tts_core import make_checkpoint
+
+    path = folder / "tiny-custom-voice"
+    if not (path / "config.json").exists():
+        log.info("building a tiny random checkpoint in %s (random weights: the audio is noise-like)", path)
+        make_checkpoint(str(path), model_type="custom_voice", size="tiny", seed=0)
+    return str(path)
+
+
+def deploy_serve_app(checkpoint: str, max_new_tokens: int) -> str:
+    """Deploy the project's Serve app with one model on `checkpoint`; returns the served model name."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import ServiceConfig
+
+    name = "demo"
+    cfg = ServiceConfig.from_dict({"models": [{"name": name, "checkpoint": checkpoint, "num_cpus": 0.5,
+                                               "max_new_tokens": max(64, max_new_tokens), "warmup": False}]})
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(build_app(cfg), name=DEMO_APP, route_prefix="/")
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    out_dir = Path(args.output_dir).resolve()
+    tiny = args.model is None
+    model = args.model or tiny_checkpoint(out_dir / ".checkpoints")
+    backend = "engine"
+    deployed = False
+    connect_ray(args.ray_address)
+    if not args.no_serve:
+        if serve_app_running(DEMO_APP):
+            log.info("using the running Serve app %r", DEMO_APP)
+            model, backend = args.serve_model or SERVE_DEFAULT_MODEL, "serve"
+        else:
+            try:
+                model, backend, deployed = deploy_serve_app(model, args.max_new_tokens), "serve", True
+            except ImportError as e:
+                log.warning("Serve app unavailable (%s); using engine actors", e)
+    argv = [str(args.input), "--model", model, "--out", f"file://{out_dir}", "--backend", backend,
+            "--voice", args.voice, "--max-new-tokens", str(args.max_new_tokens), "--num-cpus", "0.5",
+            "--batch-size", "1"]
+    if tiny:
+        argv += ["--retry-on", "guard"]  # random weights rarely say EOS: the frame cap ends each chunk
+    from .narrate import build_parser
+
+    nargs = build_parser().parse_args(argv)
+    defaults, render, opts = build_options(nargs, "audio")
+    rows = check_models(read_inputs(nargs.input, defaults), render)
+    records = run_rows(rows, render, opts, desc="demo")
+    code = finish(records, opts, "manifest.parquet", t0, quiet=False)
+    if deployed and not args.keep_serve:
+        from ray import serve
+
+        serve.delete(DEMO_APP)
+    return code
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("demo", help="main job: narrate examples/book into ./output on local Ray + Serve")
+    p.add_argument("--input", default=str(ROOT / "examples" / "book"))
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: a tiny random one)")
+    p.add_argument("--output-dir", default="output", help="local output folder (default ./output)")
+    p.add_argument("--voice", default="vivian")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="frame cap per chunk (default 48, ~4 s)")
+    p.add_argument("--no-serve", action="store_true", help="engine actors instead of the Serve app")
+    p.add_argument("--serve-model", default=None, help="model name in an already running Serve app")
+    p.add_argument("--keep-serve", action="store_true", help="leave the deployed Serve app running")
+    p.add_argument("--ray-address", default=None)
+    p.set_defaults(func=run)
+    return p
