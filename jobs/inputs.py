@@ -164,6 +164,31 @@ def _read_parquet(path: Path, defaults: RowDefaults) -> list[Utterance]:
     return [check_row(r, defaults, f"{path.name}:{i + 1}") for i, r in enumerate(table.to_pylist())]
 
 
+def fetch_s3_input(uri: str, dest: Path) -> Path:
+    """Download `s3://bucket/key` (one file) or `s3://bucket/prefix/` (its chapter files) into `dest`."""
+    import boto3
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"input: {uri!r} must name a bucket and an object or prefix")
+    client = boto3.client("s3")
+    try:
+        if key.endswith("/"):
+            folder = dest / Path(key.rstrip("/")).name
+            folder.mkdir(parents=True, exist_ok=True)
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+            for obj in (o for page in pages for o in page.get("Contents", [])):
+                name = obj["Key"][len(key):]
+                if "/" not in name and name.lower().endswith(TEXT_SUFFIXES):
+                    client.download_file(bucket, obj["Key"], str(folder / name))
+            return folder
+        target = dest / Path(key).name
+        client.download_file(bucket, key, str(target))
+        return target
+    except Exception as e:  # noqa: BLE001 - botocore error types vary; all mean "input not readable"
+        raise ValueError(f"input: cannot read {uri} ({type(e).__name__}: {e})") from e
+
+
 def read_inputs(path: str | Path, defaults: RowDefaults = RowDefaults()) -> list[Utterance]:
     """Read a narration input into rows (one per output object).
 
@@ -172,10 +197,16 @@ def read_inputs(path: str | Path, defaults: RowDefaults = RowDefaults()) -> list
             or a .jsonl/.parquet file of rows with fields id, text, voice|speaker, language, instruct,
             model, seed, format, sample_rate.
         defaults: values for fields a row leaves out.
+        An `s3://bucket/key` (or `s3://bucket/prefix/` for a folder) is downloaded first.
 
     Raises:
         ValueError: the path does not exist, is empty, or has an unsupported type.
     """
+    if str(path).startswith("s3://"):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="qtts-input-") as tmp:
+            return read_inputs(fetch_s3_input(str(path), Path(tmp)), defaults)
     p = Path(path)
     if not p.exists():
         raise ValueError(f"input: {p} does not exist")

@@ -58,8 +58,11 @@ def test_book_to_file_on_engine_actors(tiny_ckpt, ray_driver, tmp_path, capsys):
 
 
 def test_rows_to_s3_with_a_failing_row(tiny_ckpt, ray_driver, s3_bucket, capsys):
+    import boto3
+
+    boto3.client("s3").upload_file(str(ROOT / "examples" / "rows.jsonl"), s3_bucket, "in/rows.jsonl")
     uri = f"s3://{s3_bucket}/run1"
-    code = narrate.main([str(ROOT / "examples" / "rows.jsonl"), "--model", tiny_ckpt, "--out", uri, *ENGINE])
+    code = narrate.main([f"s3://{s3_bucket}/in/rows.jsonl", "--model", tiny_ckpt, "--out", uri, *ENGINE])
     s = _summary(capsys)
     assert code == 1 and s["failed"] == 1 and s["failed_ids"] == ["unknown-voice"], s
     man = {r.id: r for r in from_parquet(_s3_get(s3_bucket, "run1/manifest.parquet"))}
