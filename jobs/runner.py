@@ -171,7 +171,8 @@ def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOp
         if opts.forward_env and opts.output.startswith("s3://") else {}
     env.update(opts.extra_env)
     ds = ds.map_batches(
-        RenderWorker, batch_size=opts.batch_size, batch_format="numpy", concurrency=opts.actors,
+        RenderWorker, batch_size=opts.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=opts.actors),
         num_cpus=opts.num_cpus, num_gpus=opts.num_gpus or None,
         fn_constructor_kwargs={"backend": backend, "engine": asdict(opts.engine), "output": opts.output,
                                "retry": asdict(opts.retry), "render": render, "serve_app": opts.serve_app,
