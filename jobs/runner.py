@@ -214,10 +214,16 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
     by_id = {rows[i].id: i for i in todo}
     bar = _progress(len(todo), opts.progress, desc)
 
+    every = max(1, len(todo) // 20)
+    done = [0]
+
     def emit(rec: ManifestRecord) -> None:
         records[by_id[rec.id]] = rec
+        done[0] += 1
         if bar is not None:
             bar.update(1)
+        elif opts.progress and (done[0] % every == 0 or done[0] == len(todo)):
+            log.info("progress: %d/%d rows (%s: %s)", done[0], len(todo), rec.id, rec.status)
 
     if todo:
         backend = resolve_backend(opts)

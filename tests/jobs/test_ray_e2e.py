@@ -165,30 +165,35 @@ def test_ray_job_submit_end_to_end(tiny_ckpt, ray_driver, tmp_path):
     assert len(man) == 3 and all(r.status in ("ok", "suspect") for r in man)
 
 
-def test_serve_handle_backend(ray_driver, tmp_path, capsys):
-    """Bulk rows through a running Serve app's `synthesize_bulk` (a stand-in app with the same contract)."""
+def test_through_the_running_serve_app(tiny_ckpt, ray_driver, tmp_path, capsys):
+    """Bulk rows through the project's Serve app (`synthesize_bulk` on the ingress, real engine replicas)."""
     from ray import serve
 
+    from serve.app import build_app
+    from serve.config import ServiceConfig
     from tests.conftest import free_port
-    from tests.jobs.serve_stub import build_stub_app
 
+    app = "qtts-jobs-test"
+    cfg = ServiceConfig.from_dict({"models": [{"name": "tiny", "checkpoint": tiny_ckpt, "num_cpus": 0.25,
+                                               "warmup": False, "max_new_tokens": 64}],
+                                   "cache_dir": str(tmp_path / "cache"), "voices_uri": str(tmp_path / "voices")})
     # Serve may already run on this cluster (other test modules): then keep its settings
     with contextlib.suppress(Exception):
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    serve.run(build_stub_app(), name="qtts-jobs-test", route_prefix="/qtts-jobs-test")
+    serve.run(build_app(cfg), name=app, route_prefix=f"/{app}")
     try:
         rows = tmp_path / "rows.jsonl"
-        rows.write_text("\n".join([json.dumps({"id": "a", "text": "Hello there.", "voice": "vivian"}),
+        rows.write_text("\n".join([json.dumps({"id": "a", "text": "Hello there. How are you?", "voice": "ryan"}),
                                    json.dumps({"id": "b", "text": "Bad voice.", "voice": "nobody"})]))
         out = tmp_path / "out"
-        code = narrate.main([str(rows), "--model", "stub", "--out", f"file://{out}", "--serve-app",
-                             "qtts-jobs-test", "--backend", "auto", "--runner", "ray", "--num-cpus", "0.25",
-                             "--no-progress", "--quiet"])
+        code = narrate.main([str(rows), "--model", "tiny", "--out", f"file://{out}", "--serve-app", app,
+                             "--backend", "auto", "--runner", "ray", "--num-cpus", "0.25", "--max-new-tokens",
+                             "24", "--retry-on", "guard", "--no-progress", "--quiet"])
         s = _summary(capsys)
         assert code == 1 and s["synthesized"] == 1 and s["failed_ids"] == ["b"], s
         man = {r.id: r for r in from_parquet((out / "manifest.parquet").read_bytes())}
-        assert "unknown voice" in man["b"].error
+        assert "voice" in man["b"].error and man["a"].num_chunks == 1
         pcm, sr = decode(io.BytesIO((out / man["a"].key).read_bytes()).read())
-        assert sr == 24000 and len(pcm) == 12 * 2400
+        assert sr == 24000 and 0 < len(pcm) <= 24 * 1920
     finally:
-        serve.delete("qtts-jobs-test")
+        serve.delete(app)
