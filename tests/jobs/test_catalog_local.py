@@ -65,3 +65,11 @@ def test_every():
     assert parse_every("1h") == 3600 and parse_every("30s") == 30 and parse_every("90") == 90
     with pytest.raises(ValueError, match="every"):
         parse_every("soon")
+
+
+def test_every_runs_again_and_second_run_is_a_no_op(tmp_path, capsys):
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."}])
+    assert _run(cat, out, "--every", "0.05s", "--max-runs", "2") == 0
+    first, second = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:])
+    assert first["new"] == 2 and second["unchanged"] == 2 and second["synthesized"] == 0

@@ -109,3 +109,23 @@ def test_defaults_fill_rows():
     assert RowDefaults().format == "wav"
     with pytest.raises(ValueError, match="max_attempts"):
         RenderConfig(model="m", max_attempts=0)
+
+
+def test_storage_failure_mid_job_is_recorded_and_retried_next_run(tmp_path):
+    from jobs.storage import LocalSink, RetryPolicy, StorageError
+
+    class BrokenForOneRow(LocalSink):
+        def put(self, key, data, content_type="application/octet-stream"):
+            if "/doomed-" in key:
+                raise StorageError(f"put {key} failed after 4 attempt(s): SlowDown")
+            super().put(key, data, content_type)
+
+    rows = [Utterance(id="fine", text="Fine.", voice="vivian"), Utterance(id="doomed", text="Hi.", voice="ryan")]
+    cfg = RenderConfig(model="fake-model", revision="r1", max_chars=40)
+    opts = RunOptions(output=f"file://{tmp_path}", backend=FAKE, runner="local", progress=False)
+    recs = run_rows(rows, cfg, opts, sink=BrokenForOneRow(str(tmp_path), RetryPolicy(attempts=1)))
+    by = {r.id: r for r in recs}
+    assert by["fine"].status == "ok"
+    assert by["doomed"].status == "failed" and by["doomed"].error.startswith("storage:")
+    again = run_rows(rows, cfg, opts)  # storage healthy again: only the failed row is rendered
+    assert [r.reused for r in again] == [True, False] and again[1].status == "ok"
