@@ -157,29 +157,55 @@ class EngineBackend:
 
 
 class ServeBackend:
-    """The running Serve app's ingress (`synthesize_bulk`), so batch jobs share the streaming replicas."""
+    """The running Serve app's ingress (`synthesize_bulk`), so batch jobs share the streaming replicas.
 
-    def __init__(self, app_name: str = "qtts") -> None:
+    At most `max_inflight` calls are outstanding per worker; a call refused for back-pressure (Serve's
+    queue or the replica is full) is retried with exponential backoff instead of failing the row.
+    """
+
+    def __init__(self, app_name: str = "qtts", max_inflight: int = 8, busy_retries: int = 8,
+                 busy_delay_s: float = 0.5) -> None:
         from ray import serve
 
         self.handle = serve.get_app_handle(app_name)
+        self.max_inflight, self.busy_retries, self.busy_delay_s = max_inflight, busy_retries, busy_delay_s
+
+    @staticmethod
+    def _payload(job: ChunkJob) -> dict[str, Any]:
+        return {"model": None if job.model == SERVE_DEFAULT_MODEL else job.model, "input": job.text,
+                "voice": job.voice, "language": job.language, "instructions": job.instruct,
+                "seed": job.seed, "non_streaming_mode": True, "priority": "bulk", **job.sampling}
+
+    @staticmethod
+    def _busy(e: Exception) -> bool:
+        text = f"{type(e).__name__} {e}"
+        return "BackPressure" in text or "Busy" in text or "busy" in text
+
+    def _call(self, job: ChunkJob, attempt: int = 0) -> tuple[Any, ChunkJob, int]:
+        return self.handle.synthesize_bulk.remote(self._payload(job)), job, attempt
 
     def synthesize(self, jobs: list[ChunkJob]) -> list[ChunkResult]:
-        calls = []
-        for job in jobs:
-            payload = {"model": None if job.model == SERVE_DEFAULT_MODEL else job.model, "input": job.text,
-                       "voice": job.voice, "language": job.language, "instructions": job.instruct,
-                       "seed": job.seed, "non_streaming_mode": True, "priority": "bulk", **job.sampling}
-            calls.append(self.handle.synthesize_bulk.remote(payload))
-        out = []
-        for call in calls:
+        import time
+
+        out: list[ChunkResult | None] = [None] * len(jobs)
+        waiting = list(enumerate(jobs))
+        running: list[tuple[int, Any, ChunkJob, int]] = []
+        while waiting or running:
+            while waiting and len(running) < self.max_inflight:
+                i, job = waiting.pop(0)
+                running.append((i, *self._call(job)))
+            i, call, job, attempt = running.pop(0)
             try:
                 r = call.result()
-                out.append(ChunkResult(np.asarray(r["pcm"], dtype=np.float32), r.get("finish_reason"),
-                                       None, int(r.get("sample_rate", SAMPLE_RATE))))
+                out[i] = ChunkResult(np.asarray(r["pcm"], dtype=np.float32), r.get("finish_reason"), None,
+                                     int(r.get("sample_rate", SAMPLE_RATE)))
             except Exception as e:  # noqa: BLE001 - a replica error is this row's failure, not the job's
-                out.append(ChunkResult(None, "error", f"{type(e).__name__}: {str(e).splitlines()[-1][:500]}"))
-        return out
+                if self._busy(e) and attempt < self.busy_retries:
+                    time.sleep(min(10.0, self.busy_delay_s * 2**attempt))
+                    running.append((i, *self._call(job, attempt + 1)))
+                    continue
+                out[i] = ChunkResult(None, "error", f"{type(e).__name__}: {str(e).splitlines()[-1][:500]}")
+        return [r if r is not None else ChunkResult(None, "error", "no result") for r in out]
 
 
 def serve_app_running(app_name: str = "qtts") -> bool:
