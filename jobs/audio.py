@@ -58,9 +58,3 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
     pcm, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
     return pcm, sr
 
-
-def looks_valid(head: bytes, fmt: str) -> bool:
-    """Cheap container check on the first bytes of an object (RIFF/WAVE or fLaC magic)."""
-    if fmt == "flac":
-        return head[:4] == b"fLaC"
-    return head[:4] == b"RIFF" and head[8:12] == b"WAVE"

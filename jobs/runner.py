@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -194,18 +195,25 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
     sink.preflight()
     records: dict[int, ManifestRecord] = {}
     todo: list[int] = []
+
+    def lookup(row: Utterance) -> ManifestRecord | None | StorageError:
+        try:
+            return existing_output(sink, row, cfg)
+        except StorageError as e:
+            return e
+
+    valid = [i for i, row in enumerate(rows) if row.error is None]
     for i, row in enumerate(rows):
         if row.error is not None:
             records[i] = base_record(row, cfg)
-            continue
-        try:
-            found = existing_output(sink, row, cfg)
-        except StorageError as e:
-            rec = base_record(row, cfg)
-            rec.error = f"storage: {e}"
+    with ThreadPoolExecutor(max_workers=16) as pool:  # one GET per row: overlap them on S3
+        found_all = list(pool.map(lookup, [rows[i] for i in valid]))
+    for i, found in zip(valid, found_all):
+        if isinstance(found, StorageError):
+            rec = base_record(rows[i], cfg)
+            rec.error = f"storage: {found}"
             records[i] = rec
-            continue
-        if found is not None:
+        elif found is not None:
             records[i] = found
         else:
             todo.append(i)
