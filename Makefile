@@ -28,7 +28,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 demo: setup
-	$(BIN)/qtts demo --out output/demo.wav
+	. cluster/env.sh && $(BIN)/qtts demo --output-dir output
 
 clean:
 	rm -rf output .pytest_cache
