@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 def main() -> None:
     ckpt, spec_path, out_path = sys.argv[1:4]
-    spec = json.loads(open(spec_path).read())
+    with open(spec_path) as f:
+        spec = json.load(f)
     tts = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype=torch.float32)
     captured = []
     original = tts.model.speech_tokenizer.decode
