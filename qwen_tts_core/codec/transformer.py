@@ -11,24 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.layers import RMSNorm
 from .config import CodecConfig
 from .state import CodecStreamState
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
-
-
-class RMSNorm(nn.Module):
-    """weight * x / rms(x), the normalisation computed in float32."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 class LayerScale(nn.Module):
