@@ -23,7 +23,7 @@ import torch
 from .checkpoint.weights import load_module, read_tensors, resolve_checkpoint, safetensors_files
 from .config import TTSConfig, sampling_defaults_from_generation_config
 from .generate.engine import Engine
-from .model.layers import RotaryTable, fuse_projections_
+from .model.layers import RotaryTable, prepare_for_inference_
 from .model.talker import Talker
 from .text.tokenizer import TextTokenizer
 from .types import SAMPLE_RATE, SamplingParams, SynthesisRequest
@@ -102,7 +102,8 @@ class Qwen3TTSModel:
         cp = t.code_predictor
         talker.code_predictor.rope = RotaryTable(cp.head_dim, cp.rope_theta, cp.num_code_groups + 1).to(device)
         talker.eval()
-        fuse_projections_(talker)
+        # CPU fp32 matrix-vector products stream faster from column-major weights (measured: 20 vs 16 GB/s)
+        prepare_for_inference_(talker, column_major=device.type == "cpu" and dt == torch.float32)
         tokenizer = TextTokenizer(path)
         codec = None
         if (path / "speech_tokenizer").is_dir():
