@@ -25,6 +25,7 @@ case "${1:-}" in
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$QTTS_DASHBOARD_PORT" \
       --disable-usage-stats >/dev/null
     echo "ray head on $RAY_ADDRESS_HOSTPORT, dashboard http://127.0.0.1:$QTTS_DASHBOARD_PORT"
+    echo "drivers join it with: export RAY_ADDRESS=$RAY_ADDRESS_HOSTPORT"
     ;;
   stop)
     "$RAY" stop --force >/dev/null 2>&1 || true
