@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,10 @@ class Qwen3TTSModel:
         cp = t.code_predictor
         talker.code_predictor.rope = RotaryTable(cp.head_dim, cp.rope_theta, cp.num_code_groups + 1).to(device)
         talker.eval()
-        # CPU fp32 matrix-vector products stream faster from column-major weights (measured: 20 vs 16 GB/s)
-        prepare_for_inference_(talker, column_major=device.type == "cpu" and dt == torch.float32)
+        # column_major=True makes CPU fp32 batch-1 matrix-vector products ~25% faster but batched (M=8) ones slower;
+        # the engine serves batches, so rows stay row-major unless QTTS_COLUMN_MAJOR=1
+        prepare_for_inference_(talker, column_major=device.type == "cpu" and dt == torch.float32
+                               and os.environ.get("QTTS_COLUMN_MAJOR") == "1")
         tokenizer = TextTokenizer(path)
         codec = None
         if (path / "speech_tokenizer").is_dir():
