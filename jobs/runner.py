@@ -111,6 +111,20 @@ def drop_job_working_dir() -> bool:
     return True
 
 
+def _listening(addr: str) -> bool:
+    """True when something accepts TCP connections at `host:port` (a `ray://` or http URL counts as yes)."""
+    import socket
+
+    if "://" in addr:
+        return True
+    host, _, port = addr.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
     """Join the given/`RAY_ADDRESS` cluster, or start an in-process one when none answers."""
     import ray
@@ -119,6 +133,11 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
         return "existing"
     drop_job_working_dir()
     addr = address or os.environ.get("RAY_ADDRESS")
+    if addr and not address and addr not in ("auto", "local") and not _listening(addr):
+        # ray.init would wait minutes for a GCS that is not there (cluster/env.sh always sets RAY_ADDRESS)
+        log.warning("no Ray head listens at %s; starting a local one", addr)
+        os.environ.pop("RAY_ADDRESS", None)
+        addr = None
     if addr:
         try:
             ray.init(address=addr, logging_level=logging.WARNING, log_to_driver=False)
