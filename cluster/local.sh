@@ -10,6 +10,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=cluster/env.sh
 source "$here/env.sh"
+# the project's virtualenv first, so the head (and jobs submitted to it) run the project's python
+[ -d "$here/../.venv/bin" ] && export PATH="$(cd "$here/../.venv/bin" && pwd):$PATH"
 RAY="${RAY:-ray}"
 command -v "$RAY" >/dev/null || RAY="$here/../.venv/bin/ray"
 
