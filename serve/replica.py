@@ -16,12 +16,14 @@ import os
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import numpy as np
 from ray import serve
 
 from qwen_tts_core import Engine, SamplingParams, SynthesisRequest, save_voice_prompt
+from qwen_tts_core.generate.requests import validate as validate_request
 
 from .config import ModelConfig
 from .metrics import ReplicaMetrics, summarize
@@ -49,7 +51,7 @@ class ReplicaCore:
         self.scheduler = Scheduler(self.engine, SchedulerLimits(max_queue=cfg.max_queue,
                                                                 interactive_reserve=cfg.interactive_reserve,
                                                                 retry_after_s=retry_after_s),
-                                   on_finish=self._on_finish)
+                                   on_finish=self._on_finish, validate=partial(validate_request, model))
         self._incremental: dict[int, Ticket] = {}
 
     def warm_up(self) -> float:

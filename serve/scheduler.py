@@ -83,9 +83,11 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, engine, limits: SchedulerLimits = SchedulerLimits(), on_finish=None) -> None:
-        """`on_finish(ticket, chunk)` is called on the event loop when a session ends (metrics hook)."""
-        self.engine, self.limits, self.on_finish = engine, limits, on_finish
+    def __init__(self, engine, limits: SchedulerLimits = SchedulerLimits(), on_finish=None,
+                 validate=None) -> None:
+        """`on_finish(ticket, chunk)` is called on the event loop when a session ends (metrics hook);
+        `validate(request)` checks parked bulk requests up front (ValueError), as `engine.add` does for others."""
+        self.engine, self.limits, self.on_finish, self.validate = engine, limits, on_finish, validate
         self.stats = SchedulerStats()
         self._by_session: dict[int, Ticket] = {}
         self._open: dict[int, Ticket] = {}
@@ -99,6 +101,7 @@ class Scheduler:
     # --- lifecycle --------------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="qtts-step-loop", daemon=True)
         self._thread.start()
 
@@ -126,10 +129,9 @@ class Scheduler:
                 self.stats.rejected_busy += 1
                 raise Busy(f"replica busy: {len(self._bulk_waiting)} bulk requests waiting",
                            self.limits.retry_after_s)
-            from qwen_tts_core.generate.requests import validate
-
             try:
-                validate(self.engine.model, request)    # fail now, not when it reaches the engine
+                if self.validate is not None:
+                    self.validate(request)    # fail now, not when it reaches the engine
             except ValueError:
                 self.stats.errors += 1
                 raise

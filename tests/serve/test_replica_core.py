@@ -1,0 +1,106 @@
+"""ReplicaCore on the real engine and a tiny checkpoint, in-process (no Ray): request mapping, streaming, bulk,
+errors naming the field, voice store round trip."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from serve.config import ModelConfig, ServiceConfig
+from serve.replica import ReplicaCore
+from serve.voices import VoiceStore
+
+
+@pytest.fixture(scope="module")
+def cv_core(model_factory):
+    cfg = ModelConfig(name="cv", model_type="custom_voice", max_sessions=4, max_queue=2, max_new_tokens=32,
+                      default_max_new_tokens=10)
+    return ReplicaCore(model_factory("custom_voice"), cfg, None)
+
+
+async def _items(core: ReplicaCore, payload: dict, **kw) -> list[dict]:
+    core.start(asyncio.get_running_loop())
+    try:
+        return [x async for x in core.stream(payload, **kw)]
+    finally:
+        core.scheduler.stop()
+
+
+def test_stream_protocol_and_default_length_cap(cv_core):
+    items = asyncio.run(_items(cv_core, {"input": "Hello there.", "voice": "Vivian", "seed": 3}))
+    assert items[0]["type"] == "start" and items[-1]["type"] == "end"
+    audio = [x["pcm"] for x in items if x["type"] == "audio"]
+    assert audio and all(a.dtype == np.float32 for a in audio)
+    assert items[-1]["num_frames"] <= 10 and items[-1]["ttfa_s"] > 0   # default_max_new_tokens applied
+
+
+def test_seeded_requests_repeat_and_differ_by_seed(cv_core):
+    def run(seed):
+        items = asyncio.run(_items(cv_core, {"input": "Same text.", "voice": "ryan", "seed": seed}))
+        return np.concatenate([x["pcm"] for x in items if x["type"] == "audio"])
+    a, b, c = run(5), run(5), run(6)
+    assert np.array_equal(a, b)
+    assert not (len(a) == len(c) and np.array_equal(a, c))
+
+
+@pytest.mark.parametrize("payload,param", [
+    pytest.param({"input": "hi", "voice": "alloy"}, "voice", id="unknown-voice"),
+    pytest.param({"input": "hi", "language": "klingon"}, "language", id="unknown-language"),
+    pytest.param({"input": "hi", "max_new_tokens": 33}, "max_new_tokens", id="over-cap"),
+    pytest.param({"input": "hi", "top_p": 1.5}, "top_p", id="bad-top-p"),
+    pytest.param({"input": "   "}, "input", id="empty-input"),
+])
+def test_bad_input_is_400_naming_the_field(cv_core, payload, param):
+    items = asyncio.run(_items(cv_core, payload))
+    assert len(items) == 1 and items[0]["type"] == "error" and items[0]["status"] == 400
+    assert items[0]["param"] == param, items[0]
+
+
+def test_synthesize_bulk_returns_whole_audio(cv_core):
+    async def main():
+        cv_core.start(asyncio.get_running_loop())
+        try:
+            out = await cv_core.synthesize({"input": "Bulk line.", "voice": "eric", "seed": 1})
+            with pytest.raises(ValueError, match="voice"):
+                await cv_core.synthesize({"input": "Bulk line.", "voice": "nobody"})
+            return out
+        finally:
+            cv_core.scheduler.stop()
+    out = asyncio.run(main())
+    assert out["sample_rate"] == 24000 and out["pcm"].dtype == np.float32
+    assert out["num_frames"] == len(out["pcm"]) // 1920 > 0 and out["finish_reason"] in ("eos", "max_new_tokens")
+
+
+def test_voice_clone_prompt_is_encoded_once_and_reused(model_factory, ref_wav_path, tmp_path):
+    store = VoiceStore(tmp_path / "voices")
+    core = ReplicaCore(model_factory("base"), ModelConfig(name="b", model_type="base", max_new_tokens=16,
+                                                          default_max_new_tokens=6), store)
+
+    async def main():
+        info = await core.create_voice(ref_wav_path.read_bytes(), "A reference sentence.", False, "alice")
+        calls = []
+        original = core.model.create_voice_clone_prompt
+        core.model.create_voice_clone_prompt = lambda *a, **k: calls.append(1) or original(*a, **k)
+        items = await _items(core, {"input": "Cloned speech.", "voice": info["id"], "seed": 0})
+        return info, items, calls
+    info, items, calls = asyncio.run(main())
+    assert info["name"] == "alice" and info["model"] == "b" and store.list()[0]["id"] == info["id"]
+    assert items[-1]["type"] == "end" and any(x["type"] == "audio" for x in items)
+    assert calls == [], "a stored voice must not be re-encoded"
+    with pytest.raises(ValueError, match="ref_audio"):
+        asyncio.run(core.create_voice(b"not audio at all" * 10, "x", False, "bad"))
+
+
+def test_service_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ValueError, match="unknown key"):
+        ServiceConfig.from_dict({"modles": []})
+    with pytest.raises(ValueError, match="model_type"):
+        ServiceConfig.from_dict({"models": [{"name": "x", "model_type": "nope"}]})
+    with pytest.raises(ValueError, match="duplicate"):
+        ServiceConfig.from_dict({"models": [{"name": "x"}, {"name": "x"}]})
+    with pytest.raises(ValueError, match="interactive_reserve"):
+        ModelConfig(max_sessions=2, interactive_reserve=2)
+    cfg = ServiceConfig.from_dict({})
+    assert cfg.models[0].model_type == "custom_voice" and ServiceConfig.from_dict(cfg.to_dict()) == cfg
