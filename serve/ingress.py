@@ -239,7 +239,7 @@ class Ingress:
             if not isinstance(form, dict):
                 raise ApiError(400, "body: expected a JSON object", "body")
             audio = None
-        elif ctype.startswith("multipart/form-data"):
+        elif ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             try:
                 form = await request.form(max_files=1, max_fields=16)
             except Exception as e:  # noqa: BLE001 - starlette's multipart errors

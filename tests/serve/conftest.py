@@ -3,6 +3,7 @@ session's local Ray head (tests/conftest.py::ray_cluster)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -44,10 +45,8 @@ def serve_app(ray_cluster, tmp_path_factory):
         ray.init(address=ray_cluster["address"], log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
     os.environ.setdefault("PYTHONPATH", str(ROOT))
-    try:
+    with contextlib.suppress(Exception):  # Serve may already run on this cluster (another module started it)
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    except Exception:  # noqa: BLE001 - Serve already runs on this cluster (another test module started it)
-        pass
     tmp = tmp_path_factory.mktemp("serve")
     config = {"models": TEST_MODELS, "cache_dir": str(tmp / "cache"), "voices_uri": str(tmp / "voices"),
               "max_input_chars": 500, "max_body_bytes": 64 * 1024, "max_upload_bytes": 512 * 1024,
