@@ -7,7 +7,8 @@
     sched.cancel(ticket)                          # client went away: frees the slot at the next step
 
 Admission, streaming first: interactive requests go straight to the engine (its queue serves interactive before
-bulk) unless `max_queue` sessions already wait, in which case `Busy` is raised instead of piling up. Bulk requests wait
+bulk) unless every slot is taken and `max_queue` sessions
+already wait, in which case `Busy` is raised instead of piling up. Bulk requests wait
 here and enter the engine only while fewer than `max_sessions - interactive_reserve` sessions are active or queued, so
 an interactive arrival always finds a free slot; they never get `Busy`.
 """
@@ -140,7 +141,8 @@ class Scheduler:
                 self._bulk_waiting.append(ticket)
             self._wake.set()
             return ticket
-        if self.engine.num_queued >= self.limits.max_queue:
+        e = self.engine
+        if e.num_active + e.num_queued >= e.max_sessions + self.limits.max_queue:  # slots and waiting room full
             self.stats.rejected_busy += 1
             raise Busy(f"replica busy: {self.engine.num_active} sessions active, {self.engine.num_queued} "
                        f"queued (max_queue={self.limits.max_queue})", self.limits.retry_after_s)

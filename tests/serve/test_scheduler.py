@@ -64,8 +64,8 @@ def test_full_replica_raises_busy_instead_of_queueing():
     async def main():
         eng = FakeEngine(max_sessions=1)
         sched = Scheduler(eng, SchedulerLimits(max_queue=2, retry_after_s=3))  # loop not started: all stay queued
-        await sched.submit(_req())
-        await sched.submit(_req())
+        for _ in range(3):   # one slot + a waiting room of two
+            await sched.submit(_req())
         with pytest.raises(Busy) as e:
             await sched.submit(_req())
         assert e.value.retry_after_s == 3 and sched.stats.rejected_busy == 1
