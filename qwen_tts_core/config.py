@@ -7,7 +7,7 @@ No Hugging Face `PretrainedConfig` here: `TTSConfig.from_json(path)` reads the p
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -236,4 +236,4 @@ def default_generation_config() -> dict[str, Any]:
                 max_new_tokens=8192)
 
 
-__all__ = ["TTSConfig", "TalkerConfig", "CodePredictorConfig", "make_config", "asdict"]
+__all__ = ["TTSConfig", "TalkerConfig", "CodePredictorConfig", "make_config"]

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 
-from ..model.kv_cache import KVCache
 from ..model.talker import Talker
 
 log = logging.getLogger(__name__)
@@ -152,4 +151,4 @@ def sampling_tensors(sps, device) -> dict[str, torch.Tensor]:
     }
 
 
-__all__ = ["FastPath", "sample_tensor", "sampling_tensors", "KVCache"]
+__all__ = ["FastPath", "sample_tensor", "sampling_tensors"]
