@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint.weights import load_module, read_tensors, resolve_checkpoint, safetensors_files
+from .checkpoint.weights import (
+    load_module,
+    read_tensors,
+    resolve_checkpoint,
+    resolve_dtype,
+    safetensors_files,
+)
 from .config import TTSConfig, sampling_defaults_from_generation_config
 from .generate.engine import Engine
 from .model.layers import RotaryTable, prepare_for_inference_
@@ -36,22 +42,6 @@ REFERENCE_DECODE_CHUNK = 300
 HARD_DEFAULTS = dict(do_sample=True, top_k=50, top_p=1.0, temperature=0.9, repetition_penalty=1.05,
                      subtalker_dosample=True, subtalker_top_k=50, subtalker_top_p=1.0,
                      subtalker_temperature=0.9, max_new_tokens=2048)
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def _resolve_dtype(dtype: Any) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        return dtype
-    if str(dtype) not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[str(dtype)]
-
-
 def _resolve_device(device_map: Any) -> torch.device:
     if device_map in (None, "auto"):
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -92,7 +82,7 @@ class Qwen3TTSModel:
         if kwargs:
             log.warning("from_pretrained: ignoring unsupported argument(s) %s", sorted(kwargs))
         path = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
-        device, dt = _resolve_device(device_map), _resolve_dtype(dtype if dtype is not None else torch_dtype)
+        device, dt = _resolve_device(device_map), resolve_dtype(dtype if dtype is not None else torch_dtype)
         cfg = TTSConfig.from_json(path / "config.json")
         files = safetensors_files(path)
         with torch.device("meta"):

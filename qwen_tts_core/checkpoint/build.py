@@ -14,11 +14,9 @@ import torch
 from ..config import default_generation_config, make_config
 from ..model.talker import Talker
 from ..text.tiny_tokenizer import build_tiny_tokenizer
+from .weights import resolve_dtype
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def _draw(name: str, shape: torch.Size, g: torch.Generator) -> torch.Tensor:
     if name.endswith("norm.weight"):
@@ -51,9 +49,7 @@ def make_checkpoint(out_dir: str | Path, model_type: str = "custom_voice", size:
     from ..speaker.build import full_config as speaker_full
     from ..speaker.build import random_speaker_encoder_state, tiny_config
 
-    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dt = resolve_dtype(dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = make_config(model_type, size)

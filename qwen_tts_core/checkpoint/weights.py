@@ -6,11 +6,29 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: Any) -> torch.dtype:
+    """A torch dtype from a torch.dtype or a name (float32/fp32, bfloat16/bf16, float16/fp16); None -> float32."""
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[str(dtype)]
+
 
 CHECKPOINT_FILES = ["config.json", "generation_config.json", "model.safetensors*", "vocab.json", "merges.txt",
                     "tokenizer*.json", "*.txt", "preprocessor_config.json", "speech_tokenizer/*"]

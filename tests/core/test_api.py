@@ -178,3 +178,10 @@ def test_make_config_rejects_unknowns():
         make_config("custom_voice", "7b")
     with pytest.raises(ValueError, match="model_type"):
         make_config("music", "tiny")
+
+
+def test_make_checkpoint_rejects_bad_dtype(tmp_path):
+    from qwen_tts_core import make_checkpoint
+
+    with pytest.raises(ValueError, match="dtype"):
+        make_checkpoint(tmp_path / "c", dtype="int8")
