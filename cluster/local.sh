@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Start or stop a one-machine Ray head on loopback, as the project's services and tests expect.
 #   cluster/local.sh start   # head + dashboard (needed by `ray job submit`) on 127.0.0.1
-#   cluster/local.sh stop
+#   cluster/local.sh stop    # stops THIS head only (its process group and the workers under it)
 #   cluster/local.sh status
 # Ray 2.60 on Linux silently replaces --node-ip-address=127.0.0.1 with the eth0 address unless
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; token auth must be set identically in every process (head, drivers, CLI),
 # so source `cluster/env.sh` in every shell that talks to this head.
+# Each head gets its own temp dir (QTTS_RAY_TEMP_DIR) and ports (QTTS_RAY_PORT, QTTS_DASHBOARD_PORT,
+# QTTS_RAY_CLIENT_PORT, QTTS_DASHBOARD_AGENT_PORT), so several heads (test sessions) can run side by side; `stop` never touches another
+# Ray on the machine (no `ray stop`, which stops every Ray it finds).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=cluster/env.sh
@@ -14,24 +17,59 @@ source "$here/env.sh"
 [ -d "$here/../.venv/bin" ] && export PATH="$(cd "$here/../.venv/bin" && pwd):$PATH"
 RAY="${RAY:-ray}"
 command -v "$RAY" >/dev/null || RAY="$here/../.venv/bin/ray"
+temp_dir="${QTTS_RAY_TEMP_DIR:-${TMPDIR:-/tmp}/qtts-ray-$QTTS_RAY_PORT}"
+pgid_file="$temp_dir/qtts-head.pgid"
+
+# The head's process group and every process below it (Ray workers start their own sessions under the raylet).
+head_tree() {
+  ps -eo pid=,ppid=,pgid= | awk -v g="$1" '
+    { pid[NR] = $1; ppid[NR] = $2; pg[NR] = $3 }
+    END {
+      for (i = 1; i <= NR; i++) if (pg[i] == g) keep[pid[i]] = 1
+      do { added = 0
+        for (i = 1; i <= NR; i++) if (!(pid[i] in keep) && (ppid[i] in keep)) { keep[pid[i]] = 1; added = 1 }
+      } while (added)
+      for (p in keep) print p
+    }'
+}
 
 case "${1:-}" in
   start)
     if "$RAY" status --address "$RAY_ADDRESS_HOSTPORT" >/dev/null 2>&1; then
       echo "ray head already running at $RAY_ADDRESS_HOSTPORT"; exit 0
     fi
-    "$RAY" start --head \
+    mkdir -p "$temp_dir"
+    # setsid: the head's daemons share one new process group, recorded for `stop`
+    setsid "$RAY" start --head \
       --node-ip-address=127.0.0.1 --port="$QTTS_RAY_PORT" \
+      --ray-client-server-port="$QTTS_RAY_CLIENT_PORT" \
       --num-cpus="${QTTS_RAY_CPUS:-4}" \
       --object-store-memory="${QTTS_RAY_OBJECT_STORE:-268435456}" \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$QTTS_DASHBOARD_PORT" \
-      --disable-usage-stats >/dev/null
-    echo "ray head on $RAY_ADDRESS_HOSTPORT, dashboard http://127.0.0.1:$QTTS_DASHBOARD_PORT"
+      --dashboard-agent-listen-port="$QTTS_DASHBOARD_AGENT_PORT" \
+      --temp-dir="$temp_dir" \
+      --disable-usage-stats >/dev/null &
+    starter=$!
+    wait "$starter"
+    echo "$starter" > "$pgid_file"
+    echo "ray head on $RAY_ADDRESS_HOSTPORT, dashboard http://127.0.0.1:$QTTS_DASHBOARD_PORT, temp dir $temp_dir"
     echo "drivers join it with: export RAY_ADDRESS=$RAY_ADDRESS_HOSTPORT"
     ;;
   stop)
-    "$RAY" stop --force >/dev/null 2>&1 || true
-    echo "ray stopped"
+    if [ ! -f "$pgid_file" ]; then
+      echo "no head started by this script at $RAY_ADDRESS_HOSTPORT ($pgid_file missing); nothing stopped"; exit 0
+    fi
+    pgid=$(cat "$pgid_file")
+    pids=$(head_tree "$pgid")
+    [ -n "$pids" ] && kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 50); do
+      alive=$(for p in $pids; do kill -0 "$p" 2>/dev/null && echo "$p"; done)
+      [ -z "$alive" ] && break
+      sleep 0.2
+    done
+    [ -n "${alive:-}" ] && kill -KILL $alive 2>/dev/null || true
+    rm -f "$pgid_file"
+    echo "ray head at $RAY_ADDRESS_HOSTPORT stopped"
     ;;
   status)
     "$RAY" status --address "$RAY_ADDRESS_HOSTPORT"

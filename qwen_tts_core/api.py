@@ -29,7 +29,9 @@ from .checkpoint.weights import (
     safetensors_files,
 )
 from .config import TTSConfig, sampling_defaults_from_generation_config
+from .errors import RequestError
 from .generate.engine import Engine
+from .generate.requests import check_text
 from .model.layers import RotaryTable, prepare_for_inference_
 from .model.talker import Talker
 from .text.tokenizer import TextTokenizer
@@ -56,7 +58,7 @@ def _as_list(x: Any, n: int, name: str) -> list:
     if len(xs) == 1 and n > 1:
         xs = xs * n
     if len(xs) != n:
-        raise ValueError(f"batch size mismatch: text has {n} item(s), {name} has {len(xs)}")
+        raise RequestError(name, f"batch size mismatch: text has {n} item(s), {name} has {len(xs)}")
     return xs
 
 
@@ -151,7 +153,7 @@ class Qwen3TTSModel:
         """user kwargs win, then generation_config.json, then the reference's hard defaults."""
         unknown = set(user) - set(HARD_DEFAULTS)
         if unknown:
-            raise ValueError(f"unsupported generation argument(s): {sorted(unknown)}; "
+            raise RequestError(sorted(unknown)[0], f"unsupported generation argument(s): {sorted(unknown)}; "
                              f"supported: {sorted(HARD_DEFAULTS)} and seed")
         merged = {k: (user[k] if user.get(k) is not None else self.generate_defaults.get(k, d))
                   for k, d in HARD_DEFAULTS.items()}
@@ -213,7 +215,7 @@ class Qwen3TTSModel:
 
     def _stream(self, req: SynthesisRequest, first_chunk_frames: int, chunk_frames: int) -> Iterator[np.ndarray]:
         if first_chunk_frames < 1 or chunk_frames < 1:
-            raise ValueError(f"first_chunk_frames and chunk_frames must be >= 1, got "
+            raise RequestError("chunk_frames", "first_chunk_frames and chunk_frames must be >= 1, got "
                              f"{first_chunk_frames} and {chunk_frames}")
         if self.codec is None:
             raise ValueError("this checkpoint has no speech_tokenizer/: cannot stream audio")
@@ -238,23 +240,22 @@ class Qwen3TTSModel:
         n = len(text) if isinstance(text, list) else 1
         if voice_clone_prompt is None:
             if ref_audio is None:
-                raise ValueError("ref_audio: either voice_clone_prompt or ref_audio must be provided")
+                raise RequestError("ref_audio", "either voice_clone_prompt or ref_audio must be provided")
             voice_clone_prompt = self.create_voice_clone_prompt(ref_audio, ref_text, x_vector_only_mode)
         items = voice_clone_prompt if isinstance(voice_clone_prompt, list) else [voice_clone_prompt]
         if not all(isinstance(i, VoiceClonePromptItem) for i in items):
-            raise ValueError("voice_clone_prompt must be VoiceClonePromptItem(s) from create_voice_clone_prompt")
+            raise RequestError("voice_clone_prompt", "must be VoiceClonePromptItem(s) from create_voice_clone_prompt")
         return _as_list(items, n, "voice_clone_prompt")
 
     def _requests(self, kind: str, text, language, seed, non_streaming_mode, gen_kwargs, speaker=None,
                   instruct=None, voice_clone_prompt=None, single: bool = False) -> list[SynthesisRequest]:
         if single and isinstance(text, list):
-            raise ValueError("text: streaming takes one text (str); use generate_* for batches")
+            raise RequestError("text", "streaming takes one text (str); use generate_* for batches")
         texts = text if isinstance(text, list) else [text]
         if not texts:
-            raise ValueError("text must not be empty")
+            raise RequestError("text", "must not be empty")
         for t in texts:
-            if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"text must be non-empty strings, got {t!r}")
+            check_text(t)
         n = len(texts)
         langs = _as_list(language if language is not None else "auto", n, "language")
         seeds = _as_list(seed, n, "seed") if isinstance(seed, list) else \
@@ -263,7 +264,7 @@ class Qwen3TTSModel:
         instructs = _as_list(instruct if instruct is not None else "", n, "instruct")
         prompts = voice_clone_prompt or [None] * n
         if kind == "voice_design" and instruct is None:
-            raise ValueError("instruct is required for generate_voice_design")
+            raise RequestError("instruct", "is required for generate_voice_design")
         sampling = self.sampling_params(**gen_kwargs)
         return [SynthesisRequest(kind=kind, text=texts[i], speaker=speakers[i], language=str(langs[i] or "auto"),
                                  instruct=instructs[i] or None, voice_clone_prompt=prompts[i],

@@ -1,7 +1,7 @@
 """Reference-audio input: decode what callers send (path, base64, bytes, array, optional URL) into mono float32,
 validate it, and resample to the 24 kHz the speaker encoder expects.
 
-Every rejection is a `ValueError` whose message starts with the argument's name (`argument=`), so HTTP layers can
+Every rejection is a `RequestError` (a ValueError) naming the argument (`argument=`) in its `field`, so HTTP layers can
 map it to a 4xx naming the field.
 """
 
@@ -21,6 +21,8 @@ from typing import Union
 
 import numpy as np
 import soundfile as sf
+
+from .errors import RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -49,34 +51,34 @@ def _decode_base64(s: str, argument: str) -> bytes:
     if payload.startswith("data:"):
         header, sep, payload = payload.partition(",")
         if not sep or ";base64" not in header:
-            raise ValueError(f"{argument}: data URI must look like 'data:audio/<type>;base64,<data>'")
+            raise RequestError(argument, "data URI must look like 'data:audio/<type>;base64,<data>'")
     payload = "".join(payload.split())
     try:
         if "-" in payload or "_" in payload:
             return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
         return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"{argument}: invalid base64 audio ({exc})") from None
+        raise RequestError(argument, f"invalid base64 audio ({exc})") from None
 
 
 def _read_bytes(data: bytes, argument: str, what: str) -> tuple[np.ndarray, int]:
     if not data:
-        raise ValueError(f"{argument}: {what} is empty")
+        raise RequestError(argument, f"{what} is empty")
     try:
         with io.BytesIO(data) as f:
             audio, sr = sf.read(f, dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"{argument}: could not decode {what} as audio ({exc})") from None
+        raise RequestError(argument, f"could not decode {what} as audio ({exc})") from None
     return audio, int(sr)
 
 
 def _read_path(path: Path, argument: str) -> tuple[np.ndarray, int]:
     if not path.is_file():
-        raise ValueError(f"{argument}: no such audio file: {str(path)[:200]!r}")
+        raise RequestError(argument, f"no such audio file: {str(path)[:200]!r}")
     try:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"{argument}: could not decode audio file {path.name!r} ({exc})") from None
+        raise RequestError(argument, f"could not decode audio file {path.name!r} ({exc})") from None
     return audio, int(sr)
 
 
@@ -85,27 +87,26 @@ def _fetch_url(url: str, argument: str, timeout: float) -> bytes:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (scheme checked by caller)
             data = resp.read(MAX_URL_BYTES + 1)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise ValueError(f"{argument}: could not fetch audio URL ({exc})") from None
+        raise RequestError(argument, f"could not fetch audio URL ({exc})") from None
     if len(data) > MAX_URL_BYTES:
-        raise ValueError(f"{argument}: audio at URL is larger than {MAX_URL_BYTES} bytes")
+        raise RequestError(argument, f"audio at URL is larger than {MAX_URL_BYTES} bytes")
     return data
 
 
 def _decode_string(x: str, argument: str, allow_urls: bool, url_timeout: float) -> tuple[np.ndarray, int]:
     s = x.strip()
     if not s:
-        raise ValueError(f"{argument}: empty string; expected a file path, base64 audio or (array, sr)")
+        raise RequestError(argument, "empty string; expected a file path, base64 audio or (array, sr)")
     if s.startswith("data:"):
         return _read_bytes(_decode_base64(s, argument), argument, "base64 data URI")
     if _is_url(s):
         if not allow_urls:
-            raise ValueError(
-                f"{argument}: URLs are not accepted here (allow_urls=False); send a file path, base64 audio "
+            raise RequestError(argument, "URLs are not accepted here (allow_urls=False); send a file path, base64 audio "
                 "or (array, sr)"
             )
         return _read_bytes(_fetch_url(s, argument, url_timeout), argument, "audio at URL")
     if "://" in s[:16]:
-        raise ValueError(f"{argument}: unsupported URL scheme; allowed: http, https (with allow_urls=True)")
+        raise RequestError(argument, "unsupported URL scheme; allowed: http, https (with allow_urls=True)")
     if len(s) < 4096:
         try:
             if Path(s).is_file():
@@ -114,8 +115,7 @@ def _decode_string(x: str, argument: str, allow_urls: bool, url_timeout: float) 
             pass
     if len(s) >= _MIN_BASE64_CHARS and _BASE64_RE.match(s):
         return _read_bytes(_decode_base64(s, argument), argument, "base64 audio")
-    raise ValueError(
-        f"{argument}: string is neither an existing audio file, base64 audio, nor (with allow_urls=True) an "
+    raise RequestError(argument, "string is neither an existing audio file, base64 audio, nor (with allow_urls=True) an "
         "http(s) URL"
     )
 
@@ -124,13 +124,12 @@ def _as_mono(audio: np.ndarray, argument: str) -> np.ndarray:
     """[N] or [N, channels] -> [N] float32 (channel mean, as the reference does over the last axis)."""
     if audio.ndim == 2:
         if audio.shape[1] > MAX_CHANNELS:
-            raise ValueError(
-                f"{argument}: 2-D audio must be [samples, channels] with at most {MAX_CHANNELS} channels, got "
+            raise RequestError(argument, f"2-D audio must be [samples, channels] with at most {MAX_CHANNELS} channels, got "
                 f"shape {audio.shape} (transpose a [channels, samples] array)"
             )
         audio = audio.mean(axis=-1)
     if audio.ndim != 1:
-        raise ValueError(f"{argument}: audio must be 1-D [samples] or 2-D [samples, channels], got shape "
+        raise RequestError(argument, f"audio must be 1-D [samples] or 2-D [samples, channels], got shape "
                          f"{audio.shape}")
     return np.ascontiguousarray(audio, dtype=np.float32)
 
@@ -138,14 +137,14 @@ def _as_mono(audio: np.ndarray, argument: str) -> np.ndarray:
 def validate_waveform(wav: np.ndarray, sr: int, *, argument: str = "ref_audio") -> None:
     """Reject empty, non-finite or silent mono audio and bad sample rates (ValueError naming `argument`)."""
     if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
-        raise ValueError(f"{argument}: sample rate must be a positive integer, got {sr!r}")
+        raise RequestError(argument, f"sample rate must be a positive integer, got {sr!r}")
     if wav.size == 0:
-        raise ValueError(f"{argument}: audio is empty (0 samples)")
+        raise RequestError(argument, "audio is empty (0 samples)")
     if not np.isfinite(wav).all():
-        raise ValueError(f"{argument}: audio contains NaN or infinite samples")
+        raise RequestError(argument, "audio contains NaN or infinite samples")
     peak = float(np.abs(wav).max())
     if peak < SILENCE_PEAK:
-        raise ValueError(f"{argument}: audio is silent (peak |x| = {peak:.2e} < {SILENCE_PEAK:g})")
+        raise RequestError(argument, f"audio is silent (peak |x| = {peak:.2e} < {SILENCE_PEAK:g})")
     if peak > 1.0:
         logger.warning("%s: audio peak %.3f exceeds 1.0", argument, peak)
 
@@ -176,18 +175,17 @@ def load_audio(
     """
     if isinstance(x, tuple):
         if len(x) != 2 or not isinstance(x[0], np.ndarray):
-            raise ValueError(f"{argument}: a tuple must be (np.ndarray waveform, sample_rate)")
+            raise RequestError(argument, "a tuple must be (np.ndarray waveform, sample_rate)")
         arr, sr = x
         if not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(
-                f"{argument}: waveform must be a float array in [-1, 1], got dtype {arr.dtype} "
+            raise RequestError(argument, f"waveform must be a float array in [-1, 1], got dtype {arr.dtype} "
                 "(convert integer PCM first, e.g. x / 32768)"
             )
         if isinstance(sr, bool) or not isinstance(sr, (int, np.integer, float)) or int(sr) != sr:
-            raise ValueError(f"{argument}: sample rate must be a positive integer, got {sr!r}")
+            raise RequestError(argument, f"sample rate must be a positive integer, got {sr!r}")
         audio, sr = arr.astype(np.float32), int(sr)
     elif isinstance(x, np.ndarray):
-        raise ValueError(f"{argument}: a bare array has no sample rate; pass (waveform, sample_rate)")
+        raise RequestError(argument, "a bare array has no sample rate; pass (waveform, sample_rate)")
     elif isinstance(x, (bytes, bytearray, memoryview)):
         audio, sr = _read_bytes(bytes(x), argument, "audio bytes")
     elif isinstance(x, os.PathLike):
@@ -195,8 +193,7 @@ def load_audio(
     elif isinstance(x, str):
         audio, sr = _decode_string(x, argument, allow_urls, url_timeout)
     else:
-        raise ValueError(
-            f"{argument}: unsupported type {type(x).__name__}; allowed: file path, base64 string, bytes, "
+        raise RequestError(argument, f"unsupported type {type(x).__name__}; allowed: file path, base64 string, bytes, "
             "(np.ndarray, sample_rate), http(s) URL with allow_urls=True"
         )
     wav = _as_mono(audio, argument)
@@ -219,12 +216,12 @@ def to_24k(wav: np.ndarray, sr: int, *, argument: str = "ref_audio") -> np.ndarr
 
     wav = np.asarray(wav)
     if wav.ndim != 1:
-        raise ValueError(f"{argument}: to_24k expects mono [N] audio, got shape {wav.shape}")
+        raise RequestError(argument, f"to_24k expects mono [N] audio, got shape {wav.shape}")
     if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
-        raise ValueError(f"{argument}: sample rate must be a positive integer, got {sr!r}")
+        raise RequestError(argument, f"sample rate must be a positive integer, got {sr!r}")
     wav = np.ascontiguousarray(wav, dtype=np.float32)
     if not np.isfinite(wav).all():
-        raise ValueError(f"{argument}: audio contains NaN or infinite samples")
+        raise RequestError(argument, "audio contains NaN or infinite samples")
     if sr == TARGET_SR:
         return wav
     n_out = int(np.ceil(wav.shape[0] * (float(TARGET_SR) / sr)))

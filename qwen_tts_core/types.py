@@ -5,10 +5,14 @@ text request -> Prompt -> (talker step -> code predictor) -> FrameCodes -> codec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+import numbers
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import numpy as np
+
+from .errors import RequestError
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_FRAME = 1920  # 12.5 frames per second
@@ -34,25 +38,46 @@ class SamplingParams:
     max_new_tokens: int = 2048
 
     def __post_init__(self) -> None:
+        for name in ("do_sample", "subtalker_dosample"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise RequestError(name, f"must be true or false, got {getattr(self, name)!r}")
+        for name in ("top_k", "subtalker_top_k", "max_new_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Integral):
+                raise RequestError(name, f"must be an integer, got {_short(v)}")
+        for name in ("temperature", "subtalker_temperature", "top_p", "subtalker_top_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise RequestError(name, f"must be a finite number, got {_short(v)}")
         for name in ("temperature", "subtalker_temperature"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+                raise RequestError(name, f"must be > 0, got {getattr(self, name)!r}")
         for name in ("top_p", "subtalker_top_p"):
             if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+                raise RequestError(name, f"must be in (0, 1], got {getattr(self, name)!r}")
         for name in ("top_k", "subtalker_top_k"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 disables), got {getattr(self, name)!r}")
+                raise RequestError(name, f"must be >= 0 (0 disables), got {getattr(self, name)!r}")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+            raise RequestError("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+            raise RequestError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens!r}")
 
     def with_overrides(self, **kw) -> SamplingParams:
-        unknown = set(kw) - set(self.__dataclass_fields__)
+        unknown = sorted(set(kw) - set(SAMPLING_FIELDS))
         if unknown:
-            raise ValueError(f"unknown sampling argument(s): {sorted(unknown)}")
+            raise RequestError(unknown[0], f"unknown sampling argument(s) {unknown}; supported: "
+                               f"{list(SAMPLING_FIELDS)}")
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+def _short(v: object) -> str:
+    """repr of a bad value, cut short (a 5,000-digit number or a huge string must not fill an error message)."""
+    r = repr(v) if not isinstance(v, int) or abs(v) < 10**30 else f"an integer of {len(str(abs(v)))} digits"
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .audio_io import load_audio, to_24k
+from .errors import RequestError
 from .speaker.ecapa import speaker_embedding
 from .voice_prompt import VoiceClonePromptItem
 
@@ -19,16 +20,16 @@ def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None, x_vec
         raise ValueError("this checkpoint lacks its speaker encoder or speech tokenizer")
     audios = ref_audio if isinstance(ref_audio, list) else [ref_audio]
     if not audios:
-        raise ValueError("ref_audio must not be empty")
+        raise RequestError("ref_audio", "must not be empty")
     n = len(audios)
     texts = ref_text if isinstance(ref_text, list) else [ref_text] * n
     modes = x_vector_only_mode if isinstance(x_vector_only_mode, list) else [x_vector_only_mode] * n
     if len(texts) != n or len(modes) != n:
-        raise ValueError(f"batch size mismatch: ref_audio={n}, ref_text={len(texts)}, "
+        raise RequestError("ref_text", f"batch size mismatch: ref_audio={n}, ref_text={len(texts)}, "
                          f"x_vector_only_mode={len(modes)}")
     for i, (t, xvec) in enumerate(zip(texts, modes)):
         if not xvec and (t is None or not str(t).strip()):
-            raise ValueError(f"ref_text is required when x_vector_only_mode=False (ICL mode); missing at index {i}")
+            raise RequestError("ref_text", f"is required when x_vector_only_mode=False (ICL mode); missing at index {i}")
     wavs = []
     for i, a in enumerate(audios):
         wav, sr = load_audio(a, argument="ref_audio" if n == 1 else f"ref_audio[{i}]", allow_urls=allow_urls)

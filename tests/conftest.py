@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def pytest_collection_modifyitems(config, items):
 def ray_cluster():
     """A local Ray head on 127.0.0.1 (cluster/local.sh), shared by the whole test session; yields its address."""
     port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="qtts-ray-")  # short: Ray's socket paths must fit in 107 bytes
     env = dict(os.environ, QTTS_RAY_PORT=str(port), QTTS_DASHBOARD_PORT=str(dash),
+               QTTS_RAY_CLIENT_PORT=str(free_port()), QTTS_DASHBOARD_AGENT_PORT=str(free_port()),
+               QTTS_RAY_TEMP_DIR=temp_dir,
                RAY=str(ROOT / ".venv" / "bin" / "ray") if (ROOT / ".venv/bin/ray").exists() else "ray",
                RAY_ADDRESS=f"127.0.0.1:{port}")
     subprocess.run(["bash", str(ROOT / "cluster/local.sh"), "start"], check=True, env=env)
@@ -67,7 +71,8 @@ def ray_cluster():
                 ray.shutdown()
         except ImportError:
             pass
-        subprocess.run(["bash", str(ROOT / "cluster/local.sh"), "stop"], env=env)
+        subprocess.run(["bash", str(ROOT / "cluster/local.sh"), "stop"], env=env)  # this head only
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

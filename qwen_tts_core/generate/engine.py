@@ -1,7 +1,7 @@
 """The engine: continuous batching of many synthesis sessions in one process.
 
     engine = Engine(model, max_sessions=8)
-    s = engine.add(SynthesisRequest(...))      # thread-safe; ValueError on bad input, EngineBusy when full
+    s = engine.add(SynthesisRequest(...))      # thread-safe; RequestError on bad input, EngineBusy when full
     while engine.has_work():
         for chunk in engine.step(): ...        # AudioChunk per session as soon as its frames decode
 
@@ -24,6 +24,7 @@ from collections import deque
 import numpy as np
 import torch
 
+from ..errors import RequestError
 from ..text.prompt import extend_prompt
 from ..types import AudioChunk, SynthesisRequest
 from .audio_stream import AudioStreamer
@@ -217,7 +218,7 @@ class Engine:
         req = s.request
         if s.incremental is not None:
             if not s.committed_ids:
-                raise ValueError("text must not be empty")
+                raise RequestError("text", "must not be empty")
             ended = s.incremental.ended
             s.prompt = make_prompt(self.model, req, list(s.committed_ids), text_ended=ended)
         else:

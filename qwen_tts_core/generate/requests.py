@@ -1,12 +1,20 @@
-"""Request validation and request -> prompt (tokenization + embeddings). Errors name the argument and the allowed
-values, before any work is queued."""
+"""Requests: fields -> SynthesisRequest (`request_from_fields`, the one mapping the service and the jobs use),
+validation (`validate`, run by `Engine.add` before any work is queued; RequestError names the argument), and
+request -> prompt (tokenization + embeddings)."""
 
 from __future__ import annotations
 
 import logging
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+
+from ..errors import RequestError
 from ..text.prompt import Prompt, build_prompt
-from ..types import SamplingParams, SynthesisRequest
+from ..types import SAMPLING_FIELDS, SamplingParams, SynthesisRequest
 
 log = logging.getLogger(__name__)
 
@@ -18,42 +26,141 @@ def instruct_supported(model_size: str) -> bool:
     return not (model_size and model_size in "0b6")
 
 
+def check_text(text: object, field: str = "text", allow_blank: bool = False) -> str:
+    """A str that encodes as UTF-8 (no lone surrogates) and, unless `allow_blank`, has something to say."""
+    if not isinstance(text, str):
+        raise RequestError(field, f"must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(field, f"is not valid Unicode (a lone surrogate at character {e.start})") from None
+    if not allow_blank and not text.strip():
+        raise RequestError(field, "must not be empty")
+    return text
+
+
+def check_seed(seed: object) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise RequestError("seed", "must be an integer in [0, 2**63)")
+    return int(seed)
+
+
 def validate(model, req: SynthesisRequest) -> None:
+    """Every check of a request against one model, in one place (engine.add calls it). Raises RequestError."""
     cfg = model.cfg
     want = KIND_TO_MODEL_TYPE.get(req.kind)
     if want is None:
-        raise ValueError(f"kind must be one of {sorted(KIND_TO_MODEL_TYPE)}, got {req.kind!r}")
+        raise RequestError("kind", f"must be one of {sorted(KIND_TO_MODEL_TYPE)}, got {req.kind!r}")
     if cfg.tts_model_type != want:
-        raise ValueError(f"kind={req.kind!r} needs a {want!r} checkpoint; this one is {cfg.tts_model_type!r}")
+        raise RequestError("kind", f"{req.kind!r} needs a {want!r} checkpoint; this one is {cfg.tts_model_type!r}")
     if req.text is not None:
-        if not isinstance(req.text, str):
-            raise ValueError(f"text must be a string, got {type(req.text).__name__}")
-        if not req.text.strip():
-            raise ValueError("text must not be empty")
+        check_text(req.text)
+    if not isinstance(req.language, str):
+        raise RequestError("language", f"must be a string, got {type(req.language).__name__}")
     lang = (req.language or "auto").lower()
     langs = model.get_supported_languages()
     if lang not in langs and lang not in cfg.talker.codec_language_id:
-        raise ValueError(f"language {req.language!r} is not supported; choose one of {langs}")
+        raise RequestError("language", f"{req.language[:40]!r} is not supported; choose one of {langs}")
+    if req.instruct is not None:
+        check_text(req.instruct, "instruct", allow_blank=True)
     if req.kind == "custom_voice":
         speakers = model.get_supported_speakers() or []
-        if not req.speaker or req.speaker.lower() not in speakers:
-            raise ValueError(f"speaker {req.speaker!r} is not supported; choose one of {speakers}")
+        if not isinstance(req.speaker, str) or req.speaker.lower() not in speakers:
+            shown = req.speaker[:40] if isinstance(req.speaker, str) else req.speaker
+            raise RequestError("speaker", f"{shown!r} is not supported; choose one of {speakers}")
+    if req.kind == "voice_design" and not (req.instruct or "").strip():
+        raise RequestError("instruct", "a VoiceDesign model needs a voice description")
     if req.kind == "voice_clone":
         if req.voice_clone_prompt is None:
-            raise ValueError("voice_clone_prompt is required for voice_clone (see create_voice_clone_prompt)")
+            raise RequestError("voice_clone_prompt", "is required for voice_clone (see create_voice_clone_prompt)")
         if getattr(req.voice_clone_prompt, "icl_mode", False) and req.text is None:
-            raise ValueError("text: incremental text is not available with ICL voice clone prompts "
-                             "(use x_vector_only_mode=True or send the whole text)")
-    if req.first_chunk_frames < 1:
-        raise ValueError(f"first_chunk_frames must be >= 1, got {req.first_chunk_frames}")
-    if req.chunk_frames < 1:
-        raise ValueError(f"chunk_frames must be >= 1, got {req.chunk_frames}")
+            raise RequestError("text", "incremental text is not available with ICL voice clone prompts "
+                               "(use x_vector_only_mode=True or send the whole text)")
+    check_seed(req.seed)
+    for name in ("first_chunk_frames", "chunk_frames"):
+        v = getattr(req, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise RequestError(name, f"must be an integer >= 1, got {v!r}")
     if not isinstance(req.sampling, SamplingParams):
-        raise ValueError("sampling must be a SamplingParams")
+        raise RequestError("sampling", "must be a SamplingParams")
     if req.priority not in ("interactive", "bulk"):
-        raise ValueError(f"priority must be 'interactive' or 'bulk', got {req.priority!r}")
+        raise RequestError("priority", f"must be 'interactive' or 'bulk', got {req.priority!r}")
     if req.non_streaming_mode and req.text is None:
-        raise ValueError("non_streaming_mode=True needs the whole text (text=None opens incremental text)")
+        raise RequestError("non_streaming_mode", "True needs the whole text (text=None opens incremental text)")
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """A deployment's limits on requests built from fields (the service's model config, a job's options)."""
+
+    max_new_tokens: int | None = None          # hard cap; a request asking for more is refused
+    default_max_new_tokens: int | None = None  # when a request does not say (None: the checkpoint's default)
+    max_text_chars: int | None = None          # whole-text requests; incremental text is limited by the caller
+    first_chunk_frames: int = 1
+    chunk_frames: int = 4
+
+
+def request_from_fields(model, *, text: str | None, voice: str | None = None, instructions: str | None = None,
+                        language: str | None = None, seed: int | None = None, non_streaming_mode: bool = False,
+                        priority: str = "interactive", sampling: Mapping[str, Any] | None = None,
+                        voices: Callable[[str], Any] | None = None, policy: RequestPolicy = RequestPolicy(),
+                        ) -> SynthesisRequest:
+    """The one mapping from request fields (as the service and the batch jobs take them) to a SynthesisRequest.
+
+    `voice` means, by checkpoint type: CustomVoice, a speaker name (default: the first speaker); Base, a stored voice
+    that `voices(voice)` loads (KeyError when unknown); VoiceDesign takes no voice (the voice is described in
+    `instructions`). `text=None` opens an incremental-text session. Raises RequestError naming the field (`text`,
+    `voice`, `instruct`, `language`, `seed`, `non_streaming_mode`, `priority` or a sampling field); the rest of the
+    checks run in `validate` when the request reaches the engine.
+    """
+    kind = {v: k for k, v in KIND_TO_MODEL_TYPE.items()}[model.tts_model_type]
+    if text is not None:
+        check_text(text)
+        if policy.max_text_chars is not None and len(text) > policy.max_text_chars:
+            raise RequestError("text", f"is longer than {policy.max_text_chars} characters")
+    for name, v in (("voice", voice), ("instruct", instructions), ("language", language)):
+        if v is not None:
+            check_text(v, name, allow_blank=True)
+    for name, v in (("non_streaming_mode", non_streaming_mode),):
+        if not isinstance(v, bool | np.bool_):
+            raise RequestError(name, f"must be true or false, got {v!r}")
+    speaker, prompt = None, None
+    if kind == "custom_voice":
+        speakers = model.get_supported_speakers() or []
+        speaker = voice.lower() if voice else (speakers[0] if speakers else None)
+    elif kind == "voice_design":
+        if voice:
+            raise RequestError("voice", "a VoiceDesign model takes no voice name; describe the voice in "
+                               "instructions")
+    else:
+        if not voice:
+            raise RequestError("voice", "a Base model needs a stored voice (create one from reference audio)")
+        if voices is None:
+            raise RequestError("voice", "no voice store is configured")
+        try:
+            prompt = voices(voice)
+        except KeyError:
+            raise RequestError("voice", f"{voice[:80]!r} is not a stored voice") from None
+        instructions = None
+    sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
+    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise RequestError(unknown[0], f"unknown sampling field(s) {unknown}; supported: {list(SAMPLING_FIELDS)}")
+    params = model.sampling_params(**sampling)
+    want = sampling.get("max_new_tokens")
+    if want is not None and policy.max_new_tokens is not None and want > policy.max_new_tokens:
+        raise RequestError("max_new_tokens", f"must be <= {policy.max_new_tokens} here, got {want}")
+    if want is None:
+        cap = policy.default_max_new_tokens or policy.max_new_tokens
+        if cap is not None:
+            params = params.with_overrides(max_new_tokens=min(params.max_new_tokens, cap))
+    return SynthesisRequest(kind=kind, text=text, speaker=speaker, language=(language or "auto").lower(),
+                            instruct=instructions or None, voice_clone_prompt=prompt,
+                            non_streaming_mode=bool(non_streaming_mode), sampling=params, seed=check_seed(seed),
+                            priority=priority, first_chunk_frames=policy.first_chunk_frames,
+                            chunk_frames=policy.chunk_frames)
 
 
 def make_prompt(model, req: SynthesisRequest, text_ids: list[int], text_ended: bool) -> Prompt:
@@ -72,7 +179,7 @@ def make_prompt(model, req: SynthesisRequest, text_ids: list[int], text_ended: b
             speaker_vector = vp.ref_spk_embedding
         if vp.icl_mode and vp.ref_code is not None:
             if not vp.ref_text:
-                raise ValueError("ref_text is required when x_vector_only_mode=False (ICL mode)")
+                raise RequestError("ref_text", "is required when x_vector_only_mode=False (ICL mode)")
             ref_codes, ref_ids = vp.ref_code, tok.ref(vp.ref_text)
     return build_prompt(
         model.talker, model.cfg, role_ids=model.role_ids, text_ids=text_ids, language=req.language or "auto",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -9,8 +10,10 @@ from typing import Any
 
 import torch
 
+from ..errors import RequestError
 from ..text.prompt import Prompt
 from ..types import FinishReason, SynthesisRequest
+from .requests import check_text
 from .text_feed import IncrementalText
 
 _ids = itertools.count(1)
@@ -44,25 +47,39 @@ class Session:
     error: str | None = None
     cancelled: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(),
+                                             repr=False)
 
     # --- caller side ------------------------------------------------------------------------------------------
     def append_text(self, piece: str | bytes) -> None:
         """Add text to an incremental session (one opened with `text=None`)."""
         if self.incremental is None:
-            raise ValueError("append_text: this session was opened with its full text (text=...)")
-        if not isinstance(piece, str | bytes | bytearray):
-            raise ValueError(f"append_text: piece must be str or bytes, got {type(piece).__name__}")
+            raise RequestError("text", "append_text: this session was opened with its full text (text=...)")
+        if isinstance(piece, str):
+            check_text(piece, allow_blank=True)
+        elif not isinstance(piece, bytes | bytearray):
+            raise RequestError("text", f"append_text: piece must be str or bytes, got {type(piece).__name__}")
         with self._lock:
             if self.pending_text and self.pending_text[-1] is None or self.incremental.ended:
-                raise ValueError("append_text after end_text")
-            self.pending_text.append(bytes(piece) if isinstance(piece, bytearray) else piece)
+                raise RequestError("text", "append_text after end_text")
+            if isinstance(piece, bytes | bytearray):
+                piece = bytes(piece)
+                try:  # invalid UTF-8 is refused here, where the caller can be told, not in the engine's thread
+                    self._utf8.decode(piece)
+                except UnicodeDecodeError as e:
+                    raise RequestError("text", f"invalid UTF-8 ({e.reason})") from None
+            self.pending_text.append(piece)
 
     def end_text(self) -> None:
         if self.incremental is None:
-            raise ValueError("end_text: this session was opened with its full text (text=...)")
+            raise RequestError("text", "end_text: this session was opened with its full text (text=...)")
         with self._lock:
             if self.pending_text and self.pending_text[-1] is None or self.incremental.ended:
-                raise ValueError("end_text called twice")
+                raise RequestError("text", "end_text called twice")
+            try:
+                self._utf8.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise RequestError("text", "ends inside a UTF-8 character") from None
             self.pending_text.append(None)
 
     def take_pending(self) -> list[str | bytes | None]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import TTSConfig
+from ..errors import RequestError
 from ..model.talker import Talker
 
 
@@ -57,7 +58,7 @@ def build_prompt(talker: Talker, cfg: TTSConfig, *, role_ids: list[int], text_id
     dev = talker.codec_head.weight.device
     ids = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
     if not text_ids:
-        raise ValueError("text must contain at least one token")
+        raise RequestError("text", "must contain at least one token")
     bos_eos_pad = talker.embed_text(ids([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id]))
     tts_bos, tts_eos, tts_pad = bos_eos_pad[0], bos_eos_pad[1], bos_eos_pad[2]
 
@@ -83,7 +84,7 @@ def build_prompt(talker: Talker, cfg: TTSConfig, *, role_ids: list[int], text_id
 
     if ref_codes is not None:
         if not ref_ids:
-            raise ValueError("ref_text is required for in-context voice cloning (ICL)")
+            raise RequestError("ref_text", "is required for in-context voice cloning (ICL)")
         txt = torch.cat([talker.embed_text(ids(ref_ids)), text_emb, tts_eos[None]])
         frames = talker.embed_frame(ref_codes.to(dev).long())           # [R, C]
         cod = torch.cat([bos[None], frames])
@@ -97,7 +98,7 @@ def build_prompt(talker: Talker, cfg: TTSConfig, *, role_ids: list[int], text_id
             parts.append(torch.cat([txt, tts_pad.expand(cod.shape[0] - txt.shape[0], -1)]) + cod)
     elif non_streaming_mode:
         if not text_ended:
-            raise ValueError("non_streaming_mode needs the whole text up front (incremental text streams)")
+            raise RequestError("non_streaming_mode", "needs the whole text up front (incremental text streams)")
         pad = talker.embed_codec(ids([t.codec_pad_id]))
         parts += [torch.cat([text_emb, tts_eos[None]]) + pad, (tts_pad + bos)[None]]
     else:
@@ -111,7 +112,7 @@ def build_prompt(talker: Talker, cfg: TTSConfig, *, role_ids: list[int], text_id
 def extend_prompt(talker: Talker, prompt: Prompt, new_ids: list[int], end: bool) -> None:
     """Incremental text: append the embeddings of newly committed text tokens (and tts_eos at the end)."""
     if prompt.text_ended:
-        raise ValueError("text already ended: append_text after end_text")
+        raise RequestError("text", "already ended: append_text after end_text")
     if new_ids:
         dev = talker.codec_head.weight.device
         prompt.trailing.extend(talker.embed_text(torch.tensor(new_ids, dtype=torch.long, device=dev)))
