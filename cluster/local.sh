@@ -35,7 +35,8 @@ head_tree() {
 
 case "${1:-}" in
   start)
-    if "$RAY" status --address "$RAY_ADDRESS_HOSTPORT" >/dev/null 2>&1; then
+    # a plain TCP probe: `ray status` against a port nobody serves waits ~40 s for a GCS
+    if (exec 3<>"/dev/tcp/127.0.0.1/$QTTS_RAY_PORT") 2>/dev/null; then
       echo "ray head already running at $RAY_ADDRESS_HOSTPORT"; exit 0
     fi
     mkdir -p "$temp_dir"
@@ -61,13 +62,13 @@ case "${1:-}" in
     fi
     pgid=$(cat "$pgid_file")
     pids=$(head_tree "$pgid")
-    [ -n "$pids" ] && kill -TERM $pids 2>/dev/null || true
-    for _ in $(seq 50); do
-      alive=$(for p in $pids; do kill -0 "$p" 2>/dev/null && echo "$p"; done)
+    if [ -n "$pids" ]; then kill -TERM $pids 2>/dev/null || true; fi
+    for _ in $(seq 25); do
+      alive=$(for p in $pids; do if kill -0 "$p" 2>/dev/null; then echo "$p"; fi; done)
       [ -z "$alive" ] && break
       sleep 0.2
     done
-    [ -n "${alive:-}" ] && kill -KILL $alive 2>/dev/null || true
+    if [ -n "${alive:-}" ]; then kill -KILL $alive 2>/dev/null || true; fi
     rm -f "$pgid_file"
     echo "ray head at $RAY_ADDRESS_HOSTPORT stopped"
     ;;
