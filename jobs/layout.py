@@ -41,7 +41,6 @@ LANG_CODES = {"english": "en", "chinese": "zh", "japanese": "ja", "korean": "ko"
               "russian": "ru", "portuguese": "pt", "spanish": "es", "italian": "it", "sichuan_dialect": "zh",
               "beijing_dialect": "zh", "auto": "en"}
 _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-MASTER = mastering.MasterConfig("telephony", "sln16")  # the one source of every package file
 
 
 def check_layout(layout: str | None) -> str:
@@ -49,6 +48,18 @@ def check_layout(layout: str | None) -> str:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
     return layout
+
+
+def master_for(layout: str, master: mastering.MasterConfig) -> mastering.MasterConfig:
+    """The master a layout needs: --layout asterisk renders every prompt as a 16 kHz telephony master."""
+    if layout == "none":
+        return master
+    if master.preset not in ("none", "telephony"):
+        raise ValueError(f"layout {layout!r} needs the telephony preset (or none), got master {master.preset!r}")
+    if master.codec not in (None, "sln16"):
+        raise ValueError(f"codec: --layout {layout} makes every codec from a 16 kHz master; leave --codec unset "
+                         f"(got {master.codec!r})")
+    return mastering.MasterConfig("telephony", "sln16", master.tail_silence_s)
 
 
 def safe_name(prompt_id: str) -> str:
