@@ -185,6 +185,8 @@ def make_handler(review: Review) -> type[BaseHTTPRequestHandler]:
             try:
                 if url.path in ("/", "/index.html"):
                     return self._send(200, page, "text/html; charset=utf-8")
+                if url.path == "/favicon.ico":
+                    return self._send(204, b"", "image/x-icon")
                 if url.path == "/api/manifest":
                     return self._json(200, review.rows())
                 key = q.get("key", "")
