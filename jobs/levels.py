@@ -134,8 +134,8 @@ def active_speech_level(x: np.ndarray, sample_rate: int) -> tuple[float | None, 
 
     The envelope q is |x| smoothed twice by a one-pole filter (time constant 30 ms). For a threshold c a sample is
     active when q reached c within the last 200 ms (hangover). The active level A(c) is the mean power over active
-    samples; the measured level is A where A(c) - 20 log10(c) falls to the 15.9 dB margin (interpolated on a
-    0.25 dB grid of thresholds).
+    samples; scanning thresholds upwards (0.25 dB apart), the measured level is A where A(c) - 20 log10(c) first
+    falls to the 15.9 dB margin (interpolated between the two thresholds around it).
     """
     from scipy.ndimage import maximum_filter1d
     from scipy.signal import lfilter
@@ -150,19 +150,21 @@ def active_speech_level(x: np.ndarray, sample_rate: int) -> tuple[float | None, 
     qmax = maximum_filter1d(q, size=hang + 1, origin=hang // 2, mode="constant", cval=0.0)
     qs = np.sort(qmax)
     energy = float(np.sum(x * x))
-    grid_db = np.arange(0.0, -120.0, -0.25)  # thresholds, loud to quiet
+    grid_db = np.arange(-120.0, 0.001, 0.25)  # thresholds, quiet to loud
     counts = x.size - np.searchsorted(qs, 10 ** (grid_db / 20), side="left")
-    with np.errstate(divide="ignore"):
-        level = np.where(counts > 0, 10 * np.log10(energy / np.maximum(counts, 1)), np.inf)
-    diff = level - grid_db  # grows as the threshold falls; find where it reaches the margin
-    above = (counts > 0) & (diff >= P56_MARGIN_DB)
-    if not np.any(above):
-        return float(level[-1]), float(counts[-1] / x.size)
-    j = int(np.argmax(above))  # first threshold (going down) where the margin is reached
-    if j == 0 or counts[j - 1] == 0:
+    live = counts > 0
+    level = np.full(grid_db.shape, np.nan)
+    level[live] = 10 * np.log10(energy / counts[live])
+    # A(c) - C falls as the threshold rises: the level is where it first reaches the margin
+    below = live & (level - grid_db <= P56_MARGIN_DB)
+    if not np.any(below):
+        j = int(np.flatnonzero(live)[-1])
         return float(level[j]), float(counts[j] / x.size)
-    d0, d1 = diff[j - 1], diff[j]
-    t = 0.0 if d1 == d0 else (P56_MARGIN_DB - d0) / (d1 - d0)
+    j = int(np.argmax(below))
+    if j == 0:
+        return float(level[0]), float(counts[0] / x.size)
+    d0, d1 = level[j - 1] - grid_db[j - 1], level[j] - grid_db[j]
+    t = 0.0 if d1 == d0 else (d0 - P56_MARGIN_DB) / (d0 - d1)
     lvl = float(level[j - 1] + t * (level[j] - level[j - 1]))
     act = float((counts[j - 1] + t * (counts[j] - counts[j - 1])) / x.size)
     return lvl, act

@@ -67,26 +67,36 @@ def lufs(x: np.ndarray, sr: int) -> float:
 
 
 def p56_level_db(x: np.ndarray, sr: int) -> float:
-    """ITU-T P.56 method B as written: thresholds 2 dB apart, per-sample envelope and hangover, M = 15.9 dB."""
+    """ITU-T P.56 method B as written: thresholds c_j 2 dB apart from quiet to loud, per-sample envelope and
+    hangover, M = 15.9 dB; the first j where A_j - C_j <= M, interpolated with j - 1."""
     g = math.exp(-1 / (0.03 * sr))
     hang = int(0.2 * sr)
-    thresholds = 10 ** (np.arange(0, -100, -2.0) / 20)
-    count = np.zeros(len(thresholds))
-    since = np.full(len(thresholds), hang + 1)
+    c = [10 ** (d / 20) for d in range(-100, 1, 2)]
+    count = [0] * len(c)
+    since = [hang + 1] * len(c)
     p = q = 0.0
-    for v in np.abs(x):
+    for v in np.abs(x).tolist():
         p = g * p + (1 - g) * v
         q = g * q + (1 - g) * p
-        hit = q >= thresholds
-        since = np.where(hit, 0, since + 1)
-        count += since <= hang
+        for j, cj in enumerate(c):
+            since[j] = 0 if q >= cj else since[j] + 1
+            if since[j] <= hang:
+                count[j] += 1
     energy = float(np.sum(x**2))
-    a = np.where(count > 0, 10 * np.log10(energy / np.maximum(count, 1)), np.inf)
-    diff = a - 20 * np.log10(thresholds)
-    j = int(np.argmax((count > 0) & (diff >= 15.9)))
-    d0, d1 = diff[j - 1], diff[j]
-    t = (15.9 - d0) / (d1 - d0) if np.isfinite(d0) and d1 != d0 else 1.0
-    return float(a[j - 1] + t * (a[j] - a[j - 1])) if np.isfinite(a[j - 1]) else float(a[j])
+    prev = None
+    for j, cj in enumerate(c):
+        if count[j] == 0:
+            break
+        a_db = 10 * math.log10(energy / count[j])
+        delta = a_db - 20 * math.log10(cj)
+        if delta <= 15.9:
+            if prev is None:
+                return a_db
+            pa, pdelta = prev
+            t = (pdelta - 15.9) / (pdelta - delta)
+            return pa + t * (a_db - pa)
+        prev = (a_db, delta)
+    raise AssertionError("no active speech found")
 
 
 def dbm0(level_db: float, law: str) -> float:

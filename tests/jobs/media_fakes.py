@@ -54,3 +54,14 @@ class ToneBackend:
             t = np.arange(chunk_samples(j.text)) / SR
             out.append(ChunkResult((0.3 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32), "eos"))
         return out
+
+
+def speechlike(seconds: float, sr: int = SR, seed: int = 0) -> np.ndarray:
+    """Harmonics of a wandering pitch, 4 Hz syllables, 0.4 s pauses every 2.4 s: peaks ~20 dB above the level."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    phase = 2 * np.pi * np.cumsum(120 + 25 * np.sin(2 * np.pi * 0.3 * t)) / sr
+    x = sum(np.sin(k * phase) / k**1.2 for k in range(1, 20)) * np.abs(np.sin(2 * np.pi * 2 * t)) ** 1.5
+    x = x + 0.02 * rng.standard_normal(t.size)
+    x[(t % 2.4) > 2.0] = 0.0
+    return (0.1 * x / np.max(np.abs(x))).astype(np.float32)

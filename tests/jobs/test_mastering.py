@@ -287,3 +287,17 @@ def test_dbm0_follows_g711():
     full_scale_sine_db = 20 * math.log10(1 / math.sqrt(2))
     assert mastering.dbm0(full_scale_sine_db, "ulaw") == pytest.approx(3.17, abs=1e-3)
     assert mastering.dbm0(full_scale_sine_db, "alaw") == pytest.approx(3.14, abs=1e-3)
+
+
+def test_active_speech_level_on_speech_like_audio():
+    """Speech-like audio (peaks far above the level, pauses): P.56 from levels.py agrees with the literal reference,
+    and a telephony master lands at -19 dBm0 measured by the reference on the decoded file."""
+    from tests.jobs.media_fakes import speechlike
+
+    x = speechlike(8, 8000)
+    level, activity = levels.active_speech_level(x, 8000)
+    assert level == pytest.approx(ind.p56_level_db(x.astype(np.float64), 8000), abs=0.2)
+    assert 0.6 < activity < 1.0 and level > ind.rms_db(x.astype(np.float64)) - 0.1  # pauses do not count
+    res = mastering.master(speechlike(8), 24000, mastering.MasterConfig("telephony", "alaw"))
+    y, sr, _ = ind.read(res.data)
+    assert -20.0 <= ind.dbm0(ind.p56_level_db(y, sr), "alaw") <= -18.0 and not res.failed
