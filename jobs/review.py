@@ -37,6 +37,7 @@ MANIFESTS = ("manifest.parquet", "catalog-manifest.parquet")
 PLAYABLE = {"wav": "audio/wav", "flac": "audio/flac", "mp3-192": "audio/mpeg", "mp3-128": "audio/mpeg",
             "opus": "audio/ogg", "wav-8k": "audio/wav", "wav-16k": "audio/wav", "aac": "audio/mp4"}
 MAX_PEAKS = 4000
+OBJECT_CACHE_BYTES = 256 * 1024 * 1024
 
 
 class ReviewError(Exception):
@@ -52,6 +53,7 @@ class Review:
         self.sink = open_sink(uri)
         self.manifest = manifest
         self._peaks: OrderedDict[tuple[str, int], dict] = OrderedDict()
+        self._objects: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._allowed: dict[str, str] = {}  # key -> format ("captions" for captions)
 
@@ -93,9 +95,18 @@ class Review:
         return fmt
 
     def _get(self, key: str) -> bytes:
+        """The object's bytes; the last few are kept, since players fetch a file in many Range requests."""
+        with self._lock:
+            if key in self._objects:
+                self._objects.move_to_end(key)
+                return self._objects[key]
         data = self.sink.get(key)
         if data is None:
             raise ReviewError(404, f"{key!r} is listed in the manifest but missing from {self.sink.uri}")
+        with self._lock:
+            self._objects[key] = data
+            while len(self._objects) > 1 and sum(len(v) for v in self._objects.values()) > OBJECT_CACHE_BYTES:
+                self._objects.popitem(last=False)
         return data
 
     def audio(self, key: str) -> tuple[bytes, str]:

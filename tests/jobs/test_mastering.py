@@ -301,3 +301,25 @@ def test_active_speech_level_on_speech_like_audio():
     res = mastering.master(speechlike(8), 24000, mastering.MasterConfig("telephony", "alaw"))
     y, sr, _ = ind.read(res.data)
     assert -20.0 <= ind.dbm0(ind.p56_level_db(y, sr), "alaw") <= -18.0 and not res.failed
+
+
+def test_render_config_survives_the_trip_to_ray_workers(tmp_path):
+    """runner.RenderWorker rebuilds the config from asdict(): preset, lexicon and speed come back intact."""
+    import pickle
+    from dataclasses import asdict
+
+    from jobs.inputs import Utterance
+    from jobs.lexicon import load
+    from jobs.quality import QualityConfig
+    from jobs.render import RenderConfig, plan_key
+
+    lx = tmp_path / "l.csv"
+    lx.write_text("word,respelling,case\nSQL,sequel,\nnginx,engine x,ignore\n")
+    cfg = RenderConfig(model="m", master=mastering.MasterConfig("telephony", "alaw", 0.7), speed=1.25,
+                       lexicon=load(lx), captions=True)
+    raw = pickle.loads(pickle.dumps(asdict(cfg)))
+    back = RenderConfig(**dict(raw, quality=QualityConfig(**raw["quality"])))
+    assert back == cfg
+    row = Utterance(id="r", text="Use SQL with NGINX.")
+    assert plan_key(row, back) == plan_key(row, cfg)
+    assert back.lexicon.apply(row.text)[0] == "Use sequel with engine x."
