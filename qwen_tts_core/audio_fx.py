@@ -138,4 +138,23 @@ class StreamingTimeStretcher:
         return self._emit(self._take(final=True), final=True)
 
 
-__all__ = ["SPEED_MAX", "SPEED_MIN", "StreamingTimeStretcher", "check_speed", "stretched_length", "time_stretch"]
+class StretchedEncoder:
+    """Any streaming encoder (`push(pcm) -> bytes`, `finish() -> bytes`, `media_type`) with a stretcher in front:
+    the service wraps its encoder in this when a request asks for another speed."""
+
+    def __init__(self, encoder, sample_rate: int, speed: float) -> None:
+        self.encoder = encoder
+        self.media_type = getattr(encoder, "media_type", None)
+        self.stretcher = StreamingTimeStretcher(sample_rate, speed)
+
+    def push(self, pcm: np.ndarray) -> bytes:
+        y = self.stretcher.push(pcm)
+        return self.encoder.push(y) if y.size else b""
+
+    def finish(self) -> bytes:
+        y = self.stretcher.finish()
+        return (self.encoder.push(y) if y.size else b"") + self.encoder.finish()
+
+
+__all__ = ["SPEED_MAX", "SPEED_MIN", "StreamingTimeStretcher", "StretchedEncoder", "check_speed", "stretched_length",
+           "time_stretch"]

@@ -88,3 +88,27 @@ def test_out_of_range_speed_names_the_field(bad):
 def test_stereo_is_refused():
     with pytest.raises(ValueError, match="mono"):
         time_stretch(np.zeros((2, 100), np.float32), SR, 2.0)
+
+
+def test_stretched_encoder_wraps_a_streaming_encoder():
+    from qwen_tts_core.audio_fx import StretchedEncoder
+
+    class Collect:
+        media_type = "audio/pcm"
+
+        def __init__(self):
+            self.got, self.finished = [], False
+
+        def push(self, pcm):
+            self.got.append(np.asarray(pcm))
+            return b"x" * pcm.size
+
+        def finish(self):
+            self.finished = True
+            return b"end"
+
+    x = tone(seconds=1.0)
+    enc = StretchedEncoder(Collect(), SR, 2.0)
+    out = b"".join(enc.push(x[i:i + 1920]) for i in range(0, x.size, 1920)) + enc.finish()
+    assert enc.media_type == "audio/pcm" and enc.encoder.finished and out.endswith(b"end")
+    assert len(out) - 3 == SR // 2 == sum(g.size for g in enc.encoder.got)
