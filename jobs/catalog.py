@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout as layouts
+from .captions import caption_keys
 from .inputs import RowDefaults, Utterance, check_row, mark_duplicates
 from .manifest import ManifestRecord, from_parquet, summarize, to_parquet
 from .narrate import add_common_args, build_options, check_models, load_config, print_manifest
@@ -118,6 +119,8 @@ def _delete(sink: Sink, key: str) -> None:
     try:
         sink.delete(key)
         sink.delete(sidecar_key(key))
+        for extra in caption_keys(key):  # --captions files, when there are any
+            sink.delete(extra)
     except StorageError as e:
         log.warning("could not delete %s: %s", key, e)
 

@@ -127,3 +127,16 @@ def test_formats_escaping_and_edge_cases():
 def test_sentence_chunks_keep_long_sentences_within_the_budget():
     chunks = captions.sentence_chunks("Short. " + "word " * 60 + "end.", 50)
     assert chunks[0] == "Short." and all(len(c) <= 50 for c in chunks) and len(chunks) > 3
+
+
+def test_retired_prompts_take_their_captions_along(tmp_path):
+    cat = tmp_path / "c.csv"
+    cat.write_text("id,text,voice\na,First prompt.,ryan\nb,Second prompt.,ryan\n")
+    base = [str(cat), "--model", "fake", "--backend", "tests.jobs.media_fakes:ToneBackend", "--runner", "local",
+            "--no-progress", "--quiet", "--captions", "--out", str(tmp_path / "out")]
+    assert catalog.main(base) == 0
+    assert len(list((tmp_path / "out").rglob("*.vtt"))) == 2
+    cat.write_text("id,text,voice\na,First prompt.,ryan\n")
+    assert catalog.main([*base, "--retire", "delete"]) == 0
+    assert [p.name.split("-")[0] for p in (tmp_path / "out").rglob("*.vtt")] == ["a"]
+    assert len(list((tmp_path / "out").rglob("*.srt"))) == 1
