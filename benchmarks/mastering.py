@@ -120,6 +120,9 @@ def main() -> None:
     result: dict = {"benchmark": "mastering", "minutes_mastered": args.minutes, "cpu": platform.processor() or
                     platform.machine(), "cpu_count": os.cpu_count()}
     result["mastering"] = bench_mastering(args.minutes)
+    import resource
+
+    result["mastering_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if not args.skip_synthesis:
         with tempfile.TemporaryDirectory(prefix="qtts-master-bench-") as tmp:
             ckpt = args.checkpoint

@@ -54,9 +54,17 @@ class Measurements:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
+_BLOCK = 1 << 20  # samples per block when summing squares (float64 sums, no full-length float64 copy)
+
+
+def _energy(x: np.ndarray) -> float:
+    """Sum of squares in float64, a block at a time."""
+    return float(sum(np.dot(b, b) for b in (np.asarray(x[i:i + _BLOCK], dtype=np.float64)
+                                            for i in range(0, np.size(x), _BLOCK))))
+
+
 def rms_db(x: np.ndarray) -> float:
-    x = np.asarray(x, dtype=np.float64)
-    return to_db(float(np.mean(x * x)), power=True) if x.size else FLOOR_DB
+    return to_db(_energy(x) / np.size(x), power=True) if np.size(x) else FLOOR_DB
 
 
 def peak_db(x: np.ndarray) -> float:
@@ -91,39 +99,39 @@ def integrated_lufs(x: np.ndarray, sample_rate: int) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _window_rms_db(x: np.ndarray, sample_rate: int, window_s: float, hop_s: float) -> np.ndarray:
-    """RMS in dB of windows of `window_s` every `hop_s` (cumulative sums: O(N))."""
-    n = max(1, int(window_s * sample_rate))
-    hop = max(1, int(hop_s * sample_rate))
-    x = np.asarray(x, dtype=np.float64)
-    if x.size <= n:
-        return np.array([rms_db(x)])
-    c = np.concatenate([[0.0], np.cumsum(x * x)])
-    starts = np.arange(0, x.size - n + 1, hop)
-    ms = np.maximum((c[starts + n] - c[starts]) / n, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.maximum(FLOOR_DB, 10 * np.log10(ms))
-
-
-def noise_floor_db(x: np.ndarray, sample_rate: int) -> float:
-    """RMS of the quietest 500 ms (10 ms hop)."""
-    if np.size(x) == 0:
-        return FLOOR_DB
-    return float(np.min(_window_rms_db(x, sample_rate, NOISE_WINDOW_S, 0.01)))
-
-
-def sound_bounds(x: np.ndarray, sample_rate: int, floor_db: float | None = None) -> tuple[int, int] | None:
-    """[first, last) sample of the frames that are sound; None when nothing is."""
+def frame_energies(x: np.ndarray, sample_rate: int) -> tuple[np.ndarray, int]:
+    """(mean square of each whole 10 ms frame, frame length in samples); a trailing partial frame is dropped."""
     frame = max(1, int(0.01 * sample_rate))
     n = np.size(x) // frame
-    if n == 0:
+    out = np.empty(n)
+    step = max(1, _BLOCK // frame)
+    for i in range(0, n, step):
+        b = np.asarray(x[i * frame:min(n, i + step) * frame], dtype=np.float64).reshape(-1, frame)
+        out[i:i + b.shape[0]] = np.einsum("ij,ij->i", b, b) / frame
+    return out, frame
+
+
+def noise_floor_db(x: np.ndarray, sample_rate: int, energies: np.ndarray | None = None) -> float:
+    """RMS of the quietest 500 ms (windows of 50 frames of 10 ms, one frame apart)."""
+    e = frame_energies(x, sample_rate)[0] if energies is None else energies
+    w = int(round(NOISE_WINDOW_S / 0.01))
+    if e.size == 0:
+        return rms_db(x)
+    if e.size <= w:
+        return to_db(float(np.mean(e)), power=True)
+    c = np.concatenate([[0.0], np.cumsum(e)])
+    return to_db(max(float(np.min(c[w:] - c[:-w])) / w, 0.0), power=True)
+
+
+def sound_bounds(x: np.ndarray, sample_rate: int, floor_db: float | None = None,
+                 energies: np.ndarray | None = None) -> tuple[int, int] | None:
+    """[first, last) sample of the 10 ms frames that are sound; None when nothing is."""
+    e, frame = frame_energies(x, sample_rate) if energies is None else (energies, max(1, int(0.01 * sample_rate)))
+    if e.size == 0:
         return None
-    floor_db = noise_floor_db(x, sample_rate) if floor_db is None else floor_db
-    x = np.asarray(x[: n * frame], dtype=np.float64).reshape(n, frame)
-    with np.errstate(divide="ignore"):
-        frame_db = 10 * np.log10(np.maximum(np.mean(x * x, axis=1), 1e-30))
+    floor_db = noise_floor_db(x, sample_rate, e) if floor_db is None else floor_db
     threshold = min(max(floor_db + SOUND_OVER_FLOOR_DB, SOUND_RANGE_DB[0]), SOUND_RANGE_DB[1])
-    loud = np.flatnonzero(frame_db > threshold)
+    loud = np.flatnonzero(e > 10 ** (threshold / 10))
     if loud.size == 0:
         return None
     return int(loud[0] * frame), int((loud[-1] + 1) * frame)
@@ -173,8 +181,9 @@ def active_speech_level(x: np.ndarray, sample_rate: int) -> tuple[float | None, 
 def measure(x: np.ndarray, sample_rate: int, speech_level: bool = False) -> Measurements:
     """Every figure above for one file's decoded audio."""
     x = np.asarray(x, dtype=np.float32).reshape(-1)
-    floor = noise_floor_db(x, sample_rate)
-    bounds = sound_bounds(x, sample_rate, floor)
+    energies = frame_energies(x, sample_rate)[0]
+    floor = noise_floor_db(x, sample_rate, energies)
+    bounds = sound_bounds(x, sample_rate, floor, energies)
     first, last = bounds if bounds else (x.size, x.size)
     m = Measurements(duration_s=x.size / sample_rate, sample_rate=sample_rate, rms_db=rms_db(x), peak_db=peak_db(x),
                      true_peak_dbtp=true_peak_dbtp(x, sample_rate), lufs=integrated_lufs(x, sample_rate),
