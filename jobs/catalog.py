@@ -14,12 +14,15 @@ import logging
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import layout as layouts
+from .captions import caption_keys
 from .inputs import RowDefaults, Utterance, check_row, mark_duplicates
 from .manifest import ManifestRecord, from_parquet, summarize, to_parquet
-from .narrate import add_common_args, build_options, check_models, print_manifest
+from .narrate import add_common_args, build_options, check_models, load_config, print_manifest
 from .render import RenderConfig, sidecar_key
 from .runner import RunOptions, run_rows
 from .storage import Sink, StorageError, open_sink
@@ -116,24 +119,33 @@ def _delete(sink: Sink, key: str) -> None:
     try:
         sink.delete(key)
         sink.delete(sidecar_key(key))
+        for extra in caption_keys(key):  # --captions files, when there are any
+            sink.delete(extra)
     except StorageError as e:
         log.warning("could not delete %s: %s", key, e)
 
 
 def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: RunOptions, retire: str,
-             quiet: bool = True) -> tuple[int, dict[str, Any]]:
+             quiet: bool = True, layout: str = "none") -> tuple[int, dict[str, Any]]:
     """One regeneration pass; returns (exit code, summary)."""
     t0 = time.perf_counter()
     rows = check_models(read_catalog(catalog, defaults), render)
+    if layout != "none":  # ids that cannot be file names fail before any synthesis
+        rows = layouts.check_rows(rows)
     sink = open_sink(opts.output, opts.retry)
     sink.preflight()
     previous = previous_manifest(sink)
     current = run_rows(rows, render, opts, sink=sink, desc="catalog")
+    packages = layouts.write_packages(current, rows, sink) if layout != "none" else None
     records, counts = reconcile(current, previous, sink, retire)
+    if layout != "none" and retire == "delete":
+        layouts.remove_packages(records, sink)
     sink.put(MANIFEST_KEY, to_parquet(records), "application/vnd.apache.parquet")
     summary = summarize(records)
     summary.update(counts, output=sink.uri, manifest=sink.url(MANIFEST_KEY),
                    wall_s=round(time.perf_counter() - t0, 2))
+    if packages is not None:
+        summary["layout"] = {"name": layout, **packages}
     if not quiet:
         print_manifest(records)
     return (1 if summary["failed"] else 0), summary
@@ -156,13 +168,16 @@ def run(args: argparse.Namespace) -> int:
         if args.retire not in RETIRE_MODES:
             raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {args.retire!r}")
         defaults, render, opts = build_options(args, "prompts")
+        layout = layouts.check_layout(args.layout or load_config(args.config).get("layout"))
+        render = replace(render, master=layouts.master_for(layout, render.master))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runs, code = 0, 0
     while True:
         try:
-            code, summary = run_once(args.catalog, defaults, render, opts, args.retire, quiet=args.quiet)
+            code, summary = run_once(args.catalog, defaults, render, opts, args.retire, quiet=args.quiet,
+                                     layout=layout)
             print(json.dumps(summary), flush=True)
         except (ValueError, StorageError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -184,6 +199,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    "(delete also removes superseded versions of changed prompts)")
     p.add_argument("--every", help="regenerate periodically on this machine, e.g. 1h (default: run once)")
     p.add_argument("--max-runs", type=int, default=0, help="with --every: stop after N runs (0: forever)")
+    p.add_argument("--layout", choices=layouts.LAYOUTS, help="asterisk: also write sounds/<lang>/<name>.<ext> "
+                   f"packages, one folder per codec ({', '.join(layouts.ASTERISK_CODECS)}), from 16 kHz "
+                   "telephony masters")
     p.set_defaults(func=run)
     return p
 

@@ -1,4 +1,4 @@
-"""`qtts narrate`, `qtts catalog` and `qtts demo`: registered through the `qtts.commands` entry points."""
+"""`qtts narrate`, `qtts catalog`, `qtts review` and `qtts demo`: registered through the `qtts.commands` entry points."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the batch-job subcommands to `qtts` (each sets `func(args) -> exit code`)."""
-    from . import catalog, demo, narrate
+    from . import catalog, demo, narrate, review
 
     narrate.build_parser(subparsers.add_parser("narrate", help="bulk narration to file:// or s3:// (Ray Data)"))
     catalog.build_parser(subparsers.add_parser("catalog", help="regenerate a prompt catalog (new/changed only)"))
+    review.build_parser(subparsers.add_parser("review", help="a local page to look at and listen to a job's output"))
     demo.add_parser(subparsers)
 
 

@@ -20,7 +20,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".markdown")
 ROW_SUFFIXES = (".jsonl", ".parquet")
 FORMATS = ("wav", "flac", "wav-ulaw", "wav-alaw")
 ROW_FIELDS = ("id", "text", "voice", "speaker", "language", "instruct", "model", "seed", "format",
-              "sample_rate")
+              "sample_rate", "title")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Utterance:
     format: str = "wav"
     sample_rate: int = 24000
     error: str | None = None
+    title: str | None = None  # chapter title for --book (a Markdown file's first heading); not in the key
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,11 @@ def _read_text_file(path: Path, defaults: RowDefaults) -> Utterance:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         return Utterance(id=path.stem, text="", error=f"cannot read {path}: {e}")
-    text = markdown_to_text(raw) if path.suffix.lower() in (".md", ".markdown") else raw
-    return check_row({"id": path.stem, "text": text}, defaults, where=str(path))
+    md = path.suffix.lower() in (".md", ".markdown")
+    text = markdown_to_text(raw) if md else raw
+    heading = re.search(r"^\s{0,3}#{1,6}\s*(.*?)\s*#*\s*$", raw, re.M) if md else None
+    row = check_row({"id": path.stem, "text": text}, defaults, where=str(path))
+    return replace(row, title=markdown_to_text(heading.group(1)).strip() or None) if heading else row
 
 
 def check_row(raw: Any, defaults: RowDefaults, where: str) -> Utterance:
@@ -131,9 +135,10 @@ def check_row(raw: Any, defaults: RowDefaults, where: str) -> Utterance:
     if not 4000 <= sr <= 48000:
         return replace(base, error=f"{where}: field 'sample_rate' must be an integer in [4000, 48000], "
                                    f"got {raw.get('sample_rate')!r}")
+    title = raw.get("title")
     return Utterance(id=rid, text=text, voice=voice or defaults.voice, language=fields["language"] or "auto",
                      instruct=fields["instruct"], model=fields["model"], seed=seed, format=fmt,
-                     sample_rate=sr)
+                     sample_rate=sr, title=title.strip() or None if isinstance(title, str) else None)
 
 
 def _read_jsonl(path: Path, defaults: RowDefaults) -> list[Utterance]:

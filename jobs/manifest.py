@@ -40,6 +40,21 @@ class ManifestRecord:
     finish_reasons: list[str] = field(default_factory=list)
     reused: bool = False
     url: str | None = None
+    # delivery (jobs/deliver.py): preset, measured figures of the file as delivered, pass/fail per rule (JSON)
+    master: str = "none"
+    rules: str = "{}"
+    rms_db: float | None = None
+    peak_db: float | None = None
+    noise_floor_db: float | None = None
+    lufs: float | None = None
+    true_peak_dbtp: float | None = None
+    speech_level_dbm0: float | None = None
+    head_s: float | None = None
+    tail_s: float | None = None
+    speed: float = 1.0
+    lexicon: list[str] = field(default_factory=list)   # lexicon entries that fired
+    captions: list[str] = field(default_factory=list)  # keys of the .srt and .vtt
+    layout: list[str] = field(default_factory=list)    # catalog --layout package files
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +76,11 @@ def _schema():
         ("params", pa.string()), ("text_hash", pa.string()), ("num_chunks", pa.int32()),
         ("flags", pa.list_(pa.string())), ("finish_reasons", pa.list_(pa.string())), ("reused", pa.bool_()),
         ("url", pa.string()),
+        ("master", pa.string()), ("rules", pa.string()), ("rms_db", pa.float64()), ("peak_db", pa.float64()),
+        ("noise_floor_db", pa.float64()), ("lufs", pa.float64()), ("true_peak_dbtp", pa.float64()),
+        ("speech_level_dbm0", pa.float64()), ("head_s", pa.float64()), ("tail_s", pa.float64()),
+        ("speed", pa.float64()), ("lexicon", pa.list_(pa.string())), ("captions", pa.list_(pa.string())),
+        ("layout", pa.list_(pa.string())),
     ])
 
 

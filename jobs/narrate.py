@@ -17,8 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import deliver
 from .inputs import FORMATS, RowDefaults, Utterance, read_inputs
+from .lexicon import Lexicon
+from .lexicon import load as load_lexicon
 from .manifest import ManifestRecord, summarize, to_parquet
+from .mastering import PRESET_CODECS, PRESETS, MasterConfig
 from .render import RenderConfig, model_revision
 from .runner import BACKENDS, RUNNERS, RunOptions, run_rows
 from .storage import RetryPolicy, StorageError, open_sink
@@ -76,6 +80,15 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    "seed: guard,max_new_tokens (default both; 'guard' alone accepts hitting max_new_tokens)")
     p.add_argument("--guard-frames-per-token", type=float, help="engine runaway guard (default 8.0; 0: off)")
     p.add_argument("--guard-base-frames", type=int, help="engine runaway guard base frames (default 64)")
+    p.add_argument("--master", choices=PRESETS, help="mastering preset: acx (MP3 for audiobook stores), podcast "
+                   "(-19 LUFS MP3/Opus), telephony (-19 dBm0 G.711/linear) or none (default: plain --format)")
+    p.add_argument("--codec", help="the preset's codec: acx mp3; podcast mp3|opus; telephony ulaw|alaw|sln|sln16 "
+                   f"(default: {', '.join(f'{k} {next(iter(v))}' for k, v in PRESET_CODECS.items() if v)})")
+    p.add_argument("--tail-silence", type=float, help="telephony: seconds of silence after the prompt (default 0.3)")
+    p.add_argument("--speed", type=float, help="speaking rate 0.25-4.0, pitch kept (default 1.0)")
+    p.add_argument("--lexicon", help="pronunciation lexicon (.yaml or .csv: word -> respelling; see jobs/lexicon.py)")
+    p.add_argument("--captions", action="store_true", default=None,
+                   help="synthesize a sentence per chunk and write .srt and .vtt captions next to each file")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--quiet", action="store_true", help="do not print the manifest table")
     for name in SAMPLING_ARGS:
@@ -86,8 +99,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 def build_options(args: argparse.Namespace, key_prefix: str
                   ) -> tuple[RowDefaults, RenderConfig, RunOptions]:
     """CLI args over YAML config over built-in defaults -> the three option objects."""
-    conf = load_config(args.config)
-    unknown = set(conf) - {a.dest for a in build_parser()._actions} - {"input"}
+    from .catalog import build_parser as catalog_parser
+
+    conf = load_config(args.config)  # either command's options may sit in a config
+    known = {a.dest for a in build_parser()._actions} | {a.dest for a in catalog_parser()._actions}
+    unknown = set(conf) - known - {"input", "catalog"}
     if unknown:
         raise ValueError(f"config: unknown option(s) {sorted(unknown)}")
 
@@ -106,7 +122,10 @@ def build_options(args: argparse.Namespace, key_prefix: str
                           if model else str(get("revision", None) or "unknown"),
                           max_chars=int(get("max_chars", 200)), pause_s=float(get("pause_s", 0.4)),
                           max_attempts=int(get("max_attempts", 3)), sampling=sampling, key_prefix=key_prefix,
-                          retry_on=_retry_on(get("retry_on", "guard,max_new_tokens")))
+                          retry_on=_retry_on(get("retry_on", "guard,max_new_tokens")),
+                          master=MasterConfig(get("master", "none"), get("codec", None), get("tail_silence", None)),
+                          speed=get("speed", 1.0), captions=bool(get("captions", False)),
+                          lexicon=load_lexicon(get("lexicon", None)) if get("lexicon", None) else Lexicon())
     gfpt = float(get("guard_frames_per_token", 8.0))
     opts = RunOptions(output=get("output", "file://./output"), backend=get("backend", "auto"),
                       runner=get("runner", "ray"), actors=int(get("actors", 1)),
@@ -142,11 +161,12 @@ def print_manifest(records: list[ManifestRecord], out: Any = sys.stdout) -> None
 
 
 def finish(records: list[ManifestRecord], opts: RunOptions, manifest_key: str, t0: float,
-           quiet: bool) -> int:
+           quiet: bool, extra: dict[str, Any] | None = None) -> int:
     """Write the manifest, print the table and the JSON summary (last line); returns the exit code."""
     sink = open_sink(opts.output, opts.retry)
     sink.put(manifest_key, to_parquet(records), "application/vnd.apache.parquet")
     summary = summarize(records)
+    summary.update(extra or {})
     summary.update(output=sink.uri, manifest=sink.url(manifest_key), wall_s=round(time.perf_counter() - t0, 2))
     if not quiet:
         print_manifest(records)
@@ -159,17 +179,58 @@ def run(args: argparse.Namespace) -> int:
     try:
         defaults, render, opts = build_options(args, "audio")
         rows = check_models(read_inputs(args.input, defaults), render)
+        book = book_options(args)
         records = run_rows(rows, render, opts, desc="narrate")
+        deliver.level_consistency(records, render)  # ACX: chapters within 1 dB of each other
+        extra = {"book": make_book(records, rows, render, opts, book)} if book else {}
     except (ValueError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return finish(records, opts, "manifest.parquet", t0, args.quiet)
+    return finish(records, opts, "manifest.parquet", t0, args.quiet, extra)
+
+
+def book_options(args: argparse.Namespace) -> Any:
+    """--book m4b and its metadata (None without --book); checked before any synthesis."""
+    from .book import BOOK_FORMATS, BookMeta
+
+    conf = load_config(args.config)
+    fmt = args.book or conf.get("book")
+    if not fmt:
+        return None
+    if fmt not in BOOK_FORMATS:
+        raise ValueError(f"book must be one of {list(BOOK_FORMATS)}, got {fmt!r}")
+    meta = BookMeta(title=args.book_title or conf.get("book_title"), author=args.author or conf.get("author"),
+                    narrator=args.narrator or conf.get("narrator"), cover=args.cover or conf.get("cover"))
+    meta.check()
+    return meta
+
+
+def make_book(records: list[ManifestRecord], rows: list[Utterance], render: RenderConfig, opts: RunOptions,
+              meta: Any) -> dict[str, Any]:
+    from dataclasses import replace as _replace
+
+    from .book import book_or_reuse, title_from
+
+    voices = sorted({r.voice for r in rows if r.voice})
+    if not meta.narrator and voices:
+        meta = _replace(meta, narrator=", ".join(voices))
+    titles = [title_from(r.id, r.title) for r in rows]
+    try:
+        return book_or_reuse(records, titles, open_sink(opts.output, opts.retry), meta)
+    except (ValueError, StorageError) as e:  # the chapters are written and in the manifest: report, keep them
+        log.error("book: %s", e)
+        return {"error": str(e)}
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="python -m jobs.narrate", description=__doc__.split("\n")[0])
     p.add_argument("input", help="text/Markdown file, folder of chapters, or .jsonl/.parquet rows")
     add_common_args(p)
+    p.add_argument("--book", choices=("m4b",), help="also write the chapters as one M4B with chapter markers")
+    p.add_argument("--book-title", help="--book: title (and album) tag")
+    p.add_argument("--author", help="--book: author (artist) tag")
+    p.add_argument("--narrator", help="--book: narrator (composer) tag (default: the voice)")
+    p.add_argument("--cover", help="--book: cover art (.jpg or .png)")
     p.set_defaults(func=run)
     return p
 

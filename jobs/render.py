@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import audio
+from . import deliver
 from .inputs import Utterance
+from .lexicon import Lexicon
 from .manifest import ManifestRecord
-from .quality import QualityConfig, check_audio
-from .split import normalize_text, split_text
+from .mastering import MasterConfig
+from .quality import QualityConfig
+from .split import normalize_text
 from .storage import Sink, StorageError, content_key, text_hash
 from .synth import Backend, ChunkJob, ChunkResult
 
@@ -40,8 +42,19 @@ class RenderConfig:
     quality: QualityConfig = QualityConfig()
     key_prefix: str = "audio"
     retry_on: tuple[str, ...] = RETRY_REASONS  # tiny random checkpoints: ("guard",) accepts max_new_tokens
+    master: MasterConfig = MasterConfig()     # delivery preset (jobs/mastering.py)
+    speed: float = 1.0                        # pitch-preserving time stretch, 0.25-4.0
+    lexicon: Lexicon = Lexicon()              # respellings applied before synthesis
+    captions: bool = False                    # one sentence per chunk, .srt + .vtt per output
 
     def __post_init__(self) -> None:
+        if isinstance(self.master, dict):  # asdict() round trip to the Ray workers
+            object.__setattr__(self, "master", MasterConfig(**self.master))
+        if isinstance(self.lexicon, dict):
+            object.__setattr__(self, "lexicon", Lexicon(**self.lexicon))
+        from qwen_tts_core.audio_fx import check_speed
+
+        object.__setattr__(self, "speed", check_speed(self.speed))
         object.__setattr__(self, "retry_on", tuple(self.retry_on))
         bad = set(self.retry_on) - set(RETRY_REASONS)
         if bad:
@@ -73,13 +86,14 @@ def key_fields(row: Utterance, cfg: RenderConfig) -> dict[str, Any]:
     return {"text": normalize_text(row.text), "voice": row.voice, "language": row.language,
             "instruct": row.instruct, "model": row.model or cfg.model, "revision": cfg.revision,
             "seed": row.seed, "format": row.format, "sample_rate": row.sample_rate,
-            "max_chars": cfg.max_chars, "pause_s": cfg.pause_s, "sampling": dict(sorted(cfg.sampling.items()))}
+            "max_chars": cfg.max_chars, "pause_s": cfg.pause_s, "sampling": dict(sorted(cfg.sampling.items())),
+            **deliver.key_extra(row.text, cfg)}
 
 
 def plan_key(row: Utterance, cfg: RenderConfig) -> tuple[str, str]:
     """(object key, canonical params JSON) for a valid row."""
     fields = key_fields(row, cfg)
-    ext = audio.ENCODINGS[row.format][2]
+    ext = deliver.extension(row.format, cfg)
     params = {k: v for k, v in fields.items() if k != "text"}
     return content_key(fields, row.id, ext, cfg.key_prefix), json.dumps(params, sort_keys=True)
 
@@ -146,7 +160,7 @@ def _synthesize_all(rows: list[Utterance], chunks: list[list[str]], backend: Bac
 
 
 def _finish_row(row: Utterance, rec: ManifestRecord, res: list[ChunkResult | None], sink: Sink,
-                cfg: RenderConfig) -> ManifestRecord:
+                cfg: RenderConfig, texts: list[str] | None = None) -> ManifestRecord:
     errors = [x.error for x in res if x is None or x.error is not None]
     if errors:
         rec.error = str(errors[0] or "chunk missing")
@@ -158,16 +172,17 @@ def _finish_row(row: Utterance, rec: ManifestRecord, res: list[ChunkResult | Non
         rec.error = f"runaway guard tripped ({runaway[0]}) after {rec.attempts} attempt(s)"
         return rec
     sr_in = res[0].sample_rate  # type: ignore[union-attr]
-    pcm = audio.join_chunks([x.pcm for x in res], sr_in, cfg.pause_s)  # type: ignore[union-attr, misc]
-    rec.flags = check_audio(pcm, sr_in, row.text, cfg.quality)
-    pcm = audio.resample(pcm, sr_in, row.sample_rate)
-    data = audio.encode(pcm, row.sample_rate, row.format)
-    rec.duration_s = round(pcm.size / row.sample_rate, 4)
-    rec.sample_rate, rec.bytes = row.sample_rate, len(data)
-    rec.status = "suspect" if rec.flags else "ok"
+    # speed, join, quality flags, mastering or plain encoding, measurements, captions (jobs/deliver.py)
+    try:
+        objects = deliver.finish_audio(row, rec, [x.pcm for x in res], sr_in, cfg, texts)  # type: ignore[union-attr, misc]
+    except Exception as e:  # noqa: BLE001 - a row that cannot be mastered fails alone, never the batch
+        log.exception("delivery failed for %s", row.id)
+        rec.status, rec.error = "failed", f"deliver: {type(e).__name__}: {e}"
+        return rec
     rec.error = None
     try:
-        sink.put(rec.key, data, audio.ENCODINGS[row.format][3])  # type: ignore[arg-type]
+        for key, data, ctype in objects:
+            sink.put(key, data, ctype)
         sink.put(sidecar_key(rec.key), json.dumps(rec.to_dict()).encode(), "application/json")  # type: ignore[arg-type]
     except StorageError as e:
         rec.status, rec.error = "failed", f"storage: {e}"
@@ -194,9 +209,10 @@ def render_rows(rows: list[Utterance], backend: Backend, sink: Sink, cfg: Render
                 records[i] = found
                 continue
         todo.append(i)
-    chunks = [split_text(rows[i].text, cfg.max_chars) for i in todo]
-    for i, c in zip(todo, chunks):
-        records[i].num_chunks = len(c)
+    plans = [deliver.plan_text(rows[i].text, cfg) for i in todo]  # lexicon; a sentence per chunk for captions
+    chunks = [p.synth for p in plans]
+    for i, c, p in zip(todo, chunks, plans):
+        records[i].num_chunks, records[i].lexicon = len(c), p.fired
         if not c:
             records[i].error = "text: nothing to say after cleaning"
     live = [k for k, c in enumerate(chunks) if c]
@@ -204,6 +220,6 @@ def render_rows(rows: list[Utterance], backend: Backend, sink: Sink, cfg: Render
     for k, res, n in zip(live, results, attempts):
         i = todo[k]
         records[i].attempts = n
-        records[i] = _finish_row(rows[i], records[i], res, sink, cfg)
+        records[i] = _finish_row(rows[i], records[i], res, sink, cfg, plans[k].display)
     return records
 

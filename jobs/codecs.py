@@ -1,0 +1,105 @@
+"""Delivery encodings for mastered audio: one table, one encoder, one decoder (FFmpeg through PyAV).
+
+A `Codec` names what a file is: its container, FFmpeg encoder, sample rate, bit rate, extension and media type.
+Headerless telephony files (ulaw, alaw, sln, sln16, g722) are what Asterisk-style PBXs read from their sounds
+folders; the WAV variants carry the same audio with a header for everything else.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    container: str           # FFmpeg muxer
+    encoder: str             # FFmpeg encoder
+    sample_rate: int
+    ext: str
+    media_type: str
+    bit_rate: int | None = None
+    options: tuple[tuple[str, str], ...] = ()
+
+
+CODECS: dict[str, Codec] = {c.name: c for c in (
+    # MP3: LAME, constant bit rate, quality 5 of 0 (best) .. 9 (fastest); FFmpeg writes the LAME/Info tag (gapless).
+    Codec("mp3-192", "mp3", "libmp3lame", 44100, "mp3", "audio/mpeg", 192_000, (("compression_level", "5"),)),
+    Codec("mp3-128", "mp3", "libmp3lame", 44100, "mp3", "audio/mpeg", 128_000, (("compression_level", "5"),)),
+    Codec("opus", "ogg", "libopus", 48000, "opus", "audio/ogg", 64_000),
+    Codec("aac", "ipod", "aac", 44100, "m4b", "audio/mp4", 64_000),
+    Codec("wav-ulaw", "wav", "pcm_mulaw", 8000, "wav", "audio/wav"),
+    Codec("wav-alaw", "wav", "pcm_alaw", 8000, "wav", "audio/wav"),
+    Codec("wav-8k", "wav", "pcm_s16le", 8000, "wav", "audio/wav"),
+    Codec("wav-16k", "wav", "pcm_s16le", 16000, "wav", "audio/wav"),
+    Codec("ulaw", "mulaw", "pcm_mulaw", 8000, "ulaw", "audio/basic"),
+    Codec("alaw", "alaw", "pcm_alaw", 8000, "alaw", "audio/x-alaw-basic"),
+    Codec("sln", "s16le", "pcm_s16le", 8000, "sln", "audio/L16;rate=8000"),
+    Codec("sln16", "s16le", "pcm_s16le", 16000, "sln16", "audio/L16;rate=16000"),
+    Codec("g722", "g722", "g722", 16000, "g722", "audio/G722"),
+)}
+RAW_CODECS = ("ulaw", "alaw", "sln", "sln16", "g722")  # headerless: decoding needs the name
+
+
+def get(name: str) -> Codec:
+    if name not in CODECS:
+        raise ValueError(f"codec must be one of {sorted(CODECS)}, got {name!r}")
+    return CODECS[name]
+
+
+def encode(pcm: np.ndarray, codec: str | Codec, metadata: dict[str, str] | None = None) -> bytes:
+    """Mono float32 [N] already at the codec's sample rate -> file bytes."""
+    import av
+
+    c = get(codec) if isinstance(codec, str) else codec
+    x = np.ascontiguousarray(np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0))
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=c.container) as out:
+        for k, v in (metadata or {}).items():
+            out.metadata[k] = v
+        stream = out.add_stream(c.encoder, rate=c.sample_rate, layout="mono", options=dict(c.options))
+        if c.bit_rate:
+            stream.bit_rate = c.bit_rate
+        step = 1 << 16
+        for i in range(0, x.size, step):
+            frame = av.AudioFrame.from_ndarray(x[None, i:i + step], format="flt", layout="mono")
+            frame.sample_rate = c.sample_rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def decode(data: bytes, codec: str | None = None) -> tuple[np.ndarray, int]:
+    """File bytes -> (mono float32 [N], sample rate). `codec` is required for the headerless RAW_CODECS.
+
+    Raises:
+        ValueError: the bytes are not audio FFmpeg can read.
+    """
+    import av
+
+    kwargs: dict = {}
+    if codec in RAW_CODECS:
+        c = CODECS[codec]
+        kwargs = {"format": c.container, "options": {"sample_rate": str(c.sample_rate), "ch_layout": "mono"}}
+        if codec == "g722":
+            kwargs["options"] = {"sample_rate": "16000"}
+    try:
+        with av.open(io.BytesIO(data), **kwargs) as f:
+            stream = f.streams.audio[0]
+            rate = stream.rate or stream.codec_context.sample_rate
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            parts = []
+            for frame in f.decode(stream):
+                for r in resampler.resample(frame):
+                    parts.append(r.to_ndarray().reshape(-1))
+            for r in resampler.resample(None):
+                parts.append(r.to_ndarray().reshape(-1))
+    except (av.error.FFmpegError, IndexError) as e:
+        raise ValueError(f"not decodable audio ({type(e).__name__}: {e})") from e
+    pcm = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+    return pcm, int(rate)

@@ -1,0 +1,187 @@
+"""`qtts catalog --layout asterisk`: the catalog as sound packages a PBX can point at, one folder per codec:
+
+    asterisk/ulaw/sounds/<lang>/<name>.ulaw     8 kHz G.711 u-law, headerless
+    asterisk/alaw/sounds/<lang>/<name>.alaw     8 kHz G.711 A-law, headerless
+    asterisk/sln16/sounds/<lang>/<name>.sln16   16 kHz signed 16-bit little-endian, headerless
+    asterisk/g722/sounds/<lang>/<name>.g722     16 kHz G.722 (64 kbit/s)
+
+(point Asterisk's astdatadir, or copy the folder's `sounds/`, at the codec you want). Every file comes from the
+prompt's telephony master at 16 kHz, is set to -19 dBm0 for its own codec and measured again after encoding; a file
+off by more than 1 dB flags its prompt (`layout:<codec>:speech_level`).
+
+Prompt ids become file names: accents are dropped, whitespace becomes "-", "/" makes subfolders (`digits/1`);
+anything else (quotes, "*", "?", ":", non-Latin letters, "." or ".." as a folder) cannot be a portable file name and
+is refused with a clear error before any synthesis, as is a second id that maps to the same file name ignoring case.
+`<lang>` is the prompt's language (english -> en, ...); "auto" goes under `en`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import replace
+
+import numpy as np
+
+from . import codecs, levels, mastering
+from .audio import resample
+from .inputs import Utterance
+from .manifest import ManifestRecord
+from .storage import Sink, StorageError
+
+log = logging.getLogger(__name__)
+LAYOUTS = ("none", "asterisk")
+ASTERISK_CODECS = ("ulaw", "alaw", "sln16", "g722")
+ROOT = "asterisk"
+INDEX_KEY = f"{ROOT}/index.json"  # name -> content key of the master each package file was made from
+LANG_CODES = {"english": "en", "chinese": "zh", "japanese": "ja", "korean": "ko", "german": "de", "french": "fr",
+              "russian": "ru", "portuguese": "pt", "spanish": "es", "italian": "it", "sichuan_dialect": "zh",
+              "beijing_dialect": "zh", "auto": "en"}
+_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_layout(layout: str | None) -> str:
+    layout = layout or "none"
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    return layout
+
+
+def master_for(layout: str, master: mastering.MasterConfig) -> mastering.MasterConfig:
+    """The master a layout needs: --layout asterisk renders every prompt as a 16 kHz telephony master."""
+    if layout == "none":
+        return master
+    if master.preset not in ("none", "telephony"):
+        raise ValueError(f"layout {layout!r} needs the telephony preset (or none), got master {master.preset!r}")
+    if master.codec not in (None, "sln16"):
+        raise ValueError(f"codec: --layout {layout} makes every codec from a 16 kHz master; leave --codec unset "
+                         f"(got {master.codec!r})")
+    return mastering.MasterConfig("telephony", "sln16", master.tail_silence_s)
+
+
+def safe_name(prompt_id: str) -> str:
+    """A prompt id -> a relative file name without extension; ValueError saying why when it cannot be one."""
+    text = unicodedata.normalize("NFKD", prompt_id)
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    parts = [re.sub(r"\s+", "-", p.strip()) for p in text.split("/")]
+    for p in parts:
+        if p in ("", ".", ".."):
+            raise ValueError(f"id {prompt_id!r} cannot be a file name: empty, '.' or '..' path component")
+        if not _COMPONENT.match(p):
+            bad = sorted({c for c in p if not (c.isascii() and (c.isalnum() or c in "_.-"))})
+            why = f"characters {''.join(bad)!r} are not allowed" if bad else \
+                "components must start with a letter, digit or '_' and be at most 64 characters"
+            raise ValueError(f"id {prompt_id!r} cannot be a file name: {why} (use letters, digits, '_', '-', "
+                             "'.' and '/' for subfolders)")
+    if len(parts) > 4:
+        raise ValueError(f"id {prompt_id!r} cannot be a file name: at most 3 subfolders")
+    return "/".join(parts)
+
+
+def lang_code(language: str | None) -> str:
+    return LANG_CODES.get((language or "auto").lower(), "en")
+
+
+def package_key(codec: str, lang: str, name: str) -> str:
+    return f"{ROOT}/{codec}/sounds/{lang}/{name}.{codecs.get(codec).ext}"
+
+
+def check_rows(rows: Iterable[Utterance]) -> list[Utterance]:
+    """Refuse (row.error) ids that cannot be file names or that collide with an earlier one (ignoring case)."""
+    seen: dict[tuple[str, str], str] = {}
+    out = []
+    for r in rows:
+        if r.error is None:
+            try:
+                name = safe_name(r.id)
+                k = (lang_code(r.language), name.lower())
+                if k in seen:
+                    raise ValueError(f"id {r.id!r} maps to the same file name as {seen[k]!r} ({name})")
+                seen[k] = r.id
+            except ValueError as e:
+                r = replace(r, error=f"layout: {e}")
+        out.append(r)
+    return out
+
+
+def _package_files(pcm: np.ndarray, sr: int) -> dict[str, tuple[bytes, float | None]]:
+    """The master's audio -> {codec: (file bytes, measured dBm0)}; each set to the target for its own codec."""
+    target = mastering.TELEPHONY["level_target_dbm0"]
+    out = {}
+    for name in ASTERISK_CODECS:
+        c = codecs.get(name)
+        x = resample(pcm, sr, c.sample_rate)
+        tmax = mastering.TMAX_DBM0.get(name, mastering.TMAX_DBM0["sln16"])
+        level = levels.active_speech_level(x, c.sample_rate)[0]
+        if level is not None:  # resampling to 8 kHz drops the 4-8 kHz band: put the level back
+            now = level + 10 * np.log10(2) + tmax
+            x = np.clip(x * np.float32(10 ** ((target - now) / 20)), -1.0, 1.0)
+        data = codecs.encode(x, c)
+        y, ysr = codecs.decode(data, name)
+        got = levels.active_speech_level(y, ysr)[0]
+        out[name] = (data, None if got is None else got + 10 * np.log10(2) + tmax)
+    return out
+
+
+def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: Sink) -> dict[str, int]:
+    """Write (or keep) the package files of every written prompt; records get `layout` keys and flags.
+
+    A prompt whose files exist and were made from its current master is left alone. Returns counts.
+    """
+    by_id = {r.id: r for r in rows}
+    raw = sink.get(INDEX_KEY)
+    index: dict[str, str] = json.loads(raw) if raw else {}
+    counts = {"written": 0, "kept": 0}
+    target, tol = mastering.TELEPHONY["level_target_dbm0"], mastering.TELEPHONY["level_tolerance"]
+    for rec in records:
+        row = by_id.get(rec.id)
+        if row is None or rec.status not in ("ok", "suspect") or not rec.key:
+            continue
+        lang, name = lang_code(row.language), safe_name(row.id)
+        keys = [package_key(c, lang, name) for c in ASTERISK_CODECS]
+        ident = f"{lang}/{name}"
+        rec.layout = keys
+        if index.get(ident) == rec.key and all(sink.size(k) for k in keys):
+            counts["kept"] += 1
+            continue
+        data = sink.get(rec.key)
+        if data is None:
+            rec.flags = [*rec.flags, "layout:missing_master"]
+            rec.status = "suspect"
+            continue
+        pcm, sr = codecs.decode(data)
+        try:
+            for codec, (blob, level) in _package_files(pcm, sr).items():
+                sink.put(package_key(codec, lang, name), blob, codecs.get(codec).media_type)
+                if level is None or abs(level - target) > tol:
+                    rec.flags = [*rec.flags, f"layout:{codec}:speech_level"]
+                    rec.status = "suspect"
+        except StorageError as e:
+            rec.flags = [*rec.flags, "layout:storage"]
+            rec.status, rec.error = "suspect", f"layout: {e}"
+            continue
+        index[ident] = rec.key
+        counts["written"] += 1
+    sink.put(INDEX_KEY, json.dumps(index, sort_keys=True, indent=1).encode(), "application/json")
+    return counts
+
+
+def remove_packages(records: list[ManifestRecord], sink: Sink) -> None:
+    """Delete the package files of retired prompts (catalog --retire delete)."""
+    raw = sink.get(INDEX_KEY)
+    index: dict[str, str] = json.loads(raw) if raw else {}
+    for rec in records:
+        if rec.status != "retired":
+            continue
+        for key in rec.layout or []:
+            try:
+                sink.delete(key)
+            except StorageError as e:
+                log.warning("could not delete %s: %s", key, e)
+        for ident in [k for k, v in index.items() if v == rec.key]:
+            index.pop(ident)
+        rec.layout = []
+    sink.put(INDEX_KEY, json.dumps(index, sort_keys=True, indent=1).encode(), "application/json")

@@ -1,0 +1,214 @@
+"""Pronunciation lexicon: words and phrases replaced by respellings before synthesis (`--lexicon FILE`).
+
+File formats
+    YAML: a mapping `word: respelling`, or a list of `{word, respelling, case}` mappings.
+    CSV:  a header row `word,respelling` (optional third column `case`), then one entry per row.
+
+Matching rules
+    - Whole words only: a match may not touch a letter, digit or underscore on either side ("SQL" does not match
+      inside "MySQL"). Sides that are CJK characters need no boundary (those scripts have no spaces).
+    - Whitespace inside a phrase matches any run of whitespace ("New  York" matches "New York").
+    - Case: an entry written all in lower case matches any case ("nginx" matches "Nginx", "NGINX"); an entry with
+      an upper-case letter matches exactly ("SQL" matches "SQL" only). `case: exact` or `case: ignore` overrides.
+    - Longest entry first (an exact entry before a case-insensitive one of the same text, so "Polish" and
+      "polish" can both be listed), left to right, in one pass: a respelling is never rewritten again.
+    - The respelling is inserted as written.
+
+Errors name the file and line: a missing or empty word or respelling, a bad `case`, a duplicate entry, a malformed
+file. The digest of the entries that fired for a row goes into that row's content key, so editing an entry
+re-renders exactly the rows it touches.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CASES = ("auto", "exact", "ignore")
+
+
+@dataclass(frozen=True)
+class Entry:
+    word: str
+    respelling: str
+    case: str = "auto"
+    line: int = 0
+
+    @property
+    def exact(self) -> bool:
+        return self.case == "exact" or (self.case == "auto" and self.word != self.word.lower())
+
+
+def _is_cjk(ch: str) -> bool:
+    o = ord(ch)
+    return 0x2E80 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF or 0x3040 <= o <= 0x30FF or 0xAC00 <= o <= 0xD7AF
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    entries: tuple[Entry, ...] = ()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "entries", tuple(Entry(**e) if isinstance(e, dict) else e for e in self.entries))
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    @property
+    def digest(self) -> str:
+        return digest(self.entries)
+
+    def apply(self, text: str) -> tuple[str, list[Entry]]:
+        """(text with respellings, entries that fired, each once, in order of first use)."""
+        if not self.entries:
+            return text, []
+        fired: dict[int, Entry] = {}
+        order = sorted(range(len(self.entries)),
+                       key=lambda i: (-len(self.entries[i].word), not self.entries[i].exact))
+        pattern = _compiled(self.entries, tuple(order))
+
+        def sub(m: re.Match[str]) -> str:
+            i = order[int(m.lastgroup[1:])]  # type: ignore[index]
+            fired.setdefault(i, self.entries[i])
+            return self.entries[i].respelling
+
+        return pattern.sub(sub, text), list(fired.values())
+
+
+_CACHE: dict[tuple, re.Pattern[str]] = {}
+
+
+def _compiled(entries: tuple[Entry, ...], order: tuple[int, ...]) -> re.Pattern[str]:
+    key = (entries, order)
+    if key not in _CACHE:
+        alts = []
+        for n, i in enumerate(order):
+            e = entries[i]
+            body = r"\s+".join(re.escape(w) for w in e.word.split())
+            if not e.exact:
+                body = f"(?i:{body})"
+            left = "" if _is_cjk(e.word[0]) else r"(?<![\w])"
+            right = "" if _is_cjk(e.word[-1]) else r"(?![\w])"
+            alts.append(f"(?P<e{n}>{left}{body}{right})")
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        _CACHE[key] = re.compile("|".join(alts))
+    return _CACHE[key]
+
+
+def digest(entries: tuple[Entry, ...] | list[Entry]) -> str:
+    canon = [[e.word, e.respelling, "exact" if e.exact else "ignore"] for e in entries]
+    return hashlib.sha256(json.dumps(sorted(canon), ensure_ascii=False).encode()).hexdigest()[:20]
+
+
+def _entry(word: object, respelling: object, case: object, where: str, line: int) -> Entry:
+    if not isinstance(word, str) or not word.strip():
+        raise ValueError(f"lexicon: {where}: the word must be a non-empty string, got {word!r}")
+    if not isinstance(respelling, str) or not respelling.strip():
+        raise ValueError(f"lexicon: {where}: the respelling of {word!r} must be a non-empty string, "
+                         f"got {respelling!r}")
+    case = "auto" if case in (None, "") else case
+    if case not in CASES:
+        raise ValueError(f"lexicon: {where}: case must be one of {list(CASES)}, got {case!r}")
+    return Entry(" ".join(word.split()), " ".join(respelling.split()), str(case), line)
+
+
+def _check_duplicates(entries: list[Entry], path: Path) -> None:
+    seen: dict[tuple[str, bool], Entry] = {}
+    for e in entries:
+        k = (e.word if e.exact else e.word.lower(), e.exact)
+        if k in seen:
+            raise ValueError(f"lexicon: {path.name}:{e.line}: {e.word!r} is already defined on line "
+                             f"{seen[k].line}")
+        seen[k] = e
+
+
+def _read_yaml(path: Path, text: str) -> list[Entry]:
+    import yaml
+
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path.name}:{mark.line + 1}" if mark else path.name
+        raise ValueError(f"lexicon: {where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if node is None:
+        return []
+    out = []
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            line = k.start_mark.line + 1
+            if not isinstance(v, yaml.ScalarNode):
+                raise ValueError(f"lexicon: {path.name}:{line}: the respelling must be a string")
+            out.append(_entry(k.value if isinstance(k, yaml.ScalarNode) else None, v.value, None,
+                              f"{path.name}:{line}", line))
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            line = item.start_mark.line + 1
+            if not isinstance(item, yaml.MappingNode):
+                raise ValueError(f"lexicon: {path.name}:{line}: each item must be a mapping with word and "
+                                 "respelling")
+            d = {k.value: v.value for k, v in item.value if isinstance(v, yaml.ScalarNode)}
+            extra = set(d) - {"word", "respelling", "case"}
+            if extra:
+                raise ValueError(f"lexicon: {path.name}:{line}: unknown key(s) {sorted(extra)}")
+            out.append(_entry(d.get("word"), d.get("respelling"), d.get("case"), f"{path.name}:{line}", line))
+    else:
+        raise ValueError(f"lexicon: {path.name}:1: expected a mapping of word: respelling or a list of entries")
+    return out
+
+
+def _read_csv(path: Path, text: str) -> list[Entry]:
+    rows = csv.reader(text.splitlines())
+    try:
+        header = [h.strip().lower() for h in next(rows)]
+    except StopIteration:
+        return []
+    except csv.Error as e:
+        raise ValueError(f"lexicon: {path.name}:1: not valid CSV ({e})") from None
+    if header[:2] != ["word", "respelling"] or not set(header) <= {"word", "respelling", "case"}:
+        raise ValueError(f"lexicon: {path.name}:1: the header must be 'word,respelling' (optionally ',case'), "
+                         f"got {','.join(header)!r}")
+    out = []
+    try:
+        for row in rows:
+            line = rows.line_num
+            if not any(c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"lexicon: {path.name}:{line}: expected {len(header)} fields, got {len(row)}")
+            d = dict(zip(header, row))
+            out.append(_entry(d["word"], d["respelling"], d.get("case", "").strip() or None,
+                              f"{path.name}:{line}", line))
+    except csv.Error as e:
+        raise ValueError(f"lexicon: {path.name}:{rows.line_num}: not valid CSV ({e})") from None
+    return out
+
+
+def load(path: str | Path) -> Lexicon:
+    """Read a lexicon file (.yaml/.yml/.csv).
+
+    Raises:
+        ValueError: "lexicon: FILE:LINE: ..." for any problem, or a missing / unsupported file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"lexicon: {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"lexicon: {p.name}: not UTF-8 text ({e})") from None
+    suffix = p.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        entries = _read_yaml(p, text)
+    elif suffix == ".csv":
+        entries = _read_csv(p, text)
+    else:
+        raise ValueError(f"lexicon: unsupported file type {p.suffix!r}; use .yaml, .yml or .csv")
+    _check_duplicates(entries, p)
+    return Lexicon(tuple(entries), source=str(p))

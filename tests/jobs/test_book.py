@@ -1,0 +1,108 @@
+"""`--book m4b`: one M4B with a chapter per chapter, read back with mutagen (the writer is FFmpeg through PyAV)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+
+from jobs import narrate
+from jobs.book import title_from
+from jobs.manifest import from_parquet
+from tests.jobs import independent as ind
+
+NOISE = ["--model", "fake", "--backend", "tests.jobs.media_fakes:NoiseBackend", "--runner", "local",
+         "--no-progress", "--quiet", "--voice", "ryan"]
+
+
+def png(w: int = 8, h: int = 8) -> bytes:
+    raw = b"".join(b"\x00" + b"\x20\x40\x80" * w for _ in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture()
+def chapters(tmp_path):
+    d = tmp_path / "book"
+    d.mkdir()
+    (d / "01-opening.md").write_text("# A *Dark* Night\n\nIt was a dark and stormy night. The rain fell.")
+    (d / "02-the_storm.txt").write_text("The storm grew. Nobody slept.")
+    (d / "10-last.md").write_text("No heading in this one, just text to read.")
+    return d
+
+
+def summary(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("master", ["none", "acx"])
+def test_m4b_has_a_chapter_per_chapter_at_the_right_times(chapters, tmp_path, capsys, master):
+    from mutagen.mp4 import MP4
+
+    cover = tmp_path / "cover.png"
+    cover.write_bytes(png())
+    out = tmp_path / "out"
+    assert narrate.main([str(chapters), "--out", str(out), *NOISE, "--master", master, "--book", "m4b",
+                         "--book-title", "Storm Book", "--author", "A. Writer", "--cover", str(cover)]) == 0
+    book = summary(capsys)["book"]
+    assert book["missing"] == [] and not book["reused"]
+    path = out / book["key"]
+    assert path.suffix == ".m4b" and path.read_bytes()[8:12] == b"M4B "  # ftyp major brand
+    f = MP4(path)
+    titles = [c.title for c in f.chapters]
+    assert titles == ["A Dark Night", "The storm", "Last"]  # heading, else the file name
+    # starts: cumulative durations of the chapter files, decoded here with libsndfile
+    recs = {r.id: r for r in from_parquet((out / "manifest.parquet").read_bytes())}
+    starts, t = [], 0.0
+    for cid in ("01-opening", "02-the_storm", "10-last"):
+        starts.append(t)
+        x, sr, _ = ind.read((out / recs[cid].key).read_bytes())
+        t += len(x) / sr
+    assert [c.start for c in f.chapters] == pytest.approx(starts, abs=0.03)
+    assert f.info.length == pytest.approx(t, abs=0.1) and f.info.channels == 1 and f.info.sample_rate == 44100
+    tags = f.tags
+    assert tags["\xa9nam"] == ["Storm Book"] and tags["\xa9ART"] == ["A. Writer"] and tags["\xa9wrt"] == ["ryan"]
+    assert tags["stik"] == [2] and bytes(tags["covr"][0]) == cover.read_bytes()
+
+
+def test_same_book_is_reused_and_a_failed_chapter_is_reported(chapters, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [str(chapters), "--out", str(out), *NOISE, "--book", "m4b"]
+    assert narrate.main(args) == 0
+    first = summary(capsys)["book"]
+    assert narrate.main(args) == 0
+    again = summary(capsys)["book"]
+    assert again["reused"] and again["key"] == first["key"]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "c1", "text": "Chapter one text.", "title": "One"},
+        {"id": "c2", "text": "Chapter two text.", "voice": "nobody"},  # unknown voice: this chapter fails
+        {"id": "c3", "text": "Chapter three text.", "title": "Three"}]))
+    assert narrate.main([str(rows), "--out", str(tmp_path / "o2"), *NOISE, "--book", "m4b"]) == 1
+    book = summary(capsys)["book"]
+    assert book["missing"] == ["c2"] and [c["title"] for c in book["chapters"]] == ["One", "Three"]
+
+
+@pytest.mark.parametrize("extra,message", [(["--cover", "/nope.png"], "cover: /nope.png does not exist"),
+                                           (["--book", "epub"], "invalid choice: 'epub'")])
+def test_bad_book_options_fail_before_synthesis(chapters, tmp_path, capsys, extra, message):
+    from tests.jobs.media_fakes import NoiseBackend
+
+    NoiseBackend.calls.clear()
+    try:
+        code = narrate.main([str(chapters), "--out", str(tmp_path / "o"), *NOISE, "--book", "m4b", *extra])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err and NoiseBackend.calls == []
+
+
+def test_titles():
+    assert title_from("03-the-storm", None) == "The storm"
+    assert title_from("chapter_1", "  Heading   here ") == "Heading here"
+    assert title_from("007", None) == "007"

@@ -1,0 +1,101 @@
+"""Pronunciation lexicon: matching rules, what reaches the synthesizer, content keys, and bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import narrate
+from jobs.lexicon import load
+from jobs.manifest import from_parquet
+
+NOISE = ["--model", "fake", "--backend", "tests.jobs.media_fakes:NoiseBackend", "--runner", "local",
+         "--no-progress", "--quiet", "--voice", "ryan"]
+
+
+def lex(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_matching_rules(tmp_path):
+    lx = load(lex(tmp_path, "l.yaml", "SQL: sequel\nnginx: engine x\nNew York: noo york\nNY: New York\n"
+                                      "Polish: poe-lish\npolish: pah-lish\n2024: twenty twenty-four\n東京: とうきょう\n"))
+    text, fired = lx.apply("SQL, MySQL, sql; Nginx/NGINX. New  York in NY! Polish polish POLISH 12024 2024 在東京。")
+    assert text == ("sequel, MySQL, sql; engine x/engine x. noo york in New York! poe-lish pah-lish pah-lish "
+                    "12024 twenty twenty-four 在とうきょう。")
+    # whole words only; lower-case entries ignore case, others are exact; "NY" -> "New York" is not re-spelled
+    assert [e.word for e in fired] == ["SQL", "nginx", "New York", "NY", "Polish", "polish", "2024", "東京"]
+    assert lx.apply("nothing here") == ("nothing here", [])
+    csv = load(lex(tmp_path, "l.csv", "word,respelling,case\nGIF,jif,ignore\nKubernetes,koo-ber-net-eez,exact\n"))
+    assert csv.apply("gif Gif kubernetes Kubernetes")[0] == "jif jif kubernetes koo-ber-net-eez"
+    listed = load(lex(tmp_path, "l2.yml", "- {word: Dr, respelling: doctor}\n- word: ACME\n  respelling: ack me\n"))
+    assert listed.apply("Dr Who at ACME")[0] == "doctor Who at ack me"
+    assert load(lex(tmp_path, "empty.yaml", "")).apply("x") == ("x", [])
+
+
+def test_a_replacement_fires_reaches_synthesis_and_changes_the_key(tmp_path):
+    from tests.jobs.media_fakes import NoiseBackend
+
+    ch = tmp_path / "ch.txt"
+    ch.write_text("Deploy nginx now. Nothing else.")
+    out = tmp_path / "out"
+
+    def run(*extra):
+        NoiseBackend.calls.clear()
+        assert narrate.main([str(ch), "--out", str(out), *NOISE, *extra]) == 0
+        (rec,) = from_parquet((out / "manifest.parquet").read_bytes())
+        return rec, [j.text for batch in NoiseBackend.calls for j in batch]
+
+    plain, said = run()
+    assert said == ["Deploy nginx now. Nothing else."] and plain.lexicon == []
+    a = lex(tmp_path, "a.yaml", "nginx: engine x\n")
+    rec, said = run("--lexicon", str(a))
+    assert said == ["Deploy engine x now. Nothing else."] and rec.lexicon == ["nginx"]
+    assert rec.key != plain.key and "lexicon" in json.loads(rec.params)
+    # an entry that does not fire for this text leaves the key alone; changing the one that fires re-renders
+    b = lex(tmp_path, "b.yaml", "nginx: engine x\nkubectl: cube control\n")
+    same, said = run("--lexicon", str(b))
+    assert same.key == rec.key and same.reused and said == []
+    c = lex(tmp_path, "c.yaml", "nginx: engine ex\n")
+    changed, said = run("--lexicon", str(c))
+    assert changed.key != rec.key and said == ["Deploy engine ex now. Nothing else."]
+    # a lexicon that fires nowhere keeps the original key
+    d = lex(tmp_path, "d.yaml", "kubectl: cube control\n")
+    assert run("--lexicon", str(d))[0].key == plain.key
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("bad.yaml", "SQL: sequel\nnginx: [engine x\n", "bad.yaml:3: not valid YAML"),
+    ("empty-respelling.yaml", "SQL: sequel\nGIF:\n", "empty-respelling.yaml:2: the respelling of 'GIF'"),
+    ("nested.yaml", "SQL:\n  - a\n", "nested.yaml:1: the respelling must be a string"),
+    ("dup.yaml", "nginx: a\nkubectl: b\nnginx: c\n", "dup.yaml:3: 'nginx' is already defined on line 1"),
+    ("dup.csv", "word,respelling,case\nGIF,jif,ignore\ngif,gif,\n", "dup.csv:3: 'gif' is already defined on line 2"),
+    ("case.yaml", "- {word: a, respelling: b, case: upper}\n", "case.yaml:1: case must be one of"),
+    ("keys.yaml", "- {word: a, respelling: b, say: c}\n", "keys.yaml:1: unknown key(s) ['say']"),
+    ("scalar.yaml", "just text\n", "scalar.yaml:1: expected a mapping"),
+    ("header.csv", "term,say\nSQL,sequel\n", "header.csv:1: the header must be 'word,respelling'"),
+    ("fields.csv", "word,respelling\nSQL,sequel\nGIF,jif,extra\n", "fields.csv:3: expected 2 fields, got 3"),
+    ("blank.csv", "word,respelling\n,sequel\n", "blank.csv:2: the word must be a non-empty string"),
+    ("lex.txt", "SQL sequel\n", "unsupported file type '.txt'"),
+])
+def test_bad_files_name_the_line(tmp_path, capsys, name, text, message):
+    path = lex(tmp_path, name, text)
+    with pytest.raises(ValueError) as e:
+        load(path)
+    assert message in str(e.value)
+    ch = lex(tmp_path, "ch.txt", "Hello.")
+    assert narrate.main([str(ch), "--out", str(tmp_path / "out"), *NOISE, "--lexicon", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing synthesized
+
+
+def test_missing_and_non_utf8_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load(tmp_path / "nope.yaml")
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("word,respelling\ncafé,kafay\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load(bad)
