@@ -15,7 +15,9 @@ class ManifestRecord:
 
     status: "ok" (written, checks passed), "suspect" (written, quality flags set), "failed" (no output;
     see `error`), "retired" (catalog only: the prompt left the catalog). `reused` is True when an existing
-    valid output was kept instead of synthesizing again. `params` is canonical JSON of everything in the key.
+    valid output was kept instead of synthesizing again. `params` is canonical JSON of everything in the key;
+    `revision` is the checkpoint's content digest; `retries` says what was retried on the way (a call sent again
+    after its replica was lost, the row re-run after its worker was lost).
     """
 
     id: str
@@ -40,6 +42,7 @@ class ManifestRecord:
     finish_reasons: list[str] = field(default_factory=list)
     reused: bool = False
     url: str | None = None
+    retries: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +63,7 @@ def _schema():
         ("voice", pa.string()), ("language", pa.string()), ("instruct", pa.string()), ("seed", pa.int64()),
         ("params", pa.string()), ("text_hash", pa.string()), ("num_chunks", pa.int32()),
         ("flags", pa.list_(pa.string())), ("finish_reasons", pa.list_(pa.string())), ("reused", pa.bool_()),
-        ("url", pa.string()),
+        ("url", pa.string()), ("retries", pa.list_(pa.string())),
     ])
 
 
@@ -91,4 +94,11 @@ def summarize(records: list[ManifestRecord]) -> dict[str, Any]:
     out["synthesized"] = sum(1 for r in records if r.status in ("ok", "suspect") and not r.reused)
     out["audio_seconds"] = round(sum(r.duration_s for r in records if r.status in ("ok", "suspect")), 3)
     out["failed_ids"] = sorted(r.id for r in records if r.status == "failed")[:50]
+    retried = [r for r in records if r.retries]
+    if retried:
+        reasons: dict[str, int] = {}
+        for r in retried:
+            for why in r.retries:
+                reasons[why] = reasons.get(why, 0) + 1
+        out["retried"] = {"rows": len(retried), "reasons": reasons, "ids": sorted(r.id for r in retried)[:50]}
     return out

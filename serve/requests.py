@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_tts_core import SynthesisRequest
+from qwen_tts_core.checkpoint.digest import checkpoint_digest
 
 from .config import ModelConfig
 from .schemas import SAMPLING_FIELDS
@@ -110,4 +111,7 @@ def model_info(model, cfg: ModelConfig) -> dict[str, Any]:
     return {"id": cfg.name, "object": "model", "owned_by": "qwen-tts-fleet", "type": model.tts_model_type,
             "size": model.tts_model_size, "speakers": model.get_supported_speakers(),
             "languages": model.get_supported_languages(), "max_new_tokens": cfg.max_new_tokens,
-            "max_sessions": cfg.max_sessions}
+            "max_sessions": cfg.max_sessions,
+            # what shapes the audio besides the request (batch jobs key their outputs on it)
+            "checkpoint_digest": checkpoint_digest(model.path), "dtype": str(model.dtype).removeprefix("torch."),
+            "device": model.device.type, "default_max_new_tokens": cfg.default_max_new_tokens}

@@ -107,7 +107,7 @@ def test_kubernetes_cronjob_submits_to_the_service_cluster():
 def test_job_configs_are_accepted(name, parser):
     first = "book" if name == "narrate.yaml" else "c.yaml"
     args = parser().parse_args([first, "--config", str(ROOT / "configs" / "jobs" / name), "--model", "m"])
-    defaults, render, opts = narrate.build_options(args, "audio")
+    defaults, render, opts, limits = narrate.build_options(args, "audio")
     assert opts.actors >= 1 and render.max_chars >= 8
 
 
