@@ -87,7 +87,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="engine dtype (default float32)")
     p.add_argument("--max-sessions", type=int, help="engine batch size (default 8)")
     p.add_argument("--retry-on", help="finish reasons that count as a runaway and are retried with another "
-                   "seed: guard,max_new_tokens (default both; 'guard' alone accepts hitting max_new_tokens)")
+                   "seed: guard,max_new_tokens (default both, or guard alone when --max-new-tokens is given: "
+                   "then hitting that cap ends a chunk)")
     p.add_argument("--guard-frames-per-token", type=float, help="engine runaway guard (default 8.0; 0: off)")
     p.add_argument("--guard-base-frames", type=int, help="engine runaway guard base frames (default 64)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -122,7 +123,9 @@ def build_options(args: argparse.Namespace, key_prefix: str
     render = RenderConfig(model=model or "", revision=str(get("revision", None) or "unknown"),
                           max_chars=int(get("max_chars", 200)), pause_s=float(get("pause_s", 0.4)),
                           max_attempts=int(get("max_attempts", 3)), sampling=sampling, key_prefix=key_prefix,
-                          retry_on=_retry_on(get("retry_on", "guard,max_new_tokens")))
+                          # a frame cap the user chose is an ending, not a runaway
+                          retry_on=_retry_on(get("retry_on", "guard" if "max_new_tokens" in sampling
+                                                 else "guard,max_new_tokens")))
     gfpt = float(get("guard_frames_per_token", 8.0))
     opts = RunOptions(output=get("output", "file://./output"), backend=get("backend", "auto"),
                       runner=get("runner", "ray"), actors=int(get("actors", 1)),
