@@ -137,8 +137,9 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
     current = run_rows(rows, render, opts, sink=sink, desc="catalog", backend=backend, stop=stop)
     if stop is not None and stop.is_set():
         done = sum(r.status in ("ok", "suspect") for r in current)
-        return 0, {"stopped": True, "rendered_before_stop": done, "total": len(current),
-                   "output": sink.uri, "wall_s": round(time.perf_counter() - t0, 2)}
+        return 0, {"stopped": True, "rendered_before_stop": done, "total": len(current), "output": sink.uri,
+                   "note": "outputs committed before the stop are kept; the next run reuses them",
+                   "wall_s": round(time.perf_counter() - t0, 2)}
     records, counts = reconcile(current, previous, sink, retire)
     url, extra = write_manifest(records, opts, MANIFEST_KEY)
     summary = summarize(records)
@@ -184,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
         runs += 1
         if every is None or (args.max_runs and runs >= args.max_runs):
             return code
-        log.info("next catalog run in %.0f s", every)
-        stop.wait(every)
+        if not stop.is_set():
+            log.info("next catalog run in %.0f s", every)
+            stop.wait(every)
     log.info("stopped by SIGTERM after %d run(s)", runs)
     return 0
 

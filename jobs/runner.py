@@ -195,6 +195,11 @@ def resolve_backend(opts: RunOptions) -> str:
 
 # --- stopping on SIGTERM ------------------------------------------------------------------------------------------
 _stop: threading.Event | None = None
+_interruptible = False  # True while the main thread only waits for Ray Data: then SIGTERM interrupts the wait
+
+
+class Stopped(BaseException):
+    """Raised in the main thread by SIGTERM while it waits on Ray Data (a BaseException: never caught as an error)."""
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -204,6 +209,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
     log.warning("SIGTERM: finishing up; rows not done yet are left for the next run")
     _stop.set()
+    if _interruptible:
+        raise Stopped()
 
 
 def stop_on_sigterm() -> threading.Event:
@@ -276,32 +283,40 @@ def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOp
         fn_constructor_kwargs={"backend": opts.backend_args(backend, cfg), "output": opts.output,
                                "retry": asdict(opts.retry), "render": asdict(cfg), "tracker": tracker, "env": env},
     )
-    finished = threading.Event()
-    failure: list[BaseException] = []
+    polling = threading.Event()
 
-    def consume() -> None:
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for raw in batch["record"]:
-                    out.emit(ManifestRecord.from_dict(json.loads(raw)))
-                if stop is not None and stop.is_set():
-                    break
-        except BaseException as e:  # noqa: BLE001 - handed to the driver thread
-            failure.append(e)
-        finally:
-            finished.set()
-
-    threading.Thread(target=consume, name="qtts-collect", daemon=True).start()
-    try:
-        while not finished.wait(0.5):
-            if stop is not None and stop.is_set():
-                log.warning("stopping: %d of %d rows finished; abandoning the rest", len(out.records), len(rows))
-                with out._lock:
-                    out.frozen = True
-                break
+    def poll() -> None:  # the bar follows the tracker: rows as they finish, not blocks as Ray Data returns them
+        while not polling.wait(0.5):
             with contextlib.suppress(Exception):
                 done, audio_s = ray.get(tracker.snapshot.remote(), timeout=5)
                 out.bar.set(max(done, len(out.records)), max(audio_s, out.audio_s))
+
+    global _interruptible
+    poller = threading.Thread(target=poll, name="qtts-progress", daemon=True)
+    poller.start()
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        if stop is None or not stop.is_set():
+            _interruptible = threading.current_thread() is threading.main_thread()
+            try:
+                for batch in batches:
+                    for raw in batch["record"]:
+                        out.emit(ManifestRecord.from_dict(json.loads(raw)))
+                    if stop is not None and stop.is_set():
+                        break
+            finally:
+                _interruptible = False
+    except Stopped:
+        log.warning("stopping: %d of %d rows finished; abandoning the rest", len(out.records), len(rows))
+    finally:
+        with out._lock:
+            out.frozen = True
+        close = getattr(batches, "close", None)
+        if close is not None:  # shuts Ray Data's executor down now, in this thread
+            with contextlib.suppress(Exception):
+                close()
+        polling.set()
+        poller.join(timeout=10)
         with contextlib.suppress(Exception):
             reruns = ray.get(tracker.restarts.remote(), timeout=10)
             for rid, nodes in reruns.items():
@@ -311,11 +326,8 @@ def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOp
             if reruns:
                 log.warning("%d row(s) were run again after their worker was lost: %s", len(reruns),
                             sorted(reruns)[:10])
-    finally:
         with contextlib.suppress(Exception):
             ray.kill(tracker)
-    if failure:
-        raise failure[0]
 
 
 def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: Sink | None = None,
