@@ -103,15 +103,16 @@ def engine_spec(model: str, engine: Any, revision: str | None = None) -> ModelSp
     return ModelSpec(model, kind, digest, speakers, langs, commit, audio)
 
 
-def serve_spec(model: str, app: str, served: dict[str, int]) -> ModelSpec:
-    """The Serve backend's spec, from the replica that serves `model`."""
+def serve_spec(model: str, app: str, served: dict[str, int], label: str | None = None) -> ModelSpec:
+    """The Serve backend's spec, from the replica that serves `model` (`label`: only for a service that does not
+    report its checkpoint digest)."""
     from .serve_backend import model_info
 
     if model not in served:
         raise ValueError(f"model: {model!r} is not served by the Serve app {app!r}; served models: "
                          f"{sorted(served)} (served names, not checkpoints: they contain no '/')")
     info = model_info(app, model)
-    digest = info.get("checkpoint_digest")
+    digest = info.get("checkpoint_digest") or (f"label:{label}" if label else None)
     if not digest:
         raise ValueError(f"model: the service does not report which checkpoint {model!r} runs (no "
                          "checkpoint_digest in its info); upgrade the service or pass --revision LABEL")
@@ -150,13 +151,11 @@ def resolve_models(rows: list[Utterance], default_model: str | None, backend: st
     for name in sorted(n for n in names if n):
         try:
             if backend == "serve":
-                spec = serve_spec(name, app, served)
-            elif backend == "engine":
+                spec = serve_spec(name, app, served, revision)
+            elif backend == "engine":  # --revision: the hub revision to load; the digest is of what it resolves to
                 spec = engine_spec(name, engine, revision if name == default_model else None)
-            else:  # a test backend (module:Class): no checkpoint to look at
-                spec = ModelSpec(name, "unknown", "unresolved")
-            if revision:  # a label given by the user replaces the digest
-                spec = replace(spec, digest=str(revision))
+            else:  # a test backend (module:Class): no checkpoint to look at, the name and label are all we know
+                spec = ModelSpec(name, "unknown", f"unresolved:{name}@{revision or 'unknown'}")
             specs[name] = spec
         except ValueError as e:
             if name == default_model:

@@ -56,8 +56,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with defaults for these options (e.g. configs/jobs/*.yaml)")
     p.add_argument("--model", help="engine backend: checkpoint folder or hub id; Serve backend: the served model "
                    "name (no '/'; default: the app's only model). Rows may name their own `model`.")
-    p.add_argument("--revision", help="hub revision to load (engine backend); a label that replaces the checkpoint "
-                   "digest in output keys")
+    p.add_argument("--revision", help="engine backend: the hub revision (branch, tag or commit) to load; keys use "
+                   "the digest of what it resolves to. Serve backend: a label for a service that reports no digest")
     p.add_argument("--out", dest="output", help="file://DIR (default file://./output) or s3://bucket/prefix")
     p.add_argument("--voice", help="default voice/speaker for rows without one")
     p.add_argument("--language", help="default language (default auto)")

@@ -218,8 +218,9 @@ def render_rows(rows: list[Utterance], backend: Backend, sink: Sink, cfg: Render
         if on_row is not None:
             on_row(records[i])
     if on_row is not None:
+        rendered = {todo[k] for k in live}
         for i, rec in enumerate(records):
-            if i not in {todo[k] for k in live}:
+            if i not in rendered:
                 on_row(rec)
     return records
 
