@@ -113,11 +113,12 @@ class EngineBackend:
             self._voice_files[voice] = load_voice_prompt(str(path))
             return self._voice_files[voice]
         if self.opts.voices_uri:
-            if self._store is None:
-                from serve.voices import VoiceStore
+            from serve import voices as store_module
 
-                self._store = VoiceStore.from_uri(self.opts.voices_uri)
-            return self._store.load(voice)
+            if self._store is None:
+                self._store = store_module.VoiceStore.from_uri(self.opts.voices_uri)
+            scope = getattr(store_module, "ANYONE", None)  # a store with owners: a batch job may use any voice
+            return self._store.load(voice) if scope is None else self._store.load(voice, scope)
         raise KeyError(voice)
 
     def _request(self, model: Any, job: ChunkJob) -> Any:
