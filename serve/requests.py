@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from qwen_tts_core import SynthesisRequest
-from qwen_tts_core.checkpoint.digest import checkpoint_digest
 
 from .config import ModelConfig
 from .schemas import SAMPLING_FIELDS
@@ -108,6 +107,8 @@ def build_request(model, cfg: ModelConfig, payload: dict[str, Any], voices=None,
 
 
 def model_info(model, cfg: ModelConfig) -> dict[str, Any]:
+    from qwen_tts_core.checkpoint.digest import checkpoint_digest
+
     return {"id": cfg.name, "object": "model", "owned_by": "qwen-tts-fleet", "type": model.tts_model_type,
             "size": model.tts_model_size, "speakers": model.get_supported_speakers(),
             "languages": model.get_supported_languages(), "max_new_tokens": cfg.max_new_tokens,
