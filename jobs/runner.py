@@ -176,6 +176,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
                 raise ValueError(f"ray_address: no Ray cluster answers at {address} ({e})") from e
             log.warning("no Ray head at %s; starting a local one", addr)
             os.environ.pop("RAY_ADDRESS", None)
+    # an in-process cluster on loopback: no token file under ~/.ray (every later driver would turn token auth on)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False,
              object_store_memory=256 * 1024 * 1024)
     _restore_sigterm()
