@@ -107,7 +107,12 @@ def build_request(model, cfg: ModelConfig, payload: dict[str, Any], voices=None,
 
 
 def model_info(model, cfg: ModelConfig) -> dict[str, Any]:
+    from qwen_tts_core.checkpoint.digest import checkpoint_digest
+
     return {"id": cfg.name, "object": "model", "owned_by": "qwen-tts-fleet", "type": model.tts_model_type,
             "size": model.tts_model_size, "speakers": model.get_supported_speakers(),
             "languages": model.get_supported_languages(), "max_new_tokens": cfg.max_new_tokens,
-            "max_sessions": cfg.max_sessions}
+            "max_sessions": cfg.max_sessions,
+            # what shapes the audio besides the request (batch jobs key their outputs on it)
+            "checkpoint_digest": checkpoint_digest(model.path), "dtype": str(model.dtype).removeprefix("torch."),
+            "device": model.device.type, "default_max_new_tokens": cfg.default_max_new_tokens}

@@ -170,7 +170,7 @@ class Engine:
                 return
             slot = self.free_slots.pop(0)
             try:
-                self._start(s, slot)
+                self._start(s, slot, out)
             except Exception as e:  # a bad request must not take the engine down
                 log.exception("session %d failed to start", s.id)
                 if s not in self.active:
@@ -214,7 +214,7 @@ class Engine:
             extend_prompt(self.talker, s.prompt, new, end=s.incremental.ended and not was_ended)
             self._set_guard(s)
 
-    def _start(self, s: Session, slot: int) -> None:
+    def _start(self, s: Session, slot: int, out: list[AudioChunk]) -> None:
         req = s.request
         if s.incremental is not None:
             if not s.committed_ids:
@@ -234,7 +234,7 @@ class Engine:
         hidden, logits = prefill(self.talker, self.cache, slot, embeds)
         s.pos, s.hidden = embeds.shape[0], hidden
         ids = self._sample_code0([s], logits[None])
-        self._take_code0(s, int(ids[0]), [])
+        self._take_code0(s, int(ids[0]), out)  # EOS or max_new_tokens=1 at once: its last chunk goes out
 
     def _set_guard(self, s: Session) -> None:
         per_token = getattr(s.request, "guard_frames_per_token", None) or self.guard_frames_per_token
