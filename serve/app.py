@@ -35,6 +35,7 @@ def _replica_options(m: ModelConfig, cfg: ServiceConfig) -> dict[str, Any]:
 
 def build_app(config: ServiceConfig | dict[str, Any] | None = None) -> Application:
     cfg = config if isinstance(config, ServiceConfig) else ServiceConfig.from_dict(config)
+    cfg = cfg.with_env_keys()  # env keys travel in the ingress's config: its worker never sees this environment
     replicas = {m.name: TTSReplica.options(**_replica_options(m, cfg)).bind(
         {k: getattr(m, k) for k in m.__dataclass_fields__}, cfg.cache_dir, cfg.voices_uri, cfg.retry_after_s)
         for m in cfg.models}

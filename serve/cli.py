@@ -49,10 +49,10 @@ def _serve(args: argparse.Namespace) -> int:
     from .config import ServiceConfig
 
     http, app_args = read_serve_yaml(args.config) if args.config else ({}, {})
-    cfg = ServiceConfig.from_dict(app_args)
+    cfg = ServiceConfig.from_dict(app_args).with_env_keys()  # the same resolved keys the ingress will enforce
     host = args.host or http.get("host", "127.0.0.1")
     port = args.port or int(http.get("port", 8000))
-    if host not in ("127.0.0.1", "localhost", "::1") and not cfg.effective_api_keys():
+    if host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_keys or cfg.admin_api_keys):
         log.warning("serving on %s without API keys (set api_keys or QTTS_API_KEYS)", host)
     _connect(args.address)
     serve.start(http_options={"host": host, "port": port})

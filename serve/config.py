@@ -10,7 +10,7 @@ start instead of being silently ignored.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
@@ -46,6 +46,7 @@ class ModelConfig:
     interactive_reserve: int = 2             # slots bulk work never takes (room for interactive arrivals)
     max_new_tokens: int = 2048               # hard cap; requests may ask for less
     default_max_new_tokens: int | None = None  # when a request does not say (None: the model's default)
+    max_input_chars: int | None = None       # longest text of one request (None: the service's max_input_chars)
     first_chunk_frames: int = 1
     chunk_frames: int = 4
     warmup: bool = True
@@ -83,6 +84,9 @@ class ServiceConfig:
     cache_dir: str = "~/.cache/qwen-tts-fleet/serve"
     voices_uri: str = "~/.cache/qwen-tts-fleet/voices"   # local folder or s3://bucket/prefix
     api_keys: tuple[str, ...] = ()                      # Bearer keys; also env QTTS_API_KEYS (comma-separated)
+    admin_api_keys: tuple[str, ...] = ()                # keys that see every key's voices; env QTTS_ADMIN_API_KEYS
+    metrics_without_key: bool = False                   # with keys set, /metrics needs one unless this is true
+    docs_without_key: bool = False                      # likewise /docs and /openapi.json
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 10 << 20
     max_input_chars: int = 4096
@@ -100,6 +104,16 @@ class ServiceConfig:
             raise ValueError(f"models: duplicate names in {names}")
         if self.max_input_chars < 1 or self.max_body_bytes < 1024 or self.max_upload_bytes < 1024:
             raise ValueError("max_input_chars must be >= 1, max_body_bytes and max_upload_bytes >= 1024")
+        for key in (*self.api_keys, *self.admin_api_keys):
+            if not isinstance(key, str) or not key.strip() or key != key.strip():
+                raise ValueError("api_keys / admin_api_keys must be non-empty strings without surrounding spaces")
+        from .fetch import AllowList
+
+        AllowList(self.allowed_audio_url_prefixes)  # ValueError naming a prefix that is not an http(s) folder
+        # Each model's text limit defaults to the service's (the replica applies it through the core's policy).
+        object.__setattr__(self, "models", tuple(
+            m if m.max_input_chars is not None else replace(m, max_input_chars=self.max_input_chars)
+            for m in self.models))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ServiceConfig:
@@ -107,7 +121,7 @@ class ServiceConfig:
         _check_keys(d, cls, "serve config")
         if "models" in d:
             d["models"] = tuple(m if isinstance(m, ModelConfig) else ModelConfig.from_dict(m) for m in d["models"])
-        for key in ("api_keys", "allowed_audio_url_prefixes"):
+        for key in ("api_keys", "admin_api_keys", "allowed_audio_url_prefixes"):
             if key in d:
                 d[key] = tuple(d[key] or ())
         return cls(**d)
@@ -129,7 +143,23 @@ class ServiceConfig:
                 return m
         raise ValueError(f"model {name!r} is not served; choose one of {[m.name for m in self.models]}")
 
+    def with_env_keys(self, environ: dict[str, str] | None = None) -> ServiceConfig:
+        """This config with the keys of QTTS_API_KEYS / QTTS_ADMIN_API_KEYS (comma-separated) added.
+
+        Called where the service is built (the driver of `qtts serve`, `serve run`'s builder), so the keys travel
+        to the ingress inside its config: a Ray worker never sees the driver's environment. The ingress applies it
+        again to its own environment (keys set through the deployment's runtime_env). Idempotent."""
+        env = os.environ if environ is None else environ
+
+        def merged(have: tuple[str, ...], var: str) -> tuple[str, ...]:
+            extra = [k.strip() for k in env.get(var, "").split(",") if k.strip()]
+            return tuple(dict.fromkeys([*have, *extra]))
+
+        return replace(self, api_keys=merged(self.api_keys, "QTTS_API_KEYS"),
+                       admin_api_keys=merged(self.admin_api_keys, "QTTS_ADMIN_API_KEYS"))
+
     def effective_api_keys(self) -> frozenset[str]:
-        env = [k.strip() for k in os.environ.get("QTTS_API_KEYS", "").split(",") if k.strip()]
-        return frozenset(self.api_keys) | frozenset(env)
+        """Every key the service accepts once the environment's are added (what the ingress enforces)."""
+        cfg = self.with_env_keys()
+        return frozenset(cfg.api_keys) | frozenset(cfg.admin_api_keys)
 

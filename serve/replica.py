@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -22,14 +20,15 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from qwen_tts_core import Engine, SamplingParams, SynthesisRequest, save_voice_prompt
+from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
+from qwen_tts_core.errors import RequestError
 from qwen_tts_core.generate.requests import validate as validate_request
 
 from .config import ModelConfig
 from .metrics import ReplicaMetrics, summarize
 from .requests import build_request, load_model, model_info
 from .scheduler import Busy, Scheduler, SchedulerLimits, Ticket
-from .schemas import param_from_message
+from .schemas import api_field
 from .voices import VoiceStore
 
 log = logging.getLogger(__name__)
@@ -86,9 +85,14 @@ class ReplicaCore:
             req = build_request(self.model, self.cfg, payload, self.voices,
                                 **({"text": None} if incremental else {}))
             ticket = await self.scheduler.submit(req)
-        except ValueError as e:
+        except RequestError as e:  # the core's verdict, naming its field; API_FIELD names it for the client
             self.metrics.error("bad_request")
-            return _error(400, str(e), param_from_message(str(e)))
+            param = api_field(e.field)
+            return _error(400, f"{param}: {e.message}" if param else e.message, param)
+        except ValueError as e:  # outside the contract (a bug to fix): still the client's 400, not a crash
+            log.warning("request refused without a RequestError: %s", e)
+            self.metrics.error("bad_request")
+            return _error(400, str(e), None)
         except Busy as e:
             self.metrics.error("busy")
             return _error(503, str(e), None, e.retry_after_s)
@@ -147,21 +151,14 @@ class ReplicaCore:
         return {"pcm": audio, "sample_rate": 24000, "finish_reason": end["finish_reason"],
                 "num_frames": len(audio) // SAMPLES_PER_FRAME}
 
-    async def create_voice(self, audio: bytes, ref_text: str | None, x_vector_only: bool, name: str) -> dict:
-        """Encode the reference once and store the prompt; returns the voice's info. ValueError on bad audio."""
+    async def create_voice(self, audio: bytes, ref_text: str | None, x_vector_only: bool, name: str,
+                           owner: str = "") -> dict:
+        """Encode the reference once and store the prompt owned by `owner` (an API key digest); returns the voice's
+        info. RequestError on bad audio (checked from its header first) or a bad name."""
         if self.voices is None:
-            raise ValueError("voice store is not configured")
+            raise RequestError("voice", "no voice store is configured")
         items = await asyncio.to_thread(self.model.create_voice_clone_prompt, audio, ref_text, x_vector_only)
-        fd, tmp = tempfile.mkstemp(suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_voice_prompt(items[0], tmp, name=name, model=self.cfg.name, created=str(int(time.time())))
-            with open(tmp, "rb") as f:
-                data = f.read()
-        finally:
-            os.unlink(tmp)
-        vid = self.voices.put(data)
-        return self.voices.info(vid)
+        return await asyncio.to_thread(self.voices.create, items[0], name=name, model=self.cfg.name, owner=owner)
 
     def info(self) -> dict[str, Any]:
         return model_info(self.model, self.cfg)
@@ -197,8 +194,9 @@ class TTSReplica:
     async def synthesize(self, payload: dict[str, Any]) -> dict[str, Any]:
         return await self.core.synthesize(payload)
 
-    async def create_voice(self, audio: bytes, ref_text: str | None, x_vector_only: bool, name: str) -> dict:
-        return await self.core.create_voice(audio, ref_text, x_vector_only, name)
+    async def create_voice(self, audio: bytes, ref_text: str | None, x_vector_only: bool, name: str,
+                           owner: str = "") -> dict:
+        return await self.core.create_voice(audio, ref_text, x_vector_only, name, owner)
 
     async def info(self) -> dict[str, Any]:
         return self.core.info()

@@ -10,7 +10,7 @@ import pytest
 
 from serve.config import ModelConfig, ServiceConfig
 from serve.replica import ReplicaCore
-from serve.voices import VoiceStore
+from serve.voices import ANYONE, VoiceStore
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_voice_clone_prompt_is_encoded_once_and_reused(model_factory, ref_wav_pa
         items = await _items(core, {"input": "Cloned speech.", "voice": info["id"], "seed": 0})
         return info, items, calls
     info, items, calls = asyncio.run(main())
-    assert info["name"] == "alice" and info["model"] == "b" and store.list()[0]["id"] == info["id"]
+    assert info["name"] == "alice" and info["model"] == "b" and store.list(ANYONE)[0]["id"] == info["id"]
     assert items[-1]["type"] == "end" and any(x["type"] == "audio" for x in items)
     assert calls == [], "a stored voice must not be re-encoded"
     with pytest.raises(ValueError, match="ref_audio"):
