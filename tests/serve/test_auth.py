@@ -35,6 +35,20 @@ def test_bearer_token_reads_raw_header_bytes():
     assert bearer_token(H()) is None
 
 
+def test_env_keys_are_resolved_into_the_config():
+    from serve.config import ServiceConfig
+
+    cfg = ServiceConfig.from_dict({"api_keys": ["c1"], "admin_api_keys": ["a1"]})
+    env = {"QTTS_API_KEYS": " e1, c1 ,,e2", "QTTS_ADMIN_API_KEYS": "a2"}
+    resolved = cfg.with_env_keys(env)
+    assert resolved.api_keys == ("c1", "e1", "e2") and resolved.admin_api_keys == ("a1", "a2")
+    assert resolved.with_env_keys(env) == resolved and resolved.with_env_keys({}) == resolved
+    again = ServiceConfig.from_dict(resolved.to_dict())  # what the ingress receives carries the keys
+    assert again.api_keys == resolved.api_keys and again.admin_api_keys == resolved.admin_api_keys
+    with pytest.raises(ValueError, match="api_keys"):
+        ServiceConfig.from_dict({"api_keys": [" padded "]})
+
+
 def _h(key: str | bytes | None) -> dict:
     if key is None:
         return {}

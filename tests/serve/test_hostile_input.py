@@ -157,6 +157,14 @@ def test_allow_list_compares_parsed_fields_and_normalised_paths(url, ok):
             allow.check(url)
 
 
+def test_allow_list_prefixes_are_checked_at_config_time():
+    from serve.config import ServiceConfig
+
+    for bad in ("ftp://host/ok/", "http://user@host/ok/", "/ok/", "http:///ok/"):
+        with pytest.raises(ValueError, match="allowed_audio_url_prefixes"):
+            ServiceConfig.from_dict({"allowed_audio_url_prefixes": [bad]})
+
+
 # ---- through the service ----------------------------------------------------------------------------------------------
 
 def _post(url: str, path: str, content: bytes | str, **kw) -> httpx.Response:
