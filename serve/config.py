@@ -50,6 +50,13 @@ class ModelConfig:
     first_chunk_frames: int = 1
     chunk_frames: int = 4
     warmup: bool = True
+    max_bulk_queue: int = 256                # bulk (batch-job) requests parked per replica before Busy
+    # Engine options (None: the engine's default; see qwen_tts_core Engine): static KV length per session, CUDA
+    # graphs on/off, the batch sizes graphs are captured for, torch.compile of the step bodies.
+    max_len: int | None = None
+    cuda_graphs: bool | None = None
+    batch_buckets: tuple[int, ...] | None = None
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -64,11 +71,19 @@ class ModelConfig:
                              f"got {self.interactive_reserve}")
         if self.first_chunk_frames < 1 or self.chunk_frames < 1:
             raise ValueError(f"models[{self.name}]: first_chunk_frames and chunk_frames must be >= 1")
+        if self.max_bulk_queue < 0 or (self.max_len is not None and self.max_len < 16):
+            raise ValueError(f"models[{self.name}]: max_bulk_queue must be >= 0 and max_len >= 16")
+        if self.batch_buckets is not None:
+            buckets = tuple(self.batch_buckets)
+            if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
+                raise ValueError(f"models[{self.name}].batch_buckets must list positive integers, got {buckets!r}")
+            object.__setattr__(self, "batch_buckets", buckets)
 
     @property
     def max_ongoing_requests(self) -> int:
-        """Serve's per-replica limit: every slot and queue place, plus a little room for control calls."""
-        return self.max_sessions + self.max_queue + 8
+        """Serve's per-replica limit: every slot, queue and bulk place, plus room for control calls (text feeds,
+        lease renewals, stats), so the replica's own admission (Busy / 503) decides, not Serve's back-pressure."""
+        return self.max_sessions + self.max_queue + self.max_bulk_queue + 32
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -91,7 +106,12 @@ class ServiceConfig:
     max_upload_bytes: int = 10 << 20
     max_input_chars: int = 4096
     allowed_audio_url_prefixes: tuple[str, ...] = ()     # reference audio URLs: only with an allow-list
-    ws_idle_timeout_s: float = 30.0
+    ws_idle_timeout_s: float = 30.0                     # WebSocket: config wait; a session with no text fails
+    ws_max_messages: int = 8192                         # WebSocket: messages per session
+    ws_max_messages_per_s: float = 200.0                # WebSocket: sustained message rate (token bucket) ...
+    ws_message_burst: int = 5000                        # ... and its burst
+    session_deadline_s: float = 600.0                   # any session: wall time in the engine before it fails
+    session_lease_s: float = 15.0                       # a stream whose consumer stops renewing is cancelled
     retry_after_s: int = 1
     ingress_num_cpus: float = 0.25
     ingress_replicas: int = 1
@@ -104,6 +124,10 @@ class ServiceConfig:
             raise ValueError(f"models: duplicate names in {names}")
         if self.max_input_chars < 1 or self.max_body_bytes < 1024 or self.max_upload_bytes < 1024:
             raise ValueError("max_input_chars must be >= 1, max_body_bytes and max_upload_bytes >= 1024")
+        if min(self.ws_idle_timeout_s, self.session_deadline_s, self.session_lease_s, self.ws_max_messages_per_s) <= 0 \
+                or self.ws_max_messages < 1 or self.ws_message_burst < 1:
+            raise ValueError("ws_idle_timeout_s, session_deadline_s, session_lease_s, ws_max_messages, "
+                             "ws_max_messages_per_s and ws_message_burst must be positive")
         for key in (*self.api_keys, *self.admin_api_keys):
             if not isinstance(key, str) or not key.strip() or key != key.strip():
                 raise ValueError("api_keys / admin_api_keys must be non-empty strings without surrounding spaces")
@@ -136,6 +160,11 @@ class ServiceConfig:
                 v = list(v)
             out[f.name] = v
         return out
+
+    def session_limits(self) -> dict[str, Any]:
+        """The replicas' per-session rules (serve/sessions.py SessionLimits)."""
+        return {"max_text_chars": self.max_input_chars, "idle_text_timeout_s": self.ws_idle_timeout_s,
+                "deadline_s": self.session_deadline_s, "lease_s": self.session_lease_s}
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:

@@ -6,7 +6,6 @@ No synthesis logic lives here: requests become payload dicts for `TTSReplica` (s
 
 import asyncio
 import base64
-import json
 import logging
 from collections import Counter
 from importlib import resources
@@ -34,21 +33,21 @@ from .auth import Caller, KeyRing, bearer_token
 from .config import ServiceConfig
 from .fetch import AllowList, FetchRefused, fetch_allowed
 from .jsonlimits import JsonLimits, JsonRejected, loads_bounded
-from .metrics import prometheus_text
+from .metrics import ClientStreams, merge_stats, prometheus_text
 from .requests import CALLER
+from .routing import route_key
 from .schemas import (
     ApiError,
     SpeechRequest,
-    SynthesisFields,
     VoiceUpload,
     WSConfig,
-    WSEnd,
-    WSText,
     bad_request,
     from_request_error,
     from_validation_error,
 )
+from .streaming import Leases, ReplicaStream, audio_body, sse_body
 from .voices import VoiceStore
+from .ws_session import MessageLimiter, WSSession, send_error
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +89,6 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return await _api_error(request, ApiError(500, f"internal error ({type(exc).__name__})"))
 
 
-def _last_line(exc: BaseException) -> str:
-    lines = [x for x in str(exc).strip().splitlines() if x.strip()]
-    msg = lines[-1] if lines else type(exc).__name__
-    return msg.split("ValueError: ", 1)[-1]
-
-
-def _replica_error(item: dict) -> ApiError:
-    headers = {"Retry-After": str(item["retry_after"])} if item.get("retry_after") else {}
-    return ApiError(item["status"], item["message"], item.get("param"), headers=headers)
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Ingress:
@@ -112,6 +100,9 @@ class Ingress:
         self.keys = KeyRing(self.cfg.api_keys, self.cfg.admin_api_keys)
         self.allow_urls = AllowList(self.cfg.allowed_audio_url_prefixes)
         self._info: dict[str, dict] = {}
+        self.leases = Leases(self.cfg.session_lease_s)      # streams this ingress consumes, renewed on their replicas
+        self.client_streams = ClientStreams()               # open client streams (HTTP + WebSocket) of this ingress
+        self.app_name = serve.get_replica_context().app_name
 
     # --- shared checks ----------------------------------------------------------------------------------------
     def _auth(self, headers, query: dict | None = None) -> Caller:
@@ -152,19 +143,11 @@ class Ingress:
             raise ApiError(400, f"model {name!r} is not served; choose one of {sorted(self.replicas)}", "model")
         return name, self.replicas[name]
 
-    async def _open_stream(self, handle, payload: dict, incremental: bool = False):
-        gen = handle.options(stream=True).stream.remote(payload, incremental)
-        try:
-            first = await gen.__anext__()
-        except Exception as e:  # noqa: BLE001 - Serve back-pressure or a dead replica
-            if "BackPressure" in type(e).__name__ or "BackPressure" in str(e):
-                raise ApiError(503, "service busy; retry later", None,
-                               headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
-            log.exception("replica call failed")
-            raise ApiError(500, f"replica failed: {_last_line(e)}") from None
-        if first["type"] == "error":
-            raise _replica_error(first)
-        return gen, first
+    async def _stream(self, name: str, handle, payload: dict, incremental: bool = False,
+                      counted: bool = True) -> ReplicaStream:
+        """Open a replica stream (leased by this ingress; counted as an open client stream); ApiError if refused."""
+        return await ReplicaStream.open(name, handle, payload, self.leases, incremental, self.cfg.retry_after_s,
+                                        self.client_streams if counted else None)
 
     # --- speech -----------------------------------------------------------------------------------------------
     @app.post("/v1/audio/speech")
@@ -184,71 +167,30 @@ class Ingress:
             encoder = make_encoder(req.response_format)
         except ValueError as e:
             raise bad_request(str(e), "response_format") from None
-        gen, _ = await self._open_stream(handle, payload)
+        stream = await self._stream(name, handle, payload)
+        try:  # nothing is sent before the first audio: a request that fails before it gets a 4xx/5xx JSON answer
+            first = await stream.first_output()
+        except BaseException:  # the error, or the client left (cancelled) before any audio
+            stream.close()
+            raise
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Session-Id": stream.sid}
         if req.stream_format == "sse":
-            return StreamingResponse(self._sse(gen, encoder), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return StreamingResponse(self._audio(gen, encoder), media_type=encoder.media_type,
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def _audio(self, gen, encoder):
-        try:
-            async for item in gen:
-                if item["type"] == "audio":
-                    data = encoder.push(item["pcm"])
-                    if data:
-                        yield data
-                elif item["type"] == "end":
-                    tail = encoder.finish()
-                    if tail:
-                        yield tail
-        finally:
-            gen.cancel()
-
-    async def _sse(self, gen, encoder):
-        def event(obj: dict) -> str:
-            return f"data: {json.dumps(obj)}\n\n"
-
-        try:
-            async for item in gen:
-                if item["type"] == "audio":
-                    data = encoder.push(item["pcm"])
-                    if data:
-                        yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-                elif item["type"] == "end":
-                    tail = encoder.finish()
-                    if tail:
-                        yield event({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode()})
-                    yield event({"type": "speech.audio.done", "finish_reason": item["finish_reason"],
-                                 "num_frames": item["num_frames"], "time_to_first_audio_s": item["ttfa_s"]})
-        finally:
-            gen.cancel()
+            return StreamingResponse(stream.close_with(sse_body(stream, first, encoder)),
+                                     media_type="text/event-stream", headers=headers)
+        return StreamingResponse(stream.close_with(audio_body(stream, first, encoder)),
+                                 media_type=encoder.media_type, headers=headers)
 
     async def synthesize_bulk(self, payload: dict) -> dict:
-        """Batch jobs' entry (`serve.get_app_handle("qtts").synthesize_bulk.remote(payload)`): the speech request
-        fields -> {"pcm": float32 [N], "sample_rate": 24000, "finish_reason", "num_frames"} at bulk priority."""
-        if not isinstance(payload, dict):
-            raise ValueError("payload must be a dict of speech request fields")
-        payload = {k: v for k, v in payload.items() if v is not None}
+        """Kept for callers of the app handle; batch jobs call the model deployment directly (one hop):
+        `serve.get_deployment_handle(f"tts-{model}", app_name).synthesize.remote(payload)` (replica.py)."""
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if model is not None and not isinstance(model, str):
+            raise RequestError("model", "must be a string")
         try:
-            fields = SynthesisFields.model_validate({k: v for k, v in payload.items() if k != "input"})
-        except ValidationError as e:
-            raise ValueError(from_validation_error(e).message) from None
-        text = payload.get("input")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("input must be a non-empty string")
-        if len(text) > self.cfg.max_input_chars:
-            raise ValueError(f"input is longer than {self.cfg.max_input_chars} characters")
-        try:
-            name, handle = self._handle(fields.model)
+            _, handle = self._handle(model)
         except ApiError as e:
-            raise ValueError(e.message) from None
-        data = fields.model_dump()
-        data.update(input=text, model=name, priority="bulk")
-        try:
-            return await handle.synthesize.remote(data)
-        except ValueError as e:
-            raise ValueError(_last_line(e)) from None
+            raise RequestError("model", e.message) from None
+        return await handle.synthesize.remote(payload)
 
     # --- voices (owned by the key that created them; other keys see 404, admin keys see all) ------------------
     @app.get("/v1/audio/voices")
@@ -380,17 +322,38 @@ class Ingress:
         return {"object": "list",
                 "data": [await self._model_info(n, h) for n, h in self.replicas.items()]}
 
+    def _replica_ids(self, name: str) -> list[str]:
+        """Serve's ids of the running replicas of model `name` (from Ray's named actors of this app)."""
+        import ray
+
+        prefix = f"SERVE_REPLICA::{self.app_name}#tts-{name}#"
+        return [a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(prefix)]
+
+    async def _replica_stats(self, name: str, handle) -> list[dict]:
+        """`stats` of every replica of a model, each asked directly (routed by its id), deduplicated by replica."""
+        ids = await asyncio.to_thread(self._replica_ids, name)
+        calls = [asyncio.wait_for(handle.options(session_id=route_key(rid)).stats.remote(), timeout=5)
+                 for rid in ids] or [asyncio.wait_for(handle.stats.remote(), timeout=5)]
+        out: dict[str, dict] = {}
+        for r in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(r, dict):
+                out.setdefault(r.get("replica", str(len(out))), r)
+            else:
+                log.warning("stats of a %s replica unavailable: %s", name, r)
+        return list(out.values())
+
     @app.get("/health")
-    async def health(self) -> dict:
+    async def health(self) -> JSONResponse:
         out = {}
         for name, handle in self.replicas.items():
-            try:
-                s = await asyncio.wait_for(handle.stats.remote(), timeout=5)
-                out[name] = {"status": "ok", "active_sessions": s["active_sessions"]}
-            except Exception as e:  # noqa: BLE001
-                out[name] = {"status": "error", "error": _last_line(e)}
+            stats = await self._replica_stats(name, handle)
+            out[name] = ({"status": "ok", "replicas": len(stats),
+                          "active_sessions": sum(s["active_sessions"] for s in stats)}
+                         if stats else {"status": "error", "error": "no replica answered"})
         ok = all(v["status"] == "ok" for v in out.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "models": out}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "degraded", "models": out,
+                             "open_client_streams": self.client_streams.count}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics(self, request: Request) -> PlainTextResponse:
@@ -398,11 +361,10 @@ class Ingress:
             self._auth(request.headers)
         per_model = {}
         for name, handle in self.replicas.items():
-            try:
-                per_model[name] = await asyncio.wait_for(handle.stats.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - a missing model shows as absent series
-                log.warning("stats of %s unavailable", name)
-        return PlainTextResponse(prometheus_text(per_model, dict(HTTP_ERRORS)),
+            stats = await self._replica_stats(name, handle)
+            if stats:  # a model with no replica answering shows as absent series
+                per_model[name] = merge_stats(stats)
+        return PlainTextResponse(prometheus_text(per_model, dict(HTTP_ERRORS), self.client_streams.count),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/openapi.json")
@@ -428,57 +390,42 @@ class Ingress:
     @app.websocket("/v1/audio/speech/stream")
     async def speech_stream(self, ws: WebSocket) -> None:
         await ws.accept()
+        self.client_streams.opened()
         try:
-            caller = self._auth(ws.headers, dict(ws.query_params))
-            cfg = WSConfig.model_validate(await self._ws_message(ws))
-            name, handle = self._handle(cfg.model)
-            payload = cfg.model_dump(exclude={"type", "response_format"})
-            payload.update(model=name, **{CALLER: caller.scope})
-            gen, first = await self._open_stream(handle, payload, incremental=True)
-        except ValidationError as e:
-            return await self._ws_fail(ws, from_validation_error(e))
-        except ApiError as e:
-            return await self._ws_fail(ws, e)
-        except WebSocketDisconnect:
-            return
-        encoder = make_encoder(cfg.response_format)
-        await ws.send_json({"type": "start", "model": name, "sample_rate": 24000, "format": cfg.response_format})
-        feeder = asyncio.create_task(self._ws_feed(ws, handle, first["key"]))
-        writer = asyncio.create_task(self._ws_write(ws, gen, encoder))
-        try:
-            done, _ = await asyncio.wait({feeder, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if feeder in done and feeder.result() is not None:
-                writer.cancel()
-                gen.cancel()
-                return await self._ws_fail(ws, feeder.result())
-            await writer
-        except WebSocketDisconnect:
-            pass
-        finally:
-            gen.cancel()
-            feeder.cancel()
-            writer.cancel()
-
-    async def _ws_write(self, ws: WebSocket, gen, encoder) -> None:
-        async for item in gen:
-            if item["type"] == "audio":
-                data = encoder.push(item["pcm"])
-                if data:
-                    await ws.send_bytes(data)
-            elif item["type"] == "end":
-                tail = encoder.finish()
-                if tail:
-                    await ws.send_bytes(tail)
-                await ws.send_json({"type": "done", "finish_reason": item["finish_reason"],
-                                    "num_frames": item["num_frames"], "time_to_first_audio_s": item["ttfa_s"]})
-                await ws.close(1000)
+            try:
+                caller = self._auth(ws.headers, dict(ws.query_params))
+                cfg = WSConfig.model_validate(await self._ws_message(ws, self.cfg.ws_idle_timeout_s))
+                name, handle = self._handle(cfg.model)
+                payload = cfg.model_dump(exclude={"type", "response_format"})
+                payload.update(model=name, **{CALLER: caller.scope})
+                encoder = make_encoder(cfg.response_format)
+                stream = await self._stream(name, handle, payload, incremental=True, counted=False)
+            except ValidationError as e:
+                return await send_error(ws, from_validation_error(e), self._count_error)
+            except ApiError as e:
+                return await send_error(ws, e, self._count_error)
+            except WebSocketDisconnect:
                 return
+            c = self.cfg
+            session = WSSession(ws, lambda: self._ws_message(ws), handle, stream, encoder,
+                                MessageLimiter(c.ws_max_messages, c.ws_max_messages_per_s, c.ws_message_burst),
+                                {"type": "start", "model": name, "sample_rate": 24000, "format": cfg.response_format},
+                                self._count_error)
+            await session.run()
+        finally:
+            self.client_streams.closed()
 
-    async def _ws_message(self, ws: WebSocket) -> Any:
+    @staticmethod
+    def _count_error(kind: str) -> None:
+        HTTP_ERRORS[kind] += 1
+
+    async def _ws_message(self, ws: WebSocket, timeout_s: float | None = None) -> Any:
+        """The next client message as a JSON object with a `type` (bounded JSON); ApiError when it is not one,
+        408 after `timeout_s` of silence, WebSocketDisconnect when the client left."""
         try:
-            msg = await asyncio.wait_for(ws.receive(), timeout=self.cfg.ws_idle_timeout_s)
+            msg = await asyncio.wait_for(ws.receive(), timeout=timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(408, f"no message for {self.cfg.ws_idle_timeout_s} s", "message") from None
+            raise ApiError(408, f"message: none for {timeout_s:g} s", "message") from None
         if msg["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(msg.get("code", 1000))
         text = msg.get("text")
@@ -491,48 +438,3 @@ class Ingress:
         if not isinstance(data, dict) or "type" not in data:
             raise ApiError(400, "message: expected an object with 'type' (config, text or end)", "type")
         return data
-
-    async def _ws_feed(self, ws: WebSocket, handle, key: int) -> ApiError | None:
-        """Text messages -> the replica holding the session; returns an error to report, or None when ended."""
-        total = 0
-        try:
-            while True:
-                data = await self._ws_message(ws)
-                kind = data.get("type")
-                if kind == "text":
-                    piece = WSText.model_validate(data).text
-                    total += len(piece)
-                    if total > self.cfg.max_input_chars:
-                        return ApiError(400, f"text is longer than {self.cfg.max_input_chars} characters", "text")
-                elif kind == "end":
-                    WSEnd.model_validate(data)
-                    piece = None
-                else:
-                    return ApiError(400, f"type must be 'text' or 'end' after the config, got {kind!r}", "type")
-                err = await self._feed(handle, key, piece)
-                if err is not None:
-                    return ApiError(400, f"text: {err}", "text")
-                if piece is None:
-                    return None
-        except ValidationError as e:
-            return from_validation_error(e)
-        except ApiError as e:
-            return e
-        except WebSocketDisconnect:
-            return None
-
-    async def _feed(self, handle, key: int, piece: str | None) -> str | None:
-        # The session lives on one replica; with several replicas the call may land elsewhere: try again.
-        for _ in range(32):
-            err = await handle.feed.remote(key, piece)
-            if err != "unknown session":
-                return err
-        return "session lost"
-
-    async def _ws_fail(self, ws: WebSocket, err: ApiError) -> None:
-        HTTP_ERRORS[f"ws_{err.status}"] += 1
-        try:
-            await ws.send_json({"type": "error", **err.body()})
-            await ws.close(1008 if err.status < 500 else 1011)
-        except Exception:  # noqa: BLE001 - the client is already gone
-            pass

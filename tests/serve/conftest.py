@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Small limits so overload and caps are reachable in a test; three model types side by side.
 TEST_MODELS = [
     {"name": "cv", "model_type": "custom_voice", "num_cpus": 0.25, "max_sessions": 4, "max_queue": 2,
-     "interactive_reserve": 1, "max_new_tokens": 64, "default_max_new_tokens": 16},
+     "interactive_reserve": 1, "max_new_tokens": 64, "default_max_new_tokens": 16, "max_bulk_queue": 2},
     {"name": "base", "model_type": "base", "num_cpus": 0.25, "max_sessions": 4, "max_queue": 4,
      "max_new_tokens": 64, "default_max_new_tokens": 12},
     {"name": "vd", "model_type": "voice_design", "num_cpus": 0.25, "max_sessions": 2, "max_queue": 4,
@@ -50,7 +50,8 @@ def serve_app(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     config = {"models": TEST_MODELS, "cache_dir": str(tmp / "cache"), "voices_uri": str(tmp / "voices"),
               "max_input_chars": 500, "max_body_bytes": 64 * 1024, "max_upload_bytes": 512 * 1024,
-              "ws_idle_timeout_s": 3}
+              "ws_idle_timeout_s": 3, "ws_max_messages": 3000, "ws_max_messages_per_s": 500, "ws_message_burst": 2000,
+              "session_lease_s": 3, "session_deadline_s": 60}
     t = time.time()
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     port = serve_http_port()
@@ -137,3 +138,23 @@ def keys_app(serve_app, audio_server, tmp_path_factory):
     serve.run(app, name="qtts-keys", route_prefix="/keys")
     yield {"url": f"http://127.0.0.1:{serve_http_port()}/keys", "keys": dict(KEYS), "voices_dir": tmp / "voices"}
     serve.delete("qtts-keys")
+
+
+# A second app of one model on THREE replicas (session routing, kills); cheap: tiny model, short answers.
+MULTI = {"name": "cv3", "model_type": "custom_voice", "num_cpus": 0.2, "num_replicas": 3, "max_sessions": 8,
+         "max_queue": 8, "interactive_reserve": 1, "max_new_tokens": 2000, "default_max_new_tokens": 12}
+
+
+@pytest.fixture(scope="session")
+def multi_app(serve_app, tmp_path_factory):
+    """App "multi" at "/multi": model `cv3` on three replicas; yields {"url", "config", "app"}."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    tmp = tmp_path_factory.mktemp("multi")
+    config = {"models": [MULTI], "cache_dir": str(tmp / "cache"), "voices_uri": str(tmp / "voices"),
+              "max_input_chars": 500, "ws_idle_timeout_s": 10, "session_lease_s": 3, "session_deadline_s": 120}
+    serve.run(build_app(config), name="multi", route_prefix="/multi")
+    yield {"url": f"{serve_app['url']}/multi", "config": config, "app": "multi"}
+    serve.delete("multi")

@@ -8,6 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from qwen_tts_core.errors import RequestError
 from serve.config import ModelConfig, ServiceConfig
 from serve.replica import ReplicaCore
 from serve.voices import ANYONE, VoiceStore
@@ -63,8 +64,9 @@ def test_synthesize_bulk_returns_whole_audio(cv_core):
         cv_core.start(asyncio.get_running_loop())
         try:
             out = await cv_core.synthesize({"input": "Bulk line.", "voice": "eric", "seed": 1})
-            with pytest.raises(ValueError, match="voice"):
+            with pytest.raises(RequestError) as e:
                 await cv_core.synthesize({"input": "Bulk line.", "voice": "nobody"})
+            assert e.value.field == "speaker"
             return out
         finally:
             cv_core.scheduler.stop()
