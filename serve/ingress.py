@@ -35,7 +35,7 @@ from .fetch import AllowList, FetchRefused, fetch_allowed
 from .jsonlimits import JsonLimits, JsonRejected, loads_bounded
 from .metrics import ClientStreams, merge_stats, prometheus_text
 from .requests import CALLER
-from .routing import route_key
+from .routing import detached, route_key
 from .schemas import (
     ApiError,
     SpeechRequest,
@@ -333,7 +333,7 @@ class Ingress:
     async def _replica_stats(self, name: str, handle) -> list[dict]:
         """`stats` of every replica of a model, each asked directly (routed by its id), deduplicated by replica."""
         ids = await asyncio.to_thread(self._replica_ids, name)
-        calls = [asyncio.wait_for(handle.options(session_id=route_key(rid)).stats.remote(), timeout=5)
+        calls = [asyncio.wait_for(detached(handle.options(session_id=route_key(rid)).stats.remote), timeout=5)
                  for rid in ids] or [asyncio.wait_for(handle.stats.remote(), timeout=5)]
         out: dict[str, dict] = {}
         for r in await asyncio.gather(*calls, return_exceptions=True):

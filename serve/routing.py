@@ -20,6 +20,7 @@ written into the session id has none of these: opens are load-balanced, and the 
 
 from __future__ import annotations
 
+import contextvars
 import random
 import uuid
 from typing import Any
@@ -27,6 +28,16 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 SEP = "-"
+
+
+def detached(call, *args, **kwargs):
+    """Make a handle call (`call(*args)` returns its DeploymentResponse) outside the current Serve request context.
+
+    Inside a request, every handle call inherits that request's internal id, and Serve's router matches a chosen
+    replica to a pending call BY THAT ID: two calls in flight at once from one request (stats of every replica,
+    lease renewals of several owners) would swap replicas and one would never be routed. A fresh context gives each
+    call its own id."""
+    return contextvars.Context().run(call, *args, **kwargs)
 
 
 def new_session_id(owner: str) -> str:

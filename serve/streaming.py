@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import logging
 import weakref
@@ -61,7 +62,8 @@ class Leases:
     def add(self, sid: str, name: str, handle) -> None:
         self._open[sid] = (name, handle)
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._renew_forever())
+            # Its own context: renewals must not carry the request id of the request that happened to start it.
+            self._task = asyncio.get_running_loop().create_task(self._renew_forever(), context=contextvars.Context())
 
     def drop(self, sid: str) -> None:
         self._open.pop(sid, None)
@@ -83,7 +85,7 @@ class Leases:
                 try:
                     await asyncio.wait_for(call, timeout=self.period_s * 2)
                 except Exception as e:  # noqa: BLE001 - a dead replica: its streams fail on their own
-                    log.debug("lease renewal failed: %s", e)
+                    log.warning("lease renewal failed: %s: %s", type(e).__name__, e)
 
 
 class ReplicaStream:

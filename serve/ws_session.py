@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from qwen_tts_core.errors import RequestError
 
+from .routing import detached
 from .schemas import ApiError, WSEnd, WSText, from_validation_error
 from .sessions import UnknownSession
 from .streaming import ReplicaStream, end_error, replica_lost
@@ -181,7 +182,7 @@ class WSSession:
                 piece, end = self.queue.get_nowait()
                 parts.append(piece)
             try:
-                await routed.feed.remote(sid, "".join(parts), end)
+                await detached(routed.feed.remote, sid, "".join(parts), end)
             except RequestError as e:
                 return ApiError(400, f"text: {e.message}", "text")
             except UnknownSession:

@@ -165,6 +165,45 @@ def _owner(sid: str) -> str:
 
 
 @pytest.mark.ray
+def test_health_and_metrics_ask_every_replica(multi_app):
+    """/health and /metrics read each of the three replicas (calls made at once, each routed to its replica)."""
+    from tests.serve.helpers import metric
+
+    url = multi_app["url"]
+    assert _wait(lambda: httpx.get(f"{url}/health", timeout=30).json()["models"]["cv3"].get("replicas") == 3, 60)
+    t = time.perf_counter()
+    h = httpx.get(f"{url}/health", timeout=30).json()
+    assert h["models"]["cv3"]["replicas"] == 3 and time.perf_counter() - t < 3, h
+    assert metric(httpx.get(f"{url}/metrics", timeout=30).text, "qtts_replicas", model="cv3") == 3
+
+
+@pytest.mark.ray
+def test_live_streams_outlast_their_leases(multi_app):
+    """The ingress renews what it consumes: four streams (over several replicas, so renewals go to several owners
+    at once) read slowly for 2.5 leases are neither aborted nor expired."""
+    url, app, lease = multi_app["url"], multi_app["app"], multi_app["config"]["session_lease_s"]
+    before = _stats(app, "cv3")["expired_lease"]
+
+    async def one(c):
+        async with c.stream("POST", f"{url}/v1/audio/speech", json=LONG) as r:
+            t0, n = time.perf_counter(), 0
+            async for chunk in r.aiter_raw():      # an abort (a cancelled session) raises here
+                n += len(chunk)
+                await asyncio.sleep(0.05)
+                if time.perf_counter() - t0 > 2.5 * lease:
+                    return r.headers["x-session-id"], True
+            return r.headers["x-session-id"], False   # a clean end (the model chose to stop): not an abort
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*[one(c) for _ in range(4)])
+    results = asyncio.run(main())
+    assert len({_owner(sid) for sid, _ in results}) >= 2, results
+    assert sum(outlasted for _, outlasted in results) >= 2, f"too few long streams to tell: {results}"
+    assert _stats(app, "cv3")["expired_lease"] == before
+
+
+@pytest.mark.ray
 def test_killed_replica_mid_stream_fails_every_stream_it_held(multi_app):
     """A replica killed mid-stream: its raw HTTP stream ends in a protocol error (never a clean end), its SSE stream
     ends with an error event, its WebSocket session gets an error and close 1011; the next request succeeds."""
