@@ -304,3 +304,38 @@ def _try_speech(url: str) -> bool:
         return r.status_code == 200 and len(r.content) > 0
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.ray
+def test_dead_proxy_fails_its_clients_and_frees_their_sessions(multi_app, serve_app):
+    """The HTTP proxy dies mid-stream: clients see a failure, the sessions it carried end at once (Serve cancels
+    the ingress handlers, which cancel their replica calls), and both apps answer again once Serve restarts it."""
+    import ray
+
+    url, app = multi_app["url"], multi_app["app"]
+
+    async def main():
+        ws, _ = await _ws_open(url, "cv3", voice="ryan", max_new_tokens=1500)
+        await ws.send(json.dumps({"type": "text", "text": "A session whose proxy is about to die."}))
+        client = httpx.AsyncClient(timeout=60)
+        r = await client.send(client.build_request("POST", f"{url}/v1/audio/speech", json=LONG), stream=True)
+        it = r.aiter_raw()
+        await it.__anext__()
+        assert (await asyncio.to_thread(_stats, app, "cv3"))["open_sessions"] >= 1
+        proxy = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_PROXY_ACTOR")]
+        ray.kill(ray.get_actor(proxy[0]["name"], namespace="serve"))
+        try:
+            async for _ in it:
+                pass
+            raw = "clean end"
+        except httpx.HTTPError as e:
+            raw = type(e).__name__
+        msgs, code = await _ws_rest(ws)
+        await client.aclose()
+        return raw, msgs, code
+    raw, msgs, code = asyncio.run(main())
+    assert raw != "clean end" and code != 1000 and not any(m.get("type") == "done" for m in msgs)
+    assert _wait(lambda: _stats(app, "cv3")["open_sessions"] == 0, multi_app["config"]["session_lease_s"] + 10)
+    assert _wait(lambda: _try_speech(url), 90, every_s=1.0), "the service must answer again after the proxy restarts"
+    assert _wait(lambda: httpx.get(f"{serve_app['url']}/health", timeout=10).status_code == 200, 30)
