@@ -1,13 +1,18 @@
-"""Streaming cost of the 12Hz codec decoder (full-size random weights, fp32, CPU by default).
+"""Streaming cost of the 12Hz codec decoder (random weights, fp32, CPU by default).
 
-Measures:
+Measures (section `single`, full-size decoder):
   * ours: a 4-frame chunk decoded with the streaming state at frame ~10 and at frame ~N (default 1000), and the ratio;
   * the reference-style streaming alternative: re-decoding 25 frames of left context + the 4-frame chunk from
     scratch each time (timed on our decoder doing that recompute; with --oracle also on the official decoder);
   * offline decode: seconds of compute per second of audio (the N-frame warm-up, decoded in 100-frame steps).
+Section `batched` (tiny and full-size decoders): one engine step's audio decode for R sessions sitting at
+different positions, each with a 4-frame chunk due: `BatchedAudio` (one codec call, one host copy) vs one
+`AudioStreamer` per session (today's path: a codec call and a host copy per session), at R = 1/8/32; and a ragged
+step (3 of 4 rows with 4 frames, 1 of 4 with 1: first chunks) as one padded call vs one call per length.
 The last stdout line is one JSON object.
 
-    .venv/bin/python benchmarks/codec_stream.py [--frames 1000] [--threads 2] [--device cpu] [--oracle]
+    .venv/bin/python benchmarks/codec_stream.py [--sections single,batched] [--frames 1000] [--threads 1]
+        [--device cpu] [--oracle] [--rows 1,8,32] [--sizes tiny,full] [--batched-reps 1]
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from qwen_tts_core.codec.build import random_decoder, write_random_speech_tokenizer  # noqa: E402
-from qwen_tts_core.codec.config import full_config  # noqa: E402
+from qwen_tts_core.codec.config import full_config, preset  # noqa: E402
 from qwen_tts_core.codec.decoder import CodecDecoder  # noqa: E402
+from qwen_tts_core.codec.load import Codec  # noqa: E402
 from qwen_tts_core.codec.state import CodecStreamState  # noqa: E402
+from qwen_tts_core.generate.audio_stream import AudioStreamer, BatchedAudio  # noqa: E402
 
 logger = logging.getLogger("codec_stream")
 CHUNK = 4
@@ -86,8 +93,86 @@ def _oracle_redecode(codes: torch.Tensor, seed: int) -> dict:
         return json.loads((Path(tmp) / "out.json").read_text())
 
 
+def _step_time(fn, device: torch.device, reps: int) -> float:
+    """Best of `reps` timed calls of fn() (after one untimed warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _batched_section(size: str, rows_list: list[int], device: torch.device, reps: int, seed: int) -> dict:
+    """One step's decode of R sessions with a CHUNK-frame chunk due: batched vs one streamer per session."""
+    cfg = preset(size)
+    decoder = random_decoder(cfg, seed=seed).to(device)
+    codec = Codec(cfg, decoder)
+    g = torch.Generator().manual_seed(seed + 2)
+    res: dict = {}
+    for rows in rows_list:
+        frames = torch.randint(0, 2048, (CHUNK, rows, 16), generator=g).to(device)
+        audio = BatchedAudio(codec, max_rows=rows)
+        keys = list(range(rows))
+        for k in keys:
+            audio.open(k, CHUNK, CHUNK)
+        # rows at different positions (the cost does not depend on the position: fixed-size window and history)
+        with torch.inference_mode():
+            audio.bank.state.positions[:rows] = torch.arange(rows, device=device) * 37
+
+        def batched(audio=audio, keys=keys, frames=frames) -> None:
+            for f in range(CHUNK):
+                audio.push(keys, frames[f])
+            outs = audio.decode()
+            assert len(outs) == len(keys) and all(o.num_frames == CHUNK for o in outs)
+
+        streamers = [AudioStreamer(codec, CHUNK, CHUNK) for _ in keys]
+
+        def per_session(streamers=streamers, frames=frames) -> None:
+            got = 0
+            for f in range(CHUNK):
+                for i, st in enumerate(streamers):
+                    got += st.push(frames[f, i]) is not None
+            assert got == len(streamers)
+
+        t_b = _step_time(batched, device, reps)
+        t_s = _step_time(per_session, device, reps)
+        logger.info("%s R=%d: batched %.4f s, per session %.4f s (x%.2f)", size, rows, t_b, t_s, t_s / t_b)
+        res[f"{size}_r{rows}_batched_s"] = round(t_b, 5)
+        res[f"{size}_r{rows}_per_session_s"] = round(t_s, 5)
+        res[f"{size}_r{rows}_speedup"] = round(t_s / t_b, 2)
+    rows = max(rows_list)
+    if rows >= 4:  # ragged: a quarter of the rows have a 1-frame first chunk due, the rest a CHUNK-frame chunk
+        lengths = [1 if i % 4 == 3 else CHUNK for i in range(rows)]
+        times = {}
+        for mode, cost in (("one_padded_call", float("inf")), ("split_by_length", 0.0)):
+            audio = BatchedAudio(codec, max_rows=rows, call_cost=cost)
+            for k in range(rows):
+                audio.open(k, lengths[k], CHUNK)
+            frames = torch.randint(0, 2048, (CHUNK, rows, 16), generator=g).to(device)
+
+            def ragged(audio=audio, frames=frames) -> None:
+                for k in range(rows):  # reopen: every row has its first chunk (1 or CHUNK frames) due
+                    audio.drop(k)
+                    audio.open(k, lengths[k], CHUNK)
+                for f in range(CHUNK):
+                    keys = [k for k in range(rows) if lengths[k] > f]
+                    audio.push(keys, frames[f, keys])
+                assert len(audio.decode()) == rows
+
+            times[mode] = _step_time(ragged, device, reps)
+            res[f"{size}_r{rows}_ragged_{mode}_s"] = round(times[mode], 5)
+        logger.info("%s R=%d ragged: one padded call %.4f s, split by length %.4f s", size, rows,
+                    times["one_padded_call"], times["split_by_length"])
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="single,batched", help="comma list of: single, batched")
     ap.add_argument("--frames", type=int, default=1000, help="position of the late chunk (frames decoded before)")
     ap.add_argument("--threads", type=int, default=1,
                     help="1 by default: 2 threads on a shared 2-core box measure OpenMP contention")
@@ -95,11 +180,28 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--oracle", action="store_true", help="also time the official decoder's 25-frame re-decode")
+    ap.add_argument("--rows", default="1,8,32", help="batched section: sessions per step")
+    ap.add_argument("--sizes", default="tiny,full", help="batched section: decoder sizes")
+    ap.add_argument("--batched-reps", type=int, default=1, help="batched section: timed steps (best of)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    sections = set(args.sections.split(","))
+    if not sections <= {"single", "batched"}:
+        raise SystemExit(f"--sections must name single and/or batched, got {args.sections!r}")
+    result: dict = {"device": str(device), "threads": args.threads, "dtype": "float32"}
+    if "single" in sections:
+        result.update(_single_section(args, device))
+    if "batched" in sections:
+        rows_list = [int(r) for r in args.rows.split(",")]
+        result["batched_chunk_frames"] = CHUNK
+        for size in args.sizes.split(","):
+            result.update(_batched_section(size, rows_list, device, args.batched_reps, args.seed))
+    print(json.dumps(result))
 
+
+def _single_section(args, device: torch.device) -> dict:
     t0 = time.perf_counter()
     decoder = random_decoder(full_config(), seed=args.seed).to(device)
     n_params = sum(p.numel() for p in decoder.parameters())
@@ -133,7 +235,7 @@ def main() -> None:
     logger.info("re-decode 25+4 frames (ours, reference style): %.3f s", t_redecode)
 
     result = {
-        "device": str(device), "threads": args.threads, "dtype": "float32", "size": "full",
+        "size": "full",
         "decoder_params_m": round(n_params / 1e6, 2),
         "chunk_frames": CHUNK, "chunk_audio_s": CHUNK * spf / sr,
         "ours_chunk4_at_frame10_s": round(t_early, 4),
@@ -148,7 +250,7 @@ def main() -> None:
     if args.oracle:
         ref = _oracle_redecode(codes[..., : args.frames + CHUNK].cpu(), args.seed)
         result.update({f"oracle_{k}": round(v, 4) for k, v in ref.items()})
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -134,21 +134,31 @@ def check_plan(codec, p: Plan) -> np.ndarray:
     return pcm
 
 
+MODES = {
+    "one-padded-call": {"call_cost": float("inf")},
+    "split-by-length": {"call_cost": 0.0},
+    "default": {},
+    "buckets": {"call_cost": float("inf"), "row_buckets": (2, 4, 8), "frame_buckets": (4, 8)},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("seed,n,max_rows", [
     pytest.param(0, 12, 16, id="12-rows-all-fit"),
     pytest.param(1, 16, 5, id="16-sessions-5-rows-reused"),
     pytest.param(2, 10, 1, id="one-row"),
     pytest.param(3, 24, 8, id="24-sessions-8-rows"),
 ])
-def test_random_schedules_equal_offline(codec, seed, n, max_rows):
-    for p in run(codec, random_plans(seed, n), max_rows):
+def test_random_schedules_equal_offline(codec, seed, n, max_rows, mode):
+    for p in run(codec, random_plans(seed, n), max_rows, **MODES[mode]):
         check_plan(codec, p)
 
 
-def test_together_equals_alone(codec):
+@pytest.mark.parametrize("mode", ["one-padded-call", "buckets"])
+def test_together_equals_alone(codec, mode):
     """N rows at different positions decoded together == each decoded alone, chunk by chunk (<= 1e-5)."""
     plans = random_plans(7, 10, max_frames=30, max_start=12, drops=True)
-    together = run(codec, plans, max_rows=10)
+    together = run(codec, plans, max_rows=10, **MODES[mode])
     for p in together:
         alone = run(codec, [Plan(p.key, p.codes, 0, p.first, p.every, p.ref, p.drop_after)], max_rows=1)[0]
         assert [(o.frame_start, o.num_frames, o.final) for o in alone.outs] == \
