@@ -70,6 +70,7 @@ class Engine:
         self.queues: dict[str, deque[Session]] = {"interactive": deque(), "bulk": deque()}
         self.active: list[Session] = []
         self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # add/cancel/text wake wait_for_work
         t = model.cfg.talker
         self.eos_id, self.suppress_from = t.codec_eos_token_id, t.vocab_size - 1024
 
@@ -79,18 +80,54 @@ class Engine:
         s = Session(request=req)
         if req.text is None:
             tok = self.model.tokenizer
-            s.incremental = IncrementalText(tok.text_only, tok.split_offsets)
+            s.incremental = IncrementalText(tok.text_only, tok.split_offsets, tok.encode)
         if req.seed is not None:
             s.generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
+        s._notify = self._notify
         with self._lock:
             if self.num_queued >= self.max_queue:
                 raise EngineBusy(f"engine busy: {self.num_queued} requests queued (max_queue={self.max_queue})")
             self.queues[req.priority].append(s)
+            self._work.notify_all()
         return s
 
     def cancel(self, session: Session) -> None:
         """Stop a session at the next step and free its slot; cancelling twice (or a finished one) is a no-op."""
         session.cancelled = True
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._lock:
+            self._work.notify_all()
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block (on a condition, no polling) until `step()` can advance something now, or until `timeout_s`;
+        `add`, `cancel`, `append_text` and `end_text` wake it. Returns whether there is work. A session that waits
+        for text costs nothing here. Call it from the thread that calls `step()`."""
+        with self._work:
+            return self._work.wait_for(self._runnable_locked, timeout=max(0.0, timeout_s))
+
+    def runnable(self) -> bool:
+        """Whether `step()` would advance something now (an admissible queued session, an active session that can
+        run or has news, a cancellation to deliver)."""
+        with self._lock:
+            return self._runnable_locked()
+
+    def _runnable_locked(self) -> bool:
+        for s in self.active:
+            if s.cancelled or s.phase == "frame" or s.has_pending_text() or (
+                    s.phase == "talker" and self._text_ready(s)):
+                return True
+        free = len(self.free_slots)
+        for prio, q in self.queues.items():
+            for s in q:
+                if s.cancelled:
+                    return True
+                if free == 0 or (prio == "bulk" and free <= self.interactive_reserve):
+                    continue
+                if s.incremental is None or s.committed_ids or s.has_pending_text():
+                    return True
+        return False
 
     @property
     def num_queued(self) -> int:
@@ -106,7 +143,18 @@ class Engine:
     # --- the loop ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[AudioChunk]:
+        """Advance every session by at most one frame; returns the audio chunks (and last chunks) that are ready.
+        Never raises for a failure inside a step: the sessions it touched end with an error chunk instead."""
         out: list[AudioChunk] = []
+        try:
+            self._step(out)
+        except Exception as e:  # noqa: BLE001 - fail what was running, keep the engine usable
+            log.exception("engine step failed; failing its active sessions")
+            for s in list(self.active):
+                self._fail(s, e, out)
+        return out
+
+    def _step(self, out: list[AudioChunk]) -> None:
         # 1) cancellations and incremental text
         for s in list(self.active):
             if s.cancelled:
@@ -152,7 +200,6 @@ class Engine:
                         out.append(AudioChunk(s.id, pcm, s.audio.frame_start, len(pcm) // 1920))
                 if s.max_frames is not None and len(s.frames) >= s.max_frames:
                     self._finish(s, "guard", out)
-        return out
 
     def run_all(self, requests: list[SynthesisRequest]) -> list[Session]:
         """Run requests to completion (bulk path); returns their finished sessions in order."""
@@ -170,13 +217,14 @@ class Engine:
                 return
             slot = self.free_slots.pop(0)
             try:
-                self._start(s, slot)
+                self._start(s, slot, out)
             except Exception as e:  # a bad request must not take the engine down
-                log.exception("session %d failed to start", s.id)
+                if not isinstance(e, RequestError):
+                    log.exception("session %d failed to start", s.id)
                 if s not in self.active:
                     self.free_slots.append(slot)
-                s.error = str(e)
-                self._finish(s, "error", out)
+                    self.free_slots.sort()
+                self._fail(s, e, out)
 
     def _pop_ready(self) -> Session | None:
         queues = [self.queues["interactive"]]
@@ -214,7 +262,7 @@ class Engine:
             extend_prompt(self.talker, s.prompt, new, end=s.incremental.ended and not was_ended)
             self._set_guard(s)
 
-    def _start(self, s: Session, slot: int) -> None:
+    def _start(self, s: Session, slot: int, out: list[AudioChunk]) -> None:
         req = s.request
         if s.incremental is not None:
             if not s.committed_ids:
@@ -234,7 +282,7 @@ class Engine:
         hidden, logits = prefill(self.talker, self.cache, slot, embeds)
         s.pos, s.hidden = embeds.shape[0], hidden
         ids = self._sample_code0([s], logits[None])
-        self._take_code0(s, int(ids[0]), [])
+        self._take_code0(s, int(ids[0]), out)  # a session may end at prefill (max_new_tokens=1): its last chunk
 
     def _set_guard(self, s: Session) -> None:
         per_token = getattr(s.request, "guard_frames_per_token", None) or self.guard_frames_per_token
@@ -281,6 +329,11 @@ class Engine:
     def _max_positions(self) -> int:
         return self.cache.capacity if self.cache.static else self.talker.cfg.max_position_embeddings
 
+    def _fail(self, s: Session, e: BaseException, out: list[AudioChunk]) -> None:
+        s.error = str(e) or type(e).__name__
+        s.error_field = e.field if isinstance(e, RequestError) else None
+        self._finish(s, "error", out)
+
     def _finish(self, s: Session, reason: str, out: list[AudioChunk]) -> None:
         if s.phase == "done":
             return
@@ -290,7 +343,15 @@ class Engine:
             self.free_slots.append(s.slot)
             self.free_slots.sort()
         pcm = np.zeros(0, np.float32)
-        if s.audio is not None and reason != "cancelled":
-            pcm = s.audio.finish()
-        start = s.audio.emitted_frames if s.audio is not None else len(s.frames)
-        out.append(AudioChunk(s.id, pcm, start, 0, is_last=True, finish_reason=reason))
+        start = len(s.frames)
+        if s.audio is not None:
+            if reason not in ("cancelled", "error"):
+                try:
+                    pcm = s.audio.finish()
+                except Exception as e:  # noqa: BLE001 - the last chunk must still go out
+                    log.exception("session %d: final audio decode failed", s.id)
+                    s.error, s.error_field, reason, s.finish_reason = str(e), None, "error", "error"
+            start = s.audio.emitted_frames
+        out.append(AudioChunk(s.id, pcm, start - (len(pcm) // 1920), len(pcm) // 1920, is_last=True,
+                              finish_reason=reason, error=s.error if reason == "error" else None,
+                              error_field=s.error_field if reason == "error" else None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,14 +46,16 @@ class Session:
     audio: Any = None                 # AudioStreamer when decoding audio
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_field: str | None = None
     cancelled: bool = False
+    _notify: Callable[[], None] | None = field(default=None, repr=False)  # wakes the engine's wait_for_work
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(),
                                              repr=False)
 
     # --- caller side ------------------------------------------------------------------------------------------
     def append_text(self, piece: str | bytes) -> None:
-        """Add text to an incremental session (one opened with `text=None`)."""
+        """Add text to an incremental session (one opened with `text=None`). An empty piece changes nothing."""
         if self.incremental is None:
             raise RequestError("text", "append_text: this session was opened with its full text (text=...)")
         if isinstance(piece, str):
@@ -68,7 +71,10 @@ class Session:
                     self._utf8.decode(piece)
                 except UnicodeDecodeError as e:
                     raise RequestError("text", f"invalid UTF-8 ({e.reason})") from None
+            if not piece:
+                return
             self.pending_text.append(piece)
+        self._wake()
 
     def end_text(self) -> None:
         if self.incremental is None:
@@ -81,6 +87,15 @@ class Session:
             except UnicodeDecodeError:
                 raise RequestError("text", "ends inside a UTF-8 character") from None
             self.pending_text.append(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._notify is not None:
+            self._notify()
+
+    def has_pending_text(self) -> bool:
+        with self._lock:
+            return bool(self.pending_text)
 
     def take_pending(self) -> list[str | bytes | None]:
         with self._lock:
