@@ -58,6 +58,7 @@ class FastPath:
         self.scratch = max_sessions
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, dict, dict]] = {}
+        self.capturer = None  # a GraphCapture (e.g. the CPU stand-in); None: torch.cuda directly
 
     # --- eager bodies (also what gets captured) -----------------------------------------------------------------
     def _talker_body(self, io: dict) -> dict:
@@ -115,6 +116,10 @@ class FastPath:
             static_in["cp_cache"] = self.talker.code_predictor.new_cache(B)
         if name == "talker":
             static_in["slots"].fill_(self.scratch)  # warm-up and capture write only the scratch slot
+        if self.capturer is not None:
+            static_out: dict = {}
+            graph = self.capturer.capture(lambda: static_out.update(body(static_in)))
+            return graph, static_in, static_out
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
