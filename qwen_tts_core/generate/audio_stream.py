@@ -175,7 +175,12 @@ class BatchedAudio:
     @torch.inference_mode()
     def decode(self) -> list[AudioOut]:
         """Decode every row with a chunk due in one batched call (more only when call_cost says splitting by
-        length is cheaper); one host copy of the samples."""
+        length is cheaper); one host copy of the samples.
+
+        A row is due once it has gathered first_chunk_frames (its first chunk) or chunk_frames (later chunks)
+        frames, or when finished; a due row decodes all the frames it has gathered. Finished rows get final=True
+        (empty PCM when nothing was left) and are freed.
+        """
         due = [(k, r) for k, r in self.open_rows.items()
                if r.finished or r.pending >= (r.first if r.emitted == 0 else r.every)]
         work = [(k, r) for k, r in due if r.pending]
@@ -206,7 +211,11 @@ class BatchedAudio:
 
     @property
     def num_open(self) -> int:
+        """Rows in use (open, or finished with their final output still to come)."""
         return len(self.open_rows)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.open_rows
 
     def _row(self, key: int) -> _Row:
         r = self.open_rows.get(key)

@@ -143,14 +143,17 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("seed,n,max_rows", [
-    pytest.param(0, 12, 16, id="12-rows-all-fit"),
-    pytest.param(1, 16, 5, id="16-sessions-5-rows-reused"),
-    pytest.param(2, 10, 1, id="one-row"),
-    pytest.param(3, 24, 8, id="24-sessions-8-rows"),
+@pytest.mark.parametrize("seed,n,max_rows,max_frames", [
+    pytest.param(0, 12, 16, 40, id="12-rows-all-fit"),
+    pytest.param(1, 16, 5, 40, id="16-sessions-5-rows-reused"),
+    pytest.param(2, 10, 1, 40, id="one-row"),
+    pytest.param(3, 24, 8, 100, id="24-sessions-8-rows-beyond-the-window"),
 ])
-def test_random_schedules_equal_offline(codec, seed, n, max_rows, mode):
-    for p in run(codec, random_plans(seed, n), max_rows, **MODES[mode]):
+def test_random_schedules_equal_offline(codec, seed, n, max_rows, max_frames, mode):
+    plans = random_plans(seed, n, max_frames=max_frames)
+    if max_frames > 72:
+        assert any(p.codes.shape[0] > 72 for p in plans)     # the sliding-window cache wraps
+    for p in run(codec, plans, max_rows, **MODES[mode]):
         check_plan(codec, p)
 
 
@@ -201,6 +204,24 @@ def test_zero_frame_session_gives_one_empty_final(codec):
     assert (o.key, o.frame_start, o.num_frames, o.final, o.pcm.shape, o.pcm.dtype) == \
            (9, 0, 0, True, (0,), np.float32)
     assert audio.decode() == []
+
+
+def test_frames_gathered_past_a_chunk_decode_together(codec):
+    """A caller that pushes several frames between decodes gets them in one chunk (nothing is lost or split)."""
+    g = torch.Generator().manual_seed(12)
+    codes = _codes(g, 7)
+    audio = BatchedAudio(codec, max_rows=2)
+    audio.open(1, 1, 2)
+    for i in range(3):
+        audio.push([1], codes[i: i + 1])
+    got = audio.decode()
+    for i in range(3, 7):
+        audio.push([1], codes[i: i + 1])
+    audio.finish(1)
+    got += audio.decode()
+    assert [(o.frame_start, o.num_frames, o.final) for o in got] == [(0, 3, False), (3, 4, True)]
+    ref = codec.decoder.decode(codes.T[None])[0].numpy()
+    assert float(np.abs(np.concatenate([o.pcm for o in got]) - ref).max()) <= TOL
 
 
 def test_final_right_after_a_full_chunk_is_empty(codec):
