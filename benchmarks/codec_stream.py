@@ -6,13 +6,14 @@ Measures (section `single`, full-size decoder):
     scratch each time (timed on our decoder doing that recompute; with --oracle also on the official decoder);
   * offline decode: seconds of compute per second of audio (the N-frame warm-up, decoded in 100-frame steps).
 Section `batched` (tiny and full-size decoders): one engine step's audio decode for R sessions sitting at
-different positions, each with a 4-frame chunk due: `BatchedAudio` (one codec call, one host copy) vs one
-`AudioStreamer` per session (today's path: a codec call and a host copy per session), at R = 1/8/32; and a ragged
-step (3 of 4 rows with 4 frames, 1 of 4 with 1: first chunks) as one padded call vs one call per length.
+different positions, each with a 4-frame chunk due: `BatchedAudio` with its defaults (one host copy; on CPU calls
+of at most 32 row-frames), `BatchedAudio` as one call over all rows, and one `AudioStreamer` per session (today's
+path: a codec call and a host copy per session), at R = 1/8/32; and a ragged step (3 of 4 rows with 4 frames,
+1 of 4 with 1, as first chunks are) with one padded call vs one call per length as well.
 The last stdout line is one JSON object.
 
     .venv/bin/python benchmarks/codec_stream.py [--sections single,batched] [--frames 1000] [--threads 1]
-        [--device cpu] [--oracle] [--rows 1,8,32] [--sizes tiny,full] [--batched-reps 1]
+        [--device cpu] [--oracle] [--rows 1,8,32] [--sizes tiny,full] [--batched-reps 2] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -93,80 +94,87 @@ def _oracle_redecode(codes: torch.Tensor, seed: int) -> dict:
         return json.loads((Path(tmp) / "out.json").read_text())
 
 
-def _step_time(fn, device: torch.device, reps: int) -> float:
-    """Best of `reps` timed calls of fn() (after one untimed warm-up call)."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
+def _best_times(fns: dict, device: torch.device, reps: int) -> dict:
+    """Best of `reps` timed calls of each fn (after one untimed warm-up each), calls interleaved so that load
+    from other processes falls on every variant alike."""
+    for fn in fns.values():
         fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
-def _batched_section(size: str, rows_list: list[int], device: torch.device, reps: int, seed: int) -> dict:
-    """One step's decode of R sessions with a CHUNK-frame chunk due: batched vs one streamer per session."""
+def _open_batched(codec: Codec, rows: int, chunks: list[int], **kwargs) -> BatchedAudio:
+    audio = BatchedAudio(codec, max_rows=rows, **kwargs)
+    for k in range(rows):
+        audio.open(k, chunks[k], chunks[k])
+    # rows at different positions (the cost does not depend on the position: fixed-size window and history)
+    with torch.inference_mode():
+        audio.bank.state.positions[:rows] = torch.arange(rows, device=audio.bank.device) * 37
+    return audio
+
+
+def _batched_step(audio: BatchedAudio, chunks: list[int], frames: torch.Tensor):
+    """Row k (chunks of chunks[k] frames) gets chunks[k] frames, then one decode: every row has a chunk due."""
+    rows = len(chunks)
+
+    def step() -> None:
+        for f in range(CHUNK):
+            keys = [k for k in range(rows) if chunks[k] > f]
+            audio.push(keys, frames[f, keys])
+        outs = audio.decode()
+        assert len(outs) == rows and all(o.num_frames == chunks[o.key] for o in outs)
+    return step
+
+
+def _per_session_step(codec: Codec, chunks: list[int], frames: torch.Tensor):
+    """Today's path: one AudioStreamer per session, each decoding (and copying to the host) alone."""
+    streamers = [AudioStreamer(codec, n, n) for n in chunks]
+
+    def step() -> None:
+        got = 0
+        for f in range(CHUNK):
+            for i, st in enumerate(streamers):
+                if chunks[i] > f:
+                    got += st.push(frames[f, i]) is not None
+        assert got == len(streamers)
+    return step
+
+
+def _batched_section(size: str, rows_list: list[int], device: torch.device, reps: int, seed: int,
+                     dtype: torch.dtype = torch.float32) -> dict:
+    """One step's decode of R sessions with a chunk due: batched (defaults; and one call for all rows) vs one
+    streamer per session; then a ragged step (a quarter of the rows with 1-frame chunks, e.g. first chunks)."""
     cfg = preset(size)
-    decoder = random_decoder(cfg, seed=seed).to(device)
-    codec = Codec(cfg, decoder)
+    codec = Codec(cfg, random_decoder(cfg, seed=seed).to(device=device, dtype=dtype))
     g = torch.Generator().manual_seed(seed + 2)
+    one_call = {"call_cost": float("inf"), "max_call_frames": 0}
     res: dict = {}
     for rows in rows_list:
         frames = torch.randint(0, 2048, (CHUNK, rows, 16), generator=g).to(device)
-        audio = BatchedAudio(codec, max_rows=rows)
-        keys = list(range(rows))
-        for k in keys:
-            audio.open(k, CHUNK, CHUNK)
-        # rows at different positions (the cost does not depend on the position: fixed-size window and history)
-        with torch.inference_mode():
-            audio.bank.state.positions[:rows] = torch.arange(rows, device=device) * 37
-
-        def batched(audio=audio, keys=keys, frames=frames) -> None:
-            for f in range(CHUNK):
-                audio.push(keys, frames[f])
-            outs = audio.decode()
-            assert len(outs) == len(keys) and all(o.num_frames == CHUNK for o in outs)
-
-        streamers = [AudioStreamer(codec, CHUNK, CHUNK) for _ in keys]
-
-        def per_session(streamers=streamers, frames=frames) -> None:
-            got = 0
-            for f in range(CHUNK):
-                for i, st in enumerate(streamers):
-                    got += st.push(frames[f, i]) is not None
-            assert got == len(streamers)
-
-        t_b = _step_time(batched, device, reps)
-        t_s = _step_time(per_session, device, reps)
-        logger.info("%s R=%d: batched %.4f s, per session %.4f s (x%.2f)", size, rows, t_b, t_s, t_s / t_b)
-        res[f"{size}_r{rows}_batched_s"] = round(t_b, 5)
-        res[f"{size}_r{rows}_per_session_s"] = round(t_s, 5)
-        res[f"{size}_r{rows}_speedup"] = round(t_s / t_b, 2)
-    rows = max(rows_list)
-    if rows >= 4:  # ragged: a quarter of the rows have a 1-frame first chunk due, the rest a CHUNK-frame chunk
-        lengths = [1 if i % 4 == 3 else CHUNK for i in range(rows)]
-        times = {}
-        for mode, cost in (("one_padded_call", float("inf")), ("split_by_length", 0.0)):
-            audio = BatchedAudio(codec, max_rows=rows, call_cost=cost)
-            for k in range(rows):
-                audio.open(k, lengths[k], CHUNK)
-            frames = torch.randint(0, 2048, (CHUNK, rows, 16), generator=g).to(device)
-
-            def ragged(audio=audio, frames=frames) -> None:
-                for k in range(rows):  # reopen: every row has its first chunk (1 or CHUNK frames) due
-                    audio.drop(k)
-                    audio.open(k, lengths[k], CHUNK)
-                for f in range(CHUNK):
-                    keys = [k for k in range(rows) if lengths[k] > f]
-                    audio.push(keys, frames[f, keys])
-                assert len(audio.decode()) == rows
-
-            times[mode] = _step_time(ragged, device, reps)
-            res[f"{size}_r{rows}_ragged_{mode}_s"] = round(times[mode], 5)
-        logger.info("%s R=%d ragged: one padded call %.4f s, split by length %.4f s", size, rows,
-                    times["one_padded_call"], times["split_by_length"])
+        cases = [("", [CHUNK] * rows)]
+        if rows >= 4:
+            cases.append(("ragged_", [1 if i % 4 == 3 else CHUNK for i in range(rows)]))
+        for tag, chunks in cases:
+            fns = {"batched": _batched_step(_open_batched(codec, rows, chunks), chunks, frames)}
+            if rows > 1:
+                fns["one_call"] = _batched_step(_open_batched(codec, rows, chunks, **one_call), chunks, frames)
+            if tag:
+                split = {"call_cost": 0.0, "max_call_frames": 0}
+                fns["split_by_length"] = _batched_step(_open_batched(codec, rows, chunks, **split), chunks, frames)
+            fns["per_session"] = _per_session_step(codec, chunks, frames)
+            best = _best_times(fns, device, reps)
+            for name, t in best.items():
+                res[f"{size}_r{rows}_{tag}{name}_s"] = round(t, 5)
+            res[f"{size}_r{rows}_{tag}speedup"] = round(best["per_session"] / best["batched"], 2)
+            logger.info("%s R=%d %s%s", size, rows, tag,
+                        ", ".join(f"{k} {v:.4f} s" for k, v in best.items()))
     return res
 
 
@@ -182,7 +190,9 @@ def main() -> None:
     ap.add_argument("--oracle", action="store_true", help="also time the official decoder's 25-frame re-decode")
     ap.add_argument("--rows", default="1,8,32", help="batched section: sessions per step")
     ap.add_argument("--sizes", default="tiny,full", help="batched section: decoder sizes")
-    ap.add_argument("--batched-reps", type=int, default=1, help="batched section: timed steps (best of)")
+    ap.add_argument("--batched-reps", type=int, default=2, help="batched section: timed steps (best of)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="batched section: decoder dtype (the single section is float32)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -190,14 +200,15 @@ def main() -> None:
     sections = set(args.sections.split(","))
     if not sections <= {"single", "batched"}:
         raise SystemExit(f"--sections must name single and/or batched, got {args.sections!r}")
-    result: dict = {"device": str(device), "threads": args.threads, "dtype": "float32"}
+    result: dict = {"device": str(device), "threads": args.threads}
     if "single" in sections:
         result.update(_single_section(args, device))
     if "batched" in sections:
         rows_list = [int(r) for r in args.rows.split(",")]
-        result["batched_chunk_frames"] = CHUNK
+        result.update({"batched_chunk_frames": CHUNK, "batched_dtype": args.dtype})
         for size in args.sizes.split(","):
-            result.update(_batched_section(size, rows_list, device, args.batched_reps, args.seed))
+            result.update(_batched_section(size, rows_list, device, args.batched_reps, args.seed,
+                                           getattr(torch, args.dtype)))
     print(json.dumps(result))
 
 
@@ -235,7 +246,7 @@ def _single_section(args, device: torch.device) -> dict:
     logger.info("re-decode 25+4 frames (ours, reference style): %.3f s", t_redecode)
 
     result = {
-        "size": "full",
+        "size": "full", "dtype": "float32",
         "decoder_params_m": round(n_params / 1e6, 2),
         "chunk_frames": CHUNK, "chunk_audio_s": CHUNK * spf / sr,
         "ours_chunk4_at_frame10_s": round(t_early, 4),

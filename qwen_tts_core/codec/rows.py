@@ -56,6 +56,18 @@ def plan_groups(lengths: Sequence[int], call_cost: float) -> list[list[int]]:
     return groups
 
 
+def split_calls(groups: list[list[int]], lengths: Sequence[int], max_frames: int) -> list[list[int]]:
+    """Cut each group into calls of at most `max_frames` row-frames (rows x the group's longest length; at least
+    one row per call); max_frames <= 0: no limit."""
+    if max_frames <= 0:
+        return groups
+    out = []
+    for group in groups:
+        per_call = max(1, max_frames // max(lengths[i] for i in group))
+        out += [group[i: i + per_call] for i in range(0, len(group), per_call)]
+    return out
+
+
 def _bucket(n: int, buckets: Sequence[int] | None) -> int:
     if not buckets:
         return n

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..codec.rows import StreamRows, plan_groups
+from ..codec.rows import StreamRows, plan_groups, split_calls
 
 
 class AudioStreamer:
@@ -99,12 +99,16 @@ class BatchedAudio:
         call_cost: the fixed cost of one decoder call in row-frames, for rows with different pending lengths:
             they are padded into one call unless splitting by length saves more than this. Default: one call
             always on CUDA (launch-bound); 4 on CPU (compute-bound).
+        max_call_frames: at most this many row-frames (rows x padded frames) per decoder call; more due rows are
+            split over several calls (still one host copy). Default: no limit on CUDA; 32 on CPU, where one call
+            over many rows is slower than a few (activations leave the caches, large buffers fault in pages).
         row_buckets / frame_buckets: pad each call's rows / frames up to the next of these sizes (fixed shapes
             for CUDA graphs); None: exact sizes.
     """
 
     def __init__(self, codec, max_rows: int, dtype: torch.dtype | None = None, call_cost: float | None = None,
-                 row_buckets: Sequence[int] | None = None, frame_buckets: Sequence[int] | None = None) -> None:
+                 max_call_frames: int | None = None, row_buckets: Sequence[int] | None = None,
+                 frame_buckets: Sequence[int] | None = None) -> None:
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
         decoder = codec.decoder
@@ -113,9 +117,12 @@ class BatchedAudio:
         self.codec, self.max_rows = codec, max_rows
         self.spf, self.q = codec.samples_per_frame, codec.cfg.num_quantizers
         self.bank = StreamRows(decoder, max_rows, row_buckets=row_buckets, frame_buckets=frame_buckets)
+        cuda = self.bank.device.type == "cuda"
         if call_cost is None:
-            call_cost = float("inf") if self.bank.device.type == "cuda" else 4.0
-        self.call_cost = call_cost
+            call_cost = float("inf") if cuda else 4.0
+        if max_call_frames is None:
+            max_call_frames = 0 if cuda else 32
+        self.call_cost, self.max_call_frames = call_cost, max_call_frames
         self.open_rows: dict[int, _Row] = {}
         self.free = list(range(max_rows))
 
@@ -186,7 +193,8 @@ class BatchedAudio:
         work = [(k, r) for k, r in due if r.pending]
         pieces, where = [], {}
         offset = 0
-        for group in plan_groups([r.pending for _, r in work], self.call_cost):
+        groups = plan_groups([r.pending for _, r in work], self.call_cost)
+        for group in split_calls(groups, [r.pending for _, r in work], self.max_call_frames):
             rows = [work[i][1] for i in group]
             wav = self.bank.decode([r.row for r in rows], [r.pending for r in rows])
             width = wav.shape[1]

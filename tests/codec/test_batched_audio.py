@@ -139,6 +139,7 @@ MODES = {
     "split-by-length": {"call_cost": 0.0},
     "default": {},
     "buckets": {"call_cost": float("inf"), "row_buckets": (2, 4, 8), "frame_buckets": (4, 8)},
+    "small-calls": {"call_cost": float("inf"), "max_call_frames": 3},
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from qwen_tts_core.codec.rows import StreamRows, plan_groups
+from qwen_tts_core.codec.rows import StreamRows, plan_groups, split_calls
 from qwen_tts_core.codec.state import window_at
 from qwen_tts_core.generate.audio_stream import BatchedAudio
 
@@ -105,6 +105,13 @@ def test_plan_groups_is_optimal(call_cost):
     assert plan_groups([], 1.0) == []
     assert len(plan_groups([4, 1, 4, 2], float("inf"))) == 1
     assert sorted(map(sorted, plan_groups([4, 1, 4, 2], 0.0))) == [[0, 2], [1], [3]]
+
+
+def test_split_calls_caps_row_frames():
+    lengths = [4, 4, 4, 1, 1, 9]
+    calls = split_calls([[0, 1, 2], [3, 4], [5]], lengths, 8)
+    assert calls == [[0, 1], [2], [3, 4], [5]]            # 2 rows x 4 frames; a 9-frame row still gets a call
+    assert split_calls([[0, 1, 2]], lengths, 0) == [[0, 1, 2]]
 
 
 class HostReads(TorchFunctionMode):
