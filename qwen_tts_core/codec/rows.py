@@ -32,26 +32,33 @@ def plan_groups(lengths: Sequence[int], call_cost: float) -> list[list[int]]:
     """Split rows into decode calls: each call pads its rows to its longest one.
 
     Minimises  sum over calls of (call_cost + rows * longest)  (cost in row-frames; call_cost is the fixed cost
-    of one decoder call in the same unit) over groups of rows that are contiguous in length order, which contains
-    an optimum of this cost. Returns lists of indices into `lengths`, longest group first.
+    of one decoder call in the same unit) over groups that are contiguous in length order (which contain an
+    optimum of this cost); rows of equal length share a call. O(distinct lengths ^ 2). Returns lists of indices
+    into `lengths`, longest group first.
     """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    n = len(order)
-    if n == 0:
+    if not lengths:
         return []
-    best = [0.0] + [float("inf")] * n       # best[j]: cost of the first j rows (in length order)
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        longest = lengths[order[j - 1]]
+    distinct = sorted(set(lengths))
+    k = len(distinct)
+    if k == 1 or call_cost == float("inf"):
+        return [list(range(len(lengths)))]
+    count = {n: 0 for n in distinct}
+    for n in lengths:
+        count[n] += 1
+    rows_upto = [0]
+    for n in distinct:
+        rows_upto.append(rows_upto[-1] + count[n])
+    best = [0.0] + [float("inf")] * k        # best[j]: cost of the rows of the j shortest lengths
+    cut = [0] * (k + 1)
+    for j in range(1, k + 1):
         for i in range(j):
-            if i and lengths[order[i - 1]] == longest:
-                continue                    # equal lengths always share a call
-            cost = best[i] + call_cost + (j - i) * longest
+            cost = best[i] + call_cost + (rows_upto[j] - rows_upto[i]) * distinct[j - 1]
             if cost < best[j]:
                 best[j], cut[j] = cost, i
-    groups, j = [], n
+    groups, j = [], k
     while j:
-        groups.append(order[cut[j]: j])
+        members = set(distinct[cut[j]: j])
+        groups.append([i for i, n in enumerate(lengths) if n in members])
         j = cut[j]
     return groups
 

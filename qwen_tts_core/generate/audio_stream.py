@@ -138,10 +138,11 @@ class BatchedAudio:
             raise ValueError(f"key {key} is already open")
         if not self.free:
             raise ValueError(f"all {self.max_rows} rows are in use (max_rows)")
-        if ref_codes is not None and (ref_codes.dim() != 2 or ref_codes.shape[1] != self.q
-                                      or ref_codes.dtype.is_floating_point):
-            raise ValueError(f"ref_codes must be an integer tensor [R, {self.q}], got "
-                             f"{tuple(ref_codes.shape)} {ref_codes.dtype}")
+        if ref_codes is not None and (not isinstance(ref_codes, torch.Tensor) or ref_codes.dim() != 2
+                                      or ref_codes.shape[1] != self.q or ref_codes.dtype.is_floating_point):
+            shown = (tuple(ref_codes.shape), ref_codes.dtype) if isinstance(ref_codes, torch.Tensor) \
+                else type(ref_codes).__name__
+            raise ValueError(f"ref_codes must be an integer tensor [R, {self.q}], got {shown}")
         row = self.free.pop(0)
         try:
             self.bank.reset(row, ref_codes)

@@ -279,5 +279,10 @@ def test_bad_calls_are_refused(codec):
     audio.drop(1)                        # dropping twice (or an unknown key) is a no-op
     with pytest.raises(ValueError, match="chunk_frames"):
         audio.open(3, 1, 0)
+    with pytest.raises(ValueError, match="ref_codes"):
+        audio.open(3, 1, 4, ref_codes=torch.zeros(2, 15, dtype=torch.long))
+    with pytest.raises(ValueError, match="ref_codes"):
+        audio.open(3, 1, 4, ref_codes=[[0] * 16])
+    assert audio.num_open == 0           # refused opens hold no row
     with pytest.raises(KeyError):
         audio.finish(3)
