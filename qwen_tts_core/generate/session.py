@@ -7,8 +7,8 @@ import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import RequestError
@@ -30,20 +30,20 @@ class Session:
     incremental: IncrementalText | None = None
     pending_text: list[str | bytes | None] = field(default_factory=list)  # None = end of text
     committed_ids: list[int] = field(default_factory=list)
-    # generation state (owned by the engine thread)
-    phase: str = "queued"            # queued -> talker <-> frame -> done
+    # generation state (owned by the engine thread; the per-step tensors live on the device, runner.py)
+    phase: str = "queued"            # queued -> frame (an id awaits its code-predictor pass) <-> talker -> done
     prompt: Prompt | None = None
-    slot: int = -1
+    slot: int = -1                    # cache slot = batch row (may move down when slots free up)
     pos: int = 0                      # next talker position (= tokens in its KV cache)
-    hidden: torch.Tensor | None = None  # [C] last talker hidden (after the final norm)
-    code0: int = -1                   # codebook-0 id waiting for its code-predictor pass
-    last_codes: torch.Tensor | None = None  # [16] codes of the last frame
-    history: list[int] = field(default_factory=list)  # sampled codebook-0 ids (repetition penalty)
     text_step: int = 0                # trailing text embeddings consumed
-    frames: list[torch.Tensor] = field(default_factory=list)
+    num_ids: int = 0                  # codebook-0 ids drawn so far (the prefill's included)
+    first_id_unread: bool = False     # the prefill's id is read back with the first frame
+    history: list[int] = field(default_factory=list)  # codebook-0 ids read back so far
+    frames: list[np.ndarray] = field(default_factory=list)  # [16] int64 codes per frame (host copies)
     max_frames: int | None = None     # runaway guard
-    generator: torch.Generator | None = None
-    audio: Any = None                 # AudioStreamer when decoding audio
+    seed: int = 0                     # the device sampler's seed (drawn from torch's generator when not given)
+    generator: torch.Generator | None = None  # sampler="torch" with a seed
+    audio_frames: int = 0             # frames whose audio has been emitted
     finish_reason: FinishReason | None = None
     error: str | None = None
     error_field: str | None = None
@@ -114,4 +114,4 @@ class Session:
         """Generated codes [T, 16] (EOS excluded)."""
         if not self.frames:
             return torch.zeros(0, 16, dtype=torch.long)
-        return torch.stack(self.frames).cpu()
+        return torch.from_numpy(np.stack(self.frames).astype(np.int64))

@@ -67,6 +67,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qkv: torch.Tensor | None = None  # fused [q; k; v] weight, set by fuse_()
+        self.decode_layout = "gqa"  # one-query steps: "gqa" (SDPA enable_gqa) or a grouped layout (see below)
 
     @torch.no_grad()
     def fuse_(self, column_major: bool = False) -> None:
@@ -90,11 +91,45 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.update(k, v, positions)  # [B, Hkv, K, D]
-        if mask is None:
+        if T == 1 and self.decode_layout != "gqa":
+            out = grouped_decode_attention(q, keys, values, mask, self.decode_layout == "grouped_float")
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+DECODE_LAYOUTS = ("gqa", "grouped", "grouped_float")
+
+
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                             float_mask: bool = False) -> torch.Tensor:
+    """One-query (decode) GQA attention without `enable_gqa`: the query heads that share a key/value head become that
+    head's queries ([B, Hq, 1, D] -> [B, Hkv, Hq/Hkv, D]), so q, k and v have equal head counts and a [B, 1, 1, K]
+    mask broadcasts. That is the layout the fused SDPA kernels (flash with no mask, memory-efficient with one) take on
+    CUDA, where a boolean mask with enable_gqa falls back to the math kernel. Same result as SDPA with enable_gqa.
+    float_mask: pass the mask as an additive float tensor (0 / -inf) instead of bool."""
+    B, Hq, _, D = q.shape
+    hkv = keys.shape[1]
+    qg = q.reshape(B, hkv, Hq // hkv, D)
+    if mask is not None and float_mask:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+    return out.reshape(B, Hq, 1, D)
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                 is_causal: bool = False, enable_gqa: bool = False) -> str:
+    """The SDPA kernel torch picks for these inputs ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION",
+    "MATH", ...), from `torch._fused_sdp_choice`; "UNKNOWN" where this torch cannot tell."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = torch._fused_sdp_choice(q, k, v, mask, 0.0, is_causal, None, enable_gqa)
+        return SDPBackend(choice).name
+    except Exception:  # noqa: BLE001 - private API: absent or changed in some versions
+        return "UNKNOWN"
 
 
 def _fuse(linears: list[nn.Linear], column_major: bool = False) -> torch.Tensor:
