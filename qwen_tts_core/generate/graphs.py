@@ -9,7 +9,7 @@ thread's GPU work (a voice being created) cannot break a capture or be broken by
 `torch.cuda.CUDAGraph`'s contract, so code that is wrong under real graphs is wrong under it too:
   - capture records the aten ops the body runs (a tape, like the kernels a CUDA graph records); Python control flow
     and host values read at capture time are frozen into it; a host sync while capturing (`.item()`, `.tolist()`,
-    `bool(tensor)`, `nonzero`) raises, as it does on a capturing CUDA stream;
+    `.cpu()`, `bool(tensor)`, `int(tensor)`, `nonzero`) raises, as it does on a capturing CUDA stream;
   - `replay()` re-runs the tape on the very tensors recorded, and writes every op's result into the tensor the op
     produced at capture: static outputs are rewritten in place on every replay, so a caller that kept a view of an
     output sees it change (defect: frames that alias the graph's output);
@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -48,6 +49,21 @@ def _poison_(t: torch.Tensor) -> None:
         t.fill_(True)
     else:
         t.fill_(torch.iinfo(t.dtype).min // 2 if t.dtype != torch.uint8 else 255)
+
+
+# tensor methods that copy device memory to the host (on CPU tensors they do not reach the dispatcher)
+_HOST_SYNC_METHODS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.item, torch.Tensor.__bool__,
+                      torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu}
+
+
+class _NoHostSync(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_SYNC_METHODS or (func is torch.Tensor.to and any(
+                a == "cpu" or (isinstance(a, torch.device) and a.type == "cpu") for a in
+                list(args[1:]) + list((kwargs or {}).values()))):
+            raise CaptureError(f"{getattr(func, '__name__', func)}: a host sync is not permitted while a CUDA graph "
+                               "captures")
+        return func(*args, **(kwargs or {}))
 
 
 class _Recorder(TorchDispatchMode):
@@ -90,11 +106,14 @@ class FakeCUDAGraph:
             raise RuntimeError("this graph has already been captured")
         self._inference = torch.is_inference_mode_enabled()
         self._mode = _Recorder(self)
+        self._guard = _NoHostSync()
+        self._guard.__enter__()
         self._mode.__enter__()
 
     def capture_end(self) -> None:
         mode, self._mode = self._mode, None
         mode.__exit__(None, None, None)
+        self._guard.__exit__(None, None, None)
         for t in self._pool:
             _poison_(t)
 

@@ -223,7 +223,13 @@ def test_static_cache_length_limit_stops_cleanly(model):
 
 
 def test_device_sampler_respects_filters():
-    from qwen_tts_core.generate.sampling import SamplePlan, gumbel, noise_key, sample_device, token_hash
+    from qwen_tts_core.generate.sampling import (
+        SamplePlan,
+        gumbel,
+        noise_key,
+        sample_device,
+        token_hash,
+    )
 
     torch.manual_seed(0)
     logits = torch.randn(4, 100) * 3
