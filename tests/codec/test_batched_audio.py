@@ -158,6 +158,12 @@ def test_random_schedules_equal_offline(codec, seed, n, max_rows, max_frames, mo
         check_plan(codec, p)
 
 
+def test_many_rows(codec):
+    """40 sessions over 32 rows, most open at once, in one padded call per step."""
+    for p in run(codec, random_plans(11, 40, max_frames=24, max_start=8), 32, **MODES["one-padded-call"]):
+        check_plan(codec, p)
+
+
 @pytest.mark.parametrize("mode", ["one-padded-call", "buckets"])
 def test_together_equals_alone(codec, mode):
     """N rows at different positions decoded together == each decoded alone, chunk by chunk (<= 1e-5)."""
