@@ -143,12 +143,16 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("seed,n,max_rows,max_frames", [
-    pytest.param(0, 12, 16, 40, id="12-rows-all-fit"),
-    pytest.param(1, 16, 5, 40, id="16-sessions-5-rows-reused"),
-    pytest.param(2, 10, 1, 40, id="one-row"),
-    pytest.param(3, 24, 8, 100, id="24-sessions-8-rows-beyond-the-window"),
+CASES = {  # seed, sessions, rows, longest session
+    "12-rows-all-fit": ((0, 12, 16, 40), ["one-padded-call", "split-by-length", "buckets"]),
+    "16-sessions-5-rows-reused": ((1, 16, 5, 40), ["one-padded-call", "default", "small-calls"]),
+    "one-row": ((2, 10, 1, 40), ["one-padded-call", "buckets"]),
+    "24-sessions-8-rows-beyond-the-window": ((3, 24, 8, 100), list(MODES)),
+}
+
+
+@pytest.mark.parametrize("seed,n,max_rows,max_frames,mode", [
+    pytest.param(*args, mode, id=f"{case}-{mode}") for case, (args, modes) in CASES.items() for mode in modes
 ])
 def test_random_schedules_equal_offline(codec, seed, n, max_rows, max_frames, mode):
     plans = random_plans(seed, n, max_frames=max_frames)
