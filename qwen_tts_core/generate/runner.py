@@ -265,7 +265,7 @@ class StepRunner:
         position a talker row writes. Returns the host copy of `out` rows 0..B-1: [:, :16] the frame codes of the
         code-predictor rows, [:, 16] the next codebook-0 id of the talker rows (the one read of the step)."""
         hi = max(cp_slots + talker_slots) + 1
-        B = _first_at_least(self.batch_buckets, hi) if self.capture is not None else hi
+        B = _first_at_least(self.batch_buckets, hi) if self.static else hi  # graphs: the captured shapes
         L = _first_at_least(self.len_buckets, max_pos + 1) if talker_slots else 0
         if talker_slots and not self.static:
             self._ensure_len(L)
@@ -327,9 +327,9 @@ class StepRunner:
         """Capture every (bucket) graph now, before traffic. Leaves every slot's state as it was (free)."""
         if self.capture is None or self.graphs:
             return
-        saved = {k: v.clone() for k, v in self._state().items()}
-        self._set_masks([], [])  # capture with every row masked: nothing advances
         with torch.inference_mode():
+            saved = {k: v.clone() for k, v in self._state().items()}
+            self._set_masks([], [])  # capture with every row masked: nothing advances
             for B in self.batch_buckets:
                 self._capture(("cp", B), self._cp_fn, B)
                 for L in self.len_buckets:

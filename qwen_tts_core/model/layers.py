@@ -126,7 +126,8 @@ def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     try:
         from torch.nn.attention import SDPBackend
 
-        choice = torch._fused_sdp_choice(q, k, v, mask, 0.0, is_causal, None, enable_gqa)
+        choice = torch._fused_sdp_choice(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=is_causal,
+                                         enable_gqa=enable_gqa)
         return SDPBackend(choice).name
     except Exception:  # noqa: BLE001 - private API: absent or changed in some versions
         return "UNKNOWN"
