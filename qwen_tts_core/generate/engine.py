@@ -261,8 +261,7 @@ class Engine:
             framed.append(s)
         pushed = [s for s in framed if s.id in self._audio_rows]
         if pushed:
-            idx = torch.tensor([s.slot for s in pushed], device=self.device)
-            self.audio.push([s.id for s in pushed], r.out.index_select(0, idx)[:, :-1])
+            self.audio.push([s.id for s in pushed], r.frame_codes([s.slot for s in pushed]))
         for s in framed:
             if s.max_frames is not None and len(s.frames) >= s.max_frames:
                 self._finish(s, "guard", out)

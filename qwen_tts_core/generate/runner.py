@@ -119,6 +119,8 @@ class StepRunner:
         self.out = torch.zeros(S, t.code_predictor.num_code_groups + 1, **lng)  # codes of the frame | next id
         pin = dev.type == "cuda"
         self._mask_host = torch.zeros(2, S, dtype=torch.bool, pin_memory=pin)
+        self._idx_host = torch.zeros(S, dtype=torch.long, pin_memory=pin)
+        self._idx = torch.zeros(S, **lng)
         self._mask_state: tuple | None = None
         # constants
         self.blocked = torch.zeros(V, dtype=torch.bool, device=dev)
@@ -282,6 +284,16 @@ class StepRunner:
             return None
         h = self.host_params[slots, col:col + 3]
         return SamplePlan.of(h[:, 0] > 0, h[:, 1], h[:, 2])
+
+    def frame_codes(self, slots: list[int]) -> torch.Tensor:
+        """Codes [len(slots), 16] of this step's frames for these slots, on the device (a copy; no host sync: the
+        slot numbers go up through a pinned buffer)."""
+        n = len(slots)
+        if slots == list(range(n)):
+            return self.out[:n, :-1].clone()
+        self._idx_host[:n] = torch.tensor(slots)
+        self._idx[:n].copy_(self._idx_host[:n], non_blocking=True)
+        return self.out.index_select(0, self._idx[:n])[:, :-1]
 
     def _run(self, key: tuple, fn, *args) -> None:
         g = self.graphs.get(key)
