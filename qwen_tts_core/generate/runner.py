@@ -38,7 +38,7 @@ from .sampling import (
     noise_key,
     pick_rows,
     sample_device,
-    split_seed,
+    seed_key,
     talker_logits_batch,
     token_hash,
 )
@@ -105,7 +105,7 @@ class StepRunner:
         self.seen = torch.zeros(S, V, dtype=torch.bool, device=dev)
         self.text_buf = torch.zeros(S, cap, C, dtype=self.dtype, device=dev)
         self.tts_pad = tts_pad.to(self.dtype).reshape(C)
-        self.seed_lo, self.seed_hi = torch.zeros(S, **lng), torch.zeros(S, **lng)
+        self.seed_key = torch.zeros(S, **lng)
         f32 = dict(dtype=torch.float32, device=dev)
         self.t_do, self.c_do = torch.zeros(S, dtype=torch.bool, device=dev), torch.zeros(S, dtype=torch.bool,
                                                                                           device=dev)
@@ -143,8 +143,7 @@ class StepRunner:
             frame = self.nframes[:B]
 
             def pick(logits: torch.Tensor, g: int) -> torch.Tensor:
-                noise = lambda: gumbel(noise_key(self.seed_lo[:B], self.seed_hi[:B], frame, g),  # noqa: E731
-                                       self.tok_hash_c)
+                noise = lambda: gumbel(noise_key(self.seed_key[:B], frame, g), self.tok_hash_c)  # noqa: E731
                 return sample_device(logits, self.c_do[:B], self.c_temp[:B], self.c_top_k[:B], self.c_top_p[:B],
                                      noise, plan)
         else:
@@ -178,8 +177,7 @@ class StepRunner:
                      plan: SamplePlan | None = None) -> torch.Tensor:
         rows = rows or slice(0, B)
         if self.sampler == "device":
-            noise = lambda: gumbel(noise_key(self.seed_lo[rows], self.seed_hi[rows], self.ngen[rows], 0),  # noqa: E731
-                                   self.tok_hash_t)
+            noise = lambda: gumbel(noise_key(self.seed_key[rows], self.ngen[rows], 0), self.tok_hash_t)  # noqa: E731
             return sample_device(logits, self.t_do[rows], self.t_temp[rows], self.t_top_k[rows], self.t_top_p[rows],
                                  noise, plan)
         return self._torch_picker("talker", B)(logits, 0)
@@ -213,9 +211,8 @@ class StepRunner:
         the device; the host reads it with the session's first frame). Eager."""
         T = embeds.shape[0]
         self._ensure_len(T + 1)
-        lo, hi = split_seed(seed)
-        for t, v in ((self.pos, T), (self.ngen, 0), (self.nframes, 0), (self.text_pos, 0), (self.seed_lo, lo),
-                     (self.seed_hi, hi), (self.t_do, sp.do_sample), (self.t_temp, sp.temperature),
+        for t, v in ((self.pos, T), (self.ngen, 0), (self.nframes, 0), (self.text_pos, 0),
+                     (self.seed_key, seed_key(seed)), (self.t_do, sp.do_sample), (self.t_temp, sp.temperature),
                      (self.t_top_k, sp.top_k), (self.t_top_p, sp.top_p), (self.t_pen, sp.repetition_penalty),
                      (self.c_do, sp.subtalker_dosample), (self.c_temp, sp.subtalker_temperature),
                      (self.c_top_k, sp.subtalker_top_k), (self.c_top_p, sp.subtalker_top_p)):
@@ -256,7 +253,7 @@ class StepRunner:
         ntext = min(ntext, self.text_buf.shape[1])
         self.text_buf[dst, :ntext] = self.text_buf[src, :ntext]
         for t in (self.pos, self.ngen, self.nframes, self.code0, self.text_pos, self.text_len, self.hidden,
-                  self.last_codes, self.seen, self.seed_lo, self.seed_hi, self.t_do, self.c_do, self.t_temp,
+                  self.last_codes, self.seen, self.seed_key, self.t_do, self.c_do, self.t_temp,
                   self.t_top_p, self.t_pen, self.c_temp, self.c_top_p, self.t_top_k, self.c_top_k):
             t[dst] = t[src]
         self.host_params[dst] = self.host_params[src]

@@ -104,15 +104,16 @@ def token_hash(vocab_size: int, device=None) -> torch.Tensor:
     return _mix(_mix(torch.arange(vocab_size, device=device, dtype=torch.long) + 0x9E3779B9 & _M32))
 
 
-def split_seed(seed: int) -> tuple[int, int]:
-    """A seed in [0, 2**63) -> its low and high 32-bit halves."""
-    return seed & _M32, (seed >> 32) & _M32
+def seed_key(seed: int) -> int:
+    """A seed in [0, 2**63) -> the 32-bit key its draws derive from (both halves of the seed mixed in)."""
+    lo, hi = torch.tensor(seed & _M32), torch.tensor((seed >> 32) & _M32)
+    return int(_mix(lo ^ _mix(hi + 0x6A09E667 & _M32)))
 
 
-def noise_key(seed_lo: torch.Tensor, seed_hi: torch.Tensor, frame: torch.Tensor, codebook: int) -> torch.Tensor:
-    """[B] keys of the draws of codebook `codebook` (0 = the talker's id) of frame `frame` for each row's seed."""
-    k = _mix(seed_lo ^ _mix(seed_hi + 0x6A09E667 & _M32))
-    return _mix(k ^ _mix((frame * 16 + codebook) & _M32))
+def noise_key(key: torch.Tensor, frame: torch.Tensor, codebook: int) -> torch.Tensor:
+    """[B] keys of the draws of codebook `codebook` (0 = the talker's id) of frame `frame`, from each row's seed
+    key (`seed_key`)."""
+    return _mix(key ^ _mix((frame * 16 + codebook) & _M32))
 
 
 def gumbel(key: torch.Tensor, tok_hash: torch.Tensor) -> torch.Tensor:
