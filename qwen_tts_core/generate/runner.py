@@ -298,8 +298,15 @@ class StepRunner:
             g.replay()
         elif self.capture is not None:
             raise RuntimeError(f"no graph captured for {key}; capture_all() covers every bucket")
-        else:
+        elif fn in (self._cp_body, self._talker_body):
             fn(*args)
+        else:  # a compiled body: the first call compiles; if that fails, the plain bodies take over for good
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - compile is an optimisation
+                log.warning("the compiled step body failed; using the plain bodies", exc_info=True)
+                self._cp_fn, self._talker_fn = self._cp_body, self._talker_body
+                (self._cp_body if key[0] == "cp" else self._talker_body)(*args)
 
     def _set_masks(self, cp_slots: list[int], talker_slots: list[int]) -> None:
         state = (tuple(cp_slots), tuple(talker_slots))

@@ -232,3 +232,18 @@ def test_graph_options_are_checked(model):
     e = Engine(model, max_sessions=6, max_len=64, batch_buckets=(1, 4, 16),
                graph_capture=GraphCapture("cpu", fake=True))
     assert e.runner.batch_buckets == (1, 4, 6) and e.runner.len_buckets == (64,)
+
+
+def test_a_failing_compile_falls_back_to_the_plain_bodies(model, monkeypatch):
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("inductor exploded")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    want = alone(model, req(TEXTS[0]))
+    eager = Engine(model, max_sessions=2, compile=True)
+    assert torch.equal(eager.run_all([req(TEXTS[0])])[0].codes(), want)
+    g = Engine(model, max_sessions=2, max_len=64, compile=True, graph_capture=GraphCapture("cpu", fake=True))
+    assert len(g.runner.graphs) == 2 * 2
+    assert torch.equal(g.run_all([req(TEXTS[0])])[0].codes(), want)
