@@ -21,6 +21,7 @@ draw order; eager only: rows' picks go through the host).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from ..model.kv_cache import KVCache
-from ..model.layers import Attention, sdpa_backend
+from ..model.layers import Attention, pack_linears_, packed_linears, sdpa_backend
 from ..model.talker import Talker
 from ..types import SamplingParams
 from .graphs import GraphCapture
@@ -130,6 +131,9 @@ class StepRunner:
         self.tok_hash_t, self.tok_hash_c = token_hash(V, dev), token_hash(Vc, dev)
         # torch sampler: the host's view of the rows being stepped (set by the engine before each step)
         self.torch_rows: dict[str, tuple[list[int], list[SamplingParams], list[torch.Generator | None]]] = {}
+        # CPU: oneDNN with prepacked weights for the device sampler's engines (the torch sampler's promise is the
+        # reference's exact numbers, so it keeps torch's GEMM); QTTS_ONEDNN=0 turns it off
+        self.packed = sampler == "device" and os.environ.get("QTTS_ONEDNN", "1") != "0" and pack_linears_(talker)
         self.graphs: dict[tuple, object] = {}
         self.capture_seconds: dict[tuple, float] = {}
         self._cp_fn, self._talker_fn = self._cp_body, self._talker_body
@@ -222,7 +226,8 @@ class StepRunner:
         self.seen[slot] = False
         self.text_len[slot] = 0
         self.set_text(slot, trailing, 0)
-        hidden, logits = prefill(self.talker, self.cache, slot, embeds)
+        with packed_linears(self.packed):
+            hidden, logits = prefill(self.talker, self.cache, slot, embeds)
         s = slice(slot, slot + 1)
         logits = talker_logits_batch(logits[None], self.seen[s], self.t_pen[s], self.ngen[s], self.blocked,
                                      self.eos_id)
@@ -269,7 +274,7 @@ class StepRunner:
         if talker_slots and not self.static:
             self._ensure_len(L)
         self._set_masks(cp_slots, talker_slots)
-        with self.capture.device_context() if self.capture is not None else _null():
+        with self.capture.device_context() if self.capture is not None else packed_linears(self.packed):
             if cp_slots:
                 self._run(("cp", B), self._cp_fn, B, self._plan(cp_slots, 3))
             if talker_slots:
@@ -409,14 +414,6 @@ class StepRunner:
         found["layout"] = layout
         log.info("decode attention layout %s (SDPA kernels: %s)", layout, found)
         return found
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["StepRunner", "batch_buckets", "length_buckets"]
