@@ -26,12 +26,14 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import soundfile as sf
 
 from .errors import RequestError
+
+if TYPE_CHECKING:
+    import soundfile
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +124,10 @@ def _decode_base64(s: str, argument: str, limits: AudioLimits = DEFAULT_LIMITS) 
         raise RequestError(argument, f"invalid base64 audio ({exc})") from None
 
 
-def _decode(f: sf.SoundFile, argument: str, what: str, limits: AudioLimits, size: int,
+def _decode(f: soundfile.SoundFile, argument: str, what: str, limits: AudioLimits, size: int,
             head: bytes) -> tuple[np.ndarray, int]:
     """Check `f`'s header against `limits`, then decode it all (float32, [N] or [N, channels])."""
+    import soundfile as sf  # lazily: array inputs (and GPU hosts without it) never need it
     sr, channels, frames = int(f.samplerate), int(f.channels), int(f.frames)
     block_align = channels * {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4,
                               "DOUBLE": 8, "ULAW": 1, "ALAW": 1}.get(f.subtype, 0)
@@ -139,6 +142,7 @@ def _decode(f: sf.SoundFile, argument: str, what: str, limits: AudioLimits, size
 
 def _read_bytes(data: bytes, argument: str, what: str,
                 limits: AudioLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
+    import soundfile as sf  # lazily: array inputs (and GPU hosts without it) never need it
     if not data:
         raise RequestError(argument, f"{what} is empty")
     if len(data) > limits.max_bytes:
@@ -152,6 +156,7 @@ def _read_bytes(data: bytes, argument: str, what: str,
 
 
 def _read_path(path: Path, argument: str, limits: AudioLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
+    import soundfile as sf  # lazily: array inputs (and GPU hosts without it) never need it
     if not path.is_file():
         raise RequestError(argument, f"no such audio file: {str(path)[:200]!r}")
     size = path.stat().st_size
@@ -308,8 +313,6 @@ def to_24k(wav: np.ndarray, sr: int, *, argument: str = "ref_audio",
     Returns:
         float32 [ceil(N * 24000 / sr)]; the input itself (as float32) when sr is already 24000.
     """
-    import soxr
-
     wav = np.asarray(wav)
     if wav.ndim != 1:
         raise RequestError(argument, f"to_24k expects mono [N] audio, got shape {wav.shape}")
@@ -321,6 +324,8 @@ def to_24k(wav: np.ndarray, sr: int, *, argument: str = "ref_audio",
         raise RequestError(argument, "audio contains NaN or infinite samples")
     if sr == TARGET_SR:
         return wav
+    import soxr  # lazily: 24 kHz input (and GPU hosts without it) never need it
+
     n_out = int(np.ceil(wav.shape[0] * (float(TARGET_SR) / sr)))
     out = soxr.resample(wav, sr, TARGET_SR, quality="soxr_hq")
     if out.shape[0] > n_out:
