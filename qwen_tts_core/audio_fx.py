@@ -9,8 +9,9 @@ and the one way this project runs audio through FFmpeg's filters (`FilterChain`)
 `speed` > 1 is faster (shorter), < 1 slower; pitch is kept. Both give exactly round(N / speed) samples for N input
 samples, and the same samples: the whole-clip stretch is the streaming one fed in one piece. The engine is FFmpeg's
 `atempo` filter (WSOLA: overlap-add of windows re-aligned by cross-correlation, about 43 ms at 24 kHz), run through
-PyAV's filter graphs; FFmpeg's libavfilter is LGPL, so nothing here puts GPL terms on the project. PyAV is imported
-lazily: the core never needs it, only the callers that stretch or filter.
+PyAV's filter graphs; FFmpeg's libavfilter is LGPL, so nothing here puts GPL terms on the project (as long as the
+FFmpeg build PyAV loads has no GPL parts: jobs/README.md). PyAV is imported lazily: the core never needs it, only
+the callers that stretch or filter.
 """
 
 from __future__ import annotations
@@ -153,10 +154,11 @@ class StreamingTimeStretcher:
 
     Input is re-cut into fixed FRAME-sample frames before it reaches FFmpeg, so the engine sees the same frames
     whatever the caller's chunk sizes: output is identical for any chunking (and the whole-clip stretch is this
-    fed in one piece). Output sample 0 lines up with input sample 0 (atempo's first window is centred on it);
-    output never runs ahead of round(N_in_so_far / speed) (extra is held for the next call); `finish()` feeds a
-    little silence so the last window covers the end, then trims: the total is exactly round(N_in / speed).
-    Latency: the engine's window plus at most one frame, 40-110 ms of input depending on the speed (Rubber Band's
+    fed in one piece). Output sample 0 lines up with input sample 0 (atempo's first window is centred on it; WSOLA
+    then places events within a few ms of where they belong); output never runs ahead of round(N_in_so_far /
+    speed) (extra is held for the next call); `finish()` feeds a little silence so the last window covers the end,
+    then trims: the total is exactly round(N_in / speed).
+    Latency: the engine's window plus at most one frame, about 40-110 ms of input by speed (Rubber Band's
     real-time engine measured 30-120 ms the same way). At speed 1 chunks pass through untouched. Not thread-safe:
     one per stream.
     """
