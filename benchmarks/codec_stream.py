@@ -1,13 +1,19 @@
-"""Streaming cost of the 12Hz codec decoder (full-size random weights, fp32, CPU by default).
+"""Streaming cost of the 12Hz codec decoder (random weights, fp32, CPU by default).
 
-Measures:
+Measures (section `single`, full-size decoder):
   * ours: a 4-frame chunk decoded with the streaming state at frame ~10 and at frame ~N (default 1000), and the ratio;
   * the reference-style streaming alternative: re-decoding 25 frames of left context + the 4-frame chunk from
     scratch each time (timed on our decoder doing that recompute; with --oracle also on the official decoder);
   * offline decode: seconds of compute per second of audio (the N-frame warm-up, decoded in 100-frame steps).
+Section `batched` (tiny and full-size decoders): one engine step's audio decode for R sessions sitting at
+different positions, each with a 4-frame chunk due: `BatchedAudio` with its defaults (one host copy; on CPU calls
+of at most 32 row-frames), `BatchedAudio` as one call over all rows, and one `AudioStreamer` per session (today's
+path: a codec call and a host copy per session), at R = 1/8/32; and a ragged step (3 of 4 rows with 4 frames,
+1 of 4 with 1, as first chunks are) with one padded call vs one call per length as well.
 The last stdout line is one JSON object.
 
-    .venv/bin/python benchmarks/codec_stream.py [--frames 1000] [--threads 2] [--device cpu] [--oracle]
+    .venv/bin/python benchmarks/codec_stream.py [--sections single,batched] [--frames 1000] [--threads 1]
+        [--device cpu] [--oracle] [--rows 1,8,32] [--sizes tiny,full] [--batched-reps 2] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from qwen_tts_core.codec.build import random_decoder, write_random_speech_tokenizer  # noqa: E402
-from qwen_tts_core.codec.config import full_config  # noqa: E402
+from qwen_tts_core.codec.config import full_config, preset  # noqa: E402
 from qwen_tts_core.codec.decoder import CodecDecoder  # noqa: E402
+from qwen_tts_core.codec.load import Codec  # noqa: E402
 from qwen_tts_core.codec.state import CodecStreamState  # noqa: E402
+from qwen_tts_core.generate.audio_stream import AudioStreamer, BatchedAudio  # noqa: E402
 
 logger = logging.getLogger("codec_stream")
 CHUNK = 4
@@ -86,8 +94,93 @@ def _oracle_redecode(codes: torch.Tensor, seed: int) -> dict:
         return json.loads((Path(tmp) / "out.json").read_text())
 
 
+def _best_times(fns: dict, device: torch.device, reps: int) -> dict:
+    """Best of `reps` timed calls of each fn (after one untimed warm-up each), calls interleaved so that load
+    from other processes falls on every variant alike."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def _open_batched(codec: Codec, rows: int, chunks: list[int], **kwargs) -> BatchedAudio:
+    audio = BatchedAudio(codec, max_rows=rows, **kwargs)
+    for k in range(rows):
+        audio.open(k, chunks[k], chunks[k])
+    # rows at different positions (the cost does not depend on the position: fixed-size window and history)
+    with torch.inference_mode():
+        audio.bank.state.positions[:rows] = torch.arange(rows, device=audio.bank.device) * 37
+    return audio
+
+
+def _batched_step(audio: BatchedAudio, chunks: list[int], frames: torch.Tensor):
+    """Row k (chunks of chunks[k] frames) gets chunks[k] frames, then one decode: every row has a chunk due."""
+    rows = len(chunks)
+
+    def step() -> None:
+        for f in range(CHUNK):
+            keys = [k for k in range(rows) if chunks[k] > f]
+            audio.push(keys, frames[f, keys])
+        outs = audio.decode()
+        assert len(outs) == rows and all(o.num_frames == chunks[o.key] for o in outs)
+    return step
+
+
+def _per_session_step(codec: Codec, chunks: list[int], frames: torch.Tensor):
+    """Today's path: one AudioStreamer per session, each decoding (and copying to the host) alone."""
+    streamers = [AudioStreamer(codec, n, n) for n in chunks]
+
+    def step() -> None:
+        got = 0
+        for f in range(CHUNK):
+            for i, st in enumerate(streamers):
+                if chunks[i] > f:
+                    got += st.push(frames[f, i]) is not None
+        assert got == len(streamers)
+    return step
+
+
+def _batched_section(size: str, rows_list: list[int], device: torch.device, reps: int, seed: int,
+                     dtype: torch.dtype = torch.float32) -> dict:
+    """One step's decode of R sessions with a chunk due: batched (defaults; and one call for all rows) vs one
+    streamer per session; then a ragged step (a quarter of the rows with 1-frame chunks, e.g. first chunks)."""
+    cfg = preset(size)
+    codec = Codec(cfg, random_decoder(cfg, seed=seed).to(device=device, dtype=dtype))
+    g = torch.Generator().manual_seed(seed + 2)
+    one_call = {"call_cost": float("inf"), "max_call_frames": 0}
+    res: dict = {}
+    for rows in rows_list:
+        frames = torch.randint(0, 2048, (CHUNK, rows, 16), generator=g).to(device)
+        cases = [("", [CHUNK] * rows)]
+        if rows >= 4:
+            cases.append(("ragged_", [1 if i % 4 == 3 else CHUNK for i in range(rows)]))
+        for tag, chunks in cases:
+            fns = {"batched": _batched_step(_open_batched(codec, rows, chunks), chunks, frames)}
+            if rows > 1:
+                fns["one_call"] = _batched_step(_open_batched(codec, rows, chunks, **one_call), chunks, frames)
+            if tag:
+                split = {"call_cost": 0.0, "max_call_frames": 0}
+                fns["split_by_length"] = _batched_step(_open_batched(codec, rows, chunks, **split), chunks, frames)
+            fns["per_session"] = _per_session_step(codec, chunks, frames)
+            best = _best_times(fns, device, reps)
+            for name, t in best.items():
+                res[f"{size}_r{rows}_{tag}{name}_s"] = round(t, 5)
+            res[f"{size}_r{rows}_{tag}speedup"] = round(best["per_session"] / best["batched"], 2)
+            logger.info("%s R=%d %s%s", size, rows, tag,
+                        ", ".join(f"{k} {v:.4f} s" for k, v in best.items()))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="single,batched", help="comma list of: single, batched")
     ap.add_argument("--frames", type=int, default=1000, help="position of the late chunk (frames decoded before)")
     ap.add_argument("--threads", type=int, default=1,
                     help="1 by default: 2 threads on a shared 2-core box measure OpenMP contention")
@@ -95,11 +188,31 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--oracle", action="store_true", help="also time the official decoder's 25-frame re-decode")
+    ap.add_argument("--rows", default="1,8,32", help="batched section: sessions per step")
+    ap.add_argument("--sizes", default="tiny,full", help="batched section: decoder sizes")
+    ap.add_argument("--batched-reps", type=int, default=2, help="batched section: timed steps (best of)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="batched section: decoder dtype (the single section is float32)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    sections = set(args.sections.split(","))
+    if not sections <= {"single", "batched"}:
+        raise SystemExit(f"--sections must name single and/or batched, got {args.sections!r}")
+    result: dict = {"device": str(device), "threads": args.threads}
+    if "single" in sections:
+        result.update(_single_section(args, device))
+    if "batched" in sections:
+        rows_list = [int(r) for r in args.rows.split(",")]
+        result.update({"batched_chunk_frames": CHUNK, "batched_dtype": args.dtype})
+        for size in args.sizes.split(","):
+            result.update(_batched_section(size, rows_list, device, args.batched_reps, args.seed,
+                                           getattr(torch, args.dtype)))
+    print(json.dumps(result))
 
+
+def _single_section(args, device: torch.device) -> dict:
     t0 = time.perf_counter()
     decoder = random_decoder(full_config(), seed=args.seed).to(device)
     n_params = sum(p.numel() for p in decoder.parameters())
@@ -133,7 +246,7 @@ def main() -> None:
     logger.info("re-decode 25+4 frames (ours, reference style): %.3f s", t_redecode)
 
     result = {
-        "device": str(device), "threads": args.threads, "dtype": "float32", "size": "full",
+        "size": "full", "dtype": "float32",
         "decoder_params_m": round(n_params / 1e6, 2),
         "chunk_frames": CHUNK, "chunk_audio_s": CHUNK * spf / sr,
         "ours_chunk4_at_frame10_s": round(t_early, 4),
@@ -148,7 +261,7 @@ def main() -> None:
     if args.oracle:
         ref = _oracle_redecode(codes[..., : args.frames + CHUNK].cpu(), args.seed)
         result.update({f"oracle_{k}": round(v, 4) for k, v in ref.items()})
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

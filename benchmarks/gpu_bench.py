@@ -1,136 +1,463 @@
-"""GPU benchmark of the engine (also runs on CPU with --device cpu --size tiny as a smoke test).
+"""The stages of the one-shot GPU check (benchmarks/gpu_check.sh runs each in its own process under its own timeout).
 
-For each size: build a random full-size CustomVoice checkpoint, load it in bf16, then measure
-  - time to first audio (p50/p95): add() -> first AudioChunk, one session at a time;
-  - single-stream real-time factor: audio seconds produced per wall second;
-  - aggregate audio-seconds per second with 1/8/32/64 concurrent sessions;
-  - peak GPU memory.
-And check the CUDA path against the CPU fp32 path on a tiny checkpoint (greedy codes equal, waveforms close).
-Prints one JSON line last.
+    python3 benchmarks/gpu_bench.py --stage NAME --device cuda --out RESULTS.jsonl [--work DIR]
+    python3 benchmarks/gpu_bench.py --summary RESULTS.jsonl       # the final one-line JSON (pass/fail per goal)
+
+Stages (each appends one JSON line to --out and prints it):
+  versions   torch/CUDA/GPU; the SDPA kernel torch picks for the talker's and the code predictor's decode shapes
+             (0.6B and 1.7B) in each attention layout, and for a prefill
+  tiny       tiny fp32: CPU vs GPU eager vs GPU graphs with staggered sessions crossing buckets (1->2->4->3), a
+             paused incremental session, frames not all equal, seeded sampled codes in range and equal across graphs
+             and eager, finite audio, stream == offline, a Base voice saved, loaded and used on the GPU
+  build      a random 1.7B CustomVoice checkpoint (bf16) in --work, reused by the next stages
+  parity     1.7B bf16 greedy: graphs == eager (same buckets) for 4 staggered sessions
+  timings    1.7B bf16, CUDA events: talker and code-predictor replays at 1/8/32/64 rows and 512/4096 keys, prefill,
+             codec decode batched vs per session, host time and syncs of Engine.step, capture time and memory
+  e2e        1.7B bf16, production settings (max_len 4096, chunks of 4): first audio p50/p95 idle and with 32
+             sessions running, single-stream real-time factor, audio-seconds per second at 8/32/64 (with and
+             without seeds), peak memory
+  compile    kernels per step with and without torch.compile of the step bodies (eager, static shapes)
+--device cpu is the dry run CI uses: tiny models everywhere, the CUDA-graph stand-in instead of graphs, small sizes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import os
+import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qwen_tts_core import Engine, Qwen3TTSModel, SamplingParams, SynthesisRequest, make_checkpoint
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qwen_tts_core import Engine, Qwen3TTSModel, SamplingParams, SynthesisRequest, make_checkpoint  # noqa: E402
+from qwen_tts_core.generate.graphs import GraphCapture  # noqa: E402
 
 TEXT = "Once upon a time there was a small village by the sea, and every morning the fishermen sang."
+TEXTS = [TEXT, "Please hold while we connect your call.", "Good morning! How are you today?",
+         "The quick brown fox jumps over the lazy dog."]
+GREEDY = dict(do_sample=False, subtalker_dosample=False)
 
 
-def _req(sp, i=0, **kw):
-    return SynthesisRequest(kind="custom_voice", text=TEXT, speaker="ryan", language="english", sampling=sp,
-                            seed=i, **kw)
+class Ctx:
+    def __init__(self, device: str, work: Path) -> None:
+        self.dev = torch.device(device)
+        self.cuda = self.dev.type == "cuda"
+        self.work = work
+        self.big = "1.7b" if self.cuda else "tiny"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+
+    def engine(self, model, graphs: bool, **kw) -> Engine:
+        if graphs and not self.cuda:
+            kw["graph_capture"] = GraphCapture("cpu", fake=True)
+        else:
+            kw["cuda_graphs"] = graphs
+        kw.setdefault("static", True)  # eager runs use the graphs' shapes (batch buckets): comparable bit for bit
+        return Engine(model, **kw)
+
+    def checkpoint(self, kind: str, size: str, dtype: str = "float32") -> Path:
+        path = self.work / f"{kind}-{size}-{dtype}"
+        if not (path / "config.json").exists():
+            make_checkpoint(path, kind, size, seed=0, dtype=dtype)
+        return path
+
+    def load(self, path: Path, dtype: str, device=None) -> Qwen3TTSModel:
+        return Qwen3TTSModel.from_pretrained(path, device_map=str(device or self.dev), dtype=dtype)
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+def req(text, sampling: SamplingParams, **kw) -> SynthesisRequest:
+    kw.setdefault("decode_audio", False)
+    return SynthesisRequest(kind="custom_voice", text=text, speaker="ryan", language="english", sampling=sampling,
+                            **kw)
 
 
-def measure(model, frames: int, concurrency: list[int], ttfa_runs: int) -> dict:
-    dev = model.device
-    sp = SamplingParams(max_new_tokens=frames + 1)
-    out: dict = {}
-    eng = Engine(model, max_sessions=max(concurrency), max_len=512)
-    # warm-up: captures the graphs of every bucket used below
-    for c in sorted(set(concurrency)):
-        sessions = [eng.add(_req(SamplingParams(max_new_tokens=4), i)) for i in range(c)]
-        while eng.has_work():
-            eng.step()
-        del sessions
-    ttfa = []
-    for i in range(ttfa_runs):
-        _sync(dev)
-        t = time.perf_counter()
-        s = eng.add(_req(sp, i, first_chunk_frames=1))
-        got = False
-        while eng.has_work():
-            chunks = eng.step()
-            if not got and any(ch.session_id == s.id and ch.pcm.size for ch in chunks):
-                ttfa.append(time.perf_counter() - t)
-                got = True
-                eng.cancel(s)
-    out["ttfa_ms_p50"] = round(1000 * float(np.percentile(ttfa, 50)), 1)
-    out["ttfa_ms_p95"] = round(1000 * float(np.percentile(ttfa, 95)), 1)
-    for c in concurrency:
-        _sync(dev)
-        t = time.perf_counter()
-        sessions = [eng.add(_req(sp, i)) for i in range(c)]
-        samples = 0
-        while eng.has_work():
-            samples += sum(ch.pcm.size for ch in eng.step())
-        _sync(dev)
-        wall = time.perf_counter() - t
-        audio_s = samples / 24000
-        out[f"audio_s_per_s_c{c}"] = round(audio_s / wall, 2)
-        if c == 1:
-            out["single_stream_rtf_x"] = round(audio_s / wall, 2)
-        del sessions
-    if dev.type == "cuda":
-        out["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+def staggered(eng: Engine, sampling: SamplingParams, seeds=(None,) * 4) -> list[torch.Tensor]:
+    """4 sessions joining at steps 0, 2, 4, 4, the first one short: batch 1 -> 2 -> 4 -> 3."""
+    short = sampling.with_overrides(max_new_tokens=max(3, sampling.max_new_tokens // 3))
+    sessions = [eng.add(req(TEXTS[0], short, seed=seeds[0], non_streaming_mode=True))]
+    for i in range(6):
+        if i == 2:
+            sessions.append(eng.add(req(TEXTS[1], sampling, seed=seeds[1])))
+        if i == 4:
+            sessions += [eng.add(req(t, sampling, seed=s)) for t, s in zip(TEXTS[2:], seeds[2:])]
+        eng.step()
+    while not all(s.done for s in sessions):
+        eng.step()
+    return [s.codes() for s in sessions]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# --- stages -----------------------------------------------------------------------------------------------------
+def stage_versions(c: Ctx) -> dict:
+    import transformers
+
+    from qwen_tts_core.config import make_config
+    from qwen_tts_core.model.layers import sdpa_backend
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
+           "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(c.dev) if c.cuda else "cpu"}
+    dt = torch.bfloat16 if c.cuda else torch.float32
+    goals = {}
+    for size in ("0.6b", "1.7b"):
+        t = make_config("custom_voice", size).talker
+        for name, cfg in (("talker", t), ("cp", t.code_predictor)):
+            B, L, D, hq, hkv = 64, 512 if name == "talker" else 17, cfg.head_dim, cfg.num_attention_heads, \
+                cfg.num_key_value_heads
+            q = torch.randn(B, hq, 1, D, dtype=dt, device=c.dev)
+            kv = torch.randn(B + 1, hkv, 4096 if name == "talker" else 17, D, dtype=dt, device=c.dev)[:B, :, :L]
+            mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=c.dev) if name == "talker" else None
+            qg = q.reshape(B, hkv, hq // hkv, D)
+            got = {"gqa": sdpa_backend(q, kv, kv, mask, enable_gqa=True), "grouped": sdpa_backend(qg, kv, kv, mask)}
+            if mask is not None:
+                fm = torch.zeros(B, 1, 1, L, dtype=dt, device=c.dev)
+                got["grouped_float"] = sdpa_backend(qg, kv, kv, fm)
+            out[f"sdpa_{name}_decode_{size}"] = got
+            fused = [v for v in got.values() if v not in ("MATH", "ERROR", "UNKNOWN")]
+            goals[f"sdpa_fused_{name}_{size}"] = bool(fused) if c.cuda else None
+        T = 96
+        qp = torch.randn(1, t.num_attention_heads, T, t.head_dim, dtype=dt, device=c.dev)
+        kp = torch.randn(1, t.num_key_value_heads, T, t.head_dim, dtype=dt, device=c.dev)
+        pm = torch.ones(T, T, dtype=torch.bool, device=c.dev).tril()[None, None]
+        out[f"sdpa_prefill_{size}"] = sdpa_backend(qp, kp, kp, pm, enable_gqa=True)
+    out["goals"] = goals
     return out
 
 
-def cuda_vs_cpu(tmp: Path) -> dict:
-    ck = make_checkpoint(tmp / "tiny", "custom_voice", "tiny", seed=0)
-    kw = dict(speaker="vivian", language="english", do_sample=False, subtalker_dosample=False, max_new_tokens=24)
-    cpu = Qwen3TTSModel.from_pretrained(ck, device_map="cpu", dtype="float32")
-    (w_cpu,), _ = cpu.generate_custom_voice(TEXT, **kw)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    gpu = Qwen3TTSModel.from_pretrained(ck, device_map="cuda", dtype="float32")
-    (w_gpu,), _ = gpu.generate_custom_voice(TEXT, **kw)
-    eng = Engine(gpu, max_sessions=4)  # the static + CUDA-graph path
-    sess = eng.run_all([_req(SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=24),
-                             decode_audio=False)])
-    ref = Engine(cpu, max_sessions=1).run_all([_req(SamplingParams(do_sample=False, subtalker_dosample=False,
-                                                                   max_new_tokens=24), decode_audio=False)])
-    n = min(len(w_cpu), len(w_gpu))
-    return {"wave_max_abs_diff": float(np.abs(w_cpu[:n] - w_gpu[:n]).max()), "same_length": len(w_cpu) == len(w_gpu),
-            "graph_codes_equal_cpu": bool(torch.equal(sess[0].codes(), ref[0].codes()))}
+def stage_tiny(c: Ctx) -> dict:
+    if c.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    ck = c.checkpoint("custom_voice", "tiny")
+    cpu, gpu = c.load(ck, "float32", "cpu"), c.load(ck, "float32")
+    g = SamplingParams(max_new_tokens=24 if c.cuda else 12, **GREEDY)
+    ref = staggered(Engine(cpu, max_sessions=4), g)
+    eager = staggered(c.engine(gpu, False, max_sessions=4, max_len=256), g)
+    geng = c.engine(gpu, True, max_sessions=4, max_len=256)
+    graphs = staggered(geng, g)
+    out: dict = {"frames": [len(x) for x in graphs]}
+    goals = {"tiny_graphs_eq_eager": same(graphs, eager), "tiny_gpu_eq_cpu": same(eager, ref),
+             "frames_distinct": all(len({tuple(f) for f in x.tolist()}) > 1 for x in graphs)}
+    # a paused incremental session, with another one running
+    full = Engine(cpu, max_sessions=1).run_all([req(TEXT, g)])[0].codes()
+    s, other = geng.add(req(None, g)), geng.add(req(TEXTS[1], g))
+    paused = 0
+    words = TEXT.split(" ")
+    for piece in [w + " " for w in words[:6]] + [" ".join(words[6:])]:  # word by word: the talker runs out of text
+        s.append_text(piece)
+        for _ in range(2):
+            geng.step()
+            paused += int(s.prompt is not None and s.phase == "talker" and s.text_step >= len(s.prompt.trailing))
+    s.end_text()
+    while not (s.done and other.done):
+        geng.step()
+    goals["paused_incremental_ok"] = bool(paused > 0 and torch.equal(s.codes(), full))
+    # seeded sampling: graphs == eager, codes in range; audio finite
+    sp = SamplingParams(max_new_tokens=16 if c.cuda else 8)
+    seeds = (11, 12, 13, 14)
+    a, b = staggered(geng, sp, seeds), staggered(c.engine(gpu, False, max_sessions=4, max_len=256), sp, seeds)
+    codes = torch.cat(a)
+    s = geng.add(req(TEXT, sp, seed=3, decode_audio=True))
+    chunks = []
+    while not s.done:
+        chunks += [ch for ch in geng.step() if ch.session_id == s.id]
+    pcm = np.concatenate([ch.pcm for ch in chunks])
+    goals["sampled_ok"] = bool(same(a, b) and codes.min() >= 0 and codes.max() < 2048 and np.isfinite(pcm).all()
+                               and pcm.size > 0)
+    # stream == offline
+    kw = dict(speaker="ryan", language="english", max_new_tokens=12, **GREEDY)
+    (off,), _ = gpu.generate_custom_voice(TEXT, non_streaming_mode=False, **kw)
+    s = geng.add(SynthesisRequest(kind="custom_voice", text=TEXT, speaker="ryan", language="english",
+                                  sampling=SamplingParams(max_new_tokens=12, **GREEDY), chunk_frames=4))
+    chunks = []
+    while not s.done:
+        chunks += [ch.pcm for ch in geng.step() if ch.session_id == s.id]
+    st = np.concatenate(chunks)
+    out["stream_max_diff"] = float(np.abs(st - off).max()) if st.shape == off.shape else None
+    goals["stream_eq_offline"] = st.shape == off.shape and out["stream_max_diff"] <= 1e-3
+    goals["stored_voice_on_device"] = stored_voice(c)
+    out["goals"] = goals
+    return out
+
+
+def stored_voice(c: Ctx) -> bool:
+    from qwen_tts_core import load_voice_prompt, save_voice_prompt
+
+    base = c.load(c.checkpoint("base", "tiny"), "float32")
+    t = np.arange(48000) / 24000
+    wav = (0.3 * np.sin(2 * np.pi * 150 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    (item,) = base.create_voice_clone_prompt((wav, 24000), ref_text="Good morning, how are you today?")
+    back = load_voice_prompt(save_voice_prompt(item, c.work / "voice.safetensors"))  # CPU tensors
+    eng = c.engine(base, True, max_sessions=2, max_len=256)
+    r = SynthesisRequest(kind="voice_clone", text="Hello world.", language="english", voice_clone_prompt=back,
+                         sampling=SamplingParams(max_new_tokens=10, **GREEDY))
+    s = eng.add(r)
+    chunks = []
+    while not s.done:
+        chunks += [ch for ch in eng.step() if ch.session_id == s.id]
+    return s.finish_reason == "max_new_tokens" and chunks[-1].is_last and sum(ch.pcm.size for ch in chunks) > 0
+
+
+def stage_build(c: Ctx) -> dict:
+    t = time.perf_counter()
+    c.checkpoint("custom_voice", c.big, "bfloat16")
+    return {"size": c.big, "build_s": round(time.perf_counter() - t, 1), "goals": {}}
+
+
+def stage_parity(c: Ctx) -> dict:
+    m = c.load(c.checkpoint("custom_voice", c.big, "bfloat16"), "bfloat16")
+    g = SamplingParams(max_new_tokens=24, **GREEDY)
+    eager = staggered(c.engine(m, False, max_sessions=4, max_len=512), g)
+    graphs = staggered(c.engine(m, True, max_sessions=4, max_len=512), g)
+    diff = [int((a != b).any(-1).sum()) for a, b in zip(eager, graphs)] if all(
+        a.shape == b.shape for a, b in zip(eager, graphs)) else None
+    return {"size": c.big, "frames": [len(x) for x in graphs], "frames_differing": diff,
+            "goals": {"bf16_graph_eq_eager": same(graphs, eager)}}
+
+
+class Timer:
+    """Milliseconds of GPU work (CUDA events) or wall time (CPU), median of `reps`."""
+
+    def __init__(self, c: Ctx) -> None:
+        self.c = c
+
+    def __call__(self, fn, reps: int = 10) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            if self.c.cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b))
+            else:
+                t = time.perf_counter()
+                fn()
+                ts.append(1000 * (time.perf_counter() - t))
+        return round(float(np.median(ts)), 3)
+
+
+def stage_timings(c: Ctx) -> dict:
+    m = c.load(c.checkpoint("custom_voice", c.big, "bfloat16"), "bfloat16")
+    rows = (1, 8, 32, 64) if c.cuda else (1, 2, 4)
+    lens = (512, 4096) if c.cuda else (64, 128)
+    mem0 = torch.cuda.memory_allocated(c.dev) if c.cuda else 0
+    eng = c.engine(m, True, max_sessions=max(rows), max_len=max(lens))
+    r = eng.runner
+    out: dict = {"size": c.big, "capture_s": round(eng.capture_s, 2), "graphs": len(r.graphs),
+                 "capture_s_per_bucket": {f"{k[0]}/{'/'.join(map(str, k[1:]))}": round(v, 3)
+                                          for k, v in r.capture_seconds.items()}}
+    if c.cuda:
+        out["cache_and_graph_mem_gb"] = round((torch.cuda.memory_allocated(c.dev) - mem0) / 1e9, 2)
+        out["graph_pool_reserved_gb"] = round(torch.cuda.memory_reserved(c.dev) / 1e9, 2)
+    timer = Timer(c)
+    with torch.inference_mode():
+        for B in rows:
+            out[f"cp_replay_ms_b{B}"] = timer(r.graphs[("cp", B)].replay)
+            for L in lens:
+                out[f"talker_replay_ms_b{B}_l{L}"] = timer(r.graphs[("talker", B, L)].replay)
+        emb = r.tts_pad.expand(64, -1).contiguous()
+        out["prefill_ms_t64"] = timer(lambda: r.start(0, emb, [], SamplingParams(), seed=0), reps=5)
+        codec = m.codec
+        for n in rows:
+            codes = torch.randint(0, 2048, (n, 16, 4), device=c.dev)
+            state = codec.new_stream(n)
+            out[f"codec_batched_ms_n{n}_f4"] = timer(
+                lambda codes=codes, state=state: codec.decode_chunk(codes, state, check=False), reps=5)
+            states = [codec.new_stream(1) for _ in range(n)]
+            out[f"codec_per_session_ms_n{n}_f4"] = timer(
+                lambda codes=codes, states=states: [codec.decode_chunk(codes[i:i + 1], st, check=False)
+                                                    for i, st in enumerate(states)], reps=3)
+    # host time and syncs of Engine.step with 8 sessions streaming
+    n = 8 if c.cuda else 2
+    sessions = [eng.add(req(TEXT, SamplingParams(max_new_tokens=40), seed=i, decode_audio=True)) for i in range(n)]
+    for _ in range(3):
+        eng.step()
+    host, syncs, steps = [], 0, 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if c.cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            while not all(s.done for s in sessions) and steps < 20:
+                t = time.perf_counter()
+                eng.step()
+                host.append(1000 * (time.perf_counter() - t))
+                steps += 1
+        finally:
+            if c.cuda:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+    for s in sessions:
+        eng.cancel(s)
+    while eng.has_work():
+        eng.step()
+    out["engine_step_host_ms_p50"] = round(float(np.median(host)), 2)
+    out["syncs_per_step"] = round(syncs / max(steps, 1), 2) if c.cuda else None
+    if c.cuda:
+        out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(c.dev) / 1e9, 2)
+    # one read of the ids per step, plus (every few steps) the audio chunk's copy to the host
+    out["goals"] = {"syncs_per_step_le_2": (out["syncs_per_step"] <= 2) if c.cuda else None}
+    return out
+
+
+def stage_e2e(c: Ctx) -> dict:
+    m = c.load(c.checkpoint("custom_voice", c.big, "bfloat16"), "bfloat16")
+    conc = (8, 32, 64) if c.cuda else (2, 4)
+    busy_n = 32 if c.cuda else 3
+    frames = 100 if c.cuda else 8
+    eng = c.engine(m, True, max_sessions=max(conc), max_len=4096 if c.cuda else 256)
+    out: dict = {"size": c.big, "capture_s": round(eng.capture_s, 2), "warm_up_s": round(eng.warm_up(), 2)}
+
+    def ttfa(runs: int) -> list[float]:
+        got = []
+        for i in range(runs):
+            c.sync()
+            t = time.perf_counter()
+            s = eng.add(req(TEXT, SamplingParams(max_new_tokens=200), seed=i, decode_audio=True,
+                            first_chunk_frames=1, chunk_frames=4))
+            while True:
+                if any(ch.session_id == s.id and ch.pcm.size for ch in eng.step()):
+                    got.append(1000 * (time.perf_counter() - t))
+                    break
+            eng.cancel(s)
+            eng.step()
+        return got
+
+    idle = ttfa(10 if c.cuda else 3)
+    background = [eng.add(req(TEXTS[i % 4], SamplingParams(max_new_tokens=3000), seed=100 + i, decode_audio=True))
+                  for i in range(busy_n)]
+    for _ in range(5):
+        eng.step()
+    busy = ttfa(20 if c.cuda else 3)
+    for s in background:
+        eng.cancel(s)
+    while eng.has_work():
+        eng.step()
+    out.update(ttfa_ms_p50_idle=round(float(np.percentile(idle, 50)), 1),
+               ttfa_ms_p95_idle=round(float(np.percentile(idle, 95)), 1),
+               ttfa_ms_p50_busy=round(float(np.percentile(busy, 50)), 1),
+               ttfa_ms_p95_busy=round(float(np.percentile(busy, 95)), 1))
+
+    def throughput(n: int, seeded: bool) -> float:
+        c.sync()
+        t = time.perf_counter()
+        ss = [eng.add(req(TEXTS[i % 4], SamplingParams(max_new_tokens=frames + 1), seed=i if seeded else None,
+                          decode_audio=True)) for i in range(n)]
+        samples = 0
+        while not all(s.done for s in ss):
+            samples += sum(ch.pcm.size for ch in eng.step())
+        c.sync()
+        return round(samples / 24000 / (time.perf_counter() - t), 2)
+
+    out["single_stream_rtf_x"] = throughput(1, True)
+    for n in conc:
+        out[f"audio_s_per_s_c{n}"] = throughput(n, True)
+    out[f"audio_s_per_s_c{conc[1]}_unseeded"] = throughput(conc[1], False)
+    if c.cuda:
+        out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(c.dev) / 1e9, 2)
+    out["goals"] = {
+        "ttfa_p50_idle_le_30ms": out["ttfa_ms_p50_idle"] <= 30 if c.cuda else None,
+        "ttfa_p95_busy32_le_50ms": out["ttfa_ms_p95_busy"] <= 50 if c.cuda else None,
+        "single_stream_rtf_ge_15": out["single_stream_rtf_x"] >= 15 if c.cuda else None,
+        "audio_s_per_s_c64_ge_200": out.get("audio_s_per_s_c64", 0) >= 200 if c.cuda else None}
+    return out
+
+
+def stage_compile(c: Ctx) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    m = c.load(c.checkpoint("custom_voice", c.big, "bfloat16"), "bfloat16")
+    out: dict = {"size": c.big}
+    for compiled in (False, True):
+        t = time.perf_counter()
+        eng = c.engine(m, False, max_sessions=8, max_len=512, batch_buckets=(8,), compile=compiled)
+        sessions = [eng.add(req(TEXT, SamplingParams(max_new_tokens=30), seed=i)) for i in range(8)]
+        for _ in range(3):
+            eng.step()  # compiles on first use
+        c.sync()
+        key = "compiled" if compiled else "plain"
+        out[f"{key}_first_steps_s"] = round(time.perf_counter() - t, 1)
+        acts = [ProfilerActivity.CUDA] if c.cuda else [ProfilerActivity.CPU]
+        with profile(activities=acts) as prof:
+            eng.step()
+            c.sync()
+        ev = prof.events()
+        if c.cuda:
+            out[f"{key}_kernels_per_step"] = sum(1 for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
+        else:
+            out[f"{key}_ops_per_step"] = len(ev)
+        out[f"{key}_step_ms"] = Timer(c)(eng.step, reps=3)
+        for s in sessions:
+            eng.cancel(s)
+        while eng.has_work():
+            eng.step()
+    out["goals"] = {}
+    return out
+
+
+STAGES = {"versions": stage_versions, "tiny": stage_tiny, "build": stage_build, "parity": stage_parity,
+          "timings": stage_timings, "e2e": stage_e2e, "compile": stage_compile}
+
+
+def summary(path: Path) -> dict:
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    goals: dict = {}
+    stages: dict = {}
+    for rec in lines:
+        stages[rec.get("stage", "?")] = "ok" if rec.get("ok") else rec.get("error", "failed")[:200]
+        for k, v in (rec.get("goals") or {}).items():
+            goals[k] = None if v is None else ("pass" if v else "fail")
+    device = next((r.get("device") for r in lines if r.get("stage") == "versions"), None)
+    return {"benchmark": "gpu_check", "device": device, "stages": stages, "goals": goals,
+            "passed": sum(v == "pass" for v in goals.values()), "failed": sum(v == "fail" for v in goals.values())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=list(STAGES))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--sizes", default="0.6b,1.7b")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--frames", type=int, default=48)
-    ap.add_argument("--concurrency", default="1,8,32,64")
-    ap.add_argument("--ttfa-runs", type=int, default=10)
+    ap.add_argument("--out", type=Path, help="JSON lines file the stage's result is appended to")
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "qtts-gpu-check")
+    ap.add_argument("--summary", type=Path, help="print the final one-line JSON of a results file")
     args = ap.parse_args()
-    result: dict = {"benchmark": "gpu_bench", "device": args.device, "torch": torch.__version__}
-    if args.device == "cuda":
-        result["gpu"] = torch.cuda.get_device_name(0)
-    conc = [int(c) for c in args.concurrency.split(",")]
-    with tempfile.TemporaryDirectory(prefix="qtts-gpu-") as tmp:
-        tmp = Path(tmp)
-        for size in args.sizes.split(","):
-            t = time.perf_counter()
-            ck = make_checkpoint(tmp / size, "custom_voice", size, seed=0, dtype="bfloat16")
-            build_s = time.perf_counter() - t
-            t = time.perf_counter()
-            model = Qwen3TTSModel.from_pretrained(ck, device_map=args.device, dtype=args.dtype)
-            entry = {"build_s": round(build_s, 1), "load_s": round(time.perf_counter() - t, 1)}
-            if args.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            entry.update(measure(model, args.frames, conc, args.ttfa_runs))
-            result[size] = entry
-            del model
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-            print(json.dumps({size: entry}), flush=True)
-        if args.device == "cuda":
-            result["cuda_vs_cpu_tiny"] = cuda_vs_cpu(tmp)
-    print(json.dumps(result))
+    if args.summary:
+        print(json.dumps(summary(args.summary)))
+        return
+    if not args.stage:
+        ap.error("--stage or --summary is required")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available (use --device cpu for the dry run)")
+    # CPU dry run: one thread (tiny models; more threads only spin against each other on a small shared machine)
+    torch.set_num_threads(min(8, os.cpu_count() or 1) if args.device != "cpu" else 1)
+    args.work.mkdir(parents=True, exist_ok=True)
+    c = Ctx(args.device, args.work)
+    t = time.perf_counter()
+    try:
+        rec = {"stage": args.stage, **STAGES[args.stage](c), "ok": True}
+    except Exception as e:  # noqa: BLE001 - the result says what broke; the next stage still runs
+        rec = {"stage": args.stage, "ok": False, "error": f"{type(e).__name__}: {e}",
+               "traceback": traceback.format_exc()[-3000:]}
+    rec["seconds"] = round(time.perf_counter() - t, 1)
+    line = json.dumps(rec, default=str)
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

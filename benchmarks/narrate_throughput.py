@@ -7,8 +7,16 @@ Compares, on the same rows and the same engine settings:
 Ray timings include actor start-up and model loading (what a job pays); `load_s` reports the one-process
 model load separately. Every run writes to a fresh folder, so nothing is reused. The last stdout line is JSON.
 
+With --fleet it runs on a simulated 3-node cluster instead (a head plus two worker nodes declaring one logical GPU
+each; torch stays on CPU here) through the Serve app's model replicas (`num_gpus: 1`, so one per node):
+  * serve_nodes_N - the narration job (Ray Data workers calling the model deployment) with N = 1, 2 replica nodes;
+  * hops          - the same chunk requests sent one hop (job -> model deployment) and two hops (job -> ingress ->
+                    model deployment: the ingress's `synthesize_bulk`, or HTTP when it has none): seconds and the
+                    audio bytes each path moves between processes.
+
     python benchmarks/narrate_throughput.py                      # tiny random checkpoint, CPU
     python benchmarks/narrate_throughput.py --model CKPT --device cuda --actors 1 2 4
+    python benchmarks/narrate_throughput.py --fleet              # the simulated fleet
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def book_rows(chapters: int, voice: str):
@@ -84,12 +94,18 @@ def main() -> None:
     p.add_argument("--voice", default="vivian")
     p.add_argument("--batch-size", type=int, default=0,
                    help="rows per map_batches batch (default: rows spread evenly over the actors)")
+    p.add_argument("--fleet", action="store_true", help="the simulated 3-node cluster through Serve replicas")
+    p.add_argument("--hop-requests", type=int, default=16, help="--fleet: requests per hop measurement")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for k, v in (("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("RAY_USAGE_STATS_ENABLED", "0"),
+                 ("RAY_AUTH_MODE", "disabled"), ("RAY_SERVE_ENABLE_HA_PROXY", "0")):
+        os.environ.setdefault(k, v)
+    if a.fleet:
+        return run_fleet(a)
 
-    from jobs.render import RenderConfig, model_revision
+    from jobs.models import engine_spec
+    from jobs.render import RenderConfig
     from jobs.runner import RunOptions, connect_ray
     from jobs.synth import EngineOptions
 
@@ -100,10 +116,9 @@ def main() -> None:
 
         model = str(tmp / "tiny")
         make_checkpoint(model, model_type="custom_voice", size="tiny", seed=0)
-    render = RenderConfig(model=model, revision=model_revision(model), max_chars=200, pause_s=0.4,
-                          sampling={"max_new_tokens": a.max_new_tokens},
-                          retry_on=("guard",) if a.model is None else ("guard", "max_new_tokens"))
     eng = EngineOptions(device=a.device, dtype=a.dtype, max_sessions=a.max_sessions, torch_threads=a.threads)
+    render = RenderConfig(model=model, max_chars=200, pause_s=0.4, sampling={"max_new_tokens": a.max_new_tokens},
+                          retry_on=("guard",), models={model: engine_spec(model, eng).to_dict()})
     rows = book_rows(a.chapters, a.voice)
     results = []
 
@@ -129,6 +144,161 @@ def main() -> None:
     print(json.dumps({"benchmark": "narrate_throughput", "model": "tiny-random" if a.model is None else a.model,
                       "device": a.device, "chapters": len(rows), "max_new_tokens": a.max_new_tokens,
                       "cpu_count": os.cpu_count(), "machine": platform.machine(), "results": results}))
+
+
+# --- the simulated fleet -------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_fleet(tmp: Path):
+    """Head (2 CPUs) + two worker nodes with 1 CPU and 1 logical GPU each; own temp dir and ports."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    (tmp / "ray").mkdir(parents=True, exist_ok=True)
+    os.environ["RAY_TMPDIR"] = str(tmp)  # the cluster's address file stays in our temp dir
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "temp_dir": str(tmp), "gcs_server_port": _free_port(), "include_dashboard": False,
+        "object_store_memory": 128 << 20, "dashboard_agent_listen_port": _free_port(),
+        "ray_client_server_port": _free_port()})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=96 << 20)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+    return cluster
+
+
+def _deploy(ckpt: str, replicas: int, a, tmp: Path) -> float:
+    from ray import serve
+
+    from serve.app import build_app
+
+    cfg = {"models": [{"name": "tiny", "checkpoint": ckpt, "num_gpus": 1, "num_cpus": 0.5, "num_replicas": replicas,
+                       "max_sessions": a.max_sessions, "max_queue": 32, "interactive_reserve": 1,
+                       "max_new_tokens": max(512, a.max_new_tokens), "warmup": True}],
+           "voices_uri": str(tmp / "voices"), "cache_dir": str(tmp / "cache")}
+    t = time.perf_counter()
+    serve.run(build_app(cfg), name="qtts", route_prefix="/")
+    from jobs.serve_backend import served_models
+
+    while served_models("qtts").get("tiny", 0) != replicas:
+        time.sleep(0.5)
+    return time.perf_counter() - t
+
+
+def _hops(a, n: int) -> list[dict]:
+    """The same `n` chunk requests one hop (model deployment) and two hops (through the ingress)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from ray import serve
+
+    payloads = [{"input": f"Sentence number {i} of the hop benchmark, read aloud.", "voice": a.voice, "seed": i,
+                 "max_new_tokens": a.max_new_tokens, "priority": "bulk", "non_streaming_mode": True}
+                for i in range(n)]
+    direct = serve.get_deployment_handle("tts-tiny", "qtts")
+    ingress = serve.get_app_handle("qtts")
+    out = []
+
+    def one_hop(p: dict) -> int:
+        return int(np.asarray(direct.synthesize.remote(p).result()["pcm"]).nbytes)
+
+    def two_hops(p: dict) -> int:
+        return int(np.asarray(ingress.synthesize_bulk.remote({**p, "model": "tiny"}).result()["pcm"]).nbytes)
+
+    paths = [("one_hop", one_hop, 1)]
+    try:
+        two_hops(payloads[0])
+        paths.append(("two_hops_via_ingress", two_hops, 2))
+    except Exception as e:  # noqa: BLE001 - the ingress no longer relays bulk audio
+        logging.getLogger("bench").warning("no ingress bulk entry (%s); two hops measured over HTTP", e)
+        paths.append(("two_hops_via_http", _http_two_hops(), 0))
+    for name, fn, hops in paths:
+        fn(payloads[0])  # warm
+        t = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            sizes = list(pool.map(fn, payloads))
+        wall = time.perf_counter() - t
+        pcm = sum(sizes)
+        moved = pcm * hops if hops else pcm + pcm // 2  # HTTP: float32 to the ingress, int16 to the client
+        out.append({"mode": name, "requests": n, "wall_s": round(wall, 2), "audio_bytes": pcm,
+                    "bytes_moved": moved, "hops": hops or 2, "ms_per_request": round(1000 * wall / n, 1)})
+    return out
+
+
+def _http_two_hops():
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    port = int(ray.get(client._controller.get_http_config.remote()).port)
+
+    def call(p: dict) -> int:
+        import httpx
+
+        body = {k: v for k, v in p.items() if k not in ("priority", "non_streaming_mode")}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/audio/speech",
+                       json={**body, "model": "tiny", "response_format": "pcm"}, timeout=300)
+        r.raise_for_status()
+        return len(r.content) * 2  # int16 on the wire: the replica sent twice as many float32 bytes
+
+    return call
+
+
+def run_fleet(a) -> None:
+    import ray
+    from ray import serve
+
+    from jobs import narrate
+    from jobs.runner import run_rows
+    from qwen_tts_core import make_checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix="qtts-fleet-", dir="/tmp"))
+    ckpt = a.model or str(make_checkpoint(str(tmp / "tiny"), model_type="custom_voice", size="tiny", seed=0))
+    rows = book_rows(a.chapters, a.voice)
+    cluster = _start_fleet(tmp)
+    results: list[dict] = []
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, proxy_location="HeadOnly")
+        for n in (1, 2):
+            deploy_s = _deploy(ckpt, n, a, tmp)
+            args = narrate.build_parser().parse_args(
+                ["-", "--model", "tiny", "--backend", "serve", "--serve-app", "qtts", "--out",
+                 f"file://{tmp / f'serve{n}'}", "--actors", "2", "--num-cpus", "0.25", "--batch-size", "1",
+                 "--max-inflight-per-replica", str(a.max_sessions), "--max-new-tokens", str(a.max_new_tokens),
+                 "--no-progress"])
+            defaults, render, opts, _ = narrate.build_options(args, "audio")
+            todo, render, opts, backend = narrate.prepare(rows, defaults, render, opts)
+            t = time.perf_counter()
+            recs = run_rows(todo, render, opts, backend=backend)
+            wall = time.perf_counter() - t
+            audio = sum(r.duration_s for r in recs)
+            results.append({"mode": f"serve_nodes_{n}", "replicas": n, "wall_s": round(wall, 2),
+                            "audio_s": round(audio, 2), "audio_s_per_wall_s": round(audio / wall, 3),
+                            "failed": sum(r.status == "failed" for r in recs), "deploy_s": round(deploy_s, 1)})
+        results += _hops(a, a.hop_requests)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    by = {r["mode"]: r for r in results}
+    summary = {"two_nodes_vs_one": round(by["serve_nodes_2"]["audio_s_per_wall_s"]
+                                         / by["serve_nodes_1"]["audio_s_per_wall_s"], 3)}
+    two = next(r for r in results if r["mode"].startswith("two_hops"))
+    summary.update(two_hops_vs_one_seconds=round(two["wall_s"] / by["one_hop"]["wall_s"], 3),
+                   two_hops_vs_one_bytes=round(two["bytes_moved"] / by["one_hop"]["bytes_moved"], 3))
+    for r in results:
+        logging.getLogger("bench").warning("%s", r)
+    print(json.dumps({"benchmark": "narrate_throughput", "setup": "fleet: head + 2 nodes x 1 logical GPU (CPU torch)",
+                      "model": "tiny-random" if a.model is None else a.model, "chapters": len(rows),
+                      "max_new_tokens": a.max_new_tokens, "cpu_count": os.cpu_count(),
+                      "machine": platform.machine(), "results": results, "ratios": summary}))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
   - chunk cost vs position and vs the reference's 25-frame left-context re-decode (benchmarks/codec_stream.py).
 Prints one JSON line last.
 
-usage: python benchmarks/streaming.py [--frames 24] [--checkpoint DIR] [--skip-reference] [--skip-codec]
+usage: python benchmarks/streaming.py [--frames 24] [--checkpoint DIR] [--dtypes float32,bfloat16] [--skip-reference]
+                                     [--skip-codec]
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from _measure import run_worker  # noqa: E402
 TEXT = "Once upon a time there was a small village by the sea, and every morning the fishermen sang."
 
 
-def worker(ckpt: str, frames: int) -> dict:
+def worker(ckpt: str, frames: int, dtype: str = "float32") -> dict:
     import torch
 
     from qwen_tts_core import Engine, Qwen3TTSModel, SynthesisRequest
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype="float32")
+    model = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype=dtype)
     sp = model.sampling_params(max_new_tokens=frames + 1)
 
     def req(i):
@@ -78,10 +79,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--skip-codec", action="store_true")
+    ap.add_argument("--dtypes", default="float32", help="comma-separated, e.g. float32,bfloat16")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.checkpoint, args.frames)))
+        print(json.dumps(worker(args.checkpoint, args.frames, args.dtype)))
         return
     tmp = None
     ckpt = Path(args.checkpoint) if args.checkpoint else None
@@ -93,8 +96,10 @@ def main() -> None:
             ckpt = Path(tmp.name) / "ck"
         make_checkpoint(ckpt, model_type="custom_voice", size="0.6b", seed=0, dtype="bfloat16")
     result: dict = {"benchmark": "streaming", "frames": args.frames, "cpu_threads": os.cpu_count()}
-    result["ours"] = run_worker(sys.executable, __file__, ["--worker", "--checkpoint", str(ckpt),
-                                                          "--frames", str(args.frames)])
+    for i, dtype in enumerate(args.dtypes.split(",")):
+        result["ours" if i == 0 else f"ours_{dtype}"] = run_worker(
+            sys.executable, __file__, ["--worker", "--checkpoint", str(ckpt), "--frames", str(args.frames),
+                                       "--dtype", dtype])
     if not args.skip_reference:
         env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "oracle" / "stubs"))
         ref = run_worker(str(ROOT / ".venv-oracle" / "bin" / "python"), str(HERE / "reference_worker.py"),

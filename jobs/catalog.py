@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import re
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,11 +22,18 @@ from typing import Any
 
 from . import layout as layouts
 from .captions import caption_keys
-from .inputs import RowDefaults, Utterance, check_row, mark_duplicates
-from .manifest import ManifestRecord, from_parquet, summarize, to_parquet
-from .narrate import add_common_args, build_options, check_models, load_config, print_manifest
+from .inputs import InputLimits, RowDefaults, Utterance, check_row, mark_duplicates, read_text
+from .manifest import ManifestRecord, from_parquet, summarize
+from .narrate import (
+    add_common_args,
+    build_options,
+    load_config,
+    prepare,
+    print_manifest,
+    write_manifest,
+)
 from .render import RenderConfig, sidecar_key
-from .runner import RunOptions, run_rows
+from .runner import RunOptions, run_rows, stop_on_sigterm
 from .storage import Sink, StorageError, open_sink
 
 log = logging.getLogger(__name__)
@@ -32,21 +41,24 @@ MANIFEST_KEY = "catalog-manifest.parquet"
 RETIRE_MODES = ("mark", "delete")
 
 
-def read_catalog(path: str | Path, defaults: RowDefaults) -> list[Utterance]:
+def read_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | None = None) -> list[Utterance]:
     """YAML (a list of prompts, or {defaults: {...}, prompts: [...]}) or CSV with a header row.
 
     Raises:
-        ValueError: missing file, unreadable YAML/CSV, or a document of the wrong shape.
+        ValueError: missing, binary, too large or empty file, unreadable YAML/CSV, or a document of the wrong shape.
     """
-    p = Path(path)
+    p, limits = Path(path), limits or InputLimits()
     if not p.is_file():
         raise ValueError(f"catalog: {p} does not exist")
     suffix = p.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".csv"):
+        raise ValueError(f"catalog: unsupported file type {p.suffix!r}; use .yaml, .yml or .csv")
+    text = read_text(p, limits)
     if suffix in (".yaml", ".yml"):
         import yaml
 
         try:
-            doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+            doc = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ValueError(f"catalog: {p} is not valid YAML ({e})") from e
         if isinstance(doc, dict):
@@ -60,19 +72,17 @@ def read_catalog(path: str | Path, defaults: RowDefaults) -> list[Utterance]:
             raw_rows = doc
         if not isinstance(raw_rows, list):
             raise ValueError(f"catalog: {p} must be a list of prompts or a mapping with a 'prompts' list")
-    elif suffix == ".csv":
+    else:
         try:
-            with p.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or "id" not in reader.fieldnames or "text" not in reader.fieldnames:
-                    raise ValueError(f"catalog: {p} needs a header row with at least 'id' and 'text'")
-                raw_rows = [{k: v for k, v in r.items() if k is not None and v not in (None, "")}
-                            for r in reader]
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            if not reader.fieldnames or "id" not in reader.fieldnames or "text" not in reader.fieldnames:
+                raise ValueError(f"catalog: {p} needs a header row with at least 'id' and 'text'")
+            raw_rows = [{k: v for k, v in r.items() if k is not None and v not in (None, "")} for r in reader]
         except csv.Error as e:
             raise ValueError(f"catalog: {p} is not valid CSV ({e})") from e
-    else:
-        raise ValueError(f"catalog: unsupported file type {p.suffix!r}; use .yaml, .yml or .csv")
-    return mark_duplicates(check_row(r, defaults, f"{p.name}:{i + 1}") for i, r in enumerate(raw_rows))
+    if not raw_rows:
+        raise ValueError(f"catalog: {p} lists no prompts")
+    return mark_duplicates(check_row(r, defaults, f"{p.name}:{i + 1}", limits) for i, r in enumerate(raw_rows))
 
 
 def previous_manifest(sink: Sink) -> list[ManifestRecord]:
@@ -126,29 +136,36 @@ def _delete(sink: Sink, key: str) -> None:
 
 
 def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: RunOptions, retire: str,
-             quiet: bool = True, layout: str = "none") -> tuple[int, dict[str, Any]]:
-    """One regeneration pass; returns (exit code, summary)."""
+             quiet: bool = True, limits: InputLimits | None = None, stop: threading.Event | None = None,
+             layout: str = "none") -> tuple[int, dict[str, Any]]:
+    """One regeneration pass; returns (exit code, summary). A pass stopped by SIGTERM writes nothing more (no
+    reconcile, no manifest): what it committed is found by the next pass."""
     t0 = time.perf_counter()
-    rows = check_models(read_catalog(catalog, defaults), render)
+    rows = read_catalog(catalog, defaults, limits)
     if layout != "none":  # ids that cannot be file names fail before any synthesis
         rows = layouts.check_rows(rows)
+    rows, render, opts, backend = prepare(rows, defaults, render, opts)
     sink = open_sink(opts.output, opts.retry)
     sink.preflight()
     previous = previous_manifest(sink)
-    current = run_rows(rows, render, opts, sink=sink, desc="catalog")
+    current = run_rows(rows, render, opts, sink=sink, desc="catalog", backend=backend, stop=stop)
+    if stop is not None and stop.is_set():
+        done = sum(r.status in ("ok", "suspect") for r in current)
+        return 0, {"stopped": True, "rendered_before_stop": done, "total": len(current), "output": sink.uri,
+                   "note": "outputs committed before the stop are kept; the next run reuses them",
+                   "wall_s": round(time.perf_counter() - t0, 2)}
     packages = layouts.write_packages(current, rows, sink) if layout != "none" else None
     records, counts = reconcile(current, previous, sink, retire)
     if layout != "none" and retire == "delete":
         layouts.remove_packages(records, sink)
-    sink.put(MANIFEST_KEY, to_parquet(records), "application/vnd.apache.parquet")
+    url, extra = write_manifest(records, opts, MANIFEST_KEY)
     summary = summarize(records)
-    summary.update(counts, output=sink.uri, manifest=sink.url(MANIFEST_KEY),
-                   wall_s=round(time.perf_counter() - t0, 2))
+    summary.update(counts, output=sink.uri, manifest=url, wall_s=round(time.perf_counter() - t0, 2), **extra)
     if packages is not None:
         summary["layout"] = {"name": layout, **packages}
     if not quiet:
         print_manifest(records)
-    return (1 if summary["failed"] else 0), summary
+    return (3 if extra else 1 if summary["failed"] else 0), summary
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -163,32 +180,37 @@ def parse_every(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run once, or every `--every` until SIGTERM (exit 0 after the current pass finishes or is abandoned)."""
+    stop = stop_on_sigterm()
     try:
         every = parse_every(args.every) if args.every else None
         if args.retire not in RETIRE_MODES:
             raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {args.retire!r}")
-        defaults, render, opts = build_options(args, "prompts")
+        defaults, render, opts, limits = build_options(args, "prompts")
         layout = layouts.check_layout(args.layout or load_config(args.config).get("layout"))
         render = replace(render, master=layouts.master_for(layout, render.master))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runs, code = 0, 0
-    while True:
+    while not stop.is_set():
         try:
             code, summary = run_once(args.catalog, defaults, render, opts, args.retire, quiet=args.quiet,
-                                     layout=layout)
+                                     limits=limits, stop=stop, layout=layout)
             print(json.dumps(summary), flush=True)
         except (ValueError, StorageError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr, flush=True)
             code = 2
             if every is None:
                 return code
         runs += 1
         if every is None or (args.max_runs and runs >= args.max_runs):
             return code
-        log.info("next catalog run in %.0f s", every)
-        time.sleep(every)
+        if not stop.is_set():
+            log.info("next catalog run in %.0f s", every)
+            stop.wait(every)
+    log.info("stopped by SIGTERM after %d run(s)", runs)
+    return 0
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

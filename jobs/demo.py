@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from .inputs import read_inputs
-from .narrate import build_options, check_models, finish
-from .runner import connect_ray, run_rows
-from .synth import SERVE_DEFAULT_MODEL, serve_app_running
+from .narrate import build_options, finish, prepare
+from .runner import connect_ray, run_rows, stop_on_sigterm
+from .serve_backend import serve_app_running
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,23 +59,23 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_serve:
         if serve_app_running(DEMO_APP):
             log.info("using the running Serve app %r", DEMO_APP)
-            model, backend = args.serve_model or SERVE_DEFAULT_MODEL, "serve"
+            model, backend = args.serve_model, "serve"  # None: the app's only model
         else:
             try:
                 model, backend, deployed = deploy_serve_app(model, args.max_new_tokens), "serve", True
             except ImportError as e:
                 log.warning("Serve app unavailable (%s); using engine actors", e)
-    argv = [str(args.input), "--model", model, "--out", f"file://{out_dir}", "--backend", backend,
-            "--voice", args.voice, "--max-new-tokens", str(args.max_new_tokens), "--num-cpus", "0.5",
-            "--batch-size", "1"]
+    argv = [str(args.input), *(["--model", model] if model else []), "--out", f"file://{out_dir}",
+            "--backend", backend, "--voice", args.voice, "--max-new-tokens", str(args.max_new_tokens),
+            "--num-cpus", "0.5", "--batch-size", "1"]
     if tiny:
         argv += ["--retry-on", "guard"]  # random weights rarely say EOS: the frame cap ends each chunk
     from .narrate import build_parser
 
     nargs = build_parser().parse_args(argv)
-    defaults, render, opts = build_options(nargs, "audio")
-    rows = check_models(read_inputs(nargs.input, defaults), render)
-    records = run_rows(rows, render, opts, desc="demo")
+    defaults, render, opts, limits = build_options(nargs, "audio")
+    rows, render, opts, backend = prepare(read_inputs(nargs.input, defaults, limits), defaults, render, opts)
+    records = run_rows(rows, render, opts, desc="demo", backend=backend, stop=stop_on_sigterm())
     code = finish(records, opts, "manifest.parquet", t0, quiet=False)
     if deployed and not args.keep_serve:
         from ray import serve

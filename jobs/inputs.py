@@ -1,7 +1,9 @@
 """Read narration inputs (text/Markdown file, folder of chapters, JSONL, Parquet) into `Utterance` rows.
 
 A malformed row never raises: it becomes an `Utterance` with `error` set, so the job records it in the
-manifest and carries on. Only a missing/unsupported input path raises (before any work starts).
+manifest and carries on (a row over `max_row_chars` too). An input that cannot be a narration input raises
+ValueError naming the file, before any work starts: missing, unsupported type, binary (not UTF-8 text), empty
+(no text, no rows) or larger than `max_input_bytes`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ class Utterance:
 
 
 @dataclass(frozen=True)
+class InputLimits:
+    """Bounds on what one job reads: a row's text, and each input file."""
+
+    max_row_chars: int = 200_000        # ~3-4 hours of speech; a longer row fails (naming the row)
+    max_input_bytes: int = 256 << 20    # per input file; a larger file fails the job up front
+
+    def __post_init__(self) -> None:
+        if self.max_row_chars < 1 or self.max_input_bytes < 1:
+            raise ValueError("max_row_chars and max_input_bytes must be >= 1")
+
+
+@dataclass(frozen=True)
 class RowDefaults:
     """Values used where a row (or a text file) does not say."""
 
@@ -80,19 +94,44 @@ def _natural_key(p: Path) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
 
 
-def _read_text_file(path: Path, defaults: RowDefaults) -> Utterance:
+def read_text(path: Path, limits: InputLimits) -> str:
+    """The whole file as text. Raises ValueError naming the file: unreadable, too large, or binary."""
     try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        return Utterance(id=path.stem, text="", error=f"cannot read {path}: {e}")
-    md = path.suffix.lower() in (".md", ".markdown")
-    text = markdown_to_text(raw) if md else raw
-    heading = re.search(r"^\s{0,3}#{1,6}\s*(.*?)\s*#*\s*$", raw, re.M) if md else None
-    row = check_row({"id": path.stem, "text": text}, defaults, where=str(path))
-    return replace(row, title=markdown_to_text(heading.group(1)).strip() or None) if heading else row
+        size = path.stat().st_size
+        if size > limits.max_input_bytes:
+            raise ValueError(f"input: {path} is {size} bytes; the limit is {limits.max_input_bytes} "
+                             "(--max-input-bytes)")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"input: cannot read {path} ({e})") from e
+    if b"\0" in data[:1 << 20]:
+        raise ValueError(f"input: {path} is a binary file, not UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"input: {path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                         "binary file or another encoding?") from None
 
 
-def check_row(raw: Any, defaults: RowDefaults, where: str) -> Utterance:
+def _chapter(path: Path, limits: InputLimits) -> tuple[str, str | None]:
+    """(text to narrate, title): a Markdown file's first heading is its title (for --book; not in the key)."""
+    raw = read_text(path, limits)
+    if path.suffix.lower() not in (".md", ".markdown"):
+        return raw, None
+    heading = re.search(r"^\s{0,3}#{1,6}\s*(.*?)\s*#*\s*$", raw, re.M)
+    return markdown_to_text(raw), (markdown_to_text(heading.group(1)).strip() or None) if heading else None
+
+
+def _chapter_rows(files: list[Path], defaults: RowDefaults, limits: InputLimits, where: Path) -> list[Utterance]:
+    chapters = [_chapter(f, limits) for f in files]
+    if all(not t.strip() for t, _ in chapters):
+        raise ValueError(f"input: {where} is empty (no text to narrate)" if where.is_file() else
+                         f"input: every chapter file in {where} is empty")
+    return [check_row({"id": f.stem, "text": t, "title": title}, defaults, where=str(f), limits=limits)
+            for f, (t, title) in zip(files, chapters)]
+
+
+def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits = InputLimits()) -> Utterance:
     """Validate one raw row (dict) into an `Utterance`; problems end up in `error`, never raised."""
     if not isinstance(raw, dict):
         return Utterance(id=where, text="", error=f"{where}: row must be an object, got {type(raw).__name__}")
@@ -108,6 +147,9 @@ def check_row(raw: Any, defaults: RowDefaults, where: str) -> Utterance:
     text = raw.get("text")
     if not isinstance(text, str) or not text.strip():
         return replace(base, error=f"{where}: field 'text' must be a non-empty string")
+    if len(text) > limits.max_row_chars:
+        return replace(base, error=f"{where}: row {ident!r} has {len(text)} characters of text; the limit is "
+                                   f"{limits.max_row_chars} (--max-row-chars; split it into several rows)")
     voice = raw.get("voice", raw.get("speaker"))
     fields: dict[str, Any] = {}
     for name in ("language", "instruct", "model"):
@@ -141,32 +183,35 @@ def check_row(raw: Any, defaults: RowDefaults, where: str) -> Utterance:
                      sample_rate=sr, title=title.strip() or None if isinstance(title, str) else None)
 
 
-def _read_jsonl(path: Path, defaults: RowDefaults) -> list[Utterance]:
+def _read_jsonl(path: Path, defaults: RowDefaults, limits: InputLimits) -> list[Utterance]:
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name}:{n}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                out.append(Utterance(id=where, text="", error=f"{where}: malformed JSON ({e.msg})"))
-                continue
-            out.append(check_row(raw, defaults, where))
+    for n, line in enumerate(read_text(path, limits).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{n}"
+        try:
+            raw = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            out.append(Utterance(id=where, text="", error=f"{where}: malformed JSON ({msg})"))
+            continue
+        out.append(check_row(raw, defaults, where, limits))
     return out
 
 
-def _read_parquet(path: Path, defaults: RowDefaults) -> list[Utterance]:
+def _read_parquet(path: Path, defaults: RowDefaults, limits: InputLimits) -> list[Utterance]:
     import pyarrow.parquet as pq
 
+    if path.stat().st_size > limits.max_input_bytes:
+        raise ValueError(f"input: {path} is {path.stat().st_size} bytes; the limit is {limits.max_input_bytes} "
+                         "(--max-input-bytes)")
     try:
         table = pq.read_table(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise ValueError(f"input: {path} is not a readable Parquet file ({e})") from e
     if "text" not in table.column_names or "id" not in table.column_names:
         raise ValueError(f"input: {path} needs columns 'id' and 'text', has {table.column_names}")
-    return [check_row(r, defaults, f"{path.name}:{i + 1}") for i, r in enumerate(table.to_pylist())]
+    return [check_row(r, defaults, f"{path.name}:{i + 1}", limits) for i, r in enumerate(table.to_pylist())]
 
 
 def fetch_s3_input(uri: str, dest: Path) -> Path:
@@ -194,7 +239,8 @@ def fetch_s3_input(uri: str, dest: Path) -> Path:
         raise ValueError(f"input: cannot read {uri} ({type(e).__name__}: {e})") from e
 
 
-def read_inputs(path: str | Path, defaults: RowDefaults = RowDefaults()) -> list[Utterance]:
+def read_inputs(path: str | Path, defaults: RowDefaults = RowDefaults(),
+                limits: InputLimits = InputLimits()) -> list[Utterance]:
     """Read a narration input into rows (one per output object).
 
     Args:
@@ -205,13 +251,13 @@ def read_inputs(path: str | Path, defaults: RowDefaults = RowDefaults()) -> list
         An `s3://bucket/key` (or `s3://bucket/prefix/` for a folder) is downloaded first.
 
     Raises:
-        ValueError: the path does not exist, is empty, or has an unsupported type.
+        ValueError: the path does not exist, has an unsupported type, is binary, too large or empty.
     """
     if str(path).startswith("s3://"):
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="qtts-input-") as tmp:
-            return read_inputs(fetch_s3_input(str(path), Path(tmp)), defaults)
+            return read_inputs(fetch_s3_input(str(path), Path(tmp)), defaults, limits)
     p = Path(path)
     if not p.exists():
         raise ValueError(f"input: {p} does not exist")
@@ -219,16 +265,18 @@ def read_inputs(path: str | Path, defaults: RowDefaults = RowDefaults()) -> list
         files = sorted((f for f in p.iterdir() if f.suffix.lower() in TEXT_SUFFIXES), key=_natural_key)
         if not files:
             raise ValueError(f"input: folder {p} has no chapter files ({', '.join(TEXT_SUFFIXES)})")
-        rows = [_read_text_file(f, defaults) for f in files]
+        rows = _chapter_rows(files, defaults, limits, p)
     elif p.suffix.lower() in TEXT_SUFFIXES:
-        rows = [_read_text_file(p, defaults)]
+        rows = _chapter_rows([p], defaults, limits, p)
     elif p.suffix.lower() == ".jsonl":
-        rows = _read_jsonl(p, defaults)
+        rows = _read_jsonl(p, defaults, limits)
     elif p.suffix.lower() == ".parquet":
-        rows = _read_parquet(p, defaults)
+        rows = _read_parquet(p, defaults, limits)
     else:
         raise ValueError(f"input: unsupported file type {p.suffix!r}; use one of "
                          f"{list(TEXT_SUFFIXES + ROW_SUFFIXES)} or a folder")
+    if not rows:
+        raise ValueError(f"input: {p} has no rows")
     return mark_duplicates(rows)
 
 

@@ -15,7 +15,9 @@ class ManifestRecord:
 
     status: "ok" (written, checks passed), "suspect" (written, quality flags set), "failed" (no output;
     see `error`), "retired" (catalog only: the prompt left the catalog). `reused` is True when an existing
-    valid output was kept instead of synthesizing again. `params` is canonical JSON of everything in the key.
+    valid output was kept instead of synthesizing again. `params` is canonical JSON of everything in the key;
+    `revision` is the checkpoint's content digest; `retries` says what was retried on the way (a call sent again
+    after its replica was lost, the row re-run after its worker was lost).
     """
 
     id: str
@@ -55,6 +57,7 @@ class ManifestRecord:
     lexicon: list[str] = field(default_factory=list)   # lexicon entries that fired
     captions: list[str] = field(default_factory=list)  # keys of the .srt and .vtt
     layout: list[str] = field(default_factory=list)    # catalog --layout package files
+    retries: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +83,7 @@ def _schema():
         ("noise_floor_db", pa.float64()), ("lufs", pa.float64()), ("true_peak_dbtp", pa.float64()),
         ("speech_level_dbm0", pa.float64()), ("head_s", pa.float64()), ("tail_s", pa.float64()),
         ("speed", pa.float64()), ("lexicon", pa.list_(pa.string())), ("captions", pa.list_(pa.string())),
-        ("layout", pa.list_(pa.string())),
+        ("layout", pa.list_(pa.string())), ("retries", pa.list_(pa.string())),
     ])
 
 
@@ -111,4 +114,11 @@ def summarize(records: list[ManifestRecord]) -> dict[str, Any]:
     out["synthesized"] = sum(1 for r in records if r.status in ("ok", "suspect") and not r.reused)
     out["audio_seconds"] = round(sum(r.duration_s for r in records if r.status in ("ok", "suspect")), 3)
     out["failed_ids"] = sorted(r.id for r in records if r.status == "failed")[:50]
+    retried = [r for r in records if r.retries]
+    if retried:
+        reasons: dict[str, int] = {}
+        for r in retried:
+            for why in r.retries:
+                reasons[why] = reasons.get(why, 0) + 1
+        out["retried"] = {"rows": len(retried), "reasons": reasons, "ids": sorted(r.id for r in retried)[:50]}
     return out

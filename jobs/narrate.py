@@ -3,7 +3,9 @@
 INPUT is a .txt/.md file (one chapter), a folder of chapter files, or JSONL/Parquet rows (id, text,
 voice|speaker, language, instruct, model, seed, format, sample_rate). Writes one audio object per row
 under a content-derived key, a JSON sidecar per object, and `manifest.parquet`; prints a JSON summary
-last. Exit code: 0 all good, 1 some rows failed (see the manifest), 2 bad arguments / unusable output.
+last. Exit code: 0 all good, 1 some rows failed or were not rendered (see the manifest), 2 nothing done: bad
+arguments, an unusable input, output, model or voice (checked before any work starts), 3 the rows were rendered
+but the manifest could not be written (it is kept locally; the message says where).
 """
 
 from __future__ import annotations
@@ -11,20 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import deliver
-from .inputs import FORMATS, RowDefaults, Utterance, read_inputs
+from .inputs import FORMATS, InputLimits, RowDefaults, Utterance, read_inputs
 from .lexicon import Lexicon
 from .lexicon import load as load_lexicon
 from .manifest import ManifestRecord, summarize, to_parquet
 from .mastering import PRESET_CODECS, PRESETS, MasterConfig
-from .render import RenderConfig, model_revision
-from .runner import BACKENDS, RUNNERS, RunOptions, run_rows
+from .models import check_voices, resolve_models, voice_file_digests
+from .render import RenderConfig
+from .runner import BACKENDS, RUNNERS, RunOptions, resolve_backend, run_rows, stop_on_sigterm
 from .storage import RetryPolicy, StorageError, open_sink
 from .synth import EngineOptions
 
@@ -53,8 +58,10 @@ def load_config(path: str | None) -> dict[str, Any]:
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Options shared by `narrate` and `catalog`."""
     p.add_argument("--config", help="YAML file with defaults for these options (e.g. configs/jobs/*.yaml)")
-    p.add_argument("--model", help="checkpoint folder or hub id (default: each row's `model`)")
-    p.add_argument("--revision", help="model revision label recorded in keys (default: digest of local files)")
+    p.add_argument("--model", help="engine backend: checkpoint folder or hub id; Serve backend: the served model "
+                   "name (no '/'; default: the app's only model). Rows may name their own `model`.")
+    p.add_argument("--revision", help="engine backend: the hub revision (branch, tag or commit) to load; keys use "
+                   "the digest of what it resolves to. Serve backend: a label for a service that reports no digest")
     p.add_argument("--out", dest="output", help="file://DIR (default file://./output) or s3://bucket/prefix")
     p.add_argument("--voice", help="default voice/speaker for rows without one")
     p.add_argument("--language", help="default language (default auto)")
@@ -72,12 +79,20 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpus", type=float, help="GPUs per actor (default 0)")
     p.add_argument("--batch-size", type=int, help="rows per map_batches batch (default 4)")
     p.add_argument("--serve-app", help="Serve app name (default qtts)")
+    p.add_argument("--max-inflight-per-replica", type=int, help="Serve backend: calls in flight per replica, all "
+                   "workers together (default 4); replicas answering Busy are waited out")
+    p.add_argument("--voices-uri", help="engine backend, Base models: the voice store (folder or s3://) holding "
+                   "the voice ids rows name (a voice may also be a voice-prompt file)")
+    p.add_argument("--max-row-chars", type=int, help="longest row text in characters (default 200000); a longer "
+                   "row fails, naming it")
+    p.add_argument("--max-input-bytes", type=int, help="largest input file in bytes (default 256 MiB)")
     p.add_argument("--ray-address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
     p.add_argument("--device", help="engine device (default cpu)")
     p.add_argument("--dtype", help="engine dtype (default float32)")
     p.add_argument("--max-sessions", type=int, help="engine batch size (default 8)")
     p.add_argument("--retry-on", help="finish reasons that count as a runaway and are retried with another "
-                   "seed: guard,max_new_tokens (default both; 'guard' alone accepts hitting max_new_tokens)")
+                   "seed: guard,max_new_tokens (default both, or guard alone when --max-new-tokens is given: "
+                   "then hitting that cap ends a chunk)")
     p.add_argument("--guard-frames-per-token", type=float, help="engine runaway guard (default 8.0; 0: off)")
     p.add_argument("--guard-base-frames", type=int, help="engine runaway guard base frames (default 64)")
     p.add_argument("--master", choices=PRESETS, help="mastering preset: acx (MP3 for audiobook stores), podcast "
@@ -89,7 +104,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lexicon", help="pronunciation lexicon (.yaml or .csv: word -> respelling; see jobs/lexicon.py)")
     p.add_argument("--captions", action="store_true", default=None,
                    help="synthesize a sentence per chunk and write .srt and .vtt captions next to each file")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (no progress log lines either)")
+    p.add_argument("--verbose", action="store_true", default=None,
+                   help="also show Ray Data's own progress bars and log lines")
     p.add_argument("--quiet", action="store_true", help="do not print the manifest table")
     for name in SAMPLING_ARGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=float if "_p" in name or "temp" in name
@@ -97,8 +115,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_options(args: argparse.Namespace, key_prefix: str
-                  ) -> tuple[RowDefaults, RenderConfig, RunOptions]:
-    """CLI args over YAML config over built-in defaults -> the three option objects."""
+                  ) -> tuple[RowDefaults, RenderConfig, RunOptions, InputLimits]:
+    """CLI args over YAML config over built-in defaults -> the option objects (models are resolved later)."""
     from .catalog import build_parser as catalog_parser
 
     conf = load_config(args.config)  # either command's options may sit in a config
@@ -118,11 +136,12 @@ def build_options(args: argparse.Namespace, key_prefix: str
                            instruct=get("instruct", None), model=model, seed=int(get("seed", 0)),
                            format=get("format", "wav"), sample_rate=int(get("sample_rate", 24000)))
     sampling = {k: get(k, None) for k in SAMPLING_ARGS if get(k, None) is not None}
-    render = RenderConfig(model=model or "", revision=model_revision(model, get("revision", None))
-                          if model else str(get("revision", None) or "unknown"),
+    render = RenderConfig(model=model or "", revision=str(get("revision", None) or "unknown"),
                           max_chars=int(get("max_chars", 200)), pause_s=float(get("pause_s", 0.4)),
                           max_attempts=int(get("max_attempts", 3)), sampling=sampling, key_prefix=key_prefix,
-                          retry_on=_retry_on(get("retry_on", "guard,max_new_tokens")),
+                          # a frame cap the user chose is an ending, not a runaway
+                          retry_on=_retry_on(get("retry_on", "guard" if "max_new_tokens" in sampling
+                                                 else "guard,max_new_tokens")),
                           master=MasterConfig(get("master", "none"), get("codec", None), get("tail_silence", None)),
                           speed=get("speed", 1.0), captions=bool(get("captions", False)),
                           lexicon=load_lexicon(get("lexicon", None)) if get("lexicon", None) else Lexicon())
@@ -131,13 +150,18 @@ def build_options(args: argparse.Namespace, key_prefix: str
                       runner=get("runner", "ray"), actors=int(get("actors", 1)),
                       num_cpus=float(get("num_cpus", 0.5)), num_gpus=float(get("num_gpus", 0.0)),
                       batch_size=int(get("batch_size", 4)), serve_app=get("serve_app", "qtts"),
+                      max_inflight_per_replica=int(get("max_inflight_per_replica", 4)),
                       ray_address=get("ray_address", None), progress=bool(get("progress", True)),
+                      verbose=bool(get("verbose", False)),
                       engine=EngineOptions(device=get("device", "cpu"), dtype=get("dtype", "float32"),
                                            max_sessions=int(get("max_sessions", 8)),
                                            guard_frames_per_token=gfpt or None,
-                                           guard_base_frames=int(get("guard_base_frames", 64))),
+                                           guard_base_frames=int(get("guard_base_frames", 64)),
+                                           voices_uri=get("voices_uri", None)),
                       retry=RetryPolicy())
-    return defaults, render, opts
+    limits = InputLimits(max_row_chars=int(get("max_row_chars", InputLimits.max_row_chars)),
+                         max_input_bytes=int(get("max_input_bytes", InputLimits.max_input_bytes)))
+    return defaults, render, opts, limits
 
 
 def _retry_on(value: str | list[str]) -> tuple[str, ...]:
@@ -145,10 +169,26 @@ def _retry_on(value: str | list[str]) -> tuple[str, ...]:
     return tuple(i.strip() for i in items if i.strip() and i.strip() != "none")
 
 
-def check_models(rows: list[Utterance], render: RenderConfig) -> list[Utterance]:
-    """Rows need a model (theirs or --model)."""
-    return [replace(r, error="model: no model for this row; pass --model or set the row's `model`")
-            if r.error is None and not (r.model or render.model) else r for r in rows]
+def prepare(rows: list[Utterance], defaults: RowDefaults, render: RenderConfig, opts: RunOptions,
+            ) -> tuple[list[Utterance], RenderConfig, RunOptions, str]:
+    """Everything checked before any work: the backend, every model (resolved once), the voices.
+
+    Returns (rows with row-level errors marked, render config holding the model specs, run options, backend).
+    Raises ValueError (exit 2) for what would fail every row: no model, an unusable --model, a missing or
+    invalid default voice.
+    """
+    backend = resolve_backend(opts)
+    revision = render.revision if render.revision != "unknown" else None
+    rows, specs, default_model = resolve_models(rows, defaults.model, backend, engine=opts.engine,
+                                                app=opts.serve_app, revision=revision)
+    rows = check_voices(rows, specs, default_model, defaults.voice, defaults.instruct)
+    render = replace(render, model=default_model or "", models={k: v.to_dict() for k, v in specs.items()},
+                     voice_files=voice_file_digests(rows, specs, default_model))
+    if backend == "serve" and opts.num_gpus:
+        log.warning("--num-gpus ignored with the Serve backend: the replicas hold the GPUs, job workers only "
+                    "call them")
+        opts = replace(opts, num_gpus=0.0)
+    return rows, render, opts, backend
 
 
 def print_manifest(records: list[ManifestRecord], out: Any = sys.stdout) -> None:
@@ -160,33 +200,75 @@ def print_manifest(records: list[ManifestRecord], out: Any = sys.stdout) -> None
         print(f"{r.id[:24]:<24} {r.status:<8} {r.duration_s:>7.2f} {r.attempts:>5}  {detail}{flags}", file=out)
 
 
-def finish(records: list[ManifestRecord], opts: RunOptions, manifest_key: str, t0: float,
-           quiet: bool, extra: dict[str, Any] | None = None) -> int:
-    """Write the manifest, print the table and the JSON summary (last line); returns the exit code."""
+MANIFEST_RETRY = RetryPolicy(attempts=4, base_delay=1.0, max_delay=8.0)
+
+
+def _keep_locally(name: str, data: bytes) -> Path:
+    """Write a manifest that could not reach the output to the working directory (or the temp dir)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        path = folder / f"{Path(name).stem}-{stamp}-{os.getpid()}.parquet"
+        try:
+            path.write_bytes(data)
+            return path
+        except OSError:
+            continue
+    raise StorageError("cannot write the manifest anywhere locally either")
+
+
+def write_manifest(records: list[ManifestRecord], opts: RunOptions, manifest_key: str,
+                   ) -> tuple[str | None, dict[str, str]]:
+    """Write the manifest (retried, whatever the error); on final failure keep it locally.
+    Returns (its URL or None, extra summary fields)."""
     sink = open_sink(opts.output, opts.retry)
-    sink.put(manifest_key, to_parquet(records), "application/vnd.apache.parquet")
+    data = to_parquet(records)
+    last: Exception | None = None
+    for attempt in range(MANIFEST_RETRY.attempts):
+        try:
+            sink.put(manifest_key, data, "application/vnd.apache.parquet")
+            return sink.url(manifest_key), {}
+        except (StorageError, OSError) as e:
+            last = e
+            if attempt + 1 < MANIFEST_RETRY.attempts:
+                delay = min(MANIFEST_RETRY.max_delay, MANIFEST_RETRY.base_delay * 2**attempt)
+                log.warning("manifest write failed (%s); retry %d/%d in %.0f s", e, attempt + 1,
+                            MANIFEST_RETRY.attempts - 1, delay)
+                time.sleep(delay)
+    local = _keep_locally(manifest_key, data)
+    print(f"error: could not write the manifest to {sink.url(manifest_key)} after {MANIFEST_RETRY.attempts} "
+          f"attempts ({last}); kept it locally at {local} - copy it there when the storage is back",
+          file=sys.stderr, flush=True)
+    return None, {"manifest_error": str(last)[:500], "manifest_local": str(local)}
+
+
+def finish(records: list[ManifestRecord], opts: RunOptions, manifest_key: str, t0: float,
+           quiet: bool, more: dict[str, Any] | None = None) -> int:
+    """Write the manifest, print the table and the JSON summary (last line); returns the exit code."""
+    url, extra = write_manifest(records, opts, manifest_key)
     summary = summarize(records)
-    summary.update(extra or {})
-    summary.update(output=sink.uri, manifest=sink.url(manifest_key), wall_s=round(time.perf_counter() - t0, 2))
+    summary.update(output=open_sink(opts.output, opts.retry).uri, manifest=url,
+                   wall_s=round(time.perf_counter() - t0, 2), **extra, **(more or {}))
     if not quiet:
         print_manifest(records)
-    print(json.dumps(summary))
-    return 1 if summary["failed"] else 0
+    print(json.dumps(summary), flush=True)
+    return 3 if extra else 1 if summary["failed"] else 0
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    stop = stop_on_sigterm()
     try:
-        defaults, render, opts = build_options(args, "audio")
-        rows = check_models(read_inputs(args.input, defaults), render)
+        defaults, render, opts, limits = build_options(args, "audio")
+        rows = read_inputs(args.input, defaults, limits)
         book = book_options(args)
-        records = run_rows(rows, render, opts, desc="narrate")
+        rows, render, opts, backend = prepare(rows, defaults, render, opts)
+        records = run_rows(rows, render, opts, desc="narrate", backend=backend, stop=stop)
         deliver.level_consistency(records, render)  # ACX: chapters within 1 dB of each other
-        extra = {"book": make_book(records, rows, render, opts, book)} if book else {}
+        more = {"book": make_book(records, rows, render, opts, book)} if book else {}
     except (ValueError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return finish(records, opts, "manifest.parquet", t0, args.quiet, extra)
+    return finish(records, opts, "manifest.parquet", t0, args.quiet, more)
 
 
 def book_options(args: argparse.Namespace) -> Any:

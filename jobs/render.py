@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from . import deliver
@@ -31,7 +31,12 @@ SEED_STRIDE = 1_000_003
 
 @dataclass(frozen=True)
 class RenderConfig:
-    """Everything that shapes an output (and therefore its key), plus retry policy."""
+    """Everything that shapes an output (and therefore its key), plus retry policy.
+
+    `models` maps each model name rows use to its resolved spec (jobs.models.ModelSpec.to_dict(): checkpoint digest
+    and the audio settings outside the request); `voice_files` maps voice-prompt file paths to their content hash.
+    `revision` labels models without a spec (test backends).
+    """
 
     model: str
     revision: str = "unknown"
@@ -46,6 +51,8 @@ class RenderConfig:
     speed: float = 1.0                        # pitch-preserving time stretch, 0.25-4.0
     lexicon: Lexicon = Lexicon()              # respellings applied before synthesis
     captions: bool = False                    # one sentence per chunk, .srt + .vtt per output
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    voice_files: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.master, dict):  # asdict() round trip to the Ray workers
@@ -64,30 +71,29 @@ class RenderConfig:
         if self.pause_s < 0:
             raise ValueError(f"pause must be >= 0 seconds, got {self.pause_s!r}")
 
-
-def model_revision(model: str, revision: str | None = None) -> str:
-    """A label for the exact weights: the given revision, or a digest of a local checkpoint's files."""
-    if revision:
-        return revision
-    p = Path(model)
-    if not p.is_dir():
-        return "main"
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(p.rglob("*")):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt"):
-            h.update(f.relative_to(p).as_posix().encode())
-            h.update(f.read_bytes() if f.suffix != ".safetensors" else str(f.stat().st_size).encode())
-    return f"local-{h.hexdigest()[:12]}"
+    def revision_of(self, model: str) -> str:
+        spec = self.models.get(model)
+        return str(spec["digest"]) if spec else self.revision
 
 
 def key_fields(row: Utterance, cfg: RenderConfig) -> dict[str, Any]:
-    return {"text": normalize_text(row.text), "voice": row.voice, "language": row.language,
-            "instruct": row.instruct, "model": row.model or cfg.model, "revision": cfg.revision,
-            "seed": row.seed, "format": row.format, "sample_rate": row.sample_rate,
-            "max_chars": cfg.max_chars, "pause_s": cfg.pause_s, "sampling": dict(sorted(cfg.sampling.items())),
-            **deliver.key_extra(row.text, cfg)}
+    """Every input of the audio: the text, the row's voice/language/instruct/seed, the resolved checkpoint (its
+    digest, not its name) with the settings that change its output, chunking, sampling and the runaway policy."""
+    model = row.model or cfg.model
+    spec = cfg.models.get(model)
+    fields = {"text": normalize_text(row.text), "voice": row.voice, "language": (row.language or "auto").lower(),
+              "instruct": row.instruct, "checkpoint": cfg.revision_of(model), "seed": row.seed,
+              "format": row.format, "sample_rate": row.sample_rate, "max_chars": cfg.max_chars,
+              "pause_s": cfg.pause_s, "sampling": dict(sorted(cfg.sampling.items())),
+              "retry_on": sorted(cfg.retry_on)}
+    if spec is None:  # nothing resolved (test backends): the name is all we know
+        fields["model"] = model
+    else:
+        fields["audio"] = dict(sorted(spec.get("audio", {}).items()))
+    if row.voice in cfg.voice_files:
+        fields["voice_file"] = cfg.voice_files[row.voice]
+    fields.update(deliver.key_extra(row.text, cfg))  # mastering, speed, lexicon, captions (empty by default)
+    return fields
 
 
 def plan_key(row: Utterance, cfg: RenderConfig) -> tuple[str, str]:
@@ -103,8 +109,9 @@ def sidecar_key(key: str) -> str:
 
 
 def base_record(row: Utterance, cfg: RenderConfig) -> ManifestRecord:
-    rec = ManifestRecord(id=row.id, key=None, status="failed", error=row.error, model=row.model or cfg.model,
-                         revision=cfg.revision, voice=row.voice, language=row.language, instruct=row.instruct,
+    model = row.model or cfg.model
+    rec = ManifestRecord(id=row.id, key=None, status="failed", error=row.error, model=model,
+                         revision=cfg.revision_of(model), voice=row.voice, language=row.language, instruct=row.instruct,
                          seed=row.seed, format=row.format, text_hash=text_hash(normalize_text(row.text)))
     if row.error is None:
         rec.key, rec.params = plan_key(row, cfg)
@@ -161,6 +168,7 @@ def _synthesize_all(rows: list[Utterance], chunks: list[list[str]], backend: Bac
 
 def _finish_row(row: Utterance, rec: ManifestRecord, res: list[ChunkResult | None], sink: Sink,
                 cfg: RenderConfig, texts: list[str] | None = None) -> ManifestRecord:
+    rec.retries = sorted({r for x in res if x is not None for r in x.retries})
     errors = [x.error for x in res if x is None or x.error is not None]
     if errors:
         rec.error = str(errors[0] or "chunk missing")
@@ -192,8 +200,10 @@ def _finish_row(row: Utterance, rec: ManifestRecord, res: list[ChunkResult | Non
 
 
 def render_rows(rows: list[Utterance], backend: Backend, sink: Sink, cfg: RenderConfig,
-                skip_existing: bool = True) -> list[ManifestRecord]:
-    """Render a batch of rows; never raises for a row's failure (it is in the returned record)."""
+                skip_existing: bool = True, on_row: Callable[[ManifestRecord], None] | None = None,
+                ) -> list[ManifestRecord]:
+    """Render a batch of rows; never raises for a row's failure (it is in the returned record). `on_row` sees each
+    record as soon as its row is finished (progress)."""
     records = [base_record(r, cfg) for r in rows]
     todo: list[int] = []
     for i, row in enumerate(rows):
@@ -221,5 +231,12 @@ def render_rows(rows: list[Utterance], backend: Backend, sink: Sink, cfg: Render
         i = todo[k]
         records[i].attempts = n
         records[i] = _finish_row(rows[i], records[i], res, sink, cfg, plans[k].display)
+        if on_row is not None:
+            on_row(records[i])
+    if on_row is not None:
+        rendered = {todo[k] for k in live}
+        for i, rec in enumerate(records):
+            if i not in rendered:
+                on_row(rec)
     return records
 

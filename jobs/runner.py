@@ -7,13 +7,14 @@ manifest records as they stream back (tqdm bar in a terminal), and never lets on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-import sys
+import signal
+import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,9 +23,11 @@ import numpy as np
 
 from .inputs import Utterance
 from .manifest import ManifestRecord
+from .progress import Bar, Console, Tracker, quiet_ray_data
 from .render import RenderConfig, base_record, existing_output, render_rows
+from .serve_backend import serve_app_running
 from .storage import RetryPolicy, Sink, StorageError, open_sink
-from .synth import EngineOptions, make_backend, serve_app_running
+from .synth import Backend, EngineOptions, make_backend
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "engine", "serve")
@@ -46,8 +49,10 @@ class RunOptions:
     num_gpus: float = 0.0
     batch_size: int = 4
     serve_app: str = "qtts"
+    max_inflight_per_replica: int = 4  # Serve backend: calls in flight per replica, all workers together
     ray_address: str | None = None
     progress: bool = True
+    verbose: bool = False          # Ray Data's own bars and log lines
     engine: EngineOptions = EngineOptions()
     retry: RetryPolicy = RetryPolicy()
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -58,29 +63,52 @@ class RunOptions:
             raise ValueError(f"runner must be one of {list(RUNNERS)}, got {self.runner!r}")
         if self.backend not in BACKENDS and ":" not in self.backend:
             raise ValueError(f"backend must be one of {list(BACKENDS)} or 'module:Class', got {self.backend!r}")
-        for name in ("actors", "batch_size"):
+        for name in ("actors", "batch_size", "max_inflight_per_replica"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
 
+    def backend_args(self, backend: str, cfg: RenderConfig) -> dict[str, Any]:
+        """make_backend's keyword arguments for `backend` (picklable: they travel to the workers)."""
+        revisions = {k: v["revision"] for k, v in cfg.models.items() if v.get("revision")}
+        return {"spec": backend, "engine": asdict(self.engine), "app_name": self.serve_app,
+                "revisions": revisions, "serve_opts": {"max_inflight_per_replica": self.max_inflight_per_replica,
+                                                       "workers": self.actors if self.runner == "ray" else 1}}
+
+
+def build_backend(args: dict[str, Any]) -> Backend:
+    return make_backend(args["spec"], EngineOptions(**args["engine"]), args["app_name"], args["revisions"],
+                        args["serve_opts"])
+
 
 class RenderWorker:
-    """Ray Data `map_batches` callable: builds its backend (loads the model) once, renders batches of rows."""
+    """Ray Data `map_batches` callable: builds its backend (loads the model) once, renders batches of rows and
+    reports each row to the job's tracker as it finishes."""
 
-    def __init__(self, backend: str, engine: dict[str, Any], output: str, retry: dict[str, Any],
-                 render: dict[str, Any], serve_app: str = "qtts", env: dict[str, str] | None = None) -> None:
+    def __init__(self, backend: dict[str, Any], output: str, retry: dict[str, Any], render: dict[str, Any],
+                 tracker: Any = None, env: dict[str, str] | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         # set here, not via a task runtime_env: that would re-download a `ray job` working_dir per worker
         os.environ.update(env or {})
+        import ray
+
         from .quality import QualityConfig
 
         render = dict(render, quality=QualityConfig(**render["quality"]))
         self.cfg = RenderConfig(**render)
         self.sink = open_sink(output, RetryPolicy(**retry))
-        self.backend = make_backend(backend, EngineOptions(**engine), serve_app)
+        self.backend = build_backend(backend)
+        self.tracker = tracker
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def _report(self, rec: ManifestRecord) -> None:
+        if self.tracker is not None:
+            self.tracker.finished.remote([(rec.id, rec.status, rec.duration_s)])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         rows = [Utterance(**json.loads(r)) for r in batch["row"]]
-        recs = render_rows(rows, self.backend, self.sink, self.cfg, skip_existing=False)
+        if self.tracker is not None:
+            self.tracker.started.remote([r.id for r in rows], self.node)
+        recs = render_rows(rows, self.backend, self.sink, self.cfg, skip_existing=False, on_row=self._report)
         return {"record": [json.dumps(r.to_dict()) for r in recs]}
 
 
@@ -141,52 +169,113 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
     if addr:
         try:
             ray.init(address=addr, logging_level=logging.WARNING, log_to_driver=False)
+            _restore_sigterm()
             return addr
         except (ConnectionError, RuntimeError) as e:
             if address:
                 raise ValueError(f"ray_address: no Ray cluster answers at {address} ({e})") from e
             log.warning("no Ray head at %s; starting a local one", addr)
             os.environ.pop("RAY_ADDRESS", None)
+    # an in-process cluster on loopback: no token file under ~/.ray (every later driver would turn token auth on)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False,
              object_store_memory=256 * 1024 * 1024)
+    _restore_sigterm()
     return "local"
 
 
 def resolve_backend(opts: RunOptions) -> str:
+    """auto: the Serve app's replicas when the app runs on the connected cluster (runner ray), else engine."""
     if opts.backend != "auto":
         return opts.backend
-    if opts.runner == "ray" and serve_app_running(opts.serve_app):
-        return "serve"
+    if opts.runner == "ray":
+        connect_ray(opts.ray_address)
+        if serve_app_running(opts.serve_app):
+            return "serve"
     return "engine"
 
 
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    if not enabled or total == 0:
-        return None
-    from tqdm import tqdm
+# --- stopping on SIGTERM ------------------------------------------------------------------------------------------
+_stop: threading.Event | None = None
+_interruptible = False  # True while the main thread only waits for Ray Data: then SIGTERM interrupts the wait
 
-    return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, disable=not sys.stderr.isatty() and
-                os.environ.get("QTTS_PROGRESS") != "1")
+
+class Stopped(BaseException):
+    """Raised in the main thread by SIGTERM while it waits on Ray Data (a BaseException: never caught as an error)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _stop is None:
+        raise SystemExit(128 + signum)
+    if _stop.is_set():  # a second signal: leave now
+        raise SystemExit(128 + signum)
+    log.warning("SIGTERM: finishing up; rows not done yet are left for the next run")
+    _stop.set()
+    if _interruptible:
+        raise Stopped()
+
+
+def stop_on_sigterm() -> threading.Event:
+    """SIGTERM sets the returned event instead of killing the process (main thread only; Ray's own handler, which
+    exits with a stack dump, is replaced again after every connect)."""
+    global _stop
+    _stop = _stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    return _stop
+
+
+def _restore_sigterm() -> None:
+    if _stop is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+# --- runners ------------------------------------------------------------------------------------------------------
+class _Collector:
+    """Records as they come back (exactly one per row: a second one for a row is dropped and counted)."""
+
+    def __init__(self, by_id: dict[str, int], bar: Bar) -> None:
+        self.by_id, self.bar = by_id, bar
+        self.records: dict[int, ManifestRecord] = {}
+        self.duplicates = 0
+        self.frozen = False
+        self._lock = threading.Lock()
+        self.audio_s = 0.0
+
+    def emit(self, rec: ManifestRecord) -> None:
+        with self._lock:
+            if self.frozen:
+                return
+            i = self.by_id[rec.id]
+            if i in self.records:
+                self.duplicates += 1
+                log.warning("a second record for row %r was dropped (exactly one output per row)", rec.id)
+                return
+            self.records[i] = rec
+            self.audio_s += rec.duration_s
+            n = len(self.records)
+        self.bar.set(max(n, self.bar.done), max(self.audio_s, self.bar.audio_s))
 
 
 def _run_local(rows: list[Utterance], backend: str, sink: Sink, cfg: RenderConfig, opts: RunOptions,
-               emit: Callable[[ManifestRecord], None]) -> None:
-    be = make_backend(backend, opts.engine, opts.serve_app)
+               out: _Collector, stop: threading.Event | None) -> None:
+    be = build_backend(opts.backend_args(backend, cfg))
     for i in range(0, len(rows), opts.batch_size):
-        for rec in render_rows(rows[i:i + opts.batch_size], be, sink, cfg, skip_existing=False):
-            emit(rec)
+        if stop is not None and stop.is_set():
+            return
+        render_rows(rows[i:i + opts.batch_size], be, sink, cfg, skip_existing=False, on_row=out.emit)
 
 
-def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOptions,
-             emit: Callable[[ManifestRecord], None]) -> None:
+def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOptions, out: _Collector,
+             stop: threading.Event | None) -> None:
+    import ray
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(opts.progress and sys.stderr.isatty())
-    ctx.verbose_stats_logs = False
+    quiet_ray_data(opts.verbose)
+    tracker = Tracker.start()
     items = [{"row": json.dumps(asdict(r))} for r in rows]
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / opts.batch_size)))
-    render = asdict(cfg)
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ} \
         if opts.forward_env and opts.output.startswith("s3://") else {}
     env.update(opts.extra_env)
@@ -194,18 +283,64 @@ def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOp
         RenderWorker, batch_size=opts.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=opts.actors),
         num_cpus=opts.num_cpus, num_gpus=opts.num_gpus or None,
-        fn_constructor_kwargs={"backend": backend, "engine": asdict(opts.engine), "output": opts.output,
-                               "retry": asdict(opts.retry), "render": render, "serve_app": opts.serve_app,
-                               "env": env},
+        fn_constructor_kwargs={"backend": opts.backend_args(backend, cfg), "output": opts.output,
+                               "retry": asdict(opts.retry), "render": asdict(cfg), "tracker": tracker, "env": env},
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for raw in batch["record"]:
-            emit(ManifestRecord.from_dict(json.loads(raw)))
+    polling = threading.Event()
+
+    def poll() -> None:  # the bar follows the tracker: rows as they finish, not blocks as Ray Data returns them
+        while not polling.wait(0.5):
+            with contextlib.suppress(Exception):
+                done, audio_s = ray.get(tracker.snapshot.remote(), timeout=5)
+                out.bar.set(max(done, len(out.records)), max(audio_s, out.audio_s))
+
+    global _interruptible
+    poller = threading.Thread(target=poll, name="qtts-progress", daemon=True)
+    poller.start()
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        if stop is None or not stop.is_set():
+            _interruptible = threading.current_thread() is threading.main_thread()
+            try:
+                for batch in batches:
+                    for raw in batch["record"]:
+                        out.emit(ManifestRecord.from_dict(json.loads(raw)))
+                    if stop is not None and stop.is_set():
+                        break
+            finally:
+                _interruptible = False
+    except Stopped:
+        log.warning("stopping: %d of %d rows finished; abandoning the rest", len(out.records), len(rows))
+    finally:
+        with out._lock:
+            out.frozen = True
+        close = getattr(batches, "close", None)
+        if close is not None:  # shuts Ray Data's executor down now, in this thread
+            with contextlib.suppress(Exception):
+                close()
+        polling.set()
+        poller.join(timeout=10)
+        with contextlib.suppress(Exception):
+            reruns = ray.get(tracker.restarts.remote(), timeout=10)
+            for rid, nodes in reruns.items():
+                rec = out.records.get(out.by_id.get(rid, -1))
+                if rec is not None:
+                    rec.retries = [*rec.retries, f"row re-run: its worker on node {nodes[0][:8]} was lost"]
+            if reruns:
+                log.warning("%d row(s) were run again after their worker was lost: %s", len(reruns),
+                            sorted(reruns)[:10])
+        with contextlib.suppress(Exception):
+            ray.kill(tracker)
 
 
 def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: Sink | None = None,
-             desc: str = "narrate") -> list[ManifestRecord]:
+             desc: str = "narrate", backend: str | None = None, stop: threading.Event | None = None,
+             ) -> list[ManifestRecord]:
     """Render every row that lacks a committed output; returns one record per input row (input order).
+
+    `backend`: the resolved backend (default: resolve `opts.backend`). `stop` (see stop_on_sigterm): when set, no
+    more rows are started and rows not finished are recorded as not rendered (their outputs, if any were
+    committed, are found by the next run).
 
     Raises:
         StorageError: the output is not writable (checked before any work starts).
@@ -238,39 +373,36 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
             todo.append(i)
     log.info("%d rows: %d to render, %d already done, %d invalid", len(rows), len(todo),
              sum(r.reused for r in records.values()), sum(r.status == "failed" for r in records.values()))
-    by_id = {rows[i].id: i for i in todo}
-    bar = _progress(len(todo), opts.progress, desc)
-
-    every = max(1, len(todo) // 20)
-    done = [0]
-
-    def emit(rec: ManifestRecord) -> None:
-        records[by_id[rec.id]] = rec
-        done[0] += 1
-        if bar is not None:
-            bar.update(1)
-        elif opts.progress and (done[0] % every == 0 or done[0] == len(todo)):
-            log.info("progress: %d/%d rows (%s: %s)", done[0], len(todo), rec.id, rec.status)
-
     if todo:
-        backend = resolve_backend(opts)
+        backend = backend or resolve_backend(opts)
         log.info("rendering %d rows with backend=%s runner=%s", len(todo), backend, opts.runner)
         t0 = time.perf_counter()
         pending = [rows[i] for i in todo]
-        try:
-            if opts.runner == "local":
-                _run_local(pending, backend, sink, cfg, opts, emit)
-            else:
-                connect_ray(opts.ray_address)
-                _run_ray(pending, backend, cfg, opts, emit)
-        except Exception as e:  # noqa: BLE001 - record what is missing, keep what finished
-            log.exception("run aborted")
-            for i in todo:
-                if i not in records:
-                    rec = base_record(rows[i], cfg)
-                    rec.error = f"job aborted: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                    records[i] = rec
-        log.info("rendered %d rows in %.1fs", len(todo), time.perf_counter() - t0)
-    if bar is not None:
-        bar.close()
+        with Console(opts.verbose) as console:
+            out = _Collector({rows[i].id: i for i in todo}, console.bar(len(todo), desc, opts.progress))
+            try:
+                if opts.runner == "local":
+                    _run_local(pending, backend, sink, cfg, opts, out, stop)
+                else:
+                    connect_ray(opts.ray_address)
+                    _run_ray(pending, backend, cfg, opts, out, stop)
+            except Exception as e:  # noqa: BLE001 - record what is missing, keep what finished
+                log.exception("run aborted")
+                with out._lock:
+                    out.frozen = True
+                for i in todo:
+                    if i not in out.records:
+                        rec = base_record(rows[i], cfg)
+                        rec.error = f"job aborted: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                        out.records[i] = rec
+        with out._lock:
+            out.frozen = True
+            records.update(out.records)
+        stopped = [i for i in todo if i not in records]
+        for i in stopped:
+            rec = base_record(rows[i], cfg)
+            rec.error = "not rendered: the job was stopped before this row finished (the next run renders it)"
+            records[i] = rec
+        log.info("rendered %d rows in %.1fs%s", len(todo) - len(stopped), time.perf_counter() - t0,
+                 f" ({len(stopped)} abandoned)" if stopped else "")
     return [records[i] for i in range(len(rows))]

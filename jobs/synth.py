@@ -1,7 +1,9 @@
-"""Synthesis backends for jobs: the engine in this process, or the running Serve app's replicas.
+"""Synthesis backends for jobs: the engine in this process, or the Serve app's model deployments (serve_backend.py).
 
-Both take a list of `ChunkJob`s and return one `ChunkResult` per job, never raising for a single bad
-job (an unknown voice becomes that job's `error`), so one bad row cannot sink a batch.
+Both take a list of `ChunkJob`s and return one `ChunkResult` per job, never raising for a single bad job (an unknown
+voice becomes that job's `error`), so one bad row cannot sink a batch. Both turn a job's fields into a request with
+the core's `request_from_fields`, so `voice` means the same everywhere: a CustomVoice speaker, a stored voice for
+Base models (the engine backend also takes a voice-prompt file path), nothing for VoiceDesign (use `instruct`).
 """
 
 from __future__ import annotations
@@ -9,18 +11,19 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 SAMPLE_RATE = 24000
-SERVE_DEFAULT_MODEL = "serve:default"  # with the Serve backend: the app's first model
 
 
 @dataclass(frozen=True)
 class ChunkJob:
-    """One chunk of one row to synthesize (non-streaming, bulk priority)."""
+    """One chunk of one row to synthesize (non-streaming, bulk priority). `model`: a checkpoint folder or hub id
+    (engine backend) or a served model name (Serve backend)."""
 
     text: str
     voice: str | None
@@ -33,12 +36,14 @@ class ChunkJob:
 
 @dataclass
 class ChunkResult:
-    """pcm: mono float32 [N] at `sample_rate`, or None with `error` set."""
+    """pcm: mono float32 [N] at `sample_rate`, or None with `error` set. `retries`: what was retried on the way
+    (a replica lost mid-call, ...); back-pressure waits are routine and not listed."""
 
     pcm: np.ndarray | None
     finish_reason: str | None
     error: str | None = None
     sample_rate: int = SAMPLE_RATE
+    retries: tuple[str, ...] = ()
 
 
 class Backend(Protocol):
@@ -47,7 +52,7 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How engine actors load the model."""
+    """How engine actors load the model (dtype, device and the guard shape the audio: they are in output keys)."""
 
     device: str = "cpu"
     dtype: str = "float32"
@@ -55,61 +60,73 @@ class EngineOptions:
     torch_threads: int = 1
     guard_frames_per_token: float | None = 8.0  # runaway guard: frames allowed per text token (+ base)
     guard_base_frames: int = 64
+    voices_uri: str | None = None               # Base models: a VoiceStore (folder or s3://) holding voice ids
+
+
+def error_text(e: BaseException) -> str:
+    """One line for the manifest: a RequestError as 'field: message', anything else as 'Type: last line'."""
+    cause = getattr(e, "cause", None) or e  # Ray wraps remote errors; the original is `.cause`
+    field_name = getattr(cause, "field", None)
+    if field_name is not None and getattr(cause, "message", None) is not None:
+        return f"{field_name}: {cause.message}"[:500]
+    lines = [x for x in str(cause).strip().splitlines() if x.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
 class EngineBackend:
-    """Our continuous-batching engine in this process; models are loaded once and kept."""
+    """Our continuous-batching engine in this process; models are loaded once and kept.
 
-    def __init__(self, opts: EngineOptions = EngineOptions()) -> None:
+    `revisions` maps a hub id to the commit the driver resolved, so every worker loads the weights the keys name.
+    """
+
+    def __init__(self, opts: EngineOptions = EngineOptions(), revisions: dict[str, str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(max(1, opts.torch_threads))
-        self.opts = opts
+        self.opts, self.revisions = opts, dict(revisions or {})
         self._engines: dict[str, Any] = {}
-        self._voice_prompts: dict[str, Any] = {}
+        self._voice_files: dict[str, Any] = {}
+        self._store: Any = None
 
     def _engine(self, model_id: str) -> Any:
         if model_id not in self._engines:
-            import torch
-
             from qwen_tts_core import Engine, Qwen3TTSModel
 
             log.info("loading %s on %s", model_id, self.opts.device)
-            model = Qwen3TTSModel.from_pretrained(model_id, device_map=self.opts.device,
-                                                  dtype=getattr(torch, self.opts.dtype))
+            model = Qwen3TTSModel.from_pretrained(model_id, device_map=self.opts.device, dtype=self.opts.dtype,
+                                                  revision=self.revisions.get(model_id))
             self._engines[model_id] = Engine(model, max_sessions=self.opts.max_sessions,
                                              max_queue=max(64, self.opts.max_sessions * 4),
                                              guard_frames_per_token=self.opts.guard_frames_per_token,
                                              guard_base_frames=self.opts.guard_base_frames)
         return self._engines[model_id]
 
+    def load_voice(self, voice: str) -> Any:
+        """A Base model's voice: a voice-prompt file (save_voice_prompt) or an id in the `voices_uri` store.
+        KeyError when neither has it (request_from_fields turns that into RequestError('voice'))."""
+        from qwen_tts_core import load_voice_prompt
+
+        if voice in self._voice_files:
+            return self._voice_files[voice]
+        path = Path(voice).expanduser()
+        if path.is_file():
+            self._voice_files[voice] = load_voice_prompt(str(path))
+            return self._voice_files[voice]
+        if self.opts.voices_uri:
+            from serve import voices as store_module
+
+            if self._store is None:
+                self._store = store_module.VoiceStore.from_uri(self.opts.voices_uri)
+            scope = getattr(store_module, "ANYONE", None)  # a store with owners: a batch job may use any voice
+            return self._store.load(voice) if scope is None else self._store.load(voice, scope)
+        raise KeyError(voice)
+
     def _request(self, model: Any, job: ChunkJob) -> Any:
-        from qwen_tts_core import SamplingParams, SynthesisRequest
+        from qwen_tts_core.generate.requests import request_from_fields
 
-        kind = model.tts_model_type
-        speaker, instruct, prompt = None, job.instruct, None
-        if kind == "custom_voice":
-            speakers = model.get_supported_speakers() or []
-            if not job.voice or job.voice.lower() not in speakers:
-                raise ValueError(f"voice: unknown speaker {job.voice!r}; this model has {speakers}")
-            speaker = job.voice.lower()
-        elif kind == "voice_design":
-            instruct = job.instruct or job.voice
-            if not instruct:
-                raise ValueError("voice/instruct: a voice_design model needs a voice description")
-        else:  # base: voice is a saved voice prompt (.safetensors from save_voice_prompt)
-            from qwen_tts_core import load_voice_prompt
-
-            if not job.voice:
-                raise ValueError("voice: a base model needs a saved voice prompt file as voice")
-            if job.voice not in self._voice_prompts:
-                self._voice_prompts[job.voice] = load_voice_prompt(job.voice)
-            prompt, kind = self._voice_prompts[job.voice], "voice_clone"
-        sampling = model.sampling_params(**job.sampling) if hasattr(model, "sampling_params") \
-            else SamplingParams().with_overrides(**job.sampling)
-        return SynthesisRequest(kind=kind, text=job.text, speaker=speaker, language=job.language or "auto",
-                                instruct=instruct, voice_clone_prompt=prompt, non_streaming_mode=True,
-                                sampling=sampling, seed=job.seed, priority="bulk")
+        return request_from_fields(model, text=job.text, voice=job.voice, instructions=job.instruct,
+                                   language=job.language, seed=job.seed, non_streaming_mode=True,
+                                   priority="bulk", sampling=job.sampling, voices=self.load_voice)
 
     def synthesize(self, jobs: list[ChunkJob]) -> list[ChunkResult]:
         from qwen_tts_core import EngineBusy
@@ -121,7 +138,7 @@ class EngineBackend:
                 engine = self._engine(job.model)
                 pending.append((i, engine, self._request(engine.model, job)))
             except (ValueError, OSError) as e:
-                results[i] = ChunkResult(None, "error", f"{type(e).__name__}: {e}")
+                results[i] = ChunkResult(None, "error", error_text(e))
         by_engine: dict[int, list[tuple[int, Any, Any]]] = {}
         for i, engine, req in pending:
             by_engine.setdefault(id(engine), []).append((i, engine, req))
@@ -138,7 +155,7 @@ class EngineBackend:
                     except EngineBusy:
                         break
                     except ValueError as e:
-                        results[i] = ChunkResult(None, "error", f"ValueError: {e}")
+                        results[i] = ChunkResult(None, "error", error_text(e))
                         todo.pop(0)
                         continue
                     owner[s.id], pcm[s.id] = i, []
@@ -156,78 +173,15 @@ class EngineBackend:
         return [r if r is not None else ChunkResult(None, "error", "no result from engine") for r in results]
 
 
-class ServeBackend:
-    """The running Serve app's ingress (`synthesize_bulk`), so batch jobs share the streaming replicas.
-
-    At most `max_inflight` calls are outstanding per worker; a call refused for back-pressure (Serve's
-    queue or the replica is full) is retried with exponential backoff instead of failing the row.
-    """
-
-    def __init__(self, app_name: str = "qtts", max_inflight: int = 8, busy_retries: int = 8,
-                 busy_delay_s: float = 0.5) -> None:
-        from ray import serve
-
-        self.handle = serve.get_app_handle(app_name)
-        self.max_inflight, self.busy_retries, self.busy_delay_s = max_inflight, busy_retries, busy_delay_s
-
-    @staticmethod
-    def _payload(job: ChunkJob) -> dict[str, Any]:
-        return {"model": None if job.model == SERVE_DEFAULT_MODEL else job.model, "input": job.text,
-                "voice": job.voice, "language": job.language, "instructions": job.instruct,
-                "seed": job.seed, "non_streaming_mode": True, "priority": "bulk", **job.sampling}
-
-    @staticmethod
-    def _busy(e: Exception) -> bool:
-        text = f"{type(e).__name__} {e}"
-        return "BackPressure" in text or "Busy" in text or "busy" in text
-
-    def _call(self, job: ChunkJob, attempt: int = 0) -> tuple[Any, ChunkJob, int]:
-        return self.handle.synthesize_bulk.remote(self._payload(job)), job, attempt
-
-    def synthesize(self, jobs: list[ChunkJob]) -> list[ChunkResult]:
-        import time
-
-        out: list[ChunkResult | None] = [None] * len(jobs)
-        waiting = list(enumerate(jobs))
-        running: list[tuple[int, Any, ChunkJob, int]] = []
-        while waiting or running:
-            while waiting and len(running) < self.max_inflight:
-                i, job = waiting.pop(0)
-                running.append((i, *self._call(job)))
-            i, call, job, attempt = running.pop(0)
-            try:
-                r = call.result()
-                out[i] = ChunkResult(np.asarray(r["pcm"], dtype=np.float32), r.get("finish_reason"), None,
-                                     int(r.get("sample_rate", SAMPLE_RATE)))
-            except Exception as e:  # noqa: BLE001 - a replica error is this row's failure, not the job's
-                if self._busy(e) and attempt < self.busy_retries:
-                    time.sleep(min(10.0, self.busy_delay_s * 2**attempt))
-                    running.append((i, *self._call(job, attempt + 1)))
-                    continue
-                out[i] = ChunkResult(None, "error", f"{type(e).__name__}: {str(e).splitlines()[-1][:500]}")
-        return [r if r is not None else ChunkResult(None, "error", "no result") for r in out]
-
-
-def serve_app_running(app_name: str = "qtts") -> bool:
-    """True when Ray is connected and the Serve app `app_name` is RUNNING."""
-    try:
-        import ray
-        from ray import serve
-
-        if not ray.is_initialized():
-            return False
-        app = serve.status().applications.get(app_name)
-        return app is not None and str(app.status).endswith("RUNNING")
-    except Exception:  # noqa: BLE001 - no Serve at all
-        return False
-
-
-def make_backend(spec: str, engine: EngineOptions = EngineOptions(), app_name: str = "qtts") -> Backend:
+def make_backend(spec: str, engine: EngineOptions = EngineOptions(), app_name: str = "qtts",
+                 revisions: dict[str, str] | None = None, serve_opts: dict[str, Any] | None = None) -> Backend:
     """"engine" | "serve" | "package.module:Class" (a class taking no arguments, e.g. a test fake)."""
     if spec == "engine":
-        return EngineBackend(engine)
+        return EngineBackend(engine, revisions)
     if spec == "serve":
-        return ServeBackend(app_name)
+        from .serve_backend import ServeBackend
+
+        return ServeBackend(app_name, **(serve_opts or {}))
     if ":" in spec:
         mod, _, name = spec.partition(":")
         return getattr(importlib.import_module(mod), name)()

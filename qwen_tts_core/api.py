@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from .checkpoint.weights import (
 )
 from .config import TTSConfig, sampling_defaults_from_generation_config
 from .errors import RequestError
+from .generate.driver import EngineDriver
 from .generate.engine import Engine
 from .generate.requests import check_text
 from .model.layers import RotaryTable, prepare_for_inference_
@@ -47,9 +49,18 @@ HARD_DEFAULTS = dict(do_sample=True, top_k=50, top_p=1.0, temperature=0.9, repet
 def _resolve_device(device_map: Any) -> torch.device:
     if device_map in (None, "auto"):
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device_map)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device_map={device_map!r} but CUDA is not available")
+    try:
+        dev = torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r} is not a device (use 'cpu', 'cuda' or 'cuda:N')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device_map={device_map!r} but CUDA is not available")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device_map={device_map!r} but this machine has {n} CUDA device(s)")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -62,6 +73,10 @@ def _as_list(x: Any, n: int, name: str) -> list:
     return xs
 
 
+def _session_error(message: str | None, field: str | None) -> ValueError:
+    return RequestError(field, message.removeprefix(f"{field}: ")) if field else ValueError(message or "failed")
+
+
 class Qwen3TTSModel:
     def __init__(self, path: Path, cfg: TTSConfig, talker: Talker, tokenizer: TextTokenizer, codec,
                  speaker_encoder, generate_defaults: dict[str, Any]) -> None:
@@ -72,6 +87,13 @@ class Qwen3TTSModel:
         # generate_* decode like the reference (its 300-frame pieces re-decoded with 25 frames of context) so the
         # drop-in output matches it at any length; True: the exact causal decode (what stream_* produces)
         self.exact_decode = False
+        # True (drop-in default): sampled runs draw from torch's generators exactly as the reference does (the same
+        # codes after torch.manual_seed; eager). False: the engine's device sampler (counter-based per-request
+        # seeds, CUDA graphs on GPU). Set with configure_engine().
+        self.reference_sampling = True
+        self.engine_options: dict[str, Any] = {}
+        self._driver: EngineDriver | None = None
+        self._driver_lock = threading.Lock()
 
     # --- loading ----------------------------------------------------------------------------------------------
     @classmethod
@@ -148,6 +170,35 @@ class Qwen3TTSModel:
     def get_supported_languages(self) -> list[str]:
         return sorted(["auto"] + [k for k in self.cfg.talker.codec_language_id if "dialect" not in k])
 
+    # --- the long-lived engine ---------------------------------------------------------------------------------
+    def configure_engine(self, reference_sampling: bool | None = None, **engine_kwargs: Any) -> None:
+        """Options of the engine that generate_* and stream_* share (Engine's arguments: max_sessions, max_len,
+        cuda_graphs, batch_buckets, compile, ...). Takes effect at the next call; the current engine must be idle."""
+        with self._driver_lock:
+            if self._driver is not None and self._driver.engine.has_work():
+                raise RuntimeError("configure_engine: the engine is busy")
+            if reference_sampling is not None:
+                self.reference_sampling = bool(reference_sampling)
+            self.engine_options.update(engine_kwargs)
+            self._driver = None
+
+    @property
+    def engine(self) -> Engine:
+        """The one Engine behind generate_* and stream_* (built at first use, kept for the model's life)."""
+        return self._engine_driver().engine
+
+    def _engine_driver(self) -> EngineDriver:
+        with self._driver_lock:
+            if self._driver is None:
+                ref = self.reference_sampling
+                opts: dict[str, Any] = dict(max_sessions=8, max_queue=1 << 16, sampler="torch" if ref else "device",
+                                            # eager (reference sampling): the cache grows, so allow what the model
+                                            # does; graphs: a static cache of 4096 positions per session
+                                            max_len=self.cfg.talker.max_position_embeddings if ref else 4096)
+                opts.update(self.engine_options)
+                self._driver = EngineDriver(Engine(self, **opts))
+            return self._driver
+
     # --- sampling defaults ------------------------------------------------------------------------------------
     def sampling_params(self, **user: Any) -> SamplingParams:
         """user kwargs win, then generation_config.json, then the reference's hard defaults."""
@@ -220,17 +271,15 @@ class Qwen3TTSModel:
         if self.codec is None:
             raise ValueError("this checkpoint has no speech_tokenizer/: cannot stream audio")
         req.first_chunk_frames, req.chunk_frames, req.decode_audio = first_chunk_frames, chunk_frames, True
-        engine = Engine(self, max_sessions=1)
-        session = engine.add(req)
+        driver = self._engine_driver()
+        session = driver.open(req)
 
         def chunks() -> Iterator[np.ndarray]:
-            try:
-                while not session.done:
-                    for ch in engine.step():
-                        if ch.pcm.size:
-                            yield ch.pcm
-            finally:
-                engine.cancel(session)
+            for ch in driver.chunks(session):
+                if ch.finish_reason == "error":
+                    raise _session_error(ch.error, ch.error_field)
+                if ch.pcm.size:
+                    yield ch.pcm
         return chunks()
 
     # --- internals --------------------------------------------------------------------------------------------
@@ -273,11 +322,10 @@ class Qwen3TTSModel:
                 for i in range(n)]
 
     def _run(self, reqs: list[SynthesisRequest]) -> list[np.ndarray]:
-        engine = Engine(self, max_sessions=len(reqs))
-        sessions = engine.run_all(reqs)
+        sessions = self._engine_driver().run(reqs)
         for s in sessions:
             if s.finish_reason == "error":
-                raise ValueError(s.error)
+                raise _session_error(s.error, s.error_field)
         return self.decode_codes([s.codes() for s in sessions],
                                  [r.voice_clone_prompt.ref_code if r.voice_clone_prompt is not None
                                   and r.voice_clone_prompt.icl_mode else None for r in reqs])

@@ -3,6 +3,13 @@ validate it, and resample to the 24 kHz the speaker encoder expects.
 
 Every rejection is a `RequestError` (a ValueError) naming the argument (`argument=`) in its `field`, so HTTP layers can
 map it to a 4xx naming the field.
+
+Limits (`AudioLimits`, defaults in `DEFAULT_LIMITS`) are checked from the file's HEADER before anything is decoded:
+bytes, sample rate (a WAV claiming 1 Hz would be resampled 24,000-fold), channels, duration and decoded size. The
+header is read by libsndfile (`soundfile.SoundFile` exposes rate, channels and frames without decoding); for
+RIFF/WAVE the duration is also taken from the `data` chunk's declared size, so a header that claims hours is refused
+even where libsndfile trims the count to the bytes present. Arrays passed in directly get the same rate and length
+checks before resampling.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ import io
 import logging
 import os
 import re
+import struct
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -32,6 +41,56 @@ SILENCE_PEAK = 1e-4
 MAX_URL_BYTES = 64 * 1024 * 1024
 MAX_CHANNELS = 32
 
+
+@dataclass(frozen=True)
+class AudioLimits:
+    """What one reference audio may cost. Checked before decoding (from the header) and before resampling."""
+
+    max_bytes: int = 64 * 1024 * 1024     # encoded size (file, bytes, base64 payload, URL body)
+    max_seconds: float = 120.0            # a voice reference needs seconds, not minutes
+    min_sample_rate: int = 8000           # below telephone rate a voice is unusable (and resampling explodes)
+    max_sample_rate: int = 384000
+    max_channels: int = MAX_CHANNELS
+    max_samples: int = 32 * 1024 * 1024   # frames x channels decoded at once (128 MiB of float32)
+
+    def check_header(self, sr: int, channels: int, frames: int, argument: str, size: int | None = None) -> None:
+        """RequestError naming `argument` when a header's numbers exceed a limit (nothing is decoded here)."""
+        if size is not None and size > self.max_bytes:
+            raise RequestError(argument, f"audio is larger than {self.max_bytes} bytes ({size})")
+        if not self.min_sample_rate <= sr <= self.max_sample_rate:
+            raise RequestError(argument, f"sample rate {sr} Hz is outside [{self.min_sample_rate}, "
+                               f"{self.max_sample_rate}] Hz")
+        if channels < 1 or channels > self.max_channels:
+            raise RequestError(argument, f"{channels} channels; at most {self.max_channels} are accepted")
+        if frames / sr > self.max_seconds:
+            raise RequestError(argument, f"audio is {_duration(frames / sr)} long; at most {self.max_seconds:g} s "
+                               "are accepted")
+        if frames * channels > self.max_samples:
+            raise RequestError(argument, f"audio has {frames * channels} samples ({channels} channels); at most "
+                               f"{self.max_samples} are decoded")
+
+
+DEFAULT_LIMITS = AudioLimits()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.1f} s"
+
+
+def _riff_declared_frames(data: bytes, block_align: int) -> int | None:
+    """Frames the `data` chunk of a RIFF/WAVE file declares (header bytes only); None when not WAVE, when no data
+    chunk header is found in the first 64 KiB, or when the size is a streaming placeholder (0 or 0xFFFFFFFF)."""
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE" or block_align < 1:
+        return None
+    order = "<" if data[:4] == b"RIFF" else ">"
+    pos = 12
+    while pos + 8 <= min(len(data), 65536):
+        cid, (size,) = data[pos:pos + 4], struct.unpack(order + "I", data[pos + 4:pos + 8])
+        if cid == b"data":
+            return None if size in (0, 0xFFFFFFFF) else size // block_align
+        pos += 8 + size + (size & 1)
+    return None
+
 AudioInput = Union[str, os.PathLike, bytes, bytearray, tuple]  # noqa: UP007 (a runtime alias on py3.10)
 
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
@@ -46,8 +105,10 @@ def _is_url(s: str) -> bool:
     return parsed.scheme in ("http", "https") and bool(parsed.netloc)
 
 
-def _decode_base64(s: str, argument: str) -> bytes:
+def _decode_base64(s: str, argument: str, limits: AudioLimits = DEFAULT_LIMITS) -> bytes:
     payload = s.strip()
+    if len(payload) > limits.max_bytes * 4 // 3 + 4096:
+        raise RequestError(argument, f"base64 audio is larger than {limits.max_bytes} bytes once decoded")
     if payload.startswith("data:"):
         header, sep, payload = payload.partition(",")
         if not sep or ";base64" not in header:
@@ -61,70 +122,97 @@ def _decode_base64(s: str, argument: str) -> bytes:
         raise RequestError(argument, f"invalid base64 audio ({exc})") from None
 
 
-def _read_bytes(data: bytes, argument: str, what: str) -> tuple[np.ndarray, int]:
-    if not data:
-        raise RequestError(argument, f"{what} is empty")
+def _decode(f: sf.SoundFile, argument: str, what: str, limits: AudioLimits, size: int,
+            head: bytes) -> tuple[np.ndarray, int]:
+    """Check `f`'s header against `limits`, then decode it all (float32, [N] or [N, channels])."""
+    sr, channels, frames = int(f.samplerate), int(f.channels), int(f.frames)
+    block_align = channels * {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4,
+                              "DOUBLE": 8, "ULAW": 1, "ALAW": 1}.get(f.subtype, 0)
+    declared = _riff_declared_frames(head, block_align) if block_align else None
+    limits.check_header(sr, channels, max(frames, declared or 0), argument, size)
     try:
-        with io.BytesIO(data) as f:
-            audio, sr = sf.read(f, dtype="float32", always_2d=False)
+        audio = f.read(dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise RequestError(argument, f"could not decode {what} as audio ({exc})") from None
-    return audio, int(sr)
+    return audio, sr
 
 
-def _read_path(path: Path, argument: str) -> tuple[np.ndarray, int]:
+def _read_bytes(data: bytes, argument: str, what: str,
+                limits: AudioLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
+    if not data:
+        raise RequestError(argument, f"{what} is empty")
+    if len(data) > limits.max_bytes:
+        raise RequestError(argument, f"{what} is larger than {limits.max_bytes} bytes ({len(data)})")
+    try:
+        f = sf.SoundFile(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise RequestError(argument, f"could not decode {what} as audio ({exc})") from None
+    with f:
+        return _decode(f, argument, what, limits, len(data), data[:65536])
+
+
+def _read_path(path: Path, argument: str, limits: AudioLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
     if not path.is_file():
         raise RequestError(argument, f"no such audio file: {str(path)[:200]!r}")
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise RequestError(argument, f"audio file {path.name!r} is larger than {limits.max_bytes} bytes ({size})")
+    what = f"audio file {path.name!r}"
     try:
-        audio, sr = sf.read(str(path), dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise RequestError(argument, f"could not decode audio file {path.name!r} ({exc})") from None
-    return audio, int(sr)
+        with open(path, "rb") as raw:
+            head = raw.read(65536)
+        f = sf.SoundFile(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
+        raise RequestError(argument, f"could not decode {what} ({exc})") from None
+    with f:
+        return _decode(f, argument, what, limits, size, head)
 
 
-def _fetch_url(url: str, argument: str, timeout: float) -> bytes:
+def _fetch_url(url: str, argument: str, timeout: float, max_bytes: int = MAX_URL_BYTES) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (scheme checked by caller)
-            data = resp.read(MAX_URL_BYTES + 1)
+            data = resp.read(max_bytes + 1)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise RequestError(argument, f"could not fetch audio URL ({exc})") from None
-    if len(data) > MAX_URL_BYTES:
-        raise RequestError(argument, f"audio at URL is larger than {MAX_URL_BYTES} bytes")
+    if len(data) > max_bytes:
+        raise RequestError(argument, f"audio at URL is larger than {max_bytes} bytes")
     return data
 
 
-def _decode_string(x: str, argument: str, allow_urls: bool, url_timeout: float) -> tuple[np.ndarray, int]:
+def _decode_string(x: str, argument: str, allow_urls: bool, url_timeout: float,
+                   limits: AudioLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
     s = x.strip()
     if not s:
         raise RequestError(argument, "empty string; expected a file path, base64 audio or (array, sr)")
     if s.startswith("data:"):
-        return _read_bytes(_decode_base64(s, argument), argument, "base64 data URI")
+        return _read_bytes(_decode_base64(s, argument, limits), argument, "base64 data URI", limits)
     if _is_url(s):
         if not allow_urls:
             raise RequestError(argument, "URLs are not accepted here (allow_urls=False); send a file path, base64 audio "
                 "or (array, sr)"
             )
-        return _read_bytes(_fetch_url(s, argument, url_timeout), argument, "audio at URL")
+        return _read_bytes(_fetch_url(s, argument, url_timeout, limits.max_bytes), argument, "audio at URL",
+                           limits)
     if "://" in s[:16]:
         raise RequestError(argument, "unsupported URL scheme; allowed: http, https (with allow_urls=True)")
     if len(s) < 4096:
         try:
             if Path(s).is_file():
-                return _read_path(Path(s), argument)
+                return _read_path(Path(s), argument, limits)
         except OSError:
             pass
     if len(s) >= _MIN_BASE64_CHARS and _BASE64_RE.match(s):
-        return _read_bytes(_decode_base64(s, argument), argument, "base64 audio")
+        return _read_bytes(_decode_base64(s, argument, limits), argument, "base64 audio", limits)
     raise RequestError(argument, "string is neither an existing audio file, base64 audio, nor (with allow_urls=True) an "
         "http(s) URL"
     )
 
 
-def _as_mono(audio: np.ndarray, argument: str) -> np.ndarray:
+def _as_mono(audio: np.ndarray, argument: str, max_channels: int = MAX_CHANNELS) -> np.ndarray:
     """[N] or [N, channels] -> [N] float32 (channel mean, as the reference does over the last axis)."""
     if audio.ndim == 2:
-        if audio.shape[1] > MAX_CHANNELS:
-            raise RequestError(argument, f"2-D audio must be [samples, channels] with at most {MAX_CHANNELS} channels, got "
+        if audio.shape[1] > max_channels:
+            raise RequestError(argument, f"2-D audio must be [samples, channels] with at most {max_channels} channels, got "
                 f"shape {audio.shape} (transpose a [channels, samples] array)"
             )
         audio = audio.mean(axis=-1)
@@ -155,6 +243,7 @@ def load_audio(
     argument: str = "ref_audio",
     allow_urls: bool = False,
     url_timeout: float = 10.0,
+    limits: AudioLimits = DEFAULT_LIMITS,
 ) -> tuple[np.ndarray, int]:
     """Decode one reference audio into mono float32 at its own sample rate.
 
@@ -165,13 +254,15 @@ def load_audio(
         argument: the caller-facing name used in error messages.
         allow_urls: fetch http(s) URLs (off by default: a server must not fetch arbitrary URLs for clients).
         url_timeout: seconds for a URL fetch.
+        limits: bytes, sample rate, channels, duration and decoded size allowed (checked from the header of
+            encoded audio before decoding it).
 
     Returns:
         (wav [N] float32 mono, sample rate). Multi-channel audio is averaged to mono.
 
     Raises:
         ValueError: naming `argument`, for unsupported types, undecodable/corrupt data, URLs when not allowed,
-            empty, silent (peak < 1e-4) or non-finite audio, and bad sample rates.
+            empty, silent (peak < 1e-4) or non-finite audio, bad sample rates and audio outside `limits`.
     """
     if isinstance(x, tuple):
         if len(x) != 2 or not isinstance(x[0], np.ndarray):
@@ -183,31 +274,36 @@ def load_audio(
             )
         if isinstance(sr, bool) or not isinstance(sr, (int, np.integer, float)) or int(sr) != sr:
             raise RequestError(argument, f"sample rate must be a positive integer, got {sr!r}")
-        audio, sr = arr.astype(np.float32), int(sr)
+        wav, sr = _as_mono(arr, argument, limits.max_channels), int(sr)
+        limits.check_header(sr, arr.shape[1] if arr.ndim == 2 else 1, wav.shape[0], argument)
+        validate_waveform(wav, sr, argument=argument)
+        return wav, sr
     elif isinstance(x, np.ndarray):
         raise RequestError(argument, "a bare array has no sample rate; pass (waveform, sample_rate)")
     elif isinstance(x, (bytes, bytearray, memoryview)):
-        audio, sr = _read_bytes(bytes(x), argument, "audio bytes")
+        audio, sr = _read_bytes(bytes(x), argument, "audio bytes", limits)
     elif isinstance(x, os.PathLike):
-        audio, sr = _read_path(Path(x), argument)
+        audio, sr = _read_path(Path(x), argument, limits)
     elif isinstance(x, str):
-        audio, sr = _decode_string(x, argument, allow_urls, url_timeout)
+        audio, sr = _decode_string(x, argument, allow_urls, url_timeout, limits)
     else:
         raise RequestError(argument, f"unsupported type {type(x).__name__}; allowed: file path, base64 string, bytes, "
             "(np.ndarray, sample_rate), http(s) URL with allow_urls=True"
         )
-    wav = _as_mono(audio, argument)
+    wav = _as_mono(audio, argument, limits.max_channels)
     validate_waveform(wav, sr, argument=argument)
     return wav, sr
 
 
-def to_24k(wav: np.ndarray, sr: int, *, argument: str = "ref_audio") -> np.ndarray:
+def to_24k(wav: np.ndarray, sr: int, *, argument: str = "ref_audio",
+           limits: AudioLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Resample mono audio to 24 kHz like the reference (librosa.resample default: soxr "HQ", then trim/zero-pad
     to ceil(N * 24000 / sr) samples).
 
     Args:
         wav: [N] mono waveform (cast to float32).
         sr: its sample rate.
+        limits: the sample rate range and length allowed (checked before resampling: its cost follows the ratio).
 
     Returns:
         float32 [ceil(N * 24000 / sr)]; the input itself (as float32) when sr is already 24000.
@@ -219,6 +315,7 @@ def to_24k(wav: np.ndarray, sr: int, *, argument: str = "ref_audio") -> np.ndarr
         raise RequestError(argument, f"to_24k expects mono [N] audio, got shape {wav.shape}")
     if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
         raise RequestError(argument, f"sample rate must be a positive integer, got {sr!r}")
+    limits.check_header(int(sr), 1, wav.shape[0], argument)
     wav = np.ascontiguousarray(wav, dtype=np.float32)
     if not np.isfinite(wav).all():
         raise RequestError(argument, "audio contains NaN or infinite samples")
@@ -234,8 +331,9 @@ def to_24k(wav: np.ndarray, sr: int, *, argument: str = "ref_audio") -> np.ndarr
 
 
 def load_audio_24k(
-    x: AudioInput, *, argument: str = "ref_audio", allow_urls: bool = False, url_timeout: float = 10.0
+    x: AudioInput, *, argument: str = "ref_audio", allow_urls: bool = False, url_timeout: float = 10.0,
+    limits: AudioLimits = DEFAULT_LIMITS,
 ) -> np.ndarray:
     """`load_audio` then `to_24k`: mono float32 [N'] at 24 kHz, ready for `speaker_embedding`."""
-    wav, sr = load_audio(x, argument=argument, allow_urls=allow_urls, url_timeout=url_timeout)
-    return to_24k(wav, sr, argument=argument)
+    wav, sr = load_audio(x, argument=argument, allow_urls=allow_urls, url_timeout=url_timeout, limits=limits)
+    return to_24k(wav, sr, argument=argument, limits=limits)

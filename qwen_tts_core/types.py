@@ -101,7 +101,11 @@ class SynthesisRequest:
 
 @dataclass
 class AudioChunk:
-    """Mono float32 PCM at 24 kHz for one session; `is_last` marks the end of the utterance."""
+    """Mono float32 PCM at 24 kHz for one session; `is_last` marks the end of the utterance.
+
+    Every session added to an engine ends with exactly one chunk with `is_last=True`. When the session failed
+    (`finish_reason == "error"`), that chunk carries `error` (what went wrong) and, when the failure was a
+    RequestError, `error_field` (the request field at fault), so no caller can take a failure for success."""
 
     session_id: int
     pcm: np.ndarray
@@ -110,3 +114,5 @@ class AudioChunk:
     is_last: bool = False
     finish_reason: FinishReason | None = None
     sample_rate: int = SAMPLE_RATE
+    error: str | None = None
+    error_field: str | None = None

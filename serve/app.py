@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from .config import ModelConfig, ServiceConfig
 from .ingress import Ingress
@@ -22,9 +23,12 @@ def _replica_options(m: ModelConfig, cfg: ServiceConfig) -> dict[str, Any]:
         "name": f"tts-{m.name}",
         "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
         "max_ongoing_requests": m.max_ongoing_requests,
-        # Serve's own queue in front of busy replicas stays short: the replica answers 503 itself.
-        "max_queued_requests": max(4, m.max_queue),
+        # Calls waiting in a caller's router to be routed (bursts of session opens and text feeds pass through
+        # here even when every replica has room); the replica's own admission answers 503 when it is full.
+        "max_queued_requests": max(256, m.max_ongoing_requests),
         "health_check_period_s": 10,
+        # Calls about a session go to the replica that holds it (routing.py); the rest by power of two choices.
+        "request_router_config": RequestRouterConfig(request_router_class="serve.routing.SessionRouter"),
     }
     if m.autoscaling:
         opts["autoscaling_config"] = dict(m.autoscaling)
@@ -35,8 +39,10 @@ def _replica_options(m: ModelConfig, cfg: ServiceConfig) -> dict[str, Any]:
 
 def build_app(config: ServiceConfig | dict[str, Any] | None = None) -> Application:
     cfg = config if isinstance(config, ServiceConfig) else ServiceConfig.from_dict(config)
+    cfg = cfg.with_env_keys()  # env keys travel in the ingress's config: its worker never sees this environment
     replicas = {m.name: TTSReplica.options(**_replica_options(m, cfg)).bind(
-        {k: getattr(m, k) for k in m.__dataclass_fields__}, cfg.cache_dir, cfg.voices_uri, cfg.retry_after_s)
+        {k: getattr(m, k) for k in m.__dataclass_fields__}, cfg.cache_dir, cfg.voices_uri, cfg.retry_after_s,
+        cfg.session_limits())
         for m in cfg.models}
     ingress = Ingress.options(num_replicas=cfg.ingress_replicas,
                               ray_actor_options={"num_cpus": cfg.ingress_num_cpus},

@@ -1,7 +1,14 @@
 """`qtts serve`: run the speech service (joins a running Ray cluster, or starts a local one when none runs).
 
     qtts serve                                   # one tiny CustomVoice model on 127.0.0.1:8000
-    qtts serve --config configs/serve.yaml       # the same file `serve run` takes
+    qtts serve --model Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice --num-gpus 1 --dtype bfloat16
+    qtts serve --model ./cv --name cv --model ./base --name clone      # several models, no YAML
+    qtts serve --config configs/serve.yaml       # the same file `serve run` takes (--model replaces its models)
+
+Which Ray: `--address`, else RAY_ADDRESS, else the address in Ray's cluster file (`ray_current_cluster` in Ray's
+temp dir) -- each only if its GCS answers within a second (a stale file left by a stopped head is reported, not
+waited on) -- else a new local Ray that lives as long as this command. HTTP options are fixed for the life of a
+Serve instance: on a running Serve a different `--host/--port` is a clear error, not a silent no-op.
 """
 
 from __future__ import annotations
@@ -9,37 +16,151 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+PROBE_TIMEOUT_S = 1.0
+
 
 def read_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A Serve config file -> (http_options, args of the `qtts` application)."""
+    """A Serve config file -> (http_options, args of the `qtts` application). SystemExit with a clear message."""
     import yaml
 
-    doc = yaml.safe_load(Path(path).read_text()) or {}
-    apps = [a for a in doc.get("applications", []) if a.get("name", "qtts") == "qtts"]
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"qtts serve: --config {path}: no such file")
+    try:
+        doc = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SystemExit(f"qtts serve: --config {path}: not valid YAML ({e})") from None
+    if not isinstance(doc, dict):
+        raise SystemExit(f"qtts serve: --config {path}: expected a mapping with applications:")
+    apps = [a for a in doc.get("applications") or [] if isinstance(a, dict) and a.get("name", "qtts") == "qtts"]
     if not apps:
-        raise SystemExit(f"{path}: no application named 'qtts' under applications:")
+        raise SystemExit(f"qtts serve: --config {path}: no application named 'qtts' under applications:")
     return dict(doc.get("http_options") or {}), dict(apps[0].get("args") or {})
 
 
-def _connect(address: str | None) -> None:
+def _per_model(values: list | None, n: int, flag: str) -> list:
+    """A flag given once applies to every --model; given several times, once per --model in order."""
+    if not values:
+        return [None] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise SystemExit(f"qtts serve: {flag} was given {len(values)} times for {n} --model; give it once "
+                         "(for all) or once per --model")
+    return values
+
+
+def models_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`--model ID_OR_DIR ... [--name] [--num-gpus] [--dtype] [--num-replicas]` -> `models:` entries."""
+    n = len(args.model)
+    if args.name and len(args.name) != n:
+        raise SystemExit(f"qtts serve: --name was given {len(args.name)} times for {n} --model; give one per --model")
+    names = args.name or [None] * n
+    out = []
+    for i, (ckpt, gpus, dtype, replicas) in enumerate(zip(
+            args.model, _per_model(args.num_gpus, n, "--num-gpus"), _per_model(args.dtype, n, "--dtype"),
+            _per_model(args.num_replicas, n, "--num-replicas"))):
+        name = names[i] or re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(ckpt.rstrip("/")).name).strip("-")
+        m: dict[str, Any] = {"name": name or f"model{i}", "checkpoint": ckpt}
+        if gpus is not None:
+            m["num_gpus"] = gpus
+        if dtype is not None:
+            m["dtype"] = dtype
+        if replicas is not None:
+            m["num_replicas"] = replicas
+        out.append(m)
+    return out
+
+
+def gcs_answers(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether something accepts TCP connections at a Ray address (`host:port`, optionally with a scheme)."""
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def find_cluster(address: str | None) -> str | None:
+    """The Ray address to join, or None to start a local Ray. SystemExit when `--address` names a dead GCS."""
+    from ray._private.utils import get_ray_address_file, read_ray_address
+
+    if address and address not in ("auto", "local"):
+        if not gcs_answers(address):
+            raise SystemExit(f"qtts serve: --address {address}: no Ray GCS answers there")
+        return address
+    if address == "local":
+        return None
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        if gcs_answers(env):
+            return env
+        log.warning("RAY_ADDRESS=%s: no Ray GCS answers there; starting a local Ray instead", env)
+        return None
+    found = read_ray_address()
+    if found:
+        if gcs_answers(found):
+            return found
+        log.warning("stale Ray cluster file %s points at %s where nothing answers (a head stopped uncleanly); "
+                    "starting a local Ray instead", get_ray_address_file(None), found)
+    return None
+
+
+def _connect(address: str | None) -> bool:
+    """Join the cluster `find_cluster` names or start a local one; True when this process started it."""
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a new local cluster on loopback
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()),
                                                                      os.environ.get("PYTHONPATH")]))}}
-    try:
-        ray.init(address=address or "auto", runtime_env=env, log_to_driver=True)
-        log.info("joined the running Ray cluster")
-    except ConnectionError:
-        if address not in (None, "auto"):
-            raise
-        log.info("no Ray cluster running: starting a local one")
-        ray.init(runtime_env=env, include_dashboard=False)
+    target = find_cluster(address)
+    if target is not None:
+        ray.init(address=target, runtime_env=env, log_to_driver=True)
+        log.info("joined the Ray cluster at %s", target)
+        return False
+    os.environ.pop("RAY_ADDRESS", None)
+    log.info("starting a local Ray (it stops when this command ends)")
+    ray.init(address="local", runtime_env=env, include_dashboard=False)
+    return True
+
+
+def check_gpus(cfg) -> None:
+    """A clear error before deploying when the cluster cannot give the models the GPUs they ask for."""
+    import ray
+
+    want = sum(m.num_gpus * (m.num_replicas if not m.autoscaling else m.autoscaling.get("min_replicas", 1))
+               for m in cfg.models)
+    have = ray.cluster_resources().get("GPU", 0)
+    if want > have:
+        raise SystemExit(f"qtts serve: the models ask for {want:g} GPU(s) but this Ray cluster has {have:g} "
+                         "(no CUDA device found?); set --num-gpus 0 / num_gpus: 0 to run on CPU")
+
+
+def start_http(host: str, port: int, explicit: bool) -> tuple[str, int]:
+    """Start Serve's HTTP proxy on host:port, or check a running Serve listens there; returns where it listens."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client(raise_if_no_controller_running=False)
+    if running is None:
+        serve.start(http_options={"host": host, "port": port})
+        return host, port
+    cur = running.http_config
+    if explicit and (cur.host, int(cur.port)) != (host, port):
+        raise SystemExit(f"qtts serve: Serve already runs in this Ray cluster on {cur.host}:{cur.port}; its HTTP "
+                         f"host and port cannot change while it runs. Use --host {cur.host} --port {cur.port}, or "
+                         "stop it first (`serve shutdown`, which stops every Serve app of the cluster)")
+    return cur.host, int(cur.port)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -49,24 +170,61 @@ def _serve(args: argparse.Namespace) -> int:
     from .config import ServiceConfig
 
     http, app_args = read_serve_yaml(args.config) if args.config else ({}, {})
-    cfg = ServiceConfig.from_dict(app_args)
+    if args.model:
+        app_args["models"] = models_from_args(args)
+    try:
+        cfg = ServiceConfig.from_dict(app_args).with_env_keys()  # the same resolved keys the ingress will enforce
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"qtts serve: {e}") from None
+    explicit = args.host is not None or args.port is not None
     host = args.host or http.get("host", "127.0.0.1")
     port = args.port or int(http.get("port", 8000))
-    if host not in ("127.0.0.1", "localhost", "::1") and not cfg.effective_api_keys():
+    if host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_keys or cfg.admin_api_keys):
         log.warning("serving on %s without API keys (set api_keys or QTTS_API_KEYS)", host)
-    _connect(args.address)
-    serve.start(http_options={"host": host, "port": port})
-    log.info("qtts serving on http://%s:%d (playground at /)", host, port)
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=not args.detach)
+    started = _connect(args.address)
+    check_gpus(cfg)
+    host, port = start_http(host, port, explicit)
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    print(f"qtts serving {[m.name for m in cfg.models]} on {url} (playground at /)", flush=True)
+    if args.detach:
+        if started:
+            print("--detach with a Ray this command started: the service stops as this command exits; start a head "
+                  "first (cluster/local.sh start) to keep it running", flush=True)
+        return 0
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        if started:
+            print("\nCtrl-C: stopping the service and the local Ray this command started", flush=True)
+            serve.shutdown()
+        else:
+            print(f"\nCtrl-C: the service keeps running on {url} in the Ray cluster this command joined; stop it "
+                  f"with `serve delete {APP_NAME}` (RAY_ADDRESS set to that cluster)", flush=True)
     return 0
 
 
 def register(subparsers) -> None:
     """Entry point for the `qtts.commands` group: adds `qtts serve`."""
-    p = subparsers.add_parser("serve", help="run the streaming speech service (Ray Serve)")
+    p = subparsers.add_parser("serve", help="run the streaming speech service (Ray Serve)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="Serve config YAML (configs/serve.yaml); default: one tiny model")
+    p.add_argument("--model", action="append", default=None, metavar="ID_OR_DIR",
+                   help="serve this checkpoint (hub id or folder); repeat for several models (replaces the "
+                        "config's models)")
+    p.add_argument("--name", action="append", default=None,
+                   help="served model name, once per --model (default: the folder's or id's last part)")
+    p.add_argument("--num-gpus", action="append", type=float, default=None,
+                   help="GPUs per replica (0.5 packs two on one GPU); once for all models or once per --model")
+    p.add_argument("--dtype", action="append", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype; once for all models or once per --model")
+    p.add_argument("--num-replicas", action="append", type=int, default=None,
+                   help="replicas per model; once for all models or once per --model")
     p.add_argument("--host", default=None, help="HTTP host (default from the YAML, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default from the YAML, else 8000)")
-    p.add_argument("--address", default=None, help="Ray address (default: a running cluster, else a local one)")
+    p.add_argument("--address", default=None,
+                   help="Ray address to join (default: RAY_ADDRESS or Ray's cluster file when its GCS answers, "
+                        "else a new local Ray; 'local' always starts one)")
     p.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
     p.set_defaults(func=_serve)

@@ -10,7 +10,7 @@ start instead of being silently ignored.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
@@ -46,9 +46,17 @@ class ModelConfig:
     interactive_reserve: int = 2             # slots bulk work never takes (room for interactive arrivals)
     max_new_tokens: int = 2048               # hard cap; requests may ask for less
     default_max_new_tokens: int | None = None  # when a request does not say (None: the model's default)
+    max_input_chars: int | None = None       # longest text of one request (None: the service's max_input_chars)
     first_chunk_frames: int = 1
     chunk_frames: int = 4
     warmup: bool = True
+    max_bulk_queue: int = 256                # bulk (batch-job) requests parked per replica before Busy
+    # Engine options (None: the engine's default; see qwen_tts_core Engine): static KV length per session, CUDA
+    # graphs on/off, the batch sizes graphs are captured for, torch.compile of the step bodies.
+    max_len: int | None = None
+    cuda_graphs: bool | None = None
+    batch_buckets: tuple[int, ...] | None = None
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -63,11 +71,19 @@ class ModelConfig:
                              f"got {self.interactive_reserve}")
         if self.first_chunk_frames < 1 or self.chunk_frames < 1:
             raise ValueError(f"models[{self.name}]: first_chunk_frames and chunk_frames must be >= 1")
+        if self.max_bulk_queue < 0 or (self.max_len is not None and self.max_len < 16):
+            raise ValueError(f"models[{self.name}]: max_bulk_queue must be >= 0 and max_len >= 16")
+        if self.batch_buckets is not None:
+            buckets = tuple(self.batch_buckets)
+            if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
+                raise ValueError(f"models[{self.name}].batch_buckets must list positive integers, got {buckets!r}")
+            object.__setattr__(self, "batch_buckets", buckets)
 
     @property
     def max_ongoing_requests(self) -> int:
-        """Serve's per-replica limit: every slot and queue place, plus a little room for control calls."""
-        return self.max_sessions + self.max_queue + 8
+        """Serve's per-replica limit: every slot, queue and bulk place, plus room for control calls (text feeds,
+        lease renewals, stats), so the replica's own admission (Busy / 503) decides, not Serve's back-pressure."""
+        return self.max_sessions + self.max_queue + self.max_bulk_queue + 32
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -83,11 +99,19 @@ class ServiceConfig:
     cache_dir: str = "~/.cache/qwen-tts-fleet/serve"
     voices_uri: str = "~/.cache/qwen-tts-fleet/voices"   # local folder or s3://bucket/prefix
     api_keys: tuple[str, ...] = ()                      # Bearer keys; also env QTTS_API_KEYS (comma-separated)
+    admin_api_keys: tuple[str, ...] = ()                # keys that see every key's voices; env QTTS_ADMIN_API_KEYS
+    metrics_without_key: bool = False                   # with keys set, /metrics needs one unless this is true
+    docs_without_key: bool = False                      # likewise /docs and /openapi.json
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 10 << 20
     max_input_chars: int = 4096
     allowed_audio_url_prefixes: tuple[str, ...] = ()     # reference audio URLs: only with an allow-list
-    ws_idle_timeout_s: float = 30.0
+    ws_idle_timeout_s: float = 30.0                     # WebSocket: config wait; a session with no text fails
+    ws_max_messages: int = 8192                         # WebSocket: messages per session
+    ws_max_messages_per_s: float = 200.0                # WebSocket: sustained message rate (token bucket) ...
+    ws_message_burst: int = 5000                        # ... and its burst
+    session_deadline_s: float = 600.0                   # any session: wall time in the engine before it fails
+    session_lease_s: float = 15.0                       # a stream whose consumer stops renewing is cancelled
     retry_after_s: int = 1
     ingress_num_cpus: float = 0.25
     ingress_replicas: int = 1
@@ -100,6 +124,20 @@ class ServiceConfig:
             raise ValueError(f"models: duplicate names in {names}")
         if self.max_input_chars < 1 or self.max_body_bytes < 1024 or self.max_upload_bytes < 1024:
             raise ValueError("max_input_chars must be >= 1, max_body_bytes and max_upload_bytes >= 1024")
+        if min(self.ws_idle_timeout_s, self.session_deadline_s, self.session_lease_s, self.ws_max_messages_per_s) <= 0 \
+                or self.ws_max_messages < 1 or self.ws_message_burst < 1:
+            raise ValueError("ws_idle_timeout_s, session_deadline_s, session_lease_s, ws_max_messages, "
+                             "ws_max_messages_per_s and ws_message_burst must be positive")
+        for key in (*self.api_keys, *self.admin_api_keys):
+            if not isinstance(key, str) or not key.strip() or key != key.strip():
+                raise ValueError("api_keys / admin_api_keys must be non-empty strings without surrounding spaces")
+        from .fetch import AllowList
+
+        AllowList(self.allowed_audio_url_prefixes)  # ValueError naming a prefix that is not an http(s) folder
+        # Each model's text limit defaults to the service's (the replica applies it through the core's policy).
+        object.__setattr__(self, "models", tuple(
+            m if m.max_input_chars is not None else replace(m, max_input_chars=self.max_input_chars)
+            for m in self.models))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ServiceConfig:
@@ -107,7 +145,7 @@ class ServiceConfig:
         _check_keys(d, cls, "serve config")
         if "models" in d:
             d["models"] = tuple(m if isinstance(m, ModelConfig) else ModelConfig.from_dict(m) for m in d["models"])
-        for key in ("api_keys", "allowed_audio_url_prefixes"):
+        for key in ("api_keys", "admin_api_keys", "allowed_audio_url_prefixes"):
             if key in d:
                 d[key] = tuple(d[key] or ())
         return cls(**d)
@@ -123,13 +161,34 @@ class ServiceConfig:
             out[f.name] = v
         return out
 
+    def session_limits(self) -> dict[str, Any]:
+        """The replicas' per-session rules (serve/sessions.py SessionLimits)."""
+        return {"max_text_chars": self.max_input_chars, "idle_text_timeout_s": self.ws_idle_timeout_s,
+                "deadline_s": self.session_deadline_s, "lease_s": self.session_lease_s}
+
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
             if m.name == name:
                 return m
         raise ValueError(f"model {name!r} is not served; choose one of {[m.name for m in self.models]}")
 
+    def with_env_keys(self, environ: dict[str, str] | None = None) -> ServiceConfig:
+        """This config with the keys of QTTS_API_KEYS / QTTS_ADMIN_API_KEYS (comma-separated) added.
+
+        Called where the service is built (the driver of `qtts serve`, `serve run`'s builder), so the keys travel
+        to the ingress inside its config: a Ray worker never sees the driver's environment. The ingress applies it
+        again to its own environment (keys set through the deployment's runtime_env). Idempotent."""
+        env = os.environ if environ is None else environ
+
+        def merged(have: tuple[str, ...], var: str) -> tuple[str, ...]:
+            extra = [k.strip() for k in env.get(var, "").split(",") if k.strip()]
+            return tuple(dict.fromkeys([*have, *extra]))
+
+        return replace(self, api_keys=merged(self.api_keys, "QTTS_API_KEYS"),
+                       admin_api_keys=merged(self.admin_api_keys, "QTTS_ADMIN_API_KEYS"))
+
     def effective_api_keys(self) -> frozenset[str]:
-        env = [k.strip() for k in os.environ.get("QTTS_API_KEYS", "").split(",") if k.strip()]
-        return frozenset(self.api_keys) | frozenset(env)
+        """Every key the service accepts once the environment's are added (what the ingress enforces)."""
+        cfg = self.with_env_keys()
+        return frozenset(cfg.api_keys) | frozenset(cfg.admin_api_keys)
 

@@ -6,15 +6,14 @@ No synthesis logic lives here: requests become payload dicts for `TTSReplica` (s
 
 import asyncio
 import base64
-import json
 import logging
-import secrets
 from collections import Counter
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import (
     HTMLResponse,
     JSONResponse,
@@ -24,25 +23,36 @@ from fastapi.responses import (
 )
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwen_tts_core.errors import RequestError
+from qwen_tts_core.generate.requests import check_text
 
 from .audio_format import make_encoder
+from .auth import Caller, KeyRing, bearer_token
 from .config import ServiceConfig
-from .metrics import prometheus_text
+from .fetch import AllowList, FetchRefused, fetch_allowed
+from .jsonlimits import JsonLimits, JsonRejected, loads_bounded
+from .metrics import ClientStreams, merge_stats, prometheus_text
+from .requests import CALLER
+from .routing import detached, route_key
 from .schemas import (
     ApiError,
     SpeechRequest,
-    SynthesisFields,
+    VoiceUpload,
     WSConfig,
-    WSEnd,
-    WSText,
     bad_request,
+    from_request_error,
     from_validation_error,
 )
+from .streaming import Leases, ReplicaStream, audio_body, sse_body
 from .voices import VoiceStore
+from .ws_session import MessageLimiter, WSSession, send_error
 
 log = logging.getLogger(__name__)
 
-app = FastAPI(title="qwen-tts-fleet", version="0.1.0", docs_url=None, redoc_url=None)
+# /docs and /openapi.json are routes of the Ingress below (behind the API key unless docs_without_key).
+app = FastAPI(title="qwen-tts-fleet", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
 HTTP_ERRORS: Counter = Counter()
 
 
@@ -60,48 +70,72 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
                                               ".".join(loc) or None))
 
 
-def _last_line(exc: BaseException) -> str:
-    lines = [x for x in str(exc).strip().splitlines() if x.strip()]
-    msg = lines[-1] if lines else type(exc).__name__
-    return msg.split("ValueError: ", 1)[-1]
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own answers (unknown path 404, wrong method 405, ...) in the API's error shape."""
+    if exc.status_code == 404:
+        err = ApiError(404, f"no such endpoint: {request.url.path[:200]}", "path")
+    elif exc.status_code == 405:
+        err = ApiError(405, f"method {request.method} is not allowed on {request.url.path[:200]}", "method")
+    else:
+        err = ApiError(exc.status_code, str(exc.detail)[:500])
+    err.headers = dict(exc.headers or {})
+    return await _api_error(request, err)
 
 
-def _replica_error(item: dict) -> ApiError:
-    headers = {"Retry-After": str(item["retry_after"])} if item.get("retry_after") else {}
-    return ApiError(item["status"], item["message"], item.get("param"), headers=headers)
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return await _api_error(request, ApiError(500, f"internal error ({type(exc).__name__})"))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict[str, Any], replicas: dict[str, Any]) -> None:
-        self.cfg = ServiceConfig.from_dict(config)
+        # Keys: those resolved where the app was built (in `config`) plus this worker's own environment's.
+        self.cfg = ServiceConfig.from_dict(config).with_env_keys()
         self.replicas = replicas
         self.voices = VoiceStore.from_uri(self.cfg.voices_uri)
-        self.keys = self.cfg.effective_api_keys()
+        self.keys = KeyRing(self.cfg.api_keys, self.cfg.admin_api_keys)
+        self.allow_urls = AllowList(self.cfg.allowed_audio_url_prefixes)
         self._info: dict[str, dict] = {}
+        self.leases = Leases(self.cfg.session_lease_s)      # streams this ingress consumes, renewed on their replicas
+        self.client_streams = ClientStreams()               # open client streams (HTTP + WebSocket) of this ingress
+        self.app_name = serve.get_replica_context().app_name
 
     # --- shared checks ----------------------------------------------------------------------------------------
-    def _auth(self, headers, query: dict | None = None) -> None:
-        if not self.keys:
-            return
-        auth = headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else (query or {}).get("api_key", "")
-        if not any(secrets.compare_digest(token, k) for k in self.keys):
-            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authorization")
+    def _auth(self, headers, query: dict | None = None) -> Caller:
+        """The caller behind `Authorization: Bearer <key>` (or `?api_key=` on the WebSocket); 401 otherwise."""
+        token = bearer_token(headers)
+        if token is None and query and query.get("api_key") is not None:
+            token = query["api_key"]
+        caller = self.keys.check(token)
+        if caller is None:
+            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authorization",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return caller
+
+    def _limits(self, max_bytes: int) -> JsonLimits:
+        return JsonLimits(max_bytes=max_bytes)
 
     async def _json(self, request: Request, limit: int) -> Any:
-        if int(request.headers.get("content-length") or 0) > limit:
-            raise ApiError(413, f"request body is larger than {limit} bytes", "body")
-        body = b""
+        """The body as JSON, within `limit` bytes and jsonlimits' depth and number bounds; 400/413 naming body."""
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            raise ApiError(400, "content-length: not a number", "content-length") from None
+        if declared > limit:
+            raise ApiError(413, f"body: larger than {limit} bytes", "body")
+        body = bytearray()
         async for part in request.stream():
             body += part
             if len(body) > limit:
-                raise ApiError(413, f"request body is larger than {limit} bytes", "body")
+                raise ApiError(413, f"body: larger than {limit} bytes", "body")
         try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"body: malformed JSON ({e})", "body") from None
+            return loads_bounded(bytes(body), self._limits(limit))
+        except JsonRejected as e:
+            raise ApiError(e.status, str(e), "body") from None
 
     def _handle(self, model: str | None):
         name = model or self.cfg.models[0].name
@@ -109,30 +143,16 @@ class Ingress:
             raise ApiError(400, f"model {name!r} is not served; choose one of {sorted(self.replicas)}", "model")
         return name, self.replicas[name]
 
-    def _check_input(self, text: str) -> None:
-        if not text.strip():
-            raise ApiError(400, "input must not be empty", "input")
-        if len(text) > self.cfg.max_input_chars:
-            raise ApiError(400, f"input is longer than {self.cfg.max_input_chars} characters", "input")
-
-    async def _open_stream(self, handle, payload: dict, incremental: bool = False):
-        gen = handle.options(stream=True).stream.remote(payload, incremental)
-        try:
-            first = await gen.__anext__()
-        except Exception as e:  # noqa: BLE001 - Serve back-pressure or a dead replica
-            if "BackPressure" in type(e).__name__ or "BackPressure" in str(e):
-                raise ApiError(503, "service busy; retry later", None,
-                               headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
-            log.exception("replica call failed")
-            raise ApiError(500, f"replica failed: {_last_line(e)}") from None
-        if first["type"] == "error":
-            raise _replica_error(first)
-        return gen, first
+    async def _stream(self, name: str, handle, payload: dict, incremental: bool = False,
+                      counted: bool = True) -> ReplicaStream:
+        """Open a replica stream (leased by this ingress; counted as an open client stream); ApiError if refused."""
+        return await ReplicaStream.open(name, handle, payload, self.leases, incremental, self.cfg.retry_after_s,
+                                        self.client_streams if counted else None)
 
     # --- speech -----------------------------------------------------------------------------------------------
     @app.post("/v1/audio/speech")
     async def speech(self, request: Request) -> Response:
-        self._auth(request.headers)
+        caller = self._auth(request.headers)
         body = await self._json(request, self.cfg.max_body_bytes)
         if not isinstance(body, dict):
             raise ApiError(400, "body: expected a JSON object", "body")
@@ -140,177 +160,154 @@ class Ingress:
             req = SpeechRequest.model_validate(body)
         except ValidationError as e:
             raise from_validation_error(e) from None
-        self._check_input(req.input)
         name, handle = self._handle(req.model)
         payload = req.model_dump(exclude={"response_format", "stream_format", "speed"})
-        payload["model"] = name
+        payload.update(model=name, **{CALLER: caller.scope})  # the key's scope: which stored voices it may use
         try:
             encoder = make_encoder(req.response_format)
         except ValueError as e:
-            raise bad_request(e, "response_format") from None
-        gen, _ = await self._open_stream(handle, payload)
+            raise bad_request(str(e), "response_format") from None
+        stream = await self._stream(name, handle, payload)
+        try:  # nothing is sent before the first audio: a request that fails before it gets a 4xx/5xx JSON answer
+            first = await stream.first_output()
+        except BaseException:  # the error, or the client left (cancelled) before any audio
+            stream.close()
+            raise
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Session-Id": stream.sid}
         if req.stream_format == "sse":
-            return StreamingResponse(self._sse(gen, encoder), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return StreamingResponse(self._audio(gen, encoder), media_type=encoder.media_type,
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def _audio(self, gen, encoder):
-        try:
-            async for item in gen:
-                if item["type"] == "audio":
-                    data = encoder.push(item["pcm"])
-                    if data:
-                        yield data
-                elif item["type"] == "end":
-                    tail = encoder.finish()
-                    if tail:
-                        yield tail
-        finally:
-            gen.cancel()
-
-    async def _sse(self, gen, encoder):
-        def event(obj: dict) -> str:
-            return f"data: {json.dumps(obj)}\n\n"
-
-        try:
-            async for item in gen:
-                if item["type"] == "audio":
-                    data = encoder.push(item["pcm"])
-                    if data:
-                        yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-                elif item["type"] == "end":
-                    tail = encoder.finish()
-                    if tail:
-                        yield event({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode()})
-                    yield event({"type": "speech.audio.done", "finish_reason": item["finish_reason"],
-                                 "num_frames": item["num_frames"], "time_to_first_audio_s": item["ttfa_s"]})
-        finally:
-            gen.cancel()
+            return StreamingResponse(stream.close_with(sse_body(stream, first, encoder)),
+                                     media_type="text/event-stream", headers=headers)
+        return StreamingResponse(stream.close_with(audio_body(stream, first, encoder)),
+                                 media_type=encoder.media_type, headers=headers)
 
     async def synthesize_bulk(self, payload: dict) -> dict:
-        """Batch jobs' entry (`serve.get_app_handle("qtts").synthesize_bulk.remote(payload)`): the speech request
-        fields -> {"pcm": float32 [N], "sample_rate": 24000, "finish_reason", "num_frames"} at bulk priority."""
-        if not isinstance(payload, dict):
-            raise ValueError("payload must be a dict of speech request fields")
-        payload = {k: v for k, v in payload.items() if v is not None}
+        """Kept for callers of the app handle; batch jobs call the model deployment directly (one hop):
+        `serve.get_deployment_handle(f"tts-{model}", app_name).synthesize.remote(payload)` (replica.py)."""
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if model is not None and not isinstance(model, str):
+            raise RequestError("model", "must be a string")
         try:
-            fields = SynthesisFields.model_validate({k: v for k, v in payload.items() if k != "input"})
-        except ValidationError as e:
-            raise ValueError(from_validation_error(e).message) from None
-        text = payload.get("input")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("input must be a non-empty string")
-        if len(text) > self.cfg.max_input_chars:
-            raise ValueError(f"input is longer than {self.cfg.max_input_chars} characters")
-        try:
-            name, handle = self._handle(fields.model)
+            _, handle = self._handle(model)
         except ApiError as e:
-            raise ValueError(e.message) from None
-        data = fields.model_dump()
-        data.update(input=text, model=name, priority="bulk")
-        try:
-            return await handle.synthesize.remote(data)
-        except ValueError as e:
-            raise ValueError(_last_line(e)) from None
+            raise RequestError("model", e.message) from None
+        return await handle.synthesize.remote(payload)
 
-    # --- voices -----------------------------------------------------------------------------------------------
+    # --- voices (owned by the key that created them; other keys see 404, admin keys see all) ------------------
     @app.get("/v1/audio/voices")
     async def list_voices(self, request: Request) -> dict:
-        self._auth(request.headers)
+        caller = self._auth(request.headers)
         data = []
         for name, handle in self.replicas.items():
             info = await self._model_info(name, handle)
             for spk in info.get("speakers") or []:
                 data.append({"id": spk, "object": "voice", "name": spk, "model": name, "builtin": True})
-        stored = await asyncio.to_thread(self.voices.list)
+        stored = await asyncio.to_thread(self.voices.list, caller.scope)
         data += [{**v, "builtin": False} for v in stored]
         return {"object": "list", "data": data}
 
+    @app.get("/v1/audio/voices/{voice_id}")
+    async def get_voice(self, voice_id: str, request: Request) -> dict:
+        caller = self._auth(request.headers)
+        try:
+            return {**await asyncio.to_thread(self.voices.info, voice_id, caller.scope), "builtin": False}
+        except KeyError:
+            raise ApiError(404, f"voice_id: no stored voice {voice_id[:40]!r}", "voice_id") from None
+
     @app.post("/v1/audio/voices")
     async def create_voice(self, request: Request) -> JSONResponse:
-        self._auth(request.headers)
+        caller = self._auth(request.headers)
         limit = self.cfg.max_upload_bytes
-        if int(request.headers.get("content-length") or 0) > limit + 65536:
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            raise ApiError(400, "content-length: not a number", "content-length") from None
+        if declared > limit * 2 + 65536:
             raise ApiError(413, f"upload is larger than {limit} bytes", "file")
         ctype = request.headers.get("content-type", "")
-        if ctype.startswith("application/json"):
+        audio, is_json = None, ctype.startswith("application/json")
+        if is_json:
+            # base64 makes the audio 4/3 larger; the JSON bounds (depth, numbers) hold as for every body
             form = await self._json(request, limit * 2)
             if not isinstance(form, dict):
                 raise ApiError(400, "body: expected a JSON object", "body")
-            audio = None
+            fields = form
         elif ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             try:
                 form = await request.form(max_files=1, max_fields=16)
             except Exception as e:  # noqa: BLE001 - starlette's multipart errors
-                raise ApiError(400, f"body: bad multipart form ({e})", "body") from None
+                raise ApiError(400, f"body: bad form ({type(e).__name__})", "body") from None
             upload = form.get("file")
-            audio = None
             if upload is not None and not isinstance(upload, str):
                 audio = await upload.read(limit + 1)
                 if len(audio) > limit:
-                    raise ApiError(413, f"file is larger than {limit} bytes", "file")
+                    raise ApiError(413, f"file: larger than {limit} bytes", "file")
+            fields = {}
+            for k, v in form.multi_items():
+                if k == "file":
+                    continue
+                if not isinstance(v, str):
+                    raise ApiError(400, f"{k}: expected a text field, got a file", k)
+                fields[k] = v
         else:
-            raise ApiError(415, "send multipart/form-data (file, ref_text, name) or JSON with audio_base64",
-                           "content-type")
-        audio = audio if audio is not None else await self._audio_from_fields(form)
-        name = str(form.get("name") or "").strip()
-        if not name or len(name) > 100:
-            raise ApiError(400, "name is required (1-100 characters)", "name")
-        ref_text = str(form.get("ref_text") or "").strip() or None
-        xvec = str(form.get("x_vector_only", "false")).lower() in ("1", "true", "yes")
-        if not xvec and not ref_text:
-            raise ApiError(400, "ref_text is required unless x_vector_only=true", "ref_text")
+            raise ApiError(415, "content-type: send multipart/form-data (file, ref_text, name) or JSON with "
+                           "audio_base64", "content-type")
+        try:
+            up = VoiceUpload.model_validate(fields, strict=is_json)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        audio_field = "file" if audio is not None else "audio_base64" if up.audio_base64 else "audio_url"
+        if audio is None:
+            audio = await self._audio_from_fields(up)
+        try:
+            for field, value in (("name", up.name), ("ref_text", up.ref_text)):
+                if value is not None:
+                    check_text(value, field, allow_blank=True)
+        except RequestError as e:
+            raise from_request_error(e) from None
         base_models = [m.name for m in self.cfg.models
                        if (await self._model_info(m.name, self.replicas[m.name])).get("type") == "base"]
-        model = str(form.get("model") or (base_models[0] if base_models else ""))
+        model = up.model or (base_models[0] if base_models else "")
         if model not in base_models:
-            raise ApiError(400, f"model {model!r} cannot encode voices; Base models: {base_models}", "model")
+            raise ApiError(400, f"model: {model[:40]!r} cannot encode voices; Base models: {base_models}", "model")
+        ref_text = (up.ref_text or "").strip() or None
         try:
-            info = await self.replicas[model].create_voice.remote(audio, ref_text, xvec, name)
-        except ValueError as e:
-            msg = _last_line(e)
-            param = "file" if msg.startswith("ref_audio") else "ref_text" if msg.startswith("ref_text") else "file"
-            raise ApiError(400, msg.replace("ref_audio", "file", 1), param) from None
-        return JSONResponse(info, status_code=201)
+            info = await self.replicas[model].create_voice.remote(audio, ref_text, up.x_vector_only, up.name,
+                                                                  caller.owner)
+        except RequestError as e:  # from the core (audio header limits, decoding, ref_text) or the store (name)
+            raise from_request_error(getattr(e, "cause", e), audio_field) from None
+        return JSONResponse({**info, "builtin": False}, status_code=201)
 
-    async def _audio_from_fields(self, form) -> bytes:
-        b64, url = form.get("audio_base64"), form.get("audio_url")
-        if b64:
+    async def _audio_from_fields(self, up: VoiceUpload) -> bytes:
+        if up.audio_base64 is not None:
+            b64 = up.audio_base64.split(",", 1)[-1] if up.audio_base64.startswith("data:") else up.audio_base64
+            if len(b64) > self.cfg.max_upload_bytes * 4 // 3 + 4:
+                raise ApiError(413, f"audio_base64: larger than {self.cfg.max_upload_bytes} bytes", "audio_base64")
             try:
-                data = base64.b64decode(str(b64).split(",", 1)[-1], validate=True)
+                data = base64.b64decode(b64, validate=True)
             except ValueError:
                 raise ApiError(400, "audio_base64: invalid base64", "audio_base64") from None
             if len(data) > self.cfg.max_upload_bytes:
-                raise ApiError(413, f"audio_base64 is larger than {self.cfg.max_upload_bytes} bytes", "audio_base64")
+                raise ApiError(413, f"audio_base64: larger than {self.cfg.max_upload_bytes} bytes", "audio_base64")
             return data
-        if url:
-            url = str(url)
-            if not any(url.startswith(p) for p in self.cfg.allowed_audio_url_prefixes):
-                raise ApiError(400, "audio_url: fetching URLs is disabled unless allowed_audio_url_prefixes lists it",
-                               "audio_url")
-            return await asyncio.to_thread(self._fetch, url)
-        raise ApiError(400, "file is required (multipart upload), or audio_base64", "file")
+        if up.audio_url is not None:
+            return await self._fetch(up.audio_url)
+        raise ApiError(400, "file: required (multipart upload), or audio_base64 / audio_url", "file")
 
-    def _fetch(self, url: str) -> bytes:
-        import urllib.request
-
+    async def _fetch(self, url: str) -> bytes:
+        """An allow-listed URL's bytes (serve/fetch.py: structural prefix match, normalised path, every redirect
+        re-checked, size and time bounded)."""
         try:
-            with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - allow-listed prefix
-                data = r.read(self.cfg.max_upload_bytes + 1)
-        except OSError as e:
-            raise ApiError(400, f"audio_url: could not fetch ({e})", "audio_url") from None
-        if len(data) > self.cfg.max_upload_bytes:
-            raise ApiError(413, f"audio_url: larger than {self.cfg.max_upload_bytes} bytes", "audio_url")
-        return data
+            return await fetch_allowed(url, self.allow_urls, self.cfg.max_upload_bytes)
+        except FetchRefused as e:
+            raise ApiError(e.status, f"audio_url: {e}", "audio_url") from None
 
     @app.delete("/v1/audio/voices/{voice_id}")
     async def delete_voice(self, voice_id: str, request: Request) -> dict:
-        self._auth(request.headers)
+        caller = self._auth(request.headers)
         try:
-            await asyncio.to_thread(self.voices.delete, voice_id)
+            await asyncio.to_thread(self.voices.delete, voice_id, caller.scope)
         except KeyError:
-            raise ApiError(404, f"voice {voice_id!r} not found", "voice_id") from None
+            raise ApiError(404, f"voice_id: no stored voice {voice_id[:40]!r}", "voice_id") from None
         return {"id": voice_id, "object": "voice", "deleted": True}
 
     # --- models, health, metrics, playground ------------------------------------------------------------------
@@ -325,28 +322,63 @@ class Ingress:
         return {"object": "list",
                 "data": [await self._model_info(n, h) for n, h in self.replicas.items()]}
 
+    def _replica_ids(self, name: str) -> list[str]:
+        """Serve's ids of the running replicas of model `name` (from Ray's named actors of this app)."""
+        import ray
+
+        prefix = f"SERVE_REPLICA::{self.app_name}#tts-{name}#"
+        return [a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(prefix)]
+
+    async def _replica_stats(self, name: str, handle) -> list[dict]:
+        """`stats` of every replica of a model, each asked directly (routed by its id), deduplicated by replica."""
+        ids = await asyncio.to_thread(self._replica_ids, name)
+        calls = [asyncio.wait_for(detached(handle.options(session_id=route_key(rid)).stats.remote), timeout=5)
+                 for rid in ids] or [asyncio.wait_for(handle.stats.remote(), timeout=5)]
+        out: dict[str, dict] = {}
+        for r in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(r, dict):
+                out.setdefault(r.get("replica", str(len(out))), r)
+            else:
+                log.warning("stats of a %s replica unavailable: %s", name, r)
+        return list(out.values())
+
     @app.get("/health")
-    async def health(self) -> dict:
+    async def health(self) -> JSONResponse:
         out = {}
         for name, handle in self.replicas.items():
-            try:
-                s = await asyncio.wait_for(handle.stats.remote(), timeout=5)
-                out[name] = {"status": "ok", "active_sessions": s["active_sessions"]}
-            except Exception as e:  # noqa: BLE001
-                out[name] = {"status": "error", "error": _last_line(e)}
+            stats = await self._replica_stats(name, handle)
+            out[name] = ({"status": "ok", "replicas": len(stats),
+                          "active_sessions": sum(s["active_sessions"] for s in stats)}
+                         if stats else {"status": "error", "error": "no replica answered"})
         ok = all(v["status"] == "ok" for v in out.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "models": out}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "degraded", "models": out,
+                             "open_client_streams": self.client_streams.count}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics(self) -> PlainTextResponse:
+    async def metrics(self, request: Request) -> PlainTextResponse:
+        if not self.cfg.metrics_without_key:
+            self._auth(request.headers)
         per_model = {}
         for name, handle in self.replicas.items():
-            try:
-                per_model[name] = await asyncio.wait_for(handle.stats.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - a missing model shows as absent series
-                log.warning("stats of %s unavailable", name)
-        return PlainTextResponse(prometheus_text(per_model, dict(HTTP_ERRORS)),
+            stats = await self._replica_stats(name, handle)
+            if stats:  # a model with no replica answering shows as absent series
+                per_model[name] = merge_stats(stats)
+        return PlainTextResponse(prometheus_text(per_model, dict(HTTP_ERRORS), self.client_streams.count),
                                  media_type="text/plain; version=0.0.4")
+
+    @app.get("/openapi.json")
+    async def openapi(self, request: Request) -> JSONResponse:
+        if not self.cfg.docs_without_key:
+            self._auth(request.headers)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs")
+    async def docs(self, request: Request) -> HTMLResponse:
+        if not self.cfg.docs_without_key:
+            self._auth(request.headers)
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="qwen-tts-fleet API")
 
     @app.get("/")
     @app.get("/playground")
@@ -358,113 +390,51 @@ class Ingress:
     @app.websocket("/v1/audio/speech/stream")
     async def speech_stream(self, ws: WebSocket) -> None:
         await ws.accept()
+        self.client_streams.opened()
         try:
-            self._auth(ws.headers, dict(ws.query_params))
-            cfg = WSConfig.model_validate(await self._ws_message(ws))
-            name, handle = self._handle(cfg.model)
-            payload = cfg.model_dump(exclude={"type", "response_format"})
-            payload["model"] = name
-            gen, first = await self._open_stream(handle, payload, incremental=True)
-        except ValidationError as e:
-            return await self._ws_fail(ws, from_validation_error(e))
-        except ApiError as e:
-            return await self._ws_fail(ws, e)
-        except WebSocketDisconnect:
-            return
-        encoder = make_encoder(cfg.response_format)
-        await ws.send_json({"type": "start", "model": name, "sample_rate": 24000, "format": cfg.response_format})
-        feeder = asyncio.create_task(self._ws_feed(ws, handle, first["key"]))
-        writer = asyncio.create_task(self._ws_write(ws, gen, encoder))
-        try:
-            done, _ = await asyncio.wait({feeder, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if feeder in done and feeder.result() is not None:
-                writer.cancel()
-                gen.cancel()
-                return await self._ws_fail(ws, feeder.result())
-            await writer
-        except WebSocketDisconnect:
-            pass
-        finally:
-            gen.cancel()
-            feeder.cancel()
-            writer.cancel()
-
-    async def _ws_write(self, ws: WebSocket, gen, encoder) -> None:
-        async for item in gen:
-            if item["type"] == "audio":
-                data = encoder.push(item["pcm"])
-                if data:
-                    await ws.send_bytes(data)
-            elif item["type"] == "end":
-                tail = encoder.finish()
-                if tail:
-                    await ws.send_bytes(tail)
-                await ws.send_json({"type": "done", "finish_reason": item["finish_reason"],
-                                    "num_frames": item["num_frames"], "time_to_first_audio_s": item["ttfa_s"]})
-                await ws.close(1000)
+            try:
+                caller = self._auth(ws.headers, dict(ws.query_params))
+                cfg = WSConfig.model_validate(await self._ws_message(ws, self.cfg.ws_idle_timeout_s))
+                name, handle = self._handle(cfg.model)
+                payload = cfg.model_dump(exclude={"type", "response_format"})
+                payload.update(model=name, **{CALLER: caller.scope})
+                encoder = make_encoder(cfg.response_format)
+                stream = await self._stream(name, handle, payload, incremental=True, counted=False)
+            except ValidationError as e:
+                return await send_error(ws, from_validation_error(e), self._count_error)
+            except ApiError as e:
+                return await send_error(ws, e, self._count_error)
+            except WebSocketDisconnect:
                 return
+            c = self.cfg
+            session = WSSession(ws, lambda: self._ws_message(ws), handle, stream, encoder,
+                                MessageLimiter(c.ws_max_messages, c.ws_max_messages_per_s, c.ws_message_burst),
+                                {"type": "start", "model": name, "sample_rate": 24000, "format": cfg.response_format},
+                                self._count_error)
+            await session.run()
+        finally:
+            self.client_streams.closed()
 
-    async def _ws_message(self, ws: WebSocket) -> Any:
+    @staticmethod
+    def _count_error(kind: str) -> None:
+        HTTP_ERRORS[kind] += 1
+
+    async def _ws_message(self, ws: WebSocket, timeout_s: float | None = None) -> Any:
+        """The next client message as a JSON object with a `type` (bounded JSON); ApiError when it is not one,
+        408 after `timeout_s` of silence, WebSocketDisconnect when the client left."""
         try:
-            msg = await asyncio.wait_for(ws.receive(), timeout=self.cfg.ws_idle_timeout_s)
+            msg = await asyncio.wait_for(ws.receive(), timeout=timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(408, f"no message for {self.cfg.ws_idle_timeout_s} s", "message") from None
+            raise ApiError(408, f"message: none for {timeout_s:g} s", "message") from None
         if msg["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(msg.get("code", 1000))
         text = msg.get("text")
         if text is None:
             raise ApiError(400, "message: expected a JSON text message", "message")
-        if len(text) > self.cfg.max_body_bytes:
-            raise ApiError(413, "message: too large", "message")
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"message: malformed JSON ({e})", "message") from None
+            data = loads_bounded(text, self._limits(self.cfg.max_body_bytes), what="message")
+        except JsonRejected as e:
+            raise ApiError(e.status, str(e), "message") from None
         if not isinstance(data, dict) or "type" not in data:
             raise ApiError(400, "message: expected an object with 'type' (config, text or end)", "type")
         return data
-
-    async def _ws_feed(self, ws: WebSocket, handle, key: int) -> ApiError | None:
-        """Text messages -> the replica holding the session; returns an error to report, or None when ended."""
-        total = 0
-        try:
-            while True:
-                data = await self._ws_message(ws)
-                kind = data.get("type")
-                if kind == "text":
-                    piece = WSText.model_validate(data).text
-                    total += len(piece)
-                    if total > self.cfg.max_input_chars:
-                        return ApiError(400, f"text is longer than {self.cfg.max_input_chars} characters", "text")
-                elif kind == "end":
-                    WSEnd.model_validate(data)
-                    piece = None
-                else:
-                    return ApiError(400, f"type must be 'text' or 'end' after the config, got {kind!r}", "type")
-                err = await self._feed(handle, key, piece)
-                if err is not None:
-                    return ApiError(400, f"text: {err}", "text")
-                if piece is None:
-                    return None
-        except ValidationError as e:
-            return from_validation_error(e)
-        except ApiError as e:
-            return e
-        except WebSocketDisconnect:
-            return None
-
-    async def _feed(self, handle, key: int, piece: str | None) -> str | None:
-        # The session lives on one replica; with several replicas the call may land elsewhere: try again.
-        for _ in range(32):
-            err = await handle.feed.remote(key, piece)
-            if err != "unknown session":
-                return err
-        return "session lost"
-
-    async def _ws_fail(self, ws: WebSocket, err: ApiError) -> None:
-        HTTP_ERRORS[f"ws_{err.status}"] += 1
-        try:
-            await ws.send_json({"type": "error", **err.body()})
-            await ws.close(1008 if err.status < 500 else 1011)
-        except Exception:  # noqa: BLE001 - the client is already gone
-            pass

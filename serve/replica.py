@@ -1,19 +1,28 @@
 """The model replica: a Serve deployment that owns one Engine and streams its chunks to many requests at once.
 
-Handle protocol of `stream(payload)` (an async generator, called with `.options(stream=True)`), plain dicts:
+Handle protocol of `stream(payload, incremental=False, lease=False)` (an async generator, called with
+`.options(stream=True)`), plain dicts:
     {"type": "error", "status": 400|503, "message": str, "param": str|None, "retry_after": int}   (only item)
-    {"type": "start", "key": int}                       then
-    {"type": "audio", "pcm": np.ndarray float32 [N]}    ... then
-    {"type": "end", "finish_reason": str, "num_frames": int, "ttfa_s": float|None}
+    {"type": "start", "session": str}                 then
+    {"type": "audio", "pcm": np.ndarray float32 [N]}  ... then
+    {"type": "end", "finish_reason": str, "num_frames": int, "ttfa_s": float|None,
+     "status": None | int, "message": None | str, "param": None | str}      (status set: the session FAILED)
+The session id routes later calls to this replica (routing.py): `feed(session, text, end)` for incremental text,
+`renew([sessions])` for the consumer's lease (`lease=True`: a session nobody renews for `lease_s` is cancelled).
 Cancelling the call (the client went away) cancels the engine session at its next step.
+
+For batch jobs, one hop at bulk priority:
+    h = serve.get_deployment_handle(f"tts-{model}", app_name)
+    out = await h.synthesize.remote({"input": "...", "voice": "vivian", ...})
+    # {"pcm": float32 [N], "sample_rate": 24000, "finish_reason": str, "num_frames": int}
+    # raises qwen_tts_core.errors.RequestError (bad input, `.field`), serve.scheduler.Busy (`.retry_after_s`),
+    # serve.scheduler.SynthesisFailed (accepted, then failed: engine error, deadline)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -22,37 +31,72 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from qwen_tts_core import Engine, SamplingParams, SynthesisRequest, save_voice_prompt
+from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
+from qwen_tts_core.errors import RequestError
 from qwen_tts_core.generate.requests import validate as validate_request
 
 from .config import ModelConfig
 from .metrics import ReplicaMetrics, summarize
 from .requests import build_request, load_model, model_info
-from .scheduler import Busy, Scheduler, SchedulerLimits, Ticket
-from .schemas import param_from_message
+from .scheduler import Busy, Scheduler, SchedulerLimits, SynthesisFailed, Ticket
+from .schemas import api_field, from_request_error
+from .sessions import OpenSession, SessionLimits, SessionTable, UnknownSession
 from .voices import VoiceStore
 
 log = logging.getLogger(__name__)
 
 SAMPLES_PER_FRAME = 1920
+WATCH_PERIOD_S = 0.5
+ENGINE_OPTIONS = ("max_len", "cuda_graphs", "batch_buckets", "compile")
 
 
 def _error(status: int, message: str, param: str | None = None, retry_after: int | None = None) -> dict:
     return {"type": "error", "status": status, "message": message, "param": param, "retry_after": retry_after}
 
 
+def _api_param(field: str | None) -> str | None:
+    """A core argument name -> the API field clients know (schemas' one table)."""
+    return api_field(field) if field else None
+
+
+def as_request_error(e: ValueError) -> RequestError:
+    """Bad input as the typed core error (the core raises RequestError; any other ValueError is about the input)."""
+    if not isinstance(e, RequestError):  # outside the core contract (a bug to fix): still the caller's 400
+        log.warning("request refused without a RequestError: %s", e)
+        return RequestError("request", str(e))
+    return e
+
+
+def engine_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The Engine options set in the model config (unset ones keep the engine's defaults)."""
+    import inspect
+
+    out = {k: getattr(cfg, k) for k in ENGINE_OPTIONS if getattr(cfg, k) is not None}
+    accepted = inspect.signature(Engine.__init__).parameters
+    unknown = sorted(set(out) - set(accepted))
+    if unknown:
+        raise ValueError(f"models[{cfg.name}]: this engine has no option(s) {unknown}")
+    if "batch_buckets" in out:
+        out["batch_buckets"] = tuple(out["batch_buckets"])
+    return out
+
+
 class ReplicaCore:
     """Everything the deployment does, without Serve (unit tests build it directly)."""
 
-    def __init__(self, model, cfg: ModelConfig, voices: VoiceStore | None, retry_after_s: int = 1) -> None:
+    def __init__(self, model, cfg: ModelConfig, voices: VoiceStore | None, retry_after_s: int = 1,
+                 limits: SessionLimits | None = None, owner: str = "local") -> None:
         self.model, self.cfg, self.voices = model, cfg, voices
-        self.engine = Engine(model, max_sessions=cfg.max_sessions, max_queue=cfg.max_queue + cfg.max_sessions)
+        self.engine = Engine(model, max_sessions=cfg.max_sessions, max_queue=cfg.max_queue + cfg.max_sessions,
+                             **engine_kwargs(cfg))
         self.metrics = ReplicaMetrics(cfg.name)
         self.scheduler = Scheduler(self.engine, SchedulerLimits(max_queue=cfg.max_queue,
                                                                 interactive_reserve=cfg.interactive_reserve,
+                                                                max_bulk_waiting=cfg.max_bulk_queue,
                                                                 retry_after_s=retry_after_s),
                                    on_finish=self._on_finish, validate=partial(validate_request, model))
-        self._incremental: dict[int, Ticket] = {}
+        self.sessions = SessionTable(owner, limits or SessionLimits())
+        self._watch_task: asyncio.Task | None = None
 
     def warm_up(self) -> float:
         """One short synthesis (allocations, first-call costs) before traffic; returns seconds."""
@@ -68,12 +112,30 @@ class ReplicaCore:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.scheduler.start(loop)
+        self._watch_task = loop.create_task(self._watch())
+
+    def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        self.scheduler.stop()
+
+    async def _watch(self) -> None:
+        """End sessions past their idle timeout or deadline, and cancel those whose consumer stopped renewing."""
+        while True:
+            await asyncio.sleep(WATCH_PERIOD_S)
+            for s, failure in self.sessions.expired():
+                if failure is None:
+                    log.warning("session %s: consumer gone (lease expired); cancelling", s.sid)
+                    self.scheduler.cancel(s.ticket)
+                else:
+                    log.info("session %s: %s", s.sid, failure.message)
+                    self.scheduler.fail(s.ticket, failure.status, failure.message, failure.param)
 
     def _on_finish(self, ticket: Ticket, chunk) -> None:
-        if chunk.finish_reason == "error":
-            self.metrics.error("engine")
+        if ticket.failure is not None or chunk.finish_reason == "error":
+            self.metrics.error("engine" if ticket.failure is None else "session")
         rtf = None
-        if ticket.samples and chunk.finish_reason not in ("cancelled", "error"):
+        if ticket.samples and chunk.finish_reason not in ("cancelled", "error") and ticket.failure is None:
             rtf = (time.perf_counter() - ticket.t_submit) / (ticket.samples / 24000)
         self.metrics.finished(ticket.ttfa_s if ticket.request.priority == "interactive" else None, rtf)
         self._gauges()
@@ -81,124 +143,178 @@ class ReplicaCore:
     def _gauges(self) -> None:
         self.metrics.gauges(self.scheduler.active_sessions, self.scheduler.queue_length)
 
-    async def _submit(self, payload: dict[str, Any], incremental: bool) -> Ticket | dict:
+    async def _submit(self, payload: dict[str, Any], incremental: bool) -> Ticket:
+        """RequestError (bad input) or Busy (full)."""
+        if not isinstance(payload, dict):
+            raise RequestError("payload", "must be a dict of request fields")
         try:
             req = build_request(self.model, self.cfg, payload, self.voices,
                                 **({"text": None} if incremental else {}))
             ticket = await self.scheduler.submit(req)
         except ValueError as e:
             self.metrics.error("bad_request")
-            return _error(400, str(e), param_from_message(str(e)))
-        except Busy as e:
+            raise as_request_error(e) from None
+        except Busy:
             self.metrics.error("busy")
-            return _error(503, str(e), None, e.retry_after_s)
+            raise
         self.metrics.request(req.priority)
         self._gauges()
         return ticket
 
-    async def stream(self, payload: dict[str, Any], incremental: bool = False) -> AsyncIterator[dict]:
-        ticket = await self._submit(payload, incremental)
-        if isinstance(ticket, dict):
-            yield ticket
-            return
-        if incremental:
-            self._incremental[ticket.key] = ticket
+    def _end_item(self, ticket: Ticket, ch) -> dict:
+        end = {"type": "end", "finish_reason": ch.finish_reason, "num_frames": ticket.samples // SAMPLES_PER_FRAME,
+               "ttfa_s": ticket.ttfa_s, "status": None, "message": None, "param": None}
+        f = ticket.failure
+        if f is not None:
+            end.update(finish_reason="error", status=f.status, message=f.message, param=f.param)
+        elif ch.finish_reason == "error":
+            field = getattr(ch, "error_field", None)
+            message = (getattr(ch, "error", None) or getattr(ticket.session, "error", None)
+                       or "synthesis failed in the engine")
+            end.update(status=400 if field else 500, message=message, param=_api_param(field))
+        elif ch.finish_reason == "cancelled":
+            end.update(status=500, message="the session was cancelled")
+        return end
+
+    async def stream(self, payload: dict[str, Any], incremental: bool = False,
+                     lease: bool = False) -> AsyncIterator[dict]:
         try:
-            yield {"type": "start", "key": ticket.key}
+            ticket = await self._submit(payload, incremental)
+        except RequestError as e:
+            err = from_request_error(e)
+            yield _error(400, err.message, err.param)
+            return
+        except Busy as e:
+            yield _error(503, str(e), None, e.retry_after_s)
+            return
+        sess = self.sessions.open(ticket, incremental, lease)
+        try:
+            yield {"type": "start", "session": sess.sid}
             async for ch in self.scheduler.chunks(ticket):
                 if ch.pcm.size:
                     yield {"type": "audio", "pcm": ch.pcm}
                 if ch.is_last:
-                    yield {"type": "end", "finish_reason": ch.finish_reason,
-                           "num_frames": ticket.samples // SAMPLES_PER_FRAME, "ttfa_s": ticket.ttfa_s}
+                    yield self._end_item(ticket, ch)
         finally:
-            self._incremental.pop(ticket.key, None)
+            self.sessions.close(sess.sid)
             self.scheduler.cancel(ticket)  # no-op when it finished
             self._gauges()
 
-    def feed(self, key: int, piece: str | None) -> str | None:
-        """Text for an incremental session (None = end). Returns None on success, else an error message."""
-        ticket = self._incremental.get(key)
-        if ticket is None:
-            return "unknown session"
+    def feed(self, session: str, text: str = "", end: bool = False) -> dict:
+        """Text for an incremental session held here. Raises UnknownSession (not held here / ended) or
+        RequestError('text') (bad text, limits; the session then fails too). Returns {"chars": total so far}."""
+        s: OpenSession = self.sessions.get(session)
+        t = s.ticket
+        if t.finished or t.failure is not None or t.cancelled:
+            raise UnknownSession(session, "has ended")
+        if not s.incremental:
+            raise RequestError("text", "this session was opened with its full text")
         try:
-            if piece is None:
-                self.scheduler.end_text(ticket)
-            else:
-                self.scheduler.append_text(ticket, piece)
+            self.sessions.take_text(s, text, end)
+            if text:
+                self.scheduler.append_text(t, text)
+            if end:
+                self.scheduler.end_text(t)
         except ValueError as e:
-            return str(e)
-        return None
+            err = as_request_error(e)
+            self.scheduler.fail(t, 400, str(err), "text")
+            raise err from None
+        return {"chars": s.text_chars}
+
+    def renew(self, sessions: list[str]) -> list[str]:
+        """The consumer of these sessions is alive; returns the ids this replica does not hold."""
+        return self.sessions.renew(list(sessions))
 
     async def synthesize(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Whole utterance as one array (bulk priority unless the payload says otherwise); ValueError on bad input."""
-        payload = {"priority": "bulk", **payload}
+        """Whole utterance as one array, at bulk priority unless the payload says otherwise.
+        Raises RequestError (bad input), Busy (full: retry later), SynthesisFailed (accepted, then failed)."""
+        if not isinstance(payload, dict):
+            raise RequestError("payload", "must be a dict of request fields")
+        ticket = await self._submit({"priority": "bulk", **payload}, False)
+        sess = self.sessions.open(ticket, False, False)
         pcm, end = [], None
-        async for item in self.stream(payload):
-            if item["type"] == "error":
-                if item["status"] == 400:
-                    raise ValueError(item["message"])
-                raise RuntimeError(item["message"])
-            if item["type"] == "audio":
-                pcm.append(item["pcm"])
-            elif item["type"] == "end":
-                end = item
+        try:
+            async for ch in self.scheduler.chunks(ticket):
+                if ch.pcm.size:
+                    pcm.append(ch.pcm)
+                if ch.is_last:
+                    end = self._end_item(ticket, ch)
+        finally:
+            self.sessions.close(sess.sid)
+            self.scheduler.cancel(ticket)
+        if end["status"] is not None:
+            if end["status"] == 400 and end["param"]:
+                raise RequestError(end["param"], end["message"])
+            raise SynthesisFailed(end["message"], end["finish_reason"], end["status"])
         audio = np.concatenate(pcm).astype(np.float32) if pcm else np.zeros(0, np.float32)
         return {"pcm": audio, "sample_rate": 24000, "finish_reason": end["finish_reason"],
                 "num_frames": len(audio) // SAMPLES_PER_FRAME}
 
-    async def create_voice(self, audio: bytes, ref_text: str | None, x_vector_only: bool, name: str) -> dict:
-        """Encode the reference once and store the prompt; returns the voice's info. ValueError on bad audio."""
+    async def create_voice(self, audio: bytes, ref_text: str | None, x_vector_only: bool, name: str,
+                           owner: str = "") -> dict:
+        """Encode the reference once and store the prompt owned by `owner` (an API key digest); returns the voice's
+        info. RequestError on bad audio (checked from its header first) or a bad name."""
         if self.voices is None:
-            raise ValueError("voice store is not configured")
+            raise RequestError("voice", "no voice store is configured")
         items = await asyncio.to_thread(self.model.create_voice_clone_prompt, audio, ref_text, x_vector_only)
-        fd, tmp = tempfile.mkstemp(suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_voice_prompt(items[0], tmp, name=name, model=self.cfg.name, created=str(int(time.time())))
-            with open(tmp, "rb") as f:
-                data = f.read()
-        finally:
-            os.unlink(tmp)
-        vid = self.voices.put(data)
-        return self.voices.info(vid)
+        return await asyncio.to_thread(self.voices.create, items[0], name=name, model=self.cfg.name, owner=owner)
 
     def info(self) -> dict[str, Any]:
         return model_info(self.model, self.cfg)
 
     def stats(self) -> dict[str, Any]:
-        s = summarize(self.scheduler.stats)
-        s.update(active_sessions=self.scheduler.active_sessions, queue_length=self.scheduler.queue_length,
-                 engine_active=self.engine.num_active, engine_queued=self.engine.num_queued)
+        """This replica's numbers (`replica` identifies it: the ingress sums over every replica of a model)."""
+        st = self.scheduler.stats
+        s = summarize(st)
+        s.update(replica=self.sessions.owner, active_sessions=self.scheduler.active_sessions,
+                 queue_length=self.scheduler.queue_length, open_sessions=len(self.sessions),
+                 engine_active=self.engine.num_active, engine_queued=self.engine.num_queued,
+                 idle_waits=st.idle_waits, ttfa_recent_s=list(st.ttfa_s)[-256:],
+                 **{f"expired_{k}": v for k, v in self.sessions.expired_counts.items()})
         return s
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class TTSReplica:
-    """One model on one device (GPU when `num_gpus` > 0); options (name, resources, autoscaling) come from app.py."""
+    """One model on one device (GPU when `num_gpus` > 0); options (name, resources, router, autoscaling) come from
+    app.py. Its methods are the handle API above; `synthesize` is the batch jobs' entry."""
 
     async def __init__(self, model_cfg: dict[str, Any], cache_dir: str, voices_uri: str,
-                       retry_after_s: int = 1) -> None:
+                       retry_after_s: int = 1, session_limits: dict[str, Any] | None = None) -> None:
         cfg = ModelConfig.from_dict(model_cfg)
+        if cfg.num_gpus > 0:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"models[{cfg.name}]: num_gpus={cfg.num_gpus} but CUDA is not available to this "
+                                   f"replica (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+                                   "install a CUDA build of torch or set num_gpus: 0")
         model = await asyncio.to_thread(load_model, cfg, cache_dir)
-        self.core = ReplicaCore(model, cfg, VoiceStore.from_uri(voices_uri), retry_after_s)
+        owner = serve.get_replica_context().replica_id.unique_id
+        self.core = ReplicaCore(model, cfg, VoiceStore.from_uri(voices_uri), retry_after_s,
+                                SessionLimits(**(session_limits or {})), owner=owner)
         if cfg.warmup:
             secs = await asyncio.to_thread(self.core.warm_up)
             log.info("replica for %s warmed up in %.2f s", cfg.name, secs)
         self.core.start(asyncio.get_running_loop())
 
-    async def stream(self, payload: dict[str, Any], incremental: bool = False) -> AsyncIterator[dict]:
-        async for item in self.core.stream(payload, incremental):
+    async def stream(self, payload: dict[str, Any], incremental: bool = False,
+                     lease: bool = False) -> AsyncIterator[dict]:
+        async for item in self.core.stream(payload, incremental, lease):
             yield item
 
-    async def feed(self, key: int, piece: str | None) -> str | None:
-        return self.core.feed(key, piece)
+    async def feed(self, session: str, text: str = "", end: bool = False) -> dict:
+        return self.core.feed(session, text, end)
+
+    async def renew(self, sessions: list[str]) -> list[str]:
+        return self.core.renew(sessions)
 
     async def synthesize(self, payload: dict[str, Any]) -> dict[str, Any]:
         return await self.core.synthesize(payload)
 
-    async def create_voice(self, audio: bytes, ref_text: str | None, x_vector_only: bool, name: str) -> dict:
-        return await self.core.create_voice(audio, ref_text, x_vector_only, name)
+    async def create_voice(self, audio: bytes, ref_text: str | None, x_vector_only: bool, name: str,
+                           owner: str = "") -> dict:
+        return await self.core.create_voice(audio, ref_text, x_vector_only, name, owner)
 
     async def info(self) -> dict[str, Any]:
         return self.core.info()

@@ -2,15 +2,21 @@
 
     sched = Scheduler(engine, SchedulerLimits(max_queue=16, interactive_reserve=2))
     sched.start(asyncio.get_running_loop())
-    ticket = await sched.submit(request)          # ValueError (bad input) | Busy (full: answer 503 + Retry-After)
+    ticket = await sched.submit(request)          # RequestError (bad input) | Busy (full: answer 503 + Retry-After)
     async for chunk in sched.chunks(ticket): ...  # AudioChunk, the last one has is_last=True
+    sched.fail(ticket, 408, "no text for 30 s", "text")   # end it as a failure the consumer reports
     sched.cancel(ticket)                          # client went away: frees the slot at the next step
 
 Admission, streaming first: interactive requests go straight to the engine (its queue serves interactive before
-bulk) unless every slot is taken and `max_queue` sessions
-already wait, in which case `Busy` is raised instead of piling up. Bulk requests wait
-here and enter the engine only while fewer than `max_sessions - interactive_reserve` sessions are active or queued, so
-an interactive arrival always finds a free slot; they never get `Busy`.
+bulk) unless every slot is taken and `max_queue` sessions already wait, in which case `Busy` is raised instead of
+piling up. Bulk requests wait here and enter the engine only while fewer than `max_sessions - interactive_reserve`
+sessions are active or queued, so an interactive arrival always finds a free slot.
+
+The loop thread blocks while nothing can run (no work, or every session waits for text): it sleeps on an event that
+submit / text / end / cancel set, so a session waiting for text costs no CPU. It uses `Engine.runnable()` when the
+engine has it; otherwise a step that emitted nothing and moved no session counts as "nothing runnable". Every ticket
+ends with exactly one last chunk: one the engine emits, or, if the engine finished a session without emitting it
+(e.g. a session that ends at prefill), one made here from the session's finish reason.
 """
 
 from __future__ import annotations
@@ -35,11 +41,25 @@ _keys = itertools.count(1)
 
 
 class Busy(RuntimeError):
-    """The replica is full; the caller should retry after `retry_after_s`."""
+    """The replica is full; the caller should retry after `retry_after_s`. Picklable (crosses Ray)."""
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.message, self.retry_after_s = message, retry_after_s
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.retry_after_s))
+
+
+class SynthesisFailed(RuntimeError):
+    """A request that was accepted and then failed (engine error, deadline, cancellation). Picklable."""
+
+    def __init__(self, message: str, finish_reason: str = "error", status: int = 500) -> None:
+        super().__init__(message)
+        self.message, self.finish_reason, self.status = message, finish_reason, status
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.finish_reason, self.status))
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,15 @@ class SchedulerLimits:
     interactive_reserve: int = 2     # slots bulk never takes
     max_bulk_waiting: int = 1024     # bulk requests parked here before Busy
     retry_after_s: int = 1
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a session was ended by the service rather than by the engine (limits, timeouts, a lost consumer)."""
+
+    status: int
+    message: str
+    param: str | None = None
 
 
 @dataclass(eq=False)
@@ -61,8 +90,9 @@ class Ticket:
     t_submit: float = field(default_factory=time.perf_counter)
     t_first_audio: float | None = None
     samples: int = 0
-    finished: bool = False
+    finished: bool = False            # its last chunk was delivered
     cancelled: bool = False
+    failure: Failure | None = None    # set by Scheduler.fail
 
     @property
     def ttfa_s(self) -> float | None:
@@ -79,15 +109,22 @@ class SchedulerStats:
     cancelled: int = 0
     completed: int = 0
     steps: int = 0
+    idle_waits: int = 0
     ttfa_s: deque = field(default_factory=lambda: deque(maxlen=1024))
     rtf: deque = field(default_factory=lambda: deque(maxlen=1024))
 
 
+def _last(session_id: int, reason: str) -> AudioChunk:
+    return AudioChunk(session_id, np.zeros(0, np.float32), 0, 0, True, reason)
+
+
 class Scheduler:
+    IDLE_WAIT_S = 1.0   # upper bound of one blocked wait (a safety net; every state change wakes the loop at once)
+
     def __init__(self, engine, limits: SchedulerLimits = SchedulerLimits(), on_finish=None,
                  validate=None) -> None:
         """`on_finish(ticket, chunk)` is called on the event loop when a session ends (metrics hook);
-        `validate(request)` checks parked bulk requests up front (ValueError), as `engine.add` does for others."""
+        `validate(request)` checks parked bulk requests up front (RequestError), as `engine.add` does for others."""
         self.engine, self.limits, self.on_finish, self.validate = engine, limits, on_finish, validate
         self.stats = SchedulerStats()
         self._by_session: dict[int, Ticket] = {}
@@ -121,6 +158,9 @@ class Scheduler:
     @property
     def queue_length(self) -> int:
         return self.engine.num_queued + len(self._bulk_waiting)
+
+    def open_tickets(self) -> list[Ticket]:
+        return list(self._open.values())
 
     async def submit(self, request: SynthesisRequest) -> Ticket:
         self.stats.requests += 1
@@ -168,6 +208,13 @@ class Scheduler:
         ticket.session.end_text()
         self._wake.set()
 
+    def fail(self, ticket: Ticket, status: int, message: str, param: str | None = None) -> None:
+        """End a session as a failure (the consumer reports `status`/`message`/`param`); no-op once finished."""
+        if ticket.finished or ticket.failure is not None:
+            return
+        ticket.failure = Failure(status, message, param)
+        self.cancel(ticket)
+
     def cancel(self, ticket: Ticket) -> None:
         """Free the request's slot now (no-op when finished); its queue gets a last 'cancelled' chunk."""
         if ticket.finished or ticket.cancelled:
@@ -180,7 +227,7 @@ class Scheduler:
                 except ValueError:
                     pass
                 else:
-                    self._deliver(ticket, AudioChunk(-1, np.zeros(0, np.float32), 0, 0, True, "cancelled"))
+                    self._deliver(ticket, _last(-1, "cancelled"))
                     return
         if ticket.session is not None:
             self.engine.cancel(ticket.session)
@@ -209,35 +256,80 @@ class Scheduler:
                     ticket.session = e.add(ticket.request)
                 except (ValueError, EngineBusy) as err:
                     log.warning("bulk request failed to enter the engine: %s", err)
-                    self._deliver(ticket, AudioChunk(-1, np.zeros(0, np.float32), 0, 0, True, "error"))
+                    ticket.failure = Failure(400 if isinstance(err, ValueError) else 503, str(err),
+                                             getattr(err, "field", None))
+                    self._deliver(ticket, _last(-1, "error"))
                     continue
                 self._by_session[ticket.session.id] = ticket
 
+    def _runnable(self) -> bool:
+        runnable = getattr(self.engine, "runnable", None)
+        return bool(runnable()) if runnable is not None else self.engine.has_work()
+
+    def _mark(self) -> tuple:
+        """What a step can change, for engines without `runnable()`: counts and each session's position."""
+        with self._lock:
+            sessions = [t.session for t in self._by_session.values()]
+        return (self.engine.num_active, self.engine.num_queued,
+                *((getattr(s, "phase", None), getattr(s, "pos", None), getattr(s, "num_frames", None),
+                   getattr(s, "text_step", None)) for s in sessions))
+
     def _run(self) -> None:
+        idle = False
         while not self._stop.is_set():
-            self._admit_bulk()
-            if not self.engine.has_work():
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
+            if idle:
+                self.stats.idle_waits += 1
+                self._wake.wait(self.IDLE_WAIT_S)
+            self._wake.clear()
             try:
-                chunks = self.engine.step()
+                idle = self._iterate()
             except Exception:  # noqa: BLE001 - keep serving: fail what was running, not the replica
                 log.exception("engine step failed; failing its sessions")
-                chunks = []
-                for t in list(self._by_session.values()):
-                    self.engine.cancel(t.session)
-                    chunks.append(AudioChunk(t.session.id, np.zeros(0, np.float32), 0, 0, True, "error"))
-            self.stats.steps += 1
-            for ch in chunks:
                 with self._lock:
-                    ticket = self._by_session.get(ch.session_id)
-                    if ticket is not None and ch.is_last:
-                        del self._by_session[ch.session_id]
-                if ticket is not None:
-                    self._deliver(ticket, ch)
+                    tickets = list(self._by_session.values())
+                    self._by_session.clear()
+                for t in tickets:
+                    self.engine.cancel(t.session)
+                    self._deliver(t, _last(t.session.id, "error"))
+                idle = False
+
+    def _iterate(self) -> bool:
+        """Admit, step, hand out chunks; True when nothing could run (the loop then blocks)."""
+        self._admit_bulk()
+        if not self._runnable():
+            return True
+        before = self._mark()
+        chunks = self.engine.step()
+        self.stats.steps += 1
+        self._dispatch(chunks)
+        self._reap_silent_finishes()
+        if hasattr(self.engine, "runnable"):
+            return not self._runnable()
+        return not chunks and self._mark() == before
+
+    def _dispatch(self, chunks: list[AudioChunk]) -> None:
+        for ch in chunks:
+            with self._lock:
+                ticket = self._by_session.get(ch.session_id)
+                if ticket is not None and ch.is_last:
+                    del self._by_session[ch.session_id]
+            if ticket is not None:
+                self._deliver(ticket, ch)
+
+    def _reap_silent_finishes(self) -> None:
+        """Sessions the engine finished without emitting their last chunk still end (never a hanging stream)."""
+        with self._lock:
+            done = [t for t in self._by_session.values() if getattr(t.session, "done", False)]
+            for t in done:
+                del self._by_session[t.session.id]
+        for t in done:
+            reason = getattr(t.session, "finish_reason", None) or "error"
+            log.warning("session %s finished (%s) without a last chunk; ending it here", t.session.id, reason)
+            self._deliver(t, _last(t.session.id, reason))
 
     def _deliver(self, ticket: Ticket, chunk: AudioChunk) -> None:
+        if ticket.finished:
+            return
         if chunk.pcm.size and ticket.t_first_audio is None:
             ticket.t_first_audio = time.perf_counter()
         ticket.samples += int(chunk.pcm.size)
@@ -249,10 +341,10 @@ class Scheduler:
     def _finished(self, ticket: Ticket, chunk: AudioChunk) -> None:
         self._open.pop(ticket.key, None)
         reason = chunk.finish_reason
-        if reason == "cancelled":
-            self.stats.cancelled += 1
-        elif reason == "error":
+        if ticket.failure is not None or reason == "error":
             self.stats.errors += 1
+        elif reason == "cancelled":
+            self.stats.cancelled += 1
         else:
             self.stats.completed += 1
             if ticket.ttfa_s is not None and ticket.request.priority == "interactive":

@@ -1,53 +1,65 @@
-"""Request models of the HTTP/WebSocket API and the JSON error body.
+"""Request models of the HTTP/WebSocket API, the JSON error body, and the one map from core fields to API fields.
 
-Errors follow OpenAI's shape so its client surfaces them: `{"error": {"message", "type", "param", "code"}}`; `param`
-names the offending field of the request.
+The models check SHAPE and STRICT TYPES only (a JSON `true` is not an integer, an object is not a string, unknown
+fields are refused); every range and every rule about values lives in the core (`qwen_tts_core.generate.requests`,
+`SamplingParams`), which raises `RequestError(field, message)`; `API_FIELD` turns its `field` into the name the
+client sent. Errors follow OpenAI's shape so its client surfaces them:
+`{"error": {"message", "type", "param", "code"}}`, `param` naming the offending field.
 """
 
 from __future__ import annotations
 
-import re
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from qwen_tts_core.errors import RequestError
+from qwen_tts_core.types import SAMPLING_FIELDS, SamplingParams
 
 ResponseFormat = Literal["wav", "pcm", "flac", "mp3", "opus"]
 StreamFormat = Literal["audio", "sse"]
 
-SAMPLING_FIELDS = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty", "subtalker_dosample",
-                   "subtalker_top_k", "subtalker_top_p", "subtalker_temperature", "max_new_tokens")
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+# Core argument names (RequestError.field) -> the API field a client sent. The one table; nothing parses messages.
+API_FIELD: dict[str, str] = {
+    "text": "input", "speaker": "voice", "voice": "voice", "voice_clone_prompt": "voice",
+    "instruct": "instructions", "language": "language", "seed": "seed", "kind": "model", "priority": "priority",
+    "non_streaming_mode": "non_streaming_mode", "ref_audio": "file", "ref_text": "ref_text",
+    "x_vector_only_mode": "x_vector_only", "name": "name",
+    **{f: f for f in SAMPLING_FIELDS},
+}
+_SERVER_SIDE = {"first_chunk_frames", "chunk_frames", "sampling"}  # set by the service, never by a client
 
 
-class SamplingFields(BaseModel):
-    """Sampling extensions (same names as the engine's SamplingParams); None = the model's default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    do_sample: bool | None = None
-    top_k: int | None = Field(None, ge=0, le=4096)
-    top_p: float | None = Field(None, gt=0, le=1)
-    temperature: float | None = Field(None, gt=0, le=10)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    subtalker_dosample: bool | None = None
-    subtalker_top_k: int | None = Field(None, ge=0, le=4096)
-    subtalker_top_p: float | None = Field(None, gt=0, le=1)
-    subtalker_temperature: float | None = Field(None, gt=0, le=10)
-    max_new_tokens: int | None = Field(None, ge=1, le=65536)
-
-    def sampling(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
+def api_field(core_field: str, audio_field: str = "file") -> str | None:
+    """The API field a core RequestError is about (`audio_field`: where the reference audio came from)."""
+    if core_field == "ref_audio" or core_field.startswith("ref_audio["):
+        return audio_field
+    if core_field in _SERVER_SIDE:
+        return None
+    return API_FIELD.get(core_field, core_field)
 
 
-class SynthesisFields(SamplingFields):
+# Sampling extensions: the names and Python types of the engine's SamplingParams (None = the model's default).
+_HINTS = typing.get_type_hints(SamplingParams)
+SamplingFields: type[BaseModel] = create_model(
+    "SamplingFields", __config__=STRICT,
+    **{name: (_HINTS[name] | None, Field(None, description=f"sampling: {name} (default: the model's)"))
+       for name in SAMPLING_FIELDS})
+
+
+class SynthesisFields(SamplingFields):  # type: ignore[misc, valid-type]
     """What selects the voice and the text conditioning (shared by HTTP, WebSocket and bulk requests)."""
 
     model: str | None = Field(None, description="served model name (GET /v1/models); default: the first")
     voice: str | None = Field(None, description="speaker (CustomVoice) or stored voice id (Base)")
     language: str | None = Field(None, description="'auto' or a language of the model")
     instructions: str | None = Field(None, max_length=2000, description="style (CustomVoice 1.7B, VoiceDesign)")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, description="integer in [0, 2**63)")
     non_streaming_mode: bool = False
-    priority: Literal["interactive", "bulk"] = "interactive"
+    priority: str = Field("interactive", description="'interactive' or 'bulk'")
 
 
 class SpeechRequest(SynthesisFields):
@@ -74,14 +86,27 @@ class WSConfig(SynthesisFields):
 
 
 class WSText(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     type: Literal["text"]
     text: str = Field(..., max_length=4096)
 
 
 class WSEnd(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     type: Literal["end"]
+
+
+class VoiceUpload(BaseModel):
+    """POST /v1/audio/voices fields (multipart/urlencoded form, or JSON with `audio_base64` / `audio_url`). JSON is
+    validated strictly; form values are text, so `x_vector_only` may be "true"/"false" there."""
+
+    model_config = STRICT
+    name: str
+    ref_text: str | None = None
+    x_vector_only: bool = False
+    model: str | None = None
+    audio_base64: str | None = None
+    audio_url: str | None = None
 
 
 class ApiError(Exception):
@@ -99,39 +124,22 @@ class ApiError(Exception):
                           "code": self.code or str(self.status)}}
 
 
-# Engine/core argument names -> the API field a client sent.
-_ENGINE_TO_API = {"text": "input", "speaker": "voice", "instruct": "instructions", "kind": "model",
-                  "voice_clone_prompt": "voice", "ref_audio": "file", "ref_text": "ref_text",
-                  "language": "language", "seed": "seed", "priority": "priority", "voice": "voice",
-                  "input": "input", "instructions": "instructions", "model": "model", "file": "file"}
-_WORD = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)")
+def from_request_error(exc: RequestError, audio_field: str = "file", status: int = 400) -> ApiError:
+    """A core RequestError -> 400 naming the API field (through `API_FIELD`)."""
+    param = api_field(exc.field, audio_field)
+    return ApiError(status, f"{param}: {exc.message}" if param else exc.message, param)
 
 
-def param_from_message(message: str) -> str | None:
-    """The field a core ValueError is about: its messages start with the argument's name."""
-    m = _WORD.match(message)
-    if not m:
-        return None
-    word = m.group(1)
-    if word in SAMPLING_FIELDS:
-        return word
-    return _ENGINE_TO_API.get(word)
-
-
-def bad_request(exc: ValueError | str, param: str | None = None) -> ApiError:
-    msg = str(exc)
-    return ApiError(400, msg, param or param_from_message(msg) or "input")
+def bad_request(message: str, param: str | None) -> ApiError:
+    return ApiError(400, f"{param}: {message}" if param else message, param)
 
 
 def from_validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
-    """The first pydantic error -> 400 naming the field (dotted path)."""
-    err = exc.errors()[0]
+    """The first pydantic error -> 400 naming the field (dotted path). Messages never echo the input."""
+    err = exc.errors(include_url=False, include_input=False)[0]
     loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
-    msg = err.get("msg", "invalid value")
-    if not loc and msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-        loc = param_from_message(msg) or msg.split(":")[0]
-    elif msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if err.get("type") == "missing":
+        msg = "is required"
     param = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or None)
     return ApiError(400, f"{param}: {msg}" if param else msg, param)

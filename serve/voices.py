@@ -1,55 +1,93 @@
-"""Stored clone voices: one `save_voice_prompt` safetensors file per voice, in a local folder or under s3://.
+"""Stored clone voices: THE voice store, used by the ingress (list, delete) and by every replica (create, load).
 
-    store = VoiceStore.from_uri("~/.cache/qwen-tts-fleet/voices")      # or "s3://bucket/prefix"
-    vid = store.put(file_bytes, name="alice", model="tiny-base")         # -> "voice_3f2a..."
-    item = store.load(vid)                                               # VoiceClonePromptItem (cached)
-    store.list(); store.delete(vid)
+    store = VoiceStore.from_uri("~/.cache/qwen-tts-fleet/voices")      # or "s3://bucket/prefix" (shared by nodes)
+    info = store.create(item, name="alice", model="tiny-base", owner=digest)   # -> {"id": "voice_3f2a...", ...}
+    item = store.load(info["id"], scope)         # VoiceClonePromptItem; KeyError when unknown or not visible
+    store.list(scope); store.info(vid, scope); store.delete(vid, scope)
 
-The prompt is encoded once (by a Base replica, from the uploaded reference audio) and stored; later requests name
-`voice=<id>` and no audio is encoded again. For s3:// the endpoint comes from AWS_ENDPOINT_URL (boto3's own rule).
+One `save_voice_prompt` safetensors file per voice, its metadata holding name, model, created time and OWNER (an API
+key digest from serve/auth.py, never a key). `scope` is who is asking: a key digest sees only its own voices,
+`ANYONE` (an admin key, or a service without keys) sees all; a voice outside the scope behaves exactly like one that
+does not exist (KeyError -> 404 / "not a stored voice"). This class owns every rule about voices: ids, ownership,
+names, sizes, and the per-process cache of decoded prompts, which re-checks that the file still exists on each use
+(one stat or S3 HEAD), so a voice deleted through another replica or node is refused at once. For s3:// the endpoint
+comes from AWS_ENDPOINT_URL (boto3's own rule); stored files are immutable (ids are never reused).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import os
 import re
 import secrets
 import tempfile
 import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from qwen_tts_core.errors import RequestError
+
 log = logging.getLogger(__name__)
 
+ANYONE = "*"                      # the scope that sees every voice
 VOICE_ID = re.compile(r"^voice_[0-9a-f]{16}$")
+MAX_VOICE_BYTES = 8 << 20         # a prompt is an x-vector plus (ICL) 16 codes per frame: tens of KiB in practice
+MAX_NAME_CHARS = 100
+CACHE_ITEMS = 256                 # decoded prompts kept per process
 _SUFFIX = ".safetensors"
+_HEAD_BYTES = 64 << 10            # enough for a prompt file's JSON header
 
 
 def new_voice_id() -> str:
     return "voice_" + secrets.token_hex(8)
 
 
-def _check_id(voice_id: str) -> None:
+def _check_id(voice_id: object) -> str:
     if not isinstance(voice_id, str) or not VOICE_ID.match(voice_id):
         raise KeyError(voice_id)
+    return voice_id
 
 
 def _metadata(data: bytes) -> dict[str, str]:
-    """Header metadata of a safetensors blob (JSON header; no tensor data read)."""
+    """Header metadata of a safetensors blob (its JSON header; tensor data is not read)."""
+    if len(data) < 8:
+        raise ValueError("not a safetensors file")
     n = int.from_bytes(data[:8], "little")
     if n <= 0 or n > len(data) - 8:
-        raise ValueError("not a safetensors file")
-    return dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
+        raise ValueError("not a safetensors file (or its header is cut)")
+    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    if not str(meta.get("format", "")).startswith("qwen-tts-fleet/voice-prompt/"):
+        raise ValueError("not a voice prompt file")
+    return dict(meta)
+
+
+def _visible(owner: str, scope: str) -> bool:
+    return scope == ANYONE or owner == scope
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise RequestError("name", f"must be a string, got {type(name).__name__}")
+    name = name.strip()
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        raise RequestError("name", f"must have 1 to {MAX_NAME_CHARS} characters")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("name", "is not valid Unicode (a lone surrogate)") from None
+    return name
 
 
 class VoiceStore:
-    """Local-folder backend; `S3VoiceStore` overrides the four byte-level methods."""
+    """The rules (this class) over a byte backend: a local folder here, S3 in `S3VoiceStore`."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
-        self._cache: dict[str, Any] = {}
+        self._items: OrderedDict[str, tuple[str, Any]] = OrderedDict()   # id -> (owner, VoiceClonePromptItem)
+        self._infos: dict[str, dict[str, Any]] = {}                       # id -> info (files are immutable)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -61,77 +99,134 @@ class VoiceStore:
         return VoiceStore(uri.removeprefix("file://"))
 
     # --- bytes (backend) --------------------------------------------------------------------------------------
+    def _path(self, voice_id: str) -> Path:
+        return self.root / f"{voice_id}{_SUFFIX}"
+
     def _put_bytes(self, voice_id: str, data: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{voice_id}.tmp"
+        tmp = self.root / f".{voice_id}.{os.getpid()}.tmp"
         tmp.write_bytes(data)
-        tmp.replace(self.root / f"{voice_id}{_SUFFIX}")
+        tmp.replace(self._path(voice_id))
 
-    def _get_bytes(self, voice_id: str) -> bytes:
-        path = self.root / f"{voice_id}{_SUFFIX}"
-        if not path.is_file():
-            raise KeyError(voice_id)
-        return path.read_bytes()
+    def _get_bytes(self, voice_id: str, limit: int | None = None) -> bytes:
+        """The file's bytes (its first `limit` bytes when given); KeyError when absent, ValueError when too big."""
+        try:
+            with open(self._path(voice_id), "rb") as f:
+                if limit is not None:
+                    return f.read(limit)
+                if os.fstat(f.fileno()).st_size > MAX_VOICE_BYTES:
+                    raise ValueError(f"stored voice {voice_id} is larger than {MAX_VOICE_BYTES} bytes")
+                return f.read()
+        except FileNotFoundError:
+            raise KeyError(voice_id) from None
 
     def _delete_bytes(self, voice_id: str) -> None:
-        path = self.root / f"{voice_id}{_SUFFIX}"
-        if not path.is_file():
-            raise KeyError(voice_id)
-        path.unlink()
+        try:
+            self._path(voice_id).unlink()
+        except FileNotFoundError:
+            raise KeyError(voice_id) from None
 
     def _exists(self, voice_id: str) -> bool:
-        return (self.root / f"{voice_id}{_SUFFIX}").is_file()
+        return self._path(voice_id).is_file()
 
     def _ids(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name[:-len(_SUFFIX)] for p in self.root.glob(f"voice_*{_SUFFIX}"))
+        return sorted(p.name[:-len(_SUFFIX)] for p in self.root.glob(f"voice_*{_SUFFIX}")
+                      if VOICE_ID.match(p.name[:-len(_SUFFIX)]))
 
     # --- API --------------------------------------------------------------------------------------------------
+    def create(self, item, *, name: str, model: str, owner: str) -> dict[str, Any]:
+        """Store a VoiceClonePromptItem owned by `owner` (a key digest, "" without keys); returns its info."""
+        from qwen_tts_core import save_voice_prompt
+
+        name = check_name(name)
+        fd, tmp = tempfile.mkstemp(suffix=_SUFFIX)
+        os.close(fd)
+        try:
+            save_voice_prompt(item, tmp, name=name, model=model, owner=owner, created=str(int(time.time())))
+            data = Path(tmp).read_bytes()
+        finally:
+            os.unlink(tmp)
+        return self.info(self.put(data), owner or ANYONE)
+
     def put(self, data: bytes, voice_id: str | None = None) -> str:
-        """Store a voice prompt file (bytes written by `save_voice_prompt`); returns its id."""
-        voice_id = voice_id or new_voice_id()
-        _check_id(voice_id)
+        """Store a voice prompt file (bytes written by `save_voice_prompt`, owner in its metadata); returns its id."""
+        voice_id = _check_id(voice_id or new_voice_id())
+        if len(data) > MAX_VOICE_BYTES:
+            raise ValueError(f"a voice prompt file is larger than {MAX_VOICE_BYTES} bytes")
         _metadata(data)
         self._put_bytes(voice_id, data)
         return voice_id
 
-    def get_bytes(self, voice_id: str) -> bytes:
-        _check_id(voice_id)
-        return self._get_bytes(voice_id)
+    def _info(self, voice_id: str) -> dict[str, Any]:
+        with self._lock:
+            cached = self._infos.get(voice_id)
+        if cached is not None:
+            return cached
+        head = self._get_bytes(voice_id, _HEAD_BYTES)
+        if len(head) >= 8 and int.from_bytes(head[:8], "little") + 8 > len(head):
+            head = self._get_bytes(voice_id)
+        meta = _metadata(head)
+        info = {"id": voice_id, "object": "voice", "name": meta.get("name", voice_id), "model": meta.get("model"),
+                "created": int(meta.get("created", "0") or 0),
+                "x_vector_only_mode": meta.get("x_vector_only_mode") == "true", "owner": meta.get("owner", "")}
+        with self._lock:
+            if len(self._infos) >= 16 * CACHE_ITEMS:
+                self._infos.clear()
+            self._infos[voice_id] = info
+        return info
 
-    def info(self, voice_id: str) -> dict[str, Any]:
-        meta = _metadata(self.get_bytes(voice_id))
-        return {"id": voice_id, "object": "voice", "name": meta.get("name", voice_id),
-                "model": meta.get("model"), "created": int(meta.get("created", "0") or 0),
-                "x_vector_only_mode": meta.get("x_vector_only_mode") == "true"}
+    @staticmethod
+    def _public(info: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in info.items() if k != "owner"}
 
-    def list(self) -> list[dict[str, Any]]:
+    def info(self, voice_id: str, scope: str) -> dict[str, Any]:
+        """The voice's public info; KeyError when it does not exist or `scope` may not see it."""
+        info = self._info(_check_id(voice_id))
+        if not _visible(info["owner"], scope):
+            raise KeyError(voice_id)
+        return self._public(info)
+
+    def list(self, scope: str) -> list[dict[str, Any]]:
         out = []
         for vid in self._ids():
             try:
-                out.append(self.info(vid))
-            except (KeyError, ValueError):
+                info = self._info(vid)
+            except KeyError:
+                continue  # deleted while listing
+            except ValueError:
                 log.warning("skipping unreadable voice %s", vid)
+                continue
+            if _visible(info["owner"], scope):
+                out.append(self._public(info))
         return out
 
-    def delete(self, voice_id: str) -> None:
-        _check_id(voice_id)
+    def delete(self, voice_id: str, scope: str) -> None:
+        self.info(voice_id, scope)  # KeyError when unknown or not the caller's
         self._delete_bytes(voice_id)
-        with self._lock:
-            self._cache.pop(voice_id, None)
+        self.forget(voice_id)
 
-    def load(self, voice_id: str):
-        """The stored VoiceClonePromptItem (cached per process). KeyError when unknown."""
+    def load(self, voice_id: str, scope: str):
+        """The stored VoiceClonePromptItem (cached per process, existence re-checked on each use). KeyError when
+        unknown, deleted (through any replica or node) or not visible to `scope`."""
         from qwen_tts_core import load_voice_prompt
 
         _check_id(voice_id)
         with self._lock:
-            cached = self._cache.get(voice_id)
+            cached = self._items.get(voice_id)
+            if cached is not None:
+                self._items.move_to_end(voice_id)
         if cached is not None:
-            if self._exists(voice_id):  # deleted through another replica: drop the cached copy
-                return cached
+            owner, item = cached
+            if not _visible(owner, scope):
+                raise KeyError(voice_id)
+            if self._exists(voice_id):
+                return item
             self.forget(voice_id)
+            raise KeyError(voice_id)
+        owner = self._info(voice_id)["owner"]
+        if not _visible(owner, scope):
             raise KeyError(voice_id)
         data = self._get_bytes(voice_id)
         with tempfile.NamedTemporaryFile(suffix=_SUFFIX) as f:
@@ -139,16 +234,21 @@ class VoiceStore:
             f.flush()
             item = load_voice_prompt(f.name)
         with self._lock:
-            self._cache[voice_id] = item
+            self._items[voice_id] = (owner, item)
+            while len(self._items) > CACHE_ITEMS:
+                self._items.popitem(last=False)
         return item
 
     def forget(self, voice_id: str) -> None:
-        """Drop a cached prompt (after a delete seen by another process)."""
+        """Drop what this process cached about a voice."""
         with self._lock:
-            self._cache.pop(voice_id, None)
+            self._items.pop(voice_id, None)
+            self._infos.pop(voice_id, None)
 
 
 class S3VoiceStore(VoiceStore):
+    """The same store on S3 (any S3-compatible endpoint): one object per voice under `s3://bucket/prefix/`."""
+
     def __init__(self, uri: str) -> None:
         super().__init__("/nonexistent")
         rest = uri[len("s3://"):]
@@ -158,29 +258,47 @@ class S3VoiceStore(VoiceStore):
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         import boto3
 
-        self.s3 = boto3.client("s3")
+        self.s3 = boto3.client("s3")  # thread-safe; endpoint and credentials from the environment
 
     def _key(self, voice_id: str) -> str:
         return f"{self.prefix}{voice_id}{_SUFFIX}"
 
-    def _put_bytes(self, voice_id: str, data: bytes) -> None:
-        self.s3.upload_fileobj(io.BytesIO(data), self.bucket, self._key(voice_id))
+    def _missing(self, exc: Exception) -> bool:
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        return code in ("404", "NoSuchKey", "NotFound")
 
-    def _get_bytes(self, voice_id: str) -> bytes:
+    def _put_bytes(self, voice_id: str, data: bytes) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key(voice_id), Body=data)
+
+    def _get_bytes(self, voice_id: str, limit: int | None = None) -> bytes:
+        from botocore.exceptions import ClientError
+
+        kw = {"Range": f"bytes=0-{limit - 1}"} if limit is not None else {}
         try:
-            return self.s3.get_object(Bucket=self.bucket, Key=self._key(voice_id))["Body"].read()
-        except self.s3.exceptions.NoSuchKey:
-            raise KeyError(voice_id) from None
+            obj = self.s3.get_object(Bucket=self.bucket, Key=self._key(voice_id), **kw)
+        except ClientError as e:
+            if self._missing(e):
+                raise KeyError(voice_id) from None
+            raise
+        if limit is None and obj.get("ContentLength", 0) > MAX_VOICE_BYTES:
+            obj["Body"].close()
+            raise ValueError(f"stored voice {voice_id} is larger than {MAX_VOICE_BYTES} bytes")
+        return obj["Body"].read()
 
     def _exists(self, voice_id: str) -> bool:
+        from botocore.exceptions import ClientError
+
         try:
             self.s3.head_object(Bucket=self.bucket, Key=self._key(voice_id))
-        except self.s3.exceptions.ClientError:
-            return False
+        except ClientError as e:
+            if self._missing(e):
+                return False
+            raise
         return True
 
     def _delete_bytes(self, voice_id: str) -> None:
-        self._get_bytes(voice_id)  # KeyError when absent (S3 deletes are silent)
+        if not self._exists(voice_id):  # S3 deletes of absent keys succeed silently
+            raise KeyError(voice_id)
         self.s3.delete_object(Bucket=self.bucket, Key=self._key(voice_id))
 
     def _ids(self) -> list[str]:
@@ -191,3 +309,6 @@ class S3VoiceStore(VoiceStore):
                 if name.endswith(_SUFFIX) and VOICE_ID.match(name[:-len(_SUFFIX)]):
                     out.append(name[:-len(_SUFFIX)])
         return sorted(out)
+
+
+__all__ = ["ANYONE", "MAX_VOICE_BYTES", "S3VoiceStore", "VoiceStore", "check_name", "new_voice_id"]

@@ -15,7 +15,7 @@ from torch import nn
 from .config import CodecConfig
 from .layers import CausalConv, CausalTransConv, ConvNeXtBlock, DecoderBlock, SnakeBeta
 from .quantizer import SplitResidualQuantizer
-from .state import CodecStreamState
+from .state import CodecStreamState, RowLengths
 from .transformer import SlidingWindowTransformer
 
 logger = logging.getLogger(__name__)
@@ -108,10 +108,45 @@ class CodecDecoder(nn.Module):
             return torch.zeros(b, 0, device=codes.device, dtype=self.pre_conv.conv.weight.dtype)
         return self.forward_unclamped(codes, state).clamp(min=-1.0, max=1.0)
 
-    def forward_unclamped(self, codes: torch.Tensor, state: CodecStreamState) -> torch.Tensor:
-        """The decoder math without checks or the final clamp: Long [B, Q, t] (t >= 1) -> float [B, t*spf]."""
+    @torch.no_grad()
+    def decode_rows(self, codes: torch.Tensor, state: CodecStreamState, lengths: torch.Tensor) -> torch.Tensor:
+        """Decode a right-padded chunk: row b's real frames are codes[b, :, :lengths[b]]; each row's state advances
+        by exactly lengths[b] frames (0 leaves the row as it was), so rows with different amounts of pending frames
+        share one call. No host sync (code values are not range-checked).
+
+        Args:
+            codes: Long [B, num_quantizers, T] (T >= 1); padding frames may hold any valid code.
+            state: B rows, updated in place.
+            lengths: Long [B] in [0, T] on the state's device.
+
+        Returns:
+            float [B, T * samples_per_frame]; row b's samples beyond lengths[b] * samples_per_frame are padding.
+        """
+        check_codes(codes, self.cfg.num_quantizers, self.cfg.codebook_size, check_range=False)
+        if codes.shape[0] != state.batch_size or lengths.shape != (state.batch_size,):
+            raise ValueError(f"codes {tuple(codes.shape)}, lengths {tuple(lengths.shape)} and the state's "
+                             f"{state.batch_size} rows must agree")
+        if codes.shape[-1] == 0:
+            raise ValueError("codes must hold at least one frame")
+        return self.forward_unclamped(codes, state, lengths).clamp(min=-1.0, max=1.0)
+
+    def forward_unclamped(self, codes: torch.Tensor, state: CodecStreamState,
+                          lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder math without checks or the final clamp: Long [B, Q, t] (t >= 1) -> float [B, t*spf].
+        lengths: Long [B] real frames per row of a right-padded chunk (see `decode_rows`); None: all t are real."""
         t = codes.shape[-1]
         codes = codes.to(device=state.device, dtype=torch.long)
+        if lengths is not None:
+            lengths = lengths.to(device=state.device, dtype=torch.long)
+            state.valid = RowLengths(lengths, t)
+        try:
+            wav = self._forward(codes, state)
+        finally:
+            state.valid = None
+        state.positions = state.positions + (t if lengths is None else lengths)
+        return wav
+
+    def _forward(self, codes: torch.Tensor, state: CodecStreamState) -> torch.Tensor:
         h = self.quantizer.decode(codes)                                   # [B, codebook_dim, t]
         h = self.pre_conv(h, state)                                        # [B, latent, t]
         h = self.pre_transformer(h.transpose(1, 2), state).transpose(1, 2)
@@ -121,7 +156,6 @@ class CodecDecoder(nn.Module):
         for block in self.decoder[1:-2]:
             wav = block(wav, state)
         wav = self.decoder[-1](self.decoder[-2](wav), state)               # [B, 1, t*spf]
-        state.positions = state.positions + t
         return wav.squeeze(1)
 
     @torch.no_grad()

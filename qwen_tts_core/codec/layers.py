@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .state import CodecStreamState
+from .state import CodecStreamState, window_at
 
 
 class CausalConv(nn.Module):
@@ -36,7 +36,10 @@ class CausalConv(nn.Module):
         if self.context == 0:
             return self.conv(x)
         full = torch.cat([state.conv_history[self.state_key], x], dim=-1)
-        state.conv_history[self.state_key] = full[..., full.shape[-1] - self.context:].contiguous()
+        if state.valid is None:
+            state.conv_history[self.state_key] = full[..., full.shape[-1] - self.context:].contiguous()
+        else:  # right-padded rows: the history ends at each row's last real input
+            state.conv_history[self.state_key] = window_at(full, state.valid.at(x.shape[-1]), self.context, 2)
         return self.conv(full)
 
 
@@ -63,11 +66,20 @@ class CausalTransConv(nn.Module):
 
     def forward(self, x: torch.Tensor, state: CodecStreamState) -> torch.Tensor:
         """x [B, C_in, t] -> [B, C_out, t*stride]."""
+        real = None
+        if state.valid is not None and self.overlap:
+            # right-padded rows: padding inputs must not add to the tail owed to the row's next real frame
+            real = state.valid.at(x.shape[-1])
+            keep = torch.arange(x.shape[-1], device=x.device)[None, :] < real[:, None]
+            x = x * keep[:, None, :].to(x.dtype)
         y = F.conv_transpose1d(x, self.conv.weight, None, stride=self.stride)
         n = x.shape[-1] * self.stride
         if self.overlap:
             y[..., : self.overlap] += state.trans_tail[self.state_key]
-            state.trans_tail[self.state_key] = y[..., n:].contiguous()
+            if real is None:
+                state.trans_tail[self.state_key] = y[..., n:].contiguous()
+            else:
+                state.trans_tail[self.state_key] = window_at(y, real * self.stride, self.overlap, 2)
             y = y[..., :n]
         if self.conv.bias is not None:
             y = y + self.conv.bias[:, None]

@@ -14,6 +14,31 @@ from dataclasses import dataclass, field
 import torch
 
 
+def window_at(x: torch.Tensor, start: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """Per-row slices: out[b] = x[b] narrowed to [start[b], start[b] + n) along `dim` (one gather, no host sync).
+
+    Args:
+        x: [B, ...]; start: Long [B] on x's device; n: slice length; dim: the dimension to slice (> 0).
+    """
+    idx = start[:, None] + torch.arange(n, device=x.device)[None, :]          # [B, n]
+    view = [x.shape[0] if d == 0 else n if d == dim else 1 for d in range(x.dim())]
+    size = [n if d == dim else s for d, s in enumerate(x.shape)]
+    return torch.gather(x, dim, idx.view(view).expand(size))
+
+
+@dataclass
+class RowLengths:
+    """Real frames per row of a right-padded chunk: row b's frames are the first `frames[b]` of the chunk's `total`;
+    the rest is padding whose samples are discarded and which must not enter the row's state."""
+
+    frames: torch.Tensor  # Long [B]
+    total: int
+
+    def at(self, width: int) -> torch.Tensor:
+        """Long [B]: real samples per row at a layer where the whole chunk spans `width` samples."""
+        return self.frames * (width // self.total)
+
+
 @dataclass
 class CodecStreamState:
     """Per-row decoder history for B streams decoded together (rows may sit at different positions).
@@ -24,6 +49,7 @@ class CodecStreamState:
         trans_tail: transposed-conv name -> [B, C_out, kernel-stride], overlap samples owed to the next frame.
         keys / values: one per transformer layer, [B, kv_heads, window-1, head_dim] rolling buffers of the last
             window-1 positions (keys after RoPE). Entries older than a row's first frame are masked via positions.
+        valid: set by the decoder only during a call on a right-padded chunk (see `RowLengths`); None otherwise.
     """
 
     positions: torch.Tensor
@@ -31,6 +57,7 @@ class CodecStreamState:
     trans_tail: dict[str, torch.Tensor] = field(default_factory=dict)
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
+    valid: RowLengths | None = None
 
     @property
     def batch_size(self) -> int:
@@ -74,6 +101,27 @@ class CodecStreamState:
             keys=[k.index_select(0, idx) for k in self.keys],
             values=[v.index_select(0, idx) for v in self.values],
         )
+
+    def scatter_(self, index: torch.Tensor, rows: CodecStreamState) -> None:
+        """Write the rows of `rows` (a state of len(index) rows, e.g. from `select(index)`) back at `index`, in place.
+
+        An index that repeats gets one of its rows (use repeats only for scratch rows whose state is never read).
+        """
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        self.positions.index_copy_(0, idx, rows.positions)
+        for table, other in ((self.conv_history, rows.conv_history), (self.trans_tail, rows.trans_tail)):
+            for key, t in table.items():
+                t.index_copy_(0, idx, other[key])
+        for mine, theirs in ((self.keys, rows.keys), (self.values, rows.values)):
+            for t, o in zip(mine, theirs):
+                t.index_copy_(0, idx, o)
+
+    def zero_rows_(self, index: torch.Tensor | list[int]) -> None:
+        """Start the given rows over (fresh stream), in place; the other rows are untouched."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        self.positions.index_fill_(0, idx, 0)
+        for t in self._tensors():
+            t.index_fill_(0, idx, 0)
 
     @staticmethod
     def concat(states: list[CodecStreamState]) -> CodecStreamState:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..model.layers import RMSNorm
 from .config import CodecConfig
-from .state import CodecStreamState
+from .state import CodecStreamState, window_at
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -60,8 +60,13 @@ class Attention(nn.Module):
         if self.cache_len:
             k = torch.cat([state.keys[layer], k], dim=2)
             v = torch.cat([state.values[layer], v], dim=2)
-            state.keys[layer] = k[:, :, k.shape[2] - self.cache_len:].contiguous()
-            state.values[layer] = v[:, :, v.shape[2] - self.cache_len:].contiguous()
+            if state.valid is None:
+                state.keys[layer] = k[:, :, k.shape[2] - self.cache_len:].contiguous()
+                state.values[layer] = v[:, :, v.shape[2] - self.cache_len:].contiguous()
+            else:  # right-padded rows: the cache ends at each row's last real frame
+                start = state.valid.at(t)
+                state.keys[layer] = window_at(k, start, self.cache_len, 2)
+                state.values[layer] = window_at(v, start, self.cache_len, 2)
         if self.heads != self.kv_heads:
             rep = self.heads // self.kv_heads
             k = k.repeat_interleave(rep, dim=1)

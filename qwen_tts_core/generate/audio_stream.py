@@ -1,10 +1,20 @@
-"""Frames -> audio chunks for one session: a small first chunk for latency, then steady chunks; the codec decoder's
-streaming state carries the history, so chunks are exact slices of the offline decode."""
+"""Frames -> audio chunks: a small first chunk for latency, then steady chunks; the codec decoder's streaming state
+carries the history, so chunks are exact slices of the offline decode.
+
+`AudioStreamer` decodes one session alone. `BatchedAudio` holds many sessions ("rows") and decodes every row with a
+chunk due in one call per engine step.
+"""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+from ..codec.rows import StreamRows, plan_groups, split_calls
 
 
 class AudioStreamer:
@@ -25,8 +35,12 @@ class AudioStreamer:
     def push(self, codes: torch.Tensor) -> np.ndarray | None:
         """codes [16] of one new frame; returns a chunk when enough frames have gathered."""
         self.pending.append(codes)
+        return self._decode() if self.due() else None
+
+    def due(self) -> bool:
+        """Enough frames have gathered for the next chunk."""
         need = self.first if self.emitted_frames == 0 else self.every
-        return self._decode() if len(self.pending) >= need else None
+        return len(self.pending) >= need
 
     def finish(self) -> np.ndarray:
         """Decode the frames still gathered (the decoder holds nothing back: a chunk's samples are final)."""
@@ -37,5 +51,183 @@ class AudioStreamer:
         self.frame_start = self.emitted_frames
         self.emitted_frames += len(self.pending)
         self.pending = []
-        wav = self.codec.decode_chunk(codes, self.state)
+        wav = self.codec.decode_chunk(codes, self.state, check=False)
         return wav[0].float().cpu().numpy()
+
+
+@dataclass
+class AudioOut:
+    """One decoded chunk of one row: float32 PCM [num_frames * 1920] at 24 kHz; `final` marks the row's last."""
+
+    key: int
+    pcm: np.ndarray
+    frame_start: int
+    num_frames: int
+    final: bool
+
+
+@dataclass
+class _Row:
+    row: int                 # index into the StreamRows buffers
+    first: int
+    every: int
+    pending: int = 0         # frames gathered, not decoded yet
+    emitted: int = 0         # frames decoded (ICL reference excluded)
+    finished: bool = False
+
+
+class BatchedAudio:
+    """Streaming audio decode of many sessions ("rows", named by an integer key) in ONE codec call per step.
+
+        audio = BatchedAudio(codec, max_rows=64)
+        audio.open(key, first_chunk_frames=1, chunk_frames=4, ref_codes=None)
+        every engine step: audio.push(keys, codes)   # codes Long [N, 16] on the codec device, a frame per key
+                           audio.finish(key) / audio.drop(key)
+                           for out in audio.decode(): ...   # AudioOut per row with a chunk due
+
+    Each row decodes its first chunk once `first_chunk_frames` frames have gathered, then every `chunk_frames`
+    frames, and what is left once finished (an empty final AudioOut when nothing is). Rows sit at different
+    positions with different amounts of pending frames; `decode` gathers every row that is due into one batched
+    decoder call (right-padded, per-row lengths: see `CodecDecoder.decode_rows`), exact against each row's own
+    offline decode. The only host sync is the one copy of the decoded samples per `decode`.
+
+    Args:
+        codec: a loaded `Codec`.
+        max_rows: rows open at once (finished rows hold theirs until their final output).
+        dtype: compute dtype (e.g. torch.bfloat16 on GPU; a converted copy of the decoder is kept); default: the
+            codec's (fp32 for parity).
+        call_cost: the fixed cost of one decoder call in row-frames, for rows with different pending lengths:
+            they are padded into one call unless splitting by length saves more than this. Default: one call
+            always on CUDA (launch-bound); 4 on CPU (compute-bound).
+        max_call_frames: at most this many row-frames (rows x padded frames) per decoder call; more due rows are
+            split over several calls (still one host copy). Default: no limit on CUDA; 32 on CPU, where one call
+            over many rows is slower than a few (activations leave the caches, large buffers fault in pages).
+        row_buckets / frame_buckets: pad each call's rows / frames up to the next of these sizes (fixed shapes
+            for CUDA graphs); None: exact sizes.
+    """
+
+    def __init__(self, codec, max_rows: int, dtype: torch.dtype | None = None, call_cost: float | None = None,
+                 max_call_frames: int | None = None, row_buckets: Sequence[int] | None = None,
+                 frame_buckets: Sequence[int] | None = None) -> None:
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+        decoder = codec.decoder
+        if dtype is not None and dtype != codec.dtype:
+            decoder = copy.deepcopy(decoder).to(dtype)
+        self.codec, self.max_rows = codec, max_rows
+        self.spf, self.q = codec.samples_per_frame, codec.cfg.num_quantizers
+        self.bank = StreamRows(decoder, max_rows, row_buckets=row_buckets, frame_buckets=frame_buckets)
+        cuda = self.bank.device.type == "cuda"
+        if call_cost is None:
+            call_cost = float("inf") if cuda else 4.0
+        if max_call_frames is None:
+            max_call_frames = 0 if cuda else 32
+        self.call_cost, self.max_call_frames = call_cost, max_call_frames
+        self.open_rows: dict[int, _Row] = {}
+        self.free = list(range(max_rows))
+
+    # --- caller side ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def open(self, key: int, first_chunk_frames: int, chunk_frames: int,
+             ref_codes: torch.Tensor | None = None) -> None:
+        """Start a row for `key`; ref_codes Long [R, 16]: ICL reference frames decoded now as left context."""
+        for name, v in (("first_chunk_frames", first_chunk_frames), ("chunk_frames", chunk_frames)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if key in self.open_rows:
+            raise ValueError(f"key {key} is already open")
+        if not self.free:
+            raise ValueError(f"all {self.max_rows} rows are in use (max_rows)")
+        if ref_codes is not None and (not isinstance(ref_codes, torch.Tensor) or ref_codes.dim() != 2
+                                      or ref_codes.shape[1] != self.q or ref_codes.dtype.is_floating_point):
+            shown = (tuple(ref_codes.shape), ref_codes.dtype) if isinstance(ref_codes, torch.Tensor) \
+                else type(ref_codes).__name__
+            raise ValueError(f"ref_codes must be an integer tensor [R, {self.q}], got {shown}")
+        row = self.free.pop(0)
+        try:
+            self.bank.reset(row, ref_codes)
+        except Exception:
+            self.free.insert(0, row)
+            raise
+        self.open_rows[key] = _Row(row, first_chunk_frames, chunk_frames)
+
+    @torch.inference_mode()
+    def push(self, keys: list[int], codes: torch.Tensor) -> None:
+        """One new frame per key: codes Long [len(keys), 16] (on the codec device; values not range-checked)."""
+        if codes.dim() != 2 or codes.shape != (len(keys), self.q) or codes.dtype.is_floating_point:
+            raise ValueError(f"codes must be an integer tensor [len(keys), {self.q}], got {tuple(codes.shape)} "
+                             f"{codes.dtype} for {len(keys)} keys")
+        if len(set(keys)) != len(keys):
+            raise ValueError("keys must not repeat (one new frame per key)")
+        rows = [self._row(k) for k in keys]
+        for k, r in zip(keys, rows):
+            if r.finished:
+                raise ValueError(f"key {k} is finished")
+        if not rows:
+            return
+        self.bank.write([r.row for r in rows], [r.pending for r in rows], codes)
+        for r in rows:
+            r.pending += 1
+
+    def finish(self, key: int) -> None:
+        """No more frames for `key`: the next decode() emits what is left with final=True."""
+        self._row(key).finished = True
+
+    def drop(self, key: int) -> None:
+        """Cancel `key`: its row is freed now and nothing more is emitted (unknown keys are ignored)."""
+        r = self.open_rows.pop(key, None)
+        if r is not None:
+            self.free.append(r.row)
+            self.free.sort()
+
+    @torch.inference_mode()
+    def decode(self) -> list[AudioOut]:
+        """Decode every row with a chunk due in one batched call (more only when call_cost says splitting by
+        length is cheaper); one host copy of the samples.
+
+        A row is due once it has gathered first_chunk_frames (its first chunk) or chunk_frames (later chunks)
+        frames, or when finished; a due row decodes all the frames it has gathered. Finished rows get final=True
+        (empty PCM when nothing was left) and are freed.
+        """
+        due = [(k, r) for k, r in self.open_rows.items()
+               if r.finished or r.pending >= (r.first if r.emitted == 0 else r.every)]
+        work = [(k, r) for k, r in due if r.pending]
+        pieces, where = [], {}
+        offset = 0
+        groups = plan_groups([r.pending for _, r in work], self.call_cost)
+        for group in split_calls(groups, [r.pending for _, r in work], self.max_call_frames):
+            rows = [work[i][1] for i in group]
+            wav = self.bank.decode([r.row for r in rows], [r.pending for r in rows])
+            width = wav.shape[1]
+            for j, i in enumerate(group):
+                where[work[i][0]] = offset + j * width
+            offset += wav.numel()
+            pieces.append(wav.reshape(-1))
+        host = np.zeros(0, np.float32)
+        if pieces:
+            flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            host = flat.float().cpu().numpy()   # the one device -> host copy
+        out = []
+        for k, r in due:
+            start = where.get(k, 0)
+            pcm = host[start: start + r.pending * self.spf]
+            out.append(AudioOut(k, pcm, r.emitted, r.pending, r.finished))
+            r.emitted += r.pending
+            r.pending = 0
+            if r.finished:
+                self.drop(k)
+        return out
+
+    @property
+    def num_open(self) -> int:
+        """Rows in use (open, or finished with their final output still to come)."""
+        return len(self.open_rows)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.open_rows
+
+    def _row(self, key: int) -> _Row:
+        r = self.open_rows.get(key)
+        if r is None:
+            raise KeyError(f"key {key} is not open")
+        return r

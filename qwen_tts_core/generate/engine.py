@@ -3,22 +3,27 @@
     engine = Engine(model, max_sessions=8)
     s = engine.add(SynthesisRequest(...))      # thread-safe; RequestError on bad input, EngineBusy when full
     while engine.has_work():
+        engine.wait_for_work(1.0)              # blocks while nothing can advance (sessions waiting for text)
         for chunk in engine.step(): ...        # AudioChunk per session as soon as its frames decode
 
 Each `step()`:
   1) applies cancellations and newly arrived text;
-  2) admits queued sessions into free cache slots (interactive before bulk) and prefills their prompts;
-  3) runs ONE batched talker step over every session waiting for its next codebook-0 id (sessions sit at different
-     positions: each row has its own slot, position and mask) and samples it;
-  4) runs ONE batched code-predictor pass (15 codebooks) over every session with a fresh codebook-0 id;
-  5) decodes audio chunks and finishes sessions (EOS, max_new_tokens, runaway guard, cancel), freeing slots.
-No I/O, no asyncio: serving layers run `step()` in a loop thread.
+  2) admits queued sessions into free slots (interactive before bulk), prefills their prompts and draws their first
+     codebook-0 id on the device; keeps the occupied slots dense (a session may move down to a freed slot);
+  3) runs the code predictor (15 codebooks) for every session with a pending id, then ONE talker step for every
+     session whose text is ready: rows = slots, per-row state on the device (runner.py), one read of the new ids;
+  4) ends sessions (EOS, max_new_tokens, max_len, runaway guard, cancel, error), freeing their slots;
+  5) decodes audio: one batched codec call for every session with a chunk due (audio_stream.BatchedAudio).
+Every session added ends with exactly one `is_last` AudioChunk, whatever happens. No I/O, no asyncio: serving
+layers run `step()` in a loop thread. GPU: the step bodies are CUDA graphs captured when the engine is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from collections import deque
 
 import numpy as np
@@ -26,13 +31,12 @@ import torch
 
 from ..errors import RequestError
 from ..text.prompt import extend_prompt
-from ..types import AudioChunk, SynthesisRequest
-from .audio_stream import AudioStreamer
-from .fast import FastPath, sampling_tensors
+from ..types import SAMPLES_PER_FRAME, AudioChunk, SamplingParams, SynthesisRequest
+from .audio_stream import BatchedAudio
+from .graphs import GraphCapture
 from .requests import make_prompt, validate
-from .sampling import pick_rows, talker_logits_processors
+from .runner import StepRunner
 from .session import Session
-from .step import predict_codes, prefill, talker_step
 from .text_feed import IncrementalText
 
 log = logging.getLogger(__name__)
@@ -46,51 +50,150 @@ class Engine:
     def __init__(self, model, max_sessions: int = 8, max_queue: int = 64,
                  guard_frames_per_token: float | None = None, guard_base_frames: int = 64,
                  initial_cache_len: int = 256, static: bool | None = None, max_len: int = 4096,
-                 cuda_graphs: bool | None = None, interactive_reserve: int = 0) -> None:
-        """static: the fixed-shape fast path (default: on CUDA) with a KV cache of max_len positions per session
-        and, on CUDA, CUDA graphs per batch bucket; sampling there uses the device generator (per-request
-        seeds apply to the dynamic path). interactive_reserve: slots that bulk sessions never take, so interactive
-        requests find room at once."""
+                 cuda_graphs: bool | None = None, batch_buckets: tuple[int, ...] | list[int] | None = None,
+                 compile: bool = False, sampler: str = "device", interactive_reserve: int = 0,
+                 graph_capture: GraphCapture | None = None) -> None:
+        """max_sessions: sessions decoded together (slots); max_queue: sessions waiting for a slot before EngineBusy.
+        max_len: positions per session (prompt + generated frames); a session that reaches it ends with
+        finish_reason "max_new_tokens". cuda_graphs: capture the step bodies in CUDA graphs at construction (default:
+        on for a CUDA model with the device sampler; True on a CPU model is an error). batch_buckets: the batch
+        sizes graphs are captured for (default 1, 2, 4, ... up to max_sessions). compile: torch.compile the step
+        bodies before capture (falls back to the plain bodies if it fails). static: a KV cache of max_len allocated
+        up front (default: with graphs; otherwise it grows as sessions need). sampler: "device" (counter-based RNG
+        per (seed, frame, codebook): the same codes alone or batched, eager or graphs) or "torch" (torch's
+        generators in the reference's draw order: exact seeded parity with the official package; eager only).
+        interactive_reserve: slots that bulk sessions never take, so interactive requests find room at once.
+        graph_capture: inject the graph backend (e.g. `GraphCapture(device, fake=True)`, the CPU stand-in)."""
+        for name, v, lo in (("max_sessions", max_sessions, 1), ("max_queue", max_queue, 0), ("max_len", max_len, 2)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         if not 0 <= interactive_reserve < max_sessions:
             raise ValueError(f"interactive_reserve must be in [0, max_sessions), got {interactive_reserve}")
+        if sampler not in ("device", "torch"):
+            raise ValueError(f"sampler must be 'device' or 'torch', got {sampler!r}")
         self.interactive_reserve = interactive_reserve
-        if max_sessions < 1:
-            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.model, self.talker = model, model.talker
         self.max_sessions, self.max_queue = max_sessions, max_queue
         self.guard_frames_per_token, self.guard_base_frames = guard_frames_per_token, guard_base_frames
         self.device = self.talker.codec_head.weight.device
-        self.fast = None
-        if static if static is not None else self.device.type == "cuda":
-            self.fast = FastPath(self.talker, max_sessions, max_len, use_graphs=cuda_graphs)
-            self.cache = self.fast.cache
-        else:
-            self.cache = self.talker.new_cache(max_sessions, initial_cache_len)
+        self.sampler = sampler
+        if cuda_graphs is None:
+            cuda_graphs = graph_capture is not None or (self.device.type == "cuda" and sampler == "device")
+        if cuda_graphs and sampler != "device":
+            raise ValueError("cuda_graphs=True needs sampler='device' (the torch sampler draws on the host)")
+        capture = None
+        if cuda_graphs:
+            capture = graph_capture or GraphCapture(self.device)  # ValueError without CUDA
+        self.cuda_graphs = capture is not None
+        static = self.cuda_graphs if static is None else bool(static) or self.cuda_graphs
+        t = model.cfg.talker
+        self.max_len = min(max_len, self.talker.rope.cos.shape[0])
+        self.eos_id, self.suppress_from = t.codec_eos_token_id, t.vocab_size - 1024
+        if static:
+            self._check_memory(self.max_len)
+        with torch.inference_mode():
+            pad = self.talker.embed_text(torch.tensor([model.cfg.tts_pad_token_id], device=self.device))[0]
+            self.runner = StepRunner(self.talker, max_sessions, self.max_len, tts_pad=pad, eos_id=self.eos_id,
+                                     suppress_from=self.suppress_from, static=static, capture=capture,
+                                     buckets=batch_buckets, sampler=sampler, compile=compile,
+                                     initial_len=initial_cache_len)
+        self.sdpa = self.runner.choose_decode_layout()
+        self.audio = BatchedAudio(model.codec, max_sessions) if model.codec is not None else None
+        self._audio_rows: dict[int, Session] = {}   # session id -> session with an open audio row
         self.free_slots = list(range(max_sessions))
         self.queues: dict[str, deque[Session]] = {"interactive": deque(), "bulk": deque()}
         self.active: list[Session] = []
         self._lock = threading.Lock()
-        t = model.cfg.talker
-        self.eos_id, self.suppress_from = t.codec_eos_token_id, t.vocab_size - 1024
+        self._work = threading.Condition(self._lock)  # add/cancel/text wake wait_for_work
+        self.steps = 0
+        if capture is not None:
+            t0 = time.perf_counter()
+            self.runner.capture_all()
+            self.capture_s = time.perf_counter() - t0
+
+    def _check_memory(self, max_len: int) -> None:
+        t = self.model.cfg.talker
+        elt = self.talker.codec_head.weight.element_size()
+        need = (2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim + t.hidden_size) * \
+            self.max_sessions * max_len * elt
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need > 0.9 * free:
+                raise ValueError(f"max_sessions={self.max_sessions} x max_len={max_len} needs {need / 2**30:.1f} GiB of "
+                                 f"cache on {self.device}, {free / 2**30:.1f} GiB free: lower max_sessions or max_len")
 
     # --- caller side (thread-safe) ----------------------------------------------------------------------------
     def add(self, req: SynthesisRequest) -> Session:
         validate(self.model, req)
+        req = self._on_device(req)
         s = Session(request=req)
         if req.text is None:
             tok = self.model.tokenizer
-            s.incremental = IncrementalText(tok.text_only, tok.split_offsets)
-        if req.seed is not None:
-            s.generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
+            s.incremental = IncrementalText(tok.text_only, tok.split_offsets, tok.encode)
+        if self.sampler == "torch":
+            if req.seed is not None:
+                s.generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
+            s.seed = 0 if req.seed is None else int(req.seed)
+        else:  # an unseeded request takes its seed from torch's global generator (torch.manual_seed applies)
+            s.seed = int(req.seed) if req.seed is not None else int(torch.randint(0, 2**62, ()))
+        s._notify = self._notify
         with self._lock:
             if self.num_queued >= self.max_queue:
                 raise EngineBusy(f"engine busy: {self.num_queued} requests queued (max_queue={self.max_queue})")
             self.queues[req.priority].append(s)
+            self._work.notify_all()
         return s
+
+    def _on_device(self, req: SynthesisRequest) -> SynthesisRequest:
+        """Everything a request brings (a stored voice: speaker vector, reference codes) moved to the model's device
+        and dtype, once, here; the caller's objects are left as they were."""
+        vp = req.voice_clone_prompt
+        if vp is None or not dataclasses.is_dataclass(vp):
+            return req
+        moved = {}
+        if getattr(vp, "ref_spk_embedding", None) is not None:
+            moved["ref_spk_embedding"] = vp.ref_spk_embedding.to(self.device, self.talker.codec_head.weight.dtype)
+        if getattr(vp, "ref_code", None) is not None:
+            moved["ref_code"] = vp.ref_code.to(self.device, torch.long)
+        return dataclasses.replace(req, voice_clone_prompt=dataclasses.replace(vp, **moved))
 
     def cancel(self, session: Session) -> None:
         """Stop a session at the next step and free its slot; cancelling twice (or a finished one) is a no-op."""
         session.cancelled = True
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._lock:
+            self._work.notify_all()
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block (on a condition, no polling) until `step()` can advance something now, or until `timeout_s`;
+        `add`, `cancel`, `append_text` and `end_text` wake it. Returns whether there is work. A session that waits
+        for text costs nothing here. Call it from the thread that calls `step()`."""
+        with self._work:
+            return self._work.wait_for(self._runnable_locked, timeout=max(0.0, timeout_s))
+
+    def runnable(self) -> bool:
+        """Whether `step()` would advance something now (an admissible queued session, an active session that can
+        run or has news, a cancellation to deliver)."""
+        with self._lock:
+            return self._runnable_locked()
+
+    def _runnable_locked(self) -> bool:
+        for s in list(self.active):
+            if s.cancelled or s.phase == "frame" or s.has_pending_text() or (
+                    s.phase == "talker" and self._text_ready(s)):
+                return True
+        free = len(self.free_slots)
+        for prio, q in self.queues.items():
+            for s in q:
+                if s.cancelled:
+                    return True
+                if free == 0 or (prio == "bulk" and free <= self.interactive_reserve):
+                    continue
+                if s.incremental is None or s.committed_ids or s.has_pending_text():
+                    return True
+        return False
 
     @property
     def num_queued(self) -> int:
@@ -106,53 +209,70 @@ class Engine:
     # --- the loop ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[AudioChunk]:
+        """Advance every session by at most one frame; returns the audio chunks (and last chunks) that are ready.
+        Never raises for a failure inside a step: the sessions it touched end with an error chunk instead."""
         out: list[AudioChunk] = []
-        # 1) cancellations and incremental text
+        try:
+            self._step(out)
+        except Exception as e:  # noqa: BLE001 - fail what was running, keep the engine usable
+            log.exception("engine step failed; failing its active sessions")
+            for s in list(self.active) + list(self._audio_rows.values()):
+                self._fail(s, e, out)
+        self.steps += 1
+        return out
+
+    def _step(self, out: list[AudioChunk]) -> None:
         for s in list(self.active):
             if s.cancelled:
                 self._finish(s, "cancelled", out)
             elif s.incremental is not None:
-                self._absorb_text(s, out)
+                try:
+                    self._absorb_text(s)
+                except Exception as e:  # noqa: BLE001 - this session's text, not the engine
+                    self._fail(s, e, out)
         self._drop_cancelled_queued(out)
-        # 2) admission + prefill
         self._admit(out)
-        # 3) one batched talker step
-        rows = [s for s in self.active if s.phase == "talker" and self._text_ready(s)]
-        if rows:
-            embeds = torch.stack([self._next_input(s) for s in rows])
-            slots = torch.tensor([s.slot for s in rows], device=self.device)
-            pos = torch.tensor([s.pos for s in rows], device=self.device)
-            if self.fast is not None:
-                hidden, logits = self.fast.talker_step(slots, pos, embeds)
-            else:
-                self.cache.ensure(int(pos.max()) + 1)
-                hidden, logits = talker_step(self.talker, self.cache, slots, pos, embeds)
-            ids = self._sample_code0(rows, logits)
-            for i, s in enumerate(rows):
-                s.pos += 1
-                s.hidden = hidden[i]
-                self._take_code0(s, int(ids[i]), out)
-        # 4) one batched code-predictor pass
-        rows = [s for s in self.active if s.phase == "frame"]
-        if rows:
-            hidden = torch.stack([s.hidden for s in rows])
-            code0 = torch.tensor([s.code0 for s in rows], device=self.device)
-            if self.fast is not None:
-                params = sampling_tensors([s.request.sampling for s in rows], self.device)
-                codes = self.fast.predict_codes(hidden, code0, params)
-            else:
-                codes = predict_codes(self.talker, hidden, code0, self._cp_picker(rows))
-            for i, s in enumerate(rows):
-                s.last_codes = codes[i]
-                s.frames.append(codes[i])
-                s.phase = "talker"
-                if s.audio is not None:
-                    pcm = s.audio.push(codes[i])
-                    if pcm is not None:
-                        out.append(AudioChunk(s.id, pcm, s.audio.frame_start, len(pcm) // 1920))
-                if s.max_frames is not None and len(s.frames) >= s.max_frames:
-                    self._finish(s, "guard", out)
-        return out
+        self._compact()
+        cp = [s for s in self.active if s.phase == "frame"]
+        tk = [s for s in self.active if s.phase in ("frame", "talker") and self._text_ready(s)]
+        if cp or tk:
+            self._advance(cp, tk, out)
+        self._decode_audio(out)
+
+    def _advance(self, cp: list[Session], tk: list[Session], out: list[AudioChunk]) -> None:
+        r = self.runner
+        if self.sampler == "torch":
+            cp_s, tk_s = sorted(cp, key=lambda s: s.slot), sorted(tk, key=lambda s: s.slot)
+            r.torch_rows = {k: ([s.slot for s in v], [s.request.sampling for s in v], [s.generator for s in v])
+                            for k, v in (("cp", cp_s), ("talker", tk_s))}
+        rows = r.step([s.slot for s in cp], [s.slot for s in tk], max((s.pos for s in tk), default=0))
+        # frames of the code-predictor rows (the first one also reveals the id drawn at prefill)
+        framed: list[Session] = []
+        for s in cp:
+            codes = rows[s.slot, :-1]
+            if s.first_id_unread:
+                s.first_id_unread = False
+                s.history.append(int(codes[0]))
+                if codes[0] == self.eos_id:
+                    self._finish(s, "eos", out)
+                    continue
+            s.frames.append(codes)
+            s.phase = "talker"
+            framed.append(s)
+        pushed = [s for s in framed if s.id in self._audio_rows]
+        if pushed:
+            self.audio.push([s.id for s in pushed], r.frame_codes([s.slot for s in pushed]))
+        for s in framed:
+            if s.max_frames is not None and len(s.frames) >= s.max_frames:
+                self._finish(s, "guard", out)
+        # the talker rows' next ids
+        for s in tk:
+            if s.done:
+                continue
+            s.pos += 1
+            s.text_step += 1
+            s.num_ids += 1
+            self._take_id(s, int(rows[s.slot, -1]), out)
 
     def run_all(self, requests: list[SynthesisRequest]) -> list[Session]:
         """Run requests to completion (bulk path); returns their finished sessions in order."""
@@ -160,6 +280,30 @@ class Engine:
         while not all(s.done for s in sessions):
             self.step()
         return sessions
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Pay the first-call costs before traffic, for every model type and with no request: graphs (already
+        captured at construction), a prefill, a few steps in a free slot, and an audio decode. Returns seconds."""
+        if self.active or self.num_queued:
+            raise RuntimeError("warm_up() is for an idle engine")
+        t0 = time.perf_counter()
+        r = self.runner
+        r.capture_all()
+        r.torch_rows = {"cp": ([], [], []), "talker": ([], [], [])}
+        r.start(0, r.tts_pad.expand(16, -1), [], SamplingParams(max_new_tokens=4), seed=0)
+        for _ in range(2):
+            r.step([0], [0], 17)
+        if self.audio is not None:
+            key = -1
+            self.audio.open(key, 1, 2)
+            self.audio.push([key], torch.zeros(1, r.last_codes.shape[1], dtype=torch.long, device=self.device))
+            self.audio.decode()
+            self.audio.finish(key)
+            self.audio.decode()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     # --- internals --------------------------------------------------------------------------------------------
     def _admit(self, out: list[AudioChunk]) -> None:
@@ -170,13 +314,14 @@ class Engine:
                 return
             slot = self.free_slots.pop(0)
             try:
-                self._start(s, slot)
-            except Exception as e:  # a bad request must not take the engine down
-                log.exception("session %d failed to start", s.id)
-                if s not in self.active:
+                self._start(s, slot, out)
+            except Exception as e:  # noqa: BLE001 - a bad request must not take the engine down
+                if not isinstance(e, RequestError):
+                    log.exception("session %d failed to start", s.id)
+                if s not in self.active and slot not in self.free_slots:
                     self.free_slots.append(slot)
-                s.error = str(e)
-                self._finish(s, "error", out)
+                    self.free_slots.sort()
+                self._fail(s, e, out)
 
     def _pop_ready(self) -> Session | None:
         queues = [self.queues["interactive"]]
@@ -207,34 +352,56 @@ class Engine:
         s.committed_ids += new
         return new
 
-    def _absorb_text(self, s: Session, out: list[AudioChunk]) -> None:
+    def _absorb_text(self, s: Session) -> None:
         was_ended = s.incremental.ended
         new = self._collect_text(s)
         if s.prompt is not None and (new or (s.incremental.ended and not was_ended)):
+            old = len(s.prompt.trailing)
             extend_prompt(self.talker, s.prompt, new, end=s.incremental.ended and not was_ended)
+            self.runner.set_text(s.slot, s.prompt.trailing, old)
             self._set_guard(s)
 
-    def _start(self, s: Session, slot: int) -> None:
+    def _start(self, s: Session, slot: int, out: list[AudioChunk]) -> None:
         req = s.request
+        if s.cancelled:
+            raise RuntimeError("cancelled")  # not reached: cancelled sessions are dropped before admission
         if s.incremental is not None:
             if not s.committed_ids:
                 raise RequestError("text", "must not be empty")
-            ended = s.incremental.ended
-            s.prompt = make_prompt(self.model, req, list(s.committed_ids), text_ended=ended)
+            s.prompt = make_prompt(self.model, req, list(s.committed_ids), text_ended=s.incremental.ended)
         else:
             s.prompt = make_prompt(self.model, req, self.model.tokenizer.target(req.text).text, True)
+        T = s.prompt.prefill.shape[0]
+        if self.max_len <= T:
+            raise RequestError("text", f"the prompt takes {T} positions; this engine holds {self.max_len} per "
+                               "session (max_len)")
         s.slot = slot
         self.active.append(s)
         self._set_guard(s)
-        if req.decode_audio and self.model.codec is not None:
-            s.audio = AudioStreamer(self.model.codec, req.first_chunk_frames, req.chunk_frames,
-                                    ref_codes=s.prompt.ref_codes)
-        embeds = s.prompt.prefill
-        self.cache.ensure(embeds.shape[0] + 1)
-        hidden, logits = prefill(self.talker, self.cache, slot, embeds)
-        s.pos, s.hidden = embeds.shape[0], hidden
-        ids = self._sample_code0([s], logits[None])
-        self._take_code0(s, int(ids[0]), [])
+        self.runner.start(slot, s.prompt.prefill, s.prompt.trailing, req.sampling, s.seed, s.generator)
+        s.pos, s.text_step, s.num_ids, s.first_id_unread = T, 0, 1, True
+        if req.decode_audio and self.audio is not None:
+            self.audio.open(s.id, req.first_chunk_frames, req.chunk_frames, ref_codes=s.prompt.ref_codes)
+            self._audio_rows[s.id] = s
+        if req.sampling.max_new_tokens <= 1 or s.pos + 1 >= self.max_len:
+            self._finish(s, "max_new_tokens", out)  # the id drawn at prefill never gets a frame (as HF)
+        else:
+            s.phase = "frame"
+
+    def _compact(self) -> None:
+        """Keep the occupied slots 0..n-1 so a step's batch is no wider than the sessions in it: the session in the
+        highest slot moves down into a freed one (its cache rows and state are copied on the device)."""
+        n = len(self.active)
+        if not n:
+            return
+        for s in sorted(self.active, key=lambda x: -x.slot):
+            if s.slot < n:
+                return
+            hole = self.free_slots.pop(0)
+            self.runner.move(s.slot, hole, s.pos, len(s.prompt.trailing))
+            self.free_slots.append(s.slot)
+            self.free_slots.sort()
+            s.slot = hole
 
     def _set_guard(self, s: Session) -> None:
         per_token = getattr(s.request, "guard_frames_per_token", None) or self.guard_frames_per_token
@@ -245,41 +412,25 @@ class Engine:
         p = s.prompt
         return s.text_step < len(p.trailing) or p.text_ended
 
-    def _next_input(self, s: Session) -> torch.Tensor:
-        p = s.prompt
-        text = p.trailing[s.text_step] if s.text_step < len(p.trailing) else p.tts_pad
-        s.text_step += 1
-        return self.talker.embed_frame(s.last_codes) + text
-
-    def _sample_code0(self, rows: list[Session], logits: torch.Tensor) -> torch.Tensor:
-        processed = []
-        for i, s in enumerate(rows):
-            sp = s.request.sampling
-            hist = torch.tensor(s.history, dtype=torch.long, device=logits.device) if s.history else None
-            processed.append(talker_logits_processors(logits[i].clone(), hist, sp.repetition_penalty,
-                                                      len(s.history), self.eos_id, self.suppress_from))
-        sps = [s.request.sampling for s in rows]
-        return pick_rows(torch.stack(processed), [p.do_sample for p in sps], [p.temperature for p in sps],
-                         [p.top_k for p in sps], [p.top_p for p in sps], [s.generator for s in rows])
-
-    def _cp_picker(self, rows: list[Session]):
-        sps = [s.request.sampling for s in rows]
-        gens = [s.generator for s in rows]
-        ds, te = [p.subtalker_dosample for p in sps], [p.subtalker_temperature for p in sps]
-        tk, tp = [p.subtalker_top_k for p in sps], [p.subtalker_top_p for p in sps]
-        return lambda logits, group: pick_rows(logits, ds, te, tk, tp, gens)
-
-    def _take_code0(self, s: Session, code0: int, out: list[AudioChunk]) -> None:
+    def _take_id(self, s: Session, code0: int, out: list[AudioChunk]) -> None:
         s.history.append(code0)
         if code0 == self.eos_id:
             self._finish(s, "eos", out)
-        elif len(s.history) >= s.request.sampling.max_new_tokens or s.pos + 1 >= self._max_positions():
+        elif s.num_ids >= s.request.sampling.max_new_tokens or s.pos + 1 >= self.max_len:
             self._finish(s, "max_new_tokens", out)  # the last sampled id never gets its frame (as HF)
         else:
-            s.code0, s.phase = code0, "frame"
+            s.phase = "frame"
 
-    def _max_positions(self) -> int:
-        return self.cache.capacity if self.cache.static else self.talker.cfg.max_position_embeddings
+    def _fail(self, s: Session, e: BaseException, out: list[AudioChunk]) -> None:
+        s.error = str(e) or type(e).__name__
+        s.error_field = e.field if isinstance(e, RequestError) else None
+        if s.phase == "done":  # its last chunk was still to come from the audio decode
+            if self._audio_rows.pop(s.id, None) is not None:
+                self.audio.drop(s.id)
+                s.finish_reason = "error"
+                out.append(self._last_chunk(s, np.zeros(0, np.float32), s.audio_frames, 0))
+            return
+        self._finish(s, "error", out)
 
     def _finish(self, s: Session, reason: str, out: list[AudioChunk]) -> None:
         if s.phase == "done":
@@ -289,8 +440,40 @@ class Engine:
             self.active.remove(s)
             self.free_slots.append(s.slot)
             self.free_slots.sort()
-        pcm = np.zeros(0, np.float32)
-        if s.audio is not None and reason != "cancelled":
-            pcm = s.audio.finish()
-        start = s.audio.emitted_frames if s.audio is not None else len(s.frames)
-        out.append(AudioChunk(s.id, pcm, start, 0, is_last=True, finish_reason=reason))
+        if s.id in self._audio_rows:
+            if reason not in ("cancelled", "error"):
+                self.audio.finish(s.id)  # its last chunk is the final decode of this step
+                return
+            del self._audio_rows[s.id]
+            self.audio.drop(s.id)
+        out.append(self._last_chunk(s, np.zeros(0, np.float32), s.audio_frames if s.request.decode_audio
+                                    else len(s.frames), 0))
+
+    def _last_chunk(self, s: Session, pcm: np.ndarray, start: int, frames: int) -> AudioChunk:
+        err = s.finish_reason == "error"
+        return AudioChunk(s.id, pcm, start, frames, is_last=True, finish_reason=s.finish_reason,
+                          error=s.error if err else None, error_field=s.error_field if err else None)
+
+    def _decode_audio(self, out: list[AudioChunk]) -> None:
+        if not self._audio_rows:
+            return
+        try:
+            decoded = self.audio.decode()
+        except Exception as e:  # noqa: BLE001 - every session decoding now fails, visibly
+            log.exception("audio decode failed")
+            for s in list(self._audio_rows.values()):
+                self._fail(s, e, out)
+            return
+        for a in decoded:
+            s = self._audio_rows.get(a.key)
+            if s is None:
+                continue
+            s.audio_frames = a.frame_start + a.num_frames
+            if a.final:
+                del self._audio_rows[a.key]
+                out.append(self._last_chunk(s, a.pcm, a.frame_start, a.num_frames))
+            elif a.pcm.size:
+                out.append(AudioChunk(s.id, a.pcm, a.frame_start, a.num_frames))
+
+
+__all__ = ["Engine", "EngineBusy", "SAMPLES_PER_FRAME"]

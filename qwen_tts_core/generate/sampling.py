@@ -1,10 +1,20 @@
-"""Logits -> token, in the order Hugging Face `generate()` applies its processors, so greedy runs match the reference
-exactly and seeded sampled runs draw the same random numbers:
-repetition penalty -> suppressed ids -> min-new-tokens (no EOS) -> [temperature -> top-k -> top-p -> multinomial]
+"""Logits -> token, in the order Hugging Face `generate()` applies its processors:
+repetition penalty -> suppressed ids -> min-new-tokens (no EOS) -> [temperature -> top-k -> top-p -> draw]
 or argmax when not sampling. Pure functions over fp32 logits.
+
+Two samplers share these rules:
+  - the reference sampler (`pick`, `pick_rows`): torch's generators and `torch.multinomial`, one row at a time on the
+    host's orders, so a run draws exactly the random numbers the reference draws (seeded parity with the official
+    package after `torch.manual_seed`). Eager only; `Engine(sampler="torch")`.
+  - the device sampler (`sample_device` + `gumbel`): per-row tensors and a counter-based hash of (seed, frame,
+    codebook, id), no host sync, captured inside the CUDA graphs; the same codes alone or batched, on any device.
+    `Engine(sampler="device")`, the default.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -70,3 +80,108 @@ def talker_logits_processors(logits: torch.Tensor, history: torch.Tensor | None,
     logits[suppress_from:] = float("-inf")
     logits[eos_id] = float("-inf") if num_generated < min_new_tokens else eos_logit
     return logits
+
+
+# --- the device sampler: per-row tensors, no host sync, capturable in a CUDA graph -------------------------------
+# Randomness is a counter-based hash of (seed, frame, codebook, token id) made of integer tensor ops: a row's draws do
+# not depend on which other rows share its batch, on the batch size, on graphs or on the device, so a seeded request
+# gives the same codes alone or batched. Sampling is the Gumbel-max trick: argmax(logits / T + Gumbel) over the ids
+# that top-k and top-p keep draws from softmax(logits / T) restricted to them, exactly.
+
+_M32 = 0xFFFFFFFF
+_MUL = 0x045D9F3B  # < 2**27: products of 32-bit values stay below 2**59 (no int64 overflow)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche, on int64 tensors holding values in [0, 2**32)."""
+    x = ((x >> 16) ^ x) * _MUL & _M32
+    x = ((x >> 16) ^ x) * _MUL & _M32
+    return (x >> 16) ^ x
+
+
+def token_hash(vocab_size: int, device=None) -> torch.Tensor:
+    """Per-id salt [V] (int64 in [0, 2**32)) mixed into every draw."""
+    return _mix(_mix(torch.arange(vocab_size, device=device, dtype=torch.long) + 0x9E3779B9 & _M32))
+
+
+def seed_key(seed: int) -> int:
+    """A seed in [0, 2**63) -> the 32-bit key its draws derive from (both halves of the seed mixed in)."""
+    lo, hi = torch.tensor(seed & _M32), torch.tensor((seed >> 32) & _M32)
+    return int(_mix(lo ^ _mix(hi + 0x6A09E667 & _M32)))
+
+
+def noise_key(key: torch.Tensor, frame: torch.Tensor, codebook: int) -> torch.Tensor:
+    """[B] keys of the draws of codebook `codebook` (0 = the talker's id) of frame `frame`, from each row's seed
+    key (`seed_key`)."""
+    return _mix(key ^ _mix((frame * 16 + codebook) & _M32))
+
+
+def gumbel(key: torch.Tensor, tok_hash: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, V] (fp32) from keys [B] and the token salt [V]."""
+    u = _mix(key[:, None] ^ tok_hash[None, :])
+    u = ((u >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
+
+
+def sample_device(logits: torch.Tensor, do_sample: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, noise: Callable[[], torch.Tensor], plan: SamplePlan | None = None,
+                  ) -> torch.Tensor:
+    """Per-row sampling with no host sync: logits [B, V] fp32 (processed); do_sample bool [B]; temperature, top_p
+    float [B]; top_k long [B] (0 = off); noise() -> [B, V] Gumbel. Greedy rows take argmax(logits), as HF does.
+    Filters as HF's warpers in order: temperature, top-k (ties with the k-th value kept), top-p (smallest set whose
+    probability exceeds top_p, computed on what top-k kept).
+
+    plan: what the host knows about the rows that count (eager only; None = the general code a graph captures). A
+    plan only skips work whose result is known: no row samples (argmax), no row uses top-p (the k-th value from a
+    top-k of the largest k instead of a full sort). The ids are the same either way."""
+    greedy = logits.argmax(-1)
+    if plan is not None and not plan.sample:
+        return greedy
+    V = logits.shape[-1]
+    x = logits / temperature[:, None]
+    if plan is None or plan.top_p:
+        sx, sidx = torch.sort(x, dim=-1, descending=True)
+        k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+        kth = sx.gather(-1, (k - 1)[:, None])
+        sx = sx.masked_fill(sx < kth, float("-inf"))
+        # top-p: cumulative probability in ascending order (as HF sums it), read back in descending order
+        cum = sx.softmax(-1).flip(-1).cumsum(-1).flip(-1)
+        drop_sorted = cum <= (1 - top_p)[:, None]
+        drop_sorted[:, 0] = False  # the most likely id always stays
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sidx, drop_sorted) | (x < kth)
+    else:
+        kmax = max(1, min(plan.kmax, V))
+        vals = torch.topk(x, kmax, dim=-1).values
+        kth = vals.gather(-1, (top_k.clamp(1, kmax) - 1)[:, None])
+        kth = torch.where((top_k > 0)[:, None], kth, torch.full_like(kth, float("-inf")))
+        drop = x < kth
+    sampled = (x.masked_fill(drop, float("-inf")) + noise()).argmax(-1)
+    return torch.where(do_sample, sampled, greedy)
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Host-side facts about the rows of an eager step (see `sample_device`)."""
+
+    sample: bool      # some row samples
+    kmax: int         # the largest top_k among sampling rows that set one
+    top_p: bool       # some sampling row uses top-p < 1
+
+    @staticmethod
+    def of(do_sample, top_k, top_p) -> SamplePlan:
+        ks = [int(k) for d, k in zip(do_sample, top_k) if d and k > 0]
+        return SamplePlan(any(do_sample), max(ks, default=1),
+                          any(d and p < 1.0 for d, p in zip(do_sample, top_p)))
+
+
+def talker_logits_batch(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor, num_generated: torch.Tensor,
+                        blocked: torch.Tensor, eos_id: int, min_new_tokens: int = 2) -> torch.Tensor:
+    """`talker_logits_processors` for a batch, with no host sync: logits [B, V] fp32; seen [B, V] bool (ids generated
+    so far: the repetition history as a set, which is all HF's penalty uses); penalty [B]; num_generated [B] long;
+    blocked [V] bool (the special ids that are never sampled, EOS excluded). Same values as the per-row version."""
+    pen = penalty[:, None]
+    logits = torch.where(seen, torch.where(logits < 0, logits * pen, logits / pen), logits)
+    logits = logits.masked_fill(blocked[None, :], float("-inf"))
+    no_eos = (num_generated < min_new_tokens)[:, None] & (torch.arange(logits.shape[-1], device=logits.device)
+                                                          == eos_id)[None, :]
+    return logits.masked_fill(no_eos, float("-inf"))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import codecs
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import RequestError
@@ -29,30 +30,32 @@ class Session:
     incremental: IncrementalText | None = None
     pending_text: list[str | bytes | None] = field(default_factory=list)  # None = end of text
     committed_ids: list[int] = field(default_factory=list)
-    # generation state (owned by the engine thread)
-    phase: str = "queued"            # queued -> talker <-> frame -> done
+    # generation state (owned by the engine thread; the per-step tensors live on the device, runner.py)
+    phase: str = "queued"            # queued -> frame (an id awaits its code-predictor pass) <-> talker -> done
     prompt: Prompt | None = None
-    slot: int = -1
+    slot: int = -1                    # cache slot = batch row (may move down when slots free up)
     pos: int = 0                      # next talker position (= tokens in its KV cache)
-    hidden: torch.Tensor | None = None  # [C] last talker hidden (after the final norm)
-    code0: int = -1                   # codebook-0 id waiting for its code-predictor pass
-    last_codes: torch.Tensor | None = None  # [16] codes of the last frame
-    history: list[int] = field(default_factory=list)  # sampled codebook-0 ids (repetition penalty)
     text_step: int = 0                # trailing text embeddings consumed
-    frames: list[torch.Tensor] = field(default_factory=list)
+    num_ids: int = 0                  # codebook-0 ids drawn so far (the prefill's included)
+    first_id_unread: bool = False     # the prefill's id is read back with the first frame
+    history: list[int] = field(default_factory=list)  # codebook-0 ids read back so far
+    frames: list[np.ndarray] = field(default_factory=list)  # [16] int64 codes per frame (host copies)
     max_frames: int | None = None     # runaway guard
-    generator: torch.Generator | None = None
-    audio: Any = None                 # AudioStreamer when decoding audio
+    seed: int = 0                     # the device sampler's seed (drawn from torch's generator when not given)
+    generator: torch.Generator | None = None  # sampler="torch" with a seed
+    audio_frames: int = 0             # frames whose audio has been emitted
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_field: str | None = None
     cancelled: bool = False
+    _notify: Callable[[], None] | None = field(default=None, repr=False)  # wakes the engine's wait_for_work
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(),
                                              repr=False)
 
     # --- caller side ------------------------------------------------------------------------------------------
     def append_text(self, piece: str | bytes) -> None:
-        """Add text to an incremental session (one opened with `text=None`)."""
+        """Add text to an incremental session (one opened with `text=None`). An empty piece changes nothing."""
         if self.incremental is None:
             raise RequestError("text", "append_text: this session was opened with its full text (text=...)")
         if isinstance(piece, str):
@@ -68,7 +71,10 @@ class Session:
                     self._utf8.decode(piece)
                 except UnicodeDecodeError as e:
                     raise RequestError("text", f"invalid UTF-8 ({e.reason})") from None
+            if not piece:
+                return
             self.pending_text.append(piece)
+        self._wake()
 
     def end_text(self) -> None:
         if self.incremental is None:
@@ -81,6 +87,15 @@ class Session:
             except UnicodeDecodeError:
                 raise RequestError("text", "ends inside a UTF-8 character") from None
             self.pending_text.append(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._notify is not None:
+            self._notify()
+
+    def has_pending_text(self) -> bool:
+        with self._lock:
+            return bool(self.pending_text)
 
     def take_pending(self) -> list[str | bytes | None]:
         with self._lock:
@@ -99,4 +114,4 @@ class Session:
         """Generated codes [T, 16] (EOS excluded)."""
         if not self.frames:
             return torch.zeros(0, 16, dtype=torch.long)
-        return torch.stack(self.frames).cpu()
+        return torch.from_numpy(np.stack(self.frames).astype(np.int64))

@@ -3,6 +3,10 @@
 Text arrives in pieces (str, or bytes that may split a UTF-8 character). A token is committed only when text after
 it can no longer change it: everything before the last pre-tokenizer piece (a word, a run of spaces, punctuation) is
 final, because the Qwen2 BPE never merges across pre-tokenizer pieces. `end()` commits the rest.
+
+Only the uncommitted tail is ever re-split or re-encoded: the tail starts at a pre-tokenizer boundary, and the
+pre-tokenizer resumes at a boundary exactly as it would in the whole text, so the cost of a piece does not grow with
+the text already committed (10,000 one-character pieces stay fast).
 """
 
 from __future__ import annotations
@@ -12,38 +16,49 @@ from collections.abc import Callable
 
 
 class IncrementalText:
-    def __init__(self, encode: Callable[[str], list[int]], split_offsets: Callable[[str], list[int]]) -> None:
-        """encode: text -> ids of the bare text; split_offsets: text -> start offsets of its pre-tokenizer pieces."""
-        self._encode, self._split = encode, split_offsets
+    def __init__(self, encode: Callable[[str], list[int]], split_offsets: Callable[[str], list[int]],
+                 encode_more: Callable[[str], list[int]] | None = None) -> None:
+        """encode: text -> ids of the bare text as it starts the utterance (the first committed segment);
+        split_offsets: text -> start offsets of its pre-tokenizer pieces; encode_more: ids of a later segment, one
+        that starts at a pre-tokenizer boundary inside the text (default: `encode`)."""
+        self._encode_first, self._encode_more = encode, encode_more or encode
+        self._split = split_offsets
         self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self.text = ""
+        self._done: list[str] = []   # committed text, in segments
+        self.tail = ""               # text not committed yet (starts at a pre-tokenizer boundary)
         self.committed: list[int] = []
         self.ended = False
 
+    @property
+    def text(self) -> str:
+        return "".join(self._done) + self.tail
+
     def append(self, piece: str | bytes) -> list[int]:
-        """Add a piece; return the ids newly committed by it."""
+        """Add a piece; return the ids newly committed by it. Empty pieces change nothing."""
         if self.ended:
             raise ValueError("text: append_text after end_text")
         if isinstance(piece, bytes | bytearray):
             piece = self._decoder.decode(bytes(piece))
         elif not isinstance(piece, str):
             raise ValueError(f"text: pieces must be str or bytes, got {type(piece).__name__}")
-        self.text += piece
-        offsets = self._split(self.text)
-        stable = self.text[: offsets[-1]] if len(offsets) > 1 else ""
-        return self._commit(self._encode(stable) if stable else [])
+        if not piece:
+            return []
+        self.tail += piece
+        offsets = self._split(self.tail)
+        if len(offsets) < 2 or offsets[-1] <= 0:
+            return []
+        return self._commit(offsets[-1])
 
     def end(self) -> list[int]:
         if self.ended:
             raise ValueError("text: end_text called twice")
-        self.text += self._decoder.decode(b"", final=True)
+        self.tail += self._decoder.decode(b"", final=True)
         self.ended = True
-        return self._commit(self._encode(self.text) if self.text else [])
+        return self._commit(len(self.tail)) if self.tail else []
 
-    def _commit(self, ids: list[int]) -> list[int]:
-        if ids[: len(self.committed)] != self.committed:
-            # cannot happen with a BPE that respects pre-tokenizer pieces; fail loudly rather than drift
-            raise RuntimeError("incremental tokenization changed committed tokens")
-        new = ids[len(self.committed):]
-        self.committed = ids
-        return new
+    def _commit(self, n: int) -> list[int]:
+        stable, self.tail = self.tail[:n], self.tail[n:]
+        ids = (self._encode_more if self._done else self._encode_first)(stable)
+        self._done.append(stable)
+        self.committed += ids
+        return ids

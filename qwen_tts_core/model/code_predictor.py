@@ -55,5 +55,5 @@ class CodePredictor(nn.Module):
             raise ValueError("the code predictor continues one position at a time after its prefill")
         # fresh cache: causal prefill at 0, then one query that sees every earlier key: no mask needed
         hidden = run_stack(self.model.layers, self.model.norm, self.rope, x, positions,
-                           cache.layers(None, start + T), None)
+                           cache.layers(None, start + T, start=start), None)
         return self.lm_head[head](hidden[:, -1])

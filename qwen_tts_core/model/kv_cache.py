@@ -20,10 +20,15 @@ class LayerCache:
     v: torch.Tensor
     slots: torch.Tensor | None  # [B] slot of each row; None: rows are slots 0..B-1
     read_len: int              # keys 0 .. read_len-1 are read back
+    start: int | None = None   # every row writes positions start..start+T-1 (rows 0..B-1): a plain slice copy
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """k, v: [B, Hkv, T, D] written at `positions` [B, T]; returns keys/values [B, Hkv, read_len, D]."""
         B, _, T, _ = k.shape
+        if self.start is not None and self.slots is None:
+            self.k[:B, :, self.start:self.start + T] = k
+            self.v[:B, :, self.start:self.start + T] = v
+            return self.k[:B, :, : self.read_len], self.v[:B, :, : self.read_len]
         slots = self.slots if self.slots is not None else torch.arange(B, device=k.device)
         rows = slots[:, None].expand(B, T)
         # advanced indices around a slice: the indexed view is [B, T, Hkv, D]
@@ -63,9 +68,10 @@ class KVCache:
             raise ValueError(f"static KV cache holds {self.capacity} positions, {n} needed")
         self._allocate(max(n, 2 * self.capacity, 64))
 
-    def layers(self, slots: torch.Tensor | None, read_len: int) -> list[LayerCache]:
+    def layers(self, slots: torch.Tensor | None, read_len: int, start: int | None = None) -> list[LayerCache]:
+        """Per-layer views for one forward; `start`: all rows write the same positions (from start), rows 0..B-1."""
         self.ensure(read_len)
-        return [LayerCache(k, v, slots, read_len) for k, v in zip(self.k, self.v)]
+        return [LayerCache(k, v, slots, read_len, start) for k, v in zip(self.k, self.v)]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

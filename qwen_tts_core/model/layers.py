@@ -5,12 +5,79 @@ Parameter names mirror the official checkpoint so its tensors load by name.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderStackConfig
 from .kv_cache import LayerCache
+
+# --- linear layers: torch's default GEMM, or oneDNN with prepacked weights (CPU) ----------------------------------
+# On CPU, torch's fp32 GEMM is MKL's, which on AMD cores runs a batch of 8 rows at ~3x the cost of one row; oneDNN with
+# prepacked weights runs it at ~1.6x, and one row faster too. The reference uses torch's GEMM, so the packed path is
+# switched on per thread (`packed_linears`) by engines that do not promise bit-exact reference parity.
+_packed = threading.local()
+
+
+@contextlib.contextmanager
+def packed_linears(on: bool = True):
+    """Within this block (this thread), linears with a packed copy of their weight (`pack_linears_`) use it."""
+    prev = getattr(_packed, "on", False)
+    _packed.on = on
+    try:
+        yield
+    finally:
+        _packed.on = prev
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    if packed is not None and getattr(_packed, "on", False):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can also hold a oneDNN-packed copy of its weight (used inside `packed_linears`)."""
+
+    packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.packed)
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+
+
+def can_pack(p: torch.Tensor) -> bool:
+    return p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) and \
+        torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@torch.no_grad()
+def pack_linears_(module: nn.Module) -> bool:
+    """Give every linear under `module` a oneDNN-packed copy of its weight (CPU, fp32/bf16; once). The plain weights
+    stay (the reference-exact path and state_dict use them). Returns whether packing is in place."""
+    if getattr(module, "_packed_linears", False):
+        return True
+    params = list(module.parameters())
+    if not params or not can_pack(params[0]):
+        return False
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear
+        if isinstance(m, Linear):
+            m.packed = _pack(m.weight)
+        elif isinstance(m, Attention) and m.qkv is not None:
+            m.qkv_packed = _pack(m.qkv)
+        elif isinstance(m, MLP) and m.gate_up is not None:
+            m.gate_up_packed = _pack(m.gate_up)
+    module._packed_linears = True
+    return True
 
 
 class RMSNorm(nn.Module):
@@ -67,6 +134,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qkv: torch.Tensor | None = None  # fused [q; k; v] weight, set by fuse_()
+        self.qkv_packed: torch.Tensor | None = None
+        self.decode_layout = "gqa"  # one-query steps: "gqa" (SDPA enable_gqa) or a grouped layout (see below)
 
     @torch.no_grad()
     def fuse_(self, column_major: bool = False) -> None:
@@ -77,7 +146,7 @@ class Attention(nn.Module):
         if self.qkv is None or self.q_proj.bias is not None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        return F.linear(x, self.qkv).split([nq, nkv, nkv], dim=-1)
+        return linear(x, self.qkv, None, self.qkv_packed).split([nq, nkv, nkv], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
                 positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -90,11 +159,46 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.update(k, v, positions)  # [B, Hkv, K, D]
-        if mask is None:
+        if T == 1 and self.decode_layout != "gqa":
+            out = grouped_decode_attention(q, keys, values, mask, self.decode_layout == "grouped_float")
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+DECODE_LAYOUTS = ("gqa", "grouped", "grouped_float")
+
+
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                             float_mask: bool = False) -> torch.Tensor:
+    """One-query (decode) GQA attention without `enable_gqa`: the query heads that share a key/value head become that
+    head's queries ([B, Hq, 1, D] -> [B, Hkv, Hq/Hkv, D]), so q, k and v have equal head counts and a [B, 1, 1, K]
+    mask broadcasts. That is the layout the fused SDPA kernels (flash with no mask, memory-efficient with one) take on
+    CUDA, where a boolean mask with enable_gqa falls back to the math kernel. Same result as SDPA with enable_gqa.
+    float_mask: pass the mask as an additive float tensor (0 / -inf) instead of bool."""
+    B, Hq, _, D = q.shape
+    hkv = keys.shape[1]
+    qg = q.reshape(B, hkv, Hq // hkv, D)
+    if mask is not None and float_mask:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+    return out.reshape(B, Hq, 1, D)
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                 is_causal: bool = False, enable_gqa: bool = False) -> str:
+    """The SDPA kernel torch picks for these inputs ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION",
+    "MATH", ...), from `torch._fused_sdp_choice`; "UNKNOWN" where this torch cannot tell."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = torch._fused_sdp_choice(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=is_causal,
+                                         enable_gqa=enable_gqa)
+        return SDPBackend(choice).name
+    except Exception:  # noqa: BLE001 - private API: absent or changed in some versions
+        return "UNKNOWN"
 
 
 def _fuse(linears: list[nn.Linear], column_major: bool = False) -> torch.Tensor:
@@ -131,6 +235,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.gate_up: torch.Tensor | None = None  # fused [gate; up] weight, set by fuse_()
+        self.gate_up_packed: torch.Tensor | None = None
 
     @torch.no_grad()
     def fuse_(self, column_major: bool = False) -> None:
@@ -139,7 +244,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        gate, up = linear(x, self.gate_up, None, self.gate_up_packed).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

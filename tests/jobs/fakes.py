@@ -31,3 +31,14 @@ class FakeBackend:
                 reason = "guard"
             out.append(ChunkResult(pcm, reason))
         return out
+
+
+class SlowFake(FakeBackend):
+    """FakeBackend that takes QTTS_FAKE_DELAY_S seconds (default 0.3) per call: long enough to act mid-job."""
+
+    def synthesize(self, jobs: list[ChunkJob]) -> list[ChunkResult]:
+        import os
+        import time
+
+        time.sleep(float(os.environ.get("QTTS_FAKE_DELAY_S", "0.3")))
+        return super().synthesize(jobs)

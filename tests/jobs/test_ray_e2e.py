@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from jobs import catalog, narrate
 from jobs.audio import decode
 from jobs.manifest import from_parquet
+from qwen_tts_core.checkpoint.digest import checkpoint_digest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +56,7 @@ def test_book_to_file_on_engine_actors(tiny_ckpt, ray_driver, tmp_path, capsys):
     for r in man:
         pcm, sr = decode((out / r.key).read_bytes())
         assert sr == 24000 and len(pcm) > 0 and abs(len(pcm) / sr - r.duration_s) < 1e-3
-        assert r.num_chunks >= 2 and r.model == tiny_ckpt and r.revision.startswith("local-")
+        assert r.num_chunks >= 2 and r.model == tiny_ckpt and r.revision == checkpoint_digest(tiny_ckpt)
 
 
 def test_rows_to_s3_with_a_failing_row(tiny_ckpt, ray_driver, s3_bucket, capsys):
@@ -66,7 +68,7 @@ def test_rows_to_s3_with_a_failing_row(tiny_ckpt, ray_driver, s3_bucket, capsys)
     s = _summary(capsys)
     assert code == 1 and s["failed"] == 1 and s["failed_ids"] == ["unknown-voice"], s
     man = {r.id: r for r in from_parquet(_s3_get(s3_bucket, "run1/manifest.parquet"))}
-    assert "unknown speaker" in man["unknown-voice"].error and man["unknown-voice"].key is not None
+    assert "'nobody' is not a speaker" in man["unknown-voice"].error  # found before any synthesis
     audio = [k for k in _s3_keys(s3_bucket, "run1/audio/") if not k.endswith(".json")]
     assert len(audio) == 3
     for rid in ("greeting", "chinese", "japanese"):
@@ -80,10 +82,11 @@ def test_rows_to_s3_with_a_failing_row(tiny_ckpt, ray_driver, s3_bucket, capsys)
 
 
 def test_unreachable_or_missing_bucket_fails_before_work(tiny_ckpt, moto_s3, capsys, monkeypatch):
-    assert narrate.main([str(BOOK), "--model", tiny_ckpt, "--out", "s3://no-such-bucket/x", *ENGINE]) == 2
+    voice = ["--voice", "ryan"]
+    assert narrate.main([str(BOOK), "--model", tiny_ckpt, *voice, "--out", "s3://no-such-bucket/x", *ENGINE]) == 2
     assert "bucket does not exist" in capsys.readouterr().err
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
-    assert narrate.main([str(BOOK), "--model", tiny_ckpt, "--out", "s3://b/x", *ENGINE]) == 2
+    assert narrate.main([str(BOOK), "--model", tiny_ckpt, *voice, "--out", "s3://b/x", *ENGINE]) == 2
     assert "unreachable" in capsys.readouterr().err
 
 
@@ -195,5 +198,71 @@ def test_through_the_running_serve_app(tiny_ckpt, ray_driver, tmp_path, capsys):
         assert "voice" in man["b"].error and man["a"].num_chunks == 1
         pcm, sr = decode(io.BytesIO((out / man["a"].key).read_bytes()).read())
         assert sr == 24000 and 0 < len(pcm) <= 24 * 1920
+        # the replica says which weights it runs: keys and the manifest follow the checkpoint, not the name
+        assert man["a"].revision == checkpoint_digest(tiny_ckpt) and man["a"].model == "tiny"
+        # one frame per chunk still completes
+        assert narrate.main([str(rows), "--model", "tiny", "--out", f"file://{tmp_path / 'one'}", "--serve-app",
+                             app, "--backend", "serve", "--num-cpus", "0.25", "--max-new-tokens", "1",
+                             "--no-progress", "--quiet"]) == 1
+        s1 = _summary(capsys)
+        assert s1["failed_ids"] == ["b"] and s1["ok"] + s1["suspect"] == 1, s1
+        # a checkpoint id where the served name belongs: up front, naming what is served
+        assert narrate.main([str(rows), "--model", tiny_ckpt, "--out", f"file://{out}", "--serve-app", app,
+                             "--backend", "serve", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "is not served by the Serve app" in err and "['tiny']" in err
     finally:
         serve.delete(app)
+
+
+def _driver(args: list[str], **env: str) -> subprocess.Popen:
+    """A job driver process joined to the session's Ray head."""
+    full = dict(os.environ, PYTHONPATH=str(ROOT), **env)
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_one_bar_that_moves_and_no_ray_noise_unless_verbose(tiny_ckpt, ray_driver, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"id": f"r{i}", "text": f"Row number {i}.", "voice": "ryan"})
+                              for i in range(4)))
+    base = ["jobs.narrate", str(rows), "--model", tiny_ckpt, "--backend", "engine", "--runner", "ray", "--actors",
+            "1", "--num-cpus", "0.25", "--batch-size", "1", "--max-new-tokens", "8", "--quiet"]
+    quiet = _driver([*base, "--out", f"file://{tmp_path / 'q'}"], QTTS_PROGRESS="1")
+    out, err = quiet.communicate(timeout=300)
+    assert quiet.returncode == 0, err[-3000:]
+    frames = [f for f in re.split(r"[\r\n]", err) if f.startswith("narrate:")]
+    counts = [int(m.group(1)) for f in frames if (m := re.search(r"\| (\d)/4 rows", f))]
+    assert counts and counts[-1] == 4 and len(set(counts)) >= 3, frames  # it moved row by row (1 batch = 1 row)
+    assert "s audio" in frames[-1]
+    for noise in ("core_worker.cc", "max_restarts", "Starting execution", "Progress bars disabled", "Traceback"):
+        assert noise not in err, (noise, err[-2000:])
+    log_lines = [x.rsplit("\r", 1)[-1].strip() for x in err.split("\n") if "INFO jobs." in x]
+    assert log_lines and all(x.startswith("20") for x in log_lines), log_lines  # logs above the bar, not in it
+    verbose = _driver([*base, "--out", f"file://{tmp_path / 'v'}", "--verbose"])
+    out, err = verbose.communicate(timeout=300)
+    assert verbose.returncode == 0 and "Starting execution" in err, err[-3000:]
+
+
+def test_catalog_every_stops_cleanly_on_sigterm_mid_run_on_ray(tiny_ckpt, ray_driver, tmp_path):
+    import yaml
+
+    cat = tmp_path / "cat.yaml"
+    cat.write_text(yaml.safe_dump({"defaults": {"voice": "ryan"},
+                                   "prompts": [{"id": f"p{i}", "text": f"Prompt number {i} is here."}
+                                               for i in range(8)]}))
+    out = tmp_path / "out"
+    proc = _driver(["jobs.catalog", str(cat), "--model", tiny_ckpt, "--out", f"file://{out}", "--every", "1h",
+                    "--backend", "engine", "--runner", "ray", "--actors", "1", "--num-cpus", "0.25",
+                    "--batch-size", "1", "--max-new-tokens", "48", "--no-progress", "--quiet"])
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("prompts/*.json")) and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM" in err
+    s = json.loads(stdout.strip().splitlines()[-1])
+    assert s["stopped"] is True and s["rendered_before_stop"] < 8
+    assert not (out / "catalog-manifest.parquet").exists()

@@ -8,9 +8,10 @@ import asyncio
 import numpy as np
 import pytest
 
+from qwen_tts_core.errors import RequestError
 from serve.config import ModelConfig, ServiceConfig
 from serve.replica import ReplicaCore
-from serve.voices import VoiceStore
+from serve.voices import ANYONE, VoiceStore
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,9 @@ def test_synthesize_bulk_returns_whole_audio(cv_core):
         cv_core.start(asyncio.get_running_loop())
         try:
             out = await cv_core.synthesize({"input": "Bulk line.", "voice": "eric", "seed": 1})
-            with pytest.raises(ValueError, match="voice"):
+            with pytest.raises(RequestError) as e:
                 await cv_core.synthesize({"input": "Bulk line.", "voice": "nobody"})
+            assert e.value.field == "speaker"
             return out
         finally:
             cv_core.scheduler.stop()
@@ -86,7 +88,7 @@ def test_voice_clone_prompt_is_encoded_once_and_reused(model_factory, ref_wav_pa
         items = await _items(core, {"input": "Cloned speech.", "voice": info["id"], "seed": 0})
         return info, items, calls
     info, items, calls = asyncio.run(main())
-    assert info["name"] == "alice" and info["model"] == "b" and store.list()[0]["id"] == info["id"]
+    assert info["name"] == "alice" and info["model"] == "b" and store.list(ANYONE)[0]["id"] == info["id"]
     assert items[-1]["type"] == "end" and any(x["type"] == "audio" for x in items)
     assert calls == [], "a stored voice must not be re-encoded"
     with pytest.raises(ValueError, match="ref_audio"):

@@ -1,0 +1,102 @@
+"""One engine shared by threads that each wait for their own sessions (the Python API's generate_* and stream_*).
+
+No background thread: whichever caller needs progress steps the engine (one at a time) and hands every chunk to the
+session it belongs to; the others wait on a condition. Calls made at the same time therefore share engine steps,
+i.e. they are batched together, and an idle model holds no thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+
+from ..types import AudioChunk, SynthesisRequest
+from .engine import Engine
+from .session import Session
+
+
+class EngineDriver:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._step_lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._queues: dict[int, deque[AudioChunk]] = {}
+        self._abandoned: set[int] = set()
+
+    def open(self, req: SynthesisRequest) -> Session:
+        """Add a request to the engine; its chunks are kept for `chunks()` (RequestError/EngineBusy as `add`)."""
+        with self._cv:
+            s = self.engine.add(req)
+            self._queues[s.id] = deque()
+        return s
+
+    def chunks(self, s: Session) -> Iterator[AudioChunk]:
+        """The session's chunks up to its last; closing the iterator early cancels the session."""
+        done = False
+        try:
+            while True:
+                ch = self._next(s)
+                if ch.is_last:
+                    done = True
+                yield ch
+                if done:
+                    return
+        finally:
+            if not done:
+                with self._cv:
+                    q = self._queues.get(s.id)
+                    if q and q[-1].is_last:
+                        del self._queues[s.id]
+                    else:
+                        self._abandoned.add(s.id)
+                self.engine.cancel(s)
+
+    def run(self, reqs: list[SynthesisRequest]) -> list[Session]:
+        """Run requests to the end (stepping when nobody else does); returns their sessions in order."""
+        sessions = [self.open(r) for r in reqs]
+        for s in sessions:
+            for _ in self.chunks(s):
+                pass
+        return sessions
+
+    def _next(self, s: Session) -> AudioChunk:
+        while True:
+            with self._cv:
+                q = self._queues[s.id]
+                if q:
+                    ch = q.popleft()
+                    if ch.is_last:
+                        del self._queues[s.id]
+                    return ch
+            if self._step_lock.acquire(blocking=False):
+                try:  # chunks are delivered before the lock is released: the next stepper sees them
+                    with self._cv:
+                        if self._queues[s.id]:
+                            continue  # delivered while we took the lock
+                    if not self.engine.has_work():
+                        raise RuntimeError(f"session {s.id} is not in the engine any more")
+                    self.engine.wait_for_work(0.05)
+                    self._deliver(self.engine.step())
+                finally:
+                    self._step_lock.release()
+            else:
+                with self._cv:
+                    if not self._queues[s.id]:
+                        self._cv.wait(timeout=0.05)
+
+    def _deliver(self, chunks: list[AudioChunk]) -> None:
+        with self._cv:
+            for ch in chunks:
+                if ch.session_id in self._abandoned:
+                    if ch.is_last:
+                        self._abandoned.discard(ch.session_id)
+                        self._queues.pop(ch.session_id, None)
+                    continue
+                q = self._queues.get(ch.session_id)
+                if q is not None:
+                    q.append(ch)
+            self._cv.notify_all()
+
+
+__all__ = ["EngineDriver"]

@@ -1,0 +1,199 @@
+"""Graph capture for the step bodies: CUDA graphs on a GPU, and a CPU stand-in with the same contract for CI.
+
+`GraphCapture(device)` warms a body up and captures it; `capture(fn)` returns a graph whose `replay()` re-runs what
+`fn` did, on the tensors it used. On CUDA: `torch.cuda.CUDAGraph`, one memory pool shared by every graph of the
+engine, a capture stream on the model's own device (any `cuda:N`), and the thread-local capture error mode so another
+thread's GPU work (a voice being created) cannot break a capture or be broken by it.
+
+`FakeCUDAGraph` is the stand-in (a test double, also used by `benchmarks/gpu_check.sh --device cpu`). It keeps
+`torch.cuda.CUDAGraph`'s contract, so code that is wrong under real graphs is wrong under it too:
+  - capture records the aten ops the body runs (a tape, like the kernels a CUDA graph records); Python control flow
+    and host values read at capture time are frozen into it; a host sync while capturing (`.item()`, `.tolist()`,
+    `.cpu()`, `bool(tensor)`, `int(tensor)`, `nonzero`) raises, as it does on a capturing CUDA stream;
+  - `replay()` re-runs the tape on the very tensors recorded, and writes every op's result into the tensor the op
+    produced at capture: static outputs are rewritten in place on every replay, so a caller that kept a view of an
+    output sees it change (defect: frames that alias the graph's output);
+  - tensors allocated during capture (the graph's pool: intermediates and outputs) are poisoned (NaN, or a huge
+    negative integer) right after capture and again before every replay, so reading an output before the replay
+    that produces it, or across replays, gives garbage rather than a plausible stale value;
+  - new tensors passed later are ignored: only the static inputs recorded at capture are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+log = logging.getLogger(__name__)
+
+# ops that read device memory back to the host (a sync): not allowed while a CUDA stream captures
+_HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
+                  "aten::_unique2", "aten::item", "aten::equal", "aten::is_nonzero"}
+
+
+class CaptureError(RuntimeError):
+    """An operation that a CUDA graph cannot capture (a host sync) ran while capturing."""
+
+
+def _poison_(t: torch.Tensor) -> None:
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    else:
+        t.fill_(torch.iinfo(t.dtype).min // 2 if t.dtype != torch.uint8 else 255)
+
+
+# tensor methods that copy device memory to the host (on CPU tensors they do not reach the dispatcher)
+_HOST_SYNC_METHODS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.item, torch.Tensor.__bool__,
+                      torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu}
+
+
+class _NoHostSync(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_SYNC_METHODS or (func is torch.Tensor.to and any(
+                a == "cpu" or (isinstance(a, torch.device) and a.type == "cpu") for a in
+                list(args[1:]) + list((kwargs or {}).values()))):
+            raise CaptureError(f"{getattr(func, '__name__', func)}: a host sync is not permitted while a CUDA graph "
+                               "captures")
+        return func(*args, **(kwargs or {}))
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, graph: FakeCUDAGraph) -> None:
+        super().__init__()
+        self.graph = graph
+        self.known: set[int] = set()  # storages that existed before the op ran (inputs, pool, outside tensors)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in _HOST_SYNC_OPS:
+            raise CaptureError(f"{name}: a host sync is not permitted while a CUDA graph captures")
+        in_storages = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                       if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        out = func(*args, **kwargs)
+        self.graph._tape.append((func, args, kwargs, out))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in in_storages and ptr not in self.graph._pool_ptrs and t.numel():
+                    self.graph._pool_ptrs.add(ptr)
+                    self.graph._pool.append(t)
+        return out
+
+
+class FakeCUDAGraph:
+    """CPU stand-in for `torch.cuda.CUDAGraph` (see the module docstring for the contract it enforces)."""
+
+    def __init__(self) -> None:
+        self._tape: list[tuple[Any, tuple, dict, Any]] = []
+        self._pool: list[torch.Tensor] = []
+        self._pool_ptrs: set[int] = set()
+        self._mode: _Recorder | None = None
+        self._inference = False
+        self.replays = 0
+
+    def capture_begin(self, pool=None, capture_error_mode: str = "global") -> None:
+        if self._mode is not None or self._tape:
+            raise RuntimeError("this graph has already been captured")
+        self._inference = torch.is_inference_mode_enabled()
+        self._mode = _Recorder(self)
+        self._guard = _NoHostSync()
+        self._guard.__enter__()
+        self._mode.__enter__()
+
+    def capture_end(self) -> None:
+        mode, self._mode = self._mode, None
+        mode.__exit__(None, None, None)
+        self._guard.__exit__(None, None, None)
+        for t in self._pool:
+            _poison_(t)
+
+    def replay(self) -> None:
+        if not self._tape:
+            raise RuntimeError("replay() of a graph that captured nothing")
+        ctx = torch.inference_mode() if self._inference else torch.no_grad()
+        with ctx:
+            for t in self._pool:
+                _poison_(t)
+            for func, args, kwargs, out in self._tape:
+                res = func(*args, **kwargs)
+                for r, o in zip(tree_flatten(res)[0], tree_flatten(out)[0]):
+                    if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() != \
+                            r.untyped_storage().data_ptr():
+                        o.copy_(r)
+        self.replays += 1
+
+    def reset(self) -> None:
+        self._tape, self._pool, self._pool_ptrs = [], [], set()
+
+    def pool(self) -> tuple[int, int]:
+        return (id(self), 0)
+
+    @property
+    def num_ops(self) -> int:
+        return len(self._tape)
+
+
+@contextlib.contextmanager
+def fake_graph(graph: FakeCUDAGraph, pool=None, stream=None, capture_error_mode: str = "global") -> Iterator[None]:
+    """The stand-in's `torch.cuda.graph(...)` context manager."""
+    graph.capture_begin(pool=pool, capture_error_mode=capture_error_mode)
+    try:
+        yield
+    finally:
+        graph.capture_end()
+
+
+class GraphCapture:
+    """Warm-up + capture of step bodies for one engine: real CUDA graphs, or the CPU stand-in (`fake=True`)."""
+
+    def __init__(self, device: torch.device, fake: bool = False, warmup: int = 2) -> None:
+        self.device, self.fake, self.warmup = torch.device(device), fake, warmup
+        if not fake:
+            if self.device.type != "cuda" or not torch.cuda.is_available():
+                raise ValueError(f"cuda_graphs=True needs a CUDA model; this one is on {self.device}")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            with torch.cuda.device(self.device):
+                self.stream = torch.cuda.Stream(device=self.device)
+                self.pool = torch.cuda.graph_pool_handle()  # one pool for every graph of this engine
+        else:
+            self.stream, self.pool = None, None
+        self.graphs: list[Any] = []
+
+    def device_context(self):
+        return torch.cuda.device(self.device) if not self.fake else contextlib.nullcontext()
+
+    def capture(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` `warmup` times, then capture it; returns the graph (call `.replay()`)."""
+        if self.fake:
+            for _ in range(self.warmup):
+                fn()
+            g = FakeCUDAGraph()
+            with fake_graph(g, pool=self.pool):
+                fn()
+        else:
+            with torch.cuda.device(self.device):
+                cur = torch.cuda.current_stream(self.device)
+                self.stream.wait_stream(cur)
+                with torch.cuda.stream(self.stream):
+                    for _ in range(self.warmup):
+                        fn()
+                cur.wait_stream(self.stream)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                    fn()
+        self.graphs.append(g)
+        return g
+
+
+__all__ = ["CaptureError", "FakeCUDAGraph", "GraphCapture", "fake_graph"]

@@ -1,0 +1,419 @@
+"""The hot path: per-slot state on the device, and one step body for the talker and one for the code predictor,
+run eagerly or replayed from CUDA graphs (the same code either way).
+
+Slot = batch row. Session i lives in cache slot i and every per-session value the step needs lives in a device
+tensor indexed by slot: position, last frame's codes, pending codebook-0 id and talker hidden state, trailing text
+embeddings, repetition history (a seen-set), sampling parameters, seed and counters. A step runs rows 0..B-1 (B a
+batch bucket covering the highest slot in use) with two masks saying which rows the code predictor and the talker
+advance; other rows compute and are discarded (their writes are masked, and a talker row that does not advance
+only writes the cache position it will overwrite before reading it). Keys are read up to L, a length bucket above
+the longest active row, not the cache capacity. Nothing in a step reads the device from the host except the one
+read of the new ids (`step()` returns them); the masks are uploaded only when they change.
+
+With graphs, `capture_all()` records one code-predictor graph per batch bucket and one talker graph per (batch
+bucket, length bucket) before traffic, in one memory pool (graphs.py). Without graphs (CPU) the cache grows by
+doubling and B is exact.
+
+Samplers (sampling.py): "device" (counter-based RNG, inside the graphs) or "torch" (the reference's generators and
+draw order; eager only: rows' picks go through the host).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..model.kv_cache import KVCache
+from ..model.layers import Attention, pack_linears_, packed_linears, sdpa_backend
+from ..model.talker import Talker
+from ..types import SamplingParams
+from .graphs import GraphCapture
+from .sampling import (
+    SamplePlan,
+    gumbel,
+    noise_key,
+    pick_rows,
+    sample_device,
+    seed_key,
+    talker_logits_batch,
+    token_hash,
+)
+from .step import predict_codes, prefill, talker_step
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+MIN_LEN_BUCKET = 64
+
+
+def batch_buckets(max_sessions: int, buckets: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The batch sizes graphs are captured for: the given (or default) sizes up to max_sessions, plus max_sessions."""
+    src = BATCH_BUCKETS if buckets is None else buckets
+    bad = [b for b in src if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+    if bad:
+        raise ValueError(f"batch_buckets must be positive integers, got {list(src)!r}")
+    return tuple(sorted({b for b in src if b < max_sessions} | {max_sessions}))
+
+
+def length_buckets(max_len: int) -> tuple[int, ...]:
+    """Key-length buckets: powers of two from MIN_LEN_BUCKET, and max_len itself."""
+    out, n = [], MIN_LEN_BUCKET
+    while n < max_len:
+        out.append(n)
+        n *= 2
+    return (*out, max_len)
+
+
+def _first_at_least(buckets: Sequence[int], n: int) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    return buckets[-1]
+
+
+class StepRunner:
+    def __init__(self, talker: Talker, max_sessions: int, max_len: int, *, tts_pad: torch.Tensor, eos_id: int,
+                 suppress_from: int, static: bool, capture: GraphCapture | None = None,
+                 buckets: Sequence[int] | None = None, sampler: str = "device", compile: bool = False,
+                 initial_len: int = 256) -> None:
+        if sampler not in ("device", "torch"):
+            raise ValueError(f"sampler must be 'device' or 'torch', got {sampler!r}")
+        if capture is not None and sampler != "device":
+            raise ValueError("CUDA graphs need sampler='device' (the torch sampler draws on the host)")
+        p = talker.codec_head.weight
+        self.talker, self.device, self.dtype = talker, p.device, p.dtype
+        self.S, self.max_len, self.sampler, self.capture = max_sessions, max_len, sampler, capture
+        self.static = static or capture is not None
+        self.batch_buckets = batch_buckets(max_sessions, buckets)
+        self.len_buckets = length_buckets(max_len)
+        t = talker.cfg
+        S, C, V = max_sessions, t.hidden_size, t.vocab_size
+        Vc = t.code_predictor.vocab_size
+        dev, lng = self.device, dict(dtype=torch.long, device=self.device)
+        cap = max_len if self.static else min(max_len, max(initial_len, MIN_LEN_BUCKET))
+        self.cache = talker.new_cache(S, cap)
+        self.cp_caches: dict[int, KVCache] = {}
+        # --- per-slot state ----------------------------------------------------------------------------------
+        self.pos, self.ngen, self.nframes = (torch.zeros(S, **lng) for _ in range(3))
+        self.code0, self.text_pos, self.text_len = (torch.zeros(S, **lng) for _ in range(3))
+        self.hidden = torch.zeros(S, C, dtype=self.dtype, device=dev)
+        self.last_codes = torch.zeros(S, t.code_predictor.num_code_groups, **lng)
+        self.seen = torch.zeros(S, V, dtype=torch.bool, device=dev)
+        self.text_buf = torch.zeros(S, cap, C, dtype=self.dtype, device=dev)
+        self.tts_pad = tts_pad.to(self.dtype).reshape(C)
+        self.seed_key = torch.zeros(S, **lng)
+        f32 = dict(dtype=torch.float32, device=dev)
+        self.t_do, self.c_do = torch.zeros(S, dtype=torch.bool, device=dev), torch.zeros(S, dtype=torch.bool,
+                                                                                          device=dev)
+        self.t_temp, self.t_top_p, self.t_pen = torch.ones(S, **f32), torch.ones(S, **f32), torch.ones(S, **f32)
+        self.c_temp, self.c_top_p = torch.ones(S, **f32), torch.ones(S, **f32)
+        self.t_top_k, self.c_top_k = torch.zeros(S, **lng), torch.zeros(S, **lng)
+        # host mirrors of the sampling parameters (eager steps skip work no row needs; graphs run everything)
+        self.host_params = np.zeros((S, 6), dtype=np.float64)  # t_do, t_top_k, t_top_p, c_do, c_top_k, c_top_p
+        self.cp_mask = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.t_mask = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.out = torch.zeros(S, t.code_predictor.num_code_groups + 1, **lng)  # codes of the frame | next id
+        pin = dev.type == "cuda"
+        self._mask_host = torch.zeros(2, S, dtype=torch.bool, pin_memory=pin)
+        self._idx_host = torch.zeros(S, dtype=torch.long, pin_memory=pin)
+        self._idx = torch.zeros(S, **lng)
+        self._mask_state: tuple | None = None
+        # constants
+        self.blocked = torch.zeros(V, dtype=torch.bool, device=dev)
+        self.blocked[suppress_from:] = True
+        self.blocked[eos_id] = False
+        self.eos_id = eos_id
+        self.tok_hash_t, self.tok_hash_c = token_hash(V, dev), token_hash(Vc, dev)
+        # torch sampler: the host's view of the rows being stepped (set by the engine before each step)
+        self.torch_rows: dict[str, tuple[list[int], list[SamplingParams], list[torch.Generator | None]]] = {}
+        # CPU: oneDNN with prepacked weights for the device sampler's engines (the torch sampler's promise is the
+        # reference's exact numbers, so it keeps torch's GEMM); QTTS_ONEDNN=0 turns it off
+        self.packed = sampler == "device" and os.environ.get("QTTS_ONEDNN", "1") != "0" and pack_linears_(talker)
+        self.graphs: dict[tuple, object] = {}
+        self.capture_seconds: dict[tuple, float] = {}
+        self._cp_fn, self._talker_fn = self._cp_body, self._talker_body
+        if compile:
+            self._compile()
+
+    # --- bodies (eager, or captured) ---------------------------------------------------------------------------
+    def _cp_body(self, B: int, plan: SamplePlan | None = None) -> None:
+        cache = self._cp_cache(B)
+        if self.sampler == "device":
+            frame = self.nframes[:B]
+
+            def pick(logits: torch.Tensor, g: int) -> torch.Tensor:
+                noise = lambda: gumbel(noise_key(self.seed_key[:B], frame, g), self.tok_hash_c)  # noqa: E731
+                return sample_device(logits, self.c_do[:B], self.c_temp[:B], self.c_top_k[:B], self.c_top_p[:B],
+                                     noise, plan)
+        else:
+            pick = self._torch_picker("cp", B)
+        codes = predict_codes(self.talker, cache, self.hidden[:B], self.code0[:B], pick)
+        m = self.cp_mask[:B]
+        self.last_codes[:B] = torch.where(m[:, None], codes, self.last_codes[:B])
+        self.nframes[:B] += m.long()
+        self.out[:B, :-1] = codes
+
+    def _talker_body(self, B: int, L: int, plan: SamplePlan | None = None) -> None:
+        tp = self.text_pos[:B]
+        text = self.text_buf[torch.arange(B, device=self.device), tp.clamp(max=self.text_buf.shape[1] - 1)]
+        text = torch.where((tp < self.text_len[:B])[:, None], text, self.tts_pad)
+        embeds = self.talker.embed_frame(self.last_codes[:B]) + text
+        hidden, logits = talker_step(self.talker, self.cache, self.pos[:B], embeds, L)
+        logits = talker_logits_batch(logits, self.seen[:B], self.t_pen[:B], self.ngen[:B], self.blocked, self.eos_id)
+        ids = self._pick_talker(logits, B, plan=plan)
+        m = self.t_mask[:B]
+        self.code0[:B] = torch.where(m, ids, self.code0[:B])
+        self.hidden[:B] = torch.where(m[:, None], hidden, self.hidden[:B])
+        inc = m.long()
+        self.pos[:B] += inc
+        self.text_pos[:B] += inc
+        self.ngen[:B] += inc
+        seen = self.seen[:B]
+        seen.scatter_(1, ids[:, None], seen.gather(1, ids[:, None]) | m[:, None])
+        self.out[:B, -1] = ids
+
+    def _pick_talker(self, logits: torch.Tensor, B: int, rows: slice | None = None,
+                     plan: SamplePlan | None = None) -> torch.Tensor:
+        rows = rows or slice(0, B)
+        if self.sampler == "device":
+            noise = lambda: gumbel(noise_key(self.seed_key[rows], self.ngen[rows], 0), self.tok_hash_t)  # noqa: E731
+            return sample_device(logits, self.t_do[rows], self.t_temp[rows], self.t_top_k[rows], self.t_top_p[rows],
+                                 noise, plan)
+        return self._torch_picker("talker", B)(logits, 0)
+
+    def _torch_picker(self, kind: str, B: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        rows, params, gens = self.torch_rows[kind]
+        if kind == "talker":
+            ds, te = [p.do_sample for p in params], [p.temperature for p in params]
+            tk, tp = [p.top_k for p in params], [p.top_p for p in params]
+        else:
+            ds, te = [p.subtalker_dosample for p in params], [p.subtalker_temperature for p in params]
+            tk, tp = [p.subtalker_top_k for p in params], [p.subtalker_top_p for p in params]
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+
+        def pick(logits: torch.Tensor, g: int) -> torch.Tensor:
+            ids = logits.argmax(-1)
+            if rows:
+                ids[idx] = pick_rows(logits[idx], ds, te, tk, tp, gens)
+            return ids
+        return pick
+
+    def _cp_cache(self, B: int) -> KVCache:
+        if B not in self.cp_caches:
+            self.cp_caches[B] = self.talker.code_predictor.new_cache(B)
+        return self.cp_caches[B]
+
+    # --- sessions ----------------------------------------------------------------------------------------------
+    def start(self, slot: int, embeds: torch.Tensor, trailing: list[torch.Tensor], sp: SamplingParams, seed: int,
+              generator: torch.Generator | None = None) -> None:
+        """A new session in `slot`: reset its state, prefill its prompt embeds [T, C] and draw its first id (kept on
+        the device; the host reads it with the session's first frame). Eager."""
+        T = embeds.shape[0]
+        self._ensure_len(T + 1)
+        for t, v in ((self.pos, T), (self.ngen, 0), (self.nframes, 0), (self.text_pos, 0),
+                     (self.seed_key, seed_key(seed)), (self.t_do, sp.do_sample), (self.t_temp, sp.temperature),
+                     (self.t_top_k, sp.top_k), (self.t_top_p, sp.top_p), (self.t_pen, sp.repetition_penalty),
+                     (self.c_do, sp.subtalker_dosample), (self.c_temp, sp.subtalker_temperature),
+                     (self.c_top_k, sp.subtalker_top_k), (self.c_top_p, sp.subtalker_top_p)):
+            t[slot] = v
+        self.host_params[slot] = (sp.do_sample, sp.top_k, sp.top_p, sp.subtalker_dosample, sp.subtalker_top_k,
+                                  sp.subtalker_top_p)
+        self.seen[slot] = False
+        self.text_len[slot] = 0
+        self.set_text(slot, trailing, 0)
+        with packed_linears(self.packed):
+            hidden, logits = prefill(self.talker, self.cache, slot, embeds)
+        s = slice(slot, slot + 1)
+        logits = talker_logits_batch(logits[None], self.seen[s], self.t_pen[s], self.ngen[s], self.blocked,
+                                     self.eos_id)
+        if self.sampler == "device":
+            ids = self._pick_talker(logits, 1, s, SamplePlan.of([sp.do_sample], [sp.top_k], [sp.top_p]))
+        else:
+            ids = pick_rows(logits, [sp.do_sample], [sp.temperature], [sp.top_k], [sp.top_p], [generator])
+        self.code0[s] = ids
+        self.hidden[slot] = hidden
+        self.ngen[slot] = 1
+        self.seen[s] = self.seen[s].scatter(1, ids[:, None], True)
+
+    def set_text(self, slot: int, trailing: list[torch.Tensor], start: int) -> None:
+        """Trailing text embeddings trailing[start:] arrived for `slot` (at most what the positions can consume)."""
+        n = min(len(trailing), self.max_len)
+        if n > self.text_buf.shape[1]:
+            self._grow_text(n)
+        n = min(n, self.text_buf.shape[1])
+        if n > start:
+            self.text_buf[slot, start:n] = torch.stack(trailing[start:n])
+        self.text_len[slot] = n
+
+    def move(self, src: int, dst: int, npos: int, ntext: int) -> None:
+        """Move a session from slot src to slot dst (keeps the active slots dense): its cache rows and state."""
+        for k, v in zip(self.cache.k, self.cache.v):
+            k[dst, :, :npos] = k[src, :, :npos]
+            v[dst, :, :npos] = v[src, :, :npos]
+        ntext = min(ntext, self.text_buf.shape[1])
+        self.text_buf[dst, :ntext] = self.text_buf[src, :ntext]
+        for t in (self.pos, self.ngen, self.nframes, self.code0, self.text_pos, self.text_len, self.hidden,
+                  self.last_codes, self.seen, self.seed_key, self.t_do, self.c_do, self.t_temp,
+                  self.t_top_p, self.t_pen, self.c_temp, self.c_top_p, self.t_top_k, self.c_top_k):
+            t[dst] = t[src]
+        self.host_params[dst] = self.host_params[src]
+
+    # --- a step ------------------------------------------------------------------------------------------------
+    def step(self, cp_slots: list[int], talker_slots: list[int], max_pos: int) -> np.ndarray:
+        """Advance the code predictor for `cp_slots` (then) the talker for `talker_slots`; max_pos: the highest
+        position a talker row writes. Returns the host copy of `out` rows 0..B-1: [:, :16] the frame codes of the
+        code-predictor rows, [:, 16] the next codebook-0 id of the talker rows (the one read of the step)."""
+        hi = max(cp_slots + talker_slots) + 1
+        B = _first_at_least(self.batch_buckets, hi) if self.static else hi  # graphs: the captured shapes
+        L = _first_at_least(self.len_buckets, max_pos + 1) if talker_slots else 0
+        if talker_slots and not self.static:
+            self._ensure_len(L)
+        self._set_masks(cp_slots, talker_slots)
+        with self.capture.device_context() if self.capture is not None else packed_linears(self.packed):
+            if cp_slots:
+                self._run(("cp", B), self._cp_fn, B, self._plan(cp_slots, 3))
+            if talker_slots:
+                self._run(("talker", B, L), self._talker_fn, B, L, self._plan(talker_slots, 0))
+            return self.out[:B].to("cpu", copy=True).numpy()  # a copy: `out` is rewritten by the next step
+
+    def _plan(self, slots: list[int], col: int) -> SamplePlan | None:
+        if self.capture is not None or self.sampler != "device":
+            return None
+        h = self.host_params[slots, col:col + 3]
+        return SamplePlan.of(h[:, 0] > 0, h[:, 1], h[:, 2])
+
+    def frame_codes(self, slots: list[int]) -> torch.Tensor:
+        """Codes [len(slots), 16] of this step's frames for these slots, on the device (a copy; no host sync: the
+        slot numbers go up through a pinned buffer)."""
+        n = len(slots)
+        if slots == list(range(n)):
+            return self.out[:n, :-1].clone()
+        self._idx_host[:n] = torch.tensor(slots)
+        self._idx[:n].copy_(self._idx_host[:n], non_blocking=True)
+        return self.out.index_select(0, self._idx[:n])[:, :-1]
+
+    def _run(self, key: tuple, fn, *args) -> None:
+        g = self.graphs.get(key)
+        if g is not None:
+            g.replay()
+        elif self.capture is not None:
+            raise RuntimeError(f"no graph captured for {key}; capture_all() covers every bucket")
+        elif fn in (self._cp_body, self._talker_body):
+            fn(*args)
+        else:  # a compiled body: the first call compiles; if that fails, the plain bodies take over for good
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - compile is an optimisation
+                log.warning("the compiled step body failed; using the plain bodies", exc_info=True)
+                self._cp_fn, self._talker_fn = self._cp_body, self._talker_body
+                (self._cp_body if key[0] == "cp" else self._talker_body)(*args)
+
+    def _set_masks(self, cp_slots: list[int], talker_slots: list[int]) -> None:
+        state = (tuple(cp_slots), tuple(talker_slots))
+        if state == self._mask_state:
+            return
+        h = self._mask_host
+        h.zero_()
+        h[0, cp_slots] = True
+        h[1, talker_slots] = True
+        self.cp_mask.copy_(h[0], non_blocking=True)
+        self.t_mask.copy_(h[1], non_blocking=True)
+        self._mask_state = state
+
+    # --- capacity ----------------------------------------------------------------------------------------------
+    def _ensure_len(self, n: int) -> None:
+        if n > self.max_len:
+            raise ValueError(f"{n} positions needed; max_len is {self.max_len}")
+        if n <= self.cache.capacity:
+            return
+        if self.static:
+            raise ValueError(f"static KV cache holds {self.cache.capacity} positions, {n} needed")
+        self.cache.ensure(min(self.max_len, max(n, 2 * self.cache.capacity)))
+
+    def _grow_text(self, n: int) -> None:
+        if self.static:
+            return  # fixed at max_len: text beyond it can never be consumed
+        cap = min(self.max_len, max(n, 2 * self.text_buf.shape[1]))
+        new = torch.zeros(self.S, cap, self.text_buf.shape[2], dtype=self.dtype, device=self.device)
+        new[:, : self.text_buf.shape[1]] = self.text_buf
+        self.text_buf = new
+
+    # --- graphs ------------------------------------------------------------------------------------------------
+    def capture_all(self) -> None:
+        """Capture every (bucket) graph now, before traffic. Leaves every slot's state as it was (free)."""
+        if self.capture is None or self.graphs:
+            return
+        with torch.inference_mode():
+            saved = {k: v.clone() for k, v in self._state().items()}
+            self._set_masks([], [])  # capture with every row masked: nothing advances
+            for B in self.batch_buckets:
+                self._capture(("cp", B), self._cp_fn, B)
+                for L in self.len_buckets:
+                    self._capture(("talker", B, L), self._talker_fn, B, L)
+            for k, v in self._state().items():
+                v.copy_(saved[k])
+        log.info("captured %d graphs (batch buckets %s, length buckets %s) in %.1fs", len(self.graphs),
+                 self.batch_buckets, self.len_buckets, sum(self.capture_seconds.values()))
+
+    def _capture(self, key: tuple, fn, *args) -> None:
+        t = time.perf_counter()
+        try:
+            self.graphs[key] = self.capture.capture(lambda: fn(*args))
+        except Exception:
+            if fn in (self._cp_body, self._talker_body):
+                raise
+            log.warning("capturing the compiled body %s failed; using the plain body", key, exc_info=True)
+            plain = self._cp_body if key[0] == "cp" else self._talker_body
+            self.graphs[key] = self.capture.capture(lambda: plain(*args))
+        self.capture_seconds[key] = time.perf_counter() - t
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k not in (
+            "tts_pad", "blocked", "tok_hash_t", "tok_hash_c", "_mask_host", "text_buf", "cp_mask", "t_mask")}
+
+    def _compile(self) -> None:
+        """torch.compile the step bodies (inductor fuses the elementwise work); any failure keeps the plain ones."""
+        try:
+            self._cp_fn = torch.compile(self._cp_body, dynamic=True)
+            self._talker_fn = torch.compile(self._talker_body, dynamic=True)
+        except Exception:  # noqa: BLE001 - compile is an optimisation
+            log.warning("torch.compile is not available here; running the plain step bodies", exc_info=True)
+            self._cp_fn, self._talker_fn = self._cp_body, self._talker_body
+
+    # --- attention layout --------------------------------------------------------------------------------------
+    def set_decode_layout(self, layout: str) -> None:
+        for m in self.talker.modules():
+            if isinstance(m, Attention):
+                m.decode_layout = layout
+
+    def choose_decode_layout(self) -> dict[str, str]:
+        """On CUDA, pick the decode attention layout whose talker-step SDPA call gets a fused kernel (not MATH), probing
+        `torch._fused_sdp_choice` with this model's shapes; CPU keeps SDPA with enable_gqa. Returns what was found."""
+        if self.device.type != "cuda":
+            self.set_decode_layout("gqa")
+            return {"layout": "gqa"}
+        t = self.talker.cfg
+        B, L, D, hq, hkv = max(self.batch_buckets), self.len_buckets[0], t.head_dim, t.num_attention_heads, \
+            t.num_key_value_heads
+        q = torch.zeros(B, hq, 1, D, dtype=self.dtype, device=self.device)
+        k = self.cache.k[0][:B, :, :L]
+        mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=self.device)
+        found = {"gqa": sdpa_backend(q, k, k, mask, enable_gqa=True)}
+        qg = q.reshape(B, hkv, hq // hkv, D)
+        found["grouped"] = sdpa_backend(qg, k, k, mask)
+        fmask = torch.zeros(B, 1, 1, L, dtype=self.dtype, device=self.device)
+        found["grouped_float"] = sdpa_backend(qg, k, k, fmask)
+        layout = next((x for x in ("grouped", "grouped_float", "gqa") if found[x] not in ("MATH", "ERROR")),
+                      "grouped")
+        self.set_decode_layout(layout)
+        found["layout"] = layout
+        log.info("decode attention layout %s (SDPA kernels: %s)", layout, found)
+        return found
+
+
+__all__ = ["StepRunner", "batch_buckets", "length_buckets"]

@@ -1,0 +1,137 @@
+"""The replica's table of open sessions: ownership, text limits, idle timeout, deadline and consumer leases.
+
+    table = SessionTable(owner="a1b2c3", limits=SessionLimits(max_text_chars=4096, idle_text_timeout_s=30))
+    s = table.open(ticket, incremental=True, leased=True)   # s.sid: "a1b2c3-<uuid hex>", routed back here
+    table.get(sid)                                          # UnknownSession unless this replica holds it
+    table.take_text(s, "more text")                         # RequestError("text") past the total-text limit
+    for s, failure in table.expired(): ...                  # the watchdog ends these (failure None: just cancel)
+
+No Ray and no engine here; the replica (replica.py) acts on what this table decides.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from qwen_tts_core.errors import RequestError
+
+from .routing import new_session_id
+from .scheduler import Failure
+
+
+class UnknownSession(LookupError):
+    """A call about a session this replica does not hold (never opened here, ended, or its replica restarted).
+    Picklable with its fields (it crosses Ray)."""
+
+    def __init__(self, session_id: str, reason: str = "is not open on this replica") -> None:
+        super().__init__(f"session {session_id!r} {reason}")
+        self.session_id, self.reason = session_id, reason
+
+    def __reduce__(self):
+        return (type(self), (self.session_id, self.reason))
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    max_text_chars: int = 4096         # total text of one incremental session
+    idle_text_timeout_s: float = 30.0  # an incremental session with no text (before `end`) this long fails (408)
+    deadline_s: float = 600.0          # wall time of any session from entering the engine; then it fails (504)
+    lease_s: float = 15.0              # a leased session whose consumer has not renewed this long is cancelled
+
+    def __post_init__(self) -> None:
+        if self.max_text_chars < 1 or min(self.idle_text_timeout_s, self.deadline_s, self.lease_s) <= 0:
+            raise ValueError("session limits must be positive")
+
+
+@dataclass(eq=False)
+class OpenSession:
+    sid: str
+    ticket: Any                        # scheduler.Ticket
+    incremental: bool
+    leased: bool
+    opened: float
+    last_text: float
+    lease_until: float | None = None
+    started: float | None = None       # entered the engine (bulk sessions may wait parked before)
+    text_chars: int = 0
+    has_text: bool = False             # a non-blank piece arrived
+    ended: bool = False                # `end` received (incremental)
+
+
+class SessionTable:
+    def __init__(self, owner: str, limits: SessionLimits = SessionLimits(), clock=time.monotonic) -> None:
+        self.owner, self.limits, self.clock = owner, limits, clock
+        self._open: dict[str, OpenSession] = {}
+        self.expired_counts: dict[str, int] = {"idle": 0, "deadline": 0, "lease": 0}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open(self, ticket, incremental: bool, leased: bool) -> OpenSession:
+        now = self.clock()
+        s = OpenSession(new_session_id(self.owner), ticket, incremental, leased, now, now,
+                        now + self.limits.lease_s if leased else None)
+        self._open[s.sid] = s
+        return s
+
+    def close(self, sid: str) -> None:
+        self._open.pop(sid, None)
+
+    def get(self, sid: Any) -> OpenSession:
+        s = self._open.get(sid) if isinstance(sid, str) else None
+        if s is None:
+            raise UnknownSession(str(sid)[:100])
+        return s
+
+    def renew(self, sids: list[str]) -> list[str]:
+        """Extend the leases of sessions whose consumer is alive; returns the ids not held here."""
+        now, unknown = self.clock(), []
+        for sid in sids:
+            s = self._open.get(sid)
+            if s is None:
+                unknown.append(sid)
+            elif s.leased:
+                s.lease_until = now + self.limits.lease_s
+        return unknown
+
+    def take_text(self, s: OpenSession, text: str, end: bool) -> None:
+        """Account a text message (and `end`) against the session's limits; RequestError('text') when refused."""
+        if not s.incremental:
+            raise RequestError("text", "this session was opened with its full text")
+        if s.ended:
+            raise RequestError("text", "text after end")
+        if not isinstance(text, str):
+            raise RequestError("text", f"must be a string, got {type(text).__name__}")
+        total = s.text_chars + len(text)
+        if total > self.limits.max_text_chars:
+            raise RequestError("text", f"the session's text is longer than {self.limits.max_text_chars} characters")
+        has_text = s.has_text or bool(text.strip())
+        if end and not has_text:
+            raise RequestError("text", "end before any text")
+        s.text_chars, s.has_text, s.last_text = total, has_text, self.clock()
+        s.ended = s.ended or end
+
+    def expired(self) -> list[tuple[OpenSession, Failure | None]]:
+        """Sessions to end now: (session, failure to report) or (session, None) to cancel (consumer gone)."""
+        now, lim, out = self.clock(), self.limits, []
+        for s in list(self._open.values()):
+            t = s.ticket
+            if t.finished or t.failure is not None or t.cancelled:
+                continue
+            if s.started is None and t.session is not None:
+                s.started = now
+            if s.leased and s.lease_until is not None and now > s.lease_until:
+                self.expired_counts["lease"] += 1
+                out.append((s, None))
+            elif s.started is not None and now - s.started > lim.deadline_s:
+                self.expired_counts["deadline"] += 1
+                out.append((s, Failure(504, f"session deadline: not finished after {lim.deadline_s:g} s")))
+            elif s.incremental and not s.ended and now - s.last_text > lim.idle_text_timeout_s:
+                self.expired_counts["idle"] += 1
+                out.append((s, Failure(408, f"no text for {lim.idle_text_timeout_s:g} s", "text")))
+        return out
+
+
+__all__ = ["OpenSession", "SessionLimits", "SessionTable", "UnknownSession"]

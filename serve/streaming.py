@@ -1,0 +1,218 @@
+"""The ingress side of a replica stream: open it, hold its lease, turn it into HTTP bytes, SSE events or WebSocket
+messages, and make every failure visible to the client.
+
+    stream = await ReplicaStream.open(name, handle, payload, leases)   # ApiError before anything is sent
+    first = await stream.first_output()        # first audio (or a clean end); a failed end -> ApiError (4xx/5xx JSON)
+    StreamingResponse(audio_body(stream, first, encoder))   # failure later: the body is ABORTED (no clean end)
+    StreamingResponse(sse_body(stream, first, encoder))     # failure later: an `error` event
+
+Failure after the first byte: raw audio -> the connection is dropped without the chunked terminator (clients see a
+protocol error, never a short success); SSE -> `{"type": "error", "error": {...}}` event; WebSocket (ws_session.py)
+-> `{"type": "error", ...}` then close 1011 (1008 when the client is at fault). `finish_reason` reaches SSE clients in
+`speech.audio.done` and WebSocket clients in `done`; a raw audio stream ends cleanly only when the synthesis finished
+(eos, max_new_tokens or the runaway guard): its finish reason is not carried (see serve/README.md).
+
+Leases: every stream this ingress consumes is renewed on its replica every `lease_s / 3`; if this ingress dies, its
+sessions stop being renewed and their replicas cancel them (orphans never run to full length).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import json
+import logging
+import weakref
+from typing import Any
+
+from ray.serve.exceptions import BackPressureError
+
+from .metrics import ClientStreams
+from .routing import owner_of
+from .schemas import ApiError
+
+log = logging.getLogger(__name__)
+
+
+class StreamAborted(RuntimeError):
+    """Raised inside a raw audio body to drop the connection (the client must not see a clean end)."""
+
+
+def replica_lost(e: BaseException) -> ApiError:
+    log.warning("replica stream failed: %s: %s", type(e).__name__, str(e).strip().splitlines()[-1:] or "")
+    return ApiError(502, "the model replica serving this request failed; retry the request")
+
+
+def end_error(item: dict) -> ApiError | None:
+    """The error of a stream's end item, or None when the synthesis finished."""
+    if item.get("status") is None:
+        return None
+    return ApiError(int(item["status"]), item.get("message") or "synthesis failed", item.get("param"))
+
+
+class Leases:
+    """Sessions this ingress consumes, renewed on their replicas (one call per replica every `period_s`)."""
+
+    def __init__(self, lease_s: float) -> None:
+        self.period_s = max(0.1, lease_s / 3)
+        self._open: dict[str, tuple[str, Any]] = {}   # session -> (model name, replica handle)
+        self._task: asyncio.Task | None = None
+
+    def add(self, sid: str, name: str, handle) -> None:
+        self._open[sid] = (name, handle)
+        if self._task is None or self._task.done():
+            # Its own context: renewals must not carry the request id of the request that happened to start it.
+            self._task = asyncio.get_running_loop().create_task(self._renew_forever(), context=contextvars.Context())
+
+    def drop(self, sid: str) -> None:
+        self._open.pop(sid, None)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    async def _renew_forever(self) -> None:
+        while self._open:
+            await asyncio.sleep(self.period_s)
+            groups: dict[tuple[str, str], list[str]] = {}
+            handles = {}
+            for sid, (name, handle) in list(self._open.items()):
+                groups.setdefault((name, owner_of(sid) or ""), []).append(sid)
+                handles[name] = handle
+            calls = [handles[name].options(session_id=sids[0]).renew.remote(sids)
+                     for (name, _), sids in groups.items()]
+            for call in calls:
+                try:
+                    await asyncio.wait_for(call, timeout=self.period_s * 2)
+                except Exception as e:  # noqa: BLE001 - a dead replica: its streams fail on their own
+                    log.warning("lease renewal failed: %s: %s", type(e).__name__, e)
+
+
+class ReplicaStream:
+    """One `TTSReplica.stream` call as the ingress consumes it."""
+
+    def __init__(self, gen, sid: str, name: str, leases: Leases | None, counter: ClientStreams | None) -> None:
+        self.gen, self.sid, self.name, self.leases, self.counter = gen, sid, name, leases, counter
+        self.closed = False
+        if counter is not None:
+            counter.opened()
+
+    @classmethod
+    async def open(cls, name: str, handle, payload: dict, leases: Leases | None, incremental: bool = False,
+                   retry_after_s: int = 1, counter: ClientStreams | None = None) -> ReplicaStream:
+        """Start the stream; ApiError when the replica refuses (400/503) or cannot be reached. `counter` counts it
+        as an open client stream until `close()`."""
+        gen = handle.options(stream=True).stream.remote(payload, incremental, leases is not None)
+        try:
+            first = await gen.__anext__()
+        except BackPressureError:
+            raise ApiError(503, "service busy; retry later", None,
+                           headers={"Retry-After": str(retry_after_s)}) from None
+        except StopAsyncIteration:
+            raise replica_lost(RuntimeError("empty stream")) from None
+        except Exception as e:  # noqa: BLE001 - the replica died or could not be reached
+            raise replica_lost(e) from None
+        if first["type"] == "error":
+            headers = {"Retry-After": str(first["retry_after"])} if first.get("retry_after") else {}
+            raise ApiError(first["status"], first["message"], first.get("param"), headers=headers)
+        stream = cls(gen, first["session"], name, leases, counter)
+        if leases is not None:
+            leases.add(stream.sid, name, handle)
+        return stream
+
+    async def next(self) -> dict:
+        """The next item (audio or end); ApiError(502) when the replica failed mid-stream."""
+        try:
+            return await self.gen.__anext__()
+        except StopAsyncIteration:
+            raise replica_lost(RuntimeError("stream ended without an end item")) from None
+        except Exception as e:  # noqa: BLE001 - the replica died mid-stream
+            raise replica_lost(e) from None
+
+    async def first_output(self) -> dict:
+        """The first audio item, or the end item when there is no audio; a failed end raises its ApiError."""
+        try:
+            item = await self.next()
+        except ApiError:
+            self.close()
+            raise
+        if item["type"] == "end":
+            err = end_error(item)
+            if err is not None:
+                self.close()
+                raise err
+        return item
+
+    def close(self) -> None:
+        """Done with it: cancels the replica's session unless it already ended; stops its lease."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.leases is not None:
+            self.leases.drop(self.sid)
+        if self.counter is not None:
+            self.counter.closed()
+        self.gen.cancel()
+
+    def close_with(self, body) -> Any:
+        """`body` (a response body generator) closes this stream when it ends or is dropped unstarted."""
+        weakref.finalize(body, self.close)
+        return body
+
+
+async def audio_body(stream: ReplicaStream, first: dict, encoder):
+    """Raw audio bytes; a failure after the first byte aborts the response."""
+    try:
+        item = first
+        while True:
+            if item["type"] == "audio":
+                data = encoder.push(item["pcm"])
+                if data:
+                    yield data
+            elif item["type"] == "end":
+                err = end_error(item)
+                if err is not None:
+                    raise StreamAborted(f"{stream.name}: {err.message}")
+                tail = encoder.finish()
+                if tail:
+                    yield tail
+                return
+            try:
+                item = await stream.next()
+            except ApiError as e:
+                raise StreamAborted(f"{stream.name}: {e.message}") from None
+    finally:
+        stream.close()
+
+
+def sse_event(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def sse_body(stream: ReplicaStream, first: dict, encoder):
+    """`speech.audio.delta` events, then `speech.audio.done` with the finish reason, or an `error` event."""
+    try:
+        item = first
+        while True:
+            if item["type"] == "audio":
+                data = encoder.push(item["pcm"])
+                if data:
+                    yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+            elif item["type"] == "end":
+                err = end_error(item)
+                if err is not None:
+                    yield sse_event({"type": "error", **err.body()})
+                    return
+                tail = encoder.finish()
+                if tail:
+                    yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode()})
+                yield sse_event({"type": "speech.audio.done", "finish_reason": item["finish_reason"],
+                                 "num_frames": item["num_frames"], "time_to_first_audio_s": item["ttfa_s"]})
+                return
+            try:
+                item = await stream.next()
+            except ApiError as e:
+                yield sse_event({"type": "error", **e.body()})
+                return
+    finally:
+        stream.close()

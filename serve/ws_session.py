@@ -1,0 +1,219 @@
+"""One WebSocket session after its config: text in, audio out, every way it can end.
+
+Three tasks share the socket:
+* reader: client messages -> checks (shape, message count and rate) -> a bounded queue; a disconnect ends the
+  session at once (disconnect == cancel: the replica frees the slot at its next step);
+* forwarder: drains the queue and sends what arrived as ONE `feed(session, text, end)` call to the replica that
+  holds the session (routed there by the session id; a flood of tiny messages costs one call per round trip, not
+  one per message); the replica owns the text limits and answers RequestError / UnknownSession;
+* writer: the replica's audio -> binary messages; `done` (finish_reason, num_frames) and close 1000 when the
+  synthesis finished; `{"type": "error", "error": {...}}` and close 1011 (1008 when the client is at fault) when it
+  failed or the replica died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from qwen_tts_core.errors import RequestError
+
+from .routing import detached
+from .schemas import ApiError, WSEnd, WSText, from_validation_error
+from .sessions import UnknownSession
+from .streaming import ReplicaStream, end_error, replica_lost
+
+log = logging.getLogger(__name__)
+
+QUEUE_MESSAGES = 256     # messages read but not yet forwarded; beyond this the reader waits (TCP back-pressure)
+LOST_GRACE_S = 2.0       # after UnknownSession, how long the writer may take to report the precise reason
+DISCONNECT = object()
+
+
+class MessageLimiter:
+    """Per-session message count and rate (token bucket: `burst` at once, `per_s` sustained)."""
+
+    def __init__(self, max_messages: int, per_s: float, burst: int, clock=time.monotonic) -> None:
+        self.max_messages, self.per_s, self.burst, self.clock = max_messages, per_s, burst, clock
+        self.count, self.tokens, self.t = 0, float(burst), clock()
+
+    def take(self) -> None:
+        """Account one message; ApiError 429 naming `message` when over a limit."""
+        if self.count >= self.max_messages:
+            raise ApiError(429, f"message: more than {self.max_messages} messages in one session", "message")
+        now = self.clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.t) * self.per_s)
+        self.t = now
+        if self.tokens < 1:
+            raise ApiError(429, f"message: more than {self.per_s:g} messages per second "
+                                f"(bursts of {self.burst})", "message")
+        self.tokens -= 1
+        self.count += 1
+
+
+def close_code(err: ApiError) -> int:
+    return 1008 if err.status < 500 else 1011
+
+
+async def send_error(ws: WebSocket, err: ApiError, counter: Callable[[str], None] | None = None) -> None:
+    """`{"type": "error", "error": {...}}` then close (1008 client's fault, 1011 ours); quiet if the client left."""
+    if counter is not None:
+        counter(f"ws_{err.status}")
+    try:
+        await ws.send_json({"type": "error", **err.body()})
+        await ws.close(close_code(err))
+    except Exception:  # noqa: BLE001 - the client is already gone
+        pass
+
+
+class WSSession:
+    def __init__(self, ws: WebSocket, receive: Callable[[], Awaitable[dict]], handle, stream: ReplicaStream,
+                 encoder, limiter: MessageLimiter, start: dict[str, Any],
+                 count_error: Callable[[str], None] | None = None) -> None:
+        self.ws, self.receive, self.handle, self.stream = ws, receive, handle, stream
+        self.encoder, self.limiter, self.start, self.count_error = encoder, limiter, start, count_error
+        self.queue: asyncio.Queue = asyncio.Queue(QUEUE_MESSAGES)
+
+    async def run(self) -> None:
+        tasks: set[asyncio.Task] = set()
+        try:
+            await self.ws.send_json({**self.start, "session": self.stream.sid})
+            reader = asyncio.create_task(self._read())
+            forwarder = asyncio.create_task(self._forward())
+            writer = asyncio.create_task(self._write())
+            tasks = {reader, forwarder, writer}
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if writer in done:
+                    err = self._result(writer)
+                    if err is DISCONNECT:
+                        return
+                    if err is not None:
+                        return await send_error(self.ws, err, self.count_error)
+                    return await self._close(1000)
+                if reader in done:
+                    err = self._result(reader)
+                    if err is DISCONNECT or err is None:
+                        return   # the client left: the session is cancelled below
+                    return await send_error(self.ws, err, self.count_error)
+                if forwarder in done:
+                    err = self._result(forwarder)
+                    if err is None:
+                        continue         # `end` delivered; the writer finishes the session
+                    if err is DISCONNECT:
+                        return
+                    if getattr(err, "lost", False):
+                        # The replica does not hold the session (it ended or the replica restarted): the writer
+                        # usually knows why; give it a moment to say so.
+                        done, _ = await asyncio.wait({writer}, timeout=LOST_GRACE_S)
+                        if done:
+                            werr = self._result(writer)
+                            if werr is DISCONNECT:
+                                return
+                            err = werr or err
+                    return await send_error(self.ws, err, self.count_error)
+        except WebSocketDisconnect:
+            return
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.stream.close()
+
+    @staticmethod
+    def _result(task: asyncio.Task) -> Any:
+        try:
+            return task.result()
+        except (WebSocketDisconnect, OSError) as e:   # sending to a closed socket
+            log.debug("websocket closed under us: %s", e)
+            return DISCONNECT
+        except Exception:  # noqa: BLE001 - a bug here must still end the session visibly
+            log.exception("websocket session task failed")
+            return ApiError(500, "internal error in the WebSocket session")
+
+    async def _close(self, code: int) -> None:
+        with contextlib.suppress(Exception):  # the client is already gone
+            await self.ws.close(code)
+
+    async def _read(self) -> Any:
+        """Client messages -> queue. Returns DISCONNECT, or the ApiError that ends the session."""
+        ended = False
+        while True:
+            try:
+                data = await self.receive()
+            except WebSocketDisconnect:
+                return DISCONNECT
+            except ApiError as e:
+                return e
+            try:
+                self.limiter.take()
+                kind = data.get("type")
+                if ended:
+                    return ApiError(400, f"type: no message is allowed after end, got {kind!r}", "type")
+                if kind == "text":
+                    await self.queue.put((WSText.model_validate(data).text, False))
+                elif kind == "end":
+                    WSEnd.model_validate(data)
+                    await self.queue.put(("", True))
+                    ended = True
+                else:
+                    return ApiError(400, f"type: must be 'text' or 'end' after the config, got {str(kind)[:40]!r}",
+                                    "type")
+            except ValidationError as e:
+                return from_validation_error(e)
+            except ApiError as e:
+                return e
+
+    async def _forward(self) -> Any:
+        """Queue -> `feed` on the owning replica, batching what is waiting. None once `end` is delivered."""
+        sid = self.stream.sid
+        routed = self.handle.options(session_id=sid)
+        while True:
+            text, end = await self.queue.get()
+            parts = [text]
+            while not end and not self.queue.empty():
+                piece, end = self.queue.get_nowait()
+                parts.append(piece)
+            try:
+                await detached(routed.feed.remote, sid, "".join(parts), end)
+            except RequestError as e:
+                return ApiError(400, f"text: {e.message}", "text")
+            except UnknownSession:
+                err = ApiError(502, "the session is no longer held by its model replica")
+                err.lost = True
+                return err
+            except Exception as e:  # noqa: BLE001 - the replica died
+                return replica_lost(e)
+            if end:
+                return None
+
+    async def _write(self) -> Any:
+        """Replica audio -> client. None after `done`; the ApiError when the session failed."""
+        while True:
+            try:
+                item = await self.stream.next()
+            except ApiError as e:
+                return e
+            if item["type"] == "audio":
+                data = self.encoder.push(item["pcm"])
+                if data:
+                    await self.ws.send_bytes(data)
+            elif item["type"] == "end":
+                err = end_error(item)
+                if err is not None:
+                    if err.param == "input":
+                        err = ApiError(err.status, err.message.replace("input", "text", 1), "text")
+                    return err
+                tail = self.encoder.finish()
+                if tail:
+                    await self.ws.send_bytes(tail)
+                await self.ws.send_json({"type": "done", "finish_reason": item["finish_reason"],
+                                         "num_frames": item["num_frames"], "time_to_first_audio_s": item["ttfa_s"]})
+                return None

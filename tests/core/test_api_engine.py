@@ -1,0 +1,83 @@
+"""Qwen3TTSModel keeps one engine for its generate_* and stream_* calls: calls made at the same time share engine
+steps (they are batched), an abandoned stream frees its slot, and a failed session raises instead of ending short."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from qwen_tts_core import Qwen3TTSModel
+
+G = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=10)
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Press one for sales, two for support."]
+
+
+@pytest.fixture(scope="module")
+def model(model_factory):
+    return model_factory("custom_voice", "tiny")
+
+
+def test_one_engine_behind_every_call(model):
+    model.generate_custom_voice("Hello.", speaker="ryan", **G)
+    eng = model.engine
+    list(model.stream_custom_voice("Hello.", speaker="ryan", **G))
+    model.generate_custom_voice(["Hi.", "Bye."], speaker="ryan", **G)
+    assert model.engine is eng and not eng.has_work()
+
+
+def test_concurrent_streams_are_batched_together(model):
+    offline = [model.generate_custom_voice(t, speaker="vivian", non_streaming_mode=False, **G)[0][0] for t in TEXTS]
+    eng = model.engine
+    widths: list[int] = []
+    real_step = eng.step
+
+    def step():
+        widths.append(eng.num_active)
+        return real_step()
+
+    eng.step = step
+    got: dict[int, list[np.ndarray]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def consume(i: int) -> None:
+        it = model.stream_custom_voice(TEXTS[i], speaker="vivian", non_streaming_mode=False, chunk_frames=2, **G)
+        start.wait()
+        for pcm in it:
+            got[i].append(pcm)
+
+    try:
+        threads = [threading.Thread(target=consume, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        del eng.step
+    assert max(widths) == 2  # both streams in the same engine steps
+    for i in (0, 1):
+        stream = np.concatenate(got[i])
+        assert stream.shape == offline[i].shape and np.abs(stream - offline[i]).max() <= 1e-4
+
+
+def test_abandoned_stream_frees_its_slot(model):
+    it = model.stream_custom_voice(TEXTS[0], speaker="ryan", chunk_frames=1, **dict(G, max_new_tokens=40))
+    next(it)
+    it.close()
+    (w,), _ = model.generate_custom_voice("Hello.", speaker="ryan", **G)  # steps the engine past the cancel
+    assert len(w) == (G["max_new_tokens"] - 1) * 1920
+    assert not model.engine.has_work() and model.engine.num_active == 0
+
+
+def test_failed_session_raises_naming_the_field(checkpoint_factory):
+    m = Qwen3TTSModel.from_pretrained(checkpoint_factory("custom_voice", "tiny"), device_map="cpu")
+    m.configure_engine(max_len=12)  # no prompt fits: each session fails when it starts
+    with pytest.raises(ValueError, match="max_len") as e:
+        m.generate_custom_voice(TEXTS[0], speaker="ryan", **G)
+    assert e.value.field == "text"
+    with pytest.raises(ValueError, match="max_len"):
+        list(m.stream_custom_voice(TEXTS[0], speaker="ryan", **G))
+    m.configure_engine(max_len=4096)
+    (w,), _ = m.generate_custom_voice("Hi.", speaker="ryan", **G)
+    assert w.size

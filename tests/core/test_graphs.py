@@ -1,0 +1,249 @@
+"""The graph path on CPU: the engine with the CUDA-graph stand-in (`FakeCUDAGraph`: a recorded tape replayed on the
+captured tensors, outputs rewritten in place on every replay, its pool poisoned between replays, host syncs refused
+while capturing) must give exactly what the eager engine gives, through every piece of bookkeeping a GPU run has:
+batch buckets crossing 1 -> 2 -> 4 -> 3 as sessions join and leave, key-length buckets crossing, a session paused
+for text, streamed audio, seeded sampling, a stored voice. On today's main the stand-in shows defect 1 (frames that
+alias the graph's output: every frame equal to the last)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qwen_tts_core import (
+    Engine,
+    SamplingParams,
+    SynthesisRequest,
+    load_voice_prompt,
+    save_voice_prompt,
+)
+from qwen_tts_core.generate.graphs import CaptureError, FakeCUDAGraph, GraphCapture, fake_graph
+
+GREEDY = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=14)
+SAMPLED = SamplingParams(max_new_tokens=12, top_k=20, subtalker_top_k=20)
+TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog.", "Good morning!", "Press one for sales."]
+
+
+def req(text, sampling=GREEDY, **kw) -> SynthesisRequest:
+    kw.setdefault("decode_audio", False)
+    return SynthesisRequest(kind="custom_voice", text=text, speaker="vivian", language="english", sampling=sampling,
+                            **kw)
+
+
+@pytest.fixture(scope="module")
+def model(model_factory):
+    return model_factory("custom_voice", "tiny")
+
+
+@pytest.fixture(scope="module")
+def graphs(model):
+    """One graph engine for the module (capture is the slow part): 4 slots, buckets 1/2/4, keys 64/128."""
+    return Engine(model, max_sessions=4, max_len=128, graph_capture=GraphCapture("cpu", fake=True))
+
+
+def alone(model, r: SynthesisRequest) -> torch.Tensor:
+    return Engine(model, max_sessions=1).run_all([r])[0].codes()
+
+
+def drain(eng, sessions, chunks=None):
+    while not all(s.done for s in sessions):
+        got = eng.step()
+        if chunks is not None:
+            chunks += got
+    return sessions
+
+
+# --- the stand-in itself ----------------------------------------------------------------------------------------
+def test_stand_in_rewrites_outputs_in_place_and_poisons_its_pool():
+    x = torch.tensor([1.0, 2.0])
+    g = FakeCUDAGraph()
+    with fake_graph(g):
+        y = x * 2
+        z = y + 1
+    assert torch.isnan(y).all() and torch.isnan(z).all()  # captured, not run: outputs hold nothing yet
+    kept = z                                                # a caller keeping the static output...
+    x.copy_(torch.tensor([3.0, 4.0]))
+    g.replay()
+    assert kept.tolist() == [7.0, 9.0]
+    first = kept.clone()
+    x.copy_(torch.tensor([10.0, 20.0]))
+    g.replay()
+    assert kept.tolist() == [21.0, 41.0] and first.tolist() == [7.0, 9.0]  # ...sees it change at every replay
+
+
+def test_stand_in_reads_only_the_captured_inputs_and_freezes_python():
+    x = torch.zeros(3)
+    g = FakeCUDAGraph()
+    n = 2
+    with fake_graph(g):
+        out = x[:n] + n    # slicing bound and constant are frozen at capture
+    n = 3
+    x = torch.ones(3)      # a new tensor: the graph never sees it
+    g.replay()
+    assert out.tolist() == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("sync", [lambda t: t.sum().item(), lambda t: bool(t.any()), lambda t: t.nonzero(),
+                                  lambda t: t.tolist()], ids=["item", "bool", "nonzero", "tolist"])
+def test_stand_in_refuses_host_syncs_while_capturing(sync):
+    t = torch.ones(4)
+    with pytest.raises(CaptureError, match="host sync"), fake_graph(FakeCUDAGraph()):
+        sync(t * 2)
+
+
+# --- the engine under graphs ------------------------------------------------------------------------------------
+def test_every_bucket_is_captured_before_traffic(graphs):
+    r = graphs.runner
+    assert r.batch_buckets == (1, 2, 4) and r.len_buckets == (64, 128)
+    assert set(r.graphs) == {("cp", b) for b in (1, 2, 4)} | {("talker", b, n) for b in (1, 2, 4) for n in (64, 128)}
+    assert all(g.num_ops > 0 for g in r.graphs.values())
+    assert not graphs.has_work() and r.pos.eq(0).all()  # capture left every slot free and at position 0
+
+
+def test_buckets_cross_as_sessions_join_and_leave_and_codes_equal_eager(model, graphs):
+    """1 -> 2 -> 4 sessions, then the first leaves (3 rows in bucket 4, slots compacted), positions crossing the 64
+    key bucket; every session's codes equal the eager engine's for it alone."""
+    used = {k: g.replays for k, g in graphs.runner.graphs.items()}
+    long = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=30)
+    story = "Once upon a time there was a small village by the sea, and every morning the fishermen sang."
+    reqs = [req(TEXTS[0], non_streaming_mode=True), req(story, long, non_streaming_mode=True),
+            req(TEXTS[2], long), req(TEXTS[3], long)]
+    first = graphs.add(reqs[0])
+    graphs.step()
+    graphs.step()
+    second = graphs.add(reqs[1])
+    graphs.step()
+    graphs.step()
+    rest = [graphs.add(r) for r in reqs[2:]]
+    sessions = [first, second, *rest]
+    widths = []
+    while not all(s.done for s in sessions):
+        graphs.step()
+        widths.append(graphs.num_active)
+    assert 4 in widths and 3 in widths
+    assert max(s.pos for s in sessions) > 64  # keys read from the 128 bucket at the end
+    for s, r in zip(sessions, reqs):
+        c = s.codes()
+        assert len({tuple(f) for f in c.tolist()}) > 1, "every frame equal: frames alias the graph's output"
+        assert torch.equal(c, alone(model, r))
+    replayed = {k for k, g in graphs.runner.graphs.items() if g.replays > used[k]}
+    assert {("talker", 1, 64), ("talker", 2, 64), ("talker", 4, 64), ("talker", 4, 128), ("cp", 4)} <= replayed
+    assert graphs.free_slots == [0, 1, 2, 3]
+
+
+def test_paused_incremental_session_under_graphs(model, graphs):
+    full = alone(model, req("The quick brown fox jumps over the lazy dog."))
+    s = graphs.add(req(None))
+    other = graphs.add(req(TEXTS[2]))  # keeps the batch going while s waits for text
+    paused = 0
+    for piece in ["The qu", "ick brown ", "fox jumps over", " the lazy dog."]:
+        s.append_text(piece)
+        for _ in range(3):
+            graphs.step()
+            p = s.prompt
+            paused += int(p is not None and s.phase == "talker" and s.text_step >= len(p.trailing))
+    s.end_text()
+    drain(graphs, [s, other])
+    assert paused > 0
+    assert torch.equal(s.codes(), full)
+    assert torch.equal(other.codes(), alone(model, req(TEXTS[2])))
+
+
+def test_streamed_chunks_under_graphs_equal_offline(model, graphs):
+    kw = dict(speaker="ryan", language="english", do_sample=False, subtalker_dosample=False, max_new_tokens=12)
+    offline = [model.generate_custom_voice(t, non_streaming_mode=False, **kw)[0][0] for t in TEXTS[:2]]
+    rs = [SynthesisRequest(kind="custom_voice", text=t, speaker="ryan", language="english",
+                           sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=12),
+                           first_chunk_frames=1, chunk_frames=3) for t in TEXTS[:2]]
+    sessions = [graphs.add(r) for r in rs]
+    chunks = []
+    drain(graphs, sessions, chunks)
+    for s, off in zip(sessions, offline):
+        mine = [c for c in chunks if c.session_id == s.id]
+        assert [c.is_last for c in mine].count(True) == 1 and mine[-1].is_last
+        assert mine[0].num_frames == 1 and not mine[0].is_last  # a first chunk of one frame, then steady ones
+        pcm = np.concatenate([c.pcm for c in mine])
+        assert pcm.shape == off.shape and np.abs(pcm - off).max() <= 1e-4
+
+
+def test_seeded_sampling_same_codes_alone_batched_static_and_graphs(model, graphs):
+    """The device sampler: a seeded request gives the same codes alone, batched with others, on the CPU static
+    path and under graphs; a different seed gives different codes."""
+    want = [alone(model, req(t, SAMPLED, seed=100 + i)) for i, t in enumerate(TEXTS[:3])]
+    batched = Engine(model, max_sessions=4).run_all([req(t, SAMPLED, seed=100 + i) for i, t in enumerate(TEXTS[:3])])
+    static = Engine(model, max_sessions=4, static=True, max_len=128).run_all(
+        [req(t, SAMPLED, seed=100 + i) for i, t in enumerate(TEXTS[:3])][::-1])[::-1]  # other slots, other order
+    g = drain(graphs, [graphs.add(req(t, SAMPLED, seed=100 + i)) for i, t in enumerate(TEXTS[:3])])
+    for i in range(3):
+        for got in (batched[i], static[i], g[i]):
+            assert torch.equal(got.codes(), want[i])
+    assert not torch.equal(alone(model, req(TEXTS[0], SAMPLED, seed=7)), want[0])
+    codes = torch.cat(want)
+    assert codes.min() >= 0 and codes.max() < 2048 and len(set(codes[:, 0].tolist())) > 3
+
+
+def test_unseeded_device_sampling_follows_torch_manual_seed(model):
+    eng = Engine(model, max_sessions=2)
+    torch.manual_seed(5)
+    a = eng.run_all([req(TEXTS[0], SAMPLED)])[0].codes()
+    torch.manual_seed(5)
+    b = eng.run_all([req(TEXTS[0], SAMPLED)])[0].codes()
+    assert torch.equal(a, b)
+
+
+def test_stored_voice_on_graphs_in_bf16(model_factory, ref_wav_path, tmp_path, checkpoint_factory):
+    """A voice saved to disk and loaded back (fp32, CPU tensors) used by a bf16 model: everything the request brings
+    is moved to the model's device and dtype once, at add(); graphs and eager agree."""
+    from qwen_tts_core import Qwen3TTSModel
+
+    base32 = model_factory("base", "tiny")
+    (item,) = base32.create_voice_clone_prompt(str(ref_wav_path), ref_text="Good morning, how are you today?")
+    back = load_voice_prompt(save_voice_prompt(item, tmp_path / "v.safetensors"))
+    assert back.ref_spk_embedding.dtype == torch.float32
+    base = Qwen3TTSModel.from_pretrained(checkpoint_factory("base", "tiny"), device_map="cpu", dtype="bfloat16")
+    r = SynthesisRequest(kind="voice_clone", text="Hello world.", language="english", voice_clone_prompt=back,
+                         sampling=GREEDY, decode_audio=False)
+    eng = Engine(base, max_sessions=2, max_len=128, graph_capture=GraphCapture("cpu", fake=True))
+    s = eng.add(r)
+    vp = s.request.voice_clone_prompt
+    assert vp.ref_spk_embedding.dtype == torch.bfloat16 and vp.ref_code.dtype == torch.long
+    assert back.ref_spk_embedding.dtype == torch.float32  # the caller's voice is left as it was
+    drain(eng, [s])
+    assert s.finish_reason == "max_new_tokens" and s.error is None
+    assert torch.equal(s.codes(), Engine(base, max_sessions=1).run_all([r])[0].codes())
+
+
+def test_warm_up_needs_no_request_for_any_model_type(model_factory):
+    base = model_factory("base", "tiny")
+    eng = Engine(base, max_sessions=2, max_len=128, graph_capture=GraphCapture("cpu", fake=True))
+    assert eng.warm_up() > 0
+    assert not eng.has_work() and eng.free_slots == [0, 1]
+    assert Engine(base, max_sessions=1).warm_up() > 0
+
+
+def test_graph_options_are_checked(model):
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        Engine(model, max_sessions=2, cuda_graphs=True)  # a CPU model
+    with pytest.raises(ValueError, match="sampler"):
+        Engine(model, max_sessions=2, sampler="torch", graph_capture=GraphCapture("cpu", fake=True))
+    with pytest.raises(ValueError, match="batch_buckets"):
+        Engine(model, max_sessions=2, batch_buckets=(0, 2))
+    e = Engine(model, max_sessions=6, max_len=64, batch_buckets=(1, 4, 16),
+               graph_capture=GraphCapture("cpu", fake=True))
+    assert e.runner.batch_buckets == (1, 4, 6) and e.runner.len_buckets == (64,)
+
+
+def test_a_failing_compile_falls_back_to_the_plain_bodies(model, monkeypatch):
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("inductor exploded")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    want = alone(model, req(TEXTS[0]))
+    eager = Engine(model, max_sessions=2, compile=True)
+    assert torch.equal(eager.run_all([req(TEXTS[0])])[0].codes(), want)
+    g = Engine(model, max_sessions=2, max_len=64, compile=True, graph_capture=GraphCapture("cpu", fake=True))
+    assert len(g.runner.graphs) == 2 * 2
+    assert torch.equal(g.run_all([req(TEXTS[0])])[0].codes(), want)

@@ -1,0 +1,184 @@
+"""Every session ends, and its end says how: one `is_last` chunk per session whatever happens (prefill-only
+sessions, cancels, bad prompts, an engine failure), errors named on that chunk, `wait_for_work` blocking without
+spinning, and incremental text whose cost does not grow with the text already committed."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
+from qwen_tts_core.generate.text_feed import IncrementalText
+
+G = dict(do_sample=False, subtalker_dosample=False)
+
+
+def req(text, max_new_tokens=8, decode_audio=False, **kw) -> SynthesisRequest:
+    return SynthesisRequest(kind="custom_voice", text=text, speaker="vivian", language="english",
+                            sampling=SamplingParams(max_new_tokens=max_new_tokens, **G), decode_audio=decode_audio,
+                            **kw)
+
+
+@pytest.fixture(scope="module")
+def model(model_factory):
+    return model_factory("custom_voice", "tiny")
+
+
+def drain(eng: Engine, max_steps: int = 500) -> list:
+    chunks = []
+    for _ in range(max_steps):
+        if not eng.has_work():
+            break
+        chunks += eng.step()
+    assert not eng.has_work(), "engine did not finish"
+    return chunks
+
+
+def lasts(chunks, sid):
+    return [c for c in chunks if c.session_id == sid and c.is_last]
+
+
+@pytest.mark.parametrize("decode_audio", [False, True], ids=["codes", "audio"])
+def test_session_that_ends_at_prefill_delivers_its_last_chunk(model, decode_audio):
+    eng = Engine(model, max_sessions=2)
+    s = eng.add(req("Hello there.", max_new_tokens=1, decode_audio=decode_audio))
+    other = eng.add(req("Good morning!", max_new_tokens=3, decode_audio=decode_audio))
+    chunks = drain(eng)
+    (last,) = lasts(chunks, s.id)
+    assert last.finish_reason == "max_new_tokens" and last.error is None and s.num_frames == 0
+    assert last.pcm.size == 0 and last.num_frames == 0
+    assert len(lasts(chunks, other.id)) == 1 and other.num_frames == 2
+
+
+def test_every_added_session_ends_exactly_once(model):
+    eng = Engine(model, max_sessions=2, max_queue=16)
+    ok = eng.add(req("Hello world."))
+    one = eng.add(req("Hi.", max_new_tokens=1))
+    queued_cancel = eng.add(req("Cancelled while queued."))
+    empty = eng.add(req(None))        # incremental, ended with no text: fails when it starts
+    empty.end_text()
+    active_cancel = eng.add(req("Cancelled while running.", max_new_tokens=50))
+    eng.cancel(queued_cancel)
+    chunks = eng.step()
+    for _ in range(3):
+        chunks += eng.step()
+    eng.cancel(active_cancel)
+    chunks += drain(eng)
+    sessions = [ok, one, queued_cancel, empty, active_cancel]
+    for s in sessions:
+        assert len(lasts(chunks, s.id)) == 1, s.id
+    assert [s.finish_reason for s in sessions] == ["max_new_tokens", "max_new_tokens", "cancelled", "error",
+                                                   "cancelled"]
+    (err,) = lasts(chunks, empty.id)
+    assert err.error and "empty" in err.error and err.error_field == "text"
+    assert all(c.error is None for c in chunks if c.finish_reason != "error")
+    assert sorted(eng.free_slots) == [0, 1]
+
+
+def test_engine_failure_ends_active_sessions_with_an_error_and_engine_recovers(model, monkeypatch):
+    eng = Engine(model, max_sessions=2)
+    a, b = eng.add(req("Hello world.", max_new_tokens=20)), eng.add(req("Good morning!", max_new_tokens=20))
+    chunks = eng.step() + eng.step()
+    calls = {"n": 0}
+    real = eng.talker.forward
+
+    def boom(*args, **kw):
+        calls["n"] += 1
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(eng.talker, "forward", boom)
+    chunks += eng.step()
+    monkeypatch.setattr(eng.talker, "forward", real)
+    assert calls["n"] >= 1
+    for s in (a, b):
+        (last,) = lasts(chunks, s.id)
+        assert last.finish_reason == "error" and "device fell over" in last.error and last.error_field is None
+    assert eng.num_active == 0 and not eng.has_work()
+    c = eng.add(req("After the failure.", max_new_tokens=4))
+    chunks = drain(eng)
+    assert lasts(chunks, c.id)[0].finish_reason == "max_new_tokens" and c.num_frames == 3
+
+
+def test_wait_for_work_blocks_without_spinning_and_wakes_on_text(model):
+    eng = Engine(model, max_sessions=1)
+    assert not eng.runnable() and eng.wait_for_work(0.01) is False
+    s = eng.add(req(None, max_new_tokens=40))
+    assert not eng.runnable()  # nothing to say yet
+    s.append_text("Hello ")
+    assert eng.runnable()
+    while eng.runnable():
+        eng.step()
+    assert eng.num_active == 1 and not s.done  # the talker ran out of text: the session waits for more
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    assert eng.wait_for_work(0.4) is False
+    assert time.perf_counter() - t0 >= 0.35
+    assert time.process_time() - cpu0 < 0.1  # blocked, not polling
+    timer = threading.Timer(0.1, lambda: s.append_text("world. "))
+    timer.start()
+    t0 = time.perf_counter()
+    assert eng.wait_for_work(5.0) is True
+    assert time.perf_counter() - t0 < 2.0
+    timer.join()
+    s.append_text("")  # empty pieces change nothing
+    threading.Timer(0.05, s.end_text).start()
+    chunks = []
+    while not s.done:
+        if eng.wait_for_work(5.0):
+            chunks += eng.step()
+    assert len(lasts(chunks, s.id)) == 1
+
+
+def test_wait_for_work_wakes_on_add_and_cancel(model):
+    eng = Engine(model, max_sessions=1)
+    r = req("Hello.")
+    threading.Timer(0.05, lambda: eng.add(r)).start()
+    assert eng.wait_for_work(5.0) is True
+    (s,) = list(eng.queues["interactive"])
+    eng.step()
+    s2 = eng.add(req("Queued behind."))
+    while eng.runnable() and not s.done:
+        eng.step()
+    eng.cancel(s2)
+    assert eng.runnable()
+    drain(eng)
+    assert s2.finish_reason == "cancelled"
+
+
+def test_incremental_text_cost_does_not_grow_with_committed_text():
+    """10,000 one-character pieces: every call re-reads only the uncommitted tail (a word), not the whole text."""
+    seen = {"split": 0, "encode": 0}
+
+    def split(t):
+        seen["split"] += len(t)
+        offs, start = [0], 0
+        for i in range(1, len(t)):
+            if t[i] == " " and t[i - 1] != " ":
+                offs.append(i)
+        return offs if start == 0 else offs
+
+    def encode(t):
+        seen["encode"] += len(t)
+        return [ord(c) for c in t]
+
+    feed = IncrementalText(encode, split)
+    text = ("lorem ipsum dolor sit amet " * 400)[:10_000]
+    got = []
+    for ch in text:
+        got += feed.append(ch)
+    got += feed.end()
+    assert got == [ord(c) for c in text]
+    assert seen["encode"] == len(text)
+    assert seen["split"] < 10 * len(text)  # whole-text re-splitting would be ~ n^2 / 2 = 5e7
+
+
+def test_incremental_text_with_the_real_tokenizer_matches_whole_text(model):
+    tok = model.tokenizer
+    text = "Hello  world,\n\nthis is   a test: 12345 dollars! Don't stop... 你好，世界。"
+    feed = IncrementalText(tok.text_only, tok.split_offsets, tok.encode)
+    ids = []
+    for ch in text:
+        ids += feed.append(ch)
+    ids += feed.end()
+    assert ids == tok.target(text).text

@@ -1,0 +1,341 @@
+"""Failure is visible (issue 8, Found 5): errors before the first byte are JSON 4xx/5xx; after it, raw audio is
+aborted, SSE sends an error event, WebSocket sends an error and closes 1011; a killed replica or ingress never looks
+like a short success, the next request succeeds, and sessions orphaned by a dead ingress are cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from serve.schemas import ApiError
+from serve.streaming import ReplicaStream, StreamAborted, audio_body, end_error, sse_body
+from tests.serve.test_sessions import _stats, _wait, _ws_url
+
+LONG = {"model": "cv3", "voice": "ryan", "max_new_tokens": 1500, "response_format": "pcm",
+        "input": "A long answer that keeps going, sentence after sentence, for quite a while. " * 3}
+
+
+# --- the transport's rules, on a stand-in replica stream (no Ray) ------------------------------------------------
+class _Gen:
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        x = self.items.pop(0)
+        if isinstance(x, BaseException):
+            raise x
+        return x
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _audio(n=1920):
+    return {"type": "audio", "pcm": np.full(n, 0.1, np.float32)}
+
+
+def _end(status=None, reason="eos"):
+    return {"type": "end", "finish_reason": "error" if status else reason, "num_frames": 1, "ttfa_s": 0.1,
+            "status": status, "message": "boom" if status else None, "param": None}
+
+
+class _Pcm:
+    media_type = "audio/pcm"
+
+    def push(self, pcm):
+        return b"x" * len(pcm)
+
+    def finish(self):
+        return b""
+
+
+async def _drain(body):
+    out = []
+    async for part in body:
+        out.append(part)
+    return out
+
+
+def test_failure_before_the_first_byte_is_an_error_answer():
+    async def main():
+        s = ReplicaStream(_Gen([_end(500)]), "r-1", "cv", None, None)
+        with pytest.raises(ApiError) as e:
+            await s.first_output()
+        return s, e.value
+    s, err = asyncio.run(main())
+    assert err.status == 500 and s.gen.cancelled and s.closed
+    assert end_error(_end()) is None and end_error(_end(408)).status == 408
+
+
+def test_failure_after_the_first_byte_aborts_raw_audio_and_sends_an_sse_error():
+    async def raw(items):
+        s = ReplicaStream(_Gen(items), "r-1", "cv", None, None)
+        return await _drain(audio_body(s, await s.first_output(), _Pcm())), s
+
+    with pytest.raises(StreamAborted):
+        asyncio.run(raw([_audio(), _end(500)]))
+    with pytest.raises(StreamAborted):   # the replica died: its generator raised
+        asyncio.run(raw([_audio(), RuntimeError("actor died")]))
+    parts, s = asyncio.run(raw([_audio(), _end()]))
+    assert parts == [b"x" * 1920] and s.gen.cancelled   # a clean end; the finished stream is released
+
+    async def sse(items):
+        s = ReplicaStream(_Gen(items), "r-1", "cv", None, None)
+        return [json.loads(e[6:]) for e in await _drain(sse_body(s, await s.first_output(), _Pcm()))]
+    events = asyncio.run(sse([_audio(), RuntimeError("actor died")]))
+    assert events[0]["type"] == "speech.audio.delta" and events[-1]["type"] == "error"
+    assert events[-1]["error"]["code"] == "502"
+    events = asyncio.run(sse([_audio(), _end(reason="max_new_tokens")]))
+    assert events[-1] == {"type": "speech.audio.done", "finish_reason": "max_new_tokens", "num_frames": 1,
+                          "time_to_first_audio_s": 0.1}
+
+
+# --- on the real service --------------------------------------------------------------------------------------------
+@pytest.mark.ray
+def test_lone_surrogate_is_a_400_over_http_and_an_error_over_websocket(serve_app):
+    import websockets
+
+    url = serve_app["url"]
+    body = '{"model": "cv", "voice": "ryan", "input": "ab\\ud800cd", "response_format": "wav"}'
+    r = httpx.post(f"{url}/v1/audio/speech", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+
+    async def ws():
+        async with websockets.connect(_ws_url(url)) as c:
+            await c.send(json.dumps({"type": "config", "model": "cv", "voice": "ryan"}))
+            await c.recv()
+            await c.send('{"type": "text", "text": "ab\\ud800cd"}')
+            msgs = []
+            try:
+                while True:
+                    m = await asyncio.wait_for(c.recv(), 20)
+                    if isinstance(m, str):
+                        msgs.append(json.loads(m))
+            except websockets.ConnectionClosed:
+                pass
+            return msgs, c.close_code
+    msgs, code = asyncio.run(ws())
+    assert msgs[-1]["type"] == "error" and msgs[-1]["error"]["param"] == "text" and code == 1008, msgs
+
+
+async def _ws_open(url: str, model: str, **config):
+    import websockets
+
+    ws = await websockets.connect(_ws_url(url), max_size=None)
+    await ws.send(json.dumps({"type": "config", "model": model, "response_format": "pcm", **config}))
+    start = json.loads(await ws.recv())
+    return ws, start["session"]
+
+
+async def _talk(ws):
+    """Keep a WebSocket session alive (a piece of text every 0.3 s) until the socket closes."""
+    import websockets
+
+    try:
+        while True:
+            await ws.send(json.dumps({"type": "text", "text": " and then some more words"}))
+            await asyncio.sleep(0.3)
+    except websockets.ConnectionClosed:
+        pass
+
+
+async def _ws_rest(ws, timeout_s=30):
+    import websockets
+
+    msgs = []
+    try:
+        while True:
+            m = await asyncio.wait_for(ws.recv(), timeout_s)
+            if isinstance(m, str):
+                msgs.append(json.loads(m))
+    except websockets.ConnectionClosed:
+        pass
+    return msgs, ws.close_code
+
+
+def _owner(sid: str) -> str:
+    return sid.rsplit("-", 1)[0]
+
+
+@pytest.mark.ray
+def test_health_and_metrics_ask_every_replica(multi_app):
+    """/health and /metrics read each of the three replicas (calls made at once, each routed to its replica)."""
+    from tests.serve.helpers import metric
+
+    url = multi_app["url"]
+    assert _wait(lambda: httpx.get(f"{url}/health", timeout=30).json()["models"]["cv3"].get("replicas") == 3, 60)
+    t = time.perf_counter()
+    h = httpx.get(f"{url}/health", timeout=30).json()
+    assert h["models"]["cv3"]["replicas"] == 3 and time.perf_counter() - t < 3, h
+    assert metric(httpx.get(f"{url}/metrics", timeout=30).text, "qtts_replicas", model="cv3") == 3
+
+
+@pytest.mark.ray
+def test_live_streams_outlast_their_leases(multi_app):
+    """The ingress renews what it consumes: four streams (over several replicas, so renewals go to several owners
+    at once) read slowly for 2.5 leases are neither aborted nor expired."""
+    url, app, lease = multi_app["url"], multi_app["app"], multi_app["config"]["session_lease_s"]
+    before = _stats(app, "cv3")["expired_lease"]
+
+    async def one(c):
+        async with c.stream("POST", f"{url}/v1/audio/speech", json=LONG) as r:
+            t0, n = time.perf_counter(), 0
+            async for chunk in r.aiter_raw():      # an abort (a cancelled session) raises here
+                n += len(chunk)
+                await asyncio.sleep(0.05)
+                if time.perf_counter() - t0 > 2.5 * lease:
+                    return r.headers["x-session-id"], True
+            return r.headers["x-session-id"], False   # a clean end (the model chose to stop): not an abort
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*[one(c) for _ in range(4)])
+    results = asyncio.run(main())
+    assert len({_owner(sid) for sid, _ in results}) >= 2, results
+    assert sum(outlasted for _, outlasted in results) >= 2, f"too few long streams to tell: {results}"
+    assert _stats(app, "cv3")["expired_lease"] == before
+
+
+@pytest.mark.ray
+def test_killed_replica_mid_stream_fails_every_stream_it_held(multi_app):
+    """A replica killed mid-stream: its raw HTTP stream ends in a protocol error (never a clean end), its SSE stream
+    ends with an error event, its WebSocket session gets an error and close 1011; the next request succeeds."""
+    import ray
+
+    url = multi_app["url"]
+
+    async def main():
+        ws, sid = await _ws_open(url, "cv3", voice="ryan", max_new_tokens=1500)
+        target = _owner(sid)
+        talker = asyncio.create_task(_talk(ws))
+        client = httpx.AsyncClient(timeout=60)
+        held, on_target = [], {}
+        for _ in range(40):   # open streams (keeping them, so load stays even) until the target holds both kinds
+            kind = "raw" if "raw" not in on_target else "sse"
+            body = {**LONG, **({"stream_format": "sse"} if kind == "sse" else {})}
+            r = await client.send(client.build_request("POST", f"{url}/v1/audio/speech", json=body), stream=True)
+            assert r.status_code == 200
+            it = r.aiter_raw()
+            await it.__anext__()
+            held.append((r, it))
+            if _owner(r.headers["x-session-id"]) == target:
+                on_target[kind] = (r, it)
+                if len(on_target) == 2:
+                    break
+        assert len(on_target) == 2, "could not place an HTTP and an SSE stream on the WebSocket's replica"
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{multi_app['app']}#tts-cv3#{target}", namespace="serve"))
+        outcome = {}
+        for kind, (_r, it) in on_target.items():
+            data = b""
+            try:
+                async for c in it:
+                    data += c
+                outcome[kind] = ("clean end", data)
+            except httpx.HTTPError as e:
+                outcome[kind] = (type(e).__name__, data)
+        msgs, code = await _ws_rest(ws)
+        talker.cancel()
+        for r, _ in held:
+            await r.aclose()
+        nxt = await client.post(f"{url}/v1/audio/speech", json={**LONG, "max_new_tokens": 8})
+        await client.aclose()
+        return outcome, msgs, code, nxt
+    outcome, msgs, code, nxt = asyncio.run(main())
+    assert outcome["raw"][0] in ("RemoteProtocolError", "ReadError"), outcome["raw"][0]
+    sse_events = [json.loads(x[6:]) for x in outcome["sse"][1].decode().splitlines() if x.startswith("data: ")]
+    assert outcome["sse"][0] != "clean end" or sse_events[-1]["type"] == "error", sse_events[-1:]
+    assert msgs[-1]["type"] == "error" and code == 1011, (msgs[-1:], code)
+    assert nxt.status_code == 200 and len(nxt.content) > 0
+
+
+@pytest.mark.ray
+def test_dead_ingress_orphans_are_cancelled_and_the_service_recovers(multi_app):
+    """The ingress dies mid-stream: clients see a failure (no clean end, no close 1000), the replicas cancel the
+    orphaned sessions once their lease lapses (instead of generating to full length), and the service answers
+    again once Serve has restarted the ingress."""
+    import ray
+
+    url, app = multi_app["url"], multi_app["app"]
+    lease = multi_app["config"]["session_lease_s"]
+    before = _stats(app, "cv3")
+
+    async def main():
+        ws, _ = await _ws_open(url, "cv3", voice="ryan", max_new_tokens=400)
+        # No `end`: the session waits for more text (its idle timeout is longer than the lease).
+        await ws.send(json.dumps({"type": "text", "text": "Speaking into a socket whose server is about to die."}))
+        client = httpx.AsyncClient(timeout=60)
+        r = await client.send(client.build_request("POST", f"{url}/v1/audio/speech", json=LONG), stream=True)
+        it = r.aiter_raw()
+        await it.__anext__()
+        ingress = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith(f"SERVE_REPLICA::{app}#Ingress#")]
+        ray.kill(ray.get_actor(ingress[0]["name"], namespace="serve"))
+        try:
+            async for _ in it:
+                pass
+            raw = "clean end"
+        except httpx.HTTPError as e:
+            raw = type(e).__name__
+        msgs, code = await _ws_rest(ws)
+        await client.aclose()
+        return raw, msgs, code
+    raw, msgs, code = asyncio.run(main())
+    assert raw != "clean end"
+    assert code != 1000 and not any(m.get("type") == "done" for m in msgs)
+    t0 = time.time()
+    after = _wait(lambda: (lambda s: s if s["open_sessions"] == 0 else None)(_stats(app, "cv3")), lease + 15)
+    assert after, "orphaned sessions must be cancelled"
+    assert after["expired_lease"] > before["expired_lease"], (before, after)
+    assert time.time() - t0 < lease + 15
+    ok = _wait(lambda: _try_speech(url), 60, every_s=1.0)
+    assert ok, "the service must answer again once the ingress is back"
+
+
+def _try_speech(url: str) -> bool:
+    try:
+        r = httpx.post(f"{url}/v1/audio/speech", json={**LONG, "max_new_tokens": 8}, timeout=20)
+        return r.status_code == 200 and len(r.content) > 0
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.ray
+def test_dead_proxy_fails_its_clients_and_frees_their_sessions(multi_app, serve_app):
+    """The HTTP proxy dies mid-stream: clients see a failure, the sessions it carried end at once (Serve cancels
+    the ingress handlers, which cancel their replica calls), and both apps answer again once Serve restarts it."""
+    import ray
+
+    url, app = multi_app["url"], multi_app["app"]
+
+    async def main():
+        ws, _ = await _ws_open(url, "cv3", voice="ryan", max_new_tokens=1500)
+        await ws.send(json.dumps({"type": "text", "text": "A session whose proxy is about to die."}))
+        client = httpx.AsyncClient(timeout=60)
+        r = await client.send(client.build_request("POST", f"{url}/v1/audio/speech", json=LONG), stream=True)
+        it = r.aiter_raw()
+        await it.__anext__()
+        assert (await asyncio.to_thread(_stats, app, "cv3"))["open_sessions"] >= 1
+        proxy = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_PROXY_ACTOR")]
+        ray.kill(ray.get_actor(proxy[0]["name"], namespace="serve"))
+        try:
+            async for _ in it:
+                pass
+            raw = "clean end"
+        except httpx.HTTPError as e:
+            raw = type(e).__name__
+        msgs, code = await _ws_rest(ws)
+        await client.aclose()
+        return raw, msgs, code
+    raw, msgs, code = asyncio.run(main())
+    assert raw != "clean end" and code != 1000 and not any(m.get("type") == "done" for m in msgs)
+    assert _wait(lambda: _stats(app, "cv3")["open_sessions"] == 0, multi_app["config"]["session_lease_s"] + 10)
+    assert _wait(lambda: _try_speech(url), 90, every_s=1.0), "the service must answer again after the proxy restarts"
+    assert _wait(lambda: httpx.get(f"{serve_app['url']}/health", timeout=10).status_code == 200, 30)

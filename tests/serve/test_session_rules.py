@@ -1,0 +1,245 @@
+"""The session rules without Ray: the replica's session table (ownership, text limits, idle, deadline, leases), the
+WebSocket message limiter, the session router's choices, and the scheduler loop (blocks while nothing can run;
+a session the engine finished without a last chunk still ends)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from qwen_tts_core import AudioChunk, SynthesisRequest
+from qwen_tts_core.errors import RequestError
+from serve.routing import SessionRouter, new_session_id, owner_of, route_key
+from serve.scheduler import Busy, Scheduler, SynthesisFailed
+from serve.schemas import ApiError
+from serve.sessions import SessionLimits, SessionTable, UnknownSession
+from serve.ws_session import MessageLimiter
+from tests.serve.fakes import FakeEngine
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+_ADMITTED = object()
+
+
+def _ticket(session=_ADMITTED):
+    return SimpleNamespace(finished=False, failure=None, cancelled=False, session=session)
+
+
+def test_session_ids_are_unique_and_name_their_owner():
+    ids = {new_session_id("abc12345") for _ in range(1000)}
+    assert len(ids) == 1000 and {owner_of(s) for s in ids} == {"abc12345"}
+    assert owner_of(route_key("r1")) == "r1"
+    assert owner_of("no-owner-") is None and owner_of("plain") is None and owner_of(None) is None
+
+
+def test_unknown_or_foreign_ids_are_refused():
+    a, b = SessionTable("replicaA"), SessionTable("replicaB")
+    s = a.open(_ticket(), incremental=True, leased=False)
+    assert a.get(s.sid) is s
+    for bad in (s.sid.replace("replicaA", "replicaB"), new_session_id("replicaA"), "x", 7, None):
+        with pytest.raises(UnknownSession):
+            a.get(bad)
+    with pytest.raises(UnknownSession):
+        b.get(s.sid)      # another replica never holds it
+    a.close(s.sid)
+    with pytest.raises(UnknownSession):
+        a.get(s.sid)
+    import pickle
+
+    e = pickle.loads(pickle.dumps(UnknownSession("r-1", "has ended")))
+    assert e.session_id == "r-1" and "has ended" in str(e)
+    b2 = pickle.loads(pickle.dumps(Busy("full", 7)))
+    assert b2.retry_after_s == 7 and str(b2) == "full"
+    f = pickle.loads(pickle.dumps(SynthesisFailed("deadline", "error", 504)))
+    assert (f.message, f.status) == ("deadline", 504)
+
+
+def test_text_limits_count_the_whole_session():
+    t = SessionTable("r", SessionLimits(max_text_chars=10))
+    s = t.open(_ticket(), incremental=True, leased=False)
+    for _ in range(10):
+        t.take_text(s, "a", False)
+    with pytest.raises(RequestError) as e:
+        t.take_text(s, "a", False)          # the 11th one-character message
+    assert e.value.field == "text" and "10" in e.value.message
+    s2 = t.open(_ticket(), incremental=True, leased=False)
+    t.take_text(s2, "", False)
+    t.take_text(s2, "   ", False)
+    with pytest.raises(RequestError, match="end before any text"):
+        t.take_text(s2, "", True)
+    t.take_text(s2, "hi", True)
+    with pytest.raises(RequestError, match="after end"):
+        t.take_text(s2, "more", False)
+    full = t.open(_ticket(), incremental=False, leased=False)
+    with pytest.raises(RequestError, match="full text"):
+        t.take_text(full, "x", False)
+
+
+def test_idle_deadline_and_lease_expiry():
+    clock = Clock()
+    t = SessionTable("r", SessionLimits(idle_text_timeout_s=5, deadline_s=20, lease_s=3), clock=clock)
+    idle = t.open(_ticket(), incremental=True, leased=False)
+    leased = t.open(_ticket(), incremental=False, leased=True)
+    ended = t.open(_ticket(), incremental=True, leased=False)
+    t.take_text(ended, "all of it", True)
+    parked = t.open(_ticket(session=None), incremental=False, leased=False)   # bulk waiting for a slot
+    assert t.expired() == []
+    clock.t += 2.5
+    assert t.renew([leased.sid, "r-unknown"]) == ["r-unknown"]
+    clock.t += 2.6          # idle: 5.1 s without text; leased: renewed 2.6 s ago
+    out = t.expired()
+    assert [(s is idle, f.status, f.param) for s, f in out] == [(True, 408, "text")]
+    idle.ticket.failure = out[0][1]
+    clock.t += 3.1          # the lease lapses (no renewal for 3.1 s)
+    out = t.expired()
+    assert [(s is leased, f) for s, f in out] == [(True, None)]
+    leased.ticket.cancelled = True
+    parked.ticket.session = object()   # admitted now: its deadline counts from here
+    t.expired()
+    clock.t += 12           # 20.2 s after opening: the deadline of the sessions in the engine since then
+    out = t.expired()
+    assert [s for s, _ in out] == [ended] and out[0][1].status == 504
+    assert t.expired_counts == {"idle": 1, "deadline": 1, "lease": 1}
+
+
+def test_message_limiter_count_and_rate():
+    clock = Clock()
+    lim = MessageLimiter(max_messages=100, per_s=10, burst=20, clock=clock)
+    for _ in range(20):
+        lim.take()
+    with pytest.raises(ApiError) as e:
+        lim.take()          # the burst is spent
+    assert e.value.status == 429 and e.value.param == "message" and "per second" in e.value.message
+    clock.t += 1.0          # ten more tokens
+    for _ in range(10):
+        lim.take()
+    with pytest.raises(ApiError):
+        lim.take()
+    for _ in range(70):     # a steady 5 messages per second stays under the rate ...
+        clock.t += 0.2
+        lim.take()
+    with pytest.raises(ApiError, match="100 messages"):
+        lim.take()          # ... until the count limit
+
+
+@dataclass
+class _Replica:
+    replica_id: object
+
+
+def _router():
+    r = SessionRouter.__new__(SessionRouter)   # choose_replicas needs no router state
+    return r
+
+
+def _pending(session_id: str = ""):
+    return SimpleNamespace(metadata=SimpleNamespace(session_id=session_id),
+                           routing_context=SimpleNamespace(should_backoff=False))
+
+
+def test_router_sends_keyed_calls_to_their_owner_and_balances_the_rest():
+    reps = [_Replica(SimpleNamespace(unique_id=u)) for u in ("aaa", "bbb", "ccc")]
+    router = _router()
+
+    def choose(pr):
+        return asyncio.run(router.choose_replicas(reps, pr))
+    for u, rep in zip(("aaa", "bbb", "ccc"), reps):
+        for _ in range(20):
+            pr = _pending(new_session_id(u))
+            assert choose(pr) == [[rep]] and pr.routing_context.should_backoff
+    picks = [tuple(r.replica_id.unique_id for r in choose(_pending())[0]) for _ in range(200)]
+    assert all(len(p) == 2 and len(set(p)) == 2 for p in picks)
+    assert {x for p in picks for x in p} == {"aaa", "bbb", "ccc"}
+    gone = choose(_pending(new_session_id("zzz")))[0]   # the owner is gone: any replica, which will refuse it
+    assert len(gone) == 2 and asyncio.run(router.choose_replicas([], _pending())) == []
+
+
+def _req(text="hi", priority="interactive"):
+    return SynthesisRequest(kind="custom_voice", text=text, speaker="vivian", priority=priority)
+
+
+class WaitingEngine(FakeEngine):
+    """Sessions whose text is 'wait' stay active without producing anything (like a session waiting for text)."""
+
+    def step(self):
+        self.steps += 1
+        out = []
+        with self.lock:
+            for q in self.queues.values():
+                while q and len(self.active) < self.max_sessions:
+                    self.active.append(q.popleft())
+        for s in list(self.active):
+            if s.cancelled:
+                self.active.remove(s)
+                out.append(AudioChunk(s.id, np.zeros(0, np.float32), s.frames, 0, True, "cancelled"))
+        return out
+
+
+class RunnableWaitingEngine(WaitingEngine):
+    """The same, with the engine's own `runnable()` (the core's Engine has it): nothing runs until a cancel."""
+
+    def runnable(self):
+        return bool(self.num_queued) or any(s.cancelled for s in self.active)
+
+
+@pytest.mark.parametrize("engine_cls", [WaitingEngine, RunnableWaitingEngine])
+def test_loop_blocks_while_sessions_wait_for_text(engine_cls):
+    async def main():
+        eng = engine_cls(max_sessions=4)
+        sched = Scheduler(eng)
+        sched.start(asyncio.get_running_loop())
+        try:
+            t = await sched.submit(_req("wait"))
+            await asyncio.sleep(0.3)
+            steps = eng.steps
+            await asyncio.sleep(0.6)
+            idle_steps = eng.steps - steps
+            sched.fail(t, 408, "no text", "text")   # a state change wakes the loop at once
+            chunks = await asyncio.wait_for(_collect(sched, t), 2)
+        finally:
+            sched.stop()
+        return idle_steps, chunks, t
+    idle_steps, chunks, t = asyncio.run(main())
+    assert idle_steps <= 1, f"the loop must block, not spin ({idle_steps} steps in 0.6 s)"
+    assert chunks[-1].is_last and t.failure.status == 408
+
+
+async def _collect(sched, ticket):
+    return [c async for c in sched.chunks(ticket)]
+
+
+class PrefillFinishEngine(FakeEngine):
+    """Finishes every session at admission without emitting its last chunk (the prefill-finish defect)."""
+
+    def step(self):
+        self.steps += 1
+        with self.lock:
+            for q in self.queues.values():
+                while q:
+                    s = q.popleft()
+                    s.done, s.finish_reason = True, "max_new_tokens"
+        return []
+
+
+def test_a_session_finished_without_its_last_chunk_still_ends():
+    async def main():
+        sched = Scheduler(PrefillFinishEngine())
+        sched.start(asyncio.get_running_loop())
+        try:
+            t = await sched.submit(_req())
+            return await asyncio.wait_for(_collect(sched, t), 5)
+        finally:
+            sched.stop()
+    chunks = asyncio.run(main())
+    assert [c.finish_reason for c in chunks] == ["max_new_tokens"]

@@ -1,0 +1,91 @@
+"""The voice store (serve/voices.py), on a local folder and on S3 (moto_server on loopback): ids, ownership scopes,
+size limits, and a cache that notices deletes made through another store instance (another replica or node)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_tts_core.voice_prompt import VoiceClonePromptItem
+from serve.voices import ANYONE, MAX_VOICE_BYTES, VoiceStore
+
+ALICE, BOB = "a" * 32, "b" * 32
+
+
+def _item(seed: int = 0) -> VoiceClonePromptItem:
+    g = torch.Generator().manual_seed(seed)
+    return VoiceClonePromptItem(ref_code=torch.randint(0, 2048, (20, 16), generator=g),
+                                ref_spk_embedding=torch.randn(64, generator=g), x_vector_only_mode=False,
+                                icl_mode=True, ref_text="A reference.")
+
+
+@pytest.fixture(params=["local", "s3"])
+def stores(request, tmp_path):
+    """Two stores over the same backend (as two replicas on two nodes would open it)."""
+    if request.param == "local":
+        return VoiceStore.from_uri(str(tmp_path / "voices")), VoiceStore.from_uri(f"file://{tmp_path}/voices")
+    import boto3
+
+    request.getfixturevalue("moto_s3")
+    bucket = f"voices-{request.node.name.split('[')[0].replace('_', '-')[:40]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return VoiceStore.from_uri(f"s3://{bucket}/v"), VoiceStore.from_uri(f"s3://{bucket}/v/")
+
+
+def test_owner_scopes_list_info_load_delete(stores):
+    a, b = stores
+    mine = a.create(_item(1), name=" alice ", model="base", owner=ALICE)
+    theirs = b.create(_item(2), name="bob", model="base", owner=BOB)
+    assert mine["name"] == "alice" and "owner" not in mine and mine["id"].startswith("voice_")
+    assert [v["id"] for v in a.list(ALICE)] == [mine["id"]]
+    assert [v["id"] for v in b.list(BOB)] == [theirs["id"]]
+    assert {v["id"] for v in a.list(ANYONE)} == {mine["id"], theirs["id"]}
+    for call in (lambda: b.info(mine["id"], BOB), lambda: b.load(mine["id"], BOB),
+                 lambda: b.delete(mine["id"], BOB)):
+        with pytest.raises(KeyError):
+            call()
+    item = b.load(mine["id"], ALICE)
+    assert torch.equal(item.ref_code, _item(1).ref_code) and item.ref_text == "A reference."
+    assert b.load(mine["id"], ANYONE) is item  # cached
+    b.delete(theirs["id"], ANYONE)             # an admin may delete any voice
+    assert a.list(ANYONE) == [a.info(mine["id"], ALICE)]
+
+
+def test_delete_through_another_store_invalidates_the_cache(stores):
+    a, b = stores
+    vid = a.create(_item(3), name="shared", model="base", owner=ALICE)["id"]
+    assert b.load(vid, ALICE) is not None and b.load(vid, ALICE) is b.load(vid, ALICE)  # b caches it
+    a.delete(vid, ALICE)
+    with pytest.raises(KeyError):
+        b.load(vid, ALICE)
+    with pytest.raises(KeyError):
+        a.delete(vid, ALICE)
+    assert b.list(ANYONE) == []
+
+
+@pytest.mark.parametrize("bad", ["", "voice_123", "../voice_0000000000000000", "voice_000000000000000G", 7, None,
+                                 "voice_0000000000000000/../x"])
+def test_ids_are_checked(stores, bad):
+    a, _ = stores
+    for call in (lambda: a.load(bad, ANYONE), lambda: a.info(bad, ANYONE), lambda: a.delete(bad, ANYONE)):
+        with pytest.raises(KeyError):
+            call()
+
+
+def test_names_sizes_and_foreign_files(stores):
+    a, _ = stores
+    with pytest.raises(ValueError, match="^name: "):
+        a.create(_item(), name=" ", model="base", owner=ALICE)
+    with pytest.raises(ValueError, match="^name: "):
+        a.create(_item(), name="x" * 101, model="base", owner=ALICE)
+    with pytest.raises(ValueError, match="^name: "):
+        a.create(_item(), name="bad\ud800", model="base", owner=ALICE)
+    with pytest.raises(ValueError, match="larger than"):
+        a.put(b"\0" * (MAX_VOICE_BYTES + 1))
+    with pytest.raises(ValueError, match="safetensors"):
+        a.put(b"not a safetensors file at all")
+    from safetensors.torch import save
+
+    with pytest.raises(ValueError, match="not a voice prompt"):
+        a.put(save({"x": torch.zeros(2)}, metadata={"format": "something-else"}))
+    assert a.list(ANYONE) == []
