@@ -3,7 +3,10 @@
 Mastering: `jobs.mastering.master()` end to end (resample, gain, limiter, room tone / silence, encode, decode, measure
 every figure, re-encode passes) on `--minutes` of speech-like audio at 24 kHz (a voiced harmonic source with a
 syllable envelope, breath noise and sentence pauses), timed once per preset and scaled to one hour (the work is
-linear in length). Speed: the offline and the streaming time stretchers on the same audio at 1.5x.
+linear in length). Speed: the offline and the streaming time stretchers (FFmpeg's atempo) on the same audio at 1.5x.
+Quality: the stretcher's worst pitch and length error over test tones (110 Hz - 3 kHz) at 0.25x - 4x, and the
+limiter's (FFmpeg's alimiter, x4 oversampled for true peak) sample and true peak on speech pushed 24 dB over it.
+The FFmpeg build in use is named with any GPL parts it links (jobs.codecs.ffmpeg_report).
 
 Synthesis: this machine's engine in bf16 on a random full-size 0.6B CustomVoice checkpoint (random weights cost the
 same per frame as trained ones): after a warm-up, `--frames` frames for 1 session and for 4 concurrent sessions
@@ -78,6 +81,34 @@ def bench_mastering(minutes: float) -> dict:
     return out
 
 
+def bench_quality() -> dict:
+    from jobs import levels, mastering
+    from jobs.audio import resample
+    from qwen_tts_core.audio_fx import time_stretch
+
+    pitch, length = 0.0, 0
+    for speed in (0.25, 0.5, 0.8, 1.25, 1.5, 2.0, 3.0, 4.0):
+        for hz in (110.0, 220.0, 440.0, 1000.0, 3000.0):
+            x = (0.3 * np.sin(2 * np.pi * hz * np.arange(2 * SR) / SR)).astype(np.float32)
+            y = time_stretch(x, SR, speed)
+            length = max(length, abs(y.size - round(x.size / speed)))
+            mid = y[y.size // 8: y.size - y.size // 8]
+            n = 1 << int(np.ceil(np.log2(mid.size * 4)))
+            spec = np.abs(np.fft.rfft(mid * np.hanning(mid.size), n))
+            k = int(np.argmax(spec[1:-1])) + 1
+            a, b, c = np.log(spec[k - 1:k + 2] + 1e-12)
+            pitch = max(pitch, abs((k + 0.5 * (a - c) / (a - 2 * b + c)) * SR / n / hz - 1))
+    loud = resample(speechy(20), SR, 44100) * np.float32(10 ** (24 / 20))
+    lim = {}
+    for mode, tp in (("sample", False), ("true_peak", True)):
+        y = mastering._limit(loud, 44100, -1.0, true_peak=tp)
+        lim[f"{mode}_ceiling_-1"] = {"peak_db": round(levels.peak_db(y), 3),
+                                     "true_peak_dbtp": round(levels.true_peak_dbtp(y, 44100), 3),
+                                     "rms_change_db": round(levels.rms_db(y) - levels.rms_db(loud), 2)}
+    return {"stretch_pitch_err_max_pct": round(100 * pitch, 3), "stretch_len_err_max_samples": length,
+            "limiter_speech_plus_24db": lim}
+
+
 def bench_synthesis(ckpt: str, frames: int) -> dict:
     import torch
 
@@ -119,7 +150,13 @@ def main() -> None:
     args = ap.parse_args()
     result: dict = {"benchmark": "mastering", "minutes_mastered": args.minutes, "cpu": platform.processor() or
                     platform.machine(), "cpu_count": os.cpu_count()}
+    import av
+
+    from jobs.codecs import ffmpeg_report
+
+    result["ffmpeg"] = {"version": av.ffmpeg_version_info, "gpl_parts": ffmpeg_report()["gpl"]}
     result["mastering"] = bench_mastering(args.minutes)
+    result["quality"] = bench_quality()
     import resource
 
     result["mastering_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -4,8 +4,9 @@ Chapters are the job's written outputs in input order, decoded one at a time and
 of any length never sits in memory); each chapter marker starts where its audio starts. Titles come from the
 chapter's first Markdown heading, else its file name (`03-the-storm` -> "The storm"). Tags: title (and album),
 author (artist), narrator (composer, as audiobook players read it; default: the voice), genre Audiobook, media
-kind audiobook, optional cover (JPEG or PNG). The book's key is a digest of its chapters' content keys and its
-metadata, so an unchanged book is not written again.
+kind audiobook, optional cover (JPEG or PNG). FFmpeg's MP4 muxer (through PyAV) writes it all: chapters as a Nero
+`chpl` list and a QuickTime chapter track, tags as iTunes `ilst` atoms, the cover as `covr`. The book's key is a
+digest of its chapters' content keys and its metadata, so an unchanged book is not written again.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class BookMeta:
                 raise ValueError(f"cover: {p} does not exist")
             if p.suffix.lower() not in (".jpg", ".jpeg", ".png"):
                 raise ValueError(f"cover: use a .jpg or .png image, got {p.name!r}")
+            probe_cover(self.cover)
 
 
 def title_from(stem: str, heading: str | None) -> str:
@@ -63,26 +65,63 @@ def book_key(records: list[ManifestRecord], titles: list[str], meta: BookMeta) -
     return f"book/{stem}-{digest}.m4b"
 
 
-def _tag(path: str, meta: BookMeta) -> None:
-    from mutagen.mp4 import MP4, MP4Cover
-
-    f = MP4(path)
-    if f.tags is None:
-        f.add_tags()
-    tags = f.tags
-    for atom, value in (("\xa9nam", meta.title), ("\xa9alb", meta.title), ("\xa9ART", meta.author),
-                        ("aART", meta.author), ("\xa9wrt", meta.narrator)):
+def _tags(meta: BookMeta) -> dict[str, str]:
+    """Container metadata in FFmpeg's names; its MP4 muxer writes them as iTunes `ilst` atoms: title -> ©nam,
+    album -> ©alb, artist -> ©ART, album_artist -> aART, composer -> ©wrt, comment -> ©cmt, genre -> ©gen,
+    media_type -> stik (2: audiobook)."""
+    tags: dict[str, str] = {}
+    for names, value in ((("title", "album"), meta.title), (("artist", "album_artist"), meta.author),
+                         (("composer",), meta.narrator)):
         if value:
-            tags[atom] = [value]
+            tags.update(dict.fromkeys(names, value))
     if meta.narrator:
-        tags["\xa9cmt"] = [f"Narrated by {meta.narrator} (Qwen3-TTS)"]
-    tags["\xa9gen"] = ["Audiobook"]
-    tags["stik"] = [2]  # media kind: audiobook
-    if meta.cover:
-        data = Path(meta.cover).read_bytes()
-        fmt = MP4Cover.FORMAT_PNG if data[:8] == b"\x89PNG\r\n\x1a\n" else MP4Cover.FORMAT_JPEG
-        tags["covr"] = [MP4Cover(data, imageformat=fmt)]
-    f.save()
+        tags["comment"] = f"Narrated by {meta.narrator} (Qwen3-TTS)"
+    tags["genre"] = "Audiobook"
+    tags["media_type"] = "2"
+    return tags
+
+
+def probe_cover(path: str) -> tuple[str, int, int]:
+    """(codec, width, height) of a cover image: "mjpeg" or "png".
+
+    Raises:
+        ValueError: the file is not a JPEG or PNG image FFmpeg can read.
+    """
+    import io
+
+    import av
+
+    name = Path(path).name
+    try:
+        with av.open(io.BytesIO(Path(path).read_bytes())) as probe:
+            ctx = probe.streams.video[0].codec_context
+            codec, width, height = ctx.name, ctx.width, ctx.height
+    except (av.error.FFmpegError, IndexError) as e:
+        raise ValueError(f"cover: {name} is not a readable image ({e})") from e
+    if not width or not height:
+        raise ValueError(f"cover: {name} is not a readable image (no picture size in it)")
+    if codec not in ("mjpeg", "png"):
+        raise ValueError(f"cover: {name} must be a JPEG or PNG image, got {codec!r}")
+    return codec, width, height
+
+
+def _cover_stream(container: Any, path: str) -> tuple[Any, bytes]:
+    """A picture stream for the cover (stored as given); the MP4 muxer writes it as the `covr` atom.
+    Returns (stream, image bytes): mux the image with `_mux_cover` once the audio is in."""
+    import av
+
+    codec, width, height = probe_cover(path)
+    stream = container.add_mux_stream(codec, width=width, height=height)
+    stream.disposition = av.stream.Disposition.attached_pic
+    return stream, Path(path).read_bytes()
+
+
+def _mux_cover(container: Any, stream: Any, data: bytes) -> None:
+    import av
+
+    packet = av.Packet(data)
+    packet.stream, packet.pts, packet.dts = stream, 0, 0
+    container.mux(packet)
 
 
 def write_book(records: list[ManifestRecord], titles: list[str], sink: Sink, meta: BookMeta) -> dict[str, Any]:
@@ -104,9 +143,13 @@ def write_book(records: list[ManifestRecord], titles: list[str], sink: Sink, met
     chapters, total = [], 0
     with tempfile.TemporaryDirectory(prefix="qtts-book-") as tmp:
         path = str(Path(tmp) / "book.m4b")
-        with av.open(path, "w", format="ipod", options={"brand": "M4B "}) as container:
+        # the "mp4" muxer (the "ipod" one refuses picture streams) with M4B as the major brand
+        with av.open(path, "w", format="mp4", options={"brand": "M4B "}) as container:
+            for name, value in _tags(meta).items():
+                container.metadata[name] = value
             stream = container.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
             stream.bit_rate = BIT_RATE
+            cover = _cover_stream(container, meta.cover) if meta.cover else None
             for rec, title in pairs:
                 data = sink.get(rec.key)  # type: ignore[arg-type]
                 if data is None:
@@ -125,10 +168,11 @@ def write_book(records: list[ManifestRecord], titles: list[str], sink: Sink, met
                     container.mux(packet)
             for packet in stream.encode(None):
                 container.mux(packet)
+            if cover:
+                _mux_cover(container, *cover)
             tb = fractions.Fraction(1, SAMPLE_RATE)
             container.set_chapters([{"id": i + 1, "start": c["start"], "end": c["end"], "time_base": tb,
                                      "metadata": {"title": c["title"]}} for i, c in enumerate(chapters)])
-        _tag(path, meta)
         sink.put(key, Path(path).read_bytes(), "audio/mp4")
     out["chapters"] = [{"id": c["id"], "title": c["title"], "start_s": round(c["start"] / SAMPLE_RATE, 3)}
                        for c in chapters]

@@ -103,3 +103,45 @@ def decode(data: bytes, codec: str | None = None) -> tuple[np.ndarray, int]:
         raise ValueError(f"not decodable audio ({type(e).__name__}: {e})") from e
     pcm = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
     return pcm, int(rate)
+
+
+# What the media code asks of FFmpeg beyond the table above (book: jobs/book.py; speed and limiter: audio_fx).
+EXTRA_MUXERS = ("mp4",)
+EXTRA_DECODERS = ("png", "mjpeg")  # cover images, probed before use
+FILTERS = ("abuffer", "abuffersink", "atempo", "alimiter")
+# configure flags that put GPL (or unredistributable) code into FFmpeg's libraries
+GPL_CONFIGURE = ("--enable-gpl", "--enable-nonfree", "--enable-libx264", "--enable-libx265", "--enable-libxvid",
+                 "--enable-librubberband", "--enable-libvidstab", "--enable-frei0r", "--enable-libcdio",
+                 "--enable-libdavs2", "--enable-libxavs", "--enable-libxavs2", "--enable-libsmbclient",
+                 "--enable-libfdk-aac", "--enable-postproc")
+
+
+def ffmpeg_report() -> dict[str, list[str]]:
+    """The FFmpeg that PyAV loaded, checked against this project's needs and licence:
+    {"missing": encoders/muxers/decoders/filters the media code uses but this build lacks,
+     "gpl": configure flags that bring GPL code in (a GPL-free image needs []),
+     "license": what each library says of itself}.
+
+    PyPI's PyAV wheels (up to 18.x at least) link libx264 and libx265 (GPL) into libavcodec while it reports
+    "LGPL"; an image that must carry no GPL terms builds PyAV from source against an FFmpeg configured without
+    them (jobs/README.md). `python -c "from jobs.codecs import ffmpeg_report; print(ffmpeg_report())"`.
+    """
+    import av
+    import av.filter
+
+    missing = []
+    for kind, names, mode in (("encoder", {c.encoder for c in CODECS.values()}, "w"),
+                              ("decoder", set(EXTRA_DECODERS), "r")):
+        for name in sorted(names):
+            try:
+                av.Codec(name, mode)
+            except Exception:  # noqa: BLE001 - PyAV raises different types across versions
+                missing.append(f"{kind} {name}")
+    muxers = {c.container for c in CODECS.values()} | set(EXTRA_MUXERS)
+    missing += [f"muxer {m}" for m in sorted(muxers) if m not in av.formats_available]
+    missing += [f"filter {f}" for f in FILTERS if f not in av.filter.filters_available]
+    meta = getattr(getattr(av, "_core", None), "library_meta", {}) or {}
+    config = " ".join(str(m.get("configuration", "")) for m in meta.values())
+    gpl = [flag for flag in GPL_CONFIGURE if f"{flag} " in f"{config} " or f"{flag}=" in config]
+    return {"missing": missing, "gpl": gpl,
+            "license": sorted({f"{k}: {m.get('license')}" for k, m in meta.items()})}

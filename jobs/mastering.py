@@ -41,6 +41,7 @@ TMAX_DBM0 = {"ulaw": 3.17, "alaw": 3.14, "sln": 3.14, "sln16": 3.14}
 EDGE_MARGIN_S = 0.03   # kept before the first / after the last sound when edges are trimmed
 MAX_PASSES = 3
 MAX_CORRECTION_DB = 3.0  # most the post-encoding check moves the level towards its target
+LIMITER = {"attack_ms": 5, "release_ms": 100, "oversample": 4, "passes": 3}  # alimiter; true peak: x4, <= 3 runs
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,36 @@ def _trim_edges(x: np.ndarray, sr: int) -> tuple[np.ndarray, int]:
 
 
 def _limit(x: np.ndarray, sr: int, ceiling_db: float, true_peak: bool = False) -> np.ndarray:
-    import pedalboard
+    """Look-ahead brick-wall limiter: FFmpeg's `alimiter` (5 ms look-ahead, 100 ms release, no auto-level, delay
+    compensated, so the output lines up with the input sample for sample); sample peaks end at the ceiling.
 
+    `true_peak`: the limiter runs at LIMITER["oversample"] times the rate (soxr up and down around it) so the peaks
+    between samples obey the ceiling too; band-limiting on the way down can lift a peak a little (dense full-band
+    material), so the result is measured (levels.true_peak_dbtp) and, when over, limited again with the ceiling
+    lowered by the excess (at most LIMITER["passes"] runs). Audio already under the ceiling is returned as it is."""
     if x.size == 0:
         return x
-    lim = pedalboard.BrickwallLimiter(ceiling_db=ceiling_db, true_peak=true_peak)
-    return np.asarray(lim(x[None, :], float(sr))[0], dtype=np.float32)
+    if not true_peak:
+        # nothing over the ceiling: the limiter would pass it through unchanged (tested), so skip its cost
+        return x if levels.peak_db(x) <= ceiling_db else _alimiter(x, sr, ceiling_db)
+    if levels.true_peak_dbtp(x, sr) <= ceiling_db:
+        return x
+    hi, target = sr * LIMITER["oversample"], ceiling_db
+    for _ in range(LIMITER["passes"]):
+        y = resample(_alimiter(resample(x, sr, hi), hi, target), hi, sr)[: x.size]
+        over = levels.true_peak_dbtp(y, sr) - ceiling_db
+        if over <= 0:
+            break
+        target -= 2 * over + 0.02  # the lift grows with the gain reduction: step past it
+    return y
+
+
+def _alimiter(x: np.ndarray, sr: int, ceiling_db: float) -> np.ndarray:
+    from qwen_tts_core.audio_fx import FilterChain
+
+    args = (f"limit={10 ** (ceiling_db / 20):.6f}:attack={LIMITER['attack_ms']}:release={LIMITER['release_ms']}"
+            ":level=0:latency=1")
+    return FilterChain(sr, [("alimiter", args)]).run(x)[: x.size]
 
 
 def room_tone(n: int, sr: int, level_db: float) -> np.ndarray:

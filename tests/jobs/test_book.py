@@ -1,4 +1,5 @@
-"""`--book m4b`: one M4B with a chapter per chapter, read back with mutagen (the writer is FFmpeg through PyAV)."""
+"""`--book m4b`: one M4B with a chapter per chapter, read back from its MP4 boxes by tests/jobs/independent.py
+(the writer is FFmpeg through PyAV), and cross-checked with PyAV's own reader."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def summary(capsys):
 
 @pytest.mark.parametrize("master", ["none", "acx"])
 def test_m4b_has_a_chapter_per_chapter_at_the_right_times(chapters, tmp_path, capsys, master):
-    from mutagen.mp4 import MP4
+    import av
 
     cover = tmp_path / "cover.png"
     cover.write_bytes(png())
@@ -54,9 +55,11 @@ def test_m4b_has_a_chapter_per_chapter_at_the_right_times(chapters, tmp_path, ca
     assert book["missing"] == [] and not book["reused"]
     path = out / book["key"]
     assert path.suffix == ".m4b" and path.read_bytes()[8:12] == b"M4B "  # ftyp major brand
-    f = MP4(path)
-    titles = [c.title for c in f.chapters]
+    f = ind.mp4_book(path.read_bytes())
+    titles = [title for _, title in f["chapters"]]
     assert titles == ["A Dark Night", "The storm", "Last"]  # heading, else the file name
+    with av.open(str(path)) as c:  # what FFmpeg-based players see agrees
+        assert [ch["metadata"]["title"] for ch in c.chapters()] == titles
     # starts: cumulative durations of the chapter files, decoded here with libsndfile
     recs = {r.id: r for r in from_parquet((out / "manifest.parquet").read_bytes())}
     starts, t = [], 0.0
@@ -64,9 +67,9 @@ def test_m4b_has_a_chapter_per_chapter_at_the_right_times(chapters, tmp_path, ca
         starts.append(t)
         x, sr, _ = ind.read((out / recs[cid].key).read_bytes())
         t += len(x) / sr
-    assert [c.start for c in f.chapters] == pytest.approx(starts, abs=0.03)
-    assert f.info.length == pytest.approx(t, abs=0.1) and f.info.channels == 1 and f.info.sample_rate == 44100
-    tags = f.tags
+    assert [start for start, _ in f["chapters"]] == pytest.approx(starts, abs=0.03)
+    assert f["length_s"] == pytest.approx(t, abs=0.1) and f["channels"] == 1 and f["sample_rate"] == 44100
+    tags = f["tags"]
     assert tags["\xa9nam"] == ["Storm Book"] and tags["\xa9ART"] == ["A. Writer"] and tags["\xa9wrt"] == ["ryan"]
     assert tags["stik"] == [2] and bytes(tags["covr"][0]) == cover.read_bytes()
 
@@ -106,3 +109,45 @@ def test_titles():
     assert title_from("03-the-storm", None) == "The storm"
     assert title_from("chapter_1", "  Heading   here ") == "Heading here"
     assert title_from("007", None) == "007"
+
+
+def jpeg(w: int = 16, h: int = 8) -> bytes:
+    import io
+
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mjpeg") as f:
+        s = f.add_stream("mjpeg", rate=1)
+        s.width, s.height, s.pix_fmt = w, h, "yuvj420p"
+        frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), (200, 40, 90), np.uint8), format="rgb24")
+        for p in [*s.encode(frame.reformat(format="yuvj420p")), *s.encode(None)]:
+            f.mux(p)
+    return buf.getvalue()
+
+
+def test_jpeg_cover_is_stored_as_given(chapters, tmp_path, capsys):
+    cover = tmp_path / "cover.jpg"
+    cover.write_bytes(jpeg())
+    out = tmp_path / "out"
+    assert narrate.main([str(chapters), "--out", str(out), *NOISE, "--book", "m4b", "--cover", str(cover)]) == 0
+    f = ind.mp4_book((out / summary(capsys)["book"]["key"]).read_bytes())
+    assert f["tags"]["covr"] == [cover.read_bytes()] and f["tags"]["stik"] == [2]
+    assert f["tags"]["\xa9wrt"] == ["ryan"] and "\xa9nam" not in f["tags"]  # narrator: the voice; no title given
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
+def test_a_cover_that_is_not_an_image_fails_before_synthesis(chapters, tmp_path, capsys, content):
+    from tests.jobs.media_fakes import NoiseBackend
+
+    cover = tmp_path / "cover.png"
+    cover.write_bytes(content)
+    NoiseBackend.calls.clear()
+    try:
+        code = narrate.main([str(chapters), "--out", str(tmp_path / "o"), *NOISE, "--book", "m4b", "--cover",
+                             str(cover)])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and "cover: cover.png is not a readable image" in capsys.readouterr().err
+    assert NoiseBackend.calls == []

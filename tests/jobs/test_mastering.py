@@ -323,3 +323,49 @@ def test_render_config_survives_the_trip_to_ray_workers(tmp_path):
     row = Utterance(id="r", text="Use SQL with NGINX.")
     assert plan_key(row, back) == plan_key(row, cfg)
     assert back.lexicon.apply(row.text)[0] == "Use sequel with engine x."
+
+
+def _hostile(sr: int = 44100, seconds: float = 1.0) -> dict[str, np.ndarray]:
+    n = int(sr * seconds)
+    t = np.arange(n) / sr
+    rng = np.random.default_rng(3)
+    return {k: v.astype(np.float32) for k, v in {
+        "noise": (0.5 * rng.standard_normal(n)).clip(-1, 1),          # dense, full band, crest factor ~ 6 dB
+        "square": np.sign(np.sin(2 * np.pi * 100 * t)),
+        "sine_between_samples": np.sin(2 * np.pi * sr / 4 * t + np.pi / 4),  # samples at -3 dB, true peak 0 dBTP
+        "near_nyquist": np.sin(2 * np.pi * 19000 * t),
+        "impulses": np.where(np.arange(n) % 4410 == 0, 1.0, 0.0),
+        "dc_offset": 0.6 + 0.4 * np.sin(2 * np.pi * 300 * t),
+    }.items()}
+
+
+@pytest.mark.parametrize("name", list(_hostile()))
+def test_limiter_holds_its_ceiling_on_hostile_audio(name):
+    """The limiter (FFmpeg's alimiter, oversampled x4 for true peak) against what breaks limiters: sample peaks never
+    over the ceiling; in true-peak mode the independent BS.1770 meter (scipy, not soxr) sees none over it either;
+    the output is as long as the input."""
+    x = _hostile()[name]
+    for ceiling in (-4.0, -1.0):
+        y = mastering._limit(x, 44100, ceiling).astype(np.float64)
+        assert y.size == x.size and ind.peak_db(y) <= ceiling + 1e-4
+        y = mastering._limit(x, 44100, ceiling, true_peak=True).astype(np.float64)
+        assert y.size == x.size and ind.true_peak_dbtp(y, 44100) <= ceiling + 0.02
+
+
+def test_limiter_is_transparent_and_in_time_below_its_ceiling():
+    """Audio under the ceiling comes out unchanged (alimiter itself passes it bit for bit, which is why `_limit`
+    may skip it); a loud burst in quiet audio is limited where it is, not before or after, in both modes."""
+    rng = np.random.default_rng(0)
+    sr = 44100
+    quiet = np.convolve(rng.standard_normal(sr), np.hanning(9) / 4.5, "same").astype(np.float32) * 0.1  # < 10 kHz
+    np.testing.assert_array_equal(mastering._alimiter(quiet, sr, -1.0), quiet)
+    np.testing.assert_array_equal(mastering._limit(quiet, sr, -1.0), quiet)
+    np.testing.assert_array_equal(mastering._limit(quiet, sr, -1.0, true_peak=True), quiet)
+    x = quiet.copy()
+    x[20000:20441] *= 30  # 10 ms burst, ~ +30 dB
+    for true_peak, noise in ((False, 1e-6), (True, 1e-3)):  # true peak: the x4 resampling's own error elsewhere
+        y = mastering._limit(x, sr, -6.0, true_peak=true_peak)
+        assert ind.peak_db(y.astype(np.float64)) <= -6.0 + 1e-4
+        changed = np.flatnonzero(np.abs(y - x)[100:-100] > noise) + 100  # (the resampler's edges aside)
+        # look-ahead 5 ms before the burst, release 100 ms after it (alimiter's settings), nothing elsewhere
+        assert changed[0] >= 20000 - int(0.006 * sr) and changed[-1] <= 20441 + int(0.6 * sr), true_peak
