@@ -179,7 +179,7 @@ def _deploy(ckpt: str, replicas: int, a, tmp: Path) -> float:
 
     from serve.app import build_app
 
-    cfg = {"models": [{"name": "tiny", "checkpoint": ckpt, "num_gpus": 1, "num_cpus": 0.5, "num_replicas": replicas,
+    cfg = {"models": [{"name": "tiny", "checkpoint": ckpt, "num_gpus": 1, "device": "cpu", "num_cpus": 0.5, "num_replicas": replicas,
                        "max_sessions": a.max_sessions, "max_queue": 32, "interactive_reserve": 1,
                        "max_new_tokens": max(512, a.max_new_tokens), "warmup": True}],
            "voices_uri": str(tmp / "voices"), "cache_dir": str(tmp / "cache")}

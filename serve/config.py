@@ -35,7 +35,8 @@ class ModelConfig:
     checkpoint: str | None = None
     model_type: str = "custom_voice"         # used only to build the random checkpoint
     seed: int = 0
-    device: str = "auto"                     # "auto": cuda when the replica got a GPU, else cpu
+    device: str = "auto"                     # "auto": cuda when num_gpus > 0 (an error without CUDA), else cpu;
+    #                                          "cpu" with num_gpus > 0 holds the GPU resource, computes on the CPU
     dtype: str = "float32"
     num_gpus: float = 0.0
     num_cpus: float = 0.5

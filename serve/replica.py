@@ -282,13 +282,14 @@ class TTSReplica:
     async def __init__(self, model_cfg: dict[str, Any], cache_dir: str, voices_uri: str,
                        retry_after_s: int = 1, session_limits: dict[str, Any] | None = None) -> None:
         cfg = ModelConfig.from_dict(model_cfg)
-        if cfg.num_gpus > 0:
+        if cfg.num_gpus > 0 and (cfg.device == "auto" or cfg.device.startswith("cuda")):
             import torch
 
             if not torch.cuda.is_available():
                 raise RuntimeError(f"models[{cfg.name}]: num_gpus={cfg.num_gpus} but CUDA is not available to this "
                                    f"replica (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
-                                   "install a CUDA build of torch or set num_gpus: 0")
+                                   "install a CUDA build of torch, set num_gpus: 0, or device: cpu to hold the GPU "
+                                   "resource while computing on the CPU")
         model = await asyncio.to_thread(load_model, cfg, cache_dir)
         owner = serve.get_replica_context().replica_id.unique_id
         self.core = ReplicaCore(model, cfg, VoiceStore.from_uri(voices_uri), retry_after_s,

@@ -25,7 +25,7 @@ import random
 import uuid
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import LocalityMixin, PendingRequest, RequestRouter, RunningReplica
 
 SEP = "-"
 
@@ -58,8 +58,10 @@ def route_key(owner: str) -> str:
     return f"{owner}{SEP}0"
 
 
-class SessionRouter(RequestRouter):
-    """Keyed calls go to the replica named in their key; unkeyed ones to the shorter queue of two random replicas.
+class SessionRouter(LocalityMixin, RequestRouter):
+    """Keyed calls go to the replica named in their key; unkeyed ones to the shorter queue of two random replicas,
+    preferring replicas on the caller's node first when the handle asks for it (Serve's locality routing, as its
+    default router does: a batch worker's calls stay on its node's replica).
 
     Not combined with Serve's FIFOMixin on purpose: that mixin hands a chosen replica to the OLDEST pending request,
     which may be another session's call. The base class matches the replica to the request it was chosen for.
@@ -78,6 +80,10 @@ class SessionRouter(RequestRouter):
                     if r.replica_id.unique_id == owner:
                         return [[r]]
                 # The owner is gone: any replica answers "unknown session" (it cannot hold this id).
-        if len(candidate_replicas) <= 2:
-            return [list(candidate_replicas)]
-        return [random.sample(candidate_replicas, 2)]
+        ids = self.apply_locality_routing(pending_request)  # local node first (once), then every replica
+        local = [r for r in candidate_replicas if r.replica_id in ids] or list(candidate_replicas)
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = len(local) == len(candidate_replicas)
+        if len(local) <= 2:
+            return [local]
+        return [random.sample(local, 2)]

@@ -30,7 +30,8 @@ def free_port() -> int:
 
 
 def replica_config(checkpoint: str, **extra) -> dict:
-    return {"name": MODEL, "checkpoint": checkpoint, "num_gpus": 1, "num_cpus": 0.5, "num_replicas": 2,
+    # device: cpu - a logical GPU is only a resource here (torch stays on the CPU); "auto" would refuse to start
+    return {"name": MODEL, "checkpoint": checkpoint, "num_gpus": 1, "device": "cpu", "num_cpus": 0.5, "num_replicas": 2,
             "max_sessions": 4, "max_queue": 8, "interactive_reserve": 1, "max_new_tokens": 4096,
             "default_max_new_tokens": 24, "warmup": False, **extra}
 
@@ -58,8 +59,12 @@ def wait_for(cond, timeout: float, what: str, every: float = 0.25):
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """utime + stime of a process (Linux /proc); 0 for a process that is gone (a replica Serve has not yet marked
+    dead after its node was removed)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -220,6 +220,9 @@ def test_replica_killed_mid_stream_fails_visibly_and_is_replaced(fleet, voice_id
         except httpx.HTTPError as e:
             got["outcome"] = f"error: {type(e).__name__}: {e}"
 
+    # the previous test removed a node: start from two replicas whose processes are alive
+    wait_for(lambda: len([r for r in replicas() if Path(f"/proc/{r['pid']}").exists()]) == 2 == len(replicas()),
+             180, "two live replicas")
     before = {r["replica_id"] for r in replicas()}
     th = threading.Thread(target=client)
     th.start()
