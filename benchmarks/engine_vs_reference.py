@@ -90,9 +90,10 @@ def worker_ours(ckpt: str, dtype: str, frames: int) -> dict:
     one_s = time.perf_counter() - t
     n1 = s.num_frames
     talker_pf, cp_pf = timers["talker"] / n1, timers["cp"] / n1
-    fps8, _ = rate(8, False)
-    fps1_audio, _ = rate(1, True)
-    fps8_audio, _ = rate(8, True)
+    # each configuration once untimed first: new shapes cost first-call work (oneDNN primitives, codec buffers)
+    fps8 = [rate(8, False)[0] for _ in range(2)][-1]
+    fps1_audio = [rate(1, True)[0] for _ in range(2)][-1]
+    fps8_audio = [rate(8, True)[0] for _ in range(2)][-1]
     codes = s.codes()
     t = time.perf_counter()
     wav = model.decode_codes([codes])[0]
