@@ -279,7 +279,13 @@ def test_bulk_never_takes_reserved_interactive_slots(model):
 def test_device_sampler_draws_from_the_right_distribution():
     """20,000 draws (one per seed) from a known distribution: frequencies within 1.5% of softmax(logits / T); draws of
     neighbouring seeds, frames and codebooks are not correlated."""
-    from qwen_tts_core.generate.sampling import gumbel, noise_key, sample_device, seed_key, token_hash
+    from qwen_tts_core.generate.sampling import (
+        gumbel,
+        noise_key,
+        sample_device,
+        seed_key,
+        token_hash,
+    )
 
     n, V = 20_000, 12
     logits = torch.linspace(-2.0, 2.0, V)[None].repeat(n, 1)
