@@ -297,7 +297,8 @@ class Engine:
         r = self.runner
         r.capture_all()
         r.torch_rows = {"cp": ([], [], []), "talker": ([], [], [])}
-        r.start(0, r.tts_pad.expand(16, -1), [], SamplingParams(max_new_tokens=4), seed=0)
+        greedy = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=4)  # draws nothing
+        r.start(0, r.tts_pad.expand(16, -1), [], greedy, seed=0)
         for _ in range(2):
             r.step([0], [0], 17)
         if self.audio is not None:
