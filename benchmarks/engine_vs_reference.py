@@ -77,8 +77,8 @@ def worker_ours(ckpt: str, dtype: str, frames: int) -> dict:
         return [SynthesisRequest(kind="custom_voice", text=t, speaker="ryan", language="english", sampling=sp,
                                  seed=i, decode_audio=audio) for i, t in enumerate(texts)]
 
-    def rate(n: int, audio: bool) -> tuple[float, list]:
-        eng = Engine(model, max_sessions=n)
+    def rate(n: int, audio: bool, audio_dtype=None) -> tuple[float, list]:
+        eng = Engine(model, max_sessions=n, audio_dtype=audio_dtype)
         t = time.perf_counter()
         done = eng.run_all(reqs(TEXTS8[:n], audio))
         return sum(x.num_frames for x in done) / (time.perf_counter() - t), done
@@ -90,9 +90,14 @@ def worker_ours(ckpt: str, dtype: str, frames: int) -> dict:
     one_s = time.perf_counter() - t
     n1 = s.num_frames
     talker_pf, cp_pf = timers["talker"] / n1, timers["cp"] / n1
-    fps8, _ = rate(8, False)
-    fps1_audio, _ = rate(1, True)
-    fps8_audio, _ = rate(8, True)
+    # each configuration once untimed first: new shapes cost first-call work (oneDNN primitives, codec buffers)
+    fps8 = [rate(8, False)[0] for _ in range(2)][-1]
+    fps1_audio = [rate(1, True)[0] for _ in range(2)][-1]
+    fps8_audio = [rate(8, True)[0] for _ in range(2)][-1]
+    extra = {}
+    if dtype != "float32":  # the streaming decoder in the model's dtype too (Engine(audio_dtype=...))
+        extra["frames_per_s_1_audio_in_dtype"] = [rate(1, True, dtype)[0] for _ in range(2)][-1]
+        extra["frames_per_s_8_audio_in_dtype"] = [rate(8, True, dtype)[0] for _ in range(2)][-1]
     codes = s.codes()
     t = time.perf_counter()
     wav = model.decode_codes([codes])[0]
@@ -100,7 +105,7 @@ def worker_ours(ckpt: str, dtype: str, frames: int) -> dict:
     return dict(load_s=load_s, peak_rss_mb=peak_rss_mb(), frames=n1, s_per_frame=one_s / n1,
                 talker_s_per_frame=talker_pf, code_predictor_s_per_frame=cp_pf,
                 frames_per_s_1=n1 / one_s, frames_per_s_8=fps8, frames_per_s_1_audio=fps1_audio,
-                frames_per_s_8_audio=fps8_audio, decode_s_per_audio_s=decode_s / (len(wav) / 24000))
+                frames_per_s_8_audio=fps8_audio, decode_s_per_audio_s=decode_s / (len(wav) / 24000), **extra)
 
 
 def main() -> None:
@@ -141,6 +146,9 @@ def main() -> None:
                  "ours_vs_bound": round(ours["s_per_frame"] / bound, 3),
                  "ours_batch8_speedup": round(ours["frames_per_s_8"] / ours["frames_per_s_1"], 2),
                  "ours_batch8_speedup_audio": round(ours["frames_per_s_8_audio"] / ours["frames_per_s_1_audio"], 2)}
+        if "frames_per_s_8_audio_in_dtype" in ours:
+            entry["ours_batch8_speedup_audio_in_dtype"] = round(
+                ours["frames_per_s_8_audio_in_dtype"] / ours["frames_per_s_1_audio_in_dtype"], 2)
         if not args.skip_reference:
             ref = run_worker(oracle_py, str(HERE / "reference_worker.py"),
                              [str(ckpt), dtype, str(args.frames)], env=env)

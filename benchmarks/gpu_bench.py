@@ -258,7 +258,7 @@ def stage_timings(c: Ctx) -> dict:
     mem0 = torch.cuda.memory_allocated(c.dev) if c.cuda else 0
     eng = c.engine(m, True, max_sessions=max(rows), max_len=max(lens))
     r = eng.runner
-    out: dict = {"size": c.big, "capture_s": round(eng.capture_s, 2), "graphs": len(r.graphs),
+    out: dict = {"size": c.big, "capture_s": round(eng.capture_s, 2), "graphs": len(r.graphs), "sdpa": eng.sdpa,
                  "capture_s_per_bucket": {f"{k[0]}/{'/'.join(map(str, k[1:]))}": round(v, 3)
                                           for k, v in r.capture_seconds.items()}}
     if c.cuda:

@@ -48,7 +48,7 @@ stage() {  # stage NAME SECONDS: run it, bounded by its own limit and by what is
   fi
 }
 
-DEFAULT_STAGES="versions:40 tiny:90 build:60 parity:60 timings:100 e2e:100"
+DEFAULT_STAGES="versions:30 tiny:80 build:90 parity:60 timings:90 e2e:100"
 [ "$DEVICE" != cpu ] && DEFAULT_STAGES="$DEFAULT_STAGES compile:60"  # inductor on CPU: minutes of C++ builds
 for s in ${GPU_CHECK_STAGES:-$DEFAULT_STAGES}; do
   stage "${s%%:*}" "$( [ "${s#*:}" != "$s" ] && echo "${s#*:}" || echo 60 )"

@@ -84,3 +84,21 @@ def test_bad_chunk_sizes(model, kw):
 def test_streaming_takes_one_text(model):
     with pytest.raises(ValueError, match="text"):
         model.stream_custom_voice([TEXT, TEXT], speaker="ryan")
+
+
+def test_bf16_audio_decoder_streams_close_to_fp32(model):
+    r = lambda: SynthesisRequest(kind="custom_voice", text=TEXT, speaker="ryan", language="english",  # noqa: E731
+                                 sampling=SamplingParams(**G), chunk_frames=3)
+    outs = []
+    for dt in (None, "bfloat16"):
+        eng = Engine(model, max_sessions=1, audio_dtype=dt)
+        s = eng.add(r())
+        pcm = []
+        while not s.done:
+            pcm += [c.pcm for c in eng.step()]
+        outs.append(np.concatenate(pcm))
+    assert outs[0].shape == outs[1].shape and np.isfinite(outs[1]).all()
+    rms = lambda x: float(np.sqrt(np.mean(x ** 2)))  # noqa: E731
+    assert rms(outs[0] - outs[1]) < 0.05 * rms(outs[0])  # bf16 rounding, not another signal
+    with pytest.raises(ValueError, match="audio_dtype"):
+        Engine(model, max_sessions=1, audio_dtype="int7")
