@@ -15,6 +15,8 @@ import numpy as np
 from .errors import RequestError
 
 SAMPLE_RATE = 24000
+MAX_TOP_K = 1 << 20          # above any vocabulary: the same as 0 (off); keeps per-slot values in device integers
+MAX_NEW_TOKENS = 1 << 24     # frames (~15 days of audio); a bound so device counters cannot overflow
 SAMPLES_PER_FRAME = 1920  # 12.5 frames per second
 
 ModelKind = Literal["custom_voice", "voice_design", "voice_clone"]
@@ -55,13 +57,13 @@ class SamplingParams:
         for name in ("top_p", "subtalker_top_p"):
             if not 0 < getattr(self, name) <= 1:
                 raise RequestError(name, f"must be in (0, 1], got {getattr(self, name)!r}")
-        for name in ("top_k", "subtalker_top_k"):
-            if getattr(self, name) < 0:
-                raise RequestError(name, f"must be >= 0 (0 disables), got {getattr(self, name)!r}")
+        for name in ("top_k", "subtalker_top_k"):  # bounded: per-slot values live in int64 device tensors
+            if not 0 <= getattr(self, name) <= MAX_TOP_K:
+                raise RequestError(name, f"must be in [0, {MAX_TOP_K}] (0 disables), got {_short(getattr(self, name))}")
         if not self.repetition_penalty > 0:
             raise RequestError("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
-        if self.max_new_tokens < 1:
-            raise RequestError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens!r}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise RequestError("max_new_tokens", f"must be in [1, {MAX_NEW_TOKENS}], got {_short(self.max_new_tokens)}")
 
     def with_overrides(self, **kw) -> SamplingParams:
         unknown = sorted(set(kw) - set(SAMPLING_FIELDS))

@@ -185,3 +185,20 @@ def test_make_checkpoint_rejects_bad_dtype(tmp_path):
 
     with pytest.raises(ValueError, match="dtype"):
         make_checkpoint(tmp_path / "c", dtype="int8")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_k", 10**30), ("subtalker_top_k", -1), ("max_new_tokens", 10**30), ("max_new_tokens", 0),
+    ("max_new_tokens", True), ("top_k", 2.5), ("temperature", float("inf")), ("top_p", float("nan")),
+    ("do_sample", 1),
+])
+def test_sampling_values_out_of_range_name_their_field(field, value):
+    """Huge integers must be refused up front: per-slot sampling values become int64 device tensors in a step."""
+    from qwen_tts_core import SamplingParams
+    from qwen_tts_core.errors import RequestError
+
+    with pytest.raises(RequestError) as e:
+        SamplingParams(**{field: value})
+    assert e.value.field == field
+    if value == 10**30:
+        assert "digits" in str(e.value) and len(str(e.value)) < 200  # the number is not echoed back whole
