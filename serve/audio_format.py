@@ -18,6 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
+from qwen_tts_core.types import SAMPLE_RATE
+
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
                "opus": "audio/ogg"}
 _SF_FORMATS = {"flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"), "opus": ("OGG", "OPUS")}
@@ -170,7 +172,7 @@ class SoundfileEncoder:
         return self._drain()
 
 
-def make_encoder(fmt: str, sample_rate: int = 24000) -> StreamEncoder:
+def make_encoder(fmt: str, sample_rate: int = SAMPLE_RATE) -> StreamEncoder:
     """A fresh streaming encoder; ValueError naming `response_format` for unknown formats."""
     if fmt == "pcm":
         return PcmEncoder(sample_rate)

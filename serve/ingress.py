@@ -25,8 +25,10 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwen_tts_core.audio_fx import StretchedEncoder
 from qwen_tts_core.errors import RequestError
 from qwen_tts_core.generate.requests import check_text
+from qwen_tts_core.types import SAMPLE_RATE
 
 from .audio_format import make_encoder
 from .auth import Caller, KeyRing, bearer_token
@@ -164,9 +166,11 @@ class Ingress:
         payload = req.model_dump(exclude={"response_format", "stream_format", "speed"})
         payload.update(model=name, **{CALLER: caller.scope})  # the key's scope: which stored voices it may use
         try:
-            encoder = make_encoder(req.response_format)
+            encoder = make_encoder(req.response_format, SAMPLE_RATE)
         except ValueError as e:
             raise bad_request(str(e), "response_format") from None
+        if req.speed != 1.0:  # the encoder gets the audio stretched as it streams (chunk-independent, pitch kept)
+            encoder = StretchedEncoder(encoder, SAMPLE_RATE, req.speed)
         stream = await self._stream(name, handle, payload)
         try:  # nothing is sent before the first audio: a request that fails before it gets a 4xx/5xx JSON answer
             first = await stream.first_output()
@@ -409,7 +413,7 @@ class Ingress:
             c = self.cfg
             session = WSSession(ws, lambda: self._ws_message(ws), handle, stream, encoder,
                                 MessageLimiter(c.ws_max_messages, c.ws_max_messages_per_s, c.ws_message_burst),
-                                {"type": "start", "model": name, "sample_rate": 24000, "format": cfg.response_format},
+                                {"type": "start", "model": name, "sample_rate": SAMPLE_RATE, "format": cfg.response_format},
                                 self._count_error)
             await session.run()
         finally:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from qwen_tts_core.audio_fx import SPEED_MAX, SPEED_MIN, check_speed
 from qwen_tts_core.errors import RequestError
 from qwen_tts_core.types import SAMPLING_FIELDS, SamplingParams
 
@@ -68,14 +69,16 @@ class SpeechRequest(SynthesisFields):
     input: str = Field(..., description="text to speak")
     response_format: ResponseFormat = "mp3"
     stream_format: StreamFormat = "audio"
-    speed: float = Field(1.0, description="only 1.0 is supported")
+    speed: float = Field(1.0, description=f"playback speed in [{SPEED_MIN}, {SPEED_MAX}]; the pitch is kept "
+                                          "(a streaming time stretch of the synthesized audio)")
 
     @field_validator("speed")
     @classmethod
-    def _only_unit_speed(cls, v: float) -> float:
-        if v != 1.0:
-            raise ValueError("only 1.0 is supported")
-        return v
+    def _speed(cls, v: float) -> float:
+        try:
+            return check_speed(v)   # the rule lives in the core
+        except RequestError as e:
+            raise ValueError(e.message) from None
 
 
 class WSConfig(SynthesisFields):

@@ -136,21 +136,38 @@ def test_message_limiter_count_and_rate():
 @dataclass
 class _Replica:
     replica_id: object
+    node_id: str = "n1"
+    availability_zone: str | None = None
 
 
-def _router():
-    r = SessionRouter.__new__(SessionRouter)   # choose_replicas needs no router state
+def _rid(unique_id):
+    from ray.serve._private.common import DeploymentID, ReplicaID
+    return ReplicaID(unique_id=unique_id, deployment_id=DeploymentID(name="m", app_name="a"))
+
+
+def _router(self_node_id=None, replicas=()):
+    """A SessionRouter built as Serve builds one (the real __init__ chain, LocalityMixin included)."""
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    async def build():
+        return SessionRouter(deployment_id=DeploymentID(name="m", app_name="a"),
+                             handle_source=DeploymentHandleSource.UNKNOWN, self_node_id=self_node_id,
+                             prefer_local_node_routing=self_node_id is not None)
+    r = asyncio.run(build())
+    r._update_colocated_replica_ids_with_replicas(list(replicas))   # what update_replicas does for the mixin
+    r._replica_id_set = {x.replica_id for x in replicas}
     return r
 
 
 def _pending(session_id: str = ""):
     return SimpleNamespace(metadata=SimpleNamespace(session_id=session_id),
-                           routing_context=SimpleNamespace(should_backoff=False))
+                           routing_context=SimpleNamespace(should_backoff=False, tried_same_node=False,
+                                                           tried_same_az=False))
 
 
 def test_router_sends_keyed_calls_to_their_owner_and_balances_the_rest():
-    reps = [_Replica(SimpleNamespace(unique_id=u)) for u in ("aaa", "bbb", "ccc")]
-    router = _router()
+    reps = [_Replica(_rid(u)) for u in ("aaa", "bbb", "ccc")]
+    router = _router(replicas=reps)
 
     def choose(pr):
         return asyncio.run(router.choose_replicas(reps, pr))
@@ -163,6 +180,22 @@ def test_router_sends_keyed_calls_to_their_owner_and_balances_the_rest():
     assert {x for p in picks for x in p} == {"aaa", "bbb", "ccc"}
     gone = choose(_pending(new_session_id("zzz")))[0]   # the owner is gone: any replica, which will refuse it
     assert len(gone) == 2 and asyncio.run(router.choose_replicas([], _pending())) == []
+
+
+def test_router_prefers_the_callers_node_for_unkeyed_calls_but_never_for_keyed_ones():
+    reps = [_Replica(_rid(u), node_id=n) for u, n in (("aaa", "n1"), ("bbb", "n2"), ("ccc", "n2"))]
+    router = _router(self_node_id="n1", replicas=reps)
+
+    def choose(pr):
+        return asyncio.run(router.choose_replicas(reps, pr))
+    for _ in range(20):
+        pr = _pending()
+        assert choose(pr) == [[reps[0]]]                     # the local replica first ...
+        assert not pr.routing_context.should_backoff        # ... and no backoff: the next try may go elsewhere
+    pr = _pending()
+    pr.routing_context.tried_same_node = True               # the local one was full: every replica
+    assert {r.replica_id.unique_id for r in choose(pr)[0]} <= {"aaa", "bbb", "ccc"} and len(choose(pr)[0]) == 2
+    assert choose(_pending(new_session_id("ccc"))) == [[reps[2]]]   # a session's owner wins over locality
 
 
 def _req(text="hi", priority="interactive"):
