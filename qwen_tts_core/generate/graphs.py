@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,8 @@ class FakeCUDAGraph:
         if not self._tape:
             raise RuntimeError("replay() of a graph that captured nothing")
         ctx = torch.inference_mode() if self._inference else torch.no_grad()
-        with ctx:
+        # a replay is one launch, not ops the host dispatches: modes around it (an OpCounter) do not see its tape
+        with ctx, _disable_current_modes():
             for t in self._pool:
                 _poison_(t)
             for func, args, kwargs, out in self._tape:
@@ -215,31 +217,39 @@ class GraphCapture:
         else:
             self.stream, self.pool = None, None
         self.graphs: list[Any] = []
+        # one capture at a time per engine (the step bodies and the audio decoder share the pool)
+        self.lock = threading.RLock()
 
     def device_context(self):
         return torch.cuda.device(self.device) if not self.fake else contextlib.nullcontext()
 
     def capture(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` `warmup` times, then capture it; returns the graph (call `.replay()`)."""
-        if self.fake:
-            for _ in range(self.warmup):
-                fn()
-            g = FakeCUDAGraph()
-            with fake_graph(g, pool=self.pool):
-                fn()
-        else:
-            with torch.cuda.device(self.device):
-                cur = torch.cuda.current_stream(self.device)
-                self.stream.wait_stream(cur)
-                with torch.cuda.stream(self.stream):
-                    for _ in range(self.warmup):
-                        fn()
-                cur.wait_stream(self.stream)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+        return self.capture_output(fn)[0]
+
+    def capture_output(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
+        """`capture`, also returning what the captured call of `fn` returned: its static output, rewritten by every
+        replay (copy what must outlive the next replay)."""
+        with self.lock:
+            if self.fake:
+                for _ in range(self.warmup):
                     fn()
-        self.graphs.append(g)
-        return g
+                g = FakeCUDAGraph()
+                with fake_graph(g, pool=self.pool):
+                    out = fn()
+            else:
+                with torch.cuda.device(self.device):
+                    cur = torch.cuda.current_stream(self.device)
+                    self.stream.wait_stream(cur)
+                    with torch.cuda.stream(self.stream):
+                        for _ in range(self.warmup):
+                            fn()
+                    cur.wait_stream(self.stream)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                        out = fn()
+            self.graphs.append(g)
+        return g, out
 
 
 __all__ = ["CaptureError", "FakeCUDAGraph", "GraphCapture", "OpCounter", "fake_graph", "launches"]
