@@ -147,7 +147,7 @@ def stage_tiny(c: Ctx) -> dict:
     eager = staggered(c.engine(gpu, False, max_sessions=4, max_len=256), g)
     geng = c.engine(gpu, True, max_sessions=4, max_len=256)
     graphs = staggered(geng, g)
-    out: dict = {"frames": [len(x) for x in graphs]}
+    out: dict = {"frames": [len(x) for x in graphs], "audio_graphs": geng.audio_graphs}
     goals = {"tiny_graphs_eq_eager": same(graphs, eager), "tiny_gpu_eq_cpu": same(eager, ref),
              "frames_distinct": all(len({tuple(f) for f in x.tolist()}) > 1 for x in graphs)}
     # a paused incremental session, with another one running
@@ -321,7 +321,8 @@ def stage_e2e(c: Ctx) -> dict:
     busy_n = 32 if c.cuda else 3
     frames = 100 if c.cuda else 8
     eng = c.engine(m, True, max_sessions=max(conc), max_len=4096 if c.cuda else 256)
-    out: dict = {"size": c.big, "capture_s": round(eng.capture_s, 2), "warm_up_s": round(eng.warm_up(), 2)}
+    out: dict = {"size": c.big, "capture_s": round(eng.capture_s, 2), "warm_up_s": round(eng.warm_up(), 2),
+                 "audio_graphs": eng.audio_graphs}
 
     def ttfa(runs: int) -> list[float]:
         got = []

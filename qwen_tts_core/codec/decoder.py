@@ -39,6 +39,11 @@ def check_codes(codes: torch.Tensor, num_quantizers: int, codebook_size: int, ch
             raise ValueError(f"codes must lie in [0, {codebook_size - 1}], got values in [{lo}, {hi}]")
 
 
+def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x as a Long tensor on `device` (untouched when it is one: no call a graph capture would take for a copy)."""
+    return x if x.device == device and x.dtype == torch.long else x.to(device=device, dtype=torch.long)
+
+
 class CodecDecoder(nn.Module):
     """RVQ decode -> pre_conv -> pre_transformer -> upsample (transposed conv + ConvNeXt) -> decoder convs -> clamp."""
 
@@ -135,9 +140,9 @@ class CodecDecoder(nn.Module):
         """The decoder math without checks or the final clamp: Long [B, Q, t] (t >= 1) -> float [B, t*spf].
         lengths: Long [B] real frames per row of a right-padded chunk (see `decode_rows`); None: all t are real."""
         t = codes.shape[-1]
-        codes = codes.to(device=state.device, dtype=torch.long)
+        codes = _on(codes, state.device)
         if lengths is not None:
-            lengths = lengths.to(device=state.device, dtype=torch.long)
+            lengths = _on(lengths, state.device)
             state.valid = RowLengths(lengths, t)
         try:
             wav = self._forward(codes, state)

@@ -8,6 +8,11 @@ scattered back. Rows join (`reset`) and leave (nothing to do: a row's buffers ar
 
 Nothing here reads device memory from the host: indices and lengths go host -> device (pinned, non-blocking on
 CUDA); the caller copies the decoded samples to the host once.
+
+CUDA graphs (`capture_graphs`): one graph per (rows bucket, frames bucket), captured before traffic. A graph reads
+its rows, lengths and codes from static buffers the host fills before the replay (one host -> device copy and one
+gather of the pending codes); its state updates land in the rows' own state tensors, in place. A call whose frames
+exceed the largest frames bucket runs the same body eagerly.
 """
 
 from __future__ import annotations
@@ -102,6 +107,9 @@ class StreamRows:
         q = decoder.cfg.num_quantizers
         self.state: CodecStreamState = decoder.new_state(rows + 1)
         self.pending = torch.zeros(rows + 1, max(1, capacity), q, dtype=torch.long, device=self.device)
+        self.graphs: dict[tuple[int, int], object] = {}        # (rows bucket, frames bucket) -> graph
+        self._graph_out: dict[tuple[int, int], torch.Tensor] = {}
+        self.replays = 0                                         # decode calls served by a graph
 
     @property
     def capacity(self) -> int:
@@ -141,10 +149,13 @@ class StreamRows:
         """Decode pending[rows[i], :lengths[i]] of every row in ONE call and advance those rows (lengths >= 1).
 
         Returns float [len(rows) (+ bucket padding), T * samples_per_frame] on the device, T = the longest length
-        (rounded up to a frame bucket); row i's samples are [i, :lengths[i] * samples_per_frame].
+        (rounded up to a frame bucket); row i's samples are [i, :lengths[i] * samples_per_frame]. With graphs the
+        result is the graph's static output: copy it before the next decode.
         """
         b, t = _bucket(len(rows), self.row_buckets), _bucket(max(lengths), self.frame_buckets)
         pad = b - len(rows)
+        if (b, t) in self.graphs:
+            return self._replay(b, t, list(rows) + [self.scratch] * pad, list(lengths) + [0] * pad)
         # with buckets, always the per-row-lengths body: one fixed body per (rows, frames) bucket
         ragged = bool(self.row_buckets or self.frame_buckets) or pad > 0 or any(n != t for n in lengths)
         self.ensure_capacity(t)
@@ -160,8 +171,56 @@ class StreamRows:
             idx: Long [b] rows to decode (repeats only of the scratch row); lens: Long [b] frames per row, or None
             when all b rows decode t frames; t: frames per row (<= capacity).
         """
-        codes = self.pending.index_select(0, idx)[:, :t].transpose(1, 2)      # [b, Q, t]
+        return self._body(self.pending[:, :t].index_select(0, idx).transpose(1, 2), idx, lens)
+
+    def _body(self, codes: torch.Tensor, idx: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
+        """codes Long [b, Q, t] of the rows `idx` -> their samples; the rows' states advance in place."""
         sub = self.state.select(idx)
         wav = self.decoder.forward_unclamped(codes, sub, lens).clamp(min=-1.0, max=1.0)
         self.state.scatter_(idx, sub)
         return wav
+
+    # --- CUDA graphs -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture_graphs(self, capture) -> float:
+        """Capture one graph per (rows bucket, frames bucket) with `capture` (a `GraphCapture`: its pool and lock;
+        the CPU stand-in in tests). Needs row_buckets and frame_buckets. Leaves every row's state as it was (the
+        captures decode the scratch row only). Returns the seconds spent."""
+        import time
+
+        if not self.row_buckets or not self.frame_buckets:
+            raise ValueError("capture_graphs needs row_buckets and frame_buckets")
+        t0 = time.perf_counter()
+        bmax, tmax, q = max(self.row_buckets), max(self.frame_buckets), self.pending.shape[2]
+        pin = self.device.type == "cuda"
+        self._in_host = torch.zeros(2, bmax, dtype=torch.long, pin_memory=pin)   # rows | lengths
+        self._in_host_np = self._in_host.numpy()
+        self._in = torch.zeros(2, bmax, dtype=torch.long, device=self.device)
+        self._in[0] = self.scratch
+        self._codes = torch.zeros(bmax * tmax * q, dtype=torch.long, device=self.device)
+        for b in sorted(set(self.row_buckets)):
+            for t in sorted(set(self.frame_buckets)):
+                codes = self._codes_in(b, t)
+                idx, lens = self._in[0, :b], self._in[1, :b]
+                self.graphs[(b, t)], self._graph_out[(b, t)] = capture.capture_output(
+                    lambda codes=codes, idx=idx, lens=lens: self._body(codes.transpose(1, 2), idx, lens))
+        self._in[0] = self.scratch
+        self._in[1] = 0
+        return time.perf_counter() - t0
+
+    def _codes_in(self, b: int, t: int) -> torch.Tensor:
+        """The static codes input [b, t, Q] of the (b, t) graph (a contiguous view of one shared buffer)."""
+        q = self.pending.shape[2]
+        return self._codes[: b * t * q].view(b, t, q)
+
+    def _replay(self, b: int, t: int, rows: list[int], lengths: list[int]) -> torch.Tensor:
+        h = self._in_host_np
+        h[0, :b] = rows
+        h[1, :b] = lengths
+        # the host buffer is reused by the next call: safe, the caller reads the samples back (a sync) in between
+        self._in[:, :b].copy_(self._in_host[:, :b], non_blocking=True)
+        self.ensure_capacity(t)
+        torch.index_select(self.pending[:, :t], 0, self._in[0, :b], out=self._codes_in(b, t))
+        self.graphs[(b, t)].replay()
+        self.replays += 1
+        return self._graph_out[(b, t)]

@@ -103,12 +103,17 @@ class BatchedAudio:
             split over several calls (still one host copy). Default: no limit on CUDA; 32 on CPU, where one call
             over many rows is slower than a few (activations leave the caches, large buffers fault in pages).
         row_buckets / frame_buckets: pad each call's rows / frames up to the next of these sizes (fixed shapes
-            for CUDA graphs); None: exact sizes.
+            for CUDA graphs); None: exact sizes (with `capture`: powers of two up to max_rows, and FRAME_BUCKETS).
+        capture: a `GraphCapture` (the engine's: its pool and lock): every (rows, frames) bucket is captured in a
+            CUDA graph now, and each decode is one replay (one call per decode; a call with more frames than the
+            largest frames bucket runs eagerly).
     """
+
+    FRAME_BUCKETS = (1, 2, 4, 8)
 
     def __init__(self, codec, max_rows: int, dtype: torch.dtype | None = None, call_cost: float | None = None,
                  max_call_frames: int | None = None, row_buckets: Sequence[int] | None = None,
-                 frame_buckets: Sequence[int] | None = None) -> None:
+                 frame_buckets: Sequence[int] | None = None, capture=None) -> None:
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
         decoder = codec.decoder
@@ -116,7 +121,13 @@ class BatchedAudio:
             decoder = copy.deepcopy(decoder).to(dtype)
         self.codec, self.max_rows = codec, max_rows
         self.spf, self.q = codec.samples_per_frame, codec.cfg.num_quantizers
-        self.bank = StreamRows(decoder, max_rows, row_buckets=row_buckets, frame_buckets=frame_buckets)
+        if capture is not None:
+            if row_buckets is None:
+                row_buckets = [1 << i for i in range(max_rows.bit_length()) if 1 << i < max_rows] + [max_rows]
+            frame_buckets = frame_buckets or self.FRAME_BUCKETS
+            call_cost, max_call_frames = float("inf"), 0  # one call (one replay) per decode
+        self.bank = StreamRows(decoder, max_rows, row_buckets=row_buckets, frame_buckets=frame_buckets,
+                               capacity=max(frame_buckets or (8,)))
         cuda = self.bank.device.type == "cuda"
         if call_cost is None:
             call_cost = float("inf") if cuda else 4.0
@@ -125,6 +136,7 @@ class BatchedAudio:
         self.call_cost, self.max_call_frames = call_cost, max_call_frames
         self.open_rows: dict[int, _Row] = {}
         self.free = list(range(max_rows))
+        self.capture_s = self.bank.capture_graphs(capture) if capture is not None else 0.0
 
     # --- caller side ----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -195,9 +207,12 @@ class BatchedAudio:
         pieces, where = [], {}
         offset = 0
         groups = plan_groups([r.pending for _, r in work], self.call_cost)
-        for group in split_calls(groups, [r.pending for _, r in work], self.max_call_frames):
+        calls = split_calls(groups, [r.pending for _, r in work], self.max_call_frames)
+        for group in calls:
             rows = [work[i][1] for i in group]
             wav = self.bank.decode([r.row for r in rows], [r.pending for r in rows])
+            if self.bank.graphs and len(calls) > 1:
+                wav = wav.clone()  # a graph's output is rewritten by its next replay
             width = wav.shape[1]
             for j, i in enumerate(group):
                 where[work[i][0]] = offset + j * width
@@ -207,6 +222,8 @@ class BatchedAudio:
         if pieces:
             flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             host = flat.float().cpu().numpy()   # the one device -> host copy
+            if self.bank.graphs and not flat.is_cuda:
+                host = host.copy()  # on CPU that is a view of the graph's output, which the next replay rewrites
         out = []
         for k, r in due:
             start = where.get(k, 0)

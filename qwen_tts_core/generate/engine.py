@@ -20,6 +20,7 @@ layers run `step()` in a loop thread. GPU: the step bodies are CUDA graphs captu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -104,7 +105,7 @@ class Engine:
             audio_dtype = getattr(torch, audio_dtype, None)
         if audio_dtype is not None and not (isinstance(audio_dtype, torch.dtype) and audio_dtype.is_floating_point):
             raise ValueError("audio_dtype must be a floating torch dtype or its name (float32, bfloat16, float16)")
-        self.audio = BatchedAudio(model.codec, max_sessions, dtype=audio_dtype) if model.codec is not None else None
+        self._capture = capture
         self._audio_rows: dict[int, Session] = {}   # session id -> session with an open audio row
         self.free_slots = list(range(max_sessions))
         self.queues: dict[str, deque[Session]] = {"interactive": deque(), "bulk": deque()}
@@ -112,10 +113,28 @@ class Engine:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # add/cancel/text wake wait_for_work
         self.steps = 0
+        self.capture_s = 0.0
         if capture is not None:
             t0 = time.perf_counter()
             self.runner.capture_all()
             self.capture_s = time.perf_counter() - t0
+        self.audio = self._audio_decoder(model.codec, max_sessions, audio_dtype) if model.codec is not None else None
+        self.audio_graphs = self.audio is not None and bool(self.audio.bank.graphs)
+
+    def _audio_decoder(self, codec, max_sessions: int, audio_dtype) -> BatchedAudio:
+        """The batched audio decoder. With graphs, every (rows, frames) bucket of it is captured now, in the engine's
+        pool, after the step graphs; when that capture fails the decoder runs eagerly (logged): codes stay on graphs
+        and audio stays exact, only slower."""
+        if self._capture is None:
+            return BatchedAudio(codec, max_sessions, dtype=audio_dtype)
+        try:
+            audio = BatchedAudio(codec, max_sessions, dtype=audio_dtype, capture=self._capture,
+                                 row_buckets=self.runner.batch_buckets)
+        except Exception:  # noqa: BLE001 - any capture failure: fall back to the eager decoder
+            log.warning("capturing the audio decoder in CUDA graphs failed; it runs eagerly", exc_info=True)
+            return BatchedAudio(codec, max_sessions, dtype=audio_dtype)
+        self.capture_s += audio.capture_s
+        return audio
 
     def _check_memory(self, max_len: int) -> None:
         t = self.model.cfg.talker
@@ -465,7 +484,8 @@ class Engine:
         if not self._audio_rows:
             return
         try:
-            decoded = self.audio.decode()
+            with self._capture.device_context() if self._capture is not None else contextlib.nullcontext():
+                decoded = self.audio.decode()
         except Exception as e:  # noqa: BLE001 - every session decoding now fails, visibly
             log.exception("audio decode failed")
             for s in list(self._audio_rows.values()):

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,49 @@ log = logging.getLogger(__name__)
 # ops that read device memory back to the host (a sync): not allowed while a CUDA stream captures
 _HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
                   "aten::_unique2", "aten::item", "aten::equal", "aten::is_nonzero"}
+
+
+# ops that launch no kernel on a GPU (allocation, aliasing); besides these, an op launches none when it mutates nothing
+# and every output aliases an input (a view, or a no-op `.to`/`.reshape`/`.contiguous`)
+_NO_KERNEL_OPS = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::lift_fresh", "aten::detach",
+                  "aten::alias", "aten::set_", "aten::resize_"}
+
+
+def _storages(tree) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tree_flatten(tree)[0]
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+
+
+def launches(func, in_storages: set[int], out) -> bool:
+    """Whether an aten op, recorded at the dispatcher with its input storages and its output, stands for a kernel
+    launch on a GPU: the proxy for "CUDA kernels per step" that CPU runs count. Composite ops (linear, rms_norm,
+    softmax, sdpa) count as one, as their fused CUDA kernels do; views and no-op casts count as none."""
+    if func._schema.name in _NO_KERNEL_OPS:
+        return False
+    if func._schema.is_mutable:
+        return True
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    return not outs or any(t.untyped_storage().data_ptr() not in in_storages for t in outs if t.numel())
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that run inside it (`with OpCounter() as c: ...`): `c.ops` all of them, `c.kernels` the
+    ones that stand for a GPU kernel (`launches`), `c.by_name` a Counter of the kernel ops by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.kernels = 0
+        self.by_name: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ins = _storages((args, kwargs))
+        out = func(*args, **kwargs)
+        self.ops += 1
+        if launches(func, ins, out):
+            self.kernels += 1
+            self.by_name[func._schema.name] += 1
+        return out
 
 
 class CaptureError(RuntimeError):
@@ -77,10 +122,10 @@ class _Recorder(TorchDispatchMode):
         name = func._schema.name
         if name in _HOST_SYNC_OPS:
             raise CaptureError(f"{name}: a host sync is not permitted while a CUDA graph captures")
-        in_storages = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                       if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        in_storages = _storages((args, kwargs))
         out = func(*args, **kwargs)
         self.graph._tape.append((func, args, kwargs, out))
+        self.graph.num_kernels += launches(func, in_storages, out)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 ptr = t.untyped_storage().data_ptr()
@@ -100,6 +145,7 @@ class FakeCUDAGraph:
         self._mode: _Recorder | None = None
         self._inference = False
         self.replays = 0
+        self.num_kernels = 0  # recorded ops that stand for a GPU kernel (see `launches`)
 
     def capture_begin(self, pool=None, capture_error_mode: str = "global") -> None:
         if self._mode is not None or self._tape:
@@ -121,7 +167,8 @@ class FakeCUDAGraph:
         if not self._tape:
             raise RuntimeError("replay() of a graph that captured nothing")
         ctx = torch.inference_mode() if self._inference else torch.no_grad()
-        with ctx:
+        # a replay is one launch, not ops the host dispatches: modes around it (an OpCounter) do not see its tape
+        with ctx, _disable_current_modes():
             for t in self._pool:
                 _poison_(t)
             for func, args, kwargs, out in self._tape:
@@ -134,6 +181,7 @@ class FakeCUDAGraph:
 
     def reset(self) -> None:
         self._tape, self._pool, self._pool_ptrs = [], [], set()
+        self.num_kernels = 0
 
     def pool(self) -> tuple[int, int]:
         return (id(self), 0)
@@ -169,31 +217,39 @@ class GraphCapture:
         else:
             self.stream, self.pool = None, None
         self.graphs: list[Any] = []
+        # one capture at a time per engine (the step bodies and the audio decoder share the pool)
+        self.lock = threading.RLock()
 
     def device_context(self):
         return torch.cuda.device(self.device) if not self.fake else contextlib.nullcontext()
 
     def capture(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` `warmup` times, then capture it; returns the graph (call `.replay()`)."""
-        if self.fake:
-            for _ in range(self.warmup):
-                fn()
-            g = FakeCUDAGraph()
-            with fake_graph(g, pool=self.pool):
-                fn()
-        else:
-            with torch.cuda.device(self.device):
-                cur = torch.cuda.current_stream(self.device)
-                self.stream.wait_stream(cur)
-                with torch.cuda.stream(self.stream):
-                    for _ in range(self.warmup):
-                        fn()
-                cur.wait_stream(self.stream)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+        return self.capture_output(fn)[0]
+
+    def capture_output(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
+        """`capture`, also returning what the captured call of `fn` returned: its static output, rewritten by every
+        replay (copy what must outlive the next replay)."""
+        with self.lock:
+            if self.fake:
+                for _ in range(self.warmup):
                     fn()
-        self.graphs.append(g)
-        return g
+                g = FakeCUDAGraph()
+                with fake_graph(g, pool=self.pool):
+                    out = fn()
+            else:
+                with torch.cuda.device(self.device):
+                    cur = torch.cuda.current_stream(self.device)
+                    self.stream.wait_stream(cur)
+                    with torch.cuda.stream(self.stream):
+                        for _ in range(self.warmup):
+                            fn()
+                    cur.wait_stream(self.stream)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                        out = fn()
+            self.graphs.append(g)
+        return g, out
 
 
-__all__ = ["CaptureError", "FakeCUDAGraph", "GraphCapture", "fake_graph"]
+__all__ = ["CaptureError", "FakeCUDAGraph", "GraphCapture", "OpCounter", "fake_graph", "launches"]

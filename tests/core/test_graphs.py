@@ -156,15 +156,40 @@ def test_streamed_chunks_under_graphs_equal_offline(model, graphs):
     rs = [SynthesisRequest(kind="custom_voice", text=t, speaker="ryan", language="english",
                            sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=12),
                            first_chunk_frames=1, chunk_frames=3) for t in TEXTS[:2]]
-    sessions = [graphs.add(r) for r in rs]
+    replays = graphs.audio.bank.replays
+    assert graphs.audio_graphs                                   # the audio decode is captured too
+    _check_streams(graphs, rs, offline)
+    assert graphs.audio.bank.replays > replays                   # ... and its graphs served these decodes
+
+
+def _check_streams(eng, rs, offline):
+    sessions = [eng.add(r) for r in rs]
     chunks = []
-    drain(graphs, sessions, chunks)
+    drain(eng, sessions, chunks)
     for s, off in zip(sessions, offline):
         mine = [c for c in chunks if c.session_id == s.id]
         assert [c.is_last for c in mine].count(True) == 1 and mine[-1].is_last
         assert mine[0].num_frames == 1 and not mine[0].is_last  # a first chunk of one frame, then steady ones
         pcm = np.concatenate([c.pcm for c in mine])
         assert pcm.shape == off.shape and np.abs(pcm - off).max() <= 1e-4
+
+
+def test_audio_decoder_falls_back_to_eager_when_its_capture_fails(model, monkeypatch):
+    """A capture of the audio decoder that fails (an op CUDA graphs cannot take) leaves the step graphs in place
+    and the audio exact, decoded eagerly."""
+    from qwen_tts_core.codec.rows import StreamRows
+
+    def refuse(self, capture):
+        raise CaptureError("not capturable")
+    monkeypatch.setattr(StreamRows, "capture_graphs", refuse)
+    eng = Engine(model, max_sessions=2, max_len=64, graph_capture=GraphCapture("cpu", fake=True))
+    assert eng.cuda_graphs and not eng.audio_graphs and not eng.audio.bank.graphs
+    kw = dict(speaker="ryan", language="english", do_sample=False, subtalker_dosample=False, max_new_tokens=8)
+    offline = [model.generate_custom_voice(TEXTS[0], non_streaming_mode=False, **kw)[0][0]]
+    _check_streams(eng, [SynthesisRequest(kind="custom_voice", text=TEXTS[0], speaker="ryan", language="english",
+                                          sampling=SamplingParams(do_sample=False, subtalker_dosample=False,
+                                                                  max_new_tokens=8),
+                                          first_chunk_frames=1, chunk_frames=3)], offline)
 
 
 def test_seeded_sampling_same_codes_alone_batched_static_and_graphs(model, graphs):
