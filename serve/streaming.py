@@ -160,27 +160,32 @@ class ReplicaStream:
         return body
 
 
+async def encoded(stream: ReplicaStream, first: dict, encoder):
+    """The stream's audio through `encoder`: `(bytes, None)` per piece, then `(tail, end item)` once; an `ApiError`
+    when the stream fails or ends with an error. The one loop both response bodies share."""
+    item = first
+    while True:
+        if item["type"] == "audio":
+            data = encoder.push(item["pcm"])
+            if data:
+                yield data, None
+        elif item["type"] == "end":
+            err = end_error(item)
+            if err is not None:
+                raise err
+            yield encoder.finish(), item
+            return
+        item = await stream.next()
+
+
 async def audio_body(stream: ReplicaStream, first: dict, encoder):
     """Raw audio bytes; a failure after the first byte aborts the response."""
     try:
-        item = first
-        while True:
-            if item["type"] == "audio":
-                data = encoder.push(item["pcm"])
-                if data:
-                    yield data
-            elif item["type"] == "end":
-                err = end_error(item)
-                if err is not None:
-                    raise StreamAborted(f"{stream.name}: {err.message}")
-                tail = encoder.finish()
-                if tail:
-                    yield tail
-                return
-            try:
-                item = await stream.next()
-            except ApiError as e:
-                raise StreamAborted(f"{stream.name}: {e.message}") from None
+        async for data, _ in encoded(stream, first, encoder):
+            if data:
+                yield data
+    except ApiError as e:
+        raise StreamAborted(f"{stream.name}: {e.message}") from None
     finally:
         stream.close()
 
@@ -192,27 +197,13 @@ def sse_event(obj: dict) -> str:
 async def sse_body(stream: ReplicaStream, first: dict, encoder):
     """`speech.audio.delta` events, then `speech.audio.done` with the finish reason, or an `error` event."""
     try:
-        item = first
-        while True:
-            if item["type"] == "audio":
-                data = encoder.push(item["pcm"])
-                if data:
-                    yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-            elif item["type"] == "end":
-                err = end_error(item)
-                if err is not None:
-                    yield sse_event({"type": "error", **err.body()})
-                    return
-                tail = encoder.finish()
-                if tail:
-                    yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode()})
-                yield sse_event({"type": "speech.audio.done", "finish_reason": item["finish_reason"],
-                                 "num_frames": item["num_frames"], "time_to_first_audio_s": item["ttfa_s"]})
-                return
-            try:
-                item = await stream.next()
-            except ApiError as e:
-                yield sse_event({"type": "error", **e.body()})
-                return
+        async for data, end in encoded(stream, first, encoder):
+            if data:
+                yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+            if end is not None:
+                yield sse_event({"type": "speech.audio.done", "finish_reason": end["finish_reason"],
+                                 "num_frames": end["num_frames"], "time_to_first_audio_s": end["ttfa_s"]})
+    except ApiError as e:
+        yield sse_event({"type": "error", **e.body()})
     finally:
         stream.close()
