@@ -81,7 +81,11 @@ def pack_linears_(module: nn.Module) -> bool:
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / rms(x), the normalisation computed in fp32 and cast back before the weight (as the reference)."""
+    """y = w * x / rms(x), the normalisation computed in fp32 and cast back before the weight (as the reference).
+
+    `F.rms_norm` without a weight is that normalisation: on CPU the same ops as the reference (bit for bit), on CUDA
+    one fused kernel where torch has it (the 5-8 elementwise kernels of the spelled-out formula were 42 % of the
+    kernels of a code-predictor pass: 315 norms). The weight is applied after the cast, as the reference does."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -89,9 +93,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), None, self.eps)
 
 
 class RotaryTable(nn.Module):
