@@ -168,11 +168,13 @@ def test_many_rows(codec):
         check_plan(codec, p)
 
 
-@pytest.mark.parametrize("mode", ["one-padded-call", "buckets"])
+@pytest.mark.parametrize("mode", ["one-padded-call", "buckets", "graphs"])
 def test_together_equals_alone(codec, mode):
-    """N rows at different positions decoded together == each decoded alone, chunk by chunk (<= 1e-5)."""
+    """N rows at different positions decoded together == each decoded alone, chunk by chunk (<= 1e-5); "graphs":
+    under the CUDA-graph stand-in (static inputs, outputs rewritten by every replay)."""
     plans = random_plans(7, 10, max_frames=30, max_start=12, drops=True)
-    together = run(codec, plans, max_rows=10, **MODES[mode])
+    kw, rows = (_graphs(**GRAPHS), 8) if mode == "graphs" else (MODES[mode], 10)
+    together = run(codec, plans, max_rows=rows, **kw)
     for p in together:
         alone = run(codec, [Plan(p.key, p.codes, 0, p.first, p.every, p.ref, p.drop_after)], max_rows=1)[0]
         assert [(o.frame_start, o.num_frames, o.final) for o in alone.outs] == \
@@ -317,18 +319,6 @@ def test_graphs_random_schedules_equal_offline(codec, seed, n, max_rows, max_fra
     kw = _graphs(**GRAPHS)
     for p in run(codec, plans, max_rows, **kw):
         check_plan(codec, p)
-
-
-def test_graphs_together_equals_alone(codec):
-    plans = random_plans(7, 10, max_frames=30, max_start=12, drops=True)
-    together = run(codec, plans, max_rows=8, **_graphs(**GRAPHS))
-    for p in together:
-        alone = run(codec, [Plan(p.key, p.codes, 0, p.first, p.every, p.ref, p.drop_after)], max_rows=1)[0]
-        assert [(o.frame_start, o.num_frames, o.final) for o in alone.outs] == \
-               [(o.frame_start, o.num_frames, o.final) for o in p.outs]
-        for a, b in zip(alone.outs, p.outs):
-            if a.pcm.size:
-                assert float(np.abs(a.pcm - b.pcm).max()) <= SAME
 
 
 def test_graphs_replay_once_per_decode_and_fall_back_beyond_the_buckets(codec):
