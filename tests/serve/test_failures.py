@@ -256,6 +256,27 @@ def test_killed_replica_mid_stream_fails_every_stream_it_held(multi_app):
     assert nxt.status_code == 200 and len(nxt.content) > 0
 
 
+async def _streams_through_a_kill(url: str, kill, text: str, max_new_tokens: int):
+    """A WebSocket session (some text, no `end`) and a raw HTTP stream are open, audio flowing, when `kill()` runs.
+    Returns how the raw stream ended ("clean end" or the httpx error), the socket's remaining messages, its close
+    code."""
+    ws, _ = await _ws_open(url, "cv3", voice="ryan", max_new_tokens=max_new_tokens)
+    await ws.send(json.dumps({"type": "text", "text": text}))
+    async with httpx.AsyncClient(timeout=60) as client:
+        r = await client.send(client.build_request("POST", f"{url}/v1/audio/speech", json=LONG), stream=True)
+        it = r.aiter_raw()
+        await it.__anext__()
+        await kill()
+        try:
+            async for _ in it:
+                pass
+            raw = "clean end"
+        except httpx.HTTPError as e:
+            raw = type(e).__name__
+        msgs, code = await _ws_rest(ws)
+    return raw, msgs, code
+
+
 @pytest.mark.ray
 def test_dead_ingress_orphans_are_cancelled_and_the_service_recovers(multi_app):
     """The ingress dies mid-stream: clients see a failure (no clean end, no close 1000), the replicas cancel the
@@ -267,27 +288,13 @@ def test_dead_ingress_orphans_are_cancelled_and_the_service_recovers(multi_app):
     lease = multi_app["config"]["session_lease_s"]
     before = _stats(app, "cv3")
 
-    async def main():
-        ws, _ = await _ws_open(url, "cv3", voice="ryan", max_new_tokens=400)
-        # No `end`: the session waits for more text (its idle timeout is longer than the lease).
-        await ws.send(json.dumps({"type": "text", "text": "Speaking into a socket whose server is about to die."}))
-        client = httpx.AsyncClient(timeout=60)
-        r = await client.send(client.build_request("POST", f"{url}/v1/audio/speech", json=LONG), stream=True)
-        it = r.aiter_raw()
-        await it.__anext__()
+    async def kill_ingress():
         ingress = [a for a in ray.util.list_named_actors(all_namespaces=True)
                    if a["name"].startswith(f"SERVE_REPLICA::{app}#Ingress#")]
         ray.kill(ray.get_actor(ingress[0]["name"], namespace="serve"))
-        try:
-            async for _ in it:
-                pass
-            raw = "clean end"
-        except httpx.HTTPError as e:
-            raw = type(e).__name__
-        msgs, code = await _ws_rest(ws)
-        await client.aclose()
-        return raw, msgs, code
-    raw, msgs, code = asyncio.run(main())
+    # the WebSocket session sends no `end`: it waits for more text (its idle timeout is longer than the lease)
+    raw, msgs, code = asyncio.run(_streams_through_a_kill(
+        url, kill_ingress, "Speaking into a socket whose server is about to die.", max_new_tokens=400))
     assert raw != "clean end"
     assert code != 1000 and not any(m.get("type") == "done" for m in msgs)
     t0 = time.time()
@@ -315,27 +322,13 @@ def test_dead_proxy_fails_its_clients_and_frees_their_sessions(multi_app, serve_
 
     url, app = multi_app["url"], multi_app["app"]
 
-    async def main():
-        ws, _ = await _ws_open(url, "cv3", voice="ryan", max_new_tokens=1500)
-        await ws.send(json.dumps({"type": "text", "text": "A session whose proxy is about to die."}))
-        client = httpx.AsyncClient(timeout=60)
-        r = await client.send(client.build_request("POST", f"{url}/v1/audio/speech", json=LONG), stream=True)
-        it = r.aiter_raw()
-        await it.__anext__()
+    async def kill_proxy():
         assert (await asyncio.to_thread(_stats, app, "cv3"))["open_sessions"] >= 1
         proxy = [a for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["name"].startswith("SERVE_PROXY_ACTOR")]
         ray.kill(ray.get_actor(proxy[0]["name"], namespace="serve"))
-        try:
-            async for _ in it:
-                pass
-            raw = "clean end"
-        except httpx.HTTPError as e:
-            raw = type(e).__name__
-        msgs, code = await _ws_rest(ws)
-        await client.aclose()
-        return raw, msgs, code
-    raw, msgs, code = asyncio.run(main())
+    raw, msgs, code = asyncio.run(_streams_through_a_kill(
+        url, kill_proxy, "A session whose proxy is about to die.", max_new_tokens=1500))
     assert raw != "clean end" and code != 1000 and not any(m.get("type") == "done" for m in msgs)
     assert _wait(lambda: _stats(app, "cv3")["open_sessions"] == 0, multi_app["config"]["session_lease_s"] + 10)
     assert _wait(lambda: _try_speech(url), 90, every_s=1.0), "the service must answer again after the proxy restarts"
