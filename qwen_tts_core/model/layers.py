@@ -53,9 +53,23 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
 
 
+_PACKABLE: dict[torch.dtype, bool] = {}
+
+
 def can_pack(p: torch.Tensor) -> bool:
-    return p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) and \
-        torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether oneDNN can pack (and run) linears of p's dtype on this CPU. bf16 needs AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT (a CPU without them raises on packing), so each dtype is tried once on a small weight."""
+    if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16) or \
+            not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if p.dtype not in _PACKABLE:
+        try:
+            w = torch.ones(8, 16, dtype=p.dtype)
+            y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=p.dtype), _pack(w), None, "none", [], "")
+            _PACKABLE[p.dtype] = bool((y == 16).all())
+        except RuntimeError:
+            _PACKABLE[p.dtype] = False
+    return _PACKABLE[p.dtype]
 
 
 @torch.no_grad()

@@ -30,3 +30,29 @@ def test_rms_norm_is_the_reference_bit_for_bit(dtype, shape):
     if dtype != torch.float32:
         fused = torch.nn.functional.rms_norm(x.float(), (shape[-1],), norm.weight.detach().float(), 1e-6).to(dtype)
         assert not torch.equal(fused, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_runs_where_onednn_cannot_pack(checkpoint_factory, monkeypatch, dtype):
+    """A CPU without AVX512-BW (or AVX-NE-CONVERT) cannot pack bf16 linears: oneDNN raises. The engine must fall
+    back to plain linears and give the same codes, not fail to start."""
+    from qwen_tts_core import Engine, Qwen3TTSModel, SamplingParams, SynthesisRequest
+    from qwen_tts_core.model import layers
+
+    def refuse(w):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+
+    ckpt = checkpoint_factory("custom_voice", "tiny")
+    model = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype=dtype)
+    req = SynthesisRequest(kind="custom_voice", text="Hello there.", speaker="vivian", language="english",
+                           sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=8),
+                           decode_audio=False)
+    monkeypatch.setenv("QTTS_ONEDNN", "0")
+    plain = Engine(model, max_sessions=1).run_all([req])[0].codes()
+    monkeypatch.delenv("QTTS_ONEDNN")
+    monkeypatch.setattr(layers, "_pack", refuse)
+    monkeypatch.setattr(layers, "_PACKABLE", {})
+    assert not layers.can_pack(torch.zeros(1, dtype=dtype))
+    eng = Engine(model, max_sessions=1)
+    assert not eng.runner.packed
+    assert torch.equal(eng.run_all([req])[0].codes(), plain)
