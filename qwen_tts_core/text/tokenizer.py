@@ -30,9 +30,11 @@ class TargetIds:
 
 class TextTokenizer:
     def __init__(self, path: str | Path) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PretrainedConfig
 
-        self._tok = AutoTokenizer.from_pretrained(str(path))
+        # an empty model config: the class comes from tokenizer_config.json, and transformers does not try to read
+        # the checkpoint's config.json (a model type it does not know: one warning per load)
+        self._tok = AutoTokenizer.from_pretrained(str(path), config=PretrainedConfig())
 
     def encode(self, s: str) -> list[int]:
         return list(self._tok(s, add_special_tokens=False)["input_ids"])
