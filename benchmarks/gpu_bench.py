@@ -268,6 +268,7 @@ def stage_timings(c: Ctx) -> dict:
     with torch.inference_mode():
         for B in rows:
             out[f"cp_replay_ms_b{B}"] = timer(r.graphs[("cp", B)].replay)
+            out[f"cp_topk_replay_ms_b{B}"] = timer(r.graphs[("cp", B, "topk")].replay)
             for L in lens:
                 out[f"talker_replay_ms_b{B}_l{L}"] = timer(r.graphs[("talker", B, L)].replay)
         emb = r.tts_pad.expand(64, -1).contiguous()

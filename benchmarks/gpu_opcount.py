@@ -8,7 +8,8 @@ models have the real layer counts, heads and dtype of 0.6B / 1.7B (28 talker lay
 projection between them in 1.7B, the full codec's 8 transformer layers and 4 decoder blocks) but narrow widths: the op
 sequence does not depend on widths, so the counts are those of the real models, at a fraction of the memory.
 
-Reported per size and batch: `talker_step` (one talker graph), `cp_pass` (the 15-codebook code-predictor graph),
+Reported per size and batch: `talker_step` (one talker graph), `cp_pass` (the 15-codebook code-predictor graph;
+`cp_pass_topk`: its top-k-only variant, the one the official sampling defaults replay),
 `cp_sampler` / `talker_sampler` (one draw of the general captured sampler), `codec_call` (one batched decode of 4
 frames per row: the ops of its body, and the ops the host launches per call with graphs), and `host_ms_per_step`
 (tiny model, engine steps with the stand-in: wall time minus replays, i.e. the host's own work). One JSON line last.
@@ -97,6 +98,7 @@ def step_counts(talker: Talker, batches: tuple[int, ...]) -> dict:
     for B in batches:
         out[f"talker_step_b{B}"] = r.graphs[("talker", B, r.len_buckets[0])].num_kernels
         out[f"cp_pass_b{B}"] = r.graphs[("cp", B)].num_kernels
+        out[f"cp_pass_topk_b{B}"] = r.graphs[("cp", B, "topk")].num_kernels
     return out
 
 

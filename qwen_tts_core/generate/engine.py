@@ -90,7 +90,7 @@ class Engine:
         self.cuda_graphs = capture is not None
         static = self.cuda_graphs if static is None else bool(static) or self.cuda_graphs
         t = model.cfg.talker
-        self.max_len = min(max_len, self.talker.rope.cos.shape[0])
+        self.max_len = min(max_len, self.talker.rope.max_positions)
         self.eos_id, self.suppress_from = t.codec_eos_token_id, t.vocab_size - 1024
         if static:
             self._check_memory(self.max_len)

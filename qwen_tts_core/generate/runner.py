@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_LEN_BUCKET = 64
+TOPK_GRAPH_KMAX = 64
+"""With graphs, a second code-predictor graph per batch bucket samples with top-k only (no top-p: no full sort,
+12 kernels fewer per codebook): used when every sampling row has top_p = 1 and top_k <= this, as the official
+defaults (top_k 50, top_p 1.0) do. The ids are the general sampler's."""
 
 
 def batch_buckets(max_sessions: int, buckets: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -129,6 +133,7 @@ class StepRunner:
         self.blocked[eos_id] = False
         self.eos_id = eos_id
         self.tok_hash_t, self.tok_hash_c = token_hash(V, dev), token_hash(Vc, dev)
+        self.cp_groups = torch.arange(1, t.code_predictor.num_code_groups, **lng)  # the codebooks the CP draws
         # torch sampler: the host's view of the rows being stepped (set by the engine before each step)
         self.torch_rows: dict[str, tuple[list[int], list[SamplingParams], list[torch.Generator | None]]] = {}
         # CPU: oneDNN with prepacked weights for the device sampler's engines (the torch sampler's promise is the
@@ -144,12 +149,18 @@ class StepRunner:
     def _cp_body(self, B: int, plan: SamplePlan | None = None) -> None:
         cache = self._cp_cache(B)
         if self.sampler == "device":
-            frame = self.nframes[:B]
+            frame, drawn = self.nframes[:B], []
+
+            def noise(g: int) -> torch.Tensor:
+                # the noise of all 15 codebooks in one go, at the first draw that needs it (~25 kernels, not ~25
+                # per codebook); the same values as drawing each codebook's alone
+                if not drawn:
+                    drawn.append(gumbel(noise_key(self.seed_key[:B], frame, self.cp_groups), self.tok_hash_c))
+                return drawn[0][:, g - 1]
 
             def pick(logits: torch.Tensor, g: int) -> torch.Tensor:
-                noise = lambda: gumbel(noise_key(self.seed_key[:B], frame, g), self.tok_hash_c)  # noqa: E731
                 return sample_device(logits, self.c_do[:B], self.c_temp[:B], self.c_top_k[:B], self.c_top_p[:B],
-                                     noise, plan)
+                                     lambda: noise(g), plan)
         else:
             pick = self._torch_picker("cp", B)
         codes = predict_codes(self.talker, cache, self.hidden[:B], self.code0[:B], pick)
@@ -276,10 +287,19 @@ class StepRunner:
         self._set_masks(cp_slots, talker_slots)
         with self.capture.device_context() if self.capture is not None else packed_linears(self.packed):
             if cp_slots:
-                self._run(("cp", B), self._cp_fn, B, self._plan(cp_slots, 3))
+                if self.capture is not None and self._topk_only(cp_slots):
+                    self._run(("cp", B, "topk"), self._cp_fn, B)
+                else:
+                    self._run(("cp", B), self._cp_fn, B, self._plan(cp_slots, 3))
             if talker_slots:
                 self._run(("talker", B, L), self._talker_fn, B, L, self._plan(talker_slots, 0))
             return self.out[:B].to("cpu", copy=True).numpy()  # a copy: `out` is rewritten by the next step
+
+    def _topk_only(self, slots: list[int]) -> bool:
+        """No sampling code-predictor row among `slots` uses top-p or a top_k above TOPK_GRAPH_KMAX."""
+        h = self.host_params[slots, 3:6]
+        sampling = h[:, 0] > 0
+        return bool(((h[:, 1] <= TOPK_GRAPH_KMAX) & (h[:, 2] >= 1.0) | ~sampling).all())
 
     def _plan(self, slots: list[int], col: int) -> SamplePlan | None:
         if self.capture is not None or self.sampler != "device":
@@ -351,8 +371,10 @@ class StepRunner:
         with torch.inference_mode():
             saved = {k: v.clone() for k, v in self._state().items()}
             self._set_masks([], [])  # capture with every row masked: nothing advances
+            topk = SamplePlan(sample=True, kmax=TOPK_GRAPH_KMAX, top_p=False)
             for B in self.batch_buckets:
                 self._capture(("cp", B), self._cp_fn, B)
+                self._capture(("cp", B, "topk"), self._cp_fn, B, topk)
                 for L in self.len_buckets:
                     self._capture(("talker", B, L), self._talker_fn, B, L)
             for k, v in self._state().items():
@@ -374,7 +396,7 @@ class StepRunner:
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k not in (
-            "tts_pad", "blocked", "tok_hash_t", "tok_hash_c", "_mask_host", "text_buf", "cp_mask", "t_mask")}
+            "tts_pad", "blocked", "tok_hash_t", "tok_hash_c", "cp_groups", "_mask_host", "text_buf", "cp_mask", "t_mask")}
 
     def _compile(self) -> None:
         """torch.compile the step bodies (inductor fuses the elementwise work); any failure keeps the plain ones."""

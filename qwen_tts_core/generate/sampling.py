@@ -110,15 +110,19 @@ def seed_key(seed: int) -> int:
     return int(_mix(lo ^ _mix(hi + 0x6A09E667 & _M32)))
 
 
-def noise_key(key: torch.Tensor, frame: torch.Tensor, codebook: int) -> torch.Tensor:
-    """[B] keys of the draws of codebook `codebook` (0 = the talker's id) of frame `frame`, from each row's seed
-    key (`seed_key`)."""
+def noise_key(key: torch.Tensor, frame: torch.Tensor, codebook: int | torch.Tensor) -> torch.Tensor:
+    """Keys of the draws of codebook `codebook` (0 = the talker's id) of frame `frame`, from each row's seed key
+    (`seed_key`): [B] for an int codebook; [B, G] for a Long [G] of codebooks (all of a frame's draws at once, the
+    same keys as one by one)."""
+    if isinstance(codebook, torch.Tensor):
+        key, frame = key[:, None], frame[:, None]
     return _mix(key ^ _mix((frame * 16 + codebook) & _M32))
 
 
 def gumbel(key: torch.Tensor, tok_hash: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise [B, V] (fp32) from keys [B] and the token salt [V]."""
-    u = _mix(key[:, None] ^ tok_hash[None, :])
+    """Gumbel(0, 1) noise [..., V] (fp32) from keys [...] (e.g. [B], or [B, G] for G draws) and the token salt [V].
+    Elementwise in the keys: a batch of keys gives each key's noise bit for bit."""
+    u = _mix(key[..., None] ^ tok_hash)
     u = ((u >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
     return -torch.log(-torch.log(u))
 

@@ -21,6 +21,7 @@ class LayerCache:
     slots: torch.Tensor | None  # [B] slot of each row; None: rows are slots 0..B-1
     read_len: int              # keys 0 .. read_len-1 are read back
     start: int | None = None   # every row writes positions start..start+T-1 (rows 0..B-1): a plain slice copy
+    shared: dict | None = None  # one per forward, shared by its layers: the write rows, built by the first layer
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """k, v: [B, Hkv, T, D] written at `positions` [B, T]; returns keys/values [B, Hkv, read_len, D]."""
@@ -29,8 +30,11 @@ class LayerCache:
             self.k[:B, :, self.start:self.start + T] = k
             self.v[:B, :, self.start:self.start + T] = v
             return self.k[:B, :, : self.read_len], self.v[:B, :, : self.read_len]
-        slots = self.slots if self.slots is not None else torch.arange(B, device=k.device)
-        rows = slots[:, None].expand(B, T)
+        shared = {} if self.shared is None else self.shared
+        if (B, T) not in shared:  # one arange for the whole stack, not one per layer
+            slots = self.slots if self.slots is not None else torch.arange(B, device=k.device)
+            shared[(B, T)] = slots[:, None].expand(B, T)
+        rows = shared[(B, T)]
         # advanced indices around a slice: the indexed view is [B, T, Hkv, D]
         self.k[rows, :, positions] = k.transpose(1, 2)
         self.v[rows, :, positions] = v.transpose(1, 2)
@@ -71,7 +75,8 @@ class KVCache:
     def layers(self, slots: torch.Tensor | None, read_len: int, start: int | None = None) -> list[LayerCache]:
         """Per-layer views for one forward; `start`: all rows write the same positions (from start), rows 0..B-1."""
         self.ensure(read_len)
-        return [LayerCache(k, v, slots, read_len, start) for k, v in zip(self.k, self.v)]
+        shared: dict = {}
+        return [LayerCache(k, v, slots, read_len, start, shared) for k, v in zip(self.k, self.v)]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -306,3 +306,20 @@ def test_device_sampler_draws_from_the_right_distribution():
     for other in (draw(1, 0), draw(0, 1), a.roll(1)):  # next frame, next codebook, next seed
         agree = (a == other).float().mean()
         assert abs(agree - (want ** 2).sum()) < 0.015  # what independent draws agree on
+
+
+def test_device_noise_of_all_codebooks_at_once_equals_one_by_one():
+    """The code predictor draws the noise of its 15 codebooks in one batch: the same bits as one codebook at a time,
+    and different codebooks, frames and seeds get different noise."""
+    from qwen_tts_core.generate.sampling import gumbel, noise_key, seed_key, token_hash
+
+    salt = token_hash(2048)
+    keys = torch.tensor([seed_key(s) for s in (0, 1, 2**40 + 5)])
+    frame = torch.tensor([0, 7, 300])
+    groups = torch.arange(1, 16)
+    together = gumbel(noise_key(keys, frame, groups), salt)
+    assert together.shape == (3, 15, 2048)
+    for g in range(1, 16):
+        assert torch.equal(together[:, g - 1], gumbel(noise_key(keys, frame, g), salt))
+    assert not torch.equal(together[:, 0], together[:, 1])
+    assert not torch.equal(together[0], together[1])

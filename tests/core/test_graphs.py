@@ -96,7 +96,8 @@ def test_stand_in_refuses_host_syncs_while_capturing(sync):
 def test_every_bucket_is_captured_before_traffic(graphs):
     r = graphs.runner
     assert r.batch_buckets == (1, 2, 4) and r.len_buckets == (64, 128)
-    assert set(r.graphs) == {("cp", b) for b in (1, 2, 4)} | {("talker", b, n) for b in (1, 2, 4) for n in (64, 128)}
+    assert set(r.graphs) == {("cp", b) for b in (1, 2, 4)} | {("cp", b, "topk") for b in (1, 2, 4)} | \
+        {("talker", b, n) for b in (1, 2, 4) for n in (64, 128)}
     assert all(g.num_ops > 0 for g in r.graphs.values())
     assert not graphs.has_work() and r.pos.eq(0).all()  # capture left every slot free and at position 0
 
@@ -128,7 +129,8 @@ def test_buckets_cross_as_sessions_join_and_leave_and_codes_equal_eager(model, g
         assert len({tuple(f) for f in c.tolist()}) > 1, "every frame equal: frames alias the graph's output"
         assert torch.equal(c, alone(model, r))
     replayed = {k for k, g in graphs.runner.graphs.items() if g.replays > used[k]}
-    assert {("talker", 1, 64), ("talker", 2, 64), ("talker", 4, 64), ("talker", 4, 128), ("cp", 4)} <= replayed
+    # greedy rows: the code predictor's top-k-only graph
+    assert {("talker", 1, 64), ("talker", 2, 64), ("talker", 4, 64), ("talker", 4, 128), ("cp", 4, "topk")} <= replayed
     assert graphs.free_slots == [0, 1, 2, 3]
 
 
@@ -208,6 +210,27 @@ def test_seeded_sampling_same_codes_alone_batched_static_and_graphs(model, graph
     assert codes.min() >= 0 and codes.max() < 2048 and len(set(codes[:, 0].tolist())) > 3
 
 
+def test_code_predictor_graph_follows_the_rows_sampling(model, graphs):
+    """Rows that sample with top-k only (the official defaults: top_k 50, top_p 1.0) replay the top-k graph; one row
+    with subtalker top-p (or a top_k above TOPK_GRAPH_KMAX) sends the step to the general graph. Either way each
+    seeded session's codes are the eager engine's for it alone."""
+    from qwen_tts_core.generate.runner import TOPK_GRAPH_KMAX
+
+    defaults = SamplingParams(max_new_tokens=10)
+    nucleus = SamplingParams(max_new_tokens=10, subtalker_top_p=0.8)
+    wide = SamplingParams(max_new_tokens=10, subtalker_top_k=TOPK_GRAPH_KMAX + 1)
+    r = graphs.runner
+    for mix, key in (([defaults, defaults], ("cp", 2, "topk")), ([defaults, nucleus], ("cp", 2)),
+                     ([wide, defaults], ("cp", 2))):
+        other = ("cp", 2) if key == ("cp", 2, "topk") else ("cp", 2, "topk")
+        before = {k: r.graphs[k].replays for k in (key, other)}
+        reqs = [req(TEXTS[i], sp, seed=40 + i) for i, sp in enumerate(mix)]
+        got = drain(graphs, [graphs.add(x) for x in reqs])
+        assert r.graphs[key].replays > before[key] and r.graphs[other].replays == before[other], (mix, key)
+        for s, x in zip(got, reqs):
+            assert torch.equal(s.codes(), alone(model, x))
+
+
 def test_unseeded_device_sampling_follows_torch_manual_seed(model):
     eng = Engine(model, max_sessions=2)
     torch.manual_seed(5)
@@ -270,5 +293,23 @@ def test_a_failing_compile_falls_back_to_the_plain_bodies(model, monkeypatch):
     eager = Engine(model, max_sessions=2, compile=True)
     assert torch.equal(eager.run_all([req(TEXTS[0])])[0].codes(), want)
     g = Engine(model, max_sessions=2, max_len=64, compile=True, graph_capture=GraphCapture("cpu", fake=True))
-    assert len(g.runner.graphs) == 2 * 2
+    assert len(g.runner.graphs) == 2 * 3  # buckets 1, 2: two code-predictor graphs and one talker graph each
     assert torch.equal(g.run_all([req(TEXTS[0])])[0].codes(), want)
+
+
+def test_kernels_per_captured_step_stay_within_budget():
+    """The GPU steps are launch-bound (a 1.7B code-predictor pass was 5273 kernels, 12.2 ms on an H200), so the
+    kernel count of each captured body is a budget: counted with the stand-in at the real layer counts of 1.7B.
+    Before the one-kernel norm, the q/k norm + RoPE done once for q and k together, and the code predictor's noise
+    drawn for its 15 codebooks at once: 5273 (pass) and 1660 (talker step); after: 2226 and 757, and 2046 for the
+    pass that samples with top-k only (the official defaults)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from gpu_opcount import shaped_talker, step_counts
+
+    counts = step_counts(shaped_talker("1.7b"), (1, 8))
+    assert counts["cp_pass_b1"] <= 2300 and counts["cp_pass_b8"] <= 2300, counts
+    assert counts["cp_pass_topk_b1"] <= 2100 and counts["cp_pass_topk_b8"] <= 2100, counts
+    assert counts["talker_step_b1"] <= 800 and counts["talker_step_b8"] <= 800, counts

@@ -56,3 +56,52 @@ def test_engine_runs_where_onednn_cannot_pack(checkpoint_factory, monkeypatch, d
     eng = Engine(model, max_sessions=1)
     assert not eng.runner.packed
     assert torch.equal(eng.run_all([req])[0].codes(), plain)
+
+
+def reference_rope(x, pos, head_dim, theta):
+    """The reference's rotate-half RoPE written out: cos/sin cast to x's dtype, x*cos + rotate_half(x)*sin."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    f = pos.float()[..., None] * inv
+    emb = torch.cat([f, f], -1)
+    cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
+    h = head_dim // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_is_the_reference_bit_for_bit(dtype):
+    from qwen_tts_core.model.layers import RotaryTable, apply_rope
+
+    g = torch.Generator().manual_seed(1)
+    table = RotaryTable(128, 1e6, 4096)
+    pos = torch.randint(0, 4096, (3, 5), generator=g)
+    x = (torch.randn(3, 4, 5, 128, generator=g) * 2).to(dtype)
+    cos, sin = table(pos, dtype)
+    assert torch.equal(apply_rope(x, cos, sin), reference_rope(x, pos, 128, 1e6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 6])
+def test_fused_qk_norm_and_rope_equal_the_separate_path(dtype, T):
+    """q and k normed and rotated as one tensor (fused q/k/v weight) == each on its own, bit for bit; a perturbed
+    k_norm weight (edited in place after fusing) changes k (the fused path reads the live weights)."""
+    from qwen_tts_core.config import make_config
+    from qwen_tts_core.model.layers import Attention, RotaryTable
+
+    cfg = make_config("custom_voice", "tiny").talker
+    torch.manual_seed(0)
+    att = Attention(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for p in att.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, T, cfg.hidden_size).to(dtype)
+    cos, sin = RotaryTable(cfg.head_dim, cfg.rope_theta, 64)(torch.arange(T).repeat(2, 1) + 3, dtype)
+    with torch.inference_mode():
+        separate = att._qk_rope(x, cos, sin)
+    att.fuse_()
+    with torch.inference_mode():
+        fused = att._qk_rope(x, cos, sin)
+        assert all(torch.equal(a, b) for a, b in zip(separate, fused))
+        att.k_norm.weight[0] += 1.0
+        q2, k2, _ = att._qk_rope(x, cos, sin)
+    assert torch.equal(q2, fused[0]) and not torch.equal(k2, fused[1])
