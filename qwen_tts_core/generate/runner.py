@@ -287,25 +287,24 @@ class StepRunner:
         self._set_masks(cp_slots, talker_slots)
         with self.capture.device_context() if self.capture is not None else packed_linears(self.packed):
             if cp_slots:
-                if self.capture is not None and self._topk_only(cp_slots):
+                plan = self._host_plan(cp_slots, 3)
+                if self.capture is not None and not plan.top_p and plan.kmax <= TOPK_GRAPH_KMAX:
                     self._run(("cp", B, "topk"), self._cp_fn, B)
                 else:
-                    self._run(("cp", B), self._cp_fn, B, self._plan(cp_slots, 3))
+                    self._run(("cp", B), self._cp_fn, B, self._eager_plan(plan))
             if talker_slots:
-                self._run(("talker", B, L), self._talker_fn, B, L, self._plan(talker_slots, 0))
+                self._run(("talker", B, L), self._talker_fn, B, L,
+                          self._eager_plan(self._host_plan(talker_slots, 0)))
             return self.out[:B].to("cpu", copy=True).numpy()  # a copy: `out` is rewritten by the next step
 
-    def _topk_only(self, slots: list[int]) -> bool:
-        """No sampling code-predictor row among `slots` uses top-p or a top_k above TOPK_GRAPH_KMAX."""
-        h = self.host_params[slots, 3:6]
-        sampling = h[:, 0] > 0
-        return bool(((h[:, 1] <= TOPK_GRAPH_KMAX) & (h[:, 2] >= 1.0) | ~sampling).all())
-
-    def _plan(self, slots: list[int], col: int) -> SamplePlan | None:
-        if self.capture is not None or self.sampler != "device":
-            return None
+    def _host_plan(self, slots: list[int], col: int) -> SamplePlan:
+        """What the host knows of these rows' sampling (col 0: the talker's parameters, 3: the code predictor's)."""
         h = self.host_params[slots, col:col + 3]
         return SamplePlan.of(h[:, 0] > 0, h[:, 1], h[:, 2])
+
+    def _eager_plan(self, plan: SamplePlan) -> SamplePlan | None:
+        """The plan a step passes to its body: None with graphs (they run the general code) or the torch sampler."""
+        return None if self.capture is not None or self.sampler != "device" else plan
 
     def frame_codes(self, slots: list[int]) -> torch.Tensor:
         """Codes [len(slots), 16] of this step's frames for these slots, on the device (a copy; no host sync: the
