@@ -5,7 +5,8 @@
 # Each stage of benchmarks/gpu_bench.py runs in its own python3 process under its own timeout (a stage that hangs or
 # crashes costs only its own slot) and appends one JSON line to $OUT/gpu_check.jsonl as soon as it ends; the last
 # line printed (also $OUT/gpu_check.json) is one JSON object with pass/fail per goal. OUT defaults to
-# output/gpu_check. GPU_CHECK_BUDGET_S (default 460) caps the whole run; GPU_CHECK_STAGES picks stages.
+# output/gpu_check. GPU_CHECK_BUDGET_S (default 480) caps the whole run; GPU_CHECK_STAGES picks stages
+# ("name:seconds ...", e.g. "versions:20 build:50 e2e:110"; stages: see benchmarks/gpu_bench.py --help).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
@@ -13,7 +14,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="${2:?--device needs a value}"; shift 2 ;;
     --device=*) DEVICE="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (use --device cuda|cpu)" >&2; exit 2 ;;
   esac
 done
@@ -26,7 +27,7 @@ RES="$OUT/gpu_check.jsonl"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/qtts-gpu-check.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 START=$(date +%s)
-BUDGET="${GPU_CHECK_BUDGET_S:-460}"
+BUDGET="${GPU_CHECK_BUDGET_S:-480}"
 if [ "$DEVICE" != cpu ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/nvidia-smi.txt" 2>&1 || true
 fi
@@ -48,8 +49,11 @@ stage() {  # stage NAME SECONDS: run it, bounded by its own limit and by what is
   fi
 }
 
-DEFAULT_STAGES="versions:30 tiny:80 build:90 parity:60 timings:90 e2e:100"
-[ "$DEVICE" != cpu ] && DEFAULT_STAGES="$DEFAULT_STAGES compile:60"  # inductor on CPU: minutes of C++ builds
+if [ "$DEVICE" = cpu ]; then
+  DEFAULT_STAGES="versions:30 tiny:80 build:90 parity:60 timings:90 e2e:100"
+else  # 8 minutes: the compiled path first (plain e2e: add e2e:110, or pick with GPU_CHECK_STAGES)
+  DEFAULT_STAGES="versions:20 tiny:60 build:50 parity:40 compile:90 e2e_compiled:150 timings:70"
+fi
 for s in ${GPU_CHECK_STAGES:-$DEFAULT_STAGES}; do
   stage "${s%%:*}" "$( [ "${s#*:}" != "$s" ] && echo "${s#*:}" || echo 60 )"
 done

@@ -9,7 +9,9 @@ projection between them in 1.7B, the full codec's 8 transformer layers and 4 dec
 sequence does not depend on widths, so the counts are those of the real models, at a fraction of the memory.
 
 Reported per size and batch: `talker_step` (one talker graph), `cp_pass` (the 15-codebook code-predictor graph;
-`cp_pass_topk`: its top-k-only variant, the one the official sampling defaults replay),
+`cp_pass_topk`: its top-k-only variant, the one the official sampling defaults replay), each also as
+`*_compiled_est` (an estimate for `Engine(compile=True)`: every call of a fused op, model/fused.py, one kernel,
+or three around a sort or top-k),
 `cp_sampler` / `talker_sampler` (one draw of the general captured sampler), `codec_call` (one batched decode of 4
 frames per row: the ops of its body, and the ops the host launches per call with graphs), and `host_ms_per_step`
 (tiny model, engine steps with the stand-in: wall time minus replays, i.e. the host's own work). One JSON line last.
@@ -18,6 +20,7 @@ frames per row: the ops of its body, and the ops the host launches per call with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -36,8 +39,9 @@ from qwen_tts_core.codec.decoder import CodecDecoder  # noqa: E402
 from qwen_tts_core.codec.load import Codec  # noqa: E402
 from qwen_tts_core.config import make_config  # noqa: E402
 from qwen_tts_core.generate.graphs import FakeCUDAGraph, GraphCapture, OpCounter  # noqa: E402
-from qwen_tts_core.generate.runner import StepRunner  # noqa: E402
-from qwen_tts_core.generate.sampling import gumbel, noise_key, sample_device, token_hash  # noqa: E402
+from qwen_tts_core.generate.runner import TOPK_GRAPH_KMAX, StepRunner  # noqa: E402
+from qwen_tts_core.generate.sampling import SamplePlan, gumbel, noise_key, sample_device, token_hash  # noqa: E402
+from qwen_tts_core.model import fused  # noqa: E402
 from qwen_tts_core.model.layers import RotaryTable, prepare_for_inference_  # noqa: E402
 from qwen_tts_core.model.talker import Talker  # noqa: E402
 
@@ -89,16 +93,49 @@ def runner_for(talker: Talker, batches: tuple[int, ...], max_len: int = 64, capt
     return r
 
 
+@contextlib.contextmanager
+def fused_savings():
+    """Counts, while active, the kernels the plain fused ops (model/fused.py) launch beyond what they would as
+    compiled: what `compile=True` saves if inductor makes each call one kernel (as it does for elementwise work and
+    reductions), plus a kernel before and after each sort or top-k (inductor calls torch's for those). Yields a
+    one-item list holding the count."""
+    saved = [0]
+    originals = [(op, op.fn) for op in fused.OPS]
+
+    def counting(fn):
+        def run(*args):
+            with OpCounter() as c:
+                out = fn(*args)
+            saved[0] += c.kernels - 1 - 2 * (c.by_name["aten::sort"] + c.by_name["aten::topk"])
+            return out
+        return run
+
+    try:
+        for op, fn in originals:
+            op.fn = counting(fn)
+        yield saved
+    finally:
+        for op, fn in originals:
+            op.fn = fn
+
+
 def step_counts(talker: Talker, batches: tuple[int, ...]) -> dict:
-    """Kernels of the captured talker step and code-predictor pass per batch bucket (one length bucket)."""
+    """Kernels of the captured talker step and code-predictor pass per batch bucket (one length bucket), and the
+    estimate with the fused ops compiled (`*_compiled_est`: each fused call one kernel)."""
     r = runner_for(talker, batches)
     with torch.inference_mode():
         r.capture_all()
     out = {}
+    L = r.len_buckets[0]
+    topk = SamplePlan(sample=True, kmax=TOPK_GRAPH_KMAX, top_p=False)
     for B in batches:
-        out[f"talker_step_b{B}"] = r.graphs[("talker", B, r.len_buckets[0])].num_kernels
-        out[f"cp_pass_b{B}"] = r.graphs[("cp", B)].num_kernels
-        out[f"cp_pass_topk_b{B}"] = r.graphs[("cp", B, "topk")].num_kernels
+        for name, key, body in ((f"talker_step_b{B}", ("talker", B, L), lambda B=B: r._talker_body(B, L)),
+                                (f"cp_pass_b{B}", ("cp", B), lambda B=B: r._cp_body(B)),
+                                (f"cp_pass_topk_b{B}", ("cp", B, "topk"), lambda B=B: r._cp_body(B, topk))):
+            out[name] = r.graphs[key].num_kernels
+            with torch.inference_mode(), fused_savings() as saved:
+                body()  # every row masked (as at capture): the same ops, nothing advances
+            out[f"{name}_compiled_est"] = out[name] - saved[0]
     return out
 
 

@@ -53,7 +53,7 @@ class ModelConfig:
     warmup: bool = True
     max_bulk_queue: int = 256                # bulk (batch-job) requests parked per replica before Busy
     # Engine options (None: the engine's default; see qwen_tts_core Engine): static KV length per session, CUDA
-    # graphs on/off, the batch sizes graphs are captured for, torch.compile of the step bodies.
+    # graphs on/off, the batch sizes graphs are captured for, torch.compile of the layers' elementwise pieces.
     max_len: int | None = None
     cuda_graphs: bool | None = None
     batch_buckets: tuple[int, ...] | None = None

@@ -20,6 +20,7 @@ draw order; eager only: rows' picks go through the host).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..model.fused import compiled_ops
 from ..model.kv_cache import KVCache
 from ..model.layers import Attention, pack_linears_, packed_linears, sdpa_backend
 from ..model.talker import Talker
@@ -141,9 +143,8 @@ class StepRunner:
         self.packed = sampler == "device" and os.environ.get("QTTS_ONEDNN", "1") != "0" and pack_linears_(talker)
         self.graphs: dict[tuple, object] = {}
         self.capture_seconds: dict[tuple, float] = {}
-        self._cp_fn, self._talker_fn = self._cp_body, self._talker_body
-        if compile:
-            self._compile()
+        # compile: the layers' elementwise pieces run torch.compiled (model/fused.py) in the step bodies
+        self.compiled = bool(compile)
 
     # --- bodies (eager, or captured) ---------------------------------------------------------------------------
     def _cp_body(self, B: int, plan: SamplePlan | None = None) -> None:
@@ -285,15 +286,15 @@ class StepRunner:
         if talker_slots and not self.static:
             self._ensure_len(L)
         self._set_masks(cp_slots, talker_slots)
-        with self.capture.device_context() if self.capture is not None else packed_linears(self.packed):
+        with self._body_context():
             if cp_slots:
                 plan = self._host_plan(cp_slots, 3)
                 if self.capture is not None and not plan.top_p and plan.kmax <= TOPK_GRAPH_KMAX:
-                    self._run(("cp", B, "topk"), self._cp_fn, B)
+                    self._run(("cp", B, "topk"), self._cp_body, B)
                 else:
-                    self._run(("cp", B), self._cp_fn, B, self._eager_plan(plan))
+                    self._run(("cp", B), self._cp_body, B, self._eager_plan(plan))
             if talker_slots:
-                self._run(("talker", B, L), self._talker_fn, B, L,
+                self._run(("talker", B, L), self._talker_body, B, L,
                           self._eager_plan(self._host_plan(talker_slots, 0)))
             return self.out[:B].to("cpu", copy=True).numpy()  # a copy: `out` is rewritten by the next step
 
@@ -316,21 +317,22 @@ class StepRunner:
         self._idx[:n].copy_(self._idx_host[:n], non_blocking=True)
         return self.out.index_select(0, self._idx[:n])[:, :-1]
 
+    def _body_context(self) -> contextlib.ExitStack:
+        """What a step body runs in: the graphs' device (or CPU packed linears), compiled fused ops if asked."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.capture.device_context() if self.capture is not None
+                            else packed_linears(self.packed))
+        stack.enter_context(compiled_ops(self.compiled))
+        return stack
+
     def _run(self, key: tuple, fn, *args) -> None:
         g = self.graphs.get(key)
         if g is not None:
             g.replay()
         elif self.capture is not None:
             raise RuntimeError(f"no graph captured for {key}; capture_all() covers every bucket")
-        elif fn in (self._cp_body, self._talker_body):
+        else:
             fn(*args)
-        else:  # a compiled body: the first call compiles; if that fails, the plain bodies take over for good
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001 - compile is an optimisation
-                log.warning("the compiled step body failed; using the plain bodies", exc_info=True)
-                self._cp_fn, self._talker_fn = self._cp_body, self._talker_body
-                (self._cp_body if key[0] == "cp" else self._talker_body)(*args)
 
     def _set_masks(self, cp_slots: list[int], talker_slots: list[int]) -> None:
         state = (tuple(cp_slots), tuple(talker_slots))
@@ -367,15 +369,15 @@ class StepRunner:
         """Capture every (bucket) graph now, before traffic. Leaves every slot's state as it was (free)."""
         if self.capture is None or self.graphs:
             return
-        with torch.inference_mode():
+        with torch.inference_mode(), compiled_ops(self.compiled):
             saved = {k: v.clone() for k, v in self._state().items()}
             self._set_masks([], [])  # capture with every row masked: nothing advances
             topk = SamplePlan(sample=True, kmax=TOPK_GRAPH_KMAX, top_p=False)
             for B in self.batch_buckets:
-                self._capture(("cp", B), self._cp_fn, B)
-                self._capture(("cp", B, "topk"), self._cp_fn, B, topk)
+                self._capture(("cp", B), self._cp_body, B)
+                self._capture(("cp", B, "topk"), self._cp_body, B, topk)
                 for L in self.len_buckets:
-                    self._capture(("talker", B, L), self._talker_fn, B, L)
+                    self._capture(("talker", B, L), self._talker_body, B, L)
             for k, v in self._state().items():
                 v.copy_(saved[k])
         log.info("captured %d graphs (batch buckets %s, length buckets %s) in %.1fs", len(self.graphs),
@@ -383,28 +385,12 @@ class StepRunner:
 
     def _capture(self, key: tuple, fn, *args) -> None:
         t = time.perf_counter()
-        try:
-            self.graphs[key] = self.capture.capture(lambda: fn(*args))
-        except Exception:
-            if fn in (self._cp_body, self._talker_body):
-                raise
-            log.warning("capturing the compiled body %s failed; using the plain body", key, exc_info=True)
-            plain = self._cp_body if key[0] == "cp" else self._talker_body
-            self.graphs[key] = self.capture.capture(lambda: plain(*args))
+        self.graphs[key] = self.capture.capture(lambda: fn(*args))  # its warm-up compiles the fused ops' shapes
         self.capture_seconds[key] = time.perf_counter() - t
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k not in (
             "tts_pad", "blocked", "tok_hash_t", "tok_hash_c", "cp_groups", "_mask_host", "text_buf", "cp_mask", "t_mask")}
-
-    def _compile(self) -> None:
-        """torch.compile the step bodies (inductor fuses the elementwise work); any failure keeps the plain ones."""
-        try:
-            self._cp_fn = torch.compile(self._cp_body, dynamic=True)
-            self._talker_fn = torch.compile(self._talker_body, dynamic=True)
-        except Exception:  # noqa: BLE001 - compile is an optimisation
-            log.warning("torch.compile is not available here; running the plain step bodies", exc_info=True)
-            self._cp_fn, self._talker_fn = self._cp_body, self._talker_body
 
     # --- attention layout --------------------------------------------------------------------------------------
     def set_decode_layout(self, layout: str) -> None:

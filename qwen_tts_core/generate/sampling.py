@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.fused import FusedOp
+
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor | None, penalty: float) -> torch.Tensor:
     """logits [V]; history: 1-D ids generated so far (codebook 0). Divides positive / multiplies negative logits."""
@@ -119,12 +121,16 @@ def noise_key(key: torch.Tensor, frame: torch.Tensor, codebook: int | torch.Tens
     return _mix(key ^ _mix((frame * 16 + codebook) & _M32))
 
 
-def gumbel(key: torch.Tensor, tok_hash: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise [..., V] (fp32) from keys [...] (e.g. [B], or [B, G] for G draws) and the token salt [V].
-    Elementwise in the keys: a batch of keys gives each key's noise bit for bit."""
+def _gumbel(key: torch.Tensor, tok_hash: torch.Tensor) -> torch.Tensor:
     u = _mix(key[..., None] ^ tok_hash)
     u = ((u >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
     return -torch.log(-torch.log(u))
+
+
+gumbel = FusedOp(_gumbel)
+"""gumbel(key, tok_hash): Gumbel(0, 1) noise [..., V] (fp32) from keys [...] (e.g. [B], or [B, G] for G draws) and
+the token salt [V]. Elementwise in the keys: a batch of keys gives each key's noise bit for bit. One kernel when
+compiled (`model.fused.compiled_ops`), ~25 plain."""
 
 
 def sample_device(logits: torch.Tensor, do_sample: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -137,30 +143,45 @@ def sample_device(logits: torch.Tensor, do_sample: torch.Tensor, temperature: to
 
     plan: what the host knows about the rows that count (eager only; None = the general code a graph captures). A
     plan only skips work whose result is known: no row samples (argmax), no row uses top-p (the k-th value from a
-    top-k of the largest k instead of a full sort). The ids are the same either way."""
-    greedy = logits.argmax(-1)
+    top-k of the largest k instead of a full sort). The ids are the same either way. Each way is one `FusedOp`
+    (a few kernels when compiled)."""
     if plan is not None and not plan.sample:
-        return greedy
+        return logits.argmax(-1)
+    if plan is None or plan.top_p:
+        return _sample_sorted(logits, do_sample, temperature, top_k, top_p, noise())
+    return _sample_topk(logits, do_sample, temperature, top_k, noise(), max(1, min(plan.kmax, logits.shape[-1])))
+
+
+def _sample_sorted_plain(logits: torch.Tensor, do_sample: torch.Tensor, temperature: torch.Tensor,
+                         top_k: torch.Tensor, top_p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    greedy = logits.argmax(-1)
     V = logits.shape[-1]
     x = logits / temperature[:, None]
-    if plan is None or plan.top_p:
-        sx, sidx = torch.sort(x, dim=-1, descending=True)
-        k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
-        kth = sx.gather(-1, (k - 1)[:, None])
-        sx = sx.masked_fill(sx < kth, float("-inf"))
-        # top-p: cumulative probability in ascending order (as HF sums it), read back in descending order
-        cum = sx.softmax(-1).flip(-1).cumsum(-1).flip(-1)
-        drop_sorted = cum <= (1 - top_p)[:, None]
-        drop_sorted[:, 0] = False  # the most likely id always stays
-        drop = torch.zeros_like(drop_sorted).scatter(-1, sidx, drop_sorted) | (x < kth)
-    else:
-        kmax = max(1, min(plan.kmax, V))
-        vals = torch.topk(x, kmax, dim=-1).values
-        kth = vals.gather(-1, (top_k.clamp(1, kmax) - 1)[:, None])
-        kth = torch.where((top_k > 0)[:, None], kth, torch.full_like(kth, float("-inf")))
-        drop = x < kth
-    sampled = (x.masked_fill(drop, float("-inf")) + noise()).argmax(-1)
+    sx, sidx = torch.sort(x, dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+    kth = sx.gather(-1, (k - 1)[:, None])
+    sx = sx.masked_fill(sx < kth, float("-inf"))
+    # top-p: cumulative probability in ascending order (as HF sums it), read back in descending order
+    cum = sx.softmax(-1).flip(-1).cumsum(-1).flip(-1)
+    drop_sorted = cum <= (1 - top_p)[:, None]
+    drop_sorted[:, 0] = False  # the most likely id always stays
+    drop = torch.zeros_like(drop_sorted).scatter(-1, sidx, drop_sorted) | (x < kth)
+    sampled = (x.masked_fill(drop, float("-inf")) + noise).argmax(-1)
     return torch.where(do_sample, sampled, greedy)
+
+
+def _sample_topk_plain(logits: torch.Tensor, do_sample: torch.Tensor, temperature: torch.Tensor,
+                       top_k: torch.Tensor, noise: torch.Tensor, kmax: int) -> torch.Tensor:
+    greedy = logits.argmax(-1)
+    x = logits / temperature[:, None]
+    vals = torch.topk(x, kmax, dim=-1).values
+    kth = vals.gather(-1, (top_k.clamp(1, kmax) - 1)[:, None])
+    kth = torch.where((top_k > 0)[:, None], kth, torch.full_like(kth, float("-inf")))
+    sampled = (x.masked_fill(x < kth, float("-inf")) + noise).argmax(-1)
+    return torch.where(do_sample, sampled, greedy)
+
+
+_sample_sorted, _sample_topk = FusedOp(_sample_sorted_plain), FusedOp(_sample_topk_plain)
 
 
 @dataclass(frozen=True)

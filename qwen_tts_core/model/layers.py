@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderStackConfig
+from .fused import add_rms_norm, apply_rope, qk_norm_rope, silu_mul
 from .kv_cache import LayerCache
 
 # --- linear layers: torch's default GEMM, or oneDNN with prepacked weights (CPU) ----------------------------------
@@ -137,11 +138,6 @@ class RotaryTable(nn.Module):
         return cs[:, None, :, 0], cs[:, None, :, 1]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin (the reference's formula), as x * cos + roll(x, D/2) * signed_sin."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
-
-
 class Attention(nn.Module):
     """GQA attention with per-head q/k RMSNorm (Qwen3), writing its keys/values into a slot of a passed-in cache."""
 
@@ -168,9 +164,10 @@ class Attention(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]: projected, q/k normed per head, q/k rotated.
 
-        With the fused q/k/v weight (and no bias) q and k are normed and rotated as one [B, Hq+Hkv, T, D] tensor:
-        one norm, one weight multiply and one RoPE instead of two of each (7 kernels instead of 14 per layer). The
-        values are those of the separate path bit for bit: every op is elementwise or per head."""
+        With the fused q/k/v weight (and no bias) q and k are normed and rotated as one [B, Hq+Hkv, T, D] tensor
+        (`fused.qk_norm_rope`): one norm, one weight multiply and one RoPE instead of two of each (7 kernels instead
+        of 14 per layer; one when compiled). The values are those of the separate path bit for bit: every op is
+        elementwise or per head."""
         B, T, _ = x.shape
         D, hq, hkv = self.head_dim, self.n_heads, self.n_kv
         if self.qkv is None or self.q_proj.bias is not None:
@@ -180,8 +177,7 @@ class Attention(nn.Module):
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.reshape(B, T, hkv, D).transpose(1, 2)
         qkv = linear(x, self.qkv, None, self.qkv_packed)
         qk, v = qkv[..., : (hq + hkv) * D].unflatten(-1, (hq + hkv, D)), qkv[..., (hq + hkv) * D:]
-        w = torch.cat([self.q_norm.weight.expand(hq, D), self.k_norm.weight.expand(hkv, D)])  # follows the weights
-        qk = apply_rope((w * F.rms_norm(qk, (D,), None, self.q_norm.eps)).transpose(1, 2), cos, sin)
+        qk = qk_norm_rope(qk, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, hq)
         return qk[:, :hq], qk[:, hq:], v.reshape(B, T, hkv, D).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
@@ -276,8 +272,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = linear(x, self.gate_up, None, self.gate_up_packed).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(linear(x, self.gate_up, None, self.gate_up_packed)))
 
 
 class DecoderLayer(nn.Module):
@@ -288,9 +283,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: LayerCache, positions, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None, cos, sin, cache: LayerCache, positions, mask
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is x + h (h: the previous layer's MLP output, None before the first layer), added
+        here with this layer's first norm (one fused op). Returns (residual stream, this layer's MLP output): the
+        next layer, or the stack's final norm, adds them. Same ops, in the same order, as x + attn(...) + mlp(...)."""
+        x, n = add_rms_norm(x, h, self.input_layernorm.weight, self.input_layernorm.eps)
+        x, n = add_rms_norm(x, self.self_attn(n, cos, sin, cache, positions, mask),
+                            self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        return x, self.mlp(n)
 
 
 class ResizeMLP(nn.Module):
@@ -309,6 +310,7 @@ def run_stack(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, x: torch.
               positions: torch.Tensor, caches, mask: torch.Tensor | None) -> torch.Tensor:
     """Run decoder layers over x [B, T, C] at `positions` [B, T]; returns the final-normed hidden states."""
     cos, sin = rope(positions, x.dtype)
+    h = None
     for layer, cache in zip(layers, caches):
-        x = layer(x, cos, sin, cache, positions, mask)
-    return norm(x)
+        x, h = layer(x, h, cos, sin, cache, positions, mask)
+    return add_rms_norm(x, h, norm.weight, norm.eps)[1]

@@ -53,3 +53,16 @@ def test_a_stage_past_its_time_is_recorded_and_the_run_still_ends(tmp_path):
     assert [x["stage"] for x in lines] == ["versions", "tiny", "build"]
     assert final["stages"]["versions"] == "ok" and final["stages"]["build"] == "ok"
     assert "killed after 5s" in final["stages"]["tiny"]
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_compiled_stages(tmp_path):
+    """`compile` (plain vs compiled fused ops with graphs) and `e2e_compiled`: the stages the next GPU run needs most.
+    On CPU the stand-in replays the plain ops it recorded, so the figures only show the plumbing works."""
+    final, lines = run_check(tmp_path, GPU_CHECK_STAGES="compile:400 e2e_compiled:300", GPU_CHECK_BUDGET_S="800")
+    assert final["stages"] == {"compile": "ok", "e2e_compiled": "ok"}, [x.get("traceback") for x in lines]
+    comp, e2e = lines
+    assert comp["greedy_codes_equal_frac"] == 1.0 and comp["plain_fused_ops_compiled"] is False
+    assert comp["compiled_engine_s"] > 0 and "compiled_cp_topk_replay_ms_b8" in comp
+    assert e2e["compile"] is True and e2e["audio_s_per_s_c4"] > 0
+    assert set(final["goals"]) >= {"compiled_ops_in_use", "compiled_ttfa_p50_idle_le_30ms"}

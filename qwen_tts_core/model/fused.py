@@ -1,0 +1,138 @@
+"""The elementwise pieces of a decoder layer, each one function that `torch.compile` turns into one kernel.
+
+A captured decode step is launch-bound on a GPU (~2.3 us per kernel on an H200), and between its GEMMs and attention
+a layer spends most of its kernels on small elementwise work: the residual add and RMSNorm (3 kernels, twice), the
+q/k norm and RoPE (7), SiLU times up (2). Each of these is a function here:
+
+    add_rms_norm(x, h, w, eps)       -> (x + h, w * rms_norm(x + h))
+    qk_norm_rope(qk, wq, wk, eps, cos, sin, hq) -> q and k normed per head and rotated, [B, Hq+Hkv, T, D]
+    silu_mul(gate_up)                -> silu(gate) * up
+
+Plain calls run the spelled-out ops: the reference's numbers bit for bit. Inside `compiled_ops()` (this thread) each
+call runs its `torch.compile`d version instead: inductor fuses it into one kernel (a Triton kernel on CUDA, C++ on
+CPU), with the numbers close to (not equal to) the plain ones. The first call of a shape compiles. If compiling or
+running the compiled version fails, the op logs it once and runs plain from then on. Under a torch dispatch mode
+(the CPU graph stand-in, an op counter) the plain ops run, since compiled kernels would bypass the mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+log = logging.getLogger(__name__)
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def compiled_ops(on: bool = True):
+    """Within this block (this thread), the fused ops run compiled."""
+    prev = getattr(_local, "on", False)
+    _local.on = on
+    try:
+        yield
+    finally:
+        _local.on = prev
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (the reference's formula), as x * cos + roll(x, D/2) * signed_sin (see
+    `layers.RotaryTable`)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+def _add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    s = x if h is None else x + h
+    return s, weight * F.rms_norm(s, (s.shape[-1],), None, eps)
+
+
+def _qk_norm_rope(qk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float, cos: torch.Tensor,
+                  sin: torch.Tensor, hq: int) -> torch.Tensor:
+    D = qk.shape[-1]
+    w = torch.cat([wq.expand(hq, D), wk.expand(qk.shape[-2] - hq, D)])  # read from the live weights every call
+    return apply_rope(w * F.rms_norm(qk, (D,), None, eps), cos, sin)
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+RECOMPILE_LIMIT = 64
+"""Compiled variants allowed per op (torch's default, 8, is too few for one process that holds several dtypes and
+widths: each new one recompiles; past the limit torch would refuse and the op would run plain)."""
+
+
+OPS: list[FusedOp] = []
+"""Every FusedOp made (the layer's here, the sampler's in generate/sampling.py)."""
+
+
+class FusedOp:
+    """A function of tensors run plain, or (inside `compiled_ops`, this thread) torch.compiled into as few kernels
+    as inductor makes of it; compiled on first use per shape. Dim 0 of every tensor argument is marked dynamic where
+    it can be (the callers here put batch, and time, there), so batch buckets make few variants."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.name = fn, fn.__name__.lstrip("_")
+        self.compiled: Callable | None = None
+        self.broken = False
+        self.lock = threading.Lock()
+        OPS.append(self)
+
+    def __call__(self, *args):
+        if not getattr(_local, "on", False) or self.broken or _get_current_dispatch_mode() is not None:
+            return self.fn(*args)
+        try:
+            if self.compiled is None:
+                with self.lock:
+                    if self.compiled is None:
+                        cfg = torch._dynamo.config
+                        cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+                        self.compiled = torch.compile(self.fn, fullgraph=True)
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.dim() > 0:
+                    torch._dynamo.maybe_mark_dynamic(a, 0)  # a hint: torch keeps it static where it must
+            return self.compiled(*args)
+        except Exception:  # noqa: BLE001 - compiling is an optimisation: the plain ops give the same result
+            log.warning("torch.compile of %s failed; it runs as plain ops from now on", self.name, exc_info=True)
+            self.broken = True
+            return self.fn(*args)
+
+
+_add_rms_norm_op, _qk_norm_rope_op, _silu_mul_op = FusedOp(_add_rms_norm), FusedOp(_qk_norm_rope), FusedOp(_silu_mul)
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, h [..., C] (h None: nothing to add) -> (x + h, weight * rms_norm(x + h)), the norm in fp32 and cast back
+    before the weight (the reference's RMSNorm)."""
+    C = x.shape[-1]
+    s, n = _add_rms_norm_op(x.reshape(-1, C), None if h is None else h.reshape(-1, C), weight, eps)
+    return s.view(x.shape), n.view(x.shape)
+
+
+def qk_norm_rope(qk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float, cos: torch.Tensor,
+                 sin: torch.Tensor, hq: int) -> torch.Tensor:
+    """qk [B, T, Hq+Hkv, D] (q's heads first) -> [B, Hq+Hkv, T, D]: each head RMS-normed (wq on q's heads, wk on
+    k's), then rotated with cos / signed sin [B, 1, T, D] (`layers.RotaryTable`)."""
+    B, T, H, D = qk.shape
+    out = _qk_norm_rope_op(qk.reshape(B * T, H, D), wq, wk, eps, cos.transpose(1, 2).reshape(B * T, 1, D),
+                           sin.transpose(1, 2).reshape(B * T, 1, D), hq)
+    return out.view(B, T, H, D).transpose(1, 2)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate | up) -> silu(gate) * up [..., I]."""
+    out = _silu_mul_op(gate_up.reshape(-1, gate_up.shape[-1]))
+    return out.view(*gate_up.shape[:-1], out.shape[-1])
+
+
+__all__ = ["OPS", "FusedOp", "add_rms_norm", "apply_rope", "compiled_ops", "qk_norm_rope", "silu_mul"]
