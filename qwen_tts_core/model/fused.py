@@ -94,8 +94,9 @@ class FusedOp:
             if self.compiled is None:
                 with self.lock:
                     if self.compiled is None:
-                        cfg = torch._dynamo.config
-                        cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+                        cfg = torch._dynamo.config  # the limit's name before torch 2.6: cache_size_limit
+                        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+                        setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
                         self.compiled = torch.compile(self.fn, fullgraph=True)
             for a in args:
                 if isinstance(a, torch.Tensor) and a.dim() > 0:
