@@ -59,11 +59,12 @@ class Engine:
         finish_reason "max_new_tokens". cuda_graphs: capture the step bodies in CUDA graphs at construction (default:
         on for a CUDA model with the device sampler; True on a CPU model is an error). batch_buckets: the batch
         sizes graphs are captured for (default 1, 2, 4, ... up to max_sessions). compile: the layers' elementwise
-        pieces (residual add + RMSNorm, q/k norm + RoPE, SiLU x up) run torch.compiled in the step bodies, one
-        kernel each on a GPU (model/fused.py; compiled at capture; a piece that fails to compile runs plain). static: a KV cache of max_len allocated
-        up front (default: with graphs; otherwise it grows as sessions need). sampler: "device" (counter-based RNG
-        per (seed, frame, codebook): the same codes alone or batched, eager or graphs) or "torch" (torch's
-        generators in the reference's draw order: exact seeded parity with the official package; eager only).
+        pieces (residual add + RMSNorm, q/k norm + RoPE, SiLU x up) and the sampler run torch.compiled in the step
+        bodies, about one kernel each on a GPU (model/fused.py; compiled at capture; a piece that fails to compile
+        runs plain). static: a KV cache of max_len allocated up front (default: with graphs; otherwise it grows
+        as sessions need). sampler: "device" (counter-based RNG per (seed, frame, codebook): the same codes alone
+        or batched, eager or graphs) or "torch" (torch's generators in the reference's draw order: exact seeded
+        parity with the official package; eager only).
         interactive_reserve: slots that bulk sessions never take, so interactive requests find room at once.
         audio_dtype: the streaming audio decoder's compute dtype (default: the codec's, fp32, which matches the
         offline decode within 1e-4; "bfloat16" decodes ~2-3x faster on CPU and GPU at bf16 precision).

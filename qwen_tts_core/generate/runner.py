@@ -390,7 +390,8 @@ class StepRunner:
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k not in (
-            "tts_pad", "blocked", "tok_hash_t", "tok_hash_c", "cp_groups", "_mask_host", "text_buf", "cp_mask", "t_mask")}
+            "tts_pad", "blocked", "tok_hash_t", "tok_hash_c", "cp_groups", "_mask_host", "text_buf", "cp_mask",
+            "t_mask")}
 
     # --- attention layout --------------------------------------------------------------------------------------
     def set_decode_layout(self, layout: str) -> None:

@@ -1,4 +1,5 @@
-"""The elementwise pieces of a decoder layer, each one function that `torch.compile` turns into one kernel.
+"""The elementwise pieces of a decoder layer, each one function that `torch.compile` turns into one kernel (the
+device sampler's noise and draws are `FusedOp`s too, in generate/sampling.py).
 
 A captured decode step is launch-bound on a GPU (~2.3 us per kernel on an H200), and between its GEMMs and attention
 a layer spends most of its kernels on small elementwise work: the residual add and RMSNorm (3 kernels, twice), the
@@ -17,7 +18,6 @@ running the compiled version fails, the op logs it once and runs plain from then
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -26,20 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .flags import ThreadFlag
+
 log = logging.getLogger(__name__)
 
-_local = threading.local()
-
-
-@contextlib.contextmanager
-def compiled_ops(on: bool = True):
-    """Within this block (this thread), the fused ops run compiled."""
-    prev = getattr(_local, "on", False)
-    _local.on = on
-    try:
-        yield
-    finally:
-        _local.on = prev
+compiled_ops = ThreadFlag()
+"""`with compiled_ops(on):` within this block (this thread), the fused ops run compiled."""
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -88,7 +80,7 @@ class FusedOp:
         OPS.append(self)
 
     def __call__(self, *args):
-        if not getattr(_local, "on", False) or self.broken or _get_current_dispatch_mode() is not None:
+        if not compiled_ops or self.broken or _get_current_dispatch_mode() is not None:
             return self.fn(*args)
         try:
             if self.compiled is None:

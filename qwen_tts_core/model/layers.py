@@ -5,14 +5,12 @@ Parameter names mirror the official checkpoint so its tensors load by name.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderStackConfig
+from .flags import ThreadFlag
 from .fused import add_rms_norm, apply_rope, qk_norm_rope, silu_mul
 from .kv_cache import LayerCache
 
@@ -20,23 +18,14 @@ from .kv_cache import LayerCache
 # On CPU, torch's fp32 GEMM is MKL's, which on AMD cores runs a batch of 8 rows at ~3x the cost of one row; oneDNN with
 # prepacked weights runs it at ~1.6x, and one row faster too. The reference uses torch's GEMM, so the packed path is
 # switched on per thread (`packed_linears`) by engines that do not promise bit-exact reference parity.
-_packed = threading.local()
-
-
-@contextlib.contextmanager
-def packed_linears(on: bool = True):
-    """Within this block (this thread), linears with a packed copy of their weight (`pack_linears_`) use it."""
-    prev = getattr(_packed, "on", False)
-    _packed.on = on
-    try:
-        yield
-    finally:
-        _packed.on = prev
+packed_linears = ThreadFlag()
+"""`with packed_linears(on):` within this block (this thread), linears with a packed copy of their weight
+(`pack_linears_`) use it."""
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
-    if packed is not None and getattr(_packed, "on", False):
+    if packed is not None and packed_linears:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

@@ -163,3 +163,21 @@ def test_a_failing_compile_leaves_the_plain_ops_running(fresh_ops, model_factory
     g = Engine(model, max_sessions=2, max_len=64, compile=True, graph_capture=GraphCapture("cpu", fake=True))
     assert len(g.runner.graphs) == 2 * 3  # buckets 1, 2: two code-predictor graphs and one talker graph each
     assert torch.equal(g.run_all([r])[0].codes(), want)
+
+
+def test_the_switch_is_per_thread_and_restored():
+    """`compiled_ops()` (and `packed_linears()`, the same kind of switch) set on one thread are not seen by another
+    engine's thread, and a block restores what was there before, even when it raises."""
+    import threading
+
+    seen = []
+    with compiled_ops():
+        t = threading.Thread(target=lambda: seen.append(bool(compiled_ops)))
+        t.start()
+        t.join()
+        with compiled_ops(False):
+            assert not compiled_ops
+        assert compiled_ops
+    with pytest.raises(RuntimeError), compiled_ops():
+        raise RuntimeError("boom")
+    assert seen == [False] and not compiled_ops
