@@ -123,7 +123,7 @@ class ReplicaCore:
         """End sessions past their idle timeout or deadline, and cancel those whose consumer stopped renewing."""
         while True:
             await asyncio.sleep(WATCH_PERIOD_S)
-            for s, failure in self.sessions.expired():
+            for s, failure in self.sessions.expired(WATCH_PERIOD_S):
                 if failure is None:
                     log.warning("session %s: consumer gone (lease expired); cancelling", s.sid)
                     self.scheduler.cancel(s.ticket)

@@ -65,6 +65,7 @@ class SessionTable:
         self.owner, self.limits, self.clock = owner, limits, clock
         self._open: dict[str, OpenSession] = {}
         self.expired_counts: dict[str, int] = {"idle": 0, "deadline": 0, "lease": 0}
+        self._last_check: float | None = None
 
     def __len__(self) -> int:
         return len(self._open)
@@ -113,9 +114,20 @@ class SessionTable:
         s.text_chars, s.has_text, s.last_text = total, has_text, self.clock()
         s.ended = s.ended or end
 
-    def expired(self) -> list[tuple[OpenSession, Failure | None]]:
-        """Sessions to end now: (session, failure to report) or (session, None) to cancel (consumer gone)."""
+    def expired(self, period_s: float | None = None) -> list[tuple[OpenSession, Failure | None]]:
+        """Sessions to end now: (session, failure to report) or (session, None) to cancel (consumer gone).
+
+        `period_s`: how often the caller checks. A check later than that means this process was stalled (a busy
+        host, a long pause), and the renewals sent meanwhile may still wait unread: the extra time is credited to
+        every lease, so a stall here never reads as a consumer gone."""
         now, lim, out = self.clock(), self.limits, []
+        if period_s is not None and self._last_check is not None:
+            stalled = now - self._last_check - period_s
+            if stalled > 0:
+                for s in self._open.values():
+                    if s.lease_until is not None:
+                        s.lease_until += stalled
+        self._last_check = now
         for s in list(self._open.values()):
             t = s.ticket
             if t.finished or t.failure is not None or t.cancelled:

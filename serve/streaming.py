@@ -12,8 +12,9 @@ protocol error, never a short success); SSE -> `{"type": "error", "error": {...}
 `speech.audio.done` and WebSocket clients in `done`; a raw audio stream ends cleanly only when the synthesis finished
 (eos, max_new_tokens or the runaway guard): its finish reason is not carried (see serve/README.md).
 
-Leases: every stream this ingress consumes is renewed on its replica every `lease_s / 3`; if this ingress dies, its
-sessions stop being renewed and their replicas cancel them (orphans never run to full length).
+Leases: every stream this ingress consumes is renewed on its replica every `lease_s / 3` (one call per replica, on
+schedule even when a replica is slow to answer); if this ingress dies, its sessions stop being renewed and their
+replicas cancel them (orphans never run to full length).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import logging
 import weakref
 from typing import Any
 
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from .metrics import ClientStreams
-from .routing import owner_of
+from .routing import detached, owner_of
 from .schemas import ApiError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,10 @@ class StreamAborted(RuntimeError):
 
 
 def replica_lost(e: BaseException) -> ApiError:
-    log.warning("replica stream failed: %s: %s", type(e).__name__, str(e).strip().splitlines()[-1:] or "")
+    """The 502 of a replica call that failed; logged as a warning unless it was cancelled on purpose (this ingress
+    closed the stream, or Serve cancelled the request because its client left)."""
+    level = logging.INFO if isinstance(e, RequestCancelledError) else logging.WARNING
+    log.log(level, "replica stream failed: %s: %s", type(e).__name__, str(e).strip().splitlines()[-1:] or "")
     return ApiError(502, "the model replica serving this request failed; retry the request")
 
 
@@ -52,12 +56,18 @@ def end_error(item: dict) -> ApiError | None:
 
 
 class Leases:
-    """Sessions this ingress consumes, renewed on their replicas (one call per replica every `period_s`)."""
+    """Sessions this ingress consumes, renewed on their replicas: one call per (model, replica) every `period_s`.
+
+    Rounds keep their schedule whatever a replica answers: the calls of a round run concurrently, a slow replica's
+    renewal stays in flight (and still counts when it lands) while the next rounds go on, and no second call to it
+    piles up behind the first."""
 
     def __init__(self, lease_s: float) -> None:
+        self.lease_s = lease_s
         self.period_s = max(0.1, lease_s / 3)
         self._open: dict[str, tuple[str, Any]] = {}   # session -> (model name, replica handle)
         self._task: asyncio.Task | None = None
+        self._in_flight: dict[tuple[str, str], asyncio.Task] = {}   # (model, owner) -> its renewal call
 
     def add(self, sid: str, name: str, handle) -> None:
         self._open[sid] = (name, handle)
@@ -72,20 +82,29 @@ class Leases:
         return len(self._open)
 
     async def _renew_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while self._open:
-            await asyncio.sleep(self.period_s)
+            due = max(due + self.period_s, loop.time())   # after a stall: one round now, no burst of catch-ups
+            await asyncio.sleep(due - loop.time())
             groups: dict[tuple[str, str], list[str]] = {}
             handles = {}
             for sid, (name, handle) in list(self._open.items()):
                 groups.setdefault((name, owner_of(sid) or ""), []).append(sid)
                 handles[name] = handle
-            calls = [handles[name].options(session_id=sids[0]).renew.remote(sids)
-                     for (name, _), sids in groups.items()]
-            for call in calls:
-                try:
-                    await asyncio.wait_for(call, timeout=self.period_s * 2)
-                except Exception as e:  # noqa: BLE001 - a dead replica: its streams fail on their own
-                    log.warning("lease renewal failed: %s: %s", type(e).__name__, e)
+            for key, sids in groups.items():
+                if key in self._in_flight:
+                    continue          # that replica has not answered the last round yet
+                self._in_flight[key] = loop.create_task(self._renew(key, handles[key[0]], sids))
+
+    async def _renew(self, key: tuple[str, str], handle, sids: list[str]) -> None:
+        try:
+            await asyncio.wait_for(detached(handle.options(session_id=sids[0]).renew.remote, sids), self.lease_s)
+        except Exception as e:  # noqa: BLE001 - a dead replica: its streams fail on their own
+            log.warning("lease renewal of %d session(s) on %s failed: %s: %s", len(sids), key[1] or key[0],
+                        type(e).__name__, e)
+        finally:
+            self._in_flight.pop(key, None)
 
 
 class ReplicaStream:

@@ -33,7 +33,7 @@ from .streaming import ReplicaStream, end_error, replica_lost
 log = logging.getLogger(__name__)
 
 QUEUE_MESSAGES = 256     # messages read but not yet forwarded; beyond this the reader waits (TCP back-pressure)
-LOST_GRACE_S = 2.0       # after UnknownSession, how long the writer may take to report the precise reason
+LOST_GRACE_S = 10.0      # after UnknownSession, how long the writer may take to bring the session's own end
 DISCONNECT = object()
 
 
@@ -111,14 +111,17 @@ class WSSession:
                     if err is DISCONNECT:
                         return
                     if getattr(err, "lost", False):
-                        # The replica does not hold the session (it ended or the replica restarted): the writer
-                        # usually knows why; give it a moment to say so.
+                        # The replica does not hold the session: it ended (EOS, max_new_tokens, a failure) before
+                        # this text reached it, or the replica restarted. The writer has, or soon gets, the
+                        # session's own end; that outcome is the one the client hears.
                         done, _ = await asyncio.wait({writer}, timeout=LOST_GRACE_S)
                         if done:
                             werr = self._result(writer)
                             if werr is DISCONNECT:
                                 return
-                            err = werr or err
+                            if werr is None:
+                                return await self._close(1000)   # `done` was sent: a normal end
+                            err = werr
                     return await send_error(self.ws, err, self.count_error)
         except WebSocketDisconnect:
             return

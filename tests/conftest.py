@@ -48,8 +48,30 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+# What to show from the cluster's own logs when a test failed (CI keeps only pytest's output): why streams ended,
+# leases lapsed or replicas died.
+RAY_LOG_SIGNS = ("lease expired", "lease renewal", "replica stream failed", "websocket session task failed",
+                 "died", "unhealthy", "health check", "killed", "OOM", "Segmentation", "Fatal Python")
+RAY_LOG_NOISE = ("Failed to look up actor", "started successfully")
+
+
+def ray_log_digest(temp_dir: str, limit: int = 40) -> list[str]:
+    """The last `limit` lines of the Serve and worker logs under `temp_dir` that carry one of RAY_LOG_SIGNS."""
+    hits = []
+    for path in sorted(Path(temp_dir).glob("session_*/logs/**/*")):
+        if not path.is_file() or path.suffix not in (".log", ".err", ".out"):
+            continue
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        hits += [f"{path.name}: {line[:240]}" for line in lines
+                 if any(k in line for k in RAY_LOG_SIGNS) and not any(k in line for k in RAY_LOG_NOISE)]
+    return hits[-limit:]
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(request):
     """A local Ray head on 127.0.0.1 (cluster/local.sh), shared by the whole test session; yields its address."""
     port, dash = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="qtts-ray-")  # short: Ray's socket paths must fit in 107 bytes
@@ -71,8 +93,17 @@ def ray_cluster():
                 ray.shutdown()
         except ImportError:
             pass
+        if request.session.testsfailed:
+            report = request.config.pluginmanager.get_plugin("terminalreporter")
+            if report is not None:
+                report.write_line(f"\n---- Ray log lines of note ({temp_dir}) ----")
+                for line in ray_log_digest(temp_dir) or ["(none)"]:
+                    report.write_line(line)
         subprocess.run(["bash", str(ROOT / "cluster/local.sh"), "stop"], env=env)  # this head only
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        if os.environ.get("QTTS_KEEP_RAY_LOGS"):
+            print(f"\nRay logs kept in {temp_dir}")
+        else:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

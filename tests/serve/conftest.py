@@ -51,7 +51,7 @@ def serve_app(ray_cluster, tmp_path_factory):
     config = {"models": TEST_MODELS, "cache_dir": str(tmp / "cache"), "voices_uri": str(tmp / "voices"),
               "max_input_chars": 500, "max_body_bytes": 64 * 1024, "max_upload_bytes": 512 * 1024,
               "ws_idle_timeout_s": 3, "ws_max_messages": 3000, "ws_max_messages_per_s": 500, "ws_message_burst": 2000,
-              "session_lease_s": 3, "session_deadline_s": 60}
+              "session_lease_s": 6, "session_deadline_s": 60}
     t = time.time()
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     port = serve_http_port()

@@ -113,6 +113,74 @@ def test_idle_deadline_and_lease_expiry():
     assert t.expired_counts == {"idle": 1, "deadline": 1, "lease": 1}
 
 
+def test_a_stalled_replica_does_not_read_its_own_stall_as_a_consumer_gone():
+    """Found by CI on a loaded 2-core host: when the replica's loop is not scheduled for longer than a lease, the
+    renewals sent meanwhile wait unread; the stall is credited to the leases. A consumer that is really gone still
+    expires once the replica checks on time."""
+    clock = Clock()
+    t = SessionTable("r", SessionLimits(lease_s=3), clock=clock)
+    s = t.open(_ticket(), incremental=False, leased=True)
+    assert t.expired(0.5) == []
+    clock.t += 0.5
+    assert t.expired(0.5) == []
+    clock.t += 5.0          # the watchdog ran 4.5 s late: no renewal could be read meanwhile
+    assert t.expired(0.5) == []
+    waited, out = 0.0, []
+    while not out:          # on time again, and still nobody renews: the lease lapses 3 s after the stall
+        clock.t += 0.5
+        waited += 0.5
+        out = t.expired(0.5)
+    assert [(x is s, f) for x, f in out] == [(True, None)] and t.expired_counts["lease"] == 1
+    assert 2.5 <= waited <= 3.5, waited
+    clock.t += 5.0
+    assert t.expired() == [(s, None)]   # without a period nothing is credited (the old rule)
+
+
+class _SlowRenew:
+    """A replica handle whose renew answers after `delay_s`; records when each call started."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s, self.calls = delay_s, []
+
+    def options(self, **_):
+        return self
+
+    @property
+    def renew(self):
+        return self
+
+    def remote(self, sids):
+        self.calls.append((asyncio.get_running_loop().time(), tuple(sids)))
+
+        async def answer():
+            await asyncio.sleep(self.delay_s)
+            return []
+        return answer()
+
+
+def test_lease_rounds_keep_their_schedule_when_one_replica_is_slow():
+    """A replica that takes 2 periods to answer must not delay the renewals of another replica, and its own
+    calls must not pile up."""
+    from serve.streaming import Leases
+
+    async def main():
+        leases = Leases(0.6)                      # a round every 0.2 s
+        slow, fast = _SlowRenew(0.45), _SlowRenew(0.0)
+        leases.add("slowowner-1", "m", slow)
+        leases.add("fastowner-1", "n", fast)
+        await asyncio.sleep(1.1)
+        leases.drop("slowowner-1")
+        leases.drop("fastowner-1")
+        await asyncio.sleep(0.5)
+        return slow, fast, leases
+    slow, fast, leases = asyncio.run(main())
+    assert len(fast.calls) >= 4, fast.calls                       # ~5 rounds in 1.1 s
+    assert 2 <= len(slow.calls) <= 3, slow.calls                  # one call in flight at a time
+    gaps = [b[0] - a[0] for a, b in zip(fast.calls, fast.calls[1:])]
+    assert max(gaps) < 0.35, gaps
+    assert leases._task.done() and not leases._in_flight
+
+
 def test_message_limiter_count_and_rate():
     clock = Clock()
     lim = MessageLimiter(max_messages=100, per_s=10, burst=20, clock=clock)

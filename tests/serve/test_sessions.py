@@ -24,18 +24,24 @@ def _ws_url(http_url: str) -> str:
 
 
 async def _ws_session(url: str, config: dict, pieces: list, end: bool = True, gap_s: float = 0.0) -> dict:
-    """One WebSocket client: config, text pieces, end; returns start, audio bytes, JSON messages and close code."""
+    """One WebSocket client: config, text pieces, end; returns start, audio bytes, JSON messages, close code and
+    whether everything was sent. The server may finish (EOS, max_new_tokens) and close before the client has sent
+    all its text, on a slow machine more often: then the client stops sending and reads what it was told."""
     import websockets
 
     async with websockets.connect(_ws_url(url), max_size=None) as ws:
         await ws.send(json.dumps({"type": "config", "response_format": "pcm", **config}))
         start = json.loads(await asyncio.wait_for(ws.recv(), 60))
-        for p in pieces:
-            await ws.send(json.dumps({"type": "text", "text": p}))
-            if gap_s:
-                await asyncio.sleep(gap_s)
-        if end:
-            await ws.send(json.dumps({"type": "end"}))
+        sent_all = True
+        try:
+            for p in pieces:
+                await ws.send(json.dumps({"type": "text", "text": p}))
+                if gap_s:
+                    await asyncio.sleep(gap_s)
+            if end:
+                await ws.send(json.dumps({"type": "end"}))
+        except websockets.ConnectionClosed:
+            sent_all = False
         audio, msgs = b"", []
         try:
             while True:
@@ -46,7 +52,7 @@ async def _ws_session(url: str, config: dict, pieces: list, end: bool = True, ga
                     msgs.append(json.loads(m))
         except websockets.ConnectionClosed:
             pass
-        return {"start": start, "audio": audio, "msgs": msgs, "code": ws.close_code}
+        return {"start": start, "audio": audio, "msgs": msgs, "code": ws.close_code, "sent_all": sent_all}
 
 
 def _pcm(b: bytes) -> np.ndarray:

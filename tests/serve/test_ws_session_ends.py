@@ -1,0 +1,136 @@
+"""How a WebSocket session ends when its text and its audio race, without Ray: the replica finishes a session
+(EOS, max_new_tokens) while the client's last text or `end` is still on its way, so `feed` answers UnknownSession.
+The client must hear the session's own end (`done`, close 1000), never `done` followed by an error; only a session
+whose audio never ends gets the 502."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi import WebSocketDisconnect
+
+import serve.ws_session as wss
+from serve.sessions import UnknownSession
+from serve.ws_session import MessageLimiter, WSSession
+
+
+class FakeSocket:
+    def __init__(self, incoming: list[dict]) -> None:
+        self.incoming = list(incoming)
+        self.sent: list = []
+        self.close_code: int | None = None
+
+    async def receive(self) -> dict:
+        if self.incoming:
+            return self.incoming.pop(0)
+        await asyncio.sleep(3600)       # a client that sends nothing more
+        raise WebSocketDisconnect(1000)
+
+    async def send_json(self, obj) -> None:
+        if self.close_code is not None:
+            raise RuntimeError("send after close")
+        self.sent.append(json.loads(json.dumps(obj)))
+
+    async def send_bytes(self, data: bytes) -> None:
+        if self.close_code is not None:
+            raise RuntimeError("send after close")
+        self.sent.append(bytes(data))
+
+    async def close(self, code: int) -> None:
+        self.close_code = code
+
+
+class EndedHandle:
+    """A replica that no longer holds the session: every `feed` raises UnknownSession, after `feed_delay_s`."""
+
+    def __init__(self, feed_delay_s: float = 0.0) -> None:
+        self.feeds = 0
+        self.feed_delay_s = feed_delay_s
+
+    def options(self, **_):
+        return self
+
+    @property
+    def feed(self):
+        return self
+
+    def remote(self, sid, text, end):
+        self.feeds += 1
+
+        async def call():
+            await asyncio.sleep(self.feed_delay_s)
+            raise UnknownSession(sid, "has ended")
+        return call()
+
+
+class FakeStream:
+    """The replica's items: audio, then (after `end_after_s`) the end item; `None` never ends."""
+
+    def __init__(self, end_after_s: float | None, end: dict) -> None:
+        self.sid, self.end_after_s, self.end = "r1-abc", end_after_s, end
+        self.items = [{"type": "audio", "pcm": b"\x01\x00" * 4}]
+        self.closed = False
+
+    async def next(self) -> dict:
+        if self.items:
+            return self.items.pop(0)
+        if self.end_after_s is None:
+            await asyncio.sleep(3600)
+        await asyncio.sleep(self.end_after_s)
+        self.end_after_s = 3600.0
+        return self.end
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Passthrough:
+    def push(self, pcm: bytes) -> bytes:
+        return pcm
+
+    def finish(self) -> bytes:
+        return b""
+
+
+DONE = {"type": "end", "status": None, "finish_reason": "max_new_tokens", "num_frames": 0, "ttfa_s": 0.01}
+
+
+def _run(stream: FakeStream, handle: EndedHandle, incoming: list[dict]) -> FakeSocket:
+    ws = FakeSocket(incoming)
+    session = WSSession(ws, ws.receive, handle, stream, Passthrough(), MessageLimiter(100, 100, 100), {"type": "ready"})
+    asyncio.run(asyncio.wait_for(session.run(), 20))
+    return ws
+
+
+@pytest.mark.parametrize("end_after_s", [0.0, 0.3], ids=["end-already-there", "end-arrives-later"])
+def test_text_that_reaches_an_ended_session_still_ends_with_done(end_after_s):
+    """Found by CI: `max_new_tokens: 1` ended the session at prefill while `end` was on its way; the client got
+    `done` and then a 502 error. It must get `done` and close 1000."""
+    handle = EndedHandle()
+    stream = FakeStream(end_after_s, DONE)
+    ws = _run(stream, handle, [{"type": "text", "text": "One token."}, {"type": "end"}])
+    msgs = [m for m in ws.sent if isinstance(m, dict)]
+    assert handle.feeds >= 1
+    assert msgs[-1]["type"] == "done" and msgs[-1]["finish_reason"] == "max_new_tokens", msgs
+    assert not [m for m in msgs if m["type"] == "error"], msgs
+    assert ws.close_code == 1000 and stream.closed
+
+
+def test_a_failed_end_is_what_the_client_hears():
+    failed = {"type": "end", "status": 408, "message": "no text for 3 s", "param": "text", "finish_reason": "error",
+              "num_frames": 0, "ttfa_s": None}
+    ws = _run(FakeStream(0.1, failed), EndedHandle(), [{"type": "text", "text": "hi"}])
+    msgs = [m for m in ws.sent if isinstance(m, dict)]
+    assert msgs[-1]["type"] == "error" and msgs[-1]["error"]["code"] == "408", msgs
+    assert ws.close_code == 1008
+
+
+def test_a_session_whose_audio_never_ends_gets_502(monkeypatch):
+    monkeypatch.setattr(wss, "LOST_GRACE_S", 0.2)
+    stream = FakeStream(None, DONE)
+    ws = _run(stream, EndedHandle(), [{"type": "text", "text": "hi"}])
+    msgs = [m for m in ws.sent if isinstance(m, dict)]
+    assert msgs[-1]["type"] == "error" and msgs[-1]["error"]["code"] == "502", msgs
+    assert ws.close_code == 1011 and stream.closed
