@@ -5,6 +5,8 @@ Parameter names mirror the official checkpoint so its tensors load by name.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,8 @@ from ..config import DecoderStackConfig
 from .flags import ThreadFlag
 from .fused import add_rms_norm, apply_rope, qk_norm_rope, silu_mul
 from .kv_cache import LayerCache
+
+logger = logging.getLogger(__name__)
 
 # --- linear layers: torch's default GEMM, or oneDNN with prepacked weights (CPU) ----------------------------------
 # On CPU, torch's fp32 GEMM is MKL's, which on AMD cores runs a batch of 8 rows at ~3x the cost of one row; oneDNN with
@@ -26,7 +30,14 @@ packed_linears = ThreadFlag()
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
     if packed is not None and packed_linears:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+        if packed.dtype == x.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+        if x.numel() > x.shape[-1]:
+            # bf16 on a CPU without a bf16 GEMM: two or more rows run in fp32 on the packed fp32 copy (~5x faster
+            # at 8 rows than torch's bf16 GEMM there); one row stays a bf16 matrix-vector product (half the bytes).
+            b = None if bias is None else bias.float()
+            y = torch.ops.mkldnn._linear_pointwise(x.float().contiguous(), packed, b, "none", [], "")
+            return y.to(x.dtype)
     return F.linear(x, weight, bias)
 
 
@@ -41,6 +52,10 @@ class Linear(nn.Linear):
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+
+
+def _pack_upcast(w: torch.Tensor) -> torch.Tensor:
+    return _pack(w.detach().float())
 
 
 _PACKABLE: dict[torch.dtype, bool] = {}
@@ -65,21 +80,31 @@ def can_pack(p: torch.Tensor) -> bool:
 @torch.no_grad()
 def pack_linears_(module: nn.Module) -> bool:
     """Give every linear under `module` a oneDNN-packed copy of its weight (CPU, fp32/bf16; once). The plain weights
-    stay (the reference-exact path and state_dict use them). Returns whether packing is in place."""
+    stay (the reference-exact path and state_dict use them). Returns whether packing is in place.
+
+    bf16 on a CPU that cannot pack bf16 (no AVX512-BW/VL/DQ or AVX-NE-CONVERT): the copies are fp32, used for two
+    or more rows (see `linear`); weight memory triples. QTTS_ONEDNN=0 turns all packing off."""
     if getattr(module, "_packed_linears", False):
         return True
     params = list(module.parameters())
-    if not params or not can_pack(params[0]):
+    if not params:
+        return False
+    if can_pack(params[0]):
+        pack = _pack
+    elif params[0].dtype == torch.bfloat16 and can_pack(params[0].new_zeros(1, dtype=torch.float32)):
+        pack = _pack_upcast   # this CPU has no bf16 GEMM: batched rows use fp32 copies (2x the bf16 weights' memory)
+        logger.info("bf16 linears: this CPU cannot pack bf16; keeping fp32 packed copies for batched rows")
+    else:
         return False
     for m in module.modules():
         if type(m) is nn.Linear:
             m.__class__ = Linear
         if isinstance(m, Linear):
-            m.packed = _pack(m.weight)
+            m.packed = pack(m.weight)
         elif isinstance(m, Attention) and m.qkv is not None:
-            m.qkv_packed = _pack(m.qkv)
+            m.qkv_packed = pack(m.qkv)
         elif isinstance(m, MLP) and m.gate_up is not None:
-            m.gate_up_packed = _pack(m.gate_up)
+            m.gate_up_packed = pack(m.gate_up)
     module._packed_linears = True
     return True
 

@@ -58,6 +58,52 @@ def test_engine_runs_where_onednn_cannot_pack(checkpoint_factory, monkeypatch, d
     assert torch.equal(eng.run_all([req])[0].codes(), plain)
 
 
+def test_bf16_without_a_bf16_gemm_runs_batched_rows_on_fp32_copies(checkpoint_factory, monkeypatch):
+    """A CPU that cannot pack bf16 (AVX2 only, as this one) but can pack fp32: bf16 linears keep fp32 packed copies.
+    One row stays the plain bf16 product (bit for bit); two or more rows run in fp32 and round once to bf16 (within
+    bf16 rounding of the plain product); the engine's greedy codes match the plain engine's."""
+    from qwen_tts_core import Engine, Qwen3TTSModel, SamplingParams, SynthesisRequest
+    from qwen_tts_core.model import layers
+
+    if not layers.can_pack(torch.zeros(1)):
+        pytest.skip("oneDNN cannot pack fp32 linears here")
+    monkeypatch.setattr(layers, "_PACKABLE", {torch.float32: True, torch.bfloat16: False})
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 64, generator=g))
+        lin.bias.copy_(torch.randn(96, generator=g))
+    assert layers.pack_linears_(lin) and lin.packed.dtype == torch.float32
+    with layers.packed_linears(True):
+        for rows in (1, 8):
+            x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+            got, plain = lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias)
+            want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float()).to(torch.bfloat16)
+            assert got.dtype == torch.bfloat16
+            if rows == 1:
+                assert torch.equal(got, plain)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+                torch.testing.assert_close(got, plain, rtol=2e-2, atol=5e-2)
+        with torch.no_grad():
+            lin.packed = layers._pack_upcast(lin.weight * 2)   # the batched path reads the copy, not the bf16 weight
+        assert not torch.allclose(lin(x).float(), want.float(), rtol=1e-2, atol=1e-2)
+
+    ckpt = checkpoint_factory("custom_voice", "tiny")
+    model = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype=torch.bfloat16)
+    reqs = [SynthesisRequest(kind="custom_voice", text=t, speaker="vivian", language="english",
+                             sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=8),
+                             decode_audio=False) for t in ("Hello there.", "A second one, longer.", "Third.")]
+    monkeypatch.setenv("QTTS_ONEDNN", "0")
+    plain = [s.codes() for s in Engine(model, max_sessions=3).run_all(reqs)]
+    monkeypatch.delenv("QTTS_ONEDNN")
+    eng = Engine(model, max_sessions=3)
+    assert eng.runner.packed
+    got = [s.codes() for s in eng.run_all(reqs)]
+    same = sum(int(torch.equal(a[:n], b[:n])) for a, b in zip(got, plain) for n in [min(len(a), len(b))])
+    assert same >= 2, "batched bf16 rows on fp32 copies must give the plain engine's greedy codes (a rare tie aside)"
+
+
 def reference_rope(x, pos, head_dim, theta):
     """The reference's rotate-half RoPE written out: cos/sin cast to x's dtype, x*cos + rotate_half(x)*sin."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
