@@ -83,7 +83,7 @@ def pack_linears_(module: nn.Module) -> bool:
     stay (the reference-exact path and state_dict use them). Returns whether packing is in place.
 
     bf16 on a CPU that cannot pack bf16 (no AVX512-BW/VL/DQ or AVX-NE-CONVERT): the copies are fp32, used for two
-    or more rows (see `linear`); weight memory triples. QTTS_ONEDNN=0 turns all packing off."""
+    or more rows (see `linear`): the weights take 3x their bf16 memory in all. QTTS_ONEDNN=0 turns all packing off."""
     if getattr(module, "_packed_linears", False):
         return True
     params = list(module.parameters())
@@ -92,7 +92,7 @@ def pack_linears_(module: nn.Module) -> bool:
     if can_pack(params[0]):
         pack = _pack
     elif params[0].dtype == torch.bfloat16 and can_pack(params[0].new_zeros(1, dtype=torch.float32)):
-        pack = _pack_upcast   # this CPU has no bf16 GEMM: batched rows use fp32 copies (2x the bf16 weights' memory)
+        pack = _pack_upcast   # no bf16 GEMM on this CPU: fp32 copies for batched rows (an extra 2x the bf16 weights)
         logger.info("bf16 linears: this CPU cannot pack bf16; keeping fp32 packed copies for batched rows")
     else:
         return False
