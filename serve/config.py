@@ -112,7 +112,7 @@ class ServiceConfig:
     ws_max_messages_per_s: float = 200.0                # WebSocket: sustained message rate (token bucket) ...
     ws_message_burst: int = 5000                        # ... and its burst
     session_deadline_s: float = 600.0                   # any session: wall time in the engine before it fails
-    session_lease_s: float = 15.0                       # a stream whose consumer stops renewing is cancelled
+    session_lease_s: float = 15.0                       # a stream whose consumer stops renewing (and died) is cancelled
     retry_after_s: int = 1
     ingress_num_cpus: float = 0.25
     ingress_replicas: int = 1

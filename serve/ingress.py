@@ -35,6 +35,7 @@ from .auth import Caller, KeyRing, bearer_token
 from .config import ServiceConfig
 from .fetch import AllowList, FetchRefused, fetch_allowed
 from .jsonlimits import JsonLimits, JsonRejected, loads_bounded
+from .liveness import this_actor
 from .metrics import ClientStreams, merge_stats, prometheus_text
 from .requests import CALLER
 from .routing import detached, route_key
@@ -102,7 +103,8 @@ class Ingress:
         self.keys = KeyRing(self.cfg.api_keys, self.cfg.admin_api_keys)
         self.allow_urls = AllowList(self.cfg.allowed_audio_url_prefixes)
         self._info: dict[str, dict] = {}
-        self.leases = Leases(self.cfg.session_lease_s)      # streams this ingress consumes, renewed on their replicas
+        # streams this ingress consumes, renewed on their replicas, which ask the GCS about this actor before a cancel
+        self.leases = Leases(self.cfg.session_lease_s, this_actor())
         self.client_streams = ClientStreams()               # open client streams (HTTP + WebSocket) of this ingress
         self.app_name = serve.get_replica_context().app_name
 

@@ -99,7 +99,7 @@ def merge_stats(replicas: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"replicas": len(replicas)}
     for key in ("requests", "errors", "rejected_busy", "cancelled", "completed", "steps", "idle_waits",
                 "active_sessions", "queue_length", "open_sessions", "engine_active", "engine_queued",
-                "expired_idle", "expired_deadline", "expired_lease"):
+                "expired_idle", "expired_deadline", "expired_lease", "expired_lease_late"):
         out[key] = sum(int(r.get(key) or 0) for r in replicas)
     ttfa = [x for r in replicas for x in r.get("ttfa_recent_s") or ()]
     out["ttfa_p50_s"], out["ttfa_p95_s"] = _quantile(ttfa, 0.5), _quantile(ttfa, 0.95)
@@ -152,6 +152,8 @@ def prometheus_text(per_model: dict[str, dict[str, Any]], http_errors: dict[str,
     metric("qtts_sessions_expired_total", "counter", "sessions ended by the replica's watchdog, by reason",
            [({"model": m, "reason": k}, float(s.get(f"expired_{k}") or 0)) for m, s in per_model.items()
             for k in ("idle", "deadline", "lease")])
+    metric("qtts_leases_late_total", "counter", "lapsed leases extended: renewals were late, the consumer lives",
+           rows("expired_lease_late"))
     metric("qtts_engine_steps_total", "counter", "engine steps run", rows("steps"))
     if open_client_streams is not None:
         metric("qtts_open_client_streams", "gauge", "client streams this ingress is serving",

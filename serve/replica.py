@@ -1,14 +1,15 @@
 """The model replica: a Serve deployment that owns one Engine and streams its chunks to many requests at once.
 
-Handle protocol of `stream(payload, incremental=False, lease=False)` (an async generator, called with
-`.options(stream=True)`), plain dicts:
+Handle protocol of `stream(payload, incremental=False, lease=False, consumer=None)` (an async generator, called
+with `.options(stream=True)`), plain dicts:
     {"type": "error", "status": 400|503, "message": str, "param": str|None, "retry_after": int}   (only item)
     {"type": "start", "session": str}                 then
     {"type": "audio", "pcm": np.ndarray float32 [N]}  ... then
     {"type": "end", "finish_reason": str, "num_frames": int, "ttfa_s": float|None,
      "status": None | int, "message": None | str, "param": None | str}      (status set: the session FAILED)
 The session id routes later calls to this replica (routing.py): `feed(session, text, end)` for incremental text,
-`renew([sessions])` for the consumer's lease (`lease=True`: a session nobody renews for `lease_s` is cancelled).
+`renew([sessions])` for the consumer's lease (`lease=True`: a session nobody renews for `lease_s` is cancelled once
+its `consumer`, the actor that renews, is confirmed dead; liveness.py).
 Cancelling the call (the client went away) cancels the engine session at its next step.
 
 For batch jobs, one hop at bulk priority:
@@ -36,6 +37,7 @@ from qwen_tts_core.errors import RequestError
 from qwen_tts_core.generate.requests import validate as validate_request
 
 from .config import ModelConfig
+from .liveness import RAY_ACTORS
 from .metrics import ReplicaMetrics, summarize
 from .requests import build_request, load_model, model_info
 from .scheduler import Busy, Scheduler, SchedulerLimits, SynthesisFailed, Ticket
@@ -85,8 +87,12 @@ class ReplicaCore:
     """Everything the deployment does, without Serve (unit tests build it directly)."""
 
     def __init__(self, model, cfg: ModelConfig, voices: VoiceStore | None, retry_after_s: int = 1,
-                 limits: SessionLimits | None = None, owner: str = "local") -> None:
+                 limits: SessionLimits | None = None, owner: str = "local",
+                 liveness=None) -> None:
+        """`liveness` (liveness.RAY_ACTORS): checks the consumer named with a leased stream and whether it lives;
+        None: no consumer is kept, a lapsed lease cancels at once."""
         self.model, self.cfg, self.voices = model, cfg, voices
+        self.liveness = liveness
         self.engine = Engine(model, max_sessions=cfg.max_sessions, max_queue=cfg.max_queue + cfg.max_sessions,
                              **engine_kwargs(cfg))
         self.metrics = ReplicaMetrics(cfg.name)
@@ -120,16 +126,36 @@ class ReplicaCore:
         self.scheduler.stop()
 
     async def _watch(self) -> None:
-        """End sessions past their idle timeout or deadline, and cancel those whose consumer stopped renewing."""
+        """End sessions past their idle timeout or deadline, and cancel those whose consumer is gone."""
         while True:
             await asyncio.sleep(WATCH_PERIOD_S)
-            for s, failure in self.sessions.expired(WATCH_PERIOD_S):
-                if failure is None:
+            expired = self.sessions.expired(WATCH_PERIOD_S)
+            alive = await self._consumers_alive({s.consumer["id"]: s.consumer for s, f in expired
+                                                 if f is None and s.consumer})
+            for s, failure in expired:
+                if failure is not None:
+                    log.info("session %s: %s", s.sid, failure.message)
+                    self.scheduler.fail(s.ticket, failure.status, failure.message, failure.param)
+                elif self.sessions.lapsed(s, bool(s.consumer) and alive.get(s.consumer["id"], False)):
                     log.warning("session %s: consumer gone (lease expired); cancelling", s.sid)
                     self.scheduler.cancel(s.ticket)
                 else:
-                    log.info("session %s: %s", s.sid, failure.message)
-                    self.scheduler.fail(s.ticket, failure.status, failure.message, failure.param)
+                    log.warning("session %s: lease renewals late but its consumer %s lives; lease extended",
+                                s.sid, s.consumer["id"])
+
+    async def _consumers_alive(self, consumers: dict[str, dict]) -> dict[str, bool]:
+        """actor id -> whether it lives; each asked once, all at once, in threads. An answer slower than a lease
+        counts as alive (the session deadline bounds it)."""
+        if not consumers or self.liveness is None:
+            return {}
+
+        async def one(c):
+            try:
+                return await asyncio.wait_for(asyncio.to_thread(self.liveness.alive, c), self.sessions.limits.lease_s)
+            except asyncio.TimeoutError:
+                return True
+        ids = list(consumers)
+        return dict(zip(ids, await asyncio.gather(*(one(consumers[i]) for i in ids)), strict=True))
 
     def _on_finish(self, ticket: Ticket, chunk) -> None:
         if ticket.failure is not None or chunk.finish_reason == "error":
@@ -176,8 +202,8 @@ class ReplicaCore:
             end.update(status=500, message="the session was cancelled")
         return end
 
-    async def stream(self, payload: dict[str, Any], incremental: bool = False,
-                     lease: bool = False) -> AsyncIterator[dict]:
+    async def stream(self, payload: dict[str, Any], incremental: bool = False, lease: bool = False,
+                     consumer: Any = None) -> AsyncIterator[dict]:
         try:
             ticket = await self._submit(payload, incremental)
         except RequestError as e:
@@ -187,7 +213,8 @@ class ReplicaCore:
         except Busy as e:
             yield _error(503, str(e), None, e.retry_after_s)
             return
-        sess = self.sessions.open(ticket, incremental, lease)
+        consumer = self.liveness.identity(consumer) if lease and self.liveness is not None else None
+        sess = self.sessions.open(ticket, incremental, bool(lease), consumer)
         try:
             yield {"type": "start", "session": sess.sid}
             async for ch in self.scheduler.chunks(ticket):
@@ -293,15 +320,15 @@ class TTSReplica:
         model = await asyncio.to_thread(load_model, cfg, cache_dir)
         owner = serve.get_replica_context().replica_id.unique_id
         self.core = ReplicaCore(model, cfg, VoiceStore.from_uri(voices_uri), retry_after_s,
-                                SessionLimits(**(session_limits or {})), owner=owner)
+                                SessionLimits(**(session_limits or {})), owner=owner, liveness=RAY_ACTORS)
         if cfg.warmup:
             secs = await asyncio.to_thread(self.core.warm_up)
             log.info("replica for %s warmed up in %.2f s", cfg.name, secs)
         self.core.start(asyncio.get_running_loop())
 
-    async def stream(self, payload: dict[str, Any], incremental: bool = False,
-                     lease: bool = False) -> AsyncIterator[dict]:
-        async for item in self.core.stream(payload, incremental, lease):
+    async def stream(self, payload: dict[str, Any], incremental: bool = False, lease: bool = False,
+                     consumer: Any = None) -> AsyncIterator[dict]:
+        async for item in self.core.stream(payload, incremental, lease, consumer):
             yield item
 
     async def feed(self, session: str, text: str = "", end: bool = False) -> dict:

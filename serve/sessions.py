@@ -4,7 +4,8 @@
     s = table.open(ticket, incremental=True, leased=True)   # s.sid: "a1b2c3-<uuid hex>", routed back here
     table.get(sid)                                          # UnknownSession unless this replica holds it
     table.take_text(s, "more text")                         # RequestError("text") past the total-text limit
-    for s, failure in table.expired(): ...                  # the watchdog ends these (failure None: just cancel)
+    for s, failure in table.expired(): ...                  # the watchdog ends these (failure None: lease lapsed)
+    table.lapsed(s, consumer_alive)                         # ... settled: True -> cancel it; False -> lease extended
 
 No Ray and no engine here; the replica (replica.py) acts on what this table decides.
 """
@@ -54,6 +55,7 @@ class OpenSession:
     opened: float
     last_text: float
     lease_until: float | None = None
+    consumer: Any = None               # who renews the lease (liveness.py identity), asked before a cancel
     started: float | None = None       # entered the engine (bulk sessions may wait parked before)
     text_chars: int = 0
     has_text: bool = False             # a non-blank piece arrived
@@ -64,16 +66,17 @@ class SessionTable:
     def __init__(self, owner: str, limits: SessionLimits = SessionLimits(), clock=time.monotonic) -> None:
         self.owner, self.limits, self.clock = owner, limits, clock
         self._open: dict[str, OpenSession] = {}
-        self.expired_counts: dict[str, int] = {"idle": 0, "deadline": 0, "lease": 0}
+        # lease: cancelled (consumer gone); lease_late: lapsed, but the consumer lives (its renewals were late)
+        self.expired_counts: dict[str, int] = {"idle": 0, "deadline": 0, "lease": 0, "lease_late": 0}
         self._last_check: float | None = None
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def open(self, ticket, incremental: bool, leased: bool) -> OpenSession:
+    def open(self, ticket, incremental: bool, leased: bool, consumer: Any = None) -> OpenSession:
         now = self.clock()
         s = OpenSession(new_session_id(self.owner), ticket, incremental, leased, now, now,
-                        now + self.limits.lease_s if leased else None)
+                        now + self.limits.lease_s if leased else None, consumer if leased else None)
         self._open[s.sid] = s
         return s
 
@@ -115,7 +118,8 @@ class SessionTable:
         s.ended = s.ended or end
 
     def expired(self, period_s: float | None = None) -> list[tuple[OpenSession, Failure | None]]:
-        """Sessions to end now: (session, failure to report) or (session, None) to cancel (consumer gone).
+        """Sessions to end now: (session, failure to report), or (session, None) when its lease lapsed: settle
+        those with `lapsed` (the consumer may be alive and only late).
 
         `period_s`: how often the caller checks. A check later than that means this process was stalled (a busy
         host, a long pause), and the renewals sent meanwhile may still wait unread: the extra time is credited to
@@ -135,7 +139,6 @@ class SessionTable:
             if s.started is None and t.session is not None:
                 s.started = now
             if s.leased and s.lease_until is not None and now > s.lease_until:
-                self.expired_counts["lease"] += 1
                 out.append((s, None))
             elif s.started is not None and now - s.started > lim.deadline_s:
                 self.expired_counts["deadline"] += 1
@@ -144,6 +147,16 @@ class SessionTable:
                 self.expired_counts["idle"] += 1
                 out.append((s, Failure(408, f"no text for {lim.idle_text_timeout_s:g} s", "text")))
         return out
+
+    def lapsed(self, s: OpenSession, consumer_alive: bool) -> bool:
+        """Settle a lapsed lease: True -> cancel the session (its consumer is gone); False -> the consumer lives
+        (renewals were late: a loaded host, a slow route), so the lease is extended and the session goes on."""
+        if consumer_alive:
+            self.expired_counts["lease_late"] += 1
+            s.lease_until = self.clock() + self.limits.lease_s
+            return False
+        self.expired_counts["lease"] += 1
+        return True
 
 
 __all__ = ["OpenSession", "SessionLimits", "SessionTable", "UnknownSession"]

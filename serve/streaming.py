@@ -14,7 +14,9 @@ protocol error, never a short success); SSE -> `{"type": "error", "error": {...}
 
 Leases: every stream this ingress consumes is renewed on its replica every `lease_s / 3` (one call per replica, on
 schedule even when a replica is slow to answer); if this ingress dies, its sessions stop being renewed and their
-replicas cancel them (orphans never run to full length).
+replicas cancel them (orphans never run to full length). Each stream names its consumer (this ingress's actor): a
+replica cancels a lapsed session only once the GCS confirms that actor dead (liveness.py), so renewals that a loaded
+host delays never cut a live stream.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ class Leases:
     renewal stays in flight (and still counts when it lands) while the next rounds go on, and no second call to it
     piles up behind the first."""
 
-    def __init__(self, lease_s: float) -> None:
-        self.lease_s = lease_s
+    def __init__(self, lease_s: float, consumer: dict[str, str] | None = None) -> None:
+        self.lease_s, self.consumer = lease_s, consumer   # consumer: this process's actor (liveness.this_actor)
         self.period_s = max(0.1, lease_s / 3)
         self._open: dict[str, tuple[str, Any]] = {}   # session -> (model name, replica handle)
         self._task: asyncio.Task | None = None
@@ -98,8 +100,13 @@ class Leases:
                 self._in_flight[key] = loop.create_task(self._renew(key, handles[key[0]], sids))
 
     async def _renew(self, key: tuple[str, str], handle, sids: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         try:
             await asyncio.wait_for(detached(handle.options(session_id=sids[0]).renew.remote, sids), self.lease_s)
+            if loop.time() - t0 > self.period_s:
+                log.warning("lease renewal of %d session(s) on %s took %.2f s (a renewal is due every %.2f s)",
+                            len(sids), key[1] or key[0], loop.time() - t0, self.period_s)
         except Exception as e:  # noqa: BLE001 - a dead replica: its streams fail on their own
             log.warning("lease renewal of %d session(s) on %s failed: %s: %s", len(sids), key[1] or key[0],
                         type(e).__name__, e)
@@ -121,7 +128,8 @@ class ReplicaStream:
                    retry_after_s: int = 1, counter: ClientStreams | None = None) -> ReplicaStream:
         """Start the stream; ApiError when the replica refuses (400/503) or cannot be reached. `counter` counts it
         as an open client stream until `close()`."""
-        gen = handle.options(stream=True).stream.remote(payload, incremental, leases is not None)
+        gen = handle.options(stream=True).stream.remote(payload, incremental, leases is not None,
+                                                        leases.consumer if leases is not None else None)
         try:
             first = await gen.__anext__()
         except BackPressureError:

@@ -50,9 +50,10 @@ def pytest_collection_modifyitems(config, items):
 
 # What to show from the cluster's own logs when a test failed (CI keeps only pytest's output): why streams ended,
 # leases lapsed or replicas died.
-RAY_LOG_SIGNS = ("lease expired", "lease renewal", "replica stream failed", "websocket session task failed",
+RAY_LOG_SIGNS = ("lease expired", "lease renewal", "renewals late", "queue length from", "replica stream failed", "websocket session task failed",
                  "died", "unhealthy", "health check", "killed", "OOM", "Segmentation", "Fatal Python")
-RAY_LOG_NOISE = ("Failed to look up actor", "started successfully")
+RAY_LOG_NOISE = ("Failed to look up actor", "started successfully", "INTENDED_SYSTEM_EXIT",
+                 "Force kill actor request")
 
 
 def ray_log_digest(temp_dir: str, limit: int = 40) -> list[str]:
@@ -70,6 +71,28 @@ def ray_log_digest(temp_dir: str, limit: int = 40) -> list[str]:
     return hits[-limit:]
 
 
+_RAY_TEMP_DIR: list[str] = []                      # the test session's Ray head, while it runs
+_FAILED_DIGESTS: list[tuple[str, list[str]]] = []  # (test id, Ray log lines of note when it failed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed and _RAY_TEMP_DIR and "ray_cluster" in getattr(item, "fixturenames", ()):
+        _FAILED_DIGESTS.append((item.nodeid, [x[:200] for x in ray_log_digest(_RAY_TEMP_DIR[0], limit=6)]))
+
+
+def pytest_unconfigure(config):
+    """Each failed cluster test's Ray log lines of note, printed last: CI shows only the tail of the output."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    for nodeid, lines in _FAILED_DIGESTS:
+        reporter.write_line(f"---- Ray log lines of note when {nodeid.split('::')[-1]} failed ----")
+        for line in lines or ["(none)"]:
+            reporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(request):
     """A local Ray head on 127.0.0.1 (cluster/local.sh), shared by the whole test session; yields its address."""
@@ -83,6 +106,7 @@ def ray_cluster(request):
     subprocess.run(["bash", str(ROOT / "cluster/local.sh"), "start"], check=True, env=env)
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     os.environ["QTTS_DASHBOARD_URL"] = f"http://127.0.0.1:{dash}"
+    _RAY_TEMP_DIR.append(temp_dir)
     try:
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
@@ -93,6 +117,7 @@ def ray_cluster(request):
                 ray.shutdown()
         except ImportError:
             pass
+        _RAY_TEMP_DIR.clear()
         if request.session.testsfailed:
             report = request.config.pluginmanager.get_plugin("terminalreporter")
             if report is not None:

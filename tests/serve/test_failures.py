@@ -205,6 +205,56 @@ def test_live_streams_outlast_their_leases(multi_app):
 
 
 @pytest.mark.ray
+def test_a_lapsed_session_is_cancelled_only_once_its_consumer_actor_is_dead(multi_app):
+    """Real Ray, no renewal at all: a named actor stands in for the ingress (`this_actor()` gives its identity, as in
+    the ingress). While it lives, its session on a replica outlasts 2.5 leases; once it is killed, the replica asks
+    the GCS, finds no such actor, and cancels the session within about a lease."""
+    import uuid
+
+    import ray
+    from ray import serve
+
+    from serve.liveness import this_actor
+
+    app, lease = multi_app["app"], multi_app["config"]["session_lease_s"]
+
+    @ray.remote(num_cpus=0)
+    class Consumer:
+        async def identity(self):              # async, like the ingress
+            return this_actor()
+    consumer = Consumer.options(name=f"test-consumer-{uuid.uuid4().hex[:8]}", namespace="serve").remote()
+    who = ray.get(consumer.identity.remote())
+    assert who["id"] == consumer._actor_id.hex(), who
+    before = _stats(app, "cv3")
+    h = serve.get_deployment_handle("tts-cv3", app)
+
+    async def main():
+        payload = {"model": "cv3", "voice": "ryan", "seed": 1, "max_new_tokens": 400}
+        gen = h.options(stream=True).stream.remote(payload, True, True, who)
+        sid = (await gen.__anext__())["session"]
+        await h.options(session_id=sid).feed.remote(sid, "Words that wait for more words.")   # no end: it waits
+        last = asyncio.create_task(_last_item(gen))
+        await asyncio.sleep(2.5 * lease)
+        alive_through = not last.done() or last.result()
+        ray.kill(consumer)
+        t = time.perf_counter()
+        end = await asyncio.wait_for(last, 4 * lease)
+        return alive_through, end, time.perf_counter() - t
+    alive_through, end, waited = asyncio.run(main())
+    after = _stats(app, "cv3")
+    assert alive_through is True, f"a session whose consumer lives must outlast its lapsed leases: {alive_through}"
+    assert end["finish_reason"] == "cancelled", end
+    assert waited < 2 * lease + 2, waited
+    assert after["expired_lease_late"] > before["expired_lease_late"], (before, after)
+    assert after["expired_lease"] >= before["expired_lease"] + 1, (before, after)
+
+
+async def _last_item(gen):
+    items = [x async for x in gen]
+    return items[-1] if items else None
+
+
+@pytest.mark.ray
 def test_killed_replica_mid_stream_fails_every_stream_it_held(multi_app):
     """A replica killed mid-stream: its raw HTTP stream ends in a protocol error (never a clean end), its SSE stream
     ends with an error event, its WebSocket session gets an error and close 1011; the next request succeeds."""
@@ -222,7 +272,7 @@ def test_killed_replica_mid_stream_fails_every_stream_it_held(multi_app):
             kind = "raw" if "raw" not in on_target else "sse"
             body = {**LONG, **({"stream_format": "sse"} if kind == "sse" else {})}
             r = await client.send(client.build_request("POST", f"{url}/v1/audio/speech", json=body), stream=True)
-            assert r.status_code == 200
+            assert r.status_code == 200, (await r.aread())[:300]
             it = r.aiter_raw()
             await it.__anext__()
             held.append((r, it))

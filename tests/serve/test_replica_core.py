@@ -11,6 +11,7 @@ import pytest
 from qwen_tts_core.errors import RequestError
 from serve.config import ModelConfig, ServiceConfig
 from serve.replica import ReplicaCore
+from serve.sessions import SessionLimits
 from serve.voices import ANYONE, VoiceStore
 
 
@@ -93,6 +94,59 @@ def test_voice_clone_prompt_is_encoded_once_and_reused(model_factory, ref_wav_pa
     assert calls == [], "a stored voice must not be re-encoded"
     with pytest.raises(ValueError, match="ref_audio"):
         asyncio.run(core.create_voice(b"not audio at all" * 10, "x", False, "bad"))
+
+
+def test_a_lapsed_lease_cancels_only_once_its_consumer_is_gone(model_factory):
+    """The replica's watchdog with no renewal at all (0.6 s leases): a session whose consumer lives goes on for
+    several leases (its lease is extended at each lapse); once the consumer is gone it is cancelled within about a
+    lease; a leased session naming no consumer is cancelled as its lease lapses."""
+    cfg = ModelConfig(name="cv", model_type="custom_voice", max_sessions=4, max_queue=2, max_new_tokens=64,
+                      default_max_new_tokens=64)
+    living, asked = {"ingress-1": True}, []
+
+    class Liveness:                                   # liveness.RAY_ACTORS' contract, without Ray
+        @staticmethod
+        def identity(value):
+            return value if isinstance(value, dict) else None
+
+        @staticmethod
+        def alive(consumer):
+            asked.append(consumer["id"])
+            return living.get(consumer["id"], False)
+    core = ReplicaCore(model_factory("custom_voice"), cfg, None, limits=SessionLimits(lease_s=0.6),
+                       liveness=Liveness())
+
+    async def session(consumer):
+        gen = core.stream({"voice": "ryan", "seed": 1}, incremental=True, lease=True, consumer=consumer)
+        start = await gen.__anext__()
+        core.feed(start["session"], "Words that wait for more words.")   # no `end`: it waits for more text
+
+        async def last():
+            return [x async for x in gen][-1]
+        return asyncio.create_task(last())
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        core.start(loop)
+        try:
+            kept = await session({"id": "ingress-1"})
+            bare = await session(None)
+            await asyncio.sleep(2.5)                      # four leases without a renewal
+            bare_end = bare.result() if bare.done() else None
+            kept_open, counts = not kept.done(), dict(core.sessions.expired_counts)
+            living["ingress-1"] = False
+            t = loop.time()
+            kept_end = await asyncio.wait_for(kept, 10)
+            return bare_end, kept_open, counts, kept_end, loop.time() - t, dict(core.sessions.expired_counts)
+        finally:
+            core.stop()
+    bare_end, kept_open, counts, kept_end, dt, final = asyncio.run(main())
+    assert bare_end is not None and bare_end["finish_reason"] == "cancelled", bare_end
+    assert kept_open, "a live consumer's session must outlast its lapsed leases"
+    assert counts["lease"] == 1 and counts["lease_late"] >= 2, counts
+    assert kept_end["type"] == "end" and kept_end["finish_reason"] == "cancelled" and kept_end["status"] == 500
+    assert dt < 1.6 and final["lease"] == 2, (dt, final)
+    assert set(asked) == {"ingress-1"}                    # the bare session has no consumer to ask about
 
 
 def test_service_config_rejects_unknown_keys_and_bad_values():

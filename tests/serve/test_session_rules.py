@@ -104,13 +104,34 @@ def test_idle_deadline_and_lease_expiry():
     clock.t += 3.1          # the lease lapses (no renewal for 3.1 s)
     out = t.expired()
     assert [(s is leased, f) for s, f in out] == [(True, None)]
+    assert t.lapsed(leased, consumer_alive=False)     # settled: the consumer is gone, cancel it
     leased.ticket.cancelled = True
     parked.ticket.session = object()   # admitted now: its deadline counts from here
     t.expired()
     clock.t += 12           # 20.2 s after opening: the deadline of the sessions in the engine since then
     out = t.expired()
     assert [s for s, _ in out] == [ended] and out[0][1].status == 504
-    assert t.expired_counts == {"idle": 1, "deadline": 1, "lease": 1}
+    assert t.expired_counts == {"idle": 1, "deadline": 1, "lease": 1, "lease_late": 0}
+
+
+def test_a_lapsed_lease_whose_consumer_lives_is_extended_not_cancelled():
+    """Found by CI on a loaded 2-core host: renewals delayed past a lease cut live streams. A lapse is settled by the
+    consumer's liveness: alive -> the lease is extended (counted as late, not expired); gone -> cancel."""
+    clock = Clock()
+    t = SessionTable("r", SessionLimits(lease_s=3), clock=clock)
+    s = t.open(_ticket(), incremental=False, leased=True, consumer={"id": "ingress-1"})
+    plain = t.open(_ticket(), incremental=False, leased=False, consumer={"id": "x"})
+    assert s.consumer == {"id": "ingress-1"} and plain.consumer is None
+    clock.t += 3.1
+    assert t.expired() == [(s, None)]
+    assert t.lapsed(s, consumer_alive=True) is False
+    assert t.expired() == []                       # extended by a full lease from the check
+    clock.t += 2.9
+    assert t.expired() == []
+    clock.t += 0.2
+    assert t.expired() == [(s, None)]              # still no renewal: asked again, one lease later
+    assert t.lapsed(s, consumer_alive=False) is True
+    assert t.expired_counts["lease_late"] == 1 and t.expired_counts["lease"] == 1
 
 
 def test_a_stalled_replica_does_not_read_its_own_stall_as_a_consumer_gone():
@@ -130,7 +151,7 @@ def test_a_stalled_replica_does_not_read_its_own_stall_as_a_consumer_gone():
         clock.t += 0.5
         waited += 0.5
         out = t.expired(0.5)
-    assert [(x is s, f) for x, f in out] == [(True, None)] and t.expired_counts["lease"] == 1
+    assert [(x is s, f) for x, f in out] == [(True, None)] and t.lapsed(s, False) and t.expired_counts["lease"] == 1
     assert 2.5 <= waited <= 3.5, waited
     clock.t += 5.0
     assert t.expired() == [(s, None)]   # without a period nothing is credited (the old rule)
