@@ -103,7 +103,7 @@ class Ingress:
         self.keys = KeyRing(self.cfg.api_keys, self.cfg.admin_api_keys)
         self.allow_urls = AllowList(self.cfg.allowed_audio_url_prefixes)
         self._info: dict[str, dict] = {}
-        # streams this ingress consumes, renewed on their replicas, which ask the GCS about this actor before a cancel
+        # streams this ingress consumes, renewed on their replicas, which ping this actor before cancelling a lapse
         self.leases = Leases(self.cfg.session_lease_s, this_actor())
         self.client_streams = ClientStreams()               # open client streams (HTTP + WebSocket) of this ingress
         self.app_name = serve.get_replica_context().app_name

@@ -15,8 +15,8 @@ protocol error, never a short success); SSE -> `{"type": "error", "error": {...}
 Leases: every stream this ingress consumes is renewed on its replica every `lease_s / 3` (one call per replica, on
 schedule even when a replica is slow to answer); if this ingress dies, its sessions stop being renewed and their
 replicas cancel them (orphans never run to full length). Each stream names its consumer (this ingress's actor): a
-replica cancels a lapsed session only once the GCS confirms that actor dead (liveness.py), so renewals that a loaded
-host delays never cut a live stream.
+replica cancels a lapsed session only once Ray reports that actor dead (liveness.py), so renewals that a loaded host
+delays never cut a live stream.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Leases:
     renewal stays in flight (and still counts when it lands) while the next rounds go on, and no second call to it
     piles up behind the first."""
 
-    def __init__(self, lease_s: float, consumer: dict[str, str] | None = None) -> None:
+    def __init__(self, lease_s: float, consumer: dict[str, Any] | None = None) -> None:
         self.lease_s, self.consumer = lease_s, consumer   # consumer: this process's actor (liveness.this_actor)
         self.period_s = max(0.1, lease_s / 3)
         self._open: dict[str, tuple[str, Any]] = {}   # session -> (model name, replica handle)
