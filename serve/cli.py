@@ -8,7 +8,8 @@
 Which Ray: `--address`, else RAY_ADDRESS, else the address in Ray's cluster file (`ray_current_cluster` in Ray's
 temp dir) -- each only if its GCS answers within a second (a stale file left by a stopped head is reported, not
 waited on) -- else a new local Ray that lives as long as this command. HTTP options are fixed for the life of a
-Serve instance: on a running Serve a different `--host/--port` is a clear error, not a silent no-op.
+Serve instance: on a running Serve a different `--host/--port` is a clear error, not a silent no-op. "qtts serving
+..." is printed once the proxy answers its health route (a proxy that Serve replaced on a busy host is waited for).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 1.0
+HTTP_READY_TIMEOUT_S = 120.0   # Serve replaces a proxy that misses its readiness check; wait this long for HTTP
 
 
 def read_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -147,13 +149,21 @@ def check_gpus(cfg) -> None:
 
 
 def start_http(host: str, port: int, explicit: bool) -> tuple[str, int]:
-    """Start Serve's HTTP proxy on host:port, or check a running Serve listens there; returns where it listens."""
+    """Start Serve's HTTP proxy on host:port, or check a running Serve listens there; returns where it listens.
+    A proxy that misses Serve's 5 s readiness check (a busy host) is replaced by Serve: not an error here;
+    `wait_for_http` waits for it."""
     from ray import serve
+    from ray.exceptions import ActorDiedError, GetTimeoutError
     from ray.serve.context import _get_global_client
 
     running = _get_global_client(raise_if_no_controller_running=False)
     if running is None:
-        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.start(http_options={"host": host, "port": port})
+        except (ActorDiedError, GetTimeoutError) as e:
+            if _get_global_client(raise_if_no_controller_running=False) is None:
+                raise
+            log.warning("Serve's HTTP proxy was not ready in time (%s); Serve starts another", type(e).__name__)
         return host, port
     cur = running.http_config
     if explicit and (cur.host, int(cur.port)) != (host, port):
@@ -161,6 +171,36 @@ def start_http(host: str, port: int, explicit: bool) -> tuple[str, int]:
                          f"host and port cannot change while it runs. Use --host {cur.host} --port {cur.port}, or "
                          "stop it first (`serve shutdown`, which stops every Serve app of the cluster)")
     return cur.host, int(cur.port)
+
+
+def _local_url(host: str, port: int) -> str:
+    """Where this machine reaches a proxy bound to host:port (a wildcard bind is reached on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def wait_for_http(url: str, timeout_s: float = HTTP_READY_TIMEOUT_S) -> float:
+    """Wait until Serve's proxy at `url` answers its health route (200); returns the seconds waited. SystemExit
+    with a clear message when it never does."""
+    import urllib.error
+    import urllib.request
+
+    t0 = time.monotonic()
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/-/healthz", timeout=PROBE_TIMEOUT_S * 5) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+                last = f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+        except (OSError, ValueError) as e:
+            last = type(e).__name__
+        if time.monotonic() - t0 > timeout_s:
+            raise SystemExit(f"qtts serve: the application is deployed but Serve's HTTP proxy at {url} did not "
+                             f"answer within {timeout_s:g} s ({last})")
+        time.sleep(0.5)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -186,6 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = start_http(host, port, explicit)
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
+    wait_for_http(_local_url(host, port))
     print(f"qtts serving {[m.name for m in cfg.models]} on {url} (playground at /)", flush=True)
     if args.detach:
         if started:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from qwen_tts_core.cli import build_parser
-from serve.cli import find_cluster, models_from_args, read_serve_yaml, start_http
+from serve.cli import find_cluster, models_from_args, read_serve_yaml, start_http, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,6 +94,48 @@ def test_stale_cluster_file_is_reported_within_seconds(monkeypatch, caplog):
 
 
 @pytest.mark.ray
+def test_a_proxy_that_missed_its_readiness_check_is_waited_for(monkeypatch):
+    """Found under load on 2 cores: Serve's proxy missed its 5 s readiness check, Serve killed and replaced it, and
+    `serve.start` raised ActorDiedError, failing `qtts serve`. With the controller up that is not fatal; the command
+    then waits for the HTTP health route before it says it serves. Without a controller the error stands."""
+    import http.server
+    import threading
+
+    from ray import serve
+    from ray.exceptions import ActorDiedError
+    from ray.serve import context
+
+    clients = [None, object()]         # no controller before serve.start; one after it
+    monkeypatch.setattr(context, "_get_global_client", lambda **_: clients.pop(0) if clients else None)
+    monkeypatch.setattr(serve, "start", lambda **_: (_ for _ in ()).throw(ActorDiedError()))
+    assert start_http("127.0.0.1", 8123, True) == ("127.0.0.1", 8123)
+    with pytest.raises(ActorDiedError):   # no controller came up: a real failure
+        start_http("127.0.0.1", 8123, True)
+
+    answers = [503, 503, 200]
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            code = answers.pop(0) if len(answers) > 1 else answers[0]
+            self.send_response(code if self.path == "/-/healthz" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        waited = wait_for_http(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 0.9 <= waited < 30 and answers == [200]        # two refusals 0.5 s apart, then ready
+    url = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(SystemExit, match=f"{url} did not answer within 1.5 s"):
+        wait_for_http(url, timeout_s=1.5)
+
+
 def test_port_or_host_change_on_a_running_serve_is_refused(serve_app):
     running = serve_app["port"]
     other = _free_port()
