@@ -107,6 +107,11 @@ def test_playground_waveform_download_and_voice_from_a_clip(serve_app, ref_wav_p
                 received = float(page.text_content("#seconds")) * 24000
                 assert page.text_content("#status") == "stopped"
                 assert abs(samples - heard * 24000) <= 240 and samples <= received + 1
+                assert page.is_hidden("#download") == (samples == 0)
+            # Found under load: a stop before anything was heard hid the link but left the last download's sample
+            # count on it. Nothing offered -> nothing claimed.
+            page.evaluate("() => { offerDownload(4800); offerDownload(0); }")
+            assert page.get_attribute("#download", "data-samples") == "0" and page.is_hidden("#download")
             assert errors == []
         finally:
             browser.close()
