@@ -185,11 +185,12 @@ def wait_for_http(url: str, timeout_s: float = HTTP_READY_TIMEOUT_S) -> float:
     import urllib.error
     import urllib.request
 
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # our own proxy: never via http_proxy
     t0 = time.monotonic()
     last = "no answer"
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/-/healthz", timeout=PROBE_TIMEOUT_S * 5) as r:
+            with opener.open(f"{url}/-/healthz", timeout=PROBE_TIMEOUT_S * 5) as r:
                 if r.status == 200:
                     return time.monotonic() - t0
                 last = f"HTTP {r.status}"

@@ -123,6 +123,10 @@ def test_a_proxy_that_missed_its_readiness_check_is_waited_for(monkeypatch):
             self.send_response(code if self.path == "/-/healthz" else 404)
             self.send_header("Content-Length", "0")
             self.end_headers()
+    for var in ("http_proxy", "HTTP_PROXY"):       # a user's proxy must not carry the loopback probe
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
