@@ -180,12 +180,13 @@ def test_health_and_metrics_ask_every_replica(multi_app):
 @pytest.mark.ray
 def test_live_streams_outlast_their_leases(multi_app):
     """The ingress renews what it consumes: four streams (over several replicas, so renewals go to several owners
-    at once) read slowly for 2.5 leases are neither aborted nor expired."""
+    at once) read slowly for 2.5 leases are neither aborted nor expired. The random tiny model may choose EOS early
+    (a clean end, which tells nothing here): a round with fewer than two long streams is run again, other seeds."""
     url, app, lease = multi_app["url"], multi_app["app"], multi_app["config"]["session_lease_s"]
     before = _stats(app, "cv3")["expired_lease"]
 
-    async def one(c):
-        async with c.stream("POST", f"{url}/v1/audio/speech", json=LONG) as r:
+    async def one(c, seed):
+        async with c.stream("POST", f"{url}/v1/audio/speech", json={**LONG, "seed": seed}) as r:
             t0, n = time.perf_counter(), 0
             async for chunk in r.aiter_raw():      # an abort (a cancelled session) raises here
                 n += len(chunk)
@@ -194,14 +195,19 @@ def test_live_streams_outlast_their_leases(multi_app):
                     return r.headers["x-session-id"], True
             return r.headers["x-session-id"], False   # a clean end (the model chose to stop): not an abort
 
-    async def main():
+    async def main(round_):
         async with httpx.AsyncClient(timeout=60) as c:
-            return await asyncio.gather(*[one(c) for _ in range(4)])
-    results = asyncio.run(main())
+            return await asyncio.gather(*[one(c, 4 * round_ + i) for i in range(4)])
+    rounds = []
+    for round_ in range(4):
+        rounds.append(asyncio.run(main(round_)))
+        if sum(outlasted for _, outlasted in rounds[-1]) >= 2:
+            break
+    results = rounds[-1]
     assert len({_owner(sid) for sid, _ in results}) >= 2, results
-    assert sum(outlasted for _, outlasted in results) >= 2, f"too few long streams to tell: {results}"
+    assert sum(outlasted for _, outlasted in results) >= 2, f"too few long streams to tell: {rounds}"
     expired = _stats(app, "cv3")["expired_lease"] - before
-    assert expired == 0, f"{expired} live stream(s) expired their lease: {results}"
+    assert expired == 0, f"{expired} live stream(s) expired their lease: {rounds}"
 
 
 @pytest.mark.ray
