@@ -10,9 +10,12 @@ different positions, each with a 4-frame chunk due: `BatchedAudio` with its defa
 of at most 32 row-frames), `BatchedAudio` as one call over all rows, and one `AudioStreamer` per session (today's
 path: a codec call and a host copy per session), at R = 1/8/32; and a ragged step (3 of 4 rows with 4 frames,
 1 of 4 with 1, as first chunks are) with one padded call vs one call per length as well.
+Section `kernels` (full-size decoder, --dtype): one streaming call of R rows x t frames with the small-call
+matrix-product convs (`codec.layers.MATMUL_ROWS`, the default) vs torch's conv kernels for every layer, calls
+interleaved in one process; ms per call and the speedup, for (R, t) in --shapes.
 The last stdout line is one JSON object.
 
-    .venv/bin/python benchmarks/codec_stream.py [--sections single,batched] [--frames 1000] [--threads 1]
+    .venv/bin/python benchmarks/codec_stream.py [--sections single,batched,kernels] [--shapes 1x1,1x4,8x4] [--frames 1000] [--threads 1]
         [--device cpu] [--oracle] [--rows 1,8,32] [--sizes tiny,full] [--batched-reps 2] [--dtype float32]
 """
 
@@ -180,7 +183,8 @@ def _batched_section(size: str, rows_list: list[int], device: torch.device, reps
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="single,batched", help="comma list of: single, batched")
+    ap.add_argument("--sections", default="single,batched", help="comma list of: single, batched, kernels")
+    ap.add_argument("--shapes", default="1x1,1x4,4x4,8x1,8x4", help="kernels section: ROWSxFRAMES per call")
     ap.add_argument("--frames", type=int, default=1000, help="position of the late chunk (frames decoded before)")
     ap.add_argument("--threads", type=int, default=1,
                     help="1 by default: 2 threads on a shared 2-core box measure OpenMP contention")
@@ -198,8 +202,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sections = set(args.sections.split(","))
-    if not sections <= {"single", "batched"}:
-        raise SystemExit(f"--sections must name single and/or batched, got {args.sections!r}")
+    if not sections or not sections <= {"single", "batched", "kernels"}:
+        raise SystemExit(f"--sections must name some of single, batched, kernels; got {args.sections!r}")
     result: dict = {"device": str(device), "threads": args.threads}
     if "single" in sections:
         result.update(_single_section(args, device))
@@ -209,7 +213,44 @@ def main() -> None:
         for size in args.sizes.split(","):
             result.update(_batched_section(size, rows_list, device, args.batched_reps, args.seed,
                                            getattr(torch, args.dtype)))
+    if "kernels" in sections:
+        result.update(_kernels_section(args, device))
     print(json.dumps(result))
+
+
+def _kernels_section(args, device: torch.device) -> dict:
+    """Default (small calls as matrix products) vs torch's conv kernels everywhere, same decoder, same run."""
+    from qwen_tts_core.codec import layers
+
+    dtype = getattr(torch, args.dtype)
+    decoder = random_decoder(full_config(), seed=args.seed).to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(args.seed + 3)
+    default, never = dict(layers.MATMUL_ROWS), dict.fromkeys(layers.MATMUL_ROWS, float("inf"))
+    res: dict = {"kernels_dtype": args.dtype}
+    try:
+        for shape in args.shapes.split(","):
+            try:
+                rows, frames = (int(v) for v in shape.lower().split("x"))
+            except ValueError:
+                raise SystemExit(f"--shapes must be ROWSxFRAMES items like 8x4, got {shape!r}") from None
+            codes = torch.randint(0, 2048, (rows, 16, frames), generator=g).to(device)
+            state = decoder.new_state(rows)
+            decoder.decode_chunk(codes, state, check=False)  # a state that has history
+
+            def call(table: dict, codes=codes, state=state):
+                layers.MATMUL_ROWS = table
+                decoder.decode_chunk(codes, state.select(list(range(state.batch_size))), check=False)
+
+            best = _best_times({"matmul_small": lambda c=call: c(default), "conv_only": lambda c=call: c(never)},
+                               device, args.reps)
+            res[f"kernels_{rows}x{frames}_ms"] = round(best["matmul_small"] * 1e3, 1)
+            res[f"kernels_{rows}x{frames}_conv_only_ms"] = round(best["conv_only"] * 1e3, 1)
+            res[f"kernels_{rows}x{frames}_speedup"] = round(best["conv_only"] / best["matmul_small"], 2)
+            logger.info("%dx%d: %.1f ms (conv kernels only: %.1f ms)", rows, frames, best["matmul_small"] * 1e3,
+                        best["conv_only"] * 1e3)
+    finally:
+        layers.MATMUL_ROWS = default
+    return res
 
 
 def _single_section(args, device: torch.device) -> dict:
