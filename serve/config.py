@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
+AUDIO_DTYPES = (None, "float32", "bfloat16", "float16")  # models[].audio_dtype: names of torch float dtypes
 
 
 def _check_keys(d: dict[str, Any], cls: type, where: str) -> None:
@@ -53,11 +54,14 @@ class ModelConfig:
     warmup: bool = True
     max_bulk_queue: int = 256                # bulk (batch-job) requests parked per replica before Busy
     # Engine options (None: the engine's default; see qwen_tts_core Engine): static KV length per session, CUDA
-    # graphs on/off, the batch sizes graphs are captured for, torch.compile of the layers' elementwise pieces.
+    # graphs on/off, the batch sizes graphs are captured for, torch.compile of the layers' elementwise pieces, the
+    # streaming audio decoder's dtype (fp32 by default; "bfloat16" is faster, as the official package decodes a
+    # bf16 model, at bf16 precision).
     max_len: int | None = None
     cuda_graphs: bool | None = None
     batch_buckets: tuple[int, ...] | None = None
     compile: bool | None = None
+    audio_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -79,6 +83,9 @@ class ModelConfig:
             if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
                 raise ValueError(f"models[{self.name}].batch_buckets must list positive integers, got {buckets!r}")
             object.__setattr__(self, "batch_buckets", buckets)
+        if self.audio_dtype not in AUDIO_DTYPES:
+            raise ValueError(f"models[{self.name}].audio_dtype must be one of {list(AUDIO_DTYPES)}, "
+                             f"got {self.audio_dtype!r}")
 
     @property
     def max_ongoing_requests(self) -> int:

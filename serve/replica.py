@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 SAMPLES_PER_FRAME = 1920
 WATCH_PERIOD_S = 0.5
-ENGINE_OPTIONS = ("max_len", "cuda_graphs", "batch_buckets", "compile")
+ENGINE_OPTIONS = ("max_len", "cuda_graphs", "batch_buckets", "compile", "audio_dtype")
 
 
 def _error(status: int, message: str, param: str | None = None, retry_after: int | None = None) -> dict:

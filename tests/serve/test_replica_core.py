@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import torch
 import pytest
 
 from qwen_tts_core.errors import RequestError
@@ -160,3 +161,20 @@ def test_service_config_rejects_unknown_keys_and_bad_values():
         ModelConfig(max_sessions=2, interactive_reserve=2)
     cfg = ServiceConfig.from_dict({})
     assert cfg.models[0].model_type == "custom_voice" and ServiceConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_audio_dtype_in_the_model_config_reaches_the_engine(model_factory, cv_core):
+    """models[].audio_dtype: the streaming decoder runs in it (bf16: close to the fp32 decode, not equal)."""
+    with pytest.raises(ValueError, match="audio_dtype"):
+        ModelConfig(audio_dtype="int8")
+    cfg = ModelConfig(name="cv16", model_type="custom_voice", max_sessions=4, max_queue=2, max_new_tokens=32,
+                      audio_dtype="bfloat16")
+    core = ReplicaCore(model_factory("custom_voice"), cfg, None)
+    assert core.engine.audio.bank.decoder.pre_conv.conv.weight.dtype == torch.bfloat16
+    assert cv_core.engine.audio.bank.decoder.pre_conv.conv.weight.dtype == torch.float32
+    payload = {"input": "Hello there.", "voice": "Vivian", "seed": 3, "max_new_tokens": 8}
+    pcm = [np.concatenate([x["pcm"] for x in asyncio.run(_items(c, payload)) if x["type"] == "audio"])
+           for c in (core, cv_core)]
+    assert pcm[0].shape == pcm[1].shape and pcm[0].size
+    diff = float(np.abs(pcm[0] - pcm[1]).max())
+    assert 0 < diff < 0.5 * float(np.abs(pcm[1]).max())
