@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from qwen_tts_core.errors import RequestError
 from serve.config import ModelConfig, ServiceConfig
