@@ -14,7 +14,6 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
-AUDIO_DTYPES = (None, "float32", "bfloat16", "float16")  # models[].audio_dtype: names of torch float dtypes
 
 
 def _check_keys(d: dict[str, Any], cls: type, where: str) -> None:
@@ -83,9 +82,10 @@ class ModelConfig:
             if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
                 raise ValueError(f"models[{self.name}].batch_buckets must list positive integers, got {buckets!r}")
             object.__setattr__(self, "batch_buckets", buckets)
-        if self.audio_dtype not in AUDIO_DTYPES:
-            raise ValueError(f"models[{self.name}].audio_dtype must be one of {list(AUDIO_DTYPES)}, "
-                             f"got {self.audio_dtype!r}")
+        if self.audio_dtype is not None:  # the core's rule (the engine applies the same one)
+            from qwen_tts_core.checkpoint.weights import resolve_dtype
+
+            resolve_dtype(self.audio_dtype, f"models[{self.name}].audio_dtype")
 
     @property
     def max_ongoing_requests(self) -> int:

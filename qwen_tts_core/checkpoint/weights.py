@@ -17,16 +17,17 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(dtype: Any) -> torch.dtype:
-    """A torch dtype from a torch.dtype or a name (float32/fp32, bfloat16/bf16, float16/fp16); None -> float32."""
+def resolve_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
+    """A torch dtype from a torch.dtype or a name (float32/fp32, bfloat16/bf16, float16/fp16); None -> float32.
+    `name`: the argument or config field the error names."""
     if dtype is None or dtype == "auto":
         return torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype}")
         return dtype
     if str(dtype) not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[str(dtype)]
 
 

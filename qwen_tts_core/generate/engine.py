@@ -30,6 +30,7 @@ from collections import deque
 import numpy as np
 import torch
 
+from ..checkpoint.weights import resolve_dtype
 from ..errors import RequestError
 from ..text.prompt import extend_prompt
 from ..types import SAMPLES_PER_FRAME, AudioChunk, SamplingParams, SynthesisRequest
@@ -103,10 +104,8 @@ class Engine:
                                      buckets=batch_buckets, sampler=sampler, compile=compile,
                                      initial_len=initial_cache_len)
         self.sdpa = self.runner.choose_decode_layout()
-        if isinstance(audio_dtype, str):
-            audio_dtype = getattr(torch, audio_dtype, None)
-        if audio_dtype is not None and not (isinstance(audio_dtype, torch.dtype) and audio_dtype.is_floating_point):
-            raise ValueError("audio_dtype must be a floating torch dtype or its name (float32, bfloat16, float16)")
+        if audio_dtype is not None:
+            audio_dtype = resolve_dtype(audio_dtype, "audio_dtype")
         self._capture = capture
         self._audio_rows: dict[int, Session] = {}   # session id -> session with an open audio row
         self.free_slots = list(range(max_sessions))

@@ -165,8 +165,9 @@ def test_service_config_rejects_unknown_keys_and_bad_values():
 
 def test_audio_dtype_in_the_model_config_reaches_the_engine(model_factory, cv_core):
     """models[].audio_dtype: the streaming decoder runs in it (bf16: close to the fp32 decode, not equal)."""
-    with pytest.raises(ValueError, match="audio_dtype"):
-        ModelConfig(audio_dtype="int8")
+    for bad in ("int8", "float64", "", 16, ["bfloat16"], {"dtype": "bfloat16"}):
+        with pytest.raises(ValueError, match=r"models\[tiny-custom-voice\]\.audio_dtype"):
+            ModelConfig(audio_dtype=bad)
     cfg = ModelConfig(name="cv16", model_type="custom_voice", max_sessions=4, max_queue=2, max_new_tokens=32,
                       audio_dtype="bfloat16")
     core = ReplicaCore(model_factory("custom_voice"), cfg, None)
