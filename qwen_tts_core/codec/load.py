@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,6 +79,8 @@ class Codec:
         self.samples_per_frame = cfg.samples_per_frame
         self._weights_path = weights_path
         self._encoder: MimiEncoder | None = None
+        self._decoders: dict[torch.dtype, CodecDecoder] = {}
+        self._decoders_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +89,16 @@ class Codec:
     @property
     def dtype(self) -> torch.dtype:
         return self.decoder.pre_conv.conv.weight.dtype
+
+    def decoder_in(self, dtype: torch.dtype | None) -> CodecDecoder:
+        """The decoder computing in `dtype` (None: the codec's own): a converted copy, made once and shared by every
+        caller (engines on one model hold one copy, not one each; its weights stay warm across engines)."""
+        if dtype is None or dtype == self.dtype:
+            return self.decoder
+        with self._decoders_lock:
+            if dtype not in self._decoders:
+                self._decoders[dtype] = copy.deepcopy(self.decoder).to(dtype).eval()
+            return self._decoders[dtype]
 
     @property
     def encoder(self) -> MimiEncoder:

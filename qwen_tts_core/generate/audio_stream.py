@@ -7,7 +7,6 @@ chunk due in one call per engine step.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,8 +93,8 @@ class BatchedAudio:
     Args:
         codec: a loaded `Codec`.
         max_rows: rows open at once (finished rows hold theirs until their final output).
-        dtype: compute dtype (e.g. torch.bfloat16 on GPU; a converted copy of the decoder is kept); default: the
-            codec's (fp32 for parity).
+        dtype: compute dtype (e.g. torch.bfloat16 on GPU; the codec's converted copy of the decoder, shared with
+            other engines on this codec); default: the codec's (fp32 for parity).
         call_cost: the fixed cost of one decoder call in row-frames, for rows with different pending lengths:
             they are padded into one call unless splitting by length saves more than this. Default: one call
             always on CUDA (launch-bound); 4 on CPU (compute-bound).
@@ -116,9 +115,7 @@ class BatchedAudio:
                  frame_buckets: Sequence[int] | None = None, capture=None) -> None:
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
-        decoder = codec.decoder
-        if dtype is not None and dtype != codec.dtype:
-            decoder = copy.deepcopy(decoder).to(dtype)
+        decoder = codec.decoder_in(dtype)
         self.codec, self.max_rows = codec, max_rows
         self.spf, self.q = codec.samples_per_frame, codec.cfg.num_quantizers
         if capture is not None:

@@ -37,7 +37,7 @@ from ..types import SAMPLES_PER_FRAME, AudioChunk, SamplingParams, SynthesisRequ
 from .audio_stream import BatchedAudio
 from .graphs import GraphCapture
 from .requests import make_prompt, validate
-from .runner import StepRunner
+from .runner import Start, StepRunner, prefill_groups
 from .session import Session
 from .text_feed import IncrementalText
 
@@ -334,21 +334,42 @@ class Engine:
 
     # --- internals --------------------------------------------------------------------------------------------
     def _admit(self, out: list[AudioChunk]) -> None:
+        """Start queued sessions in the free slots; those starting together share batched prefills."""
+        starting: list[Session] = []
         while self.free_slots:
             with self._lock:
                 s = self._pop_ready()
             if s is None:
-                return
+                break
             slot = self.free_slots.pop(0)
             try:
-                self._start(s, slot, out)
+                self._prepare(s, slot)
+                starting.append(s)
             except Exception as e:  # noqa: BLE001 - a bad request must not take the engine down
-                if not isinstance(e, RequestError):
-                    log.exception("session %d failed to start", s.id)
-                if s not in self.active and slot not in self.free_slots:
-                    self.free_slots.append(slot)
-                    self.free_slots.sort()
-                self._fail(s, e, out)
+                self._start_failed(s, slot, e, out)
+        for group in prefill_groups([s.prompt.prefill.shape[0] for s in starting]):
+            batch = [starting[i] for i in group]
+            try:
+                self.runner.start_many([Start(s.slot, s.prompt.prefill, s.prompt.trailing, s.request.sampling,
+                                              s.seed, s.generator) for s in batch])
+            except Exception as e:  # noqa: BLE001 - the sessions of this prefill fail; the engine goes on
+                log.exception("prefill of sessions %s failed", [s.id for s in batch])
+                for s in batch:
+                    self._fail(s, e, out)
+                continue
+            for s in batch:
+                try:
+                    self._started(s, out)
+                except Exception as e:  # noqa: BLE001
+                    self._start_failed(s, s.slot, e, out)
+
+    def _start_failed(self, s: Session, slot: int, e: BaseException, out: list[AudioChunk]) -> None:
+        if not isinstance(e, RequestError):
+            log.exception("session %d failed to start", s.id)
+        if s not in self.active and slot not in self.free_slots:
+            self.free_slots.append(slot)
+            self.free_slots.sort()
+        self._fail(s, e, out)
 
     def _pop_ready(self) -> Session | None:
         queues = [self.queues["interactive"]]
@@ -388,7 +409,8 @@ class Engine:
             self.runner.set_text(s.slot, s.prompt.trailing, old)
             self._set_guard(s)
 
-    def _start(self, s: Session, slot: int, out: list[AudioChunk]) -> None:
+    def _prepare(self, s: Session, slot: int) -> None:
+        """Build the session's prompt (validating what only the prompt shows) and give it `slot`."""
         req = s.request
         if s.cancelled:
             raise RuntimeError("cancelled")  # not reached: cancelled sessions are dropped before admission
@@ -405,8 +427,11 @@ class Engine:
         s.slot = slot
         self.active.append(s)
         self._set_guard(s)
-        self.runner.start(slot, s.prompt.prefill, s.prompt.trailing, req.sampling, s.seed, s.generator)
-        s.pos, s.text_step, s.num_ids, s.first_id_unread = T, 0, 1, True
+
+    def _started(self, s: Session, out: list[AudioChunk]) -> None:
+        """The session's prompt is in its slot and its first id drawn."""
+        req = s.request
+        s.pos, s.text_step, s.num_ids, s.first_id_unread = s.prompt.prefill.shape[0], 0, 1, True
         if req.decode_audio and self.audio is not None:
             self.audio.open(s.id, req.first_chunk_frames, req.chunk_frames, ref_codes=s.prompt.ref_codes)
             self._audio_rows[s.id] = s

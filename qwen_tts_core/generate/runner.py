@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,6 +52,11 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_LEN_BUCKET = 64
+PREFILL_TOKENS = 4096
+"""At most this many (padded) positions in one batched prefill: sessions admitted together share one talker pass."""
+PREFILL_PAD_SLACK = 64
+"""Padding a batched prefill may add beyond a quarter of its real positions (a pass costs at least one read of the
+weights: a few dozen positions of compute on CPU, more on GPU)."""
 TOPK_GRAPH_KMAX = 64
 """With graphs, a second code-predictor graph per batch bucket samples with top-k only (no top-p: no full sort,
 12 kernels fewer per codebook): used when every sampling row has top_p = 1 and top_k <= this, as the official
@@ -73,6 +79,39 @@ def length_buckets(max_len: int) -> tuple[int, ...]:
         out.append(n)
         n *= 2
     return (*out, max_len)
+
+
+@dataclass(frozen=True)
+class Start:
+    """A session to start: its slot, prompt embeds [T, C], trailing text embeddings, sampling, seed and (torch
+    sampler) generator."""
+
+    slot: int
+    embeds: torch.Tensor
+    trailing: list[torch.Tensor]
+    sp: SamplingParams
+    seed: int
+    generator: torch.Generator | None = None
+
+
+def prefill_groups(lengths: Sequence[int], max_tokens: int = PREFILL_TOKENS) -> list[list[int]]:
+    """Indices of prompts (by length) grouped into batched prefills: similar lengths together (shortest first), a
+    group's padded size (rows x longest) at most `max_tokens` (a longer prompt goes alone) and its padding at most
+    PREFILL_PAD_SLACK tokens plus a quarter of its real ones."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        T = lengths[i]
+        if groups:
+            g = groups[-1]
+            padded = (len(g) + 1) * T
+            if padded <= max_tokens and padded - (real + T) <= PREFILL_PAD_SLACK + (real + T) // 4:
+                g.append(i)
+                real += T
+                continue
+        groups.append([i])
+        real = T
+    return groups
 
 
 def _first_at_least(buckets: Sequence[int], n: int) -> int:
@@ -189,9 +228,9 @@ class StepRunner:
         seen.scatter_(1, ids[:, None], seen.gather(1, ids[:, None]) | m[:, None])
         self.out[:B, -1] = ids
 
-    def _pick_talker(self, logits: torch.Tensor, B: int, rows: slice | None = None,
+    def _pick_talker(self, logits: torch.Tensor, B: int, rows: slice | torch.Tensor | None = None,
                      plan: SamplePlan | None = None) -> torch.Tensor:
-        rows = rows or slice(0, B)
+        rows = slice(0, B) if rows is None else rows
         if self.sampler == "device":
             noise = lambda: gumbel(noise_key(self.seed_key[rows], self.ngen[rows], 0), self.tok_hash_t)  # noqa: E731
             return sample_device(logits, self.t_do[rows], self.t_temp[rows], self.t_top_k[rows], self.t_top_p[rows],
@@ -223,34 +262,55 @@ class StepRunner:
     # --- sessions ----------------------------------------------------------------------------------------------
     def start(self, slot: int, embeds: torch.Tensor, trailing: list[torch.Tensor], sp: SamplingParams, seed: int,
               generator: torch.Generator | None = None) -> None:
-        """A new session in `slot`: reset its state, prefill its prompt embeds [T, C] and draw its first id (kept on
-        the device; the host reads it with the session's first frame). Eager."""
-        T = embeds.shape[0]
+        """A new session in `slot` (see `start_many`)."""
+        self.start_many([Start(slot, embeds, trailing, sp, seed, generator)])
+
+    def start_many(self, starts: Sequence[Start]) -> None:
+        """New sessions: reset each slot's state, prefill their prompt embeds in ONE batched talker pass (rows
+        right-padded to the longest prompt; a row's padding only writes cache positions its decode overwrites before
+        reading them) and draw each first id (kept on the device; the host reads it with the session's first
+        frame). Eager. Each row's numbers are those of its prefill alone (the pad is masked out of its attention)."""
+        if not starts:
+            return
+        slots = [x.slot for x in starts]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"start_many: slots must be distinct, got {slots}")
+        lens = [x.embeds.shape[0] for x in starts]
+        T, n = max(lens), len(starts)
         self._ensure_len(T + 1)
-        for t, v in ((self.pos, T), (self.ngen, 0), (self.nframes, 0), (self.text_pos, 0),
-                     (self.seed_key, seed_key(seed)), (self.t_do, sp.do_sample), (self.t_temp, sp.temperature),
-                     (self.t_top_k, sp.top_k), (self.t_top_p, sp.top_p), (self.t_pen, sp.repetition_penalty),
-                     (self.c_do, sp.subtalker_dosample), (self.c_temp, sp.subtalker_temperature),
-                     (self.c_top_k, sp.subtalker_top_k), (self.c_top_p, sp.subtalker_top_p)):
-            t[slot] = v
-        self.host_params[slot] = (sp.do_sample, sp.top_k, sp.top_p, sp.subtalker_dosample, sp.subtalker_top_k,
-                                  sp.subtalker_top_p)
-        self.seen[slot] = False
-        self.text_len[slot] = 0
-        self.set_text(slot, trailing, 0)
+        for x in starts:
+            sp = x.sp
+            for t, v in ((self.pos, x.embeds.shape[0]), (self.ngen, 0), (self.nframes, 0), (self.text_pos, 0),
+                         (self.seed_key, seed_key(x.seed)), (self.t_do, sp.do_sample), (self.t_temp, sp.temperature),
+                         (self.t_top_k, sp.top_k), (self.t_top_p, sp.top_p), (self.t_pen, sp.repetition_penalty),
+                         (self.c_do, sp.subtalker_dosample), (self.c_temp, sp.subtalker_temperature),
+                         (self.c_top_k, sp.subtalker_top_k), (self.c_top_p, sp.subtalker_top_p)):
+                t[x.slot] = v
+            self.host_params[x.slot] = (sp.do_sample, sp.top_k, sp.top_p, sp.subtalker_dosample, sp.subtalker_top_k,
+                                        sp.subtalker_top_p)
+            self.seen[x.slot] = False
+            self.text_len[x.slot] = 0
+            self.set_text(x.slot, x.trailing, 0)
+        embeds = starts[0].embeds.new_zeros(n, T, starts[0].embeds.shape[1])
+        for i, x in enumerate(starts):
+            embeds[i, : lens[i]] = x.embeds
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        last = torch.tensor(lens, dtype=torch.long, device=self.device) - 1
         with packed_linears(self.packed):
-            hidden, logits = prefill(self.talker, self.cache, slot, embeds)
-        s = slice(slot, slot + 1)
-        logits = talker_logits_batch(logits[None], self.seen[s], self.t_pen[s], self.ngen[s], self.blocked,
+            hidden, logits = prefill(self.talker, self.cache, idx, embeds, last)
+        logits = talker_logits_batch(logits, self.seen[idx], self.t_pen[idx], self.ngen[idx], self.blocked,
                                      self.eos_id)
+        sps = [x.sp for x in starts]
         if self.sampler == "device":
-            ids = self._pick_talker(logits, 1, s, SamplePlan.of([sp.do_sample], [sp.top_k], [sp.top_p]))
+            ids = self._pick_talker(logits, n, idx, SamplePlan.of([p.do_sample for p in sps], [p.top_k for p in sps],
+                                                                  [p.top_p for p in sps]))
         else:
-            ids = pick_rows(logits, [sp.do_sample], [sp.temperature], [sp.top_k], [sp.top_p], [generator])
-        self.code0[s] = ids
-        self.hidden[slot] = hidden
-        self.ngen[slot] = 1
-        self.seen[s] = self.seen[s].scatter(1, ids[:, None], True)
+            ids = pick_rows(logits, [p.do_sample for p in sps], [p.temperature for p in sps], [p.top_k for p in sps],
+                            [p.top_p for p in sps], [x.generator for x in starts])
+        self.code0[idx] = ids
+        self.hidden[idx] = hidden
+        self.ngen[idx] = 1
+        self.seen[idx, ids] = True
 
     def set_text(self, slot: int, trailing: list[torch.Tensor], start: int) -> None:
         """Trailing text embeddings trailing[start:] arrived for `slot` (at most what the positions can consume)."""
@@ -428,4 +488,4 @@ class StepRunner:
         return found
 
 
-__all__ = ["StepRunner", "batch_buckets", "length_buckets"]
+__all__ = ["Start", "StepRunner", "batch_buckets", "length_buckets", "prefill_groups"]

@@ -1,4 +1,4 @@
-"""The math of one engine step: a session's prefill, one batched talker step, one batched code-predictor pass.
+"""The math of one engine step: the prefill of sessions that start together, one batched talker step, one batched code-predictor pass.
 
 Pure functions over tensors (no Python state, no host sync in `talker_step` and `predict_codes`): the runner
 (`runner.py`) calls them eagerly or captures them in CUDA graphs, the same code either way.
@@ -15,14 +15,15 @@ from ..model.talker import Talker
 
 
 @torch.inference_mode()
-def prefill(talker: Talker, cache: KVCache, slot: int, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one session's prompt embeds [T, C] into cache slot `slot` at positions 0..T-1.
-    Returns (last hidden [C], last codebook-0 logits [V] fp32)."""
-    T = embeds.shape[0]
-    positions = torch.arange(T, device=embeds.device)[None]
-    slots = torch.tensor([slot], device=embeds.device)
-    hidden, logits = talker(embeds[None], positions, cache, slots=slots, read_len=T)
-    return hidden[0, -1], logits[0, -1].float()
+def prefill(talker: Talker, cache: KVCache, slots: torch.Tensor, embeds: torch.Tensor,
+            last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run n sessions' prompt embeds [n, T, C] (right-padded) into cache slots `slots` [n] at positions 0..T-1;
+    last [n]: each row's last real position. Returns (its hidden [n, C], its codebook-0 logits [n, V] fp32)."""
+    n, T, _ = embeds.shape
+    positions = torch.arange(T, device=embeds.device)[None].expand(n, T)
+    hidden, logits = talker(embeds, positions, cache, slots=slots, read_len=T)
+    rows = torch.arange(n, device=embeds.device)
+    return hidden[rows, last], logits[rows, last].float()
 
 
 def talker_step(talker: Talker, cache: KVCache, positions: torch.Tensor, embeds: torch.Tensor,

@@ -172,3 +172,17 @@ def test_bf16_decode_is_close_and_returns_float32(codec):
     assert pcm.dtype == np.float32 and pcm.shape == ref.shape
     err = float(np.sqrt(np.mean((pcm - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)))
     assert 0 < err < 0.15, err          # bf16 really ran, and stayed close
+
+
+def test_decoders_in_another_dtype_are_one_shared_copy(codec):
+    """Engines on one model that decode in bf16 share the codec's one converted decoder (memory, and its weights stay
+    warm); the codec's own decoder stays fp32 and untouched."""
+    before = {k: v.clone() for k, v in codec.decoder.state_dict().items()}
+    a, b = BatchedAudio(codec, max_rows=1, dtype=torch.bfloat16), BatchedAudio(codec, max_rows=2, dtype=torch.bfloat16)
+    assert a.bank.decoder is b.bank.decoder is codec.decoder_in(torch.bfloat16)
+    assert a.bank.decoder.pre_conv.conv.weight.dtype == torch.bfloat16
+    assert codec.decoder_in(None) is codec.decoder_in(torch.float32) is codec.decoder
+    assert BatchedAudio(codec, max_rows=1).bank.decoder is codec.decoder
+    after = codec.decoder.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items()
+               if v.is_floating_point())

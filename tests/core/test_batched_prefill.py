@@ -1,0 +1,134 @@
+"""Sessions admitted in one step share batched prefills (runner.start_many): each row's codes are those of its
+session alone, prompts of different lengths are padded and grouped, and a failed prefill fails only its sessions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
+from qwen_tts_core.generate import runner as runner_mod
+from qwen_tts_core.generate.runner import PREFILL_PAD_SLACK, prefill_groups
+
+SAMPLED = SamplingParams(do_sample=True, subtalker_dosample=True, top_k=50, max_new_tokens=12)
+GREEDY = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=12)
+TEXTS = ["Hi.", "The quick brown fox jumps over the lazy dog, twice, and then once more for luck.",
+         "Good morning!", "Press one for sales, two for support, or stay on the line."]
+
+
+def req(text: str, i: int, sampling=SAMPLED, **kw) -> SynthesisRequest:
+    # non_streaming_mode puts the whole text in the prompt, so the prompts' lengths differ
+    return SynthesisRequest(kind="custom_voice", text=text, speaker="vivian", language="english", sampling=sampling,
+                            seed=100 + i, decode_audio=False, non_streaming_mode=i % 2 == 1, **kw)
+
+
+@pytest.fixture(scope="module")
+def model(model_factory):
+    return model_factory("custom_voice", "tiny")
+
+
+def _count_prefills(monkeypatch) -> list[int]:
+    rows: list[int] = []
+    real = runner_mod.prefill
+
+    def counted(talker, cache, slots, embeds, last):
+        rows.append(embeds.shape[0])
+        return real(talker, cache, slots, embeds, last)
+
+    monkeypatch.setattr(runner_mod, "prefill", counted)
+    return rows
+
+
+@pytest.mark.parametrize("sampling", [SAMPLED, GREEDY], ids=["seeded-sampling", "greedy"])
+def test_sessions_prefilled_together_equal_each_alone(model, monkeypatch, sampling):
+    requests = [req(t, i, sampling) for i, t in enumerate(TEXTS)]
+    lengths = []
+    rows = _count_prefills(monkeypatch)
+    eng = Engine(model, max_sessions=4)
+    together = eng.run_all(requests)
+    lengths = [s.prompt.prefill.shape[0] for s in together]
+    assert len(set(lengths)) >= 3, lengths           # really padded: the prompts differ in length
+    assert sum(rows) == 4 and len(rows) < 4, rows    # fewer passes than sessions
+    for i, (t, s) in enumerate(zip(TEXTS, together)):
+        alone = Engine(model, max_sessions=1).run_all([req(t, i, sampling)])[0]
+        assert s.finish_reason == alone.finish_reason
+        assert torch.equal(s.codes(), alone.codes()), (i, lengths)
+
+
+def test_the_torch_sampler_prefills_together_too_with_each_rows_generator(model, monkeypatch):
+    """The reference sampler draws each row's first id with that row's own generator, batched or not."""
+    requests = [req(t, i) for i, t in enumerate(TEXTS[:3])]
+    rows = _count_prefills(monkeypatch)
+    together = Engine(model, max_sessions=3, sampler="torch").run_all(requests)
+    assert len(rows) < 3
+    for i, (t, s) in enumerate(zip(TEXTS, together)):
+        alone = Engine(model, max_sessions=1, sampler="torch").run_all([req(t, i)])[0]
+        assert torch.equal(s.codes(), alone.codes()), i
+
+
+def test_a_late_session_prefills_alone_into_a_busy_batch(model):
+    """The padding a batched prefill writes past a short row's prompt never reaches that row: a session admitted
+    later, into a slot whose previous tenant was long, still equals itself alone."""
+    eng = Engine(model, max_sessions=2)
+    long_one, short_one = eng.add(req(TEXTS[1], 1)), eng.add(req(TEXTS[0], 0))
+    eng.step()
+    eng.cancel(long_one)
+    eng.step()
+    late = eng.add(req(TEXTS[2], 2))
+    while eng.has_work():
+        eng.step()
+    for i, s in ((0, short_one), (2, late)):
+        assert torch.equal(s.codes(), Engine(model, max_sessions=1).run_all([req(TEXTS[i], i)])[0].codes())
+
+
+def test_a_failed_prefill_fails_its_sessions_visibly_frees_their_slots_and_the_engine_goes_on(model, monkeypatch):
+    eng = Engine(model, max_sessions=3)
+    real = eng.runner.start_many
+    calls = []
+
+    def broken_once(starts):
+        calls.append(len(starts))
+        if len(calls) == 1:
+            raise RuntimeError("simulated out of memory in prefill")
+        return real(starts)
+
+    monkeypatch.setattr(eng.runner, "start_many", broken_once)
+    first = [eng.add(req(t, i, GREEDY)) for i, t in enumerate(TEXTS[:3])]
+    chunks = eng.step()
+    failed = [s for s in first if s.finish_reason == "error"]
+    assert failed and all("simulated out of memory" in s.error for s in failed)
+    assert {c.session_id for c in chunks if c.is_last and c.finish_reason == "error"} == {s.id for s in failed}
+    while eng.has_work():
+        eng.step()
+    assert sorted(eng.free_slots) == [0, 1, 2] and eng.num_active == 0
+    again = eng.run_all([req(TEXTS[0], 0, GREEDY)])[0]
+    assert again.finish_reason == "max_new_tokens"
+    assert torch.equal(again.codes(), Engine(model, max_sessions=1).run_all([req(TEXTS[0], 0, GREEDY)])[0].codes())
+
+
+def test_a_prompt_that_fails_to_build_does_not_hold_back_the_others(model):
+    eng = Engine(model, max_sessions=3, max_len=64)
+    huge = "word " * 200
+    sessions = eng.run_all([req(TEXTS[0], 0, GREEDY), req(huge, 1, GREEDY), req(TEXTS[2], 2, GREEDY)])
+    assert sessions[1].finish_reason == "error" and sessions[1].error_field == "text"
+    assert sessions[0].finish_reason == sessions[2].finish_reason == "max_new_tokens"
+    assert sorted(eng.free_slots) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("lengths", [[], [10], [10] * 8, [10, 400, 12, 11], [5, 300, 310, 3000, 4000, 9],
+                                     [1] * 70, [4096, 4096], [4097]])
+def test_prefill_groups_cover_every_prompt_once_within_their_limits(lengths):
+    groups = prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        real, padded = sum(lengths[i] for i in g), len(g) * max(lengths[i] for i in g)
+        if len(g) > 1:
+            assert padded <= runner_mod.PREFILL_TOKENS
+            assert padded - real <= PREFILL_PAD_SLACK + real // 4
+
+
+def test_prefill_groups_put_similar_lengths_together():
+    assert prefill_groups([10] * 8) == [list(range(8))]
+    assert prefill_groups([10, 400, 12, 11]) == [[0, 3, 2], [1]]
+    assert prefill_groups([4096, 4096]) == [[0], [1]]        # two would exceed PREFILL_TOKENS
+    assert len(prefill_groups([1] * 70)) == 1
