@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from qwen_tts_core import Engine, Qwen3TTSModel, SamplingParams, SynthesisRequest, make_checkpoint  # noqa: E402
 from qwen_tts_core.generate.graphs import GraphCapture  # noqa: E402
+from qwen_tts_core.generate.runner import Start  # noqa: E402
 from qwen_tts_core.model import fused  # noqa: E402
 
 TEXT = "Once upon a time there was a small village by the sea, and every morning the fishermen sang."
@@ -276,6 +277,11 @@ def stage_timings(c: Ctx) -> dict:
                 out[f"talker_replay_ms_b{B}_l{L}"] = timer(r.graphs[("talker", B, L)].replay)
         emb = r.tts_pad.expand(64, -1).contiguous()
         out["prefill_ms_t64"] = timer(lambda: r.start(0, emb, [], SamplingParams(), seed=0), reps=5)
+        # 8 sessions starting in one step: one batched prefill vs one each (both T=16)
+        n8, e16 = min(8, max(rows)), r.tts_pad.expand(16, -1).contiguous()
+        starts = [Start(i, e16, [], SamplingParams(), seed=i) for i in range(n8)]
+        out[f"prefill_ms_batched_n{n8}_t16"] = timer(lambda: r.start_many(starts), reps=5)
+        out[f"prefill_ms_serial_n{n8}_t16"] = timer(lambda: [r.start_many([x]) for x in starts], reps=5)
         codec = m.codec
         for n in rows:
             codes = torch.randint(0, 2048, (n, 16, 4), device=c.dev)
