@@ -299,7 +299,7 @@ class Scheduler:
         if not self._runnable():
             return True
         before = self._mark()
-        chunks = self.engine.step()
+        chunks = self.engine.step(emit=self._dispatch)  # chunks ready mid-step leave at once
         self.stats.steps += 1
         self._dispatch(chunks)
         self._reap_silent_finishes()

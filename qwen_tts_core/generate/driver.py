@@ -77,7 +77,7 @@ class EngineDriver:
                     if not self.engine.has_work():
                         raise RuntimeError(f"session {s.id} is not in the engine any more")
                     self.engine.wait_for_work(0.05)
-                    self._deliver(self.engine.step())
+                    self._deliver(self.engine.step(emit=self._deliver))
                 finally:
                     self._step_lock.release()
             else:

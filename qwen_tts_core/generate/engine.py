@@ -13,7 +13,10 @@ Each `step()`:
   3) runs the code predictor (15 codebooks) for every session with a pending id, then ONE talker step for every
      session whose text is ready: rows = slots, per-row state on the device (runner.py), one read of the new ids;
   4) ends sessions (EOS, max_new_tokens, max_len, runaway guard, cancel, error), freeing their slots;
-  5) decodes audio: one batched codec call for every session with a chunk due (audio_stream.BatchedAudio).
+  5) decodes audio: one batched codec call for every session with a chunk due (audio_stream.BatchedAudio); without
+     CUDA graphs that call runs between 3)'s code predictor and talker step, so a chunk (the first one too) is out
+     one talker step sooner (`step(emit=...)` hands it over then), and the last chunks of sessions that the talker
+     step ended get a second call at the end.
 Every session added ends with exactly one `is_last` AudioChunk, whatever happens. No I/O, no asyncio: serving
 layers run `step()` in a loop thread. GPU: the step bodies are CUDA graphs captured when the engine is built.
 """
@@ -26,6 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -234,12 +238,16 @@ class Engine:
 
     # --- the loop ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[AudioChunk]:
+    def step(self, emit: Callable[[list[AudioChunk]], None] | None = None) -> list[AudioChunk]:
         """Advance every session by at most one frame; returns the audio chunks (and last chunks) that are ready.
-        Never raises for a failure inside a step: the sessions it touched end with an error chunk instead."""
+        Never raises for a failure inside a step: the sessions it touched end with an error chunk instead.
+
+        emit: called in this thread with chunks that are ready before the step ends; those are not returned again.
+        Without CUDA graphs a chunk due after the code predictor is decoded before the talker step runs, so with
+        `emit` it leaves one talker step sooner (first audio included)."""
         out: list[AudioChunk] = []
         try:
-            self._step(out)
+            self._step(out, emit)
         except Exception as e:  # noqa: BLE001 - fail what was running, keep the engine usable
             log.exception("engine step failed; failing its active sessions")
             for s in list(self.active) + list(self._audio_rows.values()):
@@ -247,7 +255,7 @@ class Engine:
         self.steps += 1
         return out
 
-    def _step(self, out: list[AudioChunk]) -> None:
+    def _step(self, out: list[AudioChunk], emit: Callable[[list[AudioChunk]], None] | None) -> None:
         for s in list(self.active):
             if s.cancelled:
                 self._finish(s, "cancelled", out)
@@ -262,17 +270,41 @@ class Engine:
         cp = [s for s in self.active if s.phase == "frame"]
         tk = [s for s in self.active if s.phase in ("frame", "talker") and self._text_ready(s)]
         if cp or tk:
-            self._advance(cp, tk, out)
-        self._decode_audio(out)
+            self._advance(cp, tk, out, emit)
+        self._decode_audio(out)  # with graphs: every chunk due; eager: the last chunks of sessions the talker ended
 
-    def _advance(self, cp: list[Session], tk: list[Session], out: list[AudioChunk]) -> None:
+    def _advance(self, cp: list[Session], tk: list[Session], out: list[AudioChunk],
+                 emit: Callable[[list[AudioChunk]], None] | None) -> None:
         r = self.runner
         if self.sampler == "torch":
             cp_s, tk_s = sorted(cp, key=lambda s: s.slot), sorted(tk, key=lambda s: s.slot)
             r.torch_rows = {k: ([s.slot for s in v], [s.request.sampling for s in v], [s.generator for s in v])
                             for k, v in (("cp", cp_s), ("talker", tk_s))}
-        rows = r.step([s.slot for s in cp], [s.slot for s in tk], max((s.pos for s in tk), default=0))
-        # frames of the code-predictor rows (the first one also reveals the id drawn at prefill)
+
+        def frames_ready(rows: np.ndarray) -> None:  # eager: decode what is due before the talker step
+            self._take_frames(cp, rows, out)
+            self._decode_audio(out)
+            if emit is not None and out:
+                emit(list(out))
+                out.clear()
+
+        # with graphs the step stays one replay after another and one read (the talker step is a few ms there)
+        early = self._capture is None and self.audio is not None and bool(self._audio_rows)
+        rows = r.step([s.slot for s in cp], [s.slot for s in tk], max((s.pos for s in tk), default=0),
+                      between=frames_ready if early and cp else None)
+        if not (early and cp):
+            self._take_frames(cp, rows, out)
+        # the talker rows' next ids
+        for s in tk:
+            if s.done:
+                continue
+            s.pos += 1
+            s.text_step += 1
+            s.num_ids += 1
+            self._take_id(s, int(rows[s.slot, -1]), out)
+
+    def _take_frames(self, cp: list[Session], rows: np.ndarray, out: list[AudioChunk]) -> None:
+        """The code-predictor rows' frames (the first one also reveals the id drawn at prefill) -> sessions, audio."""
         framed: list[Session] = []
         for s in cp:
             codes = rows[s.slot, :-1]
@@ -287,18 +319,10 @@ class Engine:
             framed.append(s)
         pushed = [s for s in framed if s.id in self._audio_rows]
         if pushed:
-            self.audio.push([s.id for s in pushed], r.frame_codes([s.slot for s in pushed]))
+            self.audio.push([s.id for s in pushed], self.runner.frame_codes([s.slot for s in pushed]))
         for s in framed:
             if s.max_frames is not None and len(s.frames) >= s.max_frames:
                 self._finish(s, "guard", out)
-        # the talker rows' next ids
-        for s in tk:
-            if s.done:
-                continue
-            s.pos += 1
-            s.text_step += 1
-            s.num_ids += 1
-            self._take_id(s, int(rows[s.slot, -1]), out)
 
     def run_all(self, requests: list[SynthesisRequest]) -> list[Session]:
         """Run requests to completion (bulk path); returns their finished sessions in order."""

@@ -336,27 +336,36 @@ class StepRunner:
         self.host_params[dst] = self.host_params[src]
 
     # --- a step ------------------------------------------------------------------------------------------------
-    def step(self, cp_slots: list[int], talker_slots: list[int], max_pos: int) -> np.ndarray:
+    def step(self, cp_slots: list[int], talker_slots: list[int], max_pos: int,
+             between: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
         """Advance the code predictor for `cp_slots` (then) the talker for `talker_slots`; max_pos: the highest
         position a talker row writes. Returns the host copy of `out` rows 0..B-1: [:, :16] the frame codes of the
-        code-predictor rows, [:, 16] the next codebook-0 id of the talker rows (the one read of the step)."""
+        code-predictor rows, [:, 16] the next codebook-0 id of the talker rows (the one read of the step).
+        between: called with the host copy of `out` after the code predictor and before the talker (a second read:
+        the frames can be used, e.g. decoded, before the talker step runs); its [:, 16] is stale then."""
         hi = max(cp_slots + talker_slots) + 1
         B = _first_at_least(self.batch_buckets, hi) if self.static else hi  # graphs: the captured shapes
         L = _first_at_least(self.len_buckets, max_pos + 1) if talker_slots else 0
         if talker_slots and not self.static:
             self._ensure_len(L)
         self._set_masks(cp_slots, talker_slots)
-        with self._body_context():
-            if cp_slots:
+        if cp_slots:
+            with self._body_context():
                 plan = self._host_plan(cp_slots, 3)
                 if self.capture is not None and not plan.top_p and plan.kmax <= TOPK_GRAPH_KMAX:
                     self._run(("cp", B, "topk"), self._cp_body, B)
                 else:
                     self._run(("cp", B), self._cp_body, B, self._eager_plan(plan))
-            if talker_slots:
+            if between is not None:
+                between(self._read(B))
+        if talker_slots:
+            with self._body_context():
                 self._run(("talker", B, L), self._talker_body, B, L,
                           self._eager_plan(self._host_plan(talker_slots, 0)))
-            return self.out[:B].to("cpu", copy=True).numpy()  # a copy: `out` is rewritten by the next step
+        return self._read(B)
+
+    def _read(self, B: int) -> np.ndarray:
+        return self.out[:B].to("cpu", copy=True).numpy()  # a copy: `out` is rewritten by the next step
 
     def _host_plan(self, slots: list[int], col: int) -> SamplePlan:
         """What the host knows of these rows' sampling (col 0: the talker's parameters, 3: the code predictor's)."""

@@ -33,9 +33,9 @@ def test_concurrent_streams_are_batched_together(model):
     widths: list[int] = []
     real_step = eng.step
 
-    def step():
+    def step(emit=None):
         widths.append(eng.num_active)
-        return real_step()
+        return real_step(emit)
 
     eng.step = step
     got: dict[int, list[np.ndarray]] = {0: [], 1: []}

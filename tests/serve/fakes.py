@@ -60,7 +60,7 @@ class FakeEngine:
     def has_work(self) -> bool:
         return bool(self.active) or self.num_queued > 0
 
-    def step(self) -> list[AudioChunk]:
+    def step(self, emit=None) -> list[AudioChunk]:
         self.steps += 1
         time.sleep(self.step_s)
         if self.steps == self.fail_at_step:

@@ -4,6 +4,7 @@ errors naming the field, voice store round trip."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -179,3 +180,42 @@ def test_audio_dtype_in_the_model_config_reaches_the_engine(model_factory, cv_co
     assert pcm[0].shape == pcm[1].shape and pcm[0].size
     diff = float(np.abs(pcm[0] - pcm[1]).max())
     assert 0 < diff < 0.5 * float(np.abs(pcm[1]).max())
+
+
+def test_a_chunk_reaches_the_client_while_the_talker_step_after_it_runs(cv_core, monkeypatch):
+    """On a CPU (eager) replica the first chunk is decoded after the code predictor and handed to the client before
+    that step's talker pass: the talker waits here until the client holds the audio (it would wait in vain if the
+    chunk left with the step's end)."""
+    eng = cv_core.engine
+    got_audio, waited, first_decode = threading.Event(), [], []
+    real_decode, real_run = eng.audio.decode, eng.runner._run
+
+    def decode():
+        outs = real_decode()
+        if not first_decode and any(o.num_frames for o in outs):
+            first_decode.append(eng.steps)
+        return outs
+
+    def run(key, *a):
+        if key[0] == "talker" and first_decode == [eng.steps] and not waited:
+            waited.append(got_audio.wait(10))
+        return real_run(key, *a)
+
+    monkeypatch.setattr(eng.audio, "decode", decode)
+    monkeypatch.setattr(eng.runner, "_run", run)
+
+    async def consume() -> list[dict]:
+        cv_core.start(asyncio.get_running_loop())
+        items = []
+        try:
+            async for x in cv_core.stream({"input": "Hello there, early audio.", "voice": "ryan", "seed": 1}):
+                items.append(x)
+                if x["type"] == "audio":
+                    got_audio.set()
+        finally:
+            cv_core.scheduler.stop()
+        return items
+
+    items = asyncio.run(consume())
+    assert waited == [True], (waited, first_decode)
+    assert items[-1]["type"] == "end" and any(x["type"] == "audio" for x in items)

@@ -294,7 +294,7 @@ def _req(text="hi", priority="interactive"):
 class WaitingEngine(FakeEngine):
     """Sessions whose text is 'wait' stay active without producing anything (like a session waiting for text)."""
 
-    def step(self):
+    def step(self, emit=None):
         self.steps += 1
         out = []
         with self.lock:
@@ -344,7 +344,7 @@ async def _collect(sched, ticket):
 class PrefillFinishEngine(FakeEngine):
     """Finishes every session at admission without emitting its last chunk (the prefill-finish defect)."""
 
-    def step(self):
+    def step(self, emit=None):
         self.steps += 1
         with self.lock:
             for q in self.queues.values():
