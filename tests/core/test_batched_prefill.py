@@ -132,3 +132,61 @@ def test_prefill_groups_put_similar_lengths_together():
     assert prefill_groups([10, 400, 12, 11]) == [[0, 3, 2], [1]]
     assert prefill_groups([4096, 4096]) == [[0], [1]]        # two would exceed PREFILL_TOKENS
     assert len(prefill_groups([1] * 70)) == 1
+
+
+def test_voice_clones_with_references_of_different_lengths_start_together_as_each_alone(model_factory, ref_wav_path):
+    """ICL prompts carry their reference's codes: a 0.8 s and a 2.5 s reference give very different prompt lengths.
+    Started together (one engine step), each gives its codes and audio alone."""
+    import numpy as np
+    import soundfile as sf
+
+    base = model_factory("base", "tiny")
+    wav, sr = sf.read(ref_wav_path, dtype="float32")
+    short, = base.create_voice_clone_prompt((wav[: int(0.8 * sr)], sr), ref_text="Good morning.")
+    long_, = base.create_voice_clone_prompt((wav, sr), ref_text="Good morning, how are you today?")
+    x_only, = base.create_voice_clone_prompt((wav, sr), x_vector_only_mode=True)
+
+    def vc(i, prompt):
+        return SynthesisRequest(kind="voice_clone", text=TEXTS[i], language="english", voice_clone_prompt=prompt,
+                                sampling=SAMPLED, seed=7 + i)
+
+    def run(eng, requests):
+        sessions = [eng.add(r) for r in requests]
+        pcm = {s.id: [] for s in sessions}
+        while not all(s.done for s in sessions):
+            for c in eng.step():
+                pcm[c.session_id].append(c.pcm)
+        return [(s, np.concatenate(pcm[s.id])) for s in sessions]
+
+    prompts = [short, long_, x_only]
+    together = run(Engine(base, max_sessions=3), [vc(i, p) for i, p in enumerate(prompts)])
+    lengths = [s.prompt.prefill.shape[0] for s, _ in together]
+    assert len(set(lengths)) == 3, lengths
+    for i, (p, (s, pcm)) in enumerate(zip(prompts, together)):
+        ((alone, alone_pcm),) = run(Engine(base, max_sessions=1), [vc(i, p)])
+        assert torch.equal(s.codes(), alone.codes()), (i, lengths)
+        # the batched codec call may take other kernels than a one-row call: equal to 1e-4, as every batched decode
+        assert len(pcm) == len(alone_pcm) == s.num_frames * 1920 and np.abs(pcm - alone_pcm).max() <= 1e-4, i
+
+
+def test_an_incremental_session_starts_with_full_text_ones_as_alone(model):
+    def incremental(eng):
+        s = eng.add(SynthesisRequest(kind="custom_voice", text=None, speaker="vivian", language="english",
+                                     sampling=GREEDY, decode_audio=False))
+        for piece in ("Press one ", "for sales, ", "two for support."):
+            s.append_text(piece)
+        s.end_text()
+        return s
+
+    eng = Engine(model, max_sessions=3)
+    inc = incremental(eng)
+    full = [eng.add(req(t, i, GREEDY)) for i, t in enumerate(TEXTS[:2])]
+    while eng.has_work():
+        eng.step()
+    solo = Engine(model, max_sessions=1)
+    inc_alone = incremental(solo)
+    while solo.has_work():
+        solo.step()
+    assert torch.equal(inc.codes(), inc_alone.codes()) and inc.finish_reason == inc_alone.finish_reason
+    for i, s in enumerate(full):
+        assert torch.equal(s.codes(), Engine(model, max_sessions=1).run_all([req(TEXTS[i], i, GREEDY)])[0].codes())
