@@ -11,7 +11,8 @@ Stages (each appends one JSON line to --out and prints it):
              and eager, finite audio, stream == offline, a Base voice saved, loaded and used on the GPU
   build      a random 1.7B CustomVoice checkpoint (bf16) in --work, reused by the next stages
   parity     1.7B bf16 greedy: graphs == eager (same buckets) for 4 staggered sessions
-  timings    1.7B bf16, CUDA events: talker and code-predictor replays at 1/8/32/64 rows and 512/4096 keys, prefill,
+  timings    1.7B bf16, CUDA events: talker and code-predictor replays at 1/8/32/64 rows and 512/4096 keys, prefill
+             (a short prompt's graph vs eager, 8 starting together vs one by one),
              codec decode batched vs per session, host time and syncs of Engine.step, capture time and memory
   e2e        1.7B bf16, production settings (max_len 4096, chunks of 4): first audio p50/p95 idle and with 32
              sessions running, single-stream real-time factor, audio-seconds per second at 8/32/64 (with and
@@ -282,6 +283,10 @@ def stage_timings(c: Ctx) -> dict:
         starts = [Start(i, e16, [], SamplingParams(), seed=i) for i in range(n8)]
         out[f"prefill_ms_batched_n{n8}_t16"] = timer(lambda: r.start_many(starts), reps=5)
         out[f"prefill_ms_serial_n{n8}_t16"] = timer(lambda: [r.start_many([x]) for x in starts], reps=5)
+        # one short prompt (12 positions, a streaming-mode prompt): its prefill graph vs the same pass eagerly
+        one = [Start(0, r.tts_pad.expand(12, -1).contiguous(), [], SamplingParams(), seed=0)]
+        out["prefill_ms_graph_t12"] = timer(lambda: r._prefill_bucketed(one, 16), reps=5)
+        out["prefill_ms_eager_t12"] = timer(lambda: r._prefill_exact(one), reps=5)
         codec = m.codec
         for n in rows:
             codes = torch.randint(0, 2048, (n, 16, 4), device=c.dev)

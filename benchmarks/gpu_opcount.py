@@ -12,6 +12,8 @@ Reported per size and batch: `talker_step` (one talker graph), `cp_pass` (the 15
 `cp_pass_topk`: its top-k-only variant, the one the official sampling defaults replay), each also as
 `*_compiled_est` (an estimate for `Engine(compile=True)`: every call of a fused op, model/fused.py, one kernel,
 or three around a sort or top-k),
+`prefill_b1_t16` (one prompt of up to 16 positions prefilled and its first id drawn: the launches an eager prefill
+costs the host, one with its graph),
 `cp_sampler` / `talker_sampler` (one draw of the general captured sampler), `codec_call` (one batched decode of 4
 frames per row: the ops of its body, and the ops the host launches per call with graphs), and `host_ms_per_step`
 (tiny model, engine steps with the stand-in: wall time minus replays, i.e. the host's own work). One JSON line last.
@@ -136,6 +138,8 @@ def step_counts(talker: Talker, batches: tuple[int, ...]) -> dict:
             with torch.inference_mode(), fused_savings() as saved:
                 body()  # every row masked (as at capture): the same ops, nothing advances
             out[f"{name}_compiled_est"] = out[name] - saved[0]
+    # a prefill of one short prompt: its ops are what the host launches eagerly, one launch with its graph
+    out["prefill_b1_t16"] = r.graphs[("prefill", 1, 16)].num_kernels
     return out
 
 

@@ -18,7 +18,8 @@ Each `step()`:
      one talker step sooner (`step(emit=...)` hands it over then), and the last chunks of sessions that the talker
      step ended get a second call at the end.
 Every session added ends with exactly one `is_last` AudioChunk, whatever happens. No I/O, no asyncio: serving
-layers run `step()` in a loop thread. GPU: the step bodies are CUDA graphs captured when the engine is built.
+layers run `step()` in a loop thread. GPU: the step bodies and short prompts' prefills are CUDA graphs captured when
+the engine is built.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ only writes the cache position it will overwrite before reading it). Keys are re
 the longest active row, not the cache capacity. Nothing in a step reads the device from the host except the one
 read of the new ids (`step()` returns them); the masks are uploaded only when they change.
 
-With graphs, `capture_all()` records one code-predictor graph per batch bucket and one talker graph per (batch
-bucket, length bucket) before traffic, in one memory pool (graphs.py). Without graphs (CPU) the cache grows by
-doubling and B is exact.
+With graphs, `capture_all()` records one code-predictor graph per batch bucket, one talker graph per (batch
+bucket, length bucket) and one prefill graph per (rows, prompt length) bucket before traffic, in one memory pool
+(graphs.py). Without graphs (CPU) the cache grows by doubling, B is exact and prefills run eagerly at the prompts'
+own lengths.
 
 Samplers (sampling.py): "device" (counter-based RNG, inside the graphs) or "torch" (the reference's generators and
 draw order; eager only: rows' picks go through the host).
@@ -57,6 +58,13 @@ PREFILL_TOKENS = 4096
 PREFILL_PAD_SLACK = 64
 """Padding a batched prefill may add beyond a quarter of its real positions (a pass costs at least one read of the
 weights: a few dozen positions of compute on CPU, more on GPU)."""
+PREFILL_GRAPH_ROWS = (1, 2, 4, 8)
+PREFILL_GRAPH_LENS = (16, 32, 64, 128, 256)
+"""With graphs, prefills of up to PREFILL_GRAPH_LENS[-1] positions replay a captured graph per (rows, length) bucket:
+a group of sessions starting together is cut into pieces of these row counts and each piece's prompts are right-padded
+to the next length bucket. A short prompt's eager prefill on a GPU costs the host one launch per op (777 for the
+1.7B talker and its first draw: milliseconds of host time before the first frame). Longer prompts (GPU-bound
+anyway) run eagerly."""
 TOPK_GRAPH_KMAX = 64
 """With graphs, a second code-predictor graph per batch bucket samples with top-k only (no top-p: no full sort,
 12 kernels fewer per codebook): used when every sampling row has top_p = 1 and top_k <= this, as the official
@@ -112,6 +120,11 @@ def prefill_groups(lengths: Sequence[int], max_tokens: int = PREFILL_TOKENS) -> 
         groups.append([i])
         real = T
     return groups
+
+
+def _plan_of(sps: Sequence[SamplingParams]) -> SamplePlan:
+    """The talker sampling plan of these sessions' first draw."""
+    return SamplePlan.of([p.do_sample for p in sps], [p.top_k for p in sps], [p.top_p for p in sps])
 
 
 def _first_at_least(buckets: Sequence[int], n: int) -> int:
@@ -184,6 +197,16 @@ class StepRunner:
         self.capture_seconds: dict[tuple, float] = {}
         # compile: the layers' elementwise pieces run torch.compiled (model/fused.py) in the step bodies
         self.compiled = bool(compile)
+        # prefills in (rows, length) buckets: with graphs (replayed), and in static CUDA engines (eager, the same shapes
+        # and so the same numbers as the graphs); CPU engines without graphs prefill the exact lengths
+        bucketed = sampler == "device" and (capture is not None or (self.static and dev.type == "cuda"))
+        self.prefill_rows = tuple(n for n in PREFILL_GRAPH_ROWS if n <= S) if bucketed else ()
+        self.prefill_lens = tuple(n for n in PREFILL_GRAPH_LENS if n <= max_len) if bucketed else ()
+        if not self.prefill_lens:
+            self.prefill_rows = ()
+        nmax, tmax = max(self.prefill_rows, default=0), max(self.prefill_lens, default=0)
+        self._pf_embeds = torch.zeros(nmax, tmax, C, dtype=self.dtype, device=dev)  # a piece's prompts, padded
+        self._pf_slots, self._pf_last = torch.zeros(nmax, **lng), torch.zeros(nmax, **lng)
 
     # --- bodies (eager, or captured) ---------------------------------------------------------------------------
     def _cp_body(self, B: int, plan: SamplePlan | None = None) -> None:
@@ -266,18 +289,18 @@ class StepRunner:
         self.start_many([Start(slot, embeds, trailing, sp, seed, generator)])
 
     def start_many(self, starts: Sequence[Start]) -> None:
-        """New sessions: reset each slot's state, prefill their prompt embeds in ONE batched talker pass (rows
-        right-padded to the longest prompt; a row's padding only writes cache positions its decode overwrites before
-        reading them) and draw each first id (kept on the device; the host reads it with the session's first
-        frame). Eager. Each row's numbers are those of its prefill alone (the pad is masked out of its attention)."""
+        """New sessions: reset each slot's state, prefill their prompt embeds in batched talker passes (rows
+        right-padded; a row's padding only writes cache positions its decode overwrites before reading them) and
+        draw each first id (kept on the device; the host reads it with the session's first frame). Each row's numbers
+        are those of its prefill alone (the pad is masked out of its attention). One pass for all of them, or, with
+        prefill buckets (graphs), one replay per piece (`_prefill_pieces`)."""
         if not starts:
             return
         slots = [x.slot for x in starts]
         if len(set(slots)) != len(slots):
             raise ValueError(f"start_many: slots must be distinct, got {slots}")
         lens = [x.embeds.shape[0] for x in starts]
-        T, n = max(lens), len(starts)
-        self._ensure_len(T + 1)
+        self._ensure_len(max(lens) + 1)
         for x in starts:
             sp = x.sp
             for t, v in ((self.pos, x.embeds.shape[0]), (self.ngen, 0), (self.nframes, 0), (self.text_pos, 0),
@@ -291,10 +314,35 @@ class StepRunner:
             self.seen[x.slot] = False
             self.text_len[x.slot] = 0
             self.set_text(x.slot, x.trailing, 0)
+        for piece, T in self._prefill_pieces(lens):
+            part = [starts[i] for i in piece]
+            if T is None:
+                self._prefill_exact(part)
+            else:
+                self._prefill_bucketed(part, T)
+
+    def _prefill_pieces(self, lens: Sequence[int]) -> list[tuple[list[int], int | None]]:
+        """The passes of one start_many: (indices, padded length), the length None for one exact eager pass of all.
+        With prefill buckets and every prompt within the longest: pieces of PREFILL_GRAPH_ROWS rows (largest first,
+        in order), each padded to the length bucket above its longest prompt."""
+        if not self.prefill_lens or max(lens) > self.prefill_lens[-1]:
+            return [(list(range(len(lens))), None)]
+        out, i = [], 0
+        while i < len(lens):
+            n = max(b for b in self.prefill_rows if b <= len(lens) - i)
+            piece = list(range(i, i + n))
+            out.append((piece, _first_at_least(self.prefill_lens, max(lens[j] for j in piece))))
+            i += n
+        return out
+
+    def _prefill_exact(self, starts: Sequence[Start]) -> None:
+        """One eager pass over the prompts right-padded to the longest of them."""
+        lens = [x.embeds.shape[0] for x in starts]
+        T, n = max(lens), len(starts)
         embeds = starts[0].embeds.new_zeros(n, T, starts[0].embeds.shape[1])
         for i, x in enumerate(starts):
             embeds[i, : lens[i]] = x.embeds
-        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        idx = torch.tensor([x.slot for x in starts], dtype=torch.long, device=self.device)
         last = torch.tensor(lens, dtype=torch.long, device=self.device) - 1
         with packed_linears(self.packed):
             hidden, logits = prefill(self.talker, self.cache, idx, embeds, last)
@@ -302,11 +350,34 @@ class StepRunner:
                                      self.eos_id)
         sps = [x.sp for x in starts]
         if self.sampler == "device":
-            ids = self._pick_talker(logits, n, idx, SamplePlan.of([p.do_sample for p in sps], [p.top_k for p in sps],
-                                                                  [p.top_p for p in sps]))
+            ids = self._pick_talker(logits, n, idx, _plan_of(sps))
         else:
             ids = pick_rows(logits, [p.do_sample for p in sps], [p.temperature for p in sps], [p.top_k for p in sps],
                             [p.top_p for p in sps], [x.generator for x in starts])
+        self._set_first(idx, hidden, ids)
+
+    def _prefill_bucketed(self, starts: Sequence[Start], T: int) -> None:
+        """One pass of a (rows, length) bucket through the static prefill inputs: a graph replay, or (no graphs) the
+        same body eagerly."""
+        n = len(starts)
+        buf = self._pf_embeds[:n, :T]
+        buf.zero_()
+        for i, x in enumerate(starts):
+            buf[i, : x.embeds.shape[0]] = x.embeds
+        self._pf_slots[:n] = torch.tensor([x.slot for x in starts], dtype=torch.long)
+        self._pf_last[:n] = torch.tensor([x.embeds.shape[0] - 1 for x in starts], dtype=torch.long)
+        with self._body_context():
+            self._run(("prefill", n, T), self._prefill_body, n, T, self._eager_plan(_plan_of([x.sp for x in starts])))
+
+    def _prefill_body(self, n: int, T: int, plan: SamplePlan | None = None) -> None:
+        idx = self._pf_slots[:n]
+        hidden, logits = prefill(self.talker, self.cache, idx, self._pf_embeds[:n, :T], self._pf_last[:n])
+        logits = talker_logits_batch(logits, self.seen[idx], self.t_pen[idx], self.ngen[idx], self.blocked,
+                                     self.eos_id)
+        self._set_first(idx, hidden, self._pick_talker(logits, n, idx, plan))
+
+    def _set_first(self, idx: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor) -> None:
+        """The first id drawn at prefill (and its hidden state) into the sessions' slots."""
         self.code0[idx] = ids
         self.hidden[idx] = hidden
         self.ngen[idx] = 1
@@ -447,10 +518,14 @@ class StepRunner:
                 self._capture(("cp", B, "topk"), self._cp_body, B, topk)
                 for L in self.len_buckets:
                     self._capture(("talker", B, L), self._talker_body, B, L)
+            for n in self.prefill_rows:
+                for T in self.prefill_lens:
+                    self._capture(("prefill", n, T), self._prefill_body, n, T)
             for k, v in self._state().items():
                 v.copy_(saved[k])
-        log.info("captured %d graphs (batch buckets %s, length buckets %s) in %.1fs", len(self.graphs),
-                 self.batch_buckets, self.len_buckets, sum(self.capture_seconds.values()))
+        log.info("captured %d graphs (batch buckets %s, length buckets %s, prefill rows %s x lengths %s) in %.1fs",
+                 len(self.graphs), self.batch_buckets, self.len_buckets, self.prefill_rows, self.prefill_lens,
+                 sum(self.capture_seconds.values()))
 
     def _capture(self, key: tuple, fn, *args) -> None:
         t = time.perf_counter()
@@ -460,7 +535,7 @@ class StepRunner:
     def _state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k not in (
             "tts_pad", "blocked", "tok_hash_t", "tok_hash_c", "cp_groups", "_mask_host", "text_buf", "cp_mask",
-            "t_mask")}
+            "t_mask", "_pf_embeds")}
 
     # --- attention layout --------------------------------------------------------------------------------------
     def set_decode_layout(self, layout: str) -> None:

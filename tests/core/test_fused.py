@@ -161,7 +161,8 @@ def test_a_failing_compile_leaves_the_plain_ops_running(fresh_ops, model_factory
     got = Engine(model, max_sessions=2, compile=True).run_all([r])[0].codes()
     assert torch.equal(got, want) and all(op.broken for op in LAYER_OPS)  # each tried, failed, and ran plain
     g = Engine(model, max_sessions=2, max_len=64, compile=True, graph_capture=GraphCapture("cpu", fake=True))
-    assert len(g.runner.graphs) == 2 * 3  # buckets 1, 2: two code-predictor graphs and one talker graph each
+    # buckets 1, 2: two code-predictor graphs and one talker graph each, and prefills of 1 and 2 rows x 16, 32, 64
+    assert len(g.runner.graphs) == 2 * 3 + 2 * 3
     assert torch.equal(g.run_all([r])[0].codes(), want)
 
 

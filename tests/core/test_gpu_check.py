@@ -44,8 +44,9 @@ def test_dry_run_passes_every_stage_and_goal_it_can_check(tmp_path):
     e2e = next(x for x in lines if x["stage"] == "e2e")
     assert e2e["ttfa_ms_p50_idle"] > 0 and e2e["audio_s_per_s_c4"] > 0
     timings = next(x for x in lines if x["stage"] == "timings")
-    assert timings["graphs"] == 12 and "talker_replay_ms_b4_l128" in timings and "cp_topk_replay_ms_b4" in timings
+    assert timings["graphs"] == 24 and "talker_replay_ms_b4_l128" in timings and "cp_topk_replay_ms_b4" in timings
     assert timings["prefill_ms_batched_n4_t16"] > 0 and timings["prefill_ms_serial_n4_t16"] > 0
+    assert timings["prefill_ms_graph_t12"] > 0 and timings["prefill_ms_eager_t12"] > 0
     assert not list(tmp_path.glob("qtts-gpu-check.*")), "the work folder is removed"
 
 

@@ -97,7 +97,8 @@ def test_every_bucket_is_captured_before_traffic(graphs):
     r = graphs.runner
     assert r.batch_buckets == (1, 2, 4) and r.len_buckets == (64, 128)
     assert set(r.graphs) == {("cp", b) for b in (1, 2, 4)} | {("cp", b, "topk") for b in (1, 2, 4)} | \
-        {("talker", b, n) for b in (1, 2, 4) for n in (64, 128)}
+        {("talker", b, n) for b in (1, 2, 4) for n in (64, 128)} | \
+        {("prefill", b, n) for b in (1, 2, 4) for n in (16, 32, 64, 128)}
     assert all(g.num_ops > 0 for g in r.graphs.values())
     assert not graphs.has_work() and r.pos.eq(0).all()  # capture left every slot free and at position 0
 
@@ -192,6 +193,75 @@ def test_audio_decoder_falls_back_to_eager_when_its_capture_fails(model, monkeyp
                                           sampling=SamplingParams(do_sample=False, subtalker_dosample=False,
                                                                   max_new_tokens=8),
                                           first_chunk_frames=1, chunk_frames=3)], offline)
+
+
+def test_prefills_replay_graphs_in_row_and_length_pieces_each_row_as_alone(model, graphs):
+    """Three sessions starting in one step, prompts of different lengths (one past the 16 and 32 buckets), greedy and
+    seeded sampling: one prefill graph for 2 rows and one for 1, each padded to the length bucket above its longest
+    prompt; every session's codes equal its eager exact-length prefill alone."""
+    story = "Once upon a time there was a small village by the sea, and every morning the fishermen sang."
+    reqs = [req(story, non_streaming_mode=True), req(TEXTS[2], SAMPLED, seed=3),
+            req(TEXTS[1], SAMPLED, seed=4, non_streaming_mode=True)]
+    used = {k: g.replays for k, g in graphs.runner.graphs.items()}
+    sessions = drain(graphs, [graphs.add(r) for r in reqs])
+    a, b, c = sorted(s.prompt.prefill.shape[0] for s in sessions)  # one group, shortest first
+    assert a <= 16 < b <= 32 < c <= 64, (a, b, c)
+    replayed = {k: g.replays - used[k] for k, g in graphs.runner.graphs.items() if g.replays > used[k]}
+    pieces = {k: n for k, n in replayed.items() if k[0] == "prefill"}
+    assert pieces == {("prefill", 2, 32): 1, ("prefill", 1, 64): 1}, pieces  # 3 rows = 2 + 1, padded to buckets
+    for s, r in zip(sessions, reqs):
+        assert s.error is None
+        assert torch.equal(s.codes(), alone(model, r))
+
+
+def test_a_graph_prefill_launches_no_layer_from_the_host(graphs):
+    """The point of the prefill graphs on a GPU: a short prompt's eager prefill is one host launch per op (777
+    for the 1.7B talker and its first draw); replayed, the host launches the graph and a few copies."""
+    from qwen_tts_core.generate.graphs import OpCounter
+    from qwen_tts_core.generate.runner import Start
+
+    r = graphs.runner
+    slot = graphs.free_slots[-1]
+    x = Start(slot, r.tts_pad.expand(12, -1), [], SamplingParams(), seed=1)
+    g = r.graphs[("prefill", 1, 16)]
+    before = g.replays
+    with torch.inference_mode(), OpCounter() as host:
+        r.start_many([x])
+    assert g.replays == before + 1
+    for op in ("aten::linear", "aten::scaled_dot_product_attention", "aten::rms_norm", "aten::embedding"):
+        assert host.by_name[op] == 0, op
+    # what remains are the slot's state resets, the seed's hash (host tensors) and the copies into the graph's inputs
+    assert host.kernels < g.num_kernels / 2, (host.kernels, g.num_kernels)
+
+
+def test_prompts_beyond_the_prefill_buckets_prefill_eagerly_under_graphs(model, monkeypatch):
+    """With graphs, a group with a prompt longer than the largest prefill bucket runs one exact eager pass; shorter
+    groups replay. Both give each session's codes alone."""
+    from qwen_tts_core.generate import runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "PREFILL_GRAPH_LENS", (16,))
+    eng = Engine(model, max_sessions=2, max_len=128, graph_capture=GraphCapture("cpu", fake=True))
+    assert {k for k in eng.runner.graphs if k[0] == "prefill"} == {("prefill", 1, 16), ("prefill", 2, 16)}
+    story = "Once upon a time there was a small village by the sea, and every morning the fishermen sang."
+    long_short = [req(story, non_streaming_mode=True), req(TEXTS[2], SAMPLED, seed=9)]
+    got = drain(eng, [eng.add(r) for r in long_short])
+    assert all(g.replays == 0 for k, g in eng.runner.graphs.items() if k[0] == "prefill")
+    short = drain(eng, [eng.add(long_short[1])])
+    assert eng.runner.graphs[("prefill", 1, 16)].replays == 1
+    for s, r in zip(got + short, long_short + long_short[1:]):
+        assert torch.equal(s.codes(), alone(model, r))
+
+
+@pytest.mark.parametrize(("lens", "want"), [
+    ([10] * 7, [([0, 1, 2, 3], 16), ([4, 5], 16), ([6], 16)]),
+    ([10, 40, 5], [([0, 1], 64), ([2], 16)]),
+    ([16, 17], [([0, 1], 32)]),
+    ([128], [([0], 128)]),
+    ([129, 3], [([0, 1], None)]),  # past the largest bucket: one exact pass for the group
+])
+def test_prefill_pieces(graphs, lens, want):
+    assert graphs.runner.prefill_rows == (1, 2, 4) and graphs.runner.prefill_lens == (16, 32, 64, 128)
+    assert graphs.runner._prefill_pieces(lens) == want
 
 
 def test_seeded_sampling_same_codes_alone_batched_static_and_graphs(model, graphs):
