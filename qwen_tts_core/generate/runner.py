@@ -197,9 +197,10 @@ class StepRunner:
         self.capture_seconds: dict[tuple, float] = {}
         # compile: the layers' elementwise pieces run torch.compiled (model/fused.py) in the step bodies
         self.compiled = bool(compile)
-        # prefills in (rows, length) buckets: with graphs (replayed), and in static CUDA engines (eager, the same shapes
-        # and so the same numbers as the graphs); CPU engines without graphs prefill the exact lengths
-        bucketed = sampler == "device" and (capture is not None or (self.static and dev.type == "cuda"))
+        # prefills in (rows, length) buckets: with graphs (replayed), and in other static engines (eager: the same
+        # shapes, so the same numbers as the graphs; bf16 sums differ in the last bit once a prompt is padded); the
+        # default CPU engines (growing cache) prefill the exact lengths
+        bucketed = sampler == "device" and self.static
         self.prefill_rows = tuple(n for n in PREFILL_GRAPH_ROWS if n <= S) if bucketed else ()
         self.prefill_lens = tuple(n for n in PREFILL_GRAPH_LENS if n <= max_len) if bucketed else ()
         if not self.prefill_lens:
@@ -358,7 +359,8 @@ class StepRunner:
 
     def _prefill_bucketed(self, starts: Sequence[Start], T: int) -> None:
         """One pass of a (rows, length) bucket through the static prefill inputs: a graph replay, or (no graphs) the
-        same body eagerly."""
+        same body eagerly. Plain ops, also with `compile`: a prefill is one pass per session (one launch with its
+        graph), and compiling each length bucket would only add to the engine's start."""
         n = len(starts)
         buf = self._pf_embeds[:n, :T]
         buf.zero_()
@@ -366,7 +368,7 @@ class StepRunner:
             buf[i, : x.embeds.shape[0]] = x.embeds
         self._pf_slots[:n] = torch.tensor([x.slot for x in starts], dtype=torch.long)
         self._pf_last[:n] = torch.tensor([x.embeds.shape[0] - 1 for x in starts], dtype=torch.long)
-        with self._body_context():
+        with self._body_context(), compiled_ops(False):
             self._run(("prefill", n, T), self._prefill_body, n, T, self._eager_plan(_plan_of([x.sp for x in starts])))
 
     def _prefill_body(self, n: int, T: int, plan: SamplePlan | None = None) -> None:
@@ -518,9 +520,10 @@ class StepRunner:
                 self._capture(("cp", B, "topk"), self._cp_body, B, topk)
                 for L in self.len_buckets:
                     self._capture(("talker", B, L), self._talker_body, B, L)
-            for n in self.prefill_rows:
-                for T in self.prefill_lens:
-                    self._capture(("prefill", n, T), self._prefill_body, n, T)
+            with compiled_ops(False):  # prefills run plain (see _prefill_bucketed)
+                for n in self.prefill_rows:
+                    for T in self.prefill_lens:
+                        self._capture(("prefill", n, T), self._prefill_body, n, T)
             for k, v in self._state().items():
                 v.copy_(saved[k])
         log.info("captured %d graphs (batch buckets %s, length buckets %s, prefill rows %s x lengths %s) in %.1fs",

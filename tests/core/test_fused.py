@@ -182,3 +182,21 @@ def test_the_switch_is_per_thread_and_restored():
     with pytest.raises(RuntimeError), compiled_ops():
         raise RuntimeError("boom")
     assert seen == [False] and not compiled_ops
+
+
+def test_prefill_graphs_are_captured_plain_when_the_steps_compile(model_factory, monkeypatch):
+    """compile=True compiles the step bodies' fused ops at capture, not the prefills': a prefill is one pass per
+    session (one launch with its graph), and compiling every length bucket would only lengthen the engine's start."""
+    from qwen_tts_core.generate.runner import StepRunner
+
+    seen: dict[str, set[bool]] = {"prefill": set(), "cp": set(), "talker": set()}
+    for kind in seen:
+        real = getattr(StepRunner, f"_{kind}_body")
+
+        def spy(self, *a, _real=real, _kind=kind):
+            seen[_kind].add(bool(compiled_ops))
+            return _real(self, *a)
+        monkeypatch.setattr(StepRunner, f"_{kind}_body", spy)
+    Engine(model_factory("custom_voice", "tiny"), max_sessions=2, max_len=64, compile=True,
+           graph_capture=GraphCapture("cpu", fake=True))
+    assert seen == {"prefill": {False}, "cp": {True}, "talker": {True}}
