@@ -178,6 +178,11 @@ class BatchedAudio:
         for r in rows:
             r.pending += 1
 
+    def first_due_after(self, key: int, frames: int = 1) -> bool:
+        """Whether `frames` more frames for `key` complete its first chunk (nothing of it decoded yet)."""
+        r = self._row(key)
+        return r.emitted == 0 and r.pending < r.first <= r.pending + frames
+
     def finish(self, key: int) -> None:
         """No more frames for `key`: the next decode() emits what is left with final=True."""
         self._row(key).finished = True

@@ -16,7 +16,8 @@ Each `step()`:
   5) decodes audio: one batched codec call for every session with a chunk due (audio_stream.BatchedAudio); without
      CUDA graphs that call runs between 3)'s code predictor and talker step, so a chunk (the first one too) is out
      one talker step sooner (`step(emit=...)` hands it over then), and the last chunks of sessions that the talker
-     step ended get a second call at the end.
+     step ended get a second call at the end. With graphs it runs at the end of the step (one read a step), except
+     in a step where a session's first chunk is due: then it runs in between too.
 Every session added ends with exactly one `is_last` AudioChunk, whatever happens. No I/O, no asyncio: serving
 layers run `step()` in a loop thread. GPU: the step bodies and short prompts' prefills are CUDA graphs captured when
 the engine is built.
@@ -67,8 +68,9 @@ class Engine:
         sizes graphs are captured for (default 1, 2, 4, ... up to max_sessions). compile: the layers' elementwise
         pieces (residual add + RMSNorm, q/k norm + RoPE, SiLU x up) and the sampler run torch.compiled in the step
         bodies, about one kernel each on a GPU (model/fused.py; compiled at capture; a piece that fails to compile
-        runs plain). static: a KV cache of max_len allocated up front (default: with graphs; otherwise it grows
-        as sessions need). sampler: "device" (counter-based RNG per (seed, frame, codebook): the same codes alone
+        runs plain). static: a KV cache of max_len allocated up front, and prompts of up to 256 positions
+        prefilled in the graphs' (rows, length) buckets (default: with graphs; otherwise the cache grows as sessions
+        need and prompts prefill at their own lengths). sampler: "device" (counter-based RNG per (seed, frame, codebook): the same codes alone
         or batched, eager or graphs) or "torch" (torch's generators in the reference's draw order: exact seeded
         parity with the official package; eager only).
         interactive_reserve: slots that bulk sessions never take, so interactive requests find room at once.
@@ -245,7 +247,8 @@ class Engine:
 
         emit: called in this thread with chunks that are ready before the step ends; those are not returned again.
         Without CUDA graphs a chunk due after the code predictor is decoded before the talker step runs, so with
-        `emit` it leaves one talker step sooner (first audio included)."""
+        `emit` it leaves one talker step sooner (first audio included); with graphs, a step where a first chunk is
+        due does the same."""
         out: list[AudioChunk] = []
         try:
             self._step(out, emit)
@@ -289,8 +292,10 @@ class Engine:
                 emit(list(out))
                 out.clear()
 
-        # with graphs the step stays one replay after another and one read (the talker step is a few ms there)
-        early = self._capture is None and self.audio is not None and bool(self._audio_rows)
+        # with graphs the step stays one replay after another and one read (the talker step is a few ms there),
+        # except in a step that completes a session's FIRST chunk: time to first audio is worth a read more
+        early = self.audio is not None and bool(self._audio_rows) and (
+            self._capture is None or any(self.audio.first_due_after(s.id) for s in cp if s.id in self._audio_rows))
         rows = r.step([s.slot for s in cp], [s.slot for s in tk], max((s.pos for s in tk), default=0),
                       between=frames_ready if early and cp else None)
         if not (early and cp):

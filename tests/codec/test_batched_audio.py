@@ -219,6 +219,23 @@ def test_zero_frame_session_gives_one_empty_final(codec):
     assert audio.decode() == []
 
 
+def test_first_due_after_says_when_the_next_frames_complete_the_first_chunk(codec):
+    """What the graph engine asks before a step: do this step's frames complete a row's first chunk?"""
+    g = torch.Generator().manual_seed(3)
+    audio = BatchedAudio(codec, max_rows=2)
+    audio.open(1, 3, 2)
+    assert not audio.first_due_after(1) and audio.first_due_after(1, 3) and audio.first_due_after(1, 5)
+    for want in (False, True):
+        audio.push([1], _codes(g, 1))
+        assert audio.first_due_after(1) is want
+    audio.push([1], _codes(g, 1))
+    assert not audio.first_due_after(1)  # due already: these frames do not complete it
+    assert [o.num_frames for o in audio.decode()] == [3]
+    assert not audio.first_due_after(1) and not audio.first_due_after(1, 4)  # a first chunk is out
+    with pytest.raises(KeyError):
+        audio.first_due_after(2)
+
+
 def test_frames_gathered_past_a_chunk_decode_together(codec):
     """A caller that pushes several frames between decodes gets them in one chunk (nothing is lost or split)."""
     g = torch.Generator().manual_seed(12)
