@@ -43,7 +43,7 @@ from ..types import SAMPLES_PER_FRAME, AudioChunk, SamplingParams, SynthesisRequ
 from .audio_stream import BatchedAudio
 from .graphs import GraphCapture
 from .requests import make_prompt, validate
-from .runner import Start, StepRunner, prefill_groups
+from .runner import Start, StepRunner
 from .session import Session
 from .text_feed import IncrementalText
 
@@ -70,8 +70,10 @@ class Engine:
         bodies, about one kernel each on a GPU (model/fused.py; compiled at capture; a piece that fails to compile
         runs plain). static: a KV cache of max_len allocated up front, and prompts of up to 256 positions
         prefilled in the graphs' (rows, length) buckets (default: with graphs; otherwise the cache grows as sessions
-        need and prompts prefill at their own lengths). sampler: "device" (counter-based RNG per (seed, frame, codebook): the same codes alone
-        or batched, eager or graphs) or "torch" (torch's generators in the reference's draw order: exact seeded
+        need and prompts prefill at their own lengths). sampler: "device" (counter-based RNG per (seed, frame,
+        codebook): the same draws alone or batched, eager or graphs; on CPU without graphs the same codes too, bit
+        for bit: single rows run as two through oneDNN, the decode attention is grouped and prompts are not padded;
+        under graphs the same codes as a static eager engine) or "torch" (torch's generators in the reference's draw order: exact seeded
         parity with the official package; eager only).
         interactive_reserve: slots that bulk sessions never take, so interactive requests find room at once.
         audio_dtype: the streaming audio decoder's compute dtype (default: the codec's, fp32, which matches the
@@ -377,7 +379,7 @@ class Engine:
                 starting.append(s)
             except Exception as e:  # noqa: BLE001 - a bad request must not take the engine down
                 self._start_failed(s, slot, e, out)
-        for group in prefill_groups([s.prompt.prefill.shape[0] for s in starting]):
+        for group in self.runner.prefill_groups([s.prompt.prefill.shape[0] for s in starting]):
             batch = [starting[i] for i in group]
             try:
                 self.runner.start_many([Start(s.slot, s.prompt.prefill, s.prompt.trailing, s.request.sampling,

@@ -102,15 +102,15 @@ class Start:
     generator: torch.Generator | None = None
 
 
-def prefill_groups(lengths: Sequence[int], max_tokens: int = PREFILL_TOKENS) -> list[list[int]]:
+def prefill_groups(lengths: Sequence[int], max_tokens: int = PREFILL_TOKENS, pad: bool = True) -> list[list[int]]:
     """Indices of prompts (by length) grouped into batched prefills: similar lengths together (shortest first), a
     group's padded size (rows x longest) at most `max_tokens` (a longer prompt goes alone) and its padding at most
-    PREFILL_PAD_SLACK tokens plus a quarter of its real ones."""
+    PREFILL_PAD_SLACK tokens plus a quarter of its real ones. pad=False: equal lengths only (no padding)."""
     groups: list[list[int]] = []
     real = 0
     for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
         T = lengths[i]
-        if groups:
+        if groups and (pad or lengths[groups[-1][0]] == T):
             g = groups[-1]
             padded = (len(g) + 1) * T
             if padded <= max_tokens and padded - (real + T) <= PREFILL_PAD_SLACK + (real + T) // 4:
@@ -321,6 +321,13 @@ class StepRunner:
                 self._prefill_exact(part)
             else:
                 self._prefill_bucketed(part, T)
+
+    def prefill_groups(self, lengths: Sequence[int]) -> list[list[int]]:
+        """The batched prefills of prompts of these lengths starting together (see `prefill_groups`). Without
+        prefill buckets, only prompts of one length share a pass: a padded row's attention sums differ in the last
+        bits from its prompt alone (SDPA's blocks follow the padded length), and a session's codes must not depend
+        on who started with it. With buckets (graphs) every prompt is padded anyway."""
+        return prefill_groups(lengths, pad=bool(self.prefill_lens))
 
     def _prefill_pieces(self, lens: Sequence[int]) -> list[tuple[list[int], int | None]]:
         """The passes of one start_many: (indices, padded length), the length None for one exact eager pass of all.
@@ -551,9 +558,10 @@ class StepRunner:
         `torch._fused_sdp_choice` with this model's shapes; on CPU, enable_gqa in fp32 and grouped otherwise. Returns
         what was found."""
         if self.device.type != "cuda":
-            # CPU: fp32 keeps SDPA with enable_gqa (the reference's numbers); in bf16 that call takes a path ~7x
-            # slower than the grouped layout
-            layout = "gqa" if self.dtype == torch.float32 else "grouped"
+            # CPU: the torch sampler's fp32 engines keep SDPA with enable_gqa (the reference's numbers); the device
+            # sampler's take the grouped layout, whose rows do not depend on the batch (SDPA's fp32 kernel gives a row
+            # other last bits in a batch of 4 than alone); in bf16 SDPA takes a path ~7x slower than grouped
+            layout = "gqa" if self.dtype == torch.float32 and self.sampler == "torch" else "grouped"
             self.set_decode_layout(layout)
             return {"layout": layout}
         t = self.talker.cfg

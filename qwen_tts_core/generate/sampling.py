@@ -7,7 +7,8 @@ Two samplers share these rules:
     host's orders, so a run draws exactly the random numbers the reference draws (seeded parity with the official
     package after `torch.manual_seed`). Eager only; `Engine(sampler="torch")`.
   - the device sampler (`sample_device` + `gumbel`): per-row tensors and a counter-based hash of (seed, frame,
-    codebook, id), no host sync, captured inside the CUDA graphs; the same codes alone or batched, on any device.
+    codebook, id), no host sync, captured inside the CUDA graphs; the same draws alone or batched, on any device
+    (the same codes where the logits are too: see the Engine).
     `Engine(sampler="device")`, the default.
 """
 
@@ -87,7 +88,7 @@ def talker_logits_processors(logits: torch.Tensor, history: torch.Tensor | None,
 # --- the device sampler: per-row tensors, no host sync, capturable in a CUDA graph -------------------------------
 # Randomness is a counter-based hash of (seed, frame, codebook, token id) made of integer tensor ops: a row's draws do
 # not depend on which other rows share its batch, on the batch size, on graphs or on the device, so a seeded request
-# gives the same codes alone or batched. Sampling is the Gumbel-max trick: argmax(logits / T + Gumbel) over the ids
+# gives the same codes alone or batched wherever its logits are the same (CPU engines: bit for bit; see the Engine). Sampling is the Gumbel-max trick: argmax(logits / T + Gumbel) over the ids
 # that top-k and top-p keep draws from softmax(logits / T) restricted to them, exactly.
 
 _M32 = 0xFFFFFFFF

@@ -31,6 +31,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            packed: torch.Tensor | None = None) -> torch.Tensor:
     if packed is not None and packed_linears:
         if packed.dtype == x.dtype:
+            if x.numel() == x.shape[-1]:
+                # one row runs as two: oneDNN takes another kernel for a single row (for K >= 2048 in fp32, some
+                # shapes in bf16) whose sums differ in the last bit from the same row in a batch; from two rows on,
+                # a row's result does not depend on the batch. So a session's numbers are the same alone or batched,
+                # for the cost of a second row of a memory-bound product (nothing measurable)
+                y = torch.ops.mkldnn._linear_pointwise(x.reshape(1, -1).expand(2, -1).contiguous(), packed, bias,
+                                                       "none", [], "")
+                return y[:1].reshape(*x.shape[:-1], y.shape[-1])
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
         if x.numel() > x.shape[-1]:
             # bf16 on a CPU without a bf16 GEMM: two or more rows run in fp32 on the packed fp32 copy (~5x faster

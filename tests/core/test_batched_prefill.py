@@ -1,5 +1,6 @@
 """Sessions admitted in one step share batched prefills (runner.start_many): each row's codes are those of its
-session alone, prompts of different lengths are padded and grouped, and a failed prefill fails only its sessions."""
+session alone, prompts are grouped (on CPU one length a pass: test_batch_invariance.py; padded to buckets under
+graphs: test_graphs.py), and a failed prefill fails only its sessions."""
 
 from __future__ import annotations
 

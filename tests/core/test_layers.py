@@ -151,3 +151,26 @@ def test_fused_qk_norm_and_rope_equal_the_separate_path(dtype, T):
         att.k_norm.weight[0] += 1.0
         q2, k2, _ = att._qk_rope(x, cos, sin)
     assert torch.equal(q2, fused[0]) and not torch.equal(k2, fused[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("K", "N"), [(2048, 1024), (3072, 1024), (2048, 3072), (1024, 4096)])
+def test_a_packed_linear_gives_a_row_the_same_numbers_alone_or_in_a_batch(dtype, K, N):
+    """A session's numbers must not depend on who it is batched with. oneDNN runs a single row with another kernel
+    (on this project's CPUs: K >= 2048 in fp32, some shapes in bf16) whose sums differ in the last bits from the same
+    row in a batch; `linear` runs one row as two. Every row alone == in batches of 2, 3, 8, 33."""
+    from qwen_tts_core.model.layers import _pack, can_pack, linear, packed_linears
+
+    w = (torch.randn(N, K, generator=torch.Generator().manual_seed(K + N)) * 0.05).to(dtype)
+    if not can_pack(w):
+        pytest.skip(f"oneDNN cannot pack {dtype} linears on this CPU")
+    p = _pack(w)
+    x = torch.randn(33, K, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with packed_linears():
+        alone = [linear(x[i:i + 1], w, None, p) for i in range(8)]
+        assert linear(x[0], w, None, p).shape == (N,)  # a 1-d row keeps its shape
+        assert torch.equal(linear(x[0], w, None, p), alone[0][0])
+        for M in (2, 3, 8, 33):
+            batch = linear(x[:M], w, None, p)
+            for i in range(min(M, 8)):
+                assert torch.equal(batch[i], alone[i][0]), (M, i)
