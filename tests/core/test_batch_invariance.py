@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from qwen_tts_core import Engine, Qwen3TTSModel, SamplingParams, SynthesisRequest, make_checkpoint
-from qwen_tts_core.generate import runner as runner_mod
 from qwen_tts_core.generate.runner import prefill_groups
 
 GREEDY = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=8)
@@ -43,22 +42,14 @@ def test_full_size_bf16_sessions_batched_equal_each_alone(full_bf16):
         assert s.error is None and torch.equal(s.codes(), alone.codes()), r.text
 
 
-def test_without_buckets_only_prompts_of_one_length_share_a_prefill(model_factory, monkeypatch):
-    rows: list[int] = []
-    real = runner_mod.prefill
-
-    def counted(talker, cache, slots, embeds, last):
-        rows.append(embeds.shape[0])
-        return real(talker, cache, slots, embeds, last)
-
-    monkeypatch.setattr(runner_mod, "prefill", counted)
+def test_without_buckets_only_prompts_of_one_length_share_a_prefill(model_factory, prefill_rows):
     model = model_factory("custom_voice", "tiny")
     reqs = [req(0, GREEDY, False), req(2, GREEDY, False), req(1, GREEDY, True)]  # two of one length, one longer
     eng = Engine(model, max_sessions=3)
     sessions = eng.run_all(reqs)
     lens = [s.prompt.prefill.shape[0] for s in sessions]
     assert lens[0] == lens[1] < lens[2], lens
-    assert sorted(rows) == [1, 2], rows
+    assert sorted(prefill_rows) == [1, 2], prefill_rows
 
 
 def test_prefill_groups_without_padding_group_equal_lengths():

@@ -28,23 +28,11 @@ def model(model_factory):
     return model_factory("custom_voice", "tiny")
 
 
-def _count_prefills(monkeypatch) -> list[int]:
-    rows: list[int] = []
-    real = runner_mod.prefill
-
-    def counted(talker, cache, slots, embeds, last):
-        rows.append(embeds.shape[0])
-        return real(talker, cache, slots, embeds, last)
-
-    monkeypatch.setattr(runner_mod, "prefill", counted)
-    return rows
-
-
 @pytest.mark.parametrize("sampling", [SAMPLED, GREEDY], ids=["seeded-sampling", "greedy"])
-def test_sessions_prefilled_together_equal_each_alone(model, monkeypatch, sampling):
+def test_sessions_prefilled_together_equal_each_alone(model, prefill_rows, sampling):
     requests = [req(t, i, sampling) for i, t in enumerate(TEXTS)]
     lengths = []
-    rows = _count_prefills(monkeypatch)
+    rows = prefill_rows
     eng = Engine(model, max_sessions=4)
     together = eng.run_all(requests)
     lengths = [s.prompt.prefill.shape[0] for s in together]
@@ -56,10 +44,10 @@ def test_sessions_prefilled_together_equal_each_alone(model, monkeypatch, sampli
         assert torch.equal(s.codes(), alone.codes()), (i, lengths)
 
 
-def test_the_torch_sampler_prefills_together_too_with_each_rows_generator(model, monkeypatch):
+def test_the_torch_sampler_prefills_together_too_with_each_rows_generator(model, prefill_rows):
     """The reference sampler draws each row's first id with that row's own generator, batched or not."""
     requests = [req(t, i) for i, t in enumerate(TEXTS[:3])]
-    rows = _count_prefills(monkeypatch)
+    rows = prefill_rows
     together = Engine(model, max_sessions=3, sampler="torch").run_all(requests)
     assert len(rows) < 3
     for i, (t, s) in enumerate(zip(TEXTS, together)):
