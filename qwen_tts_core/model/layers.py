@@ -31,11 +31,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            packed: torch.Tensor | None = None) -> torch.Tensor:
     if packed is not None and packed_linears:
         if packed.dtype == x.dtype:
-            if x.numel() == x.shape[-1]:
-                # one row runs as two: oneDNN takes another kernel for a single row (for K >= 2048 in fp32, some
-                # shapes in bf16) whose sums differ in the last bit from the same row in a batch; from two rows on,
-                # a row's result does not depend on the batch. So a session's numbers are the same alone or batched,
-                # for the cost of a second row of a memory-bound product (nothing measurable)
+            if x.numel() == x.shape[-1] and getattr(packed, "single_row_differs", False):
+                # one row runs as two where oneDNN's single-row kernel sums in another order than its batched one
+                # (`single_row_differs`): a session's numbers are then the same alone or batched
                 y = torch.ops.mkldnn._linear_pointwise(x.reshape(1, -1).expand(2, -1).contiguous(), packed, bias,
                                                        "none", [], "")
                 return y[:1].reshape(*x.shape[:-1], y.shape[-1])
@@ -59,7 +57,31 @@ class Linear(nn.Linear):
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+    packed.single_row_differs = single_row_differs(w.shape[0], w.shape[1], w.dtype)
+    return packed
+
+
+_SINGLE_ROW: dict[tuple, bool] = {}
+
+
+def single_row_differs(n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether oneDNN gives a row alone other bits than the same row among others, for packed [n, k] weights of
+    `dtype`. It runs a single row with a kernel of its own, whose sums differ from the batched kernel's for some
+    shapes and inputs (on this project's CPUs: K >= 2048, in fp32 always, in bf16 for some inputs). From two rows on,
+    a row's result does not depend on the batch. Where they can differ, `linear` runs one row as two (~1.5x the time
+    of that product, so only there). Probed once per shape: 8 random rows, each alone and in the batch."""
+    key = (n, k, dtype)
+    if key not in _SINGLE_ROW:
+        g = torch.Generator().manual_seed(n * 7919 + k)
+        w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+        x = torch.randn(8, k, generator=g).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        batch = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        _SINGLE_ROW[key] = any(
+            not torch.equal(torch.ops.mkldnn._linear_pointwise(x[i:i + 1], packed, None, "none", [], "")[0], batch[i])
+            for i in range(8))
+    return _SINGLE_ROW[key]
 
 
 def _pack_upcast(w: torch.Tensor) -> torch.Tensor:
