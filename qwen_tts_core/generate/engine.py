@@ -72,8 +72,9 @@ class Engine:
         prefilled in the graphs' (rows, length) buckets (default: with graphs; otherwise the cache grows as sessions
         need and prompts prefill at their own lengths). sampler: "device" (counter-based RNG per (seed, frame,
         codebook): the same draws alone or batched, eager or graphs; on CPU without graphs the same codes too, bit
-        for bit: single rows run as two through oneDNN, the decode attention is grouped and prompts are not padded;
-        under graphs the same codes as a static eager engine) or "torch" (torch's generators in the reference's draw order: exact seeded
+        for bit: single rows run as two through oneDNN where its one-row kernel differs, the decode attention is
+        grouped and prompts are not padded; under graphs the same codes as a static eager engine) or "torch"
+        (torch's generators in the reference's draw order: exact seeded
         parity with the official package; eager only).
         interactive_reserve: slots that bulk sessions never take, so interactive requests find room at once.
         audio_dtype: the streaming audio decoder's compute dtype (default: the codec's, fp32, which matches the
