@@ -157,8 +157,8 @@ def test_fused_qk_norm_and_rope_equal_the_separate_path(dtype, T):
 @pytest.mark.parametrize(("K", "N"), [(2048, 1024), (3072, 1024), (2048, 3072), (1024, 4096)])
 def test_a_packed_linear_gives_a_row_the_same_numbers_alone_or_in_a_batch(dtype, K, N):
     """A session's numbers must not depend on who it is batched with. oneDNN runs a single row with another kernel
-    (on this project's CPUs: K >= 2048 in fp32, some shapes in bf16) whose sums differ in the last bits from the same
-    row in a batch; `linear` runs one row as two. Every row alone == in batches of 2, 3, 8, 33."""
+    (on this project's CPUs: K >= 2048) whose sums can differ in the last bits from the same row in a batch; `linear`
+    runs one row as two for the shapes a probe flags at packing. Every row alone == in batches of 2, 3, 8, 33."""
     from qwen_tts_core.model.layers import _pack, can_pack, linear, packed_linears
 
     w = (torch.randn(N, K, generator=torch.Generator().manual_seed(K + N)) * 0.05).to(dtype)
