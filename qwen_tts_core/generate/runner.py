@@ -344,7 +344,8 @@ class StepRunner:
         return out
 
     def _prefill_exact(self, starts: Sequence[Start]) -> None:
-        """One eager pass over the prompts right-padded to the longest of them."""
+        """One eager pass over the prompts (right-padded to the longest, where they differ: with graphs, past the
+        prefill buckets)."""
         lens = [x.embeds.shape[0] for x in starts]
         T, n = max(lens), len(starts)
         embeds = starts[0].embeds.new_zeros(n, T, starts[0].embeds.shape[1])
@@ -352,17 +353,15 @@ class StepRunner:
             embeds[i, : lens[i]] = x.embeds
         idx = torch.tensor([x.slot for x in starts], dtype=torch.long, device=self.device)
         last = torch.tensor(lens, dtype=torch.long, device=self.device) - 1
-        with packed_linears(self.packed):
-            hidden, logits = prefill(self.talker, self.cache, idx, embeds, last)
-        logits = talker_logits_batch(logits, self.seen[idx], self.t_pen[idx], self.ngen[idx], self.blocked,
-                                     self.eos_id)
         sps = [x.sp for x in starts]
         if self.sampler == "device":
-            ids = self._pick_talker(logits, n, idx, _plan_of(sps))
+            pick = lambda logits: self._pick_talker(logits, n, idx, _plan_of(sps))  # noqa: E731
         else:
-            ids = pick_rows(logits, [p.do_sample for p in sps], [p.temperature for p in sps], [p.top_k for p in sps],
-                            [p.top_p for p in sps], [x.generator for x in starts])
-        self._set_first(idx, hidden, ids)
+            pick = lambda logits: pick_rows(  # noqa: E731
+                logits, [p.do_sample for p in sps], [p.temperature for p in sps], [p.top_k for p in sps],
+                [p.top_p for p in sps], [x.generator for x in starts])
+        with packed_linears(self.packed):
+            self._prefill_and_draw(idx, embeds, last, pick)
 
     def _prefill_bucketed(self, starts: Sequence[Start], T: int) -> None:
         """One pass of a (rows, length) bucket through the static prefill inputs: a graph replay, or (no graphs) the
@@ -380,13 +379,17 @@ class StepRunner:
 
     def _prefill_body(self, n: int, T: int, plan: SamplePlan | None = None) -> None:
         idx = self._pf_slots[:n]
-        hidden, logits = prefill(self.talker, self.cache, idx, self._pf_embeds[:n, :T], self._pf_last[:n])
+        self._prefill_and_draw(idx, self._pf_embeds[:n, :T], self._pf_last[:n],
+                               lambda logits: self._pick_talker(logits, n, idx, plan))
+
+    def _prefill_and_draw(self, idx: torch.Tensor, embeds: torch.Tensor, last: torch.Tensor,
+                          pick: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Prefill prompts `embeds` [n, T, C] into slots `idx`, draw each first id with `pick(logits)` and keep it
+        (and its hidden state) in the slots."""
+        hidden, logits = prefill(self.talker, self.cache, idx, embeds, last)
         logits = talker_logits_batch(logits, self.seen[idx], self.t_pen[idx], self.ngen[idx], self.blocked,
                                      self.eos_id)
-        self._set_first(idx, hidden, self._pick_talker(logits, n, idx, plan))
-
-    def _set_first(self, idx: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor) -> None:
-        """The first id drawn at prefill (and its hidden state) into the sessions' slots."""
+        ids = pick(logits)
         self.code0[idx] = ids
         self.hidden[idx] = hidden
         self.ngen[idx] = 1

@@ -88,8 +88,9 @@ def talker_logits_processors(logits: torch.Tensor, history: torch.Tensor | None,
 # --- the device sampler: per-row tensors, no host sync, capturable in a CUDA graph -------------------------------
 # Randomness is a counter-based hash of (seed, frame, codebook, token id) made of integer tensor ops: a row's draws do
 # not depend on which other rows share its batch, on the batch size, on graphs or on the device, so a seeded request
-# gives the same codes alone or batched wherever its logits are the same (CPU engines: bit for bit; see the Engine). Sampling is the Gumbel-max trick: argmax(logits / T + Gumbel) over the ids
-# that top-k and top-p keep draws from softmax(logits / T) restricted to them, exactly.
+# gives the same codes alone or batched wherever its logits are the same (CPU engines: bit for bit; see the Engine).
+# Sampling is the Gumbel-max trick: argmax(logits / T + Gumbel) over the ids that top-k and top-p keep draws from
+# softmax(logits / T) restricted to them, exactly.
 
 _M32 = 0xFFFFFFFF
 _MUL = 0x045D9F3B  # < 2**27: products of 32-bit values stay below 2**59 (no int64 overflow)

@@ -109,13 +109,18 @@ def test_a_guard_stop_between_the_two_halves_still_ends_with_its_audio(model):
         assert sum(len(c.pcm) for c in got[s.id]) == s.num_frames * 1920
 
 
-def test_a_decode_failure_between_the_halves_fails_those_sessions_visibly_and_frees_them(model, monkeypatch):
-    eng = Engine(model, max_sessions=2)
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_a_decode_failure_between_the_halves_fails_those_sessions_visibly_and_frees_them(model, monkeypatch, graphs):
+    """A decode call raises (eager: the second; graphs: the first, which decodes the first chunks between the code
+    predictor and the talker replay): both sessions end with an error chunk, slots and audio rows are freed, and the
+    next request runs."""
+    eng = Engine(model, max_sessions=2, max_len=128, graph_capture=GraphCapture("cpu", fake=True)) if graphs \
+        else Engine(model, max_sessions=2)
     real, calls = eng.audio.decode, []
 
     def broken():
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == (1 if graphs else 2):
             raise RuntimeError("simulated codec failure")
         return real()
 
