@@ -11,8 +11,9 @@ of at most 32 row-frames), `BatchedAudio` as one call over all rows, and one `Au
 path: a codec call and a host copy per session), at R = 1/8/32; and a ragged step (3 of 4 rows with 4 frames,
 1 of 4 with 1, as first chunks are) with one padded call vs one call per length as well.
 Section `kernels` (full-size decoder, --dtype): one streaming call of R rows x t frames with the small-call
-matrix-product convs (`codec.layers.MATMUL_ROWS`, the default) vs torch's conv kernels for every layer, calls
-interleaved in one process; ms per call and the speedup, for (R, t) in --shapes.
+matrix-product convs (`codec.layers.MATMUL_ROWS`) on oneDNN-packed weights (the default) vs torch's conv kernels for
+every layer, and vs the same products on torch's GEMM (QTTS_ONEDNN=0: no packed weights, for the matrix-product convs
+and the linears), calls interleaved in one process; ms per call and the speedups, for (R, t) in --shapes.
 The last stdout line is one JSON object.
 
     .venv/bin/python benchmarks/codec_stream.py [--sections single,batched,kernels] [--shapes 1x1,1x4,8x4] [--frames 1000] [--threads 1]
@@ -226,6 +227,7 @@ def _kernels_section(args, device: torch.device) -> dict:
     decoder = random_decoder(full_config(), seed=args.seed).to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(args.seed + 3)
     default, never = dict(layers.MATMUL_ROWS), dict.fromkeys(layers.MATMUL_ROWS, float("inf"))
+    onednn = os.environ.get("QTTS_ONEDNN")
     res: dict = {"kernels_dtype": args.dtype}
     try:
         for shape in args.shapes.split(","):
@@ -237,19 +239,26 @@ def _kernels_section(args, device: torch.device) -> dict:
             state = decoder.new_state(rows)
             decoder.decode_chunk(codes, state, check=False)  # a state that has history
 
-            def call(table: dict, codes=codes, state=state):
+            def call(table: dict, packed: bool = True, codes=codes, state=state):
                 layers.MATMUL_ROWS = table
+                os.environ["QTTS_ONEDNN"] = "1" if packed else "0"
                 decoder.decode_chunk(codes, state.select(list(range(state.batch_size))), check=False)
 
-            best = _best_times({"matmul_small": lambda c=call: c(default), "conv_only": lambda c=call: c(never)},
-                               device, args.reps)
+            best = _best_times({"matmul_small": lambda c=call: c(default), "conv_only": lambda c=call: c(never),
+                                "unpacked": lambda c=call: c(default, False)}, device, args.reps)
             res[f"kernels_{rows}x{frames}_ms"] = round(best["matmul_small"] * 1e3, 1)
             res[f"kernels_{rows}x{frames}_conv_only_ms"] = round(best["conv_only"] * 1e3, 1)
+            res[f"kernels_{rows}x{frames}_unpacked_ms"] = round(best["unpacked"] * 1e3, 1)
             res[f"kernels_{rows}x{frames}_speedup"] = round(best["conv_only"] / best["matmul_small"], 2)
-            logger.info("%dx%d: %.1f ms (conv kernels only: %.1f ms)", rows, frames, best["matmul_small"] * 1e3,
-                        best["conv_only"] * 1e3)
+            res[f"kernels_{rows}x{frames}_packed_speedup"] = round(best["unpacked"] / best["matmul_small"], 2)
+            logger.info("%dx%d: %.1f ms (conv kernels only: %.1f ms, torch's GEMM unpacked: %.1f ms)", rows, frames,
+                        best["matmul_small"] * 1e3, best["conv_only"] * 1e3, best["unpacked"] * 1e3)
     finally:
         layers.MATMUL_ROWS = default
+        if onednn is None:
+            os.environ.pop("QTTS_ONEDNN", None)
+        else:
+            os.environ["QTTS_ONEDNN"] = onednn
     return res
 
 

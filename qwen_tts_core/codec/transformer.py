@@ -13,6 +13,7 @@ from torch import nn
 
 from ..model.layers import RMSNorm
 from .config import CodecConfig
+from .layers import PackedLinear
 from .state import CodecStreamState, window_at
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
@@ -42,10 +43,10 @@ class Attention(nn.Module):
         h, kv, d, bias = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias
         self.heads, self.kv_heads, self.head_dim = h, kv, d
         self.cache_len = cfg.sliding_window - 1
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=bias)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=bias)
+        self.q_proj = PackedLinear(cfg.hidden_size, h * d, bias=bias)
+        self.k_proj = PackedLinear(cfg.hidden_size, kv * d, bias=bias)
+        self.v_proj = PackedLinear(cfg.hidden_size, kv * d, bias=bias)
+        self.o_proj = PackedLinear(h * d, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 state: CodecStreamState, layer: int) -> torch.Tensor:
@@ -80,9 +81,9 @@ class Mlp(nn.Module):
 
     def __init__(self, cfg: CodecConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = PackedLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = PackedLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = PackedLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = _ACTS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,8 +117,8 @@ class SlidingWindowTransformer(nn.Module):
         self.window = cfg.sliding_window
         self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.input_proj = nn.Linear(cfg.latent_dim, cfg.hidden_size)
-        self.output_proj = nn.Linear(cfg.hidden_size, cfg.latent_dim)
+        self.input_proj = PackedLinear(cfg.latent_dim, cfg.hidden_size)
+        self.output_proj = PackedLinear(cfg.hidden_size, cfg.latent_dim)
         d = cfg.head_dim
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         self.register_buffer("inv_freq", inv_freq, persistent=False)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch
 
 from ..model.fused import compiled_ops
 from ..model.kv_cache import KVCache
-from ..model.layers import Attention, pack_linears_, packed_linears, sdpa_backend
+from ..model.layers import Attention, onednn_enabled, pack_linears_, packed_linears, sdpa_backend
 from ..model.talker import Talker
 from ..types import SamplingParams
 from .graphs import GraphCapture
@@ -192,7 +191,7 @@ class StepRunner:
         self.torch_rows: dict[str, tuple[list[int], list[SamplingParams], list[torch.Generator | None]]] = {}
         # CPU: oneDNN with prepacked weights for the device sampler's engines (the torch sampler's promise is the
         # reference's exact numbers, so it keeps torch's GEMM); QTTS_ONEDNN=0 turns it off
-        self.packed = sampler == "device" and os.environ.get("QTTS_ONEDNN", "1") != "0" and pack_linears_(talker)
+        self.packed = sampler == "device" and onednn_enabled() and pack_linears_(talker)
         self.graphs: dict[tuple, object] = {}
         self.capture_seconds: dict[tuple, float] = {}
         # compile: the layers' elementwise pieces run torch.compiled (model/fused.py) in the step bodies

@@ -6,6 +6,7 @@ Parameter names mirror the official checkpoint so its tensors load by name.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,11 @@ packed_linears = ThreadFlag()
 (`pack_linears_`) use it."""
 
 
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ W.T + bias with W packed by `pack_weight` (x's dtype must be the packed one's)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
     if packed is not None and packed_linears:
@@ -34,16 +40,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             if x.numel() == x.shape[-1] and getattr(packed, "single_row_differs", False):
                 # one row runs as two where oneDNN's single-row kernel sums in another order than its batched one
                 # (`single_row_differs`): a session's numbers are then the same alone or batched
-                y = torch.ops.mkldnn._linear_pointwise(x.reshape(1, -1).expand(2, -1).contiguous(), packed, bias,
-                                                       "none", [], "")
+                y = onednn_linear(x.reshape(1, -1).expand(2, -1), packed, bias)
                 return y[:1].reshape(*x.shape[:-1], y.shape[-1])
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+            return onednn_linear(x, packed, bias)
         if x.numel() > x.shape[-1]:
             # bf16 on a CPU without a bf16 GEMM: two or more rows run in fp32 on the packed fp32 copy (~5x faster
             # at 8 rows than torch's bf16 GEMM there); one row stays a bf16 matrix-vector product (half the bytes).
             b = None if bias is None else bias.float()
-            y = torch.ops.mkldnn._linear_pointwise(x.float().contiguous(), packed, b, "none", [], "")
-            return y.to(x.dtype)
+            return onednn_linear(x.float(), packed, b).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
@@ -56,8 +60,19 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, self.packed)
 
 
+def onednn_enabled() -> bool:
+    """Whether packed oneDNN linears may be used at all (QTTS_ONEDNN=0 turns them off, for the talker and codec)."""
+    return os.environ.get("QTTS_ONEDNN", "1") != "0"
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """A oneDNN-packed copy of the weight w [out, in] for `onednn_linear` (CPU; see `can_pack`). An opaque tensor:
+    it cannot be deep-copied, and it does not follow later in-place changes of w."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
+
+
 def _pack(w: torch.Tensor) -> torch.Tensor:
-    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+    packed = pack_weight(w)
     packed.single_row_differs = single_row_differs(w.shape[0], w.shape[1], w.dtype)
     return packed
 
@@ -76,11 +91,9 @@ def single_row_differs(n: int, k: int, dtype: torch.dtype) -> bool:
         g = torch.Generator().manual_seed(n * 7919 + k)
         w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
         x = torch.randn(8, k, generator=g).to(dtype)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        batch = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        _SINGLE_ROW[key] = any(
-            not torch.equal(torch.ops.mkldnn._linear_pointwise(x[i:i + 1], packed, None, "none", [], "")[0], batch[i])
-            for i in range(8))
+        packed = pack_weight(w)
+        batch = onednn_linear(x, packed)
+        _SINGLE_ROW[key] = any(not torch.equal(onednn_linear(x[i:i + 1], packed)[0], batch[i]) for i in range(8))
     return _SINGLE_ROW[key]
 
 
@@ -100,7 +113,7 @@ def can_pack(p: torch.Tensor) -> bool:
     if p.dtype not in _PACKABLE:
         try:
             w = torch.ones(8, 16, dtype=p.dtype)
-            y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=p.dtype), _pack(w), None, "none", [], "")
+            y = onednn_linear(torch.ones(2, 16, dtype=p.dtype), _pack(w))
             _PACKABLE[p.dtype] = bool((y == 16).all())
         except RuntimeError:
             _PACKABLE[p.dtype] = False
