@@ -212,7 +212,7 @@ class StepRunner:
     def _cp_body(self, B: int, plan: SamplePlan | None = None) -> None:
         cache = self._cp_cache(B)
         if self.sampler == "device":
-            frame, drawn = self.nframes[:B], []
+            frame, drawn, memo = self.nframes[:B], [], {}
 
             def noise(g: int) -> torch.Tensor:
                 # the noise of all 15 codebooks in one go, at the first draw that needs it (~25 kernels, not ~25
@@ -223,7 +223,7 @@ class StepRunner:
 
             def pick(logits: torch.Tensor, g: int) -> torch.Tensor:
                 return sample_device(logits, self.c_do[:B], self.c_temp[:B], self.c_top_k[:B], self.c_top_p[:B],
-                                     lambda: noise(g), plan)
+                                     lambda: noise(g), plan, memo)
         else:
             pick = self._torch_picker("cp", B)
         codes = predict_codes(self.talker, cache, self.hidden[:B], self.code0[:B], pick)

@@ -137,7 +137,7 @@ compiled (`model.fused.compiled_ops`), ~25 plain."""
 
 def sample_device(logits: torch.Tensor, do_sample: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                   top_p: torch.Tensor, noise: Callable[[], torch.Tensor], plan: SamplePlan | None = None,
-                  ) -> torch.Tensor:
+                  memo: dict | None = None) -> torch.Tensor:
     """Per-row sampling with no host sync: logits [B, V] fp32 (processed); do_sample bool [B]; temperature, top_p
     float [B]; top_k long [B] (0 = off); noise() -> [B, V] Gumbel. Greedy rows take argmax(logits), as HF does.
     Filters as HF's warpers in order: temperature, top-k (ties with the k-th value kept), top-p (smallest set whose
@@ -146,26 +146,46 @@ def sample_device(logits: torch.Tensor, do_sample: torch.Tensor, temperature: to
     plan: what the host knows about the rows that count (eager only; None = the general code a graph captures). A
     plan only skips work whose result is known: no row samples (argmax), no row uses top-p (the k-th value from a
     top-k of the largest k instead of a full sort). The ids are the same either way. Each way is one `FusedOp`
-    (a few kernels when compiled)."""
+    (a few kernels when compiled).
+
+    memo: a dict shared by the draws of one pass over the same rows and parameters (the code predictor's 15): what
+    the filters derive from top_k and top_p per row is computed at the first draw only (~5 kernels fewer per draw)."""
     if plan is not None and not plan.sample:
         return logits.argmax(-1)
+    V = logits.shape[-1]
+    memo = {} if memo is None else memo
     if plan is None or plan.top_p:
-        return _sample_sorted(logits, do_sample, temperature, top_k, top_p, noise())
-    return _sample_topk(logits, do_sample, temperature, top_k, noise(), max(1, min(plan.kmax, logits.shape[-1])))
+        if ("sorted", V) not in memo:
+            memo["sorted", V] = _sorted_rows(top_k, top_p, V)
+        return _sample_sorted(logits, do_sample, temperature, *memo["sorted", V], noise())
+    kmax = max(1, min(plan.kmax, V))
+    if ("topk", kmax) not in memo:
+        memo["topk", kmax] = _topk_rows(top_k, kmax)
+    return _sample_topk(logits, do_sample, temperature, *memo["topk", kmax], noise(), kmax)
+
+
+def _sorted_rows_plain(top_k: torch.Tensor, top_p: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the sorted sampler needs per row: k - 1 (V - 1 without top-k) [B, 1] and 1 - top_p [B, 1]."""
+    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+    return (k - 1)[:, None], (1 - top_p)[:, None]
+
+
+def _topk_rows_plain(top_k: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the top-k sampler needs per row: k - 1 within the top kmax [B, 1], and whether top-k is off [B, 1]."""
+    return (top_k.clamp(1, kmax) - 1)[:, None], (top_k <= 0)[:, None]
 
 
 def _sample_sorted_plain(logits: torch.Tensor, do_sample: torch.Tensor, temperature: torch.Tensor,
-                         top_k: torch.Tensor, top_p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+                         kth_index: torch.Tensor, drop_below: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """kth_index Long [B, 1]: each row's k - 1 (V - 1 without top-k); drop_below [B, 1]: 1 - top_p."""
     greedy = logits.argmax(-1)
-    V = logits.shape[-1]
     x = logits / temperature[:, None]
     sx, sidx = torch.sort(x, dim=-1, descending=True)
-    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
-    kth = sx.gather(-1, (k - 1)[:, None])
+    kth = sx.gather(-1, kth_index)
     sx = sx.masked_fill(sx < kth, float("-inf"))
     # top-p: cumulative probability in ascending order (as HF sums it), read back in descending order
     cum = sx.softmax(-1).flip(-1).cumsum(-1).flip(-1)
-    drop_sorted = cum <= (1 - top_p)[:, None]
+    drop_sorted = cum <= drop_below
     drop_sorted[:, 0] = False  # the most likely id always stays
     drop = torch.zeros_like(drop_sorted).scatter(-1, sidx, drop_sorted) | (x < kth)
     sampled = (x.masked_fill(drop, float("-inf")) + noise).argmax(-1)
@@ -173,17 +193,19 @@ def _sample_sorted_plain(logits: torch.Tensor, do_sample: torch.Tensor, temperat
 
 
 def _sample_topk_plain(logits: torch.Tensor, do_sample: torch.Tensor, temperature: torch.Tensor,
-                       top_k: torch.Tensor, noise: torch.Tensor, kmax: int) -> torch.Tensor:
+                       kth_index: torch.Tensor, no_top_k: torch.Tensor, noise: torch.Tensor, kmax: int
+                       ) -> torch.Tensor:
+    """kth_index Long [B, 1]: each row's k - 1 within the top kmax; no_top_k bool [B, 1]: the row keeps every id."""
     greedy = logits.argmax(-1)
     x = logits / temperature[:, None]
     vals = torch.topk(x, kmax, dim=-1).values
-    kth = vals.gather(-1, (top_k.clamp(1, kmax) - 1)[:, None])
-    kth = torch.where((top_k > 0)[:, None], kth, torch.full_like(kth, float("-inf")))
+    kth = vals.gather(-1, kth_index).masked_fill(no_top_k, float("-inf"))
     sampled = (x.masked_fill(x < kth, float("-inf")) + noise).argmax(-1)
     return torch.where(do_sample, sampled, greedy)
 
 
 _sample_sorted, _sample_topk = FusedOp(_sample_sorted_plain), FusedOp(_sample_topk_plain)
+_sorted_rows, _topk_rows = FusedOp(_sorted_rows_plain), FusedOp(_topk_rows_plain)
 
 
 @dataclass(frozen=True)

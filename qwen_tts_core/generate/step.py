@@ -42,11 +42,12 @@ def predict_codes(talker: Talker, cache: KVCache, hidden: torch.Tensor, code0: t
     cp = talker.code_predictor
     x = torch.stack([hidden, talker.embed_codec(code0)], dim=1)  # [B, 2, C]
     codes = [code0]
-    logits = cp(x, 0, cache, head=0)
+    consts = cp.pass_constants(x.dtype)
+    logits = cp(x, 0, cache, head=0, consts=consts)
     for g in range(1, cp.num_steps + 1):
         ids = pick(logits.float(), g)
         codes.append(ids)
         if g == cp.num_steps:
             break
-        logits = cp(cp.embed(g, ids)[:, None], g + 1, cache, head=g)
+        logits = cp(cp.embed(g, ids)[:, None], g + 1, cache, head=g, consts=consts)
     return torch.stack(codes, dim=1)

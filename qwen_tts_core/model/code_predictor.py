@@ -6,6 +6,8 @@ codebook 0, then each predicted code's embedding. Parameter names follow `talker
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -45,15 +47,39 @@ class CodePredictor(nn.Module):
         """Embedding (talker width) of codebook `group` (1..15) codes [...] -> [..., talker_hidden]."""
         return self.model.codec_embedding[group - 1](codes)
 
-    def forward(self, embeds: torch.Tensor, start: int, cache: KVCache, head: int) -> torch.Tensor:
+    def pass_constants(self, dtype: torch.dtype) -> PassConstants:
+        """What every step of one frame's pass reads alike, made once per pass from the live weights: the RoPE table
+        of its positions in `dtype` and each layer's q/k norm weight (3 + 5 kernels fewer per step on a GPU)."""
+        return PassConstants(self.rope.table.to(dtype),
+                             [layer.self_attn.qk_norm_weight() for layer in self.model.layers])
+
+    def forward(self, embeds: torch.Tensor, start: int, cache: KVCache, head: int,
+                consts: PassConstants | None = None) -> torch.Tensor:
         """embeds [B, T, talker_hidden] at positions start..start+T-1 of a per-frame cache (rows = slots 0..B-1);
-        returns the logits of codebook `head + 1` for the last position: [B, vocab]."""
+        returns the logits of codebook `head + 1` for the last position: [B, vocab]. consts: this pass's
+        `pass_constants` (the same numbers as without)."""
         B, T, _ = embeds.shape
         x = self.small_to_mtp_projection(embeds)
-        positions = torch.arange(start, start + T, device=x.device)[None].expand(B, T)
         if not (start == 0 or T == 1):
             raise ValueError("the code predictor continues one position at a time after its prefill")
+        positions, cos_sin, qk_weights = None, None, None
+        if consts is not None:
+            qk_weights = consts.qk_weights
+        if consts is not None and T == 1:  # every row at position `start`: a view of the table, broadcast over rows
+            cs = consts.rope[start]                                             # [2, D]
+            D = cs.shape[-1]
+            cos_sin = (cs[0].expand(B, 1, 1, D), cs[1].expand(B, 1, 1, D))
+        else:
+            positions = torch.arange(start, start + T, device=x.device)[None].expand(B, T)
         # fresh cache: causal prefill at 0, then one query that sees every earlier key: no mask needed
         hidden = run_stack(self.model.layers, self.model.norm, self.rope, x, positions,
-                           cache.layers(None, start + T, start=start), None)
+                           cache.layers(None, start + T, start=start), None, cos_sin, qk_weights)
         return self.lm_head[head](hidden[:, -1])
+
+
+@dataclass
+class PassConstants:
+    """See `CodePredictor.pass_constants`."""
+
+    rope: torch.Tensor                        # [positions, 2, head_dim]: cos and signed sin (`RotaryTable.table`)
+    qk_weights: list[torch.Tensor | None]     # per layer: `Attention.qk_norm_weight()`

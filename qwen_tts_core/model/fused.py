@@ -46,11 +46,20 @@ def _add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor,
     return s, weight * F.rms_norm(s, (s.shape[-1],), None, eps)
 
 
+def qk_norm_weight(wq: torch.Tensor, wk: torch.Tensor, hq: int, hkv: int) -> torch.Tensor:
+    """The per-head weight of the fused q/k norm: wq [D] on q's hq heads, wk [D] on k's hkv -> [hq + hkv, D]."""
+    D = wq.shape[-1]
+    return torch.cat([wq.expand(hq, D), wk.expand(hkv, D)])
+
+
+def _norm_rope(qk: torch.Tensor, w: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return apply_rope(w * F.rms_norm(qk, (qk.shape[-1],), None, eps), cos, sin)
+
+
 def _qk_norm_rope(qk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float, cos: torch.Tensor,
                   sin: torch.Tensor, hq: int) -> torch.Tensor:
-    D = qk.shape[-1]
-    w = torch.cat([wq.expand(hq, D), wk.expand(qk.shape[-2] - hq, D)])  # read from the live weights every call
-    return apply_rope(w * F.rms_norm(qk, (D,), None, eps), cos, sin)
+    # the weight is read from the live norm weights every call
+    return _norm_rope(qk, qk_norm_weight(wq, wk, hq, qk.shape[-2] - hq), eps, cos, sin)
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -101,6 +110,7 @@ class FusedOp:
 
 
 _add_rms_norm_op, _qk_norm_rope_op, _silu_mul_op = FusedOp(_add_rms_norm), FusedOp(_qk_norm_rope), FusedOp(_silu_mul)
+_norm_rope_op = FusedOp(_norm_rope)
 
 
 def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float
@@ -113,12 +123,14 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, 
 
 
 def qk_norm_rope(qk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float, cos: torch.Tensor,
-                 sin: torch.Tensor, hq: int) -> torch.Tensor:
+                 sin: torch.Tensor, hq: int, w: torch.Tensor | None = None) -> torch.Tensor:
     """qk [B, T, Hq+Hkv, D] (q's heads first) -> [B, Hq+Hkv, T, D]: each head RMS-normed (wq on q's heads, wk on
-    k's), then rotated with cos / signed sin [B, 1, T, D] (`layers.RotaryTable`)."""
+    k's), then rotated with cos / signed sin [B, 1, T, D] (`layers.RotaryTable`). w: `qk_norm_weight(wq, wk, ...)`
+    made once for several calls (the code predictor's 15 steps per frame reuse its 5 layers'), else made here."""
     B, T, H, D = qk.shape
-    out = _qk_norm_rope_op(qk.reshape(B * T, H, D), wq, wk, eps, cos.transpose(1, 2).reshape(B * T, 1, D),
-                           sin.transpose(1, 2).reshape(B * T, 1, D), hq)
+    flat, cos, sin = qk.reshape(B * T, H, D), cos.transpose(1, 2).reshape(B * T, 1, D), \
+        sin.transpose(1, 2).reshape(B * T, 1, D)
+    out = _qk_norm_rope_op(flat, wq, wk, eps, cos, sin, hq) if w is None else _norm_rope_op(flat, w, eps, cos, sin)
     return out.view(B, T, H, D).transpose(1, 2)
 
 
@@ -128,4 +140,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate_up.shape[:-1], out.shape[-1])
 
 
-__all__ = ["OPS", "FusedOp", "add_rms_norm", "apply_rope", "compiled_ops", "qk_norm_rope", "silu_mul"]
+__all__ = ["OPS", "FusedOp", "add_rms_norm", "apply_rope", "compiled_ops", "qk_norm_rope", "qk_norm_weight",
+           "silu_mul"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from torch import nn
 
 from ..config import DecoderStackConfig
 from .flags import ThreadFlag
-from .fused import add_rms_norm, apply_rope, qk_norm_rope, silu_mul
+from .fused import add_rms_norm, apply_rope, qk_norm_rope, qk_norm_weight, silu_mul
 from .kv_cache import LayerCache
 
 logger = logging.getLogger(__name__)
@@ -217,14 +218,21 @@ class Attention(nn.Module):
         """One matrix for q, k and v (one read, one call); the separate weights become views into it."""
         self.qkv = _fuse([self.q_proj, self.k_proj, self.v_proj], column_major)
 
-    def _qk_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def qk_norm_weight(self) -> torch.Tensor | None:
+        """The fused q/k norm's per-head weight [Hq+Hkv, D] (see `_qk_rope`), for callers that reuse it over several
+        forwards; None where this layer norms q and k apart."""
+        if self.qkv is None or self.q_proj.bias is not None:
+            return None
+        return qk_norm_weight(self.q_norm.weight, self.k_norm.weight, self.n_heads, self.n_kv)
+
+    def _qk_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qk_w: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]: projected, q/k normed per head, q/k rotated.
 
         With the fused q/k/v weight (and no bias) q and k are normed and rotated as one [B, Hq+Hkv, T, D] tensor
         (`fused.qk_norm_rope`): one norm, one weight multiply and one RoPE instead of two of each (7 kernels instead
         of 14 per layer; one when compiled). The values are those of the separate path bit for bit: every op is
-        elementwise or per head."""
+        elementwise or per head. qk_w: `qk_norm_weight()`, made once by a caller that reuses it."""
         B, T, _ = x.shape
         D, hq, hkv = self.head_dim, self.n_heads, self.n_kv
         if self.qkv is None or self.q_proj.bias is not None:
@@ -234,15 +242,17 @@ class Attention(nn.Module):
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.reshape(B, T, hkv, D).transpose(1, 2)
         qkv = linear(x, self.qkv, None, self.qkv_packed)
         qk, v = qkv[..., : (hq + hkv) * D].unflatten(-1, (hq + hkv, D)), qkv[..., (hq + hkv) * D:]
-        qk = qk_norm_rope(qk, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, hq)
+        qk = qk_norm_rope(qk, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, hq, qk_w)
         return qk[:, :hq], qk[:, hq:], v.reshape(B, T, hkv, D).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
-                positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, T, C]; positions: [B, T] absolute positions (cache write index); mask: [B, 1, T, K] bool or None
-        (None: causal over a fresh cache, all rows at the same positions starting at 0)."""
+                positions: torch.Tensor | None, mask: torch.Tensor | None, qk_w: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x: [B, T, C]; positions: [B, T] absolute positions (cache write index; None for a cache that writes from
+        its `start`); mask: [B, 1, T, K] bool or None (None: causal over a fresh cache, all rows at the same positions
+        starting at 0); qk_w: see `_qk_rope`."""
         B, T, _ = x.shape
-        q, k, v = self._qk_rope(x, cos, sin)
+        q, k, v = self._qk_rope(x, cos, sin, qk_w)
         keys, values = cache.update(k, v, positions)  # [B, Hkv, K, D]
         if T == 1 and self.decode_layout != "gqa":
             out = grouped_decode_attention(q, keys, values, mask, self.decode_layout == "grouped_float")
@@ -340,13 +350,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor | None, cos, sin, cache: LayerCache, positions, mask
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None, cos, sin, cache: LayerCache, positions, mask,
+                qk_w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is x + h (h: the previous layer's MLP output, None before the first layer), added
         here with this layer's first norm (one fused op). Returns (residual stream, this layer's MLP output): the
-        next layer, or the stack's final norm, adds them. Same ops, in the same order, as x + attn(...) + mlp(...)."""
+        next layer, or the stack's final norm, adds them. Same ops, in the same order, as x + attn(...) + mlp(...).
+        qk_w: the attention's `qk_norm_weight()` made once by a caller that runs this layer several times."""
         x, n = add_rms_norm(x, h, self.input_layernorm.weight, self.input_layernorm.eps)
-        x, n = add_rms_norm(x, self.self_attn(n, cos, sin, cache, positions, mask),
+        x, n = add_rms_norm(x, self.self_attn(n, cos, sin, cache, positions, mask, qk_w),
                             self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
         return x, self.mlp(n)
 
@@ -364,10 +375,14 @@ class ResizeMLP(nn.Module):
 
 
 def run_stack(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, x: torch.Tensor,
-              positions: torch.Tensor, caches, mask: torch.Tensor | None) -> torch.Tensor:
-    """Run decoder layers over x [B, T, C] at `positions` [B, T]; returns the final-normed hidden states."""
-    cos, sin = rope(positions, x.dtype)
+              positions: torch.Tensor | None, caches, mask: torch.Tensor | None,
+              cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+              qk_weights: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Run decoder layers over x [B, T, C] at `positions` [B, T]; returns the final-normed hidden states.
+    cos_sin: the rotation of these positions when the caller has it (then positions may be None for caches that
+    write from their start); qk_weights: each layer's `qk_norm_weight()` when the caller reuses them."""
+    cos, sin = rope(positions, x.dtype) if cos_sin is None else cos_sin
     h = None
-    for layer, cache in zip(layers, caches):
-        x, h = layer(x, h, cos, sin, cache, positions, mask)
+    for i, (layer, cache) in enumerate(zip(layers, caches)):
+        x, h = layer(x, h, cos, sin, cache, positions, mask, None if qk_weights is None else qk_weights[i])
     return add_rms_norm(x, h, norm.weight, norm.eps)[1]

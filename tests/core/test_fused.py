@@ -18,9 +18,16 @@ from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
 from qwen_tts_core.generate.graphs import GraphCapture, OpCounter
 from qwen_tts_core.generate.sampling import SamplePlan, gumbel, noise_key, sample_device, token_hash
 from qwen_tts_core.model import fused
-from qwen_tts_core.model.fused import OPS, add_rms_norm, compiled_ops, qk_norm_rope, silu_mul
+from qwen_tts_core.model.fused import (
+    OPS,
+    add_rms_norm,
+    compiled_ops,
+    qk_norm_rope,
+    qk_norm_weight,
+    silu_mul,
+)
 
-LAYER_OPS = (fused._add_rms_norm_op, fused._qk_norm_rope_op, fused._silu_mul_op)
+LAYER_OPS = (fused._add_rms_norm_op, fused._qk_norm_rope_op, fused._norm_rope_op, fused._silu_mul_op)
 
 GREEDY = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=10)
 
@@ -75,6 +82,8 @@ def test_plain_ops_are_the_reference_formulas_bit_for_bit(dtype):
     want = torch.cat([q * a["cos"] + rot(q) * sin, k * a["cos"] + rot(k) * sin], dim=1)
     got = qk_norm_rope(qk, a["wq"], a["wk"], 1e-6, a["cos"], a["sin"], hq)
     assert torch.equal(got, want)
+    w = qk_norm_weight(a["wq"], a["wk"], hq, qk.shape[-2] - hq)  # made once by a caller that reuses it
+    assert torch.equal(qk_norm_rope(qk, a["wq"], a["wk"], 1e-6, a["cos"], a["sin"], hq, w), want)
 
 
 @pytest.mark.skipif(not inductor_works(), reason="torch.compile (inductor) cannot build kernels on this machine")
@@ -84,9 +93,11 @@ def test_compiled_ops_are_close_to_the_plain_ones(fresh_ops, dtype):
     with torch.inference_mode():
         for B, T in ((3, 2), (1, 1), (5, 1)):  # shapes the engine steps take: new shapes compile once more
             a = inputs(dtype, B=B, T=T, seed=B + T)
-            args = {add_rms_norm: (a["x"], a["h"], a["w"], 1e-6), silu_mul: (a["gu"],),
-                    qk_norm_rope: (a["qk"], a["wq"], a["wk"], 1e-6, a["cos"], a["sin"], a["hq"])}
-            for op, xs in args.items():
+            w = qk_norm_weight(a["wq"], a["wk"], a["hq"], a["qk"].shape[-2] - a["hq"])
+            qk = (a["qk"], a["wq"], a["wk"], 1e-6, a["cos"], a["sin"], a["hq"])
+            args = [(add_rms_norm, (a["x"], a["h"], a["w"], 1e-6)), (silu_mul, (a["gu"],)), (qk_norm_rope, qk),
+                    (qk_norm_rope, (*qk, w))]
+            for op, xs in args:
                 plain = op(*xs)
                 with compiled_ops():
                     fast = op(*xs)
@@ -120,6 +131,27 @@ def test_the_compiled_sampler_draws_the_plain_samplers_ids(fresh_ops):
     for a, b in zip(plain, fast):
         assert (a == b).sum() >= B - 1, (a, b)  # equal here; a 1-ulp difference in the noise may flip a near-tie
     assert all(op.compiled is not None and not op.broken for op in OPS if op not in LAYER_OPS)
+
+
+@pytest.mark.parametrize("plan", [None, SamplePlan(sample=True, kmax=64, top_p=False)], ids=["sorted", "topk"])
+def test_draws_sharing_a_memo_equal_draws_without(plan):
+    """The code predictor's 15 draws of a pass share one memo (the per-row filter indices made at the first draw):
+    every draw equals the same draw made alone, for other logits and noise each time."""
+    g = torch.Generator().manual_seed(4)
+    B, V = 12, 2048
+    do = torch.arange(B) % 4 != 0
+    temp = torch.rand(B, generator=g) + 0.5
+    top_k = torch.tensor([0, 1, 5, 50] * 3)
+    top_p = torch.tensor([1.0, 0.9, 0.5, 1.0] * 3) if plan is None else torch.ones(B)
+    memo, th = {}, token_hash(V)
+    with torch.inference_mode():
+        for step in range(5):
+            logits = torch.randn(B, V, generator=g) * 3
+            noise = gumbel(noise_key(torch.arange(B) * 7919, torch.arange(B), step + 1), th)
+            shared = sample_device(logits, do, temp, top_k, top_p, lambda n=noise: n, plan, memo)
+            alone = sample_device(logits, do, temp, top_k, top_p, lambda n=noise: n, plan)
+            assert torch.equal(shared, alone)
+    assert len(memo) == 1
 
 
 def test_under_a_dispatch_mode_the_plain_ops_run(fresh_ops):

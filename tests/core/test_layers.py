@@ -151,6 +151,46 @@ def test_fused_qk_norm_and_rope_equal_the_separate_path(dtype, T):
         att.k_norm.weight[0] += 1.0
         q2, k2, _ = att._qk_rope(x, cos, sin)
     assert torch.equal(q2, fused[0]) and not torch.equal(k2, fused[1])
+    with torch.inference_mode():  # the weight made once by a caller that reuses it: the same numbers
+        made_once = att._qk_rope(x, cos, sin, att.qk_norm_weight())
+    assert all(torch.equal(a, b) for a, b in zip(made_once, (q2, k2)))
+
+
+@pytest.mark.parametrize("size", ["tiny", "tiny-proj"])
+def test_code_predictor_steps_with_pass_constants_equal_steps_without(size):
+    """A frame's pass makes the RoPE table and the q/k norm weights once (`pass_constants`) and steps read views of
+    them: the logits of every step equal those computed per step, bit for bit, and a perturbed norm weight reaches
+    a pass whose constants are made after it (they are read from the live weights)."""
+    from qwen_tts_core.config import make_config
+    from qwen_tts_core.model.layers import prepare_for_inference_
+    from qwen_tts_core.model.talker import Talker
+
+    cfg = make_config("custom_voice", size).talker
+    torch.manual_seed(1)
+    talker = Talker(cfg, max_positions=64).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in talker.parameters():
+            p.normal_(0, 0.1)
+    prepare_for_inference_(talker)
+    cp = talker.code_predictor
+    B = 3
+    x = torch.randn(B, 2, cfg.hidden_size).to(torch.bfloat16)
+    steps = [torch.randint(0, 2048, (B,)) for _ in range(cp.num_steps - 1)]
+
+    def run(with_consts: bool) -> list[torch.Tensor]:
+        cache = cp.new_cache(B, dtype=torch.bfloat16)
+        consts = cp.pass_constants(torch.bfloat16) if with_consts else None
+        out = [cp(x, 0, cache, head=0, consts=consts)]
+        for g, ids in enumerate(steps, start=1):
+            out.append(cp(cp.embed(g, ids)[:, None], g + 1, cache, head=g, consts=consts))
+        return out
+
+    with torch.inference_mode():
+        want, got = run(False), run(True)
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+        cp.model.layers[-1].self_attn.k_norm.weight[3] += 0.5
+        moved, moved_plain = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(moved, moved_plain)) and not torch.equal(moved[-1], want[-1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
