@@ -6,14 +6,11 @@ the module's qualified name), so a chunk of frames continues exactly where the p
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..model.layers import can_pack, onednn_enabled, onednn_linear, pack_weight
+from ..model.layers import onednn_linear, packed_matrix
 from .state import CodecStreamState, window_at
 
 MATMUL_ROWS = {"conv": 4.0, "trans": 8.0}
@@ -27,44 +24,6 @@ conv kernels, which are faster there. The products run on oneDNN-packed weights 
 
 def _as_matmul(x: torch.Tensor, rows: int, in_channels: int, kind: str) -> bool:
     return x.device.type == "cpu" and rows * MATMUL_ROWS[kind] <= in_channels
-
-
-class _Packed:
-    """A packed copy of a weight and the key (storage, version, dtype) of the weight it was made from. A deep copy of
-    its module gets None: the copy packs its own on first use (packed tensors cannot be copied)."""
-
-    __slots__ = ("tensor", "key")
-
-    def __init__(self, tensor: torch.Tensor, key: tuple) -> None:
-        self.tensor, self.key = tensor, key
-
-    def __deepcopy__(self, memo) -> None:
-        return None
-
-
-def _weight_key(w: torch.Tensor) -> tuple:
-    try:
-        version = w._version
-    except RuntimeError:  # an inference tensor keeps no version counter (and cannot change outside inference mode)
-        version = -1
-    return w.data_ptr(), version, w.dtype
-
-
-def packed_matrix(owner: nn.Module, weight: torch.Tensor,
-                  as_matrix: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
-    """A oneDNN-packed copy of `as_matrix(weight)` ([out, in]) for `onednn_linear`, held by `owner`: made on first use
-    and again once the weight changed (in place, dtype, device), so a packed layer always computes with its live
-    weight. None off CPU, where oneDNN cannot pack the dtype, with QTTS_ONEDNN=0, and under a torch dispatch mode
-    (the CPU stand-in of a CUDA graph, an op counter: they see the ops a GPU would run)."""
-    if weight.device.type != "cpu" or not onednn_enabled() or _get_current_dispatch_mode() is not None \
-            or not can_pack(weight):
-        return None
-    key = _weight_key(weight)
-    held = owner.__dict__.get("_packed")
-    if held is None or held.key != key:
-        held = _Packed(pack_weight(as_matrix(weight.detach())), key)
-        owner.__dict__["_packed"] = held
-    return held.tensor
 
 
 def _conv_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -117,19 +76,13 @@ def conv_transpose1d_mm(x: torch.Tensor, weight: torch.Tensor, stride: int,
     return y.view(b, o, (n + m - 1) * stride)[..., : (n - 1) * stride + k]
 
 
-def _fits(packed: torch.Tensor | None, x: torch.Tensor) -> bool:
-    return packed is not None and packed.dtype == x.dtype
-
-
 class PackedLinear(nn.Linear):
     """nn.Linear (same parameters and names) that runs on CPU with a oneDNN-packed copy of its weight
     (`packed_matrix`): faster than torch's GEMM for the few rows of a streaming chunk on AMD cores."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = packed_matrix(self, self.weight, lambda w: w) if x.device.type == "cpu" else None
-        if not _fits(packed, x):
-            return F.linear(x, self.weight, self.bias)
-        return onednn_linear(x, packed, self.bias)
+        packed = packed_matrix(self, self.weight, lambda w: w, x)
+        return F.linear(x, self.weight, self.bias) if packed is None else onednn_linear(x, packed, self.bias)
 
 
 class CausalConv(nn.Module):
@@ -164,8 +117,8 @@ class CausalConv(nn.Module):
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         if conv.groups == 1 and _as_matmul(x, x.shape[0] * x.shape[-1], conv.in_channels, "conv"):
-            packed = packed_matrix(self, conv.weight, _conv_matrix)
-            return conv1d_mm(x, conv.weight, conv.bias, conv.dilation[0], packed if _fits(packed, x) else None)
+            packed = packed_matrix(self, conv.weight, _conv_matrix, x)
+            return conv1d_mm(x, conv.weight, conv.bias, conv.dilation[0], packed)
         return conv(x)
 
 
@@ -199,8 +152,8 @@ class CausalTransConv(nn.Module):
             keep = torch.arange(x.shape[-1], device=x.device)[None, :] < real[:, None]
             x = x * keep[:, None, :].to(x.dtype)
         if _as_matmul(x, x.shape[0] * x.shape[-1], self.conv.in_channels, "trans"):
-            packed = packed_matrix(self, self.conv.weight, lambda w: _trans_matrix(w, self.stride))
-            y = conv_transpose1d_mm(x, self.conv.weight, self.stride, packed if _fits(packed, x) else None)
+            packed = packed_matrix(self, self.conv.weight, lambda w: _trans_matrix(w, self.stride), x)
+            y = conv_transpose1d_mm(x, self.conv.weight, self.stride, packed)
         else:
             y = F.conv_transpose1d(x, self.conv.weight, None, stride=self.stride)
         n = x.shape[-1] * self.stride

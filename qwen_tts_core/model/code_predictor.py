@@ -62,18 +62,16 @@ class CodePredictor(nn.Module):
         x = self.small_to_mtp_projection(embeds)
         if not (start == 0 or T == 1):
             raise ValueError("the code predictor continues one position at a time after its prefill")
-        positions, cos_sin, qk_weights = None, None, None
-        if consts is not None:
-            qk_weights = consts.qk_weights
+        positions, cos_sin = None, None
         if consts is not None and T == 1:  # every row at position `start`: a view of the table, broadcast over rows
-            cs = consts.rope[start]                                             # [2, D]
-            D = cs.shape[-1]
-            cos_sin = (cs[0].expand(B, 1, 1, D), cs[1].expand(B, 1, 1, D))
+            cos, sin = consts.rope[start]                                       # [D] each
+            cos_sin = (cos.expand(B, 1, 1, -1), sin.expand(B, 1, 1, -1))
         else:
             positions = torch.arange(start, start + T, device=x.device)[None].expand(B, T)
         # fresh cache: causal prefill at 0, then one query that sees every earlier key: no mask needed
         hidden = run_stack(self.model.layers, self.model.norm, self.rope, x, positions,
-                           cache.layers(None, start + T, start=start), None, cos_sin, qk_weights)
+                           cache.layers(None, start + T, start=start), None, cos_sin,
+                           None if consts is None else consts.qk_weights)
         return self.lm_head[head](hidden[:, -1])
 
 

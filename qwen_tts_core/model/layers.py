@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..config import DecoderStackConfig
 from .flags import ThreadFlag
@@ -70,6 +71,45 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
     """A oneDNN-packed copy of the weight w [out, in] for `onednn_linear` (CPU; see `can_pack`). An opaque tensor:
     it cannot be deep-copied, and it does not follow later in-place changes of w."""
     return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
+
+
+class _Packed:
+    """A packed copy of a weight and the key (storage, version, dtype) of the weight it was made from. A deep copy of
+    its module gets None: the copy packs its own on first use (packed tensors cannot be copied)."""
+
+    __slots__ = ("tensor", "key")
+
+    def __init__(self, tensor: torch.Tensor, key: tuple) -> None:
+        self.tensor, self.key = tensor, key
+
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    try:
+        version = w._version
+    except RuntimeError:  # an inference tensor keeps no version counter (and cannot change outside inference mode)
+        version = -1
+    return w.data_ptr(), version, w.dtype
+
+
+def packed_matrix(owner: nn.Module, weight: torch.Tensor, as_matrix: Callable[[torch.Tensor], torch.Tensor],
+                  x: torch.Tensor) -> torch.Tensor | None:
+    """A oneDNN-packed copy of `as_matrix(weight)` ([out, in]) for `onednn_linear` of input x, held by `owner`: made
+    on first use and again once the weight changed (in place, dtype, device), so a packed layer always computes with
+    its live weight. None (use torch's product) off CPU, for an x of another dtype, where oneDNN cannot pack the
+    dtype, with QTTS_ONEDNN=0, and under a torch dispatch mode (the CPU stand-in of a CUDA graph, an op counter: they
+    see the ops a GPU would run)."""
+    if weight.device.type != "cpu" or x.device.type != "cpu" or x.dtype != weight.dtype or not onednn_enabled() \
+            or _get_current_dispatch_mode() is not None or not can_pack(weight):
+        return None
+    key = _weight_key(weight)
+    held = owner.__dict__.get("_packed")
+    if held is None or held.key != key:
+        held = _Packed(pack_weight(as_matrix(weight.detach())), key)
+        owner.__dict__["_packed"] = held
+    return held.tensor
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:

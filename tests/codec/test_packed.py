@@ -1,4 +1,4 @@
-"""The codec's CPU matrix products on oneDNN-packed weights (`layers.packed_matrix`): same numbers as torch's
+"""The codec's CPU matrix products on oneDNN-packed weights (`model.layers.packed_matrix`): same numbers as torch's
 products, always computed with the live weight (in-place changes, loads, dtype changes, deep copies repack), and
 QTTS_ONEDNN=0 turns them off."""
 
@@ -48,14 +48,15 @@ def test_packed_products_equal_torch(dtype, tol):
 
     conv = CausalConv(16, 12, kernel_size=7, dilation=3).to(dtype)
     x = torch.randn(2, 16, 30, generator=g).to(dtype)
-    packed = layers.packed_matrix(conv, conv.conv.weight, layers._conv_matrix)
+    packed = layers.packed_matrix(conv, conv.conv.weight, layers._conv_matrix, x)
     assert packed is not None
+    assert layers.packed_matrix(conv, conv.conv.weight, layers._conv_matrix, x.double()) is None  # other dtype
     assert _rel(conv1d_mm(x, conv.conv.weight, conv.conv.bias, 3, packed),
                 F.conv1d(x, conv.conv.weight, conv.conv.bias, dilation=3)) <= tol
 
     trans = CausalTransConv(16, 8, kernel_size=10, stride=4).to(dtype)  # 10 = 3 frames of 4, padded
     x = torch.randn(2, 16, 6, generator=g).to(dtype)
-    packed = layers.packed_matrix(trans, trans.conv.weight, lambda w: layers._trans_matrix(w, 4))
+    packed = layers.packed_matrix(trans, trans.conv.weight, lambda w: layers._trans_matrix(w, 4), x)
     assert _rel(conv_transpose1d_mm(x, trans.conv.weight, 4, packed),
                 F.conv_transpose1d(x, trans.conv.weight, None, stride=4)) <= tol
 
@@ -127,3 +128,33 @@ def test_onednn_off_leaves_the_decoder_unpacked_with_the_same_audio(codec, monke
     assert not _packed_modules(plain_dec)
     assert float(packed.abs().max()) > 0.05
     assert float((packed - plain).abs().max()) <= 1e-5
+
+
+def test_threads_that_first_use_one_decoder_together_get_its_audio(codec, monkeypatch):
+    """Engines on several threads share one decoder: their first calls pack the same layers at the same time. Every
+    thread's audio must equal a serial decode (no thread reads another's half-made packed copy)."""
+    import threading
+
+    monkeypatch.setattr(layers, "MATMUL_ROWS", ALWAYS)
+    codes = torch.randint(0, 2048, (1, 16, 6), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        want = copy.deepcopy(codec.decoder).decode(codes)
+    shared = copy.deepcopy(codec.decoder)
+    assert not _packed_modules(shared)
+    start, out, errors = threading.Barrier(4), [None] * 4, []
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            with torch.inference_mode():
+                out[i] = shared.decode(codes)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert _packed_modules(shared) and all(torch.equal(o, want) for o in out)
