@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.weights import resolve_dtype
+from ..cpu_alloc import keep_freed_memory
 from ..errors import RequestError
 from ..text.prompt import extend_prompt
 from ..types import SAMPLES_PER_FRAME, AudioChunk, SamplingParams, SynthesisRequest
@@ -92,6 +93,8 @@ class Engine:
         self.max_sessions, self.max_queue = max_sessions, max_queue
         self.guard_frames_per_token, self.guard_base_frames = guard_frames_per_token, guard_base_frames
         self.device = self.talker.codec_head.weight.device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a step's large buffers stay mapped for the next step (cpu_alloc)
         self.sampler = sampler
         if cuda_graphs is None:
             cuda_graphs = graph_capture is not None or (self.device.type == "cuda" and sampler == "device")
