@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ..model.layers import weight_key
 from .config import CodecConfig
 from .decoder import CodecDecoder, check_codes
 from .encoder import MimiEncoder
@@ -79,7 +80,7 @@ class Codec:
         self.samples_per_frame = cfg.samples_per_frame
         self._weights_path = weights_path
         self._encoder: MimiEncoder | None = None
-        self._decoders: dict[torch.dtype, CodecDecoder] = {}
+        self._decoders: dict[torch.dtype, tuple[tuple, CodecDecoder]] = {}  # dtype -> (source weights' key, copy)
         self._decoders_lock = threading.Lock()
 
     @property
@@ -91,14 +92,18 @@ class Codec:
         return self.decoder.pre_conv.conv.weight.dtype
 
     def decoder_in(self, dtype: torch.dtype | None) -> CodecDecoder:
-        """The decoder computing in `dtype` (None: the codec's own): a converted copy, made once and shared by every
-        caller (engines on one model hold one copy, not one each; its weights stay warm across engines)."""
+        """The decoder computing in `dtype` (None: the codec's own): a converted copy, shared by every caller (engines
+        on one model hold one copy, not one each; its weights stay warm across engines). Made again when the codec's
+        weights changed since (load_state_dict, in-place edits): callers from then on get the new weights; a caller
+        holding the old copy keeps it."""
         if dtype is None or dtype == self.dtype:
             return self.decoder
+        key = tuple(weight_key(p) for p in self.decoder.parameters())
         with self._decoders_lock:
-            if dtype not in self._decoders:
-                self._decoders[dtype] = copy.deepcopy(self.decoder).to(dtype).eval()
-            return self._decoders[dtype]
+            held = self._decoders.get(dtype)
+            if held is None or held[0] != key:
+                held = self._decoders[dtype] = (key, copy.deepcopy(self.decoder).to(dtype).eval())
+            return held[1]
 
     @property
     def encoder(self) -> MimiEncoder:

@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 # prepacked weights runs it at ~1.6x, and one row faster too. The reference uses torch's GEMM, so the packed path is
 # switched on per thread (`packed_linears`) by engines that do not promise bit-exact reference parity.
 packed_linears = ThreadFlag()
-"""`with packed_linears(on):` within this block (this thread), linears with a packed copy of their weight
-(`pack_linears_`) use it."""
+"""`with packed_linears(on):` within this block (this thread), linears given a `PackSlot` (`pack_linears_`) run on
+its packed copy of their weight."""
 
 
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,8 +36,9 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
-    if packed is not None and packed_linears:
+           slot: PackSlot | None = None) -> torch.Tensor:
+    packed = slot.get(weight) if slot is not None and packed_linears else None
+    if packed is not None:
         if packed.dtype == x.dtype:
             if x.numel() == x.shape[-1] and getattr(packed, "single_row_differs", False):
                 # one row runs as two where oneDNN's single-row kernel sums in another order than its batched one
@@ -56,10 +57,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Linear):
     """nn.Linear that can also hold a oneDNN-packed copy of its weight (used inside `packed_linears`)."""
 
-    packed: torch.Tensor | None = None
+    pack_slot: PackSlot | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return linear(x, self.weight, self.bias, self.pack_slot)
 
 
 def onednn_enabled() -> bool:
@@ -73,20 +74,31 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
 
 
-class _Packed:
-    """A packed copy of a weight and the key (storage, version, dtype) of the weight it was made from. A deep copy of
-    its module gets None: the copy packs its own on first use (packed tensors cannot be copied)."""
+class PackSlot:
+    """Where a module keeps the oneDNN-packed copy of one weight, in step with that weight: `get(weight)` packs it
+    (with `make`) on first use and again once the weight changed since (in place: load_state_dict, copy_; its dtype,
+    storage or device), so a packed product always computes with the live weight. `make(weight)` -> the packed
+    tensor, or None where it cannot be packed (then callers use torch's product). A deep copy of the module gets an
+    empty slot that packs its own copy (packed tensors cannot be copied)."""
 
-    __slots__ = ("tensor", "key")
+    __slots__ = ("make", "held")
 
-    def __init__(self, tensor: torch.Tensor, key: tuple) -> None:
-        self.tensor, self.key = tensor, key
+    def __init__(self, make: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        self.make = make
+        self.held: tuple[tuple, torch.Tensor | None] | None = None  # (weight key, packed): replaced as one
 
-    def __deepcopy__(self, memo) -> None:
-        return None
+    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        key, held = weight_key(weight), self.held
+        if held is None or held[0] != key:
+            held = self.held = (key, self.make(weight.detach()))
+        return held[1]
+
+    def __deepcopy__(self, memo) -> PackSlot:
+        return PackSlot(self.make)
 
 
-def _weight_key(w: torch.Tensor) -> tuple:
+def weight_key(w: torch.Tensor) -> tuple:
+    """(storage, version counter, dtype) of w: changes when w is written in place, converted or moved."""
     try:
         version = w._version
     except RuntimeError:  # an inference tensor keeps no version counter (and cannot change outside inference mode)
@@ -104,12 +116,10 @@ def packed_matrix(owner: nn.Module, weight: torch.Tensor, as_matrix: Callable[[t
     if weight.device.type != "cpu" or x.device.type != "cpu" or x.dtype != weight.dtype or not onednn_enabled() \
             or _get_current_dispatch_mode() is not None or not can_pack(weight):
         return None
-    key = _weight_key(weight)
-    held = owner.__dict__.get("_packed")
-    if held is None or held.key != key:
-        held = _Packed(pack_weight(as_matrix(weight.detach())), key)
-        owner.__dict__["_packed"] = held
-    return held.tensor
+    slot = owner.__dict__.get("_pack_slot")
+    if slot is None:
+        slot = owner.__dict__["_pack_slot"] = PackSlot(lambda w: pack_weight(as_matrix(w)))
+    return slot.get(weight)
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
@@ -142,6 +152,16 @@ def _pack_upcast(w: torch.Tensor) -> torch.Tensor:
     return _pack(w.detach().float())
 
 
+def _pack_linear(w: torch.Tensor) -> torch.Tensor | None:
+    """The packed copy `linear` runs on: w's dtype where oneDNN packs it; fp32 for bf16 on a CPU without a bf16
+    GEMM (used for two or more rows, see `linear`); None where neither (off CPU too)."""
+    if can_pack(w):
+        return _pack(w)
+    if w.dtype == torch.bfloat16 and can_pack(w.new_zeros(1, dtype=torch.float32)):
+        return _pack_upcast(w)
+    return None
+
+
 _PACKABLE: dict[torch.dtype, bool] = {}
 
 
@@ -163,8 +183,9 @@ def can_pack(p: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def pack_linears_(module: nn.Module) -> bool:
-    """Give every linear under `module` a oneDNN-packed copy of its weight (CPU, fp32/bf16; once). The plain weights
-    stay (the reference-exact path and state_dict use them). Returns whether packing is in place.
+    """Give every linear under `module` a oneDNN-packed copy of its weight (CPU, fp32/bf16; once), held in a
+    `PackSlot` that repacks a weight changed later (load_state_dict, an in-place edit, a dtype change). The plain
+    weights stay (the reference-exact path and state_dict use them). Returns whether packing is in place.
 
     bf16 on a CPU that cannot pack bf16 (no AVX512-BW/VL/DQ or AVX-NE-CONVERT): the copies are fp32, used for two
     or more rows (see `linear`): the weights take 3x their bf16 memory in all. QTTS_ONEDNN=0 turns all packing off."""
@@ -173,22 +194,23 @@ def pack_linears_(module: nn.Module) -> bool:
     params = list(module.parameters())
     if not params:
         return False
-    if can_pack(params[0]):
-        pack = _pack
-    elif params[0].dtype == torch.bfloat16 and can_pack(params[0].new_zeros(1, dtype=torch.float32)):
-        pack = _pack_upcast   # no bf16 GEMM on this CPU: fp32 copies for batched rows (an extra 2x the bf16 weights)
+    if not can_pack(params[0]):
+        if not (params[0].dtype == torch.bfloat16 and can_pack(params[0].new_zeros(1, dtype=torch.float32))):
+            return False
+        # no bf16 GEMM on this CPU: fp32 copies for batched rows (an extra 2x the bf16 weights)
         logger.info("bf16 linears: this CPU cannot pack bf16; keeping fp32 packed copies for batched rows")
-    else:
-        return False
     for m in module.modules():
         if type(m) is nn.Linear:
             m.__class__ = Linear
         if isinstance(m, Linear):
-            m.packed = pack(m.weight)
+            m.pack_slot = PackSlot(_pack_linear)
+            m.pack_slot.get(m.weight)  # packed now, not in the first step
         elif isinstance(m, Attention) and m.qkv is not None:
-            m.qkv_packed = pack(m.qkv)
+            m.qkv_slot = PackSlot(_pack_linear)
+            m.qkv_slot.get(m.qkv)
         elif isinstance(m, MLP) and m.gate_up is not None:
-            m.gate_up_packed = pack(m.gate_up)
+            m.gate_up_slot = PackSlot(_pack_linear)
+            m.gate_up_slot.get(m.gate_up)
     module._packed_linears = True
     return True
 
@@ -250,7 +272,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qkv: torch.Tensor | None = None  # fused [q; k; v] weight, set by fuse_()
-        self.qkv_packed: torch.Tensor | None = None
+        self.qkv_slot: PackSlot | None = None  # its oneDNN-packed copy (pack_linears_)
         self.decode_layout = "gqa"  # one-query steps: "gqa" (SDPA enable_gqa) or a grouped layout (see below)
 
     @torch.no_grad()
@@ -280,7 +302,7 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(B, T, hq, D)).transpose(1, 2)
             k = self.k_norm(k.reshape(B, T, hkv, D)).transpose(1, 2)
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.reshape(B, T, hkv, D).transpose(1, 2)
-        qkv = linear(x, self.qkv, None, self.qkv_packed)
+        qkv = linear(x, self.qkv, None, self.qkv_slot)
         qk, v = qkv[..., : (hq + hkv) * D].unflatten(-1, (hq + hkv, D)), qkv[..., (hq + hkv) * D:]
         qk = qk_norm_rope(qk, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, hq, qk_w)
         return qk[:, :hq], qk[:, hq:], v.reshape(B, T, hkv, D).transpose(1, 2)
@@ -370,7 +392,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.gate_up: torch.Tensor | None = None  # fused [gate; up] weight, set by fuse_()
-        self.gate_up_packed: torch.Tensor | None = None
+        self.gate_up_slot: PackSlot | None = None
 
     @torch.no_grad()
     def fuse_(self, column_major: bool = False) -> None:
@@ -379,7 +401,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(silu_mul(linear(x, self.gate_up, None, self.gate_up_packed)))
+        return self.down_proj(silu_mul(linear(x, self.gate_up, None, self.gate_up_slot)))
 
 
 class DecoderLayer(nn.Module):

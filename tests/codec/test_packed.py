@@ -31,7 +31,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _packed_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in module.modules() if m.__dict__.get("_packed") is not None]
+    return [m for m in module.modules() if _held(m) is not None]
+
+
+def _held(m: torch.nn.Module) -> torch.Tensor | None:
+    """The packed copy m's PackSlot holds (None: nothing packed)."""
+    slot = m.__dict__.get("_pack_slot")
+    return None if slot is None or slot.held is None else slot.held[1]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -113,7 +119,7 @@ def test_a_decoder_converted_after_packing_repacks_in_its_dtype(codec, monkeypat
         got = dec.decode(codes)
         want = copy.deepcopy(codec.decoder).to(torch.bfloat16).decode(codes)
     assert got.dtype == torch.bfloat16
-    assert all(m.__dict__["_packed"].tensor.dtype == torch.bfloat16 for m in _packed_modules(dec))
+    assert all(_held(m).dtype == torch.bfloat16 for m in _packed_modules(dec))
     assert torch.equal(got, want)
 
 

@@ -186,3 +186,22 @@ def test_decoders_in_another_dtype_are_one_shared_copy(codec):
     after = codec.decoder.state_dict()
     assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items()
                if v.is_floating_point())
+
+
+def test_a_converted_decoder_follows_weights_changed_since(codec):
+    """Weights loaded into the codec after its bf16 copy was made reach the engines made from then on (a stale copy
+    decoded with the old weights, silently)."""
+    old = codec.decoder_in(torch.bfloat16)
+    w = codec.decoder.pre_conv.conv.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(2)
+        new = codec.decoder_in(torch.bfloat16)
+        assert new is not old and torch.equal(new.pre_conv.conv.weight, (saved * 2).to(torch.bfloat16))
+        assert codec.decoder_in(torch.bfloat16) is new  # one copy per change
+        assert torch.equal(old.pre_conv.conv.weight, saved.to(torch.bfloat16))  # a holder's copy is left alone
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert torch.equal(codec.decoder_in(torch.bfloat16).pre_conv.conv.weight, saved.to(torch.bfloat16))

@@ -73,7 +73,7 @@ def test_bf16_without_a_bf16_gemm_runs_batched_rows_on_fp32_copies(checkpoint_fa
     with torch.no_grad():
         lin.weight.copy_(torch.randn(96, 64, generator=g))
         lin.bias.copy_(torch.randn(96, generator=g))
-    assert layers.pack_linears_(lin) and lin.packed.dtype == torch.float32
+    assert layers.pack_linears_(lin) and lin.pack_slot.get(lin.weight).dtype == torch.float32
     with layers.packed_linears(True):
         for rows in (1, 8):
             x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
@@ -85,8 +85,8 @@ def test_bf16_without_a_bf16_gemm_runs_batched_rows_on_fp32_copies(checkpoint_fa
             else:
                 torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
                 torch.testing.assert_close(got, plain, rtol=2e-2, atol=5e-2)
-        with torch.no_grad():
-            lin.packed = layers._pack_upcast(lin.weight * 2)   # the batched path reads the copy, not the bf16 weight
+        # the batched path reads the packed copy, not the bf16 weight
+        lin.pack_slot.held = (layers.weight_key(lin.weight), layers._pack_upcast(lin.weight * 2))
         assert not torch.allclose(lin(x).float(), want.float(), rtol=1e-2, atol=1e-2)
 
     ckpt = checkpoint_factory("custom_voice", "tiny")
@@ -102,6 +102,81 @@ def test_bf16_without_a_bf16_gemm_runs_batched_rows_on_fp32_copies(checkpoint_fa
     got = [s.codes() for s in eng.run_all(reqs)]
     same = sum(int(torch.equal(a[:n], b[:n])) for a, b in zip(got, plain) for n in [min(len(a), len(b))])
     assert same >= 2, "batched bf16 rows on fp32 copies must give the plain engine's greedy codes (a rare tie aside)"
+
+
+
+def _greedy(text="Hello there, how are you today?", frames=12):
+    from qwen_tts_core import SamplingParams, SynthesisRequest
+
+    return SynthesisRequest(kind="custom_voice", text=text, speaker="vivian", language="english",
+                            sampling=SamplingParams(do_sample=False, subtalker_dosample=False,
+                                                    max_new_tokens=frames), decode_audio=False)
+
+
+def test_packed_talker_follows_weights_loaded_after_packing(checkpoint_factory):
+    """A CPU engine's talker runs on packed copies of its weights. Weights loaded into the model afterwards
+    (load_state_dict: in-place copies, into the fused q/k/v and gate/up storage too) must be the ones the next
+    engine computes with: its codes equal a freshly loaded model's with those weights. Stale packed copies gave the
+    old weights' codes, silently."""
+    from qwen_tts_core import Engine, Qwen3TTSModel
+
+    ckpt = checkpoint_factory("custom_voice", "tiny")
+    model = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype="float32")
+    eng = Engine(model, max_sessions=1)
+    if not eng.runner.packed:
+        pytest.skip("oneDNN cannot pack linears here")
+    before = eng.run_all([_greedy()])[0].codes()
+    g = torch.Generator().manual_seed(5)
+    sd = {k: v.clone() for k, v in model.talker.state_dict().items()}
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
+              "model.layers.1.self_attn.o_proj.weight"):
+        key = next(n for n in sd if n.endswith(k))
+        sd[key] += 0.05 * torch.randn(sd[key].shape, generator=g)
+    model.talker.load_state_dict(sd)
+    after = Engine(model, max_sessions=1).run_all([_greedy()])[0].codes()
+    fresh = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype="float32")
+    fresh.talker.load_state_dict(sd)
+    want = Engine(fresh, max_sessions=1).run_all([_greedy()])[0].codes()
+    assert not torch.equal(before, want), "the perturbation must change the codes for this test to mean anything"
+    assert torch.equal(after, want)
+
+
+def test_pack_slot_repacks_once_per_change_and_copies_pack_their_own():
+    import copy
+
+    from qwen_tts_core.model import layers
+
+    if not layers.can_pack(torch.zeros(1)):
+        pytest.skip("oneDNN cannot pack fp32 linears here")
+    g = torch.Generator().manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 32))
+    assert layers.pack_linears_(net)
+    made = []
+    for m in net:
+        make = m.pack_slot.make
+        m.pack_slot.make = lambda w, make=make: made.append(w.shape) or make(w)
+    x = torch.randn(4, 64, generator=g)
+
+    def plain(module, x):
+        for m in module:
+            x = torch.nn.functional.linear(x, m.weight, m.bias)
+        return x
+
+    with layers.packed_linears(True):
+        for _ in range(3):
+            torch.testing.assert_close(net(x), plain(net, x), rtol=1e-5, atol=1e-5)
+        assert made == []                                   # packed once, by pack_linears_
+        with torch.no_grad():
+            net[1].weight.mul_(-2)
+        for _ in range(3):
+            torch.testing.assert_close(net(x), plain(net, x), rtol=1e-5, atol=1e-5)
+        assert made == [(32, 48)]                           # the changed weight only, once
+        twin = copy.deepcopy(net)                           # packed tensors cannot be copied: the copy packs its own
+        with torch.no_grad():
+            twin[0].weight.add_(0.5)
+        torch.testing.assert_close(twin(x), plain(twin, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net(x), plain(net, x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(twin(x), net(x))
 
 
 def reference_rope(x, pos, head_dim, theta):
@@ -199,12 +274,12 @@ def test_a_packed_linear_gives_a_row_the_same_numbers_alone_or_in_a_batch(dtype,
     """A session's numbers must not depend on who it is batched with. oneDNN runs a single row with another kernel
     (on this project's CPUs: K >= 2048) whose sums can differ in the last bits from the same row in a batch; `linear`
     runs one row as two for the shapes a probe flags at packing. Every row alone == in batches of 2, 3, 8, 33."""
-    from qwen_tts_core.model.layers import _pack, can_pack, linear, packed_linears
+    from qwen_tts_core.model.layers import PackSlot, _pack, can_pack, linear, packed_linears
 
     w = (torch.randn(N, K, generator=torch.Generator().manual_seed(K + N)) * 0.05).to(dtype)
     if not can_pack(w):
         pytest.skip(f"oneDNN cannot pack {dtype} linears on this CPU")
-    p = _pack(w)
+    p = PackSlot(_pack)
     x = torch.randn(33, K, generator=torch.Generator().manual_seed(1)).to(dtype)
     with packed_linears():
         alone = [linear(x[i:i + 1], w, None, p) for i in range(8)]
