@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..codec.decoder import check_codes
 from ..errors import RequestError
 from ..text.prompt import Prompt, build_prompt
 from ..types import SAMPLING_FIELDS, SamplingParams, SynthesisRequest
@@ -47,6 +49,34 @@ def check_seed(seed: object) -> int | None:
     return int(seed)
 
 
+def check_voice_prompt(vp: object, talker_cfg) -> None:
+    """A voice clone prompt must fit this model before anything is built from it: a speaker vector of the talker's
+    width with finite values, ICL codes [T, 16] inside the codebooks. A prompt made for another model size (a
+    voice store shared by 0.6B and 1.7B replicas) or a damaged file otherwise failed deep inside a step, or, on a GPU,
+    an out-of-range code is a device-side assert that ends every session of the replica; NaN gave noise silently."""
+    field = "voice_clone_prompt"
+    width, groups, size = talker_cfg.hidden_size, talker_cfg.num_code_groups, talker_cfg.codebook_size
+    for flag in ("x_vector_only_mode", "icl_mode"):
+        if not isinstance(getattr(vp, flag, None), bool):
+            raise RequestError(field, f"{flag} must be True or False")
+    spk = getattr(vp, "ref_spk_embedding", None)
+    if not isinstance(spk, torch.Tensor) or not spk.is_floating_point() or tuple(spk.shape) != (width,):
+        shown = (tuple(spk.shape), str(spk.dtype)) if isinstance(spk, torch.Tensor) else type(spk).__name__
+        raise RequestError(field, f"ref_spk_embedding must be a float tensor [{width}] (this model's speaker vector; "
+                                  f"a voice made with another model size does not fit), got {shown}")
+    if not bool(torch.isfinite(spk).all()):
+        raise RequestError(field, "ref_spk_embedding has NaN or infinite values")
+    codes = getattr(vp, "ref_code", None)
+    if codes is not None:
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != groups:
+            shown = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise RequestError(field, f"ref_code must be an integer tensor [frames, {groups}], got {shown}")
+        try:
+            check_codes(codes.t()[None], groups, size)
+        except ValueError as e:
+            raise RequestError(field, f"ref_code: {e}") from None
+
+
 def validate(model, req: SynthesisRequest) -> None:
     """Every check of a request against one model, in one place (engine.add calls it). Raises RequestError."""
     cfg = model.cfg
@@ -75,6 +105,7 @@ def validate(model, req: SynthesisRequest) -> None:
     if req.kind == "voice_clone":
         if req.voice_clone_prompt is None:
             raise RequestError("voice_clone_prompt", "is required for voice_clone (see create_voice_clone_prompt)")
+        check_voice_prompt(req.voice_clone_prompt, cfg.talker)
         if getattr(req.voice_clone_prompt, "icl_mode", False) and req.text is None:
             raise RequestError("text", "incremental text is not available with ICL voice clone prompts "
                                "(use x_vector_only_mode=True or send the whole text)")

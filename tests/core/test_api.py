@@ -107,6 +107,51 @@ def test_voice_prompt_round_trip_and_reuse(model_factory, ref_wav_path, tmp_path
     assert x.ref_code is None and x.x_vector_only_mode and not x.icl_mode
 
 
+
+def test_voice_prompts_that_do_not_fit_the_model_are_refused_naming_them(model_factory, ref_wav_path, tmp_path):
+    """A prompt from another model size (a voice store shared by 0.6B and 1.7B replicas), a damaged file or a
+    hand-made item is refused before any work, with a RequestError naming voice_clone_prompt: out-of-range codes are
+    a device-side assert on a GPU (every session of the replica ends), NaN speaker vectors gave noise silently. A
+    good prompt saved and loaded still works."""
+    from dataclasses import replace
+
+    from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
+    from qwen_tts_core.errors import RequestError
+
+    base = model_factory("base", "tiny")
+    wav, sr = __import__("soundfile").read(ref_wav_path, dtype="float32")
+    (item,) = base.create_voice_clone_prompt((wav, sr), ref_text="Good morning, how are you today?")
+    width = base.cfg.talker.hidden_size
+    codes = item.ref_code
+    bad = {
+        "another model's width": replace(item, ref_spk_embedding=torch.randn(2 * width)),
+        "a [1, D] vector": replace(item, ref_spk_embedding=item.ref_spk_embedding[None]),
+        "NaN": replace(item, ref_spk_embedding=torch.full((width,), float("nan"))),
+        "inf": replace(item, ref_spk_embedding=item.ref_spk_embedding.clone().index_fill_(0, torch.tensor([3]),
+                                                                                          float("inf"))),
+        "integer vector": replace(item, ref_spk_embedding=torch.zeros(width, dtype=torch.long)),
+        "code too large": replace(item, ref_code=codes.clone().index_fill_(0, torch.tensor([1]), 2048)),
+        "negative code": replace(item, ref_code=codes.clone().index_fill_(0, torch.tensor([0]), -1)),
+        "8 codebooks": replace(item, ref_code=codes[:, :8]),
+        "float codes": replace(item, ref_code=codes.float()),
+        "flag not a bool": replace(item, icl_mode="yes"),
+    }
+    sp = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=4)
+    eng = Engine(base, max_sessions=1)
+    for name, vp in bad.items():
+        req = SynthesisRequest(kind="voice_clone", text="Hello.", language="english", sampling=sp,
+                               voice_clone_prompt=vp)
+        with pytest.raises(RequestError) as err:
+            eng.add(req)
+        assert err.value.field == "voice_clone_prompt", name
+        with pytest.raises(ValueError, match="voice_clone_prompt"):
+            base.generate_voice_clone("Hello.", voice_clone_prompt=vp, **G)
+    assert eng.num_queued == 0 and eng.num_active == 0          # nothing was queued or held
+    back = load_voice_prompt(save_voice_prompt(item, tmp_path / "ok.safetensors"))
+    a, _ = base.generate_voice_clone("Hello.", voice_clone_prompt=back, **G)
+    assert len(a[0]) > 0
+
+
 def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(ValueError, match="not a Qwen3-TTS checkpoint"):
         Qwen3TTSModel.from_pretrained(tmp_path)
