@@ -1,14 +1,16 @@
 """Keep freed working memory in the process on CPU (glibc): a CPU engine's step allocates and frees the same large
 activations every step (the codec's late layers: ~24 MB each for 8 rows x 4 frames). glibc's default policy hands
-memory at the top of the heap back to the OS once ~2x the largest recent free block is free, so each step faulted
-its buffers in again: ~300 MB of page faults per 8x4 codec call, about half of that call's time spent in the kernel
-(2-core Zen 4: 1.9 s vs 0.95 s). Engines step in their own thread in a replica: that thread's glibc arena hands
-its heaps back as well (8 sessions x 24 frames with audio, engine in a thread: ~400k faults per run, ~100 after).
+them back to the OS (the main heap's top once ~2x the largest recent free block is free; a thread arena's extra
+64 MiB heaps as soon as they empty), and the next step faults them in again: ~1600 page faults per generated frame
+for 8 sessions with audio on the 0.6B (`benchmarks/cpu_alloc.py`), ~75k per 8-row x 4-frame codec call.
 
-`keep_freed_memory()` sets, once per process: blocks up to 32 MiB (glibc's largest heap block) come from the heap,
-not fresh mmaps, and up to 1 GiB of free heap top stays mapped. The cost is that a process keeps its peak working
-set of such buffers mapped, which a replica reaches again on its next busy step anyway. `QTTS_MALLOC_TUNE=0` turns
-it off; it does nothing outside glibc (musl, macOS, Windows)."""
+`keep_freed_memory()` sets, once per process: blocks up to 32 MiB (glibc's largest heap block) come from a heap, not
+fresh mmaps; up to 1 GiB of free heap top stays mapped; heaps grow with 64 MiB to spare, which also keeps a thread
+arena's emptied heaps (its size) instead of unmapping them. Measured on a 2-core Zen 4 (random 0.6B, 8 sessions x 24
+frames with audio): faults 1588 -> 227 per frame; wall 1.11x faster with the engine stepping in the main thread (sys
+time 9.6 -> 3.8 s), 1.02x in its own thread; in an earlier run the codec calls alone took half the time. The cost: a
+process keeps its peak working set of such buffers mapped, which a replica reaches again on its next busy step
+anyway. `QTTS_MALLOC_TUNE=0` turns it off; it does nothing outside glibc (musl, macOS, Windows)."""
 
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import os
 import sys
 import threading
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3                 # <malloc.h>
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # <malloc.h>
 MMAP_THRESHOLD = 32 << 20                                     # glibc's maximum (HEAP_MAX_SIZE / 2 on 64-bit)
 TRIM_THRESHOLD = 1 << 30
+TOP_PAD = 64 << 20                                            # a thread arena's heap size (HEAP_MAX_SIZE)
 
 _lock = threading.Lock()
 _done: bool | None = None
@@ -44,8 +47,9 @@ def _apply() -> bool:
     except (OSError, AttributeError):
         return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) \
+        and libc.mallopt(_M_TOP_PAD, TOP_PAD)
     return bool(ok)
 
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory"]
+__all__ = ["MMAP_THRESHOLD", "TOP_PAD", "TRIM_THRESHOLD", "keep_freed_memory"]
