@@ -98,6 +98,35 @@ def test_voice_clone_prompt_is_encoded_once_and_reused(model_factory, ref_wav_pa
         asyncio.run(core.create_voice(b"not audio at all" * 10, "x", False, "bad"))
 
 
+
+def test_a_stored_voice_of_another_model_size_is_a_400_naming_voice(model_factory, tmp_path):
+    """One voice store shared by Base replicas of two sizes: a voice made by the wider model reaches this one as a 400
+    naming `voice` (not a 500 from inside a step, nor a device-side assert on a GPU), and the replica serves on."""
+    from qwen_tts_core.voice_prompt import VoiceClonePromptItem
+
+    base = model_factory("base")
+    store = VoiceStore(tmp_path / "voices")
+    core = ReplicaCore(base, ModelConfig(name="b", model_type="base", max_new_tokens=16, default_max_new_tokens=4),
+                       store)
+    width = base.cfg.talker.hidden_size
+    wide = store.create(VoiceClonePromptItem(None, torch.randn(2 * width), True, False), name="wide",
+                        model="base-1.7b", owner="")
+    fits = store.create(VoiceClonePromptItem(None, torch.randn(width), True, False), name="fits", model="b", owner="")
+
+    async def main():
+        core.start(asyncio.get_running_loop())
+        try:
+            bad = [x async for x in core.stream({"input": "Cloned speech.", "voice": wide["id"]})]
+            good = [x async for x in core.stream({"input": "Cloned speech.", "voice": fits["id"], "seed": 0})]
+            return bad, good
+        finally:
+            core.scheduler.stop()
+    bad, good = asyncio.run(main())
+    assert len(bad) == 1 and bad[0]["type"] == "error" and bad[0]["status"] == 400 and bad[0]["param"] == "voice"
+    assert "another model size" in bad[0]["message"], bad[0]
+    assert good[-1]["type"] == "end" and any(x["type"] == "audio" for x in good)
+
+
 def test_a_lapsed_lease_cancels_only_once_its_consumer_is_gone(model_factory):
     """The replica's watchdog with no renewal at all (0.6 s leases): a session whose consumer lives goes on for
     several leases (its lease is extended at each lapse); once the consumer is gone it is cancelled within about a
