@@ -25,6 +25,16 @@ class Codebook(nn.Module):
         """[size, dim] codebook vectors."""
         return self.embedding_sum / self.cluster_usage.clamp(min=self.eps)[:, None]
 
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """The vectors of `codes` (Long [...]) -> [..., dim]. On CPU, when fewer codes than vectors are asked for
+        (every streaming chunk), only their rows are divided: the same quotients bit for bit, without dividing all
+        2048 x dim of each codebook per call (~6 ms of a 1-frame chunk's ~60 ms). Elsewhere the whole codebook, as
+        one division (fewer kernel launches on a GPU)."""
+        if codes.device.type == "cpu" and codes.numel() < self.cluster_usage.shape[0]:
+            return F.embedding(codes, self.embedding_sum) / \
+                F.embedding(codes, self.cluster_usage[:, None]).clamp(min=self.eps)
+        return F.embedding(codes, self.vectors())
+
 
 class _CodebookHolder(nn.Module):
     def __init__(self, dim: int, size: int) -> None:
@@ -51,7 +61,7 @@ class ResidualQuantizer(nn.Module):
         """codes Long [B, n, t] -> [B, outer_dim, t]."""
         total = None
         for i, holder in enumerate(self.vq.layers):
-            q = F.embedding(codes[:, i], holder._codebook.vectors())
+            q = holder._codebook.lookup(codes[:, i])
             total = q if total is None else total + q
         return self.output_proj(total.transpose(1, 2))
 

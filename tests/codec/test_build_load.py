@@ -135,3 +135,24 @@ def test_loader_finds_the_folder(tiny_dir, tmp_path):
     assert load_codec(tmp_path / "ckpt").cfg == load_codec(tiny_dir / "model.safetensors").cfg
     with pytest.raises(ValueError, match="dir_or_path"):
         load_codec(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_codebook_lookup_of_a_few_codes_is_the_whole_codebooks_rows_bit_for_bit(dtype):
+    """A streaming chunk looks up a few codes: on CPU only their rows are divided (embedding_sum / usage). Those
+    quotients must be the whole-codebook division's bit for bit, usages under the clamp included, at any count."""
+    from qwen_tts_core.codec.quantizer import Codebook
+
+    g = torch.Generator().manual_seed(4)
+    cb = Codebook(dim=32, size=2048).to(dtype)
+    with torch.no_grad():
+        cb.embedding_sum.copy_(torch.randn(2048, 32, generator=g) * 3)
+        cb.cluster_usage.copy_(torch.rand(2048, generator=g) * 50)
+        cb.cluster_usage[:100] = 1e-7    # below the 1e-5 clamp
+    whole = cb.vectors()
+    for shape in [(1, 1), (8, 4), (3, 500), (2, 2048)]:   # the last one asks for as many as there are: whole path
+        codes = torch.randint(0, 2048, shape, generator=g)
+        codes[0, 0] = 5                                     # a clamped usage
+        got = cb.lookup(codes)
+        assert got.dtype == dtype and got.shape == (*shape, 32)
+        assert torch.equal(got, torch.nn.functional.embedding(codes, whole)), shape
