@@ -152,14 +152,20 @@ def _pack_upcast(w: torch.Tensor) -> torch.Tensor:
     return _pack(w.detach().float())
 
 
-def _pack_linear(w: torch.Tensor) -> torch.Tensor | None:
-    """The packed copy `linear` runs on: w's dtype where oneDNN packs it; fp32 for bf16 on a CPU without a bf16
-    GEMM (used for two or more rows, see `linear`); None where neither (off CPU too)."""
-    if can_pack(w):
-        return _pack(w)
-    if w.dtype == torch.bfloat16 and can_pack(w.new_zeros(1, dtype=torch.float32)):
-        return _pack_upcast(w)
+def _packs_as(p: torch.Tensor) -> torch.dtype | None:
+    """The dtype of `linear`'s packed copy of a weight like p: p's where oneDNN packs it; fp32 for bf16 on a CPU
+    without a bf16 GEMM (used for two or more rows, see `linear`); None where neither (off CPU too)."""
+    if can_pack(p):
+        return p.dtype
+    if p.dtype == torch.bfloat16 and can_pack(p.new_zeros(1, dtype=torch.float32)):
+        return torch.float32
     return None
+
+
+def _pack_linear(w: torch.Tensor) -> torch.Tensor | None:
+    """The packed copy `linear` runs on (see `_packs_as`), or None."""
+    dtype = _packs_as(w)
+    return None if dtype is None else _pack(w) if dtype == w.dtype else _pack_upcast(w)
 
 
 _PACKABLE: dict[torch.dtype, bool] = {}
@@ -194,10 +200,10 @@ def pack_linears_(module: nn.Module) -> bool:
     params = list(module.parameters())
     if not params:
         return False
-    if not can_pack(params[0]):
-        if not (params[0].dtype == torch.bfloat16 and can_pack(params[0].new_zeros(1, dtype=torch.float32))):
-            return False
-        # no bf16 GEMM on this CPU: fp32 copies for batched rows (an extra 2x the bf16 weights)
+    dtype = _packs_as(params[0])
+    if dtype is None:
+        return False
+    if dtype != params[0].dtype:  # no bf16 GEMM on this CPU: fp32 copies for batched rows (+2x the bf16 weights)
         logger.info("bf16 linears: this CPU cannot pack bf16; keeping fp32 packed copies for batched rows")
     for m in module.modules():
         if type(m) is nn.Linear:
