@@ -60,9 +60,10 @@ def check_voice_prompt(vp: object, talker_cfg) -> None:
         if not isinstance(getattr(vp, flag, None), bool):
             raise RequestError(field, f"{flag} must be True or False")
     spk = getattr(vp, "ref_spk_embedding", None)
-    if not isinstance(spk, torch.Tensor) or not spk.is_floating_point() or tuple(spk.shape) != (width,):
+    if not isinstance(spk, torch.Tensor) or not spk.is_floating_point() or tuple(spk.shape) not in ((width,),
+                                                                                                (1, width)):
         shown = (tuple(spk.shape), str(spk.dtype)) if isinstance(spk, torch.Tensor) else type(spk).__name__
-        raise RequestError(field, f"ref_spk_embedding must be a float tensor [{width}] (this model's speaker vector; "
+        raise RequestError(field, f"ref_spk_embedding must be a float tensor [{width}] or [1, {width}] (this model's speaker vector; "
                                   f"a voice made with another model size does not fit), got {shown}")
     if not bool(torch.isfinite(spk).all()):
         raise RequestError(field, "ref_spk_embedding has NaN or infinite values")

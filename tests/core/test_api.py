@@ -125,7 +125,7 @@ def test_voice_prompts_that_do_not_fit_the_model_are_refused_naming_them(model_f
     codes = item.ref_code
     bad = {
         "another model's width": replace(item, ref_spk_embedding=torch.randn(2 * width)),
-        "a [1, D] vector": replace(item, ref_spk_embedding=item.ref_spk_embedding[None]),
+        "a [2, D/2] vector": replace(item, ref_spk_embedding=item.ref_spk_embedding.reshape(2, -1)),
         "NaN": replace(item, ref_spk_embedding=torch.full((width,), float("nan"))),
         "inf": replace(item, ref_spk_embedding=item.ref_spk_embedding.clone().index_fill_(0, torch.tensor([3]),
                                                                                           float("inf"))),
@@ -150,6 +150,10 @@ def test_voice_prompts_that_do_not_fit_the_model_are_refused_naming_them(model_f
     back = load_voice_prompt(save_voice_prompt(item, tmp_path / "ok.safetensors"))
     a, _ = base.generate_voice_clone("Hello.", voice_clone_prompt=back, **G)
     assert len(a[0]) > 0
+    # a [1, D] speaker vector is the same vector (it worked before the check, so it keeps working)
+    row = replace(back, ref_spk_embedding=back.ref_spk_embedding[None])
+    b, _ = base.generate_voice_clone("Hello.", voice_clone_prompt=row, **G)
+    assert np.array_equal(a[0], b[0])
 
 
 def test_not_a_checkpoint_folder(tmp_path):
