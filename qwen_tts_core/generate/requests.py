@@ -60,11 +60,10 @@ def check_voice_prompt(vp: object, talker_cfg) -> None:
         if not isinstance(getattr(vp, flag, None), bool):
             raise RequestError(field, f"{flag} must be True or False")
     spk = getattr(vp, "ref_spk_embedding", None)
-    if not isinstance(spk, torch.Tensor) or not spk.is_floating_point() or tuple(spk.shape) not in ((width,),
-                                                                                                (1, width)):
+    if not isinstance(spk, torch.Tensor) or not spk.is_floating_point() or spk.shape not in ((width,), (1, width)):
         shown = (tuple(spk.shape), str(spk.dtype)) if isinstance(spk, torch.Tensor) else type(spk).__name__
-        raise RequestError(field, f"ref_spk_embedding must be a float tensor [{width}] or [1, {width}] (this model's speaker vector; "
-                                  f"a voice made with another model size does not fit), got {shown}")
+        raise RequestError(field, f"ref_spk_embedding must be a float tensor [{width}] or [1, {width}] (this model's "
+                                  f"speaker vector; a voice made with another model size does not fit), got {shown}")
     if not bool(torch.isfinite(spk).all()):
         raise RequestError(field, "ref_spk_embedding has NaN or infinite values")
     codes = getattr(vp, "ref_code", None)
@@ -107,7 +106,7 @@ def validate(model, req: SynthesisRequest) -> None:
         if req.voice_clone_prompt is None:
             raise RequestError("voice_clone_prompt", "is required for voice_clone (see create_voice_clone_prompt)")
         check_voice_prompt(req.voice_clone_prompt, cfg.talker)
-        if getattr(req.voice_clone_prompt, "icl_mode", False) and req.text is None:
+        if req.voice_clone_prompt.icl_mode and req.text is None:
             raise RequestError("text", "incremental text is not available with ICL voice clone prompts "
                                "(use x_vector_only_mode=True or send the whole text)")
     check_seed(req.seed)

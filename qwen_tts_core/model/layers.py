@@ -205,18 +205,20 @@ def pack_linears_(module: nn.Module) -> bool:
         return False
     if dtype != params[0].dtype:  # no bf16 GEMM on this CPU: fp32 copies for batched rows (+2x the bf16 weights)
         logger.info("bf16 linears: this CPU cannot pack bf16; keeping fp32 packed copies for batched rows")
+    def packed_now(w: torch.Tensor) -> PackSlot:  # packed here, not in the first step
+        slot = PackSlot(_pack_linear)
+        slot.get(w)
+        return slot
+
     for m in module.modules():
         if type(m) is nn.Linear:
             m.__class__ = Linear
         if isinstance(m, Linear):
-            m.pack_slot = PackSlot(_pack_linear)
-            m.pack_slot.get(m.weight)  # packed now, not in the first step
+            m.pack_slot = packed_now(m.weight)
         elif isinstance(m, Attention) and m.qkv is not None:
-            m.qkv_slot = PackSlot(_pack_linear)
-            m.qkv_slot.get(m.qkv)
+            m.qkv_slot = packed_now(m.qkv)
         elif isinstance(m, MLP) and m.gate_up is not None:
-            m.gate_up_slot = PackSlot(_pack_linear)
-            m.gate_up_slot.get(m.gate_up)
+            m.gate_up_slot = packed_now(m.gate_up)
     module._packed_linears = True
     return True
 

@@ -141,6 +141,41 @@ def test_packed_talker_follows_weights_loaded_after_packing(checkpoint_factory):
     assert torch.equal(after, want)
 
 
+
+def test_two_engines_that_first_step_together_after_a_weight_change_both_use_the_new_weights(checkpoint_factory):
+    """Two engines on one model (two replicas' worth of sessions in one process) stepping in two threads right after
+    the weights changed: both race to repack the same slots; each must compute with the new weights."""
+    import threading
+
+    from qwen_tts_core import Engine, Qwen3TTSModel
+
+    ckpt = checkpoint_factory("custom_voice", "tiny")
+    model = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype="float32")
+    if not Engine(model, max_sessions=1).runner.packed:
+        pytest.skip("oneDNN cannot pack linears here")
+    sd = {k: v.clone() for k, v in model.talker.state_dict().items()}
+    key = next(n for n in sd if n.endswith("model.layers.0.mlp.gate_proj.weight"))
+    sd[key] += 0.05 * torch.randn(sd[key].shape, generator=torch.Generator().manual_seed(9))
+    fresh = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype="float32")
+    fresh.talker.load_state_dict(sd)
+    texts = ("Hello there, how are you today?", "A second voice joins in.")
+    want = [Engine(fresh, max_sessions=1).run_all([_greedy(t)])[0].codes() for t in texts]
+    model.talker.load_state_dict(sd)
+    engines = [Engine(model, max_sessions=1) for _ in texts]
+    got, start = {}, threading.Barrier(len(texts))
+
+    def run(i: int) -> None:
+        start.wait()
+        got[i] = engines[i].run_all([_greedy(texts[i])])[0].codes()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(got[i], want[i]) for i in range(len(texts)))
+
+
 def test_pack_slot_repacks_once_per_change_and_copies_pack_their_own():
     import copy
 

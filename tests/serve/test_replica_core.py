@@ -98,7 +98,6 @@ def test_voice_clone_prompt_is_encoded_once_and_reused(model_factory, ref_wav_pa
         asyncio.run(core.create_voice(b"not audio at all" * 10, "x", False, "bad"))
 
 
-
 def test_a_stored_voice_of_another_model_size_is_a_400_naming_voice(model_factory, tmp_path):
     """One voice store shared by Base replicas of two sizes: a voice made by the wider model reaches this one as a 400
     naming `voice` (not a 500 from inside a step, nor a device-side assert on a GPU), and the replica serves on."""
