@@ -53,10 +53,11 @@ def test_steps_fault_no_pages_in_again_once_freed_memory_is_kept_in_any_thread()
     default = _steps(tune=False)
     kept = _steps(tune=True)
     assert default["applied"] is False and kept["applied"] is True
-    # glibc's default hands some of them back after every step (the main heap's top; a thread arena's whole heaps):
-    # thousands of faults per step. Kept: at most a one-off growth by a buffer or two (5775 pages each).
+    # glibc's default hands them back after steps: a thread arena's emptied heaps every time (160k-270k faults over
+    # the 30 steps); the main heap's top by a threshold it adapts (0 to 1.9M measured: not a reliable baseline). Kept:
+    # at most a one-off growth by a buffer or two (5775 pages each), in both.
+    assert default["thread"] > 60_000, default
     for where in ("main", "thread"):
-        assert default[where] > 60_000, (where, default)
         assert kept[where] < 12_000, (where, kept, default)
 
 
