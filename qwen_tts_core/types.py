@@ -17,6 +17,7 @@ from .errors import RequestError
 SAMPLE_RATE = 24000
 MAX_TOP_K = 1 << 20          # above any vocabulary: the same as 0 (off); keeps per-slot values in device integers
 MAX_NEW_TOKENS = 1 << 24     # frames (~15 days of audio); a bound so device counters cannot overflow
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # sampling floats are kept in fp32 device tensors: no larger value
 SAMPLES_PER_FRAME = 1920  # 12.5 frames per second
 
 ModelKind = Literal["custom_voice", "voice_design", "voice_clone"]
@@ -51,6 +52,8 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise RequestError(name, f"must be a finite number, got {_short(v)}")
+            if abs(v) > FLOAT32_MAX:  # fp32 device tensors: storing it would fail the prefill it shares
+                raise RequestError(name, f"must be at most {FLOAT32_MAX:.4g} (float32), got {_short(v)}")
         for name in ("temperature", "subtalker_temperature"):
             if not getattr(self, name) > 0:
                 raise RequestError(name, f"must be > 0, got {getattr(self, name)!r}")

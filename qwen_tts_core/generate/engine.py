@@ -384,20 +384,28 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - a bad request must not take the engine down
                 self._start_failed(s, slot, e, out)
         for group in self.runner.prefill_groups([s.prompt.prefill.shape[0] for s in starting]):
-            batch = [starting[i] for i in group]
-            try:
-                self.runner.start_many([Start(s.slot, s.prompt.prefill, s.prompt.trailing, s.request.sampling,
-                                              s.seed, s.generator) for s in batch])
-            except Exception as e:  # noqa: BLE001 - the sessions of this prefill fail; the engine goes on
-                log.exception("prefill of sessions %s failed", [s.id for s in batch])
+            for batch in self._prefill([starting[i] for i in group], out):
                 for s in batch:
-                    self._fail(s, e, out)
-                continue
-            for s in batch:
-                try:
-                    self._started(s, out)
-                except Exception as e:  # noqa: BLE001
-                    self._start_failed(s, s.slot, e, out)
+                    try:
+                        self._started(s, out)
+                    except Exception as e:  # noqa: BLE001
+                        self._start_failed(s, s.slot, e, out)
+
+    def _prefill(self, batch: list[Session], out: list[AudioChunk]) -> list[list[Session]]:
+        """Prefill `batch` together; when that fails, each session alone, so only the one at fault fails (a
+        request must never fail the others it shares a prefill with). Returns the batches that started."""
+        try:
+            self.runner.start_many([Start(s.slot, s.prompt.prefill, s.prompt.trailing, s.request.sampling,
+                                          s.seed, s.generator) for s in batch])
+            return [batch]
+        except Exception as e:  # noqa: BLE001 - the engine goes on
+            if len(batch) > 1:
+                log.warning("prefill of sessions %s failed (%s); prefilling them one by one",
+                            [s.id for s in batch], e)
+                return [b for s in batch for b in self._prefill([s], out)]
+            log.exception("prefill of session %d failed", batch[0].id)
+            self._fail(batch[0], e, out)
+            return []
 
     def _start_failed(self, s: Session, slot: int, e: BaseException, out: list[AudioChunk]) -> None:
         if not isinstance(e, RequestError):

@@ -54,8 +54,18 @@ def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, 
     """logits [V] (fp32) -> token id (0-d long tensor)."""
     if not do_sample:
         return logits.argmax(-1)
-    probs = warp(logits, temperature, top_k, top_p).softmax(-1)
+    probs = _probs(warp(logits, temperature, top_k, top_p), logits)
     return torch.multinomial(probs[None], 1, generator=generator)[0, 0]
+
+
+def _probs(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """softmax(x) over the last dim; a row whose softmax is not finite becomes one-hot at argmax(logits) (the same
+    draw from the generator). That happens when a tiny temperature or penalty sends a logit to +inf: the limit of
+    the distribution is the greedy id, where the reference's multinomial raises (and with it the whole batch)."""
+    probs = x.softmax(-1)
+    ok = torch.isfinite(probs).all(-1, keepdim=True)
+    greedy = torch.nn.functional.one_hot(logits.argmax(-1), x.shape[-1]).to(probs.dtype)
+    return torch.where(ok, probs, greedy)
 
 
 def pick_rows(logits: torch.Tensor, do_sample: list[bool], temperature: list[float], top_k: list[int],
@@ -66,7 +76,7 @@ def pick_rows(logits: torch.Tensor, do_sample: list[bool], temperature: list[flo
         return logits.argmax(-1)
     same = (len(set(temperature)) == 1 and len(set(top_k)) == 1 and len(set(top_p)) == 1 and all(do_sample))
     if same and all(g is None for g in generators):
-        probs = warp(logits, temperature[0], top_k[0], top_p[0]).softmax(-1)
+        probs = _probs(warp(logits, temperature[0], top_k[0], top_p[0]), logits)
         return torch.multinomial(probs, 1)[:, 0]
     out = torch.empty(B, dtype=torch.long, device=logits.device)
     for i in range(B):

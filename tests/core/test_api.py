@@ -239,7 +239,7 @@ def test_make_checkpoint_rejects_bad_dtype(tmp_path):
 @pytest.mark.parametrize("field,value", [
     ("top_k", 10**30), ("subtalker_top_k", -1), ("max_new_tokens", 10**30), ("max_new_tokens", 0),
     ("max_new_tokens", True), ("top_k", 2.5), ("temperature", float("inf")), ("top_p", float("nan")),
-    ("do_sample", 1),
+    ("do_sample", 1), ("temperature", 1e308), ("subtalker_temperature", 3.5e38), ("repetition_penalty", 1e39),
 ])
 def test_sampling_values_out_of_range_name_their_field(field, value):
     """Huge integers must be refused up front: per-slot sampling values become int64 device tensors in a step."""
@@ -251,3 +251,13 @@ def test_sampling_values_out_of_range_name_their_field(field, value):
     assert e.value.field == field
     if value == 10**30:
         assert "digits" in str(e.value) and len(str(e.value)) < 200  # the number is not echoed back whole
+
+
+def test_sampling_floats_up_to_float32_max_are_accepted():
+    """Finite values beyond float32 cannot be kept in the per-slot device tensors (storing one failed the whole
+    prefill batch it shared); float32's largest value still is a valid request."""
+    from qwen_tts_core import SamplingParams
+    from qwen_tts_core.types import FLOAT32_MAX
+
+    sp = SamplingParams(temperature=FLOAT32_MAX, repetition_penalty=FLOAT32_MAX, subtalker_temperature=1e-300)
+    assert sp.temperature == FLOAT32_MAX

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
 from qwen_tts_core.generate.text_feed import IncrementalText
@@ -182,3 +183,73 @@ def test_incremental_text_with_the_real_tokenizer_matches_whole_text(model):
         ids += feed.append(ch)
     ids += feed.end()
     assert ids == tok.target(text).text
+
+
+def test_a_failing_prefill_fails_only_its_own_session(model, monkeypatch):
+    """Sessions that start together share one prefill; when it fails (here: a fault injected for the session
+    whose text is poisoned), each is prefilled again alone and only the one at fault ends with an error; the others
+    give the codes they give alone."""
+    texts = ["Hello world.", "POISON here.", "Good morning!"]
+    alone = [Engine(model, max_sessions=1).run_all([req(t, max_new_tokens=10)])[0].codes() for t in texts[::2]]
+    eng = Engine(model, max_sessions=3)
+    runner = eng.runner
+    real = runner.start_many
+    calls = []
+    poisoned = {}
+
+    def start_many(starts):
+        calls.append(len(starts))
+        if any(x.slot == poisoned["slot"] for x in starts):
+            raise RuntimeError("prefill fell over")
+        return real(starts)
+
+    monkeypatch.setattr(runner, "start_many", start_many)
+    sessions = [eng.add(req(t, max_new_tokens=10)) for t in texts]
+    orig_prepare = eng._prepare
+
+    def prepare(s, slot):
+        if s.request.text.startswith("POISON"):
+            poisoned["slot"] = slot
+        return orig_prepare(s, slot)
+
+    monkeypatch.setattr(eng, "_prepare", prepare)
+    chunks = drain(eng)
+    assert calls[0] == 3 and sorted(calls[1:]) == [1, 1, 1]  # together, then one by one
+    (bad,) = lasts(chunks, sessions[1].id)
+    assert bad.finish_reason == "error" and "prefill fell over" in bad.error
+    for s, want in zip(sessions[::2], alone):
+        assert lasts(chunks, s.id)[0].finish_reason == "max_new_tokens"
+        assert torch.equal(s.codes(), want)
+    assert sorted(eng.free_slots) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("sampler", ["torch", "device"])
+@pytest.mark.parametrize("kw", [dict(temperature=1e-40), dict(temperature=1e-300), dict(repetition_penalty=1e-300),
+                                dict(subtalker_temperature=1e-300)], ids=["temp-1e-40", "temp-1e-300", "pen-1e-300",
+                                                                           "sub-temp-1e-300"])
+def test_tiny_sampling_values_neither_fail_nor_touch_the_batch(model, sampler, kw):
+    """A temperature or penalty so small that a logit becomes +inf made the reference sampler's multinomial raise,
+    and with it the whole step: every session in the batch failed. The draw now takes that limit, the greedy id."""
+    sp = SamplingParams(max_new_tokens=8, **kw)
+    other = SynthesisRequest(kind="custom_voice", text="Good morning!", speaker="vivian", language="english",
+                             sampling=SamplingParams(max_new_tokens=8), seed=3, decode_audio=False)
+    alone = Engine(model, max_sessions=1, sampler=sampler).run_all([other])[0].codes()
+    eng = Engine(model, max_sessions=2, sampler=sampler)
+    odd = eng.add(SynthesisRequest(kind="custom_voice", text="Hello world.", speaker="vivian", language="english",
+                                   sampling=sp, seed=1, decode_audio=False))
+    s = eng.add(other)
+    chunks = drain(eng)
+    for x in (odd, s):
+        assert lasts(chunks, x.id)[0].finish_reason in ("eos", "max_new_tokens"), lasts(chunks, x.id)[0].error
+    if sampler == "device":  # its draws are independent of the other rows' (the torch sampler shares generators)
+        assert torch.equal(s.codes(), alone)
+
+
+def test_tiny_temperature_draws_the_greedy_ids(model):
+    greedy = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=8)
+    tiny = SamplingParams(temperature=1e-300, subtalker_temperature=1e-300, max_new_tokens=8)
+    runs = [Engine(model, max_sessions=1, sampler="torch").run_all([SynthesisRequest(
+        kind="custom_voice", text="Hello world.", speaker="vivian", language="english", sampling=sp, seed=1,
+        decode_audio=False)])[0] for sp in (greedy, tiny)]
+    assert runs[1].finish_reason == runs[0].finish_reason
+    assert torch.equal(runs[0].codes(), runs[1].codes())
