@@ -10,13 +10,15 @@ different positions, each with a 4-frame chunk due: `BatchedAudio` with its defa
 of at most 32 row-frames), `BatchedAudio` as one call over all rows, and one `AudioStreamer` per session (today's
 path: a codec call and a host copy per session), at R = 1/8/32; and a ragged step (3 of 4 rows with 4 frames,
 1 of 4 with 1, as first chunks are) with one padded call vs one call per length as well.
+Section `icl` (full-size decoder, --dtype): opening a voice-clone row whose reference (--ref-frames) is its left
+context: decoded the first time, its cached state copied in after that (`codec.context.ContextCache`).
 Section `kernels` (full-size decoder, --dtype): one streaming call of R rows x t frames with the small-call
 matrix-product convs (`codec.layers.MATMUL_ROWS`) on oneDNN-packed weights (the default) vs torch's conv kernels for
 every layer, and vs the same products on torch's GEMM (QTTS_ONEDNN=0: no packed weights, for the matrix-product convs
 and the linears), calls interleaved in one process; ms per call and the speedups, for (R, t) in --shapes.
 The last stdout line is one JSON object.
 
-    .venv/bin/python benchmarks/codec_stream.py [--sections single,batched,kernels] [--shapes 1x1,1x4,8x4] [--frames 1000] [--threads 1]
+    .venv/bin/python benchmarks/codec_stream.py [--sections single,batched,kernels,icl] [--shapes 1x1,1x4,8x4] [--frames 1000] [--threads 1]
         [--device cpu] [--oracle] [--rows 1,8,32] [--sizes tiny,full] [--batched-reps 2] [--dtype float32]
 """
 
@@ -184,7 +186,8 @@ def _batched_section(size: str, rows_list: list[int], device: torch.device, reps
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="single,batched", help="comma list of: single, batched, kernels")
+    ap.add_argument("--sections", default="single,batched", help="comma list of: single, batched, kernels, icl")
+    ap.add_argument("--ref-frames", default="37,125", help="icl section: reference lengths in frames (3 s, 10 s)")
     ap.add_argument("--shapes", default="1x1,1x4,4x4,8x1,8x4", help="kernels section: ROWSxFRAMES per call")
     ap.add_argument("--frames", type=int, default=1000, help="position of the late chunk (frames decoded before)")
     ap.add_argument("--threads", type=int, default=1,
@@ -197,14 +200,14 @@ def main() -> None:
     ap.add_argument("--sizes", default="tiny,full", help="batched section: decoder sizes")
     ap.add_argument("--batched-reps", type=int, default=2, help="batched section: timed steps (best of)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="batched section: decoder dtype (the single section is float32)")
+                    help="batched, kernels and icl sections: decoder dtype (the single section is float32)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sections = set(args.sections.split(","))
-    if not sections or not sections <= {"single", "batched", "kernels"}:
-        raise SystemExit(f"--sections must name some of single, batched, kernels; got {args.sections!r}")
+    if not sections or not sections <= {"single", "batched", "kernels", "icl"}:
+        raise SystemExit(f"--sections must name some of single, batched, kernels, icl; got {args.sections!r}")
     result: dict = {"device": str(device), "threads": args.threads}
     if "single" in sections:
         result.update(_single_section(args, device))
@@ -216,7 +219,41 @@ def main() -> None:
                                            getattr(torch, args.dtype)))
     if "kernels" in sections:
         result.update(_kernels_section(args, device))
+    if "icl" in sections:
+        result.update(_icl_section(args, device))
     print(json.dumps(result))
+
+
+def _icl_section(args, device: torch.device) -> dict:
+    """Opening a voice-clone row (full-size decoder): its reference decoded as left context the first time (the
+    cost every session paid before the context cache), then the cached state copied in, for --ref-frames."""
+    from qwen_tts_core.codec.context import ContextCache, codes_key
+
+    cfg = full_config()
+    codec = Codec(cfg, random_decoder(cfg, seed=args.seed).to(device=device, dtype=getattr(torch, args.dtype)))
+    audio = BatchedAudio(codec, max_rows=2)
+    g = torch.Generator().manual_seed(args.seed + 4)
+    res: dict = {"icl_dtype": args.dtype}
+    for n in (int(v) for v in args.ref_frames.split(",")):
+        ref = torch.randint(0, 2048, (n, 16), generator=g).to(device)
+        key = codes_key(ref)
+        times = {}
+        for name in ("cold", "cached", "cached_again"):
+            if name == "cold":
+                codec.decoder.context_cache = ContextCache()
+            _sync(device)
+            t0 = time.perf_counter()
+            audio.open(0, 1, 4, ref_codes=ref, ref_key=key)
+            _sync(device)
+            times[name] = time.perf_counter() - t0
+            audio.drop(0)
+        cached = min(times["cached"], times["cached_again"])
+        res[f"icl_open_ref{n}_cold_ms"] = round(times["cold"] * 1e3, 1)
+        res[f"icl_open_ref{n}_cached_ms"] = round(cached * 1e3, 2)
+        res[f"icl_open_ref{n}_speedup"] = round(times["cold"] / cached, 1)
+        logger.info("ICL row with a %d-frame reference: %.1f ms cold, %.2f ms cached", n, times["cold"] * 1e3,
+                    cached * 1e3)
+    return res
 
 
 def _kernels_section(args, device: torch.device) -> dict:

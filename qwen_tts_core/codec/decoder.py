@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import CodecConfig
+from .context import ContextCache
 from .layers import CausalConv, CausalTransConv, ConvNeXtBlock, DecoderBlock, SnakeBeta
 from .quantizer import SplitResidualQuantizer
 from .state import CodecStreamState, RowLengths
@@ -65,6 +66,7 @@ class CodecDecoder(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (CausalConv, CausalTransConv)):
                 module.state_key = name
+        self.context_cache = ContextCache()
 
     # ---- state ----------------------------------------------------------------------------------------------
     def new_state(self, batch_size: int, device: torch.device | str | None = None,
@@ -90,6 +92,16 @@ class CodecDecoder(nn.Module):
             state.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             state.values.append(torch.zeros(shape, device=device, dtype=dtype))
         return state
+
+    def context_state(self, codes: torch.Tensor, key: tuple | None = None) -> CodecStreamState:
+        """The 1-row state after decoding `codes` (Long [R, num_quantizers], e.g. a voice-clone reference) from a
+        fresh start: computed once per distinct codes and weights, then shared (see context.py). Copy it into a
+        state (`scatter_`); never write to it. key: `context.codes_key(codes)`, taken where the codes are on the
+        host (None: read here)."""
+        if codes.dim() != 2 or codes.shape[1] != self.cfg.num_quantizers or codes.shape[0] < 1:
+            raise ValueError(f"codes must be a LongTensor [frames >= 1, {self.cfg.num_quantizers}], "
+                             f"got {tuple(codes.shape)}")
+        return self.context_cache.state(self, codes, key)
 
     # ---- decode ---------------------------------------------------------------------------------------------
     @torch.no_grad()

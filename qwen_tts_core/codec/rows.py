@@ -126,15 +126,14 @@ class StreamRows:
         self.pending = grown
 
     @torch.inference_mode()
-    def reset(self, row: int, ref_codes: torch.Tensor | None = None) -> None:
-        """Start `row` over; ref_codes Long [R, Q] (R >= 1) are decoded as its left context (samples dropped)."""
+    def reset(self, row: int, ref_codes: torch.Tensor | None = None, ref_key: tuple | None = None) -> None:
+        """Start `row` over; ref_codes Long [R, Q] (R >= 1) are its left context (samples dropped): the decoder's
+        state after them, computed once per reference (`CodecDecoder.context_state`; ref_key: its cache key)."""
         idx = to_device([row], self.device)
         if ref_codes is None or ref_codes.shape[0] == 0:
             self.state.zero_rows_(idx)
             return
-        fresh = self.decoder.new_state(1)
-        self.decoder.forward_unclamped(ref_codes.to(self.device, torch.long).T[None], fresh)
-        self.state.scatter_(idx, fresh)
+        self.state.scatter_(idx, self.decoder.context_state(ref_codes, ref_key))
 
     @torch.inference_mode()
     def write(self, rows: Sequence[int], cols: Sequence[int], codes: torch.Tensor) -> None:

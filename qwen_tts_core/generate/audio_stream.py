@@ -138,8 +138,10 @@ class BatchedAudio:
     # --- caller side ----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def open(self, key: int, first_chunk_frames: int, chunk_frames: int,
-             ref_codes: torch.Tensor | None = None) -> None:
-        """Start a row for `key`; ref_codes Long [R, 16]: ICL reference frames decoded now as left context."""
+             ref_codes: torch.Tensor | None = None, ref_key: tuple | None = None) -> None:
+        """Start a row for `key`; ref_codes Long [R, 16]: ICL reference frames, the row's left context (decoded once
+        per reference and shared: `CodecDecoder.context_state`; ref_key: `codec.context.codes_key(ref_codes)`, taken
+        where the codes were on the host, so opening reads no device memory)."""
         for name, v in (("first_chunk_frames", first_chunk_frames), ("chunk_frames", chunk_frames)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -154,7 +156,7 @@ class BatchedAudio:
             raise ValueError(f"ref_codes must be an integer tensor [R, {self.q}], got {shown}")
         row = self.free.pop(0)
         try:
-            self.bank.reset(row, ref_codes)
+            self.bank.reset(row, ref_codes, ref_key)
         except Exception:
             self.free.insert(0, row)
             raise

@@ -43,6 +43,7 @@ class Session:
     max_frames: int | None = None     # runaway guard
     seed: int = 0                     # the device sampler's seed (drawn from torch's generator when not given)
     generator: torch.Generator | None = None  # sampler="torch" with a seed
+    ref_key: tuple | None = None      # ICL: the reference codes' cache key (codec.context.codes_key), taken on add
     audio_frames: int = 0             # frames whose audio has been emitted
     finish_reason: FinishReason | None = None
     error: str | None = None

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from qwen_tts_core.codec.context import codes_key
 from qwen_tts_core.codec.rows import StreamRows, plan_groups, split_calls
 from qwen_tts_core.codec.state import window_at
 from qwen_tts_core.generate.audio_stream import BatchedAudio
@@ -135,10 +136,11 @@ def test_no_host_reads_but_the_one_pcm_copy(codec):
     """push never reads device memory; decode reads once (the samples), however many rows and groups."""
     g = torch.Generator().manual_seed(2)
     audio = BatchedAudio(codec, max_rows=6, call_cost=0.0)   # split by length: several calls, still one copy
+    ref = torch.randint(0, 2048, (5, 16), generator=g)
+    key = codes_key(ref)  # the engine takes it when a request arrives, from the voice prompt's host tensor
     with HostReads() as h:
         for k in range(6):
-            ref = torch.randint(0, 2048, (5, 16), generator=g) if k == 2 else None
-            audio.open(k, 1 + k % 3, 2 + k % 2, ref_codes=ref)
+            audio.open(k, 1 + k % 3, 2 + k % 2, ref_codes=ref if k == 2 else None, ref_key=key if k == 2 else None)
     assert h.reads == [], h.reads
     for step in range(6):
         with HostReads() as h:

@@ -3,10 +3,13 @@ waveform for any chunk schedule (the codec decoder carries its state; nothing is
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
+from qwen_tts_core.codec.context import ContextCache
 
 G = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=20)
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -73,6 +76,32 @@ def test_voice_clone_icl_stream_equals_offline(model_factory, ref_wav_path):
     # the reference cuts the reference audio at int(ratio * samples), which can keep one extra leading sample
     assert 0 <= len(offline) - len(stream) <= 1
     assert np.abs(stream - offline[len(offline) - len(stream):]).max() <= 1e-4
+
+
+def test_voice_clone_sessions_of_one_voice_decode_its_reference_once(model_factory, ref_wav_path, monkeypatch):
+    """The reference's decoder state is computed for the first session of a voice and copied for the next ones
+    (in this engine or another on the model): the same audio bit for bit, from a voice prompt loaded again."""
+    base = model_factory("base", "tiny")
+    (item,) = base.create_voice_clone_prompt(str(ref_wav_path), ref_text="Good morning, how are you today?")
+    again = dataclasses.replace(item, ref_code=item.ref_code.clone())  # e.g. the voice read from a store again
+    cache = ContextCache()
+    monkeypatch.setattr(base.codec.decoder, "context_cache", cache)  # empty: other tests used this voice
+    misses = 0
+
+    def run(engine, prompt):
+        s = engine.add(SynthesisRequest(kind="voice_clone", text="Hello world.", voice_clone_prompt=prompt,
+                                        language="english", sampling=SamplingParams(**G), chunk_frames=3))
+        pcm = []
+        while not s.done:
+            pcm += [c.pcm for c in engine.step() if c.session_id == s.id]
+        return np.concatenate(pcm)
+
+    eng = Engine(base, max_sessions=2)
+    first = run(eng, item)
+    assert cache.misses == misses + 1
+    for out in (run(eng, again), run(Engine(base, max_sessions=1), again)):
+        assert np.array_equal(out, first)
+    assert cache.misses == misses + 1
 
 
 @pytest.mark.parametrize("kw", [dict(first_chunk_frames=0), dict(chunk_frames=0), dict(chunk_frames=-3)])
