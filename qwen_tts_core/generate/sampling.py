@@ -199,7 +199,9 @@ def _sample_sorted_plain(logits: torch.Tensor, do_sample: torch.Tensor, temperat
     drop_sorted[:, 0] = False  # the most likely id always stays
     drop = torch.zeros_like(drop_sorted).scatter(-1, sidx, drop_sorted) | (x < kth)
     sampled = (x.masked_fill(drop, float("-inf")) + noise).argmax(-1)
-    return torch.where(do_sample, sampled, greedy)
+    # a row whose largest tempered logit is +inf or NaN (a tiny temperature sends every positive logit to +inf, ties
+    # the draw would break by index) takes the greedy id, its limit, as the reference sampler does (`_probs`)
+    return torch.where(do_sample & sx[:, 0].isfinite(), sampled, greedy)
 
 
 def _sample_topk_plain(logits: torch.Tensor, do_sample: torch.Tensor, temperature: torch.Tensor,
@@ -211,7 +213,7 @@ def _sample_topk_plain(logits: torch.Tensor, do_sample: torch.Tensor, temperatur
     vals = torch.topk(x, kmax, dim=-1).values
     kth = vals.gather(-1, kth_index).masked_fill(no_top_k, float("-inf"))
     sampled = (x.masked_fill(x < kth, float("-inf")) + noise).argmax(-1)
-    return torch.where(do_sample, sampled, greedy)
+    return torch.where(do_sample & vals[:, 0].isfinite(), sampled, greedy)  # see _sample_sorted_plain
 
 
 _sample_sorted, _sample_topk = FusedOp(_sample_sorted_plain), FusedOp(_sample_topk_plain)

@@ -245,10 +245,14 @@ def test_tiny_sampling_values_neither_fail_nor_touch_the_batch(model, sampler, k
         assert torch.equal(s.codes(), alone)
 
 
-def test_tiny_temperature_draws_the_greedy_ids(model):
+@pytest.mark.parametrize("sampler", ["torch", "device"])
+@pytest.mark.parametrize("tiny", [1e-45, 1e-300])
+def test_tiny_temperature_draws_the_greedy_ids(model, sampler, tiny):
+    """Both samplers take the limit, the greedy id (the device sampler's argmax over a row of +inf ties picked the
+    first index instead: garbage codes)."""
     greedy = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=8)
-    tiny = SamplingParams(temperature=1e-300, subtalker_temperature=1e-300, max_new_tokens=8)
-    runs = [Engine(model, max_sessions=1, sampler="torch").run_all([SynthesisRequest(
+    tiny = SamplingParams(temperature=tiny, subtalker_temperature=tiny, max_new_tokens=8)
+    runs = [Engine(model, max_sessions=1, sampler=sampler).run_all([SynthesisRequest(
         kind="custom_voice", text="Hello world.", speaker="vivian", language="english", sampling=sp, seed=1,
         decode_audio=False)])[0] for sp in (greedy, tiny)]
     assert runs[1].finish_reason == runs[0].finish_reason
