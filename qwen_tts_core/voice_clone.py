@@ -6,7 +6,7 @@ from typing import Any
 
 from .audio_io import load_audio, to_24k
 from .errors import RequestError
-from .speaker.ecapa import speaker_embedding
+from .speaker.ecapa import min_speaker_samples, speaker_embedding
 from .voice_prompt import VoiceClonePromptItem
 
 
@@ -31,9 +31,13 @@ def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None, x_vec
         if not xvec and (t is None or not str(t).strip()):
             raise RequestError("ref_text", f"is required when x_vector_only_mode=False (ICL mode); missing at index {i}")
     wavs = []
+    need = min_speaker_samples(model.speaker_encoder.config)
     for i, a in enumerate(audios):
-        wav, sr = load_audio(a, argument="ref_audio" if n == 1 else f"ref_audio[{i}]", allow_urls=allow_urls)
-        wavs.append(to_24k(wav, sr))
+        argument = "ref_audio" if n == 1 else f"ref_audio[{i}]"
+        wav, sr = load_audio(a, argument=argument, allow_urls=allow_urls)
+        wav = to_24k(wav, sr, argument=argument)
+        _check_long_enough(wav, need, argument)
+        wavs.append(wav)
     codes = model.codec.encode(wavs)
     items = []
     for wav, code, text, xvec in zip(wavs, codes, texts, modes):
@@ -41,3 +45,11 @@ def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None, x_vec
         items.append(VoiceClonePromptItem(ref_code=None if xvec else code.cpu(), ref_spk_embedding=spk,
                                           x_vector_only_mode=bool(xvec), icl_mode=not xvec, ref_text=text))
     return items
+
+
+def _check_long_enough(wav_24k, need: int, argument: str) -> None:
+    """RequestError naming `argument` when the audio is shorter than the speaker encoder's window (its x-vector
+    needs `need` samples at 24 kHz)."""
+    if len(wav_24k) < need:
+        raise RequestError(argument, f"audio is {len(wav_24k) / 24:.3g} ms long; a voice reference needs at least "
+                                     f"{need / 24:.3g} ms (a few seconds of speech work best)")

@@ -49,6 +49,7 @@ from .schemas import (
     from_validation_error,
 )
 from .streaming import Leases, ReplicaStream, audio_body, sse_body
+from .uploads import MULTIPART, URLENCODED, read_form
 from .voices import VoiceStore
 from .ws_session import MessageLimiter, WSSession, send_error
 
@@ -222,38 +223,15 @@ class Ingress:
     @app.post("/v1/audio/voices")
     async def create_voice(self, request: Request) -> JSONResponse:
         caller = self._auth(request.headers)
-        limit = self.cfg.max_upload_bytes
-        try:
-            declared = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            raise ApiError(400, "content-length: not a number", "content-length") from None
-        if declared > limit * 2 + 65536:
-            raise ApiError(413, f"upload is larger than {limit} bytes", "file")
         ctype = request.headers.get("content-type", "")
         audio, is_json = None, ctype.startswith("application/json")
         if is_json:
             # base64 makes the audio 4/3 larger; the JSON bounds (depth, numbers) hold as for every body
-            form = await self._json(request, limit * 2)
-            if not isinstance(form, dict):
+            fields = await self._json(request, self.cfg.max_upload_bytes * 2)
+            if not isinstance(fields, dict):
                 raise ApiError(400, "body: expected a JSON object", "body")
-            fields = form
-        elif ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            try:
-                form = await request.form(max_files=1, max_fields=16)
-            except Exception as e:  # noqa: BLE001 - starlette's multipart errors
-                raise ApiError(400, f"body: bad form ({type(e).__name__})", "body") from None
-            upload = form.get("file")
-            if upload is not None and not isinstance(upload, str):
-                audio = await upload.read(limit + 1)
-                if len(audio) > limit:
-                    raise ApiError(413, f"file: larger than {limit} bytes", "file")
-            fields = {}
-            for k, v in form.multi_items():
-                if k == "file":
-                    continue
-                if not isinstance(v, str):
-                    raise ApiError(400, f"{k}: expected a text field, got a file", k)
-                fields[k] = v
+        elif ctype.startswith((MULTIPART, URLENCODED)):  # bounded while it streams (uploads.py)
+            audio, fields = await read_form(request, self.cfg.max_upload_bytes)
         else:
             raise ApiError(415, "content-type: send multipart/form-data (file, ref_text, name) or JSON with "
                            "audio_base64", "content-type")

@@ -10,7 +10,9 @@
 Admission, streaming first: interactive requests go straight to the engine (its queue serves interactive before
 bulk) unless every slot is taken and `max_queue` sessions already wait, in which case `Busy` is raised instead of
 piling up. Bulk requests wait here and enter the engine only while fewer than `max_sessions - interactive_reserve`
-sessions are active or queued, so an interactive arrival always finds a free slot.
+sessions are active or queued, so an interactive arrival always finds a free slot. An incremental bulk session
+may get text (`append_text` / `end_text`) while parked: it is checked then, kept on the ticket, and handed to the
+engine session when it enters.
 
 The loop thread blocks while nothing can run (no work, or every session waits for text): it sleeps on an event that
 submit / text / end / cancel set, so a session waiting for text costs no CPU. It uses `Engine.runnable()` when the
@@ -34,6 +36,8 @@ from typing import Any
 import numpy as np
 
 from qwen_tts_core import AudioChunk, EngineBusy, SynthesisRequest
+from qwen_tts_core.errors import RequestError
+from qwen_tts_core.generate.requests import check_text
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,7 @@ class Ticket:
     queue: asyncio.Queue
     key: int = field(default_factory=lambda: next(_keys))
     session: Any = None               # qwen_tts_core Session once in the engine
+    parked_text: list = field(default_factory=list)   # incremental text (None = end) fed while parked as bulk
     t_submit: float = field(default_factory=time.perf_counter)
     t_first_audio: float | None = None
     samples: int = 0
@@ -201,12 +206,34 @@ class Scheduler:
         return ticket
 
     def append_text(self, ticket: Ticket, piece: str) -> None:
+        """More text for an incremental session; RequestError('text') when refused. A bulk session still parked
+        here keeps it (checked now) and gets it on entering the engine."""
+        with self._lock:
+            if ticket.session is None:
+                self._park_text(ticket, piece)
+                return
         ticket.session.append_text(piece)
         self._wake.set()
 
     def end_text(self, ticket: Ticket) -> None:
+        with self._lock:
+            if ticket.session is None:
+                self._park_text(ticket, None)
+                return
         ticket.session.end_text()
         self._wake.set()
+
+    @staticmethod
+    def _park_text(ticket: Ticket, piece: str | None) -> None:
+        """Keep a parked session's text (None: end) with the checks the engine session makes (caller holds the
+        lock); its size is bounded by the caller's text limits (sessions.SessionTable.take_text)."""
+        if ticket.finished or ticket.cancelled:
+            raise RequestError("text", "the session has ended")
+        if None in ticket.parked_text:
+            raise RequestError("text", "text after end")
+        if piece is not None:
+            check_text(piece, allow_blank=True)
+        ticket.parked_text.append(piece)
 
     def fail(self, ticket: Ticket, status: int, message: str, param: str | None = None) -> None:
         """End a session as a failure (the consumer reports `status`/`message`/`param`); no-op once finished."""
@@ -227,6 +254,7 @@ class Scheduler:
                 except ValueError:
                     pass
                 else:
+                    ticket.parked_text.clear()
                     self._deliver(ticket, _last(-1, "cancelled"))
                     return
         if ticket.session is not None:
@@ -253,14 +281,30 @@ class Scheduler:
             while self._bulk_waiting and e.num_active + e.num_queued < room:
                 ticket = self._bulk_waiting.popleft()
                 try:
-                    ticket.session = e.add(ticket.request)
+                    session = e.add(ticket.request)
                 except (ValueError, EngineBusy) as err:
                     log.warning("bulk request failed to enter the engine: %s", err)
                     ticket.failure = Failure(400 if isinstance(err, ValueError) else 503, str(err),
                                              getattr(err, "field", None))
                     self._deliver(ticket, _last(-1, "error"))
                     continue
-                self._by_session[ticket.session.id] = ticket
+                ticket.session = session
+                self._by_session[session.id] = ticket
+                self._replay_text(ticket)
+
+    def _replay_text(self, ticket: Ticket) -> None:
+        """Hand a bulk session the text it was fed while parked (lock held; it was checked when it came)."""
+        pieces, ticket.parked_text = ticket.parked_text, []
+        try:
+            for piece in pieces:
+                if piece is None:
+                    ticket.session.end_text()
+                else:
+                    ticket.session.append_text(piece)
+        except ValueError as err:
+            log.warning("parked text refused on entering the engine: %s", err)
+            ticket.failure = Failure(400, str(err), "text")
+            self.engine.cancel(ticket.session)
 
     def _runnable(self) -> bool:
         runnable = getattr(self.engine, "runnable", None)

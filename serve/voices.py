@@ -33,7 +33,7 @@ from qwen_tts_core.errors import RequestError
 log = logging.getLogger(__name__)
 
 ANYONE = "*"                      # the scope that sees every voice
-VOICE_ID = re.compile(r"^voice_[0-9a-f]{16}$")
+VOICE_ID = re.compile(r"voice_[0-9a-f]{16}")   # use .fullmatch: with `$`, "voice_<16 hex>\n" would pass
 MAX_VOICE_BYTES = 8 << 20         # a prompt is an x-vector plus (ICL) 16 codes per frame: tens of KiB in practice
 MAX_NAME_CHARS = 100
 CACHE_ITEMS = 256                 # decoded prompts kept per process
@@ -46,7 +46,7 @@ def new_voice_id() -> str:
 
 
 def _check_id(voice_id: object) -> str:
-    if not isinstance(voice_id, str) or not VOICE_ID.match(voice_id):
+    if not isinstance(voice_id, str) or not VOICE_ID.fullmatch(voice_id):
         raise KeyError(voice_id)
     return voice_id
 
@@ -133,7 +133,7 @@ class VoiceStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name[:-len(_SUFFIX)] for p in self.root.glob(f"voice_*{_SUFFIX}")
-                      if VOICE_ID.match(p.name[:-len(_SUFFIX)]))
+                      if VOICE_ID.fullmatch(p.name[:-len(_SUFFIX)]))
 
     # --- API --------------------------------------------------------------------------------------------------
     def create(self, item, *, name: str, model: str, owner: str) -> dict[str, Any]:
@@ -306,7 +306,7 @@ class S3VoiceStore(VoiceStore):
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
             for obj in page.get("Contents", []):
                 name = obj["Key"][len(self.prefix):]
-                if name.endswith(_SUFFIX) and VOICE_ID.match(name[:-len(_SUFFIX)]):
+                if name.endswith(_SUFFIX) and VOICE_ID.fullmatch(name[:-len(_SUFFIX)]):
                     out.append(name[:-len(_SUFFIX)])
         return sorted(out)
 

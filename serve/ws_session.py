@@ -62,8 +62,26 @@ def close_code(err: ApiError) -> int:
     return 1008 if err.status < 500 else 1011
 
 
+# HTTP API field -> the WebSocket's name for it. The replica and the shared checks name HTTP fields (text arrives
+# in `input` there); every error a WebSocket client hears goes through `ws_error` (send_error), whatever raised it.
+WS_FIELD = {"input": "text"}
+
+
+def ws_error(err: ApiError) -> ApiError:
+    """`err` naming the field as the WebSocket's messages call it."""
+    param = WS_FIELD.get(err.param) if err.param else None
+    if param is None:
+        return err
+    message = err.message
+    if message.startswith(f"{err.param}: "):
+        message = f"{param}: {message[len(err.param) + 2:]}"
+    return ApiError(err.status, message, param, err.code, err.headers)
+
+
 async def send_error(ws: WebSocket, err: ApiError, counter: Callable[[str], None] | None = None) -> None:
-    """`{"type": "error", "error": {...}}` then close (1008 client's fault, 1011 ours); quiet if the client left."""
+    """`{"type": "error", "error": {...}}` then close (1008 client's fault, 1011 ours); quiet if the client left.
+    The error names the WebSocket's fields (`ws_error`)."""
+    err = ws_error(err)
     if counter is not None:
         counter(f"ws_{err.status}")
     try:
@@ -211,8 +229,6 @@ class WSSession:
             elif item["type"] == "end":
                 err = end_error(item)
                 if err is not None:
-                    if err.param == "input":
-                        err = ApiError(err.status, err.message.replace("input", "text", 1), "text")
                     return err
                 tail = self.encoder.finish()
                 if tail:

@@ -247,3 +247,47 @@ def test_a_chunk_reaches_the_client_while_the_talker_step_after_it_runs(cv_core,
     items = asyncio.run(consume())
     assert waited == [True], (waited, first_decode)
     assert items[-1]["type"] == "end" and any(x["type"] == "audio" for x in items)
+
+
+def test_incremental_bulk_text_fed_while_parked_reaches_the_session(model_factory):
+    """Review finding: `feed` on an incremental bulk session still waiting for a bulk slot (no engine session yet)
+    raised AttributeError (the client heard "replica failed"). Text and `end` fed while parked are kept and handed
+    to the session when it enters the engine; cancelling a parked session frees it and what it was fed."""
+    cfg = ModelConfig(name="cv", model_type="custom_voice", max_sessions=2, max_queue=2, interactive_reserve=1,
+                      max_new_tokens=32, default_max_new_tokens=6)
+    core = ReplicaCore(model_factory("custom_voice"), cfg, None)
+
+    async def opened(**kw):
+        gen = core.stream({"voice": "ryan", "seed": 1, "priority": "bulk", **kw}, incremental=True)
+        return gen, (await gen.__anext__())["session"]
+
+    async def main():
+        core.start(asyncio.get_running_loop())
+        try:
+            holder, h_sid = await opened()                # enters the engine: the one bulk slot, waiting for text
+            parked, p_sid = await opened()
+            gone, g_sid = await opened()
+            t_parked = core.sessions.get(p_sid).ticket
+            assert t_parked.session is None and core.sessions.get(g_sid).ticket.session is None
+            fed = [core.feed(p_sid, "Hello there."), core.feed(p_sid, " Again.", end=True)]
+            core.feed(g_sid, "Never spoken.")
+            assert t_parked.session is None and t_parked.parked_text == ["Hello there.", " Again.", None]
+            await gone.aclose()                           # the client left while parked: freed at once
+            await asyncio.sleep(0.05)                     # (its end is delivered through the event loop)
+            assert g_sid not in core.sessions._open and len(core.scheduler.open_tickets()) == 2
+            core.feed(h_sid, "Short.", end=True)
+            first = [x async for x in holder]
+            items = await asyncio.wait_for(_drain(parked), 60)
+            return fed, first[-1], items, core.scheduler.active_sessions, len(core.sessions)
+        finally:
+            core.stop()
+    fed, first_end, items, active, held = asyncio.run(main())
+    assert fed == [{"chars": 12}, {"chars": 19}]
+    assert first_end["type"] == "end" and first_end["status"] is None, first_end
+    assert items[-1]["type"] == "end" and items[-1]["status"] is None, items[-1]
+    assert any(x["type"] == "audio" for x in items)
+    assert active == 0 and held == 0
+
+
+async def _drain(gen) -> list[dict]:
+    return [x async for x in gen]

@@ -89,3 +89,17 @@ def test_names_sizes_and_foreign_files(stores):
     with pytest.raises(ValueError, match="not a voice prompt"):
         a.put(save({"x": torch.zeros(2)}, metadata={"format": "something-else"}))
     assert a.list(ANYONE) == []
+
+
+def test_an_id_with_a_trailing_newline_is_not_an_id(tmp_path):
+    """Review hardening: `^...$` let "voice_<16 hex>\\n" pass the id check (`$` matches before a final newline);
+    such an id must neither be stored nor listed."""
+    store = VoiceStore.from_uri(str(tmp_path / "voices"))
+    vid = store.create(_item(), name="v", model="base", owner=ALICE)["id"]
+    data = (tmp_path / "voices" / f"{vid}.safetensors").read_bytes()
+    with pytest.raises(KeyError):
+        store.put(data, "voice_0000000000000000\n")
+    (tmp_path / "voices" / "voice_1111111111111111\n.safetensors").write_bytes(data)   # a foreign file
+    assert [v["id"] for v in store.list(ANYONE)] == [vid]
+    with pytest.raises(KeyError):
+        store.info(vid + "\n", ANYONE)

@@ -134,3 +134,25 @@ def test_a_session_whose_audio_never_ends_gets_502(monkeypatch):
     msgs = [m for m in ws.sent if isinstance(m, dict)]
     assert msgs[-1]["type"] == "error" and msgs[-1]["error"]["code"] == "502", msgs
     assert ws.close_code == 1011 and stream.closed
+
+
+ICL = "input: incremental text is not available with ICL voice clone prompts"
+
+
+@pytest.mark.parametrize("path", ["opening", "streaming"])
+def test_errors_name_the_websockets_text_field_not_input(path):
+    """Review finding: an error the replica raised while the session opened named `input`, a field the WebSocket
+    does not have (only the writer's errors were renamed). Both paths go through one map: `text`."""
+    from serve.schemas import ApiError
+    from serve.ws_session import send_error
+
+    if path == "opening":                       # as the ingress answers a refused ReplicaStream.open
+        ws = FakeSocket([])
+        asyncio.run(send_error(ws, ApiError(400, ICL, "input")))
+    else:                                       # the session's end item names the failed field
+        failed = {"type": "end", "status": 400, "message": ICL, "param": "input", "finish_reason": "error",
+                  "num_frames": 0, "ttfa_s": None}
+        ws = _run(FakeStream(0.1, failed), EndedHandle(), [{"type": "text", "text": "hi"}])
+    err = [m for m in ws.sent if isinstance(m, dict)][-1]["error"]
+    assert err["param"] == "text" and err["message"].startswith("text: incremental text is not available"), err
+    assert ws.close_code == 1008

@@ -1,0 +1,89 @@
+"""The service's real FastAPI app in this process, without Ray: an `Ingress` whose replica handles call plain objects
+(a `ReplicaCore`, or a fake with its methods). For tests of parsing, bounds and error mapping that need no cluster.
+
+    client, app = ingress_app(monkeypatch, {"models": [...], "voices_uri": ...}, {"base": core_or_fake})
+    client.post("/v1/audio/voices", ...)            # starlette's TestClient
+    await asgi_call(app, "POST", path, headers, chunks)   # raw ASGI: a streamed body, bytes read counted
+
+Handles support `.remote` calls that return a value (info, create_voice, ...), not streams."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from types import SimpleNamespace
+from typing import Any
+
+
+class _Method:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        async def call():
+            out = self.fn(*args, **kwargs)
+            return await out if inspect.isawaitable(out) else out
+        return call()
+
+
+class Handle:
+    """A deployment handle over `target`: `handle.method.remote(...)` awaits `target.method(...)`."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def options(self, **_) -> Handle:
+        return self
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _Method(getattr(self.target, name))
+
+
+def ingress_app(monkeypatch, config: dict, targets: dict[str, Any]):
+    """(TestClient, ASGI app) of an Ingress built from `config` over `targets` (model name -> object)."""
+    from fastapi.testclient import TestClient
+    from ray import serve
+
+    from serve import ingress
+
+    # Serve wraps the class (async __init__/__del__ that run the ASGI app in a replica); the service's own class,
+    # with a plain __init__, is under the wrapper
+    cls = next(k for k in ingress.Ingress.func_or_class.__mro__
+               if "__init__" in k.__dict__ and not inspect.iscoroutinefunction(k.__dict__["__init__"]))
+    ing = cls.__new__(cls)
+    ctx = SimpleNamespace(servable_object=ing, app_name="qtts-inproc")   # how Serve's class-based view finds it
+    monkeypatch.setattr(serve, "get_replica_context", lambda: ctx)
+    cls.__init__(ing, config, {name: Handle(t) for name, t in targets.items()})
+    return TestClient(ingress.app, raise_server_exceptions=False), ingress.app
+
+
+async def asgi_call(app, method: str, path: str, headers: dict[str, str], chunks: Iterable[bytes]):
+    """One HTTP request whose body streams as `chunks` (no Content-Length unless `headers` has one).
+    Returns (status, body bytes, request bytes the app read)."""
+    import asyncio
+
+    it, read, sent, state = iter(chunks), [0], [], {"done": False}
+
+    async def receive():
+        if state["done"]:
+            await asyncio.sleep(3600)          # a client that waits for the answer
+        try:
+            chunk = next(it)
+        except StopIteration:
+            state["done"] = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        read[0] += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    await asyncio.wait_for(app(scope, receive, send), 60)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), read[0]
