@@ -45,6 +45,8 @@ def encode(pcm: np.ndarray, sample_rate: int, fmt: str) -> bytes:
 
     if fmt not in ENCODINGS:
         raise ValueError(f"format must be one of {list(ENCODINGS)}, got {fmt!r}")
+    if not np.isfinite(pcm).all():  # clipping would turn NaN into full-scale samples
+        raise ValueError("cannot encode non-finite samples (NaN/inf)")
     container, subtype, _, _ = ENCODINGS[fmt]
     buf = io.BytesIO()
     sf.write(buf, np.clip(pcm, -1.0, 1.0), sample_rate, format=container, subtype=subtype)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout as layouts
+from . import lease
 from .captions import caption_keys
 from .inputs import InputLimits, RowDefaults, Utterance, check_row, mark_duplicates, read_text
 from .manifest import ManifestRecord, from_parquet, summarize
@@ -90,14 +91,33 @@ def previous_manifest(sink: Sink) -> list[ManifestRecord]:
     return from_parquet(raw) if raw else []
 
 
+DELETED = "retired: object deleted"
+KEPT = "retired: object kept (a current prompt uses the same object)"
+LIVE = ("ok", "suspect")
+
+
+def live_keys(records: list[ManifestRecord]) -> set[str]:
+    """Every object a written prompt uses: its audio, sidecar and captions. Keys are stem-hash(content) and the stem
+    is lossy ("main menu" and "main_menu"), so a retired or superseded record may share a key with a live one."""
+    keys: set[str] = set()
+    for r in records:
+        if r.status in LIVE and r.key:
+            keys.update((r.key, sidecar_key(r.key), *caption_keys(r.key)))
+    return keys
+
+
 def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sink: Sink, retire: str,
               ) -> tuple[list[ManifestRecord], dict[str, int]]:
-    """Classify against the previous run, retire prompts that left the catalog, prune superseded objects."""
+    """Classify against the previous run, retire prompts that left the catalog, prune superseded objects.
+
+    Never deletes an object a current prompt uses. A delete the storage refuses keeps its record `retired` with
+    error "retired: delete failed: ..." (counted in `delete_failed`); `--retire delete` tries it again next run."""
     if retire not in RETIRE_MODES:
         raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {retire!r}")
     prev = {r.id: r for r in previous}
     ids = {r.id for r in current}
-    counts = {"new": 0, "changed": 0, "unchanged": 0, "retired": 0}
+    live = live_keys(current)
+    counts = {"new": 0, "changed": 0, "unchanged": 0, "retired": 0, "delete_failed": 0}
     for r in current:
         old = prev.get(r.id)
         if old is None or old.status == "retired":
@@ -106,8 +126,11 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sin
             counts["unchanged"] += 1
         else:
             counts["changed"] += 1
-            if retire == "delete" and old.key and old.key != r.key and r.status in ("ok", "suspect"):
-                _delete(sink, old.key)
+            if retire == "delete" and old.key and old.key != r.key and r.status in LIVE:
+                err = _delete(sink, old.key, live)
+                if err:
+                    counts["delete_failed"] += 1
+                    log.warning("could not delete %s, the superseded version of %r: %s", old.key, r.id, err)
     out = list(current)
     for old in previous:
         if old.id in ids:
@@ -115,24 +138,37 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sin
         if old.status == "retired":
             if retire == "mark":
                 out.append(old)
+            elif old.error not in (DELETED, KEPT) or old.layout:  # a delete that failed (or a prompt retired by mark): again
+                counts["delete_failed"] += _retire_delete(sink, old, live)
+                out.append(old)
             continue
         counts["retired"] += 1
-        if retire == "delete" and old.key:
-            _delete(sink, old.key)
-            old.error = "retired: object deleted"
         old.status, old.reused = "retired", False
+        if retire == "delete":
+            counts["delete_failed"] += _retire_delete(sink, old, live)
         out.append(old)
     return out, counts
 
 
-def _delete(sink: Sink, key: str) -> None:
+def _retire_delete(sink: Sink, rec: ManifestRecord, live: set[str]) -> int:
+    """Delete a retired prompt's objects (not its package files: layout.remove_packages); 1 when that failed."""
+    err = _delete(sink, rec.key, live) if rec.key else None
+    rec.error = f"retired: delete failed: {err}" if err else KEPT if rec.key in live else DELETED
+    return 1 if err else 0
+
+
+def _delete(sink: Sink, key: str, live: set[str]) -> str | None:
+    """Delete an output (audio, sidecar, captions) unless a live prompt uses it; the error, or None when done."""
+    if key in live:
+        log.info("keeping %s: a current prompt uses it", key)
+        return None
     try:
-        sink.delete(key)
-        sink.delete(sidecar_key(key))
-        for extra in caption_keys(key):  # --captions files, when there are any
-            sink.delete(extra)
+        for k in (key, sidecar_key(key), *caption_keys(key)):  # --captions files, when there are any
+            sink.delete(k)
     except StorageError as e:
         log.warning("could not delete %s: %s", key, e)
+        return str(e)
+    return None
 
 
 def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: RunOptions, retire: str,
@@ -147,25 +183,28 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
     rows, render, opts, backend = prepare(rows, defaults, render, opts)
     sink = open_sink(opts.output, opts.retry)
     sink.preflight()
-    previous = previous_manifest(sink)
-    current = run_rows(rows, render, opts, sink=sink, desc="catalog", backend=backend, stop=stop)
-    if stop is not None and stop.is_set():
-        done = sum(r.status in ("ok", "suspect") for r in current)
-        return 0, {"stopped": True, "rendered_before_stop": done, "total": len(current), "output": sink.uri,
-                   "note": "outputs committed before the stop are kept; the next run reuses them",
-                   "wall_s": round(time.perf_counter() - t0, 2)}
-    packages = layouts.write_packages(current, rows, sink) if layout != "none" else None
-    records, counts = reconcile(current, previous, sink, retire)
-    if layout != "none" and retire == "delete":
-        layouts.remove_packages(records, sink)
-    url, extra = write_manifest(records, opts, MANIFEST_KEY)
+    with lease.hold(sink) as held:  # one pass at a time: from reading the previous manifest to writing this one
+        previous = previous_manifest(sink)
+        current = run_rows(rows, render, opts, sink=sink, desc="catalog", backend=backend, stop=stop)
+        if stop is not None and stop.is_set():
+            done = sum(r.status in LIVE for r in current)
+            return 0, {"stopped": True, "rendered_before_stop": done, "total": len(current), "output": sink.uri,
+                       "note": "outputs committed before the stop are kept; the next run reuses them",
+                       "wall_s": round(time.perf_counter() - t0, 2)}
+        held.check()
+        packages = layouts.write_packages(current, rows, sink) if layout != "none" else None
+        records, counts = reconcile(current, previous, sink, retire)
+        if layout != "none" and retire == "delete":
+            counts["delete_failed"] += layouts.remove_packages(records, sink)
+        held.check()
+        url, extra = write_manifest(records, opts, MANIFEST_KEY)
     summary = summarize(records)
     summary.update(counts, output=sink.uri, manifest=url, wall_s=round(time.perf_counter() - t0, 2), **extra)
     if packages is not None:
         summary["layout"] = {"name": layout, **packages}
     if not quiet:
         print_manifest(records)
-    return (3 if extra else 1 if summary["failed"] else 0), summary
+    return (3 if extra else 1 if summary["failed"] or counts["delete_failed"] else 0), summary
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -203,6 +242,12 @@ def run(args: argparse.Namespace) -> int:
             code = 2
             if every is None:
                 return code
+        except Exception as e:  # noqa: BLE001 - with --every one broken pass must not end the schedule
+            if every is None:
+                raise
+            log.exception("catalog run failed")
+            print(f"error: catalog run failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            code = 1
         runs += 1
         if every is None or (args.max_runs and runs >= args.max_runs):
             return code

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import audio, captions, levels, mastering
 from .lexicon import digest as lexicon_digest
-from .quality import QualityConfig, check_audio
+from .quality import QualityConfig, check_audio, check_chunks
 from .split import split_text
 
 FIGURES = ("rms_db", "peak_db", "noise_floor_db", "lufs", "true_peak_dbtp", "head_s", "tail_s")
@@ -79,11 +79,13 @@ def finish_audio(row: Any, rec: Any, pcms: list[np.ndarray], sr_in: int, cfg: An
 
         pcms = [time_stretch(p, sr_in, cfg.speed) for p in pcms]
     pcm = audio.join_chunks(pcms, sr_in, cfg.pause_s)
+    if not np.isfinite(pcm).all():  # NaN would be written as full-scale samples: never deliver it
+        raise ValueError("non-finite samples (NaN/inf) in the audio")
     quality: QualityConfig = cfg.quality
     if cfg.speed != 1.0:  # faster speech says more characters per second
         quality = replace(quality, min_chars_per_s=quality.min_chars_per_s * cfg.speed,
                           max_chars_per_s=quality.max_chars_per_s * cfg.speed)
-    rec.flags = check_audio(pcm, sr_in, row.text, quality)
+    rec.flags = check_audio(pcm, sr_in, row.text, quality) + check_chunks(pcms, sr_in, texts, quality)
     rec.speed = cfg.speed
     if cfg.master.active:
         res = mastering.master(pcm, sr_in, cfg.master)

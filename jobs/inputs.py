@@ -23,6 +23,8 @@ ROW_SUFFIXES = (".jsonl", ".parquet")
 FORMATS = ("wav", "flac", "wav-ulaw", "wav-alaw")
 ROW_FIELDS = ("id", "text", "voice", "speaker", "language", "instruct", "model", "seed", "format",
               "sample_rate", "title")
+SEED_MAX = 2**63  # the engine's range: seeds are integers in [0, 2**63) (qwen_tts_core check_seed)
+SAMPLE_RATES = (4000, 48000)
 
 
 @dataclass(frozen=True)
@@ -131,19 +133,53 @@ def _chapter_rows(files: list[Path], defaults: RowDefaults, limits: InputLimits,
             for f, (t, title) in zip(files, chapters)]
 
 
+def is_unicode(text: str) -> bool:
+    """True when `text` can be written as UTF-8 (no lone surrogates, e.g. a JSON "\\ud800" or an undecodable
+    file name): keys, sidecars and the manifest all need that."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """`text` with anything that is not valid Unicode escaped (for ids and messages of rows that failed)."""
+    return text if is_unicode(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """An integer seed the engine accepts, [0, 2**63); ValueError naming `name` otherwise (strings of digits
+    count: CSV catalogs are text)."""
+    ok = not isinstance(seed, bool) and not (isinstance(seed, float) and not seed.is_integer())
+    try:
+        value = int(seed) if ok else -1
+    except (TypeError, ValueError, OverflowError):
+        value = -1
+    if not 0 <= value < SEED_MAX:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {seed!r}")
+    return value
+
+
 def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits = InputLimits()) -> Utterance:
     """Validate one raw row (dict) into an `Utterance`; problems end up in `error`, never raised."""
+    where = printable(where)
     if not isinstance(raw, dict):
         return Utterance(id=where, text="", error=f"{where}: row must be an object, got {type(raw).__name__}")
     rid = raw.get("id")
     rid = str(rid).strip() if rid is not None and not isinstance(rid, (dict, list)) else ""
-    ident = rid or where
+    ident = printable(rid) or where
     base = Utterance(id=ident, text="")
     unknown = sorted(set(raw) - set(ROW_FIELDS))
     if unknown:
         log.debug("%s: ignoring unknown field(s) %s", where, unknown)
     if not rid:
         return replace(base, error=f"{where}: field 'id' is required and must be a non-empty string")
+    for name in ROW_FIELDS:  # keys, sidecars and the manifest are UTF-8: a lone surrogate cannot be stored
+        v = rid if name == "id" else raw.get(name)
+        if isinstance(v, str) and not is_unicode(v):
+            return replace(base, error=f"{where}: field {name!r} is not valid Unicode (a lone surrogate such as "
+                                       f"\\ud800?): {printable(v)[:80]!r}")
     text = raw.get("text")
     if not isinstance(text, str) or not text.strip():
         return replace(base, error=f"{where}: field 'text' must be a non-empty string")
@@ -163,20 +199,21 @@ def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits =
     if seed is None or seed == "":
         seed = defaults.seed
     try:
-        seed = int(seed)
-    except (TypeError, ValueError):
-        return replace(base, error=f"{where}: field 'seed' must be an integer, got {seed!r}")
+        seed = check_seed(seed, "field 'seed'")
+    except ValueError as e:
+        return replace(base, error=f"{where}: {e}")
     fmt = raw.get("format") or defaults.format
     if fmt not in FORMATS:
         return replace(base, error=f"{where}: field 'format' must be one of {list(FORMATS)}, got {fmt!r}")
-    sr = raw.get("sample_rate") or defaults.sample_rate
+    given = raw.get("sample_rate") or defaults.sample_rate
     try:
-        sr = int(sr)
+        sr = int(given)
     except (TypeError, ValueError):
         sr = -1
-    if not 4000 <= sr <= 48000:
-        return replace(base, error=f"{where}: field 'sample_rate' must be an integer in [4000, 48000], "
-                                   f"got {raw.get('sample_rate')!r}")
+    if not SAMPLE_RATES[0] <= sr <= SAMPLE_RATES[1]:
+        came = "" if raw.get("sample_rate") else " (the default sample rate)"
+        return replace(base, error=f"{where}: field 'sample_rate' must be an integer in [{SAMPLE_RATES[0]}, "
+                                   f"{SAMPLE_RATES[1]}], got {given!r}{came}")
     title = raw.get("title")
     return Utterance(id=rid, text=text, voice=voice or defaults.voice, language=fields["language"] or "auto",
                      instruct=fields["instruct"], model=fields["model"], seed=seed, format=fmt,

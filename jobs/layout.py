@@ -169,19 +169,40 @@ def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: S
     return counts
 
 
-def remove_packages(records: list[ManifestRecord], sink: Sink) -> None:
-    """Delete the package files of retired prompts (catalog --retire delete)."""
+def _ident(path: str) -> str:
+    """A package file's index entry: asterisk/<codec>/sounds/<lang>/<name>.<ext> -> <lang>/<name>."""
+    return path.split("/sounds/", 1)[-1].rsplit(".", 1)[0]
+
+
+def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
+    """Delete the package files of retired prompts (catalog --retire delete); returns how many prompts still have
+    files that could not be deleted (kept in their `layout`, error "retired: delete failed: ...", tried again next
+    run). A file a current prompt also lists is never deleted: ids map to file names lossily ("main menu" and
+    "main-menu" are both main-menu)."""
     raw = sink.get(INDEX_KEY)
     index: dict[str, str] = json.loads(raw) if raw else {}
+    live = {k for r in records if r.status in ("ok", "suspect") for k in r.layout or []}
+    live_idents = {_ident(k) for k in live}
+    failed = 0
     for rec in records:
-        if rec.status != "retired":
+        if rec.status != "retired" or not rec.layout:
             continue
-        for key in rec.layout or []:
+        left, errors = [], []
+        for key in rec.layout:
+            if key in live:
+                continue
             try:
                 sink.delete(key)
             except StorageError as e:
                 log.warning("could not delete %s: %s", key, e)
-        for ident in [k for k, v in index.items() if v == rec.key]:
-            index.pop(ident)
-        rec.layout = []
+                left.append(key)
+                errors.append(str(e))
+        for ident in {_ident(k) for k in rec.layout} - live_idents:
+            if not any(_ident(k) == ident for k in left):
+                index.pop(ident, None)
+        rec.layout = left
+        if left:
+            failed += 1
+            rec.error = f"retired: delete failed: {errors[0]}"
     sink.put(INDEX_KEY, json.dumps(index, sort_keys=True, indent=1).encode(), "application/json")
+    return failed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -68,6 +69,44 @@ class ManifestRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _field_ok(value: Any, arrow_type: Any) -> bool:
+    """Whether a (non-None) `value` fits a column of `arrow_type`."""
+    import pyarrow as pa
+
+    if pa.types.is_string(arrow_type):
+        return isinstance(value, str)
+    if pa.types.is_boolean(arrow_type):
+        return isinstance(value, bool)
+    if pa.types.is_integer(arrow_type):
+        bits = arrow_type.bit_width - 1
+        return isinstance(value, int) and not isinstance(value, bool) and -2**bits <= value < 2**bits
+    if pa.types.is_floating(arrow_type):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if pa.types.is_list(arrow_type):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return False
+
+
+def from_sidecar(raw: bytes) -> ManifestRecord | None:
+    """A committed output's JSON sidecar -> its record, or None when it is not one (not JSON, not an object,
+    a field of the wrong type, not a written status): such an output counts as not done and is rendered again."""
+    try:
+        d = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(d, dict) or d.get("status") not in ("ok", "suspect") or not isinstance(d.get("key"), str):
+        return None
+    schema = _schema()
+    nullable = {f.name: "None" in str(f.type) for f in fields(ManifestRecord)}
+    for k, v in d.items():
+        if k in nullable and not (nullable[k] if v is None else _field_ok(v, schema.field(k).type)):
+            return None
+    try:
+        return ManifestRecord.from_dict(d)
+    except (TypeError, ValueError):
+        return None
+
+
 def _schema():
     import pyarrow as pa
 
@@ -97,6 +136,13 @@ def to_parquet(records: list[ManifestRecord]) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
+
+
+def to_jsonl(records: list[ManifestRecord]) -> bytes:
+    """Records (sorted by id) as JSON lines: the fallback when Parquet cannot hold them (never fails on a value:
+    a lone surrogate is escaped, an integer of any size is kept, anything else becomes its str())."""
+    lines = (json.dumps(r.to_dict(), default=str) for r in sorted(records, key=lambda r: str(r.id)))
+    return ("\n".join(lines) + "\n").encode("ascii")
 
 
 def from_parquet(data: bytes) -> list[ManifestRecord]:

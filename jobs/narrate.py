@@ -22,14 +22,25 @@ from pathlib import Path
 from typing import Any
 
 from . import deliver
-from .inputs import FORMATS, InputLimits, RowDefaults, Utterance, read_inputs
+from .inputs import (
+    FORMATS,
+    SAMPLE_RATES,
+    InputLimits,
+    RowDefaults,
+    Utterance,
+    check_seed,
+    is_unicode,
+    printable,
+    read_inputs,
+)
 from .lexicon import Lexicon
 from .lexicon import load as load_lexicon
-from .manifest import ManifestRecord, summarize, to_parquet
+from .manifest import ManifestRecord, summarize, to_jsonl, to_parquet
 from .mastering import PRESET_CODECS, PRESETS, MasterConfig
 from .models import check_voices, resolve_models, voice_file_digests
 from .render import RenderConfig
 from .runner import BACKENDS, RUNNERS, RunOptions, resolve_backend, run_rows, stop_on_sigterm
+from .split import MIN_CHUNK_CHARS
 from .storage import RetryPolicy, StorageError, open_sink
 from .synth import EngineOptions
 
@@ -131,37 +142,79 @@ def build_options(args: argparse.Namespace, key_prefix: str
             return v
         return conf.get(name, default)
 
+    def num(name: str, default: Any) -> Any:
+        return option_number(name, get(name, default))
+
+    for name, v in {**conf, **vars(args)}.items():  # a lone surrogate (e.g. from argv) would fail every row
+        if isinstance(v, str) and not is_unicode(v):
+            raise ValueError(f"{flag(name)} is not valid Unicode: {printable(v)[:80]!r}")
+    if get("format", "wav") not in FORMATS:
+        raise ValueError(f"--format must be one of {list(FORMATS)}, got {get('format', 'wav')!r}")
     model = get("model", None)
     defaults = RowDefaults(voice=get("voice", None), language=get("language", "auto"),
-                           instruct=get("instruct", None), model=model, seed=int(get("seed", 0)),
-                           format=get("format", "wav"), sample_rate=int(get("sample_rate", 24000)))
+                           instruct=get("instruct", None), model=model, seed=check_seed(get("seed", 0), "--seed"),
+                           format=get("format", "wav"), sample_rate=num("sample_rate", 24000))
     sampling = {k: get(k, None) for k in SAMPLING_ARGS if get(k, None) is not None}
     render = RenderConfig(model=model or "", revision=str(get("revision", None) or "unknown"),
-                          max_chars=int(get("max_chars", 200)), pause_s=float(get("pause_s", 0.4)),
-                          max_attempts=int(get("max_attempts", 3)), sampling=sampling, key_prefix=key_prefix,
+                          max_chars=num("max_chars", 200), pause_s=num("pause_s", 0.4),
+                          max_attempts=num("max_attempts", 3), sampling=sampling, key_prefix=key_prefix,
                           # a frame cap the user chose is an ending, not a runaway
                           retry_on=_retry_on(get("retry_on", "guard" if "max_new_tokens" in sampling
                                                  else "guard,max_new_tokens")),
                           master=MasterConfig(get("master", "none"), get("codec", None), get("tail_silence", None)),
                           speed=get("speed", 1.0), captions=bool(get("captions", False)),
                           lexicon=load_lexicon(get("lexicon", None)) if get("lexicon", None) else Lexicon())
-    gfpt = float(get("guard_frames_per_token", 8.0))
+    gfpt = num("guard_frames_per_token", 8.0)
     opts = RunOptions(output=get("output", "file://./output"), backend=get("backend", "auto"),
-                      runner=get("runner", "ray"), actors=int(get("actors", 1)),
-                      num_cpus=float(get("num_cpus", 0.5)), num_gpus=float(get("num_gpus", 0.0)),
-                      batch_size=int(get("batch_size", 4)), serve_app=get("serve_app", "qtts"),
-                      max_inflight_per_replica=int(get("max_inflight_per_replica", 4)),
+                      runner=get("runner", "ray"), actors=num("actors", 1),
+                      num_cpus=num("num_cpus", 0.5), num_gpus=num("num_gpus", 0.0),
+                      batch_size=num("batch_size", 4), serve_app=get("serve_app", "qtts"),
+                      max_inflight_per_replica=num("max_inflight_per_replica", 4),
                       ray_address=get("ray_address", None), progress=bool(get("progress", True)),
                       verbose=bool(get("verbose", False)),
                       engine=EngineOptions(device=get("device", "cpu"), dtype=get("dtype", "float32"),
-                                           max_sessions=int(get("max_sessions", 8)),
+                                           max_sessions=num("max_sessions", 8),
                                            guard_frames_per_token=gfpt or None,
-                                           guard_base_frames=int(get("guard_base_frames", 64)),
+                                           guard_base_frames=num("guard_base_frames", 64),
                                            voices_uri=get("voices_uri", None)),
                       retry=RetryPolicy())
-    limits = InputLimits(max_row_chars=int(get("max_row_chars", InputLimits.max_row_chars)),
-                         max_input_bytes=int(get("max_input_bytes", InputLimits.max_input_bytes)))
+    limits = InputLimits(max_row_chars=num("max_row_chars", InputLimits.max_row_chars),
+                         max_input_bytes=num("max_input_bytes", InputLimits.max_input_bytes))
     return defaults, render, opts, limits
+
+
+# numeric options: (type, lowest, highest), checked up front (exit 2) and named as on the command line
+NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
+    "sample_rate": (int, *SAMPLE_RATES), "max_chars": (int, MIN_CHUNK_CHARS, None), "pause_s": (float, 0, None),
+    "max_attempts": (int, 1, None), "actors": (int, 1, None), "num_cpus": (float, 0, None),
+    "num_gpus": (float, 0, None), "batch_size": (int, 1, None), "max_inflight_per_replica": (int, 1, None),
+    "max_sessions": (int, 1, None), "guard_frames_per_token": (float, 0, None), "guard_base_frames": (int, 0, None),
+    "max_row_chars": (int, 1, None), "max_input_bytes": (int, 1, None)}
+_FLAGS = {"pause_s": "--pause", "max_attempts": "--attempts", "output": "--out"}
+
+
+def flag(name: str) -> str:
+    """An option's name as typed on the command line (its config key is `name`)."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def option_number(name: str, value: Any) -> Any:
+    """`value` as the type NUMBERS gives `name`, within its bounds; ValueError naming the option otherwise."""
+    kind, lo, hi = NUMBERS[name]
+    what = "an integer" if kind is int else "a number"
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        x = kind(value)
+        if x != x:  # NaN
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{flag(name)} must be {what}, got {value!r}") from None
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        bounds = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None \
+            else f"<= {hi}"
+        raise ValueError(f"{flag(name)} must be {what} {bounds}, got {value!r}")
+    return x
 
 
 def _retry_on(value: str | list[str]) -> tuple[str, ...]:
@@ -197,17 +250,18 @@ def print_manifest(records: list[ManifestRecord], out: Any = sys.stdout) -> None
     for r in records:
         detail = r.key if r.status not in ("failed",) else f"ERROR {r.error}"
         flags = f" [{','.join(r.flags)}]" if r.flags else ""
-        print(f"{r.id[:24]:<24} {r.status:<8} {r.duration_s:>7.2f} {r.attempts:>5}  {detail}{flags}", file=out)
+        line = f"{r.id[:24]:<24} {r.status:<8} {r.duration_s:>7.2f} {r.attempts:>5}  {detail}{flags}"
+        print(printable(line), file=out)
 
 
 MANIFEST_RETRY = RetryPolicy(attempts=4, base_delay=1.0, max_delay=8.0)
 
 
-def _keep_locally(name: str, data: bytes) -> Path:
+def _keep_locally(name: str, data: bytes, suffix: str = ".parquet") -> Path:
     """Write a manifest that could not reach the output to the working directory (or the temp dir)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for folder in (Path.cwd(), Path(tempfile.gettempdir())):
-        path = folder / f"{Path(name).stem}-{stamp}-{os.getpid()}.parquet"
+        path = folder / f"{Path(name).stem}-{stamp}-{os.getpid()}{suffix}"
         try:
             path.write_bytes(data)
             return path
@@ -221,7 +275,14 @@ def write_manifest(records: list[ManifestRecord], opts: RunOptions, manifest_key
     """Write the manifest (retried, whatever the error); on final failure keep it locally.
     Returns (its URL or None, extra summary fields)."""
     sink = open_sink(opts.output, opts.retry)
-    data = to_parquet(records)
+    try:
+        data = to_parquet(records)
+    except Exception as e:  # noqa: BLE001 - a value Arrow cannot hold must not lose the manifest
+        log.exception("cannot encode the manifest as Parquet")
+        local = _keep_locally(manifest_key, to_jsonl(records), ".jsonl")
+        why = f"cannot encode the manifest as Parquet ({type(e).__name__}: {e})"
+        print(f"error: {why}; kept it locally as JSON lines at {local}", file=sys.stderr, flush=True)
+        return None, {"manifest_error": why[:500], "manifest_local": str(local)}
     last: Exception | None = None
     for attempt in range(MANIFEST_RETRY.attempts):
         try:

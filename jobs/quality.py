@@ -29,7 +29,8 @@ def _spoken_chars(text: str, cjk_weight: float) -> float:
 
 
 def check_audio(pcm: np.ndarray, sample_rate: int, text: str, cfg: QualityConfig = QualityConfig()) -> list[str]:
-    """Flags for one utterance: subset of silent, mostly_silent, clipping, too_short, too_long, empty.
+    """Flags for one utterance: subset of silent, mostly_silent, clipping, too_short, too_long, empty
+    (non-finite samples never get here: render.py retries such a chunk, then fails the row).
 
     Args:
         pcm: mono float32 [N].
@@ -59,4 +60,25 @@ def check_audio(pcm: np.ndarray, sample_rate: int, text: str, cfg: QualityConfig
             flags.append("too_short")
         elif rate < cfg.min_chars_per_s:
             flags.append("too_long")
+    return flags
+
+
+def check_chunks(pcms: list[np.ndarray], sample_rate: int, texts: list[str] | None,
+                 cfg: QualityConfig = QualityConfig()) -> list[str]:
+    """Flags for a row of several chunks, each chunk on its own (a bad chunk hides in a long row's totals):
+    chunk_empty (no samples, e.g. an immediate end of speech), chunk_too_short (far faster than speech: cut off)."""
+    flags: list[str] = []
+    if len(pcms) < 2:  # one chunk: check_audio on the row says the same
+        return flags
+    for i, pcm in enumerate(pcms):
+        n = np.asarray(pcm).size
+        if n == 0:
+            flag = "chunk_empty"
+        elif texts is not None and i < len(texts) and \
+                _spoken_chars(texts[i], cfg.cjk_weight) / (n / sample_rate) > cfg.max_chars_per_s:
+            flag = "chunk_too_short"
+        else:
+            continue
+        if flag not in flags:
+            flags.append(flag)
     return flags

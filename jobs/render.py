@@ -14,13 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from . import deliver
-from .inputs import Utterance
+from .inputs import SEED_MAX, Utterance
 from .lexicon import Lexicon
-from .manifest import ManifestRecord
+from .manifest import ManifestRecord, from_sidecar
 from .mastering import MasterConfig
 from .quality import QualityConfig
-from .split import normalize_text
+from .split import key_text, normalize_text
 from .storage import Sink, StorageError, content_key, text_hash
 from .synth import Backend, ChunkJob, ChunkResult
 
@@ -81,7 +83,7 @@ def key_fields(row: Utterance, cfg: RenderConfig) -> dict[str, Any]:
     digest, not its name) with the settings that change its output, chunking, sampling and the runaway policy."""
     model = row.model or cfg.model
     spec = cfg.models.get(model)
-    fields = {"text": normalize_text(row.text), "voice": row.voice, "language": (row.language or "auto").lower(),
+    fields = {"text": key_text(row.text), "voice": row.voice, "language": (row.language or "auto").lower(),
               "instruct": row.instruct, "checkpoint": cfg.revision_of(model), "seed": row.seed,
               "format": row.format, "sample_rate": row.sample_rate, "max_chars": cfg.max_chars,
               "pause_s": cfg.pause_s, "sampling": dict(sorted(cfg.sampling.items())),
@@ -114,7 +116,10 @@ def base_record(row: Utterance, cfg: RenderConfig) -> ManifestRecord:
                          revision=cfg.revision_of(model), voice=row.voice, language=row.language, instruct=row.instruct,
                          seed=row.seed, format=row.format, text_hash=text_hash(normalize_text(row.text)))
     if row.error is None:
-        rec.key, rec.params = plan_key(row, cfg)
+        try:
+            rec.key, rec.params = plan_key(row, cfg)
+        except Exception as e:  # noqa: BLE001 - a row that slipped past check_row fails alone
+            rec.error = f"key: {type(e).__name__}: {e}"
     return rec
 
 
@@ -124,9 +129,8 @@ def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig) -> ManifestRe
     raw = sink.get(sidecar_key(key))
     if raw is None:
         return None
-    try:
-        rec = ManifestRecord.from_dict(json.loads(raw))
-    except (ValueError, TypeError):
+    rec = from_sidecar(raw)  # anything but a well-formed record (null, a list, wrong types) is "not done"
+    if rec is None:
         return None
     if rec.key != key or sink.size(key) != rec.bytes or rec.bytes <= 44:
         return None
@@ -135,9 +139,14 @@ def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig) -> ManifestRe
 
 
 def _chunk_jobs(row: Utterance, cfg: RenderConfig, chunks: list[str], attempt: int) -> list[ChunkJob]:
-    seed = row.seed + attempt * SEED_STRIDE
+    seed = (row.seed + attempt * SEED_STRIDE) % SEED_MAX  # retries stay in the engine's seed range
     return [ChunkJob(text=c, voice=row.voice, language=row.language, instruct=row.instruct, seed=seed,
                      model=row.model or cfg.model, sampling=dict(cfg.sampling)) for c in chunks]
+
+
+def _finite(res: ChunkResult) -> bool:
+    """False when a chunk's audio holds NaN or inf (e.g. a half-precision overflow): retried like a runaway."""
+    return res.pcm is None or bool(np.isfinite(np.asarray(res.pcm, dtype=np.float32)).all())
 
 
 def _synthesize_all(rows: list[Utterance], chunks: list[list[str]], backend: Backend, cfg: RenderConfig,
@@ -160,7 +169,7 @@ def _synthesize_all(rows: list[Utterance], chunks: list[list[str]], backend: Bac
         retry = []
         for (r, c), res in zip(todo, out):
             results[r][c] = res
-            if res.error is None and res.finish_reason in cfg.retry_on:
+            if res.error is None and (res.finish_reason in cfg.retry_on or not _finite(res)):
                 retry.append((r, c))
         todo = retry
     return results, attempts
@@ -178,6 +187,11 @@ def _finish_row(row: Utterance, rec: ManifestRecord, res: list[ChunkResult | Non
     runaway = [r for r in reasons if r in cfg.retry_on]
     if runaway:
         rec.error = f"runaway guard tripped ({runaway[0]}) after {rec.attempts} attempt(s)"
+        return rec
+    broken = [i for i, x in enumerate(res) if not _finite(x)]  # type: ignore[arg-type]
+    if broken:
+        rec.error = (f"chunk {broken[0] + 1} of {len(res)}: non-finite samples (NaN/inf) after {rec.attempts} "
+                     "attempt(s)")
         return rec
     sr_in = res[0].sample_rate  # type: ignore[union-attr]
     # speed, join, quality flags, mastering or plain encoding, measurements, captions (jobs/deliver.py)

@@ -350,10 +350,10 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
     records: dict[int, ManifestRecord] = {}
     todo: list[int] = []
 
-    def lookup(row: Utterance) -> ManifestRecord | None | StorageError:
+    def lookup(row: Utterance) -> ManifestRecord | None | Exception:
         try:
             return existing_output(sink, row, cfg)
-        except StorageError as e:
+        except Exception as e:  # noqa: BLE001 - one row's resume check never stops the job
             return e
 
     valid = [i for i, row in enumerate(rows) if row.error is None]
@@ -363,9 +363,10 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
     with ThreadPoolExecutor(max_workers=16) as pool:  # one GET per row: overlap them on S3
         found_all = list(pool.map(lookup, [rows[i] for i in valid]))
     for i, found in zip(valid, found_all):
-        if isinstance(found, StorageError):
+        if isinstance(found, Exception):
             rec = base_record(rows[i], cfg)
-            rec.error = f"storage: {found}"
+            rec.error = rec.error or (f"storage: {found}" if isinstance(found, StorageError)
+                                      else f"resume check: {type(found).__name__}: {found}")
             records[i] = rec
         elif found is not None:
             records[i] = found

@@ -17,11 +17,19 @@ _SENTENCE_END = re.compile(
 )
 _CLAUSE_END = re.compile(rf"(?:[,:]+[{_CLOSERS}]*(?=\s))|(?:[，、：]+)")
 _WS = re.compile(r"\s+")
+_PARAGRAPH = re.compile(r"\n\s*\n")  # a blank line: paragraphs always start a new chunk
+MIN_CHUNK_CHARS = 8
 
 
 def normalize_text(text: str) -> str:
     """Collapse runs of whitespace into one space and strip the ends (what keys and hashes see)."""
     return _WS.sub(" ", text).strip()
+
+
+def key_text(text: str) -> str:
+    """What content keys see: each paragraph normalized, paragraphs joined by a blank line. Paragraphs change the
+    chunking (and so the audio); a text without a paragraph break gives exactly `normalize_text(text)`."""
+    return "\n\n".join(p for p in (normalize_text(x) for x in _PARAGRAPH.split(text)) if p)
 
 
 def _split_after(pattern: re.Pattern[str], text: str) -> list[str]:
@@ -113,10 +121,10 @@ def split_text(text: str, max_chars: int = 200) -> list[str]:
     Returns:
         Non-empty chunks in reading order; empty list for blank text.
     """
-    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 8:
-        raise ValueError(f"max_chars must be an integer >= 8, got {max_chars!r}")
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < MIN_CHUNK_CHARS:
+        raise ValueError(f"max_chars must be an integer >= {MIN_CHUNK_CHARS}, got {max_chars!r}")
     chunks: list[str] = []
-    for para in re.split(r"\n\s*\n", text):
+    for para in _PARAGRAPH.split(text):
         pieces: list[str] = []
         for sentence in split_sentences(para):
             pieces.extend(_fit(sentence, max_chars))

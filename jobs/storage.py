@@ -8,6 +8,7 @@ AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, instance 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -50,12 +51,24 @@ def content_key(fields: dict[str, Any], stem: str, ext: str, prefix: str = "audi
     """
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False,
                                        separators=(",", ":")).encode()).hexdigest()
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80].strip(".") or "row"
-    return f"{prefix}/{safe}-{digest[:20]}.{ext}"
+    safe = _cut_utf8("".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80], STEM_MAX_BYTES)
+    return f"{prefix}/{safe.strip('.') or 'row'}-{digest[:20]}.{ext}"
+
+
+# A file name is at most 255 bytes (NAME_MAX) and the longest one we write for a stem of S bytes is the temp file of
+# a sidecar, f".{S}-{hash20}.{ext}.json.{8}.tmp": S + len(ext) + 41 bytes. 200 leaves room for a 14-byte extension;
+# every stem of 80 characters that fits in 200 bytes (all ASCII ones) is cut exactly as before.
+STEM_MAX_BYTES = 200
+
+
+def _cut_utf8(text: str, limit: int) -> str:
+    """The longest prefix of `text` whose UTF-8 encoding is at most `limit` bytes (never half a character)."""
+    data = text.encode("utf-8", "surrogatepass")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", "ignore")
 
 
 def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()  # valid text: plain UTF-8
 
 
 class Sink(Protocol):
@@ -81,6 +94,11 @@ def _retry(op: str, fn: Callable[[], T], policy: RetryPolicy, retryable: Callabl
             log.warning("%s failed (%s); retry %d/%d in %.2fs", op, e, attempt + 1, policy.attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _local_retryable(e: Exception) -> bool:
+    """Worth another try: not a refusal that will be the same next time (permissions, a name too long)."""
+    return not isinstance(e, PermissionError) and getattr(e, "errno", None) not in (errno.ENAMETOOLONG, errno.EROFS)
 
 
 @dataclass(frozen=True)
@@ -112,7 +130,7 @@ class LocalSink:
             tmp.write_bytes(data)
             os.replace(tmp, path)
 
-        _retry(f"write {path}", write, self.retry, lambda e: not isinstance(e, PermissionError))
+        _retry(f"write {path}", write, self.retry, _local_retryable)
 
     def get(self, key: str) -> bytes | None:
         path = self._path(key)

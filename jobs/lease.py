@@ -1,0 +1,187 @@
+"""One catalog pass at a time per output: a lease under the output, held from reading the previous manifest to
+writing the new one (two overlapping passes would reconcile against each other's objects and delete live ones).
+
+Local folders: an exclusive `flock` on `<out>/.catalog-lease`; the kernel drops it when the holder exits, however it
+exits, so a crashed run never blocks the next one (shared file systems: only as good as their flock support).
+S3: a conditional PutObject (`If-None-Match: *`) creates `<prefix>/.catalog-lease`; the holder renews it every
+`ttl_s / 3` (`If-Match` its ETag). A lease not renewed for `ttl_s` (by the store's clock) belongs to a run that died
+and is taken over, again with `If-Match`, so two runs never both take it. A store without conditional writes gets
+a warning and a best-effort lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+from .storage import LocalSink, S3Sink, Sink, StorageError
+
+log = logging.getLogger(__name__)
+LEASE_KEY = ".catalog-lease"
+TTL_S = 900.0  # S3: a lease nobody renewed for 15 minutes is stale
+
+
+class LeaseHeld(StorageError):
+    """Another run holds the lease (exit 2: this pass did nothing)."""
+
+
+class LeaseLost(StorageError):
+    """This run's S3 lease was taken over (it was not renewed in time): it must not reconcile."""
+
+
+def _owner() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _held_message(where: str, raw: bytes | None, age_s: float | None = None) -> str:
+    try:
+        who = json.loads(raw or b"{}")
+        holder = f"{who.get('host')} pid {who.get('pid')} since {who.get('since')}"
+    except (ValueError, AttributeError):
+        holder = "unknown holder"
+    age = f", renewed {age_s:.0f} s ago" if age_s is not None else ""
+    return (f"another catalog run holds the lease {where} ({holder}{age}); this pass did nothing - "
+            "the next one runs when that run has finished")
+
+
+@contextlib.contextmanager
+def hold(sink: Sink, ttl_s: float = TTL_S) -> Iterator[Any]:
+    """Hold the output's catalog lease for the `with` block; raises LeaseHeld when another run holds it. Yields an
+    object whose `check()` raises LeaseLost when the lease was lost meanwhile (S3 only)."""
+    if isinstance(sink, LocalSink):
+        with _local(sink) as lease:
+            yield lease
+    elif isinstance(sink, S3Sink):
+        lease = _S3Lease(sink, ttl_s)
+        lease.acquire()
+        try:
+            yield lease
+        finally:
+            lease.release()
+    else:
+        raise StorageError(f"no lease for {type(sink).__name__}")
+
+
+class _Held:
+    def check(self) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _local(sink: LocalSink) -> Iterator[_Held]:
+    import fcntl
+
+    path = Path(sink.root) / LEASE_KEY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LeaseHeld(_held_message(str(path), path.read_bytes())) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_owner()).encode(), 0)
+        yield _Held()
+    finally:
+        os.close(fd)  # drops the flock
+
+
+def _code(e: Exception) -> str:
+    return str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if hasattr(e, "response") else ""
+
+
+class _S3Lease:
+    def __init__(self, sink: S3Sink, ttl_s: float) -> None:
+        self.sink, self.ttl_s, self.key = sink, ttl_s, sink._k(LEASE_KEY)
+        self.etag: str | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _put(self, **cond: str) -> str:
+        resp = self.sink.client.put_object(Bucket=self.sink.bucket, Key=self.key, Body=json.dumps(_owner()).encode(),
+                                           ContentType="application/json", **cond)
+        return str(resp["ETag"])
+
+    def acquire(self) -> None:
+        where = self.sink.url(LEASE_KEY)
+        for _ in range(3):  # the holder may release between our two requests
+            try:
+                self.etag = self._put(IfNoneMatch="*")
+                break
+            except Exception as e:  # noqa: BLE001 - botocore error types vary
+                code = _code(e)
+                if code in ("NotImplemented", "501"):
+                    log.warning("%s does not support conditional writes: the catalog lease is best-effort", where)
+                    self.etag = self._put()
+                    break
+                if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    raise StorageError(f"lease {where}: {type(e).__name__}: {e}") from e
+            try:
+                got = self.sink.client.get_object(Bucket=self.sink.bucket, Key=self.key)
+            except Exception as e:  # noqa: BLE001
+                if _code(e) in ("NoSuchKey", "404"):
+                    continue
+                raise StorageError(f"lease {where}: {type(e).__name__}: {e}") from e
+            raw = got["Body"].read()
+            date = got.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+            now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
+            age = (now - got["LastModified"]).total_seconds()
+            if age < self.ttl_s:
+                raise LeaseHeld(_held_message(where, raw, age))
+            log.warning("taking over the stale catalog lease %s (not renewed for %.0f s)", where, age)
+            try:
+                self.etag = self._put(IfMatch=got["ETag"])
+                break
+            except Exception as e:  # noqa: BLE001
+                if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    raise LeaseHeld(_held_message(where, raw)) from None
+                raise StorageError(f"lease {where}: {type(e).__name__}: {e}") from e
+        else:
+            raise LeaseHeld(_held_message(where, None))
+        self._thread = threading.Thread(target=self._renew, name="qtts-catalog-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(max(self.ttl_s / 3, 1.0)):
+            try:
+                self.etag = self._put(IfMatch=str(self.etag))
+            except Exception as e:  # noqa: BLE001
+                if _code(e) in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                    log.error("lost the catalog lease %s: another run took it over", self.sink.url(LEASE_KEY))
+                    self.lost = True
+                    return
+                log.warning("could not renew the catalog lease (%s); trying again", e)
+
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseLost(f"lost the catalog lease {self.sink.url(LEASE_KEY)} to another run (not renewed "
+                            f"within {self.ttl_s:.0f} s); not reconciling: the outputs written are kept and the "
+                            "next pass reconciles them")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.lost or self.etag is None:
+            return
+        try:
+            self.sink.client.delete_object(Bucket=self.sink.bucket, Key=self.key, IfMatch=self.etag)
+        except Exception as e:  # noqa: BLE001 - a lease left behind goes stale after ttl_s
+            if _code(e) in ("NotImplemented", "501"):
+                with contextlib.suppress(Exception):
+                    self.sink.client.delete_object(Bucket=self.sink.bucket, Key=self.key)
+                return
+            log.warning("could not release the catalog lease %s (%s); it goes stale in %.0f s",
+                        self.sink.url(LEASE_KEY), e, self.ttl_s)
+

@@ -1,0 +1,136 @@
+"""`catalog --retire delete` never deletes what a current prompt uses, a refused delete is kept and retried, and
+two passes over one output never overlap (the lease)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from jobs import catalog, lease
+from jobs.manifest import from_parquet
+from jobs.storage import LocalSink, S3Sink, StorageError
+
+FAKE = "tests.jobs.fakes:FakeBackend"
+
+
+def _write(path, prompts, **defaults):
+    path.write_text(yaml.safe_dump({"defaults": {"voice": "ryan", **defaults}, "prompts": prompts}))
+
+
+def _run(cat, out, capsys, *extra):
+    code = catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
+                         "local", "--no-progress", "--quiet", "--retire", "delete", *extra])
+    lines = capsys.readouterr().out.strip().splitlines()
+    return code, (json.loads(lines[-1]) if lines else {})
+
+
+def _manifest(out):
+    return {r.id: r for r in from_parquet((out / "catalog-manifest.parquet").read_bytes())}
+
+
+def test_a_rename_to_the_same_key_stem_keeps_the_live_object(tmp_path, capsys):
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "main menu", "text": "Press one for sales."}])
+    assert _run(cat, out, capsys)[0] == 0
+    _write(cat, [{"id": "main_menu", "text": "Press one for sales."}])
+    code, s = _run(cat, out, capsys)
+    man = _manifest(out)
+    assert code == 0 and s["retired"] == 1 and man["main_menu"].status == "ok"
+    assert man["main menu"].key == man["main_menu"].key  # same stem, same content: one object
+    assert (out / man["main_menu"].key).exists() and (out / f"{man['main_menu'].key}.json").exists()
+    assert man["main menu"].status == "retired" and "kept" in man["main menu"].error
+    assert _run(cat, out, capsys)[0] == 0 and (out / man["main_menu"].key).exists()  # and stays
+
+
+def test_a_layout_rename_to_the_same_file_name_keeps_the_new_package(tmp_path, capsys):
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "main menu", "text": "Press one for sales."}], language="english")
+    assert _run(cat, out, capsys, "--layout", "asterisk")[0] == 0
+    _write(cat, [{"id": "main-menu", "text": "Press one for sales, two for support."}], language="english")
+    code, _ = _run(cat, out, capsys, "--layout", "asterisk")
+    man = _manifest(out)
+    assert code in (0, 1) and man["main-menu"].status in ("ok", "suspect") and man["main-menu"].layout
+    assert all((out / k).exists() for k in man["main-menu"].layout)
+    assert json.loads((out / "asterisk/index.json").read_text()) == {"en/main-menu": man["main-menu"].key}
+    assert man["main menu"].status == "retired" and man["main menu"].layout == []
+
+
+def test_a_refused_delete_is_recorded_counted_and_retried(tmp_path, capsys, monkeypatch):
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."}])
+    assert _run(cat, out, capsys)[0] == 0
+    bye = _manifest(out)["bye"].key
+
+    def refuse(self, key):
+        raise StorageError(f"delete {key} failed after 1 attempt(s): AccessDenied")
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalSink, "delete", refuse)
+        _write(cat, [{"id": "welcome", "text": "Welcome."}])
+        code, s = _run(cat, out, capsys)
+    rec = _manifest(out)["bye"]
+    assert code == 1 and s["delete_failed"] == 1 and s["retired"] == 1
+    assert rec.status == "retired" and rec.error.startswith("retired: delete failed") and (out / bye).exists()
+    code, s = _run(cat, out, capsys)  # the storage lets us delete again: the leftover goes
+    assert code == 0 and s["delete_failed"] == 0 and not (out / bye).exists()
+    assert _manifest(out)["bye"].error == catalog.DELETED
+    assert _run(cat, out, capsys)[0] == 0 and set(_manifest(out)) == {"welcome"}
+
+
+def test_an_overlapping_pass_is_refused_while_one_holds_the_lease(tmp_path, capsys, monkeypatch):
+    out, v1, v2 = tmp_path / "out", tmp_path / "v1.yaml", tmp_path / "v2.yaml"
+    _write(v1, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."}])
+    _write(v2, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press two."}])
+    assert _run(v1, out, capsys)[0] == 0
+    real, nested = catalog.run_rows, []
+
+    def run_rows_then_overlap(*a, **k):  # a second pass starts while the first is between render and reconcile
+        res = real(*a, **k)
+        if not nested:
+            nested.append(catalog.main([str(v2), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE,
+                                        "--runner", "local", "--no-progress", "--quiet", "--retire", "delete"]))
+        return res
+
+    monkeypatch.setattr(catalog, "run_rows", run_rows_then_overlap)
+    code = catalog.main([str(v1), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
+                         "local", "--no-progress", "--quiet", "--retire", "delete"])
+    assert nested == [2] and "another catalog run holds the lease" in capsys.readouterr().err
+    assert code == 0 and all((out / r.key).exists() for r in _manifest(out).values())
+    monkeypatch.setattr(catalog, "run_rows", real)
+    assert _run(v2, out, capsys)[0] == 0  # released: the next pass runs
+    assert sorted(p.name for p in (out / "prompts").glob("*.wav")) == sorted(
+        r.key.split("/")[1] for r in _manifest(out).values())
+
+
+def test_s3_lease_is_exclusive_released_and_taken_over_when_stale(s3_bucket):
+    sink = S3Sink(s3_bucket, "ivr")
+    key = "ivr/" + lease.LEASE_KEY
+    with lease.hold(sink) as held:
+        held.check()
+        with pytest.raises(lease.LeaseHeld, match="another catalog run holds the lease"), lease.hold(sink):
+            pass
+    assert sink.size(lease.LEASE_KEY) is None  # released
+    sink.client.put_object(Bucket=s3_bucket, Key=key, Body=b'{"host": "dead", "pid": 1}')
+    with pytest.raises(lease.LeaseHeld, match="dead pid 1"), lease.hold(sink):
+        pass
+    with lease.hold(sink, ttl_s=0):  # a lease nobody renewed for ttl_s is taken over
+        assert json.loads(sink.get(lease.LEASE_KEY))["host"] != "dead"
+    assert sink.size(lease.LEASE_KEY) is None
+
+
+def test_every_survives_a_pass_that_raises(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OverflowError("Python int too large to convert to C long")
+        return 0, {"ok": 1}
+
+    monkeypatch.setattr(catalog, "run_once", flaky)
+    (tmp_path / "c.yaml").write_text("prompts: []")
+    code = catalog.main([str(tmp_path / "c.yaml"), "--model", "fake", "--out", f"file://{tmp_path}/o", "--every",
+                         "0.01s", "--max-runs", "2", "--runner", "local", "--no-progress"])
+    assert len(calls) == 2 and code == 0 and "OverflowError" in capsys.readouterr().err
