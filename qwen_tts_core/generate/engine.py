@@ -63,7 +63,8 @@ class Engine:
                  cuda_graphs: bool | None = None, batch_buckets: tuple[int, ...] | list[int] | None = None,
                  compile: bool = False, sampler: str = "device", interactive_reserve: int = 0,
                  audio_dtype: torch.dtype | str | None = None, graph_capture: GraphCapture | None = None) -> None:
-        """max_sessions: sessions decoded together (slots); max_queue: sessions waiting for a slot before EngineBusy.
+        """max_sessions: sessions decoded together (slots); max_queue: sessions waiting for a slot before EngineBusy
+        (>= 1: every added session waits in the queue until the next step admits it, free slots or not).
         max_len: positions per session (prompt + generated frames); a session that reaches it ends with
         finish_reason "max_new_tokens". cuda_graphs: capture the step bodies in CUDA graphs at construction (default:
         on for a CUDA model with the device sampler; True on a CPU model is an error). batch_buckets: the batch
@@ -82,7 +83,7 @@ class Engine:
         audio_dtype: the streaming audio decoder's compute dtype (default: the codec's, fp32, which matches the
         offline decode within 1e-4; "bfloat16" decodes ~2-3x faster on CPU and GPU at bf16 precision).
         graph_capture: inject the graph backend (e.g. `GraphCapture(device, fake=True)`, the CPU stand-in)."""
-        for name, v, lo in (("max_sessions", max_sessions, 1), ("max_queue", max_queue, 0), ("max_len", max_len, 2)):
+        for name, v, lo in (("max_sessions", max_sessions, 1), ("max_queue", max_queue, 1), ("max_len", max_len, 2)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         if not 0 <= interactive_reserve < max_sessions:
@@ -380,6 +381,9 @@ class Engine:
                 s = self._pop_ready()
             if s is None:
                 break
+            if s.cancelled:  # cancelled by another thread since this step dropped the cancelled ones
+                self._finish(s, "cancelled", out)
+                continue
             slot = self.free_slots.pop(0)
             try:
                 self._prepare(s, slot)
@@ -459,8 +463,6 @@ class Engine:
     def _prepare(self, s: Session, slot: int) -> None:
         """Build the session's prompt (validating what only the prompt shows) and give it `slot`."""
         req = s.request
-        if s.cancelled:
-            raise RuntimeError("cancelled")  # not reached: cancelled sessions are dropped before admission
         if s.incremental is not None:
             if not s.committed_ids:
                 raise RequestError("text", "must not be empty")

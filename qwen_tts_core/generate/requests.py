@@ -66,6 +66,12 @@ def check_voice_prompt(vp: object, talker_cfg) -> None:
                                   f"speaker vector; a voice made with another model size does not fit), got {shown}")
     if not bool(torch.isfinite(spk).all()):
         raise RequestError(field, "ref_spk_embedding has NaN or infinite values")
+    if vp.icl_mode:  # the reference's transcript is part of an ICL prompt (without it the prompt fails at admission)
+        text = getattr(vp, "ref_text", None)
+        try:
+            check_text(text, "ref_text")
+        except RequestError as e:
+            raise RequestError(field, f"an ICL prompt's {e}") from None
     codes = getattr(vp, "ref_code", None)
     if codes is not None:
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != groups:
@@ -80,7 +86,7 @@ def check_voice_prompt(vp: object, talker_cfg) -> None:
 def validate(model, req: SynthesisRequest) -> None:
     """Every check of a request against one model, in one place (engine.add calls it). Raises RequestError."""
     cfg = model.cfg
-    want = KIND_TO_MODEL_TYPE.get(req.kind)
+    want = KIND_TO_MODEL_TYPE.get(req.kind) if isinstance(req.kind, str) else None
     if want is None:
         raise RequestError("kind", f"must be one of {sorted(KIND_TO_MODEL_TYPE)}, got {req.kind!r}")
     if cfg.tts_model_type != want:
@@ -118,6 +124,9 @@ def validate(model, req: SynthesisRequest) -> None:
         raise RequestError("sampling", "must be a SamplingParams")
     if req.priority not in ("interactive", "bulk"):
         raise RequestError("priority", f"must be 'interactive' or 'bulk', got {req.priority!r}")
+    for name in ("non_streaming_mode", "decode_audio"):  # a truthy "false" must not pass for True
+        if not isinstance(getattr(req, name), bool | np.bool_):
+            raise RequestError(name, f"must be true or false, got {getattr(req, name)!r:.40}")
     if req.non_streaming_mode and req.text is None:
         raise RequestError("non_streaming_mode", "True needs the whole text (text=None opens incremental text)")
 

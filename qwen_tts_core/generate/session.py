@@ -72,6 +72,9 @@ class Session:
                     self._utf8.decode(piece)
                 except UnicodeDecodeError as e:
                     raise RequestError("text", f"invalid UTF-8 ({e.reason})") from None
+            elif piece and self._utf8.getstate()[0]:  # it would land before the character's last bytes
+                raise RequestError("text", "a str piece inside a UTF-8 character begun by bytes: send its "
+                                           "remaining bytes first")
             if not piece:
                 return
             self.pending_text.append(piece)

@@ -135,6 +135,8 @@ def test_voice_prompts_that_do_not_fit_the_model_are_refused_naming_them(model_f
         "8 codebooks": replace(item, ref_code=codes[:, :8]),
         "float codes": replace(item, ref_code=codes.float()),
         "flag not a bool": replace(item, icl_mode="yes"),
+        "ICL without its transcript": replace(item, ref_text="  "),
+        "ICL transcript not text": replace(item, ref_text=None),
     }
     sp = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=4)
     eng = Engine(base, max_sessions=1)

@@ -188,6 +188,9 @@ def test_incremental_empty_text_fails_cleanly(model):
     ("first_chunk_frames", 0, "first_chunk_frames"),
     ("chunk_frames", 0, "chunk_frames"),
     ("priority", "urgent", "priority"),
+    ("kind", ["custom_voice"], "kind"),
+    ("non_streaming_mode", "false", "non_streaming_mode"),  # a truthy string passed for True
+    ("decode_audio", "no", "decode_audio"),
 ])
 def test_bad_requests_name_the_field(model, field, value, match):
     r = req("Hello")
@@ -323,3 +326,13 @@ def test_device_noise_of_all_codebooks_at_once_equals_one_by_one():
         assert torch.equal(together[:, g - 1], gumbel(noise_key(keys, frame, g), salt))
     assert not torch.equal(together[:, 0], together[:, 1])
     assert not torch.equal(together[0], together[1])
+
+
+def test_max_queue_must_leave_room_for_one(model):
+    """Every added session waits in the queue until a step admits it: with max_queue=0 every add was EngineBusy."""
+    with pytest.raises(ValueError, match="max_queue"):
+        Engine(model, max_sessions=2, max_queue=0)
+    eng = Engine(model, max_sessions=1, max_queue=1)
+    eng.add(req("Hello"))
+    with pytest.raises(EngineBusy):
+        eng.add(req("Hello"))

@@ -257,3 +257,38 @@ def test_tiny_temperature_draws_the_greedy_ids(model, sampler, tiny):
         decode_audio=False)])[0] for sp in (greedy, tiny)]
     assert runs[1].finish_reason == runs[0].finish_reason
     assert torch.equal(runs[0].codes(), runs[1].codes())
+
+
+def test_a_cancel_between_the_drop_and_the_admission_ends_as_cancelled(model, monkeypatch):
+    """cancel() from another thread can land after a step dropped the cancelled sessions and before it admits: the
+    session ends as cancelled, not as an error, and takes no slot."""
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req("Hello world."))
+    real = eng._drop_cancelled_queued
+
+    def drop_then_cancel(out):
+        real(out)
+        eng.cancel(s)
+
+    monkeypatch.setattr(eng, "_drop_cancelled_queued", drop_then_cancel)
+    chunks = eng.step()
+    (last,) = lasts(chunks, s.id)
+    assert last.finish_reason == "cancelled" and last.error is None
+    assert eng.free_slots == [0] and not eng.has_work()
+
+
+def test_a_str_piece_inside_a_utf8_character_begun_by_bytes_is_refused(model):
+    """The str would land before the character's last bytes ('Caf and teaé'): refused, and the text goes on."""
+    from qwen_tts_core.errors import RequestError
+
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(None, max_new_tokens=4))
+    s.append_text(b"Caf\xc3")
+    with pytest.raises(RequestError, match="UTF-8 character"):
+        s.append_text(" and tea")
+    s.append_text("")  # an empty piece changes nothing, wherever it comes
+    s.append_text(b"\xa9")
+    s.append_text(" and tea")
+    s.end_text()
+    drain(eng)
+    assert s.incremental.text == "Café and tea"
