@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 TARGET_SR = 24000
 SILENCE_PEAK = 1e-4
+MAX_PEAK = 100.0
+"""Float audio lives in [-1, 1]; a slightly hot recording goes a little beyond (a warning), but a peak above this
+is not a recording (integer PCM stored as floats, 1e30 in a float WAV): refused, where it gave NaN deep in the
+speaker encoder and a voice that speaks noise."""
 """Audio whose every |sample| is below this is rejected as silent."""
 MAX_URL_BYTES = 64 * 1024 * 1024
 MAX_CHANNELS = 32
@@ -136,8 +140,14 @@ def _decode(f: soundfile.SoundFile, argument: str, what: str, limits: AudioLimit
     try:
         audio = f.read(dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise RequestError(argument, f"could not decode {what} as audio ({exc})") from None
+        raise RequestError(argument, f"could not decode {what} as audio ({_reason(exc)})") from None
     return audio, sr
+
+
+def _reason(exc: Exception) -> str:
+    """libsndfile's reason without what it was given ("Error opening <_io.BytesIO object at 0x7f...>: ...": an
+    address of this process, and for a path the server's file names, do not go back to a client)."""
+    return str(getattr(exc, "error_string", None) or exc).split(": ")[-1][:200]
 
 
 def _read_bytes(data: bytes, argument: str, what: str,
@@ -150,7 +160,7 @@ def _read_bytes(data: bytes, argument: str, what: str,
     try:
         f = sf.SoundFile(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise RequestError(argument, f"could not decode {what} as audio ({exc})") from None
+        raise RequestError(argument, f"could not decode {what} as audio ({_reason(exc)})") from None
     with f:
         return _decode(f, argument, what, limits, len(data), data[:65536])
 
@@ -168,7 +178,7 @@ def _read_path(path: Path, argument: str, limits: AudioLimits = DEFAULT_LIMITS) 
             head = raw.read(65536)
         f = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
-        raise RequestError(argument, f"could not decode {what} ({exc})") from None
+        raise RequestError(argument, f"could not decode {what} ({_reason(exc)})") from None
     with f:
         return _decode(f, argument, what, limits, size, head)
 
@@ -238,6 +248,9 @@ def validate_waveform(wav: np.ndarray, sr: int, *, argument: str = "ref_audio") 
     peak = float(np.abs(wav).max())
     if peak < SILENCE_PEAK:
         raise RequestError(argument, f"audio is silent (peak |x| = {peak:.2e} < {SILENCE_PEAK:g})")
+    if peak > MAX_PEAK:
+        raise RequestError(argument, f"audio peak |x| = {peak:.3g} is far beyond float audio's [-1, 1] (integer "
+                                     "samples stored as floats?); scale it to [-1, 1]")
     if peak > 1.0:
         logger.warning("%s: audio peak %.3f exceeds 1.0", argument, peak)
 

@@ -358,7 +358,8 @@ def test_kernels_per_captured_step_stay_within_budget():
     Before the one-kernel norm, the q/k norm + RoPE done once for q and k together, and the code predictor's noise
     drawn for its 15 codebooks at once: 5273 (pass) and 1660 (talker step); after: 2226 and 757, and 2046 for the
     pass that samples with top-k only (the official defaults). Then the pass's constants made once per pass (RoPE
-    table, q/k norm weights, the samplers' per-row filter indices): 2031 and 1878."""
+    table, q/k norm weights, the samplers' per-row filter indices): 2031 and 1878. Then a row whose tempered logits
+    reach +inf (a tiny temperature) drawing the greedy id, two kernels per draw: 2061 and 1908."""
     import sys
     from pathlib import Path
 

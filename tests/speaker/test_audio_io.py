@@ -218,6 +218,8 @@ BAD_INPUTS = {
     "silent-hum": (lambda t: (np.full(8000, 5e-5, dtype=np.float32), 16000), "silent"),
     "nan-in-file": (lambda t: _wav_bytes(_with(np.nan, 100)), "NaN or infinite"),
     "inf-in-array": (lambda t: (_with(np.inf, 5), 16000), "NaN or infinite"),
+    "huge-peak-file": (lambda t: _wav_bytes(_with(1e30, 100)), "far beyond"),
+    "int16-scaled-floats": (lambda t: ((_TONE * 30000).astype(np.float32), 16000), "far beyond"),
     "sr-zero": (lambda t: (_TONE, 0), "sample rate"),
     "sr-negative": (lambda t: (_TONE, -8000), "sample rate"),
     "sr-fraction": (lambda t: (_TONE, 16000.5), "sample rate"),
@@ -238,6 +240,19 @@ def test_bad_input_raises_value_error_naming_the_argument(tmp_path, case):
     build, message = BAD_INPUTS[case]
     with pytest.raises(ValueError, match=rf"^speaker_wav: .*{message}"):
         load_audio(build(tmp_path), argument="speaker_wav")
+
+
+def test_decode_errors_tell_the_reason_without_the_process_internals(tmp_path):
+    """libsndfile names what it was given ("Error opening <_io.BytesIO object at 0x7f...>"): only its reason goes
+    into the message a client reads."""
+    with pytest.raises(ValueError) as e:
+        load_audio(np.random.RandomState(1).bytes(500), argument="file")
+    assert "0x" not in str(e.value) and "BytesIO" not in str(e.value) and "not recognised" in str(e.value)
+
+
+def test_a_hot_recording_is_still_accepted():
+    wav, sr = load_audio((np.clip(_TONE * 12, -1.6, 1.6), 16000), argument="ref_audio")
+    assert np.abs(wav).max() == pytest.approx(1.6)
 
 
 def test_to_24k_rejects_bad_input():
