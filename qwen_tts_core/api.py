@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .checkpoint.weights import (
+    checkpoint_dtype,
     load_module,
     read_tensors,
     resolve_checkpoint,
@@ -47,6 +48,13 @@ HARD_DEFAULTS = dict(do_sample=True, top_k=50, top_p=1.0, temperature=0.9, repet
                      subtalker_dosample=True, subtalker_top_k=50, subtalker_top_p=1.0,
                      subtalker_temperature=0.9, max_new_tokens=2048)
 def _resolve_device(device_map: Any) -> torch.device:
+    if isinstance(device_map, dict):  # transformers' {"": device}: the whole model on one device
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(f"device_map={device_map!r}: the model runs on one device; give one (e.g. 'cuda:0')")
+        device_map = devices.pop()
+        device_map = f"cuda:{device_map}" if isinstance(device_map, int) and not isinstance(device_map, bool) \
+            else device_map
     if device_map in (None, "auto"):
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     try:
@@ -106,7 +114,9 @@ class Qwen3TTSModel:
         if kwargs:
             log.warning("from_pretrained: ignoring unsupported argument(s) %s", sorted(kwargs))
         path = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
-        device, dt = _resolve_device(device_map), resolve_dtype(dtype if dtype is not None else torch_dtype)
+        wanted = dtype if dtype is not None else torch_dtype
+        device = _resolve_device(device_map)
+        dt = checkpoint_dtype(path) if wanted == "auto" else resolve_dtype(wanted)  # None: float32, as transformers
         cfg = TTSConfig.from_json(path / "config.json")
         files = safetensors_files(path)
         with torch.device("meta"):
@@ -163,9 +173,9 @@ class Qwen3TTSModel:
     def tokenizer_type(self) -> str:
         return self.cfg.tokenizer_type
 
-    def get_supported_speakers(self) -> list[str] | None:
-        spk = self.cfg.talker.spk_id
-        return sorted(spk) if spk else None
+    def get_supported_speakers(self) -> list[str]:
+        """The speaker names (CustomVoice); [] for Base and VoiceDesign checkpoints, as the reference."""
+        return sorted(self.cfg.talker.spk_id or [])
 
     def get_supported_languages(self) -> list[str]:
         return sorted(["auto"] + [k for k in self.cfg.talker.codec_language_id if "dialect" not in k])
@@ -312,8 +322,6 @@ class Qwen3TTSModel:
         speakers = _as_list(speaker, n, "speaker")
         instructs = _as_list(instruct if instruct is not None else "", n, "instruct")
         prompts = voice_clone_prompt or [None] * n
-        if kind == "voice_design" and instruct is None:
-            raise RequestError("instruct", "is required for generate_voice_design")
         sampling = self.sampling_params(**gen_kwargs)
         return [SynthesisRequest(kind=kind, text=texts[i], speaker=speakers[i], language=str(langs[i] or "auto"),
                                  instruct=instructs[i] or None, voice_clone_prompt=prompts[i],

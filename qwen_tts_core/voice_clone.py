@@ -30,15 +30,18 @@ def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None, x_vec
     for i, (t, xvec) in enumerate(zip(texts, modes)):
         if not xvec and (t is None or not str(t).strip()):
             raise RequestError("ref_text", f"is required when x_vector_only_mode=False (ICL mode); missing at index {i}")
-    wavs = []
+    wavs, rates = [], set()
     need = min_speaker_samples(model.speaker_encoder.config)
     for i, a in enumerate(audios):
         argument = "ref_audio" if n == 1 else f"ref_audio[{i}]"
         wav, sr = load_audio(a, argument=argument, allow_urls=allow_urls)
+        rates.add(sr)
         wav = to_24k(wav, sr, argument=argument)
         _check_long_enough(wav, need, argument)
         wavs.append(wav)
-    codes = model.codec.encode(wavs)
+    # the reference encodes a list in one padded batch when its sample rates agree, else each item alone (a batch
+    # changes a few codes of the shorter items): the same, so a voice's codes do not depend on the API's path
+    codes = model.codec.encode(wavs) if len(rates) == 1 else [model.codec.encode([w])[0] for w in wavs]
     items = []
     for wav, code, text, xvec in zip(wavs, codes, texts, modes):
         spk = speaker_embedding(model.speaker_encoder, wav)

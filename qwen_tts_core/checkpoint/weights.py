@@ -19,6 +19,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def resolve_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
     """A torch dtype from a torch.dtype or a name (float32/fp32, bfloat16/bf16, float16/fp16); None -> float32.
+    ("auto", the checkpoint's own, is `checkpoint_dtype`'s; here it gives float32.)
     `name`: the argument or config field the error names."""
     if dtype is None or dtype == "auto":
         return torch.float32
@@ -58,6 +59,24 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None,
                          "(huggingface-cli download ...) or pass a local folder.") from e
 
 
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """dtype="auto", as transformers reads it: config.json's `torch_dtype` (or `dtype`), else the dtype of the
+    checkpoint's first floating-point tensor (the official checkpoints are bfloat16)."""
+    raw = json.loads((folder / "config.json").read_text())
+    for key in ("torch_dtype", "dtype"):
+        if isinstance(raw, dict) and raw.get(key) not in (None, "auto"):
+            return resolve_dtype(raw[key], f"config.json {key}")
+    from safetensors import safe_open
+
+    for f in safetensors_files(folder):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not iterable
+                dt = st.get_slice(name).get_dtype()
+                if dt in ("F32", "BF16", "F16"):
+                    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dt]
+    return torch.float32
+
+
 def safetensors_files(folder: Path, stem: str = "model") -> list[Path]:
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
@@ -76,7 +95,7 @@ def read_tensors(files: list[Path], prefix: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as st:
-            for name in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            for name in st.keys():  # noqa: SIM118 - safe_open is not iterable  # noqa: SIM118 (safe_open is not a mapping)
                 if name.startswith(prefix):
                     out[name[len(prefix):]] = st.get_tensor(name)
     return out

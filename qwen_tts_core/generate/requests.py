@@ -101,13 +101,11 @@ def validate(model, req: SynthesisRequest) -> None:
         raise RequestError("language", f"{req.language[:40]!r} is not supported; choose one of {langs}")
     if req.instruct is not None:
         check_text(req.instruct, "instruct", allow_blank=True)
-    if req.kind == "custom_voice":
-        speakers = model.get_supported_speakers() or []
+    if req.kind == "custom_voice" and req.speaker not in (None, ""):  # none: no speaker embedding, as the reference
+        speakers = model.get_supported_speakers()
         if not isinstance(req.speaker, str) or req.speaker.lower() not in speakers:
             shown = req.speaker[:40] if isinstance(req.speaker, str) else req.speaker
             raise RequestError("speaker", f"{shown!r} is not supported; choose one of {speakers}")
-    if req.kind == "voice_design" and not (req.instruct or "").strip():
-        raise RequestError("instruct", "a VoiceDesign model needs a voice description")
     if req.kind == "voice_clone":
         if req.voice_clone_prompt is None:
             raise RequestError("voice_clone_prompt", "is required for voice_clone (see create_voice_clone_prompt)")
@@ -174,6 +172,8 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
         if voice:
             raise RequestError("voice", "a VoiceDesign model takes no voice name; describe the voice in "
                                "instructions")
+        if not (instructions or "").strip():  # the Python API takes none, as the reference; a service asks for one
+            raise RequestError("instruct", "a VoiceDesign model needs a voice description")
     else:
         if not voice:
             raise RequestError("voice", "a Base model needs a stored voice (create one from reference audio)")
@@ -212,7 +212,7 @@ def make_prompt(model, req: SynthesisRequest, text_ids: list[int], text_ended: b
         else:
             instruct_ids = tok.instruct(req.instruct)
     speaker_vector = ref_codes = ref_ids = None
-    speaker = req.speaker if req.kind == "custom_voice" else None
+    speaker = (req.speaker or None) if req.kind == "custom_voice" else None
     vp = req.voice_clone_prompt
     if vp is not None:
         if vp.x_vector_only_mode or vp.icl_mode:

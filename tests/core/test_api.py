@@ -28,7 +28,7 @@ def test_supported_speakers_and_languages(cv, model_factory):
                                                   "uncle_fu", "vivian"])
     langs = cv.get_supported_languages()
     assert langs[0] == "auto" and "english" in langs and not any("dialect" in x for x in langs)
-    assert model_factory("voice_design", "tiny").get_supported_speakers() is None
+    assert model_factory("voice_design", "tiny").get_supported_speakers() == []  # as the reference
 
 
 def test_config_round_trip(checkpoint_factory):
@@ -263,3 +263,51 @@ def test_sampling_floats_up_to_float32_max_are_accepted():
 
     sp = SamplingParams(temperature=FLOAT32_MAX, repetition_penalty=FLOAT32_MAX, subtalker_temperature=1e-300)
     assert sp.temperature == FLOAT32_MAX
+
+
+def test_dtype_auto_is_the_checkpoints_and_device_map_may_be_a_dict(tmp_path):
+    """As transformers: dtype="auto" takes the checkpoint's dtype (the official ones are bf16: loading them in fp32
+    doubled memory and changed outputs), None takes float32; device_map={"": "cpu"} is one device."""
+    from qwen_tts_core import make_checkpoint
+
+    bf16 = make_checkpoint(tmp_path / "bf16", model_type="custom_voice", size="tiny", seed=0, dtype="bfloat16")
+    auto = Qwen3TTSModel.from_pretrained(bf16, device_map={"": "cpu"}, dtype="auto")
+    assert auto.talker.codec_head.weight.dtype == torch.bfloat16
+    assert Qwen3TTSModel.from_pretrained(bf16, torch_dtype="auto").talker.codec_head.weight.dtype == torch.bfloat16
+    assert Qwen3TTSModel.from_pretrained(bf16).talker.codec_head.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="one device"):
+        Qwen3TTSModel.from_pretrained(bf16, device_map={"a": "cpu", "b": "cuda:0"})
+
+
+def test_reference_accepts_no_speaker_and_no_voice_description(cv, model_factory):
+    """The reference generates a CustomVoice text with no speaker (no speaker embedding) and a VoiceDesign text with
+    no description; the service still asks for the description (400 naming instructions)."""
+    from qwen_tts_core.errors import RequestError
+    from qwen_tts_core.generate.requests import request_from_fields
+
+    g = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=4)
+    for speaker in (None, ""):
+        wavs, _ = cv.generate_custom_voice("Hello.", speaker=speaker, **g)
+        assert len(wavs[0]) == 3 * 1920
+    vd = model_factory("voice_design", "tiny")
+    for instruct in (None, ""):
+        wavs, _ = vd.generate_voice_design("Hello.", instruct=instruct, **g)
+        assert len(wavs[0]) == 3 * 1920
+    with pytest.raises(RequestError) as e:
+        request_from_fields(vd, text="Hello.")
+    assert e.value.field == "instruct"
+
+
+def test_a_list_of_references_at_different_rates_encodes_each_alone(model_factory, ref_wav_path):
+    """The reference batches a list's encode only when its sample rates agree (a padded batch moves a few codes):
+    a voice's codes must not depend on what else was in the list."""
+    import soundfile as sf
+
+    base = model_factory("base", "tiny")
+    wav, sr = sf.read(ref_wav_path, dtype="float32")
+    short = wav[: len(wav) // 2]
+    mixed = base.create_voice_clone_prompt([(wav, sr), (short, 44100)], ref_text=["One.", "Two."])
+    alone = [base.create_voice_clone_prompt((wav, sr), ref_text="One.")[0],
+             base.create_voice_clone_prompt((short, 44100), ref_text="Two.")[0]]
+    for got, want in zip(mixed, alone):
+        assert torch.equal(got.ref_code, want.ref_code)
