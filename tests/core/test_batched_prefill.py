@@ -71,22 +71,24 @@ def test_a_late_session_prefills_alone_into_a_busy_batch(model):
 
 
 def test_a_failed_prefill_fails_its_sessions_visibly_frees_their_slots_and_the_engine_goes_on(model, monkeypatch):
+    """A prefill that keeps failing (alone too: a shared batch that fails is retried session by session) fails its
+    sessions visibly; slots come back and the engine goes on once it works again."""
     eng = Engine(model, max_sessions=3)
     real = eng.runner.start_many
     calls = []
 
-    def broken_once(starts):
+    def broken(starts):
         calls.append(len(starts))
-        if len(calls) == 1:
-            raise RuntimeError("simulated out of memory in prefill")
-        return real(starts)
+        raise RuntimeError("simulated out of memory in prefill")
 
-    monkeypatch.setattr(eng.runner, "start_many", broken_once)
+    monkeypatch.setattr(eng.runner, "start_many", broken)
     first = [eng.add(req(t, i, GREEDY)) for i, t in enumerate(TEXTS[:3])]
     chunks = eng.step()
     failed = [s for s in first if s.finish_reason == "error"]
-    assert failed and all("simulated out of memory" in s.error for s in failed)
+    assert len(failed) == 3 and all("simulated out of memory" in s.error for s in failed)
     assert {c.session_id for c in chunks if c.is_last and c.finish_reason == "error"} == {s.id for s in failed}
+    assert sum(n == 1 for n in calls) == 3  # each tried alone before it failed
+    monkeypatch.setattr(eng.runner, "start_many", real)
     while eng.has_work():
         eng.step()
     assert sorted(eng.free_slots) == [0, 1, 2] and eng.num_active == 0
