@@ -11,7 +11,6 @@ plus `seed=` and the `stream_*` methods that yield audio while codes are generat
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -30,7 +29,7 @@ from .checkpoint.weights import (
     resolve_dtype,
     safetensors_files,
 )
-from .config import TTSConfig, sampling_defaults_from_generation_config
+from .config import TTSConfig, generation_defaults
 from .errors import RequestError
 from .generate.driver import EngineDriver
 from .generate.engine import Engine
@@ -118,6 +117,7 @@ class Qwen3TTSModel:
         device = _resolve_device(device_map)
         dt = checkpoint_dtype(path) if wanted == "auto" else resolve_dtype(wanted)  # None: float32, as transformers
         cfg = TTSConfig.from_json(path / "config.json")
+        defaults = generation_defaults(path / "generation_config.json")  # a bad file fails before any weights load
         files = safetensors_files(path)
         with torch.device("meta"):
             talker = Talker(cfg.talker)
@@ -147,9 +147,6 @@ class Qwen3TTSModel:
             speaker_encoder = speaker_encoder_from_state(
                 SpeakerEncoderConfig.from_dict(cfg.speaker_encoder), read_tensors(files, "speaker_encoder."),
                 device=device, dtype=dt).eval()
-        gen_path = path / "generation_config.json"
-        defaults = sampling_defaults_from_generation_config(json.loads(gen_path.read_text())) \
-            if gen_path.is_file() else {}
         return cls(path, cfg, talker, tokenizer, codec, speaker_encoder, defaults)
 
     # --- properties -------------------------------------------------------------------------------------------

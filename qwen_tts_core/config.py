@@ -6,7 +6,7 @@ No Hugging Face `PretrainedConfig` here: `TTSConfig.from_json(path)` reads the p
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,95 @@ TEXT_SPECIAL_IDS = dict(
     tts_pad_token_id=151671, tts_bos_token_id=151672, tts_eos_token_id=151673,
 )
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
+
+# Bounds far beyond any Qwen3-TTS model (the 1.7B: 28 layers, hidden 2048, 32768 positions), so a damaged or hostile
+# config.json fails here instead of building a million layers or a 32 GB RoPE table.
+MAX_LAYERS = 256
+MAX_WIDTH = 1 << 16          # hidden / intermediate / text hidden sizes
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_VOCAB = 1 << 22          # text vocab 151936, codec vocab 3072
+MAX_POSITIONS = 1 << 20      # max_position_embeddings (official: 32768 talker, 65536 code predictor)
+MAX_CODE_GROUPS = 64         # codebooks per frame (official: 16)
+_MISSING = object()
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def check_int(value: Any, name: str, lo: int = 1, hi: int | None = None) -> int:
+    """`value` if it is an int (not a bool) in [lo, hi]; else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {_short(value)}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {_short(value)}" if hi is not None
+                         else f"{name} must be >= {lo}, got {_short(value)}")
+    return value
+
+
+def check_float(value: Any, name: str, lo: float = 0.0, hi: float = float("inf")) -> float:
+    """float(`value`) if it is a finite number with lo < value <= hi; else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+    if not lo < value <= hi:
+        raise ValueError(f"{name} must be in ({lo}, {hi}], got {_short(value)}")
+    return float(value)
+
+
+def _get(d: dict[str, Any], key: str, where: str, default: Any = _MISSING) -> Any:
+    if d.get(key) is None:
+        if default is _MISSING:
+            raise ValueError(f"{where}.{key} is missing")
+        return default
+    return d[key]
+
+
+def _section(d: dict[str, Any], key: str, where: str, required: bool = True) -> dict[str, Any]:
+    v = d.get(key)
+    if v is None and not required:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError(f"{where}{key} must be a JSON object, got {_short(v)}")
+    return v
+
+
+def _stack_kwargs(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """The DecoderStackConfig fields of a talker / code predictor block, type- and range-checked."""
+    kw: dict[str, Any] = {
+        "hidden_size": check_int(_get(d, "hidden_size", where), f"{where}.hidden_size", 1, MAX_WIDTH),
+        "intermediate_size": check_int(_get(d, "intermediate_size", where), f"{where}.intermediate_size", 1,
+                                       MAX_WIDTH),
+        "num_hidden_layers": check_int(_get(d, "num_hidden_layers", where), f"{where}.num_hidden_layers", 1,
+                                       MAX_LAYERS),
+        "num_attention_heads": check_int(_get(d, "num_attention_heads", where), f"{where}.num_attention_heads", 1,
+                                         MAX_HEADS),
+        "num_key_value_heads": check_int(_get(d, "num_key_value_heads", where), f"{where}.num_key_value_heads", 1,
+                                         MAX_HEADS),
+        "head_dim": check_int(_get(d, "head_dim", where), f"{where}.head_dim", 2, MAX_HEAD_DIM),
+        "rms_norm_eps": check_float(_get(d, "rms_norm_eps", where, 1e-6), f"{where}.rms_norm_eps", 0.0, 1.0),
+        "rope_theta": check_float(_get(d, "rope_theta", where, 1e6), f"{where}.rope_theta", 0.0),
+        "max_position_embeddings": check_int(_get(d, "max_position_embeddings", where, 32768),
+                                             f"{where}.max_position_embeddings", 1, MAX_POSITIONS),
+    }
+    bias = _get(d, "attention_bias", where, False)
+    if not isinstance(bias, bool):
+        raise ValueError(f"{where}.attention_bias must be true or false, got {_short(bias)}")
+    kw["attention_bias"] = bias
+    if kw["head_dim"] % 2:
+        raise ValueError(f"{where}.head_dim must be even (rotary embedding), got {kw['head_dim']}")
+    if kw["num_attention_heads"] % kw["num_key_value_heads"]:
+        raise ValueError(f"{where}.num_attention_heads ({kw['num_attention_heads']}) must be a multiple of "
+                         f"num_key_value_heads ({kw['num_key_value_heads']})")
+    return kw
+
+
+def _id_map(d: dict[str, Any], key: str, where: str, vocab: int) -> dict[str, int]:
+    m = d.get(key) or {}
+    if not isinstance(m, dict):
+        raise ValueError(f"{where}.{key} must be a JSON object (name -> codec id), got {_short(m)}")
+    return {str(k).lower(): check_int(v, f"{where}.{key}[{k!r}]", 0, vocab - 1) for k, v in m.items()}
 
 
 @dataclass(frozen=True)
@@ -106,40 +195,108 @@ class TTSConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> TTSConfig:
-        raw = json.loads(Path(path).read_text())
-        return cls.from_dict(raw)
+        """Read and check config.json (and, when `speech_tokenizer/config.json` is beside it, that the codec matches
+        the talker). Raises ValueError naming the file and the field."""
+        from .checkpoint.weights import read_json
+
+        path = Path(path)
+        cfg = cls.from_dict(read_json(path), source=str(path))
+        codec_json = path.parent / "speech_tokenizer" / "config.json"
+        if codec_json.is_file():
+            from .codec.config import CodecConfig
+
+            check_codec_matches(cfg, CodecConfig.from_json(codec_json), f"{path} and {codec_json}")
+        return cfg
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> TTSConfig:
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> TTSConfig:
+        """Build from parsed config.json; every field is type- and range-checked (ValueError "<source>: <field> ...")."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: must hold a JSON object, got {type(raw).__name__}")
+        try:
+            return cls._from_dict(raw)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any]) -> TTSConfig:
         if raw.get("model_type") not in (None, "qwen3_tts"):
-            raise ValueError(f"config.json: model_type must be 'qwen3_tts', got {raw.get('model_type')!r}")
+            raise ValueError(f"model_type must be 'qwen3_tts', got {_short(raw.get('model_type'))}")
         if "talker_config" not in raw:
-            raise ValueError("config.json has no talker_config: not a Qwen3-TTS checkpoint")
-        t = dict(raw["talker_config"])
-        cp = dict(t.get("code_predictor_config") or {})
-        stack_keys = DecoderStackConfig.__dataclass_fields__.keys()
+            raise ValueError("no talker_config: not a Qwen3-TTS checkpoint")
+        t = _section(raw, "talker_config", "")
+        cp = _section(t, "code_predictor_config", "talker_config.")
+        w, wcp = "talker_config", "talker_config.code_predictor_config"
         cp_cfg = CodePredictorConfig(
-            **{k: cp[k] for k in stack_keys if k in cp},
-            vocab_size=cp.get("vocab_size", 2048), num_code_groups=cp.get("num_code_groups", 16),
+            **_stack_kwargs(cp, wcp),
+            vocab_size=check_int(_get(cp, "vocab_size", wcp, 2048), f"{wcp}.vocab_size", 1, MAX_VOCAB),
+            num_code_groups=check_int(_get(cp, "num_code_groups", wcp, 16), f"{wcp}.num_code_groups", 2,
+                                      MAX_CODE_GROUPS),
         )
+        vocab = check_int(_get(t, "vocab_size", w, 3072), f"{w}.vocab_size", 1025, MAX_VOCAB)
+        codebook = vocab - 1024
+        specials = {k: check_int(_get(t, k, w, d), f"{w}.{k}", codebook, vocab - 1)  # never an audio code
+                    for k, d in CODEC_SPECIAL_IDS.items()}
+        languages = _id_map(t, "codec_language_id", w, vocab)
+        dialects = t.get("spk_is_dialect") or {}
+        if not isinstance(dialects, dict):
+            raise ValueError(f"{w}.spk_is_dialect must be a JSON object, got {_short(dialects)}")
+        for k, v in dialects.items():
+            if v not in (False, None) and (not isinstance(v, str) or v.lower() not in languages):
+                raise ValueError(f"{w}.spk_is_dialect[{k!r}] must be false or a codec_language_id name, "
+                                 f"got {_short(v)}")
         rope_scaling = t.get("rope_scaling") or {}
+        if not isinstance(rope_scaling, dict):
+            raise ValueError(f"{w}.rope_scaling must be a JSON object or null, got {_short(rope_scaling)}")
+        mrope = rope_scaling.get("mrope_section", (24, 20, 20))
+        if not isinstance(mrope, list | tuple) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_HEAD_DIM for v in mrope):
+            raise ValueError(f"{w}.rope_scaling.mrope_section must be a list of non-negative integers, "
+                             f"got {_short(mrope)}")
+        text_vocab = check_int(_get(t, "text_vocab_size", w, 151936), f"{w}.text_vocab_size", 1, MAX_VOCAB)
         talker = TalkerConfig(
-            **{k: t[k] for k in stack_keys if k in t},
-            **{k: t[k] for k in ("vocab_size", "text_hidden_size", "text_vocab_size", "num_code_groups",
-                                 *CODEC_SPECIAL_IDS) if k in t},
-            spk_id={k.lower(): int(v) for k, v in (t.get("spk_id") or {}).items()},
-            spk_is_dialect={k.lower(): v for k, v in (t.get("spk_is_dialect") or {}).items()},
-            codec_language_id={k.lower(): int(v) for k, v in (t.get("codec_language_id") or {}).items()},
-            mrope_section=tuple(rope_scaling.get("mrope_section", (24, 20, 20))),
+            **_stack_kwargs(t, w),
+            vocab_size=vocab,
+            text_hidden_size=check_int(_get(t, "text_hidden_size", w, 2048), f"{w}.text_hidden_size", 1, MAX_WIDTH),
+            text_vocab_size=text_vocab,
+            num_code_groups=check_int(_get(t, "num_code_groups", w, 16), f"{w}.num_code_groups", 2, MAX_CODE_GROUPS),
+            **specials,
+            spk_id=_id_map(t, "spk_id", w, vocab),
+            spk_is_dialect={str(k).lower(): v for k, v in dialects.items()},
+            codec_language_id=languages,
+            mrope_section=tuple(mrope),
             code_predictor=cp_cfg,
         )
+        if cp_cfg.num_code_groups != talker.num_code_groups:
+            raise ValueError(f"{wcp}.num_code_groups ({cp_cfg.num_code_groups}) must equal {w}.num_code_groups "
+                             f"({talker.num_code_groups})")
+        if cp_cfg.vocab_size != talker.codebook_size:
+            raise ValueError(f"{wcp}.vocab_size ({cp_cfg.vocab_size}) must equal the talker's codebook size "
+                             f"{w}.vocab_size - 1024 ({talker.codebook_size})")
+        model_type = raw.get("tts_model_type", "custom_voice")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"tts_model_type must be one of {MODEL_TYPES}, got {_short(model_type)}")
+        speaker_encoder = _section(raw, "speaker_encoder_config", "", required=False)
+        if model_type == "base":
+            from .speaker.config import SpeakerEncoderConfig
+
+            try:
+                enc = SpeakerEncoderConfig.from_dict(speaker_encoder)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"speaker_encoder_config: {e}") from None
+            if enc.enc_dim != talker.hidden_size:
+                raise ValueError(f"speaker_encoder_config.enc_dim ({enc.enc_dim}) must equal "
+                                 f"{w}.hidden_size ({talker.hidden_size}): the x-vector is a codec-track embedding")
+        for key in ("tts_model_size", "tokenizer_type"):
+            if not isinstance(raw.get(key, ""), str | int | float):
+                raise ValueError(f"{key} must be a string, got {_short(raw.get(key))}")
         return cls(
             talker=talker,
-            speaker_encoder=dict(raw.get("speaker_encoder_config") or {}),
-            tts_model_type=raw.get("tts_model_type", "custom_voice"),
+            speaker_encoder=dict(speaker_encoder),
+            tts_model_type=model_type,
             tts_model_size=str(raw.get("tts_model_size", "")),
-            tokenizer_type=raw.get("tokenizer_type", "qwen3_tts_tokenizer_12hz"),
-            **{k: raw[k] for k in TEXT_SPECIAL_IDS if k in raw},
+            tokenizer_type=str(raw.get("tokenizer_type", "qwen3_tts_tokenizer_12hz")),
+            **{k: check_int(raw[k], k, 0, text_vocab - 1) for k in TEXT_SPECIAL_IDS if raw.get(k) is not None},
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -177,6 +334,19 @@ class TTSConfig:
             "talker_config": talker_d,
             "speaker_encoder_config": dict(self.speaker_encoder),
         }
+
+
+def check_codec_matches(cfg: TTSConfig, codec: Any, where: str) -> None:
+    """The talker and the speech tokenizer (a CodecConfig) must agree: one code per codebook per frame
+    (num_code_groups == num_quantizers) and the same codebook size (talker vocab_size - 1024, code predictor
+    vocab_size, codec codebook_size)."""
+    t = cfg.talker
+    if t.num_code_groups != codec.num_quantizers:
+        raise ValueError(f"{where}: talker_config.num_code_groups ({t.num_code_groups}) must equal the speech "
+                         f"tokenizer's decoder_config.num_quantizers ({codec.num_quantizers})")
+    if t.codebook_size != codec.codebook_size:
+        raise ValueError(f"{where}: the talker's codebook size (talker_config.vocab_size - 1024 = {t.codebook_size}) "
+                         f"must equal the speech tokenizer's decoder_config.codebook_size ({codec.codebook_size})")
 
 
 # Named sizes (published shapes for 0.6B / 1.7B; "tiny" keeps the real vocabularies, ids and geometry).
@@ -223,11 +393,33 @@ def make_config(model_type: str, size: str = "tiny", enc_dim: int | None = None)
                      tts_model_size=SIZE_TAGS[size])
 
 
-def sampling_defaults_from_generation_config(raw: dict[str, Any]) -> dict[str, Any]:
-    """The sampling keys of generation_config.json that SamplingParams understands."""
+def sampling_defaults_from_generation_config(raw: Any, source: str = "generation_config.json") -> dict[str, Any]:
+    """The sampling keys of generation_config.json that SamplingParams understands, checked as SamplingParams checks
+    a request (a bad value is the checkpoint's fault: ValueError "<source>: <field>: ..."). null: the key is left out
+    (the hard default applies)."""
+    from .types import SamplingParams
+
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: must hold a JSON object, got {type(raw).__name__}")
     keys = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty", "subtalker_dosample",
             "subtalker_top_k", "subtalker_top_p", "subtalker_temperature", "max_new_tokens")
-    return {k: raw[k] for k in keys if k in raw}
+    out = {k: raw[k] for k in keys if raw.get(k) is not None}
+    try:
+        SamplingParams(**out)
+    except ValueError as e:  # RequestError names the field
+        raise ValueError(f"{source}: {e}") from None
+    return out
+
+
+def generation_defaults(path: str | Path) -> dict[str, Any]:
+    """`sampling_defaults_from_generation_config` of the file at `path`; {} when there is none. A file that is not
+    a JSON object, or holds a bad value, is a ValueError naming it."""
+    from .checkpoint.weights import read_json
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return sampling_defaults_from_generation_config(read_json(path), source=str(path))
 
 
 def default_generation_config() -> dict[str, Any]:

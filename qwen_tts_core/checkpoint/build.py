@@ -14,7 +14,7 @@ import torch
 from ..config import default_generation_config, make_config
 from ..model.talker import Talker
 from ..text.tiny_tokenizer import build_tiny_tokenizer
-from .weights import resolve_dtype
+from .weights import SHARD_PATTERN, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,16 @@ def random_talker_state(cfg, seed: int) -> dict[str, torch.Tensor]:
     return {f"talker.{k}": _draw(k, s, g) for k, s in sorted(shapes.items())}
 
 
+def remove_stale_weights(folder: Path) -> None:
+    """Delete the weight files of an earlier (sharded) checkpoint in `folder`: a `model.safetensors.index.json` left
+    beside the new model.safetensors would make the folder ambiguous (the loader refuses it)."""
+    stale = [folder / "model.safetensors.index.json"] + sorted(folder.glob(SHARD_PATTERN.format(stem="model")))
+    for f in stale:
+        if f.is_file() or f.is_symlink():
+            log.warning("make_checkpoint: removing stale weight file %s", f)
+            f.unlink()
+
+
 def make_checkpoint(out_dir: str | Path, model_type: str = "custom_voice", size: str = "tiny", seed: int = 0,
                     dtype: str | torch.dtype = "float32", codec_size: str | None = None) -> Path:
     """Write a random-weight checkpoint of `model_type` ("custom_voice", "voice_design", "base") and `size`
@@ -52,6 +62,7 @@ def make_checkpoint(out_dir: str | Path, model_type: str = "custom_voice", size:
     dt = resolve_dtype(dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_weights(out)
     cfg = make_config(model_type, size)
     tensors = random_talker_state(cfg, seed)
     if model_type == "base":

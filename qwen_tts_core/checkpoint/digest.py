@@ -42,9 +42,28 @@ def _file_hash(path: Path) -> str:
     return _memo[key]
 
 
+_PATTERNS = [pat.split("/") for pat in CHECKPOINT_FILES]
+_DEPTH = max(len(p) for p in _PATTERNS)
+
+
 def checkpoint_file(relpath: str) -> bool:
-    """True for the files a checkpoint is loaded from (the patterns `resolve_checkpoint` downloads)."""
-    return any(fnmatch.fnmatch(relpath, pat) for pat in CHECKPOINT_FILES)
+    """True for the files a checkpoint is loaded from (the patterns `resolve_checkpoint` downloads), matched one path
+    segment at a time: `*.txt` is a top-level file, never `eval/results.txt`."""
+    parts = relpath.split("/")
+    return any(len(parts) == len(pat) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pat))
+               for pat in _PATTERNS)
+
+
+def _walk(root: Path, prefix: str = "", depth: int = _DEPTH) -> Iterable[str]:
+    """Relative paths of the files below `root` down to `depth` levels, following symlinked folders (a shared
+    speech_tokenizer/ may be a link), skipping hidden names."""
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file():
+            yield prefix + p.name
+        elif p.is_dir() and depth > 1:
+            yield from _walk(p, f"{prefix}{p.name}/", depth - 1)
 
 
 def digest_from_hashes(entries: Iterable[tuple[str, str]]) -> str:
@@ -68,8 +87,7 @@ def checkpoint_digest(folder: str | Path) -> str:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ValueError(f"checkpoint: {str(root)!r} is not a folder")
-    rels = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-    rels = [r for r in rels if checkpoint_file(r) and not any(x.startswith(".") for x in r.split("/"))]
+    rels = [r for r in _walk(root) if checkpoint_file(r)]
     try:
         return digest_from_hashes((r, _file_hash(root / r)) for r in rels)
     except ValueError:

@@ -7,7 +7,6 @@ block as a plain dict (it is only handed to transformers' `MimiModel`).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,6 +64,21 @@ _DECODER_DEFAULTS: dict[str, Any] = {
 SUPPORTED_ACTS = ("silu", "gelu", "relu")
 
 
+def _label(attr: str) -> str:
+    """The config.json field of a CodecConfig attribute."""
+    return f"decoder_config.{attr}" if attr in _DECODER_KEYS else attr
+
+# Upper bounds far beyond the published codec (hidden 512, latent 1024, decoder_dim 1536, 8 layers, 16 x 2048
+# codebooks): the decoder is built for real before its weights are read, so a hostile config must fail here.
+_INT_LIMITS: dict[str, int] = {
+    "codebook_size": 1 << 14, "codebook_dim": 4096, "num_quantizers": 64, "hidden_size": 8192, "latent_dim": 8192,
+    "num_hidden_layers": 64, "num_attention_heads": 256, "num_key_value_heads": 256, "head_dim": 1024,
+    "intermediate_size": 16384, "sliding_window": 1 << 16, "max_position_embeddings": 1 << 20,
+    "decoder_dim": 8192, "sample_rate": 192000, "decode_upsample_rate": 1 << 20, "encode_downsample_rate": 1 << 20,
+    "encoder_valid_num_quantizers": 64,
+}
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     """Shape of the 12Hz codec.
@@ -103,8 +117,21 @@ class CodecConfig:
     encoder: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        from ..config import check_float, check_int
+
         for key in ("upsample_rates", "upsampling_ratios"):
-            object.__setattr__(self, key, tuple(int(v) for v in getattr(self, key)))
+            value = getattr(self, key)
+            if not isinstance(value, list | tuple) or not 1 <= len(value) <= 8:
+                raise ValueError(f"{_label(key)} must be a list of 1 to 8 integers, got {value!r:.60}")
+            object.__setattr__(self, key, tuple(check_int(v, f"{_label(key)}[{i}]", 1, 64)
+                                                for i, v in enumerate(value)))
+        for key, hi in _INT_LIMITS.items():
+            check_int(getattr(self, key), _label(key), 1, hi)
+        for key in ("rms_norm_eps", "layer_scale_initial_scale"):
+            check_float(getattr(self, key), _label(key), 0.0, 1.0)
+        object.__setattr__(self, "rope_theta", check_float(self.rope_theta, _label("rope_theta"), 0.0))
+        if not isinstance(self.attention_bias, bool):
+            raise ValueError(f"decoder_config.attention_bias must be true or false, got {self.attention_bias!r}")
         if self.hidden_act not in SUPPORTED_ACTS:
             raise ValueError(f"hidden_act must be one of {SUPPORTED_ACTS}, got {self.hidden_act!r}")
         if self.codebook_dim % 2:
@@ -147,7 +174,12 @@ class CodecConfig:
         model_type = obj.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"config model_type must be {MODEL_TYPE!r}, got {model_type!r}")
-        dec = dict(obj.get("decoder_config") or {})
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"must hold a JSON object, got {type(obj).__name__}")
+        dec = obj.get("decoder_config")
+        if not isinstance(dec, Mapping):
+            raise ValueError(f"decoder_config must be a JSON object, got {dec!r:.60}")
+        dec = dict(dec)
         kwargs: dict[str, Any] = {}
         for key, attr in _DECODER_KEYS.items():
             if key in dec:
@@ -157,27 +189,38 @@ class CodecConfig:
         if "codebook_dim" not in dec:
             raise ValueError("decoder_config.codebook_dim is missing from config.json")
         if "head_dim" not in dec:
-            kwargs["head_dim"] = int(kwargs["hidden_size"]) // int(kwargs["num_attention_heads"])
-        kwargs["rope_theta"] = float(kwargs["rope_theta"])
-        sr = int(obj.get("output_sample_rate", 24000))
-        if int(obj.get("input_sample_rate", sr)) != sr:
+            from ..config import check_int
+
+            kwargs["head_dim"] = (check_int(kwargs["hidden_size"], "decoder_config.hidden_size")
+                                  // check_int(kwargs["num_attention_heads"], "decoder_config.num_attention_heads"))
+        sr = obj.get("output_sample_rate", 24000)
+        if obj.get("input_sample_rate", sr) != sr:
             raise ValueError("input_sample_rate and output_sample_rate must be equal for the 12Hz codec")
+        encoder = obj.get("encoder_config") or {}
+        if not isinstance(encoder, Mapping):
+            raise ValueError(f"encoder_config must be a JSON object, got {encoder!r:.60}")
         return cls(
             sample_rate=sr,
-            decode_upsample_rate=int(obj.get("decode_upsample_rate", 1920)),
-            encode_downsample_rate=int(obj.get("encode_downsample_rate", 1920)),
-            encoder_valid_num_quantizers=int(obj.get("encoder_valid_num_quantizers", 16)),
-            encoder=dict(obj.get("encoder_config") or {}),
+            decode_upsample_rate=obj.get("decode_upsample_rate", 1920),
+            encode_downsample_rate=obj.get("encode_downsample_rate", 1920),
+            encoder_valid_num_quantizers=obj.get("encoder_valid_num_quantizers", 16),
+            encoder=dict(encoder),
             **kwargs,
         )
 
     @classmethod
     def from_json(cls, path: str | Path) -> CodecConfig:
         """Read `speech_tokenizer/config.json` (or a folder that contains it)."""
+        from ..checkpoint.weights import read_json
+
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
-        return cls.from_dict(json.loads(p.read_text()))
+        try:
+            return cls.from_dict(read_json(p))
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            raise ValueError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from None
 
     def to_json_dict(self, dtype_name: str = "float32") -> dict[str, Any]:
         """The official config.json content (loadable by the reference `Qwen3TTSTokenizerV2Config`)."""

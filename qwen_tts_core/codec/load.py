@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
+from ..checkpoint.weights import check_tensor, read_tensors
 from ..model.layers import weight_key
 from .config import CodecConfig
 from .decoder import CodecDecoder, check_codes
@@ -38,16 +38,12 @@ def resolve_dir(dir_or_path: str | Path) -> Path:
 
 
 def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            if name.startswith(prefix):
-                out[name[len(prefix):]] = f.get_tensor(name)
-    return out
+    return read_tensors([path], prefix)
 
 
 def load_decoder_state(decoder: CodecDecoder, tensors: dict[str, torch.Tensor]) -> None:
-    """Strictly load `decoder.*` tensors (prefix stripped), naming any missing, unexpected or mis-shaped tensor."""
+    """Strictly load `decoder.*` tensors (prefix stripped), naming any missing, unexpected, mis-shaped, non-float
+    or non-finite tensor (before anything is copied)."""
     own = decoder.state_dict()
     missing = [k for k in own if k not in tensors]
     if missing:
@@ -56,10 +52,10 @@ def load_decoder_state(decoder: CodecDecoder, tensors: dict[str, torch.Tensor]) 
     unexpected = [k for k in tensors if k not in own]
     if unexpected:
         raise ValueError(f"speech tokenizer checkpoint has unexpected tensor 'decoder.{unexpected[0]}'")
+    origin = getattr(tensors, "origin", {})
     for name, value in tensors.items():
-        if tuple(value.shape) != tuple(own[name].shape):
-            raise ValueError(f"tensor 'decoder.{name}' has shape {tuple(value.shape)}, "
-                             f"expected {tuple(own[name].shape)}")
+        where = f" of {origin[name][0]}" if name in origin else ""
+        check_tensor(value, own[name], f"tensor 'decoder.{name}'{where}")
     decoder.load_state_dict(tensors, strict=True)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint.weights import check_finite, check_tensor
 from .config import SpeakerEncoderConfig
 from .ecapa import EcapaTdnn
 from .mel import SPEAKER_MEL, log_mel_spectrogram
@@ -147,7 +148,13 @@ def speaker_encoder_from_state(
             f"speaker encoder state does not match the config: missing {missing[:5]} "
             f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {bad_shape[:5]}"
         )
+    origin = getattr(state, "origin", {})
+    for k, value in own.items():
+        where = f" of {origin[k][0]}" if k in origin else ""
+        check_tensor(value, expected[k], f"speaker encoder tensor '{PREFIX}{k}'{where}")
     encoder.load_state_dict(own, strict=True)
     encoder.to(device=device, dtype=dtype)
+    for k, value in encoder.state_dict().items():  # a cast to float16 can overflow
+        check_finite(value, f"speaker encoder tensor '{PREFIX}{k}' (as {value.dtype})")
     encoder.eval()
     return encoder

@@ -22,6 +22,15 @@ JSON_KEYS: tuple[str, ...] = (
 
 _LIST_KEYS = ("enc_channels", "enc_kernel_sizes", "enc_dilations")
 
+# Upper bounds far beyond the published encoder (channels 512/1536, kernels <= 5, dilations <= 4): it is built for
+# real before its weights are read, so a hostile config must fail here. The mel front end is fixed (128 bins, 24 kHz).
+_LIMITS: dict[str, int] = {
+    "mel_dim": 128, "enc_dim": 1 << 16, "enc_attention_channels": 4096, "enc_res2net_scale": 64,
+    "enc_se_channels": 4096, "sample_rate": 24000, "enc_channels": 8192, "enc_kernel_sizes": 31,
+    "enc_dilations": 64,
+}
+_FIXED = {"mel_dim": 128, "sample_rate": 24000}
+
 
 @dataclass(frozen=True)
 class SpeakerEncoderConfig:
@@ -104,9 +113,16 @@ class SpeakerEncoderConfig:
             raise ValueError(
                 f"speaker_encoder_config has unsupported keys {unknown}; allowed keys: {list(JSON_KEYS)}"
             )
+        from ..config import check_int
+
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
-            kwargs[key] = tuple(int(v) for v in value) if key in _LIST_KEYS else int(value)
+            if key in _LIST_KEYS:
+                if not isinstance(value, list | tuple) or not 3 <= len(value) <= 32:
+                    raise ValueError(f"{key} must be a list of 3 to 32 integers, got {value!r:.60}")
+                kwargs[key] = tuple(check_int(v, f"{key}[{i}]", 1, _LIMITS[key]) for i, v in enumerate(value))
+            else:
+                kwargs[key] = check_int(value, key, _FIXED.get(key, 1), _LIMITS[key])
         return cls(**kwargs)
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -28,13 +28,35 @@ class TargetIds:
     text: list[int]   # the text itself
 
 
+# The tokenizer classes a Qwen3-TTS checkpoint may name (transformers builds the fast one from either).
+TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+
+
+def check_tokenizer_config(folder: Path) -> None:
+    """Refuse a tokenizer other than transformers' own Qwen2 one: tokenizer_config.json must name a Qwen2 tokenizer
+    class. With such a class an `auto_map` beside it is never followed (trust_remote_code=False below), so it is left
+    alone: code is never run from a checkpoint, and a checkpoint that carries one still loads."""
+    from ..checkpoint.weights import read_json
+
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: missing tokenizer_config.json (the Qwen2 tokenizer files are vocab.json, "
+                         "merges.txt, tokenizer_config.json)")
+    raw = read_json(path)
+    cls = raw.get("tokenizer_class") if isinstance(raw, dict) else None
+    if cls not in TOKENIZER_CLASSES:
+        raise ValueError(f"{path}: tokenizer_class must be one of {list(TOKENIZER_CLASSES)}, got {cls!r}")
+
+
 class TextTokenizer:
     def __init__(self, path: str | Path) -> None:
         from transformers import AutoTokenizer, PretrainedConfig
 
+        check_tokenizer_config(Path(path))
         # an empty model config: the class comes from tokenizer_config.json, and transformers does not try to read
-        # the checkpoint's config.json (a model type it does not know: one warning per load)
-        self._tok = AutoTokenizer.from_pretrained(str(path), config=PretrainedConfig())
+        # the checkpoint's config.json (a model type it does not know: one warning per load). trust_remote_code=False:
+        # never import code from the checkpoint, and never ask on stdin
+        self._tok = AutoTokenizer.from_pretrained(str(path), config=PretrainedConfig(), trust_remote_code=False)
 
     def encode(self, s: str) -> list[int]:
         return list(self._tok(s, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,343 @@
+"""A damaged or hostile checkpoint fails at load with a ValueError naming the file and the field or tensor: never code
+from the checkpoint, never a silent partial load, never a model that fails every request later."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwen_tts_core import Qwen3TTSModel, make_checkpoint
+from qwen_tts_core.checkpoint.digest import checkpoint_digest, checkpoint_file
+from qwen_tts_core.checkpoint.weights import safetensors_files
+from qwen_tts_core.codec.config import CodecConfig, tiny_config
+from qwen_tts_core.config import (
+    TTSConfig,
+    check_codec_matches,
+    make_config,
+    sampling_defaults_from_generation_config,
+)
+from qwen_tts_core.speaker.build import full_config as speaker_full
+from qwen_tts_core.speaker.build import tiny_config as speaker_tiny
+from qwen_tts_core.speaker.config import SpeakerEncoderConfig
+from qwen_tts_core.text.tokenizer import TextTokenizer
+
+
+@pytest.fixture
+def cv(checkpoint_factory, tmp_path) -> Path:
+    """A private copy of the tiny CustomVoice checkpoint, to damage."""
+    return Path(shutil.copytree(checkpoint_factory("custom_voice", "tiny"), tmp_path / "cv"))
+
+
+def load(path: Path, **kw):
+    return Qwen3TTSModel.from_pretrained(path, device_map="cpu", **kw)
+
+
+def edit_json(path: Path, fn) -> None:
+    raw = json.loads(path.read_text())
+    fn(raw)
+    path.write_text(json.dumps(raw))
+
+
+def edit_weights(path: Path, fn) -> None:
+    t = load_file(str(path))
+    fn(t)
+    save_file(t, str(path), metadata={"format": "pt"})
+
+
+# --- 1. no code from the checkpoint ----------------------------------------------------------------------------------
+def test_tokenizer_with_auto_map_is_refused_and_its_code_never_runs(cv, tmp_path):
+    marker = tmp_path / "PWNED"
+    edit_json(cv / "tokenizer_config.json", lambda r: r.update(
+        tokenizer_class="EvilTokenizer",
+        auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", "tokenization_evil.EvilTokenizer"]}))
+    (cv / "tokenization_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    with pytest.raises(ValueError, match="tokenizer_config.json: tokenizer_class"):
+        TextTokenizer(cv)
+    assert not marker.exists()
+
+
+def test_an_auto_map_beside_the_qwen2_class_is_never_followed(cv, tmp_path):
+    """A checkpoint may carry an auto_map next to the Qwen2 class: it loads with transformers' own class, and the
+    code the auto_map names never runs."""
+    marker = tmp_path / "PWNED"
+    want = TextTokenizer(cv).encode("Hello there.")
+    edit_json(cv / "tokenizer_config.json", lambda r: r.update(
+        auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", "tokenization_evil.EvilTokenizer"]}))
+    (cv / "tokenization_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    assert TextTokenizer(cv).encode("Hello there.") == want
+    assert not marker.exists()
+
+
+def test_tokenizer_with_unknown_class_is_refused(cv):
+    edit_json(cv / "tokenizer_config.json", lambda r: r.update(tokenizer_class="LlamaTokenizer"))
+    with pytest.raises(ValueError, match="tokenizer_config.json: tokenizer_class"):
+        TextTokenizer(cv)
+
+
+# --- 2. non-finite weights -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rel,name,value", [
+    ("model.safetensors", "talker.model.norm.weight", float("nan")),
+    ("model.safetensors", "talker.codec_head.weight", float("inf")),
+    ("speech_tokenizer/model.safetensors", "decoder.pre_conv.conv.weight", float("nan")),
+])
+def test_non_finite_weights_are_refused(cv, rel, name, value):
+    edit_weights(cv / rel, lambda t: t[name].view(-1).__setitem__(0, value))
+    with pytest.raises(ValueError, match=rf"{name}.*{rel}.*non-finite"):
+        load(cv)
+
+
+def test_non_finite_speaker_encoder_weights_are_refused(checkpoint_factory, tmp_path):
+    base = Path(shutil.copytree(checkpoint_factory("base", "tiny"), tmp_path / "base"))
+    edit_weights(base / "model.safetensors", lambda t: t["speaker_encoder.fc.bias"].fill_(float("nan")))
+    with pytest.raises(ValueError, match="speaker_encoder.fc.bias.*non-finite"):
+        load(base)
+
+
+def test_weights_that_overflow_the_load_dtype_are_refused(cv):
+    edit_weights(cv / "model.safetensors", lambda t: t["talker.codec_head.weight"].view(-1).__setitem__(0, 1e6))
+    with pytest.raises(ValueError, match="talker.codec_head.weight.*overflows torch.float16"):
+        load(cv, dtype="float16")
+
+
+# --- 3. no silent partial load ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block", ["talker", "code_predictor"])
+def test_fewer_layers_in_config_than_weights_is_refused(cv, block):
+    def fewer(r):
+        (r["talker_config"] if block == "talker" else r["talker_config"]["code_predictor_config"])[
+            "num_hidden_layers"] = 1
+    edit_json(cv / "config.json", fewer)
+    with pytest.raises(ValueError, match=r"talker: checkpoint has 11 tensor\(s\) that config.json does not describe"):
+        load(cv)
+
+
+def test_extra_talker_tensor_is_refused(cv):
+    edit_weights(cv / "model.safetensors", lambda t: t.__setitem__("talker.model.layers.9.x.weight", torch.zeros(2)))
+    with pytest.raises(ValueError, match="model.layers.9.x.weight"):
+        load(cv)
+
+
+def test_code_groups_must_match_the_codec(cv):
+    edit_json(cv / "config.json", lambda r: r["talker_config"]["code_predictor_config"].update(num_code_groups=8))
+    with pytest.raises(ValueError, match="config.json: .*code_predictor_config.num_code_groups"):
+        load(cv)
+    edit_json(cv / "config.json", lambda r: r["talker_config"]["code_predictor_config"].update(num_code_groups=16))
+    edit_json(cv / "speech_tokenizer/config.json", lambda r: r["decoder_config"].update(num_quantizers=8))
+    with pytest.raises(ValueError, match="speech_tokenizer/config.json: .*num_quantizers"):
+        load(cv)
+
+
+def test_codebook_sizes_must_match():
+    cfg = make_config("custom_voice", "tiny")
+    check_codec_matches(cfg, tiny_config(), "x")
+    raw = cfg.to_json_dict()
+    raw["talker_config"]["code_predictor_config"]["vocab_size"] = 1024
+    with pytest.raises(ValueError, match="code_predictor_config.vocab_size"):
+        TTSConfig.from_dict(raw)
+    small = CodecConfig(**{**tiny_config().__dict__, "codebook_size": 1024})
+    with pytest.raises(ValueError, match="codebook_size"):
+        check_codec_matches(cfg, small, "x")
+
+
+@pytest.mark.parametrize("model_type", ["custom_voice", "voice_design", "base"])
+@pytest.mark.parametrize("size", ["tiny", "tiny-proj", "0.6b", "1.7b"])
+def test_official_layout_configs_pass_every_check(model_type, size):
+    cfg = make_config(model_type, size)
+    raw = json.loads(json.dumps(cfg.to_json_dict()))
+    if model_type == "base":
+        enc = speaker_tiny if size.startswith("tiny") else speaker_full
+        raw["speaker_encoder_config"] = enc(cfg.talker.hidden_size).to_json_dict()
+    assert TTSConfig.from_dict(raw).talker == cfg.talker
+    codec = CodecConfig.from_dict(json.loads(json.dumps(
+        (tiny_config() if size.startswith("tiny") else CodecConfig(encoder={})).to_json_dict())))
+    check_codec_matches(cfg, codec, "x")
+
+
+# --- 4. digest -------------------------------------------------------------------------------------------------------
+def test_digest_of_a_plain_checkpoint_is_unchanged(cv):
+    """The formula jobs key their outputs on: sha256 over (relative path, sha256 of content) of these files."""
+    files = ["config.json", "generation_config.json", "merges.txt", "model.safetensors", "speech_tokenizer/config.json",
+             "speech_tokenizer/model.safetensors", "speech_tokenizer/preprocessor_config.json", "tokenizer.json",
+             "tokenizer_config.json", "vocab.json"]
+    h = hashlib.sha256()
+    for rel in files:
+        h.update(rel.encode() + b"\0" + hashlib.sha256((cv / rel).read_bytes()).hexdigest().encode() + b"\n")
+    assert checkpoint_digest(cv) == f"sha256:{h.hexdigest()[:16]}"
+
+
+def test_digest_covers_shards_and_a_linked_codec_but_not_nested_text(cv, tmp_path):
+    assert checkpoint_file("model-00001-of-00002.safetensors") and not checkpoint_file("eval/results.txt")
+    a = checkpoint_digest(cv)
+    (cv / "eval").mkdir()
+    (cv / "eval" / "results.txt").write_text("wer=0.1")
+    assert checkpoint_digest(cv) == a
+    shard = cv / "model-00001-of-00001.safetensors"
+    (cv / "model.safetensors").rename(shard)
+    (cv / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: shard.name for k in load_file(str(shard))}}))
+    b = checkpoint_digest(cv)
+    edit_weights(shard, lambda t: t["talker.codec_head.weight"].add_(1.0))
+    assert checkpoint_digest(cv) != b
+    shutil.move(str(cv / "speech_tokenizer"), str(tmp_path / "shared_codec"))
+    os.symlink(tmp_path / "shared_codec", cv / "speech_tokenizer")
+    c = checkpoint_digest(cv)
+    edit_weights(tmp_path / "shared_codec" / "model.safetensors",
+                 lambda t: t["decoder.pre_conv.conv.weight"].mul_(2.0))
+    assert checkpoint_digest(cv) != c
+
+
+# --- 5. shard index --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("index", [
+    {"weight_map": {"talker.codec_head.weight": "../outside/model-00001-of-00001.safetensors"}},
+    {"weight_map": {"talker.codec_head.weight": "/tmp/model-00001-of-00001.safetensors"}},
+    {"weight_map": {"talker.codec_head.weight": "evil.safetensors"}},
+    {"metadata": {}},
+    [1],
+])
+def test_shard_index_names_only_shards_in_the_folder(cv, tmp_path, index):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(str(cv / "model.safetensors"), str(outside / "model-00001-of-00001.safetensors"))
+    (cv / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="model.safetensors.index.json"):
+        safetensors_files(cv)
+
+
+# --- 6. stale index --------------------------------------------------------------------------------------------------
+def test_single_file_and_index_together_are_refused(cv):
+    shutil.copy(cv / "model.safetensors", cv / "model-00001-of-00001.safetensors")
+    (cv / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"talker.codec_head.weight": "model-00001-of-00001.safetensors"}}))
+    with pytest.raises(ValueError, match="both model.safetensors and model.safetensors.index.json"):
+        load(cv)
+
+
+def test_make_checkpoint_removes_an_older_sharded_checkpoint(cv, tmp_path):
+    out = tmp_path / "mk"
+    out.mkdir()
+    shutil.copy(cv / "model.safetensors", out / "model-00001-of-00001.safetensors")
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"talker.codec_head.weight": "model-00001-of-00001.safetensors"}}))
+    make_checkpoint(out, seed=1)
+    assert safetensors_files(out) == [out / "model.safetensors"]
+    assert not (out / "model-00001-of-00001.safetensors").exists()
+
+
+# --- 7. generation_config.json ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key,value", [("top_k", "50"), ("do_sample", "false"), ("max_new_tokens", 10**9),
+                                       ("top_p", -1), ("temperature", float("nan"))])
+def test_bad_generation_config_values_are_refused(key, value):
+    with pytest.raises(ValueError, match=f"generation_config.json: {key}"):
+        sampling_defaults_from_generation_config({"top_k": 50, key: value})
+
+
+def test_generation_config_null_falls_back_and_a_list_is_refused(cv):
+    assert sampling_defaults_from_generation_config({"temperature": None, "top_k": 7}) == {"top_k": 7}
+    with pytest.raises(ValueError, match="generation_config.json: must hold a JSON object"):
+        sampling_defaults_from_generation_config([1, 2])
+    edit_json(cv / "generation_config.json", lambda r: r.update(top_k="50"))
+    with pytest.raises(ValueError, match="generation_config.json: top_k"):
+        load(cv)
+
+
+# --- 8. config values ------------------------------------------------------------------------------------------------
+def _t(key, value):
+    return lambda r: r["talker_config"].__setitem__(key, value)
+
+
+def _cp(key, value):
+    return lambda r: r["talker_config"]["code_predictor_config"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit,field", [
+    (_t("hidden_size", -64), "talker_config.hidden_size"),
+    (_t("hidden_size", "64"), "talker_config.hidden_size"),
+    (_t("hidden_size", 10**7), "talker_config.hidden_size"),
+    (_t("num_hidden_layers", 10**6), "talker_config.num_hidden_layers"),
+    (_t("num_key_value_heads", 0), "talker_config.num_key_value_heads"),
+    (_t("head_dim", 15), "talker_config.head_dim"),
+    (_t("max_position_embeddings", 10**9), "talker_config.max_position_embeddings"),
+    (_t("rms_norm_eps", -1), "talker_config.rms_norm_eps"),
+    (_t("rope_theta", "x"), "talker_config.rope_theta"),
+    (_t("rope_scaling", "x"), "talker_config.rope_scaling"),
+    (_t("codec_bos_id", 10**6), "talker_config.codec_bos_id"),
+    (_t("codec_eos_token_id", 5), "talker_config.codec_eos_token_id"),
+    (lambda r: r["talker_config"].pop("hidden_size"), "talker_config.hidden_size is missing"),
+    (lambda r: r["talker_config"]["spk_id"].__setitem__("ryan", 999999), r"spk_id\['ryan'\]"),
+    (lambda r: r["talker_config"]["spk_id"].__setitem__("ryan", "abc"), r"spk_id\['ryan'\]"),
+    (lambda r: r["talker_config"]["codec_language_id"].__setitem__("english", -1), r"codec_language_id\['english'\]"),
+    (lambda r: r["talker_config"]["spk_is_dialect"].__setitem__("eric", "klingon"), r"spk_is_dialect\['eric'\]"),
+    (_cp("max_position_embeddings", 10**9), "code_predictor_config.max_position_embeddings"),
+    (_cp("num_hidden_layers", 0), "code_predictor_config.num_hidden_layers"),
+    (lambda r: r.__setitem__("tts_pad_token_id", 10**7), "tts_pad_token_id"),
+    (lambda r: r.__setitem__("talker_config", [1]), "talker_config must be a JSON object"),
+    (lambda r: r.__setitem__("tts_model_type", None), "tts_model_type"),
+])
+def test_bad_config_values_are_refused(edit, field):
+    raw = json.loads(json.dumps(make_config("custom_voice", "tiny").to_json_dict()))
+    edit(raw)
+    with pytest.raises(ValueError, match=f"config.json: .*{field}"):
+        TTSConfig.from_dict(raw)
+
+
+def test_config_file_errors_name_the_file(cv):
+    (cv / "config.json").write_text("{bad")
+    with pytest.raises(ValueError, match=f"{cv / 'config.json'}: not a readable JSON file"):
+        load(cv)
+    (cv / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match="config.json: must hold a JSON object"):
+        TTSConfig.from_json(cv / "config.json")
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", 200000), ("num_hidden_layers", 100000),
+                                       ("codebook_size", 10**8), ("hidden_size", -1), ("hidden_size", "32"),
+                                       ("num_key_value_heads", 0), ("max_position_embeddings", 10**9),
+                                       ("upsample_rates", [])])
+def test_bad_codec_config_values_are_refused(cv, key, value):
+    edit_json(cv / "speech_tokenizer/config.json", lambda r: r["decoder_config"].__setitem__(key, value))
+    with pytest.raises(ValueError, match=f"speech_tokenizer/config.json: decoder_config.{key}"):
+        CodecConfig.from_json(cv / "speech_tokenizer")
+
+
+@pytest.mark.parametrize("update,field", [
+    ({"enc_channels": [60000] * 4 + [180000]}, r"enc_channels\[0\]"), ({"mel_dim": "x"}, "mel_dim"),
+    ({"sample_rate": 16000}, "sample_rate"), ({"enc_channels": 5}, "enc_channels"),
+])
+def test_bad_speaker_encoder_config_values_are_refused(update, field):
+    with pytest.raises(ValueError, match=field):
+        SpeakerEncoderConfig.from_dict({**speaker_tiny(64).to_json_dict(), **update})
+
+
+def test_speaker_encoder_width_must_match_the_talker():
+    cfg = make_config("base", "tiny")
+    raw = cfg.to_json_dict()
+    raw["speaker_encoder_config"] = speaker_tiny(32).to_json_dict()
+    with pytest.raises(ValueError, match="speaker_encoder_config.enc_dim"):
+        TTSConfig.from_dict(raw)
+
+
+# --- 9. damaged tensors files ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rel", ["model.safetensors", "speech_tokenizer/model.safetensors"])
+def test_truncated_weights_name_the_file(cv, rel):
+    p = cv / rel
+    os.truncate(p, p.stat().st_size // 2)
+    with pytest.raises(ValueError, match=f"{p}: not a readable safetensors file"):
+        load(cv)
+
+
+@pytest.mark.parametrize("rel,name", [("model.safetensors", "talker.codec_head.weight"),
+                                      ("speech_tokenizer/model.safetensors", "decoder.pre_conv.conv.weight")])
+def test_integer_weights_are_refused(cv, rel, name):
+    edit_weights(cv / rel, lambda t: t.__setitem__(name, (t[name] * 100).to(torch.int32)))
+    with pytest.raises(ValueError, match=f"{name}.*dtype torch.int32, expected a floating-point tensor"):
+        load(cv)
