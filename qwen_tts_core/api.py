@@ -132,6 +132,7 @@ class Qwen3TTSModel:
         prepare_for_inference_(talker, column_major=device.type == "cpu" and dt == torch.float32
                                and os.environ.get("QTTS_COLUMN_MAJOR") == "1")
         tokenizer = TextTokenizer(path)
+        tokenizer.check_special_ids(cfg.im_start_token_id, cfg.im_end_token_id, str(path))
         codec = None
         if (path / "speech_tokenizer").is_dir():
             from .codec.load import load_codec
@@ -327,6 +328,8 @@ class Qwen3TTSModel:
                 for i in range(n)]
 
     def _run(self, reqs: list[SynthesisRequest]) -> list[np.ndarray]:
+        if self.codec is None:  # before generating, not after
+            raise ValueError("this checkpoint has no speech_tokenizer/: cannot decode audio")
         sessions = self._engine_driver().run(reqs)
         for s in sessions:
             if s.finish_reason == "error":

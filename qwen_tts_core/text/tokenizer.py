@@ -58,6 +58,15 @@ class TextTokenizer:
         # never import code from the checkpoint, and never ask on stdin
         self._tok = AutoTokenizer.from_pretrained(str(path), config=PretrainedConfig(), trust_remote_code=False)
 
+    def check_special_ids(self, im_start: int, im_end: int, where: str) -> None:
+        """ValueError unless <|im_start|> and <|im_end|> encode to the config's ids (a tokenizer from another model
+        built every prompt with the wrong markers)."""
+        for token, want in (("<|im_start|>", im_start), ("<|im_end|>", im_end)):
+            got = self.encode(token)
+            if got != [want]:
+                raise ValueError(f"{where}: the tokenizer encodes {token} as {got[:4]}, but config.json says "
+                                 f"{want} (a tokenizer of another model?)")
+
     def encode(self, s: str) -> list[int]:
         return list(self._tok(s, add_special_tokens=False)["input_ids"])
 

@@ -341,3 +341,18 @@ def test_integer_weights_are_refused(cv, rel, name):
     edit_weights(cv / rel, lambda t: t.__setitem__(name, (t[name] * 100).to(torch.int32)))
     with pytest.raises(ValueError, match=f"{name}.*dtype torch.int32, expected a floating-point tensor"):
         load(cv)
+
+
+def test_a_tokenizer_of_another_model_is_refused(cv):
+    """<|im_start|> / <|im_end|> must encode to the config's ids: otherwise every prompt has the wrong markers."""
+    edit_json(cv / "config.json", lambda r: r.update(im_start_token_id=r["im_start_token_id"] + 7))
+    with pytest.raises(ValueError, match=r"<\|im_start\|>.*config.json"):
+        load(cv)
+
+
+def test_without_a_speech_tokenizer_generate_fails_before_generating(cv, monkeypatch):
+    shutil.rmtree(cv / "speech_tokenizer")
+    model = load(cv)
+    monkeypatch.setattr(model, "_engine_driver", lambda: pytest.fail("generated without a codec"))
+    with pytest.raises(ValueError, match="speech_tokenizer"):
+        model.generate_custom_voice("Hello.", speaker="ryan")
