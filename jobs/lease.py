@@ -96,6 +96,9 @@ def _local(sink: LocalSink) -> Iterator[_Held]:
         os.close(fd)  # drops the flock
 
 
+_CONFLICT = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")  # a conditional write lost the race
+
+
 def _code(e: Exception) -> str:
     return str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if hasattr(e, "response") else ""
 
@@ -125,7 +128,7 @@ class _S3Lease:
                     log.warning("%s does not support conditional writes: the catalog lease is best-effort", where)
                     self.etag = self._put()
                     break
-                if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                if code not in _CONFLICT:
                     raise StorageError(f"lease {where}: {type(e).__name__}: {e}") from e
             try:
                 got = self.sink.client.get_object(Bucket=self.sink.bucket, Key=self.key)
@@ -144,7 +147,7 @@ class _S3Lease:
                 self.etag = self._put(IfMatch=got["ETag"])
                 break
             except Exception as e:  # noqa: BLE001
-                if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                if _code(e) in _CONFLICT:
                     raise LeaseHeld(_held_message(where, raw)) from None
                 raise StorageError(f"lease {where}: {type(e).__name__}: {e}") from e
         else:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .types import SAMPLING_FIELDS, SamplingParams, _short
+
 # Real ids of the published 12Hz checkpoints (codec vocab 3072 = 2048 audio codes + specials/languages/speakers).
 CODEC_SPECIAL_IDS = dict(
     codec_pad_id=2148, codec_bos_id=2149, codec_eos_token_id=2150,
@@ -45,11 +47,6 @@ MAX_VOCAB = 1 << 22          # text vocab 151936, codec vocab 3072
 MAX_POSITIONS = 1 << 20      # max_position_embeddings (official: 32768 talker, 65536 code predictor)
 MAX_CODE_GROUPS = 64         # codebooks per frame (official: 16)
 _MISSING = object()
-
-
-def _short(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def check_int(value: Any, name: str, lo: int = 1, hi: int | None = None) -> int:
@@ -397,13 +394,9 @@ def sampling_defaults_from_generation_config(raw: Any, source: str = "generation
     """The sampling keys of generation_config.json that SamplingParams understands, checked as SamplingParams checks
     a request (a bad value is the checkpoint's fault: ValueError "<source>: <field>: ..."). null: the key is left out
     (the hard default applies)."""
-    from .types import SamplingParams
-
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: must hold a JSON object, got {type(raw).__name__}")
-    keys = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty", "subtalker_dosample",
-            "subtalker_top_k", "subtalker_top_p", "subtalker_temperature", "max_new_tokens")
-    out = {k: raw[k] for k in keys if raw.get(k) is not None}
+    out = {k: raw[k] for k in SAMPLING_FIELDS if raw.get(k) is not None}
     try:
         SamplingParams(**out)
     except ValueError as e:  # RequestError names the field

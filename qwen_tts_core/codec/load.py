@@ -37,10 +37,6 @@ def resolve_dir(dir_or_path: str | Path) -> Path:
     return p
 
 
-def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    return read_tensors([path], prefix)
-
-
 def load_decoder_state(decoder: CodecDecoder, tensors: dict[str, torch.Tensor]) -> None:
     """Strictly load `decoder.*` tensors (prefix stripped), naming any missing, unexpected, mis-shaped, non-float
     or non-finite tensor (before anything is copied)."""
@@ -109,7 +105,7 @@ class Codec:
                 raise ValueError("this Codec was built without a checkpoint path, so it has no encoder weights")
             enc = MimiEncoder(self.cfg.encoder, self.cfg.encoder_valid_num_quantizers,
                               self.cfg.encode_downsample_rate)
-            enc.load_official(_read_prefixed(self._weights_path, "encoder."))
+            enc.load_official(read_tensors([self._weights_path], "encoder."))
             self._encoder = enc.to(device=self.device, dtype=self.dtype).eval()
         return self._encoder
 
@@ -168,7 +164,7 @@ def load_codec(dir_or_path: str | Path, device: str | torch.device = "cpu",
     cfg = CodecConfig.from_json(folder / "config.json")
     weights = folder / WEIGHTS
     decoder = CodecDecoder(cfg)
-    load_decoder_state(decoder, _read_prefixed(weights, "decoder."))
+    load_decoder_state(decoder, read_tensors([weights], "decoder."))
     decoder = decoder.to(device=device, dtype=dtype).eval()
     logger.info("loaded codec decoder from %s (%s, %s)", folder, device, dtype)
     return Codec(cfg, decoder, weights)

@@ -218,8 +218,6 @@ def make_prompt(model, req: SynthesisRequest, text_ids: list[int], text_ended: b
         if vp.x_vector_only_mode or vp.icl_mode:
             speaker_vector = vp.ref_spk_embedding
         if vp.icl_mode and vp.ref_code is not None:
-            if not vp.ref_text:
-                raise RequestError("ref_text", "is required when x_vector_only_mode=False (ICL mode)")
             ref_codes, ref_ids = vp.ref_code, tok.ref(vp.ref_text)
     return build_prompt(
         model.talker, model.cfg, role_ids=model.role_ids, text_ids=text_ids, language=req.language or "auto",

@@ -154,7 +154,9 @@ def speaker_encoder_from_state(
         check_tensor(value, expected[k], f"speaker encoder tensor '{PREFIX}{k}'{where}")
     encoder.load_state_dict(own, strict=True)
     encoder.to(device=device, dtype=dtype)
-    for k, value in encoder.state_dict().items():  # a cast to float16 can overflow
-        check_finite(value, f"speaker encoder tensor '{PREFIX}{k}' (as {value.dtype})")
+    cast = {k for k, v in own.items() if v.is_floating_point() and v.dtype != dtype}
+    for k, value in encoder.state_dict().items():  # only what was cast (to float16, say) can have overflowed
+        if k in cast:
+            check_finite(value, f"speaker encoder tensor '{PREFIX}{k}' (as {value.dtype})")
     encoder.eval()
     return encoder
