@@ -65,6 +65,18 @@ def _by_node() -> dict[str, dict]:
     return {r["node_id"]: r for r in replicas()}
 
 
+def _engine_load(replica_id: str) -> int:
+    """Sessions the replica's engine holds (active + queued), asked of that replica itself (routed by its id)."""
+    from ray import serve
+
+    from serve.routing import route_key
+
+    h = serve.get_deployment_handle(f"tts-{MODEL}", APP).options(session_id=route_key(replica_id))
+    s = h.stats.remote().result(timeout_s=5)
+    assert s["replica"] == replica_id, (s["replica"], replica_id)  # answered by that replica, not another
+    return int(s["engine_active"]) + int(s["engine_queued"])
+
+
 def test_gpu_replicas_land_one_per_worker_node(fleet):
     reps = replicas()
     assert len(reps) == 2, reps
@@ -161,18 +173,15 @@ def test_worker_node_removed_mid_narration_completes_exactly_once(fleet, voice_i
     n = 16
     rows = _write_rows(tmp_path / "rows.jsonl", n, "b")
     victim = fleet.workers[-1]
-    victim_pid = _by_node()[victim.node_id]["pid"]
+    victim_rid = _by_node()[victim.node_id]["replica_id"]
     removed: dict[str, float] = {}
 
     def remove_while_busy() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(_objects(fleet.bucket, "run2/audio/")[1]) < 2:
             time.sleep(0.1)
-        while time.monotonic() < deadline:  # the victim's replica is working on calls right now
-            c = cpu_seconds(victim_pid)
-            time.sleep(0.2)
-            if cpu_seconds(victim_pid) - c > 0.02:
-                break
+        while time.monotonic() < deadline and _engine_load(victim_rid) == 0:  # the victim is serving rows right now
+            time.sleep(0.02)
         removed["at_rows"] = len(_objects(fleet.bucket, "run2/audio/")[1])
         t = time.monotonic()
         fleet.remove_worker(victim)
@@ -181,7 +190,8 @@ def test_worker_node_removed_mid_narration_completes_exactly_once(fleet, voice_i
     th = threading.Thread(target=remove_while_busy)
     th.start()
     try:
-        code = narrate.main(_narrate(rows, f"s3://{fleet.bucket}/run2", voice_id))
+        # rows of 48 frames keep each call in flight long enough for the removal to land inside one
+        code = narrate.main(_narrate(rows, f"s3://{fleet.bucket}/run2", voice_id, "--max-new-tokens", "48"))
         th.join()
         s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert removed and removed["at_rows"] < n, removed  # the node went away while rows were still running
