@@ -40,7 +40,11 @@ def resample(pcm: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
 
 
 def encode(pcm: np.ndarray, sample_rate: int, fmt: str) -> bytes:
-    """Mono float32 [N] in [-1, 1] -> file bytes in `fmt` (one of ENCODINGS)."""
+    """Mono float32 [N] in [-1, 1] -> file bytes in `fmt` (one of ENCODINGS).
+
+    Zero samples give a valid file: a WAV with an empty data chunk; a FLAC of one silent sample, since libsndfile
+    writes no byte of FLAC without a sample and a FLAC header cannot say "zero samples" (0 means unknown length).
+    """
     import soundfile as sf
 
     if fmt not in ENCODINGS:
@@ -48,6 +52,8 @@ def encode(pcm: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     if not np.isfinite(pcm).all():  # clipping would turn NaN into full-scale samples
         raise ValueError("cannot encode non-finite samples (NaN/inf)")
     container, subtype, _, _ = ENCODINGS[fmt]
+    if container == "FLAC" and not np.size(pcm):
+        pcm = np.zeros(1, np.float32)
     buf = io.BytesIO()
     sf.write(buf, np.clip(pcm, -1.0, 1.0), sample_rate, format=container, subtype=subtype)
     return buf.getvalue()

@@ -42,6 +42,9 @@ CODECS: dict[str, Codec] = {c.name: c for c in (
     Codec("g722", "g722", "g722", 16000, "g722", "audio/G722"),
 )}
 RAW_CODECS = ("ulaw", "alaw", "sln", "sln16", "g722")  # headerless: decoding needs the name
+# Containers that FFmpeg cannot read back without a sample in them: an MP3 of only its Xing/Info tag, an Ogg Opus of
+# only headers, an M4B without an audio packet. Zero samples are encoded there as one sample of silence.
+NEEDS_A_SAMPLE = ("mp3", "ogg", "ipod")
 
 
 def get(name: str) -> Codec:
@@ -51,11 +54,17 @@ def get(name: str) -> Codec:
 
 
 def encode(pcm: np.ndarray, codec: str | Codec, metadata: dict[str, str] | None = None) -> bytes:
-    """Mono float32 [N] already at the codec's sample rate -> file bytes."""
+    """Mono float32 [N] already at the codec's sample rate -> file bytes.
+
+    Zero samples give a valid file: the header alone for WAV, no bytes for the headerless RAW_CODECS (both exactly
+    0 samples), one sample of silence for the NEEDS_A_SAMPLE containers (mp3, opus, aac).
+    """
     import av
 
     c = get(codec) if isinstance(codec, str) else codec
     x = np.ascontiguousarray(np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0))
+    if not x.size and c.container in NEEDS_A_SAMPLE:
+        x = np.zeros(1, np.float32)
     buf = io.BytesIO()
     with av.open(buf, "w", format=c.container) as out:
         for k, v in (metadata or {}).items():
@@ -63,6 +72,7 @@ def encode(pcm: np.ndarray, codec: str | Codec, metadata: dict[str, str] | None 
         stream = out.add_stream(c.encoder, rate=c.sample_rate, layout="mono", options=dict(c.options))
         if c.bit_rate:
             stream.bit_rate = c.bit_rate
+        out.start_encoding()  # writes the header even when no packet follows (a WAV of zero samples)
         step = 1 << 16
         for i in range(0, x.size, step):
             frame = av.AudioFrame.from_ndarray(x[None, i:i + step], format="flt", layout="mono")
