@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -273,9 +274,6 @@ class Qwen3TTSModel:
         return self._stream(req, first_chunk_frames, chunk_frames)
 
     def _stream(self, req: SynthesisRequest, first_chunk_frames: int, chunk_frames: int) -> Iterator[np.ndarray]:
-        if first_chunk_frames < 1 or chunk_frames < 1:
-            raise RequestError("chunk_frames", "first_chunk_frames and chunk_frames must be >= 1, got "
-                             f"{first_chunk_frames} and {chunk_frames}")
         if self.codec is None:
             raise ValueError("this checkpoint has no speech_tokenizer/: cannot stream audio")
         req.first_chunk_frames, req.chunk_frames, req.decode_audio = first_chunk_frames, chunk_frames, True
@@ -288,7 +286,9 @@ class Qwen3TTSModel:
                     raise _session_error(ch.error, ch.error_field)
                 if ch.pcm.size:
                     yield ch.pcm
-        return chunks()
+        it = chunks()
+        weakref.finalize(it, driver.orphan, session)  # dropped unread: its session must not run on others' steps
+        return it
 
     # --- internals --------------------------------------------------------------------------------------------
     def _voice_items(self, text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt):

@@ -19,4 +19,12 @@ class RequestError(ValueError):
         return (type(self), (self.field, self.message))
 
 
-__all__ = ["RequestError"]
+class SessionEnded(RequestError):
+    """Text sent to an incremental session that has already ended (finished, cancelled or failed): it would never be
+    spoken. The service answers it as a session that has ended, not as bad text."""
+
+    def __init__(self, field: str = "text", message: str = "the session has already ended") -> None:
+        super().__init__(field, message)
+
+
+__all__ = ["RequestError", "SessionEnded"]

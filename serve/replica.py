@@ -33,7 +33,7 @@ import numpy as np
 from ray import serve
 
 from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
-from qwen_tts_core.errors import RequestError
+from qwen_tts_core.errors import RequestError, SessionEnded
 from qwen_tts_core.generate.requests import validate as validate_request
 
 from .config import ModelConfig
@@ -94,7 +94,7 @@ class ReplicaCore:
         self.model, self.cfg, self.voices = model, cfg, voices
         self.liveness = liveness
         self.engine = Engine(model, max_sessions=cfg.max_sessions, max_queue=cfg.max_queue + cfg.max_sessions,
-                             **engine_kwargs(cfg))
+                             audio_chunk_frames=(cfg.first_chunk_frames, cfg.chunk_frames), **engine_kwargs(cfg))
         self.metrics = ReplicaMetrics(cfg.name)
         self.scheduler = Scheduler(self.engine, SchedulerLimits(max_queue=cfg.max_queue,
                                                                 interactive_reserve=cfg.interactive_reserve,
@@ -242,6 +242,8 @@ class ReplicaCore:
                 self.scheduler.append_text(t, text)
             if end:
                 self.scheduler.end_text(t)
+        except SessionEnded:  # it ended in the engine before its ticket saw it: not the text's fault
+            raise UnknownSession(session, "has ended") from None
         except ValueError as e:
             err = as_request_error(e)
             self.scheduler.fail(t, 400, str(err), "text")

@@ -23,9 +23,11 @@ class EngineDriver:
         self._cv = threading.Condition()
         self._queues: dict[int, deque[AudioChunk]] = {}
         self._abandoned: set[int] = set()
+        self._orphans: deque[Session] = deque()  # sessions whose reader was dropped before it began (see orphan)
 
     def open(self, req: SynthesisRequest) -> Session:
         """Add a request to the engine; its chunks are kept for `chunks()` (RequestError/EngineBusy as `add`)."""
+        self._reap()
         with self._cv:
             s = self.engine.add(req)
             self._queues[s.id] = deque()
@@ -44,13 +46,30 @@ class EngineDriver:
                     return
         finally:
             if not done:
-                with self._cv:
-                    q = self._queues.get(s.id)
-                    if q and q[-1].is_last:
-                        del self._queues[s.id]
-                    else:
-                        self._abandoned.add(s.id)
-                self.engine.cancel(s)
+                self._release(s)
+
+    def orphan(self, s: Session) -> None:
+        """The reader of `s` was dropped without being started (a generator's `finally` never runs then): cancel it
+        at the next call. Safe from a garbage-collector callback in any thread (no lock taken here)."""
+        if s.id in self._queues:  # else read to its end (or released) already
+            self._orphans.append(s)
+
+    def _reap(self) -> None:
+        while self._orphans:
+            self._release(self._orphans.popleft())
+
+    def _release(self, s: Session) -> None:
+        """Nobody will read `s` any more: drop its chunks and cancel it (no-op once read to its last chunk)."""
+        with self._cv:
+            q = self._queues.get(s.id)
+            if q is None:
+                return
+            if q and q[-1].is_last:
+                del self._queues[s.id]
+            else:
+                q.clear()
+                self._abandoned.add(s.id)
+        self.engine.cancel(s)
 
     def run(self, reqs: list[SynthesisRequest]) -> list[Session]:
         """Run requests to the end (stepping when nobody else does); returns their sessions in order."""
@@ -62,6 +81,7 @@ class EngineDriver:
 
     def _next(self, s: Session) -> AudioChunk:
         while True:
+            self._reap()
             with self._cv:
                 q = self._queues[s.id]
                 if q:

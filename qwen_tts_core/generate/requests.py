@@ -117,7 +117,8 @@ def validate(model, req: SynthesisRequest) -> None:
     for name in ("first_chunk_frames", "chunk_frames"):
         v = getattr(req, name)
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise RequestError(name, f"must be an integer >= 1, got {v!r}")
+            raise RequestError(name, f"must be an integer >= 1, got {v!r:.40}")
+        setattr(req, name, int(v))  # a numpy integer is taken as the int the audio decoder works in
     if not isinstance(req.sampling, SamplingParams):
         raise RequestError("sampling", "must be a SamplingParams")
     if req.priority not in ("interactive", "bulk"):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import RequestError
+from ..errors import RequestError, SessionEnded
 from ..text.prompt import Prompt
 from ..types import FinishReason, SynthesisRequest
 from .requests import check_text
@@ -64,6 +64,7 @@ class Session:
         elif not isinstance(piece, bytes | bytearray):
             raise RequestError("text", f"append_text: piece must be str or bytes, got {type(piece).__name__}")
         with self._lock:
+            self._check_open()
             if self.pending_text and self.pending_text[-1] is None or self.incremental.ended:
                 raise RequestError("text", "append_text after end_text")
             if isinstance(piece, bytes | bytearray):
@@ -84,6 +85,7 @@ class Session:
         if self.incremental is None:
             raise RequestError("text", "end_text: this session was opened with its full text (text=...)")
         with self._lock:
+            self._check_open()
             if self.pending_text and self.pending_text[-1] is None or self.incremental.ended:
                 raise RequestError("text", "end_text called twice")
             try:
@@ -92,6 +94,12 @@ class Session:
                 raise RequestError("text", "ends inside a UTF-8 character") from None
             self.pending_text.append(None)
         self._wake()
+
+    def _check_open(self) -> None:
+        """Text for a session that has ended would be dropped unread: say so (caller holds the lock)."""
+        if self.phase == "done" or self.cancelled:
+            why = "cancelled" if self.cancelled and self.finish_reason is None else self.finish_reason
+            raise SessionEnded("text", f"the session has already ended ({why})")
 
     def _wake(self) -> None:
         if self._notify is not None:

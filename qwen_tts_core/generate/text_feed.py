@@ -2,7 +2,8 @@
 
 Text arrives in pieces (str, or bytes that may split a UTF-8 character). A token is committed only when text after
 it can no longer change it: everything before the last pre-tokenizer piece (a word, a run of spaces, punctuation) is
-final, because the Qwen2 BPE never merges across pre-tokenizer pieces. `end()` commits the rest.
+final, because the Qwen2 BPE never merges across pre-tokenizer pieces, unless the NFC normalization that precedes
+the pre-tokenizer would join the two sides (a decomposed accent): such a boundary waits. `end()` commits the rest.
 
 Only the uncommitted tail is ever re-split or re-encoded: the tail starts at a pre-tokenizer boundary, and the
 pre-tokenizer resumes at a boundary exactly as it would in the whole text, so the cost of a piece does not grow with
@@ -12,7 +13,17 @@ the text already committed (10,000 one-character pieces stay fast).
 from __future__ import annotations
 
 import codecs
+import unicodedata
 from collections.abc import Callable
+
+
+def _stable(text: str, n: int) -> bool:
+    """Whether text[:n] is final under the tokenizer's NFC normalization, which runs before its pre-tokenizer: a
+    combining mark starting text[n:] ("e" + U+0301) would compose with what precedes it, and any mark appended later
+    composes with the last starter, which must lie at or after n."""
+    return (not unicodedata.combining(text[n])
+            and unicodedata.normalize("NFC", text[:n]) + unicodedata.normalize("NFC", text[n:])
+            == unicodedata.normalize("NFC", text))
 
 
 class IncrementalText:
@@ -45,9 +56,10 @@ class IncrementalText:
             return []
         self.tail += piece
         offsets = self._split(self.tail)
-        if len(offsets) < 2 or offsets[-1] <= 0:
-            return []
-        return self._commit(offsets[-1])
+        for n in reversed(offsets[1:]):  # the last boundary normalization cannot move (almost always the last)
+            if n > 0 and _stable(self.tail, n):
+                return self._commit(n)
+        return []
 
     def end(self) -> list[int]:
         if self.ended:

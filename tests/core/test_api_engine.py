@@ -70,6 +70,35 @@ def test_abandoned_stream_frees_its_slot(model):
     assert not model.engine.has_work() and model.engine.num_active == 0
 
 
+def test_a_stream_dropped_before_its_first_chunk_is_cancelled(model):
+    """An unstarted generator never runs its `finally`: the session it opened must still be cancelled, not run on
+    the next caller's steps with its audio kept forever."""
+    import gc
+
+    it = model.stream_custom_voice(TEXTS[0], speaker="ryan", **dict(G, max_new_tokens=40))
+    driver = model._engine_driver()
+    assert len(driver._queues) == 1
+    del it
+    gc.collect()
+    widths: list[int] = []
+    real_step = model.engine.step
+    model.engine.step = lambda emit=None: (widths.append(model.engine.num_active), real_step(emit))[1]
+    try:
+        model.generate_custom_voice("Hello.", speaker="ryan", **G)
+    finally:
+        del model.engine.step
+    assert max(widths) == 1  # the orphan never ran beside the call
+    assert not driver._queues and not driver._abandoned and not driver._orphans
+    assert not model.engine.has_work() and model.engine.num_active == 0
+
+
+@pytest.mark.parametrize("value", ["2", None, 2.5, 0])
+def test_stream_chunk_sizes_are_checked_naming_the_argument(model, value):
+    with pytest.raises(ValueError, match="first_chunk_frames") as e:
+        model.stream_custom_voice(TEXTS[0], speaker="ryan", first_chunk_frames=value, **G)
+    assert e.value.field == "first_chunk_frames"
+
+
 def test_failed_session_raises_naming_the_field(checkpoint_factory):
     m = Qwen3TTSModel.from_pretrained(checkpoint_factory("custom_voice", "tiny"), device_map="cpu")
     m.configure_engine(max_len=12)  # no prompt fits: each session fails when it starts

@@ -185,6 +185,22 @@ def test_incremental_text_with_the_real_tokenizer_matches_whole_text(model):
     assert ids == tok.target(text).text
 
 
+@pytest.mark.parametrize("text", ["Cafe\u0301 au lait, please.", "e\u0301e\u0301 x", "A\u030a ring", "b\u0301\u0323 ok"])
+@pytest.mark.parametrize("how", ["chars", "words"])
+def test_incremental_text_with_decomposed_accents_matches_whole_text(model, text, how):
+    """The tokenizer normalizes to NFC before it splits words: a piece boundary right before a combining accent
+    would encode "e" and the accent apart ("Cafe" + U+0301), where the whole text has "Café"."""
+    tok = model.tokenizer
+    pieces = list(text) if how == "chars" else [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]]
+    assert "".join(pieces) == text
+    feed = IncrementalText(tok.text_only, tok.split_offsets, tok.encode)
+    ids = []
+    for p in pieces:
+        ids += feed.append(p)
+    ids += feed.end()
+    assert ids == tok.target(text).text
+
+
 def test_a_failing_prefill_fails_only_its_own_session(model, monkeypatch):
     """Sessions that start together share one prefill; when it fails (here: a fault injected for the session
     whose text is poisoned), each is prefilled again alone and only the one at fault ends with an error; the others
