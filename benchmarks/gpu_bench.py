@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -70,11 +71,24 @@ class Ctx:
         kw.setdefault("static", True)  # eager runs use the graphs' shapes (batch buckets): comparable bit for bit
         return Engine(model, **kw)
 
-    def checkpoint(self, kind: str, size: str, dtype: str = "float32") -> Path:
+    def checkpoint(self, kind: str, size: str, dtype: str = "float32", build: bool = True) -> Path:
+        """The checkpoint in --work, built when missing if `build`. The folder appears whole or not at all (built
+        beside it, then renamed), so a stage killed by its timeout while building leaves nothing half-written."""
         path = self.work / f"{kind}-{size}-{dtype}"
-        if not (path / "config.json").exists():
-            make_checkpoint(path, kind, size, seed=0, dtype=dtype)
+        if path.is_dir():
+            return path
+        if not build:
+            raise RuntimeError(f"no {size} {kind} checkpoint in {self.work}: the build stage did not finish")
+        part = path.with_name(path.name + ".partial")
+        shutil.rmtree(part, ignore_errors=True)
+        make_checkpoint(part, kind, size, seed=0, dtype=dtype)
+        os.replace(part, path)
         return path
+
+    def big_checkpoint(self, build: bool = False) -> Path:
+        """The bf16 model of the timed stages: built by the build stage only (a later stage that rebuilt it would
+        spend its own, shorter slot on it and die the same way)."""
+        return self.checkpoint("custom_voice", self.big, "bfloat16", build=build)
 
     def load(self, path: Path, dtype: str, device=None) -> Qwen3TTSModel:
         return Qwen3TTSModel.from_pretrained(path, device_map=str(device or self.dev), dtype=dtype)
@@ -217,12 +231,12 @@ def stored_voice(c: Ctx) -> bool:
 
 def stage_build(c: Ctx) -> dict:
     t = time.perf_counter()
-    c.checkpoint("custom_voice", c.big, "bfloat16")
+    c.big_checkpoint(build=True)
     return {"size": c.big, "build_s": round(time.perf_counter() - t, 1), "goals": {}}
 
 
 def stage_parity(c: Ctx) -> dict:
-    m = c.load(c.checkpoint("custom_voice", c.big, "bfloat16"), "bfloat16")
+    m = c.load(c.big_checkpoint(), "bfloat16")
     g = SamplingParams(max_new_tokens=24, **GREEDY)
     eager = staggered(c.engine(m, False, max_sessions=4, max_len=512), g)
     graphs = staggered(c.engine(m, True, max_sessions=4, max_len=512), g)
@@ -257,7 +271,7 @@ class Timer:
 
 
 def stage_timings(c: Ctx) -> dict:
-    m = c.load(c.checkpoint("custom_voice", c.big, "bfloat16"), "bfloat16")
+    m = c.load(c.big_checkpoint(), "bfloat16")
     rows = (1, 8, 32, 64) if c.cuda else (1, 2, 4)
     lens = (512, 4096) if c.cuda else (64, 128)
     mem0 = torch.cuda.memory_allocated(c.dev) if c.cuda else 0
@@ -331,7 +345,7 @@ def stage_timings(c: Ctx) -> dict:
 
 
 def stage_e2e(c: Ctx, compile: bool = False) -> dict:
-    m = c.load(c.checkpoint("custom_voice", c.big, "bfloat16"), "bfloat16")
+    m = c.load(c.big_checkpoint(), "bfloat16")
     conc = (8, 32, 64) if c.cuda else (2, 4)
     busy_n = 32 if c.cuda else 3
     frames = 100 if c.cuda else 8
@@ -406,7 +420,7 @@ def stage_compile(c: Ctx) -> dict:
     time (compiling included), replay times, kernels per replay, and whether greedy codes stay the plain ones."""
     from torch.profiler import ProfilerActivity, profile
 
-    m = c.load(c.checkpoint("custom_voice", c.big, "bfloat16"), "bfloat16")
+    m = c.load(c.big_checkpoint(), "bfloat16")
     out: dict = {"size": c.big}
     timer, codes = Timer(c), {}
     L = 512 if c.cuda else 64

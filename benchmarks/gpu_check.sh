@@ -52,7 +52,7 @@ stage() {  # stage NAME SECONDS: run it, bounded by its own limit and by what is
 if [ "$DEVICE" = cpu ]; then
   DEFAULT_STAGES="versions:30 tiny:80 build:90 parity:60 timings:90 e2e:100"
 else  # 8 minutes: the compiled path first (plain e2e: add e2e:110, or pick with GPU_CHECK_STAGES)
-  DEFAULT_STAGES="versions:20 tiny:60 build:50 parity:40 compile:90 e2e_compiled:150 timings:70"
+  DEFAULT_STAGES="versions:20 tiny:60 build:60 parity:40 compile:90 e2e_compiled:140 timings:70"
 fi
 for s in ${GPU_CHECK_STAGES:-$DEFAULT_STAGES}; do
   stage "${s%%:*}" "$( [ "${s#*:}" != "$s" ] && echo "${s#*:}" || echo 60 )"

@@ -7,6 +7,7 @@ chunk due in one call per engine step.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 from ..codec.rows import StreamRows, plan_groups, split_calls
+
+log = logging.getLogger(__name__)
 
 
 class AudioStreamer:
@@ -134,6 +137,7 @@ class BatchedAudio:
         self.open_rows: dict[int, _Row] = {}
         self.free = list(range(max_rows))
         self.capture_s = self.bank.capture_graphs(capture) if capture is not None else 0.0
+        self._warned = False  # an eager decode beside graphs was logged
 
     # --- caller side ----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -214,6 +218,11 @@ class BatchedAudio:
         calls = split_calls(groups, [r.pending for _, r in work], self.max_call_frames)
         for group in calls:
             rows = [work[i][1] for i in group]
+            if self.bank.graphs and not self._warned and max(r.pending for r in rows) > max(self.bank.frame_buckets):
+                self._warned = True
+                log.warning("an audio decode of %d frames runs eagerly: graphs hold at most %d (give the engine "
+                            "the chunk sizes in use: audio_chunk_frames)", max(r.pending for r in rows),
+                            max(self.bank.frame_buckets))
             wav = self.bank.decode([r.row for r in rows], [r.pending for r in rows])
             if self.bank.graphs and len(calls) > 1:
                 wav = wav.clone()  # a graph's output is rewritten by its next replay

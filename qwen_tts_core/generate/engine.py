@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,7 +62,8 @@ class Engine:
                  initial_cache_len: int = 256, static: bool | None = None, max_len: int = 4096,
                  cuda_graphs: bool | None = None, batch_buckets: tuple[int, ...] | list[int] | None = None,
                  compile: bool = False, sampler: str = "device", interactive_reserve: int = 0,
-                 audio_dtype: torch.dtype | str | None = None, graph_capture: GraphCapture | None = None) -> None:
+                 audio_dtype: torch.dtype | str | None = None, graph_capture: GraphCapture | None = None,
+                 audio_chunk_frames: Sequence[int] = ()) -> None:
         """max_sessions: sessions decoded together (slots); max_queue: sessions waiting for a slot before EngineBusy
         (>= 1: every added session waits in the queue until the next step admits it, free slots or not).
         max_len: positions per session (prompt + generated frames); a session that reaches it ends with
@@ -82,7 +83,10 @@ class Engine:
         interactive_reserve: slots that bulk sessions never take, so interactive requests find room at once.
         audio_dtype: the streaming audio decoder's compute dtype (default: the codec's, fp32, which matches the
         offline decode within 1e-4; "bfloat16" decodes ~2-3x faster on CPU and GPU at bf16 precision).
-        graph_capture: inject the graph backend (e.g. `GraphCapture(device, fake=True)`, the CPU stand-in)."""
+        graph_capture: inject the graph backend (e.g. `GraphCapture(device, fake=True)`, the CPU stand-in).
+        audio_chunk_frames: the chunk sizes (frames) requests will use, e.g. a service's first_chunk_frames and
+        chunk_frames: with graphs, audio decodes of these sizes are captured too (beside 1, 2, 4 and 8 frames); a
+        decode of more frames than any captured size runs eagerly (logged once)."""
         for name, v, lo in (("max_sessions", max_sessions, 1), ("max_queue", max_queue, 1), ("max_len", max_len, 2)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -134,10 +138,14 @@ class Engine:
             t0 = time.perf_counter()
             self.runner.capture_all()
             self.capture_s = time.perf_counter() - t0
-        self.audio = self._audio_decoder(model.codec, max_sessions, audio_dtype) if model.codec is not None else None
+        for v in audio_chunk_frames:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"audio_chunk_frames must hold integers >= 1, got {v!r}")
+        self.audio = self._audio_decoder(model.codec, max_sessions, audio_dtype, audio_chunk_frames) \
+            if model.codec is not None else None
         self.audio_graphs = self.audio is not None and bool(self.audio.bank.graphs)
 
-    def _audio_decoder(self, codec, max_sessions: int, audio_dtype) -> BatchedAudio:
+    def _audio_decoder(self, codec, max_sessions: int, audio_dtype, chunk_frames: Sequence[int]) -> BatchedAudio:
         """The batched audio decoder. With graphs, every (rows, frames) bucket of it is captured now, in the engine's
         pool, after the step graphs; when that capture fails the decoder runs eagerly (logged): codes stay on graphs
         and audio stays exact, only slower."""
@@ -145,7 +153,8 @@ class Engine:
             return BatchedAudio(codec, max_sessions, dtype=audio_dtype)
         try:
             audio = BatchedAudio(codec, max_sessions, dtype=audio_dtype, capture=self._capture,
-                                 row_buckets=self.runner.batch_buckets)
+                                 row_buckets=self.runner.batch_buckets,
+                                 frame_buckets=sorted({*BatchedAudio.FRAME_BUCKETS, *chunk_frames}))
         except Exception:  # noqa: BLE001 - any capture failure: fall back to the eager decoder
             log.warning("capturing the audio decoder in CUDA graphs failed; it runs eagerly", exc_info=True)
             return BatchedAudio(codec, max_sessions, dtype=audio_dtype)
@@ -464,8 +473,8 @@ class Engine:
         """Build the session's prompt (validating what only the prompt shows) and give it `slot`."""
         req = s.request
         if s.incremental is not None:
-            if not s.committed_ids:
-                raise RequestError("text", "must not be empty")
+            if not s.committed_ids or s.incremental.ended and not s.incremental.text.strip():
+                raise RequestError("text", "must not be empty")  # blank, as a whole text would be refused
             s.prompt = make_prompt(self.model, req, list(s.committed_ids), text_ended=s.incremental.ended)
         else:
             s.prompt = make_prompt(self.model, req, self.model.tokenizer.target(req.text).text, True)

@@ -32,7 +32,7 @@ import torch
 
 from ..model.fused import compiled_ops
 from ..model.kv_cache import KVCache
-from ..model.layers import Attention, onednn_enabled, pack_linears_, packed_linears, sdpa_backend
+from ..model.layers import onednn_enabled, pack_linears_, packed_linears, sdpa_backend
 from ..model.talker import Talker
 from ..types import SamplingParams
 from .graphs import GraphCapture
@@ -146,6 +146,7 @@ class StepRunner:
         self.talker, self.device, self.dtype = talker, p.device, p.dtype
         self.S, self.max_len, self.sampler, self.capture = max_sessions, max_len, sampler, capture
         self.static = static or capture is not None
+        self.layout = "gqa"  # the talker's decode attention layout (choose_decode_layout)
         self.batch_buckets = batch_buckets(max_sessions, buckets)
         self.len_buckets = length_buckets(max_len)
         t = talker.cfg
@@ -237,7 +238,7 @@ class StepRunner:
         text = self.text_buf[torch.arange(B, device=self.device), tp.clamp(max=self.text_buf.shape[1] - 1)]
         text = torch.where((tp < self.text_len[:B])[:, None], text, self.tts_pad)
         embeds = self.talker.embed_frame(self.last_codes[:B]) + text
-        hidden, logits = talker_step(self.talker, self.cache, self.pos[:B], embeds, L)
+        hidden, logits = talker_step(self.talker, self.cache, self.pos[:B], embeds, L, self.layout)
         logits = talker_logits_batch(logits, self.seen[:B], self.t_pen[:B], self.ngen[:B], self.blocked, self.eos_id)
         ids = self._pick_talker(logits, B, plan=plan)
         m = self.t_mask[:B]
@@ -371,8 +372,11 @@ class StepRunner:
         buf.zero_()
         for i, x in enumerate(starts):
             buf[i, : x.embeds.shape[0]] = x.embeds
-        self._pf_slots[:n] = torch.tensor([x.slot for x in starts], dtype=torch.long)
-        self._pf_last[:n] = torch.tensor([x.embeds.shape[0] - 1 for x in starts], dtype=torch.long)
+        host = torch.tensor([[x.slot for x in starts], [x.embeds.shape[0] - 1 for x in starts]], dtype=torch.long)
+        if self._pf_slots.is_cuda:  # from pinned memory the copies do not wait for the GPU (a pageable one does);
+            host = host.pin_memory()  # the caching host allocator keeps the block until they are done
+        self._pf_slots[:n].copy_(host[0], non_blocking=True)
+        self._pf_last[:n].copy_(host[1], non_blocking=True)
         with self._body_context(), compiled_ops(False):
             self._run(("prefill", n, T), self._prefill_body, n, T, self._eager_plan(_plan_of([x.sp for x in starts])))
 
@@ -551,9 +555,8 @@ class StepRunner:
 
     # --- attention layout --------------------------------------------------------------------------------------
     def set_decode_layout(self, layout: str) -> None:
-        for m in self.talker.modules():
-            if isinstance(m, Attention):
-                m.decode_layout = layout
+        """This runner's talker steps use `layout` (its own: other engines on the same model keep theirs)."""
+        self.layout = layout
 
     def choose_decode_layout(self) -> dict[str, str]:
         """On CUDA, pick the decode attention layout whose talker-step SDPA call gets a fused kernel (not MATH), probing

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from ..model.kv_cache import KVCache
+from ..model.layers import decode_layout
 from ..model.talker import Talker
 
 
@@ -27,10 +28,12 @@ def prefill(talker: Talker, cache: KVCache, slots: torch.Tensor, embeds: torch.T
 
 
 def talker_step(talker: Talker, cache: KVCache, positions: torch.Tensor, embeds: torch.Tensor,
-                read_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                read_len: int, layout: str = "gqa") -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step for the B sessions in cache slots 0..B-1: embeds [B, C] at positions [B]; keys are read up to
-    `read_len` (a bucket above the longest row). Returns (hidden [B, C], codebook-0 logits [B, V] fp32)."""
-    hidden, logits = talker(embeds[:, None], positions[:, None], cache, read_len=read_len)
+    `read_len` (a bucket above the longest row); `layout`: the attention layout (`model.layers.decode_layout`).
+    Returns (hidden [B, C], codebook-0 logits [B, V] fp32)."""
+    with decode_layout(layout):
+        hidden, logits = talker(embeds[:, None], positions[:, None], cache, read_len=read_len)
     return hidden[:, 0], logits[:, 0].float()
 
 

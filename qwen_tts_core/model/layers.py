@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..config import DecoderStackConfig
-from .flags import ThreadFlag
+from .flags import ThreadFlag, ThreadValue
 from .fused import add_rms_norm, apply_rope, qk_norm_rope, qk_norm_weight, silu_mul
 from .kv_cache import LayerCache
 
@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 packed_linears = ThreadFlag()
 """`with packed_linears(on):` within this block (this thread), linears given a `PackSlot` (`pack_linears_`) run on
 its packed copy of their weight."""
+
+decode_layout = ThreadValue("gqa")
+"""`with decode_layout(name):` one-query attention steps in this block (this thread) use layout `name`: "gqa" (SDPA
+with enable_gqa), "grouped" or "grouped_float" (see `grouped_decode_attention`). An engine sets it around its talker
+step (`generate.step.talker_step`), so engines sharing one model each keep the layout they chose."""
 
 
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,7 +286,6 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qkv: torch.Tensor | None = None  # fused [q; k; v] weight, set by fuse_()
         self.qkv_slot: PackSlot | None = None  # its oneDNN-packed copy (pack_linears_)
-        self.decode_layout = "gqa"  # one-query steps: "gqa" (SDPA enable_gqa) or a grouped layout (see below)
 
     @torch.no_grad()
     def fuse_(self, column_major: bool = False) -> None:
@@ -324,8 +328,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self._qk_rope(x, cos, sin, qk_w)
         keys, values = cache.update(k, v, positions)  # [B, Hkv, K, D]
-        if T == 1 and self.decode_layout != "gqa":
-            out = grouped_decode_attention(q, keys, values, mask, self.decode_layout == "grouped_float")
+        layout = decode_layout.get() if T == 1 else "gqa"
+        if layout != "gqa":
+            out = grouped_decode_attention(q, keys, values, mask, layout == "grouped_float")
         elif mask is None:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=True)
         else:

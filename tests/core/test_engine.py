@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qwen_tts_core import Engine, EngineBusy, SamplingParams, SynthesisRequest
+from qwen_tts_core.errors import SessionEnded
 
 GREEDY = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=24)
 TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog.", "Good morning!", "Press one for sales."]
@@ -169,6 +170,43 @@ def test_incremental_misuse(model):
     full = eng.add(req("Hello"))
     with pytest.raises(ValueError, match="full text"):
         full.append_text("x")
+
+
+def test_text_for_an_ended_session_is_refused_not_dropped(model):
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(None, sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=3)))
+    s.append_text("Hello there, how are you today?")
+    while eng.has_work():
+        eng.step()
+    assert s.finish_reason == "max_new_tokens"
+    for send in (lambda: s.append_text(" more"), s.end_text):
+        with pytest.raises(SessionEnded, match="already ended .max_new_tokens"):
+            send()
+    c = eng.add(req(None))
+    eng.cancel(c)
+    with pytest.raises(SessionEnded, match="cancelled"):
+        c.append_text("x")
+
+
+def test_incremental_blank_text_is_refused_as_whole_blank_text_is(model):
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(None))
+    s.append_text("   ")
+    s.end_text()
+    while eng.has_work():
+        eng.step()
+    assert s.finish_reason == "error" and s.error_field == "text" and "empty" in s.error
+    assert eng.free_slots == [0]
+
+
+def test_numpy_chunk_sizes_are_taken_as_ints(model):
+    import numpy as np
+
+    r = req("Hello", first_chunk_frames=np.int64(2), chunk_frames=np.int32(3))
+    r.decode_audio = True  # the audio decoder is where a numpy int used to fail the session
+    s = Engine(model, max_sessions=1).run_all([r])[0]
+    assert s.finish_reason != "error", s.error
+    assert type(r.first_chunk_frames) is int and type(r.chunk_frames) is int
 
 
 def test_incremental_empty_text_fails_cleanly(model):
@@ -336,3 +374,21 @@ def test_max_queue_must_leave_room_for_one(model):
     eng.add(req("Hello"))
     with pytest.raises(EngineBusy):
         eng.add(req("Hello"))
+
+
+def test_engines_sharing_a_model_keep_their_own_attention_layout(model, monkeypatch):
+    """The drop-in API's engine (torch sampler, fp32) keeps SDPA with enable_gqa, the reference's numbers; an engine
+    built later on the same model (a service's, device sampler) takes the grouped layout. Each must keep its own:
+    the layout was stored on the shared model, so the last engine built decided it for every engine."""
+    from qwen_tts_core.model import layers
+
+    calls = []
+    real = layers.grouped_decode_attention
+    monkeypatch.setattr(layers, "grouped_decode_attention", lambda *a: (calls.append(1), real(*a))[1])
+    a = Engine(model, max_sessions=2, sampler="torch")
+    b = Engine(model, max_sessions=2)
+    assert (a.sdpa["layout"], b.sdpa["layout"]) == ("gqa", "grouped")
+    a.run_all([req(TEXTS[0])])
+    assert not calls  # A's talker steps ran SDPA with enable_gqa
+    b.run_all([req(TEXTS[0])])
+    assert calls  # B's ran the grouped layout

@@ -61,10 +61,36 @@ def test_a_stage_past_its_time_is_recorded_and_the_run_still_ends(tmp_path):
 def test_dry_run_of_the_compiled_stages(tmp_path):
     """`compile` (plain vs compiled fused ops with graphs) and `e2e_compiled`: the stages the next GPU run needs most.
     On CPU the stand-in replays the plain ops it recorded, so the figures only show the plumbing works."""
-    final, lines = run_check(tmp_path, GPU_CHECK_STAGES="compile:400 e2e_compiled:300", GPU_CHECK_BUDGET_S="800")
-    assert final["stages"] == {"compile": "ok", "e2e_compiled": "ok"}, [x.get("traceback") for x in lines]
-    comp, e2e = lines
+    final, lines = run_check(tmp_path, GPU_CHECK_STAGES="build:90 compile:400 e2e_compiled:300",
+                             GPU_CHECK_BUDGET_S="900")
+    assert final["stages"] == {"build": "ok", "compile": "ok", "e2e_compiled": "ok"}, [x.get("traceback")
+                                                                                         for x in lines]
+    _, comp, e2e = lines
     assert comp["greedy_codes_equal_frac"] == 1.0 and comp["plain_fused_ops_compiled"] is False
     assert comp["compiled_engine_s"] > 0 and "compiled_cp_topk_replay_ms_b8" in comp
     assert e2e["compile"] is True and e2e["audio_s_per_s_c4"] > 0
     assert set(final["goals"]) >= {"compiled_ops_in_use", "compiled_ttfa_p50_idle_le_30ms"}
+
+
+def test_a_build_cut_short_leaves_nothing_a_later_stage_would_half_load(tmp_path, monkeypatch):
+    """The build stage killed by its timeout after config.json was written (tokenizer and codec still missing): the
+    later stages must not load that folder nor start the 1.7B build again inside their own shorter slots."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_bench
+
+    c = gpu_bench.Ctx("cpu", tmp_path)
+
+    def killed(out, *a, **k):
+        Path(out).mkdir(parents=True)
+        (Path(out) / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # what the stage sees of its timeout, here mid-build
+
+    monkeypatch.setattr(gpu_bench, "make_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        c.big_checkpoint(build=True)
+    with pytest.raises(RuntimeError, match="build stage did not finish"):
+        c.big_checkpoint()  # what parity/timings/e2e call: no half-written folder, no second build
+    monkeypatch.undo()
+    path = c.big_checkpoint(build=True)  # a rerun of the build replaces the leftovers
+    assert (path / "speech_tokenizer").is_dir() and c.big_checkpoint() == path
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

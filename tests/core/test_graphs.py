@@ -177,6 +177,35 @@ def _check_streams(eng, rs, offline):
         assert pcm.shape == off.shape and np.abs(pcm - off).max() <= 1e-4
 
 
+def test_chunk_sizes_the_engine_is_told_about_decode_on_graphs(model, caplog):
+    """A service's chunk size above the 8-frame bucket (chunk_frames: 12): the engine told about it captures that
+    size too, so every chunk is one replay and the audio stays exact; an engine not told decodes such chunks
+    eagerly and says so once."""
+    kw = dict(speaker="ryan", language="english", do_sample=False, subtalker_dosample=False, max_new_tokens=30)
+    offline = [model.generate_custom_voice(TEXTS[1], non_streaming_mode=False, **kw)[0][0]]
+    r = lambda: SynthesisRequest(kind="custom_voice", text=TEXTS[1], speaker="ryan", language="english",  # noqa: E731
+                                 sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=30),
+                                 first_chunk_frames=1, chunk_frames=12)
+    told = Engine(model, max_sessions=2, max_len=128, graph_capture=GraphCapture("cpu", fake=True),
+                  audio_chunk_frames=(1, 12))
+    bank = told.audio.bank
+    calls = {"eager": 0}
+    real_run = bank.run
+    bank.run = lambda *a: (calls.__setitem__("eager", calls["eager"] + 1), real_run(*a))[1]
+    replays = bank.replays
+    _check_streams(told, [r()], offline)
+    assert calls["eager"] == 0 and bank.replays - replays == 4  # chunks of 1, 12, 12 and the last 4 frames
+    untold = Engine(model, max_sessions=2, max_len=128, graph_capture=GraphCapture("cpu", fake=True))
+    with caplog.at_level("WARNING", logger="qwen_tts_core.generate.audio_stream"):
+        _check_streams(untold, [r()], offline)
+        _check_streams(untold, [r()], offline)
+    assert [x.getMessage() for x in caplog.records].count(
+        "an audio decode of 12 frames runs eagerly: graphs hold at most 8 (give the engine the chunk sizes in use: "
+        "audio_chunk_frames)") == 1
+    with pytest.raises(ValueError, match="audio_chunk_frames"):
+        Engine(model, max_sessions=1, audio_chunk_frames=(0,))
+
+
 def test_audio_decoder_falls_back_to_eager_when_its_capture_fails(model, monkeypatch):
     """A capture of the audio decoder that fails (an op CUDA graphs cannot take) leaves the step graphs in place
     and the audio exact, decoded eagerly."""
