@@ -8,7 +8,16 @@ wav: a RIFF header whose sizes say "unknown length" (0xFFFFFFFF, as streaming se
 pcm: raw s16le. flac, mp3 and opus (in Ogg): libsndfile through the `soundfile` wheel (libsndfile >= 1.1 writes MP3 via
 LAME and Ogg/Opus), fed chunk by chunk into an in-memory sink that hands out what was written since the last call.
 When the encoder finishes it may seek back to patch its header (FLAC STREAMINFO length); bytes already sent cannot
-change, so those patches are dropped and the stream keeps its "length unknown" header, which decoders accept.
+change, so those patches are dropped and the stream keeps its "length unknown" header. FFmpeg/PyAV decode such a FLAC
+stream exactly; libsndfile (`soundfile`) cannot (it errors, or loses the last block), so FLAC streams are for FFmpeg
+clients. mp3 carries no LAME/Xing tag in a stream (it is written last), so decoders keep LAME's encoder delay (1105
+samples at 24 kHz) and padding: 1105-1728 samples more than were pushed.
+
+Zero samples (the model may stop at once) still give a decodable file: wav is its 44-byte header, pcm an empty body
+(both exactly 0 samples). flac, mp3 and opus cannot say "no samples": libsndfile writes no byte of FLAC or MP3
+without a sample (and a FLAC STREAMINFO total of 0 means "unknown length"), and an Ogg Opus stream with no audio
+page is refused by FFmpeg and libsndfile. So they get one sample of silence, decoded as 1 sample (flac, opus: 2 at
+48 kHz) or LAME's smallest output, 1728 samples (mp3).
 """
 
 from __future__ import annotations
@@ -150,6 +159,7 @@ class SoundfileEncoder:
         self._file = sf.SoundFile(self._sink, mode="w", samplerate=sample_rate, channels=1, format=major,
                                   subtype=subtype, **extra)
         self._skip_tag = fmt == "mp3"
+        self._pushed = False
 
     def _drain(self) -> bytes:
         if self._skip_tag:
@@ -165,9 +175,12 @@ class SoundfileEncoder:
         x = np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0)
         if x.size:
             self._file.write(x)
+            self._pushed = True
         return self._drain()
 
     def finish(self) -> bytes:
+        if not self._pushed:  # see the module docstring: these formats cannot hold zero samples
+            self._file.write(np.zeros(1, np.float32))
         self._file.close()
         return self._drain()
 

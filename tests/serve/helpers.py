@@ -17,20 +17,33 @@ def metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def decode_av(data: bytes) -> tuple[np.ndarray, int]:
+    """Any container FFmpeg reads -> (float32 mono, sample rate), through PyAV; raises when FFmpeg cannot read it."""
+    import av
+
+    with av.open(io.BytesIO(data)) as f:
+        stream = f.streams.audio[0]
+        rate = stream.rate or stream.codec_context.sample_rate
+        to_float = av.AudioResampler(format="flt", layout="mono", rate=rate)  # s16 -> float only: exact
+        parts = [r.to_ndarray().reshape(-1) for frame in f.decode(stream) for r in to_float.resample(frame)]
+        parts += [r.to_ndarray().reshape(-1) for r in to_float.resample(None)]
+    return (np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)), int(rate)
+
+
 def decode_audio(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
-    """Streamed bytes of `fmt` -> (float32 mono, sample rate); reads streams of unknown length block by block."""
+    """Streamed bytes of `fmt` -> (float32 mono, sample rate). FLAC goes through PyAV: libsndfile cannot read a FLAC
+    stream of unknown length (sf.read fails, block reads lose the last block)."""
     import soundfile as sf
 
     if fmt == "pcm":
         return np.frombuffer(data, "<i2").astype(np.float32) / 32768, 24000
-    f = sf.SoundFile(io.BytesIO(data))
-    out = []
-    try:
+    if fmt == "flac":
+        return decode_av(data)
+    with sf.SoundFile(io.BytesIO(data)) as f:  # a streamed WAV says "unknown length": read block by block
+        out = []
         while True:
             block = f.read(1024, dtype="float32")
             out.append(block)
             if len(block) < 1024:
                 break
-    except sf.LibsndfileError:
-        pass  # libsndfile cannot seek past the end of a FLAC stream of unknown length; the data read is whole
-    return (np.concatenate(out) if out else np.zeros(0, np.float32)), f.samplerate
+        return np.concatenate(out), f.samplerate
