@@ -1,6 +1,8 @@
 """The main job (`make demo` / `qtts demo`): narrate the sample book on the embedded default setup.
 
-Local Ray (a running head from cluster/local.sh if there is one, else an in-process cluster), the Serve
+Ray: the head at `--ray-address`, else at RAY_ADDRESS, else an in-process cluster that ends with the command.
+cluster/env.sh does not set RAY_ADDRESS, so to use the head that cluster/local.sh started:
+`export RAY_ADDRESS=$RAY_ADDRESS_HOSTPORT` (or `--ray-address $RAY_ADDRESS_HOSTPORT`). Then the Serve
 app "qtts" (deployed here when not already running; `--no-serve` uses engine actors instead), a tiny
 random checkpoint when no model is given, `examples/book` -> `./output` (file://), manifest printed.
 """

@@ -162,7 +162,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
     drop_job_working_dir()
     addr = address or os.environ.get("RAY_ADDRESS")
     if addr and not address and addr not in ("auto", "local") and not _listening(addr):
-        # ray.init would wait minutes for a GCS that is not there (cluster/env.sh always sets RAY_ADDRESS)
+        # ray.init would wait minutes for a GCS that is not there (RAY_ADDRESS exported for a head since stopped)
         log.warning("no Ray head listens at %s; starting a local one", addr)
         os.environ.pop("RAY_ADDRESS", None)
         addr = None
