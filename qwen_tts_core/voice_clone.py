@@ -6,6 +6,7 @@ from typing import Any
 
 from .audio_io import load_audio, to_24k
 from .errors import RequestError
+from .generate.requests import check_text
 from .speaker.ecapa import min_speaker_samples, speaker_embedding
 from .voice_prompt import VoiceClonePromptItem
 
@@ -28,8 +29,10 @@ def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None, x_vec
         raise RequestError("ref_text", f"batch size mismatch: ref_audio={n}, ref_text={len(texts)}, "
                          f"x_vector_only_mode={len(modes)}")
     for i, (t, xvec) in enumerate(zip(texts, modes)):
-        if not xvec and (t is None or not str(t).strip()):
+        if not xvec and (t is None or isinstance(t, str) and not t.strip()):
             raise RequestError("ref_text", f"is required when x_vector_only_mode=False (ICL mode); missing at index {i}")
+        if not xvec:
+            check_text(t, "ref_text")  # a str with something visible in it, valid Unicode
     wavs, rates = [], set()
     need = min_speaker_samples(model.speaker_encoder.config)
     for i, a in enumerate(audios):

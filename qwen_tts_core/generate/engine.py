@@ -44,7 +44,7 @@ from ..text.prompt import extend_prompt
 from ..types import SAMPLES_PER_FRAME, AudioChunk, SamplingParams, SynthesisRequest
 from .audio_stream import BatchedAudio
 from .graphs import GraphCapture
-from .requests import make_prompt, validate
+from .requests import is_blank, make_prompt, validate
 from .runner import Start, StepRunner
 from .session import Session
 from .text_feed import IncrementalText
@@ -473,7 +473,7 @@ class Engine:
         """Build the session's prompt (validating what only the prompt shows) and give it `slot`."""
         req = s.request
         if s.incremental is not None:
-            if not s.committed_ids or s.incremental.ended and not s.incremental.text.strip():
+            if not s.committed_ids or s.incremental.ended and is_blank(s.incremental.text):
                 raise RequestError("text", "must not be empty")  # blank, as a whole text would be refused
             s.prompt = make_prompt(self.model, req, list(s.committed_ids), text_ended=s.incremental.ended)
         else:

@@ -36,9 +36,16 @@ def check_text(text: object, field: str = "text", allow_blank: bool = False) -> 
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise RequestError(field, f"is not valid Unicode (a lone surrogate at character {e.start})") from None
-    if not allow_blank and not text.strip():
-        raise RequestError(field, "must not be empty")
+    if not allow_blank and is_blank(text):
+        raise RequestError(field, "must not be empty" if not text.strip() else
+                           "has no visible character (only control, format or zero-width characters)")
     return text
+
+
+def is_blank(text: str) -> bool:
+    """Nothing to say: no character that is printable and not a space (NULs, zero-width and other format characters
+    alone made the model babble up to max_new_tokens)."""
+    return not any(c.isprintable() and not c.isspace() for c in text)
 
 
 def check_seed(seed: object) -> int | None:

@@ -79,6 +79,9 @@ def test_voice_clone_errors(model_factory, ref_wav_path, tmp_path):
     base = model_factory("base", "tiny")
     with pytest.raises(ValueError, match="ref_text"):
         base.create_voice_clone_prompt(str(ref_wav_path))
+    for bad in ("\x00\x00", "\u200b", 123):  # nothing visible (was stored as a voice's transcript), not text
+        with pytest.raises(ValueError, match="ref_text"):
+            base.create_voice_clone_prompt(str(ref_wav_path), ref_text=bad)
     with pytest.raises(ValueError, match="ref_audio"):
         base.generate_voice_clone("Hi")
     silent = tmp_path / "silent.wav"

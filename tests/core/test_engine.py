@@ -223,6 +223,8 @@ def test_incremental_empty_text_fails_cleanly(model):
     ("speaker", "nobody", "speaker"),
     ("language", "klingon", "language"),
     ("text", "   ", "text"),
+    ("text", "\x00\x00", "visible"),  # NULs alone: the model babbled up to max_new_tokens
+    ("text", "\u200b\u200d\x07 \ufeff", "visible"),  # zero-width, control and format characters alone
     ("first_chunk_frames", 0, "first_chunk_frames"),
     ("chunk_frames", 0, "chunk_frames"),
     ("priority", "urgent", "priority"),
