@@ -1,6 +1,6 @@
 """Build the Serve application: one replica deployment per configured model plus the FastAPI ingress.
 
-    serve run configs/serve.yaml               # import_path: serve.app:app_builder, args: the ServiceConfig
+    serve run --address $RAY_ADDRESS_HOSTPORT configs/serve.yaml   # import_path: serve.app:app_builder, args: ServiceConfig
     from serve.app import build_app; serve.run(build_app(cfg), name="qtts", route_prefix="/")
 """
 
