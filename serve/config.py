@@ -121,6 +121,8 @@ class ServiceConfig:
     session_deadline_s: float = 600.0                   # any session: wall time in the engine before it fails
     session_lease_s: float = 15.0                       # a stream whose consumer stops renewing (and died) is cancelled
     retry_after_s: int = 1
+    max_streams_per_key: int | None = 16                # open HTTP speech streams + WebSocket sessions of one
+    #                                                     non-admin key (429 beyond); None: no limit (serve/quotas.py)
     ingress_num_cpus: float = 0.25
     ingress_replicas: int = 1
 
@@ -136,6 +138,10 @@ class ServiceConfig:
                 or self.ws_max_messages < 1 or self.ws_message_burst < 1:
             raise ValueError("ws_idle_timeout_s, session_deadline_s, session_lease_s, ws_max_messages, "
                              "ws_max_messages_per_s and ws_message_burst must be positive")
+        if self.max_streams_per_key is not None and (isinstance(self.max_streams_per_key, bool) or
+                                                     not isinstance(self.max_streams_per_key, int) or
+                                                     self.max_streams_per_key < 1):
+            raise ValueError(f"max_streams_per_key must be an integer >= 1 or null, got {self.max_streams_per_key!r}")
         for key in (*self.api_keys, *self.admin_api_keys):
             if not isinstance(key, str) or not key.strip() or key != key.strip():
                 raise ValueError("api_keys / admin_api_keys must be non-empty strings without surrounding spaces")

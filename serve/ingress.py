@@ -37,6 +37,7 @@ from .fetch import AllowList, FetchRefused, fetch_allowed
 from .jsonlimits import JsonLimits, JsonRejected, loads_bounded
 from .liveness import this_actor
 from .metrics import ClientStreams, merge_stats, prometheus_text
+from .quotas import Place, StreamQuota
 from .requests import CALLER
 from .routing import detached, route_key
 from .schemas import (
@@ -107,6 +108,7 @@ class Ingress:
         # streams this ingress consumes, renewed on their replicas, which ping this actor before cancelling a lapse
         self.leases = Leases(self.cfg.session_lease_s, this_actor())
         self.client_streams = ClientStreams()               # open client streams (HTTP + WebSocket) of this ingress
+        self.quota = StreamQuota(self.cfg.max_streams_per_key, self.client_streams, self.cfg.retry_after_s)
         self.app_name = serve.get_replica_context().app_name
 
     # --- shared checks ----------------------------------------------------------------------------------------
@@ -148,11 +150,19 @@ class Ingress:
             raise ApiError(400, f"model {name!r} is not served; choose one of {sorted(self.replicas)}", "model")
         return name, self.replicas[name]
 
-    async def _stream(self, name: str, handle, payload: dict, incremental: bool = False,
+    async def _stream(self, name: str, handle, payload: dict, place: Place, incremental: bool = False,
                       counted: bool = True) -> ReplicaStream:
-        """Open a replica stream (leased by this ingress; counted as an open client stream); ApiError if refused."""
-        return await ReplicaStream.open(name, handle, payload, self.leases, incremental, self.cfg.retry_after_s,
-                                        self.client_streams if counted else None)
+        """Open a replica stream (leased by this ingress; counted as an open client stream when `counted`) on the
+        caller's `place` (quotas.py); ApiError if refused. The place is given back when the stream closes, and here
+        when no stream comes of it (refused, replica gone, the client left while it opened). A WebSocket (not
+        `counted`: it counts itself from its accept) gives its place back when the session ends."""
+        try:
+            stream = await ReplicaStream.open(name, handle, payload, self.leases, incremental,
+                                              self.cfg.retry_after_s, place if counted else None)
+        except BaseException:
+            place.closed()
+            raise
+        return stream
 
     # --- speech -----------------------------------------------------------------------------------------------
     @app.post("/v1/audio/speech")
@@ -174,7 +184,7 @@ class Ingress:
             raise bad_request(str(e), "response_format") from None
         if req.speed != 1.0:  # the encoder gets the audio stretched as it streams (chunk-independent, pitch kept)
             encoder = StretchedEncoder(encoder, SAMPLE_RATE, req.speed)
-        stream = await self._stream(name, handle, payload)
+        stream = await self._stream(name, handle, payload, self.quota.take(caller))
         try:  # nothing is sent before the first audio: a request that fails before it gets a 4xx/5xx JSON answer
             first = await stream.first_output()
         except BaseException:  # the error, or the client left (cancelled) before any audio
@@ -375,6 +385,7 @@ class Ingress:
     async def speech_stream(self, ws: WebSocket) -> None:
         await ws.accept()
         self.client_streams.opened()
+        place: Place | None = None
         try:
             try:
                 caller = self._auth(ws.headers, dict(ws.query_params))
@@ -383,7 +394,8 @@ class Ingress:
                 payload = cfg.model_dump(exclude={"type", "response_format"})
                 payload.update(model=name, **{CALLER: caller.scope})
                 encoder = make_encoder(cfg.response_format)
-                stream = await self._stream(name, handle, payload, incremental=True, counted=False)
+                place = self.quota.take(caller)   # 429 when this key holds its share (HTTP streams included)
+                stream = await self._stream(name, handle, payload, place, incremental=True, counted=False)
             except ValidationError as e:
                 return await send_error(ws, from_validation_error(e), self._count_error)
             except ApiError as e:
@@ -397,6 +409,8 @@ class Ingress:
                                 self._count_error)
             await session.run()
         finally:
+            if place is not None:
+                place.closed()
             self.client_streams.closed()
 
     @staticmethod

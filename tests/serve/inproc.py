@@ -5,7 +5,9 @@
     client.post("/v1/audio/voices", ...)            # starlette's TestClient
     await asgi_call(app, "POST", path, headers, chunks)   # raw ASGI: a streamed body, bytes read counted
 
-Handles support `.remote` calls that return a value (info, create_voice, ...), not streams."""
+Handles support `.remote` calls that return a value (info, create_voice, ...) and, through
+`handle.options(stream=True)`, calls of async generator methods (`stream`) as Serve's streaming responses are used:
+`await gen.__anext__()` and `gen.cancel()`."""
 
 from __future__ import annotations
 
@@ -15,11 +17,32 @@ from types import SimpleNamespace
 from typing import Any
 
 
+class StreamResponse:
+    """What a streaming handle call returns: an async iterator with `cancel()` (recorded in `cancelled`)."""
+
+    def __init__(self, agen) -> None:
+        self.agen, self.cancelled = agen, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.cancelled:
+            raise StopAsyncIteration
+        return await self.agen.__anext__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class _Method:
-    def __init__(self, fn) -> None:
-        self.fn = fn
+    def __init__(self, fn, stream: bool = False) -> None:
+        self.fn, self.stream = fn, stream
 
     def remote(self, *args, **kwargs):
+        if self.stream:
+            return StreamResponse(self.fn(*args, **kwargs))
+
         async def call():
             out = self.fn(*args, **kwargs)
             return await out if inspect.isawaitable(out) else out
@@ -29,16 +52,16 @@ class _Method:
 class Handle:
     """A deployment handle over `target`: `handle.method.remote(...)` awaits `target.method(...)`."""
 
-    def __init__(self, target: Any) -> None:
-        self.target = target
+    def __init__(self, target: Any, stream: bool = False) -> None:
+        self.target, self._streaming = target, stream   # (not `.stream`: that is the replica's method)
 
-    def options(self, **_) -> Handle:
-        return self
+    def options(self, stream: bool = False, **_) -> Handle:
+        return Handle(self.target, stream)
 
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _Method(getattr(self.target, name))
+        return _Method(getattr(self.target, name), self._streaming)
 
 
 def ingress_app(monkeypatch, config: dict, targets: dict[str, Any]):

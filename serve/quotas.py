@@ -1,0 +1,73 @@
+"""Fair shares between API keys at the ingress: how many client streams one key may hold at once.
+
+    quota = StreamQuota(cfg.max_streams_per_key, client_streams, retry_after_s=1)
+    place = quota.take(caller)      # ApiError 429 when this key already holds its share; before any replica work
+    ...                             # HTTP: ReplicaStream.open(..., counter=place); WebSocket: held by the session
+    place.closed()                  # on EVERY ending (idempotent); ReplicaStream.close calls it
+
+HTTP speech streams and WebSocket sessions count together. Admission in the replicas is global (slots + queue,
+scheduler.py), so without this one key could hold every slot and queue place and every other key got 503.
+
+Who is counted: each non-admin API key (by its digest). Admin keys are the operator's and are not counted, and
+neither is a service without API keys: there every caller is the one anonymous admin caller (auth.py), and the client
+address does not tell tenants apart (behind the gateway serve/README.md asks for, every request has the gateway's
+address, so a per-address limit would be one limit for everybody).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .auth import Caller
+from .metrics import ClientStreams
+from .schemas import ApiError
+
+
+class Place:
+    """One open stream of one caller. Has the `opened()`/`closed()` interface of `ClientStreams`, so a
+    `ReplicaStream` counts it in the ingress's open client streams while it lives and gives it back on close."""
+
+    def __init__(self, quota: StreamQuota | None, who: str | None) -> None:
+        self.quota, self.who = quota, who
+        self._counted = self._done = False
+
+    def opened(self) -> None:
+        if not self._counted and self.quota is not None:
+            self._counted = True
+            self.quota.total.opened()
+
+    def closed(self) -> None:
+        """Give the place back (and the open-stream count, when it was counted). Safe to call more than once."""
+        if self._done or self.quota is None:
+            return
+        self._done = True
+        if self._counted:
+            self.quota.total.closed()
+        self.quota._release(self.who)
+
+
+class StreamQuota:
+    def __init__(self, limit: int | None, total: ClientStreams, retry_after_s: int = 1) -> None:
+        self.limit, self.total, self.retry_after_s = limit, total, retry_after_s
+        self.held: Counter[str] = Counter()          # key digest -> open streams
+
+    def take(self, caller: Caller) -> Place:
+        """A place for one more stream of `caller`; ApiError 429 when its key holds `limit` already."""
+        who = None if caller.admin or self.limit is None else caller.owner
+        if who is not None:
+            if self.held[who] >= self.limit:
+                raise ApiError(429, f"too many open streams for this API key: at most {self.limit} at once "
+                                    f"(HTTP speech streams and WebSocket sessions together)", None,
+                               headers={"Retry-After": str(self.retry_after_s)})
+            self.held[who] += 1
+        return Place(self, who)
+
+    def _release(self, who: str | None) -> None:
+        if who is None:
+            return
+        self.held[who] -= 1
+        if self.held[who] <= 0:
+            del self.held[who]
+
+
+__all__ = ["Place", "StreamQuota"]
