@@ -112,6 +112,7 @@ class ServiceConfig:
     docs_without_key: bool = False                      # likewise /docs and /openapi.json
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 10 << 20
+    body_timeout_s: float = 30.0                        # a request body (JSON, voice upload) must arrive in this time
     max_input_chars: int = 4096
     allowed_audio_url_prefixes: tuple[str, ...] = ()     # reference audio URLs: only with an allow-list
     ws_idle_timeout_s: float = 30.0                     # WebSocket: config wait; a session with no text fails
@@ -134,10 +135,10 @@ class ServiceConfig:
             raise ValueError(f"models: duplicate names in {names}")
         if self.max_input_chars < 1 or self.max_body_bytes < 1024 or self.max_upload_bytes < 1024:
             raise ValueError("max_input_chars must be >= 1, max_body_bytes and max_upload_bytes >= 1024")
-        if min(self.ws_idle_timeout_s, self.session_deadline_s, self.session_lease_s, self.ws_max_messages_per_s) <= 0 \
-                or self.ws_max_messages < 1 or self.ws_message_burst < 1:
+        if min(self.ws_idle_timeout_s, self.session_deadline_s, self.session_lease_s, self.ws_max_messages_per_s,
+               self.body_timeout_s) <= 0 or self.ws_max_messages < 1 or self.ws_message_burst < 1:
             raise ValueError("ws_idle_timeout_s, session_deadline_s, session_lease_s, ws_max_messages, "
-                             "ws_max_messages_per_s and ws_message_burst must be positive")
+                             "ws_max_messages_per_s, ws_message_burst and body_timeout_s must be positive")
         if self.max_streams_per_key is not None and (isinstance(self.max_streams_per_key, bool) or
                                                      not isinstance(self.max_streams_per_key, int) or
                                                      self.max_streams_per_key < 1):

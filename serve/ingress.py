@@ -24,6 +24,7 @@ from fastapi.responses import (
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from qwen_tts_core.audio_fx import StretchedEncoder
 from qwen_tts_core.errors import RequestError
@@ -50,7 +51,7 @@ from .schemas import (
     from_validation_error,
 )
 from .streaming import Leases, ReplicaStream, audio_body, sse_body
-from .uploads import MULTIPART, URLENCODED, read_form
+from .uploads import MULTIPART, URLENCODED, body_timeout, read_form
 from .voices import VoiceStore
 from .ws_session import MessageLimiter, WSSession, send_error
 
@@ -127,7 +128,8 @@ class Ingress:
         return JsonLimits(max_bytes=max_bytes)
 
     async def _json(self, request: Request, limit: int) -> Any:
-        """The body as JSON, within `limit` bytes and jsonlimits' depth and number bounds; 400/413 naming body."""
+        """The body as JSON, within `limit` bytes and jsonlimits' depth and number bounds, received within
+        `body_timeout_s`; 400/408/413 naming body (400 also when the client left mid-body)."""
         try:
             declared = int(request.headers.get("content-length") or 0)
         except ValueError:
@@ -135,10 +137,16 @@ class Ingress:
         if declared > limit:
             raise ApiError(413, f"body: larger than {limit} bytes", "body")
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise ApiError(413, f"body: larger than {limit} bytes", "body")
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout_s):
+                async for part in request.stream():
+                    body += part
+                    if len(body) > limit:
+                        raise ApiError(413, f"body: larger than {limit} bytes", "body")
+        except TimeoutError:
+            raise body_timeout(self.cfg.body_timeout_s) from None
+        except ClientDisconnect:   # not ours to count as a 500 nor to log as an error
+            raise ApiError(400, "body: the client left before the body was complete", "body") from None
         try:
             return loads_bounded(bytes(body), self._limits(limit))
         except JsonRejected as e:
@@ -241,7 +249,7 @@ class Ingress:
             if not isinstance(fields, dict):
                 raise ApiError(400, "body: expected a JSON object", "body")
         elif ctype.startswith((MULTIPART, URLENCODED)):  # bounded while it streams (uploads.py)
-            audio, fields = await read_form(request, self.cfg.max_upload_bytes)
+            audio, fields = await read_form(request, self.cfg.max_upload_bytes, self.cfg.body_timeout_s)
         else:
             raise ApiError(415, "content-type: send multipart/form-data (file, ref_text, name) or JSON with "
                            "audio_base64", "content-type")

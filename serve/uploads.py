@@ -11,6 +11,7 @@ sent as a form field (base64 is 4/3 of the audio, percent-encoding adds a little
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -35,6 +36,11 @@ def too_large(max_upload_bytes: int) -> ApiError:
                          f"have at most {max_upload_bytes} bytes)", "body")
 
 
+def body_timeout(timeout_s: float | None) -> ApiError:
+    """408 naming `body`: a client that sends its body slower than this holds a handler and its partial body."""
+    return ApiError(408, f"body: not received within {timeout_s:g} s", "body")
+
+
 def declared_length(request: Request) -> int | None:
     """The Content-Length header as a number (None when absent); 400 naming it when it is not one."""
     value = request.headers.get("content-length")
@@ -56,18 +62,21 @@ async def bounded(chunks: AsyncIterator[bytes], max_upload_bytes: int) -> AsyncI
         yield chunk
 
 
-async def read_form(request: Request, max_upload_bytes: int) -> tuple[bytes | None, dict[str, str]]:
+async def read_form(request: Request, max_upload_bytes: int,
+                    timeout_s: float | None = None) -> tuple[bytes | None, dict[str, str]]:
     """The uploaded `file` (None when none was sent) and the text fields of a multipart or urlencoded body.
 
     413 naming `body` past the form's bound (reading stops there), naming `file` when the file is larger than
-    `max_upload_bytes`; 400 naming `body` for a malformed form (a second file, too many fields), `file` when it is
-    a text field, and any other field sent as a file."""
+    `max_upload_bytes`; 400 naming `body` for a malformed form (a second file, too many fields) or a client that
+    left mid-body, `file` when it is a text field, and any other field sent as a file; 408 naming `body` when the
+    body has not arrived within `timeout_s` (`body_timeout`)."""
     limit = form_body_limit(max_upload_bytes)
     declared = declared_length(request)
     if declared is not None and declared > limit:
         raise too_large(max_upload_bytes)
     try:
-        async with aclosing(request.stream()) as body, aclosing(bounded(body, max_upload_bytes)) as stream:
+        async with asyncio.timeout(timeout_s), aclosing(request.stream()) as body, \
+                aclosing(bounded(body, max_upload_bytes)) as stream:
             if request.headers.get("content-type", "").startswith(MULTIPART):
                 parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=MAX_FIELDS,
                                          max_part_size=limit)
@@ -78,6 +87,8 @@ async def read_form(request: Request, max_upload_bytes: int) -> tuple[bytes | No
         raise ApiError(400, f"body: bad form ({e.message})", "body") from None
     except ClientDisconnect:
         raise ApiError(400, "body: the client left before the form was complete", "body") from None
+    except TimeoutError:
+        raise body_timeout(timeout_s) from None
     try:
         return await _split(form, max_upload_bytes)
     finally:
@@ -100,4 +111,4 @@ async def _split(form: FormData, max_upload_bytes: int) -> tuple[bytes | None, d
     return audio, fields
 
 
-__all__ = ["MULTIPART", "URLENCODED", "form_body_limit", "read_form"]
+__all__ = ["MULTIPART", "URLENCODED", "body_timeout", "form_body_limit", "read_form"]

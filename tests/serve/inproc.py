@@ -82,8 +82,10 @@ def ingress_app(monkeypatch, config: dict, targets: dict[str, Any]):
     return TestClient(ingress.app, raise_server_exceptions=False), ingress.app
 
 
-async def asgi_call(app, method: str, path: str, headers: dict[str, str], chunks: Iterable[bytes]):
-    """One HTTP request whose body streams as `chunks` (no Content-Length unless `headers` has one).
+async def asgi_call(app, method: str, path: str, headers: dict[str, str], chunks: Iterable[bytes],
+                    then: str = "end"):
+    """One HTTP request whose body streams as `chunks` (no Content-Length unless `headers` has one), after which
+    the client `then` ends the body ("end"), stops sending and waits ("stall"), or leaves ("disconnect").
     Returns (status, body bytes, request bytes the app read)."""
     import asyncio
 
@@ -96,6 +98,10 @@ async def asgi_call(app, method: str, path: str, headers: dict[str, str], chunks
             chunk = next(it)
         except StopIteration:
             state["done"] = True
+            if then == "stall":
+                await asyncio.sleep(3600)
+            if then == "disconnect":
+                return {"type": "http.disconnect"}
             return {"type": "http.request", "body": b"", "more_body": False}
         read[0] += len(chunk)
         return {"type": "http.request", "body": chunk, "more_body": True}
