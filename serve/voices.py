@@ -9,8 +9,8 @@ One `save_voice_prompt` safetensors file per voice, its metadata holding name, m
 key digest from serve/auth.py, never a key). `scope` is who is asking: a key digest sees only its own voices,
 `ANYONE` (an admin key, or a service without keys) sees all; a voice outside the scope behaves exactly like one that
 does not exist (KeyError -> 404 / "not a stored voice"). This class owns every rule about voices: ids, ownership,
-names, sizes, and the per-process cache of decoded prompts, which re-checks that the file still exists on each use
-(one stat or S3 HEAD), so a voice deleted through another replica or node is refused at once. For s3:// the endpoint
+names, sizes, and the per-process caches of decoded prompts and infos, which re-check that the file still exists on
+each use (one stat or S3 HEAD), so a voice deleted through another replica, ingress or node is refused at once. For s3:// the endpoint
 comes from AWS_ENDPOINT_URL (boto3's own rule); stored files are immutable (ids are never reused).
 """
 
@@ -159,10 +159,15 @@ class VoiceStore:
         self._put_bytes(voice_id, data)
         return voice_id
 
-    def _info(self, voice_id: str) -> dict[str, Any]:
+    def _info(self, voice_id: str, recheck: bool = False) -> dict[str, Any]:
+        """The voice's info with its owner (cached: files are immutable). With `recheck`, a cached info is served
+        only while the file still exists (one stat or S3 HEAD): the voice may have been deleted elsewhere."""
         with self._lock:
             cached = self._infos.get(voice_id)
         if cached is not None:
+            if recheck and not self._exists(voice_id):
+                self.forget(voice_id)
+                raise KeyError(voice_id)
             return cached
         head = self._get_bytes(voice_id, _HEAD_BYTES)
         if len(head) >= 8 and int.from_bytes(head[:8], "little") + 8 > len(head):
@@ -182,8 +187,9 @@ class VoiceStore:
         return {k: v for k, v in info.items() if k != "owner"}
 
     def info(self, voice_id: str, scope: str) -> dict[str, Any]:
-        """The voice's public info; KeyError when it does not exist or `scope` may not see it."""
-        info = self._info(_check_id(voice_id))
+        """The voice's public info; KeyError when it does not exist (deleted through any replica, ingress or node)
+        or `scope` may not see it."""
+        info = self._info(_check_id(voice_id), recheck=True)
         if not _visible(info["owner"], scope):
             raise KeyError(voice_id)
         return self._public(info)

@@ -63,6 +63,19 @@ def test_delete_through_another_store_invalidates_the_cache(stores):
     assert b.list(ANYONE) == []
 
 
+def test_info_through_another_store_sees_the_delete(stores):
+    """Review finding (tenancy 4): with two ingress replicas (two stores), GET of a voice deleted through the other
+    one still answered 200 from the info cache; `load` re-checked existence, `info` did not."""
+    a, b = stores
+    vid = a.create(_item(4), name="gone", model="base", owner=ALICE)["id"]
+    assert b.info(vid, ALICE)["id"] == vid          # b caches its info
+    a.delete(vid, ALICE)
+    with pytest.raises(KeyError):
+        b.info(vid, ALICE)
+    with pytest.raises(KeyError):
+        b.delete(vid, ALICE)
+
+
 @pytest.mark.parametrize("bad", ["", "voice_123", "../voice_0000000000000000", "voice_000000000000000G", 7, None,
                                  "voice_0000000000000000/../x"])
 def test_ids_are_checked(stores, bad):
