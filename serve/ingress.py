@@ -155,7 +155,7 @@ class Ingress:
     def _handle(self, model: str | None):
         name = model or self.cfg.models[0].name
         if name not in self.replicas:
-            raise ApiError(400, f"model {name!r} is not served; choose one of {sorted(self.replicas)}", "model")
+            raise ApiError(400, f"model {name[:40]!r} is not served; choose one of {sorted(self.replicas)}", "model")
         return name, self.replicas[name]
 
     async def _stream(self, name: str, handle, payload: dict, place: Place, incremental: bool = False,
@@ -257,7 +257,7 @@ class Ingress:
             up = VoiceUpload.model_validate(fields, strict=is_json)
         except ValidationError as e:
             raise from_validation_error(e) from None
-        audio_field = "file" if audio is not None else "audio_base64" if up.audio_base64 else "audio_url"
+        audio_field = "file" if audio is not None else "audio_base64" if up.audio_base64 is not None else "audio_url"
         if audio is None:
             audio = await self._audio_from_fields(up)
         try:

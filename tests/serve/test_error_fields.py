@@ -1,0 +1,50 @@
+"""Errors name the right field and never echo a huge input, through the real app in-process (tests/serve/inproc.py,
+no Ray)."""
+
+from __future__ import annotations
+
+from qwen_tts_core.errors import RequestError
+from tests.serve.inproc import ingress_app
+
+
+class Base:
+    """A Base model's replica whose encoder refuses empty audio as the core does."""
+
+    def info(self) -> dict:
+        return {"id": "base", "type": "base", "speakers": []}
+
+    async def create_voice(self, audio, ref_text, x_vector_only, name, owner=""):
+        if not audio:
+            raise RequestError("ref_audio", "audio bytes is empty")
+        return {"id": "voice_0123456789abcdef", "object": "voice", "name": name}
+
+
+def _client(monkeypatch, tmp_path):
+    return ingress_app(monkeypatch, {"models": [{"name": "base", "model_type": "base"}],
+                                     "voices_uri": str(tmp_path / "voices")}, {"base": Base()})[0]
+
+
+def test_empty_audio_base64_is_named(monkeypatch, tmp_path):
+    """Review finding (tenancy 5): an empty `audio_base64` ("" is falsy) got an error naming `audio_url`."""
+    client = _client(monkeypatch, tmp_path)
+    with client:
+        for r in (client.post("/v1/audio/voices", json={"name": "v", "audio_base64": ""}),
+                  client.post("/v1/audio/voices", data={"name": "v", "audio_base64": ""})):
+            err = r.json()["error"]
+            assert (r.status_code, err["param"]) == (400, "audio_base64"), err
+            assert err["message"].startswith("audio_base64: ")
+
+
+def test_an_unknown_model_is_not_echoed_in_full(monkeypatch, tmp_path):
+    """Review finding (tenancy 6): an unknown `model` of 100k characters came back whole in the error (a 100 KB
+    body); it is cut to 40 characters like the other echoed fields, on HTTP and on the WebSocket."""
+    client = _client(monkeypatch, tmp_path)
+    name = "m" * 100_000
+    with client:
+        r = client.post("/v1/audio/speech", json={"model": name, "input": "Hi."})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+        assert len(r.content) < 500 and "m" * 40 in r.text and "m" * 41 not in r.text, r.text[:200]
+        with client.websocket_connect("/v1/audio/speech/stream") as ws:
+            ws.send_json({"type": "config", "model": name})
+            err = ws.receive_json()["error"]
+            assert err["param"] == "model" and len(err["message"]) < 300, err["message"][:200]
