@@ -124,6 +124,7 @@ class ServiceConfig:
     retry_after_s: int = 1
     max_streams_per_key: int | None = 16                # open HTTP speech streams + WebSocket sessions of one
     #                                                     non-admin key (429 beyond); None: no limit (serve/quotas.py)
+    max_voices_per_key: int | None = 100                # stored voices of one non-admin key (429 beyond); None: no limit
     ingress_num_cpus: float = 0.25
     ingress_replicas: int = 1
 
@@ -139,10 +140,10 @@ class ServiceConfig:
                self.body_timeout_s) <= 0 or self.ws_max_messages < 1 or self.ws_message_burst < 1:
             raise ValueError("ws_idle_timeout_s, session_deadline_s, session_lease_s, ws_max_messages, "
                              "ws_max_messages_per_s, ws_message_burst and body_timeout_s must be positive")
-        if self.max_streams_per_key is not None and (isinstance(self.max_streams_per_key, bool) or
-                                                     not isinstance(self.max_streams_per_key, int) or
-                                                     self.max_streams_per_key < 1):
-            raise ValueError(f"max_streams_per_key must be an integer >= 1 or null, got {self.max_streams_per_key!r}")
+        for name in ("max_streams_per_key", "max_voices_per_key"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or null, got {v!r}")
         for key in (*self.api_keys, *self.admin_api_keys):
             if not isinstance(key, str) or not key.strip() or key != key.strip():
                 raise ValueError("api_keys / admin_api_keys must be non-empty strings without surrounding spaces")

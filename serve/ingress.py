@@ -6,8 +6,9 @@ No synthesis logic lives here: requests become payload dicts for `TTSReplica` (s
 
 import asyncio
 import base64
+import contextlib
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from importlib import resources
 from typing import Any
 
@@ -110,6 +111,7 @@ class Ingress:
         self.leases = Leases(self.cfg.session_lease_s, this_actor())
         self.client_streams = ClientStreams()               # open client streams (HTTP + WebSocket) of this ingress
         self.quota = StreamQuota(self.cfg.max_streams_per_key, self.client_streams, self.cfg.retry_after_s)
+        self._voice_creates: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)   # per key (bounded by keys)
         self.app_name = serve.get_replica_context().app_name
 
     # --- shared checks ----------------------------------------------------------------------------------------
@@ -272,11 +274,18 @@ class Ingress:
         if model not in base_models:
             raise ApiError(400, f"model: {model[:40]!r} cannot encode voices; Base models: {base_models}", "model")
         ref_text = (up.ref_text or "").strip() or None
-        try:
-            info = await self.replicas[model].create_voice.remote(audio, ref_text, up.x_vector_only, up.name,
-                                                                  caller.owner)
-        except RequestError as e:  # from the core (audio header limits, decoding, ref_text) or the store (name)
-            raise from_request_error(getattr(e, "cause", e), audio_field) from None
+        limit = None if caller.admin else self.cfg.max_voices_per_key
+        async with self._voice_creates[caller.owner] if limit is not None else contextlib.nullcontext():
+            if limit is not None:   # one create of a key at a time here, so concurrent uploads cannot pass it
+                have = len(await asyncio.to_thread(self.voices.list, caller.owner))
+                if have >= limit:
+                    raise ApiError(429, f"name: this API key stores {have} voices, at most {limit}; delete one "
+                                        "first (DELETE /v1/audio/voices/{voice_id})", "name")
+            try:
+                info = await self.replicas[model].create_voice.remote(audio, ref_text, up.x_vector_only, up.name,
+                                                                      caller.owner)
+            except RequestError as e:  # from the core (audio header limits, decoding, ref_text) or the store (name)
+                raise from_request_error(getattr(e, "cause", e), audio_field) from None
         return JSONResponse({**info, "builtin": False}, status_code=201)
 
     async def _audio_from_fields(self, up: VoiceUpload) -> bytes:

@@ -37,6 +37,7 @@ VOICE_ID = re.compile(r"voice_[0-9a-f]{16}")   # use .fullmatch: with `$`, "voic
 MAX_VOICE_BYTES = 8 << 20         # a prompt is an x-vector plus (ICL) 16 codes per frame: tens of KiB in practice
 MAX_NAME_CHARS = 100
 CACHE_ITEMS = 256                 # decoded prompts kept per process
+INFO_ITEMS = 16 * CACHE_ITEMS     # voice infos (header metadata, under 1 KiB each) kept per process
 _SUFFIX = ".safetensors"
 _HEAD_BYTES = 64 << 10            # enough for a prompt file's JSON header
 
@@ -87,7 +88,7 @@ class VoiceStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
         self._items: OrderedDict[str, tuple[str, Any]] = OrderedDict()   # id -> (owner, VoiceClonePromptItem)
-        self._infos: dict[str, dict[str, Any]] = {}                       # id -> info (files are immutable)
+        self._infos: OrderedDict[str, dict[str, Any]] = OrderedDict()     # id -> info (files are immutable), LRU
         self._lock = threading.Lock()
 
     @staticmethod
@@ -159,11 +160,17 @@ class VoiceStore:
         self._put_bytes(voice_id, data)
         return voice_id
 
-    def _info(self, voice_id: str, recheck: bool = False) -> dict[str, Any]:
+    def _info(self, voice_id: str, recheck: bool = False, scan: bool = False) -> dict[str, Any]:
         """The voice's info with its owner (cached: files are immutable). With `recheck`, a cached info is served
-        only while the file still exists (one stat or S3 HEAD): the voice may have been deleted elsewhere."""
+        only while the file still exists (one stat or S3 HEAD): the voice may have been deleted elsewhere.
+
+        The cache keeps the INFO_ITEMS most recently used infos. A listing (`scan`) uses it but evicts nothing:
+        listing more voices than it holds would otherwise evict each info just before the next listing needs it
+        (every listing would read every header); this way a listing reads only the headers past the cache's size."""
         with self._lock:
             cached = self._infos.get(voice_id)
+            if cached is not None:
+                self._infos.move_to_end(voice_id)
         if cached is not None:
             if recheck and not self._exists(voice_id):
                 self.forget(voice_id)
@@ -177,9 +184,10 @@ class VoiceStore:
                 "created": int(meta.get("created", "0") or 0),
                 "x_vector_only_mode": meta.get("x_vector_only_mode") == "true", "owner": meta.get("owner", "")}
         with self._lock:
-            if len(self._infos) >= 16 * CACHE_ITEMS:
-                self._infos.clear()
-            self._infos[voice_id] = info
+            if not scan or len(self._infos) < INFO_ITEMS:
+                self._infos[voice_id] = info
+                while len(self._infos) > INFO_ITEMS:
+                    self._infos.popitem(last=False)
         return info
 
     @staticmethod
@@ -195,10 +203,11 @@ class VoiceStore:
         return self._public(info)
 
     def list(self, scope: str) -> list[dict[str, Any]]:
+        """Public infos of the voices `scope` sees (every stored voice's header is read, from the cache when held)."""
         out = []
         for vid in self._ids():
             try:
-                info = self._info(vid)
+                info = self._info(vid, scan=True)
             except KeyError:
                 continue  # deleted while listing
             except ValueError:

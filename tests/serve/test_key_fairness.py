@@ -121,9 +121,10 @@ def test_without_keys_nobody_is_limited(monkeypatch):
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "4"])
-def test_max_streams_per_key_is_checked(value):
+@pytest.mark.parametrize("key", ["max_streams_per_key", "max_voices_per_key"])
+def test_per_key_limits_are_checked(key, value):
     from serve.config import ServiceConfig
 
-    with pytest.raises(ValueError, match="max_streams_per_key"):
-        ServiceConfig.from_dict({"max_streams_per_key": value})
-    assert ServiceConfig.from_dict({"max_streams_per_key": None}).max_streams_per_key is None
+    with pytest.raises(ValueError, match=key):
+        ServiceConfig.from_dict({key: value})
+    assert getattr(ServiceConfig.from_dict({key: None}), key) is None

@@ -76,6 +76,36 @@ def test_info_through_another_store_sees_the_delete(stores):
         b.delete(vid, ALICE)
 
 
+def test_the_info_cache_evicts_least_recently_used(monkeypatch, tmp_path):
+    """Review finding (tenancy 8): past 16 * CACHE_ITEMS infos the cache was wiped (`clear()`), so with more voices
+    than that no listing stayed warm (5000 voices: ~100 ms per listing on a local folder, one ranged GET per voice on
+    S3). Now it drops the least recently used info, and a listing evicts nothing: it reads only the headers past the
+    cache's size."""
+    import serve.voices as voices
+
+    monkeypatch.setattr(voices, "CACHE_ITEMS", 1)
+    monkeypatch.setattr(voices, "INFO_ITEMS", 16, raising=False)
+    store = VoiceStore.from_uri(str(tmp_path / "voices"))
+    vid = store.create(_item(), name="v", model="base", owner=ALICE)["id"]
+    data = (tmp_path / "voices" / f"{vid}.safetensors").read_bytes()
+    ids = [vid] + [store.put(data) for _ in range(19)]            # 20 voices, 16 infos cached at most
+    reads = []
+    real = store._get_bytes
+    monkeypatch.setattr(store, "_get_bytes", lambda v, limit=None: reads.append(v) or real(v, limit))
+    store.list(ALICE)
+    for _ in range(3):
+        reads.clear()
+        assert len(store.list(ALICE)) == 20
+        assert len(reads) <= 4, f"a warm listing read {len(reads)} headers"
+    assert len(store._infos) == 16
+    uncached = next(v for v in ids if v not in store._infos)
+    recent = next(iter(store._infos))            # the least recently used; touch it, then read an uncached one
+    store.info(recent, ALICE)
+    reads.clear()
+    store.info(uncached, ALICE)
+    assert reads == [uncached] and recent in store._infos and uncached in store._infos and len(store._infos) == 16
+
+
 @pytest.mark.parametrize("bad", ["", "voice_123", "../voice_0000000000000000", "voice_000000000000000G", 7, None,
                                  "voice_0000000000000000/../x"])
 def test_ids_are_checked(stores, bad):
