@@ -38,7 +38,8 @@ def resolve_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
 # The files a checkpoint is loaded from (hub download patterns; `digest.checkpoint_file` matches them with `*` not
 # crossing "/"). `model-*-of-*.safetensors`: the shards a `model.safetensors.index.json` names.
 CHECKPOINT_FILES = ["config.json", "generation_config.json", "model.safetensors*", "model-*-of-*.safetensors",
-                    "vocab.json", "merges.txt", "tokenizer*.json", "*.txt", "preprocessor_config.json",
+                    "vocab.json", "merges.txt", "tokenizer*.json", "added_tokens.json", "special_tokens_map.json",
+                    "*.txt", "preprocessor_config.json",
                     "speech_tokenizer/*"]
 SHARD_PATTERN = "{stem}-*-of-*.safetensors"
 

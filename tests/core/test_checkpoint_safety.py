@@ -196,6 +196,14 @@ def test_digest_covers_shards_and_a_linked_codec_but_not_nested_text(cv, tmp_pat
     assert checkpoint_digest(cv) != c
 
 
+@pytest.mark.parametrize("name", ["added_tokens.json", "special_tokens_map.json"])
+def test_digest_covers_the_tokenizer_files_transformers_reads(cv, name):
+    """transformers' tokenizer reads these beside tokenizer.json: other tokens, other audio, so another digest."""
+    a = checkpoint_digest(cv)
+    (cv / name).write_text(json.dumps({"<extra>": 151700} if name.startswith("added") else {"pad_token": "<p>"}))
+    assert checkpoint_file(name) and checkpoint_digest(cv) != a
+
+
 # --- 5. shard index --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("index", [
     {"weight_map": {"talker.codec_head.weight": "../outside/model-00001-of-00001.safetensors"}},
