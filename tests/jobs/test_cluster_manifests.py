@@ -104,6 +104,14 @@ def test_rayservice_serves_the_qtts_app_on_gpus_with_a_shared_voice_store():
     ports = {p["name"] for p in doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
              ["containers"][0]["ports"]}
     assert {"gcs-server", "dashboard", "serve"} <= ports
+    # API keys: from a secret into every pod's environment (the ingress may run on any node), never in the
+    # serveConfigV2 that the dashboard shows
+    assert not cfg.api_keys and not cfg.admin_api_keys and "QTTS_API_KEYS" not in str(app)
+    rc = doc["spec"]["rayClusterConfig"]
+    for spec in [rc["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in rc["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        for var in ("QTTS_API_KEYS", "QTTS_ADMIN_API_KEYS"):
+            assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "qtts-api-keys"
 
 
 def test_standalone_rayjob_runs_engine_actors_one_per_gpu():
