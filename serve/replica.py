@@ -103,6 +103,8 @@ class ReplicaCore:
                                    on_finish=self._on_finish, validate=partial(validate_request, model))
         self.sessions = SessionTable(owner, limits or SessionLimits())
         self._watch_task: asyncio.Task | None = None
+        self._asking: set[str] = set()        # consumers whose liveness is being asked (one question each at a time)
+        self._tasks: set[asyncio.Task] = set()  # those questions
 
     def warm_up(self) -> float:
         """One short synthesis (allocations, first-call costs) before traffic; returns seconds."""
@@ -123,6 +125,8 @@ class ReplicaCore:
     def stop(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
         self.scheduler.stop()
 
     async def _watch(self) -> None:
@@ -130,32 +134,45 @@ class ReplicaCore:
         while True:
             await asyncio.sleep(WATCH_PERIOD_S)
             expired = self.sessions.expired(WATCH_PERIOD_S)
-            alive = await self._consumers_alive({s.consumer["id"]: s.consumer for s, f in expired
-                                                 if f is None and s.consumer})
+            by_consumer: dict[str | None, list] = {}
             for s, failure in expired:
                 if failure is not None:
                     log.info("session %s: %s", s.sid, failure.message)
                     self.scheduler.fail(s.ticket, failure.status, failure.message, failure.param)
-                elif self.sessions.lapsed(s, bool(s.consumer) and alive.get(s.consumer["id"], False)):
-                    log.warning("session %s: consumer gone (lease expired); cancelling", s.sid)
-                    self.scheduler.cancel(s.ticket)
                 else:
-                    log.warning("session %s: lease renewals late but its consumer %s lives; lease extended",
-                                s.sid, s.consumer["id"])
+                    by_consumer.setdefault(s.consumer["id"] if s.consumer else None, []).append(s)
+            for cid, group in by_consumer.items():
+                if cid is None:  # sessions that named no consumer: nobody to ask
+                    self._settle(group, False)
+                elif cid not in self._asking:  # asked in the background: a slow answer holds back no other check
+                    self._asking.add(cid)
+                    task = asyncio.get_running_loop().create_task(self._ask_and_settle(cid, group))
+                    self._tasks.add(task)
+                    task.add_done_callback(lambda t, cid=cid: (self._asking.discard(cid), self._tasks.discard(t)))
 
-    async def _consumers_alive(self, consumers: dict[str, dict]) -> dict[str, bool]:
-        """actor id -> whether it lives; each asked once, all at once, in threads. An answer slower than a lease
-        counts as alive (the session deadline bounds it)."""
-        if not consumers or self.liveness is None:
-            return {}
+    async def _ask_and_settle(self, consumer_id: str, sessions: list) -> None:
+        self._settle(sessions, await self._consumer_alive(sessions[0].consumer))
 
-        async def one(c):
-            try:
-                return await asyncio.wait_for(asyncio.to_thread(self.liveness.alive, c), self.sessions.limits.lease_s)
-            except asyncio.TimeoutError:
-                return True
-        ids = list(consumers)
-        return dict(zip(ids, await asyncio.gather(*(one(consumers[i]) for i in ids)), strict=True))
+    def _settle(self, sessions: list, alive: bool) -> None:
+        """Lapsed leases: cancel the sessions when their consumer is gone, else extend them."""
+        for s in sessions:
+            if self.sessions.lapsed(s, alive):
+                log.warning("session %s: consumer gone (lease expired); cancelling", s.sid)
+                self.scheduler.cancel(s.ticket)
+            else:
+                log.warning("session %s: lease renewals late but its consumer %s lives; lease extended",
+                            s.sid, s.consumer["id"])
+
+    async def _consumer_alive(self, consumer: dict) -> bool:
+        """Whether the consumer (an actor) lives, asked in a thread. An answer slower than a lease counts as alive
+        (the session deadline bounds it)."""
+        if self.liveness is None:
+            return False
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self.liveness.alive, consumer),
+                                          self.sessions.limits.lease_s)
+        except asyncio.TimeoutError:
+            return True
 
     def _on_finish(self, ticket: Ticket, chunk) -> None:
         if ticket.failure is not None or chunk.finish_reason == "error":
@@ -174,8 +191,10 @@ class ReplicaCore:
         if not isinstance(payload, dict):
             raise RequestError("payload", "must be a dict of request fields")
         try:
-            req = build_request(self.model, self.cfg, payload, self.voices,
-                                **({"text": None} if incremental else {}))
+            # in a thread: a stored voice is read from the store (an S3 HEAD/GET): on the loop it stalled every
+            # other stream's chunks for as long
+            req = await asyncio.to_thread(build_request, self.model, self.cfg, payload, self.voices,
+                                          **({"text": None} if incremental else {}))
             ticket = await self.scheduler.submit(req)
         except ValueError as e:
             self.metrics.error("bad_request")

@@ -282,10 +282,14 @@ class Scheduler:
                 ticket = self._bulk_waiting.popleft()
                 try:
                     session = e.add(ticket.request)
-                except (ValueError, EngineBusy) as err:
-                    log.warning("bulk request failed to enter the engine: %s", err)
-                    ticket.failure = Failure(400 if isinstance(err, ValueError) else 503, str(err),
-                                             getattr(err, "field", None))
+                except Exception as err:  # noqa: BLE001 - this request fails, alone (not the running ones)
+                    if isinstance(err, ValueError | EngineBusy):
+                        log.warning("bulk request failed to enter the engine: %s", err)
+                        ticket.failure = Failure(400 if isinstance(err, ValueError) else 503, str(err),
+                                                 getattr(err, "field", None))
+                    else:  # e.g. device memory while its voice moved to the GPU
+                        log.exception("bulk request failed to enter the engine")
+                        ticket.failure = Failure(500, "synthesis failed in the engine", None)
                     self._deliver(ticket, _last(-1, "error"))
                     continue
                 ticket.session = session
@@ -347,6 +351,7 @@ class Scheduler:
         self.stats.steps += 1
         self._dispatch(chunks)
         self._reap_silent_finishes()
+        self._admit_bulk()  # slots this step freed take parked bulk work now, not after an idle wait
         if hasattr(self.engine, "runnable"):
             return not self._runnable()
         return not chunks and self._mark() == before

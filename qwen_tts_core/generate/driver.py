@@ -55,8 +55,12 @@ class EngineDriver:
             self._orphans.append(s)
 
     def _reap(self) -> None:
-        while self._orphans:
-            self._release(self._orphans.popleft())
+        while True:
+            try:  # other threads reap too: pop, never check-then-pop
+                s = self._orphans.popleft()
+            except IndexError:
+                return
+            self._release(s)
 
     def _release(self, s: Session) -> None:
         """Nobody will read `s` any more: drop its chunks and cancel it (no-op once read to its last chunk)."""
@@ -73,10 +77,17 @@ class EngineDriver:
 
     def run(self, reqs: list[SynthesisRequest]) -> list[Session]:
         """Run requests to the end (stepping when nobody else does); returns their sessions in order."""
-        sessions = [self.open(r) for r in reqs]
-        for s in sessions:
-            for _ in self.chunks(s):
-                pass
+        sessions: list[Session] = []
+        try:
+            for r in reqs:
+                sessions.append(self.open(r))
+            for s in sessions:
+                for _ in self.chunks(s):
+                    pass
+        except BaseException:  # a later item refused, or the caller interrupted: nobody reads the others
+            for s in sessions:
+                self._release(s)
+            raise
         return sessions
 
     def _next(self, s: Session) -> AudioChunk:

@@ -92,6 +92,22 @@ def test_a_stream_dropped_before_its_first_chunk_is_cancelled(model):
     assert not model.engine.has_work() and model.engine.num_active == 0
 
 
+def test_a_batch_with_a_refused_item_leaves_none_of_its_items_running(model):
+    """generate_* with a list: the items opened before a later one is refused were left in the engine, running to
+    their end on other callers' steps, their audio kept in the driver forever."""
+    with pytest.raises(ValueError, match="speaker"):
+        model.generate_custom_voice(TEXTS, speaker=["vivian", "nobody"], **dict(G, max_new_tokens=40))
+    driver = model._engine_driver()
+    widths: list[int] = []
+    real_step = model.engine.step
+    model.engine.step = lambda emit=None: (widths.append(model.engine.num_active), real_step(emit))[1]
+    try:
+        model.generate_custom_voice("Hello.", speaker="ryan", **G)
+    finally:
+        del model.engine.step
+    assert max(widths) == 1 and not driver._queues and not driver._abandoned
+
+
 @pytest.mark.parametrize("value", ["2", None, 2.5, 0])
 def test_stream_chunk_sizes_are_checked_naming_the_argument(model, value):
     with pytest.raises(ValueError, match="first_chunk_frames") as e:
