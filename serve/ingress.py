@@ -8,7 +8,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from importlib import resources
 from typing import Any
 
@@ -18,10 +18,10 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import (
     HTMLResponse,
     JSONResponse,
-    PlainTextResponse,
     Response,
     StreamingResponse,
 )
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,7 +38,7 @@ from .config import ServiceConfig
 from .fetch import AllowList, FetchRefused, fetch_allowed
 from .jsonlimits import JsonLimits, JsonRejected, loads_bounded
 from .liveness import this_actor
-from .metrics import ClientStreams, merge_stats, prometheus_text
+from .metrics import ClientStreams, count_http_error, http_errors, prometheus_text
 from .quotas import Place, StreamQuota
 from .requests import CALLER
 from .routing import detached, route_key
@@ -51,7 +51,7 @@ from .schemas import (
     from_request_error,
     from_validation_error,
 )
-from .streaming import Leases, ReplicaStream, audio_body, sse_body
+from .streaming import Leases, ReplicaStream, StreamAborted, audio_body, sse_body
 from .uploads import MULTIPART, URLENCODED, body_timeout, read_form
 from .voices import VoiceStore
 from .ws_session import MessageLimiter, WSSession, send_error
@@ -60,12 +60,11 @@ log = logging.getLogger(__name__)
 
 # /docs and /openapi.json are routes of the Ingress below (behind the API key unless docs_without_key).
 app = FastAPI(title="qwen-tts-fleet", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
-HTTP_ERRORS: Counter = Counter()
 
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    HTTP_ERRORS[str(exc.status)] += 1
+    count_http_error(str(exc.status))
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
@@ -92,6 +91,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, StreamAborted):   # a body aborted on purpose: logged and counted as it failed (streaming.py)
+        raise exc
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return await _api_error(request, ApiError(500, f"internal error ({type(exc).__name__})"))
 
@@ -99,6 +100,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Ingress:
+    stats_timeout_s = 5.0   # /health and /metrics wait this long for a replica's `stats` (all asked at once)
+
     def __init__(self, config: dict[str, Any], replicas: dict[str, Any]) -> None:
         # Keys: those resolved where the app was built (in `config`) plus this worker's own environment's.
         self.cfg = ServiceConfig.from_dict(config).with_env_keys()
@@ -112,7 +115,9 @@ class Ingress:
         self.client_streams = ClientStreams()               # open client streams (HTTP + WebSocket) of this ingress
         self.quota = StreamQuota(self.cfg.max_streams_per_key, self.client_streams, self.cfg.retry_after_s)
         self._voice_creates: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)   # per key (bounded by keys)
-        self.app_name = serve.get_replica_context().app_name
+        ctx = serve.get_replica_context()
+        self.app_name = ctx.app_name
+        self.ingress_id = getattr(getattr(ctx, "replica_id", None), "unique_id", "")   # the `ingress` label
 
     # --- shared checks ----------------------------------------------------------------------------------------
     def _auth(self, headers, query: dict | None = None) -> Caller:
@@ -202,9 +207,9 @@ class Ingress:
             raise
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Session-Id": stream.sid}
         if req.stream_format == "sse":
-            return StreamingResponse(stream.close_with(sse_body(stream, first, encoder)),
+            return StreamingResponse(stream.close_with(sse_body(stream, first, encoder, self._count_error)),
                                      media_type="text/event-stream", headers=headers)
-        return StreamingResponse(stream.close_with(audio_body(stream, first, encoder)),
+        return StreamingResponse(stream.close_with(audio_body(stream, first, encoder, self._count_error)),
                                  media_type=encoder.media_type, headers=headers)
 
     async def synthesize_bulk(self, payload: dict) -> dict:
@@ -341,42 +346,46 @@ class Ingress:
         return [a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith(prefix)]
 
-    async def _replica_stats(self, name: str, handle) -> list[dict]:
-        """`stats` of every replica of a model, each asked directly (routed by its id), deduplicated by replica."""
+    async def _replica_stats(self, name: str, handle) -> dict[str, dict]:
+        """`stats` of every replica of a model that answered within `stats_timeout_s`, by replica id (each asked
+        directly, routed by its id)."""
         ids = await asyncio.to_thread(self._replica_ids, name)
-        calls = [asyncio.wait_for(detached(handle.options(session_id=route_key(rid)).stats.remote), timeout=5)
-                 for rid in ids] or [asyncio.wait_for(handle.stats.remote(), timeout=5)]
+        calls = [asyncio.wait_for(detached(handle.options(session_id=route_key(rid)).stats.remote),
+                                  timeout=self.stats_timeout_s)
+                 for rid in ids] or [asyncio.wait_for(handle.stats.remote(), timeout=self.stats_timeout_s)]
         out: dict[str, dict] = {}
         for r in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(r, dict):
-                out.setdefault(r.get("replica", str(len(out))), r)
+                out.setdefault(str(r.get("replica", len(out))), r)
             else:
                 log.warning("stats of a %s replica unavailable: %s", name, r)
-        return list(out.values())
+        return out
+
+    async def _all_stats(self) -> dict[str, dict[str, dict]]:
+        """`_replica_stats` of every model, all asked at once (a model that hangs costs one timeout, not one each)."""
+        names = list(self.replicas)
+        rows = await asyncio.gather(*(self._replica_stats(n, self.replicas[n]) for n in names))
+        return dict(zip(names, rows))
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
         out = {}
-        for name, handle in self.replicas.items():
-            stats = await self._replica_stats(name, handle)
+        for name, stats in (await self._all_stats()).items():
             out[name] = ({"status": "ok", "replicas": len(stats),
-                          "active_sessions": sum(s["active_sessions"] for s in stats)}
+                          "active_sessions": sum(s["active_sessions"] for s in stats.values())}
                          if stats else {"status": "error", "error": "no replica answered"})
         ok = all(v["status"] == "ok" for v in out.values())
         return JSONResponse({"status": "ok" if ok else "degraded", "models": out,
                              "open_client_streams": self.client_streams.count}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics(self, request: Request) -> PlainTextResponse:
+    async def metrics(self, request: Request) -> Response:
         if not self.cfg.metrics_without_key:
             self._auth(request.headers)
-        per_model = {}
-        for name, handle in self.replicas.items():
-            stats = await self._replica_stats(name, handle)
-            if stats:  # a model with no replica answering shows as absent series
-                per_model[name] = merge_stats(stats)
-        return PlainTextResponse(prometheus_text(per_model, dict(HTTP_ERRORS), self.client_streams.count),
-                                 media_type="text/plain; version=0.0.4")
+        # a model with no replica answering shows as absent series
+        text = prometheus_text(await self._all_stats(), http_errors(), self.client_streams.count,
+                               self.ingress_id)
+        return Response(text, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     @app.get("/openapi.json")
     async def openapi(self, request: Request) -> JSONResponse:
@@ -432,7 +441,7 @@ class Ingress:
 
     @staticmethod
     def _count_error(kind: str) -> None:
-        HTTP_ERRORS[kind] += 1
+        count_http_error(kind)
 
     async def _ws_message(self, ws: WebSocket, timeout_s: float | None = None) -> Any:
         """The next client message as a JSON object with a `type` (bounded JSON); ApiError when it is not one,

@@ -1,10 +1,14 @@
 """Service metrics, in two places:
 
 * Ray's Prometheus endpoint (next to Ray's and Serve's own series), through `ray.serve.metrics`, exported by each
-  replica: `qtts_time_to_first_audio_seconds`, `qtts_real_time_factor`, `qtts_active_sessions`, `qtts_queue_length`,
-  `qtts_errors_total`, `qtts_requests_total`, tagged with `model`.
-* `GET /metrics` on the ingress: the same numbers read from every replica right now (summed per model; Prometheus
-  text format), which needs no scrape interval (tests and quick looks), plus this ingress's open client streams.
+  replica. Ray prefixes every custom metric with its namespace, so they are scraped as
+  `ray_qtts_time_to_first_audio_seconds`, `ray_qtts_real_time_factor`, `ray_qtts_active_sessions`,
+  `ray_qtts_queue_length`, `ray_qtts_errors_total`, `ray_qtts_requests_total` (tagged with `model`, and by Serve
+  with the replica) and the ingress's `ray_qtts_open_client_streams`.
+* `GET /metrics` on the ingress: the same kind of numbers read from every replica right now (Prometheus text,
+  `qtts_*` without Ray's prefix), which needs no scrape interval (tests and quick looks). Gauges and recent
+  quantiles are per model; counters are per model AND replica (`replica` label), so that a replica missing one
+  scrape or restarting never makes a counter go down; `qtts_http_errors_total` is per ingress (`ingress` label).
 
 Two gauges answer different questions: `qtts_active_sessions` counts sessions inside the replicas' engines (a
 session can finish in the engine while its client is still reading buffered audio), `qtts_open_client_streams`
@@ -14,9 +18,26 @@ counts client connections the ingress is serving (HTTP streams being sent, WebSo
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# This process's error answers by status (`qtts_http_errors_total`). Here, not in ingress.py: Serve pickles the
+# ingress class and its app by value, so a global of ingress.py is copied into each of them, while a function of
+# this module is pickled by reference and so every copy counts into this one Counter.
+_HTTP_ERRORS: Counter[str] = Counter()
+
+
+def count_http_error(status: str) -> None:
+    """Count one error answer: an HTTP status, `ws_<close code>` or `stream_<status>` (a stream that failed after
+    its first audio)."""
+    _HTTP_ERRORS[status] += 1
+
+
+def http_errors() -> dict[str, int]:
+    return dict(_HTTP_ERRORS)
+
 
 TTFA_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0]
 RTF_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0]
@@ -123,41 +144,72 @@ def summarize(stats) -> dict[str, Any]:
             "rtf_p50": _quantile(rtf, 0.5)}
 
 
-def prometheus_text(per_model: dict[str, dict[str, Any]], http_errors: dict[str, int],
-                    open_client_streams: int | None = None) -> str:
-    """Replica stats by model (`merge_stats` of `TTSReplica.stats`), ingress error counts and open client streams
-    -> Prometheus exposition text."""
-    lines = []
+# /metrics families: (name, stats key, help). Gauges and recent quantiles are per model (over the replicas that
+# answered); counters are per replica (`replica`: Serve's replica id), so a replica that misses a scrape or restarts
+# never makes a summed counter go down (Prometheus would read that as a reset): `sum by (model) (rate(...))`.
+MODEL_GAUGES = [
+    ("qtts_replicas", "replicas", "replicas that answered"),
+    ("qtts_active_sessions", "active_sessions", "sessions open in the replicas' engines"),
+    ("qtts_queue_length", "queue_length", "requests waiting for an engine slot"),
+    ("qtts_time_to_first_audio_p50_seconds", "ttfa_p50_s", "recent interactive TTFA p50"),
+    ("qtts_time_to_first_audio_p95_seconds", "ttfa_p95_s", "recent interactive TTFA p95"),
+    ("qtts_real_time_factor_p50", "rtf_p50", "recent wall time / audio time p50"),
+]
+REPLICA_COUNTERS = [
+    ("qtts_requests", "requests", "requests seen by the replica"),
+    ("qtts_errors", "errors", "failed requests in the replica"),
+    ("qtts_rejected_busy", "rejected_busy", "requests refused with 503"),
+    ("qtts_cancelled", "cancelled", "requests cancelled (client gone)"),
+    ("qtts_leases_late", "expired_lease_late", "lapsed leases extended: renewals were late, the consumer lives"),
+    ("qtts_engine_steps", "steps", "engine steps run"),
+]
+EXPIRY_REASONS = ("idle", "deadline", "lease")
 
-    def metric(name: str, kind: str, help_: str, rows: list[tuple[dict[str, str], float]]) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in rows:
-            lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            lines.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
 
-    def rows(key: str) -> list[tuple[dict[str, str], float]]:
-        return [({"model": m}, float(s[key])) for m, s in per_model.items() if s.get(key) is not None]
+class _Snapshot:
+    """A prometheus_client collector over families built for one scrape (exposition and escaping are the library's)."""
 
-    metric("qtts_replicas", "gauge", "replicas that answered", rows("replicas"))
-    metric("qtts_active_sessions", "gauge", "sessions open in the replicas' engines", rows("active_sessions"))
-    metric("qtts_queue_length", "gauge", "requests waiting for an engine slot", rows("queue_length"))
-    metric("qtts_requests_total", "counter", "requests seen by the replica", rows("requests"))
-    metric("qtts_errors_total", "counter", "failed requests in the replica", rows("errors"))
-    metric("qtts_rejected_busy_total", "counter", "requests refused with 503", rows("rejected_busy"))
-    metric("qtts_cancelled_total", "counter", "requests cancelled (client gone)", rows("cancelled"))
-    metric("qtts_time_to_first_audio_p50_seconds", "gauge", "recent interactive TTFA p50", rows("ttfa_p50_s"))
-    metric("qtts_time_to_first_audio_p95_seconds", "gauge", "recent interactive TTFA p95", rows("ttfa_p95_s"))
-    metric("qtts_real_time_factor_p50", "gauge", "recent wall time / audio time p50", rows("rtf_p50"))
-    metric("qtts_sessions_expired_total", "counter", "sessions ended by the replica's watchdog, by reason",
-           [({"model": m, "reason": k}, float(s.get(f"expired_{k}") or 0)) for m, s in per_model.items()
-            for k in ("idle", "deadline", "lease")])
-    metric("qtts_leases_late_total", "counter", "lapsed leases extended: renewals were late, the consumer lives",
-           rows("expired_lease_late"))
-    metric("qtts_engine_steps_total", "counter", "engine steps run", rows("steps"))
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def prometheus_text(per_model: dict[str, dict[str, dict[str, Any]]], http_errors: dict[str, int],
+                    open_client_streams: int | None = None, ingress: str = "") -> bytes:
+    """Replica stats by model and replica id (`TTSReplica.stats` of the replicas that answered), this ingress's
+    error counts (`ingress`: its Serve replica id) and open client streams -> Prometheus exposition text."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.exposition import generate_latest
+
+    fams: list = []
+    merged = {m: merge_stats(list(rows.values())) for m, rows in per_model.items() if rows}
+    for name, key, help_ in MODEL_GAUGES:
+        g = GaugeMetricFamily(name, help_, labels=["model"])
+        for m, s in merged.items():
+            if s.get(key) is not None:
+                g.add_metric([m], float(s[key]))
+        fams.append(g)
+    for name, key, help_ in REPLICA_COUNTERS:
+        c = CounterMetricFamily(name, help_, labels=["model", "replica"])
+        for m, rows in per_model.items():
+            for rid, r in rows.items():
+                c.add_metric([m, rid], float(r.get(key) or 0))
+        fams.append(c)
+    c = CounterMetricFamily("qtts_sessions_expired", "sessions ended by the replica's watchdog, by reason",
+                            labels=["model", "replica", "reason"])
+    for m, rows in per_model.items():
+        for rid, r in rows.items():
+            for k in EXPIRY_REASONS:
+                c.add_metric([m, rid, k], float(r.get(f"expired_{k}") or 0))
+    fams.append(c)
     if open_client_streams is not None:
-        metric("qtts_open_client_streams", "gauge", "client streams this ingress is serving",
-               [({}, float(open_client_streams))])
-    metric("qtts_http_errors_total", "counter", "error responses by status",
-           [({"status": k}, float(v)) for k, v in sorted(http_errors.items())])
-    return "\n".join(lines) + "\n"
+        fams.append(GaugeMetricFamily("qtts_open_client_streams", "client streams this ingress is serving",
+                                      value=float(open_client_streams)))
+    c = CounterMetricFamily("qtts_http_errors", "error responses of this ingress, by status",
+                            labels=["status", "ingress"])
+    for k, v in sorted(http_errors.items()):
+        c.add_metric([k, ingress], float(v))
+    fams.append(c)
+    return generate_latest(_Snapshot(fams))

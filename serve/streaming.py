@@ -205,13 +205,24 @@ async def encoded(stream: ReplicaStream, first: dict, encoder):
         item = await stream.next()
 
 
-async def audio_body(stream: ReplicaStream, first: dict, encoder):
-    """Raw audio bytes; a failure after the first byte aborts the response."""
+def failed_midway(stream: ReplicaStream, e: ApiError, kind: str, count_error) -> None:
+    """A stream that failed after its first audio (its client saw 200): one warning, counted as
+    `stream_<status>` (its real status) through `count_error`."""
+    log.warning("%s stream %s of %s failed after its first audio: %d %s", kind, stream.sid, stream.name, e.status,
+                e.message)
+    if count_error is not None:
+        count_error(f"stream_{e.status}")
+
+
+async def audio_body(stream: ReplicaStream, first: dict, encoder, count_error=None):
+    """Raw audio bytes; a failure after the first byte aborts the response (`StreamAborted`, which the app's
+    handler lets through unlogged: it is logged and counted here)."""
     try:
         async for data, _ in encoded(stream, first, encoder):
             if data:
                 yield data
     except ApiError as e:
+        failed_midway(stream, e, "audio", count_error)
         raise StreamAborted(f"{stream.name}: {e.message}") from None
     finally:
         stream.close()
@@ -221,7 +232,7 @@ def sse_event(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def sse_body(stream: ReplicaStream, first: dict, encoder):
+async def sse_body(stream: ReplicaStream, first: dict, encoder, count_error=None):
     """`speech.audio.delta` events, then `speech.audio.done` with the finish reason, or an `error` event."""
     try:
         async for data, end in encoded(stream, first, encoder):
@@ -231,6 +242,7 @@ async def sse_body(stream: ReplicaStream, first: dict, encoder):
                 yield sse_event({"type": "speech.audio.done", "finish_reason": end["finish_reason"],
                                  "num_frames": end["num_frames"], "time_to_first_audio_s": end["ttfa_s"]})
     except ApiError as e:
+        failed_midway(stream, e, "sse", count_error)
         yield sse_event({"type": "error", **e.body()})
     finally:
         stream.close()

@@ -8,13 +8,13 @@ import numpy as np
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
-    """A value from Prometheus text: `metric(text, "qtts_active_sessions", model="cv")`."""
-    lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    prefix = f"{name}{{{lab}}} " if labels else f"{name} "
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line.split()[-1])
-    return None
+    """A value from Prometheus text: `metric(text, "qtts_active_sessions", model="cv")`, summed over the series
+    that carry these labels (a counter has one per replica); None when none does."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name == name and labels.items() <= s.labels.items()]
+    return sum(values) if values else None
 
 
 def decode_av(data: bytes) -> tuple[np.ndarray, int]:

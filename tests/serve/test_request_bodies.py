@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from serve import ingress
+from serve.metrics import http_errors
 from tests.serve.inproc import asgi_call, ingress_app
 
 JSON = {"content-type": "application/json"}
@@ -53,12 +53,12 @@ def test_a_client_that_leaves_mid_body_is_not_a_500(monkeypatch, tmp_path, caplo
     an unhandled ERROR with a traceback, so anyone could inflate the 500 rate and flood the logs."""
     app = _app(monkeypatch, tmp_path)
     path, headers, first = BODIES[case]
-    before = dict(ingress.HTTP_ERRORS)
+    before = http_errors()
     with caplog.at_level(logging.ERROR):
         status, answer, _ = asyncio.run(asgi_call(app, "POST", path, {**headers, "content-length": "500"}, [first],
                                                   then="disconnect"))
     assert (status, json.loads(answer)["error"]["param"]) == (400, "body"), answer
-    assert ingress.HTTP_ERRORS["500"] == before.get("500", 0)
+    assert http_errors().get("500", 0) == before.get("500", 0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
