@@ -62,6 +62,22 @@ log = logging.getLogger(__name__)
 app = FastAPI(title="qwen-tts-fleet", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+# Request bodies for /docs and /openapi.json only: the handlers read their bodies themselves (bounded, jsonlimits.py
+# and uploads.py) and validate them with these same models. Nested models go to components (`_DOC_SCHEMAS`).
+_REF = "#/components/schemas/{model}"
+_SPEECH_SCHEMA = SpeechRequest.model_json_schema(ref_template=_REF)
+_VOICE_SCHEMA = VoiceUpload.model_json_schema(ref_template=_REF)
+_DOC_SCHEMAS = {**_SPEECH_SCHEMA.pop("$defs", {}), **_VOICE_SCHEMA.pop("$defs", {})}
+_VOICE_FORM = {**_VOICE_SCHEMA, "title": "VoiceUploadForm",
+               "properties": {"file": {"type": "string", "format": "binary", "description": "reference audio"},
+                              **_VOICE_SCHEMA["properties"]}}
+
+
+def _body_doc(content: dict[str, dict]) -> dict:
+    """`openapi_extra` declaring a required request body: media type -> schema."""
+    return {"requestBody": {"required": True, "content": {k: {"schema": v} for k, v in content.items()}}}
+
+
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     count_http_error(str(exc.status))
@@ -180,7 +196,7 @@ class Ingress:
         return stream
 
     # --- speech -----------------------------------------------------------------------------------------------
-    @app.post("/v1/audio/speech")
+    @app.post("/v1/audio/speech", openapi_extra=_body_doc({"application/json": _SPEECH_SCHEMA}))
     async def speech(self, request: Request) -> Response:
         caller = self._auth(request.headers)
         body = await self._json(request, self.cfg.max_body_bytes)
@@ -245,7 +261,9 @@ class Ingress:
         except KeyError:
             raise ApiError(404, f"voice_id: no stored voice {voice_id[:40]!r}", "voice_id") from None
 
-    @app.post("/v1/audio/voices")
+    @app.post("/v1/audio/voices", status_code=201,
+              openapi_extra=_body_doc({MULTIPART: _VOICE_FORM, URLENCODED: _VOICE_FORM,
+                                       "application/json": _VOICE_SCHEMA}))
     async def create_voice(self, request: Request) -> JSONResponse:
         caller = self._auth(request.headers)
         ctype = request.headers.get("content-type", "")
@@ -338,6 +356,13 @@ class Ingress:
         return {"object": "list",
                 "data": [await self._model_info(n, h) for n, h in self.replicas.items()]}
 
+    @app.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request) -> dict:
+        self._auth(request.headers)
+        if model_id not in self.replicas:
+            raise ApiError(404, f"model_id: no served model {model_id[:40]!r}; see GET /v1/models", "model_id")
+        return await self._model_info(model_id, self.replicas[model_id])
+
     def _replica_ids(self, name: str) -> list[str]:
         """Serve's ids of the running replicas of model `name` (from Ray's named actors of this app)."""
         import ray
@@ -391,7 +416,9 @@ class Ingress:
     async def openapi(self, request: Request) -> JSONResponse:
         if not self.cfg.docs_without_key:
             self._auth(request.headers)
-        return JSONResponse(app.openapi())
+        spec = app.openapi()   # built once and cached by FastAPI
+        spec.setdefault("components", {}).setdefault("schemas", {}).update(_DOC_SCHEMAS)
+        return JSONResponse(spec)
 
     @app.get("/docs")
     async def docs(self, request: Request) -> HTMLResponse:

@@ -22,6 +22,8 @@ ResponseFormat = Literal["wav", "pcm", "flac", "mp3", "opus"]
 StreamFormat = Literal["audio", "sse"]
 
 STRICT = ConfigDict(extra="forbid", strict=True)
+# `instructions` become prompt tokens of every session (OpenAI allows 4096 characters; documented in serve/README)
+MAX_INSTRUCTIONS_CHARS = 2000
 
 # Core argument names (RequestError.field) -> the API field a client sent. The one table; nothing parses messages.
 API_FIELD: dict[str, str] = {
@@ -51,16 +53,42 @@ SamplingFields: type[BaseModel] = create_model(
        for name in SAMPLING_FIELDS})
 
 
+class VoiceRef(BaseModel):
+    """OpenAI's object form of a custom voice, `{"id": "voice_..."}`: the same as the id as a string."""
+
+    model_config = STRICT
+    id: str
+
+
+_VOICE_FORMS = 'expected a speaker name, a stored voice id, or {"id": "<voice id>"}'
+
+
 class SynthesisFields(SamplingFields):  # type: ignore[misc, valid-type]
     """What selects the voice and the text conditioning (shared by HTTP, WebSocket and bulk requests)."""
 
     model: str | None = Field(None, description="served model name (GET /v1/models); default: the first")
-    voice: str | None = Field(None, description="speaker (CustomVoice) or stored voice id (Base)")
+    voice: str | VoiceRef | None = Field(None, description="speaker (CustomVoice) or stored voice id (Base), as a "
+                                                           'string or as OpenAI\'s object {"id": "<voice id>"}')
     language: str | None = Field(None, description="'auto' or a language of the model")
-    instructions: str | None = Field(None, max_length=2000, description="style (CustomVoice 1.7B, VoiceDesign)")
+    instructions: str | None = Field(None, max_length=MAX_INSTRUCTIONS_CHARS,
+                                     description="style (CustomVoice 1.7B, VoiceDesign); at most "
+                                                 f"{MAX_INSTRUCTIONS_CHARS} characters")
     seed: int | None = Field(None, description="integer in [0, 2**63)")
     non_streaming_mode: bool = False
     priority: str = Field("interactive", description="'interactive' or 'bulk'")
+
+    @field_validator("voice", mode="before")
+    @classmethod
+    def _voice(cls, v: Any) -> Any:
+        """`{"id": ...}` -> the id, so the field always holds a string; one message for every wrong shape."""
+        if isinstance(v, dict):
+            try:
+                return VoiceRef.model_validate(v).id
+            except ValidationError:
+                raise ValueError(_VOICE_FORMS) from None
+        if v is not None and not isinstance(v, str):
+            raise ValueError(_VOICE_FORMS)
+        return v
 
 
 class SpeechRequest(SynthesisFields):

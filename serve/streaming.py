@@ -228,6 +228,19 @@ async def audio_body(stream: ReplicaStream, first: dict, encoder, count_error=No
         stream.close()
 
 
+def done_event(end: dict) -> dict:
+    """`speech.audio.done` from a clean end item. OpenAI's event also requires `usage` (input, output, total
+    tokens); it is sent only when the end item carries the text's token count (`text_tokens`, with output tokens =
+    codec frames): replicas do not report it yet, and the ingress has no tokenizer to count it, so no `usage` is
+    sent rather than an invented one."""
+    out = {"type": "speech.audio.done", "finish_reason": end["finish_reason"], "num_frames": end["num_frames"],
+           "time_to_first_audio_s": end["ttfa_s"]}
+    if isinstance(end.get("text_tokens"), int):
+        out["usage"] = {"input_tokens": end["text_tokens"], "output_tokens": end["num_frames"],
+                        "total_tokens": end["text_tokens"] + end["num_frames"]}
+    return out
+
+
 def sse_event(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -239,8 +252,7 @@ async def sse_body(stream: ReplicaStream, first: dict, encoder, count_error=None
             if data:
                 yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
             if end is not None:
-                yield sse_event({"type": "speech.audio.done", "finish_reason": end["finish_reason"],
-                                 "num_frames": end["num_frames"], "time_to_first_audio_s": end["ttfa_s"]})
+                yield sse_event(done_event(end))
     except ApiError as e:
         failed_midway(stream, e, "sse", count_error)
         yield sse_event({"type": "error", **e.body()})

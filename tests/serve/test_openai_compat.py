@@ -1,0 +1,122 @@
+"""Review findings (compat): OpenAI-client interop of the speech and models routes, and the API's OpenAPI document.
+The real ingress in-process (inproc.py) over a small fake replica; no Ray."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.serve.inproc import ingress_app
+
+
+class Speaks:
+    """A CustomVoice model that records payloads and sends one piece of audio, then a clean end (`end` extra keys)."""
+
+    def __init__(self, **end) -> None:
+        self.payloads: list[dict] = []
+        self.end = end
+
+    def info(self):
+        return {"id": "cv", "object": "model", "type": "custom_voice", "speakers": ["x"]}
+
+    async def stream(self, payload, incremental=False, lease=False, consumer=None):
+        self.payloads.append(payload)
+        yield {"type": "start", "session": "r1-abc"}
+        yield {"type": "audio", "pcm": np.zeros(1920, np.float32)}
+        yield {"type": "end", "status": None, "message": None, "param": None, "finish_reason": "eos",
+               "num_frames": 1, "ttfa_s": 0.01, **self.end}
+
+    def renew(self, sids):
+        return []
+
+
+def _client(monkeypatch, tmp_path, target):
+    return ingress_app(monkeypatch, {"models": [{"name": "cv", "model_type": "custom_voice"}],
+                                     "voices_uri": str(tmp_path / "voices")}, {"cv": target})[0]
+
+
+def test_voice_as_an_object_with_an_id(monkeypatch, tmp_path):
+    """Finding 2: OpenAI documents `voice: {"id": "voice_1234"}` for custom voices (openai-python: str | VoiceID);
+    it was a 400 "voice: Input should be a valid string". It is the same as the id as a string now; other shapes
+    get one message naming `voice` and the accepted forms."""
+    fake = Speaks()
+    client = _client(monkeypatch, tmp_path, fake)
+    body = {"model": "cv", "input": "Hi.", "response_format": "pcm"}
+    r = client.post("/v1/audio/speech", json={**body, "voice": {"id": "voice_0123456789abcdef"}})
+    assert r.status_code == 200, r.text
+    assert fake.payloads[-1]["voice"] == "voice_0123456789abcdef"
+    for bad in ({"name": "x"}, {"id": 3}, {"id": "v", "extra": 1}, 5, ["x"]):
+        r = client.post("/v1/audio/speech", json={**body, "voice": bad})
+        err = r.json()["error"]
+        assert (r.status_code, err["param"]) == (400, "voice"), (bad, r.text)
+        assert '{"id": "<voice id>"}' in err["message"], err
+
+
+def test_sse_done_event_sends_usage_only_when_the_replica_counts_text_tokens(monkeypatch, tmp_path):
+    """Finding 6: OpenAI's SpeechAudioDoneEvent requires `usage`. The ingress cannot count text tokens (no
+    tokenizer), so it sends `usage` when the end item carries `text_tokens`, and never an invented count."""
+    body = {"model": "cv", "voice": "x", "input": "Hi.", "response_format": "pcm", "stream_format": "sse"}
+
+    def done(fake):
+        r = _client(monkeypatch, tmp_path, fake).post("/v1/audio/speech", json=body)
+        return json.loads(r.text.strip().splitlines()[-1].removeprefix("data: "))
+
+    counted = done(Speaks(text_tokens=5))
+    assert counted["type"] == "speech.audio.done" and counted["finish_reason"] == "eos"
+    assert counted["usage"] == {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}
+    assert "usage" not in done(Speaks())
+
+
+def test_openapi_documents_the_speech_and_voice_bodies(monkeypatch, tmp_path):
+    """Finding 8: the handlers read their bodies themselves, so /openapi.json (and /docs) showed no request body for
+    /v1/audio/speech or /v1/audio/voices. They are declared now, every $ref resolving inside the document."""
+    spec = _client(monkeypatch, tmp_path, Speaks()).get("/openapi.json").json()
+    speech = spec["paths"]["/v1/audio/speech"]["post"]["requestBody"]
+    props = speech["content"]["application/json"]["schema"]["properties"]
+    assert speech["required"] and {"input", "voice", "response_format", "speed", "instructions"} <= set(props)
+    voices = spec["paths"]["/v1/audio/voices"]["post"]["requestBody"]["content"]
+    assert voices["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
+    assert {"name", "audio_base64"} <= set(voices["application/json"]["schema"]["properties"])
+    refs = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            refs.extend(v for k, v in x.items() if k == "$ref")
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+    walk(spec)
+    assert "#/components/schemas/VoiceRef" in refs
+    for ref in refs:
+        assert ref.removeprefix("#/components/schemas/") in spec["components"]["schemas"], ref
+
+
+def test_get_one_model(monkeypatch, tmp_path):
+    """Finding 10: `client.models.retrieve("cv")` got 404 "no such endpoint"; GET /v1/models/{id} answers now."""
+    client = _client(monkeypatch, tmp_path, Speaks())
+    r = client.get("/v1/models/cv")
+    assert r.status_code == 200 and r.json()["id"] == "cv" and r.json()["object"] == "model", r.text
+    r = client.get("/v1/models/nope")
+    assert (r.status_code, r.json()["error"]["param"]) == (404, "model_id"), r.text
+
+
+@pytest.mark.parametrize("n, status", [(2000, 200), (2001, 400)])
+def test_instructions_limit_is_the_documented_one(monkeypatch, tmp_path, n, status):
+    """Finding 7: the limit (2000 characters; OpenAI allows 4096) lives in schemas.MAX_INSTRUCTIONS_CHARS and
+    serve/README states it."""
+    from pathlib import Path
+
+    from serve.schemas import MAX_INSTRUCTIONS_CHARS
+
+    assert MAX_INSTRUCTIONS_CHARS == 2000
+    readme = (Path(__file__).parents[2] / "serve" / "README.md").read_text()
+    assert f"`instructions` at most {MAX_INSTRUCTIONS_CHARS} characters" in readme
+    r = _client(monkeypatch, tmp_path, Speaks()).post(
+        "/v1/audio/speech", json={"model": "cv", "voice": "x", "input": "Hi.", "instructions": "i" * n})
+    assert r.status_code == status, r.text
+    if status == 400:
+        assert r.json()["error"]["param"] == "instructions"
