@@ -38,7 +38,7 @@ from .config import ServiceConfig
 from .fetch import AllowList, FetchRefused, fetch_allowed
 from .jsonlimits import JsonLimits, JsonRejected, loads_bounded
 from .liveness import this_actor
-from .metrics import ClientStreams, count_http_error, http_errors, prometheus_text
+from .metrics import ClientStreams, count_http_error, http_errors, merge_stats, prometheus_text
 from .quotas import Place, StreamQuota
 from .requests import CALLER
 from .routing import detached, route_key
@@ -397,7 +397,7 @@ class Ingress:
         out = {}
         for name, stats in (await self._all_stats()).items():
             out[name] = ({"status": "ok", "replicas": len(stats),
-                          "active_sessions": sum(s["active_sessions"] for s in stats.values())}
+                          "active_sessions": merge_stats(list(stats.values()))["active_sessions"]}
                          if stats else {"status": "error", "error": "no replica answered"})
         ok = all(v["status"] == "ok" for v in out.values())
         return JSONResponse({"status": "ok" if ok else "degraded", "models": out,

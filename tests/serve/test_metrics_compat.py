@@ -184,3 +184,12 @@ def test_health_and_metrics_ask_every_model_at_once(monkeypatch, tmp_path):
     t = time.monotonic()
     assert client.get("/metrics").status_code == 200
     assert time.monotonic() - t < 1.2
+
+
+def test_health_sums_with_the_same_rule_as_metrics(monkeypatch, tmp_path):
+    """/health summed `s["active_sessions"]` itself: a stats answer without it (seen with a fake in the review's
+    obs5.py) made /health a 500. It uses merge_stats, the one summing rule of /metrics."""
+    client, _, _ = _app(monkeypatch, tmp_path, {"f": FailsMidStream(500)})    # stats: {"replica": "r1"}
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json()["models"]["f"] == {"status": "ok", "replicas": 1,
+                                                                "active_sessions": 0}, r.text
