@@ -175,11 +175,14 @@ def stage_tiny(c: Ctx) -> dict:
     paused = 0
     words = TEXT.split(" ")
     for piece in [w + " " for w in words[:6]] + [" ".join(words[6:])]:  # word by word: the talker runs out of text
+        if s.done:  # ended (max_new_tokens, or EOS from random weights) before all its text came
+            break
         s.append_text(piece)
         for _ in range(2):
             geng.step()
             paused += int(s.prompt is not None and s.phase == "talker" and s.text_step >= len(s.prompt.trailing))
-    s.end_text()
+    if not s.done:
+        s.end_text()
     while not (s.done and other.done):
         geng.step()
     goals["paused_incremental_ok"] = bool(paused > 0 and torch.equal(s.codes(), full))
