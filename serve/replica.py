@@ -207,8 +207,10 @@ class ReplicaCore:
         return ticket
 
     def _end_item(self, ticket: Ticket, ch) -> dict:
+        prompt = getattr(ticket.session, "prompt", None)
         end = {"type": "end", "finish_reason": ch.finish_reason, "num_frames": ticket.samples // SAMPLES_PER_FRAME,
-               "ttfa_s": ticket.ttfa_s, "status": None, "message": None, "param": None}
+               "ttfa_s": ticket.ttfa_s, "status": None, "message": None, "param": None,
+               "text_tokens": prompt.num_text_tokens if prompt is not None else 0}  # SSE `usage` (streaming.py)
         f = ticket.failure
         if f is not None:
             end.update(finish_reason="error", status=f.status, message=f.message, param=f.param)

@@ -87,7 +87,9 @@ def load_model(cfg: ModelConfig, cache_dir: str):
 def model_info(model, cfg: ModelConfig) -> dict[str, Any]:
     from qwen_tts_core.checkpoint.digest import checkpoint_digest
 
-    return {"id": cfg.name, "object": "model", "owned_by": "qwen-tts-fleet", "type": model.tts_model_type,
+    created = int((Path(model.path) / "config.json").stat().st_mtime)  # OpenAI's `created`: the checkpoint's time
+    return {"id": cfg.name, "object": "model", "created": created, "owned_by": "qwen-tts-fleet",
+            "type": model.tts_model_type,
             "size": model.tts_model_size, "speakers": model.get_supported_speakers(),
             "languages": model.get_supported_languages(), "max_new_tokens": cfg.max_new_tokens,
             "max_sessions": cfg.max_sessions,

@@ -229,10 +229,9 @@ async def audio_body(stream: ReplicaStream, first: dict, encoder, count_error=No
 
 
 def done_event(end: dict) -> dict:
-    """`speech.audio.done` from a clean end item. OpenAI's event also requires `usage` (input, output, total
-    tokens); it is sent only when the end item carries the text's token count (`text_tokens`, with output tokens =
-    codec frames): replicas do not report it yet, and the ingress has no tokenizer to count it, so no `usage` is
-    sent rather than an invented one."""
+    """`speech.audio.done` from a clean end item, with OpenAI's `usage` (input tokens: the text's, as the replica
+    counted them in `text_tokens`; output tokens: codec frames). An end item without the count (a replica of an
+    older version) gets no `usage` rather than an invented one: the ingress has no tokenizer."""
     out = {"type": "speech.audio.done", "finish_reason": end["finish_reason"], "num_frames": end["num_frames"],
            "time_to_first_audio_s": end["ttfa_s"]}
     if isinstance(end.get("text_tokens"), int):

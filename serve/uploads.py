@@ -104,8 +104,9 @@ async def _split(form: FormData, max_upload_bytes: int) -> tuple[bytes | None, d
             audio = await value.read(max_upload_bytes + 1)
             if len(audio) > max_upload_bytes:
                 raise ApiError(413, f"file: larger than {max_upload_bytes} bytes", "file")
-        elif not isinstance(value, str):
-            raise ApiError(400, f"{key[:40]}: expected a text field, got a file", key[:40])
+        elif not isinstance(value, str):  # e.g. OpenAI's voices API's `audio_sample`: this service's is `file`
+            raise ApiError(400, f"{key[:40]}: a file is taken only as 'file' (the reference audio); this field must "
+                           "be text", key[:40])
         else:
             fields[key] = value
     return audio, fields

@@ -38,6 +38,11 @@ def test_stream_protocol_and_default_length_cap(cv_core):
     audio = [x["pcm"] for x in items if x["type"] == "audio"]
     assert audio and all(a.dtype == np.float32 for a in audio)
     assert items[-1]["num_frames"] <= 10 and items[-1]["ttfa_s"] > 0   # default_max_new_tokens applied
+    # the text's token count, for OpenAI's `usage` in the SSE done event (the ingress has no tokenizer)
+    want = len(cv_core.model.tokenizer.target("Hello there.").text)
+    assert items[-1]["text_tokens"] == want > 0
+    info = cv_core.info()  # a /v1/models entry: OpenAI's fields (the openai client reads `created`)
+    assert info["object"] == "model" and info["id"] == "cv" and isinstance(info["created"], int) and info["created"] > 0
 
 
 def test_seeded_requests_repeat_and_differ_by_seed(cv_core):

@@ -94,6 +94,16 @@ def test_a_file_over_the_upload_limit_names_file(monkeypatch, tmp_path):
     assert two.status_code == 400 and two.json()["error"]["param"] == "body", two.text
 
 
+def test_a_file_in_another_field_says_the_audio_goes_in_file(monkeypatch, tmp_path):
+    """OpenAI's voices API uploads `audio_sample`; this service's voice upload takes the audio as `file`."""
+    client, _ = ingress_app(monkeypatch, _config(tmp_path, 64 * KIB), {"base": Recorder()})
+    with client:
+        r = client.post("/v1/audio/voices", files={"audio_sample": ("a.wav", b"RIFF", "audio/wav")},
+                        data={"name": "v"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "audio_sample" and "'file'" in err["message"], r.text
+
+
 def test_reference_audio_too_short_for_the_speaker_encoder_is_a_400_naming_the_upload(monkeypatch, tmp_path,
                                                                                        model_factory):
     """Review finding: audio under the speaker encoder's window (53 ms at 24 kHz) was a bare ValueError deep in the
