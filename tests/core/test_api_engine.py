@@ -70,6 +70,18 @@ def test_abandoned_stream_frees_its_slot(model):
     assert not model.engine.has_work() and model.engine.num_active == 0
 
 
+def widest_step_of_a_call(model) -> int:
+    """The most sessions any engine step held while one short call ran (1: nothing ran beside it)."""
+    widths: list[int] = []
+    real_step = model.engine.step
+    model.engine.step = lambda emit=None: (widths.append(model.engine.num_active), real_step(emit))[1]
+    try:
+        model.generate_custom_voice("Hello.", speaker="ryan", **G)
+    finally:
+        del model.engine.step
+    return max(widths)
+
+
 def test_a_stream_dropped_before_its_first_chunk_is_cancelled(model):
     """An unstarted generator never runs its `finally`: the session it opened must still be cancelled, not run on
     the next caller's steps with its audio kept forever."""
@@ -80,14 +92,7 @@ def test_a_stream_dropped_before_its_first_chunk_is_cancelled(model):
     assert len(driver._queues) == 1
     del it
     gc.collect()
-    widths: list[int] = []
-    real_step = model.engine.step
-    model.engine.step = lambda emit=None: (widths.append(model.engine.num_active), real_step(emit))[1]
-    try:
-        model.generate_custom_voice("Hello.", speaker="ryan", **G)
-    finally:
-        del model.engine.step
-    assert max(widths) == 1  # the orphan never ran beside the call
+    assert widest_step_of_a_call(model) == 1  # the orphan never ran beside the call
     assert not driver._queues and not driver._abandoned and not driver._orphans
     assert not model.engine.has_work() and model.engine.num_active == 0
 
@@ -98,14 +103,7 @@ def test_a_batch_with_a_refused_item_leaves_none_of_its_items_running(model):
     with pytest.raises(ValueError, match="speaker"):
         model.generate_custom_voice(TEXTS, speaker=["vivian", "nobody"], **dict(G, max_new_tokens=40))
     driver = model._engine_driver()
-    widths: list[int] = []
-    real_step = model.engine.step
-    model.engine.step = lambda emit=None: (widths.append(model.engine.num_active), real_step(emit))[1]
-    try:
-        model.generate_custom_voice("Hello.", speaker="ryan", **G)
-    finally:
-        del model.engine.step
-    assert max(widths) == 1 and not driver._queues and not driver._abandoned
+    assert widest_step_of_a_call(model) == 1 and not driver._queues and not driver._abandoned
 
 
 @pytest.mark.parametrize("value", ["2", None, 2.5, 0])

@@ -175,14 +175,17 @@ def test_incremental_text_cost_does_not_grow_with_committed_text():
 
 
 def test_incremental_text_with_the_real_tokenizer_matches_whole_text(model):
-    tok = model.tokenizer
     text = "Hello  world,\n\nthis is   a test: 12345 dollars! Don't stop... 你好，世界。"
+    assert fed_piece_by_piece(model.tokenizer, list(text)) == model.tokenizer.target(text).text
+
+
+def fed_piece_by_piece(tok, pieces: list[str]) -> list[int]:
+    """The ids IncrementalText commits for `pieces` sent one by one, then end."""
     feed = IncrementalText(tok.text_only, tok.split_offsets, tok.encode)
     ids = []
-    for ch in text:
-        ids += feed.append(ch)
-    ids += feed.end()
-    assert ids == tok.target(text).text
+    for p in pieces:
+        ids += feed.append(p)
+    return ids + feed.end()
 
 
 @pytest.mark.parametrize("text", ["Cafe\u0301 au lait, please.", "e\u0301e\u0301 x", "A\u030a ring", "b\u0301\u0323 ok"])
@@ -190,15 +193,9 @@ def test_incremental_text_with_the_real_tokenizer_matches_whole_text(model):
 def test_incremental_text_with_decomposed_accents_matches_whole_text(model, text, how):
     """The tokenizer normalizes to NFC before it splits words: a piece boundary right before a combining accent
     would encode "e" and the accent apart ("Cafe" + U+0301), where the whole text has "Café"."""
-    tok = model.tokenizer
     pieces = list(text) if how == "chars" else [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]]
     assert "".join(pieces) == text
-    feed = IncrementalText(tok.text_only, tok.split_offsets, tok.encode)
-    ids = []
-    for p in pieces:
-        ids += feed.append(p)
-    ids += feed.end()
-    assert ids == tok.target(text).text
+    assert fed_piece_by_piece(model.tokenizer, pieces) == model.tokenizer.target(text).text
 
 
 def test_a_failing_prefill_fails_only_its_own_session(model, monkeypatch):
