@@ -160,13 +160,15 @@ class Ingress:
         if declared > limit:
             raise ApiError(413, f"body: larger than {limit} bytes", "body")
         body = bytearray()
-        try:
-            async with asyncio.timeout(self.cfg.body_timeout_s):
-                async for part in request.stream():
-                    body += part
-                    if len(body) > limit:
-                        raise ApiError(413, f"body: larger than {limit} bytes", "body")
-        except TimeoutError:
+
+        async def read() -> None:
+            async for part in request.stream():
+                body.extend(part)
+                if len(body) > limit:
+                    raise ApiError(413, f"body: larger than {limit} bytes", "body")
+        try:  # wait_for, not asyncio.timeout: Python 3.10 is supported
+            await asyncio.wait_for(read(), self.cfg.body_timeout_s)
+        except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
             raise body_timeout(self.cfg.body_timeout_s) from None
         except ClientDisconnect:   # not ours to count as a 500 nor to log as an error
             raise ApiError(400, "body: the client left before the body was complete", "body") from None

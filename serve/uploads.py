@@ -74,20 +74,21 @@ async def read_form(request: Request, max_upload_bytes: int,
     declared = declared_length(request)
     if declared is not None and declared > limit:
         raise too_large(max_upload_bytes)
-    try:
-        async with asyncio.timeout(timeout_s), aclosing(request.stream()) as body, \
-                aclosing(bounded(body, max_upload_bytes)) as stream:
+    async def parse() -> FormData:
+        async with aclosing(request.stream()) as body, aclosing(bounded(body, max_upload_bytes)) as stream:
             if request.headers.get("content-type", "").startswith(MULTIPART):
                 parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=MAX_FIELDS,
                                          max_part_size=limit)
             else:
                 parser = FormParser(request.headers, stream, max_fields=MAX_FIELDS, max_part_size=limit)
-            form = await parser.parse()
+            return await parser.parse()
+    try:  # wait_for, not asyncio.timeout: Python 3.10 is supported
+        form = await asyncio.wait_for(parse(), timeout_s)
     except MultiPartException as e:
         raise ApiError(400, f"body: bad form ({e.message})", "body") from None
     except ClientDisconnect:
         raise ApiError(400, "body: the client left before the form was complete", "body") from None
-    except TimeoutError:
+    except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
         raise body_timeout(timeout_s) from None
     try:
         return await _split(form, max_upload_bytes)
