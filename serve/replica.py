@@ -146,11 +146,12 @@ class ReplicaCore:
                     self._settle(group, False)
                 elif cid not in self._asking:  # asked in the background: a slow answer holds back no other check
                     self._asking.add(cid)
-                    task = asyncio.get_running_loop().create_task(self._ask_and_settle(cid, group))
+                    task = asyncio.get_running_loop().create_task(self._ask_and_settle(group))
                     self._tasks.add(task)
                     task.add_done_callback(lambda t, cid=cid: (self._asking.discard(cid), self._tasks.discard(t)))
 
-    async def _ask_and_settle(self, consumer_id: str, sessions: list) -> None:
+    async def _ask_and_settle(self, sessions: list) -> None:
+        """Sessions of one consumer: ask whether it lives, then settle their lapsed leases."""
         self._settle(sessions, await self._consumer_alive(sessions[0].consumer))
 
     def _settle(self, sessions: list, alive: bool) -> None:
