@@ -50,7 +50,9 @@ def pytest_collection_modifyitems(config, items):
 
 # What to show from the cluster's own logs when a test failed (CI keeps only pytest's output): why streams ended,
 # leases lapsed or replicas died.
-RAY_LOG_SIGNS = ("lease expired", "lease renewal", "renewals late", "queue length from", "replica stream failed", "websocket session task failed",
+RAY_LOG_SIGNS = ("lease expired", "lease renewal", "renewals late", "queue length from", "replica stream failed",
+                 "websocket session task failed", "failed after its first audio", "engine step failed",
+                 "audio decode failed", "failed to start",
                  "died", "unhealthy", "health check", "killed", "OOM", "Segmentation", "Fatal Python")
 RAY_LOG_NOISE = ("Failed to look up actor", "started successfully", "INTENDED_SYSTEM_EXIT",
                  "Force kill actor request")

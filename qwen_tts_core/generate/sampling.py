@@ -133,9 +133,15 @@ def noise_key(key: torch.Tensor, frame: torch.Tensor, codebook: int | torch.Tens
     return _mix(key ^ _mix((frame * 16 + codebook) & _M32))
 
 
+_U_MAX = 1.0 - 2.0 ** -24  # the largest float32 below 1
+
+
 def _gumbel(key: torch.Tensor, tok_hash: torch.Tensor) -> torch.Tensor:
     u = _mix(key[..., None] ^ tok_hash)
-    u = ((u >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
+    # uniform in (0, 1) on a 2**-24 grid. The top value (2**24 - 0.5) / 2**24 rounds to 1.0 in float32, whose noise
+    # is +inf: then -inf + inf = NaN on filtered ids and argmax drew any id at all (a blocked special id crashed the
+    # codec, once in ~5500 talker draws), so it is held at the largest float below 1
+    u = (((u >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp(max=_U_MAX)
     return -torch.log(-torch.log(u))
 
 
