@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SAMPLES_PER_FRAME = 1920
 WATCH_PERIOD_S = 0.5
+STUCK_STEP_S = 300.0   # one engine step running longer than this marks the replica unhealthy (a hung device call)
 ENGINE_OPTIONS = ("max_len", "cuda_graphs", "batch_buckets", "compile", "audio_dtype")
 
 
@@ -183,6 +184,18 @@ class ReplicaCore:
             rtf = (time.perf_counter() - ticket.t_submit) / (ticket.samples / 24000)
         self.metrics.finished(ticket.ttfa_s if ticket.request.priority == "interactive" else None, rtf)
         self._gauges()
+
+    def health(self) -> str | None:
+        """Why this replica cannot serve any more, or None: its step loop ended or hangs, or its device fails a
+        one-op probe (a CUDA sticky error fails every later step). Blocking (call it in a thread)."""
+        reason = self.scheduler.health(STUCK_STEP_S)
+        if reason is not None:
+            return reason
+        try:
+            self.engine.probe_device()
+        except Exception as e:  # noqa: BLE001 - any failure of the probe is the answer
+            return f"device {self.engine.device} fails: {type(e).__name__}: {str(e).strip()[:200]}"
+        return None
 
     def _gauges(self) -> None:
         self.metrics.gauges(self.scheduler.active_sessions, self.scheduler.queue_length)
@@ -370,6 +383,15 @@ class TTSReplica:
 
     async def info(self) -> dict[str, Any]:
         return self.core.info()
+
+    async def check_health(self) -> None:
+        """Serve's health check (every `health_check_period_s`): raising marks this replica unhealthy, and Serve
+        replaces it rather than route requests that can only fail to it. A probe that hangs (a hung GPU) runs past
+        Serve's health check timeout, which counts as a failure too."""
+        reason = await asyncio.to_thread(self.core.health)
+        if reason is not None:
+            log.error("replica for %s unhealthy: %s", self.core.cfg.name, reason)
+            raise RuntimeError(f"replica for {self.core.cfg.name} unhealthy: {reason}")
 
     async def stats(self) -> dict[str, Any]:
         return self.core.stats()

@@ -140,6 +140,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._step_since: float | None = None   # when the engine step in flight began (monotonic), None between steps
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -147,6 +148,18 @@ class Scheduler:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="qtts-step-loop", daemon=True)
         self._thread.start()
+
+    def health(self, stuck_after_s: float) -> str | None:
+        """Why the step loop cannot serve, or None: it has ended (it only ends on stop or a BaseException), or one
+        engine step has run longer than `stuck_after_s` (a hung device call)."""
+        if self._thread is None or self._stop.is_set():
+            return None  # not started, or stopped on purpose
+        if not self._thread.is_alive():
+            return "the step loop has ended"
+        since = self._step_since
+        if since is not None and time.monotonic() - since > stuck_after_s:
+            return f"one engine step has run for {time.monotonic() - since:.0f} s (limit {stuck_after_s:.0f} s)"
+        return None
 
     def stop(self) -> None:
         self._stop.set()
@@ -347,7 +360,11 @@ class Scheduler:
         if not self._runnable():
             return True
         before = self._mark()
-        chunks = self.engine.step(emit=self._dispatch)  # chunks ready mid-step leave at once
+        self._step_since = time.monotonic()
+        try:
+            chunks = self.engine.step(emit=self._dispatch)  # chunks ready mid-step leave at once
+        finally:
+            self._step_since = None
         self.stats.steps += 1
         self._dispatch(chunks)
         self._reap_silent_finishes()

@@ -214,6 +214,14 @@ class Engine:
         session.cancelled = True
         self._notify()
 
+    def probe_device(self) -> None:
+        """One tiny op on the engine's device, read back: raises when the device cannot compute any more (on CUDA, a
+        sticky error after a device-side assert or an illegal access fails every later call, steps included). Safe
+        from another thread; on a GPU it waits at most for the step in flight."""
+        x = torch.ones(1, device=self.device)
+        if (x + x).item() != 2.0:
+            raise RuntimeError(f"{self.device} computed 1 + 1 = {(x + x).item()}")
+
     def _notify(self) -> None:
         with self._lock:
             self._work.notify_all()
