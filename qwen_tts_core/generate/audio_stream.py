@@ -8,6 +8,7 @@ chunk due in one call per engine step.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ class AudioOut:
     frame_start: int
     num_frames: int
     final: bool
+    error: Exception | None = None   # this row's decode failed (alone): the row is dropped, nothing more comes
 
 
 @dataclass
@@ -207,23 +209,37 @@ class BatchedAudio:
 
         A row is due once it has gathered first_chunk_frames (its first chunk) or chunk_frames (later chunks)
         frames, or when finished; a due row decodes all the frames it has gathered. Finished rows get final=True
-        (empty PCM when nothing was left) and are freed.
+        (empty PCM when nothing was left) and are freed. When a call fails, its rows are decoded one by one: a row
+        that fails alone gets final=True with `error` set and is freed, the others decode as if it were not there
+        (eager only: a failed graph replay raises).
         """
         due = [(k, r) for k, r in self.open_rows.items()
                if r.finished or r.pending >= (r.first if r.emitted == 0 else r.every)]
         work = [(k, r) for k, r in due if r.pending]
-        pieces, where = [], {}
+        pieces, where, failed = [], {}, {}
         offset = 0
         groups = plan_groups([r.pending for _, r in work], self.call_cost)
-        calls = split_calls(groups, [r.pending for _, r in work], self.max_call_frames)
-        for group in calls:
+        calls = deque(split_calls(groups, [r.pending for _, r in work], self.max_call_frames))
+        while calls:
+            group = calls.popleft()
             rows = [work[i][1] for i in group]
             if self.bank.graphs and not self._warned and max(r.pending for r in rows) > max(self.bank.frame_buckets):
                 self._warned = True
                 log.warning("an audio decode of %d frames runs eagerly: graphs hold at most %d (give the engine "
                             "the chunk sizes in use: audio_chunk_frames)", max(r.pending for r in rows),
                             max(self.bank.frame_buckets))
-            wav = self.bank.decode([r.row for r in rows], [r.pending for r in rows])
+            try:
+                wav = self.bank.decode([r.row for r in rows], [r.pending for r in rows])
+            except Exception as e:  # noqa: BLE001 - a row's failure must not fail the rows sharing its call
+                if self.bank.graphs:
+                    raise  # a replay that fails leaves no row to trust (on CUDA, a sticky error)
+                if len(group) > 1:  # the call advanced no state: the same rows again, one per call
+                    log.warning("an audio decode of %d rows failed (%s: %s); decoding them one by one", len(group),
+                                type(e).__name__, e)
+                    calls.extendleft([i] for i in reversed(group))
+                else:
+                    failed[work[group[0]][0]] = e
+                continue
             if self.bank.graphs and len(calls) > 1:
                 wav = wav.clone()  # a graph's output is rewritten by its next replay
             width = wav.shape[1]
@@ -239,6 +255,10 @@ class BatchedAudio:
                 host = host.copy()  # on CPU that is a view of the graph's output, which the next replay rewrites
         out = []
         for k, r in due:
+            if k in failed:
+                out.append(AudioOut(k, np.zeros(0, np.float32), r.emitted, 0, True, error=failed[k]))
+                self.drop(k)
+                continue
             start = where.get(k, 0)
             pcm = host[start: start + r.pending * self.spf]
             out.append(AudioOut(k, pcm, r.emitted, r.pending, r.finished))

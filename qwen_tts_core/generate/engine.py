@@ -588,6 +588,10 @@ class Engine:
             s = self._audio_rows.get(a.key)
             if s is None:
                 continue
+            if a.error is not None:  # this session's decode failed alone: it fails, the others go on
+                log.error("audio decode of session %d failed: %s: %s", s.id, type(a.error).__name__, a.error)
+                self._fail(s, a.error, out)
+                continue
             s.audio_frames = a.frame_start + a.num_frames
             if a.final:
                 del self._audio_rows[a.key]

@@ -91,6 +91,8 @@ def run(codec, plans: list[Plan], max_rows: int, **kwargs) -> list[Plan]:
             by_key[out.key].outs.append(out)
             if out.final:
                 closing.discard(out.key)
+            if out.error is not None:  # the row failed alone and is gone (the engine fails its session)
+                live.pop(out.key, None)
         step += 1
         assert step < 10_000
     return plans
@@ -198,6 +200,28 @@ def test_dropped_row_does_not_disturb_others(codec):
             assert float(np.abs(o1.pcm - o2.pcm).max()) <= SAME
     assert all(not o.final for o in b[1].outs) and sum(o.num_frames for o in b[1].outs) <= 9
     check_plan(codec, b[1])
+
+
+@pytest.mark.parametrize("mode", ["one-padded-call", "buckets"])
+def test_a_row_whose_decode_fails_fails_alone(codec, mode):
+    """A row the codec cannot decode (here a code outside the codebook) failed the whole call: every stream that
+    shared it. The call is now retried row by row: that row ends with `error` and is freed, and the others are
+    exactly what they are without it."""
+    g = torch.Generator().manual_seed(22)
+    base = [Plan(1, _codes(g, 25), 0, 1, 4), Plan(2, _codes(g, 25), 2, 2, 3), Plan(3, _codes(g, 25), 1, 1, 4)]
+    broken = [Plan(p.key, p.codes.clone(), p.start, p.first, p.every) for p in base]
+    broken[1].codes[9, 3] = 5000
+    a = run(codec, base, max_rows=3, **MODES[mode])
+    b = run(codec, broken, max_rows=3, **MODES[mode])
+    for x, y in ((a[0], b[0]), (a[2], b[2])):
+        assert [(o.frame_start, o.num_frames, o.final, o.error) for o in x.outs] == \
+               [(o.frame_start, o.num_frames, o.final, o.error) for o in y.outs]
+        for o1, o2 in zip(x.outs, y.outs):
+            assert float(np.abs(o1.pcm - o2.pcm).max(initial=0.0)) <= SAME
+    *good, last = b[1].outs
+    assert isinstance(last.error, IndexError) and last.final and last.num_frames == 0
+    assert all(o.error is None for o in good) and last.frame_start == sum(o.num_frames for o in good) < 10
+    assert [o.pcm.tobytes() for o in good] == [o.pcm.tobytes() for o in a[1].outs[:len(good)]]
 
 
 def test_one_frame_session(codec):

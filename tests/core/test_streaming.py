@@ -67,6 +67,42 @@ def test_sessions_stream_side_by_side(model):
         assert np.abs(np.concatenate(got[s.id]) - offline).max() <= 1e-4
 
 
+def test_a_session_whose_audio_cannot_decode_fails_alone(model):
+    """One session's frame the codec cannot decode (a code outside the codebook, as a NaN draw once gave) failed
+    the batched decode of every session sharing the call. Now that session ends with an error and the others
+    stream exactly their offline audio."""
+    eng = Engine(model, max_sessions=3, audio_dtype=None)
+    eng.audio.call_cost, eng.audio.max_call_frames = float("inf"), 0  # one call for every due row, as on a GPU
+    texts = [TEXT, "Good morning!", "Press one for sales, two for support."]
+    sessions = [eng.add(SynthesisRequest(kind="custom_voice", text=t, speaker="vivian", language="english",
+                                         sampling=SamplingParams(**G), chunk_frames=3)) for t in texts]
+    push, pushes = eng.audio.push, []
+
+    def corrupting_push(keys, codes):
+        pushes.append(1)
+        if len(pushes) == 6 and sessions[1].id in keys:
+            codes = codes.clone()
+            codes[keys.index(sessions[1].id), 3] = 5000
+        return push(keys, codes)
+    eng.audio.push = corrupting_push
+    got: dict[int, list[np.ndarray]] = {s.id: [] for s in sessions}
+    last = {}
+    while eng.has_work():
+        for ch in eng.step():
+            got[ch.session_id].append(ch.pcm)
+            if ch.is_last:
+                last[ch.session_id] = ch
+    bad = last[sessions[1].id]
+    assert bad.finish_reason == "error" and "index out of range" in bad.error
+    assert sum(len(x) for x in got[sessions[1].id]) < 6 * 1920
+    for s, t in ((sessions[0], texts[0]), (sessions[2], texts[2])):
+        (offline,), _ = model.generate_custom_voice(t, speaker="vivian", language="english",
+                                                    non_streaming_mode=False, **G)
+        assert last[s.id].finish_reason == "max_new_tokens"
+        assert np.abs(np.concatenate(got[s.id]) - offline).max() <= 1e-4
+    assert eng.audio.num_open == 0 and not eng.has_work()
+
+
 def test_voice_clone_icl_stream_equals_offline(model_factory, ref_wav_path):
     base = model_factory("base", "tiny")
     items = base.create_voice_clone_prompt(str(ref_wav_path), ref_text="Good morning, how are you today?")
