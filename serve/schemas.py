@@ -12,7 +12,15 @@ from __future__ import annotations
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from qwen_tts_core.audio_fx import SPEED_MAX, SPEED_MIN, check_speed
 from qwen_tts_core.errors import RequestError
@@ -76,6 +84,16 @@ class SynthesisFields(SamplingFields):  # type: ignore[misc, valid-type]
     seed: int | None = Field(None, description="integer in [0, 2**63)")
     non_streaming_mode: bool = False
     priority: str = Field("interactive", description="'interactive' or 'bulk'")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """An explicit `null` for an optional field means its default (`"speed": null`, `"response_format": null`:
+        clients that serialize unset options as null); a required field stays required."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+        return data
 
     @field_validator("voice", mode="before")
     @classmethod

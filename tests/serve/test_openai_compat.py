@@ -120,3 +120,22 @@ def test_instructions_limit_is_the_documented_one(monkeypatch, tmp_path, n, stat
     assert r.status_code == status, r.text
     if status == 400:
         assert r.json()["error"]["param"] == "instructions"
+
+
+def test_null_for_an_optional_field_means_its_default(monkeypatch, tmp_path):
+    """Clients that serialize unset options as null (`"speed": null`, `"response_format": null`) got a 400; null now
+    means the field's default. A required field stays required, and an unknown field stays refused."""
+    fake = Speaks()
+    client = _client(monkeypatch, tmp_path, fake)
+    nulls = {"response_format": None, "stream_format": None, "speed": None, "seed": None, "instructions": None,
+             "language": None, "priority": None, "non_streaming_mode": None, "temperature": None}
+    r = client.post("/v1/audio/speech", json={"model": "cv", "voice": "x", "input": "Hi.", **nulls})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "audio/mpeg"  # the default format
+    sent = fake.payloads[-1]
+    assert (sent["priority"], sent["non_streaming_mode"], sent["seed"], sent["temperature"]) == \
+           ("interactive", False, None, None)
+    for body, param in (({"model": "cv", "voice": "x", "input": None}, "input"),
+                        ({"model": "cv", "voice": "x", "input": "Hi.", "bogus": None}, "bogus")):
+        r = client.post("/v1/audio/speech", json=body)
+        assert (r.status_code, r.json()["error"]["param"]) == (400, param), r.text
