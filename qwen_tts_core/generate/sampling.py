@@ -134,15 +134,17 @@ def noise_key(key: torch.Tensor, frame: torch.Tensor, codebook: int | torch.Tens
 
 
 _U_MAX = 1.0 - 2.0 ** -24  # the largest float32 below 1
+_E_MIN = 2.0 ** -25         # below -log(_U_MAX) (5.96e-8): never reached where log is exact
 
 
 def _gumbel(key: torch.Tensor, tok_hash: torch.Tensor) -> torch.Tensor:
     u = _mix(key[..., None] ^ tok_hash)
     # uniform in (0, 1) on a 2**-24 grid. The top value (2**24 - 0.5) / 2**24 rounds to 1.0 in float32, whose noise
     # is +inf: then -inf + inf = NaN on filtered ids and argmax drew any id at all (a blocked special id crashed the
-    # codec, once in ~5500 talker draws), so it is held at the largest float below 1
+    # codec, once in ~5500 talker draws), so it is held at the largest float below 1; and -log(u) is held above 0,
+    # so that a log less exact near 1 (a compiled kernel's) cannot give +inf or NaN either: the noise stays <= 17.4
     u = (((u >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp(max=_U_MAX)
-    return -torch.log(-torch.log(u))
+    return -torch.log((-torch.log(u)).clamp(min=_E_MIN))
 
 
 gumbel = FusedOp(_gumbel)
