@@ -8,7 +8,8 @@ Stages (each appends one JSON line to --out and prints it):
              (0.6B and 1.7B) in each attention layout, and for a prefill
   tiny       tiny fp32: CPU vs GPU eager vs GPU graphs with staggered sessions crossing buckets (1->2->4->3), a
              paused incremental session, frames not all equal, seeded sampled codes in range and equal across graphs
-             and eager, finite audio, stream == offline, a Base voice saved, loaded and used on the GPU
+             and eager, finite audio, stream == offline, a Base voice saved, loaded and used on the GPU, the
+             sampler's noise finite at the top of its uniform grid (GPU only)
   build      a random 1.7B CustomVoice checkpoint (bf16) in --work, reused by the next stages
   parity     1.7B bf16 greedy: graphs == eager (same buckets) for 4 staggered sessions
   timings    1.7B bf16, CUDA events: talker and code-predictor replays at 1/8/32/64 rows and 512/4096 keys, prefill
@@ -19,7 +20,8 @@ Stages (each appends one JSON line to --out and prints it):
              without seeds), peak memory
   e2e_compiled  the same with the fused ops compiled (Engine(compile=True)); its goals are prefixed compiled_
   compile    1.7B bf16 with graphs, plain vs compiled fused ops (Engine(compile=True)): engine start (capture and
-             compiling), talker and code-predictor replay times and kernels at 1 and 8 rows, greedy codes compared
+             compiling), talker and code-predictor replay times and kernels at 1 and 8 rows, greedy codes compared,
+             the compiled noise finite at the top of its grid (GPU only)
 --device cpu is the dry run CI uses: tiny models everywhere, the CUDA-graph stand-in instead of graphs, small sizes.
 """
 
@@ -198,6 +200,7 @@ def stage_tiny(c: Ctx) -> dict:
     pcm = np.concatenate([ch.pcm for ch in chunks])
     goals["sampled_ok"] = bool(same(a, b) and codes.min() >= 0 and codes.max() < 2048 and np.isfinite(pcm).all()
                                and pcm.size > 0)
+    goals["noise_finite"] = noise_finite_at_grid_top(c) if c.cuda else None  # CPU: tests/core/test_engine.py
     # stream == offline
     kw = dict(speaker="ryan", language="english", max_new_tokens=12, **GREEDY)
     (off,), _ = gpu.generate_custom_voice(TEXT, non_streaming_mode=False, **kw)
@@ -418,6 +421,22 @@ def stage_e2e(c: Ctx, compile: bool = False) -> dict:
     return out
 
 
+def noise_finite_at_grid_top(c: Ctx) -> bool:
+    """The sampler's Gumbel noise at the top of its uniform grid, on the device, where a float32 uniform once
+    rounded to 1.0 (+inf noise, a NaN draw, any id): finite and the row's largest, plain (and compiled, inside
+    `fused.compiled_ops`, whose log may be less exact near 1). The key is found by hash search for one token."""
+    from qwen_tts_core.generate.sampling import _M32, _mix, gumbel, token_hash
+
+    tok, salt = 2370, token_hash(3072, device=c.dev)
+    for start in range(0, 1 << 30, 1 << 24):
+        keys = torch.arange(start, start + (1 << 24), dtype=torch.long, device=c.dev)
+        hit = ((_mix(keys ^ salt[tok]) & _M32) >> 8 == (1 << 24) - 1).nonzero()
+        if len(hit):
+            noise = gumbel(keys[hit[0]], salt)
+            return bool(torch.isfinite(noise).all() and noise[0, tok] == noise.max())
+    return False
+
+
 def stage_compile(c: Ctx) -> dict:
     """Plain vs compiled fused ops (`Engine(compile=True)`, model/fused.py) on the production path (graphs): capture
     time (compiling included), replay times, kernels per replay, and whether greedy codes stay the plain ones."""
@@ -452,7 +471,10 @@ def stage_compile(c: Ctx) -> dict:
     same = [float((a == b).float().mean()) if a.shape == b.shape else 0.0
             for a, b in zip(codes["plain"], codes["compiled"])]
     out["greedy_codes_equal_frac"] = round(float(np.mean(same)), 3)  # bf16 rounding differs: drift is expected
-    out["goals"] = {"compiled_ops_in_use": out["compiled_fused_ops_compiled"] if c.cuda else None}
+    with fused.compiled_ops(True):
+        finite = noise_finite_at_grid_top(c) if c.cuda else None
+    out["goals"] = {"compiled_ops_in_use": out["compiled_fused_ops_compiled"] if c.cuda else None,
+                    "compiled_noise_finite": finite}
     return out
 
 
