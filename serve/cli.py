@@ -10,6 +10,7 @@ temp dir) -- each only if its GCS answers within a second (a stale file left by 
 waited on) -- else a new local Ray that lives as long as this command. HTTP options are fixed for the life of a
 Serve instance: on a running Serve a different `--host/--port` is a clear error, not a silent no-op. "qtts serving
 ..." is printed once the proxy answers its health route (a proxy that Serve replaced on a busy host is waited for).
+Ctrl-C or SIGTERM stops the service and the local Ray when this command started that Ray; a joined cluster keeps it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import argparse
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -234,17 +237,30 @@ def _serve(args: argparse.Namespace) -> int:
             print("--detach with a Ray this command started: the service stops as this command exits; start a head "
                   "first (cluster/local.sh start) to keep it running", flush=True)
         return 0
+    _sigterm_as_ctrl_c()
     try:
         while True:
             time.sleep(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        why = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
         if started:
-            print("\nCtrl-C: stopping the service and the local Ray this command started", flush=True)
+            print(f"\n{why}: stopping the service and the local Ray this command started", flush=True)
             serve.shutdown()
         else:
-            print(f"\nCtrl-C: the service keeps running on {url} in the Ray cluster this command joined; stop it "
+            print(f"\n{why}: the service keeps running on {url} in the Ray cluster this command joined; stop it "
                   f"with `serve delete {APP_NAME}` (RAY_ADDRESS set to that cluster)", flush=True)
     return 0
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM (docker stop, systemd, kill, a Kubernetes pod ending) stops the command as Ctrl-C does, instead of
+    Ray's driver handler, which exits with a stack dump and no `serve.shutdown()`."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def register(subparsers) -> None:

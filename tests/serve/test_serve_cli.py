@@ -164,14 +164,22 @@ def test_gpus_the_cluster_does_not_have_are_a_clear_error(serve_app):
     check_gpus(ServiceConfig.from_dict({}))
 
 
+# `qtts ...` with SIGINT's default disposition, as a terminal's Ctrl-C finds it: a test run started in the
+# background inherits SIGINT ignored (a shell's background job), and Python then never raises KeyboardInterrupt
+_CLI_WITH_CTRL_C = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                    "from qwen_tts_core.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 @pytest.mark.ray
-def test_qtts_serve_model_flag_on_a_fresh_ray_then_ctrl_c_stops_what_it_started(checkpoint_factory):
+@pytest.mark.parametrize("sig, said", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_qtts_serve_model_flag_on_a_fresh_ray_then_ctrl_c_stops_what_it_started(checkpoint_factory, sig, said):
     """No YAML, a stale cluster file in Ray's temp dir, no RAY_ADDRESS: `qtts serve --model DIR` reports the stale
-    file, starts its own Ray, serves the model; Ctrl-C says it stops the service and that Ray, and does."""
+    file, starts its own Ray, serves the model; Ctrl-C says it stops the service and that Ray, and does. SIGTERM
+    (docker stop, systemd) does the same."""
     ckpt = checkpoint_factory("custom_voice")
     root, dead = _stale_tmpdir()
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "qwen_tts_core.cli", "serve", "--model", str(ckpt),
+    proc = subprocess.Popen([sys.executable, "-c", _CLI_WITH_CTRL_C, "serve", "--model", str(ckpt),
                              "--name", "tiny", "--port", str(port)], cwd=ROOT,
                             env=_env(RAY_TMPDIR=root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -191,9 +199,9 @@ def test_qtts_serve_model_flag_on_a_fresh_ray_then_ctrl_c_stops_what_it_started(
                        json={"model": "tiny", "input": "From the command line.", "response_format": "pcm",
                              "max_new_tokens": 8})
         assert r.status_code == 200 and len(r.content) > 0
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest, _ = proc.communicate(timeout=120)
-        assert "stopping the service and the local Ray this command started" in rest, rest[-3000:]
+        assert f"{said}: stopping the service and the local Ray this command started" in rest, rest[-3000:]
         assert proc.returncode == 0
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=3)
