@@ -230,15 +230,15 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = start_http(host, port, explicit)
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
-    wait_for_http(_local_url(host, port))
-    print(f"qtts serving {[m.name for m in cfg.models]} on {url} (playground at /)", flush=True)
-    if args.detach:
-        if started:
-            print("--detach with a Ray this command started: the service stops as this command exits; start a head "
-                  "first (cluster/local.sh start) to keep it running", flush=True)
-        return 0
-    _sigterm_as_ctrl_c()
+    _sigterm_as_ctrl_c()  # before "qtts serving" is printed: a SIGTERM right after it must find this handler
     try:
+        wait_for_http(_local_url(host, port))
+        print(f"qtts serving {[m.name for m in cfg.models]} on {url} (playground at /)", flush=True)
+        if args.detach:
+            if started:
+                print("--detach with a Ray this command started: the service stops as this command exits; start a "
+                      "head first (cluster/local.sh start) to keep it running", flush=True)
+            return 0
         while True:
             time.sleep(1)
     except KeyboardInterrupt as e:
