@@ -425,16 +425,14 @@ def noise_finite_at_grid_top(c: Ctx) -> bool:
     """The sampler's Gumbel noise at the top of its uniform grid, on the device, where a float32 uniform once
     rounded to 1.0 (+inf noise, a NaN draw, any id): finite and the row's largest, plain (and compiled, inside
     `fused.compiled_ops`, whose log may be less exact near 1). The key is found by hash search for one token."""
-    from qwen_tts_core.generate.sampling import _M32, _mix, gumbel, token_hash
+    from qwen_tts_core.generate.sampling import grid_top_key, gumbel, token_hash
 
     tok, salt = 2370, token_hash(3072, device=c.dev)
-    for start in range(0, 1 << 30, 1 << 24):
-        keys = torch.arange(start, start + (1 << 24), dtype=torch.long, device=c.dev)
-        hit = ((_mix(keys ^ salt[tok]) & _M32) >> 8 == (1 << 24) - 1).nonzero()
-        if len(hit):
-            noise = gumbel(keys[hit[0]], salt)
-            return bool(torch.isfinite(noise).all() and noise[0, tok] == noise.max())
-    return False
+    key = grid_top_key(salt, tok)
+    if key is None:
+        return False
+    noise = gumbel(key, salt)
+    return bool(torch.isfinite(noise).all() and noise[0, tok] == noise.max())
 
 
 def stage_compile(c: Ctx) -> dict:

@@ -157,8 +157,9 @@ class Scheduler:
         if not self._thread.is_alive():
             return "the step loop has ended"
         since = self._step_since
-        if since is not None and time.monotonic() - since > stuck_after_s:
-            return f"one engine step has run for {time.monotonic() - since:.0f} s (limit {stuck_after_s:.0f} s)"
+        running = 0.0 if since is None else time.monotonic() - since
+        if running > stuck_after_s:
+            return f"one engine step has run for {running:.0f} s (limit {stuck_after_s:.0f} s)"
         return None
 
     def stop(self) -> None:

@@ -220,6 +220,7 @@ class BatchedAudio:
         offset = 0
         groups = plan_groups([r.pending for _, r in work], self.call_cost)
         calls = deque(split_calls(groups, [r.pending for _, r in work], self.max_call_frames))
+        one_call = len(calls) <= 1  # with graphs always (a failed replay raises: no retries to count)
         while calls:
             group = calls.popleft()
             rows = [work[i][1] for i in group]
@@ -240,7 +241,7 @@ class BatchedAudio:
                 else:
                     failed[work[group[0]][0]] = e
                 continue
-            if self.bank.graphs and len(calls) > 1:
+            if self.bank.graphs and not one_call:
                 wav = wav.clone()  # a graph's output is rewritten by its next replay
             width = wav.shape[1]
             for j, i in enumerate(group):

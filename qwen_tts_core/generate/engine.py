@@ -219,8 +219,9 @@ class Engine:
         sticky error after a device-side assert or an illegal access fails every later call, steps included). Safe
         from another thread; on a GPU it waits at most for the step in flight."""
         x = torch.ones(1, device=self.device)
-        if (x + x).item() != 2.0:
-            raise RuntimeError(f"{self.device} computed 1 + 1 = {(x + x).item()}")
+        got = (x + x).item()
+        if got != 2.0:
+            raise RuntimeError(f"{self.device} computed 1 + 1 = {got}")
 
     def _notify(self) -> None:
         with self._lock:

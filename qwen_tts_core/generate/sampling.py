@@ -133,18 +133,30 @@ def noise_key(key: torch.Tensor, frame: torch.Tensor, codebook: int | torch.Tens
     return _mix(key ^ _mix((frame * 16 + codebook) & _M32))
 
 
-_U_MAX = 1.0 - 2.0 ** -24  # the largest float32 below 1
-_E_MIN = 2.0 ** -25         # below -log(_U_MAX) (5.96e-8): never reached where log is exact
+_E_MIN = 2.0 ** -24  # -log of the largest float32 below 1: the smallest -log(u) an exact log gives on the grid
 
 
 def _gumbel(key: torch.Tensor, tok_hash: torch.Tensor) -> torch.Tensor:
     u = _mix(key[..., None] ^ tok_hash)
-    # uniform in (0, 1) on a 2**-24 grid. The top value (2**24 - 0.5) / 2**24 rounds to 1.0 in float32, whose noise
-    # is +inf: then -inf + inf = NaN on filtered ids and argmax drew any id at all (a blocked special id crashed the
-    # codec, once in ~5500 talker draws), so it is held at the largest float below 1; and -log(u) is held above 0,
-    # so that a log less exact near 1 (a compiled kernel's) cannot give +inf or NaN either: the noise stays <= 17.4
-    u = (((u >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp(max=_U_MAX)
+    u = ((u >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1] on a 2**-24 grid
+    # The top of the grid, (2**24 - 0.5) / 2**24, rounds to 1.0 in float32: its noise was +inf, -inf + inf = NaN on
+    # filtered ids, and argmax drew any id at all (a blocked special id crashed the codec, once in ~5500 talker
+    # draws). -log(u) is held at or above the value of the largest float below 1, so that point draws as that float
+    # would (noise 16.6) and a log less exact near 1 (a compiled kernel's) cannot give +inf or NaN either.
     return -torch.log((-torch.log(u)).clamp(min=_E_MIN))
+
+
+def grid_top_key(tok_hash: torch.Tensor, token: int, search: int = 1 << 30) -> torch.Tensor | None:
+    """A draw key (Long [1]) whose uniform for `token` is the top of the grid, where float32 rounds to 1.0 (the
+    extreme the noise must survive: tests, gpu_check); found by hash search over keys below `search`, on
+    tok_hash's device (~2**24 keys expected). None when none is found."""
+    step = 1 << 22 if tok_hash.device.type == "cpu" else 1 << 24
+    for start in range(0, search, step):
+        keys = torch.arange(start, start + step, dtype=torch.long, device=tok_hash.device)
+        hit = ((_mix(keys ^ tok_hash[token]) & _M32) >> 8 == (1 << 24) - 1).nonzero()
+        if len(hit):
+            return keys[hit[0]]
+    return None
 
 
 gumbel = FusedOp(_gumbel)
