@@ -146,7 +146,8 @@ class StepRunner:
         self.talker, self.device, self.dtype = talker, p.device, p.dtype
         self.S, self.max_len, self.sampler, self.capture = max_sessions, max_len, sampler, capture
         self.static = static or capture is not None
-        self.layout = "gqa"  # the talker's decode attention layout (choose_decode_layout)
+        self.layout = "gqa"     # the talker's decode attention layout (choose_decode_layout)
+        self.cp_layout = "gqa"  # the code predictor's
         self.batch_buckets = batch_buckets(max_sessions, buckets)
         self.len_buckets = length_buckets(max_len)
         t = talker.cfg
@@ -227,7 +228,7 @@ class StepRunner:
                                      lambda: noise(g), plan, memo)
         else:
             pick = self._torch_picker("cp", B)
-        codes = predict_codes(self.talker, cache, self.hidden[:B], self.code0[:B], pick)
+        codes = predict_codes(self.talker, cache, self.hidden[:B], self.code0[:B], pick, self.cp_layout)
         m = self.cp_mask[:B]
         self.last_codes[:B] = torch.where(m[:, None], codes, self.last_codes[:B])
         self.nframes[:B] += m.long()
@@ -554,21 +555,27 @@ class StepRunner:
             "t_mask", "_pf_embeds")}
 
     # --- attention layout --------------------------------------------------------------------------------------
-    def set_decode_layout(self, layout: str) -> None:
-        """This runner's talker steps use `layout` (its own: other engines on the same model keep theirs)."""
+    def set_decode_layout(self, layout: str, cp_layout: str | None = None) -> None:
+        """This runner's talker steps use `layout`, its code-predictor steps `cp_layout` (None: unchanged); its own:
+        other engines on the same model keep theirs."""
         self.layout = layout
+        if cp_layout is not None:
+            self.cp_layout = cp_layout
 
     def choose_decode_layout(self) -> dict[str, str]:
-        """On CUDA, pick the decode attention layout whose talker-step SDPA call gets a fused kernel (not MATH), probing
-        `torch._fused_sdp_choice` with this model's shapes; on CPU, enable_gqa in fp32 and grouped otherwise. Returns
-        what was found."""
+        """The one-query attention layouts of the talker and of the code predictor. On CUDA, the first whose SDPA call
+        gets a fused kernel (not MATH), probing `torch._fused_sdp_choice` with this model's shapes. On CPU (measured on
+        a 2-core Zen 4, torch 2.13): the talker takes enable_gqa in fp32 with the torch sampler (the reference's
+        numbers) and grouped otherwise (the device sampler's rows then do not depend on the batch: SDPA's fp32 kernel
+        gives a row other last bits in a batch of 4 than alone; in bf16 enable_gqa takes a path ~7x slower); the code
+        predictor (one frame's <= 16 keys) takes enable_gqa in fp32 (2.7x faster than grouped at 8 rows) and grouped
+        in other dtypes (2.8x faster than enable_gqa at 8 rows, 2.3x at one). Returns what was found."""
         if self.device.type != "cuda":
-            # CPU: the torch sampler's fp32 engines keep SDPA with enable_gqa (the reference's numbers); the device
-            # sampler's take the grouped layout, whose rows do not depend on the batch (SDPA's fp32 kernel gives a row
-            # other last bits in a batch of 4 than alone); in bf16 SDPA takes a path ~7x slower than grouped
-            layout = "gqa" if self.dtype == torch.float32 and self.sampler == "torch" else "grouped"
-            self.set_decode_layout(layout)
-            return {"layout": layout}
+            fp32 = self.dtype == torch.float32
+            layout = "gqa" if fp32 and self.sampler == "torch" else "grouped"
+            cp_layout = "gqa" if fp32 else "grouped"
+            self.set_decode_layout(layout, cp_layout)
+            return {"layout": layout, "cp_layout": cp_layout}
         t = self.talker.cfg
         B, L, D, hq, hkv = max(self.batch_buckets), self.len_buckets[0], t.head_dim, t.num_attention_heads, \
             t.num_key_value_heads
@@ -580,11 +587,18 @@ class StepRunner:
         found["grouped"] = sdpa_backend(qg, k, k, mask)
         fmask = torch.zeros(B, 1, 1, L, dtype=self.dtype, device=self.device)
         found["grouped_float"] = sdpa_backend(qg, k, k, fmask)
-        layout = next((x for x in ("grouped", "grouped_float", "gqa") if found[x] not in ("MATH", "ERROR")),
-                      "grouped")
-        self.set_decode_layout(layout)
-        found["layout"] = layout
-        log.info("decode attention layout %s (SDPA kernels: %s)", layout, found)
+        fused = lambda name: found[name] not in ("MATH", "ERROR")  # noqa: E731
+        layout = next((x for x in ("grouped", "grouped_float", "gqa") if fused(x)), "grouped")
+        c = self.talker.code_predictor.cfg
+        K, D, hq, hkv = c.num_code_groups + 1, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        q = torch.zeros(B, hq, 1, D, dtype=self.dtype, device=self.device)
+        k = torch.zeros(B, hkv, K, D, dtype=self.dtype, device=self.device)
+        found["cp_gqa"] = sdpa_backend(q, k, k, enable_gqa=True)
+        found["cp_grouped"] = sdpa_backend(q.reshape(B, hkv, hq // hkv, D), k, k)
+        cp_layout = next((x for x in ("gqa", "grouped") if fused("cp_" + x)), "gqa")
+        self.set_decode_layout(layout, cp_layout)
+        found.update(layout=layout, cp_layout=cp_layout)
+        log.info("decode attention layouts: talker %s, code predictor %s (SDPA kernels: %s)", layout, cp_layout, found)
         return found
 
 

@@ -33,7 +33,7 @@ def test_full_size_bf16_sessions_batched_equal_each_alone(full_bf16):
     """Four sessions started together (two prompt lengths in streaming mode, two longer ones in non-streaming mode),
     greedy and seeded: every session's codes equal its run alone."""
     eng = Engine(full_bf16, max_sessions=4)
-    assert eng.sdpa == {"layout": "grouped"}
+    assert eng.sdpa == {"layout": "grouped", "cp_layout": "grouped"}
     reqs = [req(0, GREEDY, False), req(1, SAMPLED, True), req(2, GREEDY, True), req(3, SAMPLED, False)]
     together = eng.run_all(reqs)
     assert len({s.prompt.prefill.shape[0] for s in together}) >= 3
@@ -58,11 +58,12 @@ def test_prefill_groups_without_padding_group_equal_lengths():
     assert prefill_groups([2048, 2048, 2048], pad=False) == [[0, 1], [2]]  # still within PREFILL_TOKENS
 
 
-@pytest.mark.parametrize(("dtype", "sampler", "layout"), [
-    ("float32", "device", "grouped"),   # batch-invariant
-    ("float32", "torch", "gqa"),        # the reference's numbers
-    ("bfloat16", "device", "grouped"),
+@pytest.mark.parametrize(("dtype", "sampler", "layout", "cp_layout"), [
+    ("float32", "device", "grouped", "gqa"),   # batch-invariant talker; SDPA's kernel is faster for the predictor
+    ("float32", "torch", "gqa", "gqa"),        # the reference's numbers
+    ("bfloat16", "device", "grouped", "grouped"),
+    ("bfloat16", "torch", "grouped", "grouped"),
 ])
-def test_decode_attention_layout_on_cpu(checkpoint_factory, dtype, sampler, layout):
+def test_decode_attention_layout_on_cpu(checkpoint_factory, dtype, sampler, layout, cp_layout):
     m = Qwen3TTSModel.from_pretrained(checkpoint_factory("custom_voice", "tiny"), device_map="cpu", dtype=dtype)
-    assert Engine(m, max_sessions=2, sampler=sampler).sdpa == {"layout": layout}
+    assert Engine(m, max_sessions=2, sampler=sampler).sdpa == {"layout": layout, "cp_layout": cp_layout}
