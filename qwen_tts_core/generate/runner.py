@@ -576,6 +576,16 @@ class StepRunner:
             cp_layout = "gqa" if fp32 else "grouped"
             self.set_decode_layout(layout, cp_layout)
             return {"layout": layout, "cp_layout": cp_layout}
+        found = self.probe_decode_layouts()
+        self.set_decode_layout(found["layout"], found["cp_layout"])
+        log.info("decode attention layouts: talker %s, code predictor %s (SDPA kernels: %s)", found["layout"],
+                 found["cp_layout"], found)
+        return found
+
+    def probe_decode_layouts(self) -> dict[str, str]:
+        """The SDPA kernel of each layout with this model's decode shapes on this runner's device, and the layouts
+        picked from them: the talker's first fused one of grouped, grouped_float, gqa (boolean mask), the code
+        predictor's of gqa, grouped (no mask); a layout that only gets MATH is never picked when another is fused."""
         t = self.talker.cfg
         B, L, D, hq, hkv = max(self.batch_buckets), self.len_buckets[0], t.head_dim, t.num_attention_heads, \
             t.num_key_value_heads
@@ -587,18 +597,15 @@ class StepRunner:
         found["grouped"] = sdpa_backend(qg, k, k, mask)
         fmask = torch.zeros(B, 1, 1, L, dtype=self.dtype, device=self.device)
         found["grouped_float"] = sdpa_backend(qg, k, k, fmask)
-        fused = lambda name: found[name] not in ("MATH", "ERROR")  # noqa: E731
-        layout = next((x for x in ("grouped", "grouped_float", "gqa") if fused(x)), "grouped")
         c = self.talker.code_predictor.cfg
         K, D, hq, hkv = c.num_code_groups + 1, c.head_dim, c.num_attention_heads, c.num_key_value_heads
         q = torch.zeros(B, hq, 1, D, dtype=self.dtype, device=self.device)
         k = torch.zeros(B, hkv, K, D, dtype=self.dtype, device=self.device)
         found["cp_gqa"] = sdpa_backend(q, k, k, enable_gqa=True)
         found["cp_grouped"] = sdpa_backend(q.reshape(B, hkv, hq // hkv, D), k, k)
-        cp_layout = next((x for x in ("gqa", "grouped") if fused("cp_" + x)), "gqa")
-        self.set_decode_layout(layout, cp_layout)
-        found.update(layout=layout, cp_layout=cp_layout)
-        log.info("decode attention layouts: talker %s, code predictor %s (SDPA kernels: %s)", layout, cp_layout, found)
+        fused = lambda name: found[name] not in ("MATH", "ERROR")  # noqa: E731
+        found["layout"] = next((x for x in ("grouped", "grouped_float", "gqa") if fused(x)), "grouped")
+        found["cp_layout"] = next((x for x in ("gqa", "grouped") if fused("cp_" + x)), "gqa")
         return found
 
 

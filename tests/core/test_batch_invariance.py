@@ -67,3 +67,32 @@ def test_prefill_groups_without_padding_group_equal_lengths():
 def test_decode_attention_layout_on_cpu(checkpoint_factory, dtype, sampler, layout, cp_layout):
     m = Qwen3TTSModel.from_pretrained(checkpoint_factory("custom_voice", "tiny"), device_map="cpu", dtype=dtype)
     assert Engine(m, max_sessions=2, sampler=sampler).sdpa == {"layout": layout, "cp_layout": cp_layout}
+
+
+@pytest.mark.parametrize(("kernels", "layout", "cp_layout"), [
+    ({}, "grouped", "gqa"),                                          # every layout fused
+    ({"grouped": "MATH", "cp_gqa": "MATH"}, "grouped_float", "grouped"),
+    ({"grouped": "MATH", "grouped_float": "MATH", "cp_gqa": "MATH", "cp_grouped": "MATH"}, "gqa", "gqa"),
+])
+def test_cuda_layout_probe_never_picks_math_where_a_fused_kernel_exists(checkpoint_factory, monkeypatch, kernels,
+                                                                         layout, cp_layout):
+    """The CUDA branch of `choose_decode_layout` (`probe_decode_layouts`), run here on CPU tensors with the SDPA
+    kernel choice faked per layout: shapes are the model's (the predictor's keys: its 16 codebooks + 1)."""
+    from qwen_tts_core.generate import runner as runner_mod
+
+    m = Qwen3TTSModel.from_pretrained(checkpoint_factory("custom_voice", "tiny"), device_map="cpu", dtype="float32")
+    r = Engine(m, max_sessions=2).runner
+    seen = []
+
+    def fake(q, k, v, mask=None, is_causal=False, enable_gqa=False):
+        cp = k.shape[2] == m.talker.code_predictor.cfg.num_code_groups + 1
+        name = ("cp_" if cp else "") + ("gqa" if enable_gqa else "grouped_float" if mask is not None and
+                                        mask.dtype != torch.bool else "grouped")
+        assert enable_gqa or q.shape[1] == k.shape[1], name  # grouped: as many query heads as key heads
+        seen.append(name)
+        return kernels.get(name, "FLASH_ATTENTION")
+
+    monkeypatch.setattr(runner_mod, "sdpa_backend", fake)
+    found = r.probe_decode_layouts()
+    assert sorted(seen) == ["cp_gqa", "cp_grouped", "gqa", "grouped", "grouped_float"]
+    assert (found["layout"], found["cp_layout"]) == (layout, cp_layout)
