@@ -18,6 +18,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import (
     HTMLResponse,
     JSONResponse,
+    PlainTextResponse,
     Response,
     StreamingResponse,
 )
@@ -26,13 +27,14 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from qwen_tts_core.audio_fx import StretchedEncoder
 from qwen_tts_core.errors import RequestError
 from qwen_tts_core.generate.requests import check_text
 from qwen_tts_core.types import SAMPLE_RATE
 
-from .audio_format import make_encoder
+from .audio_format import MEDIA_TYPES, make_encoder
 from .auth import Caller, KeyRing, bearer_token
 from .config import ServiceConfig
 from .fetch import AllowList, FetchRefused, fetch_allowed
@@ -44,6 +46,7 @@ from .requests import CALLER
 from .routing import detached, route_key
 from .schemas import (
     ApiError,
+    ErrorResponse,
     SpeechRequest,
     VoiceUpload,
     WSConfig,
@@ -67,7 +70,9 @@ app = FastAPI(title="qwen-tts-fleet", version="0.1.0", docs_url=None, redoc_url=
 _REF = "#/components/schemas/{model}"
 _SPEECH_SCHEMA = SpeechRequest.model_json_schema(ref_template=_REF)
 _VOICE_SCHEMA = VoiceUpload.model_json_schema(ref_template=_REF)
-_DOC_SCHEMAS = {**_SPEECH_SCHEMA.pop("$defs", {}), **_VOICE_SCHEMA.pop("$defs", {})}
+_ERROR_SCHEMA = ErrorResponse.model_json_schema(ref_template=_REF)
+_DOC_SCHEMAS = {**_SPEECH_SCHEMA.pop("$defs", {}), **_VOICE_SCHEMA.pop("$defs", {}), **_ERROR_SCHEMA.pop("$defs", {}),
+                "ErrorResponse": _ERROR_SCHEMA}
 _VOICE_FORM = {**_VOICE_SCHEMA, "title": "VoiceUploadForm",
                "properties": {"file": {"type": "string", "format": "binary", "description": "reference audio"},
                               **_VOICE_SCHEMA["properties"]}}
@@ -76,6 +81,45 @@ _VOICE_FORM = {**_VOICE_SCHEMA, "title": "VoiceUploadForm",
 def _body_doc(content: dict[str, dict]) -> dict:
     """`openapi_extra` declaring a required request body: media type -> schema."""
     return {"requestBody": {"required": True, "content": {k: {"schema": v} for k, v in content.items()}}}
+
+
+# The answers each route documents. Every error is an `ErrorResponse` (ApiError.body); a request FastAPI finds
+# invalid is a 400 too (`_validation_error`), so the 422 FastAPI documents by itself is taken out (`_finish_openapi`).
+_ERROR_DOCS = {
+    400: "bad request: the message and `param` name the field", 401: "missing or invalid API key",
+    404: "not found (`param` names what)", 408: "the request body did not arrive within body_timeout_s",
+    413: "the body or the audio is larger than its limit", 415: "a content type this route does not take",
+    429: "this API key holds its share (open streams, stored voices); see Retry-After",
+    500: "internal error", 502: "the model replica (or the audio_url server) failed; retry",
+    503: "the service is busy; retry after Retry-After seconds",
+    504: "the synthesis did not finish within session_deadline_s"}
+_AUDIO_OUT = {"description": "the audio in `response_format`, sent as it is made (chunked); with `stream_format: "
+              "sse`, events `speech.audio.delta` (base64 audio) then `speech.audio.done`. An error after the first "
+              "byte ends the stream without its last chunk (or with an `error` event), never as a clean end.",
+              "content": {**{t: {"schema": {"type": "string", "format": "binary"}} for t in MEDIA_TYPES.values()},
+                          "text/event-stream": {"schema": {"type": "string"}}}}
+
+
+def _answers(*errors: int, **ok: dict) -> dict:
+    """FastAPI `responses`: `errors` as `ErrorResponse`, plus success answers given as ok_<status>=<doc>."""
+    out: dict = {int(k.removeprefix("ok_")): v for k, v in ok.items()}
+    error = {"application/json": {"schema": {"$ref": _REF.format(model="ErrorResponse")}}}
+    out.update({s: {"description": _ERROR_DOCS[s], "content": error} for s in errors})
+    return out
+
+
+def _finish_openapi(spec: dict) -> dict:
+    """The generated document made true to the service (idempotent): the bodies' schemas in components, and no 422
+    (validation errors are 400s here)."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(_DOC_SCHEMAS)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for ops in spec.get("paths", {}).values():
+        for op in ops.values():
+            if isinstance(op, dict):
+                op.get("responses", {}).pop("422", None)
+    return spec
 
 
 @app.exception_handler(ApiError)
@@ -102,7 +146,18 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     else:
         err = ApiError(exc.status_code, str(exc.detail)[:500])
     err.headers = dict(exc.headers or {})
+    if exc.status_code == 405:   # Starlette's Allow names the first matching route's methods only (GET, not DELETE)
+        err.headers = {k: v for k, v in err.headers.items() if k.lower() != "allow"}
+        err.headers["Allow"] = ", ".join(_allowed_methods(request))
     return await _api_error(request, err)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes on this request's path (a 405's Allow header, RFC 9110 15.5.6): asked of the
+    router per method, as a request would be routed (routes may sit in included routers)."""
+    routes = request.app.router.routes
+    return [m for m in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+            if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
 
 
 @app.exception_handler(Exception)
@@ -198,7 +253,9 @@ class Ingress:
         return stream
 
     # --- speech -----------------------------------------------------------------------------------------------
-    @app.post("/v1/audio/speech", openapi_extra=_body_doc({"application/json": _SPEECH_SCHEMA}))
+    @app.post("/v1/audio/speech", openapi_extra=_body_doc({"application/json": _SPEECH_SCHEMA}),
+              response_class=Response, responses=_answers(400, 401, 408, 413, 429, 500, 502, 503, 504,
+                                                          ok_200=_AUDIO_OUT))
     async def speech(self, request: Request) -> Response:
         caller = self._auth(request.headers)
         body = await self._json(request, self.cfg.max_body_bytes)
@@ -243,7 +300,7 @@ class Ingress:
         return await handle.synthesize.remote(payload)
 
     # --- voices (owned by the key that created them; other keys see 404, admin keys see all) ------------------
-    @app.get("/v1/audio/voices")
+    @app.get("/v1/audio/voices", responses=_answers(401, 500))
     async def list_voices(self, request: Request) -> dict:
         caller = self._auth(request.headers)
         data = []
@@ -255,7 +312,7 @@ class Ingress:
         data += [{**v, "builtin": False} for v in stored]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/audio/voices/{voice_id}")
+    @app.get("/v1/audio/voices/{voice_id}", responses=_answers(401, 404, 500))
     async def get_voice(self, voice_id: str, request: Request) -> dict:
         caller = self._auth(request.headers)
         try:
@@ -265,7 +322,8 @@ class Ingress:
 
     @app.post("/v1/audio/voices", status_code=201,
               openapi_extra=_body_doc({MULTIPART: _VOICE_FORM, URLENCODED: _VOICE_FORM,
-                                       "application/json": _VOICE_SCHEMA}))
+                                       "application/json": _VOICE_SCHEMA}),
+              responses=_answers(400, 401, 408, 413, 415, 429, 500, 502, 503))
     async def create_voice(self, request: Request) -> JSONResponse:
         caller = self._auth(request.headers)
         ctype = request.headers.get("content-type", "")
@@ -337,7 +395,7 @@ class Ingress:
         except FetchRefused as e:
             raise ApiError(e.status, f"audio_url: {e}", "audio_url") from None
 
-    @app.delete("/v1/audio/voices/{voice_id}")
+    @app.delete("/v1/audio/voices/{voice_id}", responses=_answers(401, 404, 500))
     async def delete_voice(self, voice_id: str, request: Request) -> dict:
         caller = self._auth(request.headers)
         try:
@@ -352,13 +410,13 @@ class Ingress:
             self._info[name] = await handle.info.remote()
         return self._info[name]
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_answers(401, 500))
     async def models(self, request: Request) -> dict:
         self._auth(request.headers)
         return {"object": "list",
                 "data": [await self._model_info(n, h) for n, h in self.replicas.items()]}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id}", responses=_answers(401, 404, 500))
     async def model(self, model_id: str, request: Request) -> dict:
         self._auth(request.headers)
         if model_id not in self.replicas:
@@ -394,7 +452,8 @@ class Ingress:
         rows = await asyncio.gather(*(self._replica_stats(n, self.replicas[n]) for n in names))
         return dict(zip(names, rows))
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "a model has no replica answering (the same body)",
+                                         "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def health(self) -> JSONResponse:
         out = {}
         for name, stats in (await self._all_stats()).items():
@@ -405,7 +464,7 @@ class Ingress:
         return JSONResponse({"status": "ok" if ok else "degraded", "models": out,
                              "open_client_streams": self.client_streams.count}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_answers(401))
     async def metrics(self, request: Request) -> Response:
         if not self.cfg.metrics_without_key:
             self._auth(request.headers)
@@ -414,23 +473,21 @@ class Ingress:
                                self.ingress_id)
         return Response(text, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
-    @app.get("/openapi.json")
+    @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> JSONResponse:
         if not self.cfg.docs_without_key:
             self._auth(request.headers)
-        spec = app.openapi()   # built once and cached by FastAPI
-        spec.setdefault("components", {}).setdefault("schemas", {}).update(_DOC_SCHEMAS)
-        return JSONResponse(spec)
+        return JSONResponse(_finish_openapi(app.openapi()))   # built once and cached by FastAPI
 
-    @app.get("/docs")
+    @app.get("/docs", include_in_schema=False)
     async def docs(self, request: Request) -> HTMLResponse:
         if not self.cfg.docs_without_key:
             self._auth(request.headers)
         root = request.scope.get("root_path", "").rstrip("/")
         return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="qwen-tts-fleet API")
 
-    @app.get("/")
-    @app.get("/playground")
+    @app.get("/", include_in_schema=False)
+    @app.get("/playground", include_in_schema=False)
     async def playground(self) -> HTMLResponse:
         html = resources.files("serve").joinpath("static/playground.html").read_text()
         return HTMLResponse(html)

@@ -158,6 +158,19 @@ class VoiceUpload(BaseModel):
     audio_url: str | None = None
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: Literal["invalid_request_error", "server_error"]
+    param: str | None = Field(description="the request field the error is about (dotted path), or null")
+    code: str = Field(description="the HTTP status as a string")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer's body (OpenAI's shape), as `ApiError.body` builds it; for the OpenAPI document."""
+
+    error: ErrorDetail
+
+
 class ApiError(Exception):
     """An error with an HTTP status and the request field it is about."""
 

@@ -139,3 +139,54 @@ def test_null_for_an_optional_field_means_its_default(monkeypatch, tmp_path):
                         ({"model": "cv", "voice": "x", "input": "Hi.", "bogus": None}, "bogus")):
         r = client.post("/v1/audio/speech", json=body)
         assert (r.status_code, r.json()["error"]["param"]) == (400, param), r.text
+
+
+def test_openapi_documents_the_answers_the_service_gives(monkeypatch, tmp_path):
+    """Client generators and fuzzers read /openapi.json: it documented a 422 the service never sends (validation
+    errors are 400s), no error answer at all (each is an `ErrorResponse`), JSON as the speech and metrics answers'
+    type, and the HTML pages as API operations. Each documented error is checked against a real answer here."""
+    client = _client(monkeypatch, tmp_path, Speaks())
+    spec = client.get("/openapi.json").json()
+    assert spec["paths"].keys() == {"/v1/audio/speech", "/v1/audio/voices", "/v1/audio/voices/{voice_id}",
+                                    "/v1/models", "/v1/models/{model_id}", "/health", "/metrics"}
+    assert not {"HTTPValidationError", "ValidationError"} & spec["components"]["schemas"].keys()
+    error_ref = {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            assert "422" not in op["responses"], (method, path)
+            for status, doc in op["responses"].items():
+                if int(status) >= 400 and path != "/health":
+                    assert doc["content"] == {"application/json": error_ref}, (method, path, status)
+    speech = spec["paths"]["/v1/audio/speech"]["post"]["responses"]
+    assert set(speech["200"]["content"]) == {"audio/mpeg", "audio/wav", "audio/flac", "audio/ogg", "audio/pcm",
+                                             "text/event-stream"}
+    assert set(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    detail = spec["components"]["schemas"]["ErrorDetail"]
+    assert set(detail["required"]) == {"message", "type", "param", "code"}
+
+    answers = {  # (method, path, body) -> an answer the document must list for that operation
+        ("post", "/v1/audio/speech", '{"model": "cv", "voice": "x", "input": "Hi.", "response_format": "aac"}'): 400,
+        ("post", "/v1/audio/voices", "x"): 415,
+        ("get", "/v1/audio/voices/{voice_id}", None): 404,
+        ("delete", "/v1/audio/voices/{voice_id}", None): 404,
+        ("get", "/v1/models/{model_id}", None): 404,
+    }
+    for (method, path, body), status in answers.items():
+        r = client.request(method.upper(), path.format(voice_id="nope", model_id="nope"), content=body,
+                           headers={"content-type": "application/json" if body and body != "x" else "text/plain"})
+        assert r.status_code == status, (method, path, r.text)
+        assert str(status) in spec["paths"][path][method]["responses"], (method, path, status)
+        assert set(r.json()) == {"error"} and set(r.json()["error"]) == set(detail["properties"])
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("OPTIONS", "/v1/audio/voices/v1", "DELETE, GET"),
+    ("PUT", "/v1/audio/voices", "GET, POST"),
+    ("GET", "/v1/audio/speech", "POST"),
+])
+def test_a_405_names_every_method_of_the_path(monkeypatch, tmp_path, method, path, allowed):
+    """RFC 9110: a 405's Allow lists the methods the resource takes. Starlette listed the first matching route's
+    only: `GET` for /v1/audio/voices/{id}, which takes DELETE too."""
+    r = _client(monkeypatch, tmp_path, Speaks()).request(method, path)
+    assert (r.status_code, r.json()["error"]["param"]) == (405, "method"), r.text
+    assert r.headers.get_list("allow") == [allowed]
