@@ -7,8 +7,10 @@ No synthesis logic lives here: requests become payload dicts for `TTSReplica` (s
 import asyncio
 import base64
 import contextlib
+import copy
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
@@ -108,17 +110,25 @@ def _answers(*errors: int, **ok: dict) -> dict:
     return out
 
 
-def _finish_openapi(spec: dict) -> dict:
-    """The generated document made true to the service (idempotent): the bodies' schemas in components, and no 422
-    (validation errors are 400s here)."""
-    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+def _finish_openapi(spec: dict, open_paths: Iterable[str] | None = None) -> dict:
+    """The generated document made true to the service (a new dict): the bodies' schemas in components, no 422
+    (validation errors are 400s here), and with API keys (`open_paths` not None) the bearer scheme, required by
+    every operation but those of `open_paths` (so /docs offers "Authorize" and clients know to send a key)."""
+    spec = copy.deepcopy(spec)
+    components = spec.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
     schemas.update(_DOC_SCHEMAS)
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    for ops in spec.get("paths", {}).values():
+    if open_paths is not None:
+        components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer",
+                                                    "description": "an API key (api_keys, QTTS_API_KEYS)"}}
+    for path, ops in spec.get("paths", {}).items():
         for op in ops.values():
             if isinstance(op, dict):
                 op.get("responses", {}).pop("422", None)
+                if open_paths is not None and path not in open_paths:
+                    op["security"] = [{"apiKey": []}]
     return spec
 
 
@@ -477,7 +487,8 @@ class Ingress:
     async def openapi(self, request: Request) -> JSONResponse:
         if not self.cfg.docs_without_key:
             self._auth(request.headers)
-        return JSONResponse(_finish_openapi(app.openapi()))   # built once and cached by FastAPI
+        open_paths = None if not self.keys.enabled else ["/health"] + ["/metrics"] * self.cfg.metrics_without_key
+        return JSONResponse(_finish_openapi(app.openapi(), open_paths))   # app.openapi(): built once, cached
 
     @app.get("/docs", include_in_schema=False)
     async def docs(self, request: Request) -> HTMLResponse:

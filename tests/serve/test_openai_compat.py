@@ -190,3 +190,28 @@ def test_a_405_names_every_method_of_the_path(monkeypatch, tmp_path, method, pat
     r = _client(monkeypatch, tmp_path, Speaks()).request(method, path)
     assert (r.status_code, r.json()["error"]["param"]) == (405, "method"), r.text
     assert r.headers.get_list("allow") == [allowed]
+
+
+def test_openapi_declares_the_bearer_key_only_where_keys_are_set(monkeypatch, tmp_path):
+    """With API keys the document names the bearer scheme on every operation that checks a key (/docs then offers
+    "Authorize"); /health never needs one, /metrics not with metrics_without_key; without keys nothing is declared."""
+    from tests.serve.inproc import ingress_app
+
+    def spec(**cfg):
+        client = ingress_app(monkeypatch, {"models": [{"name": "cv", "model_type": "custom_voice"}],
+                                           "voices_uri": str(tmp_path / "voices"), "docs_without_key": True, **cfg},
+                             {"cv": Speaks()})[0]
+        return client.get("/openapi.json").json()
+
+    def secured(s):
+        return {p for p, ops in s["paths"].items() for op in ops.values() if op.get("security") == [{"apiKey": []}]}
+
+    plain = spec()
+    assert "securitySchemes" not in plain["components"] and not secured(plain)
+    keyed = spec(api_keys=["k-0123456789"])
+    assert keyed["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": "an API key (api_keys, QTTS_API_KEYS)"}
+    assert secured(keyed) == set(keyed["paths"]) - {"/health"}
+    assert secured(spec(api_keys=["k-0123456789"], metrics_without_key=True)) == set(keyed["paths"]) - {
+        "/health", "/metrics"}
+    assert "securitySchemes" not in spec()["components"]  # the cached document was not changed
