@@ -293,6 +293,33 @@ def test_prefill_pieces(graphs, lens, want):
     assert graphs.runner._prefill_pieces(lens) == want
 
 
+def test_graphs_are_captured_with_the_layouts_the_probe_chose(model, monkeypatch):
+    """On CUDA the probe may pick the grouped layout for the code predictor too (where enable_gqa gets no fused
+    kernel). Graphs are captured after the choice and replay it: the captured predictor steps run grouped, and the
+    codes equal an eager engine's with the same layouts, greedy and seeded."""
+    from qwen_tts_core.generate.runner import StepRunner
+    from qwen_tts_core.model import layers
+
+    def probe_says_grouped(self):
+        self.set_decode_layout("grouped", "grouped")
+        return {"layout": "grouped", "cp_layout": "grouped"}
+    monkeypatch.setattr(StepRunner, "choose_decode_layout", probe_says_grouped)
+    cp_keys, lens = model.talker.code_predictor.cfg.num_code_groups, []
+    real = layers.grouped_decode_attention
+    monkeypatch.setattr(layers, "grouped_decode_attention",
+                        lambda q, k, *a: (lens.append(k.shape[2]), real(q, k, *a))[1])
+    eng = Engine(model, max_sessions=2, max_len=64, graph_capture=GraphCapture("cpu", fake=True))
+    assert any(n <= cp_keys for n in lens) and any(n > cp_keys for n in lens)  # predictor and talker captured
+    reqs = [req(TEXTS[1]), req(TEXTS[2], SAMPLED, seed=5)]
+    lens.clear()
+    got = eng.run_all(reqs)
+    assert not lens  # replays run the tape, not the Python body
+    want = Engine(model, max_sessions=2).run_all(reqs)
+    assert want[0].num_frames > 3
+    for a, b in zip(got, want):
+        assert torch.equal(a.codes(), b.codes())
+
+
 def test_seeded_sampling_same_codes_alone_batched_static_and_graphs(model, graphs):
     """The device sampler: a seeded request gives the same codes alone, batched with others, on the CPU static
     path and under graphs; a different seed gives different codes."""
