@@ -182,8 +182,10 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param,
-                          "code": self.code or str(self.status)}}
+        # model_construct: the documented shape, without a check that could fail inside an error answer
+        detail = ErrorDetail.model_construct(message=self.message, type=kind, param=self.param,
+                                             code=self.code or str(self.status))
+        return ErrorResponse.model_construct(error=detail).model_dump()
 
 
 def from_request_error(exc: RequestError, audio_field: str = "file", status: int = 400) -> ApiError:
