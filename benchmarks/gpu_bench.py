@@ -126,7 +126,7 @@ def stage_versions(c: Ctx) -> dict:
     import transformers
 
     from qwen_tts_core.config import make_config
-    from qwen_tts_core.model.layers import sdpa_backend
+    from qwen_tts_core.model.layers import probe_decode_layouts, sdpa_backend
 
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
            "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(c.dev) if c.cuda else "cpu"}
@@ -134,20 +134,14 @@ def stage_versions(c: Ctx) -> dict:
     goals = {}
     for size in ("0.6b", "1.7b"):
         t = make_config("custom_voice", size).talker
-        for name, cfg in (("talker", t), ("cp", t.code_predictor)):
-            B, L, D, hq, hkv = 64, 512 if name == "talker" else 17, cfg.head_dim, cfg.num_attention_heads, \
-                cfg.num_key_value_heads
-            q = torch.randn(B, hq, 1, D, dtype=dt, device=c.dev)
-            kv = torch.randn(B + 1, hkv, 4096 if name == "talker" else 17, D, dtype=dt, device=c.dev)[:B, :, :L]
-            mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=c.dev) if name == "talker" else None
-            qg = q.reshape(B, hkv, hq // hkv, D)
-            got = {"gqa": sdpa_backend(q, kv, kv, mask, enable_gqa=True), "grouped": sdpa_backend(qg, kv, kv, mask)}
-            if mask is not None:
-                fm = torch.zeros(B, 1, 1, L, dtype=dt, device=c.dev)
-                got["grouped_float"] = sdpa_backend(qg, kv, kv, fm)
+        found = probe_decode_layouts(t, 64, 512, dt, c.dev)   # what an engine's probe sees, at 64 rows, 512 keys
+        per = {"talker": {k: found[k] for k in ("gqa", "grouped", "grouped_float")},
+               "cp": {"gqa": found["cp_gqa"], "grouped": found["cp_grouped"]}}
+        for name, got in per.items():
             out[f"sdpa_{name}_decode_{size}"] = got
             fused = [v for v in got.values() if v not in ("MATH", "ERROR", "UNKNOWN")]
             goals[f"sdpa_fused_{name}_{size}"] = bool(fused) if c.cuda else None
+        out[f"decode_layouts_{size}"] = {"talker": found["layout"], "cp": found["cp_layout"]}
         T = 96
         qp = torch.randn(1, t.num_attention_heads, T, t.head_dim, dtype=dt, device=c.dev)
         kp = torch.randn(1, t.num_key_value_heads, T, t.head_dim, dtype=dt, device=c.dev)

@@ -102,12 +102,10 @@ _AUDIO_OUT = {"description": "the audio in `response_format`, sent as it is made
                           "text/event-stream": {"schema": {"type": "string"}}}}
 
 
-def _answers(*errors: int, **ok: dict) -> dict:
-    """FastAPI `responses`: `errors` as `ErrorResponse`, plus success answers given as ok_<status>=<doc>."""
-    out: dict = {int(k.removeprefix("ok_")): v for k, v in ok.items()}
+def _answers(*errors: int) -> dict:
+    """FastAPI `responses` for these error statuses, each an `ErrorResponse`."""
     error = {"application/json": {"schema": {"$ref": _REF.format(model="ErrorResponse")}}}
-    out.update({s: {"description": _ERROR_DOCS[s], "content": error} for s in errors})
-    return out
+    return {s: {"description": _ERROR_DOCS[s], "content": error} for s in errors}
 
 
 def _finish_openapi(spec: dict, open_paths: Iterable[str] | None = None) -> dict:
@@ -264,8 +262,8 @@ class Ingress:
 
     # --- speech -----------------------------------------------------------------------------------------------
     @app.post("/v1/audio/speech", openapi_extra=_body_doc({"application/json": _SPEECH_SCHEMA}),
-              response_class=Response, responses=_answers(400, 401, 408, 413, 429, 500, 502, 503, 504,
-                                                          ok_200=_AUDIO_OUT))
+              response_class=Response,
+              responses={200: _AUDIO_OUT, **_answers(400, 401, 408, 413, 429, 500, 502, 503, 504)})
     async def speech(self, request: Request) -> Response:
         caller = self._auth(request.headers)
         body = await self._json(request, self.cfg.max_body_bytes)
@@ -487,7 +485,9 @@ class Ingress:
     async def openapi(self, request: Request) -> JSONResponse:
         if not self.cfg.docs_without_key:
             self._auth(request.headers)
-        open_paths = None if not self.keys.enabled else ["/health"] + ["/metrics"] * self.cfg.metrics_without_key
+        open_paths = None
+        if self.keys.enabled:   # the routes that never call _auth with keys set
+            open_paths = ["/health", "/metrics"] if self.cfg.metrics_without_key else ["/health"]
         return JSONResponse(_finish_openapi(app.openapi(), open_paths))   # app.openapi(): built once, cached
 
     @app.get("/docs", include_in_schema=False)

@@ -32,7 +32,7 @@ import torch
 
 from ..model.fused import compiled_ops
 from ..model.kv_cache import KVCache
-from ..model.layers import onednn_enabled, pack_linears_, packed_linears, sdpa_backend
+from ..model.layers import onednn_enabled, pack_linears_, packed_linears, probe_decode_layouts
 from ..model.talker import Talker
 from ..types import SamplingParams
 from .graphs import GraphCapture
@@ -583,30 +583,10 @@ class StepRunner:
         return found
 
     def probe_decode_layouts(self) -> dict[str, str]:
-        """The SDPA kernel of each layout with this model's decode shapes on this runner's device, and the layouts
-        picked from them: the talker's first fused one of grouped, grouped_float, gqa (boolean mask), the code
-        predictor's of gqa, grouped (no mask); a layout that only gets MATH is never picked when another is fused."""
-        t = self.talker.cfg
-        B, L, D, hq, hkv = max(self.batch_buckets), self.len_buckets[0], t.head_dim, t.num_attention_heads, \
-            t.num_key_value_heads
-        q = torch.zeros(B, hq, 1, D, dtype=self.dtype, device=self.device)
-        k = self.cache.k[0][:B, :, :L]
-        mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=self.device)
-        found = {"gqa": sdpa_backend(q, k, k, mask, enable_gqa=True)}
-        qg = q.reshape(B, hkv, hq // hkv, D)
-        found["grouped"] = sdpa_backend(qg, k, k, mask)
-        fmask = torch.zeros(B, 1, 1, L, dtype=self.dtype, device=self.device)
-        found["grouped_float"] = sdpa_backend(qg, k, k, fmask)
-        c = self.talker.code_predictor.cfg
-        K, D, hq, hkv = c.num_code_groups + 1, c.head_dim, c.num_attention_heads, c.num_key_value_heads
-        q = torch.zeros(B, hq, 1, D, dtype=self.dtype, device=self.device)
-        k = torch.zeros(B, hkv, K, D, dtype=self.dtype, device=self.device)
-        found["cp_gqa"] = sdpa_backend(q, k, k, enable_gqa=True)
-        found["cp_grouped"] = sdpa_backend(q.reshape(B, hkv, hq // hkv, D), k, k)
-        fused = lambda name: found[name] not in ("MATH", "ERROR")  # noqa: E731
-        found["layout"] = next((x for x in ("grouped", "grouped_float", "gqa") if fused(x)), "grouped")
-        found["cp_layout"] = next((x for x in ("gqa", "grouped") if fused("cp_" + x)), "gqa")
-        return found
+        """`layers.probe_decode_layouts` with this runner's shapes (its largest batch bucket, its first key bucket,
+        its cache) on its device."""
+        B, L = max(self.batch_buckets), self.len_buckets[0]
+        return probe_decode_layouts(self.talker.cfg, B, L, self.dtype, self.device, self.cache.k[0][:B, :, :L])
 
 
 __all__ = ["Start", "StepRunner", "batch_buckets", "length_buckets", "prefill_groups"]

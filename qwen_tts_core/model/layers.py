@@ -371,6 +371,33 @@ def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         return "UNKNOWN"
 
 
+def probe_decode_layouts(talker_cfg, batch: int, length: int, dtype: torch.dtype, device,
+                         keys: torch.Tensor | None = None) -> dict[str, str]:
+    """The SDPA kernel (`sdpa_backend`) of each decode layout with a model's one-query shapes, and the layouts
+    picked from them: the talker's (boolean mask over `length` keys: "gqa", "grouped", "grouped_float"; picked: the
+    first fused of grouped, grouped_float, gqa) and the code predictor's (its codebooks + 1 keys, no mask: "cp_gqa",
+    "cp_grouped"; picked: the first fused of gqa, grouped). A layout that only gets MATH is never picked where another
+    is fused. keys: the talker's [batch, Hkv, length, D] (a cache's slice); default a slice of a longer buffer, as a
+    cache's is."""
+    t, c = talker_cfg, talker_cfg.code_predictor
+    B, D, hq, hkv = batch, t.head_dim, t.num_attention_heads, t.num_key_value_heads
+    q = torch.zeros(B, hq, 1, D, dtype=dtype, device=device)
+    k = keys if keys is not None else torch.zeros(B + 1, hkv, length + 1, D, dtype=dtype, device=device)[:B, :, :length]
+    mask = torch.ones(B, 1, 1, length, dtype=torch.bool, device=device)
+    qg = q.reshape(B, hkv, hq // hkv, D)
+    found = {"gqa": sdpa_backend(q, k, k, mask, enable_gqa=True), "grouped": sdpa_backend(qg, k, k, mask),
+             "grouped_float": sdpa_backend(qg, k, k, torch.zeros(B, 1, 1, length, dtype=dtype, device=device))}
+    K, D, hq, hkv = c.num_code_groups + 1, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    q = torch.zeros(B, hq, 1, D, dtype=dtype, device=device)
+    k = torch.zeros(B + 1, hkv, K, D, dtype=dtype, device=device)[:B]
+    found["cp_gqa"] = sdpa_backend(q, k, k, enable_gqa=True)
+    found["cp_grouped"] = sdpa_backend(q.reshape(B, hkv, hq // hkv, D), k, k)
+    fused = lambda name: found[name] not in ("MATH", "ERROR")  # noqa: E731
+    found["layout"] = next((x for x in ("grouped", "grouped_float", "gqa") if fused(x)), "grouped")
+    found["cp_layout"] = next((x for x in ("gqa", "grouped") if fused("cp_" + x)), "gqa")
+    return found
+
+
 def _fuse(linears: list[nn.Linear], column_major: bool = False) -> torch.Tensor:
     """Concatenate the weights of `linears` (rows) into one tensor and re-point each weight at its slice, so the
     memory is not doubled and state_dict() still yields the original names and values."""

@@ -78,7 +78,7 @@ def test_cuda_layout_probe_never_picks_math_where_a_fused_kernel_exists(checkpoi
                                                                          layout, cp_layout):
     """The CUDA branch of `choose_decode_layout` (`probe_decode_layouts`), run here on CPU tensors with the SDPA
     kernel choice faked per layout: shapes are the model's (the predictor's keys: its 16 codebooks + 1)."""
-    from qwen_tts_core.generate import runner as runner_mod
+    from qwen_tts_core.model import layers
 
     m = Qwen3TTSModel.from_pretrained(checkpoint_factory("custom_voice", "tiny"), device_map="cpu", dtype="float32")
     r = Engine(m, max_sessions=2).runner
@@ -92,7 +92,7 @@ def test_cuda_layout_probe_never_picks_math_where_a_fused_kernel_exists(checkpoi
         seen.append(name)
         return kernels.get(name, "FLASH_ATTENTION")
 
-    monkeypatch.setattr(runner_mod, "sdpa_backend", fake)
+    monkeypatch.setattr(layers, "sdpa_backend", fake)
     found = r.probe_decode_layouts()
     assert sorted(seen) == ["cp_gqa", "cp_grouped", "gqa", "grouped", "grouped_float"]
     assert (found["layout"], found["cp_layout"]) == (layout, cp_layout)
