@@ -119,12 +119,24 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
                 frames_per_s_8_audio=fps8_audio, decode_s_per_audio_s=decode_s / (len(wav) / 24000), **extra)
 
 
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _dtype_list(text: str) -> list[str]:
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in _DTYPE_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown dtype {unknown or text!r}: use float32/fp32, bfloat16/bf16")
+    return [_DTYPE_NAMES[n] for n in names]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--checkpoint", default=None, help="reuse a full-size 0.6B CustomVoice checkpoint folder")
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", type=_dtype_list, default="float32,bfloat16",
+                    help="comma-separated: float32 (fp32), bfloat16 (bf16)")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds of the batch configurations (best kept)")
     ap.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -148,7 +160,7 @@ def main() -> None:
     oracle_py = str(ROOT / ".venv-oracle" / "bin" / "python")
     result: dict = {"benchmark": "engine_vs_reference", "checkpoint": "random 0.6B CustomVoice (bf16 on disk)",
                     "frames": args.frames, "build_s": round(build_s, 1), "cpu_threads": os.cpu_count()}
-    for dtype in args.dtypes.split(","):
+    for dtype in args.dtypes:
         bw = matvec_bandwidth_gbs(dtype)
         bpp = 4 if dtype == "float32" else 2
         bound = weight_bytes_per_frame(ckpt, bpp) / (bw * 1e9)
