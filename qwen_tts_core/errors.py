@@ -3,6 +3,10 @@ API, the HTTP service, the batch jobs) reports the same field without parsing me
 
 from __future__ import annotations
 
+ECHO_CHARS = 40
+"""The most characters of a caller's value (an unknown language, speaker, model, voice id or field name) that an
+error message repeats: an error never carries a client's input back in full."""
+
 
 class RequestError(ValueError):
     """A request the engine refuses. `field` is the core argument's name (`text`, `speaker`, `voice`, `language`,
@@ -27,4 +31,4 @@ class SessionEnded(RequestError):
         super().__init__(field, message)
 
 
-__all__ = ["RequestError", "SessionEnded"]
+__all__ = ["ECHO_CHARS", "RequestError", "SessionEnded"]

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from qwen_tts_core.audio_fx import SPEED_MAX, SPEED_MIN, check_speed
-from qwen_tts_core.errors import RequestError
+from qwen_tts_core.errors import ECHO_CHARS, RequestError
 from qwen_tts_core.types import SAMPLING_FIELDS, SamplingParams
 
 ResponseFormat = Literal["wav", "pcm", "flac", "mp3", "opus"]
@@ -199,9 +199,10 @@ def bad_request(message: str, param: str | None) -> ApiError:
 
 
 def from_validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
-    """The first pydantic error -> 400 naming the field (dotted path). Messages never echo the input."""
+    """The first pydantic error -> 400 naming the field (dotted path). Messages never echo the input; a field name
+    the client made up (an unknown key) is cut to ECHO_CHARS."""
     err = exc.errors(include_url=False, include_input=False)[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+    loc = ".".join(str(p)[:ECHO_CHARS] for p in err.get("loc", ()) if p != "__root__")
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if err.get("type") == "missing":
         msg = "is required"

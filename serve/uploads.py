@@ -19,6 +19,8 @@ from starlette.datastructures import FormData
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
+from qwen_tts_core.errors import ECHO_CHARS
+
 from .schemas import ApiError
 
 MULTIPART, URLENCODED = "multipart/form-data", "application/x-www-form-urlencoded"
@@ -106,8 +108,8 @@ async def _split(form: FormData, max_upload_bytes: int) -> tuple[bytes | None, d
             if len(audio) > max_upload_bytes:
                 raise ApiError(413, f"file: larger than {max_upload_bytes} bytes", "file")
         elif not isinstance(value, str):  # e.g. OpenAI's voices API's `audio_sample`: this service's is `file`
-            raise ApiError(400, f"{key[:40]}: a file is taken only as 'file' (the reference audio); this field must "
-                           "be text", key[:40])
+            raise ApiError(400, f"{key[:ECHO_CHARS]}: a file is taken only as 'file' (the reference audio); this field must "
+                           "be text", key[:ECHO_CHARS])
         else:
             fields[key] = value
     return audio, fields

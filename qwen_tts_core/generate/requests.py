@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..codec.decoder import check_codes
-from ..errors import RequestError
+from ..errors import ECHO_CHARS, RequestError
 from ..text.prompt import Prompt, build_prompt
 from ..types import SAMPLING_FIELDS, SamplingParams, SynthesisRequest
 
@@ -105,13 +105,13 @@ def validate(model, req: SynthesisRequest) -> None:
     lang = (req.language or "auto").lower()
     langs = model.get_supported_languages()
     if lang not in langs and lang not in cfg.talker.codec_language_id:
-        raise RequestError("language", f"{req.language[:40]!r} is not supported; choose one of {langs}")
+        raise RequestError("language", f"{req.language[:ECHO_CHARS]!r} is not supported; choose one of {langs}")
     if req.instruct is not None:
         check_text(req.instruct, "instruct", allow_blank=True)
     if req.kind == "custom_voice" and req.speaker not in (None, ""):  # none: no speaker embedding, as the reference
         speakers = model.get_supported_speakers()
         if not isinstance(req.speaker, str) or req.speaker.lower() not in speakers:
-            shown = req.speaker[:40] if isinstance(req.speaker, str) else req.speaker
+            shown = req.speaker[:ECHO_CHARS] if isinstance(req.speaker, str) else req.speaker
             raise RequestError("speaker", f"{shown!r} is not supported; choose one of {speakers}")
     if req.kind == "voice_clone":
         if req.voice_clone_prompt is None:

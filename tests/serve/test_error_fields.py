@@ -3,7 +3,7 @@ no Ray)."""
 
 from __future__ import annotations
 
-from qwen_tts_core.errors import RequestError
+from qwen_tts_core.errors import ECHO_CHARS, RequestError
 from tests.serve.inproc import ingress_app
 
 
@@ -48,3 +48,22 @@ def test_an_unknown_model_is_not_echoed_in_full(monkeypatch, tmp_path):
             ws.send_json({"type": "config", "model": name})
             err = ws.receive_json()["error"]
             assert err["param"] == "model" and len(err["message"]) < 300, err["message"][:200]
+
+
+def test_an_unknown_field_name_is_not_echoed_in_full(monkeypatch, tmp_path):
+    """Found by the WebSocket fuzz (test_ws_fuzz.py): a field the schema does not have, named with 50k characters,
+    came back twice in full (as `param` and in the message: a 100 KB error). Its name is cut to ECHO_CHARS, on every
+    body the service validates: speech, voice upload, WebSocket config and text messages."""
+    client = _client(monkeypatch, tmp_path)
+    key = "k" * 50_000
+    with client:
+        for path, body in (("/v1/audio/speech", {"model": "base", "input": "Hi.", key: 1}),
+                           ("/v1/audio/voices", {"name": "v", "audio_base64": "AAAA", key: 1})):
+            r = client.post(path, json=body)
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == "k" * ECHO_CHARS, (path, r.text[:200])
+            assert len(r.content) < 500, (path, len(r.content))
+        with client.websocket_connect("/v1/audio/speech/stream") as ws:
+            ws.send_json({"type": "config", "model": "base", key: 1})
+            err = ws.receive_json()["error"]
+            assert err["param"] == "k" * ECHO_CHARS and len(err["message"]) < 300, err["message"][:200]
