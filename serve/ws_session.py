@@ -7,8 +7,8 @@ Three tasks share the socket:
   holds the session (routed there by the session id; a flood of tiny messages costs one call per round trip, not
   one per message); the replica owns the text limits and answers RequestError / UnknownSession;
 * writer: the replica's audio -> binary messages; `done` (finish_reason, num_frames) and close 1000 when the
-  synthesis finished; `{"type": "error", "error": {...}}` and close 1011 (1008 when the client is at fault) when it
-  failed or the replica died.
+  synthesis finished; `{"type": "error", "error": {...}}` and close 1011 (1008 when the client is at fault, 1013
+  when the model is busy) when it failed or the replica died.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from qwen_tts_core.errors import RequestError
+from qwen_tts_core.errors import ECHO_CHARS, RequestError
 
 from .routing import detached
 from .schemas import ApiError, WSEnd, WSText, from_validation_error
@@ -59,7 +59,8 @@ class MessageLimiter:
 
 
 def close_code(err: ApiError) -> int:
-    return 1008 if err.status < 500 else 1011
+    """RFC 6455 close codes: 1013 Try Again Later (503: the model is full), 1008 the client's fault, 1011 ours."""
+    return 1013 if err.status == 503 else 1008 if err.status < 500 else 1011
 
 
 # HTTP API field -> the WebSocket's name for it. The replica and the shared checks name HTTP fields (text arrives
@@ -79,13 +80,14 @@ def ws_error(err: ApiError) -> ApiError:
 
 
 async def send_error(ws: WebSocket, err: ApiError, counter: Callable[[str], None] | None = None) -> None:
-    """`{"type": "error", "error": {...}}` then close (1008 client's fault, 1011 ours); quiet if the client left.
-    The error names the WebSocket's fields (`ws_error`)."""
+    """`{"type": "error", "error": {...}}` then close (`close_code`); quiet if the client left. The error names the
+    WebSocket's fields (`ws_error`); a busy answer carries `retry_after_s` (HTTP's Retry-After)."""
     err = ws_error(err)
     if counter is not None:
         counter(f"ws_{err.status}")
+    retry = err.headers.get("Retry-After")
     try:
-        await ws.send_json({"type": "error", **err.body()})
+        await ws.send_json({"type": "error", **err.body(), **({"retry_after_s": int(retry)} if retry else {})})
         await ws.close(close_code(err))
     except Exception:  # noqa: BLE001 - the client is already gone
         pass
@@ -185,7 +187,7 @@ class WSSession:
                     await self.queue.put(("", True))
                     ended = True
                 else:
-                    return ApiError(400, f"type: must be 'text' or 'end' after the config, got {str(kind)[:40]!r}",
+                    return ApiError(400, f"type: must be 'text' or 'end' after the config, got {str(kind)[:ECHO_CHARS]!r}",
                                     "type")
             except ValidationError as e:
                 return from_validation_error(e)

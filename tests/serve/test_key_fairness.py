@@ -101,6 +101,13 @@ def test_one_key_cannot_hold_more_than_its_share(monkeypatch):
             assert _speech(client, A, "fail")[0] == 500    # failed before any audio: given back
             rep.refuse = True
             assert _speech(client, A)[0] == 503            # refused by the replica: given back
+            with client.websocket_connect("/v1/audio/speech/stream", headers=A) as ws4:
+                ws4.send_json(config)                      # on the WebSocket: "try again later", and when
+                err = ws4.receive_json()
+                assert err["error"]["code"] == "503" and err["retry_after_s"] == 1, err
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    ws4.receive_json()
+                assert closed.value.code == 1013
             rep.refuse = False
             assert _speech(client, A)[0] == 200
         _until(lambda: not ing.quota.held)
