@@ -16,6 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qwen_tts_core.errors import ECHO_CHARS
+from qwen_tts_core.generate.requests import SEED_MAX
+
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")
@@ -23,7 +26,6 @@ ROW_SUFFIXES = (".jsonl", ".parquet")
 FORMATS = ("wav", "flac", "wav-ulaw", "wav-alaw")
 ROW_FIELDS = ("id", "text", "voice", "speaker", "language", "instruct", "model", "seed", "format",
               "sample_rate", "title")
-SEED_MAX = 2**63  # the engine's range: seeds are integers in [0, 2**63) (qwen_tts_core check_seed)
 SAMPLE_RATES = (4000, 48000)
 
 
@@ -148,6 +150,13 @@ def printable(text: str) -> str:
     return text if is_unicode(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def shown(value: Any) -> str:
+    """`value` as an error message repeats it: its repr, valid Unicode, at most ECHO_CHARS characters (a row's bad
+    value may be a 10 MB list; the manifest keeps its error)."""
+    text = printable(repr(value))
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}..."
+
+
 def check_seed(seed: Any, name: str = "seed") -> int:
     """An integer seed the engine accepts, [0, 2**63); ValueError naming `name` otherwise (strings of digits
     count: CSV catalogs are text)."""
@@ -157,7 +166,7 @@ def check_seed(seed: Any, name: str = "seed") -> int:
     except (TypeError, ValueError, OverflowError):
         value = -1
     if not 0 <= value < SEED_MAX:
-        raise ValueError(f"{name} must be an integer in [0, 2**63), got {seed!r}")
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {shown(seed)}")
     return value
 
 
@@ -179,22 +188,22 @@ def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits =
         v = rid if name == "id" else raw.get(name)
         if isinstance(v, str) and not is_unicode(v):
             return replace(base, error=f"{where}: field {name!r} is not valid Unicode (a lone surrogate such as "
-                                       f"\\ud800?): {printable(v)[:80]!r}")
+                                       f"\\ud800?): {shown(v)}")
     text = raw.get("text")
     if not isinstance(text, str) or not text.strip():
         return replace(base, error=f"{where}: field 'text' must be a non-empty string")
     if len(text) > limits.max_row_chars:
-        return replace(base, error=f"{where}: row {ident!r} has {len(text)} characters of text; the limit is "
+        return replace(base, error=f"{where}: row {shown(ident)} has {len(text)} characters of text; the limit is "
                                    f"{limits.max_row_chars} (--max-row-chars; split it into several rows)")
     voice = raw.get("voice", raw.get("speaker"))
     fields: dict[str, Any] = {}
     for name in ("language", "instruct", "model"):
         v = raw.get(name)
         if v is not None and not isinstance(v, str):
-            return replace(base, error=f"{where}: field '{name}' must be a string, got {v!r}")
+            return replace(base, error=f"{where}: field '{name}' must be a string, got {shown(v)}")
         fields[name] = v if v not in (None, "") else getattr(defaults, name)
     if voice is not None and not isinstance(voice, str):
-        return replace(base, error=f"{where}: field 'voice' must be a string, got {voice!r}")
+        return replace(base, error=f"{where}: field 'voice' must be a string, got {shown(voice)}")
     seed = raw.get("seed", defaults.seed)
     if seed is None or seed == "":
         seed = defaults.seed
@@ -204,7 +213,7 @@ def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits =
         return replace(base, error=f"{where}: {e}")
     fmt = raw.get("format") or defaults.format
     if fmt not in FORMATS:
-        return replace(base, error=f"{where}: field 'format' must be one of {list(FORMATS)}, got {fmt!r}")
+        return replace(base, error=f"{where}: field 'format' must be one of {list(FORMATS)}, got {shown(fmt)}")
     given = raw.get("sample_rate") or defaults.sample_rate
     try:
         sr = int(given)
@@ -213,7 +222,7 @@ def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits =
     if not SAMPLE_RATES[0] <= sr <= SAMPLE_RATES[1]:
         came = "" if raw.get("sample_rate") else " (the default sample rate)"
         return replace(base, error=f"{where}: field 'sample_rate' must be an integer in [{SAMPLE_RATES[0]}, "
-                                   f"{SAMPLE_RATES[1]}], got {given!r}{came}")
+                                   f"{SAMPLE_RATES[1]}], got {shown(given)}{came}")
     title = raw.get("title")
     return Utterance(id=rid, text=text, voice=voice or defaults.voice, language=fields["language"] or "auto",
                      instruct=fields["instruct"], model=fields["model"], seed=seed, format=fmt,
@@ -323,7 +332,7 @@ def mark_duplicates(rows: Iterable[Utterance]) -> list[Utterance]:
     out = []
     for r in rows:
         if r.error is None and r.id in seen:
-            r = replace(r, error=f"duplicate id {r.id!r}")
+            r = replace(r, error=f"duplicate id {shown(r.id)}")
         seen.add(r.id)
         out.append(r)
     return out

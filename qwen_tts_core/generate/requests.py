@@ -48,10 +48,14 @@ def is_blank(text: str) -> bool:
     return not any(c.isprintable() and not c.isspace() for c in text)
 
 
+SEED_MAX = 2**63
+"""Seeds are integers in [0, SEED_MAX): the engine's per-row generator takes 63 bits."""
+
+
 def check_seed(seed: object) -> int | None:
     if seed is None:
         return None
-    if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_MAX:
         raise RequestError("seed", "must be an integer in [0, 2**63)")
     return int(seed)
 

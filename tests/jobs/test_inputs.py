@@ -3,8 +3,19 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from jobs.inputs import RowDefaults, markdown_to_text, read_inputs
+from jobs.inputs import (
+    FORMATS,
+    ROW_FIELDS,
+    SAMPLE_RATES,
+    RowDefaults,
+    check_row,
+    is_unicode,
+    markdown_to_text,
+    read_inputs,
+)
 
 
 def test_folder_of_chapters_natural_order_and_markdown(tmp_path):
@@ -56,3 +67,27 @@ def test_missing_and_unsupported_inputs(tmp_path):
 
 def test_markdown_code_and_images_dropped():
     assert markdown_to_text("A ![x](y.png) b\n```\ncode\n```\n- item").split() == ["A", "b", "item"]
+
+
+# ---- any row at all (Hypothesis): a result, never an exception; an error that names the row and stays short ------
+
+_scalar = (st.none() | st.booleans() | st.integers(-(2 ** 80), 2 ** 80) | st.floats() | st.text(max_size=20)
+           | st.sampled_from(["", " ", "wav", "flac", "24000", "8000.0", "1e999", "\ud800", "x" * 5000]))
+_value = st.recursive(_scalar, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                      max_leaves=8) | st.just(list(range(3000)))
+_rows = st.fixed_dictionaries({"id": st.text(min_size=1, max_size=10) | _value, "text": st.just("Hello.") | _value},
+                              optional={f: _value for f in ROW_FIELDS if f not in ("id", "text")}) | _value
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(raw=_rows)
+def test_any_row_gives_a_row_or_a_short_error_never_an_exception(raw):
+    row = check_row(raw, RowDefaults(), "rows.jsonl:7")
+    if row.error is not None:
+        assert row.error.startswith("rows.jsonl:7: ") and len(row.error) < 300, row.error[:400]
+        assert is_unicode(row.error) and is_unicode(row.id)
+        return
+    assert isinstance(raw, dict) and row.text == raw["text"] and row.text.strip() and is_unicode(row.text)
+    assert row.format in FORMATS and SAMPLE_RATES[0] <= row.sample_rate <= SAMPLE_RATES[1]
+    assert isinstance(row.seed, int) and not isinstance(row.seed, bool) and 0 <= row.seed < 2 ** 63
+    assert all(v is None or isinstance(v, str) for v in (row.voice, row.language, row.instruct, row.model))
