@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qwen_tts_core.errors import ECHO_CHARS
+from qwen_tts_core.errors import shown
 from qwen_tts_core.generate.requests import SEED_MAX
 
 log = logging.getLogger(__name__)
@@ -148,13 +148,6 @@ def is_unicode(text: str) -> bool:
 def printable(text: str) -> str:
     """`text` with anything that is not valid Unicode escaped (for ids and messages of rows that failed)."""
     return text if is_unicode(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def shown(value: Any) -> str:
-    """`value` as an error message repeats it: its repr, valid Unicode, at most ECHO_CHARS characters (a row's bad
-    value may be a 10 MB list; the manifest keeps its error)."""
-    text = printable(repr(value))
-    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}..."
 
 
 def check_seed(seed: Any, name: str = "seed") -> int:

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from .errors import RequestError
+from .errors import RequestError, shown
 
 SPEED_MIN, SPEED_MAX = 0.25, 4.0
 ATEMPO_MIN = 0.5       # one atempo instance takes 0.5-100; slower speeds chain two
@@ -33,10 +33,10 @@ _TAIL_PAD_S = 0.25     # silence fed after the last sample so the engine's last 
 def check_speed(speed: object, field: str = "speed") -> float:
     """`speed` as a float in [0.25, 4.0]; RequestError naming `field` for anything else (bools, NaN, strings)."""
     if isinstance(speed, bool) or not isinstance(speed, (int, float)):
-        raise RequestError(field, f"must be a number between {SPEED_MIN} and {SPEED_MAX}, got {speed!r}")
-    value = float(speed)
+        raise RequestError(field, f"must be a number between {SPEED_MIN} and {SPEED_MAX}, got {shown(speed)}")
+    value = float(speed) if isinstance(speed, float) or abs(speed) < 2**53 else math.inf  # 10**400 fits no float
     if not math.isfinite(value) or not SPEED_MIN <= value <= SPEED_MAX:
-        raise RequestError(field, f"must be between {SPEED_MIN} and {SPEED_MAX}, got {speed!r}")
+        raise RequestError(field, f"must be between {SPEED_MIN} and {SPEED_MAX}, got {shown(speed)}")
     return value
 
 

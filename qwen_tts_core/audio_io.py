@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-from .errors import RequestError
+from .errors import RequestError, shown
 
 if TYPE_CHECKING:
     import soundfile
@@ -240,7 +240,7 @@ def _as_mono(audio: np.ndarray, argument: str, max_channels: int = MAX_CHANNELS)
 def validate_waveform(wav: np.ndarray, sr: int, *, argument: str = "ref_audio") -> None:
     """Reject empty, non-finite or silent mono audio and bad sample rates (ValueError naming `argument`)."""
     if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
-        raise RequestError(argument, f"sample rate must be a positive integer, got {sr!r}")
+        raise RequestError(argument, f"sample rate must be a positive integer, got {shown(sr)}")
     if wav.size == 0:
         raise RequestError(argument, "audio is empty (0 samples)")
     if not np.isfinite(wav).all():
@@ -291,7 +291,7 @@ def load_audio(
                 "(convert integer PCM first, e.g. x / 32768)"
             )
         if isinstance(sr, bool) or not isinstance(sr, (int, np.integer, float)) or int(sr) != sr:
-            raise RequestError(argument, f"sample rate must be a positive integer, got {sr!r}")
+            raise RequestError(argument, f"sample rate must be a positive integer, got {shown(sr)}")
         wav, sr = _as_mono(arr, argument, limits.max_channels), int(sr)
         limits.check_header(sr, arr.shape[1] if arr.ndim == 2 else 1, wav.shape[0], argument)
         validate_waveform(wav, sr, argument=argument)
@@ -330,7 +330,7 @@ def to_24k(wav: np.ndarray, sr: int, *, argument: str = "ref_audio",
     if wav.ndim != 1:
         raise RequestError(argument, f"to_24k expects mono [N] audio, got shape {wav.shape}")
     if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
-        raise RequestError(argument, f"sample rate must be a positive integer, got {sr!r}")
+        raise RequestError(argument, f"sample rate must be a positive integer, got {shown(sr)}")
     limits.check_header(int(sr), 1, wav.shape[0], argument)
     wav = np.ascontiguousarray(wav, dtype=np.float32)
     if not np.isfinite(wav).all():

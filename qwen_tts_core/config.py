@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .types import SAMPLING_FIELDS, SamplingParams, _short
+from .errors import shown
+from .types import SAMPLING_FIELDS, SamplingParams
 
 # Real ids of the published 12Hz checkpoints (codec vocab 3072 = 2048 audio codes + specials/languages/speakers).
 CODEC_SPECIAL_IDS = dict(
@@ -52,19 +53,19 @@ _MISSING = object()
 def check_int(value: Any, name: str, lo: int = 1, hi: int | None = None) -> int:
     """`value` if it is an int (not a bool) in [lo, hi]; else a ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {_short(value)}")
+        raise ValueError(f"{name} must be an integer, got {shown(value)}")
     if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {_short(value)}" if hi is not None
-                         else f"{name} must be >= {lo}, got {_short(value)}")
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {shown(value)}" if hi is not None
+                         else f"{name} must be >= {lo}, got {shown(value)}")
     return value
 
 
 def check_float(value: Any, name: str, lo: float = 0.0, hi: float = float("inf")) -> float:
     """float(`value`) if it is a finite number with lo < value <= hi; else a ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+        raise ValueError(f"{name} must be a finite number, got {shown(value)}")
     if not lo < value <= hi:
-        raise ValueError(f"{name} must be in ({lo}, {hi}], got {_short(value)}")
+        raise ValueError(f"{name} must be in ({lo}, {hi}], got {shown(value)}")
     return float(value)
 
 
@@ -81,7 +82,7 @@ def _section(d: dict[str, Any], key: str, where: str, required: bool = True) -> 
     if v is None and not required:
         return {}
     if not isinstance(v, dict):
-        raise ValueError(f"{where}{key} must be a JSON object, got {_short(v)}")
+        raise ValueError(f"{where}{key} must be a JSON object, got {shown(v)}")
     return v
 
 
@@ -105,7 +106,7 @@ def _stack_kwargs(d: dict[str, Any], where: str) -> dict[str, Any]:
     }
     bias = _get(d, "attention_bias", where, False)
     if not isinstance(bias, bool):
-        raise ValueError(f"{where}.attention_bias must be true or false, got {_short(bias)}")
+        raise ValueError(f"{where}.attention_bias must be true or false, got {shown(bias)}")
     kw["attention_bias"] = bias
     if kw["head_dim"] % 2:
         raise ValueError(f"{where}.head_dim must be even (rotary embedding), got {kw['head_dim']}")
@@ -118,7 +119,7 @@ def _stack_kwargs(d: dict[str, Any], where: str) -> dict[str, Any]:
 def _id_map(d: dict[str, Any], key: str, where: str, vocab: int) -> dict[str, int]:
     m = d.get(key) or {}
     if not isinstance(m, dict):
-        raise ValueError(f"{where}.{key} must be a JSON object (name -> codec id), got {_short(m)}")
+        raise ValueError(f"{where}.{key} must be a JSON object (name -> codec id), got {shown(m)}")
     return {str(k).lower(): check_int(v, f"{where}.{key}[{k!r}]", 0, vocab - 1) for k, v in m.items()}
 
 
@@ -218,7 +219,7 @@ class TTSConfig:
     @classmethod
     def _from_dict(cls, raw: dict[str, Any]) -> TTSConfig:
         if raw.get("model_type") not in (None, "qwen3_tts"):
-            raise ValueError(f"model_type must be 'qwen3_tts', got {_short(raw.get('model_type'))}")
+            raise ValueError(f"model_type must be 'qwen3_tts', got {shown(raw.get('model_type'))}")
         if "talker_config" not in raw:
             raise ValueError("no talker_config: not a Qwen3-TTS checkpoint")
         t = _section(raw, "talker_config", "")
@@ -237,19 +238,19 @@ class TTSConfig:
         languages = _id_map(t, "codec_language_id", w, vocab)
         dialects = t.get("spk_is_dialect") or {}
         if not isinstance(dialects, dict):
-            raise ValueError(f"{w}.spk_is_dialect must be a JSON object, got {_short(dialects)}")
+            raise ValueError(f"{w}.spk_is_dialect must be a JSON object, got {shown(dialects)}")
         for k, v in dialects.items():
             if v not in (False, None) and (not isinstance(v, str) or v.lower() not in languages):
                 raise ValueError(f"{w}.spk_is_dialect[{k!r}] must be false or a codec_language_id name, "
-                                 f"got {_short(v)}")
+                                 f"got {shown(v)}")
         rope_scaling = t.get("rope_scaling") or {}
         if not isinstance(rope_scaling, dict):
-            raise ValueError(f"{w}.rope_scaling must be a JSON object or null, got {_short(rope_scaling)}")
+            raise ValueError(f"{w}.rope_scaling must be a JSON object or null, got {shown(rope_scaling)}")
         mrope = rope_scaling.get("mrope_section", (24, 20, 20))
         if not isinstance(mrope, list | tuple) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_HEAD_DIM for v in mrope):
             raise ValueError(f"{w}.rope_scaling.mrope_section must be a list of non-negative integers, "
-                             f"got {_short(mrope)}")
+                             f"got {shown(mrope)}")
         text_vocab = check_int(_get(t, "text_vocab_size", w, 151936), f"{w}.text_vocab_size", 1, MAX_VOCAB)
         talker = TalkerConfig(
             **_stack_kwargs(t, w),
@@ -272,7 +273,7 @@ class TTSConfig:
                              f"{w}.vocab_size - 1024 ({talker.codebook_size})")
         model_type = raw.get("tts_model_type", "custom_voice")
         if model_type not in MODEL_TYPES:
-            raise ValueError(f"tts_model_type must be one of {MODEL_TYPES}, got {_short(model_type)}")
+            raise ValueError(f"tts_model_type must be one of {MODEL_TYPES}, got {shown(model_type)}")
         speaker_encoder = _section(raw, "speaker_encoder_config", "", required=False)
         if model_type == "base":
             from .speaker.config import SpeakerEncoderConfig
@@ -286,7 +287,7 @@ class TTSConfig:
                                  f"{w}.hidden_size ({talker.hidden_size}): the x-vector is a codec-track embedding")
         for key in ("tts_model_size", "tokenizer_type"):
             if not isinstance(raw.get(key, ""), str | int | float):
-                raise ValueError(f"{key} must be a string, got {_short(raw.get(key))}")
+                raise ValueError(f"{key} must be a string, got {shown(raw.get(key))}")
         return cls(
             talker=talker,
             speaker_encoder=dict(speaker_encoder),

@@ -3,9 +3,35 @@ API, the HTTP service, the batch jobs) reports the same field without parsing me
 
 from __future__ import annotations
 
+import math
+import reprlib
+
 ECHO_CHARS = 40
 """The most characters of a caller's value (an unknown language, speaker, model, voice id or field name) that an
 error message repeats: an error never carries a client's input back in full."""
+
+
+class _Shown(reprlib.Repr):
+    """reprlib's bounded repr (a 10 MB list costs a few elements, not a full repr cut afterwards), with integers too
+    long to write as their digit count (repr of one of more than 4300 digits raises)."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() >= 100:   # 31 digits and more
+            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
+        return super().repr_int(x, level)
+
+
+_SHOWN = _Shown()   # (Python 3.11's Repr takes no arguments)
+_SHOWN.maxlevel, _SHOWN.maxdict = 2, 3
+_SHOWN.maxtuple = _SHOWN.maxlist = _SHOWN.maxarray = _SHOWN.maxset = _SHOWN.maxfrozenset = _SHOWN.maxdeque = 4
+_SHOWN.maxstring = _SHOWN.maxlong = _SHOWN.maxother = ECHO_CHARS
+
+
+def shown(value: object) -> str:
+    """A caller's bad value as an error message repeats it: a short repr (valid Unicode: lone surrogates come
+    escaped), at most about ECHO_CHARS characters."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= ECHO_CHARS + 8 else f"{text[:ECHO_CHARS]}..."
 
 
 class RequestError(ValueError):
@@ -31,4 +57,4 @@ class SessionEnded(RequestError):
         super().__init__(field, message)
 
 
-__all__ = ["ECHO_CHARS", "RequestError", "SessionEnded"]
+__all__ = ["ECHO_CHARS", "RequestError", "SessionEnded", "shown"]

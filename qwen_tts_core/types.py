@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import RequestError
+from .errors import RequestError, shown
 
 SAMPLE_RATE = 24000
 MAX_TOP_K = 1 << 20          # above any vocabulary: the same as 0 (off); keeps per-slot values in device integers
@@ -43,30 +43,30 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name in ("do_sample", "subtalker_dosample"):
             if not isinstance(getattr(self, name), bool | np.bool_):
-                raise RequestError(name, f"must be true or false, got {getattr(self, name)!r}")
+                raise RequestError(name, f"must be true or false, got {shown(getattr(self, name))}")
         for name in ("top_k", "subtalker_top_k", "max_new_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Integral):
-                raise RequestError(name, f"must be an integer, got {_short(v)}")
+                raise RequestError(name, f"must be an integer, got {shown(v)}")
         for name in ("temperature", "subtalker_temperature", "top_p", "subtalker_top_p", "repetition_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise RequestError(name, f"must be a finite number, got {_short(v)}")
+                raise RequestError(name, f"must be a finite number, got {shown(v)}")
             if abs(v) > FLOAT32_MAX:  # fp32 device tensors: storing it would fail the prefill it shares
-                raise RequestError(name, f"must be at most {FLOAT32_MAX:.4g} (float32), got {_short(v)}")
+                raise RequestError(name, f"must be at most {FLOAT32_MAX:.4g} (float32), got {shown(v)}")
         for name in ("temperature", "subtalker_temperature"):
             if not getattr(self, name) > 0:
-                raise RequestError(name, f"must be > 0, got {getattr(self, name)!r}")
+                raise RequestError(name, f"must be > 0, got {shown(getattr(self, name))}")
         for name in ("top_p", "subtalker_top_p"):
             if not 0 < getattr(self, name) <= 1:
-                raise RequestError(name, f"must be in (0, 1], got {getattr(self, name)!r}")
+                raise RequestError(name, f"must be in (0, 1], got {shown(getattr(self, name))}")
         for name in ("top_k", "subtalker_top_k"):  # bounded: per-slot values live in int64 device tensors
             if not 0 <= getattr(self, name) <= MAX_TOP_K:
-                raise RequestError(name, f"must be in [0, {MAX_TOP_K}] (0 disables), got {_short(getattr(self, name))}")
+                raise RequestError(name, f"must be in [0, {MAX_TOP_K}] (0 disables), got {shown(getattr(self, name))}")
         if not self.repetition_penalty > 0:
             raise RequestError("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise RequestError("max_new_tokens", f"must be in [1, {MAX_NEW_TOKENS}], got {_short(self.max_new_tokens)}")
+            raise RequestError("max_new_tokens", f"must be in [1, {MAX_NEW_TOKENS}], got {shown(self.max_new_tokens)}")
 
     def with_overrides(self, **kw) -> SamplingParams:
         unknown = sorted(set(kw) - set(SAMPLING_FIELDS))
@@ -74,12 +74,6 @@ class SamplingParams:
             raise RequestError(unknown[0], f"unknown sampling argument(s) {unknown}; supported: "
                                f"{list(SAMPLING_FIELDS)}")
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
-
-
-def _short(v: object) -> str:
-    """repr of a bad value, cut short (a 5,000-digit number or a huge string must not fill an error message)."""
-    r = repr(v) if not isinstance(v, int) or abs(v) < 10**30 else f"an integer of {len(str(abs(v)))} digits"
-    return r if len(r) <= 60 else r[:57] + "..."
 
 
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))

@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from qwen_tts_core.audio_fx import StretchedEncoder
-from qwen_tts_core.errors import ECHO_CHARS, RequestError
+from qwen_tts_core.errors import RequestError, shown
 from qwen_tts_core.generate.requests import check_text
 from qwen_tts_core.types import SAMPLE_RATE
 
@@ -243,7 +243,7 @@ class Ingress:
     def _handle(self, model: str | None):
         name = model or self.cfg.models[0].name
         if name not in self.replicas:
-            raise ApiError(400, f"model {name[:ECHO_CHARS]!r} is not served; choose one of {sorted(self.replicas)}", "model")
+            raise ApiError(400, f"model {shown(name)} is not served; choose one of {sorted(self.replicas)}", "model")
         return name, self.replicas[name]
 
     async def _stream(self, name: str, handle, payload: dict, place: Place, incremental: bool = False,
@@ -326,7 +326,7 @@ class Ingress:
         try:
             return {**await asyncio.to_thread(self.voices.info, voice_id, caller.scope), "builtin": False}
         except KeyError:
-            raise ApiError(404, f"voice_id: no stored voice {voice_id[:ECHO_CHARS]!r}", "voice_id") from None
+            raise ApiError(404, f"voice_id: no stored voice {shown(voice_id)}", "voice_id") from None
 
     @app.post("/v1/audio/voices", status_code=201,
               openapi_extra=_body_doc({MULTIPART: _VOICE_FORM, URLENCODED: _VOICE_FORM,
@@ -363,7 +363,7 @@ class Ingress:
                        if (await self._model_info(m.name, self.replicas[m.name])).get("type") == "base"]
         model = up.model or (base_models[0] if base_models else "")
         if model not in base_models:
-            raise ApiError(400, f"model: {model[:ECHO_CHARS]!r} cannot encode voices; Base models: {base_models}", "model")
+            raise ApiError(400, f"model: {shown(model)} cannot encode voices; Base models: {base_models}", "model")
         ref_text = (up.ref_text or "").strip() or None
         limit = None if caller.admin else self.cfg.max_voices_per_key
         async with self._voice_creates[caller.owner] if limit is not None else contextlib.nullcontext():
@@ -409,7 +409,7 @@ class Ingress:
         try:
             await asyncio.to_thread(self.voices.delete, voice_id, caller.scope)
         except KeyError:
-            raise ApiError(404, f"voice_id: no stored voice {voice_id[:ECHO_CHARS]!r}", "voice_id") from None
+            raise ApiError(404, f"voice_id: no stored voice {shown(voice_id)}", "voice_id") from None
         return {"id": voice_id, "object": "voice", "deleted": True}
 
     # --- models, health, metrics, playground ------------------------------------------------------------------
@@ -428,7 +428,7 @@ class Ingress:
     async def model(self, model_id: str, request: Request) -> dict:
         self._auth(request.headers)
         if model_id not in self.replicas:
-            raise ApiError(404, f"model_id: no served model {model_id[:ECHO_CHARS]!r}; see GET /v1/models", "model_id")
+            raise ApiError(404, f"model_id: no served model {shown(model_id)}; see GET /v1/models", "model_id")
         return await self._model_info(model_id, self.replicas[model_id])
 
     def _replica_ids(self, name: str) -> list[str]:

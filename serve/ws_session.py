@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from qwen_tts_core.errors import ECHO_CHARS, RequestError
+from qwen_tts_core.errors import RequestError, shown
 
 from .routing import detached
 from .schemas import ApiError, WSEnd, WSText, from_validation_error
@@ -187,7 +187,7 @@ class WSSession:
                     await self.queue.put(("", True))
                     ended = True
                 else:
-                    return ApiError(400, f"type: must be 'text' or 'end' after the config, got {str(kind)[:ECHO_CHARS]!r}",
+                    return ApiError(400, f"type: must be 'text' or 'end' after the config, got {shown(kind)}",
                                     "type")
             except ValidationError as e:
                 return from_validation_error(e)

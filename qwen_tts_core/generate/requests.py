@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..codec.decoder import check_codes
-from ..errors import ECHO_CHARS, RequestError
+from ..errors import RequestError, shown
 from ..text.prompt import Prompt, build_prompt
 from ..types import SAMPLING_FIELDS, SamplingParams, SynthesisRequest
 
@@ -99,9 +99,9 @@ def validate(model, req: SynthesisRequest) -> None:
     cfg = model.cfg
     want = KIND_TO_MODEL_TYPE.get(req.kind) if isinstance(req.kind, str) else None
     if want is None:
-        raise RequestError("kind", f"must be one of {sorted(KIND_TO_MODEL_TYPE)}, got {req.kind!r}")
+        raise RequestError("kind", f"must be one of {sorted(KIND_TO_MODEL_TYPE)}, got {shown(req.kind)}")
     if cfg.tts_model_type != want:
-        raise RequestError("kind", f"{req.kind!r} needs a {want!r} checkpoint; this one is {cfg.tts_model_type!r}")
+        raise RequestError("kind", f"{shown(req.kind)} needs a {want!r} checkpoint; this one is {cfg.tts_model_type!r}")
     if req.text is not None:
         check_text(req.text)
     if not isinstance(req.language, str):
@@ -109,14 +109,13 @@ def validate(model, req: SynthesisRequest) -> None:
     lang = (req.language or "auto").lower()
     langs = model.get_supported_languages()
     if lang not in langs and lang not in cfg.talker.codec_language_id:
-        raise RequestError("language", f"{req.language[:ECHO_CHARS]!r} is not supported; choose one of {langs}")
+        raise RequestError("language", f"{shown(req.language)} is not supported; choose one of {langs}")
     if req.instruct is not None:
         check_text(req.instruct, "instruct", allow_blank=True)
     if req.kind == "custom_voice" and req.speaker not in (None, ""):  # none: no speaker embedding, as the reference
         speakers = model.get_supported_speakers()
         if not isinstance(req.speaker, str) or req.speaker.lower() not in speakers:
-            shown = req.speaker[:ECHO_CHARS] if isinstance(req.speaker, str) else req.speaker
-            raise RequestError("speaker", f"{shown!r} is not supported; choose one of {speakers}")
+            raise RequestError("speaker", f"{shown(req.speaker)} is not supported; choose one of {speakers}")
     if req.kind == "voice_clone":
         if req.voice_clone_prompt is None:
             raise RequestError("voice_clone_prompt", "is required for voice_clone (see create_voice_clone_prompt)")
@@ -128,15 +127,15 @@ def validate(model, req: SynthesisRequest) -> None:
     for name in ("first_chunk_frames", "chunk_frames"):
         v = getattr(req, name)
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise RequestError(name, f"must be an integer >= 1, got {v!r:.40}")
+            raise RequestError(name, f"must be an integer >= 1, got {shown(v)}")
         setattr(req, name, int(v))  # a numpy integer is taken as the int the audio decoder works in
     if not isinstance(req.sampling, SamplingParams):
         raise RequestError("sampling", "must be a SamplingParams")
     if req.priority not in ("interactive", "bulk"):
-        raise RequestError("priority", f"must be 'interactive' or 'bulk', got {req.priority!r}")
+        raise RequestError("priority", f"must be 'interactive' or 'bulk', got {shown(req.priority)}")
     for name in ("non_streaming_mode", "decode_audio"):  # a truthy "false" must not pass for True
         if not isinstance(getattr(req, name), bool | np.bool_):
-            raise RequestError(name, f"must be true or false, got {getattr(req, name)!r:.40}")
+            raise RequestError(name, f"must be true or false, got {shown(getattr(req, name))}")
     if req.non_streaming_mode and req.text is None:
         raise RequestError("non_streaming_mode", "True needs the whole text (text=None opens incremental text)")
 
@@ -175,7 +174,7 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
             check_text(v, name, allow_blank=True)
     for name, v in (("non_streaming_mode", non_streaming_mode),):
         if not isinstance(v, bool | np.bool_):
-            raise RequestError(name, f"must be true or false, got {v!r}")
+            raise RequestError(name, f"must be true or false, got {shown(v)}")
     speaker, prompt = None, None
     if kind == "custom_voice":
         speakers = model.get_supported_speakers() or []
@@ -194,7 +193,7 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
         try:
             prompt = voices(voice)
         except KeyError:
-            raise RequestError("voice", f"{voice[:80]!r} is not a stored voice") from None
+            raise RequestError("voice", f"{shown(voice)} is not a stored voice") from None
         instructions = None
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
