@@ -38,13 +38,15 @@ PIECES = ["Hel", "lo ", "world", ".", " Good", " morning!", "你", "好。"]
 SLOTS, QUEUE = 3, 3
 
 
-def request(text: str | None, seed: int | None, frames: int, priority: str, audio: bool,
-            chunk: int) -> SynthesisRequest:
+def request(text: str | None, seed: int | None, frames: int, priority: str, audio: bool, chunk: int,
+            voice=None) -> SynthesisRequest:
+    """A CustomVoice request (speaker vivian), or a Base one when `voice` is a voice clone prompt."""
     sampling = SamplingParams(do_sample=seed is not None, subtalker_dosample=seed is not None, top_k=20,
                               subtalker_top_k=20, max_new_tokens=frames)
-    return SynthesisRequest(kind="custom_voice", text=text, speaker="vivian", language="english", sampling=sampling,
-                            seed=seed, priority=priority, decode_audio=audio, first_chunk_frames=1,
-                            chunk_frames=chunk)
+    kind = dict(kind="voice_clone", voice_clone_prompt=voice) if voice is not None else \
+        dict(kind="custom_voice", speaker="vivian")
+    return SynthesisRequest(text=text, language="english", sampling=sampling, seed=seed, priority=priority,
+                            decode_audio=audio, first_chunk_frames=1, chunk_frames=chunk, **kind)
 
 
 @dataclass
@@ -57,9 +59,10 @@ class Track:
     chunks: list[AudioChunk] = field(default_factory=list)
 
 
-def machine(model, engine: Engine, alone: dict, stats: Counter):
+def machine(model, engine: Engine, alone: dict, stats: Counter, voices: tuple = (None,)):
     """A state machine class over `engine` (shared: left drained by every example); `alone` caches solo codes;
-    `stats` counts what the examples did (so a run that checked nothing shows)."""
+    `stats` counts what the examples did (so a run that checked nothing shows); `voices`: what requests speak with
+    (None: CustomVoice's speaker; Base: voice clone prompts)."""
 
     class EngineMachine(RuleBasedStateMachine):
         sessions = Bundle("sessions")
@@ -71,14 +74,18 @@ def machine(model, engine: Engine, alone: dict, stats: Counter):
 
         @rule(target=sessions, text=st.sampled_from([None, *TEXTS]), seed=st.none() | st.integers(0, 3),
               frames=st.integers(1, 9), priority=st.sampled_from(["interactive", "bulk"]), audio=st.booleans(),
-              chunk=st.integers(1, 4))
-        def add(self, text, seed, frames, priority, audio, chunk):
-            r = request(text, seed, frames, priority, audio, chunk)
+              chunk=st.integers(1, 4), voice=st.sampled_from(range(len(voices))))
+        def add(self, text, seed, frames, priority, audio, chunk, voice):
+            r = request(text, seed, frames, priority, audio, chunk, voices[voice])
             queued = engine.num_queued
             try:
                 s = engine.add(r)
             except EngineBusy:
                 assert queued >= QUEUE, "busy with room in the queue"
+                return multiple()
+            except RequestError as e:   # incremental text with an ICL prompt (its transcript leads the text)
+                assert text is None and voices[voice].icl_mode and e.field == "text", e
+                stats["refused"] += 1
                 return multiple()
             self.tracks[s.id] = Track(s, r)
             return s.id
@@ -152,15 +159,17 @@ def machine(model, engine: Engine, alone: dict, stats: Counter):
             if s.finish_reason == "cancelled":
                 assert t.cancelled
             if s.finish_reason == "error":
+                stats[f"error: {lasts[0].error[:60]}"] += 1
                 assert lasts[0].error and lasts[0].error_field == "text", lasts[0]   # only blank incremental text
                 return
             if s.finish_reason not in ("eos", "max_new_tokens"):
                 return
             text = t.request.text if t.request.text is not None else "".join(t.pieces)
             r = t.request
-            key = (text, r.seed, r.sampling.max_new_tokens)
+            vp = r.voice_clone_prompt
+            key = (text, r.seed, r.sampling.max_new_tokens, id(vp))
             if key not in alone:
-                solo = request(text, r.seed, r.sampling.max_new_tokens, "interactive", False, 1)
+                solo = request(text, r.seed, r.sampling.max_new_tokens, "interactive", False, 1, vp)
                 alone[key] = Engine(model, max_sessions=1).run_all([solo])[0].codes()
             codes = s.codes()
             assert torch.equal(codes, alone[key]), f"session {sid} ({text!r}, seed {r.seed}): codes differ from alone"
@@ -168,7 +177,7 @@ def machine(model, engine: Engine, alone: dict, stats: Counter):
             if r.decode_audio and len(codes):
                 stats["audio checked"] += 1
                 pcm = np.concatenate([c.pcm for c in t.chunks])
-                offline = model.decode_codes([codes])[0]
+                offline = model.decode_codes([codes], [vp.ref_code if vp is not None and vp.icl_mode else None])[0]
                 assert pcm.shape == offline.shape and np.abs(pcm - offline).max() <= 1e-4, f"session {sid} audio"
 
     return EngineMachine
@@ -188,23 +197,34 @@ def alone() -> dict:
     return {}
 
 
-def _run(model, engine: Engine, alone: dict) -> Counter:
+def _run(model, engine: Engine, alone: dict, voices: tuple = (None,), least: dict[str, int] | None = None) -> None:
+    """Run the machine; then check the examples reached every kind of ending asked for (`least`: at least this
+    many of these counts)."""
     stats: Counter = Counter()
-    run_state_machine_as_test(machine(model, engine, alone, stats), settings=SETTINGS)
+    run_state_machine_as_test(machine(model, engine, alone, stats, voices), settings=SETTINGS)
     print(dict(stats))
-    for what, least in (("codes checked", 20), ("audio checked", 5), ("incremental max_new_tokens", 1),
-                        ("whole cancelled", 1)):
-        assert stats[what] >= least, (what, dict(stats))   # the examples reached every kind of ending
-    return stats
+    for what, n in {"codes checked": 20, "audio checked": 5, "whole cancelled": 1, **(least or {})}.items():
+        assert stats[what] >= n, (what, dict(stats))
 
 
 @pytest.mark.slow
 def test_any_interleaving_on_the_eager_engine(model, alone):
-    _run(model, Engine(model, max_sessions=SLOTS, max_queue=QUEUE), alone)
+    _run(model, Engine(model, max_sessions=SLOTS, max_queue=QUEUE), alone, least={"incremental max_new_tokens": 1})
 
 
 @pytest.mark.slow
 def test_any_interleaving_on_the_graph_engine(model, alone):
     engine = Engine(model, max_sessions=SLOTS, max_queue=QUEUE, max_len=128,
                     graph_capture=GraphCapture("cpu", fake=True), audio_chunk_frames=(1, 2, 3, 4))
-    _run(model, engine, alone)
+    _run(model, engine, alone, least={"incremental max_new_tokens": 1})
+
+
+@pytest.mark.slow
+def test_any_interleaving_of_voice_clones_on_the_graph_engine(model_factory, ref_wav_path):
+    """Base: ICL prompts (the reference's codes are the codec rows' left context) and x-vector-only prompts."""
+    base = model_factory("base", "tiny")
+    icl = base.create_voice_clone_prompt(str(ref_wav_path), ref_text="A short reference sentence.")[0]
+    xvec = base.create_voice_clone_prompt(str(ref_wav_path), x_vector_only_mode=True)[0]
+    engine = Engine(base, max_sessions=SLOTS, max_queue=QUEUE, max_len=256,
+                    graph_capture=GraphCapture("cpu", fake=True), audio_chunk_frames=(1, 2, 3, 4))
+    _run(base, engine, {}, (icl, xvec), least={"refused": 1})
