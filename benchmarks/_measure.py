@@ -30,6 +30,29 @@ def matvec_bandwidth_gbs(dtype_name: str = "float32", n: int = 8192, reps: int =
     return best
 
 
+def gemm_gflops(dtype_name: str = "float32", n: int = 1536, reps: int = 10) -> float:
+    """Floating-point operations per second (GFLOP/s) of a large square matrix product: the compute bound of the
+    conv-heavy codec decoder (its convolutions are matrix products of about this size)."""
+    import torch
+
+    dt = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+    torch.mm(a, b)
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of one call of `fn` (torch's FlopCounterMode: matrix products and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
 def run_worker(python: str, script: str, args: list[str], env: dict | None = None, timeout: float = 3000) -> dict:
     """Run a worker process that prints one JSON line last; return that JSON."""
     proc = subprocess.run([python, script, *args], capture_output=True, text=True, env=env, timeout=timeout)

@@ -6,7 +6,9 @@ Per implementation and dtype (fp32, bf16), each in its own process: load time, p
 of --reps rounds taken in turn).
 The memory bound of a frame: bytes of weights read per frame (the talker's layers and head once, the code
 predictor's layers 15 times plus one head per codebook) divided by the measured bandwidth of a large matrix-vector
-product. Decoding is memory-bound at batch 1, so this is the floor for seconds per frame.
+product. Decoding is memory-bound at batch 1, so this is the floor for seconds per frame. The codec decoder is
+compute-bound: its GFLOP per frame (torch's FlopCounterMode) over its decode time, against a large matrix product's
+GFLOP/s in the same run (`decode_vs_gemm_peak`), says how much a batch can still gain on the audio side.
 Prints one JSON line last.
 
 usage: python benchmarks/engine_vs_reference.py [--frames 24] [--checkpoint DIR] [--skip-reference] [--reps 3]
@@ -25,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _measure import matvec_bandwidth_gbs, peak_rss_mb, run_worker  # noqa: E402
+from _measure import count_flops, gemm_gflops, matvec_bandwidth_gbs, peak_rss_mb, run_worker  # noqa: E402
 
 TEXT = "Once upon a time there was a small village by the sea, and every morning the fishermen sang."
 TEXTS8 = [TEXT, "Please hold while we connect your call.", "It was the best of times, it was the worst of times.",
@@ -113,10 +115,14 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
     t = time.perf_counter()
     wav = model.decode_codes([codes])[0]
     decode_s = time.perf_counter() - t
+    decode_flops = count_flops(lambda: model.decode_codes([codes]))
     return dict(load_s=load_s, peak_rss_mb=peak_rss_mb(), frames=n1, s_per_frame=1 / fps1,
                 talker_s_per_frame=talker_pf, code_predictor_s_per_frame=cp_pf,
                 frames_per_s_1=fps1, frames_per_s_8=fps8, frames_per_s_1_audio=fps1_audio,
-                frames_per_s_8_audio=fps8_audio, decode_s_per_audio_s=decode_s / (len(wav) / 24000), **extra)
+                frames_per_s_8_audio=fps8_audio, decode_s_per_audio_s=decode_s / (len(wav) / 24000),
+                decode_gflop_per_frame=decode_flops / len(codes) / 1e9, decode_gflop_s=decode_flops / decode_s / 1e9,
+                decode_dtype=str(model.codec.dtype).removeprefix("torch."),
+                **extra)
 
 
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -167,7 +173,10 @@ def main() -> None:
         ours = run_worker(sys.executable, __file__, ["--worker", "ours", "--checkpoint", str(ckpt),
                                                      "--dtype", dtype, "--frames", str(args.frames),
                                                      "--reps", str(args.reps)])
-        entry = {"matvec_gb_s": round(bw, 2), "bound_s_per_frame": round(bound, 4), "ours": ours,
+        gemm = gemm_gflops(ours["decode_dtype"])   # the offline decode runs in the codec's dtype (fp32 by default)
+        entry = {"matvec_gb_s": round(bw, 2), "bound_s_per_frame": round(bound, 4),
+                 "gemm_gflop_s": {ours["decode_dtype"]: round(gemm, 1)},
+                 "ours": ours, "decode_vs_gemm_peak": round(ours["decode_gflop_s"] / gemm, 3),
                  "ours_vs_bound": round(ours["s_per_frame"] / bound, 3),
                  "ours_batch8_speedup": round(ours["frames_per_s_8"] / ours["frames_per_s_1"], 2),
                  "ours_batch8_speedup_audio": round(ours["frames_per_s_8_audio"] / ours["frames_per_s_1_audio"], 2)}
