@@ -10,17 +10,50 @@ start instead of being silently ignored.
 from __future__ import annotations
 
 import os
+import types
+import typing
 from dataclasses import dataclass, fields, replace
 from typing import Any
+
+from qwen_tts_core.errors import shown
 
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
 
 
-def _check_keys(d: dict[str, Any], cls: type, where: str) -> None:
+def _check_keys(d: Any, cls: type, where: str) -> None:
+    """`d` is a mapping of `cls`'s fields, each value of its field's type (a YAML list for a tuple); ValueError naming
+    the key otherwise (a quoted "8" or a list where a number goes fails here, not as a TypeError deep inside)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping of keys to values, got {shown(d)}")
     allowed = {f.name for f in fields(cls)}
     unknown = set(d) - allowed
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise ValueError(f"{where}: unknown key(s) {shown(sorted(map(str, unknown)))}; allowed: {sorted(allowed)}")
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in d and not _fits(d[f.name], hints[f.name]):
+            raise ValueError(f"{where}.{f.name} must be {f.type}, got {shown(d[f.name])}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value (from YAML or a dict) has the type `hint` names: bool is not an int, an int is a float,
+    a list or tuple of the items is a tuple."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in args)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        return isinstance(value, list | tuple) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
 
 
 @dataclass(frozen=True)
@@ -94,8 +127,8 @@ class ModelConfig:
         return self.max_sessions + self.max_queue + self.max_bulk_queue + 32
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        _check_keys(d, cls, "models[]")
+    def from_dict(cls, d: dict[str, Any], where: str = "models[]") -> ModelConfig:
+        _check_keys(d, cls, where)
         return cls(**d)
 
 
@@ -157,10 +190,14 @@ class ServiceConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ServiceConfig:
-        d = dict(d or {})
+        d = dict(d or {}) if isinstance(d, dict | None) else d
+        models = d.pop("models", None) if isinstance(d, dict) else None
         _check_keys(d, cls, "serve config")
-        if "models" in d:
-            d["models"] = tuple(m if isinstance(m, ModelConfig) else ModelConfig.from_dict(m) for m in d["models"])
+        if models is not None:
+            if not isinstance(models, list | tuple):
+                raise ValueError(f"serve config.models must be a list of model configs, got {shown(models)}")
+            d["models"] = tuple(m if isinstance(m, ModelConfig) else ModelConfig.from_dict(m, f"models[{i}]")
+                                for i, m in enumerate(models))
         for key in ("api_keys", "admin_api_keys", "allowed_audio_url_prefixes"):
             if key in d:
                 d[key] = tuple(d[key] or ())
