@@ -21,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from qwen_tts_core.errors import shown
+
 from . import deliver
 from .inputs import (
     FORMATS,
@@ -63,7 +65,42 @@ def load_config(path: str | None) -> dict[str, Any]:
         raise ValueError(f"config: {p} is not valid YAML ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"config: {p} must hold a mapping of option names to values")
+    data = {k: v for k, v in data.items() if v is not None}   # `key: ~` in YAML: the option is not set
+    check_config(data, p)
     return data
+
+
+def check_config(conf: dict[str, Any], where: Any) -> None:
+    """Every key is an option of `narrate` or `catalog`, every value of its option's kind: an integer or a number for
+    a numeric option (its range is checked where it is used), true/false for a switch, one of the choices, else a
+    string.
+    ValueError naming the key (a YAML list or number where a string goes failed as a TypeError deep inside)."""
+    from .catalog import build_parser as catalog_parser
+
+    actions = {a.dest: a for parser in (build_parser(), catalog_parser()) for a in parser._actions}
+    unknown = set(conf) - set(actions) - {"input", "catalog"}
+    if unknown:
+        raise ValueError(f"config: unknown option(s) {shown(sorted(map(str, unknown)))}")
+    for key, v in conf.items():
+        a = actions.get(key)
+        if a is None:
+            ok = isinstance(v, str)
+        elif a.choices is not None:
+            ok = v in a.choices
+        elif isinstance(a, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            ok = isinstance(v, bool)
+        elif a.type is int:   # (its range is checked where it is used)
+            ok = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+        elif a.type is float:
+            ok = isinstance(v, int | float) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, str)
+        if not ok:
+            want = f"one of {list(a.choices)}" if a is not None and a.choices is not None else \
+                "true or false" if isinstance(a, argparse._StoreTrueAction | argparse._StoreFalseAction) else \
+                "an integer" if a is not None and a.type is int else \
+                "a number" if a is not None and a.type is float else "a string"
+            raise ValueError(f"{flag(key)} must be {want}, got {shown(v)} (config {where})")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -128,13 +165,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 def build_options(args: argparse.Namespace, key_prefix: str
                   ) -> tuple[RowDefaults, RenderConfig, RunOptions, InputLimits]:
     """CLI args over YAML config over built-in defaults -> the option objects (models are resolved later)."""
-    from .catalog import build_parser as catalog_parser
-
-    conf = load_config(args.config)  # either command's options may sit in a config
-    known = {a.dest for a in build_parser()._actions} | {a.dest for a in catalog_parser()._actions}
-    unknown = set(conf) - known - {"input", "catalog"}
-    if unknown:
-        raise ValueError(f"config: unknown option(s) {sorted(unknown)}")
+    conf = load_config(args.config)  # either command's options may sit in a config (checked there)
 
     def get(name: str, default: Any) -> Any:
         v = getattr(args, name, None)

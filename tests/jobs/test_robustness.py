@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jobs import narrate
 from jobs.inputs import RowDefaults, Utterance, check_row
@@ -152,6 +154,10 @@ def test_a_malformed_sidecar_is_rendered_again(tmp_path, capsys, content):
     (["--seed", "-3"], None, "--seed must be an integer in [0, 2**63)"),
     ([], "actors: two\n", "--actors must be an integer, got 'two'"),
     ([], "format: mp3\n", "--format must be one of"),
+    ([], "retry_on: true\n", "--retry-on must be a string, got True"),       # these raised TypeError in the options
+    ([], "lexicon: 5\n", "--lexicon must be a string, got 5"),
+    ([], "backend: [engine]\n", "--backend must be a string, got ['engine']"),
+    ([], "captions: maybe\n", "--captions must be true or false, got 'maybe'"),
     (["--voice", "ry\udc80an"], None, "--voice is not valid Unicode"),
 ])
 def test_bad_option_values_exit_2_naming_the_option(tmp_path, capsys, args, config, message):
@@ -164,6 +170,28 @@ def test_bad_option_values_exit_2_naming_the_option(tmp_path, capsys, args, conf
     code, out = _narrate(tmp_path, [{"id": "a", "text": "Hello there."}], *args)
     assert code == 2 and message in capsys.readouterr().err
     assert not FakeBackend.calls and not out.exists()
+
+
+_yaml_value = st.none() | st.booleans() | st.integers(-3, 10 ** 6) | st.floats(allow_nan=False) | st.text(max_size=6) \
+    | st.lists(st.integers(), max_size=2) | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conf=st.dictionaries(st.sampled_from(sorted({a.dest for a in narrate.build_parser()._actions} - {"help"})),
+                            _yaml_value, min_size=1, max_size=3))
+def test_any_config_file_gives_options_or_a_value_error(tmp_path, conf):
+    """Any YAML values for the options: the job's options, or a ValueError (exit 2) naming the option; never a
+    TypeError from deep inside (a YAML list, number or bool where a string goes)."""
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    args = narrate.build_parser().parse_args(["rows.jsonl", "--config", str(path)])
+    try:
+        narrate.build_options(args, "audio")
+    except ValueError as e:
+        assert len(str(e)) < 600, str(e)[:300]
 
 
 # --- finding 10: keys of long multi-byte ids ---------------------------------------------------------------------
