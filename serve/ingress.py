@@ -187,6 +187,11 @@ class Ingress:
         self.replicas = replicas
         self.voices = VoiceStore.from_uri(self.cfg.voices_uri)
         self.keys = KeyRing(self.cfg.api_keys, self.cfg.admin_api_keys)
+        # the paths answered without a key even when keys are set: decided here, read by their handlers and by the
+        # OpenAPI document (which marks every other operation as needing the bearer key)
+        self.open_paths = frozenset({"/health", "/", "/playground"}
+                                    | ({"/metrics"} if self.cfg.metrics_without_key else set())
+                                    | ({"/openapi.json", "/docs"} if self.cfg.docs_without_key else set()))
         self.allow_urls = AllowList(self.cfg.allowed_audio_url_prefixes)
         self._info: dict[str, dict] = {}
         # streams this ingress consumes, renewed on their replicas, which ping this actor before cancelling a lapse
@@ -474,7 +479,7 @@ class Ingress:
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=_answers(401))
     async def metrics(self, request: Request) -> Response:
-        if not self.cfg.metrics_without_key:
+        if "/metrics" not in self.open_paths:
             self._auth(request.headers)
         # a model with no replica answering shows as absent series
         text = prometheus_text(await self._all_stats(), http_errors(), self.client_streams.count,
@@ -483,16 +488,14 @@ class Ingress:
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> JSONResponse:
-        if not self.cfg.docs_without_key:
+        if "/openapi.json" not in self.open_paths:
             self._auth(request.headers)
-        open_paths = None
-        if self.keys.enabled:   # the routes that never call _auth with keys set
-            open_paths = ["/health", "/metrics"] if self.cfg.metrics_without_key else ["/health"]
+        open_paths = self.open_paths if self.keys.enabled else None
         return JSONResponse(_finish_openapi(app.openapi(), open_paths))   # app.openapi(): built once, cached
 
     @app.get("/docs", include_in_schema=False)
     async def docs(self, request: Request) -> HTMLResponse:
-        if not self.cfg.docs_without_key:
+        if "/docs" not in self.open_paths:
             self._auth(request.headers)
         root = request.scope.get("root_path", "").rstrip("/")
         return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="qwen-tts-fleet API")
