@@ -85,9 +85,10 @@ async def send_error(ws: WebSocket, err: ApiError, counter: Callable[[str], None
     err = ws_error(err)
     if counter is not None:
         counter(f"ws_{err.status}")
-    retry = err.headers.get("Retry-After")
+    retry = err.headers.get("Retry-After", "")
+    extra = {"retry_after_s": int(retry)} if retry.isdigit() else {}
     try:
-        await ws.send_json({"type": "error", **err.body(), **({"retry_after_s": int(retry)} if retry else {})})
+        await ws.send_json({"type": "error", **err.body(), **extra})
         await ws.close(close_code(err))
     except Exception:  # noqa: BLE001 - the client is already gone
         pass
