@@ -7,7 +7,8 @@ Whatever the client sends, the server keeps the protocol: `start` first if at al
 `start` and the end, at most one `done` or `error` and nothing after it; an error has the API's error shape and
 names a field the WebSocket has; the close code says whose fault it was (1000 done, 1008 the client's, 1013 busy,
 1011 ours: never for a healthy service); a `done` accounts for every audio byte; a client that sent `end` always
-hears the end. After the run, every session and connection is released and the service still speaks."""
+hears the end. The same with 2-5 such sessions at once. After the run, every session and connection is released
+and the service still speaks."""
 
 from __future__ import annotations
 
@@ -221,6 +222,27 @@ def test_websocket_protocol_holds_under_random_messages(serve_app, plan):
         assert got[-1]["type"] == "done" and code == 1000, (_brief(got), code)
     last = got[-1] if got and isinstance(got[-1], dict) else {}
     event(f"{last.get('type', 'no end')} {last.get('error', {}).get('message', '')[:40]} close {code}".strip())
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(group=st.lists(plans(), min_size=2, max_size=5))
+def test_concurrent_sessions_each_keep_the_protocol(serve_app, group):
+    """2-5 of the random sessions at once on the same models: joins, leaves, vanishing clients and failures in
+    one engine step must not touch another session's messages, audio or end (a well-behaved one may only be told
+    the model is busy)."""
+    url = serve_app["url"].replace("http", "ws", 1) + "/v1/audio/speech/stream"
+
+    async def all_at_once():
+        return await asyncio.gather(*(_exchange(url, frames, ending) for frames, ending, _ in group))
+
+    for (frames, _, clean), (got, code, sent_end) in zip(group, asyncio.run(all_at_once())):
+        _check(got, code, sent_end, frames)
+        if clean and sent_end:
+            busy = got[-1].get("type") == "error" and got[-1]["error"]["code"] == "503"
+            assert busy or (got[-1]["type"] == "done" and code == 1000), (_brief(got), code)
 
 
 def test_after_the_fuzz_nothing_is_held_and_the_service_speaks(serve_app):
