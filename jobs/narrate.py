@@ -82,24 +82,19 @@ def check_config(conf: dict[str, Any], where: Any) -> None:
     if unknown:
         raise ValueError(f"config: unknown option(s) {shown(sorted(map(str, unknown)))}")
     for key, v in conf.items():
-        a = actions.get(key)
-        if a is None:
-            ok = isinstance(v, str)
-        elif a.choices is not None:
-            ok = v in a.choices
+        a = actions.get(key) or argparse.Action([], key)   # `input` / `catalog`: a path, a string
+        if a.choices is not None:
+            ok, want = v in a.choices, f"one of {list(a.choices)}"
         elif isinstance(a, argparse._StoreTrueAction | argparse._StoreFalseAction):
-            ok = isinstance(v, bool)
+            ok, want = isinstance(v, bool), "true or false"
         elif a.type is int:   # (its range is checked where it is used)
             ok = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+            want = "an integer"
         elif a.type is float:
-            ok = isinstance(v, int | float) and not isinstance(v, bool)
+            ok, want = isinstance(v, int | float) and not isinstance(v, bool), "a number"
         else:
-            ok = isinstance(v, str)
+            ok, want = isinstance(v, str), "a string"
         if not ok:
-            want = f"one of {list(a.choices)}" if a is not None and a.choices is not None else \
-                "true or false" if isinstance(a, argparse._StoreTrueAction | argparse._StoreFalseAction) else \
-                "an integer" if a is not None and a.type is int else \
-                "a number" if a is not None and a.type is float else "a string"
             raise ValueError(f"{flag(key)} must be {want}, got {shown(v)} (config {where})")
 
 

@@ -9,8 +9,9 @@ messages, and make every failure visible to the client.
 Failure after the first byte: raw audio -> the connection is dropped without the chunked terminator (clients see a
 protocol error, never a short success); SSE -> `{"type": "error", "error": {...}}` event; WebSocket (ws_session.py)
 -> `{"type": "error", ...}` then close 1011 (1008 when the client is at fault, 1013 when busy). `finish_reason`
-reaches SSE clients in `speech.audio.done` and WebSocket clients in `done`; a raw audio stream ends cleanly only when the synthesis finished
-(eos, max_new_tokens or the runaway guard): its finish reason is not carried (see serve/README.md).
+reaches SSE clients in `speech.audio.done` and WebSocket clients in `done`; a raw audio stream ends cleanly only when
+the synthesis finished (eos, max_new_tokens or the runaway guard): its finish reason is not carried (see
+serve/README.md).
 
 Leases: every stream this ingress consumes is renewed on its replica every `lease_s / 3` (one call per replica, on
 schedule even when a replica is slow to answer); if this ingress dies, its sessions stop being renewed and their

@@ -108,8 +108,8 @@ async def _split(form: FormData, max_upload_bytes: int) -> tuple[bytes | None, d
             if len(audio) > max_upload_bytes:
                 raise ApiError(413, f"file: larger than {max_upload_bytes} bytes", "file")
         elif not isinstance(value, str):  # e.g. OpenAI's voices API's `audio_sample`: this service's is `file`
-            raise ApiError(400, f"{key[:ECHO_CHARS]}: a file is taken only as 'file' (the reference audio); this field must "
-                           "be text", key[:ECHO_CHARS])
+            raise ApiError(400, f"{key[:ECHO_CHARS]}: a file is taken only as 'file' (the reference audio); this "
+                           "field must be text", key[:ECHO_CHARS])
         else:
             fields[key] = value
     return audio, fields
