@@ -414,3 +414,38 @@ def test_device_noise_is_finite_at_the_top_of_its_grid():
     ids = sample_device(logits, torch.ones(1, dtype=torch.bool), torch.ones(1), torch.full((1,), 50, dtype=torch.long),
                         torch.ones(1), lambda: noise)
     assert int(ids) in set(torch.topk(logits[0], 50).indices.tolist())
+
+
+def test_eager_steps_read_keys_up_to_the_longest_session_in_steps_of_64(model, monkeypatch):
+    """A growing-cache engine's talker step reads the keys of the longest active session rounded up to 64, not to
+    the next power of two (at 8 rows on CPU these reads cost as much as the weights); the keys it no longer reads
+    are masked ones, so the codes are those of the power-of-two buckets bit for bit, sampled or greedy."""
+    from qwen_tts_core.generate import runner as runner_mod
+
+    seen: list[tuple[int, int]] = []
+    step = runner_mod.talker_step
+
+    def recording(talker, cache, positions, embeds, read_len, layout="gqa"):
+        seen.append((read_len, int(positions.max())))
+        return step(talker, cache, positions, embeds, read_len, layout)
+
+    long = SamplingParams(max_new_tokens=150, top_k=20, subtalker_top_k=20)
+    reqs = lambda: [req(TEXTS[1], sampling=long, seed=5), req(TEXTS[0], sampling=GREEDY)]  # noqa: E731
+    monkeypatch.setattr(runner_mod, "talker_step", recording)
+    grid = [s.codes() for s in Engine(model, max_sessions=2).run_all(reqs())]
+    assert {L for L, _ in seen} >= {128, 192}, sorted({L for L, _ in seen})
+    assert all(L % 64 == 0 and L - 64 <= top < L for L, top in seen)   # within 63 keys of the longest row
+    buckets = runner_mod.length_buckets(4096)
+    monkeypatch.setattr(runner_mod, "read_length", lambda n, max_len, b: runner_mod._first_at_least(buckets, n))
+    seen.clear()
+    pow2 = [s.codes() for s in Engine(model, max_sessions=2).run_all(reqs())]
+    assert 256 in {L for L, _ in seen}
+    assert grid[0].shape[0] == 149 and all(torch.equal(a, b) for a, b in zip(grid, pow2))
+
+
+def test_read_length_rounds_to_64_or_takes_the_bucket():
+    from qwen_tts_core.generate.runner import length_buckets, read_length
+
+    assert [read_length(n, 4096, None) for n in (1, 64, 65, 129, 300, 4090)] == [64, 64, 128, 192, 320, 4096]
+    assert read_length(100, 100, None) == 100          # never past max_len
+    assert [read_length(n, 4096, length_buckets(4096)) for n in (65, 129, 300)] == [128, 256, 512]
