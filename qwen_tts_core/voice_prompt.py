@@ -8,6 +8,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import shown
+
+FORMAT_PREFIX = "qwen-tts-fleet/voice-prompt/"
+"""The `format` metadata of a voice prompt file begins so; the version follows."""
+
 
 @dataclass
 class VoiceClonePromptItem:
@@ -27,7 +32,7 @@ def save_voice_prompt(item: VoiceClonePromptItem, path: str | Path, **metadata: 
     tensors = {"ref_spk_embedding": item.ref_spk_embedding.detach().float().cpu().contiguous()}
     if item.ref_code is not None:
         tensors["ref_code"] = item.ref_code.detach().long().cpu().contiguous()
-    meta = {"format": "qwen-tts-fleet/voice-prompt/1", "x_vector_only_mode": json.dumps(item.x_vector_only_mode),
+    meta = {"format": FORMAT_PREFIX + "1", "x_vector_only_mode": json.dumps(item.x_vector_only_mode),
             "icl_mode": json.dumps(item.icl_mode), "ref_text": json.dumps(item.ref_text),
             **{k: str(v) for k, v in metadata.items()}}
     path = Path(path)
@@ -36,20 +41,52 @@ def save_voice_prompt(item: VoiceClonePromptItem, path: str | Path, **metadata: 
 
 
 def load_voice_prompt(path: str | Path) -> VoiceClonePromptItem:
+    """Read a file written by `save_voice_prompt`. A file that is not one, or that lacks or garbles a part, raises
+    ValueError naming the path and the part (FileNotFoundError when there is no file); what the tensors hold is
+    judged against a model when a request uses the item (`generate.requests.check_voice_prompt`)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a file that is not one
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    with handle as f:
         meta = f.metadata() or {}
-        if not meta.get("format", "").startswith("qwen-tts-fleet/voice-prompt/"):
-            raise ValueError(f"{path}: not a voice prompt file")
+        if not meta.get("format", "").startswith(FORMAT_PREFIX):
+            raise ValueError(f"{path}: not a voice prompt file (metadata 'format' is not {FORMAT_PREFIX}...)")
         names = set(f.keys())
+        if "ref_spk_embedding" not in names:
+            raise ValueError(f"{path}: the tensor ref_spk_embedding is missing")
         return VoiceClonePromptItem(
-            ref_code=f.get_tensor("ref_code") if "ref_code" in names else None,
-            ref_spk_embedding=f.get_tensor("ref_spk_embedding"),
-            x_vector_only_mode=json.loads(meta["x_vector_only_mode"]),
-            icl_mode=json.loads(meta["icl_mode"]),
-            ref_text=json.loads(meta["ref_text"]),
+            ref_code=_tensor(f, "ref_code", path) if "ref_code" in names else None,
+            ref_spk_embedding=_tensor(f, "ref_spk_embedding", path),
+            x_vector_only_mode=_meta_value(meta, "x_vector_only_mode", (bool,), path),
+            icl_mode=_meta_value(meta, "icl_mode", (bool,), path),
+            ref_text=_meta_value(meta, "ref_text", (str, type(None)), path),
         )
+
+
+def _tensor(f, name: str, path: str | Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type: a header that lies about the data
+        raise ValueError(f"{path}: the tensor {name} cannot be read ({e})") from None
+
+
+def _meta_value(meta: dict[str, str], key: str, kinds: tuple[type, ...], path: str | Path):
+    """The JSON value of metadata `key`, of one of `kinds`; ValueError naming the path and the key otherwise."""
+    if key not in meta:
+        raise ValueError(f"{path}: metadata {key!r} is missing")
+    try:
+        value = json.loads(meta[key])
+    except ValueError:
+        value = meta[key]
+    if not isinstance(value, kinds):
+        want = " or ".join("null" if k is type(None) else "true/false" if k is bool else k.__name__ for k in kinds)
+        raise ValueError(f"{path}: metadata {key!r} must be JSON {want}, got {shown(meta[key])}")
+    return value
 
 
 def voice_prompt_metadata(path: str | Path) -> dict[str, str]:

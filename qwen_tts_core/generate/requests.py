@@ -62,7 +62,8 @@ def check_seed(seed: object) -> int | None:
 
 def check_voice_prompt(vp: object, talker_cfg) -> None:
     """A voice clone prompt must fit this model before anything is built from it: a speaker vector of the talker's
-    width with finite values, ICL codes [T, 16] inside the codebooks. A prompt made for another model size (a
+    width with finite values, exactly one of icl_mode and x_vector_only_mode, and for ICL its transcript and codes
+    [T >= 1, 16] inside the codebooks. A prompt made for another model size (a
     voice store shared by 0.6B and 1.7B replicas) or a damaged file otherwise failed deep inside a step, or, on a GPU,
     an out-of-range code is a device-side assert that ends every session of the replica; NaN gave noise silently."""
     field = "voice_clone_prompt"
@@ -70,6 +71,9 @@ def check_voice_prompt(vp: object, talker_cfg) -> None:
     for flag in ("x_vector_only_mode", "icl_mode"):
         if not isinstance(getattr(vp, flag, None), bool):
             raise RequestError(field, f"{flag} must be True or False")
+    if vp.icl_mode == vp.x_vector_only_mode:  # the reference would use no speaker vector, or ignore one mode
+        raise RequestError(field, f"exactly one of icl_mode and x_vector_only_mode must be True, got icl_mode="
+                                  f"{vp.icl_mode}, x_vector_only_mode={vp.x_vector_only_mode}")
     spk = getattr(vp, "ref_spk_embedding", None)
     if not isinstance(spk, torch.Tensor) or not spk.is_floating_point() or spk.shape not in ((width,), (1, width)):
         shown = (tuple(spk.shape), str(spk.dtype)) if isinstance(spk, torch.Tensor) else type(spk).__name__
@@ -84,6 +88,10 @@ def check_voice_prompt(vp: object, talker_cfg) -> None:
         except RequestError as e:
             raise RequestError(field, f"an ICL prompt's {e}") from None
     codes = getattr(vp, "ref_code", None)
+    if vp.icl_mode and (codes is None or isinstance(codes, torch.Tensor) and codes.dim() == 2 and not len(codes)):
+        # without them an ICL prompt ran as x-vector-only, its ref_text unused: another voice, silently
+        raise RequestError(field, "an ICL prompt needs ref_code, the codes of at least one frame of its reference "
+                                  "audio")
     if codes is not None:
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != groups:
             shown = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
@@ -194,6 +202,8 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
             prompt = voices(voice)
         except KeyError:
             raise RequestError("voice", f"{shown(voice)} is not a stored voice") from None
+        except ValueError as e:  # a damaged file (load_voice_prompt); what is wrong stays in the chained exception
+            raise RequestError("voice", f"{shown(voice)} is a stored voice that cannot be read") from e
         instructions = None
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))

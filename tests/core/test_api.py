@@ -140,6 +140,10 @@ def test_voice_prompts_that_do_not_fit_the_model_are_refused_naming_them(model_f
         "flag not a bool": replace(item, icl_mode="yes"),
         "ICL without its transcript": replace(item, ref_text="  "),
         "ICL transcript not text": replace(item, ref_text=None),
+        "ICL without codes": replace(item, ref_code=None),      # ran as x-vector-only, its ref_text unused
+        "ICL with 0 frames": replace(item, ref_code=codes[:0]),
+        "both modes": replace(item, x_vector_only_mode=True),
+        "neither mode": replace(item, icl_mode=False),            # no speaker vector at all
     }
     sp = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=4)
     eng = Engine(base, max_sessions=1)
@@ -159,6 +163,64 @@ def test_voice_prompts_that_do_not_fit_the_model_are_refused_naming_them(model_f
     row = replace(back, ref_spk_embedding=back.ref_spk_embedding[None])
     b, _ = base.generate_voice_clone("Hello.", voice_clone_prompt=row, **G)
     assert np.array_equal(a[0], b[0])
+
+
+def test_damaged_voice_prompt_files_raise_value_errors_naming_the_part(tmp_path):
+    """A voice prompt file is read from a store or a path users name: whatever is wrong with it is a ValueError
+    naming the file and the part (a KeyError from it meant "not a stored voice" to the service and the jobs)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    spk, code = torch.randn(64), torch.zeros(3, 16, dtype=torch.long)
+    meta = {"format": "qwen-tts-fleet/voice-prompt/1", "x_vector_only_mode": "false", "icl_mode": "true",
+            "ref_text": json.dumps("Hello.")}
+    files = {
+        "metadata 'icl_mode' is missing": ({"ref_spk_embedding": spk}, {k: v for k, v in meta.items()
+                                                                        if k != "icl_mode"}),
+        "'icl_mode' must be JSON true/false": ({"ref_spk_embedding": spk}, {**meta, "icl_mode": "yes"}),
+        "'x_vector_only_mode' must be JSON true/false": ({"ref_spk_embedding": spk},
+                                                          {**meta, "x_vector_only_mode": "1"}),
+        "'ref_text' must be JSON str or null": ({"ref_spk_embedding": spk}, {**meta, "ref_text": "[1]"}),
+        "ref_spk_embedding is missing": ({"ref_code": code}, meta),
+        "not a voice prompt file": ({"ref_spk_embedding": spk}, {**meta, "format": "other"}),
+    }
+    for i, (want, (tensors, m)) in enumerate(files.items()):
+        path = tmp_path / f"{i}.safetensors"
+        save_file(tensors, str(path), metadata=m)
+        with pytest.raises(ValueError, match=want) as err:
+            load_voice_prompt(path)
+        assert str(path) in str(err.value)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"hello, not a file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_voice_prompt(garbage)
+    good = tmp_path / "good.safetensors"
+    save_file({"ref_spk_embedding": spk, "ref_code": code}, str(good), metadata=meta)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-8])                       # a header that promises more than the file has
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        load_voice_prompt(cut)
+    with pytest.raises(FileNotFoundError):
+        load_voice_prompt(tmp_path / "missing.safetensors")
+    back = load_voice_prompt(good)
+    assert back.icl_mode and not back.x_vector_only_mode and back.ref_text == "Hello." and torch.equal(back.ref_code,
+                                                                                                        code)
+
+
+def test_a_stored_voice_that_cannot_be_read_is_a_request_error_naming_voice(model_factory, tmp_path):
+    """The voice loaders of the service and the jobs raise ValueError for a damaged file: the request fails naming
+    `voice` (a 400 there), not as an unknown voice and not as an internal error."""
+    from qwen_tts_core.errors import RequestError
+    from qwen_tts_core.generate.requests import request_from_fields
+
+    base = model_factory("base", "tiny")
+    damaged = tmp_path / "v.safetensors"
+    damaged.write_bytes(b"not a voice")
+    for loader, want in ((load_voice_prompt, "cannot be read"), ({}.__getitem__, "not a stored voice")):
+        with pytest.raises(RequestError, match=want) as e:
+            request_from_fields(base, text="Hello.", voice=str(damaged), voices=loader)
+        assert e.value.field == "voice"
 
 
 def test_not_a_checkpoint_folder(tmp_path):
