@@ -18,6 +18,7 @@ import base64
 import binascii
 import io
 import logging
+import math
 import os
 import re
 import struct
@@ -255,6 +256,11 @@ def validate_waveform(wav: np.ndarray, sr: int, *, argument: str = "ref_audio") 
         logger.warning("%s: audio peak %.3f exceeds 1.0", argument, peak)
 
 
+def _is_whole(x: int | np.integer | float) -> bool:
+    """x is an integer value (a float too): False for NaN and infinities, which int() refuses with its own errors."""
+    return isinstance(x, int | np.integer) or (math.isfinite(x) and float(x).is_integer())
+
+
 def load_audio(
     x: AudioInput,
     *,
@@ -290,7 +296,7 @@ def load_audio(
             raise RequestError(argument, f"waveform must be a float array in [-1, 1], got dtype {arr.dtype} "
                 "(convert integer PCM first, e.g. x / 32768)"
             )
-        if isinstance(sr, bool) or not isinstance(sr, (int, np.integer, float)) or int(sr) != sr:
+        if isinstance(sr, bool) or not isinstance(sr, (int, np.integer, float)) or not _is_whole(sr):
             raise RequestError(argument, f"sample rate must be a positive integer, got {shown(sr)}")
         wav, sr = _as_mono(arr, argument, limits.max_channels), int(sr)
         limits.check_header(sr, arr.shape[1] if arr.ndim == 2 else 1, wav.shape[0], argument)

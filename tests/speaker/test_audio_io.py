@@ -224,6 +224,9 @@ BAD_INPUTS = {
     "sr-negative": (lambda t: (_TONE, -8000), "sample rate"),
     "sr-fraction": (lambda t: (_TONE, 16000.5), "sample rate"),
     "sr-bool": (lambda t: (_TONE, True), "sample rate"),
+    "sr-inf": (lambda t: (_TONE, float("inf")), "sample rate"),          # int() raised OverflowError
+    "sr-nan": (lambda t: (_TONE, np.float64("nan")), "sample rate"),     # int() raised its own ValueError
+    "sr-huge": (lambda t: (_TONE, 10 ** 400), "sample rate"),
     "sr-string": (lambda t: (_TONE, "16000"), "sample rate"),
     "int-pcm": (lambda t: ((_TONE * 30000).astype(np.int16), 16000), "float array"),
     "3-d-array": (lambda t: (np.zeros((2, 3, 4), dtype=np.float32) + 0.1, 16000), "1-D"),
