@@ -223,8 +223,12 @@ def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits =
 
 
 def _read_jsonl(path: Path, defaults: RowDefaults, limits: InputLimits) -> list[Utterance]:
+    """One row per line. Lines end at "\n" (and a "\r" before it) only: str.splitlines() would also split at
+    U+2028, U+2029, U+0085 and other separators that JSON writers leave raw inside strings (ensure_ascii=False),
+    breaking a valid row into two malformed halves."""
     out = []
-    for n, line in enumerate(read_text(path, limits).splitlines(), start=1):
+    for n, line in enumerate(read_text(path, limits).split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path.name}:{n}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -164,7 +165,9 @@ def _read_yaml(path: Path, text: str) -> list[Entry]:
 
 
 def _read_csv(path: Path, text: str) -> list[Entry]:
-    rows = csv.reader(text.splitlines())
+    # the csv module finds the line ends ("\n", "\r\n", quoted newlines): str.splitlines() would also cut a row
+    # at U+2028, U+0085 and the like, or inside a quoted field
+    rows = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [h.strip().lower() for h in next(rows)]
     except StopIteration:

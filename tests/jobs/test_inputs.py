@@ -91,3 +91,14 @@ def test_any_row_gives_a_row_or_a_short_error_never_an_exception(raw):
     assert row.format in FORMATS and SAMPLE_RATES[0] <= row.sample_rate <= SAMPLE_RATES[1]
     assert isinstance(row.seed, int) and not isinstance(row.seed, bool) and 0 <= row.seed < 2 ** 63
     assert all(v is None or isinstance(v, str) for v in (row.voice, row.language, row.instruct, row.model))
+
+
+def test_jsonl_rows_split_at_newlines_only(tmp_path):
+    """U+2028, U+2029 and U+0085 are valid raw inside JSON strings (json.dumps(ensure_ascii=False) leaves them so);
+    str.splitlines() cut such rows into two malformed halves. "\\r\\n" line ends still work."""
+    rows = [{"id": "ls", "text": "First line.\u2028Second line."}, {"id": "ps", "text": "One.\u2029Two."},
+            {"id": "nel", "text": "Old mainframe text\x85with a NEL."}, {"id": "plain", "text": "Plain row."}]
+    f = tmp_path / "rows.jsonl"
+    f.write_bytes(("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n").encode())
+    got = read_inputs(f, RowDefaults(voice="ryan"))
+    assert [(r.id, r.text, r.error) for r in got] == [(r["id"], r["text"], None) for r in rows]

@@ -99,3 +99,12 @@ def test_missing_and_non_utf8_files(tmp_path):
     bad.write_bytes("word,respelling\ncafé,kafay\n".encode("latin-1"))
     with pytest.raises(ValueError, match="not UTF-8"):
         load(bad)
+
+
+def test_csv_rows_end_at_newlines_only(tmp_path):
+    """A U+0085 or U+2028 inside a CSV field is not a line end (str.splitlines() made it one: "expected 2 fields,
+    got 1"); a quoted field may hold a newline; "\\r\\n" line ends work."""
+    path = lex(tmp_path, "l.csv", 'word,respelling\r\nNEL\x85name,nell name\r\nQwen,"kwen\u2028"\r\n'
+                                  'GIF,"jif\ngif"\r\n')
+    lx = load(path)
+    assert lx.apply("NEL name, Qwen and GIF")[0] == "nell name, kwen and jif gif"
