@@ -83,12 +83,18 @@ _MD_RULES = [
     (re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+", re.M), ""),  # list markers
     (re.compile(r"^\s*>\s?", re.M), ""),             # block quotes
     (re.compile(r"(\*\*|__|\*|_|`)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # emphasis / inline code
-    (re.compile(r"<[^>]+>"), " "),                    # inline HTML
+    # HTML: real tags only, each on one line, so "< 5 ... > 2" in prose stays; comments may span lines (notes)
+    (re.compile(r"<!--.*?-->", re.S), " "),
+    (re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:[ \t][^<>\n]*)?/?>"), " "),
+    (re.compile(r"<[A-Za-z][A-Za-z0-9.+-]{1,31}:[^<>\s]*>"), " "),   # autolinks <https://...>, like link URLs
 ]
 
 
 def markdown_to_text(md: str) -> str:
-    """Strip the Markdown markup a narrator should not read; headings end as their own sentence."""
+    """Strip the Markdown markup a narrator should not read; headings end as their own sentence.
+
+    A "<" is markup only when it starts an HTML tag on the same line, an HTML comment (which may run over lines
+    up to its "-->") or an autolink: a bare "<" or ">" in prose ("was < 5 ... was > 2") is text and is read."""
     for pattern, repl in _MD_RULES:
         md = pattern.sub(repl, md)
     return re.sub(r"\.(\s*[.!?。！？])", r"\1", md)

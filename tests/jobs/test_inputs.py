@@ -69,6 +69,19 @@ def test_markdown_code_and_images_dropped():
     assert markdown_to_text("A ![x](y.png) b\n```\ncode\n```\n- item").split() == ["A", "b", "item"]
 
 
+def test_markdown_html_strips_tags_and_comments_never_prose_between_a_less_and_a_greater_than():
+    """`<[^>]+>` deleted everything from "< 5" to a later "> 2", paragraphs apart. Tags are stripped on one line
+    only; a comment may span lines (notes to the editor are not read); autolinks go, like link URLs."""
+    md = ("# Results\n\nOn cold mornings the reading was < 5 degrees, so the crew waited.\n\n"
+          "They talked for hours.\n\nBy noon the ratio was > 2 and the boats went out.\n")
+    assert " ".join(markdown_to_text(md).split()) == ("Results. On cold mornings the reading was < 5 degrees, so "
+                                                      "the crew waited. They talked for hours. By noon the ratio "
+                                                      "was > 2 and the boats went out.")
+    html = ('A<br/>b <span class="x">c</span> d<!-- a note\nover lines\n\n--> e <https://example.com/x> f\n\n'
+            "if a <b\nor c> then")
+    assert markdown_to_text(html).split() == ["A", "b", "c", "d", "e", "f", "if", "a", "<b", "or", "c>", "then"]
+
+
 # ---- any row at all (Hypothesis): a result, never an exception; an error that names the row and stays short ------
 
 _scalar = (st.none() | st.booleans() | st.integers(-(2 ** 80), 2 ** 80) | st.floats() | st.text(max_size=20)
