@@ -23,7 +23,15 @@ from typing import Any
 from . import layout as layouts
 from . import lease
 from .captions import caption_keys
-from .inputs import InputLimits, RowDefaults, Utterance, check_row, mark_duplicates, read_text
+from .inputs import (
+    InputLimits,
+    RowDefaults,
+    Utterance,
+    check_row,
+    mark_duplicates,
+    printable,
+    read_text,
+)
 from .manifest import ManifestRecord, from_parquet, summarize
 from .narrate import (
     add_common_args,
@@ -45,6 +53,9 @@ RETIRE_MODES = ("mark", "delete")
 def read_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | None = None) -> list[Utterance]:
     """YAML (a list of prompts, or {defaults: {...}, prompts: [...]}) or CSV with a header row.
 
+    A CSV row with more fields than the header fails (in the manifest): the usual cause is an unquoted comma in
+    the text, and keeping the fields up to it would ship a prompt cut short.
+
     Raises:
         ValueError: missing, binary, too large or empty file, unreadable YAML/CSV, or a document of the wrong shape.
     """
@@ -55,6 +66,7 @@ def read_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
     if suffix not in (".yaml", ".yml", ".csv"):
         raise ValueError(f"catalog: unsupported file type {p.suffix!r}; use .yaml, .yml or .csv")
     text = read_text(p, limits)
+    too_many: dict[int, str] = {}  # CSV row index -> why it fails: an unquoted comma would cut its text
     if suffix in (".yaml", ".yml"):
         import yaml
 
@@ -78,12 +90,23 @@ def read_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
             reader = csv.DictReader(io.StringIO(text, newline=""))
             if not reader.fieldnames or "id" not in reader.fieldnames or "text" not in reader.fieldnames:
                 raise ValueError(f"catalog: {p} needs a header row with at least 'id' and 'text'")
-            raw_rows = [{k: v for k, v in r.items() if k is not None and v not in (None, "")} for r in reader]
+            raw_rows = []
+            for r in reader:
+                cut = r.pop(None, None)  # fields past the header's (DictReader's restkey): never dropped silently
+                if cut and any(c.strip() for c in cut):
+                    too_many[len(raw_rows)] = (f"line {reader.line_num} has {len(reader.fieldnames) + len(cut)} "
+                                               f"fields, the header has {len(reader.fieldnames)}: quote a text that "
+                                               'holds a comma ("We are closed, please call again.")')
+                raw_rows.append({k: v for k, v in r.items() if v not in (None, "")})
         except csv.Error as e:
             raise ValueError(f"catalog: {p} is not valid CSV ({e})") from e
     if not raw_rows:
         raise ValueError(f"catalog: {p} lists no prompts")
-    return mark_duplicates(check_row(r, defaults, f"{p.name}:{i + 1}", limits) for i, r in enumerate(raw_rows))
+    rows = []
+    for i, r in enumerate(raw_rows):
+        row = check_row(r, defaults, where := f"{p.name}:{i + 1}", limits)
+        rows.append(replace(row, text="", error=f"{printable(where)}: {too_many[i]}") if i in too_many else row)
+    return mark_duplicates(rows)
 
 
 def previous_manifest(sink: Sink) -> list[ManifestRecord]:

@@ -61,6 +61,23 @@ def test_csv_and_bad_catalogs(tmp_path):
         read_catalog(tmp_path / "none.yaml", RowDefaults())
 
 
+def test_csv_row_with_more_fields_than_the_header_fails_in_the_manifest(tmp_path, capsys):
+    """An unquoted comma in `text` used to cut the prompt at the comma (the rest went under DictReader's None key
+    and was dropped) and ship it as ok. Now the row fails, saying to quote the text; the other rows render."""
+    cat, out = tmp_path / "ivr.csv", tmp_path / "out"
+    cat.write_text('id,text\nclosed,We are closed, please call again between nine and five.\nhold,Please hold.\n'
+                   'quoted,"We are closed, please call again."\ntrailing,Goodbye.,\n')
+    rows = {r.id: r for r in read_catalog(cat, RowDefaults(voice="ryan"))}
+    assert "line 2 has 3 fields, the header has 2: quote a text that holds a comma" in rows["closed"].error
+    assert rows["closed"].error.startswith("ivr.csv:1: ")
+    assert [(rows[i].text, rows[i].error) for i in ("hold", "quoted", "trailing")] == [
+        ("Please hold.", None), ("We are closed, please call again.", None), ("Goodbye.", None)]
+    assert _run(cat, out, "--voice", "ryan") == 1
+    man = {r.id: r for r in from_parquet((out / "catalog-manifest.parquet").read_bytes())}
+    assert man["closed"].status == "failed" and "quote a text" in man["closed"].error
+    assert [man[i].status for i in ("hold", "quoted", "trailing")] == ["ok"] * 3
+
+
 def test_every():
     assert parse_every("1h") == 3600 and parse_every("30s") == 30 and parse_every("90") == 90
     with pytest.raises(ValueError, match="every"):
