@@ -79,8 +79,7 @@ def read_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
             if not isinstance(extra, dict):
                 raise ValueError("catalog: 'defaults' must be a mapping")
             raw_rows = doc.get("prompts")
-            merged = {k: v for k, v in extra.items() if k in RowDefaults.__dataclass_fields__}
-            defaults = RowDefaults(**{**defaults.__dict__, **{k: v for k, v in merged.items() if v is not None}})
+            defaults = catalog_defaults(extra, defaults, p)
         else:
             raw_rows = doc
         if not isinstance(raw_rows, list):
@@ -107,6 +106,18 @@ def read_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
         row = check_row(r, defaults, where := f"{p.name}:{i + 1}", limits)
         rows.append(replace(row, text="", error=f"{printable(where)}: {too_many[i]}") if i in too_many else row)
     return mark_duplicates(rows)
+
+
+def catalog_defaults(given: dict[Any, Any], defaults: RowDefaults, path: Path) -> RowDefaults:
+    """A YAML catalog's `defaults:` over the command line's, checked by the row rules (`check_row`, so there is one
+    copy of them): a wrong value here would fail every prompt, or crash the layout or the manifest, so it is a
+    ValueError (exit 2) naming the field before anything is written. Keys that are not row defaults are ignored."""
+    known = {k: v for k, v in given.items() if k in RowDefaults.__dataclass_fields__ and v is not None}
+    merged = check_row({**known, "id": "defaults", "text": "-"}, defaults, f"catalog: {path.name}: defaults")
+    if merged.error:
+        raise ValueError(merged.error)
+    return RowDefaults(voice=merged.voice, language=merged.language, instruct=merged.instruct, model=merged.model,
+                       seed=merged.seed, format=merged.format, sample_rate=merged.sample_rate)
 
 
 def previous_manifest(sink: Sink) -> list[ManifestRecord]:

@@ -78,6 +78,34 @@ def test_csv_row_with_more_fields_than_the_header_fails_in_the_manifest(tmp_path
     assert [man[i].status for i in ("hold", "quoted", "trailing")] == ["ok"] * 3
 
 
+@pytest.mark.parametrize("given,message", [
+    ("language: 5", "field 'language' must be a string, got 5"),
+    ("voice: 7", "field 'voice' must be a string, got 7"),
+    ("instruct: [x]", "field 'instruct' must be a string, got ['x']"),
+    ("seed: -1", "field 'seed' must be an integer in [0, 2**63), got -1"),
+    ("format: mp3", "field 'format' must be one of"),
+    ("sample_rate: fast", "field 'sample_rate' must be an integer in [4000, 48000], got 'fast'"),
+])
+@pytest.mark.parametrize("layout", [[], ["--layout", "asterisk"]])
+def test_yaml_defaults_are_checked_like_row_fields(tmp_path, capsys, given, message, layout):
+    """`defaults:` went unchecked into every row: `language: 5` crashed --layout (AttributeError), failed every row
+    or made a manifest Parquet cannot hold (exit 3). Now: exit 2 naming the field, nothing written."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    cat.write_text(f"defaults: {{voice: ryan, {given}}}\nprompts:\n  - {{id: a, text: Hello there.}}\n")
+    assert _run(cat, out, *layout) == 2
+    assert f"error: catalog: ivr.yaml: defaults: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_yaml_defaults_override_the_command_line_and_rows_override_them(tmp_path):
+    cat = tmp_path / "ivr.yaml"
+    cat.write_text("defaults: {language: english, seed: '7', sample_rate: 8000, speaker: ignored}\n"
+                   "prompts:\n  - {id: a, text: Hi.}\n  - {id: b, text: Yo., language: german, seed: 2}\n")
+    a, b = read_catalog(cat, RowDefaults(voice="ryan", language="french", seed=3))
+    assert (a.voice, a.language, a.seed, a.sample_rate, a.error) == ("ryan", "english", 7, 8000, None)
+    assert (b.language, b.seed, b.sample_rate) == ("german", 2, 8000)
+
+
 def test_every():
     assert parse_every("1h") == 3600 and parse_every("30s") == 30 and parse_every("90") == 90
     with pytest.raises(ValueError, match="every"):
