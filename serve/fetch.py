@@ -11,7 +11,11 @@ Rules (each hop of a redirect is checked again; at most `max_redirects` hops):
   resolved (above the root: refused); an escaped "/" or "\\" inside a segment, a backslash, or a NUL is refused. The
   prefix's path must be a whole-segment prefix (`/ok/` allows `/ok/a.wav`, not `/okay/a.wav` nor `/ok/../x`);
 * the NORMALISED URL is what is requested, so the server sees exactly the path that was checked;
-* the body is read in pieces up to `max_bytes` (413 beyond), with a total timeout; environment proxies are ignored.
+* the body is read in pieces up to `max_bytes` (413 beyond), with a total timeout; environment proxies are ignored;
+* no content coding: the request asks for `Accept-Encoding: identity` and the RAW bytes are read, so `max_bytes`
+  bounds what is held in memory. A server that answers with a Content-Encoding anyway (gzip, br, ...) is refused
+  (400): httpx would decode it before any check could run, and a few hundred bytes of stacked gzip decode to
+  hundreds of MiB in one piece. Reference audio (wav, flac, mp3) gains nothing from gzip.
 httpx does the HTTP (async, redirects off so each Location can be checked here).
 """
 
@@ -31,6 +35,15 @@ class FetchRefused(ValueError):
 
 class FetchTooLarge(FetchRefused):
     status = 413
+
+
+def check_identity(content_encoding: str) -> None:
+    """FetchRefused unless the Content-Encoding header says the body is the bytes themselves (absent, or only
+    `identity`): a coded body would be decoded past the size limit (see the module's rules)."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    if any(c != "identity" for c in codings):
+        raise FetchRefused(f"the server sent a compressed body (Content-Encoding: {content_encoding[:100]!r}); "
+                           "serve the audio uncompressed")
 
 
 @dataclass(frozen=True)
@@ -128,16 +141,17 @@ async def fetch_allowed(url: str, allow: AllowList, max_bytes: int, timeout_s: f
     async def get(client) -> bytes:
         nonlocal target
         for _hop in range(max_redirects + 1):
-            async with client.stream("GET", target.url()) as r:
+            async with client.stream("GET", target.url(), headers={"Accept-Encoding": "identity"}) as r:
                 if r.is_redirect:
                     target = allow.check(urljoin(target.url(), r.headers.get("location", "")))
                     continue
                 if r.status_code != 200:
                     raise FetchRefused(f"the server answered HTTP {r.status_code}")
+                check_identity(r.headers.get("content-encoding", ""))
                 if int(r.headers.get("content-length") or 0) > max_bytes:
                     raise FetchTooLarge(f"larger than {max_bytes} bytes")
                 body = bytearray()
-                async for piece in r.aiter_bytes():
+                async for piece in r.aiter_raw():   # raw: never decoded (check_identity), so counted as held
                     body += piece
                     if len(body) > max_bytes:
                         raise FetchTooLarge(f"larger than {max_bytes} bytes")
