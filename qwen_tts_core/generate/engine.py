@@ -180,8 +180,7 @@ class Engine:
         req = self._on_device(req)
         s = Session(request=req, ref_key=ref_key)
         if req.text is None:
-            tok = self.model.tokenizer
-            s.incremental = IncrementalText(tok.text_only, tok.split_offsets, tok.encode)
+            s.incremental = IncrementalText.of(self.model.tokenizer)
         if self.sampler == "torch":
             if req.seed is not None:
                 s.generator = torch.Generator(device=self.device).manual_seed(int(req.seed))

@@ -2,8 +2,10 @@
 
 Text arrives in pieces (str, or bytes that may split a UTF-8 character). A token is committed only when text after
 it can no longer change it: everything before the last pre-tokenizer piece (a word, a run of spaces, punctuation) is
-final, because the Qwen2 BPE never merges across pre-tokenizer pieces, unless the NFC normalization that precedes
-the pre-tokenizer would join the two sides (a decomposed accent): such a boundary waits. `end()` commits the rest.
+final, because the Qwen2 BPE never merges across pre-tokenizer pieces (nor across an added token such as "<|im_end|>",
+which is found in the text first), unless the NFC normalization that precedes
+the pre-tokenizer would join the two sides (a decomposed accent), or the end of the text may still become an added
+token ("<|im_e"): such a boundary waits. `end()` commits the rest.
 
 Only the uncommitted tail is ever re-split or re-encoded: the tail starts at a pre-tokenizer boundary, and the
 pre-tokenizer resumes at a boundary exactly as it would in the whole text, so the cost of a piece does not grow with
@@ -28,17 +30,27 @@ def _stable(text: str, n: int) -> bool:
 
 class IncrementalText:
     def __init__(self, encode: Callable[[str], list[int]], split_offsets: Callable[[str], list[int]],
-                 encode_more: Callable[[str], list[int]] | None = None) -> None:
+                 encode_more: Callable[[str], list[int]] | None = None,
+                 open_from: Callable[[str], int] | None = None) -> None:
         """encode: text -> ids of the bare text as it starts the utterance (the first committed segment);
-        split_offsets: text -> start offsets of its pre-tokenizer pieces; encode_more: ids of a later segment, one
-        that starts at a pre-tokenizer boundary inside the text (default: `encode`)."""
+        split_offsets: text -> start offsets of its tokenizer pieces; encode_more: ids of a later segment, one
+        that starts at a piece boundary inside the text (default: `encode`); open_from: text -> the offset from which
+        its end may still become an added token ("<|im_e" + "nd|>"), never committed before more text comes
+        (default: none can)."""
         self._encode_first, self._encode_more = encode, encode_more or encode
         self._split = split_offsets
+        self._open_from = open_from or len
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._done: list[str] = []   # committed text, in segments
         self.tail = ""               # text not committed yet (starts at a pre-tokenizer boundary)
         self.committed: list[int] = []
         self.ended = False
+
+    @classmethod
+    def of(cls, tok) -> IncrementalText:
+        """The feed of a `text.tokenizer.TextTokenizer`: its pieces and added tokens, the first segment encoded as
+        it starts an utterance."""
+        return cls(tok.text_only, tok.split_offsets, tok.encode, tok.open_added_token)
 
     @property
     def text(self) -> str:
@@ -56,8 +68,9 @@ class IncrementalText:
             return []
         self.tail += piece
         offsets = self._split(self.tail)
+        limit = self._open_from(self.tail)
         for n in reversed(offsets[1:]):  # the last boundary normalization cannot move (almost always the last)
-            if n > 0 and _stable(self.tail, n):
+            if 0 < n <= limit and _stable(self.tail, n):
                 return self._commit(n)
         return []
 

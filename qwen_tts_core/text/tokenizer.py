@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,12 @@ class TextTokenizer:
         # the checkpoint's config.json (a model type it does not know: one warning per load). trust_remote_code=False:
         # never import code from the checkpoint, and never ask on stdin
         self._tok = AutoTokenizer.from_pretrained(str(path), config=PretrainedConfig(), trust_remote_code=False)
+        # the added tokens ("<|im_end|>", "<tts_pad>", ...): found in a text before BPE sees it, the longest first
+        added = sorted({t.content for t in self._tok.added_tokens_decoder.values() if t.content}, key=len,
+                       reverse=True)
+        self._added = re.compile("|".join(map(re.escape, added))) if added else None
+        self._added_prefixes = {t[:k] for t in added for k in range(1, len(t))}
+        self._added_max = max(map(len, added), default=0)
 
     def check_special_ids(self, im_start: int, im_end: int, where: str) -> None:
         """ValueError unless <|im_start|> and <|im_end|> encode to the config's ids (a tokenizer from another model
@@ -81,9 +88,25 @@ class TextTokenizer:
         return self.encode(instruct_text(text))
 
     def split_offsets(self, text: str) -> list[int]:
-        """Start offsets of the pre-tokenizer pieces of `text` (BPE never merges across them)."""
-        pieces = self._tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
-        return [start for _, (start, _) in pieces] or [0]
+        """Start offsets of the pieces `text` is tokenized in (BPE never merges across them): an added token found in
+        it is one piece, and the text between is cut by the pre-tokenizer, each stretch on its own, as the tokenizer
+        does."""
+        pre = self._tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+        starts, at = [], 0
+        for m in self._added.finditer(text) if self._added is not None else ():
+            starts += [at + start for _, (start, _) in pre(text[at:m.start()])] + [m.start()]
+            at = m.end()
+        starts += [at + start for _, (start, _) in pre(text[at:])]
+        return starts or [0]
+
+    def open_added_token(self, text: str) -> int:
+        """Where an added token may still be forming at the end of `text` (its end is the start of one, or a token
+        that a longer one extends): the offset it starts at; len(text) when there is none. Text from there on is not
+        final yet."""
+        for i in range(max(0, len(text) - self._added_max + 1), len(text)):
+            if text[i:] in self._added_prefixes:
+                return i
+        return len(text)
 
     def text_only(self, s: str) -> list[int]:
         """Ids of a bare text piece, tokenized as it would be inside the assistant turn."""

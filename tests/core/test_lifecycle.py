@@ -181,7 +181,7 @@ def test_incremental_text_with_the_real_tokenizer_matches_whole_text(model):
 
 def fed_piece_by_piece(tok, pieces: list[str]) -> list[int]:
     """The ids IncrementalText commits for `pieces` sent one by one, then end."""
-    feed = IncrementalText(tok.text_only, tok.split_offsets, tok.encode)
+    feed = IncrementalText.of(tok)
     ids = []
     for p in pieces:
         ids += feed.append(p)
@@ -196,6 +196,40 @@ def test_incremental_text_with_decomposed_accents_matches_whole_text(model, text
     pieces = list(text) if how == "chars" else [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]]
     assert "".join(pieces) == text
     assert fed_piece_by_piece(model.tokenizer, pieces) == model.tokenizer.target(text).text
+
+
+@pytest.mark.parametrize("pieces", [["Hi <|im_e", "nd|> there."], ["Hi ", "<tts_text_eod>", " there."],
+                                    ["Hi <tts_pad> there."], ["a<", "|", "im_start|", ">b"], ["x <tts_", "text_bos>"],
+                                    ["<|endoftext|><|im_end|>", " <tts_pad"], ["<tts_pad", " >"]])
+def test_incremental_text_with_added_tokens_matches_whole_text(model, pieces):
+    """An added token written in the text ("<|im_end|>", "<tts_pad>") is one id in the whole text, as the reference
+    encodes it; fed in pieces it was committed as the BPE pieces of its characters (the pre-tokenizer does not know
+    added tokens), even when it came whole, and a piece ending in "<|im_e" committed "<|im" before "nd|>" came."""
+    text = "".join(pieces)
+    assert fed_piece_by_piece(model.tokenizer, pieces) == model.tokenizer.target(text).text
+
+
+_FRAGMENTS = ["<|im_end|>", "<|im_", "end|>", "<", "|", ">", "<tts_pad>", "<tts_", "pad>", "<|endoftext|>", "_",
+              "a", "b", " ", "  ", "\n", ".", "e\u0301", "\u0301", "你", "😀", "'s", "1"]
+
+
+def test_incremental_text_matches_whole_text_for_any_split(model):
+    """Hypothesis: any text of words, spaces, accents, CJK, emoji and pieces of added tokens, cut anywhere, commits
+    the ids of the whole text."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tok = model.tokenizer
+
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None)
+    @given(st.lists(st.sampled_from(_FRAGMENTS), min_size=1, max_size=12), st.lists(st.integers(0, 60), max_size=5))
+    def check(parts, cuts):
+        text = "".join(parts)
+        bounds = sorted({min(c, len(text)) for c in cuts})
+        pieces = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)])]
+        assert fed_piece_by_piece(tok, pieces) == tok.target(text).text, pieces
+
+    check()
 
 
 def test_a_failing_prefill_fails_only_its_own_session(model, monkeypatch):
