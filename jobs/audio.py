@@ -6,6 +6,18 @@ import io
 
 import numpy as np
 
+# longest pause between chunks, seconds: beyond this it is no pause but a gap of silence, and each one is
+# allocated (--pause 1e5 would be gigabytes per gap; inf cannot be allocated at all)
+MAX_PAUSE_S = 60
+
+
+def check_pause(pause_s: float) -> float:
+    """`pause_s` if it is a number of seconds in [0, MAX_PAUSE_S] (finite), else ValueError."""
+    if not 0 <= pause_s <= MAX_PAUSE_S:  # NaN fails too
+        raise ValueError(f"pause must be in [0, {MAX_PAUSE_S}] seconds, got {pause_s!r}")
+    return pause_s
+
+
 # format -> (soundfile container, subtype, file extension, content type)
 ENCODINGS: dict[str, tuple[str, str, str, str]] = {
     "wav": ("WAV", "PCM_16", "wav", "audio/wav"),
@@ -17,8 +29,7 @@ ENCODINGS: dict[str, tuple[str, str, str, str]] = {
 
 def join_chunks(chunks: list[np.ndarray], sample_rate: int, pause_s: float) -> np.ndarray:
     """Concatenate mono float32 chunks [N_i] with `pause_s` seconds of silence between them."""
-    if pause_s < 0:
-        raise ValueError(f"pause must be >= 0 seconds, got {pause_s!r}")
+    check_pause(pause_s)
     if not chunks:
         return np.zeros(0, dtype=np.float32)
     gap = np.zeros(int(round(pause_s * sample_rate)), dtype=np.float32)

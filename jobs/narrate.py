@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 from qwen_tts_core.errors import shown
 
 from . import deliver
+from .audio import MAX_PAUSE_S
 from .inputs import (
     FORMATS,
     SAMPLE_RATES,
@@ -113,7 +115,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, help="default audio format (default wav)")
     p.add_argument("--sample-rate", type=int, help="default output sample rate (default 24000)")
     p.add_argument("--max-chars", type=int, help="chunk budget in characters (default 200)")
-    p.add_argument("--pause", type=float, dest="pause_s", help="seconds of silence between chunks (default 0.4)")
+    p.add_argument("--pause", type=float, dest="pause_s", help="seconds of silence between chunks, 0-60 (default 0.4)")
     p.add_argument("--attempts", type=int, dest="max_attempts", help="tries per chunk when the guard trips")
     p.add_argument("--backend", help=f"{' | '.join(BACKENDS)} | module:Class (default auto: Serve app if running)")
     p.add_argument("--runner", choices=RUNNERS, help="ray (default) or local (one process, no Ray)")
@@ -211,8 +213,9 @@ def build_options(args: argparse.Namespace, key_prefix: str
 
 # numeric options: (type, lowest, highest), checked up front (exit 2) and named as on the command line
 NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
-    "sample_rate": (int, *SAMPLE_RATES), "max_chars": (int, MIN_CHUNK_CHARS, None), "pause_s": (float, 0, None),
-    "max_attempts": (int, 1, None), "actors": (int, 1, None), "num_cpus": (float, 0, None),
+    "sample_rate": (int, *SAMPLE_RATES), "max_chars": (int, MIN_CHUNK_CHARS, None),
+    "pause_s": (float, 0, MAX_PAUSE_S), "max_attempts": (int, 1, None), "actors": (int, 1, None),
+    "num_cpus": (float, 0, None),
     "num_gpus": (float, 0, None), "batch_size": (int, 1, None), "max_inflight_per_replica": (int, 1, None),
     "max_sessions": (int, 1, None), "guard_frames_per_token": (float, 0, None), "guard_base_frames": (int, 0, None),
     "max_row_chars": (int, 1, None), "max_input_bytes": (int, 1, None)}
@@ -236,6 +239,8 @@ def option_number(name: str, value: Any) -> Any:
             raise ValueError
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{flag(name)} must be {what}, got {value!r}") from None
+    if not math.isfinite(x):  # inf passes float() and every ">= lo" bound, then fails or exhausts every row
+        raise ValueError(f"{flag(name)} must be a finite number, got {value!r}")
     if (lo is not None and x < lo) or (hi is not None and x > hi):
         bounds = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None \
             else f"<= {hi}"

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import deliver
+from .audio import check_pause
 from .inputs import SEED_MAX, Utterance
 from .lexicon import Lexicon
 from .manifest import ManifestRecord, from_sidecar
@@ -70,8 +71,7 @@ class RenderConfig:
             raise ValueError(f"retry_on must be a subset of {list(RETRY_REASONS)}, got {sorted(bad)}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
-        if self.pause_s < 0:
-            raise ValueError(f"pause must be >= 0 seconds, got {self.pause_s!r}")
+        check_pause(self.pause_s)
 
     def revision_of(self, model: str) -> str:
         spec = self.models.get(model)

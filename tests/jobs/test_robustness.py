@@ -159,6 +159,13 @@ def test_a_malformed_sidecar_is_rendered_again(tmp_path, capsys, content):
     ([], "backend: [engine]\n", "--backend must be a string, got ['engine']"),
     ([], "captions: maybe\n", "--captions must be true or false, got 'maybe'"),
     (["--voice", "ry\udc80an"], None, "--voice is not valid Unicode"),
+    # inf passed the check and failed every row (OverflowError); 1e5 s would allocate gigabytes per gap
+    (["--pause", "inf"], None, "--pause must be a finite number, got inf"),
+    (["--pause", "1e308"], None, "--pause must be a number in [0, 60], got 1e+308"),
+    (["--pause", "100000"], None, "--pause must be a number in [0, 60], got 100000.0"),
+    ([], "pause_s: .inf\n", "--pause must be a finite number, got inf"),
+    ([], "pause_s: 61\n", "--pause must be a number in [0, 60], got 61"),
+    (["--num-gpus", "inf"], None, "--num-gpus must be a finite number, got inf"),
 ])
 def test_bad_option_values_exit_2_naming_the_option(tmp_path, capsys, args, config, message):
     from tests.jobs.fakes import FakeBackend
