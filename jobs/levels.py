@@ -138,7 +138,9 @@ def sound_bounds(x: np.ndarray, sample_rate: int, floor_db: float | None = None,
 
 
 def active_speech_level(x: np.ndarray, sample_rate: int) -> tuple[float | None, float]:
-    """(active speech level dB re full scale, activity 0..1), ITU-T P.56 method B; (None, 0.0) for silence.
+    """(active speech level dB re full scale, activity 0..1), ITU-T P.56 method B; (None, 0.0) for silence: no
+    samples, all zero, or an envelope below every threshold (e.g. -140 dBFS noise, or a few samples whose smoothed
+    envelope never rises to -120 dB). Callers treat None as "no speech": no gain, the level rule fails.
 
     The envelope q is |x| smoothed twice by a one-pole filter (time constant 30 ms). For a threshold c a sample is
     active when q reached c within the last 200 ms (hangover). The active level A(c) is the mean power over active
@@ -161,6 +163,8 @@ def active_speech_level(x: np.ndarray, sample_rate: int) -> tuple[float | None, 
     grid_db = np.arange(-120.0, 0.001, 0.25)  # thresholds, quiet to loud
     counts = x.size - np.searchsorted(qs, 10 ** (grid_db / 20), side="left")
     live = counts > 0
+    if not np.any(live):  # the envelope never reaches the lowest threshold (-120 dB): silence for P.56 too
+        return None, 0.0
     level = np.full(grid_db.shape, np.nan)
     level[live] = 10 * np.log10(energy / counts[live])
     # A(c) - C falls as the threshold rises: the level is where it first reaches the margin

@@ -303,6 +303,36 @@ def test_active_speech_level_on_speech_like_audio():
     assert -20.0 <= ind.dbm0(ind.p56_level_db(y, sr), "alaw") <= -18.0 and not res.failed
 
 
+class QuietBackend:
+    """-140 dBFS noise: below every P.56 threshold, as a model that "says" nothing may return."""
+
+    def synthesize(self, jobs):
+        from jobs.synth import ChunkResult
+
+        rng = np.random.default_rng(0)
+        return [ChunkResult((1e-7 * rng.standard_normal(48000)).astype(np.float32), "eos") for _ in jobs]
+
+
+def test_near_silent_audio_is_silence_for_p56_and_a_flagged_telephony_row(tmp_path):
+    """An envelope below every P.56 threshold (near-silent audio, or a few samples) raised IndexError, so a quiet
+    row failed under --master telephony while the other presets delivered it flagged `silent`."""
+    from jobs.inputs import Utterance
+    from jobs.render import RenderConfig, render_rows
+    from jobs.storage import LocalSink
+
+    quiet = (1e-7 * np.random.default_rng(0).standard_normal(48000)).astype(np.float32)
+    assert levels.active_speech_level(quiet, 24000) == (None, 0.0)
+    two = (0.1 * np.random.default_rng(0).standard_normal(2)).astype(np.float32)  # a 2-sample chunk
+    res = mastering.master(two, 24000, mastering.MasterConfig("telephony", "ulaw"))
+    assert res.rules["speech_level"] is False and res.speech_level_dbm0 is None
+    sink = LocalSink(str(tmp_path))
+    cfg = RenderConfig(model="fake", master=mastering.MasterConfig("telephony"))
+    rec = render_rows([Utterance(id="p1", text="Please hold.", voice="ryan")], QuietBackend(), sink, cfg)[0]
+    assert rec.status == "suspect" and rec.error is None, rec.error
+    assert "silent" in rec.flags and "telephony:speech_level" in rec.flags and rec.speech_level_dbm0 is None
+    assert (tmp_path / rec.key).is_file()
+
+
 def test_render_config_survives_the_trip_to_ray_workers(tmp_path):
     """runner.RenderWorker rebuilds the config from asdict(): preset, lexicon and speed come back intact."""
     import pickle
