@@ -158,6 +158,8 @@ class ServiceConfig:
     max_streams_per_key: int | None = 16                # open HTTP speech streams + WebSocket sessions of one
     #                                                     non-admin key (429 beyond); None: no limit (serve/quotas.py)
     max_voices_per_key: int | None = 100                # stored voices of one non-admin key (429 beyond); None: no limit
+    max_uploads_per_key: int | None = 2                 # voice uploads of one non-admin key in progress at once (429
+    #                                                     beyond: each holds a body or a fetched audio_url); None: none
     ingress_num_cpus: float = 0.25
     ingress_replicas: int = 1
 
@@ -173,7 +175,7 @@ class ServiceConfig:
                self.body_timeout_s) <= 0 or self.ws_max_messages < 1 or self.ws_message_burst < 1:
             raise ValueError("ws_idle_timeout_s, session_deadline_s, session_lease_s, ws_max_messages, "
                              "ws_max_messages_per_s, ws_message_burst and body_timeout_s must be positive")
-        for name in ("max_streams_per_key", "max_voices_per_key"):
+        for name in ("max_streams_per_key", "max_voices_per_key", "max_uploads_per_key"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or null, got {v!r}")

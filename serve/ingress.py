@@ -43,7 +43,7 @@ from .fetch import AllowList, FetchRefused, fetch_allowed
 from .jsonlimits import JsonLimits, JsonRejected, loads_bounded
 from .liveness import this_actor
 from .metrics import ClientStreams, count_http_error, http_errors, merge_stats, prometheus_text
-from .quotas import Place, StreamQuota
+from .quotas import Place, StreamQuota, UploadQuota
 from .requests import CALLER
 from .routing import detached, route_key
 from .schemas import (
@@ -91,7 +91,7 @@ _ERROR_DOCS = {
     400: "bad request: the message and `param` name the field", 401: "missing or invalid API key",
     404: "not found (`param` names what)", 408: "the request body did not arrive within body_timeout_s",
     413: "the body or the audio is larger than its limit", 415: "a content type this route does not take",
-    429: "this API key holds its share (open streams, stored voices); see Retry-After",
+    429: "this API key holds its share (open streams, stored voices, uploads in progress); see Retry-After",
     500: "internal error", 502: "the model replica (or the audio_url server) failed; retry",
     503: "the service is busy; retry after Retry-After seconds",
     504: "the synthesis did not finish within session_deadline_s"}
@@ -199,6 +199,7 @@ class Ingress:
         self.client_streams = ClientStreams()               # open client streams (HTTP + WebSocket) of this ingress
         self.quota = StreamQuota(self.cfg.max_streams_per_key, self.client_streams, self.cfg.retry_after_s)
         self._voice_creates: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)   # per key (bounded by keys)
+        self.uploads = UploadQuota(self.cfg.max_uploads_per_key, self.cfg.retry_after_s)
         ctx = serve.get_replica_context()
         self.app_name = ctx.app_name
         self.ingress_id = getattr(getattr(ctx, "replica_id", None), "unique_id", "")   # the `ingress` label
@@ -339,50 +340,71 @@ class Ingress:
               responses=_answers(400, 401, 408, 413, 415, 429, 500, 502, 503))
     async def create_voice(self, request: Request) -> JSONResponse:
         caller = self._auth(request.headers)
-        ctype = request.headers.get("content-type", "")
-        audio, is_json = None, ctype.startswith("application/json")
-        if is_json:
-            # base64 makes the audio 4/3 larger; the JSON bounds (depth, numbers) hold as for every body
-            fields = await self._json(request, self.cfg.max_upload_bytes * 2)
-            if not isinstance(fields, dict):
-                raise ApiError(400, "body: expected a JSON object", "body")
-        elif ctype.startswith((MULTIPART, URLENCODED)):  # bounded while it streams (uploads.py)
-            audio, fields = await read_form(request, self.cfg.max_upload_bytes, self.cfg.body_timeout_s)
-        else:
-            raise ApiError(415, "content-type: send multipart/form-data (file, ref_text, name) or JSON with "
-                           "audio_base64", "content-type")
+        with self.uploads.hold(caller):   # 429 when this key has max_uploads_per_key in progress; freed on any exit
+            return await self._create_voice(request, caller)
+
+    async def _create_voice(self, request: Request, caller: Caller) -> JSONResponse:
+        """The cheap checks come before the costly work: the key's voice count before the body is read, the texts
+        and the model before `audio_base64` is decoded or `audio_url` fetched (a refused upload fetches nothing)."""
+        limit = None if caller.admin else self.cfg.max_voices_per_key
+        await self._check_voice_count(caller, limit)     # early: again under the key's lock below, authoritatively
+        audio, fields, is_json = await self._voice_body(request)
         try:
             up = VoiceUpload.model_validate(fields, strict=is_json)
         except ValidationError as e:
             raise from_validation_error(e) from None
         audio_field = "file" if audio is not None else "audio_base64" if up.audio_base64 is not None else "audio_url"
-        if audio is None:
-            audio = await self._audio_from_fields(up)
         try:
             for field, value in (("name", up.name), ("ref_text", up.ref_text)):
                 if value is not None:
                     check_text(value, field, allow_blank=True)
         except RequestError as e:
             raise from_request_error(e) from None
-        base_models = [m.name for m in self.cfg.models
-                       if (await self._model_info(m.name, self.replicas[m.name])).get("type") == "base"]
-        model = up.model or (base_models[0] if base_models else "")
-        if model not in base_models:
-            raise ApiError(400, f"model: {shown(model)} cannot encode voices; Base models: {base_models}", "model")
+        model = await self._voice_model(up.model)
+        if audio is None:
+            audio = await self._audio_from_fields(up)
         ref_text = (up.ref_text or "").strip() or None
-        limit = None if caller.admin else self.cfg.max_voices_per_key
         async with self._voice_creates[caller.owner] if limit is not None else contextlib.nullcontext():
-            if limit is not None:   # one create of a key at a time here, so concurrent uploads cannot pass it
-                have = len(await asyncio.to_thread(self.voices.list, caller.owner))
-                if have >= limit:
-                    raise ApiError(429, f"name: this API key stores {have} voices, at most {limit}; delete one "
-                                        "first (DELETE /v1/audio/voices/{voice_id})", "name")
+            await self._check_voice_count(caller, limit)   # one create of a key at a time: a burst cannot pass it
             try:
                 info = await self.replicas[model].create_voice.remote(audio, ref_text, up.x_vector_only, up.name,
                                                                       caller.owner)
             except RequestError as e:  # from the core (audio header limits, decoding, ref_text) or the store (name)
                 raise from_request_error(getattr(e, "cause", e), audio_field) from None
         return JSONResponse({**info, "builtin": False}, status_code=201)
+
+    async def _voice_body(self, request: Request) -> tuple[bytes | None, dict, bool]:
+        """(the multipart `file` or None, the fields, whether the body was JSON); bounded as every body is."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("application/json"):
+            # base64 makes the audio 4/3 larger; the JSON bounds (depth, numbers) hold as for every body
+            fields = await self._json(request, self.cfg.max_upload_bytes * 2)
+            if not isinstance(fields, dict):
+                raise ApiError(400, "body: expected a JSON object", "body")
+            return None, fields, True
+        if ctype.startswith((MULTIPART, URLENCODED)):  # bounded while it streams (uploads.py)
+            audio, fields = await read_form(request, self.cfg.max_upload_bytes, self.cfg.body_timeout_s)
+            return audio, fields, False
+        raise ApiError(415, "content-type: send multipart/form-data (file, ref_text, name) or JSON with "
+                       "audio_base64", "content-type")
+
+    async def _voice_model(self, model: str | None) -> str:
+        """The Base model that will encode the voice (the first served when `model` is None); 400 naming `model`."""
+        base_models = [m.name for m in self.cfg.models
+                       if (await self._model_info(m.name, self.replicas[m.name])).get("type") == "base"]
+        model = model or (base_models[0] if base_models else "")
+        if model not in base_models:
+            raise ApiError(400, f"model: {shown(model)} cannot encode voices; Base models: {base_models}", "model")
+        return model
+
+    async def _check_voice_count(self, caller: Caller, limit: int | None) -> None:
+        """429 naming `name` when the key stores `limit` voices already (None: not limited)."""
+        if limit is None:
+            return
+        have = len(await asyncio.to_thread(self.voices.list, caller.owner))
+        if have >= limit:
+            raise ApiError(429, f"name: this API key stores {have} voices, at most {limit}; delete one "
+                                "first (DELETE /v1/audio/voices/{voice_id})", "name")
 
     async def _audio_from_fields(self, up: VoiceUpload) -> bytes:
         if up.audio_base64 is not None:

@@ -1,4 +1,5 @@
-"""Fair shares between API keys at the ingress: how many client streams one key may hold at once.
+"""Fair shares between API keys at the ingress: how many client streams (`StreamQuota`) and voice uploads
+(`UploadQuota`) one key may hold at once.
 
     quota = StreamQuota(cfg.max_streams_per_key, client_streams, retry_after_s=1)
     place = quota.take(caller)      # ApiError 429 when this key already holds its share; before any replica work
@@ -16,7 +17,9 @@ address, so a per-address limit would be one limit for everybody).
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 
 from .auth import Caller
 from .metrics import ClientStreams
@@ -70,4 +73,35 @@ class StreamQuota:
             del self.held[who]
 
 
-__all__ = ["Place", "StreamQuota"]
+class UploadQuota:
+    """Voice uploads of one key in progress at once (`max_uploads_per_key`). Each holds up to a form body's bound in
+    memory or a fetched `audio_url`, and the ingress takes many requests at once, so without this one key could hold
+    hundreds of uploads (and their fetches) together. Counted like `StreamQuota`: non-admin keys only.
+
+        with uploads.hold(caller):      # ApiError 429 when this key has `limit` uploads in progress
+            ...                         # read the body, fetch, create; the place is given back on ANY exit
+    """
+
+    def __init__(self, limit: int | None, retry_after_s: int = 1) -> None:
+        self.limit, self.retry_after_s = limit, retry_after_s
+        self.held: Counter[str] = Counter()          # key digest -> uploads in progress
+
+    @contextlib.contextmanager
+    def hold(self, caller: Caller) -> Iterator[None]:
+        who = None if caller.admin or self.limit is None else caller.owner
+        if who is not None:
+            if self.held[who] >= self.limit:
+                raise ApiError(429, f"too many voice uploads in progress for this API key: at most {self.limit} at "
+                                    "once; send the next when one has been answered", None,
+                               headers={"Retry-After": str(self.retry_after_s)})
+            self.held[who] += 1
+        try:
+            yield
+        finally:   # success, an error, or the client gone (the handler cancelled)
+            if who is not None:
+                self.held[who] -= 1
+                if self.held[who] <= 0:
+                    del self.held[who]
+
+
+__all__ = ["Place", "StreamQuota", "UploadQuota"]

@@ -128,7 +128,7 @@ def test_without_keys_nobody_is_limited(monkeypatch):
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "4"])
-@pytest.mark.parametrize("key", ["max_streams_per_key", "max_voices_per_key"])
+@pytest.mark.parametrize("key", ["max_streams_per_key", "max_voices_per_key", "max_uploads_per_key"])
 def test_per_key_limits_are_checked(key, value):
     from serve.config import ServiceConfig
 
