@@ -7,7 +7,9 @@
 
 (point Asterisk's astdatadir, or copy the folder's `sounds/`, at the codec you want). Every file comes from the
 prompt's telephony master at 16 kHz, is set to -19 dBm0 for its own codec and measured again after encoding; a file
-off by more than 1 dB flags its prompt (`layout:<codec>:speech_level`).
+off by more than 1 dB flags its prompt (`layout:<codec>:speech_level`). `asterisk/index.json` records, per file
+name, the master the files were made from and each file's measured level: a later run that keeps the files (same
+master) flags the prompt again from those levels, so a flag is never lost because nothing was re-encoded.
 
 Prompt ids become file names: accents are dropped, whitespace becomes "-", "/" makes subfolders (`digits/1`);
 anything else (quotes, "*", "?", ":", non-Latin letters, "." or ".." as a folder) cannot be a portable file name and
@@ -23,6 +25,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +39,9 @@ log = logging.getLogger(__name__)
 LAYOUTS = ("none", "asterisk")
 ASTERISK_CODECS = ("ulaw", "alaw", "sln16", "g722")
 ROOT = "asterisk"
-INDEX_KEY = f"{ROOT}/index.json"  # name -> content key of the master each package file was made from
+# <lang>/<name> -> {"master": content key of the master the package files were made from,
+#                   "dbm0": {codec: the file's measured active speech level, or None}}
+INDEX_KEY = f"{ROOT}/index.json"
 LANG_CODES = {"english": "en", "chinese": "zh", "japanese": "ja", "korean": "ko", "german": "de", "french": "fr",
               "russian": "ru", "portuguese": "pt", "spanish": "es", "italian": "it", "sichuan_dialect": "zh",
               "beijing_dialect": "zh", "auto": "en"}
@@ -126,16 +131,31 @@ def _package_files(pcm: np.ndarray, sr: int) -> dict[str, tuple[bytes, float | N
     return out
 
 
+def _level_flags(dbm0: dict[str, float | None]) -> list[str]:
+    """`layout:<codec>:speech_level` for each package file whose measured level is off the telephony target."""
+    target, tol = mastering.TELEPHONY["level_target_dbm0"], mastering.TELEPHONY["level_tolerance"]
+    return [f"layout:{c}:speech_level" for c in ASTERISK_CODECS
+            if c in dbm0 and (dbm0[c] is None or abs(dbm0[c] - target) > tol)]
+
+
+def _kept_levels(entry: object, master: str) -> dict[str, float | None] | None:
+    """The stored levels of package files made from `master`, or None when the files must be written again: made
+    from another master, or an index entry from before levels were stored (a bare key: levels unknown)."""
+    if not isinstance(entry, dict) or entry.get("master") != master or not isinstance(entry.get("dbm0"), dict):
+        return None
+    return entry["dbm0"]
+
+
 def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: Sink) -> dict[str, int]:
     """Write (or keep) the package files of every written prompt; records get `layout` keys and flags.
 
-    A prompt whose files exist and were made from its current master is left alone. Returns counts.
+    A prompt whose files exist and were made from its current master is left alone, and flagged from the levels
+    the index holds for them. Returns counts.
     """
     by_id = {r.id: r for r in rows}
     raw = sink.get(INDEX_KEY)
-    index: dict[str, str] = json.loads(raw) if raw else {}
+    index: dict[str, Any] = json.loads(raw) if raw else {}
     counts = {"written": 0, "kept": 0}
-    target, tol = mastering.TELEPHONY["level_target_dbm0"], mastering.TELEPHONY["level_tolerance"]
     for rec in records:
         row = by_id.get(rec.id)
         if row is None or rec.status not in ("ok", "suspect") or not rec.key:
@@ -144,29 +164,35 @@ def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: S
         keys = [package_key(c, lang, name) for c in ASTERISK_CODECS]
         ident = f"{lang}/{name}"
         rec.layout = keys
-        if index.get(ident) == rec.key and all(sink.size(k) for k in keys):
+        kept = _kept_levels(index.get(ident), rec.key)
+        if kept is not None and all(sink.size(k) for k in keys):
+            _flag(rec, _level_flags(kept))
             counts["kept"] += 1
             continue
         data = sink.get(rec.key)
         if data is None:
-            rec.flags = [*rec.flags, "layout:missing_master"]
-            rec.status = "suspect"
+            _flag(rec, ["layout:missing_master"])
             continue
         pcm, sr = codecs.decode(data)
+        dbm0: dict[str, float | None] = {}
         try:
             for codec, (blob, level) in _package_files(pcm, sr).items():
                 sink.put(package_key(codec, lang, name), blob, codecs.get(codec).media_type)
-                if level is None or abs(level - target) > tol:
-                    rec.flags = [*rec.flags, f"layout:{codec}:speech_level"]
-                    rec.status = "suspect"
+                dbm0[codec] = level
         except StorageError as e:
-            rec.flags = [*rec.flags, "layout:storage"]
-            rec.status, rec.error = "suspect", f"layout: {e}"
+            _flag(rec, [*_level_flags(dbm0), "layout:storage"])
+            rec.error = f"layout: {e}"
             continue
-        index[ident] = rec.key
+        _flag(rec, _level_flags(dbm0))
+        index[ident] = {"master": rec.key, "dbm0": dbm0}
         counts["written"] += 1
     sink.put(INDEX_KEY, json.dumps(index, sort_keys=True, indent=1).encode(), "application/json")
     return counts
+
+
+def _flag(rec: ManifestRecord, flags: list[str]) -> None:
+    if flags:
+        rec.flags, rec.status = [*rec.flags, *flags], "suspect"
 
 
 def _ident(path: str) -> str:
@@ -180,7 +206,7 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
     run). A file a current prompt also lists is never deleted: ids map to file names lossily ("main menu" and
     "main-menu" are both main-menu)."""
     raw = sink.get(INDEX_KEY)
-    index: dict[str, str] = json.loads(raw) if raw else {}
+    index: dict[str, Any] = json.loads(raw) if raw else {}
     live = {k for r in records if r.status in ("ok", "suspect") for k in r.layout or []}
     live_idents = {_ident(k) for k in live}
     failed = 0

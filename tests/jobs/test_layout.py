@@ -74,6 +74,37 @@ def test_asterisk_layout(tmp_path, capsys):
     assert (out / "asterisk/ulaw/sounds/en/welcome.ulaw").exists()
 
 
+def test_a_level_flag_survives_runs_that_keep_the_package_files(tmp_path, capsys, monkeypatch):
+    """Package files that failed their level check flagged the prompt only on the run that wrote them: the next
+    run kept the files and reported it ok. The index now holds each file's measured level; kept files are flagged
+    from it. An index entry from before (a bare master key: levels unknown) has its files written again."""
+    from jobs import mastering
+
+    # stand-in for a prompt whose package level lands off target: a tolerance the noise cannot meet
+    monkeypatch.setitem(mastering.TELEPHONY, "level_tolerance", 0.001)
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    cat.write_text("defaults: {voice: ryan, language: english}\nprompts:\n"
+                   "  - {id: welcome, text: Welcome to the company line please listen closely.}\n")
+
+    def run():
+        assert catalog.main([str(cat), "--out", str(out), *NOISE, "--layout", "asterisk"]) == 0
+        layout = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layout"]
+        return layout, from_parquet((out / "catalog-manifest.parquet").read_bytes())[0]
+
+    layout, first = run()
+    assert layout["written"] == 1 and first.status == "suspect"
+    assert "layout:ulaw:speech_level" in first.flags
+    layout, second = run()
+    assert layout["kept"] == 1 and (second.status, second.flags) == (first.status, first.flags)
+    index = json.loads((out / "asterisk/index.json").read_text())
+    assert index["en/welcome"]["master"] == first.key and set(index["en/welcome"]["dbm0"]) == {
+        "ulaw", "alaw", "sln16", "g722"}
+    (out / "asterisk/index.json").write_text(json.dumps({"en/welcome": first.key}))  # the old index format
+    layout, third = run()
+    assert layout["written"] == 1 and (third.status, third.flags) == (first.status, first.flags)
+    assert json.loads((out / "asterisk/index.json").read_text()) == index
+
+
 @pytest.mark.parametrize("args,message", [(["--layout", "pbx"], "invalid choice: 'pbx'"),
                                           (["--layout", "asterisk", "--master", "acx"], "needs the telephony preset"),
                                           (["--layout", "asterisk", "--master", "telephony", "--codec", "ulaw"],
