@@ -9,6 +9,10 @@ Three tasks share the socket:
 * writer: the replica's audio -> binary messages; `done` (finish_reason, num_frames) and close 1000 when the
   synthesis finished; `{"type": "error", "error": {...}}` and close 1011 (1008 when the client is at fault, 1013
   when the model is busy) when it failed or the replica died.
+
+The session's last word is said once, by `run`, after the writer has stopped (`_stop_writer`): an `error` is the
+last message before the close (no audio or `done` after it), and `done` is final: an error found after `done` was
+sent (a bad message the client sent meanwhile) is not sent, the session ended well and closes 1000.
 """
 
 from __future__ import annotations
@@ -101,6 +105,9 @@ class WSSession:
         self.ws, self.receive, self.handle, self.stream = ws, receive, handle, stream
         self.encoder, self.limiter, self.start, self.count_error = encoder, limiter, start, count_error
         self.queue: asyncio.Queue = asyncio.Queue(QUEUE_MESSAGES)
+        self._sending = asyncio.Lock()   # the writer's sends; `_stop_writer` takes it so no send is cut in half
+        self.closing = False             # set by `_stop_writer`: the writer sends nothing more
+        self.done_sent = False           # `done` reached the socket: the session ended well, whatever comes next
 
     async def run(self) -> None:
         tasks: set[asyncio.Task] = set()
@@ -117,14 +124,12 @@ class WSSession:
                     err = self._result(writer)
                     if err is DISCONNECT:
                         return
-                    if err is not None:
-                        return await send_error(self.ws, err, self.count_error)
-                    return await self._close(1000)
+                    return await self._end(writer, err)
                 if reader in done:
                     err = self._result(reader)
                     if err is DISCONNECT or err is None:
                         return   # the client left: the session is cancelled below
-                    return await send_error(self.ws, err, self.count_error)
+                    return await self._end(writer, err)
                 if forwarder in done:
                     err = self._result(forwarder)
                     if err is None:
@@ -140,16 +145,40 @@ class WSSession:
                             werr = self._result(writer)
                             if werr is DISCONNECT:
                                 return
-                            if werr is None:
-                                return await self._close(1000)   # `done` was sent: a normal end
-                            err = werr
-                    return await send_error(self.ws, err, self.count_error)
+                            err = werr   # None: `done` was sent, a normal end
+                    return await self._end(writer, err)
         except WebSocketDisconnect:
             return
         finally:
             for t in tasks:
                 t.cancel()
             self.stream.close()
+
+    async def _end(self, writer: asyncio.Task, err: ApiError | None) -> None:
+        """The session's last word, once the writer has stopped: close 1000 when `done` was sent (an error found
+        after it is not sent: `done` is final), else `err` and its close."""
+        await self._stop_writer(writer)
+        if self.done_sent or err is None:
+            return await self._close(1000)
+        await send_error(self.ws, err, self.count_error)
+
+    async def _stop_writer(self, writer: asyncio.Task) -> None:
+        """No writer message after this returns: a send in progress finishes (it holds `_sending`), then the writer
+        is cancelled and awaited. Without it an error was sent while the writer still ran, and audio or `done`
+        reached the client after the `error`."""
+        async with self._sending:
+            self.closing = True
+        writer.cancel()
+        await asyncio.wait({writer})
+
+    async def _send(self, send: Callable[[Any], Awaitable[None]], data: Any, done: bool = False) -> None:
+        """One writer message, unless the session is closing (then nothing); `done`: it is the `done` message, so
+        the session ended well once it is sent (recorded under the lock, before `_stop_writer` can look)."""
+        async with self._sending:
+            if self.closing:
+                return
+            await send(data)
+            self.done_sent = done
 
     @staticmethod
     def _result(task: asyncio.Task) -> Any:
@@ -228,14 +257,15 @@ class WSSession:
             if item["type"] == "audio":
                 data = self.encoder.push(item["pcm"])
                 if data:
-                    await self.ws.send_bytes(data)
+                    await self._send(self.ws.send_bytes, data)
             elif item["type"] == "end":
                 err = end_error(item)
                 if err is not None:
                     return err
                 tail = self.encoder.finish()
                 if tail:
-                    await self.ws.send_bytes(tail)
-                await self.ws.send_json({"type": "done", "finish_reason": item["finish_reason"],
-                                         "num_frames": item["num_frames"], "time_to_first_audio_s": item["ttfa_s"]})
+                    await self._send(self.ws.send_bytes, tail)
+                await self._send(self.ws.send_json, {
+                    "type": "done", "finish_reason": item["finish_reason"], "num_frames": item["num_frames"],
+                    "time_to_first_audio_s": item["ttfa_s"]}, done=True)
                 return None

@@ -156,3 +156,94 @@ def test_errors_name_the_websockets_text_field_not_input(path):
     err = [m for m in ws.sent if isinstance(m, dict)][-1]["error"]
     assert err["param"] == "text" and err["message"].startswith("text: incremental text is not available"), err
     assert ws.close_code == 1008
+
+
+# ---- the last word: nothing after `error`, nothing but the close after `done` ---------------------------------------
+
+class YieldingSocket(FakeSocket):
+    """Each send yields to the loop once, as a real transport's write does; once `bad_when(sent)` holds after a
+    send, the client sends a message of an unknown type (a 400 that ends the session)."""
+
+    def __init__(self, bad_when) -> None:
+        super().__init__([])
+        self.bad_when = bad_when
+        self.bad = asyncio.Event()
+
+    async def receive(self) -> dict:
+        if not self.bad.is_set():
+            await self.bad.wait()
+            return {"type": "bogus"}
+        await asyncio.sleep(3600)
+        raise WebSocketDisconnect(1000)
+
+    async def _sent(self) -> None:
+        if self.bad_when(self.sent):
+            self.bad.set()
+        await asyncio.sleep(0)
+
+    async def send_bytes(self, data: bytes) -> None:
+        await super().send_bytes(data)
+        await self._sent()
+
+    async def send_json(self, obj) -> None:
+        await super().send_json(obj)
+        await self._sent()
+
+
+class AudioStream(FakeStream):
+    """`frames` audio items (None: forever), already waiting (no item waits for the loop), then the end item."""
+
+    def __init__(self, frames: int | None) -> None:
+        super().__init__(None, DONE)
+        self.frames = frames
+
+    async def next(self) -> dict:
+        if self.frames is None or self.frames > 0:
+            if self.frames:
+                self.frames -= 1
+            return {"type": "audio", "pcm": b"\x01\x00" * 4}
+        if self.frames == 0:
+            self.frames = -1
+            return self.end
+        await asyncio.sleep(3600)      # nothing comes after the end
+        raise AssertionError("unreachable")
+
+
+def _kinds_of(sent: list) -> list[str]:
+    return ["bin" if isinstance(m, bytes) else m["type"] for m in sent]
+
+
+def _kinds(ws: FakeSocket) -> list[str]:
+    return _kinds_of(ws.sent)
+
+
+def _session(ws: YieldingSocket, stream: AudioStream) -> None:
+    session = WSSession(ws, ws.receive, EndedHandle(), stream, Passthrough(), MessageLimiter(100, 100, 100),
+                        {"type": "ready"})
+    asyncio.run(asyncio.wait_for(session.run(), 20))
+
+
+def test_error_is_the_last_message_before_the_close():
+    """Review finding: the error was sent while the writer still ran, so audio reached the client after `error`
+    (start, 6 audio, error, audio, close 1008). The writer is stopped first now."""
+    ws, stream = YieldingSocket(lambda sent: len(sent) == 6), AudioStream(None)
+    _session(ws, stream)
+    kinds = _kinds(ws)
+    assert kinds[-1] == "error" and kinds.count("error") == 1, kinds
+    assert ws.sent[-1]["error"]["param"] == "type" and ws.close_code == 1008 and stream.closed
+
+
+@pytest.mark.parametrize("bad_after", [3, 4, 5, "done"])
+def test_one_last_word_done_or_error_never_both(bad_after):
+    """Review finding: a bad client message read while the session finished gave `done`, then `error`, then close
+    1008. The client now hears exactly one of them, last: `error` (close 1008) when the error came first, `done`
+    (close 1000) when it had been sent already (an error found after `done` is not sent: `done` is final)."""
+    def bad_when(sent):
+        kinds = _kinds_of(sent)
+        return kinds[-1] == "done" if bad_after == "done" else kinds.count("bin") == bad_after
+    ws, stream = YieldingSocket(bad_when), AudioStream(5)
+    _session(ws, stream)
+    kinds = _kinds(ws)
+    last = [k for k in kinds if k in ("done", "error")]
+    assert len(last) == 1 and kinds[-1] == last[0], kinds
+    assert ws.close_code == (1000 if last == ["done"] else 1008) and stream.closed
