@@ -131,13 +131,24 @@ LIVE = ("ok", "suspect")
 
 
 def live_keys(records: list[ManifestRecord]) -> set[str]:
-    """Every object a written prompt uses: its audio, sidecar and captions. Keys are stem-hash(content) and the stem
-    is lossy ("main menu" and "main_menu"), so a retired or superseded record may share a key with a live one."""
+    """Every object a current prompt uses: a written prompt's audio, sidecar and captions, and the last written
+    version a failed prompt still holds (`previous_keys`). Keys are stem-hash(content) and the stem is lossy ("main
+    menu" and "main_menu"), so a retired or superseded record may share a key with a live one."""
     keys: set[str] = set()
     for r in records:
-        if r.status in LIVE and r.key:
-            keys.update((r.key, sidecar_key(r.key), *caption_keys(r.key)))
+        used = [r.key] if r.status in LIVE and r.key else r.previous_keys if r.status != "retired" else []
+        for k in used:
+            keys.update((k, sidecar_key(k), *caption_keys(k)))
     return keys
+
+
+def _carry(rec: ManifestRecord, old: ManifestRecord) -> None:
+    """A prompt whose render failed keeps what its earlier records left in storage: the last written object (and
+    older ones not yet deleted) and its --layout package files, which stay in place. Carried on its record, they
+    are deleted when the prompt is written again (superseded) or retired; dropped here, they were never deleted."""
+    older = [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != rec.key]
+    rec.previous_keys = list(dict.fromkeys([*rec.previous_keys, *older]))
+    rec.layout = rec.layout or list(old.layout)
 
 
 def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sink: Sink, retire: str,
@@ -145,26 +156,33 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sin
     """Classify against the previous run, retire prompts that left the catalog, prune superseded objects.
 
     Never deletes an object a current prompt uses. A delete the storage refuses keeps its record `retired` with
-    error "retired: delete failed: ..." (counted in `delete_failed`); `--retire delete` tries it again next run."""
+    error "retired: delete failed: ..." (counted in `delete_failed`); `--retire delete` tries it again next run. A
+    prompt whose render failed carries what its earlier versions left (`_carry`), so nothing is orphaned: a
+    superseded version is deleted once the prompt is written again, all of it once the prompt is retired."""
     if retire not in RETIRE_MODES:
         raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {retire!r}")
     prev = {r.id: r for r in previous}
     ids = {r.id for r in current}
+    for r in current:
+        old = prev.get(r.id)
+        if old is not None and old.status != "retired" and r.status not in LIVE:
+            _carry(r, old)
     live = live_keys(current)
     counts = {"new": 0, "changed": 0, "unchanged": 0, "retired": 0, "delete_failed": 0}
     for r in current:
         old = prev.get(r.id)
         if old is None or old.status == "retired":
             counts["new"] += 1
-        elif old.key == r.key and r.reused:
-            counts["unchanged"] += 1
-        else:
-            counts["changed"] += 1
-            if retire == "delete" and old.key and old.key != r.key and r.status in LIVE:
-                err = _delete(sink, old.key, live)
-                if err:
-                    counts["delete_failed"] += 1
-                    log.warning("could not delete %s, the superseded version of %r: %s", old.key, r.id, err)
+            continue
+        counts["unchanged" if old.key == r.key and r.reused else "changed"] += 1
+        if r.status not in LIVE or retire != "delete":  # --retire mark keeps superseded versions
+            continue
+        for key in [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != r.key]:
+            err = _delete(sink, key, live)
+            if err:
+                r.previous_keys = [*r.previous_keys, key]  # tried again by the next --retire delete run
+                log.warning("could not delete %s, a superseded version of %r: %s", key, r.id, err)
+        counts["delete_failed"] += bool(r.previous_keys)
     out = list(current)
     for old in previous:
         if old.id in ids:
@@ -172,7 +190,8 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sin
         if old.status == "retired":
             if retire == "mark":
                 out.append(old)
-            elif old.error not in (DELETED, KEPT) or old.layout:  # a delete that failed (or a prompt retired by mark): again
+            elif old.error not in (DELETED, KEPT) or old.layout or old.previous_keys:
+                # a delete that failed (or a prompt retired by mark): again
                 counts["delete_failed"] += _retire_delete(sink, old, live)
                 out.append(old)
             continue
@@ -185,10 +204,17 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sin
 
 
 def _retire_delete(sink: Sink, rec: ManifestRecord, live: set[str]) -> int:
-    """Delete a retired prompt's objects (not its package files: layout.remove_packages); 1 when that failed."""
-    err = _delete(sink, rec.key, live) if rec.key else None
-    rec.error = f"retired: delete failed: {err}" if err else KEPT if rec.key in live else DELETED
-    return 1 if err else 0
+    """Delete a retired prompt's objects, its own and the earlier versions it still holds (`previous_keys`; not its
+    package files: layout.remove_packages); 1 when that failed (what is left stays listed, to try again)."""
+    errors, left = [], []
+    for key in dict.fromkeys(k for k in (rec.key, *rec.previous_keys) if k):
+        err = _delete(sink, key, live)
+        if err:
+            errors.append(err)
+            left += [key] if key != rec.key else []
+    rec.previous_keys = left
+    rec.error = f"retired: delete failed: {errors[0]}" if errors else KEPT if rec.key in live else DELETED
+    return 1 if errors else 0
 
 
 def _delete(sink: Sink, key: str, live: set[str]) -> str | None:

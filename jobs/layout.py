@@ -204,10 +204,11 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
     """Delete the package files of retired prompts (catalog --retire delete); returns how many prompts still have
     files that could not be deleted (kept in their `layout`, error "retired: delete failed: ...", tried again next
     run). A file a current prompt also lists is never deleted: ids map to file names lossily ("main menu" and
-    "main-menu" are both main-menu)."""
+    "main-menu" are both main-menu), and a current prompt whose render failed still lists (and uses) the files of
+    its last written version (catalog._carry)."""
     raw = sink.get(INDEX_KEY)
     index: dict[str, Any] = json.loads(raw) if raw else {}
-    live = {k for r in records if r.status in ("ok", "suspect") for k in r.layout or []}
+    live = {k for r in records if r.status != "retired" for k in r.layout or []}
     live_idents = {_ident(k) for k in live}
     failed = 0
     for rec in records:

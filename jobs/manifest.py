@@ -58,6 +58,10 @@ class ManifestRecord:
     lexicon: list[str] = field(default_factory=list)   # lexicon entries that fired
     captions: list[str] = field(default_factory=list)  # keys of the .srt and .vtt
     layout: list[str] = field(default_factory=list)    # catalog --layout package files
+    # catalog: objects of earlier versions of this prompt still in storage: the last written one while its latest
+    # render fails (what the PBX and its package files still use), or one whose delete failed. `--retire delete`
+    # removes them once the prompt is written again or leaves the catalog.
+    previous_keys: list[str] = field(default_factory=list)
     retries: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,7 +126,8 @@ def _schema():
         ("noise_floor_db", pa.float64()), ("lufs", pa.float64()), ("true_peak_dbtp", pa.float64()),
         ("speech_level_dbm0", pa.float64()), ("head_s", pa.float64()), ("tail_s", pa.float64()),
         ("speed", pa.float64()), ("lexicon", pa.list_(pa.string())), ("captions", pa.list_(pa.string())),
-        ("layout", pa.list_(pa.string())), ("retries", pa.list_(pa.string())),
+        ("layout", pa.list_(pa.string())), ("previous_keys", pa.list_(pa.string())),
+        ("retries", pa.list_(pa.string())),
     ])
 
 

@@ -58,6 +58,54 @@ def test_a_layout_rename_to_the_same_file_name_keeps_the_new_package(tmp_path, c
     assert man["main menu"].status == "retired" and man["main menu"].layout == []
 
 
+def test_a_prompt_retired_after_a_failed_render_loses_its_package_files_and_master(tmp_path, capsys):
+    """The failed record replaced the written one with layout=[] and the key of the render that failed, so a later
+    --retire delete left the package files, the index entry and the last written master in place for good."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    welcome = {"id": "welcome", "text": "Welcome to the company line."}
+    _write(cat, [welcome, {"id": "promo", "text": "Our promotion ends on Friday."}], language="english")
+    assert _run(cat, out, capsys, "--layout", "asterisk")[0] == 0
+    first = _manifest(out)["promo"]
+    _write(cat, [welcome, {"id": "promo", "text": "Our promotion ends FOREVER."}], language="english")  # fails
+    assert _run(cat, out, capsys, "--layout", "asterisk")[0] == 1
+    failed = _manifest(out)["promo"]
+    assert failed.status == "failed" and failed.layout == first.layout and failed.previous_keys == [first.key]
+    assert (out / first.key).exists() and all((out / k).exists() for k in first.layout)  # still what plays
+    _write(cat, [welcome], language="english")
+    code, s = _run(cat, out, capsys, "--layout", "asterisk")
+    assert code == 0 and s["retired"] == 1
+    assert sorted(p.name for p in out.rglob("*promo*")) == []
+    assert set(json.loads((out / "asterisk/index.json").read_text())) == {"en/welcome"}
+    assert _manifest(out)["promo"].error == catalog.DELETED
+
+
+def test_the_version_a_failed_render_kept_is_deleted_once_the_prompt_is_written_again(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A changed prompt whose re-render failed kept its last written object; once it rendered again the old
+    object was no longer in any record and --retire delete never removed it. A refused delete is tried again."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "hours", "text": "We open at nine."}])
+    assert _run(cat, out, capsys)[0] == 0
+    k1 = _manifest(out)["hours"].key
+    _write(cat, [{"id": "hours", "text": "We open at FOREVER."}])
+    assert _run(cat, out, capsys)[0] == 1 and (out / k1).exists()
+    _write(cat, [{"id": "hours", "text": "We open at ten."}])
+
+    def refuse(self, key):
+        raise StorageError(f"delete {key} failed after 1 attempt(s): AccessDenied")
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalSink, "delete", refuse)
+        code, s = _run(cat, out, capsys)
+    rec = _manifest(out)["hours"]
+    assert code == 1 and s["delete_failed"] == 1 and rec.status == "ok" and k1 in rec.previous_keys
+    code, s = _run(cat, out, capsys)
+    rec = _manifest(out)["hours"]
+    assert code == 0 and rec.reused and rec.previous_keys == [] and not (out / k1).exists()
+    assert sorted(p.name for p in out.glob("prompts/*")) == sorted([rec.key.split("/")[-1],
+                                                                    f"{rec.key.split('/')[-1]}.json"])
+
+
 def test_a_refused_delete_is_recorded_counted_and_retried(tmp_path, capsys, monkeypatch):
     cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
     _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."}])
