@@ -57,7 +57,7 @@ from .schemas import (
     from_validation_error,
 )
 from .streaming import Leases, ReplicaStream, StreamAborted, audio_body, sse_body
-from .uploads import MULTIPART, URLENCODED, body_timeout, read_form
+from .uploads import MULTIPART, URLENCODED, body_timeout, media_type, read_form
 from .voices import VoiceStore
 from .ws_session import MessageLimiter, WSSession, send_error
 
@@ -375,14 +375,14 @@ class Ingress:
 
     async def _voice_body(self, request: Request) -> tuple[bytes | None, dict, bool]:
         """(the multipart `file` or None, the fields, whether the body was JSON); bounded as every body is."""
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("application/json"):
+        ctype = media_type(request.headers)
+        if ctype == "application/json":
             # base64 makes the audio 4/3 larger; the JSON bounds (depth, numbers) hold as for every body
             fields = await self._json(request, self.cfg.max_upload_bytes * 2)
             if not isinstance(fields, dict):
                 raise ApiError(400, "body: expected a JSON object", "body")
             return None, fields, True
-        if ctype.startswith((MULTIPART, URLENCODED)):  # bounded while it streams (uploads.py)
+        if ctype in (MULTIPART, URLENCODED):  # bounded while it streams (uploads.py)
             audio, fields = await read_form(request, self.cfg.max_upload_bytes, self.cfg.body_timeout_s)
             return audio, fields, False
         raise ApiError(415, "content-type: send multipart/form-data (file, ref_text, name) or JSON with "

@@ -28,6 +28,12 @@ FORM_SLACK_BYTES = 64 * 1024      # field names, headers and boundaries around t
 MAX_FIELDS = 16
 
 
+def media_type(headers) -> str:
+    """The Content-Type's media type without its parameters, lower case: media types are case-insensitive
+    (RFC 9110 8.3.1), so `Multipart/Form-Data` is a form and `Application/JSON` is JSON."""
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
 def form_body_limit(max_upload_bytes: int) -> int:
     """Bytes a voice upload form may have: the audio as base64, percent-encoded, plus the other fields."""
     return 2 * max_upload_bytes + FORM_SLACK_BYTES
@@ -78,7 +84,7 @@ async def read_form(request: Request, max_upload_bytes: int,
         raise too_large(max_upload_bytes)
     async def parse() -> FormData:
         async with aclosing(request.stream()) as body, aclosing(bounded(body, max_upload_bytes)) as stream:
-            if request.headers.get("content-type", "").startswith(MULTIPART):
+            if media_type(request.headers) == MULTIPART:
                 parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=MAX_FIELDS,
                                          max_part_size=limit)
             else:
@@ -115,4 +121,4 @@ async def _split(form: FormData, max_upload_bytes: int) -> tuple[bytes | None, d
     return audio, fields
 
 
-__all__ = ["MULTIPART", "URLENCODED", "body_timeout", "form_body_limit", "read_form"]
+__all__ = ["MULTIPART", "URLENCODED", "body_timeout", "form_body_limit", "media_type", "read_form"]

@@ -133,3 +133,22 @@ def test_reference_audio_too_short_for_the_speaker_encoder_is_a_400_naming_the_u
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert err["param"] == param and err["message"].startswith(f"{param}: audio is 10 ms long"), err
+
+
+@pytest.mark.parametrize("ctype,body", [
+    ("Application/JSON", json.dumps({"name": "v", "x_vector_only": True,
+                                     "audio_base64": base64.b64encode(b"RIFF").decode()}).encode()),
+    ("APPLICATION/X-WWW-FORM-URLENCODED; Charset=UTF-8", b"name=v&x_vector_only=true&audio_base64=UklGRg%3D%3D"),
+    ("Multipart/Form-Data; Boundary=B", b'--B\r\nContent-Disposition: form-data; name="name"\r\n\r\nv\r\n--B\r\n'
+                                        b'Content-Disposition: form-data; name="x_vector_only"\r\n\r\ntrue\r\n--B\r\n'
+                                        b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+                                        b'Content-Type: audio/wav\r\n\r\nRIFF\r\n--B--\r\n'),
+], ids=["json", "urlencoded", "multipart"])
+def test_content_types_are_matched_without_regard_to_case(monkeypatch, tmp_path, ctype, body):
+    """Review finding: `Application/JSON` got a 415; media types are case-insensitive (RFC 9110 8.3.1)."""
+    rec = Recorder()
+    client, _ = ingress_app(monkeypatch, _config(tmp_path, 64 * KIB), {"base": rec})
+    with client:
+        r = client.post("/v1/audio/voices", content=body, headers={"content-type": ctype})
+    assert r.status_code == 201, r.text
+    assert rec.audio == [b"RIFF"]
