@@ -47,6 +47,11 @@ MAX_HEAD_DIM = 1024
 MAX_VOCAB = 1 << 22          # text vocab 151936, codec vocab 3072
 MAX_POSITIONS = 1 << 20      # max_position_embeddings (official: 32768 talker, 65536 code predictor)
 MAX_CODE_GROUPS = 64         # codebooks per frame (official: 16)
+# The talker's rotary table is built at load for every position: [max_position_embeddings, 2, head_dim] fp32 (plus a
+# few temporaries of its size). Official: 32768 * 128 = 2**22 (a 32 MiB table); at this bound 128 MiB. The code
+# predictor's table has num_code_groups + 1 rows, whatever its max_position_embeddings says.
+MAX_ROPE_TABLE = 1 << 24     # talker max_position_embeddings * head_dim
+MIN_ROPE_THETA = 1.0         # a smaller RoPE base makes the table non-finite (official: 1e6 talker, 1e4 codec)
 _MISSING = object()
 
 
@@ -67,6 +72,15 @@ def check_float(value: Any, name: str, lo: float = 0.0, hi: float = float("inf")
     if not lo < value <= hi:
         raise ValueError(f"{name} must be in ({lo}, {hi}], got {shown(value)}")
     return float(value)
+
+
+def check_rope_theta(value: Any, name: str) -> float:
+    """float(`value`) if it is a finite RoPE base >= MIN_ROPE_THETA; else a ValueError naming `name` (a tiny base
+    such as 1e-50 passes "positive and finite" but gives inverse frequencies of inf and a table of NaN)."""
+    theta = check_float(value, name, 0.0)
+    if theta < MIN_ROPE_THETA:
+        raise ValueError(f"{name} must be >= {MIN_ROPE_THETA:g} (the RoPE base), got {shown(value)}")
+    return theta
 
 
 def _get(d: dict[str, Any], key: str, where: str, default: Any = _MISSING) -> Any:
@@ -100,7 +114,7 @@ def _stack_kwargs(d: dict[str, Any], where: str) -> dict[str, Any]:
                                          MAX_HEADS),
         "head_dim": check_int(_get(d, "head_dim", where), f"{where}.head_dim", 2, MAX_HEAD_DIM),
         "rms_norm_eps": check_float(_get(d, "rms_norm_eps", where, 1e-6), f"{where}.rms_norm_eps", 0.0, 1.0),
-        "rope_theta": check_float(_get(d, "rope_theta", where, 1e6), f"{where}.rope_theta", 0.0),
+        "rope_theta": check_rope_theta(_get(d, "rope_theta", where, 1e6), f"{where}.rope_theta"),
         "max_position_embeddings": check_int(_get(d, "max_position_embeddings", where, 32768),
                                              f"{where}.max_position_embeddings", 1, MAX_POSITIONS),
     }
@@ -252,8 +266,13 @@ class TTSConfig:
             raise ValueError(f"{w}.rope_scaling.mrope_section must be a list of non-negative integers, "
                              f"got {shown(mrope)}")
         text_vocab = check_int(_get(t, "text_vocab_size", w, 151936), f"{w}.text_vocab_size", 1, MAX_VOCAB)
+        stack = _stack_kwargs(t, w)
+        rows, width = stack["max_position_embeddings"], stack["head_dim"]
+        if rows * width > MAX_ROPE_TABLE:
+            raise ValueError(f"{w}.max_position_embeddings * {w}.head_dim ({rows} * {width} = {rows * width}) must be "
+                             f"<= {MAX_ROPE_TABLE}: the talker's rotary table has a row of head_dim for every position")
         talker = TalkerConfig(
-            **_stack_kwargs(t, w),
+            **stack,
             vocab_size=vocab,
             text_hidden_size=check_int(_get(t, "text_hidden_size", w, 2048), f"{w}.text_hidden_size", 1, MAX_WIDTH),
             text_vocab_size=text_vocab,

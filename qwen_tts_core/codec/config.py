@@ -117,7 +117,7 @@ class CodecConfig:
     encoder: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        from ..config import check_float, check_int
+        from ..config import check_float, check_int, check_rope_theta
 
         for key in ("upsample_rates", "upsampling_ratios"):
             value = getattr(self, key)
@@ -129,7 +129,7 @@ class CodecConfig:
             check_int(getattr(self, key), _label(key), 1, hi)
         for key in ("rms_norm_eps", "layer_scale_initial_scale"):
             check_float(getattr(self, key), _label(key), 0.0, 1.0)
-        object.__setattr__(self, "rope_theta", check_float(self.rope_theta, _label("rope_theta"), 0.0))
+        object.__setattr__(self, "rope_theta", check_rope_theta(self.rope_theta, _label("rope_theta")))
         if not isinstance(self.attention_bias, bool):
             raise ValueError(f"decoder_config.attention_bias must be true or false, got {self.attention_bias!r}")
         if self.hidden_act not in SUPPORTED_ACTS:

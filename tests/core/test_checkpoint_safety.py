@@ -3,10 +3,12 @@ from the checkpoint, never a silent partial load, never a model that fails every
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen_tts_core import Qwen3TTSModel, make_checkpoint
+from qwen_tts_core.checkpoint.build import random_talker_state
 from qwen_tts_core.checkpoint.digest import checkpoint_digest, checkpoint_file
 from qwen_tts_core.checkpoint.weights import safetensors_files
 from qwen_tts_core.codec.config import CodecConfig, tiny_config
@@ -49,6 +52,26 @@ def edit_weights(path: Path, fn) -> None:
     t = load_file(str(path))
     fn(t)
     save_file(t, str(path), metadata={"format": "pt"})
+
+
+@contextmanager
+def address_space_headroom(extra: int = 3 << 29):
+    """This process may map only `extra` bytes (1.5 GiB) more than it maps now, until the block ends: a loader that
+    allocates what a hostile config asks for (GiBs) fails with the allocator's RuntimeError instead of a ValueError,
+    quickly and without taking the machine's memory."""
+    resource = pytest.importorskip("resource")
+    statm = Path("/proc/self/statm")
+    if not statm.is_file():
+        pytest.skip("needs /proc/self/statm (Linux)")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = int(statm.read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE") + extra
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip("the hard address-space limit is already below the headroom")
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 # --- 1. no code from the checkpoint ----------------------------------------------------------------------------------
@@ -277,6 +300,10 @@ def _cp(key, value):
     (_t("max_position_embeddings", 10**9), "talker_config.max_position_embeddings"),
     (_t("rms_norm_eps", -1), "talker_config.rms_norm_eps"),
     (_t("rope_theta", "x"), "talker_config.rope_theta"),
+    (_t("rope_theta", 1e-50), "talker_config.rope_theta must be >= 1"),  # positive and finite, but a table of NaN
+    (_cp("rope_theta", 0.5), "code_predictor_config.rope_theta must be >= 1"),
+    (lambda r: r["talker_config"].update(head_dim=1024, max_position_embeddings=1 << 20),
+     r"talker_config.max_position_embeddings \* talker_config.head_dim"),
     (_t("rope_scaling", "x"), "talker_config.rope_scaling"),
     (_t("codec_bos_id", 10**6), "talker_config.codec_bos_id"),
     (_t("codec_eos_token_id", 5), "talker_config.codec_eos_token_id"),
@@ -310,7 +337,7 @@ def test_config_file_errors_name_the_file(cv):
 @pytest.mark.parametrize("key,value", [("hidden_size", 200000), ("num_hidden_layers", 100000),
                                        ("codebook_size", 10**8), ("hidden_size", -1), ("hidden_size", "32"),
                                        ("num_key_value_heads", 0), ("max_position_embeddings", 10**9),
-                                       ("upsample_rates", [])])
+                                       ("upsample_rates", []), ("rope_theta", 1e-50), ("rope_theta", 0.5)])
 def test_bad_codec_config_values_are_refused(cv, key, value):
     edit_json(cv / "speech_tokenizer/config.json", lambda r: r["decoder_config"].__setitem__(key, value))
     with pytest.raises(ValueError, match=f"speech_tokenizer/config.json: decoder_config.{key}"):
@@ -364,3 +391,24 @@ def test_without_a_speech_tokenizer_generate_fails_before_generating(cv, monkeyp
     monkeypatch.setattr(model, "_engine_driver", lambda: pytest.fail("generated without a codec"))
     with pytest.raises(ValueError, match="speech_tokenizer"):
         model.generate_custom_voice("Hello.", speaker="ryan")
+
+
+# --- 10. a small config must not force a big allocation ---------------------------------------------------------------
+def test_a_big_rope_table_is_refused_before_it_is_built(cv):
+    """head_dim 1024 and 2**20 positions were each inside their bounds and the talker's weights match them (6 MB),
+    but the rotary table alone is 8 GiB: refused at config.json, nothing allocated."""
+    cfg = make_config("custom_voice", "tiny")
+    hostile = dataclasses.replace(cfg, talker=dataclasses.replace(cfg.talker, head_dim=1024,
+                                                                  max_position_embeddings=1 << 20))
+    edit_weights(cv / "model.safetensors", lambda t: t.update(random_talker_state(hostile, 0)))
+    edit_json(cv / "config.json", lambda r: r["talker_config"].update(head_dim=1024, max_position_embeddings=1 << 20))
+    with address_space_headroom(), pytest.raises(
+            ValueError, match=r"config.json: talker_config.max_position_embeddings \* talker_config.head_dim"):
+        load(cv)
+
+
+def test_rope_tables_of_the_official_sizes_pass():
+    for size in ("0.6b", "1.7b"):
+        raw = json.loads(json.dumps(make_config("custom_voice", size).to_json_dict()))
+        t = TTSConfig.from_dict(raw).talker
+        assert (t.max_position_embeddings, t.head_dim, t.code_predictor.max_position_embeddings) == (32768, 128, 65536)
