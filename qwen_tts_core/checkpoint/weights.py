@@ -162,9 +162,9 @@ def read_tensors(files: list[Path], prefix: str) -> Tensors:
     return out
 
 
-def _label(tensors: Any, key: str, what: str) -> str:
+def _label(tensors: Any, key: str, what: str, prefix: str = "") -> str:
     origin = getattr(tensors, "origin", {}).get(key)
-    return f"tensor {origin[1]!r} of {origin[0]}" if origin else f"{what} tensor {key!r}"
+    return f"tensor {origin[1]!r} of {origin[0]}" if origin else f"{what} tensor {prefix + key!r}"
 
 
 def check_kind(value: torch.Tensor, expected: torch.Tensor, label: str) -> None:
@@ -187,34 +187,45 @@ def check_finite(value: torch.Tensor, label: str) -> None:
         raise ValueError(f"{label} has {bad} non-finite value(s) (NaN or inf)")
 
 
-def check_tensor(value: torch.Tensor, expected: torch.Tensor, label: str) -> None:
-    """`check_kind` and `check_finite`."""
-    check_kind(value, expected, label)
-    check_finite(value, label)
-
-
-def load_module(module: nn.Module, tensors: dict[str, torch.Tensor], what: str,
-                device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-    """Load `tensors` into `module` (built on the meta device or not) by name. Every tensor the module has must be
-    there with its shape and kind (floating or not), and every tensor given must be one of the module's (never a
-    partial load); floating tensors are cast to `dtype` and must be finite after the cast. The module ends on
-    `device`. A ValueError names the tensor (and its file, for `read_tensors` output)."""
-    expected = module.state_dict()
+def check_state(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str,
+                prefix: str = "") -> None:
+    """`tensors` has exactly the names of `expected` (a module's state_dict, on the meta device or not), each with
+    its shape and kind (floating or not). Reads no tensor data: a module built on the meta device is checked before
+    anything is allocated for it. `prefix`: the checkpoint's name prefix of these tensors, for error messages."""
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise ValueError(f"{what}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-                         " (does config.json match the weights?)")
+        raise ValueError(f"{what}: checkpoint is missing tensor(s) {[prefix + k for k in missing[:5]]}"
+                         f"{' ...' if len(missing) > 5 else ''} (does config.json match the weights?)")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise ValueError(f"{what}: checkpoint has {len(unexpected)} tensor(s) that config.json does not describe, "
-                         f"e.g. {unexpected[:5]} (does config.json match the weights?)")
+                         f"e.g. {[prefix + k for k in unexpected[:5]]} (does config.json match the weights?)")
     for k, exp in expected.items():
-        check_kind(tensors[k], exp, f"{what}: {_label(tensors, k, what)}")
+        check_kind(tensors[k], exp, f"{what}: {_label(tensors, k, what, prefix)}")
+
+
+def check_materialised(module: nn.Module, what: str) -> None:
+    """No parameter or buffer of `module` is left on the meta device (a buffer a meta-built module computes in its
+    constructor and does not keep in its state_dict must be rebuilt by its loader)."""
+    left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{what}: {left[:5]} left on the meta device after loading")
+
+
+def load_module(module: nn.Module, tensors: dict[str, torch.Tensor], what: str,
+                device: torch.device | str, dtype: torch.dtype, prefix: str = "") -> nn.Module:
+    """Load `tensors` into `module` (built on the meta device or not) by name. Every tensor the module has must be
+    there with its shape and kind (floating or not), and every tensor given must be one of the module's (never a
+    partial load); floating tensors are cast to `dtype` and must be finite after the cast. The module ends on
+    `device` (buffers outside its state_dict stay where they are: on the meta device, the caller builds them). A
+    ValueError names the tensor (and its file, for `read_tensors` output; else `prefix` + its name)."""
+    expected = module.state_dict()
+    check_state(expected, tensors, what, prefix)
     sd = {}
     for k in expected:
         t = tensors[k]
         sd[k] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-        label = f"{what}: {_label(tensors, k, what)}"
+        label = f"{what}: {_label(tensors, k, what, prefix)}"
         if t.is_floating_point() and t.dtype != dtype:
             try:
                 check_finite(sd[k], label)

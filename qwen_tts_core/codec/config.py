@@ -68,12 +68,14 @@ def _label(attr: str) -> str:
     """The config.json field of a CodecConfig attribute."""
     return f"decoder_config.{attr}" if attr in _DECODER_KEYS else attr
 
-# Upper bounds far beyond the published codec (hidden 512, latent 1024, decoder_dim 1536, 8 layers, 16 x 2048
-# codebooks): the decoder is built for real before its weights are read, so a hostile config must fail here.
+# Upper bounds with a wide margin over the published codec (hidden 512, latent 1024, decoder_dim 1536, inter 1024,
+# 8 layers, 16 heads of 64, sliding window 72, 16 x 2048 codebooks of dim 512). The decoder is built on the meta
+# device and only filled from weights that match it, but a config still sizes what is allocated beside the weights
+# (a streaming row's keys and values: layers * kv heads * head_dim * (sliding_window - 1) each).
 _INT_LIMITS: dict[str, int] = {
-    "codebook_size": 1 << 14, "codebook_dim": 4096, "num_quantizers": 64, "hidden_size": 8192, "latent_dim": 8192,
-    "num_hidden_layers": 64, "num_attention_heads": 256, "num_key_value_heads": 256, "head_dim": 1024,
-    "intermediate_size": 16384, "sliding_window": 1 << 16, "max_position_embeddings": 1 << 20,
+    "codebook_size": 1 << 14, "codebook_dim": 4096, "num_quantizers": 64, "hidden_size": 4096, "latent_dim": 8192,
+    "num_hidden_layers": 64, "num_attention_heads": 128, "num_key_value_heads": 128, "head_dim": 512,
+    "intermediate_size": 8192, "sliding_window": 1024, "max_position_embeddings": 1 << 16,
     "decoder_dim": 8192, "sample_rate": 192000, "decode_upsample_rate": 1 << 20, "encode_downsample_rate": 1 << 20,
     "encoder_valid_num_quantizers": 64,
 }

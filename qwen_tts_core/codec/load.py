@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint.weights import check_tensor, read_tensors
+from ..checkpoint.weights import check_materialised, load_module, read_tensors
 from ..model.layers import weight_key
 from .config import CodecConfig
 from .decoder import CodecDecoder, check_codes
@@ -37,22 +37,27 @@ def resolve_dir(dir_or_path: str | Path) -> Path:
     return p
 
 
-def load_decoder_state(decoder: CodecDecoder, tensors: dict[str, torch.Tensor]) -> None:
-    """Strictly load `decoder.*` tensors (prefix stripped), naming any missing, unexpected, mis-shaped, non-float
-    or non-finite tensor (before anything is copied)."""
-    own = decoder.state_dict()
-    missing = [k for k in own if k not in tensors]
-    if missing:
-        raise ValueError(f"speech tokenizer checkpoint is missing tensor 'decoder.{missing[0]}'"
-                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
-    unexpected = [k for k in tensors if k not in own]
-    if unexpected:
-        raise ValueError(f"speech tokenizer checkpoint has unexpected tensor 'decoder.{unexpected[0]}'")
-    origin = getattr(tensors, "origin", {})
-    for name, value in tensors.items():
-        where = f" of {origin[name][0]}" if name in origin else ""
-        check_tensor(value, own[name], f"tensor 'decoder.{name}'{where}")
-    decoder.load_state_dict(tensors, strict=True)
+def _rebuild_buffers_(decoder: CodecDecoder, device: torch.device | str, dtype: torch.dtype) -> None:
+    """The decoder's one buffer outside its state_dict, left on the meta device by a meta build: the sliding-window
+    transformer's RoPE inverse frequencies, computed from the config exactly as `SlidingWindowTransformer.__init__`
+    does (fp32 on the CPU), then moved and cast as `decoder.to(device, dtype)` moves a CPU-built decoder's."""
+    cfg, tr = decoder.cfg, decoder.pre_transformer
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    tr.register_buffer("inv_freq", inv_freq.to(device=device, dtype=dtype), persistent=False)
+
+
+def load_decoder(cfg: CodecConfig, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> CodecDecoder:
+    """A CodecDecoder of `cfg` holding the `decoder.*` tensors (prefix stripped). It is built on the meta device and
+    filled by `load_module`: any missing, unexpected, mis-shaped, non-float or non-finite tensor is a ValueError
+    naming it before anything of the config's size is allocated."""
+    with torch.device("meta"):
+        decoder = CodecDecoder(cfg)
+    load_module(decoder, tensors, "speech tokenizer", device, dtype, prefix="decoder.")
+    _rebuild_buffers_(decoder, device, dtype)
+    check_materialised(decoder, "speech tokenizer decoder")
+    return decoder.eval()
 
 
 class Codec:
@@ -163,8 +168,6 @@ def load_codec(dir_or_path: str | Path, device: str | torch.device = "cpu",
     folder = resolve_dir(dir_or_path)
     cfg = CodecConfig.from_json(folder / "config.json")
     weights = folder / WEIGHTS
-    decoder = CodecDecoder(cfg)
-    load_decoder_state(decoder, read_tensors([weights], "decoder."))
-    decoder = decoder.to(device=device, dtype=dtype).eval()
+    decoder = load_decoder(cfg, read_tensors([weights], "decoder."), device, dtype)
     logger.info("loaded codec decoder from %s (%s, %s)", folder, device, dtype)
     return Codec(cfg, decoder, weights)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint.weights import check_finite, check_tensor
+from ..checkpoint.weights import Tensors, check_materialised, load_module
 from .config import SpeakerEncoderConfig
 from .ecapa import EcapaTdnn
 from .mel import SPEAKER_MEL, log_mel_spectrogram
@@ -138,25 +138,25 @@ def speaker_encoder_from_state(
     own = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
     if not own:
         own = dict(state)
-    encoder = EcapaTdnn(cfg)
+    with torch.device("meta"):  # nothing of the config's size is allocated before the weights are found to match
+        encoder = EcapaTdnn(cfg)
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(own))
     unexpected = sorted(set(own) - set(expected))
     bad_shape = sorted(k for k in set(expected) & set(own) if tuple(own[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or bad_shape:
-        raise ValueError(
-            f"speaker encoder state does not match the config: missing {missing[:5]} "
-            f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {bad_shape[:5]}"
-        )
     origin = getattr(state, "origin", {})
-    for k, value in own.items():
-        where = f" of {origin[k][0]}" if k in origin else ""
-        check_tensor(value, expected[k], f"speaker encoder tensor '{PREFIX}{k}'{where}")
-    encoder.load_state_dict(own, strict=True)
-    encoder.to(device=device, dtype=dtype)
-    cast = {k for k, v in own.items() if v.is_floating_point() and v.dtype != dtype}
-    for k, value in encoder.state_dict().items():  # only what was cast (to float16, say) can have overflowed
-        if k in cast:
-            check_finite(value, f"speaker encoder tensor '{PREFIX}{k}' (as {value.dtype})")
+    if missing or unexpected or bad_shape:
+        files = sorted({str(origin[k][0]) for k in own if k in origin})
+        raise ValueError(
+            f"speaker encoder state{f' in {files[0]}' if files else ''} does not match the config "
+            f"(speaker_encoder_config): missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} "
+            f"({len(unexpected)}), wrong shape {bad_shape[:5]}"
+        )
+    tensors = Tensors()
+    tensors.update(own)
+    tensors.origin.update({k: origin[k] for k in own if k in origin})
+    load_module(encoder, tensors, "speaker encoder", "cpu" if device is None else device,
+                torch.float32 if dtype is None else dtype, prefix=PREFIX)
+    check_materialised(encoder, "speaker encoder")
     encoder.eval()
     return encoder

@@ -130,6 +130,34 @@ def test_missing_encoder_tensor_is_named(tiny_dir, tmp_path):
         codec.encode([np.zeros(1920, dtype=np.float32)])
 
 
+def test_decoder_is_built_from_the_weights_alone(tiny_dir, monkeypatch):
+    """The decoder is built on the meta device and filled from the checkpoint: no random initialisation of a
+    config-sized decoder first, and its one derived buffer (RoPE inverse frequencies) is what a CPU build computes,
+    bit for bit (codes decode the same as before)."""
+    from qwen_tts_core.codec.decoder import CodecDecoder
+
+    calls = []
+    real_init = torch.nn.init.kaiming_uniform_
+
+    def init(tensor, *args, **kwargs):
+        calls.append(tensor.device.type)
+        return real_init(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", init)
+    codec = load_codec(tiny_dir)
+    assert calls and set(calls) == {"meta"}  # Linear / Conv reset_parameters ran on nothing
+    monkeypatch.undo()
+    built = CodecDecoder(codec.cfg)
+    got = dict(codec.decoder.named_buffers())
+    assert got.keys() == dict(built.named_buffers()).keys() == {"pre_transformer.inv_freq"}
+    for name, value in built.named_buffers():
+        assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+    assert not any(t.is_meta for t in [*codec.decoder.parameters(), *codec.decoder.buffers()])
+    assert not codec.decoder.training
+    bf16 = load_codec(tiny_dir, dtype=torch.bfloat16).decoder.pre_transformer.inv_freq
+    assert torch.equal(bf16, built.to(torch.bfloat16).pre_transformer.inv_freq)
+
+
 def test_loader_finds_the_folder(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, tmp_path / "ckpt" / "speech_tokenizer")
     assert load_codec(tmp_path / "ckpt").cfg == load_codec(tiny_dir / "model.safetensors").cfg

@@ -337,7 +337,8 @@ def test_config_file_errors_name_the_file(cv):
 @pytest.mark.parametrize("key,value", [("hidden_size", 200000), ("num_hidden_layers", 100000),
                                        ("codebook_size", 10**8), ("hidden_size", -1), ("hidden_size", "32"),
                                        ("num_key_value_heads", 0), ("max_position_embeddings", 10**9),
-                                       ("upsample_rates", []), ("rope_theta", 1e-50), ("rope_theta", 0.5)])
+                                       ("upsample_rates", []), ("rope_theta", 1e-50), ("rope_theta", 0.5),
+                                       ("hidden_size", 8192), ("sliding_window", 1 << 16)])
 def test_bad_codec_config_values_are_refused(cv, key, value):
     edit_json(cv / "speech_tokenizer/config.json", lambda r: r["decoder_config"].__setitem__(key, value))
     with pytest.raises(ValueError, match=f"speech_tokenizer/config.json: decoder_config.{key}"):
@@ -412,3 +413,25 @@ def test_rope_tables_of_the_official_sizes_pass():
         raw = json.loads(json.dumps(make_config("custom_voice", size).to_json_dict()))
         t = TTSConfig.from_dict(raw).talker
         assert (t.max_position_embeddings, t.head_dim, t.code_predictor.max_position_embeddings) == (32768, 128, 65536)
+
+
+def test_a_codec_config_bigger_than_its_weights_allocates_nothing(cv):
+    """A 1 KB edit of speech_tokenizer/config.json inside every bound (a ~30 GB decoder) beside the tiny weights: the
+    decoder is built on the meta device and refused by name before anything is allocated."""
+    edit_json(cv / "speech_tokenizer/config.json", lambda r: r["decoder_config"].update(
+        hidden_size=4096, intermediate_size=8192, num_hidden_layers=64))
+    with address_space_headroom(), pytest.raises(ValueError, match=r"speech tokenizer: checkpoint is missing "
+                                                                   r"tensor\(s\) \['decoder.pre_transformer.layers"):
+        load(cv)
+
+
+def test_a_speaker_encoder_config_bigger_than_its_weights_allocates_nothing(checkpoint_factory, tmp_path):
+    """speaker_encoder_config inside every bound asking for a 9 GiB ECAPA beside the tiny weights: refused by name
+    (and file) before anything is allocated."""
+    base = Path(shutil.copytree(checkpoint_factory("base", "tiny"), tmp_path / "base"))
+    edit_json(base / "config.json", lambda r: r["speaker_encoder_config"].update(
+        enc_channels=[8192, 8192, 8192], enc_kernel_sizes=[31, 31, 31], enc_dilations=[1, 1, 1],
+        enc_attention_channels=4096, enc_res2net_scale=1, enc_se_channels=4096))
+    with address_space_headroom(), pytest.raises(
+            ValueError, match=rf"speaker encoder state in {base / 'model.safetensors'} does not match the config"):
+        load(base)

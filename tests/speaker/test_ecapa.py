@@ -103,6 +103,29 @@ def test_state_names_have_prefix_and_load_strict(tiny):
         speaker_encoder_from_state(tiny_config(enc_dim=32), state)
 
 
+def test_encoder_is_built_from_the_state_alone(tiny, monkeypatch):
+    """Built on the meta device and filled from the state: a config-sized encoder is never allocated and randomly
+    initialised before the state is found to match (a 9 GiB config beside tiny weights failed in the allocator)."""
+    cfg, state, enc = tiny
+    calls = []
+    real_init = torch.nn.init.kaiming_uniform_
+
+    def init(tensor, *args, **kwargs):
+        calls.append(tensor.device.type)
+        return real_init(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", init)
+    loaded = speaker_encoder_from_state(cfg, state)
+    assert calls and set(calls) == {"meta"}
+    with pytest.raises(ValueError, match="wrong shape"):
+        speaker_encoder_from_state(tiny_config(enc_dim=32), state)
+    assert set(calls) == {"meta"}
+    monkeypatch.undo()
+    assert not loaded.training and not any(t.is_meta for t in loaded.state_dict().values())
+    for k, v in enc.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
 def test_builder_is_deterministic_and_seeded(tiny):
     cfg, state, _ = tiny
     again = random_speaker_encoder_state(cfg, seed=11)
