@@ -483,9 +483,11 @@ class Engine:
         if s.incremental is not None:
             if not s.committed_ids or s.incremental.ended and is_blank(s.incremental.text):
                 raise RequestError("text", "must not be empty")  # blank, as a whole text would be refused
-            s.prompt = make_prompt(self.model, req, list(s.committed_ids), text_ended=s.incremental.ended)
+            s.prompt = make_prompt(self.model, req, s.incremental.role, list(s.committed_ids),
+                                   text_ended=s.incremental.ended)
         else:
-            s.prompt = make_prompt(self.model, req, self.model.tokenizer.target(req.text).text, True)
+            target = self.model.tokenizer.target(req.text)
+            s.prompt = make_prompt(self.model, req, target.role, target.text, True)
         T = s.prompt.prefill.shape[0]
         if self.max_len <= T:
             raise RequestError("text", f"the prompt takes {T} positions; this engine holds {self.max_len} per "

@@ -224,7 +224,9 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
                             chunk_frames=policy.chunk_frames)
 
 
-def make_prompt(model, req: SynthesisRequest, text_ids: list[int], text_ended: bool) -> Prompt:
+def make_prompt(model, req: SynthesisRequest, role_ids: list[int], text_ids: list[int], text_ended: bool) -> Prompt:
+    """role_ids, text_ids: `TargetIds` of the text (the role is the text's own: a text that starts with a newline
+    merges it into the role's last token, "assistant\n\n", as the reference's prompt has it)."""
     tok = model.tokenizer
     instruct_ids = None
     if req.instruct and req.kind in ("custom_voice", "voice_design"):
@@ -241,6 +243,6 @@ def make_prompt(model, req: SynthesisRequest, text_ids: list[int], text_ended: b
         if vp.icl_mode and vp.ref_code is not None:
             ref_codes, ref_ids = vp.ref_code, tok.ref(vp.ref_text)
     return build_prompt(
-        model.talker, model.cfg, role_ids=model.role_ids, text_ids=text_ids, language=req.language or "auto",
+        model.talker, model.cfg, role_ids=role_ids, text_ids=text_ids, language=req.language or "auto",
         speaker=speaker, speaker_vector=speaker_vector, instruct_ids=instruct_ids,
         non_streaming_mode=req.non_streaming_mode, ref_ids=ref_ids, ref_codes=ref_codes, text_ended=text_ended)

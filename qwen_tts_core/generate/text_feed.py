@@ -31,15 +31,19 @@ def _stable(text: str, n: int) -> bool:
 class IncrementalText:
     def __init__(self, encode: Callable[[str], list[int]], split_offsets: Callable[[str], list[int]],
                  encode_more: Callable[[str], list[int]] | None = None,
-                 open_from: Callable[[str], int] | None = None) -> None:
+                 open_from: Callable[[str], int] | None = None,
+                 role_of: Callable[[str], list[int]] | None = None) -> None:
         """encode: text -> ids of the bare text as it starts the utterance (the first committed segment);
         split_offsets: text -> start offsets of its tokenizer pieces; encode_more: ids of a later segment, one
         that starts at a piece boundary inside the text (default: `encode`); open_from: text -> the offset from which
         its end may still become an added token ("<|im_e" + "nd|>"), never committed before more text comes
-        (default: none can)."""
+        (default: none can); role_of: the role ids that go before a text starting with the first committed
+        segment (`role` once one is committed)."""
         self._encode_first, self._encode_more = encode, encode_more or encode
         self._split = split_offsets
         self._open_from = open_from or len
+        self._role_of = role_of
+        self.role: list[int] | None = None
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._done: list[str] = []   # committed text, in segments
         self.tail = ""               # text not committed yet (starts at a pre-tokenizer boundary)
@@ -50,7 +54,7 @@ class IncrementalText:
     def of(cls, tok) -> IncrementalText:
         """The feed of a `text.tokenizer.TextTokenizer`: its pieces and added tokens, the first segment encoded as
         it starts an utterance."""
-        return cls(tok.text_only, tok.split_offsets, tok.encode, tok.open_added_token)
+        return cls(tok.text_only, tok.split_offsets, tok.encode, tok.open_added_token, lambda s: tok.target(s).role)
 
     @property
     def text(self) -> str:
@@ -83,6 +87,8 @@ class IncrementalText:
 
     def _commit(self, n: int) -> list[int]:
         stable, self.tail = self.tail[:n], self.tail[n:]
+        if not self._done and self._role_of is not None:
+            self.role = self._role_of(stable)
         ids = (self._encode_more if self._done else self._encode_first)(stable)
         self._done.append(stable)
         self.committed += ids

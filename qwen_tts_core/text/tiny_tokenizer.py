@@ -43,7 +43,10 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False, min_frequency=1)
-    tok.train_from_iterator([_CORPUS] * 20 + ["assistant\n"] * 50 + ["user\n"] * 50, trainer=trainer)
+    # paragraphs too: the real vocabulary has "\n\n", which merges a text's leading newline into the role's
+    # "assistant\n" (a case the prompt must follow as the reference does)
+    tok.train_from_iterator([_CORPUS] * 20 + ["assistant\n"] * 50 + ["user\n"] * 50 + ["\n\n"] * 50,
+                            trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     vocab: dict[str, int] = model["vocab"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]

@@ -123,6 +123,8 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(model):
     pytest.param(["The quick brown fox jumps over the lazy dog."], id="one-piece"),
     pytest.param(["The qu", "ick bro", "wn fox ", "jumps over", " the lazy dog", "."], id="split-words"),
     pytest.param(list("The quick brown fox jumps over the lazy dog."), id="char-by-char"),
+    pytest.param(["\n", "\nThe quick", " brown fox."], id="leading-newlines"),   # they merge into the role's "\n"
+    pytest.param(["Hi <|im_e", "nd|> there."], id="added-token-split"),
 ])
 def test_incremental_text_equals_all_at_once(model, pieces):
     full = run_alone(model, req("".join(pieces)))

@@ -37,6 +37,9 @@ CALLS = {
         ("generate_custom_voice", dict(text=["Read the chapter slowly.", "Thank you for waiting."],
                                        speaker="serena", language="auto", non_streaming_mode=False,
                                        max_new_tokens=N, **G)),
+        # a leading newline merges into the role's last token ("assistant\n\n"): the prompt takes the text's own role
+        ("generate_custom_voice", dict(text="\nHello world.\n\nThis is a test.", speaker="vivian", language="english",
+                                       max_new_tokens=N, **G)),
         ("generate_custom_voice", dict(text="Once upon a time there was a village.", speaker="sohee",
                                        language="english", max_new_tokens=N)),  # sampled, seeded below
     ],
