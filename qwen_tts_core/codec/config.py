@@ -80,6 +80,92 @@ _INT_LIMITS: dict[str, int] = {
     "encoder_valid_num_quantizers": 64,
 }
 
+# encoder_config: the transformers `MimiConfig` fields that shape the Mimi encoder (built at the first
+# voice-clone prompt), checked here so a bad block fails at load, not at a request. Official values in comments
+# (kyutai/mimi); bounds far beyond them. Other keys (PretrainedConfig bookkeeping such as `architectures`,
+# `_frame_rate`, `torch_dtype`) go to MimiConfig as they are.
+_MIMI_INTS: dict[str, tuple[int, int]] = {
+    "sampling_rate": (1, 192000),        # 24000 (must equal the codec's)
+    "audio_channels": (1, 1),            # mono
+    "hidden_size": (1, 4096),            # 512
+    "num_filters": (1, 1024),            # 64
+    "num_residual_layers": (1, 8),       # 1
+    "kernel_size": (1, 63),              # 7
+    "last_kernel_size": (1, 63),         # 3
+    "residual_kernel_size": (1, 63),     # 3
+    "dilation_growth_rate": (1, 16),     # 2
+    "compress": (1, 64),                 # 2
+    "codebook_size": (2, 1 << 14),       # 2048 (must equal the decoder's)
+    "codebook_dim": (1, 4096),           # 256
+    "num_quantizers": (2, 64),           # 32 (the first encoder_valid_num_quantizers = 16 are kept)
+    "vector_quantization_hidden_dimension": (1, 4096),  # 256
+    "num_semantic_quantizers": (1, 63),  # 1
+    "upsample_groups": (1, 4096),        # 512
+    "num_hidden_layers": (1, 64),        # 8
+    "intermediate_size": (1, 16384),     # 2048
+    "num_attention_heads": (1, 128),     # 8
+    "num_key_value_heads": (1, 128),     # 8
+    "head_dim": (1, 512),                # 64 (null: hidden_size // num_attention_heads)
+    "max_position_embeddings": (1, 1 << 16),  # 8000
+    "sliding_window": (1, 1 << 14),      # 250
+}
+_MIMI_UNIT_FLOATS = ("trim_right_ratio", "norm_eps", "layer_scale_initial_scale", "initializer_range")  # in (0, 1]
+_MIMI_BOOLS = ("use_causal_conv", "use_conv_shortcut", "attention_bias", "use_cache", "use_streaming",
+               "tie_word_embeddings")
+_MIMI_CHOICES: dict[str, tuple[str, ...]] = {
+    "model_type": ("mimi",),
+    "hidden_act": ("gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish", "relu"),  # gelu
+    "pad_mode": ("constant", "reflect", "replicate", "circular"),                       # constant
+}
+_MIMI_DEFAULTS = {"sampling_rate": 24000, "codebook_size": 2048, "num_quantizers": 32}  # MimiConfig's own
+
+
+def check_encoder_config(enc: Mapping[str, Any]) -> dict[str, Any]:
+    """The `encoder_config` block, its MimiConfig fields type- and range-checked (ValueError naming the field)."""
+    from ..config import check_float, check_int, check_rope_theta
+
+    out = dict(enc)
+    w = "encoder_config"
+    for key, (lo, hi) in _MIMI_INTS.items():
+        if key in out and not (key == "head_dim" and out[key] is None):
+            check_int(out[key], f"{w}.{key}", lo, hi)
+    for key in _MIMI_UNIT_FLOATS:
+        if key in out:
+            check_float(out[key], f"{w}.{key}", 0.0, 1.0)
+    if "attention_dropout" in out:
+        p = out["attention_dropout"]
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+            raise ValueError(f"{w}.attention_dropout must be a number in [0, 1), got {p!r:.60}")
+    for key in ("frame_rate", "_frame_rate"):
+        if out.get(key) is not None:
+            check_float(out[key], f"{w}.{key}", 0.0, 192000.0)
+    for key in _MIMI_BOOLS:
+        if key in out and not isinstance(out[key], bool):
+            raise ValueError(f"{w}.{key} must be true or false, got {out[key]!r:.60}")
+    for key, choices in _MIMI_CHOICES.items():
+        if key in out and out[key] not in choices:
+            raise ValueError(f"{w}.{key} must be one of {list(choices)}, got {out[key]!r:.60}")
+    ratios = out.get("upsampling_ratios")
+    if ratios is not None:
+        if not isinstance(ratios, list | tuple) or not 1 <= len(ratios) <= 8:
+            raise ValueError(f"{w}.upsampling_ratios must be a list of 1 to 8 integers, got {ratios!r:.60}")
+        for i, r in enumerate(ratios):
+            check_int(r, f"{w}.upsampling_ratios[{i}]", 1, 64)
+    if "rope_theta" in out:
+        check_rope_theta(out["rope_theta"], f"{w}.rope_theta")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = out.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, Mapping) or rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{w}.{key} must be null or a JSON object with rope_type 'default', got {rope!r:.60}")
+        if "rope_theta" in rope:
+            check_rope_theta(rope["rope_theta"], f"{w}.{key}.rope_theta")
+    for key in ("encoder_config", "decoder_config"):  # MimiConfig derives these; the loader drops the decoder itself
+        if key in out:
+            raise ValueError(f"{w}.{key} is not a MimiConfig field this loader accepts")
+    return out
+
 
 @dataclass(frozen=True)
 class CodecConfig:
@@ -153,6 +239,26 @@ class CodecConfig:
                 f"decode_upsample_rate ({self.decode_upsample_rate}) must equal prod(upsampling_ratios) * "
                 f"prod(upsample_rates) ({self.samples_per_frame})"
             )
+        if not isinstance(self.encoder, Mapping):
+            raise ValueError(f"encoder_config must be a JSON object, got {self.encoder!r:.60}")
+        enc = check_encoder_config(self.encoder)
+        object.__setattr__(self, "encoder", enc)
+        # the encoder's codes are the decoder's (and the talker's): as many codebooks, of the same size
+        if self.encoder_valid_num_quantizers != self.num_quantizers:
+            raise ValueError(f"encoder_valid_num_quantizers ({self.encoder_valid_num_quantizers}) must equal "
+                             f"decoder_config.num_quantizers ({self.num_quantizers})")
+        mimi_quantizers = enc.get("num_quantizers", _MIMI_DEFAULTS["num_quantizers"])
+        if self.encoder_valid_num_quantizers > mimi_quantizers:
+            raise ValueError(f"encoder_valid_num_quantizers ({self.encoder_valid_num_quantizers}) exceeds "
+                             f"encoder_config.num_quantizers ({mimi_quantizers})")
+        mimi_codebook = enc.get("codebook_size", _MIMI_DEFAULTS["codebook_size"])
+        if mimi_codebook != self.codebook_size:
+            raise ValueError(f"encoder_config.codebook_size ({mimi_codebook}) must equal "
+                             f"decoder_config.codebook_size ({self.codebook_size})")
+        mimi_rate = enc.get("sampling_rate", _MIMI_DEFAULTS["sampling_rate"])
+        if mimi_rate != self.sample_rate:
+            raise ValueError(f"encoder_config.sampling_rate ({mimi_rate}) must equal output_sample_rate "
+                             f"({self.sample_rate})")
 
     @property
     def samples_per_frame(self) -> int:

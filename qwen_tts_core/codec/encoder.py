@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint.weights import Tensors, check_finite, check_state
+
 logger = logging.getLogger(__name__)
 
 # official (4.57) prefix -> candidate prefixes in the installed MimiModel, tried in order
@@ -47,10 +49,12 @@ def _build_mimi(mimi_config: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def map_encoder_state(official: Mapping[str, torch.Tensor], target_keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Rename official Mimi encoder tensors (without the `encoder.` prefix) to the installed MimiModel's names."""
+def map_encoder_state(official: Mapping[str, torch.Tensor], target_keys: Sequence[str]) -> Tensors:
+    """Rename official Mimi encoder tensors (without the `encoder.` prefix) to the installed MimiModel's names (each
+    keeps its file and official name in `origin`, for error messages)."""
     target = set(target_keys)
-    out: dict[str, torch.Tensor] = {}
+    origin = getattr(official, "origin", {})
+    out = Tensors()
     for name, value in official.items():
         for old, candidates in _RENAMES:
             if name.startswith(old):
@@ -60,9 +64,40 @@ def map_encoder_state(official: Mapping[str, torch.Tensor], target_keys: Sequenc
         else:
             match = name if name in target else None
         if match is None:
-            raise ValueError(f"encoder tensor {name!r} has no counterpart in the installed MimiModel")
+            where = f" of {origin[name][0]}" if name in origin else ""
+            raise ValueError(f"speech tokenizer encoder: tensor 'encoder.{name}'{where} has no counterpart in the "
+                             "installed MimiModel (does encoder_config match the weights?)")
         out[match] = value
+        if name in origin:
+            out.origin[match] = origin[name]
     return out
+
+
+def checked_encoder_state(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Tensors:
+    """`tensors` (official `encoder.*` names, prefix stripped) renamed onto `model` (a MimiModel without its
+    decoder, on the meta device or not), every tensor of the model there with its shape and kind, none left over,
+    all finite; ValueError naming the tensor and its file."""
+    own = model.state_dict()
+    mapped = map_encoder_state(tensors, list(own))
+    what = "speech tokenizer encoder"
+    check_state(own, mapped, what)  # missing names are the installed MimiModel's
+    for name, value in mapped.items():
+        origin = mapped.origin.get(name)
+        check_finite(value, f"{what}: " + (f"tensor {origin[1]!r} of {origin[0]}" if origin else f"tensor {name!r}"))
+    return mapped
+
+
+def check_encoder_state(mimi_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """At load: the Mimi encoder of `mimi_config` can be built (on the meta device: nothing allocated) and
+    `tensors` fill it exactly (see `checked_encoder_state`). `where`: the config file, for a config transformers
+    refuses."""
+    try:
+        with torch.device("meta"):
+            model = _build_mimi(mimi_config)
+    except Exception as e:  # noqa: BLE001 - transformers' own validation errors: name the file and the block
+        raise ValueError(f"{where}: encoder_config is not a usable MimiConfig ({type(e).__name__}: "
+                         f"{str(e)[:300]})") from None
+    checked_encoder_state(model, tensors)
 
 
 class MimiEncoder(nn.Module):
@@ -71,27 +106,18 @@ class MimiEncoder(nn.Module):
     def __init__(self, mimi_config: Mapping[str, Any], num_quantizers: int = 16,
                  samples_per_frame: int = 1920) -> None:
         super().__init__()
-        self.model = _build_mimi(mimi_config)
-        self.num_quantizers = num_quantizers
-        self.samples_per_frame = samples_per_frame
         total = int(mimi_config.get("num_quantizers", 32))
         if num_quantizers > total:
             raise ValueError(f"encoder_valid_num_quantizers ({num_quantizers}) exceeds the Mimi encoder's "
                              f"num_quantizers ({total})")
+        self.model = _build_mimi(mimi_config)
+        self.num_quantizers = num_quantizers
+        self.samples_per_frame = samples_per_frame
 
     def load_official(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Load the `encoder.*` tensors of model.safetensors (prefix already stripped); strict."""
-        own = self.model.state_dict()
-        mapped = map_encoder_state(tensors, list(own))
-        missing = sorted(set(own) - set(mapped))
-        if missing:
-            raise ValueError(f"speech tokenizer checkpoint lacks encoder tensors: {missing[:5]}"
-                             f"{' ...' if len(missing) > 5 else ''}")
-        for name, value in mapped.items():
-            if tuple(value.shape) != tuple(own[name].shape):
-                raise ValueError(f"encoder tensor {name!r} has shape {tuple(value.shape)}, "
-                                 f"expected {tuple(own[name].shape)}")
-        self.model.load_state_dict(mapped, strict=True)
+        """Load the `encoder.*` tensors of model.safetensors (prefix already stripped); strict, checked as at load
+        (names, shapes, kinds, finite)."""
+        self.model.load_state_dict(checked_encoder_state(self.model, tensors), strict=True)
         # the Mimi codebook caches embed_sum / cluster_usage on first use; drop any stale cache
         for module in self.model.modules():
             if hasattr(module, "_embed"):

@@ -15,7 +15,7 @@ from ..checkpoint.weights import check_materialised, load_module, read_tensors
 from ..model.layers import weight_key
 from .config import CodecConfig
 from .decoder import CodecDecoder, check_codes
-from .encoder import MimiEncoder
+from .encoder import MimiEncoder, check_encoder_state
 from .state import CodecStreamState
 
 logger = logging.getLogger(__name__)
@@ -164,10 +164,12 @@ class Codec:
 
 def load_codec(dir_or_path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Codec:
-    """Load a speech tokenizer folder (see `resolve_dir`) for decoding (and lazily, encoding)."""
+    """Load a speech tokenizer folder (see `resolve_dir`) for decoding (and lazily, encoding). The encoder is built
+    at its first use, but its config and its `encoder.*` tensors (names, shapes, finite) are checked here."""
     folder = resolve_dir(dir_or_path)
     cfg = CodecConfig.from_json(folder / "config.json")
     weights = folder / WEIGHTS
     decoder = load_decoder(cfg, read_tensors([weights], "decoder."), device, dtype)
+    check_encoder_state(cfg.encoder, read_tensors([weights], "encoder."), str(folder / "config.json"))
     logger.info("loaded codec decoder from %s (%s, %s)", folder, device, dtype)
     return Codec(cfg, decoder, weights)

@@ -122,12 +122,35 @@ def test_misshaped_tensor_is_named(tiny_dir, tmp_path):
         load_codec(tmp_path / "st")
 
 
-def test_missing_encoder_tensor_is_named(tiny_dir, tmp_path):
+def test_missing_encoder_tensor_is_named_at_load(tiny_dir, tmp_path):
+    """The encoder is built at its first use, but its tensors are checked at load: a damaged encoder fails there,
+    not at the first voice-clone prompt."""
     name = "encoder.downsample.conv.weight"
     _rewrite(tiny_dir, tmp_path / "st", lambda t: t.pop(name))
-    codec = load_codec(tmp_path / "st")  # the decoder does not need it
-    with pytest.raises(ValueError, match="downsample"):
-        codec.encode([np.zeros(1920, dtype=np.float32)])
+    with pytest.raises(ValueError, match=r"speech tokenizer encoder: checkpoint is missing tensor.*downsample"):
+        load_codec(tmp_path / "st")
+
+
+@pytest.mark.parametrize("edit,match", [
+    pytest.param(lambda t: t["encoder.encoder.layers.0.conv.weight"].view(-1).__setitem__(3, float("nan")),
+                 r"tensor 'encoder\.encoder\.layers\.0\.conv\.weight' of .*model\.safetensors has 1 non-finite",
+                 id="nan"),
+    pytest.param(lambda t: t.__setitem__("encoder.downsample.conv.weight", t["encoder.downsample.conv.weight"][:1]),
+                 r"tensor 'encoder\.downsample\.conv\.weight' of .*model\.safetensors has shape", id="shape"),
+    pytest.param(lambda t: t.__setitem__("encoder.extra.weight", torch.zeros(2)),
+                 r"tensor 'encoder\.extra\.weight' of .*model\.safetensors has no counterpart", id="extra"),
+])
+def test_bad_encoder_tensors_are_refused_at_load_and_at_build(tiny_dir, tmp_path, edit, match):
+    from qwen_tts_core.checkpoint.weights import read_tensors
+    from qwen_tts_core.codec.encoder import MimiEncoder
+
+    _rewrite(tiny_dir, tmp_path / "st", edit)
+    with pytest.raises(ValueError, match=match):
+        load_codec(tmp_path / "st")
+    cfg = CodecConfig.from_json(tmp_path / "st")
+    enc = MimiEncoder(cfg.encoder, cfg.encoder_valid_num_quantizers, cfg.encode_downsample_rate)
+    with pytest.raises(ValueError, match=match):  # the lazy build checks the same way
+        enc.load_official(read_tensors([tmp_path / "st/model.safetensors"], "encoder."))
 
 
 def test_decoder_is_built_from_the_weights_alone(tiny_dir, monkeypatch):

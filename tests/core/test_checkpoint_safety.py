@@ -113,6 +113,9 @@ def test_tokenizer_with_unknown_class_is_refused(cv):
     ("model.safetensors", "talker.model.norm.weight", float("nan")),
     ("model.safetensors", "talker.codec_head.weight", float("inf")),
     ("speech_tokenizer/model.safetensors", "decoder.pre_conv.conv.weight", float("nan")),
+    ("speech_tokenizer/model.safetensors", "encoder.downsample.conv.weight", float("nan")),  # the voice-clone encoder
+    ("speech_tokenizer/model.safetensors", "encoder.quantizer.acoustic_residual_vector_quantizer.layers.3.codebook."
+                                           "embed_sum", float("inf")),
 ])
 def test_non_finite_weights_are_refused(cv, rel, name, value):
     edit_weights(cv / rel, lambda t: t[name].view(-1).__setitem__(0, value))
@@ -167,7 +170,8 @@ def test_codebook_sizes_must_match():
     raw["talker_config"]["code_predictor_config"]["vocab_size"] = 1024
     with pytest.raises(ValueError, match="code_predictor_config.vocab_size"):
         TTSConfig.from_dict(raw)
-    small = CodecConfig(**{**tiny_config().__dict__, "codebook_size": 1024})
+    small = CodecConfig(**{**tiny_config().__dict__, "codebook_size": 1024,
+                           "encoder": {**tiny_config().encoder, "codebook_size": 1024}})
     with pytest.raises(ValueError, match="codebook_size"):
         check_codec_matches(cfg, small, "x")
 
@@ -435,3 +439,39 @@ def test_a_speaker_encoder_config_bigger_than_its_weights_allocates_nothing(chec
     with address_space_headroom(), pytest.raises(
             ValueError, match=rf"speaker encoder state in {base / 'model.safetensors'} does not match the config"):
         load(base)
+
+
+# --- 11. the voice-clone (Mimi) encoder is checked at load ------------------------------------------------------------
+@pytest.mark.parametrize("update,field", [
+    ({"num_filters": "4"}, "encoder_config.num_filters must be an integer"),
+    ({"hidden_size": 10**6}, "encoder_config.hidden_size"),
+    ({"num_hidden_layers": 10**4}, "encoder_config.num_hidden_layers"),
+    ({"upsampling_ratios": [8, "6", 5, 4]}, r"encoder_config.upsampling_ratios\[1\]"),
+    ({"rope_theta": 1e-50}, "encoder_config.rope_theta"),
+    ({"use_causal_conv": "yes"}, "encoder_config.use_causal_conv"),
+    ({"hidden_act": "exec"}, "encoder_config.hidden_act"),
+    ({"audio_channels": 2}, "encoder_config.audio_channels"),
+    ({"codebook_size": 1024}, r"encoder_config.codebook_size \(1024\) must equal decoder_config.codebook_size"),
+    ({"num_quantizers": 8}, r"encoder_valid_num_quantizers \(16\) exceeds encoder_config.num_quantizers"),
+    ({"sampling_rate": 16000}, "encoder_config.sampling_rate"),
+])
+def test_bad_encoder_config_values_are_refused_at_load(cv, update, field):
+    edit_json(cv / "speech_tokenizer/config.json", lambda r: r["encoder_config"].update(update))
+    with pytest.raises(ValueError, match=f"speech_tokenizer/config.json: {field}"):
+        load(cv)
+
+
+def test_encoder_valid_num_quantizers_must_match_the_decoder(cv):
+    edit_json(cv / "speech_tokenizer/config.json", lambda r: r.update(encoder_valid_num_quantizers=8))
+    with pytest.raises(ValueError, match=r"speech_tokenizer/config.json: encoder_valid_num_quantizers \(8\) must "
+                                         r"equal decoder_config.num_quantizers \(16\)"):
+        load(cv)
+
+
+def test_an_encoder_config_that_does_not_match_its_weights_is_refused_at_load(cv):
+    """A well-typed encoder_config the weights do not fit: refused at load, naming a tensor, not at the first
+    voice-clone prompt."""
+    edit_json(cv / "speech_tokenizer/config.json", lambda r: r["encoder_config"].update(num_filters=8))
+    with pytest.raises(ValueError, match=r"speech tokenizer encoder: tensor 'encoder\.encoder\.layers\.0\.conv\.weight' "
+                                         r"of .*speech_tokenizer/model.safetensors has shape"):
+        load(cv)
