@@ -311,7 +311,10 @@ def read_inputs(path: str | Path, defaults: RowDefaults = RowDefaults(),
     if not p.exists():
         raise ValueError(f"input: {p} does not exist")
     if p.is_dir():
-        files = sorted((f for f in p.iterdir() if f.suffix.lower() in TEXT_SUFFIXES), key=_natural_key)
+        # chapter files only: a folder named like one ("notes.md/") or a hidden file ("._ch1.md" of macOS) is
+        # skipped, not read; names that sort alike ("ch1", "ch01", "Ch1") keep one order, whatever the directory's
+        files = sorted((f for f in p.iterdir() if f.suffix.lower() in TEXT_SUFFIXES and f.is_file()
+                        and not f.name.startswith(".")), key=lambda f: (_natural_key(f), f.name))
         if not files:
             raise ValueError(f"input: folder {p} has no chapter files ({', '.join(TEXT_SUFFIXES)})")
         rows = _chapter_rows(files, defaults, limits, p)

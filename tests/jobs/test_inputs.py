@@ -28,6 +28,25 @@ def test_folder_of_chapters_natural_order_and_markdown(tmp_path):
     assert all(r.voice == "vivian" and r.error is None for r in rows)
 
 
+def test_folder_skips_what_is_not_a_chapter_file_and_orders_alike_names_one_way(tmp_path, monkeypatch):
+    """A folder named like a chapter and macOS's hidden "._" files are not chapters (a folder failed the whole job);
+    names equal under the natural order ("ch1", "ch01", "Ch1") sort the same way whatever order the directory
+    lists them in."""
+    (tmp_path / "sub.md").mkdir()
+    (tmp_path / "._ch1.md").write_bytes(b"\x00\x05\x16\x07binary")
+    for name in ("ch01.txt", "Ch1.txt", "ch1.txt"):
+        (tmp_path / name).write_text(name + ".")
+    orders = set()
+    real = type(tmp_path).iterdir
+    for flip in (False, True):
+        monkeypatch.setattr(type(tmp_path), "iterdir", lambda self, flip=flip: iter(sorted(real(self),
+                                                                                           reverse=flip)))
+        rows = read_inputs(tmp_path, RowDefaults(voice="vivian"))
+        assert all(r.error is None for r in rows)
+        orders.add(tuple(r.id for r in rows))
+    assert orders == {("Ch1", "ch01", "ch1")}
+
+
 def test_jsonl_bad_rows_are_kept_as_errors(tmp_path):
     f = tmp_path / "rows.jsonl"
     f.write_text("\n".join([
