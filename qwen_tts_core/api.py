@@ -85,6 +85,48 @@ def _session_error(message: str | None, field: str | None) -> ValueError:
     return RequestError(field, message.removeprefix(f"{field}: ")) if field else ValueError(message or "failed")
 
 
+# The tokenizer files transformers reads ids from, in the order an offending id is looked for to name its file.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "added_tokens.json", "tokenizer_config.json")
+
+
+def _file_with_id(path: Path, token_id: int) -> Path:
+    """The tokenizer file of `path` that gives some token the id `token_id` (the folder when none is found)."""
+    from .checkpoint.weights import read_json
+
+    for name in _TOKENIZER_FILES:
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            raw = read_json(f)
+        except ValueError:
+            continue
+        if name == "tokenizer.json":
+            vocab = (raw.get("model") or {}).get("vocab")
+            ids = list(vocab.values()) if isinstance(vocab, dict) else []
+            ids += [t.get("id") for t in raw.get("added_tokens") or [] if isinstance(t, dict)]
+        elif name == "tokenizer_config.json":
+            ids = [int(k) for k in raw.get("added_tokens_decoder") or {} if str(k).isdigit()]
+        else:
+            ids = list(raw.values())
+        if token_id in ids:
+            return f
+    return path
+
+
+def _check_token_ids(tokenizer: TextTokenizer, text_vocab_size: int, path: Path) -> None:
+    """Every id the tokenizer can produce (its vocabulary and added tokens) must index the talker's text embedding:
+    an id beyond it failed each request that used the token (IndexError; a device-side assert on CUDA)."""
+    vocab = tokenizer._tok.get_vocab()  # added tokens included
+    if not vocab:
+        return
+    token, token_id = max(vocab.items(), key=lambda kv: kv[1])
+    if token_id >= text_vocab_size:
+        raise ValueError(f"{_file_with_id(path, token_id)}: token {token!r} has id {token_id}, beyond the talker's "
+                         f"text vocabulary ({path / 'config.json'} talker_config.text_vocab_size = "
+                         f"{text_vocab_size}; a tokenizer of another model?)")
+
+
 class Qwen3TTSModel:
     def __init__(self, path: Path, cfg: TTSConfig, talker: Talker, tokenizer: TextTokenizer, codec,
                  speaker_encoder, generate_defaults: dict[str, Any]) -> None:
@@ -134,6 +176,7 @@ class Qwen3TTSModel:
                                and os.environ.get("QTTS_COLUMN_MAJOR") == "1")
         tokenizer = TextTokenizer(path)
         tokenizer.check_special_ids(cfg.im_start_token_id, cfg.im_end_token_id, str(path))
+        _check_token_ids(tokenizer, t.text_vocab_size, path)
         codec = None
         if (path / "speech_tokenizer").is_dir():
             from .codec.load import load_codec

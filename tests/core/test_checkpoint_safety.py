@@ -475,3 +475,23 @@ def test_an_encoder_config_that_does_not_match_its_weights_is_refused_at_load(cv
     with pytest.raises(ValueError, match=r"speech tokenizer encoder: tensor 'encoder\.encoder\.layers\.0\.conv\.weight' "
                                          r"of .*speech_tokenizer/model.safetensors has shape"):
         load(cv)
+
+
+# --- 12. token ids inside the text vocabulary -------------------------------------------------------------------------
+def test_a_tokenizer_id_beyond_the_text_vocabulary_is_refused(cv):
+    """An added token with id 160000 (text_vocab_size 151936) loaded and failed each request that used it
+    (IndexError; on CUDA a device-side assert that kills the replica)."""
+    token = {"id": 160000, "content": "<|evil|>", "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+
+    def add(r):
+        r["model"]["vocab"]["<|evil|>"] = 160000
+        r["added_tokens"].append(token)
+
+    edit_json(cv / "tokenizer.json", add)
+    edit_json(cv / "tokenizer_config.json", lambda r: r["added_tokens_decoder"].__setitem__(
+        "160000", {k: v for k, v in token.items() if k != "id"}))
+    edit_json(cv / "vocab.json", lambda r: r.__setitem__("<|evil|>", 160000))
+    with pytest.raises(ValueError, match=rf"{cv / 'tokenizer.json'}: token '<\|evil\|>' has id 160000, beyond the "
+                                         r"talker's text vocabulary .*text_vocab_size = 151936"):
+        load(cv)
