@@ -117,7 +117,7 @@ def _file_with_id(path: Path, token_id: int) -> Path:
 def _check_token_ids(tokenizer: TextTokenizer, text_vocab_size: int, path: Path) -> None:
     """Every id the tokenizer can produce (its vocabulary and added tokens) must index the talker's text embedding:
     an id beyond it failed each request that used the token (IndexError; a device-side assert on CUDA)."""
-    vocab = tokenizer._tok.get_vocab()  # added tokens included
+    vocab = tokenizer.vocab()
     if not vocab:
         return
     token, token_id = max(vocab.items(), key=lambda kv: kv[1])
@@ -133,7 +133,6 @@ class Qwen3TTSModel:
         self.path, self.cfg, self.talker, self.tokenizer = path, cfg, talker, tokenizer
         self.codec, self.speaker_encoder = codec, speaker_encoder
         self.generate_defaults = generate_defaults
-        self.role_ids = tokenizer.target("x").role
         # generate_* decode like the reference (its 300-frame pieces re-decoded with 25 frames of context) so the
         # drop-in output matches it at any length; True: the exact causal decode (what stream_* produces)
         self.exact_decode = False

@@ -17,6 +17,7 @@ from .config import CodecConfig
 from .decoder import CodecDecoder, check_codes
 from .encoder import MimiEncoder, check_encoder_state
 from .state import CodecStreamState
+from .transformer import rope_inv_freq
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,11 @@ def resolve_dir(dir_or_path: str | Path) -> Path:
 
 def _rebuild_buffers_(decoder: CodecDecoder, device: torch.device | str, dtype: torch.dtype) -> None:
     """The decoder's one buffer outside its state_dict, left on the meta device by a meta build: the sliding-window
-    transformer's RoPE inverse frequencies, computed from the config exactly as `SlidingWindowTransformer.__init__`
-    does (fp32 on the CPU), then moved and cast as `decoder.to(device, dtype)` moves a CPU-built decoder's."""
-    cfg, tr = decoder.cfg, decoder.pre_transformer
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    tr.register_buffer("inv_freq", inv_freq.to(device=device, dtype=dtype), persistent=False)
+    transformer's RoPE inverse frequencies, computed as `SlidingWindowTransformer.__init__` does (fp32 on the CPU),
+    then moved and cast as `decoder.to(device, dtype)` moves a CPU-built decoder's."""
+    with torch.device("cpu"):
+        inv_freq = rope_inv_freq(decoder.cfg)
+    decoder.pre_transformer.register_buffer("inv_freq", inv_freq.to(device=device, dtype=dtype), persistent=False)
 
 
 def load_decoder(cfg: CodecConfig, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu",

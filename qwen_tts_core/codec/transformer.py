@@ -109,6 +109,13 @@ class TransformerLayer(nn.Module):
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
 
+def rope_inv_freq(cfg: CodecConfig) -> torch.Tensor:
+    """The RoPE inverse frequencies [head_dim / 2] (fp32, on the current default device): a buffer outside the
+    state_dict, so a meta-device build computes it again (`codec.load.load_decoder`)."""
+    d = cfg.head_dim
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+
+
 class SlidingWindowTransformer(nn.Module):
     """latent [B, t, latent_dim] -> input_proj -> layers -> norm -> output_proj -> [B, t, latent_dim]."""
 
@@ -119,9 +126,7 @@ class SlidingWindowTransformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.input_proj = PackedLinear(cfg.latent_dim, cfg.hidden_size)
         self.output_proj = PackedLinear(cfg.hidden_size, cfg.latent_dim)
-        d = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def _mask(self, positions: torch.Tensor, t: int) -> torch.Tensor:
         """Bool [B, 1, t, window-1+t]: key j is visible to query i when 0 <= dist < window and j is not before

@@ -74,6 +74,10 @@ class TextTokenizer:
                 raise ValueError(f"{where}: the tokenizer encodes {token} as {got[:4]}, but config.json says "
                                  f"{want} (a tokenizer of another model?)")
 
+    def vocab(self) -> dict[str, int]:
+        """Every token the tokenizer can produce and its id, added tokens included."""
+        return dict(self._tok.get_vocab())
+
     def encode(self, s: str) -> list[int]:
         return list(self._tok(s, add_special_tokens=False)["input_ids"])
 
