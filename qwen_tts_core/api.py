@@ -34,7 +34,7 @@ from .config import TTSConfig, generation_defaults
 from .errors import RequestError
 from .generate.driver import EngineDriver
 from .generate.engine import Engine
-from .generate.requests import check_text
+from .generate.requests import check_seed, check_text
 from .model.layers import RotaryTable, prepare_for_inference_
 from .model.talker import Talker
 from .text.tokenizer import TextTokenizer
@@ -358,7 +358,7 @@ class Qwen3TTSModel:
         n = len(texts)
         langs = _as_list(language if language is not None else "auto", n, "language")
         seeds = _as_list(seed, n, "seed") if isinstance(seed, list) else \
-            [None if seed is None else int(seed) + i for i in range(n)]
+            [None if seed is None else check_seed(seed) + i for i in range(n)]  # 1.9 or "5" is no seed
         speakers = _as_list(speaker, n, "speaker")
         instructs = _as_list(instruct if instruct is not None else "", n, "instruct")
         prompts = voice_clone_prompt or [None] * n

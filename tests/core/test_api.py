@@ -223,6 +223,20 @@ def test_a_stored_voice_that_cannot_be_read_is_a_request_error_naming_voice(mode
         assert e.value.field == "voice"
 
 
+@pytest.mark.parametrize("seed", [1.9, "5", True, float("nan"), float("inf"), -1, 2**63])
+def test_a_seed_that_is_not_an_integer_is_refused_naming_seed(cv, seed):
+    """seed=1.9 ran as seed 1 and "5" as 5 (int() took them), while the list form refused 1.5; nan and inf raised
+    errors that named nothing."""
+    from qwen_tts_core.errors import RequestError
+
+    for form in (seed, [seed]):
+        with pytest.raises(RequestError, match="seed") as e:
+            cv.generate_custom_voice("Hello.", speaker="ryan", seed=form, max_new_tokens=3)
+        assert e.value.field == "seed"
+    with pytest.raises(RequestError, match="seed"):   # seed + i past the range, for the second text of a batch
+        cv.generate_custom_voice(["Hello.", "Bye."], speaker="ryan", seed=2**63 - 1, max_new_tokens=3)
+
+
 def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(ValueError, match="not a Qwen3-TTS checkpoint"):
         Qwen3TTSModel.from_pretrained(tmp_path)
