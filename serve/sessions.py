@@ -114,7 +114,9 @@ class SessionTable:
         has_text = s.has_text or bool(text.strip())
         if end and not has_text:
             raise RequestError("text", "end before any text")
-        s.text_chars, s.has_text, s.last_text = total, has_text, self.clock()
+        s.text_chars, s.has_text = total, has_text
+        if text or end:  # an empty message is no text: sent every few seconds, it held a slot past the idle timeout
+            s.last_text = self.clock()
         s.ended = s.ended or end
 
     def expired(self, period_s: float | None = None) -> list[tuple[OpenSession, Failure | None]]:

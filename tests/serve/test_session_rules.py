@@ -114,6 +114,20 @@ def test_idle_deadline_and_lease_expiry():
     assert t.expired_counts == {"idle": 1, "deadline": 1, "lease": 1, "lease_late": 0}
 
 
+def test_empty_text_messages_do_not_keep_a_session_from_its_idle_timeout():
+    """{"type": "text", "text": ""} every few seconds reset the idle clock: a client holding an engine slot without
+    saying anything until the session deadline. A space is text (words may come apart from their spaces)."""
+    clock = Clock()
+    t = SessionTable("r", SessionLimits(idle_text_timeout_s=5, deadline_s=100), clock=clock)
+    s, spaced = t.open(_ticket(), incremental=True, leased=False), t.open(_ticket(), incremental=True, leased=False)
+    for _ in range(3):
+        clock.t += 2
+        t.take_text(s, "", False)
+        t.take_text(spaced, " ", False)
+    out = t.expired()
+    assert [(x is s, f.status, f.param) for x, f in out] == [(True, 408, "text")]
+
+
 def test_a_lapsed_lease_whose_consumer_lives_is_extended_not_cancelled():
     """Found by CI on a loaded 2-core host: renewals delayed past a lease cut live streams. A lapse is settled by the
     consumer's liveness: alive -> the lease is extended (counted as late, not expired); gone -> cancel."""
