@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
+from qwen_tts_core.errors import shown
+
 _DEFAULT_PORT = {"http": 80, "https": 443}
 
 
@@ -42,7 +44,7 @@ def check_identity(content_encoding: str) -> None:
     `identity`): a coded body would be decoded past the size limit (see the module's rules)."""
     codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
     if any(c != "identity" for c in codings):
-        raise FetchRefused(f"the server sent a compressed body (Content-Encoding: {content_encoding[:100]!r}); "
+        raise FetchRefused(f"the server sent a compressed body (Content-Encoding: {shown(content_encoding)}); "
                            "serve the audio uncompressed")
 
 
