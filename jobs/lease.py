@@ -6,7 +6,9 @@ exits, so a crashed run never blocks the next one (shared file systems: only as 
 S3: a conditional PutObject (`If-None-Match: *`) creates `<prefix>/.catalog-lease`; the holder renews it every
 `ttl_s / 3` (`If-Match` its ETag). A lease not renewed for `ttl_s` (by the store's clock) belongs to a run that died
 and is taken over, again with `If-Match`, so two runs never both take it. A store without conditional writes gets
-a warning and a best-effort lease.
+a warning and a best-effort lease. Each lease carries a token of its holder: a conditional write whose reply was
+lost is sent again by botocore and refused (412) as if another run had written, so a refusal is judged by reading
+the lease back (our token: the first write took, the lease is ours).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -107,14 +110,36 @@ class _S3Lease:
     def __init__(self, sink: S3Sink, ttl_s: float) -> None:
         self.sink, self.ttl_s, self.key = sink, ttl_s, sink._k(LEASE_KEY)
         self.etag: str | None = None
+        self.token = uuid.uuid4().hex   # this run's: a lease read back with it is ours
         self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _put(self, **cond: str) -> str:
-        resp = self.sink.client.put_object(Bucket=self.sink.bucket, Key=self.key, Body=json.dumps(_owner()).encode(),
+        body = json.dumps({**_owner(), "token": self.token}).encode()
+        resp = self.sink.client.put_object(Bucket=self.sink.bucket, Key=self.key, Body=body,
                                            ContentType="application/json", **cond)
         return str(resp["ETag"])
+
+    def _ours(self, raw: bytes, etag: str) -> bool:
+        """Whether the lease read back (`raw`, `etag`) is this run's: then its ETag is the one to renew with."""
+        try:
+            token = json.loads(raw).get("token")
+        except (ValueError, AttributeError):
+            return False
+        if token != self.token:
+            return False
+        self.etag = str(etag)
+        return True
+
+    def _read(self) -> dict[str, Any] | None:
+        """The lease object (get_object's answer), None when there is none."""
+        try:
+            return self.sink.client.get_object(Bucket=self.sink.bucket, Key=self.key)
+        except Exception as e:  # noqa: BLE001 - botocore error types vary
+            if _code(e) in ("NoSuchKey", "404"):
+                return None
+            raise
 
     def acquire(self) -> None:
         where = self.sink.url(LEASE_KEY)
@@ -131,12 +156,14 @@ class _S3Lease:
                 if code not in _CONFLICT:
                     raise StorageError(f"lease {where}: {type(e).__name__}: {e}") from e
             try:
-                got = self.sink.client.get_object(Bucket=self.sink.bucket, Key=self.key)
+                got = self._read()
             except Exception as e:  # noqa: BLE001
-                if _code(e) in ("NoSuchKey", "404"):
-                    continue
                 raise StorageError(f"lease {where}: {type(e).__name__}: {e}") from e
+            if got is None:
+                continue
             raw = got["Body"].read()
+            if self._ours(raw, got["ETag"]):  # our write took; its reply was lost and the retry refused
+                break
             date = got.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
             now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
             age = (now - got["LastModified"]).total_seconds()
@@ -147,9 +174,15 @@ class _S3Lease:
                 self.etag = self._put(IfMatch=got["ETag"])
                 break
             except Exception as e:  # noqa: BLE001
-                if _code(e) in _CONFLICT:
+                if _code(e) not in _CONFLICT:
+                    raise StorageError(f"lease {where}: {type(e).__name__}: {e}") from e
+                try:
+                    again = self._read()
+                except Exception as read_error:  # noqa: BLE001
+                    raise StorageError(f"lease {where}: {type(read_error).__name__}: {read_error}") from read_error
+                if again is None or not self._ours(again["Body"].read(), again["ETag"]):
                     raise LeaseHeld(_held_message(where, raw)) from None
-                raise StorageError(f"lease {where}: {type(e).__name__}: {e}") from e
+                break
         else:
             raise LeaseHeld(_held_message(where, None))
         self._thread = threading.Thread(target=self._renew, name="qtts-catalog-lease", daemon=True)
@@ -161,6 +194,13 @@ class _S3Lease:
                 self.etag = self._put(IfMatch=str(self.etag))
             except Exception as e:  # noqa: BLE001
                 if _code(e) in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                    try:
+                        got = self._read()
+                        if got is not None and self._ours(got["Body"].read(), got["ETag"]):
+                            continue  # the renewal took; its reply was lost and the retry refused
+                    except Exception as read_error:  # noqa: BLE001
+                        log.warning("could not read the catalog lease back (%s); trying again", read_error)
+                        continue
                     log.error("lost the catalog lease %s: another run took it over", self.sink.url(LEASE_KEY))
                     self.lost = True
                     return

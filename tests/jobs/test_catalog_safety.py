@@ -169,6 +169,44 @@ def test_s3_lease_is_exclusive_released_and_taken_over_when_stale(s3_bucket):
     assert sink.size(lease.LEASE_KEY) is None
 
 
+def _replies_lost(client, monkeypatch, calls: set[int]):
+    """client.put_object whose reply is lost on the given calls (1-based): the write takes, and botocore sends it
+    again, whose answer (a 412 for a conditional write) is what the caller sees."""
+    real, n = client.put_object, [0]
+
+    def put_object(**kw):
+        n[0] += 1
+        if n[0] in calls:
+            real(**kw)
+        return real(**kw)
+
+    monkeypatch.setattr(client, "put_object", put_object)
+    return n
+
+
+def test_s3_lease_survives_conditional_writes_whose_reply_was_lost(s3_bucket, monkeypatch):
+    """A lost reply makes botocore send a conditional write again, and the store refuses the copy (412: the lease
+    has changed - by the first copy). The acquire then read its own lease as another run's (LeaseHeld: the pass did
+    nothing, and the lease blocked the next passes for ttl_s); a renewal read it as lost (the pass did not
+    reconcile). The lease's token tells them apart."""
+    import time
+
+    sink = S3Sink(s3_bucket, "ivr")
+    n = _replies_lost(sink.client, monkeypatch, {1, 2})    # the acquire, then the first renewal
+    with lease.hold(sink, ttl_s=3) as held:
+        deadline = time.monotonic() + 10
+        while n[0] < 3 and time.monotonic() < deadline:      # the first renewal (each ttl_s / 3 = 1 s)
+            time.sleep(0.1)
+        assert n[0] >= 3
+        time.sleep(1.5)                                        # one more renewal, with the ETag read back
+        held.check()
+        assert not held.lost
+    assert sink.size(lease.LEASE_KEY) is None              # released
+    sink.client.put_object(Bucket=s3_bucket, Key="ivr/" + lease.LEASE_KEY, Body=b'{"host": "other", "token": "x"}')
+    with pytest.raises(lease.LeaseHeld, match="other"), lease.hold(sink):
+        pass                                                   # another run's lease is still another run's
+
+
 def test_every_survives_a_pass_that_raises(tmp_path, capsys, monkeypatch):
     calls = []
 
