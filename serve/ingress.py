@@ -56,7 +56,7 @@ from .schemas import (
     from_request_error,
     from_validation_error,
 )
-from .streaming import Leases, ReplicaStream, StreamAborted, audio_body, sse_body
+from .streaming import Leases, ReplicaStream, StreamAborted, audio_body, replica_answer, sse_body
 from .uploads import MULTIPART, URLENCODED, body_timeout, media_type, read_form
 from .voices import VoiceStore
 from .ws_session import MessageLimiter, WSSession, send_error
@@ -367,8 +367,8 @@ class Ingress:
         async with self._voice_creates[caller.owner] if limit is not None else contextlib.nullcontext():
             await self._check_voice_count(caller, limit)   # one create of a key at a time: a burst cannot pass it
             try:
-                info = await self.replicas[model].create_voice.remote(audio, ref_text, up.x_vector_only, up.name,
-                                                                      caller.owner)
+                info = await replica_answer(self.replicas[model].create_voice.remote(
+                    audio, ref_text, up.x_vector_only, up.name, caller.owner), self.cfg.retry_after_s)
             except RequestError as e:  # from the core (audio header limits, decoding, ref_text) or the store (name)
                 raise from_request_error(getattr(e, "cause", e), audio_field) from None
         return JSONResponse({**info, "builtin": False}, status_code=201)
@@ -442,16 +442,16 @@ class Ingress:
     # --- models, health, metrics, playground ------------------------------------------------------------------
     async def _model_info(self, name: str, handle) -> dict:
         if name not in self._info:
-            self._info[name] = await handle.info.remote()
+            self._info[name] = await replica_answer(handle.info.remote(), self.cfg.retry_after_s)
         return self._info[name]
 
-    @app.get("/v1/models", responses=_answers(401, 500))
+    @app.get("/v1/models", responses=_answers(401, 500, 502, 503))
     async def models(self, request: Request) -> dict:
         self._auth(request.headers)
         return {"object": "list",
                 "data": [await self._model_info(n, h) for n, h in self.replicas.items()]}
 
-    @app.get("/v1/models/{model_id}", responses=_answers(401, 404, 500))
+    @app.get("/v1/models/{model_id}", responses=_answers(401, 404, 500, 502, 503))
     async def model(self, model_id: str, request: Request) -> dict:
         self._auth(request.headers)
         if model_id not in self.replicas:

@@ -28,8 +28,10 @@ import contextvars
 import json
 import logging
 import weakref
+from collections.abc import Awaitable
 from typing import Any
 
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from .metrics import ClientStreams
@@ -49,6 +51,18 @@ def replica_lost(e: BaseException) -> ApiError:
     level = logging.INFO if isinstance(e, RequestCancelledError) else logging.WARNING
     log.log(level, "replica stream failed: %s: %s", type(e).__name__, str(e).strip().splitlines()[-1:] or "")
     return ApiError(502, "the model replica serving this request failed; retry the request")
+
+
+async def replica_answer(call: Awaitable[Any], retry_after_s: int = 1) -> Any:
+    """The answer of a one-shot replica call (create_voice, info): 503 with Retry-After when the replica's queue is
+    full, 502 (`replica_lost`) when the replica died or cannot be reached (these were 500 "internal error"); the
+    replica's own errors (a RequestError, ...) come through as raised."""
+    try:
+        return await call
+    except BackPressureError:
+        raise ApiError(503, "service busy; retry later", None, headers={"Retry-After": str(retry_after_s)}) from None
+    except RayActorError as e:   # died, or unavailable (ActorUnavailableError)
+        raise replica_lost(e) from None
 
 
 def end_error(item: dict) -> ApiError | None:

@@ -67,3 +67,36 @@ def test_an_unknown_field_name_is_not_echoed_in_full(monkeypatch, tmp_path):
             ws.send_json({"type": "config", "model": "base", key: 1})
             err = ws.receive_json()["error"]
             assert err["param"] == "k" * ECHO_CHARS and len(err["message"]) < 300, err["message"][:200]
+
+
+class Gone:
+    """A replica that died (or whose queue is full) under the one-shot calls: info and create_voice."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def info(self) -> dict:
+        raise self.exc
+
+    async def create_voice(self, audio, ref_text, x_vector_only, name, owner=""):
+        raise self.exc
+
+
+def test_a_dead_or_full_replica_under_one_shot_calls_is_502_or_503_not_500(monkeypatch, tmp_path):
+    """GET /v1/models and POST /v1/audio/voices call the replica once: its death was a logged 500 "internal error"
+    (the streams already said 502), and a full queue a 500 too (the streams: 503 with Retry-After)."""
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    for exc, status in ((ActorDiedError(), 502), (BackPressureError(num_queued_requests=9, max_queued_requests=8),
+                                                  503)):
+        client = ingress_app(monkeypatch, {"models": [{"name": "base", "model_type": "base"}],
+                                           "voices_uri": str(tmp_path / "voices")}, {"base": Gone(exc)})[0]
+        with client:
+            for r in (client.get("/v1/models"), client.get("/v1/models/base"),
+                      client.post("/v1/audio/voices", json={"name": "v", "x_vector_only": True,
+                                                            "audio_base64": "UklGRg=="})):
+                assert r.status_code == status, (type(exc).__name__, r.request.url, r.text)
+                assert "error" in r.json()
+                if status == 503:
+                    assert r.headers["Retry-After"] == "1"
