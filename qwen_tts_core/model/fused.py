@@ -76,6 +76,10 @@ OPS: list[FusedOp] = []
 """Every FusedOp made (the layer's here, the sampler's in generate/sampling.py)."""
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class FusedOp:
     """A function of tensors run plain, or (inside `compiled_ops`, this thread) torch.compiled into as few kernels
     as inductor makes of it; compiled on first use per shape. Dim 0 of every tensor argument is marked dynamic where
@@ -104,6 +108,8 @@ class FusedOp:
                     torch._dynamo.maybe_mark_dynamic(a, 0)  # a hint: torch keeps it static where it must
             return self.compiled(*args)
         except Exception:  # noqa: BLE001 - compiling is an optimisation: the plain ops give the same result
+            if _capturing():
+                raise  # a failure inside a CUDA graph capture has already spoilt the capture: plain ops cannot mend it
             log.warning("torch.compile of %s failed; it runs as plain ops from now on", self.name, exc_info=True)
             self.broken = True
             return self.fn(*args)

@@ -198,6 +198,27 @@ def test_a_failing_compile_leaves_the_plain_ops_running(fresh_ops, model_factory
     assert torch.equal(g.run_all([r])[0].codes(), want)
 
 
+def test_a_compiled_op_failing_inside_a_cuda_graph_capture_is_raised_not_hidden(fresh_ops, monkeypatch):
+    """Outside a capture a failing compiled op runs plain from then on; inside one the capture is already spoilt
+    (the plain ops would be recorded into an invalid graph), so the error goes up to the capture, which fails the
+    engine's start instead of leaving a wrong graph, or an op marked broken for good by a passing fault."""
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("out of memory while capturing")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    op = fused._silu_mul_op
+    x = torch.randn(2, 8)
+    monkeypatch.setattr(fused, "_capturing", lambda: True)
+    with fused.compiled_ops(True), pytest.raises(RuntimeError, match="while capturing"):
+        op(x)
+    assert not op.broken
+    monkeypatch.setattr(fused, "_capturing", lambda: False)
+    with fused.compiled_ops(True):
+        assert torch.equal(op(x), op.fn(x)) and op.broken
+
+
 def test_the_switch_is_per_thread_and_restored():
     """`compiled_ops()` (and `packed_linears()`, the same kind of switch) set on one thread are not seen by another
     engine's thread, and a block restores what was there before, even when it raises."""
