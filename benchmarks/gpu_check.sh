@@ -7,6 +7,8 @@
 # line printed (also $OUT/gpu_check.json) is one JSON object with pass/fail per goal. OUT defaults to
 # output/gpu_check. GPU_CHECK_BUDGET_S (default 480) caps the whole run; GPU_CHECK_STAGES picks stages
 # ("name:seconds ...", e.g. "versions:20 build:50 e2e:110"; stages: see benchmarks/gpu_bench.py --help).
+# `build` (the 1.7B random checkpoint: CPU work only) starts with the run, beside the stages listed before it; its
+# place in the list is where the run waits for it, and its seconds count from the start.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
@@ -25,36 +27,68 @@ mkdir -p "$OUT"
 RES="$OUT/gpu_check.jsonl"
 : > "$RES"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/qtts-gpu-check.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
+BUILD_PID=""
+trap '[ -n "$BUILD_PID" ] && { pkill -P "$BUILD_PID"; kill "$BUILD_PID"; } 2>/dev/null; rm -rf "$WORK"' EXIT
 START=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET_S:-480}"
 if [ "$DEVICE" != cpu ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/nvidia-smi.txt" 2>&1 || true
 fi
 
+limit_of() {  # limit_of NAME SECONDS: SECONDS bounded by what is left of the budget (0: none left)
+  local left=$(( BUDGET - ($(date +%s) - START) - 8 ))
+  [ "$left" -lt "$2" ] && echo $(( left < 0 ? 0 : left )) || echo "$2"
+}
+
+record() {  # record NAME OUTFILE RC LIMIT: the stage's JSON line into $RES, or the line saying why there is none
+  local name="$1"
+  if grep -q "\"stage\": \"$name\"" "$2" 2>/dev/null; then
+    grep "\"stage\": \"$name\"" "$2" >> "$RES"
+  else
+    echo "{\"stage\": \"$name\", \"ok\": false, \"error\": \"exit code $3 (124: killed after ${4}s)\"}" >> "$RES"
+  fi
+}
+
+run_stage() {  # run_stage NAME LIMIT OUTFILE: one stage in its own process under its own timeout
+  timeout -k 5 "$2" python3 benchmarks/gpu_bench.py --stage "$1" --device "$DEVICE" --out "$3" --work "$WORK"
+}
+
 stage() {  # stage NAME SECONDS: run it, bounded by its own limit and by what is left of the budget
-  local name="$1" limit="$2" left rc
-  left=$(( BUDGET - ($(date +%s) - START) - 8 ))
-  [ "$left" -lt "$limit" ] && limit="$left"
+  local name="$1" limit rc
+  if [ "$name" = build ] && [ -n "$BUILD_PID" ]; then   # started at the beginning: wait for it here
+    echo "== build (started with the run, up to ${BUILD_LIMIT}s)" >&2
+    wait "$BUILD_PID"; BUILD_PID=""
+    cat "$WORK/build.log" >&2
+    record build "$WORK/build.jsonl" "$(cat "$WORK/build.rc" 2>/dev/null || echo 1)" "$BUILD_LIMIT"
+    return
+  fi
+  limit=$(limit_of "$name" "$2")
   if [ "$limit" -lt 5 ]; then
     echo "{\"stage\": \"$name\", \"ok\": false, \"error\": \"skipped: no time left in the budget\"}" >> "$RES"
     return
   fi
   echo "== $name (up to ${limit}s)" >&2
-  timeout -k 5 "$limit" python3 benchmarks/gpu_bench.py --stage "$name" --device "$DEVICE" --out "$RES" \
-    --work "$WORK" >&2
+  run_stage "$name" "$limit" "$WORK/$name.jsonl" >&2
   rc=$?
-  if ! tail -n 1 "$RES" | grep -q "\"stage\": \"$name\""; then
-    echo "{\"stage\": \"$name\", \"ok\": false, \"error\": \"exit code $rc (124: killed after ${limit}s)\"}" >> "$RES"
-  fi
+  record "$name" "$WORK/$name.jsonl" "$rc" "$limit"
 }
 
 if [ "$DEVICE" = cpu ]; then
   DEFAULT_STAGES="versions:30 tiny:80 build:90 parity:60 timings:90 e2e:100"
-else  # 8 minutes: the compiled path first (plain e2e: add e2e:110, or pick with GPU_CHECK_STAGES)
-  DEFAULT_STAGES="versions:20 tiny:60 build:60 parity:40 compile:90 e2e_compiled:140 timings:70"
+else  # 8 minutes: the production path (plain ops, graphs) first, compiled ops last (e2e_compiled: GPU_CHECK_STAGES)
+  DEFAULT_STAGES="versions:20 tiny:60 build:150 parity:40 e2e:120 timings:80 compile:90"
 fi
-for s in ${GPU_CHECK_STAGES:-$DEFAULT_STAGES}; do
-  stage "${s%%:*}" "$( [ "${s#*:}" != "$s" ] && echo "${s#*:}" || echo 60 )"
+STAGES="${GPU_CHECK_STAGES:-$DEFAULT_STAGES}"
+seconds() { [ "${1#*:}" != "$1" ] && echo "${1#*:}" || echo 60; }
+for s in $STAGES; do
+  if [ "${s%%:*}" = build ]; then
+    BUILD_LIMIT=$(limit_of build "$(seconds "$s")")
+    ( run_stage build "$BUILD_LIMIT" "$WORK/build.jsonl" 2> "$WORK/build.log"; echo $? > "$WORK/build.rc" ) &
+    BUILD_PID=$!
+    break
+  fi
+done
+for s in $STAGES; do
+  stage "${s%%:*}" "$(seconds "$s")"
 done
 python3 benchmarks/gpu_bench.py --summary "$RES" | tee "$OUT/gpu_check.json"

@@ -57,6 +57,18 @@ def test_a_stage_past_its_time_is_recorded_and_the_run_still_ends(tmp_path):
     assert "killed after 5s" in final["stages"]["tiny"]
 
 
+def test_the_build_runs_beside_the_stages_before_it_and_is_waited_for_in_its_place(tmp_path):
+    """The 1.7B build is CPU work: it starts with the run, beside `versions` (here a build cut short at 1 s, which
+    the run records in the build's place, and the stage after it sees as not finished)."""
+    final, lines = run_check(tmp_path, GPU_CHECK_STAGES="versions:60 build:1 parity:60", GPU_CHECK_BUDGET_S="300")
+    assert [x["stage"] for x in lines] == ["versions", "build", "parity"]
+    assert final["stages"]["versions"] == "ok" and "killed after 1s" in final["stages"]["build"]
+    assert "build stage did not finish" in lines[2]["error"] + lines[2].get("traceback", "")
+    final, lines = run_check(tmp_path / "again", GPU_CHECK_STAGES="build:60 versions:60 parity:60",
+                             GPU_CHECK_BUDGET_S="300")
+    assert final["stages"] == {"build": "ok", "versions": "ok", "parity": "ok"}, lines
+
+
 @pytest.mark.slow
 def test_dry_run_of_the_compiled_stages(tmp_path):
     """`compile` (plain vs compiled fused ops with graphs) and `e2e_compiled`: the stages the next GPU run needs most.
