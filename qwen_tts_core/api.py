@@ -180,7 +180,9 @@ class Qwen3TTSModel:
         if (path / "speech_tokenizer").is_dir():
             from .codec.load import load_codec
 
-            codec = load_codec(path / "speech_tokenizer", device=device, dtype=torch.float32)
+            # the voice-clone encoder's weights are checked where they are used: Base models (else at a first use)
+            codec = load_codec(path / "speech_tokenizer", device=device, dtype=torch.float32,
+                               encoder=cfg.tts_model_type == "base")
         else:
             log.warning("%s has no speech_tokenizer/: codes only, no audio", path)
         speaker_encoder = None

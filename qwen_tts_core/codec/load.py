@@ -163,13 +163,16 @@ class Codec:
 
 
 def load_codec(dir_or_path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> Codec:
+               dtype: torch.dtype = torch.float32, encoder: bool = True) -> Codec:
     """Load a speech tokenizer folder (see `resolve_dir`) for decoding (and lazily, encoding). The encoder is built
-    at its first use, but its config and its `encoder.*` tensors (names, shapes, finite) are checked here."""
+    at its first use; its config is checked here, and with `encoder` (a model that clones voices) its `encoder.*`
+    tensors too (names, shapes, finite: this builds transformers' MimiModel on the meta device); without, at its
+    first use."""
     folder = resolve_dir(dir_or_path)
     cfg = CodecConfig.from_json(folder / "config.json")
     weights = folder / WEIGHTS
     decoder = load_decoder(cfg, read_tensors([weights], "decoder."), device, dtype)
-    check_encoder_state(cfg.encoder, read_tensors([weights], "encoder."), str(folder / "config.json"))
+    if encoder:
+        check_encoder_state(cfg.encoder, read_tensors([weights], "encoder."), str(folder / "config.json"))
     logger.info("loaded codec decoder from %s (%s, %s)", folder, device, dtype)
     return Codec(cfg, decoder, weights)

@@ -11,6 +11,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,6 +37,12 @@ from qwen_tts_core.text.tokenizer import TextTokenizer
 def cv(checkpoint_factory, tmp_path) -> Path:
     """A private copy of the tiny CustomVoice checkpoint, to damage."""
     return Path(shutil.copytree(checkpoint_factory("custom_voice", "tiny"), tmp_path / "cv"))
+
+
+@pytest.fixture
+def base_ckpt(checkpoint_factory, tmp_path) -> Path:
+    """A private copy of the tiny Base checkpoint, to damage."""
+    return Path(shutil.copytree(checkpoint_factory("base", "tiny"), tmp_path / "base"))
 
 
 def load(path: Path, **kw):
@@ -113,14 +120,28 @@ def test_tokenizer_with_unknown_class_is_refused(cv):
     ("model.safetensors", "talker.model.norm.weight", float("nan")),
     ("model.safetensors", "talker.codec_head.weight", float("inf")),
     ("speech_tokenizer/model.safetensors", "decoder.pre_conv.conv.weight", float("nan")),
-    ("speech_tokenizer/model.safetensors", "encoder.downsample.conv.weight", float("nan")),  # the voice-clone encoder
-    ("speech_tokenizer/model.safetensors", "encoder.quantizer.acoustic_residual_vector_quantizer.layers.3.codebook."
-                                           "embed_sum", float("inf")),
 ])
 def test_non_finite_weights_are_refused(cv, rel, name, value):
     edit_weights(cv / rel, lambda t: t[name].view(-1).__setitem__(0, value))
     with pytest.raises(ValueError, match=rf"{name}.*{rel}.*non-finite"):
         load(cv)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("encoder.downsample.conv.weight", float("nan")),
+    ("encoder.quantizer.acoustic_residual_vector_quantizer.layers.3.codebook.embed_sum", float("inf")),
+])
+def test_non_finite_voice_clone_encoder_weights_are_refused_where_they_are_used(base_ckpt, cv, name, value):
+    """The Mimi encoder (reference audio -> codes) of a Base model is checked at load; a CustomVoice model never
+    encodes, so its load does not build transformers' MimiModel (the check runs at a first use instead)."""
+    rel = "speech_tokenizer/model.safetensors"
+    for folder in (base_ckpt, cv):
+        edit_weights(folder / rel, lambda t: t[name].view(-1).__setitem__(0, value))
+    with pytest.raises(ValueError, match=rf"{name}.*{rel}.*non-finite"):
+        load(base_ckpt)
+    model = load(cv)
+    with pytest.raises(ValueError, match=rf"{name}.*non-finite"):
+        model.codec.encode([np.full(24000, 0.1, np.float32)])
 
 
 def test_non_finite_speaker_encoder_weights_are_refused(checkpoint_factory, tmp_path):
@@ -468,9 +489,10 @@ def test_encoder_valid_num_quantizers_must_match_the_decoder(cv):
         load(cv)
 
 
-def test_an_encoder_config_that_does_not_match_its_weights_is_refused_at_load(cv):
-    """A well-typed encoder_config the weights do not fit: refused at load, naming a tensor, not at the first
-    voice-clone prompt."""
+def test_an_encoder_config_that_does_not_match_its_weights_is_refused_at_load(base_ckpt):
+    """A well-typed encoder_config the weights do not fit: refused at a Base model's load, naming a tensor, not at
+    the first voice-clone prompt."""
+    cv = base_ckpt
     edit_json(cv / "speech_tokenizer/config.json", lambda r: r["encoder_config"].update(num_filters=8))
     with pytest.raises(ValueError, match=r"speech tokenizer encoder: tensor 'encoder\.encoder\.layers\.0\.conv\.weight' "
                                          r"of .*speech_tokenizer/model.safetensors has shape"):
