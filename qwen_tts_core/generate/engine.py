@@ -324,7 +324,8 @@ class Engine:
         early = self.audio is not None and bool(self._audio_rows) and (
             self._capture is None or any(self.audio.first_due_after(s.id) for s in cp if s.id in self._audio_rows))
         rows = r.step([s.slot for s in cp], [s.slot for s in tk], max((s.pos for s in tk), default=0),
-                      between=frames_ready if early and cp else None)
+                      between=frames_ready if early and cp else None,
+                      write_pos=max(s.pos for s in self.active))  # rows 0..n-1 after _compact: every active one
         if not (early and cp):
             self._take_frames(cp, rows, out)
         # the talker rows' next ids

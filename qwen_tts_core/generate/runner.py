@@ -437,9 +437,11 @@ class StepRunner:
 
     # --- a step ------------------------------------------------------------------------------------------------
     def step(self, cp_slots: list[int], talker_slots: list[int], max_pos: int,
-             between: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+             between: Callable[[np.ndarray], None] | None = None, write_pos: int | None = None) -> np.ndarray:
         """Advance the code predictor for `cp_slots` (then) the talker for `talker_slots`; max_pos: the highest
-        position a talker row writes. Returns the host copy of `out` rows 0..B-1: [:, :16] the frame codes of the
+        position a talker row writes; write_pos: the highest position of any row 0..B-1 (default max_pos): the rows
+        the talker does not advance (a session waiting for text) run in the batch too and write a key at their own
+        position, masked, so a growing cache must hold it. Returns the host copy of `out` rows 0..B-1: [:, :16] the frame codes of the
         code-predictor rows, [:, 16] the next codebook-0 id of the talker rows (the one read of the step).
         between: called with the host copy of `out` after the code predictor and before the talker (a second read:
         the frames can be used, e.g. decoded, before the talker step runs); its [:, 16] is stale then."""
@@ -447,7 +449,7 @@ class StepRunner:
         B = _first_at_least(self.batch_buckets, hi) if self.static else hi  # graphs: the captured shapes
         L = read_length(max_pos + 1, self.max_len, self.len_buckets if self.static else None) if talker_slots else 0
         if talker_slots and not self.static:
-            self._ensure_len(L)
+            self._ensure_len(max(L, (max_pos if write_pos is None else write_pos) + 1))
         self._set_masks(cp_slots, talker_slots)
         if cp_slots:
             with self._body_context():

@@ -451,3 +451,34 @@ def test_read_length_rounds_to_64_or_takes_the_bucket():
     assert [read_length(n, 4096, None) for n in (1, 64, 65, 129, 300, 4090)] == [64, 64, 128, 192, 320, 4096]
     assert read_length(100, 100, None) == 100          # never past max_len
     assert [read_length(n, 4096, length_buckets(4096)) for n in (65, 129, 300)] == [128, 256, 512]
+
+
+def test_a_session_waiting_for_text_at_the_cache_capacity_fails_no_one(model):
+    """A growing cache grew to what the talker's advancing rows needed, but every row below the highest runs in the
+    step and writes a key at its own position: a session waiting for text exactly at the capacity (it was the
+    longest when it got there) wrote past the end, and the step's IndexError failed every active session (another
+    user's too). The cache now holds every row's position."""
+    eng = Engine(model, max_sessions=2, initial_cache_len=64)
+    a = eng.add(req(None, sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=400)))
+    a.append_text("Hello")
+
+    def waiting(s):
+        return s.prompt is not None and not (s.text_step < len(s.prompt.trailing) or s.prompt.text_ended)
+
+    for _ in range(500):                      # one word per talker step until A waits at position 64
+        if a.pos >= 64 and waiting(a):
+            break
+        if a.prompt is None or waiting(a):
+            a.append_text(" a")
+        eng.step()
+    assert a.pos == 64 == eng.runner.cache.capacity and waiting(a) and a.slot == 0
+    b = eng.add(req("Good morning!"))
+    chunks = []
+    while not b.done:
+        chunks += eng.step()
+    assert b.finish_reason == "max_new_tokens" and not a.done, [c.error for c in chunks if c.is_last]
+    assert torch.equal(b.codes(), run_alone(model, req("Good morning!")))
+    a.end_text()
+    while not a.done:
+        eng.step()
+    assert a.finish_reason in ("eos", "max_new_tokens")
