@@ -8,6 +8,7 @@ AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, instance 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -127,8 +128,15 @@ class LocalSink:
         def write() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except BaseException:
+                # a write cut short (disk full) leaves a partial temp file; each retry makes a new one, and
+                # list() hides dot-files, so nothing else would ever remove them
+                with contextlib.suppress(OSError):  # (never hide the write's own error)
+                    tmp.unlink(missing_ok=True)
+                raise
 
         _retry(f"write {path}", write, self.retry, _local_retryable)
 

@@ -70,3 +70,31 @@ def test_retry_backs_off_then_succeeds_or_gives_up():
         _retry("put", lambda: (_ for _ in ()).throw(_Err("AccessDenied")), pol, _s3_retryable)
     with pytest.raises(StorageError, match="after 4 attempt"):
         _retry("put", lambda: (_ for _ in ()).throw(_Err("SlowDown")), pol, _s3_retryable)
+
+
+@pytest.mark.parametrize("fails", ["write", "rename"])
+def test_a_failed_local_write_leaves_no_temp_file(tmp_path, monkeypatch, fails):
+    """A write cut short (disk full) or a rename refused left its dot-named temp file on every attempt: list()
+    hides them and nothing removed them (4 per failed object, more per failed manifest)."""
+    import errno
+    import os
+    from pathlib import Path
+
+    real_write = Path.write_bytes
+
+    def half_then_full(self, data):
+        real_write(self, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def refuse(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    if fails == "write":
+        monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    else:
+        monkeypatch.setattr(os, "replace", refuse)
+    sink = LocalSink(str(tmp_path / "out"), RetryPolicy(attempts=3, base_delay=0.001))
+    with pytest.raises(StorageError, match=r"after 3 attempt\(s\)"):
+        sink.put("audio/row.wav", b"x" * 1000)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
