@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .inputs import Utterance
+from .synth import error_text
 
 log = logging.getLogger(__name__)
 KINDS = ("custom_voice", "voice_design", "base")
@@ -85,7 +86,7 @@ def resolve_checkpoint_ref(model: str, revision: str | None = None) -> tuple[Pat
         cfg = Path(hf_hub_download(model, "config.json", revision=info.sha))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: one clear message
         raise ValueError(f"model: {model!r} is not in the local cache and the hub cannot be reached "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                         f"({error_text(e)[:200]})") from e
     entries = [(s.rfilename, s.lfs.sha256 if s.lfs else s.blob_id) for s in info.siblings or []]
     return cfg, digest_from_hashes(entries), info.sha
 

@@ -27,7 +27,7 @@ from .progress import Bar, Console, Tracker, quiet_ray_data
 from .render import RenderConfig, base_record, existing_output, render_rows
 from .serve_backend import serve_app_running
 from .storage import RetryPolicy, Sink, StorageError, open_sink
-from .synth import Backend, EngineOptions, make_backend
+from .synth import Backend, EngineOptions, error_text, make_backend
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "engine", "serve")
@@ -394,7 +394,7 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
                 for i in todo:
                     if i not in out.records:
                         rec = base_record(rows[i], cfg)
-                        rec.error = f"job aborted: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                        rec.error = f"job aborted: {error_text(e)[:300]}"  # (a bare assert has no text at all)
                         out.records[i] = rec
         with out._lock:
             out.frozen = True

@@ -70,7 +70,7 @@ def error_text(e: BaseException) -> str:
     if field_name is not None and getattr(cause, "message", None) is not None:
         return f"{field_name}: {cause.message}"[:500]
     lines = [x for x in str(cause).strip().splitlines() if x.strip()]
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:500]
+    return (f"{type(cause).__name__}: {lines[-1]}" if lines else type(cause).__name__)[:500]  # (`assert`: no text)
 
 
 class EngineBackend:

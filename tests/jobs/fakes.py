@@ -42,3 +42,10 @@ class SlowFake(FakeBackend):
 
         time.sleep(float(os.environ.get("QTTS_FAKE_DELAY_S", "0.3")))
         return super().synthesize(jobs)
+
+
+class BrokenBackend:
+    """A backend whose set-up fails with an exception that has no text (a bare `assert`, `MemoryError()`)."""
+
+    def __init__(self) -> None:
+        raise AssertionError()

@@ -230,3 +230,39 @@ def test_paragraph_edits_change_the_key_other_whitespace_does_not():
     assert key("It was late. The storm came.") != key("It was late.\n\nThe storm came.")
     assert key("It was late.\n\nThe storm came.") == key("It was late.\n \n\n  The storm came.  ")
     assert key("It was late.\nThe storm came.") == key("It was late.   The storm came.")
+
+
+# --- an error with no text ---------------------------------------------------------------------------------------
+def test_a_backend_failing_with_no_message_still_gives_the_manifest(tmp_path, capsys):
+    """str(e) == "" (a bare assert, MemoryError()): the handler that records "job aborted" for every row raised
+    IndexError on `str(e).splitlines()[0]`, so the job crashed with no manifest and no summary."""
+    inp = tmp_path / "rows.jsonl"
+    inp.write_text(json.dumps({"id": "a", "text": "Hello there."}) + "\n")
+    out = tmp_path / "out"
+    code = narrate.main([str(inp), "--model", "fake", "--out", f"file://{out}", "--backend",
+                         "tests.jobs.fakes:BrokenBackend", "--runner", "local", "--no-progress", "--quiet",
+                         "--voice", "ryan"])
+    assert code == 1
+    assert _manifest(out)["a"].error == "job aborted: AssertionError"
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["failed_ids"] == ["a"]
+
+
+def test_a_hub_error_with_no_message_is_still_a_value_error(monkeypatch):
+    """The hub look-up's error text had the same `splitlines()[0]`: an empty one raised IndexError, not the
+    ValueError that makes the job exit 2 naming the model."""
+    import huggingface_hub
+
+    from jobs.models import resolve_checkpoint_ref
+
+    def not_cached(*a, **k):
+        raise FileNotFoundError("not cached")
+
+    def unreachable(*a, **k):
+        raise ConnectionError()
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(ValueError, match=r"'org/model' is not in the local cache and the hub cannot be reached "
+                                         r"\(ConnectionError\)"):
+        resolve_checkpoint_ref("org/model")
