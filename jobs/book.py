@@ -1,12 +1,14 @@
 """`--book m4b`: one audiobook file (AAC in MP4, brand M4B) with a chapter marker per chapter, tags and cover art.
 
 Chapters are the job's written outputs in input order, decoded one at a time and streamed into the encoder (a book
-of any length never sits in memory); each chapter marker starts where its audio starts. Titles come from the
-chapter's first Markdown heading, else its file name (`03-the-storm` -> "The storm"). Tags: title (and album),
-author (artist), narrator (composer, as audiobook players read it; default: the voice), genre Audiobook, media
-kind audiobook, optional cover (JPEG or PNG). FFmpeg's MP4 muxer (through PyAV) writes it all: chapters as a Nero
-`chpl` list and a QuickTime chapter track, tags as iTunes `ilst` atoms, the cover as `covr`. The book's key is a
-digest of its chapters' content keys and its metadata, so an unchanged book is not written again.
+of any length never sits in memory); each chapter marker starts where its audio starts (to the sample: the frames
+carry their place in the book, so the encoder's priming is cut), and a chapter with no audio (a row flagged `empty`)
+gets no marker and is listed in the summary's `empty`. Titles come from the chapter's first Markdown heading, else
+its file name (`03-the-storm` -> "The storm"). Tags: title (and album), author (artist), narrator (composer, as
+audiobook players read it; default: the voice), genre Audiobook, media kind audiobook, optional cover (JPEG or PNG).
+FFmpeg's MP4 muxer (through PyAV) writes it all: chapters as a Nero `chpl` list and a QuickTime chapter track, tags
+as iTunes `ilst` atoms, the cover as `covr`. The book's key is a digest of its chapters' content keys and its
+metadata, so an unchanged book is not written again.
 """
 
 from __future__ import annotations
@@ -124,12 +126,48 @@ def _mux_cover(container: Any, stream: Any, data: bytes) -> None:
     container.mux(packet)
 
 
-def write_book(records: list[ManifestRecord], titles: list[str], sink: Sink, meta: BookMeta) -> dict[str, Any]:
-    """Assemble the chapters that were written (status ok/suspect) into one M4B; returns a summary entry
-    {"key", "url", "chapters": [{"title", "start_s", "id"}], "duration_s", "missing": [ids], "reused"}.
+def _chapter_pcm(sink: Sink, rec: ManifestRecord) -> np.ndarray:
+    """A chapter's written audio, mono float32 at the book's rate.
 
     Raises:
-        ValueError: no chapter was written, or a chapter's object cannot be read back.
+        ValueError: its object is missing from the output.
+    """
+    data = sink.get(rec.key)  # type: ignore[arg-type]
+    if data is None:
+        raise ValueError(f"book: chapter {rec.id!r} ({rec.key}) is missing from the output")
+    pcm, sr = codecs.decode(data, rec.format if rec.format in codecs.RAW_CODECS else None)
+    if sr != SAMPLE_RATE and pcm.size:
+        import soxr
+
+        pcm = soxr.resample(pcm, sr, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    return np.ascontiguousarray(np.clip(pcm, -1, 1), dtype=np.float32)
+
+
+def _encode(container: Any, stream: Any, pcm: np.ndarray, start: int) -> None:
+    """Encode one chapter's samples, stamped with their place in the book (`start`, in samples).
+
+    Without a pts the AAC encoder's priming (1024 samples) stays in the timeline and every chapter's audio plays
+    23 ms after its marker; with one, the muxer's edit list cuts the priming and the marks sit on the audio."""
+    import av
+
+    frame = av.AudioFrame.from_ndarray(pcm[None, :], format="flt", layout="mono")
+    frame.sample_rate = SAMPLE_RATE
+    frame.pts, frame.time_base = start, fractions.Fraction(1, SAMPLE_RATE)
+    for packet in stream.encode(frame):
+        container.mux(packet)
+
+
+def write_book(records: list[ManifestRecord], titles: list[str], sink: Sink, meta: BookMeta) -> dict[str, Any]:
+    """Assemble the chapters that were written (status ok/suspect) into one M4B; returns a summary entry
+    {"key", "url", "chapters": [{"title", "start_s", "id"}], "duration_s", "missing": [ids], "empty": [ids],
+    "reused"}.
+
+    A chapter with no audio (a row flagged `empty`: a WAV of zero samples) gets no chapter mark and is listed in
+    `empty`: a mark of zero length would start where the next chapter starts, two marks at one time that players
+    show or skip each their own way (and the AAC encoder refuses a frame of no samples).
+
+    Raises:
+        ValueError: no chapter was written, every written one is empty, or a chapter's object cannot be read back.
     """
     import av
 
@@ -139,7 +177,7 @@ def write_book(records: list[ManifestRecord], titles: list[str], sink: Sink, met
     if not pairs:
         raise ValueError("book: no chapter was written, so there is no book to make")
     key = book_key([p[0] for p in pairs], [p[1] for p in pairs], meta)
-    out: dict[str, Any] = {"key": key, "url": sink.url(key), "missing": missing, "reused": False}
+    out: dict[str, Any] = {"key": key, "url": sink.url(key), "missing": missing, "empty": [], "reused": False}
     chapters, total = [], 0
     with tempfile.TemporaryDirectory(prefix="qtts-book-") as tmp:
         path = str(Path(tmp) / "book.m4b")
@@ -151,21 +189,16 @@ def write_book(records: list[ManifestRecord], titles: list[str], sink: Sink, met
             stream.bit_rate = BIT_RATE
             cover = _cover_stream(container, meta.cover) if meta.cover else None
             for rec, title in pairs:
-                data = sink.get(rec.key)  # type: ignore[arg-type]
-                if data is None:
-                    raise ValueError(f"book: chapter {rec.id!r} ({rec.key}) is missing from the output")
-                pcm, sr = codecs.decode(data, rec.format if rec.format in codecs.RAW_CODECS else None)
-                if sr != SAMPLE_RATE:
-                    import soxr
-
-                    pcm = soxr.resample(pcm, sr, SAMPLE_RATE, quality="HQ").astype(np.float32)
+                pcm = _chapter_pcm(sink, rec)
+                if not pcm.size:
+                    out["empty"].append(rec.id)
+                    continue
                 chapters.append({"id": rec.id, "title": title, "start": total, "end": total + pcm.size})
+                _encode(container, stream, pcm, total)
                 total += pcm.size
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(np.clip(pcm, -1, 1)[None, :]),
-                                                   format="flt", layout="mono")
-                frame.sample_rate = SAMPLE_RATE
-                for packet in stream.encode(frame):
-                    container.mux(packet)
+            if not chapters:
+                raise ValueError(f"book: every written chapter is empty ({len(pairs)} without audio), so there is "
+                                 "no book to make")
             for packet in stream.encode(None):
                 container.mux(packet)
             if cover:

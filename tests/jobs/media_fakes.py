@@ -1,7 +1,8 @@
 """Synthesis stand-ins for the media tests (the `jobs.synth.Backend` interface; used as `--backend module:Class`).
 
 NoiseBackend: speech-like noise (syllable envelope, 0.05 s per character), deterministic per text; "CLICK" adds
-a full-scale click, "SILENT" gives digital silence, "LONGER" makes the chunk 10x longer; voice "nobody" is unknown.
+a full-scale click, "SILENT" gives digital silence, "NOTHING" no samples at all (the model ended at once), "LONGER"
+makes the chunk 10x longer; voice "nobody" is unknown.
 ToneBackend: a 300 Hz tone, 0.05 s per character (speed and caption timing tests).
 """
 
@@ -32,7 +33,7 @@ class NoiseBackend:
             if j.voice == "nobody":
                 out.append(ChunkResult(None, "error", "ValueError: voice: unknown speaker 'nobody'"))
                 continue
-            n = chunk_samples(j.text)
+            n = 0 if "NOTHING" in j.text else chunk_samples(j.text)
             rng = np.random.default_rng(zlib.crc32(f"{j.text}|{j.seed}".encode()))
             env = np.abs(np.sin(np.pi * 4 * np.arange(n) / SR)) ** 0.5
             x = 0.1 * rng.standard_normal(n) * env

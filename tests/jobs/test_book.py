@@ -67,7 +67,9 @@ def test_m4b_has_a_chapter_per_chapter_at_the_right_times(chapters, tmp_path, ca
         starts.append(t)
         x, sr, _ = ind.read((out / recs[cid].key).read_bytes())
         t += len(x) / sr
-    assert [start for start, _ in f["chapters"]] == pytest.approx(starts, abs=0.03)
+    # to the sample (0.1 ms: the resampler may round a chapter's length); the audio is on its mark too: see
+    # test_chapter_marks_sit_on_their_audio (0.03 s here hid the encoder's 23 ms of priming)
+    assert [start for start, _ in f["chapters"]] == pytest.approx(starts, abs=1e-4)
     assert f["length_s"] == pytest.approx(t, abs=0.1) and f["channels"] == 1 and f["sample_rate"] == 44100
     tags = f["tags"]
     assert tags["\xa9nam"] == ["Storm Book"] and tags["\xa9ART"] == ["A. Writer"] and tags["\xa9wrt"] == ["ryan"]
@@ -151,3 +153,62 @@ def test_a_cover_that_is_not_an_image_fails_before_synthesis(chapters, tmp_path,
         code = e.code
     assert code == 2 and "cover: cover.png is not a readable image" in capsys.readouterr().err
     assert NoiseBackend.calls == []
+
+
+def _rows(tmp_path, rows):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_chapter_marks_sit_on_their_audio(tmp_path, capsys):
+    """The frames had no pts, so the AAC encoder's priming (1024 samples) stayed in the timeline and every
+    chapter's audio played 23 ms after its mark. A silent first chapter shows where the second one's audio is."""
+    import av
+    import numpy as np
+
+    rows = _rows(tmp_path, [{"id": "c1", "text": "SILENT and quiet for a while.", "title": "One"},
+                            {"id": "c2", "text": "The storm grew. Nobody slept.", "title": "Two"}])
+    out = tmp_path / "out"
+    assert narrate.main([str(rows), "--out", str(out), *NOISE, "--book", "m4b"]) == 0
+    book = summary(capsys)["book"]
+    mark = ind.mp4_book((out / book["key"]).read_bytes())["chapters"][1][0]
+    recs = {r.id: r for r in from_parquet((out / "manifest.parquet").read_bytes())}
+    x, sr, _ = ind.read((out / recs["c2"].key).read_bytes())
+    expected = mark + np.argmax(np.abs(x) > 0.02) / sr  # the chapter's own first loud sample
+    with av.open(str(out / book["key"])) as c:
+        y = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    assert np.argmax(np.abs(y) > 0.02) / 44100 == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_chapter_with_no_audio_gets_no_mark_and_the_book_is_made(tmp_path, capsys):
+    """A row with no samples (flagged `empty`, written as a WAV of zero samples) made the AAC encoder fail
+    (av.error.MemoryError) and the job crash with no manifest; every re-run renders that row again and crashed
+    the same way. Now it has no chapter mark (a zero-length one would share the next chapter's start) and the
+    summary lists it."""
+    rows = _rows(tmp_path, [{"id": "c1", "text": "Chapter one text.", "title": "One"},
+                            {"id": "c2", "text": "NOTHING", "title": "Two"},
+                            {"id": "c3", "text": "Chapter three text.", "title": "Three"}])
+    out = tmp_path / "out"
+    args = [str(rows), "--out", str(out), *NOISE, "--book", "m4b"]
+    assert narrate.main(args) == 0
+    book = summary(capsys)["book"]
+    assert book["empty"] == ["c2"] and book["missing"] == []
+    assert [(c["id"], c["title"]) for c in book["chapters"]] == [("c1", "One"), ("c3", "Three")]
+    f = ind.mp4_book((out / book["key"]).read_bytes())
+    assert [title for _, title in f["chapters"]] == ["One", "Three"]
+    assert f["chapters"][1][0] == pytest.approx(book["chapters"][1]["start_s"], abs=1e-3)
+    man = {r.id: r for r in from_parquet((out / "manifest.parquet").read_bytes())}
+    assert man["c2"].status == "suspect" and "empty" in man["c2"].flags
+    assert narrate.main(args) == 0  # a re-run renders the empty row again, and reuses the book
+    again = summary(capsys)["book"]
+    assert again["reused"] and again["key"] == book["key"]
+
+
+def test_a_book_of_only_empty_chapters_is_not_made(tmp_path, capsys):
+    rows = _rows(tmp_path, [{"id": "c1", "text": "NOTHING", "title": "One"}])
+    out = tmp_path / "out"
+    code = narrate.main([str(rows), "--out", str(out), *NOISE, "--book", "m4b"])
+    s = summary(capsys)
+    assert "every written chapter is empty" in s["book"]["error"] and (out / "manifest.parquet").exists()
+    assert not (out / "book").exists() and code in (0, 1)  # (the exit code for a book not made: see test_narrate_book)
