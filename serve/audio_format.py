@@ -5,13 +5,15 @@
     send(enc.finish())
 
 wav: a RIFF header whose sizes say "unknown length" (0xFFFFFFFF, as streaming servers do), then s16le samples.
-pcm: raw s16le. flac, mp3 and opus (in Ogg): libsndfile through the `soundfile` wheel (libsndfile >= 1.1 writes MP3 via
-LAME and Ogg/Opus), fed chunk by chunk into an in-memory sink that hands out what was written since the last call.
-When the encoder finishes it may seek back to patch its header (FLAC STREAMINFO length); bytes already sent cannot
-change, so those patches are dropped and the stream keeps its "length unknown" header. FFmpeg/PyAV decode such a FLAC
-stream exactly; libsndfile (`soundfile`) cannot (it errors, or loses the last block), so FLAC streams are for FFmpeg
-clients. mp3 carries no LAME/Xing tag in a stream (it is written last), so decoders keep LAME's encoder delay (1105
-samples at 24 kHz) and padding: 1105-1728 samples more than were pushed.
+pcm: raw s16le. flac and mp3: libsndfile through the `soundfile` wheel (libsndfile >= 1.1 writes MP3 via LAME), fed
+chunk by chunk into an in-memory sink that hands out what was written since the last call. When the encoder finishes
+it may seek back to patch its header (FLAC STREAMINFO length); bytes already sent cannot change, so those patches are
+dropped and the stream keeps its "length unknown" header. FFmpeg/PyAV decode such a FLAC stream exactly; libsndfile
+(`soundfile`) cannot (it errors, or loses the last block), so FLAC streams are for FFmpeg clients. mp3 carries no
+LAME/Xing tag in a stream (it is written last), so decoders keep LAME's encoder delay (1105 samples at 24 kHz) and
+padding: 1105-1728 samples more than were pushed.
+opus: Ogg/Opus through PyAV (FFmpeg's libopus encoder and Ogg muxer), not libsndfile: libsndfile holds Ogg pages
+until ~4 KB, so no audio left until ~1 s of it had been pushed. See OpusEncoder.
 
 Zero samples (the model may stop at once) still give a decodable file: wav is its 44-byte header, pcm an empty body
 (both exactly 0 samples). flac, mp3 and opus cannot say "no samples": libsndfile writes no byte of FLAC or MP3
@@ -31,7 +33,9 @@ from qwen_tts_core.types import SAMPLE_RATE
 
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
                "opus": "audio/ogg"}
-_SF_FORMATS = {"flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"), "opus": ("OGG", "OPUS")}
+_SF_FORMATS = {"flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III")}
+_OPUS_PAGE_US = 20_000    # one Ogg page per 20 ms Opus packet (FFmpeg's default page_duration is 1 s)
+_OPUS_BIT_RATE = 32_000   # libsndfile's default gave ~35 kbit/s for speech-like audio at 24 kHz mono
 
 
 def to_s16le(pcm: np.ndarray) -> bytes:
@@ -146,7 +150,7 @@ def mp3_frame_length(header: bytes) -> int | None:
 
 
 class SoundfileEncoder:
-    """flac / mp3 / opus through libsndfile, chunk by chunk."""
+    """flac / mp3 through libsndfile, chunk by chunk."""
 
     def __init__(self, fmt: str, sample_rate: int) -> None:
         import soundfile as sf
@@ -185,12 +189,78 @@ class SoundfileEncoder:
         return self._drain()
 
 
+class _Pipe:
+    """A write-only file for PyAV's muxer: what was written since the last drain (never seeks: Ogg needs none)."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def drain(self) -> bytes:
+        out, self._parts = b"".join(self._parts), []
+        return out
+
+
+class OpusEncoder:
+    """Ogg/Opus through PyAV, each push's audio out at once but for its last 20 ms packet.
+
+    libopus encodes at the input rate (24 kHz: OpusHead says 24000, pre-skip 312, as libsndfile wrote it), so the
+    stream decodes at 48 kHz in FFmpeg and at 24 kHz in libsndfile. Ogg's muxer closes a page when it spans
+    `page_duration` (one 20 ms packet here) and keeps the newest page back until the next (it may have to carry the
+    end-of-stream flag), so a push hands out all but its last packet; the I/O buffer is flushed per packet. Frames
+    carry their sample position as pts: without it the muxer's granules start one pre-skip late and the decoded end
+    is trimmed wrong. finish() flushes libopus's lookahead; the last page's granule trims the stream to exactly the
+    samples pushed. Each page costs 28 bytes (~11 kbit/s at one per 20 ms), the price of not buffering.
+    """
+
+    media_type = MEDIA_TYPES["opus"]
+
+    def __init__(self, sample_rate: int) -> None:
+        import av
+
+        self._pipe = _Pipe()
+        self._out = av.open(self._pipe, "w", format="ogg",
+                            options={"page_duration": str(_OPUS_PAGE_US), "flush_packets": "1"})
+        self._stream = self._out.add_stream("libopus", rate=sample_rate, layout="mono")
+        self._stream.bit_rate = _OPUS_BIT_RATE
+        self._stream.codec_context.format = "flt"
+        self._rate = sample_rate
+        self._samples = 0
+
+    def _encode(self, x: np.ndarray) -> None:
+        import av
+
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[None, :]), format="flt", layout="mono")
+        frame.sample_rate = self._rate
+        frame.pts = self._samples
+        self._samples += x.size
+        self._out.mux(self._stream.encode(frame))
+
+    def push(self, pcm: np.ndarray) -> bytes:
+        x = np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0)
+        if x.size:
+            self._encode(x)
+        return self._pipe.drain()
+
+    def finish(self) -> bytes:
+        if not self._samples:  # see the module docstring: Ogg Opus cannot hold zero samples
+            self._encode(np.zeros(1, np.float32))
+        self._out.mux(self._stream.encode(None))
+        self._out.close()
+        return self._pipe.drain()
+
+
 def make_encoder(fmt: str, sample_rate: int = SAMPLE_RATE) -> StreamEncoder:
     """A fresh streaming encoder; ValueError naming `response_format` for unknown formats."""
     if fmt == "pcm":
         return PcmEncoder(sample_rate)
     if fmt == "wav":
         return WavEncoder(sample_rate)
+    if fmt == "opus":
+        return OpusEncoder(sample_rate)
     if fmt in _SF_FORMATS:
         return SoundfileEncoder(fmt, sample_rate)
     raise ValueError(f"response_format must be one of {sorted(MEDIA_TYPES)}, got {fmt!r}")

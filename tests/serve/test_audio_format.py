@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -48,12 +49,46 @@ def test_stream_decodes_to_input(fmt, min_corr, exact_len):
     assert best > min_corr, best
 
 
-@pytest.mark.parametrize("fmt", ["pcm", "wav", "flac", "mp3"])
+@pytest.mark.parametrize("fmt", ["pcm", "wav", "flac", "mp3", "opus"])
 def test_bytes_flow_before_the_end(fmt):
     """Streaming, not buffering: most bytes leave during push(), not at finish()."""
     parts = _stream(fmt, _tone(3.0))
     assert sum(len(p) for p in parts[:-1]) > 0.8 * sum(len(p) for p in parts)
     assert parts[0] or parts[1]
+
+
+def _ogg_granules(data: bytes) -> list[int]:
+    """Granule positions of the Ogg pages in `data` (header pages are 0; an audio page's is past its audio)."""
+    out, i = [], 0
+    while i < len(data):
+        assert data[i:i + 4] == b"OggS", i
+        segments = data[i + 27:i + 27 + data[i + 26]]
+        out.append(struct.unpack("<q", data[i + 6:i + 14])[0])
+        i += 27 + len(segments) + sum(segments)
+    return out
+
+
+def test_opus_audio_leaves_with_the_first_chunk():
+    """A client hears the first chunk at once: libsndfile held Ogg pages until ~1 s of audio had been pushed (the first
+    push gave only OpusHead/OpusTags). Chunks as the engine yields them: 2 codec frames, then 4 (160 / 320 ms)."""
+    x, enc, pushed = _tone(3.0), make_encoder("opus", SR), 0
+    for n in [1920 * 2] + [1920 * 4] * 8:
+        data = enc.push(x[pushed:pushed + n])
+        pushed += n
+        if any(_ogg_granules(data)):
+            break
+    assert pushed <= 0.2 * SR, pushed / SR
+
+
+@pytest.mark.parametrize("n,chunk", [(24000, 1920 * 4), (24077, 333), (1920 * 5 + 7, 1920)])
+def test_opus_decodes_exactly_with_ffmpeg(n, chunk):
+    """A client may read Opus with FFmpeg/PyAV (48 kHz) as well as libsndfile: twice the samples, tail included (the
+    last page's granule trims libopus's padding; a lost final page would shorten it)."""
+    x = _tone(2.0)[:n]
+    y, sr = decode_av(b"".join(_stream("opus", x, chunk)))
+    assert (sr, len(y)) == (48000, 2 * n)
+    tail = slice(n - 2400, n - 240)   # the last 100 ms but the codec's final 10 ms fade
+    assert np.corrcoef(x[tail], y[::2][tail])[0, 1] > 0.95
 
 
 @pytest.mark.parametrize("push_empty", [False, True], ids=["no-push", "empty-push"])
