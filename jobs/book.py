@@ -59,9 +59,11 @@ def title_from(stem: str, heading: str | None) -> str:
 
 
 def book_key(records: list[ManifestRecord], titles: list[str], meta: BookMeta) -> str:
+    """The book's object key: a digest of what shapes the file. ("pts": books from before the marks sat on their
+    audio, 23 ms early, get a new key and are made again, from the chapters already written.)"""
     cover = hashlib.sha256(Path(meta.cover).read_bytes()).hexdigest() if meta.cover else None
     canon = json.dumps({"chapters": [[r.key, t] for r, t in zip(records, titles)], "meta": asdict(meta),
-                        "cover": cover, "format": ["aac", SAMPLE_RATE, BIT_RATE]}, sort_keys=True)
+                        "cover": cover, "format": ["aac", SAMPLE_RATE, BIT_RATE, "pts"]}, sort_keys=True)
     digest = hashlib.sha256(canon.encode()).hexdigest()[:20]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", meta.title or "book").strip("-.")[:60] or "book"
     return f"book/{stem}-{digest}.m4b"
