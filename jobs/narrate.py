@@ -45,7 +45,7 @@ from .models import check_voices, resolve_models, voice_file_digests
 from .render import RenderConfig
 from .runner import BACKENDS, RUNNERS, RunOptions, resolve_backend, run_rows, stop_on_sigterm
 from .split import MIN_CHUNK_CHARS
-from .storage import RetryPolicy, StorageError, open_sink
+from .storage import LocalSink, RetryPolicy, StorageError, open_sink
 from .synth import EngineOptions
 
 log = logging.getLogger(__name__)
@@ -289,31 +289,50 @@ MANIFEST_RETRY = RetryPolicy(attempts=4, base_delay=1.0, max_delay=8.0)
 
 
 def _keep_locally(name: str, data: bytes, suffix: str = ".parquet") -> Path:
-    """Write a manifest that could not reach the output to the working directory (or the temp dir)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
-        path = folder / f"{Path(name).stem}-{stamp}-{os.getpid()}{suffix}"
+    """Write a manifest that could not reach the output to the working directory (or the temp dir), all or nothing
+    (LocalSink: temp file + rename, the temp file removed on failure): a full disk leaves no truncated file that
+    looks like a manifest.
+
+    Raises:
+        StorageError: neither place took it (naming both and why).
+    """
+    file = f"{Path(name).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{suffix}"
+    errors = []
+    for folder in (os.getcwd, tempfile.gettempdir):
         try:
-            path.write_bytes(data)
-            return path
-        except OSError:
-            continue
-    raise StorageError("cannot write the manifest anywhere locally either")
+            sink = LocalSink(folder(), RetryPolicy(attempts=1))
+            sink.put(file, data)
+            return Path(sink.root) / file
+        except (OSError, StorageError) as e:
+            errors.append(str(e))
+    raise StorageError(f"cannot keep the manifest locally either ({'; '.join(errors)})")
+
+
+def _kept(name: str, data: bytes, suffix: str, why: str, error: str, advice: str = "") -> dict[str, str]:
+    """Keep the manifest locally after `why` (the output did not take it); the summary fields: `manifest_error`
+    (`error`) and `manifest_local` (where), or no `manifest_local` when it is lost. Never raises: the summary is
+    printed whatever happens here."""
+    try:
+        local = _keep_locally(name, data, suffix)
+    except StorageError as e:
+        print(f"error: {why}; {e}: this run's manifest is lost (its outputs are kept; a re-run writes it)",
+              file=sys.stderr, flush=True)
+        return {"manifest_error": f"{error[:300]}; {e}"[:500]}
+    print(f"error: {why}; kept it locally at {local}{advice}", file=sys.stderr, flush=True)
+    return {"manifest_error": error[:500], "manifest_local": str(local)}
 
 
 def write_manifest(records: list[ManifestRecord], opts: RunOptions, manifest_key: str,
                    ) -> tuple[str | None, dict[str, str]]:
-    """Write the manifest (retried, whatever the error); on final failure keep it locally.
-    Returns (its URL or None, extra summary fields)."""
+    """Write the manifest (retried, whatever the error); on final failure keep it locally. Never raises.
+    Returns (its URL or None, extra summary fields: `manifest_error`, `manifest_local` where it was kept)."""
     sink = open_sink(opts.output, opts.retry)
     try:
         data = to_parquet(records)
     except Exception as e:  # noqa: BLE001 - a value Arrow cannot hold must not lose the manifest
         log.exception("cannot encode the manifest as Parquet")
-        local = _keep_locally(manifest_key, to_jsonl(records), ".jsonl")
         why = f"cannot encode the manifest as Parquet ({type(e).__name__}: {e})"
-        print(f"error: {why}; kept it locally as JSON lines at {local}", file=sys.stderr, flush=True)
-        return None, {"manifest_error": why[:500], "manifest_local": str(local)}
+        return None, _kept(manifest_key, to_jsonl(records), ".jsonl", why, why, " (as JSON lines)")
     last: Exception | None = None
     for attempt in range(MANIFEST_RETRY.attempts):
         try:
@@ -326,11 +345,9 @@ def write_manifest(records: list[ManifestRecord], opts: RunOptions, manifest_key
                 log.warning("manifest write failed (%s); retry %d/%d in %.0f s", e, attempt + 1,
                             MANIFEST_RETRY.attempts - 1, delay)
                 time.sleep(delay)
-    local = _keep_locally(manifest_key, data)
-    print(f"error: could not write the manifest to {sink.url(manifest_key)} after {MANIFEST_RETRY.attempts} "
-          f"attempts ({last}); kept it locally at {local} - copy it there when the storage is back",
-          file=sys.stderr, flush=True)
-    return None, {"manifest_error": str(last)[:500], "manifest_local": str(local)}
+    url = sink.url(manifest_key)
+    why = f"could not write the manifest to {url} after {MANIFEST_RETRY.attempts} attempts ({last})"
+    return None, _kept(manifest_key, data, ".parquet", why, str(last), " - copy it there when the storage is back")
 
 
 def finish(records: list[ManifestRecord], opts: RunOptions, manifest_key: str, t0: float,

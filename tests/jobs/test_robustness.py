@@ -87,6 +87,38 @@ def test_a_manifest_parquet_cannot_hold_is_kept_locally_as_json_lines(tmp_path, 
     assert kept[0]["seed"] == 10**20 and "bad\\udc80" in out.out  # the table printed it escaped
 
 
+def test_a_manifest_that_cannot_be_written_anywhere_still_gives_the_summary(tmp_path, monkeypatch, capsys):
+    """A full disk: the output, the working directory and the temp dir all refuse the manifest part-way. The
+    local fallback wrote in place (a truncated manifest-*.parquet look-alike in the cwd and the temp dir) and its
+    StorageError escaped finish(): no summary. Now nothing is left behind and the summary says the manifest is
+    lost (exit 3)."""
+    import errno
+    import tempfile
+
+    real_write = Path.write_bytes
+
+    def disk_full(self, data):
+        real_write(self, data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for d in ("out", "cwd", "tmp"):
+        (tmp_path / d).mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(narrate, "MANIFEST_RETRY", RetryPolicy(attempts=2, base_delay=0.001, max_delay=0.001))
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    opts = narrate.RunOptions(output=f"file://{tmp_path}/out", runner="local", retry=RetryPolicy(1, 0.001))
+    code = narrate.finish([ManifestRecord(id="a", key="audio/a.wav", status="ok")], opts, "manifest.parquet", 0.0,
+                          quiet=True)
+    monkeypatch.undo()
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert code == 3 and summary["manifest"] is None and "manifest_local" not in summary
+    assert "No space left on device" in summary["manifest_error"]
+    assert "cannot keep the manifest locally either" in summary["manifest_error"] and "is lost" in err
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
 # --- finding 7: a chunk with no audio or NaN audio ---------------------------------------------------------------
 SENT = "This is a perfectly ordinary sentence of narration that goes on for a while."
 
