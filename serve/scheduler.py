@@ -216,6 +216,10 @@ class Scheduler:
         except ValueError:
             self.stats.errors += 1
             raise
+        except Exception:  # noqa: BLE001 - this request fails, alone, as a bulk one would (not the replica)
+            with self._lock:
+                self._open[ticket.key] = ticket
+            self._entry_failed(ticket)
         self._wake.set()
         return ticket
 
@@ -301,14 +305,22 @@ class Scheduler:
                         log.warning("bulk request failed to enter the engine: %s", err)
                         ticket.failure = Failure(400 if isinstance(err, ValueError) else 503, str(err),
                                                  getattr(err, "field", None))
-                    else:  # e.g. device memory while its voice moved to the GPU
-                        log.exception("bulk request failed to enter the engine")
-                        ticket.failure = Failure(500, "synthesis failed in the engine", None)
-                    self._deliver(ticket, _last(-1, "error"))
+                        self._deliver(ticket, _last(-1, "error"))
+                    else:
+                        self._entry_failed(ticket)
                     continue
                 ticket.session = session
                 self._by_session[session.id] = ticket
                 self._replay_text(ticket)
+
+    def _entry_failed(self, ticket: Ticket) -> None:
+        """engine.add raised something unexpected (e.g. device memory while a stored voice moved to the GPU): the
+        request ends as a counted 500 its consumer reports, the same for interactive and bulk; the replica is fine,
+        so it is not the 502 "replica failed" an exception escaping the stream would give. Call inside the except
+        (the traceback is logged); the lock may be held."""
+        log.exception("%s request failed to enter the engine", ticket.request.priority)
+        ticket.failure = Failure(500, "synthesis failed in the engine", None)
+        self._deliver(ticket, _last(-1, "error"))
 
     def _replay_text(self, ticket: Ticket) -> None:
         """Hand a bulk session the text it was fed while parked (lock held; it was checked when it came)."""

@@ -83,6 +83,19 @@ def test_synthesize_bulk_returns_whole_audio(cv_core):
     assert out["num_frames"] == len(out["pcm"]) // 1920 > 0 and out["finish_reason"] in ("eos", "max_new_tokens")
 
 
+def test_an_unexpected_engine_add_error_is_a_500_end_item(cv_core, monkeypatch):
+    """A stream whose request cannot enter the engine (device memory while a stored voice moves) ends with the
+    engine's 500, interactive as bulk: the exception escaped stream() and the ingress answered 502 'replica failed'
+    for a replica that is fine."""
+    def add(req):
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(cv_core.engine, "add", add)
+    for priority in ["interactive", "bulk"]:
+        items = asyncio.run(_items(cv_core, {"input": "Hello there.", "voice": "ryan", "priority": priority}))
+        assert [x["type"] for x in items] == ["start", "end"], (priority, items)
+        assert (items[-1]["status"], items[-1]["message"]) == (500, "synthesis failed in the engine"), priority
+
+
 def test_voice_clone_prompt_is_encoded_once_and_reused(model_factory, ref_wav_path, tmp_path):
     store = VoiceStore(tmp_path / "voices")
     core = ReplicaCore(model_factory("base"), ModelConfig(name="b", model_type="base", max_new_tokens=16,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
 from qwen_tts_core import SynthesisRequest
-from serve.scheduler import Busy, Scheduler, SchedulerLimits
+from serve.scheduler import Busy, Failure, Scheduler, SchedulerLimits
 from tests.serve.fakes import FakeEngine
 
 
@@ -128,3 +129,34 @@ def test_step_failure_fails_running_sessions_and_keeps_serving():
         assert c1[-1].finish_reason == "error"
         assert c2[-1].finish_reason == "eos"
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("priority", ["interactive", "bulk"])
+def test_an_unexpected_add_error_fails_that_request_as_a_counted_500(priority, caplog):
+    """engine.add may raise anything (device memory while a stored voice moves to the GPU): that request ends as a
+    500 its consumer reports, logged with the traceback and counted, on both paths, and the replica serves on. An
+    interactive one escaped submit: the ingress called it a lost replica (502) and stats.errors missed it."""
+    async def main():
+        eng = FakeEngine(frames=2)
+        real_add = eng.add
+
+        def add(req):
+            if req.text == "oom":
+                raise RuntimeError("CUDA out of memory")
+            return real_add(req)
+        eng.add = add
+        sched = Scheduler(eng)
+        sched.start(asyncio.get_running_loop())
+        try:
+            bad = await sched.submit(_req(priority, "oom"))
+            failed = await asyncio.wait_for(_collect(sched, bad), 5)
+            served = await asyncio.wait_for(_collect(sched, await sched.submit(_req(priority))), 5)
+        finally:
+            sched.stop()
+        assert [c.finish_reason for c in failed] == ["error"] and failed[0].is_last
+        assert bad.failure == Failure(500, "synthesis failed in the engine")
+        assert served[-1].finish_reason == "eos"
+        assert sched.stats.errors == 1 and sched.stats.completed == 1 and sched.active_sessions == 0
+    with caplog.at_level(logging.ERROR, logger="serve.scheduler"):
+        asyncio.run(main())
+    assert [r.exc_info[0] for r in caplog.records if "failed to enter the engine" in r.getMessage()] == [RuntimeError]
