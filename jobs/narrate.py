@@ -2,10 +2,11 @@
 
 INPUT is a .txt/.md file (one chapter), a folder of chapter files, or JSONL/Parquet rows (id, text,
 voice|speaker, language, instruct, model, seed, format, sample_rate). Writes one audio object per row
-under a content-derived key, a JSON sidecar per object, and `manifest.parquet`; prints a JSON summary
-last. Exit code: 0 all good, 1 some rows failed or were not rendered (see the manifest), 2 nothing done: bad
-arguments, an unusable input, output, model or voice (checked before any work starts), 3 the rows were rendered
-but the manifest could not be written (it is kept locally; the message says where).
+under a content-derived key, a JSON sidecar per object, and `manifest.parquet`, then the `--book`; prints a JSON
+summary last. Exit code: 0 all good, 1 some rows failed or were not rendered (see the manifest) or the book was not
+made (the summary's `book.error`), 2 nothing done: bad arguments, an unusable input, output, model or voice (checked
+before any work starts), 3 the rows were rendered but the manifest could not be written (it is kept locally; the
+message says where).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ from .render import RenderConfig
 from .runner import BACKENDS, RUNNERS, RunOptions, resolve_backend, run_rows, stop_on_sigterm
 from .split import MIN_CHUNK_CHARS
 from .storage import LocalSink, RetryPolicy, StorageError, open_sink
-from .synth import EngineOptions
+from .synth import EngineOptions, error_text
 
 log = logging.getLogger(__name__)
 SAMPLING_ARGS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
@@ -351,16 +354,27 @@ def write_manifest(records: list[ManifestRecord], opts: RunOptions, manifest_key
 
 
 def finish(records: list[ManifestRecord], opts: RunOptions, manifest_key: str, t0: float,
-           quiet: bool, more: dict[str, Any] | None = None) -> int:
-    """Write the manifest, print the table and the JSON summary (last line); returns the exit code."""
+           quiet: bool, after: Callable[[], dict[str, Any]] | None = None) -> int:
+    """Write the manifest, then run `after` (the book) for more summary fields, print the table and the JSON
+    summary (last line); returns the exit code. The manifest comes first: what comes after can take minutes (a
+    book of a long job) or fail in any way, and neither may cost the record of what was rendered."""
     url, extra = write_manifest(records, opts, manifest_key)
+    more = after() if after else {}
     summary = summarize(records)
     summary.update(output=open_sink(opts.output, opts.retry).uri, manifest=url,
-                   wall_s=round(time.perf_counter() - t0, 2), **extra, **(more or {}))
+                   wall_s=round(time.perf_counter() - t0, 2), **extra, **more)
     if not quiet:
         print_manifest(records)
     print(json.dumps(summary), flush=True)
-    return 3 if extra else 1 if summary["failed"] else 0
+    return exit_code(summary)
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """3: the manifest was not written to the output; 1: a row failed or was not rendered, or the book was not made
+    (`book.error`); else 0."""
+    if "manifest_error" in summary:
+        return 3
+    return 1 if summary["failed"] or "error" in (summary.get("book") or {}) else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -373,11 +387,14 @@ def run(args: argparse.Namespace) -> int:
         rows, render, opts, backend = prepare(rows, defaults, render, opts)
         records = run_rows(rows, render, opts, desc="narrate", backend=backend, stop=stop)
         deliver.level_consistency(records, render)  # ACX: chapters within 1 dB of each other
-        more = {"book": make_book(records, rows, render, opts, book)} if book else {}
     except (ValueError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return finish(records, opts, "manifest.parquet", t0, args.quiet, more)
+
+    def the_book() -> dict[str, Any]:
+        return {"book": make_book(records, rows, render, opts, book, stop)}
+
+    return finish(records, opts, "manifest.parquet", t0, args.quiet, after=the_book if book else None)
 
 
 def book_options(args: argparse.Namespace) -> Any:
@@ -397,27 +414,36 @@ def book_options(args: argparse.Namespace) -> Any:
 
 
 def make_book(records: list[ManifestRecord], rows: list[Utterance], render: RenderConfig, opts: RunOptions,
-              meta: Any) -> dict[str, Any]:
+              meta: Any, stop: threading.Event | None = None) -> dict[str, Any]:
+    """The book's summary entry, or {"error": why} when it was not made. Never raises: the chapters are written
+    and in the manifest already; a book that fails is reported (exit 1) and the next run makes it."""
     from dataclasses import replace as _replace
 
     from .book import book_or_reuse, title_from
 
+    if stop is not None and stop.is_set():  # a long book takes minutes: past a Kubernetes grace period
+        log.warning("book: not made, the job was stopped; the next run makes it")
+        return {"error": "book: not made, the job was stopped (SIGTERM) first; the next run makes it"}
     voices = sorted({r.voice for r in rows if r.voice})
     if not meta.narrator and voices:
         meta = _replace(meta, narrator=", ".join(voices))
     titles = [title_from(r.id, r.title) for r in rows]
     try:
         return book_or_reuse(records, titles, open_sink(opts.output, opts.retry), meta)
-    except (ValueError, StorageError) as e:  # the chapters are written and in the manifest: report, keep them
-        log.error("book: %s", e)
+    except (ValueError, StorageError) as e:
+        log.error("book not made: %s", e)
         return {"error": str(e)}
+    except Exception as e:  # noqa: BLE001 - an encoder or muxer error (PyAV), anything: report it, keep the rest
+        log.exception("book not made")
+        return {"error": f"book: {error_text(e)}"}
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="python -m jobs.narrate", description=__doc__.split("\n")[0])
     p.add_argument("input", help="text/Markdown file, folder of chapters, or .jsonl/.parquet rows")
     add_common_args(p)
-    p.add_argument("--book", choices=("m4b",), help="also write the chapters as one M4B with chapter markers")
+    p.add_argument("--book", choices=("m4b",), help="also write the chapters as one M4B with chapter markers (after "
+                   "the manifest; not when stopped by SIGTERM; a book not made: exit 1, the summary's book.error)")
     p.add_argument("--book-title", help="--book: title (and album) tag")
     p.add_argument("--author", help="--book: author (artist) tag")
     p.add_argument("--narrator", help="--book: narrator (composer) tag (default: the voice)")

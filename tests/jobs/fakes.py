@@ -49,3 +49,19 @@ class BrokenBackend:
 
     def __init__(self) -> None:
         raise AssertionError()
+
+
+class SigtermFake(FakeBackend):
+    """FakeBackend that sends this process SIGTERM during its first call (as Kubernetes does to stop a pod)."""
+
+    def __init__(self) -> None:
+        self.calls_made = 0
+
+    def synthesize(self, jobs: list[ChunkJob]) -> list[ChunkResult]:
+        import os
+        import signal
+
+        self.calls_made += 1
+        if self.calls_made == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().synthesize(jobs)

@@ -211,4 +211,71 @@ def test_a_book_of_only_empty_chapters_is_not_made(tmp_path, capsys):
     code = narrate.main([str(rows), "--out", str(out), *NOISE, "--book", "m4b"])
     s = summary(capsys)
     assert "every written chapter is empty" in s["book"]["error"] and (out / "manifest.parquet").exists()
-    assert not (out / "book").exists() and code in (0, 1)  # (the exit code for a book not made: see test_narrate_book)
+    assert not (out / "book").exists() and code == 1
+
+
+THREE = [{"id": f"c{i}", "text": f"Chapter {i} text.", "title": f"T{i}"} for i in (1, 2, 3)]
+
+
+def test_the_manifest_is_written_before_the_book(tmp_path, capsys, monkeypatch):
+    """The book came first: minutes for a long job, and any failure in it cost the manifest."""
+    import jobs.book
+
+    out, seen = tmp_path / "out", []
+    write_book = jobs.book.write_book
+
+    def watched(*a, **k):
+        seen.append((out / "manifest.parquet").exists())
+        return write_book(*a, **k)
+
+    monkeypatch.setattr(jobs.book, "write_book", watched)
+    assert narrate.main([str(_rows(tmp_path, THREE)), "--out", str(out), *NOISE, "--book", "m4b"]) == 0
+    assert seen == [True] and summary(capsys)["book"]["key"]
+
+
+def test_a_book_that_fails_in_any_way_keeps_the_manifest(tmp_path, capsys, monkeypatch):
+    """Only ValueError/StorageError were caught: any other failure (an encoder's av.error.*) crashed the job with no
+    manifest and no summary."""
+    import jobs.book
+
+    def broken(*a, **k):
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(jobs.book, "write_book", broken)
+    out = tmp_path / "out"
+    assert narrate.main([str(_rows(tmp_path, THREE)), "--out", str(out), *NOISE, "--book", "m4b"]) == 1
+    s = summary(capsys)
+    assert s["book"] == {"error": "book: RuntimeError: encoder exploded"} and s["failed"] == 0
+    assert len(from_parquet((out / "manifest.parquet").read_bytes())) == 3
+
+
+def test_a_book_that_cannot_be_written_exits_1(tmp_path, capsys):
+    """It exited 0, the summary's book.error the only sign."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "book").write_bytes(b"")  # a file where the book folder goes (refused as root too, unlike chmod)
+    assert narrate.main([str(_rows(tmp_path, THREE)), "--out", str(out), *NOISE, "--book", "m4b"]) == 1
+    s = summary(capsys)
+    assert "File exists" in s["book"]["error"] and s["failed"] == 0 and s["manifest"]
+
+
+def test_sigterm_writes_the_manifest_and_makes_no_book(tmp_path, capsys, monkeypatch):
+    """After SIGTERM the job still assembled a partial book (3 s per 300 s of audio: minutes for a long book, past
+    a Kubernetes grace period) before it wrote the manifest."""
+    import signal
+
+    from jobs import runner
+
+    monkeypatch.setattr(runner, "_stop", None)  # a fresh stop event for this run (it is process-wide)
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    try:
+        code = narrate.main([str(_rows(tmp_path, THREE)), "--out", str(out), "--model", "fake", "--backend",
+                             "tests.jobs.fakes:SigtermFake", "--runner", "local", "--no-progress", "--quiet",
+                             "--voice", "ryan", "--batch-size", "1", "--book", "m4b"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    s = summary(capsys)
+    assert code == 1 and s["ok"] == 1 and s["failed_ids"] == ["c2", "c3"]  # c1 finished, the rest left
+    assert "the job was stopped" in s["book"]["error"] and not (out / "book").exists()
+    assert (out / "manifest.parquet").exists()
