@@ -5,8 +5,10 @@ with `.options(stream=True)`), plain dicts:
     {"type": "error", "status": 400|503, "message": str, "param": str|None, "retry_after": int}   (only item)
     {"type": "start", "session": str}                 then
     {"type": "audio", "pcm": np.ndarray float32 [N]}  ... then
-    {"type": "end", "finish_reason": str, "num_frames": int, "ttfa_s": float|None,
-     "status": None | int, "message": None | str, "param": None | str}      (status set: the session FAILED)
+    {"type": "end", "finish_reason": str, "num_frames": int, "ttfa_s": float|None, "text_tokens": int,
+     "status": None | int, "message": None | str, "param": None | str, "field": None | str}
+        (status set: the session FAILED; `param` names its field as the API does (`input`), `field` as the core
+        does (`text`))
 The session id routes later calls to this replica (routing.py): `feed(session, text, end)` for incremental text,
 `renew([sessions])` for the consumer's lease (`lease=True`: a session nobody renews for `lease_s` is cancelled once
 its `consumer`, the actor that renews, is confirmed dead; liveness.py).
@@ -139,7 +141,7 @@ class ReplicaCore:
             for s, failure in expired:
                 if failure is not None:
                     log.info("session %s: %s", s.sid, failure.message)
-                    self.scheduler.fail(s.ticket, failure.status, failure.message, failure.param)
+                    self.scheduler.fail(s.ticket, failure.status, failure.message, failure.field)
                 else:
                     by_consumer.setdefault(s.consumer["id"] if s.consumer else None, []).append(s)
             for cid, group in by_consumer.items():
@@ -221,18 +223,22 @@ class ReplicaCore:
         return ticket
 
     def _end_item(self, ticket: Ticket, ch) -> dict:
+        """The stream's last item. A failure names its field twice: `field`, the core argument name (synthesize
+        raises RequestError with it, as the handle contract promises batch callers: `text`, wherever the problem was
+        found), and `param`, the API's name for it (`input`: the HTTP/WS error's `param`)."""
         prompt = getattr(ticket.session, "prompt", None)
         end = {"type": "end", "finish_reason": ch.finish_reason, "num_frames": ticket.samples // SAMPLES_PER_FRAME,
-               "ttfa_s": ticket.ttfa_s, "status": None, "message": None, "param": None,
+               "ttfa_s": ticket.ttfa_s, "status": None, "message": None, "param": None, "field": None,
                "text_tokens": prompt.num_text_tokens if prompt is not None else 0}  # SSE `usage` (streaming.py)
         f = ticket.failure
         if f is not None:
-            end.update(finish_reason="error", status=f.status, message=f.message, param=f.param)
+            end.update(finish_reason="error", status=f.status, message=f.message, field=f.field,
+                       param=_api_param(f.field))
         elif ch.finish_reason == "error":
             field = getattr(ch, "error_field", None)
             message = (getattr(ch, "error", None) or getattr(ticket.session, "error", None)
                        or "synthesis failed in the engine")
-            end.update(status=400 if field else 500, message=message, param=_api_param(field))
+            end.update(status=400 if field else 500, message=message, field=field, param=_api_param(field))
         elif ch.finish_reason == "cancelled":
             end.update(status=500, message="the session was cancelled")
         return end
@@ -307,8 +313,8 @@ class ReplicaCore:
             self.sessions.close(sess.sid)
             self.scheduler.cancel(ticket)
         if end["status"] is not None:
-            if end["status"] == 400 and end["param"]:
-                raise RequestError(end["param"], end["message"])
+            if end["status"] == 400 and end["field"]:
+                raise RequestError(end["field"], end["message"])
             raise SynthesisFailed(end["message"], end["finish_reason"], end["status"])
         audio = np.concatenate(pcm).astype(np.float32) if pcm else np.zeros(0, np.float32)
         return {"pcm": audio, "sample_rate": 24000, "finish_reason": end["finish_reason"],

@@ -80,7 +80,7 @@ class Failure:
 
     status: int
     message: str
-    param: str | None = None
+    field: str | None = None   # the core argument it is about (`text`); the replica's end item also gives the API's
 
 
 @dataclass(eq=False)
@@ -253,11 +253,11 @@ class Scheduler:
             check_text(piece, allow_blank=True)
         ticket.parked_text.append(piece)
 
-    def fail(self, ticket: Ticket, status: int, message: str, param: str | None = None) -> None:
-        """End a session as a failure (the consumer reports `status`/`message`/`param`); no-op once finished."""
+    def fail(self, ticket: Ticket, status: int, message: str, field: str | None = None) -> None:
+        """End a session as a failure (the consumer reports `status`/`message`/`field`); no-op once finished."""
         if ticket.finished or ticket.failure is not None:
             return
-        ticket.failure = Failure(status, message, param)
+        ticket.failure = Failure(status, message, field)
         self.cancel(ticket)
 
     def cancel(self, ticket: Ticket) -> None:

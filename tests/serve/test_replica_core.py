@@ -96,6 +96,50 @@ def test_an_unexpected_engine_add_error_is_a_500_end_item(cv_core, monkeypatch):
         assert (items[-1]["status"], items[-1]["message"]) == (500, "synthesis failed in the engine"), priority
 
 
+def test_a_text_the_engine_refuses_names_text_to_batch_callers(model_factory):
+    """The handle contract gives batch callers the core's argument name, wherever the problem is found: a prompt
+    past max_len (found at the engine's prefill, not at submit; the core names `text`) is RequestError('text') from
+    synthesize, as an empty text is (synthesize raised it with the API's `input`). The stream's end item keeps
+    `input` as its `param` for the HTTP/WS error and `text` as its `field`."""
+    cfg = ModelConfig(name="cv", model_type="custom_voice", max_len=16, max_new_tokens=16, default_max_new_tokens=4)
+    core = ReplicaCore(model_factory("custom_voice"), cfg, None)
+    payload = {"input": "A sentence.", "voice": "ryan",   # the instructions fill the prompt past 16 positions
+               "instructions": "Speak slowly and very calmly, like a narrator reading a long bedtime story."}
+
+    async def main():
+        core.start(asyncio.get_running_loop())
+        try:
+            with pytest.raises(RequestError) as e:
+                await core.synthesize(payload)
+            return e.value, [x async for x in core.stream(payload)][-1]
+        finally:
+            core.scheduler.stop()
+    err, end = asyncio.run(main())
+    assert err.field == "text" and "max_len" in err.message, err
+    assert (end["type"], end["status"], end["param"], end["field"]) == ("end", 400, "input", "text"), end
+
+
+def test_a_bad_field_found_as_bulk_enters_the_engine_names_both_names(cv_core, monkeypatch):
+    """A bulk request refused by engine.add (a RequestError the up-front check missed) fails with the core's name for
+    batch callers and the API's for the HTTP error: its end item's `param` was the core's (`speaker`, not `voice`)."""
+    def add(req):
+        raise RequestError("speaker", "speaker 'ryan' is not loaded")
+    monkeypatch.setattr(cv_core.engine, "add", add)
+    payload = {"input": "Hello there.", "voice": "ryan", "priority": "bulk"}
+
+    async def main():
+        cv_core.start(asyncio.get_running_loop())
+        try:
+            with pytest.raises(RequestError) as e:
+                await cv_core.synthesize(payload)
+            return e.value, [x async for x in cv_core.stream(payload)][-1]
+        finally:
+            cv_core.scheduler.stop()
+    err, end = asyncio.run(main())
+    assert err.field == "speaker"
+    assert (end["status"], end["param"], end["field"]) == (400, "voice", "speaker"), end
+
+
 def test_voice_clone_prompt_is_encoded_once_and_reused(model_factory, ref_wav_path, tmp_path):
     store = VoiceStore(tmp_path / "voices")
     core = ReplicaCore(model_factory("base"), ModelConfig(name="b", model_type="base", max_new_tokens=16,

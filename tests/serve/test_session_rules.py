@@ -99,7 +99,7 @@ def test_idle_deadline_and_lease_expiry():
     assert t.renew([leased.sid, "r-unknown"]) == ["r-unknown"]
     clock.t += 2.6          # idle: 5.1 s without text; leased: renewed 2.6 s ago
     out = t.expired()
-    assert [(s is idle, f.status, f.param) for s, f in out] == [(True, 408, "text")]
+    assert [(s is idle, f.status, f.field) for s, f in out] == [(True, 408, "text")]
     idle.ticket.failure = out[0][1]
     clock.t += 3.1          # the lease lapses (no renewal for 3.1 s)
     out = t.expired()
@@ -125,7 +125,7 @@ def test_empty_text_messages_do_not_keep_a_session_from_its_idle_timeout():
         t.take_text(s, "", False)
         t.take_text(spaced, " ", False)
     out = t.expired()
-    assert [(x is s, f.status, f.param) for x, f in out] == [(True, 408, "text")]
+    assert [(x is s, f.status, f.field) for x, f in out] == [(True, 408, "text")]
 
 
 def test_a_lapsed_lease_whose_consumer_lives_is_extended_not_cancelled():
