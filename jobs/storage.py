@@ -102,6 +102,16 @@ def _local_retryable(e: Exception) -> bool:
     return not isinstance(e, PermissionError) and getattr(e, "errno", None) not in (errno.ENAMETOOLONG, errno.EROFS)
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX); file systems that cannot sync a folder are left as they are."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @dataclass(frozen=True)
 class LocalSink:
     """A local folder; keys are relative paths below `root`."""
@@ -129,8 +139,12 @@ class LocalSink:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
             try:
-                tmp.write_bytes(data)
+                with open(tmp, "wb") as f:  # on disk before the rename: a crash cannot leave a named, hollow file
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
                 os.replace(tmp, path)
+                _fsync_dir(path.parent)     # and the rename itself, so the manifest never names a missing object
             except BaseException:
                 # a write cut short (disk full) leaves a partial temp file; each retry makes a new one, and
                 # list() hides dot-files, so nothing else would ever remove them

@@ -78,19 +78,15 @@ def test_a_failed_local_write_leaves_no_temp_file(tmp_path, monkeypatch, fails):
     hides them and nothing removed them (4 per failed object, more per failed manifest)."""
     import errno
     import os
-    from pathlib import Path
 
-    real_write = Path.write_bytes
-
-    def half_then_full(self, data):
-        real_write(self, data[:len(data) // 2])
+    def full(fd):  # a file system that allocates late reports the full disk when the data is synced
         raise OSError(errno.ENOSPC, "No space left on device")
 
     def refuse(src, dst):
         raise OSError(errno.EIO, "Input/output error")
 
     if fails == "write":
-        monkeypatch.setattr(Path, "write_bytes", half_then_full)
+        monkeypatch.setattr(os, "fsync", full)
     else:
         monkeypatch.setattr(os, "replace", refuse)
     sink = LocalSink(str(tmp_path / "out"), RetryPolicy(attempts=3, base_delay=0.001))
@@ -98,3 +94,26 @@ def test_a_failed_local_write_leaves_no_temp_file(tmp_path, monkeypatch, fails):
         sink.put("audio/row.wav", b"x" * 1000)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_a_local_object_is_synced_before_its_name_and_its_name_after(tmp_path, monkeypatch):
+    """The data reaches the disk before the rename gives it its name, and the rename is synced too: after a crash or
+    a power cut a named object is whole (a resume trusts an object whose size matches its sidecar's)."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    LocalSink(str(tmp_path / "out")).put("audio/row.wav", b"x" * 1000)
+    assert events == [("fsync", "file"), ("replace", "row.wav"), ("fsync", "dir")]
+    assert (tmp_path / "out" / "audio" / "row.wav").read_bytes() == b"x" * 1000
