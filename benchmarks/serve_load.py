@@ -164,7 +164,7 @@ def deploy(replicas: int, max_sessions: int):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--deploy", type=int, default=0, metavar="REPLICAS",
                    help="start a local Ray and serve a tiny model on this many replicas (ignores --url/--model)")

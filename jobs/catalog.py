@@ -37,6 +37,7 @@ from .narrate import (
     add_common_args,
     build_options,
     load_config,
+    option_value,
     prepare,
     print_manifest,
     write_manifest,
@@ -282,11 +283,16 @@ def run(args: argparse.Namespace) -> int:
     """Run once, or every `--every` until SIGTERM (exit 0 after the current pass finishes or is abandoned)."""
     stop = stop_on_sigterm()
     try:
-        every = parse_every(args.every) if args.every else None
-        if args.retire not in RETIRE_MODES:
-            raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {args.retire!r}")
+        conf = load_config(args.config)
+        every_text = option_value(args, conf, "every", None)
+        every = parse_every(every_text) if every_text else None
+        retire = option_value(args, conf, "retire", "mark")
+        if retire not in RETIRE_MODES:
+            raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {retire!r}")
+        max_runs = option_value(args, conf, "max_runs", 0)
+        quiet = bool(option_value(args, conf, "quiet", False))
         defaults, render, opts, limits = build_options(args, "prompts")
-        layout = layouts.check_layout(args.layout or load_config(args.config).get("layout"))
+        layout = layouts.check_layout(option_value(args, conf, "layout", None))
         render = replace(render, master=layouts.master_for(layout, render.master))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -294,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     runs, code = 0, 0
     while not stop.is_set():
         try:
-            code, summary = run_once(args.catalog, defaults, render, opts, args.retire, quiet=args.quiet,
+            code, summary = run_once(args.catalog, defaults, render, opts, retire, quiet=quiet,
                                      limits=limits, stop=stop, layout=layout)
             print(json.dumps(summary), flush=True)
         except (ValueError, StorageError) as e:
@@ -309,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: catalog run failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             code = 1
         runs += 1
-        if every is None or (args.max_runs and runs >= args.max_runs):
+        if every is None or (max_runs and runs >= max_runs):
             return code
         if not stop.is_set():
             log.info("next catalog run in %.0f s", every)
@@ -322,10 +328,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p = p or argparse.ArgumentParser(prog="python -m jobs.catalog", description=__doc__.split("\n")[0])
     p.add_argument("catalog", help="catalog file (.yaml/.yml/.csv)")
     add_common_args(p)
-    p.add_argument("--retire", default="mark", help="prompts that left the catalog: mark (default) or delete "
+    p.add_argument("--retire", choices=RETIRE_MODES, help="prompts that left the catalog: mark (default) or delete "
                    "(delete also removes superseded versions of changed prompts)")
     p.add_argument("--every", help="regenerate periodically on this machine, e.g. 1h (default: run once)")
-    p.add_argument("--max-runs", type=int, default=0, help="with --every: stop after N runs (0: forever)")
+    p.add_argument("--max-runs", type=int, help="with --every: stop after N runs (default 0: forever)")
     p.add_argument("--layout", choices=layouts.LAYOUTS, help="asterisk: also write sounds/<lang>/<name>.<ext> "
                    f"packages, one folder per codec ({', '.join(layouts.ASTERISK_CODECS)}), from 16 kHz "
                    "telephony masters")

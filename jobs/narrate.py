@@ -25,7 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from qwen_tts_core.errors import shown
+from qwen_tts_core.errors import RequestError, shown
+from qwen_tts_core.types import SamplingParams
 
 from . import deliver
 from .audio import MAX_PAUSE_S
@@ -56,7 +57,7 @@ SAMPLING_ARGS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new
 
 
 def load_config(path: str | None) -> dict[str, Any]:
-    """A YAML file of option defaults (keys are the long option names with underscores)."""
+    """A YAML file of option defaults (keys: the options' destinations, see configs/jobs/narrate.yaml)."""
     if not path:
         return {}
     import yaml
@@ -75,6 +76,17 @@ def load_config(path: str | None) -> dict[str, Any]:
     return data
 
 
+COMMAND_LINE_ONLY = ("input", "catalog", "config")
+"""What a config file cannot give: what to read, and the config itself."""
+
+
+def option_value(args: argparse.Namespace, conf: dict[str, Any], name: str, default: Any) -> Any:
+    """An option's value: the command line's, else the config file's, else `default` (the one precedence rule;
+    options whose value on the command line can be "not given" have a default of None)."""
+    v = getattr(args, name, None)
+    return v if v is not None else conf.get(name, default)
+
+
 def check_config(conf: dict[str, Any], where: Any) -> None:
     """Every key is an option of `narrate` or `catalog`, every value of its option's kind: an integer or a number for
     a numeric option (its range is checked where it is used), true/false for a switch, one of the choices, else a
@@ -83,11 +95,15 @@ def check_config(conf: dict[str, Any], where: Any) -> None:
     from .catalog import build_parser as catalog_parser
 
     actions = {a.dest: a for parser in (build_parser(), catalog_parser()) for a in parser._actions}
-    unknown = set(conf) - set(actions) - {"input", "catalog"}
+    command_line = sorted(set(conf) & set(COMMAND_LINE_ONLY))
+    if command_line:
+        raise ValueError(f"config: {command_line} can only be given on the command line")
+    unknown = set(conf) - set(actions)
     if unknown:
-        raise ValueError(f"config: unknown option(s) {shown(sorted(map(str, unknown)))}")
+        keys = sorted(set(actions) - {"help", "func", *COMMAND_LINE_ONLY})
+        raise ValueError(f"config: unknown option(s) {shown(sorted(map(str, unknown)))}; the keys are {keys}")
     for key, v in conf.items():
-        a = actions.get(key) or argparse.Action([], key)   # `input` / `catalog`: a path, a string
+        a = actions[key]
         if a.choices is not None:
             ok, want = v in a.choices, f"one of {list(a.choices)}"
         elif isinstance(a, argparse._StoreTrueAction | argparse._StoreFalseAction):
@@ -156,7 +172,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="no progress bar (no progress log lines either)")
     p.add_argument("--verbose", action="store_true", default=None,
                    help="also show Ray Data's own progress bars and log lines")
-    p.add_argument("--quiet", action="store_true", help="do not print the manifest table")
+    p.add_argument("--quiet", action="store_true", default=None, help="do not print the manifest table")
     for name in SAMPLING_ARGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=float if "_p" in name or "temp" in name
                        or "penalty" in name else int)
@@ -168,10 +184,7 @@ def build_options(args: argparse.Namespace, key_prefix: str
     conf = load_config(args.config)  # either command's options may sit in a config (checked there)
 
     def get(name: str, default: Any) -> Any:
-        v = getattr(args, name, None)
-        if v is not None:
-            return v
-        return conf.get(name, default)
+        return option_value(args, conf, name, default)
 
     def num(name: str, default: Any) -> Any:
         return option_number(name, get(name, default))
@@ -186,6 +199,11 @@ def build_options(args: argparse.Namespace, key_prefix: str
                            instruct=get("instruct", None), model=model, seed=check_seed(get("seed", 0), "--seed"),
                            format=get("format", "wav"), sample_rate=num("sample_rate", 24000))
     sampling = {k: get(k, None) for k in SAMPLING_ARGS if get(k, None) is not None}
+    check_device(get("device", "cpu"))
+    try:  # the core's rules, up front: a bad value would fail every row
+        SamplingParams().with_overrides(**sampling)
+    except RequestError as e:
+        raise ValueError(f"{flag(e.field)} {e.message}") from None
     render = RenderConfig(model=model or "", revision=str(get("revision", None) or "unknown"),
                           max_chars=num("max_chars", 200), pause_s=num("pause_s", 0.4),
                           max_attempts=num("max_attempts", 3), sampling=sampling, key_prefix=key_prefix,
@@ -223,6 +241,18 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "max_sessions": (int, 1, None), "guard_frames_per_token": (float, 0, None), "guard_base_frames": (int, 0, None),
     "max_row_chars": (int, 1, None), "max_input_bytes": (int, 1, None)}
 _FLAGS = {"pause_s": "--pause", "max_attempts": "--attempts", "output": "--out"}
+
+
+def check_device(device: str) -> None:
+    """A device torch knows ("cpu", "cuda", "cuda:1"); that it exists is the workers' to say (the driver may have
+    no GPU). ValueError naming --device: a bad one failed every row."""
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {shown(device)}") \
+            from None
 
 
 def flag(name: str) -> str:
@@ -394,7 +424,8 @@ def run(args: argparse.Namespace) -> int:
     def the_book() -> dict[str, Any]:
         return {"book": make_book(records, rows, render, opts, book, stop)}
 
-    return finish(records, opts, "manifest.parquet", t0, args.quiet, after=the_book if book else None)
+    quiet = bool(option_value(args, load_config(args.config), "quiet", False))
+    return finish(records, opts, "manifest.parquet", t0, quiet, after=the_book if book else None)
 
 
 def book_options(args: argparse.Namespace) -> Any:

@@ -221,3 +221,29 @@ def test_every_survives_a_pass_that_raises(tmp_path, capsys, monkeypatch):
     code = catalog.main([str(tmp_path / "c.yaml"), "--model", "fake", "--out", f"file://{tmp_path}/o", "--every",
                          "0.01s", "--max-runs", "2", "--runner", "local", "--no-progress"])
     assert len(calls) == 2 and code == 0 and "OverflowError" in capsys.readouterr().err
+
+
+def test_a_config_file_sets_the_schedule_retire_and_quiet_too(tmp_path, capsys, monkeypatch):
+    """`--config` promised defaults for every option, but retire, every, max_runs and quiet were read from the
+    command line only (a config's `retire: delete` ran as mark, silently); the command line still wins."""
+    calls = []
+
+    def record(catalog_path, defaults, render, opts, retire, quiet=False, **kw):
+        calls.append((retire, quiet))
+        return 0, {"ok": 1}
+
+    monkeypatch.setattr(catalog, "run_once", record)
+    (tmp_path / "c.yaml").write_text("prompts: []")
+    conf = tmp_path / "conf.yaml"
+    conf.write_text("retire: delete\nevery: 0.01s\nmax_runs: 2\nquiet: true\n")
+    base = [str(tmp_path / "c.yaml"), "--model", "fake", "--out", f"file://{tmp_path}/o", "--runner", "local",
+            "--no-progress", "--config", str(conf)]
+    assert catalog.main(base) == 0 and calls == [("delete", True)] * 2
+    calls.clear()
+    assert catalog.main([*base, "--retire", "mark", "--max-runs", "1"]) == 0 and calls == [("mark", True)]
+    conf.write_text("input: other.yaml\n")
+    assert catalog.main(base) == 2 and "can only be given on the command line" in capsys.readouterr().err
+    conf.write_text("out: somewhere\n")
+    assert catalog.main(base) == 2
+    err = capsys.readouterr().err
+    assert "unknown option(s) ['out']; the keys are" in err and "'output'" in err

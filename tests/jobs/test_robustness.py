@@ -196,6 +196,12 @@ def test_a_malformed_sidecar_is_rendered_again(tmp_path, capsys, content):
     ([], "pause_s: .inf\n", "--pause must be a finite number, got inf"),
     ([], "pause_s: 61\n", "--pause must be a number in [0, 60], got 61"),
     (["--num-gpus", "inf"], None, "--num-gpus must be a finite number, got inf"),
+    # sampling values and the device failed every row (exit 1) instead of the job up front
+    (["--temperature", "-1"], None, "--temperature must be > 0"),
+    (["--top-p", "inf"], None, "--top-p must be a finite number"),
+    ([], "max_new_tokens: 0\n", "--max-new-tokens must be in [1,"),
+    (["--device", "tpu"], None, "--device must be a torch device"),
+    ([], "input: other.txt\n", "config: ['input'] can only be given on the command line"),
 ])
 def test_bad_option_values_exit_2_naming_the_option(tmp_path, capsys, args, config, message):
     from tests.jobs.fakes import FakeBackend
