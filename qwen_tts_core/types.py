@@ -41,6 +41,7 @@ class SamplingParams:
     max_new_tokens: int = 2048
 
     def __post_init__(self) -> None:
+        self._take_loose_forms()
         for name in ("do_sample", "subtalker_dosample"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise RequestError(name, f"must be true or false, got {shown(getattr(self, name))}")
@@ -67,6 +68,27 @@ class SamplingParams:
             raise RequestError("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise RequestError("max_new_tokens", f"must be in [1, {MAX_NEW_TOKENS}], got {shown(self.max_new_tokens)}")
+
+    def _take_loose_forms(self) -> None:
+        """What the reference's callers pass and it runs: 0/1 for a switch, 50.0 for a count, and the greedy idiom
+        temperature=0 / top_p=0 beside do_sample=False (unused when a stage does not sample: set to 1.0, so no
+        device row ever divides by 0). Anything else is judged by the checks."""
+        set_ = object.__setattr__
+        for name in ("do_sample", "subtalker_dosample"):
+            v = getattr(self, name)
+            if isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_) and v in (0, 1):
+                set_(self, name, bool(v))
+        for name in ("top_k", "subtalker_top_k", "max_new_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, float | np.floating) and math.isfinite(v) and float(v).is_integer():
+                set_(self, name, int(v))
+        for switch, names in (("do_sample", ("temperature", "top_p")),
+                              ("subtalker_dosample", ("subtalker_temperature", "subtalker_top_p"))):
+            if getattr(self, switch) is False or getattr(self, switch) is np.False_:
+                for name in names:
+                    v = getattr(self, name)
+                    if isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) and v == 0:
+                        set_(self, name, 1.0)
 
     def with_overrides(self, **kw) -> SamplingParams:
         unknown = sorted(set(kw) - set(SAMPLING_FIELDS))

@@ -237,6 +237,25 @@ def test_a_seed_that_is_not_an_integer_is_refused_naming_seed(cv, seed):
         cv.generate_custom_voice(["Hello.", "Bye."], speaker="ryan", seed=2**63 - 1, max_new_tokens=3)
 
 
+def test_the_references_loose_generation_forms_run_as_it_runs_them(cv):
+    """do_sample=0, top_k=50.0, max_new_tokens=6.0 and the greedy idiom temperature=0 / top_p=0 beside
+    do_sample=False run on the reference; they were refused here. They give the codes of the strict forms; what the
+    reference would not run either (temperature=0 while sampling, do_sample=2, top_k=1.5) is still refused."""
+    from qwen_tts_core.errors import RequestError
+
+    strict = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=6)
+    loose = dict(do_sample=0, subtalker_dosample=0, temperature=0.0, top_p=0.0, subtalker_temperature=0,
+                 subtalker_top_p=0, top_k=50.0, max_new_tokens=6.0)
+    a, _ = cv.generate_custom_voice("Hello.", speaker="ryan", **strict)
+    b, _ = cv.generate_custom_voice("Hello.", speaker="ryan", **loose)
+    assert np.array_equal(a[0], b[0])
+    for bad, field in ((dict(temperature=0), "temperature"), (dict(do_sample=2), "do_sample"),
+                       (dict(top_k=1.5), "top_k"), (dict(do_sample=False, temperature=-1), "temperature")):
+        with pytest.raises(RequestError) as e:
+            cv.generate_custom_voice("Hello.", speaker="ryan", max_new_tokens=3, **bad)
+        assert e.value.field == field
+
+
 def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(ValueError, match="not a Qwen3-TTS checkpoint"):
         Qwen3TTSModel.from_pretrained(tmp_path)
@@ -320,7 +339,8 @@ def test_make_checkpoint_rejects_bad_dtype(tmp_path):
 @pytest.mark.parametrize("field,value", [
     ("top_k", 10**30), ("subtalker_top_k", -1), ("max_new_tokens", 10**30), ("max_new_tokens", 0),
     ("max_new_tokens", True), ("top_k", 2.5), ("temperature", float("inf")), ("top_p", float("nan")),
-    ("do_sample", 1), ("temperature", 1e308), ("subtalker_temperature", 3.5e38), ("repetition_penalty", 1e39),
+    ("do_sample", 2), ("do_sample", "yes"), ("temperature", 1e308), ("subtalker_temperature", 3.5e38),
+    ("repetition_penalty", 1e39),
 ])
 def test_sampling_values_out_of_range_name_their_field(field, value):
     """Huge integers must be refused up front: per-slot sampling values become int64 device tensors in a step."""
