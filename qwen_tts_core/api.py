@@ -55,7 +55,9 @@ def _resolve_device(device_map: Any) -> torch.device:
         device_map = devices.pop()
         device_map = f"cuda:{device_map}" if isinstance(device_map, int) and not isinstance(device_map, bool) \
             else device_map
-    if device_map in (None, "auto"):
+    if device_map is None:  # as transformers' from_pretrained without a device_map: the CPU
+        return torch.device("cpu")
+    if device_map == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device_map)
@@ -150,8 +152,9 @@ class Qwen3TTSModel:
                         dtype: Any = None, attn_implementation: str | None = None,
                         torch_dtype: Any = None, revision: str | None = None, cache_dir: str | None = None,
                         **kwargs: Any) -> Qwen3TTSModel:
-        """Load an official Qwen3-TTS 12Hz checkpoint (local folder or hub id). `attn_implementation` is accepted
-        for compatibility: attention runs on torch SDPA (flash kernels where torch has them)."""
+        """Load an official Qwen3-TTS 12Hz checkpoint (local folder or hub id). device_map: None loads on the CPU,
+        as the reference (transformers) does; "auto" on cuda:0 when CUDA is there. `attn_implementation` is
+        accepted for compatibility: attention runs on torch SDPA (flash kernels where torch has them)."""
         if kwargs:
             log.warning("from_pretrained: ignoring unsupported argument(s) %s", sorted(kwargs))
         path = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)

@@ -22,7 +22,7 @@ def _say(args: argparse.Namespace) -> int:
 
     from .api import Qwen3TTSModel
 
-    model = Qwen3TTSModel.from_pretrained(args.model, device_map=args.device, dtype=args.dtype)
+    model = Qwen3TTSModel.from_pretrained(args.model, device_map=args.device or "auto", dtype=args.dtype)
     kw = dict(language=args.language, seed=args.seed, max_new_tokens=args.max_new_tokens)
     if model.tts_model_type == "custom_voice":
         speaker = args.speaker or (model.get_supported_speakers() or [""])[0]

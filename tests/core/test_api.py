@@ -256,6 +256,18 @@ def test_the_references_loose_generation_forms_run_as_it_runs_them(cv):
         assert e.value.field == field
 
 
+def test_no_device_map_is_the_cpu_as_in_transformers_and_auto_picks_cuda(monkeypatch):
+    """from_pretrained(path) without a device_map put the model on cuda:0 whenever CUDA was there, where the
+    reference (transformers) loads on the CPU: a drop-in's memory and numbers changed silently on a GPU host."""
+    from qwen_tts_core.api import _resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _resolve_device(None) == torch.device("cpu")
+    assert _resolve_device("auto") == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _resolve_device("auto") == torch.device("cpu")
+
+
 def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(ValueError, match="not a Qwen3-TTS checkpoint"):
         Qwen3TTSModel.from_pretrained(tmp_path)
