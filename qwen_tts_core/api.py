@@ -129,6 +129,38 @@ def _check_token_ids(tokenizer: TextTokenizer, text_vocab_size: int, path: Path)
                          f"{text_vocab_size}; a tokenizer of another model?)")
 
 
+_PROMPT_FIELDS = ("ref_code", "ref_spk_embedding", "x_vector_only_mode", "icl_mode")
+
+
+def _prompt_items(prompt: Any) -> list[VoiceClonePromptItem]:
+    """VoiceClonePromptItem(s) from what the reference's generate_voice_clone takes: items (ours, or any object with
+    their fields, such as the reference's own class) or its dict of per-text lists (`ref_text` optional there). What
+    the fields hold is checked when the request is (`generate.requests.check_voice_prompt`)."""
+    field = "voice_clone_prompt"
+    if isinstance(prompt, dict):
+        missing = [k for k in _PROMPT_FIELDS if k not in prompt]
+        if missing:
+            raise RequestError(field, f"a dict prompt needs {list(_PROMPT_FIELDS)} (a list each, one entry per "
+                                      f"text); missing {missing}")
+        cols = {k: v if isinstance(v, list) else [v] for k, v in prompt.items() if k in (*_PROMPT_FIELDS, "ref_text")}
+        n = len(cols["ref_spk_embedding"])
+        if any(len(v) != n for v in cols.values()):
+            raise RequestError(field, f"a dict prompt's lists must have one length, got "
+                                      f"{ {k: len(v) for k, v in cols.items()} }")
+        return [VoiceClonePromptItem(**{k: v[i] for k, v in cols.items()}) for i in range(n)]
+    items = prompt if isinstance(prompt, list) else [prompt]
+    out = []
+    for it in items:
+        if not isinstance(it, VoiceClonePromptItem):
+            if not all(hasattr(it, f) for f in _PROMPT_FIELDS):
+                raise RequestError(field, "must be VoiceClonePromptItem(s) from create_voice_clone_prompt (or the "
+                                          f"reference's dict of {list(_PROMPT_FIELDS)}), got {type(it).__name__}")
+            it = VoiceClonePromptItem(**{f: getattr(it, f) for f in _PROMPT_FIELDS},
+                                      ref_text=getattr(it, "ref_text", None))
+        out.append(it)
+    return out
+
+
 class Qwen3TTSModel:
     def __init__(self, path: Path, cfg: TTSConfig, talker: Talker, tokenizer: TextTokenizer, codec,
                  speaker_encoder, generate_defaults: dict[str, Any]) -> None:
@@ -346,10 +378,7 @@ class Qwen3TTSModel:
             if ref_audio is None:
                 raise RequestError("ref_audio", "either voice_clone_prompt or ref_audio must be provided")
             voice_clone_prompt = self.create_voice_clone_prompt(ref_audio, ref_text, x_vector_only_mode)
-        items = voice_clone_prompt if isinstance(voice_clone_prompt, list) else [voice_clone_prompt]
-        if not all(isinstance(i, VoiceClonePromptItem) for i in items):
-            raise RequestError("voice_clone_prompt", "must be VoiceClonePromptItem(s) from create_voice_clone_prompt")
-        return _as_list(items, n, "voice_clone_prompt")
+        return _as_list(_prompt_items(voice_clone_prompt), n, "voice_clone_prompt")
 
     def _requests(self, kind: str, text, language, seed, non_streaming_mode, gen_kwargs, speaker=None,
                   instruct=None, voice_clone_prompt=None, single: bool = False) -> list[SynthesisRequest]:

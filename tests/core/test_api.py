@@ -268,6 +268,30 @@ def test_no_device_map_is_the_cpu_as_in_transformers_and_auto_picks_cuda(monkeyp
     assert _resolve_device("auto") == torch.device("cpu")
 
 
+def test_voice_prompts_in_the_references_other_forms(model_factory, ref_wav_path):
+    """The reference's generate_voice_clone also takes its dict of per-text lists, and items of its own class (any
+    object with the fields); they were refused. Same audio as our items; a dict missing a field is named."""
+    from types import SimpleNamespace
+
+    from qwen_tts_core.errors import RequestError
+
+    base = model_factory("base", "tiny")
+    (x,) = base.create_voice_clone_prompt(str(ref_wav_path), x_vector_only_mode=True)
+    (icl,) = base.create_voice_clone_prompt(str(ref_wav_path), ref_text="Good morning, how are you today?")
+    texts = ["Hello.", "Bye."]
+    want, _ = base.generate_voice_clone(texts, voice_clone_prompt=[x, icl], **G)
+    as_dict = {"ref_code": [None, icl.ref_code], "ref_spk_embedding": [x.ref_spk_embedding, icl.ref_spk_embedding],
+               "x_vector_only_mode": [True, False], "icl_mode": [False, True], "ref_text": [None, icl.ref_text]}
+    foreign = [SimpleNamespace(**vars(x)), SimpleNamespace(**vars(icl))]
+    for form in (as_dict, foreign):
+        got, _ = base.generate_voice_clone(texts, voice_clone_prompt=form, **G)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(RequestError, match="missing \\['icl_mode'\\]"):
+        base.generate_voice_clone("Hi.", voice_clone_prompt={k: v for k, v in as_dict.items() if k != "icl_mode"})
+    with pytest.raises(RequestError, match="voice_clone_prompt"):
+        base.generate_voice_clone("Hi.", voice_clone_prompt="a voice")
+
+
 def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(ValueError, match="not a Qwen3-TTS checkpoint"):
         Qwen3TTSModel.from_pretrained(tmp_path)
