@@ -129,6 +129,8 @@ def _check_token_ids(tokenizer: TextTokenizer, text_vocab_size: int, path: Path)
                          f"{text_vocab_size}; a tokenizer of another model?)")
 
 
+HUB_ARGUMENTS = ("token", "local_files_only", "force_download")
+"""from_pretrained arguments handed to huggingface_hub's download (a private repo needs its token)."""
 _PROMPT_FIELDS = ("ref_code", "ref_spk_embedding", "x_vector_only_mode", "icl_mode")
 
 
@@ -187,9 +189,15 @@ class Qwen3TTSModel:
         """Load an official Qwen3-TTS 12Hz checkpoint (local folder or hub id). device_map: None loads on the CPU,
         as the reference (transformers) does; "auto" on cuda:0 when CUDA is there. `attn_implementation` is
         accepted for compatibility: attention runs on torch SDPA (flash kernels where torch has them)."""
+        hub = {k: kwargs.pop(k) for k in HUB_ARGUMENTS if k in kwargs}
+        subfolder = kwargs.pop("subfolder", None)
+        quantized = sorted(set(kwargs) & {"quantization_config", "load_in_8bit", "load_in_4bit"})
+        if quantized:
+            raise ValueError(f"{quantized[0]}: quantized loading is not supported (weights load in `dtype`)")
         if kwargs:
             log.warning("from_pretrained: ignoring unsupported argument(s) %s", sorted(kwargs))
-        path = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
+        path = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                  subfolder=subfolder, hub=hub)
         wanted = dtype if dtype is not None else torch_dtype
         device = _resolve_device(device_map)
         dt = checkpoint_dtype(path) if wanted == "auto" else resolve_dtype(wanted)  # None: float32, as transformers

@@ -45,9 +45,20 @@ SHARD_PATTERN = "{stem}-*-of-*.safetensors"
 
 
 def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None,
-                       cache_dir: str | None = None) -> Path:
-    """A local checkpoint folder, or a hub id downloaded (or found in the local cache) with huggingface_hub."""
+                       cache_dir: str | None = None, subfolder: str | None = None,
+                       hub: dict[str, Any] | None = None) -> Path:
+    """A local checkpoint folder, or a hub id downloaded (or found in the local cache) with huggingface_hub.
+    subfolder: the checkpoint sits in this folder of the repo or folder; hub: huggingface_hub's `token`,
+    `local_files_only`, `force_download` for the download."""
+    if subfolder:
+        sub = Path(subfolder)
+        if sub.is_absolute() or ".." in sub.parts:
+            raise ValueError(f"subfolder: {subfolder!r} must be a relative path inside the checkpoint")
     p = Path(path_or_id).expanduser()
+    if p.exists() and subfolder:
+        p = p / subfolder
+        if not p.is_dir():
+            raise ValueError(f"subfolder: {str(p)!r} is not a folder")
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
             raise ValueError(f"pretrained_model_name_or_path: {str(p)!r} is not a Qwen3-TTS checkpoint folder "
@@ -60,7 +71,10 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None,
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=CHECKPOINT_FILES))
+        patterns = [f"{subfolder.strip('/')}/{x}" for x in CHECKPOINT_FILES] if subfolder else CHECKPOINT_FILES
+        root = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
+                                      **(hub or {})))
+        return root / subfolder if subfolder else root
     except Exception as e:  # offline, unknown repo, auth: one clear message
         raise ValueError(f"pretrained_model_name_or_path: could not fetch {repo!r} from the hub and it is not in "
                          f"the local cache ({type(e).__name__}: {e}). Download it on a connected machine "

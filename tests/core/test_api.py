@@ -292,6 +292,35 @@ def test_voice_prompts_in_the_references_other_forms(model_factory, ref_wav_path
         base.generate_voice_clone("Hi.", voice_clone_prompt="a voice")
 
 
+def test_from_pretrained_hands_hub_arguments_on_and_refuses_quantization(checkpoint_factory, tmp_path, monkeypatch):
+    """token, local_files_only and force_download reach huggingface_hub (they were dropped with a warning: a
+    private repo failed), subfolder finds a checkpoint inside a repo or folder, and quantization arguments are
+    refused (a quantized load ran unquantized)."""
+    import shutil
+
+    import huggingface_hub
+
+    ck = checkpoint_factory("custom_voice", "tiny")
+    nested = tmp_path / "repo"
+    shutil.copytree(ck, nested / "cv")
+    seen = {}
+
+    def download(repo, **kw):
+        seen.update(kw, repo=repo)
+        return str(nested)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    m = Qwen3TTSModel.from_pretrained("Org/Repo", device_map="cpu", token="t0ken", local_files_only=True,
+                                      force_download=False, subfolder="cv")
+    assert m.path == nested / "cv" and seen["token"] == "t0ken" and seen["local_files_only"] is True
+    assert all(p.startswith("cv/") for p in seen["allow_patterns"])
+    assert Qwen3TTSModel.from_pretrained(nested, device_map="cpu", subfolder="cv").path == nested / "cv"
+    for bad in ({"subfolder": "../x"}, {"subfolder": "missing"}, {"load_in_8bit": True},
+                {"quantization_config": {"bits": 4}}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Qwen3TTSModel.from_pretrained(nested, device_map="cpu", **bad)
+
+
 def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(ValueError, match="not a Qwen3-TTS checkpoint"):
         Qwen3TTSModel.from_pretrained(tmp_path)
