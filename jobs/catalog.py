@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {retire!r}")
         max_runs = option_value(args, conf, "max_runs", 0)
         quiet = bool(option_value(args, conf, "quiet", False))
-        defaults, render, opts, limits = build_options(args, "prompts")
+        defaults, render, opts, limits = build_options(args, "prompts", conf)
         layout = layouts.check_layout(option_value(args, conf, "layout", None))
         render = replace(render, master=layouts.master_for(layout, render.master))
     except ValueError as e:

@@ -178,10 +178,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                        or "penalty" in name else int)
 
 
-def build_options(args: argparse.Namespace, key_prefix: str
+def build_options(args: argparse.Namespace, key_prefix: str, conf: dict[str, Any] | None = None
                   ) -> tuple[RowDefaults, RenderConfig, RunOptions, InputLimits]:
-    """CLI args over YAML config over built-in defaults -> the option objects (models are resolved later)."""
-    conf = load_config(args.config)  # either command's options may sit in a config (checked there)
+    """CLI args over the YAML config (`conf`, default read from `args.config`: either command's options may sit in
+    it, checked there) over built-in defaults -> the option objects (models are resolved later)."""
+    conf = load_config(args.config) if conf is None else conf
 
     def get(name: str, default: Any) -> Any:
         return option_value(args, conf, name, default)
@@ -411,9 +412,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     stop = stop_on_sigterm()
     try:
-        defaults, render, opts, limits = build_options(args, "audio")
+        conf = load_config(args.config)
+        defaults, render, opts, limits = build_options(args, "audio", conf)
         rows = read_inputs(args.input, defaults, limits)
-        book = book_options(args)
+        book = book_options(args, conf)
         rows, render, opts, backend = prepare(rows, defaults, render, opts)
         records = run_rows(rows, render, opts, desc="narrate", backend=backend, stop=stop)
         deliver.level_consistency(records, render)  # ACX: chapters within 1 dB of each other
@@ -424,22 +426,21 @@ def run(args: argparse.Namespace) -> int:
     def the_book() -> dict[str, Any]:
         return {"book": make_book(records, rows, render, opts, book, stop)}
 
-    quiet = bool(option_value(args, load_config(args.config), "quiet", False))
+    quiet = bool(option_value(args, conf, "quiet", False))
     return finish(records, opts, "manifest.parquet", t0, quiet, after=the_book if book else None)
 
 
-def book_options(args: argparse.Namespace) -> Any:
+def book_options(args: argparse.Namespace, conf: dict[str, Any]) -> Any:
     """--book m4b and its metadata (None without --book); checked before any synthesis."""
     from .book import BOOK_FORMATS, BookMeta
 
-    conf = load_config(args.config)
-    fmt = args.book or conf.get("book")
+    fmt = option_value(args, conf, "book", None)
     if not fmt:
         return None
     if fmt not in BOOK_FORMATS:
         raise ValueError(f"book must be one of {list(BOOK_FORMATS)}, got {fmt!r}")
-    meta = BookMeta(title=args.book_title or conf.get("book_title"), author=args.author or conf.get("author"),
-                    narrator=args.narrator or conf.get("narrator"), cover=args.cover or conf.get("cover"))
+    meta = BookMeta(**{k: option_value(args, conf, o, None) for k, o in
+                       (("title", "book_title"), ("author", "author"), ("narrator", "narrator"), ("cover", "cover"))})
     meta.check()
     return meta
 

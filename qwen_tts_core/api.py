@@ -39,7 +39,7 @@ from .model.layers import RotaryTable, prepare_for_inference_
 from .model.talker import Talker
 from .text.tokenizer import TextTokenizer
 from .types import SAMPLE_RATE, SamplingParams, SynthesisRequest
-from .voice_prompt import VoiceClonePromptItem
+from .voice_prompt import VoiceClonePromptItem, prompt_items
 
 log = logging.getLogger(__name__)
 
@@ -87,80 +87,8 @@ def _session_error(message: str | None, field: str | None) -> ValueError:
     return RequestError(field, message.removeprefix(f"{field}: ")) if field else ValueError(message or "failed")
 
 
-# The tokenizer files transformers reads ids from, in the order an offending id is looked for to name its file.
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "added_tokens.json", "tokenizer_config.json")
-
-
-def _file_with_id(path: Path, token_id: int) -> Path:
-    """The tokenizer file of `path` that gives some token the id `token_id` (the folder when none is found)."""
-    from .checkpoint.weights import read_json
-
-    for name in _TOKENIZER_FILES:
-        f = path / name
-        if not f.is_file():
-            continue
-        try:
-            raw = read_json(f)
-        except ValueError:
-            continue
-        if name == "tokenizer.json":
-            vocab = (raw.get("model") or {}).get("vocab")
-            ids = list(vocab.values()) if isinstance(vocab, dict) else []
-            ids += [t.get("id") for t in raw.get("added_tokens") or [] if isinstance(t, dict)]
-        elif name == "tokenizer_config.json":
-            ids = [int(k) for k in raw.get("added_tokens_decoder") or {} if str(k).isdigit()]
-        else:
-            ids = list(raw.values())
-        if token_id in ids:
-            return f
-    return path
-
-
-def _check_token_ids(tokenizer: TextTokenizer, text_vocab_size: int, path: Path) -> None:
-    """Every id the tokenizer can produce (its vocabulary and added tokens) must index the talker's text embedding:
-    an id beyond it failed each request that used the token (IndexError; a device-side assert on CUDA)."""
-    vocab = tokenizer.vocab()
-    if not vocab:
-        return
-    token, token_id = max(vocab.items(), key=lambda kv: kv[1])
-    if token_id >= text_vocab_size:
-        raise ValueError(f"{_file_with_id(path, token_id)}: token {token!r} has id {token_id}, beyond the talker's "
-                         f"text vocabulary ({path / 'config.json'} talker_config.text_vocab_size = "
-                         f"{text_vocab_size}; a tokenizer of another model?)")
-
-
 HUB_ARGUMENTS = ("token", "local_files_only", "force_download")
 """from_pretrained arguments handed to huggingface_hub's download (a private repo needs its token)."""
-_PROMPT_FIELDS = ("ref_code", "ref_spk_embedding", "x_vector_only_mode", "icl_mode")
-
-
-def _prompt_items(prompt: Any) -> list[VoiceClonePromptItem]:
-    """VoiceClonePromptItem(s) from what the reference's generate_voice_clone takes: items (ours, or any object with
-    their fields, such as the reference's own class) or its dict of per-text lists (`ref_text` optional there). What
-    the fields hold is checked when the request is (`generate.requests.check_voice_prompt`)."""
-    field = "voice_clone_prompt"
-    if isinstance(prompt, dict):
-        missing = [k for k in _PROMPT_FIELDS if k not in prompt]
-        if missing:
-            raise RequestError(field, f"a dict prompt needs {list(_PROMPT_FIELDS)} (a list each, one entry per "
-                                      f"text); missing {missing}")
-        cols = {k: v if isinstance(v, list) else [v] for k, v in prompt.items() if k in (*_PROMPT_FIELDS, "ref_text")}
-        n = len(cols["ref_spk_embedding"])
-        if any(len(v) != n for v in cols.values()):
-            raise RequestError(field, f"a dict prompt's lists must have one length, got "
-                                      f"{ {k: len(v) for k, v in cols.items()} }")
-        return [VoiceClonePromptItem(**{k: v[i] for k, v in cols.items()}) for i in range(n)]
-    items = prompt if isinstance(prompt, list) else [prompt]
-    out = []
-    for it in items:
-        if not isinstance(it, VoiceClonePromptItem):
-            if not all(hasattr(it, f) for f in _PROMPT_FIELDS):
-                raise RequestError(field, "must be VoiceClonePromptItem(s) from create_voice_clone_prompt (or the "
-                                          f"reference's dict of {list(_PROMPT_FIELDS)}), got {type(it).__name__}")
-            it = VoiceClonePromptItem(**{f: getattr(it, f) for f in _PROMPT_FIELDS},
-                                      ref_text=getattr(it, "ref_text", None))
-        out.append(it)
-    return out
 
 
 class Qwen3TTSModel:
@@ -218,7 +146,7 @@ class Qwen3TTSModel:
                                and os.environ.get("QTTS_COLUMN_MAJOR") == "1")
         tokenizer = TextTokenizer(path)
         tokenizer.check_special_ids(cfg.im_start_token_id, cfg.im_end_token_id, str(path))
-        _check_token_ids(tokenizer, t.text_vocab_size, path)
+        tokenizer.check_ids_below(t.text_vocab_size, path)
         codec = None
         if (path / "speech_tokenizer").is_dir():
             from .codec.load import load_codec
@@ -386,7 +314,7 @@ class Qwen3TTSModel:
             if ref_audio is None:
                 raise RequestError("ref_audio", "either voice_clone_prompt or ref_audio must be provided")
             voice_clone_prompt = self.create_voice_clone_prompt(ref_audio, ref_text, x_vector_only_mode)
-        return _as_list(_prompt_items(voice_clone_prompt), n, "voice_clone_prompt")
+        return _as_list(prompt_items(voice_clone_prompt), n, "voice_clone_prompt")
 
     def _requests(self, kind: str, text, language, seed, non_streaming_mode, gen_kwargs, speaker=None,
                   instruct=None, voice_clone_prompt=None, single: bool = False) -> list[SynthesisRequest]:

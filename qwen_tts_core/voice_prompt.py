@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .errors import shown
+from .errors import RequestError, shown
 
 FORMAT_PREFIX = "qwen-tts-fleet/voice-prompt/"
 """The `format` metadata of a voice prompt file begins so; the version follows."""
@@ -23,6 +24,38 @@ class VoiceClonePromptItem:
     x_vector_only_mode: bool
     icl_mode: bool
     ref_text: str | None = None
+
+
+_PROMPT_FIELDS = ("ref_code", "ref_spk_embedding", "x_vector_only_mode", "icl_mode")
+
+
+def prompt_items(prompt: Any) -> list[VoiceClonePromptItem]:
+    """VoiceClonePromptItem(s) from what the reference's generate_voice_clone takes: items (ours, or any object with
+    their fields, such as the reference's own class) or its dict of per-text lists (`ref_text` optional there). What
+    the fields hold is checked when the request is (`generate.requests.check_voice_prompt`)."""
+    field = "voice_clone_prompt"
+    if isinstance(prompt, dict):
+        missing = [k for k in _PROMPT_FIELDS if k not in prompt]
+        if missing:
+            raise RequestError(field, f"a dict prompt needs {list(_PROMPT_FIELDS)} (a list each, one entry per "
+                                      f"text); missing {missing}")
+        cols = {k: v if isinstance(v, list) else [v] for k, v in prompt.items() if k in (*_PROMPT_FIELDS, "ref_text")}
+        n = len(cols["ref_spk_embedding"])
+        if any(len(v) != n for v in cols.values()):
+            raise RequestError(field, f"a dict prompt's lists must have one length, got "
+                                      f"{ {k: len(v) for k, v in cols.items()} }")
+        return [VoiceClonePromptItem(**{k: v[i] for k, v in cols.items()}) for i in range(n)]
+    items = prompt if isinstance(prompt, list) else [prompt]
+    out = []
+    for it in items:
+        if not isinstance(it, VoiceClonePromptItem):
+            if not all(hasattr(it, f) for f in _PROMPT_FIELDS):
+                raise RequestError(field, "must be VoiceClonePromptItem(s) from create_voice_clone_prompt (or the "
+                                          f"reference's dict of {list(_PROMPT_FIELDS)}), got {type(it).__name__}")
+            it = VoiceClonePromptItem(**{f: getattr(it, f) for f in _PROMPT_FIELDS},
+                                      ref_text=getattr(it, "ref_text", None))
+        out.append(it)
+    return out
 
 
 def save_voice_prompt(item: VoiceClonePromptItem, path: str | Path, **metadata: str) -> Path:

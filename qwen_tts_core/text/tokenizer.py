@@ -49,6 +49,35 @@ def check_tokenizer_config(folder: Path) -> None:
         raise ValueError(f"{path}: tokenizer_class must be one of {list(TOKENIZER_CLASSES)}, got {cls!r}")
 
 
+# The tokenizer files transformers reads ids from, in the order an offending id is looked for to name its file.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "added_tokens.json", "tokenizer_config.json")
+
+
+def _file_with_id(path: Path, token_id: int) -> Path:
+    """The tokenizer file of `path` that gives some token the id `token_id` (the folder when none is found)."""
+    from ..checkpoint.weights import read_json
+
+    for name in _TOKENIZER_FILES:
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            raw = read_json(f)
+        except ValueError:
+            continue
+        if name == "tokenizer.json":
+            vocab = (raw.get("model") or {}).get("vocab")
+            ids = list(vocab.values()) if isinstance(vocab, dict) else []
+            ids += [t.get("id") for t in raw.get("added_tokens") or [] if isinstance(t, dict)]
+        elif name == "tokenizer_config.json":
+            ids = [int(k) for k in raw.get("added_tokens_decoder") or {} if str(k).isdigit()]
+        else:
+            ids = list(raw.values())
+        if token_id in ids:
+            return f
+    return path
+
+
 class TextTokenizer:
     def __init__(self, path: str | Path) -> None:
         from transformers import AutoTokenizer, PretrainedConfig
@@ -77,6 +106,19 @@ class TextTokenizer:
     def vocab(self) -> dict[str, int]:
         """Every token the tokenizer can produce and its id, added tokens included."""
         return dict(self._tok.get_vocab())
+
+    def check_ids_below(self, text_vocab_size: int, folder: Path) -> None:
+        """Every id this tokenizer can produce (its vocabulary and added tokens) must index the talker's text
+        embedding: an id beyond it failed each request that used the token (IndexError; a device-side assert on
+        CUDA). ValueError naming the tokenizer file that holds the id."""
+        vocab = self.vocab()
+        if not vocab:
+            return
+        token, token_id = max(vocab.items(), key=lambda kv: kv[1])
+        if token_id >= text_vocab_size:
+            raise ValueError(f"{_file_with_id(folder, token_id)}: token {token!r} has id {token_id}, beyond the "
+                             f"talker's text vocabulary ({folder / 'config.json'} talker_config.text_vocab_size = "
+                             f"{text_vocab_size}; a tokenizer of another model?)")
 
     def encode(self, s: str) -> list[int]:
         return list(self._tok(s, add_special_tokens=False)["input_ids"])
