@@ -49,21 +49,23 @@ class Place:
         self.quota._release(self.who)
 
 
-class StreamQuota:
-    def __init__(self, limit: int | None, total: ClientStreams, retry_after_s: int = 1) -> None:
-        self.limit, self.total, self.retry_after_s = limit, total, retry_after_s
-        self.held: Counter[str] = Counter()          # key digest -> open streams
+class _PerKey:
+    """How many of something each non-admin key holds at once, at most `limit` (None: no limit; admin keys are not
+    counted). The one counter behind `StreamQuota` and `UploadQuota`."""
 
-    def take(self, caller: Caller) -> Place:
-        """A place for one more stream of `caller`; ApiError 429 when its key holds `limit` already."""
+    def __init__(self, limit: int | None, retry_after_s: int = 1) -> None:
+        self.limit, self.retry_after_s = limit, retry_after_s
+        self.held: Counter[str] = Counter()          # key digest -> held now
+
+    def _claim(self, caller: Caller, what: str, tail: str) -> str | None:
+        """Count one more for `caller`'s key (its digest, None when not counted); ApiError 429 at the limit."""
         who = None if caller.admin or self.limit is None else caller.owner
         if who is not None:
             if self.held[who] >= self.limit:
-                raise ApiError(429, f"too many open streams for this API key: at most {self.limit} at once "
-                                    f"(HTTP speech streams and WebSocket sessions together)", None,
+                raise ApiError(429, f"too many {what} for this API key: at most {self.limit} at once{tail}", None,
                                headers={"Retry-After": str(self.retry_after_s)})
             self.held[who] += 1
-        return Place(self, who)
+        return who
 
     def _release(self, who: str | None) -> None:
         if who is None:
@@ -73,7 +75,18 @@ class StreamQuota:
             del self.held[who]
 
 
-class UploadQuota:
+class StreamQuota(_PerKey):
+    def __init__(self, limit: int | None, total: ClientStreams, retry_after_s: int = 1) -> None:
+        super().__init__(limit, retry_after_s)
+        self.total = total
+
+    def take(self, caller: Caller) -> Place:
+        """A place for one more stream of `caller`; ApiError 429 when its key holds `limit` already."""
+        return Place(self, self._claim(caller, "open streams",
+                                       " (HTTP speech streams and WebSocket sessions together)"))
+
+
+class UploadQuota(_PerKey):
     """Voice uploads of one key in progress at once (`max_uploads_per_key`). Each holds up to a form body's bound in
     memory or a fetched `audio_url`, and the ingress takes many requests at once, so without this one key could hold
     hundreds of uploads (and their fetches) together. Counted like `StreamQuota`: non-admin keys only.
@@ -82,26 +95,13 @@ class UploadQuota:
             ...                         # read the body, fetch, create; the place is given back on ANY exit
     """
 
-    def __init__(self, limit: int | None, retry_after_s: int = 1) -> None:
-        self.limit, self.retry_after_s = limit, retry_after_s
-        self.held: Counter[str] = Counter()          # key digest -> uploads in progress
-
     @contextlib.contextmanager
     def hold(self, caller: Caller) -> Iterator[None]:
-        who = None if caller.admin or self.limit is None else caller.owner
-        if who is not None:
-            if self.held[who] >= self.limit:
-                raise ApiError(429, f"too many voice uploads in progress for this API key: at most {self.limit} at "
-                                    "once; send the next when one has been answered", None,
-                               headers={"Retry-After": str(self.retry_after_s)})
-            self.held[who] += 1
+        who = self._claim(caller, "voice uploads in progress", "; send the next when one has been answered")
         try:
             yield
         finally:   # success, an error, or the client gone (the handler cancelled)
-            if who is not None:
-                self.held[who] -= 1
-                if self.held[who] <= 0:
-                    del self.held[who]
+            self._release(who)
 
 
 __all__ = ["Place", "StreamQuota", "UploadQuota"]
