@@ -32,6 +32,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_devices(monkeypatch) -> list[str]:
+    """The device type of every tensor torch's Linear/Conv initialisation (kaiming_uniform_) runs on from now on
+    (until the monkeypatch is undone): a loader that builds on the meta device initialises nothing real."""
+    import torch
+
+    calls: list[str] = []
+    real_init = torch.nn.init.kaiming_uniform_
+
+    def init(tensor, *args, **kwargs):
+        calls.append(tensor.device.type)
+        return real_init(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", init)
+    return calls
+
+
 def pytest_configure(config):
     import torch
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from qwen_tts_core.codec.build import write_random_speech_tokenizer
 from qwen_tts_core.codec.config import CodecConfig, full_config, preset, tiny_config
 from qwen_tts_core.codec.load import load_codec
+from tests.conftest import init_devices
 
 
 def test_tiny_geometry_is_the_real_one():
@@ -159,14 +160,7 @@ def test_decoder_is_built_from_the_weights_alone(tiny_dir, monkeypatch):
     bit for bit (codes decode the same as before)."""
     from qwen_tts_core.codec.decoder import CodecDecoder
 
-    calls = []
-    real_init = torch.nn.init.kaiming_uniform_
-
-    def init(tensor, *args, **kwargs):
-        calls.append(tensor.device.type)
-        return real_init(tensor, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", init)
+    calls = init_devices(monkeypatch)
     codec = load_codec(tiny_dir)
     assert calls and set(calls) == {"meta"}  # Linear / Conv reset_parameters ran on nothing
     monkeypatch.undo()

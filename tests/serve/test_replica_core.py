@@ -96,6 +96,19 @@ def test_an_unexpected_engine_add_error_is_a_500_end_item(cv_core, monkeypatch):
         assert (items[-1]["status"], items[-1]["message"]) == (500, "synthesis failed in the engine"), priority
 
 
+def _synthesize_error_and_stream_end(core, payload: dict):
+    """The RequestError `synthesize(payload)` raises and the last item `stream(payload)` gives, on a started core."""
+    async def main():
+        core.start(asyncio.get_running_loop())
+        try:
+            with pytest.raises(RequestError) as e:
+                await core.synthesize(payload)
+            return e.value, [x async for x in core.stream(payload)][-1]
+        finally:
+            core.scheduler.stop()
+    return asyncio.run(main())
+
+
 def test_a_text_the_engine_refuses_names_text_to_batch_callers(model_factory):
     """The handle contract gives batch callers the core's argument name, wherever the problem is found: a prompt
     past max_len (found at the engine's prefill, not at submit; the core names `text`) is RequestError('text') from
@@ -106,15 +119,7 @@ def test_a_text_the_engine_refuses_names_text_to_batch_callers(model_factory):
     payload = {"input": "A sentence.", "voice": "ryan",   # the instructions fill the prompt past 16 positions
                "instructions": "Speak slowly and very calmly, like a narrator reading a long bedtime story."}
 
-    async def main():
-        core.start(asyncio.get_running_loop())
-        try:
-            with pytest.raises(RequestError) as e:
-                await core.synthesize(payload)
-            return e.value, [x async for x in core.stream(payload)][-1]
-        finally:
-            core.scheduler.stop()
-    err, end = asyncio.run(main())
+    err, end = _synthesize_error_and_stream_end(core, payload)
     assert err.field == "text" and "max_len" in err.message, err
     assert (end["type"], end["status"], end["param"], end["field"]) == ("end", 400, "input", "text"), end
 
@@ -127,15 +132,7 @@ def test_a_bad_field_found_as_bulk_enters_the_engine_names_both_names(cv_core, m
     monkeypatch.setattr(cv_core.engine, "add", add)
     payload = {"input": "Hello there.", "voice": "ryan", "priority": "bulk"}
 
-    async def main():
-        cv_core.start(asyncio.get_running_loop())
-        try:
-            with pytest.raises(RequestError) as e:
-                await cv_core.synthesize(payload)
-            return e.value, [x async for x in cv_core.stream(payload)][-1]
-        finally:
-            cv_core.scheduler.stop()
-    err, end = asyncio.run(main())
+    err, end = _synthesize_error_and_stream_end(cv_core, payload)
     assert err.field == "speaker"
     assert (end["status"], end["param"], end["field"]) == (400, "voice", "speaker"), end
 

@@ -22,6 +22,7 @@ from qwen_tts_core.speaker import (
     tiny_config,
 )
 from qwen_tts_core.speaker.config import JSON_KEYS
+from tests.conftest import init_devices
 from tests.oracle.common import run_oracle
 
 TOL = 1e-4
@@ -107,14 +108,7 @@ def test_encoder_is_built_from_the_state_alone(tiny, monkeypatch):
     """Built on the meta device and filled from the state: a config-sized encoder is never allocated and randomly
     initialised before the state is found to match (a 9 GiB config beside tiny weights failed in the allocator)."""
     cfg, state, enc = tiny
-    calls = []
-    real_init = torch.nn.init.kaiming_uniform_
-
-    def init(tensor, *args, **kwargs):
-        calls.append(tensor.device.type)
-        return real_init(tensor, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", init)
+    calls = init_devices(monkeypatch)
     loaded = speaker_encoder_from_state(cfg, state)
     assert calls and set(calls) == {"meta"}
     with pytest.raises(ValueError, match="wrong shape"):
