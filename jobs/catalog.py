@@ -3,6 +3,8 @@
 A catalog lists prompts (id, text, voice, language, instruct, format, sample_rate; e.g. 8 kHz u-law for
 telephony). Each run regenerates only prompts that are new or changed (content keys make unchanged
 ones a no-op), marks or deletes prompts that left the catalog, and writes `catalog-manifest.parquet`.
+Several catalogs may share an output: each owns its records there (`owned`, by the catalog's name) and retires
+only its own, never an object another catalog's current prompts use.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from qwen_tts_core.errors import shown
 
 from . import layout as layouts
 from . import lease
@@ -49,10 +53,18 @@ from .storage import Sink, StorageError, open_sink
 log = logging.getLogger(__name__)
 MANIFEST_KEY = "catalog-manifest.parquet"
 RETIRE_MODES = ("mark", "delete")
+NAME_MAX = 100
 
 
 def read_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | None = None) -> list[Utterance]:
-    """YAML (a list of prompts, or {defaults: {...}, prompts: [...]}) or CSV with a header row.
+    """The catalog's prompts (`load_catalog` without the name)."""
+    return load_catalog(path, defaults, limits)[0]
+
+
+def load_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | None = None,
+                 ) -> tuple[list[Utterance], Any]:
+    """YAML (a list of prompts, or {name: ..., defaults: {...}, prompts: [...]}) or CSV with a header row; returns
+    the prompts and the YAML's `name:` (None when it has none; checked by `catalog_name`).
 
     A CSV row with more fields than the header fails (in the manifest): the usual cause is an unquoted comma in
     the text, and keeping the fields up to it would ship a prompt cut short.
@@ -68,6 +80,7 @@ def read_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
         raise ValueError(f"catalog: unsupported file type {p.suffix!r}; use .yaml, .yml or .csv")
     text = read_text(p, limits)
     too_many: dict[int, str] = {}  # CSV row index -> why it fails: an unquoted comma would cut its text
+    name = None
     if suffix in (".yaml", ".yml"):
         import yaml
 
@@ -79,7 +92,7 @@ def read_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
             extra = doc.get("defaults") or {}
             if not isinstance(extra, dict):
                 raise ValueError("catalog: 'defaults' must be a mapping")
-            raw_rows = doc.get("prompts")
+            raw_rows, name = doc.get("prompts"), doc.get("name")
             defaults = catalog_defaults(extra, defaults, p)
         else:
             raw_rows = doc
@@ -106,7 +119,52 @@ def read_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
     for i, r in enumerate(raw_rows):
         row = check_row(r, defaults, where := f"{p.name}:{i + 1}", limits)
         rows.append(replace(row, text="", error=f"{printable(where)}: {too_many[i]}") if i in too_many else row)
-    return mark_duplicates(rows)
+    return mark_duplicates(rows), name
+
+
+def catalog_name(option: Any, in_file: Any, path: str | Path) -> str:
+    """The name this catalog's records carry at its output: `--name`, else the YAML's `name:`, else the file's stem
+    (renaming the file renames the catalog: `--name`/`name:` keeps the old one). ValueError (exit 2), naming
+    `--name`, for one that is not a non-empty printable string of at most NAME_MAX characters without a path
+    separator or surrounding spaces, or when `--name` and `name:` differ."""
+    if option is not None and in_file is not None and option != in_file:
+        raise ValueError(f"--name {shown(option)} differs from the catalog's name: {shown(in_file)}; give one")
+    given = option if option is not None else in_file
+    name = given if given is not None else Path(path).stem
+    why = ("must be a string" if not isinstance(name, str)
+           else "must not be empty" if not name.strip()
+           else f"is longer than {NAME_MAX} characters" if len(name) > NAME_MAX
+           else "must not be a path (no / or \\, not . or ..)" if "/" in name or "\\" in name or name in (".", "..")
+           else "must be printable (no control characters or invalid Unicode)" if not name.isprintable()
+           else "must not start or end with a space" if name != name.strip() else None)
+    if why and option is not None:
+        raise ValueError(f"--name {shown(name)} {why}")
+    if why:
+        src = "name: in the catalog" if in_file is not None else f"from the file name {printable(Path(path).name)}"
+        raise ValueError(f"catalog name {shown(name)} ({src}) {why}; give a valid one with --name")
+    return name
+
+
+def owned(records: list[ManifestRecord], name: str) -> tuple[list[ManifestRecord], list[ManifestRecord], int]:
+    """The ownership rule, the only one: which records at the output are this catalog's. Returns (this catalog's
+    previous records, every other catalog's, how many it adopts). Records without a name were written before
+    catalogs had names, by one catalog (the next one to run takes them, as before: nothing re-rendered, nothing
+    retired that is still in it). Another catalog's records are written back untouched, and what its current
+    prompts use is never deleted (`reconcile`'s `shared`)."""
+    mine = [r for r in records if r.catalog in (name, None)]
+    others = [r for r in records if r.catalog not in (name, None)]
+    return mine, others, sum(r.catalog is None for r in mine)
+
+
+def look_alike(records: list[ManifestRecord], others: list[ManifestRecord]) -> list[str]:
+    """Other catalogs at the output at least half of whose current prompts (same id and content) are this one's:
+    most likely this catalog under its earlier name (the file was renamed), whose prompts nothing retires now."""
+    here = {(r.id, r.key) for r in records if r.status in LIVE}
+    same: dict[str, list[bool]] = {}
+    for r in others:
+        if r.status in LIVE:
+            same.setdefault(str(r.catalog), []).append((r.id, r.key) in here)
+    return sorted(c for c, s in same.items() if 2 * sum(s) >= len(s))
 
 
 def catalog_defaults(given: dict[Any, Any], defaults: RowDefaults, path: Path) -> RowDefaults:
@@ -153,13 +211,15 @@ def _carry(rec: ManifestRecord, old: ManifestRecord) -> None:
 
 
 def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sink: Sink, retire: str,
-              ) -> tuple[list[ManifestRecord], dict[str, int]]:
-    """Classify against the previous run, retire prompts that left the catalog, prune superseded objects.
+              shared: list[ManifestRecord] | None = None) -> tuple[list[ManifestRecord], dict[str, int]]:
+    """Classify against this catalog's previous run, retire its prompts that left it, prune superseded objects.
 
-    Never deletes an object a current prompt uses. A delete the storage refuses keeps its record `retired` with
-    error "retired: delete failed: ..." (counted in `delete_failed`); `--retire delete` tries it again next run. A
-    prompt whose render failed carries what its earlier versions left (`_carry`), so nothing is orphaned: a
-    superseded version is deleted once the prompt is written again, all of it once the prompt is retired."""
+    Never deletes an object a current prompt uses, this catalog's or another's at the same output (`shared`: their
+    records; keys are content keys, so two catalogs with the same prompt share its object). A delete the storage
+    refuses keeps its record `retired` with error "retired: delete failed: ..." (counted in `delete_failed`);
+    `--retire delete` tries it again next run. A prompt whose render failed carries what its earlier versions left
+    (`_carry`), so nothing is orphaned: a superseded version is deleted once the prompt is written again, all of it
+    once the prompt is retired."""
     if retire not in RETIRE_MODES:
         raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {retire!r}")
     prev = {r.id: r for r in previous}
@@ -168,7 +228,7 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sin
         old = prev.get(r.id)
         if old is not None and old.status != "retired" and r.status not in LIVE:
             _carry(r, old)
-    live = live_keys(current)
+    live = live_keys([*current, *(shared or [])])
     counts = {"new": 0, "changed": 0, "unchanged": 0, "retired": 0, "delete_failed": 0}
     for r in current:
         old = prev.get(r.id)
@@ -234,18 +294,27 @@ def _delete(sink: Sink, key: str, live: set[str]) -> str | None:
 
 def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: RunOptions, retire: str,
              quiet: bool = True, limits: InputLimits | None = None, stop: threading.Event | None = None,
-             layout: str = "none") -> tuple[int, dict[str, Any]]:
+             layout: str = "none", name: str | None = None) -> tuple[int, dict[str, Any]]:
     """One regeneration pass; returns (exit code, summary). A pass stopped by SIGTERM writes nothing more (no
-    reconcile, no manifest): what it committed is found by the next pass."""
+    reconcile, no manifest): what it committed is found by the next pass.
+
+    The manifest holds every catalog's records at the output; this pass replaces its own (`owned`). A pass that
+    adopts records without a name deletes nothing (as `--retire mark`): another catalog that shared the output
+    before names existed gets one run to claim its prompts before a `--retire delete` run can remove them."""
     t0 = time.perf_counter()
-    rows = read_catalog(catalog, defaults, limits)
+    rows, in_file = load_catalog(catalog, defaults, limits)
+    name = catalog_name(name, in_file, catalog)
     if layout != "none":  # ids that cannot be file names fail before any synthesis
         rows = layouts.check_rows(rows)
     rows, render, opts, backend = prepare(rows, defaults, render, opts)
     sink = open_sink(opts.output, opts.retry)
     sink.preflight()
     with lease.hold(sink) as held:  # one pass at a time: from reading the previous manifest to writing this one
-        previous = previous_manifest(sink)
+        previous, others, adopted = owned(previous_manifest(sink), name)
+        if adopted:
+            log.warning("adopting %d record(s) written before catalogs had names as catalog %r; this pass deletes "
+                        "nothing", adopted, name)
+            retire = "mark"
         current = run_rows(rows, render, opts, sink=sink, desc="catalog", backend=backend, stop=stop)
         if stop is not None and stop.is_set():
             done = sum(r.status in LIVE for r in current)
@@ -254,13 +323,20 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
                        "wall_s": round(time.perf_counter() - t0, 2)}
         held.check()
         packages = layouts.write_packages(current, rows, sink) if layout != "none" else None
-        records, counts = reconcile(current, previous, sink, retire)
-        if layout != "none" and retire == "delete":
-            counts["delete_failed"] += layouts.remove_packages(records, sink)
+        records, counts = reconcile(current, previous, sink, retire, shared=others)
+        if layout != "none" and retire == "delete":  # (another catalog's live package files are kept)
+            live_elsewhere = [r for r in others if r.status != "retired"]
+            counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], sink)
+        for r in records:
+            r.catalog = name
+        for other in look_alike(records, others):
+            log.warning("catalog %r has most prompts of catalog %r at this output; if it is that catalog renamed, "
+                        "run it with --name %r (else %r's prompts are never retired)", name, other, other, other)
         held.check()
-        url, extra = write_manifest(records, opts, MANIFEST_KEY)
+        url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
     summary = summarize(records)
-    summary.update(counts, output=sink.uri, manifest=url, wall_s=round(time.perf_counter() - t0, 2), **extra)
+    summary.update(counts, catalog=name, output=sink.uri, manifest=url, wall_s=round(time.perf_counter() - t0, 2),
+                   **extra, **({"adopted": adopted} if adopted else {}))
     if packages is not None:
         summary["layout"] = {"name": layout, **packages}
     if not quiet:
@@ -289,6 +365,9 @@ def run(args: argparse.Namespace) -> int:
         retire = option_value(args, conf, "retire", "mark")
         if retire not in RETIRE_MODES:
             raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {retire!r}")
+        name = option_value(args, conf, "name", None)
+        if name is not None:
+            catalog_name(name, None, args.catalog)
         max_runs = option_value(args, conf, "max_runs", 0)
         quiet = bool(option_value(args, conf, "quiet", False))
         defaults, render, opts, limits = build_options(args, "prompts", conf)
@@ -301,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     while not stop.is_set():
         try:
             code, summary = run_once(args.catalog, defaults, render, opts, retire, quiet=quiet,
-                                     limits=limits, stop=stop, layout=layout)
+                                     limits=limits, stop=stop, layout=layout, name=name)
             print(json.dumps(summary), flush=True)
         except (ValueError, StorageError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -330,6 +409,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     add_common_args(p)
     p.add_argument("--retire", choices=RETIRE_MODES, help="prompts that left the catalog: mark (default) or delete "
                    "(delete also removes superseded versions of changed prompts)")
+    p.add_argument("--name", help="the catalog's name at the output (default: the YAML's name:, else the file name "
+                   "without extension): catalogs with different names share an output safely, each retiring only "
+                   "its own prompts; keep the name when renaming the file")
     p.add_argument("--every", help="regenerate periodically on this machine, e.g. 1h (default: run once)")
     p.add_argument("--max-runs", type=int, help="with --every: stop after N runs (default 0: forever)")
     p.add_argument("--layout", choices=layouts.LAYOUTS, help="asterisk: also write sounds/<lang>/<name>.<ext> "

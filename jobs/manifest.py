@@ -63,6 +63,9 @@ class ManifestRecord:
     # removes them once the prompt is written again or leaves the catalog.
     previous_keys: list[str] = field(default_factory=list)
     retries: list[str] = field(default_factory=list)
+    # catalog: the catalog that owns this record at a shared output (jobs/catalog.py `owned`); None in a manifest
+    # written before catalogs had names (adopted by the next catalog run) and in narration manifests
+    catalog: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,7 +130,7 @@ def _schema():
         ("speech_level_dbm0", pa.float64()), ("head_s", pa.float64()), ("tail_s", pa.float64()),
         ("speed", pa.float64()), ("lexicon", pa.list_(pa.string())), ("captions", pa.list_(pa.string())),
         ("layout", pa.list_(pa.string())), ("previous_keys", pa.list_(pa.string())),
-        ("retries", pa.list_(pa.string())),
+        ("retries", pa.list_(pa.string())), ("catalog", pa.string()),
     ])
 
 

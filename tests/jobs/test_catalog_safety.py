@@ -129,26 +129,28 @@ def test_a_refused_delete_is_recorded_counted_and_retried(tmp_path, capsys, monk
 
 
 def test_an_overlapping_pass_is_refused_while_one_holds_the_lease(tmp_path, capsys, monkeypatch):
+    """(v1.yaml and v2.yaml are two versions of one catalog: one --name, else each would own its own prompts.)"""
     out, v1, v2 = tmp_path / "out", tmp_path / "v1.yaml", tmp_path / "v2.yaml"
     _write(v1, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."}])
     _write(v2, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press two."}])
-    assert _run(v1, out, capsys)[0] == 0
+    assert _run(v1, out, capsys, "--name", "ivr")[0] == 0
     real, nested = catalog.run_rows, []
 
     def run_rows_then_overlap(*a, **k):  # a second pass starts while the first is between render and reconcile
         res = real(*a, **k)
         if not nested:
             nested.append(catalog.main([str(v2), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE,
-                                        "--runner", "local", "--no-progress", "--quiet", "--retire", "delete"]))
+                                        "--runner", "local", "--no-progress", "--quiet", "--retire", "delete",
+                                        "--name", "ivr"]))
         return res
 
     monkeypatch.setattr(catalog, "run_rows", run_rows_then_overlap)
     code = catalog.main([str(v1), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
-                         "local", "--no-progress", "--quiet", "--retire", "delete"])
+                         "local", "--no-progress", "--quiet", "--retire", "delete", "--name", "ivr"])
     assert nested == [2] and "another catalog run holds the lease" in capsys.readouterr().err
     assert code == 0 and all((out / r.key).exists() for r in _manifest(out).values())
     monkeypatch.setattr(catalog, "run_rows", real)
-    assert _run(v2, out, capsys)[0] == 0  # released: the next pass runs
+    assert _run(v2, out, capsys, "--name", "ivr")[0] == 0  # released: the next pass runs (it is "ivr" too)
     assert sorted(p.name for p in (out / "prompts").glob("*.wav")) == sorted(
         r.key.split("/")[1] for r in _manifest(out).values())
 

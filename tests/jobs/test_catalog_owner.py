@@ -1,0 +1,223 @@
+"""Several catalogs at one output: each owns its prompts there (by its name) and retires only its own.
+
+Before, every run retired (with `--retire delete`: deleted the audio of) every prompt of the output's manifest that
+was not in its own catalog, so menus_en.yaml and menus_es.yaml sharing a prefix deleted each other's audio on
+every run and rendered it all again on the next."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs import catalog
+from jobs.manifest import from_parquet
+
+FAKE = "tests.jobs.fakes:FakeBackend"
+EN = [{"id": "welcome", "text": "Welcome."}, {"id": "sales", "text": "Press one for sales."},
+      {"id": "beep", "text": "Beep."}]
+ES = [{"id": "welcome", "text": "Bienvenido."}, {"id": "ventas", "text": "Pulse uno para ventas."},
+      {"id": "beep", "text": "Beep."}]
+
+
+def _write(path, prompts, name=None, **defaults):
+    doc = {"defaults": {"voice": "ryan", **defaults}, "prompts": prompts}
+    path.write_text(yaml.safe_dump({**doc, "name": name} if name is not None else doc))
+    return path
+
+
+def _run(cat, out, capsys, *extra):
+    code = catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
+                         "local", "--no-progress", "--quiet", "--retire", "delete", *extra])
+    lines = capsys.readouterr().out.strip().splitlines()
+    return code, (json.loads(lines[-1]) if lines else {})
+
+
+def _refused(cat, out, capsys, *extra):
+    """(exit code, stderr) of a run that writes no summary."""
+    code = catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
+                         "local", "--no-progress", "--quiet", *extra])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return code, captured.err
+
+
+def _manifest(out):
+    """{catalog name: {id: record}}"""
+    by: dict = {}
+    for r in from_parquet((out / "catalog-manifest.parquet").read_bytes()):
+        by.setdefault(r.catalog, {})[r.id] = r
+    return by
+
+
+def _objects(out):
+    return sorted(p.name for p in (out / "prompts").glob("*.wav"))
+
+
+def test_two_catalogs_at_one_output_keep_each_others_prompts(tmp_path, capsys):
+    out = tmp_path / "out"
+    en, es = _write(tmp_path / "menus_en.yaml", EN), _write(tmp_path / "menus_es.yaml", ES)
+    assert _run(en, out, capsys)[0] == 0
+    code, s = _run(es, out, capsys)
+    assert code == 0 and (s["new"], s["retired"], s["total"]) == (3, 0, 3)  # was: en's 3 retired and deleted
+    assert len(_objects(out)) == 5 and s["catalog"] == "menus_es"
+    code, s = _run(en, out, capsys)
+    assert code == 0 and (s["unchanged"], s["retired"], s["synthesized"]) == (3, 0, 0)  # was: 3 new, 3 retired
+    man = _manifest(out)
+    assert set(man) == {"menus_en", "menus_es"}
+    assert set(man["menus_en"]) == {"welcome", "sales", "beep"}
+    assert set(man["menus_es"]) == {"welcome", "ventas", "beep"}
+    assert all(r.status == "ok" and (out / r.key).exists() for m in man.values() for r in m.values())
+    assert man["menus_en"]["beep"].key == man["menus_es"]["beep"].key  # same prompt: one object, shared
+    assert man["menus_en"]["welcome"].key != man["menus_es"]["welcome"].key
+    assert len(_objects(out)) == 5
+    beep = out / man["menus_en"]["beep"].key
+
+    _write(en, EN[:1])  # en drops "sales" (its own: deleted) and "beep" (es still uses it: kept)
+    code, s = _run(en, out, capsys)
+    man = _manifest(out)
+    assert code == 0 and s["retired"] == 2 and s["delete_failed"] == 0
+    assert man["menus_en"]["sales"].error == catalog.DELETED and not (out / man["menus_en"]["sales"].key).exists()
+    assert man["menus_en"]["beep"].error == catalog.KEPT and beep.exists()
+    code, s = _run(es, out, capsys)
+    assert code == 0 and (s["unchanged"], s["retired"]) == (3, 0) and beep.exists()
+    _write(es, ES[:2])  # now nobody uses "beep": es deletes it
+    code, s = _run(es, out, capsys)
+    assert code == 0 and s["retired"] == 1 and not beep.exists()
+    code, s = _run(en, out, capsys)
+    man = _manifest(out)
+    assert code == 0 and set(man["menus_en"]) == {"welcome"} and set(man["menus_es"]) == {"welcome", "ventas", "beep"}
+    assert _objects(out) == sorted(r.key.split("/")[-1] for m in man.values() for r in m.values()
+                                   if r.status == "ok")
+
+
+def test_two_catalogs_with_layout_keep_each_others_package_files(tmp_path, capsys):
+    out = tmp_path / "out"
+    en = _write(tmp_path / "en.yaml", EN[:2], language="english")
+    es = _write(tmp_path / "es.yaml", ES[:2], language="spanish")
+    for cat in (en, es, en):
+        assert _run(cat, out, capsys, "--layout", "asterisk")[0] in (0, 1)
+    assert len(list(out.glob("asterisk/*/sounds/*/*"))) == 16  # 4 prompts x 4 codecs (was: es's 8 deleted)
+    man = _manifest(out)
+    files = {c: [k for r in m.values() for k in r.layout] for c, m in man.items()}
+    assert len(files["en"]) == len(files["es"]) == 8 and all((out / k).exists() for ks in files.values() for k in ks)
+    index = json.loads((out / "asterisk/index.json").read_text())
+    assert set(index) == {"en/welcome", "en/sales", "es/welcome", "es/ventas"}
+    _write(en, EN[:1], language="english")
+    assert _run(en, out, capsys, "--layout", "asterisk")[0] in (0, 1)
+    assert not any((out / k).exists() for k in man["en"]["sales"].layout)
+    assert all((out / k).exists() for k in files["es"])
+    assert set(json.loads((out / "asterisk/index.json").read_text())) == {"en/welcome", "es/welcome", "es/ventas"}
+
+
+def _as_before_names(out):
+    """Rewrite the output's manifest as a version before catalog names wrote it: no `catalog` column."""
+    path = out / "catalog-manifest.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.drop_columns(["catalog"]), path)
+
+
+def test_an_output_written_before_names_is_adopted_without_rendering_or_retiring(tmp_path, capsys):
+    out = tmp_path / "out"
+    cat = _write(tmp_path / "ivr.yaml", EN)
+    assert _run(cat, out, capsys)[0] == 0
+    _as_before_names(out)
+    objects = _objects(out)
+    code, s = _run(cat, out, capsys)
+    assert code == 0 and (s["unchanged"], s["new"], s["retired"], s["synthesized"], s["adopted"]) == (3, 0, 0, 0, 3)
+    assert set(_manifest(out)) == {"ivr"} and set(_manifest(out)["ivr"]) == {"welcome", "sales", "beep"}
+    assert _objects(out) == objects
+    code, s = _run(cat, out, capsys)
+    assert code == 0 and (s["unchanged"], s["synthesized"]) == (3, 0) and "adopted" not in s
+
+
+def test_the_adopting_pass_deletes_nothing_and_the_next_one_does(tmp_path, capsys):
+    """A prompt that left the catalog while the output was written before names: marked retired by the pass that
+    adopts the records (it might be another catalog's that shared the output before), deleted by the next one."""
+    out = tmp_path / "out"
+    cat = _write(tmp_path / "ivr.yaml", EN)
+    assert _run(cat, out, capsys)[0] == 0
+    _as_before_names(out)
+    sales = out / _manifest(out)[None]["sales"].key
+    _write(cat, [EN[0], EN[2]])
+    code, s = _run(cat, out, capsys)
+    rec = _manifest(out)["ivr"]["sales"]
+    assert code == 0 and (s["retired"], s["adopted"], s["synthesized"]) == (1, 3, 0)
+    assert rec.status == "retired" and sales.exists()
+    code, s = _run(cat, out, capsys)
+    assert code == 0 and not sales.exists() and _manifest(out)["ivr"]["sales"].error == catalog.DELETED
+
+
+def test_two_catalogs_that_shared_an_output_before_names_lose_nothing_more(tmp_path, capsys):
+    """The old code's last pass (es) left a manifest of es's prompts (and en's, retired). en adopts it first: it
+    deletes nothing, es claims its prompts with nothing rendered again, and from then on both are kept."""
+    out = tmp_path / "out"
+    en, es = _write(tmp_path / "menus_en.yaml", EN), _write(tmp_path / "menus_es.yaml", ES)
+    assert _run(es, out, capsys)[0] == 0
+    _as_before_names(out)
+    es_objects = [out / r.key for r in _manifest(out)[None].values()]
+    assert _run(en, out, capsys)[0] == 0 and all(p.exists() for p in es_objects)
+    code, s = _run(es, out, capsys)
+    assert code == 0 and (s["synthesized"], s["total"], s["ok"]) == (0, 3, 3)
+    for cat in (en, es, en):
+        assert _run(cat, out, capsys)[0] == 0
+    man = _manifest(out)
+    assert set(man) == {"menus_en", "menus_es"} and all(p.exists() for p in es_objects)
+    assert all((out / r.key).exists() for r in man["menus_en"].values() if r.status == "ok")
+    assert {i for i, r in man["menus_en"].items() if r.status == "ok"} == {"welcome", "sales", "beep"}
+
+
+def test_a_renamed_catalog_keeps_its_prompts_by_name(tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    cat = _write(tmp_path / "ivr.yaml", EN)
+    assert _run(cat, out, capsys)[0] == 0
+    renamed = tmp_path / "ivr-2.yaml"
+    cat.rename(renamed)
+    code, s = _run(renamed, out, capsys, "--name", "ivr")  # the remedy: the old name
+    assert code == 0 and (s["unchanged"], s["retired"], s["synthesized"]) == (3, 0, 0)
+    assert set(_manifest(out)) == {"ivr"}
+    _write(renamed, EN[:2], name="ivr")  # or name: in the file
+    code, s = _run(renamed, out, capsys)
+    assert code == 0 and (s["catalog"], s["unchanged"], s["retired"]) == ("ivr", 2, 1)
+    # without it, the renamed file is another catalog: nothing is deleted or rendered again, and a warning says so
+    _write(renamed, EN[:2])
+    code, s = _run(renamed, out, capsys)
+    assert code == 0 and (s["catalog"], s["new"], s["retired"], s["synthesized"]) == ("ivr-2", 2, 0, 0)
+    assert "run it with --name 'ivr'" in caplog.text
+    assert set(_manifest(out)) == {"ivr", "ivr-2"}
+
+
+@pytest.mark.parametrize("name,why", [
+    ("", "must not be empty"),
+    ("en/menus", "must not be a path"),
+    ("en\\menus", "must not be a path"),
+    ("..", "must not be a path"),
+    ("x" * 101, "is longer than 100 characters"),
+    ("menus\ten", "must be printable"),
+    (" menus", "must not start or end with a space"),
+])
+def test_a_bad_name_is_refused_before_anything_is_written(tmp_path, capsys, name, why):
+    out, cat = tmp_path / "out", _write(tmp_path / "ivr.yaml", EN)
+    code, err = _refused(cat, out, capsys, "--name", name)
+    assert code == 2 and err.startswith("error: --name ") and why in err and not out.exists()
+    _write(cat, EN, name=name)  # the same rules for name: in the file, which names --name as the way out
+    code, err = _refused(cat, out, capsys)
+    assert code == 2 and err.startswith("error: catalog name ") and f"(name: in the catalog) {why}" in err
+    assert err.rstrip().endswith("give a valid one with --name") and not out.exists()
+
+
+def test_a_bad_name_from_the_file_name_or_two_names_that_differ_are_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    cat = _write(tmp_path / "bad\x01name.yaml", EN)
+    code, err = _refused(cat, out, capsys)
+    assert code == 2 and "from the file name" in err and "must be printable" in err and "--name" in err
+    assert not out.exists()
+    assert _run(cat, out, capsys, "--name", "ivr")[0] == 0  # the way out
+    cat = _write(tmp_path / "ivr.yaml", EN, name="menus")
+    code, err = _refused(cat, out, capsys, "--name", "ivr")
+    assert code == 2 and "--name 'ivr' differs from the catalog's name: 'menus'" in err
+    _write(cat, EN, name=5)
+    code, err = _refused(cat, out, capsys)
+    assert code == 2 and "catalog name 5 (name: in the catalog) must be a string" in err
