@@ -10,6 +10,10 @@ header is read by libsndfile (`soundfile.SoundFile` exposes rate, channels and f
 RIFF/WAVE the duration is also taken from the `data` chunk's declared size, so a header that claims hours is refused
 even where libsndfile trims the count to the bytes present. Arrays passed in directly get the same rate and length
 checks before resampling.
+
+What libsndfile cannot open (MP4/M4A/AAC phone recordings, WebM/Opus from browsers) falls back to PyAV when its first
+bytes are such a container (`audio_decode_av.py`): the same limits, checked on the samples as they are decoded (no
+declared duration is trusted), with the demuxer bounded. PyAV is imported only then (`pip install av`).
 """
 
 from __future__ import annotations
@@ -161,9 +165,24 @@ def _read_bytes(data: bytes, argument: str, what: str,
     try:
         f = sf.SoundFile(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise RequestError(argument, f"could not decode {what} as audio ({_reason(exc)})") from None
-    with f:
-        return _decode(f, argument, what, limits, len(data), data[:65536])
+        refused = RequestError(argument, f"could not decode {what} as audio ({_reason(exc)})")
+    else:
+        with f:
+            return _decode(f, argument, what, limits, len(data), data[:65536])
+    return _fallback(data, refused, argument, what, limits)
+
+
+def _fallback(data: bytes, refused: RequestError, argument: str, what: str,
+              limits: AudioLimits) -> tuple[np.ndarray, int]:
+    """Bytes libsndfile refused: decoded through PyAV when they are a container it reads (MP4/M4A, AAC, WebM,
+    Ogg; audio_decode_av.py, with the same limits), else libsndfile's error `refused`."""
+    from . import audio_decode_av
+
+    found = audio_decode_av.sniff(data[:65536])
+    if found is None:
+        raise refused
+    fmt, kind = found
+    return audio_decode_av.decode(data, fmt, kind, argument, what, limits)
 
 
 def _read_path(path: Path, argument: str, limits: AudioLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
@@ -173,15 +192,28 @@ def _read_path(path: Path, argument: str, limits: AudioLimits = DEFAULT_LIMITS) 
     size = path.stat().st_size
     if size > limits.max_bytes:
         raise RequestError(argument, f"audio file {path.name!r} is larger than {limits.max_bytes} bytes ({size})")
-    what = f"audio file {path.name!r}"
+    what, head = f"audio file {path.name!r}", b""
     try:
         with open(path, "rb") as raw:
             head = raw.read(65536)
         f = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
-        raise RequestError(argument, f"could not decode {what} ({_reason(exc)})") from None
-    with f:
-        return _decode(f, argument, what, limits, size, head)
+        refused = RequestError(argument, f"could not decode {what} ({_reason(exc)})")
+    else:
+        with f:
+            return _decode(f, argument, what, limits, size, head)
+    from .audio_decode_av import sniff
+
+    if sniff(head) is None:
+        raise refused
+    try:
+        with open(path, "rb") as raw:
+            data = raw.read(limits.max_bytes + 1)
+    except OSError as exc:
+        raise RequestError(argument, f"could not read {what} ({exc.strerror})") from None
+    if len(data) > limits.max_bytes:
+        raise RequestError(argument, f"{what} is larger than {limits.max_bytes} bytes")
+    return _fallback(data, refused, argument, what, limits)
 
 
 def _fetch_url(url: str, argument: str, timeout: float, max_bytes: int = MAX_URL_BYTES) -> bytes:
@@ -272,9 +304,9 @@ def load_audio(
     """Decode one reference audio into mono float32 at its own sample rate.
 
     Args:
-        x: a local file path (str or PathLike; wav/flac/ogg/... via libsndfile), base64 audio (raw, or a
-            `data:audio/...;base64,` URI), raw file bytes, a `(np.ndarray, sr)` tuple ([N] or [N, channels]),
-            or an http(s) URL when `allow_urls=True`.
+        x: a local file path (str or PathLike; wav/flac/ogg/mp3 via libsndfile, m4a/mp4/aac/webm via PyAV),
+            base64 audio (raw, or a `data:audio/...;base64,` URI), raw file bytes, a `(np.ndarray, sr)` tuple
+            ([N] or [N, channels]), or an http(s) URL when `allow_urls=True`.
         argument: the caller-facing name used in error messages.
         allow_urls: fetch http(s) URLs (off by default: a server must not fetch arbitrary URLs for clients).
         url_timeout: seconds for a URL fetch.
