@@ -25,7 +25,7 @@ from .inputs import Utterance
 from .manifest import ManifestRecord
 from .progress import Bar, Console, Tracker, quiet_ray_data
 from .render import RenderConfig, base_record, existing_output, render_rows
-from .serve_backend import serve_app_running
+from .serve_backend import model_changed, serve_app_running
 from .storage import RetryPolicy, Sink, StorageError, open_sink
 from .synth import Backend, EngineOptions, error_text, make_backend
 
@@ -70,9 +70,11 @@ class RunOptions:
     def backend_args(self, backend: str, cfg: RenderConfig) -> dict[str, Any]:
         """make_backend's keyword arguments for `backend` (picklable: they travel to the workers)."""
         revisions = {k: v["revision"] for k, v in cfg.models.items() if v.get("revision")}
+        digests = {k: v["digest"] for k, v in cfg.models.items() if v.get("digest")}  # each reply is checked
         return {"spec": backend, "engine": asdict(self.engine), "app_name": self.serve_app,
                 "revisions": revisions, "serve_opts": {"max_inflight_per_replica": self.max_inflight_per_replica,
-                                                       "workers": self.actors if self.runner == "ray" else 1}}
+                                                       "workers": self.actors if self.runner == "ray" else 1,
+                                                       "digests": digests}}
 
 
 def build_backend(args: dict[str, Any]) -> Backend:
@@ -406,4 +408,8 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
             records[i] = rec
         log.info("rendered %d rows in %.1fs%s", len(todo) - len(stopped), time.perf_counter() - t0,
                  f" ({len(stopped)} abandoned)" if stopped else "")
+        changed = sorted(records[i].id for i in todo if model_changed(records[i].error))
+        if changed:
+            log.warning("%d row(s) failed because the served model changed during the job (the Serve app was "
+                        "upgraded); run again to render them with the new model: %s", len(changed), changed[:10])
     return [records[i] for i in range(len(rows))]

@@ -3,8 +3,16 @@
     handle = serve.get_deployment_handle(f"tts-{model}", app)
     handle.synthesize.remote({"input", "voice", "language", "instructions", "seed", "non_streaming_mode": True,
                               "priority": "bulk", **sampling})
-        -> {"pcm": float32 [N], "sample_rate": 24000, "finish_reason": str, "num_frames": int}
+        -> {"pcm": float32 [N], "sample_rate": 24000, "finish_reason": str, "num_frames": int,
+            "checkpoint_digest": str}
         or raises RequestError (bad input: this row fails, naming the field) or Busy (back-pressure: wait, retry)
+
+`checkpoint_digest` names the checkpoint that made the audio (what the replica's `info()` reports). The job resolved
+each model's digest ONCE at start (models.serve_spec) and every key and manifest `revision` names it, so a reply
+from another checkpoint (the app upgraded by a rolling `serve deploy` while the job runs) fails its chunk, and so
+its row, with an error saying so (MODEL_CHANGED): nothing is written under a key naming a checkpoint that did not
+make the audio, the call is not sent again, and the next run renders the row with the new model. A reply without
+the field (a replica older than this contract) is taken as before, with one warning per model.
 
 Audio goes replica -> job worker, never through the ingress. Each worker keeps at most
 `max_inflight_per_replica * replicas / workers` calls outstanding, so all workers together stay within a bound
@@ -29,6 +37,7 @@ from .synth import SAMPLE_RATE, ChunkJob, ChunkResult, error_text
 
 log = logging.getLogger(__name__)
 DEPLOYMENT_PREFIX = "tts-"  # serve/app.py names each model's deployment f"tts-{name}"
+MODEL_CHANGED = "changed during the job"  # in the error of a row whose reply came from another checkpoint
 
 
 def deployment_name(model: str) -> str:
@@ -97,6 +106,11 @@ def served_models(app_name: str) -> dict[str, int]:
     return out
 
 
+def model_changed(error: str | None) -> bool:
+    """Whether a row's error says its served model changed during the job (a reply from another checkpoint)."""
+    return error is not None and MODEL_CHANGED in error
+
+
 def model_info(app_name: str, model: str, timeout_s: float = 120.0) -> dict[str, Any]:
     """The replica's `info()` (type, speakers, languages, checkpoint digest, dtype, device, caps)."""
     from ray import serve
@@ -105,9 +119,12 @@ def model_info(app_name: str, model: str, timeout_s: float = 120.0) -> dict[str,
 
 
 class ServeBackend:
+    """`digests`: {served model name: the checkpoint digest the job resolved for it at start}; every reply must
+    carry the same one (a model without an entry is not checked)."""
+
     def __init__(self, app_name: str = "qtts", max_inflight_per_replica: int = 4, workers: int = 1,
                  busy_retries: int = 60, lost_retries: int = 3, base_delay_s: float = 0.25,
-                 max_delay_s: float = 10.0) -> None:
+                 max_delay_s: float = 10.0, digests: dict[str, str] | None = None) -> None:
         if max_inflight_per_replica < 1:
             raise ValueError(f"max_inflight_per_replica must be >= 1, got {max_inflight_per_replica!r}")
         self.app_name, self.per_replica, self.workers = app_name, max_inflight_per_replica, max(1, workers)
@@ -118,6 +135,8 @@ class ServeBackend:
         self._lock = threading.Lock()
         self._busy, self._lost, self._bad = _busy_types(), _lost_types(), _request_error_type()
         self.busy_waits = 0  # back-pressure waits so far (all calls)
+        self.digests = dict(digests or {})
+        self._unreported: set[str] = set()  # models whose replies carry no digest (warned once)
 
     def _handle(self, model: str) -> Any:
         with self._lock:
@@ -148,6 +167,22 @@ class ServeBackend:
         return {"input": job.text, "voice": job.voice, "language": job.language, "instructions": job.instruct,
                 "seed": job.seed, "non_streaming_mode": True, "priority": "bulk", **job.sampling}
 
+    def changed(self, model: str, reply: dict[str, Any]) -> str | None:
+        """The row's error when the reply came from another checkpoint than the job's keys name, else None."""
+        expected, answered = self.digests.get(model), reply.get("checkpoint_digest")
+        if answered is None:
+            with self._lock:
+                first = model not in self._unreported
+                self._unreported.add(model)
+            if first:
+                log.warning("%s: the replica's reply names no checkpoint_digest (a service older than this job); "
+                            "a model upgraded while the job runs cannot be noticed", model)
+            return None
+        if expected is None or answered == expected:
+            return None
+        return (f"model: the served model {model!r} {MODEL_CHANGED} (checkpoint {answered} answered, the job "
+                f"started with {expected}); run again to render with the new model")
+
     def _delay(self, n: int, hint: float = 0.0) -> float:
         return max(hint, min(self.max_delay_s, self.base_delay_s * 2 ** min(n, 10))) * random.uniform(0.8, 1.2)
 
@@ -158,6 +193,9 @@ class ServeBackend:
         while True:
             try:
                 r = self._handle(job.model).synthesize.remote(self.payload(job)).result()
+                changed = self.changed(job.model, r)
+                if changed is not None:  # no audio under a key naming another checkpoint; not sent again
+                    return ChunkResult(None, "error", changed, retries=tuple(retries))
                 return ChunkResult(np.asarray(r["pcm"], dtype=np.float32), r.get("finish_reason"), None,
                                    int(r.get("sample_rate", SAMPLE_RATE)), tuple(retries))
             except self._bad as e:  # RequestError: this row's input, not the service

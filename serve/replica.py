@@ -17,7 +17,8 @@ Cancelling the call (the client went away) cancels the engine session at its nex
 For batch jobs, one hop at bulk priority:
     h = serve.get_deployment_handle(f"tts-{model}", app_name)
     out = await h.synthesize.remote({"input": "...", "voice": "vivian", ...})
-    # {"pcm": float32 [N], "sample_rate": 24000, "finish_reason": str, "num_frames": int}
+    # {"pcm": float32 [N], "sample_rate": 24000, "finish_reason": str, "num_frames": int,
+    #  "checkpoint_digest": str}   (the checkpoint that made the audio, as `info()` reports it: a job keys on it)
     # raises qwen_tts_core.errors.RequestError (bad input, `.field`), serve.scheduler.Busy (`.retry_after_s`),
     # serve.scheduler.SynthesisFailed (accepted, then failed: engine error, deadline)
 """
@@ -106,6 +107,7 @@ class ReplicaCore:
                                    on_finish=self._on_finish, validate=partial(validate_request, model))
         self.sessions = SessionTable(owner, limits or SessionLimits())
         self._watch_task: asyncio.Task | None = None
+        self._digest: str | None = None
         self._asking: set[str] = set()        # consumers whose liveness is being asked (one question each at a time)
         self._tasks: set[asyncio.Task] = set()  # those questions
 
@@ -318,7 +320,7 @@ class ReplicaCore:
             raise SynthesisFailed(end["message"], end["finish_reason"], end["status"])
         audio = np.concatenate(pcm).astype(np.float32) if pcm else np.zeros(0, np.float32)
         return {"pcm": audio, "sample_rate": 24000, "finish_reason": end["finish_reason"],
-                "num_frames": len(audio) // SAMPLES_PER_FRAME}
+                "num_frames": len(audio) // SAMPLES_PER_FRAME, "checkpoint_digest": self.checkpoint_digest()}
 
     async def create_voice(self, audio: bytes, ref_text: str | None, x_vector_only: bool, name: str,
                            owner: str = "") -> dict:
@@ -329,8 +331,18 @@ class ReplicaCore:
         items = await asyncio.to_thread(self.model.create_voice_clone_prompt, audio, ref_text, x_vector_only)
         return await asyncio.to_thread(self.voices.create, items[0], name=name, model=self.cfg.name, owner=owner)
 
+    def checkpoint_digest(self) -> str:
+        """The content digest of the checkpoint this replica loaded: what `info()` reports and every `synthesize`
+        reply carries (batch jobs key their outputs on it and check each reply against the digest they started
+        with). Computed once (hashing the files: TTSReplica takes it off the event loop at start)."""
+        if self._digest is None:
+            from qwen_tts_core.checkpoint.digest import checkpoint_digest
+
+            self._digest = checkpoint_digest(self.model.path)
+        return self._digest
+
     def info(self) -> dict[str, Any]:
-        return model_info(self.model, self.cfg)
+        return {**model_info(self.model, self.cfg), "checkpoint_digest": self.checkpoint_digest()}
 
     def stats(self) -> dict[str, Any]:
         """This replica's numbers (`replica` identifies it: the ingress sums over every replica of a model)."""
@@ -364,6 +376,7 @@ class TTSReplica:
         owner = serve.get_replica_context().replica_id.unique_id
         self.core = ReplicaCore(model, cfg, VoiceStore.from_uri(voices_uri), retry_after_s,
                                 SessionLimits(**(session_limits or {})), owner=owner, liveness=RAY_ACTORS)
+        await asyncio.to_thread(self.core.checkpoint_digest)  # hashed here, never on the loop of a request
         if cfg.warmup:
             secs = await asyncio.to_thread(self.core.warm_up)
             log.info("replica for %s warmed up in %.2f s", cfg.name, secs)

@@ -210,6 +210,8 @@ def test_bulk_handle_for_batch_jobs(serve_app):
     out = h.synthesize.remote({"input": "Batch row.", "voice": "serena", "seed": 2}).result()
     assert out["sample_rate"] == 24000 and out["pcm"].dtype == np.float32 and out["num_frames"] > 0
     assert out["finish_reason"] in ("eos", "max_new_tokens")
+    # the checkpoint that made the audio, as info() reports it (a job checks each reply against the digest it keys on)
+    assert out["checkpoint_digest"] == h.info.remote().result()["checkpoint_digest"] and out["checkpoint_digest"]
     with pytest.raises(RequestError) as e:
         h.synthesize.remote({"input": "Batch row.", "voice": "nobody"}).result()
     assert e.value.field == "speaker"
