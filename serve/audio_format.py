@@ -6,7 +6,8 @@
 
 wav: a RIFF header whose sizes say "unknown length" (0xFFFFFFFF, as streaming servers do), then s16le samples.
 pcm: raw s16le. flac and mp3: libsndfile through the `soundfile` wheel (libsndfile >= 1.1 writes MP3 via LAME), fed
-chunk by chunk into an in-memory sink that hands out what was written since the last call. When the encoder finishes
+chunk by chunk into an in-memory sink that hands out what was written since the last call and keeps only that
+and the file's first 4 KiB (memory does not grow with the stream). When the encoder finishes
 it may seek back to patch its header (FLAC STREAMINFO length); bytes already sent cannot change, so those patches are
 dropped and the stream keeps its "length unknown" header. FFmpeg/PyAV decode such a FLAC stream exactly; libsndfile
 (`soundfile`) cannot (it errors, or loses the last block), so FLAC streams are for FFmpeg clients. mp3 carries no
@@ -92,40 +93,79 @@ class WavEncoder(PcmEncoder):
 
 
 class _Sink:
-    """A seekable in-memory file for libsndfile's virtual I/O that remembers how much was already sent."""
+    """A seekable in-memory file for libsndfile's virtual I/O that hands out, once, what was written since the last
+    drain, and keeps in memory only what it has not sent yet plus the file's first `HEAD` bytes.
+
+    libsndfile (1.2, verified by logging its calls) only appends while encoding; on close it seeks back to patch
+    the header and writes nothing else behind the end: FLAC rewrites STREAMINFO fields in bytes 12-41 (total
+    samples, frame sizes, MD5), MP3 rewrites its first frame (the Xing/Info tag, at most 1441 bytes) at byte 0 and
+    seeks back to the end. It never reads. Bytes already sent cannot change, so a write into them is dropped (it
+    used to land in a buffer that was never sent again: the streamed bytes are the same); the header's bytes are
+    kept (patched) so that the sink still holds the file's real header. Memory: HEAD plus one push's output,
+    whatever the stream's length (it used to be the whole stream: ~30 MB for 11 min of FLAC).
+    """
+
+    HEAD = 4096
 
     def __init__(self) -> None:
-        self.buf = bytearray()
+        self.head = bytearray()   # file bytes [0, len(head)), len(head) <= HEAD, kept for the whole stream
+        self.buf = bytearray()    # file bytes [base, size): all not yet sent (base <= sent)
+        self.base = 0
+        self.size = 0
         self.pos = 0
         self.sent = 0
 
     def write(self, data: bytes) -> int:
         data = bytes(data)
-        end = self.pos + len(data)
-        if end > len(self.buf):
-            self.buf.extend(b"\0" * (end - len(self.buf)))
-        self.buf[self.pos:end] = data
+        start, end = self.pos, self.pos + len(data)
+        keep = min(end, self.HEAD)
+        if keep > len(self.head):
+            self.head.extend(bytes(keep - len(self.head)))
+        if start < keep:
+            self.head[start:keep] = data[:keep - start]
+        lo = max(start, self.base)    # below base: sent and not kept (a header patch of sent bytes)
+        if end > lo:
+            if end - self.base > len(self.buf):
+                self.buf.extend(bytes(end - self.base - len(self.buf)))
+            self.buf[lo - self.base:end - self.base] = data[lo - start:]
+        self.size = max(self.size, end)
         self.pos = end
         return len(data)
 
     def read(self, n: int = -1) -> bytes:
-        end = len(self.buf) if n is None or n < 0 else min(len(self.buf), self.pos + n)
-        out = bytes(self.buf[self.pos:end])
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if self.pos >= end:
+            return b""
+        if end <= len(self.head):
+            out = bytes(self.head[self.pos:end])
+        elif self.pos >= self.base:
+            out = bytes(self.buf[self.pos - self.base:end - self.base])
+        else:
+            raise OSError(f"bytes {self.pos}-{end} of the stream were sent and are no longer kept")
         self.pos = end
         return out
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: len(self.buf)}[whence]
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
         self.pos = max(0, base + offset)
         return self.pos
 
     def tell(self) -> int:
         return self.pos
 
+    def peek(self, n: int) -> bytes:
+        """The file's first n bytes (n <= HEAD), as written so far."""
+        return bytes(self.head[:n])
+
+    def skip(self, n: int) -> None:
+        """Mark the first n unsent bytes sent without handing them out."""
+        self.sent = min(self.size, self.sent + n)
+
     def drain(self) -> bytes:
-        """Bytes appended since the last drain (rewrites of already-sent bytes are dropped)."""
-        out = bytes(self.buf[self.sent:])
-        self.sent = len(self.buf)
+        """Bytes appended since the last drain (rewrites of already-sent bytes are dropped); forgets them."""
+        out = bytes(self.buf[self.sent - self.base:])
+        self.buf = bytearray()
+        self.base = self.sent = self.size
         return out
 
 
@@ -169,10 +209,11 @@ class SoundfileEncoder:
         if self._skip_tag:
             # LAME starts with a blank frame that becomes the Xing/Info tag on close; a stream cannot patch it,
             # and a blank frame makes decoders lose sync, so it is never sent.
-            size = mp3_frame_length(bytes(self._sink.buf[:4]))
-            if size is None or len(self._sink.buf) < size:
+            size = mp3_frame_length(self._sink.peek(4))
+            if size is None or self._sink.size < size:
                 return b""
-            self._sink.sent, self._skip_tag = size, False
+            self._sink.skip(size)
+            self._skip_tag = False
         return self._sink.drain()
 
     def push(self, pcm: np.ndarray) -> bytes:
