@@ -81,6 +81,7 @@ class Failure:
     status: int
     message: str
     field: str | None = None   # the core argument it is about (`text`); the replica's end item also gives the API's
+    retry_after_s: int | None = None   # a 503 (busy): when to try again (SchedulerLimits.retry_after_s)
 
 
 @dataclass(eq=False)
@@ -257,7 +258,7 @@ class Scheduler:
         """End a session as a failure (the consumer reports `status`/`message`/`field`); no-op once finished."""
         if ticket.finished or ticket.failure is not None:
             return
-        ticket.failure = Failure(status, message, field)
+        ticket.failure = Failure(status, message, field, self.limits.retry_after_s if status == 503 else None)
         self.cancel(ticket)
 
     def cancel(self, ticket: Ticket) -> None:
@@ -303,8 +304,10 @@ class Scheduler:
                 except Exception as err:  # noqa: BLE001 - this request fails, alone (not the running ones)
                     if isinstance(err, ValueError | EngineBusy):
                         log.warning("bulk request failed to enter the engine: %s", err)
-                        ticket.failure = Failure(400 if isinstance(err, ValueError) else 503, str(err),
-                                                 getattr(err, "field", None))
+                        if isinstance(err, ValueError):
+                            ticket.failure = Failure(400, str(err), getattr(err, "field", None))
+                        else:
+                            ticket.failure = Failure(503, str(err), None, self.limits.retry_after_s)
                         self._deliver(ticket, _last(-1, "error"))
                     else:
                         self._entry_failed(ticket)

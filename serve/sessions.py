@@ -38,7 +38,8 @@ class UnknownSession(LookupError):
 class SessionLimits:
     max_text_chars: int = 4096         # total text of one incremental session
     idle_text_timeout_s: float = 30.0  # an incremental session with no text (before `end`) this long fails (408)
-    deadline_s: float = 600.0          # wall time of any session from entering the engine; then it fails (504)
+    deadline_s: float = 600.0          # wall time of any session from entering the engine; then it fails (504);
+    #                                    a leased stream still waiting (parked bulk) this long after opening: 503
     lease_s: float = 15.0              # a leased session whose consumer has not renewed this long is cancelled
 
     def __post_init__(self) -> None:
@@ -145,6 +146,12 @@ class SessionTable:
             elif s.started is not None and now - s.started > lim.deadline_s:
                 self.expired_counts["deadline"] += 1
                 out.append((s, Failure(504, f"session deadline: not finished after {lim.deadline_s:g} s")))
+            elif s.started is None and s.leased and now - s.opened > lim.deadline_s:
+                # a stream parked as bulk behind steady interactive load: its live consumer renews the lease, so
+                # only this ends the wait (and frees its places); `synthesize` (not leased) waits on, as jobs expect
+                self.expired_counts["deadline"] += 1
+                out.append((s, Failure(503, f"replica busy: no slot for this bulk stream after {lim.deadline_s:g} s "
+                                            "of waiting; retry later")))
             elif s.incremental and not s.ended and now - s.last_text > lim.idle_text_timeout_s:
                 self.expired_counts["idle"] += 1
                 out.append((s, Failure(408, f"no text for {lim.idle_text_timeout_s:g} s", "text")))

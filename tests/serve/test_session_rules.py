@@ -14,7 +14,7 @@ import pytest
 from qwen_tts_core import AudioChunk, SynthesisRequest
 from qwen_tts_core.errors import RequestError
 from serve.routing import SessionRouter, new_session_id, owner_of, route_key
-from serve.scheduler import Busy, Scheduler, SynthesisFailed
+from serve.scheduler import Busy, Scheduler, SchedulerLimits, SynthesisFailed
 from serve.schemas import ApiError
 from serve.sessions import SessionLimits, SessionTable, UnknownSession
 from serve.ws_session import MessageLimiter
@@ -390,3 +390,98 @@ def test_a_session_finished_without_its_last_chunk_still_ends():
             sched.stop()
     chunks = asyncio.run(main())
     assert [c.finish_reason for c in chunks] == ["max_new_tokens"]
+
+
+def test_a_leased_stream_parked_past_the_deadline_fails_busy_and_a_job_row_waits_on():
+    """An HTTP `priority: "bulk"` stream parked behind steady interactive load had no time limit: its deadline ran
+    from entering the engine and the live ingress kept renewing its lease, so it held its key's place and one of
+    `max_bulk_queue` places for ever. Now it fails 503 (retry later) `deadline_s` after it opened; `synthesize`
+    (batch jobs, not leased) still waits, and a session admitted in time gets its deadline from then."""
+    clock = Clock()
+    t = SessionTable("r", SessionLimits(deadline_s=20, lease_s=3), clock=clock)
+    parked = t.open(_ticket(session=None), incremental=False, leased=True)   # HTTP bulk, no slot for it
+    late = t.open(_ticket(session=None), incremental=False, leased=True)     # gets a slot just in time
+    job = t.open(_ticket(session=None), incremental=False, leased=False)     # a batch job's synthesize call
+
+    def tick(dt):
+        clock.t += dt
+        t.renew([parked.sid, late.sid])   # the ingress lives and renews every lease_s / 3
+        return t.expired()
+    for _ in range(19):
+        assert tick(1) == []
+    late.ticket.session = object()
+    assert tick(0.5) == []                # 19.5 s: not yet
+    out = tick(1)                         # 20.5 s after opening, still parked
+    assert [(s is parked, f.status, f.field) for s, f in out] == [(True, 503, None)]
+    assert "retry later" in out[0][1].message
+    parked.ticket.failure = out[0][1]
+    out = tick(19.5)                      # 20.5 s after `late` entered the engine: the ordinary deadline
+    assert [(s is late, f.status) for s, f in out] == [(True, 504)]
+    late.ticket.failure = out[0][1]
+    for _ in range(24):
+        assert tick(3600) == []           # the job's row waits as long as it takes (the job bounds it)
+    assert job.started is None and t.expired_counts["deadline"] == 2
+
+
+def test_busy_failures_carry_retry_after():
+    """A 503 failure (a parked stream past its wait, a bulk request the engine refused) says when to retry."""
+    async def main():
+        sched = Scheduler(FakeEngine(max_queue=0), SchedulerLimits(retry_after_s=7))
+        sched.start(asyncio.get_running_loop())
+        try:
+            refused = await sched.submit(_req("refused", "bulk"))      # the engine's queue is full: EngineBusy
+            await asyncio.wait_for(_collect(sched, refused), 5)
+            sched.limits = SchedulerLimits(retry_after_s=7, interactive_reserve=4)   # no room for bulk
+            parked, idle = await sched.submit(_req("parked", "bulk")), await sched.submit(_req("idle", "bulk"))
+            sched.fail(parked, 503, "no slot", None)
+            sched.fail(idle, 408, "no text", "text")
+            return refused.failure, parked.failure, idle.failure
+        finally:
+            sched.stop()
+    refused, parked, idle = asyncio.run(main())
+    assert (refused.status, refused.retry_after_s) == (503, 7)
+    assert (parked.status, parked.retry_after_s) == (503, 7)
+    assert (idle.status, idle.retry_after_s) == (408, None)
+
+
+def test_a_parked_bulk_stream_ends_503_while_a_parked_synthesize_waits_for_its_slot(model_factory):
+    """In-process on the real engine: no room for bulk work (as under steady interactive load), a leased bulk
+    stream ends with a 503 end item about `deadline_s` after it opened, a `synthesize` call waiting longer than
+    that still gets its audio once a slot frees."""
+    from serve.config import ModelConfig
+    from serve.replica import ReplicaCore
+    from serve.streaming import end_error
+
+    cfg = ModelConfig(name="cv", model_type="custom_voice", max_sessions=2, interactive_reserve=1, max_queue=2,
+                      max_new_tokens=8, default_max_new_tokens=8)
+    core = ReplicaCore(model_factory("custom_voice"), cfg, None, limits=SessionLimits(deadline_s=1.0, lease_s=60))
+    full = SchedulerLimits(max_queue=2, interactive_reserve=2, max_bulk_waiting=cfg.max_bulk_queue)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        core.start(loop)
+        roomy, core.scheduler.limits = core.scheduler.limits, full
+        try:
+            job = asyncio.ensure_future(core.synthesize({"input": "A bulk line.", "voice": "eric", "seed": 1}))
+            t0 = loop.time()
+            items = await asyncio.wait_for(
+                _alist(core.stream({"input": "A parked line.", "voice": "ryan", "priority": "bulk"}, lease=True)), 10)
+            waited = loop.time() - t0
+            await asyncio.sleep(1.5)           # the job's row has waited well past deadline_s
+            job_waiting = not job.done()
+            core.scheduler.limits = roomy      # a slot frees
+            core.scheduler._wake.set()
+            out = await asyncio.wait_for(job, 60)
+            return items, waited, job_waiting, out, dict(core.sessions.expired_counts)
+        finally:
+            core.stop()
+    items, waited, job_waiting, out, counts = asyncio.run(main())
+    assert [x["type"] for x in items] == ["start", "end"], items
+    end = items[-1]
+    assert (end["status"], end["finish_reason"]) == (503, "error") and 1.0 <= waited < 3, (end, waited)
+    assert end_error(end).status == 503        # what the ingress answers the HTTP request
+    assert job_waiting and out["pcm"].size > 0 and counts["deadline"] == 1, (job_waiting, counts)
+
+
+async def _alist(agen):
+    return [x async for x in agen]
