@@ -16,6 +16,7 @@ from .ingress import Ingress
 from .replica import TTSReplica
 
 APP_NAME = "qtts"
+INGRESS_MAX_ONGOING = 1000   # requests one ingress replica handles at once (streams, uploads, /health)
 
 
 def _replica_options(m: ModelConfig, cfg: ServiceConfig) -> dict[str, Any]:
@@ -46,7 +47,10 @@ def build_app(config: ServiceConfig | dict[str, Any] | None = None) -> Applicati
         for m in cfg.models}
     ingress = Ingress.options(num_replicas=cfg.ingress_replicas,
                               ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
-                              max_ongoing_requests=1000)
+                              max_ongoing_requests=INGRESS_MAX_ONGOING,
+                              # Bounded: past it the proxy answers 503 at once (Serve's default queue is unbounded,
+                              # so requests piled up behind held connections and /health went unanswered).
+                              max_queued_requests=cfg.ingress_max_queued_requests)
     return ingress.bind(cfg.to_dict(), replicas)
 
 

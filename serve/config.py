@@ -9,6 +9,7 @@ start instead of being silently ignored.
 
 from __future__ import annotations
 
+import math
 import os
 import types
 import typing
@@ -162,6 +163,11 @@ class ServiceConfig:
     #                                                     beyond: each holds a body or a fetched audio_url); None: none
     ingress_num_cpus: float = 0.25
     ingress_replicas: int = 1
+    ingress_max_queued_requests: int = 200              # requests waiting for one of an ingress replica's 1000
+    #                                                     places (Serve's queue); beyond: Serve's 503 at once
+    stream_lead_s: float = 0.0                          # > 0: HTTP/SSE/WebSocket audio goes out at most this many
+    #                                                     seconds ahead of real time (slow clients, serve/README.md);
+    #                                                     0: as fast as it is made
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -179,6 +185,13 @@ class ServiceConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or null, got {v!r}")
+        if isinstance(self.ingress_max_queued_requests, bool) or not isinstance(self.ingress_max_queued_requests, int) \
+                or self.ingress_max_queued_requests < 1:
+            raise ValueError(f"ingress_max_queued_requests must be an integer >= 1, got "
+                             f"{self.ingress_max_queued_requests!r}")
+        lead = self.stream_lead_s
+        if isinstance(lead, bool) or not isinstance(lead, int | float) or not math.isfinite(lead) or lead < 0:
+            raise ValueError(f"stream_lead_s must be a finite number of seconds >= 0 (0: not paced), got {lead!r}")
         for key in (*self.api_keys, *self.admin_api_keys):
             if not isinstance(key, str) or not key.strip() or key != key.strip():
                 raise ValueError("api_keys / admin_api_keys must be non-empty strings without surrounding spaces")

@@ -56,7 +56,15 @@ from .schemas import (
     from_request_error,
     from_validation_error,
 )
-from .streaming import Leases, ReplicaStream, StreamAborted, audio_body, replica_answer, sse_body
+from .streaming import (
+    Leases,
+    Pacer,
+    ReplicaStream,
+    StreamAborted,
+    audio_body,
+    replica_answer,
+    sse_body,
+)
 from .uploads import MULTIPART, URLENCODED, body_timeout, media_type, read_form
 from .voices import VoiceStore
 from .ws_session import MessageLimiter, WSSession, send_error
@@ -272,6 +280,32 @@ class Ingress:
               responses={200: _AUDIO_OUT, **_answers(400, 401, 408, 413, 429, 500, 502, 503, 504)})
     async def speech(self, request: Request) -> Response:
         caller = self._auth(request.headers)
+        # The key's place first (429 when it holds its share), BEFORE the body is read: a key's connections that
+        # never send their body each held one of the ingress's places for body_timeout_s, uncounted, until every
+        # key and /health waited behind them. From here the place is given back on every exit: by `_stream` or
+        # the stream's close once one is opened, else below (bad body, timeout, refused, client gone).
+        place = self.quota.take(caller)
+        try:
+            req, encoder, stream = await self._open_speech(request, caller, place)
+        except BaseException:
+            place.closed()   # idempotent: `_stream` may have given it back already
+            raise
+        try:  # nothing is sent before the first audio: a request that fails before it gets a 4xx/5xx JSON answer
+            first = await stream.first_output()
+        except BaseException:  # the error, or the client left (cancelled) before any audio
+            stream.close()
+            raise
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Session-Id": stream.sid}
+        pacer = Pacer(self.cfg.stream_lead_s, req.speed) if self.cfg.stream_lead_s > 0 else None
+        if req.stream_format == "sse":
+            return StreamingResponse(stream.close_with(sse_body(stream, first, encoder, self._count_error, pacer)),
+                                     media_type="text/event-stream", headers=headers)
+        return StreamingResponse(stream.close_with(audio_body(stream, first, encoder, self._count_error, pacer)),
+                                 media_type=encoder.media_type, headers=headers)
+
+    async def _open_speech(self, request: Request, caller: Caller, place: Place) -> tuple[SpeechRequest, Any,
+                                                                                            ReplicaStream]:
+        """Read and check the body, make the encoder, open the replica stream on `place`."""
         body = await self._json(request, self.cfg.max_body_bytes)
         if not isinstance(body, dict):
             raise ApiError(400, "body: expected a JSON object", "body")
@@ -288,18 +322,7 @@ class Ingress:
             raise bad_request(str(e), "response_format") from None
         if req.speed != 1.0:  # the encoder gets the audio stretched as it streams (chunk-independent, pitch kept)
             encoder = StretchedEncoder(encoder, SAMPLE_RATE, req.speed)
-        stream = await self._stream(name, handle, payload, self.quota.take(caller))
-        try:  # nothing is sent before the first audio: a request that fails before it gets a 4xx/5xx JSON answer
-            first = await stream.first_output()
-        except BaseException:  # the error, or the client left (cancelled) before any audio
-            stream.close()
-            raise
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Session-Id": stream.sid}
-        if req.stream_format == "sse":
-            return StreamingResponse(stream.close_with(sse_body(stream, first, encoder, self._count_error)),
-                                     media_type="text/event-stream", headers=headers)
-        return StreamingResponse(stream.close_with(audio_body(stream, first, encoder, self._count_error)),
-                                 media_type=encoder.media_type, headers=headers)
+        return req, encoder, await self._stream(name, handle, payload, place)
 
     async def synthesize_bulk(self, payload: dict) -> dict:
         """Kept for callers of the app handle; batch jobs call the model deployment directly (one hop):
@@ -537,12 +560,14 @@ class Ingress:
         try:
             try:
                 caller = self._auth(ws.headers, dict(ws.query_params))
+                # 429 when this key holds its share (HTTP streams included), BEFORE the config is awaited: a key's
+                # sockets that never send one are counted while they wait; given back in `finally` below
+                place = self.quota.take(caller)
                 cfg = WSConfig.model_validate(await self._ws_message(ws, self.cfg.ws_idle_timeout_s))
                 name, handle = self._handle(cfg.model)
                 payload = cfg.model_dump(exclude={"type", "response_format"})
                 payload.update(model=name, **{CALLER: caller.scope})
                 encoder = make_encoder(cfg.response_format)
-                place = self.quota.take(caller)   # 429 when this key holds its share (HTTP streams included)
                 stream = await self._stream(name, handle, payload, place, incremental=True, counted=False)
             except ValidationError as e:
                 return await send_error(ws, from_validation_error(e), self._count_error)
@@ -554,7 +579,8 @@ class Ingress:
             session = WSSession(ws, lambda: self._ws_message(ws), handle, stream, encoder,
                                 MessageLimiter(c.ws_max_messages, c.ws_max_messages_per_s, c.ws_message_burst),
                                 {"type": "start", "model": name, "sample_rate": SAMPLE_RATE, "format": cfg.response_format},
-                                self._count_error)
+                                self._count_error,
+                                Pacer(c.stream_lead_s) if c.stream_lead_s > 0 else None)
             await session.run()
         finally:
             if place is not None:

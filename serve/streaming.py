@@ -5,9 +5,10 @@ messages, and make every failure visible to the client.
     first = await stream.first_output()        # first audio (or a clean end); a failed end -> ApiError (4xx/5xx JSON)
     StreamingResponse(audio_body(stream, first, encoder))   # failure later: the body is ABORTED (no clean end)
     StreamingResponse(sse_body(stream, first, encoder))     # failure later: an `error` event
+    audio_body(..., pacer=Pacer(cfg.stream_lead_s, speed))  # opt-in: at most stream_lead_s ahead of real time
 
-Failure after the first byte: raw audio -> the connection is dropped without the chunked terminator (clients see a
-protocol error, never a short success); SSE -> `{"type": "error", "error": {...}}` event; WebSocket (ws_session.py)
+Failure after the first byte (the replica's, or any other error such as an encoder's, as a 500): raw audio -> the
+connection is dropped without the chunked terminator (clients see a protocol error, never a short success); SSE -> `{"type": "error", "error": {...}}` event; WebSocket (ws_session.py)
 -> `{"type": "error", ...}` then close 1011 (1008 when the client is at fault, 1013 when busy). `finish_reason`
 reaches SSE clients in `speech.audio.done` and WebSocket clients in `done`; a raw audio stream ends cleanly only when
 the synthesis finished (eos, max_new_tokens or the runaway guard): its finish reason is not carried (see
@@ -27,12 +28,15 @@ import base64
 import contextvars
 import json
 import logging
+import time
 import weakref
 from collections.abc import Awaitable
 from typing import Any
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
+
+from qwen_tts_core.types import SAMPLE_RATE
 
 from .metrics import ClientStreams
 from .routing import detached, owner_of
@@ -202,12 +206,46 @@ class ReplicaStream:
         return body
 
 
-async def encoded(stream: ReplicaStream, first: dict, encoder):
+class Pacer:
+    """Holds a stream's audio to at most `lead_s` seconds ahead of real time (`stream_lead_s`; 0: off): before each
+    piece goes out, it sleeps until the audio sent so far, this piece included, is at most `lead_s` ahead of the time
+    since the first piece (which goes at once: the time to first audio is unchanged; a first piece longer than
+    `lead_s` is the only excess). Audio seconds are counted at the request's `speed` (0.5: each model second is two).
+
+    Why: Serve's proxy takes a response body as fast as the ingress yields it, whatever the client reads, so a client
+    that stops reading had its whole answer piled up in the proxy and its key's stream place given back as soon as
+    the synthesis finished (serve/README.md, "Slow clients"). Paced, the ingress holds the stream (its place and
+    `open_client_streams`) for about the audio's duration and the proxy holds at most `lead_s` per connection."""
+
+    def __init__(self, lead_s: float, speed: float = 1.0, clock=time.monotonic, sleep=asyncio.sleep) -> None:
+        self.lead_s, self.speed, self.clock, self.sleep = lead_s, speed, clock, sleep
+        self.t0: float | None = None
+        self.sent_s = 0.0   # audio seconds let out so far
+
+    async def pace(self, samples: int) -> None:
+        """Account `samples` (model samples at SAMPLE_RATE) about to go out; sleep first while that would put the
+        stream more than `lead_s` ahead."""
+        if self.lead_s <= 0:
+            return
+        self.sent_s += samples / (SAMPLE_RATE * self.speed)
+        now = self.clock()
+        if self.t0 is None:
+            self.t0 = now
+            return
+        wait = self.sent_s - self.lead_s - (now - self.t0)
+        if wait > 0:
+            await self.sleep(wait)
+
+
+async def encoded(stream: ReplicaStream, first: dict, encoder, pacer: Pacer | None = None):
     """The stream's audio through `encoder`: `(bytes, None)` per piece, then `(tail, end item)` once; an `ApiError`
-    when the stream fails or ends with an error. The one loop both response bodies share."""
+    when the stream fails or ends with an error. The one loop both response bodies share; `pacer` (stream_lead_s)
+    holds each piece until it is due."""
     item = first
     while True:
         if item["type"] == "audio":
+            if pacer is not None:
+                await pacer.pace(len(item["pcm"]))
             data = encoder.push(item["pcm"])
             if data:
                 yield data, None
@@ -220,25 +258,32 @@ async def encoded(stream: ReplicaStream, first: dict, encoder):
         item = await stream.next()
 
 
-def failed_midway(stream: ReplicaStream, e: ApiError, kind: str, count_error) -> None:
-    """A stream that failed after its first audio (its client saw 200): one warning, counted as
-    `stream_<status>` (its real status) through `count_error`."""
-    log.warning("%s stream %s of %s failed after its first audio: %d %s", kind, stream.sid, stream.name, e.status,
-                e.message)
+def failed_midway(stream: ReplicaStream, e: Exception, kind: str, count_error) -> ApiError:
+    """A stream that failed after its first audio (its client saw 200): its ApiError, logged once and counted as
+    `stream_<status>` (its real status) through `count_error`. Anything else (an encoder's RuntimeError from
+    PyAV, libsndfile or the speed stretcher, a bug) is a 500, logged as an error with its traceback."""
+    if isinstance(e, ApiError):
+        err = e
+        log.warning("%s stream %s of %s failed after its first audio: %d %s", kind, stream.sid, stream.name,
+                    e.status, e.message)
+    else:
+        err = ApiError(500, f"internal error ({type(e).__name__})")
+        log.error("%s stream %s of %s failed after its first audio", kind, stream.sid, stream.name, exc_info=e)
     if count_error is not None:
-        count_error(f"stream_{e.status}")
+        count_error(f"stream_{err.status}")
+    return err
 
 
-async def audio_body(stream: ReplicaStream, first: dict, encoder, count_error=None):
-    """Raw audio bytes; a failure after the first byte aborts the response (`StreamAborted`, which the app's
-    handler lets through unlogged: it is logged and counted here)."""
+async def audio_body(stream: ReplicaStream, first: dict, encoder, count_error=None, pacer: Pacer | None = None):
+    """Raw audio bytes; a failure after the first byte (the stream's, or the encoder's) aborts the response
+    (`StreamAborted`, which the app's handler lets through unlogged: it is logged and counted here)."""
     try:
-        async for data, _ in encoded(stream, first, encoder):
+        async for data, _ in encoded(stream, first, encoder, pacer):
             if data:
                 yield data
-    except ApiError as e:
-        failed_midway(stream, e, "audio", count_error)
-        raise StreamAborted(f"{stream.name}: {e.message}") from None
+    except Exception as e:  # noqa: BLE001 - ApiError, or an encoder failure: never a clean end
+        err = failed_midway(stream, e, "audio", count_error)
+        raise StreamAborted(f"{stream.name}: {err.message}") from None
     finally:
         stream.close()
 
@@ -259,16 +304,17 @@ def sse_event(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def sse_body(stream: ReplicaStream, first: dict, encoder, count_error=None):
-    """`speech.audio.delta` events, then `speech.audio.done` with the finish reason, or an `error` event."""
+async def sse_body(stream: ReplicaStream, first: dict, encoder, count_error=None, pacer: Pacer | None = None):
+    """`speech.audio.delta` events, then `speech.audio.done` with the finish reason, or an `error` event (an
+    encoder failure too: a 500 `error` event)."""
     try:
-        async for data, end in encoded(stream, first, encoder):
+        async for data, end in encoded(stream, first, encoder, pacer):
             if data:
                 yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
             if end is not None:
                 yield sse_event(done_event(end))
-    except ApiError as e:
-        failed_midway(stream, e, "sse", count_error)
-        yield sse_event({"type": "error", **e.body()})
+    except Exception as e:  # noqa: BLE001 - ApiError, or an encoder failure: the client hears an `error` event
+        err = failed_midway(stream, e, "sse", count_error)
+        yield sse_event({"type": "error", **err.body()})
     finally:
         stream.close()

@@ -32,7 +32,7 @@ from qwen_tts_core.errors import RequestError, shown
 from .routing import detached
 from .schemas import ApiError, WSEnd, WSText, from_validation_error
 from .sessions import UnknownSession
-from .streaming import ReplicaStream, end_error, replica_lost
+from .streaming import Pacer, ReplicaStream, end_error, replica_lost
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,10 @@ async def send_error(ws: WebSocket, err: ApiError, counter: Callable[[str], None
 class WSSession:
     def __init__(self, ws: WebSocket, receive: Callable[[], Awaitable[dict]], handle, stream: ReplicaStream,
                  encoder, limiter: MessageLimiter, start: dict[str, Any],
-                 count_error: Callable[[str], None] | None = None) -> None:
+                 count_error: Callable[[str], None] | None = None, pacer: Pacer | None = None) -> None:
         self.ws, self.receive, self.handle, self.stream = ws, receive, handle, stream
         self.encoder, self.limiter, self.start, self.count_error = encoder, limiter, start, count_error
+        self.pacer = pacer               # stream_lead_s: audio at most that far ahead of real time (streaming.py)
         self.queue: asyncio.Queue = asyncio.Queue(QUEUE_MESSAGES)
         self._sending = asyncio.Lock()   # the writer's sends; `_stop_writer` takes it so no send is cut in half
         self.closing = False             # set by `_stop_writer`: the writer sends nothing more
@@ -255,6 +256,8 @@ class WSSession:
             except ApiError as e:
                 return e
             if item["type"] == "audio":
+                if self.pacer is not None:
+                    await self.pacer.pace(len(item["pcm"]))
                 data = self.encoder.push(item["pcm"])
                 if data:
                     await self._send(self.ws.send_bytes, data)
