@@ -6,9 +6,10 @@ with `.options(stream=True)`), plain dicts:
     {"type": "start", "session": str}                 then
     {"type": "audio", "pcm": np.ndarray float32 [N]}  ... then
     {"type": "end", "finish_reason": str, "num_frames": int, "ttfa_s": float|None, "text_tokens": int,
-     "status": None | int, "message": None | str, "param": None | str, "field": None | str}
+     "status": None | int, "message": None | str, "param": None | str, "field": None | str,
+     "retry_after": None | int}
         (status set: the session FAILED; `param` names its field as the API does (`input`), `field` as the core
-        does (`text`))
+        does (`text`); `retry_after`: a 503's seconds to wait before trying again, sent as Retry-After)
 The session id routes later calls to this replica (routing.py): `feed(session, text, end)` for incremental text,
 `renew([sessions])` for the consumer's lease (`lease=True`: a session nobody renews for `lease_s` is cancelled once
 its `consumer`, the actor that renews, is confirmed dead; liveness.py).
@@ -231,11 +232,12 @@ class ReplicaCore:
         prompt = getattr(ticket.session, "prompt", None)
         end = {"type": "end", "finish_reason": ch.finish_reason, "num_frames": ticket.samples // SAMPLES_PER_FRAME,
                "ttfa_s": ticket.ttfa_s, "status": None, "message": None, "param": None, "field": None,
+               "retry_after": None,
                "text_tokens": prompt.num_text_tokens if prompt is not None else 0}  # SSE `usage` (streaming.py)
         f = ticket.failure
         if f is not None:
             end.update(finish_reason="error", status=f.status, message=f.message, field=f.field,
-                       param=_api_param(f.field))
+                       param=_api_param(f.field), retry_after=f.retry_after_s)
         elif ch.finish_reason == "error":
             field = getattr(ch, "error_field", None)
             message = (getattr(ch, "error", None) or getattr(ticket.session, "error", None)

@@ -73,7 +73,9 @@ def end_error(item: dict) -> ApiError | None:
     """The error of a stream's end item, or None when the synthesis finished."""
     if item.get("status") is None:
         return None
-    return ApiError(int(item["status"]), item.get("message") or "synthesis failed", item.get("param"))
+    headers = {"Retry-After": str(item["retry_after"])} if item.get("retry_after") else None
+    return ApiError(int(item["status"]), item.get("message") or "synthesis failed", item.get("param"),
+                    headers=headers)
 
 
 class Leases:

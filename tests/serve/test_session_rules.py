@@ -479,7 +479,8 @@ def test_a_parked_bulk_stream_ends_503_while_a_parked_synthesize_waits_for_its_s
     assert [x["type"] for x in items] == ["start", "end"], items
     end = items[-1]
     assert (end["status"], end["finish_reason"]) == (503, "error") and 1.0 <= waited < 3, (end, waited)
-    assert end_error(end).status == 503        # what the ingress answers the HTTP request
+    err = end_error(end)                       # what the ingress answers the HTTP request
+    assert (err.status, err.headers) == (503, {"Retry-After": str(end["retry_after"])}) and end["retry_after"] >= 1
     assert job_waiting and out["pcm"].size > 0 and counts["deadline"] == 1, (job_waiting, counts)
 
 
