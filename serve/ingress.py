@@ -9,6 +9,7 @@ import base64
 import contextlib
 import copy
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from importlib import resources
@@ -188,6 +189,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 @serve.ingress(app)
 class Ingress:
     stats_timeout_s = 5.0   # /health and /metrics wait this long for a replica's `stats` (all asked at once)
+    health_cache_s = 1.0    # /health (open to anyone) answers from one round of `stats` for this long
 
     def __init__(self, config: dict[str, Any], replicas: dict[str, Any]) -> None:
         # Keys: those resolved where the app was built (in `config`) plus this worker's own environment's.
@@ -202,6 +204,7 @@ class Ingress:
                                     | ({"/openapi.json", "/docs"} if self.cfg.docs_without_key else set()))
         self.allow_urls = AllowList(self.cfg.allowed_audio_url_prefixes)
         self._info: dict[str, dict] = {}
+        self._health: tuple[float, asyncio.Future | None] = (0.0, None)   # (when asked, the round's answer)
         # streams this ingress consumes, renewed on their replicas, which ping this actor before cancelling a lapse
         self.leases = Leases(self.cfg.session_lease_s, this_actor())
         self.client_streams = ClientStreams()               # open client streams (HTTP + WebSocket) of this ingress
@@ -510,11 +513,21 @@ class Ingress:
         rows = await asyncio.gather(*(self._replica_stats(n, self.replicas[n]) for n in names))
         return dict(zip(names, rows))
 
+    async def _health_stats(self) -> dict[str, dict[str, dict]]:
+        """`_all_stats` for /health, which needs no key: every caller within `health_cache_s` of a round, and every
+        caller while it runs, shares it (a flood of probes costs one round of replica calls a second, not one
+        each: each round lists Ray's named actors and asks every replica)."""
+        at, round_ = self._health
+        if round_ is None or time.monotonic() - at > self.health_cache_s and round_.done():
+            round_ = asyncio.ensure_future(self._all_stats())
+            self._health = (time.monotonic(), round_)
+        return await asyncio.shield(round_)
+
     @app.get("/health", responses={503: {"description": "a model has no replica answering (the same body)",
                                          "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def health(self) -> JSONResponse:
         out = {}
-        for name, stats in (await self._all_stats()).items():
+        for name, stats in (await self._health_stats()).items():
             out[name] = ({"status": "ok", "replicas": len(stats),
                           "active_sessions": merge_stats(list(stats.values()))["active_sessions"]}
                          if stats else {"status": "error", "error": "no replica answered"})

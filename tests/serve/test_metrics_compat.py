@@ -193,3 +193,39 @@ def test_health_sums_with_the_same_rule_as_metrics(monkeypatch, tmp_path):
     r = client.get("/health")
     assert r.status_code == 200 and r.json()["models"]["f"] == {"status": "ok", "replicas": 1,
                                                                 "active_sessions": 0}, r.text
+
+
+class CountsStats:
+    """One model whose replica counts the `stats` calls it answers (slowly: 0.2 s each)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def info(self):
+        return {"id": "c", "object": "model", "type": "custom_voice", "speakers": ["x"]}
+
+    async def stats(self):
+        self.calls += 1
+        await asyncio.sleep(0.2)
+        return {"replica": "r1", "active_sessions": 0}
+
+
+def test_a_flood_of_health_probes_costs_one_round_of_replica_calls(monkeypatch, tmp_path):
+    """/health needs no key, and each answer listed Ray's named actors and asked every replica for `stats`: anyone
+    could make the ingress and every replica answer a call per probe. Probes made while a round runs, or within
+    `health_cache_s` of it, share it; a probe after that starts a fresh round (a change is seen within a second)."""
+    target = CountsStats()
+    _, app, ing = _app(monkeypatch, tmp_path, {"c": target})
+
+    async def probes(n):
+        return await asyncio.gather(*(asgi_call(app, "GET", "/health", {}, []) for _ in range(n)))
+
+    answers = asyncio.run(probes(50))
+    assert [status for status, _, _ in answers] == [200] * 50
+    assert json.loads(answers[0][1])["models"]["c"] == {"status": "ok", "replicas": 1, "active_sessions": 0}
+    assert target.calls == 1, target.calls
+    asyncio.run(probes(5))                       # within the second: the same round
+    assert target.calls == 1, target.calls
+    ing.health_cache_s = 0.0                     # past it: a new round
+    asyncio.run(probes(1))
+    assert target.calls == 2, target.calls
