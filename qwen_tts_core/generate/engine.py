@@ -40,12 +40,13 @@ from ..checkpoint.weights import resolve_dtype
 from ..codec.context import codes_key
 from ..cpu_alloc import keep_freed_memory
 from ..errors import RequestError
+from ..model.layers import packed_linears
 from ..text.prompt import extend_prompt
 from ..types import SAMPLES_PER_FRAME, AudioChunk, SamplingParams, SynthesisRequest
 from .audio_stream import BatchedAudio
 from .graphs import GraphCapture
 from .requests import is_blank, make_prompt, validate
-from .runner import Start, StepRunner
+from .runner import Start, StepRunner, packs_linears
 from .session import Session
 from .text_feed import IncrementalText
 
@@ -116,8 +117,13 @@ class Engine:
         self.eos_id, self.suppress_from = t.codec_eos_token_id, t.vocab_size - 1024
         if static:
             self._check_memory(self.max_len)
+        with torch.inference_mode(), packed_linears(packs_linears(self.talker, sampler)):
+            # the pad fed once a session's text is used up: the prompts' own (`build_prompt`'s row of the [bos, eos,
+            # pad] projection, as the reference computes it), under the prompts' linears (`text_projection`)
+            cfg = model.cfg
+            pad = self.talker.embed_text(torch.tensor([cfg.tts_bos_token_id, cfg.tts_eos_token_id,
+                                                       cfg.tts_pad_token_id], device=self.device))[2]
         with torch.inference_mode():
-            pad = self.talker.embed_text(torch.tensor([model.cfg.tts_pad_token_id], device=self.device))[0]
             self.runner = StepRunner(self.talker, max_sessions, self.max_len, tts_pad=pad, eos_id=self.eos_id,
                                      suppress_from=self.suppress_from, static=static, capture=capture,
                                      buckets=batch_buckets, sampler=sampler, compile=compile,
@@ -469,12 +475,24 @@ class Engine:
         s.committed_ids += new
         return new
 
+    def text_projection(self) -> contextlib.AbstractContextManager:
+        """What this engine projects text in (prompts at admission, text committed later, the pad): its talker
+        steps' linears. With the device sampler on CPU those are oneDNN's packed weights, where a row's bits do not
+        depend on how many rows are projected with it (`layers.linear`: from two rows on, and one row runs as two
+        where its kernel differs), so a text's embeddings are the same bits whole or committed piece by piece
+        (incremental text), and its codes the same. Elsewhere, torch's GEMM (the torch sampler: the reference's
+        numbers for a whole text; CUDA): a row may get other last bits with another row count, so incremental text
+        equals the whole text to rounding only. bf16 on a CPU that oneDNN cannot run bf16 on (AVX2 only) projects
+        one row in bf16 and more in fp32: to rounding there too."""
+        return packed_linears(self.runner.packed)
+
     def _absorb_text(self, s: Session) -> None:
         was_ended = s.incremental.ended
         new = self._collect_text(s)
         if s.prompt is not None and (new or (s.incremental.ended and not was_ended)):
             old = len(s.prompt.trailing)
-            extend_prompt(self.talker, s.prompt, new, end=s.incremental.ended and not was_ended)
+            with self.text_projection():
+                extend_prompt(self.talker, s.prompt, new, end=s.incremental.ended and not was_ended)
             self.runner.set_text(s.slot, s.prompt.trailing, old)
             self._set_guard(s)
 
@@ -484,11 +502,12 @@ class Engine:
         if s.incremental is not None:
             if not s.committed_ids or s.incremental.ended and is_blank(s.incremental.text):
                 raise RequestError("text", "must not be empty")  # blank, as a whole text would be refused
-            s.prompt = make_prompt(self.model, req, s.incremental.role, list(s.committed_ids),
-                                   text_ended=s.incremental.ended)
+            role, ids, ended = s.incremental.role, list(s.committed_ids), s.incremental.ended
         else:
             target = self.model.tokenizer.target(req.text)
-            s.prompt = make_prompt(self.model, req, target.role, target.text, True)
+            role, ids, ended = target.role, target.text, True
+        with self.text_projection():
+            s.prompt = make_prompt(self.model, req, role, ids, text_ended=ended)
         T = s.prompt.prefill.shape[0]
         if self.max_len <= T:
             raise RequestError("text", f"the prompt takes {T} positions; this engine holds {self.max_len} per "

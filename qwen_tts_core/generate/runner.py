@@ -114,6 +114,14 @@ class Start:
     generator: torch.Generator | None = None
 
 
+def packs_linears(talker: Talker, sampler: str) -> bool:
+    """Whether a runner of `sampler` runs `talker`'s linears on oneDNN-packed weights (`packed_linears`), packing
+    them now where it does: CPU, the device sampler's engines (the torch sampler's promise is the reference's exact
+    numbers, so it keeps torch's GEMM), QTTS_ONEDNN not 0. An engine projects its prompts' text under the same
+    context (`Engine.text_projection`)."""
+    return sampler == "device" and onednn_enabled() and pack_linears_(talker)
+
+
 def prefill_groups(lengths: Sequence[int], max_tokens: int = PREFILL_TOKENS, pad: bool = True) -> list[list[int]]:
     """Indices of prompts (by length) grouped into batched prefills: similar lengths together (shortest first), a
     group's padded size (rows x longest) at most `max_tokens` (a longer prompt goes alone) and its padding at most
@@ -204,9 +212,7 @@ class StepRunner:
         self.cp_groups = torch.arange(1, t.code_predictor.num_code_groups, **lng)  # the codebooks the CP draws
         # torch sampler: the host's view of the rows being stepped (set by the engine before each step)
         self.torch_rows: dict[str, tuple[list[int], list[SamplingParams], list[torch.Generator | None]]] = {}
-        # CPU: oneDNN with prepacked weights for the device sampler's engines (the torch sampler's promise is the
-        # reference's exact numbers, so it keeps torch's GEMM); QTTS_ONEDNN=0 turns it off
-        self.packed = sampler == "device" and onednn_enabled() and pack_linears_(talker)
+        self.packed = packs_linears(talker, sampler)
         self.graphs: dict[tuple, object] = {}
         self.capture_seconds: dict[tuple, float] = {}
         # compile: the layers' elementwise pieces run torch.compiled (model/fused.py) in the step bodies
@@ -525,7 +531,7 @@ class StepRunner:
             return
         if self.static:
             raise ValueError(f"static KV cache holds {self.cache.capacity} positions, {n} needed")
-        self.cache.ensure(min(self.max_len, max(n, 2 * self.cache.capacity)))
+        self.cache.ensure(n, limit=self.max_len)
 
     def _grow_text(self, n: int) -> None:
         if self.static:
@@ -604,4 +610,4 @@ class StepRunner:
         return probe_decode_layouts(self.talker.cfg, B, L, self.dtype, self.device, self.cache.k[0][:B, :, :L])
 
 
-__all__ = ["Start", "StepRunner", "batch_buckets", "length_buckets", "prefill_groups"]
+__all__ = ["Start", "StepRunner", "batch_buckets", "length_buckets", "packs_linears", "prefill_groups"]

@@ -64,13 +64,15 @@ class KVCache:
             new[:, :, : self.capacity].copy_(old)
         self.k, self.v, self.capacity = new_k, new_v, n
 
-    def ensure(self, n: int) -> None:
-        """Make room for positions 0..n-1 (doubling on CPU; a static cache raises instead)."""
+    def ensure(self, n: int, limit: int | None = None) -> None:
+        """Make room for positions 0..n-1 (doubling on CPU, but to at most `limit` positions (never fewer than n): a
+        session's max_len; a static cache raises instead)."""
         if n <= self.capacity:
             return
         if self.static:
             raise ValueError(f"static KV cache holds {self.capacity} positions, {n} needed")
-        self._allocate(max(n, 2 * self.capacity, 64))
+        grown = max(n, 2 * self.capacity, 64)
+        self._allocate(grown if limit is None else max(n, min(grown, limit)))
 
     def layers(self, slots: torch.Tensor | None, read_len: int, start: int | None = None) -> list[LayerCache]:
         """Per-layer views for one forward; `start`: all rows write the same positions (from start), rows 0..B-1."""
