@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
 import struct
+import subprocess
 import sys
+import time
 import tracemalloc
 
 import numpy as np
@@ -236,3 +240,188 @@ def test_wav_flac_ogg_mp3_still_go_through_libsndfile_and_other_bytes_keep_its_e
     for data in (b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n", b"\x89PNG\r\n\x1a\n" + bytes(64), b"hello" * 20):
         with pytest.raises(RequestError, match=r"^ref_audio: could not decode audio bytes as audio \("):
             load_audio(data)
+
+
+# Hostile files found by review: each cost FFmpeg hundreds of MB or tens of seconds before the checks below.
+
+def _box(kind: bytes, payload: bytes = b"", version_flags: int | None = None) -> bytes:
+    body = (struct.pack(">I", version_flags) if version_flags is not None else b"") + payload
+    return struct.pack(">I4s", 8 + len(body), kind) + body
+
+
+def _find(data: bytes, path: list[bytes]) -> tuple[int, int]:
+    """(offset, size) of the first box at `path` (b"moov", b"trak", ...)."""
+    start, end, found = 0, len(data), None
+    for kind in path:
+        pos = start
+        while pos + 8 <= end:
+            size, name = struct.unpack_from(">I4s", data, pos)
+            if name == kind:
+                found, start, end = (pos, size), pos + 8, pos + size
+                break
+            pos += size
+        else:
+            raise KeyError(kind)
+    return found
+
+
+def _put(data: bytes, path: list[bytes], new: bytes, replace: bytes | None = None) -> bytes:
+    """`new` appended inside the box at `path` (or replacing its child `replace`), the parents' sizes grown. The
+    encoder writes moov after mdat, so no chunk offset moves."""
+    assert _find(data, [b"mdat"])[0] < _find(data, [b"moov"])[0]
+    out = bytearray(data)
+    at, old = _find(data, path)[0] + _find(data, path)[1], 0
+    if replace is not None:
+        at, old = _find(data, [*path, replace])
+    for i in range(1, len(path) + 1):
+        pos, size = _find(data, path[:i])
+        struct.pack_into(">I", out, pos, size + len(new) - old)
+    return bytes(out[:at] + new + out[at + old:])
+
+
+def _refused(data: bytes, reason: str, monkeypatch, seconds: float = 1.0) -> None:
+    """load_audio refuses `data` promptly, naming the argument, before a decoding child is started."""
+    from qwen_tts_core import audio_decode_av
+
+    monkeypatch.setattr(audio_decode_av, "_decode_in_child", lambda *a, **k: pytest.fail("FFmpeg was reached"),
+                        raising=False)   # (raising: the code before the child had none)
+    t = time.perf_counter()
+    with pytest.raises(RequestError) as e:
+        load_audio(data, argument="ref_audio[1]")
+    assert time.perf_counter() - t < seconds
+    assert e.value.field == "ref_audio[1]" and reason in e.value.message, e.value
+
+
+@pytest.fixture(scope="module")
+def m4a() -> bytes:
+    return _encode("ipod", "aac", 16000, 1024 * 40)
+
+
+def test_a_sample_table_hidden_in_a_box_ffmpeg_reads_is_refused(m4a, monkeypatch):
+    """FFmpeg reads an stsz inside udta/tref/wave/meta into the last track (31 KB -> +975 MB); the check did not
+    look there."""
+    stsz = _box(b"stsz", struct.pack(">II", 10, 1_000_000), 0)
+    for parent, path in ((b"udta", [b"moov", b"trak"]), (b"tref", [b"moov", b"trak"]),
+                         (b"wave", [b"moov", b"trak", b"mdia", b"minf", b"stbl"])):
+        _refused(_put(m4a, path, _box(parent, stsz)), "'stsz' box outside its place", monkeypatch)
+    _refused(_put(m4a, [b"moov", b"trak"], _box(b"meta", stsz, 0)), "'stsz' box outside its place", monkeypatch)
+    _refused(_put(m4a, [b"moov"], b"".join(_box(b"free") for _ in range(120_000))), "more than 100000 boxes",
+             monkeypatch)
+
+
+def test_an_edit_list_that_replays_the_track_is_refused(m4a, monkeypatch):
+    """Each edit makes FFmpeg index the track again: 64 edits of a 2 M-sample track took +2.15 GB."""
+    scale = struct.unpack_from(">I", m4a, _find(m4a, [b"moov", b"mvhd"])[0] + 20)[0]
+
+    def elst(k: int) -> bytes:
+        return _box(b"elst", struct.pack(">I", k) + struct.pack(">IiI", 3 * scale, 0, 0x10000) * k, 0)
+
+    _refused(_put(m4a, [b"moov", b"trak", b"edts"], elst(64), replace=b"elst"), "an edit list of 64 entries",
+             monkeypatch)
+    data = bytearray(_put(m4a, [b"moov", b"trak", b"edts"], elst(4), replace=b"elst"))   # 4 x 600,000 samples
+    _patch_box(data, b"stsz", 4, 10)
+    _patch_box(data, b"stsz", 8, 600_000)
+    _refused(bytes(data), "the tracks declare 2400000 samples (each times its edits)", monkeypatch)
+
+
+def test_segment_indexes_are_refused_at_once(m4a, monkeypatch):
+    """FFmpeg sorts sidx references by insertion (2 x 65,535 took seconds, 8 x 65,535 took 56 s)."""
+    refs = 65535
+
+    def sidx(first: int) -> bytes:
+        return _box(b"sidx", struct.pack(">IIQQHH", 1, 16000, 0, first, 0, refs)
+                    + struct.pack(">III", 16, 1024, 0x90000000) * refs, 1 << 24)
+
+    flood = sidx((1 << 40) - refs * 64) + sidx((1 << 40) - 2 * refs * 64)
+    _refused(m4a + flood, "'sidx'", monkeypatch)                 # at the top level
+    _refused(_put(m4a, [b"moov"], flood), "'sidx'", monkeypatch)  # inside moov
+    _refused(_put(m4a, [b"moov", b"udta"] if b"udta" in m4a else [b"moov"], _box(b"meta", flood[:4096], 0)),
+             "'sidx'", monkeypatch)   # inside a box the check does not open
+
+
+def test_a_webm_with_several_audio_tracks_is_refused():
+    """FFmpeg opens every track's decoder while probing: 16 Vorbis tracks took +3 GB; one audio track is read."""
+    buf, sr = io.BytesIO(), 48000
+    with av.open(buf, "w", format="webm") as out:
+        streams = [out.add_stream("libopus", rate=sr, layout="mono") for _ in range(3)]
+        for i in range(0, sr, 960):
+            for s in streams:
+                frame = av.AudioFrame.from_ndarray(_signal(sr, sr)[None, i:i + 960].copy(), format="fltp",
+                                                   layout="mono")
+                frame.sample_rate, frame.pts = sr, i
+                for p in s.encode(frame):
+                    out.mux(p)
+        for s in streams:
+            for p in s.encode(None):
+                out.mux(p)
+    with pytest.raises(RequestError) as e:
+        load_audio(buf.getvalue(), argument="ref_audio[3]")
+    assert e.value.field == "ref_audio[3]" and "audio streams; one is read" in e.value.message, e.value
+
+
+def _recorded_children(monkeypatch) -> list[subprocess.Popen]:
+    from qwen_tts_core import audio_decode_av
+
+    started: list[subprocess.Popen] = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            started.append(self)
+
+    monkeypatch.setattr(audio_decode_av.subprocess, "Popen", Recorded)
+    return started
+
+
+def _gone(proc: subprocess.Popen) -> None:
+    assert proc.returncode is not None   # waited for: no zombie left
+    with pytest.raises(ChildProcessError):
+        os.waitpid(proc.pid, os.WNOHANG)
+
+
+def test_ffmpeg_runs_in_a_child_that_decodes_as_this_process_does(m4a, monkeypatch):
+    from qwen_tts_core import audio_decode_av
+    from qwen_tts_core.audio_io import DEFAULT_LIMITS
+
+    started = _recorded_children(monkeypatch)
+    wav, sr = load_audio(m4a)
+    want, want_sr = audio_decode_av.decode_here(m4a, "mp4", "MP4/M4A", "ref_audio", "audio bytes", DEFAULT_LIMITS)
+    assert sr == want_sr and wav.dtype == np.float32 and np.array_equal(wav, want) and wav.flags.writeable
+    assert len(started) == 1 and started[0].returncode == 0
+    assert set(started[0].args[:2]) == {sys.executable, "-c"}
+    _gone(started[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS is enforced on Linux")
+def test_a_child_past_its_memory_limit_is_a_request_error(long_opus, monkeypatch):
+    from qwen_tts_core import audio_decode_av
+
+    started = _recorded_children(monkeypatch)
+    monkeypatch.setattr(audio_decode_av, "_child_memory", lambda limits: 8 << 20)   # 130 s decode ~50 MB
+    with pytest.raises(RequestError) as e:
+        load_audio(long_opus, argument="ref_audio[0]", limits=AudioLimits(max_seconds=200.0))
+    assert e.value.field == "ref_audio[0]" and "WebM/Matroska" in e.value.message, e.value
+    assert "memory" in e.value.message or "decoder stopped" in e.value.message, e.value
+    _gone(started[0])
+
+
+def test_a_child_past_its_time_or_misbehaving_is_killed_and_a_request_error(m4a, monkeypatch):
+    from qwen_tts_core import audio_decode_av
+
+    started = _recorded_children(monkeypatch)
+    monkeypatch.setattr(audio_decode_av, "CHILD_TIMEOUT_S", 0.02)   # less than the child's imports take
+    t = time.perf_counter()
+    with pytest.raises(RequestError, match=r"^ref_audio\[2\]: .* \(decoding took more than 0.02 s; stopped\)"):
+        load_audio(m4a, argument="ref_audio[2]")
+    assert time.perf_counter() - t < 5 and started[-1].returncode == -signal.SIGKILL
+    _gone(started[-1])
+    monkeypatch.undo()
+    started = _recorded_children(monkeypatch)
+    for code, reason in (("import os; os.kill(os.getpid(), 9)", "killed by SIGKILL"),
+                         ("import sys; sys.stdout.write('not json')", "reply is malformed"),
+                         ("import sys; sys.stdout.buffer.write(bytes(1 << 22))", "longer than the limits allow")):
+        monkeypatch.setattr(audio_decode_av, "_CHILD_CODE", code)
+        with pytest.raises(RequestError) as e:
+            load_audio(m4a, argument="ref_audio[2]", limits=AudioLimits(max_samples=500_000))
+        assert e.value.field == "ref_audio[2]" and reason in e.value.message, (code, e.value)
+        _gone(started[-1])
