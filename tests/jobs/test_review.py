@@ -161,3 +161,32 @@ def test_page_in_chromium(tmp_path, server):
             assert errors == []
         finally:
             browser.close()
+
+
+def test_page_tells_the_catalogs_of_one_output_apart(tmp_path, server):
+    """Catalogs sharing an output own their records by name, and ids repeat across them (each has a `welcome`):
+    the page labels each row "catalog / id" (as text: a name is the catalog's to choose) and its search finds a
+    catalog's rows by name."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) not installed")
+    if not shutil.which("chromium"):
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    out = tmp_path / "prompts"
+    for name, text in [("menus_en", "Welcome caller."), ("es<i>x", "Bienvenido.")]:
+        cat = tmp_path / "c.csv"
+        cat.write_text(f"id,text,voice\nwelcome,{text},ryan\n")
+        assert catalog.main([str(cat), "--name", name, "--out", str(out), *NOISE[:-2]]) == 0
+    base = server(str(out))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(base + "/")
+            page.wait_for_selector("body[data-ready='1']", timeout=30000)
+            labels = sorted(page.eval_on_selector_all("#rows tr td:first-child", "els => els.map(e => e.textContent)"))
+            assert labels == ["es<i>x / welcome", "menus_en / welcome"], labels
+            assert page.locator("#rows i").count() == 0          # the name is shown as text, not markup
+            page.fill("#query", "menus_en")
+            assert page.eval_on_selector_all("#rows tr:not(.hidden)", "els => els.map(e => e.dataset.catalog)") == \
+                ["menus_en"]
+        finally:
+            browser.close()
