@@ -47,3 +47,22 @@ def decode_audio(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
             if len(block) < 1024:
                 break
         return np.concatenate(out), f.samplerate
+
+
+class FakeReplicaGen:
+    """A replica's stream generator for ReplicaStream, without Ray: yields `items` in turn (an exception item is
+    raised there) and records `cancel()`."""
+
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        x = self.items.pop(0)
+        if isinstance(x, BaseException):
+            raise x
+        return x
+
+    def cancel(self):
+        self.cancelled = True

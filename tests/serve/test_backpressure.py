@@ -25,6 +25,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from serve.config import ServiceConfig
 from serve.streaming import ReplicaStream, StreamAborted, audio_body, sse_body
+from tests.serve.helpers import FakeReplicaGen
 from tests.serve.inproc import asgi_call, ingress_app
 
 SR = 24000
@@ -221,19 +222,6 @@ def test_encoder_failure_mid_sse_is_an_error_event(monkeypatch, caplog):
     assert rec and rec[0].exc_info is not None and "libopus" in str(rec[0].exc_info[1])
 
 
-class _Gen:
-    def __init__(self, items):
-        self.items, self.cancelled = list(items), False
-
-    async def __anext__(self):
-        if not self.items:
-            raise StopAsyncIteration
-        return self.items.pop(0)
-
-    def cancel(self):
-        self.cancelled = True
-
-
 def _items(chunks: int, chunk_s: float) -> list[dict]:
     return ([{"type": "audio", "pcm": np.full(round(chunk_s * SR), 0.1, np.float32)} for _ in range(chunks)]
             + [{"type": "end", "status": None, "finish_reason": "eos", "num_frames": chunks, "ttfa_s": 0.0}])
@@ -245,7 +233,7 @@ def test_encoder_failure_mid_raw_audio_aborts_the_body(caplog):
     counted = []
 
     async def main():
-        s = ReplicaStream(_Gen(_items(3, 0.02)), "r-1", "cv", None, None)
+        s = ReplicaStream(FakeReplicaGen(_items(3, 0.02)), "r-1", "cv", None, None)
         out = []
         with pytest.raises(StreamAborted):
             async for part in audio_body(s, await s.first_output(), FailingEncoder(), counted.append):
@@ -294,7 +282,7 @@ def test_pacer_keeps_the_stream_within_its_lead(lead_s, speed, body):
     make = audio_body if body == "audio" else sse_body
 
     async def main():
-        s = ReplicaStream(_Gen(_items(chunks, chunk_s)), "r-1", "cv", None, None)
+        s = ReplicaStream(FakeReplicaGen(_items(chunks, chunk_s)), "r-1", "cv", None, None)
         seen = []   # (time since the first piece, audio seconds out with this piece)
         t0, n = None, 0
         async for part in make(s, await s.first_output(), _Pcm(), None, pacer):

@@ -15,6 +15,7 @@ import pytest
 
 from serve.schemas import ApiError
 from serve.streaming import ReplicaStream, StreamAborted, audio_body, end_error, sse_body
+from tests.serve.helpers import FakeReplicaGen
 from tests.serve.test_sessions import _stats, _wait, _ws_url
 
 LONG = {"model": "cv3", "voice": "ryan", "max_new_tokens": 1500, "response_format": "pcm",
@@ -22,22 +23,6 @@ LONG = {"model": "cv3", "voice": "ryan", "max_new_tokens": 1500, "response_forma
 
 
 # --- the transport's rules, on a stand-in replica stream (no Ray) ------------------------------------------------
-class _Gen:
-    def __init__(self, items):
-        self.items, self.cancelled = list(items), False
-
-    async def __anext__(self):
-        if not self.items:
-            raise StopAsyncIteration
-        x = self.items.pop(0)
-        if isinstance(x, BaseException):
-            raise x
-        return x
-
-    def cancel(self):
-        self.cancelled = True
-
-
 def _audio(n=1920):
     return {"type": "audio", "pcm": np.full(n, 0.1, np.float32)}
 
@@ -66,7 +51,7 @@ async def _drain(body):
 
 def test_failure_before_the_first_byte_is_an_error_answer():
     async def main():
-        s = ReplicaStream(_Gen([_end(500)]), "r-1", "cv", None, None)
+        s = ReplicaStream(FakeReplicaGen([_end(500)]), "r-1", "cv", None, None)
         with pytest.raises(ApiError) as e:
             await s.first_output()
         return s, e.value
@@ -77,7 +62,7 @@ def test_failure_before_the_first_byte_is_an_error_answer():
 
 def test_failure_after_the_first_byte_aborts_raw_audio_and_sends_an_sse_error():
     async def raw(items):
-        s = ReplicaStream(_Gen(items), "r-1", "cv", None, None)
+        s = ReplicaStream(FakeReplicaGen(items), "r-1", "cv", None, None)
         return await _drain(audio_body(s, await s.first_output(), _Pcm())), s
 
     with pytest.raises(StreamAborted):
@@ -88,7 +73,7 @@ def test_failure_after_the_first_byte_aborts_raw_audio_and_sends_an_sse_error():
     assert parts == [b"x" * 1920] and s.gen.cancelled   # a clean end; the finished stream is released
 
     async def sse(items):
-        s = ReplicaStream(_Gen(items), "r-1", "cv", None, None)
+        s = ReplicaStream(FakeReplicaGen(items), "r-1", "cv", None, None)
         return [json.loads(e[6:]) for e in await _drain(sse_body(s, await s.first_output(), _Pcm()))]
     events = asyncio.run(sse([_audio(), RuntimeError("actor died")]))
     assert events[0]["type"] == "speech.audio.delta" and events[-1]["type"] == "error"
