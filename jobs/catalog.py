@@ -18,6 +18,7 @@ import re
 import sys
 import threading
 import time
+import unicodedata
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ def load_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
     the text, and keeping the fields up to it would ship a prompt cut short.
 
     Raises:
-        ValueError: missing, binary, too large or empty file, unreadable YAML/CSV, or a document of the wrong shape.
+        ValueError: missing, binary or too large file, unreadable YAML/CSV, or a document of the wrong shape. A
+            catalog that lists no prompts is returned empty: `catalog_name` refuses it unless named explicitly.
     """
     p, limits = Path(path), limits or InputLimits()
     if not p.is_file():
@@ -113,8 +115,6 @@ def load_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
                 raw_rows.append({k: v for k, v in r.items() if v not in (None, "")})
         except csv.Error as e:
             raise ValueError(f"catalog: {p} is not valid CSV ({e})") from e
-    if not raw_rows:
-        raise ValueError(f"catalog: {p} lists no prompts")
     rows = []
     for i, r in enumerate(raw_rows):
         row = check_row(r, defaults, where := f"{p.name}:{i + 1}", limits)
@@ -122,15 +122,21 @@ def load_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
     return mark_duplicates(rows), name
 
 
-def catalog_name(option: Any, in_file: Any, path: str | Path) -> str:
+def catalog_name(option: Any, in_file: Any, path: str | Path, empty: bool = False) -> str:
     """The name this catalog's records carry at its output: `--name`, else the YAML's `name:`, else the file's stem
-    (renaming the file renames the catalog: `--name`/`name:` keeps the old one). ValueError (exit 2), naming
-    `--name`, for one that is not a non-empty printable string of at most NAME_MAX characters without a path
-    separator or surrounding spaces, or when `--name` and `name:` differ."""
+    (renaming the file renames the catalog: `--name`/`name:` keeps the old one), in Unicode NFC (a file name from
+    macOS is NFD). ValueError (exit 2), naming `--name`, for one that is not a non-empty printable string of at most
+    NAME_MAX characters without a path separator or surrounding spaces, or when `--name` and `name:` differ.
+    `empty`: the catalog lists no prompts, which retires every prompt of its name: only with an explicit name."""
+    option, in_file = (unicodedata.normalize("NFC", n) if isinstance(n, str) else n for n in (option, in_file))
+    if empty and option is None and in_file is None:
+        raise ValueError(f"catalog: {printable(str(path))} lists no prompts; to retire every prompt of a catalog, "
+                         "run a file with no prompts (prompts: [] or a CSV header) under its name: --name NAME or "
+                         "name: NAME")
     if option is not None and in_file is not None and option != in_file:
         raise ValueError(f"--name {shown(option)} differs from the catalog's name: {shown(in_file)}; give one")
     given = option if option is not None else in_file
-    name = given if given is not None else Path(path).stem
+    name = given if given is not None else unicodedata.normalize("NFC", Path(path).stem)
     why = ("must be a string" if not isinstance(name, str)
            else "must not be empty" if not name.strip()
            else f"is longer than {NAME_MAX} characters" if len(name) > NAME_MAX
@@ -145,26 +151,41 @@ def catalog_name(option: Any, in_file: Any, path: str | Path) -> str:
     return name
 
 
-def owned(records: list[ManifestRecord], name: str) -> tuple[list[ManifestRecord], list[ManifestRecord], int]:
+def owned(records: list[ManifestRecord], name: str, ids: set[str],
+          ) -> tuple[list[ManifestRecord], list[ManifestRecord], int]:
     """The ownership rule, the only one: which records at the output are this catalog's. Returns (this catalog's
-    previous records, every other catalog's, how many it adopts). Records without a name were written before
-    catalogs had names, by one catalog (the next one to run takes them, as before: nothing re-rendered, nothing
-    retired that is still in it). Another catalog's records are written back untouched, and what its current
-    prompts use is never deleted (`reconcile`'s `shared`)."""
-    mine = [r for r in records if r.catalog in (name, None)]
-    others = [r for r in records if r.catalog not in (name, None)]
-    return mine, others, sum(r.catalog is None for r in mine)
+    previous records, every other record, how many it adopts). A record without a name was written before catalogs
+    had names: this catalog adopts it when its id is one of this run's (`ids`); any other stays unclaimed
+    (`catalog` None) for the catalog that lists it. Other catalogs' records and unclaimed ones are written back
+    untouched, and what their current prompts use is never deleted (`reconcile`'s `shared`)."""
+    adopt = [r for r in records if r.catalog is None and r.id in ids]
+    mine = [*adopt, *(r for r in records if r.catalog == name)]  # (its own record of an id comes last: it wins)
+    others = [r for r in records if r.catalog != name and not (r.catalog is None and r.id in ids)]
+    return mine, others, len(adopt)
 
 
 def look_alike(records: list[ManifestRecord], others: list[ManifestRecord]) -> list[str]:
-    """Other catalogs at the output at least half of whose current prompts (same id and content) are this one's:
-    most likely this catalog under its earlier name (the file was renamed), whose prompts nothing retires now."""
+    """Other catalogs at the output all (or all but one in ten) of whose current prompts (same id and content) are
+    this one's: perhaps this catalog under its earlier name (the file was renamed). Asked on a name's first run
+    only: two different catalogs may share some prompts, and taking the other's name would retire its own."""
     here = {(r.id, r.key) for r in records if r.status in LIVE}
     same: dict[str, list[bool]] = {}
     for r in others:
-        if r.status in LIVE:
-            same.setdefault(str(r.catalog), []).append((r.id, r.key) in here)
-    return sorted(c for c, s in same.items() if 2 * sum(s) >= len(s))
+        if r.status in LIVE and r.catalog is not None:
+            same.setdefault(r.catalog, []).append((r.id, r.key) in here)
+    return sorted(c for c, s in same.items() if 10 * sum(s) >= 9 * len(s))
+
+
+def turned_over(previous: list[ManifestRecord], current: list[ManifestRecord]) -> int:
+    """How many current prompts of this catalog's previous run this pass would retire or replace when it keeps
+    none of them (no id unchanged, no object still used), else 0. Two catalog files of one name (en/menus.yaml and
+    es/menus.yaml) do that on every run, each deleting the other's audio: such a pass warns, and deletes nothing
+    when it turns over more than one prompt (one is as likely a one-prompt catalog that replaced its prompt)."""
+    now = {(r.id, r.key if r.status in LIVE else None) for r in current}  # a failed render keeps its old version
+    keys = {r.key for r in current if r.status in LIVE}
+    live = [r for r in previous if r.status in LIVE]
+    kept = any({(r.id, r.key), (r.id, None)} & now or r.key in keys for r in live)
+    return 0 if not current or kept else len(live)
 
 
 def catalog_defaults(given: dict[Any, Any], defaults: RowDefaults, path: Path) -> RowDefaults:
@@ -219,8 +240,9 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sin
     refuses keeps its record `retired` with error "retired: delete failed: ..." (counted in `delete_failed`);
     `--retire delete` tries it again next run. A prompt whose render failed carries what its earlier versions left
     (`_carry`), so nothing is orphaned: a superseded version is deleted once the prompt is written again, all of it
-    once the prompt is retired."""
-    if retire not in RETIRE_MODES:
+    once the prompt is retired. `retire` "hold" (a pass `turned_over` stops): as mark, and superseded versions are
+    listed on their prompt's record (`previous_keys`) for the next `--retire delete` pass."""
+    if retire not in (*RETIRE_MODES, "hold"):
         raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {retire!r}")
     prev = {r.id: r for r in previous}
     ids = {r.id for r in current}
@@ -236,9 +258,12 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sin
             counts["new"] += 1
             continue
         counts["unchanged" if old.key == r.key and r.reused else "changed"] += 1
+        superseded = [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != r.key]
+        if r.status in LIVE and retire == "hold":
+            r.previous_keys = list(dict.fromkeys([*r.previous_keys, *superseded]))
         if r.status not in LIVE or retire != "delete":  # --retire mark keeps superseded versions
             continue
-        for key in [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != r.key]:
+        for key in superseded:
             err = _delete(sink, key, live)
             if err:
                 r.previous_keys = [*r.previous_keys, key]  # tried again by the next --retire delete run
@@ -249,7 +274,7 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sin
         if old.id in ids:
             continue
         if old.status == "retired":
-            if retire == "mark":
+            if retire != "delete":
                 out.append(old)
             elif old.error not in (DELETED, KEPT) or old.layout or old.previous_keys:
                 # a delete that failed (or a prompt retired by mark): again
@@ -294,27 +319,35 @@ def _delete(sink: Sink, key: str, live: set[str]) -> str | None:
 
 def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: RunOptions, retire: str,
              quiet: bool = True, limits: InputLimits | None = None, stop: threading.Event | None = None,
-             layout: str = "none", name: str | None = None) -> tuple[int, dict[str, Any]]:
+             layout: str = "none", name: str | None = None, lease_wait: float = 0.0,
+             ) -> tuple[int, dict[str, Any]]:
     """One regeneration pass; returns (exit code, summary). A pass stopped by SIGTERM writes nothing more (no
     reconcile, no manifest): what it committed is found by the next pass.
 
     The manifest holds every catalog's records at the output; this pass replaces its own (`owned`). A pass that
-    adopts records without a name deletes nothing (as `--retire mark`): another catalog that shared the output
-    before names existed gets one run to claim its prompts before a `--retire delete` run can remove them."""
+    adopts records without a name deletes nothing (as `--retire mark`): an adopted id may have been another
+    catalog's prompt before names existed. A pass that keeps none of its name's current prompts (`turned_over`)
+    deletes nothing either. A catalog with no prompts (explicitly named) retires all of its name's."""
     t0 = time.perf_counter()
     rows, in_file = load_catalog(catalog, defaults, limits)
-    name = catalog_name(name, in_file, catalog)
+    name = catalog_name(name, in_file, catalog, empty=not rows)
     if layout != "none":  # ids that cannot be file names fail before any synthesis
         rows = layouts.check_rows(rows)
     rows, render, opts, backend = prepare(rows, defaults, render, opts)
     sink = open_sink(opts.output, opts.retry)
     sink.preflight()
-    with lease.hold(sink) as held:  # one pass at a time: from reading the previous manifest to writing this one
-        previous, others, adopted = owned(previous_manifest(sink), name)
+    # one pass at a time: from reading the previous manifest to writing this one
+    with lease.hold(sink, wait_s=lease_wait, stop=stop) as held:
+        before = previous_manifest(sink)
+        first = not any(r.catalog == name for r in before)
+        previous, others, adopted = owned(before, name, {r.id for r in rows})
+        unclaimed = sum(r.catalog is None for r in others)
         if adopted:
             log.warning("adopting %d record(s) written before catalogs had names as catalog %r; this pass deletes "
                         "nothing", adopted, name)
-            retire = "mark"
+        if unclaimed:
+            log.warning("%d record(s) written before catalogs had names are not in this catalog: kept for the "
+                        "catalog that lists them (jobs/README.md: records nobody claims)", unclaimed)
         current = run_rows(rows, render, opts, sink=sink, desc="catalog", backend=backend, stop=stop)
         if stop is not None and stop.is_set():
             done = sum(r.status in LIVE for r in current)
@@ -322,6 +355,12 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
                        "note": "outputs committed before the stop are kept; the next run reuses them",
                        "wall_s": round(time.perf_counter() - t0, 2)}
         held.check()
+        if lost := turned_over(previous, current):
+            log.warning("catalog %r: this pass keeps none of its %d current prompt(s) at this output%s. If two "
+                        "catalog files have this name (e.g. en/menus.yaml and es/menus.yaml), they retire each "
+                        "other's prompts on every run: give each its own --name", name, lost,
+                        ", so it deletes nothing" if lost > 1 else "")
+        retire = "mark" if adopted else "hold" if lost > 1 and retire == "delete" else retire
         packages = layouts.write_packages(current, rows, sink) if layout != "none" else None
         records, counts = reconcile(current, previous, sink, retire, shared=others)
         if layout != "none" and retire == "delete":  # (another catalog's live package files are kept)
@@ -329,14 +368,16 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
             counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], sink)
         for r in records:
             r.catalog = name
-        for other in look_alike(records, others):
-            log.warning("catalog %r has most prompts of catalog %r at this output; if it is that catalog renamed, "
-                        "run it with --name %r (else %r's prompts are never retired)", name, other, other, other)
+        for other in look_alike(records, others) if first else []:
+            log.warning("catalog %r (its first run at this output) has all current prompts of catalog %r: if this "
+                        "catalog was renamed from %r, run it with --name %r (else %r's prompts stay and are never "
+                        "retired)", name, other, other, other, other)
         held.check()
         url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
     summary = summarize(records)
     summary.update(counts, catalog=name, output=sink.uri, manifest=url, wall_s=round(time.perf_counter() - t0, 2),
-                   **extra, **({"adopted": adopted} if adopted else {}))
+                   **extra, **({"adopted": adopted} if adopted else {}), **({"unclaimed": unclaimed} if unclaimed else {}),
+                   **({"turned_over": lost} if lost else {}))
     if packages is not None:
         summary["layout"] = {"name": layout, **packages}
     if not quiet:
@@ -368,6 +409,9 @@ def run(args: argparse.Namespace) -> int:
         name = option_value(args, conf, "name", None)
         if name is not None:
             catalog_name(name, None, args.catalog)
+        lease_wait = float(option_value(args, conf, "lease_wait", 0) or 0)
+        if not 0 <= lease_wait <= 86400:
+            raise ValueError(f"lease-wait must be 0..86400 seconds, got {lease_wait}")
         max_runs = option_value(args, conf, "max_runs", 0)
         quiet = bool(option_value(args, conf, "quiet", False))
         defaults, render, opts, limits = build_options(args, "prompts", conf)
@@ -380,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
     while not stop.is_set():
         try:
             code, summary = run_once(args.catalog, defaults, render, opts, retire, quiet=quiet,
-                                     limits=limits, stop=stop, layout=layout, name=name)
+                                     limits=limits, stop=stop, layout=layout, name=name, lease_wait=lease_wait)
             print(json.dumps(summary), flush=True)
         except (ValueError, StorageError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -411,7 +455,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    "(delete also removes superseded versions of changed prompts)")
     p.add_argument("--name", help="the catalog's name at the output (default: the YAML's name:, else the file name "
                    "without extension): catalogs with different names share an output safely, each retiring only "
-                   "its own prompts; keep the name when renaming the file")
+                   "its own prompts; keep the name when renaming the file. With a file of no prompts (prompts: [] "
+                   "or a CSV header), retires every prompt of that name")
+    p.add_argument("--lease-wait", type=float, metavar="SECONDS", help="when another catalog pass holds the "
+                   "output's lease, try again for up to this long (default 0: exit 2 at once); for catalogs sharing "
+                   "an output on one schedule")
     p.add_argument("--every", help="regenerate periodically on this machine, e.g. 1h (default: run once)")
     p.add_argument("--max-runs", type=int, help="with --every: stop after N runs (default 0: forever)")
     p.add_argument("--layout", choices=layouts.LAYOUTS, help="asterisk: also write sounds/<lang>/<name>.<ext> "

@@ -9,6 +9,9 @@ and is taken over, again with `If-Match`, so two runs never both take it. A stor
 a warning and a best-effort lease. Each lease carries a token of its holder: a conditional write whose reply was
 lost is sent again by botocore and refused (412) as if another run had written, so a refusal is judged by reading
 the lease back (our token: the first write took, the lease is ours).
+
+A pass that finds the lease held exits at once, or (`wait_s`, the catalog's `--lease-wait`) tries again every
+POLL_S (with jitter, so passes started together do not retry in step) until that much time has passed.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import contextlib
 import json
 import logging
 import os
+import random
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -31,6 +36,7 @@ from .storage import LocalSink, S3Sink, Sink, StorageError
 log = logging.getLogger(__name__)
 LEASE_KEY = ".catalog-lease"
 TTL_S = 900.0  # S3: a lease nobody renewed for 15 minutes is stale
+POLL_S = 5.0  # waiting for a held lease: tries about this often (x0.5..1.5)
 
 
 class LeaseHeld(StorageError):
@@ -58,9 +64,30 @@ def _held_message(where: str, raw: bytes | None, age_s: float | None = None) -> 
 
 
 @contextlib.contextmanager
-def hold(sink: Sink, ttl_s: float = TTL_S) -> Iterator[Any]:
-    """Hold the output's catalog lease for the `with` block; raises LeaseHeld when another run holds it. Yields an
-    object whose `check()` raises LeaseLost when the lease was lost meanwhile (S3 only)."""
+def hold(sink: Sink, ttl_s: float = TTL_S, wait_s: float = 0.0, stop: threading.Event | None = None,
+         ) -> Iterator[Any]:
+    """Hold the output's catalog lease for the `with` block; raises LeaseHeld when another run holds it and still
+    does after `wait_s` seconds (or when `stop` is set while waiting). Yields an object whose `check()` raises
+    LeaseLost when the lease was lost meanwhile (S3 only)."""
+    deadline = time.monotonic() + max(wait_s, 0.0)
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                lease = stack.enter_context(_hold(sink, ttl_s))
+                break
+            except LeaseHeld as e:
+                left = deadline - time.monotonic()
+                if left <= 0 or (stop is not None and stop.is_set()):
+                    raise
+                log.info("%s; trying again for up to %.0f s", e, left)
+                pause = min(left, POLL_S * random.uniform(0.5, 1.5))
+                if stop.wait(pause) if stop is not None else time.sleep(pause):
+                    raise
+        yield lease
+
+
+@contextlib.contextmanager
+def _hold(sink: Sink, ttl_s: float) -> Iterator[Any]:
     if isinstance(sink, LocalSink):
         with _local(sink) as lease:
             yield lease

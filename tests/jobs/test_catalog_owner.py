@@ -133,21 +133,26 @@ def test_an_output_written_before_names_is_adopted_without_rendering_or_retiring
     assert code == 0 and (s["unchanged"], s["synthesized"]) == (3, 0) and "adopted" not in s
 
 
-def test_the_adopting_pass_deletes_nothing_and_the_next_one_does(tmp_path, capsys):
-    """A prompt that left the catalog while the output was written before names: marked retired by the pass that
-    adopts the records (it might be another catalog's that shared the output before), deleted by the next one."""
+def test_an_unnamed_record_not_in_the_catalog_stays_unclaimed_and_a_named_pass_can_clear_it(tmp_path, capsys):
+    """A prompt that left the catalog while the output was written before names: it might be another catalog's,
+    so it stays unclaimed (kept, its object never deleted); listing its id under a name claims it, and that name
+    with no prompts retires it (the README's way to clear records nobody claims)."""
     out = tmp_path / "out"
     cat = _write(tmp_path / "ivr.yaml", EN)
     assert _run(cat, out, capsys)[0] == 0
     _as_before_names(out)
     sales = out / _manifest(out)[None]["sales"].key
     _write(cat, [EN[0], EN[2]])
-    code, s = _run(cat, out, capsys)
-    rec = _manifest(out)["ivr"]["sales"]
-    assert code == 0 and (s["retired"], s["adopted"], s["synthesized"]) == (1, 3, 0)
-    assert rec.status == "retired" and sales.exists()
-    code, s = _run(cat, out, capsys)
-    assert code == 0 and not sales.exists() and _manifest(out)["ivr"]["sales"].error == catalog.DELETED
+    for _ in range(2):
+        code, s = _run(cat, out, capsys)
+        assert code == 0 and (s["retired"], s["synthesized"], s.get("unclaimed")) == (0, 0, 1) and sales.exists()
+        assert set(_manifest(out)[None]) == {"sales"} and set(_manifest(out)["ivr"]) == {"welcome", "beep"}
+    cleanup = _write(tmp_path / "leftovers.yaml", [EN[1]], name="cleanup")
+    code, s = _run(cleanup, out, capsys)
+    assert code == 0 and (s["adopted"], s["synthesized"]) == (1, 0) and "unclaimed" not in s
+    _write(cleanup, [], name="cleanup")
+    code, s = _run(cleanup, out, capsys)
+    assert code == 0 and s["retired"] == 1 and not sales.exists() and None not in _manifest(out)
 
 
 def test_two_catalogs_that_shared_an_output_before_names_lose_nothing_more(tmp_path, capsys):
@@ -221,3 +226,138 @@ def test_a_bad_name_from_the_file_name_or_two_names_that_differ_are_refused(tmp_
     _write(cat, EN, name=5)
     code, err = _refused(cat, out, capsys)
     assert code == 2 and "catalog name 5 (name: in the catalog) must be a string" in err
+
+
+# The review of names (each test fails on the code before it):
+
+EN_ONLY = [{"id": "welcome", "text": "Welcome."}, {"id": "sales", "text": "Press one for sales."}]
+ES_ONLY = [{"id": "bienvenida", "text": "Bienvenido."}, {"id": "ventas", "text": "Pulse uno para ventas."}]
+
+
+def test_the_first_catalog_after_the_upgrade_adopts_only_its_own_ids(tmp_path, capsys):
+    """Before: it adopted every unnamed record, marked the other catalog's current prompts retired under its name and
+    deleted their audio on its next --retire delete pass."""
+    out = tmp_path / "out"
+    en, es = _write(tmp_path / "menus_en.yaml", EN_ONLY), _write(tmp_path / "menus_es.yaml", ES_ONLY)
+    assert _run(en, out, capsys)[0] == 0 and _run(es, out, capsys)[0] == 0
+    _as_before_names(out)
+    es_objects = [out / r.key for r in _manifest(out)[None].values() if r.id in ("bienvenida", "ventas")]
+    for _ in range(2):
+        code, s = _run(en, out, capsys)
+        assert code == 0 and all(p.exists() for p in es_objects) and (s["retired"], s.get("unclaimed")) == (0, 2)
+    man = _manifest(out)
+    assert set(man[None]) == {"bienvenida", "ventas"} and all(r.status == "ok" for r in man[None].values())
+    code, s = _run(es, out, capsys)
+    assert code == 0 and (s["adopted"], s["synthesized"], s["retired"]) == (2, 0, 0) and "unclaimed" not in s
+    assert set(_manifest(out)) == {"menus_en", "menus_es"} and all(p.exists() for p in es_objects)
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "--name" in r.getMessage()]
+
+
+def test_two_different_catalogs_sharing_prompts_are_not_called_renamed(tmp_path, capsys, caplog):
+    """Before: 'sales' (which shares 2 of 'support''s 3 prompts) was told to run with --name support, which retires
+    support's own prompt."""
+    out = tmp_path / "out"
+    common = [{"id": "welcome", "text": "Welcome."}, {"id": "goodbye", "text": "Goodbye."}]
+    support = _write(tmp_path / "support.yaml", [*common, {"id": "t1", "text": "Describe your problem."}])
+    sales = _write(tmp_path / "sales.yaml", [*common, {"id": "s1", "text": "Offers."}, {"id": "s2", "text": "Two."}])
+    assert _run(support, out, capsys)[0] == 0 and _run(sales, out, capsys)[0] == 0
+    assert _warnings(caplog) == []
+    cat = _write(tmp_path / "ivr.yaml", EN)  # a real rename warns on the new name's first run only, as a question
+    assert _run(cat, out, capsys)[0] == 0
+    cat.rename(tmp_path / "ivr-2.yaml")
+    assert _run(tmp_path / "ivr-2.yaml", out, capsys)[0] == 0
+    (msg,) = _warnings(caplog)
+    assert "if this catalog was renamed from 'ivr', run it with --name 'ivr'" in msg
+    assert _run(tmp_path / "ivr-2.yaml", out, capsys)[0] == 0 and len(_warnings(caplog)) == 1
+
+
+def test_an_explicitly_named_empty_catalog_retires_its_name(tmp_path, capsys):
+    """Before: an empty catalog was refused, so a stray name (a renamed file run once) kept its objects and package
+    files forever."""
+    out = tmp_path / "out"
+    cat = _write(tmp_path / "ivr.yaml", EN[:2], language="english")
+    assert _run(cat, out, capsys, "--layout", "asterisk")[0] in (0, 1)
+    stray = _write(tmp_path / "ivr-v2.yaml", EN[:2], language="english")
+    assert _run(stray, out, capsys, "--layout", "asterisk")[0] in (0, 1)
+    _write(cat, EN[:1], language="english")  # "sales" leaves ivr: kept while the stray name lists it
+    assert _run(cat, out, capsys, "--layout", "asterisk")[0] in (0, 1)
+    sales = _manifest(out)["ivr"]["sales"]
+    files = [out / k for k in _manifest(out)["ivr-v2"]["sales"].layout]
+    assert sales.error == catalog.KEPT and (out / sales.key).exists() and all(p.exists() for p in files)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump({"prompts": []}))
+    code, err = _refused(empty, out, capsys, "--retire", "delete")
+    assert code == 2 and "lists no prompts" in err and "--name NAME" in err
+    code, s = _run(empty, out, capsys, "--name", "ivr-v2", "--layout", "asterisk")
+    assert code == 0 and (s["retired"], s["total"], s["delete_failed"]) == (2, 2, 0)
+    assert not (out / sales.key).exists() and not any(p.exists() for p in files)
+    assert (out / _manifest(out)["ivr"]["welcome"].key).exists()
+    header = tmp_path / "old.csv"
+    header.write_text("id,text\n")  # a CSV with only its header: the same, by name
+    assert _refused(header, out, capsys)[0] == 2
+    code, s = _run(header, out, capsys, "--name", "ivr")
+    assert code == 0 and s["retired"] == 1 and not (out / _manifest(out)["ivr"]["welcome"].key).exists()
+
+
+def test_two_files_of_one_name_delete_nothing_and_are_warned_about(tmp_path, capsys, caplog):
+    """Before: en/menus.yaml and es/menus.yaml were one catalog that deleted the other's audio on every run."""
+    out = tmp_path / "out"
+    (tmp_path / "en").mkdir(), (tmp_path / "es").mkdir()
+    en = _write(tmp_path / "en/menus.yaml", EN[:2])
+    es = _write(tmp_path / "es/menus.yaml", ES[:2])  # "welcome": the same id, another text
+    es2 = _write(tmp_path / "es/menus-b.yaml", [ES_ONLY[0], {"id": "x", "text": "Otra."}], name="menus")
+    assert _run(en, out, capsys)[0] == 0
+    en_audio = out / _manifest(out)["menus"]["welcome"].key
+    code, s = _run(es, out, capsys)
+    assert code == 0 and en_audio.exists() and s.get("turned_over") == 2  # was deleted (superseded)
+    code, s = _run(es2, out, capsys)  # other ids: retired, not deleted
+    assert code == 0 and s["retired"] == 2 and s["turned_over"] == 2
+    assert all((out / r.key).exists() for r in _manifest(out)["menus"].values())
+    assert any("give each its own --name" in m for m in _warnings(caplog))
+    code, s = _run(es2, out, capsys)  # a pass that keeps its prompts deletes as usual
+    assert code == 0 and "turned_over" not in s and not en_audio.exists()
+    one = _write(tmp_path / "one.yaml", [EN[0]])  # a one-prompt catalog that replaces its prompt: warned, deleted
+    assert _run(one, out, capsys)[0] == 0
+    first = out / _manifest(out)["one"]["welcome"].key
+    _write(one, [EN[1]])
+    code, s = _run(one, out, capsys)
+    assert code == 0 and s["turned_over"] == 1 and s["retired"] == 1 and not first.exists()
+
+
+def test_names_are_compared_in_nfc():
+    import unicodedata
+    nfd, nfc = unicodedata.normalize("NFD", "menüs"), unicodedata.normalize("NFC", "menüs")
+    assert catalog.catalog_name(None, None, f"{nfd}.yaml") == nfc
+    assert catalog.catalog_name(nfd, nfc, "x.yaml") == nfc
+
+
+def test_lease_wait_waits_for_a_held_lease(tmp_path, capsys, monkeypatch):
+    """Before: a pass that found the lease held exited 2 at once, however soon it was free again."""
+    import threading
+
+    from jobs import lease
+    from jobs.storage import LocalSink
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(lease, "POLL_S", 0.1)
+    cat = _write(tmp_path / "ivr.yaml", EN)
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with lease.hold(LocalSink(str(out))):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(10)
+    code, err = _refused(cat, out, capsys, "--lease-wait", "0.3")
+    assert code == 2 and "holds the lease" in err
+    threading.Timer(0.5, release.set).start()
+    code, s = _run(cat, out, capsys, "--lease-wait", "30")
+    t.join()
+    assert code == 0 and s["new"] == 3
