@@ -122,17 +122,21 @@ def load_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
     return mark_duplicates(rows), name
 
 
-def catalog_name(option: Any, in_file: Any, path: str | Path, empty: bool = False) -> str:
+def catalog_name(option: Any, in_file: Any, path: str | Path, empty: bool = False, retire_all: bool = False) -> str:
     """The name this catalog's records carry at its output: `--name`, else the YAML's `name:`, else the file's stem
     (renaming the file renames the catalog: `--name`/`name:` keeps the old one), in Unicode NFC (a file name from
     macOS is NFD). ValueError (exit 2), naming `--name`, for one that is not a non-empty printable string of at most
     NAME_MAX characters without a path separator or surrounding spaces, or when `--name` and `name:` differ.
-    `empty`: the catalog lists no prompts, which retires every prompt of its name: only with an explicit name."""
+    `empty`: the catalog lists no prompts, which retires every prompt of its name: only with `--retire-all` (an
+    export that failed down to a CSV header must not retire a catalog) and an explicit name."""
     option, in_file = (unicodedata.normalize("NFC", n) if isinstance(n, str) else n for n in (option, in_file))
-    if empty and option is None and in_file is None:
+    if retire_all and not empty:
+        raise ValueError(f"--retire-all: {printable(str(path))} lists prompts; it retires a catalog through a file "
+                         "that lists none")
+    if empty and (not retire_all or option is None and in_file is None):
         raise ValueError(f"catalog: {printable(str(path))} lists no prompts; to retire every prompt of a catalog, "
-                         "run a file with no prompts (prompts: [] or a CSV header) under its name: --name NAME or "
-                         "name: NAME")
+                         "run a file with no prompts (prompts: [] or a CSV header) under its name (--name NAME or "
+                         "name: NAME) with --retire-all")
     if option is not None and in_file is not None and option != in_file:
         raise ValueError(f"--name {shown(option)} differs from the catalog's name: {shown(in_file)}; give one")
     given = option if option is not None else in_file
@@ -319,7 +323,7 @@ def _delete(sink: Sink, key: str, live: set[str]) -> str | None:
 
 def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: RunOptions, retire: str,
              quiet: bool = True, limits: InputLimits | None = None, stop: threading.Event | None = None,
-             layout: str = "none", name: str | None = None, lease_wait: float = 0.0,
+             layout: str = "none", name: str | None = None, lease_wait: float = 0.0, retire_all: bool = False,
              ) -> tuple[int, dict[str, Any]]:
     """One regeneration pass; returns (exit code, summary). A pass stopped by SIGTERM writes nothing more (no
     reconcile, no manifest): what it committed is found by the next pass.
@@ -327,10 +331,10 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
     The manifest holds every catalog's records at the output; this pass replaces its own (`owned`). A pass that
     adopts records without a name deletes nothing (as `--retire mark`): an adopted id may have been another
     catalog's prompt before names existed. A pass that keeps none of its name's current prompts (`turned_over`)
-    deletes nothing either. A catalog with no prompts (explicitly named) retires all of its name's."""
+    deletes nothing either. A catalog with no prompts (explicitly named, `retire_all`) retires all of its name's."""
     t0 = time.perf_counter()
     rows, in_file = load_catalog(catalog, defaults, limits)
-    name = catalog_name(name, in_file, catalog, empty=not rows)
+    name = catalog_name(name, in_file, catalog, empty=not rows, retire_all=retire_all)
     if layout != "none":  # ids that cannot be file names fail before any synthesis
         rows = layouts.check_rows(rows)
     rows, render, opts, backend = prepare(rows, defaults, render, opts)
@@ -424,7 +428,8 @@ def run(args: argparse.Namespace) -> int:
     while not stop.is_set():
         try:
             code, summary = run_once(args.catalog, defaults, render, opts, retire, quiet=quiet,
-                                     limits=limits, stop=stop, layout=layout, name=name, lease_wait=lease_wait)
+                                     limits=limits, stop=stop, layout=layout, name=name, lease_wait=lease_wait,
+                                     retire_all=args.retire_all)
             print(json.dumps(summary), flush=True)
         except (ValueError, StorageError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -455,8 +460,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    "(delete also removes superseded versions of changed prompts)")
     p.add_argument("--name", help="the catalog's name at the output (default: the YAML's name:, else the file name "
                    "without extension): catalogs with different names share an output safely, each retiring only "
-                   "its own prompts; keep the name when renaming the file. With a file of no prompts (prompts: [] "
-                   "or a CSV header), retires every prompt of that name")
+                   "its own prompts; keep the name when renaming the file")
+    p.add_argument("--retire-all", action="store_true", help="with a catalog file that lists no prompts (prompts: "
+                   "[] or a CSV header) and an explicit name: retire every prompt of that name (without it such a "
+                   "file exits 2: a failed export must not retire a catalog); command line only")
     p.add_argument("--lease-wait", type=float, metavar="SECONDS", help="when another catalog pass holds the "
                    "output's lease, try again for up to this long (default 0: exit 2 at once); for catalogs sharing "
                    "an output on one schedule")

@@ -76,8 +76,9 @@ def load_config(path: str | None) -> dict[str, Any]:
     return data
 
 
-COMMAND_LINE_ONLY = ("input", "catalog", "config")
-"""What a config file cannot give: what to read, and the config itself."""
+COMMAND_LINE_ONLY = ("input", "catalog", "config", "retire_all")
+"""What a config file cannot give: what to read, the config itself, and a catalog's retirement of all its prompts
+(a config shared by runs must not turn that on for each)."""
 
 
 def option_value(args: argparse.Namespace, conf: dict[str, Any], name: str, default: Any) -> Any:

@@ -290,15 +290,25 @@ def test_an_explicitly_named_empty_catalog_retires_its_name(tmp_path, capsys):
     empty = tmp_path / "empty.yaml"
     empty.write_text(yaml.safe_dump({"prompts": []}))
     code, err = _refused(empty, out, capsys, "--retire", "delete")
-    assert code == 2 and "lists no prompts" in err and "--name NAME" in err
-    code, s = _run(empty, out, capsys, "--name", "ivr-v2", "--layout", "asterisk")
+    assert code == 2 and "lists no prompts" in err and "--name NAME" in err and "--retire-all" in err
+    # named but without --retire-all: refused too (an export that failed down to nothing must not retire a catalog)
+    code, err = _refused(empty, out, capsys, "--name", "ivr-v2", "--retire", "delete")
+    assert code == 2 and "--retire-all" in err
+    code, err = _refused(stray, out, capsys, "--retire-all")      # a catalog that lists prompts: not this option's
+    assert code == 2 and err.startswith("error: --retire-all")
+    conf = tmp_path / "all.yaml"
+    conf.write_text("retire_all: true\n")                          # a shared config cannot turn it on
+    code, err = _refused(empty, out, capsys, "--name", "ivr-v2", "--config", str(conf))
+    assert code == 2 and "retire_all" in err and "command line" in err
+    code, s = _run(empty, out, capsys, "--name", "ivr-v2", "--layout", "asterisk", "--retire-all")
     assert code == 0 and (s["retired"], s["total"], s["delete_failed"]) == (2, 2, 0)
     assert not (out / sales.key).exists() and not any(p.exists() for p in files)
     assert (out / _manifest(out)["ivr"]["welcome"].key).exists()
     header = tmp_path / "old.csv"
     header.write_text("id,text\n")  # a CSV with only its header: the same, by name
     assert _refused(header, out, capsys)[0] == 2
-    code, s = _run(header, out, capsys, "--name", "ivr")
+    assert _refused(header, out, capsys, "--name", "ivr")[0] == 2
+    code, s = _run(header, out, capsys, "--name", "ivr", "--retire-all")
     assert code == 0 and s["retired"] == 1 and not (out / _manifest(out)["ivr"]["welcome"].key).exists()
 
 
