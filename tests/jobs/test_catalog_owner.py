@@ -151,7 +151,7 @@ def test_an_unnamed_record_not_in_the_catalog_stays_unclaimed_and_a_named_pass_c
     code, s = _run(cleanup, out, capsys)
     assert code == 0 and (s["adopted"], s["synthesized"]) == (1, 0) and "unclaimed" not in s
     _write(cleanup, [], name="cleanup")
-    code, s = _run(cleanup, out, capsys)
+    code, s = _run(cleanup, out, capsys, "--retire-all")
     assert code == 0 and s["retired"] == 1 and not sales.exists() and None not in _manifest(out)
 
 
