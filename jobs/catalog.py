@@ -365,7 +365,7 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
                         "other's prompts on every run: give each its own --name", name, lost,
                         ", so it deletes nothing" if lost > 1 else "")
         retire = "mark" if adopted else "hold" if lost > 1 and retire == "delete" else retire
-        packages = layouts.write_packages(current, rows, sink) if layout != "none" else None
+        packages = layouts.write_packages(current, rows, sink, others) if layout != "none" else None
         records, counts = reconcile(current, previous, sink, retire, shared=others)
         if layout != "none" and retire == "delete":  # (another catalog's live package files are kept)
             live_elsewhere = [r for r in others if r.status != "retired"]

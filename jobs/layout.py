@@ -146,16 +146,21 @@ def _kept_levels(entry: object, master: str) -> dict[str, float | None] | None:
     return entry["dbm0"]
 
 
-def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: Sink) -> dict[str, int]:
+def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: Sink,
+                   elsewhere: list[ManifestRecord] = ()) -> dict[str, int]:
     """Write (or keep) the package files of every written prompt; records get `layout` keys and flags.
 
     A prompt whose files exist and were made from its current master is left alone, and flagged from the levels
-    the index holds for them. Returns counts.
+    the index holds for them. A package file that a current prompt of another catalog at this output (`elsewhere`)
+    lists with other audio (same id and language, or ids that differ only in case) is that prompt's: this prompt
+    gets no package, flag `layout:taken` and an error naming the owner (before, the catalogs overwrote the file in
+    turn on every run, and a retired prompt's audio stayed in it). Returns counts.
     """
     by_id = {r.id: r for r in rows}
     raw = sink.get(INDEX_KEY)
     index: dict[str, Any] = json.loads(raw) if raw else {}
-    counts = {"written": 0, "kept": 0}
+    taken = {k.lower(): r for r in elsewhere if r.status != "retired" for k in r.layout or []}
+    counts = {"written": 0, "kept": 0}   # and "taken", when some are
     for rec in records:
         row = by_id.get(rec.id)
         if row is None or rec.status not in ("ok", "suspect") or not rec.key:
@@ -163,6 +168,15 @@ def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: S
         lang, name = lang_code(row.language), safe_name(row.id)
         keys = [package_key(c, lang, name) for c in ASTERISK_CODECS]
         ident = f"{lang}/{name}"
+        owner = next((taken[k.lower()] for k in keys if k.lower() in taken and taken[k.lower()].key != rec.key), None)
+        if owner is not None:
+            rec.layout = []
+            _flag(rec, ["layout:taken"])
+            rec.error = (f"layout: {ident} is the package of prompt {owner.id!r} of catalog "
+                         f"{owner.catalog or '(unclaimed, written before catalog names)'!r} at this output, with "
+                         "other audio; give this prompt another id (or language)")
+            counts["taken"] = counts.get("taken", 0) + 1
+            continue
         rec.layout = keys
         kept = _kept_levels(index.get(ident), rec.key)
         if kept is not None and all(sink.size(k) for k in keys):

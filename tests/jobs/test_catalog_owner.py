@@ -371,3 +371,35 @@ def test_lease_wait_waits_for_a_held_lease(tmp_path, capsys, monkeypatch):
     code, s = _run(cat, out, capsys, "--lease-wait", "30")
     t.join()
     assert code == 0 and s["new"] == 3
+
+
+def test_a_package_file_another_catalog_uses_with_other_audio_is_not_overwritten(tmp_path, capsys):
+    """Two catalogs with one id and language (or ids that differ only in case) but other text: before, each run
+    overwrote the other's package file, and when the last writer retired its prompt the file kept the retired
+    audio. Now the file is the catalog's that has it; the other's prompt is flagged `layout:taken` with an error
+    naming the owner, and gets the file once the owner lets it go. The same audio in both catalogs is shared."""
+    out = tmp_path / "out"
+    a = _write(tmp_path / "a.yaml", [{"id": "hours", "text": "Open nine to five."}, EN[0]], language="english")
+    b = _write(tmp_path / "b.yaml", [{"id": "hours", "text": "We are open all day long, every day."}, EN[0],
+                                     {"id": "Sales", "text": "Sales, press one."}], language="english")
+    ulaw = out / "asterisk/ulaw/sounds/en/hours.ulaw"
+    assert _run(a, out, capsys, "--layout", "asterisk")[0] in (0, 1)
+    made_by_a = ulaw.read_bytes()
+    _write(a, [{"id": "hours", "text": "Open nine to five."}, EN[0], {"id": "sales", "text": "Press one."}],
+           language="english")
+    assert _run(a, out, capsys, "--layout", "asterisk")[0] in (0, 1)
+    code, s = _run(b, out, capsys, "--layout", "asterisk")
+    man = _manifest(out)
+    hours, sales = man["b"]["hours"], man["b"]["Sales"]
+    assert ulaw.read_bytes() == made_by_a and s["layout"]["taken"] == 2
+    for rec, owner in ((hours, "hours"), (sales, "sales")):
+        assert rec.layout == [] and "layout:taken" in rec.flags and f"prompt {owner!r} of catalog 'a'" in rec.error
+    assert man["b"]["welcome"].layout == man["a"]["welcome"].layout  # one audio, one shared package
+    assert _run(a, out, capsys, "--layout", "asterisk")[0] in (0, 1)  # a again: its file is still its own
+    assert ulaw.read_bytes() == made_by_a
+    _write(a, [EN[0]], language="english")  # a lets 'hours' go: its file is deleted, not left with its audio
+    assert _run(a, out, capsys, "--layout", "asterisk")[0] in (0, 1)
+    assert not ulaw.exists() and (out / "asterisk/ulaw/sounds/en/welcome.ulaw").exists()
+    code, s = _run(b, out, capsys, "--layout", "asterisk")  # b's 'hours' gets the file now
+    hours = _manifest(out)["b"]["hours"]
+    assert ulaw.exists() and ulaw.read_bytes() != made_by_a and "layout:taken" not in hours.flags and hours.layout
