@@ -498,7 +498,7 @@ class Ingress:
         ids = await asyncio.to_thread(self._replica_ids, name)
         calls = [asyncio.wait_for(detached(handle.options(session_id=route_key(rid)).stats.remote),
                                   timeout=self.stats_timeout_s)
-                 for rid in ids] or [asyncio.wait_for(handle.stats.remote(), timeout=self.stats_timeout_s)]
+                 for rid in ids] or [asyncio.wait_for(detached(handle.stats.remote), timeout=self.stats_timeout_s)]
         out: dict[str, dict] = {}
         for r in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(r, dict):

@@ -209,15 +209,18 @@ class ReplicaStream:
 
 
 class Pacer:
-    """Holds a stream's audio to at most `lead_s` seconds ahead of real time (`stream_lead_s`; 0: off): before each
-    piece goes out, it sleeps until the audio sent so far, this piece included, is at most `lead_s` ahead of the time
-    since the first piece (which goes at once: the time to first audio is unchanged; a first piece longer than
-    `lead_s` is the only excess). Audio seconds are counted at the request's `speed` (0.5: each model second is two).
+    """Holds a stream's audio to at most `lead_s` seconds (plus the piece going out) ahead of real time
+    (`stream_lead_s`; 0: off): before each piece goes out, it sleeps until the audio already sent is at most `lead_s`
+    ahead of the time since the first piece (which goes at once: the time to first audio is unchanged). So a client
+    playing along still holds `lead_s` when a piece arrives, however long the pieces are (counting the piece in
+    before waiting ran a client dry when a piece outlasted the lead: 4 frames at speed 0.25 are 1.28 s). Audio
+    seconds are counted at the request's `speed` (0.5: each model second is two).
 
     Why: Serve's proxy takes a response body as fast as the ingress yields it, whatever the client reads, so a client
     that stops reading had its whole answer piled up in the proxy and its key's stream place given back as soon as
     the synthesis finished (serve/README.md, "Slow clients"). Paced, the ingress holds the stream (its place and
-    `open_client_streams`) for about the audio's duration and the proxy holds at most `lead_s` per connection."""
+    `open_client_streams`) for about the audio's duration and lets it out no faster than real time: a client that
+    stops reading still has the rest pile up in the proxy, spread over that duration, and it stays counted."""
 
     def __init__(self, lead_s: float, speed: float = 1.0, clock=time.monotonic, sleep=asyncio.sleep) -> None:
         self.lead_s, self.speed, self.clock, self.sleep = lead_s, speed, clock, sleep
@@ -225,18 +228,18 @@ class Pacer:
         self.sent_s = 0.0   # audio seconds let out so far
 
     async def pace(self, samples: int) -> None:
-        """Account `samples` (model samples at SAMPLE_RATE) about to go out; sleep first while that would put the
-        stream more than `lead_s` ahead."""
+        """Before `samples` (model samples at SAMPLE_RATE) go out: sleep while the audio already out is more than
+        `lead_s` ahead of real time; then count them."""
         if self.lead_s <= 0:
             return
-        self.sent_s += samples / (SAMPLE_RATE * self.speed)
         now = self.clock()
         if self.t0 is None:
             self.t0 = now
-            return
-        wait = self.sent_s - self.lead_s - (now - self.t0)
-        if wait > 0:
-            await self.sleep(wait)
+        else:
+            wait = self.sent_s - self.lead_s - (now - self.t0)   # the audio already out, not this piece
+            if wait > 0:
+                await self.sleep(wait)
+        self.sent_s += samples / (SAMPLE_RATE * self.speed)
 
 
 async def encoded(stream: ReplicaStream, first: dict, encoder, pacer: Pacer | None = None):

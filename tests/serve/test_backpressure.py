@@ -269,11 +269,13 @@ class _Pcm:
 
 
 @pytest.mark.parametrize("body", ["audio", "sse"])
-@pytest.mark.parametrize(("lead_s", "speed"), [(0.5, 1.0), (0.5, 0.5), (1.0, 2.0), (0.0, 1.0)])
+# (0.05, 0.25): pieces (0.32 s at speed 0.25) longer than the lead: the client must not run dry between them
+@pytest.mark.parametrize(("lead_s", "speed"), [(0.5, 1.0), (0.5, 0.5), (1.0, 2.0), (0.05, 0.25), (0.0, 1.0)])
 def test_pacer_keeps_the_stream_within_its_lead(lead_s, speed, body):
     """With a fake clock (the replica's audio all there at once, a client that reads at once): every piece after
-    the first goes out when the audio sent, at the request's speed, is at most `lead_s` ahead of the time since the
-    first; the whole stream takes its duration minus the lead (not more); with lead 0 nothing waits."""
+    the first goes out when the audio already sent, at the request's speed, is at most `lead_s` ahead of the time
+    since the first (a client playing along holds the lead when it arrives); the whole stream takes its duration
+    minus the lead and the last piece (not more); with lead 0 nothing waits."""
     from serve.streaming import Pacer
 
     clock = FakeClock()
@@ -298,15 +300,17 @@ def test_pacer_keeps_the_stream_within_its_lead(lead_s, speed, body):
     if lead_s == 0:
         assert clock.sleeps == [] and seen[-1][0] == 0
         return
+    piece = chunk_s / speed
     for elapsed, out in seen[1:]:
-        assert out - elapsed <= lead_s + 1e-9
-    assert seen[-1][0] == pytest.approx(duration - lead_s)
+        assert out - piece - elapsed <= lead_s + 1e-9            # what the client holds when this piece arrives
+        assert out - piece - elapsed >= min(lead_s, out - piece) - 1e-9   # never less: no underrun
+    assert seen[-1][0] == pytest.approx(duration - lead_s - piece)
 
 
 def test_paced_streams_take_their_audio_duration(monkeypatch):
     """Through the app with stream_lead_s 0.5 (real time; TestClient, like Serve's proxy, takes the whole body
-    whatever the client reads): 2 s of audio take at least 1.5 s to leave the ingress, and the key's place and the
-    open stream are held until then; at speed 0.5 (4 s of audio) at least 3.5 s. Without the option: no pacing."""
+    whatever the client reads): 2 s of audio take at least 1.4 s to leave the ingress, and the key's place and the
+    open stream are held until then; at speed 0.5 (4 s of audio) at least 3.3 s. Without the option: no pacing."""
     rep = Replica(chunks=20, chunk_s=0.1)
     client, app, ing, _ = _app(monkeypatch, rep, stream_lead_s=0.5)
     body = {"input": "Hi.", "voice": "ryan", "response_format": "pcm"}
@@ -315,12 +319,12 @@ def test_paced_streams_take_their_audio_duration(monkeypatch):
         r = client.post("/v1/audio/speech", headers=A, json=body)
         paced_s = time.monotonic() - t
         assert r.status_code == 200 and len(r.content) == 2 * 2 * SR
-        assert paced_s >= 1.5 - 0.05, paced_s
+        assert paced_s >= 1.4 - 0.05, paced_s       # 2 s - the 0.5 s lead - the last 0.1 s piece
         t = time.monotonic()
         r = client.post("/v1/audio/speech", headers=A, json={**body, "speed": 0.5, "stream_format": "sse"})
         slow_s = time.monotonic() - t
         assert r.status_code == 200 and '"speech.audio.done"' in r.text
-        assert slow_s >= 3.5 - 0.05, slow_s
+        assert slow_s >= 3.3 - 0.05, slow_s         # 4 s - 0.5 s - the last piece (0.2 s at speed 0.5)
         _until(lambda: not ing.quota.held and ing.client_streams.count == 0)
 
     client, app, ing, _ = _app(monkeypatch, rep)   # stream_lead_s 0 (the default): as fast as it is made
@@ -335,7 +339,7 @@ def test_paced_streams_take_their_audio_duration(monkeypatch):
 
 
 def test_paced_websocket(monkeypatch):
-    """The WebSocket writer is paced the same way: 1.5 s of audio reach `done` no sooner than 1.0 s."""
+    """The WebSocket writer is paced the same way: 1.5 s of audio reach `done` no sooner than 0.9 s."""
     client, app, ing, _ = _app(monkeypatch, Replica(chunks=15, chunk_s=0.1), stream_lead_s=0.5)
     with client, client.websocket_connect(WS, headers=A) as ws:
         ws.send_json({"type": "config", "voice": "ryan", "response_format": "pcm"})
@@ -349,4 +353,4 @@ def test_paced_websocket(monkeypatch):
             elif msg.get("text") and json.loads(msg["text"])["type"] == "done":
                 break
         ws_s = time.monotonic() - t
-    assert got == 2 * int(1.5 * SR) and ws_s >= 1.0 - 0.05, (got, ws_s)
+    assert got == 2 * int(1.5 * SR) and ws_s >= 0.9 - 0.05, (got, ws_s)   # 1.5 s - 0.5 s - the last 0.1 s
