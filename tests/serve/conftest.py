@@ -154,7 +154,7 @@ def multi_app(serve_app, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("multi")
     config = {"models": [MULTI], "cache_dir": str(tmp / "cache"), "voices_uri": str(tmp / "voices"),
-              "max_input_chars": 500, "ws_idle_timeout_s": 10, "session_lease_s": 3, "session_deadline_s": 120}
+              "max_input_chars": 500, "ws_idle_timeout_s": 20, "session_lease_s": 3, "session_deadline_s": 120}
     serve.run(build_app(config), name="multi", route_prefix="/multi")
     yield {"url": f"{serve_app['url']}/multi", "config": config, "app": "multi"}
     serve.delete("multi")

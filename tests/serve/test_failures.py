@@ -5,7 +5,6 @@ like a short success, the next request succeeds, and sessions orphaned by a dead
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 
@@ -226,23 +225,15 @@ def test_a_lapsed_session_is_cancelled_only_once_its_consumer_actor_is_dead(mult
         sid = (await gen.__anext__())["session"]
         await h.options(session_id=sid).feed.remote(sid, "Words that wait for more words.")   # no end: it waits
         last = asyncio.create_task(_last_item(gen))
-
-        async def keep_texting():
-            # an empty text message every 2 s: it resets the idle-text timeout (the fixture's 10 s, which won the race
-            # against the lease rule on a loaded CI host: 408 "no text") without changing what is synthesized (more
-            # words let the random model choose EOS); feeds never renew leases
-            with contextlib.suppress(Exception):
-                while not last.done():
-                    await asyncio.sleep(2.0)
-                    await h.options(session_id=sid).feed.remote(sid, "")
-        texting = asyncio.create_task(keep_texting())
+        # the fixture's idle-text timeout (20 s) must outlast 2.5 leases and the cancel after the kill (up to 4
+        # leases): at 10 s it won the race on a loaded CI host (408 "no text"). Empty feeds no longer reset it (they
+        # held a slot past the timeout), and more words would let the random model choose EOS.
         await asyncio.sleep(2.5 * lease)
         alive_through = not last.done() or last.result()
         ray.kill(consumer)
         t = time.perf_counter()
         end = await asyncio.wait_for(last, 4 * lease)
         waited = time.perf_counter() - t
-        await texting
         return alive_through, end, waited
     alive_through, end, waited = asyncio.run(main())
     after = _stats(app, "cv3")
