@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .serve_backend import model_changed
+
 Status = Literal["ok", "suspect", "failed", "retired"]
 
 
@@ -175,4 +177,7 @@ def summarize(records: list[ManifestRecord]) -> dict[str, Any]:
             for why in r.retries:
                 reasons[why] = reasons.get(why, 0) + 1
         out["retried"] = {"rows": len(retried), "reasons": reasons, "ids": sorted(r.id for r in retried)[:50]}
+    changed = sorted(r.id for r in records if r.status == "failed" and model_changed(r.error))
+    if changed:  # the Serve app was upgraded mid-job: run again to render these with the new model
+        out["model_changed"] = {"rows": len(changed), "ids": changed[:50]}
     return out

@@ -185,6 +185,7 @@ def test_a_job_across_a_serve_upgrade_fails_the_rows_the_new_model_made(tmp_path
                              "--out", f"file://{out}", "--quiet"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 1 and summary["failed_ids"] == ["r1", "r3"] and summary["ok"] + summary["suspect"] == 2
+    assert summary["model_changed"] == {"rows": 2, "ids": ["r1", "r3"]}
     recs = {r.id: r for r in from_parquet((out / "manifest.parquet").read_bytes())}
     for rid in ("r1", "r3"):
         assert recs[rid].status == "failed" and recs[rid].retries == []
