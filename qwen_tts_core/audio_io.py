@@ -270,8 +270,9 @@ def _as_mono(audio: np.ndarray, argument: str, max_channels: int = MAX_CHANNELS)
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
-def validate_waveform(wav: np.ndarray, sr: int, *, argument: str = "ref_audio") -> None:
-    """Reject empty, non-finite or silent mono audio and bad sample rates (ValueError naming `argument`)."""
+def validate_waveform(wav: np.ndarray, sr: int, *, argument: str = "ref_audio", silent_ok: bool = False) -> None:
+    """Reject empty, non-finite or silent (unless `silent_ok`) mono audio and bad sample rates (ValueError naming
+    `argument`)."""
     if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
         raise RequestError(argument, f"sample rate must be a positive integer, got {shown(sr)}")
     if wav.size == 0:
@@ -279,7 +280,7 @@ def validate_waveform(wav: np.ndarray, sr: int, *, argument: str = "ref_audio") 
     if not np.isfinite(wav).all():
         raise RequestError(argument, "audio contains NaN or infinite samples")
     peak = float(np.abs(wav).max())
-    if peak < SILENCE_PEAK:
+    if peak < SILENCE_PEAK and not silent_ok:
         raise RequestError(argument, f"audio is silent (peak |x| = {peak:.2e} < {SILENCE_PEAK:g})")
     if peak > MAX_PEAK:
         raise RequestError(argument, f"audio peak |x| = {peak:.3g} is far beyond float audio's [-1, 1] (integer "
@@ -300,6 +301,7 @@ def load_audio(
     allow_urls: bool = False,
     url_timeout: float = 10.0,
     limits: AudioLimits = DEFAULT_LIMITS,
+    silent_ok: bool = False,
 ) -> tuple[np.ndarray, int]:
     """Decode one reference audio into mono float32 at its own sample rate.
 
@@ -312,6 +314,7 @@ def load_audio(
         url_timeout: seconds for a URL fetch.
         limits: bytes, sample rate, channels, duration and decoded size allowed (checked from the header of
             encoded audio before decoding it).
+        silent_ok: take silent audio (the speech tokenizer encodes it; a voice reference must not be silent).
 
     Returns:
         (wav [N] float32 mono, sample rate). Multi-channel audio is averaged to mono.
@@ -332,7 +335,7 @@ def load_audio(
             raise RequestError(argument, f"sample rate must be a positive integer, got {shown(sr)}")
         wav, sr = _as_mono(arr, argument, limits.max_channels), int(sr)
         limits.check_header(sr, arr.shape[1] if arr.ndim == 2 else 1, wav.shape[0], argument)
-        validate_waveform(wav, sr, argument=argument)
+        validate_waveform(wav, sr, argument=argument, silent_ok=silent_ok)
         return wav, sr
     elif isinstance(x, np.ndarray):
         raise RequestError(argument, "a bare array has no sample rate; pass (waveform, sample_rate)")
@@ -347,7 +350,7 @@ def load_audio(
             "(np.ndarray, sample_rate), http(s) URL with allow_urls=True"
         )
     wav = _as_mono(audio, argument, limits.max_channels)
-    validate_waveform(wav, sr, argument=argument)
+    validate_waveform(wav, sr, argument=argument, silent_ok=silent_ok)
     return wav, sr
 
 

@@ -6,7 +6,7 @@
     wavs, sr = tok.decode(enc)                      # float32 numpy waveforms, 24000
 
 Audio in: a path, base64 (raw or `data:` URI), an http(s) URL, raw bytes or `(array, sr)` (decoded by
-`audio_io.load_audio`, which refuses silent files), or float numpy arrays with `sr` (mono [N] or [N, channels],
+`audio_io.load_audio`; silence is encoded, as the official does), or float numpy arrays with `sr` (mono [N] or [N, channels],
 resampled by `audio_io.to_24k`); one item or a list. Codes out as the official: Long [ceil(n / 1920), 16] each, on
 the tokenizer's device. Decode takes the encode output, a dict or a list of dicts with `audio_codes`, or code tensors /
 arrays ([T, 16] each, or one [B, T, 16] batch right-padded with -1). Beyond 300 frames it decodes as the official does
@@ -178,7 +178,7 @@ class Qwen3TTSTokenizer:
         """One path / base64 / URL / bytes / (array, sr) -> float32 mono at `target_sr` (24000 only)."""
         if target_sr != self.get_input_sample_rate():
             raise RequestError("target_sr", f"must be {self.get_input_sample_rate()}, got {shown(target_sr)}")
-        wav, sr = load_audio(x, argument="audios", allow_urls=True, limits=LIMITS)
+        wav, sr = load_audio(x, argument="audios", allow_urls=True, limits=LIMITS, silent_ok=True)
         return to_24k(wav, sr, argument="audios", limits=LIMITS)
 
     def _waveforms(self, audios: Any, sr: Any) -> list[np.ndarray]:
@@ -197,7 +197,7 @@ class Qwen3TTSTokenizer:
             elif isinstance(x, torch.Tensor):
                 raise RequestError(name, "a torch tensor is not accepted; pass a numpy array with sr")
             else:
-                wav, rate = load_audio(x, argument=name, allow_urls=True, limits=LIMITS)
+                wav, rate = load_audio(x, argument=name, allow_urls=True, limits=LIMITS, silent_ok=True)
                 out.append(to_24k(wav, rate, argument=name, limits=LIMITS))
         return out
 

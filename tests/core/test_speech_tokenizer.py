@@ -151,6 +151,14 @@ def test_encode_resamples_and_batches_different_lengths(tok):
     assert tok.encode(a[:16000], sr=16000).audio_codes[0].shape == (13, 16)  # 24000 samples at 24 kHz
     silence = tok.encode(np.zeros(4000, np.float32), sr=24000).audio_codes[0]  # silence is audio too
     assert silence.shape == (3, 16)
+    # ... in a file as well (a voice reference must not be silent; the tokenizer encodes it, as the official does)
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(4000, np.float32), 24000, format="WAV", subtype="PCM_16")
+    assert torch.equal(tok.encode(buf.getvalue()).audio_codes[0], silence)
 
 
 def test_decode_input_forms_agree(tok):
