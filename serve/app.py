@@ -38,6 +38,16 @@ def _replica_options(m: ModelConfig, cfg: ServiceConfig) -> dict[str, Any]:
     return opts
 
 
+def _overflow_answer(cfg: ServiceConfig) -> dict[str, Any]:
+    """The proxy's answer past the Ingress queue: 503 with Retry-After `retry_after_s`, as the replicas' own 503s
+    say (Ray Serve >= 2.60's BackpressureConfig; before it, a bare 503)."""
+    try:
+        from ray.serve.config import BackpressureConfig
+    except ImportError:
+        return {}
+    return {"backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s)}
+
+
 def build_app(config: ServiceConfig | dict[str, Any] | None = None) -> Application:
     cfg = config if isinstance(config, ServiceConfig) else ServiceConfig.from_dict(config)
     cfg = cfg.with_env_keys()  # env keys travel in the ingress's config: its worker never sees this environment
@@ -50,7 +60,8 @@ def build_app(config: ServiceConfig | dict[str, Any] | None = None) -> Applicati
                               max_ongoing_requests=INGRESS_MAX_ONGOING,
                               # Bounded: past it the proxy answers 503 at once (Serve's default queue is unbounded,
                               # so requests piled up behind held connections and /health went unanswered).
-                              max_queued_requests=cfg.ingress_max_queued_requests)
+                              max_queued_requests=cfg.ingress_max_queued_requests,
+                              **_overflow_answer(cfg))
     return ingress.bind(cfg.to_dict(), replicas)
 
 

@@ -169,6 +169,9 @@ def test_the_ingress_queue_is_bounded():
     dep = build_app({})._bound_deployment._deployment_config
     assert dep.max_queued_requests == 200 and dep.max_ongoing_requests == INGRESS_MAX_ONGOING
     assert build_app({"ingress_max_queued_requests": 7})._bound_deployment._deployment_config.max_queued_requests == 7
+    # past it: 503 with Retry-After, as the replicas' own 503s (a bare 503 before)
+    answer = build_app({"retry_after_s": 4})._bound_deployment._deployment_config.backpressure_config
+    assert (answer.status_code, answer.retry_after_s) == (503, 4)
 
 
 @pytest.mark.parametrize(("key", "value"), [
