@@ -403,3 +403,38 @@ def test_a_package_file_another_catalog_uses_with_other_audio_is_not_overwritten
     code, s = _run(b, out, capsys, "--layout", "asterisk")  # b's 'hours' gets the file now
     hours = _manifest(out)["b"]["hours"]
     assert ulaw.exists() and ulaw.read_bytes() != made_by_a and "layout:taken" not in hours.flags and hours.layout
+
+
+def test_storage_refusing_the_manifest_write_loses_no_catalogs_records(tmp_path, capsys, monkeypatch):
+    """The manifest at a shared output holds every catalog's records: a pass of one catalog whose manifest write the
+    storage refuses must leave the last good manifest (the other catalog's records included) in place, fail
+    visibly, and the next pass must find every record and object."""
+    from jobs.catalog import MANIFEST_KEY
+    from jobs.storage import LocalSink, StorageError
+
+    out = tmp_path / "out"
+    en = _write(tmp_path / "en.yaml", EN[:2])
+    es = _write(tmp_path / "es.yaml", ES[:2])
+    assert _run(en, out, capsys)[0] == 0 and _run(es, out, capsys)[0] == 0
+    before = (out / MANIFEST_KEY).read_bytes()
+    put = LocalSink.put
+
+    def refuse_manifest(self, key, data, content_type="application/octet-stream"):
+        if key == MANIFEST_KEY:
+            raise StorageError(f"put {key} failed after 1 attempt(s): SlowDown")
+        return put(self, key, data, content_type)
+
+    _write(en, EN[:1] + [{"id": "hours", "text": "Open nine to five."}])   # sales leaves en, hours joins
+    with monkeypatch.context() as m:
+        m.setattr(LocalSink, "put", refuse_manifest)
+        code = catalog.main([str(en), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
+                             "local", "--no-progress", "--quiet", "--retire", "delete"])
+    capsys.readouterr()
+    assert code != 0                                            # visible, not a clean exit
+    assert (out / MANIFEST_KEY).read_bytes() == before          # the last good manifest, every catalog's records
+    man = _manifest(out)
+    assert set(man["es"]) == {"welcome", "ventas"} and all((out / r.key).exists() for r in man["es"].values())
+    code, s = _run(en, out, capsys)                             # storage back: the next pass completes
+    man = _manifest(out)
+    assert code == 0 and set(man["es"]) == {"welcome", "ventas"} and man["en"]["hours"].status == "ok"
+    assert all((out / r.key).exists() for r in man["es"].values())
