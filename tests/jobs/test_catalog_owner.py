@@ -412,6 +412,7 @@ def test_storage_refusing_the_manifest_write_loses_no_catalogs_records(tmp_path,
     from jobs.catalog import MANIFEST_KEY
     from jobs.storage import LocalSink, StorageError
 
+    monkeypatch.chdir(tmp_path)   # where a manifest the storage refused is kept (write_manifest), not the checkout
     out = tmp_path / "out"
     en = _write(tmp_path / "en.yaml", EN[:2])
     es = _write(tmp_path / "es.yaml", ES[:2])
