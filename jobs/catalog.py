@@ -27,7 +27,6 @@ from qwen_tts_core.errors import shown
 
 from . import layout as layouts
 from . import lease
-from .captions import caption_keys
 from .inputs import (
     InputLimits,
     RowDefaults,
@@ -47,13 +46,13 @@ from .narrate import (
     print_manifest,
     write_manifest,
 )
-from .render import RenderConfig, sidecar_key
+from .render import RenderConfig
+from .retire import LIVE, RETIRE_MODES, purge, reconcile
 from .runner import RunOptions, run_rows, stop_on_sigterm
 from .storage import Sink, StorageError, open_sink
 
 log = logging.getLogger(__name__)
 MANIFEST_KEY = "catalog-manifest.parquet"
-RETIRE_MODES = ("mark", "delete")
 NAME_MAX = 100
 
 
@@ -161,7 +160,7 @@ def owned(records: list[ManifestRecord], name: str, ids: set[str],
     previous records, every other record, how many it adopts). A record without a name was written before catalogs
     had names: this catalog adopts it when its id is one of this run's (`ids`); any other stays unclaimed
     (`catalog` None) for the catalog that lists it. Other catalogs' records and unclaimed ones are written back
-    untouched, and what their current prompts use is never deleted (`reconcile`'s `shared`)."""
+    untouched, and what their current prompts use is never deleted (`retire.purge`'s `shared`)."""
     adopt = [r for r in records if r.catalog is None and r.id in ids]
     mine = [*adopt, *(r for r in records if r.catalog == name)]  # (its own record of an id comes last: it wins)
     others = [r for r in records if r.catalog != name and not (r.catalog is None and r.id in ids)]
@@ -209,118 +208,6 @@ def previous_manifest(sink: Sink) -> list[ManifestRecord]:
     return from_parquet(raw) if raw else []
 
 
-DELETED = "retired: object deleted"
-KEPT = "retired: object kept (a current prompt uses the same object)"
-LIVE = ("ok", "suspect")
-
-
-def live_keys(records: list[ManifestRecord]) -> set[str]:
-    """Every object a current prompt uses: a written prompt's audio, sidecar and captions, and the last written
-    version a failed prompt still holds (`previous_keys`). Keys are stem-hash(content) and the stem is lossy ("main
-    menu" and "main_menu"), so a retired or superseded record may share a key with a live one."""
-    keys: set[str] = set()
-    for r in records:
-        used = [r.key] if r.status in LIVE and r.key else r.previous_keys if r.status != "retired" else []
-        for k in used:
-            keys.update((k, sidecar_key(k), *caption_keys(k)))
-    return keys
-
-
-def _carry(rec: ManifestRecord, old: ManifestRecord) -> None:
-    """A prompt whose render failed keeps what its earlier records left in storage: the last written object (and
-    older ones not yet deleted) and its --layout package files, which stay in place. Carried on its record, they
-    are deleted when the prompt is written again (superseded) or retired; dropped here, they were never deleted."""
-    older = [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != rec.key]
-    rec.previous_keys = list(dict.fromkeys([*rec.previous_keys, *older]))
-    rec.layout = rec.layout or list(old.layout)
-
-
-def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], sink: Sink, retire: str,
-              shared: list[ManifestRecord] | None = None) -> tuple[list[ManifestRecord], dict[str, int]]:
-    """Classify against this catalog's previous run, retire its prompts that left it, prune superseded objects.
-
-    Never deletes an object a current prompt uses, this catalog's or another's at the same output (`shared`: their
-    records; keys are content keys, so two catalogs with the same prompt share its object). A delete the storage
-    refuses keeps its record `retired` with error "retired: delete failed: ..." (counted in `delete_failed`);
-    `--retire delete` tries it again next run. A prompt whose render failed carries what its earlier versions left
-    (`_carry`), so nothing is orphaned: a superseded version is deleted once the prompt is written again, all of it
-    once the prompt is retired. `retire` "hold" (a pass `turned_over` stops): as mark, and superseded versions are
-    listed on their prompt's record (`previous_keys`) for the next `--retire delete` pass."""
-    if retire not in (*RETIRE_MODES, "hold"):
-        raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {retire!r}")
-    prev = {r.id: r for r in previous}
-    ids = {r.id for r in current}
-    for r in current:
-        old = prev.get(r.id)
-        if old is not None and old.status != "retired" and r.status not in LIVE:
-            _carry(r, old)
-    live = live_keys([*current, *(shared or [])])
-    counts = {"new": 0, "changed": 0, "unchanged": 0, "retired": 0, "delete_failed": 0}
-    for r in current:
-        old = prev.get(r.id)
-        if old is None or old.status == "retired":
-            counts["new"] += 1
-            continue
-        counts["unchanged" if old.key == r.key and r.reused else "changed"] += 1
-        superseded = [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != r.key]
-        if r.status in LIVE and retire == "hold":
-            r.previous_keys = list(dict.fromkeys([*r.previous_keys, *superseded]))
-        if r.status not in LIVE or retire != "delete":  # --retire mark keeps superseded versions
-            continue
-        for key in superseded:
-            err = _delete(sink, key, live)
-            if err:
-                r.previous_keys = [*r.previous_keys, key]  # tried again by the next --retire delete run
-                log.warning("could not delete %s, a superseded version of %r: %s", key, r.id, err)
-        counts["delete_failed"] += bool(r.previous_keys)
-    out = list(current)
-    for old in previous:
-        if old.id in ids:
-            continue
-        if old.status == "retired":
-            if retire != "delete":
-                out.append(old)
-            elif old.error not in (DELETED, KEPT) or old.layout or old.previous_keys:
-                # a delete that failed (or a prompt retired by mark): again
-                counts["delete_failed"] += _retire_delete(sink, old, live)
-                out.append(old)
-            continue
-        counts["retired"] += 1
-        old.status, old.reused = "retired", False
-        if retire == "delete":
-            counts["delete_failed"] += _retire_delete(sink, old, live)
-        out.append(old)
-    return out, counts
-
-
-def _retire_delete(sink: Sink, rec: ManifestRecord, live: set[str]) -> int:
-    """Delete a retired prompt's objects, its own and the earlier versions it still holds (`previous_keys`; not its
-    package files: layout.remove_packages); 1 when that failed (what is left stays listed, to try again)."""
-    errors, left = [], []
-    for key in dict.fromkeys(k for k in (rec.key, *rec.previous_keys) if k):
-        err = _delete(sink, key, live)
-        if err:
-            errors.append(err)
-            left += [key] if key != rec.key else []
-    rec.previous_keys = left
-    rec.error = f"retired: delete failed: {errors[0]}" if errors else KEPT if rec.key in live else DELETED
-    return 1 if errors else 0
-
-
-def _delete(sink: Sink, key: str, live: set[str]) -> str | None:
-    """Delete an output (audio, sidecar, captions) unless a live prompt uses it; the error, or None when done."""
-    if key in live:
-        log.info("keeping %s: a current prompt uses it", key)
-        return None
-    try:
-        for k in (key, sidecar_key(key), *caption_keys(key)):  # --captions files, when there are any
-            sink.delete(k)
-    except StorageError as e:
-        log.warning("could not delete %s: %s", key, e)
-        return str(e)
-    return None
-
-
 def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: RunOptions, retire: str,
              quiet: bool = True, limits: InputLimits | None = None, stop: threading.Event | None = None,
              layout: str = "none", name: str | None = None, lease_wait: float = 0.0, retire_all: bool = False,
@@ -366,10 +253,7 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
                         ", so it deletes nothing" if lost > 1 else "")
         retire = "mark" if adopted else "hold" if lost > 1 and retire == "delete" else retire
         packages = layouts.write_packages(current, rows, sink, others) if layout != "none" else None
-        records, counts = reconcile(current, previous, sink, retire, shared=others)
-        if layout != "none" and retire == "delete":  # (another catalog's live package files are kept)
-            live_elsewhere = [r for r in others if r.status != "retired"]
-            counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], sink)
+        records, counts = reconcile(current, previous, retire)
         for r in records:
             r.catalog = name
         for other in look_alike(records, others) if first else []:
@@ -377,7 +261,18 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
                         "catalog was renamed from %r, run it with --name %r (else %r's prompts stay and are never "
                         "retired)", name, other, other, other, other)
         held.check()
+        # the manifest first, then the deletes it lists: a stored manifest never lists a deleted object as current
         url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
+        counts["delete_failed"] = 0
+        if retire == "delete" and not extra:
+            held.check()
+            counts["delete_failed"], changed = purge(records, sink, shared=others)
+            if layout != "none":  # (another catalog's live package files are kept)
+                live_elsewhere = [r for r in others if r.status != "retired"]
+                counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], sink)
+                changed = True
+            if changed:
+                url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
     summary = summarize(records)
     summary.update(counts, catalog=name, output=sink.uri, manifest=url, wall_s=round(time.perf_counter() - t0, 2),
                    **extra, **({"adopted": adopted} if adopted else {}), **({"unclaimed": unclaimed} if unclaimed else {}),

@@ -219,7 +219,7 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
     files that could not be deleted (kept in their `layout`, error "retired: delete failed: ...", tried again next
     run). A file a current prompt also lists is never deleted: ids map to file names lossily ("main menu" and
     "main-menu" are both main-menu), and a current prompt whose render failed still lists (and uses) the files of
-    its last written version (catalog._carry)."""
+    its last written version (retire._carry)."""
     raw = sink.get(INDEX_KEY)
     index: dict[str, Any] = json.loads(raw) if raw else {}
     live = {k for r in records if r.status != "retired" for k in r.layout or []}

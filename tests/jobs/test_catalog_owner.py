@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs import catalog
+from jobs import catalog, retire
 from jobs.manifest import from_parquet
 
 FAKE = "tests.jobs.fakes:FakeBackend"
@@ -79,8 +79,8 @@ def test_two_catalogs_at_one_output_keep_each_others_prompts(tmp_path, capsys):
     code, s = _run(en, out, capsys)
     man = _manifest(out)
     assert code == 0 and s["retired"] == 2 and s["delete_failed"] == 0
-    assert man["menus_en"]["sales"].error == catalog.DELETED and not (out / man["menus_en"]["sales"].key).exists()
-    assert man["menus_en"]["beep"].error == catalog.KEPT and beep.exists()
+    assert man["menus_en"]["sales"].error == retire.DELETED and not (out / man["menus_en"]["sales"].key).exists()
+    assert man["menus_en"]["beep"].error == retire.KEPT and beep.exists()
     code, s = _run(es, out, capsys)
     assert code == 0 and (s["unchanged"], s["retired"]) == (3, 0) and beep.exists()
     _write(es, ES[:2])  # now nobody uses "beep": es deletes it
@@ -286,7 +286,7 @@ def test_an_explicitly_named_empty_catalog_retires_its_name(tmp_path, capsys):
     assert _run(cat, out, capsys, "--layout", "asterisk")[0] in (0, 1)
     sales = _manifest(out)["ivr"]["sales"]
     files = [out / k for k in _manifest(out)["ivr-v2"]["sales"].layout]
-    assert sales.error == catalog.KEPT and (out / sales.key).exists() and all(p.exists() for p in files)
+    assert sales.error == retire.KEPT and (out / sales.key).exists() and all(p.exists() for p in files)
     empty = tmp_path / "empty.yaml"
     empty.write_text(yaml.safe_dump({"prompts": []}))
     code, err = _refused(empty, out, capsys, "--retire", "delete")

@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 
-from jobs import catalog, lease
+from jobs import catalog, lease, narrate, retire
 from jobs.manifest import from_parquet
-from jobs.storage import LocalSink, S3Sink, StorageError
+from jobs.storage import LocalSink, RetryPolicy, S3Sink, StorageError
 
 FAKE = "tests.jobs.fakes:FakeBackend"
 
@@ -76,7 +76,7 @@ def test_a_prompt_retired_after_a_failed_render_loses_its_package_files_and_mast
     assert code == 0 and s["retired"] == 1
     assert sorted(p.name for p in out.rglob("*promo*")) == []
     assert set(json.loads((out / "asterisk/index.json").read_text())) == {"en/welcome"}
-    assert _manifest(out)["promo"].error == catalog.DELETED
+    assert _manifest(out)["promo"].error == retire.DELETED
 
 
 def test_the_version_a_failed_render_kept_is_deleted_once_the_prompt_is_written_again(tmp_path, capsys,
@@ -124,8 +124,81 @@ def test_a_refused_delete_is_recorded_counted_and_retried(tmp_path, capsys, monk
     assert rec.status == "retired" and rec.error.startswith("retired: delete failed") and (out / bye).exists()
     code, s = _run(cat, out, capsys)  # the storage lets us delete again: the leftover goes
     assert code == 0 and s["delete_failed"] == 0 and not (out / bye).exists()
-    assert _manifest(out)["bye"].error == catalog.DELETED
+    assert _manifest(out)["bye"].error == retire.DELETED
     assert _run(cat, out, capsys)[0] == 0 and set(_manifest(out)) == {"welcome"}
+
+
+def _stored_live_objects_exist(out):
+    """What a reader of the stored manifest relies on: every current prompt's object is there."""
+    return all((out / r.key).exists() for r in _manifest(out).values() if r.status in retire.LIVE)
+
+
+@pytest.mark.parametrize("refused", [1, 2], ids=["first-write", "second-write"])
+def test_a_delete_pass_whose_manifest_write_is_refused_never_leaves_a_manifest_listing_deleted_objects(
+        tmp_path, capsys, monkeypatch, refused):
+    """The pass deleted retired and superseded objects before writing the manifest: when that write was refused,
+    the stored manifest (the last good one) listed as current objects that were gone. Now the manifest listing the
+    pass's records is written first (its deletes pending), then the deletes, then the manifest again; a refused
+    write at either point leaves a stored manifest whose current objects all exist, and the next pass finishes the
+    deletes."""
+    monkeypatch.chdir(tmp_path)  # where write_manifest keeps a manifest the storage refused
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."},
+                 {"id": "hours", "text": "We open at nine."}])
+    assert _run(cat, out, capsys)[0] == 0
+    first = _manifest(out)
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "hours", "text": "We open at ten."}])
+    put, puts = LocalSink.put, []
+
+    def refuse_one_manifest_write(self, key, data, content_type="application/octet-stream"):
+        if key == catalog.MANIFEST_KEY:
+            puts.append(key)
+            if len(puts) == refused:
+                raise StorageError(f"put {key} failed after 1 attempt(s): SlowDown")
+        return put(self, key, data, content_type)
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalSink, "put", refuse_one_manifest_write)
+        m.setattr(narrate, "MANIFEST_RETRY", RetryPolicy(attempts=1))  # refused means refused, not retried
+        code, _ = _run(cat, out, capsys)
+    assert code == 3 and _stored_live_objects_exist(out)
+    stored = _manifest(out)
+    if refused == 1:  # nothing deleted: the last good manifest and its objects
+        assert all((out / r.key).exists() for r in first.values())
+        assert stored["bye"].status == "ok" and stored["hours"].key == first["hours"].key
+    else:  # the deletes are listed as pending on the manifest that was written
+        assert stored["bye"].status == "retired" and stored["bye"].error == retire.PENDING
+        assert stored["hours"].previous_keys == [first["hours"].key]
+    code, s = _run(cat, out, capsys)  # the storage is back: the next pass finishes the deletes
+    man = _manifest(out)
+    assert code == 0 and s["delete_failed"] == 0 and _stored_live_objects_exist(out)
+    assert man["bye"].error == retire.DELETED and man["hours"].previous_keys == []
+    assert not (out / first["bye"].key).exists() and not (out / first["hours"].key).exists()
+    assert sorted(p.name for p in (out / "prompts").glob("*.wav")) == sorted(
+        man[i].key.split("/")[1] for i in ("welcome", "hours"))
+
+
+def test_a_prompt_back_after_a_refused_retirement_delete_takes_the_leftover_with_it(tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A retired prompt whose delete was refused came back with new text: its retired record was dropped and
+    the old object stayed in storage, listed nowhere. The new version now carries it and deletes it."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."}])
+    assert _run(cat, out, capsys)[0] == 0
+    bye = _manifest(out)["bye"].key
+
+    def refuse(self, key):
+        raise StorageError(f"delete {key} failed after 1 attempt(s): AccessDenied")
+
+    _write(cat, [{"id": "welcome", "text": "Welcome."}])
+    with monkeypatch.context() as m:
+        m.setattr(LocalSink, "delete", refuse)
+        assert _run(cat, out, capsys)[0] == 1 and (out / bye).exists()
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye, see you soon."}])
+    code, s = _run(cat, out, capsys)
+    man = _manifest(out)
+    assert code == 0 and s["new"] == 1 and man["bye"].status == "ok" and man["bye"].previous_keys == []
+    assert not (out / bye).exists() and (out / man["bye"].key).exists()
 
 
 def test_an_overlapping_pass_is_refused_while_one_holds_the_lease(tmp_path, capsys, monkeypatch):

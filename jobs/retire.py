@@ -1,0 +1,142 @@
+"""What a catalog pass keeps, retires and deletes: `reconcile` classifies a pass against the catalog's previous run
+and records every object that is no longer needed on its record; `purge` deletes them.
+
+The order is the rule: the manifest listing the pass's records is written between the two (`catalog.run_once`),
+so a stored manifest never lists as current an object that was already deleted. A pass stopped between the two
+leaves its deletes listed (`previous_keys`, retired records with error PENDING) for the next `--retire delete`."""
+
+from __future__ import annotations
+
+import logging
+
+from .captions import caption_keys
+from .manifest import ManifestRecord
+from .render import sidecar_key
+from .storage import Sink, StorageError
+
+log = logging.getLogger(__name__)
+RETIRE_MODES = ("mark", "delete")
+LIVE = ("ok", "suspect")
+DELETED = "retired: object deleted"
+KEPT = "retired: object kept (a current prompt uses the same object)"
+PENDING = "retired: delete pending (the next --retire delete pass deletes it)"
+
+
+def live_keys(records: list[ManifestRecord]) -> set[str]:
+    """Every object a current prompt uses: a written prompt's audio, sidecar and captions, and the last written
+    version a failed prompt still holds (`previous_keys`). Keys are stem-hash(content) and the stem is lossy ("main
+    menu" and "main_menu"), so a retired or superseded record may share a key with a live one."""
+    keys: set[str] = set()
+    for r in records:
+        used = [r.key] if r.status in LIVE and r.key else r.previous_keys if r.status != "retired" else []
+        for k in used:
+            keys.update((k, sidecar_key(k), *caption_keys(k)))
+    return keys
+
+
+def _carry(rec: ManifestRecord, old: ManifestRecord) -> None:
+    """A prompt whose render failed keeps what its earlier records left in storage: the last written object (and
+    older ones not yet deleted) and its --layout package files, which stay in place. Carried on its record, they
+    are deleted when the prompt is written again (superseded) or retired; dropped here, they were never deleted."""
+    older = [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != rec.key]
+    rec.previous_keys = list(dict.fromkeys([*rec.previous_keys, *older]))
+    rec.layout = rec.layout or list(old.layout)
+
+
+def _done(rec: ManifestRecord) -> bool:
+    """A retired record with nothing left to delete."""
+    return rec.error in (DELETED, KEPT) and not rec.layout and not rec.previous_keys
+
+
+def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], retire: str,
+              ) -> tuple[list[ManifestRecord], dict[str, int]]:
+    """Classify this pass's records against the catalog's previous run; deletes nothing. Returns the records to
+    write (current ones, then retired ones) and the counts new/changed/unchanged/retired.
+
+    `retire` "mark": prompts that left are kept as `retired`, superseded versions of changed prompts stay in
+    storage unlisted. "delete" (and "hold", a pass that must not delete now): superseded versions are listed on
+    their prompt's record (`previous_keys`) and newly retired prompts get error PENDING, for `purge` after the
+    manifest is written; "delete" drops retired records whose objects are gone. A prompt whose render failed
+    carries what its earlier versions left (`_carry`), so nothing is orphaned."""
+    if retire not in (*RETIRE_MODES, "hold"):
+        raise ValueError(f"retire must be one of {list(RETIRE_MODES)}, got {retire!r}")
+    prev = {r.id: r for r in previous}
+    counts = {"new": 0, "changed": 0, "unchanged": 0, "retired": 0}
+    for r in current:
+        old = prev.get(r.id)
+        if old is None or old.status == "retired":
+            counts["new"] += 1
+            if old is not None and not _done(old) and r.status in LIVE and retire != "mark":
+                # back after a retirement whose delete failed or is pending: what it left goes with this version
+                r.previous_keys = [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != r.key]
+            continue
+        if r.status not in LIVE:
+            _carry(r, old)
+        counts["unchanged" if old.key == r.key and r.reused else "changed"] += 1
+        if r.status in LIVE and retire != "mark":
+            superseded = [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != r.key]
+            r.previous_keys = list(dict.fromkeys([*r.previous_keys, *superseded]))
+    ids = {r.id for r in current}
+    out = list(current)
+    for old in previous:
+        if old.id in ids or (old.status == "retired" and retire == "delete" and _done(old)):
+            continue
+        if old.status != "retired":
+            counts["retired"] += 1
+            old.status, old.reused = "retired", False
+            old.error = PENDING if retire != "mark" else old.error
+        out.append(old)
+    return out, counts
+
+
+def purge(records: list[ManifestRecord], sink: Sink, shared: list[ManifestRecord]) -> tuple[int, bool]:
+    """Delete what `reconcile` listed, once the manifest listing it is written: superseded versions of written
+    prompts (`previous_keys`) and retired prompts' objects (their --layout package files: layout.remove_packages).
+    Never deletes an object a current prompt uses, this catalog's or another's at the same output (`shared`: their
+    records; keys are content keys, so two catalogs with the same prompt share its object). What the storage
+    refuses stays listed (a retired record gets error "retired: delete failed: ..."), to try again next pass.
+    Returns (how many prompts have a delete that failed, whether any record changed)."""
+    live = live_keys([*records, *shared])
+    failed, changed = 0, False
+    for r in records:
+        if r.status in LIVE and r.previous_keys:
+            left = []
+            for key in r.previous_keys:
+                if err := _delete(sink, key, live):
+                    left.append(key)
+                    log.warning("could not delete %s, a superseded version of %r: %s", key, r.id, err)
+            changed |= left != r.previous_keys
+            r.previous_keys = left
+            failed += bool(left)
+        elif r.status == "retired" and not (r.error in (DELETED, KEPT) and not r.previous_keys):
+            failed += _retire_delete(sink, r, live)
+            changed = True
+    return failed, changed
+
+
+def _retire_delete(sink: Sink, rec: ManifestRecord, live: set[str]) -> int:
+    """Delete a retired prompt's objects, its own and the earlier versions it still holds (`previous_keys`); 1 when
+    that failed (what is left stays listed, to try again)."""
+    errors, left = [], []
+    for key in dict.fromkeys(k for k in (rec.key, *rec.previous_keys) if k):
+        err = _delete(sink, key, live)
+        if err:
+            errors.append(err)
+            left += [key] if key != rec.key else []
+    rec.previous_keys = left
+    rec.error = f"retired: delete failed: {errors[0]}" if errors else KEPT if rec.key in live else DELETED
+    return 1 if errors else 0
+
+
+def _delete(sink: Sink, key: str, live: set[str]) -> str | None:
+    """Delete an output (audio, sidecar, captions) unless a live prompt uses it; the error, or None when done."""
+    if key in live:
+        log.info("keeping %s: a current prompt uses it", key)
+        return None
+    try:
+        for k in (key, sidecar_key(key), *caption_keys(key)):  # --captions files, when there are any
+            sink.delete(k)
+    except StorageError as e:
+        log.warning("could not delete %s: %s", key, e)
+        return str(e)
+    return None
