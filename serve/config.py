@@ -165,6 +165,9 @@ class ServiceConfig:
     ingress_replicas: int = 1
     ingress_max_queued_requests: int = 200              # requests waiting for one of an ingress replica's 1000
     #                                                     places (Serve's queue); beyond: Serve's 503 at once
+    failover_retries: int = 1                           # a speech request whose replica died before any audio
+    #                                                     was sent goes again to another replica, this many times
+    failover_wait_s: float = 10.0                       # ... if one takes it within this time (else 502)
     stream_lead_s: float = 0.0                          # > 0: HTTP/SSE/WebSocket audio goes out at most this many
     #                                                     seconds ahead of real time (slow clients, serve/README.md);
     #                                                     0: as fast as it is made
@@ -189,6 +192,12 @@ class ServiceConfig:
                 or self.ingress_max_queued_requests < 1:
             raise ValueError(f"ingress_max_queued_requests must be an integer >= 1, got "
                              f"{self.ingress_max_queued_requests!r}")
+        retries = self.failover_retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 3:
+            raise ValueError(f"failover_retries must be an integer 0..3 (0: a lost replica is a 502), got {retries!r}")
+        wait = self.failover_wait_s
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 < wait <= 600:
+            raise ValueError(f"failover_wait_s must be seconds in (0, 600], got {wait!r}")
         lead = self.stream_lead_s
         if isinstance(lead, bool) or not isinstance(lead, int | float) or not math.isfinite(lead) or lead < 0:
             raise ValueError(f"stream_lead_s must be a finite number of seconds >= 0 (0: not paced), got {lead!r}")

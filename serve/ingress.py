@@ -60,6 +60,7 @@ from .schemas import (
 from .streaming import (
     Leases,
     Pacer,
+    ReplicaLost,
     ReplicaStream,
     StreamAborted,
     audio_body,
@@ -287,16 +288,35 @@ class Ingress:
         # never send their body each held one of the ingress's places for body_timeout_s, uncounted, until every
         # key and /health waited behind them. From here the place is given back on every exit: by `_stream` or
         # the stream's close once one is opened, else below (bad body, timeout, refused, client gone).
-        place = self.quota.take(caller)
+        place, stream = self.quota.take(caller), None
         try:
-            req, encoder, stream = await self._open_speech(request, caller, place)
-        except BaseException:
-            place.closed()   # idempotent: `_stream` may have given it back already
-            raise
-        try:  # nothing is sent before the first audio: a request that fails before it gets a 4xx/5xx JSON answer
-            first = await stream.first_output()
-        except BaseException:  # the error, or the client left (cancelled) before any audio
-            stream.close()
+            req, encoder, name, handle, payload = await self._speech_request(request, caller)
+            # Nothing is sent before the first audio: a request that fails before it gets a 4xx/5xx JSON answer,
+            # and one whose replica died (or could not be reached) goes again to another one: Serve's router drops
+            # a replica whose call died from the handle's choices.
+            for attempt in range(self.cfg.failover_retries + 1):
+                try:
+                    opening = self._stream(name, handle, payload, place)
+                    stream = await (opening if attempt == 0 else asyncio.wait_for(opening, self.cfg.failover_wait_s))
+                    first = await stream.first_output()
+                    break
+                except ReplicaLost:
+                    if attempt == self.cfg.failover_retries:
+                        raise
+                except asyncio.TimeoutError:   # no replica took the retry in failover_wait_s
+                    raise ApiError(502, "the model replica serving this request failed and no other took it; "
+                                        "retry the request") from None
+                if stream is not None:
+                    stream.close()
+                place.closed()   # (given back already; taken again at once, with no await between)
+                place, stream = self.quota.take(caller), None
+                count_http_error("failover")
+                log.warning("speech request: its replica of %s was lost before any audio; trying another "
+                            "(%d/%d)", name, attempt + 1, self.cfg.failover_retries)
+        except BaseException:  # an error, or the client left (cancelled) before any audio
+            if stream is not None:
+                stream.close()
+            place.closed()   # idempotent: `_stream` or the stream's close may have given it back already
             raise
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Session-Id": stream.sid}
         pacer = Pacer(self.cfg.stream_lead_s, req.speed) if self.cfg.stream_lead_s > 0 else None
@@ -306,9 +326,9 @@ class Ingress:
         return StreamingResponse(stream.close_with(audio_body(stream, first, encoder, self._count_error, pacer)),
                                  media_type=encoder.media_type, headers=headers)
 
-    async def _open_speech(self, request: Request, caller: Caller, place: Place) -> tuple[SpeechRequest, Any,
-                                                                                            ReplicaStream]:
-        """Read and check the body, make the encoder, open the replica stream on `place`."""
+    async def _speech_request(self, request: Request, caller: Caller,
+                              ) -> tuple[SpeechRequest, Any, str, Any, dict]:
+        """Read and check the body; (request, its encoder, model name, its handle, the replica's payload)."""
         body = await self._json(request, self.cfg.max_body_bytes)
         if not isinstance(body, dict):
             raise ApiError(400, "body: expected a JSON object", "body")
@@ -325,7 +345,7 @@ class Ingress:
             raise bad_request(str(e), "response_format") from None
         if req.speed != 1.0:  # the encoder gets the audio stretched as it streams (chunk-independent, pitch kept)
             encoder = StretchedEncoder(encoder, SAMPLE_RATE, req.speed)
-        return req, encoder, await self._stream(name, handle, payload, place)
+        return req, encoder, name, handle, payload
 
     async def synthesize_bulk(self, payload: dict) -> dict:
         """Kept for callers of the app handle; batch jobs call the model deployment directly (one hop):

@@ -49,12 +49,19 @@ class StreamAborted(RuntimeError):
     """Raised inside a raw audio body to drop the connection (the client must not see a clean end)."""
 
 
+class ReplicaLost(ApiError):
+    """The 502 of a replica that died or could not be reached (Ray's `RayActorError`): before the client has any
+    audio, its request may go to another replica (the ingress's `failover_retries`)."""
+
+
 def replica_lost(e: BaseException) -> ApiError:
-    """The 502 of a replica call that failed; logged as a warning unless it was cancelled on purpose (this ingress
-    closed the stream, or Serve cancelled the request because its client left)."""
+    """The 502 of a replica call that failed (`ReplicaLost` when the replica died or is unreachable); logged as a
+    warning unless it was cancelled on purpose (this ingress closed the stream, or Serve cancelled the request
+    because its client left)."""
     level = logging.INFO if isinstance(e, RequestCancelledError) else logging.WARNING
     log.log(level, "replica stream failed: %s: %s", type(e).__name__, str(e).strip().splitlines()[-1:] or "")
-    return ApiError(502, "the model replica serving this request failed; retry the request")
+    cls = ReplicaLost if isinstance(e, RayActorError) else ApiError
+    return cls(502, "the model replica serving this request failed; retry the request")
 
 
 async def replica_answer(call: Awaitable[Any], retry_after_s: int = 1) -> Any:
@@ -160,6 +167,9 @@ class ReplicaStream:
             raise replica_lost(RuntimeError("empty stream")) from None
         except Exception as e:  # noqa: BLE001 - the replica died or could not be reached
             raise replica_lost(e) from None
+        except BaseException:  # cancelled (the client left, a failover's wait ran out): the call goes too
+            gen.cancel()
+            raise
         if first["type"] == "error":
             headers = {"Retry-After": str(first["retry_after"])} if first.get("retry_after") else {}
             raise ApiError(first["status"], first["message"], first.get("param"), headers=headers)
