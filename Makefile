@@ -3,16 +3,16 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup oracle test test-fast lint demo clean
+.PHONY: setup oracle test test-fast lint demo clean constraints
 
 setup: $(BIN)/qtts oracle
 
-$(BIN)/qtts: pyproject.toml
+$(BIN)/qtts: pyproject.toml cluster/constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The local CPU build; any other torch spec pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c cluster/constraints.txt -e ".[test]"
 	touch $@
 
 oracle:
@@ -32,3 +32,10 @@ demo: setup
 
 clean:
 	rm -rf output .pytest_cache
+
+# The versions `make test` ran with, pinned for CI and the GPU image (cluster/docker/Dockerfile); torch and ray are
+# pinned where they are installed. Regenerate after a dependency change, then run `make test`.
+constraints: setup
+	{ sed -n '1,/^$$/p' cluster/constraints.txt; $(BIN)/pip freeze --exclude-editable | \
+	  grep -viE '^(torch|ray|triton|nvidia-[a-z0-9-]+)==' ; } > cluster/constraints.txt.new
+	mv cluster/constraints.txt.new cluster/constraints.txt

@@ -203,6 +203,34 @@ def test_dockerfile_installs_every_package_and_passes_hadolint():
     assert res.returncode == 0, res.stderr
 
 
+def test_ci_and_the_image_install_the_same_pinned_versions():
+    """cluster/constraints.txt pins every package but torch and ray; `make setup` (CI) and the Dockerfile install
+    under it, so the image ships what the tests ran with (transformers, tokenizers, numpy, av ... were unpinned in
+    the image: a rebuild could ship versions no test had seen)."""
+    from importlib import metadata
+
+    lines = [x for x in (ROOT / "cluster" / "constraints.txt").read_text().splitlines() if x and not x.startswith("#")]
+    pins = dict(x.split("==", 1) for x in lines)
+    assert len(pins) == len(lines) and all(v.strip() == v and v for v in pins.values())
+    assert {"transformers", "tokenizers", "numpy", "safetensors", "av", "fastapi", "pyarrow", "boto3"} <= set(pins)
+    assert not {"torch", "ray"} & {k.lower() for k in pins}
+    make = (ROOT / "Makefile").read_text()
+    assert '-c cluster/constraints.txt -e ".[test]"' in make
+    docker = (DOCKER / "Dockerfile").read_text()
+    assert "--constraint cluster/constraints.txt \".[serve,jobs]\"" in docker
+    assert re.search(r"^COPY .* cluster/constraints.txt \./cluster/constraints.txt$", docker, re.M)
+    # and this environment is the pinned one (CI's is made by `make setup`)
+    wrong = {}
+    for name, want in pins.items():
+        try:
+            got = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if got != want:
+            wrong[name] = (got, want)
+    assert not wrong, f"installed != cluster/constraints.txt: {wrong} (make setup, or make constraints)"
+
+
 @pytest.mark.parametrize("name,parser", [("narrate.yaml", narrate.build_parser),
                                          ("catalog.yaml", catalog.build_parser)])
 def test_job_configs_are_accepted_and_agree_with_the_serve_config(name, parser):
