@@ -245,18 +245,12 @@ def test_replica_killed_mid_stream_fails_visibly_and_is_replaced(fleet, voice_id
     os.kill(reps[busy]["pid"], signal.SIGKILL)
     th.join(120)
     assert got.get("status") == 200 and got.get("outcome", "").startswith("error"), got  # never a clean end
-    # the next request succeeds (the other replica, or the replacement)
-    ok_after = None
-    while ok_after is None and time.monotonic() - t_kill < 60:
-        try:
-            r = httpx.post(f"{fleet.http}/v1/audio/speech", json={**body, "input": "Back again.",
-                                                                  "max_new_tokens": 8, "response_format": "wav"},
-                           timeout=60)
-            if r.status_code == 200 and len(r.content) > 44:
-                ok_after = time.monotonic() - t_kill
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    assert ok_after is not None, "no request succeeded within 60 s of the kill"
+    # the next request succeeds at once: if Serve's router still sends it to the dead replica, the ingress takes it
+    # to the other one before any audio went out (failover_retries)
+    r = httpx.post(f"{fleet.http}/v1/audio/speech", json={**body, "input": "Back again.", "max_new_tokens": 8,
+                                                          "response_format": "wav"}, timeout=60)
+    ok_after = time.monotonic() - t_kill
+    assert r.status_code == 200 and len(r.content) > 44, (r.status_code, r.content[:300])
     wait_for(lambda: len(replicas()) == 2 and {r["replica_id"] for r in replicas()} != before, 180,
              "Serve to replace the killed replica")
     replaced = time.monotonic() - t_kill
