@@ -25,7 +25,7 @@ from .inputs import Utterance
 from .manifest import ManifestRecord
 from .progress import Bar, Console, Tracker, quiet_ray_data
 from .render import RenderConfig, base_record, existing_output, render_rows
-from .serve_backend import model_changed, serve_app_running
+from .serve_backend import REPLY_SETTINGS, model_changed, serve_app_running
 from .storage import RetryPolicy, Sink, StorageError, open_sink
 from .synth import Backend, EngineOptions, error_text, make_backend
 
@@ -71,10 +71,12 @@ class RunOptions:
         """make_backend's keyword arguments for `backend` (picklable: they travel to the workers)."""
         revisions = {k: v["revision"] for k, v in cfg.models.items() if v.get("revision")}
         digests = {k: v["digest"] for k, v in cfg.models.items() if v.get("digest")}  # each reply is checked
+        settings = {k: {f: v["audio"][f] for f in REPLY_SETTINGS if f in (v.get("audio") or {})}
+                    for k, v in cfg.models.items()}   # ... and its settings (serve/requests.py render_settings)
         return {"spec": backend, "engine": asdict(self.engine), "app_name": self.serve_app,
                 "revisions": revisions, "serve_opts": {"max_inflight_per_replica": self.max_inflight_per_replica,
                                                        "workers": self.actors if self.runner == "ray" else 1,
-                                                       "digests": digests}}
+                                                       "digests": digests, "settings": settings}}
 
 
 def build_backend(args: dict[str, Any]) -> Backend:

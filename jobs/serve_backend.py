@@ -4,13 +4,14 @@
     handle.synthesize.remote({"input", "voice", "language", "instructions", "seed", "non_streaming_mode": True,
                               "priority": "bulk", **sampling})
         -> {"pcm": float32 [N], "sample_rate": 24000, "finish_reason": str, "num_frames": int,
-            "checkpoint_digest": str}
+            "checkpoint_digest": str, "settings": {"dtype", "device", "default_max_new_tokens"}}
         or raises RequestError (bad input: this row fails, naming the field) or Busy (back-pressure: wait, retry)
 
-`checkpoint_digest` names the checkpoint that made the audio (what the replica's `info()` reports). The job resolved
-each model's digest ONCE at start (models.serve_spec) and every key and manifest `revision` names it, so a reply
-from another checkpoint (the app upgraded by a rolling `serve deploy` while the job runs) fails its chunk, and so
-its row, with an error saying so (MODEL_CHANGED): nothing is written under a key naming a checkpoint that did not
+`checkpoint_digest` names the checkpoint that made the audio (what the replica's `info()` reports), `settings` the
+replica's other audio settings. The job resolved each model's digest and settings ONCE at start (models.serve_spec)
+and every key names them, so a reply from another checkpoint or with other settings (the app upgraded or
+reconfigured, e.g. fp32 to bf16, by a rolling `serve deploy` while the job runs) fails its chunk, and so its row,
+with an error saying so (MODEL_CHANGED): nothing is written under a key naming a checkpoint that did not
 make the audio, the call is not sent again, and the next run renders the row with the new model. A reply without
 the field (a replica older than this contract) is taken as before, with one warning per model.
 
@@ -38,6 +39,7 @@ from .synth import SAMPLE_RATE, ChunkJob, ChunkResult, error_text
 log = logging.getLogger(__name__)
 DEPLOYMENT_PREFIX = "tts-"  # serve/app.py names each model's deployment f"tts-{name}"
 MODEL_CHANGED = "changed during the job"  # in the error of a row whose reply came from another checkpoint
+REPLY_SETTINGS = ("dtype", "device", "default_max_new_tokens")  # a reply's `settings` (serve.requests.render_settings)
 
 
 def deployment_name(model: str) -> str:
@@ -120,11 +122,13 @@ def model_info(app_name: str, model: str, timeout_s: float = 120.0) -> dict[str,
 
 class ServeBackend:
     """`digests`: {served model name: the checkpoint digest the job resolved for it at start}; every reply must
-    carry the same one (a model without an entry is not checked)."""
+    carry the same one (a model without an entry is not checked). `settings`: {model: the settings the job keyed
+    on (dtype, device, default_max_new_tokens)}; a reply's `settings` must agree on each of them it carries."""
 
     def __init__(self, app_name: str = "qtts", max_inflight_per_replica: int = 4, workers: int = 1,
                  busy_retries: int = 60, lost_retries: int = 3, base_delay_s: float = 0.25,
-                 max_delay_s: float = 10.0, digests: dict[str, str] | None = None) -> None:
+                 max_delay_s: float = 10.0, digests: dict[str, str] | None = None,
+                 settings: dict[str, dict[str, Any]] | None = None) -> None:
         if max_inflight_per_replica < 1:
             raise ValueError(f"max_inflight_per_replica must be >= 1, got {max_inflight_per_replica!r}")
         self.app_name, self.per_replica, self.workers = app_name, max_inflight_per_replica, max(1, workers)
@@ -136,6 +140,7 @@ class ServeBackend:
         self._busy, self._lost, self._bad = _busy_types(), _lost_types(), _request_error_type()
         self.busy_waits = 0  # back-pressure waits so far (all calls)
         self.digests = dict(digests or {})
+        self.settings = {m: dict(v) for m, v in (settings or {}).items()}
         self._unreported: set[str] = set()  # models whose replies carry no digest (warned once)
 
     def _handle(self, model: str) -> Any:
@@ -178,10 +183,16 @@ class ServeBackend:
                 log.warning("%s: the replica's reply names no checkpoint_digest (a service older than this job); "
                             "a model upgraded while the job runs cannot be noticed", model)
             return None
-        if expected is None or answered == expected:
-            return None
-        return (f"model: the served model {model!r} {MODEL_CHANGED} (checkpoint {answered} answered, the job "
-                f"started with {expected}); run again to render with the new model")
+        if expected is not None and answered != expected:
+            return (f"model: the served model {model!r} {MODEL_CHANGED} (checkpoint {answered} answered, the job "
+                    f"started with {expected}); run again to render with the new model")
+        keyed, now = self.settings.get(model, {}), reply.get("settings") or {}
+        moved = {k: (keyed[k], now[k]) for k in keyed.keys() & now.keys() if keyed[k] != now[k]}
+        if moved:
+            what = ", ".join(f"{k} {was!r} -> {got!r}" for k, (was, got) in sorted(moved.items()))
+            return (f"model: the served model {model!r} {MODEL_CHANGED} ({what}); run again to render with the new "
+                    "settings")
+        return None
 
     def _delay(self, n: int, hint: float = 0.0) -> float:
         return max(hint, min(self.max_delay_s, self.base_delay_s * 2 ** min(n, 10))) * random.uniform(0.8, 1.2)

@@ -19,7 +19,8 @@ For batch jobs, one hop at bulk priority:
     h = serve.get_deployment_handle(f"tts-{model}", app_name)
     out = await h.synthesize.remote({"input": "...", "voice": "vivian", ...})
     # {"pcm": float32 [N], "sample_rate": 24000, "finish_reason": str, "num_frames": int,
-    #  "checkpoint_digest": str}   (the checkpoint that made the audio, as `info()` reports it: a job keys on it)
+    #  "checkpoint_digest": str,   (the checkpoint that made the audio, as `info()` reports it: a job keys on it)
+    #  "settings": {"dtype", "device", "default_max_new_tokens"}}   (the replica's other audio settings)
     # raises qwen_tts_core.errors.RequestError (bad input, `.field`), serve.scheduler.Busy (`.retry_after_s`),
     # serve.scheduler.SynthesisFailed (accepted, then failed: engine error, deadline)
 """
@@ -43,7 +44,7 @@ from qwen_tts_core.generate.requests import validate as validate_request
 from .config import ModelConfig
 from .liveness import RAY_ACTORS
 from .metrics import ReplicaMetrics, summarize
-from .requests import build_request, load_model, model_info
+from .requests import build_request, load_model, model_info, render_settings
 from .scheduler import Busy, Scheduler, SchedulerLimits, SynthesisFailed, Ticket
 from .schemas import api_field, from_request_error
 from .sessions import OpenSession, SessionLimits, SessionTable, UnknownSession
@@ -322,7 +323,8 @@ class ReplicaCore:
             raise SynthesisFailed(end["message"], end["finish_reason"], end["status"])
         audio = np.concatenate(pcm).astype(np.float32) if pcm else np.zeros(0, np.float32)
         return {"pcm": audio, "sample_rate": 24000, "finish_reason": end["finish_reason"],
-                "num_frames": len(audio) // SAMPLES_PER_FRAME, "checkpoint_digest": self.checkpoint_digest()}
+                "num_frames": len(audio) // SAMPLES_PER_FRAME, "checkpoint_digest": self.checkpoint_digest(),
+                "settings": render_settings(self.model, self.cfg)}
 
     async def create_voice(self, audio: bytes, ref_text: str | None, x_vector_only: bool, name: str,
                            owner: str = "") -> dict:

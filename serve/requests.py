@@ -84,6 +84,15 @@ def load_model(cfg: ModelConfig, cache_dir: str):
     return Qwen3TTSModel.from_pretrained(resolve_checkpoint(cfg, cache_dir), device_map=device, dtype=cfg.dtype)
 
 
+def render_settings(model, cfg: ModelConfig) -> dict[str, Any]:
+    """What shapes a replica's audio besides the request and its checkpoint: every `synthesize` reply carries it
+    (`settings`) beside `checkpoint_digest`, so a batch job notices a redeploy that changed only these (e.g. fp32
+    to bf16) while it runs (jobs/serve_backend.py). The values are those jobs.models.serve_spec takes from `info()`
+    at the job's start and keys its outputs on (the frame cap: the model's default, else its limit)."""
+    return {"dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type,
+            "default_max_new_tokens": cfg.default_max_new_tokens or cfg.max_new_tokens}
+
+
 def model_info(model, cfg: ModelConfig) -> dict[str, Any]:
     from qwen_tts_core.checkpoint.digest import checkpoint_digest
 
@@ -94,5 +103,5 @@ def model_info(model, cfg: ModelConfig) -> dict[str, Any]:
             "languages": model.get_supported_languages(), "max_new_tokens": cfg.max_new_tokens,
             "max_sessions": cfg.max_sessions,
             # what shapes the audio besides the request (batch jobs key their outputs on it)
-            "checkpoint_digest": checkpoint_digest(model.path), "dtype": str(model.dtype).removeprefix("torch."),
+            "checkpoint_digest": checkpoint_digest(model.path), "dtype": render_settings(model, cfg)["dtype"],
             "device": model.device.type, "default_max_new_tokens": cfg.default_max_new_tokens}

@@ -148,6 +148,31 @@ def test_a_reply_from_another_checkpoint_fails_its_row_and_is_not_sent_again():
                        f"started with {OLD}); run again to render with the new model")
 
 
+def test_a_reply_with_other_settings_fails_its_row_and_is_not_sent_again():
+    """A redeploy that kept the checkpoint but changed its dtype (fp32 -> bf16) while the job ran: the rows it made
+    were stored under keys naming fp32. Now the reply's settings are checked against those the job keyed on."""
+    keyed = {"dtype": "float32", "device": "cpu", "default_max_new_tokens": 2048}
+    dep = FakeDeployment({"b": [{"settings": {**keyed, "dtype": "bfloat16"}}],
+                          "c": [{"settings": {"dtype": "float32"}}]}, digest=OLD)   # (c: a subset, the same)
+    a, b, c = backend(dep, digests={"m": OLD}, settings={"m": keyed}).synthesize([job("a"), job("b"), job("c")])
+    assert a.error is None and c.error is None and c.pcm.size == 240
+    assert b.pcm is None and b.retries == () and sum(p["input"] == "b" for p in dep.payloads) == 1
+    assert b.error == ("model: the served model 'm' changed during the job (dtype 'float32' -> 'bfloat16'); run "
+                       "again to render with the new settings")
+
+
+def test_the_job_passes_the_settings_it_keyed_on_to_the_serve_backend():
+    from jobs.render import RenderConfig
+    from jobs.runner import RunOptions
+
+    audio = {"dtype": "bfloat16", "device": "cuda", "guard": None, "default_max_new_tokens": 4096}
+    cfg = RenderConfig(model="m", models={"m": {"digest": OLD, "audio": audio}})
+    args = RunOptions(output="file:///tmp/x", backend="serve", runner="local").backend_args("serve", cfg)
+    assert args["serve_opts"]["settings"] == {"m": {"dtype": "bfloat16", "device": "cuda",
+                                                    "default_max_new_tokens": 4096}}
+    assert args["serve_opts"]["digests"] == {"m": OLD}
+
+
 def test_a_reply_without_a_digest_is_taken_as_before_with_one_warning(caplog):
     dep = FakeDeployment()  # a replica older than the digest in the reply
     with caplog.at_level(logging.WARNING, logger="jobs.serve_backend"):

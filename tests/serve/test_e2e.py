@@ -211,7 +211,14 @@ def test_bulk_handle_for_batch_jobs(serve_app):
     assert out["sample_rate"] == 24000 and out["pcm"].dtype == np.float32 and out["num_frames"] > 0
     assert out["finish_reason"] in ("eos", "max_new_tokens")
     # the checkpoint that made the audio, as info() reports it (a job checks each reply against the digest it keys on)
-    assert out["checkpoint_digest"] == h.info.remote().result()["checkpoint_digest"] and out["checkpoint_digest"]
+    info = h.info.remote().result()
+    assert out["checkpoint_digest"] == info["checkpoint_digest"] and out["checkpoint_digest"]
+    # ... and its other audio settings, as the job keys on them from info() at its start (jobs.models.serve_spec)
+    from jobs.models import serve_spec
+    from jobs.serve_backend import REPLY_SETTINGS
+
+    spec = serve_spec("cv", "qtts", {"cv": 1})   # (asks the replica's info(), as a job does)
+    assert out["settings"] == {k: spec.audio[k] for k in REPLY_SETTINGS} and out["settings"]["dtype"]
     with pytest.raises(RequestError) as e:
         h.synthesize.remote({"input": "Batch row.", "voice": "nobody"}).result()
     assert e.value.field == "speaker"
