@@ -350,7 +350,7 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
         StorageError: the output is not writable (checked before any work starts).
     """
     sink = sink or open_sink(opts.output, opts.retry)
-    sink.preflight()
+    sink.preflight(need_delete=False)  # rendering never deletes; a caller that does checks it (catalog)
     records: dict[int, ManifestRecord] = {}
     todo: list[int] = []
 

@@ -80,7 +80,7 @@ class Sink(Protocol):
     def size(self, key: str) -> int | None: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str = "") -> list[str]: ...
-    def preflight(self) -> None: ...
+    def preflight(self, need_delete: bool = True) -> None: ...
     def url(self, key: str) -> str: ...
 
 
@@ -172,15 +172,20 @@ class LocalSink:
         keys = (p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
         return sorted(k for k in keys if k.startswith(prefix) and not Path(k).name.startswith("."))
 
-    def preflight(self) -> None:
+    def preflight(self, need_delete: bool = True) -> None:
+        """Fail fast, before any work: the folder must take a write (and a delete, when `need_delete`; see
+        S3Sink.preflight)."""
         base = Path(self.root)
         try:
             base.mkdir(parents=True, exist_ok=True)
             probe = base / f".qtts-probe-{uuid.uuid4().hex}"
             probe.write_bytes(b"ok")
-            probe.unlink()
         except OSError as e:
             raise StorageError(f"output {self.uri} is not writable: {e}") from e
+        try:
+            probe.unlink()
+        except OSError as e:
+            _probe_left(self.uri, str(probe), e, need_delete)
 
 
 _FATAL_S3_CODES = {"AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -268,18 +273,37 @@ class S3Sink:
             keys.extend(o["Key"][strip:] for o in page.get("Contents", []))
         return sorted(keys)
 
-    def preflight(self) -> None:
-        """Fail fast, before any work: the bucket must exist and accept a write and a delete."""
+    def preflight(self, need_delete: bool = True) -> None:
+        """Fail fast, before any work: the bucket must exist and accept a write, and a delete when `need_delete`
+        (a catalog that retires by deleting). A job that never deletes (narrate: `need_delete=False`) runs on a
+        write-only or delete-denied bucket; its probe object then stays, named in a warning."""
+        probe = self._k(f".qtts-probe-{uuid.uuid4().hex}")
         try:
             self.client.head_bucket(Bucket=self.bucket)
-            probe = self._k(f".qtts-probe-{uuid.uuid4().hex}")
             self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"ok")
-            self.client.delete_object(Bucket=self.bucket, Key=probe)
         except Exception as e:  # noqa: BLE001 - botocore has many error types; all mean "not usable"
-            code = getattr(e, "response", {}).get("Error", {}).get("Code", "") if hasattr(e, "response") else ""
-            hint = {"404": "bucket does not exist", "NoSuchBucket": "bucket does not exist",
-                    "403": "access denied", "AccessDenied": "access denied"}.get(code, "unreachable or not writable")
-            raise StorageError(f"output {self.uri}: {hint} ({type(e).__name__}: {e})") from e
+            raise StorageError(f"output {self.uri}: {_s3_hint(e)} ({type(e).__name__}: {e})") from e
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=probe)
+        except Exception as e:  # noqa: BLE001 - as above
+            _probe_left(self.uri, f"s3://{self.bucket}/{probe}", e, need_delete)
+
+
+def _s3_hint(e: Exception) -> str:
+    """A few words on what an S3 error code means for the output."""
+    code = getattr(e, "response", {}).get("Error", {}).get("Code", "") if hasattr(e, "response") else ""
+    return {"404": "bucket does not exist", "NoSuchBucket": "bucket does not exist",
+            "403": "access denied", "AccessDenied": "access denied"}.get(code, "unreachable or not writable")
+
+
+def _probe_left(uri: str, probe: str, e: Exception, need_delete: bool) -> None:
+    """The preflight probe could not be deleted: StorageError when the job needs deletes, else a warning naming
+    the probe object that stays (it is harmless: a dot-name that no manifest lists)."""
+    if need_delete:
+        raise StorageError(f"output {uri}: deletes are refused and this job deletes (the probe {probe} stays) "
+                           f"({type(e).__name__}: {e})") from e
+    log.warning("output %s refused to delete the preflight probe (%s: %s); this job never deletes, so it goes on, "
+                "and the probe object %s stays", uri, type(e).__name__, e, probe)
 
 
 def open_sink(uri: str, retry: RetryPolicy = RetryPolicy()) -> LocalSink | S3Sink:
