@@ -124,7 +124,10 @@ def base_record(row: Utterance, cfg: RenderConfig) -> ManifestRecord:
 
 
 def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig) -> ManifestRecord | None:
-    """The committed record for this row's key when the object exists and matches its sidecar, else None."""
+    """The committed record for this row's key when the object exists and matches its sidecar, else None.
+
+    Its `retries` are cleared: they tell what was retried in the run that rendered it (its sidecar keeps them, with
+    its `attempts`); this run retried nothing for it, and its manifest and summary say what this run did."""
     key, _ = plan_key(row, cfg)
     raw = sink.get(sidecar_key(key))
     if raw is None:
@@ -135,6 +138,7 @@ def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig) -> ManifestRe
     if rec.key != key or sink.size(key) != rec.bytes or rec.bytes <= 44:
         return None
     rec.id, rec.reused, rec.url = row.id, True, sink.url(key)
+    rec.retries = []
     return rec
 
 
