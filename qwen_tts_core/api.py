@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from .checkpoint.weights import (
 )
 from .config import TTSConfig, generation_defaults
 from .errors import RequestError
-from .generate.driver import EngineDriver
+from .generate.driver import EngineDriver, Reader
 from .generate.engine import Engine
 from .generate.requests import check_seed, check_text
 from .model.layers import RotaryTable, prepare_for_inference_
@@ -301,9 +300,8 @@ class Qwen3TTSModel:
                     raise _session_error(ch.error, ch.error_field)
                 if ch.pcm.size:
                     yield ch.pcm
-        it = chunks()
-        weakref.finalize(it, driver.orphan, session)  # dropped unread: its session must not run on others' steps
-        return it
+        # closed or dropped before its end (read or not): its session must not run on others' steps
+        return Reader(chunks(), driver, session)
 
     # --- internals --------------------------------------------------------------------------------------------
     def _voice_items(self, text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt):

@@ -8,12 +8,16 @@ i.e. they are batched together, and an idle model holds no thread.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 from ..types import AudioChunk, SynthesisRequest
 from .engine import Engine
 from .session import Session
+
+T = TypeVar("T")
 
 
 class EngineDriver:
@@ -33,8 +37,11 @@ class EngineDriver:
             self._queues[s.id] = deque()
         return s
 
-    def chunks(self, s: Session) -> Iterator[AudioChunk]:
-        """The session's chunks up to its last; closing the iterator early cancels the session."""
+    def chunks(self, s: Session) -> Reader:
+        """The session's chunks up to its last; closing the iterator early (read or not) cancels the session."""
+        return Reader(self._read(s), self, s)
+
+    def _read(self, s: Session) -> Iterator[AudioChunk]:
         done = False
         try:
             while True:
@@ -130,4 +137,30 @@ class EngineDriver:
             self._cv.notify_all()
 
 
-__all__ = ["EngineDriver"]
+class Reader(Generic[T]):
+    """Iterates `gen`, the reading of session `s` (its chunks, or what is made of them): `close()` before the end,
+    or dropping it, cancels the session whether reading began or not. A generator's own `close()` before its first
+    `next()` runs nothing, so a stream closed unread kept its slot and generated on others' steps, its chunks piling
+    up in the driver, until the generator was garbage-collected."""
+
+    def __init__(self, gen: Iterator[T], driver: EngineDriver, s: Session) -> None:
+        self._gen, self._driver, self._s = gen, driver, s
+        self._dropped = weakref.finalize(self, driver.orphan, s)   # (lock-free: GC may run it in any thread)
+
+    def __iter__(self) -> Reader[T]:
+        return self
+
+    def __next__(self) -> T:
+        try:
+            return next(self._gen)
+        except StopIteration:
+            self._dropped.detach()
+            raise
+
+    def close(self) -> None:
+        self._dropped.detach()
+        self._gen.close()
+        self._driver._release(self._s)   # (nothing once read to its last chunk)
+
+
+__all__ = ["EngineDriver", "Reader"]

@@ -97,6 +97,27 @@ def test_a_stream_dropped_before_its_first_chunk_is_cancelled(model):
     assert not model.engine.has_work() and model.engine.num_active == 0
 
 
+def test_a_stream_closed_before_its_first_chunk_is_cancelled_while_still_held(model):
+    """`close()` on a stream never read (a caller that changed its mind but keeps the object): a generator's own
+    close() runs nothing then, so the session kept its slot and ran on the next caller's steps until the object was
+    garbage-collected (review of the engine). The driver's own reader (`chunks`) had the same hole."""
+    it = model.stream_custom_voice(TEXTS[0], speaker="ryan", **dict(G, max_new_tokens=40))
+    driver = model._engine_driver()
+    it.close()
+    assert widest_step_of_a_call(model) == 1  # the closed stream never ran beside the call
+    assert not driver._queues and not driver._abandoned and not model.engine.has_work()
+    with pytest.raises(StopIteration):
+        next(it)
+    from qwen_tts_core import SamplingParams, SynthesisRequest
+
+    s = driver.open(SynthesisRequest(text=TEXTS[1], language="english", kind="custom_voice", speaker="ryan",
+                                     sampling=SamplingParams(**dict(G, max_new_tokens=40))))
+    reader = driver.chunks(s)
+    reader.close()
+    assert widest_step_of_a_call(model) == 1 and s.cancelled and not driver._queues and not driver._abandoned
+    assert it is not None and reader is not None   # (held all along: no garbage collection did it)
+
+
 def test_a_batch_with_a_refused_item_leaves_none_of_its_items_running(model):
     """generate_* with a list: the items opened before a later one is refused were left in the engine, running to
     their end on other callers' steps, their audio kept in the driver forever."""
