@@ -26,22 +26,31 @@ FIGURES = ("rms_db", "peak_db", "noise_floor_db", "lufs", "true_peak_dbtp", "hea
 class TextPlan:
     synth: list[str]                              # what is synthesized, one chunk each
     display: list[str]                            # the same chunks as written (captions show these)
-    fired: list[str] = field(default_factory=list)  # lexicon entries that fired
+    hits: list[Any] = field(default_factory=list)  # lexicon entries that fired (jobs.lexicon.Entry), each once
+
+    @property
+    def fired(self) -> list[str]:
+        """The words of the lexicon entries that fired (the manifest's `lexicon`)."""
+        return [e.word for e in self.hits]
 
 
 def plan_text(text: str, cfg: Any) -> TextPlan:
-    """Chunks to synthesize: the lexicon's respellings applied; one sentence per chunk when captions are on."""
+    """Chunks to synthesize: the lexicon's respellings applied; one sentence per chunk when captions are on.
+
+    The one place that decides what the lexicon changes: synthesis says `synth`, and the content key names `hits`
+    (key_extra), so an entry that fires only within a sentence (the whole text reads "St. Louis", its sentence
+    chunk "Louis") is in the key, and editing it renders again."""
     if cfg.captions:
         display = captions.sentence_chunks(text, cfg.max_chars)
-        synth, fired = [], {}
+        synth, hits = [], {}
         for chunk in display:
-            said, hits = cfg.lexicon.apply(chunk)
+            said, fired = cfg.lexicon.apply(chunk)
             synth.append(said)
-            fired.update({e.word: e for e in hits})
-        return TextPlan(synth, display, list(fired))
-    said, hits = cfg.lexicon.apply(text)
+            hits.update({e.word: e for e in fired if e.word not in hits})
+        return TextPlan(synth, display, list(hits.values()))
+    said, fired = cfg.lexicon.apply(text)
     chunks = split_text(said, cfg.max_chars)
-    return TextPlan(chunks, chunks, [e.word for e in hits])
+    return TextPlan(chunks, chunks, fired)
 
 
 def key_extra(text: str, cfg: Any) -> dict[str, Any]:
@@ -54,7 +63,7 @@ def key_extra(text: str, cfg: Any) -> dict[str, Any]:
     if cfg.captions:
         out["captions"] = True  # one sentence per chunk: other audio
     if cfg.lexicon:
-        _, hits = cfg.lexicon.apply(text)
+        hits = plan_text(text, cfg).hits  # the entries synthesis applies, chunk by chunk as it does
         if hits:
             out["lexicon"] = lexicon_digest(hits)
     return out

@@ -1,0 +1,35 @@
+"""--captions --lexicon: the content key names the lexicon entries synthesis applied sentence by sentence, so editing
+an entry that fires only inside a sentence chunk renders again instead of reusing the old audio."""
+
+from __future__ import annotations
+
+import json
+
+from jobs import narrate
+from jobs.manifest import from_parquet
+from tests.jobs.fakes import FakeBackend
+
+
+def _run(rows, lexicon, out, capsys):
+    FakeBackend.calls.clear()
+    code = narrate.main([str(rows), "--model", "fake", "--voice", "vivian", "--out", f"file://{out}",
+                         "--backend", "tests.jobs.fakes:FakeBackend", "--runner", "local", "--no-progress",
+                         "--quiet", "--captions", "--lexicon", str(lexicon)])
+    capsys.readouterr()
+    assert code == 0
+    return from_parquet((out / "manifest.parquet").read_bytes())[0], [j.text for c in FakeBackend.calls for j in c]
+
+
+def test_an_entry_that_fires_only_per_sentence_is_in_the_key(tmp_path, capsys):
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(json.dumps({"id": "r1", "text": "We flew to St. Louis today."}) + "\n")
+    lexicon, out = tmp_path / "lex.yaml", tmp_path / "out"
+    # the splitter cuts after "St.": "St. Louis" never fires, "Louis" does, in the second sentence
+    lexicon.write_text('"St. Louis": "Saint Lewis"\n"Louis": "Lewis"\n')
+    first, said = _run(rows, lexicon, out, capsys)
+    assert "Lewis today." in said and first.lexicon == ["Louis"] and not first.reused
+    lexicon.write_text('"St. Louis": "Saint Lewis"\n"Louis": "Loo-ee"\n')
+    second, said = _run(rows, lexicon, out, capsys)
+    assert "Loo-ee today." in said and not second.reused and second.key != first.key
+    third, said = _run(rows, lexicon, out, capsys)  # unchanged: reused
+    assert said == [] and third.reused and third.key == second.key
