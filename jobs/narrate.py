@@ -43,7 +43,7 @@ from .inputs import (
 )
 from .lexicon import Lexicon
 from .lexicon import load as load_lexicon
-from .manifest import ManifestRecord, summarize, to_jsonl, to_parquet
+from .manifest import ManifestRecord, from_parquet, summarize, to_jsonl, to_parquet
 from .mastering import PRESET_CODECS, PRESETS, MasterConfig
 from .models import check_voices, resolve_models, voice_file_digests
 from .render import RenderConfig
@@ -385,12 +385,39 @@ def write_manifest(records: list[ManifestRecord], opts: RunOptions, manifest_key
     return None, _kept(manifest_key, data, ".parquet", why, str(last), " - copy it there when the storage is back")
 
 
+DROPPED_SHOWN = 10  # ids named in the warning and the summary's `dropped_ids`
+
+
+def dropped_ids(records: list[ManifestRecord], opts: RunOptions, manifest_key: str) -> dict[str, Any] | None:
+    """Ids the output's previous manifest lists that this run's rows lack (another input written to the same
+    --out, or an edited book that lost a chapter): this run's manifest replaces that one, so their objects would be
+    listed nowhere. Warns once and returns the summary's `dropped_ids` ({"rows": n, "ids": first few}), or None.
+    Never refuses and never raises: an unreadable previous manifest is only logged."""
+    try:
+        raw = open_sink(opts.output, opts.retry).get(manifest_key)
+        previous = from_parquet(raw) if raw is not None else []
+    except Exception as e:  # noqa: BLE001 - a check on the way out must not cost the run its manifest
+        log.warning("could not read the previous manifest at %s to compare ids (%s)", opts.output, error_text(e))
+        return None
+    ids = {r.id for r in records}
+    gone = sorted({r.id for r in previous} - ids)
+    if not gone:
+        return None
+    log.warning("%d id(s) of the previous manifest at %s are not in this input (%s): their objects stay in storage, "
+                "unlisted; use another --out per input", len(gone), opts.output,
+                ", ".join(map(repr, gone[:DROPPED_SHOWN])))
+    return {"rows": len(gone), "ids": gone[:DROPPED_SHOWN]}
+
+
 def finish(records: list[ManifestRecord], opts: RunOptions, manifest_key: str, t0: float,
            quiet: bool, after: Callable[[], dict[str, Any]] | None = None) -> int:
     """Write the manifest, then run `after` (the book) for more summary fields, print the table and the JSON
     summary (last line); returns the exit code. The manifest comes first: what comes after can take minutes (a
     book of a long job) or fail in any way, and neither may cost the record of what was rendered."""
+    dropped = dropped_ids(records, opts, manifest_key)  # before this run's manifest replaces the previous one
     url, extra = write_manifest(records, opts, manifest_key)
+    if dropped:
+        extra = {**extra, "dropped_ids": dropped}
     more = after() if after else {}
     summary = summarize(records)
     summary.update(output=open_sink(opts.output, opts.retry).uri, manifest=url,
