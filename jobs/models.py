@@ -36,6 +36,8 @@ class ModelSpec:
     languages: tuple[str, ...] = ()
     revision: str | None = None     # hub commit the engine workers load (hub ids only)
     audio: dict[str, Any] = field(default_factory=dict)  # dtype, device, guard, default frame cap
+    path: str | None = None         # engine backend, a local folder: its absolute path, what workers load (their
+                                    # working directory is the Ray node's, not the driver's)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,7 +103,8 @@ def engine_spec(model: str, engine: Any, revision: str | None = None) -> ModelSp
                                                              engine.guard_base_frames]
     audio = {"dtype": str(resolve_dtype(engine.dtype)).removeprefix("torch."),
              "device": str(engine.device).split(":")[0], "guard": guard, "default_max_new_tokens": None}
-    return ModelSpec(model, kind, digest, speakers, langs, commit, audio)
+    path = None if commit else str(cfg_path.parent.resolve())  # a local folder, named as the driver sees it
+    return ModelSpec(model, kind, digest, speakers, langs, commit, audio, path)
 
 
 def serve_spec(model: str, app: str, served: dict[str, int], label: str | None = None) -> ModelSpec:
@@ -207,19 +210,25 @@ def check_voices(rows: list[Utterance], specs: dict[str, ModelSpec], default_mod
     return out
 
 
-def voice_file_digests(rows: list[Utterance], specs: dict[str, ModelSpec], default_model: str | None,
-                       ) -> dict[str, str]:
-    """Base models with a voice-prompt FILE as voice: the file's content hash (it shapes the audio)."""
-    import hashlib
-
-    out: dict[str, str] = {}
+def voice_file_paths(rows: list[Utterance], specs: dict[str, ModelSpec], default_model: str | None,
+                     ) -> dict[str, Path]:
+    """Base models with a voice-prompt FILE as voice: each such voice (as rows name it) -> the file's absolute path,
+    resolved in the driver (a relative path means the driver's working directory, never a worker's)."""
+    out: dict[str, Path] = {}
     for r in rows:
         spec = specs.get(r.model or default_model or "")
         if r.error is None and spec is not None and spec.kind == "base" and r.voice and r.voice not in out:
             p = Path(r.voice).expanduser()
             if p.is_file():
-                out[r.voice] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                out[r.voice] = p.resolve()
     return out
+
+
+def voice_file_digests(paths: dict[str, Path]) -> dict[str, str]:
+    """Each voice-prompt file's content hash (it shapes the audio: it is in the keys), by voice as rows name it."""
+    import hashlib
+
+    return {voice: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for voice, p in paths.items()}
 
 
 def specs_json(specs: dict[str, ModelSpec]) -> str:

@@ -45,7 +45,7 @@ from .lexicon import Lexicon
 from .lexicon import load as load_lexicon
 from .manifest import ManifestRecord, from_parquet, summarize, to_jsonl, to_parquet
 from .mastering import PRESET_CODECS, PRESETS, MasterConfig
-from .models import check_voices, resolve_models, voice_file_digests
+from .models import check_voices, resolve_models, voice_file_digests, voice_file_paths
 from .render import RenderConfig
 from .runner import BACKENDS, RUNNERS, RunOptions, resolve_backend, run_rows, stop_on_sigterm
 from .split import MIN_CHUNK_CHARS
@@ -301,8 +301,10 @@ def prepare(rows: list[Utterance], defaults: RowDefaults, render: RenderConfig, 
     rows, specs, default_model = resolve_models(rows, defaults.model, backend, engine=opts.engine,
                                                 app=opts.serve_app, revision=revision)
     rows = check_voices(rows, specs, default_model, defaults.voice, defaults.instruct)
+    voice_paths = voice_file_paths(rows, specs, default_model)
     render = replace(render, model=default_model or "", models={k: v.to_dict() for k, v in specs.items()},
-                     voice_files=voice_file_digests(rows, specs, default_model))
+                     voice_files=voice_file_digests(voice_paths),
+                     voice_paths={k: str(p) for k, p in voice_paths.items()} if backend == "engine" else {})
     if backend == "serve" and opts.num_gpus:
         log.warning("--num-gpus ignored with the Serve backend: the replicas hold the GPUs, job workers only "
                     "call them")

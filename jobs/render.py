@@ -38,7 +38,9 @@ class RenderConfig:
 
     `models` maps each model name rows use to its resolved spec (jobs.models.ModelSpec.to_dict(): checkpoint digest
     and the audio settings outside the request); `voice_files` maps voice-prompt file paths to their content hash.
-    `revision` labels models without a spec (test backends).
+    `revision` labels models without a spec (test backends). What workers open is named by absolute paths resolved
+    in the driver (`models[name]["path"]`, `voice_paths`), never as rows name it: a worker's working directory is
+    its Ray node's; keys and the manifest keep the names as given.
     """
 
     model: str
@@ -56,6 +58,7 @@ class RenderConfig:
     captions: bool = False                    # one sentence per chunk, .srt + .vtt per output
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     voice_files: dict[str, str] = field(default_factory=dict)
+    voice_paths: dict[str, str] = field(default_factory=dict)  # engine: voice-prompt file -> its absolute path
 
     def __post_init__(self) -> None:
         if isinstance(self.master, dict):  # asdict() round trip to the Ray workers
@@ -144,8 +147,11 @@ def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig) -> ManifestRe
 
 def _chunk_jobs(row: Utterance, cfg: RenderConfig, chunks: list[str], attempt: int) -> list[ChunkJob]:
     seed = (row.seed + attempt * SEED_STRIDE) % SEED_MAX  # retries stay in the engine's seed range
-    return [ChunkJob(text=c, voice=row.voice, language=row.language, instruct=row.instruct, seed=seed,
-                     model=row.model or cfg.model, sampling=dict(cfg.sampling)) for c in chunks]
+    model = row.model or cfg.model
+    model = (cfg.models.get(model) or {}).get("path") or model  # a local folder: its absolute path
+    voice = cfg.voice_paths.get(row.voice, row.voice) if row.voice else row.voice
+    return [ChunkJob(text=c, voice=voice, language=row.language, instruct=row.instruct, seed=seed,
+                     model=model, sampling=dict(cfg.sampling)) for c in chunks]
 
 
 def _finite(res: ChunkResult) -> bool:

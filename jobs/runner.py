@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -390,7 +390,8 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
                     _run_local(pending, backend, sink, cfg, opts, out, stop)
                 else:
                     connect_ray(opts.ray_address)
-                    _run_ray(pending, backend, cfg, opts, out, stop)
+                    # the sink as resolved here: file://./output is the driver's ./output, not each worker's
+                    _run_ray(pending, backend, cfg, replace(opts, output=sink.uri), out, stop)
             except Exception as e:  # noqa: BLE001 - record what is missing, keep what finished
                 log.exception("run aborted")
                 with out._lock:
