@@ -96,3 +96,42 @@ def test_cuda_layout_probe_never_picks_math_where_a_fused_kernel_exists(checkpoi
     found = r.probe_decode_layouts()
     assert sorted(seen) == ["cp_gqa", "cp_grouped", "gqa", "grouped", "grouped_float"]
     assert (found["layout"], found["cp_layout"]) == (layout, cp_layout)
+
+
+def test_with_buckets_a_prompt_past_the_longest_bucket_is_prefilled_as_alone(model_factory, monkeypatch):
+    """Review of the engine: with buckets (static caches, graphs) sessions starting together were grouped with
+    padding allowed, but a prompt longer than the longest prefill bucket goes the exact eager way, where it was padded
+    to the longest prompt of its group: its prefill differed in the last bits from its prefill alone."""
+    from qwen_tts_core.generate import runner as R
+
+    model = model_factory("custom_voice", "tiny")
+    base = "The quick brown fox jumps over the lazy dog while the rain keeps falling on the old town square. "
+    texts = [base * 6, base * 6 + "Then it ended all.", "Hi."]
+    caught: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    real = R.prefill
+
+    def spy(talker, cache, slots, embeds, last):
+        hidden, logits = real(talker, cache, slots, embeds, last)
+        caught.extend((int(s), h.clone(), lg.clone()) for s, h, lg in zip(slots, hidden, logits))
+        return hidden, logits
+
+    monkeypatch.setattr(R, "prefill", spy)
+
+    def prefill_of(reqs):
+        caught.clear()
+        eng = Engine(model, static=True, max_sessions=3, max_len=512, batch_buckets=(1, 2, 4))
+        sessions = [eng.add(r) for r in reqs]
+        eng.step()
+        return sessions, {slot: (h, lg) for slot, h, lg in caught}
+
+    def r(text):
+        return SynthesisRequest(kind="custom_voice", text=text, speaker="vivian", language="english",
+                                sampling=GREEDY, decode_audio=False, non_streaming_mode=True)
+
+    (alone,), one = prefill_of([r(texts[0])])
+    together, three = prefill_of([r(t) for t in texts])
+    lens = [s.prompt.prefill.shape[0] for s in together]
+    assert lens[0] > R.PREFILL_GRAPH_LENS[-1] and lens[1] > lens[0] and lens[2] <= R.PREFILL_GRAPH_LENS[-1], lens
+    h1, l1 = one[alone.slot]
+    h3, l3 = three[together[0].slot]
+    assert torch.equal(h1, h3) and torch.equal(l1, l3)
