@@ -6,7 +6,7 @@ from typing import Any
 
 from .audio_io import load_audio, to_24k
 from .errors import RequestError
-from .generate.requests import check_text
+from .generate.requests import check_ref_text
 from .speaker.ecapa import min_speaker_samples, speaker_embedding
 from .voice_prompt import VoiceClonePromptItem
 
@@ -31,8 +31,8 @@ def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None, x_vec
     for i, (t, xvec) in enumerate(zip(texts, modes)):
         if not xvec and (t is None or isinstance(t, str) and not t.strip()):
             raise RequestError("ref_text", f"is required when x_vector_only_mode=False (ICL mode); missing at index {i}")
-        if not xvec:
-            check_text(t, "ref_text")  # a str with something visible in it, valid Unicode
+        if not xvec or t is not None:  # stored with the voice in either mode; spoken before every text in ICL
+            check_ref_text(t, allow_blank=bool(xvec))
     wavs, rates = [], set()
     need = min_speaker_samples(model.speaker_encoder.config)
     for i, a in enumerate(audios):

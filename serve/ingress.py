@@ -34,7 +34,7 @@ from starlette.routing import Match
 
 from qwen_tts_core.audio_fx import StretchedEncoder
 from qwen_tts_core.errors import RequestError, shown
-from qwen_tts_core.generate.requests import check_text
+from qwen_tts_core.generate.requests import check_ref_text, check_text
 from qwen_tts_core.types import SAMPLE_RATE
 
 from .audio_format import MEDIA_TYPES, make_encoder
@@ -400,10 +400,11 @@ class Ingress:
         except ValidationError as e:
             raise from_validation_error(e) from None
         audio_field = "file" if audio is not None else "audio_base64" if up.audio_base64 is not None else "audio_url"
-        try:
-            for field, value in (("name", up.name), ("ref_text", up.ref_text)):
-                if value is not None:
-                    check_text(value, field, allow_blank=True)
+        try:   # the core's rules (ref_text's length limit too), here before any audio is decoded or fetched
+            if up.name is not None:
+                check_text(up.name, "name", allow_blank=True)
+            if up.ref_text is not None:
+                check_ref_text(up.ref_text, allow_blank=True)
         except RequestError as e:
             raise from_request_error(e) from None
         model = await self._voice_model(up.model)

@@ -45,7 +45,7 @@ from ..text.prompt import extend_prompt
 from ..types import SAMPLES_PER_FRAME, AudioChunk, SamplingParams, SynthesisRequest
 from .audio_stream import BatchedAudio
 from .graphs import GraphCapture
-from .requests import is_blank, make_prompt, validate
+from .requests import check_positions, is_blank, make_prompt, validate
 from .runner import Start, StepRunner, packs_linears
 from .session import Session
 from .text_feed import IncrementalText
@@ -506,12 +506,11 @@ class Engine:
         else:
             target = self.model.tokenizer.target(req.text)
             role, ids, ended = target.role, target.text, True
+        # max_len bounds the prompt AND the text it will be fed (an ICL transcript trails into generation): what
+        # the token ids show is refused before any embedding is made, the built prompt's exact count after
         with self.text_projection():
-            s.prompt = make_prompt(self.model, req, role, ids, text_ended=ended)
-        T = s.prompt.prefill.shape[0]
-        if self.max_len <= T:
-            raise RequestError("text", f"the prompt takes {T} positions; this engine holds {self.max_len} per "
-                               "session (max_len)")
+            s.prompt = make_prompt(self.model, req, role, ids, text_ended=ended, max_len=self.max_len)
+        check_positions(s.prompt.prefill.shape[0] + len(s.prompt.trailing), self.max_len)
         s.slot = slot
         self.active.append(s)
         self._set_guard(s)

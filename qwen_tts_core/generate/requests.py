@@ -48,6 +48,25 @@ def is_blank(text: str) -> bool:
     return not any(c.isprintable() and not c.isspace() for c in text)
 
 
+MAX_REF_TEXT_CHARS = 2000
+"""The longest transcript (`ref_text`) of a voice clone reference. A reference is a few seconds of speech (30 s at
+the most that helps): its transcript is a few hundred characters, and 2000 leaves room for slow, dense scripts.
+The core owns this limit, not a deployment, because a transcript is paid for again by EVERY request that uses the
+voice: it is tokenized, embedded and fed on the engine's one step loop, and it goes into the trailing text, not the
+prefill, so the prompt's length alone does not bound it (a stored voice with a 2,000,000-character transcript held
+every other session of its replica for 21 s and grew it by 900 MiB). Checked where a prompt is made
+(`create_voice_clone_prompt`) and where one is used (`check_voice_prompt`: voices stored before the limit)."""
+
+
+def check_ref_text(text: object, field: str = "ref_text", allow_blank: bool = False) -> str:
+    """`check_text` with the transcript's length limit (MAX_REF_TEXT_CHARS), measured first: a megabyte string is
+    refused without a pass over its characters."""
+    if isinstance(text, str) and len(text) > MAX_REF_TEXT_CHARS:
+        raise RequestError(field, f"is {len(text)} characters long; a reference transcript may have at most "
+                                  f"{MAX_REF_TEXT_CHARS} (the words spoken in the reference audio, a few seconds)")
+    return check_text(text, field, allow_blank=allow_blank)
+
+
 SEED_MAX = 2**63
 """Seeds are integers in [0, SEED_MAX): the engine's per-row generator takes 63 bits."""
 
@@ -84,7 +103,7 @@ def check_voice_prompt(vp: object, talker_cfg) -> None:
     if vp.icl_mode:  # the reference's transcript is part of an ICL prompt (without it the prompt fails at admission)
         text = getattr(vp, "ref_text", None)
         try:
-            check_text(text, "ref_text")
+            check_ref_text(text)   # a voice stored before the limit is refused here, before it is tokenized
         except RequestError as e:
             raise RequestError(field, f"an ICL prompt's {e}") from None
     codes = getattr(vp, "ref_code", None)
@@ -224,9 +243,12 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
                             chunk_frames=policy.chunk_frames)
 
 
-def make_prompt(model, req: SynthesisRequest, role_ids: list[int], text_ids: list[int], text_ended: bool) -> Prompt:
+def make_prompt(model, req: SynthesisRequest, role_ids: list[int], text_ids: list[int], text_ended: bool,
+                max_len: int | None = None) -> Prompt:
     """role_ids, text_ids: `TargetIds` of the text (the role is the text's own: a text that starts with a newline
-    merges it into the role's last token, "assistant\n\n", as the reference's prompt has it)."""
+    merges it into the role's last token, "assistant\n\n", as the reference's prompt has it). With `max_len` (the
+    engine's positions per session), a prompt whose token ids alone need `max_len` positions or more is refused
+    before any of it is embedded (`check_positions`)."""
     tok = model.tokenizer
     instruct_ids = None
     if req.instruct and req.kind in ("custom_voice", "voice_design"):
@@ -242,7 +264,30 @@ def make_prompt(model, req: SynthesisRequest, role_ids: list[int], text_ids: lis
             speaker_vector = vp.ref_spk_embedding
         if vp.icl_mode and vp.ref_code is not None:
             ref_codes, ref_ids = vp.ref_code, tok.ref(vp.ref_text)
+    if max_len is not None:
+        check_positions(min_positions(role_ids, text_ids, text_ended, instruct_ids, ref_ids, ref_codes), max_len)
     return build_prompt(
         model.talker, model.cfg, role_ids=role_ids, text_ids=text_ids, language=req.language or "auto",
         speaker=speaker, speaker_vector=speaker_vector, instruct_ids=instruct_ids,
         non_streaming_mode=req.non_streaming_mode, ref_ids=ref_ids, ref_codes=ref_codes, text_ended=text_ended)
+
+
+def min_positions(role_ids: list[int], text_ids: list[int], text_ended: bool, instruct_ids: list[int] | None = None,
+                  ref_ids: list[int] | None = None, ref_codes: torch.Tensor | None = None) -> int:
+    """At least the positions a prompt's prefill and trailing text take together, from its token ids alone (no
+    embedding): each text token (instruction, role, an ICL transcript, the text, tts_eos once it has ended) has a
+    position of its own, and so do the codec's bos and each ICL reference frame, which pair with the transcript and
+    text. A lower bound in every layout of text/prompt.py (they add the codec prefix), so it never refuses a prompt
+    that fits; the exact count is the built prompt's (`Engine._prepare`)."""
+    fixed = len(instruct_ids or ()) + len(role_ids)
+    text = len(ref_ids or ()) + len(text_ids) + int(text_ended)
+    frames = 0 if ref_codes is None else 1 + len(ref_codes)
+    return fixed + max(text, frames)
+
+
+def check_positions(positions: int, max_len: int) -> None:
+    """RequestError naming `text` when a session needs `max_len` positions or more for its prompt and the text it
+    will be fed (the trailing text too: text that does not fit would never be spoken)."""
+    if positions >= max_len:
+        raise RequestError("text", f"the prompt and its text need at least {positions} positions; this engine holds "
+                                   f"{max_len} per session (max_len)")
