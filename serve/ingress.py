@@ -416,8 +416,9 @@ class Ingress:
             try:
                 info = await replica_answer(self.replicas[model].create_voice.remote(
                     audio, ref_text, up.x_vector_only, up.name, caller.owner), self.cfg.retry_after_s)
-            except RequestError as e:  # from the core (audio header limits, decoding, ref_text) or the store (name)
-                raise from_request_error(getattr(e, "cause", e), audio_field) from None
+            except RequestError as e:  # from the core (audio header limits, decoding, ref_text) or the store (name,
+                err = getattr(e, "cause", e)   # size: VoiceTooLarge carries its 413 as `status`)
+                raise from_request_error(err, audio_field, getattr(err, "status", 400)) from None
         return JSONResponse({**info, "builtin": False}, status_code=201)
 
     async def _voice_body(self, request: Request) -> tuple[bytes | None, dict, bool]:

@@ -42,6 +42,14 @@ _SUFFIX = ".safetensors"
 _HEAD_BYTES = 64 << 10            # enough for a prompt file's JSON header
 
 
+class VoiceTooLarge(RequestError):
+    """A voice prompt file over MAX_VOICE_BYTES. A RequestError (the client's input made it) that the service answers
+    with `status` 413, naming the reference audio: its frames are nearly all of a prompt's bytes (the transcript is
+    bounded by the core, `MAX_REF_TEXT_CHARS`)."""
+
+    status = 413
+
+
 def new_voice_id() -> str:
     return "voice_" + secrets.token_hex(8)
 
@@ -155,7 +163,8 @@ class VoiceStore:
         """Store a voice prompt file (bytes written by `save_voice_prompt`, owner in its metadata); returns its id."""
         voice_id = _check_id(voice_id or new_voice_id())
         if len(data) > MAX_VOICE_BYTES:
-            raise ValueError(f"a voice prompt file is larger than {MAX_VOICE_BYTES} bytes")
+            raise VoiceTooLarge("ref_audio", f"the voice prompt file would be larger than {MAX_VOICE_BYTES} bytes "
+                                             f"({len(data)}); use a shorter reference (a few seconds of speech)")
         _metadata(data)
         self._put_bytes(voice_id, data)
         return voice_id
@@ -326,4 +335,4 @@ class S3VoiceStore(VoiceStore):
         return sorted(out)
 
 
-__all__ = ["ANYONE", "MAX_VOICE_BYTES", "S3VoiceStore", "VoiceStore", "check_name", "new_voice_id"]
+__all__ = ["ANYONE", "MAX_VOICE_BYTES", "S3VoiceStore", "VoiceStore", "VoiceTooLarge", "check_name", "new_voice_id"]
