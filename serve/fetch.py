@@ -7,6 +7,8 @@ Rules (each hop of a redirect is checked again; at most `max_redirects` hops):
 * http or https only; no user:password@; scheme, host (lower case, IDNA) and port (default 80/443) must EQUAL a
   prefix's — compared as parsed fields, never as text (`https://ok.example.com@evil.example/` is host
   evil.example; `https://ok.example.com.evil.example/` is another host);
+* no character below "!" (controls, space), DEL, backslash or lone surrogate anywhere (httpx refuses them with an
+  error of its own; here they are a 400 naming audio_url); other non-ASCII is percent-encoded as UTF-8;
 * the path is normalised before the check: percent-escapes decoded per segment, empty and "." segments dropped, ".."
   resolved (above the root: refused); an escaped "/" or "\\" inside a segment, a backslash, or a NUL is refused. The
   prefix's path must be a whole-segment prefix (`/ok/` allows `/ok/a.wav`, not `/okay/a.wav` nor `/ok/../x`);
@@ -68,8 +70,12 @@ def parse(url: str, *, folder: bool = False) -> Target:
     """`url` -> its normalised parts; FetchRefused saying why when it cannot be fetched safely."""
     if not isinstance(url, str) or not url or len(url) > 4096:
         raise FetchRefused("must be an http(s) URL of at most 4096 characters")
-    if any(c in url for c in "\\\0\r\n\t "):
+    if any(c == "\\" or c <= " " or c == "\x7f" for c in url):   # httpx's InvalidURL, refused here (400)
         raise FetchRefused("backslashes, spaces and control characters are not accepted in URLs")
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FetchRefused("the URL is not valid Unicode (a lone surrogate)") from None
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -165,7 +171,7 @@ async def fetch_allowed(url: str, allow: AllowList, max_bytes: int, timeout_s: f
             return await asyncio.wait_for(get(client), timeout_s)
     except asyncio.TimeoutError:
         raise FetchRefused(f"no complete answer within {timeout_s:g} s") from None
-    except (httpx.HTTPError, ValueError) as e:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:   # InvalidURL is no HTTPError (httpx 0.2x)
         if isinstance(e, FetchRefused):
             raise
         raise FetchRefused(f"could not fetch ({type(e).__name__})") from None
