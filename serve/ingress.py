@@ -186,6 +186,18 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return await _api_error(request, ApiError(500, f"internal error ({type(exc).__name__})"))
 
 
+def _check_json_type(headers) -> None:
+    """415 naming content-type unless the body is declared JSON (application/json or a `+json` type) or not declared
+    at all. text/plain and the form types are what a web page may POST across origins without a CORS preflight: a
+    speech request must not be one of those (a service without API keys would synthesize for any page)."""
+    if "content-type" not in headers:
+        return
+    ctype = media_type(headers)
+    if ctype != "application/json" and not (ctype.endswith("+json") and "/" in ctype):
+        raise ApiError(415, f"content-type: {shown(ctype)} is not JSON; send Content-Type: application/json",
+                       "content-type")
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Ingress:
@@ -281,7 +293,7 @@ class Ingress:
     # --- speech -----------------------------------------------------------------------------------------------
     @app.post("/v1/audio/speech", openapi_extra=_body_doc({"application/json": _SPEECH_SCHEMA}),
               response_class=Response,
-              responses={200: _AUDIO_OUT, **_answers(400, 401, 408, 413, 429, 500, 502, 503, 504)})
+              responses={200: _AUDIO_OUT, **_answers(400, 401, 408, 413, 415, 429, 500, 502, 503, 504)})
     async def speech(self, request: Request) -> Response:
         caller = self._auth(request.headers)
         # The key's place first (429 when it holds its share), BEFORE the body is read: a key's connections that
@@ -329,6 +341,7 @@ class Ingress:
     async def _speech_request(self, request: Request, caller: Caller,
                               ) -> tuple[SpeechRequest, Any, str, Any, dict]:
         """Read and check the body; (request, its encoder, model name, its handle, the replica's payload)."""
+        _check_json_type(request.headers)
         body = await self._json(request, self.cfg.max_body_bytes)
         if not isinstance(body, dict):
             raise ApiError(400, "body: expected a JSON object", "body")
