@@ -19,6 +19,8 @@ from typing import Any
 from qwen_tts_core.errors import shown
 
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
+# The environment variables that hold API keys (comma-separated), by the config field their keys join.
+ENV_KEY_VARS = {"api_keys": "QTTS_API_KEYS", "admin_api_keys": "QTTS_ADMIN_API_KEYS"}
 
 
 def _check_keys(d: Any, cls: type, where: str) -> None:
@@ -142,6 +144,8 @@ class ServiceConfig:
     voices_uri: str = "~/.cache/qwen-tts-fleet/voices"   # local folder or s3://bucket/prefix
     api_keys: tuple[str, ...] = ()                      # Bearer keys; also env QTTS_API_KEYS (comma-separated)
     admin_api_keys: tuple[str, ...] = ()                # keys that see every key's voices; env QTTS_ADMIN_API_KEYS
+    env_api_keys: tuple[str, ...] = ()                  # not for the YAML: which of api_keys / admin_api_keys came
+    env_admin_api_keys: tuple[str, ...] = ()            # from the environment (with_env_keys records them)
     metrics_without_key: bool = False                   # with keys set, /metrics needs one unless this is true
     docs_without_key: bool = False                      # likewise /docs and /openapi.json
     max_body_bytes: int = 1 << 20
@@ -201,7 +205,7 @@ class ServiceConfig:
         lead = self.stream_lead_s
         if isinstance(lead, bool) or not isinstance(lead, int | float) or not math.isfinite(lead) or lead < 0:
             raise ValueError(f"stream_lead_s must be a finite number of seconds >= 0 (0: not paced), got {lead!r}")
-        for key in (*self.api_keys, *self.admin_api_keys):
+        for key in (*self.api_keys, *self.admin_api_keys, *self.env_api_keys, *self.env_admin_api_keys):
             if not isinstance(key, str) or not key.strip() or key != key.strip():
                 raise ValueError("api_keys / admin_api_keys must be non-empty strings without surrounding spaces")
         from .fetch import AllowList
@@ -222,7 +226,7 @@ class ServiceConfig:
                 raise ValueError(f"serve config.models must be a list of model configs, got {shown(models)}")
             d["models"] = tuple(m if isinstance(m, ModelConfig) else ModelConfig.from_dict(m, f"models[{i}]")
                                 for i, m in enumerate(models))
-        for key in ("api_keys", "admin_api_keys", "allowed_audio_url_prefixes"):
+        for key in ("api_keys", "admin_api_keys", "env_api_keys", "env_admin_api_keys", "allowed_audio_url_prefixes"):
             if key in d:
                 d[key] = tuple(d[key] or ())
         return cls(**d)
@@ -250,22 +254,40 @@ class ServiceConfig:
         raise ValueError(f"model {name!r} is not served; choose one of {[m.name for m in self.models]}")
 
     def with_env_keys(self, environ: dict[str, str] | None = None) -> ServiceConfig:
-        """This config with the keys of QTTS_API_KEYS / QTTS_ADMIN_API_KEYS (comma-separated) added.
+        """This config with the keys of QTTS_API_KEYS / QTTS_ADMIN_API_KEYS (comma-separated) added, recorded in
+        `env_api_keys` / `env_admin_api_keys` so that a later call can take them out again.
 
-        Called where the service is built (the driver of `qtts serve`, `serve run`'s builder), so the keys travel
-        to the ingress inside its config: a Ray worker never sees the driver's environment. The ingress applies it
-        again to its own environment (keys set through the deployment's runtime_env). Idempotent."""
-        env = os.environ if environ is None else environ
+        The environment's keys REPLACE the ones an earlier call added: where the app is built (the driver of `qtts
+        serve`, `serve run`'s builder) they travel to the ingress inside its config, and the ingress calls this again
+        with its own environment. When that environment sets either variable (a pod's Secret), its keys are the only
+        environment keys accepted, so a key removed from the Secret is refused once the pods restart; when it sets
+        neither (a local cluster whose workers never saw the driver's environment), the keys the config carries
+        stay. Keys of the config file itself (api_keys in the YAML) are kept either way. Idempotent."""
+        base = self._without_env_keys()
+        env = _env_keys(os.environ if environ is None else environ)
+        if env is None:  # this environment says nothing: the keys resolved where the app was built
+            env = {"api_keys": self.env_api_keys, "admin_api_keys": self.env_admin_api_keys}
+        added = {f: tuple(k for k in dict.fromkeys(env[f]) if k not in getattr(base, f)) for f in ENV_KEY_VARS}
+        return replace(base, api_keys=base.api_keys + added["api_keys"],
+                       admin_api_keys=base.admin_api_keys + added["admin_api_keys"],
+                       env_api_keys=added["api_keys"], env_admin_api_keys=added["admin_api_keys"])
 
-        def merged(have: tuple[str, ...], var: str) -> tuple[str, ...]:
-            extra = [k.strip() for k in env.get(var, "").split(",") if k.strip()]
-            return tuple(dict.fromkeys([*have, *extra]))
-
-        return replace(self, api_keys=merged(self.api_keys, "QTTS_API_KEYS"),
-                       admin_api_keys=merged(self.admin_api_keys, "QTTS_ADMIN_API_KEYS"))
+    def _without_env_keys(self) -> ServiceConfig:
+        """The config file's own keys: those an earlier `with_env_keys` added are taken out."""
+        return replace(self, api_keys=tuple(k for k in self.api_keys if k not in self.env_api_keys),
+                       admin_api_keys=tuple(k for k in self.admin_api_keys if k not in self.env_admin_api_keys),
+                       env_api_keys=(), env_admin_api_keys=())
 
     def effective_api_keys(self) -> frozenset[str]:
         """Every key the service accepts once the environment's are added (what the ingress enforces)."""
         cfg = self.with_env_keys()
         return frozenset(cfg.api_keys) | frozenset(cfg.admin_api_keys)
 
+
+def _env_keys(environ: dict[str, str]) -> dict[str, tuple[str, ...]] | None:
+    """The keys of ENV_KEY_VARS in `environ` by config field, or None when it sets neither variable (set but empty
+    counts: a Secret emptied to revoke every key must not bring back the keys of the build)."""
+    if not any(var in environ for var in ENV_KEY_VARS.values()):
+        return None
+    return {f: tuple(k.strip() for k in environ.get(var, "").split(",") if k.strip())
+            for f, var in ENV_KEY_VARS.items()}
