@@ -17,6 +17,22 @@ from .replica import TTSReplica
 
 APP_NAME = "qtts"
 INGRESS_MAX_ONGOING = 1000   # requests one ingress replica handles at once (streams, uploads, /health)
+DRAIN_MARGIN_S = 30.0        # a stopping replica's wait beyond the session deadline (queue wait, the last chunks)
+DRAIN_POLL_S = 2.0           # how often a stopping replica looks whether its requests are done
+INGRESS_MAX_SURGE_PERCENT = 100   # a new ingress replica starts before the old one stops (it holds no GPU)
+
+
+def drain_s(cfg: ServiceConfig) -> float:
+    """How long Serve lets a stopping replica finish its open requests before killing it (rolling restart, scale
+    down, `serve.delete`): a session may run `session_deadline_s`, so Serve's default 20 s cut streams mid-sentence.
+    The one place this is computed (the RayService's rayClusterDeletionDelaySeconds is checked against it)."""
+    return cfg.session_deadline_s + DRAIN_MARGIN_S
+
+
+def _drain_options(cfg: ServiceConfig) -> dict[str, Any]:
+    """Serve options of every deployment: a stopping replica (model or ingress) drains its streams first; an idle
+    one stops after one `DRAIN_POLL_S` poll."""
+    return {"graceful_shutdown_timeout_s": drain_s(cfg), "graceful_shutdown_wait_loop_s": DRAIN_POLL_S}
 
 
 def _replica_options(m: ModelConfig, cfg: ServiceConfig) -> dict[str, Any]:
@@ -30,6 +46,7 @@ def _replica_options(m: ModelConfig, cfg: ServiceConfig) -> dict[str, Any]:
         "health_check_period_s": 10,
         # Calls about a session go to the replica that holds it (routing.py); the rest by power of two choices.
         "request_router_config": RequestRouterConfig(request_router_class="serve.routing.SessionRouter"),
+        **_drain_options(cfg),
     }
     if m.autoscaling:
         opts["autoscaling_config"] = dict(m.autoscaling)
@@ -50,7 +67,9 @@ def _overflow_answer(cfg: ServiceConfig) -> dict[str, Any]:
 
 def build_app(config: ServiceConfig | dict[str, Any] | None = None) -> Application:
     cfg = config if isinstance(config, ServiceConfig) else ServiceConfig.from_dict(config)
-    cfg = cfg.with_env_keys()  # env keys travel in the ingress's config: its worker never sees this environment
+    # env keys travel in the ingress's config (a local cluster's workers never see this environment); an ingress
+    # whose own environment sets QTTS_API_KEYS / QTTS_ADMIN_API_KEYS uses those instead (config.py with_env_keys)
+    cfg = cfg.with_env_keys()
     replicas = {m.name: TTSReplica.options(**_replica_options(m, cfg)).bind(
         {k: getattr(m, k) for k in m.__dataclass_fields__}, cfg.cache_dir, cfg.voices_uri, cfg.retry_after_s,
         cfg.session_limits())
@@ -61,7 +80,10 @@ def build_app(config: ServiceConfig | dict[str, Any] | None = None) -> Applicati
                               # Bounded: past it the proxy answers 503 at once (Serve's default queue is unbounded,
                               # so requests piled up behind held connections and /health went unanswered).
                               max_queued_requests=cfg.ingress_max_queued_requests,
-                              **_overflow_answer(cfg))
+                              # Any change of the app's args restarts every replica: without surge the only
+                              # ingress stops first and the service answers nothing until its successor is up.
+                              max_surge_percent=INGRESS_MAX_SURGE_PERCENT,
+                              **_drain_options(cfg), **_overflow_answer(cfg))
     return ingress.bind(cfg.to_dict(), replicas)
 
 
