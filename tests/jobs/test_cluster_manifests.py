@@ -22,6 +22,7 @@ KUBERAY = ROOT / "cluster" / "kuberay"
 DOCKER = ROOT / "cluster" / "docker"
 CRON = re.compile(r"^(\S+\s+){4}\S+$")
 IMAGE = "qwen-tts-fleet:0.1.0-cuda"  # what cluster/docker/build.sh tags by default
+RAYCRONJOB_SPEC_1_6 = {"schedule", "jobTemplate", "suspend"}  # ray-operator/apis/ray/v1/raycronjob_types.go, v1.6.2
 
 
 def _load(path: Path) -> dict:
@@ -94,11 +95,11 @@ def test_rayservice_serves_the_qtts_app_on_gpus_with_a_shared_voice_store():
     cfg = ServiceConfig.from_dict(app["args"])  # the service's own validation (names without "/", ...)
     assert all(m.num_gpus >= 1 for m in cfg.models)
     assert cfg.voices_uri.startswith("s3://")  # replicas on several nodes share one store
-    for m in cfg.models:
-        if m.autoscaling:
-            group = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-            assert m.autoscaling["max_replicas"] <= group["maxReplicas"] * int(
-                group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    group = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    gpus = group["maxReplicas"] * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    for scaling in [m.autoscaling for m in cfg.models] + [d.get("autoscaling_config") for d in app["deployments"]]:
+        if scaling:
+            assert scaling["max_replicas"] <= gpus
     _check_cluster(doc["spec"]["rayClusterConfig"], "rayservice")
     assert doc["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     ports = {p["name"] for p in doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
@@ -112,6 +113,33 @@ def test_rayservice_serves_the_qtts_app_on_gpus_with_a_shared_voice_store():
         env = {e["name"]: e for e in spec["containers"][0]["env"]}
         for var in ("QTTS_API_KEYS", "QTTS_ADMIN_API_KEYS"):
             assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "qtts-api-keys"
+
+
+def _model_deployments(app: dict) -> set[str]:
+    """The names of the model deployments serve.app builds from the app's args (what `deployments:` may name)."""
+    from serve.app import build_app
+
+    return {m._bound_deployment.name for m in build_app(app["args"])._bound_deployment.init_args[1].values()}
+
+
+def test_rayservice_drains_upgrades_and_scales_without_restarts():
+    """Operational settings: streams outlive a cluster upgrade, workers pass KubeRay's proxy readiness probe, replica
+    counts are Serve overrides (an edit of `args` restarts every replica), no fields KubeRay ignores."""
+    from serve.app import drain_s
+    from serve.config import ServiceConfig
+
+    doc, app = _service()
+    spec, serve_config = doc["spec"], yaml.safe_load(doc["spec"]["serveConfigV2"])
+    assert not {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"} & set(spec)  # unused
+    assert spec["rayClusterDeletionDelaySeconds"] >= drain_s(ServiceConfig.from_dict(app["args"]))
+    # KubeRay probes every RayService worker pod's own proxy (localhost:8000/-/healthz): a proxy on every node, or
+    # the worker groups bring their own readiness probe
+    workers = [g["template"]["spec"]["containers"][0] for g in spec["rayClusterConfig"]["workerGroupSpecs"]]
+    assert serve_config.get("proxy_location") == "EveryNode" or all("readinessProbe" in c for c in workers)
+    overrides = app["deployments"]
+    assert overrides and {d["name"] for d in overrides} <= _model_deployments(app)
+    assert all("autoscaling_config" in d or "num_replicas" in d for d in overrides)
+    assert not any(m.get("autoscaling") or "num_replicas" in m for m in app["args"]["models"])  # one place
 
 
 def test_standalone_rayjob_runs_engine_actors_one_per_gpu():
@@ -128,6 +156,23 @@ def test_standalone_rayjob_runs_engine_actors_one_per_gpu():
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
                                    ["nvidia.com/gpu"]) for g in spec["rayClusterSpec"]["workerGroupSpecs"])
     assert args.num_gpus == 1 and args.actors <= gpus and args.device == "cuda"
+    _hf_home_is_writable(spec, "rayjob")
+
+
+def _hf_home_is_writable(spec: dict, where: str) -> None:
+    """HF_HOME (hub downloads) lies on a volume in the head and every worker, and the image makes that folder its
+    user's (the image runs as uid 1000: a root-owned /models failed every download with PermissionError)."""
+    hf_home = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["HF_HOME"]
+    cluster = spec["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        mounts = [m["mountPath"] for m in pod["containers"][0].get("volumeMounts", [])]
+        assert any(hf_home.startswith(path.rstrip("/") + "/") for path in mounts), (where, hf_home, mounts)
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    folder = "/" + hf_home.strip("/").split("/")[0]
+    assert re.search(rf"^RUN mkdir -p {hf_home} && chown -R 1000:100 {folder}$", dockerfile, re.M)
+    assert re.search(rf"^ENV (.|\n)*HF_HOME={hf_home}", dockerfile, re.M)
+    assert dockerfile.rstrip().splitlines()[-1] != "USER 0" and "\nUSER 1000\n" in dockerfile
 
 
 def test_service_rayjob_runs_on_the_rayservice_cluster_through_its_replicas():
@@ -145,7 +190,13 @@ def test_raycronjob_regenerates_the_catalog_on_the_service():
     doc = _load(KUBERAY / "raycronjob-catalog.yaml")
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCronJob")
     assert CRON.match(doc["spec"]["schedule"])
+    assert set(doc["spec"]) <= RAYCRONJOB_SPEC_1_6, "a field KubeRay 1.6's RayCronJobSpec lacks (timeZone: 1.7)"
     tmpl = doc["spec"]["jobTemplate"]
+    # each run's RayJob is deleted after a while (else one more every hour), never the service's cluster
+    rules = tmpl["deletionStrategy"]["deletionRules"]
+    assert {r["policy"] for r in rules} == {"DeleteSelf"} and not tmpl.get("shutdownAfterJobFinishes")
+    assert {r["condition"].get("jobStatus") for r in rules} >= {"SUCCEEDED", "FAILED"}
+    assert all(r["condition"]["ttlSeconds"] >= 3600 for r in rules)
     assert "rayClusterSpec" not in tmpl and set(tmpl["clusterSelector"]) == {"ray.io/cluster"}
     args = _entrypoint(tmpl["entrypoint"], "jobs.catalog", catalog.build_parser)
     assert args.retire in catalog.RETIRE_MODES and args.output.startswith("s3://")
