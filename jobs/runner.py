@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -35,6 +36,9 @@ BACKENDS = ("auto", "engine", "serve")
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE")
 RUNNERS = ("ray", "local")
+# A row whose rendering killed its worker process (out of memory, a segfault) this many times is failed, not tried
+# again: Ray would restart the worker and run the batch again without end (RunOptions.max_worker_losses).
+MAX_WORKER_LOSSES = 3
 
 
 @dataclass(frozen=True)
@@ -57,13 +61,14 @@ class RunOptions:
     retry: RetryPolicy = RetryPolicy()
     extra_env: dict[str, str] = field(default_factory=dict)
     forward_env: bool = True       # s3:// output: send the driver's AWS_* settings to the workers
+    max_worker_losses: int = MAX_WORKER_LOSSES  # Ray: a row that lost its worker this often fails, not run again
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {list(RUNNERS)}, got {self.runner!r}")
         if self.backend not in BACKENDS and ":" not in self.backend:
             raise ValueError(f"backend must be one of {list(BACKENDS)} or 'module:Class', got {self.backend!r}")
-        for name in ("actors", "batch_size", "max_inflight_per_replica"):
+        for name in ("actors", "batch_size", "max_inflight_per_replica", "max_worker_losses"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
 
@@ -84,12 +89,60 @@ def build_backend(args: dict[str, Any]) -> Backend:
                         args["serve_opts"])
 
 
+class RowTracker(Tracker):
+    """The job's tracker (jobs/progress.py) plus what the poison-row rule needs: starts of a row that never finished.
+
+    A start that is still open when the row is started again was lost with its worker (Ray Data runs the batch again
+    after the worker process died); `begin` counts those per row.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: set[str] = set()
+        self.lost: dict[str, int] = {}
+
+    def lost_starts(self, ids: list[str]) -> dict[str, int]:
+        """Each row's lost starts so far, an open one included (a row is only started again after its worker died)."""
+        return {i: self.lost.get(i, 0) + (i in self.open) for i in ids}
+
+    def begin(self, ids: list[str], node: str) -> dict[str, int]:
+        """Record a start of each row now; returns each row's lost starts before this one."""
+        for i in ids:
+            if i in self.open:
+                self.lost[i] = self.lost.get(i, 0) + 1
+            self.open.add(i)
+        self.started(ids, node)
+        return {i: self.lost.get(i, 0) for i in ids}
+
+    def finished(self, items: list[tuple[str, str, float]]) -> None:
+        super().finished(items)
+        for rid, _, _ in items:
+            self.open.discard(rid)
+
+    @staticmethod
+    def start() -> Any:
+        """Pinned to the driver's node like Tracker.start (losing a worker node never loses it)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = ray.get_runtime_context().get_node_id()
+        return ray.remote(RowTracker).options(
+            num_cpus=0, max_concurrency=4,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+
+
 class RenderWorker:
     """Ray Data `map_batches` callable: builds its backend (loads the model) once, renders batches of rows and
-    reports each row to the job's tracker as it finishes."""
+    reports each row to the job's tracker as it finishes.
+
+    A batch run again after its worker was lost is rendered one row at a time, each row started on the tracker just
+    before it, so the next loss is charged to the row that caused it; a row that lost its worker `max_losses` times
+    is failed without rendering (one poison row must not restart workers without end nor fail its batch mates).
+    """
 
     def __init__(self, backend: dict[str, Any], output: str, retry: dict[str, Any], render: dict[str, Any],
-                 tracker: Any = None, env: dict[str, str] | None = None) -> None:
+                 tracker: Any = None, env: dict[str, str] | None = None,
+                 max_losses: int = MAX_WORKER_LOSSES) -> None:
         logging.basicConfig(level=logging.INFO)
         # set here, not via a task runtime_env: that would re-download a `ray job` working_dir per worker
         os.environ.update(env or {})
@@ -102,17 +155,46 @@ class RenderWorker:
         self.sink = open_sink(output, RetryPolicy(**retry))
         self.backend = build_backend(backend)
         self.tracker = tracker
+        self.max_losses = max_losses
         self.node = ray.get_runtime_context().get_node_id()
 
     def _report(self, rec: ManifestRecord) -> None:
         if self.tracker is not None:
             self.tracker.finished.remote([(rec.id, rec.status, rec.duration_s)])
 
+    def _render(self, rows: list[Utterance]) -> list[ManifestRecord]:
+        return render_rows(rows, self.backend, self.sink, self.cfg, skip_existing=False, on_row=self._report)
+
+    def _one_by_one(self, rows: list[Utterance]) -> list[ManifestRecord]:
+        """A batch run again after a lost worker: each row alone, a poison row failed instead of rendered."""
+        import ray
+
+        recs = []
+        for row in rows:
+            lost = ray.get(self.tracker.begin.remote([row.id], self.node))[row.id]
+            if lost < self.max_losses:
+                recs += self._render([row])
+                continue
+            rec = base_record(row, self.cfg)
+            rec.error = (f"worker lost {lost} times on this row: its process died while rendering it (out of "
+                         "memory, a crash); not rendered again")
+            log.error("row %r: %s", row.id, rec.error)
+            self._report(rec)
+            recs.append(rec)
+        return recs
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        import ray
+
         rows = [Utterance(**json.loads(r)) for r in batch["row"]]
-        if self.tracker is not None:
-            self.tracker.started.remote([r.id for r in rows], self.node)
-        recs = render_rows(rows, self.backend, self.sink, self.cfg, skip_existing=False, on_row=self._report)
+        ids = [r.id for r in rows]
+        if self.tracker is None:
+            recs = self._render(rows)
+        elif any(ray.get(self.tracker.lost_starts.remote(ids)).values()):
+            recs = self._one_by_one(rows)
+        else:
+            ray.get(self.tracker.begin.remote(ids, self.node))
+            recs = self._render(rows)
         return {"record": [json.dumps(r.to_dict()) for r in recs]}
 
 
@@ -271,25 +353,37 @@ def _run_local(rows: list[Utterance], backend: str, sink: Sink, cfg: RenderConfi
         render_rows(rows[i:i + opts.batch_size], be, sink, cfg, skip_existing=False, on_row=out.emit)
 
 
+def _map_workers(ds: Any, backend: str, cfg: RenderConfig, opts: RunOptions, tracker: Any, env: dict[str, str],
+                 rows: int) -> Any:
+    """The dataset through the RenderWorker actor pool, with Ray's retries bounded (worker_retries)."""
+    import ray.data
+
+    with warnings.catch_warnings():  # Ray 2.60 has no named parameter for max_restarts / max_task_retries
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            RenderWorker, batch_size=opts.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=opts.actors),
+            num_cpus=opts.num_cpus, num_gpus=opts.num_gpus or None,
+            fn_constructor_kwargs={"backend": opts.backend_args(backend, cfg), "output": opts.output,
+                                   "retry": asdict(opts.retry), "render": asdict(cfg), "tracker": tracker,
+                                   "env": env, "max_losses": opts.max_worker_losses},
+            **worker_retries(opts.max_worker_losses, rows),
+        )
+
+
 def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOptions, out: _Collector,
              stop: threading.Event | None) -> None:
     import ray
     import ray.data
 
     quiet_ray_data(opts.verbose)
-    tracker = Tracker.start()
+    tracker = RowTracker.start()
     items = [{"row": json.dumps(asdict(r))} for r in rows]
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / opts.batch_size)))
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ} \
         if opts.forward_env and opts.output.startswith("s3://") else {}
     env.update(opts.extra_env)
-    ds = ds.map_batches(
-        RenderWorker, batch_size=opts.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=opts.actors),
-        num_cpus=opts.num_cpus, num_gpus=opts.num_gpus or None,
-        fn_constructor_kwargs={"backend": opts.backend_args(backend, cfg), "output": opts.output,
-                               "retry": asdict(opts.retry), "render": asdict(cfg), "tracker": tracker, "env": env},
-    )
+    ds = _map_workers(ds, backend, cfg, opts, tracker, env, len(rows))
     polling = threading.Event()
 
     def poll() -> None:  # the bar follows the tracker: rows as they finish, not blocks as Ray Data returns them
@@ -335,6 +429,32 @@ def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOp
                             sorted(reruns)[:10])
         with contextlib.suppress(Exception):
             ray.kill(tracker)
+
+
+def worker_retries(max_losses: int, rows: int) -> dict[str, int]:
+    """Ray's own retries, bounded (Ray Data's default is without end). Every lost worker is charged to a row not
+    finished (all rows of a batch on its first run, then the row run alone: RenderWorker), and a row charged
+    `max_losses` times is failed, so a job loses at most `max_losses * rows` workers: a bound that the rule never
+    reaches (a batch may also die for its batch mates, queued on the same actor) and that Ray never exceeds."""
+    bound = max_losses * max(1, rows)
+    return {"max_task_retries": bound, "max_restarts": bound}
+
+
+def _committed(rows: list[Utterance], missing: list[int], sink: Sink, cfg: RenderConfig,
+               ) -> dict[int, ManifestRecord]:
+    """Rows whose record never came back (the job stopped or aborted) but whose output this job committed (the
+    driver found none before it started): their records from the sidecars, not "not rendered"."""
+    found: dict[int, ManifestRecord] = {}
+    for i in missing:
+        try:
+            rec = existing_output(sink, rows[i], cfg)
+        except Exception as e:  # noqa: BLE001 - a lookup that fails leaves the row as not rendered
+            log.warning("row %r: cannot look for its committed output (%s)", rows[i].id, error_text(e))
+            continue
+        if rec is not None:
+            rec.reused = False  # written by this job
+            found[i] = rec
+    return found
 
 
 def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: Sink | None = None,
@@ -396,6 +516,7 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
                 log.exception("run aborted")
                 with out._lock:
                     out.frozen = True
+                out.records.update(_committed(rows, [i for i in todo if i not in out.records], sink, cfg))
                 for i in todo:
                     if i not in out.records:
                         rec = base_record(rows[i], cfg)
@@ -404,6 +525,7 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
         with out._lock:
             out.frozen = True
             records.update(out.records)
+        records.update(_committed(rows, [i for i in todo if i not in records], sink, cfg))
         stopped = [i for i in todo if i not in records]
         for i in stopped:
             rec = base_record(rows[i], cfg)
