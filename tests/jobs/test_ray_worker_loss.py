@@ -14,6 +14,7 @@ import pytest
 
 from jobs import narrate
 from jobs.manifest import from_parquet
+
 MAX_WORKER_LOSSES = 3  # jobs.runner.MAX_WORKER_LOSSES (a literal: the test also runs against older runners)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
