@@ -268,6 +268,14 @@ class ServiceConfig:
         if env is None:  # this environment says nothing: the keys resolved where the app was built
             env = {"api_keys": self.env_api_keys, "admin_api_keys": self.env_admin_api_keys}
         added = {f: tuple(k for k in dict.fromkeys(env[f]) if k not in getattr(base, f)) for f in ENV_KEY_VARS}
+        if (self.api_keys or self.admin_api_keys) and not (base.api_keys or base.admin_api_keys or added["api_keys"]
+                                                           or added["admin_api_keys"]):
+            # fail closed: no keys at all means no key checks, and a Secret emptied to revoke every key (or by
+            # mistake) must not open the service to everyone
+            raise ValueError(f"{' / '.join(ENV_KEY_VARS.values())} are set but empty here, which would leave this "
+                             "service (built with API keys) without any: refusing to serve with key checks off. "
+                             "Give at least one key, or unset both variables and remove api_keys from the config "
+                             "to run without keys")
         return replace(base, api_keys=base.api_keys + added["api_keys"],
                        admin_api_keys=base.admin_api_keys + added["admin_api_keys"],
                        env_api_keys=added["api_keys"], env_admin_api_keys=added["admin_api_keys"])
@@ -286,7 +294,8 @@ class ServiceConfig:
 
 def _env_keys(environ: dict[str, str]) -> dict[str, tuple[str, ...]] | None:
     """The keys of ENV_KEY_VARS in `environ` by config field, or None when it sets neither variable (set but empty
-    counts: a Secret emptied to revoke every key must not bring back the keys of the build)."""
+    counts: a Secret emptied to revoke every key must not bring back the keys of the build; `with_env_keys` then
+    refuses to leave a service built with keys without any)."""
     if not any(var in environ for var in ENV_KEY_VARS.values()):
         return None
     return {f: tuple(k.strip() for k in environ.get(var, "").split(",") if k.strip())

@@ -48,3 +48,19 @@ def test_resolving_twice_or_after_a_round_trip_changes_nothing():
     again = ServiceConfig.from_dict(cfg.to_dict())
     assert again == cfg and again.with_env_keys({}) == cfg and cfg.env_api_keys == ("e1",)
     assert again.with_env_keys({"QTTS_API_KEYS": "e2"}).api_keys == ("c1", "e2")
+
+
+def test_a_secret_emptied_of_every_key_fails_closed(monkeypatch):
+    """No keys at all means no key checks: an ingress of a service built with keys whose environment now sets both
+    variables empty (every key revoked, or a Secret emptied by mistake) must not start open to everyone."""
+    import pytest
+
+    args = _built_args(monkeypatch, {}, {"QTTS_API_KEYS": "k1", "QTTS_ADMIN_API_KEYS": "adm"})
+    for environ in ({"QTTS_API_KEYS": "", "QTTS_ADMIN_API_KEYS": ""}, {"QTTS_API_KEYS": " , "}):
+        with pytest.raises(ValueError, match="refusing to serve with key checks off"):
+            ServiceConfig.from_dict(args).with_env_keys(environ)
+    # a service built without keys stays open, and a file key keeps checks on whatever the environment says
+    open_args = _built_args(monkeypatch, {}, {})
+    assert _ingress_keys(open_args, {"QTTS_API_KEYS": ""}) == set()
+    assert _ingress_keys(_built_args(monkeypatch, {"api_keys": ["f"]}, {"QTTS_API_KEYS": "e"}),
+                         {"QTTS_API_KEYS": ""}) == {"f"}
