@@ -54,14 +54,15 @@ class Tracker:
         """Rows started more than once, with the nodes of every start."""
         return {k: v for k, v in self.starts.items() if len(v) > 1}
 
-    @staticmethod
-    def start() -> Any:
-        """A tracker actor pinned to this (the driver's) node, so losing a worker node never loses it."""
+    @classmethod
+    def start(cls) -> Any:
+        """A tracker actor (of this class) pinned to this (the driver's) node, so losing a worker node never loses
+        it."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         node = ray.get_runtime_context().get_node_id()
-        return ray.remote(Tracker).options(
+        return ray.remote(cls).options(
             num_cpus=0, max_concurrency=4,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
 

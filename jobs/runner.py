@@ -119,17 +119,6 @@ class RowTracker(Tracker):
         for rid, _, _ in items:
             self.open.discard(rid)
 
-    @staticmethod
-    def start() -> Any:
-        """Pinned to the driver's node like Tracker.start (losing a worker node never loses it)."""
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        node = ray.get_runtime_context().get_node_id()
-        return ray.remote(RowTracker).options(
-            num_cpus=0, max_concurrency=4,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
-
 
 class RenderWorker:
     """Ray Data `map_batches` callable: builds its backend (loads the model) once, renders batches of rows and
