@@ -263,16 +263,23 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
         held.check()
         # the manifest first, then the deletes it lists: a stored manifest never lists a deleted object as current
         url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
-        counts["delete_failed"] = 0
+        counts["delete_failed"], lease_lost = 0, None
         if retire == "delete" and not extra:
-            held.check()
-            counts["delete_failed"], changed = purge(records, sink, shared=others)
-            if layout != "none":  # (another catalog's live package files are kept)
-                live_elsewhere = [r for r in others if r.status != "retired"]
-                counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], sink)
-                changed = True
-            if changed:
-                url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
+            try:
+                held.check()
+                counts["delete_failed"], changed = purge(records, sink, shared=others)
+                if layout != "none":  # (another catalog's live package files are kept)
+                    live_elsewhere = [r for r in others if r.status != "retired"]
+                    counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], sink)
+                    changed = True
+                if changed:
+                    held.check()   # another pass may own the output now: its manifest is not ours to replace
+                    url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
+            except lease.LeaseLost as e:
+                # the manifest written above lists this pass's records with their deletes pending (the next
+                # --retire delete pass does them): this pass rendered and recorded, it did not finish deleting
+                log.warning("%s; the manifest lists this pass's deletes as pending", e)
+                lease_lost = str(e)
     summary = summarize(records)
     summary.update(counts, catalog=name, output=sink.uri, manifest=url, wall_s=round(time.perf_counter() - t0, 2),
                    **extra, **({"adopted": adopted} if adopted else {}), **({"unclaimed": unclaimed} if unclaimed else {}),
@@ -281,7 +288,9 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
         summary["layout"] = {"name": layout, **packages}
     if not quiet:
         print_manifest(records)
-    return (3 if extra else 1 if summary["failed"] or counts["delete_failed"] else 0), summary
+    if lease_lost:
+        summary["lease_lost"] = lease_lost
+    return (3 if extra else 1 if summary["failed"] or counts["delete_failed"] or lease_lost else 0), summary
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")

@@ -46,8 +46,8 @@ def plan_text(text: str, cfg: Any) -> TextPlan:
         for chunk in display:
             said, fired = cfg.lexicon.apply(chunk)
             synth.append(said)
-            hits.update({e.word: e for e in fired if e.word not in hits})
-        return TextPlan(synth, display, list(hits.values()))
+            hits.update(dict.fromkeys(fired))   # by entry: one word may have an exact and an ignore-case entry
+        return TextPlan(synth, display, list(hits))
     said, fired = cfg.lexicon.apply(text)
     chunks = split_text(said, cfg.max_chars)
     return TextPlan(chunks, chunks, fired)

@@ -126,11 +126,13 @@ def base_record(row: Utterance, cfg: RenderConfig) -> ManifestRecord:
     return rec
 
 
-def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig) -> ManifestRecord | None:
+def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig, this_run: bool = False,
+                    ) -> ManifestRecord | None:
     """The committed record for this row's key when the object exists and matches its sidecar, else None.
 
-    Its `retries` are cleared: they tell what was retried in the run that rendered it (its sidecar keeps them, with
-    its `attempts`); this run retried nothing for it, and its manifest and summary say what this run did."""
+    Its `retries` are cleared unless `this_run` (this job rendered it: runner._committed): they tell what was
+    retried in the run that rendered it (its sidecar keeps them, with its `attempts`); a reusing run retried nothing
+    for it, and its manifest and summary say what this run did."""
     key, _ = plan_key(row, cfg)
     raw = sink.get(sidecar_key(key))
     if raw is None:
@@ -140,8 +142,8 @@ def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig) -> ManifestRe
         return None
     if rec.key != key or sink.size(key) != rec.bytes or rec.bytes <= 44:
         return None
-    rec.id, rec.reused, rec.url = row.id, True, sink.url(key)
-    rec.retries = []
+    rec.id, rec.reused, rec.url = row.id, not this_run, sink.url(key)
+    rec.retries = rec.retries if this_run else []
     return rec
 
 

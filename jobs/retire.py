@@ -66,16 +66,24 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], ret
         old = prev.get(r.id)
         if old is None or old.status == "retired":
             counts["new"] += 1
-            if old is not None and not _done(old) and r.status in LIVE and retire != "mark":
+            if old is not None and not _done(old):
                 # back after a retirement whose delete failed or is pending: what it left goes with this version
-                r.previous_keys = [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != r.key]
+                # (written or failed: the retired record is dropped, and its objects must stay listed somewhere)
+                if r.status in LIVE:
+                    left = [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != r.key]
+                    r.previous_keys = list(dict.fromkeys([*r.previous_keys, *left]))
+                else:
+                    _carry(r, old)
             continue
         if r.status not in LIVE:
             _carry(r, old)
         counts["unchanged" if old.key == r.key and r.reused else "changed"] += 1
-        if r.status in LIVE and retire != "mark":
-            superseded = [k for k in dict.fromkeys([old.key, *old.previous_keys]) if k and k != r.key]
-            r.previous_keys = list(dict.fromkeys([*r.previous_keys, *superseded]))
+        if r.status in LIVE:
+            # "mark" keeps superseded versions in storage unlisted, but never drops deletes already listed (a pass
+            # stopped between its manifest and its deletes, a refused delete, a "hold" pass)
+            superseded = [k for k in dict.fromkeys([old.key] if retire != "mark" else []) if k and k != r.key]
+            listed = [k for k in old.previous_keys if k and k != r.key]
+            r.previous_keys = list(dict.fromkeys([*r.previous_keys, *listed, *superseded]))
     ids = {r.id for r in current}
     out = list(current)
     for old in previous:

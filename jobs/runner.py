@@ -436,12 +436,11 @@ def _committed(rows: list[Utterance], missing: list[int], sink: Sink, cfg: Rende
     found: dict[int, ManifestRecord] = {}
     for i in missing:
         try:
-            rec = existing_output(sink, rows[i], cfg)
+            rec = existing_output(sink, rows[i], cfg, this_run=True)   # written by this job, with its retries
         except Exception as e:  # noqa: BLE001 - a lookup that fails leaves the row as not rendered
             log.warning("row %r: cannot look for its committed output (%s)", rows[i].id, error_text(e))
             continue
         if rec is not None:
-            rec.reused = False  # written by this job
             found[i] = rec
     return found
 

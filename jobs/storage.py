@@ -163,7 +163,8 @@ class LocalSink:
         return path.stat().st_size if path.is_file() else None
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)   # (a refusal is a StorageError, as every sink's: callers record it and go on)
+        _retry(f"delete {path}", lambda: path.unlink(missing_ok=True), self.retry, _local_retryable)
 
     def list(self, prefix: str = "") -> list[str]:
         base = Path(self.root)

@@ -33,3 +33,25 @@ def test_an_entry_that_fires_only_per_sentence_is_in_the_key(tmp_path, capsys):
     assert "Loo-ee today." in said and not second.reused and second.key != first.key
     third, said = _run(rows, lexicon, out, capsys)  # unchanged: reused
     assert said == [] and third.reused and third.key == second.key
+
+
+def test_one_word_with_an_exact_and_an_ignore_case_entry_both_count_in_the_key(tmp_path):
+    """Review: the captions path kept one fired entry per word, so with `polish` (case exact) and `Polish` (case
+    ignore) firing in different sentences, editing the second one's respelling reused the old audio."""
+    from jobs import deliver, lexicon
+    from jobs.inputs import Utterance
+    from jobs.render import RenderConfig, plan_key
+
+    def lex(second: str):
+        f = tmp_path / "lex.yaml"
+        f.write_text("- {word: polish, respelling: POLL-ish, case: exact}\n"
+                     f"- {{word: polish, respelling: {second}, case: ignore}}\n")
+        return lexicon.load(f)
+
+    text = "I polish the car. Polish is a language."
+    row = Utterance(id="a", text=text, voice="ryan", language="english", seed=1)
+    for captions in (False, True):
+        plans = [(plan_key(row, RenderConfig(model="fake", captions=captions, lexicon=lex(s)))[0],
+                  deliver.plan_text(text, RenderConfig(model="fake", captions=captions, lexicon=lex(s))).synth)
+                 for s in ("POE-lish", "PO-lisch")]
+        assert plans[0][1] != plans[1][1] and plans[0][0] != plans[1][0], captions

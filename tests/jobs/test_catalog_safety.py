@@ -3,6 +3,7 @@ two passes over one output never overlap (the lease)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -199,6 +200,136 @@ def test_a_prompt_back_after_a_refused_retirement_delete_takes_the_leftover_with
     man = _manifest(out)
     assert code == 0 and s["new"] == 1 and man["bye"].status == "ok" and man["bye"].previous_keys == []
     assert not (out / bye).exists() and (out / man["bye"].key).exists()
+
+
+def _listed_objects(out) -> set[str]:
+    return {k for r in _manifest(out).values() for k in (r.key, *r.previous_keys) if k}
+
+
+def _unlisted_audio(out) -> list[str]:
+    listed = _listed_objects(out)
+    return [p.relative_to(out).as_posix() for p in out.rglob("*.wav") if p.relative_to(out).as_posix() not in listed]
+
+
+def test_a_prompt_back_after_a_refused_retirement_delete_whose_render_fails_keeps_the_leftover_listed(
+        tmp_path, capsys, monkeypatch):
+    """Review: the leftover was carried only when the returning prompt rendered; when its render failed, the retired
+    record was dropped and the old object was listed nowhere, for good."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."}])
+    assert _run(cat, out, capsys)[0] == 0
+    bye = _manifest(out)["bye"].key
+
+    def refuse(self, key):
+        raise StorageError(f"delete {key} failed after 1 attempt(s): AccessDenied")
+
+    _write(cat, [{"id": "welcome", "text": "Welcome."}])
+    with monkeypatch.context() as m:
+        m.setattr(LocalSink, "delete", refuse)
+        assert _run(cat, out, capsys)[0] == 1
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "FOREVER goodbye."}])  # fails
+    assert _run(cat, out, capsys)[0] == 1
+    rec = _manifest(out)["bye"]
+    assert rec.status == "failed" and bye in rec.previous_keys and not _unlisted_audio(out)
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye, see you."}])
+    assert _run(cat, out, capsys)[0] == 0
+    assert not (out / bye).exists() and not _unlisted_audio(out) and _manifest(out)["bye"].previous_keys == []
+
+
+def test_deletes_listed_by_a_stopped_pass_survive_a_mark_pass(tmp_path, capsys, monkeypatch):
+    """A pass stopped between its manifest and its deletes lists the superseded version on the prompt's record; a
+    later `--retire mark` pass (or one that adopts unnamed records, which runs as mark) rebuilt the list without it,
+    so no later delete pass ever removed it."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "hours", "text": "We open at nine."}])
+    assert _run(cat, out, capsys)[0] == 0
+    old = _manifest(out)["hours"].key
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "hours", "text": "We open at ten."}])
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*a, **k):
+        raise Killed()   # the process dies right after the first manifest write
+
+    with monkeypatch.context() as m:
+        m.setattr(catalog, "purge", killed)
+        with pytest.raises(Killed):
+            _run(cat, out, capsys)
+    assert _manifest(out)["hours"].previous_keys == [old]
+    code = catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
+                         "local", "--no-progress", "--quiet", "--retire", "mark"])
+    capsys.readouterr()
+    assert code == 0 and _manifest(out)["hours"].previous_keys == [old]
+    assert _run(cat, out, capsys)[0] == 0 and not (out / old).exists() and not _unlisted_audio(out)
+
+
+def test_a_lease_lost_during_the_deletes_never_rewrites_the_manifest(tmp_path, capsys, monkeypatch):
+    """Review: the lease was checked before the deletes, not before the second manifest write: a pass whose lease
+    another pass took over meanwhile replaced that pass's manifest. And a lease lost after the first write is not
+    "did nothing" (exit 2): the pass rendered and recorded; it exits 1 and says its deletes are pending."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."}])
+    assert _run(cat, out, capsys)[0] == 0
+
+    class Held:
+        lost = False
+
+        def check(self):
+            if self.lost:
+                raise lease.LeaseLost("lost the catalog lease (taken over)")
+
+    held, writes = Held(), []
+
+    @contextlib.contextmanager
+    def hold(sink, **kw):
+        yield held
+
+    real_purge, real_put = catalog.purge, LocalSink.put
+
+    def purge_then_lose(*a, **k):
+        res = real_purge(*a, **k)
+        held.lost = True
+        return res
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        if key == catalog.MANIFEST_KEY:
+            writes.append(held.lost)
+        return real_put(self, key, data, content_type)
+
+    monkeypatch.setattr(catalog.lease, "hold", hold)
+    monkeypatch.setattr(catalog, "purge", purge_then_lose)
+    monkeypatch.setattr(LocalSink, "put", put)
+    _write(cat, [{"id": "welcome", "text": "Welcome."}])
+    code, s = _run(cat, out, capsys)
+    assert writes == [False]                      # no write after the lease was lost
+    assert code == 1 and "lost the catalog lease" in s["lease_lost"]
+    assert _manifest(out)["bye"].error == retire.PENDING
+
+
+def test_a_local_delete_the_file_system_refuses_is_recorded_not_a_crash(tmp_path, capsys, monkeypatch):
+    """LocalSink.delete let a PermissionError out (no StorageError): a pass ended in a traceback after its first
+    manifest write. Now it is a refused delete like any other: recorded, exit 1, tried again next pass."""
+    from pathlib import Path
+
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."}])
+    assert _run(cat, out, capsys)[0] == 0
+    bye = _manifest(out)["bye"].key
+    real = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name.startswith("bye"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, missing_ok=missing_ok)
+
+    _write(cat, [{"id": "welcome", "text": "Welcome."}])
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", unlink)
+        code, s = _run(cat, out, capsys)
+    assert code == 1 and s["delete_failed"] == 1 and (out / bye).exists()
+    assert _manifest(out)["bye"].error.startswith("retired: delete failed")
+    assert _run(cat, out, capsys)[0] == 0 and not (out / bye).exists()
 
 
 def test_an_overlapping_pass_is_refused_while_one_holds_the_lease(tmp_path, capsys, monkeypatch):

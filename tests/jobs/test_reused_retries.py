@@ -39,3 +39,26 @@ def test_reused_row_lists_no_retries_of_the_run_that_rendered_it(tmp_path, capsy
     assert rec.reused and rec.retries == []
     sidecar = json.loads((out / f"{rec.key}.json").read_text())
     assert sidecar["retries"] == ["replica lost (RayActorError)"]  # the original render's, kept with it
+
+
+def test_a_row_this_job_committed_keeps_its_retries_when_listed_from_its_sidecar(tmp_path):
+    """Review: rows whose record never came back (a stopped or aborted Ray job) are listed from their sidecars
+    (runner._committed); clearing a reused row's retries wiped the retries this very job made for them."""
+    import numpy as np
+
+    from jobs import runner
+    from jobs.inputs import Utterance
+    from jobs.render import RenderConfig, render_rows
+    from jobs.storage import LocalSink
+
+    class LostOnce:
+        def synthesize(self, jobs):
+            return [ChunkResult(np.full(24000, 0.1, np.float32), "eos", retries=("replica lost, sent again",))
+                    for _ in jobs]
+
+    sink, cfg = LocalSink(str(tmp_path)), RenderConfig(model="fake")
+    rows = [Utterance(id="a", text="Hello there.", voice="ryan")]
+    made = render_rows(rows, LostOnce(), sink, cfg, skip_existing=False)[0]
+    listed = runner._committed(rows, [0], sink, cfg)[0]
+    assert made.retries == ["replica lost, sent again"]
+    assert listed.retries == made.retries and listed.reused is False and listed.status == made.status
