@@ -100,6 +100,20 @@ class RowTracker(Tracker):
         super().__init__()
         self.open: set[str] = set()
         self.lost: dict[str, int] = {}
+        self.loading: set[str] = set()   # actors loading their backend (the model) now
+        self.load_deaths = 0             # loads that never finished: their actor was restarted meanwhile
+
+    def begin_load(self, actor: str) -> int:
+        """`actor` starts loading its backend; returns how many loads of the job died so far. A restarted actor
+        keeps its id, so one that begins again while its last load is open died loading (out of memory, a crash):
+        no row is open then, so the poison-row rule never sees it."""
+        if actor in self.loading:
+            self.load_deaths += 1
+        self.loading.add(actor)
+        return self.load_deaths
+
+    def end_load(self, actor: str) -> None:
+        self.loading.discard(actor)
 
     def lost_starts(self, ids: list[str]) -> dict[str, int]:
         """Each row's lost starts so far, an open one included (a row is only started again after its worker died)."""
@@ -142,7 +156,17 @@ class RenderWorker:
         render = dict(render, quality=QualityConfig(**render["quality"]))
         self.cfg = RenderConfig(**render)
         self.sink = open_sink(output, RetryPolicy(**retry))
+        actor = ray.get_runtime_context().get_actor_id() if tracker is not None else None
+        if actor is not None:
+            died = ray.get(tracker.begin_load.remote(actor))
+            if died >= max_losses:   # raised in the constructor: the actor is not restarted, the job ends
+                raise RuntimeError(f"workers died {died} times while loading the backend ({backend['spec']}, "
+                                   "e.g. the model out of memory): giving up instead of loading it again")
         self.backend = build_backend(backend)
+        if hasattr(self.backend, "preload"):   # the models the rows name (local folders: their absolute paths)
+            self.backend.preload([m.get("path") or name for name, m in self.cfg.models.items()])
+        if actor is not None:
+            tracker.end_load.remote(actor)
         self.tracker = tracker
         self.max_losses = max_losses
         self.node = ray.get_runtime_context().get_node_id()

@@ -101,6 +101,12 @@ class EngineBackend:
                                              guard_base_frames=self.opts.guard_base_frames)
         return self._engines[model_id]
 
+    def preload(self, model_ids: list[str]) -> None:
+        """Load these models now (a Ray worker does it in its constructor, where a load that kills the process is
+        told apart from a row that does: runner.RowTracker.begin_load)."""
+        for m in model_ids:
+            self._engine(m)
+
     def load_voice(self, voice: str) -> Any:
         """A Base model's voice: a voice-prompt file (save_voice_prompt) or an id in the `voices_uri` store.
         KeyError when neither has it (request_from_fields turns that into RequestError('voice'))."""

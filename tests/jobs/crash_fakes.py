@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 from jobs.synth import ChunkJob, ChunkResult
 from tests.jobs.fakes import FakeBackend
@@ -15,3 +17,15 @@ class CrashFake(FakeBackend):
         if any("CRASH" in j.text for j in jobs):
             os._exit(137)
         return super().synthesize(jobs)
+
+
+LOAD_LOG = Path(tempfile.gettempdir()) / "qtts-test-load-crash.log"   # one line per load attempt
+
+
+class LoadCrashFake(FakeBackend):
+    """The worker process dies while the backend loads (a model that does not fit its memory)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        with LOAD_LOG.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        os._exit(137)

@@ -82,3 +82,26 @@ def test_a_relative_output_is_the_drivers_folder(ray_driver, tmp_path, monkeypat
         assert not worker_out.exists()
     finally:
         shutil.rmtree(worker_out, ignore_errors=True)
+
+
+def test_workers_that_die_loading_the_backend_end_the_job(ray_driver, tmp_path, capsys):
+    """A backend whose load kills the process (a model out of memory) never opens a row, so the poison-row rule never
+    fired and Ray restarted the workers up to its bound (max_losses x rows: for a big job, a hang of reloads). The
+    tracker counts loads that never finished; the constructor gives up after `max_losses` of them: the job fails
+    within a few restarts, every row unrendered, nothing written."""
+    from tests.jobs.crash_fakes import LOAD_LOG
+
+    rows = _rows(tmp_path / "rows.jsonl", {f"r{i}": f"Row {i} text." for i in range(40)})
+    out = tmp_path / "out"
+    LOAD_LOG.unlink(missing_ok=True)
+    try:
+        code = _narrate([str(rows), "--out", f"file://{out}", "--backend", "tests.jobs.crash_fakes:LoadCrashFake",
+                         "--batch-size", "2", *RAY], limit_s=120)
+    except Exception as e:  # noqa: BLE001 - the dataset's failure may surface as an exception: the job ended
+        code = e
+    capsys.readouterr()
+    loads = len(LOAD_LOG.read_text().splitlines())
+    LOAD_LOG.unlink(missing_ok=True)
+    assert code != 0, code
+    assert loads <= MAX_WORKER_LOSSES + 1, f"{loads} loads (one actor: it gives up on load {MAX_WORKER_LOSSES + 1})"
+    assert not any(p.suffix == ".wav" for p in out.rglob("*")) if out.exists() else True
