@@ -164,7 +164,10 @@ class RenderWorker:
                                    "e.g. the model out of memory): giving up instead of loading it again")
         self.backend = build_backend(backend)
         if hasattr(self.backend, "preload"):   # the models the rows name (local folders: their absolute paths)
-            self.backend.preload([m.get("path") or name for name, m in self.cfg.models.items()])
+            try:
+                self.backend.preload([m.get("path") or name for name, m in self.cfg.models.items()])
+            except Exception as e:  # noqa: BLE001 - an error (not a death) fails the rows, each naming it, as before
+                log.warning("loading the job's models failed (%s); the rows will say so", error_text(e))
         if actor is not None:
             tracker.end_load.remote(actor)
         self.tracker = tracker
