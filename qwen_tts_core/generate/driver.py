@@ -7,6 +7,7 @@ i.e. they are batched together, and an idle model holds no thread.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections import deque
@@ -46,6 +47,8 @@ class EngineDriver:
         try:
             while True:
                 ch = self._next(s)
+                if ch is None:   # released by another thread (Reader.close): the reading ends here
+                    return
                 if ch.is_last:
                     done = True
                 yield ch
@@ -97,11 +100,14 @@ class EngineDriver:
             raise
         return sessions
 
-    def _next(self, s: Session) -> AudioChunk:
+    def _next(self, s: Session) -> AudioChunk | None:
+        """The session's next chunk; None once it was released (closed by another thread: nobody reads it)."""
         while True:
             self._reap()
             with self._cv:
-                q = self._queues[s.id]
+                q = self._queues.get(s.id)
+                if q is None or s.id in self._abandoned and not q:
+                    return None
                 if q:
                     ch = q.popleft()
                     if ch.is_last:
@@ -110,7 +116,7 @@ class EngineDriver:
             if self._step_lock.acquire(blocking=False):
                 try:  # chunks are delivered before the lock is released: the next stepper sees them
                     with self._cv:
-                        if self._queues[s.id]:
+                        if self._queues.get(s.id):
                             continue  # delivered while we took the lock
                     if not self.engine.has_work():
                         raise RuntimeError(f"session {s.id} is not in the engine any more")
@@ -120,7 +126,7 @@ class EngineDriver:
                     self._step_lock.release()
             else:
                 with self._cv:
-                    if not self._queues[s.id]:
+                    if not self._queues.get(s.id):
                         self._cv.wait(timeout=0.05)
 
     def _deliver(self, chunks: list[AudioChunk]) -> None:
@@ -158,9 +164,12 @@ class Reader(Generic[T]):
             raise
 
     def close(self) -> None:
+        """Cancel the session (nothing once read to its last chunk), from any thread: a thread inside `next()`
+        meanwhile sees the reading end."""
+        self._driver._release(self._s)
         self._dropped.detach()
-        self._gen.close()
-        self._driver._release(self._s)   # (nothing once read to its last chunk)
+        with contextlib.suppress(ValueError):   # "generator already executing": that thread ends it (above)
+            self._gen.close()
 
 
 __all__ = ["EngineDriver", "Reader"]

@@ -118,6 +118,43 @@ def test_a_stream_closed_before_its_first_chunk_is_cancelled_while_still_held(mo
     assert it is not None and reader is not None   # (held all along: no garbage collection did it)
 
 
+def test_a_stream_closed_from_another_thread_while_read_is_cancelled(model):
+    """Review: close() while a reader thread was inside next() raised "generator already executing" and cancelled
+    nothing (a web app reading in a worker thread, closing from another when its client left): the session ran to
+    its end. Now close() cancels from any thread and the reading thread's loop ends."""
+    import time
+
+    it = model.stream_custom_voice(TEXTS[0], speaker="ryan", chunk_frames=1, **dict(G, max_new_tokens=300))
+    real_step = model.engine.step
+
+    def slow_step(emit=None):
+        time.sleep(0.01)
+        return real_step(emit)
+
+    model.engine.step = slow_step
+    got, errors, inside = [], [], threading.Event()
+
+    def read() -> None:
+        try:
+            for pcm in it:
+                got.append(len(pcm))
+                inside.set()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    try:
+        t = threading.Thread(target=read)
+        t.start()
+        assert inside.wait(30)
+        it.close()
+        t.join(30)
+    finally:
+        del model.engine.step
+    assert not t.is_alive() and errors == [] and len(got) < 100
+    assert not model.engine.has_work() and model.engine.num_active == 0
+    assert not model._engine_driver()._queues
+
+
 def test_a_batch_with_a_refused_item_leaves_none_of_its_items_running(model):
     """generate_* with a list: the items opened before a later one is refused were left in the engine, running to
     their end on other callers' steps, their audio kept in the driver forever."""
