@@ -31,8 +31,8 @@ def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None, x_vec
     for i, (t, xvec) in enumerate(zip(texts, modes)):
         if not xvec and (t is None or isinstance(t, str) and not t.strip()):
             raise RequestError("ref_text", f"is required when x_vector_only_mode=False (ICL mode); missing at index {i}")
-        if not xvec or t is not None:  # stored with the voice in either mode; spoken before every text in ICL
-            check_ref_text(t, allow_blank=bool(xvec))
+        if not xvec:  # spoken before every text in ICL; x-vector mode ignores it (kept on the item unchecked, as
+            check_ref_text(t)  # the official does: the service bounds what it stores, serve/ingress.py)
     wavs, rates = [], set()
     need = min_speaker_samples(model.speaker_encoder.config)
     for i, a in enumerate(audios):

@@ -493,6 +493,8 @@ class Engine:
             old = len(s.prompt.trailing)
             with self.text_projection():
                 extend_prompt(self.talker, s.prompt, new, end=s.incremental.ended and not was_ended)
+            # as at admission (_prepare): text past max_len would never be spoken, so the session fails naming it
+            check_positions(s.prompt.prefill.shape[0] + len(s.prompt.trailing), self.max_len)
             self.runner.set_text(s.slot, s.prompt.trailing, old)
             self._set_guard(s)
 

@@ -59,11 +59,18 @@ def test_the_limit_is_the_cores_and_counts_characters():
     assert e.value.field == "ref_text" and f"at most {MAX_REF_TEXT_CHARS}" in e.value.message
 
 
-@pytest.mark.parametrize("x_vector_only", [False, True], ids=["icl", "x-vector"])
-def test_create_voice_clone_prompt_refuses_a_long_transcript(base, ref_wav_path, x_vector_only):
+def test_create_voice_clone_prompt_refuses_a_long_transcript(base, ref_wav_path):
     with pytest.raises(RequestError) as e:
-        base.create_voice_clone_prompt(str(ref_wav_path), ref_text="word " * 100_000, x_vector_only_mode=x_vector_only)
+        base.create_voice_clone_prompt(str(ref_wav_path), ref_text="word " * 100_000, x_vector_only_mode=False)
     assert e.value.field == "ref_text" and "500000 characters" in e.value.message, e.value
+
+
+def test_x_vector_mode_ignores_the_transcript_as_the_official_does(base, ref_wav_path):
+    """x_vector_only_mode never speaks ref_text: the official package keeps it on the item unchecked, so a drop-in
+    must not refuse a long or odd one (review: it did after the limit came)."""
+    for text in ("word " * 1000, "\ud800"):
+        (item,) = base.create_voice_clone_prompt(str(ref_wav_path), ref_text=text, x_vector_only_mode=True)
+        assert item.ref_text == text and item.x_vector_only_mode and item.ref_code is None
 
 
 def test_a_stored_icl_voice_with_a_long_transcript_is_refused_before_it_is_tokenized(base, monkeypatch):
@@ -112,3 +119,23 @@ def test_a_text_that_fits_is_still_admitted(model_factory):
         kind="custom_voice", text="Hello world.", speaker="ryan", language="english",
         sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=8), decode_audio=False)])[0]
     assert s.error is None and s.finish_reason in ("eos", "max_new_tokens")
+
+
+def test_incremental_text_past_max_len_fails_the_session_as_the_whole_text_is_refused(model_factory):
+    """Review: text appended after admission was embedded and never spoken (the session ended by max_new_tokens,
+    no error) where the same text sent whole was refused naming text."""
+    cv = model_factory("custom_voice", "tiny")
+    text = "A sentence of several words. " * 20
+    engine = Engine(cv, max_sessions=1, max_len=64)
+    s = engine.add(SynthesisRequest(kind="custom_voice", text=None, speaker="ryan", language="english",
+                                    sampling=GREEDY, decode_audio=False))
+    s.append_text("A sentence ")
+    for _ in range(200):
+        engine.step()
+        if s.prompt is not None:
+            break
+    s.append_text(text[11:])
+    s.end_text()
+    while engine.has_work():
+        engine.step()
+    assert s.finish_reason == "error" and s.error_field == "text" and "max_len" in s.error, (s.finish_reason, s.error)
