@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Awaitable
 from typing import Any
 
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError, RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from qwen_tts_core.types import SAMPLE_RATE
@@ -50,8 +50,10 @@ class StreamAborted(RuntimeError):
 
 
 class ReplicaLost(ApiError):
-    """The 502 of a replica that died or could not be reached (Ray's `RayActorError`): before the client has any
-    audio, its request may go to another replica (the ingress's `failover_retries`)."""
+    """The 502 of a replica that died (Ray's `ActorDiedError`): before the client has any audio, its request may go
+    to another replica (the ingress's `failover_retries`). Not one that could not be reached for a while
+    (`ActorUnavailableError`): Serve's router keeps it in rotation, the retry may go back to it, and being alive it
+    may still run the first call, which would then run twice."""
 
 
 def replica_lost(e: BaseException) -> ApiError:
@@ -60,7 +62,7 @@ def replica_lost(e: BaseException) -> ApiError:
     because its client left)."""
     level = logging.INFO if isinstance(e, RequestCancelledError) else logging.WARNING
     log.log(level, "replica stream failed: %s: %s", type(e).__name__, str(e).strip().splitlines()[-1:] or "")
-    cls = ReplicaLost if isinstance(e, RayActorError) else ApiError
+    cls = ReplicaLost if isinstance(e, ActorDiedError) else ApiError
     return cls(502, "the model replica serving this request failed; retry the request")
 
 

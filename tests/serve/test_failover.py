@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 from ray import serve
-from ray.exceptions import ActorDiedError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from serve.metrics import http_errors
 from tests.serve.inproc import ingress_app
@@ -34,6 +34,8 @@ class Flaky:
         return []
 
     def _die(self):
+        if self.error is ActorUnavailableError:
+            return ActorUnavailableError("unreachable for a while", b"\x00" * 16)
         return self.error() if self.error is ActorDiedError else RuntimeError("a bug in the replica")
 
     async def stream(self, payload, incremental=False, lease=False, consumer=None):
@@ -108,10 +110,12 @@ def test_a_replica_lost_after_audio_went_out_is_never_retried(monkeypatch):
     assert events[-1]["error"]["code"] == "502" and _held(ing) == 0
 
 
-def test_a_replica_error_that_is_not_a_lost_replica_is_not_retried(monkeypatch):
+@pytest.mark.parametrize("error", [RayTaskError, ActorUnavailableError])
+def test_a_replica_error_that_is_not_a_dead_replica_is_not_retried(monkeypatch, error):
     """A replica that raised (a bug; Ray's RayTaskError) is alive: the same request would fail the same way on
-    another one, so it is the 502 it was, once."""
-    rep = Flaky({1: "parked"}, error=RayTaskError)
+    another one. One that could not be reached for a while (ActorUnavailableError) stays in Serve's rotation and
+    may still run the first call: a retry could run the request twice. Each is the 502 it was, once."""
+    rep = Flaky({1: "parked"}, error=error)
     client, ing = _app(monkeypatch, rep)
     assert client.post("/v1/audio/speech", json=BODY, headers=KEY).status_code == 502 and rep.calls == 1
     assert _held(ing) == 0
