@@ -16,6 +16,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .voices import ANYONE
 
@@ -40,6 +41,25 @@ class Caller:
 
 
 ANONYMOUS = Caller(owner="", admin=True)
+
+
+def cross_site(headers) -> bool:
+    """A browser request made by a page of another site (or another port of this host, which is the same site):
+    `Sec-Fetch-Site` says so where browsers send it (all current ones); else an `Origin` that is not this host
+    (or "null": a sandboxed or file page). Clients that are not browsers send neither.
+
+    Why: without API keys any page a user opens could drive a local service (synthesize, create and delete
+    voices): a JSON POST without a Content-Type, a form upload and a WebSocket need no CORS preflight. This service
+    answers no CORS, so no page of another site can use it legitimately; with keys, the key is the guard (a page
+    of another site may hold one, e.g. for the WebSocket's `?api_key=`)."""
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site.strip().lower() in ("cross-site", "same-site")
+    origin = headers.get("origin")
+    if origin is None:
+        return False
+    host = (headers.get("host") or "").strip().lower()
+    return origin.strip().lower() == "null" or urlsplit(origin.strip()).netloc.lower() != host
 
 
 def bearer_token(headers) -> bytes | None:

@@ -38,7 +38,7 @@ from qwen_tts_core.generate.requests import check_ref_text, check_text
 from qwen_tts_core.types import SAMPLE_RATE
 
 from .audio_format import MEDIA_TYPES, make_encoder
-from .auth import Caller, KeyRing, bearer_token
+from .auth import Caller, KeyRing, bearer_token, cross_site
 from .config import ServiceConfig
 from .fetch import AllowList, FetchRefused, fetch_allowed
 from .jsonlimits import JsonLimits, JsonRejected, loads_bounded
@@ -99,6 +99,7 @@ def _body_doc(content: dict[str, dict]) -> dict:
 # invalid is a 400 too (`_validation_error`), so the 422 FastAPI documents by itself is taken out (`_finish_openapi`).
 _ERROR_DOCS = {
     400: "bad request: the message and `param` name the field", 401: "missing or invalid API key",
+    403: "a browser page of another site, refused by a service without API keys (`param`: origin)",
     404: "not found (`param` names what)", 408: "the request body did not arrive within body_timeout_s",
     413: "the body or the audio is larger than its limit", 415: "a content type this route does not take",
     429: "this API key holds its share (open streams, stored voices, uploads in progress); see Retry-After",
@@ -230,7 +231,11 @@ class Ingress:
 
     # --- shared checks ----------------------------------------------------------------------------------------
     def _auth(self, headers, query: dict | None = None) -> Caller:
-        """The caller behind `Authorization: Bearer <key>` (or `?api_key=` on the WebSocket); 401 otherwise."""
+        """The caller behind `Authorization: Bearer <key>` (or `?api_key=` on the WebSocket); 401 otherwise. Without
+        keys, a browser request from a page of another site is a 403 (auth.cross_site)."""
+        if not self.keys.enabled and cross_site(headers):
+            raise ApiError(403, "origin: a page of another site may not use this service, which has no API keys "
+                                "(set api_keys to serve other sites' pages with a key)", "origin")
         token = bearer_token(headers)
         if token is None and query and query.get("api_key") is not None:
             token = query["api_key"]
@@ -293,7 +298,7 @@ class Ingress:
     # --- speech -----------------------------------------------------------------------------------------------
     @app.post("/v1/audio/speech", openapi_extra=_body_doc({"application/json": _SPEECH_SCHEMA}),
               response_class=Response,
-              responses={200: _AUDIO_OUT, **_answers(400, 401, 408, 413, 415, 429, 500, 502, 503, 504)})
+              responses={200: _AUDIO_OUT, **_answers(400, 401, 403, 408, 413, 415, 429, 500, 502, 503, 504)})
     async def speech(self, request: Request) -> Response:
         caller = self._auth(request.headers)
         # The key's place first (429 when it holds its share), BEFORE the body is read: a key's connections that
@@ -373,7 +378,7 @@ class Ingress:
         return await handle.synthesize.remote(payload)
 
     # --- voices (owned by the key that created them; other keys see 404, admin keys see all) ------------------
-    @app.get("/v1/audio/voices", responses=_answers(401, 500))
+    @app.get("/v1/audio/voices", responses=_answers(401, 403, 500))
     async def list_voices(self, request: Request) -> dict:
         caller = self._auth(request.headers)
         data = []
@@ -385,7 +390,7 @@ class Ingress:
         data += [{**v, "builtin": False} for v in stored]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/audio/voices/{voice_id}", responses=_answers(401, 404, 500))
+    @app.get("/v1/audio/voices/{voice_id}", responses=_answers(401, 403, 404, 500))
     async def get_voice(self, voice_id: str, request: Request) -> dict:
         caller = self._auth(request.headers)
         try:
@@ -396,7 +401,7 @@ class Ingress:
     @app.post("/v1/audio/voices", status_code=201,
               openapi_extra=_body_doc({MULTIPART: _VOICE_FORM, URLENCODED: _VOICE_FORM,
                                        "application/json": _VOICE_SCHEMA}),
-              responses=_answers(400, 401, 408, 413, 415, 429, 500, 502, 503))
+              responses=_answers(400, 401, 403, 408, 413, 415, 429, 500, 502, 503))
     async def create_voice(self, request: Request) -> JSONResponse:
         caller = self._auth(request.headers)
         with self.uploads.hold(caller):   # 429 when this key has max_uploads_per_key in progress; freed on any exit
@@ -491,7 +496,7 @@ class Ingress:
         except FetchRefused as e:
             raise ApiError(e.status, f"audio_url: {e}", "audio_url") from None
 
-    @app.delete("/v1/audio/voices/{voice_id}", responses=_answers(401, 404, 500))
+    @app.delete("/v1/audio/voices/{voice_id}", responses=_answers(401, 403, 404, 500))
     async def delete_voice(self, voice_id: str, request: Request) -> dict:
         caller = self._auth(request.headers)
         try:
@@ -506,13 +511,13 @@ class Ingress:
             self._info[name] = await replica_answer(handle.info.remote(), self.cfg.retry_after_s)
         return self._info[name]
 
-    @app.get("/v1/models", responses=_answers(401, 500, 502, 503))
+    @app.get("/v1/models", responses=_answers(401, 403, 500, 502, 503))
     async def models(self, request: Request) -> dict:
         self._auth(request.headers)
         return {"object": "list",
                 "data": [await self._model_info(n, h) for n, h in self.replicas.items()]}
 
-    @app.get("/v1/models/{model_id}", responses=_answers(401, 404, 500, 502, 503))
+    @app.get("/v1/models/{model_id}", responses=_answers(401, 403, 404, 500, 502, 503))
     async def model(self, model_id: str, request: Request) -> dict:
         self._auth(request.headers)
         if model_id not in self.replicas:
@@ -570,7 +575,7 @@ class Ingress:
         return JSONResponse({"status": "ok" if ok else "degraded", "models": out,
                              "open_client_streams": self.client_streams.count}, status_code=200 if ok else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses=_answers(401))
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_answers(401, 403))
     async def metrics(self, request: Request) -> Response:
         if "/metrics" not in self.open_paths:
             self._auth(request.headers)
