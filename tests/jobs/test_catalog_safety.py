@@ -179,11 +179,8 @@ def test_a_delete_pass_whose_manifest_write_is_refused_never_leaves_a_manifest_l
         man[i].key.split("/")[1] for i in ("welcome", "hours"))
 
 
-def test_a_prompt_back_after_a_refused_retirement_delete_takes_the_leftover_with_it(tmp_path, capsys,
-                                                                                 monkeypatch):
-    """A retired prompt whose delete was refused came back with new text: its retired record was dropped and
-    the old object stayed in storage, listed nowhere. The new version now carries it and deletes it."""
-    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+def _retire_bye_with_its_delete_refused(cat, out, capsys, monkeypatch) -> str:
+    """Two passes: welcome and bye written, then bye retired while the storage refuses deletes; bye's key."""
     _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."}])
     assert _run(cat, out, capsys)[0] == 0
     bye = _manifest(out)["bye"].key
@@ -195,6 +192,15 @@ def test_a_prompt_back_after_a_refused_retirement_delete_takes_the_leftover_with
     with monkeypatch.context() as m:
         m.setattr(LocalSink, "delete", refuse)
         assert _run(cat, out, capsys)[0] == 1 and (out / bye).exists()
+    return bye
+
+
+def test_a_prompt_back_after_a_refused_retirement_delete_takes_the_leftover_with_it(tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A retired prompt whose delete was refused came back with new text: its retired record was dropped and
+    the old object stayed in storage, listed nowhere. The new version now carries it and deletes it."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    bye = _retire_bye_with_its_delete_refused(cat, out, capsys, monkeypatch)
     _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye, see you soon."}])
     code, s = _run(cat, out, capsys)
     man = _manifest(out)
@@ -216,17 +222,7 @@ def test_a_prompt_back_after_a_refused_retirement_delete_whose_render_fails_keep
     """Review: the leftover was carried only when the returning prompt rendered; when its render failed, the retired
     record was dropped and the old object was listed nowhere, for good."""
     cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
-    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."}])
-    assert _run(cat, out, capsys)[0] == 0
-    bye = _manifest(out)["bye"].key
-
-    def refuse(self, key):
-        raise StorageError(f"delete {key} failed after 1 attempt(s): AccessDenied")
-
-    _write(cat, [{"id": "welcome", "text": "Welcome."}])
-    with monkeypatch.context() as m:
-        m.setattr(LocalSink, "delete", refuse)
-        assert _run(cat, out, capsys)[0] == 1
+    bye = _retire_bye_with_its_delete_refused(cat, out, capsys, monkeypatch)
     _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "FOREVER goodbye."}])  # fails
     assert _run(cat, out, capsys)[0] == 1
     rec = _manifest(out)["bye"]
