@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -44,22 +45,49 @@ ANONYMOUS = Caller(owner="", admin=True)
 
 
 def cross_site(headers) -> bool:
-    """A browser request made by a page of another site (or another port of this host, which is the same site):
-    `Sec-Fetch-Site` says so where browsers send it (all current ones); else an `Origin` that is not this host
-    (or "null": a sandboxed or file page). Clients that are not browsers send neither.
+    """A browser request this keyless service must refuse: made by a page of another site (or another port of this
+    host, which is the same site), or by any page reached through a DNS name (DNS rebinding: a page of evil.example
+    whose name was re-pointed at this machine is "same-origin" to the browser, so only the name gives it away).
+    Browsers say so with `Sec-Fetch-Site` (all current ones) or `Origin` (compared with `X-Forwarded-Host` or
+    `Host`, default ports dropped: a proxy may rewrite Host); clients that are not browsers send neither.
 
     Why: without API keys any page a user opens could drive a local service (synthesize, create and delete
     voices): a JSON POST without a Content-Type, a form upload and a WebSocket need no CORS preflight. This service
     answers no CORS, so no page of another site can use it legitimately; with keys, the key is the guard (a page
-    of another site may hold one, e.g. for the WebSocket's `?api_key=`)."""
-    site = headers.get("sec-fetch-site")
+    of another site may hold one, e.g. for the WebSocket's `?api_key=`). A keyless service's pages (the
+    playground, /docs) work through localhost or an IP address."""
+    site, origin = headers.get("sec-fetch-site"), headers.get("origin")
+    if site is None and origin is None:
+        return False
+    host = _netloc(headers.get("x-forwarded-host") or headers.get("host") or "", None)
+    if not _addressable(host):
+        return True
     if site is not None:
         return site.strip().lower() in ("cross-site", "same-site")
-    origin = headers.get("origin")
-    if origin is None:
+    origin = origin.strip()
+    parts = urlsplit(origin)
+    return origin.lower() == "null" or _netloc(parts.netloc, parts.scheme) != host
+
+
+def _netloc(netloc: str, scheme: str | None) -> str:
+    """host[:port], lower case, without the scheme's default port (browsers drop it from Origin; Host may keep it)."""
+    netloc = netloc.split(",")[0].strip().lower()
+    for default in ((":80", ":443") if scheme is None else (":80",) if scheme == "http" else (":443",)):
+        if netloc.endswith(default):
+            return netloc[: -len(default)]
+    return netloc
+
+
+def _addressable(netloc: str) -> bool:
+    """A name no DNS record can re-point: localhost (and *.localhost) or an IP literal."""
+    name = netloc[1:].split("]")[0] if netloc.startswith("[") else netloc.rsplit(":", 1)[0]
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
         return False
-    host = (headers.get("host") or "").strip().lower()
-    return origin.strip().lower() == "null" or urlsplit(origin.strip()).netloc.lower() != host
+    return True
 
 
 def bearer_token(headers) -> bytes | None:

@@ -267,7 +267,10 @@ class ReplicaCore:
                 if ch.pcm.size:
                     yield {"type": "audio", "pcm": ch.pcm}
                 if ch.is_last:
-                    yield self._end_item(ticket, ch)
+                    end = self._end_item(ticket, ch)
+                    if incremental and end["field"] == "text":
+                        end["param"] = "text"   # the WebSocket's `text` messages (as its feed refusals name it)
+                    yield end
         finally:
             self.sessions.close(sess.sid)
             self.scheduler.cancel(ticket)  # no-op when it finished

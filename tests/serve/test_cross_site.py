@@ -17,6 +17,7 @@ from tests.serve.inproc import ingress_app
 
 BODY = json.dumps({"input": "Hello.", "voice": "ryan", "response_format": "pcm"}).encode()
 EVIL = {"origin": "https://evil.example", "sec-fetch-site": "cross-site"}
+LOCAL = {"host": "127.0.0.1:8000"}
 
 
 class Replica:
@@ -46,7 +47,10 @@ def _app(monkeypatch, tmp_path, **cfg):
 
 @pytest.mark.parametrize("headers", [
     {"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"}, {"origin": "https://evil.example"},
-    {"origin": "null"}, {"origin": "http://testserver:8000"}, EVIL])
+    {"origin": "null"}, {**LOCAL, "origin": "http://127.0.0.1:3000"}, EVIL,
+    # DNS rebinding: evil.example re-pointed at this machine; the browser calls it same-origin
+    {"host": "evil.example:8000", "sec-fetch-site": "same-origin"},
+    {"host": "evil.example:8000", "origin": "http://evil.example:8000"}])
 def test_a_keyless_service_refuses_other_sites_pages(monkeypatch, tmp_path, headers):
     client, rep = _app(monkeypatch, tmp_path)
     r = client.post("/v1/audio/speech", content=BODY, headers=headers)   # no Content-Type: a Blob body
@@ -62,8 +66,13 @@ def test_a_keyless_service_refuses_other_sites_pages(monkeypatch, tmp_path, head
             ws.receive_json()
 
 
-@pytest.mark.parametrize("headers", [{}, {"sec-fetch-site": "same-origin"}, {"sec-fetch-site": "none"},
-                                     {"origin": "http://testserver"}])
+@pytest.mark.parametrize("headers", [
+    {}, {**LOCAL, "sec-fetch-site": "same-origin"}, {**LOCAL, "sec-fetch-site": "none"},
+    {**LOCAL, "origin": "http://127.0.0.1:8000"}, {"host": "localhost:8000", "origin": "http://localhost:8000"},
+    {"host": "[::1]:8000", "sec-fetch-site": "same-origin"},
+    # a proxy that rewrites Host: X-Forwarded-Host names what the browser used; default ports dropped
+    {"host": "10.0.0.5:8000", "x-forwarded-host": "192.168.1.20", "origin": "http://192.168.1.20"},
+    {"host": "192.168.1.20:80", "origin": "http://192.168.1.20"}])
 def test_same_origin_pages_and_other_clients_are_served(monkeypatch, tmp_path, headers):
     client, rep = _app(monkeypatch, tmp_path)
     r = client.post("/v1/audio/speech", content=BODY, headers={"content-type": "application/json", **headers})
@@ -78,9 +87,13 @@ def test_with_keys_the_key_decides(monkeypatch, tmp_path):
 
 
 def test_cross_site_rule():
-    assert cross_site({"sec-fetch-site": " Cross-Site "}) and not cross_site({"sec-fetch-site": "same-origin"})
+    local = {"host": "127.0.0.1:8000"}
+    assert cross_site({**local, "sec-fetch-site": " Cross-Site "})
+    assert not cross_site({**local, "sec-fetch-site": "same-origin"})
     # Sec-Fetch-Site wins where present (a browser's own word); Origin only without it
-    assert not cross_site({"sec-fetch-site": "same-origin", "origin": "https://evil.example", "host": "h"})
+    assert not cross_site({**local, "sec-fetch-site": "same-origin", "origin": "https://evil.example"})
     assert cross_site({"origin": "http://localhost:3000", "host": "localhost:8000"})
     assert not cross_site({"origin": "http://LOCALHOST:8000", "host": "localhost:8000"})
-    assert not cross_site({})
+    assert not cross_site({"origin": "https://127.0.0.1", "host": "127.0.0.1:443"})
+    assert not cross_site({}) and not cross_site({"host": "evil.example"})   # not a browser: no Origin, no Sec-Fetch
+    assert cross_site({"host": "tts.lan:8000", "sec-fetch-site": "same-origin"})   # a DNS name: use keys or the IP

@@ -350,3 +350,25 @@ def test_incremental_bulk_text_fed_while_parked_reaches_the_session(model_factor
 
 async def _drain(gen) -> list[dict]:
     return [x async for x in gen]
+
+
+def test_incremental_text_past_max_len_ends_with_a_400_naming_text(model_factory):
+    """An incremental (WebSocket) session whose appended text passes max_len fails (the core names `text`): its end
+    item names `text`, the WebSocket's own message field (as feed refusals do), not HTTP's `input`."""
+    cfg = ModelConfig(name="cv", model_type="custom_voice", max_len=64, max_new_tokens=60, default_max_new_tokens=60)
+    core = ReplicaCore(model_factory("custom_voice"), cfg, None)
+
+    async def main():
+        core.start(asyncio.get_running_loop())
+        try:
+            gen = core.stream({"voice": "ryan", "seed": 1}, incremental=True)
+            sid = (await gen.__anext__())["session"]
+            core.feed(sid, "A sentence ")
+            core.feed(sid, "of several words. " * 40, end=True)
+            return await asyncio.wait_for(_drain(gen), 60), len(core.sessions)
+        finally:
+            core.stop()
+    items, held = asyncio.run(main())
+    end = items[-1]
+    assert (end["type"], end["status"], end["param"], end["field"]) == ("end", 400, "text", "text"), end
+    assert "max_len" in end["message"] and held == 0
