@@ -7,7 +7,6 @@ i.e. they are batched together, and an idle model holds no thread.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
 from collections import deque
@@ -151,25 +150,30 @@ class Reader(Generic[T]):
 
     def __init__(self, gen: Iterator[T], driver: EngineDriver, s: Session) -> None:
         self._gen, self._driver, self._s = gen, driver, s
+        self._reading = threading.Lock()   # held while a thread is inside the generator
         self._dropped = weakref.finalize(self, driver.orphan, s)   # (lock-free: GC may run it in any thread)
 
     def __iter__(self) -> Reader[T]:
         return self
 
     def __next__(self) -> T:
-        try:
-            return next(self._gen)
-        except StopIteration:
-            self._dropped.detach()
-            raise
+        with self._reading:
+            try:
+                return next(self._gen)
+            except StopIteration:
+                self._dropped.detach()
+                raise
 
     def close(self) -> None:
-        """Cancel the session (nothing once read to its last chunk), from any thread: a thread inside `next()`
-        meanwhile sees the reading end."""
+        """Cancel the session (nothing once read to its last chunk), from any thread: a thread reading meanwhile
+        sees its reading end (the generator is closed by whichever thread holds it, never under another's feet)."""
         self._driver._release(self._s)
         self._dropped.detach()
-        with contextlib.suppress(ValueError):   # "generator already executing": that thread ends it (above)
-            self._gen.close()
+        if self._reading.acquire(blocking=False):
+            try:
+                self._gen.close()
+            finally:
+                self._reading.release()
 
 
 __all__ = ["EngineDriver", "Reader"]

@@ -182,3 +182,54 @@ def test_failed_session_raises_naming_the_field(checkpoint_factory):
     m.configure_engine(max_len=4096)
     (w,), _ = m.generate_custom_voice("Hi.", speaker="ryan", **G)
     assert w.size
+
+
+def test_a_read_while_another_thread_closes_ends_cleanly():
+    """Review: while thread B closed the reader (its generator's `finally` running in B), thread A's next() raised
+    "generator already executing". The generator is now closed only by the thread that holds it: A's read ends.
+    A stand-in engine whose cancel takes 50 ms holds B inside the close long enough to show it."""
+    import time
+    import types
+
+    from qwen_tts_core.generate.driver import EngineDriver
+    from qwen_tts_core.types import AudioChunk
+
+    class Engine:
+        def __init__(self):
+            self.sessions = []
+
+        def add(self, req):
+            self.sessions.append(types.SimpleNamespace(id=len(self.sessions) + 1, cancelled=False, left=100))
+            return self.sessions[-1]
+
+        def cancel(self, s):
+            s.cancelled = True
+            time.sleep(0.05)
+
+        def has_work(self):
+            return any(s.left > 0 for s in self.sessions)
+
+        def wait_for_work(self, t):
+            return True
+
+        def step(self, emit=None):
+            out = []
+            for s in self.sessions:
+                if s.left > 0:
+                    s.left = 0 if s.cancelled else s.left - 1
+                    out.append(AudioChunk(s.id, np.zeros(4, np.float32), 0, 1, is_last=s.left == 0,
+                                          finish_reason=("cancelled" if s.cancelled else "eos") if s.left == 0
+                                          else None))
+            return out
+
+    driver = EngineDriver(Engine())
+    reader = driver.chunks(driver.open(None))
+    next(reader)
+    closer = threading.Thread(target=reader.close)
+    closer.start()
+    time.sleep(0.075)
+    with pytest.raises(StopIteration):
+        next(reader)
+    closer.join(10)
+    driver._deliver(driver.engine.step())   # the next step (anyone's) ends the cancelled session: nothing kept
+    assert not closer.is_alive() and not driver._queues and not driver._abandoned
