@@ -100,17 +100,18 @@ class RowTracker(Tracker):
         super().__init__()
         self.open: set[str] = set()
         self.lost: dict[str, int] = {}
-        self.loading: set[str] = set()   # actors loading their backend (the model) now
-        self.load_deaths = 0             # loads that never finished: their actor was restarted meanwhile
+        self.loading: set[str] = set()           # actors loading their backend (the model) now
+        self.load_deaths: dict[str, int] = {}    # per actor: loads that never finished (it was restarted first)
 
     def begin_load(self, actor: str) -> int:
-        """`actor` starts loading its backend; returns how many loads of the job died so far. A restarted actor
-        keeps its id, so one that begins again while its last load is open died loading (out of memory, a crash):
-        no row is open then, so the poison-row rule never sees it."""
+        """`actor` starts loading its backend; returns how many of its loads died so far. A restarted actor keeps
+        its id, so one that begins again while its last load is open died loading (out of memory, a crash): no row
+        is open then, so the poison-row rule never sees it. Counted per actor: a node lost while its actors load
+        kills each of them once, a model that does not fit kills the same actor on every load."""
         if actor in self.loading:
-            self.load_deaths += 1
+            self.load_deaths[actor] = self.load_deaths.get(actor, 0) + 1
         self.loading.add(actor)
-        return self.load_deaths
+        return self.load_deaths.get(actor, 0)
 
     def end_load(self, actor: str) -> None:
         self.loading.discard(actor)
@@ -145,7 +146,7 @@ class RenderWorker:
 
     def __init__(self, backend: dict[str, Any], output: str, retry: dict[str, Any], render: dict[str, Any],
                  tracker: Any = None, env: dict[str, str] | None = None,
-                 max_losses: int = MAX_WORKER_LOSSES) -> None:
+                 max_losses: int = MAX_WORKER_LOSSES, preload: tuple[str, ...] = ()) -> None:
         logging.basicConfig(level=logging.INFO)
         # set here, not via a task runtime_env: that would re-download a `ray job` working_dir per worker
         os.environ.update(env or {})
@@ -163,9 +164,9 @@ class RenderWorker:
                 raise RuntimeError(f"workers died {died} times while loading the backend ({backend['spec']}, "
                                    "e.g. the model out of memory): giving up instead of loading it again")
         self.backend = build_backend(backend)
-        if hasattr(self.backend, "preload"):   # the models the rows name (local folders: their absolute paths)
+        if preload and hasattr(self.backend, "preload"):   # the models the rows to render use
             try:
-                self.backend.preload([m.get("path") or name for name, m in self.cfg.models.items()])
+                self.backend.preload(list(preload))
             except Exception as e:  # noqa: BLE001 - an error (not a death) fails the rows, each naming it, as before
                 log.warning("loading the job's models failed (%s); the rows will say so", error_text(e))
         if actor is not None:
@@ -370,7 +371,7 @@ def _run_local(rows: list[Utterance], backend: str, sink: Sink, cfg: RenderConfi
 
 
 def _map_workers(ds: Any, backend: str, cfg: RenderConfig, opts: RunOptions, tracker: Any, env: dict[str, str],
-                 rows: int) -> Any:
+                 rows: list[Utterance]) -> Any:
     """The dataset through the RenderWorker actor pool, with Ray's retries bounded (worker_retries)."""
     import ray.data
 
@@ -382,9 +383,16 @@ def _map_workers(ds: Any, backend: str, cfg: RenderConfig, opts: RunOptions, tra
             num_cpus=opts.num_cpus, num_gpus=opts.num_gpus or None,
             fn_constructor_kwargs={"backend": opts.backend_args(backend, cfg), "output": opts.output,
                                    "retry": asdict(opts.retry), "render": asdict(cfg), "tracker": tracker,
-                                   "env": env, "max_losses": opts.max_worker_losses},
-            **worker_retries(opts.max_worker_losses, rows),
+                                   "env": env, "max_losses": opts.max_worker_losses,
+                                   "preload": _models_of(rows, cfg)},
+            **worker_retries(opts.max_worker_losses, len(rows)),
         )
+
+
+def _models_of(rows: list[Utterance], cfg: RenderConfig) -> tuple[str, ...]:
+    """The models these rows use, as a worker loads them (a local folder: its absolute path; render._chunk_jobs)."""
+    names = dict.fromkeys(r.model or cfg.model for r in rows if not r.error)
+    return tuple((cfg.models.get(m) or {}).get("path") or m for m in names if m)
 
 
 def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOptions, out: _Collector,
@@ -399,7 +407,7 @@ def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOp
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ} \
         if opts.forward_env and opts.output.startswith("s3://") else {}
     env.update(opts.extra_env)
-    ds = _map_workers(ds, backend, cfg, opts, tracker, env, len(rows))
+    ds = _map_workers(ds, backend, cfg, opts, tracker, env, rows)
     polling = threading.Event()
 
     def poll() -> None:  # the bar follows the tracker: rows as they finish, not blocks as Ray Data returns them
