@@ -121,13 +121,30 @@ class RowTracker(Tracker):
         return {i: self.lost.get(i, 0) + (i in self.open) for i in ids}
 
     def begin(self, ids: list[str], node: str) -> dict[str, int]:
-        """Record a start of each row now; returns each row's lost starts before this one."""
+        """Record a start of each row now; returns each row's lost starts before this one. A start lost with its
+        whole node (removed, pre-empted) is not charged to the row: the node went, not the row's process."""
+        gone: set[str] | None = None
         for i in ids:
             if i in self.open:
-                self.lost[i] = self.lost.get(i, 0) + 1
+                last = self.starts[i][-1]
+                if gone is None:
+                    gone = self.nodes_gone({self.starts[j][-1] for j in ids if j in self.open})
+                if last not in gone:
+                    self.lost[i] = self.lost.get(i, 0) + 1
             self.open.add(i)
         self.started(ids, node)
         return {i: self.lost.get(i, 0) for i in ids}
+
+    @staticmethod
+    def nodes_gone(nodes: set[str]) -> set[str]:
+        """Which of these Ray nodes are no longer alive (none when the cluster cannot be asked)."""
+        try:
+            import ray
+
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        except Exception:  # noqa: BLE001 - no answer: charge the row, as before
+            return set()
+        return {n for n in nodes if n not in alive}
 
     def finished(self, items: list[tuple[str, str, float]]) -> None:
         super().finished(items)

@@ -31,3 +31,17 @@ def test_a_worker_preloads_only_the_models_its_rows_use():
             Utterance(id="3", text="z", model="hub/C"), Utterance(id="4", text="w", model="B", error="bad row")]
     assert _models_of(rows, cfg) == ("/models/A", "hub/C")
     assert _models_of([], cfg) == ()
+
+
+def test_a_start_lost_with_its_node_is_not_charged_to_the_row(monkeypatch):
+    """A worker node removed (pre-empted, scaled down) loses the batch it ran: its rows start again elsewhere. That
+    is the node's doing, not the rows': three such losses failed innocent rows as "worker lost 3 times"."""
+    t = RowTracker()
+    gone: set[str] = set()
+    monkeypatch.setattr(RowTracker, "nodes_gone", staticmethod(lambda nodes: nodes & gone))
+    assert t.begin(["r1", "r2"], "n1") == {"r1": 0, "r2": 0}
+    gone.add("n1")                                   # n1 removed while r1, r2 ran there
+    assert t.begin(["r1", "r2"], "n2") == {"r1": 0, "r2": 0}
+    assert t.begin(["r1"], "n2") == {"r1": 1}        # n2 alive: r1's process died there, charged
+    t.finished([("r2", "ok", 1.0)])
+    assert t.lost_starts(["r1", "r2"]) == {"r1": 2, "r2": 0}
