@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -77,6 +78,11 @@ def encode(pcm: np.ndarray, codec: str | Codec, metadata: dict[str, str] | None 
         for i in range(0, x.size, step):
             frame = av.AudioFrame.from_ndarray(x[None, i:i + step], format="flt", layout="mono")
             frame.sample_rate = c.sample_rate
+            if c.container == "ogg":  # its sample position: without it Ogg's granules start one Opus pre-skip
+                # late and a file of one page decoded 312 samples long (some unreadable by libsndfile), as the
+                # service's OpusEncoder found (other containers are left as they were: MP4's edit list would
+                # then trim an empty AAC master's one sample away)
+                frame.pts, frame.time_base = i, Fraction(1, c.sample_rate)
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode(None):
