@@ -402,11 +402,14 @@ class Engine:
         starting: list[Session] = []
         while self.free_slots:
             with self._lock:
-                s = self._pop_ready()
+                s, text_error = self._pop_ready()
             if s is None:
                 break
             if s.cancelled:  # cancelled by another thread since this step dropped the cancelled ones
                 self._finish(s, "cancelled", out)
+                continue
+            if text_error is not None:  # its text was refused while it waited: it fails alone, not the step
+                self._fail(s, text_error, out)
                 continue
             slot = self.free_slots.pop(0)
             try:
@@ -446,19 +449,24 @@ class Engine:
             self.free_slots.sort()
         self._fail(s, e, out)
 
-    def _pop_ready(self) -> Session | None:
+    def _pop_ready(self) -> tuple[Session | None, Exception | None]:
+        """The next queued session that can start, with the error its text raised while it waited (or None)."""
         queues = [self.queues["interactive"]]
         if len(self.free_slots) > self.interactive_reserve:
             queues.append(self.queues["bulk"])
         for q in queues:
             for s in list(q):
                 if s.incremental is not None:
-                    self._collect_text(s)
+                    try:
+                        self._collect_text(s)
+                    except Exception as e:  # noqa: BLE001 - this session's text, not the engine
+                        q.remove(s)
+                        return s, e
                     if not s.committed_ids and not (s.incremental.ended or s.cancelled):
                         continue  # waits for its first token
                 q.remove(s)
-                return s
-        return None
+                return s, None
+        return None, None
 
     def _drop_cancelled_queued(self, out: list[AudioChunk]) -> None:
         with self._lock:

@@ -9,7 +9,10 @@ token ("<|im_e"): such a boundary waits. `end()` commits the rest.
 
 Only the uncommitted tail is ever re-split or re-encoded: the tail starts at a pre-tokenizer boundary, and the
 pre-tokenizer resumes at a boundary exactly as it would in the whole text, so the cost of a piece does not grow with
-the text already committed (10,000 one-character pieces stay fast).
+the text already committed (10,000 one-character pieces stay fast). The tail itself is bounded: a piece checks at
+most CANDIDATES boundaries (the last ones), and a tail of MAX_OPEN_CHARS characters with no boundary it could commit
+at (one word of that length, a combining mark after every letter) is refused: each piece re-splits the tail, so an
+unbounded one made a session's pieces cost the square of its text on the engine's step thread.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ from __future__ import annotations
 import codecs
 import unicodedata
 from collections.abc import Callable
+
+from ..errors import RequestError
+
+MAX_OPEN_CHARS = 1024   # characters waiting for a boundary (far beyond a word; CJK commits at its punctuation)
+CANDIDATES = 8          # boundaries a piece checks, from the last: committing later is always safe
 
 
 def _stable(text: str, n: int) -> bool:
@@ -73,9 +81,12 @@ class IncrementalText:
         self.tail += piece
         offsets = self._split(self.tail)
         limit = self._open_from(self.tail)
-        for n in reversed(offsets[1:]):  # the last boundary normalization cannot move (almost always the last)
-            if 0 < n <= limit and _stable(self.tail, n):
+        for n in reversed(offsets[1:][-CANDIDATES:]):  # the last boundary normalization cannot move (almost always
+            if 0 < n <= limit and _stable(self.tail, n):    # the last)
                 return self._commit(n)
+        if len(self.tail) > MAX_OPEN_CHARS:
+            raise RequestError("text", f"more than {MAX_OPEN_CHARS} characters without a point the text can be "
+                                       "split at (a space or punctuation)")
         return []
 
     def end(self) -> list[int]:

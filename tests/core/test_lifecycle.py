@@ -174,6 +174,47 @@ def test_incremental_text_cost_does_not_grow_with_committed_text():
     assert seen["split"] < 10 * len(text)  # whole-text re-splitting would be ~ n^2 / 2 = 5e7
 
 
+@pytest.mark.parametrize("unit", ["a", "a\u0301", "\U0001F600", "\u0B47\u0B3E", "!"],
+                         ids=["one-word", "combining", "emoji", "oriya", "punctuation"])
+def test_a_tail_without_a_boundary_is_bounded(model, unit):
+    """Review (WebSocket): a text with no point it can be split at (one long word, a combining mark after every
+    letter) kept growing the uncommitted tail, and every piece re-split and re-normalized all of it on the engine's
+    step thread: 2048 pieces of "a\u0301" cost 4.6 s, the square of the text. The tail is bounded: past
+    MAX_OPEN_CHARS it is refused naming text; each piece checks only the last CANDIDATES boundaries."""
+    from qwen_tts_core.errors import RequestError
+    from qwen_tts_core.generate.text_feed import MAX_OPEN_CHARS
+
+    feed = IncrementalText.of(model.tokenizer)
+    t0 = time.perf_counter()
+    with pytest.raises(RequestError) as e:
+        for _ in range(4096):
+            feed.append(unit)
+    assert e.value.field == "text" and MAX_OPEN_CHARS < len(feed.tail) <= MAX_OPEN_CHARS + len(unit)
+    assert time.perf_counter() - t0 < 10   # (a generous bound on a loaded CI host; 0.05-0.15 s here)
+
+
+def test_a_refused_tail_fails_its_session_alone_queued_or_running(model):
+    """The refusal reaches the session as a 400 naming text, whether its text was taken while it waited for a slot
+    (it was outside any guard there: it would have failed the whole step) or while it ran; the others go on."""
+    eng = Engine(model, max_sessions=2)
+    other = eng.add(req("A normal request that speaks.", max_new_tokens=12))
+    running = eng.add(req(None, max_new_tokens=40))
+    running.append_text("Hello ")
+    for _ in range(50):
+        eng.step()
+        if running.prompt is not None:
+            break
+    queued = eng.add(req(None, max_new_tokens=12))   # both slots are taken: it waits, its text taken meanwhile
+    queued.append_text("a" * 2000)
+    running.append_text("b" * 2000)
+    chunks = drain(eng)
+    for s in (running, queued):
+        (last,) = lasts(chunks, s.id)
+        assert last.finish_reason == "error" and last.error_field == "text", (last.finish_reason, last.error)
+    (last,) = lasts(chunks, other.id)
+    assert last.finish_reason in ("eos", "max_new_tokens") and not eng.has_work()
+
+
 def test_incremental_text_with_the_real_tokenizer_matches_whole_text(model):
     text = "Hello  world,\n\nthis is   a test: 12345 dollars! Don't stop... 你好，世界。"
     assert fed_piece_by_piece(model.tokenizer, list(text)) == model.tokenizer.target(text).text
