@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
+import threading
 
 import numpy as np
 
@@ -66,3 +69,15 @@ class FakeReplicaGen:
 
     def cancel(self):
         self.cancelled = True
+
+
+@contextlib.contextmanager
+def loopback_http(handler: type[http.server.BaseHTTPRequestHandler]):
+    """An HTTP server on 127.0.0.1 (a free port) answering with `handler` in threads; yields its base URL."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()

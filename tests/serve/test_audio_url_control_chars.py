@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import http.server
-import threading
 
 import pytest
 
 from serve import fetch
 from serve.fetch import AllowList, FetchRefused, Target, fetch_allowed
+from tests.serve.helpers import loopback_http
 from tests.serve.inproc import ingress_app
 from tests.serve.test_voice_quota import Base
 
@@ -28,11 +28,8 @@ def server():
             self.end_headers()
             self.wfile.write(b"RIFF")
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with loopback_http(Handler) as url:
+        yield url
 
 
 BAD = ["\x01", "\x1f", "\x7f", "\x0b", "\udc00"]

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from serve.voices import VoiceStore
+from tests.serve.helpers import loopback_http
 from tests.serve.inproc import ingress_app
 from tests.serve.test_voices import _item
 
@@ -104,12 +105,9 @@ def audio_server():
                 self.end_headers()
                 self.wfile.write(b"RIFF")
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield {"url": f"http://127.0.0.1:{srv.server_address[1]}", "seen": seen, "release": release}
-    release.set()
-    srv.shutdown()
-    srv.server_close()
+    with loopback_http(Handler) as url:
+        yield {"url": url, "seen": seen, "release": release}
+        release.set()   # (before the server stops: a held answer must not keep its thread)
 
 
 def _url_app(monkeypatch, tmp_path, audio_server, **config):
