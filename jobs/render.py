@@ -147,10 +147,15 @@ def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig, this_run: boo
     return rec
 
 
+def worker_model(row: Utterance, cfg: RenderConfig) -> str:
+    """The model a worker loads for `row`: a local folder's absolute path (resolved in the driver), else its name."""
+    model = row.model or cfg.model
+    return (cfg.models.get(model) or {}).get("path") or model
+
+
 def _chunk_jobs(row: Utterance, cfg: RenderConfig, chunks: list[str], attempt: int) -> list[ChunkJob]:
     seed = (row.seed + attempt * SEED_STRIDE) % SEED_MAX  # retries stay in the engine's seed range
-    model = row.model or cfg.model
-    model = (cfg.models.get(model) or {}).get("path") or model  # a local folder: its absolute path
+    model = worker_model(row, cfg)
     voice = cfg.voice_paths.get(row.voice, row.voice) if row.voice else row.voice
     return [ChunkJob(text=c, voice=voice, language=row.language, instruct=row.instruct, seed=seed,
                      model=model, sampling=dict(cfg.sampling)) for c in chunks]

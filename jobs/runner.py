@@ -25,7 +25,7 @@ import numpy as np
 from .inputs import Utterance
 from .manifest import ManifestRecord
 from .progress import Bar, Console, Tracker, quiet_ray_data
-from .render import RenderConfig, base_record, existing_output, render_rows
+from .render import RenderConfig, base_record, existing_output, render_rows, worker_model
 from .serve_backend import REPLY_SETTINGS, model_changed, serve_app_running
 from .storage import RetryPolicy, Sink, StorageError, open_sink
 from .synth import Backend, EngineOptions, error_text, make_backend
@@ -119,6 +119,14 @@ class RowTracker(Tracker):
     def lost_starts(self, ids: list[str]) -> dict[str, int]:
         """Each row's lost starts so far, an open one included (a row is only started again after its worker died)."""
         return {i: self.lost.get(i, 0) + (i in self.open) for i in ids}
+
+    def begin_batch(self, ids: list[str], node: str) -> bool:
+        """A batch about to render: starts its rows and returns False, or, when one of them lost a worker before,
+        starts nothing and returns True (the batch goes a row at a time, each row begun alone). One call per batch."""
+        if any(self.lost_starts(ids).values()):
+            return True
+        self.begin(ids, node)
+        return False
 
     def begin(self, ids: list[str], node: str) -> dict[str, int]:
         """Record a start of each row now; returns each row's lost starts before this one. A start lost with its
@@ -222,12 +230,9 @@ class RenderWorker:
 
         rows = [Utterance(**json.loads(r)) for r in batch["row"]]
         ids = [r.id for r in rows]
-        if self.tracker is None:
-            recs = self._render(rows)
-        elif any(ray.get(self.tracker.lost_starts.remote(ids)).values()):
+        if self.tracker is not None and ray.get(self.tracker.begin_batch.remote(ids, self.node)):
             recs = self._one_by_one(rows)
         else:
-            ray.get(self.tracker.begin.remote(ids, self.node))
             recs = self._render(rows)
         return {"record": [json.dumps(r.to_dict()) for r in recs]}
 
@@ -407,9 +412,8 @@ def _map_workers(ds: Any, backend: str, cfg: RenderConfig, opts: RunOptions, tra
 
 
 def _models_of(rows: list[Utterance], cfg: RenderConfig) -> tuple[str, ...]:
-    """The models these rows use, as a worker loads them (a local folder: its absolute path; render._chunk_jobs)."""
-    names = dict.fromkeys(r.model or cfg.model for r in rows if not r.error)
-    return tuple((cfg.models.get(m) or {}).get("path") or m for m in names if m)
+    """The models these rows use, as a worker loads them (render.worker_model)."""
+    return tuple(m for m in dict.fromkeys(worker_model(r, cfg) for r in rows if not r.error) if m)
 
 
 def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOptions, out: _Collector,

@@ -309,8 +309,8 @@ class Ingress:
         try:
             req, encoder, name, handle, payload = await self._speech_request(request, caller)
             # Nothing is sent before the first audio: a request that fails before it gets a 4xx/5xx JSON answer,
-            # and one whose replica died (or could not be reached) goes again to another one: Serve's router drops
-            # a replica whose call died from the handle's choices.
+            # and one whose replica died (ReplicaLost) goes again to another one: Serve's router drops a replica
+            # whose call died from the handle's choices.
             for attempt in range(self.cfg.failover_retries + 1):
                 try:
                     opening = self._stream(name, handle, payload, place)

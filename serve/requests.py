@@ -97,11 +97,12 @@ def model_info(model, cfg: ModelConfig) -> dict[str, Any]:
     from qwen_tts_core.checkpoint.digest import checkpoint_digest
 
     created = int((Path(model.path) / "config.json").stat().st_mtime)  # OpenAI's `created`: the checkpoint's time
+    settings = render_settings(model, cfg)
     return {"id": cfg.name, "object": "model", "created": created, "owned_by": "qwen-tts-fleet",
             "type": model.tts_model_type,
             "size": model.tts_model_size, "speakers": model.get_supported_speakers(),
             "languages": model.get_supported_languages(), "max_new_tokens": cfg.max_new_tokens,
             "max_sessions": cfg.max_sessions,
             # what shapes the audio besides the request (batch jobs key their outputs on it)
-            "checkpoint_digest": checkpoint_digest(model.path), "dtype": render_settings(model, cfg)["dtype"],
-            "device": model.device.type, "default_max_new_tokens": cfg.default_max_new_tokens}
+            "checkpoint_digest": checkpoint_digest(model.path), "dtype": settings["dtype"],
+            "device": settings["device"], "default_max_new_tokens": cfg.default_max_new_tokens}

@@ -57,8 +57,8 @@ class ReplicaLost(ApiError):
 
 
 def replica_lost(e: BaseException) -> ApiError:
-    """The 502 of a replica call that failed (`ReplicaLost` when the replica died or is unreachable); logged as a
-    warning unless it was cancelled on purpose (this ingress closed the stream, or Serve cancelled the request
+    """The 502 of a replica call that failed (`ReplicaLost` when the replica died); logged as a warning unless it
+    was cancelled on purpose (this ingress closed the stream, or Serve cancelled the request
     because its client left)."""
     level = logging.INFO if isinstance(e, RequestCancelledError) else logging.WARNING
     log.log(level, "replica stream failed: %s: %s", type(e).__name__, str(e).strip().splitlines()[-1:] or "")
