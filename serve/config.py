@@ -268,17 +268,15 @@ class ServiceConfig:
         if env is None:  # this environment says nothing: the keys resolved where the app was built
             env = {"api_keys": self.env_api_keys, "admin_api_keys": self.env_admin_api_keys}
         added = {f: tuple(k for k in dict.fromkeys(env[f]) if k not in getattr(base, f)) for f in ENV_KEY_VARS}
-        if (self.api_keys or self.admin_api_keys) and not (base.api_keys or base.admin_api_keys or added["api_keys"]
-                                                           or added["admin_api_keys"]):
+        keys = {f: getattr(base, f) + added[f] for f in ENV_KEY_VARS}
+        if (self.api_keys or self.admin_api_keys) and not any(keys.values()):
             # fail closed: no keys at all means no key checks, and a Secret emptied to revoke every key (or by
             # mistake) must not open the service to everyone
             raise ValueError(f"{' / '.join(ENV_KEY_VARS.values())} are set but empty here, which would leave this "
                              "service (built with API keys) without any: refusing to serve with key checks off. "
                              "Give at least one key, or unset both variables and remove api_keys from the config "
                              "to run without keys")
-        return replace(base, api_keys=base.api_keys + added["api_keys"],
-                       admin_api_keys=base.admin_api_keys + added["admin_api_keys"],
-                       env_api_keys=added["api_keys"], env_admin_api_keys=added["admin_api_keys"])
+        return replace(base, **keys, env_api_keys=added["api_keys"], env_admin_api_keys=added["admin_api_keys"])
 
     def _without_env_keys(self) -> ServiceConfig:
         """The config file's own keys: those an earlier `with_env_keys` added are taken out."""
