@@ -43,9 +43,15 @@ def _carry(rec: ManifestRecord, old: ManifestRecord) -> None:
     rec.layout = rec.layout or list(old.layout)
 
 
+def _objects_done(rec: ManifestRecord) -> bool:
+    """A retired record whose objects are all deleted (or kept for a current prompt); its --layout package files
+    are another matter (layout.remove_packages)."""
+    return rec.error in (DELETED, KEPT) and not rec.previous_keys
+
+
 def _done(rec: ManifestRecord) -> bool:
     """A retired record with nothing left to delete."""
-    return rec.error in (DELETED, KEPT) and not rec.layout and not rec.previous_keys
+    return _objects_done(rec) and not rec.layout
 
 
 def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], retire: str,
@@ -116,7 +122,7 @@ def purge(records: list[ManifestRecord], sink: Sink, shared: list[ManifestRecord
             changed |= left != r.previous_keys
             r.previous_keys = left
             failed += bool(left)
-        elif r.status == "retired" and not (r.error in (DELETED, KEPT) and not r.previous_keys):
+        elif r.status == "retired" and not _objects_done(r):
             failed += _retire_delete(sink, r, live)
             changed = True
     return failed, changed
