@@ -31,13 +31,13 @@ from .checkpoint.weights import (
 )
 from .config import TTSConfig, generation_defaults
 from .errors import RequestError
-from .generate.driver import EngineDriver, Reader
+from .generate.driver import EngineDriver
 from .generate.engine import Engine
 from .generate.requests import check_seed, check_text
 from .model.layers import RotaryTable, prepare_for_inference_
 from .model.talker import Talker
 from .text.tokenizer import TextTokenizer
-from .types import SAMPLE_RATE, SamplingParams, SynthesisRequest
+from .types import SAMPLE_RATE, AudioChunk, SamplingParams, SynthesisRequest
 from .voice_prompt import VoiceClonePromptItem, prompt_items
 
 log = logging.getLogger(__name__)
@@ -294,14 +294,14 @@ class Qwen3TTSModel:
         driver = self._engine_driver()
         session = driver.open(req)
 
-        def chunks() -> Iterator[np.ndarray]:
-            for ch in driver.chunks(session):
+        def pcm(chunks: Iterator[AudioChunk]) -> Iterator[np.ndarray]:
+            for ch in chunks:
                 if ch.finish_reason == "error":
                     raise _session_error(ch.error, ch.error_field)
                 if ch.pcm.size:
                     yield ch.pcm
         # closed or dropped before its end (read or not): its session must not run on others' steps
-        return Reader(chunks(), driver, session)
+        return driver.chunks(session, through=pcm)
 
     # --- internals --------------------------------------------------------------------------------------------
     def _voice_items(self, text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt):

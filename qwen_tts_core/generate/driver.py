@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from ..types import AudioChunk, SynthesisRequest
@@ -37,9 +37,10 @@ class EngineDriver:
             self._queues[s.id] = deque()
         return s
 
-    def chunks(self, s: Session) -> Reader:
-        """The session's chunks up to its last; closing the iterator early (read or not) cancels the session."""
-        return Reader(self._read(s), self, s)
+    def chunks(self, s: Session, through: Callable[[Iterator[AudioChunk]], Iterator[T]] | None = None) -> Reader:
+        """The session's chunks up to its last (or what `through` makes of them); closing the iterator early (read
+        or not) cancels the session."""
+        return Reader(self._read(s) if through is None else through(self._read(s)), self, s)
 
     def _read(self, s: Session) -> Iterator[AudioChunk]:
         done = False
