@@ -116,8 +116,8 @@ class SessionTable:
         if end and not has_text:
             raise RequestError("text", "end before any text")
         s.text_chars, s.has_text = total, has_text
-        if text or end:  # an empty message is no text: sent every few seconds, it held a slot past the idle timeout
-            s.last_text = self.clock()
+        if text.strip() or end:  # an empty or blank message is no text: sent every few seconds, it held a slot
+            s.last_text = self.clock()  # past the idle timeout (a space between words is followed by the word)
         s.ended = s.ended or end
 
     def expired(self, period_s: float | None = None) -> list[tuple[OpenSession, Failure | None]]:

@@ -116,16 +116,21 @@ def test_idle_deadline_and_lease_expiry():
 
 def test_empty_text_messages_do_not_keep_a_session_from_its_idle_timeout():
     """{"type": "text", "text": ""} every few seconds reset the idle clock: a client holding an engine slot without
-    saying anything until the session deadline. A space is text (words may come apart from their spaces)."""
+    saying anything until the session deadline. Blank messages (a space, a newline) did too; a space sent apart from
+    its word still counts once the word comes."""
     clock = Clock()
     t = SessionTable("r", SessionLimits(idle_text_timeout_s=5, deadline_s=100), clock=clock)
-    s, spaced = t.open(_ticket(), incremental=True, leased=False), t.open(_ticket(), incremental=True, leased=False)
+    s, spaced, worded = (t.open(_ticket(), incremental=True, leased=False) for _ in range(3))
     for _ in range(3):
         clock.t += 2
         t.take_text(s, "", False)
-        t.take_text(spaced, " ", False)
+        t.take_text(spaced, " \n\t", False)
+        t.take_text(worded, " ", False)
+        t.take_text(worded, "word", False)
     out = t.expired()
-    assert [(x is s, f.status, f.field) for x, f in out] == [(True, 408, "text")]
+    assert sorted((x is s, x is spaced, f.status, f.field) for x, f in out) == [
+        (False, True, 408, "text"), (True, False, 408, "text")]
+    assert worded.text_chars == 15
 
 
 def test_a_lapsed_lease_whose_consumer_lives_is_extended_not_cancelled():
