@@ -64,6 +64,8 @@ def resolve_checkpoint_ref(model: str, revision: str | None = None) -> tuple[Pat
     from qwen_tts_core.checkpoint.digest import checkpoint_digest, digest_from_hashes
     from qwen_tts_core.checkpoint.weights import CHECKPOINT_FILES
 
+    if not model.strip():  # Path("") is the current folder
+        raise ValueError("model: empty; name a checkpoint folder or a hub id")
     p = Path(model).expanduser()
     if p.exists() or model.startswith(("/", ".", "~")) or model.count("/") != 1:
         if not (p / "config.json").is_file():

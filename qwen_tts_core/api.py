@@ -133,7 +133,7 @@ class Qwen3TTSModel:
         files = safetensors_files(path)
         with torch.device("meta"):
             talker = Talker(cfg.talker)
-        load_module(talker, read_tensors(files, "talker."), "talker", device, dt)
+        load_module(talker, read_tensors(files, "talker."), "talker", device, dt, prefix="talker.")
         t = cfg.talker
         talker.rope = RotaryTable(t.head_dim, t.rope_theta, t.max_position_embeddings).to(device)
         cp = t.code_predictor

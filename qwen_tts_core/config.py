@@ -83,6 +83,43 @@ def check_rope_theta(value: Any, name: str) -> float:
     return theta
 
 
+def check_plain_rope(value: Any, name: str) -> dict[str, Any]:
+    """`value` (a config's rope_scaling / rope_parameters) as a dict, if it is null or asks for the plain RoPE this
+    engine implements (rope_type 'default'); else a ValueError naming `name`. A scaled RoPE (linear, dynamic, yarn,
+    ...) changes every position's rotation: the official package applies it, so ignoring it changed the audio."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object or null, got {shown(value)}")
+    for key in ("rope_type", "type"):  # "type": the older transformers spelling
+        if value.get(key, "default") != "default":
+            raise ValueError(f"{name}.{key} must be 'default' (the only RoPE this engine implements), "
+                             f"got {shown(value[key])}")
+    if "rope_theta" in value:
+        check_rope_theta(value["rope_theta"], f"{name}.rope_theta")
+    return value
+
+
+def check_implemented(d: dict[str, Any], where: str) -> None:
+    """Refuse the fields of a transformer block's config that the official package honours and this engine does
+    not implement (it would otherwise ignore them and make other audio): an activation other than SiLU, a scaled
+    RoPE, sliding-window attention. The published checkpoints use none of them."""
+    act = d.get("hidden_act")
+    if act is not None and act not in ("silu", "swish"):   # transformers' "swish" is SiLU
+        raise ValueError(f"{where}.hidden_act must be 'silu' (the only activation this engine implements), "
+                         f"got {shown(act)}")
+    for key in ("rope_scaling", "rope_parameters"):
+        check_plain_rope(d.get(key), f"{where}.{key}")
+    window = d.get("use_sliding_window")
+    if window not in (None, False):
+        raise ValueError(f"{where}.use_sliding_window must be false (this engine attends to every earlier position), "
+                         f"got {shown(window)}")
+    layers = d.get("layer_types")
+    if layers is not None and (not isinstance(layers, list) or any(x != "full_attention" for x in layers)):
+        raise ValueError(f"{where}.layer_types must list only 'full_attention' (this engine attends to every earlier "
+                         f"position), got {shown(layers)}")
+
+
 def _get(d: dict[str, Any], key: str, where: str, default: Any = _MISSING) -> Any:
     if d.get(key) is None:
         if default is _MISSING:
@@ -102,6 +139,7 @@ def _section(d: dict[str, Any], key: str, where: str, required: bool = True) -> 
 
 def _stack_kwargs(d: dict[str, Any], where: str) -> dict[str, Any]:
     """The DecoderStackConfig fields of a talker / code predictor block, type- and range-checked."""
+    check_implemented(d, where)
     kw: dict[str, Any] = {
         "hidden_size": check_int(_get(d, "hidden_size", where), f"{where}.hidden_size", 1, MAX_WIDTH),
         "intermediate_size": check_int(_get(d, "intermediate_size", where), f"{where}.intermediate_size", 1,
@@ -257,10 +295,7 @@ class TTSConfig:
             if v not in (False, None) and (not isinstance(v, str) or v.lower() not in languages):
                 raise ValueError(f"{w}.spk_is_dialect[{k!r}] must be false or a codec_language_id name, "
                                  f"got {shown(v)}")
-        rope_scaling = t.get("rope_scaling") or {}
-        if not isinstance(rope_scaling, dict):
-            raise ValueError(f"{w}.rope_scaling must be a JSON object or null, got {shown(rope_scaling)}")
-        mrope = rope_scaling.get("mrope_section", (24, 20, 20))
+        mrope = check_plain_rope(t.get("rope_scaling"), f"{w}.rope_scaling").get("mrope_section", (24, 20, 20))
         if not isinstance(mrope, list | tuple) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_HEAD_DIM for v in mrope):
             raise ValueError(f"{w}.rope_scaling.mrope_section must be a list of non-negative integers, "

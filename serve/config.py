@@ -101,6 +101,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"models[].name must be a non-empty string without '/', got {self.name!r}")
+        if self.checkpoint is not None and not self.checkpoint.strip():  # e.g. an unset ${MODEL_PATH}
+            raise ValueError(f"models[{self.name}].checkpoint must name a folder or hub id, or be left out (a tiny "
+                             "random model); got a blank string")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"models[{self.name}].model_type must be one of {list(MODEL_TYPES)}, "
                              f"got {self.model_type!r}")

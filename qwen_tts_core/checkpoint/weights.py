@@ -50,6 +50,8 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None,
     """A local checkpoint folder, or a hub id downloaded (or found in the local cache) with huggingface_hub.
     subfolder: the checkpoint sits in this folder of the repo or folder; hub: huggingface_hub's `token`,
     `local_files_only`, `force_download` for the download."""
+    if not str(path_or_id).strip():  # Path("") is the current folder
+        raise ValueError("pretrained_model_name_or_path: empty; name a checkpoint folder or a hub id")
     if subfolder:
         sub = Path(subfolder)
         if sub.is_absolute() or ".." in sub.parts:
@@ -81,12 +83,18 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None,
                          "(huggingface-cli download ...) or pass a local folder.") from e
 
 
+MAX_JSON_BYTES = 64 << 20  # a checkpoint's JSON files: configs of a few KB, a tokenizer.json of ~11 MB
+
+
 def read_json(path: Path, kind: type = dict) -> Any:
-    """The parsed JSON file at `path`, which must hold a `kind` (object by default); a ValueError names the file."""
+    """The parsed JSON file at `path`, which must hold a `kind` (object by default); a ValueError names the file
+    (also for a file over MAX_JSON_BYTES, read by nobody, and for nesting too deep for the parser)."""
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:  # JSONDecodeError, over-long ints: ValueError
+        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(raw, kind):
         raise ValueError(f"{path}: must hold a JSON {'object' if kind is dict else kind.__name__}, "
                          f"got {type(raw).__name__}")

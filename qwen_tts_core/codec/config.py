@@ -122,7 +122,7 @@ _MIMI_DEFAULTS = {"sampling_rate": 24000, "codebook_size": 2048, "num_quantizers
 
 def check_encoder_config(enc: Mapping[str, Any]) -> dict[str, Any]:
     """The `encoder_config` block, its MimiConfig fields type- and range-checked (ValueError naming the field)."""
-    from ..config import check_float, check_int, check_rope_theta
+    from ..config import check_float, check_int, check_plain_rope, check_rope_theta
 
     out = dict(enc)
     w = "encoder_config"
@@ -154,13 +154,7 @@ def check_encoder_config(enc: Mapping[str, Any]) -> dict[str, Any]:
     if "rope_theta" in out:
         check_rope_theta(out["rope_theta"], f"{w}.rope_theta")
     for key in ("rope_parameters", "rope_scaling"):
-        rope = out.get(key)
-        if rope is None:
-            continue
-        if not isinstance(rope, Mapping) or rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{w}.{key} must be null or a JSON object with rope_type 'default', got {rope!r:.60}")
-        if "rope_theta" in rope:
-            check_rope_theta(rope["rope_theta"], f"{w}.{key}.rope_theta")
+        check_plain_rope(out.get(key), f"{w}.{key}")
     for key in ("encoder_config", "decoder_config"):  # MimiConfig derives these; the loader drops the decoder itself
         if key in out:
             raise ValueError(f"{w}.{key} is not a MimiConfig field this loader accepts")
@@ -288,6 +282,10 @@ class CodecConfig:
         if not isinstance(dec, Mapping):
             raise ValueError(f"decoder_config must be a JSON object, got {dec!r:.60}")
         dec = dict(dec)
+        from ..config import check_plain_rope
+
+        for key in ("rope_scaling", "rope_parameters"):  # the decoder's transformer: plain RoPE only
+            check_plain_rope(dec.get(key), f"decoder_config.{key}")
         kwargs: dict[str, Any] = {}
         for key, attr in _DECODER_KEYS.items():
             if key in dec:

@@ -342,6 +342,17 @@ def _cp(key, value):
     (lambda r: r.__setitem__("tts_pad_token_id", 10**7), "tts_pad_token_id"),
     (lambda r: r.__setitem__("talker_config", [1]), "talker_config must be a JSON object"),
     (lambda r: r.__setitem__("tts_model_type", None), "tts_model_type"),
+    # honoured by the official package, not implemented here: refused, never ignored (other audio, silently)
+    (_t("hidden_act", "gelu_pytorch_tanh"), "talker_config.hidden_act must be 'silu'"),
+    (_cp("hidden_act", "gelu"), "code_predictor_config.hidden_act must be 'silu'"),
+    (lambda r: r["talker_config"]["rope_scaling"].update(rope_type="linear", factor=4.0),
+     "talker_config.rope_scaling.rope_type must be 'default'"),
+    (_cp("rope_scaling", {"rope_type": "linear", "factor": 4.0}), "code_predictor_config.rope_scaling.rope_type"),
+    (_cp("rope_scaling", {"type": "dynamic", "factor": 2.0}), "code_predictor_config.rope_scaling.type"),
+    (_t("rope_parameters", {"rope_type": "yarn"}), "talker_config.rope_parameters.rope_type"),
+    (lambda r: r["talker_config"].update(use_sliding_window=True, sliding_window=4),
+     "talker_config.use_sliding_window must be false"),
+    (_cp("layer_types", ["sliding_attention"]), "code_predictor_config.layer_types"),
 ])
 def test_bad_config_values_are_refused(edit, field):
     raw = json.loads(json.dumps(make_config("custom_voice", "tiny").to_json_dict()))
@@ -368,6 +379,60 @@ def test_bad_codec_config_values_are_refused(cv, key, value):
     edit_json(cv / "speech_tokenizer/config.json", lambda r: r["decoder_config"].__setitem__(key, value))
     with pytest.raises(ValueError, match=f"speech_tokenizer/config.json: decoder_config.{key}"):
         CodecConfig.from_json(cv / "speech_tokenizer")
+
+
+def test_what_the_official_package_implements_alike_still_loads():
+    """The spellings of what this engine implements: 'swish' is SiLU, default RoPE in either key, no window."""
+    raw = json.loads(json.dumps(make_config("custom_voice", "tiny").to_json_dict()))
+    for block in (raw["talker_config"], raw["talker_config"]["code_predictor_config"]):
+        block.update(hidden_act="swish", use_sliding_window=False, rope_parameters={"rope_type": "default",
+                                                                                      "rope_theta": 1e6})
+    raw["talker_config"]["code_predictor_config"]["rope_scaling"] = {"type": "default"}
+    cfg = TTSConfig.from_dict(raw)
+    assert cfg.talker.mrope_section == tuple(raw["talker_config"]["rope_scaling"]["mrope_section"])
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0}, {"type": "dynamic"}, "x"])
+def test_a_scaled_rope_in_the_codec_decoder_is_refused(cv, rope):
+    """The official decoder applies decoder_config.rope_scaling; it was dropped with the other unknown keys."""
+    edit_json(cv / "speech_tokenizer/config.json", lambda r: r["decoder_config"].__setitem__("rope_scaling", rope))
+    with pytest.raises(ValueError, match="speech_tokenizer/config.json: decoder_config.rope_scaling"):
+        CodecConfig.from_json(cv / "speech_tokenizer")
+
+
+@pytest.mark.parametrize("content,what", [
+    ("[" * 100_000 + "]" * 100_000, "RecursionError"),       # nesting deeper than the parser goes
+    ('{"a": ' + "9" * 5000 + "}", "ValueError"),            # an integer over Python's digit limit
+])
+@pytest.mark.parametrize("rel", ["config.json", "generation_config.json", "speech_tokenizer/config.json"])
+def test_json_the_parser_cannot_take_is_a_value_error_naming_the_file(cv, rel, content, what):
+    """Deep nesting escaped as a RecursionError naming no file (a job whose row named such a checkpoint failed
+    whole, as only ValueError is a row's error)."""
+    (cv / rel).write_text(content)
+    with pytest.raises(ValueError, match=f"{cv / rel}: not a readable JSON file \\({what}"):
+        load(cv)
+
+
+def test_an_oversized_json_file_is_refused_unread(cv, monkeypatch):
+    """A config.json of gigabytes (sparse: no disk) was read whole, then parsed, before any check."""
+    import qwen_tts_core.checkpoint.weights as weights
+
+    monkeypatch.setattr(weights, "MAX_JSON_BYTES", 1 << 20)
+    with open(cv / "config.json", "r+b") as f:
+        f.truncate(4 << 20)
+    calls = []
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: calls.append(self) or "")
+    with pytest.raises(ValueError, match="config.json: not a readable JSON file .*larger than 1048576 bytes"):
+        TTSConfig.from_json(cv / "config.json")
+    assert calls == []
+
+
+def test_a_blank_checkpoint_name_is_refused_not_the_current_folder(cv, monkeypatch):
+    """Path("") is the current folder: an unset variable loaded whatever checkpoint sat in the working directory."""
+    monkeypatch.chdir(cv)
+    for name in ("", "  "):
+        with pytest.raises(ValueError, match="pretrained_model_name_or_path: empty"):
+            Qwen3TTSModel.from_pretrained(name, device_map="cpu")
 
 
 @pytest.mark.parametrize("update,field", [

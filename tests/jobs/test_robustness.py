@@ -302,3 +302,32 @@ def test_a_hub_error_with_no_message_is_still_a_value_error(monkeypatch):
     with pytest.raises(ValueError, match=r"'org/model' is not in the local cache and the hub cannot be reached "
                                          r"\(ConnectionError\)"):
         resolve_checkpoint_ref("org/model")
+
+
+def test_a_blank_model_is_refused_not_the_current_folder(tmp_path, monkeypatch, checkpoint_factory):
+    """Path("") is the current folder: a blank model name used whatever checkpoint sat in the working directory."""
+    from jobs.models import resolve_checkpoint_ref
+
+    monkeypatch.chdir(checkpoint_factory("custom_voice", "tiny"))
+    for blank in ("", " "):
+        with pytest.raises(ValueError, match="model: empty"):
+            resolve_checkpoint_ref(blank)
+
+
+def test_a_row_naming_a_checkpoint_of_deeply_nested_json_fails_alone(tmp_path, checkpoint_factory):
+    """The parser's RecursionError escaped the row's ValueError handling: the whole job failed."""
+    import shutil
+    from types import SimpleNamespace
+
+    from jobs.inputs import Utterance
+    from jobs.models import resolve_models
+
+    good = checkpoint_factory("custom_voice", "tiny")
+    bad = Path(shutil.copytree(good, tmp_path / "bad"))
+    (bad / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    eng = SimpleNamespace(dtype="float32", device="cpu", guard_frames_per_token=0, guard_base_frames=0)
+    rows = [Utterance(id="r1", text="hi", voice="vivian"),
+            Utterance(id="r2", text="hi", voice="vivian", model=str(bad))]
+    out, _, _ = resolve_models(rows, str(good), "engine", engine=eng)
+    errors = {r.id: r.error for r in out}
+    assert errors["r1"] is None and "not a readable JSON file (RecursionError" in errors["r2"], errors

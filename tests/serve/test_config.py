@@ -55,3 +55,10 @@ def test_any_config_is_taken_or_refused_with_a_value_error(d, models):
         return
     assert ServiceConfig.from_dict(cfg.to_dict()) == cfg     # what the ingress receives is the same config
     assert all(isinstance(k, str) and len(k) > 0 for k in cfg.api_keys)
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_a_blank_checkpoint_is_refused_not_a_random_model(blank):
+    """`checkpoint: ${MODEL_PATH}` with the variable unset gave "": the replicas served a tiny random model."""
+    with pytest.raises(ValueError, match=r"models\[cv\]\.checkpoint must name a folder or hub id"):
+        ServiceConfig.from_dict({"models": [{"name": "cv", "checkpoint": blank}]})
