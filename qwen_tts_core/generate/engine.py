@@ -462,8 +462,10 @@ class Engine:
                     except Exception as e:  # noqa: BLE001 - this session's text, not the engine
                         q.remove(s)
                         return s, e
-                    if not s.committed_ids and not (s.incremental.ended or s.cancelled):
-                        continue  # waits for its first token
+                    if not (s.incremental.ended or s.cancelled) and (
+                            not s.committed_ids or is_blank(s.incremental.text)):
+                        continue  # waits for its first token, and for a visible character: started on blank
+                        #           text and then ended, it spoke to max_new_tokens (a whole blank text is refused)
                 q.remove(s)
                 return s, None
         return None, None

@@ -201,6 +201,36 @@ def test_incremental_blank_text_is_refused_as_whole_blank_text_is(model):
     assert eng.free_slots == [0]
 
 
+@pytest.mark.parametrize("pieces", [["\u200b \u200b ", "\u200b"], ["\x00 \x00 ", "\x00"], ["  \n", "\t"]])
+def test_incremental_text_blank_so_far_waits_and_blank_at_end_is_refused(model, pieces):
+    """Text blank so far (zero-width characters, NULs, spaces) but with ids committed started the session: ended
+    blank, it then spoke to max_new_tokens. It waits (no slot) until a visible character, and ends refused."""
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(None))
+    for p in pieces[:-1]:
+        s.append_text(p)
+    for _ in range(3):
+        eng.step()
+    assert s.phase == "queued" and s.slot == -1 and not s.frames
+    s.append_text(pieces[-1])
+    s.end_text()
+    while eng.has_work():
+        eng.step()
+    assert s.finish_reason == "error" and s.error_field == "text" and not s.frames
+    assert eng.free_slots == [0]
+
+
+def test_incremental_text_starts_at_its_first_visible_character(model):
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(None))
+    s.append_text("\u200b ")
+    eng.step()
+    assert s.phase == "queued"
+    s.append_text("Hello there, how are you today? ")
+    eng.step()
+    assert s.phase != "queued" and s.slot == 0
+
+
 def test_numpy_chunk_sizes_are_taken_as_ints(model):
     import numpy as np
 
