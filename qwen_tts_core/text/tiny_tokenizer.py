@@ -31,11 +31,14 @@ Bonjour le monde. Hallo Welt. Hola mundo. Ciao mondo. Olá mundo. Привет �
 def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> None:
     """Train a small BPE on a built-in corpus and write vocab.json, merges.txt, tokenizer.json and
     tokenizer_config.json (Qwen2TokenizerFast) into out_dir."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
+    # as the real Qwen2 tokenizer.json: transformers 5's Qwen2Tokenizer applies NFC whatever the file says, 4.x
+    # (the official package's) what the file says; without it the two tokenized decomposed accents differently
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),

@@ -40,6 +40,12 @@ CALLS = {
         # a leading newline merges into the role's last token ("assistant\n\n"): the prompt takes the text's own role
         ("generate_custom_voice", dict(text="\nHello world.\n\nThis is a test.", speaker="vivian", language="english",
                                        max_new_tokens=N, **G)),
+        # text the tokenizer's NFC normalizer changes (a decomposed accent, conjoining Hangul jamo, marks out of
+        # canonical order), an emoji ZWJ sequence and a special token typed in the text, in the target and instruct
+        ("generate_custom_voice", dict(text="Cafe\u0301 au lait, \u1100\u1161\u11a8 a\u0323\u0302 "
+                                            "\U0001f468\u200d\U0001f469 <|endoftext|> fin.",
+                                       speaker="vivian", language="auto", instruct="Re\u0301sume\u0301, calm.",
+                                       max_new_tokens=N, **G)),
         ("generate_custom_voice", dict(text="Once upon a time there was a village.", speaker="sohee",
                                        language="english", max_new_tokens=N)),  # sampled, seeded below
     ],
