@@ -40,17 +40,21 @@ class IncrementalText:
     def __init__(self, encode: Callable[[str], list[int]], split_offsets: Callable[[str], list[int]],
                  encode_more: Callable[[str], list[int]] | None = None,
                  open_from: Callable[[str], int] | None = None,
-                 role_of: Callable[[str], list[int]] | None = None) -> None:
+                 role_of: Callable[[str], list[int]] | None = None,
+                 normalize: Callable[[str], str] | None = None) -> None:
         """encode: text -> ids of the bare text as it starts the utterance (the first committed segment);
         split_offsets: text -> start offsets of its tokenizer pieces; encode_more: ids of a later segment, one
         that starts at a piece boundary inside the text (default: `encode`); open_from: text -> the offset from which
         its end may still become an added token ("<|im_e" + "nd|>"), never committed before more text comes
         (default: none can); role_of: the role ids that go before a text starting with the first committed
-        segment (`role` once one is committed)."""
+        segment (`role` once one is committed); normalize: the tokenizer's own normalization (NFC), which runs before
+        its pre-tokenizer: the tail is kept normalized, so it is split where the tokenizer splits (a letter that NFC
+        decomposes into letter + mark put the mark in one piece with the punctuation after it)."""
         self._encode_first, self._encode_more = encode, encode_more or encode
         self._split = split_offsets
         self._open_from = open_from or len
         self._role_of = role_of
+        self._normalize = normalize or (lambda t: t)
         self.role: list[int] | None = None
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._done: list[str] = []   # committed text, in segments
@@ -62,7 +66,8 @@ class IncrementalText:
     def of(cls, tok) -> IncrementalText:
         """The feed of a `text.tokenizer.TextTokenizer`: its pieces and added tokens, the first segment encoded as
         it starts an utterance."""
-        return cls(tok.text_only, tok.split_offsets, tok.encode, tok.open_added_token, lambda s: tok.target(s).role)
+        return cls(tok.text_only, tok.split_offsets, tok.encode, tok.open_added_token, lambda s: tok.target(s).role,
+                   tok.normalize)
 
     @property
     def text(self) -> str:
@@ -78,7 +83,7 @@ class IncrementalText:
             raise ValueError(f"text: pieces must be str or bytes, got {type(piece).__name__}")
         if not piece:
             return []
-        self.tail += piece
+        self.tail = self._normalize(self.tail + piece)
         offsets = self._split(self.tail)
         limit = self._open_from(self.tail)
         for n in reversed(offsets[1:][-CANDIDATES:]):  # the last boundary normalization cannot move (almost always
@@ -92,7 +97,7 @@ class IncrementalText:
     def end(self) -> list[int]:
         if self.ended:
             raise ValueError("text: end_text called twice")
-        self.tail += self._decoder.decode(b"", final=True)
+        self.tail = self._normalize(self.tail + self._decoder.decode(b"", final=True))
         self.ended = True
         return self._commit(len(self.tail)) if self.tail else []
 

@@ -133,6 +133,11 @@ class TextTokenizer:
     def instruct(self, text: str) -> list[int]:
         return self.encode(instruct_text(text))
 
+    def normalize(self, text: str) -> str:
+        """`text` as the tokenizer sees it before its pre-tokenizer (its normalizer: NFC for Qwen2's)."""
+        norm = self._tok.backend_tokenizer.normalizer
+        return text if norm is None else norm.normalize_str(text)
+
     def split_offsets(self, text: str) -> list[int]:
         """Start offsets of the pieces `text` is tokenized in (BPE never merges across them): an added token found in
         it is one piece, and the text between is cut by the pre-tokenizer, each stretch on its own, as the tokenizer
