@@ -47,8 +47,7 @@ def _config(path: Path) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     from qwen_tts_core.config import TTSConfig
 
     cfg = TTSConfig.from_json(path)
-    langs = sorted(["auto"] + [k for k in cfg.talker.codec_language_id if "dialect" not in k])
-    return cfg.tts_model_type, tuple(sorted(cfg.talker.spk_id or ())), tuple(langs)
+    return cfg.tts_model_type, tuple(sorted(cfg.talker.spk_id or ())), tuple(cfg.languages)
 
 
 def _hub_offline() -> bool:

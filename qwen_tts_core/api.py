@@ -191,7 +191,7 @@ class Qwen3TTSModel:
         return sorted(self.cfg.talker.spk_id or [])
 
     def get_supported_languages(self) -> list[str]:
-        return sorted(["auto"] + [k for k in self.cfg.talker.codec_language_id if "dialect" not in k])
+        return self.cfg.languages
 
     # --- the long-lived engine ---------------------------------------------------------------------------------
     def configure_engine(self, reference_sampling: bool | None = None, **engine_kwargs: Any) -> None:

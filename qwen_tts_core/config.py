@@ -243,6 +243,12 @@ class TTSConfig:
         if self.tts_model_type not in MODEL_TYPES:
             raise ValueError(f"tts_model_type must be one of {MODEL_TYPES}, got {self.tts_model_type!r}")
 
+    @property
+    def languages(self) -> list[str]:
+        """The languages a request may name: "auto" and the codec's languages; a dialect is not one (it comes with
+        its speaker), as in the reference."""
+        return sorted(["auto"] + [k for k in self.talker.codec_language_id if "dialect" not in k])
+
     @classmethod
     def from_json(cls, path: str | Path) -> TTSConfig:
         """Read and check config.json (and, when `speech_tokenizer/config.json` is beside it, that the codec matches

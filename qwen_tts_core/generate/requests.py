@@ -134,8 +134,8 @@ def validate(model, req: SynthesisRequest) -> None:
     if not isinstance(req.language, str):
         raise RequestError("language", f"must be a string, got {type(req.language).__name__}")
     lang = (req.language or "auto").lower()
-    langs = model.get_supported_languages()
-    if lang not in langs and lang not in cfg.talker.codec_language_id:
+    langs = model.get_supported_languages()  # a dialect is not one: it comes with its speaker, as the reference's
+    if lang not in langs:
         raise RequestError("language", f"{shown(req.language)} is not supported; choose one of {langs}")
     if req.instruct is not None:
         check_text(req.instruct, "instruct", allow_blank=True)
