@@ -513,3 +513,11 @@ def test_a_session_waiting_for_text_at_the_cache_capacity_fails_no_one(model):
     while not a.done:
         eng.step()
     assert a.finish_reason in ("eos", "max_new_tokens")
+
+
+@pytest.mark.parametrize("size,kept", [("1b7", True), ("0b6", False), ("", False), ("b6", False), ("7", True)])
+def test_instruct_is_dropped_for_the_sizes_the_reference_drops_it_for(size, kept):
+    """The reference tests `tts_model_size in "0b6"`: a config without a size tag ("") drops instruct too."""
+    from qwen_tts_core.generate.requests import instruct_supported
+
+    assert instruct_supported(size) is kept
