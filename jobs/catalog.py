@@ -10,6 +10,7 @@ only its own, never an object another catalog's current prompts use.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -101,17 +103,8 @@ def load_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
             raise ValueError(f"catalog: {p} must be a list of prompts or a mapping with a 'prompts' list")
     else:
         try:
-            reader = csv.DictReader(io.StringIO(text, newline=""))
-            if not reader.fieldnames or "id" not in reader.fieldnames or "text" not in reader.fieldnames:
-                raise ValueError(f"catalog: {p} needs a header row with at least 'id' and 'text'")
-            raw_rows = []
-            for r in reader:
-                cut = r.pop(None, None)  # fields past the header's (DictReader's restkey): never dropped silently
-                if cut and any(c.strip() for c in cut):
-                    too_many[len(raw_rows)] = (f"line {reader.line_num} has {len(reader.fieldnames) + len(cut)} "
-                                               f"fields, the header has {len(reader.fieldnames)}: quote a text that "
-                                               'holds a comma ("We are closed, please call again.")')
-                raw_rows.append({k: v for k, v in r.items() if v not in (None, "")})
+            with _field_limit(len(text) + 1):  # no field is longer than the file: a long text fails its row only
+                raw_rows = _csv_rows(text, p, too_many)
         except csv.Error as e:
             raise ValueError(f"catalog: {p} is not valid CSV ({e})") from e
     rows = []
@@ -119,6 +112,38 @@ def load_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
         row = check_row(r, defaults, where := f"{p.name}:{i + 1}", limits)
         rows.append(replace(row, text="", error=f"{printable(where)}: {too_many[i]}") if i in too_many else row)
     return mark_duplicates(rows), name
+
+
+_FIELD_LIMIT = threading.Lock()
+
+
+@contextlib.contextmanager
+def _field_limit(chars: int) -> Iterator[None]:
+    """csv's field size limit (131072 characters by default, one global) raised to `chars` while a catalog is read,
+    then put back."""
+    with _FIELD_LIMIT:
+        old = csv.field_size_limit()
+        csv.field_size_limit(max(old, chars))
+        try:
+            yield
+        finally:
+            csv.field_size_limit(old)
+
+
+def _csv_rows(text: str, p: Path, too_many: dict[int, str]) -> list[dict[str, Any]]:
+    """A CSV catalog's rows; `too_many` gets why each row with more fields than the header fails."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or "id" not in reader.fieldnames or "text" not in reader.fieldnames:
+        raise ValueError(f"catalog: {p} needs a header row with at least 'id' and 'text'")
+    raw_rows: list[dict[str, Any]] = []
+    for r in reader:
+        cut = r.pop(None, None)  # fields past the header's (DictReader's restkey): never dropped silently
+        if cut and any(c.strip() for c in cut):
+            too_many[len(raw_rows)] = (f"line {reader.line_num} has {len(reader.fieldnames) + len(cut)} fields, the "
+                                       f"header has {len(reader.fieldnames)}: quote a text that holds a comma "
+                                       '("We are closed, please call again.")')
+        raw_rows.append({k: v for k, v in r.items() if v not in (None, "")})
+    return raw_rows
 
 
 def catalog_name(option: Any, in_file: Any, path: str | Path, empty: bool = False, retire_all: bool = False) -> str:
