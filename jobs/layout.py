@@ -138,6 +138,26 @@ def _level_flags(dbm0: dict[str, float | None]) -> list[str]:
             if c in dbm0 and (dbm0[c] is None or abs(dbm0[c] - target) > tol)]
 
 
+def _read_index(sink: Sink) -> dict[str, Any]:
+    """The stored index ({} when there is none). One that is not a JSON object (cut short, edited, `[]`) is taken as
+    empty, with a warning naming it: it only records the files' masters and levels, and is written again (the
+    package files are then made again, and measured)."""
+    raw = sink.get(INDEX_KEY)
+    if raw is None:
+        return {}
+    try:
+        index = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+        index, why = None, f"not JSON ({type(e).__name__}: {str(e)[:100]})"
+    else:
+        why = f"a JSON {type(index).__name__}, not an object"
+    if isinstance(index, dict):
+        return index
+    log.warning("%s/%s is %s: taken as empty and written again (package files are made again)", sink.uri,
+                INDEX_KEY, why)
+    return {}
+
+
 def _kept_levels(entry: object, master: str) -> dict[str, float | None] | None:
     """The stored levels of package files made from `master`, or None when the files must be written again: made
     from another master, or an index entry from before levels were stored (a bare key: levels unknown)."""
@@ -157,8 +177,7 @@ def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: S
     turn on every run, and a retired prompt's audio stayed in it). Returns counts.
     """
     by_id = {r.id: r for r in rows}
-    raw = sink.get(INDEX_KEY)
-    index: dict[str, Any] = json.loads(raw) if raw else {}
+    index = _read_index(sink)
     taken = {k.lower(): r for r in elsewhere if r.status != "retired" for k in r.layout or []}
     counts = {"written": 0, "kept": 0}   # and "taken", when some are
     for rec in records:
@@ -220,8 +239,7 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
     run). A file a current prompt also lists is never deleted: ids map to file names lossily ("main menu" and
     "main-menu" are both main-menu), and a current prompt whose render failed still lists (and uses) the files of
     its last written version (retire._carry)."""
-    raw = sink.get(INDEX_KEY)
-    index: dict[str, Any] = json.loads(raw) if raw else {}
+    index = _read_index(sink)
     live = {k for r in records if r.status != "retired" for k in r.layout or []}
     live_idents = {_ident(k) for k in live}
     failed = 0

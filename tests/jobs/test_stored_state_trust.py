@@ -8,9 +8,10 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import yaml
 
-from jobs import catalog
+from jobs import catalog, layout
 from jobs.inputs import InputLimits, RowDefaults
 from jobs.manifest import from_parquet, to_parquet
 
@@ -41,6 +42,21 @@ def _precious(out, *names):
     for n in names:
         (out / n).parent.mkdir(parents=True, exist_ok=True)
         (out / n).write_bytes(b"PRECIOUS")
+
+
+@pytest.mark.parametrize("content", [b'{"en/welcome": {"master": "x"', b"[]", b'"text"', b"\xff\xfe"])
+def test_a_corrupt_layout_index_is_rebuilt_with_a_warning(tmp_path, capsys, caplog, content):
+    """Before: a cut-short index exited 2 after synthesis without a manifest (not naming the file); `[]` raised."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    prompts = [{"id": "welcome", "text": "Welcome to the line."}]
+    _write(cat, prompts, language="english")
+    assert _run(cat, out, capsys, "--layout", "asterisk")[0] == 0
+    (out / layout.INDEX_KEY).write_bytes(content)
+    _write(cat, [*prompts, {"id": "menu", "text": "Press one for sales."}], language="english")
+    code, s = _run(cat, out, capsys, "--layout", "asterisk", "--retire", "delete")
+    assert code == 0 and s["layout"]["written"] == 2 and (out / MANIFEST).exists()
+    assert layout.INDEX_KEY in caplog.text and "taken as empty" in caplog.text
+    assert set(json.loads((out / layout.INDEX_KEY).read_text())) == {"en/welcome", "en/menu"}
 
 
 def test_a_csv_prompt_longer_than_csvs_default_field_limit_is_read(tmp_path):
