@@ -38,7 +38,7 @@ from .inputs import (
     printable,
     read_text,
 )
-from .manifest import ManifestRecord, from_parquet, summarize
+from .manifest import ManifestRecord, read_manifest, summarize
 from .narrate import (
     add_common_args,
     build_options,
@@ -228,9 +228,18 @@ def catalog_defaults(given: dict[Any, Any], defaults: RowDefaults, path: Path) -
                        seed=merged.seed, format=merged.format, sample_rate=merged.sample_rate)
 
 
-def previous_manifest(sink: Sink) -> list[ManifestRecord]:
+def previous_manifest(sink: Sink) -> tuple[list[ManifestRecord], list[str]]:
+    """The output's stored manifest: (its records, why each row that is not a record was left out: quarantined,
+    `manifest.read_manifest`). ValueError naming the file (exit 2, before any synthesis) when it is not Parquet."""
     raw = sink.get(MANIFEST_KEY)
-    return from_parquet(raw) if raw else []
+    if not raw:
+        return [], []
+    try:
+        return read_manifest(raw)
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors for bytes that are not (complete) Parquet vary
+        raise ValueError(f"catalog: {sink.uri}/{MANIFEST_KEY} cannot be read ({type(e).__name__}: {e}); restore "
+                         "it or move it aside (a run without it renders nothing unchanged again, but never retires "
+                         "or deletes what it listed)") from e
 
 
 def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: RunOptions, retire: str,
@@ -254,7 +263,7 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
     sink.preflight()
     # one pass at a time: from reading the previous manifest to writing this one
     with lease.hold(sink, wait_s=lease_wait, stop=stop) as held:
-        before = previous_manifest(sink)
+        before, quarantined = previous_manifest(sink)
         first = not any(r.catalog == name for r in before)
         previous, others, adopted = owned(before, name, {r.id for r in rows})
         unclaimed = sum(r.catalog is None for r in others)
@@ -308,7 +317,8 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
     summary = summarize(records)
     summary.update(counts, catalog=name, output=sink.uri, manifest=url, wall_s=round(time.perf_counter() - t0, 2),
                    **extra, **({"adopted": adopted} if adopted else {}), **({"unclaimed": unclaimed} if unclaimed else {}),
-                   **({"turned_over": lost} if lost else {}))
+                   **({"turned_over": lost} if lost else {}),
+                   **({"quarantined": {"rows": len(quarantined), "why": quarantined[:10]}} if quarantined else {}))
     if packages is not None:
         summary["layout"] = {"name": layout, **packages}
     if not quiet:

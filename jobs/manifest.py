@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+import logging
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
 
 from .serve_backend import model_changed
 
+log = logging.getLogger(__name__)
 Status = Literal["ok", "suspect", "failed", "retired"]
+QUARANTINE_SHOWN = 20  # quarantined rows named one by one in the log
 
 
 @dataclass
@@ -156,9 +159,54 @@ def to_jsonl(records: list[ManifestRecord]) -> bytes:
 
 
 def from_parquet(data: bytes) -> list[ManifestRecord]:
+    """A stored manifest's records, each checked (`read_manifest`); rows that are not records are left out, with a
+    warning naming each. Raises what pyarrow raises for bytes that are not Parquet."""
+    return read_manifest(data)[0]
+
+
+def read_manifest(data: bytes) -> tuple[list[ManifestRecord], list[str]]:
+    """A stored manifest -> (its records, why each row that is not one was left out).
+
+    A stored manifest is not trusted: a row is a record only when every field has the type this job writes (a
+    missing column or a null becomes the field's default; a field without one, `id` and `status`, must be there,
+    `status` one of Status's). Any other row (a column of another type, an unknown status, a list holding a null) is
+    quarantined: left out with a warning naming it, never acted on (nothing it names is deleted) and not written
+    back; what it named stays in storage. Raises what pyarrow raises for bytes that are not Parquet."""
     import pyarrow.parquet as pq
 
-    return [ManifestRecord.from_dict(d) for d in pq.read_table(io.BytesIO(data)).to_pylist()]
+    records, bad = [], []
+    for i, d in enumerate(pq.read_table(io.BytesIO(data)).to_pylist()):
+        rec = _checked(d)
+        if isinstance(rec, ManifestRecord):
+            records.append(rec)
+            continue
+        ident = d.get("id")
+        bad.append(f"row {i + 1}" + (f" (id {ident[:100]!r})" if isinstance(ident, str) else "") + f": {rec}")
+        if len(bad) <= QUARANTINE_SHOWN:
+            log.warning("manifest: %s; this row is left out (quarantined): not trusted, nothing it names is deleted",
+                        bad[-1])
+    if len(bad) > QUARANTINE_SHOWN:
+        log.warning("manifest: %d more rows left out (quarantined)", len(bad) - QUARANTINE_SHOWN)
+    return records, bad
+
+
+def _checked(d: dict[str, Any]) -> ManifestRecord | str:
+    """One stored row -> its record, or why it is not one."""
+    schema, out = _schema(), {}
+    for f in fields(ManifestRecord):
+        v = d.get(f.name)
+        if v is None:
+            if f.default is not MISSING or f.default_factory is not MISSING:
+                continue  # the field's default (None where it is nullable)
+            if f.name != "key":  # (a record without an object has key None)
+                return f"field {f.name!r} is missing or null"
+        elif not _field_ok(v, schema.field(f.name).type):
+            return f"field {f.name!r} holds {type(v).__name__} {str(v)[:60]!r}, not {schema.field(f.name).type}"
+        out[f.name] = v
+    out.setdefault("key", None)
+    if out["status"] not in get_args(Status):
+        return f"status {str(out['status'])[:60]!r} is not one of {list(get_args(Status))}"
+    return ManifestRecord(**out)
 
 
 def summarize(records: list[ManifestRecord]) -> dict[str, Any]:

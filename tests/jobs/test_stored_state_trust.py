@@ -6,14 +6,18 @@ catalogs with a text longer than csv's default field limit."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from jobs import catalog, layout
 from jobs.inputs import InputLimits, RowDefaults
-from jobs.manifest import from_parquet, to_parquet
+from jobs.manifest import ManifestRecord, from_parquet, to_parquet
+from jobs.storage import content_key
 
 FAKE = "tests.jobs.fakes:FakeBackend"
 MANIFEST = catalog.MANIFEST_KEY
@@ -42,6 +46,68 @@ def _precious(out, *names):
     for n in names:
         (out / n).parent.mkdir(parents=True, exist_ok=True)
         (out / n).write_bytes(b"PRECIOUS")
+
+
+def _table(out):
+    return pq.read_table(io.BytesIO((out / MANIFEST).read_bytes()))
+
+
+def _put(out, table):
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    (out / MANIFEST).write_bytes(buf.getvalue())
+
+
+def _set(table, name, array):
+    return table.set_column(table.column_names.index(name), name, array)
+
+
+@pytest.mark.parametrize("damage, quarantined", [
+    (lambda t: t.drop(["status"]), 2),
+    (lambda t: _set(t, "key", pa.array([7, 8])), 2),
+    (lambda t: _set(t, "attempts", pa.array([2**40, 1], pa.int64())), 1),   # too big for the int32 column
+    (lambda t: _set(t, "status", pa.array(["ok", "gone"])), 1),
+    (lambda t: _set(t, "previous_keys", pa.array([None, None], pa.list_(pa.string()))), 0),  # null: the default
+    (lambda t: _set(t, "layout", pa.array([[None], []], pa.list_(pa.string()))), 1),
+    (lambda t: t.drop(["layout", "previous_keys", "catalog", "retries"]), 0),  # an older manifest: defaults
+], ids=["no-status-column", "int-keys", "int64-attempts", "unknown-status", "null-lists", "null-in-list",
+        "older-columns"])
+def test_a_corrupt_manifest_row_is_quarantined_not_fatal(tmp_path, capsys, caplog, damage, quarantined):
+    """Before: TypeError tracebacks (a null list, no status column) or exit 3 on every pass (a key of type int)."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "bye", "text": "Goodbye."}, {"id": "welcome", "text": "Welcome."}])
+    assert _run(cat, out, capsys)[0] == 0
+    _put(out, damage(_table(out)))
+    code, s = _run(cat, out, capsys, "--retire", "delete")
+    assert code == 0 and s["ok"] == 2 and s["synthesized"] == 0  # nothing rendered again (sidecars)
+    assert s.get("quarantined", {}).get("rows", 0) == quarantined
+    if quarantined:
+        assert "quarantined" in caplog.text and "(id '" in caplog.text  # names the row
+    assert {r.id: r.status for r in from_parquet((out / MANIFEST).read_bytes())} == {"bye": "ok", "welcome": "ok"}
+    assert _run(cat, out, capsys, "--retire", "delete")[:1] == (0,)  # the next pass is a clean one
+
+
+def test_read_manifest_names_each_row_it_leaves_out():
+    from jobs.manifest import read_manifest
+
+    good = ManifestRecord(id="a", key=content_key({}, "a", "wav", "prompts"), status="ok")
+    table = pa.Table.from_pylist([good.to_dict(), {**good.to_dict(), "id": "b", "status": None},
+                                  {**good.to_dict(), "id": None}])
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    records, bad = read_manifest(buf.getvalue())
+    assert records == [good]
+    assert bad[0].startswith("row 2 (id 'b'): field 'status'") and bad[1].startswith("row 3: field 'id'")
+
+
+def test_an_unreadable_manifest_exits_2_naming_it(tmp_path, capsys):
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}])
+    assert _run(cat, out, capsys)[0] == 0
+    (out / MANIFEST).write_bytes((out / MANIFEST).read_bytes()[:100])
+    code = catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
+                         "local", "--no-progress", "--quiet"])
+    assert code == 2 and f"{out}/{MANIFEST} cannot be read" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content", [b'{"en/welcome": {"master": "x"', b"[]", b'"text"', b"\xff\xfe"])
