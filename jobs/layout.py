@@ -240,7 +240,7 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
     "main-menu" are both main-menu), and a current prompt whose render failed still lists (and uses) the files of
     its last written version (retire._carry)."""
     index = _read_index(sink)
-    live = {k for r in records if r.status != "retired" for k in r.layout or []}
+    live = {k.casefold() for r in records if r.status != "retired" for k in r.layout or []}
     live_idents = {_ident(k) for k in live}
     failed = 0
     for rec in records:
@@ -248,7 +248,7 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
             continue
         left, errors = [], []
         for key in rec.layout:
-            if key in live:
+            if key.casefold() in live:  # (on a case-insensitive store Welcome.ulaw is welcome.ulaw)
                 continue
             try:
                 sink.delete(key)
@@ -256,8 +256,8 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
                 log.warning("could not delete %s: %s", key, e)
                 left.append(key)
                 errors.append(str(e))
-        for ident in {_ident(k) for k in rec.layout} - live_idents:
-            if not any(_ident(k) == ident for k in left):
+        for ident in {_ident(k) for k in rec.layout}:
+            if ident.casefold() not in live_idents and not any(_ident(k) == ident for k in left):
                 index.pop(ident, None)
         rec.layout = left
         if left:

@@ -110,7 +110,7 @@ def purge(records: list[ManifestRecord], sink: Sink, shared: list[ManifestRecord
     records; keys are content keys, so two catalogs with the same prompt share its object). What the storage
     refuses stays listed (a retired record gets error "retired: delete failed: ..."), to try again next pass.
     Returns (how many prompts have a delete that failed, whether any record changed)."""
-    live = live_keys([*records, *shared])
+    live = {k.casefold() for k in live_keys([*records, *shared])}  # (a case-insensitive store: one object)
     failed, changed = 0, False
     for r in records:
         if r.status in LIVE and r.previous_keys:
@@ -138,13 +138,15 @@ def _retire_delete(sink: Sink, rec: ManifestRecord, live: set[str]) -> int:
             errors.append(err)
             left += [key] if key != rec.key else []
     rec.previous_keys = left
-    rec.error = f"retired: delete failed: {errors[0]}" if errors else KEPT if rec.key in live else DELETED
+    rec.error = (f"retired: delete failed: {errors[0]}" if errors
+                 else KEPT if (rec.key or "").casefold() in live else DELETED)
     return 1 if errors else 0
 
 
 def _delete(sink: Sink, key: str, live: set[str]) -> str | None:
-    """Delete an output (audio, sidecar, captions) unless a live prompt uses it; the error, or None when done."""
-    if key in live:
+    """Delete an output (audio, sidecar, captions) unless a live prompt uses it (`live`: casefolded keys); the
+    error, or None when done."""
+    if key.casefold() in live:
         log.info("keeping %s: a current prompt uses it", key)
         return None
     try:

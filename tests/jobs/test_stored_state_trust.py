@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs import catalog, layout
+from jobs import catalog, layout, retire, storage
 from jobs.inputs import InputLimits, RowDefaults
 from jobs.manifest import ManifestRecord, from_parquet, to_parquet
-from jobs.storage import content_key
+from jobs.storage import LocalSink, content_key
 
 FAKE = "tests.jobs.fakes:FakeBackend"
 MANIFEST = catalog.MANIFEST_KEY
@@ -108,6 +108,57 @@ def test_an_unreadable_manifest_exits_2_naming_it(tmp_path, capsys):
     code = catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
                          "local", "--no-progress", "--quiet"])
     assert code == 2 and f"{out}/{MANIFEST} cannot be read" in capsys.readouterr().err
+
+
+def test_a_case_only_rename_on_a_case_insensitive_store_keeps_the_current_prompts_audio(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Before: retiring 'Welcome' deleted prompts/Welcome-<h>.wav, which on a case-folding store (macOS, SMB) is
+    the object 'welcome' reused."""
+    real = LocalSink._path
+    monkeypatch.setattr(storage.LocalSink, "_path", lambda self, key: real(self, key.lower()))
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "Welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."}])
+    assert _run(cat, out, capsys)[0] == 0
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."}])
+    code, s = _run(cat, out, capsys, "--retire", "delete")
+    man = _manifest(out)
+    sink = LocalSink(str(out))
+    assert code == 0 and s["retired"] == 1 and man["welcome"].status == "ok"
+    assert sink.get(man["welcome"].key) and sink.get(f"{man['welcome'].key}.json")
+    assert man["Welcome"].error == retire.KEPT
+
+
+def test_purge_compares_live_keys_ignoring_case():
+    deleted = []
+
+    class Sink:
+        def delete(self, key):
+            deleted.append(key)
+
+    key = content_key({"x": 1}, "Welcome", "wav", "prompts")
+    live = ManifestRecord(id="welcome", key=key.replace("Welcome", "welcome"), status="ok")
+    gone = ManifestRecord(id="Welcome", key=key, status="retired", error=retire.PENDING)
+    assert retire.purge([live, gone], Sink(), [])[0] == 0
+    assert deleted == [] and gone.error == retire.KEPT
+
+
+def test_remove_packages_keeps_a_live_prompts_file_that_differs_only_in_case(tmp_path):
+    """Before: retiring 'Welcome' deleted asterisk/<codec>/sounds/en/Welcome.<ext>: on a case-folding store, the
+    file of the current prompt 'welcome'."""
+    deleted = []
+
+    class Recording(LocalSink):
+        def delete(self, key):
+            deleted.append(key)
+            super().delete(key)
+
+    sink = Recording(str(tmp_path))
+    files = {c: layout.package_key(c, "en", "welcome") for c in layout.ASTERISK_CODECS}
+    live = ManifestRecord(id="welcome", key="k", status="ok", layout=list(files.values()))
+    gone = ManifestRecord(id="Welcome", key="k", status="retired", error=retire.DELETED,
+                          layout=[k.replace("/welcome.", "/Welcome.") for k in files.values()])
+    assert layout.remove_packages([live, gone], sink) == 0
+    assert deleted == [] and gone.layout == []
 
 
 @pytest.mark.parametrize("content", [b'{"en/welcome": {"master": "x"', b"[]", b'"text"', b"\xff\xfe"])
