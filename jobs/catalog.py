@@ -301,7 +301,10 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
         if retire == "delete" and not extra:
             try:
                 held.check()
-                counts["delete_failed"], changed = purge(records, sink, shared=others)
+                counts["delete_failed"], changed, refused = purge(records, sink, shared=others,
+                                                                  prefix=render.key_prefix)
+                if refused:  # keys a stored manifest or sidecar lists that this job never writes: not deleted
+                    counts["delete_refused"] = refused
                 if layout != "none":  # (another catalog's live package files are kept)
                     live_elsewhere = [r for r in others if r.status != "retired"]
                     counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], sink)

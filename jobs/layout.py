@@ -94,6 +94,20 @@ def package_key(codec: str, lang: str, name: str) -> str:
     return f"{ROOT}/{codec}/sounds/{lang}/{name}.{codecs.get(codec).ext}"
 
 
+def is_package_key(key: str) -> bool:
+    """Whether `key` is exactly what `package_key` makes for some codec, language and file name (`safe_name`'s)."""
+    parts = key.split("/", 4) if isinstance(key, str) else []
+    if len(parts) != 5 or parts[0] != ROOT or parts[2] != "sounds" or parts[1] not in ASTERISK_CODECS:
+        return False
+    codec, lang, (name, dot, _) = parts[1], parts[3], parts[4].rpartition(".")
+    if not dot or lang not in set(LANG_CODES.values()):
+        return False
+    try:
+        return safe_name(name) == name and package_key(codec, lang, name) == key
+    except ValueError:
+        return False
+
+
 def check_rows(rows: Iterable[Utterance]) -> list[Utterance]:
     """Refuse (row.error) ids that cannot be file names or that collide with an earlier one (ignoring case)."""
     seen: dict[tuple[str, str], str] = {}
@@ -239,6 +253,8 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
     run). A file a current prompt also lists is never deleted: ids map to file names lossily ("main menu" and
     "main-menu" are both main-menu), and a current prompt whose render failed still lists (and uses) the files of
     its last written version (retire._carry)."""
+    from .retire import DELETED, KEPT, refusal, refused_error  # (retire imports this module)
+
     index = _read_index(sink)
     live = {k.casefold() for r in records if r.status != "retired" for k in r.layout or []}
     live_idents = {_ident(k) for k in live}
@@ -246,9 +262,13 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
     for rec in records:
         if rec.status != "retired" or not rec.layout:
             continue
-        left, errors = [], []
+        left, errors, refused = [], [], []
         for key in rec.layout:
             if key.casefold() in live:  # (on a case-insensitive store Welcome.ulaw is welcome.ulaw)
+                continue
+            if why := refusal(key, package=True):
+                refused.append(refused_error(key, why))
+                log.warning("not deleting %s, listed as a package file of retired prompt %r: %s", key, rec.id, why)
                 continue
             try:
                 sink.delete(key)
@@ -256,12 +276,14 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
                 log.warning("could not delete %s: %s", key, e)
                 left.append(key)
                 errors.append(str(e))
-        for ident in {_ident(k) for k in rec.layout}:
+        for ident in {_ident(k) for k in rec.layout if not refusal(k, package=True)}:
             if ident.casefold() not in live_idents and not any(_ident(k) == ident for k in left):
                 index.pop(ident, None)
         rec.layout = left
         if left:
             failed += 1
             rec.error = f"retired: delete failed: {errors[0]}"
+        elif refused and rec.error in (DELETED, KEPT):  # (a failed delete of its objects stays the error)
+            rec.error = refused[0]
     sink.put(INDEX_KEY, json.dumps(index, sort_keys=True, indent=1).encode(), "application/json")
     return failed

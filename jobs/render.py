@@ -128,7 +128,8 @@ def base_record(row: Utterance, cfg: RenderConfig) -> ManifestRecord:
 
 def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig, this_run: bool = False,
                     ) -> ManifestRecord | None:
-    """The committed record for this row's key when the object exists and matches its sidecar, else None.
+    """The committed record for this row's key when the object exists and matches its sidecar, else None; the
+    catalog's fields (`previous_keys`, `layout`, `catalog`) are never taken from the sidecar.
 
     Its `retries` are cleared unless `this_run` (this job rendered it: runner._committed): they tell what was
     retried in the run that rendered it (its sidecar keeps them, with its `attempts`); a reusing run retried nothing
@@ -144,6 +145,10 @@ def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig, this_run: boo
         return None
     rec.id, rec.reused, rec.url = row.id, not this_run, sink.url(key)
     rec.retries = rec.retries if this_run else []
+    # only what rendering wrote is taken from the sidecar: what the catalog keeps on a record (earlier versions to
+    # delete, package files, its owner) is the catalog's own, from its manifest; a sidecar edited to list other
+    # keys there must never make a pass delete them
+    rec.previous_keys, rec.layout, rec.catalog, rec.error = [], [], None, None
     return rec
 
 

@@ -8,11 +8,14 @@ leaves its deletes listed (`previous_keys`, retired records with error PENDING) 
 from __future__ import annotations
 
 import logging
+import re
 
+from . import audio, codecs
+from . import layout as layouts
 from .captions import caption_keys
 from .manifest import ManifestRecord
 from .render import sidecar_key
-from .storage import Sink, StorageError
+from .storage import STEM_MAX_BYTES, Sink, StorageError
 
 log = logging.getLogger(__name__)
 RETIRE_MODES = ("mark", "delete")
@@ -20,6 +23,33 @@ LIVE = ("ok", "suspect")
 DELETED = "retired: object deleted"
 KEPT = "retired: object kept (a current prompt uses the same object)"
 PENDING = "retired: delete pending (the next --retire delete pass deletes it)"
+REFUSED = "retired: delete refused"
+# what storage.content_key makes below the prefix: <stem>-<20 hex>.<ext>, the stem at most 80 characters
+_OBJECT = re.compile(r"(?P<stem>[^/\\]{1,80})-[0-9a-f]{20}\.(?P<ext>[a-z0-9]+)")
+_EXTS = {e[2] for e in audio.ENCODINGS.values()} | {c.ext for c in codecs.CODECS.values()}
+
+
+def refusal(key: object, prefix: str | None = None, *, package: bool = False) -> str | None:
+    """The rule, the only one, of what a catalog pass may delete: None for a key of the shape this job writes, else
+    why not. `package`: a --layout package file, exactly as layout.package_key makes one; else an output object,
+    as storage.content_key makes one below `prefix` (its sidecar and captions are derived from it). A stored
+    manifest or a sidecar is not trusted: a key edited (or corrupted) to name anything else at the output (another
+    job's files, the manifest, a path out of the folder) is refused, never deleted."""
+    if not isinstance(key, str):
+        return f"not a key ({type(key).__name__})"
+    if package:
+        return None if layouts.is_package_key(key) else "not a --layout package file this job writes"
+    m = _OBJECT.fullmatch(key[len(prefix) + 1:]) if prefix and key.startswith(f"{prefix}/") else None
+    stem = m.group("stem") if m else ""
+    if not (m and m.group("ext") in _EXTS and stem == stem.strip(".") and len(stem.encode("utf-8", "surrogatepass"))
+            <= STEM_MAX_BYTES and all(c.isalnum() or c in "-_." for c in stem)):
+        return f"not an output this job writes ({prefix}/<id>-<20 hex>.<ext>)"
+    return None
+
+
+def refused_error(key: str, why: str) -> str:
+    """A retired record's error when what it lists was refused (`refusal`): final, never tried again."""
+    return f"{REFUSED}: {key[:200]!r} is {why}"
 
 
 def live_keys(records: list[ManifestRecord]) -> set[str]:
@@ -46,7 +76,7 @@ def _carry(rec: ManifestRecord, old: ManifestRecord) -> None:
 def _objects_done(rec: ManifestRecord) -> bool:
     """A retired record whose objects are all deleted (or kept for a current prompt); its --layout package files
     are another matter (layout.remove_packages)."""
-    return rec.error in (DELETED, KEPT) and not rec.previous_keys
+    return (rec.error in (DELETED, KEPT) or str(rec.error).startswith(REFUSED)) and not rec.previous_keys
 
 
 def _done(rec: ManifestRecord) -> bool:
@@ -103,49 +133,58 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], ret
     return out, counts
 
 
-def purge(records: list[ManifestRecord], sink: Sink, shared: list[ManifestRecord]) -> tuple[int, bool]:
+def purge(records: list[ManifestRecord], sink: Sink, shared: list[ManifestRecord], prefix: str,
+          ) -> tuple[int, bool, int]:
     """Delete what `reconcile` listed, once the manifest listing it is written: superseded versions of written
     prompts (`previous_keys`) and retired prompts' objects (their --layout package files: layout.remove_packages).
     Never deletes an object a current prompt uses, this catalog's or another's at the same output (`shared`: their
-    records; keys are content keys, so two catalogs with the same prompt share its object). What the storage
-    refuses stays listed (a retired record gets error "retired: delete failed: ..."), to try again next pass.
-    Returns (how many prompts have a delete that failed, whether any record changed)."""
-    live = {k.casefold() for k in live_keys([*records, *shared])}  # (a case-insensitive store: one object)
-    failed, changed = 0, False
+    records; keys are content keys, so two catalogs with the same prompt share its object), compared ignoring case
+    (a case-insensitive store holds prompts/Welcome-... and prompts/welcome-... as one object), nor a key that is
+    not an output this job writes below `prefix` (`refusal`: dropped from the record with a warning; a retired
+    record says so in its error). What the storage refuses stays listed (a retired record gets error "retired:
+    delete failed: ..."), to try again next pass.
+    Returns (how many prompts have a delete that failed, whether any record changed, how many keys were refused)."""
+    live = {k.casefold() for k in live_keys([*records, *shared])}
+    failed, changed, refused = 0, False, 0
     for r in records:
         if r.status in LIVE and r.previous_keys:
             left = []
             for key in r.previous_keys:
-                if err := _delete(sink, key, live):
+                if why := refusal(key, prefix):
+                    refused += 1
+                    log.warning("not deleting %s, listed as a superseded version of %r: %s", key, r.id, why)
+                elif err := _delete(sink, key, live):
                     left.append(key)
                     log.warning("could not delete %s, a superseded version of %r: %s", key, r.id, err)
             changed |= left != r.previous_keys
             r.previous_keys = left
             failed += bool(left)
         elif r.status == "retired" and not _objects_done(r):
-            failed += _retire_delete(sink, r, live)
-            changed = True
-    return failed, changed
+            f, n = _retire_delete(sink, r, live, prefix)
+            failed, refused, changed = failed + f, refused + n, True
+    return failed, changed, refused
 
 
-def _retire_delete(sink: Sink, rec: ManifestRecord, live: set[str]) -> int:
-    """Delete a retired prompt's objects, its own and the earlier versions it still holds (`previous_keys`); 1 when
-    that failed (what is left stays listed, to try again)."""
-    errors, left = [], []
+def _retire_delete(sink: Sink, rec: ManifestRecord, live: set[str], prefix: str) -> tuple[int, int]:
+    """Delete a retired prompt's objects, its own and the earlier versions it still holds (`previous_keys`).
+    Returns (1 when a delete failed (what is left stays listed, to try again), how many keys were refused)."""
+    errors, left, refused = [], [], []
     for key in dict.fromkeys(k for k in (rec.key, *rec.previous_keys) if k):
-        err = _delete(sink, key, live)
-        if err:
+        if why := refusal(key, prefix):
+            refused.append(refused_error(key, why))
+            log.warning("not deleting %s, listed by retired prompt %r: %s", key, rec.id, why)
+        elif err := _delete(sink, key, live):
             errors.append(err)
             left += [key] if key != rec.key else []
     rec.previous_keys = left
-    rec.error = (f"retired: delete failed: {errors[0]}" if errors
+    rec.error = (f"retired: delete failed: {errors[0]}" if errors else refused[0] if refused
                  else KEPT if (rec.key or "").casefold() in live else DELETED)
-    return 1 if errors else 0
+    return (1 if errors else 0), len(refused)
 
 
 def _delete(sink: Sink, key: str, live: set[str]) -> str | None:
     """Delete an output (audio, sidecar, captions) unless a live prompt uses it (`live`: casefolded keys); the
-    error, or None when done."""
+    error, or None when done. `key` passed `refusal`."""
     if key.casefold() in live:
         log.info("keeping %s: a current prompt uses it", key)
         return None

@@ -48,6 +48,87 @@ def _precious(out, *names):
         (out / n).write_bytes(b"PRECIOUS")
 
 
+def test_refusal_accepts_only_keys_of_the_shape_this_job_writes():
+    key = content_key({"text": "hi"}, "main menu", "wav", "prompts")
+    assert retire.refusal(key, "prompts") is None
+    assert retire.refusal(content_key({"t": 1}, "ümlaut ünïcode", "ulaw", "prompts"), "prompts") is None
+    for bad in ("important/master-recording.wav", "manifest.parquet", MANIFEST, "../outside.wav",
+                f"{key}.json", key.replace("prompts/", "audio/"), key.replace("prompts/", "prompts/../"),
+                "prompts/x-0123456789abcdef012.wav", "prompts/x-0123456789abcdef0123.pdf",
+                "prompts/sub/x-0123456789abcdef0123.wav", "prompts/.x-0123456789abcdef0123.wav",
+                "prompts/-0123456789abcdef0123.wav", "asterisk/ulaw/sounds/en/welcome.ulaw", 7, None):
+        assert retire.refusal(bad, "prompts"), bad
+    assert retire.refusal(layout.package_key("g722", "en", "digits/1"), package=True) is None
+    for bad in ("asterisk/index.json", "asterisk/ulaw/sounds/en/../../../../x.ulaw", "asterisk/ulaw/sounds/en/a.alaw",
+                "asterisk/ulaw/sounds/xx/a.ulaw", "asterisk/mp3/sounds/en/a.mp3", "important/a.ulaw", key,
+                "asterisk/ulaw/sounds/en/a b.ulaw", "asterisk/ulaw/sounds/en/.ulaw"):
+        assert retire.refusal(bad, package=True), bad
+
+
+def test_a_stored_manifest_row_naming_other_files_gets_them_refused_not_deleted(tmp_path, capsys):
+    """Before: the retired record's key and previous_keys were deleted whatever they named."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."}])
+    assert _run(cat, out, capsys)[0] == 0
+    _precious(out, "important/master-recording.wav", "manifest.parquet")
+    man = _manifest(out)
+    real = man["bye"].key
+    man["bye"].key, man["bye"].previous_keys = "important/master-recording.wav", ["manifest.parquet", MANIFEST]
+    man["welcome"].previous_keys = ["important/master-recording.wav"]
+    _store(out, man.values())
+    _write(cat, [{"id": "welcome", "text": "Welcome."}])
+    code, s = _run(cat, out, capsys, "--retire", "delete")
+    assert code == 0 and s["delete_refused"] == 4
+    assert (out / "important/master-recording.wav").read_bytes() == b"PRECIOUS"
+    assert (out / "manifest.parquet").read_bytes() == b"PRECIOUS" and (out / MANIFEST).exists()
+    assert (out / real).exists()  # the object the record no longer names is left alone too (never guessed)
+    after = _manifest(out)
+    assert after["bye"].status == "retired" and after["bye"].error.startswith(retire.REFUSED)
+    assert "important/master-recording.wav" in after["bye"].error and after["bye"].previous_keys == []
+    assert after["welcome"].previous_keys == [] and after["welcome"].status == "ok"
+    assert _run(cat, out, capsys, "--retire", "delete")[0] == 0  # recorded once; nothing is ever retried
+    assert (out / "important/master-recording.wav").exists() and "bye" not in _manifest(out)
+
+
+def test_a_reused_outputs_sidecar_cannot_add_keys_to_delete(tmp_path, capsys):
+    """Before: a reused output's record was its sidecar, previous_keys/layout/catalog included."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."}])
+    assert _run(cat, out, capsys)[0] == 0
+    shaped = "prompts/keep-0123456789abcdef0123.wav"  # even a key of the right shape: not the sidecar's field
+    _precious(out, "important/contract.pdf", shaped)
+    side = out / f"{_manifest(out)['welcome'].key}.json"
+    d = json.loads(side.read_text())
+    d.update(previous_keys=["important/contract.pdf", shaped], layout=["asterisk/ulaw/sounds/en/menu.ulaw"],
+             catalog="someone-else")
+    side.write_text(json.dumps(d))
+    code, s = _run(cat, out, capsys, "--retire", "delete")
+    assert code == 0 and s["reused"] == 2
+    assert (out / "important/contract.pdf").read_bytes() == b"PRECIOUS" and (out / shaped).exists()
+    rec = _manifest(out)["welcome"]
+    assert rec.previous_keys == [] and rec.layout == [] and rec.catalog == "ivr"
+
+
+def test_layout_files_a_stored_row_lists_are_deleted_only_when_they_are_package_files(tmp_path, capsys):
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome to the line."}, {"id": "bye", "text": "Goodbye now."}],
+           language="english")
+    assert _run(cat, out, capsys, "--layout", "asterisk")[0] == 0
+    _precious(out, "important/notes.ulaw")
+    man = _manifest(out)
+    package = list(man["bye"].layout)
+    man["bye"].layout = [*package, "important/notes.ulaw", "asterisk/index.json", MANIFEST]
+    _store(out, man.values())
+    _write(cat, [{"id": "welcome", "text": "Welcome to the line."}], language="english")
+    code, _ = _run(cat, out, capsys, "--layout", "asterisk", "--retire", "delete")
+    assert code == 0
+    assert not any((out / k).exists() for k in package)  # its real package files are deleted
+    assert (out / "important/notes.ulaw").read_bytes() == b"PRECIOUS" and (out / MANIFEST).exists()
+    assert set(json.loads((out / layout.INDEX_KEY).read_text())) == {"en/welcome"}
+    bye = _manifest(out)["bye"]
+    assert bye.layout == [] and bye.error.startswith(retire.REFUSED) and "important/notes.ulaw" in bye.error
+
+
 def _table(out):
     return pq.read_table(io.BytesIO((out / MANIFEST).read_bytes()))
 
@@ -138,7 +219,7 @@ def test_purge_compares_live_keys_ignoring_case():
     key = content_key({"x": 1}, "Welcome", "wav", "prompts")
     live = ManifestRecord(id="welcome", key=key.replace("Welcome", "welcome"), status="ok")
     gone = ManifestRecord(id="Welcome", key=key, status="retired", error=retire.PENDING)
-    assert retire.purge([live, gone], Sink(), [])[0] == 0
+    assert retire.purge([live, gone], Sink(), [], "prompts")[0] == 0
     assert deleted == [] and gone.error == retire.KEPT
 
 
