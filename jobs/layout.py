@@ -272,7 +272,7 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
                 continue
             try:
                 sink.delete(key)
-            except StorageError as e:
+            except (StorageError, ValueError) as e:
                 log.warning("could not delete %s: %s", key, e)
                 left.append(key)
                 errors.append(str(e))

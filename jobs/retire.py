@@ -191,7 +191,7 @@ def _delete(sink: Sink, key: str, live: set[str]) -> str | None:
     try:
         for k in (key, sidecar_key(key), *caption_keys(key)):  # --captions files, when there are any
             sink.delete(k)
-    except StorageError as e:
+    except (StorageError, ValueError) as e:  # (ValueError: a key the sink refuses, e.g. out of a local folder)
         log.warning("could not delete %s: %s", key, e)
         return str(e)
     return None

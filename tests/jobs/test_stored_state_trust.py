@@ -48,6 +48,9 @@ def _precious(out, *names):
         (out / n).write_bytes(b"PRECIOUS")
 
 
+# 1. --retire delete deletes only what this job writes
+
+
 def test_refusal_accepts_only_keys_of_the_shape_this_job_writes():
     key = content_key({"text": "hi"}, "main menu", "wav", "prompts")
     assert retire.refusal(key, "prompts") is None
@@ -129,6 +132,38 @@ def test_layout_files_a_stored_row_lists_are_deleted_only_when_they_are_package_
     assert bye.layout == [] and bye.error.startswith(retire.REFUSED) and "important/notes.ulaw" in bye.error
 
 
+# 2. a corrupt or hostile stored manifest
+
+
+def test_a_stored_key_out_of_the_folder_neither_crashes_nor_blocks_later_passes(tmp_path, capsys):
+    """Before: LocalSink's ValueError escaped _delete after the first manifest write: exit 2 on every pass."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."}])
+    assert _run(cat, out, capsys)[0] == 0
+    _precious(tmp_path, "outside.wav")
+    man = _manifest(out)
+    man["bye"].key = "../outside.wav"
+    _store(out, man.values())
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "new", "text": "Hello."}])
+    code, s = _run(cat, out, capsys, "--retire", "delete")
+    assert code == 0 and s["retired"] == 1 and s["delete_refused"] == 1
+    assert (tmp_path / "outside.wav").read_bytes() == b"PRECIOUS"
+    assert _run(cat, out, capsys, "--retire", "delete")[0] == 0
+    assert sorted(_manifest(out)) == ["new", "welcome"]
+
+
+def test_a_key_the_sink_refuses_with_valueerror_is_a_failed_delete():
+    class Refusing:
+        def delete(self, key):
+            raise ValueError(f"key {key!r} escapes the output folder")
+
+    key = content_key({"x": 1}, "bye", "wav", "prompts")
+    assert "escapes" in retire._delete(Refusing(), key, set())
+    rec = ManifestRecord(id="bye", key=key, status="retired", error=retire.PENDING)
+    failed, changed, refused = retire.purge([rec], Refusing(), [], "prompts")
+    assert (failed, changed, refused) == (1, True, 0) and rec.error.startswith("retired: delete failed")
+
+
 def _table(out):
     return pq.read_table(io.BytesIO((out / MANIFEST).read_bytes()))
 
@@ -189,6 +224,9 @@ def test_an_unreadable_manifest_exits_2_naming_it(tmp_path, capsys):
     code = catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
                          "local", "--no-progress", "--quiet"])
     assert code == 2 and f"{out}/{MANIFEST} cannot be read" in capsys.readouterr().err
+
+
+# 3. case-insensitive stores
 
 
 def test_a_case_only_rename_on_a_case_insensitive_store_keeps_the_current_prompts_audio(tmp_path, capsys,
@@ -255,6 +293,9 @@ def test_a_corrupt_layout_index_is_rebuilt_with_a_warning(tmp_path, capsys, capl
     assert code == 0 and s["layout"]["written"] == 2 and (out / MANIFEST).exists()
     assert layout.INDEX_KEY in caplog.text and "taken as empty" in caplog.text
     assert set(json.loads((out / layout.INDEX_KEY).read_text())) == {"en/welcome", "en/menu"}
+
+
+# 5. a long text in a CSV catalog
 
 
 def test_a_csv_prompt_longer_than_csvs_default_field_limit_is_read(tmp_path):
