@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from jobs.md_text import first_heading, markdown_to_text
 from qwen_tts_core.errors import shown
 from qwen_tts_core.generate.requests import SEED_MAX
 
@@ -75,31 +76,6 @@ class RowDefaults:
     sample_rate: int = 24000
 
 
-_MD_RULES = [
-    (re.compile(r"```.*?```", re.S), " "),           # code fences are not read aloud
-    (re.compile(r"!\[[^\]]*\]\([^)]*\)"), " "),        # images
-    (re.compile(r"\[([^\]]*)\]\([^)]*\)"), r"\1"),     # links -> their text
-    (re.compile(r"^\s{0,3}#{1,6}\s*(.*?)\s*#*\s*$", re.M), r"\1.\n"),  # headings become a sentence
-    (re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+", re.M), ""),  # list markers
-    (re.compile(r"^\s*>\s?", re.M), ""),             # block quotes
-    (re.compile(r"(\*\*|__|\*|_|`)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # emphasis / inline code
-    # HTML: real tags only, each on one line, so "< 5 ... > 2" in prose stays; comments may span lines (notes)
-    (re.compile(r"<!--.*?-->", re.S), " "),
-    (re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:[ \t][^<>\n]*)?/?>"), " "),
-    (re.compile(r"<[A-Za-z][A-Za-z0-9.+-]{1,31}:[^<>\s]*>"), " "),   # autolinks <https://...>, like link URLs
-]
-
-
-def markdown_to_text(md: str) -> str:
-    """Strip the Markdown markup a narrator should not read; headings end as their own sentence.
-
-    A "<" is markup only when it starts an HTML tag on the same line, an HTML comment (which may run over lines
-    up to its "-->") or an autolink: a bare "<" or ">" in prose ("was < 5 ... was > 2") is text and is read."""
-    for pattern, repl in _MD_RULES:
-        md = pattern.sub(repl, md)
-    return re.sub(r"\.(\s*[.!?。！？])", r"\1", md)
-
-
 def _natural_key(p: Path) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
 
@@ -128,8 +104,8 @@ def _chapter(path: Path, limits: InputLimits) -> tuple[str, str | None]:
     raw = read_text(path, limits)
     if path.suffix.lower() not in (".md", ".markdown"):
         return raw, None
-    heading = re.search(r"^\s{0,3}#{1,6}\s*(.*?)\s*#*\s*$", raw, re.M)
-    return markdown_to_text(raw), (markdown_to_text(heading.group(1)).strip() or None) if heading else None
+    heading = first_heading(raw)
+    return markdown_to_text(raw), (markdown_to_text(heading).strip() or None) if heading is not None else None
 
 
 def _chapter_rows(files: list[Path], defaults: RowDefaults, limits: InputLimits, where: Path) -> list[Utterance]:
