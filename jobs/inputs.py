@@ -145,6 +145,21 @@ def check_seed(seed: Any, name: str = "seed") -> int:
     return value
 
 
+def _integer(value: Any) -> int | None:
+    """`value` as an int when it is one: an int, a float with no fraction, or a string of digits (CSV catalogs are
+    text); None for anything else: a bool, 0.5, inf or nan (int(inf) raises OverflowError), "" or "fast"."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        return int(value) if value.isascii() and value.isdigit() and len(value) <= 12 else None
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError, ArithmeticError):
+        return None
+    return number if number == value else None
+
+
 def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits = InputLimits()) -> Utterance:
     """Validate one raw row (dict) into an `Utterance`; problems end up in `error`, never raised."""
     where = printable(where)
@@ -154,7 +169,7 @@ def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits =
     rid = str(rid).strip() if rid is not None and not isinstance(rid, (dict, list)) else ""
     ident = printable(rid) or where
     base = Utterance(id=ident, text="")
-    unknown = sorted(set(raw) - set(ROW_FIELDS))
+    unknown = sorted(set(raw) - set(ROW_FIELDS), key=repr)  # YAML keys may mix types (1: x, note: y)
     if unknown:
         log.debug("%s: ignoring unknown field(s) %s", where, unknown)
     if not rid:
@@ -189,13 +204,11 @@ def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits =
     fmt = raw.get("format") or defaults.format
     if fmt not in FORMATS:
         return replace(base, error=f"{where}: field 'format' must be one of {list(FORMATS)}, got {shown(fmt)}")
-    given = raw.get("sample_rate") or defaults.sample_rate
-    try:
-        sr = int(given)
-    except (TypeError, ValueError):
-        sr = -1
-    if not SAMPLE_RATES[0] <= sr <= SAMPLE_RATES[1]:
-        came = "" if raw.get("sample_rate") else " (the default sample rate)"
+    given = raw.get("sample_rate")
+    came = "" if given is not None else " (the default sample rate)"
+    given = defaults.sample_rate if given is None else given
+    sr = _integer(given)
+    if sr is None or not SAMPLE_RATES[0] <= sr <= SAMPLE_RATES[1]:
         return replace(base, error=f"{where}: field 'sample_rate' must be an integer in [{SAMPLE_RATES[0]}, "
                                    f"{SAMPLE_RATES[1]}], got {shown(given)}{came}")
     title = raw.get("title")
@@ -216,8 +229,9 @@ def _read_jsonl(path: Path, defaults: RowDefaults, limits: InputLimits) -> list[
         where = f"{path.name}:{n}"
         try:
             raw = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        except (ValueError, RecursionError) as e:  # ValueError: also an integer of over 4300 digits
+            msg = (e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply" if isinstance(e, RecursionError)
+                   else f"a number too long to read: {str(e).partition(':')[0][:80]}")
             out.append(Utterance(id=where, text="", error=f"{where}: malformed JSON ({msg})"))
             continue
         out.append(check_row(raw, defaults, where, limits))

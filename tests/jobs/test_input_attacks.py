@@ -8,11 +8,14 @@ from __future__ import annotations
 import re
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs import md_text
-from jobs.inputs import markdown_to_text
+from jobs.inputs import RowDefaults, check_row, markdown_to_text, read_inputs
 
 # ---- Markdown: linear time, the same text as the regular expressions it replaced -----------------------------------
 
@@ -111,7 +114,7 @@ def test_markdown_time_is_linear_on_hostile_files():
 
 
 def test_markdown_file_of_500_kb_of_marks_reads_fast(tmp_path):
-    from jobs.inputs import InputLimits, read_inputs
+    from jobs.inputs import InputLimits
 
     f = tmp_path / "hostile.md"
     f.write_text("# Title\n\n" + "".join(u * (40_000 // len(u)) for u in _HOSTILE.values()) + "\n# a" + " " * 20_000
@@ -119,3 +122,78 @@ def test_markdown_file_of_500_kb_of_marks_reads_fast(tmp_path):
     t = time.perf_counter()
     rows = read_inputs(f, limits=InputLimits(max_row_chars=1_000_000))
     assert time.perf_counter() - t < 5 and rows[0].title == "Title"
+
+
+# ---- one bad row is that row's error, never the job's end ----------------------------------------------------------
+
+FAKE = "tests.jobs.fakes:FakeBackend"
+_ROW_ERROR = "field 'sample_rate' must be an integer in [4000, 48000]"
+
+
+def test_an_infinite_sample_rate_or_a_4301_digit_number_fails_its_row_only_and_the_job_writes_its_manifest(tmp_path):
+    """`"sample_rate": 1e999` is float inf (int() raised OverflowError: a traceback, exit 1, no manifest); a JSON
+    integer of over 4300 digits made json.loads raise a plain ValueError (exit 2 naming neither file nor line)."""
+    from jobs import narrate
+    from jobs.manifest import from_parquet
+
+    inp = tmp_path / "rows.jsonl"
+    inp.write_text('{"id": "good", "text": "Hello there."}\n'
+                   '{"id": "inf", "text": "Hi there.", "sample_rate": 1e999}\n'
+                   '{"id": "nan", "text": "Hi there.", "sample_rate": NaN}\n'
+                   '{"id": "big", "text": "Hi there.", "seed": ' + "9" * 5000 + "}\n"
+                   '{"id": "good2", "text": "Bye now."}\n')
+    out = tmp_path / "out"
+    code = narrate.main([str(inp), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
+                         "local", "--no-progress", "--quiet", "--voice", "ryan"])
+    assert code == 1  # some rows failed
+    man = {r.id: r for r in from_parquet((out / "manifest.parquet").read_bytes())}
+    assert man["good"].status == man["good2"].status == "ok"
+    assert _ROW_ERROR in man["inf"].error and "got inf" in man["inf"].error
+    assert _ROW_ERROR in man["nan"].error
+    assert man["rows.jsonl:4"].error.startswith("rows.jsonl:4: malformed JSON (a number too long to read")
+
+
+@pytest.mark.parametrize("value", [0, "", False, True, 8000.9, "8000.0", "+8000", -8000, float("inf"), [8000]])
+def test_a_sample_rate_that_is_not_an_integer_in_range_is_the_rows_error_not_the_default(value):
+    """0, "" and false became the default 24000 without a word (`raw.get(...) or default`), 8000.9 became 8000."""
+    row = check_row({"id": "a", "text": "Hi.", "sample_rate": value}, RowDefaults(), "rows.jsonl:3")
+    assert row.error is not None and row.error.startswith(f"rows.jsonl:3: {_ROW_ERROR}, got "), row
+    assert "(the default sample rate)" not in row.error
+
+
+@pytest.mark.parametrize("value", [8000, "8000", " 8000 ", 8000.0, None])
+def test_a_sample_rate_that_is_an_integer_is_taken(value):
+    row = check_row({"id": "a", "text": "Hi.", "sample_rate": value}, RowDefaults(sample_rate=16000), "r:1")
+    assert row.error is None and row.sample_rate == (16000 if value is None else 8000)
+
+
+def test_parquet_float_inf_sample_rate_fails_its_row_only(tmp_path):
+    f = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["One.", "Two.", "Three."],
+                             "sample_rate": [8000.0, float("inf"), None]}), f)
+    rows = read_inputs(f)
+    assert [(r.id, r.sample_rate, r.error) for r in rows[::2]] == [("a", 8000, None), ("c", 24000, None)]
+    assert rows[1].error.startswith(f"rows.parquet:2: {_ROW_ERROR}, got inf")
+
+
+def test_yaml_catalog_prompt_with_mixed_key_types_or_an_infinite_sample_rate_fails_alone(tmp_path):
+    """`{id: bad, text: ..., 1: x, note: y}`: sorting the unknown keys compared int and str (TypeError, the whole
+    job); `.inf` is YAML's infinity."""
+    from jobs.catalog import load_catalog
+
+    f = tmp_path / "menu.yaml"
+    f.write_text("defaults: {voice: ryan}\nprompts:\n  - {id: ok, text: Hello there.}\n"
+                 "  - {id: mixed, text: Press one., 1: x, note: y}\n"
+                 "  - {id: inf, text: Press two., sample_rate: .inf}\n")
+    rows, _ = load_catalog(f, RowDefaults())
+    by_id = {r.id: r for r in rows}
+    assert by_id["ok"].error is None and by_id["mixed"].error is None  # unknown keys are ignored, as before
+    assert by_id["inf"].error.startswith(f"menu.yaml:3: {_ROW_ERROR}, got inf")
+
+
+def test_a_json_integer_of_over_4300_digits_is_that_lines_error(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"id": "good", "text": "Hello."}\n{"id": "big", "text": "Hi.", "seed": ' + "9" * 4301 + "}\n")
+    rows = read_inputs(f)
+    assert rows[0].error is None and rows[1].id == "rows.jsonl:2"
+    assert rows[1].error.startswith("rows.jsonl:2: malformed JSON (a number too long to read") and len(rows[1].error) < 200
