@@ -154,6 +154,10 @@ def _read_yaml(path: Path, text: str) -> list[Entry]:
             if not isinstance(item, yaml.MappingNode):
                 raise ValueError(f"lexicon: {path.name}:{line}: each item must be a mapping with word and "
                                  "respelling")
+            odd = next((k for k, _ in item.value if not isinstance(k, yaml.ScalarNode)), None)
+            if odd is not None:  # {[a]: b, ...}: a list or mapping as a key (unhashable: it raised TypeError)
+                raise ValueError(f"lexicon: {path.name}:{odd.start_mark.line + 1}: a key must be word, respelling "
+                                 f"or case, got a {'list' if isinstance(odd, yaml.SequenceNode) else 'mapping'}")
             d = {k.value: v.value for k, v in item.value if isinstance(v, yaml.ScalarNode)}
             extra = set(d) - {"word", "respelling", "case"}
             if extra:
@@ -203,7 +207,7 @@ def load(path: str | Path) -> Lexicon:
     if not p.is_file():
         raise ValueError(f"lexicon: {p} does not exist")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM (inputs accept one too)
     except UnicodeDecodeError as e:
         raise ValueError(f"lexicon: {p.name}: not UTF-8 text ({e})") from None
     suffix = p.suffix.lower()
