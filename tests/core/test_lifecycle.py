@@ -5,8 +5,8 @@ spinning, and incremental text whose cost does not grow with the text already co
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 import time
+from pathlib import Path
 
 import pytest
 import torch
