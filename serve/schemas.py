@@ -137,7 +137,7 @@ class WSConfig(SynthesisFields):
 class WSText(BaseModel):
     model_config = STRICT
     type: Literal["text"]
-    text: str = Field(..., max_length=4096)
+    text: str   # bounded by max_body_bytes per message and max_input_chars per session (the replica's SessionTable)
 
 
 class WSEnd(BaseModel):

@@ -491,3 +491,20 @@ def test_a_parked_bulk_stream_ends_503_while_a_parked_synthesize_waits_for_its_s
 
 async def _alist(agen):
     return [x async for x in agen]
+
+
+def test_one_text_message_is_bounded_by_the_sessions_limit_not_a_fixed_4096():
+    """Review: the WebSocket text message's schema capped each message at 4096 characters, a second copy of the
+    max_input_chars default: a service configured for 20,000 still refused any message over 4096."""
+    from serve.schemas import WSText
+
+    big = "word " * 2000
+    assert WSText.model_validate({"type": "text", "text": big}).text == big
+    roomy = SessionTable("r", SessionLimits(max_text_chars=20000))
+    s = roomy.open(_ticket(), incremental=True, leased=False)
+    roomy.take_text(s, big, False)
+    assert s.text_chars == len(big)
+    tight = SessionTable("r", SessionLimits(max_text_chars=4096))
+    with pytest.raises(RequestError) as e:
+        tight.take_text(tight.open(_ticket(), incremental=True, leased=False), big, False)
+    assert e.value.field == "text"
