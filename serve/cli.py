@@ -3,7 +3,8 @@
     qtts serve                                   # one tiny CustomVoice model on 127.0.0.1:8000
     qtts serve --model Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice --num-gpus 1 --dtype bfloat16
     qtts serve --model ./cv --name cv --model ./base --name clone      # several models, no YAML
-    qtts serve --config configs/serve.yaml       # the same file `serve run` takes (--model replaces its models)
+    qtts serve --config configs/serve.yaml       # the file `serve run` takes (--model replaces its models); read:
+                                                 # proxy_location, http_options host/port, the qtts app's args
 
 Which Ray: `--address`, else RAY_ADDRESS, else the address in Ray's cluster file (`ray_current_cluster` in Ray's
 temp dir) -- each only if its GCS answers within a second (a stale file left by a stopped head is reported, not
@@ -32,8 +33,14 @@ PROBE_TIMEOUT_S = 1.0
 HTTP_READY_TIMEOUT_S = 120.0   # Serve replaces a proxy that misses its readiness check; wait this long for HTTP
 
 
-def read_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A Serve config file -> (http_options, args of the `qtts` application). SystemExit with a clear message."""
+_APPLIED = {"top": {"proxy_location", "http_options", "applications"}, "http_options": {"host", "port"},
+            "app": {"name", "route_prefix", "import_path", "args"}}
+
+
+def read_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """A Serve config file -> (http_options, args of the `qtts` application, proxy_location). SystemExit with a
+    clear message, also for what `serve run` would apply and this command does not (an application's
+    `runtime_env`, where API keys may be, or `deployments:` overrides): ignored, they changed the service silently."""
     import yaml
 
     p = Path(path)
@@ -48,7 +55,25 @@ def read_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     apps = [a for a in doc.get("applications") or [] if isinstance(a, dict) and a.get("name", "qtts") == "qtts"]
     if not apps:
         raise SystemExit(f"qtts serve: --config {path}: no application named 'qtts' under applications:")
-    return dict(doc.get("http_options") or {}), dict(apps[0].get("args") or {})
+    http = doc.get("http_options") or {}
+    if not isinstance(http, dict):
+        raise SystemExit(f"qtts serve: --config {path}: http_options must be a mapping")
+    app = apps[0]
+    unapplied = ([k for k in doc if k not in _APPLIED["top"]] + [f"http_options.{k}" for k in http
+                 if k not in _APPLIED["http_options"]] + [f"applications[qtts].{k}" for k in app
+                 if k not in _APPLIED["app"]])
+    if app.get("route_prefix", "/") != "/":
+        unapplied.append(f"applications[qtts].route_prefix: {app['route_prefix']!r} (qtts serve serves at /)")
+    if app.get("import_path", "serve.app:app_builder") != "serve.app:app_builder":
+        unapplied.append(f"applications[qtts].import_path: {app['import_path']!r}")
+    if unapplied:
+        raise SystemExit(f"qtts serve: --config {path}: qtts serve does not apply {', '.join(map(str, unapplied))}; "
+                         "use `serve run` for those (API keys: args.api_keys or QTTS_API_KEYS in this command's "
+                         "environment)")
+    args = app.get("args") or {}
+    if not isinstance(args, dict):
+        raise SystemExit(f"qtts serve: --config {path}: applications[qtts].args must be a mapping")
+    return dict(http), dict(args), doc.get("proxy_location")
 
 
 def _per_model(values: list | None, n: int, flag: str) -> list:
@@ -151,7 +176,7 @@ def check_gpus(cfg) -> None:
                          "(no CUDA device found?); set --num-gpus 0 / num_gpus: 0 to run on CPU")
 
 
-def start_http(host: str, port: int, explicit: bool) -> tuple[str, int]:
+def start_http(host: str, port: int, explicit: bool, proxy_location: str | None = None) -> tuple[str, int]:
     """Start Serve's HTTP proxy on host:port, or check a running Serve listens there; returns where it listens.
     A proxy that misses Serve's 5 s readiness check (a busy host) is replaced by Serve: not an error here;
     `wait_for_http` waits for it."""
@@ -162,7 +187,8 @@ def start_http(host: str, port: int, explicit: bool) -> tuple[str, int]:
     running = _get_global_client(raise_if_no_controller_running=False)
     if running is None:
         try:
-            serve.start(http_options={"host": host, "port": port})
+            serve.start(http_options={"host": host, "port": port},
+                        **({"proxy_location": proxy_location} if proxy_location else {}))
         except (ActorDiedError, GetTimeoutError) as e:
             if _get_global_client(raise_if_no_controller_running=False) is None:
                 raise
@@ -213,7 +239,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import APP_NAME, build_app
     from .config import ServiceConfig
 
-    http, app_args = read_serve_yaml(args.config) if args.config else ({}, {})
+    http, app_args, proxy_location = read_serve_yaml(args.config) if args.config else ({}, {}, None)
     if args.model:
         app_args["models"] = models_from_args(args)
     try:
@@ -227,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("serving on %s without API keys (set api_keys or QTTS_API_KEYS)", host)
     started = _connect(args.address)
     check_gpus(cfg)
-    host, port = start_http(host, port, explicit)
+    host, port = start_http(host, port, explicit, proxy_location)
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     _sigterm_as_ctrl_c()  # before "qtts serving" is printed: a SIGTERM right after it must find this handler

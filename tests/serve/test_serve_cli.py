@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,33 @@ def test_missing_or_broken_config_is_a_clear_error(tmp_path):
     bad.write_text("applications:\n  - name: other\n")
     with pytest.raises(SystemExit, match="no application named 'qtts'"):
         read_serve_yaml(bad)
+
+
+def test_the_shipped_serve_yaml_is_read_whole(tmp_path):
+    http, args, proxy = read_serve_yaml(Path(__file__).resolve().parents[2] / "configs/serve.yaml")
+    assert http == {"host": "127.0.0.1", "port": 8000} and proxy == "HeadOnly" and "models" in args
+
+
+@pytest.mark.parametrize("extra,named", [
+    ({"runtime_env": {"env_vars": {"QTTS_API_KEYS": "k1"}}}, "applications[qtts].runtime_env"),
+    ({"deployments": [{"name": "tts-cv", "num_replicas": 4}]}, "applications[qtts].deployments"),
+    ({"route_prefix": "/tts"}, "applications[qtts].route_prefix: '/tts'"),
+    ({"import_path": "other.app:build"}, "applications[qtts].import_path"),
+])
+def test_what_qtts_serve_would_not_apply_is_refused_not_dropped(tmp_path, extra, named):
+    """Review: `qtts serve --config` read only http_options and args: a runtime_env holding QTTS_API_KEYS (where
+    serve/README says keys may go for `serve run`) was dropped, and the service started with no keys."""
+    import yaml
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": 8000},
+                                 "applications": [{"name": "qtts", "route_prefix": "/", "args": {}, **extra}]}))
+    with pytest.raises(SystemExit, match=re.escape(named) + ".*use `serve run`"):
+        read_serve_yaml(f)
+    f.write_text(yaml.safe_dump({"logging_config": {"encoding": "JSON"}, "http_options": {"request_timeout_s": 5},
+                                 "applications": [{"name": "qtts"}]}))
+    with pytest.raises(SystemExit, match=r"logging_config, http_options\.request_timeout_s"):
+        read_serve_yaml(f)
 
 
 def test_model_flags_build_the_models_without_yaml():
