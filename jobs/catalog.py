@@ -219,8 +219,14 @@ def turned_over(previous: list[ManifestRecord], current: list[ManifestRecord]) -
 def catalog_defaults(given: dict[Any, Any], defaults: RowDefaults, path: Path) -> RowDefaults:
     """A YAML catalog's `defaults:` over the command line's, checked by the row rules (`check_row`, so there is one
     copy of them): a wrong value here would fail every prompt, or crash the layout or the manifest, so it is a
-    ValueError (exit 2) naming the field before anything is written. Keys that are not row defaults are ignored."""
-    known = {k: v for k, v in given.items() if k in RowDefaults.__dataclass_fields__ and v is not None}
+    ValueError (exit 2) naming the field before anything is written, as is a key that is not a row default (a
+    misspelt `langauge` was dropped silently). `speaker` is `voice`, as in a row."""
+    allowed = set(RowDefaults.__dataclass_fields__) | {"speaker"}
+    unknown = sorted(map(str, set(given) - allowed))
+    if unknown:
+        raise ValueError(f"catalog: {path.name}: defaults: unknown field(s) {unknown}; a default is one of "
+                         f"{sorted(allowed)}")
+    known = {k: v for k, v in given.items() if v is not None}
     merged = check_row({**known, "id": "defaults", "text": "-"}, defaults, f"catalog: {path.name}: defaults")
     if merged.error:
         raise ValueError(merged.error)

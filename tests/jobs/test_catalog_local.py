@@ -85,6 +85,7 @@ def test_csv_row_with_more_fields_than_the_header_fails_in_the_manifest(tmp_path
     ("seed: -1", "field 'seed' must be an integer in [0, 2**63), got -1"),
     ("format: mp3", "field 'format' must be one of"),
     ("sample_rate: fast", "field 'sample_rate' must be an integer in [4000, 48000], got 'fast'"),
+    ("langauge: english", "unknown field(s) ['langauge']"),   # misspelt: it was dropped silently
 ])
 @pytest.mark.parametrize("layout", [[], ["--layout", "asterisk"]])
 def test_yaml_defaults_are_checked_like_row_fields(tmp_path, capsys, given, message, layout):
@@ -99,10 +100,12 @@ def test_yaml_defaults_are_checked_like_row_fields(tmp_path, capsys, given, mess
 
 def test_yaml_defaults_override_the_command_line_and_rows_override_them(tmp_path):
     cat = tmp_path / "ivr.yaml"
-    cat.write_text("defaults: {language: english, seed: '7', sample_rate: 8000, speaker: ignored}\n"
+    cat.write_text("defaults: {language: english, seed: '7', sample_rate: 8000}\n"
                    "prompts:\n  - {id: a, text: Hi.}\n  - {id: b, text: Yo., language: german, seed: 2}\n")
     a, b = read_catalog(cat, RowDefaults(voice="ryan", language="french", seed=3))
     assert (a.voice, a.language, a.seed, a.sample_rate, a.error) == ("ryan", "english", 7, 8000, None)
+    cat.write_text("defaults: {speaker: eric}\nprompts:\n  - {id: a, text: Hi.}\n")   # as in a row: the voice
+    assert read_catalog(cat, RowDefaults(voice="ryan"))[0].voice == "eric"
     assert (b.language, b.seed, b.sample_rate) == ("german", 2, 8000)
 
 
