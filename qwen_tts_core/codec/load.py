@@ -78,7 +78,7 @@ class Codec:
         self._weights_path = weights_path
         self._encoder: MimiEncoder | None = None
         self._decoders: dict[torch.dtype, tuple[tuple, CodecDecoder]] = {}  # dtype -> (source weights' key, copy)
-        self._decoders_lock = threading.Lock()
+        self._decoders_lock = threading.Lock()   # also guards the encoder's first build
 
     @property
     def device(self) -> torch.device:
@@ -104,14 +104,19 @@ class Codec:
 
     @property
     def encoder(self) -> MimiEncoder:
-        """The Mimi encoder (built and loaded on first use; imports transformers)."""
-        if self._encoder is None:
-            if self._weights_path is None:
-                raise ValueError("this Codec was built without a checkpoint path, so it has no encoder weights")
-            enc = MimiEncoder(self.cfg.encoder, self.cfg.encoder_valid_num_quantizers,
-                              self.cfg.encode_downsample_rate)
-            enc.load_official(read_tensors([self._weights_path], "encoder."))
-            self._encoder = enc.to(device=self.device, dtype=self.dtype).eval()
+        """The Mimi encoder (built and loaded on first use; imports transformers). Built with torch's global random
+        generator forked: the modules' initial weights (overwritten by the checkpoint's) drew from it, so the first
+        seeded voice-clone call after `torch.manual_seed` sampled other codes than the reference and than the same
+        call repeated. Built once, whichever threads ask."""
+        with self._decoders_lock:
+            if self._encoder is None:
+                if self._weights_path is None:
+                    raise ValueError("this Codec was built without a checkpoint path, so it has no encoder weights")
+                with torch.random.fork_rng(devices=[]):
+                    enc = MimiEncoder(self.cfg.encoder, self.cfg.encoder_valid_num_quantizers,
+                                      self.cfg.encode_downsample_rate)
+                enc.load_official(read_tensors([self._weights_path], "encoder."))
+                self._encoder = enc.to(device=self.device, dtype=self.dtype).eval()
         return self._encoder
 
     def encode(self, audios: Sequence[np.ndarray]) -> list[torch.Tensor]:

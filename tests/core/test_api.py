@@ -475,3 +475,21 @@ def test_a_list_of_references_at_different_rates_encodes_each_alone(model_factor
              base.create_voice_clone_prompt((short, 44100), ref_text="Two.")[0]]
     for got, want in zip(mixed, alone):
         assert torch.equal(got.ref_code, want.ref_code)
+
+
+def test_the_first_voice_clone_call_leaves_torchs_generator_alone(checkpoint_factory, ref_wav_path):
+    """Review: the reference-audio encoder was built on first use, its modules' initial weights drawn from torch's
+    global generator inside the user's seeded call: the first `torch.manual_seed(0); generate_voice_clone(...)`
+    sampled other codes than the reference and than the same call repeated."""
+    m = Qwen3TTSModel.from_pretrained(str(checkpoint_factory("base", "tiny")), device_map="cpu", dtype="float32")
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    m.create_voice_clone_prompt(str(ref_wav_path), ref_text="Some reference words.")
+    assert torch.equal(torch.get_rng_state(), before)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        (w,), _ = m.generate_voice_clone("Hello there.", ref_audio=str(ref_wav_path),
+                                         ref_text="Some reference words.", max_new_tokens=8)
+        outs.append(w)
+    assert np.array_equal(outs[0], outs[1])
