@@ -72,8 +72,13 @@ class SamplingParams:
     def _take_loose_forms(self) -> None:
         """What the reference's callers pass and it runs: 0/1 for a switch, 50.0 for a count, and the greedy idiom
         temperature=0 / top_p=0 beside do_sample=False (unused when a stage does not sample: set to 1.0, so no
-        device row ever divides by 0). Anything else is judged by the checks."""
+        device row ever divides by 0). NumPy scalars become Python's (np.bool_ and np.float32 could not be stored
+        in the device's per-slot tensors: the prefill failed). Anything else is judged by the checks."""
         set_ = object.__setattr__
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.generic) and isinstance(v, np.bool_ | np.integer | np.floating):
+                set_(self, f.name, v.item())
         for name in ("do_sample", "subtalker_dosample"):
             v = getattr(self, name)
             if isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_) and v in (0, 1):

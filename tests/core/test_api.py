@@ -493,3 +493,16 @@ def test_the_first_voice_clone_call_leaves_torchs_generator_alone(checkpoint_fac
                                          ref_text="Some reference words.", max_new_tokens=8)
         outs.append(w)
     assert np.array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=np.bool_(False), subtalker_dosample=np.bool_(False)),
+                                dict(temperature=np.float32(0.7), top_p=np.float16(0.9), top_k=np.int32(20),
+                                     subtalker_temperature=np.float32(0.5), max_new_tokens=np.int16(6))])
+def test_numpy_scalars_as_generation_arguments_run(cv, kw):
+    """Review: np.bool_ / np.float32 passed the checks and then failed the prefill storing them in the per-slot
+    device tensors (the reference runs them)."""
+    (wav,), sr = cv.generate_custom_voice("Hello there.", speaker="ryan", max_new_tokens=6, seed=1,
+                                          **{k: v for k, v in kw.items() if k != "max_new_tokens"})
+    assert sr == 24000 and wav.size > 0
+    p = cv.sampling_params(**kw)
+    assert all(type(getattr(p, k)) in (bool, int, float) for k in kw)
