@@ -345,8 +345,8 @@ class Qwen3TTSModel:
             if s.finish_reason == "error":
                 raise _session_error(s.error, s.error_field)
         return self.decode_codes([s.codes() for s in sessions],
-                                 [r.voice_clone_prompt.ref_code if r.voice_clone_prompt is not None
-                                  and r.voice_clone_prompt.icl_mode else None for r in reqs])
+                                 [None if r.voice_clone_prompt is None else r.voice_clone_prompt.ref_code
+                                  for r in reqs])  # as the reference: any prompt's codes, x-vector ones too
 
     def decode_codes(self, codes: list[torch.Tensor], ref_codes: list[torch.Tensor | None] | None = None,
                      ) -> list[np.ndarray]:

@@ -182,7 +182,7 @@ class Engine:
     def add(self, req: SynthesisRequest) -> Session:
         validate(self.model, req)
         vp = req.voice_clone_prompt
-        ref_key = codes_key(vp.ref_code) if vp is not None and vp.icl_mode and vp.ref_code is not None else None
+        ref_key = codes_key(vp.ref_code) if vp is not None and vp.ref_code is not None else None
         req = self._on_device(req)
         s = Session(request=req, ref_key=ref_key)
         if req.text is None:
@@ -532,8 +532,10 @@ class Engine:
         req = s.request
         s.pos, s.text_step, s.num_ids, s.first_id_unread = s.prompt.prefill.shape[0], 0, 1, True
         if req.decode_audio and self.audio is not None:
-            self.audio.open(s.id, req.first_chunk_frames, req.chunk_frames, ref_codes=s.prompt.ref_codes,
-                            ref_key=s.ref_key)
+            vp = req.voice_clone_prompt  # its codes are the decoder's left context whenever it has them (an
+            #                              x-vector prompt's too), as the reference decodes them
+            self.audio.open(s.id, req.first_chunk_frames, req.chunk_frames,
+                            ref_codes=None if vp is None else vp.ref_code, ref_key=s.ref_key)
             self._audio_rows[s.id] = s
         if req.sampling.max_new_tokens <= 1 or s.pos + 1 >= self.max_len:
             self._finish(s, "max_new_tokens", out)  # the id drawn at prefill never gets a frame (as HF)

@@ -506,3 +506,23 @@ def test_numpy_scalars_as_generation_arguments_run(cv, kw):
     assert sr == 24000 and wav.size > 0
     p = cv.sampling_params(**kw)
     assert all(type(getattr(p, k)) in (bool, int, float) for k in kw)
+
+
+def test_an_x_vector_prompt_that_carries_codes_decodes_them_as_context_as_the_reference(model_factory, ref_wav_path):
+    """Review: the reference decodes a prompt's ref_code as left context whenever it is there (then cuts it), an
+    x-vector prompt's too (an ICL item with its mode flags flipped); ours only for ICL: the same codes, another
+    waveform (max diff 0.90 against the reference's). Offline and streamed alike."""
+    import dataclasses
+
+    base = model_factory("base", "tiny")
+    (icl,) = base.create_voice_clone_prompt(str(ref_wav_path), ref_text="Good morning, how are you today?")
+    flipped = dataclasses.replace(icl, x_vector_only_mode=True, icl_mode=False)
+    bare = dataclasses.replace(flipped, ref_code=None)
+    (with_codes,), _ = base.generate_voice_clone("Hello there.", voice_clone_prompt=[flipped], **G)
+    (without,), _ = base.generate_voice_clone("Hello there.", voice_clone_prompt=[bare], **G)
+    assert with_codes.shape == without.shape and not np.allclose(with_codes, without, atol=1e-3)
+    ctx = base.decode_codes([torch.zeros(0, 16, dtype=torch.long)], [icl.ref_code])[0]
+    assert ctx.size == 0   # the context itself is cut
+    streamed = np.concatenate(list(base.stream_voice_clone("Hello there.", voice_clone_prompt=flipped,
+                                                           **G)))
+    assert streamed.shape == with_codes.shape and np.abs(streamed - with_codes).max() <= 1e-4
