@@ -238,19 +238,112 @@ def _read_jsonl(path: Path, defaults: RowDefaults, limits: InputLimits) -> list[
     return out
 
 
+_PARQUET_ROW_BYTES = 16   # what a row costs at least, counted against --max-input-bytes (a JSONL row takes ~20)
+_PARQUET_BATCH_ROWS = 512
+
+
+class _Nested(list):
+    """Stands for a list/struct/map value of a row field (never read: one such value can expand to any size). A
+    list, so check_row refuses it as it refuses a JSON list (and does not take it as an id)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} value>"
+
+
+def _too_big(path: Path, what: str, limits: InputLimits) -> ValueError:
+    return ValueError(f"input: {path} {what}; the limit is {limits.max_input_bytes} bytes (--max-input-bytes)")
+
+
+def _batch_bytes(batch: Any) -> int:
+    """The bytes a batch's values take decoded (strings by their UTF-8 length, a dictionary's value as often as
+    rows use it, a number 8), without decoding them: a small dictionary-encoded file can stand for gigabytes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = _PARQUET_ROW_BYTES * batch.num_rows
+    for col in batch.columns:
+        t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+        if pa.types.is_nested(t):
+            continue  # never decoded (_Nested)
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+                or pa.types.is_large_binary(t)):
+            total += 8 * len(col)
+            continue
+        if pa.types.is_dictionary(col.type):
+            lengths = pc.take(pc.binary_length(col.dictionary), col.indices)
+        else:
+            lengths = pc.binary_length(col)
+        total += pc.sum(lengths).as_py() or 0
+    return total
+
+
 def _read_parquet(path: Path, defaults: RowDefaults, limits: InputLimits) -> list[Utterance]:
+    """Rows of a Parquet file, read a batch at a time. The file's size is checked, then its metadata (rows, the
+    columns' uncompressed size), then each batch before it is decoded: the rows' values together may not exceed
+    --max-input-bytes, what a JSONL file may hold (a 50 KB dictionary-encoded file can hold a gigabyte of rows).
+    Only the row fields are read; a list/struct/map value is that row's error, never decoded."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if path.stat().st_size > limits.max_input_bytes:
-        raise ValueError(f"input: {path} is {path.stat().st_size} bytes; the limit is {limits.max_input_bytes} "
-                         "(--max-input-bytes)")
+        raise _too_big(path, f"is {path.stat().st_size} bytes", limits)
     try:
-        table = pq.read_table(path)
+        schema = pq.read_schema(path)
+        meta = pq.read_metadata(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise ValueError(f"input: {path} is not a readable Parquet file ({e})") from e
-    if "text" not in table.column_names or "id" not in table.column_names:
-        raise ValueError(f"input: {path} needs columns 'id' and 'text', has {table.column_names}")
-    return [check_row(r, defaults, f"{path.name}:{i + 1}", limits) for i, r in enumerate(table.to_pylist())]
+    if "text" not in schema.names or "id" not in schema.names:
+        raise ValueError(f"input: {path} needs columns 'id' and 'text', has {schema.names}")
+    columns = [n for n in ROW_FIELDS if n in schema.names]  # other columns are ignored: not read
+    twice = [n for n in columns if schema.names.count(n) > 1]
+    if twice:
+        raise ValueError(f"input: {path} has more than one column named {twice[0]!r}")
+    if meta.num_rows * _PARQUET_ROW_BYTES > limits.max_input_bytes:
+        raise _too_big(path, f"holds {meta.num_rows} rows (at least {_PARQUET_ROW_BYTES} bytes each read)", limits)
+    wanted = set(columns)
+    stored = sum(rg.column(j).total_uncompressed_size for rg in map(meta.row_group, range(meta.num_row_groups))
+                 for j in range(rg.num_columns) if rg.column(j).path_in_schema.split(".")[0] in wanted)
+    if stored > limits.max_input_bytes:
+        raise _too_big(path, f"holds {stored} bytes of row fields uncompressed", limits)
+    text_like = [n for n in columns if pa.types.is_string(schema.field(n).type) or pa.types.is_binary(schema.field(n).type)
+                 or pa.types.is_large_string(schema.field(n).type) or pa.types.is_large_binary(schema.field(n).type)]
+    # Two passes: the first measures every batch, decoding nothing into Python objects, so a file over the limit is
+    # refused before any row is built; the second builds the rows
+    total = 0
+    for batch in _parquet_batches(path, columns, text_like):
+        total += _batch_bytes(batch)
+        if total > limits.max_input_bytes:
+            raise _too_big(path, f"holds more than {limits.max_input_bytes} bytes of row fields once decoded",
+                           limits)
+    out: list[Utterance] = []
+    for batch in _parquet_batches(path, columns, text_like):
+        values = {}
+        for name, col in zip(batch.schema.names, batch.columns):
+            t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+            values[name] = ([_Nested(str(t)) if ok else None for ok in col.is_valid().to_pylist()]
+                            if pa.types.is_nested(t) else col.to_pylist())
+        for i in range(batch.num_rows):
+            out.append(check_row({name: v[i] for name, v in values.items()}, defaults, f"{path.name}:{len(out) + 1}",
+                                 limits))
+    return out
+
+
+def _parquet_batches(path: Path, columns: list[str], text_like: list[str]) -> Iterable[Any]:
+    """The file's record batches of `columns`; a pyarrow error is a ValueError naming the file. `text_like`
+    columns are read as dictionaries: a dictionary-encoded column stays encoded until it has been measured."""
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path, read_dictionary=text_like).iter_batches(batch_size=_PARQUET_BATCH_ROWS,
+                                                                               columns=columns)
+        while (batch := next(batches, None)) is not None:
+            yield batch
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise ValueError(f"input: {path} is not a readable Parquet file ({e})") from e
 
 
 def fetch_s3_input(uri: str, dest: Path) -> Path:

@@ -197,3 +197,69 @@ def test_a_json_integer_of_over_4300_digits_is_that_lines_error(tmp_path):
     rows = read_inputs(f)
     assert rows[0].error is None and rows[1].id == "rows.jsonl:2"
     assert rows[1].error.startswith("rows.jsonl:2: malformed JSON (a number too long to read") and len(rows[1].error) < 200
+
+
+# ---- Parquet: the limit is on what the rows hold, not only on the compressed file ---------------------------------
+
+def _dictionary_bomb(path, rows: int, width: int) -> None:
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * rows, type=pa.int32()), pa.array(["a" * width]))
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "text": text}), path, compression="zstd")
+
+
+def test_a_small_dictionary_encoded_parquet_file_of_huge_rows_is_refused_before_its_rows_are_built(tmp_path):
+    """49,585 bytes of Parquet held 20,000 rows of 50 KB (1 GB): --max-input-bytes saw only the file's size and
+    to_pylist() built every row (1.3 GiB RSS). Now every batch is measured, encoded, before any row is built."""
+    import tracemalloc
+
+    from jobs.inputs import InputLimits
+
+    f = tmp_path / "bomb.parquet"
+    _dictionary_bomb(f, 2000, 50_000)  # 100 MB of text
+    assert f.stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"bomb\.parquet holds more than 10000000 bytes of row fields once "
+                                             r"decoded; the limit is 10000000 bytes \(--max-input-bytes\)"):
+            read_inputs(f, limits=InputLimits(max_input_bytes=10_000_000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, f"{peak} bytes of Python objects built for a refused file"
+
+
+def test_parquet_metadata_is_checked_before_reading_rows_and_uncompressed_bytes(tmp_path):
+    from jobs.inputs import InputLimits
+
+    many = tmp_path / "many.parquet"
+    pq.write_table(pa.table({"id": ["a"] * 200_000, "text": ["b"] * 200_000}), many)
+    with pytest.raises(ValueError, match=r"many\.parquet holds 200000 rows .*the limit is 1000000 bytes"):
+        read_inputs(many, limits=InputLimits(max_input_bytes=1_000_000))
+    long = tmp_path / "long.parquet"
+    pq.write_table(pa.table({"id": ["a"], "text": ["x" * 3_000_000]}), long, use_dictionary=False,
+                   compression="zstd")
+    assert long.stat().st_size < 1_000_000
+    with pytest.raises(ValueError, match=r"long\.parquet holds \d+ bytes of row fields uncompressed; the limit is "
+                                         r"1000000 bytes"):
+        read_inputs(long, limits=InputLimits(max_input_bytes=1_000_000))
+
+
+def test_parquet_read_in_batches_gives_every_row_in_order_and_a_nested_value_is_its_rows_error(tmp_path):
+    f = tmp_path / "rows.parquet"
+    n = 1300  # several batches
+    voices = pa.DictionaryArray.from_arrays(pa.array([i % 2 for i in range(n)], type=pa.int32()),
+                                            pa.array(["ryan", "vivian"]))
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "text": [f"Line {i}." for i in range(n)],
+                             "voice": voices, "seed": list(range(n)),
+                             "instruct": [["x" * 10] * 100 if i == 700 else None for i in range(n)],
+                             "other": [[1, 2, 3]] * n}), f, row_group_size=500)
+    rows = read_inputs(f)
+    assert [(r.id, r.text, r.voice, r.seed) for r in rows if r.error is None] == [
+        (f"r{i}", f"Line {i}.", "ryan" if i % 2 == 0 else "vivian", i) for i in range(n) if i != 700]
+    assert rows[700].error.startswith("rows.parquet:701: field 'instruct' must be a string, got <list<")
+
+
+def test_a_parquet_file_that_is_not_one_is_named(tmp_path):
+    f = tmp_path / "bad.parquet"
+    f.write_bytes(b"PAR1" + b"\0" * 100 + b"PAR1")
+    with pytest.raises(ValueError, match=r"bad\.parquet is not a readable Parquet file"):
+        read_inputs(f)
