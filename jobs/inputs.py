@@ -346,27 +346,67 @@ def _parquet_batches(path: Path, columns: list[str], text_like: list[str]) -> It
         raise ValueError(f"input: {path} is not a readable Parquet file ({e})") from e
 
 
-def fetch_s3_input(uri: str, dest: Path) -> Path:
-    """Download `s3://bucket/key` (one file) or `s3://bucket/prefix/` (its chapter files) into `dest`."""
+class _TooBig(ValueError):
+    pass
+
+
+def _download(client: Any, bucket: str, key: str, target: Path, uri: str, budget: int) -> int:
+    """Stream one object to `target`, refusing it past `budget` bytes (its listed size was checked: this holds
+    when the object is replaced by a larger one meanwhile). Returns its size."""
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    size = 0
+    try:
+        with target.open("wb") as f:
+            for chunk in body.iter_chunks(1 << 20):
+                size += len(chunk)
+                if size > budget:
+                    raise _TooBig(f"input: {uri} grew while it was downloaded, past what --max-input-bytes leaves "
+                                  f"it ({budget} bytes)")
+                f.write(chunk)
+    finally:
+        body.close()
+    return size
+
+
+def fetch_s3_input(uri: str, dest: Path, max_bytes: int | None = None) -> Path:
+    """Download `s3://bucket/key` (one file) or `s3://bucket/prefix/` (its chapter files) into `dest`.
+
+    `max_bytes` (--max-input-bytes) is checked against the object's size (head_object), or the listed sizes of a
+    prefix's chapter files added up, before anything is downloaded; the download stops if it runs past it."""
     import boto3
 
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket or not key:
         raise ValueError(f"input: {uri!r} must name a bucket and an object or prefix")
+    limit = max_bytes if max_bytes is not None else InputLimits().max_input_bytes
     client = boto3.client("s3")
     try:
         if key.endswith("/"):
             folder = dest / Path(key.rstrip("/")).name
             folder.mkdir(parents=True, exist_ok=True)
             pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+            chapters, total = [], 0
             for obj in (o for page in pages for o in page.get("Contents", [])):
                 name = obj["Key"][len(key):]
                 if "/" not in name and name.lower().endswith(TEXT_SUFFIXES):
-                    client.download_file(bucket, obj["Key"], str(folder / name))
+                    chapters.append((obj["Key"], name))
+                    total += int(obj.get("Size", 0))
+                    if total > limit:
+                        raise _TooBig(f"input: {uri} holds more than {limit} bytes of chapter files (at least "
+                                      f"{total} in {len(chapters)} files); the limit is {limit} for them together "
+                                      "(--max-input-bytes)")
+            left = limit
+            for obj_key, name in chapters:
+                left -= _download(client, bucket, obj_key, folder / name, f"s3://{bucket}/{obj_key}", left)
             return folder
+        size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        if size > limit:
+            raise _TooBig(f"input: {uri} is {size} bytes; the limit is {limit} (--max-input-bytes)")
         target = dest / Path(key).name
-        client.download_file(bucket, key, str(target))
+        _download(client, bucket, key, target, uri, limit)
         return target
+    except _TooBig:
+        raise
     except Exception as e:  # noqa: BLE001 - botocore error types vary; all mean "input not readable"
         raise ValueError(f"input: cannot read {uri} ({type(e).__name__}: {e})") from e
 
@@ -380,7 +420,8 @@ def read_inputs(path: str | Path, defaults: RowDefaults = RowDefaults(),
             or a .jsonl/.parquet file of rows with fields id, text, voice|speaker, language, instruct,
             model, seed, format, sample_rate.
         defaults: values for fields a row leaves out.
-        An `s3://bucket/key` (or `s3://bucket/prefix/` for a folder) is downloaded first.
+        An `s3://bucket/key` (or `s3://bucket/prefix/` for a folder) is downloaded first, once its size (a
+            prefix's chapter files: their sizes added up) is known to be within `limits.max_input_bytes`.
 
     Raises:
         ValueError: the path does not exist, has an unsupported type, is binary, too large or empty.
@@ -389,7 +430,7 @@ def read_inputs(path: str | Path, defaults: RowDefaults = RowDefaults(),
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="qtts-input-") as tmp:
-            return read_inputs(fetch_s3_input(str(path), Path(tmp)), defaults, limits)
+            return read_inputs(fetch_s3_input(str(path), Path(tmp), limits.max_input_bytes), defaults, limits)
     p = Path(path)
     if not p.exists():
         raise ValueError(f"input: {p} does not exist")
