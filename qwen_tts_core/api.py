@@ -30,10 +30,10 @@ from .checkpoint.weights import (
     safetensors_files,
 )
 from .config import TTSConfig, generation_defaults
-from .errors import RequestError
+from .errors import RequestError, shown
 from .generate.driver import EngineDriver
 from .generate.engine import Engine
-from .generate.requests import check_seed, check_text
+from .generate.requests import INSTRUCT_DROPPED, check_seed, check_text, instruct_supported
 from .model.layers import RotaryTable, prepare_for_inference_
 from .model.talker import Talker
 from .text.tokenizer import TextTokenizer
@@ -325,13 +325,18 @@ class Qwen3TTSModel:
             check_text(t)
         n = len(texts)
         langs = _as_list(language if language is not None else "auto", n, "language")
+        if any(lang is None or lang == "" for lang in langs):   # as the reference: only language=None means auto
+            raise RequestError("language", f"must name a language (or 'auto') for every text, got {shown(langs)}")
+        if kind == "custom_voice" and not instruct_supported(self.cfg.tts_model_size) and instruct is not None:
+            log.warning(INSTRUCT_DROPPED)   # before any check of it, as the reference drops it
+            instruct = None
         seeds = _as_list(seed, n, "seed") if isinstance(seed, list) else \
             [None if seed is None else check_seed(seed) + i for i in range(n)]  # 1.9 or "5" is no seed
         speakers = _as_list(speaker, n, "speaker")
         instructs = _as_list(instruct if instruct is not None else "", n, "instruct")
         prompts = voice_clone_prompt or [None] * n
         sampling = self.sampling_params(**gen_kwargs)
-        return [SynthesisRequest(kind=kind, text=texts[i], speaker=speakers[i], language=str(langs[i] or "auto"),
+        return [SynthesisRequest(kind=kind, text=texts[i], speaker=speakers[i], language=langs[i],
                                  instruct=instructs[i] or None, voice_clone_prompt=prompts[i],
                                  non_streaming_mode=bool(non_streaming_mode), sampling=sampling, seed=seeds[i],
                                  decode_audio=False)

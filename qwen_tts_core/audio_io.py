@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-from .errors import RequestError, shown
+from .errors import RequestError, RequestFetchError, RequestFileNotFound, RequestTypeError, shown
 
 if TYPE_CHECKING:
     import soundfile
@@ -221,7 +221,7 @@ def _fetch_url(url: str, argument: str, timeout: float, max_bytes: int = MAX_URL
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (scheme checked by caller)
             data = resp.read(max_bytes + 1)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise RequestError(argument, f"could not fetch audio URL ({exc})") from None
+        raise RequestFetchError(argument, f"could not fetch audio URL ({exc})") from None
     if len(data) > max_bytes:
         raise RequestError(argument, f"audio at URL is larger than {max_bytes} bytes")
     return data
@@ -251,7 +251,7 @@ def _decode_string(x: str, argument: str, allow_urls: bool, url_timeout: float,
             pass
     if len(s) >= _MIN_BASE64_CHARS and _BASE64_RE.match(s):
         return _read_bytes(_decode_base64(s, argument, limits), argument, "base64 audio", limits)
-    raise RequestError(argument, "string is neither an existing audio file, base64 audio, nor (with allow_urls=True) an "
+    raise RequestFileNotFound(argument, "string is neither an existing audio file, base64 audio, nor (with allow_urls=True) an "
         "http(s) URL"
     )
 
@@ -325,7 +325,7 @@ def load_audio(
     """
     if isinstance(x, tuple):
         if len(x) != 2 or not isinstance(x[0], np.ndarray):
-            raise RequestError(argument, "a tuple must be (np.ndarray waveform, sample_rate)")
+            raise RequestTypeError(argument, "a tuple must be (np.ndarray waveform, sample_rate)")
         arr, sr = x
         if not np.issubdtype(arr.dtype, np.floating):
             raise RequestError(argument, f"waveform must be a float array in [-1, 1], got dtype {arr.dtype} "
@@ -346,7 +346,7 @@ def load_audio(
     elif isinstance(x, str):
         audio, sr = _decode_string(x, argument, allow_urls, url_timeout, limits)
     else:
-        raise RequestError(argument, f"unsupported type {type(x).__name__}; allowed: file path, base64 string, bytes, "
+        raise RequestTypeError(argument, f"unsupported type {type(x).__name__}; allowed: file path, base64 string, bytes, "
             "(np.ndarray, sample_rate), http(s) URL with allow_urls=True"
         )
     wav = _as_mono(audio, argument, limits.max_channels)

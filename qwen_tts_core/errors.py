@@ -49,6 +49,18 @@ class RequestError(ValueError):
         return (type(self), (self.field, self.message))
 
 
+class RequestTypeError(RequestError, TypeError):
+    """An argument of a type the API does not take; also a TypeError, as the reference raises there."""
+
+
+class RequestFileNotFound(RequestError, FileNotFoundError):
+    """Reference audio named by a path that does not exist; also a FileNotFoundError, as the reference raises."""
+
+
+class RequestFetchError(RequestError, OSError):
+    """Reference audio at a URL that could not be fetched; also an OSError (the reference's urllib errors are)."""
+
+
 class SessionEnded(RequestError):
     """Text sent to an incremental session that has already ended (finished, cancelled or failed): it would never be
     spoken. The service answers it as a session that has ended, not as bad text."""
@@ -57,4 +69,5 @@ class SessionEnded(RequestError):
         super().__init__(field, message)
 
 
-__all__ = ["ECHO_CHARS", "RequestError", "SessionEnded", "shown"]
+__all__ = ["ECHO_CHARS", "RequestError", "RequestFetchError", "RequestFileNotFound", "RequestTypeError", "SessionEnded",
+           "shown"]

@@ -39,8 +39,11 @@ def prompt_items(prompt: Any) -> list[VoiceClonePromptItem]:
         if missing:
             raise RequestError(field, f"a dict prompt needs {list(_PROMPT_FIELDS)} (a list each, one entry per "
                                       f"text); missing {missing}")
-        cols = {k: v if isinstance(v, list) else [v] for k, v in prompt.items() if k in (*_PROMPT_FIELDS, "ref_text")}
+        cols = {k: _column(k, v) for k, v in prompt.items() if k in (*_PROMPT_FIELDS, "ref_text")}
         n = len(cols["ref_spk_embedding"])
+        for k in ("ref_code", "ref_text"):   # None for the whole key: none for any text, as the reference reads it
+            if k in cols and len(cols[k]) == 1 and cols[k][0] is None:
+                cols[k] = [None] * n
         if any(len(v) != n for v in cols.values()):
             raise RequestError(field, f"a dict prompt's lists must have one length, got "
                                       f"{ {k: len(v) for k, v in cols.items()} }")
@@ -56,6 +59,16 @@ def prompt_items(prompt: Any) -> list[VoiceClonePromptItem]:
                                       ref_text=getattr(it, "ref_text", None))
         out.append(it)
     return out
+
+
+def _column(key: str, value: Any) -> list[Any]:
+    """A dict prompt's entry as one value per text: a list as given, a batched tensor by its rows (speaker vectors
+    [B, D], codes [B, T, 16]: the reference indexes them per text), anything else as one value."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() == {"ref_spk_embedding": 2, "ref_code": 3}.get(key):
+        return list(value)
+    return [value]
 
 
 def save_voice_prompt(item: VoiceClonePromptItem, path: str | Path, **metadata: str) -> Path:

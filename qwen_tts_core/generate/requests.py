@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 KIND_TO_MODEL_TYPE = {"custom_voice": "custom_voice", "voice_design": "voice_design", "voice_clone": "base"}
 
 
+INSTRUCT_DROPPED = "instruct is not supported by the 0.6B CustomVoice model; ignored (as the reference does)"
+
+
 def instruct_supported(model_size: str) -> bool:
     """The reference drops instruct for 0.6B CustomVoice with a substring test of the size tag (so also when the
     config has no size tag: "" is in every string)."""
@@ -254,7 +257,7 @@ def make_prompt(model, req: SynthesisRequest, role_ids: list[int], text_ids: lis
     instruct_ids = None
     if req.instruct and req.kind in ("custom_voice", "voice_design"):
         if req.kind == "custom_voice" and not instruct_supported(model.cfg.tts_model_size):
-            log.warning("instruct is not supported by the 0.6B CustomVoice model; ignored (as the reference does)")
+            log.warning(INSTRUCT_DROPPED)
         else:
             instruct_ids = tok.instruct(req.instruct)
     speaker_vector = ref_codes = ref_ids = None

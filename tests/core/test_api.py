@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -526,3 +527,50 @@ def test_an_x_vector_prompt_that_carries_codes_decodes_them_as_context_as_the_re
     streamed = np.concatenate(list(base.stream_voice_clone("Hello there.", voice_clone_prompt=flipped,
                                                            **G)))
     assert streamed.shape == with_codes.shape and np.abs(streamed - with_codes).max() <= 1e-4
+
+
+def test_a_0b6_custom_voice_drops_instruct_before_checking_it(checkpoint_factory, tmp_path):
+    """Review: the reference sets instruct to None for 0.6B CustomVoice before any check; ours refused an instruct
+    list of another length, or a non-string, that it then ignored anyway."""
+    dst = Path(shutil.copytree(checkpoint_factory("custom_voice", "tiny"), tmp_path / "c06"))
+    raw = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**raw, "tts_model_size": "0b6"}))
+    m = Qwen3TTSModel.from_pretrained(dst)
+    plain, _ = m.generate_custom_voice(["Hello.", "Bye."], speaker="ryan", **G)
+    for instruct in (["Whisper."], 5, ["a", "b", "c"]):
+        got, _ = m.generate_custom_voice(["Hello.", "Bye."], speaker="ryan", instruct=instruct, **G)
+        assert all(np.array_equal(a, b) for a, b in zip(got, plain))
+
+
+@pytest.mark.parametrize("language", ["", ["english", None], ["", "english"]])
+def test_an_empty_language_in_a_list_or_string_is_refused_as_the_reference_refuses_it(cv, language):
+    texts = ["Hello.", "Bye."]
+    with pytest.raises(ValueError, match="language"):
+        cv.generate_custom_voice(texts, speaker="ryan", language=language, **G)
+    cv.generate_custom_voice(texts, speaker="ryan", language=None, **G)   # None alone: auto
+
+
+def test_reference_audio_errors_are_also_the_references_exception_types(model_factory, tmp_path):
+    base = model_factory("base", "tiny")
+    cases = [(str(tmp_path / "missing.wav"), FileNotFoundError), (123, TypeError),
+             (([0.0] * 2400, 24000), TypeError), ("http://127.0.0.1:9/none.wav", OSError)]
+    for audio, kind in cases:
+        with pytest.raises(kind) as e:
+            base.create_voice_clone_prompt(audio, x_vector_only_mode=True, **(
+                {"allow_urls": True} if str(audio).startswith("http") else {}))
+        assert isinstance(e.value, ValueError) and e.value.field == "ref_audio", e.value   # ours: still ValueError
+
+
+def test_dict_prompts_with_ref_code_none_for_all_and_batched_tensors(model_factory, ref_wav_path):
+    """Review: the reference reads `ref_code: None` as none for every text and indexes a batched speaker tensor
+    [B, D] per text; ours refused both ("lists must have one length")."""
+    base = model_factory("base", "tiny")
+    (x,) = base.create_voice_clone_prompt(str(ref_wav_path), x_vector_only_mode=True)
+    texts = ["Hello there.", "Second one."]
+    want, _ = base.generate_voice_clone(texts, voice_clone_prompt=[x, x], **G)
+    for d in (dict(ref_code=None, ref_spk_embedding=[x.ref_spk_embedding] * 2, x_vector_only_mode=[True, True],
+                   icl_mode=[False, False]),
+              dict(ref_code=[None, None], ref_spk_embedding=torch.stack([x.ref_spk_embedding] * 2),
+                   x_vector_only_mode=[True, True], icl_mode=[False, False])):
+        got, _ = base.generate_voice_clone(texts, voice_clone_prompt=d, **G)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
