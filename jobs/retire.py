@@ -15,7 +15,7 @@ from . import layout as layouts
 from .captions import caption_keys
 from .manifest import ManifestRecord
 from .render import sidecar_key
-from .storage import STEM_MAX_BYTES, Sink, StorageError
+from .storage import Sink, StorageError, safe_stem
 
 log = logging.getLogger(__name__)
 RETIRE_MODES = ("mark", "delete")
@@ -40,9 +40,7 @@ def refusal(key: object, prefix: str | None = None, *, package: bool = False) ->
     if package:
         return None if layouts.is_package_key(key) else "not a --layout package file this job writes"
     m = _OBJECT.fullmatch(key[len(prefix) + 1:]) if prefix and key.startswith(f"{prefix}/") else None
-    stem = m.group("stem") if m else ""
-    if not (m and m.group("ext") in _EXTS and stem == stem.strip(".") and len(stem.encode("utf-8", "surrogatepass"))
-            <= STEM_MAX_BYTES and all(c.isalnum() or c in "-_." for c in stem)):
+    if not (m and m.group("ext") in _EXTS and m.group("stem") == safe_stem(m.group("stem"))):  # content_key's stem
         return f"not an output this job writes ({prefix}/<id>-<20 hex>.<ext>)"
     return None
 

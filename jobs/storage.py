@@ -52,8 +52,14 @@ def content_key(fields: dict[str, Any], stem: str, ext: str, prefix: str = "audi
     """
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False,
                                        separators=(",", ":")).encode()).hexdigest()
-    safe = _cut_utf8("".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80], STEM_MAX_BYTES)
-    return f"{prefix}/{safe.strip('.') or 'row'}-{digest[:20]}.{ext}"
+    return f"{prefix}/{safe_stem(stem)}-{digest[:20]}.{ext}"
+
+
+def safe_stem(stem: str) -> str:
+    """A row id as the stem of its object keys: filesystem/S3 safe characters, at most 80 of them and
+    STEM_MAX_BYTES bytes, no leading or trailing dots ('row' when nothing is left)."""
+    return _cut_utf8("".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80], STEM_MAX_BYTES).strip(".") \
+        or "row"
 
 
 # A file name is at most 255 bytes (NAME_MAX) and the longest one we write for a stem of S bytes is the temp file of
