@@ -89,8 +89,8 @@ def load_catalog(path: str | Path, defaults: RowDefaults, limits: InputLimits | 
 
         try:
             doc = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"catalog: {p} is not valid YAML ({e})") from e
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # an integer of over 4300 digits, deep nesting
+            raise ValueError(f"catalog: {p} is not valid YAML ({type(e).__name__}: {str(e)[:200]})") from None
         if isinstance(doc, dict):
             extra = doc.get("defaults") or {}
             if not isinstance(extra, dict):

@@ -201,7 +201,8 @@ def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits =
         seed = check_seed(seed, "field 'seed'")
     except ValueError as e:
         return replace(base, error=f"{where}: {e}")
-    fmt = raw.get("format") or defaults.format
+    fmt = raw.get("format")
+    fmt = defaults.format if fmt is None or fmt == "" else fmt   # absent (an empty CSV cell); 0 or false is no format
     if fmt not in FORMATS:
         return replace(base, error=f"{where}: field 'format' must be one of {list(FORMATS)}, got {shown(fmt)}")
     given = raw.get("sample_rate")

@@ -45,6 +45,20 @@ def test_regenerates_only_new_or_changed_and_retires(tmp_path, capsys):
     assert len(list(out.glob("prompts/*.wav"))) == 3
 
 
+@pytest.mark.parametrize("content,what", [
+    ("prompts:\n  - {id: a, text: Hi., seed: " + "9" * 5000 + "}\n", "ValueError"),   # over Python's digit limit
+    ("prompts: " + "[" * 20000 + "]" * 20000 + "\n", "RecursionError"),
+])
+def test_a_yaml_catalog_the_parser_cannot_take_exits_2_naming_it(tmp_path, capsys, content, what):
+    """A 5000-digit integer (ValueError) or deep nesting (RecursionError) escaped the YAML error handling: a
+    traceback and exit 1, which reads as "some prompts failed"."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    cat.write_text(content)
+    assert _run(cat, out) == 2
+    assert f"ivr.yaml is not valid YAML ({what}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_csv_and_bad_catalogs(tmp_path):
     f = tmp_path / "c.csv"
     f.write_text("id,text,voice,sample_rate\na,Hello.,ryan,8000\nb,,ryan,\n")

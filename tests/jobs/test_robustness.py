@@ -331,3 +331,12 @@ def test_a_row_naming_a_checkpoint_of_deeply_nested_json_fails_alone(tmp_path, c
     out, _, _ = resolve_models(rows, str(good), "engine", engine=eng)
     errors = {r.id: r.error for r in out}
     assert errors["r1"] is None and "not a readable JSON file (RecursionError" in errors["r2"], errors
+
+
+@pytest.mark.parametrize("fmt", [0, False, [], "MP3!"])
+def test_a_format_that_is_no_format_is_the_rows_error_not_the_default(fmt):
+    """`format: 0` or `false` silently became the default format (`raw.get("format") or default`)."""
+    row = check_row({"id": "a", "text": "Hello.", "format": fmt}, RowDefaults(), "f:1")
+    assert row.error and "field 'format' must be one of" in row.error
+    for absent in ({}, {"format": None}, {"format": ""}):   # not given (an empty CSV cell): the default
+        assert check_row({"id": "a", "text": "Hello.", **absent}, RowDefaults(format="flac"), "f:1").format == "flac"
