@@ -40,7 +40,9 @@ def refusal(key: object, prefix: str | None = None, *, package: bool = False) ->
     if package:
         return None if layouts.is_package_key(key) else "not a --layout package file this job writes"
     m = _OBJECT.fullmatch(key[len(prefix) + 1:]) if prefix and key.startswith(f"{prefix}/") else None
-    if not (m and m.group("ext") in _EXTS and m.group("stem") == safe_stem(m.group("stem"))):  # content_key's stem
+    stem = m.group("stem") if m else None
+    # content_key's stem, as it cuts one now or cut one before stems had a byte limit (an 80-character CJK stem)
+    if not (m and m.group("ext") in _EXTS and stem in (safe_stem(stem), safe_stem(stem, max_bytes=0))):
         return f"not an output this job writes ({prefix}/<id>-<20 hex>.<ext>)"
     return None
 

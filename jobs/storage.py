@@ -55,11 +55,15 @@ def content_key(fields: dict[str, Any], stem: str, ext: str, prefix: str = "audi
     return f"{prefix}/{safe_stem(stem)}-{digest[:20]}.{ext}"
 
 
-def safe_stem(stem: str) -> str:
+def safe_stem(stem: str, max_bytes: int | None = None) -> str:
     """A row id as the stem of its object keys: filesystem/S3 safe characters, at most 80 of them and
-    STEM_MAX_BYTES bytes, no leading or trailing dots ('row' when nothing is left)."""
-    return _cut_utf8("".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80], STEM_MAX_BYTES).strip(".") \
-        or "row"
+    `max_bytes` (default STEM_MAX_BYTES) bytes, no leading or trailing dots ('row' when nothing is left).
+    `max_bytes=0`: no byte cut, the rule before the byte limit (commit 52c5de5), which made stems of up to 80
+    characters of any UTF-8 length (80 CJK characters: 240 bytes); keys written then are still in storage and
+    listed (`retire.refusal` accepts both)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80]
+    limit = STEM_MAX_BYTES if max_bytes is None else max_bytes
+    return (_cut_utf8(safe, limit) if limit else safe).strip(".") or "row"
 
 
 # A file name is at most 255 bytes (NAME_MAX) and the longest one we write for a stem of S bytes is the temp file of

@@ -68,6 +68,18 @@ def test_refusal_accepts_only_keys_of_the_shape_this_job_writes():
         assert retire.refusal(bad, package=True), bad
 
 
+def test_refusal_accepts_keys_written_before_stems_had_a_byte_limit():
+    """Before commit 52c5de5 a stem was cut at 80 characters only: an 80-character CJK id made a 240-byte stem,
+    written fine on S3 and listed in manifests since; refusal took it for another job's file and never deleted it."""
+    legacy = "prompts/" + "日" * 80 + "-0123456789abcdef0123.wav"
+    assert retire.refusal(legacy, "prompts") is None
+    assert storage.safe_stem("日" * 90, max_bytes=0) == "日" * 80  # the old rule, from its one owner
+    assert storage.safe_stem("日" * 90) == "日" * 66  # the rule now (200 bytes)
+    assert retire.refusal(content_key({}, "日" * 90, "wav", "prompts"), "prompts") is None
+    for bad in ("日" * 81, "日 本" * 20, "日" * 79 + "."):  # neither rule makes these
+        assert retire.refusal(f"prompts/{bad}-0123456789abcdef0123.wav", "prompts"), bad
+
+
 def test_a_stored_manifest_row_naming_other_files_gets_them_refused_not_deleted(tmp_path, capsys):
     """Before: the retired record's key and previous_keys were deleted whatever they named."""
     cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
