@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -174,10 +175,15 @@ def _read_index(sink: Sink) -> dict[str, Any]:
 
 def _kept_levels(entry: object, master: str) -> dict[str, float | None] | None:
     """The stored levels of package files made from `master`, or None when the files must be written again: made
-    from another master, or an index entry from before levels were stored (a bare key: levels unknown)."""
+    from another master, an index entry from before levels were stored (a bare key: levels unknown), or one that is
+    not what this job writes (the index is read back from storage, not trusted): every name a codec of the layout,
+    every level None or a finite number."""
     if not isinstance(entry, dict) or entry.get("master") != master or not isinstance(entry.get("dbm0"), dict):
         return None
-    return entry["dbm0"]
+    levels_ = entry["dbm0"]
+    ok = all(c in ASTERISK_CODECS and (v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       and math.isfinite(v)) for c, v in levels_.items())
+    return levels_ if ok else None
 
 
 def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: Sink,

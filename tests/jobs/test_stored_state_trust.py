@@ -307,6 +307,24 @@ def test_a_corrupt_layout_index_is_rebuilt_with_a_warning(tmp_path, capsys, capl
     assert set(json.loads((out / layout.INDEX_KEY).read_text())) == {"en/welcome", "en/menu"}
 
 
+@pytest.mark.parametrize("dbm0", ['{"ulaw": "x"}', '{"ulaw": [1]}', '{"ulaw": {}}', '{"ulaw": true}',
+                                  '{"ulaw": NaN}', '{"ulaw": Infinity}', '{"mp3": -19.0}', '{"1": null}'])
+def test_an_odd_layout_index_entry_remakes_that_prompts_packages(tmp_path, capsys, dbm0):
+    """Before: an index that is a JSON object with a level that is not a number raised TypeError (traceback, exit 1,
+    after synthesis and without a manifest) on every pass."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "welcome", "text": "Welcome to the line."}], language="english")
+    assert _run(cat, out, capsys, "--layout", "asterisk")[0] == 0
+    index = json.loads((out / layout.INDEX_KEY).read_text())
+    good = index["en/welcome"]["dbm0"]
+    (out / layout.INDEX_KEY).write_text(json.dumps({"en/welcome": {**index["en/welcome"], "dbm0": "@"}})
+                                        .replace('"@"', dbm0))
+    code, s = _run(cat, out, capsys, "--layout", "asterisk")
+    assert code == 0 and s["layout"]["written"] == 1 and s["layout"]["kept"] == 0
+    assert json.loads((out / layout.INDEX_KEY).read_text())["en/welcome"]["dbm0"].keys() == good.keys()
+    assert _run(cat, out, capsys, "--layout", "asterisk")[1]["layout"]["kept"] == 1
+
+
 # 5. a long text in a CSV catalog
 
 
