@@ -351,9 +351,43 @@ class _TooBig(ValueError):
     pass
 
 
+DOWNLOAD_ATTEMPTS = 4   # a body read cut short mid-stream (a read timeout, a reset connection) is fetched again
+
+
+def _transient(e: Exception) -> bool:
+    """A download error worth another try: the connection, not the object (botocore already retries what S3 answers
+    with an error status; a body read that fails mid-stream is the caller's to retry)."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+    return isinstance(e, (HTTPClientError, IncompleteReadError, BotoConnectionError, ConnectionError, TimeoutError))
+
+
 def _download(client: Any, bucket: str, key: str, target: Path, uri: str, budget: int) -> int:
     """Stream one object to `target`, refusing it past `budget` bytes (its listed size was checked: this holds
-    when the object is replaced by a larger one meanwhile). Returns its size."""
+    when the object is replaced by a larger one meanwhile). A transient error mid-body (a read timeout, a
+    connection reset) removes the partial file and fetches the object again, up to DOWNLOAD_ATTEMPTS times, with
+    the same cap (download_file, used before the cap, retried so too). Returns its size."""
+    import random
+    import time
+
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        try:
+            return _download_once(client, bucket, key, target, uri, budget)
+        except _TooBig:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified by _transient
+            if not _transient(e) or attempt == DOWNLOAD_ATTEMPTS - 1:
+                raise
+            target.unlink(missing_ok=True)
+            delay = min(5.0, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
+            log.warning("input: reading %s failed (%s: %s); fetching it again in %.1f s (%d/%d)", uri,
+                        type(e).__name__, e, delay, attempt + 1, DOWNLOAD_ATTEMPTS - 1)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _download_once(client: Any, bucket: str, key: str, target: Path, uri: str, budget: int) -> int:
     body = client.get_object(Bucket=bucket, Key=key)["Body"]
     size = 0
     try:

@@ -71,3 +71,48 @@ def test_a_download_stops_at_the_limit_when_the_object_grew_after_its_size_was_r
     with pytest.raises(ValueError, match="grew while it was downloaded"):
         _download(s3, s3_bucket, "big.txt", tmp_path / "big.txt", "s3://b/big.txt", 1_500_000)
     assert (tmp_path / "big.txt").stat().st_size <= 1_500_000
+
+
+def _flaky_reads(monkeypatch, fail: set[int]):
+    """StreamingBody.read raises botocore's ReadTimeoutError on the reads numbered in `fail` (1 is the first)."""
+    import botocore.response
+    from botocore.exceptions import ReadTimeoutError
+
+    real, reads = botocore.response.StreamingBody.read, [0]
+
+    def read(self, amt=None):
+        reads[0] += 1
+        if reads[0] in fail:
+            raise ReadTimeoutError(endpoint_url="simulated")
+        return real(self, amt)
+
+    monkeypatch.setattr(botocore.response.StreamingBody, "read", read)
+    return reads
+
+
+def test_a_transient_error_mid_download_fetches_the_object_again(s3_bucket, monkeypatch, caplog):
+    """Before: a read timeout while streaming the body failed the job (exit 2); download_file, used before the byte
+    cap, retried it."""
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="book.txt", Body=b"Hello there. " * 1000)
+    s3.put_object(Bucket=s3_bucket, Key="book/ch1.txt", Body=b"One. " * 300_000)  # two chunks of 1 MiB
+    s3.put_object(Bucket=s3_bucket, Key="book/ch2.txt", Body=b"Two.")
+    _flaky_reads(monkeypatch, {1})
+    rows = read_inputs(f"s3://{s3_bucket}/book.txt", RowDefaults(voice="ryan"), InputLimits(max_input_bytes=20_000))
+    assert len(rows) == 1 and rows[0].text == "Hello there. " * 1000
+    assert "fetching it again" in caplog.text
+    _flaky_reads(monkeypatch, {2})  # the second read of a chapter: 1 MiB already written, removed, fetched again
+    limits = InputLimits(max_input_bytes=1_600_000, max_row_chars=2_000_000)
+    rows = read_inputs(f"s3://{s3_bucket}/book/", RowDefaults(voice="ryan"), limits)
+    assert [(r.id, len(r.text), r.error) for r in rows] == [("ch1", 1_500_000, None), ("ch2", 4, None)]
+
+
+def test_a_download_that_keeps_failing_fails_naming_the_input(s3_bucket, monkeypatch):
+    from jobs import inputs
+
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="book.txt", Body=b"Hello there.")
+    reads = _flaky_reads(monkeypatch, set(range(1, 100)))
+    with pytest.raises(ValueError, match=rf"input: cannot read s3://{s3_bucket}/book\.txt \(ReadTimeoutError"):
+        read_inputs(f"s3://{s3_bucket}/book.txt")
+    assert reads[0] == inputs.DOWNLOAD_ATTEMPTS
