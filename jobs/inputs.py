@@ -241,6 +241,12 @@ def _read_jsonl(path: Path, defaults: RowDefaults, limits: InputLimits) -> list[
 
 _PARQUET_ROW_BYTES = 16   # what a row costs at least, counted against --max-input-bytes (a JSONL row takes ~20)
 _PARQUET_BATCH_ROWS = 512
+# Batches per row group at most (larger batches for larger groups): a column read as a dictionary hands every batch
+# the group's dictionary, and where the writer fell back to plain pages (pyarrow's default writer does past 1 MiB of
+# dictionary) the reader's dictionary grows with every batch, so each batch costs O(rows of its group) and 512-row
+# batches made a file's read quadratic (800k rows: 59 s). A batch's size never bounds its memory (the batches are
+# measured still encoded and the rows' decoded total is bounded by --max-input-bytes): larger ones are as safe.
+_PARQUET_BATCHES_PER_GROUP = 32
 
 
 class _Nested(list):
@@ -314,32 +320,44 @@ def _read_parquet(path: Path, defaults: RowDefaults, limits: InputLimits) -> lis
                  or pa.types.is_large_string(schema.field(n).type) or pa.types.is_large_binary(schema.field(n).type)]
     # Two passes: the first measures every batch, decoding nothing into Python objects, so a file over the limit is
     # refused before any row is built; the second builds the rows
+    groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    batch_rows = max([_PARQUET_BATCH_ROWS, *(-(-n // _PARQUET_BATCHES_PER_GROUP) for n in groups)])
     total = 0
-    for batch in _parquet_batches(path, columns, text_like):
+    for batch in _parquet_batches(path, columns, text_like, batch_rows):
         total += _batch_bytes(batch)
         if total > limits.max_input_bytes:
             raise _too_big(path, f"holds more than {limits.max_input_bytes} bytes of row fields once decoded",
                            limits)
     out: list[Utterance] = []
-    for batch in _parquet_batches(path, columns, text_like):
+    for batch in _parquet_batches(path, columns, text_like, batch_rows):
         values = {}
         for name, col in zip(batch.schema.names, batch.columns):
             t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
             values[name] = ([_Nested(str(t)) if ok else None for ok in col.is_valid().to_pylist()]
-                            if pa.types.is_nested(t) else col.to_pylist())
+                            if pa.types.is_nested(t) else _decoded(col).to_pylist())
         for i in range(batch.num_rows):
             out.append(check_row({name: v[i] for name, v in values.items()}, defaults, f"{path.name}:{len(out) + 1}",
                                  limits))
     return out
 
 
-def _parquet_batches(path: Path, columns: list[str], text_like: list[str]) -> Iterable[Any]:
+def _decoded(col: Any) -> Any:
+    """A batch's column with its dictionary (if it has one) decoded: O(rows of the batch), where a dictionary
+    array's own to_pylist() converts its whole dictionary (the row group's) for every batch."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.take(col.dictionary, col.indices) if pa.types.is_dictionary(col.type) else col
+
+
+def _parquet_batches(path: Path, columns: list[str], text_like: list[str],
+                     batch_rows: int = _PARQUET_BATCH_ROWS) -> Iterable[Any]:
     """The file's record batches of `columns`; a pyarrow error is a ValueError naming the file. `text_like`
     columns are read as dictionaries: a dictionary-encoded column stays encoded until it has been measured."""
     import pyarrow.parquet as pq
 
     try:
-        batches = pq.ParquetFile(path, read_dictionary=text_like).iter_batches(batch_size=_PARQUET_BATCH_ROWS,
+        batches = pq.ParquetFile(path, read_dictionary=text_like).iter_batches(batch_size=batch_rows,
                                                                                columns=columns)
         while (batch := next(batches, None)) is not None:
             yield batch
