@@ -258,23 +258,28 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
     files that could not be deleted (kept in their `layout`, error "retired: delete failed: ...", tried again next
     run). A file a current prompt also lists is never deleted: ids map to file names lossily ("main menu" and
     "main-menu" are both main-menu), and a current prompt whose render failed still lists (and uses) the files of
-    its last written version (retire._carry)."""
-    from .retire import DELETED, KEPT, refusal, refused_error  # (retire imports this module)
+    its last written version (retire._carry). A file that matches a current prompt's only ignoring case (one file on
+    a case-insensitive store, another on a case-sensitive one) stays in the retired prompt's `layout`, pending, until
+    none does (retire.Live)."""
+    from .retire import DELETED, KEPT, Live, refusal, refused_error  # (retire imports this module)
 
     index = _read_index(sink)
-    live = {k.casefold() for r in records if r.status != "retired" for k in r.layout or []}
-    live_idents = {_ident(k) for k in live}
+    live = Live({k for r in records if r.status != "retired" for k in r.layout or []})
+    live_idents = {_ident(k) for k in live.folded}
     failed = 0
     for rec in records:
         if rec.status != "retired" or not rec.layout:
             continue
-        left, errors, refused = [], [], []
+        left, errors, refused, waiting = [], [], [], []
         for key in rec.layout:
-            if key.casefold() in live:  # (on a case-insensitive store Welcome.ulaw is welcome.ulaw)
+            if (use := live.use(key)) == "live":
                 continue
             if why := refusal(key, package=True):
                 refused.append(refused_error(key, why))
                 log.warning("not deleting %s, listed as a package file of retired prompt %r: %s", key, rec.id, why)
+                continue
+            if use == "wait":  # (on a case-insensitive store Welcome.ulaw is welcome.ulaw)
+                waiting.append(key)
                 continue
             try:
                 sink.delete(key)
@@ -283,9 +288,9 @@ def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
                 left.append(key)
                 errors.append(str(e))
         for ident in {_ident(k) for k in rec.layout if not refusal(k, package=True)}:
-            if ident.casefold() not in live_idents and not any(_ident(k) == ident for k in left):
+            if ident.casefold() not in live_idents and not any(_ident(k) == ident for k in (*left, *waiting)):
                 index.pop(ident, None)
-        rec.layout = left
+        rec.layout = [k for k in rec.layout if k in left or k in waiting]
         if left:
             failed += 1
             rec.error = f"retired: delete failed: {errors[0]}"

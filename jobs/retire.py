@@ -24,6 +24,8 @@ DELETED = "retired: object deleted"
 KEPT = "retired: object kept (a current prompt uses the same object)"
 PENDING = "retired: delete pending (the next --retire delete pass deletes it)"
 REFUSED = "retired: delete refused"
+WAITING = ("retired: delete pending (a current prompt's key matches it ignoring case; deleted by a --retire delete "
+           "pass once none does)")
 # what storage.content_key makes below the prefix: <stem>-<20 hex>.<ext>, the stem at most 80 characters
 _OBJECT = re.compile(r"(?P<stem>[^/\\]{1,80})-[0-9a-f]{20}\.(?P<ext>[a-z0-9]+)")
 _EXTS = {e[2] for e in audio.ENCODINGS.values()} | {c.ext for c in codecs.CODECS.values()}
@@ -133,31 +135,50 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], ret
     return out, counts
 
 
+class Live:
+    """What a pass must not delete. `keys`: what current prompts use (`live_keys`): such a key is final (kept, and
+    dropped from a retired or superseded record: a current one lists it). Keys that match one only ignoring case
+    wait: kept and left listed for a later pass. A case-insensitive store
+    (macOS, SMB) holds prompts/Welcome-<h>.wav and prompts/welcome-<h>.wav as one object, so a case-only match is
+    never deleted; on a case-sensitive store (S3, Linux) it is another object, deleted once no current key matches
+    it even ignoring case (kept final, it stayed in storage unlisted for ever)."""
+
+    def __init__(self, keys: set[str]) -> None:
+        self.exact = set(keys)
+        self.folded = {k.casefold() for k in keys}
+
+    def use(self, key: str) -> str | None:
+        """"live" (a current prompt's key), "wait" (a case-only match), or None (may be deleted)."""
+        return "live" if key in self.exact else "wait" if key.casefold() in self.folded else None
+
+
 def purge(records: list[ManifestRecord], sink: Sink, shared: list[ManifestRecord], prefix: str,
           ) -> tuple[int, bool, int]:
     """Delete what `reconcile` listed, once the manifest listing it is written: superseded versions of written
     prompts (`previous_keys`) and retired prompts' objects (their --layout package files: layout.remove_packages).
     Never deletes an object a current prompt uses, this catalog's or another's at the same output (`shared`: their
-    records; keys are content keys, so two catalogs with the same prompt share its object), compared ignoring case
-    (a case-insensitive store holds prompts/Welcome-... and prompts/welcome-... as one object), nor a key that is
-    not an output this job writes below `prefix` (`refusal`: dropped from the record with a warning; a retired
-    record says so in its error). What the storage refuses stays listed (a retired record gets error "retired:
-    delete failed: ..."), to try again next pass.
+    records; keys are content keys, so two catalogs with the same prompt share its object), nor one that matches
+    such a key ignoring case: those stay listed, pending (`Live`); nor a key that is not an output this job writes below `prefix` (`refusal`: dropped from the
+    record with a warning; a retired record says so in its error). What the storage refuses stays listed (a retired
+    record gets error "retired: delete failed: ..."), to try again next pass.
     Returns (how many prompts have a delete that failed, whether any record changed, how many keys were refused)."""
-    live = {k.casefold() for k in live_keys([*records, *shared])}
+    live = Live(live_keys([*records, *shared]))
     failed, changed, refused = 0, False, 0
     for r in records:
         if r.status in LIVE and r.previous_keys:
-            left = []
+            left, waiting = [], []
             for key in r.previous_keys:
                 if why := refusal(key, prefix):
                     refused += 1
                     log.warning("not deleting %s, listed as a superseded version of %r: %s", key, r.id, why)
-                elif err := _delete(sink, key, live):
+                elif (use := live.use(key)) is not None:
+                    waiting += [key] if use == "wait" else []
+                elif err := _delete(sink, key):
                     left.append(key)
                     log.warning("could not delete %s, a superseded version of %r: %s", key, r.id, err)
-            changed |= left != r.previous_keys
-            r.previous_keys = left
+            kept = [k for k in r.previous_keys if k in left or k in waiting]
+            changed |= kept != r.previous_keys
+            r.previous_keys = kept
             failed += bool(left)
         elif r.status == "retired" and not _objects_done(r):
             f, n = _retire_delete(sink, r, live, prefix)
@@ -165,29 +186,30 @@ def purge(records: list[ManifestRecord], sink: Sink, shared: list[ManifestRecord
     return failed, changed, refused
 
 
-def _retire_delete(sink: Sink, rec: ManifestRecord, live: set[str], prefix: str) -> tuple[int, int]:
+def _retire_delete(sink: Sink, rec: ManifestRecord, live: Live, prefix: str) -> tuple[int, int]:
     """Delete a retired prompt's objects, its own and the earlier versions it still holds (`previous_keys`).
     Returns (1 when a delete failed (what is left stays listed, to try again), how many keys were refused)."""
-    errors, left, refused = [], [], []
+    errors, left, refused, waiting = [], [], [], []
     for key in dict.fromkeys(k for k in (rec.key, *rec.previous_keys) if k):
         if why := refusal(key, prefix):
             refused.append(refused_error(key, why))
             log.warning("not deleting %s, listed by retired prompt %r: %s", key, rec.id, why)
-        elif err := _delete(sink, key, live):
+        elif (use := live.use(key)) is not None:
+            log.info("keeping %s: %s", key, "a current prompt uses it" if use == "live" else
+                     "it matches a current prompt's key ignoring case (pending)")
+            waiting += [key] if use == "wait" else []
+        elif err := _delete(sink, key):
             errors.append(err)
-            left += [key] if key != rec.key else []
-    rec.previous_keys = left
+            left += [key]
+    rec.previous_keys = [k for k in (*left, *waiting) if k != rec.key]
     rec.error = (f"retired: delete failed: {errors[0]}" if errors else refused[0] if refused
-                 else KEPT if (rec.key or "").casefold() in live else DELETED)
+                 else WAITING if waiting else KEPT if rec.key and live.use(rec.key) == "live" else DELETED)
     return (1 if errors else 0), len(refused)
 
 
-def _delete(sink: Sink, key: str, live: set[str]) -> str | None:
-    """Delete an output (audio, sidecar, captions) unless a live prompt uses it (`live`: casefolded keys); the
-    error, or None when done. `key` passed `refusal`."""
-    if key.casefold() in live:
-        log.info("keeping %s: a current prompt uses it", key)
-        return None
+def _delete(sink: Sink, key: str) -> str | None:
+    """Delete an output (audio, sidecar, captions); the error, or None when done. `key` passed `refusal` and is
+    no current prompt's (`Live`)."""
     try:
         for k in (key, sidecar_key(key), *caption_keys(key)):  # --captions files, when there are any
             sink.delete(k)

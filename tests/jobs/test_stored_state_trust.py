@@ -170,7 +170,7 @@ def test_a_key_the_sink_refuses_with_valueerror_is_a_failed_delete():
             raise ValueError(f"key {key!r} escapes the output folder")
 
     key = content_key({"x": 1}, "bye", "wav", "prompts")
-    assert "escapes" in retire._delete(Refusing(), key, set())
+    assert "escapes" in retire._delete(Refusing(), key)
     rec = ManifestRecord(id="bye", key=key, status="retired", error=retire.PENDING)
     failed, changed, refused = retire.purge([rec], Refusing(), [], "prompts")
     assert (failed, changed, refused) == (1, True, 0) and rec.error.startswith("retired: delete failed")
@@ -241,6 +241,22 @@ def test_an_unreadable_manifest_exits_2_naming_it(tmp_path, capsys):
 # 3. case-insensitive stores
 
 
+def _rename_then_retire(cat, out, capsys, after_rename=lambda man: None, extra=()):
+    """Welcome -> welcome (same text), then welcome leaves the catalog; --retire delete passes. Returns the
+    manifest after the rename pass (`after_rename` checks storage then)."""
+    _write(cat, [{"id": "Welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."}], language="english")
+    assert _run(cat, out, capsys, *extra)[0] == 0
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."}], language="english")
+    code, s = _run(cat, out, capsys, "--retire", "delete", *extra)
+    assert code == 0 and s["retired"] == 1
+    renamed = _manifest(out)
+    after_rename(renamed)
+    _write(cat, [{"id": "menu", "text": "Press one."}], language="english")
+    for _ in range(2):  # (the second pass drops the records whose deletes are done)
+        assert _run(cat, out, capsys, "--retire", "delete", *extra)[0] == 0
+    return renamed
+
+
 def test_a_case_only_rename_on_a_case_insensitive_store_keeps_the_current_prompts_audio(tmp_path, capsys,
                                                                                        monkeypatch):
     """Before: retiring 'Welcome' deleted prompts/Welcome-<h>.wav, which on a case-folding store (macOS, SMB) is
@@ -248,18 +264,36 @@ def test_a_case_only_rename_on_a_case_insensitive_store_keeps_the_current_prompt
     real = LocalSink._path
     monkeypatch.setattr(storage.LocalSink, "_path", lambda self, key: real(self, key.lower()))
     cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
-    _write(cat, [{"id": "Welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."}])
-    assert _run(cat, out, capsys)[0] == 0
-    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."}])
-    code, s = _run(cat, out, capsys, "--retire", "delete")
-    man = _manifest(out)
-    sink = LocalSink(str(out))
-    assert code == 0 and s["retired"] == 1 and man["welcome"].status == "ok"
-    assert sink.get(man["welcome"].key) and sink.get(f"{man['welcome'].key}.json")
-    assert man["Welcome"].error == retire.KEPT
+
+    def welcome_is_there(man):
+        sink = LocalSink(str(out))
+        assert man["welcome"].status == "ok" and sink.get(man["welcome"].key)
+        assert sink.get(f"{man['welcome'].key}.json")
+
+    renamed = _rename_then_retire(cat, out, capsys, welcome_is_there)
+    assert renamed["Welcome"].status == "retired" and renamed["Welcome"].error == retire.WAITING  # kept, listed
+    assert renamed["welcome"].key.lower() == renamed["Welcome"].key.lower()
+    assert set(_manifest(out)) == {"menu"} and [p.name[:5] for p in (out / "prompts").iterdir()] == ["menu-"] * 2
 
 
-def test_purge_compares_live_keys_ignoring_case():
+@pytest.mark.parametrize("extra", [(), ("--layout", "asterisk")], ids=["objects", "layout"])
+def test_a_case_only_rename_on_a_case_sensitive_store_leaves_nothing_behind(tmp_path, capsys, extra):
+    """Before: prompts/Welcome-<h>.wav, another object than prompts/welcome-<h>.wav on a case-sensitive store (S3,
+    a Linux folder), was kept as 'a current prompt uses it', its record dropped: in storage, unlisted, for ever.
+    Now it stays listed (pending) while 'welcome' is current and is deleted once no current key matches it."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    renamed = _rename_then_retire(cat, out, capsys, extra=extra)
+    gone = renamed["Welcome"]
+    assert gone.status == "retired" and gone.error == retire.WAITING and gone.key != renamed["welcome"].key
+    assert set(_manifest(out)) == {"menu"}
+    assert sorted(p.name[:5] for p in (out / "prompts").iterdir()) == ["menu-"] * 2  # Welcome-<h>.wav deleted too
+    if extra:
+        assert gone.layout and all(k.split("/")[-1].startswith("Welcome.") for k in gone.layout)  # listed, pending
+        files = sorted(p.name for p in (out / layout.ROOT).rglob("*") if p.is_file())
+        assert files == ["index.json", "menu.alaw", "menu.g722", "menu.sln16", "menu.ulaw"]
+
+
+def test_purge_keeps_a_key_that_matches_a_live_one_ignoring_case_listed_until_none_does():
     deleted = []
 
     class Sink:
@@ -269,13 +303,22 @@ def test_purge_compares_live_keys_ignoring_case():
     key = content_key({"x": 1}, "Welcome", "wav", "prompts")
     live = ManifestRecord(id="welcome", key=key.replace("Welcome", "welcome"), status="ok")
     gone = ManifestRecord(id="Welcome", key=key, status="retired", error=retire.PENDING)
-    assert retire.purge([live, gone], Sink(), [], "prompts")[0] == 0
-    assert deleted == [] and gone.error == retire.KEPT
+    old = content_key({"x": 0}, "menu", "wav", "prompts")
+    menu = ManifestRecord(id="menu", key=content_key({"x": 2}, "menu", "wav", "prompts"), status="ok",
+                          previous_keys=[old.replace("menu", "MENU")])
+    shared = [ManifestRecord(id="menu", key=old, status="ok", catalog="other")]
+    assert retire.purge([live, gone, menu], Sink(), shared, "prompts") == (0, True, 0)
+    assert deleted == [] and gone.error == retire.WAITING and menu.previous_keys == [old.replace("menu", "MENU")]
+    live.status, shared[0].status = "retired", "retired"
+    assert retire.purge([gone, menu], Sink(), shared, "prompts") == (0, True, 0)
+    assert {key, old.replace("menu", "MENU")} <= set(deleted) and gone.error == retire.DELETED
+    assert menu.previous_keys == []
 
 
-def test_remove_packages_keeps_a_live_prompts_file_that_differs_only_in_case(tmp_path):
+def test_remove_packages_keeps_a_file_that_matches_a_live_one_ignoring_case_listed_until_none_does(tmp_path):
     """Before: retiring 'Welcome' deleted asterisk/<codec>/sounds/en/Welcome.<ext>: on a case-folding store, the
-    file of the current prompt 'welcome'."""
+    file of the current prompt 'welcome'; then: kept, and dropped from the record (left unlisted on a case-sensitive
+    store)."""
     deleted = []
 
     class Recording(LocalSink):
@@ -286,10 +329,13 @@ def test_remove_packages_keeps_a_live_prompts_file_that_differs_only_in_case(tmp
     sink = Recording(str(tmp_path))
     files = {c: layout.package_key(c, "en", "welcome") for c in layout.ASTERISK_CODECS}
     live = ManifestRecord(id="welcome", key="k", status="ok", layout=list(files.values()))
-    gone = ManifestRecord(id="Welcome", key="k", status="retired", error=retire.DELETED,
-                          layout=[k.replace("/welcome.", "/Welcome.") for k in files.values()])
+    upper = [k.replace("/welcome.", "/Welcome.") for k in files.values()]
+    gone = ManifestRecord(id="Welcome", key="k", status="retired", error=retire.DELETED, layout=list(upper))
     assert layout.remove_packages([live, gone], sink) == 0
-    assert deleted == [] and gone.layout == []
+    assert deleted == [] and gone.layout == upper
+    live.status = "retired"
+    assert layout.remove_packages([gone], sink) == 0
+    assert deleted == upper and gone.layout == []
 
 
 @pytest.mark.parametrize("content", [b'{"en/welcome": {"master": "x"', b"[]", b'"text"', b"\xff\xfe"])
