@@ -38,7 +38,7 @@ from .inputs import (
     printable,
     read_text,
 )
-from .manifest import ManifestRecord, read_manifest, summarize
+from .manifest import ManifestRecord, ManifestSchemaError, read_stored, summarize
 from .narrate import (
     add_common_args,
     build_options,
@@ -49,12 +49,14 @@ from .narrate import (
     write_manifest,
 )
 from .render import RenderConfig
-from .retire import LIVE, RETIRE_MODES, purge, reconcile
+from .retire import LIVE, RETIRE_MODES, held_keys, purge, reconcile
 from .runner import RunOptions, run_rows, stop_on_sigterm
 from .storage import Sink, StorageError, open_sink
 
 log = logging.getLogger(__name__)
 MANIFEST_KEY = "catalog-manifest.parquet"
+# manifest rows a pass could not take as records, kept (JSON lines: {"why": ..., "row": the row as stored})
+QUARANTINE_KEY = "catalog-manifest.quarantine.jsonl"
 NAME_MAX = 100
 
 
@@ -234,18 +236,57 @@ def catalog_defaults(given: dict[Any, Any], defaults: RowDefaults, path: Path) -
                        seed=merged.seed, format=merged.format, sample_rate=merged.sample_rate)
 
 
-def previous_manifest(sink: Sink) -> tuple[list[ManifestRecord], list[str]]:
-    """The output's stored manifest: (its records, why each row that is not a record was left out: quarantined,
-    `manifest.read_manifest`). ValueError naming the file (exit 2, before any synthesis) when it is not Parquet."""
+def previous_manifest(sink: Sink) -> tuple[list[ManifestRecord], list[tuple[str, dict[str, Any]]]]:
+    """The output's stored manifest: (its records, (why, the row as stored) for each row that is not a record:
+    quarantined, `manifest.read_stored`). ValueError naming the file (exit 2, before any synthesis) when it is not
+    Parquet or its columns are not the manifest's (a missing `status` column: every row of every catalog)."""
     raw = sink.get(MANIFEST_KEY)
     if not raw:
         return [], []
     try:
-        return read_manifest(raw)
+        return read_stored(raw)
+    except ManifestSchemaError as e:
+        raise ValueError(f"catalog: {sink.uri}/{MANIFEST_KEY}: {e}; nothing done: restore the manifest (or fix the "
+                         "column) and run again") from e
     except Exception as e:  # noqa: BLE001 - pyarrow's errors for bytes that are not (complete) Parquet vary
         raise ValueError(f"catalog: {sink.uri}/{MANIFEST_KEY} cannot be read ({type(e).__name__}: {e}); restore "
                          "it or move it aside (a run without it renders nothing unchanged again, but never retires "
                          "or deletes what it listed)") from e
+
+
+def keep_quarantined(sink: Sink, bad: list[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], int]:
+    """Add the manifest rows this pass quarantined to the output's quarantine file (QUARANTINE_KEY, beside the
+    manifest; a row already there is not added twice) before anything else is written: the manifest this pass writes
+    lists records only, and a row dropped from it would leave its objects unlisted for ever. Returns (every row the
+    file holds, as stored, and how many this pass added). Every key those rows name is kept from deletion
+    (`retire.held_keys`) and each pass exits 1 while the file holds any: an operator fixes each row back into the
+    manifest, or deletes its line once its objects are dealt with. A StorageError (exit 2, nothing done yet) when
+    the file cannot be written."""
+    raw = sink.get(QUARANTINE_KEY) or b""
+    lines = [ln for ln in raw.decode("utf-8", "replace").split("\n") if ln.strip()]
+    seen = set()
+    for ln in lines:
+        with contextlib.suppress(ValueError, RecursionError, AttributeError):
+            seen.add(json.dumps(json.loads(ln).get("row"), sort_keys=True, default=str))
+    added = []
+    for why, row in bad:
+        canon = json.dumps(row, sort_keys=True, default=str)
+        if canon not in seen:
+            seen.add(canon)
+            added.append(json.dumps({"why": why.split(": ", 1)[-1], "row": row}, sort_keys=True, default=str))
+    if added:
+        sink.put(QUARANTINE_KEY, "".join(f"{ln}\n" for ln in [*lines, *added]).encode(), "application/x-ndjson")
+        log.warning("%d manifest row(s) quarantined into %s/%s (%d held in all): nothing they name is deleted; fix "
+                    "each back into the manifest or delete its line (jobs/README.md)", len(added), sink.uri,
+                    QUARANTINE_KEY, len(lines) + len(added))
+    rows = []
+    for ln in [*lines, *added]:
+        try:
+            held = json.loads(ln)
+        except (ValueError, RecursionError):
+            held = None
+        rows.append(held.get("row") if isinstance(held, dict) else {"unreadable": ln[:200]})
+    return rows, len(added)
 
 
 def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: RunOptions, retire: str,
@@ -269,7 +310,8 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
     sink.preflight()
     # one pass at a time: from reading the previous manifest to writing this one
     with lease.hold(sink, wait_s=lease_wait, stop=stop) as held:
-        before, quarantined = previous_manifest(sink)
+        before, bad = previous_manifest(sink)
+        kept_rows, quarantined = keep_quarantined(sink, bad)  # (first: a row is in the file before a manifest drops it)
         first = not any(r.catalog == name for r in before)
         previous, others, adopted = owned(before, name, {r.id for r in rows})
         unclaimed = sum(r.catalog is None for r in others)
@@ -308,12 +350,13 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
             try:
                 held.check()
                 counts["delete_failed"], changed, refused = purge(records, sink, shared=others,
-                                                                  prefix=render.key_prefix)
+                                                                  prefix=render.key_prefix, held=held_keys(kept_rows))
                 if refused:  # keys a stored manifest or sidecar lists that this job never writes: not deleted
                     counts["delete_refused"] = refused
                 if layout != "none":  # (another catalog's live package files are kept)
                     live_elsewhere = [r for r in others if r.status != "retired"]
-                    counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], sink)
+                    counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], sink,
+                                                                       held=held_keys(kept_rows))
                     changed = True
                 if changed:
                     held.check()   # another pass may own the output now: its manifest is not ours to replace
@@ -327,14 +370,15 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
     summary.update(counts, catalog=name, output=sink.uri, manifest=url, wall_s=round(time.perf_counter() - t0, 2),
                    **extra, **({"adopted": adopted} if adopted else {}), **({"unclaimed": unclaimed} if unclaimed else {}),
                    **({"turned_over": lost} if lost else {}),
-                   **({"quarantined": {"rows": len(quarantined), "why": quarantined[:10]}} if quarantined else {}))
+                   **({"quarantined": {"rows": len(kept_rows), "new": quarantined, "file": f"{sink.uri}/{QUARANTINE_KEY}",
+                                       "why": [why for why, _ in bad[:10]]}} if kept_rows else {}))
     if packages is not None:
         summary["layout"] = {"name": layout, **packages}
     if not quiet:
         print_manifest(records)
     if lease_lost:
         summary["lease_lost"] = lease_lost
-    return (3 if extra else 1 if summary["failed"] or counts["delete_failed"] or lease_lost else 0), summary
+    return (3 if extra else 1 if summary["failed"] or counts["delete_failed"] or lease_lost or kept_rows else 0), summary
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")

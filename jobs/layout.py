@@ -253,18 +253,18 @@ def _ident(path: str) -> str:
     return path.split("/sounds/", 1)[-1].rsplit(".", 1)[0]
 
 
-def remove_packages(records: list[ManifestRecord], sink: Sink) -> int:
+def remove_packages(records: list[ManifestRecord], sink: Sink, held: set[str] = frozenset()) -> int:
     """Delete the package files of retired prompts (catalog --retire delete); returns how many prompts still have
     files that could not be deleted (kept in their `layout`, error "retired: delete failed: ...", tried again next
     run). A file a current prompt also lists is never deleted: ids map to file names lossily ("main menu" and
     "main-menu" are both main-menu), and a current prompt whose render failed still lists (and uses) the files of
     its last written version (retire._carry). A file that matches a current prompt's only ignoring case (one file on
-    a case-insensitive store, another on a case-sensitive one) stays in the retired prompt's `layout`, pending, until
-    none does (retire.Live)."""
+    a case-insensitive store, another on a case-sensitive one), or that a quarantined manifest row names (`held`,
+    retire.held_keys), stays in the retired prompt's `layout`, pending, until none does (retire.Live)."""
     from .retire import DELETED, KEPT, Live, refusal, refused_error  # (retire imports this module)
 
     index = _read_index(sink)
-    live = Live({k for r in records if r.status != "retired" for k in r.layout or []})
+    live = Live({k for r in records if r.status != "retired" for k in r.layout or []}, held)
     live_idents = {_ident(k) for k in live.folded}
     failed = 0
     for rec in records:

@@ -91,7 +91,8 @@ def _field_ok(value: Any, arrow_type: Any) -> bool:
         return isinstance(value, bool)
     if pa.types.is_integer(arrow_type):
         bits = arrow_type.bit_width - 1
-        return isinstance(value, int) and not isinstance(value, bool) and -2**bits <= value < 2**bits
+        whole = isinstance(value, float) and value.is_integer()  # (a pandas round trip makes an int column float64
+        return (isinstance(value, int) and not isinstance(value, bool) or whole) and -2**bits <= value < 2**bits
     if pa.types.is_floating(arrow_type):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if pa.types.is_list(arrow_type):
@@ -108,13 +109,16 @@ def from_sidecar(raw: bytes) -> ManifestRecord | None:
         return None
     if not isinstance(d, dict) or d.get("status") not in ("ok", "suspect") or not isinstance(d.get("key"), str):
         return None
+    import pyarrow as pa
+
     schema = _schema()
     nullable = {f.name: "None" in str(f.type) for f in fields(ManifestRecord)}
     for k, v in d.items():
         if k in nullable and not (nullable[k] if v is None else _field_ok(v, schema.field(k).type)):
             return None
     try:
-        return ManifestRecord.from_dict(d)
+        return ManifestRecord.from_dict({k: int(v) if isinstance(v, float) and k in nullable
+                                         and pa.types.is_integer(schema.field(k).type) else v for k, v in d.items()})
     except (TypeError, ValueError):
         return None
 
@@ -160,31 +164,92 @@ def to_jsonl(records: list[ManifestRecord]) -> bytes:
 
 def from_parquet(data: bytes) -> list[ManifestRecord]:
     """A stored manifest's records, each checked (`read_manifest`); rows that are not records are left out, with a
-    warning naming each. Raises what pyarrow raises for bytes that are not Parquet."""
+    warning naming each. Raises what pyarrow raises for bytes that are not Parquet, ManifestSchemaError for a
+    manifest whose columns are not this schema's."""
     return read_manifest(data)[0]
 
 
-def read_manifest(data: bytes) -> tuple[list[ManifestRecord], list[str]]:
-    """A stored manifest -> (its records, why each row that is not one was left out).
+class ManifestSchemaError(ValueError):
+    """A stored manifest whose columns are not this schema's: a column every record needs is missing, or a column
+    has another type (no row could be a record: a schema problem, not a row problem)."""
 
-    A stored manifest is not trusted: a row is a record only when every field has the type this job writes (a
-    missing column or a null becomes the field's default; a field without one, `id` and `status`, must be there,
-    `status` one of Status's). Any other row (a column of another type, an unknown status, a list holding a null) is
-    quarantined: left out with a warning naming it, never acted on (nothing it names is deleted) and not written
-    back; what it named stays in storage. Raises what pyarrow raises for bytes that are not Parquet."""
+
+REQUIRED_COLUMNS = ("id", "key", "status")  # the fields without a default (a record without an object: key null)
+
+
+def _column_fits(got: Any, want: Any) -> bool:
+    """Whether a stored column of Arrow type `got` can hold values of our column of type `want` (each value is
+    checked by `_field_ok`): a null column, large/dictionary variants, any integer width (values range-checked),
+    integers for floats and floats for integers (pandas makes an int column with a null float64; whole values
+    only)."""
+    import pyarrow as pa
+
+    t = pa.types
+    if t.is_dictionary(got):
+        got = got.value_type
+    if t.is_null(got):
+        return True
+    if t.is_string(want):
+        return t.is_string(got) or t.is_large_string(got)
+    if t.is_boolean(want):
+        return t.is_boolean(got)
+    if t.is_integer(want) or t.is_floating(want):
+        return t.is_integer(got) or t.is_floating(got)
+    if t.is_list(want):
+        return (t.is_list(got) or t.is_large_list(got)) and _column_fits(got.value_type, want.value_type)
+    return False
+
+
+def _check_columns(table: Any) -> None:
+    """ManifestSchemaError naming the column when the stored manifest's schema is not ours (every row would be
+    quarantined: a stored manifest without a `status` column, or with `key` of type int64)."""
+    import pyarrow as pa
+
+    schema = _schema()
+    for name in REQUIRED_COLUMNS:
+        if name not in table.column_names:
+            raise ManifestSchemaError(f"column {name!r} is missing (every record needs it)")
+        if name != "key" and pa.types.is_null(table.schema.field(name).type) and table.num_rows:
+            raise ManifestSchemaError(f"column {name!r} is null in every row (every record needs it)")
+    for name in table.column_names:
+        if name in schema.names and (table.column_names.count(name) > 1
+                                     or not _column_fits(table.schema.field(name).type, schema.field(name).type)):
+            got = "more than once" if table.column_names.count(name) > 1 else f"of type {table.schema.field(name).type}"
+            raise ManifestSchemaError(f"column {name!r} is {got}, not {schema.field(name).type}")
+
+
+def read_manifest(data: bytes) -> tuple[list[ManifestRecord], list[str]]:
+    """A stored manifest -> (its records, why each row that is not one was left out); `read_stored` with the rows
+    left out named only."""
+    records, bad = read_stored(data)
+    return records, [why for why, _ in bad]
+
+
+def read_stored(data: bytes) -> tuple[list[ManifestRecord], list[tuple[str, dict[str, Any]]]]:
+    """A stored manifest -> (its records, (why, the row as stored) for each row that is not one).
+
+    A stored manifest is not trusted. Its columns must be this schema's (`_check_columns`: a column every record
+    needs is missing, or one has another type: ManifestSchemaError naming it, a schema problem). Then a row is a
+    record only when every field has the type this job writes (a missing column or a null becomes the field's
+    default; a field without one, `id` and `status`, must be there, `status` one of Status's; a whole float is an
+    integer). Any other row (an unknown status, a list holding a null, a number out of its column's range) is
+    quarantined: left out with a warning naming it, never acted on; the caller keeps it (catalog: the quarantine
+    file, and what it names is never deleted). Raises what pyarrow raises for bytes that are not Parquet."""
     import pyarrow.parquet as pq
 
+    table = pq.read_table(io.BytesIO(data))
+    _check_columns(table)
     records, bad = [], []
-    for i, d in enumerate(pq.read_table(io.BytesIO(data)).to_pylist()):
+    for i, d in enumerate(table.to_pylist()):
         rec = _checked(d)
         if isinstance(rec, ManifestRecord):
             records.append(rec)
             continue
         ident = d.get("id")
-        bad.append(f"row {i + 1}" + (f" (id {ident[:100]!r})" if isinstance(ident, str) else "") + f": {rec}")
+        bad.append((f"row {i + 1}" + (f" (id {ident[:100]!r})" if isinstance(ident, str) else "") + f": {rec}", d))
         if len(bad) <= QUARANTINE_SHOWN:
             log.warning("manifest: %s; this row is left out (quarantined): not trusted, nothing it names is deleted",
-                        bad[-1])
+                        bad[-1][0])
     if len(bad) > QUARANTINE_SHOWN:
         log.warning("manifest: %d more rows left out (quarantined)", len(bad) - QUARANTINE_SHOWN)
     return records, bad
@@ -192,6 +257,8 @@ def read_manifest(data: bytes) -> tuple[list[ManifestRecord], list[str]]:
 
 def _checked(d: dict[str, Any]) -> ManifestRecord | str:
     """One stored row -> its record, or why it is not one."""
+    import pyarrow as pa
+
     schema, out = _schema(), {}
     for f in fields(ManifestRecord):
         v = d.get(f.name)
@@ -202,7 +269,7 @@ def _checked(d: dict[str, Any]) -> ManifestRecord | str:
                 return f"field {f.name!r} is missing or null"
         elif not _field_ok(v, schema.field(f.name).type):
             return f"field {f.name!r} holds {type(v).__name__} {str(v)[:60]!r}, not {schema.field(f.name).type}"
-        out[f.name] = v
+        out[f.name] = int(v) if pa.types.is_integer(schema.field(f.name).type) and v is not None else v
     out.setdefault("key", None)
     if out["status"] not in get_args(Status):
         return f"status {str(out['status'])[:60]!r} is not one of {list(get_args(Status))}"

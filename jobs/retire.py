@@ -24,8 +24,8 @@ DELETED = "retired: object deleted"
 KEPT = "retired: object kept (a current prompt uses the same object)"
 PENDING = "retired: delete pending (the next --retire delete pass deletes it)"
 REFUSED = "retired: delete refused"
-WAITING = ("retired: delete pending (a current prompt's key matches it ignoring case; deleted by a --retire delete "
-           "pass once none does)")
+WAITING = ("retired: delete pending (a current prompt's key matches it ignoring case, or a quarantined manifest row "
+           "names it; deleted by a --retire delete pass once none does)")
 # what storage.content_key makes below the prefix: <stem>-<20 hex>.<ext>, the stem at most 80 characters
 _OBJECT = re.compile(r"(?P<stem>[^/\\]{1,80})-[0-9a-f]{20}\.(?P<ext>[a-z0-9]+)")
 _EXTS = {e[2] for e in audio.ENCODINGS.values()} | {c.ext for c in codecs.CODECS.values()}
@@ -135,34 +135,51 @@ def reconcile(current: list[ManifestRecord], previous: list[ManifestRecord], ret
     return out, counts
 
 
+def held_keys(rows: list[dict]) -> set[str]:
+    """Every key a quarantined manifest row (as stored, not trusted, `manifest.read_stored`) names: its key,
+    previous_keys, layout and captions files, and each key's sidecar and captions. Never deleted while the row is
+    held: it may be a current prompt's (another catalog's) whose record is damaged."""
+    keys: set[str] = set()
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        for name in ("key", "previous_keys", "layout", "captions"):
+            v = row.get(name)
+            for k in [v] if isinstance(v, str) else v if isinstance(v, list) else []:
+                if isinstance(k, str) and k:
+                    keys.update((k, sidecar_key(k), *caption_keys(k)))
+    return keys
+
+
 class Live:
     """What a pass must not delete. `keys`: what current prompts use (`live_keys`): such a key is final (kept, and
-    dropped from a retired or superseded record: a current one lists it). Keys that match one only ignoring case
-    wait: kept and left listed for a later pass. A case-insensitive store
+    dropped from a retired or superseded record: a current one lists it). Keys that match one only ignoring case, or
+    that a quarantined row names (`held`), wait: kept and left listed for a later pass. A case-insensitive store
     (macOS, SMB) holds prompts/Welcome-<h>.wav and prompts/welcome-<h>.wav as one object, so a case-only match is
     never deleted; on a case-sensitive store (S3, Linux) it is another object, deleted once no current key matches
     it even ignoring case (kept final, it stayed in storage unlisted for ever)."""
 
-    def __init__(self, keys: set[str]) -> None:
+    def __init__(self, keys: set[str], held: set[str] = frozenset()) -> None:
         self.exact = set(keys)
-        self.folded = {k.casefold() for k in keys}
+        self.folded = {k.casefold() for k in (*keys, *held)}
 
     def use(self, key: str) -> str | None:
-        """"live" (a current prompt's key), "wait" (a case-only match), or None (may be deleted)."""
+        """"live" (a current prompt's key), "wait" (a case-only match or held), or None (may be deleted)."""
         return "live" if key in self.exact else "wait" if key.casefold() in self.folded else None
 
 
 def purge(records: list[ManifestRecord], sink: Sink, shared: list[ManifestRecord], prefix: str,
-          ) -> tuple[int, bool, int]:
+          held: set[str] = frozenset()) -> tuple[int, bool, int]:
     """Delete what `reconcile` listed, once the manifest listing it is written: superseded versions of written
     prompts (`previous_keys`) and retired prompts' objects (their --layout package files: layout.remove_packages).
     Never deletes an object a current prompt uses, this catalog's or another's at the same output (`shared`: their
     records; keys are content keys, so two catalogs with the same prompt share its object), nor one that matches
-    such a key ignoring case: those stay listed, pending (`Live`); nor a key that is not an output this job writes below `prefix` (`refusal`: dropped from the
+    such a key ignoring case or that a quarantined manifest row names (`held`, `held_keys`): those stay listed,
+    pending (`Live`); nor a key that is not an output this job writes below `prefix` (`refusal`: dropped from the
     record with a warning; a retired record says so in its error). What the storage refuses stays listed (a retired
     record gets error "retired: delete failed: ..."), to try again next pass.
     Returns (how many prompts have a delete that failed, whether any record changed, how many keys were refused)."""
-    live = Live(live_keys([*records, *shared]))
+    live = Live(live_keys([*records, *shared]), held)
     failed, changed, refused = 0, False, 0
     for r in records:
         if r.status in LIVE and r.previous_keys:
@@ -196,7 +213,7 @@ def _retire_delete(sink: Sink, rec: ManifestRecord, live: Live, prefix: str) -> 
             log.warning("not deleting %s, listed by retired prompt %r: %s", key, rec.id, why)
         elif (use := live.use(key)) is not None:
             log.info("keeping %s: %s", key, "a current prompt uses it" if use == "live" else
-                     "it matches a current prompt's key ignoring case (pending)")
+                     "it matches a current prompt's key ignoring case, or a quarantined row names it (pending)")
             waiting += [key] if use == "wait" else []
         elif err := _delete(sink, key):
             errors.append(err)

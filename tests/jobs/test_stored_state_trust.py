@@ -191,28 +191,129 @@ def _set(table, name, array):
 
 
 @pytest.mark.parametrize("damage, quarantined", [
-    (lambda t: t.drop(["status"]), 2),
-    (lambda t: _set(t, "key", pa.array([7, 8])), 2),
     (lambda t: _set(t, "attempts", pa.array([2**40, 1], pa.int64())), 1),   # too big for the int32 column
     (lambda t: _set(t, "status", pa.array(["ok", "gone"])), 1),
     (lambda t: _set(t, "previous_keys", pa.array([None, None], pa.list_(pa.string()))), 0),  # null: the default
     (lambda t: _set(t, "layout", pa.array([[None], []], pa.list_(pa.string()))), 1),
+    (lambda t: _set(t, "attempts", pa.array([1.5, 1], pa.float64())), 1),  # not a whole number
     (lambda t: t.drop(["layout", "previous_keys", "catalog", "retries"]), 0),  # an older manifest: defaults
-], ids=["no-status-column", "int-keys", "int64-attempts", "unknown-status", "null-lists", "null-in-list",
-        "older-columns"])
-def test_a_corrupt_manifest_row_is_quarantined_not_fatal(tmp_path, capsys, caplog, damage, quarantined):
-    """Before: TypeError tracebacks (a null list, no status column) or exit 3 on every pass (a key of type int)."""
+    (lambda t: _set(t, "attempts", pa.array([None, 1.0], pa.float64())), 0),  # pandas: an int column with a null
+], ids=["int64-attempts", "unknown-status", "null-lists", "null-in-list", "fraction-attempts", "older-columns",
+        "float-attempts"])
+def test_a_corrupt_manifest_row_is_quarantined_and_kept(tmp_path, capsys, caplog, damage, quarantined):
+    """Before: TypeError tracebacks (a null list) or exit 3 on every pass (a key of type int); then: the row was
+    left out of the manifest the pass wrote (what it named unlisted for ever) and the pass exited 0. Now it is kept
+    in the quarantine file beside the manifest, and every pass exits 1 while the file holds it."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "bye", "text": "Goodbye."}, {"id": "welcome", "text": "Welcome."}])
+    assert _run(cat, out, capsys)[0] == 0
+    stored = damage(_table(out))
+    _put(out, stored)
+    code, s = _run(cat, out, capsys, "--retire", "delete")
+    assert code == (1 if quarantined else 0) and s["ok"] == 2 and s["synthesized"] == 0  # nothing rendered again
+    assert s.get("quarantined", {}).get("rows", 0) == quarantined
+    assert {r.id: r.status for r in from_parquet((out / MANIFEST).read_bytes())} == {"bye": "ok", "welcome": "ok"}
+    if not quarantined:
+        assert not (out / catalog.QUARANTINE_KEY).exists()
+        assert _run(cat, out, capsys, "--retire", "delete")[:1] == (0,)
+        return
+    assert "quarantined" in caplog.text and "(id '" in caplog.text  # names the row
+    held = [json.loads(line) for line in (out / catalog.QUARANTINE_KEY).read_text().splitlines()]
+    bad = [r for r in stored.to_pylist() if r["id"] == held[0]["row"]["id"]]
+    assert len(held) == 1 and json.loads(json.dumps(bad[0])) == held[0]["row"] and held[0]["why"]  # as stored
+    assert s["quarantined"]["new"] == 1 and s["quarantined"]["file"].endswith(catalog.QUARANTINE_KEY)
+    code, s = _run(cat, out, capsys, "--retire", "delete")  # still held: still exit 1, not added twice
+    assert code == 1 and s["quarantined"]["rows"] == 1 and s["quarantined"]["new"] == 0
+    assert len((out / catalog.QUARANTINE_KEY).read_text().splitlines()) == 1
+    (out / catalog.QUARANTINE_KEY).unlink()  # an operator dealt with it
+    assert _run(cat, out, capsys, "--retire", "delete")[:1] == (0,)
+
+
+def test_a_quarantined_row_of_another_catalog_keeps_what_it_names(tmp_path, capsys):
+    """Before: catalog b's live record, quarantined (a null in its flags), was left out of what a pass of catalog a
+    counted as live: a's --retire delete of the same prompt (one shared object) deleted b's audio, and b's record
+    vanished from the manifest."""
+    a, b, out = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "out"
+    _write(a, [{"id": "welcome", "text": "Welcome."}, {"id": "menu", "text": "Press one."}])
+    _write(b, [{"id": "welcome", "text": "Welcome."}])
+    assert _run(a, out, capsys)[0] == 0 and _run(b, out, capsys)[0] == 0
+    table = _table(out)
+    rows = table.to_pylist()
+    for r in rows:
+        if r["catalog"] == "b":
+            r["flags"], shared = [None], r["key"]
+    _put(out, pa.Table.from_pylist(rows, schema=table.schema))
+    _write(a, [{"id": "menu", "text": "Press one."}])
+    code, s = _run(a, out, capsys, "--retire", "delete")
+    assert code == 1 and s["retired"] == 1 and s["quarantined"]["rows"] == 1
+    assert (out / shared).exists() and (out / f"{shared}.json").exists()  # b's current prompt's audio
+    assert _manifest(out)["welcome"].status == "retired"  # a's, listed until nothing holds the object
+    held = json.loads((out / catalog.QUARANTINE_KEY).read_text())["row"]
+    assert held["catalog"] == "b" and held["key"] == shared and held["flags"] == [None]
+    assert _run(a, out, capsys, "--retire", "delete")[0] == 1 and (out / shared).exists()
+
+
+def test_held_keys_name_everything_a_quarantined_row_lists_and_purge_and_remove_packages_keep_them(tmp_path):
+    key = content_key({"x": 1}, "welcome", "wav", "prompts")
+    old = content_key({"x": 0}, "welcome", "wav", "prompts")
+    files = [layout.package_key(c, "en", "welcome") for c in layout.ASTERISK_CODECS]
+    row = {"id": "welcome", "key": key, "status": "gone", "previous_keys": [old, None], "layout": files + [7]}
+    held = retire.held_keys([row, {"key": 7}, "junk"])
+    assert {key, f"{key}.json", old, f"{old}.json", *files} <= held
+    deleted = []
+
+    class Recording(LocalSink):
+        def delete(self, k):
+            deleted.append(k)
+
+    sink = Recording(str(tmp_path))
+    gone = ManifestRecord(id="Welcome", key=key.replace("welcome", "Welcome"), status="retired", error=retire.PENDING,
+                          previous_keys=[old], layout=list(files))  # (its key matches a held one ignoring case)
+    assert retire.purge([gone], sink, [], "prompts", held=held) == (0, True, 0)
+    assert layout.remove_packages([gone], sink, held=held) == 0
+    assert deleted == [] and gone.error == retire.WAITING and gone.previous_keys == [old] and gone.layout == files
+    assert retire.purge([gone], sink, [], "prompts") == (0, True, 0) and layout.remove_packages([gone], sink) == 0
+    assert set(deleted) >= {gone.key, old, *files} and gone.layout == [] and gone.previous_keys == []
+
+
+@pytest.mark.parametrize("damage, column", [
+    (lambda t: t.drop(["status"]), "'status' is missing"),
+    (lambda t: t.drop(["id"]), "'id' is missing"),
+    (lambda t: _set(t, "status", pa.nulls(2)), "'status' is null in every row"),
+    (lambda t: _set(t, "key", pa.array([7, 8])), "'key' is of type int64, not string"),
+    (lambda t: _set(t, "flags", pa.array(["a", "b"])), "'flags' is of type string, not list<item: string>"),
+], ids=["no-status-column", "no-id-column", "null-status-column", "int-keys", "string-flags"])
+def test_a_manifest_whose_columns_are_not_the_schema_exits_2_naming_the_column(tmp_path, capsys, damage, column):
+    """Before: every row (of every catalog) was quarantined, dropped from the manifest the pass wrote, and the pass
+    exited 0: the objects of other catalogs' prompts stayed in storage unlisted for ever."""
     cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
     _write(cat, [{"id": "bye", "text": "Goodbye."}, {"id": "welcome", "text": "Welcome."}])
     assert _run(cat, out, capsys)[0] == 0
     _put(out, damage(_table(out)))
-    code, s = _run(cat, out, capsys, "--retire", "delete")
-    assert code == 0 and s["ok"] == 2 and s["synthesized"] == 0  # nothing rendered again (sidecars)
-    assert s.get("quarantined", {}).get("rows", 0) == quarantined
-    if quarantined:
-        assert "quarantined" in caplog.text and "(id '" in caplog.text  # names the row
-    assert {r.id: r.status for r in from_parquet((out / MANIFEST).read_bytes())} == {"bye": "ok", "welcome": "ok"}
-    assert _run(cat, out, capsys, "--retire", "delete")[:1] == (0,)  # the next pass is a clean one
+    before = (out / MANIFEST).read_bytes()
+    _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "new", "text": "New."}])
+    code = catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
+                         "local", "--no-progress", "--quiet", "--retire", "delete"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{out}/{MANIFEST}: column {column}" in err and "nothing done" in err
+    assert (out / MANIFEST).read_bytes() == before and not (out / catalog.QUARANTINE_KEY).exists()
+    assert len(list((out / "prompts").glob("*.wav"))) == 2  # nothing rendered, nothing deleted
+
+
+def test_a_pandas_round_trip_of_the_manifest_quarantines_nothing(tmp_path):
+    """Before: clearing one cell of an int column in pandas made the column float64 and every row was quarantined."""
+    pd = pytest.importorskip("pandas")
+    from jobs.manifest import read_manifest
+
+    good = [ManifestRecord(id="a", key=content_key({}, "a", "wav", "prompts"), status="ok", flags=["x"], attempts=2,
+                           lufs=-16.0), ManifestRecord(id="b", key=None, status="failed", error="boom")]
+    path = tmp_path / "m.parquet"
+    path.write_bytes(to_parquet(good))
+    df = pd.read_parquet(path)
+    df.loc[df.id == "b", "attempts"] = None
+    df.to_parquet(path)
+    records, bad = read_manifest(path.read_bytes())
+    assert bad == [] and records[0] == good[0] and records[1].attempts == 0 and type(records[0].attempts) is int
 
 
 def test_read_manifest_names_each_row_it_leaves_out():
