@@ -1,7 +1,8 @@
 """The stages of the one-shot GPU check (benchmarks/gpu_check.sh runs each in its own process under its own timeout).
 
     python3 benchmarks/gpu_bench.py --stage NAME --device cuda --out RESULTS.jsonl [--work DIR]
-    python3 benchmarks/gpu_bench.py --summary RESULTS.jsonl       # the final one-line JSON (pass/fail per goal)
+    python3 benchmarks/gpu_bench.py --summary RESULTS.jsonl       # the final one-line JSON (pass/fail per goal;
+                                                                  # a stage that did not end ok: its goals "missing")
 
 Stages (each appends one JSON line to --out and prints it):
   versions   torch/CUDA/GPU; the SDPA kernel torch picks for the talker's and the code predictor's decode shapes
@@ -475,17 +476,47 @@ STAGES = {"versions": stage_versions, "tiny": stage_tiny, "build": stage_build, 
           "e2e_compiled": lambda c: stage_e2e(c, compile=True)}
 
 
+_E2E_GOALS = ("ttfa_p50_idle_le_30ms", "ttfa_p95_busy32_le_50ms", "single_stream_rtf_ge_15", "audio_s_per_s_c64_ge_200")
+# The goals each stage is responsible for: a stage that crashed, was killed by its timeout or skipped reports none,
+# and the summary must not read their absence as "nothing failed" (tests/core/test_gpu_check.py keeps this in step
+# with what the stages report).
+STAGE_GOALS: dict[str, tuple[str, ...]] = {
+    "versions": tuple(f"sdpa_fused_{n}_{s}" for s in ("0.6b", "1.7b") for n in ("talker", "cp")),
+    "tiny": ("tiny_graphs_eq_eager", "tiny_gpu_eq_cpu", "frames_distinct", "paused_incremental_ok", "sampled_ok",
+             "noise_finite", "stream_eq_offline", "stored_voice_on_device"),
+    "build": (),
+    "parity": ("bf16_graph_eq_eager",),
+    "timings": ("syncs_per_step_le_2",),
+    "e2e": _E2E_GOALS,
+    "e2e_compiled": tuple(f"compiled_{g}" for g in _E2E_GOALS),
+    "compile": ("compiled_ops_in_use", "compiled_noise_finite"),
+}
+
+
 def summary(path: Path) -> dict:
+    """The final one-line JSON: per stage "ok" or why not, per goal "pass", "fail", None (not judged on this device)
+    or "missing" (its stage did not report it: crashed, killed by its timeout, skipped). `failed` counts the failed
+    and missing goals plus the stages that did not end ok, so a run with a dead stage never reads as all passed."""
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
     goals: dict = {}
     stages: dict = {}
     for rec in lines:
-        stages[rec.get("stage", "?")] = "ok" if rec.get("ok") else rec.get("error", "failed")[:200]
-        for k, v in (rec.get("goals") or {}).items():
+        name = rec.get("stage", "?")
+        stages[name] = "ok" if rec.get("ok") else str(rec.get("error") or "failed")[:200]
+        reported = rec.get("goals") or {}
+        for k, v in reported.items():
             goals[k] = None if v is None else ("pass" if v else "fail")
+        for k in STAGE_GOALS.get(name, ()):
+            if k not in reported:
+                goals[k] = "missing"
     device = next((r.get("device") for r in lines if r.get("stage") == "versions"), None)
+    failed_stages = sorted(k for k, v in stages.items() if v != "ok")
+    n_fail = sum(v == "fail" for v in goals.values())
+    n_missing = sum(v == "missing" for v in goals.values())
     return {"benchmark": "gpu_check", "device": device, "stages": stages, "goals": goals,
-            "passed": sum(v == "pass" for v in goals.values()), "failed": sum(v == "fail" for v in goals.values())}
+            "passed": sum(v == "pass" for v in goals.values()), "failed": n_fail + n_missing + len(failed_stages),
+            "goals_failed": n_fail, "goals_missing": n_missing, "stages_failed": failed_stages,
+            "all_ok": bool(lines) and n_fail + n_missing + len(failed_stages) == 0}
 
 
 def main() -> None:

@@ -4,9 +4,10 @@
 #                                bash benchmarks/gpu_check.sh --device cpu   (dry run: tiny models, graph stand-in)
 # Each stage of benchmarks/gpu_bench.py runs in its own python3 process under its own timeout (a stage that hangs or
 # crashes costs only its own slot) and appends one JSON line to $OUT/gpu_check.jsonl as soon as it ends; the last
-# line printed (also $OUT/gpu_check.json) is one JSON object with pass/fail per goal. OUT defaults to
-# output/gpu_check. GPU_CHECK_BUDGET_S (default 480) caps the whole run; GPU_CHECK_STAGES picks stages
-# ("name:seconds ...", e.g. "versions:20 build:50 e2e:110"; stages: see benchmarks/gpu_bench.py --help).
+# line printed (also $OUT/gpu_check.json) is one JSON object with pass/fail per goal (a stage that did not end ok
+# marks its goals "missing", counted in "failed"). OUT defaults to output/gpu_check (gitignored).
+# GPU_CHECK_BUDGET_S (default 480) caps the whole run; GPU_CHECK_STAGES picks stages ("name:seconds ...", e.g.
+# "versions:20 build:50 e2e:110"; stages: see benchmarks/gpu_bench.py --help).
 # `build` (the 1.7B random checkpoint: CPU work only) starts with the run, beside the stages listed before it; its
 # place in the list is where the run waits for it, and its seconds count from the start.
 set -uo pipefail
@@ -16,7 +17,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="${2:?--device needs a value}"; shift 2 ;;
     --device=*) DEVICE="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (use --device cuda|cpu)" >&2; exit 2 ;;
   esac
 done
@@ -83,7 +84,7 @@ seconds() { [ "${1#*:}" != "$1" ] && echo "${1#*:}" || echo 60; }
 for s in $STAGES; do
   if [ "${s%%:*}" = build ]; then
     BUILD_LIMIT=$(limit_of build "$(seconds "$s")")
-    ( run_stage build "$BUILD_LIMIT" "$WORK/build.jsonl" 2> "$WORK/build.log"; echo $? > "$WORK/build.rc" ) &
+    ( run_stage build "$BUILD_LIMIT" "$WORK/build.jsonl" > "$WORK/build.log" 2>&1; echo $? > "$WORK/build.rc" ) &
     BUILD_PID=$!
     break
   fi
