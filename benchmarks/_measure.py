@@ -10,6 +10,16 @@ import time
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory, MiB. /proc/self/status VmHWM (this program's own address space): Linux
+    carries ru_maxrss across exec, and a worker started by vfork/posix_spawn (subprocess) starts from its parent's
+    peak, so a small worker read its parent's matrix tests as its own. ru_maxrss where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
