@@ -463,7 +463,14 @@ class StepRunner:
         the frames can be used, e.g. decoded, before the talker step runs); its [:, 16] is stale then."""
         hi = max(cp_slots + talker_slots) + 1
         B = _first_at_least(self.batch_buckets, hi) if self.static else hi  # graphs: the captured shapes
-        L = read_length(max_pos + 1, self.max_len, self.len_buckets if self.static else None) if talker_slots else 0
+        if not talker_slots:
+            L = 0
+        elif self.sampler == "torch" and not self.static:
+            # the reference's numbers: its attention reads exactly the keys so far; keys padded to a bucket and masked
+            # change SDPA's CPU kernels' sums (bf16: the last bit of the talker's hidden, enough to flip a code)
+            L = max_pos + 1
+        else:
+            L = read_length(max_pos + 1, self.max_len, self.len_buckets if self.static else None)
         if talker_slots and not self.static:
             self._ensure_len(max(L, (max_pos if write_pos is None else write_pos) + 1))
         self._set_masks(cp_slots, talker_slots)
@@ -596,15 +603,17 @@ class StepRunner:
     def choose_decode_layout(self) -> dict[str, str]:
         """The one-query attention layouts of the talker and of the code predictor. On CUDA, the first whose SDPA call
         gets a fused kernel (not MATH), probing `torch._fused_sdp_choice` with this model's shapes. On CPU (measured on
-        a 2-core Zen 4, torch 2.13): the talker takes enable_gqa in fp32 with the torch sampler (the reference's
-        numbers) and grouped otherwise (the device sampler's rows then do not depend on the batch: SDPA's fp32 kernel
-        gives a row other last bits in a batch of 4 than alone; in bf16 enable_gqa takes a path ~7x slower); the code
-        predictor (one frame's <= 16 keys) takes enable_gqa in fp32 (2.7x faster than grouped at 8 rows) and grouped
+        a 2-core Zen 4, torch 2.13): with the torch sampler (the reference's numbers) both take enable_gqa, the
+        reference's SDPA call, in every dtype (in bf16 grouped summed some rows in another order: a last bit that
+        flipped a greedy near tie; enable_gqa costs the talker ~6% a frame at 300 positions, 11% at 600). With the
+        device sampler the talker takes grouped (its rows then do not depend on the batch: SDPA's fp32 kernel gives
+        a row other last bits in a batch of 4 than alone; in bf16 enable_gqa takes a path ~7x slower at length) and
+        the code predictor (one frame's <= 16 keys) enable_gqa in fp32 (2.7x faster than grouped at 8 rows), grouped
         in other dtypes (2.8x faster than enable_gqa at 8 rows, 2.3x at one). Returns what was found."""
         if self.device.type != "cuda":
-            fp32 = self.dtype == torch.float32
-            layout = "gqa" if fp32 and self.sampler == "torch" else "grouped"
-            cp_layout = "gqa" if fp32 else "grouped"
+            fp32, exact = self.dtype == torch.float32, self.sampler == "torch"
+            layout = "gqa" if exact else "grouped"
+            cp_layout = "gqa" if fp32 or exact else "grouped"
             self.set_decode_layout(layout, cp_layout)
             return {"layout": layout, "cp_layout": cp_layout}
         found = self.probe_decode_layouts()

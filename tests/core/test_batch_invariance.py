@@ -62,8 +62,8 @@ def test_prefill_groups_without_padding_group_equal_lengths():
     ("float32", "device", "grouped", "gqa"),   # batch-invariant talker; SDPA's kernel is faster for the predictor
     ("float32", "torch", "gqa", "gqa"),        # the reference's numbers
     ("bfloat16", "device", "grouped", "grouped"),
-    ("bfloat16", "torch", "grouped", "grouped"),
-])
+    ("bfloat16", "torch", "gqa", "gqa"),       # the reference's numbers in bf16 too (its SDPA call; grouped summed
+])                                             # some rows in another order: a last bit that flipped a near tie)
 def test_decode_attention_layout_on_cpu(checkpoint_factory, dtype, sampler, layout, cp_layout):
     m = Qwen3TTSModel.from_pretrained(checkpoint_factory("custom_voice", "tiny"), device_map="cpu", dtype=dtype)
     assert Engine(m, max_sessions=2, sampler=sampler).sdpa == {"layout": layout, "cp_layout": cp_layout}

@@ -1,7 +1,7 @@
 """Oracle: run the official Qwen3TTSModel generate_* on a checkpoint and save codes and waveforms.
 
 usage: engine_generate.py CHECKPOINT SPEC.json OUT.safetensors
-SPEC: {"calls": [{"method": "generate_custom_voice", "kwargs": {...}, "seed": 0}, ...]}
+SPEC: {"calls": [{"method": "generate_custom_voice", "kwargs": {...}, "seed": 0}, ...], "dtype": "float32"}
 OUT: call{i}.codes{j} [T,16] int64, call{i}.wav{j} [N] float32 for item j of call i.
 """
 
@@ -17,7 +17,7 @@ def main() -> None:
     ckpt, spec_path, out_path = sys.argv[1:4]
     with open(spec_path) as f:
         spec = json.load(f)
-    tts = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype=torch.float32)
+    tts = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype=getattr(torch, spec.get("dtype", "float32")))
     captured = []
     original = tts.model.speech_tokenizer.decode
 
