@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 import time
 
@@ -77,18 +80,21 @@ async def level(url: str, n: int, per: int, body: dict, bulk: int) -> dict:
             "rtf_p50": q(rtf, .5)}
 
 
-def _metric(text: str, name: str) -> float:
-    """Sum of a metric's series in Prometheus text."""
-    total = 0.0
+def _metric(text: str, name: str) -> float | None:
+    """Sum of a metric's series in Prometheus text; None when it has no sample (absent, or no replica answered: a
+    missing gauge is not a zero)."""
+    total, seen = 0.0, False
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.split()[-1])
-    return total
+            seen = True
+    return total if seen else None
 
 
 async def disconnects(url: str, n: int, body: dict, model: str, voice: str) -> dict:
     """n//2 HTTP clients leave after their first chunk; n - n//2 WebSocket clients vanish (no close frame, no end)
-    after config + text. Then waits for engine sessions and open client streams to drain to 0."""
+    after config + text. Then waits for engine sessions and open client streams to drain to 0 (both gauges must be
+    in /metrics, which must answer 200: else `leak_check` says "no data" and main exits 1 after its JSON)."""
     import websockets
 
     ws_url = url.replace("http", "ws", 1) + "/v1/audio/speech/stream"
@@ -123,20 +129,37 @@ async def disconnects(url: str, n: int, body: dict, model: str, voice: str) -> d
                                         *[ws_vanish() for _ in range(n - n // 2)])
         t0 = time.perf_counter()
         sessions = streams = None
+        problem = None
         while time.perf_counter() - t0 < 30:
-            text = (await client.get(f"{url}/metrics")).text
-            sessions, streams = _metric(text, "qtts_active_sessions"), _metric(text, "qtts_open_client_streams")
-            if sessions == 0 and streams == 0:
-                break
+            try:
+                r = await client.get(f"{url}/metrics")
+                r.raise_for_status()
+            except httpx.HTTPError as e:
+                problem = f"/metrics: {type(e).__name__}: {e}"[:300]
+                sessions = streams = None
+            else:
+                text = r.text
+                sessions, streams = _metric(text, "qtts_active_sessions"), _metric(text, "qtts_open_client_streams")
+                missing = [k for k, v in (("qtts_active_sessions", sessions), ("qtts_open_client_streams", streams))
+                           if v is None]
+                problem = f"/metrics has no sample of {', '.join(missing)}" if missing else None
+                if sessions == 0 and streams == 0:
+                    break
             await asyncio.sleep(0.2)
         drained = time.perf_counter() - t0
         after = await one(client, url, body)
-    return {"disconnects": n, "errors": sum(o != "ok" for o in outcomes), "leaked_engine_sessions": sessions,
-            "leaked_client_streams": streams, "drain_s": round(drained, 3), "request_after_ok": "ttfa" in after}
+    if problem:
+        check = f"no data: {problem}"
+    else:
+        check = "ok" if sessions == 0 and streams == 0 else "leaked"
+    return {"disconnects": n, "errors": sum(o != "ok" for o in outcomes), "leak_check": check,
+            "leaked_engine_sessions": sessions, "leaked_client_streams": streams, "drain_s": round(drained, 3),
+            "request_after_ok": "ttfa" in after}
 
 
-def deploy(replicas: int, max_sessions: int):
-    """A local Ray (own temp dir, loopback) with Serve on a free port and `replicas` replicas of a tiny model."""
+def deploy(replicas: int, max_sessions: int, tmp: str):
+    """A local Ray (its temp dir under `tmp`, loopback) with Serve on a free port and `replicas` replicas of a tiny
+    model (cache and voices under `tmp` too). The caller shuts both down and removes `tmp`."""
     import socket
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -148,14 +171,15 @@ def deploy(replicas: int, max_sessions: int):
     from serve.app import build_app
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="qload-", dir="/tmp"),
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_TMPDIR"] = tmp  # the address file too
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, _temp_dir=os.path.join(tmp, "ray"),
              runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1"}})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cache = tempfile.mkdtemp(prefix="qload-cache-")
+    cache = os.path.join(tmp, "cache")
     cfg = {"models": [{"name": "tiny", "model_type": "custom_voice", "num_cpus": 0.5, "num_replicas": replicas,
                        "max_sessions": max_sessions, "max_queue": 64, "max_new_tokens": 2048}],
            "cache_dir": cache, "voices_uri": os.path.join(cache, "voices")}
@@ -178,7 +202,32 @@ def main() -> None:
     p.add_argument("--bulk", type=int, default=0, help="concurrent bulk-priority clients running meanwhile")
     p.add_argument("--disconnects", type=int, default=50, help="early disconnects after the load (0: skip)")
     a = p.parse_args()
-    url, model = (deploy(a.deploy, a.max_sessions) if a.deploy else (a.url, a.model))
+    if not a.deploy:
+        return report(run(a, a.url, a.model))
+    tmp = tempfile.mkdtemp(prefix="qload-", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        url, model = deploy(a.deploy, a.max_sessions, tmp)
+        result = run(a, url, model)
+    finally:
+        import ray
+
+        if ray.is_initialized():  # only deploy() starts one in this process (address="local": never joins one)
+            from ray import serve
+
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report(result)  # after the shutdown, whose raylet messages go to stdout too: the JSON stays last
+
+
+def report(result: dict) -> int:
+    print(json.dumps(result), flush=True)
+    leak = result["early_disconnects"]
+    return 1 if leak and leak["leak_check"] != "ok" else 0
+
+
+def run(a, url: str, model: str) -> dict:
     body = {"model": model, "voice": a.voice, "input": a.text, "response_format": "pcm",
             "max_new_tokens": a.max_new_tokens}
     asyncio.run(warm(url, body))
@@ -195,9 +244,9 @@ def main() -> None:
     leak = asyncio.run(disconnects(url, a.disconnects, body, model, a.voice)) if a.disconnects else None
     if leak:
         print(f"early disconnects: {leak}", flush=True)
-    print(json.dumps({"url": url, "model": model, "replicas": a.deploy or None, "max_new_tokens": a.max_new_tokens,
-                      "results": results, "early_disconnects": leak}))
+    return {"url": url, "model": model, "replicas": a.deploy or None, "max_new_tokens": a.max_new_tokens,
+            "results": results, "early_disconnects": leak}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
