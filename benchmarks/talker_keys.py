@@ -1,6 +1,8 @@
 """Keys a talker step reads: a growing-cache (CPU) engine's step at positions P, reading up to P rounded to 64
 (`generate.runner.read_length`, today's rule) vs up to the next power of two (the graphs' buckets, the rule
-before), same process, calls interleaved, best of --reps.
+before), same process, calls interleaved (which rule goes first alternates per round and position), best of --reps.
+A position where both rules read the same keys (200: both 256) is a control: its ratio should be 1, and its distance
+from 1 (`noise_floor`, the largest over such positions) is how much of any other ratio is noise.
 
 Full-size random 0.6B CustomVoice (built in a temp folder unless --checkpoint names one), --rows sessions; each
 timed call is one talker step of every row, all rows at position P (the code predictor is not run: it reads no
@@ -73,8 +75,9 @@ def main() -> None:
     best: dict = {}
     with torch.inference_mode():
         for rep in range(args.reps + 1):          # the first round is untimed: first-call work per shape
-            for P in positions:
-                for name, rule in rules.items():
+            for k, P in enumerate(positions):
+                order = list(rules.items())
+                for name, rule in (order if (rep + k) % 2 == 0 else order[::-1]):
                     runner_mod.read_length = rule
                     r.pos[:B] = P
                     t = time.perf_counter()
@@ -90,6 +93,9 @@ def main() -> None:
         out["per_position"][P] = {"keys_grid64": rules["grid64"](P + 1, r.max_len, None),
                                   "keys_pow2": rules["pow2"](P + 1, r.max_len, None),
                                   "ms_grid64": round(g, 1), "ms_pow2": round(p, 1), "speedup": round(p / g, 3)}
+    controls = {P: v["speedup"] for P, v in out["per_position"].items() if v["keys_grid64"] == v["keys_pow2"]}
+    out["controls_same_keys"] = controls
+    out["noise_floor"] = round(max(abs(v - 1) for v in controls.values()), 3) if controls else None
     if tmp is not None:
         tmp.cleanup()
     print(json.dumps(out))
