@@ -18,8 +18,9 @@ every layer, and vs the same products on torch's GEMM (QTTS_ONEDNN=0: no packed 
 and the linears), calls interleaved in one process; ms per call and the speedups, for (R, t) in --shapes.
 The last stdout line is one JSON object.
 
-    .venv/bin/python benchmarks/codec_stream.py [--sections single,batched,kernels,icl] [--shapes 1x1,1x4,8x4] [--frames 1000] [--threads 1]
-        [--device cpu] [--oracle] [--rows 1,8,32] [--sizes tiny,full] [--batched-reps 2] [--dtype float32]
+    .venv/bin/python benchmarks/codec_stream.py [--sections single,batched,kernels,icl] [--shapes 1x1,1x4,8x4]
+        [--frames 1000] [--threads 1] [--device cpu] [--oracle] [--rows 1,8,32] [--sizes tiny,full]
+        [--batched-reps 2] [--dtype float32] [--ref-frames 37,125] [--reps 5] [--seed 0]
 """
 
 from __future__ import annotations
