@@ -7,8 +7,9 @@ for 8 sessions with audio on the 0.6B (`benchmarks/cpu_alloc.py`), ~75k per 8-ro
 `keep_freed_memory()` sets, once per process: blocks up to 32 MiB (glibc's largest heap block) come from a heap, not
 fresh mmaps; up to 1 GiB of free heap top stays mapped; heaps grow with 64 MiB to spare, which also keeps a thread
 arena's emptied heaps (its size) instead of unmapping them. Measured on a 2-core Zen 4 (random 0.6B, 8 sessions x 24
-frames with audio): faults 1588 -> 227 per frame; wall 1.11x faster with the engine stepping in the main thread (sys
-time 9.6 -> 3.8 s), 1.02x in its own thread; in an earlier run the codec calls alone took half the time. The cost: a
+frames with audio: `qtts make-checkpoint /tmp/ck06 --size 0.6b`, then `python benchmarks/cpu_alloc.py --checkpoint
+/tmp/ck06` [--main-thread]; without --checkpoint it runs a tiny talker): faults 1588 -> 227 per frame; wall 1.11x
+faster with the engine stepping in the main thread (sys time 9.6 -> 3.8 s), 1.02x in its own thread; in an earlier run the codec calls alone took half the time. The cost: a
 process keeps its peak working set of such buffers mapped, which a replica reaches again on its next busy step
 anyway. `QTTS_MALLOC_TUNE=0` turns it off; it does nothing outside glibc (musl, macOS, Windows)."""
 
