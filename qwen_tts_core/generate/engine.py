@@ -257,9 +257,17 @@ class Engine:
                     return True
                 if free == 0 or (prio == "bulk" and free <= self.interactive_reserve):
                     continue
-                if s.incremental is None or s.committed_ids or s.has_pending_text():
+                if s.has_pending_text() or not self._waits_for_text(s):
                     return True
         return False
+
+    @staticmethod
+    def _waits_for_text(s: Session) -> bool:
+        """A queued incremental session with nothing to start on yet: no token committed, or its text so far blank
+        (started on blank text that then ended, it spoke to max_new_tokens; a whole blank text is refused). The one
+        rule of both admission (`_pop_ready`) and `runnable` (which disagreed: the loop spun without waiting)."""
+        inc = s.incremental
+        return inc is not None and not (inc.ended or s.cancelled) and (not s.committed_ids or is_blank(inc.text))
 
     @property
     def num_queued(self) -> int:
@@ -462,10 +470,8 @@ class Engine:
                     except Exception as e:  # noqa: BLE001 - this session's text, not the engine
                         q.remove(s)
                         return s, e
-                    if not (s.incremental.ended or s.cancelled) and (
-                            not s.committed_ids or is_blank(s.incremental.text)):
-                        continue  # waits for its first token, and for a visible character: started on blank
-                        #           text and then ended, it spoke to max_new_tokens (a whole blank text is refused)
+                    if self._waits_for_text(s):
+                        continue
                 q.remove(s)
                 return s, None
         return None, None

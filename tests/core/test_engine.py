@@ -220,6 +220,19 @@ def test_incremental_text_blank_so_far_waits_and_blank_at_end_is_refused(model, 
     assert eng.free_slots == [0]
 
 
+def test_a_queued_session_waiting_for_visible_text_is_no_work(model):
+    """Review: admission skipped a session whose text so far was blank but `runnable` counted it (ids committed):
+    the step loop never waited, 51,282 empty steps a second."""
+    eng = Engine(model, max_sessions=2)
+    s = eng.add(req(None))
+    s.append_text("\n\n ")
+    eng.step()
+    assert s.committed_ids and s.phase == "queued"
+    assert not eng.runnable() and not eng.wait_for_work(0.05)
+    s.append_text("Hi.")
+    assert eng.runnable()
+
+
 def test_incremental_text_starts_at_its_first_visible_character(model):
     eng = Engine(model, max_sessions=1)
     s = eng.add(req(None))
