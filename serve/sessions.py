@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen_tts_core.errors import RequestError
+from qwen_tts_core.generate.requests import is_blank
 
 from .routing import new_session_id
 from .scheduler import Failure
@@ -112,12 +113,13 @@ class SessionTable:
         total = s.text_chars + len(text)
         if total > self.limits.max_text_chars:
             raise RequestError("text", f"the session's text is longer than {self.limits.max_text_chars} characters")
-        has_text = s.has_text or bool(text.strip())
+        visible = not is_blank(text)  # the core's rule: spaces, NULs, zero-width and format characters are no text
+        has_text = s.has_text or visible
         if end and not has_text:
             raise RequestError("text", "end before any text")
         s.text_chars, s.has_text = total, has_text
-        if text.strip() or end:  # an empty or blank message is no text: sent every few seconds, it held a slot
-            s.last_text = self.clock()  # past the idle timeout (a space between words is followed by the word)
+        if visible or end:  # a blank message is no text: sent every few seconds, it held a slot or queue place past
+            s.last_text = self.clock()  # the idle timeout (a space between words is followed by the word)
         s.ended = s.ended or end
 
     def expired(self, period_s: float | None = None) -> list[tuple[OpenSession, Failure | None]]:

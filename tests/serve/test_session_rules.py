@@ -124,7 +124,7 @@ def test_empty_text_messages_do_not_keep_a_session_from_its_idle_timeout():
     for _ in range(3):
         clock.t += 2
         t.take_text(s, "", False)
-        t.take_text(spaced, " \n\t", False)
+        t.take_text(spaced, " \n\t\u200b\x00\u2060", False)   # no visible character: no text (the core's rule)
         t.take_text(worded, " ", False)
         t.take_text(worded, "word", False)
     out = t.expired()
