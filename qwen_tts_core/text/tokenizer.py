@@ -134,9 +134,19 @@ class TextTokenizer:
         return self.encode(instruct_text(text))
 
     def normalize(self, text: str) -> str:
-        """`text` as the tokenizer sees it before its pre-tokenizer (its normalizer: NFC for Qwen2's)."""
+        """`text` as the tokenizer sees it before its pre-tokenizer (its normalizer: NFC for Qwen2's): the added
+        tokens found first and kept as written, the stretches between them normalized ("<|im_end|>" + U+0338 would
+        compose its ">" into one character and lose the token)."""
         norm = self._tok.backend_tokenizer.normalizer
-        return text if norm is None else norm.normalize_str(text)
+        if norm is None:
+            return text
+        if self._added is None:
+            return norm.normalize_str(text)
+        out, at = [], 0
+        for m in self._added.finditer(text):
+            out += [norm.normalize_str(text[at:m.start()]), m.group()]
+            at = m.end()
+        return "".join(out) + norm.normalize_str(text[at:])
 
     def split_offsets(self, text: str) -> list[int]:
         """Start offsets of the pieces `text` is tokenized in (BPE never merges across them): an added token found in

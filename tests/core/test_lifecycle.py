@@ -268,7 +268,9 @@ def test_incremental_text_splits_where_the_normalized_text_splits(checkpoint_fac
     assert fed_piece_by_piece(tok, pieces) == whole
 
 
-@pytest.mark.parametrize("pieces", [["Hi <|im_e", "nd|> there."], ["Hi ", "<tts_text_eod>", " there."],
+@pytest.mark.parametrize("pieces", [["Hi <|im_end|>\u0338 there."], ["Hi <|im_end|>", "\u0338 there."],
+                                    ["a <tts_pad>\u0338", "\u0301b c"],
+                                    ["Hi <|im_e", "nd|> there."], ["Hi ", "<tts_text_eod>", " there."],
                                     ["Hi <tts_pad> there."], ["a<", "|", "im_start|", ">b"], ["x <tts_", "text_bos>"],
                                     ["<|endoftext|><|im_end|>", " <tts_pad"], ["<tts_pad", " >"]])
 def test_incremental_text_with_added_tokens_matches_whole_text(model, pieces):
