@@ -30,7 +30,7 @@ from .checkpoint.weights import (
     safetensors_files,
 )
 from .config import TTSConfig, generation_defaults
-from .errors import RequestError, shown
+from .errors import RequestError
 from .generate.driver import EngineDriver
 from .generate.engine import Engine
 from .generate.requests import INSTRUCT_DROPPED, check_seed, check_text, instruct_supported
@@ -325,8 +325,6 @@ class Qwen3TTSModel:
             check_text(t)
         n = len(texts)
         langs = _as_list(language if language is not None else "auto", n, "language")
-        if any(lang is None or lang == "" for lang in langs):   # as the reference: only language=None means auto
-            raise RequestError("language", f"must name a language (or 'auto') for every text, got {shown(langs)}")
         if kind == "custom_voice" and not instruct_supported(self.cfg.tts_model_size) and instruct is not None:
             log.warning(INSTRUCT_DROPPED)   # before any check of it, as the reference drops it
             instruct = None

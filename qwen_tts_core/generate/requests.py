@@ -137,7 +137,9 @@ def validate(model, req: SynthesisRequest) -> None:
         check_text(req.text)
     if not isinstance(req.language, str):
         raise RequestError("language", f"must be a string, got {type(req.language).__name__}")
-    lang = (req.language or "auto").lower()
+    if not req.language:   # as the reference: only an absent language (None, before here) means auto
+        raise RequestError("language", "must name a language (or 'auto'), got ''")
+    lang = req.language.lower()
     langs = model.get_supported_languages()  # a dialect is not one: it comes with its speaker, as the reference's
     if lang not in langs:
         raise RequestError("language", f"{shown(req.language)} is not supported; choose one of {langs}")
@@ -240,7 +242,8 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
         cap = policy.default_max_new_tokens or policy.max_new_tokens
         if cap is not None:
             params = params.with_overrides(max_new_tokens=min(params.max_new_tokens, cap))
-    return SynthesisRequest(kind=kind, text=text, speaker=speaker, language=(language or "auto").lower(),
+    language = "auto" if language is None else language.lower()
+    return SynthesisRequest(kind=kind, text=text, speaker=speaker, language=language,
                             instruct=instructions or None, voice_clone_prompt=prompt,
                             non_streaming_mode=bool(non_streaming_mode), sampling=params, seed=check_seed(seed),
                             priority=priority, first_chunk_frames=policy.first_chunk_frames,

@@ -267,7 +267,8 @@ def test_incremental_empty_text_fails_cleanly(model):
 @pytest.mark.parametrize("field,value,match", [
     ("speaker", "nobody", "speaker"),
     ("language", "klingon", "language"),
-    ("language", "Sichuan_Dialect", "language"),  # a dialect comes with its speaker; the reference refuses it too
+    ("language", "Sichuan_Dialect", "language"),
+    ("language", "", "language"),   # only an absent language means auto, as the reference (one rule, in the core)  # a dialect comes with its speaker; the reference refuses it too
     ("text", "   ", "text"),
     ("text", "\x00\x00", "visible"),  # NULs alone: the model babbled up to max_new_tokens
     ("text", "\u200b\u200d\x07 \ufeff", "visible"),  # zero-width, control and format characters alone
