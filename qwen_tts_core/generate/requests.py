@@ -5,6 +5,7 @@ request -> prompt (tokenization + embeddings)."""
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -13,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..audio_io import AudioLimits
 from ..codec.decoder import check_codes
 from ..errors import RequestError, shown
 from ..text.prompt import Prompt, build_prompt
-from ..types import SAMPLING_FIELDS, SamplingParams, SynthesisRequest
+from ..types import SAMPLE_RATE, SAMPLING_FIELDS, SamplingParams, SynthesisRequest
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,9 @@ def check_seed(seed: object) -> int | None:
     return int(seed)
 
 
+MAX_REF_CODE_FRAMES = math.ceil(AudioLimits.max_seconds * SAMPLE_RATE / 1920)  # the longest reference's codes
+
+
 def check_voice_prompt(vp: object, talker_cfg) -> None:
     """A voice clone prompt must fit this model before anything is built from it: a speaker vector of the talker's
     width with finite values, exactly one of icl_mode and x_vector_only_mode, and for ICL its transcript and codes
@@ -119,6 +124,9 @@ def check_voice_prompt(vp: object, talker_cfg) -> None:
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != groups:
             shown = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise RequestError(field, f"ref_code must be an integer tensor [frames, {groups}], got {shown}")
+        if len(codes) > MAX_REF_CODE_FRAMES:  # decoded as left context on the step thread before the first chunk
+            raise RequestError(field, f"ref_code has {len(codes)} frames; at most {MAX_REF_CODE_FRAMES} (the codes "
+                                      f"of a {AudioLimits.max_seconds:g} s reference)")
         try:
             check_codes(codes.t()[None], groups, size)
         except ValueError as e:

@@ -574,3 +574,19 @@ def test_dict_prompts_with_ref_code_none_for_all_and_batched_tensors(model_facto
                    x_vector_only_mode=[True, True], icl_mode=[False, False])):
         got, _ = base.generate_voice_clone(texts, voice_clone_prompt=d, **G)
         assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_prompts_ref_code_is_bounded_like_its_reference_audio(model_factory, ref_wav_path):
+    """Review: ref_code is decoded as left context before the first chunk on the step thread, and an x-vector prompt's
+    is not bounded by max_len: 4000 hand-made frames delayed the first chunk 4.3 s. At most the codes of the longest
+    reference audio taken (120 s)."""
+    import dataclasses
+
+    from qwen_tts_core.generate.requests import MAX_REF_CODE_FRAMES
+
+    base = model_factory("base", "tiny")
+    (icl,) = base.create_voice_clone_prompt(str(ref_wav_path), ref_text="Good morning, how are you today?")
+    long = dataclasses.replace(icl, x_vector_only_mode=True, icl_mode=False,
+                               ref_code=icl.ref_code[:1].repeat(MAX_REF_CODE_FRAMES + 1, 1))
+    with pytest.raises(ValueError, match=f"ref_code has {MAX_REF_CODE_FRAMES + 1} frames; at most"):
+        base.generate_voice_clone("Hello.", voice_clone_prompt=[long], **G)
