@@ -59,9 +59,11 @@ def read_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], s
     if not isinstance(http, dict):
         raise SystemExit(f"qtts serve: --config {path}: http_options must be a mapping")
     app = apps[0]
-    unapplied = ([k for k in doc if k not in _APPLIED["top"]] + [f"http_options.{k}" for k in http
-                 if k not in _APPLIED["http_options"]] + [f"applications[qtts].{k}" for k in app
-                 if k not in _APPLIED["app"]])
+    def unused(d: dict, applied: str, label: str) -> list[str]:  # keys with a value this command would not apply
+        return [f"{label}{k}" for k, v in d.items() if k not in _APPLIED[applied] and v not in (None, {}, [], "")]
+
+    unapplied = unused(doc, "top", "") + unused(http, "http_options", "http_options.") + unused(
+        app, "app", "applications[qtts].")
     if app.get("route_prefix", "/") != "/":
         unapplied.append(f"applications[qtts].route_prefix: {app['route_prefix']!r} (qtts serve serves at /)")
     if app.get("import_path", "serve.app:app_builder") != "serve.app:app_builder":

@@ -86,6 +86,8 @@ def test_what_qtts_serve_would_not_apply_is_refused_not_dropped(tmp_path, extra,
                                  "applications": [{"name": "qtts"}]}))
     with pytest.raises(SystemExit, match=r"logging_config, http_options\.request_timeout_s"):
         read_serve_yaml(f)
+    f.write_text(yaml.safe_dump({"applications": [{"name": "qtts", "runtime_env": {}, "deployments": []}]}))
+    assert read_serve_yaml(f) == ({}, {}, None)   # empty: nothing left unapplied
 
 
 def test_model_flags_build_the_models_without_yaml():
