@@ -39,10 +39,19 @@ _OPUS_PAGE_US = 20_000    # one Ogg page per 20 ms Opus packet (FFmpeg's default
 _OPUS_BIT_RATE = 32_000   # libsndfile's default gave ~35 kbit/s for speech-like audio at 24 kHz mono
 
 
+def samples(pcm: np.ndarray) -> np.ndarray:
+    """What every encoder is given: [N] float32, finite, in [-1, 1]. NaN becomes 0 and +-inf +-1 (a half-precision
+    decoder can overflow): a clip keeps NaN, and one NaN aborts the whole process inside LAME (a C assertion), is
+    refused by libsndfile's FLAC writer mid-stream and became 0 with a warning in the int16 cast."""
+    x = np.asarray(pcm, dtype=np.float32).reshape(-1)
+    if not np.isfinite(x).all():
+        x = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip(x, -1.0, 1.0)
+
+
 def to_s16le(pcm: np.ndarray) -> bytes:
-    """[N] float32 in [-1, 1] -> little-endian int16 bytes (clipped)."""
-    x = np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0)
-    return (x * 32767.0).round().astype("<i2").tobytes()
+    """[N] float32 -> little-endian int16 bytes (through `samples`)."""
+    return (samples(pcm) * 32767.0).round().astype("<i2").tobytes()
 
 
 def streaming_wav_header(sample_rate: int, channels: int = 1, bits: int = 16) -> bytes:
@@ -217,7 +226,7 @@ class SoundfileEncoder:
         return self._sink.drain()
 
     def push(self, pcm: np.ndarray) -> bytes:
-        x = np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0)
+        x = samples(pcm)
         if x.size:
             self._file.write(x)
             self._pushed = True
@@ -281,7 +290,7 @@ class OpusEncoder:
         self._out.mux(self._stream.encode(frame))
 
     def push(self, pcm: np.ndarray) -> bytes:
-        x = np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0)
+        x = samples(pcm)
         if x.size:
             self._encode(x)
         return self._pipe.drain()

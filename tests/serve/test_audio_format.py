@@ -130,6 +130,39 @@ def test_pcm_clips_and_scales():
     assert out.tolist() == [0, 16384, 32767, -32767]
 
 
+_NONFINITE = r"""
+import sys
+import numpy as np
+from serve.audio_format import make_encoder
+t = np.arange(24000) / 24000
+x = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+x[5000], x[9000], x[13000] = np.nan, np.inf, -np.inf
+enc = make_encoder(sys.argv[1], 24000)
+data = b"".join(enc.push(x[i:i + 7680]) for i in range(0, len(x), 7680)) + enc.finish()
+sys.stdout.buffer.write(data)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "wav", "flac", "mp3", "opus"])
+def test_nonfinite_samples_are_encoded_not_fatal(fmt):
+    """A NaN or inf sample (a half-precision decoder overflow) must not end the stream, still less the process: LAME
+    aborted the ingress process on one NaN (a C assertion, SIGABRT) and libsndfile's FLAC writer refused it mid-stream.
+    Run in a child so the old failure is a failed test, not a dead test run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", _NONFINITE, fmt],
+                       capture_output=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, (r.returncode, r.stderr.decode(errors="replace")[-400:])
+    y, sr = decode_audio(r.stdout, fmt)
+    assert np.isfinite(y).all() and np.abs(y).max() <= (1.0 if fmt in ("pcm", "wav", "flac") else 1.1)  # lossy ring
+    if fmt in ("pcm", "wav"):   # exact: NaN -> 0, +inf -> full scale, -inf -> -full scale
+        assert (sr, len(y)) == (SR, SR)
+        assert y[5000] == 0.0 and y[9000] > 0.999 and y[13000] < -0.999
+        assert abs(y[4000] - 0.3 * np.sin(2 * np.pi * 220 * 4000 / SR)) < 1e-3
+
+
 def test_mp3_frame_length_parses_headers():
     assert mp3_frame_length(bytes([0xFF, 0xF3, 0x84, 0xC4])) == 192      # MPEG-2, 64 kbit/s, 24 kHz
     assert mp3_frame_length(bytes([0xFF, 0xFB, 0x90, 0x64])) == 417      # MPEG-1, 128 kbit/s, 44.1 kHz
