@@ -623,7 +623,7 @@ class Ingress:
                 encoder = make_encoder(cfg.response_format)
                 stream = await self._stream(name, handle, payload, place, incremental=True, counted=False)
             except ValidationError as e:
-                return await send_error(ws, from_validation_error(e), self._count_error)
+                return await send_error(ws, from_validation_error(e, whole="message"), self._count_error)
             except ApiError as e:
                 return await send_error(ws, e, self._count_error)
             except WebSocketDisconnect:

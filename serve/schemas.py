@@ -198,13 +198,14 @@ def bad_request(message: str, param: str | None) -> ApiError:
     return ApiError(400, f"{param}: {message}" if param else message, param)
 
 
-def from_validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
+def from_validation_error(exc: ValidationError, prefix: str = "", whole: str = "body") -> ApiError:
     """The first pydantic error -> 400 naming the field (dotted path). Messages never echo the input; a field name
-    the client made up (an unknown key) is cut to ECHO_CHARS."""
+    the client made up (an unknown key) is cut to ECHO_CHARS. An error with no location (a key pydantic cannot read:
+    one holding a lone surrogate) names `whole`, the body or the WebSocket message."""
     err = exc.errors(include_url=False, include_input=False)[0]
     loc = ".".join(str(p)[:ECHO_CHARS] for p in err.get("loc", ()) if p != "__root__")
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if err.get("type") == "missing":
         msg = "is required"
-    param = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or None)
+    param = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or whole)
     return ApiError(400, f"{param}: {msg}" if param else msg, param)

@@ -221,7 +221,7 @@ class WSSession:
                     return ApiError(400, f"type: must be 'text' or 'end' after the config, got {shown(kind)}",
                                     "type")
             except ValidationError as e:
-                return from_validation_error(e)
+                return from_validation_error(e, whole="message")
             except ApiError as e:
                 return e
 

@@ -69,6 +69,23 @@ def test_an_unknown_field_name_is_not_echoed_in_full(monkeypatch, tmp_path):
             assert err["param"] == "k" * ECHO_CHARS and len(err["message"]) < 300, err["message"][:200]
 
 
+def test_a_key_pydantic_cannot_read_names_the_body(monkeypatch, tmp_path):
+    """Review finding: an unknown key holding a lone surrogate gave pydantic an error with no location, answered with
+    `param: null` (every other body error names a field). It names the body, or the message on the WebSocket."""
+    client = _client(monkeypatch, tmp_path)
+    with client:
+        for path, body in (("/v1/audio/speech", '{"model": "base", "input": "Hi.", "bo\\ud800gus": 1}'),
+                           ("/v1/audio/voices", '{"name": "v", "audio_base64": "AAAA", "\\udfff": 1}')):
+            r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+            err = r.json()["error"]
+            assert (r.status_code, err["param"]) == (400, "body"), (path, err)
+            assert err["message"].startswith("body: "), err
+        with client.websocket_connect("/v1/audio/speech/stream") as ws:
+            ws.send_text('{"type": "config", "model": "base", "bo\\ud800gus": 1}')
+            err = ws.receive_json()["error"]
+            assert err["param"] == "message" and err["message"].startswith("message: "), err
+
+
 class Gone:
     """A replica that died (or whose queue is full) under the one-shot calls: info and create_voice."""
 
