@@ -180,6 +180,7 @@ class Engine:
 
     # --- caller side (thread-safe) ----------------------------------------------------------------------------
     def add(self, req: SynthesisRequest) -> Session:
+        req = _own_copy(req)
         validate(self.model, req)
         vp = req.voice_clone_prompt
         ref_key = codes_key(vp.ref_code) if vp is not None and vp.ref_code is not None else None
@@ -557,8 +558,9 @@ class Engine:
         for s in sorted(self.active, key=lambda x: -x.slot):
             if s.slot < n:
                 return
-            hole = self.free_slots.pop(0)
-            self.runner.move(s.slot, hole, s.pos, len(s.prompt.trailing))
+            hole = self.free_slots[0]
+            self.runner.move(s.slot, hole, s.pos, len(s.prompt.trailing))  # may raise: the hole stays free
+            self.free_slots.pop(0)
             self.free_slots.append(s.slot)
             self.free_slots.sort()
             s.slot = hole
@@ -642,3 +644,17 @@ class Engine:
 
 
 __all__ = ["Engine", "EngineBusy", "SAMPLES_PER_FRAME"]
+
+
+def _own_copy(req: SynthesisRequest) -> SynthesisRequest:
+    """The session's own request and voice prompt objects, taken before validation: a caller may change a request
+    (or its prompt) after `add`, or add it again as a template with another priority, text or sampling, and the
+    queued or running session must not see that (its queue was looked up by the changed priority on cancel: the
+    wrong deque, and every later step failed). SamplingParams is frozen; tensors are not copied (moved once in
+    `_on_device`)."""
+    if not isinstance(req, SynthesisRequest):
+        raise RequestError("request", f"must be a SynthesisRequest, got {type(req).__name__}")
+    vp = req.voice_clone_prompt
+    if dataclasses.is_dataclass(vp) and not isinstance(vp, type):
+        return dataclasses.replace(req, voice_clone_prompt=dataclasses.replace(vp))
+    return dataclasses.replace(req)

@@ -251,7 +251,8 @@ def test_numpy_chunk_sizes_are_taken_as_ints(model):
     r.decode_audio = True  # the audio decoder is where a numpy int used to fail the session
     s = Engine(model, max_sessions=1).run_all([r])[0]
     assert s.finish_reason != "error", s.error
-    assert type(r.first_chunk_frames) is int and type(r.chunk_frames) is int
+    assert type(s.request.first_chunk_frames) is int and type(s.request.chunk_frames) is int  # the session's copy
+    assert r.first_chunk_frames == 2 and type(r.first_chunk_frames) is np.int64   # the caller's object as it was
 
 
 def test_incremental_empty_text_fails_cleanly(model):
