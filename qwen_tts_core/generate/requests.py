@@ -157,6 +157,8 @@ def validate(model, req: SynthesisRequest) -> None:
         speakers = model.get_supported_speakers()
         if not isinstance(req.speaker, str) or req.speaker.lower() not in speakers:
             raise RequestError("speaker", f"{shown(req.speaker)} is not supported; choose one of {speakers}")
+    if req.kind != "voice_clone" and req.voice_clone_prompt is not None:  # unchecked, it failed inside a step
+        raise RequestError("voice_clone_prompt", f"only a voice_clone request takes one, not {req.kind}")
     if req.kind == "voice_clone":
         if req.voice_clone_prompt is None:
             raise RequestError("voice_clone_prompt", "is required for voice_clone (see create_voice_clone_prompt)")

@@ -49,6 +49,7 @@ class Session:
     error: str | None = None
     error_field: str | None = None
     cancelled: bool = False
+    _end_requested: bool = False   # end_text was called (set under _lock; the engine takes pending text unlocked)
     _notify: Callable[[], None] | None = field(default=None, repr=False)  # wakes the engine's wait_for_work
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(),
@@ -65,7 +66,7 @@ class Session:
             raise RequestError("text", f"append_text: piece must be str or bytes, got {type(piece).__name__}")
         with self._lock:
             self._check_open()
-            if self.pending_text and self.pending_text[-1] is None or self.incremental.ended:
+            if self._end_requested:
                 raise RequestError("text", "append_text after end_text")
             if isinstance(piece, bytes | bytearray):
                 piece = bytes(piece)
@@ -86,13 +87,14 @@ class Session:
             raise RequestError("text", "end_text: this session was opened with its full text (text=...)")
         with self._lock:
             self._check_open()
-            if self.pending_text and self.pending_text[-1] is None or self.incremental.ended:
+            if self._end_requested:
                 raise RequestError("text", "end_text called twice")
             try:
                 self._utf8.decode(b"", final=True)
             except UnicodeDecodeError:
                 raise RequestError("text", "ends inside a UTF-8 character") from None
             self.pending_text.append(None)
+            self._end_requested = True
         self._wake()
 
     def _check_open(self) -> None:

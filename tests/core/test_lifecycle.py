@@ -411,3 +411,85 @@ def test_a_str_piece_inside_a_utf8_character_begun_by_bytes_is_refused(model):
     s.end_text()
     drain(eng)
     assert s.incremental.text == "Café and tea"
+
+
+def test_a_request_reused_as_a_template_does_not_change_its_sessions(model):
+    """Review finding: add() kept the caller's request object. Added again with another priority, a queued session
+    cancelled later was removed from the wrong queue and every later step failed every session; a template's text
+    or sampling changed after add() changed the queued session's. Each session keeps its own copy."""
+    eng = Engine(model, max_sessions=1, max_queue=8)
+    running = eng.add(req("A session that is running.", 30))
+    eng.step()
+    tmpl = req("Queued interactive.", 5)
+    a = eng.add(tmpl)
+    tmpl.priority = "bulk"
+    b = eng.add(tmpl)
+    tmpl.text, tmpl.sampling = "A completely different later text.", SamplingParams(max_new_tokens=12, **G)
+    c = eng.add(tmpl)
+    assert (a.request.priority, b.request.priority, a.request.text) == ("interactive", "bulk", "Queued interactive.")
+    eng.cancel(a)
+    chunks = drain(eng)
+    last = {ch.session_id: ch for ch in chunks if ch.is_last}
+    assert last[a.id].finish_reason == "cancelled"
+    assert all(last[s.id].error is None for s in (running, b, c)), [last[s.id].error for s in (running, b, c)]
+    alone = Engine(model, max_sessions=1).run_all([req("Queued interactive.", 5)])[0]
+    assert torch.equal(b.codes(), alone.codes())
+    assert eng.free_slots == [0] and not eng.has_work()
+
+
+def test_a_voice_prompt_on_another_kind_is_refused_at_add(model):
+    """Review finding: a voice_clone_prompt on a custom_voice request was never checked (only voice_clone's are) but
+    was used: out-of-range codes failed inside the step (a device-side assert on CUDA, ending every session), a
+    string raised AttributeError out of add(), a valid x-vector silently replaced the named speaker."""
+    from qwen_tts_core.errors import RequestError
+    from qwen_tts_core.voice_prompt import VoiceClonePromptItem
+
+    eng = Engine(model, max_sessions=1)
+    spk = torch.zeros(model.cfg.talker.hidden_size)   # a valid x-vector: refused for the kind, not its shape
+    for vp in ("voice_0123", VoiceClonePromptItem(None, spk, True, False),
+               VoiceClonePromptItem(torch.full((3, 16), 99999), spk, False, True, "ref")):
+        with pytest.raises(RequestError) as e:
+            eng.add(req("Hello.", voice_clone_prompt=vp))
+        assert e.value.field == "voice_clone_prompt", e.value
+    assert not eng.has_work()
+
+
+def test_a_failed_slot_move_keeps_the_slot_free(model, monkeypatch):
+    """Review finding: compaction took the free slot before moving a session into it; a move that raised lost the
+    slot for good (every later step with two sessions failed them all: pop from an empty list)."""
+    eng = Engine(model, max_sessions=3)
+    a, b, c = (eng.add(req(t, n)) for t, n in (("Hello world.", 3), ("Good morning!", 30), ("Press one.", 30)))
+    eng.step()
+    while not a.done:
+        eng.step()
+
+    def boom(*args):
+        raise RuntimeError("device error during move")
+
+    monkeypatch.setattr(eng.runner, "move", boom)
+    eng.step()
+    monkeypatch.undo()
+    assert (b.finish_reason, c.finish_reason) == ("error", "error")
+    assert sorted(eng.free_slots) == [0, 1, 2]
+    pair = [eng.add(req("After the failure.", 4)), eng.add(req("And another one.", 4))]
+    chunks = drain(eng)
+    assert [ch.error for ch in chunks if ch.is_last] == [None, None]
+    assert all(s.finish_reason != "error" for s in pair) and sorted(eng.free_slots) == [0, 1, 2]
+
+
+def test_text_after_end_is_refused_while_the_engine_takes_the_end(model):
+    """Review finding: between the engine taking the pending end (take_pending) and applying it, a second end_text
+    or a late append_text passed both checks and then failed the whole session inside the step."""
+    from qwen_tts_core.errors import RequestError
+
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(None))
+    s.append_text("Hello there.")
+    s.end_text()
+    assert s.take_pending() == ["Hello there.", None]   # the engine's step has taken it and not yet applied it
+    for call in (lambda: s.append_text(" more"), s.end_text):
+        with pytest.raises(RequestError, match="after end_text|called twice"):
+            call()
+    s.pending_text[:] = ["Hello there.", None]          # hand it back as the step would have applied it
+    chunks = drain(eng)
+    assert [ch.finish_reason for ch in chunks if ch.is_last] != ["error"] and s.finish_reason != "error"
