@@ -386,7 +386,11 @@ def test_stored_voice_on_graphs_in_bf16(model_factory, ref_wav_path, tmp_path, c
     assert back.ref_spk_embedding.dtype == torch.float32  # the caller's voice is left as it was
     drain(eng, [s])
     assert s.finish_reason == "max_new_tokens" and s.error is None
-    assert torch.equal(s.codes(), Engine(base, max_sessions=1).run_all([r])[0].codes())
+    # eager with the graphs' shapes (static: prompts padded to the prefill buckets) gives the same bits; the default
+    # CPU engine prefills exact lengths, and in bf16 a padded prompt's sums may differ in the last bit (runner.py),
+    # enough to flip a greedy code on a CPU with AMX
+    eager = Engine(base, max_sessions=2, max_len=128, static=True).run_all([r])[0]
+    assert torch.equal(s.codes(), eager.codes())
 
 
 def test_warm_up_needs_no_request_for_any_model_type(model_factory):
