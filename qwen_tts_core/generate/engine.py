@@ -495,8 +495,8 @@ class Engine:
     def text_projection(self) -> contextlib.AbstractContextManager:
         """What this engine projects text in (prompts at admission, text committed later, the pad): its talker
         steps' linears. With the device sampler on CPU those are oneDNN's packed weights, where a row's bits do not
-        depend on how many rows are projected with it (`layers.linear`: from two rows on, and one row runs as two
-        where its kernel differs), so a text's embeddings are the same bits whole or committed piece by piece
+        depend on how many rows are projected with it (`layers.linear`: from two rows on, one row runs as two where
+        its kernel differs, and batches run in pieces where larger ones take another kernel: bf16 with AMX), so a text's embeddings are the same bits whole or committed piece by piece
         (incremental text), and its codes the same. Elsewhere, torch's GEMM (the torch sampler: the reference's
         numbers for a whole text; CUDA): a row may get other last bits with another row count, so incremental text
         equals the whole text to rounding only. bf16 on a CPU that oneDNN cannot run bf16 on (AVX2 only) projects

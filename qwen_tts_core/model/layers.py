@@ -45,18 +45,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     packed = slot.get(weight) if slot is not None and packed_linears else None
     if packed is not None:
         if packed.dtype == x.dtype:
-            if x.numel() == x.shape[-1] and getattr(packed, "single_row_differs", False):
-                # one row runs as two where oneDNN's single-row kernel sums in another order than its batched one
-                # (`single_row_differs`): a session's numbers are then the same alone or batched
-                y = onednn_linear(x.reshape(1, -1).expand(2, -1), packed, bias)
-                return y[:1].reshape(*x.shape[:-1], y.shape[-1])
-            return onednn_linear(x, packed, bias)
+            rows, limit = x.numel() // x.shape[-1], getattr(packed, "max_rows", None)
+            if limit is not None and rows > limit:
+                # pieces of at most `max_rows` rows, where a larger batch takes a kernel whose sums differ
+                flat = x.reshape(rows, x.shape[-1])
+                y = torch.cat([_packed_rows(flat[i:i + limit], packed, bias) for i in range(0, rows, limit)])
+                return y.reshape(*x.shape[:-1], y.shape[-1])
+            return _packed_rows(x, packed, bias)
         if x.numel() > x.shape[-1]:
             # bf16 on a CPU without a bf16 GEMM: two or more rows run in fp32 on the packed fp32 copy (~5x faster
             # at 8 rows than torch's bf16 GEMM there); one row stays a bf16 matrix-vector product (half the bytes).
             b = None if bias is None else bias.float()
             return onednn_linear(x.float(), packed, b).to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+def _packed_rows(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.numel() == x.shape[-1] and getattr(packed, "single_row_differs", False):
+        # one row runs as two where oneDNN's single-row kernel sums in another order than its batched one
+        # (`single_row_differs`): a session's numbers are then the same alone or batched
+        y = onednn_linear(x.reshape(1, -1).expand(2, -1), packed, bias)
+        return y[:1].reshape(*x.shape[:-1], y.shape[-1])
+    return onednn_linear(x, packed, bias)
 
 
 class Linear(nn.Linear):
@@ -130,6 +140,7 @@ def packed_matrix(owner: nn.Module, weight: torch.Tensor, as_matrix: Callable[[t
 def _pack(w: torch.Tensor) -> torch.Tensor:
     packed = pack_weight(w)
     packed.single_row_differs = single_row_differs(w.shape[0], w.shape[1], w.dtype)
+    packed.max_rows = max_batch_rows(w.shape[0], w.shape[1], w.dtype)
     return packed
 
 
@@ -151,6 +162,32 @@ def single_row_differs(n: int, k: int, dtype: torch.dtype) -> bool:
         batch = onednn_linear(x, packed)
         _SINGLE_ROW[key] = any(not torch.equal(onednn_linear(x[i:i + 1], packed)[0], batch[i]) for i in range(8))
     return _SINGLE_ROW[key]
+
+
+_ROW_PROBE = (3, 4, 8, 9, 16, 17, 31, 32, 33, 48, 64, 65)   # around the kernels' row blocks
+_MAX_ROWS: dict[tuple, int | None] = {}
+
+
+def max_batch_rows(n: int, k: int, dtype: torch.dtype) -> int | None:
+    """The most rows oneDNN runs packed [n, k] weights of `dtype` with, giving every row the bits it gets in a batch
+    of two; None when every probed batch does (up to 65 rows). On CPUs with AMX, bf16 products of 33 rows or more take
+    another kernel whose sums differ (and differ between row counts): `linear` runs a larger batch in pieces of at
+    most this many rows, so a session's numbers do not depend on how many sessions (or prompt tokens) share the
+    product. Probed once per shape, at row counts around the kernels' blocks."""
+    key = (n, k, dtype)
+    if key not in _MAX_ROWS:
+        g = torch.Generator().manual_seed(n * 7919 + k + 1)
+        w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+        x = torch.randn(_ROW_PROBE[-1] + 1, k, generator=g).to(dtype)
+        packed = pack_weight(w)
+        pairs = torch.cat([onednn_linear(x[i:i + 2], packed) for i in range(0, len(x), 2)])
+        most: int | None = None
+        for m in _ROW_PROBE:
+            if not torch.equal(onednn_linear(x[:m], packed), pairs[:m]):
+                most = max((r for r in _ROW_PROBE if r < m), default=2)
+                break
+        _MAX_ROWS[key] = most
+    return _MAX_ROWS[key]
 
 
 def _pack_upcast(w: torch.Tensor) -> torch.Tensor:

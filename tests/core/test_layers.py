@@ -67,6 +67,7 @@ def test_bf16_without_a_bf16_gemm_runs_batched_rows_on_fp32_copies(checkpoint_fa
 
     if not layers.can_pack(torch.zeros(1)):
         pytest.skip("oneDNN cannot pack fp32 linears here")
+    native_bf16 = layers.can_pack(torch.zeros(1, dtype=torch.bfloat16))
     monkeypatch.setattr(layers, "_PACKABLE", {torch.float32: True, torch.bfloat16: False})
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 96).to(torch.bfloat16)
@@ -89,6 +90,10 @@ def test_bf16_without_a_bf16_gemm_runs_batched_rows_on_fp32_copies(checkpoint_fa
         lin.pack_slot.held = (layers.weight_key(lin.weight), layers._pack_upcast(lin.weight * 2))
         assert not torch.allclose(lin(x).float(), want.float(), rtol=1e-2, atol=1e-2)
 
+    if native_bf16:
+        # the engine-level check compares with torch's plain bf16 GEMM, which sums in fp32 and rounds once (as the
+        # fp32 copies do) only where oneDNN has no bf16 kernel; here it runs oneDNN's bf16 (AMX) kernels
+        return
     ckpt = checkpoint_factory("custom_voice", "tiny")
     model = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype=torch.bfloat16)
     reqs = [SynthesisRequest(kind="custom_voice", text=t, speaker="vivian", language="english",
@@ -324,6 +329,39 @@ def test_a_packed_linear_gives_a_row_the_same_numbers_alone_or_in_a_batch(dtype,
             batch = linear(x[:M], w, None, p)
             for i in range(min(M, 8)):
                 assert torch.equal(batch[i], alone[i][0]), (M, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_batch_over_max_rows_runs_in_pieces_with_each_rows_numbers(dtype, monkeypatch):
+    """Where a probe finds that larger batches take another kernel (bf16 on AMX CPUs: 33 rows or more), `linear`
+    runs them in pieces of at most `max_rows`: every row gets its bits from a small batch, a lone last row included.
+    The limit is forced here so the piecewise path runs on every CPU."""
+    from qwen_tts_core.model.layers import (
+        PackSlot,
+        _pack,
+        can_pack,
+        linear,
+        max_batch_rows,
+        packed_linears,
+        weight_key,
+    )
+
+    w = (torch.randn(96, 2048, generator=torch.Generator().manual_seed(5)) * 0.05).to(dtype)
+    if not can_pack(w):
+        pytest.skip(f"oneDNN cannot pack {dtype} linears on this CPU")
+    limit = max_batch_rows(96, 2048, dtype)
+    assert limit is None or 2 <= limit <= 64
+    packed = _pack(w)
+    packed.max_rows = 3
+    p = PackSlot(_pack)
+    p.held = (weight_key(w), packed)
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(6)).to(dtype)
+    x = torch.randn(2, 5, 2048, generator=torch.Generator().manual_seed(7)).to(dtype)   # 10 rows: 3 + 3 + 3 + 1
+    with packed_linears():
+        got = linear(x, w, bias, p)
+        alone = torch.stack([linear(x[i, j], w, bias, p) for i in range(2) for j in range(5)]).reshape(2, 5, 96)
+    assert got.shape == (2, 5, 96) and torch.equal(got, alone)
+    torch.testing.assert_close(got.float(), torch.nn.functional.linear(x, w, bias).float(), rtol=2e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
