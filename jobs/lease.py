@@ -139,13 +139,17 @@ class _S3Lease:
         self.etag: str | None = None
         self.token = uuid.uuid4().hex   # this run's: a lease read back with it is ours
         self.lost = False
+        self.conditional = True   # False on a store without conditional writes (a best-effort lease)
+        self.renewed_at = 0.0     # time.monotonic() when the last write of the lease that took was SENT
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _put(self, **cond: str) -> str:
         body = json.dumps({**_owner(), "token": self.token}).encode()
+        sent = time.monotonic()   # the store stamps the write later: an age counted from here is never less
         resp = self.sink.client.put_object(Bucket=self.sink.bucket, Key=self.key, Body=body,
                                            ContentType="application/json", **cond)
+        self.renewed_at = sent
         return str(resp["ETag"])
 
     def _ours(self, raw: bytes, etag: str) -> bool:
@@ -170,6 +174,7 @@ class _S3Lease:
 
     def acquire(self) -> None:
         where = self.sink.url(LEASE_KEY)
+        start = time.monotonic()   # before any write of ours that took (one read back as ours included)
         for _ in range(3):  # the holder may release between our two requests
             try:
                 self.etag = self._put(IfNoneMatch="*")
@@ -178,6 +183,7 @@ class _S3Lease:
                 code = _code(e)
                 if code in ("NotImplemented", "501"):
                     log.warning("%s does not support conditional writes: the catalog lease is best-effort", where)
+                    self.conditional = False
                     self.etag = self._put()
                     break
                 if code not in _CONFLICT:
@@ -212,18 +218,21 @@ class _S3Lease:
                 break
         else:
             raise LeaseHeld(_held_message(where, None))
+        self.renewed_at = max(self.renewed_at, start)
         self._thread = threading.Thread(target=self._renew, name="qtts-catalog-lease", daemon=True)
         self._thread.start()
 
     def _renew(self) -> None:
         while not self._stop.wait(max(self.ttl_s / 3, 1.0)):
+            sent = time.monotonic()
             try:
-                self.etag = self._put(IfMatch=str(self.etag))
+                self.etag = self._put(IfMatch=str(self.etag)) if self.conditional else self._put()
             except Exception as e:  # noqa: BLE001
                 if _code(e) in ("PreconditionFailed", "412", "NoSuchKey", "404"):
                     try:
                         got = self._read()
                         if got is not None and self._ours(got["Body"].read(), got["ETag"]):
+                            self.renewed_at = sent
                             continue  # the renewal took; its reply was lost and the retry refused
                     except Exception as read_error:  # noqa: BLE001
                         log.warning("could not read the catalog lease back (%s); trying again", read_error)
@@ -234,6 +243,15 @@ class _S3Lease:
                 log.warning("could not renew the catalog lease (%s); trying again", e)
 
     def check(self) -> None:
+        """Raises LeaseLost when another run took the lease over, or may have: renewals that could not reach the
+        store (an outage, not a refusal) leave the lease unrenewed, and once it is `ttl_s` old another pass takes it
+        over while this one would go on; so a lease not renewed for the last two thirds of `ttl_s` counts as lost
+        (a healthy holder renews every third)."""
+        age = time.monotonic() - self.renewed_at
+        if not self.lost and age >= self.ttl_s * 2 / 3:
+            log.error("the catalog lease %s was not renewed for %.0f s: another run may take it over",
+                      self.sink.url(LEASE_KEY), age)
+            self.lost = True
         if self.lost:
             raise LeaseLost(f"lost the catalog lease {self.sink.url(LEASE_KEY)} to another run (not renewed "
                             f"within {self.ttl_s:.0f} s); not reconciling: the outputs written are kept and the "

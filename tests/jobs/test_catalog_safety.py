@@ -449,3 +449,30 @@ def test_a_config_file_sets_the_schedule_retire_and_quiet_too(tmp_path, capsys, 
     assert catalog.main(base) == 2
     err = capsys.readouterr().err
     assert "unknown option(s) ['out']; the keys are" in err and "'output'" in err
+
+
+def test_s3_lease_counts_as_lost_when_renewals_cannot_reach_the_store(s3_bucket, monkeypatch):
+    """Review finding: renewals failing with no answer (an outage, not a 412) were only warned about and check()
+    kept passing: once the lease was ttl_s old another pass took it over, and this one went on to write the manifest
+    and delete. A lease not renewed for two thirds of ttl_s now counts as lost, before anyone can take it over."""
+    import time
+
+    sink = S3Sink(s3_bucket, "ivr")
+    with lease.hold(sink, ttl_s=3) as held:
+        held.check()
+        real = sink.client.put_object
+
+        def unreachable(**kw):
+            raise ConnectionError("Could not connect to the endpoint URL")
+
+        monkeypatch.setattr(sink.client, "put_object", unreachable)
+        time.sleep(2.3)                                       # past 2/3 of ttl_s, before ttl_s: nobody took it yet
+        with pytest.raises(lease.LeaseLost):
+            held.check()
+        time.sleep(1.2)
+        monkeypatch.setattr(sink.client, "put_object", real)
+        other = S3Sink(s3_bucket, "ivr")
+        with lease.hold(other, ttl_s=3) as theirs:            # stale now: another pass takes it over
+            theirs.check()
+            with pytest.raises(lease.LeaseLost):
+                held.check()                                  # and this one stays lost
