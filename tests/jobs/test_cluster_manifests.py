@@ -181,6 +181,8 @@ def test_service_rayjob_runs_on_the_rayservice_cluster_through_its_replicas():
     spec = doc["spec"]
     assert "rayClusterSpec" not in spec and set(spec["clusterSelector"]) == {"ray.io/cluster"}
     assert not spec.get("shutdownAfterJobFinishes")  # never tear down the service's cluster
+    # KubeRay 1.6+ refuses backoffLimit with clusterSelector (never submitted); 1.5 deleted the selected cluster on retry
+    assert not spec.get("backoffLimit")
     args = _entrypoint(spec["entrypoint"], "jobs.narrate", narrate.build_parser)
     _uses_the_service(args, "rayjob-narrate-service")
     assert args.voice and args.max_inflight_per_replica >= 1
@@ -198,6 +200,7 @@ def test_raycronjob_regenerates_the_catalog_on_the_service():
     assert {r["condition"].get("jobStatus") for r in rules} >= {"SUCCEEDED", "FAILED"}
     assert all(r["condition"]["ttlSeconds"] >= 3600 for r in rules)
     assert "rayClusterSpec" not in tmpl and set(tmpl["clusterSelector"]) == {"ray.io/cluster"}
+    assert not tmpl.get("backoffLimit")   # refused with clusterSelector: no run would ever be scheduled
     args = _entrypoint(tmpl["entrypoint"], "jobs.catalog", catalog.build_parser)
     assert args.retire in catalog.RETIRE_MODES and args.output.startswith("s3://")
     _uses_the_service(args, "raycronjob-catalog")
@@ -315,3 +318,15 @@ def test_the_checks_catch_broken_files(tmp_path):
     if Path(hadolint).exists():
         res = subprocess.run([hadolint, str(tmp_path / "Dockerfile")], capture_output=True, text=True, timeout=60)
         assert res.returncode != 0 and "DL3007" in res.stdout  # ":latest" is refused
+
+
+def test_every_secret_a_manifest_reads_is_one_the_docs_create():
+    """Review finding: the standalone narration RayJob read a secret `narration-s3` that nothing created (the README
+    makes `qtts-s3`); optional, so its pods ran without S3 credentials and failed only at the first S3 access."""
+    readme = (ROOT / "README.md").read_text() + (ROOT / "serve" / "README.md").read_text()
+    made = set(re.findall(r"kubectl create secret generic ([a-z0-9-]+)", readme))
+    assert made
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        names = set(re.findall(r"secretRef: \{name: ([a-z0-9-]+)", path.read_text()))
+        names |= set(re.findall(r"secretKeyRef: \{name: ([a-z0-9-]+)", path.read_text()))
+        assert names <= made, (path.name, names - made)
