@@ -378,7 +378,8 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
         print_manifest(records)
     if lease_lost:
         summary["lease_lost"] = lease_lost
-    return (3 if extra else 1 if summary["failed"] or counts["delete_failed"] or lease_lost or kept_rows else 0), summary
+    failed = summary["failed"] or counts["delete_failed"] or lease_lost or kept_rows or (packages or {}).get("failed")
+    return (3 if extra else 1 if failed else 0), summary
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")

@@ -194,12 +194,16 @@ def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: S
     the index holds for them. A package file that a current prompt of another catalog at this output (`elsewhere`)
     lists with other audio (same id and language, or ids that differ only in case) is that prompt's: this prompt
     gets no package, flag `layout:taken` and an error naming the owner (before, the catalogs overwrote the file in
-    turn on every run, and a retired prompt's audio stayed in it). Returns counts.
+    turn on every run, and a retired prompt's audio stayed in it). A prompt whose files are to be written has its
+    index entry removed, in storage, before any of them is: a set that a refused write or a kill left half-written
+    is never kept, the next pass writes it all again. What the storage refuses (the index, the master, a file)
+    flags the prompt `layout:storage` with error `layout: ...`, counted in `failed` (the pass exits 1); nothing
+    raises. Returns counts.
     """
     by_id = {r.id: r for r in rows}
-    index = _read_index(sink)
     taken = {k.lower(): r for r in elsewhere if r.status != "retired" for k in r.layout or []}
-    counts = {"written": 0, "kept": 0}   # and "taken", when some are
+    counts = {"written": 0, "kept": 0}   # and "taken", "failed", when some are
+    todo: list[tuple[ManifestRecord, str, str]] = []
     for rec in records:
         row = by_id.get(rec.id)
         if row is None or rec.status not in ("ok", "suspect") or not rec.key:
@@ -217,30 +221,72 @@ def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: S
             counts["taken"] = counts.get("taken", 0) + 1
             continue
         rec.layout = keys
-        kept = _kept_levels(index.get(ident), rec.key)
-        if kept is not None and all(sink.size(k) for k in keys):
-            _flag(rec, _level_flags(kept))
-            counts["kept"] += 1
-            continue
-        data = sink.get(rec.key)
-        if data is None:
-            _flag(rec, ["layout:missing_master"])
-            continue
-        pcm, sr = codecs.decode(data)
+        todo.append((rec, lang, name))
+    try:
+        index = _read_index(sink)
+    except StorageError as e:
+        for rec, _, _ in todo:
+            _failed(rec, e, counts)
+        return counts
+    write = []
+    for rec, lang, name in todo:
+        try:
+            kept = _kept_levels(index.get(f"{lang}/{name}"), rec.key)
+            if kept is not None and all(sink.size(k) for k in rec.layout):
+                _flag(rec, _level_flags(kept))
+                counts["kept"] += 1
+            else:
+                write.append((rec, lang, name))
+        except StorageError as e:
+            _failed(rec, e, counts)
+    stale = [ident for ident in (f"{lang}/{name}" for _, lang, name in write) if ident in index]
+    if stale:  # out of the stored index before any of their files changes
+        for ident in stale:
+            del index[ident]
+        try:
+            _write_index(sink, index)
+        except StorageError as e:
+            for rec, _, _ in write:
+                _failed(rec, e, counts)
+            return counts
+    written = []
+    for rec, lang, name in write:
         dbm0: dict[str, float | None] = {}
         try:
+            data = sink.get(rec.key)
+            if data is None:
+                _flag(rec, ["layout:missing_master"])
+                continue
+            pcm, sr = codecs.decode(data)
             for codec, (blob, level) in _package_files(pcm, sr).items():
                 sink.put(package_key(codec, lang, name), blob, codecs.get(codec).media_type)
                 dbm0[codec] = level
         except StorageError as e:
-            _flag(rec, [*_level_flags(dbm0), "layout:storage"])
-            rec.error = f"layout: {e}"
+            _failed(rec, e, counts, _level_flags(dbm0))
             continue
         _flag(rec, _level_flags(dbm0))
-        index[ident] = {"master": rec.key, "dbm0": dbm0}
+        index[f"{lang}/{name}"] = {"master": rec.key, "dbm0": dbm0}
+        written.append(rec)
         counts["written"] += 1
-    sink.put(INDEX_KEY, json.dumps(index, sort_keys=True, indent=1).encode(), "application/json")
+    if written:
+        try:
+            _write_index(sink, index)
+        except StorageError as e:
+            for rec in written:
+                _failed(rec, f"{e} (its files are written; the index does not list them: the next pass writes "
+                             "them again)", counts)
     return counts
+
+
+def _write_index(sink: Sink, index: dict[str, Any]) -> None:
+    sink.put(INDEX_KEY, json.dumps(index, sort_keys=True, indent=1).encode(), "application/json")
+
+
+def _failed(rec: ManifestRecord, e: object, counts: dict[str, int], flags: list[str] = ()) -> None:
+    """A package the storage refused: flag `layout:storage`, the error, one more `failed`."""
+    _flag(rec, [*flags, "layout:storage"])
+    rec.error = f"layout: {e}"
+    counts["failed"] = counts.get("failed", 0) + 1
 
 
 def _flag(rec: ManifestRecord, flags: list[str]) -> None:
@@ -263,14 +309,20 @@ def remove_packages(records: list[ManifestRecord], sink: Sink, held: set[str] = 
     retire.held_keys), stays in the retired prompt's `layout`, pending, until none does (retire.Live)."""
     from .retire import DELETED, KEPT, Live, refusal, refused_error  # (retire imports this module)
 
-    index = _read_index(sink)
+    try:
+        index = _read_index(sink)
+    except StorageError as e:  # nothing deleted: the files stay listed, for the next pass
+        pending = [r for r in records if r.status == "retired" and r.layout]
+        for rec in pending:
+            rec.error = f"retired: delete failed: {e}"
+        return len(pending)
     live = Live({k for r in records if r.status != "retired" for k in r.layout or []}, held)
     live_idents = {_ident(k) for k in live.folded}
-    failed = 0
+    failed, dropped = 0, []   # dropped: (record, its layout before) for each that removed an index entry
     for rec in records:
         if rec.status != "retired" or not rec.layout:
             continue
-        left, errors, refused, waiting = [], [], [], []
+        left, errors, refused, waiting, before = [], [], [], [], rec.layout
         for key in rec.layout:
             if (use := live.use(key)) == "live":
                 continue
@@ -287,14 +339,23 @@ def remove_packages(records: list[ManifestRecord], sink: Sink, held: set[str] = 
                 log.warning("could not delete %s: %s", key, e)
                 left.append(key)
                 errors.append(str(e))
-        for ident in {_ident(k) for k in rec.layout if not refusal(k, package=True)}:
-            if ident.casefold() not in live_idents and not any(_ident(k) == ident for k in (*left, *waiting)):
-                index.pop(ident, None)
+        gone = [ident for ident in {_ident(k) for k in rec.layout if not refusal(k, package=True)} if ident in index
+                and ident.casefold() not in live_idents and not any(_ident(k) == ident for k in (*left, *waiting))]
+        for ident in gone:
+            del index[ident]
+        if gone:
+            dropped.append((rec, before))
         rec.layout = [k for k in rec.layout if k in left or k in waiting]
         if left:
             failed += 1
             rec.error = f"retired: delete failed: {errors[0]}"
         elif refused and rec.error in (DELETED, KEPT):  # (a failed delete of its objects stays the error)
             rec.error = refused[0]
-    sink.put(INDEX_KEY, json.dumps(index, sort_keys=True, indent=1).encode(), "application/json")
+    if dropped:
+        try:
+            _write_index(sink, index)
+        except StorageError as e:  # their files stay listed (deleted again next pass, with the index entries)
+            for rec, before in dropped:
+                failed += not str(rec.error).startswith("retired: delete failed")
+                rec.layout, rec.error = before, f"retired: delete failed: {e}"
     return failed

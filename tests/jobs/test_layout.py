@@ -130,3 +130,125 @@ def test_safe_names(pid, name):
 def test_ids_that_cannot_be_file_names(pid):
     with pytest.raises(ValueError, match="cannot be a file name"):
         safe_name(pid)
+
+
+V1 = "Welcome to the company line, please listen closely."
+V2 = "Welcome to the NEW company line, please listen closely now."
+
+
+def _one_prompt(cat, text):
+    cat.write_text(json.dumps({"defaults": {"voice": "ryan", "language": "english"},
+                               "prompts": [{"id": "welcome", "text": text}]}))
+
+
+def _run(cat, out, capsys, *extra):
+    code = catalog.main([str(cat), "--out", str(out), *NOISE, "--layout", "asterisk", *extra])
+    lines = capsys.readouterr().out.strip().splitlines()
+    return code, json.loads(lines[-1]) if lines else None
+
+
+def _refuse(monkeypatch, refused, error=None):
+    """LocalSink.put refuses the keys `refused` says (a StorageError, or `error`)."""
+    from jobs.storage import LocalSink, StorageError
+
+    put = LocalSink.put
+
+    def refusing(self, key, data, *args, **kwargs):
+        if refused(key):
+            raise (error or StorageError)(f"put {key} failed after 4 attempt(s): AccessDenied")
+        return put(self, key, data, *args, **kwargs)
+
+    monkeypatch.setattr(LocalSink, "put", refusing)
+
+
+def _files(out):
+    return {c: (out / f"asterisk/{c}/sounds/en/welcome.{c}").read_bytes() for c in ("ulaw", "alaw", "sln16", "g722")}
+
+
+class Killed(BaseException):
+    """Stand-in for a SIGKILL between two package file writes: nothing after it runs."""
+
+
+@pytest.mark.parametrize("error", [None, Killed], ids=["refused", "killed"])
+def test_a_half_written_package_is_never_kept(tmp_path, capsys, monkeypatch, error):
+    """A package file write the storage refused flagged the prompt suspect (exit 0) and the index kept the earlier
+    master while some files held the new audio (as after a kill between the writes): when the prompt went back to
+    its earlier text, the mixed set was kept, status ok, and the PBX played the new audio for the old prompt. Now
+    the prompt's index entry leaves the stored index before any of its files is written, a refused write exits 1
+    (`layout.failed`), and the next pass writes every file again."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _one_prompt(cat, V1)
+    assert _run(cat, out, capsys)[0] == 0
+    v1 = _files(out)
+    _one_prompt(cat, V2)
+    with monkeypatch.context() as m:
+        _refuse(m, lambda key: key.startswith("asterisk/alaw/"), error)
+        if error is None:
+            code, s = _run(cat, out, capsys)
+            rec = from_parquet((out / "catalog-manifest.parquet").read_bytes())[0]
+            assert code == 1 and s["layout"]["failed"] == 1, s
+            assert "layout:storage" in rec.flags and "AccessDenied" in rec.error
+        else:
+            with pytest.raises(Killed):
+                _run(cat, out, capsys)
+    assert _files(out)["ulaw"] != v1["ulaw"]  # half written: the new u-law, the old A-law
+    assert "en/welcome" not in json.loads((out / "asterisk/index.json").read_text())
+    _one_prompt(cat, V1)
+    code, s = _run(cat, out, capsys)
+    assert code == 0 and s["layout"] == {"name": "asterisk", "written": 1, "kept": 0}
+    assert _files(out) == v1
+
+
+@pytest.mark.parametrize("manifest_refused", [False, True])
+def test_a_refused_index_write_keeps_the_manifest(tmp_path, capsys, monkeypatch, manifest_refused):
+    """The index put after rendering raised out of the pass: no summary, exit 2 ("nothing done"), and the manifest
+    of the prompts and files it wrote neither written nor kept locally. Now the prompts whose files the index does
+    not list are flagged `layout:storage` (the next pass writes their files again), the manifest is written (exit
+    1), or kept locally when the storage refuses it too (exit 3)."""
+    from jobs import narrate
+    from jobs.storage import RetryPolicy
+
+    monkeypatch.setattr(narrate, "MANIFEST_RETRY", RetryPolicy(attempts=1, base_delay=0, max_delay=0))
+    monkeypatch.chdir(tmp_path)
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _one_prompt(cat, V1)
+    refused = {"asterisk/index.json", *(["catalog-manifest.parquet"] if manifest_refused else [])}
+    with monkeypatch.context() as m:
+        _refuse(m, refused.__contains__)
+        code, s = _run(cat, out, capsys)
+    assert s is not None and s["layout"]["failed"] == 1 and s["layout"]["written"] == 1, s
+    if manifest_refused:
+        assert code == 3 and not (out / "catalog-manifest.parquet").exists()
+        raw = (tmp_path / s["manifest_local"]).read_bytes()
+    else:
+        assert code == 1
+        raw = (out / "catalog-manifest.parquet").read_bytes()
+    rec = from_parquet(raw)[0]
+    assert rec.status == "suspect" and "layout:storage" in rec.flags and "index.json" in rec.error
+    assert not (out / "asterisk/index.json").exists()
+    code, s = _run(cat, out, capsys)
+    assert code == 0 and s["layout"]["written"] == 1
+
+
+def test_a_refused_index_write_while_deleting_packages_is_a_failed_delete(tmp_path, capsys, monkeypatch):
+    """remove_packages' index put raised after the pass wrote its manifest: exit 2 and no summary. Now the retired
+    prompt keeps its files listed with error "retired: delete failed: ..." (exit 1, the manifest says so), and the
+    next --retire delete pass finishes: files and index entry gone."""
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    cat.write_text(json.dumps({"defaults": {"voice": "ryan", "language": "english"}, "prompts": [
+        {"id": "welcome", "text": V1}, {"id": "bye", "text": "Thank you for calling, goodbye for now."}]}))
+    assert _run(cat, out, capsys)[0] == 0
+    _one_prompt(cat, V1)
+    with monkeypatch.context() as m:
+        _refuse(m, lambda key: key == "asterisk/index.json")
+        code, s = _run(cat, out, capsys, "--retire", "delete")
+    assert code == 1 and s is not None and s["delete_failed"] == 1, s
+    bye = {r.id: r for r in from_parquet((out / "catalog-manifest.parquet").read_bytes())}["bye"]
+    assert bye.status == "retired" and bye.error.startswith("retired: delete failed") and len(bye.layout) == 4
+    assert "en/bye" in json.loads((out / "asterisk/index.json").read_text())
+    code, s = _run(cat, out, capsys, "--retire", "delete")
+    assert code == 0 and s["delete_failed"] == 0
+    assert set(json.loads((out / "asterisk/index.json").read_text())) == {"en/welcome"}
+    assert not list((out / "asterisk").rglob("bye.*"))
+    bye = {r.id: r for r in from_parquet((out / "catalog-manifest.parquet").read_bytes())}["bye"]
+    assert bye.layout == [] and bye.error == "retired: object deleted", bye.error
