@@ -56,11 +56,16 @@ def refused_error(key: str, why: str) -> str:
 
 def live_keys(records: list[ManifestRecord]) -> set[str]:
     """Every object a current prompt uses: a written prompt's audio, sidecar and captions, and the last written
-    version a failed prompt still holds (`previous_keys`). Keys are stem-hash(content) and the stem is lossy ("main
-    menu" and "main_menu"), so a retired or superseded record may share a key with a live one."""
+    version a failed prompt still holds (`previous_keys`, and its own key: a prompt whose text did not change
+    failed on the very object it wrote before, which `_carry` leaves out of `previous_keys`). Keys are
+    stem-hash(content) and the stem is lossy ("main menu" and "main_menu"), so a retired or superseded record may
+    share a key with a live one."""
     keys: set[str] = set()
     for r in records:
-        used = [r.key] if r.status in LIVE and r.key else r.previous_keys if r.status != "retired" else []
+        if r.status == "retired":
+            continue
+        used = [r.key] if r.status in LIVE else [r.key, *r.previous_keys]
+        used = [k for k in used if k]
         for k in used:
             keys.update((k, sidecar_key(k), *caption_keys(k)))
     return keys

@@ -107,6 +107,39 @@ def test_the_version_a_failed_render_kept_is_deleted_once_the_prompt_is_written_
                                                                     f"{rec.key.split('/')[-1]}.json"])
 
 
+def test_a_failed_prompts_own_object_is_kept_when_another_catalog_retires_it(tmp_path, capsys, monkeypatch):
+    """Review finding: catalogs A and B share a prompt, so one object K. A's pass could not read K's sidecar (a
+    transient storage error) and recorded the prompt failed with key K and no previous_keys: nothing listed K as in
+    use, and B's next --retire delete pass, dropping the prompt, deleted the object A's prompt still stands on."""
+    out = tmp_path / "out"
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    welcome = {"id": "welcome", "text": "Welcome to our line."}
+    _write(a, [welcome])
+    _write(b, [welcome, {"id": "other", "text": "Other prompt."}])
+    assert _run(a, out, capsys)[0] == 0 and _run(b, out, capsys)[0] == 0
+    key = _manifest(out)["welcome"].key
+    real_get = LocalSink.get
+
+    def get(self, k):
+        if k == key + ".json":
+            raise StorageError(f"get {k} failed after 4 attempt(s): SlowDown")
+        return real_get(self, k)
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalSink, "get", get)
+        assert _run(a, out, capsys)[0] == 1
+    def a_welcome():
+        return {(r.catalog, r.id): r for r in from_parquet((out / "catalog-manifest.parquet").read_bytes())}[
+            ("a", "welcome")]
+
+    assert a_welcome().status == "failed" and a_welcome().key == key and (out / key).exists()
+    _write(b, [{"id": "other", "text": "Other prompt."}])
+    assert _run(b, out, capsys)[0] == 0
+    assert (out / key).exists() and (out / (key + ".json")).exists()   # A's prompt still uses it
+    assert _run(a, out, capsys)[0] == 0
+    assert (a_welcome().status, a_welcome().key, a_welcome().reused) == ("ok", key, True)   # healthy again
+
+
 def test_a_refused_delete_is_recorded_counted_and_retried(tmp_path, capsys, monkeypatch):
     cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
     _write(cat, [{"id": "welcome", "text": "Welcome."}, {"id": "bye", "text": "Goodbye."}])
