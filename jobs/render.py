@@ -141,7 +141,7 @@ def existing_output(sink: Sink, row: Utterance, cfg: RenderConfig, this_run: boo
     rec = from_sidecar(raw)  # anything but a well-formed record (null, a list, wrong types) is "not done"
     if rec is None:
         return None
-    if rec.key != key or sink.size(key) != rec.bytes or rec.bytes <= 44:
+    if rec.key != key or sink.size(key) != rec.bytes:   # a row of zero samples (44 bytes of WAV) is done too
         return None
     rec.id, rec.reused, rec.url = row.id, not this_run, sink.url(key)
     rec.retries = rec.retries if this_run else []

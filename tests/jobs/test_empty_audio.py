@@ -62,3 +62,27 @@ def test_opus_files_decode_to_exactly_their_samples(n):
     y, sr = codecs.decode(data)
     z, zsr = sf.read(io.BytesIO(data), dtype="float32")
     assert (sr, len(y)) == (zsr, len(z)) == (c.sample_rate, n)
+
+
+def test_a_row_of_zero_samples_is_reused_on_a_rerun(tmp_path, capsys):
+    """Review finding: a committed row of zero samples in plain WAV (44 bytes) was never counted as done (a leftover
+    `bytes <= 44` rule), so every re-run synthesized it again and every catalog pass counted it as changed; a
+    wav-ulaw one (58 bytes) was reused."""
+    import json
+
+    from jobs import narrate
+    from tests.jobs.media_fakes import NoiseBackend
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in (
+        {"id": "empty-wav", "text": "NOTHING here.", "voice": "ryan"},
+        {"id": "empty-ulaw", "text": "NOTHING at all.", "voice": "ryan", "format": "wav-ulaw", "sample_rate": 8000},
+        {"id": "normal", "text": "Hello there.", "voice": "ryan"})))
+    args = [str(rows), "--model", "fake", "--out", str(tmp_path / "out"), "--backend",
+            "tests.jobs.media_fakes:NoiseBackend", "--runner", "local", "--no-progress", "--quiet"]
+    for run in (1, 2):
+        NoiseBackend.calls.clear()
+        assert narrate.main(args) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (summary["synthesized"], summary["reused"]) == ((3, 0) if run == 1 else (0, 3)), (run, summary)
+    assert not NoiseBackend.calls
