@@ -496,10 +496,10 @@ class Engine:
         """What this engine projects text in (prompts at admission, text committed later, the pad): its talker
         steps' linears. With the device sampler on CPU those are oneDNN's packed weights, where a row's bits do not
         depend on how many rows are projected with it (`layers.linear`: from two rows on, one row runs as two where
-        its kernel differs, and batches run in pieces where larger ones take another kernel: bf16 with AMX), so a text's embeddings are the same bits whole or committed piece by piece
-        (incremental text), and its codes the same. Elsewhere, torch's GEMM (the torch sampler: the reference's
-        numbers for a whole text; CUDA): a row may get other last bits with another row count, so incremental text
-        equals the whole text to rounding only. bf16 on a CPU that oneDNN cannot run bf16 on (AVX2 only) projects
+        its kernel differs, and batches run in pieces where larger ones take another kernel: bf16 with AMX), so a
+        text's embeddings are the same bits whole or committed piece by piece (incremental text), and its codes the
+        same. Elsewhere, torch's GEMM (the torch sampler: the reference's numbers for a whole text; CUDA): a row may
+        get other last bits with another row count, so incremental text equals the whole text to rounding only. bf16 on a CPU that oneDNN cannot run bf16 on (AVX2 only) projects
         one row in bf16 and more in fp32: to rounding there too."""
         return packed_linears(self.runner.packed)
 

@@ -144,28 +144,40 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-_SINGLE_ROW: dict[tuple, bool] = {}
+_ROW_PROBE = (3, 4, 8, 9, 16, 17, 31, 32, 33, 48, 64, 65)   # batch sizes around the kernels' row blocks
+_ROW_PROBES: dict[tuple, tuple[bool, int | None]] = {}
+
+
+def _probe_rows(n: int, k: int, dtype: torch.dtype) -> tuple[bool, int | None]:
+    """(single_row_differs, max_batch_rows) of packed [n, k] weights of `dtype`: one random weight, packed once,
+    probed once per shape for both."""
+    key = (n, k, dtype)
+    if key not in _ROW_PROBES:
+        g = torch.Generator().manual_seed(n * 7919 + k)
+        w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+        x = torch.randn(_ROW_PROBE[-1] + 1, k, generator=g).to(dtype)
+        packed = pack_weight(w)
+        batch = onednn_linear(x[:8], packed)
+        single = any(not torch.equal(onednn_linear(x[i:i + 1], packed)[0], batch[i]) for i in range(8))
+        pairs = torch.cat([onednn_linear(x[i:i + 2], packed) for i in range(0, len(x), 2)])
+        most, last = None, 2
+        for m in _ROW_PROBE:
+            if not torch.equal(onednn_linear(x[:m], packed), pairs[:m]):
+                most = last
+                break
+            last = m
+        _ROW_PROBES[key] = single, most
+    return _ROW_PROBES[key]
 
 
 def single_row_differs(n: int, k: int, dtype: torch.dtype) -> bool:
     """Whether oneDNN gives a row alone other bits than the same row among others, for packed [n, k] weights of
     `dtype`. It runs a single row with a kernel of its own, whose sums differ from the batched kernel's for some
     shapes and inputs (on this project's CPUs: K >= 2048, in fp32 always, in bf16 for some inputs). From two rows on,
-    a row's result does not depend on the batch. Where they can differ, `linear` runs one row as two (~1.5x the time
-    of that product, so only there). Probed once per shape: 8 random rows, each alone and in the batch."""
-    key = (n, k, dtype)
-    if key not in _SINGLE_ROW:
-        g = torch.Generator().manual_seed(n * 7919 + k)
-        w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
-        x = torch.randn(8, k, generator=g).to(dtype)
-        packed = pack_weight(w)
-        batch = onednn_linear(x, packed)
-        _SINGLE_ROW[key] = any(not torch.equal(onednn_linear(x[i:i + 1], packed)[0], batch[i]) for i in range(8))
-    return _SINGLE_ROW[key]
-
-
-_ROW_PROBE = (3, 4, 8, 9, 16, 17, 31, 32, 33, 48, 64, 65)   # around the kernels' row blocks
-_MAX_ROWS: dict[tuple, int | None] = {}
+    a row's result does not depend on the batch (up to `max_batch_rows`). Where they can differ, `linear` runs one
+    row as two (~1.5x the time of that product, so only there). Probed once per shape: 8 random rows, each alone and
+    in the batch."""
+    return _probe_rows(n, k, dtype)[0]
 
 
 def max_batch_rows(n: int, k: int, dtype: torch.dtype) -> int | None:
@@ -174,20 +186,7 @@ def max_batch_rows(n: int, k: int, dtype: torch.dtype) -> int | None:
     another kernel whose sums differ (and differ between row counts): `linear` runs a larger batch in pieces of at
     most this many rows, so a session's numbers do not depend on how many sessions (or prompt tokens) share the
     product. Probed once per shape, at row counts around the kernels' blocks."""
-    key = (n, k, dtype)
-    if key not in _MAX_ROWS:
-        g = torch.Generator().manual_seed(n * 7919 + k + 1)
-        w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
-        x = torch.randn(_ROW_PROBE[-1] + 1, k, generator=g).to(dtype)
-        packed = pack_weight(w)
-        pairs = torch.cat([onednn_linear(x[i:i + 2], packed) for i in range(0, len(x), 2)])
-        most: int | None = None
-        for m in _ROW_PROBE:
-            if not torch.equal(onednn_linear(x[:m], packed), pairs[:m]):
-                most = max((r for r in _ROW_PROBE if r < m), default=2)
-                break
-        _MAX_ROWS[key] = most
-    return _MAX_ROWS[key]
+    return _probe_rows(n, k, dtype)[1]
 
 
 def _pack_upcast(w: torch.Tensor) -> torch.Tensor:
