@@ -265,6 +265,13 @@ def _too_big(path: Path, what: str, limits: InputLimits) -> ValueError:
     return ValueError(f"input: {path} {what}; the limit is {limits.max_input_bytes} bytes (--max-input-bytes)")
 
 
+def _text_like(t: Any) -> bool:
+    """An Arrow type whose values are strings or bytes (read as dictionaries, measured by their byte length)."""
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
 def _batch_bytes(batch: Any) -> int:
     """The bytes a batch's values take decoded (strings by their UTF-8 length, a dictionary's value as often as
     rows use it, a number 8), without decoding them: a small dictionary-encoded file can stand for gigabytes."""
@@ -276,8 +283,7 @@ def _batch_bytes(batch: Any) -> int:
         t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
         if pa.types.is_nested(t):
             continue  # never decoded (_Nested)
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
-                or pa.types.is_large_binary(t)):
+        if not _text_like(t):
             total += 8 * len(col)
             continue
         if pa.types.is_dictionary(col.type):
@@ -316,8 +322,7 @@ def _read_parquet(path: Path, defaults: RowDefaults, limits: InputLimits) -> lis
                  for j in range(rg.num_columns) if rg.column(j).path_in_schema.split(".")[0] in wanted)
     if stored > limits.max_input_bytes:
         raise _too_big(path, f"holds {stored} bytes of row fields uncompressed", limits)
-    text_like = [n for n in columns if pa.types.is_string(schema.field(n).type) or pa.types.is_binary(schema.field(n).type)
-                 or pa.types.is_large_string(schema.field(n).type) or pa.types.is_large_binary(schema.field(n).type)]
+    text_like = [n for n in columns if _text_like(schema.field(n).type)]
     # Two passes: the first measures every batch, decoding nothing into Python objects, so a file over the limit is
     # refused before any row is built; the second builds the rows
     groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
