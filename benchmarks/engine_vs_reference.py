@@ -6,10 +6,12 @@ calls) and `talker_and_rest_s_per_frame` (the rest of the run: prefill, talker s
 gives `talker_steps_only_s_per_frame`), decode seconds per second of audio, and frames/s of 8 texts in one engine
 vs one (codes only, and with the streaming audio decode included: `ours_batch8_speedup_audio`, target >= 5; each the
 best of --reps rounds taken in turn; the reference's batch of 8 the best of --reps calls).
-The memory bound of a frame: bytes of weights read per frame (the talker's layers and head once, the code
-predictor's layers 15 times plus one head per codebook) divided by the measured bandwidth of a large matrix-vector
-product. Decoding is memory-bound at batch 1, so this is the floor for seconds per frame. The codec decoder is
-compute-bound: its GFLOP per frame (torch's FlopCounterMode) over its decode time, against a large matrix product's
+The memory bound of a frame: the bytes of weights it reads (the talker's layers and head once, the code
+predictor's layers 15 times plus one head per codebook), each part over the bandwidth measured for the working set it
+re-reads (one-row products cycling through that many bytes of distinct matrices, `stream_bandwidth_gbs`): the code
+predictor's layers and a head, re-read every codebook, may stay in a large last-level cache; the talker and the heads
+are read once a frame, after everything else (DRAM, unless the whole model fits). Decoding is memory-bound at batch
+1, so this is the floor for seconds per frame. The codec decoder is compute-bound: its GFLOP per frame (torch's FlopCounterMode) over its decode time, against a large matrix product's
 GFLOP/s in the same run (`decode_vs_gemm_peak`), says how much a batch can still gain on the audio side.
 Prints one JSON line last.
 
@@ -30,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _measure import count_flops, gemm_gflops, matvec_bandwidth_gbs, peak_rss_mb, run_worker  # noqa: E402
+from _measure import count_flops, gemm_gflops, peak_rss_mb, run_worker, stream_bandwidth_gbs  # noqa: E402
 
 TEXT = "Once upon a time there was a small village by the sea, and every morning the fishermen sang."
 TEXTS8 = [TEXT, "Please hold while we connect your call.", "It was the best of times, it was the worst of times.",
@@ -38,7 +40,11 @@ TEXTS8 = [TEXT, "Please hold while we connect your call.", "It was the best of t
           "The quick brown fox jumps over the lazy dog.", "Thank you for waiting, we will be right with you."]
 
 
-def weight_bytes_per_frame(ckpt: Path, bytes_per_param: int) -> int:
+def weight_bytes_per_frame(ckpt: Path, bytes_per_param: int) -> dict:
+    """Bytes of weights one frame reads, by part: `once` (the talker's layers and head, the code predictor's heads:
+    read once a frame), `cp_pass` (the code predictor's layers and input projection: read once per codebook step,
+    `cp_steps` times), `cp_reuse` (what a step reads between two reads of the same layer weight: the layers and one
+    head, the working set that decides whether they stay in cache) and `total` (all of it, per frame)."""
     cfg = json.loads((ckpt / "config.json").read_text())["talker_config"]
     cp = cfg["code_predictor_config"]
 
@@ -50,8 +56,25 @@ def weight_bytes_per_frame(ckpt: Path, bytes_per_param: int) -> int:
     talker = cfg["num_hidden_layers"] * layer_params(cfg) + cfg["hidden_size"] * cfg["vocab_size"]
     steps = cp["num_code_groups"] - 1
     proj = cfg["hidden_size"] * cp["hidden_size"] if cfg["hidden_size"] != cp["hidden_size"] else 0
-    cpp = steps * (cp["num_hidden_layers"] * layer_params(cp) + proj) + steps * cp["hidden_size"] * cp["vocab_size"]
-    return (talker + cpp) * bytes_per_param
+    cp_pass = cp["num_hidden_layers"] * layer_params(cp) + proj
+    head = cp["hidden_size"] * cp["vocab_size"]
+    b = bytes_per_param
+    return {"once": (talker + steps * head) * b, "cp_pass": cp_pass * b, "cp_steps": steps,
+            "cp_reuse": (cp_pass + head) * b, "total": (talker + steps * (cp_pass + head)) * b}
+
+
+def memory_bound(parts: dict, dtype: str) -> dict:
+    """Seconds per frame at the memory bound (see the module doc): each part's bytes over the bandwidth of its working
+    set, measured now. Returns the bound and the bandwidths (GB/s) with their working sets (MB)."""
+    once_ws = parts["once"] + parts["cp_reuse"]          # everything a frame touches lies between two reads of it
+    bw_once = stream_bandwidth_gbs(dtype, once_ws)
+    bw_cp = stream_bandwidth_gbs(dtype, parts["cp_reuse"])
+    once_s, cp_s = parts["once"] / (bw_once * 1e9), parts["cp_steps"] * parts["cp_pass"] / (bw_cp * 1e9)
+    return {"bound_s_per_frame": round(once_s + cp_s, 4),
+            "bound_s_by_part": {"talker_and_heads": round(once_s, 4), "code_predictor_layers": round(cp_s, 4)},
+            "stream_gb_s": {"frame": round(bw_once, 2), "code_predictor": round(bw_cp, 2)},
+            "working_set_mb": {"frame": round(once_ws / 1e6), "code_predictor": round(parts["cp_reuse"] / 1e6)},
+            "weight_mb_per_frame": round(parts["total"] / 1e6)}
 
 
 # --- workers ----------------------------------------------------------------------------------------------------
@@ -183,14 +206,14 @@ def main() -> None:
                     "checkpoint": args.checkpoint or "random 0.6B CustomVoice (bf16 on disk)",
                     "frames": args.frames, "build_s": round(build_s, 1), "cpu_threads": os.cpu_count()}
     for dtype in args.dtypes:
-        bw = matvec_bandwidth_gbs(dtype)
         bpp = 4 if dtype == "float32" else 2
-        bound = weight_bytes_per_frame(ckpt, bpp) / (bw * 1e9)
+        mem = memory_bound(weight_bytes_per_frame(ckpt, bpp), dtype)
+        bound = mem["bound_s_per_frame"]
         ours = run_worker(sys.executable, __file__, ["--worker", "ours", "--checkpoint", str(ckpt),
                                                      "--dtype", dtype, "--frames", str(args.frames),
                                                      "--reps", str(args.reps)])
         gemm = gemm_gflops(ours["decode_dtype"])   # the offline decode runs in the codec's dtype (fp32 by default)
-        entry = {"matvec_gb_s": round(bw, 2), "bound_s_per_frame": round(bound, 4),
+        entry = {**mem,
                  "gemm_gflop_s": {ours["decode_dtype"]: round(gemm, 1)},
                  "ours": ours, "decode_vs_gemm_peak": round(ours["decode_gflop_s"] / gemm, 3),
                  "ours_vs_bound": round(ours["s_per_frame"] / bound, 3),
