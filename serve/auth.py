@@ -49,7 +49,8 @@ def cross_site(headers) -> bool:
     host, which is the same site), or by any page reached through a DNS name (DNS rebinding: a page of evil.example
     whose name was re-pointed at this machine is "same-origin" to the browser, so only the name gives it away).
     Browsers say so with `Sec-Fetch-Site` (all current ones) or `Origin` (compared with `X-Forwarded-Host` or
-    `Host`, default ports dropped: a proxy may rewrite Host); clients that are not browsers send neither.
+    `Host`, default ports dropped: a proxy may rewrite Host); clients that are not browsers send neither. An
+    Origin that does not parse as a URL (`http://[`) names no site this one could be, so it is cross-site too.
 
     Why: without API keys any page a user opens could drive a local service (synthesize, create and delete
     voices): a JSON POST without a Content-Type, a form upload and a WebSocket need no CORS preflight. This service
@@ -65,7 +66,10 @@ def cross_site(headers) -> bool:
     if site is not None:
         return site.strip().lower() in ("cross-site", "same-site")
     origin = origin.strip()
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:   # e.g. "http://[" (an unclosed IPv6 bracket): no site it could be the same as
+        return True
     return origin.lower() == "null" or _netloc(parts.netloc, parts.scheme) != host
 
 

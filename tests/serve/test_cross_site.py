@@ -50,7 +50,9 @@ def _app(monkeypatch, tmp_path, **cfg):
     {"origin": "null"}, {**LOCAL, "origin": "http://127.0.0.1:3000"}, EVIL,
     # DNS rebinding: evil.example re-pointed at this machine; the browser calls it same-origin
     {"host": "evil.example:8000", "sec-fetch-site": "same-origin"},
-    {"host": "evil.example:8000", "origin": "http://evil.example:8000"}])
+    {"host": "evil.example:8000", "origin": "http://evil.example:8000"},
+    # an Origin urlsplit cannot parse (an unclosed IPv6 bracket) was a 500, and an unhandled error on the WebSocket
+    {**LOCAL, "origin": "http://["}, {**LOCAL, "origin": "http://[::1"}])
 def test_a_keyless_service_refuses_other_sites_pages(monkeypatch, tmp_path, headers):
     client, rep = _app(monkeypatch, tmp_path)
     r = client.post("/v1/audio/speech", content=BODY, headers=headers)   # no Content-Type: a Blob body
@@ -59,6 +61,9 @@ def test_a_keyless_service_refuses_other_sites_pages(monkeypatch, tmp_path, head
     r = client.post("/v1/audio/voices", data={"name": "x"}, files=files, headers=headers)   # a plain <form>
     assert r.status_code == 403
     assert client.delete("/v1/audio/voices/voice_0123456789abcdef", headers=headers).status_code == 403
+    for path in ("/v1/audio/voices", "/v1/models"):
+        r = client.get(path, headers=headers)
+        assert r.status_code == 403 and r.json()["error"]["param"] == "origin"
     with client.websocket_connect("/v1/audio/speech/stream", headers=headers) as ws:
         msg = ws.receive_json()
         assert msg["type"] == "error" and msg["error"]["param"] == "origin"
@@ -97,3 +102,4 @@ def test_cross_site_rule():
     assert not cross_site({"origin": "https://127.0.0.1", "host": "127.0.0.1:443"})
     assert not cross_site({}) and not cross_site({"host": "evil.example"})   # not a browser: no Origin, no Sec-Fetch
     assert cross_site({"host": "tts.lan:8000", "sec-fetch-site": "same-origin"})   # a DNS name: use keys or the IP
+    assert cross_site({**local, "origin": "http://["}) and cross_site({**local, "origin": "http://[::1"})   # unparsable
