@@ -74,7 +74,10 @@ from .ws_session import MessageLimiter, WSSession, send_error
 log = logging.getLogger(__name__)
 
 # /docs and /openapi.json are routes of the Ingress below (behind the API key unless docs_without_key).
-app = FastAPI(title="qwen-tts-fleet", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+# redirect_slashes off: `/v1/audio/speech/` is the API's JSON 404/405 like any unknown path, not Starlette's bare 307
+# (sent before the key is checked, its Location built from the client's Host header).
+app = FastAPI(title="qwen-tts-fleet", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
+              redirect_slashes=False)
 
 
 # Request bodies for /docs and /openapi.json only: the handlers read their bodies themselves (bounded, jsonlimits.py
@@ -563,6 +566,7 @@ class Ingress:
             self._health = (time.monotonic(), round_)
         return await asyncio.shield(round_)
 
+    @app.head("/health", include_in_schema=False)   # load-balancer probes; the same answer as GET
     @app.get("/health", responses={503: {"description": "a model has no replica answering (the same body)",
                                          "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def health(self) -> JSONResponse:

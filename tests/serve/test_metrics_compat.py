@@ -195,6 +195,15 @@ def test_health_sums_with_the_same_rule_as_metrics(monkeypatch, tmp_path):
                                                                 "active_sessions": 0}, r.text
 
 
+def test_health_answers_head(monkeypatch, tmp_path):
+    """Load-balancer probes send HEAD: /health took GET only, so `HEAD /health` was a 405. The same answer now."""
+    client, _, _ = _app(monkeypatch, tmp_path, {"f": FailsMidStream(500)})
+    r = client.head("/health")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.headers
+    r = client.post("/health")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", r.headers
+
+
 class CountsStats:
     """One model whose replica counts the `stats` calls it answers (slowly: 0.2 s each)."""
 

@@ -192,6 +192,24 @@ def test_a_405_names_every_method_of_the_path(monkeypatch, tmp_path, method, pat
     assert r.headers.get_list("allow") == [allowed]
 
 
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/audio/speech/"), ("GET", "/v1/audio/voices/"), ("DELETE", "/v1/audio/voices/"),
+    ("GET", "/v1/models/"), ("GET", "/v1/models/cv/"), ("GET", "/health/"),
+])
+def test_a_trailing_slash_is_the_apis_404_not_a_redirect(monkeypatch, tmp_path, method, path):
+    """Starlette's redirect_slashes answered `POST /v1/audio/speech/` with a bare 307 and an empty body (not the
+    API's error shape), before the key check, its Location built from the client's Host header. It is the API's
+    404 naming `path` now, like any unknown path, with or without a key."""
+    for keys in ([], ["k-0123456789"]):
+        client = ingress_app(monkeypatch, {"models": [{"name": "cv", "model_type": "custom_voice"}],
+                                           "voices_uri": str(tmp_path / "voices"), "api_keys": keys},
+                             {"cv": Speaks()})[0]
+        r = client.request(method, path, json={"input": "Hi."} if method == "POST" else None,
+                           headers={"host": "evil.example"}, follow_redirects=False)
+        assert (r.status_code, r.json()["error"]["param"]) == (404, "path"), (keys, r.status_code, r.text)
+        assert "location" not in r.headers
+
+
 def test_openapi_declares_the_bearer_key_only_where_keys_are_set(monkeypatch, tmp_path):
     """With API keys the document names the bearer scheme on every operation that checks a key (/docs then offers
     "Authorize"); /health never needs one, /metrics not with metrics_without_key; without keys nothing is declared."""
