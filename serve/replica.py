@@ -67,6 +67,22 @@ def _api_param(field: str | None) -> str | None:
     return api_field(field) if field else None
 
 
+def _api_named(field: str | None, message: str, incremental: bool = False) -> tuple[str, str | None]:
+    """(message, param) of a failure the core reports about `field` (its argument name), as the API names it. The
+    core's message may carry its own prefix (`str(RequestError)`: `text: ...`); that prefix becomes the API field's
+    (`input: ...`) through from_request_error, which names every other core error. An incremental session's `text`
+    stays `text`: the WebSocket's own message field (as its feed refusals name it)."""
+    if not field:
+        return message, None
+    if incremental and field == "text":
+        return message, "text"
+    prefix = f"{field}: "
+    if not message.startswith(prefix):
+        return message, _api_param(field)
+    err = from_request_error(RequestError(field, message[len(prefix):]))
+    return err.message, err.param
+
+
 def as_request_error(e: ValueError) -> RequestError:
     """Bad input as the typed core error (the core raises RequestError; any other ValueError is about the input)."""
     if not isinstance(e, RequestError):  # outside the core contract (a bug to fix): still the caller's 400
@@ -226,10 +242,11 @@ class ReplicaCore:
         self._gauges()
         return ticket
 
-    def _end_item(self, ticket: Ticket, ch) -> dict:
+    def _end_item(self, ticket: Ticket, ch, incremental: bool = False) -> dict:
         """The stream's last item. A failure names its field twice: `field`, the core argument name (synthesize
         raises RequestError with it, as the handle contract promises batch callers: `text`, wherever the problem was
-        found), and `param`, the API's name for it (`input`: the HTTP/WS error's `param`)."""
+        found), and `param`, the API's name for it (`input`: the HTTP/WS error's `param`), which its message starts
+        with as every other error's does (`_api_named`; an incremental session's `text` stays `text`)."""
         prompt = getattr(ticket.session, "prompt", None)
         end = {"type": "end", "finish_reason": ch.finish_reason, "num_frames": ticket.samples // SAMPLES_PER_FRAME,
                "ttfa_s": ticket.ttfa_s, "status": None, "message": None, "param": None, "field": None,
@@ -237,13 +254,15 @@ class ReplicaCore:
                "text_tokens": prompt.num_text_tokens if prompt is not None else 0}  # SSE `usage` (streaming.py)
         f = ticket.failure
         if f is not None:
-            end.update(finish_reason="error", status=f.status, message=f.message, field=f.field,
-                       param=_api_param(f.field), retry_after=f.retry_after_s)
+            message, param = _api_named(f.field, f.message, incremental)
+            end.update(finish_reason="error", status=f.status, message=message, field=f.field, param=param,
+                       retry_after=f.retry_after_s)
         elif ch.finish_reason == "error":
             field = getattr(ch, "error_field", None)
             message = (getattr(ch, "error", None) or getattr(ticket.session, "error", None)
                        or "synthesis failed in the engine")
-            end.update(status=400 if field else 500, message=message, field=field, param=_api_param(field))
+            message, param = _api_named(field, message, incremental)
+            end.update(status=400 if field else 500, message=message, field=field, param=param)
         elif ch.finish_reason == "cancelled":
             end.update(status=500, message="the session was cancelled")
         return end
@@ -267,10 +286,7 @@ class ReplicaCore:
                 if ch.pcm.size:
                     yield {"type": "audio", "pcm": ch.pcm}
                 if ch.is_last:
-                    end = self._end_item(ticket, ch)
-                    if incremental and end["field"] == "text":
-                        end["param"] = "text"   # the WebSocket's `text` messages (as its feed refusals name it)
-                    yield end
+                    yield self._end_item(ticket, ch, incremental)
         finally:
             self.sessions.close(sess.sid)
             self.scheduler.cancel(ticket)  # no-op when it finished
@@ -321,8 +337,9 @@ class ReplicaCore:
             self.sessions.close(sess.sid)
             self.scheduler.cancel(ticket)
         if end["status"] is not None:
-            if end["status"] == 400 and end["field"]:
-                raise RequestError(end["field"], end["message"])
+            if end["status"] == 400 and end["field"]:   # the core's name, and its message without the API's prefix
+                param = end["param"]
+                raise RequestError(end["field"], end["message"].removeprefix(f"{param}: ") if param else end["message"])
             raise SynthesisFailed(end["message"], end["finish_reason"], end["status"])
         audio = np.concatenate(pcm).astype(np.float32) if pcm else np.zeros(0, np.float32)
         return {"pcm": audio, "sample_rate": 24000, "finish_reason": end["finish_reason"],

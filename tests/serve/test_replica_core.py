@@ -113,7 +113,8 @@ def test_a_text_the_engine_refuses_names_text_to_batch_callers(model_factory):
     """The handle contract gives batch callers the core's argument name, wherever the problem is found: a prompt
     past max_len (found at the engine's prefill, not at submit; the core names `text`) is RequestError('text') from
     synthesize, as an empty text is (synthesize raised it with the API's `input`). The stream's end item keeps
-    `input` as its `param` for the HTTP/WS error and `text` as its `field`."""
+    `input` as its `param` for the HTTP/WS error and `text` as its `field`, and its message starts `input: ` like
+    every other input error's (it read `text: ...`, the core's prefix, under `param` input)."""
     cfg = ModelConfig(name="cv", model_type="custom_voice", max_len=16, max_new_tokens=16, default_max_new_tokens=4)
     core = ReplicaCore(model_factory("custom_voice"), cfg, None)
     payload = {"input": "A sentence.", "voice": "ryan",   # the instructions fill the prompt past 16 positions
@@ -122,6 +123,8 @@ def test_a_text_the_engine_refuses_names_text_to_batch_callers(model_factory):
     err, end = _synthesize_error_and_stream_end(core, payload)
     assert err.field == "text" and "max_len" in err.message, err
     assert (end["type"], end["status"], end["param"], end["field"]) == ("end", 400, "input", "text"), end
+    assert end["message"].startswith("input: ") and "text:" not in end["message"], end
+    assert not err.message.startswith(("input:", "text:")), err   # batch callers: the core's message, one prefix
 
 
 def test_a_bad_field_found_as_bulk_enters_the_engine_names_both_names(cv_core, monkeypatch):
@@ -135,6 +138,7 @@ def test_a_bad_field_found_as_bulk_enters_the_engine_names_both_names(cv_core, m
     err, end = _synthesize_error_and_stream_end(cv_core, payload)
     assert err.field == "speaker"
     assert (end["status"], end["param"], end["field"]) == (400, "voice", "speaker"), end
+    assert end["message"] == "voice: speaker 'ryan' is not loaded", end
 
 
 def test_voice_clone_prompt_is_encoded_once_and_reused(model_factory, ref_wav_path, tmp_path):
@@ -371,4 +375,4 @@ def test_incremental_text_past_max_len_ends_with_a_400_naming_text(model_factory
     items, held = asyncio.run(main())
     end = items[-1]
     assert (end["type"], end["status"], end["param"], end["field"]) == ("end", 400, "text", "text"), end
-    assert "max_len" in end["message"] and held == 0
+    assert "max_len" in end["message"] and end["message"].startswith("text: ") and held == 0
