@@ -196,14 +196,25 @@ class Qwen3TTSModel:
     # --- the long-lived engine ---------------------------------------------------------------------------------
     def configure_engine(self, reference_sampling: bool | None = None, **engine_kwargs: Any) -> None:
         """Options of the engine that generate_* and stream_* share (Engine's arguments: max_sessions, max_len,
-        cuda_graphs, batch_buckets, compile, ...). Takes effect at the next call; the current engine must be idle."""
+        cuda_graphs, batch_buckets, compile, ...). The engine is rebuilt with them now; the current one must be idle.
+        Options the Engine refuses (an unknown name, a bad value) raise here, naming the argument, and leave the
+        current engine and its options as they were."""
         with self._driver_lock:
             if self._driver is not None and self._driver.engine.has_work():
                 raise RuntimeError("configure_engine: the engine is busy")
-            if reference_sampling is not None:
-                self.reference_sampling = bool(reference_sampling)
-            self.engine_options.update(engine_kwargs)
-            self._driver = None
+            ref = self.reference_sampling if reference_sampling is None else bool(reference_sampling)
+            options = {**self.engine_options, **engine_kwargs}
+            driver = EngineDriver(Engine(self, **self._engine_options(ref, options)))
+            self.reference_sampling, self.engine_options, self._driver = ref, options, driver
+
+    def _engine_options(self, reference_sampling: bool, options: dict[str, Any]) -> dict[str, Any]:
+        """The long-lived engine's arguments: its defaults for this sampling mode, then the configured options."""
+        opts: dict[str, Any] = dict(max_sessions=8, max_queue=1 << 16,
+                                    sampler="torch" if reference_sampling else "device",
+                                    # eager (reference sampling): the cache grows, so allow what the model does;
+                                    # graphs: a static cache of 4096 positions per session
+                                    max_len=self.cfg.talker.max_position_embeddings if reference_sampling else 4096)
+        return {**opts, **options}
 
     @property
     def engine(self) -> Engine:
@@ -213,13 +224,8 @@ class Qwen3TTSModel:
     def _engine_driver(self) -> EngineDriver:
         with self._driver_lock:
             if self._driver is None:
-                ref = self.reference_sampling
-                opts: dict[str, Any] = dict(max_sessions=8, max_queue=1 << 16, sampler="torch" if ref else "device",
-                                            # eager (reference sampling): the cache grows, so allow what the model
-                                            # does; graphs: a static cache of 4096 positions per session
-                                            max_len=self.cfg.talker.max_position_embeddings if ref else 4096)
-                opts.update(self.engine_options)
-                self._driver = EngineDriver(Engine(self, **opts))
+                self._driver = EngineDriver(Engine(self, **self._engine_options(self.reference_sampling,
+                                                                                self.engine_options)))
             return self._driver
 
     # --- sampling defaults ------------------------------------------------------------------------------------

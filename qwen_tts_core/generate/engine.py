@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
+import numbers
 import threading
 import time
 from collections import deque
@@ -91,8 +93,16 @@ class Engine:
         for name, v, lo in (("max_sessions", max_sessions, 1), ("max_queue", max_queue, 1), ("max_len", max_len, 2)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if not 0 <= interactive_reserve < max_sessions:
-            raise ValueError(f"interactive_reserve must be in [0, max_sessions), got {interactive_reserve}")
+        if isinstance(interactive_reserve, bool) or not isinstance(interactive_reserve, int) \
+                or not 0 <= interactive_reserve < max_sessions:
+            raise ValueError(f"interactive_reserve must be an integer in [0, max_sessions), got {interactive_reserve!r}")
+        if isinstance(guard_base_frames, bool) or not isinstance(guard_base_frames, int) or guard_base_frames < 0:
+            raise ValueError(f"guard_base_frames must be an integer >= 0, got {guard_base_frames!r}")
+        if guard_frames_per_token is not None and (
+                isinstance(guard_frames_per_token, bool) or not isinstance(guard_frames_per_token, numbers.Real)
+                or not math.isfinite(guard_frames_per_token) or guard_frames_per_token <= 0):
+            raise ValueError(f"guard_frames_per_token must be None or a finite number > 0, "
+                             f"got {guard_frames_per_token!r}")
         if sampler not in ("device", "torch"):
             raise ValueError(f"sampler must be 'device' or 'torch', got {sampler!r}")
         self.interactive_reserve = interactive_reserve

@@ -233,3 +233,18 @@ def test_a_read_while_another_thread_closes_ends_cleanly():
     closer.join(10)
     driver._deliver(driver.engine.step())   # the next step (anyone's) ends the cancelled session: nothing kept
     assert not closer.is_alive() and not driver._queues and not driver._abandoned
+
+
+@pytest.mark.parametrize("bad", [dict(max_sesions=4), dict(max_sessions=0), dict(guard_frames_per_token=float("nan"))])
+def test_configure_engine_refuses_bad_options_and_keeps_the_working_engine(checkpoint_factory, bad):
+    """Review: a typo or a bad value was stored unchecked and the working engine dropped; every later call then
+    failed (TypeError / ValueError at the next engine build) until options were fixed. Now configure_engine builds
+    the engine itself: the refusal names the argument there, and the engine and options stay as they were."""
+    m = Qwen3TTSModel.from_pretrained(checkpoint_factory("custom_voice", "tiny"), device_map="cpu")
+    m.configure_engine(max_sessions=2)
+    engine, options = m.engine, dict(m.engine_options)
+    with pytest.raises((TypeError, ValueError), match=next(iter(bad))):
+        m.configure_engine(**bad)
+    assert m.engine is engine and m.engine_options == options
+    (w,), _ = m.generate_custom_voice("Hi.", speaker="ryan", **G)
+    assert w.size

@@ -536,3 +536,27 @@ def test_instruct_is_dropped_for_the_sizes_the_reference_drops_it_for(size, kept
     from qwen_tts_core.generate.requests import instruct_supported
 
     assert instruct_supported(size) is kept
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(guard_frames_per_token=float("nan")), "guard_frames_per_token"),
+    (dict(guard_frames_per_token=-1.0), "guard_frames_per_token"),
+    (dict(guard_frames_per_token=0), "guard_frames_per_token"),
+    (dict(guard_frames_per_token=True), "guard_frames_per_token"),
+    (dict(guard_base_frames=-100), "guard_base_frames"),
+    (dict(guard_base_frames=1.5), "guard_base_frames"),
+    (dict(interactive_reserve="1"), "interactive_reserve"),
+    (dict(interactive_reserve=True), "interactive_reserve"),
+])
+def test_engine_guard_and_reserve_arguments_are_checked_naming_them(model, kwargs, name):
+    """Review: a NaN guard failed every request at admission with an unnamed 'cannot convert float NaN to integer';
+    a negative one ended requests after one frame as 'guard'; interactive_reserve='1' raised an unnamed TypeError."""
+    with pytest.raises(ValueError, match=name):
+        Engine(model, max_sessions=2, **kwargs)
+
+
+def test_engine_accepts_numpy_and_int_guards(model):
+    import numpy as np
+
+    Engine(model, max_sessions=2, guard_frames_per_token=np.float32(2.5), guard_base_frames=0)
+    Engine(model, max_sessions=2, guard_frames_per_token=3)
