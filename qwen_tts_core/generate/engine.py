@@ -198,6 +198,8 @@ class Engine:
         s = Session(request=req, ref_key=ref_key)
         if req.text is None:
             s.incremental = IncrementalText.of(self.model.tokenizer)
+        else:  # here, on the caller's thread: a long text would otherwise stall every session's steps
+            s.target = self.model.tokenizer.target(req.text)
         if self.sampler == "torch":
             if req.seed is not None:
                 s.generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
@@ -533,8 +535,7 @@ class Engine:
                 raise RequestError("text", "must not be empty")  # blank, as a whole text would be refused
             role, ids, ended = s.incremental.role, list(s.committed_ids), s.incremental.ended
         else:
-            target = self.model.tokenizer.target(req.text)
-            role, ids, ended = target.role, target.text, True
+            role, ids, ended = s.target.role, s.target.text, True
         # max_len bounds the prompt AND the text it will be fed (an ICL transcript trails into generation): what
         # the token ids show is refused before any embedding is made, the built prompt's exact count after
         with self.text_projection():

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import RequestError, SessionEnded
 from ..text.prompt import Prompt
+from ..text.tokenizer import TargetIds
 from ..types import FinishReason, SynthesisRequest
 from .requests import check_text
 from .text_feed import IncrementalText
@@ -30,6 +31,7 @@ class Session:
     incremental: IncrementalText | None = None
     pending_text: list[str | bytes | None] = field(default_factory=list)  # None = end of text
     committed_ids: list[int] = field(default_factory=list)
+    target: TargetIds | None = None  # a whole text's token ids, tokenized by `Engine.add` on the caller's thread
     # generation state (owned by the engine thread; the per-step tensors live on the device, runner.py)
     phase: str = "queued"            # queued -> frame (an id awaits its code-predictor pass) <-> talker -> done
     prompt: Prompt | None = None

@@ -560,3 +560,24 @@ def test_engine_accepts_numpy_and_int_guards(model):
 
     Engine(model, max_sessions=2, guard_frames_per_token=np.float32(2.5), guard_base_frames=0)
     Engine(model, max_sessions=2, guard_frames_per_token=3)
+
+
+def test_a_whole_text_is_tokenized_on_the_thread_that_adds_it(model, monkeypatch):
+    """Review (stop 28, left open then): a whole text was tokenized when its session was admitted, on the step
+    thread: a multi-MB text given to the core API (4M characters: 2.3 s) stalled every other session's steps before
+    max_len refused it. `add` tokenizes it on the caller's thread now; the step only builds the prompt."""
+    import threading
+
+    threads = []
+    target = model.tokenizer.target
+    monkeypatch.setattr(model.tokenizer, "target", lambda text: threads.append(threading.get_ident()) or target(text))
+    eng = Engine(model, max_sessions=2)
+    added = []
+    adder = threading.Thread(target=lambda: added.append(eng.add(req(TEXTS[0]))))
+    adder.start()
+    adder.join()
+    (s,) = added
+    assert threads == [adder.ident]
+    while s.finish_reason is None:
+        eng.step()
+    assert threads == [adder.ident] and s.finish_reason in ("eos", "max_new_tokens") and s.frames
