@@ -3,7 +3,9 @@
 Per implementation and dtype (fp32, bf16), each in its own process: load time, peak RSS, seconds per generated frame
 of one text (best of 1 + --reps runs, both sides), split the same way for both: `code_predictor_s_per_frame` (its
 calls) and `talker_and_rest_s_per_frame` (the rest of the run: prefill, talker steps, sampling, overhead; ours also
-gives `talker_steps_only_s_per_frame`), decode seconds per second of audio, and frames/s of 8 texts in one engine
+gives `talker_steps_only_s_per_frame`, and `linears_s_per_frame`: its oneDNN products' time, against
+`other_than_linears_s_per_frame`: everything else, mostly per-op dispatch of small ops), decode seconds per second of
+audio, and frames/s of 8 texts in one engine
 vs one (codes only, and with the streaming audio decode included: `ours_batch8_speedup_audio`, target >= 5; each the
 best of --reps rounds taken in turn; the reference's batch of 8 the best of --reps calls).
 The memory bound of a frame: the bytes of weights it reads (the talker's layers and head once, the code
@@ -88,7 +90,9 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
     t0 = time.perf_counter()
     model = Qwen3TTSModel.from_pretrained(ckpt, device_map="cpu", dtype=dtype)
     load_s = time.perf_counter() - t0
-    timers = {"talker": 0.0, "cp": 0.0}
+    import qwen_tts_core.model.layers as layers
+
+    timers = {"talker": 0.0, "cp": 0.0, "linears": 0.0}
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -100,6 +104,7 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
 
     StepRunner._talker_body = timed("talker", StepRunner._talker_body)
     StepRunner._cp_body = timed("cp", StepRunner._cp_body)
+    layers.onednn_linear = timed("linears", layers.onednn_linear)  # the CPU product every packed linear runs
     sp = model.sampling_params(max_new_tokens=frames + 1)
 
     def reqs(texts, audio=False):
@@ -110,7 +115,7 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
         """Frames/s of `n` texts in one engine (built before the clock starts; the requests' prompt building,
         prefill and steps timed, as in the reference's call), and that run's talker-step and code-predictor seconds."""
         eng = Engine(model, max_sessions=n, audio_dtype=audio_dtype)
-        timers.update(talker=0.0, cp=0.0)
+        timers.update(talker=0.0, cp=0.0, linears=0.0)
         t = time.perf_counter()
         done = eng.run_all(reqs(TEXTS8[:n], audio))
         wall = time.perf_counter() - t
@@ -145,6 +150,7 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
     cp_pf = single["cp"] / single["frames"]
     talker_and_rest_pf = single["wall_s"] / single["frames"] - cp_pf
     talker_steps_pf = single["talker"] / single["frames"]
+    linears_pf = single["linears"] / single["frames"]
     fps8, fps1_audio, fps8_audio = best.pop("frames_per_s_8"), best.pop("frames_per_s_1_audio"), \
         best.pop("frames_per_s_8_audio")
     extra = best
@@ -155,7 +161,8 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
     decode_flops = count_flops(lambda: model.decode_codes([codes]))
     return dict(load_s=load_s, peak_rss_mb=peak_rss_mb(), frames=n1, runs=1 + reps, s_per_frame=1 / fps1,
                 talker_and_rest_s_per_frame=talker_and_rest_pf, code_predictor_s_per_frame=cp_pf,
-                talker_steps_only_s_per_frame=talker_steps_pf,
+                talker_steps_only_s_per_frame=talker_steps_pf, linears_s_per_frame=linears_pf,
+                other_than_linears_s_per_frame=1 / fps1 - linears_pf,
                 frames_per_s_1=fps1, frames_per_s_8=fps8, frames_per_s_1_audio=fps1_audio,
                 frames_per_s_8_audio=fps8_audio, decode_s_per_audio_s=decode_s / (len(wav) / 24000),
                 decode_gflop_per_frame=decode_flops / len(codes) / 1e9, decode_gflop_s=decode_flops / decode_s / 1e9,
