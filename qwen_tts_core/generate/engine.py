@@ -85,7 +85,8 @@ class Engine:
         parity with the official package; eager only).
         interactive_reserve: slots that bulk sessions never take, so interactive requests find room at once.
         audio_dtype: the streaming audio decoder's compute dtype (default: the codec's, fp32, which matches the
-        offline decode within 1e-4; "bfloat16" decodes ~2-3x faster on CPU and GPU at bf16 precision).
+        offline decode within 1e-4; "bfloat16" decodes ~2-3x faster on CPU and GPU at bf16 precision: a row's samples
+        then also depend on the rows decoded with it, by about as much as bf16 moves them from fp32).
         graph_capture: inject the graph backend (e.g. `GraphCapture(device, fake=True)`, the CPU stand-in).
         audio_chunk_frames: the chunk sizes (frames) requests will use, e.g. a service's first_chunk_frames and
         chunk_frames: with graphs, audio decodes of these sizes are captured too (beside 1, 2, 4 and 8 frames); a
