@@ -1,7 +1,8 @@
 """Rows -> audio objects + manifest records. Shared by the Ray Data workers and the one-process runner.
 
 Per row: split the text into chunks, synthesize all chunks of all rows of a batch in one backend call
-(same voice and seed across a row's chunks), retry chunks whose runaway guard tripped with another seed,
+(same voice and seed across a row's chunks; when that call raises, each row is sent again alone, so only a row the
+backend chokes on fails), retry chunks whose runaway guard tripped with another seed,
 join with pauses, check quality, resample/encode, then write the audio object and, last, its JSON
 sidecar. The sidecar is the commit marker: an output counts as done only when both exist and agree.
 """
@@ -171,6 +172,39 @@ def _finite(res: ChunkResult) -> bool:
     return res.pcm is None or bool(np.isfinite(np.asarray(res.pcm, dtype=np.float32)).all())
 
 
+def _raised(backend: Backend, jobs: list[ChunkJob]) -> tuple[list[ChunkResult], BaseException | None]:
+    """One backend call; a call that raises gives every job its error (and the exception)."""
+    try:
+        return backend.synthesize(jobs), None
+    except Exception as e:  # noqa: BLE001 - a crashed backend call fails these chunks, not the job
+        return [ChunkResult(None, "error", f"{type(e).__name__}: {e}") for _ in jobs], e
+
+
+def _call(backend: Backend, jobs: list[ChunkJob], owners: list[int]) -> list[ChunkResult]:
+    """One backend call for `jobs` (`owners[i]`: the row of jobs[i]). When a call holding more than one row's chunks
+    raises, each of those rows is sent again alone (all its chunks in one call), so only a row whose own call
+    raises gets the error: one input the backend chokes on no longer fails the rows batched with it, on every run.
+    Nothing is sent more than twice and nothing waits: a backend that is down entirely costs one more (failing) call
+    per row of the batch, never a retry loop (the backends wait out back-pressure and lost replicas themselves)."""
+    out, err = _raised(backend, jobs)
+    rows = list(dict.fromkeys(owners))
+    if err is None:
+        return out
+    if len(rows) == 1:
+        log.error("backend failed on %d chunk(s) of one row: %s", len(jobs), err, exc_info=err)
+        return out
+    log.warning("backend failed on %d chunks of %d rows (%s: %s); sending each row again alone", len(jobs),
+                len(rows), type(err).__name__, err)
+    for row in rows:
+        idx = [i for i, o in enumerate(owners) if o == row]
+        alone, e = _raised(backend, [jobs[i] for i in idx])
+        if e is not None:
+            log.error("backend failed on %d chunk(s) of one row: %s", len(idx), e, exc_info=e)
+        for i, res in zip(idx, alone):
+            out[i] = res
+    return out
+
+
 def _synthesize_all(rows: list[Utterance], chunks: list[list[str]], backend: Backend, cfg: RenderConfig,
                     ) -> tuple[list[list[ChunkResult | None]], list[int]]:
     """All chunks of all rows, retrying runaway chunks with a new seed; returns results and attempts."""
@@ -183,11 +217,7 @@ def _synthesize_all(rows: list[Utterance], chunks: list[list[str]], backend: Bac
         jobs = [_chunk_jobs(rows[r], cfg, [chunks[r][c]], attempt)[0] for r, c in todo]
         for r in {r for r, _ in todo}:
             attempts[r] = attempt + 1
-        try:
-            out = backend.synthesize(jobs)
-        except Exception as e:  # noqa: BLE001 - a crashed backend call fails these rows, not the job
-            log.exception("backend failed on %d chunks", len(jobs))
-            out = [ChunkResult(None, "error", f"{type(e).__name__}: {e}") for _ in jobs]
+        out = _call(backend, jobs, [r for r, _ in todo])
         retry = []
         for (r, c), res in zip(todo, out):
             results[r][c] = res

@@ -129,3 +129,45 @@ def test_storage_failure_mid_job_is_recorded_and_retried_next_run(tmp_path):
     assert by["doomed"].status == "failed" and by["doomed"].error.startswith("storage:")
     again = run_rows(rows, cfg, opts)  # storage healthy again: only the failed row is rendered
     assert [r.reused for r in again] == [True, False] and again[1].status == "ok"
+
+
+class _PoisonFake:
+    """FakeBackend whose whole call raises when one of its chunks has POISON in it (an input the backend chokes on);
+    `down`: every call raises (a backend that is down)."""
+
+    def __init__(self, down=False):
+        from tests.jobs.fakes import FakeBackend
+
+        self.fake, self.down, self.calls = FakeBackend(), down, []
+
+    def synthesize(self, jobs):
+        self.calls.append([j.text for j in jobs])
+        if self.down or any("POISON" in j.text for j in jobs):
+            raise RuntimeError("backend crashed on a bad input")
+        return self.fake.synthesize(jobs)
+
+
+def test_a_row_whose_call_raises_fails_alone_not_its_batch_mates(tmp_path):
+    """Review: a backend call that raised failed every row of the batch with its error, and a re-run built the same
+    batch, so the innocent rows failed on every run. Each row is sent again alone; only the poison row fails."""
+    from jobs.render import render_rows
+    from jobs.storage import open_sink
+
+    cfg = RenderConfig(model="fake-model", revision="r1", max_chars=40, pause_s=0.25, max_attempts=2)
+    rows = [Utterance(id=f"r{i}", text=f"Plain sentence number {i}. And a second one here.", voice="ryan")
+            for i in range(4)]
+    rows[1] = Utterance(id="r1", text="POISON here. And then more words.", voice="ryan")
+    rows[2] = Utterance(id="r2", text="RUNAWAY once, retried with another seed.", voice="ryan")
+    be = _PoisonFake()
+    recs = render_rows(rows, be, open_sink(f"file://{tmp_path}"), cfg)
+    by = {r.id: r for r in recs}
+    assert by["r1"].status == "failed" and "backend crashed" in by["r1"].error
+    assert all(by[i].status == "ok" for i in ("r0", "r2", "r3")), [r.error for r in recs]
+    assert by["r2"].attempts == 2 and (tmp_path / by["r0"].key).exists()
+    # the batch call, then each of its 4 rows alone (a row's chunks together), then the runaway chunk's retry
+    assert len(be.calls) == 6 and sorted(len(c) for c in be.calls[1:5]) == [1, 1, 2, 2]
+    # a backend down entirely: one more failing call per row, no retries
+    down = _PoisonFake(down=True)
+    recs = render_rows([Utterance(id=f"d{i}", text=f"Down {i}.", voice="ryan") for i in range(4)], down,
+                       open_sink(f"file://{tmp_path / 'down'}"), cfg)
+    assert all(r.status == "failed" and "backend crashed" in r.error for r in recs) and len(down.calls) == 5
