@@ -380,7 +380,10 @@ def to_24k(wav: np.ndarray, sr: int, *, argument: str = "ref_audio",
         return wav
     import soxr  # lazily: 24 kHz input (and GPU hosts without it) never need it
 
-    n_out = int(np.ceil(wav.shape[0] * (float(TARGET_SR) / sr)))
+    # Exact integer ceiling: in floating point 120 s at 44.1 kHz (5,292,000 * (24000 / 44100)) came to
+    # 2,880,000.0000000005, ceiled to one sample past 120 s, which encodes to one codec frame past the limit
+    # generation enforces (MAX_REF_CODE_FRAMES).
+    n_out = -(-int(wav.shape[0]) * TARGET_SR // int(sr))
     out = soxr.resample(wav, sr, TARGET_SR, quality="soxr_hq")
     if out.shape[0] > n_out:
         out = out[:n_out]
