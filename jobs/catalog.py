@@ -294,7 +294,8 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
              layout: str = "none", name: str | None = None, lease_wait: float = 0.0, retire_all: bool = False,
              ) -> tuple[int, dict[str, Any]]:
     """One regeneration pass; returns (exit code, summary). A pass stopped by SIGTERM writes nothing more (no
-    reconcile, no manifest): what it committed is found by the next pass.
+    reconcile, no manifest): what it committed is found by the next pass; it returns 1 (it did not finish: a Job
+    or CronJob killed mid-pass must not read as succeeded; `run` exits 0 for it under --every).
 
     The manifest holds every catalog's records at the output; this pass replaces its own (`owned`). A pass that
     adopts records without a name deletes nothing (as `--retire mark`): an adopted id may have been another
@@ -323,8 +324,8 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
                         "catalog that lists them (jobs/README.md: records nobody claims)", unclaimed)
         current = run_rows(rows, render, opts, sink=sink, desc="catalog", backend=backend, stop=stop)
         if stop is not None and stop.is_set():
-            done = sum(r.status in LIVE for r in current)
-            return 0, {"stopped": True, "rendered_before_stop": done, "total": len(current), "output": sink.uri,
+            done = sum(r.status in LIVE for r in current)  # exit 1 as narrate's (rows not rendered); --every: 0
+            return 1, {"stopped": True, "rendered_before_stop": done, "total": len(current), "output": sink.uri,
                        "note": "outputs committed before the stop are kept; the next run reuses them",
                        "wall_s": round(time.perf_counter() - t0, 2)}
         held.check()
@@ -394,7 +395,8 @@ def parse_every(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run once, or every `--every` until SIGTERM (exit 0 after the current pass finishes or is abandoned)."""
+    """Run once, or every `--every` until SIGTERM (exit 0 after the current pass finishes or is abandoned). A
+    single pass (no --every) that SIGTERM stopped before it finished exits 1, as narrate does."""
     stop = stop_on_sigterm()
     try:
         conf = load_config(args.config)
@@ -424,6 +426,8 @@ def run(args: argparse.Namespace) -> int:
                                      limits=limits, stop=stop, layout=layout, name=name, lease_wait=lease_wait,
                                      retire_all=args.retire_all)
             print(json.dumps(summary), flush=True)
+            if every is not None and summary.get("stopped"):
+                code = 0  # --every: SIGTERM abandons the current pass and ends the schedule cleanly
         except (ValueError, StorageError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             code = 2

@@ -286,6 +286,33 @@ def test_every_abandons_the_current_run_cleanly_on_sigterm(tmp_path):
 
 
 @pytest.mark.parametrize("every", [None, "1h"])
+def test_a_one_off_catalog_pass_stopped_by_sigterm_exits_1(tmp_path, capsys, monkeypatch, every):
+    """Review: a single pass (no --every) stopped by SIGTERM mid-render exited 0 with {"stopped": true} and no
+    manifest, so a Job/CronJob killed mid-pass read as succeeded (narrate exits 1 for the same signal). It exits 1
+    now; --every keeps exiting 0 (here with --max-runs 1, so the stopped pass is also the last)."""
+    import yaml
+
+    from jobs import runner
+
+    monkeypatch.setattr(runner, "_stop", None)  # a fresh stop event for this run (it is process-wide)
+    handler = signal.getsignal(signal.SIGTERM)
+    cat = tmp_path / "cat.yaml"
+    cat.write_text(yaml.safe_dump({"defaults": {"voice": "ryan"},
+                                   "prompts": [{"id": f"p{i}", "text": f"Prompt {i}."} for i in range(6)]}))
+    extra = ["--every", every, "--max-runs", "1"] if every else []
+    try:
+        code = catalog.main([str(cat), "--model", "m", "--out", f"file://{tmp_path / 'out'}", "--backend",
+                             "tests.jobs.fakes:SigtermFake", "--runner", "local", "--no-progress", "--quiet",
+                             "--batch-size", "2", *extra])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    s = _last_json(capsys.readouterr().out)
+    assert s["stopped"] is True and s["rendered_before_stop"] < 6
+    assert not (tmp_path / "out" / "catalog-manifest.parquet").exists()
+    assert code == (0 if every else 1)
+
+
+@pytest.mark.parametrize("every", [None, "1h"])
 def test_narrate_and_catalog_sigterm_handler_is_ours(every):
     """Ray's driver installs a SIGTERM handler that exits 15 with a stack dump; ours is put back after connect."""
     from jobs.runner import _on_sigterm, _restore_sigterm, stop_on_sigterm
