@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import logging
 import math
@@ -216,12 +217,42 @@ def _read_path(path: Path, argument: str, limits: AudioLimits = DEFAULT_LIMITS) 
     return _fallback(data, refused, argument, what, limits)
 
 
+_URL_UNSAFE_RE = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
+"""Whitespace and control characters: http.client refuses them in a request line (InvalidURL) and they have no place
+in a URL; percent-encoded (%20) they are fine."""
+
+
+def _check_url(url: str, argument: str) -> None:
+    """RequestError naming `argument` for a URL that cannot be sent as it is: whitespace or control characters, a
+    port that is not a number in [0, 65535] (http.client raised InvalidURL for both)."""
+    if _URL_UNSAFE_RE.search(url):
+        raise RequestError(argument, "the URL contains whitespace or control characters; percent-encode them "
+                                     "(a space is %20)")
+    try:
+        _ = urllib.parse.urlsplit(url).port
+    except ValueError:
+        raise RequestError(argument, "the URL's host or port is invalid (a port is a number in [0, 65535])") from None
+
+
+def _fetch_reason(exc: BaseException) -> str:
+    """What went wrong in a fetch, bounded (a bad status line is echoed by http.client, up to 64 KiB of it)."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, http.client.HTTPException) and not isinstance(exc, http.client.IncompleteRead):
+        text = f"{type(exc).__name__}: {text}"
+    elif isinstance(exc, http.client.IncompleteRead):
+        text = "the connection closed before the whole body was sent"
+    return text if len(text) <= 200 else f"{text[:200]}..."
+
+
 def _fetch_url(url: str, argument: str, timeout: float, max_bytes: int = MAX_URL_BYTES) -> bytes:
+    _check_url(url, argument)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (scheme checked by caller)
             data = resp.read(max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise RequestFetchError(argument, f"could not fetch audio URL ({exc})") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        # http.client's errors (a bad status line, a truncated body, a header line past 64 KiB, over 100 headers)
+        # are no OSError: they escaped raw
+        raise RequestFetchError(argument, f"could not fetch audio URL ({_fetch_reason(exc)})") from None
     if len(data) > max_bytes:
         raise RequestError(argument, f"audio at URL is larger than {max_bytes} bytes")
     return data
