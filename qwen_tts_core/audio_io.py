@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import http.client
 import io
 import logging
 import math
 import os
 import re
+import socket
 import struct
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -244,15 +248,166 @@ def _fetch_reason(exc: BaseException) -> str:
     return text if len(text) <= 200 else f"{text[:200]}..."
 
 
+MAX_URL_REDIRECTS = 5
+"""Redirects a URL fetch follows (each to http or https only)."""
+
+
+class _Deadline:
+    """One URL fetch's whole time (connect, TLS, headers, body, redirects included): `url_timeout` bounded each socket
+    operation only, so a server sending a byte every half second held the call for as long as it liked.
+
+    Each connection's socket is watched through a duplicate of it (its own descriptor, closed here, so a descriptor
+    the fetch closed and the process reused is never touched); when the time passes a timer shuts the connection
+    down, which ends whatever read is blocked on it. Name resolution is not interruptible (it never was)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._watched: list[socket.socket] = []
+        self._passed = self._closed = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @property
+    def passed(self) -> bool:
+        return self._passed or time.monotonic() >= self.at
+
+    def remaining(self) -> float:
+        """Seconds left; TimeoutError once none are."""
+        left = self.at - time.monotonic()
+        if left <= 0 or self._passed:
+            raise TimeoutError(f"not fetched within {self.seconds:g} s")
+        return left
+
+    def watch(self, sock: socket.socket) -> None:
+        dup = sock.dup()
+        with self._lock:
+            if self._closed:
+                dup.close()
+                return
+            self._watched.append(dup)
+            if self._passed:
+                self._shut(dup)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._passed = True
+            for sock in self._watched:
+                self._shut(sock)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._closed = True
+            for sock in self._watched:
+                sock.close()
+            self._watched.clear()
+
+
+def _deadline_connection(base: type, deadline: _Deadline) -> type:
+    """`base` (HTTPConnection or HTTPSConnection) connecting within what is left of `deadline`, its socket
+    watched by it."""
+
+    class Connection(base):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+
+            def create(address, timeout=None, source_address=None, *rest, **kw):
+                left = deadline.remaining()
+                timeout = left if not isinstance(timeout, (int, float)) else min(timeout, left)
+                sock = socket.create_connection(address, timeout, source_address, *rest, **kw)
+                try:
+                    deadline.watch(sock)
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+
+            self._create_connection = create
+
+    return Connection
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_deadline_connection(http_class, self._deadline), req, **kwargs)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_deadline_connection(http_class, self._deadline), req, **kwargs)
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows at most MAX_URL_REDIRECTS redirects, each to http or https: urllib's own handler also followed
+    ftp:// (only the first URL's scheme was checked), and 10 redirects."""
+
+    max_redirections = MAX_URL_REDIRECTS
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https") or _URL_UNSAFE_RE.search(newurl):
+            raise urllib.error.HTTPError(newurl, code, f"a redirect to a {shown(scheme)} URL is not followed "
+                                         "(only http and https are)", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """urllib's opener for http(s) only: no ftp/file/data handlers, redirects bounded and to http(s) only, every
+    connection within `deadline`."""
+    opener = urllib.request.OpenerDirector()
+    handlers = [urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), _DeadlineHTTPHandler(deadline),
+                urllib.request.HTTPDefaultErrorHandler(), _HttpOnlyRedirects(), urllib.request.HTTPErrorProcessor()]
+    if hasattr(urllib.request, "HTTPSHandler"):   # Python built with ssl
+        handlers.append(_DeadlineHTTPSHandler(deadline))
+    for handler in handlers:
+        opener.add_handler(handler)
+    return opener
+
+
 def _fetch_url(url: str, argument: str, timeout: float, max_bytes: int = MAX_URL_BYTES) -> bytes:
+    """GET an http(s) URL's body: at most `max_bytes`, within `timeout` seconds for the whole fetch."""
     _check_url(url, argument)
+    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+        raise RequestError(argument, "unsupported URL scheme; allowed: http, https (with allow_urls=True)")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise RequestError("url_timeout", f"must be a positive number of seconds, got {shown(timeout)}")
+    deadline = _Deadline(float(timeout))
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (scheme checked by caller)
-            data = resp.read(max_bytes + 1)
+        body, size = bytearray(), 0
+        with _opener(deadline).open(url, timeout=deadline.remaining()) as resp:
+            while size <= max_bytes:
+                deadline.remaining()
+                chunk = resp.read(min(65536, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                body += chunk
+                size += len(chunk)
+        deadline.remaining()   # a read the timer cut short reads as the end of the body: not a complete one
+        data = bytes(body)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         # http.client's errors (a bad status line, a truncated body, a header line past 64 KiB, over 100 headers)
         # are no OSError: they escaped raw
+        if deadline.passed:
+            raise RequestFetchError(argument, f"could not fetch audio URL within url_timeout={timeout:g} s") from None
         raise RequestFetchError(argument, f"could not fetch audio URL ({_fetch_reason(exc)})") from None
+    finally:
+        deadline.close()
     if len(data) > max_bytes:
         raise RequestError(argument, f"audio at URL is larger than {max_bytes} bytes")
     return data

@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from qwen_tts_core.audio_io import TARGET_SR, load_audio, to_24k
+from qwen_tts_core.audio_io import TARGET_SR, AudioLimits, load_audio, to_24k
 from qwen_tts_core.errors import RequestError, RequestFetchError
 
 
@@ -54,6 +55,22 @@ class RawServer:
         self.port = self.sock.getsockname()[1]
         self.closed = threading.Event()
         threading.Thread(target=self._loop, daemon=True).start()
+        self.ftp_hits: list[float] = []   # a pretend FTP server: who connects to it after an http redirect
+        self.ftp = socket.socket()
+        self.ftp.bind(("127.0.0.1", 0))
+        self.ftp.listen(4)
+        self.ftp_port = self.ftp.getsockname()[1]
+        threading.Thread(target=self._ftp_loop, daemon=True).start()
+
+    def _ftp_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.ftp.accept()
+            except OSError:
+                return
+            self.ftp_hits.append(time.monotonic())
+            with conn:
+                conn.sendall(b"421 bye\r\n")
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -97,6 +114,36 @@ class RawServer:
     def h_manyheaders(self, c, path):
         c.sendall(b"HTTP/1.1 200 OK\r\n" + b"X: a\r\n" * 200 + b"\r\n")
 
+    def h_dripbody(self, c, path):   # valid headers, then a byte every 0.1 s (for 4 s, then it hangs up)
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(WAV))
+        self._drip(c, WAV)
+
+    def h_dripheaders(self, c, path):   # the status line and headers a byte every 0.1 s
+        self._drip(c, b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000 + b"\r\n\r\n")
+
+    @staticmethod
+    def _drip(c, data):
+        end = time.monotonic() + 4
+        for b in data:
+            if time.monotonic() > end:
+                return
+            c.sendall(bytes([b]))
+            time.sleep(0.1)
+
+    def h_redirftp(self, c, path):
+        c.sendall(b"HTTP/1.1 302 Found\r\nLocation: ftp://127.0.0.1:%d/secret.wav\r\nContent-Length: 0\r\n\r\n"
+                  % self.ftp_port)
+
+    def h_redirfile(self, c, path):
+        c.sendall(b"HTTP/1.1 302 Found\r\nLocation: file:///etc/passwd\r\nContent-Length: 0\r\n\r\n")
+
+    def h_redirok(self, c, path):
+        c.sendall(b"HTTP/1.1 302 Found\r\nLocation: /ok/a.wav\r\nContent-Length: 0\r\n\r\n")
+
+    def h_loop(self, c, path):   # /loop/<n> -> /loop/<n + 1>, forever
+        n = int(path.split("/")[2]) + 1
+        c.sendall(b"HTTP/1.1 302 Found\r\nLocation: /loop/%d\r\nContent-Length: 0\r\n\r\n" % n)
+
 
 @pytest.fixture(scope="module")
 def server():
@@ -104,6 +151,7 @@ def server():
     yield srv
     srv.closed.set()
     srv.sock.close()
+    srv.ftp.close()
 
 
 def _fetch(url: str, **kw):
@@ -137,3 +185,44 @@ def test_a_bad_port_is_a_request_error_naming_the_argument(url):
     with pytest.raises(RequestError, match=r"^ref_audio: ") as err:
         _fetch(url)
     assert err.value.field == "ref_audio"
+
+
+@pytest.mark.parametrize("path", ["/dripbody/a.wav", "/dripheaders/a.wav"])
+def test_url_timeout_bounds_the_whole_fetch_not_each_read(server, path):
+    # each byte comes within the timeout: a per-read bound let a dripping server hold the call as long as it liked
+    t0 = time.monotonic()
+    with pytest.raises(RequestFetchError, match=r"^ref_audio: could not fetch audio URL within url_timeout=1 s"):
+        _fetch(server.url(path), url_timeout=1.0)
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_a_redirect_to_ftp_is_refused_without_connecting(server):
+    with pytest.raises(RequestFetchError, match=r"^ref_audio: could not fetch audio URL .*not followed"):
+        _fetch(server.url("/redirftp/a.wav"))
+    time.sleep(0.2)
+    assert server.ftp_hits == []
+
+
+def test_a_redirect_to_file_stays_refused_and_one_to_http_is_followed(server):
+    with pytest.raises(RequestFetchError, match=r"^ref_audio: could not fetch audio URL"):
+        _fetch(server.url("/redirfile/a.wav"))
+    wav, sr = _fetch(server.url("/redirok/a.wav"))
+    assert sr == 24000 and wav.shape == (2400,)
+
+
+def test_redirects_are_bounded(server):
+    with pytest.raises(RequestFetchError, match=r"^ref_audio: could not fetch audio URL"):
+        _fetch(server.url("/loop/0"))
+    followed = [p for p in server.hits if p.startswith("/loop/")]
+    assert 2 <= len(followed) <= 6   # the first URL and at most 5 redirects (urllib alone followed 10)
+
+
+def test_the_size_cap_still_holds_on_a_chunked_read(server):
+    with pytest.raises(RequestError, match=r"^ref_audio: audio at URL is larger than 1000 bytes"):
+        _fetch(server.url("/ok/a.wav"), limits=AudioLimits(max_bytes=1000))
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf"), None, True])
+def test_a_bad_url_timeout_is_refused_naming_it(server, timeout):
+    with pytest.raises(RequestError, match=r"^url_timeout: must be a positive number of seconds"):
+        _fetch(server.url("/ok/a.wav"), url_timeout=timeout)
