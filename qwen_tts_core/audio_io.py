@@ -74,7 +74,9 @@ class AudioLimits:
         if size is not None and size > self.max_bytes:
             raise RequestError(argument, f"audio is larger than {self.max_bytes} bytes ({size})")
         if not self.min_sample_rate <= sr <= self.max_sample_rate:
-            raise RequestError(argument, f"sample rate {sr} Hz is outside [{self.min_sample_rate}, "
+            # shown(): an integer of over 4300 digits cannot be formatted at all (ValueError), and 10**400 echoed
+            # 400 digits
+            raise RequestError(argument, f"sample rate {shown(sr)} Hz is outside [{self.min_sample_rate}, "
                                f"{self.max_sample_rate}] Hz")
         if channels < 1 or channels > self.max_channels:
             raise RequestError(argument, f"{channels} channels; at most {self.max_channels} are accepted")

@@ -226,3 +226,23 @@ def test_the_size_cap_still_holds_on_a_chunked_read(server):
 def test_a_bad_url_timeout_is_refused_naming_it(server, timeout):
     with pytest.raises(RequestError, match=r"^url_timeout: must be a positive number of seconds"):
         _fetch(server.url("/ok/a.wav"), url_timeout=timeout)
+
+
+# ---- hostile sample rates -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sr", [10**5000, 10**400, -(10**5000), 1e300, np.uint64(2**64 - 1)],
+                         ids=["10**5000", "10**400", "-10**5000", "1e300", "uint64max"])
+def test_a_huge_sample_rate_is_refused_with_a_short_message(sr):
+    # 10**5000 raised "Exceeds the limit (4300 digits) for integer string conversion"; 10**400 echoed 400 digits
+    wav = (0.3 * np.sin(np.arange(4800) / 5)).astype(np.float32)
+    with pytest.raises(RequestError, match=r"^ref_audio: sample rate .* Hz is outside \[8000, 384000\] Hz") as err:
+        load_audio((wav, sr))
+    assert err.value.field == "ref_audio" and len(str(err.value)) < 150
+
+
+@pytest.mark.parametrize("sr", [10**5000, 10**400], ids=["10**5000", "10**400"])
+def test_to_24k_refuses_a_huge_sample_rate_with_a_short_message(sr):
+    with pytest.raises(RequestError, match=r"^voice: sample rate") as err:
+        to_24k(np.full(100, 0.1, dtype=np.float32), sr, argument="voice")
+    assert len(str(err.value)) < 150
