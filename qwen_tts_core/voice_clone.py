@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
+
+import numpy as np
 
 from .audio_io import load_audio, to_24k
 from .errors import RequestError
@@ -28,11 +31,12 @@ def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None, x_vec
     if len(texts) != n or len(modes) != n:
         raise RequestError("ref_text", f"batch size mismatch: ref_audio={n}, ref_text={len(texts)}, "
                          f"x_vector_only_mode={len(modes)}")
+    modes = [_mode(m, i if isinstance(x_vector_only_mode, list) else None) for i, m in enumerate(modes)]
     for i, (t, xvec) in enumerate(zip(texts, modes)):
         if not xvec and (t is None or isinstance(t, str) and not t.strip()):
             raise RequestError("ref_text", f"is required when x_vector_only_mode=False (ICL mode); missing at index {i}")
         if not xvec:  # spoken before every text in ICL; x-vector mode ignores it (kept on the item unchecked, as
-            check_ref_text(t)  # the official does: the service bounds what it stores, serve/ingress.py)
+            check_ref_text(t)  # the official does; save_voice_prompt stores only a valid one)
     wavs, rates = [], set()
     need = min_speaker_samples(model.speaker_encoder.config)
     for i, a in enumerate(audios):
@@ -51,6 +55,16 @@ def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None, x_vec
         items.append(VoiceClonePromptItem(ref_code=None if xvec else code.cpu(), ref_spk_embedding=spk,
                                           x_vector_only_mode=bool(xvec), icl_mode=not xvec, ref_text=text))
     return items
+
+
+def _mode(value: Any, index: int | None) -> bool:
+    """x_vector_only_mode as a bool: True/False (NumPy's too), 0/1, or None (False, as the official reads it);
+    anything else (an array, a tensor, a string: truthy or ambiguous) is refused naming the argument."""
+    if value is None or isinstance(value, bool | np.bool_) or isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    where = "" if index is None else f"[{index}]"
+    raise RequestError("x_vector_only_mode", f"x_vector_only_mode{where} must be True or False, got "
+                                             f"{type(value).__name__}")
 
 
 def _check_long_enough(wav_24k, need: int, argument: str) -> None:

@@ -72,14 +72,26 @@ def _column(key: str, value: Any) -> list[Any]:
 
 
 def save_voice_prompt(item: VoiceClonePromptItem, path: str | Path, **metadata: str) -> Path:
-    """Write the item as one safetensors file (tensors + JSON metadata)."""
+    """Write the item as one safetensors file (tensors + JSON metadata). An x-vector item's transcript is never used:
+    one that is not a valid transcript (not a str, past the core's limit) is stored as None; an ICL item's must be
+    valid (ValueError naming ref_text)."""
     from safetensors.torch import save_file
 
+    from .generate.requests import check_ref_text
+
+    ref_text = item.ref_text
+    if ref_text is not None:
+        try:
+            check_ref_text(ref_text)
+        except RequestError as e:
+            if item.icl_mode:
+                raise ValueError(f"cannot save this voice prompt: {e}") from None
+            ref_text = None
     tensors = {"ref_spk_embedding": item.ref_spk_embedding.detach().float().cpu().contiguous()}
     if item.ref_code is not None:
         tensors["ref_code"] = item.ref_code.detach().long().cpu().contiguous()
     meta = {"format": FORMAT_PREFIX + "1", "x_vector_only_mode": json.dumps(item.x_vector_only_mode),
-            "icl_mode": json.dumps(item.icl_mode), "ref_text": json.dumps(item.ref_text),
+            "icl_mode": json.dumps(item.icl_mode), "ref_text": json.dumps(ref_text),
             **{k: str(v) for k, v in metadata.items()}}
     path = Path(path)
     save_file(tensors, str(path), metadata=meta)

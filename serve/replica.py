@@ -352,7 +352,8 @@ class ReplicaCore:
         info. RequestError on bad audio (checked from its header first) or a bad name."""
         if self.voices is None:
             raise RequestError("voice", "no voice store is configured")
-        items = await asyncio.to_thread(self.model.create_voice_clone_prompt, audio, ref_text, x_vector_only)
+        items = await asyncio.to_thread(self.model.create_voice_clone_prompt, audio, ref_text, x_vector_only,
+                                        allow_urls=False)  # uploads only: a client's text never becomes a fetch
         return await asyncio.to_thread(self.voices.create, items[0], name=name, model=self.cfg.name, owner=owner)
 
     def checkpoint_digest(self) -> str:

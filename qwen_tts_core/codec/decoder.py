@@ -25,6 +25,9 @@ DEFAULT_OFFLINE_CHUNK = 64
 """Frames per internal step of offline `decode` (bounds the attention mask; any value gives the same output)."""
 
 
+_MINMAX_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def check_codes(codes: torch.Tensor, num_quantizers: int, codebook_size: int, check_range: bool = True) -> None:
     """Raise ValueError naming `codes` unless codes is an integer tensor [B, num_quantizers, T] in [0, size)."""
     if not isinstance(codes, torch.Tensor):
@@ -35,7 +38,11 @@ def check_codes(codes: torch.Tensor, num_quantizers: int, codebook_size: int, ch
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
     if check_range and codes.numel():
-        lo, hi = int(codes.min()), int(codes.max())
+        if codes.device.type == "meta":
+            raise ValueError("codes are a tensor on the meta device (they hold no values)")
+        # uint16/32/64 have no min/max on CPU: compared as int64, where a uint64 past 2**63 turns negative (refused)
+        wide = codes if codes.dtype in _MINMAX_INTS else codes.to(torch.int64)
+        lo, hi = int(wide.min()), int(wide.max())
         if lo < 0 or hi >= codebook_size:
             raise ValueError(f"codes must lie in [0, {codebook_size - 1}], got values in [{lo}, {hi}]")
 

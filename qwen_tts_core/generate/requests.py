@@ -85,15 +85,23 @@ def check_seed(seed: object) -> int | None:
     return int(seed)
 
 
-MAX_REF_CODE_FRAMES = math.ceil(AudioLimits.max_seconds * SAMPLE_RATE / 1920)  # the longest reference's codes
+MAX_REF_CODE_FRAMES = math.ceil(AudioLimits.max_seconds * SAMPLE_RATE / 1920) + 1
+"""The codes of the longest reference: its frames at 24 kHz, plus one: resampling sizes its output as the official
+does (librosa's float ceiling), one sample past the exact length for some rates (120 s at 44.1 kHz: 2,880,001
+samples, 1501 frames), and a voice create_voice_clone_prompt made must be one generation takes."""
 
 
-def check_voice_prompt(vp: object, talker_cfg) -> None:
+SPEAKER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The dtypes a speaker vector may come in (fp8 and others lack the checks made on it, and no encoder makes them)."""
+
+
+def check_voice_prompt(vp: object, talker_cfg, dtype: torch.dtype | None = None) -> None:
     """A voice clone prompt must fit this model before anything is built from it: a speaker vector of the talker's
     width with finite values, exactly one of icl_mode and x_vector_only_mode, and for ICL its transcript and codes
     [T >= 1, 16] inside the codebooks. A prompt made for another model size (a
     voice store shared by 0.6B and 1.7B replicas) or a damaged file otherwise failed deep inside a step, or, on a GPU,
-    an out-of-range code is a device-side assert that ends every session of the replica; NaN gave noise silently."""
+    an out-of-range code is a device-side assert that ends every session of the replica; NaN gave noise silently.
+    dtype: the model's: the speaker vector must be finite in it too (1e300 in float64 is inf in bf16: NaN logits)."""
     field = "voice_clone_prompt"
     width, groups, size = talker_cfg.hidden_size, talker_cfg.num_code_groups, talker_cfg.codebook_size
     for flag in ("x_vector_only_mode", "icl_mode"):
@@ -103,12 +111,15 @@ def check_voice_prompt(vp: object, talker_cfg) -> None:
         raise RequestError(field, f"exactly one of icl_mode and x_vector_only_mode must be True, got icl_mode="
                                   f"{vp.icl_mode}, x_vector_only_mode={vp.x_vector_only_mode}")
     spk = getattr(vp, "ref_spk_embedding", None)
-    if not isinstance(spk, torch.Tensor) or not spk.is_floating_point() or spk.shape not in ((width,), (1, width)):
+    if not isinstance(spk, torch.Tensor) or spk.dtype not in SPEAKER_DTYPES or spk.shape not in ((width,), (1, width)):
         shown = (tuple(spk.shape), str(spk.dtype)) if isinstance(spk, torch.Tensor) else type(spk).__name__
         raise RequestError(field, f"ref_spk_embedding must be a float tensor [{width}] or [1, {width}] (this model's "
-                                  f"speaker vector; a voice made with another model size does not fit), got {shown}")
-    if not bool(torch.isfinite(spk).all()):
-        raise RequestError(field, "ref_spk_embedding has NaN or infinite values")
+                                  f"speaker vector; a voice made with another model size does not fit) of "
+                                  f"float16, bfloat16, float32 or float64, got {shown}")
+    _check_not_meta(spk, "ref_spk_embedding")
+    if not bool(torch.isfinite(spk).all()) or dtype is not None and not bool(torch.isfinite(spk.to(dtype)).all()):
+        raise RequestError(field, "ref_spk_embedding has NaN or infinite values" + (
+            "" if dtype is None else f" (in {str(dtype).removeprefix('torch.')}, the model's dtype)"))
     if vp.icl_mode:  # the reference's transcript is part of an ICL prompt (without it the prompt fails at admission)
         text = getattr(vp, "ref_text", None)
         try:
@@ -124,6 +135,7 @@ def check_voice_prompt(vp: object, talker_cfg) -> None:
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != groups:
             shown = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise RequestError(field, f"ref_code must be an integer tensor [frames, {groups}], got {shown}")
+        _check_not_meta(codes, "ref_code")
         if len(codes) > MAX_REF_CODE_FRAMES:  # decoded as left context on the step thread before the first chunk
             raise RequestError(field, f"ref_code has {len(codes)} frames; at most {MAX_REF_CODE_FRAMES} (the codes "
                                       f"of a {AudioLimits.max_seconds:g} s reference)")
@@ -131,6 +143,11 @@ def check_voice_prompt(vp: object, talker_cfg) -> None:
             check_codes(codes.t()[None], groups, size)
         except ValueError as e:
             raise RequestError(field, f"ref_code: {e}") from None
+
+
+def _check_not_meta(t: torch.Tensor, name: str) -> None:
+    if t.device.type == "meta":  # a shape without values: nothing to check or compute with
+        raise RequestError("voice_clone_prompt", f"{name} is a tensor on the meta device (it holds no values)")
 
 
 def validate(model, req: SynthesisRequest) -> None:
@@ -162,7 +179,7 @@ def validate(model, req: SynthesisRequest) -> None:
     if req.kind == "voice_clone":
         if req.voice_clone_prompt is None:
             raise RequestError("voice_clone_prompt", "is required for voice_clone (see create_voice_clone_prompt)")
-        check_voice_prompt(req.voice_clone_prompt, cfg.talker)
+        check_voice_prompt(req.voice_clone_prompt, cfg.talker, model.talker.codec_head.weight.dtype)
         if req.voice_clone_prompt.icl_mode and req.text is None:
             raise RequestError("text", "incremental text is not available with ICL voice clone prompts "
                                "(use x_vector_only_mode=True or send the whole text)")

@@ -376,3 +376,37 @@ def test_incremental_text_past_max_len_ends_with_a_400_naming_text(model_factory
     end = items[-1]
     assert (end["type"], end["status"], end["param"], end["field"]) == ("end", 400, "text", "text"), end
     assert "max_len" in end["message"] and end["message"].startswith("text: ") and held == 0
+
+
+def test_a_voice_is_never_made_from_a_url_the_client_sent(model_factory, ref_wav_path, tmp_path):
+    """Review: the replica made voices with create_voice_clone_prompt's default allow_urls=True; the ingress only
+    ever passes bytes today, but a str reaching create_voice would have been fetched. It asks for uploads only now:
+    a URL (here one that serves a real WAV on loopback) is refused naming ref_audio, and never fetched."""
+    import http.server
+    import threading
+
+    hits = []
+    body = ref_wav_path.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        core = ReplicaCore(model_factory("base"), ModelConfig(name="b", model_type="base", max_new_tokens=16,
+                                                              default_max_new_tokens=6), VoiceStore(tmp_path / "v"))
+        url = f"http://127.0.0.1:{server.server_address[1]}/ref.wav"
+        with pytest.raises(ValueError, match="ref_audio"):
+            asyncio.run(core.create_voice(url, "A reference sentence.", False, "alice"))
+        assert hits == []
+    finally:
+        server.shutdown()
