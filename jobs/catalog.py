@@ -28,7 +28,7 @@ from typing import Any
 from qwen_tts_core.errors import shown
 
 from . import layout as layouts
-from . import lease
+from . import lease, pending
 from .inputs import (
     InputLimits,
     RowDefaults,
@@ -322,6 +322,10 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
         if unclaimed:
             log.warning("%d record(s) written before catalogs had names are not in this catalog: kept for the "
                         "catalog that lists them (jobs/README.md: records nobody claims)", unclaimed)
+        # what this pass may create, journalled before it renders (a pass cut off before its manifest leaves
+        # nothing unlisted: a later --retire delete pass deletes it); a StorageError here: exit 2, nothing rendered
+        held_rows = held_keys(kept_rows)
+        journal = pending.begin(sink, name, rows, render, layout, pending.listed(before) | held_rows)
         current = run_rows(rows, render, opts, sink=sink, desc="catalog", backend=backend, stop=stop)
         if stop is not None and stop.is_set():
             done = sum(r.status in LIVE for r in current)  # exit 1 as narrate's (rows not rendered); --every: 0
@@ -346,26 +350,37 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
         held.check()
         # the manifest first, then the deletes it lists: a stored manifest never lists a deleted object as current
         url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
-        counts["delete_failed"], lease_lost = 0, None
+        counts["delete_failed"], lease_lost, journalled = 0, None, {}
         if retire == "delete" and not extra:
             try:
                 held.check()
                 counts["delete_failed"], changed, refused = purge(records, sink, shared=others,
-                                                                  prefix=render.key_prefix, held=held_keys(kept_rows))
+                                                                  prefix=render.key_prefix, held=held_rows | journal.held)
                 if refused:  # keys a stored manifest or sidecar lists that this job never writes: not deleted
                     counts["delete_refused"] = refused
                 if layout != "none":  # (another catalog's live package files are kept)
                     live_elsewhere = [r for r in others if r.status != "retired"]
                     counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], sink,
-                                                                       held=held_keys(kept_rows))
+                                                                       held=held_rows | journal.held)
                     changed = True
                 if changed:
                     held.check()   # another pass may own the output now: its manifest is not ours to replace
                     url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
+                held.check()
+                journalled = pending.finish(sink, journal, [*records, *others], held_rows, render.key_prefix,
+                                            delete=True)
             except lease.LeaseLost as e:
                 # the manifest written above lists this pass's records with their deletes pending (the next
                 # --retire delete pass does them): this pass rendered and recorded, it did not finish deleting
                 log.warning("%s; the manifest lists this pass's deletes as pending", e)
+                lease_lost = str(e)
+        elif not extra:   # the stored manifest lists this pass's records: the journal keeps only what none lists
+            try:
+                held.check()
+                journalled = pending.finish(sink, journal, [*records, *others], held_rows, render.key_prefix,
+                                            delete=False)
+            except lease.LeaseLost as e:   # (another pass may be rewriting the journal: it is not ours now)
+                log.warning("%s; the pending journal is left as it was", e)
                 lease_lost = str(e)
     summary = summarize(records)
     summary.update(counts, catalog=name, output=sink.uri, manifest=url, wall_s=round(time.perf_counter() - t0, 2),
@@ -379,7 +394,10 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
         print_manifest(records)
     if lease_lost:
         summary["lease_lost"] = lease_lost
-    failed = summary["failed"] or counts["delete_failed"] or lease_lost or kept_rows or (packages or {}).get("failed")
+    if journalled:
+        summary["pending"] = {**journalled, "file": f"{sink.uri}/{journal.key}"}
+    failed = (summary["failed"] or counts["delete_failed"] or lease_lost or kept_rows or (packages or {}).get("failed")
+              or journalled.get("failed") or journalled.get("damaged"))
     return (3 if extra else 1 if failed else 0), summary
 
 

@@ -509,3 +509,107 @@ def test_s3_lease_counts_as_lost_when_renewals_cannot_reach_the_store(s3_bucket,
             theirs.check()
             with pytest.raises(lease.LeaseLost):
                 held.check()                                  # and this one stays lost
+
+
+# --- a pass cut off before its manifest: the pending journal ----------------------------------------------------------
+def _files(out):
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _unlisted(out):
+    """Files at the output that no manifest record lists (the manifest, index and journals aside)."""
+    listed = set()
+    for r in _manifest(out).values():
+        for k in [r.key, *r.previous_keys, *r.layout]:
+            if k:
+                listed.update({k, f"{k}.json"})
+    return [f for f in _files(out) if f not in listed and not f.startswith("catalog-manifest")
+            and f != "asterisk/index.json"]
+
+
+@pytest.mark.parametrize("cut", ["killed", "refused"])
+def test_a_pass_cut_off_before_its_manifest_leaves_nothing_a_delete_pass_cannot_find(tmp_path, capsys, monkeypatch,
+                                                                                    cut):
+    """Review: a pass killed after rendering (or whose manifest write the storage refused: exit 3) left its new
+    objects, sidecars, package files and index entry listed by no manifest; after the catalog change was rolled
+    back, no `--retire delete --layout asterisk` pass ever deleted them and the PBX kept serving the pulled prompt.
+    The pass journals what it may create before rendering; a later delete pass deletes what no record claims. Another
+    catalog sharing the output keeps everything, and a `--retire mark` pass in between deletes nothing."""
+    from jobs import pending
+
+    cat, other, out = tmp_path / "ivr.yaml", tmp_path / "other.yaml", tmp_path / "out"
+    p1 = [{"id": "a", "text": "Welcome to the line."}, {"id": "b", "text": "Press one for sales."}]
+    _write(cat, p1)
+    _write(other, [{"id": "promo2", "text": "Ask about our winter offer."}])
+    assert _run(cat, out, capsys, "--layout", "asterisk")[0] == 0
+    assert _run(other, out, capsys, "--layout", "asterisk")[0] == 0
+    theirs = [f for f in _files(out) if "promo2" in f]
+    _write(cat, [p1[0], {"id": "b", "text": "Press two for sales."}, {"id": "promo", "text": "Ask about our offer."}])
+
+    class Killed(BaseException):
+        pass
+
+    def refuse(*a, **k):
+        if cut == "killed":
+            raise Killed()
+        return "file://nowhere", {"manifest_error": "refused"}   # what write_manifest says when it kept a local copy
+
+    with monkeypatch.context() as m:
+        m.setattr(catalog, "write_manifest", refuse)
+        if cut == "killed":
+            with pytest.raises(Killed):
+                _run(cat, out, capsys, "--layout", "asterisk")
+        else:
+            assert _run(cat, out, capsys, "--layout", "asterisk")[0] == 3
+    journal = out / pending.journal_key("ivr")
+    assert journal.exists() and any("promo" in f for f in _unlisted(out))
+    _write(cat, p1)   # the change is rolled back
+    code = catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
+                         "local", "--no-progress", "--quiet", "--retire", "mark", "--layout", "asterisk"])
+    capsys.readouterr()
+    assert code == 0 and journal.exists() and _unlisted(out)   # mark deletes nothing, the journal keeps it
+    code, s = _run(cat, out, capsys, "--layout", "asterisk")
+    assert code == 0 and s["pending"]["deleted"] >= 3, s
+    assert _unlisted(out) == [] and not journal.exists()
+    assert sorted(json.loads((out / "asterisk/index.json").read_text())) == ["en/a", "en/b", "en/promo2"]
+    assert all((out / f).exists() for f in theirs)
+    assert _run(cat, out, capsys, "--layout", "asterisk")[0] == 0 and not journal.exists()   # nothing left to do
+
+
+def test_a_journal_that_cannot_be_written_stops_the_pass_before_rendering(tmp_path, capsys, monkeypatch):
+    from tests.jobs.fakes import FakeBackend
+
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "a", "text": "Welcome to the line."}])
+    real = LocalSink.put
+
+    def put(self, key, data, ctype="application/octet-stream"):
+        if key.startswith("catalog-manifest.pending"):
+            raise StorageError("injected refusal")
+        return real(self, key, data, ctype)
+
+    monkeypatch.setattr(LocalSink, "put", put)
+    FakeBackend.calls.clear()
+    code = catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
+                         "local", "--no-progress", "--quiet"])
+    assert code == 2 and "injected refusal" in capsys.readouterr().err
+    assert FakeBackend.calls == [] and not list(out.glob("prompts/*"))
+
+
+def test_a_damaged_journal_holds_what_it_names_and_fails_each_pass_until_removed(tmp_path, capsys):
+    from jobs import pending
+
+    cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
+    _write(cat, [{"id": "a", "text": "Welcome to the line."}, {"id": "b", "text": "Press one for sales."}])
+    assert _run(cat, out, capsys)[0] == 0
+    b = _manifest(out)["b"].key
+    _write(cat, [{"id": "a", "text": "Welcome to the line."}, {"id": "b", "text": "Press two for sales."}])
+    journal = out / pending.journal_key("ivr")
+    journal.write_text('{"catalog": "ivr", "objects": ["' + b + '"')   # cut short
+    code, s = _run(cat, out, capsys)
+    damaged = out / f"{pending.journal_key('ivr')}.damaged"
+    assert code == 1 and s["pending"]["damaged"].endswith(damaged.name) and damaged.exists()
+    assert (out / b).exists() and _manifest(out)["b"].previous_keys == [b]   # held, still listed for later
+    assert _run(cat, out, capsys)[0] == 1   # until an operator removes the file
+    damaged.unlink()
+    assert _run(cat, out, capsys)[0] == 0 and not (out / b).exists() and not journal.exists()
