@@ -148,12 +148,46 @@ def _decode(f: soundfile.SoundFile, argument: str, what: str, limits: AudioLimit
     block_align = channels * {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4,
                               "DOUBLE": 8, "ULAW": 1, "ALAW": 1}.get(f.subtype, 0)
     declared = _riff_declared_frames(head, block_align) if block_align else None
-    limits.check_header(sr, channels, max(frames, declared or 0), argument, size)
+    unknown = frames >= _UNKNOWN_FRAMES
+    limits.check_header(sr, channels, 0 if unknown else max(frames, declared or 0), argument, size)
     try:
+        if unknown:
+            return _decode_unknown_length(f, argument, limits, sr, channels), sr
         audio = f.read(dtype="float32", always_2d=False)
+    except RequestError:
+        raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise RequestError(argument, f"could not decode {what} as audio ({_reason(exc)})") from None
     return audio, sr
+
+
+_UNKNOWN_FRAMES = 2**63 - 1
+"""libsndfile's frame count for a file whose header gives no length (SF_COUNT_MAX): a FLAC whose STREAMINFO
+total_samples is 0 ("unknown", allowed by the spec, written by streaming encoders) was refused as 106751991167.3 h."""
+
+_BLOCK_FRAMES = 1 << 16
+
+
+def _decode_unknown_length(f: soundfile.SoundFile, argument: str, limits: AudioLimits, sr: int,
+                           channels: int) -> np.ndarray:
+    """Decode a file whose header gives no length in blocks, refusing it once what was decoded passes
+    `limits.max_seconds` or `limits.max_samples` (never more than that is held)."""
+    allowed = min(math.floor(limits.max_seconds * sr), limits.max_samples // channels)
+    # soundfile seeks to where each read ended, and libsndfile cannot seek to the end of such a FLAC ("Internal
+    # psf_fseek() failed" on the last block): read it as the stream it is
+    f.seekable = lambda: False
+    blocks, total = [], 0
+    while True:
+        block = f.read(min(_BLOCK_FRAMES, allowed + 1 - total), dtype="float32", always_2d=True)
+        if block.shape[0] == 0:
+            break
+        blocks.append(block)
+        total += block.shape[0]
+        if total > allowed:
+            raise RequestError(argument, f"audio is longer than {limits.max_seconds:g} s or {limits.max_samples} "
+                                         "samples (its header gives no length; decoding stopped there)")
+    audio = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
+    return audio[:, 0] if channels == 1 else audio
 
 
 def _reason(exc: Exception) -> str:

@@ -246,3 +246,51 @@ def test_to_24k_refuses_a_huge_sample_rate_with_a_short_message(sr):
     with pytest.raises(RequestError, match=r"^voice: sample rate") as err:
         to_24k(np.full(100, 0.1, dtype=np.float32), sr, argument="voice")
     assert len(str(err.value)) < 150
+
+
+# ---- FLAC whose header gives no length ------------------------------------------------------------------------------
+
+
+def _flac(seconds: float, sr: int = 8000, channels: int = 1, unknown: bool = True) -> tuple[bytes, np.ndarray]:
+    """A FLAC of a tone; with `unknown`, its STREAMINFO total_samples set to 0 ("unknown", as streaming encoders
+    write it; libsndfile then reports 2**63 - 1 frames)."""
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sr)) / sr
+    wav = np.stack([0.3 * np.sin(2 * np.pi * (220 + 110 * c) * t) for c in range(channels)], axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, wav.astype(np.float32), sr, format="FLAC")
+    data = bytearray(buf.getvalue())
+    assert data[:4] == b"fLaC"
+    if unknown:
+        si = 8   # STREAMINFO's body, after "fLaC" and its block header; total samples: 36 bits from byte 13
+        data[si + 13] &= 0xF0
+        data[si + 14:si + 18] = b"\0\0\0\0"
+    return bytes(data), wav
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_a_flac_of_unknown_length_decodes_like_the_same_flac_with_its_length(channels, tmp_path):
+    unknown, _ = _flac(2.5, channels=channels)
+    known, _ = _flac(2.5, channels=channels, unknown=False)
+    want, want_sr = load_audio(known)
+    for source in (unknown, tmp_path / "a.flac"):
+        (tmp_path / "a.flac").write_bytes(unknown)
+        wav, sr = load_audio(source)
+        assert sr == want_sr == 8000 and wav.shape == want.shape == (20000,)
+        np.testing.assert_array_equal(wav, want)
+
+
+def test_a_flac_of_unknown_length_is_refused_only_when_it_decodes_too_long():
+    data, _ = _flac(121)   # the default limit is 120 s
+    with pytest.raises(RequestError, match=r"^voice: audio is longer than 120 s") as err:
+        load_audio(data, argument="voice")
+    assert err.value.field == "voice"
+    wav, _ = load_audio(_flac(119)[0])
+    assert wav.shape == (119 * 8000,)
+    short, _ = _flac(3)
+    with pytest.raises(RequestError, match=r"^ref_audio: audio is longer than 2 s"):
+        load_audio(short, limits=AudioLimits(max_seconds=2))
+    with pytest.raises(RequestError, match=r"^ref_audio: audio is longer than .* or 10000 samples"):
+        load_audio(short, limits=AudioLimits(max_samples=10000))
+    assert load_audio(short, limits=AudioLimits(max_seconds=3, max_samples=24000))[0].shape == (24000,)
