@@ -602,10 +602,14 @@ def to_24k(wav: np.ndarray, sr: int, *, argument: str = "ref_audio",
         return wav
     import soxr  # lazily: 24 kHz input (and GPU hosts without it) never need it
 
-    # Exact integer ceiling: in floating point 120 s at 44.1 kHz (5,292,000 * (24000 / 44100)) came to
-    # 2,880,000.0000000005, ceiled to one sample past 120 s, which encodes to one codec frame past the limit
-    # generation enforces (MAX_REF_CODE_FRAMES).
-    n_out = -(-int(wav.shape[0]) * TARGET_SR // int(sr))
+    # librosa's length (the reference's): ceil(N * (24000 / sr)) with the ratio rounded first, one sample more than
+    # the exact -(-N * 24000 // sr) where N * 24000 / sr is a whole number (44.1 and 22.05 kHz). Kept for parity,
+    # but never past what `limits.max_seconds` allowed: 120 s at 44.1 kHz came to 2,880,001 samples, one codec frame
+    # past the limit generation enforces (MAX_REF_CODE_FRAMES, 1500), so the voice was made and every generation
+    # refused it. Within the limit the cap is never below the exact ceiling (the input passed check_header).
+    exact = -(-int(wav.shape[0]) * TARGET_SR // int(sr))
+    n_out = max(exact, min(int(np.ceil(wav.shape[0] * (float(TARGET_SR) / sr))),
+                           math.floor(limits.max_seconds * TARGET_SR)))
     out = soxr.resample(wav, sr, TARGET_SR, quality="soxr_hq")
     if out.shape[0] > n_out:
         out = out[:n_out]

@@ -23,11 +23,20 @@ def test_120_s_at_any_rate_resamples_to_exactly_120_s_at_24k(sr):
     assert out.shape == (120 * TARGET_SR,) and out.dtype == np.float32
 
 
-@pytest.mark.parametrize(("n", "sr"), [(1, 44100), (44099, 44100), (44101, 44100), (7, 22050), (3, 48000),
-                                       (12345, 11025)])
-def test_resampled_length_is_the_exact_ceiling(n, sr):
+@pytest.mark.parametrize(("n", "sr"), [(1, 44100), (44099, 44100), (44100, 44100), (44101, 44100), (7, 22050),
+                                       (3, 48000), (12345, 11025), (2 * 44100, 44100)])
+def test_below_the_limit_the_resampled_length_stays_librosas(n, sr):
+    # the reference's length (librosa: the ratio rounded first), one more than the exact ceiling for some N
     wav = np.full(n, 0.1, dtype=np.float32)
-    assert to_24k(wav, sr).shape == (-(-n * TARGET_SR // sr),)
+    got = to_24k(wav, sr).shape[0]
+    assert got == int(np.ceil(n * (TARGET_SR / sr)))
+    assert -(-n * TARGET_SR // sr) <= got <= -(-n * TARGET_SR // sr) + 1
+
+
+def test_the_resampled_length_never_passes_the_duration_limit():
+    limits = AudioLimits(max_seconds=2.0)
+    out = to_24k(np.full(2 * 44100, 0.1, dtype=np.float32), 44100, limits=limits)
+    assert out.shape == (2 * TARGET_SR,)
 
 
 # ---- URL fetches (a raw socket server on 127.0.0.1 whose answer depends on the path) ----------------------------
