@@ -86,9 +86,9 @@ def check_seed(seed: object) -> int | None:
 
 
 MAX_REF_CODE_FRAMES = math.ceil(AudioLimits.max_seconds * SAMPLE_RATE / 1920) + 1
-"""The codes of the longest reference: its frames at 24 kHz, plus one: resampling sizes its output as the official
-does (librosa's float ceiling), one sample past the exact length for some rates (120 s at 44.1 kHz: 2,880,001
-samples, 1501 frames), and a voice create_voice_clone_prompt made must be one generation takes."""
+"""The codes of the longest reference: its frames at 24 kHz, plus one for voices stored before `to_24k` capped its
+length at the duration limit (the official's float ceiling made 120 s at 44.1 kHz 2,880,001 samples, 1501 frames):
+a voice create_voice_clone_prompt made must be one generation takes."""
 
 
 SPEAKER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
