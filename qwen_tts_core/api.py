@@ -196,16 +196,17 @@ class Qwen3TTSModel:
     # --- the long-lived engine ---------------------------------------------------------------------------------
     def configure_engine(self, reference_sampling: bool | None = None, **engine_kwargs: Any) -> None:
         """Options of the engine that generate_* and stream_* share (Engine's arguments: max_sessions, max_len,
-        cuda_graphs, batch_buckets, compile, ...). The engine is rebuilt with them now; the current one must be idle.
-        Options the Engine refuses (an unknown name, a bad value) raise here, naming the argument, and leave the
-        current engine and its options as they were."""
+        cuda_graphs, batch_buckets, compile, ...). Takes effect at the next call (the engine is rebuilt then, after
+        the current one, which must be idle, is let go: never two engines' caches at once). An unknown option or a bad
+        value Engine checks before allocating raises here, naming it, and leaves the engine and its options as they
+        were."""
         with self._driver_lock:
             if self._driver is not None and self._driver.engine.has_work():
                 raise RuntimeError("configure_engine: the engine is busy")
             ref = self.reference_sampling if reference_sampling is None else bool(reference_sampling)
             options = {**self.engine_options, **engine_kwargs}
-            driver = EngineDriver(Engine(self, **self._engine_options(ref, options)))
-            self.reference_sampling, self.engine_options, self._driver = ref, options, driver
+            Engine.check_arguments(**self._engine_options(ref, options))
+            self.reference_sampling, self.engine_options, self._driver = ref, options, None
 
     def _engine_options(self, reference_sampling: bool, options: dict[str, Any]) -> dict[str, Any]:
         """The long-lived engine's arguments: its defaults for this sampling mode, then the configured options."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import numbers
@@ -59,7 +60,40 @@ class EngineBusy(RuntimeError):
     """The engine's queue is full; retry later."""
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
+
+
+def _check_arguments(max_sessions, max_queue, max_len, interactive_reserve, guard_base_frames, guard_frames_per_token,
+                     sampler) -> None:
+    """The Engine's value checks (ValueError naming the argument), made before anything is allocated."""
+    for name, v, lo in (("max_sessions", max_sessions, 1), ("max_queue", max_queue, 1), ("max_len", max_len, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if not _is_int(interactive_reserve) or not 0 <= interactive_reserve < max_sessions:
+        raise ValueError(f"interactive_reserve must be an integer in [0, max_sessions), got {interactive_reserve!r}")
+    if not _is_int(guard_base_frames) or guard_base_frames < 0:
+        raise ValueError(f"guard_base_frames must be an integer >= 0, got {guard_base_frames!r}")
+    if guard_frames_per_token is not None and (
+            isinstance(guard_frames_per_token, bool | np.bool_) or not isinstance(guard_frames_per_token, numbers.Real)
+            or not math.isfinite(guard_frames_per_token) or guard_frames_per_token <= 0):
+        raise ValueError(f"guard_frames_per_token must be None or a finite number > 0, got {guard_frames_per_token!r}")
+    if sampler not in ("device", "torch"):
+        raise ValueError(f"sampler must be 'device' or 'torch', got {sampler!r}")
+
+
 class Engine:
+    @classmethod
+    def check_arguments(cls, **kwargs) -> None:
+        """Check Engine arguments without building one (nothing allocated, no graphs): TypeError naming an unknown
+        argument, ValueError naming a bad value of those checked before allocation; what only a build can tell (the
+        device, memory) still shows when one is built."""
+        bound = inspect.signature(cls.__init__).bind(None, None, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        _check_arguments(a["max_sessions"], a["max_queue"], a["max_len"], a["interactive_reserve"],
+                         a["guard_base_frames"], a["guard_frames_per_token"], a["sampler"])
+
     def __init__(self, model, max_sessions: int = 8, max_queue: int = 64,
                  guard_frames_per_token: float | None = None, guard_base_frames: int = 64,
                  initial_cache_len: int = 256, static: bool | None = None, max_len: int = 4096,
@@ -91,21 +125,8 @@ class Engine:
         audio_chunk_frames: the chunk sizes (frames) requests will use, e.g. a service's first_chunk_frames and
         chunk_frames: with graphs, audio decodes of these sizes are captured too (beside 1, 2, 4 and 8 frames); a
         decode of more frames than any captured size runs eagerly (logged once)."""
-        for name, v, lo in (("max_sessions", max_sessions, 1), ("max_queue", max_queue, 1), ("max_len", max_len, 2)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if isinstance(interactive_reserve, bool) or not isinstance(interactive_reserve, int) \
-                or not 0 <= interactive_reserve < max_sessions:
-            raise ValueError(f"interactive_reserve must be an integer in [0, max_sessions), got {interactive_reserve!r}")
-        if isinstance(guard_base_frames, bool) or not isinstance(guard_base_frames, int) or guard_base_frames < 0:
-            raise ValueError(f"guard_base_frames must be an integer >= 0, got {guard_base_frames!r}")
-        if guard_frames_per_token is not None and (
-                isinstance(guard_frames_per_token, bool) or not isinstance(guard_frames_per_token, numbers.Real)
-                or not math.isfinite(guard_frames_per_token) or guard_frames_per_token <= 0):
-            raise ValueError(f"guard_frames_per_token must be None or a finite number > 0, "
-                             f"got {guard_frames_per_token!r}")
-        if sampler not in ("device", "torch"):
-            raise ValueError(f"sampler must be 'device' or 'torch', got {sampler!r}")
+        _check_arguments(max_sessions, max_queue, max_len, interactive_reserve, guard_base_frames,
+                         guard_frames_per_token, sampler)
         self.interactive_reserve = interactive_reserve
         self.model, self.talker = model, model.talker
         self.max_sessions, self.max_queue = max_sessions, max_queue

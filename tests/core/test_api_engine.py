@@ -240,6 +240,10 @@ def test_configure_engine_refuses_bad_options_and_keeps_the_working_engine(check
     """Review: a typo or a bad value was stored unchecked and the working engine dropped; every later call then
     failed (TypeError / ValueError at the next engine build) until options were fixed. Now configure_engine builds
     the engine itself: the refusal names the argument there, and the engine and options stay as they were."""
+    import functools
+    import gc
+    import weakref
+
     m = Qwen3TTSModel.from_pretrained(checkpoint_factory("custom_voice", "tiny"), device_map="cpu")
     m.configure_engine(max_sessions=2)
     engine, options = m.engine, dict(m.engine_options)
@@ -248,3 +252,24 @@ def test_configure_engine_refuses_bad_options_and_keeps_the_working_engine(check
     assert m.engine is engine and m.engine_options == options
     (w,), _ = m.generate_custom_voice("Hi.", speaker="ryan", **G)
     assert w.size
+    # a good one lets the old engine go before the next is built (second review: building the new one first held
+    # two engines' caches, and on a GPU their graphs, at once)
+    from qwen_tts_core.generate.engine import Engine
+
+    old, alive_at_build = weakref.ref(engine), []
+    del engine
+    init = Engine.__init__
+
+    @functools.wraps(init)
+    def spy(self, *a, **k):
+        gc.collect()
+        alive_at_build.append(old() is not None)
+        init(self, *a, **k)
+
+    Engine.__init__ = spy
+    try:
+        m.configure_engine(max_sessions=3)
+        assert m.engine.max_sessions == 3
+    finally:
+        Engine.__init__ = init
+    assert alive_at_build == [False]

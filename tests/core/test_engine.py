@@ -559,7 +559,8 @@ def test_engine_accepts_numpy_and_int_guards(model):
     import numpy as np
 
     Engine(model, max_sessions=2, guard_frames_per_token=np.float32(2.5), guard_base_frames=0)
-    Engine(model, max_sessions=2, guard_frames_per_token=3)
+    Engine(model, max_sessions=2, guard_frames_per_token=3, guard_base_frames=np.int64(64),
+           interactive_reserve=np.int64(1))  # NumPy integers passed before the checks came (second review)
 
 
 def test_a_whole_text_is_tokenized_on_the_thread_that_adds_it(model, monkeypatch):
