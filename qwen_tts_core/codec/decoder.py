@@ -37,6 +37,8 @@ def check_codes(codes: torch.Tensor, num_quantizers: int, codebook_size: int, ch
                          f"got {tuple(codes.shape)}")
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    if codes.layout != torch.strided:
+        raise ValueError(f"codes must be a dense tensor, got layout {codes.layout}")
     if check_range and codes.numel():
         if codes.device.type == "meta":
             raise ValueError("codes are a tensor on the meta device (they hold no values)")

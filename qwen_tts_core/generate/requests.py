@@ -116,7 +116,7 @@ def check_voice_prompt(vp: object, talker_cfg, dtype: torch.dtype | None = None)
         raise RequestError(field, f"ref_spk_embedding must be a float tensor [{width}] or [1, {width}] (this model's "
                                   f"speaker vector; a voice made with another model size does not fit) of "
                                   f"float16, bfloat16, float32 or float64, got {shown}")
-    _check_not_meta(spk, "ref_spk_embedding")
+    _check_plain(spk, "ref_spk_embedding")
     if not bool(torch.isfinite(spk).all()) or dtype is not None and not bool(torch.isfinite(spk.to(dtype)).all()):
         raise RequestError(field, "ref_spk_embedding has NaN or infinite values" + (
             "" if dtype is None else f" (in {str(dtype).removeprefix('torch.')}, the model's dtype)"))
@@ -135,7 +135,7 @@ def check_voice_prompt(vp: object, talker_cfg, dtype: torch.dtype | None = None)
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != groups:
             shown = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise RequestError(field, f"ref_code must be an integer tensor [frames, {groups}], got {shown}")
-        _check_not_meta(codes, "ref_code")
+        _check_plain(codes, "ref_code")
         if len(codes) > MAX_REF_CODE_FRAMES:  # decoded as left context on the step thread before the first chunk
             raise RequestError(field, f"ref_code has {len(codes)} frames; at most {MAX_REF_CODE_FRAMES} (the codes "
                                       f"of a {AudioLimits.max_seconds:g} s reference)")
@@ -145,9 +145,14 @@ def check_voice_prompt(vp: object, talker_cfg, dtype: torch.dtype | None = None)
             raise RequestError(field, f"ref_code: {e}") from None
 
 
-def _check_not_meta(t: torch.Tensor, name: str) -> None:
-    if t.device.type == "meta":  # a shape without values: nothing to check or compute with
+def _check_plain(t: torch.Tensor, name: str) -> None:
+    """A dense tensor with values: not one on the meta device (a shape without values), nor sparse or nested (the
+    checks and the model's ops are not implemented for them: a raw NotImplementedError deep inside otherwise)."""
+    if t.device.type == "meta":
         raise RequestError("voice_clone_prompt", f"{name} is a tensor on the meta device (it holds no values)")
+    if t.layout != torch.strided or t.is_nested:
+        raise RequestError("voice_clone_prompt", f"{name} must be a dense tensor, got layout {t.layout}"
+                                                 f"{' (nested)' if t.is_nested else ''}")
 
 
 def validate(model, req: SynthesisRequest) -> None:

@@ -93,6 +93,17 @@ def test_meta_tensors_are_refused_naming_the_prompt(base, which):
     assert e.value.field == "voice_clone_prompt"
 
 
+@pytest.mark.parametrize("which", ["spk", "codes"])
+def test_sparse_tensors_are_refused_naming_the_prompt(base, which):
+    """Second review: sparse tensors still raised NotImplementedError from isfinite / min."""
+    t = base.cfg.talker
+    item = _item(base, spk=torch.ones(t.hidden_size).to_sparse()) if which == "spk" else \
+        _item(base, codes=torch.ones(6, t.num_code_groups, dtype=torch.long).to_sparse())
+    with pytest.raises(RequestError, match="dense") as e:
+        _add(base, item)
+    assert e.value.field == "voice_clone_prompt"
+
+
 @pytest.mark.parametrize("mode", [np.array([True, False]), torch.tensor([True]), "False", 2, 0.5])
 def test_x_vector_only_mode_must_be_a_bool(base, ref_wav_path, mode):
     with pytest.raises(RequestError, match="x_vector_only_mode") as e:
