@@ -70,9 +70,19 @@ def _parse(raw: bytes, name: str) -> tuple[list[str], list[str]] | None:
 
 
 def _held(raw: bytes) -> set[str]:
-    """Every key-like string of a damaged journal, with the sidecar and captions of each."""
+    """Every key-like string of a damaged journal, as written and with its JSON escapes read (the journal is JSON:
+    it spells `prompts/欢迎-...` as `prompts/\\u6b22\\u8fce-...`), with the sidecar and captions of each."""
     keys = set(_TOKEN.findall(raw.decode("utf-8", "replace")))
+    keys |= {u for k in keys if "\\" in k and (u := _unescaped(k)) is not None}
     return {x for k in keys for x in (k, sidecar_key(k), *caption_keys(k))}
+
+
+def _unescaped(token: str) -> str | None:
+    try:
+        value = json.loads(f'"{token}"')
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def begin(sink: Sink, name: str, rows: list[Utterance], cfg: RenderConfig, layout: str, claimed: set[str],

@@ -613,3 +613,17 @@ def test_a_damaged_journal_holds_what_it_names_and_fails_each_pass_until_removed
     assert _run(cat, out, capsys)[0] == 1   # until an operator removes the file
     damaged.unlink()
     assert _run(cat, out, capsys)[0] == 0 and not (out / b).exists() and not journal.exists()
+
+
+def test_a_damaged_journal_holds_non_ascii_keys_as_well():
+    """Second review: the journal is JSON (ensure_ascii), so a key with a non-ASCII stem is stored escaped
+    (prompts/\\u6b22...); a damaged journal's held set took the escaped spelling only, and the real key could be
+    deleted by purge / remove_packages."""
+    import json
+
+    from jobs import pending
+
+    keys = ["prompts/welcome-0123456789abcdef.wav", "prompts/欢迎-0123456789abcdef.wav", "prompts/café-0123.wav"]
+    raw = json.dumps({"catalog": "ivr", "objects": keys, "packages": []}, indent=1).encode()
+    held = pending._held(raw[: len(raw) - 5])   # cut short: damaged
+    assert set(keys) <= held
