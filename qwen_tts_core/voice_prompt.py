@@ -73,19 +73,20 @@ def _column(key: str, value: Any) -> list[Any]:
 
 def save_voice_prompt(item: VoiceClonePromptItem, path: str | Path, **metadata: str) -> Path:
     """Write the item as one safetensors file (tensors + JSON metadata). An x-vector item's transcript is never used:
-    one that is not a valid transcript (not a str, past the core's limit) is stored as None; an ICL item's must be
-    valid (ValueError naming ref_text)."""
+    one that is not a valid transcript (not a str, past the core's limit) is stored as None. An ICL item's must be a
+    str (ValueError naming ref_text; its length is judged where the voice is used, as a voice stored before the
+    limit is); a file safetensors cannot write is a ValueError naming the path."""
     from safetensors.torch import save_file
 
     from .generate.requests import check_ref_text
 
     ref_text = item.ref_text
-    if ref_text is not None:
+    if item.icl_mode and ref_text is not None and not isinstance(ref_text, str):
+        raise ValueError(f"cannot save this voice prompt: ref_text must be a str, got {type(ref_text).__name__}")
+    if not item.icl_mode and ref_text is not None:
         try:
             check_ref_text(ref_text)
-        except RequestError as e:
-            if item.icl_mode:
-                raise ValueError(f"cannot save this voice prompt: {e}") from None
+        except RequestError:
             ref_text = None
     tensors = {"ref_spk_embedding": item.ref_spk_embedding.detach().float().cpu().contiguous()}
     if item.ref_code is not None:
@@ -94,7 +95,12 @@ def save_voice_prompt(item: VoiceClonePromptItem, path: str | Path, **metadata: 
             "icl_mode": json.dumps(item.icl_mode), "ref_text": json.dumps(ref_text),
             **{k: str(v) for k, v in metadata.items()}}
     path = Path(path)
-    save_file(tensors, str(path), metadata=meta)
+    try:
+        save_file(tensors, str(path), metadata=meta)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type (a header past its size limit)
+        raise ValueError(f"{path}: cannot write this voice prompt ({str(e)[:200]})") from None
     return path
 
 
