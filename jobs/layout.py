@@ -225,9 +225,7 @@ def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: S
     try:
         index = _read_index(sink)
     except StorageError as e:
-        for rec, _, _ in todo:
-            _failed(rec, e, counts)
-        return counts
+        return _all_failed([rec for rec, _, _ in todo], e, counts)
     write = []
     for rec, lang, name in todo:
         try:
@@ -246,9 +244,7 @@ def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: S
         try:
             _write_index(sink, index)
         except StorageError as e:
-            for rec, _, _ in write:
-                _failed(rec, e, counts)
-            return counts
+            return _all_failed([rec for rec, _, _ in write], e, counts)
     written = []
     for rec, lang, name in write:
         dbm0: dict[str, float | None] = {}
@@ -272,9 +268,8 @@ def write_packages(records: list[ManifestRecord], rows: list[Utterance], sink: S
         try:
             _write_index(sink, index)
         except StorageError as e:
-            for rec in written:
-                _failed(rec, f"{e} (its files are written; the index does not list them: the next pass writes "
-                             "them again)", counts)
+            _all_failed(written, f"{e} (its files are written; the index does not list them: the next pass writes "
+                                 "them again)", counts)
     return counts
 
 
@@ -287,6 +282,13 @@ def _failed(rec: ManifestRecord, e: object, counts: dict[str, int], flags: list[
     _flag(rec, [*flags, "layout:storage"])
     rec.error = f"layout: {e}"
     counts["failed"] = counts.get("failed", 0) + 1
+
+
+def _all_failed(recs: list[ManifestRecord], e: object, counts: dict[str, int]) -> dict[str, int]:
+    """`_failed` for each of `recs` (a storage step they all needed was refused); returns `counts`."""
+    for rec in recs:
+        _failed(rec, e, counts)
+    return counts
 
 
 def _flag(rec: ManifestRecord, flags: list[str]) -> None:

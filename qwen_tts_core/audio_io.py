@@ -371,7 +371,9 @@ def _deadline_connection(base: type, deadline: _Deadline) -> type:
     return Connection
 
 
-class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+class _WithinDeadline:
+    """Mixed into urllib's HTTP(S) handler: its connections are made within `deadline` (`_deadline_connection`)."""
+
     def __init__(self, deadline: _Deadline) -> None:
         super().__init__()
         self._deadline = deadline
@@ -380,13 +382,12 @@ class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
         return super().do_open(_deadline_connection(http_class, self._deadline), req, **kwargs)
 
 
-class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline) -> None:
-        super().__init__()
-        self._deadline = deadline
+class _DeadlineHTTPHandler(_WithinDeadline, urllib.request.HTTPHandler):
+    pass
 
-    def do_open(self, http_class, req, **kwargs):
-        return super().do_open(_deadline_connection(http_class, self._deadline), req, **kwargs)
+
+class _DeadlineHTTPSHandler(_WithinDeadline, urllib.request.HTTPSHandler):
+    pass
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
@@ -418,22 +419,19 @@ def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
 
 def _fetch_url(url: str, argument: str, timeout: float, max_bytes: int = MAX_URL_BYTES) -> bytes:
     """GET an http(s) URL's body: at most `max_bytes`, within `timeout` seconds for the whole fetch."""
-    _check_url(url, argument)
-    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
-        raise RequestError(argument, "unsupported URL scheme; allowed: http, https (with allow_urls=True)")
+    _check_url(url, argument)   # (its scheme is http or https: `_is_url`, the one caller's test)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise RequestError("url_timeout", f"must be a positive number of seconds, got {shown(timeout)}")
     deadline = _Deadline(float(timeout))
     try:
-        body, size = bytearray(), 0
+        body = bytearray()
         with _opener(deadline).open(url, timeout=deadline.remaining()) as resp:
-            while size <= max_bytes:
+            while len(body) <= max_bytes:
                 deadline.remaining()
-                chunk = resp.read(min(65536, max_bytes + 1 - size))
+                chunk = resp.read(min(65536, max_bytes + 1 - len(body)))
                 if not chunk:
                     break
                 body += chunk
-                size += len(chunk)
         deadline.remaining()   # a read the timer cut short reads as the end of the body: not a complete one
         data = bytes(body)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:

@@ -117,7 +117,7 @@ def check_voice_prompt(vp: object, talker_cfg, dtype: torch.dtype | None = None)
                                   f"speaker vector; a voice made with another model size does not fit) of "
                                   f"float16, bfloat16, float32 or float64, got {shown}")
     _check_plain(spk, "ref_spk_embedding")
-    if not bool(torch.isfinite(spk).all()) or dtype is not None and not bool(torch.isfinite(spk.to(dtype)).all()):
+    if not bool(torch.isfinite(spk if dtype is None else spk.to(dtype)).all()):   # (NaN and inf survive the cast)
         raise RequestError(field, "ref_spk_embedding has NaN or infinite values" + (
             "" if dtype is None else f" (in {str(dtype).removeprefix('torch.')}, the model's dtype)"))
     if vp.icl_mode:  # the reference's transcript is part of an ICL prompt (without it the prompt fails at admission)
