@@ -43,3 +43,49 @@ def test_peak_rss_is_this_process_not_its_parent(tmp_path):
     child = json.loads(subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks")], capture_output=True,
                                       text=True, check=True, timeout=60).stdout)
     assert child < big.nbytes / 2**20 / 2
+
+
+def _cfg(tmp_path):
+    import json
+
+    layer = dict(hidden_size=64, intermediate_size=128, head_dim=16, num_attention_heads=4, num_key_value_heads=2)
+    cfg = {"talker_config": {**layer, "num_hidden_layers": 3, "vocab_size": 100,
+                             "code_predictor_config": {**layer, "num_hidden_layers": 2, "num_code_groups": 16,
+                                                       "vocab_size": 50}}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+def test_the_memory_bound_reads_each_part_at_its_own_working_sets_bandwidth(tmp_path, monkeypatch):
+    """This stop: one 268 MB matrix read again and again stays in a 300 MB L3 (52 GB/s) while the talker streams from
+    DRAM (~26 GB/s): the bound was 3/4 of what a frame can take. The talker and heads must be read at the bandwidth
+    of the whole frame's working set, the code predictor's layers at theirs; a stand-in bandwidth that halves past
+    a cache size shows a bound from one cached matrix would be too small."""
+    import engine_vs_reference as evr
+
+    parts = evr.weight_bytes_per_frame(_cfg(tmp_path), 4)
+    assert parts["total"] == parts["once"] + parts["cp_steps"] * parts["cp_pass"]
+    assert parts["cp_reuse"] < parts["once"] and parts["cp_steps"] == 15
+    cache = parts["cp_reuse"] + 1                      # the code predictor fits "the cache", the frame does not
+    asked = []
+
+    def bandwidth(dtype, working_set):
+        asked.append(working_set)
+        return 2e-6 if working_set <= cache else 1e-6   # GB/s: slow enough that the rounded bound is seconds
+
+    monkeypatch.setattr(evr, "stream_bandwidth_gbs", bandwidth)
+    mem = evr.memory_bound(parts, "float32")
+    want = parts["once"] / 1e3 + parts["cp_steps"] * parts["cp_pass"] / 2e3
+    assert want > 100 and abs(mem["bound_s_per_frame"] - want) < 1e-3
+    assert sorted(asked) == sorted([parts["cp_reuse"], parts["once"] + parts["cp_reuse"]])
+    assert mem["bound_s_by_part"]["talker_and_heads"] == round(parts["once"] / 1e3, 4)
+    assert (parts["once"] + parts["cp_steps"] * parts["cp_pass"]) / 2e3 < want   # the old, cached yardstick: less
+
+
+def test_stream_bandwidth_cycles_distinct_matrices_and_is_finite():
+    import math
+
+    from _measure import stream_bandwidth_gbs
+
+    bw = stream_bandwidth_gbs("float32", 64 * 64 * 4 * 3, rows=64, cols=64, min_seconds=0.01)
+    assert 0 < bw < math.inf
