@@ -89,7 +89,8 @@ class ModelConfig:
     warmup: bool = True
     max_bulk_queue: int = 256                # bulk (batch-job) requests parked per replica before Busy
     # Engine options (None: the engine's default; see qwen_tts_core Engine): static KV length per session, CUDA
-    # graphs on/off, the batch sizes graphs are captured for, torch.compile of the layers' elementwise pieces, the
+    # graphs on/off, the batch sizes graphs are captured for, torch.compile (True: the whole step bodies on CPU,
+    # compiled while the replica starts: minutes; the layers' elementwise pieces at capture on a GPU), the
     # streaming audio decoder's dtype (fp32 by default; "bfloat16" is faster, as the official package decodes a
     # bf16 model, at bf16 precision).
     max_len: int | None = None

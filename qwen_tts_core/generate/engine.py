@@ -47,6 +47,7 @@ from ..model.layers import packed_linears
 from ..text.prompt import extend_prompt
 from ..types import SAMPLES_PER_FRAME, AudioChunk, SamplingParams, SynthesisRequest
 from .audio_stream import BatchedAudio
+from .compiled import check_compile
 from .graphs import GraphCapture
 from .requests import check_positions, is_blank, make_prompt, validate
 from .runner import Start, StepRunner, packs_linears
@@ -65,7 +66,7 @@ def _is_int(v: object) -> bool:
 
 
 def _check_arguments(max_sessions, max_queue, max_len, interactive_reserve, guard_base_frames, guard_frames_per_token,
-                     sampler) -> None:
+                     sampler, compile=False) -> None:
     """The Engine's value checks (ValueError naming the argument), made before anything is allocated."""
     for name, v, lo in (("max_sessions", max_sessions, 1), ("max_queue", max_queue, 1), ("max_len", max_len, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -80,6 +81,7 @@ def _check_arguments(max_sessions, max_queue, max_len, interactive_reserve, guar
         raise ValueError(f"guard_frames_per_token must be None or a finite number > 0, got {guard_frames_per_token!r}")
     if sampler not in ("device", "torch"):
         raise ValueError(f"sampler must be 'device' or 'torch', got {sampler!r}")
+    check_compile(compile)
 
 
 class Engine:
@@ -92,13 +94,13 @@ class Engine:
         bound.apply_defaults()
         a = bound.arguments
         _check_arguments(a["max_sessions"], a["max_queue"], a["max_len"], a["interactive_reserve"],
-                         a["guard_base_frames"], a["guard_frames_per_token"], a["sampler"])
+                         a["guard_base_frames"], a["guard_frames_per_token"], a["sampler"], a["compile"])
 
     def __init__(self, model, max_sessions: int = 8, max_queue: int = 64,
                  guard_frames_per_token: float | None = None, guard_base_frames: int = 64,
                  initial_cache_len: int = 256, static: bool | None = None, max_len: int = 4096,
                  cuda_graphs: bool | None = None, batch_buckets: tuple[int, ...] | list[int] | None = None,
-                 compile: bool = False, sampler: str = "device", interactive_reserve: int = 0,
+                 compile: bool | str = False, sampler: str = "device", interactive_reserve: int = 0,
                  audio_dtype: torch.dtype | str | None = None, graph_capture: GraphCapture | None = None,
                  audio_chunk_frames: Sequence[int] = ()) -> None:
         """max_sessions: sessions decoded together (slots); max_queue: sessions waiting for a slot before EngineBusy
@@ -106,10 +108,13 @@ class Engine:
         max_len: positions per session (prompt + generated frames); a session that reaches it ends with
         finish_reason "max_new_tokens". cuda_graphs: capture the step bodies in CUDA graphs at construction (default:
         on for a CUDA model with the device sampler; True on a CPU model is an error). batch_buckets: the batch
-        sizes graphs are captured for (default 1, 2, 4, ... up to max_sessions). compile: the layers' elementwise
-        pieces (residual add + RMSNorm, q/k norm + RoPE, SiLU x up) and the sampler run torch.compiled in the step
-        bodies, about one kernel each on a GPU (model/fused.py; compiled at capture; a piece that fails to compile
-        runs plain). static: a KV cache of max_len allocated up front, and prompts of up to 256 positions
+        sizes graphs are captured for (default 1, 2, 4, ... up to max_sessions). compile: torch.compile, True for
+        what suits the model: "step" on a CPU with the device sampler and no graphs (the whole talker step and the
+        whole code-predictor pass become one graph each, compiled while the engine is built: minutes on a few
+        cores; the 0.6B model ~1.3x faster a frame, the same codes in fp32; generate/compiled.py), "ops" elsewhere
+        (the layers' elementwise pieces, residual add + RMSNorm, q/k norm + RoPE, SiLU x up, and the sampler, about
+        one kernel each on a GPU; model/fused.py; compiled at capture). Either falls back to the eager code when
+        compiling fails (logged). static: a KV cache of max_len allocated up front, and prompts of up to 256 positions
         prefilled in the graphs' (rows, length) buckets (default: with graphs; otherwise the cache grows as sessions
         need and prompts prefill at their own lengths). sampler: "device" (counter-based RNG per (seed, frame,
         codebook): the same draws alone or batched, eager or graphs; on CPU without graphs the same codes too, bit
@@ -126,7 +131,7 @@ class Engine:
         chunk_frames: with graphs, audio decodes of these sizes are captured too (beside 1, 2, 4 and 8 frames); a
         decode of more frames than any captured size runs eagerly (logged once)."""
         _check_arguments(max_sessions, max_queue, max_len, interactive_reserve, guard_base_frames,
-                         guard_frames_per_token, sampler)
+                         guard_frames_per_token, sampler, compile)
         self.interactive_reserve = interactive_reserve
         self.model, self.talker = model, model.talker
         self.max_sessions, self.max_queue = max_sessions, max_queue
@@ -176,6 +181,7 @@ class Engine:
             t0 = time.perf_counter()
             self.runner.capture_all()
             self.capture_s = time.perf_counter() - t0
+        self.compile_s = self.runner.compile_all()
         for v in audio_chunk_frames:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"audio_chunk_frames must hold integers >= 1, got {v!r}")

@@ -13,7 +13,8 @@ read of the new ids (`step()` returns them); the masks are uploaded only when th
 With graphs, `capture_all()` records one code-predictor graph per batch bucket, one talker graph per (batch
 bucket, length bucket) and one prefill graph per (rows, prompt length) bucket before traffic, in one memory pool
 (graphs.py). Without graphs (CPU) the cache grows by doubling, B is exact and prefills run eagerly at the prompts'
-own lengths.
+own lengths. With compiled bodies (CPU, `compile`; compiled.py) each body is one torch.compiled graph for every
+batch, key length and cache size, compiled before traffic (`compile_all`); a batch runs at least two rows there.
 
 Samplers (sampling.py): "device" (counter-based RNG, inside the graphs) or "torch" (the reference's generators and
 draw order; eager only: rows' picks go through the host).
@@ -35,6 +36,7 @@ from ..model.kv_cache import KVCache
 from ..model.layers import onednn_enabled, pack_linears_, packed_linears, probe_decode_layouts
 from ..model.talker import Talker
 from ..types import SamplingParams
+from .compiled import MIN_ROWS, CompiledBody, compile_mode
 from .graphs import GraphCapture
 from .sampling import (
     SamplePlan,
@@ -157,7 +159,7 @@ def _first_at_least(buckets: Sequence[int], n: int) -> int:
 class StepRunner:
     def __init__(self, talker: Talker, max_sessions: int, max_len: int, *, tts_pad: torch.Tensor, eos_id: int,
                  suppress_from: int, static: bool, capture: GraphCapture | None = None,
-                 buckets: Sequence[int] | None = None, sampler: str = "device", compile: bool = False,
+                 buckets: Sequence[int] | None = None, sampler: str = "device", compile: bool | str = False,
                  initial_len: int = 256) -> None:
         if sampler not in ("device", "torch"):
             raise ValueError(f"sampler must be 'device' or 'torch', got {sampler!r}")
@@ -171,13 +173,23 @@ class StepRunner:
         self.cp_layout = "gqa"  # the code predictor's
         self.batch_buckets = batch_buckets(max_sessions, buckets)
         self.len_buckets = length_buckets(max_len)
+        # compile "step": the bodies compiled whole (compiled.py), for batches of at least MIN_ROWS rows
+        mode = compile_mode(compile, self.device, sampler, capture is not None)
+        self.whole = mode == "step"
+        if self.whole:
+            self.S = max(max_sessions, MIN_ROWS)
         t = talker.cfg
-        S, C, V = max_sessions, t.hidden_size, t.vocab_size
+        S, C, V = self.S, t.hidden_size, t.vocab_size
         Vc = t.code_predictor.vocab_size
         dev, lng = self.device, dict(dtype=torch.long, device=self.device)
         cap = max_len if self.static else min(max_len, max(initial_len, MIN_LEN_BUCKET))
-        self.cache = talker.new_cache(S, cap)
+        # compiled bodies: one position more than any step reads, so that no read covers the whole cache (a read
+        # that did would be contiguous, which the graph would have to guard: a recompile when it flips)
+        self.spare = int(self.whole)
+        self.cache = talker.new_cache(S, cap + self.spare)
         self.cp_caches: dict[int, KVCache] = {}
+        # compiled bodies: one cache for every batch (rows 0..B-1 of it), so the graph looks up nothing per B
+        self.cp_cache = talker.code_predictor.new_cache(S) if self.whole else None
         # --- per-slot state ----------------------------------------------------------------------------------
         self.pos, self.ngen, self.nframes = (torch.zeros(S, **lng) for _ in range(3))
         self.code0, self.text_pos, self.text_len = (torch.zeros(S, **lng) for _ in range(3))
@@ -215,8 +227,12 @@ class StepRunner:
         self.packed = packs_linears(talker, sampler)
         self.graphs: dict[tuple, object] = {}
         self.capture_seconds: dict[tuple, float] = {}
-        # compile: the layers' elementwise pieces run torch.compiled (model/fused.py) in the step bodies
-        self.compiled = bool(compile)
+        # compile "ops": the layers' elementwise pieces run torch.compiled (model/fused.py) in the step bodies
+        self.compiled = mode == "ops"
+        self.bodies: dict[str, Callable] = {"cp": self._cp_body, "talker": self._talker_body}
+        if self.whole:
+            self.bodies = {"cp": CompiledBody(self._cp_body, "code-predictor"),
+                           "talker": CompiledBody(self._talker_body, "talker")}
         # prefills in (rows, length) buckets: with graphs (replayed), and in other static engines (eager: the same
         # shapes, so the same numbers as the graphs; bf16 sums differ in the last bit once a prompt is padded); the
         # default CPU engines (growing cache) prefill the exact lengths
@@ -276,7 +292,9 @@ class StepRunner:
                      plan: SamplePlan | None = None) -> torch.Tensor:
         rows = slice(0, B) if rows is None else rows
         if self.sampler == "device":
-            noise = lambda: gumbel(noise_key(self.seed_key[rows], self.ngen[rows], 0), self.tok_hash_t)  # noqa: E731
+            # the rows' keys taken here, not in the closure: a compiled body would fix a slice's bound B there
+            seed, ngen = self.seed_key[rows], self.ngen[rows]
+            noise = lambda: gumbel(noise_key(seed, ngen, 0), self.tok_hash_t)  # noqa: E731
             return sample_device(logits, self.t_do[rows], self.t_temp[rows], self.t_top_k[rows], self.t_top_p[rows],
                                  noise, plan)
         return self._torch_picker("talker", B)(logits, 0)
@@ -299,6 +317,8 @@ class StepRunner:
         return pick
 
     def _cp_cache(self, B: int) -> KVCache:
+        if self.cp_cache is not None:
+            return self.cp_cache
         if B not in self.cp_caches:
             self.cp_caches[B] = self.talker.code_predictor.new_cache(B)
         return self.cp_caches[B]
@@ -463,6 +483,10 @@ class StepRunner:
         the frames can be used, e.g. decoded, before the talker step runs); its [:, 16] is stale then."""
         hi = max(cp_slots + talker_slots) + 1
         B = _first_at_least(self.batch_buckets, hi) if self.static else hi  # graphs: the captured shapes
+        if self.whole and B < MIN_ROWS:
+            B = MIN_ROWS
+            # the padding row writes a (masked) key at its own position, maybe a finished session's
+            write_pos = max(max_pos if write_pos is None else write_pos, int(self.pos[hi:B].max()))
         if not talker_slots:
             L = 0
         elif self.sampler == "torch" and not self.static:
@@ -480,12 +504,12 @@ class StepRunner:
                 if self.capture is not None and not plan.top_p and plan.kmax <= TOPK_GRAPH_KMAX:
                     self._run(("cp", B, "topk"), self._cp_body, B)
                 else:
-                    self._run(("cp", B), self._cp_body, B, self._eager_plan(plan))
+                    self._run(("cp", B), self.bodies["cp"], B, self._eager_plan(plan))
             if between is not None:
                 between(self._read(B))
         if talker_slots:
             with self._body_context():
-                self._run(("talker", B, L), self._talker_body, B, L,
+                self._run(("talker", B, L), self.bodies["talker"], B, L,
                           self._eager_plan(self._host_plan(talker_slots, 0)))
         return self._read(B)
 
@@ -498,8 +522,9 @@ class StepRunner:
         return SamplePlan.of(h[:, 0] > 0, h[:, 1], h[:, 2])
 
     def _eager_plan(self, plan: SamplePlan) -> SamplePlan | None:
-        """The plan a step passes to its body: None with graphs (they run the general code) or the torch sampler."""
-        return None if self.capture is not None or self.sampler != "device" else plan
+        """The plan a step passes to its body: None (the general code) with graphs, compiled bodies (one graph for
+        every plan) or the torch sampler."""
+        return None if self.capture is not None or self.whole or self.sampler != "device" else plan
 
     def frame_codes(self, slots: list[int]) -> torch.Tensor:
         """Codes [len(slots), 16] of this step's frames for these slots, on the device (a copy; no host sync: the
@@ -544,11 +569,11 @@ class StepRunner:
     def _ensure_len(self, n: int) -> None:
         if n > self.max_len:
             raise ValueError(f"{n} positions needed; max_len is {self.max_len}")
-        if n <= self.cache.capacity:
+        if n + self.spare <= self.cache.capacity:
             return
         if self.static:
-            raise ValueError(f"static KV cache holds {self.cache.capacity} positions, {n} needed")
-        self.cache.ensure(n, limit=self.max_len)
+            raise ValueError(f"static KV cache holds {self.cache.capacity - self.spare} positions, {n} needed")
+        self.cache.ensure(n + self.spare, limit=self.max_len + self.spare)
 
     def _grow_text(self, n: int) -> None:
         if self.static:
@@ -581,6 +606,24 @@ class StepRunner:
         log.info("captured %d graphs (batch buckets %s, length buckets %s, prefill rows %s x lengths %s) in %.1fs",
                  len(self.graphs), self.batch_buckets, self.len_buckets, self.prefill_rows, self.prefill_lens,
                  sum(self.capture_seconds.values()))
+
+    def compile_all(self) -> float:
+        """With compiled bodies (CPU `compile`): compile both now, before traffic, on masked rows (every slot's state
+        is left as it was). Returns the seconds it took (0 without compiled bodies, or once compiled)."""
+        if not self.whole or all(b.graphs or b.broken for b in self.bodies.values()):
+            return 0.0
+        t = time.perf_counter()
+        with torch.inference_mode():
+            saved = {k: v.clone() for k, v in self._state().items()}
+            self._set_masks([], [])
+            with self._body_context():
+                self.bodies["cp"](MIN_ROWS, None)
+                self.bodies["talker"](MIN_ROWS, min(MIN_LEN_BUCKET, self.cache.capacity - self.spare), None)
+            for k, v in self._state().items():
+                v.copy_(saved[k])
+        seconds = time.perf_counter() - t
+        log.info("compiled the step bodies in %.1fs", seconds)
+        return seconds
 
     def _capture(self, key: tuple, fn, *args) -> None:
         t = time.perf_counter()

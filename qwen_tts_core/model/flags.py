@@ -9,15 +9,23 @@ import threading
 from typing import Any
 
 
+class _Local(threading.local):
+    """A thread's value: every thread starts from `default` (a compiled step's guard reads the value itself, the
+    same on a thread that never set it as on one that set the default)."""
+
+    def __init__(self, default: Any) -> None:
+        self.value = default
+
+
 class ThreadValue:
     """A value, `default` unless a `with value(x):` block on this thread set it (blocks nest and restore)."""
 
     def __init__(self, default: Any = None) -> None:
         self._default = default
-        self._local = threading.local()
+        self._local = _Local(default)
 
     def get(self) -> Any:
-        return getattr(self._local, "value", self._default)
+        return self._local.value
 
     @contextlib.contextmanager
     def __call__(self, value: Any):

@@ -31,10 +31,10 @@ class LayerCache:
             self.v[:B, :, self.start:self.start + T] = v
             return self.k[:B, :, : self.read_len], self.v[:B, :, : self.read_len]
         shared = {} if self.shared is None else self.shared
-        if (B, T) not in shared:  # one arange for the whole stack, not one per layer
+        if "rows" not in shared:  # one arange for the whole stack (one B and T), not one per layer
             slots = self.slots if self.slots is not None else torch.arange(B, device=k.device)
-            shared[(B, T)] = slots[:, None].expand(B, T)
-        rows = shared[(B, T)]
+            shared["rows"] = slots[:, None].expand(B, T)
+        rows = shared["rows"]
         # advanced indices around a slice: the indexed view is [B, T, Hkv, D]
         self.k[rows, :, positions] = k.transpose(1, 2)
         self.v[rows, :, positions] = v.transpose(1, 2)

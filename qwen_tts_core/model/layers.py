@@ -5,8 +5,10 @@ Parameter names mirror the official checkpoint so its tensors load by name.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,6 +44,9 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            slot: PackSlot | None = None) -> torch.Tensor:
+    if slot is not None and torch.compiler.is_compiling():
+        # a compiled step (generate/compiled.py): the product stays one opaque op, run as below when the graph runs
+        return torch.ops.qwen_tts.slot_linear(x, weight, bias, slot.key)
     packed = slot.get(weight) if slot is not None and packed_linears else None
     if packed is not None:
         if packed.dtype == x.dtype:
@@ -96,11 +101,13 @@ class PackSlot:
     tensor, or None where it cannot be packed (then callers use torch's product). A deep copy of the module gets an
     empty slot that packs its own copy (packed tensors cannot be copied)."""
 
-    __slots__ = ("make", "held")
+    __slots__ = ("make", "held", "key", "__weakref__")
 
     def __init__(self, make: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
         self.make = make
         self.held: tuple[tuple, torch.Tensor | None] | None = None  # (weight key, packed): replaced as one
+        self.key = next(_SLOT_KEYS)  # how a compiled graph names this slot (`slot_linear`)
+        _SLOTS[self.key] = self
 
     def get(self, weight: torch.Tensor) -> torch.Tensor | None:
         key, held = weight_key(weight), self.held
@@ -110,6 +117,26 @@ class PackSlot:
 
     def __deepcopy__(self, memo) -> PackSlot:
         return PackSlot(self.make)
+
+
+_SLOT_KEYS = itertools.count()
+_SLOTS: weakref.WeakValueDictionary[int, PackSlot] = weakref.WeakValueDictionary()
+"""Every live PackSlot by its key: a compiled graph holds the key (an int), not the slot. Keys count up from 0 in
+the order slots are made, so one model packed the same way gets the same keys, and graphs the same code, in every
+process (inductor's on-disk cache then serves a later process's compile)."""
+
+
+@torch.library.custom_op("qwen_tts::slot_linear", mutates_args=())
+def slot_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, key: int) -> torch.Tensor:
+    """`linear(x, weight, bias, slot)` for the slot with this key, as one op a compiled graph calls without looking
+    inside (oneDNN's packed products cannot be traced): the same product, packed or not (`packed_linears` of the
+    thread running the graph), as the eager step."""
+    return linear(x, weight, bias, _SLOTS[key]).contiguous()
+
+
+@slot_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, key: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def weight_key(w: torch.Tensor) -> tuple:

@@ -172,7 +172,7 @@ def test_an_engine_with_compiled_ops_gives_the_plain_engines_codes(fresh_ops, mo
     reqs = [SynthesisRequest(kind="custom_voice", text=t, speaker="vivian", language="english", sampling=GREEDY,
                              decode_audio=False) for t in ("Hello world.", "Press one for sales, two for support.")]
     plain = [r.codes() for r in Engine(model, max_sessions=2).run_all(reqs)]
-    eng = Engine(model, max_sessions=2, compile=True)
+    eng = Engine(model, max_sessions=2, compile="ops")
     fast = [r.codes() for r in eng.run_all(reqs)]
     assert eng.runner.compiled and all(op.compiled is not None and not op.broken for op in LAYER_OPS)
     for p, f in zip(plain, fast):
@@ -190,7 +190,7 @@ def test_a_failing_compile_leaves_the_plain_ops_running(fresh_ops, model_factory
     r = SynthesisRequest(kind="custom_voice", text="Hello world.", speaker="vivian", language="english",
                          sampling=GREEDY, decode_audio=False)
     want = Engine(model, max_sessions=1).run_all([r])[0].codes()
-    got = Engine(model, max_sessions=2, compile=True).run_all([r])[0].codes()
+    got = Engine(model, max_sessions=2, compile="ops").run_all([r])[0].codes()
     assert torch.equal(got, want) and all(op.broken for op in LAYER_OPS)  # each tried, failed, and ran plain
     g = Engine(model, max_sessions=2, max_len=64, compile=True, graph_capture=GraphCapture("cpu", fake=True))
     # buckets 1, 2: two code-predictor graphs and one talker graph each, and prefills of 1 and 2 rows x 16, 32, 64
