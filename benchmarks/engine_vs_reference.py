@@ -24,6 +24,7 @@ usage: python benchmarks/engine_vs_reference.py [--frames 24] [--checkpoint DIR]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -80,11 +81,10 @@ def memory_bound(parts: dict, dtype: str) -> dict:
 
 
 # --- workers ----------------------------------------------------------------------------------------------------
-def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
+def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3, compiled: bool = False) -> dict:
     import torch
 
     from qwen_tts_core import Engine, Qwen3TTSModel, SynthesisRequest
-    from qwen_tts_core.generate.runner import StepRunner
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
@@ -95,6 +95,7 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
     timers = {"talker": 0.0, "cp": 0.0, "linears": 0.0}
 
     def timed(name, fn):
+        @functools.wraps(fn, updated=())
         def wrapper(*a, **k):
             t = time.perf_counter()
             r = fn(*a, **k)
@@ -102,8 +103,9 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
             return r
         return wrapper
 
-    StepRunner._talker_body = timed("talker", StepRunner._talker_body)
-    StepRunner._cp_body = timed("cp", StepRunner._cp_body)
+    def timed_bodies(eng):  # around each step body as the runner calls it (a compiled one's whole graph)
+        eng.runner.bodies = {k: timed({"cp": "cp", "talker": "talker"}[k], fn) for k, fn in eng.runner.bodies.items()}
+        return eng
     layers.onednn_linear = timed("linears", layers.onednn_linear)  # the CPU product every packed linear runs
     sp = model.sampling_params(max_new_tokens=frames + 1)
 
@@ -111,10 +113,20 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
         return [SynthesisRequest(kind="custom_voice", text=t, speaker="ryan", language="english", sampling=sp,
                                  seed=i, decode_audio=audio) for i, t in enumerate(texts)]
 
-    def rate(n: int, audio: bool, audio_dtype=None) -> tuple[float, list, dict]:
+    built: dict = {}  # compiled engines, one per configuration: built (compiled) once, as a replica keeps its engine
+
+    def rate(n: int, audio: bool, audio_dtype=None, compile: bool = False) -> tuple[float, list, dict]:
         """Frames/s of `n` texts in one engine (built before the clock starts; the requests' prompt building,
         prefill and steps timed, as in the reference's call), and that run's talker-step and code-predictor seconds."""
-        eng = Engine(model, max_sessions=n, audio_dtype=audio_dtype)
+        if compile:
+            key = (n, audio_dtype)
+            if key not in built:
+                built[key] = timed_bodies(Engine(model, max_sessions=n, audio_dtype=audio_dtype, compile=True))
+                compile_s[key] = built[key].compile_s
+                broken.update(k for k, b in built[key].runner.bodies.items() if getattr(b.__wrapped__, "broken", 0))
+            eng = built[key]
+        else:
+            eng = timed_bodies(Engine(model, max_sessions=n, audio_dtype=audio_dtype))
         timers.update(talker=0.0, cp=0.0, linears=0.0)
         t = time.perf_counter()
         done = eng.run_all(reqs(TEXTS8[:n], audio))
@@ -132,6 +144,10 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
     if dtype != "float32":  # the streaming decoder in the model's dtype too (Engine(audio_dtype=...))
         configs["frames_per_s_1_audio_in_dtype"] = (1, True, dtype)
         configs["frames_per_s_8_audio_in_dtype"] = (8, True, dtype)
+    compile_s: dict = {}
+    broken: set = set()  # bodies that failed to compile (then running eagerly): the compiled figures mean nothing
+    if compiled:  # Engine(compile=True): the whole steps torch.compiled (generate/compiled.py)
+        configs.update({f"compiled_{k}": (*v, True) for k, v in configs.items()})
     best = {}
     for cfg in configs.values():
         rate(*cfg)
@@ -145,7 +161,7 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
     n1 = s.num_frames
     # Per frame, defined as the reference worker does: the one-text run's wall / frames (prefill, sampling and the
     # engine's own work included), the code predictor's share, and the difference (talker steps and the rest);
-    # the talker steps alone (StepRunner._talker_body, no prefill) beside it, a figure the reference has no hook for.
+    # the talker steps alone (the runner's talker body, no prefill) beside it, a figure the reference has no hook for.
     fps1 = fps
     cp_pf = single["cp"] / single["frames"]
     talker_and_rest_pf = single["wall_s"] / single["frames"] - cp_pf
@@ -154,6 +170,13 @@ def worker_ours(ckpt: str, dtype: str, frames: int, reps: int = 3) -> dict:
     fps8, fps1_audio, fps8_audio = best.pop("frames_per_s_8"), best.pop("frames_per_s_1_audio"), \
         best.pop("frames_per_s_8_audio")
     extra = best
+    if compiled:
+        _, (c,), _ = rate(1, False, None, True)
+        extra["compiled_s_per_frame"] = 1 / extra["compiled_frames_per_s_1"]
+        extra["compiled_codes_equal"] = bool(torch.equal(c.codes(), s.codes()))  # the same text, seed and engine size
+        extra["compiled_bodies_broken"] = sorted(broken)
+        extra["compile_s"] = {f"{n} sessions" + (f", audio {a}" if a else ""): round(v, 1)
+                              for (n, a), v in compile_s.items()}
     codes = s.codes()
     t = time.perf_counter()
     wav = model.decode_codes([codes])[0]
@@ -189,11 +212,13 @@ def main() -> None:
     ap.add_argument("--dtypes", type=_dtype_list, default="float32,bfloat16",
                     help="comma-separated: float32 (fp32), bfloat16 (bf16)")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds of the batch configurations (best kept)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time Engine(compile=True) (whole steps torch.compiled; adds minutes of compiling)")
     ap.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker_ours(args.checkpoint, args.dtype, args.frames, args.reps)))
+        print(json.dumps(worker_ours(args.checkpoint, args.dtype, args.frames, args.reps, args.compiled)))
         return
 
     tmp = None
@@ -218,7 +243,8 @@ def main() -> None:
         bound = mem["bound_s_per_frame"]
         ours = run_worker(sys.executable, __file__, ["--worker", "ours", "--checkpoint", str(ckpt),
                                                      "--dtype", dtype, "--frames", str(args.frames),
-                                                     "--reps", str(args.reps)])
+                                                     "--reps", str(args.reps)]
+                          + (["--compiled"] if args.compiled else []))
         gemm = gemm_gflops(ours["decode_dtype"])   # the offline decode runs in the codec's dtype (fp32 by default)
         entry = {**mem,
                  "gemm_gflop_s": {ours["decode_dtype"]: round(gemm, 1)},
@@ -229,6 +255,13 @@ def main() -> None:
         if "frames_per_s_8_audio_in_dtype" in ours:
             entry["ours_batch8_speedup_audio_in_dtype"] = round(
                 ours["frames_per_s_8_audio_in_dtype"] / ours["frames_per_s_1_audio_in_dtype"], 2)
+        if args.compiled:
+            entry["compiled_vs_bound"] = round(ours["compiled_s_per_frame"] / bound, 3)
+            entry["compiled_speedup_one_text"] = round(ours["s_per_frame"] / ours["compiled_s_per_frame"], 2)
+            for k in ("", "_audio", "_audio_in_dtype"):
+                if f"compiled_frames_per_s_8{k}" in ours:
+                    entry[f"compiled_batch8_speedup{k}"] = round(
+                        ours[f"compiled_frames_per_s_8{k}"] / ours[f"compiled_frames_per_s_1{k}"], 2)
         if not args.skip_reference:
             ref = run_worker(oracle_py, str(HERE / "reference_worker.py"),
                              [str(ckpt), dtype, str(args.frames), "--reps", str(args.reps)], env=env)

@@ -33,7 +33,7 @@ import torch
 
 from ..model.fused import compiled_ops
 from ..model.kv_cache import KVCache
-from ..model.layers import onednn_enabled, pack_linears_, packed_linears, probe_decode_layouts
+from ..model.layers import live_rows, onednn_enabled, pack_linears_, packed_linears, probe_decode_layouts
 from ..model.talker import Talker
 from ..types import SamplingParams
 from .compiled import MIN_ROWS, CompiledBody, compile_mode
@@ -483,8 +483,9 @@ class StepRunner:
         the frames can be used, e.g. decoded, before the talker step runs); its [:, 16] is stale then."""
         hi = max(cp_slots + talker_slots) + 1
         B = _first_at_least(self.batch_buckets, hi) if self.static else hi  # graphs: the captured shapes
+        live = None
         if self.whole and B < MIN_ROWS:
-            B = MIN_ROWS
+            B, live = MIN_ROWS, hi  # the padding row costs no product (live_rows)
             # the padding row writes a (masked) key at its own position, maybe a finished session's
             write_pos = max(max_pos if write_pos is None else write_pos, int(self.pos[hi:B].max()))
         if not talker_slots:
@@ -499,7 +500,7 @@ class StepRunner:
             self._ensure_len(max(L, (max_pos if write_pos is None else write_pos) + 1))
         self._set_masks(cp_slots, talker_slots)
         if cp_slots:
-            with self._body_context():
+            with self._body_context(live):
                 plan = self._host_plan(cp_slots, 3)
                 if self.capture is not None and not plan.top_p and plan.kmax <= TOPK_GRAPH_KMAX:
                     self._run(("cp", B, "topk"), self._cp_body, B)
@@ -508,7 +509,7 @@ class StepRunner:
             if between is not None:
                 between(self._read(B))
         if talker_slots:
-            with self._body_context():
+            with self._body_context(live):
                 self._run(("talker", B, L), self.bodies["talker"], B, L,
                           self._eager_plan(self._host_plan(talker_slots, 0)))
         return self._read(B)
@@ -536,9 +537,11 @@ class StepRunner:
         self._idx[:n].copy_(self._idx_host[:n], non_blocking=True)
         return self.out.index_select(0, self._idx[:n])[:, :-1]
 
-    def _body_context(self) -> contextlib.ExitStack:
-        """What a step body runs in: the graphs' device (or CPU packed linears), compiled fused ops if asked."""
+    def _body_context(self, live: int | None = None) -> contextlib.ExitStack:
+        """What a step body runs in: the graphs' device (or CPU packed linears), compiled fused ops if asked; live:
+        rows past it are padding (`layers.live_rows`)."""
         stack = contextlib.ExitStack()
+        stack.enter_context(live_rows(live))
         stack.enter_context(self.capture.device_context() if self.capture is not None
                             else packed_linears(self.packed))
         stack.enter_context(compiled_ops(self.compiled))

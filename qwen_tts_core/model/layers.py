@@ -31,6 +31,11 @@ packed_linears = ThreadFlag()
 """`with packed_linears(on):` within this block (this thread), linears given a `PackSlot` (`pack_linears_`) run on
 its packed copy of their weight."""
 
+live_rows = ThreadValue(None)
+"""`with live_rows(n):` in this block (this thread) the products of a compiled step (`slot_linear`) compute batch
+rows 0..n-1 only and give zeros for the rest: rows a compiled graph runs beyond the sessions it steps (padding to
+its smallest batch, generate/compiled.py), whose results are discarded. None: every row."""
+
 decode_layout = ThreadValue("gqa")
 """`with decode_layout(name):` one-query attention steps in this block (this thread) use layout `name`: "gqa" (SDPA
 with enable_gqa), "grouped" or "grouped_float" (see `grouped_decode_attention`). An engine sets it around its talker
@@ -131,6 +136,11 @@ def slot_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """`linear(x, weight, bias, slot)` for the slot with this key, as one op a compiled graph calls without looking
     inside (oneDNN's packed products cannot be traced): the same product, packed or not (`packed_linears` of the
     thread running the graph), as the eager step."""
+    n = live_rows.get()
+    if n is not None and n < x.shape[0]:  # padded rows: only the live ones cost a product (x's dim 0 is the batch)
+        y = x.new_zeros(*x.shape[:-1], weight.shape[0])
+        y[:n] = linear(x[:n], weight, bias, _SLOTS[key])
+        return y
     return linear(x, weight, bias, _SLOTS[key]).contiguous()
 
 

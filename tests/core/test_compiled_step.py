@@ -176,6 +176,9 @@ def test_slot_keys_are_unique_and_a_dropped_model_leaves_no_slot_behind():
         got = layers.slot_linear(layers.slot_linear(x, m[0].weight, m[0].bias, keys[0]), m[1].weight, m[1].bias,
                                  keys[1])
     assert torch.equal(got, want)
+    with layers.packed_linears(True), layers.live_rows(1):  # rows past the first are a compiled step's padding
+        padded = layers.slot_linear(x, m[0].weight, m[0].bias, keys[0])
+        assert torch.equal(padded[:1], m[0](x[:1])) and not padded[1:].any()
     del m
     gc.collect()
     assert all(k not in layers._SLOTS for k in keys)
