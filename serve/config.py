@@ -96,7 +96,7 @@ class ModelConfig:
     max_len: int | None = None
     cuda_graphs: bool | None = None
     batch_buckets: tuple[int, ...] | None = None
-    compile: bool | None = None
+    compile: bool | str | None = None        # True / False, or "ops" / "step" (see Engine)
     audio_dtype: str | None = None
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ so the eager retry starts from untouched state.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -34,7 +35,8 @@ MIN_ROWS = 2
 
 RECOMPILE_LIMIT = 64
 """Graphs dynamo may keep per body's code, across all engines of a process (each engine's runner is a new `self`
-for the guards: one graph each; torch's default limit, 8, would turn the 9th engine's step eager for good)."""
+for the guards: one graph each; with torch's default limit, 8, the 9th engine's steps would run eagerly, as they do
+past this one: `CompiledBody` falls back)."""
 
 
 class CompiledBody:
@@ -44,22 +46,20 @@ class CompiledBody:
 
     def __init__(self, fn: Callable, name: str) -> None:
         self.fn, self.name = fn, name
-        self.graphs = 0
         self.broken = False
         self.lock = threading.Lock()
         cfg = torch._dynamo.config  # the limit's name before torch 2.6: cache_size_limit
         limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
         setattr(cfg, limit, max(getattr(cfg, limit), RECOMPILE_LIMIT))
-        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=self._backend)
+        self._count = [0]
+        # the backend holds the counter, not this object: torch keeps backends for the process's lifetime
+        # (eval_frame.cached_backends), and through `fn` this object holds the runner, its caches and its model
+        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True,
+                                      backend=functools.partial(_inductor, self._count))
 
-    def _backend(self, gm: torch.fx.GraphModule, example_inputs):
-        self.graphs += 1
-        # emulate_precision_casts: a bf16 value rounded to bf16 wherever the eager ops round it, so a compiled bf16
-        # step computes what the eager one does instead of keeping fp32 across fused ops
-        from torch._inductor import config
-
-        with config.patch(emulate_precision_casts=True):
-            return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+    @property
+    def graphs(self) -> int:
+        return self._count[0]
 
     def __call__(self, *args) -> None:
         if self.broken:
@@ -69,7 +69,7 @@ class CompiledBody:
             # positions) would share one symbol, and the graph would demand they stay equal
             with self.lock, fx_config.patch(use_duck_shape=False):
                 return self.compiled(*args)
-        except torch._dynamo.exc.TorchDynamoException:  # tracing or compiling failed: nothing has run yet
+        except COMPILE_ERRORS:  # tracing or compiling failed, or no more graphs may be made: nothing has run yet
             log.warning("torch.compile of the %s step failed; it runs eagerly from now on", self.name, exc_info=True)
             self.broken = True
             return self.fn(*args)
@@ -78,10 +78,29 @@ class CompiledBody:
 COMPILE_MODES = (False, True, "ops", "step")
 
 
-def check_compile(compile) -> None:
-    """`compile` is one of COMPILE_MODES (ValueError naming it otherwise)."""
+def _inductor(count: list[int], gm: torch.fx.GraphModule, example_inputs):
+    count[0] += 1
+    # emulate_precision_casts: a bf16 value rounded to bf16 wherever the eager ops round it, so a compiled bf16 step
+    # computes what the eager one does instead of keeping fp32 across fused ops
+    from torch._inductor import config
+
+    with config.patch(emulate_precision_casts=True):
+        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+
+
+COMPILE_ERRORS: tuple[type[BaseException], ...] = (torch._dynamo.exc.TorchDynamoException,) + tuple(
+    e for e in (getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None),) if e is not None)
+"""What a compiled call raises before anything ran: tracing or compiling failed, or (fullgraph) the recompile
+limit was hit (FailOnRecompileLimitHit is no TorchDynamoException)."""
+
+
+def check_compile(compile, sampler: str = "device", cuda_graphs: bool | None = None) -> None:
+    """`compile` is one of COMPILE_MODES, and "step" comes with the device sampler and no CUDA graphs (ValueError
+    naming compile otherwise; whether the model is on a CPU shows when the engine is built)."""
     if not any(compile is m or (isinstance(m, str) and compile == m) for m in COMPILE_MODES):
         raise ValueError(f"compile must be True, False, 'ops' or 'step', got {compile!r}")
+    if compile == "step" and (sampler != "device" or cuda_graphs):
+        raise ValueError("compile='step' needs a CPU model, sampler='device' and no CUDA graphs")
 
 
 def compile_mode(compile, device: torch.device, sampler: str, graphs: bool) -> str | None:
@@ -98,4 +117,4 @@ def compile_mode(compile, device: torch.device, sampler: str, graphs: bool) -> s
     return "step" if compile == "step" or (compile is True and whole) else "ops"
 
 
-__all__ = ["COMPILE_MODES", "MIN_ROWS", "CompiledBody", "check_compile", "compile_mode"]
+__all__ = ["COMPILE_ERRORS", "COMPILE_MODES", "MIN_ROWS", "CompiledBody", "check_compile", "compile_mode"]

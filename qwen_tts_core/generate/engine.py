@@ -66,7 +66,7 @@ def _is_int(v: object) -> bool:
 
 
 def _check_arguments(max_sessions, max_queue, max_len, interactive_reserve, guard_base_frames, guard_frames_per_token,
-                     sampler, compile=False) -> None:
+                     sampler, compile=False, cuda_graphs=None) -> None:
     """The Engine's value checks (ValueError naming the argument), made before anything is allocated."""
     for name, v, lo in (("max_sessions", max_sessions, 1), ("max_queue", max_queue, 1), ("max_len", max_len, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -81,7 +81,7 @@ def _check_arguments(max_sessions, max_queue, max_len, interactive_reserve, guar
         raise ValueError(f"guard_frames_per_token must be None or a finite number > 0, got {guard_frames_per_token!r}")
     if sampler not in ("device", "torch"):
         raise ValueError(f"sampler must be 'device' or 'torch', got {sampler!r}")
-    check_compile(compile)
+    check_compile(compile, sampler, cuda_graphs)
 
 
 class Engine:
@@ -94,7 +94,8 @@ class Engine:
         bound.apply_defaults()
         a = bound.arguments
         _check_arguments(a["max_sessions"], a["max_queue"], a["max_len"], a["interactive_reserve"],
-                         a["guard_base_frames"], a["guard_frames_per_token"], a["sampler"], a["compile"])
+                         a["guard_base_frames"], a["guard_frames_per_token"], a["sampler"], a["compile"],
+                         a["cuda_graphs"])
 
     def __init__(self, model, max_sessions: int = 8, max_queue: int = 64,
                  guard_frames_per_token: float | None = None, guard_base_frames: int = 64,
@@ -131,7 +132,10 @@ class Engine:
         chunk_frames: with graphs, audio decodes of these sizes are captured too (beside 1, 2, 4 and 8 frames); a
         decode of more frames than any captured size runs eagerly (logged once)."""
         _check_arguments(max_sessions, max_queue, max_len, interactive_reserve, guard_base_frames,
-                         guard_frames_per_token, sampler, compile)
+                         guard_frames_per_token, sampler, compile, cuda_graphs)
+        for v in audio_chunk_frames:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"audio_chunk_frames must hold integers >= 1, got {v!r}")
         self.interactive_reserve = interactive_reserve
         self.model, self.talker = model, model.talker
         self.max_sessions, self.max_queue = max_sessions, max_queue
@@ -182,9 +186,6 @@ class Engine:
             self.runner.capture_all()
             self.capture_s = time.perf_counter() - t0
         self.compile_s = self.runner.compile_all()
-        for v in audio_chunk_frames:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"audio_chunk_frames must hold integers >= 1, got {v!r}")
         self.audio = self._audio_decoder(model.codec, max_sessions, audio_dtype, audio_chunk_frames) \
             if model.codec is not None else None
         self.audio_graphs = self.audio is not None and bool(self.audio.bank.graphs)

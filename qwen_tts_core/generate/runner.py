@@ -33,7 +33,13 @@ import torch
 
 from ..model.fused import compiled_ops
 from ..model.kv_cache import KVCache
-from ..model.layers import live_rows, onednn_enabled, pack_linears_, packed_linears, probe_decode_layouts
+from ..model.layers import (
+    live_rows,
+    onednn_enabled,
+    pack_linears_,
+    packed_linears,
+    probe_decode_layouts,
+)
 from ..model.talker import Talker
 from ..types import SamplingParams
 from .compiled import MIN_ROWS, CompiledBody, compile_mode

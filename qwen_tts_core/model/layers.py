@@ -49,9 +49,16 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            slot: PackSlot | None = None) -> torch.Tensor:
-    if slot is not None and torch.compiler.is_compiling():
-        # a compiled step (generate/compiled.py): the product stays one opaque op, run as below when the graph runs
+    if slot is not None and torch.compiler.is_dynamo_compiling():
+        # dynamo tracing a compiled step (generate/compiled.py), on this thread: the product stays one opaque op, run
+        # by `_eager_linear` when the graph runs (is_compiling() would not do: torch sets it for the whole process
+        # while any compile runs, and the op's own calls would come back here)
         return torch.ops.qwen_tts.slot_linear(x, weight, bias, slot.key)
+    return _eager_linear(x, weight, bias, slot)
+
+
+def _eager_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  slot: PackSlot | None) -> torch.Tensor:
     packed = slot.get(weight) if slot is not None and packed_linears else None
     if packed is not None:
         if packed.dtype == x.dtype:
@@ -139,9 +146,9 @@ def slot_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     n = live_rows.get()
     if n is not None and n < x.shape[0]:  # padded rows: only the live ones cost a product (x's dim 0 is the batch)
         y = x.new_zeros(*x.shape[:-1], weight.shape[0])
-        y[:n] = linear(x[:n], weight, bias, _SLOTS[key])
+        y[:n] = _eager_linear(x[:n], weight, bias, _SLOTS[key])
         return y
-    return linear(x, weight, bias, _SLOTS[key]).contiguous()
+    return _eager_linear(x, weight, bias, _SLOTS[key]).contiguous()
 
 
 @slot_linear.register_fake

@@ -114,10 +114,10 @@ def test_one_slot_engine_runs_its_row_beside_a_discarded_one(tiny):
 
 
 def test_a_body_that_fails_to_compile_runs_eagerly(tiny, monkeypatch, caplog):
-    def exploding(self, gm, example_inputs):
+    def exploding(count, gm, example_inputs):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(CompiledBody, "_backend", exploding)
+    monkeypatch.setattr(compiled, "_inductor", exploding)
     with caplog.at_level(logging.WARNING, logger=compiled.__name__):
         eng = Engine(tiny, max_sessions=2, compile=True)
     assert all(b.broken for b in eng.runner.bodies.values())
@@ -182,3 +182,65 @@ def test_slot_keys_are_unique_and_a_dropped_model_leaves_no_slot_behind():
     del m
     gc.collect()
     assert all(k not in layers._SLOTS for k in keys)
+
+
+def test_an_eager_product_on_another_thread_while_a_compile_runs_is_not_sent_into_the_compiled_op():
+    """torch marks the whole process as compiling while any compile runs (minutes, here): an eager engine's product
+    on another thread must still run as a product (it once recursed into `slot_linear` without end)."""
+    import threading
+
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32))
+    assert layers.pack_linears_(m)
+    x = torch.randn(2, 16)
+    inside, go, errors = threading.Event(), threading.Event(), []
+
+    def waiting_backend(gm, example_inputs):
+        inside.set()
+        go.wait(30)
+        return gm.forward
+
+    def compile_something():
+        try:
+            torch.compile(lambda t: t * 2 + 1, backend=waiting_backend)(torch.ones(3))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=compile_something)
+    t.start()
+    try:
+        assert inside.wait(30)
+        with layers.packed_linears(True):
+            got = m(x)
+    finally:
+        go.set()
+        t.join(30)
+    assert not errors
+    assert torch.allclose(got, torch.nn.functional.linear(x, m[0].weight, m[0].bias), atol=1e-6)
+
+
+def test_a_dropped_compiled_engine_frees_its_runner_and_caches(tiny):
+    import weakref
+
+    eng = Engine(tiny, max_sessions=2, compile=True)
+    assert all(b.graphs for b in eng.runner.bodies.values())
+    runner, cache = weakref.ref(eng.runner), weakref.ref(eng.runner.cache)
+    del eng
+    gc.collect()
+    assert runner() is None and cache() is None
+
+
+def test_the_recompile_limit_falls_back_to_eager(monkeypatch):
+    def limit(*args):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+
+    b = CompiledBody(lambda x: x + 1, "test")
+    monkeypatch.setattr(b, "compiled", limit)
+    assert b(1) == 2 and b.broken
+    assert b(2) == 3  # eager from then on
+
+
+@pytest.mark.parametrize("kw", [dict(sampler="torch"), dict(cuda_graphs=True)], ids=["torch-sampler", "graphs"])
+def test_step_mode_is_refused_before_a_build_where_it_cannot_run(kw):
+    with pytest.raises(ValueError, match="compile='step'"):
+        Engine.check_arguments(compile="step", **kw)
+    Engine.check_arguments(compile=True, **kw)  # True picks the fused pieces there
