@@ -76,12 +76,13 @@ class CompiledBody:
 
 
 COMPILE_MODES = (False, True, "ops", "step")
+_STEP_NEEDS = "compile='step' needs a CPU model, sampler='device' and no CUDA graphs"
 
 
 def _inductor(count: list[int], gm: torch.fx.GraphModule, example_inputs):
     count[0] += 1
-    # emulate_precision_casts: a bf16 value rounded to bf16 wherever the eager ops round it, so a compiled bf16 step
-    # computes what the eager one does instead of keeping fp32 across fused ops
+    # emulate_precision_casts: a bf16 value rounded to bf16 where the eager ops round it, nearer the eager step than
+    # fp32 kept across fused ops, but not its bits (the random 0.6B's bf16 codes part from eager; fp32's do not)
     from torch._inductor import config
 
     with config.patch(emulate_precision_casts=True):
@@ -100,7 +101,7 @@ def check_compile(compile, sampler: str = "device", cuda_graphs: bool | None = N
     if not any(compile is m or (isinstance(m, str) and compile == m) for m in COMPILE_MODES):
         raise ValueError(f"compile must be True, False, 'ops' or 'step', got {compile!r}")
     if compile == "step" and (sampler != "device" or cuda_graphs):
-        raise ValueError("compile='step' needs a CPU model, sampler='device' and no CUDA graphs")
+        raise ValueError(_STEP_NEEDS)
 
 
 def compile_mode(compile, device: torch.device, sampler: str, graphs: bool) -> str | None:
@@ -108,12 +109,12 @@ def compile_mode(compile, device: torch.device, sampler: str, graphs: bool) -> s
     elementwise pieces, model/fused.py). True picks "step" where it can run: CPU, the device sampler (the torch
     sampler draws on the host) and no CUDA graphs (a GPU compiles the pieces before capture instead); "ops"
     elsewhere. "step" where it cannot run is a ValueError naming compile."""
-    check_compile(compile)
+    check_compile(compile, sampler, graphs)
     if compile is False:
         return None
     whole = device.type == "cpu" and sampler == "device" and not graphs
-    if compile == "step" and not whole:
-        raise ValueError("compile='step' needs a CPU model, sampler='device' and no CUDA graphs")
+    if compile == "step" and not whole:  # what check_compile cannot know: the device
+        raise ValueError(_STEP_NEEDS)
     return "step" if compile == "step" or (compile is True and whole) else "ops"
 
 
