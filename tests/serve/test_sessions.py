@@ -233,7 +233,9 @@ def test_silent_session_fails_on_idle_and_waiting_costs_no_steps(serve_app):
 
     async def main():
         async with websockets.connect(_ws_url(url)) as ws:
-            await ws.send(json.dumps({"type": "config", "model": "cv", "voice": "ryan", "max_new_tokens": 64}))
+            # seeded: unseeded, the random tiny model may draw EOS within the text it has (~1% of sessions)
+            await ws.send(json.dumps({"type": "config", "model": "cv", "voice": "ryan", "max_new_tokens": 64,
+                                      "seed": 1}))
             await ws.recv()
             await ws.send(json.dumps({"type": "text", "text": "Waiting for"}))
             await asyncio.sleep(1.0)  # the talker consumes what it has, then waits for more text
