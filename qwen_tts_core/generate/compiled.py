@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+from torch._dynamo import config as dynamo_config
 from torch.fx.experimental import _config as fx_config
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ class CompiledBody:
             return self.fn(*args)
         try:
             # no duck sizing: sizes equal while compiling (a 64-position cache read to 64 keys, two rows and two
-            # positions) would share one symbol, and the graph would demand they stay equal
-            with self.lock, fx_config.patch(use_duck_shape=False):
+            # positions) would share one symbol, and the graph would demand they stay equal; floats specialized:
+            # the modules' constants (norm eps, embedding norm_type) made symbolic floats that the tensorify pass
+            # cannot keep, and dynamo traced each body a second time to specialize them (~22% of the first build)
+            with self.lock, fx_config.patch(use_duck_shape=False), dynamo_config.patch(specialize_float=True):
                 return self.compiled(*args)
         except COMPILE_ERRORS:  # tracing or compiling failed, or no more graphs may be made: nothing has run yet
             log.warning("torch.compile of the %s step failed; it runs eagerly from now on", self.name, exc_info=True)

@@ -55,7 +55,10 @@ def test_the_compiled_engine_is_built_compiled(engines):
     fast, _ = engines
     r = fast.runner
     assert r.whole and not r.compiled  # whole bodies, not the fused pieces
-    assert all(isinstance(b, CompiledBody) and b.graphs and not b.broken for b in r.bodies.values())
+    assert all(isinstance(b, CompiledBody) and not b.broken for b in r.bodies.values())
+    # one graph per body, each traced once: the modules' float constants made symbolic cost a second trace and
+    # inductor compile of each body (dynamo's restart to specialize them), ~22% of the build
+    assert _graphs(fast) == {"cp": 1, "talker": 1}
     assert fast.compile_s > 0
     assert r.S >= MIN_ROWS
 
