@@ -68,7 +68,7 @@ from .streaming import (
     sse_body,
 )
 from .uploads import MULTIPART, URLENCODED, body_timeout, media_type, read_form
-from .voices import VoiceStore
+from .voices import DamagedVoice, VoiceStore
 from .ws_session import MessageLimiter, WSSession, send_error
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ _ERROR_DOCS = {
     400: "bad request: the message and `param` name the field", 401: "missing or invalid API key",
     403: "a browser page of another site, refused by a service without API keys (`param`: origin)",
     404: "not found (`param` names what)", 408: "the request body did not arrive within body_timeout_s",
+    409: "the stored voice's file is damaged (`param`: voice_id); delete it and upload it again",
     413: "the body or the audio is larger than its limit", 415: "a content type this route does not take",
     429: "this API key holds its share (open streams, stored voices, uploads in progress); see Retry-After",
     500: "internal error", 502: "the model replica (or the audio_url server) failed; retry",
@@ -393,13 +394,16 @@ class Ingress:
         data += [{**v, "builtin": False} for v in stored]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/audio/voices/{voice_id}", responses=_answers(401, 403, 404, 500))
+    @app.get("/v1/audio/voices/{voice_id}", responses=_answers(401, 403, 404, 409, 500))
     async def get_voice(self, voice_id: str, request: Request) -> dict:
         caller = self._auth(request.headers)
         try:
             return {**await asyncio.to_thread(self.voices.info, voice_id, caller.scope), "builtin": False}
         except KeyError:
             raise ApiError(404, f"voice_id: no stored voice {shown(voice_id)}", "voice_id") from None
+        except DamagedVoice as e:   # storage damage, shown to whom may see the voice (its owner, an admin)
+            raise ApiError(409, f"voice_id: the stored voice {voice_id} is damaged ({e.reason}); delete it "
+                                f"(DELETE /v1/audio/voices/{voice_id}) and upload it again", "voice_id") from None
 
     @app.post("/v1/audio/voices", status_code=201,
               openapi_extra=_body_doc({MULTIPART: _VOICE_FORM, URLENCODED: _VOICE_FORM,

@@ -12,10 +12,15 @@ does not exist (KeyError -> 404 / "not a stored voice"). This class owns every r
 names, sizes, and the per-process caches of decoded prompts and infos, which re-check that the file still exists on
 each use (one stat or S3 HEAD), so a voice deleted through another replica, ingress or node is refused at once. For s3:// the endpoint
 comes from AWS_ENDPOINT_URL (boto3's own rule); stored files are immutable (ids are never reused).
+
+A stored file the store cannot read (storage damage: no request writes one) is a `DamagedVoice` (a ValueError) for
+whoever may see it: its owner when the header still names one, else only `ANYONE`; to every other scope it does not
+exist. A listing skips it; `delete` removes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +33,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from qwen_tts_core.errors import RequestError
+from qwen_tts_core.errors import RequestError, shown
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +65,54 @@ def _check_id(voice_id: object) -> str:
     return voice_id
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    """Header metadata of a safetensors blob (its JSON header; tensor data is not read)."""
-    if len(data) < 8:
-        raise ValueError("not a safetensors file")
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or n > len(data) - 8:
-        raise ValueError("not a safetensors file (or its header is cut)")
-    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-    if not str(meta.get("format", "")).startswith("qwen-tts-fleet/voice-prompt/"):
-        raise ValueError("not a voice prompt file")
+class DamagedVoice(ValueError):
+    """A stored voice file that is not a voice prompt whose tensors fit the file (truncated, foreign bytes, a header
+    that lies about sizes). `owner` is the owner its header names, None when even that cannot be read."""
+
+    def __init__(self, voice_id: str, reason: str, owner: str | None = None) -> None:
+        super().__init__(f"stored voice {voice_id} is damaged: {reason}")
+        self.voice_id, self.reason, self.owner = voice_id, reason, owner
+
+
+def _metadata(data: bytes, size: int | None = None, voice_id: str = "") -> dict[str, str]:
+    """Header metadata of a safetensors blob of `size` bytes (default: `data` is all of it) whose first bytes are
+    `data`: only the JSON header is read, and the tensors' byte ranges are checked against the size (a truncated file,
+    or a header that lies about sizes, fails here, not when the voice is used). DamagedVoice naming what is wrong
+    (its `owner` set once the metadata could be read)."""
+    size = len(data) if size is None else size
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 2 <= n <= size - 8 or len(data) < 8 + n:
+        raise DamagedVoice(voice_id, "not a safetensors file (or its header is cut)")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, RecursionError):
+        raise DamagedVoice(voice_id, "not a safetensors file (its header is not JSON)") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise DamagedVoice(voice_id, "not a safetensors voice prompt (no metadata of strings)")
+    if not meta.get("format", "").startswith("qwen-tts-fleet/voice-prompt/"):
+        raise DamagedVoice(voice_id, "not a voice prompt file")
+    owner = meta.get("owner", "")
+    if size > MAX_VOICE_BYTES:
+        raise DamagedVoice(voice_id, f"larger than a voice prompt file may be ({size} bytes)", owner)
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise DamagedVoice(voice_id, f"tensor {shown(name)} has no valid data_offsets", owner)
+        end = max(end, offsets[1])
+    if 8 + n + end != size:
+        raise DamagedVoice(voice_id, f"its header puts the tensors' end at byte {8 + n + end}, the file has {size}",
+                           owner)
     return dict(meta)
 
 
-def _visible(owner: str, scope: str) -> bool:
-    return scope == ANYONE or owner == scope
+def _visible(owner: str | None, scope: str) -> bool:
+    """Whether `scope` may see a voice of `owner` (None: a damaged file whose owner cannot be read)."""
+    return scope == ANYONE or (owner is not None and owner == scope)
 
 
 def check_name(name: object) -> str:
@@ -117,15 +155,21 @@ class VoiceStore:
         tmp.write_bytes(data)
         tmp.replace(self._path(voice_id))
 
-    def _get_bytes(self, voice_id: str, limit: int | None = None) -> bytes:
-        """The file's bytes (its first `limit` bytes when given); KeyError when absent, ValueError when too big."""
+    def _get_bytes(self, voice_id: str) -> bytes:
+        """The file's bytes; KeyError when absent, ValueError when too big."""
         try:
             with open(self._path(voice_id), "rb") as f:
-                if limit is not None:
-                    return f.read(limit)
                 if os.fstat(f.fileno()).st_size > MAX_VOICE_BYTES:
                     raise ValueError(f"stored voice {voice_id} is larger than {MAX_VOICE_BYTES} bytes")
                 return f.read()
+        except FileNotFoundError:
+            raise KeyError(voice_id) from None
+
+    def _read_head(self, voice_id: str) -> tuple[bytes, int]:
+        """(the file's first _HEAD_BYTES bytes, its size); KeyError when absent."""
+        try:
+            with open(self._path(voice_id), "rb") as f:
+                return f.read(_HEAD_BYTES), os.fstat(f.fileno()).st_size
         except FileNotFoundError:
             raise KeyError(voice_id) from None
 
@@ -165,13 +209,17 @@ class VoiceStore:
         if len(data) > MAX_VOICE_BYTES:
             raise VoiceTooLarge("ref_audio", f"the voice prompt file would be larger than {MAX_VOICE_BYTES} bytes "
                                              f"({len(data)}); use a shorter reference (a few seconds of speech)")
-        _metadata(data)
+        try:
+            _metadata(data)
+        except DamagedVoice as e:
+            raise ValueError(e.reason) from None
         self._put_bytes(voice_id, data)
         return voice_id
 
     def _info(self, voice_id: str, recheck: bool = False, scan: bool = False) -> dict[str, Any]:
         """The voice's info with its owner (cached: files are immutable). With `recheck`, a cached info is served
         only while the file still exists (one stat or S3 HEAD): the voice may have been deleted elsewhere.
+        KeyError when there is no such file, DamagedVoice when it cannot be read (see `_checked`).
 
         The cache keeps the INFO_ITEMS most recently used infos. A listing (`scan`) uses it but evicts nothing:
         listing more voices than it holds would otherwise evict each info just before the next listing needs it
@@ -185,12 +233,14 @@ class VoiceStore:
                 self.forget(voice_id)
                 raise KeyError(voice_id)
             return cached
-        head = self._get_bytes(voice_id, _HEAD_BYTES)
-        if len(head) >= 8 and int.from_bytes(head[:8], "little") + 8 > len(head):
-            head = self._get_bytes(voice_id)
-        meta = _metadata(head)
+        head, size = self._read_head(voice_id)
+        if len(head) < 8 + int.from_bytes(head[:8].ljust(8, b"\0"), "little") <= size <= MAX_VOICE_BYTES:
+            head = self._get_bytes(voice_id)   # a header past _HEAD_BYTES: the whole file (at most MAX_VOICE_BYTES)
+            size = len(head)
+        meta = _metadata(head, size, voice_id)     # DamagedVoice (never cached): storage damage
+        created = meta.get("created", "")
         info = {"id": voice_id, "object": "voice", "name": meta.get("name", voice_id), "model": meta.get("model"),
-                "created": int(meta.get("created", "0") or 0),
+                "created": int(created) if re.fullmatch(r"[0-9]{1,18}", created) else 0,
                 "x_vector_only_mode": meta.get("x_vector_only_mode") == "true", "owner": meta.get("owner", "")}
         with self._lock:
             if not scan or len(self._infos) < INFO_ITEMS:
@@ -205,11 +255,22 @@ class VoiceStore:
 
     def info(self, voice_id: str, scope: str) -> dict[str, Any]:
         """The voice's public info; KeyError when it does not exist (deleted through any replica, ingress or node)
-        or `scope` may not see it."""
-        info = self._info(_check_id(voice_id), recheck=True)
+        or `scope` may not see it; DamagedVoice when `scope` may see it but its file cannot be read."""
+        info = self._checked(_check_id(voice_id), scope, recheck=True)
+        return self._public(info)
+
+    def _checked(self, voice_id: str, scope: str, recheck: bool = False) -> dict[str, Any]:
+        """`_info` of a voice `scope` may see: KeyError when absent or another's, DamagedVoice when it is the
+        caller's but damaged (a damaged file whose owner cannot be read is visible to ANYONE only)."""
+        try:
+            info = self._info(voice_id, recheck=recheck)
+        except DamagedVoice as e:
+            if not _visible(e.owner, scope):
+                raise KeyError(voice_id) from None
+            raise
         if not _visible(info["owner"], scope):
             raise KeyError(voice_id)
-        return self._public(info)
+        return info
 
     def list(self, scope: str) -> list[dict[str, Any]]:
         """Public infos of the voices `scope` sees (every stored voice's header is read, from the cache when held)."""
@@ -219,15 +280,18 @@ class VoiceStore:
                 info = self._info(vid, scan=True)
             except KeyError:
                 continue  # deleted while listing
-            except ValueError:
-                log.warning("skipping unreadable voice %s", vid)
+            except DamagedVoice as e:
+                log.warning("skipping %s", e)
                 continue
             if _visible(info["owner"], scope):
                 out.append(self._public(info))
         return out
 
     def delete(self, voice_id: str, scope: str) -> None:
-        self.info(voice_id, scope)  # KeyError when unknown or not the caller's
+        """Delete a voice `scope` sees, damaged or not (KeyError when unknown or not the caller's)."""
+        # DamagedVoice: the caller's (or, its owner unreadable, an admin's); deleting it is how it goes away
+        with contextlib.suppress(DamagedVoice):
+            self._checked(_check_id(voice_id), scope, recheck=True)
         self._delete_bytes(voice_id)
         self.forget(voice_id)
 
@@ -249,9 +313,7 @@ class VoiceStore:
                 return item
             self.forget(voice_id)
             raise KeyError(voice_id)
-        owner = self._info(voice_id)["owner"]
-        if not _visible(owner, scope):
-            raise KeyError(voice_id)
+        owner = self._checked(voice_id, scope)["owner"]
         data = self._get_bytes(voice_id)
         with tempfile.NamedTemporaryFile(suffix=_SUFFIX) as f:
             f.write(data)
@@ -294,20 +356,34 @@ class S3VoiceStore(VoiceStore):
     def _put_bytes(self, voice_id: str, data: bytes) -> None:
         self.s3.put_object(Bucket=self.bucket, Key=self._key(voice_id), Body=data)
 
-    def _get_bytes(self, voice_id: str, limit: int | None = None) -> bytes:
+    def _get_bytes(self, voice_id: str) -> bytes:
         from botocore.exceptions import ClientError
 
-        kw = {"Range": f"bytes=0-{limit - 1}"} if limit is not None else {}
         try:
-            obj = self.s3.get_object(Bucket=self.bucket, Key=self._key(voice_id), **kw)
+            obj = self.s3.get_object(Bucket=self.bucket, Key=self._key(voice_id))
         except ClientError as e:
             if self._missing(e):
                 raise KeyError(voice_id) from None
             raise
-        if limit is None and obj.get("ContentLength", 0) > MAX_VOICE_BYTES:
+        if obj.get("ContentLength", 0) > MAX_VOICE_BYTES:
             obj["Body"].close()
             raise ValueError(f"stored voice {voice_id} is larger than {MAX_VOICE_BYTES} bytes")
         return obj["Body"].read()
+
+    def _read_head(self, voice_id: str) -> tuple[bytes, int]:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.s3.get_object(Bucket=self.bucket, Key=self._key(voice_id), Range=f"bytes=0-{_HEAD_BYTES - 1}")
+        except ClientError as e:
+            if self._missing(e):
+                raise KeyError(voice_id) from None
+            if e.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b"", 0      # an empty object: no byte range of it exists
+            raise
+        head = obj["Body"].read()
+        total = str(obj.get("ContentRange") or "").rpartition("/")[2]
+        return head, int(total) if total.isdigit() else len(head)
 
     def _exists(self, voice_id: str) -> bool:
         from botocore.exceptions import ClientError
@@ -335,4 +411,5 @@ class S3VoiceStore(VoiceStore):
         return sorted(out)
 
 
-__all__ = ["ANYONE", "MAX_VOICE_BYTES", "S3VoiceStore", "VoiceStore", "VoiceTooLarge", "check_name", "new_voice_id"]
+__all__ = ["ANYONE", "MAX_VOICE_BYTES", "DamagedVoice", "S3VoiceStore", "VoiceStore", "VoiceTooLarge", "check_name",
+           "new_voice_id"]
