@@ -416,9 +416,11 @@ class Ingress:
 
     async def _create_voice(self, request: Request, caller: Caller) -> JSONResponse:
         """The cheap checks come before the costly work: the key's voice count before the body is read, the texts
-        and the model before `audio_base64` is decoded or `audio_url` fetched (a refused upload fetches nothing)."""
+        and the model before `audio_base64` is decoded or `audio_url` fetched (a refused upload fetches nothing).
+        The count that decides is taken in the store after the voice is written (`VoiceStore.keep_within`), so the
+        limit holds across ingress replicas: an upload that finds its key over the limit is undone (429)."""
         limit = None if caller.admin else self.cfg.max_voices_per_key
-        await self._check_voice_count(caller, limit)     # early: again under the key's lock below, authoritatively
+        await self._check_voice_count(caller, limit)     # early: no body read or encoding at the limit
         audio, fields, is_json = await self._voice_body(request)
         try:
             up = VoiceUpload.model_validate(fields, strict=is_json)
@@ -436,14 +438,23 @@ class Ingress:
         if audio is None:
             audio = await self._audio_from_fields(up)
         ref_text = (up.ref_text or "").strip() or None
+        # one create of a key at a time in this ingress: its own burst never races (only uploads through other
+        # ingress replicas can, and keep_within below settles those)
         async with self._voice_creates[caller.owner] if limit is not None else contextlib.nullcontext():
-            await self._check_voice_count(caller, limit)   # one create of a key at a time: a burst cannot pass it
+            await self._check_voice_count(caller, limit)
             try:
                 info = await replica_answer(self.replicas[model].create_voice.remote(
                     audio, ref_text, up.x_vector_only, up.name, caller.owner), self.cfg.retry_after_s)
             except RequestError as e:  # from the core (audio header limits, decoding, ref_text) or the store (name,
                 err = getattr(e, "cause", e)   # size: VoiceTooLarge carries its 413 as `status`)
                 raise from_request_error(err, audio_field, getattr(err, "status", 400)) from None
+            if limit is not None:   # authoritative: counted in the store after the write (other ingress replicas)
+                have = await asyncio.to_thread(self.voices.keep_within, info["id"], caller.owner, limit)
+                if have > limit:
+                    raise ApiError(429, f"name: this API key stores {have - 1} voices, at most {limit} (another "
+                                        "upload of it was stored at the same time); delete one first "
+                                        "(DELETE /v1/audio/voices/{voice_id}) or retry", "name",
+                                   headers={"Retry-After": str(self.cfg.retry_after_s)})
         return JSONResponse({**info, "builtin": False}, status_code=201)
 
     async def _voice_body(self, request: Request) -> tuple[bytes | None, dict, bool]:
@@ -474,7 +485,7 @@ class Ingress:
         """429 naming `name` when the key stores `limit` voices already (None: not limited)."""
         if limit is None:
             return
-        have = len(await asyncio.to_thread(self.voices.list, caller.owner))
+        have = await asyncio.to_thread(self.voices.count, caller.owner)
         if have >= limit:
             raise ApiError(429, f"name: this API key stores {have} voices, at most {limit}; delete one "
                                 "first (DELETE /v1/audio/voices/{voice_id})", "name")

@@ -15,7 +15,8 @@ comes from AWS_ENDPOINT_URL (boto3's own rule); stored files are immutable (ids 
 
 A stored file the store cannot read (storage damage: no request writes one) is a `DamagedVoice` (a ValueError) for
 whoever may see it: its owner when the header still names one, else only `ANYONE`; to every other scope it does not
-exist. A listing skips it; `delete` removes it.
+exist. A listing skips it; `delete` removes it. How many voices a key stores is counted in the store, never in a
+process (`count`, `keep_within`), so every ingress replica and node applies one limit.
 """
 
 from __future__ import annotations
@@ -294,6 +295,24 @@ class VoiceStore:
             self._checked(_check_id(voice_id), scope, recheck=True)
         self._delete_bytes(voice_id)
         self.forget(voice_id)
+
+    def count(self, owner: str) -> int:
+        """How many (readable) voices `owner` stores, counted in the store: every process and node sees one count."""
+        return len(self.list(owner))
+
+    def keep_within(self, voice_id: str, owner: str, limit: int) -> int:
+        """Call right after `voice_id` was stored for `owner`, who may store `limit` voices: counts what `owner`
+        stores now and, when that is more than `limit`, deletes `voice_id`. Returns the count.
+
+        Counting AFTER the write holds the limit for uploads that race on several processes (ingress replicas,
+        nodes): of the voices kept, the last one written was counted with all the others stored, so at most
+        `limit` are kept. Uploads that race at the limit may all be undone (each counts the others): retried, one
+        passes."""
+        have = self.count(owner)
+        if have > limit:
+            with contextlib.suppress(KeyError):   # already deleted (by its owner, through another ingress)
+                self.delete(voice_id, owner)
+        return have
 
     def load(self, voice_id: str, scope: str):
         """The stored VoiceClonePromptItem (cached per process, existence re-checked on each use). KeyError when
