@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from .synth import Backend, ChunkJob, ChunkResult
 log = logging.getLogger(__name__)
 RETRY_REASONS = ("guard", "max_new_tokens")  # finish reasons that count as a runaway
 SEED_STRIDE = 1_000_003
+NOT_RENDERED = "not rendered: the job was stopped before this row finished (the next run renders it)"
 
 
 @dataclass(frozen=True)
@@ -180,13 +182,16 @@ def _raised(backend: Backend, jobs: list[ChunkJob]) -> tuple[list[ChunkResult], 
         return [ChunkResult(None, "error", f"{type(e).__name__}: {e}") for _ in jobs], e
 
 
-def _call(backend: Backend, jobs: list[ChunkJob], owners: list[int]) -> list[ChunkResult]:
+def _call(backend: Backend, jobs: list[ChunkJob], owners: list[int], stop: threading.Event | None = None,
+          ) -> list[ChunkResult | None]:
     """One backend call for `jobs` (`owners[i]`: the row of jobs[i]). When a call holding more than one row's chunks
     raises, each of those rows is sent again alone (all its chunks in one call), so only a row whose own call
     raises gets the error: one input the backend chokes on no longer fails the rows batched with it, on every run.
     Nothing is sent more than twice and nothing waits: a backend that is down entirely costs one more (failing) call
-    per row of the batch, never a retry loop (the backends wait out back-pressure and lost replicas themselves)."""
-    out, err = _raised(backend, jobs)
+    per row of the batch, never a retry loop (the backends wait out back-pressure and lost replicas themselves).
+    Once `stop` is set (SIGTERM) no row is sent again: its chunks' results are None (not rendered)."""
+    first, err = _raised(backend, jobs)
+    out: list[ChunkResult | None] = list(first)
     rows = list(dict.fromkeys(owners))
     if err is None:
         return out
@@ -197,6 +202,10 @@ def _call(backend: Backend, jobs: list[ChunkJob], owners: list[int]) -> list[Chu
                 len(rows), type(err).__name__, err)
     for row in rows:
         idx = [i for i, o in enumerate(owners) if o == row]
+        if stop is not None and stop.is_set():
+            for i in idx:
+                out[i] = None
+            continue
         alone, e = _raised(backend, [jobs[i] for i in idx])
         if e is not None:
             log.error("backend failed on %d chunk(s) of one row: %s", len(idx), e, exc_info=e)
@@ -206,25 +215,34 @@ def _call(backend: Backend, jobs: list[ChunkJob], owners: list[int]) -> list[Chu
 
 
 def _synthesize_all(rows: list[Utterance], chunks: list[list[str]], backend: Backend, cfg: RenderConfig,
-                    ) -> tuple[list[list[ChunkResult | None]], list[int]]:
-    """All chunks of all rows, retrying runaway chunks with a new seed; returns results and attempts."""
+                    stop: threading.Event | None = None,
+                    ) -> tuple[list[list[ChunkResult | None]], list[int], set[int]]:
+    """All chunks of all rows, retrying runaway chunks with a new seed; returns results, attempts and the rows left
+    unfinished because `stop` was set (no backend call is made after it: not rendered, for the next run)."""
     results: list[list[ChunkResult | None]] = [[None] * len(c) for c in chunks]
     attempts = [0] * len(rows)
+    stopped: set[int] = set()
     todo = [(r, c) for r in range(len(rows)) for c in range(len(chunks[r]))]
     for attempt in range(cfg.max_attempts):
         if not todo:
             break
+        if stop is not None and stop.is_set():
+            stopped.update(r for r, _ in todo)
+            break
         jobs = [_chunk_jobs(rows[r], cfg, [chunks[r][c]], attempt)[0] for r, c in todo]
         for r in {r for r, _ in todo}:
             attempts[r] = attempt + 1
-        out = _call(backend, jobs, [r for r, _ in todo])
+        out = _call(backend, jobs, [r for r, _ in todo], stop)
         retry = []
         for (r, c), res in zip(todo, out):
+            if res is None:
+                stopped.add(r)
+                continue
             results[r][c] = res
             if res.error is None and (res.finish_reason in cfg.retry_on or not _finite(res)):
                 retry.append((r, c))
         todo = retry
-    return results, attempts
+    return results, attempts, stopped
 
 
 def _finish_row(row: Utterance, rec: ManifestRecord, res: list[ChunkResult | None], sink: Sink,
@@ -267,9 +285,11 @@ def _finish_row(row: Utterance, rec: ManifestRecord, res: list[ChunkResult | Non
 
 def render_rows(rows: list[Utterance], backend: Backend, sink: Sink, cfg: RenderConfig,
                 skip_existing: bool = True, on_row: Callable[[ManifestRecord], None] | None = None,
-                ) -> list[ManifestRecord]:
+                stop: threading.Event | None = None) -> list[ManifestRecord]:
     """Render a batch of rows; never raises for a row's failure (it is in the returned record). `on_row` sees each
-    record as soon as its row is finished (progress)."""
+    record as soon as its row is finished (progress). Once `stop` is set no backend call is made (a batch call that
+    failed is not sent again row by row, no runaway is retried): a row not finished then is not written, not shown
+    to `on_row`, and its returned record says NOT_RENDERED (the next run renders it)."""
     records = [base_record(r, cfg) for r in rows]
     todo: list[int] = []
     for i, row in enumerate(rows):
@@ -292,10 +312,14 @@ def render_rows(rows: list[Utterance], backend: Backend, sink: Sink, cfg: Render
         if not c:
             records[i].error = "text: nothing to say after cleaning"
     live = [k for k, c in enumerate(chunks) if c]
-    results, attempts = _synthesize_all([rows[todo[k]] for k in live], [chunks[k] for k in live], backend, cfg)
-    for k, res, n in zip(live, results, attempts):
+    results, attempts, stopped = _synthesize_all([rows[todo[k]] for k in live], [chunks[k] for k in live], backend,
+                                                  cfg, stop)
+    for j, (k, res, n) in enumerate(zip(live, results, attempts)):
         i = todo[k]
         records[i].attempts = n
+        if j in stopped:
+            records[i].error = NOT_RENDERED
+            continue
         records[i] = _finish_row(rows[i], records[i], res, sink, cfg, plans[k].display)
         if on_row is not None:
             on_row(records[i])

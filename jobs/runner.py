@@ -25,7 +25,14 @@ import numpy as np
 from .inputs import Utterance
 from .manifest import ManifestRecord
 from .progress import Bar, Console, Tracker, quiet_ray_data
-from .render import RenderConfig, base_record, existing_output, render_rows, worker_model
+from .render import (
+    NOT_RENDERED,
+    RenderConfig,
+    base_record,
+    existing_output,
+    render_rows,
+    worker_model,
+)
 from .serve_backend import REPLY_SETTINGS, model_changed, serve_app_running
 from .storage import RetryPolicy, Sink, StorageError, open_sink
 from .synth import Backend, EngineOptions, error_text, make_backend
@@ -389,7 +396,7 @@ def _run_local(rows: list[Utterance], backend: str, sink: Sink, cfg: RenderConfi
     for i in range(0, len(rows), opts.batch_size):
         if stop is not None and stop.is_set():
             return
-        render_rows(rows[i:i + opts.batch_size], be, sink, cfg, skip_existing=False, on_row=out.emit)
+        render_rows(rows[i:i + opts.batch_size], be, sink, cfg, skip_existing=False, on_row=out.emit, stop=stop)
 
 
 def _map_workers(ds: Any, backend: str, cfg: RenderConfig, opts: RunOptions, tracker: Any, env: dict[str, str],
@@ -573,7 +580,7 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
         stopped = [i for i in todo if i not in records]
         for i in stopped:
             rec = base_record(rows[i], cfg)
-            rec.error = "not rendered: the job was stopped before this row finished (the next run renders it)"
+            rec.error = NOT_RENDERED
             records[i] = rec
         log.info("rendered %d rows in %.1fs%s", len(todo) - len(stopped), time.perf_counter() - t0,
                  f" ({len(stopped)} abandoned)" if stopped else "")

@@ -171,3 +171,47 @@ def test_a_row_whose_call_raises_fails_alone_not_its_batch_mates(tmp_path):
     recs = render_rows([Utterance(id=f"d{i}", text=f"Down {i}.", voice="ryan") for i in range(4)], down,
                        open_sink(f"file://{tmp_path / 'down'}"), cfg)
     assert all(r.status == "failed" and "backend crashed" in r.error for r in recs) and len(down.calls) == 5
+
+
+class _StoppedDuringCall(_PoisonFake):
+    """_PoisonFake during whose first call SIGTERM arrives (the job's stop event is set)."""
+
+    def __init__(self, stop, down=False):
+        super().__init__(down)
+        self.stop = stop
+
+    def synthesize(self, jobs):
+        self.stop.set()
+        return super().synthesize(jobs)
+
+
+@pytest.mark.parametrize("text", ["POISON here.", "RUNAWAY once, retried with another seed."])
+def test_a_stop_during_a_batch_call_makes_no_more_backend_calls_and_loses_no_row(tmp_path, monkeypatch, text):
+    """Review: the row-by-row re-send of a failed batch call (and a runaway's retry) ignored the stop event: SIGTERM
+    waited for one more backend call per row of the batch (each may be a long text on a busy Serve app) and then
+    wrote rows rendered after the stop. Now no backend call is made once it is set; a row not finished is not
+    written and is recorded as not rendered (not failed with its batch's error), and the next run renders it."""
+    import threading
+
+    from jobs import runner
+
+    stop, not_rendered = threading.Event(), "not rendered: the job was stopped before this row finished"
+    cfg = RenderConfig(model="fake-model", revision="r1", max_chars=40, pause_s=0.25, max_attempts=2)
+    opts = RunOptions(output=f"file://{tmp_path}", backend=FAKE, runner="local", progress=False, batch_size=4)
+    rows = [Utterance(id=f"r{i}", text=f"Plain sentence number {i}.", voice="ryan") for i in range(4)]
+    rows[1] = Utterance(id="r1", text=text, voice="ryan")
+    be = _StoppedDuringCall(stop)
+    with monkeypatch.context() as m:
+        m.setattr(runner, "build_backend", lambda args: be)
+        recs = run_rows(rows, cfg, opts, stop=stop)
+    assert len(be.calls) == 1                                  # the call SIGTERM arrived in, and none after it
+    by = {r.id: r for r in recs}
+    if "POISON" in text:    # the batch call failed: no row was rendered, none is failed with the batch's error
+        assert all(r.error.startswith(not_rendered) for r in recs), [r.error for r in recs]
+        assert not list(tmp_path.glob("**/*.wav"))
+    else:                   # the runaway is not retried; the rows the call rendered are committed
+        assert by["r1"].error.startswith(not_rendered) and not list(tmp_path.glob("**/r1-*"))
+        assert all(by[i].status == "ok" and (tmp_path / by[i].key).exists() for i in ("r0", "r2", "r3"))
+    again = run_rows(rows, cfg, opts)                          # nothing lost: the next run renders the rest
+    assert all(r.status == "ok" for r in again), [r.error for r in again]
+    assert [r.reused for r in again] == ([False] * 4 if "POISON" in text else [True, False, True, True])
