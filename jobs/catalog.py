@@ -326,20 +326,25 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
         # nothing unlisted: a later --retire delete pass deletes it); a StorageError here: exit 2, nothing rendered
         held_rows = held_keys(kept_rows)
         journal = pending.begin(sink, name, rows, render, layout, pending.listed(before) | held_rows)
-        current = run_rows(rows, render, opts, sink=sink, desc="catalog", backend=backend, stop=stop)
+        # S3: each write of the rendering (here or in a worker) checks the lease first: a pass whose lease lapsed
+        # writes nothing the pass that took over could have journalled, reconciled or deleted already
+        current = run_rows(rows, render, opts, sink=sink, desc="catalog", backend=backend, stop=stop,
+                           fence=held.fence())
         if stop is not None and stop.is_set():
             done = sum(r.status in LIVE for r in current)  # exit 1 as narrate's (rows not rendered); --every: 0
             return 1, {"stopped": True, "rendered_before_stop": done, "total": len(current), "output": sink.uri,
                        "note": "outputs committed before the stop are kept; the next run reuses them",
                        "wall_s": round(time.perf_counter() - t0, 2)}
-        held.check()
+        if lost_lease := _lease_lost(held, current, sink.uri, t0):
+            return lost_lease
         if lost := turned_over(previous, current):
             log.warning("catalog %r: this pass keeps none of its %d current prompt(s) at this output%s. If two "
                         "catalog files have this name (e.g. en/menus.yaml and es/menus.yaml), they retire each "
                         "other's prompts on every run: give each its own --name", name, lost,
                         ", so it deletes nothing" if lost > 1 else "")
         retire = "mark" if adopted else "hold" if lost > 1 and retire == "delete" else retire
-        packages = layouts.write_packages(current, rows, sink, others) if layout != "none" else None
+        packages = (layouts.write_packages(current, rows, lease.fenced(sink, held.fence()), others)
+                    if layout != "none" else None)
         records, counts = reconcile(current, previous, retire)
         for r in records:
             r.catalog = name
@@ -347,7 +352,8 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
             log.warning("catalog %r (its first run at this output) has all current prompts of catalog %r: if this "
                         "catalog was renamed from %r, run it with --name %r (else %r's prompts stay and are never "
                         "retired)", name, other, other, other, other)
-        held.check()
+        if lost_lease := _lease_lost(held, current, sink.uri, t0):
+            return lost_lease
         # the manifest first, then the deletes it lists: a stored manifest never lists a deleted object as current
         url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
         counts["delete_failed"], lease_lost, journalled = 0, None, {}
@@ -399,6 +405,20 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
     failed = (summary["failed"] or counts["delete_failed"] or lease_lost or kept_rows or (packages or {}).get("failed")
               or journalled.get("failed") or journalled.get("damaged"))
     return (3 if extra else 1 if failed else 0), summary
+
+
+def _lease_lost(held: Any, current: list[ManifestRecord], output: str, t0: float) -> tuple[int, dict[str, Any]] | None:
+    """(1, summary) when this pass lost its lease before writing its manifest (it wrote nothing after the loss, and
+    must not write the manifest, reconcile or delete: another pass may own the output now), else None."""
+    try:
+        held.check()
+    except lease.LeaseLost as e:
+        log.error("%s", e)
+        return 1, {"lease_lost": str(e), "rendered_before_loss": sum(r.status in LIVE for r in current),
+                   "total": len(current), "output": output,
+                   "note": "outputs committed before the loss are kept; the next pass reuses and reconciles them",
+                   "wall_s": round(time.perf_counter() - t0, 2)}
+    return None
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")

@@ -12,6 +12,10 @@ the lease back (our token: the first write took, the lease is ours).
 
 A pass that finds the lease held exits at once, or (`wait_s`, the catalog's `--lease-wait`) tries again every
 POLL_S (with jitter, so passes started together do not retry in step) until that much time has passed.
+
+Every write a pass makes while it renders (in the driver or in a Ray worker) checks the S3 lease first (`Fence`,
+`FencedSink`): a pass whose lease lapsed writes nothing more, so the pass that took the output over never finds an
+object written behind its back (after it journalled, reconciled or deleted what it saw).
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-from .storage import LocalSink, S3Sink, Sink, StorageError
+from .storage import LocalSink, S3Sink, Sink, StorageError, _retry, _s3_retryable
 
 log = logging.getLogger(__name__)
 LEASE_KEY = ".catalog-lease"
@@ -68,7 +73,8 @@ def hold(sink: Sink, ttl_s: float = TTL_S, wait_s: float = 0.0, stop: threading.
          ) -> Iterator[Any]:
     """Hold the output's catalog lease for the `with` block; raises LeaseHeld when another run holds it and still
     does after `wait_s` seconds (or when `stop` is set while waiting). Yields an object whose `check()` raises
-    LeaseLost when the lease was lost meanwhile (S3 only)."""
+    LeaseLost when the lease was lost meanwhile (S3 only), and whose `fence()` is what the pass's writes check
+    (`Fence`; None for a local flock, which cannot lapse)."""
     deadline = time.monotonic() + max(wait_s, 0.0)
     with contextlib.ExitStack() as stack:
         while True:
@@ -106,6 +112,9 @@ class _Held:
     def check(self) -> None:
         return None
 
+    def fence(self) -> Fence | None:
+        return None   # a flock is held until this process exits: it cannot lapse
+
 
 @contextlib.contextmanager
 def _local(sink: LocalSink) -> Iterator[_Held]:
@@ -133,6 +142,84 @@ def _code(e: Exception) -> str:
     return str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if hasattr(e, "response") else ""
 
 
+def _age(got: dict[str, Any]) -> float:
+    """Seconds since the lease read back (`got`: get_object's answer) was written, by the store's clock."""
+    date = got.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
+    return (now - got["LastModified"]).total_seconds()
+
+
+def _token(raw: bytes) -> Any:
+    try:
+        return json.loads(raw).get("token")
+    except (ValueError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A pass's S3 lease as each process that writes for the pass checks it before every write (the driver, and
+    each Ray worker: it is picklable). The lease must still hold this pass's token and have been renewed within the
+    last two thirds of `ttl_s` by the store's clock: another pass may take it over once it is `ttl_s` old, so a
+    write that passes the check has a third of `ttl_s` to land before anyone else can own the output."""
+
+    key: str       # the lease object's key in the output's bucket
+    token: str
+    ttl_s: float
+
+    def check(self, sink: S3Sink) -> None:
+        """Raises LeaseLost when the lease is not this pass's any more (or may soon not be); StorageError when it
+        cannot be read (the write is not made either)."""
+        where = f"s3://{sink.bucket}/{self.key}"
+
+        def read() -> dict[str, Any] | None:
+            try:
+                got = sink.client.get_object(Bucket=sink.bucket, Key=self.key)
+            except Exception as e:  # noqa: BLE001 - botocore error types vary
+                if _code(e) in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return {**got, "Body": got["Body"].read()}
+
+        got = _retry(f"read the catalog lease {where}", read, sink.retry, _s3_retryable)
+        if got is None:
+            why = "it is gone"
+        elif _token(got["Body"]) != self.token:
+            why = "another run holds it now"
+        elif (age := _age(got)) >= self.ttl_s * 2 / 3:
+            why = f"not renewed for {age:.0f} s of its {self.ttl_s:.0f} s"
+        else:
+            return
+        raise LeaseLost(f"lost the catalog lease {where} ({why}); this pass writes nothing more and does not "
+                        "reconcile: the outputs written are kept and the next pass reconciles them")
+
+
+class FencedSink(S3Sink):
+    """An S3 sink whose writes and deletes each check the pass's lease first (`Fence`): LeaseLost, nothing written,
+    once the pass has lost it."""
+
+    def __init__(self, sink: S3Sink, fence: Fence) -> None:
+        super().__init__(sink.bucket, sink.prefix, sink.retry)
+        self._client = sink._client
+        self.fence = fence
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "fence": self.fence}
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.fence.check(self)
+        super().put(key, data, content_type)
+
+    def delete(self, key: str) -> None:
+        self.fence.check(self)
+        super().delete(key)
+
+
+def fenced(sink: Sink, fence: Fence | None) -> Sink:
+    """`sink` with its writes checked against `fence` (an S3 pass's lease), or `sink` itself when there is none."""
+    return FencedSink(sink, fence) if fence is not None and isinstance(sink, S3Sink) else sink
+
+
 class _S3Lease:
     def __init__(self, sink: S3Sink, ttl_s: float) -> None:
         self.sink, self.ttl_s, self.key = sink, ttl_s, sink._k(LEASE_KEY)
@@ -154,14 +241,14 @@ class _S3Lease:
 
     def _ours(self, raw: bytes, etag: str) -> bool:
         """Whether the lease read back (`raw`, `etag`) is this run's: then its ETag is the one to renew with."""
-        try:
-            token = json.loads(raw).get("token")
-        except (ValueError, AttributeError):
-            return False
-        if token != self.token:
+        if _token(raw) != self.token:
             return False
         self.etag = str(etag)
         return True
+
+    def fence(self) -> Fence:
+        """What every write of this pass checks first (the driver's and each worker's: FencedSink)."""
+        return Fence(self.key, self.token, self.ttl_s)
 
     def _read(self) -> dict[str, Any] | None:
         """The lease object (get_object's answer), None when there is none."""
@@ -197,9 +284,7 @@ class _S3Lease:
             raw = got["Body"].read()
             if self._ours(raw, got["ETag"]):  # our write took; its reply was lost and the retry refused
                 break
-            date = got.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-            now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
-            age = (now - got["LastModified"]).total_seconds()
+            age = _age(got)
             if age < self.ttl_s:
                 raise LeaseHeld(_held_message(where, raw, age))
             log.warning("taking over the stale catalog lease %s (not renewed for %.0f s)", where, age)

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .inputs import Utterance
+from .lease import Fence, FencedSink, LeaseLost, fenced
 from .manifest import ManifestRecord
 from .progress import Bar, Console, Tracker, quiet_ray_data
 from .render import (
@@ -94,6 +96,28 @@ class RunOptions:
 def build_backend(args: dict[str, Any]) -> Backend:
     return make_backend(args["spec"], EngineOptions(**args["engine"]), args["app_name"], args["revisions"],
                         args["serve_opts"])
+
+
+def render_batch(rows: list[Utterance], backend: Backend, sink: Sink, cfg: RenderConfig,
+                 on_row: Callable[[ManifestRecord], None], stop: threading.Event | None = None,
+                 ) -> list[ManifestRecord]:
+    """`render_rows` for a batch of rows to render (both runners). A pass whose lease was lost (a FencedSink:
+    catalog) renders nothing more: each row's record says why, and no backend call is made (its writes would be
+    refused anyway: FencedSink checks the lease before each one)."""
+    if isinstance(sink, FencedSink):
+        try:
+            sink.fence.check(sink)
+        except LeaseLost as e:
+            recs = []
+            for row in rows:
+                rec = base_record(row, cfg)
+                rec.error = rec.error or f"not rendered: {e}"
+                on_row(rec)
+                recs.append(rec)
+            return recs
+        except StorageError as e:   # (not known to be lost: each write reads it again, and fails while it cannot)
+            log.warning("could not read the catalog lease before a batch (%s)", e)
+    return render_rows(rows, backend, sink, cfg, skip_existing=False, on_row=on_row, stop=stop)
 
 
 class RowTracker(Tracker):
@@ -174,11 +198,13 @@ class RenderWorker:
     A batch run again after its worker was lost is rendered one row at a time, each row started on the tracker just
     before it, so the next loss is charged to the row that caused it; a row that lost its worker `max_losses` times
     is failed without rendering (one poison row must not restart workers without end nor fail its batch mates).
+    `fence`: the catalog pass's S3 lease, checked before each batch and each write (run_rows).
     """
 
     def __init__(self, backend: dict[str, Any], output: str, retry: dict[str, Any], render: dict[str, Any],
                  tracker: Any = None, env: dict[str, str] | None = None,
-                 max_losses: int = MAX_WORKER_LOSSES, preload: tuple[str, ...] = ()) -> None:
+                 max_losses: int = MAX_WORKER_LOSSES, preload: tuple[str, ...] = (),
+                 fence: Fence | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         # set here, not via a task runtime_env: that would re-download a `ray job` working_dir per worker
         os.environ.update(env or {})
@@ -188,7 +214,7 @@ class RenderWorker:
 
         render = dict(render, quality=QualityConfig(**render["quality"]))
         self.cfg = RenderConfig(**render)
-        self.sink = open_sink(output, RetryPolicy(**retry))
+        self.sink = fenced(open_sink(output, RetryPolicy(**retry)), fence)
         actor = ray.get_runtime_context().get_actor_id() if tracker is not None else None
         if actor is not None:
             died = ray.get(tracker.begin_load.remote(actor))
@@ -212,7 +238,7 @@ class RenderWorker:
             self.tracker.finished.remote([(rec.id, rec.status, rec.duration_s)])
 
     def _render(self, rows: list[Utterance]) -> list[ManifestRecord]:
-        return render_rows(rows, self.backend, self.sink, self.cfg, skip_existing=False, on_row=self._report)
+        return render_batch(rows, self.backend, self.sink, self.cfg, self._report)
 
     def _one_by_one(self, rows: list[Utterance]) -> list[ManifestRecord]:
         """A batch run again after a lost worker: each row alone, a poison row failed instead of rendered."""
@@ -396,11 +422,11 @@ def _run_local(rows: list[Utterance], backend: str, sink: Sink, cfg: RenderConfi
     for i in range(0, len(rows), opts.batch_size):
         if stop is not None and stop.is_set():
             return
-        render_rows(rows[i:i + opts.batch_size], be, sink, cfg, skip_existing=False, on_row=out.emit, stop=stop)
+        render_batch(rows[i:i + opts.batch_size], be, sink, cfg, out.emit, stop)
 
 
 def _map_workers(ds: Any, backend: str, cfg: RenderConfig, opts: RunOptions, tracker: Any, env: dict[str, str],
-                 rows: list[Utterance]) -> Any:
+                 rows: list[Utterance], fence: Fence | None) -> Any:
     """The dataset through the RenderWorker actor pool, with Ray's retries bounded (worker_retries)."""
     import ray.data
 
@@ -413,7 +439,7 @@ def _map_workers(ds: Any, backend: str, cfg: RenderConfig, opts: RunOptions, tra
             fn_constructor_kwargs={"backend": opts.backend_args(backend, cfg), "output": opts.output,
                                    "retry": asdict(opts.retry), "render": asdict(cfg), "tracker": tracker,
                                    "env": env, "max_losses": opts.max_worker_losses,
-                                   "preload": _models_of(rows, cfg)},
+                                   "preload": _models_of(rows, cfg), "fence": fence},
             **worker_retries(opts.max_worker_losses, len(rows)),
         )
 
@@ -424,7 +450,7 @@ def _models_of(rows: list[Utterance], cfg: RenderConfig) -> tuple[str, ...]:
 
 
 def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOptions, out: _Collector,
-             stop: threading.Event | None) -> None:
+             stop: threading.Event | None, fence: Fence | None = None) -> None:
     import ray
     import ray.data
 
@@ -435,7 +461,7 @@ def _run_ray(rows: list[Utterance], backend: str, cfg: RenderConfig, opts: RunOp
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ} \
         if opts.forward_env and opts.output.startswith("s3://") else {}
     env.update(opts.extra_env)
-    ds = _map_workers(ds, backend, cfg, opts, tracker, env, rows)
+    ds = _map_workers(ds, backend, cfg, opts, tracker, env, rows, fence)
     polling = threading.Event()
 
     def poll() -> None:  # the bar follows the tracker: rows as they finish, not blocks as Ray Data returns them
@@ -510,18 +536,21 @@ def _committed(rows: list[Utterance], missing: list[int], sink: Sink, cfg: Rende
 
 def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: Sink | None = None,
              desc: str = "narrate", backend: str | None = None, stop: threading.Event | None = None,
-             ) -> list[ManifestRecord]:
+             fence: Fence | None = None) -> list[ManifestRecord]:
     """Render every row that lacks a committed output; returns one record per input row (input order).
 
     `backend`: the resolved backend (default: resolve `opts.backend`). `stop` (see stop_on_sigterm): when set, no
     more rows are started and rows not finished are recorded as not rendered (their outputs, if any were
-    committed, are found by the next run).
+    committed, are found by the next run). `fence` (catalog, S3: `lease.Fence`): every write, in this process and
+    in the workers, checks the pass's lease first; once it is lost nothing more is rendered or written (each row
+    left says so), and the caller must not reconcile.
 
     Raises:
         StorageError: the output is not writable (checked before any work starts).
     """
     sink = sink or open_sink(opts.output, opts.retry)
     sink.preflight(need_delete=False)  # rendering never deletes; a caller that does checks it (catalog)
+    sink = fenced(sink, fence)
     records: dict[int, ManifestRecord] = {}
     todo: list[int] = []
 
@@ -562,7 +591,7 @@ def run_rows(rows: list[Utterance], cfg: RenderConfig, opts: RunOptions, sink: S
                 else:
                     connect_ray(opts.ray_address)
                     # the sink as resolved here: file://./output is the driver's ./output, not each worker's
-                    _run_ray(pending, backend, cfg, replace(opts, output=sink.uri), out, stop)
+                    _run_ray(pending, backend, cfg, replace(opts, output=sink.uri), out, stop, fence)
             except Exception as e:  # noqa: BLE001 - record what is missing, keep what finished
                 log.exception("run aborted")
                 with out._lock:

@@ -308,6 +308,9 @@ def test_a_lease_lost_during_the_deletes_never_rewrites_the_manifest(tmp_path, c
             if self.lost:
                 raise lease.LeaseLost("lost the catalog lease (taken over)")
 
+        def fence(self):
+            return None
+
     held, writes = Held(), []
 
     @contextlib.contextmanager
