@@ -12,6 +12,7 @@ plus `seed=` and the `stream_*` methods that yield audio while codes are generat
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import threading
 from collections.abc import Iterator
@@ -80,6 +81,15 @@ def _as_list(x: Any, n: int, name: str) -> list:
     if len(xs) != n:
         raise RequestError(name, f"batch size mismatch: text has {n} item(s), {name} has {len(xs)}")
     return xs
+
+
+def _switch(value: Any) -> Any:
+    """The forms of a switch the reference runs (None, 0/1, NumPy's bools) as a bool; anything else as it is, for
+    `validate` to refuse naming the argument (bool() took "false" for True)."""
+    if value is None or isinstance(value, bool | np.bool_) or \
+            isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    return value
 
 
 def _session_error(message: str | None, field: str | None) -> ValueError:
@@ -318,6 +328,7 @@ class Qwen3TTSModel:
         if voice_clone_prompt is None:
             if ref_audio is None:
                 raise RequestError("ref_audio", "either voice_clone_prompt or ref_audio must be provided")
+            _as_list(ref_audio, n, "ref_audio")   # one per text (or one for all), before any is decoded
             voice_clone_prompt = self.create_voice_clone_prompt(ref_audio, ref_text, x_vector_only_mode)
         return _as_list(prompt_items(voice_clone_prompt), n, "voice_clone_prompt")
 
@@ -338,12 +349,13 @@ class Qwen3TTSModel:
         seeds = _as_list(seed, n, "seed") if isinstance(seed, list) else \
             [None if seed is None else check_seed(seed) + i for i in range(n)]  # 1.9 or "5" is no seed
         speakers = _as_list(speaker, n, "speaker")
-        instructs = _as_list(instruct if instruct is not None else "", n, "instruct")
+        instructs = _as_list(instruct, n, "instruct")
         prompts = voice_clone_prompt or [None] * n
         sampling = self.sampling_params(**gen_kwargs)
         return [SynthesisRequest(kind=kind, text=texts[i], speaker=speakers[i], language=langs[i],
-                                 instruct=instructs[i] or None, voice_clone_prompt=prompts[i],
-                                 non_streaming_mode=bool(non_streaming_mode), sampling=sampling, seed=seeds[i],
+                                 instruct=None if isinstance(instructs[i], str) and not instructs[i] else instructs[i],
+                                 voice_clone_prompt=prompts[i], non_streaming_mode=_switch(non_streaming_mode),
+                                 sampling=sampling, seed=seeds[i],
                                  decode_audio=False)
                 for i in range(n)]
 

@@ -228,8 +228,9 @@ def _fallback(data: bytes, refused: RequestError, argument: str, what: str,
 
 def _read_path(path: Path, argument: str, limits: AudioLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
     import soundfile as sf  # lazily: array inputs (and GPU hosts without it) never need it
-    if not path.is_file():
-        raise RequestError(argument, f"no such audio file: {str(path)[:200]!r}")
+    if not path.is_file():   # missing: also a FileNotFoundError, as a str path (and the reference) give
+        raise (RequestError if path.exists() else RequestFileNotFound)(
+            argument, f"no such audio file: {str(path)[:200]!r}")
     size = path.stat().st_size
     if size > limits.max_bytes:
         raise RequestError(argument, f"audio file {path.name!r} is larger than {limits.max_bytes} bytes ({size})")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .api import HUB_ARGUMENTS, REFERENCE_DECODE_CHUNK, _resolve_device
-from .audio_io import MAX_CHANNELS, AudioLimits, load_audio, to_24k
+from .audio_io import MAX_CHANNELS, AudioLimits, load_audio, to_24k, validate_waveform
 from .checkpoint.weights import checkpoint_dtype, read_json, resolve_checkpoint, resolve_dtype
 from .codec.config import MODEL_TYPE
 from .codec.load import Codec, load_codec
@@ -93,9 +93,9 @@ def _array_24k(a: np.ndarray, sr: Any, name: str) -> np.ndarray:
         raise RequestError("sr", "numpy waveform input needs `sr` (its sample rate)")
     if a.size == 0:
         return np.zeros(0, dtype=np.float32)
-    if not np.isfinite(a).all():
-        raise RequestError(name, "audio contains NaN or infinite samples")
-    return to_24k(a, _sample_rate(sr), argument=name, limits=LIMITS)
+    rate = _sample_rate(sr)
+    validate_waveform(a, rate, argument=name, silent_ok=True)   # finite, and no integer PCM stored as floats
+    return to_24k(a, rate, argument=name, limits=LIMITS)
 
 
 def _is_pair(x: Any) -> bool:
@@ -105,6 +105,8 @@ def _is_pair(x: Any) -> bool:
 
 def _codes_tensor(x: Any, name: str) -> torch.Tensor:
     """An integer tensor (CPU, long) from a tensor, a numpy array or nested lists."""
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        x = x.detach().cpu().numpy()   # (torch has no max for these on CPU) checked below
     if not isinstance(x, torch.Tensor):
         try:
             arr = np.asarray(x)
@@ -113,6 +115,10 @@ def _codes_tensor(x: Any, name: str) -> torch.Tensor:
                                           f"{type(x).__name__}") from None
         if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
             raise RequestError("encoded", f"{name} must hold integer code ids, got dtype {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            # as int64 they turn negative: 2**64 - 1 would pass for -1, right padding, and be dropped
+            raise RequestError("encoded", f"{name} holds code ids up to {shown(int(arr.max()))}, past any "
+                                          "codebook")
         x = torch.from_numpy(arr.astype(np.int64))
     elif x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise RequestError("encoded", f"{name} must hold integer code ids, got {x.dtype}")

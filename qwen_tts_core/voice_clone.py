@@ -29,8 +29,9 @@ def create_voice_clone_prompt(model, ref_audio: Any, ref_text: Any = None, x_vec
     texts = ref_text if isinstance(ref_text, list) else [ref_text] * n
     modes = x_vector_only_mode if isinstance(x_vector_only_mode, list) else [x_vector_only_mode] * n
     if len(texts) != n or len(modes) != n:
-        raise RequestError("ref_text", f"batch size mismatch: ref_audio={n}, ref_text={len(texts)}, "
-                         f"x_vector_only_mode={len(modes)}")
+        raise RequestError("ref_text" if len(texts) != n else "x_vector_only_mode",   # the one that does not fit
+                           f"batch size mismatch: ref_audio={n}, ref_text={len(texts)}, "
+                           f"x_vector_only_mode={len(modes)}")
     modes = [_mode(m, i if isinstance(x_vector_only_mode, list) else None) for i, m in enumerate(modes)]
     for i, (t, xvec) in enumerate(zip(texts, modes)):
         if not xvec and (t is None or isinstance(t, str) and not t.strip()):

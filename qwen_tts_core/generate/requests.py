@@ -175,7 +175,8 @@ def validate(model, req: SynthesisRequest) -> None:
         raise RequestError("language", f"{shown(req.language)} is not supported; choose one of {langs}")
     if req.instruct is not None:
         check_text(req.instruct, "instruct", allow_blank=True)
-    if req.kind == "custom_voice" and req.speaker not in (None, ""):  # none: no speaker embedding, as the reference
+    # None or "": no speaker embedding, as the reference (not `in (None, "")`: an array compares elementwise)
+    if req.kind == "custom_voice" and not (req.speaker is None or isinstance(req.speaker, str) and not req.speaker):
         speakers = model.get_supported_speakers()
         if not isinstance(req.speaker, str) or req.speaker.lower() not in speakers:
             raise RequestError("speaker", f"{shown(req.speaker)} is not supported; choose one of {speakers}")
