@@ -222,10 +222,21 @@ def book_or_reuse(records: list[ManifestRecord], titles: list[str], sink: Sink, 
         meta.check()
         key = book_key([p[0] for p in pairs], [p[1] for p in pairs], meta)
         raw = sink.get(key + ".json")
-        if raw is not None and sink.size(key):
-            info = json.loads(raw)
+        info = _stored_record(raw, key) if raw is not None and sink.size(key) else None
+        if info is not None:
             info["reused"] = True
             return info
     info = write_book(records, titles, sink, meta)
     sink.put(info["key"] + ".json", json.dumps(info).encode(), "application/json")
     return info
+
+
+def _stored_record(raw: bytes, key: str) -> dict[str, Any] | None:
+    """The book's stored JSON record, or None when it is none of this book's (not JSON, not an object, another key,
+    no chapter list): the book is made again, as a row with a damaged sidecar is rendered again."""
+    try:
+        info = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    ok = isinstance(info, dict) and info.get("key") == key and isinstance(info.get("chapters"), list)
+    return info if ok else None

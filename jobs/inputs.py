@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,17 +78,24 @@ class RowDefaults:
 
 
 def _natural_key(p: Path) -> list[Any]:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+    # isdecimal, what \d matches and int() reads: isdigit is also true of "²", which int() refuses
+    return [int(t) if t.isdecimal() else t.lower() for t in re.split(r"(\d+)", p.name)]
 
 
 def read_text(path: Path, limits: InputLimits) -> str:
     """The whole file as text. Raises ValueError naming the file: unreadable, too large, or binary."""
     try:
-        size = path.stat().st_size
-        if size > limits.max_input_bytes:
-            raise ValueError(f"input: {path} is {size} bytes; the limit is {limits.max_input_bytes} "
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a device reads without end (/dev/zero: size 0), a pipe waits for ever
+            raise ValueError(f"input: {path} is not a regular file")
+        if st.st_size > limits.max_input_bytes:
+            raise ValueError(f"input: {path} is {st.st_size} bytes; the limit is {limits.max_input_bytes} "
                              "(--max-input-bytes)")
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(limits.max_input_bytes + 1)  # never more than the limit, whatever the size said
+        if len(data) > limits.max_input_bytes:
+            raise ValueError(f"input: {path} grew past {limits.max_input_bytes} bytes while it was read "
+                             "(--max-input-bytes)")
     except OSError as e:
         raise ValueError(f"input: cannot read {path} ({e})") from e
     if b"\0" in data[:1 << 20]:
@@ -185,7 +193,8 @@ def check_row(raw: Any, defaults: RowDefaults, where: str, limits: InputLimits =
     if len(text) > limits.max_row_chars:
         return replace(base, error=f"{where}: row {shown(ident)} has {len(text)} characters of text; the limit is "
                                    f"{limits.max_row_chars} (--max-row-chars; split it into several rows)")
-    voice = raw.get("voice", raw.get("speaker"))
+    # one field under two names: a null or empty one (a Parquet column or CSV cell the row leaves empty) is absent
+    voice = next((v for v in (raw.get("voice"), raw.get("speaker")) if v is not None and v != ""), None)
     fields: dict[str, Any] = {}
     for name in ("language", "instruct", "model"):
         v = raw.get(name)
@@ -505,6 +514,8 @@ def read_inputs(path: str | Path, defaults: RowDefaults = RowDefaults(),
     elif p.suffix.lower() == ".jsonl":
         rows = _read_jsonl(p, defaults, limits)
     elif p.suffix.lower() == ".parquet":
+        if not p.is_file():
+            raise ValueError(f"input: {p} is not a regular file")
         rows = _read_parquet(p, defaults, limits)
     else:
         raise ValueError(f"input: unsupported file type {p.suffix!r}; use one of "

@@ -10,12 +10,17 @@ from __future__ import annotations
 import re
 
 # A sentence ends at Western terminators (plus closing quotes/brackets) followed by whitespace or the end,
-# or right after a CJK terminator (plus closing marks).
+# or right after a CJK terminator (plus closing marks): where `(?:[.!?;…]+[C]*(?=\s|$))|(?:[。！？；…]+[C]*)` (C: the
+# closers) matches, as re.finditer finds it; `_sentence_ends` finds the same ends in linear time.
 _CLOSERS = re.escape("\"'”’)）]」』】》")
-_SENTENCE_END = re.compile(
-    rf"(?:[.!?;…]+[{_CLOSERS}]*(?=\s|$))|(?:[。！？；…]+[{_CLOSERS}]*)"
-)
-_CLAUSE_END = re.compile(rf"(?:[,:]+[{_CLOSERS}]*(?=\s))|(?:[，、：]+)")
+_WESTERN_MARKS = re.compile(r"[.!?;…]+")
+_CLOSING = re.compile(rf"[{_CLOSERS}]*")
+_CJK_END = re.compile(rf"[。！？；…]+[{_CLOSERS}]*")
+_ANY_END = re.compile(r"[.!?;…。！？；]")
+# A clause ends at `(?:[,:]+[C]*(?=\s))|(?:[，、：]+)`. Its Western branch is tried only from the first mark of a run
+# and never gives back (possessive): the same matches (a try from inside a run fails where the try from its first
+# mark failed, and giving back leaves a mark or a closer before the lookahead), without the quadratic retries.
+_CLAUSE_END = re.compile(rf"(?:(?<![,:])[,:]++[{_CLOSERS}]*+(?=\s))|(?:[，、：]+)")
 _WS = re.compile(r"\s+")
 _PARAGRAPH = re.compile(r"\n\s*\n")  # a blank line: paragraphs always start a new chunk
 MIN_CHUNK_CHARS = 8
@@ -32,19 +37,51 @@ def key_text(text: str) -> str:
     return "\n\n".join(p for p in (normalize_text(x) for x in _PARAGRAPH.split(text)) if p)
 
 
-def _split_after(pattern: re.Pattern[str], text: str) -> list[str]:
-    """Cut `text` right after every match of `pattern`; pieces are stripped and never empty."""
+def _cut_after(text: str, ends: list[int]) -> list[str]:
+    """Cut `text` right after each of `ends` (increasing); pieces are stripped and never empty."""
     out, start = [], 0
-    for m in pattern.finditer(text):
-        out.append(text[start:m.end()])
-        start = m.end()
+    for end in ends:
+        out.append(text[start:end])
+        start = end
     out.append(text[start:])
     return [p.strip() for p in out if p.strip()]
 
 
+def _split_after(pattern: re.Pattern[str], text: str) -> list[str]:
+    """Cut `text` right after every match of `pattern`; pieces are stripped and never empty."""
+    return _cut_after(text, [m.end() for m in pattern.finditer(text)])
+
+
+def _sentence_ends(text: str) -> list[int]:
+    """Where the sentence-end expression above matches end, in linear time. With the expression, a long run of
+    Western marks that no whitespace follows ("....x", 200 KB of it in a row) was tried from every mark, each try
+    reading to the run's end: quadratic. A try from any mark of a run reads the same marks and closers after it, so
+    one run is measured once; only a CJK end ("…" is both) can start inside a run that was not tried."""
+    ends: list[int] = []
+    i, n = 0, len(text)
+    run_end = run_stop = -1  # the last Western run measured: its marks end at run_end, its closers at run_stop
+    while (m := _ANY_END.search(text, i)) is not None:
+        i = m.start()
+        if text[i] in ".!?;…":
+            if i >= run_end:
+                run_end = _WESTERN_MARKS.match(text, i).end()  # type: ignore[union-attr]
+                run_stop = _CLOSING.match(text, run_end).end()  # type: ignore[union-attr]
+            if run_stop == n or text[run_stop].isspace():
+                ends.append(run_stop)
+                i = run_stop
+                continue
+        if text[i] in "。！？；…":
+            i = _CJK_END.match(text, i).end()  # type: ignore[union-attr]
+            ends.append(i)
+            continue
+        i += 1
+    return ends
+
+
 def split_sentences(text: str) -> list[str]:
     """Sentences of one paragraph-free text, punctuation kept with the sentence they end."""
-    return _split_after(_SENTENCE_END, normalize_text(text))
+    text = normalize_text(text)
+    return _cut_after(text, _sentence_ends(text))
 
 
 def _hard_split(piece: str, max_chars: int) -> list[str]:
@@ -52,12 +89,13 @@ def _hard_split(piece: str, max_chars: int) -> list[str]:
     out: list[str] = []
     cur = ""
     for word in piece.split(" "):
-        while len(word) > max_chars:
+        cuts = (len(word) - 1) // max_chars  # whole pieces cut off the front; the rest (1..max_chars) goes on
+        if cuts > 0:  # by index: cutting a piece at a time copied the rest each time (1 MB word, 8 chars: minutes)
             if cur:
                 out.append(cur)
                 cur = ""
-            out.append(word[:max_chars])
-            word = word[max_chars:]
+            out.extend(word[j * max_chars:(j + 1) * max_chars] for j in range(cuts))
+            word = word[cuts * max_chars:]
         if not word:
             continue
         cand = f"{cur} {word}" if cur else word
