@@ -42,7 +42,9 @@ from .streaming import Pacer, ReplicaStream, end_error, replica_lost
 
 log = logging.getLogger(__name__)
 
-QUEUE_MESSAGES = 256     # messages read but not yet forwarded; beyond this the reader waits (TCP back-pressure)
+# messages read but not yet forwarded; beyond this the reader waits (no TCP back-pressure under Serve: its proxy
+# pulls the client's messages into its own queue meanwhile, unseen by the rate limit until read)
+QUEUE_MESSAGES = 256
 LOST_GRACE_S = 10.0      # after UnknownSession, how long the writer may take to bring the session's own end
 DISCONNECT = object()
 _SURROGATE = re.compile("[\ud800-\udfff]")
