@@ -11,11 +11,12 @@ plus `seed=` and the `stream_*` methods that yield audio while codes are generat
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,11 @@ class Qwen3TTSModel:
         self.reference_sampling = True
         self.engine_options: dict[str, Any] = {}
         self._driver: EngineDriver | None = None
-        self._driver_lock = threading.Lock()
+        self._driver_lock = threading.RLock()
+        # one token per generate_*/stream_* call holding the driver: added under _driver_lock with the taking of
+        # the driver, so configure_engine sees a call that has the engine but has not added its session yet;
+        # discarded without the lock (a dropped stream's finalizer may run in any thread, inside any lock)
+        self._in_flight: set[object] = set()
 
     # --- loading ----------------------------------------------------------------------------------------------
     @classmethod
@@ -211,8 +216,9 @@ class Qwen3TTSModel:
         value Engine checks before allocating raises here, naming it, and leaves the engine and its options as they
         were."""
         with self._driver_lock:
-            if self._driver is not None and self._driver.engine.has_work():
-                raise RuntimeError("configure_engine: the engine is busy")
+            if self._in_flight or self._driver is not None and not self._driver.idle():
+                raise RuntimeError(f"configure_engine: the engine is busy ({len(self._in_flight)} generate/stream "
+                                   "call(s) in flight; a stream holds it until read to its end, closed or dropped)")
             ref = self.reference_sampling if reference_sampling is None else bool(reference_sampling)
             options = {**self.engine_options, **engine_kwargs}
             Engine.check_arguments(**self._engine_options(ref, options))
@@ -238,6 +244,15 @@ class Qwen3TTSModel:
                 self._driver = EngineDriver(Engine(self, **self._engine_options(self.reference_sampling,
                                                                                 self.engine_options)))
             return self._driver
+
+    def _hold_driver(self) -> tuple[EngineDriver, Callable[[], None]]:
+        """The driver for one call and its release (idempotent, lock-free): until released, configure_engine
+        refuses, so the engine is never dropped under a call that took it (two engines' caches at once)."""
+        token = object()
+        with self._driver_lock:   # reentrant: _engine_driver takes it too
+            driver = self._engine_driver()
+            self._in_flight.add(token)
+        return driver, functools.partial(self._in_flight.discard, token)
 
     # --- sampling defaults ------------------------------------------------------------------------------------
     def sampling_params(self, **user: Any) -> SamplingParams:
@@ -308,8 +323,12 @@ class Qwen3TTSModel:
         if self.codec is None:
             raise ValueError("this checkpoint has no speech_tokenizer/: cannot stream audio")
         req.first_chunk_frames, req.chunk_frames, req.decode_audio = first_chunk_frames, chunk_frames, True
-        driver = self._engine_driver()
-        session = driver.open(req)
+        driver, release = self._hold_driver()
+        try:
+            session = driver.open(req)
+        except BaseException:
+            release()
+            raise
 
         def pcm(chunks: Iterator[AudioChunk]) -> Iterator[np.ndarray]:
             for ch in chunks:
@@ -318,7 +337,7 @@ class Qwen3TTSModel:
                 if ch.pcm.size:
                     yield ch.pcm
         # closed or dropped before its end (read or not): its session must not run on others' steps
-        return driver.chunks(session, through=pcm)
+        return driver.chunks(session, through=pcm, on_end=release)
 
     # --- internals --------------------------------------------------------------------------------------------
     def _voice_items(self, text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt):
@@ -362,7 +381,11 @@ class Qwen3TTSModel:
     def _run(self, reqs: list[SynthesisRequest]) -> list[np.ndarray]:
         if self.codec is None:  # before generating, not after
             raise ValueError("this checkpoint has no speech_tokenizer/: cannot decode audio")
-        sessions = self._engine_driver().run(reqs)
+        driver, release = self._hold_driver()
+        try:
+            sessions = driver.run(reqs)
+        finally:
+            release()
         for s in sessions:
             if s.finish_reason == "error":
                 raise _session_error(s.error, s.error_field)

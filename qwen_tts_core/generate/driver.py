@@ -37,10 +37,12 @@ class EngineDriver:
             self._queues[s.id] = deque()
         return s
 
-    def chunks(self, s: Session, through: Callable[[Iterator[AudioChunk]], Iterator[T]] | None = None) -> Reader:
+    def chunks(self, s: Session, through: Callable[[Iterator[AudioChunk]], Iterator[T]] | None = None,
+               on_end: Callable[[], None] | None = None) -> Reader:
         """The session's chunks up to its last (or what `through` makes of them); closing the iterator early (read
-        or not) cancels the session."""
-        return Reader(self._read(s) if through is None else through(self._read(s)), self, s)
+        or not) cancels the session. on_end: called once when the reading is over (read to its end, raised,
+        closed, or dropped: then from the garbage collector, in any thread, so it must take no lock)."""
+        return Reader(self._read(s) if through is None else through(self._read(s)), self, s, on_end)
 
     def _read(self, s: Session) -> Iterator[AudioChunk]:
         done = False
@@ -63,6 +65,15 @@ class EngineDriver:
         at the next call. Safe from a garbage-collector callback in any thread (no lock taken here)."""
         if s.id in self._queues:  # else read to its end (or released) already
             self._orphans.append(s)
+
+    def idle(self) -> bool:
+        """Whether the engine holds nothing anyone waits for: no session, or only cancelled ones (a closed or
+        dropped stream's, which the next step would only end), dropped readers' sessions cancelled first."""
+        self._reap()
+        e = self.engine
+        with e._lock:
+            sessions = [*e.active, *(s for q in e.queues.values() for s in q)]
+        return all(s.cancelled for s in sessions)
 
     def _reap(self) -> None:
         while True:
@@ -147,12 +158,15 @@ class Reader(Generic[T]):
     """Iterates `gen`, the reading of session `s` (its chunks, or what is made of them): `close()` before the end,
     or dropping it, cancels the session whether reading began or not. A generator's own `close()` before its first
     `next()` runs nothing, so a stream closed unread kept its slot and generated on others' steps, its chunks piling
-    up in the driver, until the generator was garbage-collected."""
+    up in the driver, until the generator was garbage-collected. Once the reading is over it lets go of the driver
+    and the session (a finished stream kept by its caller does not keep the engine alive)."""
 
-    def __init__(self, gen: Iterator[T], driver: EngineDriver, s: Session) -> None:
-        self._gen, self._driver, self._s = gen, driver, s
+    def __init__(self, gen: Iterator[T], driver: EngineDriver, s: Session,
+                 on_end: Callable[[], None] | None = None) -> None:
+        self._gen, self._driver, self._s, self._on_end = gen, driver, s, on_end
         self._reading = threading.Lock()   # held while a thread is inside the generator
-        self._dropped = weakref.finalize(self, driver.orphan, s)   # (lock-free: GC may run it in any thread)
+        # (lock-free: GC may run it in any thread)
+        self._dropped = weakref.finalize(self, _dropped, driver, s, on_end)
 
     def __iter__(self) -> Reader[T]:
         return self
@@ -161,20 +175,39 @@ class Reader(Generic[T]):
         with self._reading:
             try:
                 return next(self._gen)
-            except StopIteration:
-                self._dropped.detach()
+            except BaseException:  # StopIteration or what the reading raised: the generator is over either way
+                self._over()
                 raise
 
     def close(self) -> None:
         """Cancel the session (nothing once read to its last chunk), from any thread: a thread reading meanwhile
         sees its reading end (the generator is closed by whichever thread holds it, never under another's feet)."""
-        self._driver._release(self._s)
-        self._dropped.detach()
+        driver, s = self._driver, self._s
+        if driver is not None:
+            driver._release(s)
         if self._reading.acquire(blocking=False):
             try:
                 self._gen.close()
+                self._over()
             finally:
                 self._reading.release()
+
+    def _over(self) -> None:
+        """The reading is over (read to its end, raised, or closed): let go of what kept the engine, once."""
+        if self._dropped.detach() is not None and self._on_end is not None:
+            self._on_end()
+        self._gen, self._driver, self._s = _nothing(), None, None
+
+
+def _nothing() -> Iterator:
+    return
+    yield
+
+
+def _dropped(driver: EngineDriver, s: Session, on_end: Callable[[], None] | None) -> None:
+    driver.orphan(s)
+    if on_end is not None:
+        on_end()
 
 
 __all__ = ["EngineDriver", "Reader"]

@@ -1,0 +1,107 @@
+"""Review of the core engine's long-run hygiene and session isolation: many requests one after another and
+interleaved leave nothing behind, a slot or audio row reused by another user's session gives exactly what a fresh
+engine gives, and `configure_engine` never lets two engines exist at once."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import pytest
+
+from qwen_tts_core import Qwen3TTSModel
+from qwen_tts_core.generate.driver import EngineDriver
+
+G = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=6)
+
+
+@pytest.fixture
+def fresh(checkpoint_factory):
+    """A model of its own (these tests rebuild or break its engine)."""
+    return Qwen3TTSModel.from_pretrained(checkpoint_factory("custom_voice", "tiny"), device_map="cpu",
+                                         dtype="float32")
+
+
+def _engines_alive(refs: list[weakref.ref]) -> int:
+    gc.collect()
+    return sum(r() is not None for r in refs)
+
+
+@pytest.mark.parametrize("call", ["generate", "stream"])
+def test_configure_engine_refuses_while_a_call_holds_the_engine_before_adding_its_session(fresh, monkeypatch, call):
+    """A call that took the engine but had not added its session yet (has_work() False) let configure_engine drop
+    the engine; the call then ran on the old engine while the next call built a new one: two engines' caches at
+    once. The call is forced to stop between taking the driver and adding its session."""
+    fresh.configure_engine(max_sessions=2)
+    first = weakref.ref(fresh.engine)
+    took, go = threading.Event(), threading.Event()
+    real_open = EngineDriver.open
+
+    def paused_open(self, req):
+        took.set()
+        assert go.wait(30)
+        return real_open(self, req)
+
+    monkeypatch.setattr(EngineDriver, "open", paused_open)
+    results: list = []
+
+    def caller() -> None:
+        try:
+            if call == "generate":
+                results.append(fresh.generate_custom_voice("Hello.", speaker="ryan", **G)[0][0].size)
+            else:
+                results.append(sum(p.size for p in fresh.stream_custom_voice("Hello.", speaker="ryan", **G)))
+        except BaseException as e:  # noqa: BLE001
+            results.append(e)
+
+    t = threading.Thread(target=caller)
+    t.start()
+    try:
+        assert took.wait(30)
+        with pytest.raises(RuntimeError, match="busy"):
+            fresh.configure_engine(max_sessions=3)
+        assert fresh.engine is first() and fresh.engine.max_sessions == 2
+    finally:
+        go.set()
+        t.join(60)
+    monkeypatch.setattr(EngineDriver, "open", real_open)
+    assert not t.is_alive() and results == [(G["max_new_tokens"] - 1) * 1920]
+    fresh.configure_engine(max_sessions=3)   # the call is over: free to change now
+    assert _engines_alive([first]) == 0 and fresh.engine.max_sessions == 3
+
+
+def test_a_stream_holds_the_engine_until_it_is_over_and_not_after(fresh):
+    """A stream not over (unread, or read up to its last chunk but not exhausted) holds the engine: configure_engine
+    refuses. Closed, dropped or read to its end it lets go: configure_engine works at once (a closed stream's
+    cancelled session made it 'busy' until some later call stepped the engine), and a finished stream the caller
+    keeps does not keep the old engine alive beside the new one."""
+    fresh.configure_engine(max_sessions=2)
+    old = [weakref.ref(fresh.engine)]
+    done = fresh.stream_custom_voice("Hello.", speaker="ryan", **G)
+    assert sum(p.size for p in done) == (G["max_new_tokens"] - 1) * 1920
+    fresh.configure_engine(max_sessions=3)
+    assert fresh.engine.max_sessions == 3 and _engines_alive(old) == 0 and done is not None
+
+    for end in ("close", "drop", "exhaust"):
+        old = [weakref.ref(fresh.engine)]
+        it = fresh.stream_custom_voice("Hello.", speaker="ryan", first_chunk_frames=100, **G)  # one chunk: the last
+        assert next(it).size
+        with pytest.raises(RuntimeError, match="busy"):
+            fresh.configure_engine(max_sessions=2)
+        if end == "close":
+            it.close()
+        elif end == "drop":
+            del it
+            gc.collect()
+        else:
+            assert next(it, None) is None
+        fresh.configure_engine(max_sessions=2)
+        assert _engines_alive(old) == 0, end
+
+    unread = fresh.stream_custom_voice("Hello.", speaker="ryan", **G)
+    with pytest.raises(RuntimeError, match="busy"):
+        fresh.configure_engine(max_sessions=3)
+    unread.close()
+    fresh.configure_engine(max_sessions=3)
+    assert fresh.engine.max_sessions == 3
