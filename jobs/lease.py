@@ -215,6 +215,13 @@ class FencedSink(S3Sink):
         super().delete(key)
 
 
+def check_writes(sink: Sink) -> None:
+    """Raises LeaseLost when `sink`'s writes are fenced by a lease its pass no longer holds (a FencedSink); nothing for
+    any other sink. StorageError when the lease cannot be read."""
+    if isinstance(sink, FencedSink):
+        sink.fence.check(sink)
+
+
 def fenced(sink: Sink, fence: Fence | None) -> Sink:
     """`sink` with its writes checked against `fence` (an S3 pass's lease), or `sink` itself when there is none."""
     return FencedSink(sink, fence) if fence is not None and isinstance(sink, S3Sink) else sink

@@ -21,6 +21,7 @@ import numpy as np
 from . import deliver
 from .audio import check_pause
 from .inputs import SEED_MAX, Utterance
+from .lease import LeaseLost, check_writes
 from .lexicon import Lexicon
 from .manifest import ManifestRecord, from_sidecar
 from .mastering import MasterConfig
@@ -33,6 +34,26 @@ log = logging.getLogger(__name__)
 RETRY_REASONS = ("guard", "max_new_tokens")  # finish reasons that count as a runaway
 SEED_STRIDE = 1_000_003
 NOT_RENDERED = "not rendered: the job was stopped before this row finished (the next run renders it)"
+
+
+class Halt:
+    """What stops a batch, on one path: the job's stop event (SIGTERM) or the pass's lost lease (catalog, S3: the
+    sink's fence refused a write, or the check before the batch). Once set no backend call is made; once the lease
+    is lost nothing more is written either. `is_set` as an Event's."""
+
+    def __init__(self, stop: threading.Event | None) -> None:
+        self.stop = stop
+        self.lost: str | None = None   # the record error of rows left by a lost lease
+
+    def is_set(self) -> bool:
+        return self.lost is not None or (self.stop is not None and self.stop.is_set())
+
+    def lose(self, e: LeaseLost) -> None:
+        self.lost = self.lost or f"not rendered: {e}"
+
+    @property
+    def error(self) -> str:
+        return self.lost or NOT_RENDERED
 
 
 @dataclass(frozen=True)
@@ -182,7 +203,7 @@ def _raised(backend: Backend, jobs: list[ChunkJob]) -> tuple[list[ChunkResult], 
         return [ChunkResult(None, "error", f"{type(e).__name__}: {e}") for _ in jobs], e
 
 
-def _call(backend: Backend, jobs: list[ChunkJob], owners: list[int], stop: threading.Event | None = None,
+def _call(backend: Backend, jobs: list[ChunkJob], owners: list[int], stop: threading.Event | Halt | None = None,
           ) -> list[ChunkResult | None]:
     """One backend call for `jobs` (`owners[i]`: the row of jobs[i]). When a call holding more than one row's chunks
     raises, each of those rows is sent again alone (all its chunks in one call), so only a row whose own call
@@ -215,7 +236,7 @@ def _call(backend: Backend, jobs: list[ChunkJob], owners: list[int], stop: threa
 
 
 def _synthesize_all(rows: list[Utterance], chunks: list[list[str]], backend: Backend, cfg: RenderConfig,
-                    stop: threading.Event | None = None,
+                    stop: threading.Event | Halt | None = None,
                     ) -> tuple[list[list[ChunkResult | None]], list[int], set[int]]:
     """All chunks of all rows, retrying runaway chunks with a new seed; returns results, attempts and the rows left
     unfinished because `stop` was set (no backend call is made after it: not rendered, for the next run)."""
@@ -276,6 +297,8 @@ def _finish_row(row: Utterance, rec: ManifestRecord, res: list[ChunkResult | Non
         for key, data, ctype in objects:
             sink.put(key, data, ctype)
         sink.put(sidecar_key(rec.key), json.dumps(rec.to_dict()).encode(), "application/json")  # type: ignore[arg-type]
+    except LeaseLost:
+        raise   # (render_rows: the pass stops, the row is not rendered)
     except StorageError as e:
         rec.status, rec.error = "failed", f"storage: {e}"
         return rec
@@ -289,7 +312,9 @@ def render_rows(rows: list[Utterance], backend: Backend, sink: Sink, cfg: Render
     """Render a batch of rows; never raises for a row's failure (it is in the returned record). `on_row` sees each
     record as soon as its row is finished (progress). Once `stop` is set no backend call is made (a batch call that
     failed is not sent again row by row, no runaway is retried): a row not finished then is not written, not shown
-    to `on_row`, and its returned record says NOT_RENDERED (the next run renders it)."""
+    to `on_row`, and its returned record says NOT_RENDERED (the next run renders it). A lost lease (a fenced sink:
+    checked before the batch's first call, and by each write) stops the batch the same way, and nothing is written
+    after it: each row left says `not rendered:` and why."""
     records = [base_record(r, cfg) for r in rows]
     todo: list[int] = []
     for i, row in enumerate(rows):
@@ -312,15 +337,29 @@ def render_rows(rows: list[Utterance], backend: Backend, sink: Sink, cfg: Render
         if not c:
             records[i].error = "text: nothing to say after cleaning"
     live = [k for k, c in enumerate(chunks) if c]
+    halt = Halt(stop)
+    if live:
+        try:
+            check_writes(sink)
+        except LeaseLost as e:
+            halt.lose(e)
+        except StorageError as e:   # (not known to be lost: each write reads it again, and fails while it cannot)
+            log.warning("could not read the catalog lease before a batch (%s)", e)
     results, attempts, stopped = _synthesize_all([rows[todo[k]] for k in live], [chunks[k] for k in live], backend,
-                                                  cfg, stop)
+                                                  cfg, halt)
     for j, (k, res, n) in enumerate(zip(live, results, attempts)):
         i = todo[k]
         records[i].attempts = n
-        if j in stopped:
-            records[i].error = NOT_RENDERED
+        if j not in stopped and halt.lost is None:
+            try:
+                records[i] = _finish_row(rows[i], records[i], res, sink, cfg, plans[k].display)
+            except LeaseLost as e:
+                halt.lose(e)
+        if j in stopped or halt.lost is not None:
+            left = base_record(rows[i], cfg)
+            left.attempts, left.num_chunks, left.lexicon, left.error = n, len(chunks[k]), plans[k].fired, halt.error
+            records[i] = left
             continue
-        records[i] = _finish_row(rows[i], records[i], res, sink, cfg, plans[k].display)
         if on_row is not None:
             on_row(records[i])
     if on_row is not None:

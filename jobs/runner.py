@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .inputs import Utterance
-from .lease import Fence, FencedSink, LeaseLost, fenced
+from .lease import Fence, fenced
 from .manifest import ManifestRecord
 from .progress import Bar, Console, Tracker, quiet_ray_data
 from .render import (
@@ -101,22 +101,9 @@ def build_backend(args: dict[str, Any]) -> Backend:
 def render_batch(rows: list[Utterance], backend: Backend, sink: Sink, cfg: RenderConfig,
                  on_row: Callable[[ManifestRecord], None], stop: threading.Event | None = None,
                  ) -> list[ManifestRecord]:
-    """`render_rows` for a batch of rows to render (both runners). A pass whose lease was lost (a FencedSink:
-    catalog) renders nothing more: each row's record says why, and no backend call is made (its writes would be
-    refused anyway: FencedSink checks the lease before each one)."""
-    if isinstance(sink, FencedSink):
-        try:
-            sink.fence.check(sink)
-        except LeaseLost as e:
-            recs = []
-            for row in rows:
-                rec = base_record(row, cfg)
-                rec.error = rec.error or f"not rendered: {e}"
-                on_row(rec)
-                recs.append(rec)
-            return recs
-        except StorageError as e:   # (not known to be lost: each write reads it again, and fails while it cannot)
-            log.warning("could not read the catalog lease before a batch (%s)", e)
+    """`render_rows` for a batch of rows to render (both runners). A pass whose lease was lost (catalog, S3: the
+    sink is fenced) is stopped as SIGTERM stops it, on render_rows' one path: no backend call or write after the
+    loss, each row left recorded as not rendered, naming the loss."""
     return render_rows(rows, backend, sink, cfg, skip_existing=False, on_row=on_row, stop=stop)
 
 

@@ -1,0 +1,48 @@
+"""Review of the scheduled catalog passes, stopping and leases (user, attacker, crash): each test failed on the code
+before its fix. Fakes where real Ray is not the point; moto_server for the S3 lease."""
+
+from __future__ import annotations
+
+import json
+
+from jobs import lease, runner
+from jobs.inputs import Utterance
+from jobs.render import RenderConfig
+from jobs.storage import S3Sink
+from tests.jobs.fakes import FakeBackend
+
+
+def _take_lease(sink: S3Sink) -> None:
+    """Another run takes the output's lease over (its token in the lease object)."""
+    sink.client.put_object(Bucket=sink.bucket, Key=sink._k(lease.LEASE_KEY),
+                           Body=json.dumps({"host": "other", "pid": 2, "token": "theirs"}).encode())
+
+
+def test_a_lease_lost_mid_batch_is_a_stop_every_row_left_is_not_rendered_and_nothing_is_written(s3_bucket):
+    """Review item (a): lease loss was special-cased (render_batch's isinstance(FencedSink) check before a batch)
+    beside the stop path. A lease lost during a batch's backend call left each row of the batch to find out on
+    its own write: every row failed with 'storage: lost the catalog lease' (a storage failure, with one lease read
+    per row), not recorded as not rendered. Now a lost lease is a stop on the one path: no write and no backend
+    call after it, every row not finished 'not rendered' naming the loss, and the next batch makes no call."""
+    sink = S3Sink(s3_bucket, "ivr")
+    cfg = RenderConfig(model="fake", revision="r1")
+    rows = [Utterance(id=f"p{i}", text=f"Prompt number {i}.", voice="ryan") for i in range(3)]
+
+    class TakenOver(FakeBackend):
+        n = 0
+
+        def synthesize(self, jobs):
+            self.n += 1
+            _take_lease(sink)
+            return super().synthesize(jobs)
+
+    with lease.hold(sink) as held:
+        fenced = lease.fenced(S3Sink(s3_bucket, "ivr"), held.fence())
+        be, seen = TakenOver(), []
+        recs = runner.render_batch(rows, be, fenced, cfg, seen.append)
+        assert be.n == 1
+        assert [k for k in sink.list() if k.startswith("audio/")] == []
+        assert all(r.status == "failed" and r.error.startswith("not rendered: lost the catalog lease")
+                   for r in recs), [r.error for r in recs]
+        again = runner.render_batch(rows, be, fenced, cfg, seen.append)
+        assert be.n == 1 and all(r.error.startswith("not rendered: lost the catalog lease") for r in again)
