@@ -89,7 +89,9 @@ class EngineDriver:
             q = self._queues.get(s.id)
             if q is None:
                 return
-            if q and q[-1].is_last:
+            if q and q[-1].is_last or s.done and s.id not in self.engine._audio_rows:
+                # its last chunk is here, or out of the engine already (a step not delivered here, e.g. a direct
+                # `model.engine.step()`, ended it): none will come to take it out of _abandoned
                 del self._queues[s.id]
             else:
                 q.clear()

@@ -105,3 +105,23 @@ def test_a_stream_holds_the_engine_until_it_is_over_and_not_after(fresh):
     unread.close()
     fresh.configure_engine(max_sessions=3)
     assert fresh.engine.max_sessions == 3
+
+
+def test_a_stream_whose_session_a_direct_engine_step_ended_leaves_nothing_in_the_driver(fresh):
+    """`model.engine` is public: a caller stepping it directly ends a dropped or closed stream's session without
+    the driver seeing its last chunk. The driver then kept the stream's queue and id forever (one entry per such
+    stream, found by a long-run probe: /tmp/h1/probe_driver_leak.py)."""
+    driver = fresh._engine_driver()
+    for end in ("break", "close"):
+        it = fresh.stream_custom_voice("Hello.", speaker="ryan", **G)
+        if end == "break":
+            for _ in it:
+                break
+        while fresh.engine.has_work():   # the session runs to its end here (the reader is not reaped yet)
+            fresh.engine.step()
+        if end == "close":
+            it.close()
+        del it
+        gc.collect()
+        fresh.generate_custom_voice("Hi.", speaker="ryan", **G)   # reaps the dropped reader
+        assert not driver._queues and not driver._abandoned and not driver._orphans, end
