@@ -89,7 +89,7 @@ class EngineDriver:
             q = self._queues.get(s.id)
             if q is None:
                 return
-            if q and q[-1].is_last or s.done and s.id not in self.engine._audio_rows:
+            if q and q[-1].is_last or self._out_of_engine(s):
                 # its last chunk is here, or out of the engine already (a step not delivered here, e.g. a direct
                 # `model.engine.step()`, ended it): none will come to take it out of _abandoned
                 del self._queues[s.id]
@@ -97,6 +97,11 @@ class EngineDriver:
                 q.clear()
                 self._abandoned.add(s.id)
         self.engine.cancel(s)
+
+    def _out_of_engine(self, s: Session) -> bool:
+        """The engine will hand out nothing more of `s` (ended, no audio row left); False when it cannot tell (an
+        engine stand-in without that state)."""
+        return getattr(s, "done", False) and s.id not in getattr(self.engine, "_audio_rows", (s.id,))
 
     def run(self, reqs: list[SynthesisRequest]) -> list[Session]:
         """Run requests to the end (stepping when nobody else does); returns their sessions in order."""
