@@ -15,12 +15,17 @@ LAME/Xing tag in a stream (it is written last), so decoders keep LAME's encoder 
 padding: 1105-1728 samples more than were pushed.
 opus: Ogg/Opus through PyAV (FFmpeg's libopus encoder and Ogg muxer), not libsndfile: libsndfile holds Ogg pages
 until ~4 KB, so no audio left until ~1 s of it had been pushed. See OpusEncoder.
+aac: AAC-LC in ADTS frames (`audio/aac`, what OpenAI's `aac` is) through PyAV (FFmpeg's native encoder and ADTS
+muxer): a stream of self-describing frames, no header to patch. ADTS cannot say how many samples are real, so
+decoders keep the encoder's priming (1024 samples) and the last frame's padding: 1024-2047 samples more than pushed.
+See AacEncoder.
 
 Zero samples (the model may stop at once) still give a decodable file: wav is its 44-byte header, pcm an empty body
-(both exactly 0 samples). flac, mp3 and opus cannot say "no samples": libsndfile writes no byte of FLAC or MP3
+(both exactly 0 samples). flac, mp3, opus and aac cannot say "no samples": libsndfile writes no byte of FLAC or MP3
 without a sample (and a FLAC STREAMINFO total of 0 means "unknown length"), and an Ogg Opus stream with no audio
-page is refused by FFmpeg and libsndfile. So they get one sample of silence, decoded as 1 sample (flac, opus: 2 at
-48 kHz) or LAME's smallest output, 1728 samples (mp3).
+page is refused by FFmpeg and libsndfile, and FFmpeg's AAC encoder writes no frame. So they get one sample of
+silence, decoded as 1 sample (flac, opus: 2 at 48 kHz), LAME's smallest output, 1728 samples (mp3), or two AAC
+frames, 2048 samples (aac).
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ import numpy as np
 from qwen_tts_core.types import SAMPLE_RATE
 
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
-               "opus": "audio/ogg"}
+               "opus": "audio/ogg", "aac": "audio/aac"}
 _SF_FORMATS = {"flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III")}
 _OPUS_PAGE_US = 20_000    # one Ogg page per 20 ms Opus packet (FFmpeg's default page_duration is 1 s)
 _OPUS_BIT_RATE = 32_000   # libsndfile's default gave ~35 kbit/s for speech-like audio at 24 kHz mono
+_AAC_BIT_RATE = 64_000    # AAC-LC mono at 24 kHz; FFmpeg's native encoder needs more bits than Opus for speech
 
 
 def samples(pcm: np.ndarray) -> np.ndarray:
@@ -254,29 +260,20 @@ class _Pipe:
         return out
 
 
-class OpusEncoder:
-    """Ogg/Opus through PyAV, each push's audio out at once but for its last 20 ms packet.
+class _AvEncoder:
+    """PyAV's encoder and muxer writing into a `_Pipe`: float32 mono in, what the muxer wrote so far out. Frames carry
+    their sample position as pts (muxers that time their packets need it)."""
 
-    libopus encodes at the input rate (24 kHz: OpusHead says 24000, pre-skip 312, as libsndfile wrote it), so the
-    stream decodes at 48 kHz in FFmpeg and at 24 kHz in libsndfile. Ogg's muxer closes a page when it spans
-    `page_duration` (one 20 ms packet here) and keeps the newest page back until the next (it may have to carry the
-    end-of-stream flag), so a push hands out all but its last packet; the I/O buffer is flushed per packet. Frames
-    carry their sample position as pts: without it the muxer's granules start one pre-skip late and the decoded end
-    is trimmed wrong. finish() flushes libopus's lookahead; the last page's granule trims the stream to exactly the
-    samples pushed. Each page costs 28 bytes (~11 kbit/s at one per 20 ms), the price of not buffering.
-    """
+    media_type = ""
 
-    media_type = MEDIA_TYPES["opus"]
-
-    def __init__(self, sample_rate: int) -> None:
+    def __init__(self, container: str, codec: str, sample_rate: int, bit_rate: int,
+                 options: dict[str, str]) -> None:
         import av
 
         self._pipe = _Pipe()
-        self._out = av.open(self._pipe, "w", format="ogg",
-                            options={"page_duration": str(_OPUS_PAGE_US), "flush_packets": "1"})
-        self._stream = self._out.add_stream("libopus", rate=sample_rate, layout="mono")
-        self._stream.bit_rate = _OPUS_BIT_RATE
-        self._stream.codec_context.format = "flt"
+        self._out = av.open(self._pipe, "w", format=container, options=options)
+        self._stream = self._out.add_stream(codec, rate=sample_rate, layout="mono")
+        self._stream.bit_rate = bit_rate
         self._rate = sample_rate
         self._samples = 0
 
@@ -296,11 +293,45 @@ class OpusEncoder:
         return self._pipe.drain()
 
     def finish(self) -> bytes:
-        if not self._samples:  # see the module docstring: Ogg Opus cannot hold zero samples
+        if not self._samples:  # see the module docstring: these formats cannot hold zero samples
             self._encode(np.zeros(1, np.float32))
         self._out.mux(self._stream.encode(None))
         self._out.close()
         return self._pipe.drain()
+
+
+class OpusEncoder(_AvEncoder):
+    """Ogg/Opus through PyAV, each push's audio out at once but for its last 20 ms packet.
+
+    libopus encodes at the input rate (24 kHz: OpusHead says 24000, pre-skip 312, as libsndfile wrote it), so the
+    stream decodes at 48 kHz in FFmpeg and at 24 kHz in libsndfile. Ogg's muxer closes a page when it spans
+    `page_duration` (one 20 ms packet here) and keeps the newest page back until the next (it may have to carry the
+    end-of-stream flag), so a push hands out all but its last packet; the I/O buffer is flushed per packet. Frames
+    carry their sample position as pts: without it the muxer's granules start one pre-skip late and the decoded end
+    is trimmed wrong. finish() flushes libopus's lookahead; the last page's granule trims the stream to exactly the
+    samples pushed. Each page costs 28 bytes (~11 kbit/s at one per 20 ms), the price of not buffering.
+    """
+
+    media_type = MEDIA_TYPES["opus"]
+
+    def __init__(self, sample_rate: int) -> None:
+        super().__init__("ogg", "libopus", sample_rate, _OPUS_BIT_RATE,
+                         {"page_duration": str(_OPUS_PAGE_US), "flush_packets": "1"})
+        self._stream.codec_context.format = "flt"
+
+
+class AacEncoder(_AvEncoder):
+    """AAC-LC in ADTS through PyAV (FFmpeg's native `aac` encoder, its `adts` muxer), each frame out as it is made.
+
+    The encoder works in frames of 1024 samples and holds one frame of lookahead besides its 1024-sample priming, so
+    nothing leaves before ~2048 samples were pushed (a 1-frame first chunk of 1920 samples gives no byte; the next
+    chunk gives its frames): ~85 ms of audio, the price of AAC. Every ADTS frame carries its own 7-byte header, so
+    the stream decodes from any frame boundary and needs no patch at the end; finish() flushes the lookahead."""
+
+    media_type = MEDIA_TYPES["aac"]
+
+    def __init__(self, sample_rate: int) -> None:
+        super().__init__("adts", "aac", sample_rate, _AAC_BIT_RATE, {"flush_packets": "1"})
 
 
 def make_encoder(fmt: str, sample_rate: int = SAMPLE_RATE) -> StreamEncoder:
@@ -311,6 +342,8 @@ def make_encoder(fmt: str, sample_rate: int = SAMPLE_RATE) -> StreamEncoder:
         return WavEncoder(sample_rate)
     if fmt == "opus":
         return OpusEncoder(sample_rate)
+    if fmt == "aac":
+        return AacEncoder(sample_rate)
     if fmt in _SF_FORMATS:
         return SoundfileEncoder(fmt, sample_rate)
     raise ValueError(f"response_format must be one of {sorted(MEDIA_TYPES)}, got {fmt!r}")

@@ -26,7 +26,7 @@ from qwen_tts_core.audio_fx import SPEED_MAX, SPEED_MIN, check_speed
 from qwen_tts_core.errors import ECHO_CHARS, RequestError
 from qwen_tts_core.types import SAMPLING_FIELDS, SamplingParams
 
-ResponseFormat = Literal["wav", "pcm", "flac", "mp3", "opus"]
+ResponseFormat = Literal["wav", "pcm", "flac", "mp3", "opus", "aac"]
 StreamFormat = Literal["audio", "sse"]
 
 STRICT = ConfigDict(extra="forbid", strict=True)

@@ -35,12 +35,12 @@ def decode_av(data: bytes) -> tuple[np.ndarray, int]:
 
 def decode_audio(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
     """Streamed bytes of `fmt` -> (float32 mono, sample rate). FLAC goes through PyAV: libsndfile cannot read a FLAC
-    stream of unknown length (sf.read fails, block reads lose the last block)."""
+    stream of unknown length (sf.read fails, block reads lose the last block); AAC too (libsndfile has no AAC)."""
     import soundfile as sf
 
     if fmt == "pcm":
         return np.frombuffer(data, "<i2").astype(np.float32) / 32768, 24000
-    if fmt == "flac":
+    if fmt in ("flac", "aac"):  # libsndfile reads no AAC
         return decode_av(data)
     with sf.SoundFile(io.BytesIO(data)) as f:  # a streamed WAV says "unknown length": read block by block
         out = []

@@ -33,6 +33,7 @@ def _stream(fmt: str, x: np.ndarray, chunk: int = 1920 * 4) -> list[bytes]:
     pytest.param("flac", 0.9999, True, id="flac"),  # decoded with PyAV: exact
     pytest.param("opus", 0.95, True, id="opus"),
     pytest.param("mp3", 0.95, False, id="mp3"),
+    pytest.param("aac", 0.95, False, id="aac"),
 ])
 def test_stream_decodes_to_input(fmt, min_corr, exact_len):
     x = _tone()
@@ -49,7 +50,7 @@ def test_stream_decodes_to_input(fmt, min_corr, exact_len):
     assert best > min_corr, best
 
 
-@pytest.mark.parametrize("fmt", ["pcm", "wav", "flac", "mp3", "opus"])
+@pytest.mark.parametrize("fmt", ["pcm", "wav", "flac", "mp3", "opus", "aac"])
 def test_bytes_flow_before_the_end(fmt):
     """Streaming, not buffering: most bytes leave during push(), not at finish()."""
     parts = _stream(fmt, _tone(3.0))
@@ -97,6 +98,7 @@ def test_opus_decodes_exactly_with_ffmpeg(n, chunk):
     ("flac", 1, SR),      # one silent sample: the formats below cannot hold none
     ("opus", 2, 48000),   # 1 sample at 24 kHz decodes as 2 at Opus's 48 kHz
     ("mp3", 1728, SR),    # LAME's smallest output: delay + one frame
+    ("aac", 2048, SR),    # the encoder's priming frame + the frame of the one sample
 ])
 def test_zero_samples_give_a_decodable_file(fmt, samples, rate, push_empty):
     """The model may end at once (max_new_tokens=1 gives 0 frames): the body is still a file decoders read, not 0 bytes
@@ -106,7 +108,7 @@ def test_zero_samples_give_a_decodable_file(fmt, samples, rate, push_empty):
     y, sr = decode_av(data)
     assert (sr, len(y)) == (rate, samples)
     assert np.abs(y).max(initial=0.0) < 1e-3
-    if fmt != "flac":  # libsndfile cannot read FLAC streams of unknown length (serve/README.md)
+    if fmt not in ("flac", "aac"):  # libsndfile cannot read FLAC streams of unknown length (serve/README.md), nor AAC
         z, zsr = sf.read(io.BytesIO(data), dtype="float32")
         assert zsr == SR and len(z) == samples * SR // rate
 
@@ -143,7 +145,7 @@ sys.stdout.buffer.write(data)
 """
 
 
-@pytest.mark.parametrize("fmt", ["pcm", "wav", "flac", "mp3", "opus"])
+@pytest.mark.parametrize("fmt", ["pcm", "wav", "flac", "mp3", "opus", "aac"])
 def test_nonfinite_samples_are_encoded_not_fatal(fmt):
     """A NaN or inf sample (a half-precision decoder overflow) must not end the stream, still less the process: LAME
     aborted the ingress process on one NaN (a C assertion, SIGABRT) and libsndfile's FLAC writer refused it mid-stream.
@@ -171,4 +173,50 @@ def test_mp3_frame_length_parses_headers():
 
 def test_unknown_format_names_the_field():
     with pytest.raises(ValueError, match="response_format"):
-        make_encoder("aac")
+        make_encoder("m4a")
+
+
+def _adts_frames(data: bytes) -> list[int]:
+    """Byte lengths of the ADTS frames that `data` is made of; fails unless `data` is whole frames, back to back."""
+    out, i = [], 0
+    while i < len(data):
+        h = data[i:i + 7]
+        assert len(h) == 7 and h[0] == 0xFF and h[1] & 0xF6 == 0xF0, (i, h.hex())   # sync, MPEG-4/2, layer 0
+        assert (h[2] >> 6) + 1 == 2 and (h[2] >> 2) & 0xF == 6, h.hex()            # AAC-LC, 24 kHz
+        assert ((h[2] & 1) << 2 | h[3] >> 6) == 1, h.hex()                          # mono
+        size = (h[3] & 3) << 11 | h[4] << 3 | h[5] >> 5
+        assert size >= 7, size
+        out.append(size)
+        i += size
+    assert i == len(data)
+    return out
+
+
+@pytest.mark.parametrize("n,chunks", [
+    pytest.param(24000, [1920] + [1920 * 4] * 4, id="engine-chunks"),
+    pytest.param(24077, [333] * 73, id="odd-chunks"),
+    pytest.param(1920 * 3 + 7, [1920 * 3 + 7], id="one-push"),
+])
+def test_aac_streams_whole_adts_frames(n, chunks):
+    """OpenAI's `aac` is AAC in ADTS: every push hands out whole frames (a client may decode from any push), the first
+    bytes leave once the encoder's priming and lookahead (2048 samples) were pushed, and the stream decodes to the
+    input after the encoder's 1024-sample priming, padded to whole 1024-sample frames."""
+    x, enc, pushed, first = _tone(1.1)[:n], make_encoder("aac", SR), 0, None
+    parts = []
+    for c in chunks:
+        parts.append(enc.push(x[pushed:pushed + c]))
+        pushed += c
+        _adts_frames(parts[-1])
+        if parts[-1] and first is None:
+            first = pushed
+    parts.append(enc.finish())
+    frames = _adts_frames(parts[-1])
+    assert frames, "finish() flushes the lookahead"
+    assert first is None or 2048 <= first <= 2048 + max(chunks), first
+    assert enc.media_type == "audio/aac"
+    data = b"".join(parts)
+    y, sr = decode_av(data)
+    assert (sr, len(y)) == (SR, -(-(n + 1024) // 1024) * 1024)
+    assert len(_adts_frames(data)) == len(y) // 1024
+    body = slice(2400, n - 2400)
+    assert np.corrcoef(x[body], y[1024:][body])[0, 1] > 0.95

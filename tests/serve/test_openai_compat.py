@@ -54,6 +54,28 @@ def test_voice_as_an_object_with_an_id(monkeypatch, tmp_path):
         assert '{"id": "<voice id>"}' in err["message"], err
 
 
+def test_every_response_format_of_the_openai_client_is_served(monkeypatch, tmp_path):
+    """openai-python's `response_format` Literal lists the formats OpenAI serves (mp3, opus, aac, flac, wav, pcm);
+    `aac` was a 400. Each is a 200 with its media type and a body FFmpeg decodes (pcm: the raw samples)."""
+    import typing
+
+    from openai.types.audio.speech_create_params import SpeechCreateParams
+
+    from tests.serve.helpers import decode_audio
+
+    formats = typing.get_args(typing.get_type_hints(SpeechCreateParams)["response_format"])
+    assert {"mp3", "opus", "aac", "flac", "wav", "pcm"} <= set(formats)
+    client = _client(monkeypatch, tmp_path, Speaks())
+    types = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac", "wav": "audio/wav",
+             "pcm": "audio/pcm"}
+    for fmt in formats:
+        r = client.post("/v1/audio/speech", json={"model": "cv", "voice": "x", "input": "Hi.", "response_format": fmt})
+        assert r.status_code == 200, (fmt, r.text)
+        assert r.headers["content-type"] == types[fmt], (fmt, r.headers["content-type"])
+        y, _ = decode_audio(r.content, fmt)
+        assert len(y) >= 1920, (fmt, len(y))
+
+
 def test_sse_done_event_sends_usage_only_when_the_replica_counts_text_tokens(monkeypatch, tmp_path):
     """Finding 6: OpenAI's SpeechAudioDoneEvent requires `usage`. The ingress cannot count text tokens (no
     tokenizer), so it sends `usage` when the end item carries `text_tokens`, and never an invented count."""
@@ -159,13 +181,13 @@ def test_openapi_documents_the_answers_the_service_gives(monkeypatch, tmp_path):
                     assert doc["content"] == {"application/json": error_ref}, (method, path, status)
     speech = spec["paths"]["/v1/audio/speech"]["post"]["responses"]
     assert set(speech["200"]["content"]) == {"audio/mpeg", "audio/wav", "audio/flac", "audio/ogg", "audio/pcm",
-                                             "text/event-stream"}
+                                             "audio/aac", "text/event-stream"}
     assert set(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
     detail = spec["components"]["schemas"]["ErrorDetail"]
     assert set(detail["required"]) == {"message", "type", "param", "code"}
 
     answers = {  # (method, path, body) -> an answer the document must list for that operation
-        ("post", "/v1/audio/speech", '{"model": "cv", "voice": "x", "input": "Hi.", "response_format": "aac"}'): 400,
+        ("post", "/v1/audio/speech", '{"model": "cv", "voice": "x", "input": "Hi.", "response_format": "m4a"}'): 400,
         ("post", "/v1/audio/voices", "x"): 415,
         ("get", "/v1/audio/voices/{voice_id}", None): 404,
         ("delete", "/v1/audio/voices/{voice_id}", None): 404,

@@ -25,7 +25,7 @@ from serve.replica import ReplicaCore
 from tests.serve.helpers import decode_audio
 from tests.serve.inproc import ingress_app
 
-FORMATS = ["wav", "pcm", "flac", "mp3", "opus"]
+FORMATS = ["wav", "pcm", "flac", "mp3", "opus", "aac"]
 MAX_CHARS = 40
 CV = {"name": "cv", "model_type": "custom_voice"}
 
@@ -157,7 +157,7 @@ def test_a_failure_after_the_first_byte_is_never_a_clean_end(monkeypatch, tmp_pa
 # --- a request that ends at once ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("speed", [1.0, 2.0, 0.25])
 def test_zero_frames_is_a_decodable_file_in_every_format(core, monkeypatch, tmp_path, speed):
-    """max_new_tokens=1 ends at prefill (no frame): wav is its 44-byte header, pcm an empty body, flac/mp3/opus a
+    """max_new_tokens=1 ends at prefill (no frame): wav is its 44-byte header, pcm an empty body, flac/mp3/opus/aac a
     file decoders read (README: one sample of silence); SSE ends with `done`, num_frames 0. With a speed too (the
     stretcher then flushes nothing)."""
     body = {"model": "cv", "input": "One token.", "voice": _speaker(core), "max_new_tokens": 1, "speed": speed}
@@ -169,9 +169,9 @@ def test_zero_frames_is_a_decodable_file_in_every_format(core, monkeypatch, tmp_
     raw, sse = _run(monkeypatch, tmp_path, core, fn)
     assert all(r.status_code == 200 for r in raw.values()), {f: r.status_code for f, r in raw.items()}
     assert len(raw["wav"].content) == 44 and raw["pcm"].content == b""
-    for fmt in ("wav", "flac", "mp3", "opus"):
+    for fmt in ("wav", "flac", "mp3", "opus", "aac"):
         y, sr = decode_audio(raw[fmt].content, fmt)
-        assert sr == 24000 and len(y) <= 1728, (fmt, len(y))
+        assert sr == 24000 and len(y) <= 2048, (fmt, len(y))
     events = _sse(sse.text)
     assert events[-1] == {**events[-1], "type": "speech.audio.done", "num_frames": 0,
                           "finish_reason": "max_new_tokens"}, events[-1]
@@ -200,7 +200,8 @@ EDGES = [
     pytest.param({"speed": 4}, None, id="fastest-speed-as-int"),
     pytest.param({"speed": 0.2499999}, "speed", id="speed-under"),
     pytest.param({"priority": "urgent"}, "priority", id="unknown-priority"),
-    pytest.param({"response_format": "aac"}, "response_format", id="aac"),
+    pytest.param({"response_format": "aac"}, None, id="aac"),
+    pytest.param({"response_format": "m4a"}, "response_format", id="m4a"),
     pytest.param({"stream_format": None, "speed": None, "seed": None}, None, id="nulls-are-defaults"),
 ]
 
