@@ -434,7 +434,7 @@ def parse_every(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     """Run once, or every `--every` until SIGTERM (exit 0 after the current pass finishes or is abandoned). A
-    single pass (no --every) that SIGTERM stopped before it finished exits 1, as narrate does."""
+    single pass (no --every) that SIGTERM stopped before it finished, or before it began, exits 1, as narrate does."""
     stop = stop_on_sigterm()
     try:
         conf = load_config(args.config)
@@ -484,6 +484,9 @@ def run(args: argparse.Namespace) -> int:
             log.info("next catalog run in %.0f s", every)
             stop.wait(every)
     log.info("stopped by SIGTERM after %d run(s)", runs)
+    if every is None and not runs:   # a one-off pass (a Job) that never began must not read as succeeded
+        print("error: stopped by SIGTERM before the pass began; nothing was done", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

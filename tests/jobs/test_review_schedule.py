@@ -4,12 +4,18 @@ before its fix. Fakes where real Ray is not the point; moto_server for the S3 le
 from __future__ import annotations
 
 import json
+import signal
 
-from jobs import lease, runner
+import pytest
+import yaml
+
+from jobs import catalog, lease, runner
 from jobs.inputs import Utterance
 from jobs.render import RenderConfig
 from jobs.storage import S3Sink
 from tests.jobs.fakes import FakeBackend
+
+FAKE = "tests.jobs.fakes:FakeBackend"
 
 
 def _take_lease(sink: S3Sink) -> None:
@@ -46,3 +52,28 @@ def test_a_lease_lost_mid_batch_is_a_stop_every_row_left_is_not_rendered_and_not
                    for r in recs), [r.error for r in recs]
         again = runner.render_batch(rows, be, fenced, cfg, seen.append)
         assert be.n == 1 and all(r.error.startswith("not rendered: lost the catalog lease") for r in again)
+
+
+@pytest.mark.parametrize("every", [None, "1h"])
+def test_a_one_off_pass_stopped_before_it_started_exits_1(tmp_path, capsys, monkeypatch, every):
+    """A SIGTERM that arrived while the command started (reading its config, before the pass began) skipped the
+    pass loop, and a single pass (a Job/CronJob) exited 0 with nothing regenerated and no summary: read as
+    succeeded. Now it exits 1 as a pass stopped mid-render does; --every still ends its schedule with 0."""
+    monkeypatch.setattr(runner, "_stop", None)   # (a process-wide event: a fresh one for this run)
+    handler = signal.getsignal(signal.SIGTERM)
+    real = catalog.load_config
+
+    def load_config(path):
+        runner.stop_on_sigterm().set()   # SIGTERM during start-up
+        return real(path)
+
+    monkeypatch.setattr(catalog, "load_config", load_config)
+    cat = tmp_path / "cat.yaml"
+    cat.write_text(yaml.safe_dump({"defaults": {"voice": "ryan"}, "prompts": [{"id": "p0", "text": "Prompt."}]}))
+    try:
+        code = catalog.main([str(cat), "--model", "m", "--out", f"file://{tmp_path / 'out'}", "--backend", FAKE,
+                             "--runner", "local", "--no-progress", "--quiet", *(["--every", every] if every else [])])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert code == (0 if every else 1) and not (tmp_path / "out" / "prompts").exists()
+    assert ("stopped by SIGTERM before the pass began" in capsys.readouterr().err) == (every is None)
