@@ -691,11 +691,15 @@ def _own_copy(req: SynthesisRequest) -> SynthesisRequest:
     """The session's own request and voice prompt objects, taken before validation: a caller may change a request
     (or its prompt) after `add`, or add it again as a template with another priority, text or sampling, and the
     queued or running session must not see that (its queue was looked up by the changed priority on cancel: the
-    wrong deque, and every later step failed). SamplingParams is frozen; tensors are not copied (moved once in
-    `_on_device`)."""
+    wrong deque, and every later step failed). SamplingParams is frozen. The prompt's tensors are copied too (a few
+    KB): the session shared the caller's (`.to()` on their device copies nothing), so a caller that reused its
+    buffer after `add` changed the session's voice, and the decoder state of the new codes was cached under the
+    key of the old ones (taken at add), for every later session of that voice, anyone's."""
     if not isinstance(req, SynthesisRequest):
         raise RequestError("request", f"must be a SynthesisRequest, got {type(req).__name__}")
     vp = req.voice_clone_prompt
     if dataclasses.is_dataclass(vp) and not isinstance(vp, type):
-        return dataclasses.replace(req, voice_clone_prompt=dataclasses.replace(vp))
+        own = {f: getattr(vp, f).detach().clone() for f in ("ref_code", "ref_spk_embedding")
+               if isinstance(getattr(vp, f, None), torch.Tensor)}
+        return dataclasses.replace(req, voice_clone_prompt=dataclasses.replace(vp, **own))
     return dataclasses.replace(req)

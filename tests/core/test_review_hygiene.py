@@ -125,3 +125,50 @@ def test_a_stream_whose_session_a_direct_engine_step_ended_leaves_nothing_in_the
         gc.collect()
         fresh.generate_custom_voice("Hi.", speaker="ryan", **G)   # reaps the dropped reader
         assert not driver._queues and not driver._abandoned and not driver._orphans, end
+
+
+def test_a_voice_prompt_changed_in_place_after_add_neither_reaches_the_session_nor_poisons_the_shared_cache(
+        model_factory):
+    """The session shared the caller's ref_code tensor (on CPU `.to()` copies nothing) while its context-cache key
+    was taken at add: a caller reusing its buffer after `add` made the engine store the decoder state of the NEW
+    codes under the OLD codes' key, so every later session of the original voice, anyone's, streamed from a wrong
+    context (found by /tmp/h1/probe_ref_mutation.py). The session now owns copies of the prompt's tensors."""
+    import numpy as np
+    import torch
+
+    from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
+    from qwen_tts_core.codec.context import codes_key
+    from qwen_tts_core.voice_prompt import VoiceClonePromptItem
+
+    m = model_factory("base", "tiny")
+    g = torch.Generator().manual_seed(11)
+    codes = torch.randint(0, 2048, (10, 16), generator=g)
+    spk = torch.randn(m.cfg.talker.hidden_size, generator=g) * 0.1
+
+    def run(mutate: bool) -> tuple[torch.Tensor, np.ndarray]:
+        vp = VoiceClonePromptItem(ref_code=codes.clone(), ref_spk_embedding=spk.clone(), x_vector_only_mode=False,
+                                  icl_mode=True, ref_text="A reference sentence.")
+        eng = Engine(m, max_sessions=2)
+        s = eng.add(SynthesisRequest(text="Hello there.", language="english", kind="voice_clone",
+                                     voice_clone_prompt=vp, decode_audio=True,
+                                     sampling=SamplingParams(do_sample=False, subtalker_dosample=False,
+                                                             max_new_tokens=5)))
+        if mutate:
+            vp.ref_code.random_(0, 2048, generator=g)
+            vp.ref_spk_embedding.mul_(-3)
+        pcm = []
+        while eng.has_work():
+            pcm += [c.pcm for c in eng.step() if c.session_id == s.id]
+        return s.codes(), np.concatenate(pcm)
+
+    dec = m.codec.decoder
+    dec.context_cache._entries.clear()
+    dec.context_cache._bytes = 0
+    mutated = run(mutate=True)
+    held = dec.context_cache._entries.get(codes_key(codes))
+    want = dec.context_cache._compute(dec, codes)
+    assert held is not None and all(torch.equal(a, b) for a, b in zip(held._tensors(), want._tensors()))
+    dec.context_cache._entries.clear()
+    dec.context_cache._bytes = 0
+    clean = run(mutate=False)
+    assert torch.equal(mutated[0], clean[0]) and np.array_equal(mutated[1], clean[1])
