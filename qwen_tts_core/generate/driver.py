@@ -26,12 +26,13 @@ class EngineDriver:
         self._step_lock = threading.Lock()
         self._cv = threading.Condition()
         self._queues: dict[int, deque[AudioChunk]] = {}
-        self._abandoned: set[int] = set()
+        self._abandoned: dict[int, Session] = {}   # released, their last chunk still to come (see _prune)
         self._orphans: deque[Session] = deque()  # sessions whose reader was dropped before it began (see orphan)
 
     def open(self, req: SynthesisRequest) -> Session:
         """Add a request to the engine; its chunks are kept for `chunks()` (RequestError/EngineBusy as `add`)."""
         self._reap()
+        self._prune()
         with self._cv:
             s = self.engine.add(req)
             self._queues[s.id] = deque()
@@ -75,6 +76,15 @@ class EngineDriver:
             sessions = [*e.active, *(s for q in e.queues.values() for s in q)]
         return all(s.cancelled for s in sessions)
 
+    def _prune(self) -> None:
+        """Forget released sessions the engine ended without this driver seeing their last chunk (a step it did not
+        deliver, e.g. a direct `model.engine.step()`): they were kept forever, one entry per stream."""
+        with self._cv:
+            for sid, s in list(self._abandoned.items()):
+                if self._out_of_engine(s):
+                    del self._abandoned[sid]
+                    self._queues.pop(sid, None)
+
     def _reap(self) -> None:
         while True:
             try:  # other threads reap too: pop, never check-then-pop
@@ -95,7 +105,7 @@ class EngineDriver:
                 del self._queues[s.id]
             else:
                 q.clear()
-                self._abandoned.add(s.id)
+                self._abandoned[s.id] = s
         self.engine.cancel(s)
 
     def _out_of_engine(self, s: Session) -> bool:
@@ -152,7 +162,7 @@ class EngineDriver:
             for ch in chunks:
                 if ch.session_id in self._abandoned:
                     if ch.is_last:
-                        self._abandoned.discard(ch.session_id)
+                        self._abandoned.pop(ch.session_id, None)
                         self._queues.pop(ch.session_id, None)
                     continue
                 q = self._queues.get(ch.session_id)

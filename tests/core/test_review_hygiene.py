@@ -172,3 +172,21 @@ def test_a_voice_prompt_changed_in_place_after_add_neither_reaches_the_session_n
     dec.context_cache._bytes = 0
     clean = run(mutate=False)
     assert torch.equal(mutated[0], clean[0]) and np.array_equal(mutated[1], clean[1])
+
+
+def test_streams_released_while_running_then_ended_by_direct_engine_steps_are_forgotten(fresh):
+    """As above, but the stream is closed (or broken out of) while its session runs, and a direct step ends it: the
+    driver kept its queue and id in _abandoned forever, two entries per round of the long-run probe
+    (/tmp/h1/probe_hygiene.py: 56 after 28 rounds)."""
+    driver = fresh._engine_driver()
+    for _ in range(3):
+        for _ in fresh.stream_custom_voice("Hello.", speaker="ryan", **G):
+            break
+        it = fresh.stream_custom_voice("Hello.", speaker="ryan", **G)
+        next(it)
+        it.close()
+        gc.collect()
+        while fresh.engine.has_work():
+            fresh.engine.step()
+    fresh.generate_custom_voice("Hi.", speaker="ryan", **G)
+    assert not driver._queues and not driver._abandoned and not driver._orphans
