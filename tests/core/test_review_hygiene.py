@@ -190,3 +190,77 @@ def test_streams_released_while_running_then_ended_by_direct_engine_steps_are_fo
             fresh.engine.step()
     fresh.generate_custom_voice("Hi.", speaker="ryan", **G)
     assert not driver._queues and not driver._abandoned and not driver._orphans
+
+
+def _voice(m, seed: int, icl: bool):
+    import torch
+
+    from qwen_tts_core.voice_prompt import VoiceClonePromptItem
+
+    g = torch.Generator().manual_seed(seed)
+    return VoiceClonePromptItem(ref_code=torch.randint(0, 2048, (6 + seed, 16), generator=g) if icl else None,
+                                ref_spk_embedding=torch.randn(m.cfg.talker.hidden_size, generator=g) * 0.1,
+                                x_vector_only_mode=not icl, icl_mode=icl, ref_text="A reference." if icl else None)
+
+
+def _request(kind: str, text: str, seed: int, frames: int, first: int, every: int, voice=None):
+    from qwen_tts_core import SamplingParams, SynthesisRequest
+
+    who = dict(kind="voice_clone", voice_clone_prompt=voice) if kind == "voice_clone" else \
+        dict(kind="custom_voice", speaker="ryan")
+    return SynthesisRequest(text=text, language="english", seed=seed, decode_audio=True, first_chunk_frames=first,
+                            chunk_frames=every, sampling=SamplingParams(top_k=20, subtalker_top_k=20,
+                                                                        max_new_tokens=frames), **who)
+
+
+def _collect(eng, sessions, pcm) -> None:
+    for c in eng.step():
+        pcm.setdefault(c.session_id, []).append(c.pcm)
+
+
+@pytest.mark.parametrize("kind", ["custom_voice", "voice_clone"])
+def test_a_reused_slot_and_audio_row_give_what_a_fresh_engine_gives(model_factory, kind):
+    """Sessions that take the KV slot and the streaming audio row another user's session just left (ended early,
+    cancelled mid-chunk, or moved down by compaction) give the codes of a fresh engine bit for bit and its audio
+    to < 1e-5 (CPU, the default device sampler). Voice clone: rows that held one voice's (ICL) context, then an
+    x-vector voice (no context), then another ICL voice."""
+    import numpy as np
+
+    from qwen_tts_core import Engine
+
+    m = model_factory("base" if kind == "voice_clone" else "custom_voice", "tiny")
+    v = [_voice(m, i, icl=i != 1) for i in range(3)] if kind == "voice_clone" else [None] * 3
+    reqs = {  # name: (request, step at which it is added)
+        "a": _request(kind, "The first user speaks at length here.", 1, 14, 1, 3, v[0]),
+        "b": _request(kind, "Short.", 2, 4, 2, 5, v[1]),
+        "c": _request(kind, "Cancelled mid chunk.", 3, 14, 3, 4, v[2]),
+        "d": _request(kind, "Good morning!", 4, 9, 1, 2, v[1]),
+        "e": _request(kind, "It rained all day.", 5, 8, 2, 1, v[0]),
+        "f": _request(kind, "Press one for sales.", 6, 7, 1, 4, v[2]),
+    }
+    eng = Engine(m, max_sessions=2)
+    moves, real_move = [], eng.runner.move
+    eng.runner.move = lambda *a: (moves.append(a), real_move(*a))[1]
+    sess, pcm, at = {}, {}, {"a": 0, "b": 0, "c": 6, "d": 7, "e": 9, "f": 12}
+    step = 0
+    while step < 200 and (eng.has_work() or len(sess) < len(reqs)):
+        for name, when in at.items():
+            if when == step:
+                sess[name] = eng.add(reqs[name])
+        if step == 8:
+            eng.cancel(sess["c"])
+        _collect(eng, sess, pcm)
+        step += 1
+    assert not eng.has_work() and sorted(eng.free_slots) == [0, 1] and eng.audio.num_open == 0
+    assert sess["c"].finish_reason == "cancelled" and moves   # (a session moved down to a freed slot too)
+    for name in "def":
+        alone_eng = Engine(m, max_sessions=2)
+        alone = alone_eng.add(reqs[name])
+        alone_pcm: dict = {}
+        while alone_eng.has_work():
+            _collect(alone_eng, [alone], alone_pcm)
+        s = sess[name]
+        assert s.finish_reason == alone.finish_reason and s.num_frames > 1, name
+        assert np.array_equal(s.codes().numpy(), alone.codes().numpy()), name
+        got, want = np.concatenate(pcm[s.id]), np.concatenate(alone_pcm[alone.id])
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-5, name
