@@ -9,6 +9,7 @@ import base64
 import contextlib
 import copy
 import logging
+import random
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -208,6 +209,7 @@ def _check_json_type(headers) -> None:
 class Ingress:
     stats_timeout_s = 5.0   # /health and /metrics wait this long for a replica's `stats` (all asked at once)
     health_cache_s = 1.0    # /health (open to anyone) answers from one round of `stats` for this long
+    replica_list_s = 1.0    # a model's replica ids (asked when the chosen replica is full) are listed again after it
 
     def __init__(self, config: dict[str, Any], replicas: dict[str, Any]) -> None:
         # Keys: those resolved where the app was built (in `config`) plus this worker's own environment's.
@@ -223,6 +225,7 @@ class Ingress:
         self.allow_urls = AllowList(self.cfg.allowed_audio_url_prefixes)
         self._info: dict[str, dict] = {}
         self._health: tuple[float, asyncio.Future | None] = (0.0, None)   # (when asked, the round's answer)
+        self._replica_list: dict[str, tuple[float, list[str]]] = {}   # model -> (when listed, replica ids)
         # streams this ingress consumes, renewed on their replicas, which ping this actor before cancelling a lapse
         self.leases = Leases(self.cfg.session_lease_s, this_actor())
         self.client_streams = ClientStreams()               # open client streams (HTTP + WebSocket) of this ingress
@@ -291,13 +294,46 @@ class Ingress:
         caller's `place` (quotas.py); ApiError if refused. The place is given back when the stream closes, and here
         when no stream comes of it (refused, replica gone, the client left while it opened). A WebSocket (not
         `counted`: it counts itself from its accept) gives its place back when the session ends."""
+        counter = place if counted else None
         try:
-            stream = await ReplicaStream.open(name, handle, payload, self.leases, incremental,
-                                              self.cfg.retry_after_s, place if counted else None)
+            try:
+                return await ReplicaStream.open(name, handle, payload, self.leases, incremental,
+                                                self.cfg.retry_after_s, counter)
+            except ApiError as e:
+                if not getattr(e, "full_replica", None):
+                    raise
+                busy = e
+            # The replica Serve's router chose is full. The router takes the less loaded of two random replicas, so
+            # both may be full while another has room (a replica just restarted, long WebSocket sessions piled up on
+            # some): every other replica is asked once, by its id (SessionRouter), before the client gets the 503.
+            for rid in await self._other_replicas(name, busy.full_replica):
+                try:
+                    return await ReplicaStream.open(name, handle.options(session_id=route_key(rid)), payload,
+                                                    self.leases, incremental, self.cfg.retry_after_s, counter)
+                except ApiError as e:
+                    if not getattr(e, "full_replica", None):
+                        raise
+            raise busy
         except BaseException:
             place.closed()
             raise
-        return stream
+
+    async def _other_replicas(self, name: str, but: str) -> list[str]:
+        """The ids of model `name`'s running replicas other than `but`, in random order; listed at most once per
+        `replica_list_s` (a busy service asks often), none outside Ray."""
+        import ray
+
+        at, ids = self._replica_list.get(name, (0.0, []))
+        if time.monotonic() - at > self.replica_list_s:
+            ids = []
+            if ray.is_initialized():
+                try:
+                    ids = await asyncio.to_thread(self._replica_ids, name)
+                except Exception as e:  # noqa: BLE001 - the GCS did not answer: no other replica is tried
+                    log.warning("could not list the replicas of %s: %s: %s", name, type(e).__name__, e)
+            self._replica_list[name] = (time.monotonic(), ids)
+        others = [r for r in ids if r != but]
+        return random.sample(others, len(others))
 
     # --- speech -----------------------------------------------------------------------------------------------
     @app.post("/v1/audio/speech", openapi_extra=_body_doc({"application/json": _SPEECH_SCHEMA}),

@@ -2,7 +2,8 @@
 
 Handle protocol of `stream(payload, incremental=False, lease=False, consumer=None)` (an async generator, called
 with `.options(stream=True)`), plain dicts:
-    {"type": "error", "status": 400|503, "message": str, "param": str|None, "retry_after": int}   (only item)
+    {"type": "error", "status": 400|503, "message": str, "param": str|None, "retry_after": int}   (only item;
+     a 503 (full) also names this replica: "replica": its Serve unique id)
     {"type": "start", "session": str}                 then
     {"type": "audio", "pcm": np.ndarray float32 [N]}  ... then
     {"type": "end", "finish_reason": str, "num_frames": int, "ttfa_s": float|None, "text_tokens": int,
@@ -276,7 +277,8 @@ class ReplicaCore:
             yield _error(400, err.message, err.param)
             return
         except Busy as e:
-            yield _error(503, str(e), None, e.retry_after_s)
+            # `replica`: which one is full (the ingress then asks the others before answering 503)
+            yield {**_error(503, str(e), None, e.retry_after_s), "replica": self.sessions.owner}
             return
         consumer = self.liveness.identity(consumer) if lease and self.liveness is not None else None
         sess = self.sessions.open(ticket, incremental, bool(lease), consumer)

@@ -168,13 +168,18 @@ class ReplicaStream:
         except StopAsyncIteration:
             raise replica_lost(RuntimeError("empty stream")) from None
         except Exception as e:  # noqa: BLE001 - the replica died or could not be reached
+            # cancelled too: a replica unreachable for a while (ActorUnavailableError) may still run the call, and
+            # its session, leased to this live ingress, would run to its full length with nobody reading it
+            gen.cancel()
             raise replica_lost(e) from None
         except BaseException:  # cancelled (the client left, a failover's wait ran out): the call goes too
             gen.cancel()
             raise
         if first["type"] == "error":
             headers = {"Retry-After": str(first["retry_after"])} if first.get("retry_after") else {}
-            raise ApiError(first["status"], first["message"], first.get("param"), headers=headers)
+            err = ApiError(first["status"], first["message"], first.get("param"), headers=headers)
+            err.full_replica = first.get("replica") if first["status"] == 503 else None   # see Ingress._stream
+            raise err
         stream = cls(gen, first["session"], name, leases, counter)
         if leases is not None:
             leases.add(stream.sid, name, handle)
