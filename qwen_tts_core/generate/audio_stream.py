@@ -262,6 +262,8 @@ class BatchedAudio:
                 continue
             start = where.get(k, 0)
             pcm = host[start: start + r.pending * self.spf]
+            if pcm.size != host.size:  # a view would keep every row's samples alive as long as this chunk
+                pcm = pcm.copy()
             out.append(AudioOut(k, pcm, r.emitted, r.pending, r.finished))
             r.emitted += r.pending
             r.pending = 0

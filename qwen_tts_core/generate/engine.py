@@ -398,7 +398,7 @@ class Engine:
         """The code-predictor rows' frames (the first one also reveals the id drawn at prefill) -> sessions, audio."""
         framed: list[Session] = []
         for s in cp:
-            codes = rows[s.slot, :-1]
+            codes = rows[s.slot, :-1].copy()  # not a view: it would keep every slot's row of this step alive
             if s.first_id_unread:
                 s.first_id_unread = False
                 s.history.append(int(codes[0]))
