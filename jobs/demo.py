@@ -35,8 +35,9 @@ def tiny_checkpoint(folder: Path) -> str:
     return str(path)
 
 
-def deploy_serve_app(checkpoint: str, max_new_tokens: int) -> str:
-    """Deploy the project's Serve app with one model on `checkpoint`; returns the served model name."""
+def deploy_serve_app(checkpoint: str, max_new_tokens: int, http_port: int = 8000) -> str:
+    """Deploy the project's Serve app with one model on `checkpoint` (Serve's HTTP proxy on 127.0.0.1:`http_port`
+    when this starts Serve); returns the served model name."""
     from ray import serve
 
     from serve.app import build_app
@@ -45,7 +46,7 @@ def deploy_serve_app(checkpoint: str, max_new_tokens: int) -> str:
     name = "demo"
     cfg = ServiceConfig.from_dict({"models": [{"name": name, "checkpoint": checkpoint, "num_cpus": 0.5,
                                                "max_new_tokens": max(64, max_new_tokens), "warmup": False}]})
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     serve.run(build_app(cfg), name=DEMO_APP, route_prefix="/")
     return name
 
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             model, backend = args.serve_model, "serve"  # None: the app's only model
         else:
             try:
-                model, backend, deployed = deploy_serve_app(model, args.max_new_tokens), "serve", True
+                model = deploy_serve_app(model, args.max_new_tokens, args.http_port)
+                backend, deployed = "serve", True
             except ImportError as e:
                 log.warning("Serve app unavailable (%s); using engine actors", e)
     argv = [str(args.input), *(["--model", model] if model else []), "--out", f"file://{out_dir}",
@@ -86,6 +88,16 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1-65535, got {text[:40]!r}")
+    return port
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="main job: narrate examples/book into ./output on local Ray + Serve")
     p.add_argument("--input", default=str(ROOT / "examples" / "book"))
@@ -96,6 +108,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="engine actors instead of the Serve app")
     p.add_argument("--serve-model", default=None, help="model name in an already running Serve app")
     p.add_argument("--keep-serve", action="store_true", help="leave the deployed Serve app running")
+    p.add_argument("--http-port", type=_port, default=8000,
+                   help="Serve's HTTP port on 127.0.0.1 when the demo starts Serve (default 8000, as configs/serve.yaml)")
     p.add_argument("--ray-address", default=None)
     p.set_defaults(func=run)
     return p
