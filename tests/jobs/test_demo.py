@@ -39,6 +39,7 @@ def test_the_main_job_narrates_the_sample_book_and_a_rerun_reuses_it(tmp_path):
     try:
         code, summary, log = _demo(out, ray_tmp)
         assert code == 0, log
+        assert (Path(ray_tmp) / "ray").is_dir()  # its Ray ran under the test's own folder (checked below)
         chapters = sorted(p.stem for p in (ROOT / "examples/book").iterdir())
         assert summary["total"] == len(chapters) == 3 and summary["failed"] == 0, summary
         assert summary["synthesized"] == 3 and summary["output"] == f"file://{out}", summary
