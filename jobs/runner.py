@@ -355,25 +355,31 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
     if _stop.is_set():  # a second signal: leave now
         raise SystemExit(128 + signum)
-    log.warning("SIGTERM: finishing up; rows not done yet are left for the next run")
+    log.warning("%s: finishing up; rows not done yet are left for the next run", signal.Signals(signum).name)
     _stop.set()
     if _interruptible:
         raise Stopped()
 
 
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    """SIGTERM, and SIGINT (Ctrl-C) unless this process was started with it ignored (a background `cmd &`)."""
+    return (signal.SIGTERM,) + ((signal.SIGINT,) if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else ())
+
+
 def stop_on_sigterm() -> threading.Event:
-    """SIGTERM sets the returned event instead of killing the process (main thread only; Ray's own handler, which
-    exits with a stack dump, is replaced again after every connect)."""
+    """SIGTERM and SIGINT (Ctrl-C) set the returned event instead of killing the process (a KeyboardInterrupt left a
+    traceback and no summary); a second one leaves at once (main thread only; Ray's own handler, which exits with
+    a stack dump, is replaced again after every connect)."""
     global _stop
     _stop = _stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    _restore_sigterm()
     return _stop
 
 
 def _restore_sigterm() -> None:
     if _stop is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        for sig in _stop_signals():
+            signal.signal(sig, _on_sigterm)
 
 
 # --- runners ------------------------------------------------------------------------------------------------------

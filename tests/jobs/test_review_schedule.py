@@ -4,6 +4,7 @@ before its fix. Fakes where real Ray is not the point; moto_server for the S3 le
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 import pytest
@@ -77,3 +78,36 @@ def test_a_one_off_pass_stopped_before_it_started_exits_1(tmp_path, capsys, monk
         signal.signal(signal.SIGTERM, handler)
     assert code == (0 if every else 1) and not (tmp_path / "out" / "prompts").exists()
     assert ("stopped by SIGTERM before the pass began" in capsys.readouterr().err) == (every is None)
+
+
+def test_ctrl_c_stops_a_pass_as_sigterm_does(tmp_path, capsys, monkeypatch):
+    """SIGINT (Ctrl-C in the terminal that runs `qtts catalog --every 1h`, or `docker stop` of an image whose stop
+    signal is SIGINT) raised KeyboardInterrupt wherever the pass was: a traceback, exit 130, no summary. Now it
+    stops the pass as SIGTERM does (the call in flight finishes, nothing more is started, the summary says
+    stopped, exit 1); a second one leaves at once."""
+    monkeypatch.setattr(runner, "_stop", None)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    class CtrlC(FakeBackend):
+        n = 0
+
+        def synthesize(self, jobs):
+            self.n += 1
+            if self.n == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().synthesize(jobs)
+
+    be = CtrlC()
+    monkeypatch.setattr(runner, "build_backend", lambda args: be)
+    cat = tmp_path / "cat.yaml"
+    cat.write_text(yaml.safe_dump({"defaults": {"voice": "ryan"},
+                                   "prompts": [{"id": f"p{i}", "text": f"Prompt {i}."} for i in range(4)]}))
+    try:
+        code = catalog.main([str(cat), "--model", "m", "--out", f"file://{tmp_path / 'out'}", "--backend", FAKE,
+                             "--runner", "local", "--no-progress", "--quiet", "--batch-size", "1"])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 1 and summary["stopped"] is True and summary["rendered_before_stop"] == 1, summary
+    assert be.n == 1 and not (tmp_path / "out" / catalog.MANIFEST_KEY).exists()
