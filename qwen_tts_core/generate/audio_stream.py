@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -76,8 +76,10 @@ class _Row:
     first: int
     every: int
     pending: int = 0         # frames gathered, not decoded yet
-    emitted: int = 0         # frames decoded (ICL reference excluded)
+    emitted: int = 0         # frames emitted (ICL reference excluded)
     finished: bool = False
+    held: list[np.ndarray] = field(default_factory=list)  # samples decoded ahead of a long chunk, not emitted yet
+    held_frames: int = 0
 
 
 class BatchedAudio:
@@ -114,6 +116,9 @@ class BatchedAudio:
     """
 
     FRAME_BUCKETS = (1, 2, 4, 8)
+    PIECE_FRAMES = 64
+    """Without graphs, the most frames of one row a decoder call takes ahead of its chunk (with graphs: the largest
+    frames bucket)."""
 
     def __init__(self, codec, max_rows: int, dtype: torch.dtype | None = None, call_cost: float | None = None,
                  max_call_frames: int | None = None, row_buckets: Sequence[int] | None = None,
@@ -136,6 +141,9 @@ class BatchedAudio:
         if max_call_frames is None:
             max_call_frames = 0 if cuda else 32
         self.call_cost, self.max_call_frames = call_cost, max_call_frames
+        # a chunk longer than this is decoded as its frames gather, `piece` frames a call (emitted when due): one
+        # call over a whole long chunk held activations that grow with it, and padded every row due with it
+        self.piece = max(self.bank.frame_buckets) if self.bank.graphs else self.PIECE_FRAMES
         self.open_rows: dict[int, _Row] = {}
         self.free = list(range(max_rows))
         self.capture_s = self.bank.capture_graphs(capture) if capture is not None else 0.0
@@ -189,7 +197,8 @@ class BatchedAudio:
     def first_due_after(self, key: int, frames: int = 1) -> bool:
         """Whether `frames` more frames for `key` complete its first chunk (nothing of it decoded yet)."""
         r = self._row(key)
-        return r.emitted == 0 and r.pending < r.first <= r.pending + frames
+        gathered = r.held_frames + r.pending
+        return r.emitted == 0 and gathered < r.first <= gathered + frames
 
     def finish(self, key: int) -> None:
         """No more frames for `key`: the next decode() emits what is left with final=True."""
@@ -208,13 +217,20 @@ class BatchedAudio:
         length is cheaper); one host copy of the samples.
 
         A row is due once it has gathered first_chunk_frames (its first chunk) or chunk_frames (later chunks)
-        frames, or when finished; a due row decodes all the frames it has gathered. Finished rows get final=True
+        frames, or when finished; a due row decodes all the frames it has gathered. A row gathering a chunk longer
+        than `piece` frames is decoded `piece` frames at a time as they gather, its samples held until it is due
+        (the same samples: the stream state carries the history). Finished rows get final=True
         (empty PCM when nothing was left) and are freed. When a call fails, its rows are decoded one by one: a row
         that fails alone gets final=True with `error` set and is freed, the others decode as if it were not there
         (eager only: a failed graph replay raises).
         """
-        due = [(k, r) for k, r in self.open_rows.items()
-               if r.finished or r.pending >= (r.first if r.emitted == 0 else r.every)]
+        due, ahead = [], set()
+        for k, r in self.open_rows.items():
+            if r.finished or r.held_frames + r.pending >= (r.first if r.emitted == 0 else r.every):
+                due.append((k, r))
+            elif r.pending >= self.piece:  # a long chunk: decode what has gathered now, emit it when due
+                due.append((k, r))
+                ahead.add(k)
         work = [(k, r) for k, r in due if r.pending]
         pieces, where, failed = [], {}, {}
         offset = 0
@@ -264,8 +280,17 @@ class BatchedAudio:
             pcm = host[start: start + r.pending * self.spf]
             if pcm.size != host.size:  # a view would keep every row's samples alive as long as this chunk
                 pcm = pcm.copy()
-            out.append(AudioOut(k, pcm, r.emitted, r.pending, r.finished))
-            r.emitted += r.pending
+            if k in ahead:
+                r.held.append(pcm)
+                r.held_frames += r.pending
+                r.pending = 0
+                continue
+            frames = r.held_frames + r.pending
+            if r.held:
+                pcm = np.concatenate([*r.held, pcm])
+                r.held, r.held_frames = [], 0
+            out.append(AudioOut(k, pcm, r.emitted, frames, r.finished))
+            r.emitted += frames
             r.pending = 0
             if r.finished:
                 self.drop(k)

@@ -293,3 +293,40 @@ def test_what_a_session_hands_out_keeps_only_its_own_bytes_alive(model_factory):
         assert _kept_bytes(c.pcm) == c.pcm.nbytes, (c.session_id, _kept_bytes(c.pcm), c.pcm.nbytes)
     for s in sessions:
         assert s.num_frames > 1 and all(_kept_bytes(f) == f.nbytes for f in s.frames)
+
+
+def test_a_huge_chunk_is_decoded_in_pieces_and_streams_what_small_chunks_stream(model_factory, monkeypatch):
+    """first_chunk_frames / chunk_frames far above the utterance ("everything at the end") decoded the whole
+    utterance in ONE decoder call at its end: activations grow with its length (tiny codec, 3000 frames: +984 MiB
+    peak RSS against +33 MiB in 4-frame chunks, /tmp/h1/probe_big_chunk.py; the full-size decoder needs many times
+    that), and on CUDA every row due in that step is padded to it. The frames are now decoded as they gather, in
+    pieces of at most BatchedAudio.piece frames, and emitted together when the chunk is due: one chunk, the same
+    samples (< 1e-5)."""
+    import numpy as np
+
+    from qwen_tts_core import Engine
+    from qwen_tts_core.codec.rows import StreamRows
+
+    m = model_factory("custom_voice", "tiny")
+    lengths: list[int] = []
+    real = StreamRows.decode
+    monkeypatch.setattr(StreamRows, "decode", lambda self, rows, ns: (lengths.append(max(ns)), real(self, rows, ns))[1])
+
+    def stream(first: int, every: int) -> list:
+        eng = Engine(m, max_sessions=2)
+        eng.audio.piece = 8
+        s = eng.add(_request("custom_voice", "A somewhat longer sentence to speak here.", 9, 40, first, every))
+        chunks = []
+        while eng.has_work():
+            chunks += [c for c in eng.step() if c.session_id == s.id]
+        assert s.num_frames > 30
+        return chunks
+
+    small = stream(1, 4)
+    lengths.clear()
+    (big,) = stream(10**9, 10**9)
+    assert max(lengths) <= 8 and big.is_last and big.frame_start == 0
+    want = np.concatenate([c.pcm for c in small])
+    assert big.num_frames * 1920 == big.pcm.size == want.size and np.abs(big.pcm - want).max() < 1e-5
+    (one,) = stream(10**9, 10**9)  # again, on a row a piece-decoded session used
+    assert np.array_equal(one.pcm, big.pcm)
