@@ -425,11 +425,14 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
 
 def parse_every(text: str) -> float:
-    """'90', '30s', '15m', '1h', '1d' -> seconds (> 0)."""
+    """'90', '30s', '15m', '1h', '1d' -> seconds (> 0, and no longer than a wait can be: threading.TIMEOUT_MAX)."""
     m = _DURATION.match(text or "")
     if not m or float(m.group(1)) <= 0:
         raise ValueError(f"every: expected a positive duration like 30s, 15m, 1h or 1d, got {text!r}")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds > threading.TIMEOUT_MAX:   # (the wait for the next pass would raise OverflowError after the first)
+        raise ValueError(f"every: {text!r} is longer than this machine can wait ({threading.TIMEOUT_MAX:.0f} s)")
+    return seconds
 
 
 def run(args: argparse.Namespace) -> int:

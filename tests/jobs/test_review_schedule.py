@@ -111,3 +111,20 @@ def test_ctrl_c_stops_a_pass_as_sigterm_does(tmp_path, capsys, monkeypatch):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 1 and summary["stopped"] is True and summary["rendered_before_stop"] == 1, summary
     assert be.n == 1 and not (tmp_path / "out" / catalog.MANIFEST_KEY).exists()
+
+
+def test_an_every_too_long_to_wait_is_refused_before_the_first_pass(tmp_path, capsys, monkeypatch):
+    """`--every 200000000d` (a typo) was taken: the first pass ran, then the wait for the next one raised
+    OverflowError (beyond what threading can wait): a traceback after a pass that had succeeded. Now an interval
+    longer than threading.TIMEOUT_MAX is an option error, exit 2, before anything is done."""
+    monkeypatch.setattr(runner, "_stop", None)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    cat = tmp_path / "cat.yaml"
+    cat.write_text(yaml.safe_dump({"defaults": {"voice": "ryan"}, "prompts": [{"id": "p0", "text": "Prompt."}]}))
+    try:
+        code = catalog.main([str(cat), "--model", "m", "--out", f"file://{tmp_path / 'out'}", "--backend", FAKE,
+                             "--runner", "local", "--no-progress", "--quiet", "--every", "200000000d"])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert code == 2 and "every" in capsys.readouterr().err and not (tmp_path / "out").exists()
