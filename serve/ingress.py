@@ -210,6 +210,7 @@ class Ingress:
     stats_timeout_s = 5.0   # /health and /metrics wait this long for a replica's `stats` (all asked at once)
     health_cache_s = 1.0    # /health (open to anyone) answers from one round of `stats` for this long
     replica_list_s = 1.0    # a model's replica ids (asked when the chosen replica is full) are listed again after it
+    busy_asks = 8           # other replicas asked (each once) when the chosen one is full, before answering 503
 
     def __init__(self, config: dict[str, Any], replicas: dict[str, Any]) -> None:
         # Keys: those resolved where the app was built (in `config`) plus this worker's own environment's.
@@ -305,8 +306,9 @@ class Ingress:
                 busy = e
             # The replica Serve's router chose is full. The router takes the less loaded of two random replicas, so
             # both may be full while another has room (a replica just restarted, long WebSocket sessions piled up on
-            # some): every other replica is asked once, by its id (SessionRouter), before the client gets the 503.
-            for rid in await self._other_replicas(name, busy.full_replica):
+            # some): other replicas are asked once each, by id (SessionRouter), before the client gets the 503 (at
+            # most `busy_asks`: a full service answers each request after that many cheap refusals, not one per replica).
+            for rid in (await self._other_replicas(name, busy.full_replica))[:self.busy_asks]:
                 try:
                     return await ReplicaStream.open(name, handle.options(session_id=route_key(rid)), payload,
                                                     self.leases, incremental, self.cfg.retry_after_s, counter)
@@ -327,8 +329,8 @@ class Ingress:
         if time.monotonic() - at > self.replica_list_s:
             ids = []
             if ray.is_initialized():
-                try:
-                    ids = await asyncio.to_thread(self._replica_ids, name)
+                try:   # bounded: a GCS slow to answer must not hold a busy answer
+                    ids = await asyncio.wait_for(asyncio.to_thread(self._replica_ids, name), self.stats_timeout_s)
                 except Exception as e:  # noqa: BLE001 - the GCS did not answer: no other replica is tried
                     log.warning("could not list the replicas of %s: %s: %s", name, type(e).__name__, e)
             self._replica_list[name] = (time.monotonic(), ids)
