@@ -303,6 +303,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
     import ray
 
     if ray.is_initialized():
+        _ray_errors_to_stderr()
         return "existing"
     drop_job_working_dir()
     addr = address or os.environ.get("RAY_ADDRESS")
@@ -315,6 +316,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
         try:
             ray.init(address=addr, logging_level=logging.WARNING, log_to_driver=False)
             _restore_sigterm()
+            _ray_errors_to_stderr()
             return addr
         except (ConnectionError, RuntimeError) as e:
             if address:
@@ -327,7 +329,28 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> str:
     ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False,
              object_store_memory=256 * 1024 * 1024)
     _restore_sigterm()
+    _ray_errors_to_stderr()
     return "local"
+
+
+def _ray_errors_to_stderr() -> None:
+    """Print the errors the cluster pushes to this driver on stderr. Ray prints them on stdout, log_to_driver or not
+    ("(raylet) Task ... submit failed ... will be retried", as when a stop kills the workers), where the job's JSON
+    summary must be the last line (jobs/README.md): after a stop they came after it. A Ray without this private
+    function is left as it is."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        return
+    show = getattr(worker, "print_to_stdstream", None)
+    if show is None or getattr(show, "qtts_to_stderr", False):
+        return
+
+    def to_stderr(data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        return show({**data, "is_err": True}, *args, **kwargs)
+
+    to_stderr.qtts_to_stderr = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_stderr
 
 
 def resolve_backend(opts: RunOptions) -> str:

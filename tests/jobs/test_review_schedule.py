@@ -128,3 +128,20 @@ def test_an_every_too_long_to_wait_is_refused_before_the_first_pass(tmp_path, ca
         for s, h in handlers.items():
             signal.signal(s, h)
     assert code == 2 and "every" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_errors_ray_pushes_to_the_driver_never_follow_the_summary_on_stdout(monkeypatch, capsys):
+    """Found by /tmp/h3/ray_stop.sh: after SIGTERM the Ray driver printed '(raylet) Task MapWorker(...).submit
+    failed ... will be retried' (the tasks of the workers the stop killed) on stdout, before and after the JSON
+    summary, which jobs/README.md promises as the last stdout line: Ray prints the errors its cluster pushes to a
+    driver on stdout whatever log_to_driver says. A connected driver now prints them on stderr."""
+    import ray
+    from ray._private import worker
+
+    monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)   # (put back after the test)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    runner.connect_ray(None)
+    worker.print_to_stdstream({"lines": ["Task X.submit failed. There are 18 retries remaining"], "pid": "raylet",
+                               "is_err": False}, ignore_prefix=False)
+    got = capsys.readouterr()
+    assert "submit failed" not in got.out and "submit failed" in got.err
