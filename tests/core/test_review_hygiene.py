@@ -330,3 +330,51 @@ def test_a_huge_chunk_is_decoded_in_pieces_and_streams_what_small_chunks_stream(
     assert big.num_frames * 1920 == big.pcm.size == want.size and np.abs(big.pcm - want).max() < 1e-5
     (one,) = stream(10**9, 10**9)  # again, on a row a piece-decoded session used
     assert np.array_equal(one.pcm, big.pcm)
+
+
+def test_an_emit_callback_that_raises_ends_each_session_once_and_leaves_the_engine_as_new(model_factory):
+    """step(emit=...) whose callback raises (a serving loop's bug) mid-step, between the code predictor and the
+    talker step: the sessions of that step end once each with an error naming it, nothing after; slots and audio
+    rows come back; cancelling them afterwards (twice) changes nothing; the next session gives a fresh engine's
+    codes and audio."""
+    import numpy as np
+
+    from qwen_tts_core import Engine
+
+    m = model_factory("custom_voice", "tiny")
+    eng = Engine(m, max_sessions=2)
+    sessions = [eng.add(_request("custom_voice", t, i, 10, 1, 2)) for i, t in enumerate(["One two.", "Three."])]
+    lasts: dict = {}
+
+    def take(chunks) -> None:
+        for c in chunks:
+            assert c.session_id not in lasts
+            if c.is_last:
+                lasts[c.session_id] = c
+
+    take(eng.step())
+    take(eng.step())
+
+    def boom(chunks):
+        take(chunks)
+        raise RuntimeError("the callback failed")
+
+    take(eng.step(emit=boom))
+    while eng.has_work():
+        take(eng.step())
+    assert {s.id for s in sessions} == set(lasts)
+    assert all(lasts[s.id].finish_reason == "error" and "callback failed" in lasts[s.id].error for s in sessions)
+    for s in sessions:
+        eng.cancel(s)
+        eng.cancel(s)
+    take(eng.step())
+    assert sorted(eng.free_slots) == [0, 1] and eng.audio.num_open == 0 and not eng.has_work()
+
+    def alone(engine):
+        s, pcm = engine.add(_request("custom_voice", "Good morning!", 7, 8, 1, 3)), []
+        while engine.has_work():
+            pcm += [c.pcm for c in engine.step() if c.session_id == s.id]
+        return s.codes().numpy(), np.concatenate(pcm)
+
+    got, want = alone(eng), alone(Engine(m, max_sessions=2))
+    assert np.array_equal(got[0], want[0]) and np.abs(got[1] - want[1]).max() < 1e-5
