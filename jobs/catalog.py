@@ -330,12 +330,13 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
         # writes nothing the pass that took over could have journalled, reconciled or deleted already
         current = run_rows(rows, render, opts, sink=sink, desc="catalog", backend=backend, stop=stop,
                            fence=held.fence())
+        guarded = lease.fenced(sink, held.fence())   # the sink whose writes and deletes check the lease (S3)
         if stop is not None and stop.is_set():
             done = sum(r.status in LIVE for r in current)  # exit 1 as narrate's (rows not rendered); --every: 0
             return 1, {"stopped": True, "rendered_before_stop": done, "total": len(current), "output": sink.uri,
                        "note": "outputs committed before the stop are kept; the next run reuses them",
                        "wall_s": round(time.perf_counter() - t0, 2)}
-        if lost_lease := _lease_lost(held, current, sink.uri, t0):
+        if lost_lease := _lease_lost(held, guarded, current, sink.uri, t0):
             return lost_lease
         if lost := turned_over(previous, current):
             log.warning("catalog %r: this pass keeps none of its %d current prompt(s) at this output%s. If two "
@@ -343,7 +344,7 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
                         "other's prompts on every run: give each its own --name", name, lost,
                         ", so it deletes nothing" if lost > 1 else "")
         retire = "mark" if adopted else "hold" if lost > 1 and retire == "delete" else retire
-        packages = (layouts.write_packages(current, rows, lease.fenced(sink, held.fence()), others)
+        packages = (layouts.write_packages(current, rows, guarded, others)
                     if layout != "none" else None)
         records, counts = reconcile(current, previous, retire)
         for r in records:
@@ -352,28 +353,28 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
             log.warning("catalog %r (its first run at this output) has all current prompts of catalog %r: if this "
                         "catalog was renamed from %r, run it with --name %r (else %r's prompts stay and are never "
                         "retired)", name, other, other, other, other)
-        if lost_lease := _lease_lost(held, current, sink.uri, t0):
+        if lost_lease := _lease_lost(held, guarded, current, sink.uri, t0):
             return lost_lease
         # the manifest first, then the deletes it lists: a stored manifest never lists a deleted object as current
         url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
         counts["delete_failed"], lease_lost, journalled = 0, None, {}
         if retire == "delete" and not extra:
             try:
-                held.check()
-                counts["delete_failed"], changed, refused = purge(records, sink, shared=others,
+                _own(held, guarded)
+                counts["delete_failed"], changed, refused = purge(records, guarded, shared=others,
                                                                   prefix=render.key_prefix, held=held_rows | journal.held)
                 if refused:  # keys a stored manifest or sidecar lists that this job never writes: not deleted
                     counts["delete_refused"] = refused
                 if layout != "none":  # (another catalog's live package files are kept)
                     live_elsewhere = [r for r in others if r.status != "retired"]
-                    counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], sink,
+                    counts["delete_failed"] += layouts.remove_packages([*records, *live_elsewhere], guarded,
                                                                        held=held_rows | journal.held)
                     changed = True
                 if changed:
-                    held.check()   # another pass may own the output now: its manifest is not ours to replace
+                    _own(held, guarded)   # another pass may own the output now: its manifest is not ours to replace
                     url, extra = write_manifest([*records, *others], opts, MANIFEST_KEY)
-                held.check()
-                journalled = pending.finish(sink, journal, [*records, *others], held_rows, render.key_prefix,
+                _own(held, guarded)
+                journalled = pending.finish(guarded, journal, [*records, *others], held_rows, render.key_prefix,
                                             delete=True)
             except lease.LeaseLost as e:
                 # the manifest written above lists this pass's records with their deletes pending (the next
@@ -382,8 +383,8 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
                 lease_lost = str(e)
         elif not extra:   # the stored manifest lists this pass's records: the journal keeps only what none lists
             try:
-                held.check()
-                journalled = pending.finish(sink, journal, [*records, *others], held_rows, render.key_prefix,
+                _own(held, guarded)
+                journalled = pending.finish(guarded, journal, [*records, *others], held_rows, render.key_prefix,
                                             delete=False)
             except lease.LeaseLost as e:   # (another pass may be rewriting the journal: it is not ours now)
                 log.warning("%s; the pending journal is left as it was", e)
@@ -407,11 +408,26 @@ def run_once(catalog: str, defaults: RowDefaults, render: RenderConfig, opts: Ru
     return (3 if extra else 1 if failed else 0), summary
 
 
-def _lease_lost(held: Any, current: list[ManifestRecord], output: str, t0: float) -> tuple[int, dict[str, Any]] | None:
+def _own(held: Any, guarded: Sink) -> None:
+    """Raises LeaseLost unless this pass still holds its lease, as it knows it (its renewals) and as the store has
+    it (S3: `guarded` is fenced; a takeover its renewals have not seen yet, after the pass was paused past the
+    lease's TTL). A lease that cannot be read counts as lost: the manifest must not be written on a guess."""
+    held.check()
+    try:
+        lease.check_writes(guarded)
+    except lease.LeaseLost:
+        raise
+    except StorageError as e:
+        raise lease.LeaseLost(f"cannot read the catalog lease ({e}); this pass writes nothing more: the outputs "
+                              "written are kept and the next pass reconciles them") from e
+
+
+def _lease_lost(held: Any, guarded: Sink, current: list[ManifestRecord], output: str, t0: float,
+                ) -> tuple[int, dict[str, Any]] | None:
     """(1, summary) when this pass lost its lease before writing its manifest (it wrote nothing after the loss, and
     must not write the manifest, reconcile or delete: another pass may own the output now), else None."""
     try:
-        held.check()
+        _own(held, guarded)
     except lease.LeaseLost as e:
         log.error("%s", e)
         return 1, {"lease_lost": str(e), "rendered_before_loss": sum(r.status in LIVE for r in current),

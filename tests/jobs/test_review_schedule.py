@@ -145,3 +145,48 @@ def test_errors_ray_pushes_to_the_driver_never_follow_the_summary_on_stdout(monk
                                "is_err": False}, ignore_prefix=False)
     got = capsys.readouterr()
     assert "submit failed" not in got.out and "submit failed" in got.err
+
+
+def test_a_pass_that_loses_its_lease_while_deleting_deletes_and_writes_nothing_more(s3_bucket, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """The fence covered the writes of rendering only: a --retire delete pass deleted retired objects through the
+    plain sink, checking its lease once before all the deletes and only as it knew it (its renewals), never as the
+    store had it. A pass paused mid-purge past its lease's TTL (SIGSTOP, a VM pause) and taken over resumed
+    deleting behind the new owner's back (an object the new owner's manifest may list), then rewrote the manifest
+    over the new owner's. Now each delete checks the lease in the store, and so does the pass before each manifest
+    write: nothing is deleted or written after the takeover, exit 1 with lease_lost."""
+    out = f"s3://{s3_bucket}/ivr"
+    sink = S3Sink(s3_bucket, "ivr")
+    cat = tmp_path / "ivr.yaml"
+
+    def run(ids):
+        cat.write_text(yaml.safe_dump({"name": "ivr", "defaults": {"voice": "ryan"},
+                                       "prompts": [{"id": i, "text": f"Prompt {i}."} for i in ids]}))
+        code = catalog.main([str(cat), "--model", "m", "--out", out, "--backend", FAKE, "--runner", "local",
+                             "--no-progress", "--quiet", "--retire", "delete"])
+        return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    monkeypatch.setattr(runner, "_stop", None)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert run(["a", "b", "c"])[0] == 0
+        real, after = S3Sink.delete, []
+
+        def delete(self, key):
+            if after:
+                after.append(key)
+            real(self, key)
+            if key.startswith("prompts/") and not after:   # the first retired object goes; then the takeover
+                _take_lease(sink)
+                after.append(sink.get(catalog.MANIFEST_KEY))
+
+        monkeypatch.setattr(S3Sink, "delete", delete)
+        code, summary = run(["a"])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    manifest_at_takeover, deleted_after = after[0], after[1:]
+    assert deleted_after == [], deleted_after
+    assert sink.get(catalog.MANIFEST_KEY) == manifest_at_takeover      # the new owner's to write now
+    assert code == 1 and "lost the catalog lease" in summary["lease_lost"], summary
+    assert json.loads(sink.get(lease.LEASE_KEY))["token"] == "theirs"
