@@ -7,7 +7,9 @@ Serve gives the replica that opened it). Callers pass it as the handle's routing
 
 and `SessionRouter` (this deployment's request router, set in app.py) sends the call to exactly that replica. Calls
 without a key (opening a stream, `synthesize`) are balanced by the power of two choices over the replicas' queue
-lengths, like Serve's default router. When the owner is gone (killed, restarted, scaled down), a keyed call goes to
+lengths, like Serve's default router (both of two may be full while a third has room: a replica that refuses an
+open as full names itself, and the ingress asks the others by id before answering 503, Ingress._stream). When the
+owner is gone (killed, restarted, scaled down), a keyed call goes to
 any live replica, which does not hold the session and answers `UnknownSession`: a message can never reach, let alone
 feed, another session, and nothing is retried on an error string.
 
