@@ -315,16 +315,22 @@ class _S3Lease:
         self._thread.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(max(self.ttl_s / 3, 1.0)):
-            sent = time.monotonic()
+        # every third of the TTL; a renewal that did not reach the store is tried again soon, not a third later: the
+        # next try on schedule would come when the lease is two thirds old, when every write's check refuses it
+        every = max(self.ttl_s / 3, 1.0)
+        soon = max(min(every / 10, POLL_S), 0.1)
+        pause = every
+        while not self._stop.wait(pause):
+            sent, pause = time.monotonic(), soon
             try:
                 self.etag = self._put(IfMatch=str(self.etag)) if self.conditional else self._put()
+                pause = every
             except Exception as e:  # noqa: BLE001
                 if _code(e) in ("PreconditionFailed", "412", "NoSuchKey", "404"):
                     try:
                         got = self._read()
                         if got is not None and self._ours(got["Body"].read(), got["ETag"]):
-                            self.renewed_at = sent
+                            self.renewed_at, pause = sent, every
                             continue  # the renewal took; its reply was lost and the retry refused
                     except Exception as read_error:  # noqa: BLE001
                         log.warning("could not read the catalog lease back (%s); trying again", read_error)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 import yaml
@@ -190,3 +191,28 @@ def test_a_pass_that_loses_its_lease_while_deleting_deletes_and_writes_nothing_m
     assert sink.get(catalog.MANIFEST_KEY) == manifest_at_takeover      # the new owner's to write now
     assert code == 1 and "lost the catalog lease" in summary["lease_lost"], summary
     assert json.loads(sink.get(lease.LEASE_KEY))["token"] == "theirs"
+
+
+def test_a_renewal_that_did_not_reach_the_store_is_tried_again_soon(s3_bucket, monkeypatch):
+    """A lease renewal that failed (an S3 503 past botocore's retries, a network blip of a second) was tried again
+    only a third of the TTL later, when the lease is two thirds old: the threshold at which every write's fence
+    check refuses it (the store's clock has whole seconds), so one failed renewal cost the pass the rows written
+    around that moment, or the whole pass if its own check fell there. Now it is tried again within a tenth of
+    the interval: here (TTL 4.5 s, renewals every 1.5 s, failed once at 1.5 s) the lease is renewed well before
+    it is 3 s old."""
+    real, failed = lease._S3Lease._put, []
+
+    def put(self, **cond):
+        if "IfMatch" in cond and not failed:
+            failed.append(time.monotonic())
+            raise ConnectionError("Could not connect to the endpoint URL")
+        return real(self, **cond)
+
+    monkeypatch.setattr(lease._S3Lease, "_put", put)
+    sink = S3Sink(s3_bucket, "ivr")
+    with lease.hold(sink, ttl_s=4.5) as held:
+        start = time.monotonic()
+        time.sleep(2.6)
+        assert failed and time.monotonic() - held.renewed_at < 1.0, (failed[0] - start, held.renewed_at - start)
+        held.check()
+        lease.check_writes(lease.fenced(S3Sink(s3_bucket, "ivr"), held.fence()))
