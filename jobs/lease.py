@@ -321,6 +321,8 @@ class _S3Lease:
         soon = max(min(every / 10, POLL_S), 0.1)
         pause = every
         while not self._stop.wait(pause):
+            if self.lost:   # counted as lost (check()): the pass gave it up; renewing would only keep others out
+                return
             sent, pause = time.monotonic(), soon
             try:
                 self.etag = self._put(IfMatch=str(self.etag)) if self.conditional else self._put()
