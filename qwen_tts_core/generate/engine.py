@@ -222,9 +222,7 @@ class Engine:
     def add(self, req: SynthesisRequest) -> Session:
         req = _own_copy(req)
         validate(self.model, req)
-        vp = req.voice_clone_prompt
-        ref_key = codes_key(vp.ref_code) if vp is not None and vp.ref_code is not None else None
-        req = self._on_device(req)
+        req, ref_key = self._on_device(req)
         s = Session(request=req, ref_key=ref_key)
         if req.text is None:
             s.incremental = IncrementalText.of(self.model.tokenizer)
@@ -244,18 +242,25 @@ class Engine:
             self._work.notify_all()
         return s
 
-    def _on_device(self, req: SynthesisRequest) -> SynthesisRequest:
-        """Everything a request brings (a stored voice: speaker vector, reference codes) moved to the model's device
-        and dtype, once, here; the caller's objects are left as they were."""
+    def _on_device(self, req: SynthesisRequest) -> tuple[SynthesisRequest, tuple | None]:
+        """Everything a (validated) request brings (a stored voice: speaker vector, reference codes) copied to the
+        model's device and dtype, once, here, with the reference codes' context-cache key (read on the host). The
+        session owns these copies: it shared the caller's tensors (`.to()` on their device copies nothing), so a
+        caller that reused its buffer after `add` changed the session's voice, and the decoder state of the new
+        codes was cached under the key of the old ones, for every later session of that voice, anyone's."""
         vp = req.voice_clone_prompt
+        code = getattr(vp, "ref_code", None)
         if vp is None or not dataclasses.is_dataclass(vp):
-            return req
-        moved = {}
+            return req, None if code is None else codes_key(code)
+        moved, key = {}, None
         if getattr(vp, "ref_spk_embedding", None) is not None:
-            moved["ref_spk_embedding"] = vp.ref_spk_embedding.to(self.device, self.talker.codec_head.weight.dtype)
-        if getattr(vp, "ref_code", None) is not None:
-            moved["ref_code"] = vp.ref_code.to(self.device, torch.long)
-        return dataclasses.replace(req, voice_clone_prompt=dataclasses.replace(vp, **moved))
+            moved["ref_spk_embedding"] = vp.ref_spk_embedding.detach().to(
+                self.device, self.talker.codec_head.weight.dtype, copy=True)
+        if code is not None:
+            host = code.detach().to("cpu", torch.long, copy=True)
+            key = codes_key(host)
+            moved["ref_code"] = host.to(self.device)
+        return dataclasses.replace(req, voice_clone_prompt=dataclasses.replace(vp, **moved)), key
 
     def cancel(self, session: Session) -> None:
         """Stop a session at the next step and free its slot; cancelling twice (or a finished one) is a no-op."""
@@ -691,15 +696,11 @@ def _own_copy(req: SynthesisRequest) -> SynthesisRequest:
     """The session's own request and voice prompt objects, taken before validation: a caller may change a request
     (or its prompt) after `add`, or add it again as a template with another priority, text or sampling, and the
     queued or running session must not see that (its queue was looked up by the changed priority on cancel: the
-    wrong deque, and every later step failed). SamplingParams is frozen. The prompt's tensors are copied too (a few
-    KB): the session shared the caller's (`.to()` on their device copies nothing), so a caller that reused its
-    buffer after `add` changed the session's voice, and the decoder state of the new codes was cached under the
-    key of the old ones (taken at add), for every later session of that voice, anyone's."""
+    wrong deque, and every later step failed). SamplingParams is frozen; the prompt's tensors are copied once
+    validated (`_on_device`)."""
     if not isinstance(req, SynthesisRequest):
         raise RequestError("request", f"must be a SynthesisRequest, got {type(req).__name__}")
     vp = req.voice_clone_prompt
     if dataclasses.is_dataclass(vp) and not isinstance(vp, type):
-        own = {f: getattr(vp, f).detach().clone() for f in ("ref_code", "ref_spk_embedding")
-               if isinstance(getattr(vp, f, None), torch.Tensor)}
-        return dataclasses.replace(req, voice_clone_prompt=dataclasses.replace(vp, **own))
+        return dataclasses.replace(req, voice_clone_prompt=dataclasses.replace(vp))
     return dataclasses.replace(req)
