@@ -332,7 +332,8 @@ class Engine:
     @torch.inference_mode()
     def step(self, emit: Callable[[list[AudioChunk]], None] | None = None) -> list[AudioChunk]:
         """Advance every session by at most one frame; returns the audio chunks (and last chunks) that are ready.
-        Never raises for a failure inside a step: the sessions it touched end with an error chunk instead.
+        Never raises for a failure inside a step: the sessions it touched end with an error chunk instead (an
+        interrupt, e.g. KeyboardInterrupt, fails them too, hands their chunks to `emit`, and is raised again).
 
         emit: called in this thread with chunks that are ready before the step ends; those are not returned again.
         Without CUDA graphs a chunk due after the code predictor is decoded before the talker step runs, so with
@@ -341,10 +342,18 @@ class Engine:
         out: list[AudioChunk] = []
         try:
             self._step(out, emit)
-        except Exception as e:  # noqa: BLE001 - fail what was running, keep the engine usable
-            log.exception("engine step failed; failing its active sessions")
+        except BaseException as e:  # fail what was running, keep the engine usable
+            # an interrupt (KeyboardInterrupt in the thread stepping) too: a step left midway (a frame drawn on the
+            # device, not taken by its sessions) would go on with wrong codes, silently
+            if isinstance(e, Exception):
+                log.exception("engine step failed; failing its active sessions")
             for s in list(self.active) + list(self._audio_rows.values()):
                 self._fail(s, e, out)
+            if not isinstance(e, Exception):
+                self.steps += 1
+                if emit is not None and out:  # the sessions' last chunks, where the caller takes them
+                    emit(list(out))
+                raise
         self.steps += 1
         return out
 

@@ -378,3 +378,46 @@ def test_an_emit_callback_that_raises_ends_each_session_once_and_leaves_the_engi
 
     got, want = alone(eng), alone(Engine(m, max_sessions=2))
     assert np.array_equal(got[0], want[0]) and np.abs(got[1] - want[1]).max() < 1e-5
+
+
+def test_a_step_interrupted_midway_fails_its_sessions_instead_of_going_on_with_wrong_codes(model_factory):
+    """A KeyboardInterrupt (Ctrl-C reaches the thread that steps: generate_* on the main thread, a notebook's
+    interrupt) after the runner drew a frame but before the sessions took it: the sessions went on and finished
+    normally ("max_new_tokens") with codes other than their own, silently (/tmp/h1/probe_interrupt.py). Now the
+    step fails the sessions it touched (error naming the interrupt, their last chunks handed to `emit`), the
+    interrupt still propagates, and the engine serves the next session as a fresh one."""
+    import numpy as np
+
+    from qwen_tts_core import Engine
+
+    m = model_factory("custom_voice", "tiny")
+    eng = Engine(m, max_sessions=2)
+    s = eng.add(_request("custom_voice", "Hello there, a longer one.", 3, 12, 1, 2))
+    for _ in range(4):
+        eng.step()
+    real = eng.runner.step
+
+    def interrupted(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    eng.runner.step = interrupted
+    emitted = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            eng.step(emit=emitted.extend)
+    finally:
+        eng.runner.step = real
+    assert s.finish_reason == "error" and "KeyboardInterrupt" in s.error
+    assert [c.finish_reason for c in emitted if c.is_last] == ["error"]
+    while eng.has_work():
+        eng.step()
+    assert sorted(eng.free_slots) == [0, 1] and eng.audio.num_open == 0
+
+    def codes(engine):
+        t = engine.add(_request("custom_voice", "Good morning!", 7, 8, 1, 3))
+        while engine.has_work():
+            engine.step()
+        return t.codes().numpy()
+
+    assert np.array_equal(codes(eng), codes(Engine(m, max_sessions=2)))
