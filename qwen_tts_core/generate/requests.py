@@ -16,7 +16,7 @@ import torch
 
 from ..audio_io import AudioLimits
 from ..codec.decoder import check_codes
-from ..errors import RequestError, shown
+from ..errors import ECHO_CHARS, RequestError, shown
 from ..text.prompt import Prompt, build_prompt
 from ..types import SAMPLE_RATE, SAMPLING_FIELDS, SamplingParams, SynthesisRequest
 
@@ -71,6 +71,21 @@ def check_ref_text(text: object, field: str = "ref_text", allow_blank: bool = Fa
         raise RequestError(field, f"is {len(text)} characters long; a reference transcript may have at most "
                                   f"{MAX_REF_TEXT_CHARS} (the words spoken in the reference audio, a few seconds)")
     return check_text(text, field, allow_blank=allow_blank)
+
+
+MAX_INSTRUCT_CHARS = 8192
+"""The longest instruction (`instruct`: a style, or VoiceDesign's description of the voice). It is tokenized when
+the session's prompt is built, on the engine's step thread, where every other session waits for it: unbounded, a
+2,000,000-character one stalled them 1.3 s (tiny model, 2-core CPU) before max_len refused it. A description is a few
+sentences; 8192 characters cost a few milliseconds there (the service asks for at most 2000)."""
+
+
+def check_instruct(text: object, field: str = "instruct") -> str:
+    """`check_text` (blank allowed: no instruction) with MAX_INSTRUCT_CHARS, measured before any scan."""
+    if isinstance(text, str) and len(text) > MAX_INSTRUCT_CHARS:
+        raise RequestError(field, f"is {len(text)} characters long; an instruction may have at most "
+                                  f"{MAX_INSTRUCT_CHARS}")
+    return check_text(text, field, allow_blank=True)
 
 
 SEED_MAX = 2**63
@@ -174,7 +189,7 @@ def validate(model, req: SynthesisRequest) -> None:
     if lang not in langs:
         raise RequestError("language", f"{shown(req.language)} is not supported; choose one of {langs}")
     if req.instruct is not None:
-        check_text(req.instruct, "instruct", allow_blank=True)
+        check_instruct(req.instruct)
     # None or "": no speaker embedding, as the reference (not `in (None, "")`: an array compares elementwise)
     if req.kind == "custom_voice" and not (req.speaker is None or isinstance(req.speaker, str) and not req.speaker):
         speakers = model.get_supported_speakers()
@@ -232,10 +247,12 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
     """
     kind = {v: k for k, v in KIND_TO_MODEL_TYPE.items()}[model.tts_model_type]
     if text is not None:
+        if isinstance(text, str) and policy.max_text_chars is not None and len(text) > policy.max_text_chars:
+            raise RequestError("text", f"is longer than {policy.max_text_chars} characters")  # before any scan
         check_text(text)
-        if policy.max_text_chars is not None and len(text) > policy.max_text_chars:
-            raise RequestError("text", f"is longer than {policy.max_text_chars} characters")
-    for name, v in (("voice", voice), ("instruct", instructions), ("language", language)):
+    if instructions is not None:
+        check_instruct(instructions)
+    for name, v in (("voice", voice), ("language", language)):
         if v is not None:
             check_text(v, name, allow_blank=True)
     for name, v in (("non_streaming_mode", non_streaming_mode),):
@@ -263,10 +280,15 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
         except ValueError as e:  # a damaged file (load_voice_prompt); what is wrong stays in the chained exception
             raise RequestError("voice", f"{shown(voice)} is a stored voice that cannot be read") from e
         instructions = None
+    if sampling is not None and not isinstance(sampling, Mapping):
+        raise RequestError("sampling", f"must be a mapping of sampling fields, got {type(sampling).__name__}")
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
-    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
+    unknown = sorted((k for k in sampling if k not in SAMPLING_FIELDS), key=repr)  # keys of any type (a job's row)
     if unknown:
-        raise RequestError(unknown[0], f"unknown sampling field(s) {unknown}; supported: {list(SAMPLING_FIELDS)}")
+        # a caller's keys, repeated bounded (shown); the field is the first one's name when it is a short name
+        first = unknown[0]
+        field = first if isinstance(first, str) and first.isidentifier() and len(first) <= ECHO_CHARS else "sampling"
+        raise RequestError(field, f"unknown sampling field(s) {shown(unknown)}; supported: {list(SAMPLING_FIELDS)}")
     params = model.sampling_params(**sampling)
     want = sampling.get("max_new_tokens")
     if want is not None and policy.max_new_tokens is not None and want > policy.max_new_tokens:
@@ -305,6 +327,10 @@ def make_prompt(model, req: SynthesisRequest, role_ids: list[int], text_ids: lis
         if vp.icl_mode and vp.ref_code is not None:
             ref_codes, ref_ids = vp.ref_code, tok.ref(vp.ref_text)
     if max_len is not None:
+        if instruct_ids and min_positions(role_ids, text_ids[:1], True, instruct_ids, ref_ids, ref_codes) >= max_len:
+            # even a one-token text would not fit: the instruction is what is too long (not the text)
+            raise RequestError("instruct", f"takes {len(instruct_ids)} positions; with the rest of the prompt this "
+                                           f"engine's {max_len} per session (max_len) leave no room for the text")
         check_positions(min_positions(role_ids, text_ids, text_ended, instruct_ids, ref_ids, ref_codes), max_len)
     return build_prompt(
         model.talker, model.cfg, role_ids=role_ids, text_ids=text_ids, language=req.language or "auto",

@@ -1,0 +1,91 @@
+"""Review of the text front-end (request fields -> prompt tokens): hostile field values, the length limits of what
+is tokenized, and the errors that name them.
+
+Findings (each test failed before its fix):
+- an unknown sampling field was echoed unbounded, as the error's `field` and in full in its message (a 100,000-
+  character key from a job's row came back twice), and keys of mixed types raised a TypeError, not a RequestError;
+- an instruction had no length limit in the core: a 2,000,000-character one was accepted by `Engine.add` and
+  tokenized on the engine's step thread (1.3 s with every other session stalled, tiny model, 2-core CPU), then
+  refused naming `text`, not `instruct`;
+- a whole text over the policy's `max_text_chars` was scanned character by character (blank or not) before its
+  length was looked at.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen_tts_core.errors import ECHO_CHARS, RequestError
+from qwen_tts_core.generate import requests as rq
+from qwen_tts_core.generate.engine import Engine
+from qwen_tts_core.generate.requests import RequestPolicy, request_from_fields
+from qwen_tts_core.types import SamplingParams, SynthesisRequest
+
+
+@pytest.fixture(scope="module")
+def cv(model_factory):
+    return model_factory("custom_voice", "tiny")
+
+
+def _bounded(e: RequestError) -> None:
+    assert len(e.field) <= ECHO_CHARS and len(str(e)) < 600, (len(e.field), len(str(e)))
+
+
+def test_an_unknown_sampling_field_is_named_bounded(cv):
+    with pytest.raises(RequestError) as e:
+        request_from_fields(cv, text="Hello.", sampling={"x" * 100_000: 1})
+    _bounded(e.value)
+    with pytest.raises(RequestError) as e:
+        request_from_fields(cv, text="Hello.", sampling={f"k{i}": 1 for i in range(10_000)})
+    _bounded(e.value)
+    assert e.value.field == "k0"    # a short name is still the field
+    with pytest.raises(RequestError) as e:   # keys of several types (a job's row): not a TypeError from sorted()
+        request_from_fields(cv, text="Hello.", sampling={1: 2, "y": 3})
+    _bounded(e.value)
+    with pytest.raises(RequestError) as e:
+        request_from_fields(cv, text="Hello.", sampling=[("top_k", 3)])
+    assert e.value.field == "sampling"
+
+
+def test_an_instruction_is_bounded_before_it_reaches_the_step_thread(cv):
+    longest = "a " * (rq.MAX_INSTRUCT_CHARS // 2)
+    assert request_from_fields(cv, text="Hello.", instructions=longest).instruct == longest
+    with pytest.raises(RequestError) as e:
+        request_from_fields(cv, text="Hello.", instructions=longest + "b")
+    assert e.value.field == "instruct"
+    _bounded(e.value)
+    eng = Engine(cv, max_sessions=1)
+    req = SynthesisRequest(kind="custom_voice", text="Hello.", speaker=cv.get_supported_speakers()[0],
+                           language="auto", instruct="word " * 400_000, decode_audio=False,
+                           sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=2))
+    with pytest.raises(RequestError) as e:   # refused in add (the caller's thread), never tokenized
+        eng.add(req)
+    assert e.value.field == "instruct"
+
+
+def test_an_instruction_too_long_for_max_len_is_named(cv):
+    eng = Engine(cv, max_sessions=1, max_len=64)
+    req = SynthesisRequest(kind="custom_voice", text="Hi.", speaker=cv.get_supported_speakers()[0],
+                           language="auto", instruct="1 " * 80, decode_audio=False,
+                           sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=2))
+    s = eng.add(req)
+    while eng.has_work():
+        eng.step()
+    assert s.error_field == "instruct", (s.error_field, s.error)
+    short = eng.add(SynthesisRequest(**{**req.__dict__, "instruct": "1 " * 10, "text": "word " * 60}))
+    while eng.has_work():
+        eng.step()
+    assert short.error_field == "text", (short.error_field, short.error)   # the text is what does not fit
+
+
+def test_text_length_is_measured_before_its_characters_are_scanned(cv, monkeypatch):
+    policy = RequestPolicy(max_text_chars=100)
+    assert request_from_fields(cv, text="e\u0301" * 50, policy=policy).text   # 100 characters as sent: at the limit
+
+    def scanned(text):
+        raise AssertionError("scanned a text already too long")
+
+    monkeypatch.setattr(rq, "is_blank", scanned)
+    with pytest.raises(RequestError) as e:
+        request_from_fields(cv, text="\u200b" * 1_000_001, policy=policy)
+    assert e.value.field == "text" and "longer than 100" in e.value.message
