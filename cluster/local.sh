@@ -62,6 +62,19 @@ case "${1:-}" in
     fi
     pgid=$(cat "$pgid_file")
     pids=$(head_tree "$pgid")
+    # only if that group is still this head (a Ray daemon started with this temp dir): after a crash or reboot the
+    # file outlives the head and its id may name someone else's process group by now
+    if [ -n "$pids" ] && ! ps -ww -o args= -p "$(echo $pids | tr ' ' ',')" | awk -v d="=$temp_dir" '
+        { i = index($0, d); c = substr($0, i + length(d), 1)
+          if (i && (c == "" || c == "/" || c == " ")) found = 1 }
+        END { exit !found }'; then
+      pids=""
+    fi
+    if [ -z "$pids" ]; then
+      rm -f "$pgid_file"
+      echo "no head started by this script runs at $RAY_ADDRESS_HOSTPORT (stale $pgid_file removed); nothing stopped"
+      exit 0
+    fi
     if [ -n "$pids" ]; then kill -TERM $pids 2>/dev/null || true; fi
     for _ in $(seq 25); do
       alive=$(for p in $pids; do if kill -0 "$p" 2>/dev/null; then echo "$p"; fi; done)

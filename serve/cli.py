@@ -33,6 +33,7 @@ PROBE_TIMEOUT_S = 1.0
 HTTP_READY_TIMEOUT_S = 120.0   # Serve replaces a proxy that misses its readiness check; wait this long for HTTP
 
 
+PROXY_LOCATIONS = ("HeadOnly", "EveryNode", "Disabled")   # Serve's ProxyLocation values
 _APPLIED = {"top": {"proxy_location", "http_options", "applications"}, "http_options": {"host", "port"},
             "app": {"name", "route_prefix", "import_path", "args"}}
 
@@ -58,6 +59,15 @@ def read_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], s
     http = doc.get("http_options") or {}
     if not isinstance(http, dict):
         raise SystemExit(f"qtts serve: --config {path}: http_options must be a mapping")
+    for key, ok, want in (("host", lambda v: isinstance(v, str) and v.strip() != "", "a host name or address"),
+                          ("port", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535,
+                           "an integer port 1-65535")):
+        if key in http and not ok(http[key]):
+            raise SystemExit(f"qtts serve: --config {path}: http_options.{key} must be {want}, got {http[key]!r}")
+    location = doc.get("proxy_location")
+    if location is not None and location not in PROXY_LOCATIONS:
+        raise SystemExit(f"qtts serve: --config {path}: proxy_location must be one of {list(PROXY_LOCATIONS)}, "
+                         f"got {location!r}")
     app = apps[0]
     def unused(d: dict, applied: str, label: str) -> list[str]:  # keys with a value this command would not apply
         return [f"{label}{k}" for k, v in d.items() if k not in _APPLIED[applied] and v not in (None, {}, [], "")]
@@ -244,19 +254,22 @@ def _serve(args: argparse.Namespace) -> int:
     http, app_args, proxy_location = read_serve_yaml(args.config) if args.config else ({}, {}, None)
     if args.model:
         app_args["models"] = models_from_args(args)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise SystemExit(f"qtts serve: --port must be 1-65535, got {args.port}")
     try:
         cfg = ServiceConfig.from_dict(app_args).with_env_keys()  # the same resolved keys the ingress will enforce
+        application = build_app(cfg)  # Serve's own checks of the deployments' options, before any Ray starts
     except (TypeError, ValueError) as e:
         raise SystemExit(f"qtts serve: {e}") from None
     explicit = args.host is not None or args.port is not None
     host = args.host or http.get("host", "127.0.0.1")
-    port = args.port or int(http.get("port", 8000))
+    port = args.port if args.port is not None else http.get("port", 8000)
     if host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_keys or cfg.admin_api_keys):
         log.warning("serving on %s without API keys (set api_keys or QTTS_API_KEYS)", host)
     started = _connect(args.address)
     check_gpus(cfg)
     host, port = start_http(host, port, explicit, proxy_location)
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     _sigterm_as_ctrl_c()  # before "qtts serving" is printed: a SIGTERM right after it must find this handler
     try:
@@ -300,7 +313,8 @@ def register(subparsers) -> None:
                    help="serve this checkpoint (hub id or folder); repeat for several models (replaces the "
                         "config's models)")
     p.add_argument("--name", action="append", default=None,
-                   help="served model name, once per --model (default: the folder's or id's last part)")
+                   help="served model name (letters, digits, '.', '_', '-'), once per --model (default: the folder's "
+                        "or id's last part)")
     p.add_argument("--num-gpus", action="append", type=float, default=None,
                    help="GPUs per replica (0.5 packs two on one GPU); once for all models or once per --model")
     p.add_argument("--dtype", action="append", default=None, choices=["float32", "bfloat16", "float16"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, fields, replace
@@ -21,6 +22,14 @@ from qwen_tts_core.errors import shown
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
 # The environment variables that hold API keys (comma-separated), by the config field their keys join.
 ENV_KEY_VARS = {"api_keys": "QTTS_API_KEYS", "admin_api_keys": "QTTS_ADMIN_API_KEYS"}
+# The fields that hold keys: an error about them never shows their value (it goes to stderr, logs, `serve status`).
+_SECRET_FIELDS = {"api_keys", "admin_api_keys", "env_api_keys", "env_admin_api_keys"}
+# A served model's name: Serve deploys it as "tts-<name>" (a Serve id is app#deployment#replica, so no "#"), clients
+# send it as `model` and in /v1/models/{id}, jobs pass it as --model (no "/": that is a checkpoint). The characters
+# `qtts serve --model` derives names from.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+SEED_LIMIT = 2 ** 63   # the tiny random checkpoint's seed (torch.manual_seed)
 
 
 def _check_keys(d: Any, cls: type, where: str) -> None:
@@ -34,8 +43,17 @@ def _check_keys(d: Any, cls: type, where: str) -> None:
         raise ValueError(f"{where}: unknown key(s) {shown(sorted(map(str, unknown)))}; allowed: {sorted(allowed)}")
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        if f.name in d and not _fits(d[f.name], hints[f.name]):
-            raise ValueError(f"{where}.{f.name} must be {f.type}, got {shown(d[f.name])}")
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if not _fits(v, hints[f.name]):
+            if f.name in _SECRET_FIELDS:  # the value may hold keys: say what is wrong, never show it
+                bad = type(v).__name__ if not isinstance(v, list | tuple) else \
+                    f"a list with a {type(next(k for k in v if not isinstance(k, str))).__name__} entry"
+                raise ValueError(f"{where}.{f.name} must be a list of key strings, got {bad} (value not shown)")
+            raise ValueError(f"{where}.{f.name} must be {f.type}, got {shown(v)}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where}.{f.name} must be a finite number, got {v}")
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -100,8 +118,9 @@ class ModelConfig:
     audio_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(f"models[].name must be a non-empty string without '/', got {self.name!r}")
+        if not isinstance(self.name, str) or not MODEL_NAME.fullmatch(self.name):
+            raise ValueError(f"models[].name must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter "
+                             f"or digit: Serve deploys it as tts-<name>, clients name it in URLs), got {shown(self.name)}")
         if self.checkpoint is not None and not self.checkpoint.strip():  # e.g. an unset ${MODEL_PATH}
             raise ValueError(f"models[{self.name}].checkpoint must name a folder or hub id, or be left out (a tiny "
                              "random model); got a blank string")
@@ -126,6 +145,31 @@ class ModelConfig:
             from qwen_tts_core.checkpoint.weights import resolve_dtype
 
             resolve_dtype(self.audio_dtype, f"models[{self.name}].audio_dtype")
+        where = f"models[{self.name}]"
+        for name in ("num_gpus", "num_cpus"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{where}.{name} must be a finite number >= 0, got {v!r}")
+        if self.num_replicas < 1:
+            raise ValueError(f"{where}.num_replicas must be >= 1, got {self.num_replicas}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"{where}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.default_max_new_tokens is not None and not 1 <= self.default_max_new_tokens <= self.max_new_tokens:
+            # a request that does not say is capped by this one alone: above max_new_tokens it lifted the hard cap
+            raise ValueError(f"{where}.default_max_new_tokens must be in [1, max_new_tokens={self.max_new_tokens}] "
+                             f"or null, got {self.default_max_new_tokens}")
+        if self.max_input_chars is not None and self.max_input_chars < 1:
+            raise ValueError(f"{where}.max_input_chars must be >= 1 or null, got {self.max_input_chars}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"{where}.seed must be in [0, 2**63), got {self.seed}")
+        if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
+            raise ValueError(f"{where}.device must be auto, cpu, cuda or cuda:N, got {shown(self.device)}")
+        if self.dtype != "auto":  # what the model loader takes ("auto": the checkpoint's own)
+            from qwen_tts_core.checkpoint.weights import resolve_dtype
+
+            resolve_dtype(self.dtype, f"{where}.dtype")
+        if self.autoscaling is not None:
+            _check_autoscaling(self.autoscaling, f"{where}.autoscaling")
 
     @property
     def max_ongoing_requests(self) -> int:
@@ -192,6 +236,19 @@ class ServiceConfig:
                self.body_timeout_s) <= 0 or self.ws_max_messages < 1 or self.ws_message_burst < 1:
             raise ValueError("ws_idle_timeout_s, session_deadline_s, session_lease_s, ws_max_messages, "
                              "ws_max_messages_per_s, ws_message_burst and body_timeout_s must be positive")
+        if not 0 <= self.retry_after_s <= 3600:
+            raise ValueError(f"retry_after_s must be seconds in [0, 3600], got {self.retry_after_s!r}")
+        if not (isinstance(self.ingress_num_cpus, int | float) and math.isfinite(self.ingress_num_cpus)
+                and self.ingress_num_cpus >= 0):
+            raise ValueError(f"ingress_num_cpus must be a finite number >= 0, got {self.ingress_num_cpus!r}")
+        if self.ingress_replicas < 1:
+            raise ValueError(f"ingress_replicas must be >= 1, got {self.ingress_replicas!r}")
+        for name in ("ws_idle_timeout_s", "session_deadline_s", "session_lease_s", "ws_max_messages_per_s",
+                     "body_timeout_s"):
+            if not math.isfinite(getattr(self, name)):  # NaN passed the "> 0" test; inf: a replica never drained
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        _check_cache_dir(self.cache_dir)
+        _check_voices_uri(self.voices_uri)
         for name in ("max_streams_per_key", "max_voices_per_key", "max_uploads_per_key"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -223,6 +280,10 @@ class ServiceConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ServiceConfig:
         d = dict(d or {}) if isinstance(d, dict | None) else d
+        if isinstance(d, dict) and "models" in d and d["models"] is None:
+            # `models:` with every entry commented out: not the tiny default model in place of the real ones
+            raise ValueError("serve config.models is empty (null): list at least one model, or leave the key out "
+                             "for the tiny random default")
         models = d.pop("models", None) if isinstance(d, dict) else None
         _check_keys(d, cls, "serve config")
         if models is not None:
@@ -292,6 +353,43 @@ class ServiceConfig:
         """Every key the service accepts once the environment's are added (what the ingress enforces)."""
         cfg = self.with_env_keys()
         return frozenset(cfg.api_keys) | frozenset(cfg.admin_api_keys)
+
+
+def _check_cache_dir(path: str) -> None:
+    """cache_dir: a local folder every replica resolves alike: absolute, or under "~" (each worker's home)."""
+    if not (path.startswith(("/", "~")) and "://" not in path):
+        raise ValueError(f"cache_dir must be an absolute local folder or start with ~ (a relative one is resolved in "
+                         f"each Ray worker's own working folder), got {shown(path)}")
+
+
+def _check_voices_uri(uri: str) -> None:
+    """voices_uri: what serve/voices.py VoiceStore.from_uri takes, checked here so that a wrong one is refused at
+    start, not in the ingress and every replica as they start."""
+    if uri.startswith("s3://"):
+        if not uri[len("s3://"):].split("/", 1)[0]:
+            raise ValueError(f"voices_uri must name a bucket: s3://bucket/prefix, got {shown(uri)}")
+        return
+    path = uri.removeprefix("file://")
+    if "://" in path or not path.startswith(("/", "~")):
+        raise ValueError(f"voices_uri must be an absolute local folder (or ~/...), file:///folder or "
+                         f"s3://bucket/prefix (a relative folder is each Ray worker's own), got {shown(uri)}")
+
+
+def _check_autoscaling(d: dict[str, Any], where: str) -> None:
+    """Serve's autoscaling_config rules (unknown keys too, which Serve ignores), as an error naming the model."""
+    from ray.serve.config import AutoscalingConfig
+
+    known = getattr(AutoscalingConfig, "model_fields", None) or AutoscalingConfig.__fields__
+    unknown = sorted(map(str, set(d) - set(known)))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {shown(unknown)}; allowed: {sorted(known)}")
+    try:
+        AutoscalingConfig(**d)
+    except (TypeError, ValueError) as e:
+        errors = getattr(e, "errors", None)
+        why = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'value'}: {x['msg']}" for x in errors()) \
+            if callable(errors) else str(e)
+        raise ValueError(f"{where}: {why}") from None
 
 
 def _env_keys(environ: dict[str, str]) -> dict[str, tuple[str, ...]] | None:

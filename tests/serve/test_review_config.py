@@ -1,0 +1,223 @@
+"""Review of the operator's side (configuration, start-up, secrets, manifests): each test is a defect found by
+probing `ServiceConfig.from_dict`, `qtts serve`'s YAML reading and cluster/local.sh (scripts in /tmp/h6/). A config
+that cannot work is refused at start with a ValueError naming the field, instead of failing in a replica (a restart
+loop), inside Serve's own validation (a traceback naming Serve's fields) or mid-traffic; an error never echoes a key."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.cli import read_serve_yaml
+from serve.config import ServiceConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _model(**kw) -> dict:
+    return {"models": [{"name": "m", **kw}]}
+
+
+# --- secrets ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d", [
+    {"api_keys": ["sk-SECRET-1", 5]},                # one entry of the wrong type: the others were echoed
+    {"admin_api_keys": "sk-SECRET-1"},               # a string where a list goes
+    {"api_keys": ["sk-SECRET-1", None]},
+    {"env_admin_api_keys": {"sk-SECRET-1": 1}},
+])
+def test_a_malformed_key_list_is_refused_without_echoing_the_keys(d):
+    """The type error printed the whole list: keys in stderr, in logs, and (serve run) in `serve status`."""
+    with pytest.raises(ValueError, match=r"api_keys must be") as e:
+        ServiceConfig.from_dict(d)
+    assert "SECRET" not in str(e.value)
+
+
+# --- numbers ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d,field", [
+    ({"session_deadline_s": float("nan")}, "session_deadline_s"),    # Serve's pydantic error at build, not ours
+    ({"session_deadline_s": float("inf")}, "session_deadline_s"),    # drain time inf: a replica never stopped
+    ({"body_timeout_s": float("nan")}, "body_timeout_s"),
+    ({"ws_max_messages_per_s": float("nan")}, "ws_max_messages_per_s"),
+    ({"session_lease_s": float("inf")}, "session_lease_s"),
+    ({"retry_after_s": -1}, "retry_after_s"),
+    ({"ingress_num_cpus": -1}, "ingress_num_cpus"),
+    ({"ingress_num_cpus": float("nan")}, "ingress_num_cpus"),
+    ({"ingress_replicas": 0}, "ingress_replicas"),
+    (_model(num_gpus=-1), "num_gpus"),
+    (_model(num_gpus=float("nan")), "num_gpus"),
+    (_model(num_cpus=-0.5), "num_cpus"),
+    (_model(num_replicas=0), "num_replicas"),
+    (_model(max_new_tokens=0), "max_new_tokens"),
+    (_model(default_max_new_tokens=0), "default_max_new_tokens"),
+    (_model(max_input_chars=0), "max_input_chars"),
+    (_model(seed=-1), "seed"),
+    (_model(seed=2 ** 70), "seed"),
+])
+def test_numbers_out_of_range_or_not_finite_are_refused_naming_the_field(d, field):
+    with pytest.raises(ValueError, match=field):
+        ServiceConfig.from_dict(d)
+
+
+def test_default_max_new_tokens_cannot_raise_the_hard_cap():
+    """A request that does not say was capped at default_max_new_tokens only: 100 > max_new_tokens 10 gave 100."""
+    with pytest.raises(ValueError, match=r"default_max_new_tokens"):
+        ServiceConfig.from_dict(_model(max_new_tokens=10, default_max_new_tokens=100))
+    assert ServiceConfig.from_dict(_model(max_new_tokens=10, default_max_new_tokens=10)).models[0].max_new_tokens == 10
+
+
+# --- names, paths, model options ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["a#b", "a b", "a\nb", "..", ".", "-x", "a:b", "a?b", "x" * 200])
+def test_a_model_name_serve_or_a_url_cannot_carry_is_refused(name):
+    """'#' failed inside Serve's deployment validation (deployment ids are app#deployment#replica); spaces, control
+    characters, '?' or '..' gave names a client cannot put in /v1/models/{id} and that break log lines."""
+    with pytest.raises(ValueError, match=r"models\[.*\]\.name"):
+        ServiceConfig.from_dict({"models": [{"name": name}]})
+
+
+def test_the_names_in_use_are_still_accepted():
+    for name in ["tiny-custom-voice", "tiny-base", "qwen3-tts-1.7b-customvoice", "cv", "m_1", "Qwen3.TTS"]:
+        assert ServiceConfig.from_dict({"models": [{"name": name}]}).models[0].name == name
+
+
+@pytest.mark.parametrize("d,field", [
+    ({"cache_dir": ""}, "cache_dir"),
+    ({"cache_dir": "cache"}, "cache_dir"),                 # relative: each Ray worker's own folder
+    ({"cache_dir": "s3://b/cache"}, "cache_dir"),          # a local folder named "s3:"
+    ({"voices_uri": ""}, "voices_uri"),
+    ({"voices_uri": "voices"}, "voices_uri"),
+    ({"voices_uri": "file://voices"}, "voices_uri"),
+    ({"voices_uri": "gs://bucket/p"}, "voices_uri"),       # failed in the ingress and every replica at start
+    ({"voices_uri": "S3://bucket/p"}, "voices_uri"),
+    ({"voices_uri": "s3://"}, "voices_uri"),
+    ({"voices_uri": "s3:///prefix"}, "voices_uri"),
+])
+def test_store_paths_that_mean_nothing_on_a_worker_are_refused(d, field):
+    with pytest.raises(ValueError, match=field):
+        ServiceConfig.from_dict(d)
+
+
+def test_store_paths_in_use_are_still_accepted(tmp_path):
+    for d in [{}, {"cache_dir": "~/c", "voices_uri": "~/v"}, {"cache_dir": str(tmp_path), "voices_uri": str(tmp_path)},
+              {"voices_uri": f"file://{tmp_path}"}, {"voices_uri": "s3://bucket"}, {"voices_uri": "s3://b/p/q/"}]:
+        ServiceConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("d,field", [
+    (_model(dtype="float64x"), "dtype"),          # failed at replica start (from_pretrained), each replica in turn
+    (_model(dtype="int8"), "dtype"),
+    (_model(device="gpu"), "device"),
+    (_model(device="cuda:x"), "device"),
+    (_model(autoscaling={"min_replicas": -5}), "autoscaling"),   # Serve's pydantic traceback in `qtts serve`
+    (_model(autoscaling={"min_replicas": 2, "max_replicas": 1}), "autoscaling"),
+    (_model(autoscaling={"bogus": 1}), "autoscaling"),
+])
+def test_model_options_are_checked_at_start(d, field):
+    with pytest.raises(ValueError, match=rf"models\[.*\]\.{field}"):
+        ServiceConfig.from_dict(d)
+
+
+def test_model_options_in_use_are_still_accepted():
+    for kw in [{"dtype": "bfloat16"}, {"dtype": "auto"}, {"dtype": "fp16"}, {"device": "cpu"}, {"device": "cuda:1"},
+               {"device": "cuda", "num_gpus": 1}, {"autoscaling": {"min_replicas": 1, "max_replicas": 4,
+                                                                   "target_ongoing_requests": 6}}]:
+        ServiceConfig.from_dict(_model(**kw))
+
+
+def test_an_empty_models_key_is_refused_not_replaced_by_the_tiny_model():
+    """`models:` with every entry commented out is YAML null: the service silently served a tiny random model."""
+    doc = yaml.safe_load("models:\n  # - name: cv\n  #   checkpoint: /models/cv\n")
+    with pytest.raises(ValueError, match=r"models"):
+        ServiceConfig.from_dict(doc)
+    assert ServiceConfig.from_dict({}).models[0].name == "tiny-custom-voice"   # no key: the documented default
+
+
+# --- qtts serve's YAML --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("http,match", [
+    ("port: abc", "http_options.port"),          # int("abc") was a traceback after Ray had started
+    ("port: 70000", "http_options.port"),
+    ("port: true", "http_options.port"),
+    ("host: 5", "http_options.host"),
+])
+def test_http_options_are_checked_when_the_file_is_read(tmp_path, http, match):
+    f = tmp_path / "s.yaml"
+    f.write_text(f"http_options:\n  {http}\napplications:\n  - name: qtts\n    args: {{}}\n")
+    with pytest.raises(SystemExit, match=match):
+        read_serve_yaml(f)
+
+
+def test_an_unknown_proxy_location_is_refused_when_the_file_is_read(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("proxy_location: Headonly\napplications:\n  - name: qtts\n    args: {}\n")
+    with pytest.raises(SystemExit, match="proxy_location"):
+        read_serve_yaml(f)
+    f.write_text("proxy_location: EveryNode\napplications:\n  - name: qtts\n    args: {}\n")
+    assert read_serve_yaml(f)[2] == "EveryNode"
+
+
+def test_qtts_serve_refuses_a_bad_config_before_starting_ray(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("applications:\n  - name: qtts\n    args:\n      models: [{name: m, autoscaling: {min_replicas: -1}}]\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "qwen_tts_core.cli", "serve", "--config", str(f), "--address", "local"],
+                       cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "autoscaling" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "starting a local Ray" not in r.stderr
+
+
+# --- manifests ----------------------------------------------------------------------------------------------------
+
+def test_the_crontab_example_runs_a_command_the_catalog_cli_accepts():
+    from jobs import catalog
+
+    (line,) = [x for x in (ROOT / "cluster/cron/crontab.example").read_text().splitlines()
+               if x.strip() and not x.startswith("#")]
+    argv = shlex.split(line.split(None, 5)[5])
+    cmd = argv[argv.index("-m") - 1:]
+    assert cmd[1:3] == ["-m", "jobs.catalog"], cmd
+    args = catalog.build_parser().parse_args(cmd[3:cmd.index(">>")] if ">>" in cmd else cmd[3:])
+    assert args.retire in catalog.RETIRE_MODES and args.output.startswith("s3://")
+    assert (ROOT / args.catalog).is_file() if hasattr(args, "catalog") else True
+
+
+def test_the_shipped_serve_configs_are_valid():
+    from tests.jobs.test_cluster_manifests import _service
+
+    ServiceConfig.from_dict(yaml.safe_load((ROOT / "configs/serve.yaml").read_text())["applications"][0]["args"])
+    ServiceConfig.from_dict(_service()[1]["args"])
+
+
+# --- cluster/local.sh ---------------------------------------------------------------------------------------------
+
+def test_stop_with_a_stale_pgid_file_kills_nothing_else(tmp_path):
+    """A head that died (reboot, OOM) leaves qtts-head.pgid behind; once its id is reused, `stop` killed that
+    process group (any process of the user's). Here: a process group this test made, named in the file."""
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        temp = tmp_path / "ray"
+        temp.mkdir()
+        (temp / "qtts-head.pgid").write_text(f"{other.pid}\n")
+        from tests.conftest import free_port
+
+        env = dict(os.environ, QTTS_RAY_TEMP_DIR=str(temp), QTTS_RAY_PORT=str(free_port()))
+        r = subprocess.run(["bash", str(ROOT / "cluster/local.sh"), "stop"], env=env, capture_output=True,
+                           text=True, timeout=30)
+        time.sleep(0.2)
+        assert other.poll() is None, "stop killed a process group that is not its Ray head"
+        assert r.returncode == 0 and "nothing stopped" in r.stdout, r.stdout + r.stderr
+        assert not (temp / "qtts-head.pgid").exists()
+    finally:
+        if other.poll() is None:
+            os.killpg(other.pid, signal.SIGKILL)
+        other.wait()
