@@ -14,7 +14,7 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from qwen_tts_core.errors import shown
@@ -190,10 +190,11 @@ class ServiceConfig:
     models: tuple[ModelConfig, ...] = (ModelConfig(),)
     cache_dir: str = "~/.cache/qwen-tts-fleet/serve"
     voices_uri: str = "~/.cache/qwen-tts-fleet/voices"   # local folder or s3://bucket/prefix
-    api_keys: tuple[str, ...] = ()                      # Bearer keys; also env QTTS_API_KEYS (comma-separated)
-    admin_api_keys: tuple[str, ...] = ()                # keys that see every key's voices; env QTTS_ADMIN_API_KEYS
-    env_api_keys: tuple[str, ...] = ()                  # not for the YAML: which of api_keys / admin_api_keys came
-    env_admin_api_keys: tuple[str, ...] = ()            # from the environment (with_env_keys records them)
+    # (keys: repr=False, so that no repr of a config, in a log line or a traceback, shows one)
+    api_keys: tuple[str, ...] = field(default=(), repr=False)   # Bearer keys; also env QTTS_API_KEYS (k1,k2)
+    admin_api_keys: tuple[str, ...] = field(default=(), repr=False)   # see every key's voices; QTTS_ADMIN_API_KEYS
+    env_api_keys: tuple[str, ...] = field(default=(), repr=False)     # not for the YAML: which of api_keys /
+    env_admin_api_keys: tuple[str, ...] = field(default=(), repr=False)   # admin_api_keys came from the environment
     metrics_without_key: bool = False                   # with keys set, /metrics needs one unless this is true
     docs_without_key: bool = False                      # likewise /docs and /openapi.json
     max_body_bytes: int = 1 << 20

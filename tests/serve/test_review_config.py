@@ -221,3 +221,12 @@ def test_stop_with_a_stale_pgid_file_kills_nothing_else(tmp_path):
         if other.poll() is None:
             os.killpg(other.pid, signal.SIGKILL)
         other.wait()
+
+
+def test_the_config_repr_shows_no_key():
+    """ServiceConfig is a dataclass: its repr (a log line, a traceback's locals, a test's failure output) listed every
+    key, and with_env_keys copies the environment's keys into it."""
+    cfg = ServiceConfig.from_dict({"api_keys": ["sk-SECRET-a"], "admin_api_keys": ["sk-SECRET-b"]}).with_env_keys(
+        {"QTTS_API_KEYS": "sk-SECRET-c", "QTTS_ADMIN_API_KEYS": "sk-SECRET-d"})
+    assert cfg.effective_api_keys() >= {"sk-SECRET-a", "sk-SECRET-c"}
+    assert "SECRET" not in repr(cfg) and "SECRET" not in str(cfg)
