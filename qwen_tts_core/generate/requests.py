@@ -266,7 +266,8 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
         if voice:
             raise RequestError("voice", "a VoiceDesign model takes no voice name; describe the voice in "
                                "instructions")
-        if not (instructions or "").strip():  # the Python API takes none, as the reference; a service asks for one
+        if instructions is None or is_blank(instructions):  # the Python API takes none, as the reference; a
+            #                      service asks for one (with a visible character: zero-width ones alone describe nothing)
             raise RequestError("instruct", "a VoiceDesign model needs a voice description")
     else:
         if not voice:

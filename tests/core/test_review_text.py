@@ -89,3 +89,12 @@ def test_text_length_is_measured_before_its_characters_are_scanned(cv, monkeypat
     with pytest.raises(RequestError) as e:
         request_from_fields(cv, text="\u200b" * 1_000_001, policy=policy)
     assert e.value.field == "text" and "longer than 100" in e.value.message
+
+
+def test_a_voice_design_description_must_have_a_visible_character(model_factory):
+    vd = model_factory("voice_design", "tiny")
+    assert request_from_fields(vd, text="Hello.", instructions="A calm voice.").instruct == "A calm voice."
+    for blank in ("", "   ", "\u200b\u200d", "\x00\ufeff \u202e"):   # invisible alone: no description at all
+        with pytest.raises(RequestError) as e:
+            request_from_fields(vd, text="Hello.", instructions=blank)
+        assert e.value.field == "instruct", blank
