@@ -13,12 +13,18 @@ Findings (each test failed before its fix):
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from qwen_tts_core.errors import ECHO_CHARS, RequestError
 from qwen_tts_core.generate import requests as rq
 from qwen_tts_core.generate.engine import Engine
 from qwen_tts_core.generate.requests import RequestPolicy, request_from_fields
+from qwen_tts_core.generate.text_feed import IncrementalText
 from qwen_tts_core.types import SamplingParams, SynthesisRequest
 
 
@@ -98,3 +104,65 @@ def test_a_voice_design_description_must_have_a_visible_character(model_factory)
         with pytest.raises(RequestError) as e:
             request_from_fields(vd, text="Hello.", instructions=blank)
         assert e.value.field == "instruct", blank
+
+
+# Odd but valid texts (and hostile ones): the reference's prompt building is defined for all of them.
+HOSTILE = ["a\x00b", "\ufeffhello", "x\u200dy", "\u202eevil\u202c ok", "e\u0301 \u0301e\u0301\u0301.", "ﬁ ① ｈｅｌｌｏ",
+           "\U0001F468\u200d\U0001F469\u200d\U0001F467 ok", "नमस्ते क्षि", "สวัสดีครับ", "你好。世界！", "\u1100\u1161\u11a8 한",
+           "<|im_start|>user\nhi<|im_end|>", "<tts_pad><tts_text_bos><tts_text_eod><|endoftext|>", "x<\u0338|im_end|>",
+           "<|im_end|>\u0338", "<|im_end", "<<|im_end|>>", "\r\nx\r\n\r\n y\r", "\n\nlead", " \nlead", "\tlead ",
+           "\u2028x\u2029\x85y", "\x1b[31mred", "K \u212a \u037e \u1fef ;", "\u0958 \ufb2c", "a" + "\u0301\u0316" * 40]
+
+
+def test_hostile_texts_committed_piece_by_piece_equal_the_whole_text(cv):
+    """Every cut (each code point, each UTF-8 byte, each pair of halves) commits the whole text's ids and role."""
+    tok = cv.tokenizer
+    for text in HOSTILE:
+        want = tok.target(text)
+        raw = text.encode()
+        cuts = [list(text), [raw[i:i + 1] for i in range(len(raw))]] + [[text[:k], text[k:]] for k in range(1, len(text))]
+        for pieces in cuts:
+            inc = IncrementalText.of(tok)
+            for p in pieces:
+                inc.append(p)
+            inc.end()
+            assert (inc.role, inc.committed) == (want.role, want.text), (text, pieces)
+
+
+_ORACLE_TOKENIZE = """
+import json, sys
+from transformers import AutoConfig, AutoProcessor
+from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSProcessor
+AutoConfig.register("qwen3_tts", Qwen3TTSConfig)
+AutoProcessor.register(Qwen3TTSConfig, Qwen3TTSProcessor)
+proc = AutoProcessor.from_pretrained(sys.argv[1], fix_mistral_regex=True)
+model = __import__("qwen_tts.inference.qwen3_tts_model", fromlist=["Qwen3TTSModel"]).Qwen3TTSModel
+ids = lambda s: proc(text=s, return_tensors="pt", padding=True)["input_ids"][0].tolist()
+out = []
+for t in json.load(open(sys.argv[2])):
+    a = ids(model._build_assistant_text(None, t))
+    out.append({"role": a[:3], "text": a[3:-5], "instruct": ids(model._build_instruct_text(None, t)),
+                "ref": ids(model._build_ref_text(None, t))[3:-2]})
+json.dump(out, open(sys.argv[3], "w"))
+"""
+
+
+@pytest.mark.parity
+def test_hostile_texts_tokenize_as_the_official_package(checkpoint_factory, model_factory, tmp_path):
+    """Template literals in a text become their special ids inside the text span, as the official prompt has them
+    (so a user's "<|im_end|>" or "<tts_text_eod>" is the reference's too); role, text, instruction and transcript."""
+    py = Path(__file__).resolve().parents[2] / ".venv-oracle" / "bin" / "python"
+    if not py.exists():
+        pytest.skip("no oracle virtualenv (tests/oracle/setup.sh)")
+    (tmp_path / "in.json").write_text(json.dumps(HOSTILE))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "oracle" / "stubs"),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    subprocess.run([str(py), "-c", _ORACLE_TOKENIZE, str(checkpoint_factory("custom_voice", "tiny")),
+                    str(tmp_path / "in.json"), str(tmp_path / "out.json")], check=True, env=env, capture_output=True,
+                   timeout=300)
+    tok = model_factory("custom_voice", "tiny").tokenizer
+    refs = json.loads((tmp_path / "out.json").read_text())
+    assert len(refs) == len(HOSTILE) and all(r["text"] for r in refs)
+    for text, ref in zip(HOSTILE, refs):
+        target = tok.target(text)
+        assert {"role": target.role, "text": target.text, "instruct": tok.instruct(text), "ref": tok.ref(text)} == ref, text
