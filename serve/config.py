@@ -168,6 +168,13 @@ class ModelConfig:
             from qwen_tts_core.checkpoint.weights import resolve_dtype
 
             resolve_dtype(self.dtype, f"{where}.dtype")
+        if self.compile is not None:  # the core's rule (the engine applies the same one, in every replica)
+            from qwen_tts_core.generate.compiled import check_compile
+
+            try:
+                check_compile(self.compile, "device", self.cuda_graphs)
+            except ValueError as e:
+                raise ValueError(f"{where}.{e}") from None
         if self.autoscaling is not None:
             _check_autoscaling(self.autoscaling, f"{where}.autoscaling")
 

@@ -230,3 +230,12 @@ def test_the_config_repr_shows_no_key():
         {"QTTS_API_KEYS": "sk-SECRET-c", "QTTS_ADMIN_API_KEYS": "sk-SECRET-d"})
     assert cfg.effective_api_keys() >= {"sk-SECRET-a", "sk-SECRET-c"}
     assert "SECRET" not in repr(cfg) and "SECRET" not in str(cfg)
+
+
+@pytest.mark.parametrize("kw", [{"compile": "fast"}, {"compile": "step", "cuda_graphs": True}])
+def test_an_engine_option_the_engine_refuses_is_refused_at_start(kw):
+    """compile: fast passed the config and failed in every replica's Engine (a restart loop)."""
+    with pytest.raises(ValueError, match=r"models\[m\]\.compile"):
+        ServiceConfig.from_dict(_model(**kw))
+    for ok in (True, False, "ops", "step"):
+        ServiceConfig.from_dict(_model(compile=ok))
