@@ -313,8 +313,8 @@ def register(subparsers) -> None:
                    help="serve this checkpoint (hub id or folder); repeat for several models (replaces the "
                         "config's models)")
     p.add_argument("--name", action="append", default=None,
-                   help="served model name (letters, digits, '.', '_', '-'), once per --model (default: the folder's "
-                        "or id's last part)")
+                   help="served model name (no '/', '#' or control characters), once per --model (default: the "
+                        "folder's or id's last part)")
     p.add_argument("--num-gpus", action="append", type=float, default=None,
                    help="GPUs per replica (0.5 packs two on one GPU); once for all models or once per --model")
     p.add_argument("--dtype", action="append", default=None, choices=["float32", "bfloat16", "float16"],

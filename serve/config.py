@@ -24,10 +24,10 @@ MODEL_TYPES = ("custom_voice", "voice_design", "base")
 ENV_KEY_VARS = {"api_keys": "QTTS_API_KEYS", "admin_api_keys": "QTTS_ADMIN_API_KEYS"}
 # The fields that hold keys: an error about them never shows their value (it goes to stderr, logs, `serve status`).
 _SECRET_FIELDS = {"api_keys", "admin_api_keys", "env_api_keys", "env_admin_api_keys"}
-# A served model's name: Serve deploys it as "tts-<name>" (a Serve id is app#deployment#replica, so no "#"), clients
-# send it as `model` and in /v1/models/{id}, jobs pass it as --model (no "/": that is a checkpoint). The characters
-# `qtts serve --model` derives names from.
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A served model's name: Serve deploys it as "tts-<name>" (a Serve replica id is app#deployment#id, so no "#"),
+# jobs pass it as --model (a "/" means a checkpoint), clients send it as `model` and in /v1/models/{id} ("." and
+# ".." are path steps there); no control characters (log lines, metrics) nor surrounding spaces.
+MODEL_NAME = re.compile(r"(?!\.\.?$)[^/#\s\x00-\x1f\x7f-\x9f](?:[^/#\x00-\x1f\x7f-\x9f]{0,126}[^/#\s\x00-\x1f\x7f-\x9f])?")
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 SEED_LIMIT = 2 ** 63   # the tiny random checkpoint's seed (torch.manual_seed)
 
@@ -119,8 +119,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not MODEL_NAME.fullmatch(self.name):
-            raise ValueError(f"models[].name must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter "
-                             f"or digit: Serve deploys it as tts-<name>, clients name it in URLs), got {shown(self.name)}")
+            raise ValueError(f"models[].name must be 1-128 characters without '/', '#', control characters or "
+                             f"surrounding spaces, and not '.' or '..' (Serve deploys it as tts-<name>, clients name "
+                             f"it in URLs), got {shown(self.name)}")
         if self.checkpoint is not None and not self.checkpoint.strip():  # e.g. an unset ${MODEL_PATH}
             raise ValueError(f"models[{self.name}].checkpoint must name a folder or hub id, or be left out (a tiny "
                              "random model); got a blank string")

@@ -77,16 +77,17 @@ def test_default_max_new_tokens_cannot_raise_the_hard_cap():
 
 # --- names, paths, model options ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["a#b", "a b", "a\nb", "..", ".", "-x", "a:b", "a?b", "x" * 200])
+@pytest.mark.parametrize("name", ["a#b", "a\nb", "a\x1b[31m", "..", ".", " a", "a ", "x" * 200])
 def test_a_model_name_serve_or_a_url_cannot_carry_is_refused(name):
-    """'#' failed inside Serve's deployment validation (deployment ids are app#deployment#replica); spaces, control
-    characters, '?' or '..' gave names a client cannot put in /v1/models/{id} and that break log lines."""
+    """'#' failed inside Serve's deployment validation (deployment ids are app#deployment#replica); control
+    characters (log lines), '.' / '..' (path steps in /v1/models/{id}) and surrounding spaces were accepted."""
     with pytest.raises(ValueError, match=r"models\[.*\]\.name"):
         ServiceConfig.from_dict({"models": [{"name": name}]})
 
 
 def test_the_names_in_use_are_still_accepted():
-    for name in ["tiny-custom-voice", "tiny-base", "qwen3-tts-1.7b-customvoice", "cv", "m_1", "Qwen3.TTS"]:
+    for name in ["tiny-custom-voice", "tiny-base", "qwen3-tts-1.7b-customvoice", "cv", "m_1", "Qwen3.TTS", "a b",
+                 'my "fast" \\ model', "a:b", "x" * 128, "ü", "..a"]:
         assert ServiceConfig.from_dict({"models": [{"name": name}]}).models[0].name == name
 
 
