@@ -13,12 +13,22 @@ error message repeats: an error never carries a client's input back in full."""
 
 class _Shown(reprlib.Repr):
     """reprlib's bounded repr (a 10 MB list costs a few elements, not a full repr cut afterwards), with integers too
-    long to write as their digit count (repr of one of more than 4300 digits raises)."""
+    long to write as their digit count (repr of one of more than 4300 digits raises), and bytes and bytearray cut
+    before their repr is made."""
 
     def repr_int(self, x: int, level: int) -> str:
         if x.bit_length() >= 100:   # 31 digits and more
             return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
         return super().repr_int(x, level)
+
+    def repr_bytes(self, x: bytes, level: int) -> str:   # (reprlib has none: a full repr, cut afterwards)
+        return self._cut(repr(x[:self.maxstring + 1]), len(x) > self.maxstring)
+
+    def repr_bytearray(self, x: bytearray, level: int) -> str:
+        return self._cut(repr(x[:self.maxstring + 1]), len(x) > self.maxstring)
+
+    def _cut(self, text: str, longer: bool) -> str:
+        return text[:self.maxstring - 3] + "..." if longer or len(text) > self.maxstring else text
 
 
 _SHOWN = _Shown()   # (Python 3.11's Repr takes no arguments)

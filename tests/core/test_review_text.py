@@ -166,3 +166,20 @@ def test_hostile_texts_tokenize_as_the_official_package(checkpoint_factory, mode
     for text, ref in zip(HOSTILE, refs):
         target = tok.target(text)
         assert {"role": target.role, "text": target.text, "instruct": tok.instruct(text), "ref": tok.ref(text)} == ref, text
+
+
+@pytest.mark.parametrize("value", [b"\x00" * 10**7, bytearray(10**7)])
+def test_shown_bytes_costs_their_first_bytes_not_a_full_repr(value):
+    """errors.shown promises a bounded cost; bytes and bytearray went through repr() in full (a 10 MB bytearray:
+    an 80 MB repr built to keep 40 characters of it)."""
+    import tracemalloc
+
+    from qwen_tts_core.errors import shown
+
+    tracemalloc.start()
+    try:
+        text = shown(value)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(text) <= ECHO_CHARS + 8 and text.startswith(("b'\\x00", "bytearray(b'\\x00")) and peak < 10**6, peak
