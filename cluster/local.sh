@@ -33,11 +33,32 @@ head_tree() {
     }'
 }
 
+# The processes of the head this script started (per $pgid_file), if it still runs: the group's tree, provided a Ray
+# daemon in it was started with this temp dir (after a crash or reboot the file outlives the head, and its id may
+# name someone else's process group by now).
+our_head() {
+  [ -f "$pgid_file" ] || return 0
+  local pids
+  pids=$(head_tree "$(cat "$pgid_file")")
+  [ -n "$pids" ] || return 0
+  if ps -ww -o args= -p "$(echo $pids | tr ' ' ',')" | awk -v d="=$temp_dir" '
+      { i = index($0, d); c = substr($0, i + length(d), 1)
+        if (i && (c == "" || c == "/" || c == " ")) found = 1 }
+      END { exit !found }'; then
+    echo $pids
+  fi
+}
+
 case "${1:-}" in
   start)
     # a plain TCP probe: `ray status` against a port nobody serves waits ~40 s for a GCS
     if (exec 3<>"/dev/tcp/127.0.0.1/$QTTS_RAY_PORT") 2>/dev/null; then
-      echo "ray head already running at $RAY_ADDRESS_HOSTPORT"; exit 0
+      if [ -n "$(our_head)" ]; then
+        echo "ray head already running at $RAY_ADDRESS_HOSTPORT"; exit 0
+      fi
+      echo "127.0.0.1:$QTTS_RAY_PORT is in use by something this script did not start with temp dir $temp_dir" \
+        "(another program, or a head of another temp dir); choose another QTTS_RAY_PORT" >&2
+      exit 1
     fi
     mkdir -p "$temp_dir"
     # setsid: the head's daemons share one new process group, recorded for `stop`
@@ -60,16 +81,7 @@ case "${1:-}" in
     if [ ! -f "$pgid_file" ]; then
       echo "no head started by this script at $RAY_ADDRESS_HOSTPORT ($pgid_file missing); nothing stopped"; exit 0
     fi
-    pgid=$(cat "$pgid_file")
-    pids=$(head_tree "$pgid")
-    # only if that group is still this head (a Ray daemon started with this temp dir): after a crash or reboot the
-    # file outlives the head and its id may name someone else's process group by now
-    if [ -n "$pids" ] && ! ps -ww -o args= -p "$(echo $pids | tr ' ' ',')" | awk -v d="=$temp_dir" '
-        { i = index($0, d); c = substr($0, i + length(d), 1)
-          if (i && (c == "" || c == "/" || c == " ")) found = 1 }
-        END { exit !found }'; then
-      pids=""
-    fi
+    pids=$(our_head)
     if [ -z "$pids" ]; then
       rm -f "$pgid_file"
       echo "no head started by this script runs at $RAY_ADDRESS_HOSTPORT (stale $pgid_file removed); nothing stopped"

@@ -240,3 +240,18 @@ def test_an_engine_option_the_engine_refuses_is_refused_at_start(kw):
         ServiceConfig.from_dict(_model(**kw))
     for ok in (True, False, "ops", "step"):
         ServiceConfig.from_dict(_model(compile=ok))
+
+
+def test_start_on_a_port_another_program_holds_is_an_error_not_already_running(tmp_path):
+    """`start` took any listener on QTTS_RAY_PORT for its head ("already running", exit 0): drivers then failed to
+    join whatever it was. Here: a plain socket this test holds."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        env = dict(os.environ, QTTS_RAY_TEMP_DIR=str(tmp_path), QTTS_RAY_PORT=str(s.getsockname()[1]))
+        r = subprocess.run(["bash", str(ROOT / "cluster/local.sh"), "start"], env=env, capture_output=True,
+                           text=True, timeout=30)
+    assert r.returncode == 1 and "did not start" in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "qtts-head.pgid").exists()
