@@ -588,28 +588,40 @@ def to_24k(wav: np.ndarray, sr: int, *, argument: str = "ref_audio",
     Returns:
         float32 [ceil(N * 24000 / sr)]; the input itself (as float32) when sr is already 24000.
     """
+    return resample(wav, sr, TARGET_SR, argument=argument, limits=limits)
+
+
+def resample(wav: np.ndarray, sr: int, target_sr: int, *, argument: str = "ref_audio",
+             limits: AudioLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """`to_24k` to any rate inside `limits`' sample-rate range (the tokenizer's `load_audio(x, target_sr)`):
+    float32 [ceil(N * target_sr / sr)]; `target_sr` outside the range is a RequestError naming `target_sr`."""
+    if isinstance(target_sr, bool) or not isinstance(target_sr, (int, np.integer)) or not (
+            limits.min_sample_rate <= target_sr <= limits.max_sample_rate):
+        raise RequestError("target_sr", f"must be an integer sample rate in [{limits.min_sample_rate}, "
+                                        f"{limits.max_sample_rate}] Hz, got {shown(target_sr)}")
+    target_sr = int(target_sr)
     wav = np.asarray(wav)
     if wav.ndim != 1:
-        raise RequestError(argument, f"to_24k expects mono [N] audio, got shape {wav.shape}")
+        raise RequestError(argument, f"resampling expects mono [N] audio, got shape {wav.shape}")
     if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
         raise RequestError(argument, f"sample rate must be a positive integer, got {shown(sr)}")
     limits.check_header(int(sr), 1, wav.shape[0], argument)
     wav = np.ascontiguousarray(wav, dtype=np.float32)
     if not np.isfinite(wav).all():
         raise RequestError(argument, "audio contains NaN or infinite samples")
-    if sr == TARGET_SR:
+    if sr == target_sr:
         return wav
     import soxr  # lazily: 24 kHz input (and GPU hosts without it) never need it
 
-    # librosa's length (the reference's): ceil(N * (24000 / sr)) with the ratio rounded first, one sample more than
-    # the exact -(-N * 24000 // sr) where N * 24000 / sr is a whole number (44.1 and 22.05 kHz). Kept for parity,
-    # but never past what `limits.max_seconds` allowed: 120 s at 44.1 kHz came to 2,880,001 samples, one codec frame
+    # librosa's length (the reference's): ceil(N * (target / sr)) with the ratio rounded first, one sample more than
+    # the exact -(-N * target // sr) where N * target / sr is a whole number (44.1 and 22.05 kHz to 24 kHz). Kept for
+    # parity, but never past what `limits.max_seconds` allowed: 120 s at 44.1 kHz came to 2,880,001 samples, one codec frame
     # past the limit generation enforces (MAX_REF_CODE_FRAMES, 1500), so the voice was made and every generation
     # refused it. Within the limit the cap is never below the exact ceiling (the input passed check_header).
-    exact = -(-int(wav.shape[0]) * TARGET_SR // int(sr))
-    n_out = max(exact, min(int(np.ceil(wav.shape[0] * (float(TARGET_SR) / sr))),
-                           math.floor(limits.max_seconds * TARGET_SR)))
-    out = soxr.resample(wav, sr, TARGET_SR, quality="soxr_hq")
+    exact = -(-int(wav.shape[0]) * target_sr // int(sr))
+    n_out = max(exact, min(int(np.ceil(wav.shape[0] * (float(target_sr) / sr))),
+                           math.floor(limits.max_seconds * target_sr)))
+    out = soxr.resample(wav, sr, target_sr, quality="soxr_hq")
     if out.shape[0] > n_out:
         out = out[:n_out]
     elif out.shape[0] < n_out:

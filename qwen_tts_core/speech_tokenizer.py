@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from .api import HUB_ARGUMENTS, REFERENCE_DECODE_CHUNK, _resolve_device
-from .audio_io import MAX_CHANNELS, AudioLimits, load_audio, to_24k, validate_waveform
+from .audio_io import MAX_CHANNELS, AudioLimits, load_audio, resample, to_24k, validate_waveform
 from .checkpoint.weights import checkpoint_dtype, read_json, resolve_checkpoint, resolve_dtype
 from .codec.config import MODEL_TYPE
 from .codec.load import Codec, load_codec
@@ -39,22 +38,25 @@ LIMITS = AudioLimits(max_bytes=512 * 1024 * 1024, max_seconds=1800.0, max_sample
 """Audio to encode may be a whole recording (not a seconds-long voice reference): up to 30 minutes."""
 
 
-@dataclass
-class Qwen3TTSTokenizerEncodeOutput:
-    """What `encode` returns: `audio_codes`, one Long [frames, 16] per input (also `out["audio_codes"]`, `out[0]`)."""
+class Qwen3TTSTokenizerEncodeOutput(dict):
+    """What `encode` returns: `audio_codes`, one Long [frames, 16] per input. A dict, as the official's output (a
+    transformers ModelOutput) is: `out["audio_codes"]`, `"audio_codes" in out`, `list(out)`, `out.items()`, and
+    also `out.audio_codes`, `out[0]` and `to_tuple()`."""
 
-    audio_codes: list[torch.Tensor]
+    def __init__(self, audio_codes: list[torch.Tensor]) -> None:
+        super().__init__(audio_codes=audio_codes)
+
+    @property
+    def audio_codes(self) -> list[torch.Tensor]:
+        return dict.__getitem__(self, "audio_codes")
 
     def __getitem__(self, key: str | int) -> list[torch.Tensor]:
-        if key in ("audio_codes", 0):
-            return self.audio_codes
-        raise KeyError(key)
-
-    def keys(self) -> list[str]:
-        return ["audio_codes"]
+        if isinstance(key, (int, slice)) and not isinstance(key, bool):
+            return self.to_tuple()[key]
+        return super().__getitem__(key)
 
     def to_tuple(self) -> tuple[list[torch.Tensor]]:
-        return (self.audio_codes,)
+        return tuple(self.values())
 
 
 def _speech_tokenizer_dir(path: Path) -> Path:
@@ -181,11 +183,10 @@ class Qwen3TTSTokenizer:
 
     # --- encode -----------------------------------------------------------------------------------------------
     def load_audio(self, x: Any, target_sr: int = 24000) -> np.ndarray:
-        """One path / base64 / URL / bytes / (array, sr) -> float32 mono at `target_sr` (24000 only)."""
-        if target_sr != self.get_input_sample_rate():
-            raise RequestError("target_sr", f"must be {self.get_input_sample_rate()}, got {shown(target_sr)}")
+        """One path / base64 / URL / bytes / (array, sr) -> float32 mono at `target_sr` (soxr HQ, librosa's length;
+        8 kHz .. 384 kHz)."""
         wav, sr = load_audio(x, argument="audios", allow_urls=True, limits=LIMITS, silent_ok=True)
-        return to_24k(wav, sr, argument="audios", limits=LIMITS)
+        return resample(wav, sr, target_sr, argument="audios", limits=LIMITS)
 
     def _waveforms(self, audios: Any, sr: Any) -> list[np.ndarray]:
         single = isinstance(audios, (str, bytes, bytearray, os.PathLike, np.ndarray)) or _is_pair(audios)

@@ -140,6 +140,49 @@ def test_encode_input_forms_give_the_same_codes(tok, tmp_path):
     assert tok.load_audio(str(path), 24000).shape == a.shape
 
 
+def test_encode_output_is_a_dict_as_the_officials_model_output_is(tok):
+    """The official encode returns a transformers ModelOutput, a dict: `"audio_codes" in out`, iteration, len,
+    items/get were KeyError/TypeError/AttributeError here (a migrating user's code breaks; drop-in review)."""
+    import pickle
+
+    out = tok.encode(_wave(5000), sr=24000)
+    assert isinstance(out, dict) and "audio_codes" in out and 0 not in out
+    assert list(out) == ["audio_codes"] and len(out) == 1 and list(out.keys()) == ["audio_codes"]
+    assert out.get("audio_codes") is out.audio_codes is out["audio_codes"] is out[0] and out[:1] == (out.audio_codes,)
+    assert [k for k, _ in out.items()] == ["audio_codes"] and out.to_tuple() == (out.audio_codes,)
+    assert {**out}.keys() == {"audio_codes"} and pickle.loads(pickle.dumps(out)).audio_codes[0].equal(out[0][0])
+    with pytest.raises(KeyError):
+        out["codes"]
+    with pytest.raises(IndexError):
+        out[1]
+    wavs, sr = tok.decode(out)   # the official's round trip: decode(encode(...))
+    assert sr == 24000 and len(wavs) == 1 and len(wavs[0]) == out.audio_codes[0].shape[0] * 1920
+
+
+@pytest.mark.parametrize("target_sr", [8000, 16000, 22050, 44100, 48000])
+def test_load_audio_resamples_to_any_target_rate_as_the_official(tok, tmp_path, target_sr):
+    """The official load_audio(x, target_sr) gives any rate (librosa: soxr HQ, ceil(N * target / sr) samples); only
+    24000 was taken here."""
+    import soxr
+
+    a = _wave(7000)
+    path = tmp_path / "a.wav"
+    sf.write(str(path), a, 24000, subtype="FLOAT")
+    want_n = int(np.ceil(len(a) * (target_sr / 24000)))
+    want = soxr.resample(a, 24000, target_sr, quality="soxr_hq")
+    for form in (str(path), (a, 24000)):
+        got = tok.load_audio(form, target_sr)
+        assert got.dtype == np.float32 and got.shape == (want_n,), (form, got.shape)
+        n = min(len(want), want_n)
+        assert np.abs(got[:n] - want[:n]).max() < 1e-6
+
+
+@pytest.mark.parametrize("target_sr", [0, -16000, 7999, 384001, 16000.0, True, "16000", None])
+def test_load_audio_refuses_a_target_rate_it_cannot_make_naming_it(tok, target_sr):
+    with pytest.raises(RequestError, match="^target_sr: "):
+        tok.load_audio((_wave(2400), 24000), target_sr)
+
+
 def test_encode_resamples_and_batches_different_lengths(tok):
     a, b = _wave(24000, 1), _wave(5000, 2)
     batch = tok.encode([a, b], sr=24000).audio_codes

@@ -259,7 +259,7 @@ def test_a_hot_recording_is_still_accepted():
 
 
 def test_to_24k_rejects_bad_input():
-    with pytest.raises(ValueError, match="^ref_audio: to_24k expects mono"):
+    with pytest.raises(ValueError, match="^ref_audio: resampling expects mono"):
         to_24k(np.zeros((100, 2), dtype=np.float32), 16000)
     with pytest.raises(ValueError, match="^ref_audio: sample rate"):
         to_24k(np.zeros(100, dtype=np.float32), 0)
