@@ -125,6 +125,10 @@ class ModelConfig:
         if self.checkpoint is not None and not self.checkpoint.strip():  # e.g. an unset ${MODEL_PATH}
             raise ValueError(f"models[{self.name}].checkpoint must name a folder or hub id, or be left out (a tiny "
                              "random model); got a blank string")
+        if self.checkpoint is not None and (self.checkpoint.strip() in (".", "..")
+                                            or self.checkpoint.startswith(("./", "../"))):
+            raise ValueError(f"models[{self.name}].checkpoint: a relative folder is resolved in each Ray worker's own "
+                             f"working folder; give it as an absolute path (or ~/...), got {self.checkpoint!r}")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"models[{self.name}].model_type must be one of {list(MODEL_TYPES)}, "
                              f"got {self.model_type!r}")

@@ -255,3 +255,22 @@ def test_start_on_a_port_another_program_holds_is_an_error_not_already_running(t
                            text=True, timeout=30)
     assert r.returncode == 1 and "did not start" in r.stderr, r.stdout + r.stderr
     assert not (tmp_path / "qtts-head.pgid").exists()
+
+
+def test_a_relative_checkpoint_folder_is_made_absolute_by_the_cli_and_refused_in_a_config(tmp_path, monkeypatch):
+    """`qtts serve --model ./cv` (the --help example) passed "./cv" to replicas, which resolve it in their own working
+    folder (a joined head's), not the operator's; in a YAML, "./cv" is refused (it is no hub id either)."""
+    from qwen_tts_core.cli import build_parser
+    from serve.cli import models_from_args
+
+    (tmp_path / "cv").mkdir()
+    monkeypatch.chdir(tmp_path)
+    (m,) = models_from_args(build_parser().parse_args(["serve", "--model", "./cv"]))
+    assert m == {"name": "cv", "checkpoint": str(tmp_path / "cv")}
+    (m,) = models_from_args(build_parser().parse_args(["serve", "--model", "Qwen/Qwen3-TTS-12Hz-0.6B-Base"]))
+    assert m["checkpoint"] == "Qwen/Qwen3-TTS-12Hz-0.6B-Base"     # not a folder here: a hub id, as given
+    for bad in ("./cv", "../cv", ".", ".."):
+        with pytest.raises(ValueError, match=r"models\[m\]\.checkpoint"):
+            ServiceConfig.from_dict(_model(checkpoint=bad))
+    ServiceConfig.from_dict(_model(checkpoint="/abs/cv"))
+    ServiceConfig.from_dict(_model(checkpoint="~/cv"))
