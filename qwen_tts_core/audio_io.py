@@ -501,7 +501,7 @@ def validate_waveform(wav: np.ndarray, sr: int, *, argument: str = "ref_audio", 
     if not np.isfinite(wav).all():
         raise RequestError(argument, "audio contains NaN or infinite samples")
     peak = float(np.abs(wav).max())
-    if peak < SILENCE_PEAK and not silent_ok:
+    if peak < float(np.float32(SILENCE_PEAK)) and not silent_ok:  # (a float32 peak of exactly 1e-4 is not silent)
         raise RequestError(argument, f"audio is silent (peak |x| = {peak:.2e} < {SILENCE_PEAK:g})")
     if peak > MAX_PEAK:
         raise RequestError(argument, f"audio peak |x| = {peak:.3g} is far beyond float audio's [-1, 1] (integer "

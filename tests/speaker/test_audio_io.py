@@ -265,3 +265,16 @@ def test_to_24k_rejects_bad_input():
         to_24k(np.zeros(100, dtype=np.float32), 0)
     with pytest.raises(ValueError, match="^clip: audio contains NaN"):
         to_24k(np.array([0.1, np.nan], dtype=np.float32), 16000, argument="clip")
+
+
+def test_the_silence_threshold_is_what_its_message_says():
+    """A float32 peak of exactly 1e-4 (below 1e-4 as a double) was refused as 'peak |x| = 1.00e-04 < 0.0001'
+    (drop-in review): the threshold is compared in float32, so 1e-4 passes and a quieter peak is refused."""
+    from qwen_tts_core.audio_io import validate_waveform
+
+    wav = np.zeros(16000, np.float32)
+    wav[100] = np.float32(1e-4)
+    validate_waveform(wav, 16000)
+    wav[100] = np.float32(9.99e-5)
+    with pytest.raises(ValueError, match=r"^ref_audio: audio is silent \(peak \|x\| = 9\.99e-05 < 0\.0001\)"):
+        validate_waveform(wav, 16000)
