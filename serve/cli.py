@@ -50,7 +50,7 @@ def read_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], s
     try:
         doc = yaml.safe_load(p.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SystemExit(f"qtts serve: --config {path}: not valid YAML ({e})") from None
+        raise SystemExit(f"qtts serve: --config {path}: not valid YAML ({_yaml_error(e)})") from None
     if not isinstance(doc, dict):
         raise SystemExit(f"qtts serve: --config {path}: expected a mapping with applications:")
     apps = [a for a in doc.get("applications") or [] if isinstance(a, dict) and a.get("name", "qtts") == "qtts"]
@@ -86,6 +86,16 @@ def read_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], s
     if not isinstance(args, dict):
         raise SystemExit(f"qtts serve: --config {path}: applications[qtts].args must be a mapping")
     return dict(http), dict(args), doc.get("proxy_location")
+
+
+def _yaml_error(e: Exception) -> str:
+    """What is wrong and where, without PyYAML's quote of the lines around it (they may hold API keys)."""
+    parts = []
+    for what, mark in ((getattr(e, "context", None), getattr(e, "context_mark", None)),
+                       (getattr(e, "problem", None), getattr(e, "problem_mark", None))):
+        if what or mark:
+            parts.append(f"{what or 'error'}" + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""))
+    return "; ".join(parts) if parts else str(e) if isinstance(e, UnicodeDecodeError) else type(e).__name__
 
 
 def _per_model(values: list | None, n: int, flag: str) -> list:

@@ -274,3 +274,13 @@ def test_a_relative_checkpoint_folder_is_made_absolute_by_the_cli_and_refused_in
             ServiceConfig.from_dict(_model(checkpoint=bad))
     ServiceConfig.from_dict(_model(checkpoint="/abs/cv"))
     ServiceConfig.from_dict(_model(checkpoint="~/cv"))
+
+
+def test_a_yaml_syntax_error_names_the_line_without_showing_it(tmp_path):
+    """PyYAML's message quotes the lines around the error: a missing ']' after api_keys printed the keys."""
+    f = tmp_path / "s.yaml"
+    f.write_text('applications:\n  - name: qtts\n    args:\n      api_keys: ["sk-SECRET-1", "sk-SECRET-2"\n'
+                 '      admin_api_keys: []\n')
+    with pytest.raises(SystemExit, match="not valid YAML") as e:
+        read_serve_yaml(f)
+    assert "SECRET" not in str(e.value) and "line 4" in str(e.value), str(e.value)
