@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,10 +49,21 @@ def check_text(text: object, field: str = "text", allow_blank: bool = False) -> 
     return text
 
 
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+"""Characters Python counts printable that show nothing: the Hangul fillers and the braille blank."""
+
+
+def _visible(c: str) -> bool:
+    return (c.isprintable() and not c.isspace() and c not in _BLANK_LETTERS
+            and unicodedata.category(c) not in ("Mn", "Me"))
+
+
 def is_blank(text: str) -> bool:
-    """Nothing to say: no character that is printable and not a space (NULs, zero-width and other format characters
-    alone made the model babble up to max_new_tokens)."""
-    return not any(c.isprintable() and not c.isspace() for c in text)
+    """Nothing to say: no character that is printable, not a space and shows something (NULs, zero-width and other
+    format characters alone made the model babble up to max_new_tokens; so do variation selectors, the combining
+    grapheme joiner and other nonspacing or enclosing marks with no letter, and the Hangul fillers, which Python
+    counts printable)."""
+    return not any(map(_visible, text))
 
 
 MAX_REF_TEXT_CHARS = 2000

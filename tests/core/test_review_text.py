@@ -183,3 +183,20 @@ def test_shown_bytes_costs_their_first_bytes_not_a_full_repr(value):
     finally:
         tracemalloc.stop()
     assert len(text) <= ECHO_CHARS + 8 and text.startswith(("b'\\x00", "bytearray(b'\\x00")) and peak < 10**6, peak
+
+
+@pytest.mark.parametrize("text", ["\ufe0f\ufe0e" * 20, "\u034f\u034f", "\U000e0100 \U000e0101", "\u3164\u3164",
+                                  "\u115f\u1160 \uffa0", "\u2800" * 5, "\u0301\u20dd\u200b", "\u17b4\u180b"])
+def test_invisible_printable_characters_alone_are_blank(cv, text):
+    """is_blank let through zero-width characters that Python counts printable: variation selectors, the combining
+    grapheme joiner, nonspacing and enclosing marks with no letter, the Hangul fillers, the braille blank (the
+    model babbles to max_new_tokens on them, as on NULs). Refused as text; fine beside a visible character."""
+    with pytest.raises(RequestError) as e:
+        request_from_fields(cv, text=text)
+    assert e.value.field == "text" and "visible" in e.value.message
+    assert request_from_fields(cv, text="ok" + text).text == "ok" + text
+
+
+@pytest.mark.parametrize("text", ["e\u0301", "\u0915\u093f", "\u0e01\u0e48", "\U0001F44D\ufe0f", "\u3164a", "."])
+def test_visible_text_with_marks_is_not_blank(cv, text):
+    assert request_from_fields(cv, text=text).text == text
