@@ -296,7 +296,7 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
     if sampling is not None and not isinstance(sampling, Mapping):
         raise RequestError("sampling", f"must be a mapping of sampling fields, got {type(sampling).__name__}")
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
-    unknown = sorted((k for k in sampling if k not in SAMPLING_FIELDS), key=repr)  # keys of any type (a job's row)
+    unknown = sorted((k for k in sampling if k not in SAMPLING_FIELDS), key=shown)  # keys of any type (a job's row)
     if unknown:
         # a caller's keys, repeated bounded (shown); the field is the first one's name when it is a short name
         first = unknown[0]

@@ -48,6 +48,9 @@ def test_an_unknown_sampling_field_is_named_bounded(cv):
     with pytest.raises(RequestError) as e:   # keys of several types (a job's row): not a TypeError from sorted()
         request_from_fields(cv, text="Hello.", sampling={1: 2, "y": 3})
     _bounded(e.value)
+    with pytest.raises(RequestError) as e:   # (repr of an integer of 5001 digits raises ValueError)
+        request_from_fields(cv, text="Hello.", sampling={10**5000: 1, "z": 2})
+    _bounded(e.value)
     with pytest.raises(RequestError) as e:
         request_from_fields(cv, text="Hello.", sampling=[("top_k", 3)])
     assert e.value.field == "sampling"
