@@ -98,6 +98,9 @@ case "${1:-}" in
     echo "ray head at $RAY_ADDRESS_HOSTPORT stopped"
     ;;
   status)
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$QTTS_RAY_PORT") 2>/dev/null; then  # else `ray status` waits ~40 s
+      echo "no ray head at $RAY_ADDRESS_HOSTPORT" >&2; exit 1
+    fi
     "$RAY" status --address "$RAY_ADDRESS_HOSTPORT"
     ;;
   *)

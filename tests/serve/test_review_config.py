@@ -284,3 +284,14 @@ def test_a_yaml_syntax_error_names_the_line_without_showing_it(tmp_path):
     with pytest.raises(SystemExit, match="not valid YAML") as e:
         read_serve_yaml(f)
     assert "SECRET" not in str(e.value) and "line 4" in str(e.value), str(e.value)
+
+
+def test_status_without_a_head_answers_at_once(tmp_path):
+    """`status` ran `ray status` against a port nobody serves, which waits ~40 s for a GCS before failing."""
+    from tests.conftest import free_port
+
+    env = dict(os.environ, QTTS_RAY_TEMP_DIR=str(tmp_path), QTTS_RAY_PORT=str(free_port()))
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", str(ROOT / "cluster/local.sh"), "status"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert time.monotonic() - t0 < 10 and r.returncode == 1 and "no ray head" in r.stderr, r.stdout + r.stderr
