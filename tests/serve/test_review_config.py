@@ -295,3 +295,14 @@ def test_status_without_a_head_answers_at_once(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "cluster/local.sh"), "status"], env=env, capture_output=True, text=True,
                        timeout=60)
     assert time.monotonic() - t0 < 10 and r.returncode == 1 and "no ray head" in r.stderr, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("key", ["env_api_keys", "env_admin_api_keys"])
+def test_the_fields_that_record_environment_keys_are_refused_in_a_config_file(tmp_path, key):
+    """They are 'not for the YAML' (config.py, serve/README.md): keys put there pass as the build's environment keys
+    and vanish silently wherever QTTS_API_KEYS is set."""
+    f = tmp_path / "s.yaml"
+    f.write_text(f"applications:\n  - name: qtts\n    args:\n      {key}: [sk-SECRET-1]\n")
+    with pytest.raises(SystemExit, match=key) as e:
+        read_serve_yaml(f)
+    assert "SECRET" not in str(e.value)
