@@ -8,7 +8,12 @@ Findings (each test failed before its fix):
   tokenized on the engine's step thread (1.3 s with every other session stalled, tiny model, 2-core CPU), then
   refused naming `text`, not `instruct`;
 - a whole text over the policy's `max_text_chars` was scanned character by character (blank or not) before its
-  length was looked at.
+  length was looked at;
+- a VoiceDesign description of zero-width characters alone passed as one (str.strip, not the text's blank rule);
+- errors.shown built the full repr of bytes and bytearray before cutting it to ECHO_CHARS;
+- variation selectors, the combining grapheme joiner, lone nonspacing marks, the Hangul fillers and the braille
+  blank passed as something to say (Python counts them printable).
+Also guarded: hostile texts commit the whole text's ids at every cut, and tokenize as the official package.
 """
 
 from __future__ import annotations
