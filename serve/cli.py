@@ -53,9 +53,14 @@ def read_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], s
         raise SystemExit(f"qtts serve: --config {path}: not valid YAML ({_yaml_error(e)})") from None
     if not isinstance(doc, dict):
         raise SystemExit(f"qtts serve: --config {path}: expected a mapping with applications:")
-    apps = [a for a in doc.get("applications") or [] if isinstance(a, dict) and a.get("name", "qtts") == "qtts"]
+    listed = doc.get("applications") or []
+    if not isinstance(listed, list):
+        raise SystemExit(f"qtts serve: --config {path}: applications must be a list of applications")
+    apps = [a for a in listed if isinstance(a, dict) and a.get("name", "qtts") == "qtts"]
     if not apps:
         raise SystemExit(f"qtts serve: --config {path}: no application named 'qtts' under applications:")
+    if len(apps) > 1:  # serve run refuses duplicate names; taking the first dropped the other's args silently
+        raise SystemExit(f"qtts serve: --config {path}: {len(apps)} applications named 'qtts'; keep one")
     http = doc.get("http_options") or {}
     if not isinstance(http, dict):
         raise SystemExit(f"qtts serve: --config {path}: http_options must be a mapping")

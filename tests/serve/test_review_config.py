@@ -306,3 +306,16 @@ def test_the_fields_that_record_environment_keys_are_refused_in_a_config_file(tm
     with pytest.raises(SystemExit, match=key) as e:
         read_serve_yaml(f)
     assert "SECRET" not in str(e.value)
+
+
+@pytest.mark.parametrize("body,match", [
+    ("applications: 5\n", "applications must be a list"),           # was a TypeError traceback
+    ("applications:\n  - name: qtts\n  - name: qtts\n    args: {api_keys: [k]}\n", "2 applications named 'qtts'"),
+])
+def test_the_applications_list_is_checked(tmp_path, body, match):
+    """Two applications named qtts: the first was served and the second (here the one with keys) dropped silently;
+    `serve run` refuses duplicate names."""
+    f = tmp_path / "s.yaml"
+    f.write_text(body)
+    with pytest.raises(SystemExit, match=match):
+        read_serve_yaml(f)
