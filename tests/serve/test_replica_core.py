@@ -110,21 +110,28 @@ def _synthesize_error_and_stream_end(core, payload: dict):
 
 
 def test_a_text_the_engine_refuses_names_text_to_batch_callers(model_factory):
-    """The handle contract gives batch callers the core's argument name, wherever the problem is found: a prompt
+    """The handle contract gives batch callers the core's argument name, wherever the problem is found: a text
     past max_len (found at the engine's prefill, not at submit; the core names `text`) is RequestError('text') from
     synthesize, as an empty text is (synthesize raised it with the API's `input`). The stream's end item keeps
     `input` as its `param` for the HTTP/WS error and `text` as its `field`, and its message starts `input: ` like
     every other input error's (it read `text: ...`, the core's prefix, under `param` input)."""
     cfg = ModelConfig(name="cv", model_type="custom_voice", max_len=16, max_new_tokens=16, default_max_new_tokens=4)
     core = ReplicaCore(model_factory("custom_voice"), cfg, None)
-    payload = {"input": "A sentence.", "voice": "ryan",   # the instructions fill the prompt past 16 positions
-               "instructions": "Speak slowly and very calmly, like a narrator reading a long bedtime story."}
+    payload = {"input": "A sentence that is far too long for a prompt of sixteen positions.", "voice": "ryan",
+               "instructions": "Calm."}
 
     err, end = _synthesize_error_and_stream_end(core, payload)
     assert err.field == "text" and "max_len" in err.message, err
     assert (end["type"], end["status"], end["param"], end["field"]) == ("end", 400, "input", "text"), end
     assert end["message"].startswith("input: ") and "text:" not in end["message"], end
     assert not err.message.startswith(("input:", "text:")), err   # batch callers: the core's message, one prefix
+    # instructions that alone leave no room for any text are what is too long: the core names `instruct`
+    # (tests/core/test_review_text.py), the API `instructions`
+    payload = {"input": "A sentence.", "voice": "ryan",
+               "instructions": "Speak slowly and very calmly, like a narrator reading a long bedtime story."}
+    err, end = _synthesize_error_and_stream_end(core, payload)
+    assert err.field == "instruct" and "max_len" in err.message, err
+    assert (end["type"], end["status"], end["param"], end["field"]) == ("end", 400, "instructions", "instruct"), end
 
 
 def test_a_bad_field_found_as_bulk_enters_the_engine_names_both_names(cv_core, monkeypatch):
