@@ -35,7 +35,13 @@ from .config import TTSConfig, generation_defaults
 from .errors import RequestError
 from .generate.driver import EngineDriver
 from .generate.engine import Engine
-from .generate.requests import INSTRUCT_DROPPED, check_seed, check_text, instruct_supported
+from .generate.requests import (
+    INSTRUCT_DROPPED,
+    check_language,
+    check_seed,
+    check_text,
+    instruct_supported,
+)
 from .model.layers import RotaryTable, prepare_for_inference_
 from .model.talker import Talker
 from .text.tokenizer import TextTokenizer
@@ -283,9 +289,8 @@ class Qwen3TTSModel:
                              ref_text: Any = None, x_vector_only_mode: Any = False,
                              voice_clone_prompt: Any = None, non_streaming_mode: bool = False, seed: Any = None,
                              **kwargs: Any) -> tuple[list[np.ndarray], int]:
-        items = self._voice_items(text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt)
-        reqs = self._requests("voice_clone", text, language, seed, non_streaming_mode, kwargs,
-                              voice_clone_prompt=items)
+        reqs = self._clone_requests(text, language, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt,
+                                    seed, non_streaming_mode, kwargs)
         return self._run(reqs), SAMPLE_RATE
 
     def create_voice_clone_prompt(self, ref_audio: Any, ref_text: Any = None, x_vector_only_mode: Any = False,
@@ -314,9 +319,8 @@ class Qwen3TTSModel:
                            voice_clone_prompt: Any = None, non_streaming_mode: bool = False,
                            seed: int | None = None, first_chunk_frames: int = 1, chunk_frames: int = 4,
                            **kwargs: Any) -> Iterator[np.ndarray]:
-        items = self._voice_items(text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt)
-        (req,) = self._requests("voice_clone", text, language, seed, non_streaming_mode, kwargs,
-                                voice_clone_prompt=items, single=True)
+        (req,) = self._clone_requests(text, language, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt,
+                                      seed, non_streaming_mode, kwargs, single=True)
         return self._stream(req, first_chunk_frames, chunk_frames)
 
     def _stream(self, req: SynthesisRequest, first_chunk_frames: int, chunk_frames: int) -> Iterator[np.ndarray]:
@@ -340,9 +344,19 @@ class Qwen3TTSModel:
         return driver.chunks(session, through=pcm, on_end=release)
 
     # --- internals --------------------------------------------------------------------------------------------
-    def _voice_items(self, text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt):
+    def _clone_requests(self, text, language, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt, seed,
+                        non_streaming_mode, gen_kwargs, single: bool = False) -> list[SynthesisRequest]:
+        """Voice-clone requests: the cheap checks (model type, text, language, seed, generation arguments) before the
+        reference audio is fetched, decoded and encoded (seconds of work), as the reference refuses a language first."""
         if self.tts_model_type != "base":
             raise ValueError(f"generate_voice_clone needs a Base checkpoint; this one is {self.tts_model_type!r}")
+        reqs = self._requests("voice_clone", text, language, seed, non_streaming_mode, gen_kwargs, single=single)
+        items = self._voice_items(text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt)
+        for r, item in zip(reqs, items):
+            r.voice_clone_prompt = item
+        return reqs
+
+    def _voice_items(self, text, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt):
         n = len(text) if isinstance(text, list) else 1
         if voice_clone_prompt is None:
             if ref_audio is None:
@@ -362,6 +376,8 @@ class Qwen3TTSModel:
             check_text(t)
         n = len(texts)
         langs = _as_list(language if language is not None else "auto", n, "language")
+        for lang in langs:
+            check_language(self, lang)   # here, before any voice prompt is made (validate checks it again)
         if kind == "custom_voice" and not instruct_supported(self.cfg.tts_model_size) and instruct is not None:
             log.warning(INSTRUCT_DROPPED)   # before any check of it, as the reference drops it
             instruct = None

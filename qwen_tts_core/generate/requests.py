@@ -182,6 +182,17 @@ def _check_plain(t: torch.Tensor, name: str) -> None:
                                                  f"{' (nested)' if t.is_nested else ''}")
 
 
+def check_language(model, language: Any) -> None:
+    """A language `model` speaks ('auto' included; case-insensitive), or RequestError naming `language`."""
+    if not isinstance(language, str):
+        raise RequestError("language", f"must be a string, got {type(language).__name__}")
+    if not language:   # as the reference: only an absent language (None, before here) means auto
+        raise RequestError("language", "must name a language (or 'auto'), got ''")
+    langs = model.get_supported_languages()  # a dialect is not one: it comes with its speaker, as the reference's
+    if language.lower() not in langs:
+        raise RequestError("language", f"{shown(language)} is not supported; choose one of {langs}")
+
+
 def validate(model, req: SynthesisRequest) -> None:
     """Every check of a request against one model, in one place (engine.add calls it). Raises RequestError."""
     cfg = model.cfg
@@ -192,14 +203,7 @@ def validate(model, req: SynthesisRequest) -> None:
         raise RequestError("kind", f"{shown(req.kind)} needs a {want!r} checkpoint; this one is {cfg.tts_model_type!r}")
     if req.text is not None:
         check_text(req.text)
-    if not isinstance(req.language, str):
-        raise RequestError("language", f"must be a string, got {type(req.language).__name__}")
-    if not req.language:   # as the reference: only an absent language (None, before here) means auto
-        raise RequestError("language", "must name a language (or 'auto'), got ''")
-    lang = req.language.lower()
-    langs = model.get_supported_languages()  # a dialect is not one: it comes with its speaker, as the reference's
-    if lang not in langs:
-        raise RequestError("language", f"{shown(req.language)} is not supported; choose one of {langs}")
+    check_language(model, req.language)
     if req.instruct is not None:
         check_instruct(req.instruct)
     # None or "": no speaker embedding, as the reference (not `in (None, "")`: an array compares elementwise)

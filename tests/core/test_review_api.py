@@ -207,6 +207,33 @@ def test_a_ref_audio_list_that_does_not_match_the_texts_is_refused_naming_it_bef
     assert len(loaded) == 1 and w.size   # one reference for one text (and one for many) still runs
 
 
+@pytest.mark.parametrize("bad,field", [
+    pytest.param({"language": "klingon"}, "language", id="unsupported-language"),
+    pytest.param({"language": ""}, "language", id="empty-language"),
+    pytest.param({"temprature": 0.7}, "temprature", id="misspelt-generation-argument"),
+    pytest.param({"eos_token_id": 3}, "eos_token_id", id="generate-argument-not-taken"),
+    pytest.param({"seed": "5"}, "seed", id="seed-string"),
+    pytest.param({"text": "  "}, "text", id="blank-text"),
+])
+def test_voice_clone_refuses_its_cheap_arguments_before_the_reference_is_fetched_or_encoded(
+        base, ref_wav_path, monkeypatch, bad, field):
+    """The reference checks the language before it touches the reference audio; here a bad language, a misspelt
+    generation argument, a bad seed or a blank text came only after the reference was fetched (a URL), decoded,
+    resampled and run through the codec and speaker encoders, and a missing file's error came instead of the
+    language's (drop-in review, /tmp/h4/err_order.py)."""
+    import qwen_tts_core.voice_clone as voice_clone
+
+    loaded = []
+    real = voice_clone.load_audio
+    monkeypatch.setattr(voice_clone, "load_audio", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    args = {"text": "One.", "ref_audio": str(ref_wav_path), "x_vector_only_mode": True, **G, **bad}
+    _refused(field, base.generate_voice_clone, **args)
+    _refused(field, base.stream_voice_clone, **args)
+    _refused(field, base.generate_voice_clone, **{**args, "ref_audio": "/nonexistent/ref.wav"})
+    _refused(field, base.generate_voice_clone, **{**args, "text": [args["text"]] * 2, "ref_audio": str(ref_wav_path)})
+    assert not loaded
+
+
 def test_a_mode_list_of_another_length_is_refused_naming_x_vector_only_mode(base, ref_wav_path):
     """It was refused naming ref_text, which the caller had not passed."""
     _refused("x_vector_only_mode", base.create_voice_clone_prompt, str(ref_wav_path),
