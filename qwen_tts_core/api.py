@@ -32,7 +32,7 @@ from .checkpoint.weights import (
     safetensors_files,
 )
 from .config import TTSConfig, generation_defaults
-from .errors import RequestError
+from .errors import ECHO_CHARS, RequestError, shown
 from .generate.driver import EngineDriver
 from .generate.engine import Engine
 from .generate.requests import (
@@ -263,10 +263,12 @@ class Qwen3TTSModel:
     # --- sampling defaults ------------------------------------------------------------------------------------
     def sampling_params(self, **user: Any) -> SamplingParams:
         """user kwargs win, then generation_config.json, then the reference's hard defaults."""
-        unknown = set(user) - set(HARD_DEFAULTS)
-        if unknown:
-            raise RequestError(sorted(unknown)[0], f"unsupported generation argument(s): {sorted(unknown)}; "
-                             f"supported: {sorted(HARD_DEFAULTS)} and seed")
+        unknown = sorted(set(user) - set(HARD_DEFAULTS))
+        if unknown:   # a caller's names, echoed bounded (a **{"x" * 10**5: 1} came back whole, twice)
+            first = unknown[0]
+            raise RequestError(first if len(first) <= ECHO_CHARS else "kwargs",
+                               f"unsupported generation argument(s): {shown(unknown)}; "
+                               f"supported: {sorted(HARD_DEFAULTS)} and seed")
         merged = {k: (user[k] if user.get(k) is not None else self.generate_defaults.get(k, d))
                   for k, d in HARD_DEFAULTS.items()}
         return SamplingParams(**merged)

@@ -310,3 +310,11 @@ def test_threads_encoding_and_decoding_at_once_get_what_each_gets_alone(tok):
         codes = tok.encode(w, sr=24000).audio_codes[0]
         wav = tok.decode([codes])[0][0]
         assert len(got[i]) == 2 and all(torch.equal(c, codes) and np.array_equal(x, wav) for c, x in got[i])
+
+
+def test_an_unknown_generation_argument_is_echoed_bounded(cv):
+    """A **kwargs name of 100,000 characters came back whole as the error's field and twice in its message."""
+    e = _refused("kwargs", cv.generate_custom_voice, "Hi.", speaker="ryan", **{"x" * 100_000: 1})
+    assert len(str(e)) < 1000, len(str(e))
+    e = _refused("eos_token_id", cv.generate_custom_voice, "Hi.", speaker="ryan", eos_token_id=3)
+    assert "eos_token_id" in str(e) and "temperature" in str(e)
