@@ -11,7 +11,7 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from .config import ModelConfig, ServiceConfig
+from .config import ModelConfig, ServiceConfig, file_args_error
 from .ingress import Ingress
 from .replica import TTSReplica
 
@@ -89,4 +89,7 @@ def build_app(config: ServiceConfig | dict[str, Any] | None = None) -> Applicati
 
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry for `serve run` / Serve config files (`args:` is the ServiceConfig as a mapping)."""
+    problem = file_args_error(args)
+    if problem:
+        raise ValueError(f"serve config: {problem}")
     return build_app(ServiceConfig.from_dict(args))

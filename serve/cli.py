@@ -90,10 +90,11 @@ def read_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], s
     args = app.get("args") or {}
     if not isinstance(args, dict):
         raise SystemExit(f"qtts serve: --config {path}: applications[qtts].args must be a mapping")
-    internal = sorted(k for k in ("env_api_keys", "env_admin_api_keys") if k in args)
-    if internal:  # what with_env_keys records; a key put there is dropped wherever QTTS_API_KEYS is set
-        raise SystemExit(f"qtts serve: --config {path}: {', '.join(internal)} are not for the config file; put keys "
-                         "in api_keys / admin_api_keys, or QTTS_API_KEYS / QTTS_ADMIN_API_KEYS in the environment")
+    from .config import file_args_error
+
+    problem = file_args_error(args)
+    if problem:
+        raise SystemExit(f"qtts serve: --config {path}: {problem}")
     return dict(http), dict(args), doc.get("proxy_location")
 
 

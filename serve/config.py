@@ -24,6 +24,17 @@ MODEL_TYPES = ("custom_voice", "voice_design", "base")
 ENV_KEY_VARS = {"api_keys": "QTTS_API_KEYS", "admin_api_keys": "QTTS_ADMIN_API_KEYS"}
 # The fields that hold keys: an error about them never shows their value (it goes to stderr, logs, `serve status`).
 _SECRET_FIELDS = {"api_keys", "admin_api_keys", "env_api_keys", "env_admin_api_keys"}
+# what with_env_keys records, never a config file's: a key put there is dropped wherever QTTS_API_KEYS is set
+NOT_IN_FILES = ("env_api_keys", "env_admin_api_keys")
+
+
+def file_args_error(args: dict[str, Any]) -> str | None:
+    """Why a config file's `args:` cannot be taken as they are (fields it must not set), or None."""
+    internal = sorted(k for k in NOT_IN_FILES if k in args)
+    if internal:
+        return (f"{', '.join(internal)} are not for the config file; put keys in api_keys / admin_api_keys, or "
+                "QTTS_API_KEYS / QTTS_ADMIN_API_KEYS in the environment")
+    return None
 # A served model's name: Serve deploys it as "tts-<name>" (a Serve replica id is app#deployment#id, so no "#"),
 # jobs pass it as --model (a "/" means a checkpoint), clients send it as `model` and in /v1/models/{id} ("." and
 # ".." are path steps there); no control characters (log lines, metrics) nor surrounding spaces.

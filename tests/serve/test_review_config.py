@@ -306,6 +306,12 @@ def test_the_fields_that_record_environment_keys_are_refused_in_a_config_file(tm
     with pytest.raises(SystemExit, match=key) as e:
         read_serve_yaml(f)
     assert "SECRET" not in str(e.value)
+    # and where `serve run` / a RayService builds the app from the same args (serve.app.app_builder)
+    from serve.app import app_builder
+
+    with pytest.raises(ValueError, match=key) as e:
+        app_builder({key: ["sk-SECRET-1"]})
+    assert "SECRET" not in str(e.value)
 
 
 @pytest.mark.parametrize("body,match", [
