@@ -217,6 +217,7 @@ class Ingress:
         self.cfg = ServiceConfig.from_dict(config).with_env_keys()
         self.replicas = replicas
         self.voices = VoiceStore.from_uri(self.cfg.voices_uri)
+        self.voices.check()   # a store that cannot work as configured fails the start, naming voices_uri
         self.keys = KeyRing(self.cfg.api_keys, self.cfg.admin_api_keys)
         # the paths answered without a key even when keys are set: decided here, read by their handlers and by the
         # OpenAPI document (which marks every other operation as needing the bearer key)

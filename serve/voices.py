@@ -190,6 +190,9 @@ class VoiceStore:
                       if VOICE_ID.fullmatch(p.name[:-len(_SUFFIX)]))
 
     # --- API --------------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Whether the store can work as configured (S3: see S3VoiceStore.check); a local folder is made on use."""
+
     def create(self, item, *, name: str, model: str, owner: str) -> dict[str, Any]:
         """Store a VoiceClonePromptItem owned by `owner` (a key digest, "" without keys); returns its info."""
         from qwen_tts_core import save_voice_prompt
@@ -367,6 +370,39 @@ class S3VoiceStore(VoiceStore):
 
     def _key(self, voice_id: str) -> str:
         return f"{self.prefix}{voice_id}{_SUFFIX}"
+
+    def check(self) -> None:
+        """At start (the ingress): ValueError naming voices_uri when the store cannot work as configured: no
+        credentials, no region, no such bucket, access denied. Otherwise every voice call failed with a 500 under
+        traffic while the service looked healthy. An endpoint that does not answer now (a blip while a replica
+        restarts) is only logged: speech without stored voices must not go down with it."""
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import (
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            NoRegionError,
+        )
+
+        quick = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+        try:
+            quick.head_bucket(Bucket=self.bucket)
+        except (NoCredentialsError, NoRegionError) as e:
+            raise ValueError(f"voices_uri: s3://{self.bucket}/{self.prefix} cannot be used: {e} (set AWS credentials "
+                             "and AWS_ENDPOINT_URL / AWS_DEFAULT_REGION where the service runs)") from None
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            what = {"404": "does not exist", "NoSuchBucket": "does not exist", "NotFound": "does not exist",
+                    "403": "refuses these credentials", "AccessDenied": "refuses these credentials",
+                    "Forbidden": "refuses these credentials"}.get(code)
+            if what:
+                raise ValueError(f"voices_uri: s3://{self.bucket}/{self.prefix}: the bucket {what} ({code})") from None
+            log.warning("voices_uri: s3://%s could not be checked at start (%s); voice calls fail until it answers",
+                        self.bucket, e)
+        except EndpointConnectionError as e:
+            log.warning("voices_uri: s3://%s could not be checked at start (%s); voice calls fail until it answers",
+                        self.bucket, e)
 
     def _missing(self, exc: Exception) -> bool:
         code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
