@@ -56,20 +56,26 @@ class Session:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(),
                                              repr=False)
+    _high: str = field(default="", repr=False)  # a str piece's last character when it is half of a surrogate pair
 
     # --- caller side ------------------------------------------------------------------------------------------
     def append_text(self, piece: str | bytes) -> None:
-        """Add text to an incremental session (one opened with `text=None`). An empty piece changes nothing."""
+        """Add text to an incremental session (one opened with `text=None`). An empty piece changes nothing. A
+        character outside the BMP cut between its UTF-16 surrogates (as JavaScript's slice cuts strings) may come in
+        two str pieces: a piece's last high surrogate waits for the next piece's low one; any other lone surrogate is
+        refused naming `text`."""
         if self.incremental is None:
             raise RequestError("text", "append_text: this session was opened with its full text (text=...)")
-        if isinstance(piece, str):
-            check_text(piece, allow_blank=True)
-        elif not isinstance(piece, bytes | bytearray):
+        if not isinstance(piece, str | bytes | bytearray):
             raise RequestError("text", f"append_text: piece must be str or bytes, got {type(piece).__name__}")
         with self._lock:
             self._check_open()
             if self._end_requested:
                 raise RequestError("text", "append_text after end_text")
+            if isinstance(piece, str):
+                piece = self._join_surrogates(piece)
+            elif self._high:
+                raise RequestError("text", "a bytes piece after half of a surrogate pair: send its other half first")
             if isinstance(piece, bytes | bytearray):
                 piece = bytes(piece)
                 try:  # invalid UTF-8 is refused here, where the caller can be told, not in the engine's thread
@@ -95,9 +101,25 @@ class Session:
                 self._utf8.decode(b"", final=True)
             except UnicodeDecodeError:
                 raise RequestError("text", "ends inside a UTF-8 character") from None
+            if self._high:
+                raise RequestError("text", f"ends with half of a surrogate pair ({self._high!a})")
             self.pending_text.append(None)
             self._end_requested = True
         self._wake()
+
+    def _join_surrogates(self, piece: str) -> str:
+        """`piece` after a held high surrogate, its surrogate pairs joined into the characters they encode, its last
+        character held back when it is a high surrogate; checked (check_text) once joined (caller holds the lock)."""
+        text = self._high + piece
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            text, high = text[:-1], text[-1]
+        else:
+            high = ""
+        if any("\ud800" <= c <= "\udfff" for c in text):
+            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+        check_text(text, allow_blank=True)   # a surrogate with no partner is refused here
+        self._high = high
+        return text
 
     def _check_open(self) -> None:
         """Text for a session that has ended would be dropped unread: say so (caller holds the lock)."""

@@ -208,3 +208,33 @@ def test_invisible_printable_characters_alone_are_blank(cv, text):
 @pytest.mark.parametrize("text", ["e\u0301", "\u0915\u093f", "\u0e01\u0e48", "\U0001F44D\ufe0f", "\u3164a", "."])
 def test_visible_text_with_marks_is_not_blank(cv, text):
     assert request_from_fields(cv, text=text).text == text
+
+
+def _open(engine: Engine):
+    return engine.add(SynthesisRequest(kind="custom_voice", text=None, speaker="ryan", language="auto",
+                                       sampling=SamplingParams(do_sample=False, subtalker_dosample=False,
+                                                               max_new_tokens=2)))
+
+
+def test_a_character_cut_between_its_surrogates_across_pieces_is_joined(cv):
+    """A str piece ending in half of a surrogate pair (JavaScript's slice cuts strings so; a Python string can hold
+    it) was refused naming text ('a lone surrogate'), though the two pieces make one valid character (found by the
+    text front-end review, /tmp/h5/probe_sess.py; the WebSocket already joined them)."""
+    engine = Engine(cv, max_sessions=2)
+    s = _open(engine)
+    for piece in ["Smile \ud83d", "\ude00 and ", "\ud83e", "\udd16", " done."]:
+        s.append_text(piece)
+    s.end_text()
+    assert "".join(p for p in s.pending_text if p is not None) == "Smile \U0001f600 and \U0001f916 done."
+    # what is not half of a pair is still refused naming text, and nothing of it is taken
+    for pieces, then_end in [(["\ude00"], False), (["a\ud83db"], False), (["x\ud83d", "y"], False),
+                             (["x\ud83d"], True), (["x\ud83d", b"y"], False)]:
+        s = _open(engine)
+        with pytest.raises(RequestError) as e:
+            for p in pieces:
+                s.append_text(p)
+            if then_end:
+                s.end_text()
+        assert e.value.field == "text", e.value
+        assert all("\ud800" > c or c > "\udfff" for p in s.pending_text if isinstance(p, str) for c in p)
+        engine.cancel(s)
