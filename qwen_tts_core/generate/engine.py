@@ -480,8 +480,11 @@ class Engine:
             try:
                 self._prepare(s, slot)
                 starting.append(s)
-            except Exception as e:  # noqa: BLE001 - a bad request must not take the engine down
+            except BaseException as e:  # a bad request must not take the engine down
+                # an interrupt too: `s` is in no queue and maybe not active yet, where step() would not find it
                 self._start_failed(s, slot, e, out)
+                if not isinstance(e, Exception):
+                    raise
         for group in self.runner.prefill_groups([s.prompt.prefill.shape[0] for s in starting]):
             for batch in self._prefill([starting[i] for i in group], out):
                 for s in batch:

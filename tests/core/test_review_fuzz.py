@@ -1,0 +1,312 @@
+"""Randomized differential fuzz of the engine's continuous batching: isolation and exactness under hostile schedules.
+
+One engine runs many sessions on a seeded random schedule: staggered joins, cancels (queued, mid-utterance, on the
+step they join), incremental-text sessions paused between pieces, greedy, seeded and unseeded sampling mixed,
+several speakers, languages, instructions and both text modes, 1-frame requests, sessions that meet `max_len`
+(or whose text cannot fit it), sessions ending in the same step, slots reused at once, and other audio chunk
+schedules per session, with `step(emit=...)` on some steps. Per session:
+
+- exactly one last chunk, the final one, with the session's finish reason (an error only where the same request
+  fails alone too);
+- chunks contiguous (frame_start), first_chunk_frames then chunk_frames each, the samples their frames' length;
+- codes equal the same request run alone (incremental text: its whole text), greedy and seeded; a session cut short
+  (cancel, guard) has a prefix of them;
+- streamed audio equals the offline decode of its codes within 1e-4 (an fp32 decoder; bf16: within bf16's reach).
+
+Paths: the default eager engine, a static eager engine, the graph engine on the CUDA-graph CPU stand-in, and the
+bf16 streaming decoder. Every "alone" run is the default eager engine's (the graphs' promise on CPU fp32: the same
+codes as the eager engine), cached across the paths (they draw from one pool of requests)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from qwen_tts_core import AudioChunk, Engine, EngineBusy, SamplingParams, SynthesisRequest
+from qwen_tts_core.generate.graphs import GraphCapture
+from qwen_tts_core.types import SAMPLES_PER_FRAME
+
+MAX_LEN = 32  # prompt 10 positions (23 with an instruction): a long session or an instructed long text meets it
+SLOTS = 3
+TEXTS = ["Hi.", "Hello world.", "Press one for sales, two for support.", "你好，世界。", "Good morning! How are you?"]
+SPEAKERS = ["vivian", "ryan", "sohee"]
+LANGUAGES = ["english", "auto", "chinese"]
+INSTRUCTS = [None, None, None, "Warm and calm."]
+SAMPLINGS = [
+    dict(do_sample=False, subtalker_dosample=False),
+    dict(),                                                        # the defaults: top_k 50, T 0.9
+    dict(top_k=5, top_p=0.8, temperature=0.7, subtalker_top_k=3, subtalker_top_p=0.9),
+    dict(top_k=0, top_p=0.9, repetition_penalty=1.3, subtalker_dosample=False),
+    dict(do_sample=False, subtalker_top_k=0, subtalker_temperature=1.3),
+]
+MAX_NEW = [1, 2, 3, 5, 6, 8, 8, 12, 12, 40]
+
+
+@dataclass(frozen=True)
+class Template:
+    """What makes a request's codes: the same template gives the same codes alone, whatever its schedule."""
+
+    text: str
+    speaker: str
+    language: str
+    instruct: str | None
+    non_streaming: bool
+    sampling: SamplingParams
+    seed: int | None
+
+    def request(self, text: str | None = "", **kw) -> SynthesisRequest:
+        return SynthesisRequest(kind="custom_voice", text=self.text if text == "" else text, speaker=self.speaker,
+                                language=self.language, instruct=self.instruct, sampling=self.sampling,
+                                seed=self.seed, non_streaming_mode=self.non_streaming, **kw)
+
+
+def make_pool(n: int, seed: int = 7) -> list[Template]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kw = rng.choice(SAMPLINGS)
+        sampling = SamplingParams(max_new_tokens=rng.choice(MAX_NEW), **kw)
+        greedy = not sampling.do_sample and not sampling.subtalker_dosample
+        seed = None if greedy or rng.random() < 0.1 else rng.randrange(4)
+        out.append(Template(rng.choice(TEXTS), rng.choice(SPEAKERS), rng.choice(LANGUAGES), rng.choice(INSTRUCTS),
+                            rng.random() < 0.2, sampling, seed))
+    return out
+
+
+POOL = make_pool(16)
+
+
+@dataclass
+class Plan:
+    """One session's schedule: when it joins, how its text arrives, when it is cancelled, how its audio comes."""
+
+    template: Template
+    join: int
+    incremental: bool = False
+    pieces: list[tuple[int, str]] = field(default_factory=list)  # (step, piece) appended
+    end: int | None = None            # step of end_text (None: at drain)
+    cancel: int | None = None
+    audio: bool = True
+    first: int = 1
+    every: int = 4
+    priority: str = "interactive"
+    # filled by the run
+    session: object = None
+    chunks: list[AudioChunk] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)
+
+
+def make_plans(rng: random.Random, n: int, span: int) -> list[Plan]:
+    plans = []
+    for _ in range(n):
+        t = rng.choice(POOL)
+        p = Plan(t, join=rng.randrange(span), audio=rng.random() < 0.7, first=rng.choice([1, 1, 2, 3]),
+                 every=rng.choice([1, 2, 3, 5]), priority=rng.choice(["interactive", "bulk"]))
+        if not t.non_streaming and rng.random() < 0.4:
+            p.incremental = True
+            cuts = sorted(rng.sample(range(1, len(t.text)), k=min(len(t.text) - 1, rng.randrange(1, 4))))
+            parts = [t.text[a:b] for a, b in zip([0, *cuts], [*cuts, len(t.text)])]
+            at = p.join + rng.choice([0, 0, 1, 3])  # the first piece may come steps after the session joined
+            for piece in parts:
+                p.pieces.append((at, piece))
+                at += rng.choice([0, 1, 2, 6])      # a gap of 6 steps: the talker waits for text
+            p.end = None if rng.random() < 0.2 else at + rng.choice([0, 1, 4])
+        if rng.random() < 0.25:
+            p.cancel = p.join + rng.choice([0, 1, 2, 4, 7])
+        plans.append(p)
+    return plans
+
+
+class Alone:
+    """Codes of templates run alone on the default eager engine (one slot), cached: (codes, finish reason)."""
+
+    def __init__(self, model) -> None:
+        self.engine = Engine(model, max_sessions=1, max_len=MAX_LEN)
+        self.cache: dict[Template, tuple[torch.Tensor, str]] = {}
+
+    def __call__(self, t: Template) -> tuple[torch.Tensor, str]:
+        if t not in self.cache:
+            s = self.engine.run_all([t.request(decode_audio=False)])[0]
+            self.cache[t] = (s.codes(), s.finish_reason)
+        return self.cache[t]
+
+
+def run_schedule(engine: Engine, plans: list[Plan], rng: random.Random, max_steps: int = 400) -> None:
+    """Drive `engine` through the plans' schedule, then drain it; chunks go to their plans."""
+    by_id: dict[int, Plan] = {}
+    waiting = sorted(plans, key=lambda p: p.join)
+
+    def take(chunks: list[AudioChunk]) -> None:
+        for c in chunks:
+            p = by_id[c.session_id]
+            assert not (p.chunks and p.chunks[-1].is_last), f"a chunk after the last of session {c.session_id}"
+            p.chunks.append(c)
+
+    step = 0
+    while step < max_steps and (waiting or engine.has_work()):
+        for p in [p for p in waiting if p.join <= step]:
+            t = p.template
+            req = t.request(None if p.incremental else "", decode_audio=p.audio, first_chunk_frames=p.first,
+                            chunk_frames=p.every, priority=p.priority)
+            try:
+                p.session = engine.add(req)
+            except EngineBusy:
+                continue
+            by_id[p.session.id] = p
+            waiting.remove(p)
+        for p in by_id.values():
+            s = p.session
+            if p.incremental and not s.done and not s.cancelled:
+                for at, piece in p.pieces[len(p.sent):]:
+                    if at > step:
+                        break
+                    s.append_text(piece)
+                    p.sent.append(piece)
+                if p.end is not None and p.end <= step and len(p.sent) == len(p.pieces) and not s._end_requested:
+                    s.end_text()
+            if p.cancel is not None and p.cancel <= step and not s.cancelled:
+                engine.cancel(s)
+        if step > max_steps // 2 or not waiting:  # drain: end every open text
+            for p in by_id.values():
+                s = p.session
+                if p.incremental and not s.done and not s.cancelled and not s._end_requested:
+                    for _, piece in p.pieces[len(p.sent):]:
+                        s.append_text(piece)
+                        p.sent.append(piece)
+                    s.end_text()
+        take(engine.step(emit=take if rng.random() < 0.5 else None))
+        step += 1
+        assert engine.num_active <= SLOTS and len(engine.free_slots) + engine.num_active == SLOTS
+    assert not waiting and not engine.has_work(), "the schedule did not drain"
+    assert sorted(engine.free_slots) == list(range(SLOTS)) and not engine._audio_rows
+    assert engine.audio is None or engine.audio.num_open == 0, "audio rows left open"
+
+
+def check(model, plans: list[Plan], alone: Alone, stats: Counter, audio_tol: float | None = 1e-4) -> None:
+    for p in plans:
+        s, t = p.session, p.template
+        lasts = [c for c in p.chunks if c.is_last]
+        assert len(lasts) == 1 and p.chunks[-1].is_last, f"session {s.id}: {len(lasts)} last chunks"
+        last = lasts[0]
+        assert s.done and last.finish_reason == s.finish_reason
+        stats[s.finish_reason] += 1
+        codes = s.codes()
+        solo, solo_reason = alone(t)
+        if s.finish_reason == "error":
+            # only a request that fails alone too: its text does not fit max_len (not incremental: the text is
+            # checked as it arrives, so it may have spoken its first pieces)
+            assert last.error and last.error_field == "text", last
+            assert solo_reason == "error" or p.incremental, (last.error, solo_reason)
+            continue
+        if s.finish_reason == "cancelled":
+            assert p.cancel is not None
+        else:
+            assert s.finish_reason in ("eos", "max_new_tokens"), s.finish_reason
+        # chunks: contiguous, sized by the schedule, their samples their frames'
+        at = 0
+        for i, c in enumerate(p.chunks if p.audio else []):
+            assert c.frame_start == at and c.pcm.dtype == np.float32, (s.id, i, c.frame_start, at)
+            assert c.pcm.size == c.num_frames * SAMPLES_PER_FRAME, (s.id, i)
+            size = p.first if i == 0 else p.every
+            assert c.num_frames == size if not c.is_last else c.num_frames <= size, (s.id, i, c.num_frames, size)
+            at += c.num_frames
+        if not p.audio:
+            assert at == 0 and last.frame_start == len(codes)
+        # codes: the request's alone, or a prefix of them where it was cut short
+        if t.seed is None and t.sampling.do_sample | t.sampling.subtalker_dosample:
+            stats["unseeded"] += 1
+        elif s.finish_reason == "cancelled":
+            assert len(codes) <= len(solo) and torch.equal(codes, solo[:len(codes)]), f"session {s.id}: prefix"
+            stats["prefix checked"] += 1
+        else:
+            assert s.finish_reason == solo_reason and torch.equal(codes, solo), \
+                f"session {s.id} ({t}): codes differ from alone ({len(codes)} vs {len(solo)} frames)"
+            stats["codes checked"] += 1
+        if p.audio:
+            if s.finish_reason != "cancelled":
+                assert at == len(codes), (s.id, at, len(codes))
+            if at:
+                pcm = np.concatenate([c.pcm for c in p.chunks])
+                offline = model.decode_codes([codes[:at]])[0]
+                assert pcm.shape == offline.shape
+                err = np.abs(pcm - offline).max()
+                tol = audio_tol if audio_tol is not None else 0.1 * max(1e-3, np.abs(offline).max())
+                assert err <= tol, f"session {s.id}: audio {err} from the offline decode"
+                stats["audio checked"] += 1
+
+
+@pytest.fixture(scope="module")
+def model(model_factory):
+    return model_factory("custom_voice", "tiny")
+
+
+@pytest.fixture(scope="module")
+def alone(model) -> Alone:
+    return Alone(model)
+
+
+def fuzz(model, engine: Engine, alone: Alone, seeds: list[int], n: int = 10, span: int = 12,
+         audio_tol: float | None = 1e-4) -> Counter:
+    stats: Counter = Counter()
+    for seed in seeds:
+        rng = random.Random(seed)
+        plans = make_plans(rng, n, span)
+        run_schedule(engine, plans, rng)
+        check(model, plans, alone, stats, audio_tol)
+    print(dict(stats))
+    assert stats["codes checked"] >= 5 and stats["audio checked"] >= 3, dict(stats)
+    return stats
+
+
+def test_fuzz_eager_engine(model, alone):
+    stats = fuzz(model, Engine(model, max_sessions=SLOTS, max_len=MAX_LEN), alone, [1, 2, 3])
+    assert stats["cancelled"] and stats["max_new_tokens"], dict(stats)
+
+
+@pytest.mark.slow
+def test_fuzz_static_eager_engine(model, alone):
+    fuzz(model, Engine(model, max_sessions=SLOTS, max_len=MAX_LEN, static=True, interactive_reserve=1), alone, [4, 5])
+
+
+@pytest.mark.slow
+def test_fuzz_graph_engine_on_the_stand_in(model, alone):
+    engine = Engine(model, max_sessions=SLOTS, max_len=MAX_LEN, graph_capture=GraphCapture("cpu", fake=True),
+                    audio_chunk_frames=(1, 2, 3, 5))
+    fuzz(model, engine, alone, [6, 7])
+
+
+@pytest.mark.slow
+def test_fuzz_bf16_audio_decoder(model, alone):
+    """Codes stay exact; the audio is bf16's (within a tenth of the offline peak)."""
+    fuzz(model, Engine(model, max_sessions=SLOTS, max_len=MAX_LEN, audio_dtype="bfloat16"), alone, [8], audio_tol=None)
+
+
+def test_an_interrupt_while_a_session_is_admitted_fails_it_and_frees_its_slot(model, monkeypatch):
+    """A KeyboardInterrupt in the stepping thread while a queued session's prompt is built (the slot taken, the
+    session not active yet): it was lost, neither queued nor active, with no last chunk ever, and its slot never
+    came back. Now it fails with its last chunk, the slot is free and the engine serves the next session exactly."""
+    import qwen_tts_core.generate.engine as engine_mod
+
+    engine = Engine(model, max_sessions=2, max_len=MAX_LEN)
+    t = POOL[0]
+    s = engine.add(t.request())
+    real = engine_mod.make_prompt
+
+    def interrupted(*args, **kwargs):
+        monkeypatch.setattr(engine_mod, "make_prompt", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_mod, "make_prompt", interrupted)
+    emitted: list[AudioChunk] = []
+    with pytest.raises(KeyboardInterrupt):
+        engine.step(emit=emitted.extend)
+    assert s.done and s.finish_reason == "error" and [c.is_last for c in emitted] == [True], emitted
+    assert sorted(engine.free_slots) == [0, 1] and not engine.has_work()
+    again = engine.run_all([t.request(decode_audio=False)])[0]
+    assert torch.equal(again.codes(), Engine(model, max_sessions=1, max_len=MAX_LEN).run_all(
+        [t.request(decode_audio=False)])[0].codes())
