@@ -304,7 +304,7 @@ class ReplicaCore:
         if not s.incremental:
             raise RequestError("text", "this session was opened with its full text")
         try:
-            self.sessions.take_text(s, text, end)
+            text = self.sessions.take_text(s, text, end)
             if text:
                 self.scheduler.append_text(t, text)
             if end:

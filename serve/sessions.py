@@ -3,7 +3,7 @@
     table = SessionTable(owner="a1b2c3", limits=SessionLimits(max_text_chars=4096, idle_text_timeout_s=30))
     s = table.open(ticket, incremental=True, leased=True)   # s.sid: "a1b2c3-<uuid hex>", routed back here
     table.get(sid)                                          # UnknownSession unless this replica holds it
-    table.take_text(s, "more text")                         # RequestError("text") past the total-text limit
+    text = table.take_text(s, "more text", False)           # RequestError("text") past the total-text limit
     for s, failure in table.expired(): ...                  # the watchdog ends these (failure None: lease lapsed)
     table.lapsed(s, consumer_alive)                         # ... settled: True -> cancel it; False -> lease extended
 
@@ -13,11 +13,11 @@ No Ray and no engine here; the replica (replica.py) acts on what this table deci
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qwen_tts_core.errors import RequestError
-from qwen_tts_core.generate.requests import is_blank
+from qwen_tts_core.generate.requests import PieceJoiner, is_blank
 
 from .routing import new_session_id
 from .scheduler import Failure
@@ -62,6 +62,7 @@ class OpenSession:
     text_chars: int = 0
     has_text: bool = False             # a non-blank piece arrived
     ended: bool = False                # `end` received (incremental)
+    pieces: PieceJoiner = field(default_factory=PieceJoiner)   # a character cut between messages is joined
 
 
 class SessionTable:
@@ -102,14 +103,19 @@ class SessionTable:
                 s.lease_until = now + self.limits.lease_s
         return unknown
 
-    def take_text(self, s: OpenSession, text: str, end: bool) -> None:
-        """Account a text message (and `end`) against the session's limits; RequestError('text') when refused."""
+    def take_text(self, s: OpenSession, text: str, end: bool) -> str:
+        """Account a text message (and `end`) against the session's limits; RequestError('text') when refused.
+        Returns the text to feed: a character cut between its UTF-16 surrogates across messages joined, a last high
+        half held for the next message (the core's PieceJoiner), so limits count and see characters."""
         if not s.incremental:
             raise RequestError("text", "this session was opened with its full text")
         if s.ended:
             raise RequestError("text", "text after end")
         if not isinstance(text, str):
             raise RequestError("text", f"must be a string, got {type(text).__name__}")
+        text = s.pieces.push(text)
+        if end:
+            s.pieces.finish()
         total = s.text_chars + len(text)
         if total > self.limits.max_text_chars:
             raise RequestError("text", f"the session's text is longer than {self.limits.max_text_chars} characters")
@@ -121,6 +127,7 @@ class SessionTable:
         if visible or end:  # a blank message is no text: sent every few seconds, it held a slot or queue place past
             s.last_text = self.clock()  # the idle timeout (a space between words is followed by the word)
         s.ended = s.ended or end
+        return text
 
     def expired(self, period_s: float | None = None) -> list[tuple[OpenSession, Failure | None]]:
         """Sessions to end now: (session, failure to report), or (session, None) when its lease lapsed: settle

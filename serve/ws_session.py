@@ -15,9 +15,9 @@ last message before the close (no audio or `done` after it), and `done` is final
 sent (a bad message the client sent meanwhile) is not sent, the session ended well and closes 1000.
 
 Text is text however the client cut it: a character outside the BMP cut between its UTF-16 surrogates (JavaScript's
-`slice` cuts by code unit, and JSON.stringify then sends each half as a lone `\\ud83d` / `\\ude00` escape) is joined
-again before it is fed (`join_surrogates`; a high surrogate that ends what has arrived waits for the next message); a
-surrogate with no partner is still refused by the replica, naming `text`.
+`slice` cuts by code unit, and JSON.stringify then sends each half as a lone `\\ud83d` / `\\ude00` escape) is
+forwarded as it came and joined where the replica takes the text (`SessionTable.take_text`, with the core's
+`PieceJoiner`, the one owner of that rule); a surrogate with no partner is refused there, naming `text`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,15 +46,6 @@ log = logging.getLogger(__name__)
 QUEUE_MESSAGES = 256
 LOST_GRACE_S = 10.0      # after UnknownSession, how long the writer may take to bring the session's own end
 DISCONNECT = object()
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def join_surrogates(text: str) -> str:
-    """UTF-16 surrogate pairs that came in separate messages -> the characters they encode (each message's JSON
-    parsed its half as a lone surrogate); a surrogate with no partner stays as it is (the replica refuses it)."""
-    if _SURROGATE.search(text) is None:
-        return text
-    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
 
 
 class MessageLimiter:
@@ -246,18 +236,13 @@ class WSSession:
         """Queue -> `feed` on the owning replica, batching what is waiting. None once `end` is delivered."""
         sid = self.stream.sid
         routed = self.handle.options(session_id=sid)
-        carry = ""   # a high surrogate that ended the text so far: its low half may be in the next message
         while True:
             text, end = await self.queue.get()
-            parts = [carry, text]
+            parts = [text]
             while not end and not self.queue.empty():
                 piece, end = self.queue.get_nowait()
                 parts.append(piece)
-            text, carry = join_surrogates("".join(parts)), ""
-            if not end and text and "\ud800" <= text[-1] <= "\udbff":
-                text, carry = text[:-1], text[-1]
-                if not text:
-                    continue
+            text = "".join(parts)
             try:
                 await detached(routed.feed.remote, sid, text, end)
             except RequestError as e:

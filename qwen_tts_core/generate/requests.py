@@ -49,6 +49,36 @@ def check_text(text: object, field: str = "text", allow_blank: bool = False) -> 
     return text
 
 
+class PieceJoiner:
+    """The one rule for text that arrives in str pieces (incremental sessions, the service's parked sessions, the
+    WebSocket): a character outside the BMP may be cut between its UTF-16 surrogates (JavaScript's `slice` cuts by
+    code unit, and JSON then sends each half as a lone escape). `push` joins such pairs, holds a piece's last high
+    surrogate back for the next piece, and checks the rest (`check_text`: any other lone surrogate is refused naming
+    `field`); `finish` refuses an end that leaves a half held."""
+
+    __slots__ = ("field", "high")
+
+    def __init__(self, field: str = "text") -> None:
+        self.field, self.high = field, ""
+
+    def push(self, piece: str) -> str:
+        """`piece` joined with a held half, its pairs made characters, a trailing high half held back. Nothing is
+        taken from a refused piece (the held half stays as it was)."""
+        text = self.high + piece
+        high = ""
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            text, high = text[:-1], text[-1]
+        if any("\ud800" <= c <= "\udfff" for c in text):
+            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+        check_text(text, self.field, allow_blank=True)
+        self.high = high
+        return text
+
+    def finish(self) -> None:
+        if self.high:
+            raise RequestError(self.field, f"ends with half of a surrogate pair ({self.high!a})")
+
+
 _BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 """Characters Python counts printable that show nothing: the Hangul fillers and the braille blank."""
 

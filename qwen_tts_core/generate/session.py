@@ -15,7 +15,7 @@ from ..errors import RequestError, SessionEnded
 from ..text.prompt import Prompt
 from ..text.tokenizer import TargetIds
 from ..types import FinishReason, SynthesisRequest
-from .requests import check_text
+from .requests import PieceJoiner
 from .text_feed import IncrementalText
 
 _ids = itertools.count(1)
@@ -56,7 +56,7 @@ class Session:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(),
                                              repr=False)
-    _high: str = field(default="", repr=False)  # a str piece's last character when it is half of a surrogate pair
+    _pieces: PieceJoiner = field(default_factory=PieceJoiner, repr=False)  # surrogate halves across str pieces
 
     # --- caller side ------------------------------------------------------------------------------------------
     def append_text(self, piece: str | bytes) -> None:
@@ -73,8 +73,8 @@ class Session:
             if self._end_requested:
                 raise RequestError("text", "append_text after end_text")
             if isinstance(piece, str):
-                piece = self._join_surrogates(piece)
-            elif self._high:
+                piece = self._pieces.push(piece)
+            elif self._pieces.high:
                 raise RequestError("text", "a bytes piece after half of a surrogate pair: send its other half first")
             if isinstance(piece, bytes | bytearray):
                 piece = bytes(piece)
@@ -101,25 +101,10 @@ class Session:
                 self._utf8.decode(b"", final=True)
             except UnicodeDecodeError:
                 raise RequestError("text", "ends inside a UTF-8 character") from None
-            if self._high:
-                raise RequestError("text", f"ends with half of a surrogate pair ({self._high!a})")
+            self._pieces.finish()
             self.pending_text.append(None)
             self._end_requested = True
         self._wake()
-
-    def _join_surrogates(self, piece: str) -> str:
-        """`piece` after a held high surrogate, its surrogate pairs joined into the characters they encode, its last
-        character held back when it is a high surrogate; checked (check_text) once joined (caller holds the lock)."""
-        text = self._high + piece
-        if text and "\ud800" <= text[-1] <= "\udbff":
-            text, high = text[:-1], text[-1]
-        else:
-            high = ""
-        if any("\ud800" <= c <= "\udfff" for c in text):
-            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
-        check_text(text, allow_blank=True)   # a surrogate with no partner is refused here
-        self._high = high
-        return text
 
     def _check_open(self) -> None:
         """Text for a session that has ended would be dropped unread: say so (caller holds the lock)."""

@@ -86,6 +86,29 @@ def test_text_limits_count_the_whole_session():
         t.take_text(full, "x", False)
 
 
+def test_a_character_cut_between_messages_counts_and_shows_as_one_character():
+    """The table takes the text the WebSocket forwards as it came (one owner for joining surrogate halves: the core's
+    PieceJoiner, used here). A lone high half is held, not fed and not counted; with its low half it is one visible
+    character: a message of only an emoji, cut in two, is text, and `end` after it is accepted. A half still held
+    at `end`, or a low half with no high one, is refused naming text."""
+    t = SessionTable("r", SessionLimits(max_text_chars=4))
+    s = t.open(_ticket(), incremental=True, leased=False)
+    assert t.take_text(s, "\ud83d", False) == "" and s.text_chars == 0 and not s.has_text
+    assert t.take_text(s, "\ude00", False) == "\U0001f600" and s.text_chars == 1 and s.has_text
+    assert t.take_text(s, "ab\ud83d", False) == "ab" and s.text_chars == 3
+    assert t.take_text(s, "\ude00", False) == "\U0001f600" and s.text_chars == 4   # 4 characters, 6 code units
+    with pytest.raises(RequestError, match="longer than 4"):
+        t.take_text(s, "\ud83d\ude00", True)
+    held = t.open(_ticket(), incremental=True, leased=False)
+    t.take_text(held, "hi \ud83d", False)
+    with pytest.raises(RequestError, match="surrogate") as e:
+        t.take_text(held, "", True)
+    assert e.value.field == "text"
+    lone = t.open(_ticket(), incremental=True, leased=False)
+    with pytest.raises(RequestError, match="surrogate"):
+        t.take_text(lone, "\ude00 there", False)
+
+
 def test_idle_deadline_and_lease_expiry():
     clock = Clock()
     t = SessionTable("r", SessionLimits(idle_text_timeout_s=5, deadline_s=20, lease_s=3), clock=clock)
