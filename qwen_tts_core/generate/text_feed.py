@@ -22,6 +22,7 @@ import unicodedata
 from collections.abc import Callable
 
 from ..errors import RequestError
+from .requests import is_blank
 
 MAX_OPEN_CHARS = 1024   # characters waiting for a boundary (far beyond a word; CJK commits at its punctuation)
 CANDIDATES = 8          # boundaries a piece checks, from the last: committing later is always safe
@@ -61,6 +62,7 @@ class IncrementalText:
         self.tail = ""               # text not committed yet (starts at a pre-tokenizer boundary)
         self.committed: list[int] = []
         self.ended = False
+        self._done_visible = False   # a committed segment shows something (committed text never changes)
 
     @classmethod
     def of(cls, tok) -> IncrementalText:
@@ -72,6 +74,12 @@ class IncrementalText:
     @property
     def text(self) -> str:
         return "".join(self._done) + self.tail
+
+    @property
+    def blank(self) -> bool:
+        """`is_blank(self.text)`, at the cost of the uncommitted tail only: the engine asks it of every queued
+        incremental session on each pass."""
+        return not self._done_visible and is_blank(self.tail)
 
     def append(self, piece: str | bytes) -> list[int]:
         """Add a piece; return the ids newly committed by it. Empty pieces change nothing."""
@@ -107,5 +115,6 @@ class IncrementalText:
             self.role = self._role_of(stable)
         ids = (self._encode_more if self._done else self._encode_first)(stable)
         self._done.append(stable)
+        self._done_visible = self._done_visible or not is_blank(stable)
         self.committed += ids
         return ids

@@ -137,6 +137,26 @@ def test_hostile_texts_committed_piece_by_piece_equal_the_whole_text(cv):
             assert (inc.role, inc.committed) == (want.role, want.text), (text, pieces)
 
 
+def test_the_feeds_blank_flag_is_is_blank_of_its_text_after_every_piece(cv):
+    """The engine asks each queued incremental session whether its text so far is blank on every pass; the feed
+    answers from its uncommitted tail and one flag (`blank`), not by rescanning the whole text. It must say what
+    `is_blank(text)` says after every piece of every cut, blank texts, invisible characters and marks included."""
+    tok = cv.tokenizer
+    texts = HOSTILE + ["   ", " \u200b \u3164 ", "\u2800 " * 30 + "x", "\ufe0f \u0301 " * 10 + ".", " " * 50 + "e\u0301",
+                       "\u0301 \u20dd a"]
+    for text in texts:
+        raw = text.encode()
+        cuts = [list(text), [raw[i:i + 1] for i in range(len(raw))]] + [[text[:k], text[k:]] for k in range(1, len(text))]
+        for pieces in cuts:
+            inc = IncrementalText.of(tok)
+            assert inc.blank
+            for p in pieces:
+                inc.append(p)
+                assert inc.blank == rq.is_blank(inc.text), (text, pieces)
+            inc.end()
+            assert inc.blank == rq.is_blank(inc.text) == rq.is_blank(text), (text, pieces)
+
+
 _ORACLE_TOKENIZE = """
 import json, sys
 from transformers import AutoConfig, AutoProcessor
