@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -61,6 +62,9 @@ class Ctx:
         self.cuda = self.dev.type == "cuda"
         self.work = work
         self.big = "1.7b" if self.cuda else "tiny"
+        # the stage's results so far: a stage fills it as it measures, so a stage killed by its timeout (SIGTERM,
+        # see main) still writes what it had (its goals so far; the others then read "missing")
+        self.out: dict = {}
 
     def sync(self) -> None:
         if self.cuda:
@@ -129,10 +133,12 @@ def stage_versions(c: Ctx) -> dict:
     from qwen_tts_core.config import make_config
     from qwen_tts_core.model.layers import probe_decode_layouts, sdpa_backend
 
-    out = {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
-           "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(c.dev) if c.cuda else "cpu"}
+    out = c.out
+    out.update({"torch": torch.__version__, "transformers": transformers.__version__,
+                "python": sys.version.split()[0], "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(c.dev) if c.cuda else "cpu"})
     dt = torch.bfloat16 if c.cuda else torch.float32
-    goals = {}
+    goals = out["goals"] = {}
     for size in ("0.6b", "1.7b"):
         t = make_config("custom_voice", size).talker
         found = probe_decode_layouts(t, 64, 512, dt, c.dev)   # what an engine's probe sees, at 64 rows, 512 keys
@@ -148,7 +154,6 @@ def stage_versions(c: Ctx) -> dict:
         kp = torch.randn(1, t.num_key_value_heads, T, t.head_dim, dtype=dt, device=c.dev)
         pm = torch.ones(T, T, dtype=torch.bool, device=c.dev).tril()[None, None]
         out[f"sdpa_prefill_{size}"] = sdpa_backend(qp, kp, kp, pm, enable_gqa=True)
-    out["goals"] = goals
     return out
 
 
@@ -163,9 +168,10 @@ def stage_tiny(c: Ctx) -> dict:
     eager = staggered(c.engine(gpu, False, max_sessions=4, max_len=256), g)
     geng = c.engine(gpu, True, max_sessions=4, max_len=256)
     graphs = staggered(geng, g)
-    out: dict = {"frames": [len(x) for x in graphs], "audio_graphs": geng.audio_graphs}
-    goals = {"tiny_graphs_eq_eager": same(graphs, eager), "tiny_gpu_eq_cpu": same(eager, ref),
-             "frames_distinct": all(len({tuple(f) for f in x.tolist()}) > 1 for x in graphs)}
+    out = c.out
+    out.update(frames=[len(x) for x in graphs], audio_graphs=geng.audio_graphs)
+    goals = out["goals"] = {"tiny_graphs_eq_eager": same(graphs, eager), "tiny_gpu_eq_cpu": same(eager, ref),
+                            "frames_distinct": all(len({tuple(f) for f in x.tolist()}) > 1 for x in graphs)}
     # a paused incremental session, with another one running
     full = Engine(cpu, max_sessions=1).run_all([req(TEXT, g)])[0].codes()
     s, other = geng.add(req(None, g)), geng.add(req(TEXTS[1], g))
@@ -208,7 +214,6 @@ def stage_tiny(c: Ctx) -> dict:
     out["stream_max_diff"] = float(np.abs(st - off).max()) if st.shape == off.shape else None
     goals["stream_eq_offline"] = st.shape == off.shape and out["stream_max_diff"] <= 1e-3
     goals["stored_voice_on_device"] = stored_voice(c)
-    out["goals"] = goals
     return out
 
 
@@ -278,9 +283,10 @@ def stage_timings(c: Ctx) -> dict:
     mem0 = torch.cuda.memory_allocated(c.dev) if c.cuda else 0
     eng = c.engine(m, True, max_sessions=max(rows), max_len=max(lens))
     r = eng.runner
-    out: dict = {"size": c.big, "capture_s": round(eng.capture_s, 2), "graphs": len(r.graphs), "sdpa": eng.sdpa,
-                 "capture_s_per_bucket": {f"{k[0]}/{'/'.join(map(str, k[1:]))}": round(v, 3)
-                                          for k, v in r.capture_seconds.items()}}
+    out = c.out
+    out.update({"size": c.big, "capture_s": round(eng.capture_s, 2), "graphs": len(r.graphs), "sdpa": eng.sdpa,
+                "capture_s_per_bucket": {f"{k[0]}/{'/'.join(map(str, k[1:]))}": round(v, 3)
+                                         for k, v in r.capture_seconds.items()}})
     if c.cuda:
         out["cache_and_graph_mem_gb"] = round((torch.cuda.memory_allocated(c.dev) - mem0) / 1e9, 2)
         out["graph_pool_reserved_gb"] = round(torch.cuda.memory_reserved(c.dev) / 1e9, 2)
@@ -351,8 +357,9 @@ def stage_e2e(c: Ctx, compile: bool = False) -> dict:
     busy_n = 32 if c.cuda else 3
     frames = 100 if c.cuda else 8
     eng = c.engine(m, True, max_sessions=max(conc), max_len=4096 if c.cuda else 256, compile=compile)
-    out: dict = {"size": c.big, "compile": compile, "capture_s": round(eng.capture_s, 2), "warm_up_s": round(eng.warm_up(), 2),
-                 "audio_graphs": eng.audio_graphs}
+    out = c.out
+    out.update({"size": c.big, "compile": compile, "capture_s": round(eng.capture_s, 2),
+                "warm_up_s": round(eng.warm_up(), 2), "audio_graphs": eng.audio_graphs})
 
     def ttfa(runs: int) -> list[float]:
         got = []
@@ -375,6 +382,8 @@ def stage_e2e(c: Ctx, compile: bool = False) -> dict:
         return got
 
     idle = ttfa(10 if c.cuda else 3)
+    out.update(ttfa_ms_p50_idle=round(float(np.percentile(idle, 50)), 1),
+               ttfa_ms_p95_idle=round(float(np.percentile(idle, 95)), 1))
     background = [eng.add(req(TEXTS[i % 4], SamplingParams(max_new_tokens=3000), seed=100 + i, decode_audio=True))
                   for i in range(busy_n)]
     for _ in range(5):
@@ -384,9 +393,7 @@ def stage_e2e(c: Ctx, compile: bool = False) -> dict:
         eng.cancel(s)
     while eng.has_work():
         eng.step()
-    out.update(ttfa_ms_p50_idle=round(float(np.percentile(idle, 50)), 1),
-               ttfa_ms_p95_idle=round(float(np.percentile(idle, 95)), 1),
-               ttfa_ms_p50_busy=round(float(np.percentile(busy, 50)), 1),
+    out.update(ttfa_ms_p50_busy=round(float(np.percentile(busy, 50)), 1),
                ttfa_ms_p95_busy=round(float(np.percentile(busy, 95)), 1))
 
     def throughput(n: int, seeded: bool) -> float:
@@ -436,7 +443,8 @@ def stage_compile(c: Ctx) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     m = c.load(c.big_checkpoint(), "bfloat16")
-    out: dict = {"size": c.big}
+    out = c.out
+    out["size"] = c.big
     timer, codes = Timer(c), {}
     L = 512 if c.cuda else 64
     for compiled in (False, True):
@@ -519,6 +527,16 @@ def summary(path: Path) -> dict:
             "all_ok": bool(lines) and n_fail + n_missing + len(failed_stages) == 0}
 
 
+class StageTimeout(Exception):
+    """SIGTERM from the stage's `timeout` (gpu_check.sh): raised in the stage so that main writes what it measured."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one (or timeout -k's SIGKILL) ends the process
+    limit = os.environ.get("GPU_CHECK_STAGE_LIMIT_S")
+    raise StageTimeout(f"killed after {limit}s (its timeout; results so far kept)" if limit else "SIGTERM")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=list(STAGES))
@@ -539,11 +557,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     c = Ctx(args.device, args.work)
     t = time.perf_counter()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rec = {"stage": args.stage, **STAGES[args.stage](c), "ok": True}
     except Exception as e:  # noqa: BLE001 - the result says what broke; the next stage still runs
-        rec = {"stage": args.stage, "ok": False, "error": f"{type(e).__name__}: {e}",
+        # what the stage measured before it broke (its goals so far: the summary marks the others "missing")
+        rec = {"stage": args.stage, **c.out, "ok": False, "error": f"{type(e).__name__}: {e}",
                "traceback": traceback.format_exc()[-3000:]}
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     rec["seconds"] = round(time.perf_counter() - t, 1)
     line = json.dumps(rec, default=str)
     if args.out:

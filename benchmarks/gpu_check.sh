@@ -3,9 +3,10 @@
 # install). Run from anywhere:   bash benchmarks/gpu_check.sh            (at most ~8 minutes)
 #                                bash benchmarks/gpu_check.sh --device cpu   (dry run: tiny models, graph stand-in)
 # Each stage of benchmarks/gpu_bench.py runs in its own python3 process under its own timeout (a stage that hangs or
-# crashes costs only its own slot) and appends one JSON line to $OUT/gpu_check.jsonl as soon as it ends; the last
-# line printed (also $OUT/gpu_check.json) is one JSON object with pass/fail per goal (a stage that did not end ok
-# marks its goals "missing", counted in "failed"). OUT defaults to output/gpu_check (gitignored).
+# crashes costs only its own slot) and appends one JSON line to $OUT/gpu_check.jsonl as soon as it ends (a stage
+# stopped by its timeout writes what it measured so far); its output is kept in $OUT/<stage>.log. The last line
+# printed (also $OUT/gpu_check.json) is one JSON object with pass/fail per goal (a stage that did not end ok marks
+# the goals it did not report "missing", counted in "failed"). OUT defaults to output/gpu_check (gitignored).
 # GPU_CHECK_BUDGET_S (default 480) caps the whole run; GPU_CHECK_STAGES picks stages ("name:seconds ...", e.g.
 # "versions:20 build:50 e2e:110"; stages: see benchmarks/gpu_bench.py --help).
 # `build` (the 1.7B random checkpoint: CPU work only) starts with the run, beside the stages listed before it; its
@@ -33,7 +34,8 @@ trap '[ -n "$BUILD_PID" ] && { pkill -P "$BUILD_PID"; kill "$BUILD_PID"; } 2>/de
 START=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET_S:-480}"
 if [ "$DEVICE" != cpu ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/nvidia-smi.txt" 2>&1 || true
+  timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/nvidia-smi.txt" \
+    2>&1 || true
 fi
 
 limit_of() {  # limit_of NAME SECONDS: SECONDS bounded by what is left of the budget (0: none left)
@@ -50,8 +52,10 @@ record() {  # record NAME OUTFILE RC LIMIT: the stage's JSON line into $RES, or 
   fi
 }
 
-run_stage() {  # run_stage NAME LIMIT OUTFILE: one stage in its own process under its own timeout
-  timeout -k 5 "$2" python3 benchmarks/gpu_bench.py --stage "$1" --device "$DEVICE" --out "$3" --work "$WORK"
+run_stage() {  # run_stage NAME LIMIT OUTFILE: one stage in its own process under its own timeout (SIGTERM: the
+  # stage writes what it has; SIGKILL 5 s later)
+  GPU_CHECK_STAGE_LIMIT_S="$2" timeout -k 5 "$2" python3 benchmarks/gpu_bench.py --stage "$1" --device "$DEVICE" \
+    --out "$3" --work "$WORK"
 }
 
 stage() {  # stage NAME SECONDS: run it, bounded by its own limit and by what is left of the budget
@@ -59,7 +63,7 @@ stage() {  # stage NAME SECONDS: run it, bounded by its own limit and by what is
   if [ "$name" = build ] && [ -n "$BUILD_PID" ]; then   # started at the beginning: wait for it here
     echo "== build (started with the run, up to ${BUILD_LIMIT}s)" >&2
     wait "$BUILD_PID"; BUILD_PID=""
-    cat "$WORK/build.log" >&2
+    cat "$OUT/build.log" >&2
     record build "$WORK/build.jsonl" "$(cat "$WORK/build.rc" 2>/dev/null || echo 1)" "$BUILD_LIMIT"
     return
   fi
@@ -69,22 +73,23 @@ stage() {  # stage NAME SECONDS: run it, bounded by its own limit and by what is
     return
   fi
   echo "== $name (up to ${limit}s)" >&2
-  run_stage "$name" "$limit" "$WORK/$name.jsonl" >&2
-  rc=$?
+  run_stage "$name" "$limit" "$WORK/$name.jsonl" 2>&1 | tee "$OUT/$name.log" >&2
+  rc=${PIPESTATUS[0]}
   record "$name" "$WORK/$name.jsonl" "$rc" "$limit"
 }
 
 if [ "$DEVICE" = cpu ]; then
   DEFAULT_STAGES="versions:30 tiny:80 build:90 parity:60 timings:90 e2e:100"
 else  # 8 minutes: the production path (plain ops, graphs) first, compiled ops last (e2e_compiled: GPU_CHECK_STAGES)
-  DEFAULT_STAGES="versions:20 tiny:60 build:150 parity:40 e2e:120 timings:80 compile:90"
+  # versions and tiny run beside the build (slots from the start: 150 s); their slots cost nothing unless used
+  DEFAULT_STAGES="versions:40 tiny:90 build:150 parity:40 e2e:120 timings:80 compile:90"
 fi
 STAGES="${GPU_CHECK_STAGES:-$DEFAULT_STAGES}"
 seconds() { [ "${1#*:}" != "$1" ] && echo "${1#*:}" || echo 60; }
 for s in $STAGES; do
   if [ "${s%%:*}" = build ]; then
     BUILD_LIMIT=$(limit_of build "$(seconds "$s")")
-    ( run_stage build "$BUILD_LIMIT" "$WORK/build.jsonl" > "$WORK/build.log" 2>&1; echo $? > "$WORK/build.rc" ) &
+    ( run_stage build "$BUILD_LIMIT" "$WORK/build.jsonl" > "$OUT/build.log" 2>&1; echo $? > "$WORK/build.rc" ) &
     BUILD_PID=$!
     break
   fi

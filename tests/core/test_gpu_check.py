@@ -67,6 +67,10 @@ def test_a_stage_past_its_time_is_recorded_and_the_run_still_ends(tmp_path):
     assert [x["stage"] for x in lines] == ["versions", "tiny", "build"]
     assert final["stages"]["versions"] == "ok" and final["stages"]["build"] == "ok"
     assert "killed after 5s" in final["stages"]["tiny"]
+    # every stage's output is kept beside the results (a crash's traceback, a hang's last words)
+    out = tmp_path / "out"
+    assert '"stage": "versions"' in (out / "versions.log").read_text() and (out / "tiny.log").exists()
+    assert '"stage": "build"' in (out / "build.log").read_text()
     # the killed stage's goals are missing, not gone: the run does not read as passed
     assert final["goals"]["tiny_graphs_eq_eager"] == "missing" and final["stages_failed"] == ["tiny"]
     assert final["failed"] >= 1 and not final["all_ok"]
@@ -159,3 +163,37 @@ def test_a_build_cut_short_leaves_nothing_a_later_stage_would_half_load(tmp_path
     path = c.big_checkpoint(build=True)  # a rerun of the build replaces the leftovers
     assert (path / "speech_tokenizer").is_dir() and c.big_checkpoint() == path
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_stage_stopped_by_its_timeout_writes_what_it_measured(tmp_path, monkeypatch):
+    """gpu_check.sh's `timeout` sends the stage SIGTERM at its limit: the stage's results so far (`Ctx.out`: timings
+    measured, goals decided) are written as its line, ok false, instead of the whole stage's measurements being lost
+    with the process. The goals it had not reached are "missing" in the summary."""
+    import signal
+    import time as _time
+
+    gpu_bench = bench_module()
+
+    def stage(c):
+        c.out.update(size="tiny", talker_replay_ms_b1_l64=1.5)
+        c.out["goals"] = {"tiny_graphs_eq_eager": True}
+        os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends
+        _time.sleep(30)  # never reached: the handler raises in the stage
+        c.out["late"] = True
+        return c.out
+
+    monkeypatch.setitem(gpu_bench.STAGES, "tiny", stage)
+    monkeypatch.setenv("GPU_CHECK_STAGE_LIMIT_S", "7")
+    res = tmp_path / "r.jsonl"
+    monkeypatch.setattr(sys, "argv", ["gpu_bench.py", "--stage", "tiny", "--device", "cpu", "--out", str(res),
+                                      "--work", str(tmp_path / "w")])
+    t = _time.perf_counter()
+    gpu_bench.main()
+    assert _time.perf_counter() - t < 20
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is the stage's only
+    (rec,) = [json.loads(x) for x in res.read_text().splitlines()]
+    assert rec["ok"] is False and rec["error"].startswith("StageTimeout: killed after 7s")
+    assert rec["talker_replay_ms_b1_l64"] == 1.5 and "late" not in rec
+    s = gpu_bench.summary(res)
+    assert s["goals"]["tiny_graphs_eq_eager"] == "pass" and s["goals"]["stream_eq_offline"] == "missing"
+    assert s["stages_failed"] == ["tiny"] and not s["all_ok"]
