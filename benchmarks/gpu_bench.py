@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -39,8 +40,69 @@ import traceback
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
+# --- the final summary: plain Python, defined before torch is imported, so that gpu_check.sh prints its one-line
+# JSON even where importing torch or the project fails (every stage's line then says so)
+_E2E_GOALS = ("ttfa_p50_idle_le_30ms", "ttfa_p95_busy32_le_50ms", "single_stream_rtf_ge_15", "audio_s_per_s_c64_ge_200")
+# The goals each stage is responsible for: a stage that crashed, was killed by its timeout or skipped reports none,
+# and the summary must not read their absence as "nothing failed" (tests/core/test_gpu_check.py keeps this in step
+# with what the stages report).
+STAGE_GOALS: dict[str, tuple[str, ...]] = {
+    "versions": tuple(f"sdpa_fused_{n}_{s}" for s in ("0.6b", "1.7b") for n in ("talker", "cp")),
+    "tiny": ("tiny_graphs_eq_eager", "tiny_gpu_eq_cpu", "frames_distinct", "paused_incremental_ok", "sampled_ok",
+             "noise_finite", "stream_eq_offline", "stored_voice_on_device"),
+    "build": (),
+    "parity": ("bf16_graph_eq_eager",),
+    "timings": ("syncs_per_step_le_2",),
+    "e2e": _E2E_GOALS,
+    "e2e_compiled": tuple(f"compiled_{g}" for g in _E2E_GOALS),
+    "compile": ("compiled_ops_in_use", "compiled_noise_finite"),
+}
+
+
+def _parse(line: str) -> dict:
+    """One results line; one that is not JSON (a stage's line cut off mid-write) fails its stage, not the summary."""
+    try:
+        rec = json.loads(line)
+        if isinstance(rec, dict):
+            return rec
+    except ValueError:
+        pass
+    m = re.search(r'"stage": "([A-Za-z0-9_]+)"', line)
+    return {"stage": m.group(1) if m else "?", "ok": False, "error": f"unreadable result line: {line[:120]}"}
+
+
+def summary(path: Path) -> dict:
+    """The final one-line JSON: per stage "ok" or why not, per goal "pass", "fail", None (not judged on this device)
+    or "missing" (its stage did not report it: crashed, killed by its timeout, skipped). `failed` counts the failed
+    and missing goals plus the stages that did not end ok, so a run with a dead stage never reads as all passed."""
+    lines = [_parse(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    goals: dict = {}
+    stages: dict = {}
+    for rec in lines:
+        name = rec.get("stage", "?")
+        stages[name] = "ok" if rec.get("ok") else str(rec.get("error") or "failed")[:200]
+        reported = rec.get("goals") or {}
+        for k, v in reported.items():
+            goals[k] = None if v is None else ("pass" if v else "fail")
+        for k in STAGE_GOALS.get(name, ()):
+            if k not in reported:
+                goals[k] = "missing"
+    device = next((r.get("device") for r in lines if r.get("stage") == "versions"), None)
+    failed_stages = sorted(k for k, v in stages.items() if v != "ok")
+    n_fail = sum(v == "fail" for v in goals.values())
+    n_missing = sum(v == "missing" for v in goals.values())
+    return {"benchmark": "gpu_check", "device": device, "stages": stages, "goals": goals,
+            "passed": sum(v == "pass" for v in goals.values()), "failed": n_fail + n_missing + len(failed_stages),
+            "goals_failed": n_fail, "goals_missing": n_missing, "stages_failed": failed_stages,
+            "all_ok": bool(lines) and n_fail + n_missing + len(failed_stages) == 0}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--summary"] and len(sys.argv) == 3:
+    print(json.dumps(summary(Path(sys.argv[2]))))
+    sys.exit(0)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -484,49 +546,6 @@ STAGES = {"versions": stage_versions, "tiny": stage_tiny, "build": stage_build, 
           "e2e_compiled": lambda c: stage_e2e(c, compile=True)}
 
 
-_E2E_GOALS = ("ttfa_p50_idle_le_30ms", "ttfa_p95_busy32_le_50ms", "single_stream_rtf_ge_15", "audio_s_per_s_c64_ge_200")
-# The goals each stage is responsible for: a stage that crashed, was killed by its timeout or skipped reports none,
-# and the summary must not read their absence as "nothing failed" (tests/core/test_gpu_check.py keeps this in step
-# with what the stages report).
-STAGE_GOALS: dict[str, tuple[str, ...]] = {
-    "versions": tuple(f"sdpa_fused_{n}_{s}" for s in ("0.6b", "1.7b") for n in ("talker", "cp")),
-    "tiny": ("tiny_graphs_eq_eager", "tiny_gpu_eq_cpu", "frames_distinct", "paused_incremental_ok", "sampled_ok",
-             "noise_finite", "stream_eq_offline", "stored_voice_on_device"),
-    "build": (),
-    "parity": ("bf16_graph_eq_eager",),
-    "timings": ("syncs_per_step_le_2",),
-    "e2e": _E2E_GOALS,
-    "e2e_compiled": tuple(f"compiled_{g}" for g in _E2E_GOALS),
-    "compile": ("compiled_ops_in_use", "compiled_noise_finite"),
-}
-
-
-def summary(path: Path) -> dict:
-    """The final one-line JSON: per stage "ok" or why not, per goal "pass", "fail", None (not judged on this device)
-    or "missing" (its stage did not report it: crashed, killed by its timeout, skipped). `failed` counts the failed
-    and missing goals plus the stages that did not end ok, so a run with a dead stage never reads as all passed."""
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    goals: dict = {}
-    stages: dict = {}
-    for rec in lines:
-        name = rec.get("stage", "?")
-        stages[name] = "ok" if rec.get("ok") else str(rec.get("error") or "failed")[:200]
-        reported = rec.get("goals") or {}
-        for k, v in reported.items():
-            goals[k] = None if v is None else ("pass" if v else "fail")
-        for k in STAGE_GOALS.get(name, ()):
-            if k not in reported:
-                goals[k] = "missing"
-    device = next((r.get("device") for r in lines if r.get("stage") == "versions"), None)
-    failed_stages = sorted(k for k, v in stages.items() if v != "ok")
-    n_fail = sum(v == "fail" for v in goals.values())
-    n_missing = sum(v == "missing" for v in goals.values())
-    return {"benchmark": "gpu_check", "device": device, "stages": stages, "goals": goals,
-            "passed": sum(v == "pass" for v in goals.values()), "failed": n_fail + n_missing + len(failed_stages),
-            "goals_failed": n_fail, "goals_missing": n_missing, "stages_failed": failed_stages,
-            "all_ok": bool(lines) and n_fail + n_missing + len(failed_stages) == 0}
-
-
 class StageTimeout(Exception):
     """SIGTERM from the stage's `timeout` (gpu_check.sh): raised in the stage so that main writes what it measured."""
 
@@ -564,7 +583,7 @@ def main() -> None:
         # what the stage measured before it broke (its goals so far: the summary marks the others "missing")
         rec = {"stage": args.stage, **c.out, "ok": False, "error": f"{type(e).__name__}: {e}",
                "traceback": traceback.format_exc()[-3000:]}
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM now must not cut the line (SIGKILL comes 5 s later)
     rec["seconds"] = round(time.perf_counter() - t, 1)
     line = json.dumps(rec, default=str)
     if args.out:

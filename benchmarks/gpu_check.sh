@@ -97,4 +97,8 @@ done
 for s in $STAGES; do
   stage "${s%%:*}" "$(seconds "$s")"
 done
-python3 benchmarks/gpu_bench.py --summary "$RES" | tee "$OUT/gpu_check.json"
+# the summary imports no torch (see gpu_bench.py); should it fail all the same, the last line still says so
+python3 benchmarks/gpu_bench.py --summary "$RES" > "$OUT/gpu_check.json" 2> "$OUT/summary.log" \
+  || echo '{"benchmark": "gpu_check", "all_ok": false, "error": "the summary failed (summary.log); per stage: gpu_check.jsonl"}' \
+  > "$OUT/gpu_check.json"
+cat "$OUT/gpu_check.json"
