@@ -58,14 +58,26 @@ class Template:
     non_streaming: bool
     sampling: SamplingParams
     seed: int | None
+    voice: int | None = None  # Base: an index into VOICES (voice clone prompts), speaker and instruct unused
 
     def request(self, text: str | None = "", **kw) -> SynthesisRequest:
-        return SynthesisRequest(kind="custom_voice", text=self.text if text == "" else text, speaker=self.speaker,
-                                language=self.language, instruct=self.instruct, sampling=self.sampling,
-                                seed=self.seed, non_streaming_mode=self.non_streaming, **kw)
+        who = dict(kind="custom_voice", speaker=self.speaker, instruct=self.instruct) if self.voice is None else \
+            dict(kind="voice_clone", voice_clone_prompt=VOICES[self.voice])
+        return SynthesisRequest(text=self.text if text == "" else text, language=self.language, sampling=self.sampling,
+                                seed=self.seed, non_streaming_mode=self.non_streaming, **who, **kw)
+
+    @property
+    def ref_codes(self) -> torch.Tensor | None:
+        """The codes the decoder continues (an ICL prompt's reference), or None."""
+        vp = None if self.voice is None else VOICES[self.voice]
+        return vp.ref_code if vp is not None and vp.icl_mode else None
 
 
-def make_pool(n: int, seed: int = 7) -> list[Template]:
+VOICES: list = []  # Base voice clone prompts (set by the voice-clone test)
+
+
+def make_pool(n: int, seed: int = 7, voices: int = 0) -> list[Template]:
+    """n templates; with `voices`, Base ones speaking with VOICES[0..voices-1]."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -74,7 +86,7 @@ def make_pool(n: int, seed: int = 7) -> list[Template]:
         greedy = not sampling.do_sample and not sampling.subtalker_dosample
         seed = None if greedy or rng.random() < 0.1 else rng.randrange(4)
         out.append(Template(rng.choice(TEXTS), rng.choice(SPEAKERS), rng.choice(LANGUAGES), rng.choice(INSTRUCTS),
-                            rng.random() < 0.2, sampling, seed))
+                            rng.random() < 0.2, sampling, seed, rng.randrange(voices) if voices else None))
     return out
 
 
@@ -101,13 +113,14 @@ class Plan:
     sent: list[str] = field(default_factory=list)
 
 
-def make_plans(rng: random.Random, n: int, span: int) -> list[Plan]:
+def make_plans(rng: random.Random, n: int, span: int, pool: list[Template] = POOL) -> list[Plan]:
     plans = []
     for _ in range(n):
-        t = rng.choice(POOL)
-        p = Plan(t, join=rng.randrange(span), audio=rng.random() < 0.7, first=rng.choice([1, 1, 2, 3]),
-                 every=rng.choice([1, 2, 3, 5]), priority=rng.choice(["interactive", "bulk"]))
-        if not t.non_streaming and rng.random() < 0.4:
+        t = rng.choice(pool)
+        p = Plan(t, join=rng.randrange(span), audio=rng.random() < 0.7, first=rng.choice([1, 1, 2, 3, 10]),
+                 every=rng.choice([1, 2, 3, 5, 12]), priority=rng.choice(["interactive", "bulk"]))
+        icl = t.ref_codes is not None  # an ICL prompt's transcript leads the text: whole text only
+        if not t.non_streaming and not icl and rng.random() < 0.4:
             p.incremental = True
             cuts = sorted(rng.sample(range(1, len(t.text)), k=min(len(t.text) - 1, rng.randrange(1, 4))))
             parts = [t.text[a:b] for a, b in zip([0, *cuts], [*cuts, len(t.text)])]
@@ -125,8 +138,8 @@ def make_plans(rng: random.Random, n: int, span: int) -> list[Plan]:
 class Alone:
     """Codes of templates run alone on the default eager engine (one slot), cached: (codes, finish reason)."""
 
-    def __init__(self, model) -> None:
-        self.engine = Engine(model, max_sessions=1, max_len=MAX_LEN)  # no guard: a guarded session has a prefix
+    def __init__(self, model, max_len: int = MAX_LEN) -> None:
+        self.engine = Engine(model, max_sessions=1, max_len=max_len)  # no guard: a guarded session has a prefix
         self.cache: dict[Template, tuple[torch.Tensor, str]] = {}
 
     def __call__(self, t: Template) -> tuple[torch.Tensor, str]:
@@ -236,7 +249,7 @@ def check(model, plans: list[Plan], alone: Alone, stats: Counter, audio_tol: flo
                 assert at == len(codes), (s.id, at, len(codes))
             if at:
                 pcm = np.concatenate([c.pcm for c in p.chunks])
-                offline = model.decode_codes([codes[:at]])[0]
+                offline = model.decode_codes([codes[:at]], [t.ref_codes])[0]
                 assert pcm.shape == offline.shape
                 err = np.abs(pcm - offline).max()
                 tol = audio_tol if audio_tol is not None else 0.1 * max(1e-3, np.abs(offline).max())
@@ -281,7 +294,7 @@ def eos_model(checkpoint_factory):
 
 
 def fuzz(model, engine: Engine, alone: Alone, seeds: list[int], n: int = 10, span: int = 12,
-         audio_tol: float | None = 1e-4) -> Counter:
+         audio_tol: float | None = 1e-4, pool: list[Template] = POOL) -> Counter:
     stats: Counter = Counter()
     move = engine.runner.move
 
@@ -292,7 +305,7 @@ def fuzz(model, engine: Engine, alone: Alone, seeds: list[int], n: int = 10, spa
     engine.runner.move = counted_move
     for seed in seeds:
         rng = random.Random(seed)
-        plans = make_plans(rng, n, span if seed % 2 else 3 * span)  # a crowd, or a trickle (compaction moves)
+        plans = make_plans(rng, n, span if seed % 2 else 3 * span, pool)  # a crowd, or a trickle (compaction moves)
         run_schedule(engine, plans, rng)
         check(model, plans, alone, stats, audio_tol)
     print(dict(stats))
@@ -374,3 +387,25 @@ def test_fuzz_sessions_that_end_on_eos_or_the_guard(eos_model):
     engine = Engine(eos_model, max_sessions=SLOTS, max_len=MAX_LEN, guard_frames_per_token=0.5, guard_base_frames=3)
     stats = fuzz(eos_model, engine, Alone(eos_model), [9, 10, 16])
     assert stats["eos"] >= 3 and stats["guard"] >= 1, dict(stats)
+
+
+@pytest.mark.slow
+def test_fuzz_voice_clones_on_the_graph_engine(model_factory, ref_wav_path):
+    """Base: two ICL voices (other references: the decoder rows continue each one's own codes, its context state
+    cached by content and copied per session) and an x-vector voice, batched together."""
+    import soundfile as sf
+
+    base = model_factory("base", "tiny")
+    wav, sr = sf.read(ref_wav_path, dtype="float32")
+    other = np.roll(wav[::-1], 4000).copy()  # another recording: other codes, another context state
+    VOICES[:] = [base.create_voice_clone_prompt(str(ref_wav_path), ref_text="A short reference sentence.")[0],
+                 base.create_voice_clone_prompt((other, sr), ref_text="Another one.")[0],
+                 base.create_voice_clone_prompt(str(ref_wav_path), x_vector_only_mode=True)[0]]
+    assert not torch.equal(VOICES[0].ref_code[:5], VOICES[1].ref_code[:5])
+    try:
+        engine = Engine(base, max_sessions=SLOTS, max_len=MAX_LEN * 4, graph_capture=GraphCapture("cpu", fake=True),
+                        audio_chunk_frames=(1, 2, 3, 5))
+        alone = Alone(base, max_len=MAX_LEN * 4)
+        fuzz(base, engine, alone, [18, 19], pool=make_pool(10, seed=8, voices=len(VOICES)))
+    finally:
+        VOICES.clear()
