@@ -8,7 +8,9 @@
 # so source `cluster/env.sh` in every shell that talks to this head.
 # Each head gets its own temp dir (QTTS_RAY_TEMP_DIR) and ports (QTTS_RAY_PORT, QTTS_DASHBOARD_PORT,
 # QTTS_RAY_CLIENT_PORT, QTTS_DASHBOARD_AGENT_PORT), so several heads (test sessions) can run side by side; `stop` never touches another
-# Ray on the machine (no `ray stop`, which stops every Ray it finds).
+# Ray on the machine (no `ray stop`, which stops every Ray it finds). Keep these ports outside 10002-19999, the
+# range Ray keeps for its workers (a client port of 10093 fails the start: "used by other components").
+# QTTS_RAY_CPUS (default 4) and QTTS_RAY_OBJECT_STORE (bytes, default 256 MiB) size the head.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=cluster/env.sh
