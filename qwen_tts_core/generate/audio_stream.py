@@ -171,7 +171,7 @@ class BatchedAudio:
         row = self.free.pop(0)
         try:
             self.bank.reset(row, ref_codes, ref_key)
-        except Exception:
+        except BaseException:  # an interrupt too (an ICL reference's decode is long): the row stays free
             self.free.insert(0, row)
             raise
         self.open_rows[key] = _Row(row, first_chunk_frames, chunk_frames)

@@ -416,3 +416,27 @@ def test_fuzz_voice_clones_on_the_graph_engine(model_factory, ref_wav_path):
         fuzz(base, engine, alone, [18, 19], pool=make_pool(10, seed=8, voices=len(VOICES)))
     finally:
         VOICES.clear()
+
+
+def test_an_interrupt_while_an_audio_row_opens_gives_the_row_back(model):
+    """A KeyboardInterrupt in the stepping thread while a session's audio row was opened (its decoder state reset:
+    for an ICL voice the decode of its reference, the longest part of a start; the API steps in the caller's
+    thread, so Ctrl-C lands there): the session failed but its decoder row was never given back, and after
+    max_sessions such interrupts every later session failed to start ("all 2 rows are in use")."""
+    engine = Engine(model, max_sessions=2, max_len=MAX_LEN)
+    real = engine.audio.bank.reset
+
+    def interrupted(*args, **kwargs):
+        engine.audio.bank.reset = real
+        raise KeyboardInterrupt
+
+    t = POOL[0]
+    for _ in range(2):
+        engine.audio.bank.reset = interrupted
+        s = engine.add(t.request())
+        with pytest.raises(KeyboardInterrupt):
+            engine.step()
+        assert s.finish_reason == "error"
+    assert engine.audio.free == [0, 1] and not engine.has_work()
+    s = engine.run_all([t.request()])[0]
+    assert s.finish_reason == "max_new_tokens" and torch.equal(s.codes(), Alone(model)(t)[0])
