@@ -179,6 +179,7 @@ class Engine:
         self.queues: dict[str, deque[Session]] = {"interactive": deque(), "bulk": deque()}
         self.active: list[Session] = []
         self._lock = threading.Lock()
+        self._undelivered: list[AudioChunk] = []  # an interrupted step's chunks with no emit: the next step's first
         self._work = threading.Condition(self._lock)  # add/cancel/text wake wait_for_work
         self.steps = 0
         self.capture_s = 0.0
@@ -294,6 +295,8 @@ class Engine:
             return self._runnable_locked()
 
     def _runnable_locked(self) -> bool:
+        if self._undelivered:
+            return True
         for s in list(self.active):
             if s.cancelled or s.phase == "frame" or s.has_pending_text() or (
                     s.phase == "talker" and self._text_ready(s)):
@@ -326,20 +329,21 @@ class Engine:
         return len(self.active)
 
     def has_work(self) -> bool:
-        return bool(self.active) or self.num_queued > 0
+        return bool(self.active) or self.num_queued > 0 or bool(self._undelivered)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, emit: Callable[[list[AudioChunk]], None] | None = None) -> list[AudioChunk]:
         """Advance every session by at most one frame; returns the audio chunks (and last chunks) that are ready.
         Never raises for a failure inside a step: the sessions it touched end with an error chunk instead (an
-        interrupt, e.g. KeyboardInterrupt, fails them too, hands their chunks to `emit`, and is raised again).
+        interrupt, e.g. KeyboardInterrupt, fails them too, hands their chunks to `emit`, and is raised again; with no
+        `emit`, the next step() returns them first, and has_work() is true until it has).
 
         emit: called in this thread with chunks that are ready before the step ends; those are not returned again.
         Without CUDA graphs a chunk due after the code predictor is decoded before the talker step runs, so with
         `emit` it leaves one talker step sooner (first audio included); with graphs, a step where a first chunk is
         due does the same."""
-        out: list[AudioChunk] = []
+        out, self._undelivered = self._undelivered, []
         try:
             self._step(out, emit)
         except BaseException as e:  # fail what was running, keep the engine usable
@@ -353,6 +357,8 @@ class Engine:
                 self.steps += 1
                 if emit is not None and out:  # the sessions' last chunks, where the caller takes them
                     emit(list(out))
+                else:  # no emit: they would be lost with the raise, so the next step() returns them first
+                    self._undelivered = out
                 raise
         self.steps += 1
         return out

@@ -437,6 +437,31 @@ def test_an_interrupt_while_an_audio_row_opens_gives_the_row_back(model):
         with pytest.raises(KeyboardInterrupt):
             engine.step()
         assert s.finish_reason == "error"
+    assert [c.is_last for c in engine.step()] == [True, True]  # the interrupted steps' last chunks
     assert engine.audio.free == [0, 1] and not engine.has_work()
     s = engine.run_all([t.request()])[0]
     assert s.finish_reason == "max_new_tokens" and torch.equal(s.codes(), Alone(model)(t)[0])
+
+
+def test_last_chunks_of_an_interrupted_step_without_emit_come_from_the_next_step(model):
+    """step() without `emit` (jobs' loops, README's `for chunk in engine.step()`) interrupted midway fails its
+    sessions and raises again: their last chunks were lost with the raise (no emit to take them), so those sessions
+    never ended for the caller. Now has_work() stays true and the next step() returns them first."""
+    engine = Engine(model, max_sessions=2, max_len=MAX_LEN)
+    a, b = engine.add(POOL[0].request()), engine.add(POOL[5].request())
+    got = engine.step()
+    real = engine.runner.step
+
+    def interrupted(*args, **kwargs):
+        engine.runner.step = real
+        raise KeyboardInterrupt
+
+    engine.runner.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    assert a.done and b.done and engine.has_work() and engine.runnable()
+    got += engine.step()
+    assert not engine.has_work()
+    lasts = [c for c in got if c.is_last]
+    assert sorted(c.session_id for c in lasts) == sorted([a.id, b.id])
+    assert all(c.finish_reason == "error" and c.error == "KeyboardInterrupt" for c in lasts)
