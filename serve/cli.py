@@ -336,13 +336,14 @@ def register(subparsers) -> None:
                         "config's models)")
     p.add_argument("--name", action="append", default=None,
                    help="served model name (no '/', '#' or control characters), once per --model (default: the "
-                        "folder's or id's last part)")
+                        "folder's or id's last part); only with --model")
     p.add_argument("--num-gpus", action="append", type=float, default=None,
-                   help="GPUs per replica (0.5 packs two on one GPU); once for all models or once per --model")
+                   help="GPUs per replica (0.5 packs two on one GPU); once for all models or once per --model; only "
+                        "with --model (without it, set num_gpus in the config)")
     p.add_argument("--dtype", action="append", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype; once for all models or once per --model")
+                   help="weights dtype; once for all models or once per --model; only with --model")
     p.add_argument("--num-replicas", action="append", type=int, default=None,
-                   help="replicas per model; once for all models or once per --model")
+                   help="replicas per model; once for all models or once per --model; only with --model")
     p.add_argument("--host", default=None, help="HTTP host (default from the YAML, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default from the YAML, else 8000)")
     p.add_argument("--address", default=None,
