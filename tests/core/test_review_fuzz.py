@@ -19,6 +19,7 @@ codes as the eager engine), cached across the paths (they draw from one pool of 
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ EXTREMES = [  # +-inf and NaN-prone logits in one row must not reach the others
     dict(temperature=1e-6, top_k=100000, subtalker_temperature=1e-6),
     dict(temperature=50.0, top_p=0.01, repetition_penalty=10.0, subtalker_top_k=1, subtalker_temperature=1e-30),
 ]
+INJECTED = ("KeyboardInterrupt", "injected fault")  # the errors test_chaos injects
 MAX_NEW = [1, 2, 3, 5, 6, 8, 8, 12, 12, 40]
 
 
@@ -198,7 +200,8 @@ def run_schedule(engine: Engine, plans: list[Plan], rng: random.Random, max_step
                         s.append_text(piece)
                         p.sent.append(piece)
                     s.end_text()
-        take(engine.step(emit=take if rng.random() < 0.5 else None))
+        with contextlib.suppress(KeyboardInterrupt):  # an injected one (test_chaos): the engine goes on
+            take(engine.step(emit=take if rng.random() < 0.5 else None))
         step += 1
         assert engine.num_active <= SLOTS and len(engine.free_slots) + engine.num_active == SLOTS
     assert not waiting and not engine.has_work(), "the schedule did not drain"
@@ -216,13 +219,16 @@ def check(model, plans: list[Plan], alone: Alone, stats: Counter, audio_tol: flo
         stats[s.finish_reason] += 1
         codes = s.codes()
         solo, solo_reason = alone(t)
-        if s.finish_reason == "error":
+        injected = s.finish_reason == "error" and last.error in INJECTED
+        if s.finish_reason == "error" and not injected:
             # only a request that fails alone too: its text does not fit max_len (not incremental: the text is
             # checked as it arrives, so it may have spoken its first pieces)
             assert last.error and last.error_field == "text", last
             assert solo_reason == "error" or p.incremental, (last.error, solo_reason)
             continue
-        if s.finish_reason == "cancelled":
+        if injected:
+            stats["injected"] += 1
+        elif s.finish_reason == "cancelled":
             assert p.cancel is not None
         else:
             assert s.finish_reason in ("eos", "max_new_tokens", "guard"), s.finish_reason
@@ -243,7 +249,7 @@ def check(model, plans: list[Plan], alone: Alone, stats: Counter, audio_tol: flo
             # incremental text that overflows max_len only once more of it arrives: it may end before that
             assert p.incremental, f"session {s.id} ({t}) ended {s.finish_reason} where it fails alone"
             stats["incremental past max_len"] += 1
-        elif s.finish_reason in ("cancelled", "guard"):
+        elif s.finish_reason in ("cancelled", "guard") or injected:
             assert len(codes) <= len(solo) and torch.equal(codes, solo[:len(codes)]), f"session {s.id}: prefix"
             stats["prefix checked"] += 1
         else:
@@ -252,7 +258,7 @@ def check(model, plans: list[Plan], alone: Alone, stats: Counter, audio_tol: flo
             stats["codes checked"] += 1
             stats["extremes checked"] += t in POOL[-len(EXTREMES):]
         if p.audio:
-            if s.finish_reason != "cancelled":
+            if s.finish_reason != "cancelled" and not injected:
                 assert at == len(codes), (s.id, at, len(codes))
             if at:
                 pcm = np.concatenate([c.pcm for c in p.chunks])
@@ -465,3 +471,51 @@ def test_last_chunks_of_an_interrupted_step_without_emit_come_from_the_next_step
     lasts = [c for c in got if c.is_last]
     assert sorted(c.session_id for c in lasts) == sorted([a.id, b.id])
     assert all(c.finish_reason == "error" and c.error == "KeyboardInterrupt" for c in lasts)
+
+
+FAULT_POINTS = [("runner", "step"), ("runner", "start_many"), ("runner", "move"), ("runner", "set_text"),
+                ("audio", "decode"), ("audio", "push"), ("audio", "open"), ("audio", "finish"), ("engine", "_started"),
+                ("engine", "_take_frames"), ("engine", "_decode_audio"), ("engine", "_absorb_text"),
+                ("engine", "_compact"), ("engine", "_prepare")]
+
+
+def inject_faults(engine: Engine, rng: random.Random, n: int, calls: int, hit: Counter) -> None:
+    """Make `n` of the next `calls` calls into the engine's parts (FAULT_POINTS) raise: a KeyboardInterrupt (as
+    Ctrl-C in the stepping thread) or a RuntimeError (a device or decoder failure); `hit` counts where."""
+    at = {c: rng.choice([KeyboardInterrupt, RuntimeError]) for c in rng.sample(range(1, calls), n)}
+    count = [0]
+    owners = {"runner": engine.runner, "audio": engine.audio, "engine": engine}
+    for owner, name in FAULT_POINTS:
+        obj = owners[owner]
+        real = getattr(obj, name)
+
+        def wrapped(*args, _real=real, _name=name, **kwargs):
+            count[0] += 1
+            fault = at.get(count[0])
+            if fault is not None:
+                hit[f"{_name} {fault.__name__}"] += 1
+                raise fault() if fault is KeyboardInterrupt else fault("injected fault")
+            return _real(*args, **kwargs)
+
+        setattr(obj, name, wrapped)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_chaos(model, alone, graphs):
+    """Faults injected anywhere in a step (an interrupt or an error in the runner, the audio decoder, admission,
+    compaction, text): the sessions a fault hits end with one error chunk and a prefix of their codes and audio;
+    every other session is still exact; no slot or decoder row leaks; the engine serves what comes after."""
+    capture = dict(graph_capture=GraphCapture("cpu", fake=True), audio_chunk_frames=(1, 2, 3, 5)) if graphs else {}
+    stats: Counter = Counter()
+    hit: Counter = Counter()
+    engine = Engine(model, max_sessions=SLOTS, max_len=MAX_LEN, **capture)  # one engine serves on after faults
+    inject_faults(engine, random.Random(19), n=24, calls=1800, hit=hit)
+    for seed in range(20, 26):
+        rng = random.Random(seed)
+        plans = make_plans(rng, 8, 10 if seed % 2 else 30)
+        run_schedule(engine, plans, rng)
+        check(model, plans, alone, stats)
+        assert engine.audio.free == list(range(SLOTS)), "a decoder row leaked"
+    print(dict(stats), dict(hit))
+    assert stats["injected"] >= 4 and stats["codes checked"] >= 5 and len(hit) >= 8, (dict(stats), dict(hit))
