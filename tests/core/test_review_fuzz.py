@@ -519,3 +519,63 @@ def test_chaos(model, alone, graphs):
         assert engine.audio.free == list(range(SLOTS)), "a decoder row leaked"
     print(dict(stats), dict(hit))
     assert stats["injected"] >= 4 and stats["codes checked"] >= 5 and len(hit) >= 8, (dict(stats), dict(hit))
+
+
+@pytest.mark.slow
+def test_threads_reading_one_driver_get_their_own_exact_sessions(model, alone):
+    """Callers in threads share one engine through EngineDriver (as the API's generate_* and stream_* do): whoever
+    needs progress steps it for all. Each thread reads only its own session's chunks: its codes are its request's
+    alone, its audio the offline decode of them; a reader closed early cancels its session (a prefix), and appended
+    text from another thread's schedule is never seen by anyone else."""
+    import threading
+
+    from qwen_tts_core.generate.driver import EngineDriver
+
+    driver = EngineDriver(Engine(model, max_sessions=SLOTS, max_queue=64, max_len=MAX_LEN))
+    rng = random.Random(30)
+    plans = [p for p in make_plans(rng, 12, 1) if not p.incremental]
+    for p in plans:
+        p.audio, p.cancel = True, (rng.randrange(1, 4) if rng.random() < 0.3 else None)  # cancel: chunks read
+    errors: list[BaseException] = []
+
+    def read(p: Plan) -> None:
+        try:
+            t = p.template
+            p.session = driver.open(t.request(first_chunk_frames=p.first, chunk_frames=p.every))
+            reader = driver.chunks(p.session)
+            for c in reader:
+                p.chunks.append(c)
+                if p.cancel is not None and len(p.chunks) >= p.cancel and not c.is_last:
+                    reader.close()
+                    break
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, args=(p,)) for p in plans]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not errors and not any(th.is_alive() for th in threads), errors
+    for _ in range(50):  # the sessions of closed readers end at the engine's next steps
+        if not driver.engine.has_work():
+            break
+        driver.engine.step()
+    stats: Counter = Counter()
+    for p in plans:
+        s, t = p.session, p.template
+        codes, (solo, solo_reason) = s.codes(), alone(t)
+        if p.chunks and p.chunks[-1].is_last:
+            assert [c.is_last for c in p.chunks].count(True) == 1 and p.chunks[-1].finish_reason == s.finish_reason
+        else:  # closed early: cancelled, its chunks so far a prefix
+            assert p.cancel is not None and s.finish_reason in ("cancelled", "max_new_tokens", "eos"), s.finish_reason
+        if solo_reason == "error" or t.seed is None and t.sampling.do_sample | t.sampling.subtalker_dosample:
+            continue
+        assert torch.equal(codes, solo[:len(codes)]) and (s.finish_reason != solo_reason or len(codes) == len(solo))
+        at = sum(c.num_frames for c in p.chunks)
+        assert [c.session_id for c in p.chunks] == [s.id] * len(p.chunks) and at <= len(codes)
+        if at:
+            pcm = np.concatenate([c.pcm for c in p.chunks])
+            assert np.abs(pcm - model.decode_codes([codes[:at]])[0]).max() <= 1e-4
+        stats["checked"] += 1
+    assert stats["checked"] >= 5, dict(stats)
