@@ -20,6 +20,7 @@ codes as the eager engine), cached across the paths (they draw from one pool of 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -268,6 +269,7 @@ def check(model, plans: list[Plan], alone: Alone, stats: Counter, audio_tol: flo
                 tol = audio_tol if audio_tol is not None else 0.1 * max(1e-3, np.abs(offline).max())
                 assert err <= tol, f"session {s.id}: audio {err} from the offline decode"
                 stats["audio checked"] += 1
+                stats[f"audio of voice {t.voice}"] += 1
 
 
 @pytest.fixture(scope="module")
@@ -419,7 +421,8 @@ def test_fuzz_voice_clones_on_the_graph_engine(model_factory, ref_wav_path):
         engine = Engine(base, max_sessions=SLOTS, max_len=MAX_LEN * 4, graph_capture=GraphCapture("cpu", fake=True),
                         audio_chunk_frames=(1, 2, 3, 5))
         alone = Alone(base, max_len=MAX_LEN * 4)
-        fuzz(base, engine, alone, [18, 19], pool=make_pool(10, seed=8, voices=len(VOICES)))
+        stats = fuzz(base, engine, alone, [18], n=12, pool=make_pool(10, seed=8, voices=len(VOICES)))
+        assert all(stats[f"audio of voice {v}"] for v in range(len(VOICES))), dict(stats)
     finally:
         VOICES.clear()
 
@@ -579,3 +582,15 @@ def test_threads_reading_one_driver_get_their_own_exact_sessions(model, alone):
             assert np.abs(pcm - model.decode_codes([codes[:at]])[0]).max() <= 1e-4
         stats["checked"] += 1
     assert stats["checked"] >= 5, dict(stats)
+
+
+@pytest.mark.slow
+def test_fuzz_growing_cache(model):
+    """The default engine's cache and text buffer grow (doubling, copying every slot) while sessions run: long
+    sessions past the first 64 positions beside short ones joining and leaving."""
+    long = [dataclasses.replace(t, sampling=dataclasses.replace(t.sampling, max_new_tokens=n))
+            for t, n in zip(POOL[4:10], (70, 3, 90, 8, 75, 2))]
+    engine = Engine(model, max_sessions=SLOTS, max_len=160, initial_cache_len=64)
+    assert engine.runner.cache.capacity == 64
+    fuzz(model, engine, Alone(model, max_len=160), [32, 33], n=8, span=20, pool=long)
+    assert engine.runner.cache.capacity > 64
