@@ -453,9 +453,10 @@ class Engine:
         r.capture_all()
         r.torch_rows = {"cp": ([], [], []), "talker": ([], [], [])}
         greedy = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=4)  # draws nothing
-        r.start(0, r.tts_pad.expand(16, -1), [], greedy, seed=0)
-        for _ in range(2):
-            r.step([0], [0], 17)
+        T = max(1, min(16, self.max_len - 2))  # a prompt and two steps within max_len (a static cache has no more)
+        r.start(0, r.tts_pad.expand(T, -1), [], greedy, seed=0)
+        for pos in range(T, min(T + 2, self.max_len)):
+            r.step([0], [0], pos)
         if self.audio is not None:
             key = -1
             self.audio.open(key, 1, 2)

@@ -594,3 +594,18 @@ def test_fuzz_growing_cache(model):
     assert engine.runner.cache.capacity == 64
     fuzz(model, engine, Alone(model, max_len=160), [32, 33], n=8, span=20, pool=long)
     assert engine.runner.cache.capacity > 64
+
+
+@pytest.mark.parametrize("kind", ["eager", "static", "graphs"])
+def test_warm_up_fits_any_max_len(model, kind):
+    """warm_up() prefilled a 16-position prompt and stepped twice whatever max_len was: an engine of max_len 17 or
+    less could not warm up (ValueError, or on a static cache an IndexError writing past its end). Its warm-up
+    session now fits max_len, and the next session is still its request's alone."""
+    opts = {"eager": {}, "static": dict(static=True), "graphs": dict(graph_capture=GraphCapture("cpu", fake=True))}
+    for max_len in (2, 12, 17):
+        engine = Engine(model, max_sessions=2, max_len=max_len, **opts[kind])
+        engine.warm_up()
+        t = POOL[5]  # greedy codebook 0, seeded codebooks 1-15: 5 frames, 10 prompt positions
+        s = engine.run_all([t.request(decode_audio=False)])[0]
+        solo = Engine(model, max_sessions=1, max_len=max_len).run_all([t.request(decode_audio=False)])[0]
+        assert s.finish_reason == solo.finish_reason and torch.equal(s.codes(), solo.codes()), max_len
