@@ -453,9 +453,11 @@ class Engine:
         r.capture_all()
         r.torch_rows = {"cp": ([], [], []), "talker": ([], [], [])}
         greedy = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=4)  # draws nothing
-        T = max(1, min(16, self.max_len - 2))  # a prompt and two steps within max_len (a static cache has no more)
+        # a prompt and two steps within max_len (a static cache has no more), leaving the slot's position below it as
+        # a session's is (a free row of a batch writes a masked key there)
+        T = max(1, min(16, self.max_len - 3))
         r.start(0, r.tts_pad.expand(T, -1), [], greedy, seed=0)
-        for pos in range(T, min(T + 2, self.max_len)):
+        for pos in range(T, min(T + 2, self.max_len - 1)):
             r.step([0], [0], pos)
         if self.audio is not None:
             key = -1

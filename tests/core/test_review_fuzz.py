@@ -605,6 +605,7 @@ def test_warm_up_fits_any_max_len(model, kind):
     for max_len in (2, 12, 17):
         engine = Engine(model, max_sessions=2, max_len=max_len, **opts[kind])
         engine.warm_up()
+        assert int(engine.runner.pos[0]) < max_len  # as a session leaves its slot
         t = POOL[5]  # greedy codebook 0, seeded codebooks 1-15: 5 frames, 10 prompt positions
         s = engine.run_all([t.request(decode_audio=False)])[0]
         solo = Engine(model, max_sessions=1, max_len=max_len).run_all([t.request(decode_audio=False)])[0]
