@@ -220,3 +220,22 @@ def test_the_summary_needs_no_torch_and_survives_a_cut_line(tmp_path):
     assert s["device"] == "H100" and s["stages"]["versions"] == "ok"
     assert s["stages"]["tiny"].startswith("unreadable result line") and s["stages_failed"] == ["tiny"]
     assert s["goals"]["tiny_graphs_eq_eager"] == "missing" and not s["all_ok"]
+
+
+def test_the_gpu_stages_fit_eight_minutes_in_the_worst_case():
+    """The lent GPU's run must end within 8 minutes (the device's 15 include starting the machine): with every stage
+    using its whole slot, the stages before `build` run beside it (its slot counts from the start), the others one
+    after another; the budget (GPU_CHECK_BUDGET_S, 480) caps the rest."""
+    import re
+
+    text = (ROOT / "benchmarks/gpu_check.sh").read_text()
+    gpu = re.search(r'else\s*#[^\n]*\n(?:\s*#[^\n]*\n)*\s*DEFAULT_STAGES="([^"]+)"', text).group(1)
+    slots = [(s.split(":")[0], int(s.split(":")[1])) for s in gpu.split()]
+    names = [n for n, _ in slots]
+    assert names[:2] == ["versions", "tiny"] and "build" in names and set(names) <= set(bench_module().STAGES)
+    b = names.index("build")
+    worst = max(sum(t for _, t in slots[:b]), dict(slots)["build"]) + sum(t for _, t in slots[b + 1:])
+    assert worst <= 480, slots
+    assert re.search(r'BUDGET="\$\{GPU_CHECK_BUDGET_S:-480\}"', text)
+    # every stage's goals are known to the summary, and each default stage has its slot
+    assert set(names) <= set(bench_module().STAGE_GOALS)
