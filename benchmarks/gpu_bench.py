@@ -29,6 +29,7 @@ Stages (each appends one JSON line to --out and prints it):
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import re
@@ -39,6 +40,8 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+
+_T0 = time.monotonic()  # about when this process started (its stage's timeout counts from then)
 
 # --- the final summary: plain Python, defined before torch is imported, so that gpu_check.sh prints its one-line
 # JSON even where importing torch or the project fails (every stage's line then says so)
@@ -577,6 +580,12 @@ def main() -> None:
     c = Ctx(args.device, args.work)
     t = time.perf_counter()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # where it crashed (a segfault in a CUDA library) or hung (stuck in C, where SIGTERM cannot raise): every
+    # thread's Python stack into the stage's log, a moment before its timeout
+    faulthandler.enable()
+    limit = float(os.environ.get("GPU_CHECK_STAGE_LIMIT_S") or 0)
+    if limit:
+        faulthandler.dump_traceback_later(max(1.0, limit - 2.0 - (time.monotonic() - _T0)))
     try:
         rec = {"stage": args.stage, **STAGES[args.stage](c), "ok": True}
     except Exception as e:  # noqa: BLE001 - the result says what broke; the next stage still runs
@@ -584,6 +593,7 @@ def main() -> None:
         rec = {"stage": args.stage, **c.out, "ok": False, "error": f"{type(e).__name__}: {e}",
                "traceback": traceback.format_exc()[-3000:]}
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM now must not cut the line (SIGKILL comes 5 s later)
+    faulthandler.cancel_dump_traceback_later()
     rec["seconds"] = round(time.perf_counter() - t, 1)
     line = json.dumps(rec, default=str)
     if args.out:

@@ -239,3 +239,25 @@ def test_the_gpu_stages_fit_eight_minutes_in_the_worst_case():
     assert re.search(r'BUDGET="\$\{GPU_CHECK_BUDGET_S:-480\}"', text)
     # every stage's goals are known to the summary, and each default stage has its slot
     assert set(names) <= set(bench_module().STAGE_GOALS)
+
+
+def test_a_stage_stuck_where_sigterm_cannot_reach_leaves_its_stack_in_the_log(tmp_path):
+    """A stage stuck in C (a CUDA call that never returns: SIGTERM's handler cannot run, SIGKILL follows) used to
+    leave only 'exit code 137': each stage now dumps every thread's Python stack into its log a moment before its
+    timeout (faulthandler), so the run shows where it hung. Here the stage blocks SIGTERM and sleeps."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import signal, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import gpu_bench\n"
+        "def stuck_in_c(c):\n"
+        "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+        "    time.sleep(60)\n"
+        "gpu_bench.STAGES['tiny'] = stuck_in_c\n"
+        "gpu_bench.main()\n")
+    env = dict(os.environ, GPU_CHECK_STAGE_LIMIT_S="8")
+    proc = subprocess.run(["timeout", "-k", "2", "8", sys.executable, str(driver), "--stage", "tiny", "--device",
+                           "cpu", "--out", str(tmp_path / "r.jsonl"), "--work", str(tmp_path / "w")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode in (137, -9), (proc.returncode, proc.stderr[-2000:])  # killed: timeout -k
+    assert "most recent call first" in proc.stderr and "stuck_in_c" in proc.stderr, proc.stderr[-2000:]
