@@ -180,6 +180,7 @@ class Engine:
         self.active: list[Session] = []
         self._lock = threading.Lock()
         self._undelivered: list[AudioChunk] = []  # an interrupted step's chunks with no emit: the next step's first
+        self._live: dict[int, Session] = {}  # every session added whose last chunk is still to be made
         self._work = threading.Condition(self._lock)  # add/cancel/text wake wait_for_work
         self.steps = 0
         self.capture_s = 0.0
@@ -240,6 +241,7 @@ class Engine:
             if self.num_queued >= self.max_queue:
                 raise EngineBusy(f"engine busy: {self.num_queued} requests queued (max_queue={self.max_queue})")
             self.queues[req.priority].append(s)
+            self._live[s.id] = s
             self._work.notify_all()
         return s
 
@@ -353,6 +355,7 @@ class Engine:
                 log.exception("engine step failed; failing its active sessions")
             for s in list(self.active) + list(self._audio_rows.values()):
                 self._fail(s, e, out)
+            self._close_lost(e, out)
             if not isinstance(e, Exception):
                 self.steps += 1
                 if emit is not None and out:  # the sessions' last chunks, where the caller takes them
@@ -678,7 +681,28 @@ class Engine:
         out.append(self._last_chunk(s, np.zeros(0, np.float32), s.audio_frames if s.request.decode_audio
                                     else len(s.frames), 0))
 
+    def _close_lost(self, e: BaseException, out: list[AudioChunk]) -> None:
+        """After a failed step: end the sessions it caught between the engine's structures (taken out of a queue and
+        not started or ended yet, or half ended: an interrupt lands anywhere) with an error chunk, freeing what they
+        held, so that every session still gets its one last chunk and no slot is lost."""
+        with self._lock:  # add() registers sessions under it
+            queued = {s.id for q in self.queues.values() for s in q}
+            lost = [s for sid, s in self._live.items() if sid not in queued]
+        for s in lost:
+            if s in self.active:
+                self.active.remove(s)
+                if s.slot not in self.free_slots:
+                    self.free_slots.append(s.slot)
+                    self.free_slots.sort()
+            if self._audio_rows.pop(s.id, None) is not None:
+                self.audio.drop(s.id)
+            s.phase, s.finish_reason = "done", "error"
+            s.error, s.error_field = str(e) or type(e).__name__, None
+            out.append(self._last_chunk(s, np.zeros(0, np.float32), s.audio_frames if s.request.decode_audio
+                                        else len(s.frames), 0))
+
     def _last_chunk(self, s: Session, pcm: np.ndarray, start: int, frames: int) -> AudioChunk:
+        self._live.pop(s.id, None)
         err = s.finish_reason == "error"
         return AudioChunk(s.id, pcm, start, frames, is_last=True, finish_reason=s.finish_reason,
                           error=s.error if err else None, error_field=s.error_field if err else None)

@@ -610,3 +610,24 @@ def test_warm_up_fits_any_max_len(model, kind):
         s = engine.run_all([t.request(decode_audio=False)])[0]
         solo = Engine(model, max_sessions=1, max_len=max_len).run_all([t.request(decode_audio=False)])[0]
         assert s.finish_reason == solo.finish_reason and torch.equal(s.codes(), solo.codes()), max_len
+
+
+def test_an_interrupt_while_cancelled_queued_sessions_end_loses_none(model):
+    """Cancelled queued sessions are taken out of the queues, then ended one by one: an interrupt between (here: in
+    the first one's end) lost them all, out of the queues and never active, never done, with no last chunk."""
+    engine = Engine(model, max_sessions=1, max_len=MAX_LEN)
+    a, b = engine.add(POOL[0].request()), engine.add(POOL[0].request())
+    engine.cancel(a)
+    engine.cancel(b)
+    real = engine._finish
+
+    def interrupted(*args):
+        engine._finish = real
+        raise KeyboardInterrupt
+
+    engine._finish = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    lasts = [c for c in engine.step() if c.is_last]
+    assert a.done and b.done and sorted(c.session_id for c in lasts) == [a.id, b.id], lasts
+    assert not engine.has_work() and engine.free_slots == [0]
