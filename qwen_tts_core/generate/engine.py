@@ -396,8 +396,9 @@ class Engine:
             self._take_frames(cp, rows, out)
             self._decode_audio(out)
             if emit is not None and out:
-                emit(list(out))
-                out.clear()
+                ready = list(out)
+                out.clear()  # handed over before the call: an emit that raises must not get them returned again
+                emit(ready)
 
         # with graphs the step stays one replay after another and one read (the talker step is a few ms there),
         # except in a step that completes a session's FIRST chunk: time to first audio is worth a read more

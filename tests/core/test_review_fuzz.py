@@ -631,3 +631,19 @@ def test_an_interrupt_while_cancelled_queued_sessions_end_loses_none(model):
     lasts = [c for c in engine.step() if c.is_last]
     assert a.done and b.done and sorted(c.session_id for c in lasts) == [a.id, b.id], lasts
     assert not engine.has_work() and engine.free_slots == [0]
+
+
+def test_chunks_handed_to_an_emit_that_raises_are_not_returned_again(model):
+    """step(emit=...) documents that chunks handed to emit are not returned again. An emit that took a chunk and then
+    raised (a consumer's bug) failed the step, and step() returned that chunk too: the caller saw it twice."""
+    engine = Engine(model, max_sessions=2, max_len=MAX_LEN)
+    s = engine.add(POOL[5].request(first_chunk_frames=1))
+    emitted: list[AudioChunk] = []
+
+    def emit(chunks: list[AudioChunk]) -> None:
+        emitted.extend(chunks)
+        raise ValueError("a consumer's bug")
+
+    returned = engine.step(emit=emit)
+    assert [c.frame_start for c in emitted] == [0] and not emitted[0].is_last
+    assert [(c.session_id, c.is_last) for c in returned] == [(s.id, True)] and s.finish_reason == "error"
