@@ -1,6 +1,8 @@
 # qwen-tts-fleet: `make setup` then `make demo` (main job) and `make test`.
 PY ?= python3
 VENV ?= .venv
+# make demo: Serve's HTTP port on 127.0.0.1 (make demo HTTP_PORT=8010 when 8000 is taken)
+HTTP_PORT ?= 8000
 BIN := $(VENV)/bin
 
 .PHONY: setup oracle test test-fast lint demo clean constraints
@@ -28,7 +30,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 demo: setup
-	. cluster/env.sh && $(BIN)/qtts demo --output-dir output
+	. cluster/env.sh && $(BIN)/qtts demo --output-dir output --http-port $(HTTP_PORT)
 
 clean:
 	rm -rf output .pytest_cache

@@ -37,16 +37,18 @@ def tiny_checkpoint(folder: Path) -> str:
 
 def deploy_serve_app(checkpoint: str, max_new_tokens: int, http_port: int = 8000) -> str:
     """Deploy the project's Serve app with one model on `checkpoint` (Serve's HTTP proxy on 127.0.0.1:`http_port`
-    when this starts Serve); returns the served model name."""
+    when this starts Serve; SystemExit naming --http-port when another program holds it); returns the served model
+    name."""
     from ray import serve
 
     from serve.app import build_app
+    from serve.cli import start_http
     from serve.config import ServiceConfig
 
     name = "demo"
     cfg = ServiceConfig.from_dict({"models": [{"name": name, "checkpoint": checkpoint, "num_cpus": 0.5,
                                                "max_new_tokens": max(64, max_new_tokens), "warmup": False}]})
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    start_http("127.0.0.1", http_port, explicit=False, command="qtts demo", flag="--http-port")  # a taken port: named
     serve.run(build_app(cfg), name=DEMO_APP, route_prefix="/")
     return name
 

@@ -17,6 +17,7 @@ Ctrl-C or SIGTERM stops the service and the local Ray when this command started 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -210,16 +211,45 @@ def check_gpus(cfg) -> None:
                          "(no CUDA device found?); set --num-gpus 0 / num_gpus: 0 to run on CPU")
 
 
-def start_http(host: str, port: int, explicit: bool, proxy_location: str | None = None) -> tuple[str, int]:
+def port_taken(host: str, port: int) -> bool:
+    """Whether another program holds host:port (a bind as Serve's proxy makes it, SO_REUSEADDR as uvicorn sets)."""
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+    except OSError as e:
+        return e.errno == errno.EADDRINUSE
+    return False
+
+
+def _on_head_node() -> bool:
+    """Whether this driver runs on the Ray head's machine (where Serve starts its first proxy); with no Ray
+    connected yet, `serve.start` starts one here (asking Ray's runtime context would start it now)."""
+    import ray
+
+    if not ray.is_initialized():
+        return True
+    me = ray.get_runtime_context().get_node_id()
+    return any(n.get("NodeID") == me and "node:__internal_head__" in n.get("Resources", {}) for n in ray.nodes())
+
+
+def start_http(host: str, port: int, explicit: bool, proxy_location: str | None = None,
+               command: str = "qtts serve", flag: str = "--port") -> tuple[str, int]:
     """Start Serve's HTTP proxy on host:port, or check a running Serve listens there; returns where it listens.
-    A proxy that misses Serve's 5 s readiness check (a busy host) is replaced by Serve: not an error here;
-    `wait_for_http` waits for it."""
+    A port another program holds is a one-line SystemExit naming `flag` (Serve's own failure is a traceback after
+    its proxy's retries). A proxy that misses Serve's 5 s readiness check (a busy host) is replaced by Serve: not an
+    error here; `wait_for_http` waits for it."""
     from ray import serve
     from ray.exceptions import ActorDiedError, GetTimeoutError
     from ray.serve.context import _get_global_client
 
     running = _get_global_client(raise_if_no_controller_running=False)
     if running is None:
+        if _on_head_node() and port_taken(host, port):  # the proxy starts on the head (Serve's HeadOnly default)
+            raise SystemExit(f"{command}: {host}:{port} is in use by another program; choose another port with "
+                             f"{flag}")
         try:
             serve.start(http_options={"host": host, "port": port},
                         **({"proxy_location": proxy_location} if proxy_location else {}))
@@ -273,6 +303,11 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import APP_NAME, build_app
     from .config import ServiceConfig
 
+    model_only = [flag for flag, v in (("--name", args.name), ("--num-gpus", args.num_gpus), ("--dtype", args.dtype),
+                                       ("--num-replicas", args.num_replicas)) if v is not None]
+    if model_only and not args.model:  # they describe --model's models: dropped, --num-gpus 1 served on the CPU
+        raise SystemExit(f"qtts serve: {', '.join(model_only)} apply to the models given with --model, and none "
+                         "was; without --model, set them in the config's models")
     http, app_args, proxy_location = read_serve_yaml(args.config) if args.config else ({}, {}, None)
     if args.model:
         app_args["models"] = models_from_args(args)
@@ -310,8 +345,12 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"\n{why}: stopping the service and the local Ray this command started", flush=True)
             serve.shutdown()
         else:
+            import ray
+
+            gcs = ray.get_runtime_context().gcs_address
             print(f"\n{why}: the service keeps running on {url} in the Ray cluster this command joined; stop it "
-                  f"with `serve delete {APP_NAME}` (RAY_ADDRESS set to that cluster)", flush=True)
+                  f"with `python -c \"import ray; from ray import serve; ray.init(address='{gcs}'); "
+                  f"serve.delete('{APP_NAME}')\"`", flush=True)
     return 0
 
 

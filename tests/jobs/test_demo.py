@@ -71,3 +71,25 @@ def test_a_bad_http_port_is_refused_before_anything_starts(tmp_path, port):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--http-port" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_an_http_port_another_program_holds_is_a_one_line_error_naming_it(tmp_path):
+    """`make demo` binds 127.0.0.1:8000; with that port taken the demo died ~20 s in with Ray's traceback
+    (ProxyActor ... Failed to bind), exit 1 (found by the new-user review). Now one line naming --http-port, and
+    its Ray ends with it. The check is serve.cli.start_http's, which `qtts serve` uses too."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    ray_tmp = tempfile.mkdtemp(prefix="qd-")
+    try:
+        code, _, log = _demo(tmp_path / "o", ray_tmp, "--http-port", str(port))
+    finally:
+        holder.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert code != 0 and f"qtts demo: 127.0.0.1:{port} is in use by another program" in log, log
+    assert "--http-port" in log and "Traceback" not in log and "Failed to bind" not in log, log
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert ray_tmp not in ps

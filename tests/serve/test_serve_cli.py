@@ -107,6 +107,20 @@ def test_model_flags_build_the_models_without_yaml():
                                        "--dtype", "float32", "--dtype", "bfloat16"]))
 
 
+@pytest.mark.parametrize("flags, named", [(["--num-gpus", "1"], "--num-gpus"), (["--dtype", "bfloat16"], "--dtype"),
+                                           (["--name", "x", "--num-replicas", "2"], "--name, --num-replicas")])
+def test_model_flags_without_model_are_refused_not_dropped(flags, named):
+    """--name/--num-gpus/--dtype/--num-replicas describe the models given with --model. Without one they were
+    dropped: `qtts serve --num-gpus 1` on a CPU host served the default model on the CPU, past the GPU check (found
+    by the new-user review). Refused before any Ray starts, naming them."""
+    from serve.cli import _serve
+
+    with pytest.raises(SystemExit, match=re.escape(named) + " apply to the models given with --model"):
+        _serve(build_parser().parse_args(["serve", *flags]))
+    with pytest.raises(SystemExit, match="apply to the models given with --model"):
+        _serve(build_parser().parse_args(["serve", "--config", "configs/serve.yaml", *flags]))
+
+
 def test_stale_cluster_file_is_reported_within_seconds(monkeypatch, caplog):
     root, dead = _stale_tmpdir()
     try:
