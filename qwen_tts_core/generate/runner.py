@@ -202,6 +202,7 @@ class StepRunner:
         self.hidden = torch.zeros(S, C, dtype=self.dtype, device=dev)
         self.last_codes = torch.zeros(S, t.code_predictor.num_code_groups, **lng)
         self.seen = torch.zeros(S, V, dtype=torch.bool, device=dev)
+        self._true = torch.ones((), dtype=torch.bool, device=dev)   # a device value to index_put_ (see _prefill_and_draw)
         self.text_buf = torch.zeros(S, cap, C, dtype=self.dtype, device=dev)
         self.tts_pad = tts_pad.to(self.dtype).reshape(C)
         self.seed_key = torch.zeros(S, **lng)
@@ -355,11 +356,11 @@ class StepRunner:
                          (self.t_top_k, sp.top_k), (self.t_top_p, sp.top_p), (self.t_pen, sp.repetition_penalty),
                          (self.c_do, sp.subtalker_dosample), (self.c_temp, sp.subtalker_temperature),
                          (self.c_top_k, sp.subtalker_top_k), (self.c_top_p, sp.subtalker_top_p)):
-                t[x.slot] = v
+                t[x.slot].fill_(v)   # a fill kernel: `t[slot] = v` copies a host scalar, a GPU sync each on CUDA
             self.host_params[x.slot] = (sp.do_sample, sp.top_k, sp.top_p, sp.subtalker_dosample, sp.subtalker_top_k,
                                         sp.subtalker_top_p)
             self.seen[x.slot] = False
-            self.text_len[x.slot] = 0
+            self.text_len[x.slot].fill_(0)
             self.set_text(x.slot, x.trailing, 0)
         for piece, T in self._prefill_pieces(lens):
             part = [starts[i] for i in piece]
@@ -451,8 +452,10 @@ class StepRunner:
         ids = pick(logits)
         self.code0[idx] = ids
         self.hidden[idx] = hidden
-        self.ngen[idx] = 1
-        self.seen[idx, ids] = True
+        # no Python number through a tensor index here (`ngen[idx] = 1`): on CUDA it is a blocking host->device copy
+        # (torch 2.11), which a capture refuses; fill kernels and a device value capture
+        self.ngen.index_fill_(0, idx, 1)
+        self.seen.index_put_((idx, ids), self._true)
 
     def set_text(self, slot: int, trailing: list[torch.Tensor], start: int) -> None:
         """Trailing text embeddings trailing[start:] arrived for `slot` (at most what the positions can consume)."""
@@ -462,7 +465,7 @@ class StepRunner:
         n = min(n, self.text_buf.shape[1])
         if n > start:
             self.text_buf[slot, start:n] = torch.stack(trailing[start:n])
-        self.text_len[slot] = n
+        self.text_len[slot].fill_(n)
 
     def move(self, src: int, dst: int, npos: int, ntext: int) -> None:
         """Move a session from slot src to slot dst (keeps the active slots dense): its cache rows and state."""

@@ -97,10 +97,10 @@ def test_the_checker_sees_a_host_scalar_assigned_through_a_tensor_index(monkeypa
     assert not host_scalar_index_puts(monkeypatch, assign(idx, 1))
 
 
-@pytest.mark.xfail(strict=True, reason="engine defect: runner.py _prefill_and_draw assigns `self.ngen[idx] = 1` and "
-                   "`self.seen[idx, ids] = True` inside the prefill graphs (a blocking host->device copy on CUDA "
-                   "with torch 2.11: the capture, and the graph engine, fail). Remove this mark with the fix.")
 def test_no_captured_body_assigns_a_host_scalar_through_a_tensor_index(tiny, monkeypatch):
+    """Found by the GPU-path review: runner._prefill_and_draw assigned `self.ngen[idx] = 1` and
+    `self.seen[idx, ids] = True` inside the prefill graphs (with torch 2.11 on CUDA the capture, and the graph
+    engine, would fail). Now index_fill_ and index_put_ of a device value."""
     found = host_scalar_index_puts(
         monkeypatch, lambda: Engine(tiny, max_sessions=2, max_len=128, graph_capture=G.GraphCapture("cpu", fake=True)))
     assert not found, found
