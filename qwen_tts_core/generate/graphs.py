@@ -9,7 +9,9 @@ thread's GPU work (a voice being created) cannot break a capture or be broken by
 `torch.cuda.CUDAGraph`'s contract, so code that is wrong under real graphs is wrong under it too:
   - capture records the aten ops the body runs (a tape, like the kernels a CUDA graph records); Python control flow
     and host values read at capture time are frozen into it; a host sync while capturing (`.item()`, `.tolist()`,
-    `.cpu()`, `bool(tensor)`, `int(tensor)`, `nonzero`) raises, as it does on a capturing CUDA stream;
+    `.cpu()`, `bool(tensor)`, `int(tensor)`, `nonzero`) raises, as it does on a capturing CUDA stream, and so does a
+    Python number assigned through a tensor index or into one element (`t[idx] = 1`: on CUDA a blocking copy of a
+    host scalar, torch 2.11), which on CPU copies nothing;
   - `replay()` re-runs the tape on the very tensors recorded, and writes every op's result into the tensor the op
     produced at capture: static outputs are rewritten in place on every replay, so a caller that kept a view of an
     output sees it change (defect: frames that alias the graph's output);
@@ -101,6 +103,17 @@ _HOST_SYNC_METHODS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.item
                       torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu}
 
 
+def _host_scalar_copy(args: tuple) -> bool:
+    """`t[key] = value` that copies a host scalar to the device on CUDA (torch 2.11: a blocking copy): a Python number
+    assigned through a tensor index (index_put_ of a 0-dim host tensor) or into a single element (copy_ of one);
+    `t[:, 0] = False` or `t[a:b] = 0` are fill kernels."""
+    t, key, value = args[0], args[1], args[2]
+    if not isinstance(value, bool | int | float):
+        return False
+    keys = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(k, torch.Tensor) for k in keys) or t[key].dim() == 0
+
+
 class _NoHostSync(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _HOST_SYNC_METHODS or (func is torch.Tensor.to and any(
@@ -108,6 +121,9 @@ class _NoHostSync(TorchFunctionMode):
                 list(args[1:]) + list((kwargs or {}).values()))):
             raise CaptureError(f"{getattr(func, '__name__', func)}: a host sync is not permitted while a CUDA graph "
                                "captures")
+        if func is torch.Tensor.__setitem__ and _host_scalar_copy(args):
+            raise CaptureError("t[index] = <Python number>: a blocking host-to-device copy on CUDA, not permitted "
+                               "while a CUDA graph captures (use index_fill_, fill_ or a device value)")
         return func(*args, **(kwargs or {}))
 
 
