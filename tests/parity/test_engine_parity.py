@@ -181,10 +181,11 @@ BF16_CALLS = {
 
 @pytest.mark.parametrize("key", list(BF16_CALLS), ids=lambda k: f"{k[0]}-{k[1]}")
 def test_bf16_greedy_codes_match_the_reference(key, checkpoint_factory, ref_wav_path, tmp_path):
-    """bf16 greedy codes split from the reference's within a few frames: 15 chained bf16 adds of a frame's codebook
-    embeddings (the reference sums them in one reduction: fp32 accumulation, one rounding), the talker's keys read
-    padded to a bucket and masked, and the grouped attention layout, each another last bit, enough to flip a near
-    tie (1 bf16 ulp) a frame later. (The audio differs by the fp32 codec, documented.)"""
+    """bf16 greedy codes split from the reference's within a few frames when a frame's codebook embeddings were
+    summed by 15 chained bf16 adds (the reference sums them in one reduction: fp32 accumulation, one rounding; so
+    does talker.embed_frame now); the talker's keys read padded to a bucket and masked, and the grouped attention
+    layout, are each another possible last bit, enough to flip a near tie (1 bf16 ulp) a frame later. (The audio
+    differs by the fp32 codec, documented.)"""
     ckpt = checkpoint_factory(*key)
     calls = BF16_CALLS[key]
     ref = _oracle(ckpt, calls, ref_wav_path, tmp_path, dtype="bfloat16")
