@@ -49,13 +49,25 @@ from ..types import SAMPLES_PER_FRAME, AudioChunk, SamplingParams, SynthesisRequ
 from .audio_stream import BatchedAudio
 from .compiled import check_compile
 from .graphs import GraphCapture
-from .requests import check_positions, is_blank, make_prompt, validate
+from .requests import check_positions, make_prompt, validate
 from .runner import Start, StepRunner, packs_linears
 from .session import Session
 from .text_feed import IncrementalText
 
 log = logging.getLogger(__name__)
 
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory available to new allocations (Linux's MemAvailable); None where it is not known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 class EngineBusy(RuntimeError):
     """The engine's queue is full; retry later."""
@@ -216,9 +228,13 @@ class Engine:
             self.max_sessions * max_len * elt
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            if need > 0.9 * free:
-                raise ValueError(f"max_sessions={self.max_sessions} x max_len={max_len} needs {need / 2**30:.1f} GiB of "
-                                 f"cache on {self.device}, {free / 2**30:.1f} GiB free: lower max_sessions or max_len")
+        else:  # host memory: the cache's pages are touched as sessions grow, so too big a cache is an OOM kill later
+            free = host_memory_available()
+            if free is None:
+                return
+        if need > 0.9 * free:
+            raise ValueError(f"max_sessions={self.max_sessions} x max_len={max_len} needs {need / 2**30:.1f} GiB of "
+                             f"cache on {self.device}, {free / 2**30:.1f} GiB free: lower max_sessions or max_len")
 
     # --- caller side (thread-safe) ----------------------------------------------------------------------------
     def add(self, req: SynthesisRequest) -> Session:
@@ -320,7 +336,7 @@ class Engine:
         (started on blank text that then ended, it spoke to max_new_tokens; a whole blank text is refused). The one
         rule of both admission (`_pop_ready`) and `runnable` (which disagreed: the loop spun without waiting)."""
         inc = s.incremental
-        return inc is not None and not (inc.ended or s.cancelled) and (not s.committed_ids or is_blank(inc.text))
+        return inc is not None and not (inc.ended or s.cancelled) and (not s.committed_ids or inc.blank)
 
     @property
     def num_queued(self) -> int:
@@ -591,7 +607,7 @@ class Engine:
         """Build the session's prompt (validating what only the prompt shows) and give it `slot`."""
         req = s.request
         if s.incremental is not None:
-            if not s.committed_ids or s.incremental.ended and is_blank(s.incremental.text):
+            if not s.committed_ids or s.incremental.ended and s.incremental.blank:
                 raise RequestError("text", "must not be empty")  # blank, as a whole text would be refused
             role, ids, ended = s.incremental.role, list(s.committed_ids), s.incremental.ended
         else:

@@ -421,3 +421,23 @@ def test_a_step_interrupted_midway_fails_its_sessions_instead_of_going_on_with_w
         return t.codes().numpy()
 
     assert np.array_equal(codes(eng), codes(Engine(m, max_sessions=2)))
+
+
+def test_a_static_cache_bigger_than_host_memory_is_refused_at_start_naming_its_settings(model_factory, monkeypatch):
+    """On a GPU a static cache that cannot fit was already refused (mem_get_info); on the CPU it was allocated lazily
+    (zeroed pages), so a replica with max_sessions x max_len beyond the host's memory started, then was OOM-killed
+    under traffic as sessions grew. Now refused at start against MemAvailable, naming both settings; a cache that
+    fits, and a host where the figure is unknown, start as before."""
+    from qwen_tts_core.generate import engine as E
+
+    cv = model_factory("custom_voice")
+    t = cv.cfg.talker
+    per_pos = (2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim + t.hidden_size) * 4   # fp32
+    need = per_pos * 8 * 512
+    monkeypatch.setattr(E, "host_memory_available", lambda: need)          # 90% of it is not enough
+    with pytest.raises(ValueError, match=r"max_sessions=8 x max_len=512 needs .* free: lower max_sessions or max_len"):
+        E.Engine(cv, max_sessions=8, max_len=512, static=True)
+    E.Engine(cv, max_sessions=4, max_len=512, static=True)                 # half of it fits
+    E.Engine(cv, max_sessions=8, max_len=512, static=False)                # a growing cache is not checked here
+    monkeypatch.setattr(E, "host_memory_available", lambda: None)
+    E.Engine(cv, max_sessions=8, max_len=512, static=True)
