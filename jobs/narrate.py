@@ -136,7 +136,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-rate", type=int, help="default output sample rate (default 24000)")
     p.add_argument("--max-chars", type=int, help="chunk budget in characters (default 200)")
     p.add_argument("--pause", type=float, dest="pause_s", help="seconds of silence between chunks, 0-60 (default 0.4)")
-    p.add_argument("--attempts", type=int, dest="max_attempts", help="tries per chunk when the guard trips")
+    p.add_argument("--attempts", type=int, dest="max_attempts", help="tries per chunk when the guard trips (default 3)")
     p.add_argument("--backend", help=f"{' | '.join(BACKENDS)} | module:Class (default auto: Serve app if running)")
     p.add_argument("--runner", choices=RUNNERS, help="ray (default) or local (one process, no Ray)")
     p.add_argument("--actors", type=int, help="engine actors (default 1)")
