@@ -206,7 +206,7 @@ def run_schedule(engine: Engine, plans: list[Plan], rng: random.Random, max_step
         step += 1
         assert engine.num_active <= SLOTS and len(engine.free_slots) + engine.num_active == SLOTS
     assert not waiting and not engine.has_work(), "the schedule did not drain"
-    assert sorted(engine.free_slots) == list(range(SLOTS)) and not engine._audio_rows
+    assert sorted(engine.free_slots) == list(range(SLOTS)) and not engine._audio_rows and not engine._live
     assert engine.audio is None or engine.audio.num_open == 0, "audio rows left open"
 
 
@@ -390,7 +390,7 @@ def test_an_interrupt_while_a_session_is_admitted_fails_it_and_frees_its_slot(mo
     with pytest.raises(KeyboardInterrupt):
         engine.step(emit=emitted.extend)
     assert s.done and s.finish_reason == "error" and [c.is_last for c in emitted] == [True], emitted
-    assert sorted(engine.free_slots) == [0, 1] and not engine.has_work()
+    assert sorted(engine.free_slots) == [0, 1] and not engine.has_work() and not engine._live
     again = engine.run_all([t.request(decode_audio=False)])[0]
     assert torch.equal(again.codes(), Engine(model, max_sessions=1, max_len=MAX_LEN).run_all(
         [t.request(decode_audio=False)])[0].codes())
