@@ -31,6 +31,7 @@ import inspect
 import logging
 import math
 import numbers
+import os
 import threading
 import time
 from collections import deque
@@ -58,16 +59,40 @@ log = logging.getLogger(__name__)
 
 
 
-def host_memory_available() -> int | None:
-    """Bytes of host memory available to new allocations (Linux's MemAvailable); None where it is not known."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+def host_memory_available(root: str = "/") -> int | None:
+    """Bytes of host memory available to new allocations: Linux's MemAvailable, or less where this process's cgroup
+    (a container, a Kubernetes pod) has a memory limit (its limit less its working set: usage without inactive file
+    pages, as the kubelet counts); None where neither is known."""
+    def read(path: str) -> str | None:
+        try:
+            with open(os.path.join(root, path), encoding="ascii") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def stat_value(text: str | None, key: str) -> int:
+        for line in (text or "").splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+        return 0
+
+    known = []
+    meminfo = read("proc/meminfo")
+    for line in (meminfo or "").splitlines():
+        if line.startswith("MemAvailable:") and line.split()[1:2] and line.split()[1].isdigit():
+            known.append(int(line.split()[1]) * 1024)
+    for limit_f, usage_f, stat_f, inactive in (
+            ("sys/fs/cgroup/memory.max", "sys/fs/cgroup/memory.current", "sys/fs/cgroup/memory.stat",
+             "inactive_file"),
+            ("sys/fs/cgroup/memory/memory.limit_in_bytes", "sys/fs/cgroup/memory/memory.usage_in_bytes",
+             "sys/fs/cgroup/memory/memory.stat", "total_inactive_file")):
+        limit, usage = (read(limit_f) or "").strip(), (read(usage_f) or "").strip()
+        if limit.isdigit() and usage.isdigit() and int(limit) < 1 << 60:   # "max" / a huge number: no limit
+            working = max(0, int(usage) - stat_value(read(stat_f), inactive))
+            known.append(max(0, int(limit) - working))
+            break
+    return min(known) if known else None
 
 class EngineBusy(RuntimeError):
     """The engine's queue is full; retry later."""

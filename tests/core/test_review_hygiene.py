@@ -441,3 +441,41 @@ def test_a_static_cache_bigger_than_host_memory_is_refused_at_start_naming_its_s
     E.Engine(cv, max_sessions=8, max_len=512, static=False)                # a growing cache is not checked here
     monkeypatch.setattr(E, "host_memory_available", lambda: None)
     E.Engine(cv, max_sessions=8, max_len=512, static=True)
+
+
+def test_host_memory_is_the_smaller_of_memavailable_and_the_cgroups_room(tmp_path):
+    """In a container (a Kubernetes pod) /proc/meminfo shows the node's memory, not the pod's limit: the room left
+    under a cgroup limit (limit less usage without inactive file pages, as the kubelet counts) bounds it too; an
+    unlimited cgroup ("max", or v1's huge number) and unreadable or odd files do not."""
+    from qwen_tts_core.generate.engine import host_memory_available
+
+    gib = 1 << 30
+
+    def root(name: str, files: dict[str, str]) -> str:
+        base = tmp_path / name
+        for rel, text in files.items():
+            (base / rel).parent.mkdir(parents=True, exist_ok=True)
+            (base / rel).write_text(text)
+        base.mkdir(exist_ok=True)
+        return str(base)
+
+    meminfo = {"proc/meminfo": f"MemTotal: {64 * gib // 1024} kB\nMemAvailable: {10 * gib // 1024} kB\n"}
+    v2 = "sys/fs/cgroup/"
+    assert host_memory_available(root("none", {})) is None
+    assert host_memory_available(root("odd", {"proc/meminfo": "MemAvailable: lots kB\n"})) is None
+    assert host_memory_available(root("host", meminfo)) == 10 * gib
+    assert host_memory_available(root("v2", {**meminfo, v2 + "memory.max": f"{4 * gib}\n",
+                                             v2 + "memory.current": f"{3 * gib}\n",
+                                             v2 + "memory.stat": f"anon 1\ninactive_file {gib}\n"})) == 2 * gib
+    assert host_memory_available(root("v2max", {**meminfo, v2 + "memory.max": "max\n",
+                                                v2 + "memory.current": f"{3 * gib}\n"})) == 10 * gib
+    assert host_memory_available(root("v2only", {v2 + "memory.max": f"{4 * gib}\n", v2 + "memory.current": "0\n"})) \
+        == 4 * gib
+    v1 = "sys/fs/cgroup/memory/"
+    assert host_memory_available(root("v1", {**meminfo, v1 + "memory.limit_in_bytes": f"{8 * gib}\n",
+                                             v1 + "memory.usage_in_bytes": f"{7 * gib}\n",
+                                             v1 + "memory.stat": f"total_inactive_file {3 * gib}\n"})) == 4 * gib
+    assert host_memory_available(root("v1huge", {**meminfo, v1 + "memory.limit_in_bytes": "9223372036854771712\n",
+                                                 v1 + "memory.usage_in_bytes": f"{7 * gib}\n"})) == 10 * gib
+    assert host_memory_available(root("full", {**meminfo, v2 + "memory.max": f"{gib}\n",
+                                               v2 + "memory.current": f"{2 * gib}\n"})) == 0
