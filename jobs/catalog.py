@@ -456,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
     single pass (no --every) that SIGTERM stopped before it finished, or before it began, exits 1, as narrate does."""
     stop = stop_on_sigterm()
     try:
-        conf = load_config(args.config)
+        conf = load_config(args.config, "catalog")
         every_text = option_value(args, conf, "every", None)
         every = parse_every(every_text) if every_text else None
         retire = option_value(args, conf, "retire", "mark")

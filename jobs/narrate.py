@@ -56,8 +56,10 @@ log = logging.getLogger(__name__)
 SAMPLING_ARGS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
-def load_config(path: str | None) -> dict[str, Any]:
-    """A YAML file of option defaults (keys: the options' destinations, see configs/jobs/narrate.yaml)."""
+def load_config(path: str | None, command: str | None = None) -> dict[str, Any]:
+    """A YAML file of option defaults (keys: the options' destinations, see configs/jobs/narrate.yaml). One format
+    serves narrate and catalog; `command` (the one reading it) gets a warning naming the keys only the other one
+    uses (a `layout:` in a narrate config did nothing, silently)."""
     if not path:
         return {}
     import yaml
@@ -73,6 +75,16 @@ def load_config(path: str | None) -> dict[str, Any]:
         raise ValueError(f"config: {p} must hold a mapping of option names to values")
     data = {k: v for k, v in data.items() if v is not None}   # `key: ~` in YAML: the option is not set
     check_config(data, p)
+    if command is not None:
+        from .catalog import build_parser as catalog_parser
+
+        parsers = {"narrate": build_parser(), "catalog": catalog_parser()}
+        mine = {a.dest for a in parsers[command]._actions}
+        other = "catalog" if command == "narrate" else "narrate"
+        unused = sorted(set(data) - mine)
+        if unused:
+            log.warning("config %s: %s %s only for %s; %s ignores %s", p, unused, "is" if len(unused) == 1 else "are",
+                        other, command, "it" if len(unused) == 1 else "them")
     return data
 
 
@@ -442,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     stop = stop_on_sigterm()
     try:
-        conf = load_config(args.config)
+        conf = load_config(args.config, "narrate")
         defaults, render, opts, limits = build_options(args, "audio", conf)
         rows = read_inputs(args.input, defaults, limits)
         book = book_options(args, conf)

@@ -237,6 +237,31 @@ def test_any_config_file_gives_options_or_a_value_error(tmp_path, conf):
         assert len(str(e)) < 600, str(e)[:300]
 
 
+def test_a_key_only_the_other_command_uses_is_named_in_a_warning(tmp_path, caplog):
+    """One config format serves narrate and catalog (check_config accepts either's keys), so `layout: asterisk` in a
+    narrate config, or `book: m4b` in a catalog's, did nothing and said nothing (found by the new-user review).
+    Each command now warns naming them; shared keys and a command's own keys stay quiet."""
+    import logging
+
+    path = tmp_path / "c.yaml"
+    path.write_text("voice: ryan\nlayout: asterisk\nretire: delete\nbook: m4b\n")
+    with caplog.at_level(logging.WARNING, logger="jobs.narrate"):
+        narrate.load_config(str(path), "narrate")
+    said = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
+    assert len(said) == 1 and "['layout', 'retire'] are only for catalog; narrate ignores them" in said[0], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jobs.narrate"):
+        narrate.load_config(str(path), "catalog")
+    said = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
+    assert len(said) == 1 and "['book'] is only for narrate; catalog ignores it" in said[0], said
+    caplog.clear()
+    path.write_text("voice: ryan\nlanguage: English\n")
+    with caplog.at_level(logging.WARNING, logger="jobs.narrate"):
+        narrate.load_config(str(path), "narrate")
+        narrate.load_config(str(path), "catalog")
+    assert not [r for r in caplog.records if "ignores" in r.getMessage()]
+
+
 # --- finding 10: keys of long multi-byte ids ---------------------------------------------------------------------
 def test_a_long_cjk_id_gets_a_key_that_fits_a_file_name(tmp_path, capsys):
     rid = "第一章" * 27
