@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import threading
+import time
 
 import pytest
 
@@ -160,3 +161,37 @@ def test_the_python_apis_driver_forgets_streams_closed_dropped_or_failed(model_f
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_the_ingress_holds_no_stream_state_after_websocket_sessions_and_disconnects(model_factory, monkeypatch,
+                                                                                      tmp_path):
+    """WebSocket sessions through the real ingress over a real ReplicaCore (tests/serve/test_review_ws.py's
+    harness): ended by `end`, or by the client vanishing after its text. After them the ingress holds no lease,
+    counts no open client stream, and the replica no session."""
+    from serve import ingress as ingress_mod
+    from serve.sessions import SessionLimits
+    from tests.serve.test_review_ws import Client, _config, _run, _session
+
+    cfg = ModelConfig(name="cv", model_type="custom_voice", max_sessions=4, max_queue=4, interactive_reserve=0,
+                      max_new_tokens=8, default_max_new_tokens=3)
+    core = ReplicaCore(model_factory("custom_voice"), cfg, None,
+                       limits=SessionLimits(max_text_chars=400, idle_text_timeout_s=3.0))
+
+    async def fn(app):
+        ing = ingress_mod.serve.get_replica_context().servable_object
+        for i in range(24):
+            c = Client()
+            c.text(_config(core, seed=i, max_new_tokens=3))
+            c.text({"type": "text", "text": f"Hello {i}."})
+            if i % 3 == 2:
+                c.inbox.put_nowait({"type": "websocket.disconnect", "code": 1001})   # the client vanishes
+            else:
+                c.text({"type": "end"})
+            await _session(app, c, 30)
+        t = time.monotonic()
+        while (len(ing.leases) or len(core.sessions) or core.scheduler._open) and time.monotonic() - t < 5:
+            await asyncio.sleep(0.02)
+        return len(ing.leases), ing.client_streams.count, len(core.sessions), len(core.scheduler._open)
+
+    assert _run(monkeypatch, tmp_path, core, fn) == (0, 0, 0, 0)
+    assert _engine_state(core.engine) == _idle_engine(core.engine)
