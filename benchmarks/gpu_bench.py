@@ -549,8 +549,10 @@ STAGES = {"versions": stage_versions, "tiny": stage_tiny, "build": stage_build, 
           "e2e_compiled": lambda c: stage_e2e(c, compile=True)}
 
 
-class StageTimeout(Exception):
-    """SIGTERM from the stage's `timeout` (gpu_check.sh): raised in the stage so that main writes what it measured."""
+class StageTimeout(BaseException):
+    """SIGTERM from the stage's `timeout` (gpu_check.sh): raised in the stage so that main writes what it measured. A
+    BaseException, as KeyboardInterrupt: code that keeps going past an Exception (Engine.step fails its sessions and
+    carries on) must not swallow it, or a stage past its time went on and could report itself ok."""
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -588,7 +590,7 @@ def main() -> None:
         faulthandler.dump_traceback_later(max(1.0, limit - 2.0 - (time.monotonic() - _T0)))
     try:
         rec = {"stage": args.stage, **STAGES[args.stage](c), "ok": True}
-    except Exception as e:  # noqa: BLE001 - the result says what broke; the next stage still runs
+    except (Exception, StageTimeout) as e:  # noqa: BLE001 - the result says what broke; the next stage still runs
         # what the stage measured before it broke (its goals so far: the summary marks the others "missing")
         rec = {"stage": args.stage, **c.out, "ok": False, "error": f"{type(e).__name__}: {e}",
                "traceback": traceback.format_exc()[-3000:]}

@@ -261,3 +261,35 @@ def test_a_stage_stuck_where_sigterm_cannot_reach_leaves_its_stack_in_the_log(tm
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode in (137, -9), (proc.returncode, proc.stderr[-2000:])  # killed: timeout -k
     assert "most recent call first" in proc.stderr and "stuck_in_c" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_stage_timeout_is_not_swallowed_by_an_engine_step(model_factory, monkeypatch):
+    """The stage's SIGTERM handler raises StageTimeout wherever the stage is. Engine.step fails its sessions and
+    carries on past an Exception, so a StageTimeout that was one vanished there: the stage went on past its time and
+    could report itself ok (seen in a clean-clone CI: a 5 s tiny stage recorded 'ok'). It is a BaseException now, as
+    KeyboardInterrupt, which the step re-raises after failing its sessions."""
+    import signal
+
+    from qwen_tts_core.generate.engine import Engine
+    from qwen_tts_core.types import SamplingParams, SynthesisRequest
+
+    gpu_bench = bench_module()
+    eng = Engine(model_factory("custom_voice"), max_sessions=1)
+    s = eng.add(SynthesisRequest(kind="custom_voice", text="Hello there.", speaker="ryan", language="auto",
+                                 sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=8)))
+    real = eng.runner.step
+
+    def step(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)   # the stage's timeout, mid-step
+        return real(*a, **k)
+
+    monkeypatch.setattr(eng.runner, "step", step)
+    old = signal.signal(signal.SIGTERM, gpu_bench._on_sigterm)
+    try:
+        with pytest.raises(gpu_bench.StageTimeout, match="killed after 5s"):
+            monkeypatch.setenv("GPU_CHECK_STAGE_LIMIT_S", "5")
+            for _ in range(20):
+                eng.step()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert s.done and s.finish_reason == "error"   # the step failed its session on the way out

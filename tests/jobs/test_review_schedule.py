@@ -65,9 +65,9 @@ def test_a_one_off_pass_stopped_before_it_started_exits_1(tmp_path, capsys, monk
     handler = signal.getsignal(signal.SIGTERM)
     real = catalog.load_config
 
-    def load_config(path):
+    def load_config(path, *args):
         runner.stop_on_sigterm().set()   # SIGTERM during start-up
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(catalog, "load_config", load_config)
     cat = tmp_path / "cat.yaml"
