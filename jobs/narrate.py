@@ -78,8 +78,7 @@ def load_config(path: str | None, command: str | None = None) -> dict[str, Any]:
     if command is not None:
         from .catalog import build_parser as catalog_parser
 
-        parsers = {"narrate": build_parser(), "catalog": catalog_parser()}
-        mine = {a.dest for a in parsers[command]._actions}
+        mine = {a.dest for a in (build_parser() if command == "narrate" else catalog_parser())._actions}
         other = "catalog" if command == "narrate" else "narrate"
         unused = sorted(set(data) - mine)
         if unused:
