@@ -699,26 +699,33 @@ class Engine:
         s.error = str(e) or type(e).__name__
         s.error_field = e.field if isinstance(e, RequestError) else None
         if s.phase == "done":  # its last chunk was still to come from the audio decode
-            if self._audio_rows.pop(s.id, None) is not None:
-                self.audio.drop(s.id)
-                s.finish_reason = "error"
-                out.append(self._last_chunk(s, np.zeros(0, np.float32), s.audio_frames, 0))
+            if s.id in self._audio_rows:
+                self._end_now(s, "error", out)
             return
         self._finish(s, "error", out)
 
     def _finish(self, s: Session, reason: str, out: list[AudioChunk]) -> None:
         if s.phase == "done":
             return
-        s.phase, s.finish_reason = "done", reason
+        if s.id in self._audio_rows and reason not in ("cancelled", "error"):
+            s.phase, s.finish_reason = "done", reason
+            self._free_slot(s)
+            self.audio.finish(s.id)  # its last chunk is the final decode of this step
+            return
+        self._end_now(s, reason, out)
+
+    def _free_slot(self, s: Session) -> None:
         if s in self.active:
             self.active.remove(s)
-            self.free_slots.append(s.slot)
-            self.free_slots.sort()
-        if s.id in self._audio_rows:
-            if reason not in ("cancelled", "error"):
-                self.audio.finish(s.id)  # its last chunk is the final decode of this step
-                return
-            del self._audio_rows[s.id]
+            if s.slot not in self.free_slots:
+                self.free_slots.append(s.slot)
+                self.free_slots.sort()
+
+    def _end_now(self, s: Session, reason: str, out: list[AudioChunk]) -> None:
+        """End `s` with no more audio, whatever state it is in: its slot and audio row given back, its last chunk."""
+        s.phase, s.finish_reason = "done", reason
+        self._free_slot(s)
+        if self._audio_rows.pop(s.id, None) is not None:
             self.audio.drop(s.id)
         out.append(self._last_chunk(s, np.zeros(0, np.float32), s.audio_frames if s.request.decode_audio
                                     else len(s.frames), 0))
@@ -731,17 +738,8 @@ class Engine:
             queued = {s.id for q in self.queues.values() for s in q}
             lost = [s for sid, s in self._live.items() if sid not in queued]
         for s in lost:
-            if s in self.active:
-                self.active.remove(s)
-                if s.slot not in self.free_slots:
-                    self.free_slots.append(s.slot)
-                    self.free_slots.sort()
-            if self._audio_rows.pop(s.id, None) is not None:
-                self.audio.drop(s.id)
-            s.phase, s.finish_reason = "done", "error"
             s.error, s.error_field = str(e) or type(e).__name__, None
-            out.append(self._last_chunk(s, np.zeros(0, np.float32), s.audio_frames if s.request.decode_audio
-                                        else len(s.frames), 0))
+            self._end_now(s, "error", out)
 
     def _last_chunk(self, s: Session, pcm: np.ndarray, start: int, frames: int) -> AudioChunk:
         self._live.pop(s.id, None)
