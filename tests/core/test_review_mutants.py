@@ -1,0 +1,210 @@
+"""Behaviour pinned by a mutation review of the inference engine (qwen_tts_core/generate, text feed, codec rows):
+each test here failed on a code change (a "mutant") that the rest of the suite let pass; the change is named in its
+docstring. Boundaries of the request checks, the accounting of max_len and max_new_tokens, per-session state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_tts_core import Engine, SamplingParams, SynthesisRequest, VoiceClonePromptItem
+from qwen_tts_core.errors import RequestError
+from qwen_tts_core.generate.requests import (
+    MAX_REF_CODE_FRAMES,
+    RequestPolicy,
+    check_voice_prompt,
+    min_positions,
+    request_from_fields,
+)
+
+G = dict(do_sample=False, subtalker_dosample=False)
+
+
+@pytest.fixture(scope="module")
+def cv(model_factory):
+    return model_factory("custom_voice", "tiny")
+
+
+@pytest.fixture(scope="module")
+def base(model_factory):
+    return model_factory("base", "tiny")
+
+
+def req(text, max_new_tokens=8, **kw) -> SynthesisRequest:
+    kw.setdefault("decode_audio", False)
+    return SynthesisRequest(kind="custom_voice", text=text, speaker="ryan", language="english",
+                            sampling=SamplingParams(max_new_tokens=max_new_tokens, **G), **kw)
+
+
+def drain(eng: Engine, max_steps: int = 500) -> list:
+    chunks = []
+    for _ in range(max_steps):
+        if not eng.has_work():
+            break
+        chunks += eng.step()
+    assert not eng.has_work(), "engine did not finish"
+    return chunks
+
+
+def _icl(model, frames: int = 4, text: str | None = "Some words.") -> VoiceClonePromptItem:
+    t = model.cfg.talker
+    g = torch.Generator().manual_seed(0)
+    return VoiceClonePromptItem(ref_code=torch.randint(0, t.codebook_size, (frames, t.num_code_groups), generator=g),
+                                ref_spk_embedding=torch.randn(t.hidden_size, generator=g), x_vector_only_mode=False,
+                                icl_mode=True, ref_text=text)
+
+
+# --- request checks -------------------------------------------------------------------------------------------
+def test_non_streaming_mode_without_the_whole_text_is_refused_naming_it(cv):
+    """Mutant: the `non_streaming_mode and text is None` check removed (the session waited for text it could not
+    take in that layout)."""
+    with pytest.raises(RequestError) as e:
+        Engine(cv, max_sessions=1).add(req(None, non_streaming_mode=True))
+    assert e.value.field == "non_streaming_mode"
+
+
+def test_an_icl_voice_with_incremental_text_is_refused_naming_text(base):
+    """Mutant: the `icl_mode and text is None` check removed."""
+    r = SynthesisRequest(kind="voice_clone", text=None, language="english", voice_clone_prompt=_icl(base),
+                         sampling=SamplingParams(max_new_tokens=4, **G), decode_audio=False)
+    with pytest.raises(RequestError) as e:
+        Engine(base, max_sessions=1).add(r)
+    assert e.value.field == "text" and "ICL" in e.value.message
+
+
+def test_a_reference_of_the_longest_duration_is_taken_one_frame_more_is_not(base):
+    """Mutant: `len(codes) > MAX_REF_CODE_FRAMES` made `>=` (a voice made from a 120 s reference refused)."""
+    t = base.cfg.talker
+    for frames, ok in ((MAX_REF_CODE_FRAMES, True), (MAX_REF_CODE_FRAMES + 1, False)):
+        vp = VoiceClonePromptItem(torch.zeros(frames, t.num_code_groups, dtype=torch.long),
+                                  torch.zeros(t.hidden_size), False, True, "Words.")
+        if ok:
+            check_voice_prompt(vp, t)
+        else:
+            with pytest.raises(RequestError, match="ref_code has"):
+                check_voice_prompt(vp, t)
+
+
+def test_a_deployment_cap_on_max_new_tokens_takes_the_cap_itself_and_refuses_one_more(cv):
+    """Mutant: `want > policy.max_new_tokens` made `>=` (asking for exactly the cap was refused)."""
+    policy = RequestPolicy(max_new_tokens=64)
+    r = request_from_fields(cv, text="Hello.", sampling={"max_new_tokens": 64}, policy=policy)
+    assert r.sampling.max_new_tokens == 64
+    with pytest.raises(RequestError) as e:
+        request_from_fields(cv, text="Hello.", sampling={"max_new_tokens": 65}, policy=policy)
+    assert e.value.field == "max_new_tokens"
+
+
+def test_a_request_that_does_not_say_gets_the_deployment_default_never_more_than_the_checkpoints(cv):
+    """Mutants: the default ignored for the cap (`cap = policy.max_new_tokens`), and the checkpoint's own default
+    raised to the cap (`max_new_tokens=cap` instead of the smaller of the two)."""
+    own = cv.sampling_params().max_new_tokens
+    r = request_from_fields(cv, text="Hello.", policy=RequestPolicy(max_new_tokens=own, default_max_new_tokens=5))
+    assert r.sampling.max_new_tokens == 5
+    r = request_from_fields(cv, text="Hello.", policy=RequestPolicy(max_new_tokens=own + 100))
+    assert r.sampling.max_new_tokens == own
+
+
+# --- max_len: the prompt and its text ------------------------------------------------------------------------
+def _positions(model, text: str) -> int:
+    """The positions a session of `text` needs (prefill + trailing text), as the engine counts them."""
+    eng = Engine(model, max_sessions=1)
+    s = eng.add(req(text, max_new_tokens=2))
+    eng.step()
+    n = s.prompt.prefill.shape[0] + len(s.prompt.trailing)
+    drain(eng)
+    return n
+
+
+def test_a_text_needing_exactly_max_len_positions_is_refused_one_less_is_admitted(cv):
+    """Mutant: `positions >= max_len` made `>` in check_positions: a session whose last text token would fall on
+    the position where it is ended (s.pos + 1 >= max_len) was admitted, its last word never spoken."""
+    text = "A sentence of several words, and then some more of them."
+    n = _positions(cv, text)
+    refused = Engine(cv, max_sessions=1, max_len=n).run_all([req(text)])[0]
+    assert refused.finish_reason == "error" and refused.error_field == "text", refused.error
+    taken = Engine(cv, max_sessions=1, max_len=n + 1).run_all([req(text)])[0]
+    assert taken.error is None, taken.error
+
+
+def test_an_instruction_that_leaves_no_room_for_one_text_token_is_refused_naming_instruct(cv):
+    """Mutant: `min_positions(...) >= max_len` made `>` in make_prompt: at the boundary the instruction's fault was
+    reported as the text's."""
+    tok = cv.tokenizer
+    target, instruct = tok.target("Hello."), "Speak slowly and calmly, with a warm voice."
+    need = min_positions(target.role, target.text[:1], True, tok.instruct(instruct))
+    s = Engine(cv, max_sessions=1, max_len=need).run_all([req("Hello.", instruct=instruct)])[0]
+    assert s.finish_reason == "error" and s.error_field == "instruct", (s.error_field, s.error)
+
+
+def test_a_refused_text_piece_leaves_no_half_surrogate_held(cv):
+    """Mutant: PieceJoiner.push kept a refused piece's trailing high surrogate (set before the check): the caller's
+    next, valid, text then ended with 'half of a surrogate pair'. Nothing is taken from a refused piece."""
+    eng = Engine(cv, max_sessions=1)
+    s = eng.add(req(None))
+    with pytest.raises(RequestError):
+        s.append_text("\udfffbad\ud83d")      # a lone low surrogate, and a high one at its end
+    s.append_text("Hello there.")
+    s.end_text()
+    (last,) = [c for c in drain(eng) if c.is_last]
+    assert last.error is None and last.finish_reason in ("eos", "max_new_tokens")
+
+
+# --- chunk accounting ----------------------------------------------------------------------------------------
+def test_a_codes_only_session_ends_with_a_last_chunk_that_starts_after_its_frames(cv):
+    """Mutant: _end_now's start taken from audio_frames for every session: a session with decode_audio=False (no
+    audio row, audio_frames stays 0) ended with a last chunk at frame 0 after its frames."""
+    eng = Engine(cv, max_sessions=1)
+    s = eng.add(req("Hello there, how are you?", max_new_tokens=5))
+    (last,) = [c for c in drain(eng) if c.is_last]
+    assert s.finish_reason == "max_new_tokens" and s.num_frames == 4
+    assert (last.frame_start, last.num_frames) == (4, 0)
+
+
+def test_a_cancel_with_frames_not_yet_decoded_ends_where_the_emitted_audio_ends(cv):
+    """Mutant: _end_now's start taken from the frames generated for an audio session too: cancelled with frames
+    gathered for a chunk not yet decoded, its last chunk claimed to start after audio never emitted."""
+    eng = Engine(cv, max_sessions=1)
+    s = eng.add(req("Hello there, how are you today?", max_new_tokens=200, decode_audio=True,
+                    first_chunk_frames=1, chunk_frames=8))
+    chunks = []
+    for _ in range(100):
+        chunks += eng.step()
+        emitted = sum(c.num_frames for c in chunks)
+        if emitted and s.num_frames > emitted + 1:
+            break
+    assert not s.done and s.num_frames > emitted > 0
+    eng.cancel(s)
+    chunks += drain(eng)
+    last = chunks[-1]
+    assert last.is_last and last.finish_reason == "cancelled"
+    assert last.frame_start == sum(c.num_frames for c in chunks[:-1]) == emitted
+    assert [c.frame_start for c in chunks] == [sum(c.num_frames for c in chunks[:i]) for i in range(len(chunks))]
+
+
+def test_an_audio_decode_failing_for_one_session_ends_it_alone(cv, monkeypatch):
+    """Mutant: _finish sent a failed session with an audio row down the normal ending (its row finished, for a
+    final decode) instead of ending it now: the row the failed decode had already dropped was looked up again
+    (KeyError), failing the step and with it every other session."""
+    eng = Engine(cv, max_sessions=2)
+    bad = eng.add(req("Hello there, how are you today?", max_new_tokens=12, decode_audio=True,
+                      first_chunk_frames=2, chunk_frames=2))
+    good = eng.add(req("Good morning to you all.", max_new_tokens=12, decode_audio=True,
+                       first_chunk_frames=2, chunk_frames=2))
+    eng.step()
+    bank, row = eng.audio.bank, eng.audio.open_rows[bad.id].row
+    real = bank.decode
+
+    def decode(rows, lengths):
+        if row in rows:
+            raise RuntimeError("broken row")
+        return real(rows, lengths)
+
+    monkeypatch.setattr(bank, "decode", decode)
+    chunks = drain(eng)
+    (b_last,) = [c for c in chunks if c.session_id == bad.id and c.is_last]
+    (g_last,) = [c for c in chunks if c.session_id == good.id and c.is_last]
+    assert b_last.finish_reason == "error" and "broken row" in b_last.error
+    assert g_last.error is None and good.finish_reason in ("eos", "max_new_tokens")
+    assert sum(c.num_frames for c in chunks if c.session_id == good.id) == good.num_frames
+    assert eng.free_slots == [0, 1] and eng.audio.num_open == 0
