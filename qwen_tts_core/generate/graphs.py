@@ -18,7 +18,14 @@ thread's GPU work (a voice being created) cannot break a capture or be broken by
   - tensors allocated during capture (the graph's pool: intermediates and outputs) are poisoned (NaN, or a huge
     negative integer) right after capture and again before every replay, so reading an output before the replay
     that produces it, or across replays, gives garbage rather than a plausible stale value;
-  - new tensors passed later are ignored: only the static inputs recorded at capture are read.
+  - new tensors passed later are ignored: only the static inputs recorded at capture are read;
+  - graphs captured into one shared pool (`FakePool`, what `GraphCapture(fake=True)` passes, as the engine's one
+    `graph_pool_handle()` on CUDA): a later capture may take the blocks an earlier graph freed (its intermediates,
+    and any output its caller dropped), so replaying a graph may overwrite what any graph captured after it
+    allocated, its static outputs included. A replay therefore poisons the capture-time tensors of every graph
+    captured after it in the same pool: an output read after another graph's replay, or state kept in a graph's
+    pool across replays, comes out as garbage here as it may on a GPU. (An earlier graph's outputs, alive when a
+    later one was captured, are safe from the later one's replays: the model poisons nothing of theirs.)
 """
 
 from __future__ import annotations
@@ -151,6 +158,17 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+class FakePool:
+    """The stand-in's shared memory pool: the graphs captured into it, in capture order (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.graphs: list[FakeCUDAGraph] = []
+
+    def after(self, g: FakeCUDAGraph) -> list[FakeCUDAGraph]:
+        """The graphs captured into this pool after `g`: their blocks may be ones `g` writes when it replays."""
+        return self.graphs[self.graphs.index(g) + 1:] if g in self.graphs else []
+
+
 class FakeCUDAGraph:
     """CPU stand-in for `torch.cuda.CUDAGraph` (see the module docstring for the contract it enforces)."""
 
@@ -160,12 +178,14 @@ class FakeCUDAGraph:
         self._pool_ptrs: set[int] = set()
         self._mode: _Recorder | None = None
         self._inference = False
+        self._shared: FakePool | None = None
         self.replays = 0
         self.num_kernels = 0  # recorded ops that stand for a GPU kernel (see `launches`)
 
     def capture_begin(self, pool=None, capture_error_mode: str = "global") -> None:
         if self._mode is not None or self._tape:
             raise RuntimeError("this graph has already been captured")
+        self._shared = pool if isinstance(pool, FakePool) else None
         self._inference = torch.is_inference_mode_enabled()
         self._mode = _Recorder(self)
         self._guard = _NoHostSync()
@@ -178,6 +198,8 @@ class FakeCUDAGraph:
         self._guard.__exit__(None, None, None)
         for t in self._pool:
             _poison_(t)
+        if self._shared is not None:
+            self._shared.graphs.append(self)
 
     def replay(self) -> None:
         if not self._tape:
@@ -193,9 +215,14 @@ class FakeCUDAGraph:
                     if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() != \
                             r.untyped_storage().data_ptr():
                         o.copy_(r)
+            for later in self._shared.after(self) if self._shared is not None else ():
+                for t in later._pool:  # blocks this replay may have written (a shared pool)
+                    _poison_(t)
         self.replays += 1
 
     def reset(self) -> None:
+        if self._shared is not None and self in self._shared.graphs:
+            self._shared.graphs.remove(self)
         self._tape, self._pool, self._pool_ptrs = [], [], set()
         self.num_kernels = 0
 
@@ -231,7 +258,7 @@ class GraphCapture:
                 self.stream = torch.cuda.Stream(device=self.device)
                 self.pool = torch.cuda.graph_pool_handle()  # one pool for every graph of this engine
         else:
-            self.stream, self.pool = None, None
+            self.stream, self.pool = None, FakePool()
         self.graphs: list[Any] = []
         # one capture at a time per engine (the step bodies and the audio decoder share the pool)
         self.lock = threading.RLock()
@@ -268,4 +295,4 @@ class GraphCapture:
         return g, out
 
 
-__all__ = ["CaptureError", "FakeCUDAGraph", "GraphCapture", "OpCounter", "fake_graph", "launches"]
+__all__ = ["CaptureError", "FakeCUDAGraph", "FakePool", "GraphCapture", "OpCounter", "fake_graph", "launches"]
