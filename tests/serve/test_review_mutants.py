@@ -3,14 +3,20 @@ mutant named in its docstring and passing on the real code). No Ray: plain objec
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
+from qwen_tts_core import SynthesisRequest
+from qwen_tts_core.errors import RequestError
 from qwen_tts_core.voice_prompt import VoiceClonePromptItem
 from serve.auth import Caller, bearer_token, cross_site
 from serve.metrics import ClientStreams
 from serve.quotas import StreamQuota
+from serve.scheduler import Busy, Scheduler, SchedulerLimits
 from serve.voices import ANYONE, VoiceStore
+from tests.serve.fakes import FakeEngine
 
 ALICE, BOB = "a" * 32, "b" * 32
 
@@ -90,3 +96,93 @@ def test_voices_made_before_keys_were_set_are_no_key_s_but_the_admins(tmp_path):
     for call in (store.info, store.load, store.delete):
         with pytest.raises(KeyError):
             call(vid, ALICE)
+
+
+def test_max_bulk_waiting_bulk_requests_wait_and_the_next_is_busy():
+    """`max_bulk_waiting` is how many bulk requests may be parked, not one fewer nor one more (mutant: `>` let
+    max_bulk_waiting + 1 wait)."""
+    async def main():
+        sched = Scheduler(FakeEngine(max_sessions=2), SchedulerLimits(interactive_reserve=2, max_bulk_waiting=2))
+        bulk = SynthesisRequest(kind="custom_voice", text="hi", speaker="vivian", priority="bulk")
+        parked = [await sched.submit(bulk) for _ in range(2)]   # not started: they stay parked
+        with pytest.raises(Busy):
+            await sched.submit(bulk)
+        assert sched.queue_length == 2 and len(parked) == 2
+    asyncio.run(main())
+
+
+def _bulk() -> SynthesisRequest:
+    return SynthesisRequest(kind="custom_voice", text="hi", speaker="vivian", priority="bulk")
+
+
+def test_a_consumer_that_stops_reading_cancels_its_session_in_the_engine():
+    """Leaving `Scheduler.chunks` early (the client went away, the generator closed) frees the engine slot
+    (mutant: the session ran on to its full length with nobody reading)."""
+    async def main():
+        eng = FakeEngine(max_sessions=2, frames=10_000)
+        sched = Scheduler(eng)
+        sched.start(asyncio.get_running_loop())
+        try:
+            ticket = await sched.submit(SynthesisRequest(kind="custom_voice", text="hi", speaker="vivian"))
+            chunks = sched.chunks(ticket)
+            await chunks.__anext__()
+            await chunks.aclose()
+            assert ticket.cancelled and ticket.session.cancelled
+        finally:
+            sched.stop()
+    asyncio.run(main())
+
+
+def test_text_after_end_is_refused_while_a_bulk_session_is_parked():
+    """A parked bulk session keeps its incremental text until it enters the engine, with the engine's rules:
+    nothing after `end` (mutant: text after end kept, and replayed after the end)."""
+    async def main():
+        sched = Scheduler(FakeEngine(max_sessions=2), SchedulerLimits(interactive_reserve=2))
+        ticket = await sched.submit(_bulk())
+        sched.append_text(ticket, "more")
+        sched.end_text(ticket)
+        with pytest.raises(RequestError) as e:
+            sched.append_text(ticket, "again")
+        assert e.value.field == "text" and ticket.parked_text == ["more", None]
+    asyncio.run(main())
+
+
+def test_an_engine_step_that_fails_cancels_its_sessions_in_the_engine():
+    """A step that raises ends every running session with an error AND gives their engine slots back (mutant:
+    the sessions' tickets ended but the engine kept running them)."""
+    async def main():
+        eng = FakeEngine(max_sessions=2, frames=10_000, fail_at_step=3)
+        sched = Scheduler(eng)
+        sched.start(asyncio.get_running_loop())
+        try:
+            ticket = await sched.submit(SynthesisRequest(kind="custom_voice", text="hi", speaker="vivian"))
+            last = [c async for c in sched.chunks(ticket)][-1]
+        finally:
+            sched.stop()
+        assert last.finish_reason == "error" and ticket.session.cancelled
+    asyncio.run(main())
+
+
+def test_parked_text_the_engine_refuses_on_entry_fails_the_session_and_frees_its_slot():
+    """Text a parked bulk session got is replayed when it enters the engine; if the engine refuses it there, the
+    session fails 400 naming `text` and is cancelled in the engine (mutant: failed, but left running)."""
+    class Refusing(FakeEngine):
+        def add(self, req):
+            s = super().add(req)
+            s.append_text = lambda piece: (_ for _ in ()).throw(ValueError("refused"))
+            s.end_text = lambda: None
+            return s
+
+    async def main():
+        eng = Refusing(max_sessions=4, frames=10_000)
+        sched = Scheduler(eng, SchedulerLimits(interactive_reserve=1))
+        ticket = await sched.submit(_bulk())
+        sched.append_text(ticket, "more")
+        sched.start(asyncio.get_running_loop())
+        try:
+            last = [c async for c in sched.chunks(ticket)][-1]
+        finally:
+            sched.stop()
+        assert ticket.failure is not None and ticket.failure.status == 400 and ticket.failure.field == "text"
+        assert ticket.session.cancelled and last.is_last
+    asyncio.run(main())
