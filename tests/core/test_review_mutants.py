@@ -208,3 +208,122 @@ def test_an_audio_decode_failing_for_one_session_ends_it_alone(cv, monkeypatch):
     assert g_last.error is None and good.finish_reason in ("eos", "max_new_tokens")
     assert sum(c.num_frames for c in chunks if c.session_id == good.id) == good.num_frames
     assert eng.free_slots == [0, 1] and eng.audio.num_open == 0
+
+
+# --- isolation between sessions ------------------------------------------------------------------------------
+SAMPLED = dict(do_sample=True, subtalker_dosample=True, temperature=1.3, top_k=0, top_p=1.0, subtalker_top_k=0)
+
+
+def sampled(text, max_new_tokens, seed, **kw) -> SynthesisRequest:
+    return SynthesisRequest(kind="custom_voice", text=text, speaker="ryan", language="english", seed=seed,
+                            sampling=SamplingParams(max_new_tokens=max_new_tokens, **{**SAMPLED, **kw}),
+                            decode_audio=False)
+
+
+def test_a_session_moved_down_a_slot_keeps_its_seed_counters_and_parameters(cv):
+    """Mutants: runner.move left a slot's seed key, its count of drawn ids (the draws' frame counter) or its host
+    sampling parameters behind: a session compacted into a freed slot drew with the previous occupant's (here a
+    greedy one that drew fewer ids). Each session's codes must be those it gets alone (the device sampler
+    draws the same alone or batched)."""
+    plan = [("Hi.", 6, 11, G), ("Hello there, how are you?", 16, 22, {}),
+            ("Good morning to you all, friends.", 16, 33, {})]
+    eng = Engine(cv, max_sessions=3)
+    sessions = [eng.add(sampled(*p[:3], **p[3])) for p in plan[:2]]
+    eng.step()
+    eng.step()
+    sessions.append(eng.add(sampled(*plan[2][:3], **plan[2][3])))   # two ids behind the first one
+    moved = False
+    while eng.has_work():
+        eng.step()
+        moved = moved or (not sessions[2].done and sessions[2].slot == 0)
+    assert moved, "the last session was not compacted into the first one's slot"
+    assert sessions[0].num_frames < 6 <= min(s.num_frames for s in sessions[1:])
+    for s, p in zip(sessions, plan):
+        alone = Engine(cv, max_sessions=1).run_all([sampled(*p[:3], **p[3])])[0]
+        assert torch.equal(s.codes(), alone.codes()), (s.id, p)
+
+
+def test_unseeded_sessions_draw_their_own_seeds(cv):
+    """Mutant: every unseeded request got seed 0: two users who sent the same text without a seed got the same
+    audio, and any one could replay another's. The seed comes from torch's generator (torch.manual_seed applies)."""
+    def run(seed_before):
+        torch.manual_seed(seed_before)
+        eng = Engine(cv, max_sessions=2)
+        return [s.codes() for s in eng.run_all([sampled("Hello there.", 10, None) for _ in range(2)])]
+
+    a, b = run(1)
+    assert not torch.equal(a, b)
+    again = run(1)
+    assert torch.equal(a, again[0]) and torch.equal(b, again[1])
+
+
+# --- incremental text ----------------------------------------------------------------------------------------
+def test_incremental_text_ending_in_whitespace_sent_before_admission_is_spoken(cv):
+    """Mutant: IncrementalText forgot that an earlier committed segment was visible once a later, blank one was
+    committed (`_done_visible = not is_blank(stable)`): a text whose last piece is a space or a newline, all sent
+    before the session started, was refused as empty."""
+    eng = Engine(cv, max_sessions=1)
+    s = eng.add(req(None, max_new_tokens=4))
+    for piece in ("Hello there.", " \n"):
+        s.append_text(piece)
+    s.end_text()
+    drain(eng)
+    assert s.error is None and s.finish_reason in ("eos", "max_new_tokens"), s.error
+    assert s.incremental.text == "Hello there. \n" and not s.incremental.blank
+
+
+def test_frames_a_prompt_leaves_room_for_grow_one_by_one_with_max_len_from_none(cv):
+    """Mutant: the check after prefill made `s.pos >= max_len` (not `s.pos + 1 >= max_len`, the rule of every later
+    id): a prompt one position short of max_len got a frame, as many as one with two positions to spare. A session
+    gets max_len - prompt - 1 frames, its last drawn id never getting one (as HF)."""
+    text = "Hello there."
+    probe = Engine(cv, max_sessions=1)
+    s = probe.add(req(text, max_new_tokens=2, non_streaming_mode=True))
+    probe.step()
+    P, K = s.prompt.prefill.shape[0], len(s.prompt.trailing)
+    drain(probe)
+    assert K == 0   # non-streaming: the whole text is in the prefill
+    for room in (1, 2, 3):
+        s = Engine(cv, max_sessions=1, max_len=P + room).run_all([req(text, 50, non_streaming_mode=True)])[0]
+        assert (s.finish_reason, s.num_frames) == ("max_new_tokens", room - 1), room
+
+
+# --- scheduling --------------------------------------------------------------------------------------------
+def test_a_bulk_session_that_only_reserved_slots_could_take_is_no_work(cv):
+    """Mutant: `runnable` counted a queued bulk session as work when the free slots were exactly the interactive
+    reserve (`free < reserve`, admission says `free <= reserve`): wait_for_work returned at once and the loop
+    spun on a step that could admit nothing."""
+    eng = Engine(cv, max_sessions=2, interactive_reserve=1)
+    a = eng.add(req(None, max_new_tokens=100))     # interactive, then waiting for more text
+    a.append_text("Hello there, how are")
+    for _ in range(50):
+        if not eng.runnable():
+            break
+        eng.step()
+    assert a.phase == "talker" and not eng.runnable()
+    bulk = eng.add(req("Good morning.", priority="bulk"))
+    assert len(eng.free_slots) == 1 and not eng.runnable() and not eng.wait_for_work(0.01)
+    a.end_text()
+    drain(eng)
+    assert a.error is None and bulk.error is None and bulk.num_frames > 0
+
+
+def test_a_session_moved_down_a_slot_keeps_its_repetition_history(cv):
+    """Mutant: runner.move left the slot's repetition history (seen ids) behind: a greedy session compacted into
+    the slot of a session that ended had that session's ids weighed as its own. A penalty below 1 favours the ids
+    seen, so the history decides each draw."""
+    greedy = dict(G, repetition_penalty=0.02)
+    plan = [("Hi.", 6), ("Hello there, how are you?", 16), ("Good morning to you all, friends.", 16)]
+    eng = Engine(cv, max_sessions=3)
+    sessions = [eng.add(sampled(t, n, None, **greedy)) for t, n in plan[:2]]
+    eng.step()
+    eng.step()
+    sessions.append(eng.add(sampled(*plan[2], None, **greedy)))
+    moved = False
+    while eng.has_work():
+        eng.step()
+        moved = moved or (not sessions[2].done and sessions[2].slot == 0)
+    assert moved
+    for s, (t, n) in zip(sessions, plan):
+        alone = Engine(cv, max_sessions=1).run_all([sampled(t, n, None, **greedy)])[0]
+        assert torch.equal(s.codes(), alone.codes()), s.id
