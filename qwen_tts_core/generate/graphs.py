@@ -179,6 +179,7 @@ class FakeCUDAGraph:
         self._mode: _Recorder | None = None
         self._inference = False
         self._shared: FakePool | None = None
+        self._written = False  # its pool holds what its last replay wrote (not poisoned since)
         self.replays = 0
         self.num_kernels = 0  # recorded ops that stand for a GPU kernel (see `launches`)
 
@@ -216,8 +217,11 @@ class FakeCUDAGraph:
                             r.untyped_storage().data_ptr():
                         o.copy_(r)
             for later in self._shared.after(self) if self._shared is not None else ():
-                for t in later._pool:  # blocks this replay may have written (a shared pool)
-                    _poison_(t)
+                if later._written:  # blocks this replay may have written (a shared pool); once poisoned, they stay
+                    later._written = False  # so until that graph's own replay writes them again
+                    for t in later._pool:
+                        _poison_(t)
+        self._written = True
         self.replays += 1
 
     def reset(self) -> None:
