@@ -11,10 +11,13 @@ import torch
 from qwen_tts_core import SynthesisRequest
 from qwen_tts_core.errors import RequestError
 from qwen_tts_core.voice_prompt import VoiceClonePromptItem
+from serve import voices as voices_mod
 from serve.auth import Caller, bearer_token, cross_site
 from serve.metrics import ClientStreams
 from serve.quotas import StreamQuota
 from serve.scheduler import Busy, Scheduler, SchedulerLimits
+from serve.schemas import ApiError
+from serve.uploads import bounded, form_body_limit, read_form
 from serve.voices import ANYONE, VoiceStore
 from tests.serve.fakes import FakeEngine
 
@@ -186,3 +189,63 @@ def test_parked_text_the_engine_refuses_on_entry_fails_the_session_and_frees_its
         assert ticket.failure is not None and ticket.failure.status == 400 and ticket.failure.field == "text"
         assert ticket.session.cancelled and last.is_last
     asyncio.run(main())
+
+
+def test_a_second_failure_does_not_replace_the_first():
+    """`fail` on a ticket that already failed is a no-op: the consumer reports the first cause (mutant: a later
+    watchdog's 504 replaced the 408 the client was owed)."""
+    async def main():
+        sched = Scheduler(FakeEngine(max_sessions=2), SchedulerLimits(interactive_reserve=2))
+        # in the engine, its last chunk not yet out (the step loop is not started)
+        ticket = await sched.submit(SynthesisRequest(kind="custom_voice", text="hi", speaker="vivian"))
+        sched.fail(ticket, 408, "no text for 30 s", "text")
+        sched.fail(ticket, 504, "session deadline")
+        assert (ticket.failure.status, ticket.failure.field) == (408, "text") and ticket.session.cancelled
+    asyncio.run(main())
+
+
+def test_the_decoded_prompt_cache_holds_at_most_cache_items(monkeypatch, tmp_path):
+    """Decoded prompts kept per process are bounded, least recently used first out (mutant: no bound, a replica's
+    memory grew with every voice ever used)."""
+    monkeypatch.setattr(voices_mod, "CACHE_ITEMS", 2)
+    store = VoiceStore(tmp_path)
+    ids = [store.create(_item(), name=f"v{i}", model="base", owner=ALICE)["id"] for i in range(3)]
+    for vid in ids:
+        store.load(vid, ALICE)
+    assert list(store._items) == ids[1:]
+
+
+def test_a_form_body_may_have_exactly_its_bound_and_not_one_byte_more():
+    """The streamed form bound (`form_body_limit`) counts every byte (mutant: one byte past it passed)."""
+    limit = form_body_limit(10)
+
+    async def read(sizes):
+        async def chunks():
+            for n in sizes:
+                yield b"x" * n
+        return [len(c) async for c in bounded(chunks(), 10)]
+
+    assert asyncio.run(read([limit - 1, 1])) == [limit - 1, 1]
+    with pytest.raises(ApiError) as e:
+        asyncio.run(read([limit, 1]))
+    assert (e.value.status, e.value.param) == (413, "body")
+
+
+def test_a_declared_content_length_past_the_bound_is_refused_before_any_byte_is_read():
+    """A Content-Length over the form's bound is a 413 naming `body` at once, the body unread (mutant: the
+    declared length ignored, the body read up to the bound first)."""
+    from starlette.requests import Request
+
+    reads = []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": True}
+
+    limit = form_body_limit(10)
+    scope = {"type": "http", "method": "POST", "path": "/v1/audio/voices", "query_string": b"",
+             "headers": [(b"content-type", b"application/x-www-form-urlencoded"),
+                         (b"content-length", str(limit + 1).encode())]}
+    with pytest.raises(ApiError) as e:
+        asyncio.run(read_form(Request(scope, receive), 10))
+    assert (e.value.status, e.value.param, reads) == (413, "body", [])
