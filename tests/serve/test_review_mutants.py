@@ -17,7 +17,8 @@ from serve.metrics import ClientStreams
 from serve.quotas import StreamQuota
 from serve.scheduler import Busy, Scheduler, SchedulerLimits
 from serve.schemas import ApiError
-from serve.uploads import bounded, form_body_limit, read_form
+from serve.streaming import ReplicaStream
+from serve.uploads import bounded, declared_length, form_body_limit, read_form
 from serve.voices import ANYONE, VoiceStore
 from tests.serve.fakes import FakeEngine
 
@@ -249,3 +250,82 @@ def test_a_declared_content_length_past_the_bound_is_refused_before_any_byte_is_
     with pytest.raises(ApiError) as e:
         asyncio.run(read_form(Request(scope, receive), 10))
     assert (e.value.status, e.value.param, reads) == (413, "body", [])
+
+
+def test_a_content_length_that_is_no_number_is_a_400_naming_it():
+    """(mutant: taken as absent, the body read as if none was declared)"""
+    from starlette.requests import Request
+
+    request = Request({"type": "http", "headers": [(b"content-length", b"12abc")]})
+    with pytest.raises(ApiError) as e:
+        declared_length(request)
+    assert (e.value.status, e.value.param) == (400, "content-length")
+
+
+def test_speech_loads_stored_voices_with_the_callers_scope_and_defaults_to_interactive(model_factory, tmp_path):
+    """`build_request` loads a stored voice as the API key that sent the request sees it: another key's voice id
+    is "not a stored voice" (mutant: every voice loaded with scope ANYONE, so any key could speak with any
+    other key's cloned voice). A request without `priority` is interactive (mutant: bulk)."""
+    from serve.config import ModelConfig
+    from serve.requests import CALLER, build_request
+
+    model = model_factory("base")
+    cfg = ModelConfig(name="b", model_type="base", max_new_tokens=8)
+    store = VoiceStore(tmp_path)
+    vid = store.create(_item(), name="alice", model="b", owner=ALICE)["id"]
+    mine = build_request(model, cfg, {"input": "Hi.", "voice": vid, CALLER: ALICE}, store)
+    assert mine.priority == "interactive"
+    with pytest.raises(RequestError) as e:
+        build_request(model, cfg, {"input": "Hi.", "voice": vid, CALLER: BOB}, store)
+    assert e.value.field in ("voice", "voice_clone_prompt")
+
+
+class _Gen:
+    """A replica stream call as the ingress sees it: its items, then `fail` raised; `cancel()` recorded."""
+
+    def __init__(self, items, fail: BaseException) -> None:
+        self.items, self.fail, self.cancelled = list(items), fail, False
+
+    async def __anext__(self):
+        if self.items:
+            return self.items.pop(0)
+        raise self.fail
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Handle:
+    def __init__(self, gen) -> None:
+        self.gen = gen
+
+    def options(self, **kw):
+        return self
+
+    @property
+    def stream(self):
+        return self
+
+    def remote(self, *args):
+        return self.gen
+
+
+def test_a_stream_whose_replica_fails_before_its_first_audio_gives_its_count_back():
+    """`first_output` failing (the replica died after the start item) closes the stream: the open-stream count
+    and the key's place are given back (mutant: only a failed END item closed it; a lost replica leaked both)."""
+    total = ClientStreams()
+    gen = _Gen([{"type": "start", "session": "r1-1"}], RuntimeError("replica died"))
+    stream = asyncio.run(ReplicaStream.open("cv", _Handle(gen), {}, None, counter=total))
+    assert total.count == 1
+    with pytest.raises(ApiError) as e:
+        asyncio.run(stream.first_output())
+    assert e.value.status == 502 and stream.closed and total.count == 0 and gen.cancelled
+
+
+def test_an_open_cancelled_while_waiting_for_the_replica_cancels_the_replica_call():
+    """The client left (or a failover's wait ran out) while the stream was opening: the replica call is cancelled
+    too (mutant: it ran on, its session leased to this live ingress and played to nobody)."""
+    gen = _Gen([], asyncio.CancelledError())
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(ReplicaStream.open("cv", _Handle(gen), {}, None))
+    assert gen.cancelled
