@@ -20,6 +20,7 @@ from serve.schemas import ApiError
 from serve.streaming import ReplicaStream
 from serve.uploads import bounded, declared_length, form_body_limit, read_form
 from serve.voices import ANYONE, VoiceStore
+from serve.ws_session import MessageLimiter
 from tests.serve.fakes import FakeEngine
 
 ALICE, BOB = "a" * 32, "b" * 32
@@ -329,3 +330,16 @@ def test_an_open_cancelled_while_waiting_for_the_replica_cancels_the_replica_cal
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(ReplicaStream.open("cv", _Handle(gen), {}, None))
     assert gen.cancelled
+
+
+def test_a_websocket_that_was_quiet_for_long_still_gets_only_one_burst():
+    """The message rate's bucket holds at most `burst` tokens however long the session was quiet (mutant: tokens
+    piled up while idle, so a minute of silence bought a flood of per_s x 60 messages at once)."""
+    now = [0.0]
+    limiter = MessageLimiter(max_messages=10_000, per_s=10, burst=3, clock=lambda: now[0])
+    now[0] = 100.0
+    for _ in range(3):
+        limiter.take()
+    with pytest.raises(ApiError) as e:
+        limiter.take()
+    assert (e.value.status, e.value.param) == (429, "message")
