@@ -327,3 +327,107 @@ def test_a_session_moved_down_a_slot_keeps_its_repetition_history(cv):
     for s, (t, n) in zip(sessions, plan):
         alone = Engine(cv, max_sessions=1).run_all([sampled(t, n, None, **greedy)])[0]
         assert torch.equal(s.codes(), alone.codes()), s.id
+
+
+# --- the graph stand-in --------------------------------------------------------------------------------------
+def test_the_graph_stand_in_refuses_a_copy_to_the_host_by_to_while_capturing():
+    """Mutant: the stand-in's check of `.to("cpu")` / `.to(torch.device("cpu"))` removed (only `.cpu()` left): a
+    body that read a tensor back that way captured on CPU and failed only on a GPU."""
+    from qwen_tts_core.generate.graphs import CaptureError, FakeCUDAGraph, fake_graph
+
+    t = torch.ones(3)
+    for read in (lambda x: x.to("cpu"), lambda x: x.to(torch.device("cpu")), lambda x: x.to(device="cpu")):
+        with pytest.raises(CaptureError, match="host sync"), fake_graph(FakeCUDAGraph()):
+            read(t * 2)
+    with fake_graph(FakeCUDAGraph()):   # a cast on the device is no read
+        (t * 2).to(torch.float64)
+
+
+def test_the_graph_stand_in_captures_once():
+    """Mutant: capture_begin's check removed: a second capture into a graph appended a second body to its tape,
+    so each replay ran both (on CUDA, capturing into a captured graph is an error)."""
+    from qwen_tts_core.generate.graphs import FakeCUDAGraph, fake_graph
+
+    x, g = torch.zeros(1), FakeCUDAGraph()
+    with fake_graph(g):
+        x.add_(1)
+    with pytest.raises(RuntimeError, match="already been captured"), fake_graph(g):
+        x.add_(10)
+    x.zero_()
+    g.replay()
+    assert x.tolist() == [1.0]
+
+
+def test_incremental_text_commits_up_to_where_an_added_token_may_be_forming(cv):
+    """Mutant: a boundary exactly at the start of an open added token ("<|im_" of "<|im_end|>") was not committed
+    (`n < limit`): the text before it waited for the next piece. Everything before that start is final."""
+    from qwen_tts_core.generate.text_feed import IncrementalText
+
+    feed = IncrementalText.of(cv.tokenizer)
+    ids = feed.append("Hello there.\n<|im_")
+    assert (feed.text[:len(feed.text) - len(feed.tail)], feed.tail) == ("Hello there.\n", "<|im_")
+    assert ids == cv.tokenizer.text_only("Hello there.\n")
+
+
+# --- audio rows -------------------------------------------------------------------------------------------
+def test_an_audio_row_whose_start_failed_is_free_for_the_next_session(cv, monkeypatch):
+    """Mutant: BatchedAudio.open kept the row when resetting it raised (an ICL reference's decode failing, or an
+    interrupt during it): with one slot, every later session failed with 'all 1 rows are in use'."""
+    eng = Engine(cv, max_sessions=1)
+    real, calls = eng.audio.bank.reset, []
+
+    def reset(row, *args):
+        calls.append(row)
+        if len(calls) == 1:
+            raise RuntimeError("reference decode failed")
+        return real(row, *args)
+
+    monkeypatch.setattr(eng.audio.bank, "reset", reset)
+    first = eng.run_all([req("Hello there.", 4, decode_audio=True)])[0]
+    assert first.finish_reason == "error" and "reference decode failed" in first.error
+    second = eng.run_all([req("Hello there.", 4, decode_audio=True)])[0]
+    assert second.error is None and second.audio_frames == second.num_frames > 0
+    assert eng.audio.num_open == 0 and eng.free_slots == [0]
+
+
+def test_an_icl_reference_longer_than_max_len_is_refused_before_its_prompt_is_built(base, monkeypatch):
+    """Mutant: min_positions counted the text only (`fixed + text`), not the reference frames that pair with it: an
+    ICL voice with a long reference and a short transcript was embedded (its codes and text) on the step thread
+    before the exact count refused it."""
+    import qwen_tts_core.generate.requests as requests
+
+    built = []
+    real = requests.build_prompt
+    monkeypatch.setattr(requests, "build_prompt", lambda *a, **k: built.append(1) or real(*a, **k))
+    r = SynthesisRequest(kind="voice_clone", text="Hi.", language="english", voice_clone_prompt=_icl(base, 200),
+                         sampling=SamplingParams(max_new_tokens=4, **G), decode_audio=False)
+    s = Engine(base, max_sessions=1, max_len=128).run_all([r])[0]
+    assert s.finish_reason == "error" and s.error_field == "text" and "max_len" in s.error, s.error
+    assert not built
+
+
+# --- the driver --------------------------------------------------------------------------------------------
+def test_a_reading_interrupted_inside_the_driver_cancels_its_session_and_leaves_nothing(cv):
+    """Mutant: the reading generator's `finally` no longer released its session when the reading raised (an
+    interrupt while it stepped the engine for everyone): the session went on generating for nobody, its chunks
+    kept in the driver for good."""
+    from qwen_tts_core.generate.driver import EngineDriver
+
+    eng = Engine(cv, max_sessions=2)
+    driver = EngineDriver(eng)
+    real, calls = eng.wait_for_work, []
+
+    def wait_for_work(timeout_s):
+        calls.append(timeout_s)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(timeout_s)
+
+    eng.wait_for_work = wait_for_work
+    s = driver.open(req("Hello there, how are you?", max_new_tokens=30, decode_audio=True))
+    with pytest.raises(KeyboardInterrupt):
+        next(iter(driver.chunks(s)))
+    assert s.cancelled
+    (other,) = driver.run([req("Good morning.", max_new_tokens=4, decode_audio=True)])
+    assert other.error is None and s.finish_reason == "cancelled"
+    assert not driver._queues and not driver._abandoned and not eng.has_work()
