@@ -7,7 +7,16 @@ import json
 
 import pytest
 
-from jobs.manifest import ManifestRecord, from_sidecar
+from jobs import pending
+from jobs.manifest import (
+    ManifestRecord,
+    from_parquet,
+    from_sidecar,
+    to_parquet,
+)
+from jobs.storage import LocalSink
+
+OBJ = "prompts/welcome-0123456789abcdef0123.wav"
 
 
 def _sidecar(**fields) -> bytes:
@@ -27,3 +36,35 @@ def test_a_sidecar_integer_must_fit_its_column_and_not_be_a_bool(value, ok):
     """`attempts` is an int32 column: 2**31 cannot be stored (the manifest write would fail later, for the whole
     pass) and JSON `true` is no count (mutants: `<=` at the top of the range; bools taken as integers)."""
     assert (from_sidecar(_sidecar(attempts=value)) is not None) is ok
+
+
+def test_a_manifest_lists_its_records_in_id_order():
+    """(mutant: written in the order the pass finished them, so two runs of one catalog gave different files)"""
+    records = [ManifestRecord(id=i, key=None, status="failed") for i in ("b", "c", "a")]
+    assert [r.id for r in from_parquet(to_parquet(records))] == ["a", "b", "c"]
+
+
+def _journal(sink: LocalSink, objects: list[str]) -> pending.Journal:
+    j = pending.Journal(pending.journal_key("c"), "c", objects=list(objects))
+    sink.put(j.key, json.dumps({"catalog": "c", "objects": objects, "packages": []}).encode())
+    return j
+
+
+def test_a_journal_naming_what_this_job_does_not_write_is_never_deleted_from(tmp_path):
+    """A pending journal is read back from storage, not trusted: a key in it that is not an output of this job
+    (the manifest, a path elsewhere) is refused, counted, and kept (mutant: the shape rule skipped, and a delete
+    pass deleted whatever an edited journal named)."""
+    sink = LocalSink(str(tmp_path))
+    sink.put("catalog-manifest.parquet", b"precious")
+    j = _journal(sink, ["catalog-manifest.parquet"])
+    out = pending.finish(sink, j, [], set(), "prompts", delete=True)
+    assert out.get("refused") == 1 and sink.get("catalog-manifest.parquet") == b"precious"
+
+
+def test_a_mark_pass_drops_journalled_objects_that_were_never_written(tmp_path):
+    """Without deletes, a journalled object that is not in storage (its row failed) is dropped from the journal,
+    which then goes (mutant: kept journalled for ever)."""
+    sink = LocalSink(str(tmp_path))
+    j = _journal(sink, [OBJ])
+    assert pending.finish(sink, j, [], set(), "prompts", delete=False) == {}
+    assert sink.get(j.key) is None
