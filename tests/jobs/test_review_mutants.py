@@ -14,7 +14,7 @@ from jobs.manifest import (
     from_sidecar,
     to_parquet,
 )
-from jobs.storage import LocalSink
+from jobs.storage import LocalSink, StorageError
 
 OBJ = "prompts/welcome-0123456789abcdef0123.wav"
 
@@ -57,8 +57,9 @@ def test_a_journal_naming_what_this_job_does_not_write_is_never_deleted_from(tmp
     sink = LocalSink(str(tmp_path))
     sink.put("catalog-manifest.parquet", b"precious")
     j = _journal(sink, ["catalog-manifest.parquet"])
+    j.packages = ["catalog-manifest.parquet"]     # nor as a --layout package file (another rule, same answer)
     out = pending.finish(sink, j, [], set(), "prompts", delete=True)
-    assert out.get("refused") == 1 and sink.get("catalog-manifest.parquet") == b"precious"
+    assert out.get("refused") == 2 and sink.get("catalog-manifest.parquet") == b"precious"
 
 
 def test_a_mark_pass_drops_journalled_objects_that_were_never_written(tmp_path):
@@ -68,3 +69,58 @@ def test_a_mark_pass_drops_journalled_objects_that_were_never_written(tmp_path):
     j = _journal(sink, [OBJ])
     assert pending.finish(sink, j, [], set(), "prompts", delete=False) == {}
     assert sink.get(j.key) is None
+
+
+def test_an_object_a_damaged_journal_names_is_not_deleted(tmp_path):
+    """Keys a damaged journal holds (`Journal.held`) wait: kept and journalled (mutant: only the caller's held
+    keys counted, the damaged journal's were deleted)."""
+    sink = LocalSink(str(tmp_path))
+    sink.put(OBJ, b"audio")
+    j = _journal(sink, [OBJ])
+    j.held = {OBJ}
+    pending.finish(sink, j, [], set(), "prompts", delete=True)
+    assert sink.get(OBJ) == b"audio" and OBJ in json.loads(sink.get(j.key))["objects"]
+
+
+def test_a_journalled_object_whose_existence_storage_cannot_tell_stays_journalled(tmp_path, monkeypatch):
+    """(mutant: a storage error read as "not there", the object dropped from the journal and never deleted)"""
+    sink = LocalSink(str(tmp_path))
+    j = _journal(sink, [OBJ])
+
+    def size(self, key):
+        raise StorageError("unreachable")
+    monkeypatch.setattr(LocalSink, "size", size)
+    pending.finish(sink, j, [], set(), "prompts", delete=False)
+    assert json.loads(sink.get(j.key))["objects"] == [OBJ]
+
+
+def test_the_journal_of_another_catalog_at_the_key_is_set_aside_not_adopted(tmp_path):
+    """A journal whose `catalog` is not this one's is not this pass's to act on: moved to the .damaged file, its
+    objects not adopted (mutant: adopted, and deleted as this catalog's leftovers)."""
+    sink = LocalSink(str(tmp_path))
+    key = pending.journal_key("c")
+    sink.put(key, json.dumps({"catalog": "other", "objects": [OBJ], "packages": []}).encode())
+    j = pending.begin(sink, "c", [], None, "none", set())
+    assert j.objects == [] and sink.get(f"{key}.damaged") is not None and OBJ in j.held
+
+
+def test_a_write_fence_counts_a_lease_not_renewed_for_two_thirds_of_its_ttl_as_lost():
+    """Another pass may take the lease once it is ttl_s old, so a write is made only while the lease was renewed
+    within the last two thirds (mutant: up to ttl_s, a write could land after the takeover)."""
+    import io
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    from jobs.lease import Fence, LeaseLost
+    from jobs.storage import RetryPolicy
+
+    def sink(age_s):
+        def get_object(Bucket, Key):
+            return {"Body": io.BytesIO(json.dumps({"token": "t1"}).encode()),
+                    "LastModified": datetime.now(timezone.utc) - timedelta(seconds=age_s)}
+        return SimpleNamespace(bucket="b", client=SimpleNamespace(get_object=get_object), retry=RetryPolicy())
+
+    fence = Fence(".catalog-lease", "t1", ttl_s=90.0)
+    fence.check(sink(30))
+    with pytest.raises(LeaseLost, match="not renewed"):
+        fence.check(sink(70))
