@@ -124,3 +124,71 @@ def test_a_write_fence_counts_a_lease_not_renewed_for_two_thirds_of_its_ttl_as_l
     fence.check(sink(30))
     with pytest.raises(LeaseLost, match="not renewed"):
         fence.check(sink(70))
+
+
+class _Refused(Exception):
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.response = {"Error": {"Code": code}}
+
+
+class _LeaseStore:
+    """An S3 client for one lease object whose answers a test scripts: `puts` (None: the write takes, or an error
+    code raised AFTER the write took when `took`), `gets` ("stored": what is stored, or an error code)."""
+
+    def __init__(self, puts, gets, took=False) -> None:
+        self.puts, self.gets, self.took, self.body = list(puts), list(gets), took, None
+
+    def put_object(self, Bucket, Key, Body, ContentType, **cond):
+        code = self.puts.pop(0)
+        if code is None or self.took:
+            self.body = Body
+        if code is not None:
+            raise _Refused(code)
+        return {"ETag": '"e1"'}
+
+    def get_object(self, Bucket, Key):
+        import io
+        from datetime import datetime, timezone
+
+        what = self.gets.pop(0)
+        if what != "stored":
+            raise _Refused(what)
+        return {"Body": io.BytesIO(self.body), "ETag": '"e1"', "LastModified": datetime.now(timezone.utc)}
+
+    def delete_object(self, **kw):
+        self.body = None
+
+
+def _s3_lease(client):
+    from types import SimpleNamespace
+
+    from jobs.lease import _S3Lease
+
+    sink = SimpleNamespace(bucket="b", client=client, _k=lambda k: f"ivr/{k}", url=lambda k: f"s3://b/ivr/{k}")
+    return _S3Lease(sink, ttl_s=90.0)
+
+
+def test_a_lease_whose_write_reply_was_lost_is_held_and_fresh():
+    """The conditional write took but its reply was lost (botocore's retry refused with 412): read back, the
+    lease is ours, renewed as of the start of `acquire` (mutant: never stamped, so `check()` called the fresh
+    lease lost at once and the pass did not reconcile)."""
+    lease = _s3_lease(_LeaseStore(puts=["PreconditionFailed"], gets=["stored"], took=True))
+    lease.acquire()
+    try:
+        lease.check()
+    finally:
+        lease.release()
+
+
+def test_a_lease_released_between_our_write_and_our_read_is_tried_again():
+    """The holder released the lease between our refused write and our read (it is gone): the write is sent
+    again and takes (mutant: one try only, the pass refused as if the lease were held)."""
+    store = _LeaseStore(puts=["PreconditionFailed", None], gets=["NoSuchKey"])
+    lease = _s3_lease(store)
+    lease.acquire()
+    try:
+        lease.check()
+        assert json.loads(store.body)["token"] == lease.token
+    finally:
+        lease.release()
