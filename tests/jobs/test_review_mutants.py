@@ -152,6 +152,9 @@ class _LeaseStore:
         from datetime import datetime, timezone
 
         what = self.gets.pop(0)
+        if what == "other":    # another run's lease
+            return {"Body": io.BytesIO(b'{"token": "theirs"}'), "ETag": '"e2"',
+                    "LastModified": datetime.now(timezone.utc)}
         if what != "stored":
             raise _Refused(what)
         return {"Body": io.BytesIO(self.body), "ETag": '"e1"', "LastModified": datetime.now(timezone.utc)}
@@ -160,13 +163,13 @@ class _LeaseStore:
         self.body = None
 
 
-def _s3_lease(client):
+def _s3_lease(client, ttl_s: float = 90.0):
     from types import SimpleNamespace
 
     from jobs.lease import _S3Lease
 
     sink = SimpleNamespace(bucket="b", client=client, _k=lambda k: f"ivr/{k}", url=lambda k: f"s3://b/ivr/{k}")
-    return _S3Lease(sink, ttl_s=90.0)
+    return _S3Lease(sink, ttl_s=ttl_s)
 
 
 def test_a_lease_whose_write_reply_was_lost_is_held_and_fresh():
@@ -192,3 +195,32 @@ def test_a_lease_released_between_our_write_and_our_read_is_tried_again():
         assert json.loads(store.body)["token"] == lease.token
     finally:
         lease.release()
+
+
+def test_a_renewal_refused_because_another_run_took_the_lease_counts_it_lost_at_once():
+    """(mutant: the renewal thread stopped without marking the lease lost, so the pass went on, and reconciled,
+    until its own clock said the lease was old)"""
+    import time
+
+    from jobs.lease import LeaseLost
+
+    lease = _s3_lease(_LeaseStore(puts=[None, "PreconditionFailed"], gets=["other"]), ttl_s=6.0)
+    lease.acquire()
+    try:
+        deadline = time.monotonic() + 3.8   # renewed at 2 s; counted old at 4 s
+        while not lease.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(LeaseLost):
+            lease.check()
+    finally:
+        lease.release()
+
+
+def test_the_version_a_failed_prompt_still_holds_is_live():
+    """A prompt whose latest render failed still uses its last written version (`previous_keys`): live, never
+    deleted (mutant: only its own key counted, so a retire pass deleted what the PBX still plays)."""
+    from jobs.retire import live_keys
+
+    old = "prompts/welcome-aaaaaaaaaaaaaaaaaaaa.wav"
+    live = live_keys([ManifestRecord(id="welcome", key=OBJ, status="failed", previous_keys=[old])])
+    assert {old, OBJ} <= live
