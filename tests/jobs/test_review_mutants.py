@@ -224,3 +224,18 @@ def test_the_version_a_failed_prompt_still_holds_is_live():
     old = "prompts/welcome-aaaaaaaaaaaaaaaaaaaa.wav"
     live = live_keys([ManifestRecord(id="welcome", key=OBJ, status="failed", previous_keys=[old])])
     assert {old, OBJ} <= live
+
+
+def test_a_package_file_whose_speech_level_cannot_be_measured_is_flagged():
+    """No measurable speech in a package file (silence after encoding) is a level off the target, flagged
+    (mutant: an unmeasured level passed as fine)."""
+    from jobs.layout import _level_flags
+
+    assert _level_flags({"ulaw": None, "alaw": -19.0}) == ["layout:ulaw:speech_level"]
+
+
+def test_a_language_names_its_package_folder_whatever_its_case():
+    """`German` and `german` both go under sounds/de (mutant: case-sensitive, `German` filed under `en`)."""
+    from jobs.layout import lang_code
+
+    assert lang_code("German") == lang_code("german") == "de" and lang_code(None) == "en"
