@@ -239,3 +239,13 @@ def test_a_language_names_its_package_folder_whatever_its_case():
     from jobs.layout import lang_code
 
     assert lang_code("German") == lang_code("german") == "de" and lang_code(None) == "en"
+
+
+def test_chinese_sentences_are_packed_without_a_space_between_them():
+    """Sentences packed into one chunk are joined with a space only between non-CJK text (mutant: always a space,
+    so the model read a pause into Chinese and Japanese text, and the key text changed)."""
+    from jobs.split import split_text
+
+    assert split_text("你好。世界。", 200) == ["你好。世界。"]
+    assert split_text("Hello there. 你好。", 200) == ["Hello there.你好。"]
+    assert split_text("Hello there. How are you?", 200) == ["Hello there. How are you?"]
