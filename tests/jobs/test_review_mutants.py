@@ -249,3 +249,5 @@ def test_chinese_sentences_are_packed_without_a_space_between_them():
     assert split_text("你好。世界。", 200) == ["你好。世界。"]
     assert split_text("Hello there. 你好。", 200) == ["Hello there.你好。"]
     assert split_text("Hello there. How are you?", 200) == ["Hello there. How are you?"]
+    # kana are CJK too (mutant: the range began at the unified ideographs, U+4E00)
+    assert split_text("テスト. テスト.", 200) == ["テスト.テスト."]
