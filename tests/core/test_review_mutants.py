@@ -431,3 +431,44 @@ def test_a_reading_interrupted_inside_the_driver_cancels_its_session_and_leaves_
     (other,) = driver.run([req("Good morning.", max_new_tokens=4, decode_audio=True)])
     assert other.error is None and s.finish_reason == "cancelled"
     assert not driver._queues and not driver._abandoned and not eng.has_work()
+
+
+# --- the device sampler ----------------------------------------------------------------------------------------
+def test_eos_is_blocked_for_the_first_two_ids_only_in_the_batched_processors_as_per_row():
+    """Mutant: talker_logits_batch blocked EOS while num_generated <= 2 (the per-row processors and HF: < 2), one id
+    longer than the reference."""
+    from qwen_tts_core.generate.sampling import talker_logits_batch, talker_logits_processors
+
+    V, eos = 12, 9
+    logits = torch.linspace(-1.0, 2.0, V).repeat(4, 1)
+    blocked = torch.zeros(V, dtype=torch.bool)
+    blocked[10:] = True
+    got = talker_logits_batch(logits.clone(), torch.zeros(4, V, dtype=torch.bool), torch.ones(4),
+                              torch.arange(4), blocked, eos)
+    assert got[:, eos].isinf().tolist() == [True, True, False, False]
+    for n in range(4):
+        want = talker_logits_processors(logits[n].clone(), None, 1.0, n, eos, 10)
+        assert torch.equal(got[n], want), n
+
+
+def test_seeds_that_differ_only_in_their_high_bits_draw_differently():
+    """Mutant: seed_key mixed in the seed's low 32 bits only: seeds s and s + 2**32 (any two of 2**31 seeds that
+    share their low half) drew the very same audio."""
+    from qwen_tts_core.generate.sampling import seed_key
+
+    keys = {seed_key(s) for s in (7, 7 + 2**32, 7 + 2**40, 7 + 2**62)}
+    assert len(keys) == 4
+
+
+def test_a_tiny_top_p_keeps_the_most_likely_id():
+    """Mutant: the sorted sampler's `drop_sorted[:, 0] = False` removed: with a top_p so small that 1 - top_p rounds
+    to 1 in float32, every id was dropped and the draw fell on id 0 of an all -inf row (a special id)."""
+    from qwen_tts_core.generate.sampling import gumbel, noise_key, sample_device, token_hash
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 3
+    B = logits.shape[0]
+    for f in range(10):
+        ids = sample_device(logits, torch.ones(B, dtype=torch.bool), torch.ones(B), torch.zeros(B, dtype=torch.long),
+                            torch.full((B,), 1e-9),
+                            lambda f=f: gumbel(noise_key(torch.arange(B), torch.full((B,), f), 0), token_hash(50)))
+        assert torch.equal(ids, logits.argmax(-1)), f
