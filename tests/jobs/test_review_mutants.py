@@ -251,3 +251,19 @@ def test_chinese_sentences_are_packed_without_a_space_between_them():
     assert split_text("Hello there. How are you?", 200) == ["Hello there. How are you?"]
     # kana are CJK too (mutant: the range began at the unified ideographs, U+4E00)
     assert split_text("テスト. テスト.", 200) == ["テスト.テスト."]
+
+
+def test_caption_spans_land_on_the_samples_join_chunks_puts_the_chunks_at():
+    """Cue times come from `segments`, the audio from `join_chunks`: the same gap to the sample, also when
+    pause_s * rate is a hair under an integer (0.7 s at 44.1 kHz is 30869.999... samples; mutant: truncated,
+    every cue after the first one sample early per pause)."""
+    import numpy as np
+
+    from jobs.audio import join_chunks
+    from jobs.captions import segments
+
+    chunks = [np.ones(n, np.float32) for n in (100, 50, 30)]
+    joined = join_chunks(chunks, 44100, 0.7)
+    spans = segments([len(c) for c in chunks], 44100, 0.7)
+    assert spans[-1][1] == len(joined)
+    assert all(joined[a:b].all() and (a == 0 or joined[a - 1] == 0) for a, b in spans)
