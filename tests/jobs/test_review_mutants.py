@@ -267,3 +267,12 @@ def test_caption_spans_land_on_the_samples_join_chunks_puts_the_chunks_at():
     spans = segments([len(c) for c in chunks], 44100, 0.7)
     assert spans[-1][1] == len(joined)
     assert all(joined[a:b].all() and (a == 0 or joined[a - 1] == 0) for a, b in spans)
+
+
+def test_captions_sit_next_to_their_audio_when_the_id_or_prefix_has_dots():
+    """Only the audio's extension is replaced (mutant: cut at the first dot, so `chapter.1` and `chapter.2` wrote
+    one `prompts/chapter.srt`)."""
+    from jobs.captions import caption_keys
+
+    stem = "books.v2/chapter.1-0123456789abcdef0123"
+    assert caption_keys(f"{stem}.wav") == (f"{stem}.srt", f"{stem}.vtt")

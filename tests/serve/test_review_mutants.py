@@ -343,3 +343,13 @@ def test_a_websocket_that_was_quiet_for_long_still_gets_only_one_burst():
     with pytest.raises(ApiError) as e:
         limiter.take()
     assert (e.value.status, e.value.param) == (429, "message")
+
+
+def test_a_json_body_may_have_exactly_max_bytes():
+    """(mutant: one byte more passed)"""
+    from serve.jsonlimits import JsonLimits, JsonTooLarge, loads_bounded
+
+    body = b'"' + b"a" * 8 + b'"'
+    assert loads_bounded(body, JsonLimits(max_bytes=10)) == "a" * 8
+    with pytest.raises(JsonTooLarge, match="body: larger than 9 bytes"):
+        loads_bounded(body, JsonLimits(max_bytes=9))
