@@ -353,3 +353,14 @@ def test_a_json_body_may_have_exactly_max_bytes():
     assert loads_bounded(body, JsonLimits(max_bytes=10)) == "a" * 8
     with pytest.raises(JsonTooLarge, match="body: larger than 9 bytes"):
         loads_bounded(body, JsonLimits(max_bytes=9))
+
+
+def test_json_nesting_of_exactly_max_depth_is_read_and_a_utf8_bom_is_skipped():
+    """(mutants: one level more passed; a body starting with a UTF-8 byte order mark, as some Windows tools write
+    it, refused as malformed)"""
+    from serve.jsonlimits import JsonLimits, JsonRejected, loads_bounded
+
+    assert loads_bounded(b"[[[1]]]", JsonLimits(max_depth=3)) == [[[1]]]
+    with pytest.raises(JsonRejected, match="nested 4 deep"):
+        loads_bounded(b"[[[[1]]]]", JsonLimits(max_depth=3))
+    assert loads_bounded('\ufeff{"input": "Hi."}'.encode()) == {"input": "Hi."}
