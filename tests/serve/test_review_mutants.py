@@ -364,3 +364,25 @@ def test_json_nesting_of_exactly_max_depth_is_read_and_a_utf8_bom_is_skipped():
     with pytest.raises(JsonRejected, match="nested 4 deep"):
         loads_bounded(b"[[[[1]]]]", JsonLimits(max_depth=3))
     assert loads_bounded('\ufeff{"input": "Hi."}'.encode()) == {"input": "Hi."}
+
+
+def test_brackets_inside_json_strings_are_text_not_nesting():
+    """A text of forty "[" is one string at depth 1 (mutant: strings not blanked before counting, refused as
+    nested 41 deep)."""
+    import json
+
+    from serve.jsonlimits import loads_bounded
+
+    assert loads_bounded(json.dumps({"input": "[" * 40 + "{" * 40}).encode()) == {"input": "[" * 40 + "{" * 40}
+
+
+def test_a_missing_field_is_named_with_is_required():
+    """(mutant: pydantic's own "Field required" reached the client)"""
+    from pydantic import ValidationError
+
+    from serve.schemas import SpeechRequest, from_validation_error
+
+    with pytest.raises(ValidationError) as e:
+        SpeechRequest.model_validate({"voice": "ryan"})
+    err = from_validation_error(e.value)
+    assert (err.status, err.param, err.message) == (400, "input", "input: is required")
