@@ -386,3 +386,15 @@ def test_a_missing_field_is_named_with_is_required():
         SpeechRequest.model_validate({"voice": "ryan"})
     err = from_validation_error(e.value)
     assert (err.status, err.param, err.message) == (400, "input", "input: is required")
+
+
+def test_errors_name_the_api_field_and_say_whose_fault_they_are():
+    """A core field maps to what the client sent (`instruct` -> `instructions`), a server-side setting to no field;
+    every 4xx is an `invalid_request_error` and 5xx a `server_error`, as OpenAI's clients read it (mutants: the
+    core name leaked, a server setting named as if the client sent it, a 4xx typed server_error)."""
+    from serve.schemas import api_field
+
+    assert api_field("instruct") == "instructions" and api_field("chunk_frames") is None
+    assert ApiError(404, "x").body()["error"]["type"] == "invalid_request_error"
+    assert ApiError(429, "x").body()["error"]["type"] == "invalid_request_error"
+    assert ApiError(502, "x").body()["error"]["type"] == "server_error"
