@@ -398,3 +398,14 @@ def test_errors_name_the_api_field_and_say_whose_fault_they_are():
     assert ApiError(404, "x").body()["error"]["type"] == "invalid_request_error"
     assert ApiError(429, "x").body()["error"]["type"] == "invalid_request_error"
     assert ApiError(502, "x").body()["error"]["type"] == "server_error"
+
+
+def test_the_streaming_wav_header_says_its_byte_rate():
+    """fmt chunk: PCM, mono, the rate, byte rate = rate x 2, block align 2, 16 bits (mutant: byte rate = the
+    sample rate, which players use to compute durations and seek)."""
+    import struct
+
+    from serve.audio_format import streaming_wav_header
+
+    h = streaming_wav_header(24000)
+    assert len(h) == 44 and struct.unpack("<HHIIHH", h[20:36]) == (1, 1, 24000, 48000, 2, 16)
