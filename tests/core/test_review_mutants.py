@@ -472,3 +472,47 @@ def test_a_tiny_top_p_keeps_the_most_likely_id():
                             torch.full((B,), 1e-9),
                             lambda f=f: gumbel(noise_key(torch.arange(B), torch.full((B,), f), 0), token_hash(50)))
         assert torch.equal(ids, logits.argmax(-1)), f
+
+
+def test_a_speaker_vector_changed_in_place_after_add_does_not_reach_the_session(base):
+    """Mutant: Engine._on_device took the voice prompt's speaker vector with `.to(device, dtype)` and no copy (a
+    no-op on the same device and dtype): a caller reusing its buffer after `add` changed the voice of the queued
+    session. (The codes of a few greedy frames of the tiny model did not show it; the prompt does.)"""
+    t = base.cfg.talker
+    spk = torch.randn(t.hidden_size, generator=torch.Generator().manual_seed(5))
+
+    def prefill(mutate: bool) -> torch.Tensor:
+        vp = VoiceClonePromptItem(ref_code=None, ref_spk_embedding=spk.clone(), x_vector_only_mode=True,
+                                  icl_mode=False)
+        eng = Engine(base, max_sessions=1)
+        s = eng.add(SynthesisRequest(kind="voice_clone", text="Hello there.", language="english",
+                                     voice_clone_prompt=vp, sampling=SamplingParams(max_new_tokens=3, **G),
+                                     decode_audio=False))
+        if mutate:
+            vp.ref_spk_embedding.mul_(-3)
+        eng.step()
+        out = s.prompt.prefill.clone()
+        drain(eng)
+        return out
+
+    assert torch.equal(prefill(mutate=True), prefill(mutate=False))
+
+
+def test_every_frame_and_codebook_of_a_session_draws_its_own_noise():
+    """Mutant: noise_key mixed `frame + codebook` (not `frame * 16 + codebook`): frame f's codebook 1 drew with the
+    very noise of frame f + 1's talker id, and so on: the draws of one session were correlated."""
+    from qwen_tts_core.generate.sampling import noise_key
+
+    key = torch.tensor([12345])
+    keys = {int(noise_key(key, torch.tensor([f]), g)) for f in range(20) for g in range(16)}
+    assert len(keys) == 20 * 16
+
+
+def test_prompts_filling_a_batched_prefill_exactly_share_it():
+    """Mutant: prefill_groups took `padded < max_tokens`: prompts whose padded size is exactly PREFILL_TOKENS were
+    prefilled in two passes instead of one."""
+    from qwen_tts_core.generate.runner import PREFILL_TOKENS, prefill_groups
+
+    half = PREFILL_TOKENS // 2
+    assert prefill_groups([half, half]) == [[0, 1]]
+    assert prefill_groups([half + 1, half + 1]) == [[0], [1]]
