@@ -516,3 +516,14 @@ def test_prompts_filling_a_batched_prefill_exactly_share_it():
     half = PREFILL_TOKENS // 2
     assert prefill_groups([half, half]) == [[0, 1]]
     assert prefill_groups([half + 1, half + 1]) == [[0], [1]]
+
+
+def test_a_combining_mark_at_the_last_boundary_does_not_hold_back_the_words_before_it(cv):
+    """Mutant: a piece checked only the last pre-tokenizer boundary (not the last CANDIDATES): when that one could
+    still move under normalization (a combining mark that does not compose, "x" + U+0301, starts its piece), the
+    finished words before it waited for more text."""
+    from qwen_tts_core.generate.text_feed import IncrementalText
+
+    feed = IncrementalText.of(cv.tokenizer)
+    ids = feed.append("Hello there x\u0301")
+    assert feed.tail == " x\u0301" and ids == cv.tokenizer.text_only("Hello there")
