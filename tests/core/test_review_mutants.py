@@ -16,6 +16,7 @@ from qwen_tts_core.generate.requests import (
     min_positions,
     request_from_fields,
 )
+from tests.core.test_lifecycle import drain
 
 G = dict(do_sample=False, subtalker_dosample=False)
 
@@ -34,16 +35,6 @@ def req(text, max_new_tokens=8, **kw) -> SynthesisRequest:
     kw.setdefault("decode_audio", False)
     return SynthesisRequest(kind="custom_voice", text=text, speaker="ryan", language="english",
                             sampling=SamplingParams(max_new_tokens=max_new_tokens, **G), **kw)
-
-
-def drain(eng: Engine, max_steps: int = 500) -> list:
-    chunks = []
-    for _ in range(max_steps):
-        if not eng.has_work():
-            break
-        chunks += eng.step()
-    assert not eng.has_work(), "engine did not finish"
-    return chunks
 
 
 def _icl(model, frames: int = 4, text: str | None = "Some words.") -> VoiceClonePromptItem:
