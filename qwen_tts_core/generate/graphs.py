@@ -23,8 +23,9 @@ thread's GPU work (a voice being created) cannot break a capture or be broken by
     `graph_pool_handle()` on CUDA): a later capture may take the blocks an earlier graph freed (its intermediates,
     and any output its caller dropped), so replaying a graph may overwrite what any graph captured after it
     allocated, its static outputs included. A replay therefore poisons the capture-time tensors of every graph
-    captured after it in the same pool: an output read after another graph's replay, or state kept in a graph's
-    pool across replays, comes out as garbage here as it may on a GPU. (An earlier graph's outputs, alive when a
+    captured after it in the same pool (those its own replay wrote since: poisoned ones stay so until then): an
+    output read after another graph's replay, or state kept in a graph's pool across replays, comes out as garbage
+    here as it may on a GPU. (An earlier graph's outputs, alive when a
     later one was captured, are safe from the later one's replays: the model poisons nothing of theirs.)
 """
 
@@ -166,7 +167,10 @@ class FakePool:
 
     def after(self, g: FakeCUDAGraph) -> list[FakeCUDAGraph]:
         """The graphs captured into this pool after `g`: their blocks may be ones `g` writes when it replays."""
-        return self.graphs[self.graphs.index(g) + 1:] if g in self.graphs else []
+        try:
+            return self.graphs[self.graphs.index(g) + 1:]
+        except ValueError:  # not captured into this pool (or reset)
+            return []
 
 
 class FakeCUDAGraph:

@@ -51,10 +51,11 @@ def check_text(text: object, field: str = "text", allow_blank: bool = False) -> 
 
 class PieceJoiner:
     """The one rule for text that arrives in str pieces (an incremental Session's append_text; the service's
-    SessionTable.take_text for the WebSocket's messages): a character outside the BMP may be cut between its UTF-16 surrogates (JavaScript's `slice` cuts by
-    code unit, and JSON then sends each half as a lone escape). `push` joins such pairs, holds a piece's last high
-    surrogate back for the next piece, and checks the rest (`check_text`: any other lone surrogate is refused naming
-    `field`); `finish` refuses an end that leaves a half held."""
+    SessionTable.take_text for the WebSocket's messages): a character outside the BMP may be cut between its UTF-16
+    surrogates (JavaScript's `slice` cuts by code unit, and JSON then sends each half as a lone escape). `push`
+    joins such pairs, holds a piece's last high surrogate back for the next piece, and checks the rest
+    (`check_text`: any other lone surrogate is refused naming `field`); `finish` refuses an end that leaves a half
+    held."""
 
     __slots__ = ("field", "high")
 
