@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from ..model.fused import compiled_ops
-from ..model.kv_cache import KVCache
 from ..model.layers import (
     live_rows,
     onednn_enabled,
@@ -193,9 +192,9 @@ class StepRunner:
         # that did would be contiguous, which the graph would have to guard: a recompile when it flips)
         self.spare = int(self.whole)
         self.cache = talker.new_cache(S, cap + self.spare)
-        self.cp_caches: dict[int, KVCache] = {}
-        # compiled bodies: one cache for every batch (rows 0..B-1 of it), so the graph looks up nothing per B
-        self.cp_cache = talker.code_predictor.new_cache(S) if self.whole else None
+        # one code-predictor cache for every batch: a step of B rows uses rows 0..B-1 (a frame's <= 16 keys, written
+        # from position 0 each frame, so steps and graphs of other batch sizes may share it)
+        self.cp_cache = talker.code_predictor.new_cache(S)
         # --- per-slot state ----------------------------------------------------------------------------------
         self.pos, self.ngen, self.nframes = (torch.zeros(S, **lng) for _ in range(3))
         self.code0, self.text_pos, self.text_len = (torch.zeros(S, **lng) for _ in range(3))
@@ -254,7 +253,7 @@ class StepRunner:
 
     # --- bodies (eager, or captured) ---------------------------------------------------------------------------
     def _cp_body(self, B: int, plan: SamplePlan | None = None) -> None:
-        cache = self._cp_cache(B)
+        cache = self.cp_cache
         if self.sampler == "device":
             frame, drawn, memo = self.nframes[:B], [], {}
 
@@ -322,13 +321,6 @@ class StepRunner:
                 ids[idx] = pick_rows(logits[idx], ds, te, tk, tp, gens)
             return ids
         return pick
-
-    def _cp_cache(self, B: int) -> KVCache:
-        if self.cp_cache is not None:
-            return self.cp_cache
-        if B not in self.cp_caches:
-            self.cp_caches[B] = self.talker.code_predictor.new_cache(B)
-        return self.cp_caches[B]
 
     # --- sessions ----------------------------------------------------------------------------------------------
     def start(self, slot: int, embeds: torch.Tensor, trailing: list[torch.Tensor], sp: SamplingParams, seed: int,

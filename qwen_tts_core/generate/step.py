@@ -39,9 +39,9 @@ def talker_step(talker: Talker, cache: KVCache, positions: torch.Tensor, embeds:
 
 def predict_codes(talker: Talker, cache: KVCache, hidden: torch.Tensor, code0: torch.Tensor,
                   pick: Callable[[torch.Tensor, int], torch.Tensor], layout: str = "gqa") -> torch.Tensor:
-    """Codebooks 1..15 of B frames with the code predictor's per-frame cache `cache` (B slots, reused every frame).
-    hidden [B, C] (the talker output that produced code0), code0 [B]. `pick(logits [B, 2048] fp32, group) -> ids [B]`
-    draws codebook `group`; `layout`: the attention layout of its one-query steps. Returns codes [B, 16]."""
+    """Codebooks 1..15 of B frames with the code predictor's per-frame cache `cache` (its rows 0..B-1, reused every
+    frame). hidden [B, C] (the talker output that produced code0), code0 [B]. `pick(logits [B, 2048] fp32, group) ->
+    ids [B]` draws codebook `group`; `layout`: the attention layout of its one-query steps. Returns codes [B, 16]."""
     with decode_layout(layout):
         return _predict_codes(talker, cache, hidden, code0, pick)
 
