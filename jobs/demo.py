@@ -102,16 +102,19 @@ def _port(text: str) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="main job: narrate examples/book into ./output on local Ray + Serve")
-    p.add_argument("--input", default=str(ROOT / "examples" / "book"))
+    p.add_argument("--input", default=str(ROOT / "examples" / "book"),
+                   help="what to narrate, as qtts narrate reads it: a text/Markdown file, a folder of chapters, or "
+                        ".jsonl/.parquet rows (default examples/book)")
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: a tiny random one)")
     p.add_argument("--output-dir", default="output", help="local output folder (default ./output)")
-    p.add_argument("--voice", default="vivian")
+    p.add_argument("--voice", default="vivian", help="speaker of the narration (default vivian)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="frame cap per chunk (default 48, ~4 s)")
     p.add_argument("--no-serve", action="store_true", help="engine actors instead of the Serve app")
     p.add_argument("--serve-model", default=None, help="model name in an already running Serve app")
     p.add_argument("--keep-serve", action="store_true", help="leave the deployed Serve app running")
     p.add_argument("--http-port", type=_port, default=8000,
                    help="Serve's HTTP port on 127.0.0.1 when the demo starts Serve (default 8000, as configs/serve.yaml)")
-    p.add_argument("--ray-address", default=None)
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster address to use (default RAY_ADDRESS, else a local Ray the demo starts)")
     p.set_defaults(func=run)
     return p

@@ -187,7 +187,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", default=None, help="do not print the manifest table")
     for name in SAMPLING_ARGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=float if "_p" in name or "temp" in name
-                       or "penalty" in name else int)
+                       or "penalty" in name else int,
+                       help="frames per chunk at most (default: the checkpoint's)" if name == "max_new_tokens"
+                       else f"sampling {name} for every row (default: the checkpoint's)")
 
 
 def build_options(args: argparse.Namespace, key_prefix: str, conf: dict[str, Any] | None = None

@@ -133,3 +133,15 @@ def test_the_command_line_prints_one_line_and_exits_1_without_a_traceback(ck, tm
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("qtts say: --speaker: 'nobody' is not supported")
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import argparse
+
+    from qwen_tts_core.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"say", "make-checkpoint", "serve", "narrate", "catalog", "demo", "review"} <= set(sub.choices)
+    silent = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions
+              if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert silent == []
