@@ -63,8 +63,8 @@ def _say(args: argparse.Namespace) -> int:
     from .api import Qwen3TTSModel
     from .errors import RequestError
 
-    text = sys.stdin.read() if args.text == "-" else args.text
     fmt = _out_format(args.out)
+    text = sys.stdin.read() if args.text == "-" else args.text
     try:
         model = Qwen3TTSModel.from_pretrained(args.model, device_map=args.device or "auto", dtype=args.dtype)
     except (OSError, ValueError) as e:
