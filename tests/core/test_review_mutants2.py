@@ -510,3 +510,30 @@ def test_a_cancelled_session_is_done_only_once_its_end_is_delivered(cv):
     assert not s.done and s.finish_reason is None
     chunks = drain(eng)
     assert s.done and s.finish_reason == "cancelled" and len(lasts(chunks, s.id)) == 1
+
+
+# --- compiled step bodies ---------------------------------------------------------------------------------------
+def test_a_compiled_body_raises_dynamos_graph_limit_to_its_own(monkeypatch):
+    """Each engine's runner is a new `self` for dynamo's guards (one graph per engine): with torch's default limit
+    (8) the 9th engine of a process ran eagerly, silently. Building a CompiledBody (lazy: nothing is compiled here)
+    raises the limit to RECOMPILE_LIMIT, never lowers it. Mutant: the setattr of the limit removed."""
+    from torch._dynamo import config as cfg
+
+    from qwen_tts_core.generate.compiled import RECOMPILE_LIMIT, CompiledBody
+
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(cfg, limit, 8)
+    CompiledBody(lambda x: x + 1, "test")
+    assert getattr(cfg, limit) == RECOMPILE_LIMIT
+    monkeypatch.setattr(cfg, limit, RECOMPILE_LIMIT * 2)
+    CompiledBody(lambda x: x + 1, "test")
+    assert getattr(cfg, limit) == RECOMPILE_LIMIT * 2
+
+
+def test_compile_step_where_it_can_run_is_the_step_mode():
+    """compile="step" on a CPU with the device sampler and no graphs compiles whole step bodies. Mutant: the
+    `compile == "step"` case dropped from compile_mode's answer (it fell back to the fused pieces, "ops")."""
+    from qwen_tts_core.generate.compiled import compile_mode
+
+    assert compile_mode("step", torch.device("cpu"), "device", False) == "step"
+    assert compile_mode("ops", torch.device("cpu"), "device", False) == "ops"
