@@ -480,10 +480,10 @@ def _decode_string(x: str, argument: str, allow_urls: bool, url_timeout: float,
 def _as_mono(audio: np.ndarray, argument: str, max_channels: int = MAX_CHANNELS) -> np.ndarray:
     """[N] or [N, channels] -> [N] float32 (channel mean, as the reference does over the last axis)."""
     if audio.ndim == 2:
-        if audio.shape[1] > max_channels:
-            raise RequestError(argument, f"2-D audio must be [samples, channels] with at most {max_channels} channels, got "
-                f"shape {audio.shape} (transpose a [channels, samples] array)"
-            )
+        if not 1 <= audio.shape[1] <= max_channels:  # (0 channels: refused here, not averaged into NaN)
+            raise RequestError(argument, f"2-D audio must be [samples, channels] with 1 to {max_channels} channels, "
+                               f"got {audio.shape[1]} channels, shape {audio.shape} (transpose a [channels, samples] "
+                               "array)")
         audio = audio.mean(axis=-1)
     if audio.ndim != 1:
         raise RequestError(argument, f"audio must be 1-D [samples] or 2-D [samples, channels], got shape "
