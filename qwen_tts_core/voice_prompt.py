@@ -71,15 +71,24 @@ def _column(key: str, value: Any) -> list[Any]:
     return [value]
 
 
+_RESERVED = ("format", "x_vector_only_mode", "icl_mode", "ref_text")
+"""The metadata keys a voice prompt file holds for itself (a caller's metadata may not set them)."""
+
+
 def save_voice_prompt(item: VoiceClonePromptItem, path: str | Path, **metadata: str) -> Path:
     """Write the item as one safetensors file (tensors + JSON metadata). An x-vector item's transcript is never used:
     one that is not a valid transcript (not a str, past the core's limit) is stored as None. An ICL item's must be a
     str (ValueError naming ref_text; its length is judged where the voice is used, as a voice stored before the
-    limit is); a file safetensors cannot write is a ValueError naming the path."""
+    limit is); a file safetensors cannot write is a ValueError naming the path. `metadata` (e.g. a store's name,
+    owner) is written as str values beside the file's own keys, which it may not replace (ValueError naming them)."""
     from safetensors.torch import save_file
 
     from .generate.requests import check_ref_text
 
+    taken = sorted(set(metadata) & set(_RESERVED))
+    if taken:
+        raise ValueError(f"cannot save this voice prompt: metadata {taken} would replace the file's own "
+                         f"{', '.join(taken)}")
     ref_text = item.ref_text
     if item.icl_mode and ref_text is not None and not isinstance(ref_text, str):
         raise ValueError(f"cannot save this voice prompt: ref_text must be a str, got {type(ref_text).__name__}")
@@ -139,6 +148,9 @@ def _tensor(f, name: str, path: str | Path) -> torch.Tensor:
         raise ValueError(f"{path}: the tensor {name} cannot be read ({e})") from None
 
 
+_NOT_JSON = object()
+
+
 def _meta_value(meta: dict[str, str], key: str, kinds: tuple[type, ...], path: str | Path):
     """The JSON value of metadata `key`, of one of `kinds`; ValueError naming the path and the key otherwise."""
     if key not in meta:
@@ -146,15 +158,8 @@ def _meta_value(meta: dict[str, str], key: str, kinds: tuple[type, ...], path: s
     try:
         value = json.loads(meta[key])
     except ValueError:
-        value = meta[key]
+        value = _NOT_JSON
     if not isinstance(value, kinds):
         want = " or ".join("null" if k is type(None) else "true/false" if k is bool else k.__name__ for k in kinds)
         raise ValueError(f"{path}: metadata {key!r} must be JSON {want}, got {shown(meta[key])}")
     return value
-
-
-def voice_prompt_metadata(path: str | Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})

@@ -140,3 +140,32 @@ def test_an_icl_prompt_with_a_bad_transcript_is_not_saved(base, tmp_path):
         save_voice_prompt(item, tmp_path / "w.safetensors")
     item.ref_text = "word " * 1000   # past the core's limit but storable: judged where the voice is used
     assert load_voice_prompt(save_voice_prompt(item, tmp_path / "x.safetensors")).ref_text == item.ref_text
+
+
+@pytest.mark.parametrize("key", ["format", "icl_mode", "x_vector_only_mode", "ref_text"])
+def test_a_callers_metadata_cannot_replace_the_files_own_keys(tmp_path, key):
+    """A store's metadata (name, owner, ...) sits beside the file's own keys; one named like them is refused, never
+    written over them (it would turn an ICL voice into an x-vector one, or the file into no voice prompt)."""
+    item = VoiceClonePromptItem(torch.zeros(3, 16, dtype=torch.long), torch.ones(8), False, True, "Words.")
+    with pytest.raises(ValueError, match=f"metadata \\['{key}'\\] would replace"):
+        save_voice_prompt(item, tmp_path / "v.safetensors", **{key: "false"})
+    assert not (tmp_path / "v.safetensors").exists()
+    back = load_voice_prompt(save_voice_prompt(item, tmp_path / "v.safetensors", name="icl", owner="k1"))
+    assert back.icl_mode and back.ref_text == "Words."
+
+
+def test_a_transcript_stored_as_plain_text_not_json_is_refused_naming_it(tmp_path):
+    """Every value a voice prompt file holds for itself is JSON (as save_voice_prompt writes it); a bare string is a
+    file not written by it, refused naming the key, not read as the transcript."""
+    from safetensors.torch import save_file
+
+    from qwen_tts_core.voice_prompt import FORMAT_PREFIX
+
+    path = tmp_path / "v.safetensors"
+    meta = {"format": FORMAT_PREFIX + "1", "x_vector_only_mode": "false", "icl_mode": "true"}
+    tensors = {"ref_spk_embedding": torch.ones(8), "ref_code": torch.zeros(3, 16, dtype=torch.long)}
+    save_file(tensors, str(path), metadata={**meta, "ref_text": '"Words."'})
+    assert load_voice_prompt(path).ref_text == "Words."
+    save_file(tensors, str(path), metadata={**meta, "ref_text": "Words."})
+    with pytest.raises(ValueError, match="metadata 'ref_text' must be JSON str or null, got 'Words.'"):
+        load_voice_prompt(path)
