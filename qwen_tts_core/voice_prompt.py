@@ -71,10 +71,6 @@ def _column(key: str, value: Any) -> list[Any]:
     return [value]
 
 
-_RESERVED = ("format", "x_vector_only_mode", "icl_mode", "ref_text")
-"""The metadata keys a voice prompt file holds for itself (a caller's metadata may not set them)."""
-
-
 def save_voice_prompt(item: VoiceClonePromptItem, path: str | Path, **metadata: str) -> Path:
     """Write the item as one safetensors file (tensors + JSON metadata). An x-vector item's transcript is never used:
     one that is not a valid transcript (not a str, past the core's limit) is stored as None. An ICL item's must be a
@@ -85,10 +81,6 @@ def save_voice_prompt(item: VoiceClonePromptItem, path: str | Path, **metadata: 
 
     from .generate.requests import check_ref_text
 
-    taken = sorted(set(metadata) & set(_RESERVED))
-    if taken:
-        raise ValueError(f"cannot save this voice prompt: metadata {taken} would replace the file's own "
-                         f"{', '.join(taken)}")
     ref_text = item.ref_text
     if item.icl_mode and ref_text is not None and not isinstance(ref_text, str):
         raise ValueError(f"cannot save this voice prompt: ref_text must be a str, got {type(ref_text).__name__}")
@@ -101,8 +93,12 @@ def save_voice_prompt(item: VoiceClonePromptItem, path: str | Path, **metadata: 
     if item.ref_code is not None:
         tensors["ref_code"] = item.ref_code.detach().long().cpu().contiguous()
     meta = {"format": FORMAT_PREFIX + "1", "x_vector_only_mode": json.dumps(item.x_vector_only_mode),
-            "icl_mode": json.dumps(item.icl_mode), "ref_text": json.dumps(ref_text),
-            **{k: str(v) for k, v in metadata.items()}}
+            "icl_mode": json.dumps(item.icl_mode), "ref_text": json.dumps(ref_text)}
+    taken = sorted(set(metadata) & set(meta))
+    if taken:
+        raise ValueError(f"cannot save this voice prompt: metadata {taken} would replace the file's own "
+                         f"{', '.join(taken)}")
+    meta.update((k, str(v)) for k, v in metadata.items())
     path = Path(path)
     try:
         save_file(tensors, str(path), metadata=meta)
