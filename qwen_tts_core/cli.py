@@ -70,7 +70,8 @@ def _say(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise SystemExit(f"qtts say: --model {args.model}: {e}") from None
     kind = model.tts_model_type
-    given = [f for fs in _SAY_FLAGS.values() for f in fs if getattr(args, f) not in (None, False)]
+    given = [f for f in dict.fromkeys(f for fs in _SAY_FLAGS.values() for f in fs)
+             if getattr(args, f) not in (None, False)]
     unused = [f for f in given if f not in _SAY_FLAGS.get(kind, ())]
     if unused:
         raise SystemExit(f"qtts say: {', '.join(_flag(f) for f in unused)}: not used by a {kind} checkpoint "

@@ -96,7 +96,7 @@ def test_options_of_other_checkpoint_types_are_refused(checkpoint_factory, tmp_p
     out = str(tmp_path / "a.wav")
     assert "--speaker: not used by a voice_design checkpoint (its options: --instruct)" in \
         refused("Hi.", "--model", design, "--speaker", "ryan", "--out", out, "--device", "cpu")
-    assert "--instruct: not used by a base checkpoint" in \
+    assert "qtts say: --instruct: not used by a base checkpoint" in \
         refused("Hi.", "--model", base, "--instruct", "calm", "--out", out, "--device", "cpu")
     assert "a Base checkpoint needs --ref-audio" in refused("Hi.", "--model", base, "--out", out, "--device", "cpu")
     assert not os.path.exists(out)
