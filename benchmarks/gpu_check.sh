@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot validation of the engine on a lent GPU (H100/H200: Python 3.12, torch 2.11, no network, nothing to
 # install). Run from anywhere:   bash benchmarks/gpu_check.sh            (at most ~8 minutes)
-#                                bash benchmarks/gpu_check.sh --device cpu   (dry run: tiny models, graph stand-in)
+#                                bash benchmarks/gpu_check.sh --device cpu   (dry run of every stage: tiny models,
+#                                                                             the graph stand-in; ~2 minutes)
 # Each stage of benchmarks/gpu_bench.py runs in its own python3 process under its own timeout (a stage that hangs or
 # crashes costs only its own slot) and appends one JSON line to $OUT/gpu_check.jsonl as soon as it ends (a stage
 # stopped by its timeout writes what it measured so far); its output is kept in $OUT/<stage>.log. The last line
@@ -18,7 +19,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="${2:?--device needs a value}"; shift 2 ;;
     --device=*) DEVICE="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (use --device cuda|cpu)" >&2; exit 2 ;;
   esac
 done
@@ -79,7 +80,7 @@ stage() {  # stage NAME SECONDS: run it, bounded by its own limit and by what is
 }
 
 if [ "$DEVICE" = cpu ]; then
-  DEFAULT_STAGES="versions:30 tiny:80 build:90 parity:60 timings:90 e2e:100"
+  DEFAULT_STAGES="versions:30 tiny:80 build:90 parity:60 timings:90 e2e:100 compile:150 e2e_compiled:120"
 else  # 8 minutes: the production path (plain ops, graphs) first, compiled ops last (e2e_compiled: GPU_CHECK_STAGES)
   # versions and tiny run beside the build (slots from the start: 150 s); their slots cost nothing unless used
   DEFAULT_STAGES="versions:40 tiny:90 build:150 parity:40 e2e:120 timings:80 compile:90"
