@@ -20,8 +20,9 @@ $(BIN)/qtts: pyproject.toml cluster/constraints.txt
 oracle:
 	bash tests/oracle/setup.sh
 
+# three pytest lanes: core and other side by side, then the Ray tests alone (tests/run.sh, tests/lanes.py)
 test: setup
-	$(BIN)/python -m pytest -q tests
+	PYTHON=$(BIN)/python bash tests/run.sh
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests -m "not slow and not parity"

@@ -54,6 +54,7 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -62,6 +63,12 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    # A test that uses the session's Ray head is marked `ray` here (tests that start a cluster of their own carry the
+    # mark): `make test` runs every `ray` test in one lane, one at a time (tests/lanes.py), and `-m ray` / `-m "not
+    # ray"` select them. This runs before pytest's own -m selection and the lanes plugin (tryfirst).
+    for item in items:
+        if "ray_cluster" in item.fixturenames and item.get_closest_marker("ray") is None:
+            item.add_marker(pytest.mark.ray)
 
 
 # What to show from the cluster's own logs when a test failed (CI keeps only pytest's output): why streams ended,

@@ -33,6 +33,7 @@ def _demo(out: Path, ray_tmp: str, *extra: str) -> tuple[int, dict, str]:
     return r.returncode, json.loads(lines[-1]) if lines else {}, r.stdout[-2000:] + r.stderr[-3000:]
 
 
+@pytest.mark.ray
 def test_the_main_job_narrates_the_sample_book_and_a_rerun_reuses_it(tmp_path):
     out = tmp_path / "output"
     ray_tmp = tempfile.mkdtemp(prefix="qd-")  # short: Ray's socket paths must fit in 107 bytes
@@ -73,6 +74,7 @@ def test_a_bad_http_port_is_refused_before_anything_starts(tmp_path, port):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.ray
 def test_an_http_port_another_program_holds_is_a_one_line_error_naming_it(tmp_path):
     """`make demo` binds 127.0.0.1:8000; with that port taken the demo died ~20 s in with Ray's traceback
     (ProxyActor ... Failed to bind), exit 1 (found by the new-user review). Now one line naming --http-port, and

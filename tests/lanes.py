@@ -1,0 +1,36 @@
+"""`make test`'s lanes (tests/run.sh loads this plugin and names one lane in QTTS_LANE); every test is in exactly one:
+  ray:   marked `ray` (it uses the session's Ray head, which tests/conftest.py marks, or starts a cluster);
+  core:  the rest of a folder named `core` (the engine's tests), less MOVED_TO_OTHER;
+  other: everything else.
+`core` and `other` run side by side: each is one process of single-threaded CPU work, and two of those do not slow
+each other on a 2-core machine. `ray` runs after them, alone, as before: its replicas, proxies and driver use both
+cores, and a CPU-heavy lane beside it slowed that lane ~4x and failed two Ray tests. MOVED_TO_OTHER evens out the two
+side-by-side lanes (~11 minutes each on the 2-core CI machine)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+LANES = ("core", "other", "ray")
+MOVED_TO_OTHER = {"test_gpu_check.py"}
+
+
+def lane_of(item: pytest.Item) -> str:
+    if item.get_closest_marker("ray") is not None:
+        return "ray"
+    if item.path.parent.name == "core" and item.path.name not in MOVED_TO_OTHER:
+        return "core"
+    return "other"
+
+
+def pytest_collection_modifyitems(config, items):
+    lane = os.environ.get("QTTS_LANE", "")
+    if lane not in LANES:
+        raise pytest.UsageError(f"QTTS_LANE must be one of {', '.join(LANES)}, got {lane!r}")
+    keep = [item for item in items if lane_of(item) == lane]
+    if len(keep) < len(items):
+        kept = set(keep)
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = keep
