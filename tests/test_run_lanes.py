@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SUITE = {
@@ -109,16 +111,21 @@ def test_a_lane_named_wrong_is_a_usage_error(tmp_path):
     assert r.returncode == 4 and "QTTS_LANE must be one of core, other, ray, got 'gpu'" in r.stderr, r.stderr
 
 
-def test_ctrl_c_stops_the_running_lanes_tears_down_what_they_started_and_skips_the_rest(tmp_path):
+@pytest.mark.parametrize("sig, background", [(signal.SIGINT, False), (signal.SIGTERM, True)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_running_lanes_tears_down_what_they_started_and_skips_the_rest(tmp_path, sig, background):
+    """sigterm: run.sh started as a shell starts a background job without a terminal (CI, `make test &`), with
+    SIGINT ignored, which its lanes inherit; SIGTERM to run.sh must still stop them through their SIGINT."""
     marks = tmp_path / "marks"
+    ignore_int = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
     proc = subprocess.Popen(["bash", str(ROOT / "tests/run.sh")], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=lanes_env(tmp_path, SLEEP="120"))
+                            stderr=subprocess.PIPE, text=True, env=lanes_env(tmp_path, SLEEP="120"),
+                            preexec_fn=ignore_int)
     try:
         deadline = time.monotonic() + 60
         while len(list(marks.glob("running-*"))) < 2 and time.monotonic() < deadline:  # core, other inside a test
             time.sleep(0.2)
         assert len(list(marks.glob("running-*"))) == 2, "both side-by-side lanes started"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
