@@ -2,10 +2,10 @@
   ray:   marked `ray` (it uses the session's Ray head, which tests/conftest.py marks, or starts a cluster);
   core:  the rest of a folder named `core` (the engine's tests), less MOVED_TO_OTHER;
   other: everything else.
-`core` and `other` run side by side: each is one process of single-threaded CPU work, and two of those do not slow
-each other on a 2-core machine. `ray` runs after them, alone, as before: its replicas, proxies and driver use both
-cores, and a CPU-heavy lane beside it slowed that lane ~4x and failed two Ray tests. MOVED_TO_OTHER evens out the two
-side-by-side lanes (~11 minutes each on the 2-core CI machine)."""
+`core` and `other` run side by side: each is one process of single-threaded CPU work (one intra-op thread:
+tests/conftest.py; test_run_lanes.py checks it stays one), and two of those do not slow each other on a 2-core
+machine. `ray` runs after them, alone, as before: its replicas, proxies and driver use both cores and its tests
+wait on leases and health checks. MOVED_TO_OTHER evens out the two side-by-side lanes."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: the whole suite in three pytest lanes (tests/lanes.py says which test is in which): "core" and "other"
-# side by side, then "ray" alone (every test that uses or starts a Ray cluster, one at a time as before). On a 2-core
-# machine that is ~25 minutes instead of ~35 in one process.
+# side by side, so both cores of a small machine work, then "ray" alone (every test that uses or starts a Ray cluster,
+# one at a time as before).
 # Each lane writes its own log; all are printed at the end (failed lanes last, so CI's tail shows them), then one
 # line per lane. The exit status is the worst lane's. Arguments go to every lane (e.g. -x, -k name); a lane whose
 # tests they all deselect counts as passed. Ctrl-C or SIGTERM stops the lanes running (each pytest tears down what

@@ -135,3 +135,12 @@ def test_ctrl_c_stops_the_running_lanes_tears_down_what_they_started_and_skips_t
     assert proc.returncode == 130 and "stopping" in err, (proc.returncode, out, err)
     assert not list(marks.glob("running-*")), "each lane tore down its session fixture"
     assert "lane ray" not in out, "the ray lane never started"
+
+
+def test_the_suite_runs_torch_on_one_thread():
+    """tests/conftest.py sets one intra-op thread; three test modules set two when imported, which every lane does
+    while collecting. Two lanes of two OpenMP threads each on two cores spun against each other: the lanes took
+    as long side by side as one after the other."""
+    import torch
+
+    assert torch.get_num_threads() == 1

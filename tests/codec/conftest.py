@@ -14,8 +14,6 @@ from safetensors.torch import load_file, save_file
 from qwen_tts_core.codec.build import write_random_speech_tokenizer
 from qwen_tts_core.codec.load import Codec, load_codec
 
-torch.set_num_threads(2)
-
 ORACLE_COMMON = Path(__file__).resolve().parents[1] / "oracle" / "common.py"
 DECODE_LENGTHS = (5, 90, 150)      # one batch, padded by the reference; 90 and 150 exceed the window of 72
 FORWARD_FRAMES = 340               # one-shot reference forward beyond its 300-frame chunked decode

@@ -18,8 +18,6 @@ from qwen_tts_core import Qwen3TTSTokenizer
 from qwen_tts_core.codec.build import write_random_speech_tokenizer
 from qwen_tts_core.errors import RequestError
 
-torch.set_num_threads(2)
-
 
 def _wave(n: int, seed: int = 0) -> np.ndarray:
     t = np.arange(n) / 24000.0
