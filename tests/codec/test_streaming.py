@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from qwen_tts_core.codec.state import CodecStreamState
 
@@ -108,7 +107,10 @@ def test_state_size_does_not_grow(codec, codes):
 
 
 def test_chunk_cost_independent_of_position(codec):
-    """A 4-frame chunk at frame ~1000 costs about what it costs at frame ~10 (no growing context)."""
+    """A 4-frame chunk at frame ~1000 does the same work as at frame ~10 (no growing context). Counted, not timed:
+    the floating-point operations of the call and the elements it reads from the state, which a wall clock on a
+    shared CI host cannot measure to 1.5x (it read 1.77 beside another test lane). benchmarks/codec_stream.py times
+    it at full size."""
     g = torch.Generator().manual_seed(9)
     state = codec.new_stream(1)
     codec.decode_chunk(torch.randint(0, 2048, (1, 16, 10), generator=g), state)
@@ -116,22 +118,17 @@ def test_chunk_cost_independent_of_position(codec):
     codec.decode_chunk(torch.randint(0, 2048, (1, 16, 990), generator=g), state)
     chunk = torch.randint(0, 2048, (1, 16, 4), generator=g)
 
-    def cost(st: CodecStreamState) -> float:
-        best = float("inf")
-        for _ in range(15):
-            trial = st.select([0])
-            t0 = time.perf_counter()
+    def work(st: CodecStreamState) -> tuple[int, int]:
+        trial = st.select([0])
+        held = sum(t.numel() for t in trial._tensors())
+        with FlopCounterMode(display=False) as flops:
             codec.decode_chunk(chunk, trial)
-            best = min(best, time.perf_counter() - t0)
-        return best
+        return flops.get_total_flops(), held
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a shared box measure OpenMP contention, not the decoder
-    try:
-        ratio = cost(state) / cost(early)
-    finally:
-        torch.set_num_threads(threads)
-    assert ratio <= 1.5, ratio  # benchmarks/codec_stream.py measures <= 1.2 at full size
+    late_flops, late_held = work(state)
+    early_flops, early_held = work(early)
+    assert early_flops > 0 and int(state.positions[0]) == 1000
+    assert (late_flops, late_held) == (early_flops, early_held)
 
 
 def test_state_made_under_inference_mode_can_be_reset_outside(codec, codes, offline):

@@ -108,7 +108,7 @@ def test_markdown_time_is_linear_on_hostile_files():
         def text(size: int, unit: str | None = unit) -> str:
             return "# a" + " " * size + "b\n" if unit is None else "Once upon a time. " + unit * (size // len(unit))
         small = min(_seconds(text(50_000)) for _ in range(3))
-        big = _seconds(text(200_000))
+        big = min(_seconds(text(200_000)) for _ in range(2))  # a stall of the shared host can hit one try
         assert big < 5, f"{name}: {big:.2f}s for 200 KB"
         assert big < 10 * small + 0.1, f"{name}: 50 KB {small:.3f}s, 200 KB {big:.3f}s: not linear"
 

@@ -73,7 +73,7 @@ def test_split_time_is_linear_on_runs_of_punctuation(name):
         return "Once upon a time. " + unit * (size // len(unit)) + "x and the end."
 
     small = min(_split_seconds(text(10_000)) for _ in range(3))
-    big = _split_seconds(text(40_000))
+    big = min(_split_seconds(text(40_000)) for _ in range(2))  # a stall of the shared host can hit one try
     assert big < 5, f"{name}: {big:.2f}s for 40 KB"
     assert big < 10 * small + 0.05, f"{name}: 10 KB {small:.3f}s, 40 KB {big:.3f}s: not linear"
 
@@ -88,7 +88,7 @@ def test_split_time_is_linear_in_one_long_word():
         return time.perf_counter() - t
 
     small = min(seconds(50_000) for _ in range(3))
-    big = seconds(400_000)
+    big = min(seconds(400_000) for _ in range(2))
     assert big < 2, f"{big:.2f}s for a word of 400k characters"
     assert big < 20 * small + 0.05, f"50k {small:.3f}s, 400k {big:.3f}s: not linear"
 
