@@ -75,7 +75,9 @@ def test_lying_audio_headers_are_refused_before_decoding(case, fragment):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert elapsed < 0.2, f"{case}: {elapsed:.3f} s (the header alone decides)"
+    # the memory bound below is what shows nothing was decoded; the time bound only has to tell a header read
+    # (milliseconds) from decoding hours of audio (minutes), with room for a shared CI host
+    assert elapsed < 2, f"{case}: {elapsed:.3f} s (the header alone decides)"
     assert peak < 1 << 20, f"{case}: {peak} bytes traced (nothing may be decoded or resampled)"
 
 
