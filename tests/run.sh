@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 TESTS="${QTTS_TESTS:-tests}"   # the suite's folder (tests/test_run_lanes.py points it at a small one)
 LOGS="$(mktemp -d "${TMPDIR:-/tmp}/qtts-test.XXXXXX")"
+ALL=(core other ray)  # the lanes of tests/lanes.py (LANES), in the order their logs and summaries print
 # SIGINT stops a lane: restored here, since a shell that starts jobs in the background without a terminal hands
 # them SIGINT ignored (CI, `make test &`).
 LANE='import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(pytest.main())'
@@ -44,7 +45,7 @@ stop() {
 trap stop INT TERM
 
 ARGS=("$@")
-echo "qtts tests: lanes core and other side by side, then ray; logs: $LOGS/{core,other,ray}.log"
+echo "qtts tests: lanes core and other side by side, then ray; logs: $LOGS/<lane>.log"
 start core
 start other
 finish
@@ -53,15 +54,15 @@ finish
 trap - INT TERM
 
 ORDER=()
-for lane in core other ray; do [ "${RC[$lane]}" -eq 0 ] && ORDER+=("$lane"); done
-for lane in core other ray; do [ "${RC[$lane]}" -ne 0 ] && ORDER+=("$lane"); done
+for lane in "${ALL[@]}"; do [ "${RC[$lane]}" -eq 0 ] && ORDER+=("$lane"); done
+for lane in "${ALL[@]}"; do [ "${RC[$lane]}" -ne 0 ] && ORDER+=("$lane"); done
 for lane in "${ORDER[@]}"; do
   echo "==================== lane $lane ===================="
   cat "$LOGS/$lane.log"
 done
 echo "===================="
 status=0
-for lane in core other ray; do
+for lane in "${ALL[@]}"; do
   echo "lane $lane (exit ${RC[$lane]}): $(grep -E '(passed|failed|error|no tests ran|deselected)' \
     "$LOGS/$lane.log" | tail -1)"
   [ "${RC[$lane]}" -gt "$status" ] && status="${RC[$lane]}"
