@@ -281,10 +281,14 @@ def test_disconnect_frees_the_session(serve_app, fmt):
     """A client that leaves after the first bytes cancels its session, whatever the encoder between (Opus and MP3
     hold a PyAV/libsndfile encoder with buffered state when the stream is abandoned)."""
     url = serve_app["url"]
+    # Seeded, and checked to run to max_new_tokens when nobody leaves (64 ids, 63 frames: the last id gets none, as
+    # in the reference): unseeded, the random tiny model sometimes chose EOS after a frame or two, and the session
+    # had ended before the client left (seen once in CI, opus; seed 11 of 0-11 stops at 17 frames)
+    body = {"model": "cv", "input": "A long answer.", "voice": "ryan", "max_new_tokens": 64, "seed": 7}
+    whole = httpx.post(f"{url}/v1/audio/speech", json={**body, "response_format": "pcm"}, timeout=60)
+    assert whole.status_code == 200 and len(whole.content) == 63 * 1920 * 2, len(whole.content)
     before = metric(httpx.get(f"{url}/metrics").text, "qtts_cancelled_total", model="cv")
-    with httpx.stream("POST", f"{url}/v1/audio/speech", timeout=60,
-                      json={"model": "cv", "input": "A long answer.", "voice": "ryan", "response_format": fmt,
-                            "max_new_tokens": 64}) as r:
+    with httpx.stream("POST", f"{url}/v1/audio/speech", timeout=60, json={**body, "response_format": fmt}) as r:
         assert r.status_code == 200
         next(r.iter_raw())
         _active(url)  # (mid-stream reads of this gauge showed 0 here; see serve/README.md "Known gaps")
