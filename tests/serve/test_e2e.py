@@ -282,7 +282,7 @@ def test_disconnect_frees_the_session(serve_app, fmt):
     hold a PyAV/libsndfile encoder with buffered state when the stream is abandoned)."""
     url = serve_app["url"]
     # Seeded, and checked to run to max_new_tokens when nobody leaves (64 ids, 63 frames: the last id gets none, as
-    # in the reference): unseeded, the random tiny model sometimes chose EOS after a frame or two, and the session
+    # in the reference): unseeded, the random tiny model sometimes chooses EOS early, and the session
     # had ended before the client left (seen once in CI, opus; seed 11 of 0-11 stops at 17 frames)
     body = {"model": "cv", "input": "A long answer.", "voice": "ryan", "max_new_tokens": 64, "seed": 7}
     whole = httpx.post(f"{url}/v1/audio/speech", json={**body, "response_format": "pcm"}, timeout=60)
