@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +22,7 @@ from jobs import narrate, split
 from jobs.captions import sentence_chunks
 from jobs.inputs import RowDefaults, check_row, read_inputs
 from jobs.split import key_text, split_text
+from tests.cputime import cpu_seconds
 
 # ---- the splitter: no text lost or doubled, whatever the script ----------------------------------------------------
 
@@ -55,11 +55,8 @@ _HOSTILE = {  # a long run of one kind of punctuation that no whitespace follows
 }
 
 
-def _split_seconds(text: str) -> float:
-    t = time.perf_counter()
-    split_text(text, 200)
-    sentence_chunks(text, 200)
-    return time.perf_counter() - t
+def _split_seconds(text: str, tries: int) -> float:
+    return cpu_seconds(lambda: (split_text(text, 200), sentence_chunks(text, 200)), tries)
 
 
 @pytest.mark.parametrize("name", sorted(_HOSTILE))
@@ -72,8 +69,7 @@ def test_split_time_is_linear_on_runs_of_punctuation(name):
     def text(size: int) -> str:
         return "Once upon a time. " + unit * (size // len(unit)) + "x and the end."
 
-    small = min(_split_seconds(text(10_000)) for _ in range(3))
-    big = min(_split_seconds(text(40_000)) for _ in range(2))  # a stall of the shared host can hit one try
+    small, big = _split_seconds(text(10_000), 3), _split_seconds(text(40_000), 2)
     assert big < 5, f"{name}: {big:.2f}s for 40 KB"
     assert big < 10 * small + 0.05, f"{name}: 10 KB {small:.3f}s, 40 KB {big:.3f}s: not linear"
 
@@ -81,16 +77,13 @@ def test_split_time_is_linear_on_runs_of_punctuation(name):
 def test_split_time_is_linear_in_one_long_word():
     """A word longer than the budget is cut into pieces of the budget; cutting one piece at a time copied the rest
     of the word each time (a 1 MB word, no spaces, at --max-chars 8: 125k copies of up to 1 MB)."""
-    def seconds(size: int) -> float:
-        t = time.perf_counter()
-        chunks = split_text("x" * size, 8)
-        assert len(chunks) == size // 8
-        return time.perf_counter() - t
+    def split(size: int) -> None:
+        assert len(split_text("x" * size, 8)) == size // 8
 
-    small = min(seconds(50_000) for _ in range(3))
-    big = min(seconds(400_000) for _ in range(2))
-    assert big < 2, f"{big:.2f}s for a word of 400k characters"
-    assert big < 20 * small + 0.05, f"50k {small:.3f}s, 400k {big:.3f}s: not linear"
+    # 16x the characters: ~16x the CPU time (0.008 s, 0.125 s); copying the rest at each cut took 90x (1.03 s)
+    small, big = cpu_seconds(lambda: split(50_000), 3), cpu_seconds(lambda: split(800_000), 2)
+    assert big < 2, f"{big:.2f}s for a word of 800k characters"
+    assert big < 40 * small + 0.05, f"50k {small:.3f}s, 800k {big:.3f}s: not linear"
 
 
 # The expressions split.py used before they were made linear (the reference for what it cuts)
