@@ -40,6 +40,29 @@ def file_args_error(args: dict[str, Any]) -> str | None:
 # ".." are path steps there); no control characters (log lines, metrics) nor surrounding spaces.
 MODEL_NAME = re.compile(r"(?!\.\.?$)[^/#\s\x00-\x1f\x7f-\x9f](?:[^/#\x00-\x1f\x7f-\x9f]{0,126}[^/#\s\x00-\x1f\x7f-\x9f])?")
 SEED_LIMIT = 2 ** 63   # the tiny random checkpoint's seed (torch.manual_seed)
+DAY_S = 86400.0
+# Upper bounds: far above any real deployment, low enough that a typo (an extra 000) or a hostile file is a clear
+# error here, not a failure later: Serve takes any max_ongoing_requests (the queues' sum, 10**20 included), a
+# threading wait of 1e300 s raises OverflowError, and session_deadline_s is also how long a replica drains.
+MAX_VALUES = {
+    "max_sessions": 1024, "max_queue": 100_000, "max_bulk_queue": 100_000, "num_replicas": 1000,
+    "max_new_tokens": 100_000, "max_input_chars": 1_000_000, "first_chunk_frames": 1000, "chunk_frames": 1000,
+    "max_len": 1 << 20, "num_gpus": 64, "num_cpus": 4096, "ingress_num_cpus": 4096,
+    "max_body_bytes": 1 << 30, "max_upload_bytes": 1 << 30, "ws_max_messages": 10 ** 9, "ws_message_burst": 10 ** 9,
+    "ws_max_messages_per_s": 10 ** 6, "ws_idle_timeout_s": DAY_S, "session_deadline_s": DAY_S,
+    "session_lease_s": DAY_S, "body_timeout_s": DAY_S, "max_streams_per_key": 10 ** 6,
+    "max_voices_per_key": 10 ** 6, "max_uploads_per_key": 10 ** 6, "ingress_replicas": 1000,
+    "ingress_max_queued_requests": 10 ** 6,
+}
+
+
+def _check_upper_bounds(cfg: Any, where: str) -> None:
+    """Every field of `cfg` that MAX_VALUES names is at most its bound (None: not set); ValueError naming it."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        bound = MAX_VALUES.get(f.name)
+        if bound is not None and v is not None and v > bound:
+            raise ValueError(f"{where}{f.name} must be at most {int(bound)}, got {shown(v)}")
 
 
 def _check_keys(d: Any, cls: type, where: str) -> None:
@@ -198,6 +221,7 @@ class ModelConfig:
                 raise ValueError(f"{where}.{e}") from None
         if self.autoscaling is not None:
             _check_autoscaling(self.autoscaling, f"{where}.autoscaling")
+        _check_upper_bounds(self, f"{where}.")
 
     @property
     def max_ongoing_requests(self) -> int:
@@ -298,6 +322,7 @@ class ServiceConfig:
         for key in (*self.api_keys, *self.admin_api_keys, *self.env_api_keys, *self.env_admin_api_keys):
             if not isinstance(key, str) or not key.strip() or key != key.strip():
                 raise ValueError("api_keys / admin_api_keys must be non-empty strings without surrounding spaces")
+        _check_upper_bounds(self, "")
         from .fetch import AllowList
 
         AllowList(self.allowed_audio_url_prefixes)  # ValueError naming a prefix that is not an http(s) folder

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from serve.cli import read_serve_yaml
-from serve.config import ServiceConfig
+from serve.config import MAX_VALUES, ModelConfig, ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -360,3 +360,29 @@ def test_an_s3_voice_store_that_cannot_work_fails_the_ingress_start_naming_voice
         t0 = time.monotonic()
         start("s3://voices-ok/v")
         assert time.monotonic() - t0 < 60
+
+
+def _set(name: str, value) -> dict:
+    """A config that sets `name` (a model's field, or the service's) to `value`, all else default."""
+    from dataclasses import fields as _fields
+
+    return _model(**{name: value}) if name in {f.name for f in _fields(ModelConfig)} else {name: value}
+
+
+@pytest.mark.parametrize("name", sorted(MAX_VALUES))
+def test_every_bounded_number_is_taken_at_its_bound_and_refused_past_it_naming_the_field(name):
+    """A typo (an extra 000) or a hostile file is refused when the config is read, before Ray starts, not taken to
+    a deployment that fails or never drains (serve/config.py, MAX_VALUES)."""
+    bound = MAX_VALUES[name]
+    taken = ServiceConfig.from_dict(_set(name, bound))
+    assert bound in (getattr(taken, name, None), getattr(taken.models[0], name, None))
+    for past in (bound + 1 if isinstance(bound, int) else bound * 1.001, 2 ** 63, 10 ** 30):
+        with pytest.raises(ValueError, match=rf"{name} must be at most {int(bound)}, got"):
+            ServiceConfig.from_dict(_set(name, past))
+
+
+def test_the_bounded_fields_exist():
+    from dataclasses import fields as _fields
+
+    names = {f.name for cls in (ModelConfig, ServiceConfig) for f in _fields(cls)}
+    assert set(MAX_VALUES) <= names, set(MAX_VALUES) - names
