@@ -20,7 +20,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from qwen_tts_core.errors import ECHO_CHARS
@@ -96,11 +96,18 @@ def frame(draw) -> tuple[str, object]:
     return "json", {"type": "text", "text": ""}
 
 
+ENDINGS = ("end",) * 7 + ("nothing", "vanish", "vanish")
+# In a group, a waiting client holds the whole group until the service's idle timeout (3 s) fails it: 1 in 20
+# (the examples drawn vary from run to run: one run's held 21 clients that waited, 51 s of waits, 68 s in all;
+# another's none, 24 s). The single-session fuzz above and test_silent_session_* cover the wait itself.
+GROUP_ENDINGS = ("end",) * 16 + ("nothing", "vanish", "vanish", "vanish")
+
+
 @st.composite
-def plans(draw) -> tuple[list, str, bool]:
-    """(frames, ending, clean): a config (or, 1 in 10, any other frame first), 0-5 frames, then `end` (7 in 10),
-    nothing (the client waits), or a vanished client. `clean`: a well-behaved client (1 in 3), whose session must
-    run to its `done`."""
+def plans(draw, endings: tuple[str, ...] = ENDINGS) -> tuple[list, str, bool]:
+    """(frames, ending, clean): a config (or, 1 in 10, any other frame first), 0-5 frames, then one of `endings`:
+    `end`, nothing (the client waits), or a vanished client. `clean`: a well-behaved client (1 in 3), whose session
+    must run to its `done`."""
     clean = draw(st.integers(0, 2)) == 0
     if clean:
         first = ("json", {"type": "config", "model": "cv", "voice": "ryan", "seed": draw(st.integers(0, 9)),
@@ -113,8 +120,7 @@ def plans(draw) -> tuple[list, str, bool]:
     else:
         first = ("json", draw(configs())) if draw(st.integers(0, 9)) < 9 else draw(frame())
         rest = draw(st.lists(frame(), max_size=5))
-    ending = ["end"] * 7 + ["nothing", "vanish", "vanish"]
-    return [first, *rest], ending[draw(st.integers(0, 9))], clean
+    return [first, *rest], draw(st.sampled_from(endings)), clean
 
 
 async def _exchange(url: str, plan: list, ending: str) -> tuple[list, int | None, bool]:
@@ -192,7 +198,9 @@ def _check(got: list, code: int | None, sent_end: bool, plan: list) -> None:
         assert not any(isinstance(m, bytes) for m in got), f"audio without start: {seen}"
     if ends and got[-1]["type"] == "error":
         err = ErrorDetail.model_validate(got[-1]["error"])
-        assert err.param is None or err.param.split(".")[0] in WS_PARAMS | _keys(plan), (err.param[:80], len(err.param))
+        sent = _keys(plan)   # a field the client sent, as sent (even "." or "a.b"), or a path into a known one
+        assert err.param is None or err.param in sent or err.param.split(".")[0] in WS_PARAMS | sent, \
+            (err.param[:80], len(err.param))
         assert len(err.message) < 400, f"an error repeats the input: {len(err.message)} characters"
         assert err.type == "invalid_request_error" or err.code == "503", f"a healthy service failed: {err}"
         if code is not None:
@@ -213,6 +221,9 @@ def _check(got: list, code: int | None, sent_end: bool, plan: list) -> None:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(plan=plans())
+# an unknown field named "." (or "a.b"): `param` names it as sent, not as a dotted path (seen in a fuzz run)
+@example(plan=([("json", {"type": "config", "model": "cv", "voice": "ryan", ".": 1})], "end", False))
+@example(plan=([("json", {"type": "config", "model": "cv", "voice": "ryan", "a.b": 1})], "end", False))
 def test_websocket_protocol_holds_under_random_messages(serve_app, plan):
     frames, ending, clean = plan
     url = serve_app["url"].replace("http", "ws", 1) + "/v1/audio/speech/stream"
@@ -228,7 +239,10 @@ def test_websocket_protocol_holds_under_random_messages(serve_app, plan):
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
-@given(group=st.lists(plans(), min_size=2, max_size=5))
+@given(group=st.lists(plans(GROUP_ENDINGS), min_size=2, max_size=5))
+# well-behaved sessions allowed one id: no frame, no audio, together or alone (seen in a fuzz run)
+@example(group=[([("json", {"type": "config", "model": "cv", "voice": "ryan", "seed": i, "max_new_tokens": 1}),
+                  ("json", {"type": "text", "text": "Hello there."})], "end", True) for i in range(2)])
 def test_concurrent_sessions_each_keep_the_protocol(serve_app, group):
     """2-5 of the random sessions at once on the same models: joins, leaves, vanishing clients and failures in
     one engine step must not touch another session's messages, audio or end (a well-behaved one may only be told
@@ -255,7 +269,8 @@ def test_concurrent_sessions_each_keep_the_protocol(serve_app, group):
                for got in (together, alone)]
         assert code == 1000 and pcm[0].shape == pcm[1].shape, ([len(a) for a in pcm], frames[0])
         # the same codes; the codec's rows decoded in another batch differ by float rounding (<= 1e-4: 4 LSB)
-        assert np.abs(pcm[0] - pcm[1]).max() <= 4, (np.abs(pcm[0] - pcm[1]).max(), frames[0])
+        diff = np.abs(pcm[0] - pcm[1])
+        assert diff.size == 0 or diff.max() <= 4, (diff.max(), frames[0])
 
 
 def test_after_the_fuzz_nothing_is_held_and_the_service_speaks(serve_app):
