@@ -55,3 +55,17 @@ def test_one_word_with_an_exact_and_an_ignore_case_entry_both_count_in_the_key(t
                   deliver.plan_text(text, RenderConfig(model="fake", captions=captions, lexicon=lex(s))).synth)
                  for s in ("POE-lish", "PO-lisch")]
         assert plans[0][1] != plans[1][1] and plans[0][0] != plans[1][0], captions
+
+
+def test_key_extra_names_only_the_features_that_are_on():
+    """With no mastering, speed 1.0, no captions and no lexicon the content key has no extra field (keys from before
+    these features stay valid); each feature that is on adds its own field and no other."""
+    from jobs import deliver, mastering
+    from jobs.render import RenderConfig
+
+    text = "Hello there. General Kenobi."
+    assert deliver.key_extra(text, RenderConfig(model="fake")) == {}
+    assert deliver.key_extra(text, RenderConfig(model="fake", speed=1.25)) == {"speed": 1.25}
+    assert deliver.key_extra(text, RenderConfig(model="fake", captions=True)) == {"captions": True}
+    acx = RenderConfig(model="fake", master=mastering.MasterConfig("acx"))
+    assert set(deliver.key_extra(text, acx)) == {"master"}
