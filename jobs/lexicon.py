@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .scripts import UNBOUNDED, in_blocks
+
 CASES = ("auto", "exact", "ignore")
 
 
@@ -45,8 +47,7 @@ class Entry:
 
 
 def _is_cjk(ch: str) -> bool:
-    o = ord(ch)
-    return 0x2E80 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF or 0x3040 <= o <= 0x30FF or 0xAC00 <= o <= 0xD7AF
+    return in_blocks(ch, UNBOUNDED)
 
 
 @dataclass(frozen=True)

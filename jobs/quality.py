@@ -6,10 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .scripts import SYLLABIC, in_blocks
+
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """Thresholds. Speech rates are characters per second of audio (CJK counts per character)."""
+    """Thresholds. Speech rates are characters per second of audio; a Han, kana or Hangul character (a syllable,
+    scripts.SYLLABIC) counts as cjk_weight characters."""
 
     silence_rms: float = 1e-3          # whole-utterance RMS below this -> "silent"
     max_silent_fraction: float = 0.6   # share of 20 ms frames below silence_rms -> "mostly_silent"
@@ -17,14 +20,14 @@ class QualityConfig:
     max_clip_fraction: float = 1e-3    # share of samples at/over clip_level -> "clipping"
     min_chars_per_s: float = 2.0       # slower than this -> "too_long" (runaway, babbling)
     max_chars_per_s: float = 40.0      # faster than this -> "too_short" (truncated)
-    cjk_weight: float = 3.0            # one CJK character counts like this many Latin characters
+    cjk_weight: float = 3.0            # one Han, kana or Hangul character counts like this many Latin characters
 
 
 def _spoken_chars(text: str, cjk_weight: float) -> float:
     n = 0.0
     for ch in text:
         if ch.isalnum():
-            n += cjk_weight if 0x2E80 <= ord(ch) <= 0x9FFF or 0x3040 <= ord(ch) <= 0x30FF else 1.0
+            n += cjk_weight if in_blocks(ch, SYLLABIC) else 1.0
     return n
 
 

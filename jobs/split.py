@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from .scripts import UNSPACED, in_blocks
+
 # A sentence ends at Western terminators (plus closing quotes/brackets) followed by whitespace or the end,
 # or right after a CJK terminator (plus closing marks): where `(?:[.!?;…]+[C]*(?=\s|$))|(?:[。！？；…]+[C]*)` (C: the
 # closers) matches, as re.finditer finds it; `_sentence_ends` finds the same ends in linear time.
@@ -133,8 +135,7 @@ def _joiner(left: str, right: str) -> str:
 
 
 def _is_cjk(ch: str) -> bool:
-    o = ord(ch)
-    return 0x2E80 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF or 0xFF00 <= o <= 0xFFEF or 0x3000 <= o <= 0x303F
+    return in_blocks(ch, UNSPACED)
 
 
 def _fit(sentence: str, max_chars: int) -> list[str]:

@@ -76,6 +76,16 @@ def test_a_cjk_character_weighs_three_latin_letters():
         assert check_audio(_tone(0.07), SR, edge) == ["too_short"]
 
 
+def test_a_hangul_syllable_weighs_like_a_cjk_character():
+    """Korean is spoken a syllable per Hangul block, like Han and kana (jobs/scripts.py SYLLABIC): counted one each,
+    a Korean output cut to a third of its length read 14 characters/s and passed; counted three, it is too_short."""
+    korean = "안녕하세요반갑습니다"   # 10 syllables
+    assert check_audio(_tone(0.8), SR, korean) == []
+    assert check_audio(_tone(0.7), SR, korean) == ["too_short"]
+    for edge in ("\uac00", "\ud7a3", "\uf900"):   # first and last Hangul syllable, first compatibility ideograph
+        assert check_audio(_tone(0.07), SR, edge) == ["too_short"], hex(ord(edge))
+
+
 def test_silence_threshold_is_an_rms_of_one_thousandth():
     """RMS below 1e-3 is silent, above is not: sines of RMS 0.9e-3 and 1.1e-3 (amplitude RMS * sqrt 2) fall either
     side; with a threshold that float32 represents exactly, an RMS equal to it is not below it."""
