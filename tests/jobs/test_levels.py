@@ -166,3 +166,25 @@ def test_active_speech_level_of_a_steady_sine_is_its_rms():
     (-3.01 dB at full scale minus 10 dB)."""
     level, activity = levels.active_speech_level(_sine(10.0, -13.0103, 8000, 440.0), 8000)
     assert level == pytest.approx(-13.01, abs=0.02) and activity == pytest.approx(1.0, abs=0.005)
+
+
+def test_a_sine_below_the_first_thresholds_margin_is_measured_at_that_threshold():
+    """A steady sine at -110 dBFS RMS: at the quietest threshold (-120 dB) its active level is already within the
+    15.9 dB margin, so the level is that threshold's: the sine's RMS, active nearly throughout."""
+    level, activity = levels.active_speech_level(_sine(2.0, -110.0, 16000), 16000)
+    assert level == pytest.approx(-110.0, abs=0.2) and activity > 0.95
+
+
+def test_a_lone_click_is_active_for_its_hangover_and_measured_over_it():
+    """One sample in 2 s of silence: the twice-smoothed envelope stays far under the click's energy per active
+    sample, so no threshold meets the margin and the loudest one the envelope reaches gives the level: active for
+    about the 200 ms hangover (0.1 of the file, a little more while the envelope is over it), and the click's energy
+    over those samples; half the amplitude reads about 6 dB less."""
+    x = np.zeros(32000)
+    x[8000] = 1.0
+    level, activity = levels.active_speech_level(x, 16000)
+    assert 0.100 <= activity <= 0.115, activity
+    assert level == pytest.approx(10 * math.log10(1.0 / (activity * x.size)), abs=0.01)
+    half, half_activity = levels.active_speech_level(x * 0.5, 16000)   # a quarter of the energy, nearly as long
+    assert half == pytest.approx(10 * math.log10(0.25 / (half_activity * x.size)), abs=0.01)
+    assert half_activity == pytest.approx(activity, abs=1e-3) and half == pytest.approx(level - 6.02, abs=0.05)
