@@ -282,6 +282,30 @@ def test_speed_scales_duration_keeps_pitch_and_changes_the_key(tmp_path):
     assert len({r[0].key for r in recs.values()}) == 3
 
 
+@pytest.mark.parametrize("speed,text_chars,flag", [
+    (4.0, 30, None),             # 30 letters in 0.25 s: 120/s, under 160/s: plain fast speech
+    (4.0, 45, "too_short"),      # 45 letters in 0.25 s: 180/s, over 160/s
+    (0.25, 2, None),             # 2 letters in 4 s: 0.5/s, at 2 x 0.25 = 0.5/s: plain slow speech
+    (0.25, 1, "too_long"),       # 1 letter in 4 s: 0.25/s, under 0.5/s
+])
+def test_the_speech_rate_limits_follow_the_speed(speed, text_chars, flag):
+    """Speed 4 says four times the characters a second, 0.25 a quarter: the too_short / too_long limits (2 and 40
+    characters a second) scale with it, measured on the stretched audio."""
+    from types import SimpleNamespace
+
+    from jobs import deliver
+    from jobs.render import RenderConfig
+
+    sr = 24000
+    tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(sr) / sr)).astype(np.float32)   # 1 s before the stretch
+    row = SimpleNamespace(text="a" * text_chars, sample_rate=sr, format="wav")
+    rec = SimpleNamespace(key="k.wav", flags=[])
+    deliver.finish_audio(row, rec, [tone], sr, RenderConfig(model="fake", speed=speed), ["a" * text_chars])
+    assert rec.duration_s == pytest.approx(1 / speed, rel=0.02)
+    rate_flags = [f for f in rec.flags if f in ("too_short", "too_long")]
+    assert rate_flags == ([flag] if flag else []), (speed, text_chars, rec.flags)
+
+
 def test_dbm0_follows_g711():
     """A full-scale sine is +3.17 dBm0 in u-law, +3.14 dBm0 in A-law."""
     full_scale_sine_db = 20 * math.log10(1 / math.sqrt(2))
