@@ -423,3 +423,29 @@ def test_limiter_is_transparent_and_in_time_below_its_ceiling():
         changed = np.flatnonzero(np.abs(y - x)[100:-100] > noise) + 100  # (the resampler's edges aside)
         # look-ahead 5 ms before the burst, release 100 ms after it (alimiter's settings), nothing elsewhere
         assert changed[0] >= 20000 - int(0.006 * sr) and changed[-1] <= 20441 + int(0.6 * sr), true_peak
+
+
+def test_a_chapter_off_the_books_level_is_flagged_and_only_it():
+    """ACX: a chapter more than 1 dB off the median RMS of the book's rendered chapters gets `acx:consistent_level`
+    and turns suspect; one exactly 1 dB off does not; failed rows and rows without a level are left out of the
+    median and untouched; another preset checks nothing."""
+    from types import SimpleNamespace
+
+    def rec(id_, rms, status="ok"):
+        return SimpleNamespace(id=id_, rms_db=rms, status=status, flags=[], rules=json.dumps({"rms": True}))
+
+    book = [rec("a", -20.0), rec("b", -20.5), rec("c", -21.5), rec("d", -22.5), rec("e", -30.0, "failed"),
+            rec("f", None, "suspect")]
+    deliver.level_consistency(book, SimpleNamespace(master=SimpleNamespace(preset="acx")))   # median -21.0
+    by = {r.id: r for r in book}
+    assert by["d"].flags == ["acx:consistent_level"] and by["d"].status == "suspect"
+    assert json.loads(by["d"].rules) == {"rms": True, "consistent_level": False}
+    for i in "abc":   # 1.0, 0.5 and 0.5 dB off (d: 1.5)
+        assert by[i].flags == [] and by[i].status == "ok" and json.loads(by[i].rules)["consistent_level"] is True
+    for i in "ef":
+        assert by[i].flags == [] and "consistent_level" not in json.loads(by[i].rules)
+    deliver.level_consistency(book, SimpleNamespace(master=SimpleNamespace(preset="acx")))   # a second pass
+    assert by["d"].flags == ["acx:consistent_level"]
+    other = [rec("a", -20.0), rec("d", -40.0)]
+    deliver.level_consistency(other, SimpleNamespace(master=SimpleNamespace(preset="podcast")))
+    assert all(r.flags == [] and json.loads(r.rules) == {"rms": True} for r in other)
