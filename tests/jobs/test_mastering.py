@@ -449,3 +449,23 @@ def test_a_chapter_off_the_books_level_is_flagged_and_only_it():
     other = [rec("a", -20.0), rec("d", -40.0)]
     deliver.level_consistency(other, SimpleNamespace(master=SimpleNamespace(preset="podcast")))
     assert all(r.flags == [] and json.loads(r.rules) == {"rms": True} for r in other)
+
+
+@pytest.mark.parametrize("master", ["none", "acx"])
+def test_non_finite_audio_is_refused_before_any_encoder_sees_it(master):
+    """NaN or inf samples (a diverged model) are an error for the row, mastered or not: a NaN would be written as a
+    full-scale sample, and the loudness gain of a master would make it worse."""
+    from types import SimpleNamespace
+
+    from jobs.render import RenderConfig
+
+    sr = 24000
+    cfg = RenderConfig(model="fake", master=mastering.MasterConfig(master))
+    for bad in (np.nan, np.inf, -np.inf):
+        pcm = np.full(sr, 0.1, np.float32)
+        pcm[sr // 2] = bad
+        rec = SimpleNamespace(key="k.wav", flags=[])
+        with pytest.raises(ValueError, match="non-finite samples"):
+            deliver.finish_audio(SimpleNamespace(text="Hello.", sample_rate=sr, format="wav"), rec, [pcm], sr, cfg,
+                                 ["Hello."])
+        assert not hasattr(rec, "bytes")   # nothing was encoded for it
