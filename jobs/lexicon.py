@@ -46,10 +46,6 @@ class Entry:
         return self.case == "exact" or (self.case == "auto" and self.word != self.word.lower())
 
 
-def _is_cjk(ch: str) -> bool:
-    return in_blocks(ch, UNBOUNDED)
-
-
 @dataclass(frozen=True)
 class Lexicon:
     entries: tuple[Entry, ...] = ()
@@ -94,8 +90,8 @@ def _compiled(entries: tuple[Entry, ...], order: tuple[int, ...]) -> re.Pattern[
             body = r"\s+".join(re.escape(w) for w in e.word.split())
             if not e.exact:
                 body = f"(?i:{body})"
-            left = "" if _is_cjk(e.word[0]) else r"(?<![\w])"
-            right = "" if _is_cjk(e.word[-1]) else r"(?![\w])"
+            left = "" if in_blocks(e.word[0], UNBOUNDED) else r"(?<![\w])"
+            right = "" if in_blocks(e.word[-1], UNBOUNDED) else r"(?![\w])"
             alts.append(f"(?P<e{n}>{left}{body}{right})")
         if len(_CACHE) > 64:
             _CACHE.clear()

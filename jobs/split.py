@@ -131,11 +131,7 @@ def _pack(pieces: list[str], max_chars: int, joiner: str) -> list[str]:
 
 def _joiner(left: str, right: str) -> str:
     """No space between CJK pieces, one space otherwise."""
-    return "" if (_is_cjk(left[-1]) or _is_cjk(right[0])) else " "
-
-
-def _is_cjk(ch: str) -> bool:
-    return in_blocks(ch, UNSPACED)
+    return "" if (in_blocks(left[-1], UNSPACED) or in_blocks(right[0], UNSPACED)) else " "
 
 
 def _fit(sentence: str, max_chars: int) -> list[str]:
