@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -282,6 +283,16 @@ def test_speed_scales_duration_keeps_pitch_and_changes_the_key(tmp_path):
     assert len({r[0].key for r in recs.values()}) == 3
 
 
+SR24 = 24000
+
+
+def _finish(pcm: np.ndarray, text: str, cfg, rec=None) -> SimpleNamespace:
+    """deliver.finish_audio on one chunk of 24 kHz audio saying `text`, written as WAV; returns the record."""
+    rec = rec if rec is not None else SimpleNamespace(key="k.wav", flags=[])
+    deliver.finish_audio(SimpleNamespace(text=text, sample_rate=SR24, format="wav"), rec, [pcm], SR24, cfg, [text])
+    return rec
+
+
 @pytest.mark.parametrize("speed,text_chars,flag", [
     (4.0, 30, None),             # 30 letters in 0.25 s: 120/s, under 160/s: plain fast speech
     (4.0, 45, "too_short"),      # 45 letters in 0.25 s: 180/s, over 160/s
@@ -291,16 +302,10 @@ def test_speed_scales_duration_keeps_pitch_and_changes_the_key(tmp_path):
 def test_the_speech_rate_limits_follow_the_speed(speed, text_chars, flag):
     """Speed 4 says four times the characters a second, 0.25 a quarter: the too_short / too_long limits (2 and 40
     characters a second) scale with it, measured on the stretched audio."""
-    from types import SimpleNamespace
-
-    from jobs import deliver
     from jobs.render import RenderConfig
 
-    sr = 24000
-    tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(sr) / sr)).astype(np.float32)   # 1 s before the stretch
-    row = SimpleNamespace(text="a" * text_chars, sample_rate=sr, format="wav")
-    rec = SimpleNamespace(key="k.wav", flags=[])
-    deliver.finish_audio(row, rec, [tone], sr, RenderConfig(model="fake", speed=speed), ["a" * text_chars])
+    tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(SR24) / SR24)).astype(np.float32)   # 1 s before the stretch
+    rec = _finish(tone, "a" * text_chars, RenderConfig(model="fake", speed=speed))
     assert rec.duration_s == pytest.approx(1 / speed, rel=0.02)
     rate_flags = [f for f in rec.flags if f in ("too_short", "too_long")]
     assert rate_flags == ([flag] if flag else []), (speed, text_chars, rec.flags)
@@ -429,8 +434,6 @@ def test_a_chapter_off_the_books_level_is_flagged_and_only_it():
     """ACX: a chapter more than 1 dB off the median RMS of the book's rendered chapters gets `acx:consistent_level`
     and turns suspect; one exactly 1 dB off does not; failed rows and rows without a level are left out of the
     median and untouched; another preset checks nothing."""
-    from types import SimpleNamespace
-
     def rec(id_, rms, status="ok"):
         return SimpleNamespace(id=id_, rms_db=rms, status=status, flags=[], rules=json.dumps({"rms": True}))
 
@@ -455,17 +458,13 @@ def test_a_chapter_off_the_books_level_is_flagged_and_only_it():
 def test_non_finite_audio_is_refused_before_any_encoder_sees_it(master):
     """NaN or inf samples (a diverged model) are an error for the row, mastered or not: a NaN would be written as a
     full-scale sample, and the loudness gain of a master would make it worse."""
-    from types import SimpleNamespace
-
     from jobs.render import RenderConfig
 
-    sr = 24000
     cfg = RenderConfig(model="fake", master=mastering.MasterConfig(master))
     for bad in (np.nan, np.inf, -np.inf):
-        pcm = np.full(sr, 0.1, np.float32)
-        pcm[sr // 2] = bad
+        pcm = np.full(SR24, 0.1, np.float32)
+        pcm[SR24 // 2] = bad
         rec = SimpleNamespace(key="k.wav", flags=[])
         with pytest.raises(ValueError, match="non-finite samples"):
-            deliver.finish_audio(SimpleNamespace(text="Hello.", sample_rate=sr, format="wav"), rec, [pcm], sr, cfg,
-                                 ["Hello."])
+            _finish(pcm, "Hello.", cfg, rec)
         assert not hasattr(rec, "bytes")   # nothing was encoded for it

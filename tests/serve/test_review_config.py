@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -364,9 +365,7 @@ def test_an_s3_voice_store_that_cannot_work_fails_the_ingress_start_naming_voice
 
 def _set(name: str, value) -> dict:
     """A config that sets `name` (a model's field, or the service's) to `value`, all else default."""
-    from dataclasses import fields as _fields
-
-    return _model(**{name: value}) if name in {f.name for f in _fields(ModelConfig)} else {name: value}
+    return _model(**{name: value}) if name in {f.name for f in fields(ModelConfig)} else {name: value}
 
 
 @pytest.mark.parametrize("name", sorted(MAX_VALUES))
@@ -382,7 +381,5 @@ def test_every_bounded_number_is_taken_at_its_bound_and_refused_past_it_naming_t
 
 
 def test_the_bounded_fields_exist():
-    from dataclasses import fields as _fields
-
-    names = {f.name for cls in (ModelConfig, ServiceConfig) for f in _fields(cls)}
+    names = {f.name for cls in (ModelConfig, ServiceConfig) for f in fields(cls)}
     assert set(MAX_VALUES) <= names, set(MAX_VALUES) - names
