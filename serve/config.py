@@ -9,7 +9,6 @@ start instead of being silently ignored.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import types
@@ -41,28 +40,67 @@ def file_args_error(args: dict[str, Any]) -> str | None:
 MODEL_NAME = re.compile(r"(?!\.\.?$)[^/#\s\x00-\x1f\x7f-\x9f](?:[^/#\x00-\x1f\x7f-\x9f]{0,126}[^/#\s\x00-\x1f\x7f-\x9f])?")
 SEED_LIMIT = 2 ** 63   # the tiny random checkpoint's seed (torch.manual_seed)
 DAY_S = 86400.0
-# Upper bounds: far above any real deployment, low enough that a typo (an extra 000) or a hostile file is a clear
+
+
+class Span(typing.NamedTuple):
+    """The values a config number may take: low..high, both included unless `low_open` (then low itself is not)."""
+    low: float
+    high: float
+    low_open: bool = False
+
+    def takes(self, v: float) -> bool:
+        return (self.low < v if self.low_open else self.low <= v) and v <= self.high
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}]"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+# Every number of the config and the range it lies in (one table for the lower and the upper bound). The upper
+# bounds lie far above any real deployment and low enough that a typo (an extra 000) or a hostile file is a clear
 # error here, not a failure later: Serve takes any max_ongoing_requests (the queues' sum, 10**20 included), a
-# threading wait of 1e300 s raises OverflowError, and session_deadline_s is also how long a replica drains.
-MAX_VALUES = {
-    "max_sessions": 1024, "max_queue": 100_000, "max_bulk_queue": 100_000, "num_replicas": 1000,
-    "max_new_tokens": 100_000, "max_input_chars": 1_000_000, "first_chunk_frames": 1000, "chunk_frames": 1000,
-    "max_len": 1 << 20, "num_gpus": 64, "num_cpus": 4096, "ingress_num_cpus": 4096,
-    "max_body_bytes": 1 << 30, "max_upload_bytes": 1 << 30, "ws_max_messages": 10 ** 9, "ws_message_burst": 10 ** 9,
-    "ws_max_messages_per_s": 10 ** 6, "ws_idle_timeout_s": DAY_S, "session_deadline_s": DAY_S,
-    "session_lease_s": DAY_S, "body_timeout_s": DAY_S, "max_streams_per_key": 10 ** 6,
-    "max_voices_per_key": 10 ** 6, "max_uploads_per_key": 10 ** 6, "ingress_replicas": 1000,
-    "ingress_max_queued_requests": 10 ** 6,
+# threading wait of 1e300 s raises OverflowError, and session_deadline_s is also how long a replica drains. A field
+# whose type allows None may be null. Rules between two fields (interactive_reserve, default_max_new_tokens) are in
+# __post_init__.
+RANGES = {
+    # a model (ModelConfig)
+    "seed": Span(0, SEED_LIMIT - 1), "num_gpus": Span(0, 64), "num_cpus": Span(0, 4096),
+    "num_replicas": Span(1, 1000), "max_sessions": Span(1, 1024), "max_queue": Span(0, 100_000),
+    "max_bulk_queue": Span(0, 100_000), "max_new_tokens": Span(1, 100_000), "max_input_chars": Span(1, 1_000_000),
+    "first_chunk_frames": Span(1, 1000), "chunk_frames": Span(1, 1000), "max_len": Span(16, 1 << 20),
+    # the service (ServiceConfig)
+    "max_body_bytes": Span(1024, 1 << 30), "max_upload_bytes": Span(1024, 1 << 30),
+    "body_timeout_s": Span(0, DAY_S, low_open=True), "ws_idle_timeout_s": Span(0, DAY_S, low_open=True),
+    "ws_max_messages": Span(1, 10 ** 9), "ws_max_messages_per_s": Span(0, 10 ** 6, low_open=True),
+    "ws_message_burst": Span(1, 10 ** 9), "session_deadline_s": Span(0, DAY_S, low_open=True),
+    "session_lease_s": Span(0, DAY_S, low_open=True), "retry_after_s": Span(0, 3600),
+    "max_streams_per_key": Span(1, 10 ** 6), "max_voices_per_key": Span(1, 10 ** 6),
+    "max_uploads_per_key": Span(1, 10 ** 6), "ingress_num_cpus": Span(0, 4096), "ingress_replicas": Span(1, 1000),
+    "ingress_max_queued_requests": Span(1, 10 ** 6), "failover_retries": Span(0, 3),
+    "failover_wait_s": Span(0, 600, low_open=True), "stream_lead_s": Span(0, DAY_S),
 }
 
 
-def _check_upper_bounds(cfg: Any, where: str) -> None:
-    """Every field of `cfg` that MAX_VALUES names is at most its bound (None: not set); ValueError naming it."""
+def _check_ranges(cfg: Any, where: str) -> None:
+    """Every field of `cfg` that RANGES names holds a number of its type in its span (or None where its type allows
+    it); ValueError naming the field otherwise. Applied on construction, so a config built in code (not through
+    from_dict's type check) is held to the same rule: a bool is not a number."""
+    hints = typing.get_type_hints(type(cfg))
     for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        bound = MAX_VALUES.get(f.name)
-        if bound is not None and v is not None and v > bound:
-            raise ValueError(f"{where}{f.name} must be at most {int(bound)}, got {shown(v)}")
+        span = RANGES.get(f.name)
+        if span is None:
+            continue
+        v, hint = getattr(cfg, f.name), hints[f.name]
+        if v is None and _fits(None, hint):
+            continue
+        integral = _fits(0, hint) and not _fits(0.5, hint)
+        kind = "an integer" if integral else "a number"
+        if not (_fits(v, hint) and v is not None and span.takes(v)):  # NaN and inf are in no span
+            null = " or null" if _fits(None, hint) else ""
+            raise ValueError(f"{where}{f.name} must be {kind} in {span}{null}, got {shown(v)}")
 
 
 def _check_keys(d: Any, cls: type, where: str) -> None:
@@ -85,8 +123,6 @@ def _check_keys(d: Any, cls: type, where: str) -> None:
                     f"a list with a {type(next(k for k in v if not isinstance(k, str))).__name__} entry"
                 raise ValueError(f"{where}.{f.name} must be a list of key strings, got {bad} (value not shown)")
             raise ValueError(f"{where}.{f.name} must be {f.type}, got {shown(v)}")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"{where}.{f.name} must be a finite number, got {v}")
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -165,41 +201,26 @@ class ModelConfig:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"models[{self.name}].model_type must be one of {list(MODEL_TYPES)}, "
                              f"got {self.model_type!r}")
-        if self.max_sessions < 1 or self.max_queue < 0:
-            raise ValueError(f"models[{self.name}]: max_sessions must be >= 1 and max_queue >= 0")
+        where = f"models[{self.name}]"
+        _check_ranges(self, f"{where}.")
         if not 0 <= self.interactive_reserve < self.max_sessions:
             raise ValueError(f"models[{self.name}].interactive_reserve must be in [0, max_sessions), "
                              f"got {self.interactive_reserve}")
-        if self.first_chunk_frames < 1 or self.chunk_frames < 1:
-            raise ValueError(f"models[{self.name}]: first_chunk_frames and chunk_frames must be >= 1")
-        if self.max_bulk_queue < 0 or (self.max_len is not None and self.max_len < 16):
-            raise ValueError(f"models[{self.name}]: max_bulk_queue must be >= 0 and max_len >= 16")
         if self.batch_buckets is not None:
             buckets = tuple(self.batch_buckets)
-            if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
-                raise ValueError(f"models[{self.name}].batch_buckets must list positive integers, got {buckets!r}")
+            span = RANGES["max_sessions"]  # a batch size
+            if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or not span.takes(b) for b in buckets):
+                raise ValueError(f"models[{self.name}].batch_buckets must list integers in {span}, got "
+                                 f"{shown(buckets)}")
             object.__setattr__(self, "batch_buckets", buckets)
         if self.audio_dtype is not None:  # the core's rule (the engine applies the same one)
             from qwen_tts_core.checkpoint.weights import resolve_dtype
 
             resolve_dtype(self.audio_dtype, f"models[{self.name}].audio_dtype")
-        where = f"models[{self.name}]"
-        for name in ("num_gpus", "num_cpus"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{where}.{name} must be a finite number >= 0, got {v!r}")
-        if self.num_replicas < 1:
-            raise ValueError(f"{where}.num_replicas must be >= 1, got {self.num_replicas}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"{where}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.default_max_new_tokens is not None and not 1 <= self.default_max_new_tokens <= self.max_new_tokens:
             # a request that does not say is capped by this one alone: above max_new_tokens it lifted the hard cap
             raise ValueError(f"{where}.default_max_new_tokens must be in [1, max_new_tokens={self.max_new_tokens}] "
                              f"or null, got {self.default_max_new_tokens}")
-        if self.max_input_chars is not None and self.max_input_chars < 1:
-            raise ValueError(f"{where}.max_input_chars must be >= 1 or null, got {self.max_input_chars}")
-        if not 0 <= self.seed < SEED_LIMIT:
-            raise ValueError(f"{where}.seed must be in [0, 2**63), got {self.seed}")
         if self.device != "auto":  # what the model loader takes (torch's device names)
             import torch
 
@@ -221,7 +242,6 @@ class ModelConfig:
                 raise ValueError(f"{where}.{e}") from None
         if self.autoscaling is not None:
             _check_autoscaling(self.autoscaling, f"{where}.autoscaling")
-        _check_upper_bounds(self, f"{where}.")
 
     @property
     def max_ongoing_requests(self) -> int:
@@ -283,46 +303,12 @@ class ServiceConfig:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"models: duplicate names in {names}")
-        if self.max_input_chars < 1 or self.max_body_bytes < 1024 or self.max_upload_bytes < 1024:
-            raise ValueError("max_input_chars must be >= 1, max_body_bytes and max_upload_bytes >= 1024")
-        if min(self.ws_idle_timeout_s, self.session_deadline_s, self.session_lease_s, self.ws_max_messages_per_s,
-               self.body_timeout_s) <= 0 or self.ws_max_messages < 1 or self.ws_message_burst < 1:
-            raise ValueError("ws_idle_timeout_s, session_deadline_s, session_lease_s, ws_max_messages, "
-                             "ws_max_messages_per_s, ws_message_burst and body_timeout_s must be positive")
-        if not 0 <= self.retry_after_s <= 3600:
-            raise ValueError(f"retry_after_s must be seconds in [0, 3600], got {self.retry_after_s!r}")
-        if not (isinstance(self.ingress_num_cpus, int | float) and math.isfinite(self.ingress_num_cpus)
-                and self.ingress_num_cpus >= 0):
-            raise ValueError(f"ingress_num_cpus must be a finite number >= 0, got {self.ingress_num_cpus!r}")
-        if self.ingress_replicas < 1:
-            raise ValueError(f"ingress_replicas must be >= 1, got {self.ingress_replicas!r}")
-        for name in ("ws_idle_timeout_s", "session_deadline_s", "session_lease_s", "ws_max_messages_per_s",
-                     "body_timeout_s"):
-            if not math.isfinite(getattr(self, name)):  # NaN passed the "> 0" test; inf: a replica never drained
-                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        _check_ranges(self, "")
         _check_cache_dir(self.cache_dir)
         _check_voices_uri(self.voices_uri)
-        for name in ("max_streams_per_key", "max_voices_per_key", "max_uploads_per_key"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be an integer >= 1 or null, got {v!r}")
-        if isinstance(self.ingress_max_queued_requests, bool) or not isinstance(self.ingress_max_queued_requests, int) \
-                or self.ingress_max_queued_requests < 1:
-            raise ValueError(f"ingress_max_queued_requests must be an integer >= 1, got "
-                             f"{self.ingress_max_queued_requests!r}")
-        retries = self.failover_retries
-        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 3:
-            raise ValueError(f"failover_retries must be an integer 0..3 (0: a lost replica is a 502), got {retries!r}")
-        wait = self.failover_wait_s
-        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 < wait <= 600:
-            raise ValueError(f"failover_wait_s must be seconds in (0, 600], got {wait!r}")
-        lead = self.stream_lead_s
-        if isinstance(lead, bool) or not isinstance(lead, int | float) or not math.isfinite(lead) or lead < 0:
-            raise ValueError(f"stream_lead_s must be a finite number of seconds >= 0 (0: not paced), got {lead!r}")
         for key in (*self.api_keys, *self.admin_api_keys, *self.env_api_keys, *self.env_admin_api_keys):
             if not isinstance(key, str) or not key.strip() or key != key.strip():
                 raise ValueError("api_keys / admin_api_keys must be non-empty strings without surrounding spaces")
-        _check_upper_bounds(self, "")
         from .fetch import AllowList
 
         AllowList(self.allowed_audio_url_prefixes)  # ValueError naming a prefix that is not an http(s) folder

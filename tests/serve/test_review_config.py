@@ -6,11 +6,13 @@ loop), inside Serve's own validation (a traceback naming Serve's fields) or mid-
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 import yaml
 
 from serve.cli import read_serve_yaml
-from serve.config import MAX_VALUES, ModelConfig, ServiceConfig
+from serve.config import RANGES, ModelConfig, ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -123,6 +125,9 @@ def test_store_paths_in_use_are_still_accepted(tmp_path):
     (_model(autoscaling={"min_replicas": -5}), "autoscaling"),   # Serve's pydantic traceback in `qtts serve`
     (_model(autoscaling={"min_replicas": 2, "max_replicas": 1}), "autoscaling"),
     (_model(autoscaling={"bogus": 1}), "autoscaling"),
+    (_model(batch_buckets=[1, 4096]), "batch_buckets"),   # a batch no model's max_sessions allows: captured at start
+    (_model(batch_buckets=[0]), "batch_buckets"),
+    (_model(batch_buckets=[]), "batch_buckets"),
 ])
 def test_model_options_are_checked_at_start(d, field):
     with pytest.raises(ValueError, match=rf"models\[.*\]\.{field}"):
@@ -368,18 +373,42 @@ def _set(name: str, value) -> dict:
     return _model(**{name: value}) if name in {f.name for f in fields(ModelConfig)} else {name: value}
 
 
-@pytest.mark.parametrize("name", sorted(MAX_VALUES))
-def test_every_bounded_number_is_taken_at_its_bound_and_refused_past_it_naming_the_field(name):
-    """A typo (an extra 000) or a hostile file is refused when the config is read, before Ray starts, not taken to
-    a deployment that fails or never drains (serve/config.py, MAX_VALUES)."""
-    bound = MAX_VALUES[name]
-    taken = ServiceConfig.from_dict(_set(name, bound))
-    assert bound in (getattr(taken, name, None), getattr(taken.models[0], name, None))
-    for past in (bound + 1 if isinstance(bound, int) else bound * 1.001, 2 ** 63, 10 ** 30):
-        with pytest.raises(ValueError, match=rf"{name} must be at most {int(bound)}, got"):
-            ServiceConfig.from_dict(_set(name, past))
+def _is_int(name: str) -> bool:
+    """Whether the field `name` (a model's or the service's) holds an integer."""
+    cls = ModelConfig if name in {f.name for f in fields(ModelConfig)} else ServiceConfig
+    hint = typing.get_type_hints(cls)[name]
+    return hint is int or int in typing.get_args(hint)
 
 
-def test_the_bounded_fields_exist():
+@pytest.mark.parametrize("name", sorted(RANGES))
+def test_every_number_is_taken_at_both_ends_of_its_range_and_refused_past_them_naming_the_field(name):
+    """One table (serve/config.py RANGES) holds every number's range. Each end is taken; past either end, NaN, inf,
+    a bool and numbers no float holds are refused when the config is read, before Ray starts, with the field named.
+    A typo (an extra 000) or a hostile file is not taken to a deployment that fails or never drains."""
+    span = RANGES[name]
+    as_model = name in {f.name for f in fields(ModelConfig)}
+    extra = {"interactive_reserve": 0} if name == "max_sessions" else {}   # must stay below max_sessions
+    for end in ([span.high] if span.low_open else [span.low, span.high]):
+        v = int(end) if _is_int(name) else float(end)
+        taken = ServiceConfig.from_dict(_model(**{name: v}, **extra) if as_model else {name: v})
+        assert getattr(taken.models[0] if as_model else taken, name) == v
+    past = [span.high + 1 if _is_int(name) else span.high * 1.001, 10 ** 30, 10 ** 400, True,
+            span.low if span.low_open else span.low - 1]
+    if not _is_int(name):
+        past += [float("nan"), float("inf"), -float("inf")]
+    for v in past:
+        says = "" if v is True else rf" an? (integer|number) in {re.escape(str(span))}"  # True: not a number
+        with pytest.raises(ValueError, match=rf"{name} must be{says}"):
+            ServiceConfig.from_dict(_set(name, v))
+        # built in code, where from_dict's type check does not run: the same rule holds
+        with pytest.raises(ValueError, match=rf"{name} must be"):
+            ModelConfig(**{name: v}, **extra) if as_model else ServiceConfig(**{name: v})
+
+
+def test_every_number_of_the_config_has_a_range():
+    """RANGES names real fields, and every number field is in it but the two bounded by another field."""
     names = {f.name for cls in (ModelConfig, ServiceConfig) for f in fields(cls)}
-    assert set(MAX_VALUES) <= names, set(MAX_VALUES) - names
+    assert set(RANGES) <= names, set(RANGES) - names
+    numbers = {name for cls in (ModelConfig, ServiceConfig) for name, hint in typing.get_type_hints(cls).items()
+               if {int, float} & {hint, *typing.get_args(hint)}}
+    assert numbers - set(RANGES) == {"interactive_reserve", "default_max_new_tokens"}
