@@ -5,6 +5,7 @@ other. Here the lanes run a small suite this test writes (QTTS_TESTS), so each c
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.lanes import LANES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,3 +160,13 @@ def test_the_files_moved_between_lanes_exist_and_run_in_the_lane_named():
         assert path.is_file(), name
         assert lane in ("core", "other") and lane != folder_lane(path), (name, lane)
         assert lane_of(SimpleNamespace(path=path, get_closest_marker=lambda _: None)) == lane, name
+
+
+def test_run_sh_runs_and_reports_every_lane_of_lanes_py():
+    """run.sh names the lanes twice (its schedule and ALL, the order of logs and summaries); tests/lanes.py LANES is
+    the list pytest accepts. A lane added to one and not the other would never run, or never be reported."""
+    script = (ROOT / "tests" / "run.sh").read_text()
+    (listed,) = re.findall(r"^ALL=\(([^)]*)\)", script, re.M)
+    started = re.findall(r"^start (\w+)$", script, re.M)
+    assert tuple(listed.split()) == LANES
+    assert sorted(started) == sorted(LANES)
