@@ -26,8 +26,20 @@ _DOMAIN = b"qwen-tts-fleet/api-key/v1\0"
 
 def key_digest(key: bytes | str) -> str:
     """The stable public name of a key (stored as a voice's owner). 32 hex characters."""
-    raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else bytes(key)
-    return hashlib.sha256(_DOMAIN + raw).hexdigest()[:32]
+    return hashlib.sha256(_DOMAIN + _key_bytes(key)).hexdigest()[:32]
+
+
+def _key_bytes(key: bytes | str) -> bytes:
+    """A key's bytes, as a client sends them: a configured key's UTF-8, except that the bytes an environment variable
+    held that are not UTF-8 (which os.environ gives as lone surrogates U+DC80-U+DCFF) are those bytes again, so
+    such a key matches a header that carries them. Other lone surrogates (no client sends them) are hashed as they
+    are, so that no key is matched by another text (never replaced by "?")."""
+    if not isinstance(key, str):
+        return bytes(key)
+    try:
+        return key.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)

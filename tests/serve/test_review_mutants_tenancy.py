@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 
 import httpx
 import numpy as np
@@ -88,17 +89,24 @@ def test_speech_with_another_keys_voice_is_refused_over_http_and_websocket(monke
                         ws.receive_json()
 
 
-def test_a_non_utf8_key_from_the_environment_is_not_matched_by_question_marks(monkeypatch, tmp_path):
-    """A key taken from the environment with a byte that is not UTF-8 reaches Python as a lone surrogate
-    (os.environ's surrogateescape: b"\\xff" -> "\\udcff"). Its digest must not be that of the same text with "?" in
-    place of the surrogate (mutant: `key_digest` encodes with errors="replace", so "Bearer ?secret" was accepted
-    for the key "\\udcffsecret")."""
-    client, _, _ = _voice_app(monkeypatch, tmp_path, api_keys=["\udcffsecret"], admin_api_keys=[])
-    with client:
-        r = client.get("/v1/audio/voices", headers={"Authorization": "Bearer ?secret"})
-        assert r.status_code == 401, r.text
-        assert r.json()["error"]["param"] == "authorization", r.text
-    assert key_digest("\udcffsecret") != key_digest("?secret")
+def test_a_non_utf8_key_from_the_environment_is_its_bytes_and_not_matched_by_question_marks(monkeypatch, tmp_path):
+    """A key set in the environment with a byte that is not UTF-8 reaches Python as a lone surrogate (os.environ's
+    surrogateescape: b"\\xff" -> "\\udcff"). A client that sends those bytes in its header is that key; "?" in place
+    of the byte is not (mutant: `key_digest` encodes with errors="replace", so "Bearer ?secret" was accepted), nor
+    the surrogate's own UTF-8 encoding (before, the key was hashed as b"\\xed\\xb3\\xbf...": no client could use it)."""
+    monkeypatch.setenv("QTTS_API_KEYS", os.fsdecode(b"\xffsecret"))
+    client, _, _ = _voice_app(monkeypatch, tmp_path, api_keys=["key-a"], admin_api_keys=[])
+
+    async def status(token: bytes) -> tuple[int, str | None]:
+        # httpx's ASGI transport hands the header's bytes on as they are (the TestClient re-encodes them as UTF-8)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=client.app), base_url="http://t") as c:
+            r = await c.get("/v1/audio/voices", headers=[(b"authorization", b"Bearer " + token)])
+        return r.status_code, None if r.status_code == 200 else r.json()["error"]["param"]
+    assert asyncio.run(status(b"\xffsecret")) == (200, None)
+    for sent in (b"?secret", "\udcffsecret".encode("utf-8", "surrogatepass")):
+        assert asyncio.run(status(sent)) == (401, "authorization"), sent
+    assert key_digest("\udcffsecret") == key_digest(b"\xffsecret") != key_digest("?secret")
+    assert key_digest("\ud800x") != key_digest("?x")   # a surrogate no environment gives: hashed as it is
 
 
 def test_of_two_authorization_headers_the_first_decides(monkeypatch, tmp_path):
