@@ -69,3 +69,29 @@ def test_key_extra_names_only_the_features_that_are_on():
     assert deliver.key_extra(text, RenderConfig(model="fake", captions=True)) == {"captions": True}
     acx = RenderConfig(model="fake", master=mastering.MasterConfig("acx"))
     assert set(deliver.key_extra(text, acx)) == {"master"}
+
+
+def test_without_captions_the_text_is_chunked_as_before_captions_existed():
+    """Captions off: chunks are split_text's (sentences packed together up to max_chars), the same as before the
+    feature, so old content keys and audio stay valid; captions on: one sentence per chunk, for one cue each."""
+    from jobs import deliver
+    from jobs.render import RenderConfig
+    from jobs.split import split_text
+
+    text = "Hello there. General Kenobi."
+    off = deliver.plan_text(text, RenderConfig(model="fake"))
+    assert off.synth == off.display == split_text(text, 200) == [text]
+    on = deliver.plan_text(text, RenderConfig(model="fake", captions=True))
+    assert on.synth == on.display == ["Hello there.", "General Kenobi."]
+
+
+def test_a_lexicon_that_fires_nowhere_in_a_row_leaves_its_key_as_it_was():
+    """The key names the lexicon entries that fired, not the lexicon: a row none of whose words is in it keeps the key
+    (and the audio) it had without --lexicon; a row where an entry fires gets a `lexicon` field."""
+    from jobs import deliver
+    from jobs.lexicon import Lexicon
+    from jobs.render import RenderConfig
+
+    cfg = RenderConfig(model="fake", lexicon=Lexicon(({"word": "SQL", "respelling": "sequel"},)))
+    assert cfg.lexicon and deliver.key_extra("Hello there.", cfg) == {}
+    assert set(deliver.key_extra("Use SQL here.", cfg)) == {"lexicon"}

@@ -188,3 +188,142 @@ def test_a_lone_click_is_active_for_its_hangover_and_measured_over_it():
     half, half_activity = levels.active_speech_level(x * 0.5, 16000)   # a quarter of the energy, nearly as long
     assert half == pytest.approx(10 * math.log10(0.25 / (half_activity * x.size)), abs=0.01)
     assert half_activity == pytest.approx(activity, abs=1e-3) and half == pytest.approx(level - 6.02, abs=0.05)
+
+
+def test_true_peak_at_8_khz_oversamples_past_x4():
+    """At 8 kHz the oversampling reaches 176.4 kHz (x24, not the x4 enough at 44.1/48 kHz): a band-limited pulse of
+    amplitude 0.5 peaking 1/8 sample after a sample reads 20 log10(0.5) = -6.02 dBTP; x4 would see only the samples'
+    -6.16 dB (both neighbours on its grid are 1/8 sample from the peak)."""
+    n = np.arange(-2000, 2001)
+    x = (0.5 * np.sinc(0.8 * (n - 0.125)) * np.kaiser(n.size, 8)).astype(np.float32)   # up to 0.8 x Nyquist
+    assert levels.peak_db(x) < -6.1
+    assert levels.true_peak_dbtp(x, 8000) == pytest.approx(20 * math.log10(0.5), abs=0.02)
+
+
+def test_true_peak_does_not_depend_on_the_block_size():
+    """block_s only bounds memory: the figure is the whole file's, whether the peak is in the first block of several
+    (0.3 s blocks: the file's last blocks are 40 dB quieter) or the blocks are so short (8 samples) that the resampler
+    has no output yet for the first ones, or the file ends exactly at a block's end."""
+    n = np.arange(16000)
+    x = np.sin(2 * np.pi * n / 4 + np.pi / 4).astype(np.float32)   # true peak 0 dBTP, as above
+    x[4000:] *= 0.01
+    for block_s in (10.0, 0.3, 0.001):
+        assert levels.true_peak_dbtp(x, 8000, block_s=block_s) == pytest.approx(0.0, abs=0.1), block_s
+    end = np.zeros(16000, np.float32)   # four whole 0.5 s blocks, the loud part in the last 2 ms: the last block
+    end[-16:] = x[:16]                  # must flush what the resampler still holds
+    assert levels.true_peak_dbtp(end, 8000, block_s=0.5) == pytest.approx(levels.true_peak_dbtp(end, 8000), abs=0.01)
+    # and the end counts as much as the start: the same file backwards reads the same (over the burst's -3 dB samples)
+    assert levels.true_peak_dbtp(end, 8000) == pytest.approx(levels.true_peak_dbtp(end[::-1].copy(), 8000), abs=0.05)
+    assert levels.true_peak_dbtp(end, 8000) > levels.peak_db(end) + 2
+
+
+def test_sound_bounds_default_to_the_files_own_noise_floor():
+    """sound_bounds without a floor (as mastering calls it) measures the file's floor, as measure does: speech at
+    -53 dB over -70 dB room tone is sound (threshold -55), not held to the -35 dBFS cap."""
+    room = _sine(1.0, -70.0)
+    x = np.concatenate([room, _sine(1.0, -53.0), room])
+    assert levels.sound_bounds(x, SR) == (pytest.approx(SR, abs=240), pytest.approx(2 * SR, abs=240))
+
+
+def test_one_frame_of_sound_is_sound():
+    """15 ms at -20 dB: one whole 10 ms frame (the 5 ms after it is a partial frame, dropped) and no quiet stretch, so
+    the threshold is -35 dBFS and the frame is sound: no head, a 5 ms tail."""
+    x = _sine(0.015, -20.0)
+    assert levels.sound_bounds(x, SR) == (0, 240)
+    m = levels.measure(x, SR)
+    assert (m.head_s, m.tail_s) == (0.0, pytest.approx(0.005))
+
+
+def test_active_speech_level_follows_the_gain_between_thresholds():
+    """The level is interpolated between the two thresholds (0.25 dB apart) around the 15.9 dB margin, so it scales
+    with the gain: a fading tone (amplitude ~ 1/t^0.8, so its active level depends on the threshold) raised in
+    0.05 dB steps across one threshold step reads 0.05 dB more each step, not a staircase."""
+    sr = 8000
+    t = np.arange(10 * sr) / sr
+    x = 0.5 * np.sin(2 * np.pi * 440 * t) * ((t + 0.05) / 0.05) ** -0.8
+    rel = []
+    for k in range(6):
+        y = x * 10 ** (k * 0.05 / 20)
+        level, activity = levels.active_speech_level(y, sr)
+        rel.append(level - k * 0.05)
+        # and the activity is the share of samples that level implies (level = energy / active samples)
+        assert activity == pytest.approx(float(np.sum(y * y)) / (y.size * 10 ** (level / 10)), rel=2e-3), k
+    assert max(rel) - min(rel) < 0.01, rel
+
+
+def test_one_full_scale_sample_is_not_silence_for_p56():
+    """A single full-scale sample at 8 kHz: its twice-smoothed envelope, (1 - e^(-1/240))^2 = -95 dB, is over the
+    -120 dB threshold, so it is active speech (not the (None, 0.0) of silence): one active sample out of one, at
+    that sample's power, 0 dB."""
+    level, activity = levels.active_speech_level(np.ones(1), 8000)
+    assert activity == 1.0 and level == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_quiet_stretch_under_500_ms_is_not_the_floor():
+    """The floor is the quietest 500 ms: 450 ms at -80 dB between seconds at -20 dB has no quiet 500 ms window; the
+    quietest one holds the 450 ms and 50 ms of the -20 dB tone: 10 log10((0.45e-8 + 0.05e-2) / 0.5) = -30.0 dB."""
+    x = np.concatenate([_sine(1.0, -20.0), _sine(0.45, -80.0), _sine(1.0, -20.0)])
+    expected = 10 * math.log10((0.45 * 1e-8 + 0.05 * 1e-2) / 0.5)
+    assert levels.noise_floor_db(x, SR) == pytest.approx(expected, abs=0.05)
+
+
+def test_activity_is_a_share_of_the_samples():
+    """activity is 0..1 on every path: a sine within the margin at the first threshold (as above), active nearly
+    throughout, reads just under 1, not more."""
+    level, activity = levels.active_speech_level(_sine(2.0, -110.0, 16000), 16000)
+    assert 0.95 < activity <= 1.0
+
+
+def test_the_hangover_follows_the_envelope_never_precedes_it():
+    """P.56 counts a sample active when the envelope reached the threshold within the last 200 ms: a click on the
+    file's last sample has no samples after it, so it alone is active (1 of 32000) at its own power, 0 dB."""
+    x = np.zeros(32000)
+    x[-1] = 1.0
+    level, activity = levels.active_speech_level(x, 16000)
+    assert activity == 1 / 32000 and level == pytest.approx(0.0, abs=1e-9)
+
+
+def test_to_dict_rounds_every_float_to_three_decimals():
+    """to_dict is what the manifest and the JSON report carry: 3 decimals (a -12.34567 dB sine reads -12.346)."""
+    m = levels.measure(_sine(1.0, -12.34567), SR, speech_level=True)
+    d = m.to_dict()
+    assert d["rms_db"] == pytest.approx(-12.346, abs=1e-9)
+    for k, v in d.items():
+        assert not isinstance(v, float) or v == round(getattr(m, k), 3), k
+
+
+def test_head_rms_covers_exactly_the_head():
+    """Digital silence then a tone from its first sample on (a cosine: full amplitude at once): the head is the
+    silence, to the frame, and reads -120, none of the tone in it; likewise the silent tail after it. A tick of
+    0.001 (not sound: its frame is at -84 dB) on the head's last or the tail's first sample is in the head's or the
+    tail's RMS: 10 log10(1e-6 / 24000) = -103.8 dB."""
+    t = np.arange(SR) / SR
+    tone = (0.1 * np.cos(2 * np.pi * 1000 * t)).astype(np.float32)
+    x = np.concatenate([np.zeros(SR, np.float32), tone, np.zeros(SR, np.float32)])
+    m = levels.measure(x, SR)
+    assert (m.head_s, m.tail_s) == (1.0, 1.0)
+    assert m.head_rms_db == m.tail_rms_db == -120.0
+    x[SR - 1] = x[2 * SR] = 0.001
+    m = levels.measure(x, SR)
+    assert (m.head_s, m.tail_s) == (1.0, 1.0)
+    assert m.head_rms_db == m.tail_rms_db == pytest.approx(10 * math.log10(1e-6 / SR), abs=1e-3)
+
+
+def test_the_last_sample_of_a_block_counts():
+    """The sums of squares run 2^20 samples a block: the last sample of the first block counts like any other."""
+    x = np.zeros(3 * (1 << 20) // 2, np.float32)
+    x[(1 << 20) - 1] = 1.0
+    assert levels.rms_db(x) == pytest.approx(10 * math.log10(1 / x.size), abs=1e-6)
+
+
+def test_at_the_first_threshold_every_sample_over_it_is_active():
+    """Within the margin already at the quietest threshold (-120 dB), the level is that threshold's: a second at
+    -110 dB RMS, then a second whose envelope (mean |x|) is -119.8 dB, over the threshold: both seconds are active
+    (bar the envelope's edges), and the level is the power over the active samples."""
+    sr = 16000
+    t = np.arange(sr) / sr
+    quiet = 10 ** (-119.8 / 20) * (math.pi / 2) * np.sin(2 * np.pi * 1000 * t)   # mean |x| = amplitude * 2 / pi
+    x = np.concatenate([10 ** (-110 / 20) * math.sqrt(2) * np.sin(2 * np.pi * 1000 * t), quiet])
+    level, activity = levels.active_speech_level(x, sr)
+    assert activity > 0.95
+    assert level == pytest.approx(levels.rms_db(x) - 10 * math.log10(activity), abs=0.01)

@@ -298,6 +298,7 @@ def _finish(pcm: np.ndarray, text: str, cfg, rec=None) -> SimpleNamespace:
     (4.0, 45, "too_short"),      # 45 letters in 0.25 s: 180/s, over 160/s
     (0.25, 2, None),             # 2 letters in 4 s: 0.5/s, at 2 x 0.25 = 0.5/s: plain slow speech
     (0.25, 1, "too_long"),       # 1 letter in 4 s: 0.25/s, under 0.5/s
+    (1.2, 38, None),             # 38 letters in 0.83 s: 45.6/s, under 48/s (over the unscaled 40/s)
 ])
 def test_the_speech_rate_limits_follow_the_speed(speed, text_chars, flag):
     """Speed 4 says four times the characters a second, 0.25 a quarter: the too_short / too_long limits (2 and 40
@@ -468,3 +469,52 @@ def test_non_finite_audio_is_refused_before_any_encoder_sees_it(master):
         with pytest.raises(ValueError, match="non-finite samples"):
             _finish(pcm, "Hello.", cfg, rec)
         assert not hasattr(rec, "bytes")   # nothing was encoded for it
+
+
+def test_captions_are_timed_from_the_chunks_as_joined():
+    """--captions, unmastered WAV: an .srt and a .vtt are written next to the audio and named in the record; cue i
+    spans chunk i in the joined audio (0.5 s chunk, the 0.4 s pause, 1.0 s chunk: 0-0.5 s and 0.9-1.9 s)."""
+    from jobs.render import RenderConfig
+
+    tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(SR24) / SR24)).astype(np.float32)
+    rec = SimpleNamespace(key="audio/r1.wav", flags=[])
+    objects = deliver.finish_audio(SimpleNamespace(text="One. Two.", sample_rate=SR24, format="wav"), rec,
+                                   [tone[:SR24 // 2], tone], SR24, RenderConfig(model="fake", captions=True),
+                                   ["One.", "Two."])
+    assert [(k, t) for k, _, t in objects] == [("audio/r1.wav", "audio/wav"), ("audio/r1.srt", "application/x-subrip"),
+                                               ("audio/r1.vtt", "text/vtt")]
+    assert rec.captions == ["audio/r1.srt", "audio/r1.vtt"] and rec.duration_s == pytest.approx(1.9)
+    assert objects[1][1].decode() == ("1\n00:00:00,000 --> 00:00:00,500\nOne.\n\n"
+                                      "2\n00:00:00,900 --> 00:00:01,900\nTwo.\n")
+    assert "00:00:00.900 --> 00:00:01.900\nTwo." in objects[2][1].decode()
+
+
+def test_chunk_texts_are_optional():
+    """finish_audio's `texts` may be left out: a row of several chunks is still delivered, and only the per-chunk
+    speech-rate check (which needs each chunk's text) is skipped; given the texts, a 10 ms chunk said to hold a whole
+    sentence is `chunk_too_short`."""
+    from jobs.render import RenderConfig
+
+    tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(SR24) / SR24)).astype(np.float32)
+    pcms, text = [tone, tone[:SR24 // 100]], "A first sentence here. And a second one."
+    row, cfg = SimpleNamespace(text=text, sample_rate=SR24, format="wav"), RenderConfig(model="fake")
+    rec = SimpleNamespace(key="k.wav", flags=[])
+    assert deliver.finish_audio(row, rec, pcms, SR24, cfg)[0][0] == "k.wav"
+    assert rec.status == "ok" and rec.flags == []
+    deliver.finish_audio(row, rec, pcms, SR24, cfg, ["A first sentence here.", "And a second one."])
+    assert rec.flags == ["chunk_too_short"]
+
+
+def test_the_records_figures_are_the_measured_ones_at_three_decimals():
+    """The manifest's level figures are rounded as levels.Measurements.to_dict rounds them (3 decimals); a figure that
+    does not exist stays None: LUFS of a 0.2 s clip (under one 400 ms gating block) is no figure, not 0 LUFS."""
+    from jobs.render import RenderConfig
+
+    n = SR24 // 5
+    tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(n) / SR24)).astype(np.float32)   # RMS 0.3 / sqrt(2)
+    rec = _finish(tone, "Hi.", RenderConfig(model="fake"))
+    assert rec.lufs is None
+    assert rec.rms_db == round(rec.rms_db, 3) == pytest.approx(20 * math.log10(0.3 / math.sqrt(2)), abs=1e-3)
+    for name in deliver.FIGURES:
+        value = getattr(rec, name)
+        assert value is None or value == round(value, 3), (name, value)
