@@ -10,7 +10,6 @@ import base64
 import os
 
 import httpx
-import numpy as np
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
@@ -18,20 +17,21 @@ from serve.auth import key_digest
 from serve.requests import CALLER
 from serve.voices import ANYONE, VoiceStore
 from tests.serve.inproc import ingress_app
+from tests.serve.test_key_fairness import Replica
 from tests.serve.test_voices import _item
 
 A, B, ADMIN = ({"Authorization": f"Bearer {k}"} for k in ("key-a", "key-b", "key-admin"))
 KEYS = {"api_keys": ["key-a", "key-b"], "admin_api_keys": ["key-admin"]}
 
 
-class VoiceReplica:
+class VoiceReplica(Replica):
     """A Base model's replica that speaks with a stored voice as the real one does (serve/requests.py
     `build_request`): loaded from the shared store with the scope the ingress put in the payload (`caller`, ANYONE
-    when absent), an unknown or invisible voice being a 400 naming `voice`."""
+    when absent), an unknown or invisible voice being a 400 naming `voice`; then as test_key_fairness's replica."""
 
     def __init__(self, uri: str) -> None:
+        super().__init__()
         self.store = VoiceStore.from_uri(uri)
-        self.opened = 0
 
     def info(self) -> dict:
         return {"id": "base", "type": "base", "speakers": []}
@@ -42,18 +42,8 @@ class VoiceReplica:
         except KeyError:
             yield {"type": "error", "status": 400, "message": "voice: not a stored voice", "param": "voice"}
             return
-        self.opened += 1
-        yield {"type": "start", "session": f"r1-{self.opened}"}
-        if incremental:
-            await asyncio.Event().wait()
-        yield {"type": "audio", "pcm": np.zeros(480, np.float32)}
-        yield {"type": "end", "status": None, "finish_reason": "eos", "num_frames": 1, "ttfa_s": 0.0}
-
-    def renew(self, sessions):
-        return []
-
-    def feed(self, session, text="", end=False):
-        return {"chars": len(text)}
+        async for message in super().stream(payload, incremental, lease, consumer):
+            yield message
 
 
 def _voice_app(monkeypatch, tmp_path, **cfg):
