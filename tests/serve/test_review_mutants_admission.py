@@ -24,7 +24,7 @@ from tests.serve.fakes import FakeEngine
 from tests.serve.helpers import FakeReplicaGen
 from tests.serve.test_failures import _audio, _drain, _end, _Pcm
 from tests.serve.test_review_mutants import _Gen, _Handle
-from tests.serve.test_ws_session_ends import FakeSocket, FakeStream, Passthrough
+from tests.serve.test_ws_session_ends import EndedHandle, FakeSocket, FakeStream, Passthrough
 
 
 def _req(priority: str = "interactive", text: str = "hi") -> SynthesisRequest:
@@ -210,21 +210,11 @@ def test_a_full_replicas_refusal_names_it_so_the_ingress_asks_another():
 
 
 # --- WebSocket session ----------------------------------------------------------------------------------------------
-class _AcceptingHandle:
-    """A replica that takes every `feed`."""
-
-    def __init__(self) -> None:
-        self.fed: list[tuple[str, bool]] = []
-
-    def options(self, **_):
-        return self
-
-    @property
-    def feed(self):
-        return self
+class _AcceptingHandle(EndedHandle):
+    """A replica that takes every `feed` (test_ws_session_ends' handle, with a feed that succeeds)."""
 
     def remote(self, sid, text, end):
-        self.fed.append((text, end))
+        self.feeds += 1
 
         async def call():
             return None
