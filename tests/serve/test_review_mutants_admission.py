@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -122,6 +123,43 @@ def test_a_slot_a_step_frees_goes_to_parked_bulk_work_at_once():
         finally:
             sched.stop()
     assert asyncio.run(main())[-1].finish_reason == "eos"
+
+
+def test_a_session_ended_by_its_last_chunk_is_let_go_and_not_ended_again(caplog):
+    """The ticket of a session whose last chunk went out is dropped at once (mutant S34: kept; with sessions that
+    report `done` as the real engine's do, the reaper then took every normal finish for a silent one and logged a
+    false 'without a last chunk' warning per request, and finished tickets piled up in the step loop)."""
+    class Done(FakeEngine):   # as the real engine: a session is `done` once its last chunk is out
+        def add(self, req):
+            s = super().add(req)
+            s.done = False
+            self.made[s.id] = s
+            return s
+
+        def step(self, emit=None):
+            out = super().step(emit)
+            for c in out:
+                if c.is_last:
+                    self.made[c.session_id].done = True
+            return out
+
+    async def main():
+        eng = Done(frames=2)
+        eng.made = {}
+        sched = Scheduler(eng)
+        sched.start(asyncio.get_running_loop())
+        try:
+            ends = []
+            for _ in range(3):
+                t = await sched.submit(_req())
+                ends.append((await asyncio.wait_for(_collect(sched, t), 5))[-1].finish_reason)
+            await asyncio.sleep(0.05)   # a few more loop turns after the last finish
+        finally:
+            sched.stop()
+        return ends
+    with caplog.at_level(logging.WARNING, logger="serve.scheduler"):
+        assert asyncio.run(main()) == ["eos"] * 3
+    assert not [r.getMessage() for r in caplog.records if r.name == "serve.scheduler"]
 
 
 def test_parked_text_is_checked_when_it_comes_and_refused_once_the_session_ended():
@@ -272,3 +310,19 @@ def test_a_zero_session_limit_is_refused(field):
     every incremental session)"""
     with pytest.raises(ValueError, match="positive"):
         SessionLimits(**{field: 0})
+
+
+def test_no_writer_message_leaves_once_the_session_is_closing():
+    """After `_stop_writer` has marked the session closing, the writer's `_send` sends nothing and does not record
+    `done` as sent (mutant W14: the check removed; the writer's cancellation right after also stops it today, so
+    this pins the rule where `_send` states it: an error is never followed by audio or `done`)."""
+    async def main():
+        ws = FakeSocket([])
+        session = WSSession(ws, ws.receive, _AcceptingHandle(), FakeStream(None, {}), Passthrough(),
+                            MessageLimiter(100, 100, 100), {"type": "ready"})
+        idle = asyncio.create_task(asyncio.sleep(3600))   # stands for the writer task
+        await session._stop_writer(idle)
+        await session._send(ws.send_bytes, b"\x01\x00")
+        await session._send(ws.send_json, {"type": "done"}, done=True)
+        return ws.sent, session.done_sent, idle.cancelled()
+    assert asyncio.run(main()) == ([], False, True)
