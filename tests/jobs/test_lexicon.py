@@ -7,7 +7,7 @@ import json
 import pytest
 
 from jobs import narrate
-from jobs.lexicon import load
+from jobs.lexicon import Entry, Lexicon, load
 from jobs.manifest import from_parquet
 
 NOISE = ["--model", "fake", "--backend", "tests.jobs.media_fakes:NoiseBackend", "--runner", "local",
@@ -35,6 +35,27 @@ def test_matching_rules(tmp_path):
     assert listed.apply("Dr Who at ACME")[0] == "doctor Who at ack me"
     assert load(lex(tmp_path, "empty.yaml", "")).apply("x") == ("x", [])
 
+
+def test_a_latin_entry_is_respelled_inside_cjk_text_without_spaces():
+    """Chinese and Japanese put no space around a Latin word, Korean attaches its particles to it: a CJK or Hangul
+    neighbour is a word boundary, so "SQL" in "我们用SQL查询" or "SQL을" is respelled (it never fired: the neighbour
+    counted as a letter touching the match). A Latin letter, a digit or an underscore still is no boundary."""
+    lx = Lexicon((Entry("SQL", "sequel"), Entry("nginx", "engine x")))
+    assert lx.apply("我们用SQL查询，部署nginx服务。")[0] == "我们用sequel查询，部署engine x服务。"
+    assert lx.apply("서울에서 SQL을 배운다")[0] == "서울에서 sequel을 배운다"
+    assert lx.apply("MySQL SQLite 1SQL SQL_x")[0] == "MySQL SQLite 1SQL SQL_x"
+
+
+def test_a_combining_mark_belongs_to_the_character_before_it():
+    """A combining mark (Unicode category M) is part of the word it follows, though `\\w` does not match it: a
+    decomposed "José" ("Jose" + U+0301, as macOS and many PDFs write it) is not "Jose" (it was respelled and the
+    accent landed on the respelling), Hindi "रामा" is not "राम" + a vowel sign (U+093E), "が" written as "か" +
+    U+3099 is not "か". A mark before a match belongs to the letter before it."""
+    lx = Lexicon((Entry("Jose", "Hosay"), Entry("राम", "Raam"), Entry("か", "ka")))
+    assert lx.apply("Jose\u0301 met Jose.")[0] == "Jose\u0301 met Hosay."
+    assert lx.apply("cafe\u0301Jose")[0] == "cafe\u0301Jose"
+    assert lx.apply("रामा राम")[0] == "रामा Raam"
+    assert lx.apply("か\u3099か")[0] == "か\u3099ka"
 
 def test_a_replacement_fires_reaches_synthesis_and_changes_the_key(tmp_path):
     from tests.jobs.media_fakes import NoiseBackend
