@@ -222,7 +222,7 @@ def load(path: str | Path) -> Lexicon:
     """
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"lexicon: {p} does not exist")
+        raise ValueError(f"lexicon: {p} is not a file" if p.exists() else f"lexicon: {p} does not exist")
     try:
         text = p.read_text(encoding="utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM (inputs accept one too)
     except UnicodeDecodeError as e:

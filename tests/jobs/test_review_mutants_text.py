@@ -202,7 +202,7 @@ def test_the_file_type_is_read_from_a_suffix_in_any_case_and_a_folder_is_no_file
     assert lexicon.load(lex(tmp_path, "NAMES.YAML", "nginx: engine x\n")).apply("nginx")[0] == "engine x"
     assert lexicon.load(lex(tmp_path, "Names.Csv", "word,respelling\nSQL,sequel\n")).apply("SQL")[0] == "sequel"
     (tmp_path / "dir.yaml").mkdir()
-    with pytest.raises(ValueError, match=r"^lexicon: .*dir\.yaml does not exist"):
+    with pytest.raises(ValueError, match=r"^lexicon: .*dir\.yaml is not a file"):
         lexicon.load(tmp_path / "dir.yaml")
 
 
