@@ -10,7 +10,9 @@ Rules (each hop of a redirect is checked again; at most `max_redirects` hops):
 * no character below "!" (controls, space), DEL, backslash or lone surrogate anywhere (httpx refuses them with an
   error of its own; here they are a 400 naming audio_url); other non-ASCII is percent-encoded as UTF-8;
 * the path is normalised before the check: percent-escapes decoded per segment, empty and "." segments dropped, ".."
-  resolved (above the root: refused); an escaped "/" or "\\" inside a segment, a backslash, or a NUL is refused. The
+  resolved (above the root: refused); an escaped "/" or "\\" inside a segment, a backslash, or a NUL is refused, and
+  so is a segment that servers read as "." or ".." once they drop ";" parameters (servlet containers) or trailing
+  dots and spaces (IIS): `..;`, `%2e%2e;jsessionid=1`, `...`, `..%20`. The
   prefix's path must be a whole-segment prefix (`/ok/` allows `/ok/a.wav`, not `/okay/a.wav` nor `/ok/../x`);
 * the NORMALISED URL is what is requested, so the server sees exactly the path that was checked;
 * the body is read in pieces up to `max_bytes` (413 beyond), with a total timeout; environment proxies are ignored;
@@ -103,6 +105,8 @@ def parse(url: str, *, folder: bool = False) -> Target:
             raise FetchRefused("the path has escapes that are not UTF-8") from None
         if "/" in seg or "\\" in seg or "\0" in seg:
             raise FetchRefused("an escaped '/', '\\' or NUL in the path is not accepted")
+        if seg not in ("", ".", "..") and not seg.split(";", 1)[0].rstrip(". "):
+            raise FetchRefused(f"the path segment {shown(seg)} is not accepted: servers read it as '.' or '..'")
         if seg in ("", "."):
             continue
         if seg == "..":
@@ -150,8 +154,8 @@ async def fetch_allowed(url: str, allow: AllowList, max_bytes: int, timeout_s: f
         nonlocal target
         for _hop in range(max_redirects + 1):
             async with client.stream("GET", target.url(), headers={"Accept-Encoding": "identity"}) as r:
-                if r.is_redirect:
-                    target = allow.check(urljoin(target.url(), r.headers.get("location", "")))
+                if r.is_redirect and r.headers.get("location"):   # a 3xx without one: "HTTP 3xx" below
+                    target = allow.check(urljoin(target.url(), r.headers["location"]))
                     continue
                 if r.status_code != 200:
                     raise FetchRefused(f"the server answered HTTP {r.status_code}")

@@ -117,9 +117,13 @@ def test_three_redirects_are_followed_and_a_fourth_refused(server):
     assert "more than 1 redirects" in str(_refused(server, "/ok/chain/2", max_redirects=1))
 
 
-def test_a_redirect_without_location_is_a_refusal(server):
-    """(mutant: `headers["location"]`, a KeyError that escaped as a 500)"""
-    assert _refused(server, "/ok/no-location").status == 400
+def test_a_redirect_without_location_is_a_refusal_at_once(server):
+    """A 3xx without Location is the server's answer, refused as such after one request (mutant:
+    `headers["location"]`, a KeyError that escaped as a 500; before, it was requested again 4 times and refused
+    as "more than 3 redirects")."""
+    Handler.seen.clear()
+    err = _refused(server, "/ok/no-location")
+    assert err.status == 400 and "HTTP 302" in str(err) and Handler.seen == ["/ok/no-location"]
 
 
 def test_only_a_200_answer_is_the_audio(server):
