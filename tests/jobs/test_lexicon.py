@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jobs import narrate
-from jobs.lexicon import Entry, Lexicon, load
+from jobs.lexicon import _WORD, Entry, Lexicon, _marked, load
 from jobs.manifest import from_parquet
+from jobs.scripts import UNBOUNDED, in_blocks
 
 NOISE = ["--model", "fake", "--backend", "tests.jobs.media_fakes:NoiseBackend", "--runner", "local",
          "--no-progress", "--quiet", "--voice", "ryan"]
@@ -129,3 +133,44 @@ def test_csv_rows_end_at_newlines_only(tmp_path):
                                   'GIF,"jif\ngif"\r\n')
     lx = load(path)
     assert lx.apply("NEL name, Qwen and GIF")[0] == "nell name, kwen and jif gif"
+
+
+def _one_group_per_entry(lx: Lexicon, text: str) -> tuple[str, list]:
+    """The matcher as it was before it lost its groups (a named group per entry says which entry matched): the
+    oracle of the test below."""
+    order = sorted(range(len(lx.entries)), key=lambda i: (-len(lx.entries[i].word), not lx.entries[i].exact))
+    alts = []
+    for n, i in enumerate(order):
+        e = lx.entries[i]
+        body = r"\s+".join(re.escape(w) for w in e.word.split())
+        body = body if e.exact else f"(?i:{body})"
+        left = "" if in_blocks(e.word[0], UNBOUNDED) else rf"(?<!{_WORD})"
+        right = "" if in_blocks(e.word[-1], UNBOUNDED) else rf"(?!{_WORD})"
+        alts.append(f"(?P<e{n}>{left}{body}{right})")
+    fired = {}
+
+    def sub(m):
+        i = order[int(m.lastgroup[1:])]
+        if _marked(text, m.start(), m.end(), not in_blocks(lx.entries[i].word[0], UNBOUNDED)):
+            return m.group(0)
+        fired.setdefault(i, lx.entries[i])
+        return lx.entries[i].respelling
+
+    return re.compile("|".join(alts)).sub(sub, text), list(fired.values())
+
+
+_LETTERS = "aAsSſ猫 \u0301"   # case pairs, the long s (s in any case), a CJK letter, a space, a combining mark
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(words=st.lists(st.text(_LETTERS, min_size=1, max_size=4).map(" ".join).map(str.split).map(" ".join)
+                      .filter(bool), min_size=1, max_size=8),
+       cases=st.lists(st.sampled_from(["auto", "exact", "ignore"]), min_size=8, max_size=8),
+       text=st.text(_LETTERS + "\t\n.", max_size=40))
+def test_the_entry_a_match_is_named_as_one_group_per_entry_named_it(words, cases, text):
+    """The matcher has one alternation without groups and finds the entry of each match by its words: the same
+    text and the same entries fired as the one-group-per-entry matcher it replaced (which was 200x slower with
+    2,000 entries), with entries that differ only in case, spaces or the long s, CJK sides and marks."""
+    entries = tuple(Entry(w, f"<{n}>", c) for n, (w, c) in enumerate(zip(words, cases)))
+    lx = Lexicon(entries)
+    assert lx.apply(text) == _one_group_per_entry(lx, text)
