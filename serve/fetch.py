@@ -105,7 +105,8 @@ def parse(url: str, *, folder: bool = False) -> Target:
             raise FetchRefused("the path has escapes that are not UTF-8") from None
         if "/" in seg or "\\" in seg or "\0" in seg:
             raise FetchRefused("an escaped '/', '\\' or NUL in the path is not accepted")
-        if seg not in ("", ".", "..") and not seg.split(";", 1)[0].rstrip(". "):
+        base = seg.split(";", 1)[0]
+        if seg not in (".", "..") and "." in base and not base.rstrip(". "):
             raise FetchRefused(f"the path segment {shown(seg)} is not accepted: servers read it as '.' or '..'")
         if seg in ("", "."):
             continue

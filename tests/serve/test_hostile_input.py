@@ -185,6 +185,7 @@ class _no_error:
     ("http://127.0.0.1:9/ok/.../private/x.wav", False),
     ("http://127.0.0.1:9/ok/a.wav;v=2", True),
     ("http://127.0.0.1:9/ok/.hidden/b.wav", True),
+    ("http://127.0.0.1:9/ok/;v=1/%20/b.wav", True),   # an empty segment with parameters, a space: no dots
     ("http://127.0.0.1:9@evil.example/ok/a.wav", False),
     ("http://127.0.0.1:9.evil.example/ok/a.wav", False),
     ("http://127.0.0.1:10/ok/a.wav", False),
