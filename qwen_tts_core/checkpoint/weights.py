@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -56,7 +57,10 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None,
         sub = Path(subfolder)
         if sub.is_absolute() or ".." in sub.parts:
             raise ValueError(f"subfolder: {subfolder!r} must be a relative path inside the checkpoint")
-    p = Path(path_or_id).expanduser()
+    try:
+        p = Path(path_or_id).expanduser()
+    except RuntimeError:   # "~nosuchuser/...": no such home; the hub-id check below refuses the name
+        p = Path(path_or_id)
     if p.exists() and subfolder:
         p = p / subfolder
         if not p.is_dir():
@@ -90,9 +94,16 @@ def read_json(path: Path, kind: type = dict) -> Any:
     """The parsed JSON file at `path`, which must hold a `kind` (object by default); a ValueError names the file
     (also for a file over MAX_JSON_BYTES, read by nobody, and for nesting too deep for the parser)."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO blocks, a device (/dev/zero) never ends: st_size 0 for both
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_JSON_BYTES:
             raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
-        raw = json.loads(path.read_text())
+        with path.open("rb") as f:  # at most one byte over the cap, whatever stat said
+            data = f.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
+        raw = json.loads(data.decode())
     except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:  # JSONDecodeError, over-long ints: ValueError
         raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(raw, kind):
