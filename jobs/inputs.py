@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from jobs.md_text import first_heading, markdown_to_text
 from qwen_tts_core.errors import shown
+from qwen_tts_core.files import FileTooLarge, NotRegularFile, read_capped
 from qwen_tts_core.generate.requests import SEED_MAX
 
 log = logging.getLogger(__name__)
@@ -85,17 +85,13 @@ def _natural_key(p: Path) -> list[Any]:
 def read_text(path: Path, limits: InputLimits) -> str:
     """The whole file as text. Raises ValueError naming the file: unreadable, too large, or binary."""
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):  # a device reads without end (/dev/zero: size 0), a pipe waits for ever
-            raise ValueError(f"input: {path} is not a regular file")
-        if st.st_size > limits.max_input_bytes:
-            raise ValueError(f"input: {path} is {st.st_size} bytes; the limit is {limits.max_input_bytes} "
-                             "(--max-input-bytes)")
-        with path.open("rb") as f:
-            data = f.read(limits.max_input_bytes + 1)  # never more than the limit, whatever the size said
-        if len(data) > limits.max_input_bytes:
-            raise ValueError(f"input: {path} grew past {limits.max_input_bytes} bytes while it was read "
-                             "(--max-input-bytes)")
+        data = read_capped(path, limits.max_input_bytes)
+    except NotRegularFile:
+        raise ValueError(f"input: {path} is not a regular file") from None
+    except FileTooLarge as e:
+        if e.size is None:
+            raise ValueError(f"input: {path} grew past {e.limit} bytes while it was read (--max-input-bytes)") from None
+        raise ValueError(f"input: {path} is {e.size} bytes; the limit is {e.limit} (--max-input-bytes)") from None
     except OSError as e:
         raise ValueError(f"input: cannot read {path} ({e})") from e
     if b"\0" in data[:1 << 20]:

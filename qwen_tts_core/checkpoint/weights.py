@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -14,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..files import read_capped
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,7 @@ def read_json(path: Path, kind: type = dict) -> Any:
     """The parsed JSON file at `path`, which must hold a `kind` (object by default); a ValueError names the file
     (also for a file over MAX_JSON_BYTES, read by nobody, and for nesting too deep for the parser)."""
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):  # a FIFO blocks, a device (/dev/zero) never ends: st_size 0 for both
-            raise ValueError("not a regular file")
-        if st.st_size > MAX_JSON_BYTES:
-            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
-        with path.open("rb") as f:  # at most one byte over the cap, whatever stat said
-            data = f.read(MAX_JSON_BYTES + 1)
-        if len(data) > MAX_JSON_BYTES:
-            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
-        raw = json.loads(data.decode())
+        raw = json.loads(read_capped(path, MAX_JSON_BYTES).decode())
     except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:  # JSONDecodeError, over-long ints: ValueError
         raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(raw, kind):

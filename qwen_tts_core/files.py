@@ -1,0 +1,35 @@
+"""Reading a file a caller names, bounded: only a regular file, and never more than a limit, whatever its size says.
+
+    data = read_capped(path, limit)      # NotRegularFile | FileTooLarge (ValueErrors) | OSError
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+
+class NotRegularFile(ValueError):
+    """A device reads without end (/dev/zero: st_size 0), a FIFO waits for ever: neither is read."""
+
+
+class FileTooLarge(ValueError):
+    """Over `limit` bytes: `size` as stat gave it, or None when the file grew past the limit while it was read."""
+
+    def __init__(self, size: int | None, limit: int) -> None:
+        super().__init__(f"larger than {limit} bytes")
+        self.size, self.limit = size, limit
+
+
+def read_capped(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at `path` (symlinks followed), at most `limit` of them."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile("not a regular file")
+    if st.st_size > limit:
+        raise FileTooLarge(st.st_size, limit)
+    with path.open("rb") as f:
+        data = f.read(limit + 1)   # one byte past the limit at most, whatever the size said
+    if len(data) > limit:
+        raise FileTooLarge(None, limit)
+    return data
