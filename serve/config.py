@@ -173,7 +173,7 @@ class ModelConfig:
     max_input_chars: int | None = None       # longest text of one request (None: the service's max_input_chars)
     first_chunk_frames: int = 1
     chunk_frames: int = 4
-    warmup: bool = True
+    warmup: bool = True                      # warm the engine up (every model type) before traffic
     max_bulk_queue: int = 256                # bulk (batch-job) requests parked per replica before Busy
     # Engine options (None: the engine's default; see qwen_tts_core Engine): static KV length per session, CUDA
     # graphs on/off, the batch sizes graphs are captured for, torch.compile (True: the whole step bodies on CPU,

@@ -131,11 +131,14 @@ class ReplicaCore:
         self._tasks: set[asyncio.Task] = set()  # those questions
 
     def warm_up(self) -> float:
-        """One short synthesis (allocations, first-call costs) before traffic; returns seconds."""
+        """First-call costs paid before traffic; returns seconds. The engine's own warm-up for every model type, Base
+        included (graphs, a prefill, steps, an audio decode; no request needed), then, for a model with a voice of its
+        own, one short synthesis through the request path (text, prompt, sampling)."""
         t = time.perf_counter()
+        self.engine.warm_up()
         kind = {"custom_voice": "custom_voice", "voice_design": "voice_design"}.get(self.model.tts_model_type)
         if kind is None:
-            return 0.0  # Base needs a reference voice; its first request pays the first-call costs
+            return time.perf_counter() - t  # Base: a request needs a reference voice, which a replica has none of
         req = SynthesisRequest(kind=kind, text="Warm up.", speaker=(self.model.get_supported_speakers() or [None])[0],
                                instruct="A calm voice." if kind == "voice_design" else None,
                                sampling=SamplingParams(max_new_tokens=6), seed=0)

@@ -417,3 +417,30 @@ def test_a_voice_is_never_made_from_a_url_the_client_sent(model_factory, ref_wav
         assert hits == []
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["base", "custom_voice"])
+def test_warm_up_warms_the_engine_for_every_model_type_base_included(model_factory, ref_wav_path, tmp_path, kind):
+    """A replica's warm-up runs the engine's own warm-up (graphs, a prefill, steps, an audio decode), which needs no
+    request: a Base replica, which has no voice to synthesize with, skipped warming altogether and left its first
+    request to pay every first-call cost (issue 9: graphs ready before traffic for every model type). What comes after
+    the warm-up is what a cold replica gives."""
+    store = VoiceStore(tmp_path / "voices")
+    cfg = ModelConfig(name="w", model_type=kind, max_new_tokens=16, default_max_new_tokens=5)
+    model = model_factory(kind)
+    cold, warm = ReplicaCore(model, cfg, store), ReplicaCore(model, cfg, store)
+    calls = []
+    original = warm.engine.warm_up
+    warm.engine.warm_up = lambda: calls.append(1) or original()
+    assert warm.warm_up() > 0 and calls == [1]
+
+    async def main(core):
+        payload = {"input": "After the warm-up.", "seed": 3}
+        if kind == "base":
+            voice = await core.create_voice(ref_wav_path.read_bytes(), "A reference sentence.", False, "v")
+            payload["voice"] = voice["id"]
+        items = await _items(core, payload)
+        assert items[-1]["type"] == "end" and items[-1]["status"] is None
+        return np.concatenate([x["pcm"] for x in items if x["type"] == "audio"])
+
+    np.testing.assert_array_equal(asyncio.run(main(warm)), asyncio.run(main(cold)))
