@@ -20,6 +20,7 @@ from jobs.md_text import first_heading, markdown_to_text
 from qwen_tts_core.errors import shown
 from qwen_tts_core.files import FileTooLarge, NotRegularFile, read_capped
 from qwen_tts_core.generate.requests import SEED_MAX
+from qwen_tts_core.types import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Utterance:
     model: str | None = None
     seed: int = 0
     format: str = "wav"
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
     error: str | None = None
     title: str | None = None  # chapter title for --book (a Markdown file's first heading); not in the key
 
@@ -74,7 +75,7 @@ class RowDefaults:
     model: str | None = None
     seed: int = 0
     format: str = "wav"
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
 
 
 def _natural_key(p: Path) -> list[Any]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_tts_core.errors import RequestError, shown
-from qwen_tts_core.types import SamplingParams
+from qwen_tts_core.types import SAMPLE_RATE, SamplingParams
 
 from . import deliver
 from .audio import MAX_PAUSE_S
@@ -144,7 +144,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instruct", help="default instruction / voice description")
     p.add_argument("--seed", type=int, help="default seed (default 0)")
     p.add_argument("--format", choices=FORMATS, help="default audio format (default wav)")
-    p.add_argument("--sample-rate", type=int, help="default output sample rate (default 24000)")
+    p.add_argument("--sample-rate", type=int, help=f"default output sample rate (default {SAMPLE_RATE})")
     p.add_argument("--max-chars", type=int, help="chunk budget in characters (default 200)")
     p.add_argument("--pause", type=float, dest="pause_s", help="seconds of silence between chunks, 0-60 (default 0.4)")
     p.add_argument("--attempts", type=int, dest="max_attempts", help="tries per chunk when the guard trips (default 3)")
@@ -212,7 +212,7 @@ def build_options(args: argparse.Namespace, key_prefix: str, conf: dict[str, Any
     model = get("model", None)
     defaults = RowDefaults(voice=get("voice", None), language=get("language", "auto"),
                            instruct=get("instruct", None), model=model, seed=check_seed(get("seed", 0), "--seed"),
-                           format=get("format", "wav"), sample_rate=num("sample_rate", 24000))
+                           format=get("format", "wav"), sample_rate=num("sample_rate", SAMPLE_RATE))
     sampling = {k: get(k, None) for k in SAMPLING_ARGS if get(k, None) is not None}
     check_device(get("device", "cpu"))
     try:  # the core's rules, up front: a bad value would fail every row

@@ -16,8 +16,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from qwen_tts_core.types import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
-SAMPLE_RATE = 24000
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,14 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 
 from .errors import RequestError, RequestFetchError, RequestFileNotFound, RequestTypeError, shown
+from .types import SAMPLE_RATE
 
 if TYPE_CHECKING:
     import soundfile
 
 logger = logging.getLogger(__name__)
 
-TARGET_SR = 24000
+TARGET_SR = SAMPLE_RATE
 SILENCE_PEAK = 1e-4
 MAX_PEAK = 100.0
 """Float audio lives in [-1, 1]; a slightly hot recording goes a little beyond (a warning), but a peak above this

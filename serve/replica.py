@@ -41,6 +41,7 @@ from ray import serve
 from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
 from qwen_tts_core.errors import RequestError, SessionEnded
 from qwen_tts_core.generate.requests import validate as validate_request
+from qwen_tts_core.types import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 from .config import ModelConfig
 from .liveness import RAY_ACTORS
@@ -53,7 +54,6 @@ from .voices import VoiceStore
 
 log = logging.getLogger(__name__)
 
-SAMPLES_PER_FRAME = 1920
 WATCH_PERIOD_S = 0.5
 STUCK_STEP_S = 300.0   # one engine step running longer than this marks the replica unhealthy (a hung device call)
 ENGINE_OPTIONS = ("max_len", "cuda_graphs", "batch_buckets", "compile", "audio_dtype")
@@ -207,7 +207,7 @@ class ReplicaCore:
             self.metrics.error("engine" if ticket.failure is None else "session")
         rtf = None
         if ticket.samples and chunk.finish_reason not in ("cancelled", "error") and ticket.failure is None:
-            rtf = (time.perf_counter() - ticket.t_submit) / (ticket.samples / 24000)
+            rtf = (time.perf_counter() - ticket.t_submit) / (ticket.samples / SAMPLE_RATE)
         self.metrics.finished(ticket.ttfa_s if ticket.request.priority == "interactive" else None, rtf)
         self._gauges()
 
@@ -347,7 +347,7 @@ class ReplicaCore:
                 raise RequestError(end["field"], end["message"].removeprefix(f"{param}: ") if param else end["message"])
             raise SynthesisFailed(end["message"], end["finish_reason"], end["status"])
         audio = np.concatenate(pcm).astype(np.float32) if pcm else np.zeros(0, np.float32)
-        return {"pcm": audio, "sample_rate": 24000, "finish_reason": end["finish_reason"],
+        return {"pcm": audio, "sample_rate": SAMPLE_RATE, "finish_reason": end["finish_reason"],
                 "num_frames": len(audio) // SAMPLES_PER_FRAME, "checkpoint_digest": self.checkpoint_digest(),
                 "settings": render_settings(self.model, self.cfg)}
 

@@ -38,6 +38,7 @@ import numpy as np
 from qwen_tts_core import AudioChunk, EngineBusy, SynthesisRequest
 from qwen_tts_core.errors import RequestError
 from qwen_tts_core.generate.requests import check_text
+from qwen_tts_core.types import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +433,7 @@ class Scheduler:
             if ticket.ttfa_s is not None and ticket.request.priority == "interactive":
                 self.stats.ttfa_s.append(ticket.ttfa_s)
             if ticket.samples:
-                self.stats.rtf.append((time.perf_counter() - ticket.t_submit) / (ticket.samples / 24000))
+                self.stats.rtf.append((time.perf_counter() - ticket.t_submit) / (ticket.samples / SAMPLE_RATE))
         if self.on_finish is not None:
             try:
                 self.on_finish(ticket, chunk)

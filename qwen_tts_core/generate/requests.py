@@ -19,7 +19,13 @@ from ..audio_io import AudioLimits
 from ..codec.decoder import check_codes
 from ..errors import ECHO_CHARS, RequestError, shown
 from ..text.prompt import Prompt, build_prompt
-from ..types import SAMPLE_RATE, SAMPLING_FIELDS, SamplingParams, SynthesisRequest
+from ..types import (
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    SAMPLING_FIELDS,
+    SamplingParams,
+    SynthesisRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +149,7 @@ def check_seed(seed: object) -> int | None:
     return int(seed)
 
 
-MAX_REF_CODE_FRAMES = math.ceil(AudioLimits.max_seconds * SAMPLE_RATE / 1920) + 1
+MAX_REF_CODE_FRAMES = math.ceil(AudioLimits.max_seconds * SAMPLE_RATE / SAMPLES_PER_FRAME) + 1
 """The codes of the longest reference: its frames at 24 kHz, plus one for voices stored before `to_24k` capped its
 length at the duration limit (the official's float ceiling made 120 s at 44.1 kHz 2,880,001 samples, 1501 frames):
 a voice create_voice_clone_prompt made must be one generation takes."""
