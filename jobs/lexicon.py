@@ -87,6 +87,9 @@ neighbour is a boundary). Combining marks, which `\\w` does not match, are check
 of all of them made every entry's pattern ~6 KB longer (13 s to compile 2,000 entries)."""
 
 
+_LEFT, _RIGHT = rf"(?<!{_WORD})", rf"(?!{_WORD})"
+
+
 def _marked(text: str, start: int, end: int, bounded_left: bool) -> bool:
     """Whether a match touches a combining mark (Unicode category M: an accent written after its letter, an Indic
     vowel sign): one right after it belongs to its last character; one right before it, to the letter before it
@@ -98,13 +101,18 @@ def _marked(text: str, start: int, end: int, bounded_left: bool) -> bool:
 
 class _Matcher:
     """One lexicon, compiled: `pattern` is one alternation of every entry, longest first (exact before
-    case-insensitive among equals), each with its own boundaries and no group; `which` says which entry a match is.
+    case-insensitive among equals), with its boundaries and no group; `which` says which entry a match is.
     (A named group per entry made every match attempt pay for all the groups: 211 ms per 300-character chunk with
     2,000 entries, against 10 ms this way.)"""
 
     def __init__(self, entries: tuple[Entry, ...]) -> None:
-        order = sorted(range(len(entries)), key=lambda i: (-len(entries[i].word), not entries[i].exact))
-        alts: list[str] = []
+        sides = [(not in_blocks(e.word[0], UNBOUNDED), not in_blocks(e.word[-1], UNBOUNDED)) for e in entries]
+        # longest first, exact before case-insensitive; among entries of one length, those with the same boundaries
+        # together (fewer runs below). That moves no entry past one that can match where it does: two entries of
+        # one length matching at one place read the same text up to case, and no UNBOUNDED character has a case,
+        # so both have the same boundaries.
+        order = sorted(range(len(entries)), key=lambda i: (-len(entries[i].word), sides[i], not entries[i].exact))
+        runs: list[tuple[tuple[bool, bool], list[str]]] = []   # consecutive entries with the same boundaries
         self.by_len: dict[int, list[tuple[int, re.Pattern[str]]]] = {}
         for i in order:
             e = entries[i]
@@ -112,11 +120,16 @@ class _Matcher:
             body = r"\s+".join(re.escape(w) for w in words)
             if not e.exact:
                 body = f"(?i:{body})"
-            left = "" if in_blocks(e.word[0], UNBOUNDED) else rf"(?<!{_WORD})"
-            right = "" if in_blocks(e.word[-1], UNBOUNDED) else rf"(?!{_WORD})"
-            alts.append(f"{left}{body}{right}")
+            if runs and runs[-1][0] == sides[i]:
+                runs[-1][1].append(body)
+            else:
+                runs.append((sides[i], [body]))
             self.by_len.setdefault(len(" ".join(words)), []).append((i, re.compile(body)))
-        self.pattern = re.compile("|".join(alts))
+        # `L(?:A|B)R` tries what `LAR|LBR` tries, in the same order (a failed R goes back to B): the same matches,
+        # with the boundary classes (costly to compile: a bitmap of their ranges each) written once per run, not once
+        # per entry. benchmarks/lexicon.py: compile and apply times against the pattern with per-entry boundaries.
+        self.pattern = re.compile("|".join(f"{_LEFT if left else ''}(?:{'|'.join(bodies)}){_RIGHT if right else ''}"
+                                           for (left, right), bodies in runs))
 
     def which(self, matched: str) -> int:
         """The entry `pattern` matched: the first, in its order, whose words are `matched`. Case-insensitive matching

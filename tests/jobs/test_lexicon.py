@@ -159,6 +159,17 @@ def _one_group_per_entry(lx: Lexicon, text: str) -> tuple[str, list]:
     return re.compile("|".join(alts)).sub(sub, text), list(fired.values())
 
 
+@pytest.mark.parametrize("text", ["a猫", "a猫 a", "aaa a猫", "猫a猫"])
+def test_a_longer_entry_with_other_boundaries_wins_over_a_shorter_one(text):
+    """The pattern writes each boundary once per run of entries that share it, in the longest-first order: "a猫"
+    (no boundary on its CJK side) sits between "aaa" and "a" (a boundary on both sides), so it must be tried before
+    "a" (which matches the "a" of "a猫": a CJK neighbour is a boundary). Grouping all entries of one boundary kind
+    together, across the order, lets "a" win."""
+    lx = Lexicon((Entry("aaa", "<3>"), Entry("a猫", "<cat>"), Entry("a", "<1>")))
+    assert lx.apply(text) == _one_group_per_entry(lx, text)
+    assert "<cat>" in lx.apply(text)[0]
+
+
 _LETTERS = "aAsSſ猫 \u0301"   # case pairs, the long s (s in any case), a CJK letter, a space, a combining mark
 
 
