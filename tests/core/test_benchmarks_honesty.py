@@ -89,3 +89,19 @@ def test_stream_bandwidth_cycles_distinct_matrices_and_is_finite():
 
     bw = stream_bandwidth_gbs("float32", 64 * 64 * 4 * 3, rows=64, cols=64, min_seconds=0.01)
     assert 0 < bw < math.inf
+
+
+def test_the_lexicon_benchmark_times_the_same_matches_on_both_patterns(capsys):
+    """benchmarks/lexicon.py compares the module's pattern with the per-entry-boundary one it replaced; it must
+    check that both find the same matches before it times them, and report what it timed."""
+    import json
+
+    import lexicon as bench
+
+    assert bench.main(["--sizes", "40", "--chunks", "3"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sizes"][0]
+    assert row["entries"] == 40 and row["pattern_chars"] < row["baseline_pattern_chars"]
+    from jobs.lexicon import Entry
+
+    entries = (Entry("ab", "x"), Entry("a", "y"))
+    assert [m.span() for m in bench.baseline_pattern(entries).finditer("a ab b")] == [(0, 1), (2, 4)]
