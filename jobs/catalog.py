@@ -241,7 +241,7 @@ def previous_manifest(sink: Sink) -> tuple[list[ManifestRecord], list[tuple[str,
     quarantined, `manifest.read_stored`). ValueError naming the file (exit 2, before any synthesis) when it is not
     Parquet or its columns are not the manifest's (a missing `status` column: every row of every catalog)."""
     raw = sink.get(MANIFEST_KEY)
-    if not raw:
+    if raw is None:   # (an empty object is a damaged manifest, not none: other catalogs' records were in it)
         return [], []
     try:
         return read_stored(raw)

@@ -329,14 +329,20 @@ def test_read_manifest_names_each_row_it_leaves_out():
     assert bad[0].startswith("row 2 (id 'b'): field 'status'") and bad[1].startswith("row 3: field 'id'")
 
 
-def test_an_unreadable_manifest_exits_2_naming_it(tmp_path, capsys):
+@pytest.mark.parametrize("cut", [100, 0], ids=["cut-short", "empty"])
+def test_an_unreadable_manifest_exits_2_naming_it(tmp_path, capsys, cut):
+    """An empty manifest object is damaged too (review: it was read as no manifest at all, and the pass wrote one of
+    its own catalog's records only: every other catalog's records at the output, their pending deletes and retired
+    prompts, were dropped)."""
     cat, out = tmp_path / "ivr.yaml", tmp_path / "out"
     _write(cat, [{"id": "welcome", "text": "Welcome."}])
     assert _run(cat, out, capsys)[0] == 0
-    (out / MANIFEST).write_bytes((out / MANIFEST).read_bytes()[:100])
+    damaged = (out / MANIFEST).read_bytes()[:cut]
+    (out / MANIFEST).write_bytes(damaged)
     code = catalog.main([str(cat), "--model", "fake", "--out", f"file://{out}", "--backend", FAKE, "--runner",
                          "local", "--no-progress", "--quiet"])
     assert code == 2 and f"{out}/{MANIFEST} cannot be read" in capsys.readouterr().err
+    assert (out / MANIFEST).read_bytes() == damaged
 
 
 # 3. case-insensitive stores
