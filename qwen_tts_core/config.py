@@ -137,6 +137,22 @@ def _section(d: dict[str, Any], key: str, where: str, required: bool = True) -> 
     return v
 
 
+ROPE_THETA_DEFAULT = 10000.0   # the official config classes' default when config.json has none (published: 1e6)
+
+
+def _rope_theta(d: dict[str, Any], where: str) -> float:
+    """A block's RoPE base: `rope_theta`, else the one in `rope_parameters` (where transformers 5 writes it), else the
+    official default. Two different values are refused: which one the official package would read depends on the
+    transformers version that loads it."""
+    top, nested = d.get("rope_theta"), (d.get("rope_parameters") or {}).get("rope_theta")
+    top = None if top is None else check_rope_theta(top, f"{where}.rope_theta")
+    nested = None if nested is None else check_rope_theta(nested, f"{where}.rope_parameters.rope_theta")
+    if top is not None and nested is not None and top != nested:
+        raise ValueError(f"{where}.rope_theta ({top:g}) and {where}.rope_parameters.rope_theta ({nested:g}) differ; "
+                         "keep one")
+    return top if top is not None else nested if nested is not None else ROPE_THETA_DEFAULT
+
+
 def _stack_kwargs(d: dict[str, Any], where: str) -> dict[str, Any]:
     """The DecoderStackConfig fields of a talker / code predictor block, type- and range-checked."""
     check_implemented(d, where)
@@ -152,7 +168,7 @@ def _stack_kwargs(d: dict[str, Any], where: str) -> dict[str, Any]:
                                          MAX_HEADS),
         "head_dim": check_int(_get(d, "head_dim", where), f"{where}.head_dim", 2, MAX_HEAD_DIM),
         "rms_norm_eps": check_float(_get(d, "rms_norm_eps", where, 1e-6), f"{where}.rms_norm_eps", 0.0, 1.0),
-        "rope_theta": check_rope_theta(_get(d, "rope_theta", where, 1e6), f"{where}.rope_theta"),
+        "rope_theta": _rope_theta(d, where),
         "max_position_embeddings": check_int(_get(d, "max_position_embeddings", where, 32768),
                                              f"{where}.max_position_embeddings", 1, MAX_POSITIONS),
     }
@@ -320,7 +336,8 @@ class TTSConfig:
             num_code_groups=check_int(_get(t, "num_code_groups", w, 16), f"{w}.num_code_groups", 2, MAX_CODE_GROUPS),
             **specials,
             spk_id=_id_map(t, "spk_id", w, vocab),
-            spk_is_dialect={str(k).lower(): v for k, v in dialects.items()},
+            # a dialect is checked lower-case against codec_language_id (whose names are lower-cased): kept so
+            spk_is_dialect={str(k).lower(): v.lower() if isinstance(v, str) else v for k, v in dialects.items()},
             codec_language_id=languages,
             mrope_section=tuple(mrope),
             code_predictor=cp_cfg,

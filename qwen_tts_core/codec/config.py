@@ -66,6 +66,8 @@ SUPPORTED_ACTS = ("silu", "gelu", "relu")
 
 def _label(attr: str) -> str:
     """The config.json field of a CodecConfig attribute."""
+    if attr == "sample_rate":
+        return "output_sample_rate"
     return f"decoder_config.{attr}" if attr in _DECODER_KEYS else attr
 
 # Upper bounds with a wide margin over the published codec (hidden 512, latent 1024, decoder_dim 1536, inter 1024,
