@@ -188,7 +188,23 @@ def _id_map(d: dict[str, Any], key: str, where: str, vocab: int) -> dict[str, in
     m = d.get(key) or {}
     if not isinstance(m, dict):
         raise ValueError(f"{where}.{key} must be a JSON object (name -> codec id), got {shown(m)}")
-    return {str(k).lower(): check_int(v, f"{where}.{key}[{k!r}]", 0, vocab - 1) for k, v in m.items()}
+    return by_lower({k: check_int(v, f"{where}.{key}[{k!r}]", 0, vocab - 1) for k, v in m.items()},
+                    f"{where}.{key}")
+
+
+def by_lower(m: dict[Any, Any], name: str) -> dict[str, Any]:
+    """A name -> value map keyed in lower case, as names are looked up (a request's `Ryan` is `ryan`). Names that
+    differ only in case: the one written in lower case wins, as the official package (which looks up `x.lower()`)
+    reads it; with none so written and different values, which one is meant is unknown: a ValueError naming `name`."""
+    out: dict[str, Any] = {}
+    for k, v in m.items():
+        low = str(k).lower()
+        if low in m:
+            out[low] = m[low]
+        elif out.setdefault(low, v) != v:
+            raise ValueError(f"{name} names {low!r} in several cases with different values ({shown(out[low])}, "
+                             f"{shown(v)}) and none in lower case; keep one")
+    return out
 
 
 @dataclass(frozen=True)
@@ -337,7 +353,8 @@ class TTSConfig:
             **specials,
             spk_id=_id_map(t, "spk_id", w, vocab),
             # a dialect is checked lower-case against codec_language_id (whose names are lower-cased): kept so
-            spk_is_dialect={str(k).lower(): v.lower() if isinstance(v, str) else v for k, v in dialects.items()},
+            spk_is_dialect=by_lower({k: v.lower() if isinstance(v, str) else v for k, v in dialects.items()},
+                                    f"{w}.spk_is_dialect"),
             codec_language_id=languages,
             mrope_section=tuple(mrope),
             code_predictor=cp_cfg,

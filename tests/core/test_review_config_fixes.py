@@ -59,3 +59,30 @@ def test_a_rope_theta_written_only_in_rope_parameters_is_the_one_used_and_two_di
     with pytest.raises(ValueError, match=r"^config.json: talker_config.rope_theta \(1e\+06\) and "
                                          r"talker_config.rope_parameters.rope_theta \(500000\) differ"):
         TTSConfig.from_dict(raw)
+
+
+def test_names_differing_only_in_case_resolve_as_the_official_package_looks_them_up():
+    """Names are looked up in lower case (the official package reads `spk_id[speaker.lower()]`): "RYAN" and "ryan"
+    with different ids collapsed into whichever came last. Now the key written in lower case wins wherever it
+    stands; two other spellings with different values, and none in lower case, are refused naming the field; the
+    same value twice is taken. The same for codec_language_id and spk_is_dialect."""
+    raw = _raw()
+    t = raw["talker_config"]
+    name, sid = next(iter(t["spk_id"].items()))
+    assert name == name.lower()
+    t["spk_id"] = {name.upper(): sid + 1, **t["spk_id"], name.title(): sid + 2}
+    assert TTSConfig.from_dict(raw).talker.spk_id[name] == sid
+    del t["spk_id"][name]
+    with pytest.raises(ValueError, match=rf"^config.json: talker_config.spk_id names '{name}' in several cases with "
+                                         rf"different values \({sid + 1}, {sid + 2}\) and none in lower case"):
+        TTSConfig.from_dict(raw)
+    t["spk_id"][name.title()] = sid + 1
+    assert TTSConfig.from_dict(raw).talker.spk_id[name] == sid + 1
+    raw = _raw()
+    langs = raw["talker_config"]["codec_language_id"]
+    raw["talker_config"]["codec_language_id"] = {"English": langs["english"] + 1, **langs}
+    assert TTSConfig.from_dict(raw).talker.codec_language_id["english"] == langs["english"]
+    raw = _raw()
+    raw["talker_config"]["spk_is_dialect"] = {"ERIC": "sichuan_dialect", "Eric": False}
+    with pytest.raises(ValueError, match=r"talker_config.spk_is_dialect names 'eric' in several cases"):
+        TTSConfig.from_dict(raw)
