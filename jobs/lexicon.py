@@ -103,7 +103,7 @@ class _Matcher:
     """One lexicon, compiled: `pattern` is one alternation of every entry, longest first (exact before
     case-insensitive among equals), with its boundaries and no group; `which` says which entry a match is.
     (A named group per entry made every match attempt pay for all the groups: 211 ms per 300-character chunk with
-    2,000 entries, against 10 ms this way.)"""
+    2,000 entries, against 10 ms without them, and ~3 ms with the boundaries written once per run below.)"""
 
     def __init__(self, entries: tuple[Entry, ...]) -> None:
         sides = [(not in_blocks(e.word[0], UNBOUNDED), not in_blocks(e.word[-1], UNBOUNDED)) for e in entries]
