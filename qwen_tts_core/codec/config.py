@@ -275,11 +275,11 @@ class CodecConfig:
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> CodecConfig:
         """Build from the parsed official config.json (a Qwen3TTSTokenizerV2Config dict)."""
+        if not isinstance(obj, Mapping):   # before any .get: a list or a number is a ValueError, not AttributeError
+            raise ValueError(f"must hold a JSON object, got {type(obj).__name__}")
         model_type = obj.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"config model_type must be {MODEL_TYPE!r}, got {model_type!r}")
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"must hold a JSON object, got {type(obj).__name__}")
         dec = obj.get("decoder_config")
         if not isinstance(dec, Mapping):
             raise ValueError(f"decoder_config must be a JSON object, got {dec!r:.60}")

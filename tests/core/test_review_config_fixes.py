@@ -86,3 +86,11 @@ def test_names_differing_only_in_case_resolve_as_the_official_package_looks_them
     raw["talker_config"]["spk_is_dialect"] = {"ERIC": "sichuan_dialect", "Eric": False}
     with pytest.raises(ValueError, match=r"talker_config.spk_is_dialect names 'eric' in several cases"):
         TTSConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("obj", [[], ["model_type"], 12, "qwen3_tts_tokenizer_12hz", None])
+def test_a_codec_config_that_is_not_an_object_is_a_value_error(obj):
+    """CodecConfig.from_dict read `model_type` before checking the type: a list (or a number, a string) raised
+    AttributeError from `.get`, not the ValueError its type check was written to give."""
+    with pytest.raises(ValueError, match=r"^must hold a JSON object, got "):
+        CodecConfig.from_dict(obj)
