@@ -20,7 +20,9 @@ declare -A RC
 RUNNING=()
 
 start() {  # start LANE: its pytest in the background, output to $LOGS/LANE.log
-  QTTS_LANE="$1" "$PYTHON" -c "$LANE" -q -p tests.lanes "$TESTS" "${ARGS[@]}" > "$LOGS/$1.log" 2>&1 &
+  # (--durations: each lane's log ends with its slowest tests, to see where the 30 minutes of `make test` go)
+  QTTS_LANE="$1" "$PYTHON" -c "$LANE" -q -p tests.lanes --durations=15 --durations-min=5 "$TESTS" "${ARGS[@]}" \
+    > "$LOGS/$1.log" 2>&1 &
   RUNNING+=("$!:$1")
 }
 
