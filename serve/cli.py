@@ -131,9 +131,10 @@ def models_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
     for i, (ckpt, gpus, dtype, replicas) in enumerate(zip(
             args.model, _per_model(args.num_gpus, n, "--num-gpus"), _per_model(args.dtype, n, "--dtype"),
             _per_model(args.num_replicas, n, "--num-replicas"))):
-        name = names[i] or re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(ckpt.rstrip("/")).name).strip("-.")
         if not Path(ckpt).expanduser().is_absolute() and Path(ckpt).exists():
             ckpt = str(Path(ckpt).absolute())  # a replica resolves a relative folder in its own working folder
+        # named after the folder itself: `--model .` is the working folder's name, not model0
+        name = names[i] or re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(os.path.normpath(ckpt)).name).strip("-.")
         m: dict[str, Any] = {"name": name or f"model{i}", "checkpoint": ckpt}
         if gpus is not None:
             m["num_gpus"] = gpus
