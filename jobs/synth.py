@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from qwen_tts_core.errors import RequestError
 from qwen_tts_core.types import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,16 @@ def error_text(e: BaseException) -> str:
         return f"{field_name}: {cause.message}"[:500]
     lines = [x for x in str(cause).strip().splitlines() if x.strip()]
     return (f"{type(cause).__name__}: {lines[-1]}" if lines else type(cause).__name__)[:500]  # (`assert`: no text)
+
+
+def _engine_error(chunk: Any) -> str:
+    """A failed session's row error from what its last chunk says went wrong: a request field at fault as
+    `error_text` words a RequestError ('field: message'), else "engine error: message"; "engine error" only when the
+    engine gave no reason."""
+    message, field_name = getattr(chunk, "error", None), getattr(chunk, "error_field", None)
+    if not message:
+        return "engine error"
+    return error_text(RequestError(field_name, message)) if field_name else f"engine error: {message}"[:500]
 
 
 class EngineBackend:
@@ -175,7 +186,7 @@ class EngineBackend:
                         i = owner[chunk.session_id]
                         audio = np.concatenate(pcm[chunk.session_id]) if pcm[chunk.session_id] \
                             else np.zeros(0, np.float32)
-                        err = None if chunk.finish_reason != "error" else "engine error"
+                        err = None if chunk.finish_reason != "error" else _engine_error(chunk)
                         results[i] = ChunkResult(audio, chunk.finish_reason, err, chunk.sample_rate)
         return [r if r is not None else ChunkResult(None, "error", "no result from engine") for r in results]
 

@@ -868,3 +868,13 @@ def test_true_peak_is_never_below_the_sample_peak():
         x = np.zeros(24000, np.float32)
         x[at] = -1.0
         assert levels.true_peak_dbtp(x, 24000) >= levels.peak_db(x) == 0.0   # |sample|: a negative peak counts
+
+
+def test_an_engine_failure_names_what_the_engine_said(fake_engine):
+    """DEFECT (fix.diff, jobs/synth.py): a session the engine ended in error carries why (`error`, and `error_field`
+    for a RequestError found in the engine); the row said only "engine error", where the Serve backend's row names
+    the reason. Now: 'field: message' as error_text words a RequestError, else "engine error: message"."""
+    why, field, bare = EngineBackend().synthesize([_chunk("error-why"), _chunk("error-field"), _chunk("error")])
+    assert why.error == "engine error: CUDA out of memory"
+    assert field.error == "max_new_tokens: must be at most 4096"
+    assert bare.error == "engine error"
