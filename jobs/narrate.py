@@ -204,7 +204,8 @@ def build_options(args: argparse.Namespace, key_prefix: str, conf: dict[str, Any
     def num(name: str, default: Any) -> Any:
         return option_number(name, get(name, default))
 
-    for name, v in {**conf, **vars(args)}.items():  # a lone surrogate (e.g. from argv) would fail every row
+    given = {k: v for k, v in vars(args).items() if v is not None}  # (an option not given is None in `args`)
+    for name, v in {**conf, **given}.items():  # a lone surrogate (from argv or the config) would fail every row
         if isinstance(v, str) and not is_unicode(v):
             raise ValueError(f"{flag(name)} is not valid Unicode: {printable(v)[:80]!r}")
     if get("format", "wav") not in FORMATS:
@@ -325,8 +326,10 @@ def prepare(rows: list[Utterance], defaults: RowDefaults, render: RenderConfig, 
     return rows, render, opts, backend
 
 
-def print_manifest(records: list[ManifestRecord], out: Any = sys.stdout) -> None:
-    """A short human-readable table of the manifest."""
+def print_manifest(records: list[ManifestRecord], out: Any = None) -> None:
+    """A short human-readable table of the manifest (on `out`, default the sys.stdout of the call, where the
+    summary goes: not the one of import time)."""
+    out = sys.stdout if out is None else out
     print(f"{'id':<24} {'status':<8} {'dur_s':>7} {'tries':>5}  key / error", file=out)
     for r in records:
         detail = r.key if r.status not in ("failed",) else f"ERROR {r.error}"
