@@ -19,3 +19,15 @@ def prefill_rows(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(runner_mod, "prefill", counted)
     return rows
+
+
+@pytest.fixture(scope="module")
+def cv(model_factory):
+    """The tiny random CustomVoice model (CPU fp32; loaded once per session by `model_factory`)."""
+    return model_factory("custom_voice", "tiny")
+
+
+@pytest.fixture(scope="module")
+def base(model_factory):
+    """The tiny random Base (voice clone) model (CPU fp32; loaded once per session by `model_factory`)."""
+    return model_factory("base", "tiny")

@@ -19,11 +19,6 @@ from qwen_tts_core.text.tokenizer import TextTokenizer, assistant_text
 G = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=6)
 
 
-@pytest.fixture(scope="module")
-def cv(model_factory):
-    return model_factory("custom_voice", "tiny")
-
-
 def test_supported_speakers_and_languages(cv, model_factory):
     assert cv.get_supported_speakers() == sorted(["aiden", "dylan", "eric", "ono_anna", "ryan", "serena", "sohee",
                                                   "uncle_fu", "vivian"])
@@ -109,7 +104,6 @@ def test_voice_prompt_round_trip_and_reuse(model_factory, ref_wav_path, tmp_path
     assert np.array_equal(a[0], b[0])
     (x,) = base.create_voice_clone_prompt((wav, sr), x_vector_only_mode=True)
     assert x.ref_code is None and x.x_vector_only_mode and not x.icl_mode
-
 
 
 def test_voice_prompts_that_do_not_fit_the_model_are_refused_naming_them(model_factory, ref_wav_path, tmp_path):

@@ -20,11 +20,6 @@ from qwen_tts_core.types import SamplingParams, SynthesisRequest
 GREEDY = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=400)
 
 
-@pytest.fixture(scope="module")
-def base(model_factory):
-    return model_factory("base", "tiny")
-
-
 def _icl(model, ref_text: str, frames: int = 8) -> VoiceClonePromptItem:
     t = model.cfg.talker
     g = torch.Generator().manual_seed(0)

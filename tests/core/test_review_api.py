@@ -38,16 +38,6 @@ G = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=4)
 
 
 @pytest.fixture(scope="module")
-def cv(model_factory):
-    return model_factory("custom_voice", "tiny")
-
-
-@pytest.fixture(scope="module")
-def base(model_factory):
-    return model_factory("base", "tiny")
-
-
-@pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Qwen3TTSTokenizer:
     folder = write_random_speech_tokenizer(tmp_path_factory.mktemp("stok") / "speech_tokenizer", "tiny", seed=0)
     return Qwen3TTSTokenizer.from_pretrained(folder)

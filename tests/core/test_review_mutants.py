@@ -21,16 +21,6 @@ from tests.core.test_lifecycle import drain
 G = dict(do_sample=False, subtalker_dosample=False)
 
 
-@pytest.fixture(scope="module")
-def cv(model_factory):
-    return model_factory("custom_voice", "tiny")
-
-
-@pytest.fixture(scope="module")
-def base(model_factory):
-    return model_factory("base", "tiny")
-
-
 def req(text, max_new_tokens=8, **kw) -> SynthesisRequest:
     kw.setdefault("decode_audio", False)
     return SynthesisRequest(kind="custom_voice", text=text, speaker="ryan", language="english",

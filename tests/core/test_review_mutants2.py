@@ -23,16 +23,6 @@ ENGLISH, CHINESE, SICHUAN = 2050, 2055, 2062
 RYAN, ERIC = 3061, 2875
 
 
-@pytest.fixture(scope="module")
-def cv(model_factory):
-    return model_factory("custom_voice", "tiny")
-
-
-@pytest.fixture(scope="module")
-def base(model_factory):
-    return model_factory("base", "tiny")
-
-
 def _emb(model):
     """P(ids) (projected text embeddings) and C(ids) (codec embeddings) of `model`'s talker, one row per id."""
     t = model.talker

@@ -23,16 +23,6 @@ G = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
-def cv(model_factory):
-    return model_factory("custom_voice", "tiny")
-
-
-@pytest.fixture(scope="module")
-def base(model_factory):
-    return model_factory("base", "tiny")
-
-
-@pytest.fixture(scope="module")
 def tok(checkpoint_factory) -> Qwen3TTSTokenizer:
     return Qwen3TTSTokenizer.from_pretrained(checkpoint_factory("custom_voice", "tiny"))
 

@@ -33,11 +33,6 @@ from qwen_tts_core.generate.text_feed import IncrementalText
 from qwen_tts_core.types import SamplingParams, SynthesisRequest
 
 
-@pytest.fixture(scope="module")
-def cv(model_factory):
-    return model_factory("custom_voice", "tiny")
-
-
 def _bounded(e: RequestError) -> None:
     assert len(e.field) <= ECHO_CHARS and len(str(e)) < 600, (len(e.field), len(str(e)))
 

@@ -25,11 +25,6 @@ from qwen_tts_core.voice_prompt import load_voice_prompt, save_voice_prompt
 GREEDY = SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=3)
 
 
-@pytest.fixture(scope="module")
-def base(model_factory):
-    return model_factory("base", "tiny")
-
-
 def _item(model, spk=None, codes=None, icl=True) -> VoiceClonePromptItem:
     t = model.cfg.talker
     g = torch.Generator().manual_seed(0)

@@ -42,3 +42,25 @@ def s3_bucket(moto_s3, request):
     name = "qtts-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture()
+def review_server():
+    """start(uri, **serve kwargs) -> the base URL of a `qtts review` server (jobs/review.py) of that output on
+    loopback; every server started is shut down after the test."""
+    import threading
+
+    from jobs import review
+
+    started = []
+
+    def start(uri, **kw):
+        srv = review.serve(str(uri), port=0, **kw)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        started.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}"
+
+    yield start
+    for srv in started:
+        srv.shutdown()
+        srv.server_close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import threading
 import urllib.error
 import urllib.request
 
@@ -30,22 +29,6 @@ def book_job(root, out: str, monkeypatch=None) -> None:
     assert narrate.main([str(rows), "--out", out, *NOISE, "--master", "acx", "--captions"]) == 1
 
 
-@pytest.fixture()
-def server(tmp_path):
-    started = []
-
-    def start(uri: str, **kw):
-        srv = review.serve(uri, port=0, **kw)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        started.append(srv)
-        return f"http://127.0.0.1:{srv.server_address[1]}"
-
-    yield start
-    for srv in started:
-        srv.shutdown()
-        srv.server_close()
-
-
 def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
     req = urllib.request.Request(url, headers=headers or {})
     try:
@@ -55,12 +38,12 @@ def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
         return e.code, dict(e.headers), e.read()
 
 
-def test_api_over_a_local_job(tmp_path, server):
+def test_api_over_a_local_job(tmp_path, review_server):
     import soundfile as sf
 
     out = tmp_path / "out"
     book_job(tmp_path, str(out))
-    base = server(f"file://{out}")
+    base = review_server(f"file://{out}")
     status, _, body = get(f"{base}/api/manifest")
     data = json.loads(body)
     assert status == 200 and data["manifest"] == "manifest.parquet"
@@ -89,7 +72,7 @@ def test_api_over_a_local_job(tmp_path, server):
     cat = tmp_path / "c.csv"
     cat.write_text("id,text,voice\nhi,Hello caller.,ryan\n")
     assert catalog.main([str(cat), "--out", str(tmp_path / "cat"), *NOISE[:-2], "--master", "telephony"]) == 0
-    base2 = server(str(tmp_path / "cat"))
+    base2 = review_server(str(tmp_path / "cat"))
     (row,) = json.loads(get(f"{base2}/api/manifest")[2])["rows"]
     status, headers, wav = get(f"{base2}/api/audio?key={row['key']}")
     info = sf.info(io.BytesIO(wav))
@@ -102,9 +85,9 @@ def test_no_manifest_is_a_clear_error(tmp_path, capsys):
     assert "no manifest in" in capsys.readouterr().err
 
 
-def test_review_reads_s3(tmp_path, s3_bucket, server):
+def test_review_reads_s3(tmp_path, s3_bucket, review_server):
     book_job(tmp_path, f"s3://{s3_bucket}/job1")
-    base = server(f"s3://{s3_bucket}/job1")
+    base = review_server(f"s3://{s3_bucket}/job1")
     rows = {r["id"]: r for r in json.loads(get(f"{base}/api/manifest")[2])["rows"]}
     assert set(rows) == {"ch1", "ch2", "ch3", "ch4"}
     status, headers, data = get(f"{base}/api/audio?key={rows['ch4']['key']}")
@@ -112,13 +95,13 @@ def test_review_reads_s3(tmp_path, s3_bucket, server):
     assert json.loads(get(f"{base}/api/peaks?key={rows['ch4']['key']}")[2])["duration_s"] > 3
 
 
-def test_page_in_chromium(tmp_path, server):
+def test_page_in_chromium(tmp_path, review_server):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) not installed")
     if not shutil.which("chromium"):
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     out = tmp_path / "out"
     book_job(tmp_path, str(out))
-    base = server(str(out))
+    base = review_server(str(out))
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
@@ -163,7 +146,7 @@ def test_page_in_chromium(tmp_path, server):
             browser.close()
 
 
-def test_page_tells_the_catalogs_of_one_output_apart(tmp_path, server):
+def test_page_tells_the_catalogs_of_one_output_apart(tmp_path, review_server):
     """Catalogs sharing an output own their records by name, and ids repeat across them (each has a `welcome`):
     the page labels each row "catalog / id" (as text: a name is the catalog's to choose) and its search finds a
     catalog's rows by name."""
@@ -175,7 +158,7 @@ def test_page_tells_the_catalogs_of_one_output_apart(tmp_path, server):
         cat = tmp_path / "c.csv"
         cat.write_text(f"id,text,voice\nwelcome,{text},ryan\n")
         assert catalog.main([str(cat), "--name", name, "--out", str(out), *NOISE[:-2]]) == 0
-    base = server(str(out))
+    base = review_server(str(out))
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:

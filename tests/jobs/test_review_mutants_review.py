@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -383,23 +382,6 @@ def _rec(id_: str, key: str | None, status: str = "ok", fmt: str = "wav", **kw) 
     return ManifestRecord(id=id_, key=key, status=status, format=fmt, **kw)
 
 
-@pytest.fixture()
-def server():
-    """start(uri, **serve kwargs) -> base URL of a review server on loopback (shut down after the test)."""
-    started = []
-
-    def start(uri: str, **kw):
-        srv = review.serve(str(uri), port=0, **kw)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        started.append(srv)
-        return f"http://127.0.0.1:{srv.server_address[1]}"
-
-    yield start
-    for srv in started:
-        srv.shutdown()
-        srv.server_close()
-
-
 def get(url: str, headers: dict | None = None, method: str = "GET") -> tuple[int, dict, bytes]:
     req = urllib.request.Request(url, headers=headers or {}, method=method)
     try:
@@ -413,14 +395,14 @@ def _error(body: bytes) -> str:
     return json.loads(body)["error"]["message"]
 
 
-def test_suspect_rows_are_flagged_and_playable_failed_rows_keys_are_not_served(tmp_path, server):
+def test_suspect_rows_are_flagged_and_playable_failed_rows_keys_are_not_served(tmp_path, review_server):
     """A suspect row (written, quality flags set) is flagged and its audio served; a failed row is flagged, and a
     key it carries is not an object the page serves; a row with a flag is flagged whatever its status says
     (mutants: suspect not flagged; suspect audio 404; every key served whatever the status; flags not counted)."""
     _job(tmp_path, [_rec("ok", "a/ok.wav"), _rec("sus", "a/sus.wav", "suspect"),
                     _rec("bad", "a/bad.wav", "failed", error="boom"), _rec("flag", "a/f.wav", flags=["clipping"])],
          {"a/ok.wav": WAV, "a/sus.wav": WAV, "a/bad.wav": WAV})
-    base = server(tmp_path)
+    base = review_server(tmp_path)
     rows = {r["id"]: r for r in json.loads(get(f"{base}/api/manifest")[2])["rows"]}
     assert [rows[i]["flagged"] for i in ("ok", "sus", "bad", "flag")] == [False, True, True, True]
     assert get(f"{base}/api/audio?key=a/sus.wav")[:3:2] == (200, WAV)
@@ -428,12 +410,12 @@ def test_suspect_rows_are_flagged_and_playable_failed_rows_keys_are_not_served(t
     assert status == 404 and _error(body) == "'a/bad.wav' is not an object of this manifest"
 
 
-def test_a_named_manifest_is_the_one_served_and_a_missing_one_is_a_404(tmp_path, server):
+def test_a_named_manifest_is_the_one_served_and_a_missing_one_is_a_404(tmp_path, review_server):
     """--manifest NAME: that object, not the default manifest.parquet beside it; a name that is not there is the
     review's 404 naming it (mutants: --manifest ignored; the missing manifest read as None and parsed)."""
     _job(tmp_path, [_rec("default", "a/x.wav")], {"a/x.wav": WAV})
     _job(tmp_path, [_rec("mine", "a/x.wav")], {}, name="runs/other.parquet")
-    base = server(tmp_path, manifest="runs/other.parquet")
+    base = review_server(tmp_path, manifest="runs/other.parquet")
     data = json.loads(get(f"{base}/api/manifest")[2])
     assert data["manifest"] == "runs/other.parquet" and [r["id"] for r in data["rows"]] == ["mine"]
     with pytest.raises(review.ReviewError, match="nope.parquet is not in") as e:
@@ -441,40 +423,40 @@ def test_a_named_manifest_is_the_one_served_and_a_missing_one_is_a_404(tmp_path,
     assert e.value.status == 404
 
 
-def test_a_key_gone_from_the_manifest_is_no_longer_served_and_a_new_one_is_without_a_reload(tmp_path, server):
+def test_a_key_gone_from_the_manifest_is_no_longer_served_and_a_new_one_is_without_a_reload(tmp_path, review_server):
     """The server follows a running job: after the manifest is written again, a key it no longer lists is a 404;
     a server started while no object was listed serves one listed later on the first request for it (mutants: the
     allowed keys only ever added to; no manifest read when none was allowed)."""
     _job(tmp_path / "j1", [_rec("a", "a.wav"), _rec("b", "b.wav")], {"a.wav": WAV, "b.wav": WAV})
-    base = server(tmp_path / "j1")
+    base = review_server(tmp_path / "j1")
     assert get(f"{base}/api/audio?key=b.wav")[0] == 200
     _job(tmp_path / "j1", [_rec("a", "a.wav")], {})
     assert get(f"{base}/api/manifest")[0] == 200
     assert get(f"{base}/api/audio?key=b.wav")[0] == 404 and get(f"{base}/api/audio?key=a.wav")[0] == 200
     _job(tmp_path / "j2", [_rec("a", "a.wav", "failed")], {"a.wav": WAV})
-    base2 = server(tmp_path / "j2")
+    base2 = review_server(tmp_path / "j2")
     _job(tmp_path / "j2", [_rec("a", "a.wav")], {})
     assert get(f"{base2}/api/audio?key=a.wav")[:3:2] == (200, WAV)
 
 
-def test_an_object_the_manifest_lists_but_storage_lacks_is_a_404_naming_it(tmp_path, server):
+def test_an_object_the_manifest_lists_but_storage_lacks_is_a_404_naming_it(tmp_path, review_server):
     """(mutant: a missing object served as an empty body with 200)"""
     _job(tmp_path, [_rec("a", "gone.wav")], {})
-    status, _, body = get(f"{server(tmp_path)}/api/audio?key=gone.wav")
+    status, _, body = get(f"{review_server(tmp_path)}/api/audio?key=gone.wav")
     assert status == 404
     assert _error(body) == f"'gone.wav' is listed in the manifest but missing from file://{tmp_path.resolve()}"
 
 
-def test_audio_is_not_served_as_captions(tmp_path, server):
+def test_audio_is_not_served_as_captions(tmp_path, review_server):
     """(mutant: /api/captions served any listed object, audio too)"""
     _job(tmp_path, [_rec("a", "a.wav", captions=["a.vtt"])], {"a.wav": WAV, "a.vtt": b"WEBVTT\n"})
-    base = server(tmp_path)
+    base = review_server(tmp_path)
     status, _, body = get(f"{base}/api/captions?key=a.wav")
     assert status == 404 and _error(body) == "'a.wav' is not a caption file"
     assert get(f"{base}/api/captions?key=a.vtt")[2] == b"WEBVTT\n"
 
 
-def test_headerless_telephony_audio_is_played_and_drawn_as_a_wav(tmp_path, server):
+def test_headerless_telephony_audio_is_played_and_drawn_as_a_wav(tmp_path, review_server):
     """A raw G.711 file (no header): decoded by its format's name, sent as a 16-bit WAV of the same length, its
     waveform drawn (mutants: decoded without the codec name, for the player and for the peaks)."""
     import io
@@ -483,7 +465,7 @@ def test_headerless_telephony_audio_is_played_and_drawn_as_a_wav(tmp_path, serve
 
     pcm = _tone(1.0, 8000)
     _job(tmp_path, [_rec("a", "a.ulaw", fmt="ulaw")], {"a.ulaw": codecs.encode(pcm, "ulaw")})
-    base = server(tmp_path)
+    base = review_server(tmp_path)
     status, headers, wav = get(f"{base}/api/audio?key=a.ulaw")
     info = sf.info(io.BytesIO(wav))
     assert status == 200 and headers["Content-Type"] == "audio/wav"
@@ -493,13 +475,13 @@ def test_headerless_telephony_audio_is_played_and_drawn_as_a_wav(tmp_path, serve
     assert status == 200 and p["sample_rate"] == 8000 and p["duration_s"] == 1.0 and max(p["max"]) > 0.4
 
 
-def test_peaks_count_is_kept_within_16_and_4000_and_each_count_is_its_own(tmp_path, server):
+def test_peaks_count_is_kept_within_16_and_4000_and_each_count_is_its_own(tmp_path, review_server):
     """n is clamped to 16..4000 (a huge n would make the server build a huge reply); a waveform asked for at one
     width and then another gets each its own count, even for a file shorter than the count (mutants: no lower
     bound; no upper bound; the cache keyed on the object alone; an empty slice of a sample between two edges)."""
     _job(tmp_path, [_rec("a", "a.wav"), _rec("s", "s.wav")],
          {"a.wav": WAV, "s.wav": audio.encode(np.full(10, 0.25, np.float32), 24000, "wav")})
-    base = server(tmp_path)
+    base = review_server(tmp_path)
 
     def peaks(key, n):
         status, _, body = get(f"{base}/api/peaks?key={key}&n={n}")
@@ -555,11 +537,11 @@ def test_the_object_cache_keeps_the_newest_within_its_budget(tmp_path, monkeypat
     ("bytes=10-999999", 206, (10, None)),  # an end past the object: up to its last byte
     ("bytes=50-10", 416, None),           # reversed
 ])
-def test_range_requests(tmp_path, server, header, status, span):
+def test_range_requests(tmp_path, review_server, header, status, span):
     """Ranges as RFC 9110 reads them (mutants: `bytes=-` taken as a suffix; the pattern not anchored at its end;
     the suffix start below 0 or one byte early; the end not cut to the object; a reversed range served)."""
     _job(tmp_path, [_rec("a", "a.wav")], {"a.wav": WAV})
-    got, headers, body = get(f"{server(tmp_path)}/api/audio?key=a.wav", {"Range": header})
+    got, headers, body = get(f"{review_server(tmp_path)}/api/audio?key=a.wav", {"Range": header})
     size = len(WAV)
     assert got == status and headers["Accept-Ranges" if status != 416 else "Content-Range"]
     if status == 200:
@@ -571,13 +553,13 @@ def test_range_requests(tmp_path, server, header, status, span):
         assert body == b"" and headers["Content-Range"] == f"bytes */{size}"
 
 
-def test_head_sends_headers_only_and_every_answer_says_no_store(tmp_path, server):
+def test_head_sends_headers_only_and_every_answer_says_no_store(tmp_path, review_server):
     """HEAD: the GET's status and Content-Length, no body (a body would be read as the next response on a kept-alive
     connection); every answer carries Cache-Control: no-store, so a page reload shows a running job's new rows;
     /index.html is the page and /favicon.ico an empty 204 (mutants: HEAD wrote the body; no Cache-Control; only /
     served the page; no favicon answer)."""
     _job(tmp_path, [_rec("a", "a.wav")], {"a.wav": WAV})
-    base = server(tmp_path)
+    base = review_server(tmp_path)
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(b"HEAD /api/audio?key=a.wav HTTP/1.0\r\nHost: x\r\n\r\n")
@@ -593,12 +575,12 @@ def test_head_sends_headers_only_and_every_answer_says_no_store(tmp_path, server
     assert get(base + "/favicon.ico")[:3:2] == (204, b"")
 
 
-def test_audio_that_cannot_be_decoded_is_a_502_naming_why(tmp_path, server):
+def test_audio_that_cannot_be_decoded_is_a_502_naming_why(tmp_path, review_server):
     """A G.711 WAV whose bytes are no audio: the converting decode's ValueError is the reply's 502, the server goes
     on (mutant: ValueError not caught: the connection was dropped with no answer)."""
     _job(tmp_path, [_rec("a", "a.wav", fmt="wav-ulaw"), _rec("b", "b.wav")], {"a.wav": b"not audio" * 10,
                                                                             "b.wav": WAV})
-    base = server(tmp_path)
+    base = review_server(tmp_path)
     status, _, body = get(f"{base}/api/audio?key=a.wav")
     assert status == 502 and _error(body).startswith("ValueError: not decodable audio")
     assert get(f"{base}/api/audio?key=b.wav")[0] == 200
@@ -619,12 +601,12 @@ def test_review_listens_on_loopback_by_default_and_a_busy_port_exits_2(tmp_path,
         srv.server_close()
 
 
-def test_an_empty_manifest_object_is_passed_over(tmp_path, server):
+def test_an_empty_manifest_object_is_passed_over(tmp_path, review_server):
     """manifest.parquet of zero bytes (a write not finished) is not a manifest: the catalog's is read (mutant:
     any object that exists taken, and its parse failed)."""
     _job(tmp_path, [_rec("a", "a.wav")], {"a.wav": WAV}, name="catalog-manifest.parquet")
     (tmp_path / "manifest.parquet").write_bytes(b"")
-    assert json.loads(get(f"{server(tmp_path)}/api/manifest")[2])["manifest"] == "catalog-manifest.parquet"
+    assert json.loads(get(f"{review_server(tmp_path)}/api/manifest")[2])["manifest"] == "catalog-manifest.parquet"
 
 
 # ---- synth: error texts --------------------------------------------------------------------------------------------
