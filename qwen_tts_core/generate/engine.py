@@ -149,7 +149,7 @@ class Engine:
         sizes graphs are captured for (default 1, 2, 4, ... up to max_sessions). compile: torch.compile, True for
         what suits the model: "step" on a CPU with the device sampler and no graphs (the whole talker step and the
         whole code-predictor pass become one graph each, compiled while the engine is built: minutes on a few
-        cores; the random 0.6B 1.04x (fp32) / 1.14x (bf16) faster a frame, the same codes in fp32;
+        cores; the random 0.6B 0.96-1.04x (fp32) / 1.14x (bf16) a frame, the same codes in fp32;
         generate/compiled.py), "ops" elsewhere
         (the layers' elementwise pieces, residual add + RMSNorm, q/k norm + RoPE, SiLU x up, and the sampler, about
         one kernel each on a GPU; model/fused.py; compiled at capture). Either falls back to the eager code when
