@@ -63,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
     connect_ray(args.ray_address)
     if not args.no_serve:
         if serve_app_running(DEMO_APP):
+            if args.model is not None:  # the running app would narrate with its own model, not this one
+                raise SystemExit(f"qtts demo: the Serve app {DEMO_APP!r} already runs on this Ray cluster with its "
+                                 "own models, so --model would be ignored; drop --model to narrate with the running "
+                                 "app (--serve-model NAME picks one of its models), or add --no-serve to render "
+                                 "with engine actors on --model")
             log.info("using the running Serve app %r", DEMO_APP)
             model, backend = args.serve_model, "serve"  # None: the app's only model
         else:
@@ -78,16 +83,17 @@ def run(args: argparse.Namespace) -> int:
         argv += ["--retry-on", "guard"]  # random weights rarely say EOS: the frame cap ends each chunk
     from .narrate import build_parser
 
-    nargs = build_parser().parse_args(argv)
-    defaults, render, opts, limits = build_options(nargs, "audio")
-    rows, render, opts, backend = prepare(read_inputs(nargs.input, defaults, limits), defaults, render, opts)
-    records = run_rows(rows, render, opts, desc="demo", backend=backend, stop=stop_on_sigterm())
-    code = finish(records, opts, "manifest.parquet", t0, quiet=False)
-    if deployed and not args.keep_serve:
-        from ray import serve
+    try:
+        nargs = build_parser().parse_args(argv)
+        defaults, render, opts, limits = build_options(nargs, "audio")
+        rows, render, opts, backend = prepare(read_inputs(nargs.input, defaults, limits), defaults, render, opts)
+        records = run_rows(rows, render, opts, desc="demo", backend=backend, stop=stop_on_sigterm())
+        return finish(records, opts, "manifest.parquet", t0, quiet=False)
+    finally:  # the app this demo deployed goes with it, whether the job finished or failed (a joined cluster
+        if deployed and not args.keep_serve:  # keeps running: the replica would hold its CPU there)
+            from ray import serve
 
-        serve.delete(DEMO_APP)
-    return code
+            serve.delete(DEMO_APP)
 
 
 def _port(text: str) -> int:
@@ -105,7 +111,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--input", default=str(ROOT / "examples" / "book"),
                    help="what to narrate, as qtts narrate reads it: a text/Markdown file, a folder of chapters, or "
                         ".jsonl/.parquet rows (default examples/book)")
-    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: a tiny random one)")
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id the demo deploys (default: a tiny random one); "
+                        "refused when the Serve app qtts already runs (it has its own: see --serve-model)")
     p.add_argument("--output-dir", default="output", help="local output folder (default ./output)")
     p.add_argument("--voice", default="vivian", help="speaker of the narration (default vivian)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="frame cap per chunk (default 48, ~4 s)")
