@@ -295,8 +295,8 @@ def request_from_fields(model, *, text: str | None, voice: str | None = None, in
     `voice` means, by checkpoint type: CustomVoice, a speaker name (default: the first speaker); Base, a stored voice
     that `voices(voice)` loads (KeyError when unknown); VoiceDesign takes no voice (the voice is described in
     `instructions`). `text=None` opens an incremental-text session. Raises RequestError naming the field (`text`,
-    `voice`, `instruct`, `language`, `seed`, `non_streaming_mode`, `priority` or a sampling field); the rest of the
-    checks run in `validate` when the request reaches the engine.
+    `voice`, `instruct`, `language`, `seed`, `non_streaming_mode` or a sampling field); the rest of the checks
+    (`priority` among them) run in `validate` when the request reaches the engine.
     """
     kind = {v: k for k, v in KIND_TO_MODEL_TYPE.items()}[model.tts_model_type]
     if text is not None:
