@@ -591,8 +591,13 @@ class Ingress:
 
     async def _replica_stats(self, name: str, handle) -> dict[str, dict]:
         """`stats` of every replica of a model that answered within `stats_timeout_s`, by replica id (each asked
-        directly, routed by its id)."""
-        ids = await asyncio.to_thread(self._replica_ids, name)
+        directly, routed by its id). The listing is bounded and guarded as in `_other_replicas`: a GCS that does not
+        answer leaves the model's handle asked once (one replica, as outside Ray), not /health and /metrics a 500."""
+        try:
+            ids = await asyncio.wait_for(asyncio.to_thread(self._replica_ids, name), self.stats_timeout_s)
+        except Exception as e:  # noqa: BLE001 - the GCS did not answer: asked through the handle instead
+            log.warning("could not list the replicas of %s: %s: %s", name, type(e).__name__, e)
+            ids = []
         calls = [asyncio.wait_for(detached(handle.options(session_id=route_key(rid)).stats.remote),
                                   timeout=self.stats_timeout_s)
                  for rid in ids] or [asyncio.wait_for(detached(handle.stats.remote), timeout=self.stats_timeout_s)]
