@@ -69,7 +69,7 @@ from .streaming import (
     sse_body,
 )
 from .uploads import MULTIPART, URLENCODED, body_timeout, media_type, read_form
-from .voices import DamagedVoice, VoiceStore
+from .voices import VOICE_ID, DamagedVoice, VoiceStore
 from .ws_session import MessageLimiter, WSSession, send_error
 
 log = logging.getLogger(__name__)
@@ -421,14 +421,19 @@ class Ingress:
         return await handle.synthesize.remote(payload)
 
     # --- voices (owned by the key that created them; other keys see 404, admin keys see all) ------------------
-    @app.get("/v1/audio/voices", responses=_answers(401, 403, 500))
-    async def list_voices(self, request: Request) -> dict:
-        caller = self._auth(request.headers)
+    async def _builtin_voices(self) -> list[dict]:
+        """Each model's speakers, one entry per model and speaker (what the voice list shows as builtin)."""
         data = []
         for name, handle in self.replicas.items():
             info = await self._model_info(name, handle)
             for spk in info.get("speakers") or []:
                 data.append({"id": spk, "object": "voice", "name": spk, "model": name, "builtin": True})
+        return data
+
+    @app.get("/v1/audio/voices", responses=_answers(401, 403, 500))
+    async def list_voices(self, request: Request) -> dict:
+        caller = self._auth(request.headers)
+        data = await self._builtin_voices()
         stored = await asyncio.to_thread(self.voices.list, caller.scope)
         data += [{**v, "builtin": False} for v in stored]
         return {"object": "list", "data": data}
@@ -439,10 +444,21 @@ class Ingress:
         try:
             return {**await asyncio.to_thread(self.voices.info, voice_id, caller.scope), "builtin": False}
         except KeyError:
-            raise ApiError(404, f"voice_id: no stored voice {shown(voice_id)}", "voice_id") from None
+            pass
         except DamagedVoice as e:   # storage damage, shown to whom may see the voice (its owner, an admin)
             raise ApiError(409, f"voice_id: the stored voice {voice_id} is damaged ({e.reason}); delete it "
                                 f"(DELETE /v1/audio/voices/{voice_id}) and upload it again", "voice_id") from None
+        builtin = await self._speaker(voice_id)
+        if builtin:  # as the list shows it (a speaker of several models: the first model's entry)
+            return builtin[0]
+        raise ApiError(404, f"voice_id: no stored voice or built-in speaker {shown(voice_id)}", "voice_id")
+
+    async def _speaker(self, voice_id: str) -> list[dict]:
+        """The voice list's builtin entries of this id; none for a stored voice's id (never a speaker's name), so
+        a lost stored voice is a 404 without asking the replicas."""
+        if VOICE_ID.fullmatch(voice_id):
+            return []
+        return [v for v in await self._builtin_voices() if v["id"] == voice_id]
 
     @app.post("/v1/audio/voices", status_code=201,
               openapi_extra=_body_doc({MULTIPART: _VOICE_FORM, URLENCODED: _VOICE_FORM,
@@ -553,12 +569,16 @@ class Ingress:
         except FetchRefused as e:
             raise ApiError(e.status, f"audio_url: {e}", "audio_url") from None
 
-    @app.delete("/v1/audio/voices/{voice_id}", responses=_answers(401, 403, 404, 500))
+    @app.delete("/v1/audio/voices/{voice_id}", responses=_answers(400, 401, 403, 404, 500))
     async def delete_voice(self, voice_id: str, request: Request) -> dict:
         caller = self._auth(request.headers)
         try:
             await asyncio.to_thread(self.voices.delete, voice_id, caller.scope)
         except KeyError:
+            models = [v["model"] for v in await self._speaker(voice_id)]
+            if models:
+                raise ApiError(400, f"voice_id: {shown(voice_id)} is a built-in speaker of {', '.join(models)} "
+                                    "(part of the checkpoint); only stored voices can be deleted", "voice_id") from None
             raise ApiError(404, f"voice_id: no stored voice {shown(voice_id)}", "voice_id") from None
         return {"id": voice_id, "object": "voice", "deleted": True}
 

@@ -148,6 +148,22 @@ def test_an_unknown_voice_is_a_404_naming_voice_id_for_get_and_delete(monkeypatc
     assert _error(client.get(f"/v1/audio/voices/{vid}")) == (404, "voice_id")
 
 
+def test_a_listed_builtin_speaker_can_be_read_and_is_refused_for_delete(monkeypatch, tmp_path):
+    """Found by this review: the voice list shows each model's speakers (id "vivian", builtin), but GET of that id
+    was a 404 "no stored voice", and DELETE the same 404, as if the listed voice did not exist. GET now answers the
+    list's entry; DELETE is a 400 naming voice_id and the model (a speaker is part of the checkpoint); an id no one
+    has stays a 404."""
+    client, _, vid = _voices_app(monkeypatch, tmp_path)
+    listed = [v for v in client.get("/v1/audio/voices").json()["data"] if v["id"] == "vivian"]
+    r = client.get("/v1/audio/voices/vivian")
+    assert r.status_code == 200 and [r.json()] == listed and r.json()["builtin"] is True, r.text
+    r = client.delete("/v1/audio/voices/vivian")
+    assert _error(r) == (400, "voice_id") and "built-in speaker of cv" in r.json()["error"]["message"], r.text
+    assert client.get("/v1/audio/voices/vivian").status_code == 200   # still there
+    assert _error(client.get("/v1/audio/voices/nobody")) == (404, "voice_id")
+    assert _error(client.delete("/v1/audio/voices/nobody")) == (404, "voice_id")
+
+
 def test_a_created_voice_is_a_201_not_builtin_and_encoded_by_the_first_base_model(monkeypatch, tmp_path):
     """V09, V10, V26: POST /v1/audio/voices answers 201 with the voice, `builtin: false`; with no `model` the first
     configured Base model encodes it; a blank ref_text reaches it as None (V16: x-vector only, not an empty
