@@ -93,8 +93,9 @@ def _field_ok(value: Any, arrow_type: Any) -> bool:
         bits = arrow_type.bit_width - 1
         whole = isinstance(value, float) and value.is_integer()  # (a pandas round trip makes an int column float64
         return (isinstance(value, int) and not isinstance(value, bool) or whole) and -2**bits <= value < 2**bits
-    if pa.types.is_floating(arrow_type):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if pa.types.is_floating(arrow_type):  # an int only where a double holds it exactly (pyarrow refuses the rest)
+        return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                            and -2**53 <= value <= 2**53)
     if pa.types.is_list(arrow_type):
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     return False

@@ -157,8 +157,8 @@ def finish(sink: Sink, j: Journal, records: list[ManifestRecord], held: set[str]
     for key in j.objects:
         if (use := objects_live.use(key)) == "live":
             continue
-        if not delete and not _exists(sink, key, sidecar_key(key)):
-            continue   # never written (its row failed): nothing to delete
+        if not delete and not _exists(sink, key, sidecar_key(key), *caption_keys(key)):
+            continue   # never written (its row failed), or all deleted: nothing to delete
         if not delete or use == "wait":
             keep_o.append(key)
         elif why := refusal(key, prefix):
