@@ -192,6 +192,11 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return await _api_error(request, ApiError(500, f"internal error ({type(exc).__name__})"))
 
 
+def _is_json(ctype: str) -> bool:
+    """Whether a media type (lower case, without parameters) declares JSON: application/json or a `+json` type."""
+    return ctype == "application/json" or (ctype.endswith("+json") and "/" in ctype)
+
+
 def _check_json_type(headers) -> None:
     """415 naming content-type unless the body is declared JSON (application/json or a `+json` type) or not declared
     at all. text/plain and the form types are what a web page may POST across origins without a CORS preflight: a
@@ -199,7 +204,7 @@ def _check_json_type(headers) -> None:
     if "content-type" not in headers:
         return
     ctype = media_type(headers)
-    if ctype != "application/json" and not (ctype.endswith("+json") and "/" in ctype):
+    if not _is_json(ctype):
         raise ApiError(415, f"content-type: {shown(ctype)} is not JSON; send Content-Type: application/json",
                        "content-type")
 
@@ -515,7 +520,7 @@ class Ingress:
     async def _voice_body(self, request: Request) -> tuple[bytes | None, dict, bool]:
         """(the multipart `file` or None, the fields, whether the body was JSON); bounded as every body is."""
         ctype = media_type(request.headers)
-        if ctype == "application/json":
+        if _is_json(ctype):  # as the speech route takes it (a `+json` type too)
             # base64 makes the audio 4/3 larger; the JSON bounds (depth, numbers) hold as for every body
             fields = await self._json(request, self.cfg.max_upload_bytes * 2)
             if not isinstance(fields, dict):

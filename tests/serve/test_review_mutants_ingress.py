@@ -179,6 +179,20 @@ def test_a_created_voice_is_a_201_not_builtin_and_encoded_by_the_first_base_mode
     assert b1.uploads[0][0] == audio and b1.uploads[0][1] is None, b1.uploads
 
 
+def test_a_voice_upload_takes_json_under_any_json_media_type_as_speech_does(monkeypatch, tmp_path):
+    """Found by this review: the speech route takes application/json and `+json` types (application/vnd.api+json,
+    with a charset), the voice upload took application/json only: the same JSON body was a 415 there."""
+    b = Model("b", "base", speakers=())
+    client, _ = _app(monkeypatch, tmp_path, {"b": b})
+    body = json.dumps({"audio_base64": base64.b64encode(b"RIFF0000WAVE").decode(), "name": "v", "ref_text": "Hi."})
+    for ctype in ("application/vnd.api+json", "Application/JSON; charset=utf-8"):
+        r = client.post("/v1/audio/voices", content=body, headers={"content-type": ctype})
+        assert r.status_code == 201, (ctype, r.text)
+    assert len(b.uploads) == 2
+    r = client.post("/v1/audio/voices", content=body, headers={"content-type": "text/plain"})
+    assert _error(r) == (415, "content-type")
+
+
 def test_audio_base64_as_a_data_url_and_at_the_upload_limit(monkeypatch, tmp_path):
     """V28, V29, V32, V30, V31: a `data:audio/wav;base64,` URL is its base64 part; audio of exactly
     max_upload_bytes is taken and one byte more is a 413 naming audio_base64; base64 that is not (a stray
