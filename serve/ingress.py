@@ -334,11 +334,8 @@ class Ingress:
         at, ids = self._replica_list.get(name, (0.0, []))
         if time.monotonic() - at > self.replica_list_s:
             ids = []
-            if ray.is_initialized():
-                try:   # bounded: a GCS slow to answer must not hold a busy answer
-                    ids = await asyncio.wait_for(asyncio.to_thread(self._replica_ids, name), self.stats_timeout_s)
-                except Exception as e:  # noqa: BLE001 - the GCS did not answer: no other replica is tried
-                    log.warning("could not list the replicas of %s: %s: %s", name, type(e).__name__, e)
+            if ray.is_initialized():  # a GCS that does not answer: no other replica is tried
+                ids = await self._list_replicas(name)
             self._replica_list[name] = (time.monotonic(), ids)
         others = [r for r in ids if r != but]
         return random.sample(others, len(others))
@@ -606,6 +603,15 @@ class Ingress:
             raise ApiError(404, f"model_id: no served model {shown(model_id)}; see GET /v1/models", "model_id")
         return await self._model_info(model_id, self.replicas[model_id])
 
+    async def _list_replicas(self, name: str) -> list[str]:
+        """`_replica_ids` in a thread, bounded by `stats_timeout_s` (a GCS slow to answer must hold no answer);
+        [] when the GCS fails or does not answer in time (logged)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._replica_ids, name), self.stats_timeout_s)
+        except Exception as e:  # noqa: BLE001 - any failure of the listing: the callers go on without it
+            log.warning("could not list the replicas of %s: %s: %s", name, type(e).__name__, e)
+            return []
+
     def _replica_ids(self, name: str) -> list[str]:
         """Serve's ids of the running replicas of model `name` (from Ray's named actors of this app)."""
         import ray
@@ -616,13 +622,9 @@ class Ingress:
 
     async def _replica_stats(self, name: str, handle) -> dict[str, dict]:
         """`stats` of every replica of a model that answered within `stats_timeout_s`, by replica id (each asked
-        directly, routed by its id). The listing is bounded and guarded as in `_other_replicas`: a GCS that does not
-        answer leaves the model's handle asked once (one replica, as outside Ray), not /health and /metrics a 500."""
-        try:
-            ids = await asyncio.wait_for(asyncio.to_thread(self._replica_ids, name), self.stats_timeout_s)
-        except Exception as e:  # noqa: BLE001 - the GCS did not answer: asked through the handle instead
-            log.warning("could not list the replicas of %s: %s: %s", name, type(e).__name__, e)
-            ids = []
+        directly, routed by its id). A GCS that does not answer leaves the model's handle asked once (one replica, as
+        outside Ray), not /health and /metrics a 500."""
+        ids = await self._list_replicas(name)
         calls = [asyncio.wait_for(detached(handle.options(session_id=route_key(rid)).stats.remote),
                                   timeout=self.stats_timeout_s)
                  for rid in ids] or [asyncio.wait_for(detached(handle.stats.remote), timeout=self.stats_timeout_s)]
