@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -23,12 +24,20 @@ class FileTooLarge(ValueError):
 
 def read_capped(path: Path, limit: int) -> bytes:
     """The bytes of the regular file at `path` (symlinks followed), at most `limit` of them."""
-    st = path.stat()
-    if not stat.S_ISREG(st.st_mode):
-        raise NotRegularFile("not a regular file")
-    if st.st_size > limit:
-        raise FileTooLarge(st.st_size, limit)
-    with path.open("rb") as f:
+    # open first, without blocking (a FIFO's open would wait for a writer), then check what was opened: a file
+    # swapped for a FIFO or a device between a stat and the open is still refused
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile("not a regular file")
+        if st.st_size > limit:
+            raise FileTooLarge(st.st_size, limit)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
         data = f.read(limit + 1)   # one byte past the limit at most, whatever the size said
     if len(data) > limit:
         raise FileTooLarge(None, limit)
