@@ -233,6 +233,7 @@ class Ingress:
         self._info: dict[str, dict] = {}
         self._health: tuple[float, asyncio.Future | None] = (0.0, None)   # (when asked, the round's answer)
         self._replica_list: dict[str, tuple[float, list[str]]] = {}   # model -> (when listed, replica ids)
+        self._listing: dict[str, asyncio.Future] = {}   # model -> the listing in flight (at most one thread each)
         # streams this ingress consumes, renewed on their replicas, which ping this actor before cancelling a lapse
         self.leases = Leases(self.cfg.session_lease_s, this_actor())
         self.client_streams = ClientStreams()               # open client streams (HTTP + WebSocket) of this ingress
@@ -605,9 +606,13 @@ class Ingress:
 
     async def _list_replicas(self, name: str) -> list[str]:
         """`_replica_ids` in a thread, bounded by `stats_timeout_s` (a GCS slow to answer must hold no answer);
-        [] when the GCS fails or does not answer in time (logged)."""
+        [] when the GCS fails or does not answer in time (logged). Callers while a listing runs share it: a GCS that
+        hangs holds one thread per model, not one per /metrics scrape (threads the voices API also runs in)."""
+        listing = self._listing.get(name)
+        if listing is None or listing.done():
+            listing = self._listing[name] = asyncio.ensure_future(asyncio.to_thread(self._replica_ids, name))
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._replica_ids, name), self.stats_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(listing), self.stats_timeout_s)
         except Exception as e:  # noqa: BLE001 - any failure of the listing: the callers go on without it
             log.warning("could not list the replicas of %s: %s: %s", name, type(e).__name__, e)
             return []

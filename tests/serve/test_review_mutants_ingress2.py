@@ -211,6 +211,38 @@ def test_health_answers_when_the_replica_listing_hangs(monkeypatch, tmp_path):
     assert status == 200 and json.loads(answer)["models"]["cv"]["replicas"] == 1, answer
 
 
+def test_a_hung_replica_listing_holds_one_thread_however_often_it_is_asked(monkeypatch, tmp_path):
+    """While Ray's GCS hangs, every /metrics scrape (and every failover) asked for the listing in a thread of its own
+    that stayed blocked after the scrape gave up: the default thread pool, which the voices API runs in too, filled
+    up with them. Callers now share the listing in flight (one blocked thread per model), each still bounded by
+    stats_timeout_s, and a listing that has ended is made again on the next call."""
+    release = threading.Event()
+    entered: list[str] = []
+    _, ing = _app(monkeypatch, tmp_path, {"cv": Model()})
+
+    def hangs(self, name):
+        entered.append(name)
+        release.wait(30)
+        return ["r1"]
+    monkeypatch.setattr(_ingress_cls(), "_replica_ids", hangs)
+    ing.stats_timeout_s = 0.05
+
+    async def main():
+        try:
+            answers = [await asyncio.wait_for(asgi_call(ingress.app, "GET", "/metrics", {}, []), 10)
+                       for _ in range(12)]
+            assert [a[0] for a in answers] == [200] * 12
+            assert entered == ["cv"], entered   # one thread, not twelve
+            release.set()
+            while ing._listing["cv"] is not None and not ing._listing["cv"].done():
+                await asyncio.sleep(0.01)
+            assert await ing._list_replicas("cv") == ["r1"]
+            assert entered == ["cv", "cv"]   # the ended listing is not reused: a new one answered
+        finally:
+            release.set()
+    asyncio.run(main())
+
+
 class Replicas(Model):
     """Replicas r1..rN of one model as the listing names them: `stats` answers for the replica it is routed to
     (the in-process handle ignores routing: answered in turn); `hung` ones never answer."""
