@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # switched on per thread (`packed_linears`) by engines that do not promise bit-exact reference parity.
 packed_linears = ThreadFlag()
 """`with packed_linears(on):` within this block (this thread), linears given a `PackSlot` (`pack_linears_`) run on
-its packed copy of their weight."""
+its packed copy of their weight (not an inference tensor's: see `_eager_linear`)."""
 
 live_rows = ThreadValue(None)
 """`with live_rows(n):` in this block (this thread) the products of a compiled step (`slot_linear`) compute batch
@@ -59,7 +59,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _eager_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   slot: PackSlot | None) -> torch.Tensor:
-    packed = slot.get(weight) if slot is not None and packed_linears else None
+    # not for an inference tensor (a model built or converted under torch.inference_mode): it keeps no version
+    # counter, and inside inference mode it can still be written in place (load_state_dict, copy_) unseen by the slot
+    packed = slot.get(weight) if slot is not None and packed_linears and not weight.is_inference() else None
     if packed is not None:
         if packed.dtype == x.dtype:
             rows, limit = x.numel() // x.shape[-1], getattr(packed, "max_rows", None)

@@ -294,3 +294,26 @@ def test_a_stack_is_the_pre_norm_residual_formula_written_out():
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         want = stack.norm(h)
     torch.testing.assert_close(got, want, **TOL)
+
+
+def test_packed_products_follow_an_inference_tensor_weight_changed_in_inference_mode():
+    """DEFECT (fixed with this test, model review): a talker whose weights are inference tensors (built or loaded under
+    `torch.inference_mode()`, as a job may do) and packed for CPU (`pack_linears_`), then given new weights in place
+    inside inference mode (`load_state_dict`), computed with the stale packed copies: such a weight has no version
+    counter and `weight_key` took it as unchangeable. A packed product computes with the live weight."""
+    from qwen_tts_core.model.layers import pack_linears_, packed_linears
+
+    with torch.inference_mode():
+        talker = _talker(seed=1)
+    new = _talker(seed=2)
+    if not pack_linears_(talker):
+        pytest.skip("oneDNN cannot pack linears on this CPU")
+    x = torch.randn(2, 3, talker.cfg.hidden_size, generator=torch.Generator().manual_seed(6))
+    pos = torch.arange(3)[None].expand(2, 3)
+    with torch.inference_mode(), packed_linears(True):
+        talker(x, pos, talker.new_cache(2, 3))          # packs every weight
+        talker.load_state_dict(new.state_dict())
+        got = talker(x, pos, talker.new_cache(2, 3))
+        want = new(x, pos, new.new_cache(2, 3))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
