@@ -130,6 +130,8 @@ class Qwen3TTSModel:
 
     # --- loading ----------------------------------------------------------------------------------------------
     @classmethod
+    @torch.inference_mode(False)   # normal tensors even when called under inference mode: they keep version counters,
+    # which the packed CPU products follow when a weight is replaced (an inference tensor's packed copy is not used)
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, device_map: Any = None,
                         dtype: Any = None, attn_implementation: str | None = None,
                         torch_dtype: Any = None, revision: str | None = None, cache_dir: str | None = None,

@@ -167,6 +167,7 @@ class Codec:
         return self.decoder.decode_chunk(codes, state, check=check)
 
 
+@torch.inference_mode(False)   # normal tensors under inference mode too (version counters: see Qwen3TTSModel)
 def load_codec(dir_or_path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, encoder: bool = True) -> Codec:
     """Load a speech tokenizer folder (see `resolve_dir`) for decoding (and lazily, encoding). The encoder is built

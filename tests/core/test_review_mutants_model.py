@@ -317,3 +317,36 @@ def test_packed_products_follow_an_inference_tensor_weight_changed_in_inference_
         want = new(x, pos, new.new_cache(2, 3))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_a_model_loaded_under_inference_mode_keeps_weights_that_packed_products_can_follow(checkpoint_factory):
+    """The fix above leaves an inference tensor's linears unpacked; so that a caller who loads under
+    `torch.inference_mode()` (a job's or a notebook's whole script) keeps the packed CPU products, the loaders make
+    normal tensors there (`Qwen3TTSModel.from_pretrained`, `load_codec`): their version counters let a packed copy
+    follow a weight replaced in place inside inference mode."""
+    from qwen_tts_core import Qwen3TTSModel
+    from qwen_tts_core.codec.load import load_codec
+    from qwen_tts_core.model.layers import pack_linears_, packed_linears
+
+    path = checkpoint_factory()
+    with torch.inference_mode():
+        m = Qwen3TTSModel.from_pretrained(path, device_map="cpu", dtype="float32")
+        codec = load_codec(path / "speech_tokenizer")
+    assert not any(p.is_inference() for p in m.talker.parameters())
+    assert not any(p.is_inference() for p in codec.decoder.parameters())
+    talker = m.talker
+    if not pack_linears_(talker):
+        pytest.skip("oneDNN cannot pack linears on this CPU")
+    new = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) if v.is_floating_point()
+           else v for k, v in talker.state_dict().items()}
+    x = torch.randn(2, 3, talker.cfg.hidden_size, generator=torch.Generator().manual_seed(6))
+    pos = torch.arange(3)[None].expand(2, 3)
+    with torch.inference_mode():
+        with packed_linears(True):
+            talker(x, pos, talker.new_cache(2, 3))          # packs every weight
+        talker.load_state_dict(new)
+        with packed_linears(True):
+            got = talker(x, pos, talker.new_cache(2, 3))
+        want = talker(x, pos, talker.new_cache(2, 3))      # torch's products on the live weights
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
