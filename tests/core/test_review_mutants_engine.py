@@ -11,6 +11,7 @@ import torch
 
 from qwen_tts_core import Engine, SamplingParams, SynthesisRequest, VoiceClonePromptItem
 from qwen_tts_core.codec.context import codes_key
+from tests.core.test_lifecycle import drain
 
 G_KW = dict(do_sample=False, subtalker_dosample=False)
 G = SamplingParams(max_new_tokens=8, **G_KW)
@@ -21,16 +22,6 @@ def req(text: str = TEXTS[0], decode_audio: bool = False, **kw) -> SynthesisRequ
     kw.setdefault("sampling", G)
     return SynthesisRequest(kind="custom_voice", text=text, speaker="vivian", language="english",
                             decode_audio=decode_audio, **kw)
-
-
-def drain(eng: Engine, max_steps: int = 400) -> list:
-    chunks = []
-    for _ in range(max_steps):
-        if not eng.has_work():
-            break
-        chunks += eng.step()
-    assert not eng.has_work(), "engine did not finish"
-    return chunks
 
 
 def by_session(chunks) -> dict[int, list]:
