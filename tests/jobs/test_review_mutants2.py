@@ -32,19 +32,22 @@ def test_a_text_file_of_exactly_max_input_bytes_is_read(tmp_path):
         read_text(f, InputLimits(max_input_bytes=119))
 
 
-class _Lying(type(Path())):
-    """A path whose stat() says `shown` bytes (a file that grows after it was measured) and whose reads are
-    recorded."""
+class _LyingOs:
+    """`os` as qwen_tts_core.files sees it, but fstat() says `shown` bytes (a file that grows after it was measured)
+    and the reads of what fdopen() gives are recorded."""
 
-    shown = 0
-    reads: list[int] = []
+    def __init__(self, shown: int, reads: list[int]) -> None:
+        self.shown, self.reads = shown, reads
 
-    def stat(self, *a, **k):
-        st = super().stat(*a, **k)
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        st = os.fstat(fd)
         return os.stat_result((st.st_mode, *st[1:6], self.shown, *st[7:]))
 
-    def open(self, *a, **k):
-        return _Reader(super().open(*a, **k), self.reads)
+    def fdopen(self, fd: int, *a, **k) -> _Reader:
+        return _Reader(os.fdopen(fd, *a, **k), self.reads)
 
 
 class _Reader:
@@ -62,15 +65,17 @@ class _Reader:
         return self.f.read(n)
 
 
-def test_a_file_that_grows_past_the_limit_after_its_size_was_read_is_refused_reading_no_more(tmp_path):
-    """stat() said 10 bytes; 1000 are there by the read: the read stops at limit + 1 and the file is refused
+def test_a_file_that_grows_past_the_limit_after_its_size_was_read_is_refused_reading_no_more(tmp_path, monkeypatch):
+    """fstat() said 10 bytes; 1000 are there by the read: the read stops at limit + 1 and the file is refused
     (mutants: `f.read()` of all of it; the grew-past check dropped, so the first limit + 1 bytes were narrated)."""
+    import qwen_tts_core.files
+
     (tmp_path / "book.txt").write_bytes(b"a" * 1000)
-    p = _Lying(tmp_path / "book.txt")
-    p.shown, p.reads = 10, []
+    reads: list[int] = []
+    monkeypatch.setattr(qwen_tts_core.files, "os", _LyingOs(10, reads))
     with pytest.raises(ValueError, match=r"grew past 100 bytes while it was read"):
-        read_text(p, InputLimits(max_input_bytes=100))
-    assert p.reads == [101]
+        read_text(tmp_path / "book.txt", InputLimits(max_input_bytes=100))
+    assert reads == [101]
 
 
 def test_a_nul_byte_past_the_first_kib_still_marks_a_binary_file(tmp_path):
