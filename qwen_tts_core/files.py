@@ -26,7 +26,7 @@ def read_capped(path: Path, limit: int) -> bytes:
     """The bytes of the regular file at `path` (symlinks followed), at most `limit` of them."""
     # open first, without blocking (a FIFO's open would wait for a writer), then check what was opened: a file
     # swapped for a FIFO or a device between a stat and the open is still refused
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # not inherited by children: Python opens so by default
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
