@@ -99,7 +99,8 @@ class Codec:
         with self._decoders_lock:
             held = self._decoders.get(dtype)
             if held is None or held[0] != key:
-                held = self._decoders[dtype] = (key, copy.deepcopy(self.decoder).to(dtype).eval())
+                with torch.inference_mode(False):   # normal tensors, whoever asks: packed products can follow them
+                    held = self._decoders[dtype] = (key, copy.deepcopy(self.decoder).to(dtype).eval())
             return held[1]
 
     @property

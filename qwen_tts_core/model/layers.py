@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # switched on per thread (`packed_linears`) by engines that do not promise bit-exact reference parity.
 packed_linears = ThreadFlag()
 """`with packed_linears(on):` within this block (this thread), linears given a `PackSlot` (`pack_linears_`) run on
-its packed copy of their weight (not an inference tensor's: see `_eager_linear`)."""
+its packed copy of their weight (not an inference tensor's: see `PackSlot.get`)."""
 
 live_rows = ThreadValue(None)
 """`with live_rows(n):` in this block (this thread) the products of a compiled step (`slot_linear`) compute batch
@@ -59,9 +59,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _eager_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   slot: PackSlot | None) -> torch.Tensor:
-    # not for an inference tensor (a model built or converted under torch.inference_mode): it keeps no version
-    # counter, and inside inference mode it can still be written in place (load_state_dict, copy_) unseen by the slot
-    packed = slot.get(weight) if slot is not None and packed_linears and not weight.is_inference() else None
+    packed = slot.get(weight) if slot is not None and packed_linears else None
     if packed is not None:
         if packed.dtype == x.dtype:
             rows, limit = x.numel() // x.shape[-1], getattr(packed, "max_rows", None)
@@ -124,6 +122,9 @@ class PackSlot:
         _SLOTS[self.key] = self
 
     def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if weight.is_inference():  # no way to see it change (`weight_key`): torch's product, on the live weight
+            self.held = None       # (a copy packed before the weight was converted under inference mode: freed)
+            return None
         key, held = weight_key(weight), self.held
         if held is None or held[0] != key:
             held = self.held = (key, self.make(weight.detach()))
@@ -159,12 +160,12 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, key: int
 
 
 def weight_key(w: torch.Tensor) -> tuple:
-    """(storage, version counter, dtype) of w: changes when w is written in place, converted or moved."""
-    try:
-        version = w._version
-    except RuntimeError:  # an inference tensor keeps no version counter (and cannot change outside inference mode)
-        version = -1
-    return w.data_ptr(), version, w.dtype
+    """(storage, version counter, dtype) of w: changes when w is written in place, converted or moved. An inference
+    tensor (made under torch.inference_mode) keeps no version counter, yet inside inference mode it can be written in
+    place (load_state_dict, copy_): its key equals no other key, so nothing cached for it is ever reused."""
+    if w.is_inference():
+        return w.data_ptr(), object(), w.dtype
+    return w.data_ptr(), w._version, w.dtype
 
 
 def packed_matrix(owner: nn.Module, weight: torch.Tensor, as_matrix: Callable[[torch.Tensor], torch.Tensor],

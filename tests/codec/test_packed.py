@@ -112,12 +112,13 @@ def test_a_decoder_converted_after_packing_repacks_in_its_dtype(codec, monkeypat
         pytest.skip("oneDNN cannot pack bf16 here")
     monkeypatch.setattr(layers, "MATMUL_ROWS", ALWAYS)
     codes = torch.randint(0, 2048, (1, 16, 5), generator=torch.Generator().manual_seed(4))
-    dec = copy.deepcopy(codec.decoder)
+    dec, twin = copy.deepcopy(codec.decoder), copy.deepcopy(codec.decoder).to(torch.bfloat16)
     with torch.inference_mode():
         dec.decode(codes)                         # packed in fp32
-        dec.to(torch.bfloat16)
+    dec.to(torch.bfloat16)                        # (under inference mode: inference tensors, left unpacked)
+    with torch.inference_mode():
         got = dec.decode(codes)
-        want = copy.deepcopy(codec.decoder).to(torch.bfloat16).decode(codes)
+        want = twin.decode(codes)
     assert got.dtype == torch.bfloat16
     assert all(_held(m).dtype == torch.bfloat16 for m in _packed_modules(dec))
     assert torch.equal(got, want)
@@ -126,12 +127,12 @@ def test_a_decoder_converted_after_packing_repacks_in_its_dtype(codec, monkeypat
 def test_onednn_off_leaves_the_decoder_unpacked_with_the_same_audio(codec, monkeypatch):
     monkeypatch.setattr(layers, "MATMUL_ROWS", ALWAYS)
     codes = torch.randint(0, 2048, (2, 16, 7), generator=torch.Generator().manual_seed(5))
+    packed_dec, plain_dec = copy.deepcopy(codec.decoder), copy.deepcopy(codec.decoder)
     with torch.inference_mode():
-        packed = copy.deepcopy(codec.decoder).decode(codes)
+        packed = packed_dec.decode(codes)
         monkeypatch.setenv("QTTS_ONEDNN", "0")
-        plain_dec = copy.deepcopy(codec.decoder)
         plain = plain_dec.decode(codes)
-    assert not _packed_modules(plain_dec)
+    assert _packed_modules(packed_dec) and not _packed_modules(plain_dec)
     assert float(packed.abs().max()) > 0.05
     assert float((packed - plain).abs().max()) <= 1e-5
 
@@ -143,9 +144,9 @@ def test_threads_that_first_use_one_decoder_together_get_its_audio(codec, monkey
 
     monkeypatch.setattr(layers, "MATMUL_ROWS", ALWAYS)
     codes = torch.randint(0, 2048, (1, 16, 6), generator=torch.Generator().manual_seed(6))
+    serial, shared = copy.deepcopy(codec.decoder), copy.deepcopy(codec.decoder)
     with torch.inference_mode():
-        want = copy.deepcopy(codec.decoder).decode(codes)
-    shared = copy.deepcopy(codec.decoder)
+        want = serial.decode(codes)
     assert not _packed_modules(shared)
     start, out, errors = threading.Barrier(4), [None] * 4, []
 
