@@ -29,15 +29,12 @@ import torch
 from torch._dynamo import config as dynamo_config
 from torch.fx.experimental import _config as fx_config
 
+from ..model.fused import raise_recompile_limit
+
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 2
 """The fewest rows a compiled body runs (see the module's text)."""
-
-RECOMPILE_LIMIT = 64
-"""Graphs dynamo may keep per body's code, across all engines of a process (each engine's runner is a new `self`
-for the guards: one graph each; with torch's default limit, 8, the 9th engine's steps would run eagerly, as they do
-past this one: `CompiledBody` falls back)."""
 
 
 class CompiledBody:
@@ -49,9 +46,6 @@ class CompiledBody:
         self.fn, self.name = fn, name
         self.broken = False
         self.lock = threading.Lock()
-        cfg = torch._dynamo.config  # the limit's name before torch 2.6: cache_size_limit
-        limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-        setattr(cfg, limit, max(getattr(cfg, limit), RECOMPILE_LIMIT))
         self._count = [0]
         # the backend holds the counter, not this object: torch keeps backends for the process's lifetime
         # (eval_frame.cached_backends), and through `fn` this object holds the runner, its caches and its model
@@ -65,6 +59,7 @@ class CompiledBody:
     def __call__(self, *args) -> None:
         if self.broken:
             return self.fn(*args)
+        raise_recompile_limit()   # where this call runs (past the limit the body runs eagerly: RECOMPILE_LIMIT)
         try:
             # no duck sizing: sizes equal while compiling (a 64-position cache read to 64 keys, two rows and two
             # positions) would share one symbol, and the graph would demand they stay equal; floats specialized:

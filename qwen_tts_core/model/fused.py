@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +69,26 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 RECOMPILE_LIMIT = 64
-"""Compiled variants allowed per op (torch's default, 8, is too few for one process that holds several dtypes and
-widths: each new one recompiles; past the limit torch would refuse and the op would run plain)."""
+"""Graphs dynamo may keep per compiled function's code, for the ops here and the compiled step bodies
+(generate/compiled.py). torch's default, 8, is too few: one process holds several dtypes and widths, and each engine's
+step runner is a new `self` for the bodies' guards (one graph per engine); past the limit torch refuses to compile, and
+an op runs plain, a body eagerly, from then on."""
+
+_limit_raised: ContextVar[bool] = ContextVar("qwen_tts_recompile_limit_raised", default=False)
+
+
+def raise_recompile_limit() -> None:
+    """Raise dynamo's recompile limit to RECOMPILE_LIMIT (never lower it) where the caller runs, before a compiled
+    call. torch keeps config overrides per thread (a ContextVar, torch >= 2.12): a limit set on the thread that built
+    an engine is not the limit of the thread that runs its steps, nor of an asyncio task's copied context. Once per
+    context: this flag lives in the same context as torch's override."""
+    if _limit_raised.get():
+        return
+    cfg = torch._dynamo.config  # the limit's name before torch 2.6: cache_size_limit
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < RECOMPILE_LIMIT:
+        setattr(cfg, name, RECOMPILE_LIMIT)
+    _limit_raised.set(True)
 
 
 OPS: list[FusedOp] = []
@@ -99,10 +118,8 @@ class FusedOp:
             if self.compiled is None:
                 with self.lock:
                     if self.compiled is None:
-                        cfg = torch._dynamo.config  # the limit's name before torch 2.6: cache_size_limit
-                        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-                        setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
                         self.compiled = torch.compile(self.fn, fullgraph=True)
+            raise_recompile_limit()
             for a in args:
                 if isinstance(a, torch.Tensor) and a.dim() > 0:
                     torch._dynamo.maybe_mark_dynamic(a, 0)  # a hint: torch keeps it static where it must

@@ -237,6 +237,29 @@ def test_the_switch_is_per_thread_and_restored():
     assert seen == [False] and not compiled_ops
 
 
+def test_a_compiled_op_raises_dynamos_graph_limit_on_the_thread_it_runs_on(fresh_ops, monkeypatch):
+    """torch keeps dynamo's recompile limit per thread (torch >= 2.12): an op first compiled on one thread raised the
+    limit there only, and on an engine's step thread a shape past torch's default of 8 variants made the op run plain
+    for good. Each compiled call raises it where it runs (never lowering a higher one)."""
+    import threading
+
+    from torch._dynamo import config as cfg
+
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    op, seen = fused._silu_mul_op, []
+    monkeypatch.setattr(op, "compiled", lambda x: (seen.append(getattr(cfg, limit)), op.fn(x))[1])
+
+    def step() -> None:
+        with compiled_ops():
+            op(torch.randn(2, 8))
+
+    for _ in range(2):
+        t = threading.Thread(target=step)
+        t.start()
+        t.join(30)
+    assert seen == [fused.RECOMPILE_LIMIT] * 2
+
+
 def test_prefill_graphs_are_captured_plain_when_the_steps_compile(model_factory, monkeypatch):
     """compile=True compiles the step bodies' fused ops at capture, not the prefills': a prefill is one pass per
     session (one launch with its graph), and compiling every length bucket would only lengthen the engine's start."""

@@ -505,21 +505,34 @@ def test_a_cancelled_session_is_done_only_once_its_end_is_delivered(cv):
 
 
 # --- compiled step bodies ---------------------------------------------------------------------------------------
-def test_a_compiled_body_raises_dynamos_graph_limit_to_its_own(monkeypatch):
+def test_a_compiled_call_raises_dynamos_graph_limit_where_it_runs():
     """Each engine's runner is a new `self` for dynamo's guards (one graph per engine): with torch's default limit
-    (8) the 9th engine of a process ran eagerly, silently. Building a CompiledBody (lazy: nothing is compiled here)
-    raises the limit to RECOMPILE_LIMIT, never lowers it. Mutant: the setattr of the limit removed."""
+    (8) the 9th engine of a process ran eagerly, silently. torch keeps the limit per thread (torch >= 2.12), and an
+    engine's steps run on another thread than the one that built it (a replica's scheduler, an API caller): a compiled
+    call raises the limit to RECOMPILE_LIMIT on the thread (context) it runs on, and never lowers one set higher.
+    Mutants: the limit raised where the body is built instead; the raise removed; `max` dropped."""
+    import threading
+
     from torch._dynamo import config as cfg
 
-    from qwen_tts_core.generate.compiled import RECOMPILE_LIMIT, CompiledBody
+    from qwen_tts_core.generate.compiled import CompiledBody
+    from qwen_tts_core.model.fused import RECOMPILE_LIMIT
 
     limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(cfg, limit, 8)
-    CompiledBody(lambda x: x + 1, "test")
-    assert getattr(cfg, limit) == RECOMPILE_LIMIT
-    monkeypatch.setattr(cfg, limit, RECOMPILE_LIMIT * 2)
-    CompiledBody(lambda x: x + 1, "test")
-    assert getattr(cfg, limit) == RECOMPILE_LIMIT * 2
+    body = CompiledBody(lambda x: x + 1, "test")
+    body.compiled = lambda x: (seen.append(getattr(cfg, limit)), x + 1)[1]   # what the call would compile under
+    seen: list[int] = []
+
+    def step(start: int | None) -> None:
+        if start is not None:
+            setattr(cfg, limit, start)
+        assert body(1) == 2
+
+    for start in (None, 8, RECOMPILE_LIMIT * 2):    # each on a new thread: torch's default, a low one, a higher one
+        t = threading.Thread(target=step, args=(start,))
+        t.start()
+        t.join(30)
+    assert seen == [RECOMPILE_LIMIT, RECOMPILE_LIMIT, RECOMPILE_LIMIT * 2]
 
 
 def test_compile_step_where_it_can_run_is_the_step_mode():
