@@ -678,9 +678,8 @@ class Engine:
             s.slot = hole
 
     def _set_guard(self, s: Session) -> None:
-        per_token = getattr(s.request, "guard_frames_per_token", None) or self.guard_frames_per_token
-        if per_token:
-            s.max_frames = int(self.guard_base_frames + per_token * s.prompt.num_text_tokens)
+        if self.guard_frames_per_token:
+            s.max_frames = int(self.guard_base_frames + self.guard_frames_per_token * s.prompt.num_text_tokens)
 
     def _text_ready(self, s: Session) -> bool:
         p = s.prompt
