@@ -175,12 +175,13 @@ def check_voice_prompt(vp: object, talker_cfg, dtype: torch.dtype | None = None)
         raise RequestError(field, f"exactly one of icl_mode and x_vector_only_mode must be True, got icl_mode="
                                   f"{vp.icl_mode}, x_vector_only_mode={vp.x_vector_only_mode}")
     spk = getattr(vp, "ref_spk_embedding", None)
+    if isinstance(spk, torch.Tensor):  # first: a nested tensor has no .shape to check (a raw RuntimeError)
+        _check_plain(spk, "ref_spk_embedding")
     if not isinstance(spk, torch.Tensor) or spk.dtype not in SPEAKER_DTYPES or spk.shape not in ((width,), (1, width)):
         shown = (tuple(spk.shape), str(spk.dtype)) if isinstance(spk, torch.Tensor) else type(spk).__name__
         raise RequestError(field, f"ref_spk_embedding must be a float tensor [{width}] or [1, {width}] (this model's "
                                   f"speaker vector; a voice made with another model size does not fit) of "
                                   f"float16, bfloat16, float32 or float64, got {shown}")
-    _check_plain(spk, "ref_spk_embedding")
     if not bool(torch.isfinite(spk if dtype is None else spk.to(dtype)).all()):   # (NaN and inf survive the cast)
         raise RequestError(field, "ref_spk_embedding has NaN or infinite values" + (
             "" if dtype is None else f" (in {str(dtype).removeprefix('torch.')}, the model's dtype)"))
@@ -191,6 +192,8 @@ def check_voice_prompt(vp: object, talker_cfg, dtype: torch.dtype | None = None)
         except RequestError as e:
             raise RequestError(field, f"an ICL prompt's {e}") from None
     codes = getattr(vp, "ref_code", None)
+    if isinstance(codes, torch.Tensor):  # first, as the speaker vector: a nested tensor has no length or shape
+        _check_plain(codes, "ref_code")
     if vp.icl_mode and (codes is None or isinstance(codes, torch.Tensor) and codes.dim() == 2 and not len(codes)):
         # without them an ICL prompt ran as x-vector-only, its ref_text unused: another voice, silently
         raise RequestError(field, "an ICL prompt needs ref_code, the codes of at least one frame of its reference "
@@ -199,7 +202,6 @@ def check_voice_prompt(vp: object, talker_cfg, dtype: torch.dtype | None = None)
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[1] != groups:
             shown = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise RequestError(field, f"ref_code must be an integer tensor [frames, {groups}], got {shown}")
-        _check_plain(codes, "ref_code")
         if len(codes) > MAX_REF_CODE_FRAMES:  # decoded as left context on the step thread before the first chunk
             raise RequestError(field, f"ref_code has {len(codes)} frames; at most {MAX_REF_CODE_FRAMES} (the codes "
                                       f"of a {AudioLimits.max_seconds:g} s reference)")
