@@ -106,7 +106,8 @@ def _poison_(t: torch.Tensor) -> None:
         t.fill_(torch.iinfo(t.dtype).min // 2 if t.dtype != torch.uint8 else 255)
 
 
-# tensor methods that copy device memory to the host (on CPU tensors they do not reach the dispatcher)
+# tensor methods that copy device memory to the host, refused by name: on CPU tensors some never reach the dispatcher,
+# where the recorder refuses the ops that sync (`item`, `int(t)` do reach it, as aten::_local_scalar_dense)
 _HOST_SYNC_METHODS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.item, torch.Tensor.__bool__,
                       torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu}
 
