@@ -176,4 +176,3 @@ def test_script_blocks_are_inclusive_and_hangul_is_spaced_but_syllabic():
     assert not in_blocks(chr(HANGUL[0] - 1), (HANGUL,)) and not in_blocks(chr(HANGUL[1] + 1), (HANGUL,))
     assert not in_blocks("한", UNSPACED) and in_blocks("한", SYLLABIC) and in_blocks("한", UNBOUNDED)
     assert in_blocks("\uff61", UNSPACED) and in_blocks("\u3002", UNSPACED) and in_blocks("\u2e80", SYLLABIC)
-
