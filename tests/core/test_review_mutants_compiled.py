@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from qwen_tts_core.config import make_config
-from qwen_tts_core.generate.compiled import RECOMPILE_LIMIT, CompiledBody
+from qwen_tts_core.generate.compiled import CompiledBody
 from qwen_tts_core.generate.graphs import (
     CaptureError,
     FakeCUDAGraph,
@@ -29,11 +29,6 @@ from qwen_tts_core.generate.graphs import (
 from qwen_tts_core.generate.step import prefill
 from qwen_tts_core.model import layers
 from qwen_tts_core.model.talker import Talker
-
-
-def _limit_name() -> str:
-    cfg = torch._dynamo.config
-    return "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
 
 
 def test_a_body_that_failed_to_compile_never_tries_again(monkeypatch):
@@ -50,18 +45,6 @@ def test_a_body_that_failed_to_compile_never_tries_again(monkeypatch):
     monkeypatch.setattr(b, "compiled", failing)
     assert [b(1), b(2), b(3)] == [2, 3, 4]
     assert b.broken and tries == [(1,)]
-
-
-def test_a_body_raises_dynamos_recompile_limit_to_its_own_and_never_lowers_it():
-    """C02 C01: building a body lifts torch's recompile limit (8 by default) to RECOMPILE_LIMIT, or each engine past
-    the 8th in a process (one graph per runner) would run its steps eagerly; a limit the process set higher stays."""
-    name, cfg = _limit_name(), torch._dynamo.config
-    with cfg.patch(**{name: 8}):
-        CompiledBody(lambda x: x, "test")
-        assert getattr(cfg, name) == RECOMPILE_LIMIT
-    with cfg.patch(**{name: RECOMPILE_LIMIT * 4}):
-        CompiledBody(lambda x: x, "test")
-        assert getattr(cfg, name) == RECOMPILE_LIMIT * 4
 
 
 @pytest.fixture
