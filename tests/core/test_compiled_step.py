@@ -189,7 +189,9 @@ def test_slot_keys_are_unique_and_a_dropped_model_leaves_no_slot_behind():
 
 def test_an_eager_product_on_another_thread_while_a_compile_runs_is_not_sent_into_the_compiled_op():
     """torch marks the whole process as compiling while any compile runs (minutes, here): an eager engine's product
-    on another thread must still run as a product (it once recursed into `slot_linear` without end)."""
+    on another thread must still run as a product (it once recursed into `slot_linear` without end), and stay
+    differentiable (the compiled op has no autograd formula: keyed on `is_compiling()`, a caller taking gradients
+    through the model on another thread failed in backward while some engine compiled; review I's M67)."""
     import threading
 
     m = torch.nn.Sequential(torch.nn.Linear(16, 32))
@@ -214,11 +216,15 @@ def test_an_eager_product_on_another_thread_while_a_compile_runs_is_not_sent_int
         assert inside.wait(30)
         with layers.packed_linears(True):
             got = m(x)
+        m(x).square().sum().backward()
     finally:
         go.set()
         t.join(30)
     assert not errors
     assert torch.allclose(got, torch.nn.functional.linear(x, m[0].weight, m[0].bias), atol=1e-6)
+    w = m[0].weight.detach().requires_grad_()
+    torch.nn.functional.linear(x, w, m[0].bias.detach()).square().sum().backward()
+    assert torch.allclose(m[0].weight.grad, w.grad, atol=1e-6)
 
 
 def test_a_dropped_compiled_engine_frees_its_runner_and_caches(tiny):

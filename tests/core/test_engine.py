@@ -499,6 +499,21 @@ def test_read_length_rounds_to_64_or_takes_the_bucket():
     assert [read_length(n, 4096, length_buckets(4096)) for n in (65, 129, 300)] == [128, 256, 512]
 
 
+def waiting_for_text(s) -> bool:
+    """Incremental session `s` has used up the text it was given and waits for more."""
+    return s.prompt is not None and not (s.text_step < len(s.prompt.trailing) or s.prompt.text_ended)
+
+
+def feed_until_waiting_at(eng: Engine, a, pos: int) -> None:
+    """One word per talker step until incremental session `a` waits for text at position `pos` or later."""
+    for _ in range(500):
+        if a.pos >= pos and waiting_for_text(a):
+            return
+        if a.prompt is None or waiting_for_text(a):
+            a.append_text(" a")
+        eng.step()
+
+
 def test_a_session_waiting_for_text_at_the_cache_capacity_fails_no_one(model):
     """A growing cache grew to what the talker's advancing rows needed, but every row below the highest runs in the
     step and writes a key at its own position: a session waiting for text exactly at the capacity (it was the
@@ -507,17 +522,8 @@ def test_a_session_waiting_for_text_at_the_cache_capacity_fails_no_one(model):
     eng = Engine(model, max_sessions=2, initial_cache_len=64)
     a = eng.add(req(None, sampling=SamplingParams(do_sample=False, subtalker_dosample=False, max_new_tokens=400)))
     a.append_text("Hello")
-
-    def waiting(s):
-        return s.prompt is not None and not (s.text_step < len(s.prompt.trailing) or s.prompt.text_ended)
-
-    for _ in range(500):                      # one word per talker step until A waits at position 64
-        if a.pos >= 64 and waiting(a):
-            break
-        if a.prompt is None or waiting(a):
-            a.append_text(" a")
-        eng.step()
-    assert a.pos == 64 == eng.runner.cache.capacity and waiting(a) and a.slot == 0
+    feed_until_waiting_at(eng, a, 64)
+    assert a.pos == 64 == eng.runner.cache.capacity and waiting_for_text(a) and a.slot == 0
     b = eng.add(req("Good morning!"))
     chunks = []
     while not b.done:

@@ -6,13 +6,11 @@ minutes (a body re-traced at every step), named in its docstring.
 No test here runs inductor, so the file takes about a second where tests/core/test_compiled_step.py (the engine's real
 bodies, compiled once for its module) takes minutes: a `CompiledBody` is given a stand-in `compiled` callable, or
 compiles a few-op function through dynamo with inductor replaced by the traced graph (`traced_only`: tracing, guards,
-recompiles and the graph count are torch's own); the one other torch.compile (a lambda, paused in its backend on
-another thread) never generates code. The stand-in's contract is checked on a few tensors; the engine under it is
-tests/core/test_graphs.py's. A tiny random talker from `make_config` on CPU; no checkpoint, no Ray."""
+recompiles and the graph count are torch's own). The stand-in's contract is checked on a few tensors; the engine under
+it is tests/core/test_graphs.py's. A tiny random talker from `make_config` on CPU; no checkpoint, no Ray. (M67, a
+linear keyed on `is_compiling()`, is pinned by test_compiled_step.py's test of a product on another thread.)"""
 
 from __future__ import annotations
-
-import threading
 
 import pytest
 import torch
@@ -27,7 +25,6 @@ from qwen_tts_core.generate.graphs import (
     fake_graph,
 )
 from qwen_tts_core.generate.step import prefill
-from qwen_tts_core.model import layers
 from qwen_tts_core.model.talker import Talker
 
 
@@ -78,41 +75,6 @@ def test_a_body_with_a_graph_break_runs_eagerly_from_untouched_state(traced_only
     x = torch.zeros(2)
     b(x)
     assert b.broken and b.graphs == 0 and x.tolist() == [2.0, 2.0]
-
-
-def test_a_linear_run_while_another_thread_compiles_stays_differentiable():
-    """M67: a packed linear sends its product into the compiled op (`qwen_tts::slot_linear`, no autograd formula)
-    only while dynamo traces on this thread. torch's `is_compiling()` is true process-wide while any compile runs;
-    keyed on it, a caller computing gradients through the model on another thread (fine-tuning, a probe) failed in
-    backward ("no autograd formula was registered") for as long as some engine compiled."""
-    m = torch.nn.Sequential(torch.nn.Linear(16, 8))
-    assert layers.pack_linears_(m)
-    x = torch.randn(3, 16)
-    inside, go, errors = threading.Event(), threading.Event(), []
-
-    def waiting_backend(gm, example_inputs):
-        inside.set()
-        go.wait(30)
-        return gm.forward
-
-    def compile_something():
-        try:
-            torch.compile(lambda t: t * 2 + 1, backend=waiting_backend)(torch.ones(3))
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    t = threading.Thread(target=compile_something)
-    t.start()
-    try:
-        assert inside.wait(30)
-        m(x).square().sum().backward()
-    finally:
-        go.set()
-        t.join(30)
-    assert not errors
-    w = m[0].weight.detach().requires_grad_()
-    torch.nn.functional.linear(x, w, m[0].bias.detach()).square().sum().backward()
-    assert torch.allclose(m[0].weight.grad, w.grad, atol=1e-6)
 
 
 def test_a_prefill_reads_only_its_prompts_positions():

@@ -13,6 +13,7 @@ import pytest
 
 from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
 from qwen_tts_core.model.layers import RotaryTable
+from tests.core.test_engine import feed_until_waiting_at, waiting_for_text
 from tests.core.test_lifecycle import drain
 
 G = SamplingParams(max_new_tokens=8, do_sample=False, subtalker_dosample=False)
@@ -144,18 +145,9 @@ def test_a_session_waiting_in_its_talker_phase_at_the_cache_capacity_fails_no_on
     eng = Engine(cv, max_sessions=2, initial_cache_len=64)
     a = eng.add(req(None, sampling=SamplingParams(max_new_tokens=400, do_sample=False, subtalker_dosample=False)))
     a.append_text("Hello")
-
-    def waiting(s) -> bool:
-        return s.prompt is not None and not (s.text_step < len(s.prompt.trailing) or s.prompt.text_ended)
-
-    for _ in range(500):                      # one word per talker step until A waits at position 64
-        if a.pos >= 64 and waiting(a):
-            break
-        if a.prompt is None or waiting(a):
-            a.append_text(" a")
-        eng.step()
+    feed_until_waiting_at(eng, a, 64)
     eng.step()                                # A's last frame, alone: no talker row, the cache stays as it is
-    assert a.pos == 64 == eng.runner.cache.capacity and a.phase == "talker" and waiting(a) and a.slot == 0
+    assert a.pos == 64 == eng.runner.cache.capacity and a.phase == "talker" and waiting_for_text(a) and a.slot == 0
     b = eng.add(req("Good morning!"))
     chunks = []
     while not b.done:
