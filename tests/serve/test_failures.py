@@ -310,14 +310,17 @@ def test_killed_replica_mid_stream_fails_every_stream_it_held(multi_app):
 async def _streams_through_a_kill(url: str, kill, text: str, max_new_tokens: int):
     """A WebSocket session (some text, no `end`) and a raw HTTP stream are open, audio flowing, when `kill()` runs.
     Returns how the raw stream ended ("clean end" or the httpx error), the socket's remaining messages, its close
-    code."""
+    code; None when `kill()` returned False (it found nothing to test: both streams closed, and killed nothing)."""
     ws, _ = await _ws_open(url, "cv3", voice="ryan", max_new_tokens=max_new_tokens)
     await ws.send(json.dumps({"type": "text", "text": text}))
     async with httpx.AsyncClient(timeout=60) as client:
         r = await client.send(client.build_request("POST", f"{url}/v1/audio/speech", json=LONG), stream=True)
         it = r.aiter_raw()
         await it.__anext__()
-        await kill()
+        if not await kill():
+            await r.aclose()
+            await ws.close()
+            return None
         try:
             async for _ in it:
                 pass
@@ -343,6 +346,7 @@ def test_dead_ingress_orphans_are_cancelled_and_the_service_recovers(multi_app):
         ingress = [a for a in ray.util.list_named_actors(all_namespaces=True)
                    if a["name"].startswith(f"SERVE_REPLICA::{app}#Ingress#")]
         ray.kill(ray.get_actor(ingress[0]["name"], namespace="serve"))
+        return True
     # the WebSocket session sends no `end`: it waits for more text (its idle timeout is longer than the lease)
     raw, msgs, code = asyncio.run(_streams_through_a_kill(
         url, kill_ingress, "Speaking into a socket whose server is about to die.", max_new_tokens=400))
@@ -373,13 +377,23 @@ def test_dead_proxy_fails_its_clients_and_frees_their_sessions(multi_app, serve_
 
     url, app = multi_app["url"], multi_app["app"]
 
-    async def kill_proxy():
-        assert (await asyncio.to_thread(_stats, app, "cv3"))["open_sessions"] >= 1
+    async def kill_proxy() -> bool:
+        open_now = lambda: _stats(app, "cv3")["open_sessions"] >= 1  # noqa: E731
+        if not await asyncio.to_thread(_wait, open_now, 10, 0.5):
+            # both streams already ended (the random tiny model samples EOS, unseeded) or no replica answered its
+            # stats: killing the proxy now would test nothing
+            return False
         proxy = [a for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["name"].startswith("SERVE_PROXY_ACTOR")]
         ray.kill(ray.get_actor(proxy[0]["name"], namespace="serve"))
-    raw, msgs, code = asyncio.run(_streams_through_a_kill(
-        url, kill_proxy, "A session whose proxy is about to die.", max_new_tokens=1500))
+        return True
+    for _ in range(4):
+        got = asyncio.run(_streams_through_a_kill(
+            url, kill_proxy, "A session whose proxy is about to die.", max_new_tokens=1500))
+        if got is not None:
+            break
+    assert got is not None, "no session was open when the proxy was to be killed, in 4 tries"
+    raw, msgs, code = got
     assert raw != "clean end" and code != 1000 and not any(m.get("type") == "done" for m in msgs)
     assert _wait(lambda: _stats(app, "cv3")["open_sessions"] == 0, multi_app["config"]["session_lease_s"] + 10)
     assert _wait(lambda: _try_speech(url), 90, every_s=1.0), "the service must answer again after the proxy restarts"
