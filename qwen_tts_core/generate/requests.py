@@ -175,8 +175,7 @@ def check_voice_prompt(vp: object, talker_cfg, dtype: torch.dtype | None = None)
         raise RequestError(field, f"exactly one of icl_mode and x_vector_only_mode must be True, got icl_mode="
                                   f"{vp.icl_mode}, x_vector_only_mode={vp.x_vector_only_mode}")
     spk = getattr(vp, "ref_spk_embedding", None)
-    if isinstance(spk, torch.Tensor):  # first: a nested tensor has no .shape to check (a raw RuntimeError)
-        _check_plain(spk, "ref_spk_embedding")
+    _check_plain(spk, "ref_spk_embedding")   # first: a nested tensor has no .shape to check (a raw RuntimeError)
     if not isinstance(spk, torch.Tensor) or spk.dtype not in SPEAKER_DTYPES or spk.shape not in ((width,), (1, width)):
         shown = (tuple(spk.shape), str(spk.dtype)) if isinstance(spk, torch.Tensor) else type(spk).__name__
         raise RequestError(field, f"ref_spk_embedding must be a float tensor [{width}] or [1, {width}] (this model's "
@@ -192,8 +191,7 @@ def check_voice_prompt(vp: object, talker_cfg, dtype: torch.dtype | None = None)
         except RequestError as e:
             raise RequestError(field, f"an ICL prompt's {e}") from None
     codes = getattr(vp, "ref_code", None)
-    if isinstance(codes, torch.Tensor):  # first, as the speaker vector: a nested tensor has no length or shape
-        _check_plain(codes, "ref_code")
+    _check_plain(codes, "ref_code")   # first, as the speaker vector: a nested tensor has no length or shape
     if vp.icl_mode and (codes is None or isinstance(codes, torch.Tensor) and codes.dim() == 2 and not len(codes)):
         # without them an ICL prompt ran as x-vector-only, its ref_text unused: another voice, silently
         raise RequestError(field, "an ICL prompt needs ref_code, the codes of at least one frame of its reference "
@@ -211,9 +209,12 @@ def check_voice_prompt(vp: object, talker_cfg, dtype: torch.dtype | None = None)
             raise RequestError(field, f"ref_code: {e}") from None
 
 
-def _check_plain(t: torch.Tensor, name: str) -> None:
-    """A dense tensor with values: not one on the meta device (a shape without values), nor sparse or nested (the
-    checks and the model's ops are not implemented for them: a raw NotImplementedError deep inside otherwise)."""
+def _check_plain(t: Any, name: str) -> None:
+    """A tensor `t` is a dense one with values: not one on the meta device (a shape without values), nor sparse or
+    nested (the checks and the model's ops are not implemented for them: a raw NotImplementedError deep inside
+    otherwise). Anything else passes here: the caller's type check names it."""
+    if not isinstance(t, torch.Tensor):
+        return
     if t.device.type == "meta":
         raise RequestError("voice_clone_prompt", f"{name} is a tensor on the meta device (it holds no values)")
     if t.layout != torch.strided or t.is_nested:

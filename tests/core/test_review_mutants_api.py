@@ -18,6 +18,7 @@ from qwen_tts_core.audio_io import MAX_CHANNELS
 from qwen_tts_core.cli import main
 from qwen_tts_core.errors import ECHO_CHARS, RequestError
 from qwen_tts_core.speaker.ecapa import min_speaker_samples
+from tests.core.test_review_api import _refused
 
 G = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=6)
 
@@ -25,13 +26,6 @@ G = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=6)
 @pytest.fixture(scope="module")
 def tok(checkpoint_factory) -> Qwen3TTSTokenizer:
     return Qwen3TTSTokenizer.from_pretrained(checkpoint_factory("custom_voice", "tiny"))
-
-
-def _refused(field: str, fn, *args, **kwargs) -> RequestError:
-    with pytest.raises(RequestError) as e:
-        fn(*args, **kwargs)
-    assert e.value.field == field, (e.value.field, str(e.value))
-    return e.value
 
 
 def _wave(n: int, seed: int = 0, f0: float = 220.0) -> np.ndarray:

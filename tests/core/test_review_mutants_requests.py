@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from qwen_tts_core import VoiceClonePromptItem
-from qwen_tts_core.errors import RequestError
 from qwen_tts_core.generate.graphs import FakeCUDAGraph, GraphCapture, OpCounter, fake_graph
 from qwen_tts_core.generate.requests import (
     RequestPolicy,
@@ -33,19 +32,13 @@ from qwen_tts_core.generate.requests import (
 )
 from qwen_tts_core.generate.text_feed import IncrementalText
 from qwen_tts_core.types import SamplingParams, SynthesisRequest
+from tests.core.test_review_api import _refused
 
 
 @pytest.fixture(scope="module")
 def vd(model_factory):
     """The tiny random VoiceDesign model (CPU fp32; loaded once per session by `model_factory`)."""
     return model_factory("voice_design")
-
-
-def _refused(field: str, fn, *args, **kwargs) -> RequestError:
-    with pytest.raises(RequestError) as info:
-        fn(*args, **kwargs)
-    assert info.value.field == field, (info.value.field, str(info.value))
-    return info.value
 
 
 def _custom(**kw) -> SynthesisRequest:

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from qwen_tts_core import Engine, SamplingParams, SynthesisRequest
-from qwen_tts_core.errors import RequestError
 from qwen_tts_core.generate.graphs import CaptureError, FakeCUDAGraph, fake_graph
 from qwen_tts_core.generate.requests import (
     check_seed,
@@ -34,6 +33,7 @@ from qwen_tts_core.generate.sampling import (
     warp,
 )
 from qwen_tts_core.generate.text_feed import IncrementalText
+from tests.core.test_review_api import _refused
 
 # ---- the filters: which ids a draw may land on ------------------------------------------------------------------
 
@@ -214,13 +214,6 @@ def test_a_row_of_an_eager_device_step_keeps_its_own_filters_whatever_shares_its
 
 
 # ---- request checks ----------------------------------------------------------------------------------------------
-
-def _refused(field: str, fn, *args, **kwargs) -> RequestError:
-    with pytest.raises(RequestError) as e:
-        fn(*args, **kwargs)
-    assert e.value.field == field, (e.value.field, str(e.value))
-    return e.value
-
 
 def test_a_seed_is_an_int_in_0_to_2_63_and_the_bounds_are_the_bounds():
     """(mutants R10, R12) Seeds are integers in [0, 2**63): 0 and 2**63 - 1 are taken, 2**63 and -1 refused naming

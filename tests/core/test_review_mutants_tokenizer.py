@@ -27,6 +27,7 @@ import torch
 
 from qwen_tts_core import SamplingParams, cpu_alloc
 from qwen_tts_core.errors import RequestError
+from tests.core.test_review_api import _refused
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
 TTS_PAD, TTS_BOS, TTS_EOS = 151671, 151672, 151673
@@ -310,12 +311,6 @@ def test_the_policy_is_set_once_and_only_on_glibc_where_mallopt_takes_it(monkeyp
     assert libc.calls == [(-3, 32 << 20), (-1, 1 << 30), (-2, 64 << 20)]
 
 
-def _refused(field: str, **kw) -> None:
-    with pytest.raises(RequestError) as e:
-        SamplingParams(**kw)
-    assert e.value.field == field, (e.value.field, str(e.value))
-
-
 def test_sampling_bounds_are_the_bounds():
     """Each bound taken at its edge and refused just past it, naming the field. Mutants Y01 (temperature 0; also
     seen by test_api.py's loose-forms test), Y02 (top_p 0), Y03 (top_p 1 refused), Y04/Y05 (top_k edges), Y06
@@ -330,7 +325,7 @@ def test_sampling_bounds_are_the_bounds():
     for field, bad in (("temperature", 0), ("subtalker_temperature", 0.0), ("top_p", 0), ("subtalker_top_p", 0.0),
                        ("top_p", 1.0000001), ("top_k", MAX_TOP_K + 1), ("top_k", -1), ("repetition_penalty", 0),
                        ("max_new_tokens", 0), ("max_new_tokens", MAX_NEW_TOKENS + 1), ("temperature", 5e38)):
-        _refused(field, **{field: bad})
+        _refused(field, SamplingParams, **{field: bad})
 
 
 def test_loose_forms_are_taken_as_the_reference_takes_them_and_nothing_else():
@@ -344,11 +339,11 @@ def test_loose_forms_are_taken_as_the_reference_takes_them_and_nothing_else():
     assert type(p.temperature) is float and type(p.max_new_tokens) is int
     g = SamplingParams(do_sample=False, temperature=0, top_p=0)
     assert (g.temperature, g.top_p) == (1.0, 1.0)
-    _refused("temperature", do_sample=True, temperature=0)
-    _refused("temperature", do_sample=False, temperature=-1)
-    _refused("top_k", top_k=True)
-    _refused("top_k", top_k=50.5)
-    _refused("do_sample", do_sample=2)
+    _refused("temperature", SamplingParams, do_sample=True, temperature=0)
+    _refused("temperature", SamplingParams, do_sample=False, temperature=-1)
+    _refused("top_k", SamplingParams, top_k=True)
+    _refused("top_k", SamplingParams, top_k=50.5)
+    _refused("do_sample", SamplingParams, do_sample=2)
 
 
 def test_overrides_keep_what_is_none_and_name_an_unknown_field():
